@@ -1,0 +1,1 @@
+"""diffgemma-jax: sparse-MoE diffusion language models in JAX/Flax NNX."""

@@ -1,0 +1,169 @@
+"""The run config schema: one ConfigDict with every key a run may set, and its loading and validation.
+
+Recipes in `configs/` start from `base_config()` and change values; they never add keys, so this function is the
+single schema. Locked ConfigDicts reject unknown keys; `load_config` turns that into an error naming the key and
+the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+
+from diffgemma_jax.model.config import ConfigError, model_config_dict
+
+OBJECTIVES = ("masked", "ar")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_config_dict()
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "masked"  # one of OBJECTIVES
+  c.objective.eps = 1e-3  # smallest noise level t; the bound integrates t over [eps, 1]
+
+  c.data = ml_collections.ConfigDict()
+  c.data.recipe = "python_stdlib"  # python_stdlib | shakespeare | text_files
+  c.data.dir = ""  # dataset directory; empty: data/<recipe> under the current directory
+  c.data.source = ""  # text_files recipe: a directory or glob of UTF-8 files
+  c.data.seed = 0
+  c.data.num_workers = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 200
+  c.train.batch_size = 8
+  c.train.seq_len = 128
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 20
+  c.train.min_lr_ratio = 0.1
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.grad_accum_steps = 1
+  c.train.seed = 0
+  c.train.log_every_steps = 10
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 100
+  c.eval.num_t_samples = 8
+  c.eval.batch_size = 8
+  c.eval.max_sequences = 64  # 0: the whole held-out split
+  c.eval.seed = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, 1, 1, 1)  # -1 in one place: the remaining devices
+  c.mesh.axes = ("data", "fsdp", "expert", "tensor")
+  return c
+
+
+def _load_module(path: str):
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_diffgemma_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  return module
+
+
+def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      valid = ", ".join(f"{prefix}{k}" for k in schema.keys())
+      raise ConfigError(f"unknown config key {name!r}; valid keys here are: {valid}")
+    if isinstance(schema[key], ml_collections.ConfigDict) != isinstance(config[key], ml_collections.ConfigDict):
+      raise ConfigError(f"config key {name!r} must be {'a section' if isinstance(schema[key], ml_collections.ConfigDict) else 'a value'}")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      _check_keys(config[key], schema[key], name + ".")
+
+
+def parse_value(text: str, current: Any) -> Any:
+  """Parses an override string into the type of the current value."""
+  import ast
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+  if isinstance(current, str):
+    return text
+  value = ast.literal_eval(text)
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+  """Applies `{"train.num_steps": "10"}` style overrides; an unknown key fails naming the valid ones."""
+  for dotted, text in overrides.items():
+    node = config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        prefix = ".".join(parts[:i])
+        valid = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in node.keys()) if isinstance(
+            node, ml_collections.ConfigDict) else "(none: not a section)"
+        raise ConfigError(f"unknown config key {dotted!r}; valid keys there are: {valid}")
+      if i < len(parts) - 1:
+        node = node[part]
+    try:
+      value = parse_value(text, node[parts[-1]])
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f"config key {dotted!r}: cannot parse {text!r} ({e})") from None
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+      node[parts[-1]] = value
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks a whole run config against the schema and the model's own rules."""
+  _check_keys(config, base_config())
+  from diffgemma_jax.model.config import ModelConfig
+  ModelConfig.from_config_dict(config.model)
+  if config.objective.name not in OBJECTIVES:
+    raise ConfigError(f"objective.name: unknown objective {config.objective.name!r}; valid are {OBJECTIVES}")
+  if not 0.0 < config.objective.eps < 1.0:
+    raise ConfigError(f"objective.eps: must lie in (0, 1), got {config.objective.eps}")
+  for key in ("num_steps", "batch_size", "seq_len", "grad_accum_steps"):
+    if int(config.train[key]) <= 0:
+      raise ConfigError(f"train.{key}: must be a positive integer, got {config.train[key]!r}")
+  if config.train.batch_size % config.train.grad_accum_steps:
+    raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must divide "
+                      f"train.batch_size={config.train.batch_size}")
+  if config.eval.num_t_samples <= 0:
+    raise ConfigError(f"eval.num_t_samples: must be positive, got {config.eval.num_t_samples}")
+
+
+def load_config(spec: str, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]`, applies overrides, validates, and returns a locked ConfigDict."""
+  path, _, arg = spec.partition(":")
+  module = _load_module(path)
+  config = module.get_config(arg) if arg else module.get_config()
+  if overrides:
+    apply_overrides(config, overrides)
+  validate(config)
+  config.lock()
+  return config

@@ -1,0 +1,146 @@
+"""The typed, frozen model config: the one boundary between ml_collections and the model.
+
+`ModelConfig` is the only schema of the model section: `configs/` build their `model` ConfigDict from its defaults
+(`model_config_dict()`), and `ModelConfig.from_config_dict` turns it back into a validated dataclass. Every
+validation error names the config key (`model.<field>`) and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+LAYER_KINDS = ("sliding", "global")
+DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and what would be valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Gemma-4-style sparse-MoE denoiser. Defaults are a tiny model that trains on two CPU cores."""
+
+  vocab_size: int = 512
+  embed_dim: int = 128
+  num_layers: int = 4
+  # Repeated to `num_layers`; `num_layers` must be a multiple of its length.
+  layer_pattern: tuple[str, ...] = ("sliding", "global")
+  num_heads: int = 4
+  # Sliding-window layers.
+  head_dim: int = 32
+  num_kv_heads: int = 2
+  sliding_window: int = 64
+  rope_base: float = 10_000.0
+  rope_fraction: float = 1.0
+  # Global layers: their own head_dim, KV-head count, K=V sharing and RoPE.
+  global_head_dim: int = 64
+  global_num_kv_heads: int = 1
+  global_k_eq_v: bool = True
+  global_rope_base: float = 1_000_000.0
+  global_rope_fraction: float = 0.25
+  # Feed-forward: the always-on dense GeGLU ("shared expert") plus routed GeGLU experts.
+  mlp_dim: int = 256
+  num_experts: int = 8
+  top_k: int = 2
+  expert_dim: int = 128
+  dispatch: str = "auto"
+  # Auxiliary router losses, off by default; always computed for logging.
+  load_balance_loss_weight: float = 0.0
+  router_z_loss_weight: float = 0.0
+  # Output.
+  logit_softcap: float = 30.0
+  norm_eps: float = 1e-6
+  # Numerics and memory.
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
+    self.validate()
+
+  # ---- derived -------------------------------------------------------------------------------------------------
+  @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    reps = self.num_layers // len(self.layer_pattern)
+    return tuple(self.layer_pattern) * reps
+
+  def attention_dims(self, kind: str) -> tuple[int, int, bool]:
+    """(head_dim, num_kv_heads, k_eq_v) of a layer kind."""
+    if kind == "global":
+      return self.global_head_dim, self.global_num_kv_heads, self.global_k_eq_v
+    return self.head_dim, self.num_kv_heads, False
+
+  def rope(self, kind: str) -> tuple[float, float]:
+    """(base, rotary fraction) of a layer kind."""
+    if kind == "global":
+      return self.global_rope_base, self.global_rope_fraction
+    return self.rope_base, self.rope_fraction
+
+  # ---- validation ----------------------------------------------------------------------------------------------
+  def validate(self) -> None:
+    def fail(key, msg):
+      raise ConfigError(f"model.{key}: {msg}")
+
+    for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "num_kv_heads", "global_head_dim",
+                "global_num_kv_heads", "mlp_dim", "num_experts", "top_k", "expert_dim", "sliding_window"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        fail(key, f"must be a positive integer, got {value!r}")
+    if not self.layer_pattern:
+      fail("layer_pattern", "must name at least one layer kind")
+    for kind in self.layer_pattern:
+      if kind not in LAYER_KINDS:
+        fail("layer_pattern", f"unknown layer kind {kind!r}; valid kinds are {LAYER_KINDS}")
+    if self.num_layers % len(self.layer_pattern):
+      fail("layer_pattern", f"has length {len(self.layer_pattern)}, which does not divide model.num_layers="
+           f"{self.num_layers}; use a pattern whose length divides the layer count")
+    if self.num_heads % self.num_kv_heads:
+      fail("num_kv_heads", f"={self.num_kv_heads} does not divide model.num_heads={self.num_heads}")
+    if self.num_heads % self.global_num_kv_heads:
+      fail("global_num_kv_heads", f"={self.global_num_kv_heads} does not divide model.num_heads={self.num_heads}")
+    if self.top_k > self.num_experts:
+      fail("top_k", f"={self.top_k} exceeds model.num_experts={self.num_experts}; choose 1 <= top_k <= num_experts")
+    if self.dispatch not in DISPATCH_BACKENDS:
+      fail("dispatch", f"unknown dispatch backend {self.dispatch!r}; valid backends are {DISPATCH_BACKENDS}")
+    if self.remat not in REMAT_POLICIES:
+      fail("remat", f"unknown remat policy {self.remat!r}; valid policies are {REMAT_POLICIES}")
+    for key in ("param_dtype", "compute_dtype"):
+      if getattr(self, key) not in DTYPES:
+        fail(key, f"unknown dtype {getattr(self, key)!r}; valid dtypes are {DTYPES}")
+    for key in ("rope_fraction", "global_rope_fraction"):
+      frac = getattr(self, key)
+      if not 0.0 <= frac <= 1.0:
+        fail(key, f"must lie in [0, 1], got {frac}")
+    for key, kind in (("rope_fraction", "sliding"), ("global_rope_fraction", "global")):
+      head_dim = self.attention_dims(kind)[0]
+      if int(round(head_dim * getattr(self, key))) % 2:
+        fail(key, f"rotates {head_dim}*{getattr(self, key)} dims of a {kind} head, which must be an even number")
+    if self.logit_softcap < 0:
+      fail("logit_softcap", f"must be >= 0 (0 disables it), got {self.logit_softcap}")
+    if self.scan_layers and self.num_layers // len(self.layer_pattern) < 1:
+      fail("scan_layers", "needs at least one full repetition of model.layer_pattern")
+
+  # ---- the ml_collections boundary -----------------------------------------------------------------------------
+  @classmethod
+  def from_config_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+    """Builds and validates a ModelConfig from `config.model`; unknown keys fail with the list of valid ones."""
+    values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+      raise ConfigError(f"unknown key(s) model.{', model.'.join(unknown)}; valid keys are: {', '.join(names)}")
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def model_config_dict(**overrides) -> dict[str, Any]:
+  """The model section of a run config: ModelConfig's defaults with overrides, validated."""
+  return ModelConfig(**overrides).to_dict()
