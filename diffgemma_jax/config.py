@@ -15,15 +15,13 @@ import ml_collections
 
 from diffgemma_jax.model.config import ConfigError, model_config_dict
 
-OBJECTIVES = ("masked", "ar")
-
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = model_config_dict()
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "masked"  # one of OBJECTIVES
+  c.objective.name = "masked"  # masked | ar
   c.objective.eps = 1e-3  # smallest noise level t; the bound integrates t over [eps, 1]
 
   c.data = ml_collections.ConfigDict()
@@ -143,8 +141,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_keys(config, base_config())
   from diffgemma_jax.model.config import ModelConfig
   ModelConfig.from_config_dict(config.model)
+  from diffgemma_jax.objectives import OBJECTIVES
   if config.objective.name not in OBJECTIVES:
-    raise ConfigError(f"objective.name: unknown objective {config.objective.name!r}; valid are {OBJECTIVES}")
+    raise ConfigError(f"objective.name: unknown objective {config.objective.name!r}; valid are {tuple(OBJECTIVES)}")
   if not 0.0 < config.objective.eps < 1.0:
     raise ConfigError(f"objective.eps: must lie in (0, 1), got {config.objective.eps}")
   for key in ("num_steps", "batch_size", "seq_len", "grad_accum_steps"):

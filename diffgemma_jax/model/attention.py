@@ -1,0 +1,62 @@
+"""Grouped-query attention with QK RMSNorm (scaled), V RMSNorm (unscaled), attention scale 1.0 and RoPE."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.layers import RMSNorm, param
+from diffgemma_jax.model.masks import sliding_window
+from diffgemma_jax.model.rope import apply_rope
+
+NEG_INF = -2.3819763e38  # most negative bfloat16-representable float; keeps softmax finite
+
+
+class Attention(nnx.Module):
+  """One attention layer of kind "sliding" or "global" (global layers may share K and V)."""
+
+  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    self.kind = kind
+    self.num_heads = cfg.num_heads
+    self.head_dim, self.num_kv_heads, self.k_eq_v = cfg.attention_dims(kind)
+    self.rope_base, self.rope_fraction = cfg.rope(kind)
+    self.window = cfg.sliding_window if kind == "sliding" else None
+    D, N, K, H = cfg.embed_dim, cfg.num_heads, self.num_kv_heads, self.head_dim
+    self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
+    self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
+    self.v_proj = None if self.k_eq_v else param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
+    self.o_proj = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), fan_in=N * H)
+    self.q_norm = RMSNorm(H, eps=cfg.norm_eps, axis_name="head_dim", rngs=rngs)
+    self.k_norm = RMSNorm(H, eps=cfg.norm_eps, axis_name="head_dim", rngs=rngs)
+    self.v_norm = RMSNorm(H, eps=cfg.norm_eps, with_scale=False)
+
+  def project_kv(self, x_BLD, positions_BL, dtype):
+    """Keys and values of `x` (also what a KV cache stores), normalised and rotated."""
+    k_BLKH = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dtype))
+    v_BLKH = k_BLKH if self.v_proj is None else jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dtype))
+    k_BLKH = apply_rope(self.k_norm(k_BLKH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
+    return k_BLKH, self.v_norm(v_BLKH)
+
+  def __call__(self, x_BLD, positions_BL, mask_BLL, dtype, *, kv=None, kv_positions_BS=None):
+    """Attends from `x` to its own keys or, when `kv=(k, v)` is given, to those (positions `kv_positions`)."""
+    q_BLNH = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dtype))
+    q_BLNH = apply_rope(self.q_norm(q_BLNH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
+    if kv is None:
+      k_BSKH, v_BSKH = self.project_kv(x_BLD, positions_BL, dtype)
+      kv_positions_BS = positions_BL
+    else:
+      k_BSKH, v_BSKH = kv
+    if self.window is not None:
+      mask_BLL = mask_BLL & sliding_window(positions_BL, kv_positions_BS, self.window)
+    B, L, N, H = q_BLNH.shape
+    K = k_BSKH.shape[2]
+    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
+    # Attention scale 1.0: QK-norm already fixes the logit scale.
+    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32)
+    logits_BKGLS = jnp.where(mask_BLL[:, None, None, :, :], logits_BKGLS, NEG_INF)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(dtype)
+    out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
+    out_BLNH = out_BLKGH.reshape(B, L, N, H)
+    return jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.o_proj[...].astype(dtype))

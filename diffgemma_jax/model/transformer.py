@@ -1,0 +1,156 @@
+"""The Gemma-4-style sparse-MoE denoiser.
+
+Every block: pre-norm attention -> post-attention norm -> residual; then the dense GeGLU ("shared expert") in
+parallel with the routed experts, each with its own pre/post norm, summed, a post-FFN norm, residual, and a learned
+per-layer scalar. Layers follow `layer_pattern` (sliding / global), repeated; with `scan_layers` one repetition of
+the pattern is the scanned unit, its parameters stacked on a leading "layers" axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffgemma_jax.model.attention import Attention
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param
+from diffgemma_jax.model.moe import MoE
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole unit
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+    D, eps = cfg.embed_dim, cfg.norm_eps
+    self.pre_attn_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.attn = Attention(cfg, kind, rngs=rngs)
+    self.post_attn_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.pre_mlp_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.mlp = MLP(D, cfg.mlp_dim, rngs=rngs)
+    self.post_mlp_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.pre_moe_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.moe = MoE(cfg, rngs=rngs)
+    self.post_moe_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.post_ffn_norm = RMSNorm(D, eps=eps, rngs=rngs)
+    self.layer_scalar = param(rngs, (1,), (None,), init="ones")
+
+  def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype):
+    attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype)
+    h_BLD = x_BLD + self.post_attn_norm(attn_out)
+    dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
+    routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
+    ffn = self.post_ffn_norm(dense + self.post_moe_norm(routed))
+    out = (h_BLD + ffn) * self.layer_scalar[...].astype(dtype)
+    stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
+             "expert_load": routing.expert_load_E}
+    return out, stats
+
+
+class PatternUnit(nnx.Module):
+  """One repetition of `layer_pattern`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.layer_pattern])
+
+  def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype):
+    stats = []
+    for block in self.blocks:
+      x_BLD, s = block(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype)
+      stats.append(s)
+    return x_BLD, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+def _stack_units(units: list[PatternUnit]) -> PatternUnit:
+  """Stacks the parameters of identical units on a new leading axis, tagged with the logical axis "layers"."""
+  head = units[0]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(u) for u in units])
+  nnx.update(head, stacked)
+  for _, var in nnx.iter_graph(head):
+    if isinstance(var, nnx.Param):
+      var.set_metadata("axes", ("layers",) + tuple(var.get_metadata().get("axes", ())))
+  return head
+
+
+class Denoiser(nnx.Module):
+  """Maps tokens (clean, masked or noised) to logits over the vocabulary. Knows nothing of objectives."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedder = Embedder(cfg.vocab_size, cfg.embed_dim, rngs=rngs)
+    repeats = cfg.num_layers // len(cfg.layer_pattern)
+    units = [PatternUnit(cfg, rngs=rngs) for _ in range(repeats)]
+    if cfg.scan_layers:
+      self.stacked_unit = _stack_units(units)
+      self.units = nnx.List([])
+    else:
+      self.stacked_unit = None
+      self.units = nnx.List(units)
+    self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, rngs=rngs)
+
+  def _unit_fn(self, graphdef):
+    dtype = dtype_of(self.cfg.compute_dtype)
+
+    def apply(state, x_BLD, positions_BL, mask_BLL, token_mask_BL):
+      return nnx.merge(graphdef, state)(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype)
+
+    if self.cfg.remat != "none":
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat])
+    return apply
+
+  def __call__(self, tokens_BL, positions_BL, mask_BLL, *, token_mask_BL=None, embeddings_BLD=None):
+    """Returns float32 logits [B, L, V] and a dict of router statistics and the weighted auxiliary loss.
+
+    `embeddings_BLD`, when given, is added to the scaled token embeddings (self-conditioning enters here).
+    """
+    cfg = self.cfg
+    dtype = dtype_of(cfg.compute_dtype)
+    if token_mask_BL is None:
+      token_mask_BL = jnp.ones(tokens_BL.shape, bool)
+    x_BLD = self.embedder.encode(tokens_BL, dtype)
+    if embeddings_BLD is not None:
+      x_BLD = x_BLD + embeddings_BLD.astype(dtype)
+    if self.stacked_unit is not None:
+      graphdef, state = nnx.split(self.stacked_unit)
+      apply = self._unit_fn(graphdef)
+
+      def body(x, unit_state):
+        return apply(unit_state, x, positions_BL, mask_BLL, token_mask_BL)
+
+      x_BLD, stats = jax.lax.scan(body, x_BLD, state)
+      stats = jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats)
+    else:
+      all_stats = []
+      for unit in self.units:
+        graphdef, state = nnx.split(unit)
+        x_BLD, s = self._unit_fn(graphdef)(state, x_BLD, positions_BL, mask_BLL, token_mask_BL)
+        all_stats.append(s)
+      stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
+    logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
+    if cfg.logit_softcap > 0:
+      logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
+    aux = aux_losses(stats, cfg)
+    return logits_BLV, aux
+
+
+def aux_losses(stats: dict[str, Any], cfg: ModelConfig) -> dict[str, jax.Array]:
+  """Averages router statistics over layers and weights the auxiliary losses (zero weight: logged only)."""
+  load_balance = jnp.mean(stats["load_balance_loss"])
+  z_loss = jnp.mean(stats["router_z_loss"])
+  return {
+      "load_balance_loss": load_balance,
+      "router_z_loss": z_loss,
+      "expert_load": stats["expert_load"],  # [num_layers, E]
+      "aux_loss": cfg.load_balance_loss_weight * load_balance + cfg.router_z_loss_weight * z_loss,
+  }
+
+
+def build_model(cfg: ModelConfig, seed: int | jax.Array = 0) -> Denoiser:
+  rngs = nnx.Rngs(params=seed) if not isinstance(seed, nnx.Rngs) else seed
+  return Denoiser(cfg, rngs=rngs)
