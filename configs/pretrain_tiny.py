@@ -1,0 +1,36 @@
+"""Tiny masked-diffusion pretraining on the CPython standard library: the README's main job, ~10 min on 2 cores."""
+
+from diffgemma_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.update(
+      vocab_size=1024,
+      embed_dim=128,
+      num_layers=4,
+      layer_pattern=("sliding", "global"),
+      num_heads=4,
+      head_dim=32,
+      num_kv_heads=2,
+      sliding_window=64,
+      global_head_dim=64,
+      global_num_kv_heads=1,
+      global_k_eq_v=True,
+      mlp_dim=256,
+      num_experts=8,
+      top_k=2,
+      expert_dim=128,
+  )
+  c.objective.name = "masked"
+  c.data.recipe = "python_stdlib"
+  c.train.num_steps = 600
+  c.train.batch_size = 16
+  c.train.seq_len = 128
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 30
+  c.checkpoint.every_steps = 200
+  c.eval.every_steps = 300
+  c.eval.num_t_samples = 8
+  c.eval.max_sequences = 128
+  return c

@@ -1,0 +1,31 @@
+"""Flag helpers shared by the entry points: `--config.a.b=value` overrides and one-line failures."""
+
+from __future__ import annotations
+
+import sys
+
+from diffgemma_jax.model.config import ConfigError
+
+
+def config_overrides(rest: list[str]) -> dict[str, str]:
+  """Turns leftover `--config.a.b=value` (or `--config.a.b value`) flags into an overrides dict."""
+  overrides: dict[str, str] = {}
+  i = 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith("--config."):
+      raise ConfigError(f"unrecognised argument {arg!r}; overrides look like --config.train.num_steps=10")
+    key, eq, value = arg[len("--config."):].partition("=")
+    if not eq:
+      if i + 1 >= len(rest):
+        raise ConfigError(f"override --config.{key} has no value")
+      value = rest[i + 1]
+      i += 1
+    overrides[key] = value
+    i += 1
+  return overrides
+
+
+def fail(message: str, code: int = 2) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return code
