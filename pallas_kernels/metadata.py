@@ -1,0 +1,75 @@
+"""Group metadata: which rows each local group owns, and the list of (row tile, group) visits for gmm.
+
+Rows of lhs are sorted by group. gmm walks a "visit list": for each segment of rows, the row tiles that
+overlap it. The segments partition [0, m): the rows before the local groups, each local group, and the rows
+after them. A tile straddling a boundary is therefore visited once per segment and each visit writes only its
+own rows, so every output row is written exactly once; segments that belong to no local group write zeros.
+The list has a static length, num_row_tiles + num_local_groups + 1, which bounds the number of (segment, tile)
+overlaps; unused entries are padding visits that write nothing.
+"""
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+
+class GroupBounds(NamedTuple):
+  """Rows [row_start[g], row_end[g]) belong to local group g (both clipped to [0, m])."""
+  row_start: jnp.ndarray  # int32[num_local_groups]
+  row_end: jnp.ndarray  # int32[num_local_groups]
+
+
+class Visits(NamedTuple):
+  """Per visit v: the row tile to compute, its local group (-1: write zeros) and the rows it may write."""
+  row_tile: jnp.ndarray  # int32[num_visits]
+  group: jnp.ndarray  # int32[num_visits]
+  row_start: jnp.ndarray  # int32[num_visits]
+  row_end: jnp.ndarray  # int32[num_visits]
+
+
+def num_visits(num_rows: int, block_m: int, num_local_groups: int) -> int:
+  return -(-num_rows // block_m) + num_local_groups + 1
+
+
+def group_bounds(group_sizes, num_rows: int, num_local_groups: int, group_offset=0) -> GroupBounds:
+  """Row range of each local group (global groups group_offset .. group_offset + num_local_groups - 1)."""
+  num_groups = group_sizes.shape[0]
+  group_ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+  boundaries = jnp.concatenate([jnp.zeros((1,), jnp.int32), group_ends])  # [num_groups + 1]
+  first = jnp.asarray(group_offset, jnp.int32) + jnp.arange(num_local_groups, dtype=jnp.int32)
+  # Groups past the end of group_sizes are empty: both bounds land on the total.
+  row_start = boundaries[jnp.clip(first, 0, num_groups)]
+  row_end = boundaries[jnp.clip(first + 1, 0, num_groups)]
+  return GroupBounds(jnp.minimum(row_start, num_rows), jnp.minimum(row_end, num_rows))
+
+
+def gmm_visits(group_sizes, num_rows: int, block_m: int, num_local_groups: int, group_offset=0) -> Visits:
+  """The visit list described in the module docstring, of length num_visits(...)."""
+  bounds = group_bounds(group_sizes, num_rows, num_local_groups, group_offset)
+  if num_local_groups:
+    local_first_row = bounds.row_start[:1]
+    local_end_row = bounds.row_end[-1:]
+  else:
+    local_first_row = local_end_row = jnp.zeros((1,), jnp.int32)
+  seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), bounds.row_start, local_end_row])
+  seg_end = jnp.concatenate([local_first_row, bounds.row_end, jnp.full((1,), num_rows, jnp.int32)])
+  num_segments = num_local_groups + 2
+
+  first_tile = seg_start // block_m
+  end_tile = (seg_end + block_m - 1) // block_m
+  tiles_per_segment = jnp.where(seg_end > seg_start, end_tile - first_tile, 0)
+  visits_end = jnp.cumsum(tiles_per_segment)
+  visits_start = visits_end - tiles_per_segment
+
+  visit = jnp.arange(num_visits(num_rows, block_m, num_local_groups), dtype=jnp.int32)
+  segment = jnp.searchsorted(visits_end, visit, side="right").astype(jnp.int32)
+  is_real = segment < num_segments
+  segment = jnp.minimum(segment, num_segments - 1)
+  row_tile = jnp.where(is_real, first_tile[segment] + visit - visits_start[segment], 0)
+  is_local = is_real & (segment >= 1) & (segment <= num_local_groups)
+  return Visits(
+      row_tile=row_tile.astype(jnp.int32),
+      group=jnp.where(is_local, segment - 1, -1).astype(jnp.int32),
+      row_start=jnp.where(is_real, seg_start[segment], 0).astype(jnp.int32),
+      row_end=jnp.where(is_real, seg_end[segment], 0).astype(jnp.int32),
+  )
