@@ -1,0 +1,130 @@
+"""The masked-diffusion ELBO: stratified t, corruption, the mask-token exclusion, analytic values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffgemma_jax.objectives import MaskedDiffusion, corrupt, masked_nelbo, masked_token_nll, stratified_t
+
+EPS = 1e-3
+
+
+def test_stratified_t_covers_eps_to_one():
+  for seed in range(5):
+    B = 16
+    t = np.sort(np.asarray(stratified_t(jax.random.key(seed), B, EPS)))
+    edges = EPS + (1 - EPS) * np.arange(B + 1) / B
+    # exactly one sample in each of the B strata of [eps, 1]
+    assert np.all(t >= edges[:-1] - 1e-7) and np.all(t < edges[1:] + 1e-7)
+    assert t.min() >= EPS and t.max() <= 1.0
+
+
+def test_corruption_rate_and_padding():
+  tokens = jnp.full((4, 4096), 7, jnp.int32)
+  t = jnp.array([0.1, 0.5, 0.9, 1.0])
+  pad = jnp.arange(4096)[None, :] < 3000
+  noisy, masked = corrupt(jax.random.key(0), tokens, t, mask_id=3, corruptible_BL=jnp.broadcast_to(pad, (4, 4096)))
+  rate = np.asarray(jnp.sum(masked, -1) / 3000)
+  np.testing.assert_allclose(rate, t, atol=0.03)
+  assert not bool(jnp.any(masked[:, 3000:]))
+  assert bool(jnp.all(jnp.where(masked, noisy == 3, noisy == 7)))
+
+
+def test_mask_token_gets_zero_probability():
+  V, mask_id = 11, 4
+  logits = jax.random.normal(jax.random.key(0), (2, 5, V))
+  logits = logits.at[..., mask_id].set(50.0)  # the model wants to predict the mask token; it may not
+  tokens = jnp.array([[0, 1, 2, 3, 5], [6, 7, 8, 9, 10]])
+  nll = masked_token_nll(logits, tokens, mask_id=mask_id)
+  keep = np.delete(np.asarray(logits), mask_id, axis=-1)
+  log_z = np.log(np.sum(np.exp(keep), -1))
+  expected = log_z - np.take_along_axis(np.asarray(logits), np.asarray(tokens)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll, expected, rtol=1e-5)
+
+
+def _iid_source(V, mask_id, seed=0):
+  rng = np.random.default_rng(seed)
+  pi = rng.dirichlet(np.ones(V) * 0.7)
+  pi[mask_id] = 0.0
+  return pi / pi.sum()
+
+
+def test_analytic_bound_for_an_iid_source_and_the_exact_denoiser():
+  """Exact denoiser of an i.i.d. source predicts pi at every masked position; E[NELBO] = L * H(pi)."""
+  V, mask_id, L, N = 16, 0, 64, 512
+  pi = _iid_source(V, mask_id)
+  entropy = -np.sum(pi[pi > 0] * np.log(pi[pi > 0]))
+  tokens = jax.random.choice(jax.random.key(1), V, (N, L), p=jnp.asarray(pi))
+  log_pi = jnp.log(jnp.asarray(pi) + 1e-30)
+
+  def logits_fn(noisy):
+    return jnp.broadcast_to(log_pi, noisy.shape + (V,))
+
+  nelbo, stderr = jax.jit(lambda r: masked_nelbo(logits_fn, tokens, r, mask_id=mask_id, num_t_samples=8))(
+      jax.random.key(2))
+  # the estimate is unbiased for sum_l -log pi(x_l) of each sequence given the sequence
+  exact_given_x = -np.sum(np.log(pi[np.asarray(tokens)]), -1)
+  z = (np.asarray(nelbo) - exact_given_x) / np.maximum(np.asarray(stderr), 1e-9)
+  assert np.mean(np.abs(z) < 3) > 0.97
+  # and, over sequences, for L * H(pi)
+  mean = float(np.mean(nelbo))
+  se = float(np.std(nelbo, ddof=1) / np.sqrt(N))
+  assert abs(mean - L * entropy) < 3 * se, (mean, L * entropy, se)
+
+
+def test_padding_is_never_corrupted_or_scored():
+  V, mask_id, L = 10, 0, 32
+  tokens = jnp.full((3, L), 5, jnp.int32)
+  pad = jnp.arange(L)[None, :] < jnp.array([[32], [16], [0]])
+  seen = []
+
+  def logits_fn(noisy):
+    seen.append(noisy)
+    return jnp.zeros(noisy.shape + (V,))
+
+  nelbo, _ = masked_nelbo(logits_fn, tokens, jax.random.key(0), mask_id=mask_id, num_t_samples=4, pad_mask=pad)
+  # uniform over the V-1 non-mask tokens: each scored token costs log(V-1); E[NELBO] = n_real * log(V-1)
+  assert float(nelbo[2]) == 0.0
+  assert float(nelbo[0]) > float(nelbo[1]) > 0
+
+
+class _UniformModel:
+  """Logits all zero: predicts uniformly over the V-1 non-mask tokens, so every masked token costs log(V-1)."""
+
+  def __init__(self, V):
+    self.V = V
+
+  def __call__(self, tokens, positions, mask, token_mask_BL=None, embeddings_BLD=None):
+    aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(1), "router_z_loss": jnp.float32(0),
+           "expert_load": jnp.ones((1, 2)) / 2}
+    return jnp.zeros(tokens.shape + (self.V,)), aux
+
+
+def test_training_loss_matches_a_direct_computation():
+  V, mask_id, B, L = 12, 4, 8, 40
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 5, V)
+  segment_ids = jnp.where(jnp.arange(L)[None] < jnp.arange(B)[:, None] * 5 + 5, 1, 0).astype(jnp.int32)
+  positions = jnp.tile(jnp.arange(L), (B, 1))
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
+  rng = jax.random.key(3)
+  loss, metrics = objective.loss_fn(_UniformModel(V), batch, rng)
+  # recompute with the same draws
+  t_rng, mask_rng = jax.random.split(rng)
+  t = np.asarray(stratified_t(t_rng, B, EPS))
+  _, masked = corrupt(mask_rng, tokens, jnp.asarray(t), mask_id=mask_id, corruptible_BL=segment_ids > 0)
+  expected = np.sum(np.sum(np.asarray(masked), -1) * np.log(V - 1) / t) / np.sum(np.asarray(segment_ids) > 0)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  assert int(metrics["num_tokens"]) == int(np.sum(np.asarray(segment_ids) > 0))
+
+
+def test_expected_training_loss_is_the_per_token_entropy_bound():
+  """Averaged over draws, the 1/t-weighted loss of the uniform denoiser is log(V-1) per token."""
+  V, mask_id, B, L = 12, 4, 64, 64
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 5, V)
+  batch = {"tokens": tokens, "segment_ids": jnp.ones((B, L), jnp.int32), "positions": jnp.tile(jnp.arange(L), (B, 1))}
+  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
+  losses = jax.jit(jax.vmap(lambda r: objective.loss_fn(_UniformModel(V), batch, r)[0]))(
+      jax.random.split(jax.random.key(1), 64))
+  np.testing.assert_allclose(float(jnp.mean(losses)), np.log(V - 1), rtol=0.01)
