@@ -51,6 +51,11 @@ def _edge_mask(start, block: int, size: int):
   return start + jnp.arange(block) < size
 
 
+def _dot_precision(compute_dtype):
+  """float32 operands get true float32 products: Triton would otherwise round them to TF32."""
+  return lax.Precision.HIGHEST if jnp.dtype(compute_dtype) == jnp.float32 else None
+
+
 def _swizzle(pid, num_rows: int, num_cols: int, group_m: int):
   """Launch order: group_m consecutive row tiles sweep all column tiles together, so rhs tiles stay in L2."""
   width = group_m * num_cols
@@ -73,6 +78,7 @@ def _gmm_kernel(row_tile_ref, group_ref, row_start_ref, row_end_ref, lhs_ref, rh
   weight_group = jnp.maximum(group, 0)
   # Visits that only write zeros (other shards' rows, padding) skip the contraction entirely.
   num_k_steps = jnp.where(group >= 0, _cdiv(k, bk), 0)
+  precision = _dot_precision(compute_dtype)
 
   def k_step(step, acc):
     k0 = step * bk
@@ -81,10 +87,12 @@ def _gmm_kernel(row_tile_ref, group_ref, row_start_ref, row_end_ref, lhs_ref, rh
     if transpose_rhs:
       w = _load_tile(rhs_ref.at[weight_group, pl.ds(col0, bn), pl.ds(k0, bk)], col_ok, k_ok, (bn, bk),
                      compute_dtype)
-      return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
     w = _load_tile(rhs_ref.at[weight_group, pl.ds(k0, bk), pl.ds(col0, bn)], k_ok, col_ok, (bk, bn),
                    compute_dtype)
-    return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
 
   acc = lax.fori_loop(0, num_k_steps, k_step, jnp.zeros((bm, bn), jnp.float32))
   rows = row0 + jnp.arange(bm)
@@ -163,6 +171,7 @@ def _tgmm_kernel(row_start_ref, row_end_ref, lhs_ref, rhs_ref, out_ref, *, m: in
   n_ok = _edge_mask(n0, bn, n)
   first_row_tile = row_start // bm
   end_row_tile = jnp.where(row_end > row_start, _cdiv_traced(row_end, bm), first_row_tile)
+  precision = _dot_precision(compute_dtype)
 
   def row_step(row_tile, acc):
     r0 = row_tile * bm
@@ -171,9 +180,11 @@ def _tgmm_kernel(row_start_ref, row_end_ref, lhs_ref, rhs_ref, out_ref, *, m: in
     y = _load_tile(rhs_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], in_group, n_ok, (bm, bn), compute_dtype)
     if transpose_lhs:  # lhs is [m, k]: contract its rows.
       x = _load_tile(lhs_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], in_group, k_ok, (bm, bk), compute_dtype)
-      return acc + lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      return acc + lax.dot_general(x, y, (((0,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
     x = _load_tile(lhs_ref.at[pl.ds(k0, bk), pl.ds(r0, bm)], k_ok, in_group, (bk, bm), compute_dtype)
-    return acc + jnp.dot(x, y, preferred_element_type=jnp.float32)
+    return acc + lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
 
   acc = lax.fori_loop(first_row_tile, end_row_tile, row_step, jnp.zeros((bk, bn), jnp.float32))
   mask = _and_masks(k_ok, n_ok)

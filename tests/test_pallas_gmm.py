@@ -219,6 +219,34 @@ def test_shape_errors_name_the_inputs():
     pk.gmm_kernel(lhs, jnp.zeros((2, 8, 4)), jnp.array([8.0, 8.0]), interpret=True)
 
 
+def _triton_calls_when_lowered_for_gpu(fn, *args) -> int:
+  """Lowers fn for CUDA (works without a GPU) and counts the Pallas-Triton kernel calls in the module."""
+  try:
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  except Exception as e:  # pylint: disable=broad-except
+    if "cuda" in str(e).lower() and "platform" in str(e).lower():
+      pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
+    raise
+  return lowered.as_text().count("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(90, 40, 35), (8192, 4096, 14336)])
+def test_kernels_lower_to_triton(dtype, m, k, n):
+  """Catches what interpret mode cannot: block shapes or primitives the Triton lowering rejects."""
+  sds = jax.ShapeDtypeStruct
+  lhs, rhs, sizes = sds((m, k), dtype), sds((5, k, n), dtype), sds((5,), jnp.int32)
+  grads = lambda transpose_rhs: lambda x, w, s: jax.grad(
+      lambda x, w: pk.gmm(x, w, s, transpose_rhs=transpose_rhs, group_offset=1, interpret=False).sum(),
+      argnums=(0, 1))(x, w)
+  assert _triton_calls_when_lowered_for_gpu(
+      lambda x, w, s: pk.gmm(x, w, s, interpret=False), lhs, rhs, sizes) == 1
+  assert _triton_calls_when_lowered_for_gpu(grads(False), lhs, rhs, sizes) == 2
+  assert _triton_calls_when_lowered_for_gpu(grads(True), lhs, sds((5, n, k), dtype), sizes) == 2
+  assert _triton_calls_when_lowered_for_gpu(
+      lambda x, y, s: pk.tgmm(x, y, s, interpret=False), sds((k, m), dtype), sds((m, n), dtype), sizes) == 1
+
+
 @pytest.mark.skipif(ON_GPU, reason="the GPU check runs the full benchmark itself")
 def test_benchmark_script_runs_in_interpret_mode(tmp_path):
   out_json = tmp_path / "gmm_bench.json"
