@@ -76,8 +76,19 @@ def routing_group_sizes(routing: str, m: int, num_groups: int, seed: int) -> np.
 
 # --- implementations: each maps (lhs, rhs, group_sizes) -> [m, n] and is differentiated with jax.vjp. ---
 
-def _ours(interpret):
-  return lambda lhs, rhs, sizes: pk.gmm(lhs, rhs, sizes, preferred_element_type=lhs.dtype, interpret=interpret)
+def parse_tiling(text: str):
+  """'BM,BK,BN[,WARPS,STAGES]' -> Tiling, '' -> None (the table in pallas_kernels/tiling.py)."""
+  if not text:
+    return None
+  values = [int(v) for v in text.split(",")]
+  names = ("block_m", "block_k", "block_n", "num_warps", "num_stages")
+  return pk.Tiling(**dict(zip(names, values)))
+
+
+def _ours(interpret, gmm_tiling=None, tgmm_tiling=None):
+  tilings = (gmm_tiling, gmm_tiling, tgmm_tiling)
+  return lambda lhs, rhs, sizes: pk.gmm(lhs, rhs, sizes, preferred_element_type=lhs.dtype, tiling=tilings,
+                                        interpret=interpret)
 
 
 def _ragged_dot(lhs, rhs, sizes):
@@ -106,10 +117,10 @@ class Impl:
   flags: dict  # jax config values set while it is traced and run
 
 
-def implementations(interpret: bool):
+def implementations(interpret: bool, gmm_tiling=None, tgmm_tiling=None):
   """Impl records in report order; jitted once so balanced and skewed routings share compilations."""
   on_gpu = jax.default_backend() == "gpu"
-  impls = [("ours", _ours(interpret), {}), ("xla_ragged_dot", _ragged_dot, {TRITON_FLAG: False})]
+  impls = [("ours", _ours(interpret, gmm_tiling, tgmm_tiling), {}), ("xla_ragged_dot", _ragged_dot, {TRITON_FLAG: False})]
   if not on_gpu:
     impls.append(("jax_pallas_triton_ragged_dot", Unavailable("GPU only"), {}))
   elif not hasattr(jax.config, TRITON_FLAG):
@@ -289,7 +300,7 @@ def run(args) -> dict:
   shapes = SMALL_SHAPES if args.small else SHAPES
   if args.shapes:
     shapes = [s for s in shapes if s.name in args.shapes.split(",")]
-  impls = implementations(args.interpret)
+  impls = implementations(args.interpret, parse_tiling(args.gmm_tiling), parse_tiling(args.tgmm_tiling))
   if args.impls:
     impls = [impl for impl in impls if impl.name in args.impls.split(",")]
   report = {
@@ -297,6 +308,7 @@ def run(args) -> dict:
       "commit": _commit(), "jax": jax.__version__, "backend": jax.default_backend(),
       "device": str(jax.devices()[0].device_kind), "dtype": args.dtype, "interpret": args.interpret,
       "runs": args.runs, "warmup": args.warmup, "copies": args.copies,
+      "ours_tiling": {"gmm": args.gmm_tiling or "table", "tgmm": args.tgmm_tiling or "table"},
       "tflops_definition": "2*m*k*n / median seconds, per direction", "results": [],
   }
   started = time.perf_counter()
@@ -355,6 +367,8 @@ def parse_args(argv=None):
   parser.add_argument("--sample", type=int, default=128, help="rows/cols of each output checked")
   parser.add_argument("--shapes", default="", help="comma-separated shape names (default all)")
   parser.add_argument("--impls", default="", help="comma-separated implementation names (default all)")
+  parser.add_argument("--gmm-tiling", default="", help="ours' forward/dlhs tiling BM,BK,BN[,WARPS,STAGES]")
+  parser.add_argument("--tgmm-tiling", default="", help="ours' drhs tiling BM,BK,BN[,WARPS,STAGES]")
   parser.add_argument("--max-seconds-per-measurement", type=float, default=10.0,
                       help="fewer timed calls (at least 5) for implementations slower than this allows")
   parser.add_argument("--time-budget-s", type=float, default=0.0,

@@ -147,7 +147,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
                              transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), jnp.dtype(preferred_element_type)),
+      out_shape=jax.ShapeDtypeStruct((m, n), jnp.dtype(preferred_element_type or jnp.float32)),
       grid=(num_visits * _cdiv(n, tiling.block_n),),
       name="gmm",
       **_compat.pallas_call_kwargs(tiling, interpret),
@@ -236,7 +236,7 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None,
                              compute_dtype=compute_dtype)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), jnp.dtype(preferred_element_type)),
+      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), jnp.dtype(preferred_element_type or jnp.float32)),
       grid=(num_groups * _cdiv(k, tiling.block_k) * _cdiv(n, tiling.block_n),),
       name="tgmm",
       **_compat.pallas_call_kwargs(tiling, interpret),

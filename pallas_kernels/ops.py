@@ -36,7 +36,8 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
   """
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
   return _gmm(lhs, rhs, jnp.asarray(group_sizes, jnp.int32), group_offset,
-              jnp.dtype(preferred_element_type), _split_tilings(tiling), bool(transpose_rhs), interpret)
+              jnp.dtype(preferred_element_type or jnp.float32), _split_tilings(tiling), bool(transpose_rhs),
+              interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

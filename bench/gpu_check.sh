@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command for the GPU checks: bench/gpu_check.sh [OUTDIR]   (OUTDIR defaults to $OUT, else ./gpu_check_out)
+#
+# Runs each step below with its own timeout and log (OUTDIR/<step>.log), keeps going when one fails, writes
+# OUTDIR/summary.txt, and exits non-zero if any step failed. The timeouts add up to under 8 minutes.
+# To add a check, append "name|timeout_seconds|command" to STEPS.
+# Dry run on a CPU: DIFFGEMMA_PALLAS_GPU=0 GMM_BENCH_ARGS="--interpret --small --runs 3" bench/gpu_check.sh /tmp/out
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUTDIR="${1:-${OUT:-$REPO/gpu_check_out}}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+cd "$REPO"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+# Packages the GPU image lacks travel as wheels in .whl/ (see the device notes); the repo imports from the tree.
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$REPO:${PYTHONPATH:-}"
+
+STEPS=(
+  "environment|45|$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true"
+  "pallas_gmm_tests|150|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
+  "gmm_benchmark|260|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 170 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
+)
+
+failed=0
+: > "$OUTDIR/summary.txt"
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit command <<< "$step"
+  echo "== $name (timeout ${limit}s): $command"
+  start=$SECONDS
+  if timeout -k 10 "$limit" bash -c "$command" > "$OUTDIR/$name.log" 2>&1; then
+    status=ok
+  else
+    status="FAILED (exit $?)"
+    failed=1
+  fi
+  line="$name: $status in $((SECONDS - start))s (log: $OUTDIR/$name.log)"
+  echo "$line" | tee -a "$OUTDIR/summary.txt"
+  tail -n 25 "$OUTDIR/$name.log"
+done
+exit "$failed"
