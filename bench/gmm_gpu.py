@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -5,11 +5,11 @@ outputs as NaN, so a missing mask or an unwritten row fails here just as it woul
 Set DIFFGEMMA_PALLAS_GPU=1 to run the same tests on the compiled Triton kernels (bench/gpu_check.sh does).
 """
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
