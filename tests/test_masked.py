@@ -128,3 +128,49 @@ def test_expected_training_loss_is_the_per_token_entropy_bound():
   losses = jax.jit(jax.vmap(lambda r: objective.loss_fn(_UniformModel(V), batch, r)[0]))(
       jax.random.split(jax.random.key(1), 64))
   np.testing.assert_allclose(float(jnp.mean(losses)), np.log(V - 1), rtol=0.01)
+
+
+def _sft_batch(B=6, L=24, V=12, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed), (B, L), 5, V)
+  prompt_len = jnp.arange(B) * 3 + 2
+  loss_mask = jnp.arange(L)[None, :] >= prompt_len[:, None]
+  return {"tokens": tokens, "segment_ids": jnp.ones((B, L), jnp.int32), "positions": jnp.tile(jnp.arange(L), (B, 1)),
+          "loss_mask": loss_mask}
+
+
+def test_sft_prompt_is_never_corrupted_nor_scored():
+  V, mask_id = 12, 4
+  batch = _sft_batch(V=V)
+  seen = []
+
+  class Spy(_UniformModel):
+    def __call__(self, tokens, *args, **kw):
+      seen.append(tokens)
+      return super().__call__(tokens, *args, **kw)
+
+  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
+  for seed in range(4):
+    objective.loss_fn(Spy(V), batch, jax.random.key(seed))
+  for noisy in seen:
+    prompt = ~batch["loss_mask"]
+    assert not bool(jnp.any((noisy == mask_id) & prompt))
+  # changing a prompt token's score cannot change the loss: only masked response tokens are scored
+  tokens2 = batch["tokens"].at[:, 0].set(6)
+  a = objective.loss_fn(_UniformModel(V), batch, jax.random.key(0))[0]
+  b = objective.loss_fn(_UniformModel(V), dict(batch, tokens=tokens2), jax.random.key(0))[0]
+  assert float(a) == float(b)
+
+
+def test_sft_loss_is_normalised_by_each_response_length():
+  V, mask_id = 12, 4
+  batch = _sft_batch(V=V)
+  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
+  rng = jax.random.key(5)
+  loss, metrics = objective.loss_fn(_UniformModel(V), batch, rng)
+  t_rng, mask_rng = jax.random.split(rng)
+  t = np.asarray(stratified_t(t_rng, 6, EPS))
+  _, masked = corrupt(mask_rng, batch["tokens"], jnp.asarray(t), mask_id=mask_id, corruptible_BL=batch["loss_mask"])
+  response_len = np.asarray(batch["loss_mask"]).sum(-1)
+  per_example = np.asarray(masked).sum(-1) * np.log(V - 1) / t / response_len
+  np.testing.assert_allclose(loss, per_example.mean(), rtol=1e-5)
+  assert int(metrics["num_tokens"]) == int(response_len.sum())

@@ -87,8 +87,20 @@ def model_logits_fn(model, batch, *, mask_kind: str = "bidirectional"):
   return logits_fn
 
 
+def scored_positions(batch):
+  """Positions that are corrupted and scored: the response (`loss_mask`, SFT rows) or every non-pad token."""
+  if "loss_mask" in batch:
+    return batch["loss_mask"].astype(bool) & (batch["segment_ids"] > 0)
+  return batch["segment_ids"] > 0
+
+
 class MaskedDiffusion:
-  """The pretraining objective: loss per non-pad token of the batch, t stratified across the batch."""
+  """Masked diffusion for pretraining and prompt-masked SFT, told apart by the batch alone.
+
+  Pretraining rows: every non-pad token is corrupted and scored; the loss is the batch NELBO per non-pad token,
+  with t stratified across the batch. SFT rows carry `loss_mask` (the response, EOS padding included): the prompt
+  is never corrupted or scored, and each example's NELBO is divided by its response length, then averaged.
+  """
 
   name = "masked"
   exact = False
@@ -100,20 +112,28 @@ class MaskedDiffusion:
   def loss_fn(self, model, batch, rng):
     tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
     pad_mask = segment_ids > 0
+    scored = scored_positions(batch)
     t_rng, mask_rng = jax.random.split(rng)
     t_B = stratified_t(t_rng, tokens.shape[0], self.eps)
-    noisy, is_masked = corrupt(mask_rng, tokens, t_B, mask_id=self.mask_id, corruptible_BL=pad_mask)
+    noisy, is_masked = corrupt(mask_rng, tokens, t_B, mask_id=self.mask_id, corruptible_BL=scored)
     mask = make_mask("bidirectional", segment_ids, positions)
     logits, aux = model(noisy, positions, mask, token_mask_BL=pad_mask)
     nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
-    num_tokens = jnp.maximum(jnp.sum(pad_mask), 1)
-    nelbo = jnp.sum(weighted_nll(nll, is_masked, t_B)) / num_tokens
+    per_example = weighted_nll(nll, is_masked, t_B)
+    num_scored_B = jnp.sum(scored, axis=-1)
+    num_tokens = jnp.maximum(jnp.sum(num_scored_B), 1)
+    if "loss_mask" in batch:
+      has_response = num_scored_B > 0
+      per_token_B = per_example / jnp.maximum(num_scored_B, 1)
+      nelbo = jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
+    else:
+      nelbo = jnp.sum(per_example) / num_tokens
     loss = nelbo + aux["aux_loss"]
     metrics = {
         "loss": loss,
         "nelbo_per_token": nelbo,
         "masked_fraction": jnp.sum(is_masked) / num_tokens,
-        "num_tokens": jnp.sum(pad_mask),
+        "num_tokens": jnp.sum(scored),
         "load_balance_loss": aux["load_balance_loss"],
         "router_z_loss": aux["router_z_loss"],
         "expert_load": jnp.mean(aux["expert_load"], axis=0),
@@ -121,8 +141,8 @@ class MaskedDiffusion:
     return loss, metrics
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
-    """Per-row NELBO (nats), its standard error, and the number of scored tokens."""
-    pad_mask = batch["segment_ids"] > 0
+    """Per-row NELBO (nats) of the scored tokens given the rest, its standard error, and the scored count."""
+    scored = scored_positions(batch)
     nelbo, stderr = masked_nelbo(model_logits_fn(model, batch), batch["tokens"], rng, mask_id=self.mask_id,
-                                 num_t_samples=num_t_samples, eps=self.eps, pad_mask=pad_mask)
-    return nelbo, stderr, jnp.sum(pad_mask, axis=-1)
+                                 num_t_samples=num_t_samples, eps=self.eps, pad_mask=scored)
+    return nelbo, stderr, jnp.sum(scored, axis=-1)
