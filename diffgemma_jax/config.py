@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1
   c.train.seed = 0
   c.train.log_every_steps = 10
+  c.train.peak_flops_per_device = 0.0  # for the MFU estimate; 0: a table value for the device kind
+  c.train.debug_nan_at_step = -1  # test hook: the update producing this step gets a NaN loss
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100

@@ -1,0 +1,103 @@
+"""Held-out perplexity bounds (DESIGN section 4): PPL <= exp(sum_x NELBO(x) / sum_x L(x)).
+
+The objective's `sequence_bound` gives each row's NELBO in nats (K stratified t samples over the full [eps, 1]
+range; exact NLL for the autoregressive baseline) and its scored-token count. Over N rows with NELBO n_i and
+length L_i the estimate is the ratio R = sum n_i / sum L_i, and its standard error is the delta-method one,
+sqrt(N / (N - 1) * sum_i (n_i - R L_i)^2) / sum_i L_i: the spread across sequences, which already contains the
+Monte-Carlo noise of each n_i. Evaluation is deterministic given `eval.seed`: batch b uses fold_in(seed, b).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from diffgemma_jax.parallel.rules import batch_sharding, replicated
+
+LN2 = math.log(2.0)
+
+
+def make_bound_fn(graphdef, objective, *, num_t_samples: int, mesh: Mesh, param_shardings=None) -> Callable:
+  """(params, batch, rng) -> (nelbo_B, stderr_B, num_tokens_B), jitted once for fixed-shape batches."""
+  def bound(params, batch, rng):
+    return objective.sequence_bound(nnx.merge(graphdef, params), batch, rng, num_t_samples=num_t_samples)
+
+  return jax.jit(bound, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=replicated(mesh))
+
+
+def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray) -> dict[str, float]:
+  """Bits per token, its standard error across sequences (delta method) and the perplexity bound."""
+  keep = num_tokens_N > 0
+  nelbo_N, num_tokens_N = nelbo_N[keep].astype(np.float64), num_tokens_N[keep].astype(np.float64)
+  total_tokens = float(np.sum(num_tokens_N))
+  if total_tokens == 0:
+    raise ValueError("the held-out set has no tokens to score")
+  nats = float(np.sum(nelbo_N)) / total_tokens
+  n = len(nelbo_N)
+  if n > 1:
+    residual = nelbo_N - nats * num_tokens_N
+    stderr_nats = math.sqrt(n / (n - 1) * float(np.sum(residual ** 2))) / total_tokens
+  else:
+    stderr_nats = float("nan")
+  return {"num_tokens": int(total_tokens), "num_sequences": n, "nats_per_token": nats,
+          "bits_per_token": nats / LN2, "stderr_bits_per_token": stderr_nats / LN2, "ppl_bound": math.exp(nats)}
+
+
+def held_out_bound(bound_fn: Callable, params, batches, *, seed: int, num_t_samples: int,
+                   mesh: Mesh) -> dict[str, float]:
+  base = jax.random.key(seed)
+  sharding = batch_sharding(mesh)
+  nelbo, tokens = [], []
+  for index, batch in enumerate(batches):
+    batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
+    nelbo_B, _, num_tokens_B = bound_fn(params, batch, jax.random.fold_in(base, index))
+    nelbo.append(np.asarray(jax.device_get(nelbo_B)))
+    tokens.append(np.asarray(jax.device_get(num_tokens_B)))
+  result = summarize_bound(np.concatenate(nelbo), np.concatenate(tokens))
+  result["num_t_samples"] = int(num_t_samples)
+  return result
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
+  """Restores the parameters of `step` (default: the latest complete checkpoint) from `workdir/checkpoints` and
+  returns the held-out bound with keys step, num_tokens, bits_per_token, stderr_bits_per_token, ppl_bound,
+  num_t_samples, unigram_ppl, exact."""
+  from diffgemma_jax.data import unigram_ppl
+  from diffgemma_jax.model.config import ConfigError, ModelConfig
+  from diffgemma_jax.objectives import make_objective
+  from diffgemma_jax.parallel.mesh import mesh_from_config
+  from diffgemma_jax.train.checkpoint import Checkpointer
+  from diffgemma_jax.train.dataset import eval_batches, prepare_dataset
+  from diffgemma_jax.train.optimizer import make_optimizer
+  from diffgemma_jax.train.state import abstract_train_state
+
+  checkpoints = os.path.join(workdir, "checkpoints")
+  ckpt = Checkpointer(checkpoints, config, create=False)
+  available = ckpt.all_steps()
+  if not available:
+    raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir {workdir})")
+  if step is None:
+    step = max(available)
+  elif step not in available:
+    raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
+  directory, tokenizer = prepare_dataset(config)
+  mesh = mesh_from_config(config)
+  tx, _ = make_optimizer(config.train)
+  graphdef, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, mesh)
+  params = ckpt.restore_params(step, abstract.params, shardings.params)
+  ckpt.close()
+  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps))
+  num_t = int(config.eval.num_t_samples)
+  bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
+  result = held_out_bound(bound_fn, params, eval_batches(config, directory), seed=int(config.eval.seed),
+                          num_t_samples=num_t, mesh=mesh)
+  result.update(step=int(step), unigram_ppl=float(unigram_ppl(directory)), exact=bool(objective.exact))
+  return result

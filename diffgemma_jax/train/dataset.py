@@ -1,0 +1,64 @@
+"""The trainer's side of the data: build (or reuse) the recipe's dataset, check its tokenizer against the model,
+open the checkpointable train iterator, and the fixed-shape held-out batches."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from diffgemma_jax.model.config import ConfigError
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+def dataset_dir(config) -> str:
+  return config.data.dir or os.path.join("data", config.data.recipe)
+
+
+def prepare_dataset(config) -> tuple[str, Any]:
+  """Builds the dataset of `data.recipe` if missing (idempotent) and returns (directory, tokenizer).
+
+  The tokenizer must have exactly `model.vocab_size` entries: the embedding table is indexed by its ids.
+  """
+  from data_recipes import build_dataset
+  from diffgemma_jax.data import Tokenizer
+
+  directory = dataset_dir(config)
+  build_dataset(config.data.recipe, directory, int(config.model.vocab_size), source=config.data.source or None)
+  tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
+  if tokenizer.vocab_size != int(config.model.vocab_size):
+    raise ConfigError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but model.vocab_size="
+                      f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} or point data.dir "
+                      f"at a dataset built for {config.model.vocab_size}")
+  return directory, tokenizer
+
+
+def train_iterator(config, directory: str, *, process_index: int = 0, process_count: int = 1):
+  from diffgemma_jax.data import make_train_iterator
+  return make_train_iterator(directory, seq_len=int(config.train.seq_len),
+                             batch_size=int(config.train.batch_size) // process_count, seed=int(config.data.seed),
+                             process_index=process_index, process_count=process_count,
+                             num_workers=int(config.data.num_workers))
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Pads a short final batch with all-padding rows (segment 0: never scored), so every eval batch has one shape
+  and the bound function compiles once."""
+  out = {}
+  for key in BATCH_KEYS:
+    x = np.asarray(batch[key], np.int32)
+    if x.shape[0] < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - x.shape[0],) + x.shape[1:], np.int32)])
+    out[key] = x
+  return out
+
+
+def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
+  """The held-out split as fixed-shape batches, in order (deterministic and unshuffled)."""
+  from diffgemma_jax.data import make_eval_batches
+  batch_size = int(config.eval.batch_size)
+  batches = make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=batch_size,
+                              max_sequences=int(config.eval.max_sequences))
+  return [pad_batch(b, batch_size) for b in batches]

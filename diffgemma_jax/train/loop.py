@@ -1,0 +1,180 @@
+"""`train(config, workdir)`: the pretraining loop. Builds the data and the sharded state, resumes from the latest
+complete checkpoint in `workdir/checkpoints`, and runs the jitted step, logging, checkpointing and evaluating.
+
+Step n's metrics are fetched after step n+1 is dispatched, so the host never stalls the device, except at a
+checkpoint: a save first waits for its own step's loss, so a checkpoint never holds the result of a non-finite
+update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from diffgemma_jax.evaluate import held_out_bound, make_bound_fn
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.inspect import flops_per_token
+from diffgemma_jax.objectives import make_objective
+from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.rules import batch_sharding
+from diffgemma_jax.train.checkpoint import Checkpointer
+from diffgemma_jax.train.dataset import eval_batches, prepare_dataset, train_iterator
+from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
+from diffgemma_jax.train.optimizer import make_optimizer
+from diffgemma_jax.train.state import abstract_train_state, init_train_state
+from diffgemma_jax.train.step import make_train_step
+
+MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+  """An update produced a NaN or Inf loss or gradient; the run stopped before saving anything after it."""
+
+
+def _to_device(batch: dict[str, Any], sharding, expected_shape: tuple[int, int]) -> dict[str, jax.Array]:
+  out = {}
+  for key in MODEL_INPUTS:
+    if key not in batch:
+      continue
+    x = np.asarray(batch[key], np.int32)
+    if x.shape != expected_shape:
+      raise ValueError(f"data batch {key!r} has shape {x.shape}, expected {expected_shape} "
+                       f"(train.batch_size per process, train.seq_len)")
+    out[key] = jax.make_array_from_process_local_data(sharding, x)
+  return out
+
+
+def _base_rng(config) -> jax.Array:
+  # Distinct from the init stream (nnx.Rngs(params=seed)); per-step keys are fold_in(base, step).
+  return jax.random.fold_in(jax.random.key(int(config.train.seed)), 1)
+
+
+def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]:
+  """Trains to `train.num_steps`, resuming from `workdir` if it holds checkpoints; returns a summary dict.
+
+  Raises ConfigError (bad config or incompatible checkpoints, before anything is written), DataError, or
+  NonFiniteLossError (after stopping; the last good checkpoint is kept).
+  """
+  t_start = time.perf_counter()
+  model_cfg = ModelConfig.from_config_dict(config.model)
+  tc = config.train
+  num_steps = int(tc.num_steps)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
+  directory, tokenizer = prepare_dataset(config)
+  os.makedirs(workdir, exist_ok=True)
+
+  mesh = mesh_from_config(config)
+  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps))
+  tx, schedule = make_optimizer(tc)
+  seed = int(tc.seed)
+  graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed)
+  data = train_iterator(config, directory, process_index=jax.process_index(), process_count=jax.process_count())
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    state, iterator_state = ckpt.restore(start_step, abstract, shardings)
+    data.set_state(iterator_state)
+  else:
+    start_step = 0
+    state = init_train_state(model_cfg, tx, shardings, seed)
+
+  step_fn = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
+                            state_shardings=shardings, grad_accum_steps=int(tc.grad_accum_steps),
+                            debug_nan_at_step=int(tc.debug_nan_at_step))
+  num_t = int(config.eval.num_t_samples)
+  bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
+  held_out = eval_batches(config, directory)
+  from diffgemma_jax.data import unigram_ppl
+  unigram = float(unigram_ppl(directory))
+
+  seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
+  local_shape = (batch_size // jax.process_count(), seq_len)
+  sharding = batch_sharding(mesh)
+  flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"]
+  logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step, tokens_per_step=batch_size * seq_len,
+                         train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
+                         num_devices=mesh.devices.size, show_progress=show_progress)
+  base_rng = _base_rng(config)
+  log_every = max(int(tc.log_every_steps), 1)
+  save_every = max(int(config.checkpoint.every_steps), 1)
+  eval_every = int(config.eval.every_steps)
+  summary: dict[str, Any] = {"workdir": workdir, "start_step": start_step, "final_step": start_step,
+                             "final_loss": None, "eval": None, "checkpoint_dir": ckpt.directory,
+                             "checkpoint_step": start_step or None}
+  timing = {"train_time": 0.0, "tokens": 0, "clock": None}
+
+  def run_eval(step: int) -> dict[str, Any]:
+    result = held_out_bound(bound_fn, state.params, held_out, seed=int(config.eval.seed), num_t_samples=num_t,
+                            mesh=mesh)
+    result.update(step=step, unigram_ppl=unigram, exact=bool(objective.exact))
+    logger.write(step, {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval")
+    logger.message(f"step {step}: held-out {result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
+                   f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
+    summary["eval"] = result
+    return result
+
+  def finish(step: int, metrics) -> None:
+    """Fetches a dispatched step's metrics, stops on a non-finite update, and logs."""
+    scalars = step_scalars(jax.device_get(metrics))
+    for key in ("loss", "grad_norm"):
+      if not math.isfinite(scalars[key]):
+        raise NonFiniteLossError(
+            f"step {step}: {key} is {scalars[key]}; stopped without saving this or any later step "
+            f"(last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory})")
+    now = time.perf_counter()
+    if timing["clock"] is None:  # the first step includes compilation: start the clock after it
+      logger.throughput(step)
+    else:
+      timing["train_time"] += now - timing["clock"]
+      timing["tokens"] += batch_size * seq_len
+    timing["clock"] = now
+    summary["final_loss"] = scalars["loss"]
+    if step % log_every == 0 or step == num_steps:
+      scalars.update(logger.throughput(step))
+      logger.write(step, scalars)
+    logger.progress(step, scalars)
+
+  def _pause_clock(step: int) -> None:
+    logger.reset_clock(step)
+    if timing["clock"] is not None:
+      timing["clock"] = time.perf_counter()
+
+  try:
+    pending = None
+    iterator_state = None
+    for step in range(start_step + 1, num_steps + 1):
+      batch = _to_device(next(data), sharding, local_shape)
+      state, metrics = step_fn(state, batch, base_rng)
+      if pending is not None:
+        finish(*pending)
+      pending = (step, metrics)
+      if step % save_every == 0 or step == num_steps:
+        finish(*pending)
+        pending = None
+        ckpt.save(state, data.get_state())
+        summary["checkpoint_step"] = step
+        _pause_clock(step)
+      if (eval_every > 0 and step % eval_every == 0) or step == num_steps:
+        if pending is not None:
+          finish(*pending)
+          pending = None
+        run_eval(step)
+        _pause_clock(step)
+      summary["final_step"] = step
+    if pending is not None:
+      finish(*pending)
+    if summary["eval"] is None:  # resumed a finished run: report its bound
+      run_eval(int(jax.device_get(state.step)))
+  finally:
+    ckpt.close()
+    logger.close()
+  summary["wall_time_s"] = time.perf_counter() - t_start
+  if timing["train_time"] > 0:
+    summary["tokens_per_sec"] = timing["tokens"] / timing["train_time"]
+    summary["mfu"] = summary["tokens_per_sec"] * flops / (logger.peak_flops)
+  logger.message(format_summary(summary))
+  return summary

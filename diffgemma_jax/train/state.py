@@ -1,0 +1,86 @@
+"""The train state (step, parameters, optimizer state), built sharded: abstract state -> shardings -> jitted init.
+
+The model's graphdef lives outside the state: the state is a pytree of arrays wrapped in `nnx.Param` (which carry
+their logical `axes`, so optimizer moments shard like their parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.transformer import build_model
+from diffgemma_jax.parallel.rules import replicated, shardings_for
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: nnx.State  # nnx.Param leaves
+  opt_state: optax.OptState
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, params); a denoiser holds parameters only, so the graphdef and params rebuild it exactly."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("the denoiser holds non-parameter state, which the trainer does not carry")
+  return graphdef, params
+
+
+def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  _, params = split_model(build_model(cfg, seed))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0):
+  """(graphdef, abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing."""
+  graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(cfg, seed)))
+  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed))
+  shardings = TrainState(step=replicated(mesh), params=shardings_for(abstract.params, mesh),
+                         opt_state=shardings_for(abstract.opt_state, mesh))
+  return graphdef, abstract, shardings
+
+
+def init_train_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int) -> TrainState:
+  """Initialises every array directly in its sharding (no full copy on one device first)."""
+  return jax.jit(lambda: _init(cfg, tx, seed), out_shardings=shardings)()
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying their target sharding (the restore target of a checkpoint)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _is_node(x) -> bool:
+  return isinstance(x, (nnx.Variable, nnx.State))
+
+
+def to_pure(tree: Any) -> Any:
+  """Strips nnx wrappers: State -> dict, Variable -> its value. What checkpoints store, readable without flax."""
+  def one(x):
+    if isinstance(x, nnx.State):
+      return to_pure(x.to_pure_dict())
+    if isinstance(x, nnx.Variable):
+      return x.get_value()
+    return x
+
+  return jax.tree.map(one, tree, is_leaf=_is_node)
+
+
+def from_pure(template: Any, pure: Any) -> Any:
+  """Inverse of `to_pure`: the leaves of `pure` put back into the structure (and wrappers) of `template`."""
+  treedef = jax.tree.structure(template)
+  pure_leaves = jax.tree.leaves(pure)
+  template_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(to_pure(template))]
+  pure_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
+  if len(pure_leaves) != treedef.num_leaves:
+    raise ValueError(f"checkpoint has {len(pure_leaves)} arrays where the model expects {treedef.num_leaves}")
+  if template_paths != pure_paths:
+    raise ValueError("checkpoint tree does not match the model's parameter tree")
+  return jax.tree.unflatten(treedef, pure_leaves)

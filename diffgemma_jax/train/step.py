@@ -1,0 +1,82 @@
+"""The pure train step: one optimizer update from one batch, gradient accumulation by a scan over micro-batches.
+
+`make_train_step` closes over the graphdef, objective and optimizer and returns the step jitted once, with explicit
+input/output shardings and the state donated. No branching on model or objective type happens in here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from diffgemma_jax.parallel.rules import batch_sharding, replicated
+from diffgemma_jax.train.state import TrainState
+
+
+def step_rng(base_rng: jax.Array, step: jax.Array) -> jax.Array:
+  """The randomness of update `step` depends on the step alone, so a resumed run repeats it exactly."""
+  return jax.random.fold_in(base_rng, step)
+
+
+def _micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [A, B/A, ...] taking rows with stride A, so each device's rows spread over every micro-batch
+  and the row sharding survives the reshape without communication."""
+  def split(x):
+    rows = x.shape[0] // num_micro
+    return jnp.swapaxes(x.reshape((rows, num_micro) + x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, graphdef, objective, tx,
+               schedule: optax.Schedule, grad_accum_steps: int = 1,
+               debug_nan_at_step: int = -1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update. `rng` is the run's base key; the step's key is `fold_in(rng, state.step)`.
+
+  Returns the new state and float32 metrics: the objective's (mean over micro-batches, `num_tokens` summed),
+  `grad_norm` (before clipping) and `lr` (the rate this update used).
+  """
+  rng = step_rng(rng, state.step)
+
+  def loss_fn(params, micro_batch, micro_rng):
+    loss, metrics = objective.loss_fn(nnx.merge(graphdef, params), micro_batch, micro_rng)
+    if debug_nan_at_step >= 0:  # test hook: poison the update that would produce step `debug_nan_at_step`
+      loss = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, 1.0) * loss
+      metrics = dict(metrics, loss=loss)
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  micro = _micro_batches(batch, grad_accum_steps)
+
+  def accumulate(grads_sum, inputs):
+    index, micro_batch = inputs
+    (_, metrics), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, metrics_A = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+  grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+  metrics = {k: (jnp.sum(v, 0) if k == "num_tokens" else jnp.mean(v.astype(jnp.float32), 0))
+             for k, v in metrics_A.items()}
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shardings: TrainState,
+                    grad_accum_steps: int = 1, debug_nan_at_step: int = -1) -> Callable[..., Any]:
+  """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes."""
+  def step(state, batch, rng):
+    return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
+                      grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step)
+
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
