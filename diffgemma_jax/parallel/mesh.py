@@ -47,9 +47,10 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1, 1), axes: Sequence[str] = MESH_AX
     raise ConfigError(f"mesh.axes: unknown axis name(s) {sorted(unknown)}; valid names are {MESH_AXES}")
   devices = list(devices if devices is not None else jax.devices())
   shape = resolve_mesh_shape(shape, len(devices))
-  if len(devices) > 1:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  else:
+  try:  # topology-aware placement where the platform offers it (TPU/GPU slices)
+    from jax.experimental import mesh_utils
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # pylint: disable=broad-except
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, axes)
 

@@ -65,7 +65,7 @@ def to_pure(tree: Any) -> Any:
   """Strips nnx wrappers: State -> dict, Variable -> its value. What checkpoints store, readable without flax."""
   def one(x):
     if isinstance(x, nnx.State):
-      return to_pure(x.to_pure_dict())
+      return to_pure(nnx.to_pure_dict(x))
     if isinstance(x, nnx.Variable):
       return x.get_value()
     return x

@@ -1,0 +1,38 @@
+"""diffgemma-eval --config FILE --workdir DIR [--step N] [--output FILE.json] [--config.a.b=value ...]: the
+held-out perplexity bound of a checkpoint, printed (and optionally written) as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffgemma_jax.config import load_config
+from diffgemma_jax.model.config import ConfigError
+from launch.common import config_overrides, fail
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="diffgemma-eval", description=__doc__)
+  parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+  parser.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--output", default=None, help="also write the JSON here")
+  args, rest = parser.parse_known_args(argv)
+  from diffgemma_jax.data import DataError
+  from diffgemma_jax.evaluate import evaluate
+  try:
+    config = load_config(args.config, config_overrides(rest))
+    result = evaluate(config, args.workdir, step=args.step)
+  except (ConfigError, DataError) as e:
+    return fail(str(e))
+  text = json.dumps(result, indent=2, sort_keys=True)
+  if args.output:
+    with open(args.output, "w") as f:
+      f.write(text + "\n")
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

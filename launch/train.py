@@ -1,0 +1,33 @@
+"""diffgemma-train --config FILE --workdir DIR [--config.a.b=value ...]: train, resuming from DIR if it holds
+checkpoints. Exit 2 on a bad config, data or workdir; exit 3 when a NaN/Inf loss stopped the run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffgemma_jax.config import load_config
+from diffgemma_jax.model.config import ConfigError
+from launch.common import config_overrides, fail
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="diffgemma-train", description=__doc__)
+  parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and tb/ go here")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args, rest = parser.parse_known_args(argv)
+  from diffgemma_jax.data import DataError
+  from diffgemma_jax.train import NonFiniteLossError, train
+  try:
+    config = load_config(args.config, config_overrides(rest))
+    train(config, args.workdir, show_progress=not args.no_progress)
+  except NonFiniteLossError as e:
+    return fail(str(e), code=3)
+  except (ConfigError, DataError) as e:
+    return fail(str(e))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny run config written as a config file, a small text corpus, and one trained workdir
+that several test files read (trained once per session, ~10 s on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import textwrap
+
+import pytest
+
+TINY_MODEL = dict(vocab_size=512, embed_dim=64, num_layers=2, layer_pattern=("sliding", "global"), num_heads=2,
+                  head_dim=32, num_kv_heads=1, sliding_window=16, global_head_dim=32, global_num_kv_heads=1,
+                  mlp_dim=128, num_experts=4, top_k=2, expert_dim=64, dispatch="dense")
+
+# The trained_run schedule: checkpoints at 8, 16, 24; held-out bound at 8, 16, 24.
+TRAINED_STEPS = 24
+TRAINED_OVERRIDES = {"train.num_steps": str(TRAINED_STEPS), "checkpoint.every_steps": "8", "eval.every_steps": "8"}
+
+CONFIG_TEMPLATE = """
+from diffgemma_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.update({model!r})
+  c.data.recipe = "text_files"
+  c.data.source = {source!r}
+  c.data.dir = {data_dir!r}
+  c.train.update(num_steps=12, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=2, log_every_steps=1)
+  c.checkpoint.update(every_steps=4, keep=3)
+  c.eval.update(every_steps=0, batch_size=4, max_sequences=8, num_t_samples=4)
+  return c
+"""
+
+
+def _write_corpus(directory: str) -> None:
+  """A few hundred KB of real text: modules of the running interpreter's standard library."""
+  os.makedirs(directory, exist_ok=True)
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for name in ("argparse.py", "collections/__init__.py", "dataclasses.py", "json/encoder.py", "textwrap.py",
+               "functools.py", "random.py", "string.py", "heapq.py", "bisect.py"):
+    src = os.path.join(stdlib, name)
+    if os.path.isfile(src):
+      shutil.copy(src, os.path.join(directory, name.replace("/", "_") + ".txt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config_file(tmp_path_factory) -> str:
+  root = tmp_path_factory.mktemp("tiny")
+  source = str(root / "corpus")
+  _write_corpus(source)
+  path = root / "tiny_config.py"
+  path.write_text(textwrap.dedent(CONFIG_TEMPLATE.format(model=TINY_MODEL, source=source,
+                                                         data_dir=str(root / "data"))))
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_config_file):
+  from diffgemma_jax.config import load_config
+
+  def load(overrides: dict[str, str] | None = None):
+    return load_config(tiny_config_file, overrides or {})
+
+  return load
+
+
+@pytest.fixture(scope="session")
+def trained_run(load_tiny, tmp_path_factory):
+  """(config, workdir, summary) of one uninterrupted run; treat the workdir as read-only (copy it to change it)."""
+  from diffgemma_jax.train import train
+  config = load_tiny(TRAINED_OVERRIDES)
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  summary = train(config, workdir, show_progress=False)
+  return config, workdir, summary
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(workdir: str) -> dict[int, list[float]]:
+  """Every logged training loss per step (a resumed run logs some steps twice)."""
+  out: dict[int, list[float]] = {}
+  for record in read_metrics(workdir):
+    if "train/loss" in record:
+      out.setdefault(record["step"], []).append(record["train/loss"])
+  return out

@@ -1,0 +1,182 @@
+"""Trainer: mesh and sharding rules, optimizer, the pure step (gradient accumulation, sharded == single device),
+and a short run that lowers the loss and the held-out bound and logs what it should."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import TINY_MODEL, read_metrics, train_losses
+from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.parallel import make_mesh, partition_spec, resolve_mesh_shape, shardings_for
+from diffgemma_jax.train.optimizer import weight_decay_mask
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mesh_shape_resolution():
+  assert resolve_mesh_shape((1, 1, 1, 1), 1) == (1, 1, 1, 1)
+  assert resolve_mesh_shape((1, -1, 2, 1), 8) == (1, 4, 2, 1)
+  with pytest.raises(ConfigError, match="8 are available"):
+    resolve_mesh_shape((1, 2, 1, 1), 8)
+  with pytest.raises(ConfigError, match="at most one -1"):
+    resolve_mesh_shape((-1, -1, 1, 1), 8)
+  with pytest.raises(ConfigError, match="does not divide"):
+    resolve_mesh_shape((3, -1, 1, 1), 8)
+  mesh = make_mesh((1, 1, 1, -1))
+  assert mesh.axis_names == ("data", "fsdp", "expert", "tensor") and mesh.devices.size == len(jax.devices())
+
+
+def test_partition_rules():
+  P = jax.sharding.PartitionSpec
+  assert partition_spec(("embed", "mlp")) == P("fsdp", "tensor")
+  assert partition_spec(("experts", "embed_expert", "expert_mlp")) == P("expert", "fsdp", "tensor")
+  assert partition_spec(("layers", "vocab", "embed")) == P(None, "tensor", "fsdp")
+  assert partition_spec(("norm",)) == P(None)
+  # a mesh axis shards at most one dimension of an array
+  assert partition_spec(("q_heads", "kv_heads")) == P("tensor", None)
+
+
+def _abstract_params():
+  from diffgemma_jax.model import build_model
+  cfg = ModelConfig(**TINY_MODEL)
+  return nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
+
+
+def test_every_param_has_a_sharding_and_decay_skips_vectors():
+  params = _abstract_params()
+  shardings = shardings_for(params, make_mesh())
+  flat_p = jax.tree_util.tree_leaves_with_path(params)
+  flat_s = jax.tree.leaves(shardings)
+  assert len(flat_p) == len(flat_s)
+  mask = jax.tree.leaves(weight_decay_mask(params))
+  for (path, leaf), decays in zip(flat_p, mask):
+    assert decays == (leaf.ndim >= 2), jax.tree_util.keystr(path)
+
+
+def _ar_step(load_tiny, accum: int):
+  from diffgemma_jax.objectives import make_objective
+  from diffgemma_jax.parallel import make_mesh
+  from diffgemma_jax.train import abstract_train_state, init_train_state, make_train_step
+  config = load_tiny({"objective.name": "ar", "train.grad_accum_steps": str(accum), "train.warmup_steps": "0",
+                      "train.batch_size": "4"})
+  cfg = ModelConfig.from_config_dict(config.model)
+  mesh = make_mesh()
+  tx = optax.sgd(1.0)  # the update is the gradient itself, so params compare gradients
+  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
+  state = init_train_state(cfg, tx, shardings, 0)
+  step = make_train_step(graphdef=graphdef, objective=make_objective("ar", mask_id=4), tx=tx,
+                         schedule=optax.constant_schedule(1.0),
+                         mesh=mesh, state_shardings=shardings, grad_accum_steps=accum)
+  rng = np.random.default_rng(0)
+  L = config.train.seq_len
+  batch = {"tokens": jnp.asarray(rng.integers(5, cfg.vocab_size, (4, L)), jnp.int32),
+           "segment_ids": jnp.ones((4, L), jnp.int32), "positions": jnp.tile(jnp.arange(L, dtype=jnp.int32), (4, 1))}
+  state, metrics = step(state, batch, jax.random.key(0))
+  return state, metrics
+
+
+def test_gradient_accumulation_matches_one_big_batch(load_tiny):
+  """The AR loss has no noise and equal tokens per row, so 2 micro-batches of 2 rows give the 4-row gradient."""
+  state1, metrics1 = _ar_step(load_tiny, 1)
+  state2, metrics2 = _ar_step(load_tiny, 2)
+  np.testing.assert_allclose(metrics1["loss"], metrics2["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics1["grad_norm"], metrics2["grad_norm"], rtol=1e-4)
+  assert int(metrics1["num_tokens"]) == int(metrics2["num_tokens"])
+  for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state2.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert int(state1.step) == 1
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, {tests!r})
+    from conftest import TINY_MODEL
+    from diffgemma_jax.config import base_config
+    from diffgemma_jax.model.config import ModelConfig
+    from diffgemma_jax.objectives import make_objective
+    from diffgemma_jax.parallel import make_mesh
+    from diffgemma_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step
+    c = base_config(); c.model.update(TINY_MODEL); c.train.update(batch_size=4, seq_len=16, warmup_steps=0, learning_rate=1e-5)
+    cfg = ModelConfig.from_config_dict(c.model)
+    rng = np.random.default_rng(0)
+    batch = {{"tokens": rng.integers(5, cfg.vocab_size, (4, 16)).astype(np.int32),
+              "segment_ids": np.repeat(np.array([[1] * 10 + [2] * 6]), 4, 0).astype(np.int32),
+              "positions": np.repeat(np.array([list(range(10)) + list(range(6))]), 4, 0).astype(np.int32)}}
+    out = []
+    for shape in [(1, 1, 1, 1), (1, 2, 2, 1), (2, 1, 1, 2)]:
+      mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+      tx, schedule = make_optimizer(c.train)
+      graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
+      state = init_train_state(cfg, tx, shardings, 0)
+      step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
+                             schedule=schedule, mesh=mesh, state_shardings=shardings)
+      for _ in range(2):
+        state, metrics = step(state, batch, jax.random.key(0))
+      out.append((float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(state.params)]))
+      print(shape, out[-1][0], flush=True)
+    for loss, params in out[1:]:
+      np.testing.assert_allclose(loss, out[0][0], rtol=1e-4)
+      for a, b in zip(params, out[0][1]):
+        np.testing.assert_allclose(a, b, atol=3e-5)  # Adam moves every element by ~lr, even float noise
+    print("OK")
+""")
+
+
+def test_sharded_step_matches_single_device(tmp_path):
+  """Two updates on fake 4-device meshes (fsdp x expert, data x tensor) equal the 1-device result."""
+  script = tmp_path / "sharded.py"
+  script.write_text(SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests")))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_short_run_lowers_loss_and_bound(trained_run):
+  config, workdir, summary = trained_run
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, 25))
+  first = np.mean([losses[s][0] for s in range(1, 5)])
+  last = np.mean([losses[s][0] for s in range(21, 25)])
+  assert last < first - 0.1, (first, last)  # the masked loss is noisy; the bound below is not
+  bounds = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
+  assert sorted(bounds) == [8, 16, 24]
+  assert bounds[24] < bounds[8], bounds
+  assert summary["final_step"] == 24 and summary["eval"]["step"] == 24
+  assert summary["eval"]["ppl_bound"] < summary["eval"]["unigram_ppl"] * 10
+
+
+def test_logged_scalars(trained_run):
+  _, workdir, _ = trained_run
+  records = [r for r in read_metrics(workdir) if "train/loss" in r]
+  for key in ("loss", "lr", "grad_norm", "nelbo_per_token", "expert_load_max_over_mean", "dropped_tokens",
+              "load_balance_loss"):
+    assert all(f"train/{key}" in r for r in records), key
+  timed = [r for r in records if "train/tokens_per_sec" in r]
+  assert len(timed) >= 20 and all(r["train/tokens_per_sec"] > 0 and 0 < r["train/mfu"] < 1 for r in timed)
+  lrs = [r["train/lr"] for r in records]
+  assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-3) and lrs[-1] < max(lrs)
+
+
+def test_tensorboard_event_files_readable(trained_run):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  _, workdir, _ = trained_run
+  acc = EventAccumulator(os.path.join(workdir, "tb"))
+  acc.Reload()
+  tags = acc.Tags()["scalars"]
+  for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu",
+              "train/expert_load_max_over_mean", "eval/bits_per_token", "eval/ppl_bound"):
+    assert tag in tags, (tag, tags)
+  loss_events = acc.Scalars("train/loss")
+  assert [e.step for e in loss_events] == list(range(1, 25))
+  assert loss_events[0].value == pytest.approx(train_losses(workdir)[1][0], rel=1e-6)
