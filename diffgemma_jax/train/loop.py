@@ -65,10 +65,9 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   tc = config.train
   num_steps = int(tc.num_steps)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
+  mesh = mesh_from_config(config)
   directory, tokenizer = prepare_dataset(config)
   os.makedirs(workdir, exist_ok=True)
-
-  mesh = mesh_from_config(config)
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps))
   tx, schedule = make_optimizer(tc)
   seed = int(tc.seed)

@@ -1,0 +1,60 @@
+"""Entry points: overrides, one-line errors with exit 2 (nothing written), and the console scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from launch.train import main as train_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_overrides_reach_the_config(load_tiny):
+  config = load_tiny({"train.num_steps": "7", "train.learning_rate": "1e-4", "data.recipe": "shakespeare",
+                      "model.layer_pattern": "('global',)"})
+  assert config.train.num_steps == 7 and config.train.learning_rate == 1e-4
+  assert config.data.recipe == "shakespeare" and config.model.layer_pattern == ("global",)
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.train.num_stepz=3", "train.learning_rate, train.log_every_steps, train.min_lr_ratio, train.num_steps"),
+    ("--config.optimizer.lr=3", "valid keys there are: checkpoint, data, eval, mesh, model, objective, train"),
+    ("--config.train.seq_len=0", "train.seq_len: must be a positive integer"),
+    ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse"),
+    ("--config.model.top_k=99", "model.top_k"),
+    ("--config.mesh.shape=(2,1,1,1)", "mesh.shape"),
+    ("--bogus", "unrecognised argument '--bogus'"),
+])
+def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert train_main(["--config", tiny_config_file, "--workdir", str(workdir), flag]) == 2
+  err = capsys.readouterr().err
+  assert expected in err and err.count("\n") == 1 and err.startswith("error: "), err
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_incompatible_workdir_exits_2(trained_run, tiny_config_file, tmp_path, capsys):
+  _, reference_dir, _ = trained_run
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_dir, workdir)
+  assert train_main(["--config", tiny_config_file, "--workdir", workdir, "--config.model.mlp_dim=64"]) == 2
+  err = capsys.readouterr().err
+  assert "model.mlp_dim: 128 in the checkpoints, 64 in the config" in err
+
+
+def test_python_m_launch_train_fails_cleanly_without_traceback(tiny_config_file, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", tiny_config_file, "--workdir",
+                         str(tmp_path / "w"), "--config.eval.every_stepz=1"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr and "eval.every_steps" in proc.stderr
+
+
+def test_console_scripts_installed():
+  bindir = os.path.dirname(sys.executable)
+  for name in ("diffgemma-train", "diffgemma-eval"):
+    assert shutil.which(name, path=bindir), f"{name} missing: pip install -e . registers it"

@@ -1,0 +1,57 @@
+"""Held-out bound: the ratio estimator and its delta-method standard error, determinism, and diffgemma-eval."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from diffgemma_jax.evaluate import evaluate, summarize_bound
+
+KEYS = {"step", "num_tokens", "bits_per_token", "stderr_bits_per_token", "ppl_bound", "num_t_samples",
+        "unigram_ppl", "exact"}
+
+
+def test_summarize_bound_ratio_and_delta_method():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 40, 50).astype(float)
+  nelbo = lengths * 3.0 + rng.normal(0, 2.0, 50)
+  lengths_padded = np.concatenate([lengths, [0, 0]])  # all-padding rows are dropped
+  out = summarize_bound(np.concatenate([nelbo, [0, 0]]), lengths_padded)
+  ratio = nelbo.sum() / lengths.sum()
+  assert out["num_tokens"] == int(lengths.sum()) and out["num_sequences"] == 50
+  assert out["bits_per_token"] == pytest.approx(ratio / math.log(2))
+  assert out["ppl_bound"] == pytest.approx(math.exp(ratio))
+  # delta method == the textbook ratio-estimator variance
+  mean_len = lengths.mean()
+  var = np.sum((nelbo - ratio * lengths) ** 2) / (50 - 1) / (50 * mean_len ** 2)
+  assert out["stderr_bits_per_token"] == pytest.approx(math.sqrt(var) / math.log(2))
+
+
+def test_evaluate_restores_and_is_deterministic(trained_run):
+  config, workdir, summary = trained_run
+  first = evaluate(config, workdir)
+  assert set(first) >= KEYS
+  assert first["step"] == 24 and first["num_t_samples"] == config.eval.num_t_samples and first["exact"] is False
+  # the trainer's final bound used the same parameters and seed
+  assert first["bits_per_token"] == pytest.approx(summary["eval"]["bits_per_token"], rel=1e-6)
+  assert first["ppl_bound"] == pytest.approx(2 ** first["bits_per_token"], rel=1e-9)
+  assert first["stderr_bits_per_token"] > 0 and first["unigram_ppl"] > 1
+  earlier = evaluate(config, workdir, step=8)
+  assert earlier["step"] == 8 and earlier["bits_per_token"] > first["bits_per_token"]
+  assert evaluate(config, workdir, step=8) == earlier
+
+
+def test_eval_cli_writes_json(trained_run, tiny_config_file, tmp_path, capsys):
+  from launch.evaluate import main
+  _, workdir, _ = trained_run
+  output = tmp_path / "bound.json"
+  argv = ["--config", tiny_config_file, "--workdir", workdir, "--step", "16", "--output", str(output)]
+  assert main(argv + [f"--config.{k}={v}" for k, v in {"train.num_steps": "24"}.items()]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert json.loads(output.read_text()) == printed and printed["step"] == 16 and set(printed) >= KEYS
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "5"]) == 2
+  err = capsys.readouterr().err
+  assert "--step 5" in err and "[8, 16, 24]" in err
