@@ -59,6 +59,10 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
+  # Self-conditioning (uniform-state objective only): a GeGLU of width `self_conditioning_dim` (0: model.mlp_dim)
+  # maps the previous prediction's expected embedding into the canvas embeddings. Off: no parameters at all.
+  self_conditioning: bool = False
+  self_conditioning_dim: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
@@ -123,6 +127,11 @@ class ModelConfig:
         fail(key, f"rotates {head_dim}*{getattr(self, key)} dims of a {kind} head, which must be an even number")
     if self.logit_softcap < 0:
       fail("logit_softcap", f"must be >= 0 (0 disables it), got {self.logit_softcap}")
+    if not isinstance(self.self_conditioning_dim, int) or isinstance(self.self_conditioning_dim, bool) or \
+        self.self_conditioning_dim < 0:
+      fail("self_conditioning_dim", f"must be a non-negative integer (0: model.mlp_dim), got {self.self_conditioning_dim!r}")
+    if not isinstance(self.self_conditioning, bool):
+      fail("self_conditioning", f"must be True or False, got {self.self_conditioning!r}")
     if self.scan_layers and self.num_layers // len(self.layer_pattern) < 1:
       fail("scan_layers", "needs at least one full repetition of model.layer_pattern")
 

@@ -18,6 +18,7 @@ from diffgemma_jax.model.attention import Attention
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param
 from diffgemma_jax.model.moe import MoE
+from diffgemma_jax.model.self_conditioning import SelfConditioning
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole unit
@@ -93,6 +94,8 @@ class Denoiser(nnx.Module):
       self.stacked_unit = None
       self.units = nnx.List(units)
     self.final_norm = RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, rngs=rngs)
+    # Optional; objectives that self-condition feed its output in through `embeddings_BLD`.
+    self.self_conditioning = SelfConditioning(cfg, rngs=rngs) if cfg.self_conditioning else None
 
   def _unit_fn(self, graphdef):
     dtype = dtype_of(self.cfg.compute_dtype)
