@@ -126,6 +126,24 @@ SHARDED_SCRIPT = textwrap.dedent("""
         state, metrics = step(state, batch, jax.random.key(0))
       out.append((float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(state.params)]))
       print(shape, out[-1][0], flush=True)
+    # a checkpoint written on one device restores onto the 4-device mesh, each array in its new sharding
+    from diffgemma_jax.train import Checkpointer
+    mesh1 = make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
+    mesh4 = make_mesh((1, 2, 2, 1))
+    tx, _ = make_optimizer(c.train)
+    _, _, shardings1 = abstract_train_state(cfg, tx, mesh1)
+    _, abstract, shardings4 = abstract_train_state(cfg, tx, mesh4)
+    ckpt = Checkpointer({ckpt_dir!r}, c)
+    ckpt.save(init_train_state(cfg, tx, shardings1, 0), {{"position": 3}})
+    ckpt.wait()
+    restored, iterator_state = ckpt.restore(0, abstract, shardings4)
+    ckpt.close()
+    assert iterator_state == {{"position": 3}}
+    expert_w = [x for x in jax.tree.leaves(restored.params) if x.ndim == 3 and x.shape[0] == cfg.num_experts][0]
+    assert expert_w.sharding.spec[0] == "expert", expert_w.sharding
+    fresh = init_train_state(cfg, tx, shardings4, 0)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for loss, params in out[1:]:
       np.testing.assert_allclose(loss, out[0][0], rtol=1e-4)
       for a, b in zip(params, out[0][1]):
@@ -135,9 +153,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_matches_single_device(tmp_path):
-  """Two updates on fake 4-device meshes (fsdp x expert, data x tensor) equal the 1-device result."""
+  """Two updates on fake 4-device meshes (fsdp x expert, data x tensor) equal the 1-device result, and a
+  1-device checkpoint restores onto the 4-device mesh."""
   script = tmp_path / "sharded.py"
-  script.write_text(SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests")))
+  script.write_text(SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests"), ckpt_dir=str(tmp_path / "ckpt")))
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
