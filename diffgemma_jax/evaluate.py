@@ -70,12 +70,11 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
   """Restores the parameters of `step` (default: the latest complete checkpoint) from `workdir/checkpoints` and
   returns the held-out bound with keys step, num_tokens, bits_per_token, stderr_bits_per_token, ppl_bound,
   num_t_samples, unigram_ppl, exact."""
-  from diffgemma_jax.data import unigram_ppl
   from diffgemma_jax.model.config import ConfigError, ModelConfig
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.train.checkpoint import Checkpointer
-  from diffgemma_jax.train.dataset import eval_batches, prepare_dataset
+  from diffgemma_jax.train.dataset import eval_batches, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state
 
@@ -99,5 +98,5 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
   result = held_out_bound(bound_fn, params, eval_batches(config, directory), seed=int(config.eval.seed),
                           num_t_samples=num_t, mesh=mesh)
-  result.update(step=int(step), unigram_ppl=float(unigram_ppl(directory)), exact=bool(objective.exact))
+  result.update(step=int(step), unigram_ppl=unigram_baseline(directory), exact=bool(objective.exact))
   return result

@@ -62,3 +62,9 @@ def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
   batches = make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=batch_size,
                               max_sequences=int(config.eval.max_sequences))
   return [pad_batch(b, batch_size) for b in batches]
+
+
+def unigram_baseline(directory: str) -> float:
+  """Held-out perplexity of a unigram model of the training split (same tokenizer): the scale for the bound."""
+  from diffgemma_jax.data import unigram_ppl
+  return float(unigram_ppl(directory))

@@ -23,7 +23,7 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.checkpoint import Checkpointer
-from diffgemma_jax.train.dataset import eval_batches, prepare_dataset, train_iterator
+from diffgemma_jax.train.dataset import eval_batches, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
 from diffgemma_jax.train.optimizer import make_optimizer
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
@@ -87,8 +87,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
   held_out = eval_batches(config, directory)
-  from diffgemma_jax.data import unigram_ppl
-  unigram = float(unigram_ppl(directory))
+  unigram = unigram_baseline(directory)
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
   local_shape = (batch_size // jax.process_count(), seq_len)
