@@ -21,8 +21,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config_dict()
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "masked"  # masked | ar
+  c.objective.name = "masked"  # masked | ar | block | uniform
   c.objective.eps = 1e-3  # smallest noise level t; the bound integrates t over [eps, 1]
+  c.objective.block_size = 16  # block and uniform: tokens per block (canvas); must divide train.seq_len
+  c.objective.encoder_loss_weight = 1.0  # uniform: weight of the clean encoder's next-token loss
+  c.objective.self_cond_prob = 0.5  # uniform with model.self_conditioning: fraction of rows self-conditioned
 
   c.data = ml_collections.ConfigDict()
   c.data.recipe = "python_stdlib"  # python_stdlib | shakespeare | text_files
@@ -148,6 +151,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"objective.name: unknown objective {config.objective.name!r}; valid are {tuple(OBJECTIVES)}")
   if not 0.0 < config.objective.eps < 1.0:
     raise ConfigError(f"objective.eps: must lie in (0, 1), got {config.objective.eps}")
+  _validate_block_objective(config)
   for key in ("num_steps", "batch_size", "seq_len", "grad_accum_steps"):
     if int(config.train[key]) <= 0:
       raise ConfigError(f"train.{key}: must be a positive integer, got {config.train[key]!r}")
@@ -156,6 +160,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"train.batch_size={config.train.batch_size}")
   if config.eval.num_t_samples <= 0:
     raise ConfigError(f"eval.num_t_samples: must be positive, got {config.eval.num_t_samples}")
+
+
+def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
+  from diffgemma_jax.objectives import SELF_CONDITIONING_OBJECTIVES
+  from diffgemma_jax.objectives.block import check_block_size
+  objective = config.objective
+  if config.model.self_conditioning and objective.name not in SELF_CONDITIONING_OBJECTIVES:
+    raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "
+                      f"signal; use objective.name in {SELF_CONDITIONING_OBJECTIVES} or model.self_conditioning=False")
+  if objective.name not in ("block", "uniform"):
+    return
+  check_block_size(int(config.train.seq_len), objective.block_size)
+  if objective.encoder_loss_weight < 0:
+    raise ConfigError(f"objective.encoder_loss_weight: must be >= 0, got {objective.encoder_loss_weight}")
+  if not 0.0 <= objective.self_cond_prob <= 1.0:
+    raise ConfigError(f"objective.self_cond_prob: must lie in [0, 1], got {objective.self_cond_prob}")
 
 
 def load_config(spec: str, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:

@@ -1,0 +1,217 @@
+"""Block diffusion with masked noise: the BD3-LM layout, which is also DiffusionGemma's layout.
+
+A row of L tokens is cut into blocks of `block_size`. One forward pass of the shared stack runs over the
+concatenation [canvas ; clean] of length 2L, both halves at the same positions 0..L-1 so sliding windows and RoPE
+see true distances:
+- clean tokens (the "encoder") attend causally to clean tokens;
+- canvas block i (the noisy "decoder" tokens) attends bidirectionally to canvas block i and to clean blocks j < i;
+- nothing attends to the canvas from the clean half, and no attention crosses a segment (packed documents).
+Each block has its own noise level t (stratified over all blocks of the batch), and the negative ELBO of a row is
+the sum over blocks of the masked-diffusion NELBO of the block given the clean blocks before it:
+sum_i E_t[(1/t) sum_{masked l in block i} -log p(x_l | canvas_i, x_<i)].
+
+Limits: block_size = L is plain masked diffusion (the noise draws are laid out so the loss equals
+`MaskedDiffusion`'s for the same rng); block_size = 1 is an autoregressive model whose query at position l is the
+mask token (its loss is the AR negative log-likelihood in expectation over the noise).
+
+Blocks are cut at row indices that are multiples of `block_size` (pretraining: documents are packed and a block
+may straddle a document boundary; the segment mask makes it two partial blocks). SFT rows (with `loss_mask`): the
+canvases start at the first response token of the row, the prompt is clean context only (block id -1) and a long
+response spans several canvases; the last one may be cut by the row end.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.model.masks import make_mask, same_segment
+from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, scored_positions, stratified_t,
+                                             weighted_nll)
+
+
+def check_block_size(seq_len: int, block_size: int) -> None:
+  """Blocks must tile the row: a positive block_size that divides seq_len."""
+  if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+    raise ConfigError(f"objective.block_size: must be a positive integer, got {block_size!r}")
+  if block_size > seq_len:
+    raise ConfigError(f"objective.block_size={block_size} is longer than the context train.seq_len={seq_len}; "
+                      f"use a canvas no longer than the sequence")
+  if seq_len % block_size:
+    raise ConfigError(f"objective.block_size={block_size} does not divide train.seq_len={seq_len}; choose a "
+                      f"block size that divides the sequence length (e.g. {_divisor_hint(seq_len, block_size)})")
+
+
+def _divisor_hint(seq_len: int, block_size: int) -> int:
+  return max(d for d in range(1, block_size + 1) if seq_len % d == 0)
+
+
+def block_ids(batch, block_size: int):
+  """[B, L] int32 block index per token; -1 marks clean-only context (the prompt of SFT rows)."""
+  tokens = batch["tokens"]
+  B, L = tokens.shape
+  index_L = jnp.arange(L, dtype=jnp.int32)
+  if "loss_mask" not in batch:
+    return jnp.broadcast_to(index_L // block_size, (B, L))
+  scored = scored_positions(batch)
+  start_B = jnp.argmax(scored, axis=-1).astype(jnp.int32)  # first response token (0 if the row has none)
+  relative_BL = index_L[None, :] - start_B[:, None]
+  return jnp.where(relative_BL >= 0, relative_BL // block_size, -1)
+
+
+def canvas_clean_mask(canvas_segments_BC, canvas_blocks_BC, clean_segments_BL, clean_positions_BL, clean_blocks_BL):
+  """Attention mask [B, C + L, C + L] of the layout [canvas (C tokens) ; clean (L tokens)]."""
+  canvas_to_canvas = (same_segment(canvas_segments_BC, canvas_segments_BC)
+                      & (canvas_blocks_BC[:, :, None] == canvas_blocks_BC[:, None, :]))
+  canvas_to_clean = (same_segment(canvas_segments_BC, clean_segments_BL)
+                     & (clean_blocks_BL[:, None, :] < canvas_blocks_BC[:, :, None]))
+  clean_to_clean = make_mask("causal", clean_segments_BL, clean_positions_BL)
+  clean_to_canvas = jnp.zeros(clean_to_clean.shape[:2] + canvas_blocks_BC.shape[1:], bool)
+  return jnp.concatenate([jnp.concatenate([canvas_to_canvas, canvas_to_clean], axis=2),
+                          jnp.concatenate([clean_to_canvas, clean_to_clean], axis=2)], axis=1)
+
+
+def canvas_clean_forward(model, canvas_tokens_BC, canvas_positions_BC, canvas_segments_BC, canvas_blocks_BC, batch,
+                         clean_blocks_BL, *, canvas_embeddings_BCD=None):
+  """One pass over [canvas ; clean]: (canvas logits [B, C, V], clean logits [B, L, V], aux)."""
+  tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
+  C = canvas_tokens_BC.shape[1]
+  mask = canvas_clean_mask(canvas_segments_BC, canvas_blocks_BC, segments, positions, clean_blocks_BL)
+  embeddings = None
+  if canvas_embeddings_BCD is not None:
+    clean_zeros = jnp.zeros(tokens.shape + canvas_embeddings_BCD.shape[-1:], canvas_embeddings_BCD.dtype)
+    embeddings = jnp.concatenate([canvas_embeddings_BCD, clean_zeros], axis=1)
+  logits, aux = model(jnp.concatenate([canvas_tokens_BC, tokens], axis=1),
+                      jnp.concatenate([canvas_positions_BC, positions], axis=1), mask,
+                      token_mask_BL=jnp.concatenate([canvas_segments_BC > 0, segments > 0], axis=1),
+                      embeddings_BLD=embeddings)
+  return logits[:, :C], logits[:, C:], aux
+
+
+def block_t(rng, batch_size: int, num_blocks: int, eps: float):
+  """[B, N] noise levels stratified over all B*N blocks; block j of row b takes stratum j*B + b, so each row's
+  blocks spread over [eps, 1] and a single block per row reproduces `stratified_t`."""
+  t = stratified_t(rng, batch_size * num_blocks, eps)
+  return t.reshape(num_blocks, batch_size).T
+
+
+def per_token(t_BN, blocks_BL):
+  return jnp.take_along_axis(t_BN, jnp.maximum(blocks_BL, 0), axis=1)
+
+
+def corrupt_per_token(rng, tokens_BL, t_BL, *, mask_id: int, corruptible_BL):
+  """`corrupt` with one noise level per token; the draws equal `corrupt`'s for a per-row t."""
+  B, L = tokens_BL.shape
+  noisy, is_masked = corrupt(rng, tokens_BL.reshape(B * L, 1), t_BL.reshape(B * L), mask_id=mask_id,
+                             corruptible_BL=corruptible_BL.reshape(B * L, 1))
+  return noisy.reshape(B, L), is_masked.reshape(B, L)
+
+
+def weighted_nll_per_token(nll_BL, is_masked_BL, t_BL):
+  """Per-row sum over masked tokens of -log p / t, with t per token (per block)."""
+  B, L = nll_BL.shape
+  return jnp.sum(weighted_nll(nll_BL.reshape(B * L, 1), is_masked_BL.reshape(B * L, 1),
+                              t_BL.reshape(B * L)).reshape(B, L), axis=-1)
+
+
+def normalise_loss(per_example_B, scored_BL, sft: bool):
+  """Pretraining: batch sum over scored tokens. SFT: each response's NELBO over its length, then the mean."""
+  num_scored_B = jnp.sum(scored_BL, axis=-1)
+  if sft:
+    has_response = num_scored_B > 0
+    per_token_B = per_example_B / jnp.maximum(num_scored_B, 1)
+    return jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
+  return jnp.sum(per_example_B) / jnp.maximum(jnp.sum(num_scored_B), 1)
+
+
+def router_metrics(aux):
+  return {"load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
+          "expert_load": jnp.mean(aux["expert_load"], axis=0)}
+
+
+def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, num_blocks: int, rng, *,
+                mask_id: int, num_t_samples: int, eps: float = 1e-3, scored_BL=None):
+  """Per-row NELBO (nats, mean of K estimates) summed over blocks, and its standard error.
+
+  `logits_fn(noisy[B, L]) -> canvas logits [B, L, V]` must keep blocks apart (the block layout). Every block gets
+  K stratified noise levels with its own offset; with one block this is `masked_nelbo` draw for draw.
+  """
+  B = tokens.shape[0]
+  K = num_t_samples
+  scored_BL = jnp.ones(tokens.shape, bool) if scored_BL is None else scored_BL
+  t_rng, mask_rng = jax.random.split(rng)
+  offsets_BN = jax.random.uniform(t_rng, (B, num_blocks))
+  t_KBN = eps + (1.0 - eps) * jnp.mod(offsets_BN[None] + (jnp.arange(K) / K)[:, None, None], 1.0)
+
+  def one(_, inputs):
+    t_BN, key = inputs
+    t_BL = per_token(t_BN, blocks_BL)
+    noisy, is_masked = corrupt_per_token(key, tokens, t_BL, mask_id=mask_id, corruptible_BL=scored_BL)
+    nll = masked_token_nll(logits_fn(noisy), tokens, mask_id=mask_id)
+    return None, weighted_nll_per_token(nll, is_masked, t_BL)
+
+  _, estimates_KB = jax.lax.scan(one, None, (t_KBN, jax.random.split(mask_rng, K)))
+  return mean_and_stderr(estimates_KB)
+
+
+def mean_and_stderr(estimates_KB):
+  K = estimates_KB.shape[0]
+  mean_B = jnp.mean(estimates_KB, axis=0)
+  if K > 1:
+    return mean_B, jnp.std(estimates_KB, axis=0, ddof=1) / jnp.sqrt(K)
+  return mean_B, jnp.zeros_like(mean_B)
+
+
+class BlockDiffusion:
+  """Masked block diffusion for pretraining and prompt-masked SFT (told apart by `loss_mask`, as in `masked`)."""
+
+  name = "block"
+  exact = False
+
+  def __init__(self, *, mask_id: int, eps: float = 1e-3, block_size: int = 16):
+    self.mask_id = mask_id
+    self.eps = eps
+    self.block_size = block_size
+
+  def _layout(self, batch):
+    seq_len = batch["tokens"].shape[1]
+    check_block_size(seq_len, self.block_size)
+    return block_ids(batch, self.block_size), seq_len // self.block_size
+
+  def canvas_logits_fn(self, model, batch, blocks_BL):
+    segments, positions = batch["segment_ids"], batch["positions"]
+
+    def logits_fn(noisy):
+      logits, _, _ = canvas_clean_forward(model, noisy, positions, segments, blocks_BL, batch, blocks_BL)
+      return logits
+
+    return logits_fn
+
+  def loss_fn(self, model, batch, rng):
+    tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
+    blocks, num_blocks = self._layout(batch)
+    scored = scored_positions(batch)
+    t_rng, mask_rng = jax.random.split(rng)
+    t_BL = per_token(block_t(t_rng, tokens.shape[0], num_blocks, self.eps), blocks)
+    noisy, is_masked = corrupt_per_token(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
+    logits, _, aux = canvas_clean_forward(model, noisy, positions, segments, blocks, batch, blocks)
+    nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
+    per_example = weighted_nll_per_token(nll, is_masked, t_BL)
+    nelbo = normalise_loss(per_example, scored, "loss_mask" in batch)
+    loss = nelbo + aux["aux_loss"]
+    num_tokens = jnp.sum(scored)
+    metrics = {"loss": loss, "nelbo_per_token": nelbo, "num_tokens": num_tokens,
+               "masked_fraction": jnp.sum(is_masked) / jnp.maximum(num_tokens, 1), **router_metrics(aux)}
+    return loss, metrics
+
+  def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
+    """Per-row NELBO (nats) summed over blocks, its standard error, and the number of scored tokens."""
+    blocks, num_blocks = self._layout(batch)
+    scored = scored_positions(batch)
+    nelbo, stderr = block_nelbo(self.canvas_logits_fn(model, batch, blocks), batch["tokens"], blocks, num_blocks,
+                                rng, mask_id=self.mask_id, num_t_samples=num_t_samples, eps=self.eps,
+                                scored_BL=scored)
+    return nelbo, stderr, jnp.sum(scored, axis=-1)

@@ -1,0 +1,237 @@
+"""Uniform-state block diffusion: DiffusionGemma's training recipe and the continuous-time ELBO for uniform noise.
+
+Noise. alpha_t = 1 - t: each supervised token is, with probability t, replaced by a token drawn uniformly from the
+N noise states, so q_t(z | x) = alpha_t [z = x] + (1 - alpha_t) / N. The draw may return the token itself (the
+standard uniform-state kernel: the marginal at t = 1 is exactly uniform). The N states are the vocabulary without
+the mask token: it is never data, so noise never produces it and the denoiser gives it zero probability (N = V - 1).
+
+Training (DiffusionGemma). Rows are cut into canvases of `block_size` tokens (`block.block_ids`). Per row, one
+canvas holding scored tokens is chosen uniformly and noised with one t (stratified across the batch). One pass
+runs over [chosen canvas ; clean row]: the canvas sees itself bidirectionally and the clean tokens of earlier
+canvases; the clean row is the causal encoder. The loss is the flat cross-entropy of every scored canvas token
+(noised or not) per token, plus `encoder_loss_weight` times the encoder's next-token loss per token. With a
+self-conditioning model, pass 1 runs without the signal, and pass 2 adds the self-conditioning MLP's output of
+`stop_gradient(softmax(logits_1)) @ E * sqrt(D)` to the canvas embeddings of a random `self_cond_prob` of the rows;
+gradients flow through pass 2 only.
+
+Bound. The flat loss is not a likelihood bound; `sequence_bound` is the continuous-time ELBO of the CTMC whose
+forward rate jumps to a uniform state at rate beta_t = -alpha_t' / alpha_t = 1 / (1 - t) (Campbell et al. 2022;
+Schiff et al. 2024 (UDLM) for uniform noise). Per scored token at noisy state z, with r_y = q_t(y|x) / q_t(z|x) the
+true reverse-rate ratios and r^_y the model's,
+
+    f_t = beta_t / N * sum_{y != z} [ r^_y - r_y - r_y log(r^_y / r_y) ]   (>= 0),
+
+and the per-row NELBO is sum over blocks of  int_eps^1 E[f_t] dt + E[-log p(x | z_eps)]  (the last term decodes
+the data from the least noisy state with the denoiser; the prior term at t = 1 is KL(uniform || uniform) = 0). The
+integral is estimated with K noise levels per block, stratified over [eps, 1], as (1 - eps) times their mean.
+
+Model rates. With x_theta = softmax(logits) the denoiser's prediction of x, the model's rates are the x0-mixture
+r^_y = sum_x0 x_theta(x0) q_t(y|x0) / q_t(z|x0)
+     = 1 + x_theta(y) N alpha / (1 - alpha) - x_theta(z) N alpha / (N alpha + 1 - alpha),
+which is the exact reverse rate when x_theta is the true posterior p(x0 | z, context): the bound is tight for the
+denoiser that the cross-entropy loss trains, and the same x_theta decodes at t = eps. UDLM plugs x_theta into
+the ratio instead, r^_y = xbar_theta_y / xbar_theta_z with xbar_theta = N alpha x_theta + (1 - alpha); that form
+is tight only for a prediction that ignores the token's own noisy state (for an i.i.d. source: x_theta = pi) and,
+given the posterior, is loose (about 1.5x the entropy for a 5-symbol i.i.d. source), so it is not used here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
+from diffgemma_jax.objectives.ar import next_token_nll
+from diffgemma_jax.objectives.block import (block_ids, canvas_clean_forward, check_block_size, mean_and_stderr,
+                                            per_token, router_metrics)
+from diffgemma_jax.objectives.masked import masked_token_nll, scored_positions, stratified_t
+
+def noise_token(rng, shape, *, vocab_size: int, excluded_ids: Sequence[int]):
+  """Tokens drawn uniformly from the vocabulary without `excluded_ids`."""
+  token = jax.random.randint(rng, shape, 0, vocab_size - len(set(excluded_ids)))
+  for excluded in sorted(set(excluded_ids)):  # shift past each excluded id in increasing order
+    token = token + (token >= excluded)
+  return token
+
+
+def uniform_corrupt(rng, tokens_BL, t_BL, *, vocab_size: int, excluded_ids: Sequence[int], corruptible_BL):
+  """Replaces each corruptible token, with probability t (per token), by a uniform noise state (possibly itself).
+
+  Returns (noisy tokens, replaced) where `replaced` marks the draws (including those that drew the same token).
+  """
+  draw_rng, token_rng = jax.random.split(rng)
+  replaced = (jax.random.uniform(draw_rng, tokens_BL.shape) < t_BL) & corruptible_BL
+  noise = noise_token(token_rng, tokens_BL.shape, vocab_size=vocab_size, excluded_ids=excluded_ids)
+  return jnp.where(replaced, noise, tokens_BL).astype(tokens_BL.dtype), replaced
+
+
+def _x_minus_log1p_x(w):
+  """w - log(1 + w) without cancellation for small |w| (there it is ~ w^2 / 2)."""
+  series = w * w * (0.5 - w * (1.0 / 3.0 - w * 0.25))
+  return jnp.where(jnp.abs(w) < 1e-3, series, w - jnp.log1p(jnp.maximum(w, -1.0 + 1e-12)))
+
+
+def uniform_elbo_integrand(logits_BLV, noisy_BL, clean_BL, t_BL, *, excluded_ids: Sequence[int]):
+  """f_t per token [B, L] in nats (see the module docstring); zero where t >= 1."""
+  V = logits_BLV.shape[-1]
+  excluded = sorted(set(excluded_ids))
+  N = V - len(excluded)
+  logits = logits_BLV.astype(jnp.float32)
+  for token in excluded:
+    logits = logits.at[..., token].set(-jnp.inf)
+  x_theta = jax.nn.softmax(logits, axis=-1)
+  x_onehot = jax.nn.one_hot(clean_BL, V, dtype=jnp.float32)
+  alpha = (1.0 - t_BL.astype(jnp.float32))[..., None]
+  off = 1.0 - alpha  # q_t(y | x) * N for y != x
+  safe_alpha = jnp.maximum(alpha, 1e-30)
+  on_ratio = N * alpha / off  # r for y = x (x != z), minus 1
+  off_ratio = N * alpha / (N * alpha + off)  # 1 - r for x = z
+  x_theta_z = jnp.take_along_axis(x_theta, noisy_BL[..., None], axis=-1)
+  x_is_z = (clean_BL == noisy_BL)[..., None].astype(jnp.float32)
+  r = 1.0 + x_onehot * on_ratio - x_is_z * off_ratio
+  # r^ - r, formed from differences so that it does not cancel as alpha -> 0
+  diff = (x_theta - x_onehot) * on_ratio - (x_theta_z - x_is_z) * off_ratio
+  w = diff / r
+  term = r * _x_minus_log1p_x(w)
+  keep = jnp.arange(V) != noisy_BL[..., None]
+  for token in excluded:
+    keep = keep & (jnp.arange(V) != token)
+  f = jnp.sum(jnp.where(keep, term, 0.0), axis=-1) / (N * safe_alpha[..., 0])
+  return jnp.where(alpha[..., 0] > 0, f, 0.0)
+
+
+def uniform_nelbo(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], tokens, blocks_BL, num_blocks: int, rng,
+                  *, excluded_ids: Sequence[int], vocab_size: int, num_t_samples: int, eps: float = 1e-3,
+                  scored_BL=None):
+  """Per-row uniform-noise NELBO (nats) summed over blocks, and its standard error over the K samples.
+
+  `logits_fn(noisy[B, L], t[B, L]) -> logits [B, L, V]` (the model ignores t; an oracle may use it) must keep
+  blocks apart. K + 1 passes: K stratified noise levels per block for the integral, one at t = eps for the
+  reconstruction term (a single draw, added to every estimate; the standard error covers the integral's spread).
+  """
+  B = tokens.shape[0]
+  K = num_t_samples
+  scored_BL = jnp.ones(tokens.shape, bool) if scored_BL is None else scored_BL
+  t_rng, noise_rng, recon_rng = jax.random.split(rng, 3)
+  offsets_BN = jax.random.uniform(t_rng, (B, num_blocks))
+  t_KBN = eps + (1.0 - eps) * jnp.mod(offsets_BN[None] + (jnp.arange(K) / K)[:, None, None], 1.0)
+  corrupt = lambda key, t_BL: uniform_corrupt(key, tokens, t_BL, vocab_size=vocab_size, excluded_ids=excluded_ids,
+                                              corruptible_BL=scored_BL)[0]
+
+  def one(_, inputs):
+    t_BN, key = inputs
+    t_BL = per_token(t_BN, blocks_BL)
+    noisy = corrupt(key, t_BL)
+    f_BL = uniform_elbo_integrand(logits_fn(noisy, t_BL), noisy, tokens, t_BL, excluded_ids=excluded_ids)
+    return None, (1.0 - eps) * jnp.sum(jnp.where(scored_BL, f_BL, 0.0), axis=-1)
+
+  _, estimates_KB = jax.lax.scan(one, None, (t_KBN, jax.random.split(noise_rng, K)))
+  t_eps = jnp.full(tokens.shape, eps, jnp.float32)
+  noisy = corrupt(recon_rng, t_eps)
+  recon_nll = _support_nll(logits_fn(noisy, t_eps), tokens, excluded_ids)
+  recon_B = jnp.sum(jnp.where(scored_BL, recon_nll, 0.0), axis=-1)
+  return mean_and_stderr(estimates_KB + recon_B[None])
+
+
+def _support_nll(logits_BLV, tokens_BL, excluded_ids):
+  """-log p(x) with every excluded id (the mask token first among them) given zero probability."""
+  first, *rest = sorted(set(excluded_ids))
+  logits = logits_BLV.astype(jnp.float32)
+  for token in rest:
+    logits = logits.at[..., token].set(-jnp.inf)
+  return masked_token_nll(logits, tokens_BL, mask_id=first)
+
+
+class UniformDiffusion:
+  """DiffusionGemma's uniform-state recipe (pretraining and prompt-masked SFT, told apart by `loss_mask`)."""
+
+  name = "uniform"
+  exact = False
+  supports_self_conditioning = True
+
+  def __init__(self, *, mask_id: int, eps: float = 1e-3, block_size: int = 16, encoder_loss_weight: float = 1.0,
+               self_cond_prob: float = 0.5):
+    self.mask_id = mask_id
+    self.excluded_ids = (mask_id,)
+    self.eps = eps
+    self.block_size = block_size
+    self.encoder_loss_weight = encoder_loss_weight
+    self.self_cond_prob = self_cond_prob
+
+  def _layout(self, batch):
+    seq_len = batch["tokens"].shape[1]
+    check_block_size(seq_len, self.block_size)
+    return block_ids(batch, self.block_size), seq_len // self.block_size
+
+  def _two_pass(self, model, forward, use_sc_B):
+    """Pass 2's (canvas logits, clean logits, aux); with a self-conditioning model, pass 1 feeds pass 2."""
+    if getattr(model, "self_conditioning", None) is None:
+      return forward(None)
+    first_canvas_logits, _, _ = forward(None)
+    embeddings = self_conditioning_embeddings(model, first_canvas_logits, use_sc_B, excluded_ids=self.excluded_ids)
+    return forward(embeddings)
+
+  def loss_fn(self, model, batch, rng):
+    tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
+    B, L = tokens.shape
+    b = self.block_size
+    blocks, num_blocks = self._layout(batch)
+    scored = scored_positions(batch)
+    t_rng, canvas_rng, noise_rng, sc_rng = jax.random.split(rng, 4)
+
+    # One canvas per row, uniformly among those holding scored tokens.
+    has_scored_BN = jnp.any((blocks[:, :, None] == jnp.arange(num_blocks)) & scored[:, :, None], axis=1)
+    chosen_B = jax.random.categorical(canvas_rng, jnp.where(has_scored_BN, 0.0, -1e9), axis=-1)
+    start_B = jnp.argmax(blocks >= 0, axis=-1) + chosen_B * b
+    index_BC = start_B[:, None] + jnp.arange(b)
+    inside_BC = index_BC < L
+    index_BC = jnp.minimum(index_BC, L - 1)
+    take = lambda x: jnp.take_along_axis(x, index_BC, axis=1)
+    canvas_tokens, canvas_positions = take(tokens), take(positions)
+    canvas_segments = jnp.where(inside_BC, take(segments), 0)
+    canvas_scored = take(scored) & inside_BC
+    canvas_blocks = jnp.broadcast_to(chosen_B[:, None], index_BC.shape).astype(blocks.dtype)
+
+    t_B = stratified_t(t_rng, B, self.eps)
+    noisy, replaced = uniform_corrupt(noise_rng, canvas_tokens, t_B[:, None], vocab_size=model.cfg.vocab_size,
+                                      excluded_ids=self.excluded_ids, corruptible_BL=canvas_scored)
+    forward = lambda embeddings: canvas_clean_forward(model, noisy, canvas_positions, canvas_segments, canvas_blocks,
+                                                      batch, blocks, canvas_embeddings_BCD=embeddings)
+    use_sc_B = jax.random.uniform(sc_rng, (B,)) < self.self_cond_prob
+    canvas_logits, clean_logits, aux = self._two_pass(model, forward, use_sc_B)
+
+    canvas_nll = masked_token_nll(canvas_logits, canvas_tokens, mask_id=self.mask_id)
+    num_canvas = jnp.sum(canvas_scored)
+    canvas_ce = jnp.sum(jnp.where(canvas_scored, canvas_nll, 0.0)) / jnp.maximum(num_canvas, 1)
+    encoder_nll, encoder_valid = next_token_nll(clean_logits, tokens, segments)
+    encoder_valid = encoder_valid & scored[:, 1:]  # SFT: the encoder predicts response tokens only
+    num_encoder = jnp.sum(encoder_valid)
+    encoder_ce = jnp.sum(jnp.where(encoder_valid, encoder_nll, 0.0)) / jnp.maximum(num_encoder, 1)
+    loss = canvas_ce + self.encoder_loss_weight * encoder_ce + aux["aux_loss"]
+    metrics = {"loss": loss, "canvas_ce_per_token": canvas_ce, "encoder_nll_per_token": encoder_ce,
+               "num_tokens": num_canvas, "replaced_fraction": jnp.sum(replaced) / jnp.maximum(num_canvas, 1),
+               "self_cond_fraction": jnp.mean(use_sc_B.astype(jnp.float32)), **router_metrics(aux)}
+    return loss, metrics
+
+  def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
+    """Per-row uniform-noise NELBO (nats) summed over canvases, its standard error, and the scored-token count.
+
+    A self-conditioning model conditions every row on its own first pass (as when sampling).
+    """
+    blocks, num_blocks = self._layout(batch)
+    scored = scored_positions(batch)
+    segments, positions = batch["segment_ids"], batch["positions"]
+    use_sc_B = jnp.ones(blocks.shape[:1], bool)
+
+    def logits_fn(noisy, t_BL):
+      del t_BL  # the denoiser takes no time input
+      forward = lambda embeddings: canvas_clean_forward(model, noisy, positions, segments, blocks, batch, blocks,
+                                                        canvas_embeddings_BCD=embeddings)
+      return self._two_pass(model, forward, use_sc_B)[0]
+
+    nelbo, stderr = uniform_nelbo(logits_fn, batch["tokens"], blocks, num_blocks, rng,
+                                  excluded_ids=self.excluded_ids, vocab_size=model.cfg.vocab_size,
+                                  num_t_samples=num_t_samples, eps=self.eps, scored_BL=scored)
+    return nelbo, stderr, jnp.sum(scored, axis=-1)
