@@ -1,7 +1,15 @@
-"""The DiffusionGemma 26B-A4B reference architecture (public config values; DESIGN section 2).
+"""The DiffusionGemma 26B-A4B reference architecture (public config values; DESIGN section 2) and its recipe.
 
 25.2B parameters in total, 3.8B active per token. Build it with `diffgemma-inspect` (under jax.eval_shape).
+Recipe of the released model: uniform-state block diffusion on 256-token canvases with self-conditioning; samples
+with the entropy-bound rule (`RELEASED_SAMPLER`, for the multi-canvas sampler's settings).
 """
+
+# The released sampler: at most 48 denoising steps per canvas, accept lowest-entropy positions while the entropy
+# sum minus the largest accepted stays <= 0.1, temperature annealed 0.8 -> 0.4, stop when the argmax canvas is
+# stable and the mean entropy < 0.005.
+RELEASED_SAMPLER = dict(canvas_length=256, max_denoising_steps=48, entropy_bound=0.1, temperature_start=0.8,
+                        temperature_end=0.4, stop_mean_entropy=0.005)
 
 from diffgemma_jax.config import base_config
 
@@ -33,7 +41,12 @@ def get_config():
       compute_dtype="bfloat16",
       remat="dots",
       scan_layers=True,
+      self_conditioning=True,
   )
+  c.objective.name = "uniform"
+  c.objective.block_size = RELEASED_SAMPLER["canvas_length"]
+  c.objective.encoder_loss_weight = 1.0
+  c.objective.self_cond_prob = 0.5
   c.train.seq_len = 4096
   c.train.batch_size = 8
   return c
