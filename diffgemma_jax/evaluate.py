@@ -93,7 +93,8 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
   graphdef, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, mesh)
   params = ckpt.restore_params(step, abstract.params, shardings.params)
   ckpt.close()
-  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps))
+  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
+                             section=config.objective)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
   result = held_out_bound(bound_fn, params, eval_batches(config, directory), seed=int(config.eval.seed),

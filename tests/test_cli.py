@@ -29,10 +29,11 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.model.top_k=99", "model.top_k"),
     ("--config.mesh.shape=(2,1,1,1)", "mesh.shape"),
     ("--bogus", "unrecognised argument '--bogus'"),
+    ("--config.objective.name=block --config.train.seq_len=40", "does not divide train.seq_len=40"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
   workdir = tmp_path / "run"
-  assert train_main(["--config", tiny_config_file, "--workdir", str(workdir), flag]) == 2
+  assert train_main(["--config", tiny_config_file, "--workdir", str(workdir)] + flag.split()) == 2
   err = capsys.readouterr().err
   assert expected in err and err.count("\n") == 1 and err.startswith("error: "), err
   assert not (workdir / "checkpoints").exists()

@@ -68,7 +68,8 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   mesh = mesh_from_config(config)
   directory, tokenizer = prepare_dataset(config)
   os.makedirs(workdir, exist_ok=True)
-  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps))
+  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
+                             section=config.objective)
   tx, schedule = make_optimizer(tc)
   seed = int(tc.seed)
   graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed)
