@@ -1,0 +1,61 @@
+"""The embedded default corpus: the CPython standard library source of the running interpreter (no download).
+
+Test suites (`test/`, `tests/`, `idle_test/`) and site-packages are left out. Split deterministically by module
+(a hash of each file's path under the stdlib), held-out at least 4% of the bytes, no file on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import sysconfig
+
+from data_recipes.common import is_current, read_manifest, read_utf8, split_by_hash, write_dataset
+from diffgemma_jax.data.errors import DataError
+
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages", "lib2to3"}
+HELDOUT_FRACTION = 0.04
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+  """Relative paths of the stdlib's .py files, sorted."""
+  root = root or sysconfig.get_paths()["stdlib"]
+  found = []
+  for directory, dirs, files in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS and not d.startswith("."))
+    for name in files:
+      if name.endswith(".py"):
+        found.append(os.path.relpath(os.path.join(directory, name), root))
+  return sorted(found)
+
+
+def documents(root: str | None = None) -> list[tuple[str, str]]:
+  root = root or sysconfig.get_paths()["stdlib"]
+  docs = []
+  for rel in stdlib_files(root):
+    text = read_utf8(os.path.join(root, rel))
+    if text and text.strip():
+      docs.append((rel, text))
+  if not docs:
+    raise DataError(f"no Python sources found under the standard library at {root!r}")
+  return docs
+
+
+def build(output_dir: str, vocab_size: int = 1024, source: str | None = None) -> dict:
+  del source
+  if is_current(output_dir, "python_stdlib", vocab_size, None):
+    return read_manifest(output_dir)
+  root = sysconfig.get_paths()["stdlib"]
+  splits = split_by_hash(documents(root), HELDOUT_FRACTION)
+  return write_dataset(output_dir, "python_stdlib", vocab_size, splits,
+                       notes={"stdlib_root": root, "python": sys.version.split()[0]})
+
+
+def main(argv=None) -> int:
+  from data_recipes import run_cli
+  return run_cli(build, "python_stdlib", argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,73 @@
+"""A sentencepiece tokenizer with the reserved ids every recipe trains in: pad 0, unk 1, bos 2, eos 3, then the
+user-defined symbols `<mask>` (4), `<start_of_turn>` (5) and `<end_of_turn>` (6) used by the chat template."""
+
+from __future__ import annotations
+
+import os
+
+import sentencepiece as spm
+
+from diffgemma_jax.data.errors import DataError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+USER_SYMBOLS = ("<mask>", "<start_of_turn>", "<end_of_turn>")
+
+
+class Tokenizer:
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise DataError(f"tokenizer model {path!r} does not exist; build the dataset first (data_recipes)")
+    self.path = path
+    self.sp = spm.SentencePieceProcessor(model_file=path)
+    self.vocab_size = self.sp.get_piece_size()
+    self.pad_id = self.sp.pad_id()
+    self.bos_id = self.sp.bos_id()
+    self.eos_id = self.sp.eos_id()
+    self.unk_id = self.sp.unk_id()
+    self.mask_id = self.sp.piece_to_id("<mask>")
+    self.start_of_turn_id = self.sp.piece_to_id("<start_of_turn>")
+    self.end_of_turn_id = self.sp.piece_to_id("<end_of_turn>")
+    if self.mask_id == self.unk_id:
+      raise DataError(f"tokenizer {path!r} has no <mask> symbol; train it with data_recipes")
+    self.special_ids = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id, self.mask_id) if i >= 0)
+
+  def encode(self, text: str | list[str], num_threads: int = 0):
+    return self.sp.encode(text, num_threads=num_threads) if isinstance(text, list) else self.sp.encode(text)
+
+  def decode(self, ids) -> str:
+    """Text of the ids, leaving out padding, bos/eos and mask tokens."""
+    return self.sp.decode([int(i) for i in ids if int(i) not in self.special_ids])
+
+
+def train_tokenizer(texts, model_prefix: str, vocab_size: int, *, max_sentences: int = 120_000) -> Tokenizer:
+  """Trains a byte-fallback sentencepiece model on the given texts (whitespace kept as written, for code)."""
+  def lines():
+    count = 0
+    for text in texts:
+      for line in text.split("\n"):
+        if line.strip():
+          yield line
+          count += 1
+          if count >= max_sentences:
+            return
+
+  min_vocab = 256 + 4 + len(USER_SYMBOLS) + 16
+  if vocab_size < min_vocab:
+    raise DataError(f"vocab_size={vocab_size} is too small for a byte-fallback tokenizer; use at least {min_vocab}")
+  try:
+    _train(lines(), model_prefix, vocab_size, max_sentences)
+  except RuntimeError as e:
+    raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
+                    f"{str(e).splitlines()[0][-200:]}; try another vocab_size (model.vocab_size)") from None
+  return Tokenizer(model_prefix + ".model")
+
+
+def _train(lines, model_prefix, vocab_size, max_sentences):
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=lines, model_prefix=model_prefix, vocab_size=vocab_size, model_type="unigram",
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=list(USER_SYMBOLS),
+      byte_fallback=True, character_coverage=0.9995, split_digits=True, remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True, normalization_rule_name="identity", num_threads=2,
+      input_sentence_size=max_sentences, shuffle_input_sentence=True, hard_vocab_limit=True,
+      max_sentence_length=8192, minloglevel=2)

@@ -1,0 +1,137 @@
+"""Data recipes and grain pipelines: packing, iterator state, sharding, held-out split, errors."""
+
+import json
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+
+from data_recipes import build_dataset
+from data_recipes.common import split_by_hash
+from data_recipes.python_stdlib import documents as stdlib_documents
+from data_recipes.shakespeare import play_and_edition
+from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, pack_rows, unigram_ppl
+
+
+def test_packing_keeps_every_token_once_in_order_and_never_mixes_documents():
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(5, 50, size=n).astype(np.int32) for n in (3, 17, 1, 40, 9, 2, 25)]
+  tokens = np.concatenate(docs)
+  starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])[:-1]])
+  rows = pack_rows(tokens, starts, 8, keep_partial=True)
+  flat = rows["tokens"].reshape(-1)
+  seg = rows["segment_ids"]
+  real = seg.reshape(-1) > 0
+  np.testing.assert_array_equal(flat[real], tokens)
+  assert real.sum() == len(tokens)
+  # rebuild the document pieces from (row, segment) and check each is a contiguous slice of one document
+  doc_of = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+  offset_in_doc = np.concatenate([np.arange(len(d)) for d in docs])
+  pos = rows["positions"].reshape(-1)[real]
+  row_seg = (np.arange(real.size) // 8 * 1000 + seg.reshape(-1))[real]
+  for key in np.unique(row_seg):
+    idx = np.where(row_seg == key)[0]
+    assert len(set(doc_of[idx])) == 1, "a segment mixes documents"
+    np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
+    assert np.all(np.diff(offset_in_doc[idx]) == 1)
+  assert np.all(rows["positions"][seg == 0] == 0)
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory):
+  src = tmp_path_factory.mktemp("src")
+  root = sysconfig.get_paths()["stdlib"]
+  for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py",
+               "colorsys.py", "keyword.py", "queue.py", "sched.py", "calendar.py"):
+    with open(os.path.join(root, name), encoding="utf-8") as f:
+      (src / name).write_text(f.read(), encoding="utf-8")
+  (src / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 10)
+  out = str(tmp_path_factory.mktemp("ds") / "text")
+  manifest = build_dataset("text_files", out, 400, source=str(src))
+  return out, manifest, str(src)
+
+
+def test_text_files_dataset_and_manifest(text_dataset, capsys):
+  out, manifest, src = text_dataset
+  assert manifest["skipped_non_utf8"] == 1
+  assert manifest["splits"]["train"]["documents"] + manifest["splits"]["heldout"]["documents"] == 12
+  tok = Tokenizer(os.path.join(out, "tokenizer.model"))
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 2, 3, 4) and tok.vocab_size == 400
+  assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+  # idempotent and stable
+  again = build_dataset("text_files", out, 400, source=src)
+  assert again["sha256"] == manifest["sha256"] and again["created"] == manifest["created"]
+
+
+def test_iterator_state_restores_the_same_batches(text_dataset):
+  out = text_dataset[0]
+  it = make_train_iterator(out, seq_len=32, batch_size=4, seed=3)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = make_train_iterator(out, seq_len=32, batch_size=4, seed=3)
+  fresh.set_state(json.loads(json.dumps(state)))
+  for want in expected:
+    got = next(fresh)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_processes_get_disjoint_rows_and_seeds_shuffle(text_dataset):
+  out = text_dataset[0]
+  a = next(make_train_iterator(out, seq_len=32, batch_size=8, seed=0, process_index=0, process_count=2))
+  b = next(make_train_iterator(out, seq_len=32, batch_size=8, seed=0, process_index=1, process_count=2))
+  rows_a = {r.tobytes() for r in a["tokens"]}
+  rows_b = {r.tobytes() for r in b["tokens"]}
+  assert not rows_a & rows_b
+  c = next(make_train_iterator(out, seq_len=32, batch_size=8, seed=1))
+  d = next(make_train_iterator(out, seq_len=32, batch_size=8, seed=0))
+  assert not np.array_equal(c["tokens"], d["tokens"])
+
+
+def test_eval_batches_are_deterministic_and_padded(text_dataset):
+  out = text_dataset[0]
+  first = make_eval_batches(out, seq_len=32, batch_size=8, max_sequences=13)
+  second = make_eval_batches(out, seq_len=32, batch_size=8, max_sequences=13)
+  assert len(first) == 2
+  for x, y in zip(first, second):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert np.all(first[1]["segment_ids"][5:] == 0)
+  assert unigram_ppl(out) > 1.0
+
+
+def test_bad_sources_fail_clearly(tmp_path):
+  with pytest.raises(DataError, match="does not exist"):
+    build_dataset("text_files", str(tmp_path / "x"), 400, source=str(tmp_path / "missing"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(DataError, match="no non-empty UTF-8"):
+    build_dataset("text_files", str(tmp_path / "y"), 400, source=str(empty))
+  (empty / "bad.bin").write_bytes(b"\xff\xfe\x00garbage\xff")
+  with pytest.raises(DataError, match="1 not UTF-8"):
+    build_dataset("text_files", str(tmp_path / "z"), 400, source=str(empty))
+  with pytest.raises(DataError, match="valid recipes"):
+    build_dataset("wikipedia", str(tmp_path / "w"), 400)
+  assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "z")
+
+
+def test_stdlib_split_is_by_module_with_enough_heldout():
+  docs = stdlib_documents()
+  splits = split_by_hash(docs, 0.04)
+  train = {s for s, _ in splits["train"]}
+  held = {s for s, _ in splits["heldout"]}
+  assert not train & held
+  assert not any("/test/" in s or s.startswith("test/") for s in train | held)
+  size = lambda items: sum(len(t.encode()) for _, t in items)
+  assert size(splits["heldout"]) >= 0.03 * (size(splits["train"]) + size(splits["heldout"]))
+  assert split_by_hash(docs, 0.04) == splits
+
+
+def test_shakespeare_keeps_one_edition_per_play():
+  assert play_and_edition("comedy_of_errours_gut_f.txt") == ("comedy_of_errors", "folio")
+  assert play_and_edition("hamlet_gut.txt") == ("hamlet", "gutenberg")
+  assert play_and_edition("comus_gut.txt") is None  # Milton
+  assert play_and_edition("metadata.txt") is None
