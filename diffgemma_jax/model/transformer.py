@@ -44,6 +44,24 @@ class Block(nnx.Module):
 
   def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype):
     attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype)
+    return self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
+
+  def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, kv_positions_BS,
+             write_index):
+    """Like `__call__`, but the window's keys/values are written into `layer_cache = (k_BSKH, v_BSKH)` at slots
+    [write_index, write_index + L) and the window attends to all S cached slots under `mask_BLS` (and the sliding
+    window, by `kv_positions_BS`). Returns (output, updated layer_cache)."""
+    h_BLD = self.pre_attn_norm(x_BLD)
+    k_BLKH, v_BLKH = self.attn.project_kv(h_BLD, positions_BL, dtype)
+    k_cache, v_cache = layer_cache
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_BLKH.astype(k_cache.dtype), (0, write_index, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_BLKH.astype(v_cache.dtype), (0, write_index, 0, 0))
+    attn_out = self.attn(h_BLD, positions_BL, mask_BLS, dtype, kv=(k_cache.astype(dtype), v_cache.astype(dtype)),
+                         kv_positions_BS=kv_positions_BS)
+    out, _ = self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
+    return out, (k_cache, v_cache)
+
+  def _after_attention(self, x_BLD, attn_out, token_mask_BL, dtype):
     h_BLD = x_BLD + self.post_attn_norm(attn_out)
     dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
     routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
@@ -66,6 +84,16 @@ class PatternUnit(nnx.Module):
       x_BLD, s = block(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype)
       stats.append(s)
     return x_BLD, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+  def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, unit_cache, kv_positions_BS,
+             write_index):
+    """`Block.decode` through the pattern; `unit_cache` holds one (k, v) per block."""
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, unit_cache):
+      x_BLD, layer_cache = block.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, layer_cache=layer_cache,
+                                        kv_positions_BS=kv_positions_BS, write_index=write_index)
+      new_cache.append(layer_cache)
+    return x_BLD, tuple(new_cache)
 
 
 def _stack_units(units: list[PatternUnit]) -> PatternUnit:
@@ -140,6 +168,58 @@ class Denoiser(nnx.Module):
       logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
     aux = aux_losses(stats, cfg)
     return logits_BLV, aux
+
+  # ---- decoding with a KV cache (sampling) -----------------------------------------------------------------------
+  def init_kv_cache(self, batch_size: int, max_length: int, dtype=None) -> tuple:
+    """Zeroed key/value buffers for `decode`: one (k, v) pair per position of `layer_pattern`, each
+    [repeats, B, S, K, H] (repeats = num_layers / len(layer_pattern)); the same layout with or without scan_layers.
+    K=V layers still store both: their values are the V-normalised, unrotated keys."""
+    cfg = self.cfg
+    dtype = dtype or dtype_of(cfg.compute_dtype)
+    repeats = cfg.num_layers // len(cfg.layer_pattern)
+    cache = []
+    for kind in cfg.layer_pattern:
+      head_dim, num_kv_heads, _ = cfg.attention_dims(kind)
+      shape = (repeats, batch_size, max_length, num_kv_heads, head_dim)
+      cache.append((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+    return tuple(cache)
+
+  def decode(self, tokens_BL, positions_BL, mask_BLS, kv_cache, kv_positions_BS, write_index, *,
+             logits_start=0, logits_length: int | None = None):
+    """Runs a window of L tokens through the stack against a KV cache of S slots.
+
+    Every layer writes the window's keys/values at slots [write_index, write_index + L) and the window attends to
+    all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet); `kv_positions_BS` are the
+    slots' token positions (sliding-window layers use them). Only positions [logits_start, logits_start +
+    logits_length) of the window are unembedded, so no [B, L, V] temporary is made when fewer are needed.
+    Returns (float32 logits [B, logits_length or L, V], the updated cache).
+    """
+    cfg = self.cfg
+    dtype = dtype_of(cfg.compute_dtype)
+    token_mask_BL = jnp.ones(tokens_BL.shape, bool)
+    x_BLD = self.embedder.encode(tokens_BL, dtype)
+    kwargs = dict(kv_positions_BS=kv_positions_BS, write_index=write_index)
+    if self.stacked_unit is not None:
+      graphdef, state = nnx.split(self.stacked_unit)
+
+      def body(x, unit_state_and_cache):
+        unit_state, unit_cache = unit_state_and_cache
+        return nnx.merge(graphdef, unit_state).decode(x, positions_BL, mask_BLS, token_mask_BL, dtype,
+                                                      unit_cache=unit_cache, **kwargs)
+
+      x_BLD, kv_cache = jax.lax.scan(body, x_BLD, (state, kv_cache))
+    else:
+      for r, unit in enumerate(self.units):
+        unit_cache = jax.tree.map(lambda a: a[r], kv_cache)
+        x_BLD, unit_cache = unit.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, unit_cache=unit_cache,
+                                        **kwargs)
+        kv_cache = jax.tree.map(lambda a, u: a.at[r].set(u), kv_cache, unit_cache)
+    if logits_length is not None:
+      x_BLD = jax.lax.dynamic_slice_in_dim(x_BLD, logits_start, logits_length, axis=1)
+    logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
+    if cfg.logit_softcap > 0:
+      logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
+    return logits_BLV, kv_cache
 
 
 def aux_losses(stats: dict[str, Any], cfg: ModelConfig) -> dict[str, jax.Array]:
