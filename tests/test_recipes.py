@@ -143,7 +143,7 @@ def test_stdlib_file_list_excludes_tests_and_site_packages():
   assert len(files) > 300 and files == sorted(files)
   assert all(f.endswith(".py") for f in files)
   parts = [set(f.split(os.sep)[:-1]) for f in files]
-  for excluded in ("test", "tests", "idle_test", "site-packages", "__pycache__"):
+  for excluded in ("test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data"):
     assert not any(excluded in p for p in parts), excluded
   assert "os.py" in files and os.path.join("json", "decoder.py") in files
 
