@@ -48,12 +48,15 @@ def documents(root: str | None = None) -> list[tuple[str, str]]:
 
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None) -> dict:
   del source
-  if is_current(output_dir, "python_stdlib", vocab_size, None):
-    return read_manifest(output_dir)
   root = sysconfig.get_paths()["stdlib"]
+  notes = {"stdlib_root": root, "python": sys.version.split()[0], "excluded_dirs": sorted(EXCLUDED_DIRS)}
+  # A directory built by another interpreter or an older file selection holds a different corpus: rebuild it.
+  if is_current(output_dir, "python_stdlib", vocab_size, None):
+    manifest = read_manifest(output_dir)
+    if all(manifest.get(key) == value for key, value in notes.items()):
+      return manifest
   splits = split_by_hash(documents(root), HELDOUT_FRACTION)
-  return write_dataset(output_dir, "python_stdlib", vocab_size, splits,
-                       notes={"stdlib_root": root, "python": sys.version.split()[0]})
+  return write_dataset(output_dir, "python_stdlib", vocab_size, splits, notes=notes)
 
 
 def main(argv=None) -> int:

@@ -195,3 +195,20 @@ def test_shakespeare_one_edition_per_play_and_split_by_play(shakespeare_document
   assert train and held and not train & held
   held_bytes = sum(len(t.encode()) for _, t in splits["heldout"])
   assert held_bytes >= 0.03 * sum(len(t.encode()) for _, t in docs)
+
+
+def test_stdlib_reuses_a_matching_directory_and_rebuilds_a_stale_one(tmp_path, monkeypatch):
+  from data_recipes import python_stdlib
+  rebuilt = []
+  monkeypatch.setattr(python_stdlib, "write_dataset", lambda *args, **kwargs: rebuilt.append(kwargs) or {})
+  monkeypatch.setattr(python_stdlib, "documents", lambda root: [("a.py", "x = 1\n")])
+  root = sysconfig.get_paths()["stdlib"]
+  current = {"recipe": "python_stdlib", "source": None, "vocab_size": VOCAB, "stdlib_root": root,
+             "python": sys.version.split()[0], "excluded_dirs": sorted(python_stdlib.EXCLUDED_DIRS)}
+  (tmp_path / "tokenizer.model").write_bytes(b"")
+  (tmp_path / "manifest.json").write_text(json.dumps(current))
+  assert python_stdlib.build(str(tmp_path), vocab_size=VOCAB) == current and not rebuilt
+  # Built before pydoc_data was left out (no excluded_dirs note): a different corpus, so it is rebuilt.
+  (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in current.items() if k != "excluded_dirs"}))
+  python_stdlib.build(str(tmp_path), vocab_size=VOCAB)
+  assert len(rebuilt) == 1 and rebuilt[0]["notes"]["excluded_dirs"] == current["excluded_dirs"]
