@@ -1,118 +1,166 @@
-"""Reverse processes for masked diffusion, made of small swappable parts.
+"""Masked-diffusion reverse processes: semi-autoregressive blocks, a commit schedule and an acceptance rule.
 
-A canvas holds the prompt followed by `gen_length` mask tokens. Generation proceeds block by block (semi-
-autoregressive, LLaDA); inside a block each step runs the denoiser over the whole canvas, proposes a token for
-every masked position (`propose`: greedy or temperature via Gumbel noise), scores its confidence, and an
-acceptance rule decides which proposals to commit:
-- `low_confidence`: commit the `n_s` most confident, with `n_s` from an even schedule over `steps_per_block`
-  (LLaDA's low-confidence remasking);
-- `threshold`: commit every proposal with confidence >= `threshold`, at least one per step (Fast-dLLM).
-Everything is jitted with static shapes; the loop is a `lax.while_loop` that stops when the canvas is full.
+A canvas holds the prompt followed by `gen_length` mask tokens, filled block by block (LLaDA's semi-autoregressive
+decoding). Each step asks a *canvas denoiser* for the logits of the current block only, proposes a token per masked
+position (`parts.propose`), and the acceptance rule commits some of them:
+- `low_confidence`: the `n` most confident, `n` from the even schedule over `steps_per_block` (LLaDA);
+- `threshold`: every proposal with confidence >= `threshold`, and at least the schedule's `n` (with
+  steps_per_block == block_length that is one: Fast-dLLM's parallel decoding).
+The stopping rule ends generation after a block once every row holds an EOS (`stop_at_eos`); later positions are
+set to EOS. Everything is jitted with static shapes: one `lax.while_loop` over (block, step).
+
+Canvas denoisers (`ModelDenoiser`):
+- `cache="none"`: every step runs the whole canvas (exact; LLaDA).
+- `cache="dual"`: Fast-dLLM's block-wise approximate KV cache (their DualCache). When a block starts (and every
+  `refresh_every` steps, if > 0) the whole canvas runs once and every layer's keys/values are stored; the other
+  steps of the block run only the block's tokens, attending to the stored keys/values of the prompt, the finished
+  blocks and the still-masked later blocks. This is an approximation for a bidirectional denoiser: the stored
+  entries were computed while the current block still held the masks of the refresh step (exact entries would
+  need the whole canvas again). Fast-dLLM reports near-equal accuracy; `refresh_every=1` is exactly `none`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_low_confidence, accept_threshold, even_schedule,
+                                          has_eos, propose)
 
-ACCEPTANCE_RULES = ("low_confidence", "threshold")
+CACHE_MODES = ("none", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   gen_length: int = 128
   block_length: int = 32
-  steps_per_block: int = 16
+  steps_per_block: int = 32
   acceptance: str = "low_confidence"
   threshold: float = 0.9
   temperature: float = 0.0
+  cache: str = "none"
+  refresh_every: int = 0  # with cache="dual": also refresh every this many steps inside a block (0: never)
+  stop_at_eos: bool = True
 
   def __post_init__(self):
     if self.acceptance not in ACCEPTANCE_RULES:
       raise ValueError(f"sampler acceptance {self.acceptance!r} unknown; valid rules are {ACCEPTANCE_RULES}")
-    if self.gen_length % self.block_length:
-      raise ValueError(f"gen_length={self.gen_length} must be a multiple of block_length={self.block_length}")
+    if self.cache not in CACHE_MODES:
+      raise ValueError(f"sampler cache {self.cache!r} unknown; valid modes are {CACHE_MODES}")
+    if self.block_length < 1 or self.gen_length < 1 or self.gen_length % self.block_length:
+      raise ValueError(f"gen_length={self.gen_length} must be a positive multiple of block_length="
+                       f"{self.block_length}")
     if not 1 <= self.steps_per_block <= self.block_length:
       raise ValueError(f"steps_per_block={self.steps_per_block} must lie in [1, block_length={self.block_length}]")
+    if not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"threshold={self.threshold} must lie in (0, 1]")
+    if self.temperature < 0 or self.refresh_every < 0:
+      raise ValueError("temperature and refresh_every must be >= 0")
+
+  @property
+  def num_blocks(self) -> int:
+    return self.gen_length // self.block_length
 
 
-def even_schedule(num_masked, steps_left):
-  """How many tokens to commit now so the block finishes in the remaining steps: ceil(masked / steps_left)."""
-  return -(-num_masked // jnp.maximum(steps_left, 1))
+# ---- canvas denoisers: (canvas, cache, block_start, refresh) -> (block logits [B, b, V], cache) ------------------
+@dataclasses.dataclass(frozen=True)
+class LogitsFnDenoiser:
+  """Wraps a function of the whole canvas (tests, oracles); it has no cache."""
+  logits_fn: Callable[[jax.Array], jax.Array]
+  block_length: int
+
+  def init(self, canvas_BS):
+    del canvas_BS
+    return ()
+
+  def __call__(self, canvas_BS, cache, block_start, refresh):
+    del refresh
+    logits = self.logits_fn(canvas_BS)
+    return jax.lax.dynamic_slice_in_dim(logits, block_start, self.block_length, axis=1), cache
 
 
-def propose(logits_BLV, rng, *, temperature: float, mask_id: int):
-  """A token per position and its probability under the (temperature-free) model distribution."""
-  logits_BLV = logits_BLV.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
-  if temperature > 0:
-    gumbel = jax.random.gumbel(rng, logits_BLV.shape)
-    tokens_BL = jnp.argmax(logits_BLV / temperature + gumbel, axis=-1)
-  else:
-    tokens_BL = jnp.argmax(logits_BLV, axis=-1)
-  log_probs = jax.nn.log_softmax(logits_BLV, axis=-1)
-  confidence_BL = jnp.exp(jnp.take_along_axis(log_probs, tokens_BL[..., None], axis=-1)[..., 0])
-  return tokens_BL.astype(jnp.int32), confidence_BL
+@dataclasses.dataclass(frozen=True)
+class ModelDenoiser:
+  """A `Denoiser` with bidirectional attention over the canvas, uncached or with the approximate dual cache."""
+  model: Any
+  block_length: int
+  cache: str = "none"
+
+  def init(self, canvas_BS):
+    return self.model.init_kv_cache(*canvas_BS.shape)
+
+  def full(self, canvas_BS, cache, block_start):
+    """The whole canvas through the model; stores every slot's keys/values, unembeds only the block."""
+    B, S = canvas_BS.shape
+    positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    mask_BSS = jnp.ones((B, S, S), bool)
+    return self.model.decode(canvas_BS, positions_BS, mask_BSS, cache, positions_BS, 0, logits_start=block_start,
+                             logits_length=self.block_length)
+
+  def cached(self, canvas_BS, cache, block_start):
+    """Only the block through the model, attending to the cached keys/values of every other slot."""
+    B, S = canvas_BS.shape
+    b = self.block_length
+    positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    window_Bb = jax.lax.dynamic_slice_in_dim(canvas_BS, block_start, b, axis=1)
+    window_positions_Bb = jax.lax.dynamic_slice_in_dim(positions_BS, block_start, b, axis=1)
+    mask_BbS = jnp.ones((B, b, S), bool)
+    return self.model.decode(window_Bb, window_positions_Bb, mask_BbS, cache, positions_BS, block_start)
+
+  def __call__(self, canvas_BS, cache, block_start, refresh):
+    if self.cache == "none":
+      return self.full(canvas_BS, cache, block_start)
+    return jax.lax.cond(refresh, lambda c: self.full(canvas_BS, c, block_start),
+                        lambda c: self.cached(canvas_BS, c, block_start), cache)
 
 
-def accept_low_confidence(confidence_BL, candidates_BL, num_to_commit_B):
-  """Commits the `num_to_commit` most confident candidates of each row."""
-  scores = jnp.where(candidates_BL, confidence_BL, -jnp.inf)
-  ranks = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)
-  return candidates_BL & (ranks < num_to_commit_B[:, None])
+# ---- the loop --------------------------------------------------------------------------------------------------
+def generate(denoiser, prompt_BP, rng, cfg: SamplerConfig, *, mask_id: int, eos_id: int | None = None):
+  """Fills `cfg.gen_length` positions after each prompt; returns (canvas [B, P + G], model calls [B]).
 
-
-def accept_threshold(confidence_BL, candidates_BL, threshold: float):
-  """Commits every candidate at or above the threshold, and always at least the single most confident one."""
-  scores = jnp.where(candidates_BL, confidence_BL, -jnp.inf)
-  best = jnp.max(scores, axis=-1, keepdims=True)
-  return candidates_BL & ((scores >= threshold) | (scores == best))
-
-
-def generate(logits_fn: Callable[[jax.Array], jax.Array], prompt_BP, rng, cfg: SamplerConfig, *, mask_id: int):
-  """Fills `cfg.gen_length` positions after each prompt; returns (canvas [B, P + G], model calls [B])."""
+  `denoiser` is a canvas denoiser (`ModelDenoiser`) or a plain function canvas -> logits [B, P + G, V]."""
+  if not hasattr(denoiser, "init"):
+    denoiser = LogitsFnDenoiser(denoiser, cfg.block_length)
   B, P = prompt_BP.shape
-  G = cfg.gen_length
-  canvas = jnp.concatenate([prompt_BP, jnp.full((B, G), mask_id, prompt_BP.dtype)], axis=1)
-  index = jnp.arange(P + G)
-  num_blocks = G // cfg.block_length
+  b = cfg.block_length
+  canvas = jnp.concatenate([prompt_BP, jnp.full((B, cfg.gen_length), mask_id, prompt_BP.dtype)], axis=1)
+  stop_at_eos = cfg.stop_at_eos and eos_id is not None
 
   def cond(state):
-    canvas, _, block, _, _ = state
-    return block < num_blocks
+    _, _, _, block, _, _, stopped = state
+    return (block < cfg.num_blocks) & ~stopped
 
   def body(state):
-    canvas, rng, block, step, calls = state
+    canvas, cache, rng, block, step, calls, _ = state
     rng, key = jax.random.split(rng)
-    start = P + block * cfg.block_length
-    in_block = (index >= start) & (index < start + cfg.block_length)
-    candidates = (canvas == mask_id) & in_block[None, :]
-    tokens, confidence = propose(logits_fn(canvas), key, temperature=cfg.temperature, mask_id=mask_id)
+    start = P + block * b
+    block_tokens = jax.lax.dynamic_slice_in_dim(canvas, start, b, axis=1)
+    candidates = block_tokens == mask_id
+    refresh = step == 0
+    if cfg.refresh_every > 0:
+      refresh = refresh | (step % cfg.refresh_every == 0)
+    logits, cache = denoiser(canvas, cache, start, refresh)
+    tokens, confidence = propose(logits, key, temperature=cfg.temperature, mask_id=mask_id)
+    num_to_commit = even_schedule(jnp.sum(candidates, axis=-1), cfg.steps_per_block - step)
     if cfg.acceptance == "threshold":
-      commit = accept_threshold(confidence, candidates, cfg.threshold)
+      commit = accept_threshold(confidence, candidates, cfg.threshold, num_to_commit)
     else:
-      num_masked = jnp.sum(candidates, axis=-1)
-      commit = accept_low_confidence(confidence, candidates, even_schedule(num_masked, cfg.steps_per_block - step))
-    canvas = jnp.where(commit, tokens, canvas)
+      commit = accept_low_confidence(confidence, candidates, num_to_commit)
+    block_tokens = jnp.where(commit, tokens, block_tokens)
+    canvas = jax.lax.dynamic_update_slice_in_dim(canvas, block_tokens, start, axis=1)
     calls = calls + jnp.any(candidates, axis=-1).astype(jnp.int32)
-    block_done = ~jnp.any((canvas == mask_id) & in_block[None, :])
+    block_done = ~jnp.any(block_tokens == mask_id)
+    stopped = block_done & jnp.all(has_eos(canvas, eos_id, start=P, stop=start + b)) if stop_at_eos else jnp.bool_(False)
     next_block = jnp.where(block_done, block + 1, block)
     next_step = jnp.where(block_done, 0, step + 1)
-    return canvas, rng, next_block, next_step, calls
+    return canvas, cache, rng, next_block, next_step, calls, stopped
 
-  state = (canvas, rng, jnp.int32(0), jnp.int32(0), jnp.zeros((B,), jnp.int32))
-  canvas, _, _, _, calls = jax.lax.while_loop(cond, body, state)
+  state = (canvas, denoiser.init(canvas), rng, jnp.int32(0), jnp.int32(0), jnp.zeros((B,), jnp.int32),
+           jnp.bool_(False))
+  canvas, _, _, _, _, calls, _ = jax.lax.while_loop(cond, body, state)
+  if stop_at_eos:  # blocks skipped after every row ended
+    canvas = jnp.where(canvas == mask_id, eos_id, canvas)
   return canvas, calls
-
-
-def truncate_at_eos(tokens, eos_id: int) -> list[int]:
-  """Generated ids up to (not including) the first EOS."""
-  out = []
-  for token in tokens:
-    if int(token) == eos_id:
-      break
-    out.append(int(token))
-  return out

@@ -1,0 +1,95 @@
+"""The swappable parts of a sampler: token proposals (temperature, top-p), commit schedules, acceptance rules and
+stopping helpers. Each is a small pure function on arrays; the loops in `masked.py` and `autoregressive.py` compose
+them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACCEPTANCE_RULES = ("low_confidence", "threshold")
+
+
+# ---- schedules -------------------------------------------------------------------------------------------------
+def even_schedule(num_masked, steps_left):
+  """How many tokens to commit now so the block finishes in the remaining steps: ceil(masked / steps_left).
+
+  Over a whole block this is LLaDA's `get_num_transfer_tokens` (the remainder goes to the first steps)."""
+  return -(-num_masked // jnp.maximum(steps_left, 1))
+
+
+# ---- proposals (the temperature shaper) ------------------------------------------------------------------------
+def propose(logits_BLV, rng, *, temperature: float, mask_id: int):
+  """A token per position and its probability under the (temperature-free) model distribution, as LLaDA: the
+  token is argmax(logits / temperature + Gumbel noise) (greedy at temperature 0), the mask token excluded."""
+  logits_BLV = logits_BLV.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
+  if temperature > 0:
+    gumbel = jax.random.gumbel(rng, logits_BLV.shape)
+    tokens_BL = jnp.argmax(logits_BLV / temperature + gumbel, axis=-1)
+  else:
+    tokens_BL = jnp.argmax(logits_BLV, axis=-1)
+  log_probs = jax.nn.log_softmax(logits_BLV, axis=-1)
+  confidence_BL = jnp.exp(jnp.take_along_axis(log_probs, tokens_BL[..., None], axis=-1)[..., 0])
+  return tokens_BL.astype(jnp.int32), confidence_BL
+
+
+def top_p_filter(logits_BV, top_p: float):
+  """Keeps the smallest set of most likely tokens whose probability reaches `top_p` (nucleus); -inf elsewhere."""
+  if top_p >= 1.0:
+    return logits_BV
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  kept = mass_before_BV < top_p  # the most likely token always has mass_before 0
+  cutoff_B1 = jnp.min(jnp.where(kept, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
+
+
+def sample_next(logits_BV, rng, *, temperature: float, top_p: float = 1.0):
+  """The next token of each row: greedy at temperature 0, else a draw from softmax(logits / T) under top-p."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature <= 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = top_p_filter(logits_BV / temperature, top_p)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# ---- acceptance rules ------------------------------------------------------------------------------------------
+def _ranks(confidence_BL, candidates_BL):
+  """0 for the most confident candidate of each row, 1 for the next, ...; non-candidates rank last."""
+  scores = jnp.where(candidates_BL, confidence_BL, -jnp.inf)
+  return jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)
+
+
+def accept_low_confidence(confidence_BL, candidates_BL, num_to_commit_B):
+  """Commits the `num_to_commit` most confident candidates of each row (LLaDA's low-confidence remasking)."""
+  return candidates_BL & (_ranks(confidence_BL, candidates_BL) < num_to_commit_B[:, None])
+
+
+def accept_threshold(confidence_BL, candidates_BL, threshold: float, min_commit_B=None):
+  """Commits every candidate at or above the threshold, and always at least the `min_commit` (default 1) most
+  confident ones (Fast-dLLM's parallel decoding; a `min_commit` from a schedule caps the number of steps)."""
+  if min_commit_B is None:
+    min_commit_B = jnp.ones(confidence_BL.shape[:1], jnp.int32)
+  at_least = _ranks(confidence_BL, candidates_BL) < jnp.maximum(min_commit_B, 1)[:, None]
+  return candidates_BL & ((confidence_BL >= threshold) | at_least)
+
+
+# ---- stopping --------------------------------------------------------------------------------------------------
+def has_eos(tokens_BL, eos_id: int, *, start=0, stop=None):
+  """Whether each row holds an EOS at an index in [start, stop)."""
+  index = jnp.arange(tokens_BL.shape[1])
+  hit = (tokens_BL == eos_id) & (index >= start)[None, :]
+  if stop is not None:
+    hit = hit & (index < stop)[None, :]
+  return jnp.any(hit, axis=-1)
+
+
+def truncate_at_eos(tokens, eos_id: int) -> list[int]:
+  """Generated ids up to (not including) the first EOS."""
+  out = []
+  for token in tokens:
+    if int(token) == eos_id:
+      break
+    out.append(int(token))
+  return out

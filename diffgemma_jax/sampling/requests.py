@@ -1,0 +1,221 @@
+"""Text in, text out: validated generation options, a restored model, and per-request speed numbers.
+
+This is the library behind `diffgemma-generate` (the entry point only parses flags). Samplers by name:
+  ar                     autoregressive decoding with a KV cache (greedy / temperature / top-p); AR models only
+  low_confidence         LLaDA: semi-AR blocks, low-confidence remasking on an even schedule, no cache
+  low_confidence_cached  the same with Fast-dLLM's approximate dual KV cache
+  threshold              Fast-dLLM: confidence-threshold parallel decoding (>= 1 token per step), dual KV cache
+  threshold_nocache      the same without the cache
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.sampling import autoregressive, masked
+from diffgemma_jax.sampling.parts import truncate_at_eos
+
+# name -> (acceptance rule, cache mode); None: the autoregressive decoder.
+SAMPLERS: dict[str, tuple[str, str] | None] = {
+    "ar": None,
+    "low_confidence": ("low_confidence", "none"),
+    "low_confidence_cached": ("low_confidence", "dual"),
+    "threshold": ("threshold", "dual"),
+    "threshold_nocache": ("threshold", "none"),
+}
+DIFFUSION_OBJECTIVES = ("masked",)
+
+
+class GenerationError(ConfigError):
+  """A generation request or option is invalid; the message names the flag and what would be valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+  sampler: str | None = None  # None: "ar" for AR models, "threshold" for masked diffusion
+  gen_length: int = 128
+  block_length: int = 32
+  steps: int | None = None  # diffusion: total denoising steps over gen_length (None: gen_length)
+  threshold: float = 0.9
+  temperature: float = 0.0
+  top_p: float = 1.0  # AR only
+  seed: int = 0
+  stop_at_eos: bool = True
+
+
+def default_sampler(objective_name: str) -> str:
+  return "ar" if objective_name == "ar" else "threshold"
+
+
+def validate_options(options: GenerationOptions, objective_name: str) -> GenerationOptions:
+  """Fills the defaults for this model and checks every option; raises GenerationError (one line) otherwise."""
+  sampler = options.sampler or default_sampler(objective_name)
+  if sampler not in SAMPLERS:
+    raise GenerationError(f"--sampler {sampler!r} is unknown; valid samplers are {', '.join(SAMPLERS)}")
+  if sampler == "ar" and objective_name != "ar":
+    raise GenerationError(f"--sampler ar needs an autoregressive model; this config trains objective "
+                          f"{objective_name!r}: use one of {', '.join(s for s in SAMPLERS if s != 'ar')}")
+  if sampler != "ar" and objective_name not in DIFFUSION_OBJECTIVES:
+    raise GenerationError(f"--sampler {sampler} needs a masked-diffusion model (objective.name in "
+                          f"{DIFFUSION_OBJECTIVES}); this config trains {objective_name!r}"
+                          + ("; use --sampler ar" if objective_name == "ar" else ""))
+  if options.gen_length < 1:
+    raise GenerationError(f"--gen_length must be >= 1, got {options.gen_length}")
+  if not 0.0 < options.threshold <= 1.0:
+    raise GenerationError(f"--threshold must lie in (0, 1], got {options.threshold}")
+  if options.temperature < 0:
+    raise GenerationError(f"--temperature must be >= 0, got {options.temperature}")
+  if not 0.0 < options.top_p <= 1.0:
+    raise GenerationError(f"--top_p must lie in (0, 1], got {options.top_p}")
+  steps = options.gen_length if options.steps is None else options.steps
+  if steps < 1:
+    raise GenerationError(f"--steps must be >= 1, got {steps}")
+  if sampler != "ar":
+    if options.block_length < 1 or options.gen_length % options.block_length:
+      raise GenerationError(f"--block_length {options.block_length} must divide --gen_length {options.gen_length}")
+    num_blocks = options.gen_length // options.block_length
+    if steps % num_blocks or steps > options.gen_length:
+      raise GenerationError(f"--steps {steps} must be a multiple of the number of blocks ({num_blocks} = gen_length "
+                            f"/ block_length) and at most --gen_length {options.gen_length}")
+  return dataclasses.replace(options, sampler=sampler, steps=steps)
+
+
+def validate_prompt(text: str, prompt_ids: list[int], context_length: int) -> None:
+  """The prompt must hold text and fit the context the model was trained on (bos included)."""
+  if not text.strip():
+    raise GenerationError("the prompt is empty; pass some text with --prompt or one prompt per line in --prompts")
+  if len(prompt_ids) > context_length:
+    raise GenerationError(f"the prompt is {len(prompt_ids)} tokens (bos included), longer than the model's context "
+                          f"of {context_length} tokens (train.seq_len); shorten it")
+
+
+def sampler_config(options: GenerationOptions):
+  """The ARConfig or SamplerConfig of validated options."""
+  spec = SAMPLERS[options.sampler]
+  if spec is None:
+    return autoregressive.ARConfig(max_new_tokens=options.gen_length, temperature=options.temperature,
+                                   top_p=options.top_p, stop_at_eos=options.stop_at_eos)
+  acceptance, cache = spec
+  num_blocks = options.gen_length // options.block_length
+  return masked.SamplerConfig(gen_length=options.gen_length, block_length=options.block_length,
+                              steps_per_block=options.steps // num_blocks, acceptance=acceptance,
+                              threshold=options.threshold, temperature=options.temperature, cache=cache,
+                              stop_at_eos=options.stop_at_eos)
+
+
+class Generator:
+  """A model plus the special ids; compiles one sampler per (prompt length, sampler settings) and times runs."""
+
+  def __init__(self, model, *, mask_id: int, eos_id: int):
+    self.graphdef, self.state = nnx.split(model)
+    self.mask_id, self.eos_id = mask_id, eos_id
+    self._compiled: dict[Any, Any] = {}
+
+  def _sample_fn(self, cfg):
+    graphdef, mask_id, eos_id = self.graphdef, self.mask_id, self.eos_id
+    if isinstance(cfg, autoregressive.ARConfig):
+      return lambda state, prompt, rng: autoregressive.generate(nnx.merge(graphdef, state), prompt, rng, cfg,
+                                                                eos_id=eos_id)
+
+    def sample(state, prompt, rng):
+      denoiser = masked.ModelDenoiser(nnx.merge(graphdef, state), cfg.block_length, cfg.cache)
+      return masked.generate(denoiser, prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id)
+
+    return sample
+
+  def compiled(self, cfg, batch_size: int, prompt_length: int):
+    key = (cfg, batch_size, prompt_length)
+    if key not in self._compiled:
+      prompt = jax.ShapeDtypeStruct((batch_size, prompt_length), jnp.int32)
+      rng = jax.eval_shape(lambda: jax.random.key(0))
+      self._compiled[key] = jax.jit(self._sample_fn(cfg)).lower(self.state, prompt, rng).compile()
+    return self._compiled[key]
+
+  def run(self, prompt_ids_BP, options: GenerationOptions) -> list[dict[str, Any]]:
+    """Samples after each prompt row (equal lengths); per row: ids up to EOS, model calls, new tokens, timings."""
+    prompt = np.asarray(prompt_ids_BP, np.int32)
+    B, P = prompt.shape
+    cfg = sampler_config(options)
+    start = time.perf_counter()
+    fn = self.compiled(cfg, B, P)
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens, calls = jax.block_until_ready(fn(self.state, jnp.asarray(prompt), jax.random.key(options.seed)))
+    seconds = time.perf_counter() - start
+    tokens, calls = np.asarray(tokens), np.asarray(calls)
+    results = []
+    for row in range(B):
+      ids = truncate_at_eos(tokens[row, P:], self.eos_id)
+      results.append({"sampler": options.sampler, "ids": ids, "sequence": tokens[row].tolist(),
+                      "model_calls": int(calls[row]), "new_tokens": len(ids), "seconds": seconds,
+                      "tokens_per_s": len(ids) / seconds if seconds > 0 else float("inf"),
+                      "compile_seconds": compile_seconds})
+    return results
+
+
+def restore_model(config, workdir: str, step: int | None = None):
+  """(model, step): the parameters of `step` (default: the latest complete checkpoint) in `workdir/checkpoints`."""
+  from diffgemma_jax.model.transformer import build_model
+  from diffgemma_jax.parallel.mesh import mesh_from_config
+  from diffgemma_jax.parallel.rules import shardings_for
+  from diffgemma_jax.train.checkpoint import Checkpointer
+  from diffgemma_jax.train.state import split_model
+
+  checkpoints = os.path.join(workdir, "checkpoints")
+  ckpt = Checkpointer(checkpoints, config, create=False)
+  available = ckpt.all_steps()
+  if not available:
+    raise GenerationError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir "
+                          f"{workdir})")
+  if step is None:
+    step = max(available)
+  elif step not in available:
+    raise GenerationError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are "
+                          f"{sorted(available)}")
+  model_cfg = ModelConfig.from_config_dict(config.model)
+  graphdef, abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
+  mesh = mesh_from_config(config, training=False)
+  params = ckpt.restore_params(step, abstract, shardings_for(abstract, mesh))
+  ckpt.close()
+  return nnx.merge(graphdef, params), int(step)
+
+
+def load_tokenizer(config):
+  from diffgemma_jax.data import Tokenizer
+  from diffgemma_jax.train.dataset import dataset_dir
+  return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
+
+
+def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
+                         step: int | None = None) -> list[dict[str, Any]]:
+  """Completes each prompt (bos + text) one request at a time; every option and prompt is checked before the
+  model is restored, so bad input fails fast."""
+  options = validate_options(options, str(config.objective.name))
+  if not prompts:
+    raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
+  for text in prompts:
+    validate_prompt(text, [], 1)
+  tokenizer = load_tokenizer(config)
+  context_length = int(config.train.seq_len)
+  encoded = []
+  for text in prompts:
+    ids = [tokenizer.bos_id] + list(tokenizer.encode(text))
+    validate_prompt(text, ids, context_length)
+    encoded.append(ids)
+  model, step = restore_model(config, workdir, step)
+  generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id)
+  results = []
+  for text, ids in zip(prompts, encoded):
+    (result,) = generator.run([ids], options)
+    result.update(prompt=text, completion=tokenizer.decode(result["ids"]), prompt_tokens=len(ids), step=step)
+    results.append(result)
+  return results

@@ -1,0 +1,76 @@
+"""diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
+[--block_length N] [--steps N] [--threshold X] [--temperature X] [--top_p X] [--seed N] [--step N] [--json]
+[--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls, new
+tokens and tokens/s. AR models default to the `ar` sampler, masked-diffusion models to `threshold` (Fast-dLLM)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffgemma_jax.config import load_config
+from diffgemma_jax.model.config import ConfigError
+from launch.common import config_overrides, fail
+
+
+def _parser() -> argparse.ArgumentParser:
+  from diffgemma_jax.sampling.requests import SAMPLERS
+  p = argparse.ArgumentParser(prog="diffgemma-generate", description=__doc__)
+  p.add_argument("--config", required=True, help="config file of the run, optionally path.py:arg")
+  p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--prompt", help="one prompt")
+  source.add_argument("--prompts", help="a file with one prompt per line")
+  p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: ar for AR models, "
+                 "threshold for diffusion models)")
+  p.add_argument("--gen_length", type=int, default=128, help="new tokens to generate (at most)")
+  p.add_argument("--block_length", type=int, default=32, help="diffusion: semi-autoregressive block length")
+  p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps over gen_length (default: "
+                 "gen_length); a multiple of gen_length / block_length")
+  p.add_argument("--threshold", type=float, default=0.9, help="threshold samplers: commit confidence, in (0, 1]")
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top_p", type=float, default=1.0, help="ar: nucleus mass, in (0, 1]")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+  return p
+
+
+def _read_prompts(args) -> list[str]:
+  if args.prompt is not None:
+    return [args.prompt]
+  try:
+    with open(args.prompts) as f:
+      return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+  except OSError as e:
+    raise ConfigError(f"--prompts {args.prompts!r} cannot be read: {e.strerror}") from None
+
+
+def main(argv=None) -> int:
+  args, rest = _parser().parse_known_args(argv)
+  from diffgemma_jax.data import DataError
+  from diffgemma_jax.sampling.requests import GenerationOptions, generate_completions
+  try:
+    config = load_config(args.config, config_overrides(rest))
+    options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, block_length=args.block_length,
+                                steps=args.steps, threshold=args.threshold, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+    results = generate_completions(config, args.workdir, _read_prompts(args), options, step=args.step)
+  except (ConfigError, DataError) as e:
+    return fail(str(e))
+  if args.json:
+    keys = ("prompt", "completion", "sampler", "step", "prompt_tokens", "new_tokens", "model_calls", "seconds",
+            "tokens_per_s", "compile_seconds", "ids")
+    print(json.dumps([{k: r[k] for k in keys} for r in results], indent=2))
+    return 0
+  for index, r in enumerate(results):
+    print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls, "
+          f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
+          f"sampler {r['sampler']}, step {r['step']})")
+    print(r["prompt"] + r["completion"])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
