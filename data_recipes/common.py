@@ -69,6 +69,10 @@ def write_dataset(output_dir: str, recipe: str, vocab_size: int, splits: dict[st
   for split in SPLITS:
     if not splits.get(split):
       raise DataError(f"recipe {recipe!r}: the {split} split is empty; the corpus is too small to split")
+  if os.path.isdir(output_dir) and os.listdir(output_dir) and read_manifest(output_dir) is None:
+    # A rebuild replaces the whole directory: never do that to one this code did not write.
+    raise DataError(f"output directory {output_dir!r} is not empty and holds no manifest.json, so it is not a "
+                    f"dataset directory; pass a new or empty directory (--output / data.dir)")
   start = time.time()
   staging = output_dir.rstrip("/") + ".partial"
   shutil.rmtree(staging, ignore_errors=True)

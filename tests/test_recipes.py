@@ -212,3 +212,13 @@ def test_stdlib_reuses_a_matching_directory_and_rebuilds_a_stale_one(tmp_path, m
   (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in current.items() if k != "excluded_dirs"}))
   python_stdlib.build(str(tmp_path), vocab_size=VOCAB)
   assert len(rebuilt) == 1 and rebuilt[0]["notes"]["excluded_dirs"] == current["excluded_dirs"]
+
+
+def test_a_non_dataset_output_directory_is_never_replaced(tmp_path):
+  src = _copy_modules(tmp_path / "src", MODULES[:3])
+  out = tmp_path / "home"
+  out.mkdir()
+  (out / "thesis.tex").write_text("precious\n")
+  with pytest.raises(DataError, match="not a dataset directory"):
+    build_dataset("text_files", str(out), VOCAB, source=str(src))
+  assert (out / "thesis.tex").read_text() == "precious\n"
