@@ -133,12 +133,20 @@ def test_sliding_window_is_symmetric_around_the_query():
   assert np.all(dep[0, :, 0, :][distance < 3] > 0)
 
 
-def test_rope_partial_fraction_leaves_the_tail_untouched():
+def test_rope_partial_fraction_rotates_the_first_pairs_of_each_half():
+  # "proportional" RoPE (the reference's): H=16, fraction 0.25 rotates pairs (0, 8) and (1, 9) only.
   x = jax.random.normal(jax.random.key(0), (1, 5, 2, 16))
   pos = jnp.arange(5)[None]
   y = apply_rope(x, pos, base=10_000.0, fraction=0.25)
-  np.testing.assert_array_equal(y[..., 4:], x[..., 4:])
-  np.testing.assert_allclose(jnp.linalg.norm(y[..., :4], axis=-1), jnp.linalg.norm(x[..., :4], axis=-1), rtol=1e-5)
+  rotated = np.array([0, 1, 8, 9])
+  untouched = np.setdiff1d(np.arange(16), rotated)
+  np.testing.assert_array_equal(y[..., untouched], x[..., untouched])
+  assert not np.allclose(y[:, 1:][..., rotated], x[:, 1:][..., rotated])
+  np.testing.assert_allclose(jnp.linalg.norm(y[..., rotated], axis=-1), jnp.linalg.norm(x[..., rotated], axis=-1),
+                             rtol=1e-5)
+  # pair i turns at base**(-2i/H), the frequency of a fully rotated head (the exponent is over H, not 4 dims)
+  full = apply_rope(x, pos, base=10_000.0)
+  np.testing.assert_allclose(y[..., rotated], full[..., rotated], rtol=1e-6)
   np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=1e-6)  # position 0 is not rotated
   # relative: <rope(q, m), rope(k, n)> depends on m - n only
   q, k = x[:, :1], x[:, 1:2]
