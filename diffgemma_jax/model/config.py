@@ -70,6 +70,10 @@ class ModelConfig:
 
   # ---- derived -------------------------------------------------------------------------------------------------
   @property
+  # The released DiffusionGemma RMS-normalises (no scale) the input embeddings of canvas positions (token embedding
+  # plus self-conditioning term) before the first layer; the encoder (clean) positions are not. Callers mark the
+  # canvas with `canvas_BL`. Off keeps "self-conditioning on but untrained computes what off computes".
+  canvas_input_norm: bool = False
   def layer_kinds(self) -> tuple[str, ...]:
     reps = self.num_layers // len(self.layer_pattern)
     return tuple(self.layer_pattern) * reps
@@ -147,6 +151,8 @@ class ModelConfig:
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
+    if not isinstance(self.canvas_input_norm, bool):
+      fail("canvas_input_norm", f"must be True or False, got {self.canvas_input_norm!r}")
     return dataclasses.asdict(self)
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from diffgemma_jax.model.attention import Attention
 from diffgemma_jax.model.config import ModelConfig
-from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param
+from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param, rms_normalize
 from diffgemma_jax.model.moe import MoE
 from diffgemma_jax.model.self_conditioning import SelfConditioning
 
@@ -135,18 +135,27 @@ class Denoiser(nnx.Module):
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat])
     return apply
 
-  def __call__(self, tokens_BL, positions_BL, mask_BLL, *, token_mask_BL=None, embeddings_BLD=None):
+  def embed(self, tokens_BL, dtype, *, embeddings_BLD=None, canvas_BL=None):
+    """Scaled token embeddings plus `embeddings_BLD`; with `model.canvas_input_norm`, positions where `canvas_BL`
+    is True are then RMS-normalised without scale (the released DiffusionGemma's canvas input)."""
+    x_BLD = self.embedder.encode(tokens_BL, dtype)
+    if embeddings_BLD is not None:
+      x_BLD = x_BLD + embeddings_BLD.astype(dtype)
+    if self.cfg.canvas_input_norm and canvas_BL is not None:
+      x_BLD = jnp.where(canvas_BL[..., None], rms_normalize(x_BLD, self.cfg.norm_eps).astype(dtype), x_BLD)
+    return x_BLD
+
+  def __call__(self, tokens_BL, positions_BL, mask_BLL, *, token_mask_BL=None, embeddings_BLD=None, canvas_BL=None):
     """Returns float32 logits [B, L, V] and a dict of router statistics and the weighted auxiliary loss.
 
     `embeddings_BLD`, when given, is added to the scaled token embeddings (self-conditioning enters here).
+    `canvas_BL` (bool) marks the canvas (decoder) positions; only `model.canvas_input_norm` reads it.
     """
     cfg = self.cfg
     dtype = dtype_of(cfg.compute_dtype)
     if token_mask_BL is None:
       token_mask_BL = jnp.ones(tokens_BL.shape, bool)
-    x_BLD = self.embedder.encode(tokens_BL, dtype)
-    if embeddings_BLD is not None:
-      x_BLD = x_BLD + embeddings_BLD.astype(dtype)
+    x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
       apply = self._unit_fn(graphdef)
@@ -185,19 +194,20 @@ class Denoiser(nnx.Module):
     return tuple(cache)
 
   def decode(self, tokens_BL, positions_BL, mask_BLS, kv_cache, kv_positions_BS, write_index, *,
-             logits_start=0, logits_length: int | None = None):
+             logits_start=0, logits_length: int | None = None, embeddings_BLD=None, canvas_BL=None):
     """Runs a window of L tokens through the stack against a KV cache of S slots.
 
     Every layer writes the window's keys/values at slots [write_index, write_index + L) and the window attends to
     all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet); `kv_positions_BS` are the
     slots' token positions (sliding-window layers use them). Only positions [logits_start, logits_start +
     logits_length) of the window are unembedded, so no [B, L, V] temporary is made when fewer are needed.
+    `embeddings_BLD` and `canvas_BL` are as in `__call__`.
     Returns (float32 logits [B, logits_length or L, V], the updated cache).
     """
     cfg = self.cfg
     dtype = dtype_of(cfg.compute_dtype)
     token_mask_BL = jnp.ones(tokens_BL.shape, bool)
-    x_BLD = self.embedder.encode(tokens_BL, dtype)
+    x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
     kwargs = dict(kv_positions_BS=kv_positions_BS, write_index=write_index)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
