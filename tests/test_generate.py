@@ -1,0 +1,126 @@
+"""Generation requests and the CLI: option and prompt validation, samplers on a model through `Generator`, sample
+quality metrics, and `diffgemma-generate` end to end on the session's trained tiny run."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffgemma_jax.model import ModelConfig, build_model, make_mask
+from diffgemma_jax.objectives.ar import next_token_nll
+from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
+from diffgemma_jax.sampling.requests import (GenerationError, GenerationOptions, Generator, validate_options,
+                                             validate_prompt)
+from launch.generate import main
+
+TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
+                   head_dim=8, num_kv_heads=2, sliding_window=4, global_head_dim=16, global_num_kv_heads=1,
+                   mlp_dim=32, num_experts=4, top_k=2, expert_dim=16, dispatch="dense")
+MASK, EOS = 4, 3
+
+
+@pytest.mark.parametrize("options,objective,message", [
+    (dict(sampler="beam"), "masked", "--sampler 'beam' is unknown"),
+    (dict(threshold=0.0), "masked", "--threshold must lie in"),
+    (dict(threshold=1.5), "masked", "--threshold must lie in"),
+    (dict(steps=0), "masked", "--steps must be >= 1"),
+    (dict(steps=6, gen_length=64, block_length=16), "masked", "multiple of the number of blocks"),
+    (dict(gen_length=30, block_length=8), "masked", "must divide --gen_length"),
+    (dict(top_p=0.0), "ar", "--top_p"),
+    (dict(sampler="ar"), "masked", "needs an autoregressive model"),
+    (dict(sampler="threshold"), "ar", "use --sampler ar"),
+])
+def test_bad_options_fail_with_one_line(options, objective, message):
+  with pytest.raises(GenerationError, match=message.replace("(", r"\(")) as info:
+    validate_options(GenerationOptions(**options), objective)
+  assert "\n" not in str(info.value)
+
+
+def test_default_samplers_and_steps():
+  assert validate_options(GenerationOptions(), "ar").sampler == "ar"
+  options = validate_options(GenerationOptions(gen_length=64), "masked")
+  assert (options.sampler, options.steps) == ("threshold", 64)
+
+
+def test_bad_prompts():
+  with pytest.raises(GenerationError, match="empty"):
+    validate_prompt("  \n", [2], 128)
+  with pytest.raises(GenerationError, match="longer than the model's context of 4 tokens"):
+    validate_prompt("abc", [2, 10, 11, 12, 13], 4)
+  validate_prompt("abc", [2, 10, 11, 12], 4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "x", "--sampler", "nope"], "unknown"),
+    (["--prompt", "x", "--threshold", "2"], "--threshold"),
+    (["--prompt", "x", "--steps", "0"], "--steps"),
+])
+def test_cli_bad_input_exits_2(argv, message, capsys, tmp_path):
+  code = main(["--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path)] + argv)
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def generator():
+  return Generator(build_model(TINY, 0), mask_id=MASK, eos_id=EOS)
+
+
+def test_threshold_one_equals_one_token_per_step_on_a_model(generator):
+  prompt = np.asarray(jax.random.randint(jax.random.key(0), (1, 6), 5, TINY.vocab_size))
+  runs = {}
+  for sampler in ("threshold_nocache", "low_confidence"):
+    options = validate_options(GenerationOptions(sampler=sampler, gen_length=16, block_length=8, threshold=1.0,
+                                                 stop_at_eos=False), "masked")
+    (runs[sampler],) = generator.run(prompt, options)
+  assert runs["threshold_nocache"]["sequence"] == runs["low_confidence"]["sequence"]
+  assert runs["threshold_nocache"]["model_calls"] == 16
+  assert runs["low_confidence"]["sequence"][:6] == prompt[0].tolist()
+
+
+def test_generation_is_reproducible_with_a_seed(generator):
+  prompt = np.asarray(jax.random.randint(jax.random.key(1), (2, 6), 5, TINY.vocab_size))
+  def run(seed):
+    options = validate_options(GenerationOptions(sampler="threshold", gen_length=16, block_length=8, temperature=1.0,
+                                                 seed=seed, stop_at_eos=False), "masked")
+    return [r["sequence"] for r in generator.run(prompt, options)]
+  first = run(3)
+  assert run(3) == first
+  assert run(4) != first
+  assert all(seq[:6] == row.tolist() for seq, row in zip(first, prompt))
+  assert all(MASK not in seq for seq in first)
+
+
+def test_generative_perplexity_and_unigram_entropy():
+  assert unigram_entropy([7, 7, 7, 7]) == 0.0
+  assert unigram_entropy([5, 6, 5, 6]) == pytest.approx(math.log(2))
+  model = build_model(TINY, 5)
+  P, L = 3, 10
+  sequences = np.array(jax.random.randint(jax.random.key(5), (2, L), 5, TINY.vocab_size))
+  sequences[1, 6] = EOS  # row 1 is scored through its EOS only
+  result = GenerativePerplexity(model)(sequences, P, eos_id=EOS)
+  positions = jnp.broadcast_to(jnp.arange(L), (2, L))
+  ones = jnp.ones((2, L), jnp.int32)
+  logits = model(jnp.asarray(sequences), positions, make_mask("causal", ones, positions))[0]
+  nll, _ = next_token_nll(logits, jnp.asarray(sequences), ones)
+  expected_rows = [np.asarray(nll[0, P - 1:]), np.asarray(nll[1, P - 1:6])]
+  expected = math.exp(sum(r.sum() for r in expected_rows) / sum(r.size for r in expected_rows))
+  assert result["num_tokens"] == (L - P) + (7 - P)
+  assert result["gen_ppl"] == pytest.approx(expected, rel=1e-4)
+  assert result["per_sample_gen_ppl"][1] == pytest.approx(math.exp(expected_rows[1].mean()), rel=1e-4)
+
+
+def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, capsys):
+  _, workdir, _ = trained_run
+  code = main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--gen_length", "16",
+               "--block_length", "8", "--json"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  (result,) = json.loads(out)
+  assert result["sampler"] == "threshold" and result["step"] > 0
+  assert 0 <= result["new_tokens"] <= 16 and 1 <= result["model_calls"] <= 16
+  assert result["tokens_per_s"] >= 0 and isinstance(result["completion"], str)
