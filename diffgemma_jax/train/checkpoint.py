@@ -25,7 +25,7 @@ from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shard
 CONFIG_FILE = "run_config.json"
 # Model fields that change how the network computes, not what its parameters are: a resume may change them.
 RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "remat", "compute_dtype", "load_balance_loss_weight",
-                                  "router_z_loss_weight"})
+                                  "router_z_loss_weight", "capacity_factor", "dropless", "expert_collective"})
 
 
 class IncompatibleCheckpointError(ConfigError):
@@ -37,12 +37,18 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 def model_differences(saved_model: dict[str, Any], model: dict[str, Any]) -> list[str]:
-  """`model.<field>: saved -> now` for every parameter-defining field that differs."""
+  """`model.<field>: saved -> now` for every parameter-defining field that differs.
+
+  A field the saved config lacks (added to ModelConfig after the checkpoint was written) counts as its default.
+  """
+  import dataclasses
+  from diffgemma_jax.model.config import ModelConfig
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   diffs = []
   for key in sorted(set(saved_model) | set(model)):
     if key in RUNTIME_MODEL_FIELDS:
       continue
-    old, new = saved_model.get(key), model.get(key)
+    old, new = saved_model.get(key, defaults.get(key)), model.get(key)
     if isinstance(old, list):
       old = tuple(old)
     if isinstance(new, list):
