@@ -1,0 +1,84 @@
+"""Our checkpoint -> a Hugging Face DiffusionGemma directory that `transformers` loads.
+
+Writes config.json (text part; no vision tower), generation_config.json and safetensors shards holding the
+decoder's tensors plus both copies of the `layer_scalar` buffers, which is what `save_pretrained` of
+`DiffusionGemmaForBlockDiffusion` writes. Loading it into the multimodal class leaves the vision tower at its
+initialisation (transformers reports those weights as missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from diffgemma_jax.hf import mapping
+from diffgemma_jax.hf.safetensors_io import write_sharded
+from diffgemma_jax.model.config import ConfigError, ModelConfig
+
+GENERATION_CONFIG = {"_from_model_config": False, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+
+
+def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):
+  """(step, the parameters as the trainer saved them: nested dicts of arrays) from `workdir/checkpoints`."""
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from diffgemma_jax.model.transformer import build_model
+  from diffgemma_jax.train.state import to_pure
+
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise ConfigError(f"--workdir {workdir}: no checkpoints directory {directory}")
+  manager = ocp.CheckpointManager(directory)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise ConfigError(f"no complete checkpoint in {directory}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available steps are {steps}")
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = to_pure(nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param))
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  manager.close()
+  return step, restored["params"]
+
+
+def getter(pure: Any) -> Callable[[tuple], np.ndarray]:
+  """`get(rule_path)` -> numpy array of that parameter (one layer of a stacked one) from a pure params tree."""
+  def get(rule_path: tuple) -> np.ndarray:
+    path, layer = mapping.split_layer_index(rule_path)
+    node = pure
+    for key in path:
+      node = node[key] if key in node else node[str(key)]
+    array = np.asarray(node)
+    return array if layer is None else array[layer]
+  return get
+
+
+def hf_tensors(cfg: ModelConfig, pure: Any, dtype=np.float32):
+  for name, array in mapping.hf_tensors_from_params(cfg, getter(pure)):
+    yield name, np.asarray(array, dtype)
+
+
+def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 256, dtype: str = "float32",
+              max_shard_bytes: int = 4 << 30, log: Callable[[str], None] = print) -> list[str]:
+  """Writes the Hugging Face directory `output`; returns the shard file names."""
+  from diffgemma_jax.model.layers import dtype_of
+
+  np_dtype = np.dtype(dtype_of(dtype))
+  hf_config = mapping.hf_config_from_model(cfg, canvas_length=canvas_length)
+  hf_config["dtype"] = dtype
+  os.makedirs(output, exist_ok=True)
+  files = write_sharded(output, hf_tensors(cfg, pure, np_dtype), max_shard_bytes=max_shard_bytes)
+  with open(os.path.join(output, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  with open(os.path.join(output, "generation_config.json"), "w") as f:
+    json.dump(GENERATION_CONFIG, f, indent=2)
+  log(f"wrote {output}: config.json and {len(files)} safetensors shard(s) ({dtype})")
+  return files

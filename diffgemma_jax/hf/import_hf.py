@@ -1,0 +1,178 @@
+"""Hugging Face DiffusionGemma (config.json + safetensors shards) -> our config and an Orbax checkpoint.
+
+The output is a workdir: `OUT/checkpoints/<step>/params` (StandardSave of the parameters as plain nested dicts,
+the trainer's layout, so `Checkpointer.restore_params` and `diffgemma-eval --workdir OUT` read it) and
+`OUT/checkpoints/run_config.json`. Shards are read one at a time and tensor by tensor from a memory map, each
+converted straight into its slot of our parameter tree, so host memory peaks at our parameters (in
+`model.param_dtype`) plus one tensor, never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from diffgemma_jax.hf import mapping
+from diffgemma_jax.model.layers import dtype_of
+from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
+from diffgemma_jax.model.config import ModelConfig
+
+CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
+
+from diffgemma_jax.config import base_config
+
+MODEL = {model!r}
+
+
+def get_config():
+  c = base_config()
+  c.model.update(MODEL)
+  c.objective.name = "uniform"
+  c.objective.block_size = {canvas_length}
+  return c
+'''
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--hf {hf_dir}: no config.json; point it at a Hugging Face DiffusionGemma directory")
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
+  """Our ModelConfig for a Hugging Face directory; `overrides` (e.g. scan_layers=True) change runtime fields."""
+  values = mapping.model_overrides_from_hf(read_hf_config(hf_dir))
+  values.update(overrides)
+  return ModelConfig(**values)
+
+
+def _fingerprint(array: np.ndarray) -> tuple:
+  a = np.asarray(array, np.float64)
+  return a.shape, float(a.sum()), float(np.square(a).sum())
+
+
+def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = print) -> dict:
+  """Our parameters as a flat dict {path: numpy array} (in `cfg.param_dtype`), read shard by shard.
+
+  Every tensor is accounted for: names that map nowhere and expected names that are absent fail together, listed;
+  the encoder's copies of decoder tensors (and the tied LM head) must equal them; vision tensors are skipped.
+  """
+
+  files = [SafetensorsFile(path) for path in shard_files(hf_dir)]
+  names = [n for f in files for n in f.names()]
+  split = mapping.check_names(cfg, names)
+  if split["vision"]:
+    log(f"note: skipped {len(split['vision'])} vision tensor(s) (model.encoder.vision_tower/embed_vision); "
+        "this denoiser is text-only")
+  dtype = np.dtype(dtype_of(cfg.param_dtype))
+  rules = mapping.rules(cfg)
+  by_name = {n: r for r in rules for n in r.hf_names}
+  alias = mapping.aliases(cfg)
+  flat: dict[tuple, np.ndarray] = {}
+  pending: dict[tuple, dict[str, np.ndarray]] = {}  # rules made of two tensors, waiting for the second
+  seen_fp: dict[str, tuple] = {}
+  alias_fp: dict[str, tuple] = {}
+  for f in files:
+    for name in f.names():
+      if mapping.is_vision(name):
+        continue
+      array = f.get(name)
+      if name in alias:
+        alias_fp[name] = _fingerprint(array)
+        continue
+      seen_fp[name] = _fingerprint(array)
+      rule = by_name[name]
+      parts = pending.setdefault(rule.path, {})
+      parts[name] = np.asarray(array, np.float32)
+      if len(parts) == len(rule.hf_names):
+        value = rule.to_ours(*[parts[n] for n in rule.hf_names]).astype(dtype)
+        _place(flat, cfg, rule.path, value)
+        del pending[rule.path]
+  mismatched = sorted(a for a, fp in alias_fp.items() if not _close(fp, seen_fp[alias[a]]))
+  if mismatched:
+    raise mapping.MappingError(f"{len(mismatched)} tensor(s) differ from the decoder tensor they must equal "
+                               f"(encoder and decoder share one stack here): {', '.join(mismatched)}")
+  return flat
+
+
+def _close(a: tuple, b: tuple) -> bool:
+  return a[0] == b[0] and np.allclose(a[1:], b[1:], rtol=1e-6, atol=1e-6)
+
+
+def _place(flat: dict, cfg: ModelConfig, rule_path: tuple, value: np.ndarray) -> None:
+  path, layer = mapping.split_layer_index(rule_path)
+  if layer is None:
+    flat[path] = value
+    return
+  if path not in flat:
+    flat[path] = np.zeros((cfg.num_layers // len(cfg.layer_pattern),) + value.shape, value.dtype)
+  flat[path][layer] = value
+
+
+def pure_params(cfg: ModelConfig, flat: dict):
+  """The parameters as the trainer checkpoints them (`train.state.to_pure` of the model's params), checked
+  against a model built from `cfg`: every path present, every shape right, nothing extra."""
+  from flax import nnx
+
+  from diffgemma_jax.model.transformer import build_model
+
+  abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
+  wanted = {path: var.shape for path, var in abstract.flat_state()}
+  problems = [f"{'/'.join(map(str, p))} missing" for p in wanted if p not in flat]
+  problems += [f"{'/'.join(map(str, p))} is not a parameter of the model" for p in flat if p not in wanted]
+  problems += [f"{'/'.join(map(str, p))} has shape {flat[p].shape}, the model wants {tuple(s)}"
+               for p, s in wanted.items() if p in flat and tuple(flat[p].shape) != tuple(s)]
+  if problems:
+    raise mapping.MappingError("imported parameters do not fit the model: " + "; ".join(problems))
+  return nnx.to_pure_dict(nnx.State.from_flat_path({p: flat[p] for p in wanted}))
+
+
+def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int) -> None:
+  model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length))
+
+
+def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
+  """Writes `pure` as the params item of checkpoint `step` under `workdir/checkpoints` (the trainer's layout)."""
+  import orbax.checkpoint as ocp
+
+  from diffgemma_jax.train.checkpoint import CONFIG_FILE
+
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(run_config, f, indent=2, sort_keys=True)
+  manager = ocp.CheckpointManager(directory, item_names=("params",))
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(pure)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return directory
+
+
+def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, log: Callable[[str], None] = print,
+              **model_overrides) -> ModelConfig:
+  """The whole import: config, parameters, checkpoint (and a config file). Returns our ModelConfig."""
+  from diffgemma_jax.config import base_config
+  from diffgemma_jax.train.checkpoint import config_to_dict
+
+  hf_config = read_hf_config(hf_dir)
+  cfg = model_config_from_hf(hf_dir, **model_overrides)
+  pure = pure_params(cfg, load_params(hf_dir, cfg, log=log))
+  canvas_length = int(hf_config.get("canvas_length") or 256)
+  run_config = base_config()
+  run_config.model.update(cfg.to_dict())
+  run_config.objective.name = "uniform"
+  run_config.objective.block_size = canvas_length
+  directory = save_checkpoint(output, pure, config_to_dict(run_config))
+  log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
+  if config_out:
+    write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length)
+    log(f"wrote {config_out}")
+  return cfg

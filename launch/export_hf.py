@@ -1,0 +1,41 @@
+"""diffgemma-export --config FILE --workdir DIR --output HF_DIR [--step N] [--dtype bfloat16]
+
+Writes the latest (or --step) checkpoint of DIR as a Hugging Face DiffusionGemma directory that transformers'
+DiffusionGemmaForBlockDiffusion.from_pretrained loads (text part; the vision tower stays at its initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffgemma_jax.model.config import ConfigError
+from launch.common import config_overrides, fail
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="diffgemma-export", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+  parser.add_argument("--workdir", required=True, help="the run's workdir (holds checkpoints/)")
+  parser.add_argument("--output", required=True, help="Hugging Face directory to write")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
+  args, rest = parser.parse_known_args(argv)
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.hf import MappingError, export_hf, restore_pure_params
+  from diffgemma_jax.model.config import ModelConfig
+
+  try:
+    config = load_config(args.config, config_overrides(rest))
+    cfg = ModelConfig.from_config_dict(config.model)
+    step, pure = restore_pure_params(args.workdir, cfg, args.step)
+    print(f"restored step {step} from {args.workdir}")
+    export_hf(cfg, pure, args.output, canvas_length=int(config.objective.block_size), dtype=args.dtype)
+  except (ConfigError, MappingError) as e:
+    return fail(str(e))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,44 @@
+"""diffgemma-import --hf DIR --output WORKDIR [--config-out FILE] [--config.model.KEY=VALUE ...]
+
+Imports a Hugging Face DiffusionGemma directory (config.json + safetensors shards; the text part, vision skipped)
+into WORKDIR/checkpoints (step 0, parameters only; the trainer's layout) and, with --config-out, writes a config
+file for it. Overrides may change runtime model fields such as scan_layers, remat or compute_dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffgemma_jax.model.config import ConfigError
+from launch.common import config_overrides, fail
+
+RUNTIME_FIELDS = {"scan_layers": lambda v: v.lower() in ("1", "true", "yes"), "remat": str, "compute_dtype": str,
+                  "param_dtype": str, "dispatch": str}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="diffgemma-import", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
+  parser.add_argument("--output", required=True, help="workdir to write checkpoints/ into")
+  parser.add_argument("--config-out", default=None, help="write a config file (get_config()) for the model here")
+  args, rest = parser.parse_known_args(argv)
+  from diffgemma_jax.hf import MappingError, import_hf
+
+  try:
+    overrides = {}
+    for key, value in config_overrides(rest).items():
+      field = key.removeprefix("model.")
+      if not key.startswith("model.") or field not in RUNTIME_FIELDS:
+        raise ConfigError(f"--config.{key}: only --config.model.<{'|'.join(RUNTIME_FIELDS)}> can be overridden; "
+                          "the architecture comes from the Hugging Face config.json")
+      overrides[field] = RUNTIME_FIELDS[field](value)
+    import_hf(args.hf, args.output, config_out=args.config_out, **overrides)
+  except (ConfigError, MappingError, FileNotFoundError) as e:
+    return fail(str(e))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

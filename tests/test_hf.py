@@ -1,0 +1,233 @@
+"""Hugging Face DiffusionGemma import/export: the mapping on its own (numpy only), and logit parity against
+transformers' DiffusionGemmaForBlockDiffusion (skipped where torch or transformers are not installed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffgemma_jax.hf import mapping
+from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
+from diffgemma_jax.hf.import_hf import import_hf, load_params, pure_params
+from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files, write_file
+from diffgemma_jax.model import ModelConfig, build_model
+from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
+from diffgemma_jax.train.state import to_pure
+
+TINY = ModelConfig(vocab_size=96, embed_dim=32, num_layers=4, layer_pattern=("sliding", "global"), num_heads=4,
+                   head_dim=8, num_kv_heads=2, sliding_window=64, global_head_dim=16, global_num_kv_heads=1,
+                   mlp_dim=48, num_experts=4, top_k=2, expert_dim=12, dispatch="dense", self_conditioning=True,
+                   canvas_input_norm=True)
+
+
+def _random_model(cfg, seed=0):
+  """A model whose every parameter (norm scales and scalars included) is random, so no mapping error hides."""
+  model = build_model(cfg, seed)
+  state = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+  for _, var in state.flat_state():
+    value = var.get_value()
+    var.set_value(value + 0.2 * jax.random.normal(next(keys), value.shape, value.dtype))
+  nnx.update(model, state)
+  return model
+
+
+def _pure(model):
+  return to_pure(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_export_then_import_gives_back_every_parameter(tmp_path, scan):
+  cfg = dataclasses.replace(TINY, scan_layers=scan)
+  pure = _pure(_random_model(cfg))
+  export_hf(cfg, pure, str(tmp_path), max_shard_bytes=20_000, log=lambda _: None)
+  assert len(shard_files(str(tmp_path))) > 1
+  hf_config = json.load(open(tmp_path / "config.json"))
+  assert mapping.model_overrides_from_hf(hf_config)["layer_pattern"] == ("sliding", "global")
+  again = pure_params(cfg, load_params(str(tmp_path), cfg, log=lambda _: None))
+  flat_a = jax.tree_util.tree_leaves_with_path(pure)
+  flat_b = dict(jax.tree_util.tree_leaves_with_path(again))
+  assert len(flat_a) == len(flat_b)
+  for path, value in flat_a:
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_b[path]), err_msg=str(path))
+
+
+def test_hf_layouts_of_the_released_names(tmp_path):
+  pure = _pure(_random_model(TINY))
+  export_hf(TINY, pure, str(tmp_path), log=lambda _: None)
+  f = SafetensorsFile(shard_files(str(tmp_path))[0])
+  t = {n: f.get(n) for n in f.names()}
+  layer1 = "model.decoder.layers.1."
+  assert t[layer1 + "experts.gate_up_proj"].shape == (4, 24, 32)  # [E, 2F, D]
+  assert t[layer1 + "experts.down_proj"].shape == (4, 32, 12)  # [E, D, F]
+  assert t[layer1 + "self_attn.k_proj.weight"].shape == (16, 32)  # global: 1 KV head of 16
+  assert layer1 + "self_attn.v_proj.weight" not in t  # K=V
+  assert "model.decoder.layers.0.self_attn.v_proj.weight" in t
+  assert "model.encoder.language_model.layers.3.layer_scalar" in t
+  gate_up = np.asarray(pure["units"][0]["blocks"][1]["moe"]["w_gate_up"])  # [E, D, 2F], gate | up
+  np.testing.assert_array_equal(t[layer1 + "experts.gate_up_proj"][0, :12], gate_up[0, :, :12].T)
+
+
+def _rewrite(src, dst, drop=(), add=()):
+  os.makedirs(dst, exist_ok=True)
+  for name in ("config.json",):
+    with open(os.path.join(src, name)) as f, open(os.path.join(dst, name), "w") as g:
+      g.write(f.read())
+  tensors = []
+  for path in shard_files(src):
+    f = SafetensorsFile(path)
+    tensors += [(n, np.array(f.get(n))) for n in f.names() if n not in drop]
+  write_file(os.path.join(dst, "model.safetensors"), tensors + list(add))
+
+
+def test_missing_extra_and_disagreeing_tensors_fail_with_their_names(tmp_path):
+  src = str(tmp_path / "ok")
+  export_hf(TINY, _pure(_random_model(TINY)), src, log=lambda _: None)
+  missing = "model.decoder.layers.2.router.per_expert_scale"
+  _rewrite(src, str(tmp_path / "missing"), drop=[missing])
+  with pytest.raises(mapping.MappingError, match=r"missing tensor\(s\): " + missing.replace(".", r"\.")):
+    load_params(str(tmp_path / "missing"), TINY)
+  extra = "model.decoder.layers.0.self_attn.q_proj.bias"
+  _rewrite(src, str(tmp_path / "extra"), add=[(extra, np.zeros(32, np.float32))])
+  with pytest.raises(mapping.MappingError, match=r"unknown tensor\(s\): " + extra.replace(".", r"\.")):
+    load_params(str(tmp_path / "extra"), TINY)
+  scalar = "model.encoder.language_model.layers.1.layer_scalar"
+  _rewrite(src, str(tmp_path / "differs"), drop=[scalar], add=[(scalar, np.full(1, 7.0, np.float32))])
+  with pytest.raises(mapping.MappingError, match=scalar.replace(".", r"\.")):
+    load_params(str(tmp_path / "differs"), TINY)
+  vision = "model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.weight"
+  _rewrite(src, str(tmp_path / "vision"), add=[(vision, np.zeros((2, 2), np.float32))])
+  notes = []
+  load_params(str(tmp_path / "vision"), TINY, log=notes.append)
+  assert any("vision" in n for n in notes)
+
+
+def test_import_writes_a_checkpoint_and_a_config(tmp_path):
+  src = str(tmp_path / "hf")
+  pure = _pure(_random_model(TINY))
+  export_hf(TINY, pure, src, canvas_length=16, log=lambda _: None)
+  config_out = str(tmp_path / "imported.py")
+  cfg = import_hf(src, str(tmp_path / "work"), config_out=config_out, log=lambda _: None)
+  assert dataclasses.replace(cfg, dispatch="dense") == TINY
+  from diffgemma_jax.config import load_config
+  config = load_config(config_out)
+  assert ModelConfig.from_config_dict(config.model) == dataclasses.replace(TINY, dispatch="auto")
+  assert config.objective.block_size == 16
+  step, restored = restore_pure_params(str(tmp_path / "work"), TINY)
+  assert step == 0
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+# ---- parity with transformers ------------------------------------------------------------------------------------
+def _hf_model(sliding_window=64):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+    pytest.skip("transformers has no DiffusionGemma (needs >= 5.24)")
+  text = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
+              sliding_window=sliding_window, num_experts=4, top_k_experts=2, moe_intermediate_size=12,
+              layer_types=["sliding_attention", "full_attention"] * 2)
+  vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+  config = transformers.DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=8)
+  torch.manual_seed(0)
+  model = transformers.DiffusionGemmaForBlockDiffusion(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "vision" not in name:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) * p.shape[-1] ** -0.5)
+    buffers = dict(model.named_buffers())
+    for name, b in buffers.items():
+      if name.startswith("model.decoder.layers") and name.endswith("layer_scalar"):
+        b.copy_(1.0 + 0.3 * torch.randn_like(b))
+        buffers[name.replace("model.decoder.", "model.encoder.language_model.")].copy_(b)
+  return torch, transformers, model
+
+
+def _hf_logits(torch, model, prompt, canvas, sc_logits=None, sc_mask=None):
+  with torch.no_grad():
+    enc = model.model.encoder(input_ids=torch.tensor(prompt)).last_hidden_state
+    enc_logits = model.lm_head(enc).float()
+    cap = model.final_logit_softcapping
+    enc_logits = (torch.tanh(enc_logits / cap) * cap).numpy()
+    kwargs = {}
+    if sc_logits is not None:
+      kwargs = dict(self_conditioning_logits=torch.tensor(sc_logits), self_conditioning_mask=torch.tensor(sc_mask))
+    canvas_logits = model(input_ids=torch.tensor(prompt), decoder_input_ids=torch.tensor(canvas), **kwargs).logits
+  return enc_logits, canvas_logits.numpy()
+
+
+def _our_logits(model, prompt, canvas, sc_logits=None, sc_mask=None):
+  B, P = prompt.shape
+  C = canvas.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(P), (B, P))
+  enc, _ = model(jnp.asarray(prompt), positions, make_mask("causal", jnp.ones((B, P), jnp.int32), positions))
+  tokens = jnp.concatenate([jnp.asarray(prompt), jnp.asarray(canvas)], axis=1)
+  positions = jnp.broadcast_to(jnp.arange(P + C), (B, P + C))
+  mask = np.zeros((B, P + C, P + C), bool)
+  mask[:, :P, :P] = np.tril(np.ones((P, P), bool))  # the encoder: causal
+  mask[:, P:, :] = True  # the canvas: the whole prompt and itself
+  is_canvas = jnp.broadcast_to(jnp.arange(P + C) >= P, (B, P + C))
+  embeddings = None
+  if sc_logits is not None:
+    sc = self_conditioning_embeddings(model, jnp.asarray(sc_logits), jnp.asarray(sc_mask))
+    embeddings = jnp.concatenate([jnp.zeros((B, P, sc.shape[-1])), sc], axis=1)
+  logits, _ = model(tokens, positions, jnp.asarray(mask), embeddings_BLD=embeddings, canvas_BL=is_canvas)
+  return np.asarray(enc), np.asarray(logits[:, P:])
+
+
+def _assert_close(ours, theirs, what):
+  err = np.max(np.abs(ours - theirs))
+  assert err <= 1e-4 * max(1.0, np.max(np.abs(theirs))), f"{what}: max abs logit difference {err}"
+
+
+def test_logits_match_transformers_after_import_and_after_export(tmp_path):
+  torch, transformers, hf = _hf_model()
+  hf.save_pretrained(str(tmp_path / "hf"))
+  with jax.default_matmul_precision("highest"):
+    cfg = import_hf(str(tmp_path / "hf"), str(tmp_path / "work"), log=lambda _: None, dispatch="dense")
+    _, pure = restore_pure_params(str(tmp_path / "work"), cfg)
+    model = build_model(cfg, 0)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, _state_from_pure(state, pure))
+    rng = np.random.default_rng(0)
+    prompt, canvas = rng.integers(0, 96, (2, 13)), rng.integers(0, 96, (2, 8))
+    sc_logits, sc_mask = 3 * rng.standard_normal((2, 8, 96)).astype(np.float32), np.array([True, False])
+    hf_enc, hf_canvas = _hf_logits(torch, hf, prompt, canvas)
+    our_enc, our_canvas = _our_logits(model, prompt, canvas)
+    _assert_close(our_enc, hf_enc, "encoder (causal) pass")
+    _assert_close(our_canvas, hf_canvas, "canvas pass")
+    _, hf_sc = _hf_logits(torch, hf, prompt, canvas, sc_logits, sc_mask)
+    _, our_sc = _our_logits(model, prompt, canvas, sc_logits, sc_mask)
+    _assert_close(our_sc, hf_sc, "canvas pass with self-conditioning")
+
+  export_hf(cfg, pure, str(tmp_path / "exported"), canvas_length=8, log=lambda _: None)
+  reloaded = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(tmp_path / "exported")).eval()
+  for a, b in zip(_hf_logits(torch, hf, prompt, canvas, sc_logits, sc_mask),
+                  _hf_logits(torch, reloaded, prompt, canvas, sc_logits, sc_mask)):
+    np.testing.assert_array_equal(a, b)
+  text_params = sum(p.numel() for n, p in hf.named_parameters() if "vision" not in n and "embed_vision" not in n)
+  ours = sum(np.asarray(x).size for x in jax.tree.leaves(pure))
+  # transformers counts the tied stack once; its layer scalars are buffers, ours are parameters
+  assert ours == text_params + cfg.num_layers
+
+
+def _state_from_pure(state, pure):
+  leaves = jax.tree.leaves(pure)
+  paths = [p for p, _ in state.flat_state()]
+  assert len(leaves) == len(paths)
+  flat = dict(jax.tree_util.tree_leaves_with_path(pure))
+  for path, var in state.flat_state():
+    key = tuple(jax.tree_util.DictKey(k) for k in path)
+    var.set_value(jnp.asarray(flat[key]))
+  return state
