@@ -6,8 +6,8 @@ Backends (all dropless, all equal to `dense`):
   dense   every expert on every token, weighted by the routing (the reference; E/k times the work).
   ragged  `jax.lax.ragged_dot` on the expert-sorted rows.
   sorted  the fast CPU path: each expert's rows padded to whole row tiles so every tile belongs to one expert,
-          then one batched matmul of tiles against their experts' weights (XLA:CPU runs `ragged_dot` at a few
-          percent of matmul speed).
+          then a loop over the used tiles, each a plain matmul against its expert's weights, with a hand-written
+          VJP (XLA:CPU runs `ragged_dot` at a few percent of matmul speed).
   pallas  the `pallas_kernels.ops.gmm` grouped-matmul kernel (interpreted when not on a GPU).
   auto    `pallas` on a GPU when the kernels are importable, else `sorted`.
 
@@ -17,6 +17,7 @@ assignments and rows, so its transpose is the gather by the inverse index and no
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -183,6 +184,7 @@ class TileLayout(NamedTuple):
   row_of_slot_S: jax.Array  # int32 [S]: the sorted row in each slot, M for padding
   slot_of_row_M: jax.Array  # int32 [M]: the inverse (S for a row past sum(group_sizes))
   expert_of_tile_N: jax.Array  # int32 [N]: each tile's expert (tiles past the last used one repeat E-1)
+  num_used_tiles: jax.Array  # int32 []: tiles holding rows; the rest are all padding
 
 
 def tile_layout(group_sizes_E, num_rows: int, tile: int) -> TileLayout:
@@ -202,19 +204,88 @@ def tile_layout(group_sizes_E, num_rows: int, tile: int) -> TileLayout:
   slot_of_row_M = jnp.where(valid_M, slot_of_row_M, num_tiles * tile).astype(jnp.int32)
   row_of_slot_S = _inverse_permutation(slot_of_row_M, num_tiles * tile)
   expert_of_tile_N = jnp.minimum(jnp.searchsorted(tile_end_E, jnp.arange(num_tiles), side="right"), E - 1)
-  return TileLayout(row_of_slot_S, slot_of_row_M, expert_of_tile_N.astype(jnp.int32))
+  return TileLayout(row_of_slot_S, slot_of_row_M, expert_of_tile_N.astype(jnp.int32), tile_end_E[-1])
 
 
-def _tiled_geglu(x_SD, expert_of_tile_N, w_gate_up_EDF2, w_down_EFD, compute_dtype):
-  """GeGLU on padded slots [N*tile, D]: one batched matmul of row tiles against their experts' weights."""
+def _tile_geglu_fn(x_BD, w_gate_up_DF2, w_down_FD, compute_dtype):
+  gate_up_BF2 = jnp.dot(x_BD, w_gate_up_DF2, preferred_element_type=jnp.float32)
+  h_BF = _geglu_hidden(gate_up_BF2, compute_dtype)
+  return jnp.dot(h_BF, w_down_FD, preferred_element_type=jnp.float32), gate_up_BF2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _tiled_geglu_loop(x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, compute_dtype):
+  return _tiled_geglu_loop_fwd(x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles,
+                               compute_dtype)[0]
+
+
+def _tiled_geglu_loop_fwd(x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, compute_dtype):
+  N, B, D = x_NBD.shape
+  F2 = w_gate_up_EDF2.shape[-1]
+
+  def body(n, carry):
+    y_NBD, gate_up_NBF2 = carry
+    e = expert_of_tile_N[n]
+    y_BD, gate_up_BF2 = _tile_geglu_fn(x_NBD[n], w_gate_up_EDF2[e], w_down_EFD[e], compute_dtype)
+    return (jax.lax.dynamic_update_index_in_dim(y_NBD, y_BD, n, 0),
+            jax.lax.dynamic_update_index_in_dim(gate_up_NBF2, gate_up_BF2, n, 0))
+
+  init = (jnp.zeros((N, B, D), jnp.float32), jnp.zeros((N, B, F2), jnp.float32))
+  y_NBD, gate_up_NBF2 = jax.lax.fori_loop(0, num_used_tiles, body, init)
+  return y_NBD, (x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, gate_up_NBF2)
+
+
+def _tiled_geglu_loop_bwd(compute_dtype, residuals, g_NBD):
+  x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, gate_up_NBF2 = residuals
+  E, F, D = w_down_EFD.shape
+  g_NBD = g_NBD.astype(compute_dtype)
+  # Weight gradients contract over a tile's rows. XLA:CPU runs dots whose left operand contracts its leading
+  # axis far slower than plain [m, k] x [k, n] ones, so x and g are transposed once here, outside the loop.
+  x_NDB = jnp.swapaxes(x_NBD, 1, 2)
+  g_NDB = jnp.swapaxes(g_NBD, 1, 2)
+
+  def body(n, carry):
+    dx_NBD, dw_gate_up_EDF2, dw_down_EDF, acc_gate_up_DF2, acc_down_DF = carry
+    e = expert_of_tile_N[n]
+    h_BF, geglu_vjp = jax.vjp(lambda gu: _geglu_hidden(gu, compute_dtype), gate_up_NBF2[n])
+    dh_BF = jnp.dot(g_NBD[n], w_down_EFD[e].T, preferred_element_type=jnp.float32)
+    dw_down_DF = jnp.dot(g_NDB[n], h_BF, preferred_element_type=jnp.float32)
+    (dgate_up_BF2,) = geglu_vjp(dh_BF.astype(h_BF.dtype))
+    dgate_up_BF2 = dgate_up_BF2.astype(compute_dtype)
+    dx_BD = jnp.dot(dgate_up_BF2, w_gate_up_EDF2[e].T, preferred_element_type=jnp.float32)
+    dw_gate_up_DF2 = jnp.dot(x_NDB[n], dgate_up_BF2, preferred_element_type=jnp.float32)
+    # Tiles come sorted by expert: keep a running sum for the current expert and store it over dw[e] each
+    # step (a plain write; the last write of an expert holds its full sum) rather than read-modify-write dw.
+    same_expert = (n > 0) & (expert_of_tile_N[jnp.maximum(n - 1, 0)] == e)
+    acc_gate_up_DF2 = jnp.where(same_expert, acc_gate_up_DF2, 0.0) + dw_gate_up_DF2
+    acc_down_DF = jnp.where(same_expert, acc_down_DF, 0.0) + dw_down_DF
+    return (jax.lax.dynamic_update_index_in_dim(dx_NBD, dx_BD.astype(dx_NBD.dtype), n, 0),
+            jax.lax.dynamic_update_index_in_dim(dw_gate_up_EDF2, acc_gate_up_DF2, e, 0),
+            jax.lax.dynamic_update_index_in_dim(dw_down_EDF, acc_down_DF, e, 0),
+            acc_gate_up_DF2, acc_down_DF)
+
+  init = (jnp.zeros_like(x_NBD), jnp.zeros(w_gate_up_EDF2.shape, jnp.float32), jnp.zeros((E, D, F), jnp.float32),
+          jnp.zeros(w_gate_up_EDF2.shape[1:], jnp.float32), jnp.zeros((D, F), jnp.float32))
+  dx_NBD, dw_gate_up, dw_down_EDF, _, _ = jax.lax.fori_loop(0, num_used_tiles, body, init)
+  dw_down = jnp.swapaxes(dw_down_EDF, 1, 2)
+  return (dx_NBD, dw_gate_up.astype(w_gate_up_EDF2.dtype), dw_down.astype(w_down_EFD.dtype), None, None)
+
+
+_tiled_geglu_loop.defvjp(_tiled_geglu_loop_fwd, _tiled_geglu_loop_bwd)
+
+
+def _tiled_geglu(x_SD, expert_of_tile_N, num_used_tiles, w_gate_up_EDF2, w_down_EFD, compute_dtype):
+  """GeGLU on padded slots [N*tile, D]: a loop over the used row tiles, each against its expert's weights.
+
+  A loop rather than one batched matmul: gathering a weight copy per tile costs as much as the matmuls on
+  XLA:CPU, and its transpose is a scatter-add. The VJP is written out so the weight gradient accumulates in
+  place per tile instead of through that scatter.
+  """
   N = expert_of_tile_N.shape[0]
   S, D = x_SD.shape
   x_NBD = x_SD.astype(compute_dtype).reshape(N, S // N, D)
-  w_gate_up_NDF2 = jnp.take(w_gate_up_EDF2.astype(compute_dtype), expert_of_tile_N, axis=0)
-  gate_up = jnp.einsum("NBD,NDF->NBF", x_NBD, w_gate_up_NDF2, preferred_element_type=jnp.float32)
-  h_NBF = _geglu_hidden(gate_up, compute_dtype)
-  w_down_NFD = jnp.take(w_down_EFD.astype(compute_dtype), expert_of_tile_N, axis=0)
-  y_NBD = jnp.einsum("NBF,NFD->NBD", h_NBF, w_down_NFD, preferred_element_type=jnp.float32)
+  y_NBD = _tiled_geglu_loop(x_NBD, w_gate_up_EDF2.astype(compute_dtype), w_down_EFD.astype(compute_dtype),
+                            expert_of_tile_N, num_used_tiles, compute_dtype)
   return y_NBD.reshape(S, D)
 
 
@@ -223,7 +294,8 @@ def _sorted_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype
   tile = tile or choose_tile(M, group_sizes_E.shape[0])
   layout = tile_layout(group_sizes_E, M, tile)
   x_SD = _take_rows(x_MD, layout.row_of_slot_S, layout.slot_of_row_M)
-  y_SD = _tiled_geglu(x_SD, layout.expert_of_tile_N, w_gate_up_EDF2, w_down_EFD, compute_dtype)
+  y_SD = _tiled_geglu(x_SD, layout.expert_of_tile_N, layout.num_used_tiles, w_gate_up_EDF2, w_down_EFD,
+                      compute_dtype)
   return _take_rows(y_SD, layout.slot_of_row_M, layout.row_of_slot_S)
 
 
@@ -270,12 +342,13 @@ def _sorted_routed(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_do
   perm = sort_by_expert(expert_ids_TK, E)
   layout = tile_layout(perm.group_sizes_E, T * K, tile)
   A = T * K
-  S = layout.row_of_slot_S.shape[0]
-  row_of_slot = layout.row_of_slot_S
-  assignment_of_slot_S = jnp.where(row_of_slot < A, perm.assignment_of_row_M[jnp.minimum(row_of_slot, A - 1)], A)
+  row_of_slot_S = layout.row_of_slot_S
+  assignment_of_slot_S = jnp.where(row_of_slot_S < A, jnp.take(perm.assignment_of_row_M, row_of_slot_S, mode="clip"),
+                                   A)
   slot_of_assignment_A = layout.slot_of_row_M[perm.row_of_assignment_A]
   x_SD = _take_rows(_repeat_tokens(x_TD, K), assignment_of_slot_S, slot_of_assignment_A)
-  y_SD = _tiled_geglu(x_SD, layout.expert_of_tile_N, w_gate_up_EDF2, w_down_EFD, compute_dtype)
-  del S
+  y_SD = _tiled_geglu(x_SD, layout.expert_of_tile_N, layout.num_used_tiles, w_gate_up_EDF2, w_down_EFD,
+                      compute_dtype)
   fused = Permutation(assignment_of_slot_S, slot_of_assignment_A, perm.group_sizes_E)
   return unpermute_combine(y_SD, fused, combine_weights_TK)
+
