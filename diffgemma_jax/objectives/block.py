@@ -87,7 +87,9 @@ def canvas_clean_forward(model, canvas_tokens_BC, canvas_positions_BC, canvas_se
   logits, aux = model(jnp.concatenate([canvas_tokens_BC, tokens], axis=1),
                       jnp.concatenate([canvas_positions_BC, positions], axis=1), mask,
                       token_mask_BL=jnp.concatenate([canvas_segments_BC > 0, segments > 0], axis=1),
-                      embeddings_BLD=embeddings)
+                      embeddings_BLD=embeddings,
+                      canvas_BL=jnp.concatenate([jnp.ones(canvas_tokens_BC.shape, bool),
+                                                 jnp.zeros(tokens.shape, bool)], axis=1))
   return logits[:, :C], logits[:, C:], aux
 
 
