@@ -7,9 +7,8 @@ denoiser through `embeddings_BLD`. The down projection starts at zero, so a mode
 on but untrained computes exactly what the same model without the module computes.
 
 The released DiffusionGemma (`self_conditioning.*` tensors) has the same three weights (pre-norm scale, gate|up,
-down); it also applies a parameter-free RMSNorm to the sum of token embedding and signal on the canvas pass. That
-norm has no weights to map and is not applied here (it would break "on but untrained equals off"); an importer of
-the released weights has to add it.
+down); it also applies a parameter-free RMSNorm to the sum of token embedding and signal on the canvas pass: that
+is `model.canvas_input_norm` (off by default, since it changes the canvas inputs whether or not the signal is on).
 """
 
 from __future__ import annotations
