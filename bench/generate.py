@@ -1,0 +1,162 @@
+"""Generation speed and sample quality: the tiny diffusion model's samplers vs its autoregressive twin.
+
+python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--json]      trained models: speed + quality
+python bench/generate.py --random_weights [--diffusion_config configs/pretrain_gpu_1b.py] [--json]   speed only
+
+Batch 1, `--gen_length` (256) new tokens after a `--prompt_tokens` prompt that starts a document of the held-out
+split (random ids with --random_weights when no dataset is built). EOS does not stop any sampler, so every setting
+produces the same number of tokens. Each setting is compiled first, then timed `--repeats` times (the median is
+reported): tokens/s, model calls (denoising steps / decode steps), and with an AR checkpoint the generative
+perplexity of the new tokens under the AR model and their unigram entropy. Settings: the KV-cached AR decoder;
+LLaDA low-confidence decoding at several step budgets, without and with the approximate dual cache; Fast-dLLM
+threshold decoding at several thresholds, with and without the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from diffgemma_jax.config import load_config
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.transformer import build_model
+from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
+from diffgemma_jax.sampling.requests import GenerationOptions, Generator, restore_model, validate_options
+
+PAD, BOS, EOS, MASK = 0, 2, 3, 4  # the reserved ids of every tokenizer the recipes train
+
+
+def diffusion_settings(gen_length: int, block_length: int):
+  """(label, GenerationOptions fields) of every diffusion setting, slowest first."""
+  out = []
+  num_blocks = gen_length // block_length
+  for steps in sorted({gen_length, gen_length // 2, gen_length // 4}, reverse=True):
+    if steps >= num_blocks and steps % num_blocks == 0:
+      out.append((f"low_confidence steps={steps}", dict(sampler="low_confidence", steps=steps)))
+  for steps in sorted({gen_length, gen_length // 4}, reverse=True):
+    if steps >= num_blocks and steps % num_blocks == 0:
+      out.append((f"low_confidence_cached steps={steps}", dict(sampler="low_confidence_cached", steps=steps)))
+  out.append(("threshold_nocache 0.9", dict(sampler="threshold_nocache", threshold=0.9)))
+  for threshold in (0.9, 0.7, 0.5):
+    out.append((f"threshold {threshold}", dict(sampler="threshold", threshold=threshold)))
+  return out
+
+
+def held_out_prompt(config, length: int) -> list[int]:
+  """The first `length` tokens of the first held-out document that has them."""
+  from diffgemma_jax.data import make_eval_batches
+  from diffgemma_jax.train.dataset import dataset_dir
+  seq_len = int(config.train.seq_len)
+  for batch in make_eval_batches(dataset_dir(config), seq_len=seq_len, batch_size=8, max_sequences=64):
+    for tokens, positions, segments in zip(batch["tokens"], batch["positions"], batch["segment_ids"]):
+      for start in np.flatnonzero((positions == 0) & (segments > 0)):
+        if start + length <= seq_len and np.all(segments[start:start + length] == segments[start]):
+          return [int(t) for t in tokens[start:start + length]]
+  raise SystemExit(f"no held-out document has {length} tokens; lower --prompt_tokens")
+
+
+def time_setting(generator: Generator, prompt, options: GenerationOptions, repeats: int):
+  generator.run(prompt, options)  # compile and warm up
+  runs = [generator.run(prompt, options)[0] for _ in range(repeats)]
+  seconds = statistics.median(r["seconds"] for r in runs)
+  last = runs[-1]
+  return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": last["model_calls"],
+          "sequence": last["sequence"]}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--diffusion_config", default="configs/pretrain_tiny.py")
+  p.add_argument("--diffusion_workdir", default=None)
+  p.add_argument("--ar_config", default="configs/ar_tiny.py")
+  p.add_argument("--ar_workdir", default=None)
+  p.add_argument("--random_weights", action="store_true", help="random init (speed only; no gen-PPL)")
+  p.add_argument("--gen_length", type=int, default=256)
+  p.add_argument("--block_length", type=int, default=32)
+  p.add_argument("--prompt_tokens", type=int, default=32)
+  p.add_argument("--temperature", type=float, default=0.0, help="every sampler's temperature (0: greedy)")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--only", default="", help="comma-separated sampler names to run (default: all)")
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv)
+  if not args.random_weights and not (args.diffusion_workdir and args.ar_workdir):
+    p.error("pass --diffusion_workdir and --ar_workdir (trained runs), or --random_weights for speed only")
+
+  diffusion_config = load_config(args.diffusion_config, {})
+  ar_config = load_config(args.ar_config, {})
+  if args.random_weights:
+    diffusion_model = build_model(ModelConfig.from_config_dict(diffusion_config.model), 0)
+    ar_model = build_model(ModelConfig.from_config_dict(ar_config.model), 1)
+    steps = {"diffusion": None, "ar": None}
+  else:
+    diffusion_model, diffusion_step = restore_model(diffusion_config, args.diffusion_workdir)
+    ar_model, ar_step = restore_model(ar_config, args.ar_workdir)
+    steps = {"diffusion": diffusion_step, "ar": ar_step}
+  try:
+    prompt = held_out_prompt(diffusion_config, args.prompt_tokens)
+    prompt_source = "held-out"
+  except Exception:  # no dataset built: speed-only runs use random ids
+    if not args.random_weights:
+      raise
+    rng = np.random.default_rng(0)
+    prompt = [BOS] + rng.integers(5, int(diffusion_config.model.vocab_size), args.prompt_tokens - 1).tolist()
+    prompt_source = "random"
+  prompt_1P = np.asarray([prompt], np.int32)
+  scorer = None if args.random_weights else GenerativePerplexity(ar_model)
+
+  common = dict(gen_length=args.gen_length, block_length=args.block_length, temperature=args.temperature,
+                stop_at_eos=False)
+  plan = [("ar", ar_model, validate_options(GenerationOptions(sampler="ar", **common), "ar"))]
+  plan += [(label, diffusion_model, validate_options(GenerationOptions(**common, **fields), "masked"))
+           for label, fields in diffusion_settings(args.gen_length, args.block_length)]
+  only = set(filter(None, args.only.split(",")))
+  generators = {}
+  rows = []
+  for label, model, options in plan:
+    if only and options.sampler not in only:
+      continue
+    generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
+    result = time_setting(generator, prompt_1P, options, args.repeats)
+    new_ids = result["sequence"][len(prompt):]
+    row = {"setting": label, "sampler": options.sampler, "steps": options.steps, "threshold": options.threshold,
+           "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
+           "unigram_entropy": unigram_entropy(new_ids)}
+    if scorer is not None:
+      row["gen_ppl"] = scorer([result["sequence"]], len(prompt), eos_id=-1)["gen_ppl"]  # EOS does not end a sample
+    rows.append(row)
+    if not args.json:
+      print(f"{label:36s} {row['tokens_per_s']:9.1f} tok/s {row['model_calls']:5d} calls"
+            + (f"  gen-PPL {row['gen_ppl']:8.2f}" if "gen_ppl" in row else "")
+            + f"  entropy {row['unigram_entropy']:.2f}", file=sys.stderr, flush=True)
+  ar_row = next((r for r in rows if r["sampler"] == "ar"), None)
+  for row in rows:
+    if ar_row is not None:
+      row["speedup_vs_ar"] = row["tokens_per_s"] / ar_row["tokens_per_s"]
+      if "gen_ppl" in row:
+        row["gen_ppl_ratio_vs_ar"] = row["gen_ppl"] / ar_row["gen_ppl"]
+  report = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+            "diffusion_config": args.diffusion_config, "ar_config": args.ar_config, "checkpoint_steps": steps,
+            "random_weights": args.random_weights, "batch_size": 1, "prompt_tokens": len(prompt),
+            "prompt_source": prompt_source, "gen_length": args.gen_length, "block_length": args.block_length,
+            "temperature": args.temperature, "repeats": args.repeats, "results": rows}
+  if args.json:
+    print(json.dumps(report, indent=2))
+  else:
+    print(f"\n{report['device']} ({report['platform']}), batch 1, {len(prompt)}-token {prompt_source} prompt, "
+          f"{args.gen_length} new tokens, blocks of {args.block_length}, temperature {args.temperature}")
+    print(f"{'setting':36s} {'tok/s':>9s} {'x AR':>6s} {'calls':>6s} {'gen-PPL':>9s} {'x AR':>6s} {'entropy':>8s}")
+    for r in rows:
+      print(f"{r['setting']:36s} {r['tokens_per_s']:9.1f} {r.get('speedup_vs_ar', float('nan')):6.2f} "
+            f"{r['model_calls']:6d} {r.get('gen_ppl', float('nan')):9.2f} "
+            f"{r.get('gen_ppl_ratio_vs_ar', float('nan')):6.2f} {r['unigram_entropy']:8.2f}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
