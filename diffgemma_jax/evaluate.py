@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from diffgemma_jax.parallel.mesh import use_mesh
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
 
 LN2 = math.log(2.0)
@@ -27,7 +28,8 @@ LN2 = math.log(2.0)
 def make_bound_fn(graphdef, objective, *, num_t_samples: int, mesh: Mesh, param_shardings=None) -> Callable:
   """(params, batch, rng) -> (nelbo_B, stderr_B, num_tokens_B), jitted once for fixed-shape batches."""
   def bound(params, batch, rng):
-    return objective.sequence_bound(nnx.merge(graphdef, params), batch, rng, num_t_samples=num_t_samples)
+    with use_mesh(mesh):
+      return objective.sequence_bound(nnx.merge(graphdef, params), batch, rng, num_t_samples=num_t_samples)
 
   return jax.jit(bound, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),
                  out_shardings=replicated(mesh))
@@ -88,7 +90,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
   elif step not in available:
     raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
   directory, tokenizer = prepare_dataset(config)
-  mesh = mesh_from_config(config)
+  mesh = mesh_from_config(config, training=False)
   tx, _ = make_optimizer(config.train)
   graphdef, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, mesh)
   params = ckpt.restore_params(step, abstract.params, shardings.params)

@@ -6,6 +6,7 @@ this file in a subprocess with `--xla_force_host_platform_device_count=8`, where
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -167,3 +168,115 @@ def test_bad_inputs_fail_before_compiling():
     expert_parallel_routed_experts(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"],
                                    mesh=make_mesh(MESHES["expert8"]), backend="dense", compute_dtype=jnp.float32,
                                    collective="ragged_all_to_all")
+
+
+# ---- the whole train step on each mesh ------------------------------------------------------------------------
+
+TRAIN_MESHES = {"data8": (8, 1, 1, 1), "fsdp2_expert4": (1, 2, 4, 1), "data2_fsdp2_expert2": (2, 2, 2, 1),
+                "expert8": (1, 1, 8, 1)}
+TRAIN_STEPS = 3
+LEARNING_RATE = 0.005  # small enough that float noise is not amplified into different top-k choices in 3 steps
+
+
+def _sgd_keeping_gradients(learning_rate: float):
+  """Plain SGD whose optimizer state is the last gradient, so the test reads exact gradients off the state."""
+  import optax
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(lambda g: -learning_rate * g, grads), grads))
+
+
+def _train_setup():
+  from conftest import TINY_MODEL
+  from diffgemma_jax.config import base_config
+  from diffgemma_jax.model.config import ModelConfig
+  c = base_config()
+  c.model.update(TINY_MODEL)
+  # One layer keeps the compile per mesh short; num_experts=8 splits over every expert axis tested.
+  c.model.update(num_layers=1, layer_pattern=("global",), num_experts=8, dispatch="sorted", dropless=True)
+  c.train.update(batch_size=8, seq_len=16)
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(5, c.model.vocab_size, (8, 16)).astype(np.int32),
+           "segment_ids": np.repeat(np.array([[1] * 10 + [2] * 6]), 8, 0).astype(np.int32),
+           "positions": np.repeat(np.array([list(range(10)) + list(range(6))]), 8, 0).astype(np.int32)}
+  return c, ModelConfig.from_config_dict(c.model), batch
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_state():
+  """The initial train state on the host, initialised once and placed onto every mesh (one init compile)."""
+  from diffgemma_jax.train import abstract_train_state, init_train_state
+  _, cfg, _ = _train_setup()
+  tx = _sgd_keeping_gradients(LEARNING_RATE)
+  _, _, shardings = abstract_train_state(cfg, tx, make_mesh(devices=jax.devices()[:1]))
+  return jax.device_get(init_train_state(cfg, tx, shardings, 0))
+
+
+def _train_three_steps(shape):
+  """Losses, gradients and parameters of three SGD steps from the same initialisation."""
+  import optax
+  from diffgemma_jax.objectives import make_objective
+  from diffgemma_jax.train import abstract_train_state, make_train_step
+  _, cfg, batch = _train_setup()
+  mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+  tx = _sgd_keeping_gradients(LEARNING_RATE)
+  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
+  state = jax.device_put(_initial_state(), shardings)
+  step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
+                         schedule=optax.constant_schedule(LEARNING_RATE), mesh=mesh, state_shardings=shardings)
+  losses, grads, dropped = [], [], []
+  for _ in range(TRAIN_STEPS):
+    state, metrics = step(state, batch, jax.random.key(0))
+    grads.append([np.asarray(x) for x in jax.tree.leaves(state.opt_state)])
+    losses.append(float(metrics["loss"]))
+    dropped.append(float(metrics.get("dropped_tokens", 0.0)))
+  params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+  return dict(losses=losses, grads=grads, params=params, dropped=dropped, state=state, mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return _train_three_steps((1, 1, 1, 1))
+
+
+@needs_eight
+@pytest.mark.parametrize("mesh_name", list(TRAIN_MESHES))
+def test_three_train_steps_match_single_device(mesh_name, single_device_run):
+  run = _train_three_steps(TRAIN_MESHES[mesh_name])
+  ref = single_device_run
+  np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5)
+  assert run["dropped"] == [0.0] * TRAIN_STEPS
+  # Gradients: 1e-5 of the step's largest gradient entry. A sharded sum adds in another order, and a few entries
+  # (the per-layer scalar: one number summed over every activation) cancel enough to lose digits relative to
+  # themselves, so a per-entry relative bound would test float32 summation order rather than the sharding.
+  for step_grads, ref_grads in zip(run["grads"], ref["grads"]):
+    scale = max(float(np.max(np.abs(g))) for g in ref_grads)
+    for g, g_ref in zip(step_grads, ref_grads):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * scale)
+  for p, p_ref in zip(run["params"], ref["params"]):
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_eight
+def test_checkpoint_restores_onto_every_mesh(single_device_run, tmp_path):
+  """Saved from 8-way FSDP, restored on one device and on each training mesh: identical arrays, new shardings."""
+  from diffgemma_jax.train import Checkpointer, abstract_train_state
+  c, cfg, _ = _train_setup()
+  tx = _sgd_keeping_gradients(LEARNING_RATE)
+  _, abstract, fsdp_shardings = abstract_train_state(cfg, tx, make_mesh((1, 8, 1, 1)))
+  saved = jax.device_put(jax.device_get(single_device_run["state"]), fsdp_shardings)
+  embedding = saved.params["embedder"]["embedding"].get_value()
+  assert embedding.sharding.spec[1] == "fsdp" and not embedding.sharding.is_fully_replicated  # saved from shards
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), c)
+  ckpt.save(saved, {"position": 7})
+  ckpt.wait()
+  expected = [np.asarray(x) for x in jax.tree.leaves(saved)]
+  for shape in [(1, 1, 1, 1)] + list(TRAIN_MESHES.values()):
+    mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    _, _, shardings = abstract_train_state(cfg, tx, mesh)
+    restored, iterator_state = ckpt.restore(TRAIN_STEPS, abstract, shardings)
+    assert iterator_state == {"position": 7}
+    for got, want, sharding in zip(jax.tree.leaves(restored), expected, jax.tree.leaves(shardings)):
+      assert got.sharding == sharding, (shape, got.sharding, sharding)
+      np.testing.assert_array_equal(np.asarray(got), want)
+  ckpt.close()

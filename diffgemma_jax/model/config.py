@@ -14,6 +14,7 @@ LAYER_KINDS = ("sliding", "global")
 DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_COLLECTIVES = ("all_to_all", "ragged_all_to_all")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,12 @@ class ModelConfig:
   top_k: int = 2
   expert_dim: int = 128
   dispatch: str = "auto"
+  # Expert parallelism (a mesh whose `expert` axis is > 1): rows each shard may send to each expert shard are
+  # ceil(capacity_factor * local tokens * top_k / expert shards); the excess is dropped and counted. `dropless`
+  # sizes the buffers for the worst case instead. `ragged_all_to_all` sends exactly the routed rows (GPU/TPU only).
+  capacity_factor: float = 2.0
+  dropless: bool = False
+  expert_collective: str = "all_to_all"
   # Auxiliary router losses, off by default; always computed for logging.
   load_balance_loss_weight: float = 0.0
   router_z_loss_weight: float = 0.0
@@ -63,6 +70,10 @@ class ModelConfig:
   # maps the previous prediction's expected embedding into the canvas embeddings. Off: no parameters at all.
   self_conditioning: bool = False
   self_conditioning_dim: int = 0
+  # The released DiffusionGemma RMS-normalises (no scale) the input embeddings of canvas positions (token embedding
+  # plus self-conditioning term) before the first layer; the encoder (clean) positions are not. Callers mark the
+  # canvas with `canvas_BL`. Off keeps "self-conditioning on but untrained computes what off computes".
+  canvas_input_norm: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
@@ -70,10 +81,6 @@ class ModelConfig:
 
   # ---- derived -------------------------------------------------------------------------------------------------
   @property
-  # The released DiffusionGemma RMS-normalises (no scale) the input embeddings of canvas positions (token embedding
-  # plus self-conditioning term) before the first layer; the encoder (clean) positions are not. Callers mark the
-  # canvas with `canvas_BL`. Off keeps "self-conditioning on but untrained computes what off computes".
-  canvas_input_norm: bool = False
   def layer_kinds(self) -> tuple[str, ...]:
     reps = self.num_layers // len(self.layer_pattern)
     return tuple(self.layer_pattern) * reps
@@ -116,6 +123,14 @@ class ModelConfig:
       fail("top_k", f"={self.top_k} exceeds model.num_experts={self.num_experts}; choose 1 <= top_k <= num_experts")
     if self.dispatch not in DISPATCH_BACKENDS:
       fail("dispatch", f"unknown dispatch backend {self.dispatch!r}; valid backends are {DISPATCH_BACKENDS}")
+    if not isinstance(self.capacity_factor, (int, float)) or isinstance(self.capacity_factor, bool) or \
+        self.capacity_factor <= 0:
+      fail("capacity_factor", f"must be a number > 0 (1.0: room for a perfectly even split), got "
+           f"{self.capacity_factor!r}; for no drops at all set model.dropless=True")
+    if not isinstance(self.dropless, bool):
+      fail("dropless", f"must be True or False, got {self.dropless!r}")
+    if self.expert_collective not in EXPERT_COLLECTIVES:
+      fail("expert_collective", f"unknown collective {self.expert_collective!r}; valid are {EXPERT_COLLECTIVES}")
     if self.remat not in REMAT_POLICIES:
       fail("remat", f"unknown remat policy {self.remat!r}; valid policies are {REMAT_POLICIES}")
     for key in ("param_dtype", "compute_dtype"):
@@ -136,6 +151,8 @@ class ModelConfig:
       fail("self_conditioning_dim", f"must be a non-negative integer (0: model.mlp_dim), got {self.self_conditioning_dim!r}")
     if not isinstance(self.self_conditioning, bool):
       fail("self_conditioning", f"must be True or False, got {self.self_conditioning!r}")
+    if not isinstance(self.canvas_input_norm, bool):
+      fail("canvas_input_norm", f"must be True or False, got {self.canvas_input_norm!r}")
     if self.scan_layers and self.num_layers // len(self.layer_pattern) < 1:
       fail("scan_layers", "needs at least one full repetition of model.layer_pattern")
 
@@ -151,8 +168,6 @@ class ModelConfig:
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
-    if not isinstance(self.canvas_input_norm, bool):
-      fail("canvas_input_norm", f"must be True or False, got {self.canvas_input_norm!r}")
     return dataclasses.asdict(self)
 
 

@@ -19,6 +19,8 @@ class Routing(NamedTuple):
   load_balance_loss: jax.Array  # E**2 * mean(density * density_prob): 1.0 when perfectly balanced
   router_z_loss: jax.Array  # mean(logsumexp(router logits)**2)
   expert_load_E: jax.Array  # fraction of routed slots per expert (sums to 1)
+  # (token, k) assignments that expert-parallel dispatch dropped at a full shard (0 without expert parallelism)
+  dropped: jax.Array | int = 0
 
 
 def route(x_TD, router_scale_D, router_w_DE, per_expert_scale_E, *, top_k: int, eps: float,
@@ -54,6 +56,7 @@ class MoE(nnx.Module):
     self.top_k = cfg.top_k
     self.eps = cfg.norm_eps
     self.backend = dispatch.resolve_backend(cfg.dispatch)
+    self.capacity_factor, self.dropless, self.collective = cfg.capacity_factor, cfg.dropless, cfg.expert_collective
     self.router_scale = param(rngs, (D,), ("norm",), init="ones")
     self.router_w = param(rngs, (D, E), ("embed", "experts_unsharded"))
     self.per_expert_scale = param(rngs, (E,), ("experts_unsharded",), init="ones")
@@ -65,7 +68,15 @@ class MoE(nnx.Module):
     routing = route(router_in_BLD.reshape(B * L, D), self.router_scale[...], self.router_w[...],
                     self.per_expert_scale[...], top_k=self.top_k, eps=self.eps,
                     token_mask_T=None if token_mask_BL is None else token_mask_BL.reshape(B * L))
-    y_TD = dispatch.routed_experts(expert_in_BLD.reshape(B * L, D), routing.expert_ids_TK,
-                                   routing.combine_weights_TK, self.w_gate_up[...], self.w_down[...],
-                                   backend=self.backend, compute_dtype=dtype)
+    args = (expert_in_BLD.reshape(B * L, D), routing.expert_ids_TK, routing.combine_weights_TK, self.w_gate_up[...],
+            self.w_down[...])
+    from diffgemma_jax.parallel import expert  # pylint: disable=import-outside-toplevel
+    mesh = expert.expert_parallel_mesh(B * L)
+    if mesh is not None:  # traced under `parallel.use_mesh` with an expert axis > 1
+      y_TD, dropped = expert.expert_parallel_routed_experts(
+          *args, mesh=mesh, backend=self.backend, compute_dtype=dtype, capacity_factor=self.capacity_factor,
+          dropless=self.dropless, collective=self.collective)
+      routing = routing._replace(dropped=dropped)
+    else:
+      y_TD = dispatch.routed_experts(*args, backend=self.backend, compute_dtype=dtype)
     return y_TD.reshape(B, L, D), routing

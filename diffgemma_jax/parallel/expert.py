@@ -27,12 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from diffgemma_jax.model.config import EXPERT_COLLECTIVES as COLLECTIVES
 from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.parallel.mesh import current_mesh
 
 EXPERT_AXIS = "expert"
 FSDP_AXIS = "fsdp"
 TOKEN_AXES = ("data", "fsdp", "expert")
-COLLECTIVES = ("all_to_all", "ragged_all_to_all")
 
 
 def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
@@ -50,6 +51,18 @@ def expert_shards(mesh: Mesh) -> int:
 def token_axes(mesh: Mesh) -> tuple[str, ...]:
   """Mesh axes that split token rows outside (and inside) the MoE."""
   return tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
+
+
+def expert_parallel_mesh(num_tokens: int) -> Mesh | None:
+  """The mesh of `parallel.use_mesh` when the MoE should dispatch over it: an expert axis > 1 and tokens that split
+  over the token axes. Otherwise None: single-device dispatch under GSPMD, which computes the same function
+  (sampling one sequence on an 8-device mesh takes that path)."""
+  mesh = current_mesh()
+  if mesh is None or expert_shards(mesh) == 1:
+    return None
+  if num_tokens % math.prod(mesh.shape[a] for a in token_axes(mesh)):
+    return None
+  return mesh
 
 
 def expert_capacity(tokens_per_shard: int, top_k: int, num_expert_shards: int, capacity_factor: float,
@@ -214,7 +227,9 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
 
   Takes and returns global arrays (call it under `jit`); tokens are split over the token axes inside. Returns
   (y_TD in x's dtype, number of dropped (token, k) assignments over the whole batch, int32). `check_vma=None`
-  checks replication types except for `pallas`, whose kernel outputs carry no varying-axes type.
+  checks replication types for `dense` and `ragged` only: the pallas kernel's outputs and the `sorted` tile loop's
+  carry are built without varying-axes types, which the check would reject (the computation is correct either way;
+  the tests run every backend on meshes with replicated weights).
   """
   T, K = expert_ids_TK.shape
   E, D, _ = w_gate_up_EDF2.shape
@@ -227,7 +242,7 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   row_spec = P(rows or None, None)
   if check_vma is None:
     from diffgemma_jax.model import dispatch  # pylint: disable=import-outside-toplevel
-    check_vma = dispatch.resolve_backend(backend) != "pallas"
+    check_vma = dispatch.resolve_backend(backend) in ("dense", "ragged")
 
   def body(x, ids, weights, w_gate_up, w_down):
     # FSDP: the embed slices of this shard's experts are gathered here; their gradient is reduce-scattered back.
@@ -248,4 +263,5 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
 
 
 __all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity",
-                          "expert_parallel_routed_experts", "expert_shards", "plan_sends", "shard_map", "token_axes")
+                          "expert_parallel_mesh", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
+                          "shard_map", "token_axes")

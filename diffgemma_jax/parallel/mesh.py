@@ -5,8 +5,10 @@ One device is a 1x1x1x1 mesh built by the same code as many, so the single-devic
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -55,5 +57,53 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1, 1), axes: Sequence[str] = MESH_AX
   return Mesh(device_array, axes)
 
 
-def mesh_from_config(config) -> Mesh:
-  return make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+def mesh_from_config(config, *, training: bool = True) -> Mesh:
+  """The run's mesh over every device of every process, checked against the model and the batch sizes."""
+  mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+  check_mesh_fits(config, mesh, training=training)
+  return mesh
+
+
+def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
+  """Errors a user can fix, before anything compiles: experts and batch rows must split evenly over the mesh."""
+  shape = dict(mesh.shape)
+  experts = shape.get("expert", 1)
+  if int(config.model.num_experts) % experts:
+    raise ConfigError(f"model.num_experts={config.model.num_experts} is not divisible by the expert mesh axis "
+                      f"({experts}, mesh.shape={tuple(config.mesh.shape)}); choose an expert size that divides it")
+  collective = config.model.get("expert_collective", "all_to_all")
+  if experts > 1 and collective == "ragged_all_to_all" and any(d.platform == "cpu" for d in mesh.devices.flat):
+    raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all (GPU or "
+                      "TPU); XLA:CPU has none. Use model.expert_collective='all_to_all' on CPU")
+  rows = math.prod(shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+  if int(config.eval.batch_size) % rows:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {rows} "
+                      f"(data x fsdp x expert of mesh.shape={tuple(config.mesh.shape)}); use a multiple of {rows}")
+  if not training:
+    return
+  batch, accum = int(config.train.batch_size), int(config.train.grad_accum_steps)
+  if (batch // accum) % rows:
+    raise ConfigError(f"train.batch_size={batch} (per micro-batch: {batch // accum}, train.grad_accum_steps="
+                      f"{accum}) is not divisible by the data-parallel size {rows} (data x fsdp x expert of "
+                      f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {rows * accum}")
+  processes = jax.process_count()
+  if batch % processes:
+    raise ConfigError(f"train.batch_size={batch} does not split over {processes} processes")
+
+
+_CURRENT_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("diffgemma_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
+  """The mesh the model shards over while tracing: it turns on expert-parallel MoE dispatch (an `expert` axis
+  > 1) and activation sharding constraints. Enter it inside the function being jitted (it acts at trace time)."""
+  token = _CURRENT_MESH.set(mesh)
+  try:
+    yield mesh
+  finally:
+    _CURRENT_MESH.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+  return _CURRENT_MESH.get()

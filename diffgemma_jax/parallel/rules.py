@@ -13,6 +13,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diffgemma_jax.parallel.mesh import current_mesh
+
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),  # the scan axis stays whole on every device
     ("vocab", "tensor"),
@@ -26,6 +28,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("experts_unsharded", None),  # router columns and per-expert scales: small, needed whole on every device
     ("embed_expert", "fsdp"),
     ("expert_mlp", "tensor"),
+    ("batch", ("data", "fsdp", "expert")),  # activations: rows over every batch axis, features whole
 )
 
 # Rows of a batch are split over every axis that does not shard a weight's output dimension.
@@ -88,3 +91,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Pins an activation to the sharding its logical `axes` get from the rules, under `parallel.use_mesh`; the
+  identity otherwise. Keeps XLA from trading the FSDP all-gather of a weight for a resharded activation."""
+  mesh = current_mesh()
+  if mesh is None or mesh.devices.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fits(x.shape, partition_spec(axes, mesh), mesh)))

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from diffgemma_jax.parallel.mesh import use_mesh
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
 from diffgemma_jax.train.state import TrainState
 
@@ -75,8 +76,9 @@ def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shar
                     grad_accum_steps: int = 1, debug_nan_at_step: int = -1) -> Callable[..., Any]:
   """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes."""
   def step(state, batch, rng):
-    return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
-                      grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step)
+    with use_mesh(mesh):  # traced with the mesh: expert-parallel MoE and activation constraints
+      return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
+                        grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step)
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
