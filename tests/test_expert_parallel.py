@@ -229,7 +229,7 @@ def _train_three_steps(shape):
     state, metrics = step(state, batch, jax.random.key(0))
     grads.append([np.asarray(x) for x in jax.tree.leaves(state.opt_state)])
     losses.append(float(metrics["loss"]))
-    dropped.append(float(metrics.get("dropped_tokens", 0.0)))
+    dropped.append(float(metrics["dropped_tokens"]))
   params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   return dict(losses=losses, grads=grads, params=params, dropped=dropped, state=state, mesh=mesh)
 

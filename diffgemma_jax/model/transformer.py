@@ -62,13 +62,15 @@ class Block(nnx.Module):
     return out, (k_cache, v_cache)
 
   def _after_attention(self, x_BLD, attn_out, token_mask_BL, dtype):
-    h_BLD = x_BLD + self.post_attn_norm(attn_out)
+    from diffgemma_jax.parallel.rules import constrain  # pylint: disable=import-outside-toplevel (import cycle)
+    # Rows stay split over the batch axes between sublayers (a no-op unless traced under parallel.use_mesh).
+    h_BLD = constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", None, None))
     dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
     routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
     ffn = self.post_ffn_norm(dense + self.post_moe_norm(routed))
-    out = (h_BLD + ffn) * self.layer_scalar[...].astype(dtype)
+    out = constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", None, None))
     stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
-             "expert_load": routing.expert_load_E}
+             "expert_load": routing.expert_load_E, "dropped_tokens": jnp.asarray(routing.dropped, jnp.float32)}
     return out, stats
 
 
@@ -240,6 +242,7 @@ def aux_losses(stats: dict[str, Any], cfg: ModelConfig) -> dict[str, jax.Array]:
       "load_balance_loss": load_balance,
       "router_z_loss": z_loss,
       "expert_load": stats["expert_load"],  # [num_layers, E]
+      "dropped_tokens": jnp.sum(stats["dropped_tokens"]),  # (token, k) assignments expert parallelism dropped
       "aux_loss": cfg.load_balance_loss_weight * load_balance + cfg.router_z_loss_weight * z_loss,
   }
 

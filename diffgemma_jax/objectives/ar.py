@@ -39,7 +39,7 @@ class Autoregressive:
     loss = nll_per_token + aux["aux_loss"]
     return loss, {"loss": loss, "nelbo_per_token": nll_per_token, "num_tokens": jnp.sum(valid),
                   "load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
-                  "expert_load": jnp.mean(aux["expert_load"], axis=0)}
+                  "expert_load": jnp.mean(aux["expert_load"], axis=0), "dropped_tokens": aux["dropped_tokens"]}
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """Exact per-row negative log-likelihood of every token after the first of its segment (stderr 0)."""

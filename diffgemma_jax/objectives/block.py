@@ -131,7 +131,7 @@ def normalise_loss(per_example_B, scored_BL, sft: bool):
 
 def router_metrics(aux):
   return {"load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
-          "expert_load": jnp.mean(aux["expert_load"], axis=0)}
+          "expert_load": jnp.mean(aux["expert_load"], axis=0), "dropped_tokens": aux["dropped_tokens"]}
 
 
 def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, num_blocks: int, rng, *,

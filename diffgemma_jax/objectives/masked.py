@@ -137,6 +137,7 @@ class MaskedDiffusion:
         "load_balance_loss": aux["load_balance_loss"],
         "router_z_loss": aux["router_z_loss"],
         "expert_load": jnp.mean(aux["expert_load"], axis=0),
+        "dropped_tokens": aux["dropped_tokens"],
     }
     return loss, metrics
 
