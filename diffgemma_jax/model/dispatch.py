@@ -207,10 +207,13 @@ def tile_layout(group_sizes_E, num_rows: int, tile: int) -> TileLayout:
   return TileLayout(row_of_slot_S, slot_of_row_M, expert_of_tile_N.astype(jnp.int32), tile_end_E[-1])
 
 
-def _tile_geglu_fn(x_BD, w_gate_up_DF2, w_down_FD, compute_dtype):
-  gate_up_BF2 = jnp.dot(x_BD, w_gate_up_DF2, preferred_element_type=jnp.float32)
-  h_BF = _geglu_hidden(gate_up_BF2, compute_dtype)
-  return jnp.dot(h_BF, w_down_FD, preferred_element_type=jnp.float32), gate_up_BF2
+def _geglu_with_derivatives(gate_up_BF2, compute_dtype):
+  """h = gelu(gate) * up, and the factors that turn dh into d(gate|up): [up * gelu'(gate), gelu(gate)]."""
+  F = gate_up_BF2.shape[-1] // 2
+  gate, up = gate_up_BF2[..., :F], gate_up_BF2[..., F:]
+  gelu_gate, dgelu_gate = jax.jvp(lambda g: jax.nn.gelu(g, approximate=True), (gate,), (jnp.ones_like(gate),))
+  h_BF = (gelu_gate * up).astype(compute_dtype)
+  return h_BF, jnp.concatenate([up * dgelu_gate, gelu_gate], axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -221,22 +224,26 @@ def _tiled_geglu_loop(x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_u
 
 def _tiled_geglu_loop_fwd(x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, compute_dtype):
   N, B, D = x_NBD.shape
-  F2 = w_gate_up_EDF2.shape[-1]
+  F = w_down_EFD.shape[1]
 
   def body(n, carry):
-    y_NBD, gate_up_NBF2 = carry
+    y_NBD, h_NBF, dgate_up_factor_NBF2 = carry
     e = expert_of_tile_N[n]
-    y_BD, gate_up_BF2 = _tile_geglu_fn(x_NBD[n], w_gate_up_EDF2[e], w_down_EFD[e], compute_dtype)
+    gate_up_BF2 = jnp.dot(x_NBD[n], w_gate_up_EDF2[e], preferred_element_type=jnp.float32)
+    h_BF, factor_BF2 = _geglu_with_derivatives(gate_up_BF2, compute_dtype)
+    y_BD = jnp.dot(h_BF, w_down_EFD[e], preferred_element_type=jnp.float32)
     return (jax.lax.dynamic_update_index_in_dim(y_NBD, y_BD, n, 0),
-            jax.lax.dynamic_update_index_in_dim(gate_up_NBF2, gate_up_BF2, n, 0))
+            jax.lax.dynamic_update_index_in_dim(h_NBF, h_BF, n, 0),
+            jax.lax.dynamic_update_index_in_dim(dgate_up_factor_NBF2, factor_BF2, n, 0))
 
-  init = (jnp.zeros((N, B, D), jnp.float32), jnp.zeros((N, B, F2), jnp.float32))
-  y_NBD, gate_up_NBF2 = jax.lax.fori_loop(0, num_used_tiles, body, init)
-  return y_NBD, (x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, gate_up_NBF2)
+  init = (jnp.zeros((N, B, D), jnp.float32), jnp.zeros((N, B, F), compute_dtype),
+          jnp.zeros((N, B, 2 * F), jnp.float32))
+  y_NBD, h_NBF, factor_NBF2 = jax.lax.fori_loop(0, num_used_tiles, body, init)
+  return y_NBD, (x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, h_NBF, factor_NBF2)
 
 
 def _tiled_geglu_loop_bwd(compute_dtype, residuals, g_NBD):
-  x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, gate_up_NBF2 = residuals
+  x_NBD, w_gate_up_EDF2, w_down_EFD, expert_of_tile_N, num_used_tiles, h_NBF, factor_NBF2 = residuals
   E, F, D = w_down_EFD.shape
   g_NBD = g_NBD.astype(compute_dtype)
   # Weight gradients contract over a tile's rows. XLA:CPU runs dots whose left operand contracts its leading
@@ -247,11 +254,9 @@ def _tiled_geglu_loop_bwd(compute_dtype, residuals, g_NBD):
   def body(n, carry):
     dx_NBD, dw_gate_up_EDF2, dw_down_EDF, acc_gate_up_DF2, acc_down_DF = carry
     e = expert_of_tile_N[n]
-    h_BF, geglu_vjp = jax.vjp(lambda gu: _geglu_hidden(gu, compute_dtype), gate_up_NBF2[n])
     dh_BF = jnp.dot(g_NBD[n], w_down_EFD[e].T, preferred_element_type=jnp.float32)
-    dw_down_DF = jnp.dot(g_NDB[n], h_BF, preferred_element_type=jnp.float32)
-    (dgate_up_BF2,) = geglu_vjp(dh_BF.astype(h_BF.dtype))
-    dgate_up_BF2 = dgate_up_BF2.astype(compute_dtype)
+    dw_down_DF = jnp.dot(g_NDB[n], h_NBF[n], preferred_element_type=jnp.float32)
+    dgate_up_BF2 = (jnp.concatenate([dh_BF, dh_BF], axis=-1) * factor_NBF2[n]).astype(compute_dtype)
     dx_BD = jnp.dot(dgate_up_BF2, w_gate_up_EDF2[e].T, preferred_element_type=jnp.float32)
     dw_gate_up_DF2 = jnp.dot(x_NDB[n], dgate_up_BF2, preferred_element_type=jnp.float32)
     # Tiles come sorted by expert: keep a running sum for the current expert and store it over dw[e] each
