@@ -8,7 +8,7 @@ from diffgemma_jax.config import base_config
 def get_config():
   c = base_config()
   c.model.update(
-      vocab_size=1024,
+      vocab_size=512,
       embed_dim=128,
       num_layers=6,
       layer_pattern=("sliding",) * 5 + ("global",),

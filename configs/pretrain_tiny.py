@@ -6,7 +6,7 @@ from diffgemma_jax.config import base_config
 def get_config():
   c = base_config()
   c.model.update(
-      vocab_size=1024,
+      vocab_size=512,
       embed_dim=128,
       num_layers=4,
       layer_pattern=("sliding", "global"),
@@ -24,13 +24,13 @@ def get_config():
   )
   c.objective.name = "masked"
   c.data.recipe = "python_stdlib"
-  c.train.num_steps = 600
+  c.train.num_steps = 800
   c.train.batch_size = 16
   c.train.seq_len = 128
-  c.train.learning_rate = 3e-3
+  c.train.learning_rate = 6e-3
   c.train.warmup_steps = 30
   c.checkpoint.every_steps = 200
-  c.eval.every_steps = 300
+  c.eval.every_steps = 400
   c.eval.num_t_samples = 8
   c.eval.max_sequences = 128
   return c
