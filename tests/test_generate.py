@@ -30,12 +30,14 @@ MASK, EOS = 4, 3
     (dict(steps=6, gen_length=64, block_length=16), "masked", "multiple of the number of blocks"),
     (dict(gen_length=30, block_length=8), "masked", "must divide --gen_length"),
     (dict(top_p=0.0), "ar", "--top_p"),
-    (dict(sampler="ar"), "masked", "needs an autoregressive model"),
-    (dict(sampler="threshold"), "ar", "use --sampler ar"),
+    (dict(sampler="ar"), "masked", "needs a model trained with objective 'ar'"),
+    (dict(sampler="threshold"), "ar", "use ar"),
+    (dict(sampler="threshold"), "block", "use block_threshold, block_low_confidence"),
+    (dict(sampler="block_threshold", block_length=8), "block", "differs from the model's training block size"),
 ])
 def test_bad_options_fail_with_one_line(options, objective, message):
   with pytest.raises(GenerationError, match=message.replace("(", r"\(")) as info:
-    validate_options(GenerationOptions(**options), objective)
+    validate_options(GenerationOptions(**options), objective, block_size=16)
   assert "\n" not in str(info.value)
 
 
@@ -43,6 +45,8 @@ def test_default_samplers_and_steps():
   assert validate_options(GenerationOptions(), "ar").sampler == "ar"
   options = validate_options(GenerationOptions(gen_length=64), "masked")
   assert (options.sampler, options.steps) == ("threshold", 64)
+  options = validate_options(GenerationOptions(gen_length=64), "block", block_size=16)
+  assert (options.sampler, options.block_length) == ("block_threshold", 16)
 
 
 def test_bad_prompts():

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from diffgemma_jax.model import ModelConfig, build_model, make_mask
-from diffgemma_jax.sampling import ARConfig, ModelDenoiser, SamplerConfig, autoregressive, generate
+from diffgemma_jax.sampling import ARConfig, BlockDenoiser, ModelDenoiser, SamplerConfig, autoregressive, generate
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=4, global_head_dim=16, global_num_kv_heads=1,
@@ -76,7 +76,7 @@ def test_cached_block_step_equals_the_full_forward_right_after_a_refresh():
   @jax.jit
   def both(state, canvas):
     denoiser = ModelDenoiser(nnx.merge(graphdef, state), b, "dual")
-    full, cache = denoiser.full(canvas, denoiser.init(canvas), P + b)
+    full, cache = denoiser.full(canvas, denoiser.init(canvas, P)[0], P + b)
     return full, denoiser.cached(canvas, cache, P + b)[0]
 
   full, cached = both(state, canvas)
@@ -102,3 +102,47 @@ def test_diffusion_cache_refreshed_every_step_equals_the_uncached_sampler():
   approximate, _ = run("dual", 0)  # the approximate cache still keeps the prompt and fills every mask
   np.testing.assert_array_equal(approximate[:, :5], prompt)
   assert not np.any(np.asarray(approximate) == MASK)
+
+
+class _RecomputedBlockDenoiser:
+  """Reference for block-diffusion models: every step runs the whole canvas, clean tokens before the block
+  causally and the block over everything up to its end (the BD3-LM layout), no cache."""
+
+  def __init__(self, model, block_length):
+    self.model, self.block_length = model, block_length
+
+  def init(self, canvas_BS, prompt_length):
+    return (), 1  # the cached sampler spends one call on the prompt
+
+  def __call__(self, canvas_BS, cache, block_start, refresh):
+    B, S = canvas_BS.shape
+    q, k = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+    block_end = block_start + self.block_length
+    visible = jnp.where(q < block_start, k <= q, jnp.where(q < block_end, k < block_end, k == q))
+    positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+    logits = self.model(canvas_BS, positions, jnp.broadcast_to(visible, (B, S, S)))[0]
+    return jax.lax.dynamic_slice_in_dim(logits, block_start, self.block_length, axis=1), cache
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_block_diffusion_cache_is_exact(scan_layers):
+  """The clean prefix written once (prompt prefill, finished blocks re-run causally) equals recomputing it."""
+  cfg_model = dataclasses.replace(TINY, scan_layers=scan_layers)
+  graphdef, state = nnx.split(build_model(cfg_model, 4))
+  P, b = 5, 4
+  prompt = jax.random.randint(jax.random.key(5), (2, P), 5, TINY.vocab_size)
+  cfg = SamplerConfig(gen_length=12, block_length=b, steps_per_block=2, acceptance="threshold", threshold=0.2,
+                      cache="block", stop_at_eos=False)
+
+  @jax.jit
+  def both(state):
+    model = nnx.merge(graphdef, state)
+    cached = generate(BlockDenoiser(model, b, P), prompt, jax.random.key(6), cfg, mask_id=MASK)
+    recomputed = generate(_RecomputedBlockDenoiser(model, b), prompt, jax.random.key(6), cfg, mask_id=MASK)
+    return cached, recomputed
+
+  (cached, cached_calls), (recomputed, recomputed_calls) = both(state)
+  np.testing.assert_array_equal(cached, recomputed)
+  np.testing.assert_array_equal(cached_calls, recomputed_calls)
+  np.testing.assert_array_equal(cached[:, :P], prompt)
+  assert not np.any(np.asarray(cached) == MASK)

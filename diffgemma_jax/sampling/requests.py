@@ -6,6 +6,9 @@ This is the library behind `diffgemma-generate` (the entry point only parses fla
   low_confidence_cached  the same with Fast-dLLM's approximate dual KV cache
   threshold              Fast-dLLM: confidence-threshold parallel decoding (>= 1 token per step), dual KV cache
   threshold_nocache      the same without the cache
+  block_threshold        threshold decoding for block-diffusion models, exact KV cache of the clean prefix
+  block_low_confidence   low-confidence decoding for block-diffusion models, exact KV cache
+Block-diffusion models decode in blocks of their training block size (objective.block_size).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ SAMPLERS: dict[str, tuple[str, str] | None] = {
     "low_confidence_cached": ("low_confidence", "dual"),
     "threshold": ("threshold", "dual"),
     "threshold_nocache": ("threshold", "none"),
+    "block_threshold": ("threshold", "block"),
+    "block_low_confidence": ("low_confidence", "block"),
 }
-DIFFUSION_OBJECTIVES = ("masked",)
+OBJECTIVE_OF_CACHE = {"none": "masked", "dual": "masked", "block": "block"}
 
 
 class GenerationError(ConfigError):
@@ -53,21 +58,27 @@ class GenerationOptions:
 
 
 def default_sampler(objective_name: str) -> str:
-  return "ar" if objective_name == "ar" else "threshold"
+  return {"ar": "ar", "block": "block_threshold"}.get(objective_name, "threshold")
 
 
-def validate_options(options: GenerationOptions, objective_name: str) -> GenerationOptions:
-  """Fills the defaults for this model and checks every option; raises GenerationError (one line) otherwise."""
+def validate_options(options: GenerationOptions, objective_name: str,
+                     block_size: int | None = None) -> GenerationOptions:
+  """Fills the defaults for this model and checks every option; raises GenerationError (one line) otherwise.
+  `block_size` is objective.block_size of block-diffusion models (their block length)."""
   sampler = options.sampler or default_sampler(objective_name)
   if sampler not in SAMPLERS:
     raise GenerationError(f"--sampler {sampler!r} is unknown; valid samplers are {', '.join(SAMPLERS)}")
-  if sampler == "ar" and objective_name != "ar":
-    raise GenerationError(f"--sampler ar needs an autoregressive model; this config trains objective "
-                          f"{objective_name!r}: use one of {', '.join(s for s in SAMPLERS if s != 'ar')}")
-  if sampler != "ar" and objective_name not in DIFFUSION_OBJECTIVES:
-    raise GenerationError(f"--sampler {sampler} needs a masked-diffusion model (objective.name in "
-                          f"{DIFFUSION_OBJECTIVES}); this config trains {objective_name!r}"
-                          + ("; use --sampler ar" if objective_name == "ar" else ""))
+  wanted = "ar" if SAMPLERS[sampler] is None else OBJECTIVE_OF_CACHE[SAMPLERS[sampler][1]]
+  if wanted != objective_name:
+    fitting = [name for name, spec in SAMPLERS.items()
+               if ("ar" if spec is None else OBJECTIVE_OF_CACHE[spec[1]]) == objective_name]
+    raise GenerationError(f"--sampler {sampler} needs a model trained with objective {wanted!r}; this config "
+                          f"trains {objective_name!r}: use " + (", ".join(fitting) or "another model"))
+  if objective_name == "block" and block_size and options.block_length != block_size:
+    if options.block_length != GenerationOptions.block_length:
+      raise GenerationError(f"--block_length {options.block_length} differs from the model's training block size "
+                            f"objective.block_size={block_size}; use --block_length {block_size}")
+    options = dataclasses.replace(options, block_length=block_size)
   if options.gen_length < 1:
     raise GenerationError(f"--gen_length must be >= 1, got {options.gen_length}")
   if not 0.0 < options.threshold <= 1.0:
@@ -127,7 +138,7 @@ class Generator:
                                                                 eos_id=eos_id)
 
     def sample(state, prompt, rng):
-      denoiser = masked.ModelDenoiser(nnx.merge(graphdef, state), cfg.block_length, cfg.cache)
+      denoiser = masked.make_denoiser(nnx.merge(graphdef, state), cfg, prompt.shape[1])
       return masked.generate(denoiser, prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id)
 
     return sample
@@ -199,7 +210,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
                          step: int | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text) one request at a time; every option and prompt is checked before the
   model is restored, so bad input fails fast."""
-  options = validate_options(options, str(config.objective.name))
+  options = validate_options(options, str(config.objective.name), int(config.objective.block_size))
   if not prompts:
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   for text in prompts:
