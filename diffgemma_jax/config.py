@@ -66,6 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (1, 1, 1, 1)  # -1 in one place: the remaining devices
   c.mesh.axes = ("data", "fsdp", "expert", "tensor")
+
+  # Multi-process runs (README "Multi-host"): empty/negative values fall back to $JAX_COORDINATOR_ADDRESS,
+  # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to a SLURM job's own settings; none of them: one process.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = -1
+  c.distributed.process_id = -1
+  c.distributed.initialization_timeout_s = 300  # a process that cannot reach the coordinator fails after this
   return c
 
 

@@ -21,6 +21,8 @@ def main(argv=None) -> int:
   from diffgemma_jax.train import NonFiniteLossError, train
   try:
     config = load_config(args.config, config_overrides(rest))
+    from diffgemma_jax.parallel.distributed import initialize_distributed
+    initialize_distributed(config)  # before any device is touched; a no-op for one process
     train(config, args.workdir, show_progress=not args.no_progress)
   except NonFiniteLossError as e:
     return fail(str(e), code=3)

@@ -86,16 +86,25 @@ def _rows(data_dir: str, split: str, seq_len: int, keep_partial: bool) -> dict[s
 
 
 class _TakeRow:
-  def __init__(self, rows):
+  """Rows by id; given an array of ids, the `count` of them from `start` (this process's part of a batch)."""
+
+  def __init__(self, rows, start: int = 0, count: int | None = None):
     self.rows = rows
+    self.start, self.count = start, count
 
   def __call__(self, index):
+    if self.count is not None:
+      index = index[self.start:self.start + self.count]
     return {k: v[index] for k, v in self.rows.items()}
 
 
 def make_train_iterator(data_dir: str, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, num_workers: int = 0):
-  """Infinite, checkpointable iterator of this process's batches ([batch_size, seq_len] int32 arrays)."""
+  """Infinite, checkpointable iterator of this process's batches ([batch_size, seq_len] int32 arrays).
+
+  Process p of P gets rows [p * batch_size, (p + 1) * batch_size) of each global batch of P * batch_size rows, so
+  the global batch (and the run) is the same for any number of processes.
+  """
   del num_workers  # rows are precomputed in memory: the map is a gather, no worker processes needed
   rows = _rows(data_dir, "train", seq_len, keep_partial=False)
   n = len(rows["tokens"])
@@ -103,8 +112,8 @@ def make_train_iterator(data_dir: str, *, seq_len: int, batch_size: int, seed: i
     raise DataError(f"the train split of {data_dir!r} packs into {n} rows of {seq_len}, fewer than one global "
                     f"batch ({batch_size} x {process_count} processes)")
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count]
-  ds = ds.map(_TakeRow(rows)).batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size * process_count, drop_remainder=True)  # row ids of global batches
+  ds = ds.map(_TakeRow(rows, start=process_index * batch_size, count=batch_size))
   return iter(ds)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from diffgemma_jax.model.config import ConfigError
@@ -26,7 +27,14 @@ def prepare_dataset(config) -> tuple[str, Any]:
   from diffgemma_jax.data import Tokenizer
 
   directory = dataset_dir(config)
-  build_dataset(config.data.recipe, directory, int(config.model.vocab_size), source=config.data.source or None)
+  build = lambda: build_dataset(config.data.recipe, directory, int(config.model.vocab_size),  # noqa: E731
+                                source=config.data.source or None)
+  if jax.process_count() > 1:  # one writer; the others find it complete after the barrier (a shared filesystem)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      build()
+    multihost_utils.sync_global_devices("diffgemma dataset built")
+  build()
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
   if tokenizer.vocab_size != int(config.model.vocab_size):
     raise ConfigError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but model.vocab_size="

@@ -1,0 +1,114 @@
+"""Multi-host start-up: JAX's distributed runtime from the config or the environment.
+
+Every process of a run calls `initialize_distributed(config)` before touching a device. Where the settings come from,
+first match wins:
+  1. `distributed.coordinator_address` / `num_processes` / `process_id` in the config;
+  2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what launch/multihost/local.sh
+     sets);
+  3. a cluster JAX detects by itself (SLURM with more than one task: launch/multihost/slurm.sbatch);
+  4. none of these: one process, nothing to start.
+After it, `jax.devices()` lists every process's devices and the mesh spans them all; each process feeds its own
+rows of every batch and all processes write each checkpoint together (Orbax coordinates them).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Mapping
+
+import jax
+
+from diffgemma_jax.model.config import ConfigError
+
+ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+class CoordinatorUnreachableError(ConfigError):
+  """A process could not join the run: the coordinator did not answer in time."""
+
+
+def distributed_settings(config=None, env: Mapping[str, str] | None = None) -> dict | None:
+  """(address, num_processes, process_id, timeout) of an explicitly configured multi-process run, {} for a cluster
+  JAX should detect, or None for a single process."""
+  env = os.environ if env is None else env
+  section = config.get("distributed") if config is not None and hasattr(config, "get") else None
+  address = (section.coordinator_address if section is not None else "") or env.get(ENV_ADDRESS, "")
+  timeout = int(section.initialization_timeout_s) if section is not None else 300
+  if address:
+    def number(key, env_key):
+      value = section[key] if section is not None and int(section[key]) >= 0 else env.get(env_key)
+      if value is None or str(value).strip() == "":
+        raise ConfigError(f"distributed.coordinator_address={address!r} is set but distributed.{key} is not "
+                          f"(set it in the config or as ${env_key})")
+      return int(value)
+
+    num_processes = number("num_processes", ENV_NUM_PROCESSES)
+    process_id = number("process_id", ENV_PROCESS_ID)
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(f"distributed.process_id={process_id} must lie in [0, distributed.num_processes="
+                        f"{num_processes})")
+    return dict(coordinator_address=address, num_processes=num_processes, process_id=process_id,
+                initialization_timeout=timeout)
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return dict(initialization_timeout=timeout)
+  return None
+
+
+def initialize_distributed(config=None, env: Mapping[str, str] | None = None) -> bool:
+  """Joins the multi-process run described by the config or environment; False (nothing done) for one process."""
+  settings = distributed_settings(config, env)
+  if settings is None or (settings.get("num_processes") == 1):
+    return False
+  if _is_initialized():
+    return True
+  address = settings.get("coordinator_address", "(detected from the SLURM environment)")
+  who = f"process {settings['process_id']} of {settings['num_processes']}" if "process_id" in settings else \
+      "this process"
+  timeout = settings["initialization_timeout"]
+  # The runtime aborts the whole process (no Python exception) when the coordinator does not answer, so the
+  # other processes first check that its port accepts connections and fail here, naming the address.
+  if settings.get("process_id", 0) != 0:
+    started = time.monotonic()
+    wait_for_port(address, timeout, who)
+    settings["initialization_timeout"] = max(1, int(timeout - (time.monotonic() - started)))
+  print(f"{who}: joining the run through the coordinator at {address} (timeout {timeout} s)", file=sys.stderr,
+        flush=True)
+  try:
+    jax.distributed.initialize(**settings)
+  except Exception as e:  # pylint: disable=broad-except (the runtime raises plain RuntimeErrors)
+    raise CoordinatorUnreachableError(
+        f"{who} could not join the run through the coordinator at {address} within {timeout} s "
+        f"(distributed.initialization_timeout_s): {type(e).__name__}: {e}") from e
+  return True
+
+
+def wait_for_port(address: str, timeout_s: float, who: str = "this process") -> None:
+  """Returns once `host:port` accepts a TCP connection; CoordinatorUnreachableError after `timeout_s`."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"distributed.coordinator_address={address!r}: expected host:port")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, max(timeout_s, 0.1))):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise CoordinatorUnreachableError(
+            f"{who} could not reach the coordinator at {address} within {timeout_s:g} s "
+            f"(distributed.initialization_timeout_s; last error: {e}). Start process 0 first and check that "
+            f"the address is process 0's host and the port is open from here") from None
+      time.sleep(0.2)
+
+
+def _is_initialized() -> bool:
+  check = getattr(jax.distributed, "is_initialized", None)
+  return bool(check()) if check is not None else False
+
+
+def shutdown_distributed() -> None:
+  if _is_initialized():
+    jax.distributed.shutdown()

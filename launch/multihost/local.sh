@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Starts N training processes on this machine, joined by JAX's distributed runtime (CPU, for trying multi-host
+# code paths and for the tests); every argument after N goes to launch/train.py unchanged:
+#
+#   launch/multihost/local.sh 2 --config configs/pretrain_tiny.py --workdir /tmp/run --config.mesh.shape='(2,1,4,1)'
+#
+# Environment: DEVICES_PER_PROCESS (fake CPU devices per process, default 4), COORDINATOR_PORT (default: a free
+# port), PYTHON (default: python). Process i logs to $WORKDIR_LOGS/process_i.log if WORKDIR_LOGS is set, else
+# process 0 writes to this terminal and the others to /dev/null. Exits non-zero if any process fails; a failure
+# stops the others.
+set -euo pipefail
+
+if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 NUM_PROCESSES --config FILE --workdir DIR [--config.key=value ...]" >&2
+  exit 2
+fi
+num_processes=$1
+shift
+python=${PYTHON:-python}
+devices=${DEVICES_PER_PROCESS:-4}
+port=${COORDINATOR_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup INT TERM
+
+for ((i = 0; i < num_processes; i++)); do
+  if [[ -n "${WORKDIR_LOGS:-}" ]]; then
+    mkdir -p "$WORKDIR_LOGS"
+    log="$WORKDIR_LOGS/process_$i.log"
+  elif [[ $i -eq 0 ]]; then
+    log=/dev/stdout
+  else
+    log=/dev/null
+  fi
+  JAX_PLATFORMS=cpu \
+  XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
+  JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$num_processes" JAX_PROCESS_ID="$i" \
+  PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" \
+    "$python" -m launch.train --no_progress "$@" >"$log" 2>&1 &
+  pids+=($!)
+done
+
+# Wait for the first process to finish, then the next...; the first failure stops the rest (they would otherwise
+# wait at their next collective until the runtime's heartbeat times out).
+status=0
+for ((left = num_processes; left > 0; left--)); do
+  code=0
+  wait -n || code=$?
+  if [[ $code -ne 0 && $status -eq 0 ]]; then
+    status=$code
+    echo "local.sh: a training process exited with status $code; stopping the others" >&2
+    cleanup
+  fi
+done
+exit $status
