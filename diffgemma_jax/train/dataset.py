@@ -15,7 +15,9 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 
 def dataset_dir(config) -> str:
-  return config.data.dir or os.path.join("data", config.data.recipe)
+  """`data.dir`, or `data/<recipe>-v<vocab_size>`: configs with different vocabularies never rebuild (and so
+  invalidate) each other's tokenizer."""
+  return config.data.dir or os.path.join("data", f"{config.data.recipe}-v{int(config.model.vocab_size)}")
 
 
 def prepare_dataset(config) -> tuple[str, Any]:
