@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.seed = 0
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (1, 1, 1, 1)  # -1 in one place: the remaining devices
+  c.mesh.shape = (-1, 1, 1, 1)  # data x fsdp x expert x tensor; -1 in one place: the remaining devices
   c.mesh.axes = ("data", "fsdp", "expert", "tensor")
 
   # Multi-process runs (README "Multi-host"): empty/negative values fall back to $JAX_COORDINATOR_ADDRESS,

@@ -280,3 +280,16 @@ def test_checkpoint_restores_onto_every_mesh(single_device_run, tmp_path):
       assert got.sharding == sharding, (shape, got.sharding, sharding)
       np.testing.assert_array_equal(np.asarray(got), want)
   ckpt.close()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or 8 % jax.device_count() != 0,
+                    reason="ragged_all_to_all needs a GPU (XLA:CPU has none)")
+def test_ragged_all_to_all_matches_dense_on_gpu():
+  mesh = make_mesh((1, 1, jax.device_count(), 1))
+  p = _problem()
+  with jax.default_matmul_precision("highest"):  # no TF32 on either side
+    y, grads = _loss_and_grads(_ep(mesh, "ragged", collective="ragged_all_to_all"), p)
+    y_ref, grads_ref = _loss_and_grads(_reference, p)
+  _close(y, y_ref)
+  for g, g_ref in zip(grads, grads_ref):
+    _close(g, g_ref)

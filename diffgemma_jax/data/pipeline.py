@@ -46,7 +46,7 @@ def token_stream(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   lengths = np.asarray([len(p) for p in pieces], np.int64)
   tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-  tmp = cache + ".tmp.npz"
+  tmp = f"{cache}.{os.getpid()}.tmp.npz"  # processes of one run may fill the cache at once; the rename is atomic
   np.savez(tmp, tokens=tokens, starts=starts)
   os.replace(tmp, cache)
   return tokens, starts

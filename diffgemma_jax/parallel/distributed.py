@@ -104,6 +104,26 @@ def wait_for_port(address: str, timeout_s: float, who: str = "this process") -> 
       time.sleep(0.2)
 
 
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Every process waits here until all have arrived (a no-op for one process).
+
+  The runtime's key-value barrier takes a timeout, unlike `multihost_utils.sync_global_devices`, whose collective
+  gives up after ~30 s on CPU: too short while process 0 builds a dataset the others are waiting for.
+  """
+  if jax.process_count() == 1:
+    return
+  try:
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    client = distributed.global_state.client
+  except (ImportError, AttributeError):
+    client = None
+  if client is None:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
 def _is_initialized() -> bool:
   check = getattr(jax.distributed, "is_initialized", None)
   return bool(check()) if check is not None else False

@@ -32,10 +32,10 @@ def prepare_dataset(config) -> tuple[str, Any]:
   build = lambda: build_dataset(config.data.recipe, directory, int(config.model.vocab_size),  # noqa: E731
                                 source=config.data.source or None)
   if jax.process_count() > 1:  # one writer; the others find it complete after the barrier (a shared filesystem)
-    from jax.experimental import multihost_utils
+    from diffgemma_jax.parallel.distributed import barrier
     if jax.process_index() == 0:
       build()
-    multihost_utils.sync_global_devices("diffgemma dataset built")
+    barrier("diffgemma_dataset_built")
   build()
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
   if tokenizer.vocab_size != int(config.model.vocab_size):
