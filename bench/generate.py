@@ -1,6 +1,6 @@
 """Generation speed and sample quality: the tiny diffusion model's samplers vs its autoregressive twin.
 
-python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--json]      trained models: speed + quality
+python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--block_workdir DIR] [--json]   speed + quality
 python bench/generate.py --random_weights [--diffusion_config configs/pretrain_gpu_1b.py] [--json]   speed only
 
 Batch 1, `--gen_length` (256) new tokens after a `--prompt_tokens` prompt that starts a document of the held-out
@@ -9,7 +9,8 @@ produces the same number of tokens. Each setting is compiled first, then timed `
 reported): tokens/s, model calls (denoising steps / decode steps), and with an AR checkpoint the generative
 perplexity of the new tokens under the AR model and their unigram entropy. Settings: the KV-cached AR decoder;
 LLaDA low-confidence decoding at several step budgets, without and with the approximate dual cache; Fast-dLLM
-threshold decoding at several thresholds, with and without the cache.
+threshold decoding at several thresholds, with and without the cache; with a block-diffusion model (or random
+weights) the exact-cache block samplers at its training block size.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
   p.add_argument("--diffusion_workdir", default=None)
   p.add_argument("--ar_config", default="configs/ar_tiny.py")
   p.add_argument("--ar_workdir", default=None)
+  p.add_argument("--block_config", default="configs/block_tiny.py")
+  p.add_argument("--block_workdir", default=None, help="optional: a block-diffusion run (exact-cache samplers)")
   p.add_argument("--random_weights", action="store_true", help="random init (speed only; no gen-PPL)")
   p.add_argument("--gen_length", type=int, default=256)
   p.add_argument("--block_length", type=int, default=32)
@@ -93,11 +96,17 @@ def main(argv=None) -> int:
   if args.random_weights:
     diffusion_model = build_model(ModelConfig.from_config_dict(diffusion_config.model), 0)
     ar_model = build_model(ModelConfig.from_config_dict(ar_config.model), 1)
+    block_config = load_config(args.block_config, {})
+    block_model = build_model(ModelConfig.from_config_dict(block_config.model), 2)
     steps = {"diffusion": None, "ar": None}
   else:
     diffusion_model, diffusion_step = restore_model(diffusion_config, args.diffusion_workdir)
     ar_model, ar_step = restore_model(ar_config, args.ar_workdir)
     steps = {"diffusion": diffusion_step, "ar": ar_step}
+    block_config, block_model = None, None
+    if args.block_workdir:
+      block_config = load_config(args.block_config, {})
+      block_model, steps["block"] = restore_model(block_config, args.block_workdir)
   try:
     prompt = held_out_prompt(diffusion_config, args.prompt_tokens)
     prompt_source = "held-out"
@@ -115,6 +124,13 @@ def main(argv=None) -> int:
   plan = [("ar", ar_model, validate_options(GenerationOptions(sampler="ar", **common), "ar"))]
   plan += [(label, diffusion_model, validate_options(GenerationOptions(**common, **fields), "masked"))
            for label, fields in diffusion_settings(args.gen_length, args.block_length)]
+  if block_model is not None:
+    block_common = dict(common, block_length=int(block_config.objective.block_size))
+    for threshold in (0.9, 0.7, 0.5):
+      plan.append((f"block_threshold {threshold}", block_model, validate_options(
+          GenerationOptions(sampler="block_threshold", threshold=threshold, **block_common), "block")))
+    plan.append(("block_low_confidence steps=G/2", block_model, validate_options(
+        GenerationOptions(sampler="block_low_confidence", steps=args.gen_length // 2, **block_common), "block")))
   only = set(filter(None, args.only.split(",")))
   generators = {}
   rows = []
