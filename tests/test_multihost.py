@@ -17,7 +17,11 @@ from diffgemma_jax.parallel.distributed import distributed_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_SH = os.path.join(REPO, "launch", "multihost", "local.sh")
-MESH = "(1,2,4,1)"  # fsdp x expert over both processes' devices: every collective crosses the process boundary
+MESH = "(1,2,4,1)"
+# AdamW moves every element by up to about the learning rate per step whatever its gradient's size, so float32
+# noise in a near-zero gradient (the per-layer scalars: one number summed over every activation, in an order that
+# depends on the collective) can move it by a fair part of the rate. Parameters are compared on that scale.
+LEARNING_RATE = 1e-4  # fsdp x expert over both processes' devices: every collective crosses the process boundary
 
 
 def _section(**values):
@@ -58,7 +62,8 @@ def test_unreachable_coordinator_fails_naming_the_address(tiny_config_file):
 def _overrides(num_steps: int) -> list[str]:
   return [f"--config.mesh.shape={MESH}", f"--config.train.num_steps={num_steps}", "--config.train.batch_size=8",
           "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0", "--config.eval.batch_size=8",
-          "--config.eval.max_sequences=8", "--config.eval.num_t_samples=2", "--config.model.dropless=True"]
+          "--config.eval.max_sequences=8", "--config.eval.num_t_samples=2", "--config.model.dropless=True",
+          f"--config.train.learning_rate={LEARNING_RATE}"]
 
 
 def _run(cmd, env, log_dir=None):
@@ -108,7 +113,4 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tiny_config
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == sorted(
       os.listdir(os.path.join(single, "checkpoints")))
   for a, b in zip(_final_params(tiny_config_file, multi, 4), _final_params(tiny_config_file, single, 4)):
-    # Matrices agree to ~1e-7. The per-layer scalars (one number, its gradient summed over every activation in an
-    # order that depends on the collective) carry ~1e-3 relative gradient noise, which AdamW turns into ~1% of the
-    # learning rate: 3e-5 on a value of ~1.
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * LEARNING_RATE)
