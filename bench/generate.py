@@ -86,17 +86,20 @@ def main(argv=None) -> int:
   p.add_argument("--temperature", type=float, default=0.0, help="every sampler's temperature (0: greedy)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--only", default="", help="comma-separated sampler names to run (default: all)")
+  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override applied to every config (e.g. model.vocab_size=1024 for older runs)")
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
+  overrides = dict(item.split("=", 1) for item in args.override)
   if not args.random_weights and not (args.diffusion_workdir and args.ar_workdir):
     p.error("pass --diffusion_workdir and --ar_workdir (trained runs), or --random_weights for speed only")
 
-  diffusion_config = load_config(args.diffusion_config, {})
-  ar_config = load_config(args.ar_config, {})
+  diffusion_config = load_config(args.diffusion_config, overrides)
+  ar_config = load_config(args.ar_config, overrides)
   if args.random_weights:
     diffusion_model = build_model(ModelConfig.from_config_dict(diffusion_config.model), 0)
     ar_model = build_model(ModelConfig.from_config_dict(ar_config.model), 1)
-    block_config = load_config(args.block_config, {})
+    block_config = load_config(args.block_config, overrides)
     block_model = build_model(ModelConfig.from_config_dict(block_config.model), 2)
     steps = {"diffusion": None, "ar": None}
   else:
@@ -105,11 +108,13 @@ def main(argv=None) -> int:
     steps = {"diffusion": diffusion_step, "ar": ar_step}
     block_config, block_model = None, None
     if args.block_workdir:
-      block_config = load_config(args.block_config, {})
+      block_config = load_config(args.block_config, overrides)
       block_model, steps["block"] = restore_model(block_config, args.block_workdir)
   try:
-    prompt = held_out_prompt(diffusion_config, args.prompt_tokens)
-    prompt_source = "held-out"
+    if args.prompt_tokens == 1:  # unconditional samples (MDLM's gen-PPL setting): needs no dataset
+      prompt, prompt_source = [BOS], "bos"
+    else:
+      prompt, prompt_source = held_out_prompt(diffusion_config, args.prompt_tokens), "held-out"
   except Exception:  # no dataset built: speed-only runs use random ids
     if not args.random_weights:
       raise
