@@ -24,8 +24,10 @@ export PYTHONPATH="$REPO:${PYTHONPATH:-}"
 
 STEPS=(
   "environment|45|$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true"
-  "pallas_gmm_tests|150|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
-  "gmm_benchmark|260|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 170 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
+  "pallas_gmm_tests|120|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
+  "gmm_benchmark|200|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 130 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
+  "train_step_benchmark|50|$PY bench/train_cpu.py --json --steps 10 --batch_size 32 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
+  "sampler_benchmark|60|$PY bench/generate.py --json --random_weights --repeats 1 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False > $OUTDIR/generate.json"
 )
 
 failed=0
