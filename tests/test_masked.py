@@ -97,7 +97,7 @@ class _UniformModel:
 
   def __call__(self, tokens, positions, mask, token_mask_BL=None, embeddings_BLD=None):
     aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(1), "router_z_loss": jnp.float32(0),
-           "expert_load": jnp.ones((1, 2)) / 2}
+           "expert_load": jnp.ones((1, 2)) / 2, "dropped_tokens": jnp.float32(0)}
     return jnp.zeros(tokens.shape + (self.V,)), aux
 
 
