@@ -2,18 +2,10 @@
 next-token loss, so its exact held-out perplexity and its generation speed compare directly with the diffusion
 model's bound and samplers."""
 
-import importlib.util
-import os
-
-
-def _recipe(name: str):
-  spec = importlib.util.spec_from_file_location(f"_recipe_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from diffgemma_jax.config import sibling_config
 
 
 def get_config():
-  c = _recipe("pretrain_tiny").get_config()
+  c = sibling_config(__file__, "pretrain_tiny")
   c.objective.name = "ar"
   return c

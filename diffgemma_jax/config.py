@@ -88,6 +88,12 @@ def _load_module(path: str):
   return module
 
 
+def sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of recipe `name` beside `config_file` (a recipe that is another recipe with a few changes)."""
+  module = _load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
   for key in config.keys():
     name = f"{prefix}{key}"
