@@ -26,12 +26,15 @@ def source_files(source: str) -> list[str]:
 def documents(source: str) -> tuple[list[tuple[str, str]], int]:
   paths = source_files(source)
   docs, skipped = [], 0
+  # Documents are named relative to the files' common folder, so the split depends on the corpus, not on where
+  # it lies (a split keyed by absolute paths would change when the same files move).
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
   for path in paths:
     text = read_utf8(path)
     if text is None:
       skipped += 1
     elif text.strip():
-      docs.append((path, text))
+      docs.append((os.path.relpath(os.path.abspath(path), root), text))
   if skipped:
     print(f"text_files: skipped {skipped} non-UTF-8 file(s) under {source!r}", file=sys.stderr)
   if not docs:

