@@ -76,7 +76,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.train.checkpoint import Checkpointer
-  from diffgemma_jax.train.dataset import eval_batches, prepare_dataset, unigram_baseline
+  from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state
 
@@ -90,6 +90,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
   elif step not in available:
     raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
   directory, tokenizer = prepare_dataset(config)
+  pin_tokenizer(directory, workdir, write=False)
   mesh = mesh_from_config(config, training=False)
   tx, _ = make_optimizer(config.train)
   graphdef, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, mesh)

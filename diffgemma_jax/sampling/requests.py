@@ -200,10 +200,12 @@ def restore_model(config, workdir: str, step: int | None = None):
   return nnx.merge(graphdef, params), int(step)
 
 
-def load_tokenizer(config):
+def load_tokenizer(config, workdir: str | None = None):
+  """The run's own tokenizer (pinned in its workdir by the trainer), else the dataset's."""
   from diffgemma_jax.data import Tokenizer
   from diffgemma_jax.train.dataset import dataset_dir
-  return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
+  pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
+  return Tokenizer(pinned if pinned and os.path.isfile(pinned) else os.path.join(dataset_dir(config), "tokenizer.model"))
 
 
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
@@ -215,7 +217,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   for text in prompts:
     validate_prompt(text, [], 1)
-  tokenizer = load_tokenizer(config)
+  tokenizer = load_tokenizer(config, workdir)
   context_length = int(config.train.seq_len)
   encoded = []
   for text in prompts:

@@ -45,6 +45,23 @@ def prepare_dataset(config) -> tuple[str, Any]:
   return directory, tokenizer
 
 
+def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
+  """Keeps the tokenizer a run was trained with in its workdir, and refuses a dataset whose tokenizer differs
+  (a rebuilt dataset would otherwise silently re-map every token id of the trained model)."""
+  import filecmp
+  import shutil
+  source = os.path.join(directory, "tokenizer.model")
+  pinned = os.path.join(workdir, "tokenizer.model")
+  if os.path.isfile(pinned):
+    if not filecmp.cmp(source, pinned, shallow=False):
+      raise ConfigError(f"the tokenizer in {directory} differs from {pinned}, the one this run was trained with; "
+                        f"point data.dir at the run's original dataset or use a new --workdir")
+  elif write:
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(source, pinned + ".tmp")
+    os.replace(pinned + ".tmp", pinned)
+
+
 def train_iterator(config, directory: str, *, process_index: int = 0, process_count: int = 1):
   from diffgemma_jax.data import make_train_iterator
   return make_train_iterator(directory, seq_len=int(config.train.seq_len),

@@ -23,7 +23,7 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.checkpoint import Checkpointer
-from diffgemma_jax.train.dataset import eval_batches, prepare_dataset, train_iterator, unigram_baseline
+from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
 from diffgemma_jax.train.optimizer import make_optimizer
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
@@ -68,6 +68,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   mesh = mesh_from_config(config)
   directory, tokenizer = prepare_dataset(config)
   os.makedirs(workdir, exist_ok=True)
+  pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
                              section=config.objective)
   tx, schedule = make_optimizer(tc)
