@@ -143,16 +143,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
       value = parse_value(text, node[parts[-1]])
     except (ValueError, SyntaxError) as e:
       raise ConfigError(f"config key {dotted!r}: cannot parse {text!r} ({e})") from None
-    with node.unlocked() if hasattr(node, "unlocked") else _null():
+    with node.unlocked():
       node[parts[-1]] = value
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

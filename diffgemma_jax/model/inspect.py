@@ -51,10 +51,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   included) plus attention scores and values over the context each layer sees (the sliding window or L)."""
   counts = count_params(cfg)["params_by_component"]
   D, E, K = cfg.embed_dim, cfg.num_experts, cfg.top_k
-  norms = counts.get("norms_and_scalars", 0)
   matmul = (counts.get("attention", 0) + counts.get("dense_mlp", 0) + counts.get("router", 0)
             + counts.get("experts", 0) * K / E + cfg.vocab_size * D)
-  del norms
   attention = 0.0
   for kind in cfg.layer_kinds:
     head_dim = cfg.attention_dims(kind)[0]
