@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 from diffgemma_jax.data.errors import DataError
-from diffgemma_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
+from diffgemma_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 SHARD_BYTES = 8 << 20
 SPLITS = ("train", "heldout")
@@ -29,23 +29,42 @@ def read_manifest(output_dir: str) -> dict | None:
     return json.load(f)
 
 
-def is_current(output_dir: str, recipe: str, vocab_size: int, source: str | None) -> bool:
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def is_current(output_dir: str, recipe: str, vocab_size: int | None, source: str | None,
+               tokenizer: str | None = None) -> bool:
+  """Whether `output_dir` already holds this recipe's dataset, built from the same source and with the same
+  tokenizer (`tokenizer`: a given sentencepiece file, compared by content; None: one the recipe trains)."""
   manifest = read_manifest(output_dir)
-  return bool(manifest and manifest.get("recipe") == recipe and manifest.get("vocab_size") == vocab_size
-              and manifest.get("source") == (source or None)
-              and os.path.isfile(os.path.join(output_dir, "tokenizer.model")))
+  if not (manifest and manifest.get("recipe") == recipe and manifest.get("source") == (source or None)
+          and os.path.isfile(os.path.join(output_dir, "tokenizer.model"))):
+    return False
+  if tokenizer:
+    return os.path.isfile(tokenizer) and manifest.get("tokenizer_sha256") == file_sha256(tokenizer)
+  return manifest.get("vocab_size") == vocab_size and manifest.get("tokenizer_sha256") is None
 
 
-def content_hash(splits: dict[str, list[tuple[str, str]]]) -> str:
+def _item_text(item: str | dict) -> str:
+  return item if isinstance(item, str) else json.dumps(item, sort_keys=True, ensure_ascii=False)
+
+
+def item_bytes(item: str | dict) -> int:
+  return len(_item_text(item).encode("utf-8"))
+
+
+def content_hash(splits: dict[str, list[tuple[str, str | dict]]]) -> str:
   digest = hashlib.sha256()
   for split in SPLITS:
-    for source, text in splits[split]:
+    for source, item in splits[split]:
       digest.update(f"{split}\0{source}\0".encode())
-      digest.update(text.encode("utf-8"))
+      digest.update(_item_text(item).encode("utf-8"))
   return digest.hexdigest()
 
 
-def _write_shards(directory: str, documents: list[tuple[str, str]]) -> list[str]:
+def _write_shards(directory: str, documents: list[tuple[str, str | dict]]) -> list[str]:
   os.makedirs(directory, exist_ok=True)
   files, shard, size = [], None, 0
   for source, text in documents:
@@ -55,7 +74,8 @@ def _write_shards(directory: str, documents: list[tuple[str, str]]) -> list[str]
       name = f"shard-{len(files):05d}.jsonl"
       files.append(name)
       shard, size = open(os.path.join(directory, name), "w", encoding="utf-8"), 0
-    line = json.dumps({"text": text, "source": source}, ensure_ascii=False)
+    record = dict(text, source=source) if isinstance(text, dict) else {"text": text, "source": source}
+    line = json.dumps(record, ensure_ascii=False)
     shard.write(line + "\n")
     size += len(line)
   if shard:
@@ -63,9 +83,12 @@ def _write_shards(directory: str, documents: list[tuple[str, str]]) -> list[str]
   return files
 
 
-def write_dataset(output_dir: str, recipe: str, vocab_size: int, splits: dict[str, list[tuple[str, str]]], *,
-                  source: str | None = None, notes: dict | None = None) -> dict:
-  """Writes both splits and the tokenizer (trained on the train split only) into a fresh directory."""
+def write_dataset(output_dir: str, recipe: str, vocab_size: int | None, splits: dict[str, list[tuple[str, Any]]], *,
+                  source: str | None = None, notes: dict | None = None, tokenizer: str | None = None,
+                  kind: str = "text") -> dict:
+  """Writes both splits and the tokenizer into a fresh directory: a copy of `tokenizer` (a sentencepiece model
+  file) when given, else one trained on the train split only. `kind`: "text" (documents `{"text", "source"}`,
+  packed for pretraining) or "sft" (records `{"prompt", "response"}` or `{"messages"}`, see data/sft.py)."""
   for split in SPLITS:
     if not splits.get(split):
       raise DataError(f"recipe {recipe!r}: the {split} split is empty; the corpus is too small to split")
@@ -78,15 +101,25 @@ def write_dataset(output_dir: str, recipe: str, vocab_size: int, splits: dict[st
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(staging)
   files = {split: _write_shards(os.path.join(staging, split), splits[split]) for split in SPLITS}
-  tokenizer = train_tokenizer((text for _, text in splits["train"]), os.path.join(staging, "tokenizer"), vocab_size)
+  if tokenizer:
+    if not os.path.isfile(tokenizer):
+      raise DataError(f"data.tokenizer: {tokenizer!r} does not exist; give a sentencepiece .model file")
+    shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
+    tok = Tokenizer(os.path.join(staging, "tokenizer.model"))
+  else:
+    if kind != "text":
+      raise DataError(f"recipe {recipe!r} trains no tokenizer: set data.tokenizer or init.checkpoint")
+    tok = train_tokenizer((text for _, text in splits["train"]), os.path.join(staging, "tokenizer"), vocab_size)
   manifest = {
       "recipe": recipe,
+      "kind": kind,
       "source": source or None,
-      "vocab_size": vocab_size,
-      "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "mask": tokenizer.mask_id,
-                      "start_of_turn": tokenizer.start_of_turn_id, "end_of_turn": tokenizer.end_of_turn_id},
+      "vocab_size": tok.vocab_size,
+      "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
+      "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id,
+                      "mask": tok.mask_id, "start_of_turn": tok.start_of_turn_id, "end_of_turn": tok.end_of_turn_id},
       "splits": {split: {"documents": len(splits[split]),
-                         "bytes": sum(len(t.encode("utf-8")) for _, t in splits[split]),
+                         "bytes": sum(item_bytes(t) for _, t in splits[split]),
                          "files": [f"{split}/{name}" for name in files[split]]} for split in SPLITS},
       "sha256": content_hash(splits),
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -99,6 +132,18 @@ def write_dataset(output_dir: str, recipe: str, vocab_size: int, splits: dict[st
   shutil.rmtree(output_dir, ignore_errors=True)
   os.replace(staging, output_dir)
   return manifest
+
+
+def read_records(data_dir: str, split: str) -> list[dict]:
+  """The records of one split of an SFT dataset (`kind` "sft"), in order."""
+  manifest = read_manifest(data_dir)
+  if manifest is None:
+    raise DataError(f"{data_dir!r} holds no manifest.json; build it with a data recipe")
+  records = []
+  for name in manifest["splits"][split]["files"]:
+    with open(os.path.join(data_dir, name), encoding="utf-8") as f:
+      records.extend(json.loads(line) for line in f if line.strip())
+  return records
 
 
 def read_split(data_dir: str, split: str) -> list[str]:
@@ -131,14 +176,14 @@ def split_by_hash(items: Iterable[tuple[str, str]], heldout_fraction: float, key
   for source, text in items:
     groups.setdefault(key(source), []).append((source, text))
   order = sorted(groups, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-  total = sum(len(t.encode("utf-8")) for _, t in items)
+  total = sum(item_bytes(t) for _, t in items)
   heldout_keys, held = set(), 0
   for k in order:
     if held >= heldout_fraction * total:
       break
     heldout_keys.add(k)
-    held += sum(len(t.encode("utf-8")) for _, t in groups[k])
+    held += sum(item_bytes(t) for _, t in groups[k])
   splits = {"train": [], "heldout": []}
-  for source, text in sorted(items):
+  for source, text in sorted(items, key=lambda item: (item[0], _item_text(item[1]))):
     splits["heldout" if key(source) in heldout_keys else "train"].append((source, text))
   return splits

@@ -46,17 +46,18 @@ def documents(root: str | None = None) -> list[tuple[str, str]]:
   return docs
 
 
-def build(output_dir: str, vocab_size: int = 1024, source: str | None = None) -> dict:
+def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
+          **_) -> dict:
   del source
   root = sysconfig.get_paths()["stdlib"]
   notes = {"stdlib_root": root, "python": sys.version.split()[0], "excluded_dirs": sorted(EXCLUDED_DIRS)}
   # A directory built by another interpreter or an older file selection holds a different corpus: rebuild it.
-  if is_current(output_dir, "python_stdlib", vocab_size, None):
+  if is_current(output_dir, "python_stdlib", vocab_size, None, tokenizer):
     manifest = read_manifest(output_dir)
     if all(manifest.get(key) == value for key, value in notes.items()):
       return manifest
   splits = split_by_hash(documents(root), HELDOUT_FRACTION)
-  return write_dataset(output_dir, "python_stdlib", vocab_size, splits, notes=notes)
+  return write_dataset(output_dir, "python_stdlib", vocab_size, splits, notes=notes, tokenizer=tokenizer)
 
 
 def main(argv=None) -> int:

@@ -72,13 +72,15 @@ def documents(archive: str) -> list[tuple[str, str]]:
   return [(f"{play}/{name}", text) for play, (name, _, text) in sorted(chosen.items())]
 
 
-def build(output_dir: str, vocab_size: int = 1024, source: str | None = None) -> dict:
+def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
+          **_) -> dict:
   del source
-  if is_current(output_dir, "shakespeare", vocab_size, None):
+  if is_current(output_dir, "shakespeare", vocab_size, None, tokenizer):
     return read_manifest(output_dir)
   archive = fetch()
   splits = split_by_hash(documents(archive), 0.05, key=lambda s: s.split("/")[0])
-  return write_dataset(output_dir, "shakespeare", vocab_size, splits, notes={"archive": os.path.basename(archive)})
+  return write_dataset(output_dir, "shakespeare", vocab_size, splits, notes={"archive": os.path.basename(archive)},
+                       tokenizer=tokenizer)
 
 
 def main(argv=None) -> int:

@@ -43,12 +43,13 @@ def documents(source: str) -> tuple[list[tuple[str, str]], int]:
   return docs, skipped
 
 
-def build(output_dir: str, vocab_size: int = 1024, source: str | None = None) -> dict:
-  if is_current(output_dir, "text_files", vocab_size, source):
+def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
+          **_) -> dict:
+  if is_current(output_dir, "text_files", vocab_size, source, tokenizer):
     return read_manifest(output_dir)
   docs, skipped = documents(source)
   return write_dataset(output_dir, "text_files", vocab_size, split_by_hash(docs, 0.04), source=source,
-                       notes={"skipped_non_utf8": skipped})
+                       notes={"skipped_non_utf8": skipped}, tokenizer=tokenizer)
 
 
 def main(argv=None) -> int:

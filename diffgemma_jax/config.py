@@ -28,9 +28,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.self_cond_prob = 0.5  # uniform with model.self_conditioning: fraction of rows self-conditioned
 
   c.data = ml_collections.ConfigDict()
-  c.data.recipe = "python_stdlib"  # python_stdlib | shakespeare | text_files
-  c.data.dir = ""  # dataset directory; empty: data/<recipe> under the current directory
-  c.data.source = ""  # text_files recipe: a directory or glob of UTF-8 files
+  # Pretraining: python_stdlib | shakespeare | text_files. SFT (prompt/response rows): python_docstrings | jsonl.
+  c.data.recipe = "python_stdlib"
+  c.data.dir = ""  # dataset directory; empty: data/<recipe>-v<vocab_size> under the current directory
+  c.data.source = ""  # text_files: a directory or glob of UTF-8 files; jsonl: a JSONL file, directory or glob
+  c.data.heldout_source = ""  # jsonl: the held-out file(s); empty: a hashed 5% of the source examples
+  # An existing sentencepiece model to use instead of training one (e.g. Gemma's tokenizer.model). SFT recipes
+  # with this empty use the tokenizer of init.checkpoint's run.
+  c.data.tokenizer = ""
+  c.data.chat_template = "gemma"  # SFT: gemma (<start_of_turn>role ... <end_of_turn>) | plain (text as it is)
+  c.data.max_bad_lines = 10  # jsonl: malformed lines skipped (each reported) before the build fails
   c.data.seed = 0
   c.data.num_workers = 0
 
@@ -50,6 +57,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10
   c.train.peak_flops_per_device = 0.0  # for the MFU estimate; 0: a table value for the device kind
   c.train.debug_nan_at_step = -1  # test hook: the update producing this step gets a NaN loss
+  # Parameter groups kept fixed (no gradient, no optimizer state): router, experts, attention, mlp, embedder,
+  # norms, self_conditioning. With model.lora_rank > 0 everything but the LoRA adapters is frozen anyway.
+  c.train.freeze = ()
+
+  # Fine-tuning: start from another run's parameters (fresh optimizer, step 0). A workdir (its latest checkpoint),
+  # its checkpoints/ folder, or one step folder; a run that already has checkpoints of its own resumes from them.
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ""
+  c.init.step = -1  # -1: the latest step there
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100
@@ -166,6 +182,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"train.batch_size={config.train.batch_size}")
   if config.eval.num_t_samples <= 0:
     raise ConfigError(f"eval.num_t_samples: must be positive, got {config.eval.num_t_samples}")
+  from diffgemma_jax.train.freeze import FREEZE_GROUPS
+  for group in tuple(config.train.freeze):
+    if group not in FREEZE_GROUPS:
+      raise ConfigError(f"train.freeze: unknown parameter group {group!r}; valid groups are {tuple(FREEZE_GROUPS)}")
+  from data_recipes import RECIPES, SFT_RECIPES
+  if config.data.recipe not in RECIPES:
+    raise ConfigError(f"data.recipe: unknown recipe {config.data.recipe!r}; valid recipes are {RECIPES}")
+  from diffgemma_jax.data.sft import CHAT_TEMPLATES
+  if config.data.chat_template not in CHAT_TEMPLATES:
+    raise ConfigError(f"data.chat_template: unknown template {config.data.chat_template!r}; valid templates are "
+                      f"{tuple(CHAT_TEMPLATES)}")
+  if int(config.data.max_bad_lines) < 0:
+    raise ConfigError(f"data.max_bad_lines: must be >= 0, got {config.data.max_bad_lines}")
+  if config.data.recipe in SFT_RECIPES and config.objective.name != "masked":
+    raise ConfigError(f"data.recipe={config.data.recipe!r} gives prompt/response rows, which only "
+                      f"objective.name='masked' trains on (prompt-masked ELBO); got {config.objective.name!r}")
+  if config.data.recipe in SFT_RECIPES and not (config.data.tokenizer or config.init.checkpoint):
+    raise ConfigError(f"data.recipe={config.data.recipe!r} trains no tokenizer: set init.checkpoint (its run's "
+                      f"tokenizer is used) or data.tokenizer (a sentencepiece .model file)")
 
 
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:

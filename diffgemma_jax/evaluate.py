@@ -49,7 +49,8 @@ def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray) -> dict[str, 
     stderr_nats = math.sqrt(n / (n - 1) * float(np.sum(residual ** 2))) / total_tokens
   else:
     stderr_nats = float("nan")
-  return {"num_tokens": int(total_tokens), "num_sequences": n, "nats_per_token": nats,
+  # num_examples: scored rows (an SFT row is one example: one response with its prompt).
+  return {"num_tokens": int(total_tokens), "num_sequences": n, "num_examples": n, "nats_per_token": nats,
           "bits_per_token": nats / LN2, "stderr_bits_per_token": stderr_nats / LN2, "ppl_bound": math.exp(nats)}
 
 
@@ -68,39 +69,57 @@ def held_out_bound(bound_fn: Callable, params, batches, *, seed: int, num_t_samp
   return result
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict[str, Any]:
-  """Restores the parameters of `step` (default: the latest complete checkpoint) from `workdir/checkpoints` and
-  returns the held-out bound with keys step, num_tokens, bits_per_token, stderr_bits_per_token, ppl_bound,
-  num_t_samples, unigram_ppl, exact."""
+def evaluate(config, workdir: str | None = None, step: int | None = None, *,
+             checkpoint: str | None = None) -> dict[str, Any]:
+  """The held-out bound of a run's parameters, with keys step, num_tokens, num_examples, bits_per_token,
+  stderr_bits_per_token, ppl_bound, num_t_samples, unigram_ppl, exact.
+
+  The parameters: checkpoint `step` (default: the latest complete one) of `workdir/checkpoints`, or, given
+  `checkpoint` (a workdir, its checkpoints/ folder or a step folder, as for init.checkpoint), that run's
+  parameters under this config's model (LoRA adapters, absent there, start at zero: the base model). The second
+  form evaluates a pretrained model on a fine-tuning config's held-out set.
+  """
   from diffgemma_jax.model.config import ConfigError, ModelConfig
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
-  from diffgemma_jax.train.checkpoint import Checkpointer
+  from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, load_init_params
   from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
-  from diffgemma_jax.train.state import abstract_train_state
+  from diffgemma_jax.train.state import abstract_train_state, init_train_state
 
-  checkpoints = os.path.join(workdir, "checkpoints")
-  ckpt = Checkpointer(checkpoints, config, create=False)
-  available = ckpt.all_steps()
-  if not available:
-    raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir {workdir})")
-  if step is None:
-    step = max(available)
-  elif step not in available:
-    raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
-  directory, tokenizer = prepare_dataset(config)
-  pin_tokenizer(directory, workdir, write=False)
+  model_cfg = ModelConfig.from_config_dict(config.model)
   mesh = mesh_from_config(config, training=False)
   tx, _ = make_optimizer(config.train)
-  graphdef, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, mesh)
-  params = ckpt.restore_params(step, abstract.params, shardings.params)
-  ckpt.close()
+  graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh)
+  if checkpoint:
+    with config.unlocked():
+      config.init.checkpoint, config.init.step = checkpoint, -1 if step is None else int(step)
+    step_dir, step, run_dir = check_init_checkpoint(config, abstract.params)
+    directory, tokenizer = prepare_dataset(config)
+    pin_tokenizer(directory, run_dir, write=False)
+    fresh = init_train_state(model_cfg, tx, shardings, int(config.train.seed)).params
+    params = load_init_params(step_dir, fresh, shardings.params)
+  else:
+    if not workdir:
+      raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    ckpt = Checkpointer(checkpoints, config, create=False)
+    available = ckpt.all_steps()
+    if not available:
+      raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir {workdir})")
+    if step is None:
+      step = max(available)
+    elif step not in available:
+      raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
+    directory, tokenizer = prepare_dataset(config)
+    pin_tokenizer(directory, workdir, write=False)
+    params = ckpt.restore_params(step, abstract.params, shardings.params)
+    ckpt.close()
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
                              section=config.objective)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
   result = held_out_bound(bound_fn, params, eval_batches(config, directory), seed=int(config.eval.seed),
                           num_t_samples=num_t, mesh=mesh)
-  result.update(step=int(step), unigram_ppl=unigram_baseline(directory), exact=bool(objective.exact))
+  result.update(step=int(step), unigram_ppl=unigram_baseline(config, directory), exact=bool(objective.exact))
   return result

@@ -1,5 +1,8 @@
-"""diffgemma-eval --config FILE --workdir DIR [--step N] [--output FILE.json] [--config.a.b=value ...]: the
-held-out perplexity bound of a checkpoint, printed (and optionally written) as JSON."""
+"""diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N] [--output FILE.json]
+[--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally written) as JSON.
+
+`--checkpoint` evaluates another run's parameters (a workdir, its checkpoints/ folder or a step folder) under this
+config and on its held-out set: e.g. the pretrained model on a fine-tuning config's held-out pairs."""
 
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ from launch.common import config_overrides, fail
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="diffgemma-eval", description=__doc__)
   parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
-  parser.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument("--workdir", help="the training workdir holding checkpoints/")
+  where.add_argument("--checkpoint", help="parameters of another run (workdir, checkpoints/ or step folder) "
+                     "evaluated under this config, e.g. a pretrained model on an SFT held-out set")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--output", default=None, help="also write the JSON here")
   args, rest = parser.parse_known_args(argv)
@@ -23,7 +29,7 @@ def main(argv=None) -> int:
   from diffgemma_jax.evaluate import evaluate
   try:
     config = load_config(args.config, config_overrides(rest))
-    result = evaluate(config, args.workdir, step=args.step)
+    result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   text = json.dumps(result, indent=2, sort_keys=True)

@@ -18,11 +18,12 @@ import os
 import grain
 import numpy as np
 
-from data_recipes.common import read_manifest, read_split
+from data_recipes.common import read_manifest, read_records, read_split
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.tokenizer import Tokenizer
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
+SFT_KEYS = BATCH_KEYS + ("loss_mask",)
 
 
 def _tokenizer_hash(path: str) -> str:
@@ -76,7 +77,38 @@ def pack_rows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, *, keep_part
           "positions": positions.reshape(shape)}
 
 
-def _rows(data_dir: str, split: str, seq_len: int, keep_partial: bool) -> dict[str, np.ndarray]:
+def is_sft(data_dir: str) -> bool:
+  manifest = read_manifest(data_dir)
+  return bool(manifest and manifest.get("kind") == "sft")
+
+
+def sft_rows(data_dir: str, split: str, seq_len: int, template: str) -> dict[str, np.ndarray]:
+  """The prompt-masked rows of an SFT split (data/sft.py), built once per tokenizer, template and length and
+  cached beside the data. Cut prompts and responses are counted and reported on stderr."""
+  import sys
+  from diffgemma_jax.data.sft import make_rows
+  tok_path = os.path.join(data_dir, "tokenizer.model")
+  cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}-{_tokenizer_hash(tok_path)}.npz")
+  if os.path.isfile(cache):
+    with np.load(cache) as z:
+      rows = {k: z[k] for k in SFT_KEYS}
+  else:
+    rows, stats = make_rows(read_records(data_dir, split), Tokenizer(tok_path), seq_len, template)
+    note = stats.report(f"{data_dir} ({split}, {template} template)")
+    if note:
+      print(note, file=sys.stderr)
+    tmp = f"{cache}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **rows)
+    os.replace(tmp, cache)
+  if len(rows["tokens"]) == 0:
+    raise DataError(f"the {split} split of {data_dir!r} holds no SFT examples")
+  return rows
+
+
+def _rows(data_dir: str, split: str, seq_len: int, keep_partial: bool, template: str = "gemma"
+          ) -> dict[str, np.ndarray]:
+  if is_sft(data_dir):
+    return sft_rows(data_dir, split, seq_len, template)
   tokens, starts = token_stream(data_dir, split)
   rows = pack_rows(tokens, starts, seq_len, keep_partial=keep_partial)
   if len(rows["tokens"]) == 0:
@@ -99,14 +131,14 @@ class _TakeRow:
 
 
 def make_train_iterator(data_dir: str, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, num_workers: int = 0):
+                        process_count: int = 1, num_workers: int = 0, template: str = "gemma"):
   """Infinite, checkpointable iterator of this process's batches ([batch_size, seq_len] int32 arrays).
 
   Process p of P gets rows [p * batch_size, (p + 1) * batch_size) of each global batch of P * batch_size rows, so
   the global batch (and the run) is the same for any number of processes.
   """
   del num_workers  # rows are precomputed in memory: the map is a gather, no worker processes needed
-  rows = _rows(data_dir, "train", seq_len, keep_partial=False)
+  rows = _rows(data_dir, "train", seq_len, keep_partial=False, template=template)
   n = len(rows["tokens"])
   if n < batch_size * process_count:
     raise DataError(f"the train split of {data_dir!r} packs into {n} rows of {seq_len}, fewer than one global "
@@ -118,9 +150,10 @@ def make_train_iterator(data_dir: str, *, seq_len: int, batch_size: int, seed: i
 
 
 def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_sequences: int = 0,
-                      process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                      process_index: int = 0, process_count: int = 1,
+                      template: str = "gemma") -> list[dict[str, np.ndarray]]:
   """The held-out split in order, unshuffled; the last batch padded with all-padding rows (segment 0)."""
-  rows = _rows(data_dir, "heldout", seq_len, keep_partial=True)
+  rows = _rows(data_dir, "heldout", seq_len, keep_partial=True, template=template)
   n = len(rows["tokens"])
   if max_sequences:
     n = min(n, max_sequences)
@@ -129,7 +162,7 @@ def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_seque
   for start in range(0, len(index), batch_size):
     take = index[start:start + batch_size]
     batch = {}
-    for key in BATCH_KEYS:
+    for key in rows:
       x = rows[key][take]
       if len(take) < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - len(take), seq_len), np.int32)])
@@ -138,11 +171,16 @@ def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_seque
   return batches
 
 
-def unigram_ppl(data_dir: str) -> float:
+def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma") -> float:
   """Held-out perplexity of an add-one-smoothed unigram model fitted on the training tokens (all tokens the bound
-  scores: bos and eos included)."""
-  train_tokens, _ = token_stream(data_dir, "train")
-  heldout_tokens, _ = token_stream(data_dir, "heldout")
+  scores: bos and eos included; for SFT data the response tokens and their EOS padding)."""
+  if is_sft(data_dir):
+    train, heldout = (sft_rows(data_dir, split, seq_len, template) for split in ("train", "heldout"))
+    train_tokens = train["tokens"][train["loss_mask"] > 0]
+    heldout_tokens = heldout["tokens"][heldout["loss_mask"] > 0]
+  else:
+    train_tokens, _ = token_stream(data_dir, "train")
+    heldout_tokens, _ = token_stream(data_dir, "heldout")
   vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
   counts = np.bincount(train_tokens, minlength=vocab).astype(np.float64) + 1.0
   log_p = np.log(counts / counts.sum())

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffgemma_jax.model.config import ModelConfig
-from diffgemma_jax.model.layers import RMSNorm, param
+from diffgemma_jax.model.layers import LoRA, RMSNorm, param
 from diffgemma_jax.model.masks import sliding_window
 from diffgemma_jax.model.rope import apply_rope
 
@@ -31,17 +31,35 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(H, eps=cfg.norm_eps, axis_name="head_dim", rngs=rngs)
     self.k_norm = RMSNorm(H, eps=cfg.norm_eps, axis_name="head_dim", rngs=rngs)
     self.v_norm = RMSNorm(H, eps=cfg.norm_eps, with_scale=False)
+    # LoRA adapters (model.lora_rank > 0 and the projection in model.lora_targets), None otherwise.
+    lora = lambda target, in_shape, in_axes, out_shape, out_axes: (  # noqa: E731
+        LoRA(in_shape, in_axes, out_shape, out_axes, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rngs=rngs)
+        if cfg.lora(target) else None)
+    self.q_proj_lora = lora("q_proj", (D,), ("embed",), (N, H), ("q_heads", "head_dim"))
+    self.k_proj_lora = lora("k_proj", (D,), ("embed",), (K, H), ("kv_heads", "head_dim"))
+    self.v_proj_lora = None if self.k_eq_v else lora("v_proj", (D,), ("embed",), (K, H), ("kv_heads", "head_dim"))
+    self.o_proj_lora = lora("o_proj", (N, H), ("q_heads", "head_dim"), (D,), ("embed",))
+
+  @staticmethod
+  def _adapted(y, adapter, x, dtype):
+    return y if adapter is None else y + adapter(x, dtype)
 
   def project_kv(self, x_BLD, positions_BL, dtype):
     """Keys and values of `x` (also what a KV cache stores), normalised and rotated."""
     k_BLKH = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dtype))
-    v_BLKH = k_BLKH if self.v_proj is None else jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dtype))
+    k_BLKH = self._adapted(k_BLKH, self.k_proj_lora, x_BLD, dtype)
+    if self.v_proj is None:
+      v_BLKH = k_BLKH
+    else:
+      v_BLKH = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dtype))
+      v_BLKH = self._adapted(v_BLKH, self.v_proj_lora, x_BLD, dtype)
     k_BLKH = apply_rope(self.k_norm(k_BLKH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
     return k_BLKH, self.v_norm(v_BLKH)
 
   def __call__(self, x_BLD, positions_BL, mask_BLL, dtype, *, kv=None, kv_positions_BS=None):
     """Attends from `x` to its own keys or, when `kv=(k, v)` is given, to those (positions `kv_positions`)."""
     q_BLNH = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dtype))
+    q_BLNH = self._adapted(q_BLNH, self.q_proj_lora, x_BLD, dtype)
     q_BLNH = apply_rope(self.q_norm(q_BLNH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
     if kv is None:
       k_BSKH, v_BSKH = self.project_kv(x_BLD, positions_BL, dtype)
@@ -59,4 +77,5 @@ class Attention(nnx.Module):
     probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(dtype)
     out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
     out_BLNH = out_BLKGH.reshape(B, L, N, H)
-    return jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.o_proj[...].astype(dtype))
+    out_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.o_proj[...].astype(dtype))
+    return self._adapted(out_BLD, self.o_proj_lora, out_BLNH, dtype)

@@ -15,6 +15,9 @@ DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_COLLECTIVES = ("all_to_all", "ragged_all_to_all")
+# Projections a LoRA adapter may wrap; "attention" stands for all four attention projections.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")
+LORA_TARGET_ALIASES = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
 class ConfigError(ValueError):
@@ -74,9 +77,16 @@ class ModelConfig:
   # plus self-conditioning term) before the first layer; the encoder (clean) positions are not. Callers mark the
   # canvas with `canvas_BL`. Off keeps "self-conditioning on but untrained computes what off computes".
   canvas_input_norm: bool = False
+  # LoRA (fine-tuning): rank > 0 adds low-rank adapters W + (alpha / rank) A B beside the `lora_targets`
+  # projections ("attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp" = the dense GeGLU); B starts at zero,
+  # so an adapted model computes what its base computes until trained. 0: no adapter parameters at all.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("attention", "mlp")
 
   def __post_init__(self):
     object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     self.validate()
 
   # ---- derived -------------------------------------------------------------------------------------------------
@@ -90,6 +100,15 @@ class ModelConfig:
     if kind == "global":
       return self.global_head_dim, self.global_num_kv_heads, self.global_k_eq_v
     return self.head_dim, self.num_kv_heads, False
+
+  def lora(self, target: str) -> bool:
+    """Whether projection `target` (one of LORA_TARGETS) carries a LoRA adapter."""
+    if self.lora_rank <= 0:
+      return False
+    names = set()
+    for t in self.lora_targets:
+      names.update(LORA_TARGET_ALIASES.get(t, (t,)))
+    return target in names
 
   def rope(self, kind: str) -> tuple[float, float]:
     """(base, rotary fraction) of a layer kind."""
@@ -153,6 +172,17 @@ class ModelConfig:
       fail("self_conditioning", f"must be True or False, got {self.self_conditioning!r}")
     if not isinstance(self.canvas_input_norm, bool):
       fail("canvas_input_norm", f"must be True or False, got {self.canvas_input_norm!r}")
+    if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+      fail("lora_rank", f"must be a non-negative integer (0: no LoRA adapters), got {self.lora_rank!r}")
+    if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+      fail("lora_alpha", f"must be a number > 0, got {self.lora_alpha!r}")
+    valid_targets = tuple(LORA_TARGET_ALIASES) + LORA_TARGETS
+    for target in self.lora_targets:
+      if target not in valid_targets:
+        fail("lora_targets", f"unknown target {target!r}; valid targets are {valid_targets} (experts are never "
+             f"adapted: freeze them with train.freeze)")
+    if self.lora_rank and not self.lora_targets:
+      fail("lora_targets", "is empty while model.lora_rank > 0; name at least one projection or set lora_rank=0")
     if self.scan_layers and self.num_layers // len(self.layer_pattern) < 1:
       fail("scan_layers", "needs at least one full repetition of model.layer_pattern")
 

@@ -64,20 +64,70 @@ class Embedder(nnx.Module):
                       preferred_element_type=jnp.float32)
 
 
-def geglu(x, w_gate_up_DF2, w_down_FD, dtype):
-  """gelu_tanh(x Wg) * (x Wu) Wd with [D, 2F] gate|up weights."""
-  gate_up = jnp.einsum("...D,DF->...F", x.astype(dtype), w_gate_up_DF2.astype(dtype))
+class LoRA(nnx.Module):
+  """A low-rank adapter beside one projection W[*in, *out]: x -> (alpha / rank) (x A) B, A[*in, r], B[r, *out].
+
+  B starts at zero, so the adapted projection equals the base one until trained. `delta()` is the dense update
+  that merging adds to W (export, or serving without the adapter's extra matmuls).
+  """
+
+  def __init__(self, in_shape: tuple[int, ...], in_axes: tuple[str, ...], out_shape: tuple[int, ...],
+               out_axes: tuple[str, ...], *, rank: int, alpha: float, rngs: nnx.Rngs):
+    fan_in = 1
+    for d in in_shape:
+      fan_in *= d
+    self.num_in = len(in_shape)
+    self.scale = float(alpha) / rank
+    self.a = param(rngs, tuple(in_shape) + (rank,), tuple(in_axes) + ("lora_rank",), fan_in=fan_in)
+    self.b = param(rngs, (rank,) + tuple(out_shape), ("lora_rank",) + tuple(out_axes), init="zeros")
+
+  def __call__(self, x, dtype):
+    """The adapter's output for `x[..., *in]`: [..., *out]."""
+    a = self.a[...].astype(dtype)
+    b = self.b[...].astype(dtype)
+    lead = x.shape[:x.ndim - self.num_in]
+    h = jnp.einsum("...i,ir->...r", x.astype(dtype).reshape(lead + (-1,)), a.reshape(-1, a.shape[-1]))
+    out = jnp.einsum("...r,ro->...o", h, b.reshape(b.shape[0], -1))
+    return (out * jnp.asarray(self.scale, dtype)).reshape(lead + b.shape[1:])
+
+
+def lora_delta(a, b, scale: float, base_ndim: int):
+  """The dense update (alpha / rank) A B of adapter arrays A[*S, *in, r], B[*S, r, *out] for a base weight of
+  `base_ndim` = |S| + |in| + |out| dimensions (S: leading stacked-layer dimensions of scanned layers)."""
+  num_stack = a.ndim + b.ndim - base_ndim - 2
+  stack = a.shape[:num_stack]
+  in_shape, out_shape = a.shape[num_stack:-1], b.shape[num_stack + 1:]
+  a2 = a.reshape(stack + (-1, a.shape[-1]))
+  b2 = b.reshape(stack + (b.shape[num_stack], -1))
+  delta = jnp.einsum("...ir,...ro->...io", a2.astype(jnp.float32), b2.astype(jnp.float32)) * scale
+  return delta.reshape(stack + in_shape + out_shape)
+
+
+def geglu(x, w_gate_up_DF2, w_down_FD, dtype, *, gate_up_lora: LoRA | None = None, down_lora: LoRA | None = None):
+  """gelu_tanh(x Wg) * (x Wu) Wd with [D, 2F] gate|up weights (and LoRA adapters beside either matrix)."""
+  x = x.astype(dtype)
+  gate_up = jnp.einsum("...D,DF->...F", x, w_gate_up_DF2.astype(dtype))
+  if gate_up_lora is not None:
+    gate_up = gate_up + gate_up_lora(x, dtype)
   gate, up = jnp.split(gate_up, 2, axis=-1)
   hidden = jax.nn.gelu(gate, approximate=True) * up
-  return jnp.einsum("...F,FD->...D", hidden, w_down_FD.astype(dtype))
+  out = jnp.einsum("...F,FD->...D", hidden, w_down_FD.astype(dtype))
+  if down_lora is not None:
+    out = out + down_lora(hidden, dtype)
+  return out
 
 
 class MLP(nnx.Module):
-  """The dense, always-on GeGLU ("shared expert")."""
+  """The dense, always-on GeGLU ("shared expert"), with LoRA adapters when `lora_rank` > 0."""
 
-  def __init__(self, embed_dim: int, mlp_dim: int, *, rngs: nnx.Rngs):
+  def __init__(self, embed_dim: int, mlp_dim: int, *, rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 1.0):
     self.w_gate_up = param(rngs, (embed_dim, 2 * mlp_dim), ("embed", "mlp"))
     self.w_down = param(rngs, (mlp_dim, embed_dim), ("mlp", "embed"))
+    self.w_gate_up_lora = LoRA((embed_dim,), ("embed",), (2 * mlp_dim,), ("mlp",), rank=lora_rank,
+                               alpha=lora_alpha, rngs=rngs) if lora_rank else None
+    self.w_down_lora = LoRA((mlp_dim,), ("mlp",), (embed_dim,), ("embed",), rank=lora_rank, alpha=lora_alpha,
+                            rngs=rngs) if lora_rank else None
 
   def __call__(self, x, dtype):
-    return geglu(x, self.w_gate_up[...], self.w_down[...], dtype)
+    return geglu(x, self.w_gate_up[...], self.w_down[...], dtype, gate_up_lora=self.w_gate_up_lora,
+                 down_lora=self.w_down_lora)

@@ -34,7 +34,8 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, kind, rngs=rngs)
     self.post_attn_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.pre_mlp_norm = RMSNorm(D, eps=eps, rngs=rngs)
-    self.mlp = MLP(D, cfg.mlp_dim, rngs=rngs)
+    self.mlp = MLP(D, cfg.mlp_dim, rngs=rngs, lora_rank=cfg.lora_rank if cfg.lora("mlp") else 0,
+                   lora_alpha=cfg.lora_alpha)
     self.post_mlp_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.pre_moe_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.moe = MoE(cfg, rngs=rngs)

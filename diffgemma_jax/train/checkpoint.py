@@ -163,3 +163,105 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
+
+
+# ---- init.checkpoint: parameters only, from another run ------------------------------------------------------------
+def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
+  """(the step directory, its step, the run directory) named by `init.checkpoint`: a workdir (its latest or
+  `step`), its checkpoints/ folder, or one step folder. Anything else fails naming the key."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise ConfigError(f"init.checkpoint: {path} does not exist; give a training workdir, its checkpoints/ folder, "
+                      f"or a step folder (e.g. runs/tiny/checkpoints/800)")
+  if os.path.isdir(os.path.join(path, "params")):
+    checkpoints = os.path.dirname(path)
+    if not os.path.basename(path).isdigit():
+      raise ConfigError(f"init.checkpoint: {path} is not a step folder (its name is not a step number)")
+    found = int(os.path.basename(path))
+    if step >= 0 and step != found:
+      raise ConfigError(f"init.checkpoint names step {found} but init.step={step}; set init.step=-1")
+    return path, found, os.path.dirname(checkpoints)
+  checkpoints = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  steps = sorted(int(d) for d in os.listdir(checkpoints)
+                 if d.isdigit() and os.path.isdir(os.path.join(checkpoints, d, "params")))
+  if not steps:
+    raise ConfigError(f"init.checkpoint: no complete checkpoint under {checkpoints}; train that run first or "
+                      f"point at another")
+  if step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"init.step={step}: no such checkpoint in {checkpoints}; available steps are {steps}")
+  return os.path.join(checkpoints, str(step)), step, os.path.dirname(checkpoints)
+
+
+def _path_str(path) -> str:
+  """A key path as `a/0/b`: list indices and the string keys Orbax saves them under read the same."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return "/".join(parts)
+
+
+def _flat_paths(tree) -> dict[str, Any]:
+  return {_path_str(p): leaf for p, leaf in
+          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
+
+
+def check_init_checkpoint(config, abstract_params) -> tuple[str, int, str]:
+  """Compares init.checkpoint's parameter tree with the model's before anything is built or trained.
+
+  Every model parameter must be there with its shape, except LoRA adapters (new in a fine-tune: they start fresh);
+  a parameter there that the model lacks is an error too. Returns what `resolve_init_checkpoint` does.
+  """
+  from diffgemma_jax.model.lora import SUFFIX
+  step_dir, step, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params"))
+  except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+    raise ConfigError(f"init.checkpoint: cannot read the parameters in {step_dir}: {e}") from None
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  saved = _flat_paths(tree)
+  wanted = _flat_paths(to_pure(abstract_params))
+  problems = []
+  for path, leaf in wanted.items():
+    if path not in saved:
+      if not any(part.endswith(SUFFIX) for part in path.split("/")):
+        problems.append(f"missing there: {path} {tuple(leaf.shape)}")
+    elif tuple(saved[path].shape) != tuple(leaf.shape):
+      problems.append(f"shape of {path}: {tuple(saved[path].shape)} there, {tuple(leaf.shape)} in this model")
+  problems += [f"not in this model: {path} {tuple(leaf.shape)}" for path, leaf in saved.items() if path not in wanted]
+  if problems:
+    shown = "; ".join(problems[:12]) + (f"; ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+    raise IncompatibleCheckpointError(
+        f"init.checkpoint: the parameters in {step_dir} do not fit this config's model ({len(problems)} "
+        f"mismatch(es)): {shown}. Use the architecture that run was trained with (its run_config.json)")
+  return step_dir, step, run_dir
+
+
+def load_init_params(step_dir: str, params, param_shardings):
+  """`params` (a freshly initialised, placed State) with every parameter the checkpoint in `step_dir` holds
+  restored into its sharding; the others (LoRA adapters) keep their fresh values."""
+  target_pure = to_pure(with_shardings(jax.eval_shape(lambda: params), param_shardings))
+  metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params"))
+  tree = getattr(metadata, "item_metadata", metadata)
+  saved_paths = set(_flat_paths(getattr(tree, "tree", tree)))
+
+  def keep(node, prefix=""):  # the tree restricted to the saved paths (only dict entries ever go: adapters)
+    if isinstance(node, dict):
+      out = {k: keep(v, f"{prefix}{k}/") for k, v in node.items()}
+      return {k: v for k, v in out.items() if v is not None and v != {}}
+    if isinstance(node, (list, tuple)):
+      return type(node)(keep(v, f"{prefix}{i}/") for i, v in enumerate(node))
+    return node if prefix[:-1] in saved_paths else None
+
+  subset = keep(target_pure)
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = _flat_paths(checkpointer.restore(os.path.join(step_dir, "params"), subset))
+  current = to_pure(params)
+  merged = jax.tree_util.tree_map_with_path(
+      lambda p, leaf: restored.get(_path_str(p), leaf), current, is_leaf=lambda x: hasattr(x, "shape"))
+  return from_pure(params, merged)

@@ -11,13 +11,32 @@ import numpy as np
 
 from diffgemma_jax.model.config import ConfigError
 
-BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 
 def dataset_dir(config) -> str:
   """`data.dir`, or `data/<recipe>-v<vocab_size>`: configs with different vocabularies never rebuild (and so
   invalidate) each other's tokenizer."""
   return config.data.dir or os.path.join("data", f"{config.data.recipe}-v{int(config.model.vocab_size)}")
+
+
+def tokenizer_source(config) -> str | None:
+  """The sentencepiece file a dataset is built with: `data.tokenizer`; for SFT recipes without it, the tokenizer
+  of init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
+  recipe trains its own)."""
+  from data_recipes import SFT_RECIPES
+  if config.data.tokenizer:
+    if not os.path.isfile(config.data.tokenizer):
+      raise ConfigError(f"data.tokenizer: {config.data.tokenizer!r} does not exist; give a sentencepiece .model")
+    return str(config.data.tokenizer)
+  if config.data.recipe in SFT_RECIPES and config.init.checkpoint:
+    from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
+    _, _, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
+    path = os.path.join(run_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+      raise ConfigError(f"init.checkpoint's run {run_dir} keeps no tokenizer.model; set data.tokenizer to the "
+                        f"tokenizer it was trained with")
+    return path
+  return None
 
 
 def prepare_dataset(config) -> tuple[str, Any]:
@@ -29,8 +48,11 @@ def prepare_dataset(config) -> tuple[str, Any]:
   from diffgemma_jax.data import Tokenizer
 
   directory = dataset_dir(config)
+  tokenizer_path = tokenizer_source(config)
   build = lambda: build_dataset(config.data.recipe, directory, int(config.model.vocab_size),  # noqa: E731
-                                source=config.data.source or None)
+                                source=config.data.source or None, tokenizer=tokenizer_path,
+                                heldout_source=config.data.heldout_source or None,
+                                max_bad_lines=int(config.data.max_bad_lines))
   if jax.process_count() > 1:  # one writer; the others find it complete after the barrier (a shared filesystem)
     from diffgemma_jax.parallel.distributed import barrier
     if jax.process_index() == 0:
@@ -67,14 +89,14 @@ def train_iterator(config, directory: str, *, process_index: int = 0, process_co
   return make_train_iterator(directory, seq_len=int(config.train.seq_len),
                              batch_size=int(config.train.batch_size) // process_count, seed=int(config.data.seed),
                              process_index=process_index, process_count=process_count,
-                             num_workers=int(config.data.num_workers))
+                             num_workers=int(config.data.num_workers), template=str(config.data.chat_template))
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
   """Pads a short final batch with all-padding rows (segment 0: never scored), so every eval batch has one shape
   and the bound function compiles once."""
   out = {}
-  for key in BATCH_KEYS:
+  for key in batch:
     x = np.asarray(batch[key], np.int32)
     if x.shape[0] < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - x.shape[0],) + x.shape[1:], np.int32)])
@@ -87,11 +109,11 @@ def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
   from diffgemma_jax.data import make_eval_batches
   batch_size = int(config.eval.batch_size)
   batches = make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=batch_size,
-                              max_sequences=int(config.eval.max_sequences))
+                              max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template))
   return [pad_batch(b, batch_size) for b in batches]
 
 
-def unigram_baseline(directory: str) -> float:
+def unigram_baseline(config, directory: str) -> float:
   """Held-out perplexity of a unigram model of the training split (same tokenizer): the scale for the bound."""
   from diffgemma_jax.data import unigram_ppl
-  return float(unigram_ppl(directory))
+  return float(unigram_ppl(directory, seq_len=int(config.train.seq_len), template=str(config.data.chat_template)))

@@ -22,8 +22,9 @@ from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.checkpoint import Checkpointer
+from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, load_init_params
 from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
+from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
 from diffgemma_jax.train.optimizer import make_optimizer
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
@@ -66,30 +67,36 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   num_steps = int(tc.num_steps)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
   mesh = mesh_from_config(config)
+  tx, schedule = make_optimizer(tc)
+  seed = int(tc.seed)
+  trainable = trainable_filter(model_cfg, tuple(tc.freeze))
+  graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed, trainable)
+  start_step = ckpt.latest_step()
+  init_from = None
+  if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
+    init_from = check_init_checkpoint(config, abstract.params)
   directory, tokenizer = prepare_dataset(config)
   os.makedirs(workdir, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
                              section=config.objective)
-  tx, schedule = make_optimizer(tc)
-  seed = int(tc.seed)
-  graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed)
   data = train_iterator(config, directory, process_index=jax.process_index(), process_count=jax.process_count())
-  start_step = ckpt.latest_step()
   if start_step is not None:
     state, iterator_state = ckpt.restore(start_step, abstract, shardings)
     data.set_state(iterator_state)
   else:
     start_step = 0
-    state = init_train_state(model_cfg, tx, shardings, seed)
+    state = init_train_state(model_cfg, tx, shardings, seed, trainable)
+    if init_from is not None:
+      state = state._replace(params=load_init_params(init_from[0], state.params, shardings.params))
 
   step_fn = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
                             state_shardings=shardings, grad_accum_steps=int(tc.grad_accum_steps),
-                            debug_nan_at_step=int(tc.debug_nan_at_step))
+                            debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
   held_out = eval_batches(config, directory)
-  unigram = unigram_baseline(directory)
+  unigram = unigram_baseline(config, directory)
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
   local_shape = (batch_size // jax.process_count(), seq_len)
@@ -98,6 +105,12 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step, tokens_per_step=batch_size * seq_len,
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress)
+  if init_from is not None:
+    logger.message(f"initialised from {init_from[0]} (step {init_from[1]}): parameters only, fresh optimizer")
+  counts = describe(state.params, trainable)
+  if counts["frozen_params"]:
+    logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "
+                   f"({'LoRA adapters only' if model_cfg.lora_rank else 'train.freeze=' + repr(tuple(tc.freeze))})")
   base_rng = _base_rng(config)
   log_every = max(int(tc.log_every_steps), 1)
   save_every = max(int(config.checkpoint.every_steps), 1)

@@ -33,23 +33,36 @@ def split_model(model: nnx.Module):
   return graphdef, params
 
 
-def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param) -> TrainState:
   _, params = split_model(build_model(cfg, seed))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable_part(params, trainable)))
 
 
-def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0):
-  """(graphdef, abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing."""
+def trainable_part(params: nnx.State, trainable=nnx.Param) -> nnx.State:
+  """The parameters the optimizer updates (`train.freeze` / LoRA, see train/freeze.py); all of them by default."""
+  return nnx.split_state(params, trainable, ...)[0]
+
+
+def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, trainable=nnx.Param):
+  """(graphdef, abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing.
+
+  The optimizer state covers the parameters `trainable` selects (an nnx filter; default: all of them)."""
   graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(cfg, seed)))
-  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed))
+  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed, trainable))
   shardings = TrainState(step=replicated(mesh), params=shardings_for(abstract.params, mesh),
                          opt_state=shardings_for(abstract.opt_state, mesh))
   return graphdef, abstract, shardings
 
 
-def init_train_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int) -> TrainState:
-  """Initialises every array directly in its sharding (no full copy on one device first)."""
-  return jax.jit(lambda: _init(cfg, tx, seed), out_shardings=shardings)()
+def init_train_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, trainable=nnx.Param,
+                     params: nnx.State | None = None) -> TrainState:
+  """Initialises every array directly in its sharding (no full copy on one device first). Given `params`
+  (already placed, e.g. from init.checkpoint), only the step and optimizer state are new."""
+  if params is not None:
+    opt_state = jax.jit(lambda p: tx.init(trainable_part(p, trainable)), out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                      opt_state=opt_state)
+  return jax.jit(lambda: _init(cfg, tx, seed, trainable), out_shardings=shardings)()
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -35,17 +35,19 @@ def _micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, graphdef, objective, tx,
-               schedule: optax.Schedule, grad_accum_steps: int = 1,
-               debug_nan_at_step: int = -1) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, grad_accum_steps: int = 1, debug_nan_at_step: int = -1,
+               trainable=nnx.Param) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update. `rng` is the run's base key; the step's key is `fold_in(rng, state.step)`.
 
-  Returns the new state and float32 metrics: the objective's (mean over micro-batches, `num_tokens` summed),
-  `grad_norm` (before clipping) and `lr` (the rate this update used).
+  Gradients and updates cover the parameters `trainable` selects (an nnx filter; train/freeze.py); the others
+  stay as they are. Returns the new state and float32 metrics: the objective's (mean over micro-batches,
+  `num_tokens` summed), `grad_norm` (before clipping) and `lr` (the rate this update used).
   """
   rng = step_rng(rng, state.step)
+  train_params, frozen = nnx.split_state(state.params, trainable, ...)
 
   def loss_fn(params, micro_batch, micro_rng):
-    loss, metrics = objective.loss_fn(nnx.merge(graphdef, params), micro_batch, micro_rng)
+    loss, metrics = objective.loss_fn(nnx.merge(graphdef, params, frozen), micro_batch, micro_rng)
     if debug_nan_at_step >= 0:  # test hook: poison the update that would produce step `debug_nan_at_step`
       loss = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, 1.0) * loss
       metrics = dict(metrics, loss=loss)
@@ -56,29 +58,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
   def accumulate(grads_sum, inputs):
     index, micro_batch = inputs
-    (_, metrics), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+    (_, metrics), grads = grad_fn(train_params, micro_batch, jax.random.fold_in(rng, index))
     return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  zeros = jax.tree.map(jnp.zeros_like, train_params)
   grads, metrics_A = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
   grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
   metrics = {k: (jnp.sum(v, 0) if k == "num_tokens" else jnp.mean(v.astype(jnp.float32), 0))
              for k, v in metrics_A.items()}
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, train_params)
+  params = nnx.merge_state(optax.apply_updates(train_params, updates), frozen)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shardings: TrainState,
-                    grad_accum_steps: int = 1, debug_nan_at_step: int = -1) -> Callable[..., Any]:
+                    grad_accum_steps: int = 1, debug_nan_at_step: int = -1, trainable=nnx.Param) -> Callable[..., Any]:
   """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes."""
   def step(state, batch, rng):
     with use_mesh(mesh):  # traced with the mesh: expert-parallel MoE and activation constraints
       return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
-                        grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step)
+                        grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step, trainable=trainable)
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

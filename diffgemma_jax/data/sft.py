@@ -1,0 +1,198 @@
+"""Supervised fine-tuning data: JSONL records, the chat template, and prompt-masked rows.
+
+Records (one JSON object per line) come in two formats:
+  {"prompt": "...", "response": "..."}                          one example
+  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+A conversation gives one example per assistant turn: everything before that turn is the prompt, the turn is the
+response (so every assistant turn of a multi-turn chat is a target, each with its full history).
+
+Templates turn an example into (prompt text, response text):
+  gemma  `<start_of_turn>{role}\\n{content}<end_of_turn>\\n` per turn (role user, model or system), the prompt ending
+         with the generation header `<start_of_turn>model\\n`, the response with `<end_of_turn>`. The markers are
+         reserved symbols of every tokenizer the recipes train (ids 5 and 6), so each is one token.
+  plain  prompt and response as they are (completion data such as code); turns of a conversation joined by "\\n".
+
+Rows (one example per row of `seq_len`): [bos] prompt response [eos] [eos]... with `loss_mask` 1 on the response
+and its EOS padding (DESIGN section 3: the padding is corrupted and scored so the model learns to stop), 0 on bos
+and prompt; segment 1 everywhere; positions 0..seq_len-1. An example longer than the row is cut: the response
+keeps at most the row minus half of it (or minus the whole prompt, if shorter), cut on the right; the prompt is cut
+from the left. Both cuts are counted and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from diffgemma_jax.data.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATES = ("gemma", "plain")
+_GEMMA_ROLE = {"system": "system", "user": "user", "assistant": "model"}
+
+
+def _where(source: str, line: int | None) -> str:
+  return f"{source}:{line}" if line is not None else source
+
+
+def validate_record(record: Any, source: str, line: int | None = None) -> dict[str, Any]:
+  """Checks one record; returns it normalised (`prompt`/`response` or `messages`). Errors name file and line."""
+  where = _where(source, line)
+  if not isinstance(record, dict):
+    raise DataError(f"{where}: expected a JSON object with 'prompt' and 'response' or with 'messages', got "
+                    f"{type(record).__name__}")
+  if "messages" in record:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for i, message in enumerate(messages):
+      if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+      role, content = message["role"], message["content"]
+      if role not in ROLES:
+        raise DataError(f"{where}: messages[{i}] has unknown role {role!r}; valid roles are {ROLES}")
+      if not isinstance(content, str):
+        raise DataError(f"{where}: messages[{i}].content must be a string")
+      if role == "system" and i > 0:
+        raise DataError(f"{where}: messages[{i}] is a system message; only the first message may be one")
+      if role == "assistant" and not content.strip():
+        raise DataError(f"{where}: messages[{i}] is an empty assistant response")
+      out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+      raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
+    return {"messages": out}
+  if "prompt" in record or "response" in record:
+    prompt, response = record.get("prompt"), record.get("response")
+    if not isinstance(prompt, str):
+      raise DataError(f"{where}: 'prompt' must be a string")
+    if not isinstance(response, str) or not response.strip():
+      raise DataError(f"{where}: 'response' must be a non-empty string")
+    return {"prompt": prompt, "response": response}
+  raise DataError(f"{where}: a record needs 'prompt' and 'response', or 'messages'; got keys {sorted(record)}")
+
+
+def read_jsonl(path: str, *, max_bad_lines: int, display: str | None = None) -> tuple[list[dict], int]:
+  """Valid records of a JSONL file and the number of malformed lines skipped (each reported on stderr with its
+  file and line). More than `max_bad_lines` malformed lines, or any invalid record, is an error."""
+  display = display or path
+  records, bad = [], 0
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise DataError(f"cannot read {display}: {e.strerror}") from None
+  with f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        bad += 1
+        print(f"warning: {display}:{number}: malformed JSON ({e.msg}, column {e.colno}); line skipped",
+              file=sys.stderr)
+        if bad > max_bad_lines:
+          raise DataError(f"{display}: more than data.max_bad_lines={max_bad_lines} malformed JSON lines "
+                          f"(the last at line {number}); fix the file or raise the limit") from None
+        continue
+      record = validate_record(record, display, number)
+      records.append(dict(record, source=f"{display}:{number}"))
+  return records, bad
+
+
+def render(record: dict[str, Any], template: str) -> list[tuple[str, str]]:
+  """(prompt text, response text) of every example of a record under `template`."""
+  if template not in CHAT_TEMPLATES:
+    raise DataError(f"data.chat_template: unknown template {template!r}; valid templates are {CHAT_TEMPLATES}")
+  if "messages" in record:
+    turns = [(m["role"], m["content"]) for m in record["messages"]]
+  elif template == "plain":  # completion data: the prompt is the text as it is
+    return [(record["prompt"], record["response"])]
+  else:
+    turns = [("user", record["prompt"]), ("assistant", record["response"])]
+  examples = []
+  if template == "plain":
+    history: list[str] = []
+    for role, content in turns:
+      if role == "assistant":
+        examples.append(("".join(h + "\n" for h in history), content))
+      history.append(content)
+    return examples
+  prefix = ""
+  for role, content in turns:
+    if role == "assistant":
+      examples.append((prefix + "<start_of_turn>model\n", content + "<end_of_turn>"))
+    prefix += f"<start_of_turn>{_GEMMA_ROLE[role]}\n{content}<end_of_turn>\n"
+  return examples
+
+
+def split_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+  """Token ids of prompt and response, taken from the tokenisation of their concatenation (what the model reads
+  at sampling time); where a piece straddles the boundary it goes to the response."""
+  full = tokenizer.encode(prompt + response)
+  head = tokenizer.encode(prompt) if prompt else []
+  k = 0
+  limit = min(len(head), len(full))
+  while k < limit and full[k] == head[k]:
+    k += 1
+  return full[:k], full[k:]
+
+
+@dataclasses.dataclass
+class RowStats:
+  examples: int = 0
+  prompts_cut: int = 0
+  responses_cut: int = 0
+
+  def report(self, what: str) -> str | None:
+    if not (self.prompts_cut or self.responses_cut):
+      return None
+    return (f"warning: {what}: {self.prompts_cut} of {self.examples} prompts were cut from the left and "
+            f"{self.responses_cut} responses cut on the right to fit train.seq_len")
+
+
+def make_row(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int, *, bos_id: int, eos_id: int,
+             stats: RowStats | None = None) -> dict[str, np.ndarray]:
+  """One SFT row (see module docstring); counts cuts in `stats`."""
+  if seq_len < 3:
+    raise DataError(f"train.seq_len={seq_len} is too short for an SFT row (bos, prompt, response, eos)")
+  prompt, response = list(prompt_ids), list(response_ids) + [eos_id]
+  budget = seq_len - 1  # after bos
+  if len(prompt) + len(response) > budget:
+    keep_prompt = max(budget - len(response), min(len(prompt), budget // 2))
+    keep_response = budget - keep_prompt
+    if stats is not None:
+      stats.prompts_cut += keep_prompt < len(prompt)
+      stats.responses_cut += keep_response < len(response)
+    prompt = prompt[len(prompt) - keep_prompt:]
+    response = response[:keep_response]
+  if stats is not None:
+    stats.examples += 1
+  head = [bos_id] + prompt
+  tokens = np.full((seq_len,), eos_id, np.int32)
+  tokens[:len(head)] = head
+  tokens[len(head):len(head) + len(response)] = response
+  loss_mask = np.zeros((seq_len,), np.int32)
+  loss_mask[len(head):] = 1
+  return {"tokens": tokens, "segment_ids": np.ones((seq_len,), np.int32),
+          "positions": np.arange(seq_len, dtype=np.int32), "loss_mask": loss_mask}
+
+
+def make_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, template: str,
+              ) -> tuple[dict[str, np.ndarray], RowStats]:
+  """All rows of a list of records, stacked: {tokens, segment_ids, positions, loss_mask} of [N, seq_len]."""
+  stats = RowStats()
+  pairs = [pair for record in records for pair in render(record, template)]
+  rows = []
+  for prompt, response in pairs:
+    prompt_ids, response_ids = split_tokens(tokenizer, prompt, response)
+    rows.append(make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                         stats=stats))
+  keys = ("tokens", "segment_ids", "positions", "loss_mask")
+  if not rows:
+    return {k: np.zeros((0, seq_len), np.int32) for k in keys}, stats
+  return {k: np.stack([r[k] for r in rows]) for k in keys}, stats
