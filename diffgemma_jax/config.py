@@ -15,6 +15,9 @@ import ml_collections
 
 from diffgemma_jax.model.config import ConfigError, model_config_dict
 
+# Objectives that read an SFT row's `loss_mask` (the autoregressive baseline would also score the prompt).
+SFT_OBJECTIVES = ("masked", "block", "uniform")
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -195,9 +198,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{tuple(CHAT_TEMPLATES)}")
   if int(config.data.max_bad_lines) < 0:
     raise ConfigError(f"data.max_bad_lines: must be >= 0, got {config.data.max_bad_lines}")
-  if config.data.recipe in SFT_RECIPES and config.objective.name != "masked":
-    raise ConfigError(f"data.recipe={config.data.recipe!r} gives prompt/response rows, which only "
-                      f"objective.name='masked' trains on (prompt-masked ELBO); got {config.objective.name!r}")
+  if config.data.recipe in SFT_RECIPES and config.objective.name not in SFT_OBJECTIVES:
+    raise ConfigError(f"data.recipe={config.data.recipe!r} gives prompt/response rows, which objective.name in "
+                      f"{SFT_OBJECTIVES} trains on (prompt never corrupted or scored); got {config.objective.name!r}")
   if config.data.recipe in SFT_RECIPES and not (config.data.tokenizer or config.init.checkpoint):
     raise ConfigError(f"data.recipe={config.data.recipe!r} trains no tokenizer: set init.checkpoint (its run's "
                       f"tokenizer is used) or data.tokenizer (a sentencepiece .model file)")

@@ -140,7 +140,7 @@ def test_python_docstrings_pairs_hold_out_the_pretraining_modules(tmp_path, trai
 def test_sft_recipes_need_a_tokenizer(load_tiny):
   with pytest.raises(ConfigError, match="set init.checkpoint .* or data.tokenizer"):
     load_tiny({"data.recipe": "jsonl", "data.source": "x.jsonl"})
-  with pytest.raises(ConfigError, match="only objective.name='masked'"):
+  with pytest.raises(ConfigError, match=r"which objective.name in \('masked', 'block', 'uniform'\) trains on"):
     load_tiny({"data.recipe": "jsonl", "data.tokenizer": "t.model", "objective.name": "ar"})
 
 
@@ -290,3 +290,19 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
   lora = load_tiny(_sft_overrides(pre_workdir, root, **{"model.lora_rank": "2", "train.num_steps": "2"}))
   summary = train(lora, str(tmp_path / "d"), show_progress=False)
   assert summary["final_step"] == 2
+
+
+def test_released_model_sft_config_is_a_lora_run_on_an_expert_parallel_mesh():
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.model.inspect import count_params
+  from diffgemma_jax.train.freeze import describe, trainable_filter
+  from diffgemma_jax.train.state import split_model
+  from diffgemma_jax.model import build_model
+  config = load_config("configs/diffusiongemma_26b_a4b_sft.py")
+  assert tuple(config.mesh.shape) == (1, 1, 8, 1) and config.objective.name == "uniform"
+  cfg = ModelConfig.from_config_dict(config.model)
+  assert cfg.lora_rank == 16 and cfg.num_experts % 8 == 0
+  _, params = split_model(nnx.eval_shape(lambda: build_model(cfg, 0)))
+  counts = describe(params, trainable_filter(cfg, ()))
+  assert counts["trainable_params"] == count_params(cfg)["params_by_component"]["lora_adapters"]
+  assert counts["trainable_params"] < 1e-3 * counts["frozen_params"]

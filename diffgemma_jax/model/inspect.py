@@ -16,6 +16,8 @@ EXPERT_PARAMS = ("w_gate_up", "w_down")
 
 def _component(path: tuple[str, ...]) -> str:
   names = [str(p) for p in path]
+  if any(n.endswith("_lora") for n in names):
+    return "lora_adapters"
   if "embedder" in names:
     return "embedding"
   if "moe" in names:
@@ -52,6 +54,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   counts = count_params(cfg)["params_by_component"]
   D, E, K = cfg.embed_dim, cfg.num_experts, cfg.top_k
   matmul = (counts.get("attention", 0) + counts.get("dense_mlp", 0) + counts.get("router", 0)
+            + counts.get("lora_adapters", 0)
             + counts.get("experts", 0) * K / E + cfg.vocab_size * D)
   attention = 0.0
   for kind in cfg.layer_kinds:
