@@ -140,3 +140,9 @@ def test_incompatible_workdir_is_refused_naming_the_fields(trained_run, load_tin
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
   # a runtime-only change (dispatch backend) is not a different model
   Checkpointer(os.path.join(workdir, "checkpoints"), load_tiny({"model.dispatch": "ragged"}))
+
+
+def test_resume_with_other_frozen_parameters_is_refused(trained_run, load_tiny):
+  _, reference_dir, _ = trained_run
+  with pytest.raises(IncompatibleCheckpointError, match=r"train.freeze: \(\) in the checkpoints, \('router',\) in"):
+    Checkpointer(os.path.join(reference_dir, "checkpoints"), load_tiny({"train.freeze": "('router',)"}))

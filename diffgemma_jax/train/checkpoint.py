@@ -93,6 +93,10 @@ class Checkpointer:
     if saved is None:
       return
     diffs = model_differences(saved.get("model", {}), config_to_dict(self.config.model))
+    saved_freeze = tuple(saved.get("train", {}).get("freeze", ()))
+    if saved_freeze != tuple(self.config.train.freeze):  # the optimizer state covers the trainable parameters
+      diffs.append(f"train.freeze: {saved_freeze!r} in the checkpoints, {tuple(self.config.train.freeze)!r} in the "
+                   f"config")
     if diffs:
       raise IncompatibleCheckpointError(
           f"{self.directory} holds checkpoints of a different model; use a new --workdir or the saved config. "
