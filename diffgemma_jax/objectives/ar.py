@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.objectives.masked import router_metrics
 
 
 def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
@@ -38,8 +39,7 @@ class Autoregressive:
     nll_per_token = jnp.sum(nll) / num_tokens
     loss = nll_per_token + aux["aux_loss"]
     return loss, {"loss": loss, "nelbo_per_token": nll_per_token, "num_tokens": jnp.sum(valid),
-                  "load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
-                  "expert_load": jnp.mean(aux["expert_load"], axis=0), "dropped_tokens": aux["dropped_tokens"]}
+                  **router_metrics(aux)}
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """Exact per-row negative log-likelihood of every token after the first of its segment (stderr 0)."""

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.model.masks import make_mask, same_segment
-from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, scored_positions, stratified_t,
+from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss, router_metrics,
+                                             scored_positions, stratified_t,
                                              weighted_nll)
 
 
@@ -117,21 +118,6 @@ def weighted_nll_per_token(nll_BL, is_masked_BL, t_BL):
   B, L = nll_BL.shape
   return jnp.sum(weighted_nll(nll_BL.reshape(B * L, 1), is_masked_BL.reshape(B * L, 1),
                               t_BL.reshape(B * L)).reshape(B, L), axis=-1)
-
-
-def normalise_loss(per_example_B, scored_BL, sft: bool):
-  """Pretraining: batch sum over scored tokens. SFT: each response's NELBO over its length, then the mean."""
-  num_scored_B = jnp.sum(scored_BL, axis=-1)
-  if sft:
-    has_response = num_scored_B > 0
-    per_token_B = per_example_B / jnp.maximum(num_scored_B, 1)
-    return jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
-  return jnp.sum(per_example_B) / jnp.maximum(jnp.sum(num_scored_B), 1)
-
-
-def router_metrics(aux):
-  return {"load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
-          "expert_load": jnp.mean(aux["expert_load"], axis=0), "dropped_tokens": aux["dropped_tokens"]}
 
 
 def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, num_blocks: int, rng, *,

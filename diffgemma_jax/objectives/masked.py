@@ -94,6 +94,22 @@ def scored_positions(batch):
   return batch["segment_ids"] > 0
 
 
+def normalise_loss(per_example_B, scored_BL, sft: bool):
+  """Pretraining: batch sum over scored tokens. SFT: each response's NELBO over its length, then the mean."""
+  num_scored_B = jnp.sum(scored_BL, axis=-1)
+  if sft:
+    has_response = num_scored_B > 0
+    per_token_B = per_example_B / jnp.maximum(num_scored_B, 1)
+    return jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
+  return jnp.sum(per_example_B) / jnp.maximum(jnp.sum(num_scored_B), 1)
+
+
+def router_metrics(aux):
+  """The MoE router's logged metrics from a model call's aux outputs (every objective reports the same)."""
+  return {"load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
+          "expert_load": jnp.mean(aux["expert_load"], axis=0), "dropped_tokens": aux["dropped_tokens"]}
+
+
 class MaskedDiffusion:
   """Masked diffusion for pretraining and prompt-masked SFT, told apart by the batch alone.
 
@@ -120,25 +136,11 @@ class MaskedDiffusion:
     logits, aux = model(noisy, positions, mask, token_mask_BL=pad_mask)
     nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
     per_example = weighted_nll(nll, is_masked, t_B)
-    num_scored_B = jnp.sum(scored, axis=-1)
-    num_tokens = jnp.maximum(jnp.sum(num_scored_B), 1)
-    if "loss_mask" in batch:
-      has_response = num_scored_B > 0
-      per_token_B = per_example / jnp.maximum(num_scored_B, 1)
-      nelbo = jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
-    else:
-      nelbo = jnp.sum(per_example) / num_tokens
+    num_tokens = jnp.maximum(jnp.sum(scored), 1)
+    nelbo = normalise_loss(per_example, scored, "loss_mask" in batch)
     loss = nelbo + aux["aux_loss"]
-    metrics = {
-        "loss": loss,
-        "nelbo_per_token": nelbo,
-        "masked_fraction": jnp.sum(is_masked) / num_tokens,
-        "num_tokens": jnp.sum(scored),
-        "load_balance_loss": aux["load_balance_loss"],
-        "router_z_loss": aux["router_z_loss"],
-        "expert_load": jnp.mean(aux["expert_load"], axis=0),
-        "dropped_tokens": aux["dropped_tokens"],
-    }
+    metrics = {"loss": loss, "nelbo_per_token": nelbo, "masked_fraction": jnp.sum(is_masked) / num_tokens,
+               "num_tokens": jnp.sum(scored), **router_metrics(aux)}
     return loss, metrics
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):

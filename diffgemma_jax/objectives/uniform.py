@@ -45,8 +45,8 @@ import jax.numpy as jnp
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.ar import next_token_nll
 from diffgemma_jax.objectives.block import (block_ids, canvas_clean_forward, check_block_size, mean_and_stderr,
-                                            per_token, router_metrics)
-from diffgemma_jax.objectives.masked import masked_token_nll, scored_positions, stratified_t
+                                            per_token)
+from diffgemma_jax.objectives.masked import masked_token_nll, router_metrics, scored_positions, stratified_t
 
 def noise_token(rng, shape, *, vocab_size: int, excluded_ids: Sequence[int]):
   """Tokens drawn uniformly from the vocabulary without `excluded_ids`."""
