@@ -135,7 +135,7 @@ def write_dataset(output_dir: str, recipe: str, vocab_size: int | None, splits: 
 
 
 def read_records(data_dir: str, split: str) -> list[dict]:
-  """The records of one split of an SFT dataset (`kind` "sft"), in order."""
+  """The records of one split, in order: `{"text", "source"}` documents, or an SFT dataset's examples."""
   manifest = read_manifest(data_dir)
   if manifest is None:
     raise DataError(f"{data_dir!r} holds no manifest.json; build it with a data recipe")
@@ -147,15 +147,8 @@ def read_records(data_dir: str, split: str) -> list[dict]:
 
 
 def read_split(data_dir: str, split: str) -> list[str]:
-  """The documents of one split, in order."""
-  manifest = read_manifest(data_dir)
-  if manifest is None:
-    raise DataError(f"{data_dir!r} holds no manifest.json; build it with a data recipe")
-  texts = []
-  for name in manifest["splits"][split]["files"]:
-    with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-      texts.extend(json.loads(line)["text"] for line in f if line.strip())
-  return texts
+  """The documents (texts) of one split, in order."""
+  return [record["text"] for record in read_records(data_dir, split)]
 
 
 def read_utf8(path: str) -> str | None:
