@@ -1,7 +1,10 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
-[--block_length N] [--steps N] [--threshold X] [--temperature X] [--top_p X] [--seed N] [--step N] [--json]
-[--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls, new
-tokens and tokens/s. AR models default to the `ar` sampler, masked-diffusion models to `threshold` (Fast-dLLM)."""
+[--block_length N] [--steps N] [--threshold X] [--temperature X] [--top_p X] [--max_denoising_steps N]
+[--entropy_bound X] [--temperature_start X] [--temperature_end X] [--stop_mean_entropy X] [--seed N] [--step N]
+[--json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls,
+new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. AR models default to the `ar`
+sampler, masked-diffusion models to `threshold` (Fast-dLLM), block-diffusion models to `block_threshold` and
+uniform-state models (DiffusionGemma) to `entropy_bound`, canvas after canvas of objective.block_size tokens."""
 
 from __future__ import annotations
 
@@ -23,14 +26,26 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--prompt", help="one prompt")
   source.add_argument("--prompts", help="a file with one prompt per line")
   p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: ar for AR models, "
-                 "threshold for diffusion models)")
+                 "threshold for masked diffusion, block_threshold for block diffusion, entropy_bound for uniform)")
   p.add_argument("--gen_length", type=int, default=128, help="new tokens to generate (at most)")
-  p.add_argument("--block_length", type=int, default=32, help="diffusion: semi-autoregressive block length")
+  p.add_argument("--block_length", type=int, default=32, help="diffusion: semi-autoregressive block length (canvas "
+                 "samplers: the model's objective.block_size)")
   p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps over gen_length (default: "
                  "gen_length); a multiple of gen_length / block_length")
   p.add_argument("--threshold", type=float, default=0.9, help="threshold samplers: commit confidence, in (0, 1]")
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top_p", type=float, default=1.0, help="ar: nucleus mass, in (0, 1]")
+  entropy = p.add_argument_group("entropy_bound sampler (uniform-state models; defaults: the released model's)")
+  entropy.add_argument("--max_denoising_steps", type=int, default=None, help="at most this many steps per canvas "
+                       "(default 48)")
+  entropy.add_argument("--entropy_bound", type=float, default=None, help="accept the lowest-entropy tokens while "
+                       "their entropy sum minus the largest stays <= this, > 0 (default 0.1)")
+  entropy.add_argument("--temperature_start", type=float, default=None, help="temperature of the first step, > 0 "
+                       "(default 0.8)")
+  entropy.add_argument("--temperature_end", type=float, default=None, help="annealed linearly towards this, in "
+                       "[0, temperature_start] (default 0.4)")
+  entropy.add_argument("--stop_mean_entropy", type=float, default=None, help="a canvas stops early once its argmax "
+                       "is stable and its mean entropy is below this (default 0.005)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -55,17 +70,20 @@ def main(argv=None) -> int:
     config = load_config(args.config, config_overrides(rest))
     options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, block_length=args.block_length,
                                 steps=args.steps, threshold=args.threshold, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed)
+                                top_p=args.top_p, seed=args.seed, max_denoising_steps=args.max_denoising_steps,
+                                entropy_bound=args.entropy_bound, temperature_start=args.temperature_start,
+                                temperature_end=args.temperature_end, stop_mean_entropy=args.stop_mean_entropy)
     results = generate_completions(config, args.workdir, _read_prompts(args), options, step=args.step)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   if args.json:
     keys = ("prompt", "completion", "sampler", "step", "prompt_tokens", "new_tokens", "model_calls", "seconds",
-            "tokens_per_s", "compile_seconds", "ids")
+            "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids")
     print(json.dumps([{k: r[k] for k in keys} for r in results], indent=2))
     return 0
   for index, r in enumerate(results):
-    print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls, "
+    canvases = "" if r["steps_per_canvas"] is None else f", steps per canvas {r['steps_per_canvas']}"
+    print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
           f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
           f"sampler {r['sampler']}, step {r['step']})")
     print(r["prompt"] + r["completion"])

@@ -93,3 +93,44 @@ def truncate_at_eos(tokens, eos_id: int) -> list[int]:
       break
     out.append(int(token))
   return out
+
+
+# ---- uniform-state canvases (DiffusionGemma's entropy-bound sampler) -----------------------------------------------
+def linear_temperature(step, max_steps: int, start: float, end: float):
+  """The temperature of denoising step `step` (0-based) out of `max_steps`: `start` at step 0, falling linearly
+  by (start - end) / max_steps per step, so the last allowed step uses end + (start - end) / max_steps (the
+  released sampler counts steps down from max_steps to 1: T = end + (start - end) * remaining / max_steps)."""
+  remaining = max_steps - jnp.asarray(step, jnp.float32)
+  return end + (start - end) * remaining / max_steps
+
+
+def token_entropy(logits_BLV):
+  """Entropy (nats) of softmax(logits) at each position, float32; -inf logits (excluded tokens) count as zero."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits_BLV, axis=-1)
+  probs = jnp.exp(log_probs)
+  return -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)
+
+
+def accept_entropy_bound(entropy_BL, bound: float):
+  """Accepts the lowest-entropy positions of each row while sum(H_1..H_k) - H_k <= bound (H ascending): the sum
+  bounds the mutual information among the accepted tokens, so they are nearly independent. The lowest-entropy
+  position always passes (its left side is 0), so every row accepts at least one token."""
+  order_BL = jnp.argsort(entropy_BL, axis=-1)
+  sorted_BL = jnp.take_along_axis(entropy_BL, order_BL, axis=-1)
+  passes_BL = jnp.cumsum(sorted_BL, axis=-1) - sorted_BL <= bound
+  rows = jnp.arange(entropy_BL.shape[0])[:, None]
+  return jnp.zeros(entropy_BL.shape, bool).at[rows, order_BL].set(passes_BL)
+
+
+def stable_and_confident(argmax_BL, previous_argmax_BL, entropy_BL, mean_entropy_below: float):
+  """The early stop of a canvas: its argmax equals the previous step's and the mean entropy is below the limit."""
+  stable_B = jnp.all(argmax_BL == previous_argmax_BL, axis=-1)
+  return stable_B & (jnp.mean(entropy_BL, axis=-1) < mean_entropy_below)
+
+
+def pad_after_eos(tokens_BL, eos_id: int, pad_id: int):
+  """Every token after the first EOS of a row becomes `pad_id` (the EOS itself stays)."""
+  is_eos = tokens_BL == eos_id
+  after = (jnp.cumsum(is_eos, axis=-1) - is_eos) > 0
+  return jnp.where(after, pad_id, tokens_BL)

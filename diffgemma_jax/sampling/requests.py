@@ -6,9 +6,13 @@ This is the library behind `diffgemma-generate` (the entry point only parses fla
   low_confidence_cached  the same with Fast-dLLM's approximate dual KV cache
   threshold              Fast-dLLM: confidence-threshold parallel decoding (>= 1 token per step), dual KV cache
   threshold_nocache      the same without the cache
-  block_threshold        threshold decoding for block-diffusion models, exact KV cache of the clean prefix
-  block_low_confidence   low-confidence decoding for block-diffusion models, exact KV cache
-Block-diffusion models decode in blocks of their training block size (objective.block_size).
+  block_threshold        block-diffusion models (objective block): canvas after canvas, threshold decoding, each
+                         finished canvas committed to the KV cache by a causal encoder pass (`canvas.py`)
+  block_low_confidence   the same with low-confidence decoding on an even schedule
+  entropy_bound          uniform-state models (objective uniform, DiffusionGemma): canvas after canvas, entropy-bound
+                         acceptance with renoising, annealed temperature, stability-and-entropy early stop
+Canvas samplers decode in canvases of the training block size (objective.block_size), pad after EOS and report
+the denoising steps of every canvas; the entropy-bound defaults are the released model's (RELEASED_SAMPLER).
 """
 
 from __future__ import annotations
@@ -23,21 +27,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.config import ConfigError, ModelConfig
-from diffgemma_jax.sampling import autoregressive, masked
+from diffgemma_jax.sampling import autoregressive, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
 
-# name -> (acceptance rule, cache mode); None: the autoregressive decoder.
-SAMPLERS: dict[str, tuple[str, str] | None] = {
-    "ar": None,
-    "low_confidence": ("low_confidence", "none"),
-    "low_confidence_cached": ("low_confidence", "dual"),
-    "threshold": ("threshold", "dual"),
-    "threshold_nocache": ("threshold", "none"),
-    "block_threshold": ("threshold", "block"),
-    "block_low_confidence": ("low_confidence", "block"),
+# name -> (objective of the models it samples, acceptance rule, cache mode); "canvas": the multi-canvas sampler.
+SAMPLERS: dict[str, tuple[str, str | None, str | None]] = {
+    "ar": ("ar", None, None),
+    "low_confidence": ("masked", "low_confidence", "none"),
+    "low_confidence_cached": ("masked", "low_confidence", "dual"),
+    "threshold": ("masked", "threshold", "dual"),
+    "threshold_nocache": ("masked", "threshold", "none"),
+    "block_threshold": ("block", "threshold", "canvas"),
+    "block_low_confidence": ("block", "low_confidence", "canvas"),
+    "entropy_bound": ("uniform", "entropy_bound", "canvas"),
 }
-OBJECTIVE_OF_CACHE = {"none": "masked", "dual": "masked", "block": "block"}
+# The entropy-bound options and their defaults (the released DiffusionGemma sampler).
+ENTROPY_BOUND_OPTIONS = ("max_denoising_steps", "entropy_bound", "temperature_start", "temperature_end",
+                         "stop_mean_entropy")
+ENTROPY_BOUND_DEFAULTS = {name: RELEASED_SAMPLER[name] for name in ENTROPY_BOUND_OPTIONS}
 
 
 class GenerationError(ConfigError):
@@ -55,30 +64,71 @@ class GenerationOptions:
   top_p: float = 1.0  # AR only
   seed: int = 0
   stop_at_eos: bool = True
+  # entropy_bound only; None: the released model's value (ENTROPY_BOUND_DEFAULTS)
+  max_denoising_steps: int | None = None  # per canvas, at most
+  entropy_bound: float | None = None
+  temperature_start: float | None = None
+  temperature_end: float | None = None
+  stop_mean_entropy: float | None = None  # early stop: argmax stable and mean entropy below this
 
 
 def default_sampler(objective_name: str) -> str:
-  return {"ar": "ar", "block": "block_threshold"}.get(objective_name, "threshold")
+  return {"ar": "ar", "block": "block_threshold", "uniform": "entropy_bound"}.get(objective_name, "threshold")
 
 
-def validate_options(options: GenerationOptions, objective_name: str,
-                     block_size: int | None = None) -> GenerationOptions:
+def _validate_entropy_bound(options: GenerationOptions) -> GenerationOptions:
+  options = dataclasses.replace(options, **{name: ENTROPY_BOUND_DEFAULTS[name] for name in ENTROPY_BOUND_OPTIONS
+                                            if getattr(options, name) is None})
+  if options.max_denoising_steps < 1:
+    raise GenerationError(f"--max_denoising_steps must be >= 1, got {options.max_denoising_steps}")
+  if options.entropy_bound <= 0:
+    raise GenerationError(f"--entropy_bound must be > 0 (the entropy the accepted tokens may share), got "
+                          f"{options.entropy_bound}")
+  if options.temperature_start <= 0:
+    raise GenerationError(f"--temperature_start must be > 0, got {options.temperature_start}")
+  if not 0 <= options.temperature_end <= options.temperature_start:
+    raise GenerationError(f"--temperature_end must lie in [0, --temperature_start={options.temperature_start}], "
+                          f"got {options.temperature_end}")
+  if options.stop_mean_entropy < 0:
+    raise GenerationError(f"--stop_mean_entropy must be >= 0, got {options.stop_mean_entropy}")
+  if options.temperature:
+    raise GenerationError("--temperature does not apply to the entropy_bound sampler; it anneals from "
+                          "--temperature_start to --temperature_end")
+  if options.steps is not None:
+    raise GenerationError("--steps does not apply to the entropy_bound sampler; use --max_denoising_steps (per "
+                          "canvas)")
+  return options
+
+
+def validate_options(options: GenerationOptions, objective_name: str, block_size: int | None = None,
+                     context_length: int | None = None) -> GenerationOptions:
   """Fills the defaults for this model and checks every option; raises GenerationError (one line) otherwise.
-  `block_size` is objective.block_size of block-diffusion models (their block length)."""
+  `block_size` is objective.block_size of block and uniform models (their canvas length); `context_length` is
+  train.seq_len (a canvas may not be longer)."""
   sampler = options.sampler or default_sampler(objective_name)
   if sampler not in SAMPLERS:
     raise GenerationError(f"--sampler {sampler!r} is unknown; valid samplers are {', '.join(SAMPLERS)}")
-  wanted = "ar" if SAMPLERS[sampler] is None else OBJECTIVE_OF_CACHE[SAMPLERS[sampler][1]]
+  wanted, acceptance, cache = SAMPLERS[sampler]
   if wanted != objective_name:
-    fitting = [name for name, spec in SAMPLERS.items()
-               if ("ar" if spec is None else OBJECTIVE_OF_CACHE[spec[1]]) == objective_name]
+    fitting = [name for name, spec in SAMPLERS.items() if spec[0] == objective_name]
     raise GenerationError(f"--sampler {sampler} needs a model trained with objective {wanted!r}; this config "
                           f"trains {objective_name!r}: use " + (", ".join(fitting) or "another model"))
-  if objective_name == "block" and block_size and options.block_length != block_size:
+  if cache == "canvas" and block_size and options.block_length != block_size:
     if options.block_length != GenerationOptions.block_length:
       raise GenerationError(f"--block_length {options.block_length} differs from the model's training block size "
                             f"objective.block_size={block_size}; use --block_length {block_size}")
     options = dataclasses.replace(options, block_length=block_size)
+  if cache == "canvas" and context_length and options.block_length > context_length:
+    raise GenerationError(f"the canvas (--block_length {options.block_length}, objective.block_size) is longer than "
+                          f"the model's context of {context_length} tokens (train.seq_len); use a canvas of at "
+                          f"most {context_length} tokens")
+  if acceptance == "entropy_bound":
+    options = _validate_entropy_bound(options)
+  else:
+    for name in ENTROPY_BOUND_OPTIONS:
+      if getattr(options, name) is not None:
+        raise GenerationError(f"--{name} applies to the entropy_bound sampler only (uniform-state models), not to "
+                              f"--sampler {sampler}")
   if options.gen_length < 1:
     raise GenerationError(f"--gen_length must be >= 1, got {options.gen_length}")
   if not 0.0 < options.threshold <= 1.0:
@@ -87,6 +137,10 @@ def validate_options(options: GenerationOptions, objective_name: str,
     raise GenerationError(f"--temperature must be >= 0, got {options.temperature}")
   if not 0.0 < options.top_p <= 1.0:
     raise GenerationError(f"--top_p must lie in (0, 1], got {options.top_p}")
+  if acceptance == "entropy_bound":
+    if options.block_length < 1 or options.gen_length % options.block_length:
+      raise GenerationError(f"--block_length {options.block_length} must divide --gen_length {options.gen_length}")
+    return dataclasses.replace(options, sampler=sampler)
   steps = options.gen_length if options.steps is None else options.steps
   if steps < 1:
     raise GenerationError(f"--steps must be >= 1, got {steps}")
@@ -110,13 +164,20 @@ def validate_prompt(text: str, prompt_ids: list[int], context_length: int) -> No
 
 
 def sampler_config(options: GenerationOptions):
-  """The ARConfig or SamplerConfig of validated options."""
-  spec = SAMPLERS[options.sampler]
-  if spec is None:
+  """The ARConfig, SamplerConfig or CanvasConfig of validated options."""
+  _, acceptance, cache = SAMPLERS[options.sampler]
+  if acceptance is None:
     return autoregressive.ARConfig(max_new_tokens=options.gen_length, temperature=options.temperature,
                                    top_p=options.top_p, stop_at_eos=options.stop_at_eos)
-  acceptance, cache = spec
   num_blocks = options.gen_length // options.block_length
+  if acceptance == "entropy_bound":
+    rule = canvas.EntropyBoundRule(**{name: getattr(options, name) for name in ENTROPY_BOUND_OPTIONS})
+  elif cache == "canvas":
+    rule = canvas.MaskedRule(steps_per_canvas=options.steps // num_blocks, acceptance=acceptance,
+                             threshold=options.threshold, temperature=options.temperature)
+  if cache == "canvas":
+    return canvas.CanvasConfig(canvas_length=options.block_length, num_canvases=num_blocks, rule=rule,
+                               stop_at_eos=options.stop_at_eos)
   return masked.SamplerConfig(gen_length=options.gen_length, block_length=options.block_length,
                               steps_per_block=options.steps // num_blocks, acceptance=acceptance,
                               threshold=options.threshold, temperature=options.temperature, cache=cache,
@@ -126,21 +187,26 @@ def sampler_config(options: GenerationOptions):
 class Generator:
   """A model plus the special ids; compiles one sampler per (prompt length, sampler settings) and times runs."""
 
-  def __init__(self, model, *, mask_id: int, eos_id: int):
+  def __init__(self, model, *, mask_id: int, eos_id: int, pad_id: int = 0):
     self.graphdef, self.state = nnx.split(model)
-    self.mask_id, self.eos_id = mask_id, eos_id
+    self.mask_id, self.eos_id, self.pad_id = mask_id, eos_id, pad_id
     self._compiled: dict[Any, Any] = {}
 
   def _sample_fn(self, cfg):
-    graphdef, mask_id, eos_id = self.graphdef, self.mask_id, self.eos_id
+    """(state, prompt, rng) -> (tokens [B, P + G], model calls [B], steps per canvas [B, C] or None)."""
+    graphdef, mask_id, eos_id, pad_id = self.graphdef, self.mask_id, self.eos_id, self.pad_id
     if isinstance(cfg, autoregressive.ARConfig):
-      return lambda state, prompt, rng: autoregressive.generate(nnx.merge(graphdef, state), prompt, rng, cfg,
-                                                                eos_id=eos_id)
-
-    def sample(state, prompt, rng):
-      denoiser = masked.make_denoiser(nnx.merge(graphdef, state), cfg, prompt.shape[1])
-      return masked.generate(denoiser, prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id)
-
+      def sample(state, prompt, rng):
+        return autoregressive.generate(nnx.merge(graphdef, state), prompt, rng, cfg, eos_id=eos_id) + (None,)
+    elif isinstance(cfg, canvas.CanvasConfig):
+      def sample(state, prompt, rng):
+        out = canvas.generate(nnx.merge(graphdef, state), prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id,
+                              pad_id=pad_id)
+        return out.tokens, canvas_model_calls(out.steps), out.steps
+    else:
+      def sample(state, prompt, rng):
+        denoiser = masked.make_denoiser(nnx.merge(graphdef, state), cfg, prompt.shape[1])
+        return masked.generate(denoiser, prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id) + (None,)
     return sample
 
   def compiled(self, cfg, batch_size: int, prompt_length: int):
@@ -152,7 +218,8 @@ class Generator:
     return self._compiled[key]
 
   def run(self, prompt_ids_BP, options: GenerationOptions) -> list[dict[str, Any]]:
-    """Samples after each prompt row (equal lengths); per row: ids up to EOS, model calls, new tokens, timings."""
+    """Samples after each prompt row (equal lengths); per row: ids up to EOS, model calls, new tokens, timings,
+    and for canvas samplers the denoising steps of every canvas the row ran."""
     prompt = np.asarray(prompt_ids_BP, np.int32)
     B, P = prompt.shape
     cfg = sampler_config(options)
@@ -160,7 +227,7 @@ class Generator:
     fn = self.compiled(cfg, B, P)
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    tokens, calls = jax.block_until_ready(fn(self.state, jnp.asarray(prompt), jax.random.key(options.seed)))
+    tokens, calls, steps = jax.block_until_ready(fn(self.state, jnp.asarray(prompt), jax.random.key(options.seed)))
     seconds = time.perf_counter() - start
     tokens, calls = np.asarray(tokens), np.asarray(calls)
     results = []
@@ -169,8 +236,21 @@ class Generator:
       results.append({"sampler": options.sampler, "ids": ids, "sequence": tokens[row].tolist(),
                       "model_calls": int(calls[row]), "new_tokens": len(ids), "seconds": seconds,
                       "tokens_per_s": len(ids) / seconds if seconds > 0 else float("inf"),
-                      "compile_seconds": compile_seconds})
+                      "compile_seconds": compile_seconds,
+                      "steps_per_canvas": None if steps is None else canvas_steps(np.asarray(steps)[row])})
     return results
+
+
+def canvas_steps(steps_C) -> list[int]:
+  """The denoising steps of the canvases a row ran (every run canvas takes >= 1 step; later ones were skipped)."""
+  return [int(s) for s in steps_C if s > 0]
+
+
+def canvas_model_calls(steps_BC):
+  """Model calls of each row of a canvas sampler: the prompt's encoder pass, every denoising step, and one encoder
+  pass committing each canvas the row ran but its last."""
+  ran_B = jnp.sum(steps_BC > 0, axis=-1)
+  return 1 + jnp.sum(steps_BC, axis=-1) + jnp.maximum(ran_B - 1, 0)
 
 
 def restore_model(config, workdir: str, step: int | None = None):
@@ -212,7 +292,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
                          step: int | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text) one request at a time; every option and prompt is checked before the
   model is restored, so bad input fails fast."""
-  options = validate_options(options, str(config.objective.name), int(config.objective.block_size))
+  options = validate_options(options, str(config.objective.name), int(config.objective.block_size),
+                             int(config.train.seq_len))
   if not prompts:
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   for text in prompts:
@@ -225,7 +306,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     validate_prompt(text, ids, context_length)
     encoded.append(ids)
   model, step = restore_model(config, workdir, step)
-  generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id)
+  generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   results = []
   for text, ids in zip(prompts, encoded):
     (result,) = generator.run([ids], options)

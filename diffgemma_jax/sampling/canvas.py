@@ -1,0 +1,255 @@
+"""Multi-canvas generation for block-diffusion models (DiffusionGemma's layout), masked or uniform-state.
+
+The model was trained with a causal "encoder" pass over the clean tokens and a bidirectional "canvas" pass over one
+noised block that sees the clean tokens before it (`objectives/block.py`, `objectives/uniform.py`). Sampling feeds
+it the same way, with one KV cache of `prompt + gen_length` slots (slot i holds position i):
+1. the prompt is encoded causally into slots [0, P) (one call);
+2. canvas c occupies slots [P + c*b, P + (c+1)*b). Each denoising step runs only the canvas, bidirectionally
+   within itself and attending to every clean slot before it (its own keys/values are written to its slots each
+   step and overwritten by the next);
+3. the finished canvas is committed: tokens after the first EOS become padding (rows that ended in an earlier
+   canvas get padding throughout), then a causal encoder pass over it writes its clean keys/values into its
+   slots, exactly as a causal pass over the whole sequence would have (the last canvas needs no commit);
+4. generation ends after `num_canvases` canvases or once every row holds an EOS.
+Denoising steps are counted per row and canvas (0 for canvases a row did not run).
+
+Denoising rules (a canvas's inner loop):
+- `MaskedRule` (objective `block`): the canvas starts all mask tokens; each step proposes a token per masked
+  position and commits the most confident ones, by LLaDA's low-confidence rule on an even schedule over
+  `steps_per_canvas` or by Fast-dLLM's threshold rule (the parts of `parts.py`, as the masked samplers use them);
+  the canvas ends when no mask is left.
+- `EntropyBoundRule` (objective `uniform`, DiffusionGemma's released sampler): the canvas starts as uniform noise.
+  Step s (0-based) divides the logits by a temperature annealed linearly from `temperature_start`
+  (`parts.linear_temperature`), samples a token per position, accepts the lowest-entropy positions while
+  sum(H) - H_k <= `entropy_bound` (at least one) and renoises every other position with a fresh uniform token.
+  A row stops when its argmax canvas equals the previous step's and its mean entropy is below
+  `stop_mean_entropy`, or after `max_denoising_steps`; its canvas is then the argmax of its last step. A model
+  with self-conditioning gets, from the second step on, the expected embedding of the previous step's
+  temperature-scaled prediction (its first step has none, as in training's first pass). Noise and predictions
+  never use the mask token (the uniform objective never produces it).
+
+Everything is jitted with static shapes: a `lax.while_loop` over canvases around a `lax.while_loop` over steps.
+Only the current step's [batch, canvas, vocab] logits exist; self-conditioning carries a [batch, canvas, embed]
+signal between steps, not logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
+from diffgemma_jax.objectives.uniform import noise_token
+from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, accept_low_confidence,
+                                          accept_threshold, even_schedule, has_eos, linear_temperature, pad_after_eos,
+                                          propose, stable_and_confident, token_entropy)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedRule:
+  """Masked canvases: commit proposals by `acceptance` until no mask is left (at most `steps_per_canvas` steps)."""
+  steps_per_canvas: int
+  acceptance: str = "threshold"
+  threshold: float = 0.9
+  temperature: float = 0.0
+
+  def __post_init__(self):
+    if self.acceptance not in ACCEPTANCE_RULES:
+      raise ValueError(f"acceptance {self.acceptance!r} unknown; valid rules are {ACCEPTANCE_RULES}")
+    if self.steps_per_canvas < 1:
+      raise ValueError(f"steps_per_canvas={self.steps_per_canvas} must be >= 1")
+    if not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"threshold={self.threshold} must lie in (0, 1]")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0")
+
+  @property
+  def max_steps(self) -> int:
+    return self.steps_per_canvas
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyBoundRule:
+  """Uniform-state canvases: DiffusionGemma's entropy-bound acceptance with renoising (defaults: the release)."""
+  max_denoising_steps: int = 48
+  entropy_bound: float = 0.1
+  temperature_start: float = 0.8
+  temperature_end: float = 0.4
+  stop_mean_entropy: float = 0.005
+
+  def __post_init__(self):
+    if self.max_denoising_steps < 1:
+      raise ValueError(f"max_denoising_steps={self.max_denoising_steps} must be >= 1")
+    if self.entropy_bound <= 0:
+      raise ValueError(f"entropy_bound={self.entropy_bound} must be > 0")
+    if not 0.0 <= self.temperature_end <= self.temperature_start or self.temperature_start <= 0:
+      raise ValueError(f"temperatures must satisfy 0 <= temperature_end <= temperature_start and "
+                       f"temperature_start > 0; got {self.temperature_start} -> {self.temperature_end}")
+    if self.stop_mean_entropy < 0:
+      raise ValueError(f"stop_mean_entropy={self.stop_mean_entropy} must be >= 0")
+
+  @property
+  def max_steps(self) -> int:
+    return self.max_denoising_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class CanvasConfig:
+  canvas_length: int
+  num_canvases: int
+  rule: Union[MaskedRule, EntropyBoundRule]
+  stop_at_eos: bool = True
+
+  def __post_init__(self):
+    if self.canvas_length < 1 or self.num_canvases < 1:
+      raise ValueError(f"canvas_length={self.canvas_length} and num_canvases={self.num_canvases} must be >= 1")
+
+  @property
+  def gen_length(self) -> int:
+    return self.canvas_length * self.num_canvases
+
+
+class CanvasOutput(NamedTuple):
+  tokens: jax.Array  # [B, P + gen_length]: the prompt, then the canvases (padding after EOS)
+  steps: jax.Array  # [B, num_canvases] int32: denoising steps per canvas (0: not run for that row)
+  cache: Any  # the KV cache; slots before the last canvas hold the causal encoder's keys/values
+
+
+# ---- the model's two passes ------------------------------------------------------------------------------------
+def _slots(batch_size: int, cache):
+  num_slots = jax.tree.leaves(cache)[0].shape[2]
+  return jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), (batch_size, num_slots))
+
+
+def encode(model, tokens_BL, cache, start):
+  """The causal encoder pass: clean tokens at slots [start, start + L) attend to every slot up to their own and
+  write their keys/values there. Returns the cache."""
+  B, L = tokens_BL.shape
+  slots_BS = _slots(B, cache)
+  positions_BL = start + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  mask_BLS = slots_BS[:, None, :] <= positions_BL[:, :, None]
+  _, cache = model.decode(tokens_BL, positions_BL, mask_BLS, cache, slots_BS, start, logits_start=L - 1,
+                          logits_length=1)
+  return cache
+
+
+def canvas_logits(model, canvas_Bb, cache, start, *, embeddings_BbD=None):
+  """The canvas pass: the canvas at slots [start, start + b), bidirectional within itself, attending to the clean
+  slots before it. Returns (float32 logits [B, b, V], the cache with the canvas's own entries in its slots)."""
+  B, b = canvas_Bb.shape
+  slots_BS = _slots(B, cache)
+  positions_Bb = start + jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (B, b))
+  mask_BbS = jnp.broadcast_to((slots_BS < start + b)[:, None, :], (B, b, slots_BS.shape[1]))
+  return model.decode(canvas_Bb, positions_Bb, mask_BbS, cache, slots_BS, start, embeddings_BLD=embeddings_BbD,
+                      canvas_BL=jnp.ones((B, b), bool))
+
+
+# ---- one canvas under each rule: (model, cache, start, done_B, rng) -> (canvas [B, b], steps [B], cache) --------
+def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int):
+  B, b = done_B.shape[0], canvas_length
+
+  def cond(state):
+    canvas, _, _, step, _ = state
+    return (step < rule.steps_per_canvas) & jnp.any((canvas == mask_id) & ~done_B[:, None])
+
+  def body(state):
+    canvas, cache, rng, step, steps_B = state
+    rng, key = jax.random.split(rng)
+    candidates = (canvas == mask_id) & ~done_B[:, None]
+    logits, cache = canvas_logits(model, canvas, cache, start)
+    tokens, confidence = propose(logits, key, temperature=rule.temperature, mask_id=mask_id)
+    num_to_commit = even_schedule(jnp.sum(candidates, axis=-1), rule.steps_per_canvas - step)
+    if rule.acceptance == "threshold":
+      commit = accept_threshold(confidence, candidates, rule.threshold, num_to_commit)
+    else:
+      commit = accept_low_confidence(confidence, candidates, num_to_commit)
+    steps_B = steps_B + jnp.any(candidates, axis=-1).astype(jnp.int32)
+    return jnp.where(commit, tokens, canvas), cache, rng, step + 1, steps_B
+
+  canvas = jnp.full((B, b), mask_id, jnp.int32)
+  state = (canvas, cache, rng, jnp.int32(0), jnp.zeros((B,), jnp.int32))
+  canvas, cache, _, _, steps_B = jax.lax.while_loop(cond, body, state)
+  return canvas, steps_B, cache
+
+
+def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, rng, *, canvas_length: int,
+                          mask_id: int):
+  B, b = done_B.shape[0], canvas_length
+  V = model.cfg.vocab_size
+  self_conditioned = getattr(model, "self_conditioning", None) is not None
+  noise = lambda key: noise_token(key, (B, b), vocab_size=V, excluded_ids=(mask_id,)).astype(jnp.int32)
+
+  def cond(state):
+    _, _, _, _, _, step, finished_B, _ = state
+    return (step < rule.max_denoising_steps) & ~jnp.all(finished_B)
+
+  def body(state):
+    canvas, argmax, signal_BbD, cache, rng, step, finished_B, steps_B = state
+    rng, sample_key, noise_key = jax.random.split(rng, 3)
+    logits, cache = canvas_logits(model, canvas, cache, start, embeddings_BbD=signal_BbD)
+    temperature = linear_temperature(step, rule.max_denoising_steps, rule.temperature_start, rule.temperature_end)
+    scaled = logits.at[..., mask_id].set(-jnp.inf) / temperature
+    entropy_Bb = token_entropy(scaled)
+    new_argmax = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(sample_key, scaled, axis=-1).astype(jnp.int32)
+    renoised = jnp.where(accept_entropy_bound(entropy_Bb, rule.entropy_bound), sampled, noise(noise_key))
+    active_B = ~finished_B
+    keep = lambda new, old: jnp.where(active_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
+    stop_B = stable_and_confident(new_argmax, argmax, entropy_Bb, rule.stop_mean_entropy)
+    if self_conditioned:
+      signal_BbD = keep(self_conditioning_embeddings(model, scaled, jnp.ones((B,), bool), excluded_ids=(mask_id,)),
+                        signal_BbD)
+    return (keep(renoised, canvas), keep(new_argmax, argmax), signal_BbD, cache, rng, step + 1,
+            finished_B | stop_B, steps_B + active_B.astype(jnp.int32))
+
+  rng, init_key = jax.random.split(rng)
+  # The first step's argmax can never look stable: the previous argmax starts at -1.
+  signal = jnp.zeros((B, b, model.cfg.embed_dim), jnp.float32) if self_conditioned else None
+  state = (noise(init_key), jnp.full((B, b), -1, jnp.int32), signal, cache, rng, jnp.int32(0), done_B,
+           jnp.zeros((B,), jnp.int32))
+  _, argmax, _, cache, _, _, _, steps_B = jax.lax.while_loop(cond, body, state)
+  return argmax, steps_B, cache
+
+
+def denoise_canvas(rule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int):
+  """One canvas under `rule`; rows marked `done` take no steps (and their canvas is discarded)."""
+  fn = denoise_masked if isinstance(rule, MaskedRule) else denoise_entropy_bound
+  return fn(rule, model, cache, start, done_B, rng, canvas_length=canvas_length, mask_id=mask_id)
+
+
+# ---- the canvas loop -------------------------------------------------------------------------------------------
+def generate(model, prompt_BP, rng, cfg: CanvasConfig, *, mask_id: int, eos_id: int | None = None,
+             pad_id: int = 0) -> CanvasOutput:
+  """Generates `cfg.num_canvases` canvases after each prompt row (equal lengths); see the module docstring."""
+  B, P = prompt_BP.shape
+  b, C = cfg.canvas_length, cfg.num_canvases
+  stop_at_eos = cfg.stop_at_eos and eos_id is not None
+  prompt_BP = prompt_BP.astype(jnp.int32)
+  cache = encode(model, prompt_BP, model.init_kv_cache(B, P + cfg.gen_length), 0)
+  tokens = jnp.concatenate([prompt_BP, jnp.full((B, cfg.gen_length), pad_id, jnp.int32)], axis=1)
+
+  def cond(state):
+    _, _, _, index, finished_B, _ = state
+    return (index < C) & ~jnp.all(finished_B)
+
+  def body(state):
+    tokens, cache, rng, index, finished_B, steps_BC = state
+    rng, key = jax.random.split(rng)
+    start = P + index * b
+    canvas, steps_B, cache = denoise_canvas(cfg.rule, model, cache, start, finished_B, key, canvas_length=b,
+                                            mask_id=mask_id)
+    if stop_at_eos:
+      canvas = jnp.where(finished_B[:, None], pad_id, pad_after_eos(canvas, eos_id, pad_id))
+      finished_B = finished_B | has_eos(canvas, eos_id)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, canvas, start, axis=1)
+    steps_BC = jax.lax.dynamic_update_slice_in_dim(steps_BC, steps_B[:, None], index, axis=1)
+    more = (index + 1 < C) & ~jnp.all(finished_B)
+    cache = jax.lax.cond(more, lambda c: encode(model, canvas, c, start), lambda c: c, cache)
+    return tokens, cache, rng, index + 1, finished_B, steps_BC
+
+  state = (tokens, cache, rng, jnp.int32(0), jnp.zeros((B,), bool), jnp.zeros((B, C), jnp.int32))
+  tokens, cache, _, _, _, steps_BC = jax.lax.while_loop(cond, body, state)
+  return CanvasOutput(tokens, steps_BC, cache)
