@@ -47,6 +47,9 @@ def test_default_samplers_and_steps():
   assert (options.sampler, options.steps) == ("threshold", 64)
   options = validate_options(GenerationOptions(gen_length=64), "block", block_size=16)
   assert (options.sampler, options.block_length) == ("block_threshold", 16)
+  options = validate_options(GenerationOptions(gen_length=64), "uniform", block_size=32)
+  assert (options.sampler, options.block_length, options.max_denoising_steps) == ("entropy_bound", 32, 48)
+  assert (options.entropy_bound, options.temperature_start, options.temperature_end) == (0.1, 0.8, 0.4)
 
 
 def test_bad_prompts():
@@ -128,3 +131,29 @@ def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, ca
   assert result["sampler"] == "threshold" and result["step"] > 0
   assert 0 <= result["new_tokens"] <= 16 and 1 <= result["model_calls"] <= 16
   assert result["tokens_per_s"] >= 0 and isinstance(result["completion"], str)
+
+
+@pytest.mark.parametrize("objective,sampler", [("uniform", "entropy_bound"), ("block", "block_threshold")])
+def test_cli_generates_canvases_from_block_and_uniform_runs(objective, sampler, load_tiny, tiny_config_file,
+                                                            tmp_path, capsys):
+  """One training step is enough for a checkpoint: the canvas samplers run end to end from the CLI."""
+  from diffgemma_jax.train import train
+  overrides = {"objective.name": objective, "objective.block_size": "8", "train.num_steps": "1",
+               "checkpoint.every_steps": "1"}
+  if objective == "uniform":
+    overrides["model.self_conditioning"] = "True"
+  workdir = str(tmp_path / "run")
+  train(load_tiny(overrides), workdir, show_progress=False)
+  flags = [f"--config.{key}={value}" for key, value in overrides.items()]
+  base = ["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--gen_length", "16"] + flags
+  if objective == "uniform":
+    base += ["--max_denoising_steps", "4"]
+  assert main(base + ["--json"]) == 0
+  (result,) = json.loads(capsys.readouterr().out)
+  assert result["sampler"] == sampler and result["step"] == 1
+  steps = result["steps_per_canvas"]
+  assert 1 <= len(steps) <= 2 and all(1 <= s <= (4 if objective == "uniform" else 8) for s in steps)
+  assert result["model_calls"] == 1 + sum(steps) + len(steps) - 1
+  assert main(base) == 0
+  out = capsys.readouterr().out
+  assert f"steps per canvas {steps}" in out and f"sampler {sampler}" in out and "def main(" in out
