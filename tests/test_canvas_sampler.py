@@ -252,6 +252,15 @@ def test_reproducible_with_a_seed(model, prompt, uniform_run):
   assert not np.array_equal(_run(model, prompt, UNIFORM, seed=1).tokens, uniform_run.tokens)
 
 
+def test_self_conditioning_is_fed_between_steps(prompt, uniform_run):
+  """The previous step's prediction changes the samples through the self-conditioning MLP; with that MLP at zero
+  (untrained) the sampler equals the same weights without self-conditioning."""
+  untrained = _run(build_model(TINY, 0), prompt, UNIFORM)  # the `model` fixture's weights, but w_down = 0
+  assert not np.array_equal(untrained.tokens, uniform_run.tokens)
+  plain = build_model(dataclasses.replace(TINY, self_conditioning=False), 0)
+  np.testing.assert_array_equal(_run(plain, prompt, UNIFORM).tokens, untrained.tokens)
+
+
 def test_masked_canvases_equal_the_block_sampler(prompt):
   """Greedy threshold decoding canvas by canvas equals masked.generate with the exact block cache. (BlockDenoiser
   does not mark its canvas positions, so the two agree only without model.canvas_input_norm.)"""
@@ -277,6 +286,22 @@ def test_eos_pads_the_rest_on_a_real_model(model, prompt, uniform_run):
   first = np.flatnonzero(tokens[0, P:] == eos)[0]
   steps = np.asarray(out.steps)
   assert np.all(steps[0, first // 8 + 1:] == 0) and np.all(steps[0, :first // 8 + 1] >= 1)
+
+
+def test_released_model_samples_under_eval_shape():
+  """The 26B-A4B config with the released sampler's defaults (RELEASED_SAMPLER) traces at full size."""
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.sampling.requests import sampler_config
+  config = load_config("configs/diffusiongemma_26b_a4b.py", {})
+  options = validate_options(GenerationOptions(gen_length=512), "uniform", int(config.objective.block_size),
+                             int(config.train.seq_len))
+  cfg = sampler_config(options)
+  assert cfg.canvas_length == 256 and cfg.rule == canvas.EntropyBoundRule()  # 48 steps, 0.1, 0.8 -> 0.4, 0.005
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(ModelConfig.from_config_dict(config.model), 0)))
+  out = jax.eval_shape(lambda state, prompt: canvas.generate(nnx.merge(graphdef, state), prompt, jax.random.key(0),
+                                                             cfg, mask_id=MASK, eos_id=EOS),
+                       state, jax.ShapeDtypeStruct((1, 64), jnp.int32))
+  assert out.tokens.shape == (1, 64 + 512) and out.steps.shape == (1, 2)
 
 
 # ---- requests and the CLI ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
+from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, accept_low_confidence,
@@ -74,11 +75,11 @@ class MaskedRule:
 @dataclasses.dataclass(frozen=True)
 class EntropyBoundRule:
   """Uniform-state canvases: DiffusionGemma's entropy-bound acceptance with renoising (defaults: the release)."""
-  max_denoising_steps: int = 48
-  entropy_bound: float = 0.1
-  temperature_start: float = 0.8
-  temperature_end: float = 0.4
-  stop_mean_entropy: float = 0.005
+  max_denoising_steps: int = RELEASED_SAMPLER["max_denoising_steps"]
+  entropy_bound: float = RELEASED_SAMPLER["entropy_bound"]
+  temperature_start: float = RELEASED_SAMPLER["temperature_start"]
+  temperature_end: float = RELEASED_SAMPLER["temperature_end"]
+  stop_mean_entropy: float = RELEASED_SAMPLER["stop_mean_entropy"]
 
   def __post_init__(self):
     if self.max_denoising_steps < 1:

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.config import ConfigError, ModelConfig
 from diffgemma_jax.sampling import autoregressive, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
@@ -43,10 +42,9 @@ SAMPLERS: dict[str, tuple[str, str | None, str | None]] = {
     "block_low_confidence": ("block", "low_confidence", "canvas"),
     "entropy_bound": ("uniform", "entropy_bound", "canvas"),
 }
-# The entropy-bound options and their defaults (the released DiffusionGemma sampler).
-ENTROPY_BOUND_OPTIONS = ("max_denoising_steps", "entropy_bound", "temperature_start", "temperature_end",
-                         "stop_mean_entropy")
-ENTROPY_BOUND_DEFAULTS = {name: RELEASED_SAMPLER[name] for name in ENTROPY_BOUND_OPTIONS}
+# The entropy-bound options and their defaults: the released DiffusionGemma sampler's (RELEASED_SAMPLER).
+ENTROPY_BOUND_DEFAULTS = {field.name: field.default for field in dataclasses.fields(canvas.EntropyBoundRule)}
+ENTROPY_BOUND_OPTIONS = tuple(ENTROPY_BOUND_DEFAULTS)
 
 
 class GenerationError(ConfigError):
