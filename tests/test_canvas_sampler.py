@@ -126,7 +126,8 @@ class Oracle:
              logits_length=None, embeddings_BLD=None, canvas_BL=None):
     del embeddings_BLD, canvas_BL
     (k,) = kv_cache
-    k = jax.lax.dynamic_update_slice(k, tokens_BL[None, :, :, None, None].astype(jnp.float32), (0, 0, write_index, 0, 0))
+    written = tokens_BL[None, :, :, None, None].astype(jnp.float32)
+    k = jax.lax.dynamic_update_slice(k, written, (0, 0, write_index, 0, 0))
     first_BL = positions_BL[:, :1]
     before_BLS = mask_BLS & (kv_positions_BS[:, None, :] < first_BL[:, :, None])
     prefix_BL = jnp.sum(jnp.where(before_BLS, k[0, :, None, :, 0, 0], 0.0), axis=-1).astype(jnp.int32)

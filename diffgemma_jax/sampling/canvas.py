@@ -22,11 +22,13 @@ Denoising rules (a canvas's inner loop):
   Step s (0-based) divides the logits by a temperature annealed linearly from `temperature_start`
   (`parts.linear_temperature`), samples a token per position, accepts the lowest-entropy positions while
   sum(H) - H_k <= `entropy_bound` (at least one) and renoises every other position with a fresh uniform token.
-  A row stops when its argmax canvas equals the previous step's and its mean entropy is below
+  Accepted tokens are not frozen: every step re-decides the whole canvas from the model's new prediction, as the
+  released sampler (transformers' `EntropyBoundSampler`) does. A row stops when its argmax canvas equals the previous step's and its mean entropy is below
   `stop_mean_entropy`, or after `max_denoising_steps`; its canvas is then the argmax of its last step. A model
   with self-conditioning gets, from the second step on, the expected embedding of the previous step's
   temperature-scaled prediction (its first step has none, as in training's first pass). Noise and predictions
-  never use the mask token (the uniform objective never produces it).
+  never use the mask token (the uniform objective never produces it; transformers draws noise from the whole
+  vocabulary).
 
 Everything is jitted with static shapes: a `lax.while_loop` over canvases around a `lax.while_loop` over steps.
 Only the current step's [batch, canvas, vocab] logits exist; self-conditioning carries a [batch, canvas, embed]
