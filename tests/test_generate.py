@@ -131,6 +131,12 @@ def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, ca
   assert result["sampler"] == "threshold" and result["step"] > 0
   assert 0 <= result["new_tokens"] <= 16 and 1 <= result["model_calls"] <= 16
   assert result["tokens_per_s"] >= 0 and isinstance(result["completion"], str)
+  assert "warning" not in capsys.readouterr().err
+  # Past the trained context: generated, with a warning that names the limit.
+  code = main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--gen_length", "32",
+               "--block_length", "8"])
+  assert code == 0
+  assert "past the 32 the model was trained on (train.seq_len)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objective,sampler", [("uniform", "entropy_bound"), ("block", "block_threshold")])

@@ -303,6 +303,12 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     ids = [tokenizer.bos_id] + list(tokenizer.encode(text))
     validate_prompt(text, ids, context_length)
     encoded.append(ids)
+  longest = max(len(ids) for ids in encoded) + options.gen_length
+  if longest > context_length:
+    import sys
+    print(f"warning: prompt + --gen_length reach {longest} positions, past the {context_length} the model was "
+          f"trained on (train.seq_len); text beyond position {context_length} is off-distribution",
+          file=sys.stderr)
   model, step = restore_model(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   results = []
