@@ -1,6 +1,7 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
 [--block_length N] [--steps N] [--threshold X] [--temperature X] [--top_p X] [--max_denoising_steps N]
-[--entropy_bound X] [--temperature_start X] [--temperature_end X] [--stop_mean_entropy X] [--seed N] [--step N]
+[--entropy_bound X] [--temperature_start X] [--temperature_end X] [--stop_mean_entropy X] [--chat [--system TEXT]]
+[--seed N] [--step N]
 [--json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls,
 new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. AR models default to the `ar`
 sampler, masked-diffusion models to `threshold` (Fast-dLLM), block-diffusion models to `block_threshold` and
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                        "[0, temperature_start] (default 0.4)")
   entropy.add_argument("--stop_mean_entropy", type=float, default=None, help="a canvas stops early once its argmax "
                        "is stable and its mean entropy is below this (default 0.005)")
+  p.add_argument("--chat", action="store_true", help="each prompt is a user turn: wrap it in the config's "
+                 "data.chat_template (as SFT did), ending with the model turn's header")
+  p.add_argument("--system", default=None, help="with --chat: a system turn before the user turn")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -73,7 +77,16 @@ def main(argv=None) -> int:
                                 top_p=args.top_p, seed=args.seed, max_denoising_steps=args.max_denoising_steps,
                                 entropy_bound=args.entropy_bound, temperature_start=args.temperature_start,
                                 temperature_end=args.temperature_end, stop_mean_entropy=args.stop_mean_entropy)
-    results = generate_completions(config, args.workdir, _read_prompts(args), options, step=args.step)
+    prompts = _read_prompts(args)
+    if args.chat:
+      from diffgemma_jax.data.sft import chat_prompt
+      prompts = [chat_prompt(text, str(config.data.chat_template), args.system) for text in prompts]
+    elif args.system:
+      raise ConfigError("--system: only with --chat")
+    results = generate_completions(config, args.workdir, prompts, options, step=args.step)
+    if args.chat:  # the model's turn ends at its end-of-turn marker (then EOS)
+      for result in results:
+        result["completion"] = result["completion"].split("<end_of_turn>")[0]
   except (ConfigError, DataError) as e:
     return fail(str(e))
   if args.json:

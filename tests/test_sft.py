@@ -306,3 +306,12 @@ def test_released_model_sft_config_is_a_lora_run_on_an_expert_parallel_mesh():
   counts = describe(params, trainable_filter(cfg, ()))
   assert counts["trainable_params"] == count_params(cfg)["params_by_component"]["lora_adapters"]
   assert counts["trainable_params"] < 1e-3 * counts["frozen_params"]
+
+
+def test_chat_prompt_is_the_training_prompt_of_a_one_turn_conversation():
+  from diffgemma_jax.data.sft import chat_prompt
+  record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                         {"role": "assistant", "content": "A"}]}
+  assert chat_prompt("U", "gemma", "S") == render(record, "gemma")[0][0]
+  assert chat_prompt("U", "gemma").endswith("<start_of_turn>user\nU<end_of_turn>\n<start_of_turn>model\n")
+  assert chat_prompt("U", "plain") == "U\n"

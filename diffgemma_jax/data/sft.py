@@ -130,6 +130,14 @@ def render(record: dict[str, Any], template: str) -> list[tuple[str, str]]:
   return examples
 
 
+def chat_prompt(text: str, template: str, system: str | None = None) -> str:
+  """The prompt text a fine-tuned model reads for one user turn (what `render` makes the prompt of an example),
+  ending with the template's generation header."""
+  messages = ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": text}, {"role": "assistant", "content": "-"}]
+  return render({"messages": messages}, template)[0][0]
+
+
 def split_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
   """Token ids of prompt and response, taken from the tokenisation of their concatenation (what the model reads
   at sampling time); where a piece straddles the boundary it goes to the response."""
