@@ -2,6 +2,7 @@
 quality metrics, and `diffgemma-generate` end to end on the session's trained tiny run."""
 
 import json
+import os
 import math
 
 import jax
@@ -163,3 +164,14 @@ def test_cli_generates_canvases_from_block_and_uniform_runs(objective, sampler, 
   assert main(base) == 0
   out = capsys.readouterr().out
   assert f"steps per canvas {steps}" in out and f"sampler {sampler}" in out and "def main(" in out
+
+
+def test_tokenizer_precedence_workdir_then_data_tokenizer(trained_run, load_tiny, tmp_path):
+  from diffgemma_jax.sampling.requests import load_tokenizer
+  _, workdir, _ = trained_run
+  pinned = os.path.join(workdir, "tokenizer.model")
+  config = load_tiny({"data.tokenizer": pinned})
+  assert load_tokenizer(config, workdir).path == pinned
+  empty = tmp_path / "imported"  # e.g. a diffgemma-import workdir: no pinned tokenizer
+  empty.mkdir()
+  assert load_tokenizer(config, str(empty)).path == pinned

@@ -279,11 +279,16 @@ def restore_model(config, workdir: str, step: int | None = None):
 
 
 def load_tokenizer(config, workdir: str | None = None):
-  """The run's own tokenizer (pinned in its workdir by the trainer), else the dataset's."""
+  """The run's own tokenizer (pinned in its workdir by the trainer), else `data.tokenizer` (e.g. the tokenizer
+  of imported weights), else the dataset's."""
   from diffgemma_jax.data import Tokenizer
   from diffgemma_jax.train.dataset import dataset_dir
   pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
-  return Tokenizer(pinned if pinned and os.path.isfile(pinned) else os.path.join(dataset_dir(config), "tokenizer.model"))
+  if pinned and os.path.isfile(pinned):
+    return Tokenizer(pinned)
+  if config.data.tokenizer:
+    return Tokenizer(str(config.data.tokenizer))
+  return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
 
 
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
