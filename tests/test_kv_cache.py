@@ -120,7 +120,8 @@ class _RecomputedBlockDenoiser:
     block_end = block_start + self.block_length
     visible = jnp.where(q < block_start, k <= q, jnp.where(q < block_end, k < block_end, k == q))
     positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    logits = self.model(canvas_BS, positions, jnp.broadcast_to(visible, (B, S, S)))[0]
+    in_block = (positions >= block_start) & (positions < block_end)
+    logits = self.model(canvas_BS, positions, jnp.broadcast_to(visible, (B, S, S)), canvas_BL=in_block)[0]
     return jax.lax.dynamic_slice_in_dim(logits, block_start, self.block_length, axis=1), cache
 
 

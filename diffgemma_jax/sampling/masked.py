@@ -153,8 +153,11 @@ class BlockDenoiser:
     visible_WS = jnp.where(query_W1 < canvas_start, slots_BS[0][None, :] <= query_W1,
                            slots_BS[0][None, :] < canvas_start + self.block_length)
     mask_BWS = jnp.broadcast_to(visible_WS, (B, window_length, S))
+    # Marks the canvas as the objective's canvas pass did (canvas input norm, the canvas's sliding window).
+    canvas_BW = positions_BW >= canvas_start
     return self.model.decode(window_BW, positions_BW, mask_BWS, cache, slots_BS, window_start,
-                             logits_start=window_length - self.block_length, logits_length=self.block_length)
+                             logits_start=window_length - self.block_length, logits_length=self.block_length,
+                             canvas_BL=canvas_BW)
 
   def __call__(self, canvas_BS, cache, block_start, refresh):
     b = self.block_length
