@@ -10,7 +10,12 @@ reported): tokens/s, model calls (denoising steps / decode steps), and with an A
 perplexity of the new tokens under the AR model and their unigram entropy. Settings: the KV-cached AR decoder;
 LLaDA low-confidence decoding at several step budgets, without and with the approximate dual cache; Fast-dLLM
 threshold decoding at several thresholds, with and without the cache; with a block-diffusion model (or random
-weights) the exact-cache block samplers at its training block size.
+weights) the exact-cache block samplers at its training block size, two ways: the multi-canvas sampler
+(`block_threshold` / `block_low_confidence`, `canvas.py`: each finished canvas committed by its own causal encoder
+call) and `block_fused` (`masked.BlockDenoiser`: the commit of a finished block rides in the next block's first
+denoising call, one call of 2 * block tokens instead of two). `--temperature 0,1` runs every setting at each
+temperature in the same run; ratios are against the AR decoder at the same temperature. "ms/call" is the run's
+seconds over its model calls.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from diffgemma_jax.config import load_config
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import build_model
+from diffgemma_jax.sampling import masked
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
 from diffgemma_jax.sampling.requests import GenerationOptions, Generator, restore_model, validate_options
 
@@ -62,9 +68,38 @@ def held_out_prompt(config, length: int) -> list[int]:
   raise SystemExit(f"no held-out document has {length} tokens; lower --prompt_tokens")
 
 
-def time_setting(generator: Generator, prompt, options: GenerationOptions, repeats: int):
-  generator.run(prompt, options)  # compile and warm up
-  runs = [generator.run(prompt, options)[0] for _ in range(repeats)]
+def block_settings(gen_length: int, block_size: int):
+  """(label, sampler, fields) of every block-diffusion setting: the multi-canvas samplers (`canvas.py`) by
+  GenerationOptions, the fused-commit exact cache (`masked.BlockDenoiser`) by a SamplerConfig."""
+  out = []
+  for threshold in (0.9, 0.7, 0.5):
+    out.append((f"block_threshold {threshold}", "block_threshold", dict(threshold=threshold)))
+  budgets = [steps for steps in (gen_length // 4, gen_length // 8) if steps >= gen_length // block_size]
+  for steps in budgets:
+    out.append((f"block_low_confidence steps={steps}", "block_low_confidence", dict(steps=steps)))
+  for threshold in (0.9, 0.7, 0.5, 0.3):
+    out.append((f"block_fused threshold {threshold}", "block_fused",
+                dict(acceptance="threshold", threshold=threshold, steps_per_block=block_size)))
+  for steps in budgets:
+    out.append((f"block_fused low_confidence steps={steps}", "block_fused",
+                dict(acceptance="low_confidence", steps_per_block=steps * block_size // gen_length)))
+  return out
+
+
+def time_setting(generator: Generator, prompt, options, repeats: int, seed: int = 0):
+  """Compiles and warms up, then the median of `repeats` timed runs. `options`: GenerationOptions, or a
+  `masked.SamplerConfig` run through the generator's compiled sampler directly (same jit, same timing)."""
+  if isinstance(options, GenerationOptions):
+    run = lambda: generator.run(prompt, options)[0]
+  else:
+    def run():
+      fn = generator.compiled(options, *prompt.shape)
+      start = time.perf_counter()
+      tokens, calls, _ = jax.block_until_ready(fn(generator.state, jax.numpy.asarray(prompt), jax.random.key(seed)))
+      seconds = time.perf_counter() - start
+      return {"seconds": seconds, "model_calls": int(np.asarray(calls)[0]), "sequence": np.asarray(tokens)[0].tolist()}
+  run()  # compile and warm up
+  runs = [run() for _ in range(repeats)]
   seconds = statistics.median(r["seconds"] for r in runs)
   last = runs[-1]
   return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": last["model_calls"],
@@ -83,7 +118,8 @@ def main(argv=None) -> int:
   p.add_argument("--gen_length", type=int, default=256)
   p.add_argument("--block_length", type=int, default=32)
   p.add_argument("--prompt_tokens", type=int, default=32)
-  p.add_argument("--temperature", type=float, default=0.0, help="every sampler's temperature (0: greedy)")
+  p.add_argument("--temperature", default="1", help="every sampler's temperature (0: greedy); a comma-separated list "
+                 "runs every setting at each")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--only", default="", help="comma-separated sampler names to run (default: all)")
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -124,39 +160,49 @@ def main(argv=None) -> int:
   prompt_1P = np.asarray([prompt], np.int32)
   scorer = None if args.random_weights else GenerativePerplexity(ar_model)
 
-  common = dict(gen_length=args.gen_length, block_length=args.block_length, temperature=args.temperature,
-                stop_at_eos=False)
-  plan = [("ar", ar_model, validate_options(GenerationOptions(sampler="ar", **common), "ar"))]
-  plan += [(label, diffusion_model, validate_options(GenerationOptions(**common, **fields), "masked"))
-           for label, fields in diffusion_settings(args.gen_length, args.block_length)]
-  if block_model is not None:
-    block_common = dict(common, block_length=int(block_config.objective.block_size))
-    for threshold in (0.9, 0.7, 0.5):
-      plan.append((f"block_threshold {threshold}", block_model, validate_options(
-          GenerationOptions(sampler="block_threshold", threshold=threshold, **block_common), "block")))
-    plan.append(("block_low_confidence steps=G/2", block_model, validate_options(
-        GenerationOptions(sampler="block_low_confidence", steps=args.gen_length // 2, **block_common), "block")))
+  temperatures = [float(t) for t in args.temperature.split(",")]
+  plan = []
+  for temperature in temperatures:
+    common = dict(gen_length=args.gen_length, block_length=args.block_length, temperature=temperature,
+                  stop_at_eos=False)
+    plan.append(("ar", ar_model, validate_options(GenerationOptions(sampler="ar", **common), "ar")))
+    plan += [(label, diffusion_model, validate_options(GenerationOptions(**common, **fields), "masked"))
+             for label, fields in diffusion_settings(args.gen_length, args.block_length)]
+    if block_model is not None:
+      block_size = int(block_config.objective.block_size)
+      block_common = dict(common, block_length=block_size)
+      for label, sampler, fields in block_settings(args.gen_length, block_size):
+        if sampler == "block_fused":
+          options = masked.SamplerConfig(gen_length=args.gen_length, block_length=block_size,
+                                         temperature=temperature, cache="block", stop_at_eos=False, **fields)
+        else:
+          options = validate_options(GenerationOptions(sampler=sampler, **block_common, **fields), "block")
+        plan.append((label, block_model, options))
   only = set(filter(None, args.only.split(",")))
   generators = {}
   rows = []
   for label, model, options in plan:
-    if only and options.sampler not in only:
+    sampler = getattr(options, "sampler", "block_fused")
+    if only and sampler not in only:
       continue
     generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
     result = time_setting(generator, prompt_1P, options, args.repeats)
     new_ids = result["sequence"][len(prompt):]
-    row = {"setting": label, "sampler": options.sampler, "steps": options.steps, "threshold": options.threshold,
+    row = {"setting": label, "sampler": sampler, "temperature": options.temperature,
+           "steps": getattr(options, "steps", None), "threshold": options.threshold,
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
+           "ms_per_call": 1e3 * result["seconds"] / max(result["model_calls"], 1),
            "unigram_entropy": unigram_entropy(new_ids)}
     if scorer is not None:
       row["gen_ppl"] = scorer([result["sequence"]], len(prompt), eos_id=-1)["gen_ppl"]  # EOS does not end a sample
     rows.append(row)
     if not args.json:
-      print(f"{label:36s} {row['tokens_per_s']:9.1f} tok/s {row['model_calls']:5d} calls"
+      print(f"T={row['temperature']:g} {label:36s} {row['tokens_per_s']:9.1f} tok/s {row['model_calls']:5d} calls"
             + (f"  gen-PPL {row['gen_ppl']:8.2f}" if "gen_ppl" in row else "")
             + f"  entropy {row['unigram_entropy']:.2f}", file=sys.stderr, flush=True)
-  ar_row = next((r for r in rows if r["sampler"] == "ar"), None)
+  ar_rows = {r["temperature"]: r for r in rows if r["sampler"] == "ar"}
   for row in rows:
+    ar_row = ar_rows.get(row["temperature"])
     if ar_row is not None:
       row["speedup_vs_ar"] = row["tokens_per_s"] / ar_row["tokens_per_s"]
       if "gen_ppl" in row:
@@ -165,16 +211,18 @@ def main(argv=None) -> int:
             "diffusion_config": args.diffusion_config, "ar_config": args.ar_config, "checkpoint_steps": steps,
             "random_weights": args.random_weights, "batch_size": 1, "prompt_tokens": len(prompt),
             "prompt_source": prompt_source, "gen_length": args.gen_length, "block_length": args.block_length,
-            "temperature": args.temperature, "repeats": args.repeats, "results": rows}
+            "temperatures": temperatures, "repeats": args.repeats, "results": rows}
   if args.json:
     print(json.dumps(report, indent=2))
   else:
     print(f"\n{report['device']} ({report['platform']}), batch 1, {len(prompt)}-token {prompt_source} prompt, "
-          f"{args.gen_length} new tokens, blocks of {args.block_length}, temperature {args.temperature}")
-    print(f"{'setting':36s} {'tok/s':>9s} {'x AR':>6s} {'calls':>6s} {'gen-PPL':>9s} {'x AR':>6s} {'entropy':>8s}")
+          f"{args.gen_length} new tokens, blocks of {args.block_length}, temperatures {args.temperature}")
+    print(f"{'T':>4s} {'setting':36s} {'tok/s':>9s} {'x AR':>6s} {'calls':>6s} {'ms/call':>8s} {'gen-PPL':>9s} "
+          f"{'x AR':>6s} {'entropy':>8s}")
     for r in rows:
-      print(f"{r['setting']:36s} {r['tokens_per_s']:9.1f} {r.get('speedup_vs_ar', float('nan')):6.2f} "
-            f"{r['model_calls']:6d} {r.get('gen_ppl', float('nan')):9.2f} "
+      print(f"{r['temperature']:4g} {r['setting']:36s} {r['tokens_per_s']:9.1f} "
+            f"{r.get('speedup_vs_ar', float('nan')):6.2f} "
+            f"{r['model_calls']:6d} {r['ms_per_call']:8.3f} {r.get('gen_ppl', float('nan')):9.2f} "
             f"{r.get('gen_ppl_ratio_vs_ar', float('nan')):6.2f} {r['unigram_entropy']:8.2f}")
   return 0
 
