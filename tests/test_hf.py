@@ -1,11 +1,14 @@
 """Hugging Face DiffusionGemma import/export: the mapping on its own (numpy only), and logit parity against
-transformers' DiffusionGemmaForBlockDiffusion (skipped where torch or transformers are not installed)."""
+transformers' DiffusionGemmaForBlockDiffusion (the test extra installs torch and transformers; the parity tests skip
+where they are missing). Models are built abstractly and filled with numpy values and our forwards are jitted:
+eager tracing of the tiny model took most of this file's time."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +33,20 @@ TINY = ModelConfig(vocab_size=96, embed_dim=32, num_layers=4, layer_pattern=("sl
 
 def _random_model(cfg, seed=0):
   """A model whose every parameter (norm scales and scalars included) is random, so no mapping error hides."""
-  model = build_model(cfg, seed)
+  model = nnx.eval_shape(lambda: build_model(cfg, seed))
   state = nnx.state(model, nnx.Param)
-  keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+  rng = np.random.default_rng(seed + 1)
   for _, var in state.flat_state():
     value = var.get_value()
-    var.set_value(value + 0.2 * jax.random.normal(next(keys), value.shape, value.dtype))
+    var.set_value(jnp.asarray(rng.normal(1.0, 0.5, value.shape).astype(value.dtype)))
   nnx.update(model, state)
+  return model
+
+
+def _model_from_pure(cfg, pure):
+  model = nnx.eval_shape(lambda: build_model(cfg, 0))
+  state = nnx.state(model, nnx.Param)
+  nnx.update(model, _state_from_pure(state, pure))
   return model
 
 
@@ -128,7 +138,10 @@ def test_import_writes_a_checkpoint_and_a_config(tmp_path):
 
 
 # ---- parity with transformers ------------------------------------------------------------------------------------
-def _hf_model(sliding_window=64):
+SLIDING_WINDOW = 8  # shorter than the 13-token prompts and the later blocks' prefixes below: the window matters
+
+
+def _hf_model(sliding_window=SLIDING_WINDOW):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
@@ -154,6 +167,19 @@ def _hf_model(sliding_window=64):
   return torch, transformers, model
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The tiny transformers model, saved, imported by `import_hf` (with a config file) and loaded into our model."""
+  torch, transformers, hf = _hf_model()
+  root = tmp_path_factory.mktemp("reference")
+  hf.save_pretrained(str(root / "hf"))
+  cfg = import_hf(str(root / "hf"), str(root / "work"), config_out=str(root / "imported.py"), log=lambda _: None,
+                  dispatch="dense")
+  _, pure = restore_pure_params(str(root / "work"), cfg)
+  return types.SimpleNamespace(torch=torch, transformers=transformers, hf=hf, cfg=cfg, pure=pure, root=root,
+                               model=_model_from_pure(cfg, pure))
+
+
 def _hf_logits(torch, model, prompt, canvas, sc_logits=None, sc_mask=None):
   with torch.no_grad():
     enc = model.model.encoder(input_ids=torch.tensor(prompt)).last_hidden_state
@@ -167,23 +193,31 @@ def _hf_logits(torch, model, prompt, canvas, sc_logits=None, sc_mask=None):
   return enc_logits, canvas_logits.numpy()
 
 
-def _our_logits(model, prompt, canvas, sc_logits=None, sc_mask=None):
+@nnx.jit
+def _encoder_and_canvas(model, prompt, canvas, sc_logits, sc_mask):
+  """Our causal encoder logits over the prompt, and the canvas logits from one pass over [prompt ; canvas] with the
+  canvas at the positions after the prompt (the layout the reference's decoder sees)."""
   B, P = prompt.shape
   C = canvas.shape[1]
   positions = jnp.broadcast_to(jnp.arange(P), (B, P))
-  enc, _ = model(jnp.asarray(prompt), positions, make_mask("causal", jnp.ones((B, P), jnp.int32), positions))
-  tokens = jnp.concatenate([jnp.asarray(prompt), jnp.asarray(canvas)], axis=1)
+  enc, _ = model(prompt, positions, make_mask("causal", jnp.ones((B, P), jnp.int32), positions))
+  tokens = jnp.concatenate([prompt, canvas], axis=1)
   positions = jnp.broadcast_to(jnp.arange(P + C), (B, P + C))
-  mask = np.zeros((B, P + C, P + C), bool)
-  mask[:, :P, :P] = np.tril(np.ones((P, P), bool))  # the encoder: causal
-  mask[:, P:, :] = True  # the canvas: the whole prompt and itself
+  causal = jnp.tril(jnp.ones((P + C, P + C), bool))
+  mask = jnp.broadcast_to(causal.at[P:, :].set(True), (B, P + C, P + C))  # the canvas: the whole prompt and itself
   is_canvas = jnp.broadcast_to(jnp.arange(P + C) >= P, (B, P + C))
-  embeddings = None
-  if sc_logits is not None:
-    sc = self_conditioning_embeddings(model, jnp.asarray(sc_logits), jnp.asarray(sc_mask))
-    embeddings = jnp.concatenate([jnp.zeros((B, P, sc.shape[-1])), sc], axis=1)
-  logits, _ = model(tokens, positions, jnp.asarray(mask), embeddings_BLD=embeddings, canvas_BL=is_canvas)
-  return np.asarray(enc), np.asarray(logits[:, P:])
+  sc = self_conditioning_embeddings(model, sc_logits, sc_mask)
+  embeddings = jnp.concatenate([jnp.zeros((B, P, sc.shape[-1])), sc], axis=1)
+  logits, _ = model(tokens, positions, mask, embeddings_BLD=embeddings, canvas_BL=is_canvas)
+  return enc, logits[:, P:]
+
+
+def _our_logits(model, prompt, canvas, sc_logits=None, sc_mask=None):
+  if sc_logits is None:  # no self-conditioning signal: every row masked off (the embeddings are then zero)
+    sc_logits = np.zeros(canvas.shape + (model.cfg.vocab_size,), np.float32)
+    sc_mask = np.zeros(canvas.shape[:1], bool)
+  return tuple(np.asarray(x) for x in _encoder_and_canvas(model, jnp.asarray(prompt), jnp.asarray(canvas),
+                                                           jnp.asarray(sc_logits), jnp.asarray(sc_mask)))
 
 
 def _assert_close(ours, theirs, what):
@@ -191,24 +225,19 @@ def _assert_close(ours, theirs, what):
   assert err <= 1e-4 * max(1.0, np.max(np.abs(theirs))), f"{what}: max abs logit difference {err}"
 
 
-def test_logits_match_transformers_after_import_and_after_export(tmp_path):
-  torch, transformers, hf = _hf_model()
-  hf.save_pretrained(str(tmp_path / "hf"))
+def test_logits_match_transformers_after_import_and_after_export(reference, tmp_path):
+  torch, transformers, hf, cfg, pure = reference.torch, reference.transformers, reference.hf, reference.cfg, \
+      reference.pure
+  rng = np.random.default_rng(0)
+  prompt, canvas = rng.integers(0, 96, (2, 13)), rng.integers(0, 96, (2, 8))
+  sc_logits, sc_mask = 3 * rng.standard_normal((2, 8, 96)).astype(np.float32), np.array([True, False])
   with jax.default_matmul_precision("highest"):
-    cfg = import_hf(str(tmp_path / "hf"), str(tmp_path / "work"), log=lambda _: None, dispatch="dense")
-    _, pure = restore_pure_params(str(tmp_path / "work"), cfg)
-    model = build_model(cfg, 0)
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, _state_from_pure(state, pure))
-    rng = np.random.default_rng(0)
-    prompt, canvas = rng.integers(0, 96, (2, 13)), rng.integers(0, 96, (2, 8))
-    sc_logits, sc_mask = 3 * rng.standard_normal((2, 8, 96)).astype(np.float32), np.array([True, False])
     hf_enc, hf_canvas = _hf_logits(torch, hf, prompt, canvas)
-    our_enc, our_canvas = _our_logits(model, prompt, canvas)
+    our_enc, our_canvas = _our_logits(reference.model, prompt, canvas)
     _assert_close(our_enc, hf_enc, "encoder (causal) pass")
     _assert_close(our_canvas, hf_canvas, "canvas pass")
     _, hf_sc = _hf_logits(torch, hf, prompt, canvas, sc_logits, sc_mask)
-    _, our_sc = _our_logits(model, prompt, canvas, sc_logits, sc_mask)
+    _, our_sc = _our_logits(reference.model, prompt, canvas, sc_logits, sc_mask)
     _assert_close(our_sc, hf_sc, "canvas pass with self-conditioning")
 
   export_hf(cfg, pure, str(tmp_path / "exported"), canvas_length=8, log=lambda _: None)
@@ -220,6 +249,58 @@ def test_logits_match_transformers_after_import_and_after_export(tmp_path):
   ours = sum(np.asarray(x).size for x in jax.tree.leaves(pure))
   # transformers counts the tied stack once; its layer scalars are buffers, ours are parameters
   assert ours == text_params + cfg.num_layers
+
+
+@nnx.jit
+def _training_layout_canvas_logits(model, tokens, canvas, block_size):
+  """The block/uniform objectives' one pass over [canvas ; clean], every block a canvas."""
+  from diffgemma_jax.objectives.block import canvas_clean_forward  # pylint: disable=import-outside-toplevel
+  B, L = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(L), (B, L))
+  blocks = positions // block_size
+  batch = {"tokens": tokens, "segment_ids": jnp.ones((B, L), jnp.int32), "positions": positions}
+  logits, _, _ = canvas_clean_forward(model, canvas, positions, batch["segment_ids"], blocks, batch, blocks)
+  return logits
+
+
+@nnx.jit
+def _cached_canvas_logits(model, prompt, canvas):
+  """The sampler's two passes: the causal encoder fills the KV cache, the canvas reads it (`Denoiser.decode`)."""
+  from diffgemma_jax.sampling.canvas import canvas_logits, encode  # pylint: disable=import-outside-toplevel
+  B, P = prompt.shape
+  cache = encode(model, prompt, model.init_kv_cache(B, P + canvas.shape[1], jnp.float32), 0)
+  return canvas_logits(model, canvas, cache, P)[0]
+
+
+def test_canvas_sliding_window_matches_transformers_in_training_and_sampling(reference):
+  """Prefixes longer than the sliding window: every canvas query sees the last window - 1 clean tokens before its
+  canvas (the reference decoder reads the encoder's sliding-window cache), not a window around its own position.
+  Checked for the objectives' [canvas ; clean] layout (blocks 1 and 2 of a 24-token row, prefixes 8 and 16) and
+  for the sampler's KV-cache passes (a 13-token prompt)."""
+  torch, hf, model = reference.torch, reference.hf, reference.model
+  block = 8
+  rng = np.random.default_rng(1)
+  tokens, canvas = rng.integers(0, 96, (2, 3 * block)), rng.integers(0, 96, (2, 3 * block))
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(_training_layout_canvas_logits(model, jnp.asarray(tokens), jnp.asarray(canvas), block))
+    for i in (1, 2):
+      _, theirs = _hf_logits(torch, hf, tokens[:, :i * block], canvas[:, i * block:(i + 1) * block])
+      _assert_close(ours[:, i * block:(i + 1) * block], theirs, f"[canvas ; clean] layout, block {i}")
+    prompt = tokens[:, :13]
+    ours = np.asarray(_cached_canvas_logits(model, jnp.asarray(prompt), jnp.asarray(canvas[:, :block])))
+    _, theirs = _hf_logits(torch, hf, prompt, canvas[:, :block])
+    _assert_close(ours, theirs, "KV-cache canvas pass")
+
+
+def test_inspect_counts_the_parameters_transformers_reports(reference, capsys):
+  """`diffgemma-inspect` on the imported config: transformers' text part (the decoder holds it; the encoder shares
+  every weight) plus one layer scalar per layer, which transformers keeps as buffers and we train."""
+  from launch.inspect import main as inspect_main  # pylint: disable=import-outside-toplevel
+  assert inspect_main(["--config", str(reference.root / "imported.py"), "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  text_params = reference.hf.model.decoder.num_parameters()
+  assert text_params == sum(p.numel() for n, p in reference.hf.named_parameters() if "vision" not in n)
+  assert report["total_params"] == text_params + reference.cfg.num_layers
 
 
 def _state_from_pure(state, pure):

@@ -56,8 +56,10 @@ class Attention(nnx.Module):
     k_BLKH = apply_rope(self.k_norm(k_BLKH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
     return k_BLKH, self.v_norm(v_BLKH)
 
-  def __call__(self, x_BLD, positions_BL, mask_BLL, dtype, *, kv=None, kv_positions_BS=None):
-    """Attends from `x` to its own keys or, when `kv=(k, v)` is given, to those (positions `kv_positions`)."""
+  def __call__(self, x_BLD, positions_BL, mask_BLL, dtype, *, kv=None, kv_positions_BS=None, canvas_window=None):
+    """Attends from `x` to its own keys or, when `kv=(k, v)` is given, to those (positions `kv_positions`).
+    `canvas_window` (sliding layers only): where canvas queries measure their window over clean keys from, see
+    `masks.sliding_window`."""
     q_BLNH = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dtype))
     q_BLNH = self._adapted(q_BLNH, self.q_proj_lora, x_BLD, dtype)
     q_BLNH = apply_rope(self.q_norm(q_BLNH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
@@ -67,7 +69,7 @@ class Attention(nnx.Module):
     else:
       k_BSKH, v_BSKH = kv
     if self.window is not None:
-      mask_BLL = mask_BLL & sliding_window(positions_BL, kv_positions_BS, self.window)
+      mask_BLL = mask_BLL & sliding_window(positions_BL, kv_positions_BS, self.window, canvas_window=canvas_window)
     B, L, N, H = q_BLNH.shape
     K = k_BSKH.shape[2]
     q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)

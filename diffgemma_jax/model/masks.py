@@ -3,6 +3,13 @@
 All masks are functions of per-token segment ids (0 = padding) and positions within a segment, so packed rows
 never attend across documents. Sliding-window layers additionally restrict `|pos_q - pos_k| < window` inside the
 model, which is symmetric around the query for bidirectional masks and the usual causal window otherwise.
+
+Canvas (decoder) queries are the exception, as in the reference DiffusionGemma: there the canvas reads the clean
+prefix from the encoder's sliding-window KV cache, which holds the last `window - 1` tokens before the canvas, so
+every query of a canvas starting at position S sees clean keys at positions (S - window, S) whatever its own
+position. `canvas_window_starts` finds S per query and `sliding_window` measures clean keys from it; canvas keys
+keep the per-query window (equal to the reference's "the whole canvas" while the canvas fits in the window, and
+to plain masked diffusion when the canvas is the whole row).
 """
 
 from __future__ import annotations
@@ -32,5 +39,22 @@ def make_mask(kind: str, segment_ids_BL, positions_BL, *, block_size: int | None
   raise ValueError(f"unknown mask kind {kind!r}; valid kinds are {MASK_KINDS}")
 
 
-def sliding_window(positions_q_BL, positions_k_BL, window: int):
-  return jnp.abs(positions_q_BL[:, :, None] - positions_k_BL[:, None, :]) < window
+def canvas_window_starts(mask_BLS, positions_q_BL, positions_k_BS, canvas_q_BL, canvas_k_BS):
+  """[B, L] the position each query's sliding window over clean keys is measured from: for a canvas query the
+  first position of its canvas (the smallest position of a canvas key `mask_BLS` lets it see), for any other query
+  its own position."""
+  never = jnp.iinfo(positions_k_BS.dtype).max
+  visible_canvas_BLS = mask_BLS & canvas_k_BS[:, None, :]
+  start_BL = jnp.min(jnp.where(visible_canvas_BLS, positions_k_BS[:, None, :], never), axis=-1)
+  return jnp.where(canvas_q_BL & (start_BL < never), start_BL, positions_q_BL).astype(positions_q_BL.dtype)
+
+
+def sliding_window(positions_q_BL, positions_k_BS, window: int, *, canvas_window=None):
+  """[B, L, S] True where key k is inside query q's window: `|pos_q - pos_k| < window`; with `canvas_window =
+  (starts_BL, canvas_k_BS)` (see `canvas_window_starts`) clean keys are measured from `starts_BL` instead."""
+  near_BLS = jnp.abs(positions_q_BL[:, :, None] - positions_k_BS[:, None, :]) < window
+  if canvas_window is None:
+    return near_BLS
+  starts_BL, canvas_k_BS = canvas_window
+  from_start_BLS = jnp.abs(starts_BL[:, :, None] - positions_k_BS[:, None, :]) < window
+  return jnp.where(canvas_k_BS[:, None, :], near_BLS, from_start_BLS)

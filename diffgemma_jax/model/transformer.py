@@ -17,6 +17,7 @@ from flax import nnx
 from diffgemma_jax.model.attention import Attention
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param, rms_normalize
+from diffgemma_jax.model.masks import canvas_window_starts
 from diffgemma_jax.model.moe import MoE
 from diffgemma_jax.model.self_conditioning import SelfConditioning
 
@@ -43,12 +44,12 @@ class Block(nnx.Module):
     self.post_ffn_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.layer_scalar = param(rngs, (1,), (None,), init="ones")
 
-  def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype):
-    attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype)
+  def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window=None):
+    attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype, canvas_window=canvas_window)
     return self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
 
   def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, kv_positions_BS,
-             write_index):
+             write_index, canvas_window=None):
     """Like `__call__`, but the window's keys/values are written into `layer_cache = (k_BSKH, v_BSKH)` at slots
     [write_index, write_index + L) and the window attends to all S cached slots under `mask_BLS` (and the sliding
     window, by `kv_positions_BS`). Returns (output, updated layer_cache)."""
@@ -58,7 +59,7 @@ class Block(nnx.Module):
     k_cache = jax.lax.dynamic_update_slice(k_cache, k_BLKH.astype(k_cache.dtype), (0, write_index, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v_BLKH.astype(v_cache.dtype), (0, write_index, 0, 0))
     attn_out = self.attn(h_BLD, positions_BL, mask_BLS, dtype, kv=(k_cache.astype(dtype), v_cache.astype(dtype)),
-                         kv_positions_BS=kv_positions_BS)
+                         kv_positions_BS=kv_positions_BS, canvas_window=canvas_window)
     out, _ = self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
     return out, (k_cache, v_cache)
 
@@ -81,20 +82,21 @@ class PatternUnit(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.blocks = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.layer_pattern])
 
-  def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype):
+  def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window=None):
     stats = []
     for block in self.blocks:
-      x_BLD, s = block(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype)
+      x_BLD, s = block(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window)
       stats.append(s)
     return x_BLD, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
   def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, unit_cache, kv_positions_BS,
-             write_index):
+             write_index, canvas_window=None):
     """`Block.decode` through the pattern; `unit_cache` holds one (k, v) per block."""
     new_cache = []
     for block, layer_cache in zip(self.blocks, unit_cache):
       x_BLD, layer_cache = block.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, layer_cache=layer_cache,
-                                        kv_positions_BS=kv_positions_BS, write_index=write_index)
+                                        kv_positions_BS=kv_positions_BS, write_index=write_index,
+                                        canvas_window=canvas_window)
       new_cache.append(layer_cache)
     return x_BLD, tuple(new_cache)
 
@@ -131,8 +133,8 @@ class Denoiser(nnx.Module):
   def _unit_fn(self, graphdef):
     dtype = dtype_of(self.cfg.compute_dtype)
 
-    def apply(state, x_BLD, positions_BL, mask_BLL, token_mask_BL):
-      return nnx.merge(graphdef, state)(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype)
+    def apply(state, x_BLD, positions_BL, mask_BLL, token_mask_BL, canvas_window):
+      return nnx.merge(graphdef, state)(x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window)
 
     if self.cfg.remat != "none":
       apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat])
@@ -152,19 +154,22 @@ class Denoiser(nnx.Module):
     """Returns float32 logits [B, L, V] and a dict of router statistics and the weighted auxiliary loss.
 
     `embeddings_BLD`, when given, is added to the scaled token embeddings (self-conditioning enters here).
-    `canvas_BL` (bool) marks the canvas (decoder) positions; only `model.canvas_input_norm` reads it.
+    `canvas_BL` (bool) marks the canvas (decoder) positions: with `model.canvas_input_norm` their embeddings are
+    normalised, and on sliding-window layers a canvas query sees the clean keys within the window of its canvas's
+    first position (the reference's decoder over a sliding-window cache; `masks.sliding_window`).
     """
     cfg = self.cfg
     dtype = dtype_of(cfg.compute_dtype)
     if token_mask_BL is None:
       token_mask_BL = jnp.ones(tokens_BL.shape, bool)
     x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
+    canvas_window = self._canvas_window(mask_BLL, positions_BL, positions_BL, canvas_BL, canvas_BL)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
       apply = self._unit_fn(graphdef)
 
       def body(x, unit_state):
-        return apply(unit_state, x, positions_BL, mask_BLL, token_mask_BL)
+        return apply(unit_state, x, positions_BL, mask_BLL, token_mask_BL, canvas_window)
 
       x_BLD, stats = jax.lax.scan(body, x_BLD, state)
       stats = jax.tree.map(lambda s: s.reshape((-1,) + s.shape[2:]), stats)
@@ -172,7 +177,7 @@ class Denoiser(nnx.Module):
       all_stats = []
       for unit in self.units:
         graphdef, state = nnx.split(unit)
-        x_BLD, s = self._unit_fn(graphdef)(state, x_BLD, positions_BL, mask_BLL, token_mask_BL)
+        x_BLD, s = self._unit_fn(graphdef)(state, x_BLD, positions_BL, mask_BLL, token_mask_BL, canvas_window)
         all_stats.append(s)
       stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
     logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
@@ -180,6 +185,14 @@ class Denoiser(nnx.Module):
       logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
     aux = aux_losses(stats, cfg)
     return logits_BLV, aux
+
+  def _canvas_window(self, mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS):
+    """(window starts [B, L], canvas keys [B, S]) for the sliding layers, or None (no canvas or no sliding layer:
+    every query measures its window from its own position)."""
+    if canvas_BL is None or "sliding" not in self.cfg.layer_pattern:
+      return None
+    starts_BL = canvas_window_starts(mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS)
+    return starts_BL, canvas_kv_BS
 
   # ---- decoding with a KV cache (sampling) -----------------------------------------------------------------------
   def init_kv_cache(self, batch_size: int, max_length: int, dtype=None) -> tuple:
@@ -204,14 +217,20 @@ class Denoiser(nnx.Module):
     all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet); `kv_positions_BS` are the
     slots' token positions (sliding-window layers use them). Only positions [logits_start, logits_start +
     logits_length) of the window are unembedded, so no [B, L, V] temporary is made when fewer are needed.
-    `embeddings_BLD` and `canvas_BL` are as in `__call__`.
+    `embeddings_BLD` and `canvas_BL` are as in `__call__`; the slots this window writes from canvas positions are the
+    canvas keys, every other slot is clean.
     Returns (float32 logits [B, logits_length or L, V], the updated cache).
     """
     cfg = self.cfg
     dtype = dtype_of(cfg.compute_dtype)
     token_mask_BL = jnp.ones(tokens_BL.shape, bool)
     x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
-    kwargs = dict(kv_positions_BS=kv_positions_BS, write_index=write_index)
+    canvas_kv_BS = None
+    if canvas_BL is not None:
+      canvas_kv_BS = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(kv_positions_BS.shape, bool), canvas_BL,
+                                                         write_index, axis=1)
+    canvas_window = self._canvas_window(mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS)
+    kwargs = dict(kv_positions_BS=kv_positions_BS, write_index=write_index, canvas_window=canvas_window)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
 
