@@ -14,8 +14,9 @@ weights) the exact-cache block samplers at its training block size, two ways: th
 (`block_threshold` / `block_low_confidence`, `canvas.py`: each finished canvas committed by its own causal encoder
 call) and `block_fused` (`masked.BlockDenoiser`: the commit of a finished block rides in the next block's first
 denoising call, one call of 2 * block tokens instead of two). `--temperature 0,1` runs every setting at each
-temperature in the same run; ratios are against the AR decoder at the same temperature. "ms/call" is the run's
-seconds over its model calls.
+temperature in the same run; ratios are against the AR decoder at the same temperature, its speed timed paired:
+one AR run right after each timed run of the setting (x AR = median AR seconds / median setting seconds), so
+load changes on a shared machine hit both. "ms/call" is the run's seconds over its model calls.
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def block_settings(gen_length: int, block_size: int):
   return out
 
 
-def time_setting(generator: Generator, prompt, options, repeats: int, seed: int = 0):
+def time_setting(generator: Generator, prompt, options, repeats: int, seed: int = 0, paired=None):
   """Compiles and warms up, then the median of `repeats` timed runs. `options`: GenerationOptions, or a
-  `masked.SamplerConfig` run through the generator's compiled sampler directly (same jit, same timing)."""
+  `masked.SamplerConfig` run through the generator's compiled sampler directly (same jit, same timing).
+  `paired` (a run of the AR decoder) is timed right after each run: on a shared machine the ratio of the two
+  medians is steadier than a ratio against the AR row timed minutes earlier."""
   if isinstance(options, GenerationOptions):
     run = lambda: generator.run(prompt, options)[0]
   else:
@@ -99,11 +102,16 @@ def time_setting(generator: Generator, prompt, options, repeats: int, seed: int 
       seconds = time.perf_counter() - start
       return {"seconds": seconds, "model_calls": int(np.asarray(calls)[0]), "sequence": np.asarray(tokens)[0].tolist()}
   run()  # compile and warm up
-  runs = [run() for _ in range(repeats)]
+  runs, paired_seconds = [], []
+  for _ in range(repeats):
+    runs.append(run())
+    if paired is not None:
+      paired_seconds.append(paired()["seconds"])
   seconds = statistics.median(r["seconds"] for r in runs)
   last = runs[-1]
   return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": last["model_calls"],
-          "sequence": last["sequence"]}
+          "sequence": last["sequence"],
+          "paired_seconds": statistics.median(paired_seconds) if paired_seconds else None}
 
 
 def main(argv=None) -> int:
@@ -186,12 +194,18 @@ def main(argv=None) -> int:
     if only and sampler not in only:
       continue
     generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
-    result = time_setting(generator, prompt_1P, options, args.repeats)
+    paired = None
+    if sampler != "ar":
+      ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
+      ar_options = next(o for _, m, o in plan if m is ar_model and o.temperature == options.temperature)
+      paired = lambda: ar_generator.run(prompt_1P, ar_options)[0]
+    result = time_setting(generator, prompt_1P, options, args.repeats, paired=paired)
     new_ids = result["sequence"][len(prompt):]
     row = {"setting": label, "sampler": sampler, "temperature": options.temperature,
            "steps": getattr(options, "steps", None), "threshold": options.threshold,
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
            "ms_per_call": 1e3 * result["seconds"] / max(result["model_calls"], 1),
+           "paired_ar_seconds": result["paired_seconds"],
            "unigram_entropy": unigram_entropy(new_ids)}
     if scorer is not None:
       row["gen_ppl"] = scorer([result["sequence"]], len(prompt), eos_id=-1)["gen_ppl"]  # EOS does not end a sample
@@ -203,8 +217,11 @@ def main(argv=None) -> int:
   ar_rows = {r["temperature"]: r for r in rows if r["sampler"] == "ar"}
   for row in rows:
     ar_row = ar_rows.get(row["temperature"])
-    if ar_row is not None:
+    if row["paired_ar_seconds"]:
+      row["speedup_vs_ar"] = row["paired_ar_seconds"] / row["seconds"]
+    elif ar_row is not None:
       row["speedup_vs_ar"] = row["tokens_per_s"] / ar_row["tokens_per_s"]
+    if ar_row is not None:
       if "gen_ppl" in row:
         row["gen_ppl_ratio_vs_ar"] = row["gen_ppl"] / ar_row["gen_ppl"]
   report = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
