@@ -312,3 +312,20 @@ def _state_from_pure(state, pure):
     key = tuple(jax.tree_util.DictKey(k) for k in path)
     var.set_value(jnp.asarray(flat[key]))
   return state
+
+
+def test_export_merges_lora_adapters(tmp_path):
+  from diffgemma_jax.model.lora import merge_lora
+  cfg = dataclasses.replace(TINY, lora_rank=2, lora_alpha=4.0)
+  pure = _pure(_random_model(cfg))  # adapters random too (B != 0), so the merge matters
+  export_hf(cfg, pure, str(tmp_path / "lora"), log=lambda _: None)
+  merged, base_cfg = merge_lora(pure, cfg)
+  assert base_cfg == TINY
+  again = pure_params(TINY, load_params(str(tmp_path / "lora"), TINY, log=lambda _: None))
+  flat_merged = dict(jax.tree_util.tree_leaves_with_path(merged))
+  for path, value in jax.tree_util.tree_leaves_with_path(again):
+    np.testing.assert_allclose(np.asarray(value), np.asarray(flat_merged[path]), rtol=1e-6, err_msg=str(path))
+  q = np.asarray(flat_merged[next(p for p in flat_merged if "q_proj" in jax.tree_util.keystr(p))])
+  q_base = np.asarray(dict(jax.tree_util.tree_leaves_with_path(pure))[
+      next(p for p in flat_merged if "q_proj" in jax.tree_util.keystr(p))])
+  assert not np.allclose(q, q_base)

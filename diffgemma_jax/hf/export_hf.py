@@ -68,8 +68,14 @@ def hf_tensors(cfg: ModelConfig, pure: Any, dtype=np.float32):
 
 def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 256, dtype: str = "float32",
               max_shard_bytes: int = 4 << 30, log: Callable[[str], None] = print) -> list[str]:
-  """Writes the Hugging Face directory `output`; returns the shard file names."""
+  """Writes the Hugging Face directory `output`; returns the shard file names. LoRA adapters (a fine-tune with
+  `model.lora_rank` > 0) are merged into their base weights first: the reference model has no adapters."""
   from diffgemma_jax.model.layers import dtype_of
+  from diffgemma_jax.model.lora import merge_lora
+
+  if cfg.lora_rank:
+    log(f"merging LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}) into the base weights")
+    pure, cfg = merge_lora(pure, cfg)
 
   np_dtype = np.dtype(dtype_of(dtype))
   hf_config = mapping.hf_config_from_model(cfg, canvas_length=canvas_length)

@@ -24,7 +24,8 @@ def is_adapter_path(path: tuple[str, ...]) -> bool:
 
 
 def merge_lora(params: Mapping[str, Any], cfg: ModelConfig) -> tuple[dict[str, Any], ModelConfig]:
-  """(params with every adapter added into its base weight and removed, the config with `lora_rank=0`).
+  """(params with every adapter added into its base weight and removed, the config without LoRA: `lora_rank=0`
+  and the other lora fields at their defaults).
 
   `params` is the plain nested dict of a checkpoint (`to_pure`); arrays may be numpy or jax. The merge runs in
   float32 and casts back to each base weight's dtype.
@@ -52,4 +53,5 @@ def merge_lora(params: Mapping[str, Any], cfg: ModelConfig) -> tuple[dict[str, A
       raise ValueError(f"LoRA adapters without a base weight: {orphans}")
     return out
 
-  return merge(params), dataclasses.replace(cfg, lora_rank=0)
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("lora_")}
+  return merge(params), dataclasses.replace(cfg, **defaults)
