@@ -127,6 +127,9 @@ def test_import_writes_a_checkpoint_and_a_config(tmp_path):
   config_out = str(tmp_path / "imported.py")
   cfg = import_hf(src, str(tmp_path / "work"), config_out=config_out, log=lambda _: None)
   assert dataclasses.replace(cfg, dispatch="dense") == TINY
+  assert sorted(os.listdir(tmp_path / "work")) == ["checkpoints"]  # the disk-backed scratch is gone
+  flat = load_params(src, TINY, log=lambda _: None, scratch=str(tmp_path / "scratch"))
+  assert all(isinstance(v, np.memmap) for v in flat.values())
   from diffgemma_jax.config import load_config
   config = load_config(config_out)
   assert ModelConfig.from_config_dict(config.model) == dataclasses.replace(TINY, dispatch="auto")

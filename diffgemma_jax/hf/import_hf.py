@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 import numpy as np
@@ -56,8 +57,12 @@ def _fingerprint(array: np.ndarray) -> tuple:
   return a.shape, float(a.sum()), float(np.square(a).sum())
 
 
-def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = print) -> dict:
+def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = print,
+                scratch: str | None = None) -> dict:
   """Our parameters as a flat dict {path: numpy array} (in `cfg.param_dtype`), read shard by shard.
+
+  With `scratch` (a directory) every array is a disk-backed `np.memmap` there, so host memory holds about one
+  tensor at a time rather than the model (101 GB in float32 for the 26B release); without, plain arrays.
 
   Every tensor is accounted for: names that map nowhere and expected names that are absent fail together, listed;
   the encoder's copies of decoder tensors (and the tied LM head) must equal them; vision tensors are skipped.
@@ -91,7 +96,7 @@ def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = p
       parts[name] = np.asarray(array, np.float32)
       if len(parts) == len(rule.hf_names):
         value = rule.to_ours(*[parts[n] for n in rule.hf_names]).astype(dtype)
-        _place(flat, cfg, rule.path, value)
+        _place(flat, cfg, rule.path, value, scratch)
         del pending[rule.path]
   mismatched = sorted(a for a, fp in alias_fp.items() if not _close(fp, seen_fp[alias[a]]))
   if mismatched:
@@ -104,13 +109,25 @@ def _close(a: tuple, b: tuple) -> bool:
   return a[0] == b[0] and np.allclose(a[1:], b[1:], rtol=1e-6, atol=1e-6)
 
 
-def _place(flat: dict, cfg: ModelConfig, rule_path: tuple, value: np.ndarray) -> None:
+def _new_array(shape: tuple, dtype, path: tuple, scratch: str | None) -> np.ndarray:
+  if scratch is None:
+    return np.zeros(shape, dtype)
+  os.makedirs(scratch, exist_ok=True)
+  name = os.path.join(scratch, "-".join(map(str, path)) + ".bin")
+  return np.memmap(name, dtype=dtype, mode="w+", shape=shape)
+
+
+def _place(flat: dict, cfg: ModelConfig, rule_path: tuple, value: np.ndarray, scratch: str | None = None) -> None:
   path, layer = mapping.split_layer_index(rule_path)
   if layer is None:
-    flat[path] = value
+    if scratch is None:
+      flat[path] = value
+    else:
+      flat[path] = _new_array(value.shape, value.dtype, path, scratch)
+      flat[path][...] = value
     return
   if path not in flat:
-    flat[path] = np.zeros((cfg.num_layers // len(cfg.layer_pattern),) + value.shape, value.dtype)
+    flat[path] = _new_array((cfg.num_layers // len(cfg.layer_pattern),) + value.shape, value.dtype, path, scratch)
   flat[path][layer] = value
 
 
@@ -164,13 +181,18 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, log: C
 
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
-  pure = pure_params(cfg, load_params(hf_dir, cfg, log=log))
-  canvas_length = int(hf_config.get("canvas_length") or 256)
-  run_config = base_config()
-  run_config.model.update(cfg.to_dict())
-  run_config.objective.name = "uniform"
-  run_config.objective.block_size = canvas_length
-  directory = save_checkpoint(output, pure, config_to_dict(run_config))
+  scratch = os.path.join(os.path.abspath(output), ".import-scratch")  # beside the output: same filesystem
+  try:
+    pure = pure_params(cfg, load_params(hf_dir, cfg, log=log, scratch=scratch))
+    canvas_length = int(hf_config.get("canvas_length") or 256)
+    run_config = base_config()
+    run_config.model.update(cfg.to_dict())
+    run_config.objective.name = "uniform"
+    run_config.objective.block_size = canvas_length
+    directory = save_checkpoint(output, pure, config_to_dict(run_config))
+    del pure
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
   log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
   if config_out:
     write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length)
