@@ -20,7 +20,7 @@ def get_config():
   c.data.source = "data/sft/train.jsonl"  # {"messages": [...]} or {"prompt", "response"} per line
   c.data.heldout_source = ""  # empty: a hashed 5% of the records is held out
   c.data.tokenizer = "hf/diffusiongemma-26B-A4B-it/tokenizer.model"  # the released tokenizer
-  c.data.chat_template = "gemma"
+  c.data.chat_template = "diffusiongemma"  # the released model's turn markers <|turn> ... <turn|>
   c.data.dir = "data/sft-diffusiongemma"
   c.train.seq_len = 2048  # prompt + response; a multiple of the 256-token canvas
   c.train.batch_size = 8  # one row per GPU per micro-batch ...

@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   # An existing sentencepiece model to use instead of training one (e.g. Gemma's tokenizer.model). SFT recipes
   # with this empty use the tokenizer of init.checkpoint's run.
   c.data.tokenizer = ""
-  c.data.chat_template = "gemma"  # SFT: gemma (<start_of_turn>role ... <end_of_turn>) | plain (text as it is)
+  # SFT: gemma (<start_of_turn>role ... <end_of_turn>) | diffusiongemma (the release's <|turn>role ... <turn|>) |
+  # plain (text as it is)
+  c.data.chat_template = "gemma"
   c.data.max_bad_lines = 10  # jsonl: malformed lines skipped (each reported) before the build fails
   c.data.seed = 0
   c.data.num_workers = 0

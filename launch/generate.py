@@ -83,10 +83,12 @@ def main(argv=None) -> int:
       prompts = [chat_prompt(text, str(config.data.chat_template), args.system) for text in prompts]
     elif args.system:
       raise ConfigError("--system: only with --chat")
-    results = generate_completions(config, args.workdir, prompts, options, step=args.step)
-    if args.chat:  # the model's turn ends at its end-of-turn marker (then EOS)
+    template = str(config.data.chat_template) if args.chat else None
+    results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template)
+    if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
+      from diffgemma_jax.data.sft import TEMPLATE_MARKERS
       for result in results:
-        result["completion"] = result["completion"].split("<end_of_turn>")[0]
+        result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]
   except (ConfigError, DataError) as e:
     return fail(str(e))
   if args.json:

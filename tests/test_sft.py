@@ -315,3 +315,31 @@ def test_chat_prompt_is_the_training_prompt_of_a_one_turn_conversation():
   assert chat_prompt("U", "gemma", "S") == render(record, "gemma")[0][0]
   assert chat_prompt("U", "gemma").endswith("<start_of_turn>user\nU<end_of_turn>\n<start_of_turn>model\n")
   assert chat_prompt("U", "plain") == "U\n"
+
+
+def test_released_template_and_control_symbol_markers(tmp_path):
+  import sentencepiece as spm
+  record = {"messages": [{"role": "system", "content": " S "}, {"role": "user", "content": "U\n"},
+                         {"role": "assistant", "content": " A "}]}
+  ((prompt, response),) = render(record, "diffusiongemma")
+  assert prompt == "<|turn>system\nS<turn|>\n<|turn>user\nU<turn|>\n<|turn>model\n" and response == "A<turn|>"
+  # A tokenizer whose turn markers are control symbols (as the released one's): plain encoding does not produce
+  # them, so the rows splice their ids in.
+  lines = [f"line {i} of some text with words {i * 7}" for i in range(300)]
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "ctl"), vocab_size=300,
+                                 control_symbols=["<|turn>", "<turn|>", "<mask>"], byte_fallback=True,
+                                 add_dummy_prefix=False, minloglevel=2)
+  tok = Tokenizer(str(tmp_path / "ctl.model"))
+  from diffgemma_jax.data.sft import encode_text, marker_ids
+  markers = marker_ids(tok, "diffusiongemma")
+  assert markers == {"<|turn>": tok.sp.piece_to_id("<|turn>"), "<turn|>": tok.sp.piece_to_id("<turn|>")}
+  ids = encode_text(tok, "<|turn>user\nline 3<turn|>\n", markers)
+  assert ids[0] == markers["<|turn>"] and markers["<turn|>"] in ids
+  rows, _ = make_rows([record], tok, 48, "diffusiongemma")
+  scored = rows["tokens"][0][rows["loss_mask"][0] > 0].tolist()
+  assert scored[:scored.index(tok.eos_id)][-1] == markers["<turn|>"]  # the reply ends with its marker, then EOS
+  with pytest.raises(DataError, match="needs the piece '<start_of_turn>'"):
+    make_rows([record], tok, 48, "gemma")
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "nomask"),
+                                 vocab_size=300, byte_fallback=True, minloglevel=2)
+  assert Tokenizer(str(tmp_path / "nomask.model")).mask_id == -1  # fine for uniform noise; masked objectives refuse

@@ -10,6 +10,9 @@ Templates turn an example into (prompt text, response text):
   gemma  `<start_of_turn>{role}\\n{content}<end_of_turn>\\n` per turn (role user, model or system), the prompt ending
          with the generation header `<start_of_turn>model\\n`, the response with `<end_of_turn>`. The markers are
          reserved symbols of every tokenizer the recipes train (ids 5 and 6), so each is one token.
+  diffusiongemma  the released DiffusionGemma's (Gemma 4) text template with thinking off: `<|turn>{role}\\n`
+         stripped content `<turn|>\\n`, generation header `<|turn>model\\n`, the reply ending with `<turn|>`; for
+         the released tokenizer (data.tokenizer), where those markers are single control pieces.
   plain  prompt and response as they are (completion data such as code); turns of a conversation joined by "\\n".
 
 Rows (one example per row of `seq_len`): [bos] prompt response [eos] [eos]... with `loss_mask` 1 on the response
@@ -31,7 +34,10 @@ import numpy as np
 from diffgemma_jax.data.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATES = ("gemma", "plain")
+CHAT_TEMPLATES = ("gemma", "diffusiongemma", "plain")
+# Each template's turn markers: (opening, closing). Every marker must be one piece of the tokenizer.
+TEMPLATE_MARKERS = {"gemma": ("<start_of_turn>", "<end_of_turn>"), "diffusiongemma": ("<|turn>", "<turn|>"),
+                    "plain": ()}
 _GEMMA_ROLE = {"system": "system", "user": "user", "assistant": "model"}
 
 
@@ -122,11 +128,14 @@ def render(record: dict[str, Any], template: str) -> list[tuple[str, str]]:
         examples.append(("".join(h + "\n" for h in history), content))
       history.append(content)
     return examples
+  open_, close = TEMPLATE_MARKERS[template]
+  strip = template == "diffusiongemma"  # the released template strips every message
   prefix = ""
   for role, content in turns:
+    content = content.strip() if strip else content
     if role == "assistant":
-      examples.append((prefix + "<start_of_turn>model\n", content + "<end_of_turn>"))
-    prefix += f"<start_of_turn>{_GEMMA_ROLE[role]}\n{content}<end_of_turn>\n"
+      examples.append((prefix + f"{open_}model\n", content + close))
+    prefix += f"{open_}{_GEMMA_ROLE[role]}\n{content}{close}\n"
   return examples
 
 
@@ -138,11 +147,42 @@ def chat_prompt(text: str, template: str, system: str | None = None) -> str:
   return render({"messages": messages}, template)[0][0]
 
 
-def split_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+def marker_ids(tokenizer, template: str) -> dict[str, int] | None:
+  """{marker: id} when some marker of `template` is not encoded as its own single piece by plain encoding (a
+  control symbol: the text must be cut at the markers and their ids spliced in); None when plain encoding works.
+  A marker the tokenizer lacks is an error naming the template."""
+  ids, splice = {}, False
+  for marker in TEMPLATE_MARKERS[template]:
+    piece = tokenizer.sp.piece_to_id(marker)
+    if piece == tokenizer.unk_id:
+      raise DataError(f"data.chat_template={template!r} needs the piece {marker!r}, which the tokenizer "
+                      f"{tokenizer.path} lacks; use a template of this tokenizer (valid: {CHAT_TEMPLATES})")
+    ids[marker] = piece
+    splice |= tokenizer.encode(marker) != [piece]
+  return ids if splice else None
+
+
+def encode_text(tokenizer, text: str, markers: dict[str, int] | None = None) -> list[int]:
+  """Token ids of `text`; with `markers` (see `marker_ids`) the markers become their ids and the text between
+  them is encoded piece by piece."""
+  if not markers:
+    return tokenizer.encode(text)
+  import re
+  out: list[int] = []
+  for part in re.split("(" + "|".join(re.escape(m) for m in markers) + ")", text):
+    if part in markers:
+      out.append(markers[part])
+    elif part:
+      out.extend(tokenizer.encode(part))
+  return out
+
+
+def split_tokens(tokenizer, prompt: str, response: str, markers: dict[str, int] | None = None
+                 ) -> tuple[list[int], list[int]]:
   """Token ids of prompt and response, taken from the tokenisation of their concatenation (what the model reads
   at sampling time); where a piece straddles the boundary it goes to the response."""
-  full = tokenizer.encode(prompt + response)
-  head = tokenizer.encode(prompt) if prompt else []
+  full = encode_text(tokenizer, prompt + response, markers)
+  head = encode_text(tokenizer, prompt, markers) if prompt else []
   k = 0
   limit = min(len(head), len(full))
   while k < limit and full[k] == head[k]:
@@ -194,10 +234,11 @@ def make_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, templa
               ) -> tuple[dict[str, np.ndarray], RowStats]:
   """All rows of a list of records, stacked: {tokens, segment_ids, positions, loss_mask} of [N, seq_len]."""
   stats = RowStats()
+  markers = marker_ids(tokenizer, template)
   pairs = [pair for record in records for pair in render(record, template)]
   rows = []
   for prompt, response in pairs:
-    prompt_ids, response_ids = split_tokens(tokenizer, prompt, response)
+    prompt_ids, response_ids = split_tokens(tokenizer, prompt, response, markers)
     rows.append(make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                          stats=stats))
   keys = ("tokens", "segment_ids", "positions", "loss_mask")

@@ -28,8 +28,8 @@ class Tokenizer:
     self.mask_id = self.sp.piece_to_id("<mask>")
     self.start_of_turn_id = self.sp.piece_to_id("<start_of_turn>")
     self.end_of_turn_id = self.sp.piece_to_id("<end_of_turn>")
-    if self.mask_id == self.unk_id:
-      raise DataError(f"tokenizer {path!r} has no <mask> symbol; train it with data_recipes")
+    if self.mask_id == self.unk_id:  # e.g. the released DiffusionGemma's: uniform-state noise needs no mask
+      self.mask_id = -1
     self.special_ids = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id, self.mask_id) if i >= 0)
 
   def encode(self, text: str | list[str], num_threads: int = 0):

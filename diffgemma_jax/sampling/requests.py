@@ -292,7 +292,7 @@ def load_tokenizer(config, workdir: str | None = None):
 
 
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
-                         step: int | None = None) -> list[dict[str, Any]]:
+                         step: int | None = None, chat_template: str | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text) one request at a time; every option and prompt is checked before the
   model is restored, so bad input fails fast."""
   options = validate_options(options, str(config.objective.name), int(config.objective.block_size),
@@ -303,9 +303,11 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     validate_prompt(text, [], 1)
   tokenizer = load_tokenizer(config, workdir)
   context_length = int(config.train.seq_len)
+  from diffgemma_jax.data.sft import encode_text, marker_ids
+  markers = marker_ids(tokenizer, chat_template) if chat_template else None  # chat prompts: turn markers as ids
   encoded = []
   for text in prompts:
-    ids = [tokenizer.bos_id] + list(tokenizer.encode(text))
+    ids = [tokenizer.bos_id] + list(encode_text(tokenizer, text, markers))
     validate_prompt(text, ids, context_length)
     encoded.append(ids)
   longest = max(len(ids) for ids in encoded) + options.gen_length

@@ -60,6 +60,9 @@ def prepare_dataset(config) -> tuple[str, Any]:
     barrier("diffgemma_dataset_built")
   build()
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
+  if tokenizer.mask_id < 0 and config.objective.name in ("masked", "block"):
+    raise ConfigError(f"objective.name={config.objective.name!r} corrupts tokens to <mask>, which the tokenizer in "
+                      f"{directory} lacks; use a tokenizer with a <mask> piece or objective.name='uniform'")
   if tokenizer.vocab_size != int(config.model.vocab_size):
     raise ConfigError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but model.vocab_size="
                       f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} or point data.dir "
