@@ -33,6 +33,8 @@ def get_config():
   c.model.update(MODEL)
   c.objective.name = "uniform"
   c.objective.block_size = {canvas_length}
+  c.data.tokenizer = {tokenizer!r}  # the checkpoint's own sentencepiece model ("" when it ships none)
+  c.data.chat_template = "diffusiongemma"
   return c
 '''
 
@@ -153,7 +155,9 @@ def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length))
+    tokenizer = os.path.join(source, "tokenizer.model")
+    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length,
+                                   tokenizer=tokenizer if os.path.isfile(tokenizer) else ""))
 
 
 def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
