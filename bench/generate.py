@@ -1,6 +1,7 @@
 """Generation speed and sample quality: the tiny diffusion model's samplers vs its autoregressive twin.
 
-python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--block_workdir DIR] [--json]   speed + quality
+python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--block_workdir DIR] [--uniform_workdir DIR]
+    [--json]   speed + quality
 python bench/generate.py --random_weights [--diffusion_config configs/pretrain_gpu_1b.py] [--json]   speed only
 
 Batch 1, `--gen_length` (256) new tokens after a `--prompt_tokens` prompt that starts a document of the held-out
@@ -110,7 +111,7 @@ def time_setting(generator: Generator, prompt, options, repeats: int, seed: int 
   seconds = statistics.median(r["seconds"] for r in runs)
   last = runs[-1]
   return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": last["model_calls"],
-          "sequence": last["sequence"],
+          "sequence": last["sequence"], "steps_per_canvas": last.get("steps_per_canvas"),
           "paired_seconds": statistics.median(paired_seconds) if paired_seconds else None}
 
 
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
   p.add_argument("--ar_workdir", default=None)
   p.add_argument("--block_config", default="configs/block_tiny.py")
   p.add_argument("--block_workdir", default=None, help="optional: a block-diffusion run (exact-cache samplers)")
+  p.add_argument("--uniform_config", default="configs/diffusiongemma_tiny.py")
+  p.add_argument("--uniform_workdir", default=None, help="optional: a uniform-state run (entropy_bound sampler)")
   p.add_argument("--random_weights", action="store_true", help="random init (speed only; no gen-PPL)")
   p.add_argument("--gen_length", type=int, default=256)
   p.add_argument("--block_length", type=int, default=32)
@@ -154,6 +157,10 @@ def main(argv=None) -> int:
     if args.block_workdir:
       block_config = load_config(args.block_config, overrides)
       block_model, steps["block"] = restore_model(block_config, args.block_workdir)
+  uniform_config, uniform_model = None, None
+  if args.uniform_workdir:
+    uniform_config = load_config(args.uniform_config, overrides)
+    uniform_model, steps["uniform"] = restore_model(uniform_config, args.uniform_workdir)
   try:
     if args.prompt_tokens == 1:  # unconditional samples (MDLM's gen-PPL setting): needs no dataset
       prompt, prompt_source = [BOS], "bos"
@@ -186,6 +193,13 @@ def main(argv=None) -> int:
         else:
           options = validate_options(GenerationOptions(sampler=sampler, **block_common, **fields), "block")
         plan.append((label, block_model, options))
+  if uniform_model is not None:  # its own temperature schedule: once, whatever --temperature says
+    canvas = int(uniform_config.objective.block_size)
+    for max_steps in (48, 16, 8):
+      label = f"entropy_bound max_steps={max_steps}" + (" (released)" if max_steps == 48 else "")
+      plan.append((label, uniform_model, validate_options(GenerationOptions(
+          sampler="entropy_bound", gen_length=args.gen_length, block_length=canvas, max_denoising_steps=max_steps,
+          stop_at_eos=False), "uniform", block_size=canvas)))
   only = set(filter(None, args.only.split(",")))
   generators = {}
   rows = []
@@ -197,7 +211,8 @@ def main(argv=None) -> int:
     paired = None
     if sampler != "ar":
       ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
-      ar_options = next(o for _, m, o in plan if m is ar_model and o.temperature == options.temperature)
+      ar_options = next((o for _, m, o in plan if m is ar_model and o.temperature == options.temperature),
+                        next(o for _, m, o in plan if m is ar_model))
       paired = lambda: ar_generator.run(prompt_1P, ar_options)[0]
     result = time_setting(generator, prompt_1P, options, args.repeats, paired=paired)
     new_ids = result["sequence"][len(prompt):]
@@ -205,7 +220,7 @@ def main(argv=None) -> int:
            "steps": getattr(options, "steps", None), "threshold": options.threshold,
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
            "ms_per_call": 1e3 * result["seconds"] / max(result["model_calls"], 1),
-           "paired_ar_seconds": result["paired_seconds"],
+           "paired_ar_seconds": result["paired_seconds"], "steps_per_canvas": result["steps_per_canvas"],
            "unigram_entropy": unigram_entropy(new_ids)}
     if scorer is not None:
       row["gen_ppl"] = scorer([result["sequence"]], len(prompt), eos_id=-1)["gen_ppl"]  # EOS does not end a sample
@@ -216,7 +231,7 @@ def main(argv=None) -> int:
             + f"  entropy {row['unigram_entropy']:.2f}", file=sys.stderr, flush=True)
   ar_rows = {r["temperature"]: r for r in rows if r["sampler"] == "ar"}
   for row in rows:
-    ar_row = ar_rows.get(row["temperature"])
+    ar_row = ar_rows.get(row["temperature"], ar_rows.get(temperatures[0]))  # entropy_bound: its own schedule
     if row["paired_ar_seconds"]:
       row["speedup_vs_ar"] = row["paired_ar_seconds"] / row["seconds"]
     elif ar_row is not None:
