@@ -46,9 +46,8 @@ import jax.numpy as jnp
 from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.uniform import noise_token
-from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, accept_low_confidence,
-                                          accept_threshold, even_schedule, has_eos, linear_temperature, pad_after_eos,
-                                          propose, stable_and_confident, token_entropy)
+from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
+                                          masked_step, pad_after_eos, stable_and_confident, token_entropy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,12 +162,9 @@ def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas
     rng, key = jax.random.split(rng)
     candidates = (canvas == mask_id) & ~done_B[:, None]
     logits, cache = canvas_logits(model, canvas, cache, start)
-    tokens, confidence = propose(logits, key, temperature=rule.temperature, mask_id=mask_id)
-    num_to_commit = even_schedule(jnp.sum(candidates, axis=-1), rule.steps_per_canvas - step)
-    if rule.acceptance == "threshold":
-      commit = accept_threshold(confidence, candidates, rule.threshold, num_to_commit)
-    else:
-      commit = accept_low_confidence(confidence, candidates, num_to_commit)
+    tokens, commit = masked_step(logits, key, candidates, acceptance=rule.acceptance, threshold=rule.threshold,
+                                 temperature=rule.temperature, steps_left=rule.steps_per_canvas - step,
+                                 mask_id=mask_id)
     steps_B = steps_B + jnp.any(candidates, axis=-1).astype(jnp.int32)
     return jnp.where(commit, tokens, canvas), cache, rng, step + 1, steps_B
 

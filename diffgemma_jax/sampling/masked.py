@@ -29,8 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_low_confidence, accept_threshold, even_schedule,
-                                          has_eos, propose)
+from diffgemma_jax.sampling.parts import ACCEPTANCE_RULES, has_eos, masked_step
 
 CACHE_MODES = ("none", "dual", "block")  # "block": block-diffusion models only (exact)
 
@@ -201,12 +200,8 @@ def generate(denoiser, prompt_BP, rng, cfg: SamplerConfig, *, mask_id: int, eos_
     if cfg.refresh_every > 0:
       refresh = refresh | (step % cfg.refresh_every == 0)
     logits, cache = denoiser(canvas, cache, start, refresh)
-    tokens, confidence = propose(logits, key, temperature=cfg.temperature, mask_id=mask_id)
-    num_to_commit = even_schedule(jnp.sum(candidates, axis=-1), cfg.steps_per_block - step)
-    if cfg.acceptance == "threshold":
-      commit = accept_threshold(confidence, candidates, cfg.threshold, num_to_commit)
-    else:
-      commit = accept_low_confidence(confidence, candidates, num_to_commit)
+    tokens, commit = masked_step(logits, key, candidates, acceptance=cfg.acceptance, threshold=cfg.threshold,
+                                 temperature=cfg.temperature, steps_left=cfg.steps_per_block - step, mask_id=mask_id)
     block_tokens = jnp.where(commit, tokens, block_tokens)
     canvas = jax.lax.dynamic_update_slice_in_dim(canvas, block_tokens, start, axis=1)
     calls = calls + jnp.any(candidates, axis=-1).astype(jnp.int32)

@@ -76,6 +76,18 @@ def accept_threshold(confidence_BL, candidates_BL, threshold: float, min_commit_
 
 
 # ---- stopping --------------------------------------------------------------------------------------------------
+def masked_step(logits_BLV, rng, candidates_BL, *, acceptance: str, threshold: float, temperature: float,
+                steps_left, mask_id: int):
+  """One denoising step of a masked canvas: (proposed tokens, which masked positions commit them now), with the
+  even schedule's count as the floor of either rule (low-confidence: exactly that many; threshold: every token
+  above the threshold, at least that many)."""
+  tokens, confidence = propose(logits_BLV, rng, temperature=temperature, mask_id=mask_id)
+  num_to_commit = even_schedule(jnp.sum(candidates_BL, axis=-1), steps_left)
+  if acceptance == "threshold":
+    return tokens, accept_threshold(confidence, candidates_BL, threshold, num_to_commit)
+  return tokens, accept_low_confidence(confidence, candidates_BL, num_to_commit)
+
+
 def has_eos(tokens_BL, eos_id: int, *, start=0, stop=None):
   """Whether each row holds an EOS at an index in [start, stop)."""
   index = jnp.arange(tokens_BL.shape[1])
