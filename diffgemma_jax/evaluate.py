@@ -82,11 +82,13 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   from diffgemma_jax.model.config import ConfigError, ModelConfig
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
-  from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, load_init_params
+  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_init_checkpoint, load_init_params
   from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state, init_train_state
 
+  if workdir and not checkpoint:
+    config = adopt_saved_lora(config, os.path.join(workdir, "checkpoints"))
   model_cfg = ModelConfig.from_config_dict(config.model)
   mesh = mesh_from_config(config, training=False)
   tx, _ = make_optimizer(config.train)

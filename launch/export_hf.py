@@ -27,7 +27,10 @@ def main(argv=None) -> int:
   from diffgemma_jax.model.config import ModelConfig
 
   try:
-    config = load_config(args.config, config_overrides(rest))
+    import os
+    from diffgemma_jax.train.checkpoint import adopt_saved_lora
+    config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
+                              os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)
     step, pure = restore_pure_params(args.workdir, cfg, args.step)
     print(f"restored step {step} from {args.workdir}")

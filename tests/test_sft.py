@@ -290,6 +290,16 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
   lora = load_tiny(_sft_overrides(pre_workdir, root, **{"model.lora_rank": "2", "train.num_steps": "2"}))
   summary = train(lora, str(tmp_path / "d"), show_progress=False)
   assert summary["final_step"] == 2
+  # Reading the LoRA run with the base config (no lora_rank) picks up the run's adapters from its run_config.json.
+  from diffgemma_jax.evaluate import evaluate
+  from diffgemma_jax.sampling.requests import restore_model
+  base = load_tiny(_sft_overrides(pre_workdir, root))
+  assert evaluate(base, str(tmp_path / "d"))["step"] == 2
+  model, step = restore_model(load_tiny(_sft_overrides(pre_workdir, root)), str(tmp_path / "d"))
+  assert step == 2 and model.units[0].blocks[0].attn.q_proj_lora is not None
+  with pytest.raises(IncompatibleCheckpointError, match="model.lora_rank: 2 in the checkpoints, 0 in the config"):
+    train(load_tiny(_sft_overrides(pre_workdir, root, **{"train.num_steps": "3"})), str(tmp_path / "d"),
+          show_progress=False)  # a resume must say what it trains
 
 
 def test_released_model_sft_config_is_a_lora_run_on_an_expert_parallel_mesh():

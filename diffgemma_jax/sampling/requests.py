@@ -256,10 +256,11 @@ def restore_model(config, workdir: str, step: int | None = None):
   from diffgemma_jax.model.transformer import build_model
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.parallel.rules import shardings_for
-  from diffgemma_jax.train.checkpoint import Checkpointer
+  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora
   from diffgemma_jax.train.state import split_model
 
   checkpoints = os.path.join(workdir, "checkpoints")
+  config = adopt_saved_lora(config, checkpoints)
   ckpt = Checkpointer(checkpoints, config, create=False)
   available = ckpt.all_steps()
   if not available:

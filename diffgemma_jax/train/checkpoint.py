@@ -58,6 +58,27 @@ def model_differences(saved_model: dict[str, Any], model: dict[str, Any]) -> lis
   return diffs
 
 
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def adopt_saved_lora(config, checkpoints_dir: str):
+  """For reading a run (evaluate, generate, export): when the run trained LoRA adapters and the config names none
+  (the base model's config, say), the run's LoRA settings are taken from its run_config.json, so the adapters are
+  restored and used. Training never does this: a resume must state what it trains."""
+  path = os.path.join(checkpoints_dir, CONFIG_FILE)
+  if int(config.model.lora_rank) or not os.path.isfile(path):
+    return config
+  with open(path) as f:
+    saved = json.load(f).get("model", {})
+  if not int(saved.get("lora_rank", 0) or 0):
+    return config
+  with config.unlocked():
+    for key in LORA_FIELDS:
+      if key in saved:
+        config.model[key] = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+  return config
+
+
 def _encode_iterator_state(state: Any) -> Any:
   if isinstance(state, bytes):  # grain's DataLoader iterators serialise themselves to JSON bytes
     return {"__bytes__": base64.b64encode(state).decode("ascii")}
