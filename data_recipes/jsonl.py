@@ -33,10 +33,11 @@ def jsonl_files(source: str, key: str = "data.source") -> list[str]:
   return paths
 
 
-def read_records(source: str, key: str, max_bad_lines: int, seen_bad: int = 0) -> tuple[list, int]:
+def source_records(source: str, key: str, max_bad_lines: int, seen_bad: int = 0) -> tuple[list, int]:
+  """(source, record) items of every file `source` names, and the malformed lines skipped so far in all."""
   items, bad = [], seen_bad
   for path in jsonl_files(source, key):
-    records, skipped = read_jsonl(path, max_bad_lines=max_bad_lines - bad)
+    records, skipped = read_jsonl(path, max_bad_lines=max_bad_lines, seen_bad=bad)
     bad += skipped
     items.extend((record.pop("source"), record) for record in records)
   return items, bad
@@ -54,9 +55,9 @@ def build(output_dir: str, vocab_size: int | None = None, source: str | None = N
   if is_current(output_dir, "jsonl", None, label, tokenizer) and read_manifest(output_dir).get("files") == \
       stamp["files"]:
     return read_manifest(output_dir)
-  items, bad = read_records(source, "data.source", max_bad_lines)
+  items, bad = source_records(source, "data.source", max_bad_lines)
   if heldout_source:
-    heldout, bad = read_records(heldout_source, "data.heldout_source", max_bad_lines, bad)
+    heldout, bad = source_records(heldout_source, "data.heldout_source", max_bad_lines, bad)
     splits = {"train": items, "heldout": heldout}
   else:
     splits = split_by_hash(items, HELDOUT_FRACTION)

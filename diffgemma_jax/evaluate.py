@@ -85,7 +85,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_init_checkpoint, load_init_params
   from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
-  from diffgemma_jax.train.state import abstract_train_state, init_train_state
+  from diffgemma_jax.train.state import abstract_train_state, init_params
 
   if workdir and not checkpoint:
     config = adopt_saved_lora(config, os.path.join(workdir, "checkpoints"))
@@ -99,7 +99,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
     step_dir, step, run_dir = check_init_checkpoint(config, abstract.params)
     directory, tokenizer = prepare_dataset(config)
     pin_tokenizer(directory, run_dir, write=False)
-    fresh = init_train_state(model_cfg, tx, shardings, int(config.train.seed)).params
+    fresh = init_params(model_cfg, shardings.params, int(config.train.seed))  # LoRA adapters keep these
     params = load_init_params(step_dir, fresh, shardings.params)
   else:
     if not workdir:

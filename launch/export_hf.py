@@ -7,6 +7,7 @@ DiffusionGemmaForBlockDiffusion.from_pretrained loads (text part; the vision tow
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from diffgemma_jax.model.config import ConfigError
@@ -27,7 +28,6 @@ def main(argv=None) -> int:
   from diffgemma_jax.model.config import ModelConfig
 
   try:
-    import os
     from diffgemma_jax.train.checkpoint import adopt_saved_lora
     config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
                               os.path.join(args.workdir, "checkpoints"))

@@ -70,6 +70,12 @@ def test_malformed_lines_reported_and_skipped_up_to_the_limit(tmp_path, capsys):
   assert f"{path}:2: malformed JSON" in err and f"{path}:5: malformed JSON" in err
   with pytest.raises(DataError, match=r"more than data.max_bad_lines=1 malformed JSON lines \(the last at line 5\)"):
     read_jsonl(path, max_bad_lines=1)
+  # The limit counts malformed lines over all the files of a build, and the error names the configured limit.
+  from data_recipes.jsonl import source_records
+  other = _write(tmp_path / "e.jsonl", [good, "{oops"])
+  with pytest.raises(DataError, match=r"e.jsonl: more than data.max_bad_lines=2 malformed JSON lines"):
+    source_records(str(tmp_path / "[de].jsonl"), "data.source", 2)
+  assert len(source_records(other, "data.source", 2)[0]) == 1
   bad_role = _write(tmp_path / "r.jsonl", [good, json.dumps({"messages": [{"role": "bot", "content": "x"}]})])
   with pytest.raises(DataError, match=r"r.jsonl:2: messages\[0\] has unknown role 'bot'"):
     read_jsonl(bad_role, max_bad_lines=10)

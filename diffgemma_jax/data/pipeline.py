@@ -47,10 +47,15 @@ def token_stream(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   lengths = np.asarray([len(p) for p in pieces], np.int64)
   tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-  tmp = f"{cache}.{os.getpid()}.tmp.npz"  # processes of one run may fill the cache at once; the rename is atomic
-  np.savez(tmp, tokens=tokens, starts=starts)
-  os.replace(tmp, cache)
+  _save_npz(cache, tokens=tokens, starts=starts)
   return tokens, starts
+
+
+def _save_npz(cache: str, **arrays) -> None:
+  """Writes a cache file atomically: processes of one run may fill it at once, and the rename is atomic."""
+  tmp = f"{cache}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, cache)
 
 
 def pack_rows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, *, keep_partial: bool) -> dict[str, np.ndarray]:
@@ -97,9 +102,7 @@ def sft_rows(data_dir: str, split: str, seq_len: int, template: str) -> dict[str
     note = stats.report(f"{data_dir} ({split}, {template} template)")
     if note:
       print(note, file=sys.stderr)
-    tmp = f"{cache}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **rows)
-    os.replace(tmp, cache)
+    _save_npz(cache, **rows)
   if len(rows["tokens"]) == 0:
     raise DataError(f"the {split} split of {data_dir!r} holds no SFT examples")
   return rows

@@ -82,9 +82,11 @@ def validate_record(record: Any, source: str, line: int | None = None) -> dict[s
   raise DataError(f"{where}: a record needs 'prompt' and 'response', or 'messages'; got keys {sorted(record)}")
 
 
-def read_jsonl(path: str, *, max_bad_lines: int, display: str | None = None) -> tuple[list[dict], int]:
+def read_jsonl(path: str, *, max_bad_lines: int, seen_bad: int = 0, display: str | None = None
+               ) -> tuple[list[dict], int]:
   """Valid records of a JSONL file and the number of malformed lines skipped (each reported on stderr with its
-  file and line). More than `max_bad_lines` malformed lines, or any invalid record, is an error."""
+  file and line). More than `max_bad_lines` malformed lines in all (`seen_bad` of them in earlier files), or any
+  invalid record, is an error."""
   display = display or path
   records, bad = [], 0
   try:
@@ -101,7 +103,7 @@ def read_jsonl(path: str, *, max_bad_lines: int, display: str | None = None) -> 
         bad += 1
         print(f"warning: {display}:{number}: malformed JSON ({e.msg}, column {e.colno}); line skipped",
               file=sys.stderr)
-        if bad > max_bad_lines:
+        if seen_bad + bad > max_bad_lines:
           raise DataError(f"{display}: more than data.max_bad_lines={max_bad_lines} malformed JSON lines "
                           f"(the last at line {number}); fix the file or raise the limit") from None
         continue

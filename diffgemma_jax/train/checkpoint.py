@@ -235,6 +235,13 @@ def _flat_paths(tree) -> dict[str, Any]:
           jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
 
 
+def _saved_params(step_dir: str) -> dict[str, Any]:
+  """{path: shape/dtype metadata} of the parameters saved in a step folder (read from Orbax metadata only)."""
+  metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params"))
+  tree = getattr(metadata, "item_metadata", metadata)
+  return _flat_paths(getattr(tree, "tree", tree))
+
+
 def check_init_checkpoint(config, abstract_params) -> tuple[str, int, str]:
   """Compares init.checkpoint's parameter tree with the model's before anything is built or trained.
 
@@ -244,12 +251,9 @@ def check_init_checkpoint(config, abstract_params) -> tuple[str, int, str]:
   from diffgemma_jax.model.lora import SUFFIX
   step_dir, step, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
   try:
-    metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params"))
+    saved = _saved_params(step_dir)
   except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
     raise ConfigError(f"init.checkpoint: cannot read the parameters in {step_dir}: {e}") from None
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  saved = _flat_paths(tree)
   wanted = _flat_paths(to_pure(abstract_params))
   problems = []
   for path, leaf in wanted.items():
@@ -271,9 +275,7 @@ def load_init_params(step_dir: str, params, param_shardings):
   """`params` (a freshly initialised, placed State) with every parameter the checkpoint in `step_dir` holds
   restored into its sharding; the others (LoRA adapters) keep their fresh values."""
   target_pure = to_pure(with_shardings(jax.eval_shape(lambda: params), param_shardings))
-  metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params"))
-  tree = getattr(metadata, "item_metadata", metadata)
-  saved_paths = set(_flat_paths(getattr(tree, "tree", tree)))
+  saved_paths = set(_saved_params(step_dir))
 
   def keep(node, prefix=""):  # the tree restricted to the saved paths (only dict entries ever go: adapters)
     if isinstance(node, dict):

@@ -54,6 +54,11 @@ def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, traina
   return graphdef, abstract, shardings
 
 
+def init_params(cfg: ModelConfig, param_shardings, seed: int) -> nnx.State:
+  """Freshly initialised parameters only, each array placed directly in its sharding (no optimizer state)."""
+  return jax.jit(lambda: split_model(build_model(cfg, seed))[1], out_shardings=param_shardings)()
+
+
 def init_train_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, trainable=nnx.Param,
                      params: nnx.State | None = None) -> TrainState:
   """Initialises every array directly in its sharding (no full copy on one device first). Given `params`
