@@ -9,7 +9,7 @@ from pallas_kernels.gmm import tgmm
 from pallas_kernels.metadata import GroupBounds, Visits, gmm_visits, group_bounds
 from pallas_kernels.ops import gmm
 from pallas_kernels.reference import gmm_reference, tgmm_reference
-from pallas_kernels.tiling import Tiling, choose_tiling
+from pallas_kernels.tiling import Tiling, choose_tiling, pipeline_shared_bytes
 
 __all__ = [
     "GroupBounds",
@@ -21,6 +21,7 @@ __all__ = [
     "gmm_reference",
     "gmm_visits",
     "group_bounds",
+    "pipeline_shared_bytes",
     "tgmm",
     "tgmm_reference",
 ]

@@ -137,7 +137,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
     layout = "[G, n, k]" if transpose_rhs else "[G, k, n]"
     raise ValueError(f"gmm: lhs is [m={m}, k={k}] but rhs {rhs.shape} read as {layout} has k={rhs_k}")
   compute_dtype = jnp.dtype(compute_dtype or jnp.promote_types(lhs.dtype, rhs.dtype))
-  tiling = choose_tiling("gmm", m, k, n, compute_dtype, tiling)
+  tiling = choose_tiling("gmm", m, k, n, compute_dtype, tiling, operand_dtypes=(lhs.dtype, rhs.dtype))
   interpret = _compat.resolve_interpret(interpret)
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
 
@@ -227,7 +227,7 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None,
   n = rhs.shape[1]
   num_groups = num_actual_groups if num_actual_groups is not None else group_sizes.shape[0]
   compute_dtype = jnp.dtype(compute_dtype or jnp.promote_types(lhs.dtype, rhs.dtype))
-  tiling = choose_tiling("tgmm", m, k, n, compute_dtype, tiling)
+  tiling = choose_tiling("tgmm", m, k, n, compute_dtype, tiling, operand_dtypes=(lhs.dtype, rhs.dtype))
   interpret = _compat.resolve_interpret(interpret)
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
 

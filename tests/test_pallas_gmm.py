@@ -211,6 +211,31 @@ def test_tiling_table_and_validation():
     pk.Tiling(48, 16, 16)
 
 
+@pytest.mark.parametrize("m,k,n", [(8192, 4096, 14336), (65536, 2816, 1408), (65536, 704, 2816), (8192, 4096, 1024)])
+def test_table_tilings_fit_shared_memory(m, k, n):
+  """Every launch of a bench shape (forward, dlhs with a float32 gradient, drhs) fits a Hopper block's shared
+  memory, and a smaller card gets fewer stages or a shallower k step instead of a launch that cannot compile."""
+  hopper = 232448
+  launches = [("gmm", m, k, n, (jnp.bfloat16, jnp.bfloat16)),     # forward
+              ("gmm", m, n, k, (jnp.float32, jnp.bfloat16)),      # dlhs: float32 gradient x weights
+              ("tgmm", m, k, n, (jnp.bfloat16, jnp.float32))]     # drhs: activations^T x gradient
+  for kernel, mm, kk, nn, dtypes in launches:
+    tiling = pk.choose_tiling(kernel, mm, kk, nn, jnp.bfloat16, operand_dtypes=dtypes, shared_memory_bytes=hopper)
+    table = pk.choose_tiling(kernel, mm, kk, nn, jnp.bfloat16, shared_memory_bytes=10**9)
+    sizes = tuple(jnp.dtype(d).itemsize for d in dtypes)
+    assert pk.pipeline_shared_bytes(kernel, tiling, sizes) <= hopper
+    if pk.pipeline_shared_bytes(kernel, table, sizes) <= hopper:
+      assert tiling == table  # the table is kept whenever it fits
+    small = pk.choose_tiling(kernel, mm, kk, nn, jnp.bfloat16, operand_dtypes=dtypes, shared_memory_bytes=65536)
+    assert pk.pipeline_shared_bytes(kernel, small, sizes) <= 65536
+    assert (small.block_m, small.block_n) == (tiling.block_m, tiling.block_n) or small.block_k == 16
+  # 128x64 bf16 + 64x256 bf16 tiles: 48 KiB a stage.
+  forward = pk.choose_tiling("gmm", 8192, 4096, 14336, jnp.bfloat16, shared_memory_bytes=hopper)
+  assert pk.pipeline_shared_bytes("gmm", forward) == forward.num_stages * 48 * 1024
+  tight = pk.choose_tiling("gmm", 8192, 4096, 14336, jnp.bfloat16, shared_memory_bytes=100 * 1024)
+  assert (tight.num_stages, tight.block_k) == (2, 64)
+
+
 def test_shape_errors_name_the_inputs():
   lhs = jnp.zeros((16, 8))
   with pytest.raises(ValueError, match="has k=9"):
