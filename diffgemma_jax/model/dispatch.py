@@ -158,13 +158,11 @@ def _ragged_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype
 
 
 def _pallas_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype):
-  gmm = _pallas_gmm()
-  interpret = jax.default_backend() != "gpu"
+  gmm = _pallas_gmm()  # interpret=None: Triton on a GPU backend, the Pallas interpreter elsewhere.
   gate_up = gmm(x_MD.astype(compute_dtype), w_gate_up_EDF2.astype(compute_dtype), group_sizes_E,
-                preferred_element_type=jnp.float32, interpret=interpret)
+                preferred_element_type=jnp.float32)
   h = _geglu_hidden(gate_up, compute_dtype)
-  return gmm(h, w_down_EFD.astype(compute_dtype), group_sizes_E, preferred_element_type=jnp.float32,
-             interpret=interpret)
+  return gmm(h, w_down_EFD.astype(compute_dtype), group_sizes_E, preferred_element_type=jnp.float32)
 
 
 def choose_tile(num_rows: int, num_experts: int) -> int:
