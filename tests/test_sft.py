@@ -338,22 +338,32 @@ def test_released_template_and_control_symbol_markers(tmp_path):
   record = {"messages": [{"role": "system", "content": " S "}, {"role": "user", "content": "U\n"},
                          {"role": "assistant", "content": " A "}]}
   ((prompt, response),) = render(record, "diffusiongemma")
-  assert prompt == "<|turn>system\nS<turn|>\n<|turn>user\nU<turn|>\n<|turn>model\n" and response == "A<turn|>"
+  assert prompt == ("<|turn>system\nS<turn|>\n<|turn>user\nU<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
+  assert response == "A<turn|>"
+  # Gemma 4's generation prompt carries an empty thought channel; earlier replies render as history, without it.
+  two_turns = {"messages": record["messages"] + [{"role": "user", "content": "V"},
+                                                 {"role": "assistant", "content": "B"}]}
+  assert render(two_turns, "diffusiongemma")[1][0] == (
+      "<|turn>system\nS<turn|>\n<|turn>user\nU<turn|>\n<|turn>model\nA<turn|>\n"
+      "<|turn>user\nV<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
   # A tokenizer whose turn markers are control symbols (as the released one's): plain encoding does not produce
   # them, so the rows splice their ids in.
   lines = [f"line {i} of some text with words {i * 7}" for i in range(300)]
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "ctl"), vocab_size=300,
-                                 control_symbols=["<|turn>", "<turn|>", "<mask>"], byte_fallback=True,
+                                 control_symbols=["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<mask>"],
+                                 byte_fallback=True,
                                  add_dummy_prefix=False, minloglevel=2)
   tok = Tokenizer(str(tmp_path / "ctl.model"))
   from diffgemma_jax.data.sft import encode_text, marker_ids
   markers = marker_ids(tok, "diffusiongemma")
-  assert markers == {"<|turn>": tok.sp.piece_to_id("<|turn>"), "<turn|>": tok.sp.piece_to_id("<turn|>")}
+  assert markers == {m: tok.sp.piece_to_id(m) for m in ("<|turn>", "<turn|>", "<|channel>", "<channel|>")}
   ids = encode_text(tok, "<|turn>user\nline 3<turn|>\n", markers)
   assert ids[0] == markers["<|turn>"] and markers["<turn|>"] in ids
   rows, _ = make_rows([record], tok, 48, "diffusiongemma")
   scored = rows["tokens"][0][rows["loss_mask"][0] > 0].tolist()
   assert scored[:scored.index(tok.eos_id)][-1] == markers["<turn|>"]  # the reply ends with its marker, then EOS
+  first_scored = int(np.argmax(rows["loss_mask"][0] > 0))
+  assert rows["tokens"][0][first_scored - 1] == markers["<channel|>"]  # the prompt ends with the empty thought channel
   with pytest.raises(DataError, match="needs the piece '<start_of_turn>'"):
     make_rows([record], tok, 48, "gemma")
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "nomask"),

@@ -11,8 +11,11 @@ Templates turn an example into (prompt text, response text):
          with the generation header `<start_of_turn>model\\n`, the response with `<end_of_turn>`. The markers are
          reserved symbols of every tokenizer the recipes train (ids 5 and 6), so each is one token.
   diffusiongemma  the released DiffusionGemma's (Gemma 4) text template with thinking off: `<|turn>{role}\\n`
-         stripped content `<turn|>\\n`, generation header `<|turn>model\\n`, the reply ending with `<turn|>`; for
-         the released tokenizer (data.tokenizer), where those markers are single control pieces.
+         stripped content `<turn|>\\n` per turn; the prompt ends with what Gemma 4's `add_generation_prompt`
+         appends, `<|turn>model\\n<|channel>thought\\n<channel|>` (an empty thought channel: thinking off), and
+         the reply ends with `<turn|>`. Earlier assistant turns of a conversation render as history, without the
+         thought channel, as the release's template renders them. So a model is trained on exactly the prefix a
+         serving stack sends. For the released tokenizer (data.tokenizer), where the markers are control pieces.
   plain  prompt and response as they are (completion data such as code); turns of a conversation joined by "\\n".
 
 Rows (one example per row of `seq_len`): [bos] prompt response [eos] [eos]... with `loss_mask` 1 on the response
@@ -36,8 +39,10 @@ from diffgemma_jax.data.errors import DataError
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATES = ("gemma", "diffusiongemma", "plain")
 # Each template's turn markers: (opening, closing). Every marker must be one piece of the tokenizer.
-TEMPLATE_MARKERS = {"gemma": ("<start_of_turn>", "<end_of_turn>"), "diffusiongemma": ("<|turn>", "<turn|>"),
-                    "plain": ()}
+TEMPLATE_MARKERS = {"gemma": ("<start_of_turn>", "<end_of_turn>"),
+                    "diffusiongemma": ("<|turn>", "<turn|>", "<|channel>", "<channel|>"), "plain": ()}
+# What follows the opening marker and role of the turn the model writes (the generation header's tail).
+_GENERATION_SUFFIX = {"gemma": "", "diffusiongemma": "<|channel>thought\n<channel|>"}
 _GEMMA_ROLE = {"system": "system", "user": "user", "assistant": "model"}
 
 
@@ -130,13 +135,13 @@ def render(record: dict[str, Any], template: str) -> list[tuple[str, str]]:
         examples.append(("".join(h + "\n" for h in history), content))
       history.append(content)
     return examples
-  open_, close = TEMPLATE_MARKERS[template]
+  open_, close = TEMPLATE_MARKERS[template][:2]
   strip = template == "diffusiongemma"  # the released template strips every message
   prefix = ""
   for role, content in turns:
     content = content.strip() if strip else content
     if role == "assistant":
-      examples.append((prefix + f"{open_}model\n", content + close))
+      examples.append((prefix + f"{open_}model\n" + _GENERATION_SUFFIX[template], content + close))
     prefix += f"{open_}{_GEMMA_ROLE[role]}\n{content}{close}\n"
   return examples
 
