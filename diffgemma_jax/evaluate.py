@@ -94,6 +94,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   tx, _ = make_optimizer(config.train)
   graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh)
   if checkpoint:
+    config = config.copy_and_resolve_references()  # the caller's config keeps its init.* keys
     with config.unlocked():
       config.init.checkpoint, config.init.step = checkpoint, -1 if step is None else int(step)
     step_dir, step, run_dir = check_init_checkpoint(config, abstract.params)

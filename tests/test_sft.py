@@ -301,6 +301,7 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
   from diffgemma_jax.sampling.requests import restore_model
   base = load_tiny(_sft_overrides(pre_workdir, root))
   assert evaluate(base, str(tmp_path / "d"))["step"] == 2
+  assert base.model.lora_rank == 0  # the caller's config is not changed
   model, step = restore_model(load_tiny(_sft_overrides(pre_workdir, root)), str(tmp_path / "d"))
   assert step == 2 and model.units[0].blocks[0].attn.q_proj_lora is not None
   with pytest.raises(IncompatibleCheckpointError, match="model.lora_rank: 2 in the checkpoints, 0 in the config"):

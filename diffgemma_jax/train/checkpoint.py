@@ -64,7 +64,8 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 def adopt_saved_lora(config, checkpoints_dir: str):
   """For reading a run (evaluate, generate, export): when the run trained LoRA adapters and the config names none
   (the base model's config, say), the run's LoRA settings are taken from its run_config.json, so the adapters are
-  restored and used. Training never does this: a resume must state what it trains."""
+  restored and used. Training never does this: a resume must state what it trains. Returns a copy when it
+  changes anything; the caller's config is left as it was."""
   path = os.path.join(checkpoints_dir, CONFIG_FILE)
   if int(config.model.lora_rank) or not os.path.isfile(path):
     return config
@@ -72,6 +73,7 @@ def adopt_saved_lora(config, checkpoints_dir: str):
     saved = json.load(f).get("model", {})
   if not int(saved.get("lora_rank", 0) or 0):
     return config
+  config = config.copy_and_resolve_references()
   with config.unlocked():
     for key in LORA_FIELDS:
       if key in saved:
