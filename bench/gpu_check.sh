@@ -15,7 +15,8 @@ cd "$REPO"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 
-# Packages the GPU image lacks travel as wheels in .whl/ (see the device notes); the repo imports from the tree.
+# Packages the GPU image lacks travel as wheels in .whl/ (bench/fetch_gpu_wheels.sh downloads them where pip
+# works; carry .whl with the device call); the repo itself imports from the tree.
 if [ -d .whl ]; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
