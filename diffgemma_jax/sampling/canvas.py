@@ -47,7 +47,8 @@ from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
-                                          masked_step, pad_after_eos, stable_and_confident, token_entropy)
+                                          masked_step, pad_after_eos, sample_categorical, stable_and_confident,
+                                          token_entropy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +194,7 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
     scaled = logits.at[..., mask_id].set(-jnp.inf) / temperature
     entropy_Bb = token_entropy(scaled)
     new_argmax = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
-    sampled = jax.random.categorical(sample_key, scaled, axis=-1).astype(jnp.int32)
+    sampled = sample_categorical(sample_key, scaled)
     renoised = jnp.where(accept_entropy_bound(entropy_Bb, rule.entropy_bound), sampled, noise(noise_key))
     active_B = ~finished_B
     keep = lambda new, old: jnp.where(active_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)

@@ -19,13 +19,27 @@ def even_schedule(num_masked, steps_left):
 
 
 # ---- proposals (the temperature shaper) ------------------------------------------------------------------------
+def sample_categorical(rng, logits_NV):
+  """One draw per row from softmax(logits) by inversion: a single uniform per row against the running sum of the
+  probabilities (the first token whose cumulative probability exceeds it). Exact like the Gumbel-max trick
+  (`jax.random.categorical`), but it draws one random number per row instead of one per vocabulary entry, which on
+  a CPU is most of a sampling step's cost (about 8x less for a 16-token canvas at vocab 512). Tokens of zero
+  probability (-inf logits) are never drawn."""
+  logits_NV = logits_NV.astype(jnp.float32)
+  cumulative_NV = jnp.cumsum(jax.nn.softmax(logits_NV, axis=-1), axis=-1)
+  u_N1 = jax.random.uniform(rng, logits_NV.shape[:-1] + (1,)) * cumulative_NV[..., -1:]
+  index = jnp.sum(cumulative_NV <= u_N1, axis=-1)
+  # Rounding can put u at the very top: the first index reaching the total is the last token of non-zero mass.
+  last_possible = jnp.argmax(cumulative_NV >= cumulative_NV[..., -1:], axis=-1)
+  return jnp.minimum(index, last_possible).astype(jnp.int32)
+
+
 def propose(logits_BLV, rng, *, temperature: float, mask_id: int):
   """A token per position and its probability under the (temperature-free) model distribution, as LLaDA: the
-  token is argmax(logits / temperature + Gumbel noise) (greedy at temperature 0), the mask token excluded."""
+  token is a draw from softmax(logits / temperature) (greedy at temperature 0), the mask token excluded."""
   logits_BLV = logits_BLV.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
   if temperature > 0:
-    gumbel = jax.random.gumbel(rng, logits_BLV.shape)
-    tokens_BL = jnp.argmax(logits_BLV / temperature + gumbel, axis=-1)
+    tokens_BL = sample_categorical(rng, logits_BLV / temperature)
   else:
     tokens_BL = jnp.argmax(logits_BLV, axis=-1)
   log_probs = jax.nn.log_softmax(logits_BLV, axis=-1)
@@ -51,7 +65,7 @@ def sample_next(logits_BV, rng, *, temperature: float, top_p: float = 1.0):
   if temperature <= 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = top_p_filter(logits_BV / temperature, top_p)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  return sample_categorical(rng, logits_BV)
 
 
 # ---- acceptance rules ------------------------------------------------------------------------------------------
