@@ -42,6 +42,7 @@ def get_config():
       remat="dots",
       scan_layers=True,
       self_conditioning=True,
+      canvas_input_norm=True,  # the release normalises the canvas pass's input embeddings (parameter-free)
   )
   c.objective.name = "uniform"
   c.objective.block_size = RELEASED_SAMPLER["canvas_length"]

@@ -216,3 +216,15 @@ def test_reference_architecture_totals():
   counts = count_params(ModelConfig.from_config_dict(config.model))
   assert abs(counts["total_params"] / 25.2e9 - 1) < 0.02
   assert abs(counts["active_params_per_token"] / 3.8e9 - 1) < 0.05
+
+
+def test_reference_architecture_is_what_importing_the_release_builds():
+  """configs/diffusiongemma_26b_a4b.py (and the SFT config built on it) must be the model diffgemma-import makes of
+  the release: its HF config, mapped back, changes no model key (a parameter-free difference such as the canvas
+  input norm would load the weights without complaint and compute something else)."""
+  from diffgemma_jax.hf.mapping import hf_config_from_model, model_overrides_from_hf
+  for name in ("diffusiongemma_26b_a4b", "diffusiongemma_26b_a4b_sft"):
+    model = load_config(f"configs/{name}.py").model
+    imported = model_overrides_from_hf(hf_config_from_model(ModelConfig.from_config_dict(model)))
+    same = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+    assert {k: v for k, v in imported.items() if same(model.get(k)) != same(v)} == {}, name
