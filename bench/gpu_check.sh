@@ -3,7 +3,8 @@
 #
 # Runs each step below with its own timeout and log (OUTDIR/<step>.log), keeps going when one fails, writes
 # OUTDIR/summary.txt, and exits non-zero if any step failed. The timeouts add up to under 8 minutes.
-# kernel_resources is the kernels' resource report (registers per thread, shared memory per block, theoretical and
+# The kernel benchmark (issue #4's table; it checks every result against the reference itself) runs first, so a
+# slow compile elsewhere cannot cost it its time. kernel_resources is the kernels' resource report (registers per thread, shared memory per block, theoretical and
 # achieved occupancy) from Nsight Compute for our forward, dlhs and drhs launches on the Mixtral shape.
 # To add a check, append "name|timeout_seconds|command" to STEPS.
 # Dry run on a CPU: DIFFGEMMA_PALLAS_GPU=0 GMM_BENCH_ARGS="--interpret --small --runs 3" bench/gpu_check.sh /tmp/out
@@ -26,12 +27,12 @@ fi
 export PYTHONPATH="$REPO:${PYTHONPATH:-}"
 
 STEPS=(
-  "environment|25|$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true"
-  "pallas_gmm_tests|100|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
-  "gmm_benchmark|190|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 125 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
-  "kernel_resources|55|ncu --kernel-name regex:gmm --launch-count 8 --section LaunchStats --section Occupancy --csv --page details $PY bench/gmm_gpu.py --shapes mixtral_up --impls ours --runs 1 --warmup 0 --copies 1 > $OUTDIR/kernel_resources.csv"
+  "environment|20|$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true"
+  "gmm_benchmark|230|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 170 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
+  "kernel_resources|45|ncu --kernel-name regex:gmm --launch-count 8 --section LaunchStats --section Occupancy --csv --page details $PY bench/gmm_gpu.py --shapes mixtral_up --impls ours --runs 1 --warmup 0 --copies 1 > $OUTDIR/kernel_resources.csv"
+  "pallas_gmm_tests|90|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
   "train_step_benchmark|45|$PY bench/train_cpu.py --json --steps 10 --batch_size 32 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
-  "sampler_benchmark|60|$PY bench/generate.py --json --random_weights --repeats 1 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False > $OUTDIR/generate.json"
+  "sampler_benchmark|45|$PY bench/generate.py --json --random_weights --repeats 1 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False > $OUTDIR/generate.json"
 )
 
 failed=0
