@@ -2,6 +2,7 @@
 
   python bench/gmm_gpu.py [--json OUT.json]               # GPU, the issue-4 shapes, bf16
   python bench/gmm_gpu.py --interpret --small --runs 3    # CPU smoke run (the tests do this)
+  python bench/gmm_gpu.py --sweep [--shapes mixtral_up]   # ours only, over candidate tilings (tuning the table)
 
 For each shape and routing (balanced, skewed), every implementation's forward, dlhs and drhs are checked
 against the float32 jnp reference on a random sample of output entries, then timed: the median of --runs
@@ -284,6 +285,68 @@ def _lowering_of(fn, direction, args) -> str:
   return "pallas_triton" if "triton" in text.lower() else "fell back to XLA default"
 
 
+# --- tiling sweep: ours under each candidate tiling, to tune pallas_kernels/tiling.py's table on a card ---
+
+# (gmm tiling for forward and dlhs, tgmm tiling for drhs) as (block_m, block_k, block_n, num_warps, num_stages);
+# the first pair is close to the table's bf16 choice. Pairs that do not fit the card's shared memory are skipped.
+SWEEP_CANDIDATES = (
+    ((128, 64, 256, 8, 3), (64, 128, 128, 4, 4)),
+    ((128, 64, 128, 4, 4), (128, 128, 128, 8, 3)),
+    ((128, 32, 128, 4, 4), (64, 64, 128, 4, 4)),
+    ((64, 64, 128, 4, 4), (32, 128, 128, 4, 4)),
+    ((128, 128, 128, 8, 3), (64, 128, 64, 4, 4)),
+    ((256, 64, 128, 8, 3), (128, 64, 128, 8, 3)),
+    ((64, 64, 64, 4, 3), (64, 64, 64, 4, 3)),
+)
+
+
+def sweep(args) -> dict:
+  """{shape: [{gmm_tiling, tgmm_tiling, forward/dlhs/drhs results}], best: {shape: {direction: tiling}}}, the
+  balanced routing only; every result checked against the reference as in the main table."""
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  shapes = SMALL_SHAPES if args.small else SHAPES
+  if args.shapes:
+    shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+  candidates = SWEEP_CANDIDATES[:args.candidates] if args.candidates else SWEEP_CANDIDATES
+  budget = pk.tiling.device_shared_memory_bytes()
+  itemsize = jnp.dtype(dtype).itemsize
+  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+            "dtype": args.dtype, "interpret": args.interpret, "runs": args.runs, "sweep": {}, "best": {}}
+  started = time.perf_counter()
+  for shape_index, shape in enumerate(shapes):
+    problem = make_problem(shape, "balanced", dtype, args.copies, seed=10 * shape_index, sample=args.sample)
+    rows = []
+    for gmm_t, tgmm_t in candidates:
+      gmm_tiling, tgmm_tiling = pk.Tiling(*gmm_t), pk.Tiling(*tgmm_t)
+      row = {"gmm_tiling": list(gmm_t), "tgmm_tiling": list(tgmm_t)}
+      if (pk.pipeline_shared_bytes("gmm", gmm_tiling, (itemsize, itemsize)) > budget
+          or pk.pipeline_shared_bytes("tgmm", tgmm_tiling, (itemsize, itemsize)) > budget):
+        row["skipped"] = f"over the card's {budget} bytes of shared memory per block"
+      elif args.time_budget_s and time.perf_counter() - started > args.time_budget_s:
+        row["skipped"] = f"time budget of {args.time_budget_s}s spent"
+      else:
+        impl = Impl("ours", direction_fns(_ours(args.interpret, gmm_tiling, tgmm_tiling)), {})
+        row.update(measure(problem, "ours", impl, args))
+        print(f"{shape.name} gmm {gmm_t} tgmm {tgmm_t}: " + "  ".join(
+            f"{d} {row[d].get('tflops', float('nan')):.4g}{'' if row[d].get('ok') else ' FAILED'}"
+            for d in DIRECTIONS), flush=True)
+      rows.append(row)
+    report["sweep"][shape.name] = rows
+    best = {}
+    for direction in DIRECTIONS:
+      good = [r for r in rows if r.get(direction, {}).get("ok")]
+      if good:
+        top = max(good, key=lambda r: r[direction]["tflops"])
+        best[direction] = {"tiling": top["tgmm_tiling" if direction == "drhs" else "gmm_tiling"],
+                           "tflops": top[direction]["tflops"]}
+    report["best"][shape.name] = best
+    del problem
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
+  return report
+
+
 # --- driver ---
 
 def _commit() -> str:
@@ -370,6 +433,9 @@ def parse_args(argv=None):
   parser.add_argument("--tgmm-tiling", default="", help="ours' drhs tiling BM,BK,BN[,WARPS,STAGES]")
   parser.add_argument("--max-seconds-per-measurement", type=float, default=10.0,
                       help="fewer timed calls (at least 5) for implementations slower than this allows")
+  parser.add_argument("--sweep", action="store_true",
+                      help="time ours under each of SWEEP_CANDIDATES' tilings instead of the comparison table")
+  parser.add_argument("--candidates", type=int, default=0, help="with --sweep: only the first N candidates")
   parser.add_argument("--time-budget-s", type=float, default=0.0,
                       help="skip remaining shapes once this many seconds have passed (0: no limit)")
   return parser.parse_args(argv)
@@ -377,6 +443,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.sweep:
+    report = sweep(args)
+    failed = [(name, r["gmm_tiling"], d) for name, rows in report["sweep"].items() for r in rows
+              for d in DIRECTIONS if d in r and not r[d].get("ok")]
+    if failed:
+      print(f"\ncandidates that failed (error or reference check): {failed}")
+    print(json.dumps(report["best"], indent=1))
+    return 1 if failed else 0
   report = run(args)
   wrong = [(r["shape"], r["routing"], d, name) for r in report["results"] for d in DIRECTIONS if d in r
            for name, res in r[d].items() if "max_rel_error" in res and not res["ok"]]

@@ -328,3 +328,21 @@ def test_benchmark_script_runs_in_interpret_mode(tmp_path):
       ours = row[direction]["ours"]
       assert ours["ok"], ours
       assert ours["tflops"] > 0
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU session runs the sweep on the real shapes")
+def test_tiling_sweep_runs_in_interpret_mode(tmp_path):
+  out_json = tmp_path / "sweep.json"
+  result = subprocess.run(
+      [sys.executable, str(REPO / "bench" / "gmm_gpu.py"), "--sweep", "--interpret", "--small", "--runs", "2",
+       "--warmup", "1", "--candidates", "2", "--shapes", "mixtral_up_small", "--json", str(out_json)],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads(out_json.read_text())
+  rows = report["sweep"]["mixtral_up_small"]
+  assert len(rows) == 2
+  for row in rows:
+    for direction in ("forward", "dlhs", "drhs"):
+      assert row[direction]["ok"] and row[direction]["tflops"] > 0
+  assert set(report["best"]["mixtral_up_small"]) == {"forward", "dlhs", "drhs"}
