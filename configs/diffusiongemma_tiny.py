@@ -1,6 +1,7 @@
 """DiffusionGemma's recipe at tiny width: uniform-state noise, canvases of 32 tokens, the encoder's next-token loss,
-two-pass self-conditioning, and the reference layer pattern (5 sliding-window layers, then 1 global layer with its
-own head_dim, one shared K=V head and partial RoPE). Sized to train on two CPU cores."""
+two-pass self-conditioning with the release's canvas input norm, and the reference layer pattern (5 sliding-window
+layers, then 1 global layer with its own head_dim, one shared K=V head and partial RoPE). Sized to train on two CPU
+cores."""
 
 from diffgemma_jax.config import base_config
 
@@ -27,6 +28,7 @@ def get_config():
       top_k=2,
       expert_dim=128,
       self_conditioning=True,
+      canvas_input_norm=True,
   )
   c.objective.name = "uniform"
   c.objective.block_size = 32
