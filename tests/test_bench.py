@@ -18,3 +18,22 @@ def test_call_cost_reports_each_width_against_the_ar_step(capsys):
   assert rows[1]["x_ar_step"] == 1.0 and rows[1]["ms_per_call"] > 0
   assert rows[16]["x_ar_step"] == rows[16]["ms_per_call"] / rows[1]["ms_per_call"]
   assert rows[16]["tokens_per_call_for_2x"] == 2 * rows[16]["x_ar_step"]
+
+
+def test_generate_benchmark_runs_every_block_setting_against_the_ar_decoder(capsys):
+  """bench/generate.py end to end at a tiny size (random weights: speed rows only): the AR row is the baseline,
+  fixed step budgets make exactly that many calls (plus the prompt's prefill), threshold rows at least one token
+  per call."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import generate as bench_generate  # pylint: disable=import-outside-toplevel
+  assert bench_generate.main(["--random_weights", "--gen_length", "32", "--block_length", "16", "--only",
+                              "ar,block_fused", "--repeats", "1", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  rows = {row["setting"]: row for row in report["results"]}
+  assert rows["ar"]["model_calls"] == 32 and rows["ar"]["speedup_vs_ar"] == 1.0
+  assert rows["block_fused low_confidence steps=8"]["model_calls"] == 8 + 1
+  assert rows["block_fused low_confidence steps=4"]["model_calls"] == 4 + 1
+  for name, row in rows.items():
+    assert row["tokens_per_s"] > 0 and row["speedup_vs_ar"] > 0, name
+    if "threshold" in name:
+      assert 1 < row["model_calls"] <= 32 + 1, name
