@@ -23,6 +23,7 @@ load changes on a shared machine hit both. "ms/call" is the run's seconds over i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -115,6 +116,15 @@ def time_setting(generator: Generator, prompt, options, repeats: int, seed: int 
           "paired_seconds": statistics.median(paired_seconds) if paired_seconds else None}
 
 
+def sample_with_seed(generator: Generator, prompt, options, seed: int) -> list[int]:
+  """One more (untimed) sample of a setting with another seed, for the quality columns."""
+  if isinstance(options, GenerationOptions):
+    return generator.run(prompt, dataclasses.replace(options, seed=seed))[0]["sequence"]
+  fn = generator.compiled(options, *prompt.shape)
+  tokens, _, _ = fn(generator.state, jax.numpy.asarray(prompt), jax.random.key(seed))
+  return np.asarray(tokens)[0].tolist()
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--diffusion_config", default="configs/pretrain_tiny.py")
@@ -132,6 +142,8 @@ def main(argv=None) -> int:
   p.add_argument("--temperature", default="1", help="every sampler's temperature (0: greedy); a comma-separated list "
                  "runs every setting at each")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--quality_samples", type=int, default=1,
+                 help="samples (seeds 0..N-1) whose pooled gen-PPL and mean entropy are reported; one is timed")
   p.add_argument("--only", default="", help="comma-separated sampler names to run (default: all)")
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override applied to every config (e.g. model.vocab_size=1024 for older runs)")
@@ -215,15 +227,17 @@ def main(argv=None) -> int:
                         next(o for _, m, o in plan if m is ar_model))
       paired = lambda: ar_generator.run(prompt_1P, ar_options)[0]
     result = time_setting(generator, prompt_1P, options, args.repeats, paired=paired)
-    new_ids = result["sequence"][len(prompt):]
     row = {"setting": label, "sampler": sampler, "temperature": options.temperature,
            "steps": getattr(options, "steps", None), "threshold": options.threshold,
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
            "ms_per_call": 1e3 * result["seconds"] / max(result["model_calls"], 1),
-           "paired_ar_seconds": result["paired_seconds"], "steps_per_canvas": result["steps_per_canvas"],
-           "unigram_entropy": unigram_entropy(new_ids)}
-    if scorer is not None:
-      row["gen_ppl"] = scorer([result["sequence"]], len(prompt), eos_id=-1)["gen_ppl"]  # EOS does not end a sample
+           "paired_ar_seconds": result["paired_seconds"], "steps_per_canvas": result["steps_per_canvas"]}
+    samples = [result["sequence"]] + [sample_with_seed(generator, prompt_1P, options, seed)
+                                      for seed in range(1, args.quality_samples)]
+    row["quality_samples"] = len(samples)
+    row["unigram_entropy"] = statistics.mean(unigram_entropy(seq[len(prompt):]) for seq in samples)
+    if scorer is not None:  # pooled over every sample's tokens; EOS does not end a sample
+      row["gen_ppl"] = scorer(samples, len(prompt), eos_id=-1)["gen_ppl"]
     rows.append(row)
     if not args.json:
       print(f"T={row['temperature']:g} {label:36s} {row['tokens_per_s']:9.1f} tok/s {row['model_calls']:5d} calls"

@@ -27,7 +27,7 @@ def test_generate_benchmark_runs_every_block_setting_against_the_ar_decoder(caps
   sys.path.insert(0, str(REPO / "bench"))
   import generate as bench_generate  # pylint: disable=import-outside-toplevel
   assert bench_generate.main(["--random_weights", "--gen_length", "32", "--block_length", "16", "--only",
-                              "ar,block_fused", "--repeats", "1", "--json"]) == 0
+                              "ar,block_fused", "--repeats", "1", "--quality_samples", "2", "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
   rows = {row["setting"]: row for row in report["results"]}
   assert rows["ar"]["model_calls"] == 32 and rows["ar"]["speedup_vs_ar"] == 1.0
@@ -35,5 +35,6 @@ def test_generate_benchmark_runs_every_block_setting_against_the_ar_decoder(caps
   assert rows["block_fused low_confidence steps=4"]["model_calls"] == 4 + 1
   for name, row in rows.items():
     assert row["tokens_per_s"] > 0 and row["speedup_vs_ar"] > 0, name
+    assert row["quality_samples"] == 2 and row["unigram_entropy"] > 0, name
     if "threshold" in name:
       assert 1 < row["model_calls"] <= 32 + 1, name
