@@ -89,20 +89,23 @@ def block_settings(gen_length: int, block_size: int):
   return out
 
 
+def run_once(generator: Generator, prompt, options, seed: int) -> dict:
+  """One generation of batch row 0 with `seed`: {seconds, model_calls, sequence, ...}. `options`: GenerationOptions
+  (the CLI's path), or a `masked.SamplerConfig` run through the generator's compiled sampler directly."""
+  if isinstance(options, GenerationOptions):
+    return generator.run(prompt, dataclasses.replace(options, seed=seed))[0]
+  fn = generator.compiled(options, *prompt.shape)
+  start = time.perf_counter()
+  tokens, calls, _ = jax.block_until_ready(fn(generator.state, jax.numpy.asarray(prompt), jax.random.key(seed)))
+  seconds = time.perf_counter() - start
+  return {"seconds": seconds, "model_calls": int(np.asarray(calls)[0]), "sequence": np.asarray(tokens)[0].tolist()}
+
+
 def time_setting(generator: Generator, prompt, options, repeats: int, seed: int = 0, paired=None):
-  """Compiles and warms up, then the median of `repeats` timed runs. `options`: GenerationOptions, or a
-  `masked.SamplerConfig` run through the generator's compiled sampler directly (same jit, same timing).
+  """Compiles and warms up, then the median of `repeats` timed runs (`run_once`, same jit, same timing).
   `paired` (a run of the AR decoder) is timed right after each run: on a shared machine the ratio of the two
   medians is steadier than a ratio against the AR row timed minutes earlier."""
-  if isinstance(options, GenerationOptions):
-    run = lambda: generator.run(prompt, options)[0]
-  else:
-    def run():
-      fn = generator.compiled(options, *prompt.shape)
-      start = time.perf_counter()
-      tokens, calls, _ = jax.block_until_ready(fn(generator.state, jax.numpy.asarray(prompt), jax.random.key(seed)))
-      seconds = time.perf_counter() - start
-      return {"seconds": seconds, "model_calls": int(np.asarray(calls)[0]), "sequence": np.asarray(tokens)[0].tolist()}
+  run = lambda: run_once(generator, prompt, options, seed)
   run()  # compile and warm up
   runs, paired_seconds = [], []
   for _ in range(repeats):
@@ -114,15 +117,6 @@ def time_setting(generator: Generator, prompt, options, repeats: int, seed: int 
   return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": last["model_calls"],
           "sequence": last["sequence"], "steps_per_canvas": last.get("steps_per_canvas"),
           "paired_seconds": statistics.median(paired_seconds) if paired_seconds else None}
-
-
-def sample_with_seed(generator: Generator, prompt, options, seed: int) -> list[int]:
-  """One more (untimed) sample of a setting with another seed, for the quality columns."""
-  if isinstance(options, GenerationOptions):
-    return generator.run(prompt, dataclasses.replace(options, seed=seed))[0]["sequence"]
-  fn = generator.compiled(options, *prompt.shape)
-  tokens, _, _ = fn(generator.state, jax.numpy.asarray(prompt), jax.random.key(seed))
-  return np.asarray(tokens)[0].tolist()
 
 
 def main(argv=None) -> int:
@@ -232,7 +226,7 @@ def main(argv=None) -> int:
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
            "ms_per_call": 1e3 * result["seconds"] / max(result["model_calls"], 1),
            "paired_ar_seconds": result["paired_seconds"], "steps_per_canvas": result["steps_per_canvas"]}
-    samples = [result["sequence"]] + [sample_with_seed(generator, prompt_1P, options, seed)
+    samples = [result["sequence"]] + [run_once(generator, prompt_1P, options, seed)["sequence"]
                                       for seed in range(1, args.quality_samples)]
     row["quality_samples"] = len(samples)
     row["unigram_entropy"] = statistics.mean(unigram_entropy(seq[len(prompt):]) for seq in samples)

@@ -285,6 +285,22 @@ def _lowering_of(fn, direction, args) -> str:
   return "pallas_triton" if "triton" in text.lower() else "fell back to XLA default"
 
 
+def _dtype_and_shapes(args):
+  """The input dtype and the shapes selected by --dtype, --small and --shapes."""
+  shapes = SMALL_SHAPES if args.small else SHAPES
+  if args.shapes:
+    shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+  return (jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32), shapes
+
+
+def _report_header(args) -> dict:
+  """What every report records about the run: when, which commit and jax, the device, the timing settings."""
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "commit": _commit(), "jax": jax.__version__, "backend": jax.default_backend(),
+          "device": str(jax.devices()[0].device_kind), "dtype": args.dtype, "interpret": args.interpret,
+          "runs": args.runs, "warmup": args.warmup, "copies": args.copies}
+
+
 # --- tiling sweep: ours under each candidate tiling, to tune pallas_kernels/tiling.py's table on a card ---
 
 # (gmm tiling for forward and dlhs, tgmm tiling for drhs) as (block_m, block_k, block_n, num_warps, num_stages);
@@ -303,16 +319,11 @@ SWEEP_CANDIDATES = (
 def sweep(args) -> dict:
   """{shape: [{gmm_tiling, tgmm_tiling, forward/dlhs/drhs results}], best: {shape: {direction: tiling}}}, the
   balanced routing only; every result checked against the reference as in the main table."""
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  shapes = SMALL_SHAPES if args.small else SHAPES
-  if args.shapes:
-    shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+  dtype, shapes = _dtype_and_shapes(args)
   candidates = SWEEP_CANDIDATES[:args.candidates] if args.candidates else SWEEP_CANDIDATES
   budget = pk.tiling.device_shared_memory_bytes()
   itemsize = jnp.dtype(dtype).itemsize
-  report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(), "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
-            "dtype": args.dtype, "interpret": args.interpret, "runs": args.runs, "sweep": {}, "best": {}}
+  report = {**_report_header(args), "sweep": {}, "best": {}}
   started = time.perf_counter()
   for shape_index, shape in enumerate(shapes):
     problem = make_problem(shape, "balanced", dtype, args.copies, seed=10 * shape_index, sample=args.sample)
@@ -358,18 +369,12 @@ def _commit() -> str:
 
 
 def run(args) -> dict:
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  shapes = SMALL_SHAPES if args.small else SHAPES
-  if args.shapes:
-    shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+  dtype, shapes = _dtype_and_shapes(args)
   impls = implementations(args.interpret, parse_tiling(args.gmm_tiling), parse_tiling(args.tgmm_tiling))
   if args.impls:
     impls = [impl for impl in impls if impl.name in args.impls.split(",")]
   report = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "commit": _commit(), "jax": jax.__version__, "backend": jax.default_backend(),
-      "device": str(jax.devices()[0].device_kind), "dtype": args.dtype, "interpret": args.interpret,
-      "runs": args.runs, "warmup": args.warmup, "copies": args.copies,
+      **_report_header(args),
       "ours_tiling": {"gmm": args.gmm_tiling or "table", "tgmm": args.tgmm_tiling or "table"},
       "tflops_definition": "2*m*k*n / median seconds, per direction", "results": [],
   }

@@ -244,15 +244,20 @@ def test_shape_errors_name_the_inputs():
     pk.gmm_kernel(lhs, jnp.zeros((2, 8, 4)), jnp.array([8.0, 8.0]), interpret=True)
 
 
-def _triton_calls_when_lowered_for_gpu(fn, *args) -> int:
-  """Lowers fn for CUDA (works without a GPU) and counts the Pallas-Triton kernel calls in the module."""
+def _lowered_for_gpu(fn, *args) -> str:
+  """fn lowered for CUDA (works without a GPU), as module text; skips where this jaxlib cannot lower for CUDA."""
   try:
     lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   except Exception as e:  # pylint: disable=broad-except
     if "cuda" in str(e).lower() and "platform" in str(e).lower():
       pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
     raise
-  return lowered.as_text().count("__gpu$xla.gpu.triton")
+  return lowered.as_text()
+
+
+def _triton_calls_when_lowered_for_gpu(fn, *args) -> int:
+  """The Pallas-Triton kernel calls in fn's module lowered for CUDA."""
+  return _lowered_for_gpu(fn, *args).count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -299,12 +304,7 @@ def test_train_step_with_pallas_dispatch_lowers_to_triton(monkeypatch):
     step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
                            schedule=schedule, mesh=mesh, state_shardings=shardings)
     batch = synthetic_batch(2, 48, cfg.vocab_size)
-    try:
-      text = step.trace(abstract_state, batch, jax.random.key(0)).lower(lowering_platforms=("cuda",)).as_text()
-    except Exception as e:  # pylint: disable=broad-except
-      if "cuda" in str(e).lower() and "platform" in str(e).lower():
-        pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
-      raise
+    text = _lowered_for_gpu(step, abstract_state, batch, jax.random.key(0))
   finally:
     jax.clear_caches()
   # One kernel per distinct call site: the layers share them (scanned, or one outlined function per shape).
