@@ -215,6 +215,10 @@ def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   if config.model.self_conditioning and objective.name not in SELF_CONDITIONING_OBJECTIVES:
     raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "
                       f"signal; use objective.name in {SELF_CONDITIONING_OBJECTIVES} or model.self_conditioning=False")
+  if config.model.token_shift and objective.name != "block":
+    raise ConfigError(f"model.token_shift=True reads each canvas prediction from the position before it, which "
+                      f"objective.name='block' trains and samples; objective.name={objective.name!r} does not "
+                      f"(an 'ar' model predicts the next token already): set model.token_shift=False or use 'block'")
   if objective.name not in ("block", "uniform"):
     return
   check_block_size(int(config.train.seq_len), objective.block_size)

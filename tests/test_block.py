@@ -1,5 +1,6 @@
 """Block diffusion: the [canvas ; clean] mask through gradients, the b = L and b = 1 limits, SFT canvases, errors."""
 
+import dataclasses
 import types
 
 import jax
@@ -9,8 +10,11 @@ import pytest
 
 from diffgemma_jax.config import base_config, validate
 from diffgemma_jax.model import ConfigError, ModelConfig, build_model
+from diffgemma_jax.model.masks import make_mask
 from diffgemma_jax.objectives import BlockDiffusion, MaskedDiffusion, make_objective
-from diffgemma_jax.objectives.block import block_ids, canvas_clean_forward, canvas_clean_mask, check_block_size
+from diffgemma_jax.objectives.ar import Autoregressive
+from diffgemma_jax.objectives.block import (block_ids, canvas_clean_forward, canvas_clean_mask, check_block_size,
+                                            has_predecessor)
 from diffgemma_jax.objectives.masked import masked_token_nll
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
@@ -202,3 +206,71 @@ def test_make_objective_reads_the_objective_section():
   uniform = make_objective("uniform", mask_id=MASK, section=section)
   assert (uniform.block_size, uniform.encoder_loss_weight, uniform.self_cond_prob) == (8, 0.5, 0.25)
   assert isinstance(make_objective("masked", mask_id=MASK, eps=1e-3), MaskedDiffusion)
+
+
+# ---- token shift (model.token_shift) --------------------------------------------------------------------------
+SHIFTED = dataclasses.replace(TINY, token_shift=True)
+
+
+def _causal_logits(model, batch):
+  """The clean pass on its own: the autoregressive reading of the same weights."""
+  mask = make_mask("causal", batch["segment_ids"], batch["positions"])
+  return model(batch["tokens"], batch["positions"], mask, token_mask_BL=batch["segment_ids"] > 0)[0]
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_token_shift_reads_block_starts_from_the_causal_pass(block_size):
+  """With token shift a block's first token is predicted by the causal pass at the position before it: exactly the
+  next-token distribution of the same weights read as an AR model (so an AR checkpoint starts there intact); at
+  b = 1 every prediction is, whatever the noise. Inside a block the prediction is the canvas output one slot back."""
+  batch = _batch(PACKED, seed=4)
+  model = build_model(SHIFTED, 2)
+  objective = BlockDiffusion(mask_id=MASK, block_size=block_size)
+  blocks = block_ids(batch, block_size)
+  noisy = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.5, batch["tokens"].shape), MASK, batch["tokens"])
+  logits = np.asarray(objective.canvas_logits_fn(model, batch, blocks)(noisy))
+  causal = np.asarray(_causal_logits(model, batch))
+  canvas, _, _ = canvas_clean_forward(model, noisy, batch["positions"], batch["segment_ids"], blocks, batch, blocks)
+  predictable = np.asarray(has_predecessor(batch["segment_ids"]) & (batch["segment_ids"] > 0))
+  for b, l in zip(*np.nonzero(predictable)):
+    if l % block_size == 0:
+      np.testing.assert_allclose(logits[b, l], causal[b, l - 1], rtol=1e-5, atol=1e-5)
+    else:
+      np.testing.assert_array_equal(logits[b, l], np.asarray(canvas)[b, l - 1])
+
+
+def test_token_shift_scores_what_the_ar_model_scores():
+  """Every token but the first of its document is noised and scored, as the AR baseline counts them, and at b = 1
+  E_noise[NELBO] is the exact AR NLL of the same weights (the causal pass's next-token loss)."""
+  batch = _batch(PACKED, seed=5)
+  model = build_model(SHIFTED, 3)
+  ar_nll, valid, _ = Autoregressive()._nll(model, batch)
+  objective = BlockDiffusion(mask_id=MASK, block_size=1)
+  bound = jax.jit(lambda rng: objective.sequence_bound(model, batch, rng, num_t_samples=16))
+  estimates = []
+  for s in range(24):
+    nelbo, _, num = bound(jax.random.key(s))
+    np.testing.assert_array_equal(num, jnp.sum(valid, axis=-1))  # [10, 11, 8]
+    estimates.append(np.asarray(nelbo))
+  estimates = np.stack(estimates)
+  mean, stderr = estimates.mean(0), estimates.std(0, ddof=1) / np.sqrt(len(estimates))
+  ar_B = np.asarray(jnp.sum(ar_nll, axis=-1))
+  assert np.all(np.abs(mean - ar_B) < 3.5 * stderr + 1e-3), (mean, ar_B, stderr)
+  _, metrics = objective.loss_fn(model, batch, jax.random.key(0))
+  assert int(metrics["num_tokens"]) == int(jnp.sum(valid))
+  sft = _batch([[1] * 12] * 3, loss_mask=SFT_MASK)  # the first response token is predicted from the prompt
+  _, metrics = BlockDiffusion(mask_id=MASK, block_size=4).loss_fn(model, sft, jax.random.key(0))
+  assert int(metrics["num_tokens"]) == 9 + 7 + 7
+
+
+def test_token_shift_needs_the_block_objective():
+  for name in ("masked", "ar", "uniform"):
+    c = base_config()
+    c.objective.name = name
+    c.model.token_shift = True
+    with pytest.raises(ConfigError, match=r"model.token_shift=True.*objective.name"):
+      validate(c)
+  c = base_config()
+  c.objective.name = "block"
+  c.model.token_shift = True
+  validate(c)

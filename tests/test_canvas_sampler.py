@@ -115,7 +115,7 @@ class Oracle:
   tokens. It has no self-conditioning."""
 
   def __init__(self, vocab_size, eos_position):
-    self.cfg = types.SimpleNamespace(vocab_size=vocab_size, embed_dim=8)
+    self.cfg = types.SimpleNamespace(vocab_size=vocab_size, embed_dim=8, token_shift=False)
     self.self_conditioning = None
     self.eos_position = jnp.asarray(eos_position)
 
@@ -262,10 +262,11 @@ def test_self_conditioning_is_fed_between_steps(prompt, uniform_run):
   np.testing.assert_array_equal(_run(plain, prompt, UNIFORM).tokens, untrained.tokens)
 
 
-def test_masked_canvases_equal_the_block_sampler(prompt):
-  """Greedy threshold decoding canvas by canvas equals masked.generate with the exact block cache. (BlockDenoiser
-  does not mark its canvas positions, so the two agree only without model.canvas_input_norm.)"""
-  model = build_model(dataclasses.replace(TINY, canvas_input_norm=False), 0)
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_masked_canvases_equal_the_block_sampler(prompt, token_shift):
+  """Greedy threshold decoding canvas by canvas equals masked.generate with the exact block cache, with and
+  without token shift (both read a canvas's first prediction from the clean slot before it)."""
+  model = build_model(dataclasses.replace(TINY, token_shift=token_shift), 0)
   cfg = masked.SamplerConfig(gen_length=8 * C, block_length=8, steps_per_block=4, acceptance="threshold",
                              cache="block", stop_at_eos=False)
   reference, _ = jax.jit(lambda p: masked.generate(masked.make_denoiser(model, cfg, P), p, jax.random.key(0), cfg,

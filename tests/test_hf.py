@@ -98,6 +98,15 @@ def _rewrite(src, dst, drop=(), add=()):
   write_file(os.path.join(dst, "model.safetensors"), tensors + list(add))
 
 
+def test_export_refuses_what_the_reference_cannot_express():
+  mapping.hf_config_from_model(TINY)
+  for change, key in ((dict(token_shift=True), "model.token_shift"),
+                      (dict(self_conditioning=False), "model.self_conditioning"),
+                      (dict(global_k_eq_v=False), "model.global_k_eq_v")):
+    with pytest.raises(mapping.MappingError, match=r"cannot export.*" + key.replace(".", r"\.")):
+      mapping.hf_config_from_model(dataclasses.replace(TINY, **change))
+
+
 def test_missing_extra_and_disagreeing_tensors_fail_with_their_names(tmp_path):
   src = str(tmp_path / "ok")
   export_hf(TINY, _pure(_random_model(TINY)), src, log=lambda _: None)

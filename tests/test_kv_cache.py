@@ -122,13 +122,15 @@ class _RecomputedBlockDenoiser:
     positions = jnp.broadcast_to(jnp.arange(S), (B, S))
     in_block = (positions >= block_start) & (positions < block_end)
     logits = self.model(canvas_BS, positions, jnp.broadcast_to(visible, (B, S, S)), canvas_BL=in_block)[0]
-    return jax.lax.dynamic_slice_in_dim(logits, block_start, self.block_length, axis=1), cache
+    first = block_start - 1 if self.model.cfg.token_shift else block_start  # token shift: read one slot earlier
+    return jax.lax.dynamic_slice_in_dim(logits, first, self.block_length, axis=1), cache
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_block_diffusion_cache_is_exact(scan_layers):
-  """The clean prefix written once (prompt prefill, finished blocks re-run causally) equals recomputing it."""
-  cfg_model = dataclasses.replace(TINY, scan_layers=scan_layers)
+@pytest.mark.parametrize("scan_layers,token_shift", [(False, False), (True, False), (False, True)])
+def test_block_diffusion_cache_is_exact(scan_layers, token_shift):
+  """The clean prefix written once (prompt prefill, finished blocks re-run causally) equals recomputing it; with
+  token shift the block's first token is read from the clean slot before it (prefill or the finished block)."""
+  cfg_model = dataclasses.replace(TINY, scan_layers=scan_layers, token_shift=token_shift)
   graphdef, state = nnx.split(build_model(cfg_model, 4))
   P, b = 5, 4
   prompt = jax.random.randint(jax.random.key(5), (2, P), 5, TINY.vocab_size)

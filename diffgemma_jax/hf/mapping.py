@@ -159,6 +159,9 @@ def hf_config_from_model(cfg: ModelConfig, *, canvas_length: int = 256) -> dict[
     problems.append(f"model.rope_fraction={cfg.rope_fraction}: the reference's sliding layers rotate every dim")
   if cfg.layer_kinds[-1] != "global":
     problems.append("the last layer must be global (the reference forces it)")
+  if cfg.token_shift:
+    problems.append("model.token_shift=True: the reference reads each canvas position's prediction at that "
+                    "position, so it would sample this model's predictions one slot off")
   if problems:
     raise MappingError("cannot export to the Hugging Face layout: " + "; ".join(problems))
   layer_types = [LAYER_KIND_TO_HF[k] for k in cfg.layer_kinds]

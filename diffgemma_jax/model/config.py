@@ -77,6 +77,11 @@ class ModelConfig:
   # plus self-conditioning term) before the first layer; the encoder (clean) positions are not. Callers mark the
   # canvas with `canvas_BL`. Off keeps "self-conditioning on but untrained computes what off computes".
   canvas_input_norm: bool = False
+  # Token shift (block objective only): the logits that predict canvas position l are the output at l-1, the
+  # next-token reading an autoregressive checkpoint already has (Dream's and Fast-dLLM v2's recipe for adapting
+  # an AR model to diffusion). The first token of a canvas is predicted by the clean (causal) pass at the slot
+  # before it; the first token of a document has no predecessor and is never noised or scored.
+  token_shift: bool = False
   # LoRA (fine-tuning): rank > 0 adds low-rank adapters W + (alpha / rank) A B beside the `lora_targets`
   # projections ("attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp" = the dense GeGLU); B starts at zero,
   # so an adapted model computes what its base computes until trained. 0: no adapter parameters at all.
@@ -172,6 +177,8 @@ class ModelConfig:
       fail("self_conditioning", f"must be True or False, got {self.self_conditioning!r}")
     if not isinstance(self.canvas_input_norm, bool):
       fail("canvas_input_norm", f"must be True or False, got {self.canvas_input_norm!r}")
+    if not isinstance(self.token_shift, bool):
+      fail("token_shift", f"must be True or False, got {self.token_shift!r}")
     if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
       fail("lora_rank", f"must be a non-negative integer (0: no LoRA adapters), got {self.lora_rank!r}")
     if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:

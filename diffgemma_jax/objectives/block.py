@@ -14,6 +14,13 @@ Limits: block_size = L is plain masked diffusion (the noise draws are laid out s
 `MaskedDiffusion`'s for the same rng); block_size = 1 is an autoregressive model whose query at position l is the
 mask token (its loss is the AR negative log-likelihood in expectation over the noise).
 
+Token shift (`model.token_shift`, for adapting an autoregressive checkpoint as Dream and Fast-dLLM v2 do): the
+prediction for position l is read at l-1, from the canvas pass when l-1 is in l's block and from the clean causal
+pass otherwise; so a block's first token is predicted exactly as the AR model would, and a document's first token
+(no predecessor) is neither noised nor scored, the tokens the AR baseline scores. Each block's term is still a
+masked-diffusion NELBO given the clean blocks before it (every prediction of block i sees only canvas i and clean
+blocks < i), so the bound stays a bound.
+
 Blocks are cut at row indices that are multiples of `block_size` (pretraining: documents are packed and a block
 may straddle a document boundary; the segment mask makes it two partial blocks). SFT rows (with `loss_mask`): the
 canvases start at the first response token of the row, the prompt is clean context only (block id -1) and a long
@@ -94,6 +101,21 @@ def canvas_clean_forward(model, canvas_tokens_BC, canvas_positions_BC, canvas_se
   return logits[:, :C], logits[:, C:], aux
 
 
+def has_predecessor(segments_BL):
+  """[B, L] bool: the position before is in the same document (a row's or document's first token has none)."""
+  return (jnp.roll(segments_BL, 1, axis=1) == segments_BL) & (jnp.arange(segments_BL.shape[1]) > 0)
+
+
+def shift_to_predecessor(canvas_logits_BLV, clean_logits_BLV, blocks_BL):
+  """Token shift (`model.token_shift`): the logits that predict position l are the output at l-1. Where l-1 lies
+  in l's canvas block that is the canvas pass's output there; where l-1 is in an earlier block (or the clean SFT
+  prompt) it is the clean causal pass's, which has seen exactly the clean tokens before l's block. Position l
+  without a predecessor (`has_predecessor`) gets a meaningless row: callers never score it."""
+  previous = lambda x: jnp.roll(x, 1, axis=1)
+  from_canvas_BL = (previous(blocks_BL) == blocks_BL) & (jnp.arange(blocks_BL.shape[1]) > 0)
+  return jnp.where(from_canvas_BL[..., None], previous(canvas_logits_BLV), previous(clean_logits_BLV))
+
+
 def block_t(rng, batch_size: int, num_blocks: int, eps: float):
   """[B, N] noise levels stratified over all B*N blocks; block j of row b takes stratum j*B + b, so each row's
   blocks spread over [eps, 1] and a single block per row reproduces `stratified_t`."""
@@ -169,23 +191,30 @@ class BlockDiffusion:
     check_block_size(seq_len, self.block_size)
     return block_ids(batch, self.block_size), seq_len // self.block_size
 
+  def _scored(self, model, batch):
+    """Positions noised and scored: the response or every token, less those token shift cannot predict."""
+    scored = scored_positions(batch)
+    return scored & has_predecessor(batch["segment_ids"]) if model.cfg.token_shift else scored
+
+  def _canvas_logits(self, model, noisy, batch, blocks_BL):
+    """The logits that predict each position (shifted with `model.token_shift`), and the model's aux outputs."""
+    canvas, clean, aux = canvas_clean_forward(model, noisy, batch["positions"], batch["segment_ids"], blocks_BL,
+                                              batch, blocks_BL)
+    if model.cfg.token_shift:
+      canvas = shift_to_predecessor(canvas, clean, blocks_BL)
+    return canvas, aux
+
   def canvas_logits_fn(self, model, batch, blocks_BL):
-    segments, positions = batch["segment_ids"], batch["positions"]
-
-    def logits_fn(noisy):
-      logits, _, _ = canvas_clean_forward(model, noisy, positions, segments, blocks_BL, batch, blocks_BL)
-      return logits
-
-    return logits_fn
+    return lambda noisy: self._canvas_logits(model, noisy, batch, blocks_BL)[0]
 
   def loss_fn(self, model, batch, rng):
-    tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
+    tokens = batch["tokens"]
     blocks, num_blocks = self._layout(batch)
-    scored = scored_positions(batch)
+    scored = self._scored(model, batch)
     t_rng, mask_rng = jax.random.split(rng)
     t_BL = per_token(block_t(t_rng, tokens.shape[0], num_blocks, self.eps), blocks)
     noisy, is_masked = corrupt_per_token(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
-    logits, _, aux = canvas_clean_forward(model, noisy, positions, segments, blocks, batch, blocks)
+    logits, aux = self._canvas_logits(model, noisy, batch, blocks)
     nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
     per_example = weighted_nll_per_token(nll, is_masked, t_BL)
     nelbo = normalise_loss(per_example, scored, "loss_mask" in batch)
@@ -198,7 +227,7 @@ class BlockDiffusion:
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """Per-row NELBO (nats) summed over blocks, its standard error, and the number of scored tokens."""
     blocks, num_blocks = self._layout(batch)
-    scored = scored_positions(batch)
+    scored = self._scored(model, batch)
     nelbo, stderr = block_nelbo(self.canvas_logits_fn(model, batch, blocks), batch["tokens"], blocks, num_blocks,
                                 rng, mask_id=self.mask_id, num_t_samples=num_t_samples, eps=self.eps,
                                 scored_BL=scored)

@@ -11,6 +11,8 @@ it the same way, with one KV cache of `prompt + gen_length` slots (slot i holds 
    canvas get padding throughout), then a causal encoder pass over it writes its clean keys/values into its
    slots, exactly as a causal pass over the whole sequence would have (the last canvas needs no commit);
 4. generation ends after `num_canvases` canvases or once every row holds an EOS.
+With `model.token_shift` a canvas position's prediction is the canvas output one slot back, and the canvas's first
+position's is the clean pass's last logits (the prompt's, or the committed canvas's: the commit pass computes them).
 Denoising steps are counted per row and canvas (0 for canvases a row did not run).
 
 Denoising rules (a canvas's inner loop):
@@ -47,7 +49,7 @@ from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
-                                          masked_step, pad_after_eos, sample_categorical, stable_and_confident,
+                                          masked_step, pad_after_eos, sample_categorical, shifted, stable_and_confident,
                                           token_entropy)
 
 
@@ -127,16 +129,21 @@ def _slots(batch_size: int, cache):
   return jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), (batch_size, num_slots))
 
 
-def encode(model, tokens_BL, cache, start):
+def encode_with_logits(model, tokens_BL, cache, start):
   """The causal encoder pass: clean tokens at slots [start, start + L) attend to every slot up to their own and
-  write their keys/values there. Returns the cache."""
+  write their keys/values there. Returns (float32 logits [B, 1, V] of the last token, the cache): with
+  `model.token_shift` they predict the first token of the canvas that follows."""
   B, L = tokens_BL.shape
   slots_BS = _slots(B, cache)
   positions_BL = start + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
   mask_BLS = slots_BS[:, None, :] <= positions_BL[:, :, None]
-  _, cache = model.decode(tokens_BL, positions_BL, mask_BLS, cache, slots_BS, start, logits_start=L - 1,
-                          logits_length=1)
-  return cache
+  return model.decode(tokens_BL, positions_BL, mask_BLS, cache, slots_BS, start, logits_start=L - 1,
+                      logits_length=1)
+
+
+def encode(model, tokens_BL, cache, start):
+  """`encode_with_logits`, the cache only."""
+  return encode_with_logits(model, tokens_BL, cache, start)[1]
 
 
 def canvas_logits(model, canvas_Bb, cache, start, *, embeddings_BbD=None):
@@ -151,7 +158,8 @@ def canvas_logits(model, canvas_Bb, cache, start, *, embeddings_BbD=None):
 
 
 # ---- one canvas under each rule: (model, cache, start, done_B, rng) -> (canvas [B, b], steps [B], cache) --------
-def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int):
+def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int,
+                   before_B1V=None):
   B, b = done_B.shape[0], canvas_length
 
   def cond(state):
@@ -163,6 +171,8 @@ def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas
     rng, key = jax.random.split(rng)
     candidates = (canvas == mask_id) & ~done_B[:, None]
     logits, cache = canvas_logits(model, canvas, cache, start)
+    if model.cfg.token_shift:
+      logits = shifted(logits, before_B1V)
     tokens, commit = masked_step(logits, key, candidates, acceptance=rule.acceptance, threshold=rule.threshold,
                                  temperature=rule.temperature, steps_left=rule.steps_per_canvas - step,
                                  mask_id=mask_id)
@@ -176,7 +186,8 @@ def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas
 
 
 def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, rng, *, canvas_length: int,
-                          mask_id: int):
+                          mask_id: int, before_B1V=None):
+  del before_B1V  # uniform-state models read each position's own output (config validation: no token shift)
   B, b = done_B.shape[0], canvas_length
   V = model.cfg.vocab_size
   self_conditioned = getattr(model, "self_conditioning", None) is not None
@@ -214,10 +225,12 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
   return argmax, steps_B, cache
 
 
-def denoise_canvas(rule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int):
-  """One canvas under `rule`; rows marked `done` take no steps (and their canvas is discarded)."""
+def denoise_canvas(rule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int, before_B1V=None):
+  """One canvas under `rule`; rows marked `done` take no steps (and their canvas is discarded). `before_B1V`: the
+  clean pass's logits at the slot before the canvas (read with `model.token_shift`)."""
   fn = denoise_masked if isinstance(rule, MaskedRule) else denoise_entropy_bound
-  return fn(rule, model, cache, start, done_B, rng, canvas_length=canvas_length, mask_id=mask_id)
+  return fn(rule, model, cache, start, done_B, rng, canvas_length=canvas_length, mask_id=mask_id,
+            before_B1V=before_B1V)
 
 
 # ---- the canvas loop -------------------------------------------------------------------------------------------
@@ -228,28 +241,32 @@ def generate(model, prompt_BP, rng, cfg: CanvasConfig, *, mask_id: int, eos_id: 
   b, C = cfg.canvas_length, cfg.num_canvases
   stop_at_eos = cfg.stop_at_eos and eos_id is not None
   prompt_BP = prompt_BP.astype(jnp.int32)
-  cache = encode(model, prompt_BP, model.init_kv_cache(B, P + cfg.gen_length), 0)
+  if model.cfg.token_shift and not isinstance(cfg.rule, MaskedRule):
+    raise ValueError("model.token_shift is a block-objective setting: sample such a model with a MaskedRule")
+  # `before`: the clean pass's logits at the last slot before the next canvas (its first token's, token shift).
+  before, cache = encode_with_logits(model, prompt_BP, model.init_kv_cache(B, P + cfg.gen_length), 0)
   tokens = jnp.concatenate([prompt_BP, jnp.full((B, cfg.gen_length), pad_id, jnp.int32)], axis=1)
 
   def cond(state):
-    _, _, _, index, finished_B, _ = state
+    _, _, _, _, index, finished_B, _ = state
     return (index < C) & ~jnp.all(finished_B)
 
   def body(state):
-    tokens, cache, rng, index, finished_B, steps_BC = state
+    tokens, cache, before, rng, index, finished_B, steps_BC = state
     rng, key = jax.random.split(rng)
     start = P + index * b
     canvas, steps_B, cache = denoise_canvas(cfg.rule, model, cache, start, finished_B, key, canvas_length=b,
-                                            mask_id=mask_id)
+                                            mask_id=mask_id, before_B1V=before)
     if stop_at_eos:
       canvas = jnp.where(finished_B[:, None], pad_id, pad_after_eos(canvas, eos_id, pad_id))
       finished_B = finished_B | has_eos(canvas, eos_id)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, canvas, start, axis=1)
     steps_BC = jax.lax.dynamic_update_slice_in_dim(steps_BC, steps_B[:, None], index, axis=1)
     more = (index + 1 < C) & ~jnp.all(finished_B)
-    cache = jax.lax.cond(more, lambda c: encode(model, canvas, c, start), lambda c: c, cache)
-    return tokens, cache, rng, index + 1, finished_B, steps_BC
+    before, cache = jax.lax.cond(more, lambda bc: encode_with_logits(model, canvas, bc[1], start), lambda bc: bc,
+                                 (before, cache))
+    return tokens, cache, before, rng, index + 1, finished_B, steps_BC
 
-  state = (tokens, cache, rng, jnp.int32(0), jnp.zeros((B,), bool), jnp.zeros((B, C), jnp.int32))
-  tokens, cache, _, _, _, steps_BC = jax.lax.while_loop(cond, body, state)
+  state = (tokens, cache, before, rng, jnp.int32(0), jnp.zeros((B,), bool), jnp.zeros((B, C), jnp.int32))
+  tokens, cache, _, _, _, _, steps_BC = jax.lax.while_loop(cond, body, state)
   return CanvasOutput(tokens, steps_BC, cache)

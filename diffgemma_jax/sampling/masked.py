@@ -29,7 +29,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.sampling.parts import ACCEPTANCE_RULES, has_eos, masked_step
+from diffgemma_jax.sampling.parts import ACCEPTANCE_RULES, has_eos, masked_step, shifted
 
 CACHE_MODES = ("none", "dual", "block")  # "block": block-diffusion models only (exact)
 
@@ -127,7 +127,11 @@ class BlockDenoiser:
   it, which attend causally among themselves. So the cache holds clean keys/values: the prompt is prefilled
   causally once (one call), each step runs only the canvas block against the clean slots before it, and the first
   step of every later block also runs the just-finished block, clean and causally, in the same call (2 * b
-  tokens), replacing its canvas entries. Nothing is approximate: every step equals recomputing the clean prefix."""
+  tokens), replacing its canvas entries. Nothing is approximate: every step equals recomputing the clean prefix.
+
+  With `model.token_shift` the block's first token is predicted by the clean slot before the block: the prefill's
+  last logits for block 0, the finished block's last clean logits (same call) for later blocks. The denoiser's
+  cache is (keys/values, those logits [B, 1, V])."""
   model: Any
   block_length: int
   first_block_start: int  # the prompt length: blocks start there
@@ -136,14 +140,15 @@ class BlockDenoiser:
     B, S = canvas_BS.shape
     slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     causal_BPS = slots_BS[:, None, :] <= jnp.arange(prompt_length)[None, :, None]
-    _, cache = self.model.decode(canvas_BS[:, :prompt_length], slots_BS[:, :prompt_length], causal_BPS,
-                                 self.model.init_kv_cache(B, S), slots_BS, 0, logits_start=prompt_length - 1,
-                                 logits_length=1)
-    return cache, 1
+    before, cache = self.model.decode(canvas_BS[:, :prompt_length], slots_BS[:, :prompt_length], causal_BPS,
+                                      self.model.init_kv_cache(B, S), slots_BS, 0, logits_start=prompt_length - 1,
+                                      logits_length=1)
+    return (cache, before), 1
 
-  def _run(self, canvas_BS, cache, window_start, window_length: int, canvas_start):
+  def _run(self, canvas_BS, cache, window_start, window_length: int, canvas_start, logits_start: int):
     """Runs slots [window_start, window_start + window_length): those before `canvas_start` as clean tokens
-    (causal), the rest as the canvas block (sees every slot before the block's end)."""
+    (causal), the rest as the canvas block (sees every slot before the block's end). Returns the block_length
+    logits from window position `logits_start` on."""
     B, S = canvas_BS.shape
     slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     window_BW = jax.lax.dynamic_slice_in_dim(canvas_BS, window_start, window_length, axis=1)
@@ -155,20 +160,31 @@ class BlockDenoiser:
     # Marks the canvas as the objective's canvas pass did (canvas input norm, the canvas's sliding window).
     canvas_BW = positions_BW >= canvas_start
     return self.model.decode(window_BW, positions_BW, mask_BWS, cache, slots_BS, window_start,
-                             logits_start=window_length - self.block_length, logits_length=self.block_length,
-                             canvas_BL=canvas_BW)
+                             logits_start=logits_start, logits_length=self.block_length, canvas_BL=canvas_BW)
 
   def __call__(self, canvas_BS, cache, block_start, refresh):
     b = self.block_length
-    plain = lambda c: self._run(canvas_BS, c, block_start, b, block_start)
+    cache, before = cache
+    shift = self.model.cfg.token_shift
+
+    def plain(c):
+      logits, c = self._run(canvas_BS, c, block_start, b, block_start, 0)
+      return (shifted(logits, before) if shift else logits), c
+
     # `refresh` is the first step of a block; block 0 follows the prefilled prompt, which is already clean.
-    with_finished = lambda c: self._run(canvas_BS, c, jnp.maximum(block_start - b, 0), 2 * b, block_start)
+    with_finished = lambda c: self._run(canvas_BS, c, jnp.maximum(block_start - b, 0), 2 * b, block_start,
+                                        b - 1 if shift else b)
     is_later_block = refresh & (block_start - b >= self.first_block_start)
-    return jax.lax.cond(is_later_block, with_finished, plain, cache)
+    logits, cache = jax.lax.cond(is_later_block, with_finished, plain, cache)
+    # With token shift logits[:, 0] is the clean slot before the block (unchanged by plain steps).
+    return logits, (cache, logits[:, :1] if shift else before)
 
 
 def make_denoiser(model, cfg: "SamplerConfig", prompt_length: int):
   """The canvas denoiser of `cfg.cache` for a model: bidirectional (none / dual) or block-causal (block)."""
+  if model.cfg.token_shift and cfg.cache != "block":
+    raise ValueError(f"model.token_shift is a block-diffusion setting: sample it with cache='block', not "
+                     f"{cfg.cache!r}")
   if cfg.cache == "block":
     return BlockDenoiser(model, cfg.block_length, prompt_length)
   return ModelDenoiser(model, cfg.block_length, cfg.cache)

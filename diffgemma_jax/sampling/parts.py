@@ -160,3 +160,9 @@ def pad_after_eos(tokens_BL, eos_id: int, pad_id: int):
   is_eos = tokens_BL == eos_id
   after = (jnp.cumsum(is_eos, axis=-1) - is_eos) > 0
   return jnp.where(after, pad_id, tokens_BL)
+
+
+def shifted(logits_BbV, before_B1V):
+  """Token shift (`model.token_shift`): canvas position j is predicted by the output at j-1, the canvas's first
+  position by `before_B1V`, the clean pass's output at the slot before the canvas."""
+  return jnp.concatenate([before_B1V.astype(logits_BbV.dtype), logits_BbV[:, :-1]], axis=1)
