@@ -55,3 +55,17 @@ def test_eval_cli_writes_json(trained_run, tiny_config_file, tmp_path, capsys):
   assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "5"]) == 2
   err = capsys.readouterr().err
   assert "--step 5" in err and "[8, 16, 24]" in err
+
+
+def test_token_shift_block_size_1_evaluates_to_the_ar_likelihood(load_tiny, trained_run):
+  """Weights read as a token-shift block model with b = 1 predict every token by the causal pass, so evaluate
+  scores exactly the AR baseline's tokens and, in expectation over the noise, reports its exact likelihood (an
+  end-to-end check of the adaptation path: init.checkpoint parameters into another objective)."""
+  _, workdir, _ = trained_run
+  ar = evaluate(load_tiny({"objective.name": "ar"}), checkpoint=workdir)
+  shifted = evaluate(load_tiny({"objective.name": "block", "objective.block_size": "1", "model.token_shift": "True",
+                                "eval.num_t_samples": "64"}), checkpoint=workdir)
+  assert ar["exact"] and not shifted["exact"]
+  assert shifted["num_tokens"] == ar["num_tokens"] and shifted["num_examples"] == ar["num_examples"]
+  gap = abs(shifted["bits_per_token"] - ar["bits_per_token"])
+  assert gap < 4 * shifted["stderr_bits_per_token"] + 1e-4, (shifted, ar)
