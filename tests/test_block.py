@@ -190,13 +190,18 @@ def test_block_size_errors_name_the_keys():
     validate(c)
 
 
-def test_self_conditioning_needs_an_objective_that_feeds_it():
-  for name in ("masked", "ar", "block"):
+@pytest.mark.parametrize("key,refusing,accepting", [("self_conditioning", ("masked", "ar", "block"), "uniform"),
+                                                     ("token_shift", ("masked", "ar", "uniform"), "block")])
+def test_model_settings_that_need_one_objective(key, refusing, accepting):
+  for name in refusing + (accepting,):
     c = base_config()
     c.objective.name = name
-    c.model.self_conditioning = True
-    with pytest.raises(ConfigError, match=r"model.self_conditioning=True.*objective.name"):
+    c.model[key] = True
+    if name == accepting:
       validate(c)
+    else:
+      with pytest.raises(ConfigError, match=rf"model.{key}=True.*objective.name"):
+        validate(c)
 
 
 def test_make_objective_reads_the_objective_section():
@@ -262,15 +267,3 @@ def test_token_shift_scores_what_the_ar_model_scores():
   _, metrics = BlockDiffusion(mask_id=MASK, block_size=4).loss_fn(model, sft, jax.random.key(0))
   assert int(metrics["num_tokens"]) == 9 + 7 + 7
 
-
-def test_token_shift_needs_the_block_objective():
-  for name in ("masked", "ar", "uniform"):
-    c = base_config()
-    c.objective.name = name
-    c.model.token_shift = True
-    with pytest.raises(ConfigError, match=r"model.token_shift=True.*objective.name"):
-      validate(c)
-  c = base_config()
-  c.objective.name = "block"
-  c.model.token_shift = True
-  validate(c)
