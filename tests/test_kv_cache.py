@@ -149,3 +149,15 @@ def test_block_diffusion_cache_is_exact(scan_layers, token_shift):
   np.testing.assert_array_equal(cached_calls, recomputed_calls)
   np.testing.assert_array_equal(cached[:, :P], prompt)
   assert not np.any(np.asarray(cached) == MASK)
+
+
+def test_token_shift_models_refuse_the_bidirectional_samplers():
+  """A token-shift model read by a sampler that takes each position's own output would sample one slot off."""
+  from diffgemma_jax.sampling import canvas, masked
+  model = build_model(dataclasses.replace(TINY, token_shift=True), 0)
+  for cache in ("none", "dual"):
+    with pytest.raises(ValueError, match="token_shift.*cache='block'"):
+      masked.make_denoiser(model, SamplerConfig(gen_length=8, block_length=4, steps_per_block=4, cache=cache), 3)
+  cfg = canvas.CanvasConfig(canvas_length=4, num_canvases=2, rule=canvas.EntropyBoundRule())
+  with pytest.raises(ValueError, match="token_shift.*MaskedRule"):
+    canvas.generate(model, jnp.ones((1, 3), jnp.int32), jax.random.key(0), cfg, mask_id=MASK)
