@@ -208,6 +208,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"tokenizer is used) or data.tokenizer (a sentencepiece .model file)")
 
 
+TOKEN_SHIFT_OBJECTIVES = ("masked", "block")
+
+
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   from diffgemma_jax.objectives import SELF_CONDITIONING_OBJECTIVES
   from diffgemma_jax.objectives.block import check_block_size
@@ -215,10 +218,11 @@ def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   if config.model.self_conditioning and objective.name not in SELF_CONDITIONING_OBJECTIVES:
     raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "
                       f"signal; use objective.name in {SELF_CONDITIONING_OBJECTIVES} or model.self_conditioning=False")
-  if config.model.token_shift and objective.name != "block":
-    raise ConfigError(f"model.token_shift=True reads each canvas prediction from the position before it, which "
-                      f"objective.name='block' trains and samples; objective.name={objective.name!r} does not "
-                      f"(an 'ar' model predicts the next token already): set model.token_shift=False or use 'block'")
+  if config.model.token_shift and objective.name not in TOKEN_SHIFT_OBJECTIVES:
+    raise ConfigError(f"model.token_shift=True reads each prediction from the position before it, which "
+                      f"objective.name in {TOKEN_SHIFT_OBJECTIVES} trains and samples; objective.name="
+                      f"{objective.name!r} does not (an 'ar' model predicts the next token already): set "
+                      f"model.token_shift=False or use one of those")
   if objective.name not in ("block", "uniform"):
     return
   check_block_size(int(config.train.seq_len), objective.block_size)

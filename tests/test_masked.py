@@ -1,5 +1,7 @@
 """The masked-diffusion ELBO: stratified t, corruption, the mask-token exclusion, analytic values."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,6 +96,7 @@ class _UniformModel:
 
   def __init__(self, V):
     self.V = V
+    self.cfg = types.SimpleNamespace(token_shift=False)
 
   def __call__(self, tokens, positions, mask, token_mask_BL=None, embeddings_BLD=None):
     aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(1), "router_z_loss": jnp.float32(0),
@@ -128,6 +131,41 @@ def test_expected_training_loss_is_the_per_token_entropy_bound():
   losses = jax.jit(jax.vmap(lambda r: objective.loss_fn(_UniformModel(V), batch, r)[0]))(
       jax.random.split(jax.random.key(1), 64))
   np.testing.assert_allclose(float(jnp.mean(losses)), np.log(V - 1), rtol=0.01)
+
+
+class _NextTokenOracle(_UniformModel):
+  """Its output at position l is sure (logit 30) of the clean token at l + 1: an exact predictor when read with
+  token shift, a useless one when read at l itself."""
+
+  def __init__(self, V, clean_BL, token_shift):
+    super().__init__(V)
+    self.clean_BL = clean_BL
+    self.cfg = types.SimpleNamespace(token_shift=token_shift)
+
+  def __call__(self, tokens, *args, **kw):
+    _, aux = super().__call__(tokens, *args, **kw)
+    return 30.0 * jax.nn.one_hot(jnp.roll(self.clean_BL, -1, axis=1), self.V), aux
+
+
+def test_token_shift_reads_the_prediction_one_slot_back():
+  """With model.token_shift the objective scores position l with the output at l - 1: the next-token oracle costs
+  nothing (log(1 + (V-2) e^-30) per token), read unshifted it costs ~30 nats a token; and a document's first token
+  is never scored (rows: one document of 5, 10, ... tokens, then padding)."""
+  V, mask_id, B, L = 12, 4, 6, 32
+  tokens = jax.random.randint(jax.random.key(0), (B, L), 5, V)
+  lengths = np.arange(1, B + 1) * 5
+  segment_ids = jnp.asarray(np.arange(L)[None] < lengths[:, None], jnp.int32)
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": jnp.tile(jnp.arange(L), (B, 1))}
+  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
+  per_token = np.log1p((V - 2) * np.exp(-30.0))
+  loss, metrics = objective.loss_fn(_NextTokenOracle(V, tokens, True), batch, jax.random.key(1))
+  assert float(loss) < 2 * per_token / EPS and int(metrics["num_tokens"]) == int(np.sum(lengths - 1))
+  nelbo, _, num = objective.sequence_bound(_NextTokenOracle(V, tokens, True), batch, jax.random.key(2),
+                                           num_t_samples=4)
+  np.testing.assert_array_equal(num, lengths - 1)
+  assert float(jnp.max(nelbo)) < 2 * per_token * L / EPS
+  unshifted, metrics = objective.loss_fn(_NextTokenOracle(V, tokens, False), batch, jax.random.key(1))
+  assert float(unshifted) > 20.0 and int(metrics["num_tokens"]) == int(np.sum(lengths))
 
 
 def _sft_batch(B=6, L=24, V=12, seed=0):

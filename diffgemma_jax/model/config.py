@@ -77,10 +77,10 @@ class ModelConfig:
   # plus self-conditioning term) before the first layer; the encoder (clean) positions are not. Callers mark the
   # canvas with `canvas_BL`. Off keeps "self-conditioning on but untrained computes what off computes".
   canvas_input_norm: bool = False
-  # Token shift (block objective only): the logits that predict canvas position l are the output at l-1, the
+  # Token shift (masked and block objectives): the logits that predict position l are the output at l-1, the
   # next-token reading an autoregressive checkpoint already has (Dream's and Fast-dLLM v2's recipe for adapting
-  # an AR model to diffusion). The first token of a canvas is predicted by the clean (causal) pass at the slot
-  # before it; the first token of a document has no predecessor and is never noised or scored.
+  # an AR model to diffusion). A block model's canvas starts are predicted by the clean (causal) pass at the slot
+  # before them; the first token of a document has no predecessor and is never noised or scored.
   token_shift: bool = False
   # LoRA (fine-tuning): rank > 0 adds low-rank adapters W + (alpha / rank) A B beside the `lora_targets`
   # projections ("attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp" = the dense GeGLU); B starts at zero,

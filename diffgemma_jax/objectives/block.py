@@ -36,8 +36,8 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.model.masks import make_mask, same_segment
-from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss, router_metrics,
-                                             scored_positions, stratified_t,
+from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss,
+                                             router_metrics, scored_by, scored_positions, stratified_t,
                                              weighted_nll)
 
 
@@ -99,11 +99,6 @@ def canvas_clean_forward(model, canvas_tokens_BC, canvas_positions_BC, canvas_se
                       canvas_BL=jnp.concatenate([jnp.ones(canvas_tokens_BC.shape, bool),
                                                  jnp.zeros(tokens.shape, bool)], axis=1))
   return logits[:, :C], logits[:, C:], aux
-
-
-def has_predecessor(segments_BL):
-  """[B, L] bool: the position before is in the same document (a row's or document's first token has none)."""
-  return (jnp.roll(segments_BL, 1, axis=1) == segments_BL) & (jnp.arange(segments_BL.shape[1]) > 0)
 
 
 def shift_to_predecessor(canvas_logits_BLV, clean_logits_BLV, blocks_BL):
@@ -191,11 +186,6 @@ class BlockDiffusion:
     check_block_size(seq_len, self.block_size)
     return block_ids(batch, self.block_size), seq_len // self.block_size
 
-  def _scored(self, model, batch):
-    """Positions noised and scored: the response or every token, less those token shift cannot predict."""
-    scored = scored_positions(batch)
-    return scored & has_predecessor(batch["segment_ids"]) if model.cfg.token_shift else scored
-
   def _canvas_logits(self, model, noisy, batch, blocks_BL):
     """The logits that predict each position (shifted with `model.token_shift`), and the model's aux outputs."""
     canvas, clean, aux = canvas_clean_forward(model, noisy, batch["positions"], batch["segment_ids"], blocks_BL,
@@ -210,7 +200,7 @@ class BlockDiffusion:
   def loss_fn(self, model, batch, rng):
     tokens = batch["tokens"]
     blocks, num_blocks = self._layout(batch)
-    scored = self._scored(model, batch)
+    scored = scored_by(model, batch)
     t_rng, mask_rng = jax.random.split(rng)
     t_BL = per_token(block_t(t_rng, tokens.shape[0], num_blocks, self.eps), blocks)
     noisy, is_masked = corrupt_per_token(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
@@ -227,7 +217,7 @@ class BlockDiffusion:
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """Per-row NELBO (nats) summed over blocks, its standard error, and the number of scored tokens."""
     blocks, num_blocks = self._layout(batch)
-    scored = self._scored(model, batch)
+    scored = scored_by(model, batch)
     nelbo, stderr = block_nelbo(self.canvas_logits_fn(model, batch, blocks), batch["tokens"], blocks, num_blocks,
                                 rng, mask_id=self.mask_id, num_t_samples=num_t_samples, eps=self.eps,
                                 scored_BL=scored)

@@ -4,6 +4,9 @@ alpha_t = 1 - t: each token is replaced by the mask token independently with pro
 a sequence is E_t[(1/t) * sum_{masked l} -log p(x_l | z_t)] with t ~ U[eps, 1]. The denoiser never predicts the
 mask token (its logit is removed) and only masked positions are scored. Training and evaluation share
 `corrupt`, `masked_token_nll` and `weighted_nll`; `masked_nelbo` is the public estimator.
+
+With `model.token_shift` (Dream's reading of an adapted AR model) position l is predicted by the output at l-1 and
+a document's first token is neither corrupted nor scored; the estimator is unchanged.
 """
 
 from __future__ import annotations
@@ -76,15 +79,33 @@ def masked_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, rng, *, ma
 
 
 def model_logits_fn(model, batch, *, mask_kind: str = "bidirectional"):
-  """Closes over a packed batch's positions and segments: noisy tokens -> logits."""
+  """Closes over a packed batch's positions and segments: noisy tokens -> the logits that predict each position
+  (one slot back with `model.token_shift`, `predicting_logits`)."""
   segment_ids, positions = batch["segment_ids"], batch["positions"]
   mask = make_mask(mask_kind, segment_ids, positions)
 
   def logits_fn(noisy):
     logits, _ = model(noisy, positions, mask, token_mask_BL=segment_ids > 0)
-    return logits
+    return predicting_logits(model, logits)
 
   return logits_fn
+
+
+def has_predecessor(segments_BL):
+  """[B, L] bool: the position before is in the same document (a row's or document's first token has none)."""
+  return (jnp.roll(segments_BL, 1, axis=1) == segments_BL) & (jnp.arange(segments_BL.shape[1]) > 0)
+
+
+def predicting_logits(model, logits_BLV):
+  """Token shift (`model.token_shift`; Dream's reading of an adapted AR model): position l is predicted by the
+  output at l-1. Row l = 0 then holds the last position's output, which callers never score."""
+  return jnp.roll(logits_BLV, 1, axis=1) if model.cfg.token_shift else logits_BLV
+
+
+def scored_by(model, batch):
+  """`scored_positions`, less the positions token shift cannot predict (no predecessor in their document)."""
+  scored = scored_positions(batch)
+  return scored & has_predecessor(batch["segment_ids"]) if model.cfg.token_shift else scored
 
 
 def scored_positions(batch):
@@ -128,13 +149,13 @@ class MaskedDiffusion:
   def loss_fn(self, model, batch, rng):
     tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
     pad_mask = segment_ids > 0
-    scored = scored_positions(batch)
+    scored = scored_by(model, batch)
     t_rng, mask_rng = jax.random.split(rng)
     t_B = stratified_t(t_rng, tokens.shape[0], self.eps)
     noisy, is_masked = corrupt(mask_rng, tokens, t_B, mask_id=self.mask_id, corruptible_BL=scored)
     mask = make_mask("bidirectional", segment_ids, positions)
     logits, aux = model(noisy, positions, mask, token_mask_BL=pad_mask)
-    nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
+    nll = masked_token_nll(predicting_logits(model, logits), tokens, mask_id=self.mask_id)
     per_example = weighted_nll(nll, is_masked, t_B)
     num_tokens = jnp.maximum(jnp.sum(scored), 1)
     nelbo = normalise_loss(per_example, scored, "loss_mask" in batch)
@@ -145,7 +166,7 @@ class MaskedDiffusion:
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """Per-row NELBO (nats) of the scored tokens given the rest, its standard error, and the scored count."""
-    scored = scored_positions(batch)
+    scored = scored_by(model, batch)
     nelbo, stderr = masked_nelbo(model_logits_fn(model, batch), batch["tokens"], rng, mask_id=self.mask_id,
                                  num_t_samples=num_t_samples, eps=self.eps, pad_mask=scored)
     return nelbo, stderr, jnp.sum(scored, axis=-1)

@@ -19,6 +19,8 @@ Canvas denoisers (`ModelDenoiser`):
   need the whole canvas again). Fast-dLLM reports near-equal accuracy; `refresh_every=1` is exactly `none`.
 - `cache="block"` (`BlockDenoiser`, models trained with the block objective): the prompt and each finished block
   are run once, clean and causally, as the model saw them in training; the cache is exact.
+With `model.token_shift` a block's logits are the outputs one slot earlier (the slot before the block predicts its
+first token): `none` unembeds from there, `dual` runs that slot with the block (b + 1 tokens a step).
 """
 
 from __future__ import annotations
@@ -95,22 +97,28 @@ class ModelDenoiser:
     return self.model.init_kv_cache(*canvas_BS.shape), 0
 
   def full(self, canvas_BS, cache, block_start):
-    """The whole canvas through the model; stores every slot's keys/values, unembeds only the block."""
+    """The whole canvas through the model; stores every slot's keys/values, unembeds only the block's
+    predictions (with `model.token_shift` the outputs one slot earlier)."""
     B, S = canvas_BS.shape
     positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask_BSS = jnp.ones((B, S, S), bool)
-    return self.model.decode(canvas_BS, positions_BS, mask_BSS, cache, positions_BS, 0, logits_start=block_start,
+    return self.model.decode(canvas_BS, positions_BS, mask_BSS, cache, positions_BS, 0,
+                             logits_start=block_start - int(self.model.cfg.token_shift),
                              logits_length=self.block_length)
 
   def cached(self, canvas_BS, cache, block_start):
-    """Only the block through the model, attending to the cached keys/values of every other slot."""
+    """Only the block through the model (with `model.token_shift` also the slot before it, whose output predicts
+    the block's first token), attending to the cached keys/values of every other slot."""
     B, S = canvas_BS.shape
     b = self.block_length
+    shift = int(self.model.cfg.token_shift)
+    start = block_start - shift
     positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    window_Bb = jax.lax.dynamic_slice_in_dim(canvas_BS, block_start, b, axis=1)
-    window_positions_Bb = jax.lax.dynamic_slice_in_dim(positions_BS, block_start, b, axis=1)
-    mask_BbS = jnp.ones((B, b, S), bool)
-    return self.model.decode(window_Bb, window_positions_Bb, mask_BbS, cache, positions_BS, block_start)
+    window_BW = jax.lax.dynamic_slice_in_dim(canvas_BS, start, b + shift, axis=1)
+    window_positions_BW = jax.lax.dynamic_slice_in_dim(positions_BS, start, b + shift, axis=1)
+    mask_BWS = jnp.ones((B, b + shift, S), bool)
+    return self.model.decode(window_BW, window_positions_BW, mask_BWS, cache, positions_BS, start,
+                             logits_start=0, logits_length=b)
 
   def __call__(self, canvas_BS, cache, block_start, refresh):
     if self.cache == "none":
@@ -182,9 +190,6 @@ class BlockDenoiser:
 
 def make_denoiser(model, cfg: "SamplerConfig", prompt_length: int):
   """The canvas denoiser of `cfg.cache` for a model: bidirectional (none / dual) or block-causal (block)."""
-  if model.cfg.token_shift and cfg.cache != "block":
-    raise ValueError(f"model.token_shift is a block-diffusion setting: sample it with cache='block', not "
-                     f"{cfg.cache!r}")
   if cfg.cache == "block":
     return BlockDenoiser(model, cfg.block_length, prompt_length)
   return ModelDenoiser(model, cfg.block_length, cfg.cache)
