@@ -36,9 +36,8 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.model.masks import make_mask, same_segment
-from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss,
-                                             router_metrics, scored_by, scored_positions, stratified_t,
-                                             weighted_nll)
+from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss, router_metrics, scored_by,
+                                             scored_positions, stratified_t, weighted_nll)
 
 
 def check_block_size(seq_len: int, block_size: int) -> None:

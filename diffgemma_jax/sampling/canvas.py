@@ -242,7 +242,8 @@ def generate(model, prompt_BP, rng, cfg: CanvasConfig, *, mask_id: int, eos_id: 
   stop_at_eos = cfg.stop_at_eos and eos_id is not None
   prompt_BP = prompt_BP.astype(jnp.int32)
   if model.cfg.token_shift and not isinstance(cfg.rule, MaskedRule):
-    raise ValueError("model.token_shift is a block-objective setting: sample such a model with a MaskedRule")
+    raise ValueError("model.token_shift models (objective masked or block) read each prediction one slot back, "
+                     "which uniform-state canvases do not: sample such a model with a MaskedRule")
   # `before`: the clean pass's logits at the last slot before the next canvas (its first token's, token shift).
   before, cache = encode_with_logits(model, prompt_BP, model.init_kv_cache(B, P + cfg.gen_length), 0)
   tokens = jnp.concatenate([prompt_BP, jnp.full((B, cfg.gen_length), pad_id, jnp.int32)], axis=1)
