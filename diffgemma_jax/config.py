@@ -125,6 +125,38 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
       raise ConfigError(f"config key {name!r} must be {'a section' if isinstance(schema[key], ml_collections.ConfigDict) else 'a value'}")
     if isinstance(schema[key], ml_collections.ConfigDict):
       _check_keys(config[key], schema[key], name + ".")
+    elif not _same_kind(config[key], schema[key]):
+      raise ConfigError(f"config key {name!r}: expected {_kind(schema[key])} (like its default {schema[key]!r}), "
+                        f"got {config[key]!r}")
+
+
+def _kind(reference: Any) -> str:
+  if isinstance(reference, bool):
+    return "a boolean"
+  if isinstance(reference, int):
+    return "an integer"
+  if isinstance(reference, float):
+    return "a number"
+  if isinstance(reference, str):
+    return "a string"
+  if isinstance(reference, (tuple, list)):
+    return "a tuple"
+  return type(reference).__name__
+
+
+def _same_kind(value: Any, reference: Any) -> bool:
+  """Whether `value` may stand where the schema has `reference` (an int where a float is expected, say)."""
+  if reference is None:
+    return True
+  if isinstance(reference, bool) or isinstance(value, bool):
+    return isinstance(reference, bool) and isinstance(value, bool)
+  if isinstance(reference, int):
+    return isinstance(value, int)
+  if isinstance(reference, float):
+    return isinstance(value, (int, float))
+  if isinstance(reference, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(reference))
 
 
 def parse_value(text: str, current: Any) -> Any:
@@ -160,10 +192,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
         raise ConfigError(f"unknown config key {dotted!r}; valid keys there are: {valid}")
       if i < len(parts) - 1:
         node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"config key {dotted!r} is a section, not a value; set one of its keys "
+                        f"({', '.join(f'{dotted}.{k}' for k in current.keys())})")
     try:
-      value = parse_value(text, node[parts[-1]])
+      value = parse_value(text, current)
     except (ValueError, SyntaxError) as e:
       raise ConfigError(f"config key {dotted!r}: cannot parse {text!r} ({e})") from None
+    if not _same_kind(value, current):
+      raise ConfigError(f"config key {dotted!r}: expected {_kind(current)} (like its current value {current!r}), "
+                        f"got {text!r}")
     with node.unlocked():
       node[parts[-1]] = value
 
@@ -185,8 +224,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.batch_size % config.train.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must divide "
                       f"train.batch_size={config.train.batch_size}")
-  if config.eval.num_t_samples <= 0:
-    raise ConfigError(f"eval.num_t_samples: must be positive, got {config.eval.num_t_samples}")
+  _validate_optimizer(config.train)
+  for key, minimum in (("eval.num_t_samples", 1), ("eval.batch_size", 1), ("eval.max_sequences", 0),
+                       ("eval.every_steps", 0), ("checkpoint.every_steps", 1), ("checkpoint.keep", 0),
+                       ("train.log_every_steps", 1), ("train.warmup_steps", 0)):
+    section, name = key.split(".")
+    if int(config[section][name]) < minimum:
+      meaning = {"eval.max_sequences": " (0: the whole held-out split)", "eval.every_steps": " (0: at the end only)",
+                 "checkpoint.keep": " (0: keep every checkpoint)"}.get(key, "")
+      raise ConfigError(f"{key}: must be >= {minimum}{meaning}, got {config[section][name]!r}")
   from diffgemma_jax.train.freeze import FREEZE_GROUPS
   for group in tuple(config.train.freeze):
     if group not in FREEZE_GROUPS:
@@ -209,6 +255,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 TOKEN_SHIFT_OBJECTIVES = ("masked", "block")
+
+
+def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
+  """AdamW's settings: each must lie in its range (a negative rate would ascend, an infinite one poisons every
+  parameter at the first update)."""
+  inf = 3.4028234663852886e38  # float32's largest: the step computes in float32
+  checks = (("learning_rate", lambda v: 0 < v < inf, "a finite number > 0"),
+            ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("weight_decay", lambda v: 0 <= v < inf, "a finite number >= 0"),
+            ("grad_clip", lambda v: 0 <= v < inf, "a finite number >= 0 (0: no clipping)"))
+  for key, ok, valid in checks:
+    value = float(train[key])
+    if not ok(value):
+      raise ConfigError(f"train.{key}: must be {valid}, got {train[key]!r}")
 
 
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
@@ -236,6 +298,10 @@ def load_config(spec: str, overrides: dict[str, str] | None = None) -> ml_collec
   """Loads `path/to/config.py[:arg]`, applies overrides, validates, and returns a locked ConfigDict."""
   path, _, arg = spec.partition(":")
   module = _load_module(path)
+  if arg:
+    import inspect
+    if not inspect.signature(module.get_config).parameters:
+      raise ConfigError(f"config file {path!r} takes no argument; drop ':{arg}' from --config")
   config = module.get_config(arg) if arg else module.get_config()
   if overrides:
     apply_overrides(config, overrides)

@@ -30,6 +30,14 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.mesh.shape=(2,1,1,1)", "mesh.shape"),
     ("--bogus", "unrecognised argument '--bogus'"),
     ("--config.objective.name=block --config.train.seq_len=40", "does not divide train.seq_len=40"),
+    ("--config.train.num_steps=1.5", "config key 'train.num_steps': expected an integer"),
+    ("--config.train.learning_rate='abc'", "config key 'train.learning_rate': expected a number"),
+    ("--config.model=3", "config key 'model' is a section, not a value"),
+    ("--config.train.learning_rate=-0.05", "train.learning_rate: must be a finite number > 0"),
+    ("--config.train.learning_rate=1e39", "train.learning_rate: must be a finite number > 0"),
+    ("--config.train.b2=1.0", "train.b2: must be in [0, 1)"),
+    ("--config.eval.batch_size=0", "eval.batch_size: must be >= 1"),
+    ("--config.eval.max_sequences=-1", "eval.max_sequences: must be >= 0 (0: the whole held-out split)"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
   workdir = tmp_path / "run"
@@ -37,6 +45,18 @@ def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_p
   err = capsys.readouterr().err
   assert expected in err and err.count("\n") == 1 and err.startswith("error: "), err
   assert not (workdir / "checkpoints").exists()
+
+
+def test_config_argument_and_file_paths_fail_with_one_line(tiny_config_file, tmp_path, capsys):
+  afile = tmp_path / "afile"
+  afile.write_text("not a checkpoint")
+  for argv, expected in ((["--config", tiny_config_file + ":foo", "--workdir", str(tmp_path / "a")], "takes no argument"),
+                         (["--config", tiny_config_file, "--workdir", str(tmp_path / "b"),
+                           f"--config.init.checkpoint={afile}"], "init.checkpoint: " + str(afile) + " is not a directory"),
+                         (["--config", tiny_config_file, "--workdir", str(afile)], "is a file, not a directory")):
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and err.startswith("error: "), err
 
 
 def test_incompatible_workdir_exits_2(trained_run, tiny_config_file, tmp_path, capsys):

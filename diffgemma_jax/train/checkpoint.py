@@ -120,10 +120,27 @@ class Checkpointer:
     if saved_freeze != tuple(self.config.train.freeze):  # the optimizer state covers the trainable parameters
       diffs.append(f"train.freeze: {saved_freeze!r} in the checkpoints, {tuple(self.config.train.freeze)!r} in the "
                    f"config")
+    saved_objective = saved.get("objective", {}).get("name")
+    if saved_objective is not None and saved_objective != self.config.objective.name:  # what the parameters mean
+      diffs.append(f"objective.name: {saved_objective!r} in the checkpoints, {self.config.objective.name!r} in the "
+                   f"config")
     if diffs:
       raise IncompatibleCheckpointError(
           f"{self.directory} holds checkpoints of a different model; use a new --workdir or the saved config. "
           f"Differences: {'; '.join(diffs)}")
+
+  def check_resumable(self) -> None:
+    """Training only: the saved optimizer state must have the structure this config's optimizer builds (gradient
+    clipping on or off adds or removes a stage)."""
+    saved = self.saved_config()
+    if saved is None or "grad_clip" not in saved.get("train", {}):
+      return
+    clipped, clips = float(saved["train"]["grad_clip"]) > 0, float(self.config.train.grad_clip) > 0
+    if clipped != clips:
+      raise IncompatibleCheckpointError(
+          f"{self.directory} holds an optimizer state {'with' if clipped else 'without'} gradient clipping "
+          f"(train.grad_clip={saved['train']['grad_clip']!r} there, {self.config.train.grad_clip!r} in the config); "
+          f"resume with clipping {'on (grad_clip > 0)' if clipped else 'off (grad_clip=0)'} or start a new --workdir")
 
   # ---- the Orbax manager -----------------------------------------------------------------------------------------
   @property
@@ -165,10 +182,16 @@ class Checkpointer:
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
     """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it."""
     target = with_shardings(abstract, shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(to_pure(target.params)),
-        opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
-        data_iterator=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(to_pure(target.params)),
+          opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
+          data_iterator=ocp.args.JsonRestore()))
+    except ValueError as e:  # a tree that does not match what was saved (an optimizer built differently, say)
+      raise IncompatibleCheckpointError(
+          f"cannot resume from step {step} in {self.directory}: the saved state does not match this config's "
+          f"model and optimizer ({str(e).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a new "
+          f"--workdir") from None
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step)
     state = TrainState(step=step_array, params=from_pure(abstract.params, restored["params"]),
                        opt_state=from_pure(abstract.opt_state, restored["opt_state"]))
@@ -197,9 +220,10 @@ def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
   """(the step directory, its step, the run directory) named by `init.checkpoint`: a workdir (its latest or
   `step`), its checkpoints/ folder, or one step folder. Anything else fails naming the key."""
   path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise ConfigError(f"init.checkpoint: {path} does not exist; give a training workdir, its checkpoints/ folder, "
-                      f"or a step folder (e.g. runs/tiny/checkpoints/800)")
+  if not os.path.isdir(path):
+    raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if os.path.exists(path) else 'does not exist'}; "
+                      f"give a training workdir, its checkpoints/ folder, or a step folder (e.g. "
+                      f"runs/tiny/checkpoints/800)")
   if os.path.isdir(os.path.join(path, "params")):
     checkpoints = os.path.dirname(path)
     if not os.path.basename(path).isdigit():

@@ -44,6 +44,22 @@ def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
+def _truncate_after(path: str, step: int) -> None:
+  """Drops the records of metrics.jsonl logged after `step` (an unreadable line, cut by a kill, goes too)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if int(record.get("step", 0)) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
 class MetricsLogger:
   """Writes scalars to TensorBoard and metrics.jsonl (process 0 only) and drives the progress bar."""
 
@@ -61,8 +77,13 @@ class MetricsLogger:
     self.history: list[dict[str, float]] = []
     if self.enabled:
       from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(os.path.join(workdir, "tb"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      # A resume repeats the steps after its checkpoint: what an interrupted run logged past it is dropped from
+      # both logs (TensorBoard's purge_step, and the jsonl rewritten), so every step appears once.
+      self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if start_step and os.path.isfile(path):
+        _truncate_after(path, start_step)
+      self._jsonl = open(path, "a")
       if show_progress:
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,

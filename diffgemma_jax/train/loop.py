@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from diffgemma_jax.evaluate import held_out_bound, make_bound_fn
-from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.config import ConfigError, ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
@@ -65,7 +65,10 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   model_cfg = ModelConfig.from_config_dict(config.model)
   tc = config.train
   num_steps = int(tc.num_steps)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory for the run")
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
+  ckpt.check_resumable()
   mesh = mesh_from_config(config)
   tx, schedule = make_optimizer(tc)
   seed = int(tc.seed)
@@ -133,11 +136,12 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   def finish(step: int, metrics) -> None:
     """Fetches a dispatched step's metrics, stops on a non-finite update, and logs."""
     scalars = step_scalars(jax.device_get(metrics))
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "param_norm"):  # param_norm: the update itself may be what went wrong
       if not math.isfinite(scalars[key]):
+        last = ckpt.latest_step()
+        kept = f"last good checkpoint: step {last} in {ckpt.directory}" if last is not None else "no checkpoint yet"
         raise NonFiniteLossError(
-            f"step {step}: {key} is {scalars[key]}; stopped without saving this or any later step "
-            f"(last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory})")
+            f"step {step}: {key} is {scalars[key]}; stopped without saving this or any later step ({kept})")
     now = time.perf_counter()
     if timing["clock"] is None:  # the first step includes compilation: start the clock after it
       logger.throughput(step)

@@ -41,7 +41,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
   Gradients and updates cover the parameters `trainable` selects (an nnx filter; train/freeze.py); the others
   stay as they are. Returns the new state and float32 metrics: the objective's (mean over micro-batches,
-  `num_tokens` summed), `grad_norm` (before clipping) and `lr` (the rate this update used).
+  `num_tokens` summed), `grad_norm` (before clipping), `param_norm` (of the trainable parameters after the update)
+  and `lr` (the rate this update used).
   """
   rng = step_rng(rng, state.step)
   train_params, frozen = nnx.split_state(state.params, trainable, ...)
@@ -68,8 +69,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
              for k, v in metrics_A.items()}
 
   updates, opt_state = tx.update(grads, state.opt_state, train_params)
-  params = nnx.merge_state(optax.apply_updates(train_params, updates), frozen)
+  updated = optax.apply_updates(train_params, updates)
+  params = nnx.merge_state(updated, frozen)
   metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["param_norm"] = optax.tree.norm(updated)  # after the update: non-finite stops the run before a save
   metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
