@@ -1,5 +1,6 @@
 """Any directory or glob of the user's own UTF-8 text files (`--source`). Non-UTF-8 files are skipped and
-counted; split by file (held-out at least 4% of the bytes)."""
+named; split by file (held-out at least 4% of the bytes). The manifest keeps each file's size and mtime, and a
+build whose files changed since is redone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 
 from data_recipes.common import is_current, read_manifest, read_utf8, split_by_hash, write_dataset
 from diffgemma_jax.data.errors import DataError
+
+MAX_LISTED = 10  # skipped files named in the warning; the rest are counted
 
 
 def source_files(source: str) -> list[str]:
@@ -25,31 +28,36 @@ def source_files(source: str) -> list[str]:
 
 def documents(source: str) -> tuple[list[tuple[str, str]], int]:
   paths = source_files(source)
-  docs, skipped = [], 0
+  docs, skipped = [], []
   # Documents are named relative to the files' common folder, so the split depends on the corpus, not on where
   # it lies (a split keyed by absolute paths would change when the same files move).
   root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
   for path in paths:
     text = read_utf8(path)
     if text is None:
-      skipped += 1
+      skipped.append(path)
     elif text.strip():
       docs.append((os.path.relpath(os.path.abspath(path), root), text))
   if skipped:
-    print(f"text_files: skipped {skipped} non-UTF-8 file(s) under {source!r}", file=sys.stderr)
+    listed = ", ".join(skipped[:MAX_LISTED]) + (f" and {len(skipped) - MAX_LISTED} more"
+                                                 if len(skipped) > MAX_LISTED else "")
+    print(f"text_files: skipped {len(skipped)} non-UTF-8 file(s) under {source!r}: {listed}", file=sys.stderr)
   if not docs:
     raise DataError(f"data.source {source!r} holds no non-empty UTF-8 files ({len(paths)} file(s) found, "
-                    f"{skipped} not UTF-8)")
-  return docs, skipped
+                    f"{len(skipped)} not UTF-8)")
+  return docs, len(skipped)
 
 
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
           **_) -> dict:
-  if is_current(output_dir, "text_files", vocab_size, source, tokenizer):
+  # The files' sizes and mtimes: a corpus with new, removed or edited files is rebuilt, not reused.
+  stamp = {p: [os.path.getsize(p), os.path.getmtime(p)] for p in source_files(source)}
+  if is_current(output_dir, "text_files", vocab_size, source, tokenizer) and \
+      read_manifest(output_dir).get("files") == stamp:
     return read_manifest(output_dir)
   docs, skipped = documents(source)
   return write_dataset(output_dir, "text_files", vocab_size, split_by_hash(docs, 0.04), source=source,
-                       notes={"skipped_non_utf8": skipped}, tokenizer=tokenizer)
+                       notes={"skipped_non_utf8": skipped, "files": stamp}, tokenizer=tokenizer)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """diffgemma-export --config FILE --workdir DIR --output HF_DIR [--step N] [--dtype bfloat16]
 
 Writes the latest (or --step) checkpoint of DIR as a Hugging Face DiffusionGemma directory that transformers'
-DiffusionGemmaForBlockDiffusion.from_pretrained loads (text part; the vision tower stays at its initialisation).
+DiffusionGemmaForBlockDiffusion.from_pretrained loads (text part; the vision tower stays at its initialisation),
+with the run's tokenizer.model (DIR's pinned one, else data.tokenizer) and its bos/eos/pad ids.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
   args, rest = parser.parse_known_args(argv)
   from diffgemma_jax.config import load_config
-  from diffgemma_jax.hf import MappingError, export_hf, restore_pure_params
+  from diffgemma_jax.data import DataError
+  from diffgemma_jax.hf import MappingError, export_hf, restore_pure_params, run_tokenizer
   from diffgemma_jax.model.config import ModelConfig
 
   try:
@@ -32,10 +34,12 @@ def main(argv=None) -> int:
     config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
                               os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)
+    tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))
     step, pure = restore_pure_params(args.workdir, cfg, args.step)
     print(f"restored step {step} from {args.workdir}")
-    export_hf(cfg, pure, args.output, canvas_length=int(config.objective.block_size), dtype=args.dtype)
-  except (ConfigError, MappingError) as e:
+    export_hf(cfg, pure, args.output, canvas_length=int(config.objective.block_size), dtype=args.dtype,
+              tokenizer=tokenizer)
+  except (ConfigError, MappingError, DataError) as e:
     return fail(str(e))
   return 0
 

@@ -1,8 +1,10 @@
-"""diffgemma-import --hf DIR --output WORKDIR [--config-out FILE] [--config.model.KEY=VALUE ...]
+"""diffgemma-import --hf DIR --output WORKDIR [--config-out FILE] [--force] [--config.model.KEY=VALUE ...]
 
 Imports a Hugging Face DiffusionGemma directory (config.json + safetensors shards; the text part, vision skipped)
-into WORKDIR/checkpoints (step 0, parameters only; the trainer's layout) and, with --config-out, writes a config
-file for it. Overrides may change runtime model fields such as scan_layers, remat or compute_dtype.
+into WORKDIR/checkpoints (step 0, parameters only; the trainer's layout), copies its tokenizer.model (if any) to
+WORKDIR and, with --config-out, writes a config file for it. A WORKDIR whose checkpoints/ is not empty is refused
+unless --force, which deletes those checkpoints first. Overrides may change runtime model fields such as
+scan_layers, remat or compute_dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def main(argv=None) -> int:
   parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
   parser.add_argument("--output", required=True, help="workdir to write checkpoints/ into")
   parser.add_argument("--config-out", default=None, help="write a config file (get_config()) for the model here")
+  parser.add_argument("--force", action="store_true", help="import into a workdir whose checkpoints/ is not empty, "
+                      "deleting those checkpoints (and the workdir's tokenizer.model) first")
   args, rest = parser.parse_known_args(argv)
   from diffgemma_jax.hf import MappingError, import_hf
 
@@ -34,7 +38,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"--config.{key}: only --config.model.<{'|'.join(RUNTIME_FIELDS)}> can be overridden; "
                           "the architecture comes from the Hugging Face config.json")
       overrides[field] = RUNTIME_FIELDS[field](value)
-    import_hf(args.hf, args.output, config_out=args.config_out, **overrides)
+    import_hf(args.hf, args.output, config_out=args.config_out, force=args.force, **overrides)
   except (ConfigError, MappingError, FileNotFoundError) as e:
     return fail(str(e))
   return 0

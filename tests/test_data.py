@@ -162,3 +162,50 @@ def test_the_same_files_in_another_folder_give_the_same_dataset(text_dataset, tm
   assert again["sha256"] == manifest["sha256"]
   assert [f for f in again["splits"]["heldout"]] == [f for f in manifest["splits"]["heldout"]]
   assert again["splits"]["heldout"]["documents"] == manifest["splits"]["heldout"]["documents"]
+  with open(os.path.join(text_dataset[0], "tokenizer.model"), "rb") as a, \
+      open(tmp_path / "ds2" / "tokenizer.model", "rb") as b:
+    assert a.read() == b.read()  # no build path recorded in the tokenizer
+
+
+def test_tokenizers_compare_by_content_not_by_the_path_they_were_built_at(text_dataset, tmp_path):
+  from sentencepiece import sentencepiece_model_pb2
+
+  from diffgemma_jax.data import same_tokenizer
+  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.train.dataset import pin_tokenizer
+  out, _, _ = text_dataset
+  built = os.path.join(out, "tokenizer.model")
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(open(built, "rb").read())
+  assert proto.trainer_spec.model_prefix == "" and not proto.trainer_spec.input  # new builds record no path
+
+  def variant(name, change):
+    p = sentencepiece_model_pb2.ModelProto()
+    p.CopyFrom(proto)
+    change(p)
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "tokenizer.model").write_bytes(p.SerializeToString())
+    return str(tmp_path / name)
+
+  # A run pinned before builds dropped their path: same pieces, another model_prefix. It must still match.
+  old_run = variant("old_run", lambda p: setattr(p.trainer_spec, "model_prefix", "data/x-v400.partial/tokenizer"))
+  assert open(built, "rb").read() != open(os.path.join(old_run, "tokenizer.model"), "rb").read()
+  assert same_tokenizer(built, os.path.join(old_run, "tokenizer.model"))
+  pin_tokenizer(out, old_run, write=False)
+  rescored = variant("rescored", lambda p: setattr(p.pieces[300], "score", p.pieces[300].score + 1.0))
+  no_bytes = variant("no_bytes", lambda p: setattr(p.trainer_spec, "byte_fallback", False))
+  for other in (rescored, no_bytes):
+    assert not same_tokenizer(built, os.path.join(other, "tokenizer.model"))
+    with pytest.raises(ConfigError, match="differs"):
+      pin_tokenizer(out, other, write=False)
+
+
+def test_a_completion_decodes_with_its_leading_spaces(text_dataset):
+  out, _, _ = text_dataset
+  tok = Tokenizer(os.path.join(out, "tokenizer.model"))
+  for prompt, completion in (("def f(path):\n", "    return path\n"), ("x =", " 1"), ("", "  indented"),
+                             ("caf\xe9", " cr\xe8me")):
+    ids, head = tok.encode(prompt + completion), tok.encode(prompt)
+    assert ids[:len(head)] == head
+    prefix = [tok.bos_id] + head
+    assert tok.decode_continuation(prefix, ids[len(head):]) == completion

@@ -341,3 +341,77 @@ def test_export_merges_lora_adapters(tmp_path):
   q_base = np.asarray(dict(jax.tree_util.tree_leaves_with_path(pure))[
       next(p for p in flat_merged if "q_proj" in jax.tree_util.keystr(p))])
   assert not np.allclose(q, q_base)
+
+
+# ---- workdirs, tokenizers and foreign configs --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+  """A sentencepiece model as the recipes train them (eos 3, unk 1), for a TINY model with its vocabulary."""
+  import sysconfig
+
+  from diffgemma_jax.data import train_tokenizer
+  stdlib = sysconfig.get_paths()["stdlib"]
+  texts = [open(os.path.join(stdlib, name), encoding="utf-8").read() for name in ("textwrap.py", "shlex.py")]
+  return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tokenizer"), 512).path
+
+
+def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
+  from diffgemma_jax.model.config import ConfigError
+  from launch.import_hf import main as import_main
+  src, work = str(tmp_path / "hf"), tmp_path / "work"
+  pure = _pure(_random_model(TINY))
+  export_hf(TINY, pure, src, log=lambda _: None)
+  import_hf(src, str(work), log=lambda _: None)
+  (work / "checkpoints" / "24").mkdir()  # a later step of a run trained in this workdir
+  (work / "tokenizer.model").write_bytes(b"that run's tokenizer")
+  with pytest.raises(ConfigError, match=r"checkpoints is not empty \(0, 24, run_config.json\).*--force"):
+    import_hf(src, str(work), log=lambda _: None)
+  assert import_main(["--hf", src, "--output", str(work)]) == 2
+  assert (work / "checkpoints" / "24").is_dir()  # refused: nothing touched
+  assert import_main(["--hf", src, "--output", str(work), "--force"]) == 0
+  assert "24" not in os.listdir(work / "checkpoints") and not (work / "tokenizer.model").exists()
+  step, _ = restore_pure_params(str(work), TINY)
+  assert step == 0
+
+
+def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_file):
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.hf import run_tokenizer
+  from diffgemma_jax.model.config import ConfigError
+  cfg = dataclasses.replace(TINY, vocab_size=512)
+  run = tmp_path / "run"
+  run.mkdir()
+  with pytest.raises(ConfigError, match="keeps no tokenizer.model and data.tokenizer is empty"):
+    run_tokenizer(str(run))
+  (run / "tokenizer.model").write_bytes(open(tokenizer_file, "rb").read())  # as the trainer pins it
+  src = str(tmp_path / "hf")
+  export_hf(cfg, _pure(_random_model(cfg)), src, canvas_length=16, tokenizer=run_tokenizer(str(run)),
+            log=lambda _: None)
+  generation = json.load(open(os.path.join(src, "generation_config.json")))
+  assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (2, 3, 0)
+  assert open(os.path.join(src, "tokenizer.model"), "rb").read() == open(tokenizer_file, "rb").read()
+  work, config_out = tmp_path / "work", str(tmp_path / "imported.py")
+  import_hf(src, str(work), config_out=config_out, log=lambda _: None)
+  assert open(work / "tokenizer.model", "rb").read() == open(tokenizer_file, "rb").read()
+  assert load_config(config_out).data.tokenizer == os.path.join(os.path.abspath(src), "tokenizer.model")
+  assert run_tokenizer(str(work)) == str(work / "tokenizer.model")  # so a re-export ships it again
+  with pytest.raises(ConfigError, match="512 pieces but the model only model.vocab_size=96"):
+    export_hf(TINY, _pure(_random_model(TINY)), str(tmp_path / "bad"), tokenizer=tokenizer_file, log=lambda _: None)
+  export_hf(TINY, _pure(_random_model(TINY)), str(tmp_path / "bare"), log=lambda _: None)
+  assert "eos_token_id" not in json.load(open(tmp_path / "bare" / "generation_config.json"))  # no guessed ids
+
+
+@pytest.mark.parametrize("hf_config, message", [
+    ({}, "model_type=None, not a DiffusionGemma model"),
+    ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2}, "model_type='llama', not a DiffusionGemma"),
+    ({"model_type": "diffusion_gemma", "text_config": {"vocab_size": 96, "hidden_size": 32}},
+     "text_config lacks num_hidden_layers, num_attention_heads"),
+])
+def test_configs_that_are_not_diffusion_gemma_fail_with_what_is_wrong(tmp_path, hf_config, message, capsys):
+  from launch.import_hf import main as import_main
+  with pytest.raises(mapping.MappingError, match=message):
+    mapping.model_overrides_from_hf(hf_config)
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config))
+  assert import_main(["--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "work")]) == 2
+  assert message in capsys.readouterr().err

@@ -11,7 +11,7 @@ import sysconfig
 import pytest
 
 from data_recipes import build_dataset
-from data_recipes.common import split_by_hash
+from data_recipes.common import read_records, split_by_hash
 from data_recipes.python_stdlib import HELDOUT_FRACTION, stdlib_files
 from diffgemma_jax.data import DataError, Tokenizer
 
@@ -222,3 +222,32 @@ def test_a_non_dataset_output_directory_is_never_replaced(tmp_path):
   with pytest.raises(DataError, match="not a dataset directory"):
     build_dataset("text_files", str(out), VOCAB, source=str(src))
   assert (out / "thesis.tex").read_text() == "precious\n"
+
+
+def test_text_files_rebuilds_when_its_files_change(tmp_path):
+  src = _copy_modules(tmp_path / "src", MODULES[:6])
+  out = str(tmp_path / "ds")
+  first = build_dataset("text_files", out, VOCAB, source=str(src))
+  assert sorted(first["files"]) == sorted(str(src / name) for name in MODULES[:6])
+  assert build_dataset("text_files", out, VOCAB, source=str(src)) == first  # unchanged: reused
+  _copy_modules(src, MODULES[6:7])  # a new file
+  added = build_dataset("text_files", out, VOCAB, source=str(src))
+  assert sum(added["splits"][s]["documents"] for s in ("train", "heldout")) == 7
+  with open(src / MODULES[0], "a", encoding="utf-8") as f:  # an edited file
+    f.write("\n# edited\n")
+  edited = build_dataset("text_files", out, VOCAB, source=str(src))
+  assert edited["sha256"] != added["sha256"]
+  assert "# edited" in "".join(r["text"] for s in ("train", "heldout") for r in read_records(out, s))
+
+
+def test_skipped_non_utf8_files_are_named(tmp_path, capsys):
+  from data_recipes.text_files import documents
+  _copy_modules(tmp_path, MODULES[:1])
+  for i in range(12):
+    (tmp_path / f"latin{i:02d}.txt").write_bytes("caf\xe9".encode("latin-1"))
+  docs, skipped = documents(str(tmp_path))
+  assert len(docs) == 1 and skipped == 12
+  err = capsys.readouterr().err
+  assert "skipped 12 non-UTF-8 file(s)" in err and "and 2 more" in err
+  assert all(str(tmp_path / f"latin{i:02d}.txt") in err for i in range(10))
+  assert "latin10.txt" not in err

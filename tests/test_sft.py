@@ -68,17 +68,40 @@ def test_malformed_lines_reported_and_skipped_up_to_the_limit(tmp_path, capsys):
   assert len(records) == 2 and bad == 2 and records[1]["source"] == f"{path}:3"
   err = capsys.readouterr().err
   assert f"{path}:2: malformed JSON" in err and f"{path}:5: malformed JSON" in err
-  with pytest.raises(DataError, match=r"more than data.max_bad_lines=1 malformed JSON lines \(the last at line 5\)"):
+  with pytest.raises(DataError,
+                     match=r"more than data.max_bad_lines=1 malformed lines \(the last at line 5: malformed JSON"):
     read_jsonl(path, max_bad_lines=1)
   # The limit counts malformed lines over all the files of a build, and the error names the configured limit.
   from data_recipes.jsonl import source_records
   other = _write(tmp_path / "e.jsonl", [good, "{oops"])
-  with pytest.raises(DataError, match=r"e.jsonl: more than data.max_bad_lines=2 malformed JSON lines"):
+  with pytest.raises(DataError, match=r"e.jsonl: more than data.max_bad_lines=2 malformed lines"):
     source_records(str(tmp_path / "[de].jsonl"), "data.source", 2)
   assert len(source_records(other, "data.source", 2)[0]) == 1
   bad_role = _write(tmp_path / "r.jsonl", [good, json.dumps({"messages": [{"role": "bot", "content": "x"}]})])
   with pytest.raises(DataError, match=r"r.jsonl:2: messages\[0\] has unknown role 'bot'"):
     read_jsonl(bad_role, max_bad_lines=10)
+
+
+def test_non_utf8_lines_count_as_malformed_and_a_bom_is_not_a_record(tmp_path, capsys):
+  good = json.dumps({"prompt": "a", "response": "b"}).encode()
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"prompt": "caf\xe9", "response": "b"}\n' + good + b"\n")
+  records, bad = read_jsonl(str(path), max_bad_lines=1)
+  assert len(records) == 2 and bad == 1 and records[0]["source"] == f"{path}:1"  # the BOM line is kept
+  assert f"{path}:2: not valid UTF-8 (byte 0xe9" in capsys.readouterr().err
+  with pytest.raises(DataError, match=r"d.jsonl: more than data.max_bad_lines=0 malformed lines \(the last at line "
+                                      r"2: not valid UTF-8"):
+    read_jsonl(str(path), max_bad_lines=0)
+
+
+def test_a_lone_surrogate_names_file_line_and_field(tmp_path):
+  path = _write(tmp_path / "s.jsonl", [json.dumps({"prompt": "a", "response": "b"}),
+                                       '{"prompt": "a", "response": "b\\ud800"}'])
+  with pytest.raises(DataError, match=r"s.jsonl:2: 'response' holds a lone surrogate \\ud800"):
+    read_jsonl(path, max_bad_lines=10)
+  chat = {"messages": [{"role": "user", "content": "x\udc00"}, {"role": "assistant", "content": "y"}]}
+  with pytest.raises(DataError, match=r"f.jsonl:3: messages\[0\].content holds a lone surrogate"):
+    validate_record(chat, "f.jsonl", 3)
 
 
 # ---- rows --------------------------------------------------------------------------------------------------------

@@ -50,6 +50,17 @@ def _where(source: str, line: int | None) -> str:
   return f"{source}:{line}" if line is not None else source
 
 
+def _check_unicode(text: str, where: str, field: str) -> None:
+  """JSON can escape half a surrogate pair (`"\\ud800"`), which is no character: refuse it here, not later when
+  the text is encoded."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DataError(f"{where}: {field} holds a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}, "
+                    f"which is not valid Unicode; escape a non-BMP character as a full surrogate pair or write it "
+                    f"as UTF-8") from None
+
+
 def validate_record(record: Any, source: str, line: int | None = None) -> dict[str, Any]:
   """Checks one record; returns it normalised (`prompt`/`response` or `messages`). Errors name file and line."""
   where = _where(source, line)
@@ -69,6 +80,7 @@ def validate_record(record: Any, source: str, line: int | None = None) -> dict[s
         raise DataError(f"{where}: messages[{i}] has unknown role {role!r}; valid roles are {ROLES}")
       if not isinstance(content, str):
         raise DataError(f"{where}: messages[{i}].content must be a string")
+      _check_unicode(content, where, f"messages[{i}].content")
       if role == "system" and i > 0:
         raise DataError(f"{where}: messages[{i}] is a system message; only the first message may be one")
       if role == "assistant" and not content.strip():
@@ -83,34 +95,40 @@ def validate_record(record: Any, source: str, line: int | None = None) -> dict[s
       raise DataError(f"{where}: 'prompt' must be a string")
     if not isinstance(response, str) or not response.strip():
       raise DataError(f"{where}: 'response' must be a non-empty string")
+    _check_unicode(prompt, where, "'prompt'")
+    _check_unicode(response, where, "'response'")
     return {"prompt": prompt, "response": response}
   raise DataError(f"{where}: a record needs 'prompt' and 'response', or 'messages'; got keys {sorted(record)}")
 
 
 def read_jsonl(path: str, *, max_bad_lines: int, seen_bad: int = 0, display: str | None = None
                ) -> tuple[list[dict], int]:
-  """Valid records of a JSONL file and the number of malformed lines skipped (each reported on stderr with its
-  file and line). More than `max_bad_lines` malformed lines in all (`seen_bad` of them in earlier files), or any
-  invalid record, is an error."""
+  """Valid records of a JSONL file and the number of malformed lines (bad JSON or not UTF-8) skipped, each
+  reported on stderr with its file and line. More than `max_bad_lines` malformed lines in all (`seen_bad` of them
+  in earlier files), or any invalid record, is an error."""
   display = display or path
   records, bad = [], 0
   try:
-    f = open(path, encoding="utf-8")
+    f = open(path, "rb")  # decoded line by line, so a non-UTF-8 line is reported with its number
   except OSError as e:
     raise DataError(f"cannot read {display}: {e.strerror}") from None
   with f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+    for number, raw in enumerate(f, start=1):
+      if number == 1:  # a byte-order mark (some Windows editors write one) is not part of the first record
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
       try:
+        line = raw.decode("utf-8")
+        if not line.strip():
+          continue
         record = json.loads(line)
-      except json.JSONDecodeError as e:
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
         bad += 1
-        print(f"warning: {display}:{number}: malformed JSON ({e.msg}, column {e.colno}); line skipped",
-              file=sys.stderr)
+        problem = (f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)"
+                   if isinstance(e, UnicodeDecodeError) else f"malformed JSON ({e.msg}, column {e.colno})")
+        print(f"warning: {display}:{number}: {problem}; line skipped", file=sys.stderr)
         if seen_bad + bad > max_bad_lines:
-          raise DataError(f"{display}: more than data.max_bad_lines={max_bad_lines} malformed JSON lines "
-                          f"(the last at line {number}); fix the file or raise the limit") from None
+          raise DataError(f"{display}: more than data.max_bad_lines={max_bad_lines} malformed lines (the last at "
+                          f"line {number}: {problem}); fix the file or raise the limit") from None
         continue
       record = validate_record(record, display, number)
       records.append(dict(record, source=f"{display}:{number}"))

@@ -39,6 +39,14 @@ class Tokenizer:
     """Text of the ids, leaving out padding, bos/eos and mask tokens."""
     return self.sp.decode([int(i) for i in ids if int(i) not in self.special_ids])
 
+  def decode_continuation(self, prefix_ids, ids) -> str:
+    """Text of `ids` as it reads after `prefix_ids` (a completion after its prompt). `decode(ids)` alone would
+    read them as a text's start and drop the leading space the dummy prefix stands for (a code line's first
+    indent space); here the prefix's text is cut off the text of both."""
+    head = self.decode(prefix_ids)
+    text = self.decode(list(prefix_ids) + list(ids))
+    return text[len(head):] if text.startswith(head) else self.decode(ids)
+
 
 def train_tokenizer(texts, model_prefix: str, vocab_size: int, *, max_sentences: int = 120_000) -> Tokenizer:
   """Trains a byte-fallback sentencepiece model on the given texts (whitespace kept as written, for code)."""
@@ -60,7 +68,53 @@ def train_tokenizer(texts, model_prefix: str, vocab_size: int, *, max_sentences:
   except RuntimeError as e:
     raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
                     f"{str(e).splitlines()[0][-200:]}; try another vocab_size (model.vocab_size)") from None
+  _drop_build_paths(model_prefix + ".model")
   return Tokenizer(model_prefix + ".model")
+
+
+# TrainerSpec fields that say where and how a model was trained, not how it tokenises: sentencepiece stores the
+# build's paths (`model_prefix`, e.g. `data/<name>.partial/tokenizer`), so two builds of one corpus differ in bytes.
+_BUILD_FIELDS = ("model_prefix", "input", "input_format")
+# TrainerSpec fields that change the ids of a text or the text of ids; the pieces (piece, score, type) and the
+# normalizer/denormalizer specs are compared whole.
+_TOKENIZING_FIELDS = ("model_type", "vocab_size", "byte_fallback", "treat_whitespace_as_suffix",
+                      "allow_whitespace_only_pieces", "split_digits", "unk_id", "bos_id", "eos_id", "pad_id",
+                      "unk_piece", "bos_piece", "eos_piece", "pad_piece", "unk_surface", "control_symbols",
+                      "user_defined_symbols")
+
+
+def _model_proto(path: str):
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(path, "rb") as f:
+    proto.ParseFromString(f.read())
+  return proto
+
+
+def _drop_build_paths(path: str) -> None:
+  """Rewrites a freshly trained model without the build's paths, so its bytes depend on the corpus only."""
+  proto = _model_proto(path)
+  for field in _BUILD_FIELDS:
+    proto.trainer_spec.ClearField(field)
+  with open(path, "wb") as f:
+    f.write(proto.SerializeToString())
+
+
+def same_tokenizer(path_a: str, path_b: str) -> bool:
+  """Whether two sentencepiece files tokenise alike: the same pieces, scores and types, normalizer and
+  denormalizer, and tokenising settings, whatever paths or training options each build recorded."""
+  import filecmp
+
+  from google.protobuf.message import DecodeError
+  if filecmp.cmp(path_a, path_b, shallow=False):
+    return True
+  try:
+    a, b = _model_proto(path_a), _model_proto(path_b)
+  except DecodeError:  # not a sentencepiece model, and the bytes differ
+    return False
+  return (a.pieces == b.pieces and a.normalizer_spec == b.normalizer_spec
+          and a.denormalizer_spec == b.denormalizer_spec
+          and all(getattr(a.trainer_spec, f) == getattr(b.trainer_spec, f) for f in _TOKENIZING_FIELDS))
 
 
 def _train(lines, model_prefix, vocab_size, max_sentences):

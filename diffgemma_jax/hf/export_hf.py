@@ -1,9 +1,10 @@
 """Our checkpoint -> a Hugging Face DiffusionGemma directory that `transformers` loads.
 
-Writes config.json (text part; no vision tower), generation_config.json and safetensors shards holding the
-decoder's tensors plus both copies of the `layer_scalar` buffers, which is what `save_pretrained` of
-`DiffusionGemmaForBlockDiffusion` writes. Loading it into the multimodal class leaves the vision tower at its
-initialisation (transformers reports those weights as missing).
+Writes config.json (text part; no vision tower), generation_config.json, the run's tokenizer.model (whose
+bos/eos/pad ids generation_config.json names) and safetensors shards holding the decoder's tensors plus both
+copies of the `layer_scalar` buffers, which is what `save_pretrained` of `DiffusionGemmaForBlockDiffusion`
+writes. Loading it into the multimodal class leaves the vision tower at its initialisation (transformers reports
+those weights as missing).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import numpy as np
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.safetensors_io import write_sharded
 from diffgemma_jax.model.config import ConfigError, ModelConfig
-
-GENERATION_CONFIG = {"_from_model_config": False, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 
 
 def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):
@@ -66,12 +65,50 @@ def hf_tensors(cfg: ModelConfig, pure: Any, dtype=np.float32):
     yield name, np.asarray(array, dtype)
 
 
+def run_tokenizer(workdir: str, data_tokenizer: str = "") -> str:
+  """The tokenizer a run was trained with: the one the trainer pinned in its workdir, else `data.tokenizer` (the
+  tokenizer of imported weights). Without either, fails rather than export a model with guessed special ids."""
+  pinned = os.path.join(workdir, "tokenizer.model")
+  if os.path.isfile(pinned):
+    return pinned
+  if data_tokenizer:
+    if not os.path.isfile(data_tokenizer):
+      raise ConfigError(f"data.tokenizer: {data_tokenizer!r} does not exist; give a sentencepiece .model")
+    return data_tokenizer
+  raise ConfigError(f"--workdir {workdir} keeps no tokenizer.model and data.tokenizer is empty, so the export "
+                    f"would ship no tokenizer and guess its bos/eos/pad ids; pass --config.data.tokenizer=PATH "
+                    f"(the sentencepiece .model this model was trained with)")
+
+
+def generation_config(tokenizer: str | None, vocab_size: int) -> dict[str, Any]:
+  """generation_config.json: the special ids of the model's sentencepiece file (none without one: guessed ids
+  would stop generation at the wrong token)."""
+  config: dict[str, Any] = {"_from_model_config": False}
+  if tokenizer:
+    from diffgemma_jax.data import Tokenizer
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size > vocab_size:
+      raise ConfigError(f"the tokenizer {tokenizer} has {tok.vocab_size} pieces but the model only "
+                        f"model.vocab_size={vocab_size} embeddings: it is not this model's tokenizer")
+    config.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+  return config
+
+
 def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 256, dtype: str = "float32",
-              max_shard_bytes: int = 4 << 30, log: Callable[[str], None] = print) -> list[str]:
-  """Writes the Hugging Face directory `output`; returns the shard file names. LoRA adapters (a fine-tune with
-  `model.lora_rank` > 0) are merged into their base weights first: the reference model has no adapters."""
+              max_shard_bytes: int = 4 << 30, tokenizer: str | None = None,
+              log: Callable[[str], None] = print) -> list[str]:
+  """Writes the Hugging Face directory `output`; returns the shard file names. `tokenizer`: the model's
+  sentencepiece file, copied in as tokenizer.model (its ids go into generation_config.json). LoRA adapters (a
+  fine-tune with `model.lora_rank` > 0) are merged into their base weights first: the reference model has none."""
+  import shutil
+
   from diffgemma_jax.model.layers import dtype_of
   from diffgemma_jax.model.lora import merge_lora
+
+  generation = generation_config(tokenizer, cfg.vocab_size)  # a wrong tokenizer fails before any shard is written
+  if tokenizer is None:
+    log("warning: no tokenizer given: generation_config.json names no bos/eos/pad ids and no tokenizer.model "
+        "is written")
 
   if cfg.lora_rank:
     log(f"merging LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha}) into the base weights")
@@ -85,6 +122,9 @@ def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 
   with open(os.path.join(output, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
   with open(os.path.join(output, "generation_config.json"), "w") as f:
-    json.dump(GENERATION_CONFIG, f, indent=2)
-  log(f"wrote {output}: config.json and {len(files)} safetensors shard(s) ({dtype})")
+    json.dump(generation, f, indent=2)
+  if tokenizer:
+    shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.model"))
+  log(f"wrote {output}: config.json, {len(files)} safetensors shard(s) ({dtype})"
+      + (" and tokenizer.model" if tokenizer else ""))
   return files

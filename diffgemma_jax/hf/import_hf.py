@@ -1,10 +1,10 @@
 """Hugging Face DiffusionGemma (config.json + safetensors shards) -> our config and an Orbax checkpoint.
 
 The output is a workdir: `OUT/checkpoints/<step>/params` (StandardSave of the parameters as plain nested dicts,
-the trainer's layout, so `Checkpointer.restore_params` and `diffgemma-eval --workdir OUT` read it) and
-`OUT/checkpoints/run_config.json`. Shards are read one at a time and tensor by tensor from a memory map, each
-converted straight into its slot of our parameter tree, so host memory peaks at our parameters (in
-`model.param_dtype`) plus one tensor, never a second copy of the model.
+the trainer's layout, so `Checkpointer.restore_params` and `diffgemma-eval --workdir OUT` read it),
+`OUT/checkpoints/run_config.json` and, when the checkpoint ships one, `OUT/tokenizer.model`. Shards are read one at
+a time and tensor by tensor from a memory map, each converted straight into its slot of our parameter tree, so host
+memory peaks at our parameters (in `model.param_dtype`) plus one tensor, never a second copy of the model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
-from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.config import ConfigError, ModelConfig
 
 CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
 
@@ -177,12 +177,27 @@ def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0)
   return directory
 
 
-def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, log: Callable[[str], None] = print,
-              **model_overrides) -> ModelConfig:
-  """The whole import: config, parameters, checkpoint (and a config file). Returns our ModelConfig."""
+def check_output(output: str, *, force: bool) -> None:
+  """Refuses a workdir whose checkpoints/ holds anything: the imported step 0 would sit below its later steps
+  (which eval, generate and resume take) and its run_config.json would be overwritten."""
+  directory = os.path.join(output, "checkpoints")
+  found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  if found and not force:
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise ConfigError(f"--output {output}: {directory} is not empty ({shown}); an imported step 0 would be "
+                      f"ignored beside the later steps and run_config.json overwritten. Use a new --output, or "
+                      f"--force to delete that run's checkpoints and import in their place")
+
+
+def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force: bool = False,
+              log: Callable[[str], None] = print, **model_overrides) -> ModelConfig:
+  """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
+  in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
+  checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first."""
   from diffgemma_jax.config import base_config
   from diffgemma_jax.train.checkpoint import config_to_dict
 
+  check_output(output, force=force)
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
   scratch = os.path.join(os.path.abspath(output), ".import-scratch")  # beside the output: same filesystem
@@ -193,11 +208,22 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, log: C
     run_config.model.update(cfg.to_dict())
     run_config.objective.name = "uniform"
     run_config.objective.block_size = canvas_length
+    if force:  # only now that the new parameters loaded: a failed import leaves the old run as it was
+      shutil.rmtree(os.path.join(output, "checkpoints"), ignore_errors=True)
+      if os.path.isfile(os.path.join(output, "tokenizer.model")):
+        os.remove(os.path.join(output, "tokenizer.model"))
     directory = save_checkpoint(output, pure, config_to_dict(run_config))
     del pure
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
+  tokenizer = os.path.join(hf_dir, "tokenizer.model")
+  if os.path.isfile(tokenizer):
+    shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.model"))
+    log(f"wrote {os.path.join(output, 'tokenizer.model')} (the checkpoint's tokenizer)")
+  else:
+    log(f"note: {hf_dir} ships no tokenizer.model; set data.tokenizer to the model's sentencepiece file to "
+        f"generate or fine-tune with it")
   if config_out:
     write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length)
     log(f"wrote {config_out}")

@@ -49,6 +49,13 @@ BLOCK_NORMS = {
 }
 
 
+# config.json's model_type (the whole model's, or its text config's), and the text config keys with no default.
+MODEL_TYPES = ("diffusion_gemma", "diffusion_gemma_text")
+REQUIRED_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "head_dim", "sliding_window", "intermediate_size", "num_experts", "top_k_experts",
+                      "moe_intermediate_size")
+
+
 class MappingError(ValueError):
   """Tensors that do not map one-to-one: the message lists every offending name."""
 
@@ -70,10 +77,19 @@ def text_config_of(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 def model_overrides_from_hf(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   """Our `model` section (overrides of ModelConfig's defaults) for a Hugging Face config.json dict.
 
-  Fails with every unsupported setting listed (attention bias, an activation other than tanh-GELU, RoPE types
-  we do not implement, per-layer head dims that differ within a layer kind).
+  Fails on a model_type other than DiffusionGemma's, listing missing required keys, and with every unsupported
+  setting listed (attention bias, an activation other than tanh-GELU, RoPE types we do not implement, per-layer
+  head dims that differ within a layer kind).
   """
+  model_type = hf_config.get("model_type")
+  if model_type not in MODEL_TYPES:
+    raise MappingError(f"config.json has model_type={model_type!r}, not a DiffusionGemma model (valid: "
+                       f"{MODEL_TYPES}); only DiffusionGemma checkpoints can be imported")
   text = text_config_of(hf_config)
+  missing = [key for key in REQUIRED_TEXT_KEYS if key not in text]
+  if missing:
+    where = "text_config" if "text_config" in hf_config else "config.json"
+    raise MappingError(f"unsupported Hugging Face config: {where} lacks {', '.join(missing)}")
   problems = []
   if text.get("attention_bias"):
     problems.append("text_config.attention_bias=true (our attention has no biases)")

@@ -27,6 +27,12 @@ def tokenizer_source(config) -> str | None:
   if config.data.tokenizer:
     if not os.path.isfile(config.data.tokenizer):
       raise ConfigError(f"data.tokenizer: {config.data.tokenizer!r} does not exist; give a sentencepiece .model")
+    import sentencepiece as spm
+    try:  # checked before a dataset folder is started with it
+      spm.SentencePieceProcessor(model_file=str(config.data.tokenizer))
+    except (RuntimeError, OSError) as e:
+      raise ConfigError(f"data.tokenizer: {config.data.tokenizer!r} is not a sentencepiece model "
+                        f"({str(e).splitlines()[0][:200]}); give a sentencepiece .model file") from None
     return str(config.data.tokenizer)
   if config.data.recipe in SFT_RECIPES and config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
@@ -73,12 +79,13 @@ def prepare_dataset(config) -> tuple[str, Any]:
 def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
   """Keeps the tokenizer a run was trained with in its workdir, and refuses a dataset whose tokenizer differs
   (a rebuilt dataset would otherwise silently re-map every token id of the trained model)."""
-  import filecmp
   import shutil
+
+  from diffgemma_jax.data.tokenizer import same_tokenizer
   source = os.path.join(directory, "tokenizer.model")
   pinned = os.path.join(workdir, "tokenizer.model")
   if os.path.isfile(pinned):
-    if not filecmp.cmp(source, pinned, shallow=False):
+    if not same_tokenizer(source, pinned):  # by content: a file records the path it was built at
       raise ConfigError(f"the tokenizer in {directory} differs from {pinned}, the one this run was trained with; "
                         f"point data.dir at the run's original dataset or use a new --workdir")
   elif write:
