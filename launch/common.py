@@ -29,3 +29,27 @@ def config_overrides(rest: list[str]) -> dict[str, str]:
 def fail(message: str, code: int = 2) -> int:
   print(f"error: {message}", file=sys.stderr)
   return code
+
+
+def check_writable(path: str, flag: str) -> None:
+  """Fails before any work when `path` cannot be written: its folder missing or read-only, or a folder itself."""
+  import os
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ConfigError(f"{flag} {path} is a directory; give a file path")
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{flag} {path}: the folder {folder} does not exist")
+  if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise ConfigError(f"{flag} {path} is not writable")
+
+
+def json_safe(value):
+  """`value` with every non-finite float as None, so the JSON printed is standard (no NaN or Infinity)."""
+  import math
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value

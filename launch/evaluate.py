@@ -12,7 +12,7 @@ import sys
 
 from diffgemma_jax.config import load_config
 from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail
+from launch.common import check_writable, config_overrides, fail, json_safe
 
 
 def main(argv=None) -> int:
@@ -28,11 +28,13 @@ def main(argv=None) -> int:
   from diffgemma_jax.data import DataError
   from diffgemma_jax.evaluate import evaluate
   try:
+    if args.output:  # before the evaluation, not after it
+      check_writable(args.output, "--output")
     config = load_config(args.config, config_overrides(rest))
     result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint)
   except (ConfigError, DataError) as e:
     return fail(str(e))
-  text = json.dumps(result, indent=2, sort_keys=True)
+  text = json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False)
   if args.output:
     with open(args.output, "w") as f:
       f.write(text + "\n")

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from diffgemma_jax.config import load_config
 from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail
+from launch.common import config_overrides, fail, json_safe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,17 +26,20 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt")
-  source.add_argument("--prompts", help="a file with one prompt per line")
+  source.add_argument("--prompts", help="a UTF-8 file with one prompt per line (\\n in a line is a newline, \\\\ a "
+                      "backslash), or a .jsonl file with one JSON string or {\"prompt\": ...} object per line")
   p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: ar for AR models, "
                  "threshold for masked diffusion, block_threshold for block diffusion, entropy_bound for uniform)")
-  p.add_argument("--gen_length", type=int, default=128, help="new tokens to generate (at most)")
-  p.add_argument("--block_length", type=int, default=32, help="diffusion: semi-autoregressive block length (canvas "
-                 "samplers: the model's objective.block_size)")
+  p.add_argument("--gen_length", type=int, default=None, help="new tokens to generate (at most; default: what fits "
+                 "in the model's context after the prompt, at most 128)")
+  p.add_argument("--block_length", type=int, default=None, help="diffusion: semi-autoregressive block length "
+                 "(default 32; canvas samplers: the model's objective.block_size)")
   p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps over gen_length (default: "
                  "gen_length); a multiple of gen_length / block_length")
-  p.add_argument("--threshold", type=float, default=0.9, help="threshold samplers: commit confidence, in (0, 1]")
-  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-  p.add_argument("--top_p", type=float, default=1.0, help="ar: nucleus mass, in (0, 1]")
+  p.add_argument("--threshold", type=float, default=None, help="threshold samplers: commit confidence, in (0, 1] "
+                 "(default 0.9)")
+  p.add_argument("--temperature", type=float, default=None, help="0 (the default): greedy")
+  p.add_argument("--top_p", type=float, default=None, help="ar: nucleus mass, in (0, 1] (default 1)")
   entropy = p.add_argument_group("entropy_bound sampler (uniform-state models; defaults: the released model's)")
   entropy.add_argument("--max_denoising_steps", type=int, default=None, help="at most this many steps per canvas "
                        "(default 48)")
@@ -56,27 +60,55 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _unescape(line: str) -> str:
+  return re.sub(r"\\([\\n])", lambda m: "\n" if m.group(1) == "n" else "\\", line)
+
+
 def _read_prompts(args) -> list[str]:
+  """--prompt, or the prompts of the --prompts file: text lines (blank ones skipped) or JSONL."""
   if args.prompt is not None:
     return [args.prompt]
+  jsonl = args.prompts.endswith(".jsonl")
+  prompts = []
   try:
-    with open(args.prompts) as f:
-      return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    with open(args.prompts, "rb") as f:
+      for number, raw in enumerate(f, 1):
+        where = f"--prompts {args.prompts}:{number}"
+        try:
+          line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+          raise ConfigError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not line.strip():
+          continue
+        if not jsonl:
+          prompts.append(_unescape(line))
+          continue
+        try:
+          record = json.loads(line)
+        except ValueError as e:
+          raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else record
+        if not isinstance(prompt, str):
+          raise ConfigError(f"{where}: expected a JSON string or an object with a string 'prompt', got "
+                            f"{type(prompt).__name__}")
+        prompts.append(prompt)
   except OSError as e:
     raise ConfigError(f"--prompts {args.prompts!r} cannot be read: {e.strerror}") from None
+  return prompts
 
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   from diffgemma_jax.data import DataError
-  from diffgemma_jax.sampling.requests import GenerationOptions, generate_completions
+  from diffgemma_jax.sampling.requests import (ENTROPY_BOUND_OPTIONS, GenerationOptions, check_flags,
+                                               generate_completions)
   try:
     config = load_config(args.config, config_overrides(rest))
-    options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, block_length=args.block_length,
-                                steps=args.steps, threshold=args.threshold, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, max_denoising_steps=args.max_denoising_steps,
-                                entropy_bound=args.entropy_bound, temperature_start=args.temperature_start,
-                                temperature_end=args.temperature_end, stop_mean_entropy=args.stop_mean_entropy)
+    given = {flag: getattr(args, flag) for flag in
+             ("block_length", "steps", "threshold", "temperature", "top_p") + ENTROPY_BOUND_OPTIONS}
+    check_flags(args.sampler, str(config.objective.name), given)
+    options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, seed=args.seed,
+                                **{flag: value for flag, value in given.items() if value is not None})
     prompts = _read_prompts(args)
     if args.chat:
       from diffgemma_jax.data.sft import chat_prompt
@@ -92,9 +124,9 @@ def main(argv=None) -> int:
   except (ConfigError, DataError) as e:
     return fail(str(e))
   if args.json:
-    keys = ("prompt", "completion", "sampler", "step", "prompt_tokens", "new_tokens", "model_calls", "seconds",
-            "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids")
-    print(json.dumps([{k: r[k] for k in keys} for r in results], indent=2))
+    keys = ("prompt", "completion", "sampler", "step", "prompt_tokens", "gen_length", "new_tokens", "model_calls",
+            "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids")
+    print(json.dumps(json_safe([{k: r[k] for k in keys} for r in results]), indent=2, allow_nan=False))
     return 0
   for index, r in enumerate(results):
     canvases = "" if r["steps_per_canvas"] is None else f", steps per canvas {r['steps_per_canvas']}"

@@ -53,7 +53,9 @@ def test_config_argument_and_file_paths_fail_with_one_line(tiny_config_file, tmp
   for argv, expected in ((["--config", tiny_config_file + ":foo", "--workdir", str(tmp_path / "a")], "takes no argument"),
                          (["--config", tiny_config_file, "--workdir", str(tmp_path / "b"),
                            f"--config.init.checkpoint={afile}"], "init.checkpoint: " + str(afile) + " is not a directory"),
-                         (["--config", tiny_config_file, "--workdir", str(afile)], "is a file, not a directory")):
+                         (["--config", tiny_config_file, "--workdir", str(afile)], "is a file, not a directory"),
+                         (["--config", tiny_config_file, "--workdir", str(tmp_path / "c"),
+                           f"--config.data.tokenizer={afile}"], "is not a sentencepiece model")):
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and err.startswith("error: "), err

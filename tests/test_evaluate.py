@@ -55,6 +55,13 @@ def test_eval_cli_writes_json(trained_run, tiny_config_file, tmp_path, capsys):
   assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "5"]) == 2
   err = capsys.readouterr().err
   assert "--step 5" in err and "[8, 16, 24]" in err
+  # an --output that cannot be written fails before the evaluation
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--output", str(tmp_path / "no" / "x.json")]) == 2
+  assert "the folder" in capsys.readouterr().err
+  # one scored sequence: no standard error, printed as null (standard JSON, no NaN)
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--config.eval.max_sequences=1"]) == 0
+  text = capsys.readouterr().out
+  assert "NaN" not in text and json.loads(text)["stderr_bits_per_token"] is None
 
 
 def test_token_shift_block_size_1_evaluates_to_the_ar_likelihood(load_tiny, trained_run):

@@ -13,8 +13,9 @@ import pytest
 from diffgemma_jax.model import ModelConfig, build_model, make_mask
 from diffgemma_jax.objectives.ar import next_token_nll
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
-from diffgemma_jax.sampling.requests import (GenerationError, GenerationOptions, Generator, validate_options,
-                                             validate_prompt)
+from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.sampling.requests import (GenerationError, GenerationOptions, Generator, check_flags,
+                                             validate_options, validate_prompt)
 from launch.generate import main
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
@@ -175,3 +176,48 @@ def test_tokenizer_precedence_workdir_then_data_tokenizer(trained_run, load_tiny
   empty = tmp_path / "imported"  # e.g. a diffgemma-import workdir: no pinned tokenizer
   empty.mkdir()
   assert load_tokenizer(config, str(empty)).path == pinned
+
+
+@pytest.mark.parametrize("sampler,objective,flag,value", [
+    (None, "block", "top_p", 0.5), ("ar", "ar", "steps", 3), ("ar", "ar", "block_length", 8),
+    ("ar", "ar", "threshold", 0.3), ("low_confidence", "masked", "threshold", 0.3),
+    ("block_low_confidence", "block", "threshold", 0.3), (None, "uniform", "threshold", 0.5)])
+def test_a_flag_the_sampler_ignores_is_refused(sampler, objective, flag, value):
+  with pytest.raises(GenerationError, match=rf"--{flag} does not apply to --sampler") as info:
+    check_flags(sampler, objective, {flag: value})
+  assert "\n" not in str(info.value)
+  check_flags(sampler, objective, {flag: None})  # unset: fine
+  check_flags("threshold", "masked", {"threshold": 0.3, "steps": 16, "temperature": 1.0, "block_length": 8})
+
+
+def test_prompts_file_escapes_jsonl_and_bad_bytes(tmp_path):
+  import argparse
+  from launch.generate import _read_prompts
+  text = tmp_path / "p.txt"
+  text.write_bytes(b'\xef\xbb\xbfdef f():\\n    return 1\n\nprint("a\\\\nb")\r\n')
+  assert _read_prompts(argparse.Namespace(prompt=None, prompts=str(text))) == [
+      "def f():\n    return 1", 'print("a\\nb")']
+  lines = tmp_path / "p.jsonl"
+  lines.write_text(json.dumps("x\\n") + "\n" + json.dumps({"prompt": "caf\u00e9\n"}) + "\n")
+  assert _read_prompts(argparse.Namespace(prompt=None, prompts=str(lines))) == ["x\\n", "caf\u00e9\n"]
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"ok\ncaf\xe9 = 1\n")
+  with pytest.raises(ConfigError, match=r"bad.txt:2: not valid UTF-8"):
+    _read_prompts(argparse.Namespace(prompt=None, prompts=str(bad)))
+  lines.write_text('{"text": "x"}\n')
+  with pytest.raises(ConfigError, match=r"p.jsonl:1: expected a JSON string or an object with a string 'prompt'"):
+    _read_prompts(argparse.Namespace(prompt=None, prompts=str(lines)))
+
+
+def test_default_gen_length_fills_the_context(trained_run, tiny_config_file, capsys):
+  """No --gen_length: as many whole blocks as fit after the prompt (train.seq_len 32 here), no warning."""
+  _, workdir, _ = trained_run
+  code = main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--block_length", "8",
+               "--json"])
+  captured = capsys.readouterr()
+  assert code == 0 and "warning" not in captured.err, captured.err
+  (result,) = json.loads(captured.out)
+  room = 32 - result["prompt_tokens"]
+  assert result["gen_length"] == room // 8 * 8 and result["new_tokens"] <= result["gen_length"]
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--top_p", "0.5"]) == 2
+  assert "--top_p does not apply to --sampler threshold" in capsys.readouterr().err

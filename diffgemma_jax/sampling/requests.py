@@ -47,6 +47,21 @@ ENTROPY_BOUND_DEFAULTS = {field.name: field.default for field in dataclasses.fie
 ENTROPY_BOUND_OPTIONS = tuple(ENTROPY_BOUND_DEFAULTS)
 
 
+# The sampler options each sampler reads (beyond --gen_length and --seed); the CLI refuses one set for a sampler
+# that would ignore it.
+_MASKED_FLAGS = ("block_length", "steps", "temperature")
+SAMPLER_FLAGS: dict[str, tuple[str, ...]] = {
+    "ar": ("temperature", "top_p"),
+    "low_confidence": _MASKED_FLAGS,
+    "low_confidence_cached": _MASKED_FLAGS,
+    "threshold": _MASKED_FLAGS + ("threshold",),
+    "threshold_nocache": _MASKED_FLAGS + ("threshold",),
+    "block_threshold": _MASKED_FLAGS + ("threshold",),
+    "block_low_confidence": _MASKED_FLAGS,
+    "entropy_bound": ("block_length",) + ENTROPY_BOUND_OPTIONS,
+}
+
+
 class GenerationError(ConfigError):
   """A generation request or option is invalid; the message names the flag and what would be valid."""
 
@@ -72,6 +87,20 @@ class GenerationOptions:
 
 def default_sampler(objective_name: str) -> str:
   return {"ar": "ar", "block": "block_threshold", "uniform": "entropy_bound"}.get(objective_name, "threshold")
+
+
+def check_flags(sampler: str | None, objective_name: str, given: dict[str, Any]) -> None:
+  """Refuses a sampler option the user set (`given`: flag -> value, None when unset) that `sampler` (None: the
+  model's default sampler) does not read, so no setting is silently ignored."""
+  sampler = sampler or default_sampler(objective_name)
+  if sampler not in SAMPLER_FLAGS:
+    return  # validate_options names the valid samplers
+  for flag, value in given.items():
+    if value is not None and flag not in SAMPLER_FLAGS[sampler]:
+      users = [name for name, flags in SAMPLER_FLAGS.items() if flag in flags]
+      raise GenerationError(f"--{flag} does not apply to --sampler {sampler} (it reads "
+                            f"{', '.join('--' + f for f in SAMPLER_FLAGS[sampler])}); --{flag} is for "
+                            f"{', '.join(users)}")
 
 
 def _validate_entropy_bound(options: GenerationOptions) -> GenerationOptions:
@@ -135,9 +164,10 @@ def validate_options(options: GenerationOptions, objective_name: str, block_size
     raise GenerationError(f"--temperature must be >= 0, got {options.temperature}")
   if not 0.0 < options.top_p <= 1.0:
     raise GenerationError(f"--top_p must lie in (0, 1], got {options.top_p}")
+  if cache == "canvas" and options.gen_length % options.block_length:
+    raise GenerationError(f"--gen_length {options.gen_length} must be a multiple of the model's canvas length "
+                          f"{options.block_length} (objective.block_size)")
   if acceptance == "entropy_bound":
-    if options.block_length < 1 or options.gen_length % options.block_length:
-      raise GenerationError(f"--block_length {options.block_length} must divide --gen_length {options.gen_length}")
     return dataclasses.replace(options, sampler=sampler)
   steps = options.gen_length if options.steps is None else options.steps
   if steps < 1:
@@ -224,8 +254,9 @@ class Generator:
     start = time.perf_counter()
     fn = self.compiled(cfg, B, P)
     compile_seconds = time.perf_counter() - start
+    inputs = jax.block_until_ready((jnp.asarray(prompt), jax.random.key(options.seed)))  # not part of the timing
     start = time.perf_counter()
-    tokens, calls, steps = jax.block_until_ready(fn(self.state, jnp.asarray(prompt), jax.random.key(options.seed)))
+    tokens, calls, steps = jax.block_until_ready(fn(self.state, *inputs))
     seconds = time.perf_counter() - start
     tokens, calls = np.asarray(tokens), np.asarray(calls)
     results = []
@@ -295,7 +326,11 @@ def load_tokenizer(config, workdir: str | None = None):
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
                          step: int | None = None, chat_template: str | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text) one request at a time; every option and prompt is checked before the
-  model is restored, so bad input fails fast."""
+  model is restored, so bad input fails fast. `options.gen_length=None`: as many new tokens as fit in the model's
+  context after the longest prompt (at most GenerationOptions.gen_length, whole canvases or blocks)."""
+  fill_context, given_steps = options.gen_length is None, options.steps
+  if fill_context:
+    options = dataclasses.replace(options, gen_length=GenerationOptions.gen_length)
   options = validate_options(options, str(config.objective.name), int(config.objective.block_size),
                              int(config.train.seq_len))
   if not prompts:
@@ -311,6 +346,12 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     ids = [tokenizer.bos_id] + list(encode_text(tokenizer, text, markers))
     validate_prompt(text, ids, context_length)
     encoded.append(ids)
+  if fill_context:  # --gen_length not given: as much as fits after the longest prompt, at most the default
+    room = context_length - max(len(ids) for ids in encoded)
+    unit = 1 if options.sampler == "ar" else options.block_length
+    fitted = max(min(GenerationOptions.gen_length, room) // unit, 1) * unit
+    options = validate_options(dataclasses.replace(options, gen_length=fitted, steps=given_steps),
+                               str(config.objective.name), int(config.objective.block_size), context_length)
   longest = max(len(ids) for ids in encoded) + options.gen_length
   if longest > context_length:
     import sys
@@ -322,6 +363,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   results = []
   for text, ids in zip(prompts, encoded):
     (result,) = generator.run([ids], options)
-    result.update(prompt=text, completion=tokenizer.decode(result["ids"]), prompt_tokens=len(ids), step=step)
+    result.update(prompt=text, completion=tokenizer.decode_continuation(ids, result["ids"]), prompt_tokens=len(ids),
+                  step=step, gen_length=options.gen_length)
     results.append(result)
   return results
