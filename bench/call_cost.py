@@ -28,6 +28,8 @@ from diffgemma_jax.model.transformer import build_model
 from diffgemma_jax.sampling.parts import masked_step
 
 NUM_SLOTS = 288  # a 32-token prompt and 256 new tokens, as bench/generate.py
+LAST_START = 64 + 7 * 16  # the call window moves over [64, LAST_START]; it must end inside the cache
+MAX_WIDTH = NUM_SLOTS - LAST_START
 MASK = 4
 
 
@@ -41,7 +43,7 @@ def compiled_calls(graphdef, width: int, calls: int):
 
     def body(i, carry):
       cache, acc = carry
-      start = 64 + (i % 8) * 16  # the window moves, as a sampler's does
+      start = 64 + (i % 8) * 16  # the window moves, as a sampler's does (up to LAST_START)
       positions = (start + jnp.arange(width, dtype=jnp.int32))[None]
       mask = slots[:, None, :] <= positions[0][None, :, None]
       logits, cache = model.decode(tokens[:, :width], positions, mask, cache, slots, start, logits_start=0,
@@ -77,9 +79,18 @@ def main(argv=None) -> int:
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
+  try:
+    widths = sorted({1, *(int(w) for w in args.widths.split(","))})
+  except ValueError:
+    p.error(f"--widths: comma-separated integers, got {args.widths!r}")
+  if not 1 <= widths[0] <= widths[-1] <= MAX_WIDTH:
+    p.error(f"--widths: each must lie in [1, {MAX_WIDTH}] (the moving call window must fit the {NUM_SLOTS}-slot "
+            f"cache), got {args.widths!r}")
+  for name in ("calls", "repeats", "rounds"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   config = load_config(args.config, dict(item.split("=", 1) for item in args.override))
   graphdef, state = nnx.split(build_model(ModelConfig.from_config_dict(config.model), 0))
-  widths = sorted({1, *(int(w) for w in args.widths.split(","))})
   # Interleaved rounds: each width is timed once per round, so a load change on a shared machine hits them all.
   runs = {w: compiled_calls(graphdef, w, args.calls) for w in widths}
   per_width = {w: [] for w in widths}

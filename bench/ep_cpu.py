@@ -61,6 +61,8 @@ def main():
   parser.add_argument("--backend", default="sorted")
   parser.add_argument("--runs", type=int, default=10)
   args = parser.parse_args()
+  if args.runs < 1:
+    parser.error(f"--runs must be >= 1, got {args.runs}")
   mesh = make_mesh((1, 1, 8, 1))
   rows = P(("data", "fsdp", "expert"))
 

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--quality_samples", type=int, default=1,
                  help="samples (seeds 0..N-1) whose pooled gen-PPL and mean entropy are reported; one is timed")
-  p.add_argument("--only", default="", help="comma-separated sampler names to run (default: all)")
+  p.add_argument("--only", default="", help="comma-separated sampler names or setting labels (as printed, e.g. "
+                 "'block_fused threshold 0.9') to run (default: all)")
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override applied to every config (e.g. model.vocab_size=1024 for older runs)")
   p.add_argument("--json", action="store_true")
@@ -207,11 +208,15 @@ def main(argv=None) -> int:
           sampler="entropy_bound", gen_length=args.gen_length, block_length=canvas, max_denoising_steps=max_steps,
           stop_at_eos=False), "uniform", block_size=canvas)))
   only = set(filter(None, args.only.split(",")))
+  known = {getattr(options, "sampler", "block_fused") for _, _, options in plan} | {label for label, _, _ in plan}
+  if only - known:
+    p.error(f"--only: {', '.join(sorted(only - known))} names no setting of this run; give sampler names or "
+                 f"setting labels from: {', '.join(sorted(known))}")
   generators = {}
   rows = []
   for label, model, options in plan:
     sampler = getattr(options, "sampler", "block_fused")
-    if only and sampler not in only:
+    if only and sampler not in only and label not in only:
       continue
     generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
     paired = None
@@ -233,10 +238,10 @@ def main(argv=None) -> int:
     if scorer is not None:  # pooled over every sample's tokens; EOS does not end a sample
       row["gen_ppl"] = scorer(samples, len(prompt), eos_id=-1)["gen_ppl"]
     rows.append(row)
-    if not args.json:
-      print(f"T={row['temperature']:g} {label:36s} {row['tokens_per_s']:9.1f} tok/s {row['model_calls']:5d} calls"
-            + (f"  gen-PPL {row['gen_ppl']:8.2f}" if "gen_ppl" in row else "")
-            + f"  entropy {row['unigram_entropy']:.2f}", file=sys.stderr, flush=True)
+    # progress on stderr in every mode: a run cut short by a timeout keeps what it measured
+    print(f"T={row['temperature']:g} {label:36s} {row['tokens_per_s']:9.1f} tok/s {row['model_calls']:5d} calls"
+          + (f"  gen-PPL {row['gen_ppl']:8.2f}" if "gen_ppl" in row else "")
+          + f"  entropy {row['unigram_entropy']:.2f}", file=sys.stderr, flush=True)
   ar_rows = {r["temperature"]: r for r in rows if r["sampler"] == "ar"}
   for row in rows:
     ar_row = ar_rows.get(row["temperature"], ar_rows.get(temperatures[0]))  # entropy_bound: its own schedule

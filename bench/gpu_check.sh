@@ -38,7 +38,7 @@ STEPS=(
   "kernel_resources|45|ncu --kernel-name regex:gmm --launch-count 8 --section LaunchStats --section Occupancy --csv --page details $PY bench/gmm_gpu.py --shapes mixtral_up --impls ours --runs 1 --warmup 0 --copies 1 > $OUTDIR/kernel_resources.csv"
   "pallas_gmm_tests|90|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
   "train_step_benchmark|45|$PY bench/train_cpu.py --json --steps 10 --batch_size 32 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
-  "sampler_benchmark|45|$PY bench/generate.py --json --random_weights --repeats 1 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False > $OUTDIR/generate.json"
+  "sampler_benchmark|45|$PY bench/generate.py --json --random_weights --repeats 1 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,threshold 0.9,block_threshold 0.9,block_fused threshold 0.9,block_fused low_confidence steps=32' > $OUTDIR/generate.json"
 )
 
 failed=0

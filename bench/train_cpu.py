@@ -80,6 +80,9 @@ def main(argv=None) -> int:
   parser.add_argument("--backends", default="dense,ragged,sorted")
   parser.add_argument("--peak_flops_per_device", type=float, default=0.0)
   args = parser.parse_args(argv)
+  for name in ("steps", "batch_size", "seq_len"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   peak = peak_flops_per_device(args.peak_flops_per_device) * len(jax.devices())
   cfg = ModelConfig()
   results = [bench_backend(b, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, peak_flops=peak)
