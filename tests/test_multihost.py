@@ -17,11 +17,14 @@ from diffgemma_jax.parallel.distributed import distributed_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_SH = os.path.join(REPO, "launch", "multihost", "local.sh")
-MESH = "(1,2,4,1)"
+# (1,2,4,1): fsdp x expert over both processes' devices, so every collective crosses the process boundary;
+# (2,2,2,1): data across the processes with fsdp and expert inside each, the mesh on which XLA:CPU's concurrent
+# collectives corrupted expert weights until distributed.serialise_cpu_collectives.
+MESHES = ("(1,2,4,1)", "(2,2,2,1)")
 # AdamW moves every element by up to about the learning rate per step whatever its gradient's size, so float32
 # noise in a near-zero gradient (the per-layer scalars: one number summed over every activation, in an order that
 # depends on the collective) can move it by a fair part of the rate. Parameters are compared on that scale.
-LEARNING_RATE = 1e-4  # fsdp x expert over both processes' devices: every collective crosses the process boundary
+LEARNING_RATE = 1e-4
 
 
 def _section(**values):
@@ -59,11 +62,15 @@ def test_unreachable_coordinator_fails_naming_the_address(tiny_config_file):
   assert "could not reach the coordinator at 127.0.0.1:1 within 1 s" in proc.stderr
 
 
-def _overrides(num_steps: int) -> list[str]:
-  return [f"--config.mesh.shape={MESH}", f"--config.train.num_steps={num_steps}", "--config.train.batch_size=8",
-          "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0", "--config.eval.batch_size=8",
-          "--config.eval.max_sequences=8", "--config.eval.num_t_samples=2", "--config.model.dropless=True",
-          f"--config.train.learning_rate={LEARNING_RATE}"]
+def _overrides(num_steps: int, mesh: str) -> list[str]:
+  common = [f"--config.mesh.shape={mesh}", f"--config.train.num_steps={num_steps}", "--config.checkpoint.every_steps=2",
+            "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
+            "--config.eval.num_t_samples=2", f"--config.train.learning_rate={LEARNING_RATE}"]
+  if mesh == MESHES[0]:
+    return common + ["--config.train.batch_size=8", "--config.model.dropless=True"]
+  # pretrain_tiny's MoE sizes and batch with the CPU default dispatch (sorted): what showed the corruption
+  return common + ["--config.train.batch_size=16", "--config.train.seq_len=128", "--config.model.embed_dim=128",
+                   "--config.model.num_experts=8", "--config.model.expert_dim=128", "--config.model.dispatch=auto"]
 
 
 def _run(cmd, env, log_dir=None):
@@ -79,12 +86,13 @@ def _run(cmd, env, log_dir=None):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
 
 
-def _final_params(config_file: str, workdir: str, step: int):
+def _final_params(config_file: str, workdir: str, step: int, overrides: list[str]):
   from diffgemma_jax.config import load_config
+  from launch.common import config_overrides
   from diffgemma_jax.model.config import ModelConfig
   from diffgemma_jax.parallel import make_mesh
   from diffgemma_jax.train import Checkpointer, abstract_train_state, make_optimizer
-  config = load_config(config_file)
+  config = load_config(config_file, config_overrides([o for o in overrides if "mesh.shape" not in o]))
   tx, _ = make_optimizer(config.train)
   _, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, make_mesh())
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config, create=False)
@@ -94,17 +102,18 @@ def _final_params(config_file: str, workdir: str, step: int):
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
-def test_two_processes_train_checkpoint_resume_and_match_one_process(tiny_config_file, tmp_path):
+@pytest.mark.parametrize("mesh", MESHES)
+def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_config_file, tmp_path):
   """One process with 8 devices runs 4 steps; two processes with 4 devices each run 2 steps, stop, and resume from
   their shared checkpoint to step 4. Losses and the final checkpoint agree."""
   config = ["--config", tiny_config_file]
   single = str(tmp_path / "single")
-  _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *_overrides(4)],
+  _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *_overrides(4, mesh)],
        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   multi = str(tmp_path / "multi")
-  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(2)], {}, str(tmp_path / "logs_a"))
+  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(2, mesh)], {}, str(tmp_path / "logs_a"))
   assert sorted(train_losses(multi)) == [1, 2]
-  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(4)], {}, str(tmp_path / "logs_b"))
+  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(4, mesh)], {}, str(tmp_path / "logs_b"))
 
   single_losses, multi_losses = train_losses(single), train_losses(multi)
   assert sorted(multi_losses) == [1, 2, 3, 4] and all(len(v) == 1 for v in multi_losses.values())  # resumed at 2
@@ -112,5 +121,6 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tiny_config
     np.testing.assert_allclose(multi_losses[step][0], single_losses[step][0], rtol=1e-5)
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == sorted(
       os.listdir(os.path.join(single, "checkpoints")))
-  for a, b in zip(_final_params(tiny_config_file, multi, 4), _final_params(tiny_config_file, single, 4)):
+  model = _overrides(4, mesh)
+  for a, b in zip(_final_params(tiny_config_file, multi, 4, model), _final_params(tiny_config_file, single, 4, model)):
     np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * LEARNING_RATE)

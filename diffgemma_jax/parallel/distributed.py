@@ -26,6 +26,21 @@ from diffgemma_jax.model.config import ConfigError
 ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
+# XLA:CPU's concurrency-optimised scheduler lets independent collectives run at once; across processes (gloo)
+# concurrent collectives corrupt each other's buffers (seen: expert weights of a (2, 2, 2, 1) mesh differing from run
+# to run by ~1e-3 after 3 steps, never on one process). Multi-process runs turn it off; it only changes XLA:CPU's
+# schedule, so GPU runs are unaffected.
+CPU_SERIAL_COLLECTIVES_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def serialise_cpu_collectives(environ=os.environ) -> None:
+  """Adds CPU_SERIAL_COLLECTIVES_FLAG to XLA_FLAGS unless the scheduler is set there already (call before the
+  first computation: XLA reads the flags when it creates its first client)."""
+  flags = environ.get("XLA_FLAGS", "")
+  if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+    environ["XLA_FLAGS"] = f"{flags} {CPU_SERIAL_COLLECTIVES_FLAG}".strip()
+
+
 class CoordinatorUnreachableError(ConfigError):
   """A process could not join the run: the coordinator did not answer in time."""
 
@@ -76,6 +91,7 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
     settings["initialization_timeout"] = max(1, int(timeout - (time.monotonic() - started)))
   print(f"{who}: joining the run through the coordinator at {address} (timeout {timeout} s)", file=sys.stderr,
         flush=True)
+  serialise_cpu_collectives()
   try:
     jax.distributed.initialize(**settings)
   except Exception as e:  # pylint: disable=broad-except (the runtime raises plain RuntimeErrors)
