@@ -1,5 +1,6 @@
 """diffgemma-train --config FILE --workdir DIR [--config.a.b=value ...]: train, resuming from DIR if it holds
-checkpoints. Exit 2 on a bad config, data or workdir; exit 3 when a NaN/Inf loss stopped the run."""
+checkpoints. Exit 2 on a bad config, data or workdir; exit 3 when a NaN/Inf loss stopped the run; exit 4 when
+SIGTERM (a preemption notice) stopped it after saving a checkpoint of the step in flight (rerun to resume)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ def main(argv=None) -> int:
     config = load_config(args.config, config_overrides(rest))
     from diffgemma_jax.parallel.distributed import initialize_distributed
     initialize_distributed(config)  # before any device is touched; a no-op for one process
-    train(config, args.workdir, show_progress=not args.no_progress)
+    summary = train(config, args.workdir, show_progress=not args.no_progress)
   except NonFiniteLossError as e:
     return fail(str(e), code=3)
   except (ConfigError, DataError) as e:
     return fail(str(e))
-  return 0
+  return 4 if summary.get("stopped_by_signal") else 0
 
 
 if __name__ == "__main__":

@@ -95,6 +95,37 @@ def test_resume_after_sigkill_repeats_the_loss_trajectory(trained_run, tiny_conf
   assert bounds[-1]["eval/bits_per_token"] == pytest.approx(reference_bound[-1]["eval/bits_per_token"], rel=1e-6)
 
 
+def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_exactly(trained_run, tiny_config_file, tmp_path):
+  """A preemption notice (SIGTERM) mid-run: the run saves a checkpoint of the step it was on, exits 4, and the same
+  command resumes from there with the uninterrupted run's losses."""
+  _, reference_dir, _ = trained_run
+  workdir = str(tmp_path / "preempted")
+  cmd = _train_cmd(tiny_config_file, workdir, TRAINED_OVERRIDES)
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.isfile(os.path.join(workdir, "metrics.jsonl")) and train_losses(workdir):
+        break
+      time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+  finally:
+    proc.kill()
+  assert proc.returncode == 4, err[-3000:]
+  saved = _complete_steps(os.path.join(workdir, "checkpoints"))
+  logged = max(train_losses(workdir))
+  assert saved and saved[-1] == logged < TRAINED_STEPS, (saved, logged)  # every finished step is in the checkpoint
+  assert f"stop requested (SIGTERM): saved checkpoint {logged}" in err
+  resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  losses, reference = train_losses(workdir), train_losses(reference_dir)
+  assert sorted(losses) == list(range(1, TRAINED_STEPS + 1)) and all(len(v) == 1 for v in losses.values())
+  for step in range(logged + 1, TRAINED_STEPS + 1):
+    assert losses[step][0] == pytest.approx(reference[step][0], rel=1e-6, abs=0), step
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config_file, tmp_path, capsys):
   from launch.train import main
   workdir = str(tmp_path / "nan")

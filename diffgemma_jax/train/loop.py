@@ -8,6 +8,7 @@ update.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -35,6 +36,43 @@ MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 class NonFiniteLossError(RuntimeError):
   """An update produced a NaN or Inf loss or gradient; the run stopped before saving anything after it."""
+
+
+class StopRequest:
+  """SIGTERM (a scheduler's preemption notice) asks the run to save a checkpoint after the step in flight and stop.
+
+  One process: a SIGTERM handler sets a flag while the loop runs (the previous handler comes back after). Several
+  processes: JAX's distributed runtime already turns SIGTERM on any process into a sync step that every process
+  reaches together (`multihost_utils.reached_preemption_sync_point`), so all of them save that same step.
+  """
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = None
+
+  def __enter__(self) -> "StopRequest":
+    import signal
+    import threading
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    self.signal = signum
+
+  def __exit__(self, *exc) -> None:
+    import signal
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # the runtime's preemption service is off (jax_enable_preemption_service=False)
+        return False
+    return self.signal is not None
 
 
 def _to_device(batch: dict[str, Any], sharding, expected_shape: tuple[int, int]) -> dict[str, jax.Array]:
@@ -155,6 +193,8 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
       logger.write(step, scalars)
     logger.progress(step, scalars)
 
+  stack = contextlib.ExitStack()
+
   def _pause_clock(step: int) -> None:
     logger.reset_clock(step)
     if timing["clock"] is not None:
@@ -163,18 +203,25 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   try:
     pending = None
     iterator_state = None
+    stop = stack.enter_context(StopRequest())
     for step in range(start_step + 1, num_steps + 1):
       batch = _to_device(next(data), sharding, local_shape)
       state, metrics = step_fn(state, batch, base_rng)
       if pending is not None:
         finish(*pending)
       pending = (step, metrics)
-      if step % save_every == 0 or step == num_steps:
+      stopping = stop.reached(step) and step < num_steps  # at the last step the run ends anyway
+      if step % save_every == 0 or step == num_steps or stopping:
         finish(*pending)
         pending = None
         ckpt.save(state, data.get_state())
         summary["checkpoint_step"] = step
         _pause_clock(step)
+      if stopping:
+        summary.update(final_step=step, stopped_by_signal=True)
+        logger.message(f"step {step}: stop requested (SIGTERM): saved checkpoint {step} in {ckpt.directory}; run "
+                       f"the same command to resume")
+        break
       if (eval_every > 0 and step % eval_every == 0) or step == num_steps:
         if pending is not None:
           finish(*pending)
@@ -184,9 +231,10 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
       summary["final_step"] = step
     if pending is not None:
       finish(*pending)
-    if summary["eval"] is None:  # resumed a finished run: report its bound
+    if summary["eval"] is None and not summary.get("stopped_by_signal"):  # resumed a finished run: its bound
       run_eval(int(jax.device_get(state.step)))
   finally:
+    stack.close()
     ckpt.close()
     logger.close()
   summary["wall_time_s"] = time.perf_counter() - t_start

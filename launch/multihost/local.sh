@@ -47,12 +47,15 @@ for ((i = 0; i < num_processes; i++)); do
 done
 
 # Wait for the first process to finish, then the next...; the first failure stops the rest (they would otherwise
-# wait at their next collective until the runtime's heartbeat times out).
+# wait at their next collective until the runtime's heartbeat times out). Status 4 is no failure: SIGTERM stopped
+# the run and every process saves the same step and exits 4 by itself, so the others are left to finish their save.
 status=0
 for ((left = num_processes; left > 0; left--)); do
   code=0
   wait -n || code=$?
-  if [[ $code -ne 0 && $status -eq 0 ]]; then
+  if [[ $code -eq 4 && $status -eq 0 ]]; then
+    status=4
+  elif [[ $code -ne 0 && $code -ne 4 && ( $status -eq 0 || $status -eq 4 ) ]]; then
     status=$code
     echo "local.sh: a training process exited with status $code; stopping the others" >&2
     cleanup
