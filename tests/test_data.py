@@ -209,3 +209,14 @@ def test_a_completion_decodes_with_its_leading_spaces(text_dataset):
     assert ids[:len(head)] == head
     prefix = [tok.bos_id] + head
     assert tok.decode_continuation(prefix, ids[len(head):]) == completion
+
+
+def test_literal_mask_text_never_encodes_to_the_mask_id(text_dataset):
+  """"<mask>" written in a document is text, not the token the objectives give zero probability: it encodes to
+  its bytes and decodes back, for single texts and batches."""
+  out, _, _ = text_dataset
+  tok = Tokenizer(os.path.join(out, "tokenizer.model"))
+  assert tok.mask_id in tok.sp.encode("<mask>")  # what sentencepiece alone does with a user-defined symbol
+  text = "fill('the <mask> of <mask>')"
+  for ids in (tok.encode(text), tok.encode([text, "plain"])[0]):
+    assert tok.mask_id not in ids and tok.decode(ids) == text

@@ -13,7 +13,9 @@ from flax import nnx
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.self_conditioning import expected_embedding
 from diffgemma_jax.objectives import UniformDiffusion
-from diffgemma_jax.objectives.uniform import uniform_corrupt, uniform_elbo_integrand, uniform_nelbo
+from diffgemma_jax.objectives.masked import masked_token_nll
+from diffgemma_jax.objectives.uniform import (states_excluding, uniform_corrupt, uniform_elbo_integrand,
+                                             uniform_nelbo)
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=6, global_head_dim=16, global_num_kv_heads=1,
@@ -103,6 +105,33 @@ def test_uniform_elbo_of_the_exact_denoiser_is_the_entropy():
   gap = nelbo - nll
   assert abs(gap.mean()) < 3 * gap.std(ddof=1) / math.sqrt(B), (gap.mean(), gap.std())
   assert np.all(np.asarray(stderr) > 0)
+
+
+def test_a_tokenizer_without_a_mask_token_makes_every_id_a_state():
+  """The released tokenizer has no mask token (mask_id -1): the states are the whole vocabulary, id V-1 included
+  (-1 must not be taken as an index), and the exact denoiser's bound is still -log p(x)."""
+  V = 8
+  assert states_excluding(-1) == () and UniformDiffusion(mask_id=-1).excluded_ids == ()
+  assert float(masked_token_nll(jnp.zeros((1, 1, V)), jnp.array([[V - 1]]), mask_id=-1)[0, 0]) == pytest.approx(
+      math.log(V))
+  tokens = jnp.zeros((16, 512), jnp.int32)
+  drawn = uniform_corrupt(jax.random.key(0), tokens, jnp.ones(tokens.shape), vocab_size=V, excluded_ids=(),
+                          corruptible_BL=jnp.ones(tokens.shape, bool))[0]
+  assert set(np.unique(np.asarray(drawn))) == set(range(V))
+  pi = np.random.default_rng(1).dirichlet(np.ones(V))
+  log_pi = jnp.log(jnp.asarray(pi, jnp.float32))
+
+  def exact(noisy_BL, t_BL):
+    alpha = (1.0 - t_BL)[..., None]
+    return log_pi + jnp.log(alpha * jax.nn.one_hot(noisy_BL, V) + (1.0 - alpha) / V)
+
+  B, L = 128, 16
+  tokens = jax.random.choice(jax.random.key(2), V, (B, L), p=jnp.asarray(pi)).at[:, 0].set(V - 1)
+  nelbo, _ = jax.jit(lambda rng: uniform_nelbo(exact, tokens, jnp.zeros((B, L), jnp.int32), 1, rng,
+                                               excluded_ids=states_excluding(-1), vocab_size=V, num_t_samples=8))(
+                                                   jax.random.key(3))
+  gap = np.asarray(nelbo) + np.asarray(jnp.sum(log_pi[tokens], axis=-1))
+  assert np.all(np.isfinite(gap)) and abs(gap.mean()) < 3 * gap.std(ddof=1) / math.sqrt(B), (gap.mean(), gap.std())
 
 
 def test_a_wrong_denoiser_gives_a_larger_bound():

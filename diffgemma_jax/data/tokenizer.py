@@ -31,9 +31,27 @@ class Tokenizer:
     if self.mask_id == self.unk_id:  # e.g. the released DiffusionGemma's: uniform-state noise needs no mask
       self.mask_id = -1
     self.special_ids = frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id, self.mask_id) if i >= 0)
+    # `<mask>` is a user-defined symbol, so the literal text "<mask>" (ML code and docs write it) would encode to
+    # the mask id: data would hold the token the objectives give zero probability. Its ids are replaced by the
+    # text's bytes (byte-fallback pieces), which decode back to "<mask>".
+    self._literal_mask = None
+    if self.mask_id >= 0 and self.mask_id in self.sp.encode("<mask>"):
+      byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in b"<mask>"]
+      self._literal_mask = byte_ids if self.unk_id not in byte_ids else [self.unk_id]
 
   def encode(self, text: str | list[str], num_threads: int = 0):
-    return self.sp.encode(text, num_threads=num_threads) if isinstance(text, list) else self.sp.encode(text)
+    """Ids of a text (or of each text of a list); the mask id never comes out of text."""
+    if isinstance(text, list):
+      return [self._no_mask(ids) for ids in self.sp.encode(text, num_threads=num_threads)]
+    return self._no_mask(self.sp.encode(text))
+
+  def _no_mask(self, ids: list[int]) -> list[int]:
+    if self._literal_mask is None or self.mask_id not in ids:
+      return ids
+    out: list[int] = []
+    for i in ids:
+      out.extend(self._literal_mask if i == self.mask_id else (i,))
+    return out
 
   def decode(self, ids) -> str:
     """Text of the ids, leaving out padding, bos/eos and mask tokens."""

@@ -35,8 +35,11 @@ def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
 
 
 def masked_token_nll(logits_BLV, tokens_BL, *, mask_id: int):
-  """-log p(x_l) per position in float32, with the mask token given zero probability."""
-  logits_BLV = logits_BLV.astype(jnp.float32).at[..., mask_id].set(-jnp.inf)
+  """-log p(x_l) per position in float32, with the mask token given zero probability (`mask_id < 0`: a tokenizer
+  without one, nothing excluded; a negative id must never index the last vocabulary entry)."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  if mask_id >= 0:
+    logits_BLV = logits_BLV.at[..., mask_id].set(-jnp.inf)
   log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_BL = jnp.take_along_axis(logits_BLV, tokens_BL[..., None], axis=-1)[..., 0]
   return log_z_BL - target_BL

@@ -139,12 +139,17 @@ def uniform_nelbo(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], tokens
 
 
 def _support_nll(logits_BLV, tokens_BL, excluded_ids):
-  """-log p(x) with every excluded id (the mask token first among them) given zero probability."""
-  first, *rest = sorted(set(excluded_ids))
+  """-log p(x) with every excluded id (none: the whole vocabulary is the state space) given zero probability."""
   logits = logits_BLV.astype(jnp.float32)
-  for token in rest:
+  for token in sorted(set(excluded_ids)):
     logits = logits.at[..., token].set(-jnp.inf)
-  return masked_token_nll(logits, tokens_BL, mask_id=first)
+  return masked_token_nll(logits, tokens_BL, mask_id=-1)
+
+
+def states_excluding(mask_id: int) -> tuple[int, ...]:
+  """The ids outside the uniform process's states: the mask token, or none when the tokenizer has none (the
+  released tokenizer: `mask_id = -1`, which must not be taken as an index)."""
+  return (mask_id,) if mask_id >= 0 else ()
 
 
 class UniformDiffusion:
@@ -157,7 +162,7 @@ class UniformDiffusion:
   def __init__(self, *, mask_id: int, eps: float = 1e-3, block_size: int = 16, encoder_loss_weight: float = 1.0,
                self_cond_prob: float = 0.5):
     self.mask_id = mask_id
-    self.excluded_ids = (mask_id,)
+    self.excluded_ids = states_excluding(mask_id)
     self.eps = eps
     self.block_size = block_size
     self.encoder_loss_weight = encoder_loss_weight

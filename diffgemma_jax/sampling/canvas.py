@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
-from diffgemma_jax.objectives.uniform import noise_token
+from diffgemma_jax.objectives.uniform import noise_token, states_excluding
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
                                           masked_step, pad_after_eos, sample_categorical, shifted, stable_and_confident,
                                           token_entropy)
@@ -191,7 +191,8 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
   B, b = done_B.shape[0], canvas_length
   V = model.cfg.vocab_size
   self_conditioned = getattr(model, "self_conditioning", None) is not None
-  noise = lambda key: noise_token(key, (B, b), vocab_size=V, excluded_ids=(mask_id,)).astype(jnp.int32)
+  excluded = states_excluding(mask_id)  # the released tokenizer has no mask token (mask_id -1): nothing
+  noise = lambda key: noise_token(key, (B, b), vocab_size=V, excluded_ids=excluded).astype(jnp.int32)
 
   def cond(state):
     _, _, _, _, _, step, finished_B, _ = state
@@ -202,7 +203,7 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
     rng, sample_key, noise_key = jax.random.split(rng, 3)
     logits, cache = canvas_logits(model, canvas, cache, start, embeddings_BbD=signal_BbD)
     temperature = linear_temperature(step, rule.max_denoising_steps, rule.temperature_start, rule.temperature_end)
-    scaled = logits.at[..., mask_id].set(-jnp.inf) / temperature
+    scaled = (logits.at[..., mask_id].set(-jnp.inf) if excluded else logits) / temperature
     entropy_Bb = token_entropy(scaled)
     new_argmax = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
     sampled = sample_categorical(sample_key, scaled)
@@ -211,7 +212,7 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
     keep = lambda new, old: jnp.where(active_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
     stop_B = stable_and_confident(new_argmax, argmax, entropy_Bb, rule.stop_mean_entropy)
     if self_conditioned:
-      signal_BbD = keep(self_conditioning_embeddings(model, scaled, jnp.ones((B,), bool), excluded_ids=(mask_id,)),
+      signal_BbD = keep(self_conditioning_embeddings(model, scaled, jnp.ones((B,), bool), excluded_ids=excluded),
                         signal_BbD)
     return (keep(renoised, canvas), keep(new_argmax, argmax), signal_BbD, cache, rng, step + 1,
             finished_B | stop_B, steps_B + active_B.astype(jnp.int32))
