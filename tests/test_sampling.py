@@ -162,6 +162,24 @@ def test_sample_categorical_draws_from_the_softmax():
   assert abs((draws == 262143).mean() - 0.5) < 5 * np.sqrt(0.25 / 4000)
 
 
+def test_sample_categorical_never_draws_a_top_p_removed_token_in_the_rounding_gaps(monkeypatch):
+  """XLA's running sum over a 262144-entry row is not monotone to the last bit. Uniforms placed in the gaps where
+  it rises at a zero-mass (top-p removed) token must still draw a token of positive mass."""
+  from diffgemma_jax.sampling import parts
+  V, N = 262144, 64
+  logits = parts.top_p_filter(jnp.asarray(np.random.default_rng(0).normal(size=(1, V)) * 4, jnp.float32), 0.9)
+  zero = ~np.isfinite(np.asarray(logits))[0]
+  rows = jnp.broadcast_to(logits, (N, V))
+  c = np.asarray(jax.jit(lambda x: jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1))(rows))[0]
+  gaps = [k for k in range(1, V) if zero[k] and c[k] > c[k - 1]][:N]
+  if len(gaps) < N:
+    pytest.skip(f"this backend's running sum rises at only {len(gaps)} zero-mass entries")
+  uniforms = jnp.asarray([[(c[k - 1] + (c[k] - c[k - 1]) / 2) / c[-1]] for k in gaps], jnp.float32)
+  monkeypatch.setattr(parts.jax.random, "uniform", lambda key, shape, *a, **k: uniforms)
+  drawn = np.asarray(jax.jit(parts.sample_categorical)(jax.random.key(0), rows))
+  assert not zero[drawn].any(), f"{zero[drawn].sum()} of {N} draws have zero probability"
+
+
 def test_bad_sampler_config():
   with pytest.raises(ValueError, match="acceptance"):
     SamplerConfig(acceptance="greedy")

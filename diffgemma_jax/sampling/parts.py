@@ -26,12 +26,15 @@ def sample_categorical(rng, logits_NV):
   a CPU is most of a sampling step's cost (about 8x less for a 16-token canvas at vocab 512). Tokens of zero
   probability (-inf logits) are never drawn."""
   logits_NV = logits_NV.astype(jnp.float32)
-  cumulative_NV = jnp.cumsum(jax.nn.softmax(logits_NV, axis=-1), axis=-1)
+  probs_NV = jax.nn.softmax(logits_NV, axis=-1)
+  cumulative_NV = jnp.cumsum(probs_NV, axis=-1)
   u_N1 = jax.random.uniform(rng, logits_NV.shape[:-1] + (1,)) * cumulative_NV[..., -1:]
-  index = jnp.sum(cumulative_NV <= u_N1, axis=-1)
-  # Rounding can put u at the very top: the first index reaching the total is the last token of non-zero mass.
-  last_possible = jnp.argmax(cumulative_NV >= cumulative_NV[..., -1:], axis=-1)
-  return jnp.minimum(index, last_possible).astype(jnp.int32)
+  # XLA sums a long row in blocks, so the running sum is not monotone to the last bit: "how many entries are <= u"
+  # can land on a zero-mass token. The first token of positive mass whose running sum exceeds u cannot.
+  hit_NV = (cumulative_NV > u_N1) & (probs_NV > 0)
+  V = logits_NV.shape[-1]
+  last_positive = V - 1 - jnp.argmax((probs_NV > 0)[..., ::-1], axis=-1)  # rounding put u at the very top
+  return jnp.where(jnp.any(hit_NV, axis=-1), jnp.argmax(hit_NV, axis=-1), last_positive).astype(jnp.int32)
 
 
 def propose(logits_BLV, rng, *, temperature: float, mask_id: int):
