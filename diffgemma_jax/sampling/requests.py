@@ -164,7 +164,7 @@ def validate_options(options: GenerationOptions, objective_name: str, block_size
     raise GenerationError(f"--temperature must be >= 0, got {options.temperature}")
   if not 0.0 < options.top_p <= 1.0:
     raise GenerationError(f"--top_p must lie in (0, 1], got {options.top_p}")
-  if cache == "canvas" and options.gen_length % options.block_length:
+  if cache == "canvas" and (options.block_length < 1 or options.gen_length % options.block_length):
     raise GenerationError(f"--gen_length {options.gen_length} must be a multiple of the model's canvas length "
                           f"{options.block_length} (objective.block_size)")
   if acceptance == "entropy_bound":
