@@ -36,6 +36,8 @@ MASK, EOS = 4, 3
     (dict(sampler="threshold"), "ar", "use ar"),
     (dict(sampler="threshold"), "block", "use block_threshold, block_low_confidence"),
     (dict(sampler="block_threshold", block_length=8), "block", "differs from the model's training block size"),
+    (dict(sampler="block_fused", block_length=8), "block", "differs from the model's training block size"),
+    (dict(sampler="block_fused", gen_length=20), "block", "multiple of the model's canvas length 16"),
 ])
 def test_bad_options_fail_with_one_line(options, objective, message):
   with pytest.raises(GenerationError, match=message.replace("(", r"\(")) as info:
@@ -165,6 +167,11 @@ def test_cli_generates_canvases_from_block_and_uniform_runs(objective, sampler, 
   assert main(base) == 0
   out = capsys.readouterr().out
   assert f"steps per canvas {steps}" in out and f"sampler {sampler}" in out and "def main(" in out
+  if objective == "block":  # the fused-commit twin writes the same greedy tokens in no more calls
+    assert main(base + ["--json", "--sampler", "block_fused"]) == 0
+    (fused,) = json.loads(capsys.readouterr().out)
+    assert fused["sampler"] == "block_fused" and fused["ids"] == result["ids"]
+    assert fused["model_calls"] <= result["model_calls"]
 
 
 def test_tokenizer_precedence_workdir_then_data_tokenizer(trained_run, load_tiny, tmp_path):

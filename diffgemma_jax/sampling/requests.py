@@ -31,7 +31,8 @@ from diffgemma_jax.model.config import ConfigError, ModelConfig
 from diffgemma_jax.sampling import autoregressive, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
 
-# name -> (objective of the models it samples, acceptance rule, cache mode); "canvas": the multi-canvas sampler.
+# name -> (objective of the models it samples, acceptance rule, cache mode); "canvas": the multi-canvas sampler,
+# "block": masked.BlockDenoiser (exact cache, fused commits).
 SAMPLERS: dict[str, tuple[str, str | None, str | None]] = {
     "ar": ("ar", None, None),
     "low_confidence": ("masked", "low_confidence", "none"),
@@ -40,6 +41,9 @@ SAMPLERS: dict[str, tuple[str, str | None, str | None]] = {
     "threshold_nocache": ("masked", "threshold", "none"),
     "block_threshold": ("block", "threshold", "canvas"),
     "block_low_confidence": ("block", "low_confidence", "canvas"),
+    # the same on `masked.BlockDenoiser`: a finished block is committed inside the next block's first call
+    "block_fused": ("block", "threshold", "block"),
+    "block_fused_low_confidence": ("block", "low_confidence", "block"),
     "entropy_bound": ("uniform", "entropy_bound", "canvas"),
 }
 # The entropy-bound options and their defaults: the released DiffusionGemma sampler's (RELEASED_SAMPLER).
@@ -58,6 +62,8 @@ SAMPLER_FLAGS: dict[str, tuple[str, ...]] = {
     "threshold_nocache": _MASKED_FLAGS + ("threshold",),
     "block_threshold": _MASKED_FLAGS + ("threshold",),
     "block_low_confidence": _MASKED_FLAGS,
+    "block_fused": _MASKED_FLAGS + ("threshold",),
+    "block_fused_low_confidence": _MASKED_FLAGS,
     "entropy_bound": ("block_length",) + ENTROPY_BOUND_OPTIONS,
 }
 
@@ -140,12 +146,12 @@ def validate_options(options: GenerationOptions, objective_name: str, block_size
     fitting = [name for name, spec in SAMPLERS.items() if spec[0] == objective_name]
     raise GenerationError(f"--sampler {sampler} needs a model trained with objective {wanted!r}; this config "
                           f"trains {objective_name!r}: use " + (", ".join(fitting) or "another model"))
-  if cache == "canvas" and block_size and options.block_length != block_size:
+  if cache in ("canvas", "block") and block_size and options.block_length != block_size:
     if options.block_length != GenerationOptions.block_length:
       raise GenerationError(f"--block_length {options.block_length} differs from the model's training block size "
                             f"objective.block_size={block_size}; use --block_length {block_size}")
     options = dataclasses.replace(options, block_length=block_size)
-  if cache == "canvas" and context_length and options.block_length > context_length:
+  if cache in ("canvas", "block") and context_length and options.block_length > context_length:
     raise GenerationError(f"the canvas (--block_length {options.block_length}, objective.block_size) is longer than "
                           f"the model's context of {context_length} tokens (train.seq_len); use a canvas of at "
                           f"most {context_length} tokens")
@@ -164,7 +170,7 @@ def validate_options(options: GenerationOptions, objective_name: str, block_size
     raise GenerationError(f"--temperature must be >= 0, got {options.temperature}")
   if not 0.0 < options.top_p <= 1.0:
     raise GenerationError(f"--top_p must lie in (0, 1], got {options.top_p}")
-  if cache == "canvas" and (options.block_length < 1 or options.gen_length % options.block_length):
+  if cache in ("canvas", "block") and (options.block_length < 1 or options.gen_length % options.block_length):
     raise GenerationError(f"--gen_length {options.gen_length} must be a multiple of the model's canvas length "
                           f"{options.block_length} (objective.block_size)")
   if acceptance == "entropy_bound":
