@@ -77,10 +77,7 @@ def uniform_elbo_integrand(logits_BLV, noisy_BL, clean_BL, t_BL, *, excluded_ids
   V = logits_BLV.shape[-1]
   excluded = sorted(set(excluded_ids))
   N = V - len(excluded)
-  logits = logits_BLV.astype(jnp.float32)
-  for token in excluded:
-    logits = logits.at[..., token].set(-jnp.inf)
-  x_theta = jax.nn.softmax(logits, axis=-1)
+  x_theta = jax.nn.softmax(without(logits_BLV.astype(jnp.float32), excluded), axis=-1)
   x_onehot = jax.nn.one_hot(clean_BL, V, dtype=jnp.float32)
   off = t_BL.astype(jnp.float32)[..., None]  # 1 - alpha = N q_t(y | x) for y != x; from t, exact for small t
   alpha = 1.0 - off
@@ -140,10 +137,14 @@ def uniform_nelbo(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], tokens
 
 def _support_nll(logits_BLV, tokens_BL, excluded_ids):
   """-log p(x) with every excluded id (none: the whole vocabulary is the state space) given zero probability."""
-  logits = logits_BLV.astype(jnp.float32)
+  return masked_token_nll(without(logits_BLV.astype(jnp.float32), excluded_ids), tokens_BL, mask_id=-1)
+
+
+def without(logits_BLV, excluded_ids: Sequence[int]):
+  """The logits with each of `excluded_ids` (possibly none) given zero probability."""
   for token in sorted(set(excluded_ids)):
-    logits = logits.at[..., token].set(-jnp.inf)
-  return masked_token_nll(logits, tokens_BL, mask_id=-1)
+    logits_BLV = logits_BLV.at[..., token].set(-jnp.inf)
+  return logits_BLV
 
 
 def states_excluding(mask_id: int) -> tuple[int, ...]:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
-from diffgemma_jax.objectives.uniform import noise_token, states_excluding
+from diffgemma_jax.objectives.uniform import noise_token, states_excluding, without
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
                                           masked_step, pad_after_eos, sample_categorical, shifted, stable_and_confident,
                                           token_entropy)
@@ -203,7 +203,7 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
     rng, sample_key, noise_key = jax.random.split(rng, 3)
     logits, cache = canvas_logits(model, canvas, cache, start, embeddings_BbD=signal_BbD)
     temperature = linear_temperature(step, rule.max_denoising_steps, rule.temperature_start, rule.temperature_end)
-    scaled = (logits.at[..., mask_id].set(-jnp.inf) if excluded else logits) / temperature
+    scaled = without(logits, excluded) / temperature
     entropy_Bb = token_entropy(scaled)
     new_argmax = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
     sampled = sample_categorical(sample_key, scaled)
