@@ -34,13 +34,21 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
+def files_stamp(paths) -> dict[str, list]:
+  """{path: [size, mtime]} of a recipe's source files, kept in the manifest as `files` (see `is_current`)."""
+  return {p: [os.path.getsize(p), os.path.getmtime(p)] for p in paths}
+
+
 def is_current(output_dir: str, recipe: str, vocab_size: int | None, source: str | None,
-               tokenizer: str | None = None) -> bool:
+               tokenizer: str | None = None, files: dict | None = None) -> bool:
   """Whether `output_dir` already holds this recipe's dataset, built from the same source and with the same
-  tokenizer (`tokenizer`: a given sentencepiece file, compared by content; None: one the recipe trains)."""
+  tokenizer (`tokenizer`: a given sentencepiece file, compared by content; None: one the recipe trains) and,
+  given `files` (a `files_stamp`), from files of the same sizes and mtimes (new, removed or edited: rebuilt)."""
   manifest = read_manifest(output_dir)
   if not (manifest and manifest.get("recipe") == recipe and manifest.get("source") == (source or None)
           and os.path.isfile(os.path.join(output_dir, "tokenizer.model"))):
+    return False
+  if files is not None and manifest.get("files") != files:
     return False
   if tokenizer:
     return os.path.isfile(tokenizer) and manifest.get("tokenizer_sha256") == file_sha256(tokenizer)

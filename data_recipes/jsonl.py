@@ -11,7 +11,7 @@ import glob
 import os
 import sys
 
-from data_recipes.common import is_current, read_manifest, split_by_hash, write_dataset
+from data_recipes.common import files_stamp, is_current, read_manifest, split_by_hash, write_dataset
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sft import read_jsonl
 
@@ -51,9 +51,8 @@ def build(output_dir: str, vocab_size: int | None = None, source: str | None = N
                     "init.checkpoint (its run's tokenizer is used)")
   label = source if not heldout_source else f"{source} | heldout: {heldout_source}"
   files = jsonl_files(source) + (jsonl_files(heldout_source, "data.heldout_source") if heldout_source else [])
-  stamp = {"files": {p: [os.path.getsize(p), os.path.getmtime(p)] for p in files}}
-  if is_current(output_dir, "jsonl", None, label, tokenizer) and read_manifest(output_dir).get("files") == \
-      stamp["files"]:
+  stamp = files_stamp(files)
+  if is_current(output_dir, "jsonl", None, label, tokenizer, files=stamp):
     return read_manifest(output_dir)
   items, bad = source_records(source, "data.source", max_bad_lines)
   if heldout_source:
@@ -62,7 +61,7 @@ def build(output_dir: str, vocab_size: int | None = None, source: str | None = N
   else:
     splits = split_by_hash(items, HELDOUT_FRACTION)
   return write_dataset(output_dir, "jsonl", None, splits, source=label, tokenizer=tokenizer, kind="sft",
-                       notes=dict(stamp, skipped_malformed_lines=bad))
+                       notes={"files": stamp, "skipped_malformed_lines": bad})
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 
-from data_recipes.common import is_current, read_manifest, read_utf8, split_by_hash, write_dataset
+from data_recipes.common import files_stamp, is_current, read_manifest, read_utf8, split_by_hash, write_dataset
 from diffgemma_jax.data.errors import DataError
 
 MAX_LISTED = 10  # skipped files named in the warning; the rest are counted
@@ -50,10 +50,8 @@ def documents(source: str) -> tuple[list[tuple[str, str]], int]:
 
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
           **_) -> dict:
-  # The files' sizes and mtimes: a corpus with new, removed or edited files is rebuilt, not reused.
-  stamp = {p: [os.path.getsize(p), os.path.getmtime(p)] for p in source_files(source)}
-  if is_current(output_dir, "text_files", vocab_size, source, tokenizer) and \
-      read_manifest(output_dir).get("files") == stamp:
+  stamp = files_stamp(source_files(source))  # a corpus with new, removed or edited files is rebuilt, not reused
+  if is_current(output_dir, "text_files", vocab_size, source, tokenizer, files=stamp):
     return read_manifest(output_dir)
   docs, skipped = documents(source)
   return write_dataset(output_dir, "text_files", vocab_size, split_by_hash(docs, 0.04), source=source,
