@@ -8,7 +8,6 @@ update.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -193,8 +192,6 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
       logger.write(step, scalars)
     logger.progress(step, scalars)
 
-  stack = contextlib.ExitStack()
-
   def _pause_clock(step: int) -> None:
     logger.reset_clock(step)
     if timing["clock"] is not None:
@@ -203,38 +200,37 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   try:
     pending = None
     iterator_state = None
-    stop = stack.enter_context(StopRequest())
-    for step in range(start_step + 1, num_steps + 1):
-      batch = _to_device(next(data), sharding, local_shape)
-      state, metrics = step_fn(state, batch, base_rng)
-      if pending is not None:
-        finish(*pending)
-      pending = (step, metrics)
-      stopping = stop.reached(step) and step < num_steps  # at the last step the run ends anyway
-      if step % save_every == 0 or step == num_steps or stopping:
-        finish(*pending)
-        pending = None
-        ckpt.save(state, data.get_state())
-        summary["checkpoint_step"] = step
-        _pause_clock(step)
-      if stopping:
-        summary.update(final_step=step, stopped_by_signal=True)
-        logger.message(f"step {step}: stop requested (SIGTERM): saved checkpoint {step} in {ckpt.directory}; run "
-                       f"the same command to resume")
-        break
-      if (eval_every > 0 and step % eval_every == 0) or step == num_steps:
+    with StopRequest() as stop:  # SIGTERM: save the step in flight and stop
+      for step in range(start_step + 1, num_steps + 1):
+        batch = _to_device(next(data), sharding, local_shape)
+        state, metrics = step_fn(state, batch, base_rng)
         if pending is not None:
           finish(*pending)
+        pending = (step, metrics)
+        stopping = stop.reached(step) and step < num_steps  # at the last step the run ends anyway
+        if step % save_every == 0 or step == num_steps or stopping:
+          finish(*pending)
           pending = None
-        run_eval(step)
-        _pause_clock(step)
-      summary["final_step"] = step
+          ckpt.save(state, data.get_state())
+          summary["checkpoint_step"] = step
+          _pause_clock(step)
+        if stopping:
+          summary.update(final_step=step, stopped_by_signal=True)
+          logger.message(f"step {step}: stop requested (SIGTERM): saved checkpoint {step} in {ckpt.directory}; run "
+                         f"the same command to resume")
+          break
+        if (eval_every > 0 and step % eval_every == 0) or step == num_steps:
+          if pending is not None:
+            finish(*pending)
+            pending = None
+          run_eval(step)
+          _pause_clock(step)
+        summary["final_step"] = step
     if pending is not None:
       finish(*pending)
     if summary["eval"] is None and not summary.get("stopped_by_signal"):  # resumed a finished run: its bound
       run_eval(int(jax.device_get(state.step)))
   finally:
-    stack.close()
     ckpt.close()
     logger.close()
   summary["wall_time_s"] = time.perf_counter() - t_start
