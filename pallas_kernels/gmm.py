@@ -77,7 +77,9 @@ def _gmm_kernel(row_tile_ref, group_ref, row_start_ref, row_end_ref, lhs_ref, rh
   col_ok = _edge_mask(col0, bn, n)
   weight_group = jnp.maximum(group, 0)
   # Visits that only write zeros (other shards' rows, padding) skip the contraction entirely.
-  num_k_steps = jnp.where(group >= 0, _cdiv(k, bk), 0)
+  # Arithmetic, not jnp.where: the Triton lowering gives a select of two literals an i1 type, and scf.for then
+  # rejects the i1 upper bound beside its i32 lower bound ("failed to parse Triton module" on the GPU).
+  num_k_steps = (group >= 0).astype(jnp.int32) * _cdiv(k, bk)
   precision = _dot_precision(compute_dtype)
 
   def k_step(step, acc):
