@@ -143,7 +143,13 @@ def main(argv=None) -> int:
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override applied to every config (e.g. model.vocab_size=1024 for older runs)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--time_budget_s", type=float, default=0.0,
+                 help="start no new setting after this many seconds from start-up (0: no limit); the report lists "
+                      "the settings left out, so a run under a hard timeout still ends with its JSON")
+  started = time.perf_counter()
   args = p.parse_args(argv)
+  if args.time_budget_s < 0:
+    p.error(f"--time_budget_s={args.time_budget_s}: must be >= 0 (0: no limit)")
   overrides = dict(item.split("=", 1) for item in args.override)
   if not args.random_weights and not (args.diffusion_workdir and args.ar_workdir):
     p.error("pass --diffusion_workdir and --ar_workdir (trained runs), or --random_weights for speed only")
@@ -213,10 +219,15 @@ def main(argv=None) -> int:
     p.error(f"--only: {', '.join(sorted(only - known))} names no setting of this run; give sampler names or "
                  f"setting labels from: {', '.join(sorted(known))}")
   generators = {}
-  rows = []
+  rows, left_out = [], []
   for label, model, options in plan:
     sampler = getattr(options, "sampler", "block_fused")
     if only and sampler not in only and label not in only:
+      continue
+    if args.time_budget_s and time.perf_counter() - started > args.time_budget_s:
+      left_out.append(label)
+      print(f"T={options.temperature:g} {label:36s} left out: --time_budget_s={args.time_budget_s:g} spent",
+            file=sys.stderr, flush=True)
       continue
     generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
     paired = None
@@ -256,7 +267,8 @@ def main(argv=None) -> int:
             "diffusion_config": args.diffusion_config, "ar_config": args.ar_config, "checkpoint_steps": steps,
             "random_weights": args.random_weights, "batch_size": 1, "prompt_tokens": len(prompt),
             "prompt_source": prompt_source, "gen_length": args.gen_length, "block_length": args.block_length,
-            "temperatures": temperatures, "repeats": args.repeats, "results": rows}
+            "temperatures": temperatures, "repeats": args.repeats, "results": rows,
+            "left_out_for_time": left_out}
   if args.json:
     print(json.dumps(report, indent=2))
   else:
@@ -269,6 +281,8 @@ def main(argv=None) -> int:
             f"{r.get('speedup_vs_ar', float('nan')):6.2f} "
             f"{r['model_calls']:6d} {r['ms_per_call']:8.3f} {r.get('gen_ppl', float('nan')):9.2f} "
             f"{r.get('gen_ppl_ratio_vs_ar', float('nan')):6.2f} {r['unigram_entropy']:8.2f}")
+    if left_out:
+      print(f"left out (--time_budget_s={args.time_budget_s:g} spent): {', '.join(left_out)}")
   return 0
 
 

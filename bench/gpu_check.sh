@@ -37,9 +37,9 @@ STEPS=(
   "environment|15|$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true"
   "gmm_benchmark|175|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 145 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
   "kernel_resources|35|ncu --kernel-name regex:gmm --launch-count 8 --section LaunchStats --section Occupancy --csv --page details $PY bench/gmm_gpu.py --shapes mixtral_up --impls ours --runs 1 --warmup 0 --copies 1 > $OUTDIR/kernel_resources.csv"
-  "pallas_gmm_tests|80|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
-  "train_step_benchmark|70|$PY bench/train_cpu.py --json --steps 10 --batch_size 16 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
-  "sampler_benchmark|90|$PY bench/generate.py --json --random_weights --repeats 1 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,threshold 0.9,block_fused threshold 0.9' > $OUTDIR/generate.json"
+  "pallas_gmm_tests|75|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
+  "train_step_benchmark|65|$PY bench/train_cpu.py --json --steps 10 --batch_size 16 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
+  "sampler_benchmark|100|$PY bench/generate.py --json --random_weights --repeats 1 --time_budget_s 50 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,threshold 0.9,block_fused threshold 0.9' > $OUTDIR/generate.json"
 )
 
 failed=0

@@ -38,3 +38,16 @@ def test_generate_benchmark_runs_every_block_setting_against_the_ar_decoder(caps
     assert row["quality_samples"] == 2 and row["unigram_entropy"] > 0, name
     if "threshold" in name:
       assert 1 < row["model_calls"] <= 32 + 1, name
+
+
+def test_generate_benchmark_time_budget_leaves_settings_out_and_still_reports(capsys):
+  """Under gpu_check.sh's hard timeout the sampler step must end with its JSON: past --time_budget_s no new
+  setting starts, and the report names each one left out."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import generate as bench_generate  # pylint: disable=import-outside-toplevel
+  assert bench_generate.main(["--random_weights", "--gen_length", "16", "--block_length", "16", "--only",
+                              "ar,threshold 0.9", "--repeats", "1", "--time_budget_s", "1e-9", "--json"]) == 0
+  captured = capsys.readouterr()
+  report = json.loads(captured.out)
+  assert report["results"] == [] and report["left_out_for_time"] == ["ar", "threshold 0.9"]
+  assert "left out: --time_budget_s=1e-09 spent" in captured.err
