@@ -18,6 +18,7 @@ TFLOP/s counts 2*m*k*n per direction whatever the routing. Implementations:
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
@@ -111,6 +112,8 @@ def _stub_xprof_if_absent():
 
 
 def _tokamax():
+  if importlib.util.find_spec("tokamax") is None:  # no stub modules left behind where tokamax is absent
+    raise ImportError("No module named 'tokamax'")
   _stub_xprof_if_absent()
   import tokamax  # pylint: disable=import-outside-toplevel
   return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, group_sizes=sizes,
