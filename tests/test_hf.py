@@ -383,6 +383,10 @@ def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_f
   run.mkdir()
   with pytest.raises(ConfigError, match="keeps no tokenizer.model and data.tokenizer is empty"):
     run_tokenizer(str(run))
+  (tmp_path / "notes.txt").write_text("not a model")  # data.tokenizer is checked as the trainer checks it
+  with pytest.raises(ConfigError, match="data.tokenizer: .*notes.txt' is not a sentencepiece model"):
+    run_tokenizer(str(run), str(tmp_path / "notes.txt"))
+  assert run_tokenizer(str(run), tokenizer_file) == tokenizer_file
   (run / "tokenizer.model").write_bytes(open(tokenizer_file, "rb").read())  # as the trainer pins it
   src = str(tmp_path / "hf")
   export_hf(cfg, _pure(_random_model(cfg)), src, canvas_length=16, tokenizer=run_tokenizer(str(run)),

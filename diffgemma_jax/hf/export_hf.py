@@ -72,9 +72,8 @@ def run_tokenizer(workdir: str, data_tokenizer: str = "") -> str:
   if os.path.isfile(pinned):
     return pinned
   if data_tokenizer:
-    if not os.path.isfile(data_tokenizer):
-      raise ConfigError(f"data.tokenizer: {data_tokenizer!r} does not exist; give a sentencepiece .model")
-    return data_tokenizer
+    from diffgemma_jax.train.dataset import checked_data_tokenizer
+    return checked_data_tokenizer(data_tokenizer)
   raise ConfigError(f"--workdir {workdir} keeps no tokenizer.model and data.tokenizer is empty, so the export "
                     f"would ship no tokenizer and guess its bos/eos/pad ids; pass --config.data.tokenizer=PATH "
                     f"(the sentencepiece .model this model was trained with)")

@@ -19,21 +19,27 @@ def dataset_dir(config) -> str:
   return config.data.dir or os.path.join("data", f"{config.data.recipe}-v{int(config.model.vocab_size)}")
 
 
+def checked_data_tokenizer(path: str) -> str:
+  """`path`, the value of `data.tokenizer`, once it is known to be a sentencepiece model file; else a
+  ConfigError naming the key."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"data.tokenizer: {path!r} does not exist; give a sentencepiece .model")
+  import sentencepiece as spm
+  try:
+    spm.SentencePieceProcessor(model_file=path)
+  except (RuntimeError, OSError) as e:
+    raise ConfigError(f"data.tokenizer: {path!r} is not a sentencepiece model ({str(e).splitlines()[0][:200]}); "
+                      f"give a sentencepiece .model file") from None
+  return path
+
+
 def tokenizer_source(config) -> str | None:
   """The sentencepiece file a dataset is built with: `data.tokenizer`; for SFT recipes without it, the tokenizer
   of init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
   recipe trains its own)."""
   from data_recipes import SFT_RECIPES
   if config.data.tokenizer:
-    if not os.path.isfile(config.data.tokenizer):
-      raise ConfigError(f"data.tokenizer: {config.data.tokenizer!r} does not exist; give a sentencepiece .model")
-    import sentencepiece as spm
-    try:  # checked before a dataset folder is started with it
-      spm.SentencePieceProcessor(model_file=str(config.data.tokenizer))
-    except (RuntimeError, OSError) as e:
-      raise ConfigError(f"data.tokenizer: {config.data.tokenizer!r} is not a sentencepiece model "
-                        f"({str(e).splitlines()[0][:200]}); give a sentencepiece .model file") from None
-    return str(config.data.tokenizer)
+    return checked_data_tokenizer(str(config.data.tokenizer))  # before a dataset folder is started with it
   if config.data.recipe in SFT_RECIPES and config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
     _, _, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
