@@ -11,7 +11,7 @@ a document's first token is neither corrupted nor scored; the estimator is uncha
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +34,23 @@ def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
   return jnp.where(is_masked_BL, mask_id, tokens_BL), is_masked_BL
 
 
+def states_excluding(mask_id: int) -> tuple[int, ...]:
+  """The ids that no clean token may be: the mask token, or none when the tokenizer has none (the released
+  tokenizer: `mask_id = -1`, which must never be taken as an index of the last vocabulary entry)."""
+  return (mask_id,) if mask_id >= 0 else ()
+
+
+def without(logits_BLV, excluded_ids: Sequence[int]):
+  """The logits with each of `excluded_ids` (possibly none) given zero probability."""
+  for token in sorted(set(excluded_ids)):
+    logits_BLV = logits_BLV.at[..., token].set(-jnp.inf)
+  return logits_BLV
+
+
 def masked_token_nll(logits_BLV, tokens_BL, *, mask_id: int):
   """-log p(x_l) per position in float32, with the mask token given zero probability (`mask_id < 0`: a tokenizer
-  without one, nothing excluded; a negative id must never index the last vocabulary entry)."""
-  logits_BLV = logits_BLV.astype(jnp.float32)
-  if mask_id >= 0:
-    logits_BLV = logits_BLV.at[..., mask_id].set(-jnp.inf)
+  without one, nothing excluded)."""
+  logits_BLV = without(logits_BLV.astype(jnp.float32), states_excluding(mask_id))
   log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_BL = jnp.take_along_axis(logits_BLV, tokens_BL[..., None], axis=-1)[..., 0]
   return log_z_BL - target_BL

@@ -46,7 +46,8 @@ from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.ar import next_token_nll
 from diffgemma_jax.objectives.block import (block_ids, canvas_clean_forward, check_block_size, mean_and_stderr,
                                             per_token)
-from diffgemma_jax.objectives.masked import masked_token_nll, router_metrics, scored_positions, stratified_t
+from diffgemma_jax.objectives.masked import (masked_token_nll, router_metrics, scored_positions, states_excluding,
+                                             stratified_t, without)
 
 def noise_token(rng, shape, *, vocab_size: int, excluded_ids: Sequence[int]):
   """Tokens drawn uniformly from the vocabulary without `excluded_ids`."""
@@ -138,19 +139,6 @@ def uniform_nelbo(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], tokens
 def _support_nll(logits_BLV, tokens_BL, excluded_ids):
   """-log p(x) with every excluded id (none: the whole vocabulary is the state space) given zero probability."""
   return masked_token_nll(without(logits_BLV.astype(jnp.float32), excluded_ids), tokens_BL, mask_id=-1)
-
-
-def without(logits_BLV, excluded_ids: Sequence[int]):
-  """The logits with each of `excluded_ids` (possibly none) given zero probability."""
-  for token in sorted(set(excluded_ids)):
-    logits_BLV = logits_BLV.at[..., token].set(-jnp.inf)
-  return logits_BLV
-
-
-def states_excluding(mask_id: int) -> tuple[int, ...]:
-  """The ids outside the uniform process's states: the mask token, or none when the tokenizer has none (the
-  released tokenizer: `mask_id = -1`, which must not be taken as an index)."""
-  return (mask_id,) if mask_id >= 0 else ()
 
 
 class UniformDiffusion:

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
-from diffgemma_jax.objectives.uniform import noise_token, states_excluding, without
+from diffgemma_jax.objectives.masked import states_excluding, without
+from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
                                           masked_step, pad_after_eos, sample_categorical, shifted, stable_and_confident,
                                           token_entropy)
