@@ -100,12 +100,11 @@ def _read_prompts(args) -> list[str]:
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   from diffgemma_jax.data import DataError
-  from diffgemma_jax.sampling.requests import (ENTROPY_BOUND_OPTIONS, GenerationOptions, check_flags,
+  from diffgemma_jax.sampling.requests import (SAMPLER_OPTION_FLAGS, GenerationOptions, check_flags,
                                                generate_completions)
   try:
     config = load_config(args.config, config_overrides(rest))
-    given = {flag: getattr(args, flag) for flag in
-             ("block_length", "steps", "threshold", "temperature", "top_p") + ENTROPY_BOUND_OPTIONS}
+    given = {flag: getattr(args, flag) for flag in SAMPLER_OPTION_FLAGS}
     check_flags(args.sampler, str(config.objective.name), given)
     options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, seed=args.seed,
                                 **{flag: value for flag, value in given.items() if value is not None})

@@ -66,6 +66,8 @@ SAMPLER_FLAGS: dict[str, tuple[str, ...]] = {
     "block_fused_low_confidence": _MASKED_FLAGS,
     "entropy_bound": ("block_length",) + ENTROPY_BOUND_OPTIONS,
 }
+# Every sampler option flag, each once: the CLI reads these (None when unset) and check_flags vets them.
+SAMPLER_OPTION_FLAGS = tuple(dict.fromkeys(flag for flags in SAMPLER_FLAGS.values() for flag in flags))
 
 
 class GenerationError(ConfigError):
