@@ -4,6 +4,8 @@ import json
 import pathlib
 import sys
 
+import numpy as np
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -51,3 +53,67 @@ def test_generate_benchmark_time_budget_leaves_settings_out_and_still_reports(ca
   report = json.loads(captured.out)
   assert report["results"] == [] and report["left_out_for_time"] == ["ar", "threshold 0.9"]
   assert "left out: --time_budget_s=1e-09 spent" in captured.err
+
+
+def _markov_log_prob_fn(transition_VV):
+  """A next-token model that is an order-1 Markov chain: log p(x_{l+1} | x_<=l) = log M[x_l]."""
+  log_m = np.log(transition_VV)
+  return lambda tokens, segments: log_m[np.asarray(tokens)]
+
+
+def test_parallel_pair_cost_is_the_mutual_information_plus_the_marginals_kl():
+  """bench/parallel_ceiling.py's pair cost on a Markov chain, against the analytic value I(a; b) + E_a KL(q || p_a)
+  (q the marginal of b), and zero when b does not depend on a."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import parallel_ceiling  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  V = 6
+  m = rng.dirichlet(np.full(V, 0.5), size=V)
+  tokens, segments = np.array([1, 4, 2, 0, 0]), np.ones(5, np.int32)
+  got = parallel_ceiling.pair_excess_nats(_markov_log_prob_fn(m), tokens, segments, t=2)
+  p_a = m[tokens[2]]
+  q = p_a @ m
+  mutual_information = sum(p_a[a] * m[a, b] * np.log(m[a, b] / q[b]) for a in range(V) for b in range(V))
+  kl = sum(p_a[a] * np.sum(q * np.log(q / m[a])) for a in range(V))
+  np.testing.assert_allclose(got["excess_nats"], mutual_information + kl, rtol=1e-10)
+  assert got["excess_nats"] > 0.1
+  np.testing.assert_allclose(got["conditional_entropy_nats"], -np.sum(p_a[:, None] * m * np.log(m)), rtol=1e-10)
+  independent = np.tile(rng.dirichlet(np.ones(V)), (V, 1))
+  assert abs(parallel_ceiling.pair_excess_nats(_markov_log_prob_fn(independent), tokens, segments,
+                                               t=2)["excess_nats"]) < 1e-12
+
+
+def test_confidence_profile_counts_positions_inside_segments_only():
+  sys.path.insert(0, str(REPO / "bench"))
+  import parallel_ceiling  # pylint: disable=import-outside-toplevel
+  probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.5, 0.5], [0.2, 0.8]])  # top: 0.95, 0.6, 0.5, 0.8
+  log_probs = np.log(probs)[None]  # [1, 4, 2]; position 3 predicts past the row and is never scored
+  tokens, segments = np.array([[0, 0, 1, 1]]), np.array([[1, 1, 1, 0]])  # position 2 -> 3 crosses into padding
+  report = parallel_ceiling.confidence_profile(log_probs, tokens, segments, thresholds=(0.9, 0.5))
+  assert report["positions"] == 2  # 0 -> 1 and 1 -> 2
+  np.testing.assert_allclose(report["perplexity"], np.exp(-(np.log(0.95) + np.log(0.4)) / 2), rtol=1e-6)
+  rows = {row["threshold"]: row for row in report["thresholds"]}
+  assert rows[0.9]["fraction_confident"] == 0.5 and rows[0.9]["ceiling_tokens_per_call"] == 2.0
+  assert rows[0.5]["fraction_confident"] == 1.0 and rows[0.5]["ceiling_tokens_per_call"] == float("inf")
+
+
+def test_parallel_ceiling_runs_end_to_end_on_a_random_model(capsys):
+  sys.path.insert(0, str(REPO / "bench"))
+  import parallel_ceiling  # pylint: disable=import-outside-toplevel
+  assert parallel_ceiling.main(["--config", str(REPO / "configs" / "ar_tiny.py"), "--random_weights",
+                                "--sequences", "2", "--pairs", "2", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["positions"] == 2 * 127 and report["pairs"]["count"] == 2
+  ceilings = [row["ceiling_tokens_per_call"] for row in report["thresholds"]]
+  assert ceilings == sorted(ceilings) and ceilings[0] >= 1.0
+  assert report["pairs"]["mean_excess_nats"] >= 0.0
+
+
+def test_oracle_parallel_factor_pays_the_cheapest_pairs_for_the_parallel_share():
+  sys.path.insert(0, str(REPO / "bench"))
+  import parallel_ceiling  # pylint: disable=import-outside-toplevel
+  costs = [4.0, 0.0, 1.0, 3.0]
+  assert parallel_ceiling.oracle_parallel_factor(costs, 1.0) == 1.0  # one token per call: nothing in parallel
+  # 2 tokens per call: half the tokens ride beside another, at the two cheapest costs (0 and 1, mean 0.5)
+  np.testing.assert_allclose(parallel_ceiling.oracle_parallel_factor(costs, 2.0), np.exp(0.5 * 0.5), rtol=1e-12)
+  np.testing.assert_allclose(parallel_ceiling.oracle_parallel_factor(costs, 4.0), np.exp(0.75 * 4.0 / 3), rtol=1e-12)
