@@ -17,6 +17,10 @@ Templates turn an example into (prompt text, response text):
          thought channel, as the release's template renders them. So a model is trained on exactly the prefix a
          serving stack sends. For the released tokenizer (data.tokenizer), where the markers are control pieces.
   plain  prompt and response as they are (completion data such as code); turns of a conversation joined by "\\n".
+A template's markers inside message content are text the writer typed (a chat about chat templates, or a prompt
+that tries to close its own turn), not turn boundaries: the rendered texts are `ChatText`, which remember where
+content lies, and `encode_text` encodes a marker there as the bytes of its text (`Tokenizer.literal_ids`), never
+as the marker's id. Only the template puts turn markers into a row or a chat prompt.
 
 Rows (one example per row of `seq_len`): [bos] prompt response [eos] [eos]... with `loss_mask` 1 on the response
 and its EOS padding (DESIGN section 3: the padding is corrupted and scored so the model learns to stop), 0 on bos
@@ -44,6 +48,39 @@ TEMPLATE_MARKERS = {"gemma": ("<start_of_turn>", "<end_of_turn>"),
 # What follows the opening marker and role of the turn the model writes (the generation header's tail).
 _GENERATION_SUFFIX = {"gemma": "", "diffusiongemma": "<|channel>thought\n<channel|>"}
 _GEMMA_ROLE = {"system": "system", "user": "user", "assistant": "model"}
+
+
+class ChatText(str):
+  """A rendered text that remembers which of its characters are message content: `content_spans`, [start, end)
+  character ranges. Compares, prints and serialises as the plain string."""
+  content_spans: tuple[tuple[int, int], ...]
+  markers: tuple[str, ...]
+
+  def __new__(cls, parts: Sequence[tuple[str, bool]], markers: Sequence[str] = ()):
+    """From (text, is_content) parts, in order; `markers`: the template's markers (what content must not open)."""
+    spans, at = [], 0
+    for part, is_content in parts:
+      if is_content and part:
+        spans.append((at, at + len(part)))
+      at += len(part)
+    obj = super().__new__(cls, "".join(part for part, _ in parts))
+    obj.content_spans, obj.markers = tuple(spans), tuple(markers)
+    return obj
+
+  def parts(self) -> list[tuple[str, bool]]:
+    out, at = [], 0
+    for start, end in self.content_spans:
+      out += [(str.__getitem__(self, slice(at, start)), False), (str.__getitem__(self, slice(start, end)), True)]
+      at = end
+    return out + [(str.__getitem__(self, slice(at, len(self))), False)]
+
+
+def join_texts(*texts: str) -> str:
+  """Concatenation that keeps every `ChatText`'s content spans (plain strings count as template text)."""
+  if not any(isinstance(t, ChatText) for t in texts):
+    return "".join(texts)
+  markers = next(t.markers for t in texts if isinstance(t, ChatText))
+  return ChatText([p for t in texts for p in (t.parts() if isinstance(t, ChatText) else [(t, False)])], markers)
 
 
 def _where(source: str, line: int | None) -> str:
@@ -154,13 +191,15 @@ def render(record: dict[str, Any], template: str) -> list[tuple[str, str]]:
       history.append(content)
     return examples
   open_, close = TEMPLATE_MARKERS[template][:2]
+  text = lambda parts: ChatText(parts, TEMPLATE_MARKERS[template])
   strip = template == "diffusiongemma"  # the released template strips every message
-  prefix = ""
+  prefix: list[tuple[str, bool]] = []
   for role, content in turns:
     content = content.strip() if strip else content
     if role == "assistant":
-      examples.append((prefix + f"{open_}model\n" + _GENERATION_SUFFIX[template], content + close))
-    prefix += f"{open_}{_GEMMA_ROLE[role]}\n{content}{close}\n"
+      examples.append((text(prefix + [(f"{open_}model\n" + _GENERATION_SUFFIX[template], False)]),
+                       text([(content, True), (close, False)])))
+    prefix += [(f"{open_}{_GEMMA_ROLE[role]}\n", False), (content, True), (f"{close}\n", False)]
   return examples
 
 
@@ -189,16 +228,50 @@ def marker_ids(tokenizer, template: str) -> dict[str, int] | None:
 
 def encode_text(tokenizer, text: str, markers: dict[str, int] | None = None) -> list[int]:
   """Token ids of `text`; with `markers` (see `marker_ids`) the markers become their ids and the text between
-  them is encoded piece by piece."""
-  if not markers:
-    return tokenizer.encode(text)
+  them is encoded piece by piece. In a `ChatText`, a marker inside message content is text: it is encoded as its
+  bytes (`Tokenizer.literal_ids`), and with `markers` the text is not cut there (see the module docstring)."""
   import re
+  spans = getattr(text, "content_spans", ())
+  symbols = {}  # id -> marker, of the template's markers that are pieces of this tokenizer
+  for marker in getattr(text, "markers", ()) if spans else ():
+    piece = tokenizer.sp.piece_to_id(marker)
+    if piece != tokenizer.unk_id:
+      symbols[piece] = marker
+  in_content = lambda at: any(s <= at < e for s, e in spans)
+  if not markers:
+    return _literal_markers(tokenizer, tokenizer.encode(text), text, symbols, in_content)
   out: list[int] = []
-  for part in re.split("(" + "|".join(re.escape(m) for m in markers) + ")", text):
-    if part in markers:
-      out.append(markers[part])
-    elif part:
-      out.extend(tokenizer.encode(part))
+  at = 0
+  for match in re.finditer("|".join(re.escape(m) for m in markers), text):
+    if in_content(match.start()):
+      continue  # a marker the message spells: part of the text around it
+    out += _literal_markers(tokenizer, tokenizer.encode(text[at:match.start()]) if match.start() > at else [],
+                            None, symbols)
+    out.append(markers[match.group()])
+    at = match.end()
+  return out + (_literal_markers(tokenizer, tokenizer.encode(text[at:]), None, symbols) if at < len(text) else [])
+
+
+def _literal_markers(tokenizer, ids: list[int], text, symbols: dict[int, str], in_content=None) -> list[int]:
+  """`ids` with marker ids that stand for message content replaced by their text's bytes: every one when `text`
+  is None (a stretch between template markers), else those whose occurrence in `text` lies in content. The k-th
+  marker id of `ids` is the k-th marker occurrence of the text: markers are single pieces (user-defined symbols,
+  which sentencepiece always matches) and come from nothing else."""
+  if not symbols or not any(i in symbols for i in ids):
+    return ids
+  import re
+  if text is None:
+    literal = {k for k, i in enumerate(ids) if i in symbols}
+  else:
+    positions = [k for k, i in enumerate(ids) if i in symbols]
+    found = [m.start() for m in re.finditer("|".join(re.escape(m) for m in symbols.values()), text)]
+    if len(found) != len(positions):
+      raise DataError(f"the tokenizer {tokenizer.path} encodes the chat markers {sorted(symbols.values())} "
+                      f"inconsistently ({len(found)} in the text, {len(positions)} marker ids)")
+    literal = {k for k, at in zip(positions, found) if in_content(at)}
+  out: list[int] = []
+  for k, i in enumerate(ids):
+    out.extend(tokenizer.literal_ids(symbols[i]) if k in literal else (i,))
   return out
 
 
@@ -206,7 +279,7 @@ def split_tokens(tokenizer, prompt: str, response: str, markers: dict[str, int] 
                  ) -> tuple[list[int], list[int]]:
   """Token ids of prompt and response, taken from the tokenisation of their concatenation (what the model reads
   at sampling time); where a piece straddles the boundary it goes to the response."""
-  full = encode_text(tokenizer, prompt + response, markers)
+  full = encode_text(tokenizer, join_texts(prompt, response), markers)
   head = encode_text(tokenizer, prompt, markers) if prompt else []
   k = 0
   limit = min(len(head), len(full))

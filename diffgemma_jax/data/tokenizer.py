@@ -36,8 +36,13 @@ class Tokenizer:
     # text's bytes (byte-fallback pieces), which decode back to "<mask>".
     self._literal_mask = None
     if self.mask_id >= 0 and self.mask_id in self.sp.encode("<mask>"):
-      byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in b"<mask>"]
-      self._literal_mask = byte_ids if self.unk_id not in byte_ids else [self.unk_id]
+      self._literal_mask = self.literal_ids("<mask>")
+
+  def literal_ids(self, text: str) -> list[int]:
+    """The byte-fallback pieces of `text`'s UTF-8 bytes, which decode back to `text` without ever being one of
+    the tokenizer's symbols (a text that spells `<mask>` or a turn marker); [unk] without byte pieces."""
+    byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+    return byte_ids if self.unk_id not in byte_ids else [self.unk_id]
 
   def encode(self, text: str | list[str], num_threads: int = 0):
     """Ids of a text (or of each text of a list); the mask id never comes out of text."""
