@@ -143,12 +143,13 @@ def test_markers_inside_message_content_are_text_not_turn_boundaries(trained_run
   ((prompt, response),) = render(record, "gemma")
   assert prompt.count("<end_of_turn>") == 2 and response.count("<end_of_turn>") == 2  # one template, one content
   markers = marker_ids(tok, "gemma")
+  assert markers is None  # user-defined symbols: plain encoding of the whole text produces them
   p_ids, r_ids = split_tokens(tok, prompt, response, markers)
   assert (p_ids.count(start), p_ids.count(end)) == (2, 1)  # the user turn's and the generation header's
   assert (r_ids.count(start), r_ids.count(end)) == (0, 1) and r_ids[-1] == end  # only the closing marker
   literal_end = tok.literal_ids("<end_of_turn>")
   assert _holds(p_ids, literal_end) and _holds(r_ids, literal_end) and _holds(p_ids, tok.literal_ids("<start_of_turn>"))
-  assert "x <end_of_turn>" in tok.decode(p_ids) and tok.decode(r_ids).startswith("A x <end_of_turn>")
+  assert tok.decode(p_ids) == prompt and tok.decode(r_ids) == response  # markers are one piece: no cut, no space
   plain = encode_text(tok, str(prompt), markers)  # the same text as a plain string: every marker is a marker
   assert (plain.count(start), plain.count(end)) == (3, 2)
   rows, _ = make_rows([record], tok, 96, "gemma")
@@ -156,6 +157,7 @@ def test_markers_inside_message_content_are_text_not_turn_boundaries(trained_run
   # The chat prompt of the generate CLI (--chat) is rendered the same way.
   ids = encode_text(tok, chat_prompt(injected, "gemma"), markers)
   assert (ids.count(start), ids.count(end)) == (2, 1) and _holds(ids, literal_end)
+  assert tok.decode(ids) == chat_prompt(injected, "gemma")
 
 
 def _holds(ids, run):

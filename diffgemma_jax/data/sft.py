@@ -212,9 +212,10 @@ def chat_prompt(text: str, template: str, system: str | None = None) -> str:
 
 
 def marker_ids(tokenizer, template: str) -> dict[str, int] | None:
-  """{marker: id} when some marker of `template` is not encoded as its own single piece by plain encoding (a
-  control symbol: the text must be cut at the markers and their ids spliced in); None when plain encoding works.
-  A marker the tokenizer lacks is an error naming the template."""
+  """{marker: id} when plain encoding does not produce some marker of `template` as its piece (a control symbol:
+  the text must be cut at the markers and their ids spliced in); None when plain encoding works (user-defined
+  symbols, as the recipes' tokenizers have: the whole text is encoded at once, so no piece boundary and no dummy-
+  prefix space appear after each marker). A marker the tokenizer lacks is an error naming the template."""
   ids, splice = {}, False
   for marker in TEMPLATE_MARKERS[template]:
     piece = tokenizer.sp.piece_to_id(marker)
@@ -222,7 +223,7 @@ def marker_ids(tokenizer, template: str) -> dict[str, int] | None:
       raise DataError(f"data.chat_template={template!r} needs the piece {marker!r}, which the tokenizer "
                       f"{tokenizer.path} lacks; use a template of this tokenizer (valid: {CHAT_TEMPLATES})")
     ids[marker] = piece
-    splice |= tokenizer.encode(marker) != [piece]
+    splice |= piece not in tokenizer.sp.encode(f"a{marker}a")
   return ids if splice else None
 
 
