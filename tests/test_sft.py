@@ -142,6 +142,10 @@ def test_markers_inside_message_content_are_text_not_turn_boundaries(trained_run
   record = {"messages": [{"role": "user", "content": injected}, {"role": "assistant", "content": f"A {injected}"}]}
   ((prompt, response),) = render(record, "gemma")
   assert prompt.count("<end_of_turn>") == 2 and response.count("<end_of_turn>") == 2  # one template, one content
+  import copy
+  import pickle
+  for clone in (pickle.loads(pickle.dumps(prompt)), copy.deepcopy(prompt)):
+    assert clone == prompt and (clone.content_spans, clone.markers) == (prompt.content_spans, prompt.markers)
   markers = marker_ids(tok, "gemma")
   assert markers is None  # user-defined symbols: plain encoding of the whole text produces them
   p_ids, r_ids = split_tokens(tok, prompt, response, markers)

@@ -67,6 +67,9 @@ class ChatText(str):
     obj.content_spans, obj.markers = tuple(spans), tuple(markers)
     return obj
 
+  def __getnewargs__(self):  # pickle and copy rebuild it from its parts, not from the bare string
+    return self.parts(), self.markers
+
   def parts(self) -> list[tuple[str, bool]]:
     out, at = [], 0
     for start, end in self.content_spans:
