@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -234,7 +235,6 @@ def encode_text(tokenizer, text: str, markers: dict[str, int] | None = None) -> 
   """Token ids of `text`; with `markers` (see `marker_ids`) the markers become their ids and the text between
   them is encoded piece by piece. In a `ChatText`, a marker inside message content is text: it is encoded as its
   bytes (`Tokenizer.literal_ids`), and with `markers` the text is not cut there (see the module docstring)."""
-  import re
   spans = getattr(text, "content_spans", ())
   symbols = {}  # id -> marker, of the template's markers that are pieces of this tokenizer
   for marker in getattr(text, "markers", ()) if spans else ():
@@ -263,7 +263,6 @@ def _literal_markers(tokenizer, ids: list[int], text, symbols: dict[int, str], i
   which sentencepiece always matches) and come from nothing else."""
   if not symbols or not any(i in symbols for i in ids):
     return ids
-  import re
   if text is None:
     literal = {k for k, i in enumerate(ids) if i in symbols}
   else:
