@@ -148,6 +148,10 @@ def main(argv=None) -> int:
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)}: must be >= 1")
   config = load_config(args.config, dict(item.split("=", 1) for item in args.override))
+  if str(config.objective.name) != "ar":
+    p.error(f"--config {args.config}: objective.name is {str(config.objective.name)!r}; the ceiling reads a next-"
+            f"token model's conditionals, so pass an autoregressive run's config (objective.name 'ar', e.g. "
+            f"configs/ar_tiny.py)")
   seq_len = int(config.train.seq_len)
   if args.random_weights:
     model, step = build_model(ModelConfig.from_config_dict(config.model), 0), None

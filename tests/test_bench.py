@@ -117,3 +117,13 @@ def test_oracle_parallel_factor_pays_the_cheapest_pairs_for_the_parallel_share()
   # 2 tokens per call: half the tokens ride beside another, at the two cheapest costs (0 and 1, mean 0.5)
   np.testing.assert_allclose(parallel_ceiling.oracle_parallel_factor(costs, 2.0), np.exp(0.5 * 0.5), rtol=1e-12)
   np.testing.assert_allclose(parallel_ceiling.oracle_parallel_factor(costs, 4.0), np.exp(0.75 * 4.0 / 3), rtol=1e-12)
+
+
+def test_parallel_ceiling_refuses_a_model_that_is_not_autoregressive(capsys):
+  sys.path.insert(0, str(REPO / "bench"))
+  import parallel_ceiling  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as exit_info:
+    parallel_ceiling.main(["--config", str(REPO / "configs" / "block_tiny.py"), "--random_weights"])
+  assert exit_info.value.code == 2
+  assert "objective.name is 'block'" in capsys.readouterr().err
