@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,6 @@ def test_oracle_parallel_factor_pays_the_cheapest_pairs_for_the_parallel_share()
 def test_parallel_ceiling_refuses_a_model_that_is_not_autoregressive(capsys):
   sys.path.insert(0, str(REPO / "bench"))
   import parallel_ceiling  # pylint: disable=import-outside-toplevel
-  import pytest  # pylint: disable=import-outside-toplevel
   with pytest.raises(SystemExit) as exit_info:
     parallel_ceiling.main(["--config", str(REPO / "configs" / "block_tiny.py"), "--random_weights"])
   assert exit_info.value.code == 2
