@@ -198,6 +198,12 @@ def test_training_loss_is_canvas_ce_plus_weighted_encoder_loss():
     np.testing.assert_allclose(loss, metrics["canvas_ce_per_token"] + w * metrics["encoder_nll_per_token"],
                                rtol=1e-6)
   assert int(out[1.0][1]["num_tokens"]) == 2 * 4  # one canvas of 4 tokens per row
+  # The canvas CE is the token-weighted mean of its replaced and kept parts.
+  metrics = out[1.0][1]
+  replaced = metrics["replaced_fraction"]
+  assert 0 < replaced < 1
+  np.testing.assert_allclose(replaced * metrics["canvas_ce_replaced"] + (1 - replaced) * metrics["canvas_ce_kept"],
+                             metrics["canvas_ce_per_token"], rtol=1e-6)
   grads = nnx.jit(nnx.grad(lambda m: UniformDiffusion(mask_id=MASK, block_size=4).loss_fn(m, batch, rng)[0]))(model)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   # only pass 2 is differentiated; the zero-initialised output projection is what learns first

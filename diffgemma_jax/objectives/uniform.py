@@ -207,7 +207,13 @@ class UniformDiffusion:
     num_encoder = jnp.sum(encoder_valid)
     encoder_ce = jnp.sum(jnp.where(encoder_valid, encoder_nll, 0.0)) / jnp.maximum(num_encoder, 1)
     loss = canvas_ce + self.encoder_loss_weight * encoder_ce + aux["aux_loss"]
+    # The canvas CE split by whether the token was noised: a denoiser that only copies its input keeps the
+    # replaced tokens' CE at the unigram entropy however low the kept tokens' goes.
+    split_ce = lambda where_BC: (jnp.sum(jnp.where(where_BC, canvas_nll, 0.0)) /
+                                 jnp.maximum(jnp.sum(where_BC), 1))
     metrics = {"loss": loss, "canvas_ce_per_token": canvas_ce, "encoder_nll_per_token": encoder_ce,
+               "canvas_ce_replaced": split_ce(canvas_scored & replaced),
+               "canvas_ce_kept": split_ce(canvas_scored & ~replaced),
                "num_tokens": num_canvas, "replaced_fraction": jnp.sum(replaced) / jnp.maximum(num_canvas, 1),
                "self_cond_fraction": jnp.mean(use_sc_B.astype(jnp.float32)), **router_metrics(aux)}
     return loss, metrics
