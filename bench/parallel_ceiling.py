@@ -117,11 +117,14 @@ def oracle_parallel_factor(pair_costs, tokens_per_call: float) -> float:
 
 
 def pair_positions(segments_BT, count: int, seed: int, min_context: int):
-  """`count` random (row, t) with tokens t+1 and t+2 in t's segment and at least `min_context` tokens before t."""
+  """`count` random (row, t) with tokens t+1 and t+2 in t's segment and at least `min_context` tokens of that
+  segment before t."""
   segments_BT = np.asarray(segments_BT)
   ok = (segments_BT[:, :-2] > 0) & (segments_BT[:, 1:-1] == segments_BT[:, :-2]) & \
        (segments_BT[:, 2:] == segments_BT[:, :-2])
   ok[:, :min_context] = False
+  if min_context:
+    ok[:, min_context:] &= segments_BT[:, :-2 - min_context] == segments_BT[:, min_context:-2]
   rows, ts = np.nonzero(ok)
   if len(rows) == 0:
     raise SystemExit(f"no position with {min_context} tokens of context and two more after it; lower "

@@ -127,3 +127,12 @@ def test_parallel_ceiling_refuses_a_model_that_is_not_autoregressive(capsys):
     parallel_ceiling.main(["--config", str(REPO / "configs" / "block_tiny.py"), "--random_weights"])
   assert exit_info.value.code == 2
   assert "objective.name is 'block'" in capsys.readouterr().err
+
+
+def test_pair_positions_keep_their_context_and_pair_inside_one_segment():
+  sys.path.insert(0, str(REPO / "bench"))
+  import parallel_ceiling  # pylint: disable=import-outside-toplevel
+  # t=2 and 3: the pair reaches segment 2; t=4 and 5: the context starts in segment 1; t=7: the pair reaches padding
+  segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])
+  picked = parallel_ceiling.pair_positions(segments, count=100, seed=0, min_context=2)
+  assert sorted(picked) == [(0, 6)]  # segment 2 from index 4: context 4..5, pair 7, 8
