@@ -151,11 +151,13 @@ def test_markers_inside_message_content_are_text_not_turn_boundaries(trained_run
   p_ids, r_ids = split_tokens(tok, prompt, response, markers)
   assert (p_ids.count(start), p_ids.count(end)) == (2, 1)  # the user turn's and the generation header's
   assert (r_ids.count(start), r_ids.count(end)) == (0, 1) and r_ids[-1] == end  # only the closing marker
-  literal_end = tok.literal_ids("<end_of_turn>")
-  assert _holds(p_ids, literal_end) and _holds(r_ids, literal_end) and _holds(p_ids, tok.literal_ids("<start_of_turn>"))
+  literal_start, literal_end = tok.literal_ids("<start_of_turn>"), tok.literal_ids("<end_of_turn>")
+  assert _holds(p_ids, literal_end) and _holds(r_ids, literal_end) and _holds(p_ids, literal_start)
   assert tok.decode(p_ids) == prompt and tok.decode(r_ids) == response  # markers are one piece: no cut, no space
   plain = encode_text(tok, str(prompt), markers)  # the same text as a plain string: every marker is a marker
   assert (plain.count(start), plain.count(end)) == (3, 2)
+  # Apart from the spelled markers the ids are plain encoding's.
+  assert _collapse(_collapse(p_ids, literal_start, start), literal_end, end) == plain
   rows, _ = make_rows([record], tok, 96, "gemma")
   assert (rows["tokens"][0] == end).sum() == 2 and (rows["tokens"][0] == start).sum() == 2
   # The chat prompt of the generate CLI (--chat) is rendered the same way.
@@ -166,6 +168,19 @@ def test_markers_inside_message_content_are_text_not_turn_boundaries(trained_run
 
 def _holds(ids, run):
   return any(ids[k:k + len(run)] == run for k in range(len(ids)))
+
+
+def _collapse(ids, run, token):
+  """`ids` with every occurrence of the sequence `run` replaced by the single `token`."""
+  out, k = [], 0
+  while k < len(ids):
+    if ids[k:k + len(run)] == run:
+      out.append(token)
+      k += len(run)
+    else:
+      out.append(ids[k])
+      k += 1
+  return out
 
 
 def test_tokens_split_at_the_prompt_boundary(trained_run):
