@@ -264,18 +264,13 @@ def _literal_markers(tokenizer, ids: list[int], text, symbols: dict[int, str], i
   if not symbols or not any(i in symbols for i in ids):
     return ids
   if text is None:
-    literal = {k for k, i in enumerate(ids) if i in symbols}
-  else:
-    positions = [k for k, i in enumerate(ids) if i in symbols]
-    found = [m.start() for m in re.finditer("|".join(re.escape(m) for m in symbols.values()), text)]
-    if len(found) != len(positions):
-      raise DataError(f"the tokenizer {tokenizer.path} encodes the chat markers {sorted(symbols.values())} "
-                      f"inconsistently ({len(found)} in the text, {len(positions)} marker ids)")
-    literal = {k for k, at in zip(positions, found) if in_content(at)}
-  out: list[int] = []
-  for k, i in enumerate(ids):
-    out.extend(tokenizer.literal_ids(symbols[i]) if k in literal else (i,))
-  return out
+    return tokenizer.spell_out(ids, symbols)
+  positions = [k for k, i in enumerate(ids) if i in symbols]
+  found = [m.start() for m in re.finditer("|".join(re.escape(m) for m in symbols.values()), text)]
+  if len(found) != len(positions):
+    raise DataError(f"the tokenizer {tokenizer.path} encodes the chat markers {sorted(symbols.values())} "
+                    f"inconsistently ({len(found)} in the text, {len(positions)} marker ids)")
+  return tokenizer.spell_out(ids, symbols, {k for k, at in zip(positions, found) if in_content(at)})
 
 
 def split_tokens(tokenizer, prompt: str, response: str, markers: dict[str, int] | None = None

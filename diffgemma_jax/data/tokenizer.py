@@ -34,15 +34,23 @@ class Tokenizer:
     # `<mask>` is a user-defined symbol, so the literal text "<mask>" (ML code and docs write it) would encode to
     # the mask id: data would hold the token the objectives give zero probability. Its ids are replaced by the
     # text's bytes (byte-fallback pieces), which decode back to "<mask>".
-    self._literal_mask = None
-    if self.mask_id >= 0 and self.mask_id in self.sp.encode("<mask>"):
-      self._literal_mask = self.literal_ids("<mask>")
+    mask_from_text = self.mask_id >= 0 and self.mask_id in self.sp.encode("<mask>")
+    self._spelled_mask = {self.mask_id: "<mask>"} if mask_from_text else {}
 
   def literal_ids(self, text: str) -> list[int]:
     """The byte-fallback pieces of `text`'s UTF-8 bytes, which decode back to `text` without ever being one of
     the tokenizer's symbols (a text that spells `<mask>` or a turn marker); [unk] without byte pieces."""
     byte_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
     return byte_ids if self.unk_id not in byte_ids else [self.unk_id]
+
+  def spell_out(self, ids: list[int], symbols: dict[int, str], positions=None) -> list[int]:
+    """`ids` with each id of `symbols` (only at the indices in `positions`, when given) replaced by the
+    `literal_ids` of its text."""
+    out: list[int] = []
+    for k, i in enumerate(ids):
+      spelled = i in symbols and (positions is None or k in positions)
+      out.extend(self.literal_ids(symbols[i]) if spelled else (i,))
+    return out
 
   def encode(self, text: str | list[str], num_threads: int = 0):
     """Ids of a text (or of each text of a list); the mask id never comes out of text."""
@@ -51,12 +59,9 @@ class Tokenizer:
     return self._no_mask(self.sp.encode(text))
 
   def _no_mask(self, ids: list[int]) -> list[int]:
-    if self._literal_mask is None or self.mask_id not in ids:
+    if not self._spelled_mask or self.mask_id not in ids:
       return ids
-    out: list[int] = []
-    for i in ids:
-      out.extend(self._literal_mask if i == self.mask_id else (i,))
-    return out
+    return self.spell_out(ids, self._spelled_mask)
 
   def decode(self, ids) -> str:
     """Text of the ids, leaving out padding, bos/eos and mask tokens."""
