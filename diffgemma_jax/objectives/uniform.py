@@ -199,21 +199,19 @@ class UniformDiffusion:
     use_sc_B = jax.random.uniform(sc_rng, (B,)) < self.self_cond_prob
     canvas_logits, clean_logits, aux = self._two_pass(model, forward, use_sc_B)
 
+    mean_where = lambda nll, where: jnp.sum(jnp.where(where, nll, 0.0)) / jnp.maximum(jnp.sum(where), 1)
     canvas_nll = masked_token_nll(canvas_logits, canvas_tokens, mask_id=self.mask_id)
     num_canvas = jnp.sum(canvas_scored)
-    canvas_ce = jnp.sum(jnp.where(canvas_scored, canvas_nll, 0.0)) / jnp.maximum(num_canvas, 1)
+    canvas_ce = mean_where(canvas_nll, canvas_scored)
     encoder_nll, encoder_valid = next_token_nll(clean_logits, tokens, segments)
     encoder_valid = encoder_valid & scored[:, 1:]  # SFT: the encoder predicts response tokens only
-    num_encoder = jnp.sum(encoder_valid)
-    encoder_ce = jnp.sum(jnp.where(encoder_valid, encoder_nll, 0.0)) / jnp.maximum(num_encoder, 1)
+    encoder_ce = mean_where(encoder_nll, encoder_valid)
     loss = canvas_ce + self.encoder_loss_weight * encoder_ce + aux["aux_loss"]
     # The canvas CE split by whether the token was noised: a denoiser that only copies its input keeps the
     # replaced tokens' CE at the unigram entropy however low the kept tokens' goes.
-    split_ce = lambda where_BC: (jnp.sum(jnp.where(where_BC, canvas_nll, 0.0)) /
-                                 jnp.maximum(jnp.sum(where_BC), 1))
     metrics = {"loss": loss, "canvas_ce_per_token": canvas_ce, "encoder_nll_per_token": encoder_ce,
-               "canvas_ce_replaced": split_ce(canvas_scored & replaced),
-               "canvas_ce_kept": split_ce(canvas_scored & ~replaced),
+               "canvas_ce_replaced": mean_where(canvas_nll, canvas_scored & replaced),
+               "canvas_ce_kept": mean_where(canvas_nll, canvas_scored & ~replaced),
                "num_tokens": num_canvas, "replaced_fraction": jnp.sum(replaced) / jnp.maximum(num_canvas, 1),
                "self_cond_fraction": jnp.mean(use_sc_B.astype(jnp.float32)), **router_metrics(aux)}
     return loss, metrics
