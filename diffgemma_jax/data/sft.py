@@ -244,27 +244,24 @@ def encode_text(tokenizer, text: str, markers: dict[str, int] | None = None) -> 
   in_content = lambda at: any(s <= at < e for s, e in spans)
   if not markers:
     return _literal_markers(tokenizer, tokenizer.encode(text), text, symbols, in_content)
+  # A stretch between template markers: every marker id in it comes from content.
+  stretch = lambda start, end: tokenizer.spell_out(tokenizer.encode(text[start:end]), symbols) if end > start else []
   out: list[int] = []
   at = 0
   for match in re.finditer("|".join(re.escape(m) for m in markers), text):
     if in_content(match.start()):
       continue  # a marker the message spells: part of the text around it
-    out += _literal_markers(tokenizer, tokenizer.encode(text[at:match.start()]) if match.start() > at else [],
-                            None, symbols)
-    out.append(markers[match.group()])
+    out += stretch(at, match.start()) + [markers[match.group()]]
     at = match.end()
-  return out + (_literal_markers(tokenizer, tokenizer.encode(text[at:]), None, symbols) if at < len(text) else [])
+  return out + stretch(at, len(text))
 
 
-def _literal_markers(tokenizer, ids: list[int], text, symbols: dict[int, str], in_content=None) -> list[int]:
-  """`ids` with marker ids that stand for message content replaced by their text's bytes: every one when `text`
-  is None (a stretch between template markers), else those whose occurrence in `text` lies in content. The k-th
-  marker id of `ids` is the k-th marker occurrence of the text: markers are single pieces (user-defined symbols,
-  which sentencepiece always matches) and come from nothing else."""
+def _literal_markers(tokenizer, ids: list[int], text: str, symbols: dict[int, str], in_content) -> list[int]:
+  """`ids` (the encoding of `text`) with the marker ids whose occurrence in `text` lies in content replaced by
+  their text's bytes. The k-th marker id of `ids` is the k-th marker occurrence of the text: markers are single
+  pieces (user-defined symbols, which sentencepiece always matches) and come from nothing else."""
   if not symbols or not any(i in symbols for i in ids):
     return ids
-  if text is None:
-    return tokenizer.spell_out(ids, symbols)
   positions = [k for k, i in enumerate(ids) if i in symbols]
   found = [m.start() for m in re.finditer("|".join(re.escape(m) for m in symbols.values()), text)]
   if len(found) != len(positions):
