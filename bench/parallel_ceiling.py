@@ -42,6 +42,7 @@ from diffgemma_jax.config import load_config
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.masks import make_mask
 from diffgemma_jax.model.transformer import build_model
+from diffgemma_jax.objectives.ar import next_token_nll
 
 THRESHOLDS = (0.9, 0.7, 0.5, 0.3)
 TOKENS_PER_CALL = (1.25, 1.5, 2.0, 2.75, 4.0, 5.45)
@@ -64,21 +65,14 @@ def next_token_log_probs(model):
                                                  np.asarray(segments, np.int32)))
 
 
-def next_positions(segments_BT):
-  """[B, T-1] bool: index l has a next token l + 1 in the same (non-padding) segment."""
-  segments_BT = np.asarray(segments_BT)
-  return (segments_BT[:, :-1] > 0) & (segments_BT[:, 1:] == segments_BT[:, :-1])
-
-
 def confidence_profile(log_probs_BTV, tokens_BT, segments_BT, thresholds=THRESHOLDS) -> dict:
   """Top next-token probability per scored position -> fractions at or above each threshold, the threshold
   decoder's tokens-per-call ceiling 1 / (1 - f), the mean next-token entropy and the exact perplexity."""
-  valid = next_positions(segments_BT)
+  nll, valid = (np.asarray(x) for x in next_token_nll(log_probs_BTV, tokens_BT, segments_BT))
+  nll = nll[valid]
   lp = np.asarray(log_probs_BTV)[:, :-1][valid]  # [N, V]
-  targets = np.asarray(tokens_BT)[:, 1:][valid]
   top = np.exp(lp.max(axis=-1))
   entropy = -np.sum(np.exp(lp) * np.where(np.isfinite(lp), lp, 0.0), axis=-1)
-  nll = -lp[np.arange(len(targets)), targets]
   rows = []
   for tau in thresholds:
     f = float(np.mean(top >= tau))
