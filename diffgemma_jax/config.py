@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.self_cond_prob = 0.5  # uniform with model.self_conditioning: fraction of rows self-conditioned
 
   c.data = ml_collections.ConfigDict()
-  # Pretraining: python_stdlib | shakespeare | text_files. SFT (prompt/response rows): python_docstrings | jsonl.
+  # Pretraining: python_stdlib | python_packages | shakespeare | text_files. SFT (prompt/response rows): python_docstrings | jsonl.
   c.data.recipe = "python_stdlib"
   c.data.dir = ""  # dataset directory; empty: data/<recipe>-v<vocab_size> under the current directory
   c.data.source = ""  # text_files: a directory or glob of UTF-8 files; jsonl: a JSONL file, directory or glob
@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_accum_steps = 1
   c.train.seed = 0
   c.train.log_every_steps = 10
+  # Wall-clock budget of one invocation in seconds, counted from its start (data, compilation and evaluations
+  # included; 0: none). Once spent, no new step starts: the step reached is checkpointed and evaluated, and the
+  # same command resumes from it (with a fresh budget).
+  c.train.max_runtime_s = 0.0
   c.train.peak_flops_per_device = 0.0  # for the MFU estimate; 0: a table value for the device kind
   c.train.debug_nan_at_step = -1  # test hook: the update producing this step gets a NaN loss
   # Parameter groups kept fixed (no gradient, no optimizer state): router, experts, attention, mlp, embedder,

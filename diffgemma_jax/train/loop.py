@@ -102,6 +102,9 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   model_cfg = ModelConfig.from_config_dict(config.model)
   tc = config.train
   num_steps = int(tc.num_steps)
+  max_runtime_s = float(tc.max_runtime_s)
+  if not max_runtime_s >= 0:
+    raise ConfigError(f"train.max_runtime_s={tc.max_runtime_s}: must be >= 0 seconds (0: no time budget)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory for the run")
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
@@ -192,6 +195,19 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
       logger.write(step, scalars)
     logger.progress(step, scalars)
 
+  def out_of_time(step: int) -> bool:
+    """Whether train.max_runtime_s is spent after `step`. Several processes act on process 0's clock, read every
+    log_every steps (a host sync), so all of them stop at the same step."""
+    if not max_runtime_s or step >= num_steps:
+      return False
+    if jax.process_count() == 1:
+      return time.perf_counter() - t_start >= max_runtime_s
+    if step % log_every:
+      return False
+    from jax.experimental import multihost_utils
+    spent = np.asarray(time.perf_counter() - t_start >= max_runtime_s)
+    return bool(multihost_utils.broadcast_one_to_all(spent))
+
   def _pause_clock(step: int) -> None:
     logger.reset_clock(step)
     if timing["clock"] is not None:
@@ -208,7 +224,8 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
           finish(*pending)
         pending = (step, metrics)
         stopping = stop.reached(step) and step < num_steps  # at the last step the run ends anyway
-        if step % save_every == 0 or step == num_steps or stopping:
+        timed_out = not stopping and out_of_time(step)
+        if step % save_every == 0 or step == num_steps or stopping or timed_out:
           finish(*pending)
           pending = None
           ckpt.save(state, data.get_state())
@@ -219,13 +236,19 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
           logger.message(f"step {step}: stop requested (SIGTERM): saved checkpoint {step} in {ckpt.directory}; run "
                          f"the same command to resume")
           break
-        if (eval_every > 0 and step % eval_every == 0) or step == num_steps:
+        if (eval_every > 0 and step % eval_every == 0) or step == num_steps or timed_out:
           if pending is not None:
             finish(*pending)
             pending = None
           run_eval(step)
           _pause_clock(step)
         summary["final_step"] = step
+        if timed_out:
+          summary["stopped_by_time"] = True
+          logger.message(f"step {step} of {num_steps}: train.max_runtime_s={max_runtime_s:g} spent "
+                         f"({time.perf_counter() - t_start:.1f}s since start): saved checkpoint {step} in "
+                         f"{ckpt.directory} and evaluated it; run the same command to continue")
+          break
     if pending is not None:
       finish(*pending)
     if summary["eval"] is None and not summary.get("stopped_by_signal"):  # resumed a finished run: its bound
