@@ -10,7 +10,7 @@ become the whole held-out set. Held out: at least 4% of the bytes.
 
 Files: every `.py` under the folders except the stdlib recipe's excluded folders (test suites, caches, generated
 help text), files over 1 MB (generated tables), non-UTF-8 files, and exact duplicates (vendored copies: the bytes
-are kept once, at the first path in sorted order). `max_bytes` (`--max_mb`) keeps whole units in hash order until
+are kept once, in the first package in hash order). `max_bytes` (`--max_mb`) keeps whole units in hash order until
 the corpus would pass it.
 """
 
@@ -77,15 +77,38 @@ def _hash(name: str) -> str:
   return hashlib.sha256(name.encode()).hexdigest()
 
 
-def documents(folders: list[str]) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
-  """{unit: [(document name, text)]} over all folders, deduplicated by content, and counts of what was skipped.
-  A document is named `<folder name>/<path>` (`site-packages/json/decoder.py`)."""
+def candidate_units(folders: list[str]) -> dict[str, list[tuple[str, str]]]:
+  """{unit: [(folder, relative path)]} of every candidate file, in folder then path order."""
   units: dict[str, list[tuple[str, str]]] = {}
+  for folder in folders:
+    for rel in python_files(folder):
+      units.setdefault(unit_of(rel), []).append((folder, rel))
+  if not units:
+    raise DataError(f"no Python sources found under {folders}")
+  return units
+
+
+def select_units(sizes: dict[str, int], max_bytes: int = 0) -> list[str]:
+  """Units in hash order, whole, while their total stays within `max_bytes` (0: all of them)."""
+  order = sorted(sizes, key=_hash)
+  if not max_bytes:
+    return order
+  kept, total = [], 0
+  for unit in order:
+    if total + sizes[unit] <= max_bytes:
+      kept.append(unit)
+      total += sizes[unit]
+  return kept
+
+
+def documents(units: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
+  """{unit: [(document name, text)]}, deduplicated by content, and counts of what was skipped. A document is named
+  `<folder name>/<path>` (`site-packages/json/decoder.py`)."""
+  out: dict[str, list[tuple[str, str]]] = {}
   seen: set[bytes] = set()
   skipped = {"non_utf8": 0, "duplicate": 0, "empty": 0}
-  for folder in folders:
-    label = os.path.basename(folder.rstrip(os.sep)) or folder
-    for rel in python_files(folder):
+  for unit, files in units.items():
+    for folder, rel in files:
       text = read_utf8(os.path.join(folder, rel))
       if text is None:
         skipped["non_utf8"] += 1
@@ -98,36 +121,28 @@ def documents(folders: list[str]) -> tuple[dict[str, list[tuple[str, str]]], dic
         skipped["duplicate"] += 1
         continue
       seen.add(digest)
-      units.setdefault(unit_of(rel), []).append((f"{label}/{rel}", text))
-  if not units:
-    raise DataError(f"no Python sources found under {folders}")
-  return units, skipped
+      label = os.path.basename(folder.rstrip(os.sep)) or folder
+      out.setdefault(unit, []).append((f"{label}/{rel}", text))
+  if not out:
+    raise DataError("no non-empty UTF-8 Python sources among the selected packages")
+  return out, skipped
 
 
-def split_units(units: dict[str, list[tuple[str, str]]], heldout_fraction: float = HELDOUT_FRACTION,
-                max_bytes: int = 0) -> dict[str, list[tuple[str, str]]]:
-  """Keeps whole units in hash order up to `max_bytes` (0: all), then holds out units in hash order until the
-  held-out side has `heldout_fraction` of the kept bytes, skipping units larger than a quarter of that share."""
+def split_units(units: dict[str, list[tuple[str, str]]],
+                heldout_fraction: float = HELDOUT_FRACTION) -> dict[str, list[tuple[str, str]]]:
+  """Holds out units in hash order until the held-out side has `heldout_fraction` of the bytes, skipping units
+  larger than a quarter of that share; each unit lands whole on one side."""
   size = {u: sum(len(t.encode("utf-8")) for _, t in docs) for u, docs in units.items()}
-  order = sorted(units, key=_hash)
-  if max_bytes:
-    kept, total = [], 0
-    for unit in order:
-      if total + size[unit] <= max_bytes:
-        kept.append(unit)
-        total += size[unit]
-    order = kept
-  total = sum(size[u] for u in order)
-  target = heldout_fraction * total
+  target = heldout_fraction * sum(size.values())
   heldout, held = set(), 0
-  for unit in order:
+  for unit in sorted(units, key=_hash):
     if held >= target:
       break
     if size[unit] <= target / 4:
       heldout.add(unit)
       held += size[unit]
   splits = {"train": [], "heldout": []}
-  for unit in sorted(order):
+  for unit in sorted(units):
     splits["heldout" if unit in heldout else "train"].extend(sorted(units[unit]))
   return splits
 
@@ -154,8 +169,11 @@ def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, to
     same_cap = max_bytes is None or manifest.get("max_bytes") == max_bytes
     if same_cap and all(manifest.get(key) == value for key, value in notes.items()):
       return manifest
-  units, skipped = documents(folders)
-  splits = split_units(units, HELDOUT_FRACTION, max_bytes or 0)
+  candidates = candidate_units(folders)
+  sizes = {unit: sum(os.path.getsize(os.path.join(f, rel)) for f, rel in files) for unit, files in candidates.items()}
+  kept = select_units(sizes, max_bytes or 0)
+  units, skipped = documents({unit: candidates[unit] for unit in kept})
+  splits = split_units(units, HELDOUT_FRACTION)
   notes.update(max_bytes=max_bytes or 0, skipped=skipped, units={
       split: sorted({unit_of(name.split("/", 1)[1]) for name, _ in splits[split]}) for split in splits})
   return write_dataset(output_dir, "python_packages", vocab_size, splits, source=source, notes=notes,

@@ -1,0 +1,38 @@
+"""bench/gpu_pair.py --smoke: every phase of the GPU speed experiment runs end to end on a CPU (a tiny model, step
+counts instead of the clock), so the first GPU run measures rather than debugs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_run_reports_every_phase(tmp_path):
+  out, work = tmp_path / "out", tmp_path / "work"
+  cmd = [sys.executable, os.path.join(REPO, "bench", "gpu_pair.py"), "--smoke", "--out", str(out), "--workdir",
+         str(work), "--only", "block_fused threshold 0.9", "--num_prompts", "2", "--gen_length", "32",
+         "--prompt_tokens", "16", "--ceiling_rows", "4"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  report = json.loads((out / "gpu_pair.json").read_text())
+  phases = report["phases"]
+  assert proc.returncode == 0, {k: v.get("error") for k, v in phases.items()} or proc.stderr[-3000:]
+  assert [name for name, phase in phases.items() if phase["status"] == "ok"] == [
+      "corpus", "ar", "block", "generate", "ceiling"]
+  corpus = phases["corpus"]
+  assert corpus["heldout"]["tokens"] > 0 and corpus["train"]["tokens"] > corpus["heldout"]["tokens"]
+  assert phases["ar"]["run"]["final_step"] == 6 and phases["block"]["run"]["final_step"] == 4
+  assert phases["ar"]["run"]["eval"]["exact"] and not phases["block"]["run"]["eval"]["exact"]
+  rows = {row["setting"]: row for row in phases["generate"]["results"]}
+  assert set(rows) == {"ar", "block_fused threshold 0.9"}
+  assert rows["ar"]["batch_tokens_per_call"] == 1.0 and rows["ar"]["gen_ppl_x_ar"] == 1.0
+  fused = rows["block_fused threshold 0.9"]
+  assert 0 < fused["batch_tokens_per_call"] and math.isfinite(fused["gen_ppl"]) and fused["batch1_x_ar_paired"] > 0
+  assert [row["threshold"] for row in phases["ceiling"]["thresholds"]] == [0.9, 0.7, 0.5, 0.3]
+  samples = (out / "samples.txt").read_text()
+  assert "===== ar | prompt 0 =====" in samples and "===== block_fused threshold 0.9 | prompt 1 =====" in samples
