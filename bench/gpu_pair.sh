@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The trained diffusion-vs-AR speed experiment, one command for a GPU machine: bench/gpu_pair.sh [OUTDIR]
 # (OUTDIR defaults to $OUT, else ./gpu_pair_out). Under 9 minutes: bench/gpu_pair.py's phases have budgets that sum
-# to about 8 minutes (corpus ~40 s, AR 150 s, block 120 s, generation 150 s, the ceiling ~15 s) and the whole
-# command a hard timeout of 530 s; OUTDIR/gpu_pair.json is rewritten after every phase, so a cut run still reports.
+# to about 8 minutes (corpus ~40 s, AR 140 s, block 140 s, the ceiling ~15 s, generation 130 s) and the whole
+# command a hard timeout of 545 s; OUTDIR/gpu_pair.json is rewritten after every phase, so a cut run still reports.
 # Writes gpu_pair.json, samples.txt, gpu_pair.log and logs.tar.gz (the two runs' metrics.jsonl and manifests).
 # Wheels the image lacks travel in .whl/ (bench/fetch_gpu_wheels.sh; carry .whl with the device call).
 # CPU dry run: bench/gpu_pair.sh /tmp/pair_out --smoke
@@ -24,7 +24,7 @@ fi
 export PYTHONPATH="$REPO:${PYTHONPATH:-}"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null; uptime; nproc; } \
   > "$OUTDIR/gpu_pair.log" 2>&1
-timeout -k 10 "${GPU_PAIR_TIMEOUT:-530}" "$PY" bench/gpu_pair.py --out "$OUTDIR" --workdir "$WORK" "$@" \
+timeout -k 10 "${GPU_PAIR_TIMEOUT:-545}" "$PY" bench/gpu_pair.py --out "$OUTDIR" --workdir "$WORK" "$@" \
   >> "$OUTDIR/gpu_pair.log" 2>&1
 status=$?
 echo "gpu_pair.py exit status $status" >> "$OUTDIR/gpu_pair.log"
