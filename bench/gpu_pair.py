@@ -174,6 +174,23 @@ def run_summary(summary: dict) -> dict:
   return out
 
 
+def sized_run(config_path: str, overrides: dict, workdir: str, steps: int, budget_s: float) -> dict:
+  """Trains `steps` steps under a `budget_s` wall-clock guard; the run's summary plus its measured step time and
+  start-up (data, compilation, saving and evaluation: the wall time the steps do not account for)."""
+  config = load_config(config_path, dict(overrides, **{"train.num_steps": str(steps),
+                                                      "train.max_runtime_s": str(budget_s)}))
+  tokens_per_step = int(config.train.batch_size) * int(config.train.seq_len)
+  summary = train(config, workdir, show_progress=False)
+  result = run_summary(summary)
+  result["tokens_trained"] = result["final_step"] * tokens_per_step
+  steps_run = result["final_step"] - result["start_step"]
+  # One step only (a budget spent at once): the whole wall time bounds the step time from above.
+  result["step_seconds"] = (tokens_per_step / summary["tokens_per_sec"] if summary.get("tokens_per_sec")
+                            else summary["wall_time_s"] / max(steps_run, 1))
+  result["overhead_seconds"] = max(summary["wall_time_s"] - result["step_seconds"] * steps_run, 0.0)
+  return result
+
+
 def train_ar(args, overrides: dict, ar_dir: str, report: Report) -> dict:
   config = load_config(AR_CONFIG, overrides)
   tokens_per_step = int(config.train.batch_size) * int(config.train.seq_len)
@@ -182,45 +199,26 @@ def train_ar(args, overrides: dict, ar_dir: str, report: Report) -> dict:
   assumed_tokens_per_s = args.assumed_mfu * peak / flops["train_flops_per_token"]
   steps = args.ar_steps or max(1, int((args.ar_budget_s - args.ar_overhead_s) * assumed_tokens_per_s
                                       / tokens_per_step))
-  sizing = {"tokens_per_step": tokens_per_step, "train_flops_per_token": flops["train_flops_per_token"],
-            "peak_flops": peak, "assumed_mfu": args.assumed_mfu, "assumed_tokens_per_s": assumed_tokens_per_s,
-            "planned_steps": steps, "planned_tokens": steps * tokens_per_step, "budget_s": args.ar_budget_s}
-  report.phase("ar", sizing=sizing)
+  report.phase("ar", sizing={"tokens_per_step": tokens_per_step, "train_flops_per_token":
+                             flops["train_flops_per_token"], "peak_flops": peak, "assumed_mfu": args.assumed_mfu,
+                             "assumed_tokens_per_s": assumed_tokens_per_s, "planned_steps": steps,
+                             "planned_tokens": steps * tokens_per_step, "budget_s": args.ar_budget_s})
   log(f"ar: {steps} steps planned ({steps * tokens_per_step / 1e6:.1f}M tokens) in {args.ar_budget_s:g}s")
-  config = load_config(AR_CONFIG, dict(overrides, **{"train.num_steps": str(steps),
-                                                    "train.max_runtime_s": str(args.ar_budget_s)}))
-  summary = train(config, ar_dir, show_progress=False)
-  result = run_summary(summary)
-  result["tokens_trained"] = result["final_step"] * tokens_per_step
-  steps_run = result["final_step"] - result["start_step"]
-  # One step only (a budget spent at once): the whole wall time bounds the step time from above.
-  step_s = (tokens_per_step / summary["tokens_per_sec"] if summary.get("tokens_per_sec")
-            else summary["wall_time_s"] / max(steps_run, 1))
-  result["step_seconds"] = step_s
-  result["overhead_seconds"] = max(summary["wall_time_s"] - step_s * steps_run, 0.0)
+  result = sized_run(AR_CONFIG, overrides, ar_dir, steps, args.ar_budget_s)
   report.phase("ar", run=result)
   return result
 
 
 def train_block(args, overrides: dict, ar_dir: str, block_dir: str, ar_result: dict, report: Report) -> dict:
   overrides = dict(overrides, **{"init.checkpoint": os.path.join(ar_dir, "checkpoints")})
-  config = load_config(BLOCK_CONFIG, overrides)
-  tokens_per_step = int(config.train.batch_size) * int(config.train.seq_len)
   step_s = ar_result["step_seconds"] * args.block_step_ratio
   overhead = 1.2 * ar_result["overhead_seconds"]
   steps = args.block_steps or max(1, int((args.block_budget_s - overhead) / step_s))
   report.phase("block", sizing={"estimated_step_seconds": step_s, "estimated_overhead_s": overhead,
-                                "planned_steps": steps, "planned_tokens": steps * tokens_per_step,
-                                "budget_s": args.block_budget_s})
-  log(f"block: {steps} steps planned ({steps * tokens_per_step / 1e6:.1f}M tokens) in {args.block_budget_s:g}s")
-  config = load_config(BLOCK_CONFIG, dict(overrides, **{"train.num_steps": str(steps),
-                                                       "train.max_runtime_s": str(args.block_budget_s)}))
-  summary = train(config, block_dir, show_progress=False)
-  result = run_summary(summary)
-  result["tokens_trained"] = result["final_step"] * tokens_per_step
-  if summary.get("tokens_per_sec"):
-    result["step_seconds"] = tokens_per_step / summary["tokens_per_sec"]
-    result["step_time_over_ar"] = result["step_seconds"] / ar_result["step_seconds"]
+                                "planned_steps": steps, "budget_s": args.block_budget_s})
+  log(f"block: {steps} steps planned in {args.block_budget_s:g}s")
+  result = sized_run(BLOCK_CONFIG, overrides, block_dir, steps, args.block_budget_s)
+  result["step_time_over_ar"] = result["step_seconds"] / ar_result["step_seconds"]
   report.phase("block", run=result)
   return result
 
