@@ -171,6 +171,7 @@ class TrainIterator:
       batch = self._batches[self._next]
     else:
       if self._stream is None:
+        _absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=PREFETCH_PER_WORKER)
         self._stream = iter(self._batches[self._next:].to_iter_dataset().mp_prefetch(options))
       batch = next(self._stream)
@@ -182,6 +183,14 @@ class TrainIterator:
 
   def set_state(self, state: dict) -> None:
     self._next, self._stream = int(state["next_index"]), None
+
+
+def _absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags (their defaults here): our entry points parse arguments with
+  argparse, so the flags are marked parsed."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def check_workers(num_workers: int) -> None:
