@@ -8,7 +8,7 @@ import sys
 
 from diffgemma_jax.data.errors import DataError
 
-PRETRAIN_RECIPES = ("python_stdlib", "shakespeare", "text_files")
+PRETRAIN_RECIPES = ("python_stdlib", "shakespeare", "text_files", "pypi_code")
 SFT_RECIPES = ("python_docstrings", "jsonl")  # prompt/response records (data/sft.py); they train no tokenizer
 RECIPES = PRETRAIN_RECIPES + SFT_RECIPES
 

@@ -266,3 +266,37 @@ def test_skipped_non_utf8_files_are_named(tmp_path, capsys):
   assert "skipped 12 non-UTF-8 file(s)" in err and "and 2 more" in err
   assert all(str(src / f"latin{i:02d}.txt") in err for i in range(10))
   assert "latin10.txt" not in err
+
+
+def test_pypi_code_extracts_deduplicates_and_holds_out_by_package(tmp_path, monkeypatch):
+  """Local stand-in sdists (no network): code files kept, duplicates across packages dropped (first kept),
+  non-code and non-UTF-8 files left out, split by package; the fetch asks pip for hash-checked sdists."""
+  import io
+  import tarfile
+  from data_recipes import pypi_code
+  shared = b"def vendored():\n    return 1\n"
+  archives = {}
+  for p in range(8):
+    path = tmp_path / f"pkg{p}-1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+      for name, data in ((f"pkg{p}-1.0/pkg{p}/core.py", f"X = {p}\n".encode() * (50 + 30 * p)),
+                         (f"pkg{p}-1.0/pkg{p}/_vendor/six.py", shared), (f"pkg{p}-1.0/logo.png", b"\x89PNG"),
+                         (f"pkg{p}-1.0/pkg{p}/latin.py", b"caf\xe9 = 1\n")):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archives[f"pkg{p}"] = str(path)
+  pins = tuple((name, "1.0", "0" * 64) for name in archives)
+  corpus = pypi_code.extract(archives, cache=str(tmp_path / "cache"), pins=pins)
+  records = {f: [json.loads(line) for line in open(os.path.join(corpus.root, f))] for f in corpus.files}
+  assert [r["path"] for r in records["pkg0.jsonl"]] == ["pkg0/pkg0/_vendor/six.py", "pkg0/pkg0/core.py"]
+  assert [r["path"] for r in records["pkg5.jsonl"]] == ["pkg5/pkg5/core.py"]  # six.py: a duplicate of pkg0's
+  assert corpus.split_by == "file"
+  calls = []
+  monkeypatch.setattr(pypi_code.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                      type("P", (), {"returncode": 1, "stderr": "THESE PACKAGES DO NOT MATCH THE HASHES"})())
+  with pytest.raises(DataError, match="could not fetch 8 pinned sdist.*DO NOT MATCH"):
+    pypi_code.fetch(pins, cache=str(tmp_path / "fetch"))
+  requirements = calls[0][calls[0].index("-r") + 1]
+  assert "--require-hashes" in calls[0] and "--no-binary" in calls[0]
+  assert open(requirements).read().splitlines()[0] == f"pkg0==1.0 --hash=sha256:{'0' * 64}"
