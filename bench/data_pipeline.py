@@ -102,13 +102,14 @@ result = dict(seconds=seconds, tokens=tokens, bytes=sum(m["splits"][s]["bytes"] 
   return _peak_child(code)
 
 
-def train_in_child(data_dir: str, workdir: str, vocab: int) -> dict:
+def train_in_child(data_dir: str, workdir: str, vocab: int, corpus: str, tokenizer: str) -> dict:
   code = f"""
 import time
 from diffgemma_jax.config import load_config
 from diffgemma_jax.train import train
 config = load_config({os.path.join(REPO, "configs", "pretrain_tiny.py")!r}, {{
     "data.recipe": "text_files", "data.dir": {data_dir!r}, "model.vocab_size": "{vocab}",
+    "data.source": {corpus!r}, "data.tokenizer": {tokenizer!r},
     "train.num_steps": "20", "checkpoint.every_steps": "1000", "eval.every_steps": "0", "eval.max_sequences": "8",
     "eval.num_t_samples": "1", "train.log_every_steps": "10"}})
 start = time.perf_counter()
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
       corpus, out = os.path.join(args.tmp, f"corpus-{gb}"), os.path.join(args.tmp, f"store-{gb}")
       text_bytes = make_corpus(corpus, int(gb * 1e9))
       build = build_in_child(corpus, out, tokenizer, args.workers)
-      train_run = train_in_child(out, os.path.join(args.tmp, f"run-{gb}"), 4096)
+      train_run = train_in_child(out, os.path.join(args.tmp, f"run-{gb}"), 4096, corpus, tokenizer)
       entry = {"gb": gb, "text_bytes": text_bytes, "build": build, "train": train_run}
       if not report["sizes"]:  # throughput on the smallest corpus
         base = encode_baseline(corpus, tokenizer, args.workers, text_bytes)

@@ -225,13 +225,13 @@ def test_each_process_reads_only_its_rows(store, monkeypatch):
   out = store[0]
   read = {0: [], 1: []}
   current = {}
-  original = SplitStore.row
+  original = SplitStore.rows
 
-  def spy(self, index, seq_len):
-    read[current["p"]].append(index)
-    return original(self, index, seq_len)
+  def spy(self, indices, seq_len):
+    read[current["p"]].extend(np.asarray(indices).tolist())
+    return original(self, indices, seq_len)
 
-  monkeypatch.setattr(SplitStore, "row", spy)
+  monkeypatch.setattr(SplitStore, "rows", spy)
   its = [make_train_iterator(out, seq_len=SEQ_LEN, batch_size=3, seed=2, process_index=p, process_count=2)
          for p in range(2)]
   whole = make_train_iterator(out, seq_len=SEQ_LEN, batch_size=6, seed=2)

@@ -136,27 +136,25 @@ class SplitStore:
   def num_rows(self, seq_len: int, keep_partial: bool) -> int:
     return -(-self.num_tokens // seq_len) if keep_partial else self.num_tokens // seq_len
 
-  def row(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
-    """Row `index`: tokens, segment_ids and positions ([seq_len] int32; padding past the split's end)."""
-    start = index * seq_len
-    stop = min(start + seq_len, self.num_tokens)
-    used = stop - start
-    tokens = np.zeros((seq_len,), np.int32)
-    tokens[:used], doc_starts = self.span(start, stop)
-    is_start = np.zeros((seq_len,), bool)
-    is_start[doc_starts] = True
-    is_start[0] = used > 0  # a document continuing into this row starts a new segment here
-    real = np.arange(seq_len) < used
-    segment_ids = np.where(real, np.cumsum(is_start), 0).astype(np.int32)
-    last_start = np.maximum.accumulate(np.where(is_start, np.arange(seq_len), 0))
-    positions = np.where(real, np.arange(seq_len) - last_start, 0).astype(np.int32)
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
-
   def rows(self, indices, seq_len: int) -> dict[str, np.ndarray]:
-    """The rows at `indices`, stacked ([len(indices), seq_len] int32)."""
-    rows = [self.row(int(i), seq_len) for i in indices]
-    return {k: np.stack([r[k] for r in rows]) if rows else np.zeros((0, seq_len), np.int32)
-            for k in ("tokens", "segment_ids", "positions")}
+    """The rows at `indices` ([len(indices), seq_len] int32 tokens, segment_ids and positions; padding past the
+    split's end)."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    count = len(indices)
+    tokens = np.zeros((count, seq_len), np.int32)
+    is_start = np.zeros((count, seq_len), bool)
+    used = np.minimum(indices * seq_len + seq_len, self.num_tokens) - indices * seq_len
+    for b, index in enumerate(indices.tolist()):
+      start = index * seq_len
+      tokens[b, :used[b]], doc_starts = self.span(start, start + int(used[b]))
+      is_start[b, doc_starts] = True
+    is_start[:, 0] = used > 0  # a document continuing into a row starts a new segment there
+    column = np.arange(seq_len)
+    real = column[None, :] < used[:, None]
+    segment_ids = np.where(real, np.cumsum(is_start, axis=1), 0).astype(np.int32)
+    last_start = np.maximum.accumulate(np.where(is_start, column, 0), axis=1)
+    positions = np.where(real, column - last_start, 0).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
 def open_split(data_dir: str, manifest: dict, split: str) -> SplitStore:
