@@ -125,8 +125,8 @@ def _check_output_dir(output_dir: str) -> None:
 
 def build_text_dataset(output_dir: str, recipe: str, corpus: Corpus, vocab_size: int | None, *,
                        source: str | None = None, notes: dict | None = None, tokenizer: str | None = None,
-                       build_workers: int = 0, tokenizer_sample_lines: int = DEFAULT_SAMPLE_LINES, process_index: int = 0,
-                       process_count: int = 1, barrier=None) -> dict:
+                       build_workers: int = 0, tokenizer_sample_lines: int = DEFAULT_SAMPLE_LINES,
+                       process_index: int = 0, process_count: int = 1, barrier=None) -> dict:
   """Builds a pretraining dataset (token store) of `corpus`: a copy of `tokenizer` when given, else one trained
   on a uniform sample of the training documents (`tokenizer_sample_lines` lines)."""
   _check_output_dir(output_dir)
