@@ -205,7 +205,8 @@ def read_utf8(path: str) -> str | None:
 
 def split_by_hash(items: Iterable[tuple[str, str]], heldout_fraction: float, key=None) -> dict:
   """Deterministic split of (source, text) by a hash of each item's key (default: its source) until the
-  held-out side holds at least `heldout_fraction` of the bytes; no key lands on both sides."""
+  held-out side holds at least `heldout_fraction` of the bytes; no key lands on both sides. The pretraining build
+  applies the same rule to a streamed corpus (diffgemma_jax/data/split.py); SFT recipes split in memory here."""
   key = key or (lambda source: source)
   items = list(items)
   groups: dict[str, list[tuple[str, str]]] = {}
