@@ -116,3 +116,13 @@ def test_workers_are_refused_where_they_cannot_start(two_stores, monkeypatch):
   monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)  # pylint: disable=protected-access
   with pytest.raises(DataError, match="data.num_workers=2: this process is a daemon"):
     make_train_iterator(two_stores[0], seq_len=16, batch_size=4, seed=0, num_workers=2)
+
+
+def test_config_refuses_a_bad_mixture_or_one_beside_a_source(load_tiny, two_stores):
+  from diffgemma_jax.model.config import ConfigError
+  with pytest.raises(DataError, match="data.mixture.*at least two"):
+    load_tiny({"data.mixture": f"{two_stores[0]}:1", "data.source": "", "data.dir": ""})
+  with pytest.raises(ConfigError, match="data.mixture .* replaces data.recipe, data.source and data.dir"):
+    load_tiny({"data.mixture": f"{two_stores[0]}:1,{two_stores[1]}:1"})  # the tiny config sets data.source
+  with pytest.raises(ConfigError, match="data.num_workers: must be >= 0"):
+    load_tiny({"data.num_workers": "-1"})
