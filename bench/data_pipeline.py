@@ -7,8 +7,8 @@
     step consumes: pretrain_tiny on this CPU (`--tiny_tokens_per_s`, BENCHMARKS.md's main job) and
     pretrain_gpu_1b on one H100 (its train FLOPs per token at 40% of the 989 TFLOP/s dense bf16 peak, until a GPU
     measurement replaces it);
-(c) peak resident memory (ru_maxrss) of the build and of a 20-step pretrain_tiny training run, for corpora of
-    about 0.1, 1 and 4 GB of text, each run in a fresh process.
+(c) peak resident memory (VmHWM) of the build and of a 20-step pretrain_tiny training run, for corpora of
+    about 0.1, 1 and 4 GB of text, each run in a fresh process (the build's worker processes: their ru_maxrss).
 
 Corpora are made by concatenating real text found on the machine (the .py files of the running interpreter's
 site-packages and standard library, cycled until the size is reached) into JSONL shards, one source file per
@@ -78,9 +78,11 @@ def make_corpus(directory: str, size_bytes: int) -> int:
 
 def _peak_child(code: str) -> dict:
   """Runs `code` in a fresh interpreter that prints a JSON dict; adds its peak RSS and its children's (MB)."""
+  # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's size before the exec.
   wrapper = (code + "\nimport resource, json as _j\n"
-             "print('RESULT', _j.dumps(dict(result, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
-             " / 1024, peak_child_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)))")
+             "_hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+             "print('RESULT', _j.dumps(dict(result, peak_rss_mb=_hwm / 1024, "
+             "peak_child_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)))")
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env=env, cwd=REPO)
   if proc.returncode != 0:
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
   parser.add_argument("--tiny_tokens_per_s", type=float, default=4900.0,
                       help="pretrain_tiny's training tokens/s on this machine (BENCHMARKS.md main job)")
   parser.add_argument("--input_seconds", type=float, default=20.0)
+  parser.add_argument("--memory_only", action="store_true", help="only (c): no encode or input throughput")
   args = parser.parse_args(argv)
   from diffgemma_jax.data.tokenizer import train_tokenizer
   os.makedirs(args.tmp, exist_ok=True)
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
       build = build_in_child(corpus, out, tokenizer, args.workers)
       train_run = train_in_child(out, os.path.join(args.tmp, f"run-{gb}"), 4096, corpus, tokenizer)
       entry = {"gb": gb, "text_bytes": text_bytes, "build": build, "train": train_run}
-      if not report["sizes"]:  # throughput on the smallest corpus
+      if not report["sizes"] and not args.memory_only:  # throughput on the smallest corpus
         base = encode_baseline(corpus, tokenizer, args.workers, text_bytes)
         entry["encode_baseline"] = base
         entry["build_vs_encode"] = (build["tokens"] / build["seconds"]) / (base["tokens"] / base["seconds"])
