@@ -6,7 +6,7 @@
 Phases, each stopped by its own time budget so the command always ends with its JSON (OUT/gpu_pair.json is
 rewritten after every phase and every generation setting):
 1. corpus: `data_recipes.python_packages` over this interpreter's standard library and site-packages (held out by
-   package), whole packages up to --corpus_mb, a 16k-piece tokenizer; tokenised once.
+   package), whole packages up to --corpus_mb, a 16k-piece tokenizer, built into a token store on every core.
 2. ar: `configs/ar_code_100m.py` (120M active parameters, bfloat16, the default attention and MoE paths of the
    platform) for --ar_budget_s. Its step count is sized before it starts (a changed horizon would recompile the
    step): tokens/s = --assumed_mfu x peak FLOP/s / train FLOPs per token, over the budget less --ar_overhead_s;
@@ -41,10 +41,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from data_recipes import python_packages  # noqa: E402
-from data_recipes.common import read_split  # noqa: E402
 from diffgemma_jax.config import load_config  # noqa: E402
 from diffgemma_jax.data import Tokenizer, make_eval_batches  # noqa: E402
-from diffgemma_jax.data.pipeline import token_stream  # noqa: E402
+from diffgemma_jax.data.store import open_split  # noqa: E402
 from diffgemma_jax.model.config import ModelConfig  # noqa: E402
 from diffgemma_jax.model.inspect import flops_per_token  # noqa: E402
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy  # noqa: E402
@@ -150,17 +149,13 @@ def run_phase(report: Report, name: str, fn, *args):
 def build_corpus(args, data_dir: str, vocab_size: int, report: Report) -> dict:
   start = time.perf_counter()
   manifest = python_packages.build(data_dir, vocab_size=vocab_size, max_bytes=int(args.corpus_mb * 1e6))
-  built = time.perf_counter() - start
-  train_tokens, train_starts = token_stream(data_dir, "train")
-  heldout_tokens, _ = token_stream(data_dir, "heldout")
-  info = {"build_seconds": round(built, 1), "tokenize_seconds": round(time.perf_counter() - start - built, 1),
-          "folders": manifest["folders"], "python": manifest["python"], "skipped": manifest["skipped"],
-          "train": {"documents": manifest["splits"]["train"]["documents"],
-                    "mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1), "tokens": int(len(train_tokens))},
-          "heldout": {"documents": manifest["splits"]["heldout"]["documents"],
-                      "mb": round(manifest["splits"]["heldout"]["bytes"] / 1e6, 2),
-                      "tokens": int(len(heldout_tokens)), "packages": manifest["units"]["heldout"]},
-          "train_packages": len(manifest["units"]["train"]), "documents_in_stream": int(len(train_starts))}
+  splits = manifest["splits"]
+  info = {"build_seconds": round(time.perf_counter() - start, 1), "folders": manifest["folders"],
+          "python": manifest["python"], "skipped": manifest["skipped"], "train_packages": len(manifest["units"]["train"]),
+          "train": {"documents": splits["train"]["documents"], "mb": round(splits["train"]["bytes"] / 1e6, 1),
+                    "tokens": splits["train"]["tokens"]},
+          "heldout": {"documents": splits["heldout"]["documents"], "mb": round(splits["heldout"]["bytes"] / 1e6, 2),
+                      "tokens": splits["heldout"]["tokens"], "packages": manifest["units"]["heldout"]}}
   report.phase("corpus", **info)
   return info
 
@@ -223,15 +218,18 @@ def train_block(args, overrides: dict, ar_dir: str, block_dir: str, ar_result: d
   return result
 
 
-def held_out_prompts(data_dir: str, tokenizer: Tokenizer, count: int, length: int, needed: int) -> list[list[int]]:
-  """`count` prompts of `length` tokens, one per held-out module spread over the split (sorted by name), each
-  starting a quarter into the module (past its licence header and imports), from modules with `needed` tokens."""
-  texts = read_split(data_dir, "heldout")
-  encoded = [ids for ids in tokenizer.encode(texts, num_threads=os.cpu_count() or 1) if len(ids) >= needed * 4 // 3]
-  if len(encoded) < count:
-    raise RuntimeError(f"only {len(encoded)} held-out modules have {needed * 4 // 3} tokens; {count} prompts asked")
-  picks = [encoded[i * len(encoded) // count] for i in range(count)]
-  return [ids[len(ids) // 4: len(ids) // 4 + length] for ids in picks]
+def held_out_prompts(data_dir: str, count: int, length: int, needed: int) -> list[list[int]]:
+  """`count` prompts of `length` tokens, one per held-out module spread over the split (in store order), each
+  starting a quarter into the module (past its licence header and imports), from modules of `needed` tokens."""
+  with open(os.path.join(data_dir, "manifest.json")) as f:
+    heldout = open_split(data_dir, json.load(f), "heldout")
+  tokens, starts = heldout.span(0, heldout.num_tokens)
+  ends = np.append(starts[1:], len(tokens))
+  documents = [tokens[a:b] for a, b in zip(starts, ends) if b - a >= needed * 4 // 3]
+  if len(documents) < count:
+    raise RuntimeError(f"only {len(documents)} held-out modules have {needed * 4 // 3} tokens; {count} prompts asked")
+  picks = [documents[i * len(documents) // count] for i in range(count)]
+  return [doc[len(doc) // 4: len(doc) // 4 + length].tolist() for doc in picks]
 
 
 def timed(fn, *inputs):
@@ -249,7 +247,7 @@ def measure_generation(args, overrides: dict, data_dir: str, ar_dir: str, block_
   ar_model, ar_step = restore_model(ar_config, ar_dir)
   block_model, block_step = restore_model(block_config, block_dir)
   block_size = int(block_config.objective.block_size)
-  prompts = np.asarray(held_out_prompts(data_dir, tokenizer, args.num_prompts, args.prompt_tokens,
+  prompts = np.asarray(held_out_prompts(data_dir, args.num_prompts, args.prompt_tokens,
                                         args.prompt_tokens + args.gen_length), np.int32)
   P, batch = prompts.shape[1], len(prompts)
   generators = {"ar": Generator(ar_model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id),

@@ -28,7 +28,7 @@ def get_config():
       remat="dots",
       scan_layers=True,
   )
-  c.data.recipe = "python_stdlib"
+  c.data.recipe = "pypi_code"  # pinned PyPI sdists (data_recipes/pypi_code.py); the stdlib is ~11 MB
   c.train.num_steps = 20_000
   c.train.batch_size = 32
   c.train.seq_len = 2048

@@ -8,7 +8,7 @@ import sys
 
 from diffgemma_jax.data.errors import DataError
 
-PRETRAIN_RECIPES = ("python_stdlib", "python_packages", "shakespeare", "text_files")
+PRETRAIN_RECIPES = ("python_stdlib", "python_packages", "shakespeare", "text_files", "pypi_code")
 SFT_RECIPES = ("python_docstrings", "jsonl")  # prompt/response records (data/sft.py); they train no tokenizer
 RECIPES = PRETRAIN_RECIPES + SFT_RECIPES
 
@@ -18,11 +18,20 @@ def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: 
   """Builds (or reuses, when its manifest matches) the dataset of `recipe` in `output_dir`.
 
   `tokenizer`: an existing sentencepiece model to copy in instead of training one (required by SFT recipes).
-  `options`: recipe-specific (jsonl: heldout_source, max_bad_lines)."""
+  `options`: recipe-specific (jsonl: heldout_source, max_bad_lines; text_files: text_field, max_bad_lines) and
+  how to build a pretraining dataset (build_workers, tokenizer_sample_lines; a multi-process run's
+  process_index, process_count and barrier(name): every process builds its share). An SFT dataset is written by
+  process 0 while the others wait at the barrier."""
   if recipe not in RECIPES:
     raise DataError(f"data.recipe: unknown recipe {recipe!r}; valid recipes are {RECIPES}")
   import importlib
   build = importlib.import_module(f"data_recipes.{recipe}").build
+  if recipe in SFT_RECIPES and options.get("process_count", 1) > 1:
+    if options["process_index"] == 0:
+      build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
+    options["barrier"]("diffgemma_sft_dataset_built")
+  if options.get("process_count", 1) > 1 and recipe not in SFT_RECIPES:
+    options["barrier"]("diffgemma_dataset_checked")  # every process has decided whether to build before any writes
   return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
 
 
@@ -30,13 +39,20 @@ def run_cli(build, name: str, argv=None) -> int:
   parser = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}")
   parser.add_argument("--output", required=True, help="dataset directory to write")
   parser.add_argument("--vocab_size", type=int, default=1024)
-  parser.add_argument("--source", default=None, help="text_files: a directory or glob of UTF-8 files; jsonl: "
-                      "a JSONL file, directory or glob")
+  parser.add_argument("--source", default=None, help="text_files: a folder, glob or comma-separated list of "
+                      "text, JSONL, Parquet or ArrayRecord files; jsonl: a JSONL file, directory or glob")
   parser.add_argument("--tokenizer", default=None, help="an existing sentencepiece .model to use (SFT recipes: "
                       "required) instead of training one")
+  parser.add_argument("--text_field", default="text", help="text_files: the text of a JSONL or Parquet record")
+  parser.add_argument("--max_bad_lines", type=int, default=10, help="malformed records skipped before failing")
+  parser.add_argument("--workers", type=int, default=0, help="pretraining recipes: build processes (0: every core)")
+  parser.add_argument("--tokenizer_sample_lines", type=int, default=120_000,
+                      help="pretraining recipes: lines of the uniform document sample the tokenizer is trained on")
   args = parser.parse_args(argv)
   try:
-    manifest = build(args.output, vocab_size=args.vocab_size, source=args.source, tokenizer=args.tokenizer)
+    manifest = build(args.output, vocab_size=args.vocab_size, source=args.source, tokenizer=args.tokenizer,
+                     text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers,
+                     tokenizer_sample_lines=args.tokenizer_sample_lines)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

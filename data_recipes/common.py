@@ -1,8 +1,10 @@
-"""Writing a dataset directory: JSONL text shards per split, a trained tokenizer, and a manifest with a hash.
+"""Writing a dataset directory: a tokenizer, the data of both splits, and a manifest with a hash.
 
-Layout: `DIR/train/shard-00000.jsonl`, `DIR/heldout/shard-00000.jsonl` (one `{"text", "source"}` per document),
-`DIR/tokenizer.model` (+ `.vocab`), `DIR/manifest.json`. Building is idempotent: a directory whose manifest
-names the same recipe, vocabulary size and source is reused as it is.
+Pretraining recipes build a token store (diffgemma_jax/data/build.py: `DIR/train/*.tokens|starts`,
+`DIR/heldout/...`, unigram counts) with `build_text_dataset`. SFT recipes write JSONL shards of records with
+`write_dataset` (`DIR/train/shard-00000.jsonl`, ...; their rows are made at training time, data/sft.py). Both
+write `DIR/tokenizer.model` (+ `.vocab` when trained) and `DIR/manifest.json`, last. Building is idempotent: a
+directory whose manifest names the same recipe, vocabulary size, source and build settings is reused as it is.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import shutil
 import time
 from typing import Any, Iterable
 
+from diffgemma_jax.data.build import BuildOptions, Corpus, build_store, special_ids
 from diffgemma_jax.data.errors import DataError
-from diffgemma_jax.data.tokenizer import Tokenizer, train_tokenizer
+from diffgemma_jax.data.tokenizer import Tokenizer
 
 SHARD_BYTES = 8 << 20
 SPLITS = ("train", "heldout")
@@ -40,15 +43,21 @@ def files_stamp(paths) -> dict[str, list]:
 
 
 def is_current(output_dir: str, recipe: str, vocab_size: int | None, source: str | None,
-               tokenizer: str | None = None, files: dict | None = None) -> bool:
+               tokenizer: str | None = None, files: dict | None = None, expect: dict | None = None) -> bool:
   """Whether `output_dir` already holds this recipe's dataset, built from the same source and with the same
   tokenizer (`tokenizer`: a given sentencepiece file, compared by content; None: one the recipe trains) and,
-  given `files` (a `files_stamp`), from files of the same sizes and mtimes (new, removed or edited: rebuilt)."""
+  given `files` (a `files_stamp`), from files of the same sizes and mtimes (new, removed or edited: rebuilt).
+  `expect`: manifest fields that must match (a pretraining dataset's build settings, `text_build_settings`); a
+  pretraining dataset from before the token store is rebuilt."""
   manifest = read_manifest(output_dir)
   if not (manifest and manifest.get("recipe") == recipe and manifest.get("source") == (source or None)
           and os.path.isfile(os.path.join(output_dir, "tokenizer.model"))):
     return False
   if files is not None and manifest.get("files") != files:
+    return False
+  if manifest.get("kind", "text") == "text" and "store" not in manifest:
+    return False
+  if any(manifest.get(key) != value for key, value in (expect or {}).items()):
     return False
   if tokenizer:
     return os.path.isfile(tokenizer) and manifest.get("tokenizer_sha256") == file_sha256(tokenizer)
@@ -91,41 +100,72 @@ def _write_shards(directory: str, documents: list[tuple[str, str | dict]]) -> li
   return files
 
 
-def write_dataset(output_dir: str, recipe: str, vocab_size: int | None, splits: dict[str, list[tuple[str, Any]]], *,
-                  source: str | None = None, notes: dict | None = None, tokenizer: str | None = None,
-                  kind: str = "text") -> dict:
-  """Writes both splits and the tokenizer into a fresh directory: a copy of `tokenizer` (a sentencepiece model
-  file) when given, else one trained on the train split only. `kind`: "text" (documents `{"text", "source"}`,
-  packed for pretraining) or "sft" (records `{"prompt", "response"}` or `{"messages"}`, see data/sft.py)."""
-  for split in SPLITS:
-    if not splits.get(split):
-      raise DataError(f"recipe {recipe!r}: the {split} split is empty; the corpus is too small to split")
+DEFAULT_SAMPLE_LINES = 120_000
+BUILD_OPTIONS = ("build_workers", "tokenizer_sample_lines", "process_index", "process_count", "barrier")
+
+
+def build_options(options: dict) -> dict:
+  """The options of `build_dataset` that say how to build (not what): `build_text_dataset`'s keywords."""
+  return {key: options[key] for key in BUILD_OPTIONS if key in options}
+
+
+def text_build_settings(corpus: Corpus, tokenizer: str | None, options: dict) -> dict:
+  """The build settings a pretraining dataset's manifest records (and `is_current` compares)."""
+  lines = int(options.get("tokenizer_sample_lines", DEFAULT_SAMPLE_LINES))
+  return {"text_field": corpus.text_field, "split_by": corpus.split_by, "heldout_fraction": corpus.heldout_fraction,
+          "tokenizer_sample_lines": None if tokenizer else lines}
+
+
+def _check_output_dir(output_dir: str) -> None:
   if os.path.isdir(output_dir) and os.listdir(output_dir) and read_manifest(output_dir) is None:
     # A rebuild replaces the whole directory: never do that to one this code did not write.
     raise DataError(f"output directory {output_dir!r} is not empty and holds no manifest.json, so it is not a "
                     f"dataset directory; pass a new or empty directory (--output / data.dir)")
+
+
+def build_text_dataset(output_dir: str, recipe: str, corpus: Corpus, vocab_size: int | None, *,
+                       source: str | None = None, notes: dict | None = None, tokenizer: str | None = None,
+                       build_workers: int = 0, tokenizer_sample_lines: int = DEFAULT_SAMPLE_LINES,
+                       process_index: int = 0, process_count: int = 1, barrier=None) -> dict:
+  """Builds a pretraining dataset (token store) of `corpus`: a copy of `tokenizer` when given, else one trained
+  on a uniform sample of the training documents (`tokenizer_sample_lines` lines)."""
+  _check_output_dir(output_dir)
+  if tokenizer and not os.path.isfile(tokenizer):
+    raise DataError(f"data.tokenizer: {tokenizer!r} does not exist; give a sentencepiece .model file")
+  manifest = {"recipe": recipe, "source": source or None,
+              "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None, **(notes or {})}
+  options = BuildOptions(workers=int(build_workers), sample_lines=int(tokenizer_sample_lines),
+                         process_index=process_index, process_count=process_count, barrier=barrier)
+  return build_store(output_dir, corpus, vocab_size=vocab_size, tokenizer=tokenizer, manifest=manifest,
+                     options=options)
+
+
+def write_dataset(output_dir: str, recipe: str, splits: dict[str, list[tuple[str, Any]]], *,
+                  source: str | None = None, notes: dict | None = None, tokenizer: str | None = None) -> dict:
+  """Writes both splits of an SFT dataset (records `{"prompt", "response"}` or `{"messages"}`, data/sft.py) and
+  a copy of `tokenizer` (a sentencepiece model file) into a fresh directory."""
+  for split in SPLITS:
+    if not splits.get(split):
+      raise DataError(f"recipe {recipe!r}: the {split} split is empty; the corpus is too small to split")
+  _check_output_dir(output_dir)
+  if not tokenizer:
+    raise DataError(f"recipe {recipe!r} trains no tokenizer: set data.tokenizer or init.checkpoint")
   start = time.time()
   staging = output_dir.rstrip("/") + ".partial"
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(staging)
   files = {split: _write_shards(os.path.join(staging, split), splits[split]) for split in SPLITS}
-  if tokenizer:
-    if not os.path.isfile(tokenizer):
-      raise DataError(f"data.tokenizer: {tokenizer!r} does not exist; give a sentencepiece .model file")
-    shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
-    tok = Tokenizer(os.path.join(staging, "tokenizer.model"))
-  else:
-    if kind != "text":
-      raise DataError(f"recipe {recipe!r} trains no tokenizer: set data.tokenizer or init.checkpoint")
-    tok = train_tokenizer((text for _, text in splits["train"]), os.path.join(staging, "tokenizer"), vocab_size)
+  if not os.path.isfile(tokenizer):
+    raise DataError(f"data.tokenizer: {tokenizer!r} does not exist; give a sentencepiece .model file")
+  shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
+  tok = Tokenizer(os.path.join(staging, "tokenizer.model"))
   manifest = {
       "recipe": recipe,
-      "kind": kind,
+      "kind": "sft",
       "source": source or None,
       "vocab_size": tok.vocab_size,
-      "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None,
-      "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id,
-                      "mask": tok.mask_id, "start_of_turn": tok.start_of_turn_id, "end_of_turn": tok.end_of_turn_id},
+      "tokenizer_sha256": file_sha256(tokenizer),
+      "special_ids": special_ids(tok),
       "splits": {split: {"documents": len(splits[split]),
                          "bytes": sum(item_bytes(t) for _, t in splits[split]),
                          "files": [f"{split}/{name}" for name in files[split]]} for split in SPLITS},
@@ -143,7 +183,7 @@ def write_dataset(output_dir: str, recipe: str, vocab_size: int | None, splits: 
 
 
 def read_records(data_dir: str, split: str) -> list[dict]:
-  """The records of one split, in order: `{"text", "source"}` documents, or an SFT dataset's examples."""
+  """The records of one split of an SFT dataset, in order."""
   manifest = read_manifest(data_dir)
   if manifest is None:
     raise DataError(f"{data_dir!r} holds no manifest.json; build it with a data recipe")
@@ -152,11 +192,6 @@ def read_records(data_dir: str, split: str) -> list[dict]:
     with open(os.path.join(data_dir, name), encoding="utf-8") as f:
       records.extend(json.loads(line) for line in f if line.strip())
   return records
-
-
-def read_split(data_dir: str, split: str) -> list[str]:
-  """The documents (texts) of one split, in order."""
-  return [record["text"] for record in read_records(data_dir, split)]
 
 
 def read_utf8(path: str) -> str | None:
@@ -170,7 +205,8 @@ def read_utf8(path: str) -> str | None:
 
 def split_by_hash(items: Iterable[tuple[str, str]], heldout_fraction: float, key=None) -> dict:
   """Deterministic split of (source, text) by a hash of each item's key (default: its source) until the
-  held-out side holds at least `heldout_fraction` of the bytes; no key lands on both sides."""
+  held-out side holds at least `heldout_fraction` of the bytes; no key lands on both sides. The pretraining build
+  applies the same rule to a streamed corpus (diffgemma_jax/data/split.py); SFT recipes split in memory here."""
   key = key or (lambda source: source)
   items = list(items)
   groups: dict[str, list[tuple[str, str]]] = {}

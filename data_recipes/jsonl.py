@@ -60,7 +60,7 @@ def build(output_dir: str, vocab_size: int | None = None, source: str | None = N
     splits = {"train": items, "heldout": heldout}
   else:
     splits = split_by_hash(items, HELDOUT_FRACTION)
-  return write_dataset(output_dir, "jsonl", None, splits, source=label, tokenizer=tokenizer, kind="sft",
+  return write_dataset(output_dir, "jsonl", splits, source=label, tokenizer=tokenizer,
                        notes={"files": stamp, "skipped_malformed_lines": bad})
 
 

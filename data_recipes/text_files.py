@@ -1,6 +1,9 @@
-"""Any directory or glob of the user's own UTF-8 text files (`--source`). Non-UTF-8 files are skipped and
-named; split by file (held-out at least 4% of the bytes). The manifest keeps each file's size and mtime, and a
-build whose files changed since is redone."""
+"""The user's own pretraining corpus (`--source`, data.source): a folder, a glob, or a comma-separated list of
+either. Every file is read by its extension (diffgemma_jax/data/sources.py): JSONL (`.jsonl`, `.jsonl.gz`) and
+Parquet records hold their text in `data.text_field` (default `text`), ArrayRecord files hold text records, and
+any other file is one UTF-8 document (a file that is not UTF-8 is skipped and named). Held out by document (a
+text file, or one record of a record file): at least 4% of the bytes. The manifest keeps each file's size and
+mtime, and a build whose files changed since is redone."""
 
 from __future__ import annotations
 
@@ -8,54 +11,54 @@ import glob
 import os
 import sys
 
-from data_recipes.common import files_stamp, is_current, read_manifest, read_utf8, split_by_hash, write_dataset
+from data_recipes.common import build_options, build_text_dataset, files_stamp, is_current, read_manifest, \
+    text_build_settings
+from diffgemma_jax.data.build import Corpus
 from diffgemma_jax.data.errors import DataError
 
-MAX_LISTED = 10  # skipped files named in the warning; the rest are counted
+HELDOUT_FRACTION = 0.04
 
 
 def source_files(source: str) -> list[str]:
+  """The files `source` names (folders walked, globs expanded, recursively with `**`), sorted, each once."""
   if not source:
-    raise DataError("the text_files recipe needs data.source (--source): a directory or a glob of UTF-8 files")
-  if os.path.isdir(source):
-    paths = [os.path.join(d, f) for d, _, files in os.walk(source) for f in files]
-  else:
-    paths = glob.glob(source, recursive=True)
-    if not paths and not glob.has_magic(source) and not os.path.exists(source):
-      raise DataError(f"data.source {source!r} does not exist")
+    raise DataError("the text_files recipe needs data.source (--source): a folder, a glob or a comma-separated "
+                    "list of them")
+  paths = set()
+  for part in (p.strip() for p in source.split(",")):
+    if not part:
+      continue
+    if os.path.isdir(part):
+      paths.update(os.path.join(d, f) for d, _, files in os.walk(part) for f in files)
+    elif os.path.isfile(part):
+      paths.add(part)
+    else:
+      found = glob.glob(part, recursive=True)
+      if not found and not glob.has_magic(part):
+        raise DataError(f"data.source {part!r} does not exist")
+      paths.update(found)
   return sorted(p for p in paths if os.path.isfile(p))
 
 
-def documents(source: str) -> tuple[list[tuple[str, str]], int]:
+def corpus(source: str, text_field: str = "text", max_bad_lines: int = 10) -> Corpus:
   paths = source_files(source)
-  docs, skipped = [], []
   # Documents are named relative to the files' common folder, so the split depends on the corpus, not on where
   # it lies (a split keyed by absolute paths would change when the same files move).
-  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
-  for path in paths:
-    text = read_utf8(path)
-    if text is None:
-      skipped.append(path)
-    elif text.strip():
-      docs.append((os.path.relpath(os.path.abspath(path), root), text))
-  if skipped:
-    listed = ", ".join(skipped[:MAX_LISTED]) + (f" and {len(skipped) - MAX_LISTED} more"
-                                                 if len(skipped) > MAX_LISTED else "")
-    print(f"text_files: skipped {len(skipped)} non-UTF-8 file(s) under {source!r}: {listed}", file=sys.stderr)
-  if not docs:
-    raise DataError(f"data.source {source!r} holds no non-empty UTF-8 files ({len(paths)} file(s) found, "
-                    f"{len(skipped)} not UTF-8)")
-  return docs, len(skipped)
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else "."
+  files = tuple(os.path.relpath(os.path.abspath(p), root) for p in paths)
+  return Corpus(root=root, files=files, name=f"data.source {source!r}", split_by="document",
+                heldout_fraction=HELDOUT_FRACTION, text_field=text_field, max_bad_lines=max_bad_lines)
 
 
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
-          **_) -> dict:
-  stamp = files_stamp(source_files(source))  # a corpus with new, removed or edited files is rebuilt, not reused
-  if is_current(output_dir, "text_files", vocab_size, source, tokenizer, files=stamp):
+          text_field: str = "text", max_bad_lines: int = 10, **options) -> dict:
+  files = corpus(source, text_field, max_bad_lines)
+  stamp = files_stamp(os.path.join(files.root, rel) for rel in files.files)  # changed files: rebuilt
+  expect = text_build_settings(files, tokenizer, options)
+  if is_current(output_dir, "text_files", vocab_size, source, tokenizer, files=stamp, expect=expect):
     return read_manifest(output_dir)
-  docs, skipped = documents(source)
-  return write_dataset(output_dir, "text_files", vocab_size, split_by_hash(docs, 0.04), source=source,
-                       notes={"skipped_non_utf8": skipped, "files": stamp}, tokenizer=tokenizer)
+  return build_text_dataset(output_dir, "text_files", files, vocab_size, source=source, notes={"files": stamp},
+                            tokenizer=tokenizer, **build_options(options))
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Pretraining: python_stdlib | python_packages | shakespeare | text_files. SFT (prompt/response rows): python_docstrings | jsonl.
   c.data.recipe = "python_stdlib"
   c.data.dir = ""  # dataset directory; empty: data/<recipe>-v<vocab_size> under the current directory
-  c.data.source = ""  # text_files: a directory or glob of UTF-8 files; jsonl: a JSONL file, directory or glob
+  # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
+  # jsonl: a JSONL file, directory or glob
+  c.data.source = ""
+  c.data.text_field = "text"  # text_files: the field (JSONL) or column (Parquet) holding a record's text
+  # Pretraining on several built datasets: "DIR:WEIGHT,DIR:WEIGHT" (e.g. "data/code:0.7,data/prose:0.3"); rows
+  # are drawn by weight and the held-out bound is reported per dataset and weighted. Replaces recipe/source/dir.
+  c.data.mixture = ""
+  c.data.build_workers = 0  # processes that tokenise a pretraining corpus; 0: every core
+  c.data.tokenizer_sample_lines = 120_000  # lines of the uniform document sample a new tokenizer is trained on
   c.data.heldout_source = ""  # jsonl: the held-out file(s); empty: a hashed 5% of the source examples
   # An existing sentencepiece model to use instead of training one (e.g. Gemma's tokenizer.model). SFT recipes
   # with this empty use the tokenizer of init.checkpoint's run.
@@ -42,9 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   # SFT: gemma (<start_of_turn>role ... <end_of_turn>) | diffusiongemma (the release's <|turn>role ... <turn|>) |
   # plain (text as it is)
   c.data.chat_template = "gemma"
-  c.data.max_bad_lines = 10  # jsonl: malformed lines skipped (each reported) before the build fails
+  c.data.max_bad_lines = 10  # jsonl, text_files: malformed records skipped (each reported) before the build fails
   c.data.seed = 0
-  c.data.num_workers = 0
+  c.data.num_workers = 0  # grain worker processes that read and batch training rows (with prefetch); 0: none
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 200
@@ -248,8 +256,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.chat_template not in CHAT_TEMPLATES:
     raise ConfigError(f"data.chat_template: unknown template {config.data.chat_template!r}; valid templates are "
                       f"{tuple(CHAT_TEMPLATES)}")
-  if int(config.data.max_bad_lines) < 0:
-    raise ConfigError(f"data.max_bad_lines: must be >= 0, got {config.data.max_bad_lines}")
+  for key in ("max_bad_lines", "num_workers", "build_workers", "tokenizer_sample_lines"):
+    if int(config.data[key]) < 0:
+      raise ConfigError(f"data.{key}: must be >= 0, got {config.data[key]}")
+  if config.data.mixture:
+    from diffgemma_jax.data.mixture import parse_mixture
+    parse_mixture(str(config.data.mixture))  # its errors name data.mixture
+    if config.data.source or config.data.dir or config.data.recipe in SFT_RECIPES:
+      raise ConfigError("data.mixture names built pretraining datasets; it replaces data.recipe, data.source and "
+                        "data.dir: leave data.source and data.dir empty and data.recipe a pretraining recipe")
   if config.data.recipe in SFT_RECIPES and config.objective.name not in SFT_OBJECTIVES:
     raise ConfigError(f"data.recipe={config.data.recipe!r} gives prompt/response rows, which objective.name in "
                       f"{SFT_OBJECTIVES} trains on (prompt never corrupted or scored); got {config.objective.name!r}")

@@ -69,6 +69,15 @@ def held_out_bound(bound_fn: Callable, params, batches, *, seed: int, num_t_samp
   return result
 
 
+def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_samples: int, mesh: Mesh) -> dict:
+  """`held_out_bound` of one held-out set; for several [(name, weight, batches)] (data.mixture), each one's
+  under `sources` and their weighted total (data/mixture.py)."""
+  from diffgemma_jax.data.mixture import mixture_bound
+  results = [(name, weight, held_out_bound(bound_fn, params, batches, seed=seed, num_t_samples=num_t_samples,
+                                           mesh=mesh)) for name, weight, batches in sets]
+  return results[0][2] if len(results) == 1 else mixture_bound(results)
+
+
 def evaluate(config, workdir: str | None = None, step: int | None = None, *,
              checkpoint: str | None = None) -> dict[str, Any]:
   """The held-out bound of a run's parameters, with keys step, num_tokens, num_examples, bits_per_token,
@@ -83,7 +92,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_init_checkpoint, load_init_params
-  from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, unigram_baseline
+  from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state, init_params
 
@@ -122,7 +131,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
                              section=config.objective)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
-  result = held_out_bound(bound_fn, params, eval_batches(config, directory), seed=int(config.eval.seed),
+  result = held_out_bounds(bound_fn, params, eval_sets(config, directory), seed=int(config.eval.seed),
                           num_t_samples=num_t, mesh=mesh)
   result.update(step=int(step), unigram_ppl=unigram_baseline(config, directory), exact=bool(objective.exact))
   return result

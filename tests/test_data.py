@@ -11,15 +11,21 @@ from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
 from data_recipes.python_stdlib import documents as stdlib_documents
 from data_recipes.shakespeare import play_and_edition
-from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, pack_rows, unigram_ppl
+from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data.store import ShardWriter, SplitStore
 
 
-def test_packing_keeps_every_token_once_in_order_and_never_mixes_documents():
+def test_packing_keeps_every_token_once_in_order_and_never_mixes_documents(tmp_path):
   rng = np.random.default_rng(0)
   docs = [rng.integers(5, 50, size=n).astype(np.int32) for n in (3, 17, 1, 40, 9, 2, 25)]
   tokens = np.concatenate(docs)
-  starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])[:-1]])
-  rows = pack_rows(tokens, starts, 8, keep_partial=True)
+  entries = []
+  for shard, part in enumerate((docs[:3], docs[3:4], docs[4:])):  # documents in three shards
+    writer = ShardWriter(str(tmp_path / "train"), f"{shard:05d}", 64)
+    writer.add([("d", "")] * len(part), part)
+    entries.append(writer.close())
+  store = SplitStore(str(tmp_path), "train", entries, "<u2")
+  rows = store.rows(range(store.num_rows(8, keep_partial=True)), 8)
   flat = rows["tokens"].reshape(-1)
   seg = rows["segment_ids"]
   real = seg.reshape(-1) > 0
@@ -108,7 +114,7 @@ def test_bad_sources_fail_clearly(tmp_path):
     build_dataset("text_files", str(tmp_path / "x"), 400, source=str(tmp_path / "missing"))
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(DataError, match="no non-empty UTF-8"):
+  with pytest.raises(DataError, match="no non-empty documents"):
     build_dataset("text_files", str(tmp_path / "y"), 400, source=str(empty))
   (empty / "bad.bin").write_bytes(b"\xff\xfe\x00garbage\xff")
   with pytest.raises(DataError, match="1 not UTF-8"):

@@ -4,6 +4,7 @@ by whole packages."""
 from __future__ import annotations
 
 import os
+import sysconfig
 
 import pytest
 
@@ -36,22 +37,23 @@ def folder(tmp_path):
   return root
 
 
-def test_units_are_whole_packages_deduplicated_and_held_out_whole(folder):
+def test_units_are_whole_packages_deduplicated_and_held_out_whole(folder, tmp_path):
   units = pp.candidate_units([folder])
   assert set(units) == {f"pkg{i:02d}" for i in range(40)} | {"big", "vendor", "single"}
   assert ("pkg01/tests/test_core.py" not in {rel for _, rel in units["pkg01"]}
           and "pkg01/__pycache__/core.py" not in {rel for _, rel in units["pkg01"]})
-  docs, skipped = pp.documents(units)
+  skipped = {"non_utf8": 0, "duplicate": 0, "empty": 0}
+  docs = list(pp.unit_documents(units, skipped))
   assert skipped == {"non_utf8": 1, "duplicate": 1, "empty": 0}
-  names = [name for unit in docs.values() for name, _ in unit]
+  names = [name for _, name, _ in docs]
   assert len(names) == len(set(names)) == 40 * 2 + 1 + 1  # the vendored copy or pkg03/core.py, once
-  splits = pp.split_units(docs)
-  held = {name.split("/")[1].removesuffix(".py") for name, _ in splits["heldout"]}
-  trained = {name.split("/")[1].removesuffix(".py") for name, _ in splits["train"]}
-  assert held and not held & trained and "big" in trained  # 'big' is over a quarter of the held-out share
-  total = sum(len(t) for part in splits.values() for _, t in part)
-  assert sum(len(t) for _, t in splits["heldout"]) >= pp.HELDOUT_FRACTION * total
   assert names[0].startswith("site-packages/")
+  corpus, selection = pp.gather([folder], 0, "stamp", cache=str(tmp_path / "cache"))
+  held, trained = set(selection["units"]["heldout"]), set(selection["units"]["train"])
+  assert held and not held & trained and "big" in trained  # 'big' is over a quarter of the held-out share
+  assert corpus.split_by == "file" and set(corpus.heldout_keys) == {f"{u}.jsonl" for u in held}
+  sizes = {f: os.path.getsize(os.path.join(corpus.root, f)) for f in corpus.files}
+  assert sum(sizes[f"{u}.jsonl"] for u in held) >= pp.HELDOUT_FRACTION * sum(sizes.values()) * 0.9
 
 
 def test_cap_keeps_whole_packages_in_hash_order(folder):
@@ -72,7 +74,26 @@ def test_source_that_is_not_a_folder_is_named(tmp_path):
 def test_a_package_bigger_than_a_quarter_of_the_held_out_share_is_never_held_out():
   names = [f"mod{i:03d}" for i in range(100)]
   first = min(names, key=pp._hash)  # pylint: disable=protected-access
-  units = {n: [(f"site-packages/{n}.py", "x = 1\n" * (400 if n == first else 2))] for n in names}
-  splits = pp.split_units(units)
-  assert f"site-packages/{first}.py" in {name for name, _ in splits["train"]}
-  assert len(splits["heldout"]) >= 1
+  sizes = {n: 2400 if n == first else 12 for n in names}
+  held = pp.heldout_units(sizes)
+  assert first not in held and held
+  assert sum(sizes[n] for n in held) >= pp.HELDOUT_FRACTION * sum(sizes.values())
+
+
+def test_build_holds_out_exactly_the_chosen_packages(folder, tmp_path, monkeypatch):
+  """The token store routes by the recipe's own held-out keys (not the digest threshold): every held-out document
+  comes from a chosen package, and every chosen package's documents are held out."""
+  monkeypatch.setattr(pp, "CACHE", str(tmp_path / "cache"))
+  with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), encoding="utf-8") as f:
+    words = f.read()
+  for i in range(40):  # real code, enough for a 512-piece vocabulary
+    _write(folder, f"pkg{i:02d}/words.py", words[i * 1500:(i + 1) * 1500])
+  manifest = pp.build(str(tmp_path / "data"), vocab_size=512, source=folder, max_bytes=0, build_workers=1)
+  held = set(manifest["units"]["heldout"])
+  units = pp.candidate_units([folder])
+  kept = {u: units[u] for u in sorted(units, key=pp._hash)}  # pylint: disable=protected-access
+  docs = [unit for unit, _, _ in pp.unit_documents(kept, {"non_utf8": 0, "duplicate": 0, "empty": 0})]
+  assert held and "big" not in held
+  assert manifest["splits"]["heldout"]["documents"] == sum(unit in held for unit in docs)
+  assert manifest["splits"]["train"]["documents"] == sum(unit not in held for unit in docs)
+  assert pp.build(str(tmp_path / "data"), vocab_size=512, source=folder) == manifest  # reused, whatever the cap

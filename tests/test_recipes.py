@@ -11,7 +11,7 @@ import sysconfig
 import pytest
 
 from data_recipes import build_dataset
-from data_recipes.common import read_records, split_by_hash
+from data_recipes.common import split_by_hash
 from data_recipes.python_stdlib import HELDOUT_FRACTION, stdlib_files
 from diffgemma_jax.data import DataError, Tokenizer
 
@@ -35,12 +35,19 @@ def _recipe_cli(name, *args):
                         text=True, timeout=120)
 
 
-def _read_jsonl(data_dir, files):
-  records = []
-  for name in files:
-    with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-      records.extend(json.loads(line) for line in f)
-  return records
+def _store_texts(data_dir, split):
+  """The documents of a built split, decoded from the store's shards (tokens between document starts)."""
+  import numpy as np
+  with open(os.path.join(data_dir, "manifest.json")) as f:
+    manifest = json.load(f)
+  tok = Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+  texts = []
+  for shard in manifest["store"]["splits"][split]["shards"]:
+    tokens = np.fromfile(os.path.join(data_dir, shard["name"] + ".tokens"), manifest["store"]["dtype"])
+    starts = np.fromfile(os.path.join(data_dir, shard["name"] + ".starts"), "<i8")
+    assert len(tokens) == shard["num_tokens"] and len(starts) == shard["num_documents"]
+    texts += [tok.decode(doc) for doc in np.split(tokens, starts[1:])]
+  return texts
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +69,19 @@ def test_cli_writes_shards_manifest_and_tokenizer(cli_dataset):
   assert manifest["special_ids"]["eos"] == 3 and manifest["special_ids"]["mask"] == 4
   assert len(manifest["sha256"]) == 64 and manifest["created"]
   assert (out / "tokenizer.model").is_file() and (out / "tokenizer.vocab").is_file()
+  module_of = {(src / name).read_text(encoding="utf-8"): name for name in MODULES}
   sources = {}
   for split in ("train", "heldout"):
     info = manifest["splits"][split]
-    assert all(name.startswith(f"{split}/") and name.endswith(".jsonl") for name in info["files"])
-    records = _read_jsonl(out, info["files"])
-    assert len(records) == info["documents"] > 0
-    assert sum(len(r["text"].encode("utf-8")) for r in records) == info["bytes"]
-    sources[split] = {r["source"] for r in records}
+    shards = manifest["store"]["splits"][split]["shards"]
+    assert all(s["name"].startswith(f"{split}/") for s in shards) and manifest["store"]["dtype"] == "<u2"
+    texts = _store_texts(out, split)  # decoded back from token ids: byte fallback loses nothing
+    assert len(texts) == info["documents"] > 0
+    assert sum(len(t.encode("utf-8")) for t in texts) == info["bytes"]
+    assert sum(s["num_tokens"] for s in shards) == info["tokens"]
+    sources[split] = {module_of[t] for t in texts}
   assert not sources["train"] & sources["heldout"]
-  assert {os.path.basename(s) for s in sources["train"] | sources["heldout"]} == set(MODULES)
+  assert sources["train"] | sources["heldout"] == set(MODULES)
 
 
 def test_tokenizer_reserved_ids_and_round_trip(cli_dataset):
@@ -199,12 +209,13 @@ def test_shakespeare_one_edition_per_play_and_split_by_play(shakespeare_document
 
 def test_stdlib_reuses_a_matching_directory_and_rebuilds_a_stale_one(tmp_path, monkeypatch):
   from data_recipes import python_stdlib
+  from data_recipes.common import text_build_settings
   rebuilt = []
-  monkeypatch.setattr(python_stdlib, "write_dataset", lambda *args, **kwargs: rebuilt.append(kwargs) or {})
-  monkeypatch.setattr(python_stdlib, "documents", lambda root: [("a.py", "x = 1\n")])
+  monkeypatch.setattr(python_stdlib, "build_text_dataset", lambda *args, **kwargs: rebuilt.append(kwargs) or {})
   root = sysconfig.get_paths()["stdlib"]
-  current = {"recipe": "python_stdlib", "source": None, "vocab_size": VOCAB, "stdlib_root": root,
-             "python": sys.version.split()[0], "excluded_dirs": sorted(python_stdlib.EXCLUDED_DIRS)}
+  current = {"recipe": "python_stdlib", "source": None, "vocab_size": VOCAB, "stdlib_root": root, "store": {},
+             "python": sys.version.split()[0], "excluded_dirs": sorted(python_stdlib.EXCLUDED_DIRS),
+             **text_build_settings(python_stdlib.corpus(root), None, {})}
   (tmp_path / "tokenizer.model").write_bytes(b"")
   (tmp_path / "manifest.json").write_text(json.dumps(current))
   assert python_stdlib.build(str(tmp_path), vocab_size=VOCAB) == current and not rebuilt
@@ -212,6 +223,11 @@ def test_stdlib_reuses_a_matching_directory_and_rebuilds_a_stale_one(tmp_path, m
   (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in current.items() if k != "excluded_dirs"}))
   python_stdlib.build(str(tmp_path), vocab_size=VOCAB)
   assert len(rebuilt) == 1 and rebuilt[0]["notes"]["excluded_dirs"] == current["excluded_dirs"]
+  # Built before the token store (JSONL text shards), or with another tokenizer sample: rebuilt.
+  for stale in ({k: v for k, v in current.items() if k != "store"}, dict(current, tokenizer_sample_lines=5)):
+    (tmp_path / "manifest.json").write_text(json.dumps(stale))
+    python_stdlib.build(str(tmp_path), vocab_size=VOCAB)
+  assert len(rebuilt) == 3
 
 
 def test_a_non_dataset_output_directory_is_never_replaced(tmp_path):
@@ -237,17 +253,50 @@ def test_text_files_rebuilds_when_its_files_change(tmp_path):
     f.write("\n# edited\n")
   edited = build_dataset("text_files", out, VOCAB, source=str(src))
   assert edited["sha256"] != added["sha256"]
-  assert "# edited" in "".join(r["text"] for s in ("train", "heldout") for r in read_records(out, s))
+  assert "# edited" in "".join(t for s in ("train", "heldout") for t in _store_texts(out, s))
 
 
 def test_skipped_non_utf8_files_are_named(tmp_path, capsys):
-  from data_recipes.text_files import documents
-  _copy_modules(tmp_path, MODULES[:1])
+  src = _copy_modules(tmp_path / "src", MODULES[:1])
   for i in range(12):
-    (tmp_path / f"latin{i:02d}.txt").write_bytes("caf\xe9".encode("latin-1"))
-  docs, skipped = documents(str(tmp_path))
-  assert len(docs) == 1 and skipped == 12
+    (src / f"latin{i:02d}.txt").write_bytes("caf\xe9".encode("latin-1"))
+  with pytest.raises(DataError, match="split is empty"):  # one document cannot be split; the scan reports first
+    build_dataset("text_files", str(tmp_path / "ds"), VOCAB, source=str(src))
   err = capsys.readouterr().err
   assert "skipped 12 non-UTF-8 file(s)" in err and "and 2 more" in err
-  assert all(str(tmp_path / f"latin{i:02d}.txt") in err for i in range(10))
+  assert all(str(src / f"latin{i:02d}.txt") in err for i in range(10))
   assert "latin10.txt" not in err
+
+
+def test_pypi_code_extracts_deduplicates_and_holds_out_by_package(tmp_path, monkeypatch):
+  """Local stand-in sdists (no network): code files kept, duplicates across packages dropped (first kept),
+  non-code and non-UTF-8 files left out, split by package; the fetch asks pip for hash-checked sdists."""
+  import io
+  import tarfile
+  from data_recipes import pypi_code
+  shared = b"def vendored():\n    return 1\n"
+  archives = {}
+  for p in range(8):
+    path = tmp_path / f"pkg{p}-1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+      for name, data in ((f"pkg{p}-1.0/pkg{p}/core.py", f"X = {p}\n".encode() * (50 + 30 * p)),
+                         (f"pkg{p}-1.0/pkg{p}/_vendor/six.py", shared), (f"pkg{p}-1.0/logo.png", b"\x89PNG"),
+                         (f"pkg{p}-1.0/pkg{p}/latin.py", b"caf\xe9 = 1\n")):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archives[f"pkg{p}"] = str(path)
+  pins = tuple((name, "1.0", "0" * 64) for name in archives)
+  corpus = pypi_code.extract(archives, cache=str(tmp_path / "cache"), pins=pins)
+  records = {f: [json.loads(line) for line in open(os.path.join(corpus.root, f))] for f in corpus.files}
+  assert [r["path"] for r in records["pkg0.jsonl"]] == ["pkg0/pkg0/_vendor/six.py", "pkg0/pkg0/core.py"]
+  assert [r["path"] for r in records["pkg5.jsonl"]] == ["pkg5/pkg5/core.py"]  # six.py: a duplicate of pkg0's
+  assert corpus.split_by == "file"
+  calls = []
+  monkeypatch.setattr(pypi_code.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                      type("P", (), {"returncode": 1, "stderr": "THESE PACKAGES DO NOT MATCH THE HASHES"})())
+  with pytest.raises(DataError, match="could not fetch 8 pinned sdist.*DO NOT MATCH"):
+    pypi_code.fetch(pins, cache=str(tmp_path / "fetch"))
+  requirements = calls[0][calls[0].index("-r") + 1]
+  assert "--require-hashes" in calls[0] and "--no-binary" in calls[0]
+  assert open(requirements).read().splitlines()[0] == f"pkg0==1.0 --hash=sha256:{'0' * 64}"

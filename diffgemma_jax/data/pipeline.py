@@ -1,29 +1,35 @@
-"""grain pipelines: tokenise once (cached), pack into rows with segment ids and positions, shuffle, shard, batch.
+"""grain pipelines over built datasets: rows read on demand, shuffled, mixed, sharded by process, batched.
 
-Packing concatenates the documents of a split, each as [bos] + ids + [eos], and cuts the stream into rows of
-`seq_len`. A document that runs past a row's end continues in the next row as a new segment whose positions
-start again at 0 (the model cannot attend across rows anyway). Rows therefore carry no padding, except the last
-held-out row. Segment ids count 1, 2, ... within a row; 0 marks padding.
+A pretraining dataset is a token store (data/store.py): rows of `seq_len` are read from memory-mapped shards when a
+batch needs them, with their segment ids and positions. An SFT dataset's rows are made once per tokenizer,
+template and length (data/sft.py) and cached beside the data.
 
-Training rows: `grain.MapDataset` over row indices -> shuffled anew each epoch with the seed -> repeated forever
--> this process's slice -> batched; its iterator is checkpointable (`get_state` / `set_state`). Held-out rows
-come in order, unshuffled, with a padded final batch.
+Training batches: per dataset, `grain.MapDataset` over row indices -> shuffled anew each epoch with the seed ->
+repeated forever; several datasets (a mixture) are interleaved by weight (`MapDataset.mix`); the stream is cut
+into global batches of `batch_size x process_count` rows and each process reads only its slice of each. The
+iterator's state is the number of global batches consumed, so a resume on any number of processes (or workers)
+continues with the same global batches. `num_workers` > 0 reads and batches in grain worker processes with
+prefetch. Held-out rows come in order, unshuffled, with a padded final batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import sys
 
 import grain
 import numpy as np
 
-from data_recipes.common import read_manifest, read_records, read_split
+from data_recipes.common import read_manifest, read_records
 from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.data.store import SplitStore, open_split, unigram_counts
 from diffgemma_jax.data.tokenizer import Tokenizer
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 SFT_KEYS = BATCH_KEYS + ("loss_mask",)
+PREFETCH_PER_WORKER = 2
 
 
 def _tokenizer_hash(path: str) -> str:
@@ -31,24 +37,14 @@ def _tokenizer_hash(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def token_stream(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens, document starts) of a split, tokenised once and cached as .npy beside the data."""
+def dataset_manifest(data_dir: str) -> dict:
   manifest = read_manifest(data_dir)
   if manifest is None:
     raise DataError(f"data directory {data_dir!r} holds no manifest.json; build it with a data recipe")
-  tok_path = os.path.join(data_dir, "tokenizer.model")
-  cache = os.path.join(data_dir, f"{split}-tokens-{_tokenizer_hash(tok_path)}.npz")
-  if os.path.isfile(cache):
-    with np.load(cache) as z:
-      return z["tokens"], z["starts"]
-  tokenizer = Tokenizer(tok_path)
-  docs = tokenizer.encode(read_split(data_dir, split), num_threads=2)
-  pieces = [np.asarray([tokenizer.bos_id] + ids + [tokenizer.eos_id], np.int32) for ids in docs]
-  lengths = np.asarray([len(p) for p in pieces], np.int64)
-  tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
-  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-  _save_npz(cache, tokens=tokens, starts=starts)
-  return tokens, starts
+  if manifest.get("kind", "text") == "text" and "store" not in manifest:
+    raise DataError(f"{data_dir!r} was built before the token store; rebuild it (delete the folder, or run its "
+                    f"recipe again)")
+  return manifest
 
 
 def _save_npz(cache: str, **arrays) -> None:
@@ -56,30 +52,6 @@ def _save_npz(cache: str, **arrays) -> None:
   tmp = f"{cache}.{os.getpid()}.tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, cache)
-
-
-def pack_rows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, *, keep_partial: bool) -> dict[str, np.ndarray]:
-  """Cuts the stream into [N, seq_len] rows with per-row segment ids and positions (see module docstring)."""
-  n_full = len(tokens) // seq_len
-  n_rows = n_full + (1 if keep_partial and len(tokens) % seq_len else 0)
-  total = n_rows * seq_len
-  padded = np.zeros((total,), np.int32)
-  used = min(total, len(tokens))
-  padded[:used] = tokens[:used]
-  is_start = np.zeros((total,), bool)
-  is_start[starts[starts < total]] = True
-  is_start[::seq_len] = True  # a document continuing into a new row starts a new segment there
-  real = np.arange(total) < used
-  is_start &= real
-  row_of = np.arange(total) // seq_len
-  seg_counter = np.cumsum(is_start)
-  first_seg_of_row = seg_counter[::seq_len][row_of] - 1 if n_rows else seg_counter
-  segment_ids = np.where(real, seg_counter - first_seg_of_row, 0).astype(np.int32)
-  last_start = np.maximum.accumulate(np.where(is_start, np.arange(total), 0))
-  positions = np.where(real, np.arange(total) - last_start, 0).astype(np.int32)
-  shape = (n_rows, seq_len)
-  return {"tokens": padded.reshape(shape), "segment_ids": segment_ids.reshape(shape),
-          "positions": positions.reshape(shape)}
 
 
 def is_sft(data_dir: str) -> bool:
@@ -90,7 +62,6 @@ def is_sft(data_dir: str) -> bool:
 def sft_rows(data_dir: str, split: str, seq_len: int, template: str) -> dict[str, np.ndarray]:
   """The prompt-masked rows of an SFT split (data/sft.py), built once per tokenizer, template and length and
   cached beside the data. Cut prompts and responses are counted and reported on stderr."""
-  import sys
   from diffgemma_jax.data.sft import make_rows
   tok_path = os.path.join(data_dir, "tokenizer.model")
   cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}-{_tokenizer_hash(tok_path)}.npz")
@@ -108,83 +79,180 @@ def sft_rows(data_dir: str, split: str, seq_len: int, template: str) -> dict[str
   return rows
 
 
-def _rows(data_dir: str, split: str, seq_len: int, keep_partial: bool, template: str = "gemma"
-          ) -> dict[str, np.ndarray]:
+class StoreRows:
+  """Rows of a token-store split (read when asked for)."""
+
+  def __init__(self, store: SplitStore, seq_len: int, keep_partial: bool):
+    self.store, self.seq_len = store, seq_len
+    self.num_rows = store.num_rows(seq_len, keep_partial)
+
+  def take(self, indices) -> dict[str, np.ndarray]:
+    return self.store.rows(indices, self.seq_len)
+
+
+class ArrayRows:
+  """Rows held in memory (an SFT split)."""
+
+  def __init__(self, rows: dict[str, np.ndarray]):
+    self.rows = rows
+    self.num_rows = len(rows["tokens"])
+
+  def take(self, indices) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices, np.int64)
+    return {k: v[indices] for k, v in self.rows.items()}
+
+
+def split_rows(data_dir: str, split: str, seq_len: int, *, keep_partial: bool, template: str = "gemma"):
+  """The rows of one split of a built dataset (StoreRows or ArrayRows); at least one, else a DataError."""
   if is_sft(data_dir):
-    return sft_rows(data_dir, split, seq_len, template)
-  tokens, starts = token_stream(data_dir, split)
-  rows = pack_rows(tokens, starts, seq_len, keep_partial=keep_partial)
-  if len(rows["tokens"]) == 0:
-    raise DataError(f"the {split} split of {data_dir!r} has {len(tokens)} tokens, fewer than one row of "
+    return ArrayRows(sft_rows(data_dir, split, seq_len, template))
+  rows = StoreRows(open_split(data_dir, dataset_manifest(data_dir), split), seq_len, keep_partial)
+  if rows.num_rows == 0:
+    raise DataError(f"the {split} split of {data_dir!r} has {rows.store.num_tokens} tokens, fewer than one row of "
                     f"train.seq_len={seq_len}; use a bigger corpus or a shorter seq_len")
   return rows
 
 
-class _TakeRow:
-  """Rows by id; given an array of ids, the `count` of them from `start` (this process's part of a batch)."""
+class _Tag:
+  def __init__(self, source: int):
+    self.source = source
 
-  def __init__(self, rows, start: int = 0, count: int | None = None):
-    self.rows = rows
-    self.start, self.count = start, count
-
-  def __call__(self, index):
-    if self.count is not None:
-      index = index[self.start:self.start + self.count]
-    return {k: v[index] for k, v in self.rows.items()}
+  def __call__(self, row):
+    return np.int64(self.source), np.int64(row)
 
 
-def make_train_iterator(data_dir: str, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, num_workers: int = 0, template: str = "gemma"):
+class _ReadSlice:
+  """Given a global batch of (source, row) ids, reads this process's `count` rows from `start`."""
+
+  def __init__(self, readers: list, start: int, count: int):
+    self.readers, self.start, self.count = readers, start, count
+
+  def __call__(self, batch) -> dict[str, np.ndarray]:
+    sources, rows = (np.asarray(x)[self.start:self.start + self.count] for x in batch)
+    if len(self.readers) == 1:
+      return self.readers[0].take(rows)
+    parts = {s: self.readers[s].take(rows[sources == s]) for s in np.unique(sources)}
+    out = {}
+    for key in next(iter(parts.values())):
+      x = np.empty((self.count,) + parts[sources[0]][key].shape[1:], np.int32)
+      for s, part in parts.items():
+        x[sources == s] = part[key]
+      out[key] = x
+    return out
+
+
+def _source_seed(seed: int, source: int) -> int:
+  return int(np.random.SeedSequence([seed, source]).generate_state(1)[0])
+
+
+def row_ids(num_rows: list[int], weights: list[float] | None, seed: int) -> grain.MapDataset:
+  """The infinite training stream of (source, row) ids: each source's rows shuffled anew each epoch, sources
+  interleaved by weight (deterministic proportions)."""
+  if len(num_rows) == 1:
+    return grain.MapDataset.range(num_rows[0]).shuffle(seed=seed).repeat(None).map(_Tag(0))
+  parts = [grain.MapDataset.range(n).shuffle(seed=_source_seed(seed, s)).repeat(None).map(_Tag(s))
+           for s, n in enumerate(num_rows)]
+  return grain.MapDataset.mix(parts, weights)
+
+
+class TrainIterator:
+  """This process's training batches; `get_state()` is `{"next_index": global batches consumed}` (the same as
+  the grain iterator's before, so older checkpoints resume), independent of the process and worker counts."""
+
+  def __init__(self, batches: grain.MapDataset, num_workers: int):
+    self._batches, self._workers = batches, num_workers
+    self._next, self._stream = 0, None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._workers == 0:
+      batch = self._batches[self._next]
+    else:
+      if self._stream is None:
+        _absl_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=PREFETCH_PER_WORKER)
+        self._stream = iter(self._batches[self._next:].to_iter_dataset().mp_prefetch(options))
+      batch = next(self._stream)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._next, self._stream = int(state["next_index"]), None
+
+
+def _absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags (their defaults here): our entry points parse arguments with
+  argparse, so the flags are marked parsed."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def check_workers(num_workers: int) -> None:
+  """Refuses `data.num_workers` where worker processes cannot start."""
+  if num_workers < 0:
+    raise DataError(f"data.num_workers={num_workers}: must be >= 0 (0 reads batches in the training process)")
+  if num_workers and multiprocessing.current_process().daemon:
+    raise DataError(f"data.num_workers={num_workers}: this process is a daemon process, which may not start "
+                    f"worker processes; set data.num_workers=0")
+
+
+def make_train_iterator(data_dirs: str | list[str], *, seq_len: int, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                        template: str = "gemma", weights: list[float] | None = None) -> TrainIterator:
   """Infinite, checkpointable iterator of this process's batches ([batch_size, seq_len] int32 arrays).
 
-  Process p of P gets rows [p * batch_size, (p + 1) * batch_size) of each global batch of P * batch_size rows, so
-  the global batch (and the run) is the same for any number of processes.
+  `data_dirs`: one built dataset, or several (a mixture, data/mixture.py) drawn by `weights`. Process p of P gets
+  rows [p * batch_size, (p + 1) * batch_size) of each global batch of P * batch_size rows, so the global batch (and
+  the run) is the same for any number of processes.
   """
-  del num_workers  # rows are precomputed in memory: the map is a gather, no worker processes needed
-  rows = _rows(data_dir, "train", seq_len, keep_partial=False, template=template)
-  n = len(rows["tokens"])
-  if n < batch_size * process_count:
-    raise DataError(f"the train split of {data_dir!r} packs into {n} rows of {seq_len}, fewer than one global "
-                    f"batch ({batch_size} x {process_count} processes)")
-  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
-  ds = ds.batch(batch_size * process_count, drop_remainder=True)  # row ids of global batches
-  ds = ds.map(_TakeRow(rows, start=process_index * batch_size, count=batch_size))
-  return iter(ds)
+  check_workers(num_workers)
+  dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
+  readers = [split_rows(d, "train", seq_len, keep_partial=False, template=template) for d in dirs]
+  if len(dirs) == 1 and readers[0].num_rows < batch_size * process_count:
+    raise DataError(f"the train split of {dirs[0]!r} packs into {readers[0].num_rows} rows of {seq_len}, fewer "
+                    f"than one global batch ({batch_size} x {process_count} processes)")
+  ids = row_ids([r.num_rows for r in readers], weights, seed)
+  batches = ids.batch(batch_size * process_count, drop_remainder=True)
+  return TrainIterator(batches.map(_ReadSlice(readers, process_index * batch_size, batch_size)), num_workers)
 
 
 def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_sequences: int = 0,
                       process_index: int = 0, process_count: int = 1,
                       template: str = "gemma") -> list[dict[str, np.ndarray]]:
   """The held-out split in order, unshuffled; the last batch padded with all-padding rows (segment 0)."""
-  rows = _rows(data_dir, "heldout", seq_len, keep_partial=True, template=template)
-  n = len(rows["tokens"])
+  rows = split_rows(data_dir, "heldout", seq_len, keep_partial=True, template=template)
+  n = rows.num_rows
   if max_sequences:
     n = min(n, max_sequences)
   index = np.arange(n)[process_index::process_count]
   batches = []
   for start in range(0, len(index), batch_size):
-    take = index[start:start + batch_size]
-    batch = {}
-    for key in rows:
-      x = rows[key][take]
-      if len(take) < batch_size:
-        x = np.concatenate([x, np.zeros((batch_size - len(take), seq_len), np.int32)])
-      batch[key] = x
+    batch = rows.take(index[start:start + batch_size])
+    short = batch_size - len(index[start:start + batch_size])
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short, seq_len), np.int32)]) for k, v in batch.items()}
     batches.append(batch)
   return batches
 
 
 def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma") -> float:
   """Held-out perplexity of an add-one-smoothed unigram model fitted on the training tokens (all tokens the bound
-  scores: bos and eos included; for SFT data the response tokens and their EOS padding)."""
+  scores: bos and eos included; for SFT data the response tokens and their EOS padding). A token store keeps the
+  counts of both splits, so this reads no tokens."""
+  vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
   if is_sft(data_dir):
     train, heldout = (sft_rows(data_dir, split, seq_len, template) for split in ("train", "heldout"))
-    train_tokens = train["tokens"][train["loss_mask"] > 0]
-    heldout_tokens = heldout["tokens"][heldout["loss_mask"] > 0]
+    train_counts = np.bincount(train["tokens"][train["loss_mask"] > 0], minlength=vocab)
+    heldout_counts = np.bincount(heldout["tokens"][heldout["loss_mask"] > 0], minlength=vocab)
   else:
-    train_tokens, _ = token_stream(data_dir, "train")
-    heldout_tokens, _ = token_stream(data_dir, "heldout")
-  vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
-  counts = np.bincount(train_tokens, minlength=vocab).astype(np.float64) + 1.0
+    manifest = dataset_manifest(data_dir)
+    train_counts, heldout_counts = (unigram_counts(data_dir, manifest, split) for split in ("train", "heldout"))
+  counts = train_counts.astype(np.float64) + 1.0
   log_p = np.log(counts / counts.sum())
-  return float(np.exp(-np.mean(log_p[heldout_tokens])))
+  return float(np.exp(-np.dot(heldout_counts, log_p) / heldout_counts.sum()))

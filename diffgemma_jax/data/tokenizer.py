@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import sentencepiece as spm
 
 from diffgemma_jax.data.errors import DataError
@@ -57,6 +58,21 @@ class Tokenizer:
     if isinstance(text, list):
       return [self._no_mask(ids) for ids in self.sp.encode(text, num_threads=num_threads)]
     return self._no_mask(self.sp.encode(text))
+
+  def encode_documents(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+    """Each text as a packed document, `[bos] ids [eos]` (int32), the ids exactly those of `encode`."""
+    try:
+      arrays = self.sp.encode(texts, num_threads=num_threads, out_type="numpy")
+    except (TypeError, ValueError):  # a sentencepiece without array output
+      arrays = [np.asarray(ids, np.int32) for ids in self.sp.encode(texts, num_threads=num_threads)]
+    docs = []
+    for ids in arrays:
+      if self._spelled_mask and np.any(ids == self.mask_id):
+        ids = np.asarray(self._no_mask(ids.tolist()), np.int32)
+      doc = np.empty((len(ids) + 2,), np.int32)
+      doc[0], doc[1:-1], doc[-1] = self.bos_id, ids, self.eos_id
+      docs.append(doc)
+    return docs
 
   def _no_mask(self, ids: list[int]) -> list[int]:
     if not self._spelled_mask or self.mask_id not in ids:

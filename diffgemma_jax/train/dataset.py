@@ -51,26 +51,36 @@ def tokenizer_source(config) -> str | None:
   return None
 
 
+def mixture_entries(config) -> list[tuple[str, float]]:
+  """data.mixture's [(directory, weight)], or [] for one dataset."""
+  from diffgemma_jax.data.mixture import parse_mixture
+  return parse_mixture(str(config.data.mixture)) if config.data.mixture else []
+
+
 def prepare_dataset(config) -> tuple[str, Any]:
-  """Builds the dataset of `data.recipe` if missing (idempotent) and returns (directory, tokenizer).
+  """Builds the dataset of `data.recipe` if missing (idempotent) and returns (directory, tokenizer); with
+  data.mixture, checks its built datasets and returns the first one's (they share the tokenizer).
 
   The tokenizer must have exactly `model.vocab_size` entries: the embedding table is indexed by its ids.
   """
   from data_recipes import build_dataset
   from diffgemma_jax.data import Tokenizer
 
-  directory = dataset_dir(config)
-  tokenizer_path = tokenizer_source(config)
-  build = lambda: build_dataset(config.data.recipe, directory, int(config.model.vocab_size),  # noqa: E731
-                                source=config.data.source or None, tokenizer=tokenizer_path,
-                                heldout_source=config.data.heldout_source or None,
-                                max_bad_lines=int(config.data.max_bad_lines))
-  if jax.process_count() > 1:  # one writer; the others find it complete after the barrier (a shared filesystem)
-    from diffgemma_jax.parallel.distributed import barrier
-    if jax.process_index() == 0:
-      build()
-    barrier("diffgemma_dataset_built")
-  build()
+  mixture = mixture_entries(config)
+  if mixture:
+    from diffgemma_jax.data.mixture import check_mixture
+    check_mixture(mixture)
+    directory = mixture[0][0]
+  else:
+    directory = dataset_dir(config)
+    options = dict(source=config.data.source or None, tokenizer=tokenizer_source(config),
+                   heldout_source=config.data.heldout_source or None, max_bad_lines=int(config.data.max_bad_lines),
+                   text_field=str(config.data.text_field), build_workers=int(config.data.build_workers),
+                   tokenizer_sample_lines=int(config.data.tokenizer_sample_lines))
+    if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
+      from diffgemma_jax.parallel.distributed import barrier
+      options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
+    build_dataset(config.data.recipe, directory, int(config.model.vocab_size), **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
   if tokenizer.mask_id < 0 and config.objective.name in ("masked", "block"):
     raise ConfigError(f"objective.name={config.objective.name!r} corrupts tokens to <mask>, which the tokenizer in "
@@ -102,7 +112,9 @@ def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
 
 def train_iterator(config, directory: str, *, process_index: int = 0, process_count: int = 1):
   from diffgemma_jax.data import make_train_iterator
-  return make_train_iterator(directory, seq_len=int(config.train.seq_len),
+  mixture = mixture_entries(config)
+  return make_train_iterator([d for d, _ in mixture] or directory, weights=[w for _, w in mixture] or None,
+                             seq_len=int(config.train.seq_len),
                              batch_size=int(config.train.batch_size) // process_count, seed=int(config.data.seed),
                              process_index=process_index, process_count=process_count,
                              num_workers=int(config.data.num_workers), template=str(config.data.chat_template))
@@ -129,7 +141,18 @@ def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
   return [pad_batch(b, batch_size) for b in batches]
 
 
+def eval_sets(config, directory: str) -> list[tuple[str, float, list[dict[str, np.ndarray]]]]:
+  """[(name, weight, held-out batches)]: one set, or one per dataset of data.mixture (`eval.max_sequences` each)."""
+  mixture = mixture_entries(config) or [(directory, 1.0)]
+  return [(d, w, eval_batches(config, d)) for d, w in mixture]
+
+
 def unigram_baseline(config, directory: str) -> float:
-  """Held-out perplexity of a unigram model of the training split (same tokenizer): the scale for the bound."""
+  """Held-out perplexity of a unigram model of the training split (same tokenizer): the scale for the bound; for
+  a mixture, each dataset's on the weighted log scale of the bound."""
   from diffgemma_jax.data import unigram_ppl
-  return float(unigram_ppl(directory, seq_len=int(config.train.seq_len), template=str(config.data.chat_template)))
+  from diffgemma_jax.data.mixture import weighted_unigram_ppl
+  mixture = mixture_entries(config) or [(directory, 1.0)]
+  values = [(w, unigram_ppl(d, seq_len=int(config.train.seq_len), template=str(config.data.chat_template)))
+            for d, w in mixture]
+  return float(values[0][1] if len(values) == 1 else weighted_unigram_ppl(values))

@@ -16,14 +16,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from diffgemma_jax.evaluate import held_out_bound, make_bound_fn
+from diffgemma_jax.evaluate import held_out_bounds, make_bound_fn
 from diffgemma_jax.model.config import ConfigError, ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, load_init_params
-from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
+from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
 from diffgemma_jax.train.optimizer import make_optimizer
@@ -138,7 +138,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
                             debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
-  held_out = eval_batches(config, directory)
+  held_out = eval_sets(config, directory)
   unigram = unigram_baseline(config, directory)
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
@@ -164,8 +164,8 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   timing = {"train_time": 0.0, "tokens": 0, "clock": None}
 
   def run_eval(step: int) -> dict[str, Any]:
-    result = held_out_bound(bound_fn, state.params, held_out, seed=int(config.eval.seed), num_t_samples=num_t,
-                            mesh=mesh)
+    result = held_out_bounds(bound_fn, state.params, held_out, seed=int(config.eval.seed), num_t_samples=num_t,
+                             mesh=mesh)
     result.update(step=step, unigram_ppl=unigram, exact=bool(objective.exact))
     logger.write(step, {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval")
     logger.message(f"step {step}: held-out {result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "

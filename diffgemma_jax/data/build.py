@@ -1,0 +1,360 @@
+"""The streaming pretraining build: source files -> held-out split -> tokenizer -> token store, in bounded memory.
+
+The corpus is cut into tasks (runs of consecutive source files of about TASK_BYTES) and built in four phases. A
+multi-process run splits the tasks over its processes (task i goes to process i mod P), every process works on
+its own tasks only, and process 0 does what is global; a barrier separates the phases, and a process that fails
+leaves its error for the others to raise after the next barrier (no process waits forever for a dead one).
+
+  1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), and keeps
+               its candidates for the tokenizer sample.
+  2. decide    process 0: the held-out threshold (or the recipe's own held-out keys), and (unless a tokenizer is
+               given) the tokenizer, trained on a uniform sample of the training documents: those with the
+               largest key digests (a hash puts the documents in random order, whatever their file or position)
+               until the sample holds `sample_lines` non-empty lines.
+  3. tokenise  each task encodes its documents and writes one shard per split (data/store.py).
+  4. finish    process 0: the manifest (shards in task order, counts, unigram counts) and the atomic rename.
+
+Within a process, tasks run in `workers` spawned processes. Documents keep the order of the files (sorted by path)
+and of the records in each file, which is the order rows are cut in, whatever the worker or process count.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+
+from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.data.sources import ReadStats, check_bad_lines, read_documents
+from diffgemma_jax.data.split import (SPLIT_BY, HeldOut, heldout_threshold, key_digest, keyed_bytes, split_key,
+                                      write_digest_table)
+from diffgemma_jax.data.store import ShardWriter, token_dtype
+from diffgemma_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+SPLITS = ("train", "heldout")
+TASK_BYTES = 16 << 20
+ENCODE_BATCH_BYTES = 4 << 20
+MAX_LISTED = 10  # non-UTF-8 files and bad lines named in the report; the rest are counted
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """Source files (relative to `root`, in document order) and how to split them. `name` labels errors."""
+  root: str
+  files: tuple[str, ...]
+  name: str
+  split_by: str = "document"
+  heldout_fraction: float = 0.04
+  text_field: str = "text"
+  max_bad_lines: int = 10
+  # The split keys to hold out, chosen by the recipe (python_packages keeps big packages out of the held-out
+  # side); empty: keys in digest order until `heldout_fraction` of the bytes.
+  heldout_keys: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.split_by not in SPLIT_BY:
+      raise DataError(f"split_by={self.split_by!r}; valid: {SPLIT_BY}")
+    if not 0.0 < self.heldout_fraction < 1.0:
+      raise DataError(f"heldout_fraction={self.heldout_fraction} must lie in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+  """`workers`: processes per machine (0: every core); `sample_lines`: the tokenizer sample (data.tokenizer_sample_
+  lines); `process_index` / `process_count` / `barrier(name)`: a multi-process run's share and its sync point."""
+  workers: int = 0
+  sample_lines: int = 120_000
+  process_index: int = 0
+  process_count: int = 1
+  barrier: Callable[[str], None] | None = None
+
+
+def plan_tasks(corpus: Corpus) -> list[tuple[str, ...]]:
+  tasks, current, size = [], [], 0
+  for rel in corpus.files:
+    current.append(rel)
+    size += os.path.getsize(os.path.join(corpus.root, rel))
+    if size >= TASK_BYTES:
+      tasks.append(tuple(current))
+      current, size = [], 0
+  return tasks + [tuple(current)] if current else tasks
+
+
+def _documents(corpus: Corpus, files, stats: ReadStats):
+  for rel in files:
+    for identity, text in read_documents(corpus.root, rel, text_field=corpus.text_field,
+                                         max_bad_lines=corpus.max_bad_lines, stats=stats):
+      yield key_digest(split_key(rel, identity, corpus.split_by)), identity, text
+
+
+class Sample:
+  """The documents with the largest (digest, order) whose non-empty lines reach `budget`: a uniform sample,
+  mergeable across tasks and processes (the global sample is inside the union of the parts' samples)."""
+
+  def __init__(self, budget: int):
+    self.budget, self.heap, self.lines = budget, [], 0
+
+  def offer(self, digest: int, order: tuple[int, int], lines: list[str] | str) -> None:
+    if self.budget <= 0 or (self.heap and self.lines >= self.budget and (digest, order) < self.heap[0][:2]):
+      return
+    if isinstance(lines, str):
+      lines = [line for line in lines.split("\n") if line.strip()]
+    heapq.heappush(self.heap, (digest, tuple(order), lines))
+    self.lines += len(lines)
+    while self.lines - len(self.heap[0][2]) >= self.budget:
+      self.lines -= len(heapq.heappop(self.heap)[2])
+
+  def texts(self, heldout: HeldOut) -> list[str]:
+    """The sample's training documents (not held out) until `budget` lines."""
+    out, lines = [], 0
+    for digest, _, doc_lines in sorted(self.heap, reverse=True):
+      if lines >= self.budget:
+        break
+      if heldout(digest):
+        continue
+      out.append("\n".join(doc_lines))
+      lines += len(doc_lines)
+    return out
+
+
+def _scan_task(corpus: Corpus, index: int, files, staging: str, sample_lines: int):
+  stats, sample = ReadStats(), Sample(sample_lines)
+  digests, sizes = [], []
+  for number, (digest, _, text) in enumerate(_documents(corpus, files, stats)):
+    digests.append(digest)
+    sizes.append(len(text.encode("utf-8")))
+    sample.offer(digest, (index, number), text)
+  write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
+  return stats, sample.heap
+
+
+def _tokenize_task(corpus: Corpus, index: int, files, staging: str, heldout: HeldOut, tokenizer_path: str):
+  tokenizer = Tokenizer(tokenizer_path)
+  writers = {split: ShardWriter(os.path.join(staging, split), f"{index:05d}", tokenizer.vocab_size)
+             for split in SPLITS}
+  pending, size = [], 0
+
+  def flush():
+    ids = tokenizer.encode_documents([text for _, _, text in pending])
+    for split in SPLITS:
+      chosen = [k for k, (s, _, _) in enumerate(pending) if s == split]
+      writers[split].add([pending[k][1:] for k in chosen], [ids[k] for k in chosen])
+
+  for digest, identity, text in _documents(corpus, files, ReadStats()):
+    pending.append(("heldout" if heldout(digest) else "train", identity, text))
+    size += len(text)
+    if size >= ENCODE_BATCH_BYTES:
+      flush()
+      pending, size = [], 0
+  flush()
+  return index, {split: (writer.close(), writer.counts) for split, writer in writers.items()}
+
+
+def _run(fn, jobs: list[tuple], workers: int):
+  """fn(*job) for every job, in `workers` spawned processes (in this one when that is 1); results as they come."""
+  if workers <= 1 or len(jobs) <= 1:
+    for job in jobs:
+      yield fn(*job)
+    return
+  pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context(
+      "spawn"))
+  try:
+    futures = [pool.submit(fn, *job) for job in jobs]
+    for future in concurrent.futures.as_completed(futures):
+      yield future.result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Phases:
+  """Runs each phase on every process and meets at a barrier; an error on any process is raised on all of them
+  after that barrier (process 0's message where it failed, else the first failing process's)."""
+
+  def __init__(self, staging: str, options: BuildOptions):
+    self.staging, self.options = staging, options
+
+  def run(self, name: str, fn: Callable[[], None]) -> None:
+    error = None
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+      if self.options.process_count > 1 and os.path.isdir(self.staging):
+        detail = str(e) if isinstance(e, DataError) else "".join(traceback.format_exception_only(e)).strip()
+        with open(os.path.join(self.staging, f"error-{self.options.process_index}"), "w") as f:
+          f.write(detail)
+    if self.options.process_count > 1:
+      self.options.barrier(f"diffgemma_build_{name}")
+    if error is not None:
+      raise error
+    if self.options.process_count > 1:
+      for p in range(self.options.process_count):
+        path = os.path.join(self.staging, f"error-{p}")
+        if os.path.isfile(path):
+          with open(path) as f:
+            raise DataError(f"the dataset build failed on process {p}: {f.read()}")
+
+
+def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, tokenizer: str | None,
+                manifest: dict, options: BuildOptions = BuildOptions()) -> dict:
+  """Builds `corpus` into `output_dir` (replaced atomically at the end) and returns its manifest; `manifest`: the
+  recipe's fields (recipe, source, notes), completed here with the store's."""
+  start = time.time()
+  p, count = options.process_index, options.process_count
+  if count > 1 and options.barrier is None:
+    raise DataError("a multi-process build needs a barrier")
+  staging = output_dir.rstrip("/") + ".partial"
+  workers = options.workers or os.cpu_count() or 1
+  tasks = plan_tasks(corpus)
+  mine = [(i, files) for i, files in enumerate(tasks) if i % count == p]
+  phases = _Phases(staging, options)
+  state: dict = {}
+
+  def begin():
+    if p == 0:
+      shutil.rmtree(staging, ignore_errors=True)
+      os.makedirs(os.path.join(staging, "scan"))
+
+  def scan():
+    stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
+    jobs = [(corpus, i, files, staging, sample.budget) for i, files in mine]
+    for task_stats, heap in _run(_scan_task, jobs, workers):
+      stats.add(task_stats)
+      check_bad_lines(stats, corpus.max_bad_lines)
+      for digest, order, lines in heap:
+        sample.offer(digest, order, lines)
+    _write_json(os.path.join(staging, "scan", f"process-{p}.json"),
+                {"stats": dataclasses.asdict(stats), "sample": sample.heap})
+
+  def decide():
+    if p != 0:
+      return
+    stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
+    for q in range(count):
+      part = _read_json(os.path.join(staging, "scan", f"process-{q}.json"))
+      stats.add(ReadStats(**part["stats"]))
+      for digest, order, lines in part["sample"]:
+        sample.offer(digest, tuple(order), lines)
+    check_bad_lines(stats, corpus.max_bad_lines)
+    _report(corpus, stats)
+    if not stats.documents:
+      raise DataError(f"{corpus.name} holds no non-empty documents ({len(corpus.files)} file(s) found, "
+                      f"{len(stats.non_utf8_files)} not UTF-8, {stats.empty} empty)")
+    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in range(len(tasks))]
+    if corpus.heldout_keys:
+      heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
+      held, total = keyed_bytes(tables, heldout.digests)
+    else:
+      threshold, held, total = heldout_threshold(tables, corpus.heldout_fraction)
+      heldout = HeldOut(threshold)
+    if held in (0, total):
+      raise DataError(f"{corpus.name}: the {'heldout' if held == 0 else 'train'} split is empty; the corpus is "
+                      f"too small to split")
+    if tokenizer:
+      shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
+    else:
+      train_tokenizer(sample.texts(heldout), os.path.join(staging, "tokenizer"), vocab_size,
+                      max_sentences=options.sample_lines)
+    _write_json(os.path.join(staging, "decision.json"),
+                {"heldout": heldout.to_json(), "stats": dataclasses.asdict(stats)})
+
+  def tokenize():
+    decision = _read_json(os.path.join(staging, "decision.json"))
+    tokenizer_path = os.path.join(staging, "tokenizer.model")
+    vocab = Tokenizer(tokenizer_path).vocab_size
+    counts = {split: np.zeros((vocab,), np.int64) for split in SPLITS}
+    shards = {}
+    heldout = HeldOut.from_json(decision["heldout"])
+    jobs = [(corpus, i, files, staging, heldout, tokenizer_path) for i, files in mine]
+    for index, result in _run(_tokenize_task, jobs, workers):
+      shards[index] = {split: entry for split, (entry, _) in result.items()}
+      for split, (_, task_counts) in result.items():
+        counts[split] += task_counts
+    for split in SPLITS:
+      counts[split].tofile(os.path.join(staging, f"counts-{p}.{split}"))
+    _write_json(os.path.join(staging, f"shards-{p}.json"), shards)
+
+  def finish():
+    if p != 0:
+      return
+    decision = _read_json(os.path.join(staging, "decision.json"))
+    tok = Tokenizer(os.path.join(staging, "tokenizer.model"))
+    per_task: dict[int, dict] = {}
+    for q in range(count):
+      per_task.update({int(i): entry for i, entry in _read_json(os.path.join(staging, f"shards-{q}.json")).items()})
+    store = {"format": 1, "dtype": token_dtype(tok.vocab_size).str, "splits": {}}
+    digest = hashlib.sha256()
+    for split in SPLITS:
+      entries = [per_task[i][split] for i in range(len(tasks)) if per_task[i][split]]
+      counts = sum(np.fromfile(os.path.join(staging, f"counts-{q}.{split}"), np.int64) for q in range(count))
+      counts.astype("<i8").tofile(os.path.join(staging, f"{split}.unigram"))
+      store["splits"][split] = {"shards": entries, "unigram_counts": f"{split}.unigram"}
+      for entry in entries:
+        digest.update(f"{split}\0{entry['sha256']}\0".encode())
+    stats = ReadStats(**decision["stats"])
+    splits = {split: {key: sum(e[field] for e in store["splits"][split]["shards"])
+                      for key, field in (("documents", "num_documents"), ("bytes", "bytes"),
+                                         ("tokens", "num_tokens"))} for split in SPLITS}
+    full = dict(manifest, kind="text", vocab_size=tok.vocab_size, splits=splits, store=store,
+                sha256=digest.hexdigest(), special_ids=special_ids(tok),
+                skipped_empty=stats.empty, skipped_non_utf8=len(stats.non_utf8_files),
+                skipped_bad_lines=len(stats.bad_lines), text_field=corpus.text_field,
+                split_by=corpus.split_by, heldout_fraction=corpus.heldout_fraction,
+                tokenizer_sample_lines=None if tokenizer else options.sample_lines,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                build_seconds=round(time.time() - start, 2))
+    for name in os.listdir(staging):  # the scan tables, per-process parts and decision are build scratch
+      if name == "scan" or name.startswith(("counts-", "shards-", "error-")) or name == "decision.json":
+        path = os.path.join(staging, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    _write_json(os.path.join(staging, "manifest.json"), full)
+    # The manifest reaches the target only with everything else: a killed build is rebuilt.
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)
+
+  try:
+    for name, fn in (("begin", begin), ("scan", scan), ("decide", decide), ("tokenize", tokenize),
+                     ("finish", finish)):
+      phases.run(name, fn)
+  except BaseException:
+    if p == 0:  # a failed build leaves nothing behind (the target, if any, is untouched)
+      shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return _read_json(os.path.join(output_dir, "manifest.json"))
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+  return {"pad": tok.pad_id, "unk": tok.unk_id, "bos": tok.bos_id, "eos": tok.eos_id, "mask": tok.mask_id,
+          "start_of_turn": tok.start_of_turn_id, "end_of_turn": tok.end_of_turn_id}
+
+
+def _report(corpus: Corpus, stats: ReadStats) -> None:
+  for line in stats.bad_lines[:MAX_LISTED]:
+    print(f"skipped bad line: {line}", file=sys.stderr)
+  skipped = stats.non_utf8_files
+  if skipped:
+    listed = ", ".join(skipped[:MAX_LISTED]) + (f" and {len(skipped) - MAX_LISTED} more"
+                                                 if len(skipped) > MAX_LISTED else "")
+    print(f"skipped {len(skipped)} non-UTF-8 file(s) in {corpus.name}: {listed}", file=sys.stderr)
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,172 @@
+"""The token store: a built pretraining split as shards of flat token ids and document starts, read row by row.
+
+On disk, per split, shards `DIR/<split>/<name>.tokens` (the token ids of whole documents, each `[bos] ids [eos]`,
+back to back, little-endian uint16 when the vocabulary fits, else uint32) and `DIR/<split>/<name>.starts`
+(int64: where each document starts in its shard). The manifest's `store` section lists the shards in order with
+their token and document counts; a split is the concatenation of its shards.
+
+Rows are cut from that concatenation as they always were: row r of length L holds the split's tokens
+[r L, (r + 1) L); a document that runs past a row's end continues in the next row as a new segment whose positions
+start again at 0; segment ids count 1, 2, ... within a row and 0 marks padding (only in a held-out split's last
+row). A row's segment ids and positions are computed when it is read, from the document starts that fall inside
+it (a binary search in the memory-mapped starts), so reading never holds more than the rows asked for.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+
+import numpy as np
+
+from diffgemma_jax.data.errors import DataError
+
+STARTS_DTYPE = np.dtype("<i8")
+OPEN_SHARDS = 64  # memory maps kept open per split (each holds a file descriptor)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """The smallest unsigned type that holds every id of the vocabulary."""
+  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+class ShardWriter:
+  """Writes one shard of one split, document batch by document batch; keeps only counters in memory."""
+
+  def __init__(self, directory: str, name: str, vocab_size: int):
+    os.makedirs(directory, exist_ok=True)
+    self.directory, self.name = directory, name
+    self.dtype = token_dtype(vocab_size)
+    self.counts = np.zeros((vocab_size,), np.int64)
+    self.num_tokens = self.num_documents = self.bytes = 0
+    self._digest = hashlib.sha256()
+    self._tokens = open(os.path.join(directory, name + ".tokens"), "wb")
+    self._starts = open(os.path.join(directory, name + ".starts"), "wb")
+
+  def add(self, documents: list[tuple[str, str]], ids: list[np.ndarray]) -> None:
+    """Appends documents (identity, text) and their token ids (bos and eos included)."""
+    if not ids:
+      return
+    lengths = np.asarray([len(x) for x in ids], np.int64)
+    starts = self.num_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat = np.concatenate(ids)
+    self._tokens.write(flat.astype(self.dtype).tobytes())
+    self._starts.write(starts.astype(STARTS_DTYPE).tobytes())
+    self.counts += np.bincount(flat, minlength=len(self.counts))
+    self.num_tokens += int(lengths.sum())
+    self.num_documents += len(ids)
+    for identity, text in documents:
+      data = text.encode("utf-8")
+      self.bytes += len(data)
+      self._digest.update(f"{identity}\0{len(data)}\0".encode())
+      self._digest.update(data)
+
+  def close(self) -> dict | None:
+    """The shard's manifest entry; None (and no files) when it holds no document."""
+    self._tokens.close()
+    self._starts.close()
+    if not self.num_documents:
+      for suffix in (".tokens", ".starts"):
+        os.remove(os.path.join(self.directory, self.name + suffix))
+      return None
+    split = os.path.basename(self.directory)
+    return {"name": f"{split}/{self.name}", "num_tokens": self.num_tokens, "num_documents": self.num_documents,
+            "bytes": self.bytes, "sha256": self._digest.hexdigest()}
+
+
+class SplitStore:
+  """One split of a token store, opened read-only; picklable (memory maps are reopened where it lands)."""
+
+  def __init__(self, data_dir: str, split: str, shards: list[dict], dtype: str):
+    self.data_dir, self.split = data_dir, split
+    self.names = [s["name"] for s in shards]
+    self.dtype = np.dtype(dtype)
+    sizes = np.asarray([s["num_tokens"] for s in shards], np.int64)
+    self.doc_counts = [int(s["num_documents"]) for s in shards]
+    self.bases = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    self.num_tokens = int(self.bases[-1])
+    for name, size, docs in zip(self.names, sizes, self.doc_counts):
+      self._check_size(name + ".tokens", int(size) * self.dtype.itemsize)
+      self._check_size(name + ".starts", docs * STARTS_DTYPE.itemsize)
+    self._open: collections.OrderedDict = collections.OrderedDict()
+
+  def _check_size(self, name: str, expected: int) -> None:
+    path = os.path.join(self.data_dir, name)
+    if not os.path.isfile(path):
+      raise DataError(f"token store shard {path} is missing; rebuild the dataset (delete {self.data_dir})")
+    if os.path.getsize(path) != expected:
+      raise DataError(f"token store shard {path} has {os.path.getsize(path)} bytes, the manifest says {expected} "
+                      f"(truncated or overwritten); rebuild the dataset (delete {self.data_dir})")
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_open"] = collections.OrderedDict()
+    return state
+
+  def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    if index in self._open:
+      self._open.move_to_end(index)
+      return self._open[index]
+    base = os.path.join(self.data_dir, self.names[index])
+    size = int(self.bases[index + 1] - self.bases[index])
+    maps = (np.memmap(base + ".tokens", self.dtype, "r", shape=(size,)),
+            np.memmap(base + ".starts", STARTS_DTYPE, "r", shape=(self.doc_counts[index],)))
+    self._open[index] = maps
+    if len(self._open) > OPEN_SHARDS:
+      self._open.popitem(last=False)
+    return maps
+
+  def span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [start, stop) of the split (int32) and the document starts inside it, relative to `start`."""
+    tokens = np.empty((stop - start,), np.int32)
+    doc_starts = []
+    first = int(np.searchsorted(self.bases, start, side="right")) - 1
+    for index in range(first, len(self.names)):
+      base = int(self.bases[index])
+      if base >= stop:
+        break
+      lo, hi = max(start, base) - base, min(stop, int(self.bases[index + 1])) - base
+      shard_tokens, shard_starts = self._shard(index)
+      tokens[base + lo - start:base + hi - start] = shard_tokens[lo:hi]
+      i, j = np.searchsorted(shard_starts, [lo, hi], side="left")
+      doc_starts.append(np.asarray(shard_starts[i:j]) + (base - start))
+    return tokens, np.concatenate(doc_starts) if doc_starts else np.zeros((0,), np.int64)
+
+  def num_rows(self, seq_len: int, keep_partial: bool) -> int:
+    return -(-self.num_tokens // seq_len) if keep_partial else self.num_tokens // seq_len
+
+  def rows(self, indices, seq_len: int) -> dict[str, np.ndarray]:
+    """The rows at `indices` ([len(indices), seq_len] int32 tokens, segment_ids and positions; padding past the
+    split's end)."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    count = len(indices)
+    tokens = np.zeros((count, seq_len), np.int32)
+    is_start = np.zeros((count, seq_len), bool)
+    used = np.minimum(indices * seq_len + seq_len, self.num_tokens) - indices * seq_len
+    for b, index in enumerate(indices.tolist()):
+      start = index * seq_len
+      tokens[b, :used[b]], doc_starts = self.span(start, start + int(used[b]))
+      is_start[b, doc_starts] = True
+    is_start[:, 0] = used > 0  # a document continuing into a row starts a new segment there
+    column = np.arange(seq_len)
+    real = column[None, :] < used[:, None]
+    segment_ids = np.where(real, np.cumsum(is_start, axis=1), 0).astype(np.int32)
+    last_start = np.maximum.accumulate(np.where(is_start, column, 0), axis=1)
+    positions = np.where(real, column - last_start, 0).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def open_split(data_dir: str, manifest: dict, split: str) -> SplitStore:
+  store = manifest["store"]
+  return SplitStore(data_dir, split, store["splits"][split]["shards"], store["dtype"])
+
+
+def unigram_counts(data_dir: str, manifest: dict, split: str) -> np.ndarray:
+  """Token counts of a split (every id, bos and eos included), accumulated by the build."""
+  name = manifest["store"]["splits"][split]["unigram_counts"]
+  path = os.path.join(data_dir, name)
+  counts = np.fromfile(path, STARTS_DTYPE) if os.path.isfile(path) else None
+  if counts is None or len(counts) != manifest["vocab_size"]:
+    raise DataError(f"unigram counts {path} are missing or damaged; rebuild the dataset (delete {data_dir})")
+  return counts

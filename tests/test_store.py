@@ -1,0 +1,285 @@
+"""The token store against the in-memory pipeline it replaced: same rows and batches for the same tokenizer and
+documents, for any task, worker and process layout; the streamed split; the uniform tokenizer sample; resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sysconfig
+import threading
+
+import grain
+import numpy as np
+import pytest
+
+from data_recipes import build_dataset
+from data_recipes.common import split_by_hash
+from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data import build as build_module
+from diffgemma_jax.data.split import heldout_threshold, key_digest, write_digest_table
+from diffgemma_jax.data.store import ShardWriter, SplitStore
+
+MODULES = ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py", "colorsys.py",
+           "keyword.py", "queue.py", "sched.py", "calendar.py", "copy.py", "numbers.py")
+SEQ_LEN = 32
+
+
+# The pipeline before the token store, kept as the reference: tokenise every document of a split in memory,
+# concatenate, and cut rows with numpy over the whole stream.
+def reference_pack_rows(tokens, starts, seq_len, *, keep_partial):
+  n_full = len(tokens) // seq_len
+  n_rows = n_full + (1 if keep_partial and len(tokens) % seq_len else 0)
+  total = n_rows * seq_len
+  padded = np.zeros((total,), np.int32)
+  used = min(total, len(tokens))
+  padded[:used] = tokens[:used]
+  is_start = np.zeros((total,), bool)
+  is_start[starts[starts < total]] = True
+  is_start[::seq_len] = True
+  real = np.arange(total) < used
+  is_start &= real
+  row_of = np.arange(total) // seq_len
+  seg_counter = np.cumsum(is_start)
+  first_seg_of_row = seg_counter[::seq_len][row_of] - 1 if n_rows else seg_counter
+  segment_ids = np.where(real, seg_counter - first_seg_of_row, 0).astype(np.int32)
+  last_start = np.maximum.accumulate(np.where(is_start, np.arange(total), 0))
+  positions = np.where(real, np.arange(total) - last_start, 0).astype(np.int32)
+  shape = (n_rows, seq_len)
+  return {"tokens": padded.reshape(shape), "segment_ids": segment_ids.reshape(shape),
+          "positions": positions.reshape(shape)}
+
+
+def reference_rows(texts, tokenizer, seq_len, *, keep_partial):
+  docs = [np.asarray([tokenizer.bos_id] + ids + [tokenizer.eos_id], np.int32) for ids in tokenizer.encode(texts)]
+  tokens = np.concatenate(docs)
+  starts = np.concatenate([[0], np.cumsum([len(d) for d in docs])[:-1]])
+  return reference_pack_rows(tokens, starts, seq_len, keep_partial=keep_partial)
+
+
+def reference_batches(rows, *, batch_size, seed, steps):
+  ids = grain.MapDataset.range(len(rows["tokens"])).shuffle(seed=seed).repeat(None).batch(batch_size)
+  return [{k: v[ids[step]] for k, v in rows.items()} for step in range(steps)]
+
+
+def _corpus(directory):
+  root = sysconfig.get_paths()["stdlib"]
+  directory.mkdir(parents=True, exist_ok=True)
+  for name in MODULES:
+    shutil.copy(os.path.join(root, name), directory / name)
+  (directory / "mask.txt").write_text("x = '<mask>' + \u00e9t\u00e9 \u4e2d\n", encoding="utf-8")
+  (directory / "empty.txt").write_text("  \n", encoding="utf-8")
+  return directory
+
+
+def _texts(directory):
+  """Today's documents and split of a folder of text files: (relative path, text), split as split_by_hash."""
+  docs = []
+  for name in sorted(os.listdir(directory)):
+    text = (directory / name).read_text(encoding="utf-8")
+    if text.strip():
+      docs.append((name, text))
+  return split_by_hash(docs, 0.04)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  """A corpus built in small tasks (several shards per split, rows across shard boundaries)."""
+  src = _corpus(tmp_path_factory.mktemp("src") / "corpus")
+  out = str(tmp_path_factory.mktemp("store") / "ds")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(build_module, "TASK_BYTES", 40_000)
+    manifest = build_dataset("text_files", out, 400, source=str(src), build_workers=1)
+  return out, manifest, src
+
+
+def _assert_rows_equal(got, want):
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_rows_and_batches_equal_the_in_memory_pipeline(store):
+  out, manifest, src = store
+  assert len(manifest["store"]["splits"]["train"]["shards"]) > 3 and manifest["skipped_empty"] == 1
+  tok = Tokenizer(os.path.join(out, "tokenizer.model"))
+  splits = _texts(src)
+  for split, keep_partial in (("train", False), ("heldout", True)):
+    want = reference_rows([t for _, t in splits[split]], tok, SEQ_LEN, keep_partial=keep_partial)
+    store_split = SplitStore(out, split, manifest["store"]["splits"][split]["shards"], manifest["store"]["dtype"])
+    assert store_split.num_rows(SEQ_LEN, keep_partial) == len(want["tokens"])
+    _assert_rows_equal(store_split.rows(range(len(want["tokens"])), SEQ_LEN), want)
+  want = reference_rows([t for _, t in splits["train"]], tok, SEQ_LEN, keep_partial=False)
+  it = make_train_iterator(out, seq_len=SEQ_LEN, batch_size=8, seed=5)
+  for expected in reference_batches(want, batch_size=8, seed=5, steps=12):  # past one epoch
+    _assert_rows_equal(next(it), expected)
+  held = reference_rows([t for _, t in splits["heldout"]], tok, SEQ_LEN, keep_partial=True)
+  batches = make_eval_batches(out, seq_len=SEQ_LEN, batch_size=8)
+  assert len(batches) == -(-len(held["tokens"]) // 8)
+  _assert_rows_equal({k: np.concatenate([b[k] for b in batches])[:len(held["tokens"])] for k in held}, held)
+  # the unigram baseline from the build's counts equals the one fitted on every token
+  train_tokens = want["tokens"].reshape(-1)
+  heldout_tokens = held["tokens"][held["segment_ids"] > 0]
+  extra = reference_rows([t for _, t in splits["train"]], tok, 1, keep_partial=True)["tokens"].reshape(-1)
+  assert len(extra) >= len(train_tokens)
+  counts = np.bincount(extra, minlength=tok.vocab_size) + 1.0
+  expected = np.exp(-np.mean(np.log(counts / counts.sum())[heldout_tokens]))
+  np.testing.assert_allclose(unigram_ppl(out), expected, rtol=1e-12)
+
+
+def test_streamed_split_is_split_by_hash():
+  rng = np.random.default_rng(0)
+  items = [(f"pkg{i % 37}/mod{i}.py", "x" * int(rng.integers(1, 20_000))) for i in range(600)]
+  for key, fraction in ((lambda s: s, 0.04), (lambda s: s.split("/")[0], 0.1)):
+    want = split_by_hash(items, fraction, key=key)
+    held = {s for s, _ in want["heldout"]}
+    path = "/tmp/_digests_unused"
+
+    def threshold_for(table_items):
+      write_digest_table(path, [key_digest(key(s)) for s, _ in table_items], [len(t) for _, t in table_items])
+      try:
+        return heldout_threshold([path], fraction)[0]
+      finally:
+        os.remove(path)
+
+    threshold = threshold_for(items)
+    assert {s for s, _ in items if key_digest(key(s)) <= threshold} == held
+    assert threshold_for(items[::-1]) == threshold  # order does not matter
+
+
+def _build(tmp_path, name, src, tokenizer, **options):
+  return build_dataset("text_files", str(tmp_path / name), None, source=str(src), tokenizer=tokenizer, **options)
+
+
+def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, monkeypatch):
+  out, manifest, src = store
+  tok = os.path.join(out, "tokenizer.model")
+  monkeypatch.setattr(build_module, "TASK_BYTES", 40_000)
+  one = _build(tmp_path, "one", src, tok, build_workers=1)
+  spawned = _build(tmp_path, "spawned", src, tok, build_workers=2)
+  barrier = threading.Barrier(2)
+  results, errors = {}, []
+
+  def process(index):
+    try:
+      results[index] = _build(tmp_path, "two", src, tok, build_workers=1, process_index=index, process_count=2,
+                              barrier=lambda name: barrier.wait(timeout=60))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  for other in (spawned, results[0], results[1]):
+    assert other["sha256"] == one["sha256"] and other["store"] == one["store"] and other["splits"] == one["splits"]
+  for split in ("train", "heldout"):
+    for name in ("spawned", "two"):
+      assert (np.fromfile(tmp_path / name / f"{split}.unigram", np.int64)
+              == np.fromfile(tmp_path / "one" / f"{split}.unigram", np.int64)).all()
+
+
+def test_tokenizer_sample_is_uniform_over_documents(tmp_path, monkeypatch):
+  src = tmp_path / "src"
+  src.mkdir()
+  for i in range(60):
+    (src / f"doc{i:02d}.txt").write_text("".join(f"line {j} of document {i}\n" for j in range(10)))
+  seen = {}
+
+  def spy(texts, prefix, vocab_size, max_sentences):
+    seen["texts"], seen["max_sentences"] = list(texts), max_sentences
+    raise DataError("stop here")
+
+  monkeypatch.setattr(build_module, "train_tokenizer", spy)
+  with pytest.raises(DataError, match="stop here"):
+    build_dataset("text_files", str(tmp_path / "ds"), 400, source=str(src), tokenizer_sample_lines=95)
+  splits = split_by_hash([(f"doc{i:02d}.txt", "x") for i in range(60)], 0.04)
+  train = sorted((s for s, _ in splits["train"]), key=lambda s: key_digest(s), reverse=True)
+  expected = {f"document {int(s[3:5])}" for s in train[:10]}  # 10 lines each: 10 documents reach 95 lines
+  got = {text.split("\n")[0].split(" of ")[1] for text in seen["texts"]}
+  assert got == expected and seen["max_sentences"] == 95
+  assert got != {f"document {i}" for i in range(10)}  # not the first files in sorted order
+  assert not os.path.exists(tmp_path / "ds.partial")
+
+
+def test_resume_mid_epoch_with_another_process_count(store):
+  out = store[0]
+  first = make_train_iterator(out, seq_len=SEQ_LEN, batch_size=8, seed=1)
+  for _ in range(5):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  want = [next(first) for _ in range(3)]
+  halves = [make_train_iterator(out, seq_len=SEQ_LEN, batch_size=4, seed=1, process_index=p, process_count=2)
+            for p in range(2)]
+  for it in halves:
+    it.set_state(state)
+  for expected in want:
+    parts = [next(it) for it in halves]
+    _assert_rows_equal({k: np.concatenate([p[k] for p in parts]) for k in expected}, expected)
+
+
+def test_each_process_reads_only_its_rows(store, monkeypatch):
+  out = store[0]
+  read = {0: [], 1: []}
+  current = {}
+  original = SplitStore.rows
+
+  def spy(self, indices, seq_len):
+    read[current["p"]].extend(np.asarray(indices).tolist())
+    return original(self, indices, seq_len)
+
+  monkeypatch.setattr(SplitStore, "rows", spy)
+  its = [make_train_iterator(out, seq_len=SEQ_LEN, batch_size=3, seed=2, process_index=p, process_count=2)
+         for p in range(2)]
+  whole = make_train_iterator(out, seq_len=SEQ_LEN, batch_size=6, seed=2)
+  for _ in range(4):
+    parts = []
+    for p, it in enumerate(its):
+      current["p"] = p
+      parts.append(next(it))
+    current["p"] = 0
+    before = len(read[0])
+    _assert_rows_equal({k: np.concatenate([q[k] for q in parts]) for k in parts[0]}, next(whole))
+    del read[0][before:]
+  assert len(read[0]) == len(read[1]) == 12 and not set(read[0]) & set(read[1])
+
+
+def test_truncated_shard_names_the_file(store, tmp_path):
+  copy = tmp_path / "ds"
+  shutil.copytree(store[0], copy)
+  shard = copy / "train" / "00001.tokens"
+  shard.write_bytes(shard.read_bytes()[:-2])
+  with pytest.raises(DataError, match=f"{shard}.*truncated"):
+    make_train_iterator(str(copy), seq_len=SEQ_LEN, batch_size=4, seed=0)
+
+
+def test_reading_a_large_store_keeps_memory_flat(tmp_path):
+  """A 256 MB store read row by row across its whole length: private memory stays within a few MB."""
+  vocab, per_shard, shards = 50_000, 32 << 20, 4
+  entries = []
+  rng = np.random.default_rng(0)
+  for s in range(shards):
+    writer = ShardWriter(str(tmp_path / "train"), f"{s:05d}", vocab)
+    lengths = rng.integers(100, 3_000, size=per_shard // 2_000)
+    lengths[-1] += per_shard - lengths.sum()
+    for chunk in np.array_split(lengths, 64):
+      ids = [rng.integers(0, vocab, size=n, dtype=np.int32) for n in chunk]
+      writer.add([("d", "")] * len(ids), ids)
+    entries.append(writer.close())
+  split = SplitStore(str(tmp_path), "train", entries, "<u2")
+  assert split.num_tokens == shards * per_shard and os.path.getsize(tmp_path / "train" / "00000.tokens") == 64 << 20
+
+  def private_kb():
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+  seq_len = 2048
+  rows = np.linspace(0, split.num_rows(seq_len, False) - 1, 3_000).astype(int)
+  split.rows(rows[:10], seq_len)
+  before = private_kb()
+  for start in range(0, len(rows), 100):
+    split.rows(rows[start:start + 100], seq_len)
+  assert private_kb() - before < 16_000
