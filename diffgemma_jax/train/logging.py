@@ -77,11 +77,12 @@ class MetricsLogger:
     self.history: list[dict[str, float]] = []
     if self.enabled:
       from tensorboardX import SummaryWriter
-      # A resume repeats the steps after its checkpoint: what an interrupted run logged past it is dropped from
-      # both logs (TensorBoard's purge_step, and the jsonl rewritten), so every step appears once.
-      self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
+      # A run repeats the steps after the checkpoint it starts from (step 0 when a killed run saved none): what an
+      # interrupted run logged past it is dropped from both logs (TensorBoard's purge_step, and the jsonl
+      # rewritten), so every step appears once.
+      self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
       path = os.path.join(workdir, "metrics.jsonl")
-      if start_step and os.path.isfile(path):
+      if os.path.isfile(path):
         _truncate_after(path, start_step)
       self._jsonl = open(path, "a")
       if show_progress:
