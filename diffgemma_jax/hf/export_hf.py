@@ -27,11 +27,11 @@ def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None)
   from flax import nnx
 
   from diffgemma_jax.model.transformer import build_model
+  from diffgemma_jax.train.checkpoint import check_workdir
   from diffgemma_jax.train.state import to_pure
 
+  check_workdir(workdir, reading=True)
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise ConfigError(f"--workdir {workdir}: no checkpoints directory {directory}")
   manager = ocp.CheckpointManager(directory)
   steps = sorted(manager.all_steps())
   if not steps:

@@ -295,9 +295,10 @@ def restore_model(config, workdir: str, step: int | None = None):
   from diffgemma_jax.model.transformer import build_model
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.parallel.rules import shardings_for
-  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora
+  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_workdir
   from diffgemma_jax.train.state import split_model
 
+  check_workdir(workdir, reading=True)
   checkpoints = os.path.join(workdir, "checkpoints")
   config = adopt_saved_lora(config, checkpoints)
   ckpt = Checkpointer(checkpoints, config, create=False)
@@ -345,6 +346,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   for text in prompts:
     validate_prompt(text, [], 1)
+  from diffgemma_jax.train.checkpoint import check_workdir
+  check_workdir(workdir, reading=True)  # before its tokenizer is looked for there
   tokenizer = load_tokenizer(config, workdir)
   context_length = int(config.train.seq_len)
   from diffgemma_jax.data.sft import encode_text, marker_ids

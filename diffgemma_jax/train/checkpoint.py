@@ -32,6 +32,15 @@ class IncompatibleCheckpointError(ConfigError):
   """The workdir holds checkpoints of a model whose parameters differ from the config's."""
 
 
+def check_workdir(workdir: str, *, reading: bool) -> None:
+  """`--workdir` must be a directory; a run that is only read (eval, generate, export) must exist already."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give the run's directory")
+  if reading and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
+                      f"--workdir {workdir} creates it)")
+
+
 def config_to_dict(config) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
 

@@ -22,7 +22,7 @@ from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, load_init_params
+from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, check_workdir, load_init_params
 from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
@@ -102,8 +102,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   model_cfg = ModelConfig.from_config_dict(config.model)
   tc = config.train
   num_steps = int(tc.num_steps)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory for the run")
+  check_workdir(workdir, reading=False)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
   ckpt.check_resumable()
   mesh = mesh_from_config(config)
