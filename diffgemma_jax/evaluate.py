@@ -107,15 +107,8 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
     fresh = init_params(model_cfg, shardings.params, int(config.train.seed))  # LoRA adapters keep these
     params = load_init_params(step_dir, fresh, shardings.params)
   else:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    ckpt = Checkpointer(checkpoints, config, create=False)
-    available = ckpt.all_steps()
-    if not available:
-      raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir {workdir})")
-    if step is None:
-      step = max(available)
-    elif step not in available:
-      raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config, create=False)
+    step = ckpt.readable_step(step, workdir)
     directory, tokenizer = prepare_dataset(config)
     pin_tokenizer(directory, workdir, write=False)
     params = ckpt.restore_params(step, abstract.params, shardings.params)

@@ -23,29 +23,21 @@ from diffgemma_jax.model.config import ConfigError, ModelConfig
 def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):
   """(step, the parameters as the trainer saved them: nested dicts of arrays) from `workdir/checkpoints`."""
   import jax
-  import orbax.checkpoint as ocp
   from flax import nnx
 
   from diffgemma_jax.model.transformer import build_model
-  from diffgemma_jax.train.checkpoint import check_workdir
+  from diffgemma_jax.train.checkpoint import Checkpointer, check_workdir
   from diffgemma_jax.train.state import to_pure
 
   check_workdir(workdir, reading=True)
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory)
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise ConfigError(f"no complete checkpoint in {directory}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available steps are {steps}")
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  step = ckpt.readable_step(step, workdir)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = to_pure(nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param))
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  manager.close()
-  return step, restored["params"]
+  params = ckpt.restore_pure_params(step, target)
+  ckpt.close()
+  return step, params
 
 
 def getter(pure: Any) -> Callable[[tuple], np.ndarray]:

@@ -20,6 +20,7 @@ from diffgemma_jax.hf import mapping
 from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
 from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.train import integrity
 
 CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
 
@@ -191,6 +192,7 @@ def check_output(output: str, *, force: bool) -> None:
 
 def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force: bool = False,
               log: Callable[[str], None] = print, **model_overrides) -> ModelConfig:
+  integrity.record_files(os.path.join(directory, str(step)))
   """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
   in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
   checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first."""

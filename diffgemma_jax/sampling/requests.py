@@ -302,15 +302,7 @@ def restore_model(config, workdir: str, step: int | None = None):
   checkpoints = os.path.join(workdir, "checkpoints")
   config = adopt_saved_lora(config, checkpoints)
   ckpt = Checkpointer(checkpoints, config, create=False)
-  available = ckpt.all_steps()
-  if not available:
-    raise GenerationError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir "
-                          f"{workdir})")
-  if step is None:
-    step = max(available)
-  elif step not in available:
-    raise GenerationError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are "
-                          f"{sorted(available)}")
+  step = ckpt.readable_step(step, workdir)
   model_cfg = ModelConfig.from_config_dict(config.model)
   graphdef, abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
   mesh = mesh_from_config(config, training=False)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
 
 CONFIG_FILE = "run_config.json"
@@ -28,8 +30,19 @@ RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "remat", "compute_dtype", "load_ba
                                   "router_z_loss_weight", "capacity_factor", "dropless", "expert_collective"})
 
 
+ITEMS = ("params", "opt_state", "data_iterator")
+
+
 class IncompatibleCheckpointError(ConfigError):
   """The workdir holds checkpoints of a model whose parameters differ from the config's."""
+
+
+class DamagedCheckpointError(ConfigError):
+  """A step folder no longer holds what was written (a copy cut short, a full disk, a deleted file)."""
+
+  def __init__(self, message: str, step: int, problem: str):
+    super().__init__(message)
+    self.step, self.problem = step, problem
 
 
 def check_workdir(workdir: str, *, reading: bool) -> None:
@@ -39,6 +52,11 @@ def check_workdir(workdir: str, *, reading: bool) -> None:
   if reading and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
                       f"--workdir {workdir} creates it)")
+
+
+def _stderr(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, file=sys.stderr, flush=True)
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -105,12 +123,16 @@ def _decode_iterator_state(state: Any) -> Any:
 class Checkpointer:
   """Saves and restores a run's checkpoints in `directory`; refuses checkpoints of an incompatible model."""
 
-  def __init__(self, directory: str, config, *, create: bool = True):
+  def __init__(self, directory: str, config=None, *, create: bool = True, log: Callable[[str], None] = _stderr):
+    """`config` None: a reader that brings its own model (export); nothing is checked against the saved config."""
     self.directory = os.path.abspath(directory)
     self.config = config
-    self.check_compatible()
+    if config is not None:
+      self.check_compatible()
     self._manager = None
     self._create = create
+    self._unrecorded: list[int] = []  # saved steps whose file record is not written yet
+    self.log = log
 
   # ---- compatibility ---------------------------------------------------------------------------------------------
   def saved_config(self) -> dict[str, Any] | None:
@@ -155,10 +177,10 @@ class Checkpointer:
   @property
   def manager(self) -> ocp.CheckpointManager:
     if self._manager is None:
-      ckpt = self.config.checkpoint
+      keep = int(self.config.checkpoint.keep) if self.config is not None else 0
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=int(ckpt.keep) if int(ckpt.keep) > 0 else None,
-          enable_async_checkpointing=bool(ckpt.async_save),
+          max_to_keep=keep if keep > 0 else None,
+          enable_async_checkpointing=bool(self.config.checkpoint.async_save) if self.config is not None else False,
           create=self._create,
           cleanup_tmp_directories=True)
       self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -183,43 +205,139 @@ class Checkpointer:
     if not os.path.isfile(config_path) and jax.process_index() == 0:
       with open(config_path, "w") as f:
         json.dump(config_to_dict(self.config), f, indent=2, sort_keys=True)
+    self._set_aside(step)
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(to_pure(state.params)),
         opt_state=ocp.args.StandardSave(to_pure(state.opt_state)),
         data_iterator=ocp.args.JsonSave(_encode_iterator_state(iterator_state))), force=True)
+    # Orbax's save returns once every earlier save is final; this one is final too unless it is asynchronous.
+    self._unrecorded.append(step)
+    self._record(keep_last=bool(self.config.checkpoint.async_save))
+
+  def _record(self, keep_last: bool = False) -> None:
+    """Writes the file record of every finished save (see `integrity`)."""
+    done = self._unrecorded[:-1] if keep_last else self._unrecorded
+    if jax.process_index() == 0:
+      for step in done:
+        integrity.record_files(os.path.join(self.directory, str(step)))
+    self._unrecorded = self._unrecorded[len(done):]
+
+  def _set_aside(self, step: int) -> None:
+    """A step folder that exists already is one the resume skipped as damaged: it is renamed, never deleted,
+    before the step is written again."""
+    if step not in self.manager.all_steps():
+      return
+    target, n = os.path.join(self.directory, f"{step}.damaged"), 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.directory, f"{step}.damaged-{n}")
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from diffgemma_jax.parallel.distributed import barrier
+      barrier(f"diffgemma_set_aside_{step}")
+    self.manager.reload()
+    self.log(f"renamed the damaged checkpoint {step} to {os.path.basename(target)} (kept) to save step {step} again")
+
+  # ---- restoring -------------------------------------------------------------------------------------------------
+  def damage(self, step: int, items: tuple[str, ...] = ITEMS) -> str | None:
+    """What is wrong with step folder `step` (naming the file), or None when it holds what was saved."""
+    return integrity.damage(os.path.join(self.directory, str(step)), items)
+
+  def _read_failure(self, step: int, error: Exception, items: tuple[str, ...]) -> ConfigError:
+    """The error to raise for a failed restore: damage when a file is missing, cut short or unreadable; else (a
+    tree that does not match what was saved: an optimizer built differently, say) an incompatible checkpoint."""
+    problem = self.damage(step, items)
+    if problem is None:
+      account = integrity.describe_read_error(os.path.join(self.directory, str(step)), error)
+      if isinstance(error, ValueError) and not account.startswith(f"{step}/"):
+        return IncompatibleCheckpointError(
+            f"cannot restore step {step} in {self.directory}: the saved state does not match this config's "
+            f"model and optimizer ({str(error).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a "
+            f"new --workdir")
+      problem = account
+    return DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
 
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
     """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it."""
+    problem = self.damage(step)
+    if problem:
+      raise DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
     target = with_shardings(abstract, shardings)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(to_pure(target.params)),
           opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
           data_iterator=ocp.args.JsonRestore()))
-    except ValueError as e:  # a tree that does not match what was saved (an optimizer built differently, say)
-      raise IncompatibleCheckpointError(
-          f"cannot resume from step {step} in {self.directory}: the saved state does not match this config's "
-          f"model and optimizer ({str(e).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a new "
-          f"--workdir") from None
+    except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for one unreadable file
+      raise self._read_failure(step, e, ITEMS) from None
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step)
     state = TrainState(step=step_array, params=from_pure(abstract.params, restored["params"]),
                        opt_state=from_pure(abstract.opt_state, restored["opt_state"]))
     return state, _decode_iterator_state(restored["data_iterator"])
 
+  def restore_newest(self, abstract: TrainState, shardings: TrainState) -> tuple[int, TrainState, Any]:
+    """(step, state, iterator state) of the newest checkpoint that restores. A damaged one is skipped, saying so,
+    and left in place (`save` renames it when the run reaches its step again)."""
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return (step,) + self.restore(step, abstract, shardings)
+      except DamagedCheckpointError as e:
+        skipped.append(f"step {step}: {e.problem}")
+        self.log(f"skipping checkpoint {step} in {self.directory}, which is damaged ({e.problem}); resuming from "
+                 f"an earlier step, the folder left as it is")
+    raise DamagedCheckpointError(f"no checkpoint in {self.directory} restores ({'; '.join(skipped)}); copy the run "
+                                 f"again from its source or use a new --workdir", -1, "; ".join(skipped))
+
+  def readable_step(self, step: int | None, workdir: str) -> int:
+    """The step a reader of the run (eval, generate, export) restores: `step`, or the latest. A step that is not
+    there, or whose parameters are damaged, fails naming the steps that would work."""
+    available = sorted(self.all_steps())
+    if not available:
+      raise ConfigError(f"no complete checkpoint in {self.directory}; train first (diffgemma-train --workdir "
+                        f"{workdir})")
+    if step is None:
+      step = available[-1]
+    elif step not in available:
+      raise ConfigError(f"--step {step}: no such checkpoint in {self.directory}; available steps are {available}")
+    problem = self.damage(step, ("params",))
+    if problem:
+      raise self._damaged_for_reader(step, problem, available)
+    return step
+
+  def _damaged_for_reader(self, step: int, problem: str, available: list[int]) -> DamagedCheckpointError:
+    intact = [s for s in reversed(available) if s != step and self.damage(s, ("params",)) is None]
+    advice = (f"use --step {' or --step '.join(map(str, intact))}" if intact else
+              "no other step is intact: copy the run again from its source")
+    return DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}; {advice}",
+                                  step, problem)
+
   def restore_params(self, step: int, abstract_params, param_shardings):
     """Parameters only (evaluation, or initialising a fine-tune from a pretrained checkpoint)."""
-    target = with_shardings(abstract_params, param_shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(to_pure(target))))
-    return from_pure(abstract_params, restored["params"])
+    return from_pure(abstract_params, self.restore_pure_params(step, to_pure(with_shardings(abstract_params,
+                                                                                            param_shardings))))
+
+  def restore_pure_params(self, step: int, target):
+    """The parameters of `step` as saved (nested dicts of arrays) into `target`'s shapes, dtypes and shardings."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    except Exception as e:  # noqa: BLE001 - see restore
+      failure = self._read_failure(step, e, ("params",))
+      if isinstance(failure, DamagedCheckpointError):
+        failure = self._damaged_for_reader(step, failure.problem, sorted(self.all_steps()))
+      raise failure from None
+    return restored["params"]
 
   def wait(self) -> None:
     if self._manager is not None:
       self._manager.wait_until_finished()
+      self._record()
 
   def close(self) -> None:
     if self._manager is not None:
       self._manager.wait_until_finished()
+      self._record()
       self._manager.close()
       self._manager = None
 

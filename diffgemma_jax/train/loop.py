@@ -120,8 +120,8 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
                              section=config.objective)
   data = train_iterator(config, directory, process_index=jax.process_index(), process_count=jax.process_count())
-  if start_step is not None:
-    state, iterator_state = ckpt.restore(start_step, abstract, shardings)
+  if start_step is not None:  # the newest step that restores: a damaged one is skipped, saying so
+    start_step, state, iterator_state = ckpt.restore_newest(abstract, shardings)
     data.set_state(iterator_state)
   else:
     start_step = 0
