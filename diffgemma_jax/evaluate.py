@@ -109,7 +109,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   else:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config, create=False)
     step = ckpt.readable_step(step, workdir)
-    directory, tokenizer = prepare_dataset(config)
+    directory, tokenizer = prepare_dataset(config, workdir)
     pin_tokenizer(directory, workdir, write=False)
     params = ckpt.restore_params(step, abstract.params, shardings.params)
     ckpt.close()

@@ -33,26 +33,32 @@ def checked_data_tokenizer(path: str) -> str:
   return path
 
 
-def tokenizer_source(config) -> str | None:
+def tokenizer_source(config, run_dir: str | None = None) -> str | None:
   """The sentencepiece file a dataset is built with: `data.tokenizer`; for SFT recipes without it, the tokenizer
-  of init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
+  the run in `run_dir` pinned (a trained or resumed fine-tune: its own workdir is enough), else the tokenizer of
+  init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
   recipe trains its own)."""
   from data_recipes import SFT_RECIPES
   if config.data.tokenizer:
     return checked_data_tokenizer(str(config.data.tokenizer))  # before a dataset folder is started with it
-  if config.data.recipe in SFT_RECIPES and config.init.checkpoint:
+  if config.data.recipe not in SFT_RECIPES:
+    return None
+  if run_dir and os.path.isfile(os.path.join(run_dir, "tokenizer.model")):
+    return os.path.join(run_dir, "tokenizer.model")
+  if config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
-    _, _, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
-    path = os.path.join(run_dir, "tokenizer.model")
+    _, _, init_run = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
+    path = os.path.join(init_run, "tokenizer.model")
     if not os.path.isfile(path):
-      raise ConfigError(f"init.checkpoint's run {run_dir} keeps no tokenizer.model; set data.tokenizer to the "
+      raise ConfigError(f"init.checkpoint's run {init_run} keeps no tokenizer.model; set data.tokenizer to the "
                         f"tokenizer it was trained with")
     return path
   return None
 
 
-def prepare_dataset(config) -> tuple[str, Any]:
-  """Builds the dataset of `data.recipe` if missing (idempotent) and returns (directory, tokenizer).
+def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
+  """Builds the dataset of `data.recipe` if missing (idempotent) and returns (directory, tokenizer). `run_dir`: the
+  workdir of the run being trained or read (its pinned tokenizer builds an SFT dataset, see `tokenizer_source`).
 
   The tokenizer must have exactly `model.vocab_size` entries: the embedding table is indexed by its ids.
   """
@@ -60,7 +66,7 @@ def prepare_dataset(config) -> tuple[str, Any]:
   from diffgemma_jax.data import Tokenizer
 
   directory = dataset_dir(config)
-  tokenizer_path = tokenizer_source(config)
+  tokenizer_path = tokenizer_source(config, run_dir)
   build = lambda: build_dataset(config.data.recipe, directory, int(config.model.vocab_size),  # noqa: E731
                                 source=config.data.source or None, tokenizer=tokenizer_path,
                                 heldout_source=config.data.heldout_source or None,

@@ -114,7 +114,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   init_from = None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
     init_from = check_init_checkpoint(config, abstract.params)
-  directory, tokenizer = prepare_dataset(config)
+  directory, tokenizer = prepare_dataset(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
