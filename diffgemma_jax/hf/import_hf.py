@@ -34,10 +34,25 @@ def get_config():
   c.model.update(MODEL)
   c.objective.name = "uniform"
   c.objective.block_size = {canvas_length}
+  # Rows of whole canvases; the checkpoint serves prompts up to max_position_embeddings={max_positions} tokens: raise
+  # it (a multiple of the canvas) for longer ones.
+  c.train.seq_len = {seq_len}
   c.data.tokenizer = {tokenizer!r}  # the checkpoint's own sentencepiece model ("" when it ships none)
   c.data.chat_template = "diffusiongemma"
   return c
 '''
+
+
+# train.seq_len of an imported model: the row length of our 26B recipe (configs/diffusiongemma_26b_a4b.py), within
+# what the release serves (config.json's max_position_embeddings).
+IMPORTED_CONTEXT = 4096
+
+
+def imported_context(canvas_length: int, max_positions: int | None) -> int:
+  """train.seq_len for imported weights: whole canvases, as many as fit in IMPORTED_CONTEXT (and in the checkpoint's
+  max_position_embeddings), at least one."""
+  context = min(IMPORTED_CONTEXT, int(max_positions)) if max_positions else IMPORTED_CONTEXT
+  return max(context // canvas_length, 1) * canvas_length
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
@@ -152,12 +167,14 @@ def pure_params(cfg: ModelConfig, flat: dict):
   return nnx.to_pure_dict(nnx.State.from_flat_path({p: flat[p] for p in wanted}))
 
 
-def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int) -> None:
+def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int, seq_len: int,
+                      max_positions: int | None = None) -> None:
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     tokenizer = os.path.join(source, "tokenizer.model")
-    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length,
+    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length, seq_len=seq_len,
+                                   max_positions=max_positions or "(not given)",
                                    tokenizer=tokenizer if os.path.isfile(tokenizer) else ""))
 
 
@@ -175,6 +192,7 @@ def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0)
   manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(pure)), force=True)
   manager.wait_until_finished()
   manager.close()
+  integrity.record_files(os.path.join(directory, str(step)))
   return directory
 
 
@@ -192,7 +210,6 @@ def check_output(output: str, *, force: bool) -> None:
 
 def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force: bool = False,
               log: Callable[[str], None] = print, **model_overrides) -> ModelConfig:
-  integrity.record_files(os.path.join(directory, str(step)))
   """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
   in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
   checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first."""
@@ -202,14 +219,17 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   check_output(output, force=force)
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
+  canvas_length = int(hf_config.get("canvas_length") or 256)
+  max_positions = mapping.text_config_of(hf_config).get("max_position_embeddings")
+  seq_len = imported_context(canvas_length, max_positions)
   scratch = os.path.join(os.path.abspath(output), ".import-scratch")  # beside the output: same filesystem
   try:
     pure = pure_params(cfg, load_params(hf_dir, cfg, log=log, scratch=scratch))
-    canvas_length = int(hf_config.get("canvas_length") or 256)
     run_config = base_config()
     run_config.model.update(cfg.to_dict())
     run_config.objective.name = "uniform"
     run_config.objective.block_size = canvas_length
+    run_config.train.seq_len = seq_len
     if force:  # only now that the new parameters loaded: a failed import leaves the old run as it was
       shutil.rmtree(os.path.join(output, "checkpoints"), ignore_errors=True)
       if os.path.isfile(os.path.join(output, "tokenizer.model")):
@@ -227,6 +247,7 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
     log(f"note: {hf_dir} ships no tokenizer.model; set data.tokenizer to the model's sentencepiece file to "
         f"generate or fine-tune with it")
   if config_out:
-    write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length)
+    write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length, seq_len=seq_len,
+                      max_positions=max_positions)
     log(f"wrote {config_out}")
   return cfg

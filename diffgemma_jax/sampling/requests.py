@@ -18,6 +18,7 @@ the denoising steps of every canvas; the entropy-bound defaults are the released
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -330,8 +331,9 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   model is restored, so bad input fails fast. `options.gen_length=None`: as many new tokens as fit in the model's
   context after the longest prompt (at most GenerationOptions.gen_length, whole canvases or blocks)."""
   fill_context, given_steps = options.gen_length is None, options.steps
-  if fill_context:
-    options = dataclasses.replace(options, gen_length=GenerationOptions.gen_length)
+  if fill_context:  # provisional, a multiple of every sampler's unit (the release's canvas is 256); fitted below
+    options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length, options.block_length,
+                                                               int(config.objective.block_size)))
   options = validate_options(options, str(config.objective.name), int(config.objective.block_size),
                              int(config.train.seq_len))
   if not prompts:
