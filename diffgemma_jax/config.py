@@ -275,7 +275,7 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
 
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   from diffgemma_jax.objectives import SELF_CONDITIONING_OBJECTIVES
-  from diffgemma_jax.objectives.block import check_block_size
+  from diffgemma_jax.objectives.block import check_block_size, check_canvas_window
   objective = config.objective
   if config.model.self_conditioning and objective.name not in SELF_CONDITIONING_OBJECTIVES:
     raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "
@@ -288,6 +288,7 @@ def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   if objective.name not in ("block", "uniform"):
     return
   check_block_size(int(config.train.seq_len), objective.block_size)
+  check_canvas_window(objective.block_size, int(config.model.sliding_window), config.model.layer_pattern)
   if objective.encoder_loss_weight < 0:
     raise ConfigError(f"objective.encoder_loss_weight: must be >= 0, got {objective.encoder_loss_weight}")
   if not 0.0 <= objective.self_cond_prob <= 1.0:

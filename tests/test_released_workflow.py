@@ -4,6 +4,7 @@ a LoRA fine-tune on chat data, and export. Only the sizes differ from the README
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sysconfig
@@ -144,3 +145,18 @@ def test_the_readme_commands_for_the_released_model(released, tmp_path, capsys):
   exported = json.loads((out / "config.json").read_text())
   assert exported["canvas_length"] == CANVAS and exported["text_config"]["sliding_window"] == TINY.sliding_window
   assert (out / "tokenizer.model").read_bytes() == (released / "hf" / "tokenizer.model").read_bytes()
+
+
+def test_a_canvas_longer_than_the_sliding_window_is_refused_at_import_and_in_configs(released, tmp_path):
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.model.config import ConfigError
+  narrow = dataclasses.replace(TINY, sliding_window=128)
+  model = nnx.eval_shape(lambda: build_model(narrow, 0))
+  pure = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), to_pure(nnx.state(model, nnx.Param)))
+  export_hf(narrow, pure, str(tmp_path / "hf"), canvas_length=CANVAS, log=lambda _: None)
+  with pytest.raises(ConfigError, match=r"config.json canvas_length=256 is longer than sliding_window=128"):
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "work"), log=lambda _: None)
+  assert not (tmp_path / "work").exists()  # refused before anything is written
+  with pytest.raises(ConfigError, match=r"objective.block_size=32 is longer than model.sliding_window=16: .*use a "
+                                        r"canvas of at most 16 tokens or a window of at least 32"):
+    load_config("configs/diffusiongemma_tiny.py", {"model.sliding_window": "16"})

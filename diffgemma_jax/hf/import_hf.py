@@ -20,6 +20,7 @@ from diffgemma_jax.hf import mapping
 from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
 from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.objectives.block import check_canvas_window
 from diffgemma_jax.train import integrity
 
 CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
@@ -220,6 +221,8 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
   canvas_length = int(hf_config.get("canvas_length") or 256)
+  check_canvas_window(canvas_length, cfg.sliding_window, cfg.layer_pattern, canvas_key="config.json canvas_length",
+                      window_key="sliding_window")  # before any tensor is read
   max_positions = mapping.text_config_of(hf_config).get("max_position_embeddings")
   seq_len = imported_context(canvas_length, max_positions)
   scratch = os.path.join(os.path.abspath(output), ".import-scratch")  # beside the output: same filesystem
