@@ -50,8 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 200
   c.train.batch_size = 8
   c.train.seq_len = 128
+  c.train.optimizer = "adamw"  # adamw | adafactor (factored second moments; train/optimizer.py)
   c.train.learning_rate = 3e-3
+  c.train.lr_schedule = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
   c.train.warmup_steps = 20
+  c.train.schedule_steps = 0  # where cosine/linear reach their floor and wsd ends its decay; 0: train.num_steps
+  c.train.decay_steps = 0  # wsd: length of the final decay phase (> 0)
   c.train.min_lr_ratio = 0.1
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
@@ -258,8 +262,22 @@ TOKEN_SHIFT_OBJECTIVES = ("masked", "block")
 
 
 def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
-  """AdamW's settings: each must lie in its range (a negative rate would ascend, an infinite one poisons every
-  parameter at the first update)."""
+  """The optimizer's and schedule's settings: each must lie in its range (a negative rate would ascend, an infinite
+  one poisons every parameter at the first update)."""
+  from diffgemma_jax.train.optimizer import OPTIMIZERS, SCHEDULES, schedule_horizon
+  if train.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"train.optimizer: unknown optimizer {train.optimizer!r}; valid are {OPTIMIZERS}")
+  if train.lr_schedule not in SCHEDULES:
+    raise ConfigError(f"train.lr_schedule: unknown schedule {train.lr_schedule!r}; valid are {SCHEDULES}")
+  for key in ("schedule_steps", "decay_steps"):
+    if int(train[key]) < 0:
+      raise ConfigError(f"train.{key}: must be >= 0, got {train[key]!r}")
+  if train.lr_schedule == "wsd":
+    horizon = schedule_horizon(train)
+    if not 0 < int(train.decay_steps) <= horizon - int(train.warmup_steps):
+      raise ConfigError(f"train.decay_steps={train.decay_steps}: the wsd schedule needs a decay phase of 1 to "
+                        f"{horizon - int(train.warmup_steps)} steps (the horizon {horizon} less "
+                        f"train.warmup_steps={train.warmup_steps})")
   inf = 3.4028234663852886e38  # float32's largest: the step computes in float32
   checks = (("learning_rate", lambda v: 0 < v < inf, "a finite number > 0"),
             ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -161,9 +161,14 @@ class Checkpointer:
           f"Differences: {'; '.join(diffs)}")
 
   def check_resumable(self) -> None:
-    """Training only: the saved optimizer state must have the structure this config's optimizer builds (gradient
-    clipping on or off adds or removes a stage)."""
+    """Training only: the saved optimizer state must have the structure this config's optimizer builds (another
+    optimizer, or gradient clipping on or off, changes it)."""
     saved = self.saved_config()
+    saved_optimizer = (saved or {}).get("train", {}).get("optimizer", "adamw")
+    if saved is not None and saved_optimizer != self.config.train.optimizer:
+      raise IncompatibleCheckpointError(
+          f"{self.directory} holds the state of train.optimizer={saved_optimizer!r}, not "
+          f"{self.config.train.optimizer!r}; resume with that optimizer or start a new --workdir")
     if saved is None or "grad_clip" not in saved.get("train", {}):
       return
     clipped, clips = float(saved["train"]["grad_clip"]) > 0, float(self.config.train.grad_clip) > 0

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from diffgemma_jax.evaluate import held_out_bound, make_bound_fn
@@ -26,7 +27,8 @@ from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, 
 from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
-from diffgemma_jax.train.optimizer import make_optimizer
+from diffgemma_jax.train.history import append_run_history
+from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
@@ -92,7 +94,8 @@ def _base_rng(config) -> jax.Array:
   return jax.random.fold_in(jax.random.key(int(config.train.seed)), 1)
 
 
-def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]:
+def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[str, str] | None = None,
+          command: list[str] | None = None) -> dict[str, Any]:
   """Trains to `train.num_steps`, resuming from `workdir` if it holds checkpoints; returns a summary dict.
 
   Raises ConfigError (bad config or incompatible checkpoints, before anything is written), DataError, or
@@ -147,6 +150,12 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   if init_from is not None:
     logger.message(f"initialised from {init_from[0]} (step {init_from[1]}): parameters only, fresh optimizer")
   counts = describe(state.params, trainable)
+  previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
+                                command=command)  # the run history; the record of the run resumed from
+  if start_step and previous:
+    jump = describe_schedule_change(ml_collections.ConfigDict(previous["config"]["train"]), tc, start_step)
+    if jump:
+      logger.message(jump)
   if counts["frozen_params"]:
     logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "
                    f"({'LoRA adapters only' if model_cfg.lora_rank else 'train.freeze=' + repr(tuple(tc.freeze))})")
