@@ -76,6 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.checkpoint = ""
   c.init.step = -1  # -1: the latest step there
 
+  # Logs beyond TensorBoard and metrics.jsonl: a Weights & Biases run (the optional `wandb` package) when
+  # wandb_project is set.
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb_project = ""
+  c.log.wandb_entity = ""  # empty: wandb's default
+  c.log.wandb_mode = ""  # online | offline | disabled; empty: wandb's default ($WANDB_MODE)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100
   c.checkpoint.keep = 3

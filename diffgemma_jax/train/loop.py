@@ -23,10 +23,12 @@ from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, check_workdir, load_init_params
+from diffgemma_jax.train.checkpoint import (Checkpointer, check_init_checkpoint, check_workdir, config_to_dict,
+                                             load_init_params)
 from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
-from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
+from diffgemma_jax.train.logging import (MetricsLogger, format_summary, peak_flops_per_device, step_scalars,
+                                         wandb_settings)
 from diffgemma_jax.train.history import append_run_history
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
@@ -146,16 +148,16 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"]
   logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step, tokens_per_step=batch_size * seq_len,
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
-                         num_devices=mesh.devices.size, show_progress=show_progress)
+                         num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
     logger.message(f"initialised from {init_from[0]} (step {init_from[1]}): parameters only, fresh optimizer")
-  counts = describe(state.params, trainable)
   previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
                                 command=command)  # the run history; the record of the run resumed from
   if start_step and previous:
     jump = describe_schedule_change(ml_collections.ConfigDict(previous["config"]["train"]), tc, start_step)
     if jump:
       logger.message(jump)
+  counts = describe(state.params, trainable)
   if counts["frozen_params"]:
     logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "
                    f"({'LoRA adapters only' if model_cfg.lora_rank else 'train.freeze=' + repr(tuple(tc.freeze))})")
