@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1, 1)  # data x fsdp x expert x tensor; -1 in one place: the remaining devices
   c.mesh.axes = ("data", "fsdp", "expert", "tensor")
+  # Multi-host: how many hosts (TPU: slices) each axis spans over the slow network; mesh.shape is then the part of
+  # the mesh inside one host and the mesh is their product (README "Multi-device and multi-host training").
+  c.mesh.dcn_shape = ()
 
   # Multi-process runs (README "Multi-host"): empty/negative values fall back to $JAX_COORDINATOR_ADDRESS,
   # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to a SLURM job's own settings; none of them: one process.
