@@ -60,9 +60,10 @@ def hf_tensors(cfg: ModelConfig, pure: Any, dtype=np.float32):
 def run_tokenizer(workdir: str, data_tokenizer: str = "") -> str:
   """The tokenizer a run was trained with: the one the trainer pinned in its workdir, else `data.tokenizer` (the
   tokenizer of imported weights). Without either, fails rather than export a model with guessed special ids."""
+  from diffgemma_jax import storage
   pinned = os.path.join(workdir, "tokenizer.model")
-  if os.path.isfile(pinned):
-    return pinned
+  if storage.open_path(pinned).is_file():
+    return storage.local_file(pinned)
   if data_tokenizer:
     from diffgemma_jax.train.dataset import checked_data_tokenizer
     return checked_data_tokenizer(data_tokenizer)

@@ -317,9 +317,10 @@ def load_tokenizer(config, workdir: str | None = None):
   of imported weights), else the dataset's."""
   from diffgemma_jax.data import Tokenizer
   from diffgemma_jax.train.dataset import dataset_dir
+  from diffgemma_jax import storage
   pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
-  if pinned and os.path.isfile(pinned):
-    return Tokenizer(pinned)
+  if pinned and storage.open_path(pinned).is_file():
+    return Tokenizer(storage.local_file(pinned))
   if config.data.tokenizer:
     return Tokenizer(str(config.data.tokenizer))
   return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))

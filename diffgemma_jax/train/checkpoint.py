@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
@@ -47,9 +49,11 @@ class DamagedCheckpointError(ConfigError):
 
 def check_workdir(workdir: str, *, reading: bool) -> None:
   """`--workdir` must be a directory; a run that is only read (eval, generate, export) must exist already."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  storage.check_reachable(workdir, "--workdir")
+  path = epath.Path(storage.resolve(workdir))
+  if path.exists() and not path.is_dir():
     raise ConfigError(f"--workdir {workdir} is a file, not a directory; give the run's directory")
-  if reading and not os.path.isdir(workdir):
+  if reading and not path.is_dir():
     raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
                       f"--workdir {workdir} creates it)")
 
@@ -94,10 +98,9 @@ def adopt_saved_lora(config, checkpoints_dir: str):
   restored and used. Training never does this: a resume must state what it trains. Returns a copy when it
   changes anything; the caller's config is left as it was."""
   path = os.path.join(checkpoints_dir, CONFIG_FILE)
-  if int(config.model.lora_rank) or not os.path.isfile(path):
+  if int(config.model.lora_rank) or not epath.Path(path).is_file():
     return config
-  with open(path) as f:
-    saved = json.load(f).get("model", {})
+  saved = json.loads(epath.Path(path).read_text()).get("model", {})
   if not int(saved.get("lora_rank", 0) or 0):
     return config
   config = config.copy_and_resolve_references()
@@ -125,7 +128,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, config=None, *, create: bool = True, log: Callable[[str], None] = _stderr):
     """`config` None: a reader that brings its own model (export); nothing is checked against the saved config."""
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)
     self.config = config
     if config is not None:
       self.check_compatible()
@@ -136,11 +139,10 @@ class Checkpointer:
 
   # ---- compatibility ---------------------------------------------------------------------------------------------
   def saved_config(self) -> dict[str, Any] | None:
-    path = os.path.join(self.directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(os.path.join(self.directory, CONFIG_FILE))
+    if not path.is_file():
       return None
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
 
   def check_compatible(self) -> None:
     saved = self.saved_config()
@@ -187,29 +189,29 @@ class Checkpointer:
           max_to_keep=keep if keep > 0 else None,
           enable_async_checkpointing=bool(self.config.checkpoint.async_save) if self.config is not None else False,
           create=self._create,
-          cleanup_tmp_directories=True)
+          cleanup_tmp_directories=True,
+          temporary_path_class=storage.temporary_path_class(self.directory))
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("params", "opt_state", "data_iterator"))
     return self._manager
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint (temporary directories of interrupted saves are not steps)."""
-    if not os.path.isdir(self.directory):
+    if not epath.Path(self.directory).is_dir():
       return None
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    if not os.path.isdir(self.directory):
+    if not epath.Path(self.directory).is_dir():
       return []
     return list(self.manager.all_steps())
 
   def save(self, state: TrainState, iterator_state: Any) -> None:
     step = int(jax.device_get(state.step))
-    os.makedirs(self.directory, exist_ok=True)
-    config_path = os.path.join(self.directory, CONFIG_FILE)
-    if not os.path.isfile(config_path) and jax.process_index() == 0:
-      with open(config_path, "w") as f:
-        json.dump(config_to_dict(self.config), f, indent=2, sort_keys=True)
+    epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
+    config_path = epath.Path(os.path.join(self.directory, CONFIG_FILE))
+    if not config_path.is_file() and jax.process_index() == 0:
+      config_path.write_text(json.dumps(config_to_dict(self.config), indent=2, sort_keys=True))
     self._set_aside(step)
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(to_pure(state.params)),
@@ -233,11 +235,11 @@ class Checkpointer:
     if step not in self.manager.all_steps():
       return
     target, n = os.path.join(self.directory, f"{step}.damaged"), 1
-    while os.path.exists(target):
+    while epath.Path(target).exists():
       n += 1
       target = os.path.join(self.directory, f"{step}.damaged-{n}")
     if jax.process_index() == 0:
-      os.rename(os.path.join(self.directory, str(step)), target)
+      epath.Path(os.path.join(self.directory, str(step))).rename(target)
     if jax.process_count() > 1:
       from diffgemma_jax.parallel.distributed import barrier
       barrier(f"diffgemma_set_aside_{step}")
@@ -351,12 +353,13 @@ class Checkpointer:
 def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
   """(the step directory, its step, the run directory) named by `init.checkpoint`: a workdir (its latest or
   `step`), its checkpoints/ folder, or one step folder. Anything else fails naming the key."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if os.path.exists(path) else 'does not exist'}; "
+  path = storage.resolve(path)
+  storage.check_reachable(path, "init.checkpoint:")
+  if not epath.Path(path).is_dir():
+    raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if epath.Path(path).exists() else 'does not exist'}; "
                       f"give a training workdir, its checkpoints/ folder, or a step folder (e.g. "
                       f"runs/tiny/checkpoints/800)")
-  if os.path.isdir(os.path.join(path, "params")):
+  if epath.Path(path, "params").is_dir():
     checkpoints = os.path.dirname(path)
     if not os.path.basename(path).isdigit():
       raise ConfigError(f"init.checkpoint: {path} is not a step folder (its name is not a step number)")
@@ -364,9 +367,9 @@ def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
     if step >= 0 and step != found:
       raise ConfigError(f"init.checkpoint names step {found} but init.step={step}; set init.step=-1")
     return path, found, os.path.dirname(checkpoints)
-  checkpoints = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  steps = sorted(int(d) for d in os.listdir(checkpoints)
-                 if d.isdigit() and os.path.isdir(os.path.join(checkpoints, d, "params")))
+  checkpoints = os.path.join(path, "checkpoints") if epath.Path(path, "checkpoints").is_dir() else path
+  steps = sorted(int(d.name) for d in epath.Path(checkpoints).iterdir()
+                 if d.name.isdigit() and (d / "params").is_dir())
   if not steps:
     raise ConfigError(f"init.checkpoint: no complete checkpoint under {checkpoints}; train that run first or "
                       f"point at another")

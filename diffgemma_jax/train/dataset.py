@@ -8,7 +8,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.model.config import ConfigError
 
 
@@ -43,8 +45,8 @@ def tokenizer_source(config, run_dir: str | None = None) -> str | None:
     return checked_data_tokenizer(str(config.data.tokenizer))  # before a dataset folder is started with it
   if config.data.recipe not in SFT_RECIPES:
     return None
-  if run_dir and os.path.isfile(os.path.join(run_dir, "tokenizer.model")):
-    return os.path.join(run_dir, "tokenizer.model")
+  if run_dir and epath.Path(os.path.join(run_dir, "tokenizer.model")).is_file():
+    return storage.local_file(os.path.join(run_dir, "tokenizer.model"))
   if config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
     _, _, init_run = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
@@ -96,14 +98,17 @@ def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
   from diffgemma_jax.data.tokenizer import same_tokenizer
   source = os.path.join(directory, "tokenizer.model")
   pinned = os.path.join(workdir, "tokenizer.model")
-  if os.path.isfile(pinned):
-    if not same_tokenizer(source, pinned):  # by content: a file records the path it was built at
+  if epath.Path(pinned).is_file():
+    if not same_tokenizer(source, storage.local_file(pinned)):  # by content: a file records its build path
       raise ConfigError(f"the tokenizer in {directory} differs from {pinned}, the one this run was trained with; "
                         f"point data.dir at the run's original dataset or use a new --workdir")
   elif write:
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(source, pinned + ".tmp")
-    os.replace(pinned + ".tmp", pinned)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if storage.is_url(pinned):  # an object is written whole or not at all
+      epath.Path(source).copy(pinned)
+    else:
+      shutil.copyfile(source, pinned + ".tmp")
+      os.replace(pinned + ".tmp", pinned)
 
 
 def train_iterator(config, directory: str, *, process_index: int = 0, process_count: int = 1):

@@ -13,6 +13,7 @@ from importlib import metadata
 from typing import Any
 
 import jax
+from etils import epath
 
 HISTORY_FILE = "run_history.jsonl"
 
@@ -26,16 +27,15 @@ def _version(package: str) -> str:
 
 def read_history(workdir: str) -> list[dict[str, Any]]:
   """The records of `workdir`'s history, oldest first (a line cut by a kill is skipped)."""
-  path = os.path.join(workdir, HISTORY_FILE)
-  if not os.path.isfile(path):
+  path = epath.Path(os.path.join(workdir, HISTORY_FILE))
+  if not path.is_file():
     return []
   records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue
   return records
 
 
@@ -49,6 +49,6 @@ def append_run_history(workdir: str, config_dict: dict[str, Any], *, start_step:
               "start_step": int(start_step), "command": list(sys.argv if command is None else command),
               "overrides": dict(overrides or {}), "diffgemma_jax": _version("diffgemma-jax"),
               "jax": jax.__version__, "config": config_dict}
-    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+    with epath.Path(os.path.join(workdir, HISTORY_FILE)).open("a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
   return previous

@@ -24,13 +24,15 @@ _JSON_ITEM_FILE = "metadata"
 
 def _files(step_dir: epath.Path) -> dict[str, int]:
   """{path relative to the step folder: size in bytes} of every file under it, the record excepted."""
-  sizes = {}
-  for root, _, names in step_dir.walk():
-    for name in names:
-      path = epath.Path(root) / name
-      relative = str(path.relative_to(step_dir))
-      if relative != FILES_RECORD:
-        sizes[relative] = path.stat().length
+  sizes, folders = {}, [step_dir]
+  while folders:  # listed folder by folder: object stores' clients differ in their recursive walks
+    for path in folders.pop().iterdir():
+      if path.is_dir():
+        folders.append(path)
+      else:
+        relative = str(path.relative_to(step_dir))
+        if relative != FILES_RECORD:
+          sizes[relative] = path.stat().length
   return sizes
 
 

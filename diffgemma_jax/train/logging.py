@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.train.checkpoint import config_to_dict
@@ -87,17 +88,14 @@ def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _truncate_after(path: str, step: int) -> None:
   """Drops the records of metrics.jsonl logged after `step` (an unreadable line, cut by a kill, goes too)."""
   kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if int(record.get("step", 0)) <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+  for line in epath.Path(path).read_text().splitlines(keepends=True):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if int(record.get("step", 0)) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  epath.Path(path).write_text("".join(kept))
 
 
 def _duration(seconds: float) -> str:
@@ -151,9 +149,9 @@ class MetricsLogger:
       # rewritten), so every step appears once.
       self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
       path = os.path.join(workdir, "metrics.jsonl")
-      if os.path.isfile(path):
+      if epath.Path(path).is_file():
         _truncate_after(path, start_step)
-      self._jsonl = open(path, "a")
+      self._jsonl = epath.Path(path).open("a")  # on object storage: uploaded when the run closes its logs
       if wandb:
         self._wandb = _start_wandb(workdir, wandb)
       if show_progress and sys.stderr.isatty():

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 
 from diffgemma_jax.evaluate import held_out_bound, make_bound_fn
@@ -120,7 +121,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
     init_from = check_init_checkpoint(config, abstract.params)
   directory, tokenizer = prepare_dataset(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
                              section=config.objective)
