@@ -11,9 +11,11 @@ rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+from typing import Iterator
 
 from etils import epath
 
@@ -54,6 +56,23 @@ def local_file(path) -> str:
       f.write(data)
     os.replace(target + ".tmp", target)
   return target
+
+
+@contextlib.contextmanager
+def staged_folder(path) -> Iterator[str]:
+  """A local folder to write the folder `path` into: `path` itself, or for a URL a temporary folder whose files
+  are uploaded there (each object whole) when the block ends without an error."""
+  if not is_url(path):
+    os.makedirs(path, exist_ok=True)
+    yield str(path)
+    return
+  import tempfile
+  with tempfile.TemporaryDirectory(prefix="diffgemma-upload-") as local:
+    yield local
+    target = epath.Path(str(path))
+    target.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(local)):
+      epath.Path(os.path.join(local, name)).copy(target / name, overwrite=True)
 
 
 def check_reachable(path, flag: str) -> None:

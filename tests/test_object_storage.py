@@ -69,3 +69,27 @@ def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, 
     err = capsys.readouterr().err
     assert err.startswith("error: --workdir s3://no-such-bucket/run: the bucket s3://no-such-bucket cannot be "
                           f"reached (endpoint {s3_endpoint})") and err.count("\n") == 1, err
+
+
+def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
+  """diffgemma-export into s3://... writes the files a local export writes; diffgemma-import into s3://... gives a
+  workdir whose checkpoint restores to the same parameters."""
+  import jax
+  import numpy as np
+  from etils import epath
+
+  from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
+  from diffgemma_jax.hf.import_hf import import_hf
+  from test_hf import TINY, _pure, _random_model
+  pure = _pure(_random_model(TINY))
+  export_hf(TINY, pure, str(tmp_path / "hf"), canvas_length=16, log=lambda _: None)
+  export_hf(TINY, pure, "s3://runs/hf", canvas_length=16, log=lambda _: None)
+  local = sorted(os.listdir(tmp_path / "hf"))
+  assert sorted(p.name for p in epath.Path("s3://runs/hf").iterdir()) == local
+  for name in local:
+    assert epath.Path("s3://runs/hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+  import_hf(str(tmp_path / "hf"), "s3://runs/imported", log=lambda _: None)
+  step, restored = restore_pure_params("s3://runs/imported", TINY)
+  assert step == 0
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from diffgemma_jax import storage
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.safetensors_io import write_sharded
 from diffgemma_jax.model.config import ConfigError, ModelConfig
@@ -60,7 +61,6 @@ def hf_tensors(cfg: ModelConfig, pure: Any, dtype=np.float32):
 def run_tokenizer(workdir: str, data_tokenizer: str = "") -> str:
   """The tokenizer a run was trained with: the one the trainer pinned in its workdir, else `data.tokenizer` (the
   tokenizer of imported weights). Without either, fails rather than export a model with guessed special ids."""
-  from diffgemma_jax import storage
   pinned = os.path.join(workdir, "tokenizer.model")
   if storage.open_path(pinned).is_file():
     return storage.local_file(pinned)
@@ -109,14 +109,14 @@ def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 
   np_dtype = np.dtype(dtype_of(dtype))
   hf_config = mapping.hf_config_from_model(cfg, canvas_length=canvas_length)
   hf_config["dtype"] = dtype
-  os.makedirs(output, exist_ok=True)
-  files = write_sharded(output, hf_tensors(cfg, pure, np_dtype), max_shard_bytes=max_shard_bytes)
-  with open(os.path.join(output, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  with open(os.path.join(output, "generation_config.json"), "w") as f:
-    json.dump(generation, f, indent=2)
-  if tokenizer:
-    shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.model"))
+  with storage.staged_folder(output) as folder:  # object storage: written locally, then uploaded file by file
+    files = write_sharded(folder, hf_tensors(cfg, pure, np_dtype), max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)
+    if tokenizer:
+      shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
   log(f"wrote {output}: config.json, {len(files)} safetensors shard(s) ({dtype})"
       + (" and tokenizer.model" if tokenizer else ""))
   return files

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
@@ -185,11 +188,11 @@ def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0)
 
   from diffgemma_jax.train.checkpoint import CONFIG_FILE
 
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(run_config, f, indent=2, sort_keys=True)
-  manager = ocp.CheckpointManager(directory, item_names=("params",))
+  directory = storage.resolve(os.path.join(workdir, "checkpoints"))
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  epath.Path(directory, CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True))
+  manager = ocp.CheckpointManager(directory, item_names=("params",), options=ocp.CheckpointManagerOptions(
+      temporary_path_class=storage.temporary_path_class(directory)))
   manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(pure)), force=True)
   manager.wait_until_finished()
   manager.close()
@@ -200,8 +203,9 @@ def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0)
 def check_output(output: str, *, force: bool) -> None:
   """Refuses a workdir whose checkpoints/ holds anything: the imported step 0 would sit below its later steps
   (which eval, generate and resume take) and its run_config.json would be overwritten."""
-  directory = os.path.join(output, "checkpoints")
-  found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  storage.check_reachable(output, "--output")
+  directory = epath.Path(output, "checkpoints")
+  found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
   if found and not force:
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise ConfigError(f"--output {output}: {directory} is not empty ({shown}); an imported step 0 would be "
@@ -225,7 +229,9 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
                       window_key="sliding_window")  # before any tensor is read
   max_positions = mapping.text_config_of(hf_config).get("max_position_embeddings")
   seq_len = imported_context(canvas_length, max_positions)
-  scratch = os.path.join(os.path.abspath(output), ".import-scratch")  # beside the output: same filesystem
+  # beside a local output (same filesystem); for object storage in the local temporary folder
+  scratch = (tempfile.mkdtemp(prefix="diffgemma-import-") if storage.is_url(output)
+             else os.path.join(os.path.abspath(output), ".import-scratch"))
   try:
     pure = pure_params(cfg, load_params(hf_dir, cfg, log=log, scratch=scratch))
     run_config = base_config()
@@ -234,9 +240,10 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
     run_config.objective.block_size = canvas_length
     run_config.train.seq_len = seq_len
     if force:  # only now that the new parameters loaded: a failed import leaves the old run as it was
-      shutil.rmtree(os.path.join(output, "checkpoints"), ignore_errors=True)
-      if os.path.isfile(os.path.join(output, "tokenizer.model")):
-        os.remove(os.path.join(output, "tokenizer.model"))
+      if epath.Path(output, "checkpoints").exists():
+        epath.Path(output, "checkpoints").rmtree()
+      if epath.Path(output, "tokenizer.model").is_file():
+        epath.Path(output, "tokenizer.model").unlink()
     directory = save_checkpoint(output, pure, config_to_dict(run_config))
     del pure
   finally:
@@ -244,7 +251,7 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
   tokenizer = os.path.join(hf_dir, "tokenizer.model")
   if os.path.isfile(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.model"))
+    epath.Path(tokenizer).copy(epath.Path(output, "tokenizer.model"), overwrite=True)
     log(f"wrote {os.path.join(output, 'tokenizer.model')} (the checkpoint's tokenizer)")
   else:
     log(f"note: {hf_dir} ships no tokenizer.model; set data.tokenizer to the model's sentencepiece file to "
