@@ -58,8 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 200
   c.train.batch_size = 8
   c.train.seq_len = 128
+  c.train.optimizer = "adamw"  # adamw | adafactor (factored second moments; train/optimizer.py)
   c.train.learning_rate = 3e-3
+  c.train.lr_schedule = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
   c.train.warmup_steps = 20
+  c.train.schedule_steps = 0  # where cosine/linear reach their floor and wsd ends its decay; 0: train.num_steps
+  c.train.decay_steps = 0  # wsd: length of the final decay phase (> 0)
   c.train.min_lr_ratio = 0.1
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
@@ -84,6 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.checkpoint = ""
   c.init.step = -1  # -1: the latest step there
 
+  # Logs beyond TensorBoard and metrics.jsonl: a Weights & Biases run (the optional `wandb` package) when
+  # wandb_project is set.
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb_project = ""
+  c.log.wandb_entity = ""  # empty: wandb's default
+  c.log.wandb_mode = ""  # online | offline | disabled; empty: wandb's default ($WANDB_MODE)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100
   c.checkpoint.keep = 3
@@ -99,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1, 1)  # data x fsdp x expert x tensor; -1 in one place: the remaining devices
   c.mesh.axes = ("data", "fsdp", "expert", "tensor")
+  # Multi-host: how many hosts (TPU: slices) each axis spans over the slow network; mesh.shape is then the part of
+  # the mesh inside one host and the mesh is their product (README "Multi-device and multi-host training").
+  c.mesh.dcn_shape = ()
 
   # Multi-process runs (README "Multi-host"): empty/negative values fall back to $JAX_COORDINATOR_ADDRESS,
   # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to a SLURM job's own settings; none of them: one process.
@@ -277,8 +291,22 @@ TOKEN_SHIFT_OBJECTIVES = ("masked", "block")
 
 
 def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
-  """AdamW's settings: each must lie in its range (a negative rate would ascend, an infinite one poisons every
-  parameter at the first update)."""
+  """The optimizer's and schedule's settings: each must lie in its range (a negative rate would ascend, an infinite
+  one poisons every parameter at the first update)."""
+  from diffgemma_jax.train.optimizer import OPTIMIZERS, SCHEDULES, schedule_horizon
+  if train.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"train.optimizer: unknown optimizer {train.optimizer!r}; valid are {OPTIMIZERS}")
+  if train.lr_schedule not in SCHEDULES:
+    raise ConfigError(f"train.lr_schedule: unknown schedule {train.lr_schedule!r}; valid are {SCHEDULES}")
+  for key in ("schedule_steps", "decay_steps"):
+    if int(train[key]) < 0:
+      raise ConfigError(f"train.{key}: must be >= 0, got {train[key]!r}")
+  if train.lr_schedule == "wsd":
+    horizon = schedule_horizon(train)
+    if not 0 < int(train.decay_steps) <= horizon - int(train.warmup_steps):
+      raise ConfigError(f"train.decay_steps={train.decay_steps}: the wsd schedule needs a decay phase of 1 to "
+                        f"{horizon - int(train.warmup_steps)} steps (the horizon {horizon} less "
+                        f"train.warmup_steps={train.warmup_steps})")
   inf = 3.4028234663852886e38  # float32's largest: the step computes in float32
   checks = (("learning_rate", lambda v: 0 < v < inf, "a finite number > 0"),
             ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -294,7 +322,7 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
 
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   from diffgemma_jax.objectives import SELF_CONDITIONING_OBJECTIVES
-  from diffgemma_jax.objectives.block import check_block_size
+  from diffgemma_jax.objectives.block import check_block_size, check_canvas_window
   objective = config.objective
   if config.model.self_conditioning and objective.name not in SELF_CONDITIONING_OBJECTIVES:
     raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "
@@ -307,6 +335,7 @@ def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   if objective.name not in ("block", "uniform"):
     return
   check_block_size(int(config.train.seq_len), objective.block_size)
+  check_canvas_window(objective.block_size, int(config.model.sliding_window), config.model.layer_pattern)
   if objective.encoder_loss_weight < 0:
     raise ConfigError(f"objective.encoder_loss_weight: must be >= 0, got {objective.encoder_loss_weight}")
   if not 0.0 <= objective.self_cond_prob <= 1.0:

@@ -91,12 +91,16 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   from diffgemma_jax.model.config import ConfigError, ModelConfig
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
-  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_init_checkpoint, load_init_params
+  from diffgemma_jax.train.checkpoint import (Checkpointer, adopt_saved_lora, check_init_checkpoint, check_workdir,
+                                             load_init_params)
   from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state, init_params
 
+  if not (workdir or checkpoint):
+    raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
   if workdir and not checkpoint:
+    check_workdir(workdir, reading=True)
     config = adopt_saved_lora(config, os.path.join(workdir, "checkpoints"))
   model_cfg = ModelConfig.from_config_dict(config.model)
   mesh = mesh_from_config(config, training=False)
@@ -112,18 +116,9 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
     fresh = init_params(model_cfg, shardings.params, int(config.train.seed))  # LoRA adapters keep these
     params = load_init_params(step_dir, fresh, shardings.params)
   else:
-    if not workdir:
-      raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
-    checkpoints = os.path.join(workdir, "checkpoints")
-    ckpt = Checkpointer(checkpoints, config, create=False)
-    available = ckpt.all_steps()
-    if not available:
-      raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir {workdir})")
-    if step is None:
-      step = max(available)
-    elif step not in available:
-      raise ConfigError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are {sorted(available)}")
-    directory, tokenizer = prepare_dataset(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config, create=False)
+    step = ckpt.readable_step(step, workdir)
+    directory, tokenizer = prepare_dataset(config, workdir)
     pin_tokenizer(directory, workdir, write=False)
     params = ckpt.restore_params(step, abstract.params, shardings.params)
     ckpt.close()

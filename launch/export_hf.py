@@ -30,7 +30,8 @@ def main(argv=None) -> int:
   from diffgemma_jax.model.config import ModelConfig
 
   try:
-    from diffgemma_jax.train.checkpoint import adopt_saved_lora
+    from diffgemma_jax.train.checkpoint import adopt_saved_lora, check_workdir
+    check_workdir(args.workdir, reading=True)
     config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
                               os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)

@@ -21,10 +21,12 @@ def main(argv=None) -> int:
   from diffgemma_jax.data import DataError
   from diffgemma_jax.train import NonFiniteLossError, train
   try:
-    config = load_config(args.config, config_overrides(rest))
+    overrides = config_overrides(rest)
+    config = load_config(args.config, overrides)
     from diffgemma_jax.parallel.distributed import initialize_distributed
     initialize_distributed(config)  # before any device is touched; a no-op for one process
-    summary = train(config, args.workdir, show_progress=not args.no_progress)
+    summary = train(config, args.workdir, show_progress=not args.no_progress, overrides=overrides,
+                    command=["diffgemma-train"] + list(sys.argv[1:] if argv is None else argv))
   except NonFiniteLossError as e:
     return fail(str(e), code=3)
   except (ConfigError, DataError) as e:

@@ -90,3 +90,13 @@ def train_losses(workdir: str) -> dict[int, list[float]]:
     if "train/loss" in record:
       out.setdefault(record["step"], []).append(record["train/loss"])
   return out
+
+
+def reader_clis(scratch) -> tuple:
+  """(main, extra arguments) of each entry point that reads a trained run given --config and --workdir; `scratch`
+  is a folder for outputs (export writes there)."""
+  from launch.evaluate import main as eval_main
+  from launch.export_hf import main as export_main
+  from launch.generate import main as generate_main
+  return ((eval_main, []), (generate_main, ["--prompt", "def f(", "--gen_length", "8", "--block_length", "8"]),
+          (export_main, ["--output", os.path.join(str(scratch), "hf")]))

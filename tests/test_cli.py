@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import reader_clis
 from launch.train import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +23,8 @@ def test_overrides_reach_the_config(load_tiny):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--config.train.num_stepz=3", "train.learning_rate, train.log_every_steps, train.min_lr_ratio, train.num_steps"),
-    ("--config.optimizer.lr=3", "valid keys there are: checkpoint, data, distributed, eval, init, mesh, model, objective, train"),
+    ("--config.train.num_stepz=3", "train.learning_rate, train.log_every_steps, train.lr_schedule, train.min_lr_ratio, train.num_steps"),
+    ("--config.optimizer.lr=3", "valid keys there are: checkpoint, data, distributed, eval, init, log, mesh, model, objective, train"),
     ("--config.train.seq_len=0", "train.seq_len: must be a positive integer"),
     ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse"),
     ("--config.model.top_k=99", "model.top_k"),
@@ -59,6 +60,18 @@ def test_config_argument_and_file_paths_fail_with_one_line(tiny_config_file, tmp
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_readers_refuse_a_workdir_that_is_a_file_or_missing(tiny_config_file, tmp_path, capsys):
+  afile = tmp_path / "afile"
+  afile.write_text("not a run")
+  for main, extra in reader_clis(tmp_path):
+    for workdir, expected in ((afile, f"--workdir {afile} is a file, not a directory"),
+                              (tmp_path / "nowhere", f"--workdir {tmp_path / 'nowhere'} does not exist")):
+      assert main(["--config", tiny_config_file, "--workdir", str(workdir)] + extra) == 2, main.__module__
+      err = capsys.readouterr().err
+      assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (main.__module__, err)
+  assert not (tmp_path / "hf").exists()
 
 
 def test_incompatible_workdir_exits_2(trained_run, tiny_config_file, tmp_path, capsys):

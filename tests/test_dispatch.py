@@ -126,9 +126,12 @@ def test_bfloat16_compute_close_to_float32():
     np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0.1, atol=0.05)
 
 
-def test_resolve_backend():
-  if jax.default_backend() != "gpu":
+def test_resolve_backend(monkeypatch):
+  if jax.default_backend() == "cpu":
     assert dispatch.resolve_backend("auto") == "sorted"
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "tpu")
+  assert dispatch.resolve_backend("auto") == "ragged"  # XLA's native grouped matmul on TPU
+  monkeypatch.undo()
   for name in ("dense", "ragged", "sorted", "pallas"):
     assert dispatch.resolve_backend(name) == name
   with pytest.raises(ValueError, match=r"model\.dispatch.*'dense', 'ragged', 'sorted', 'pallas', 'auto'"):

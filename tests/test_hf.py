@@ -360,7 +360,7 @@ def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
   from launch.import_hf import main as import_main
   src, work = str(tmp_path / "hf"), tmp_path / "work"
   pure = _pure(_random_model(TINY))
-  export_hf(TINY, pure, src, log=lambda _: None)
+  export_hf(TINY, pure, src, canvas_length=16, log=lambda _: None)  # a canvas within the sliding window (64)
   import_hf(src, str(work), log=lambda _: None)
   (work / "checkpoints" / "24").mkdir()  # a later step of a run trained in this workdir
   (work / "tokenizer.model").write_bytes(b"that run's tokenizer")

@@ -43,13 +43,57 @@ def test_settings_from_config_environment_and_slurm():
   from_config = _section(coordinator_address="h:1", num_processes=2, process_id=0, initialization_timeout_s=7)
   assert distributed_settings(from_config, env=env) == dict(coordinator_address="h:1", num_processes=2,
                                                             process_id=0, initialization_timeout=7)
-  assert distributed_settings(_section(), env={"SLURM_JOB_ID": "9", "SLURM_NTASKS": "2"}) == dict(
-      initialization_timeout=300)
-  assert distributed_settings(_section(), env={"SLURM_JOB_ID": "9", "SLURM_NTASKS": "1"}) is None
+  srun = {"SLURM_JOB_ID": "9", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "0"}  # what srun sets in each task
+  assert distributed_settings(_section(), env=srun) == dict(initialization_timeout=300, cluster="SLURM",
+                                                           cluster_processes=2)
+  assert distributed_settings(_section(), env=dict(srun, SLURM_NTASKS="1")) is None
+  assert distributed_settings(_section(), env={"SLURM_JOB_ID": "9", "SLURM_NTASKS": "2"}) is None  # no srun step
   with pytest.raises(ConfigError, match="distributed.process_id is not"):
     distributed_settings(_section(coordinator_address="h:1", num_processes=2), env={})
   with pytest.raises(ConfigError, match=r"must lie in \[0, distributed.num_processes=2\)"):
     distributed_settings(_section(coordinator_address="h:1", num_processes=2, process_id=2), env={})
+
+
+def _free_ompi_port() -> int:
+  """A free port JAX's Open MPI detection will pick: it derives the coordinator port from the job id."""
+  import socket
+  for port in range(61440 + os.getpid() % 3000, 65536):
+    with socket.socket() as probe:
+      try:
+        probe.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError("no free port in Open MPI's range")
+
+
+def test_open_mpi_environment_is_detected_and_two_processes_join():
+  """What `mpirun -np 2` sets (faked here): each process finds the run by JAX's own auto-detection, says it found
+  Open MPI, and joins the other one; a hybrid mesh (mesh.dcn_shape) puts its slow axis across the two hosts."""
+  port = _free_ompi_port()
+  script = ("import jax\nfrom diffgemma_jax.parallel.distributed import initialize_distributed, shutdown_distributed\n"
+            "assert initialize_distributed()\n"
+            "print('joined', jax.process_index(), jax.process_count(), jax.device_count(), flush=True)\n"
+            "from diffgemma_jax.parallel import make_mesh\n"
+            "mesh = make_mesh((1, 2, 1, 1), dcn_shape=(2, 1, 1, 1))\n"
+            "print('hybrid', dict(mesh.shape)['data'], dict(mesh.shape)['fsdp'], "
+            "[sorted({d.process_index for d in row.flat}) for row in mesh.devices], flush=True)\n"
+            "shutdown_distributed()\n")
+  procs = []
+  for rank in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               OMPI_MCA_orte_hnp_uri=f"{(port - 61440) * 4096}.0;tcp://127.0.0.1:1", OMPI_COMM_WORLD_SIZE="2",
+               OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_LOCAL_RANK=str(rank))
+    procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outputs = [p.communicate(timeout=240) for p in procs]
+  for rank, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, err[-3000:]
+    joined, hybrid = out.splitlines()
+    assert joined.split() == ["joined", str(rank), "2", "4"], out
+    assert hybrid == "hybrid 2 2 [[0], [1]]", out  # the slow data axis crosses the hosts, fsdp stays inside one
+    assert f"detected from the Open MPI environment, 2 processes" in err and f"127.0.0.1:{port}" not in out
 
 
 def test_unreachable_coordinator_fails_naming_the_address(tiny_config_file):
@@ -124,3 +168,38 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
   model = _overrides(4, mesh)
   for a, b in zip(_final_params(tiny_config_file, multi, 4, model), _final_params(tiny_config_file, single, 4, model)):
     np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * LEARNING_RATE)
+
+
+SBATCH = os.path.join(REPO, "launch", "multihost", "slurm.sbatch")
+
+
+@pytest.mark.parametrize("train_status, script_status, requeued", [(4, 0, True), (0, 0, False), (3, 3, False)])
+def test_slurm_script_requeues_a_run_stopped_by_sigterm(tmp_path, train_status, script_status, requeued):
+  """slurm.sbatch run by bash with stand-ins for srun and scontrol: exit 4 (checkpoint saved on SIGTERM) requeues
+  the job; success and failures end it with their status. The #SBATCH lines ask for the warning signal."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  for name, body in (("srun", f'echo "srun $*" >> {calls}\nexit {train_status}'),
+                     ("scontrol", f'echo "scontrol $*" >> {calls}')):
+    (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+  proc = subprocess.run(["bash", SBATCH, "--config", "c.py", "--workdir", "/shared/run"], env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == script_status, proc.stderr
+  lines = calls.read_text().splitlines()
+  assert lines[0] == "srun --kill-on-bad-exit=1 python -m launch.train --no_progress --config c.py --workdir /shared/run"
+  assert (lines[1:] == ["scontrol requeue 4242"]) == requeued and len(lines) == 1 + requeued, lines
+  header = open(SBATCH).read()
+  assert "#SBATCH --signal=TERM@300" in header and "#SBATCH --requeue" in header
+
+
+def test_dcn_shape_errors_name_the_key():
+  from diffgemma_jax.parallel import make_mesh
+  with pytest.raises(ConfigError, match=r"mesh.dcn_shape=\(2, 1, 1, 1\) spans 2 processes \(hosts\), but the run "
+                                        r"has 1"):
+    make_mesh((1, 1, 1, 1), dcn_shape=(2, 1, 1, 1))
+  with pytest.raises(ConfigError, match=r"mesh.dcn_shape=\(2, 1\): one positive size per mesh axis"):
+    make_mesh((1, 1, 1, 1), dcn_shape=(2, 1))
+  assert dict(make_mesh((1, 1, 1, -1), dcn_shape=(1, 1, 1, 1)).shape)["tensor"] >= 1

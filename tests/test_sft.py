@@ -350,6 +350,14 @@ def test_sft_from_a_pretrained_checkpoint_end_to_end(load_tiny, trained_run, sft
   assert after["num_tokens"] == before["num_tokens"]
   assert before["step"] == 24 and after["step"] == 6
   assert after["ppl_bound"] < before["ppl_bound"]  # the fine-tune learnt the held-out pairs' format
+  # The run's own workdir is enough to read it: its init.checkpoint gone (another machine, say) and its dataset
+  # rebuilt from nothing, with the tokenizer the run pinned.
+  from diffgemma_jax.sampling.requests import GenerationOptions, generate_completions
+  elsewhere = load_tiny(_sft_overrides(str(tmp_path / "gone"), root, **{"data.dir": str(tmp_path / "rebuilt")}))
+  assert evaluate(elsewhere, str(tmp_path / "sft")) == after
+  (result,) = generate_completions(elsewhere, str(tmp_path / "sft"), ["def add_1(x):\n"],
+                                   GenerationOptions(gen_length=8, block_length=8))
+  assert result["step"] == 6 and result["new_tokens"] <= 8
 
 
 def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_data, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from diffgemma_jax import storage
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.safetensors_io import write_sharded
 from diffgemma_jax.model.config import ConfigError, ModelConfig
@@ -23,29 +24,21 @@ from diffgemma_jax.model.config import ConfigError, ModelConfig
 def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):
   """(step, the parameters as the trainer saved them: nested dicts of arrays) from `workdir/checkpoints`."""
   import jax
-  import orbax.checkpoint as ocp
   from flax import nnx
 
   from diffgemma_jax.model.transformer import build_model
+  from diffgemma_jax.train.checkpoint import Checkpointer, check_workdir
   from diffgemma_jax.train.state import to_pure
 
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise ConfigError(f"--workdir {workdir}: no checkpoints directory {directory}")
-  manager = ocp.CheckpointManager(directory)
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise ConfigError(f"no complete checkpoint in {directory}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available steps are {steps}")
+  check_workdir(workdir, reading=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  step = ckpt.readable_step(step, workdir)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = to_pure(nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param))
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  manager.close()
-  return step, restored["params"]
+  params = ckpt.restore_pure_params(step, target)
+  ckpt.close()
+  return step, params
 
 
 def getter(pure: Any) -> Callable[[tuple], np.ndarray]:
@@ -69,8 +62,8 @@ def run_tokenizer(workdir: str, data_tokenizer: str = "") -> str:
   """The tokenizer a run was trained with: the one the trainer pinned in its workdir, else `data.tokenizer` (the
   tokenizer of imported weights). Without either, fails rather than export a model with guessed special ids."""
   pinned = os.path.join(workdir, "tokenizer.model")
-  if os.path.isfile(pinned):
-    return pinned
+  if storage.open_path(pinned).is_file():
+    return storage.local_file(pinned)
   if data_tokenizer:
     from diffgemma_jax.train.dataset import checked_data_tokenizer
     return checked_data_tokenizer(data_tokenizer)
@@ -116,14 +109,14 @@ def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 
   np_dtype = np.dtype(dtype_of(dtype))
   hf_config = mapping.hf_config_from_model(cfg, canvas_length=canvas_length)
   hf_config["dtype"] = dtype
-  os.makedirs(output, exist_ok=True)
-  files = write_sharded(output, hf_tensors(cfg, pure, np_dtype), max_shard_bytes=max_shard_bytes)
-  with open(os.path.join(output, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  with open(os.path.join(output, "generation_config.json"), "w") as f:
-    json.dump(generation, f, indent=2)
-  if tokenizer:
-    shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.model"))
+  with storage.staged_folder(output) as folder:  # object storage: written locally, then uploaded file by file
+    files = write_sharded(folder, hf_tensors(cfg, pure, np_dtype), max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)
+    if tokenizer:
+      shutil.copyfile(tokenizer, os.path.join(folder, "tokenizer.model"))
   log(f"wrote {output}: config.json, {len(files)} safetensors shard(s) ({dtype})"
       + (" and tokenizer.model" if tokenizer else ""))
   return files

@@ -12,14 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
 from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.objectives.block import check_canvas_window
+from diffgemma_jax.train import integrity
 
 CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
 
@@ -33,10 +38,25 @@ def get_config():
   c.model.update(MODEL)
   c.objective.name = "uniform"
   c.objective.block_size = {canvas_length}
+  # Rows of whole canvases; the checkpoint serves prompts up to max_position_embeddings={max_positions} tokens: raise
+  # it (a multiple of the canvas) for longer ones.
+  c.train.seq_len = {seq_len}
   c.data.tokenizer = {tokenizer!r}  # the checkpoint's own sentencepiece model ("" when it ships none)
   c.data.chat_template = "diffusiongemma"
   return c
 '''
+
+
+# train.seq_len of an imported model: the row length of our 26B recipe (configs/diffusiongemma_26b_a4b.py), within
+# what the release serves (config.json's max_position_embeddings).
+IMPORTED_CONTEXT = 4096
+
+
+def imported_context(canvas_length: int, max_positions: int | None) -> int:
+  """train.seq_len for imported weights: whole canvases, as many as fit in IMPORTED_CONTEXT (and in the checkpoint's
+  max_position_embeddings), at least one."""
+  context = min(IMPORTED_CONTEXT, int(max_positions)) if max_positions else IMPORTED_CONTEXT
+  return max(context // canvas_length, 1) * canvas_length
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
@@ -151,12 +171,14 @@ def pure_params(cfg: ModelConfig, flat: dict):
   return nnx.to_pure_dict(nnx.State.from_flat_path({p: flat[p] for p in wanted}))
 
 
-def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int) -> None:
+def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int, seq_len: int,
+                      max_positions: int | None = None) -> None:
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     tokenizer = os.path.join(source, "tokenizer.model")
-    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length,
+    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length, seq_len=seq_len,
+                                   max_positions=max_positions or "(not given)",
                                    tokenizer=tokenizer if os.path.isfile(tokenizer) else ""))
 
 
@@ -166,22 +188,24 @@ def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0)
 
   from diffgemma_jax.train.checkpoint import CONFIG_FILE
 
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(run_config, f, indent=2, sort_keys=True)
-  manager = ocp.CheckpointManager(directory, item_names=("params",))
+  directory = storage.resolve(os.path.join(workdir, "checkpoints"))
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  epath.Path(directory, CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True))
+  manager = ocp.CheckpointManager(directory, item_names=("params",), options=ocp.CheckpointManagerOptions(
+      temporary_path_class=storage.temporary_path_class(directory)))
   manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(pure)), force=True)
   manager.wait_until_finished()
   manager.close()
+  integrity.record_files(os.path.join(directory, str(step)))
   return directory
 
 
 def check_output(output: str, *, force: bool) -> None:
   """Refuses a workdir whose checkpoints/ holds anything: the imported step 0 would sit below its later steps
   (which eval, generate and resume take) and its run_config.json would be overwritten."""
-  directory = os.path.join(output, "checkpoints")
-  found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  storage.check_reachable(output, "--output")
+  directory = epath.Path(output, "checkpoints")
+  found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
   if found and not force:
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise ConfigError(f"--output {output}: {directory} is not empty ({shown}); an imported step 0 would be "
@@ -200,18 +224,26 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   check_output(output, force=force)
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
-  scratch = os.path.join(os.path.abspath(output), ".import-scratch")  # beside the output: same filesystem
+  canvas_length = int(hf_config.get("canvas_length") or 256)
+  check_canvas_window(canvas_length, cfg.sliding_window, cfg.layer_pattern, canvas_key="config.json canvas_length",
+                      window_key="sliding_window")  # before any tensor is read
+  max_positions = mapping.text_config_of(hf_config).get("max_position_embeddings")
+  seq_len = imported_context(canvas_length, max_positions)
+  # beside a local output (same filesystem); for object storage in the local temporary folder
+  scratch = (tempfile.mkdtemp(prefix="diffgemma-import-") if storage.is_url(output)
+             else os.path.join(os.path.abspath(output), ".import-scratch"))
   try:
     pure = pure_params(cfg, load_params(hf_dir, cfg, log=log, scratch=scratch))
-    canvas_length = int(hf_config.get("canvas_length") or 256)
     run_config = base_config()
     run_config.model.update(cfg.to_dict())
     run_config.objective.name = "uniform"
     run_config.objective.block_size = canvas_length
+    run_config.train.seq_len = seq_len
     if force:  # only now that the new parameters loaded: a failed import leaves the old run as it was
-      shutil.rmtree(os.path.join(output, "checkpoints"), ignore_errors=True)
-      if os.path.isfile(os.path.join(output, "tokenizer.model")):
-        os.remove(os.path.join(output, "tokenizer.model"))
+      if epath.Path(output, "checkpoints").exists():
+        epath.Path(output, "checkpoints").rmtree()
+      if epath.Path(output, "tokenizer.model").is_file():
+        epath.Path(output, "tokenizer.model").unlink()
     directory = save_checkpoint(output, pure, config_to_dict(run_config))
     del pure
   finally:
@@ -219,12 +251,13 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
   tokenizer = os.path.join(hf_dir, "tokenizer.model")
   if os.path.isfile(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(output, "tokenizer.model"))
+    epath.Path(tokenizer).copy(epath.Path(output, "tokenizer.model"), overwrite=True)
     log(f"wrote {os.path.join(output, 'tokenizer.model')} (the checkpoint's tokenizer)")
   else:
     log(f"note: {hf_dir} ships no tokenizer.model; set data.tokenizer to the model's sentencepiece file to "
         f"generate or fine-tune with it")
   if config_out:
-    write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length)
+    write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length, seq_len=seq_len,
+                      max_positions=max_positions)
     log(f"wrote {config_out}")
   return cfg

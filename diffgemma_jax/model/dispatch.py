@@ -9,7 +9,8 @@ Backends (all dropless, all equal to `dense`):
           then a loop over the used tiles, each a plain matmul against its expert's weights, with a hand-written
           VJP (XLA:CPU runs `ragged_dot` at a few percent of matmul speed).
   pallas  the `pallas_kernels.ops.gmm` grouped-matmul kernel (interpreted when not on a GPU).
-  auto    `pallas` on a GPU when the kernels are importable, else `sorted`.
+  auto    `pallas` on a GPU when the kernels are importable, `ragged` on a TPU (XLA lowers `ragged_dot` to the
+          TPU's native grouped matmul there), else `sorted` (the CPU).
 
 Row movement is written as gathers in both directions (`_take_rows`): each permutation is a bijection between
 assignments and rows, so its transpose is the gather by the inverse index and no backward pass scatters rows.
@@ -49,7 +50,10 @@ def resolve_backend(name: str) -> str:
   if name not in BACKENDS:
     raise ValueError(f"model.dispatch: unknown dispatch backend {name!r}; valid backends are {BACKENDS}")
   if name == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "sorted"
+    platform = jax.default_backend()
+    if platform == "gpu" and _pallas_available():
+      return "pallas"
+    return "ragged" if platform == "tpu" else "sorted"
   return name
 
 

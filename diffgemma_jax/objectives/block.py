@@ -52,6 +52,18 @@ def check_block_size(seq_len: int, block_size: int) -> None:
                       f"block size that divides the sequence length (e.g. {_divisor_hint(seq_len, block_size)})")
 
 
+def check_canvas_window(block_size: int, sliding_window: int, layer_pattern, *,
+                        canvas_key: str = "objective.block_size", window_key: str = "model.sliding_window") -> None:
+  """A canvas must fit in the sliding window. Beyond it the reference DiffusionGemma lets every canvas query of a
+  sliding layer see the whole canvas, while this denoiser keeps the window inside the canvas (masks.py), so the
+  two would compute different logits for the same weights: refused, naming both values."""
+  if "sliding" in tuple(layer_pattern) and block_size > sliding_window:
+    raise ConfigError(f"{canvas_key}={block_size} is longer than {window_key}={sliding_window}: on sliding-window "
+                      f"layers the reference DiffusionGemma lets a canvas attend to all of itself, this denoiser to "
+                      f"a window of it, so their logits would differ; use a canvas of at most {sliding_window} "
+                      f"tokens or a window of at least {block_size}")
+
+
 def _divisor_hint(seq_len: int, block_size: int) -> int:
   return max(d for d in range(1, block_size + 1) if seq_len % d == 0)
 

@@ -5,7 +5,9 @@ first match wins:
   1. `distributed.coordinator_address` / `num_processes` / `process_id` in the config;
   2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what launch/multihost/local.sh
      sets);
-  3. a cluster JAX detects by itself (SLURM with more than one task: launch/multihost/slurm.sbatch);
+  3. a cluster JAX detects by itself with more than one process: SLURM (launch/multihost/slurm.sbatch), Open MPI
+     (`mpirun`), Kubernetes (indexed Jobs / JobSet; JAX needs the `kubernetes` package: `pip install jax[k8s]`),
+     Cloud TPU pod slices (GCE and GKE); the run logs which one it found;
   4. none of these: one process, nothing to start.
 After it, `jax.devices()` lists every process's devices and the mesh spans them all; each process feeds its own
 rows of every batch and all processes write each checkpoint together (Orbax coordinates them).
@@ -67,9 +69,41 @@ def distributed_settings(config=None, env: Mapping[str, str] | None = None) -> d
                         f"{num_processes})")
     return dict(coordinator_address=address, num_processes=num_processes, process_id=process_id,
                 initialization_timeout=timeout)
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-    return dict(initialization_timeout=timeout)
+  cluster = detect_cluster(env)
+  if cluster is not None and cluster[1] > 1:
+    return dict(initialization_timeout=timeout, cluster=cluster[0], cluster_processes=cluster[1])
   return None
+
+
+# JAX's cluster environments (jax._src.clusters) by class name, as the run names them in its log.
+CLUSTER_NAMES = {"SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "Mpi4pyCluster": "MPI (mpi4py)",
+                 "GceTpuCluster": "Cloud TPU (GCE)", "GkeTpuCluster": "Cloud TPU (GKE)", "K8sCluster": "Kubernetes"}
+
+
+def detect_cluster(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+  """(name, process count) of the first cluster environment JAX's own auto-detection finds (the one
+  `jax.distributed.initialize()` without arguments would use), or None. `env` replaces the process environment
+  while JAX's detectors look (tests)."""
+  from jax._src import clusters  # pylint: disable=import-outside-toplevel (no public API names the detected one)
+  saved = None
+  if env is not None and env is not os.environ:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+  try:
+    for cluster in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+      if cluster.__name__ not in CLUSTER_NAMES:
+        continue
+      try:
+        if cluster.is_env_present():
+          return CLUSTER_NAMES[cluster.__name__], int(cluster.get_process_count())
+      except Exception:  # pylint: disable=broad-except (a detector that cannot run is not this cluster)
+        continue
+    return None
+  finally:
+    if saved is not None:
+      os.environ.clear()
+      os.environ.update(saved)
 
 
 def initialize_distributed(config=None, env: Mapping[str, str] | None = None) -> bool:
@@ -79,7 +113,9 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
     return False
   if _is_initialized():
     return True
-  address = settings.get("coordinator_address", "(detected from the SLURM environment)")
+  cluster = settings.pop("cluster", None)
+  processes = settings.pop("cluster_processes", None)
+  address = settings.get("coordinator_address", f"(detected from the {cluster} environment, {processes} processes)")
   who = f"process {settings['process_id']} of {settings['num_processes']}" if "process_id" in settings else \
       "this process"
   timeout = settings["initialization_timeout"]

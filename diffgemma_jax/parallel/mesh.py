@@ -40,7 +40,11 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(shape: Sequence[int] = (1, 1, 1, 1), axes: Sequence[str] = MESH_AXES,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, dcn_shape: Sequence[int] = ()) -> Mesh:
+  """The mesh `shape` over `axes`. With `dcn_shape` (one size per axis) the mesh is hybrid: `shape` is the part
+  inside each host (TPU: each slice), joined by the fast network, and `dcn_shape` how many hosts (slices) each axis
+  spans over the slow data-centre network; the mesh is their elementwise product (jax's create_hybrid_device_mesh),
+  so only the axes with a dcn size above 1 cross hosts."""
   axes = tuple(axes)
   if len(shape) != len(axes):
     raise ConfigError(f"mesh.shape={tuple(shape)} and mesh.axes={axes} must have the same length")
@@ -48,6 +52,8 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1, 1), axes: Sequence[str] = MESH_AX
   if unknown:
     raise ConfigError(f"mesh.axes: unknown axis name(s) {sorted(unknown)}; valid names are {MESH_AXES}")
   devices = list(devices if devices is not None else jax.devices())
+  if dcn_shape:
+    return Mesh(_hybrid_device_array(shape, tuple(int(d) for d in dcn_shape), axes, devices), axes)
   shape = resolve_mesh_shape(shape, len(devices))
   try:  # topology-aware placement where the platform offers it (TPU/GPU slices)
     from jax.experimental import mesh_utils
@@ -57,9 +63,26 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1, 1), axes: Sequence[str] = MESH_AX
   return Mesh(device_array, axes)
 
 
+def _hybrid_device_array(shape, dcn_shape: tuple[int, ...], axes, devices) -> np.ndarray:
+  if len(dcn_shape) != len(axes) or any(d < 1 for d in dcn_shape):
+    raise ConfigError(f"mesh.dcn_shape={dcn_shape}: one positive size per mesh axis {axes} (or () for no split)")
+  platform = devices[0].platform
+  granules = {getattr(d, "slice_index", 0) if platform == "tpu" else d.process_index for d in devices}
+  what = "slices" if platform == "tpu" else "processes (hosts)"
+  if len(granules) != math.prod(dcn_shape):
+    raise ConfigError(f"mesh.dcn_shape={dcn_shape} spans {math.prod(dcn_shape)} {what}, but the run has "
+                      f"{len(granules)}; make its product the number of {what}")
+  ici = resolve_mesh_shape(shape, len(devices) // len(granules))
+  from jax.experimental import mesh_utils
+  try:
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices, process_is_granule=platform != "tpu")
+  except (ValueError, AssertionError) as e:
+    raise ConfigError(f"mesh.shape={tuple(shape)} with mesh.dcn_shape={dcn_shape}: {e}") from None
+
+
 def mesh_from_config(config, *, training: bool = True) -> Mesh:
   """The run's mesh over every device of every process, checked against the model and the batch sizes."""
-  mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+  mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), dcn_shape=tuple(config.mesh.get("dcn_shape", ())))
   check_mesh_fits(config, mesh, training=training)
   return mesh
 

@@ -18,6 +18,7 @@ the denoising steps of every canvas; the entropy-bound defaults are the released
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -295,21 +296,14 @@ def restore_model(config, workdir: str, step: int | None = None):
   from diffgemma_jax.model.transformer import build_model
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.parallel.rules import shardings_for
-  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora
+  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_workdir
   from diffgemma_jax.train.state import split_model
 
+  check_workdir(workdir, reading=True)
   checkpoints = os.path.join(workdir, "checkpoints")
   config = adopt_saved_lora(config, checkpoints)
   ckpt = Checkpointer(checkpoints, config, create=False)
-  available = ckpt.all_steps()
-  if not available:
-    raise GenerationError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir "
-                          f"{workdir})")
-  if step is None:
-    step = max(available)
-  elif step not in available:
-    raise GenerationError(f"--step {step}: no such checkpoint in {checkpoints}; available steps are "
-                          f"{sorted(available)}")
+  step = ckpt.readable_step(step, workdir)
   model_cfg = ModelConfig.from_config_dict(config.model)
   graphdef, abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
   mesh = mesh_from_config(config, training=False)
@@ -323,9 +317,10 @@ def load_tokenizer(config, workdir: str | None = None):
   of imported weights), else the dataset's."""
   from diffgemma_jax.data import Tokenizer
   from diffgemma_jax.train.dataset import dataset_dir
+  from diffgemma_jax import storage
   pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
-  if pinned and os.path.isfile(pinned):
-    return Tokenizer(pinned)
+  if pinned and storage.open_path(pinned).is_file():
+    return Tokenizer(storage.local_file(pinned))
   if config.data.tokenizer:
     return Tokenizer(str(config.data.tokenizer))
   return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
@@ -337,14 +332,17 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   model is restored, so bad input fails fast. `options.gen_length=None`: as many new tokens as fit in the model's
   context after the longest prompt (at most GenerationOptions.gen_length, whole canvases or blocks)."""
   fill_context, given_steps = options.gen_length is None, options.steps
-  if fill_context:
-    options = dataclasses.replace(options, gen_length=GenerationOptions.gen_length)
+  if fill_context:  # provisional, a multiple of every sampler's unit (the release's canvas is 256); fitted below
+    options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length, options.block_length,
+                                                               int(config.objective.block_size)))
   options = validate_options(options, str(config.objective.name), int(config.objective.block_size),
                              int(config.train.seq_len))
   if not prompts:
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   for text in prompts:
     validate_prompt(text, [], 1)
+  from diffgemma_jax.train.checkpoint import check_workdir
+  check_workdir(workdir, reading=True)  # before its tokenizer is looked for there
   tokenizer = load_tokenizer(config, workdir)
   context_length = int(config.train.seq_len)
   from diffgemma_jax.data.sft import encode_text, marker_ids

@@ -14,12 +14,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
 
 CONFIG_FILE = "run_config.json"
@@ -28,8 +32,35 @@ RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "remat", "compute_dtype", "load_ba
                                   "router_z_loss_weight", "capacity_factor", "dropless", "expert_collective"})
 
 
+ITEMS = ("params", "opt_state", "data_iterator")
+
+
 class IncompatibleCheckpointError(ConfigError):
   """The workdir holds checkpoints of a model whose parameters differ from the config's."""
+
+
+class DamagedCheckpointError(ConfigError):
+  """A step folder no longer holds what was written (a copy cut short, a full disk, a deleted file)."""
+
+  def __init__(self, message: str, step: int, problem: str):
+    super().__init__(message)
+    self.step, self.problem = step, problem
+
+
+def check_workdir(workdir: str, *, reading: bool) -> None:
+  """`--workdir` must be a directory; a run that is only read (eval, generate, export) must exist already."""
+  storage.check_reachable(workdir, "--workdir")
+  path = epath.Path(storage.resolve(workdir))
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give the run's directory")
+  if reading and not path.is_dir():
+    raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
+                      f"--workdir {workdir} creates it)")
+
+
+def _stderr(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, file=sys.stderr, flush=True)
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -67,10 +98,9 @@ def adopt_saved_lora(config, checkpoints_dir: str):
   restored and used. Training never does this: a resume must state what it trains. Returns a copy when it
   changes anything; the caller's config is left as it was."""
   path = os.path.join(checkpoints_dir, CONFIG_FILE)
-  if int(config.model.lora_rank) or not os.path.isfile(path):
+  if int(config.model.lora_rank) or not epath.Path(path).is_file():
     return config
-  with open(path) as f:
-    saved = json.load(f).get("model", {})
+  saved = json.loads(epath.Path(path).read_text()).get("model", {})
   if not int(saved.get("lora_rank", 0) or 0):
     return config
   config = config.copy_and_resolve_references()
@@ -96,20 +126,23 @@ def _decode_iterator_state(state: Any) -> Any:
 class Checkpointer:
   """Saves and restores a run's checkpoints in `directory`; refuses checkpoints of an incompatible model."""
 
-  def __init__(self, directory: str, config, *, create: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str, config=None, *, create: bool = True, log: Callable[[str], None] = _stderr):
+    """`config` None: a reader that brings its own model (export); nothing is checked against the saved config."""
+    self.directory = storage.resolve(directory)
     self.config = config
-    self.check_compatible()
+    if config is not None:
+      self.check_compatible()
     self._manager = None
     self._create = create
+    self._unrecorded: list[int] = []  # saved steps whose file record is not written yet
+    self.log = log
 
   # ---- compatibility ---------------------------------------------------------------------------------------------
   def saved_config(self) -> dict[str, Any] | None:
-    path = os.path.join(self.directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(os.path.join(self.directory, CONFIG_FILE))
+    if not path.is_file():
       return None
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
 
   def check_compatible(self) -> None:
     saved = self.saved_config()
@@ -130,9 +163,14 @@ class Checkpointer:
           f"Differences: {'; '.join(diffs)}")
 
   def check_resumable(self) -> None:
-    """Training only: the saved optimizer state must have the structure this config's optimizer builds (gradient
-    clipping on or off adds or removes a stage)."""
+    """Training only: the saved optimizer state must have the structure this config's optimizer builds (another
+    optimizer, or gradient clipping on or off, changes it)."""
     saved = self.saved_config()
+    saved_optimizer = (saved or {}).get("train", {}).get("optimizer", "adamw")
+    if saved is not None and saved_optimizer != self.config.train.optimizer:
+      raise IncompatibleCheckpointError(
+          f"{self.directory} holds the state of train.optimizer={saved_optimizer!r}, not "
+          f"{self.config.train.optimizer!r}; resume with that optimizer or start a new --workdir")
     if saved is None or "grad_clip" not in saved.get("train", {}):
       return
     clipped, clips = float(saved["train"]["grad_clip"]) > 0, float(self.config.train.grad_clip) > 0
@@ -146,71 +184,167 @@ class Checkpointer:
   @property
   def manager(self) -> ocp.CheckpointManager:
     if self._manager is None:
-      ckpt = self.config.checkpoint
+      keep = int(self.config.checkpoint.keep) if self.config is not None else 0
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=int(ckpt.keep) if int(ckpt.keep) > 0 else None,
-          enable_async_checkpointing=bool(ckpt.async_save),
+          max_to_keep=keep if keep > 0 else None,
+          enable_async_checkpointing=bool(self.config.checkpoint.async_save) if self.config is not None else False,
           create=self._create,
-          cleanup_tmp_directories=True)
+          cleanup_tmp_directories=True,
+          temporary_path_class=storage.temporary_path_class(self.directory))
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("params", "opt_state", "data_iterator"))
     return self._manager
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint (temporary directories of interrupted saves are not steps)."""
-    if not os.path.isdir(self.directory):
+    if not epath.Path(self.directory).is_dir():
       return None
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    if not os.path.isdir(self.directory):
+    if not epath.Path(self.directory).is_dir():
       return []
     return list(self.manager.all_steps())
 
   def save(self, state: TrainState, iterator_state: Any) -> None:
     step = int(jax.device_get(state.step))
-    os.makedirs(self.directory, exist_ok=True)
-    config_path = os.path.join(self.directory, CONFIG_FILE)
-    if not os.path.isfile(config_path) and jax.process_index() == 0:
-      with open(config_path, "w") as f:
-        json.dump(config_to_dict(self.config), f, indent=2, sort_keys=True)
+    epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
+    config_path = epath.Path(os.path.join(self.directory, CONFIG_FILE))
+    if not config_path.is_file() and jax.process_index() == 0:
+      config_path.write_text(json.dumps(config_to_dict(self.config), indent=2, sort_keys=True))
+    self._set_aside(step)
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(to_pure(state.params)),
         opt_state=ocp.args.StandardSave(to_pure(state.opt_state)),
         data_iterator=ocp.args.JsonSave(_encode_iterator_state(iterator_state))), force=True)
+    # Orbax's save returns once every earlier save is final; this one is final too unless it is asynchronous.
+    self._unrecorded.append(step)
+    self._record(keep_last=bool(self.config.checkpoint.async_save))
+
+  def _record(self, keep_last: bool = False) -> None:
+    """Writes the file record of every finished save (see `integrity`)."""
+    done = self._unrecorded[:-1] if keep_last else self._unrecorded
+    if jax.process_index() == 0:
+      for step in done:
+        integrity.record_files(os.path.join(self.directory, str(step)))
+    self._unrecorded = self._unrecorded[len(done):]
+
+  def _set_aside(self, step: int) -> None:
+    """A step folder that exists already is one the resume skipped as damaged: it is renamed, never deleted,
+    before the step is written again."""
+    if step not in self.manager.all_steps():
+      return
+    target, n = os.path.join(self.directory, f"{step}.damaged"), 1
+    while epath.Path(target).exists():
+      n += 1
+      target = os.path.join(self.directory, f"{step}.damaged-{n}")
+    if jax.process_index() == 0:
+      epath.Path(os.path.join(self.directory, str(step))).rename(target)
+    if jax.process_count() > 1:
+      from diffgemma_jax.parallel.distributed import barrier
+      barrier(f"diffgemma_set_aside_{step}")
+    self.manager.reload()
+    self.log(f"renamed the damaged checkpoint {step} to {os.path.basename(target)} (kept) to save step {step} again")
+
+  # ---- restoring -------------------------------------------------------------------------------------------------
+  def damage(self, step: int, items: tuple[str, ...] = ITEMS) -> str | None:
+    """What is wrong with step folder `step` (naming the file), or None when it holds what was saved."""
+    return integrity.damage(os.path.join(self.directory, str(step)), items)
+
+  def _read_failure(self, step: int, error: Exception, items: tuple[str, ...]) -> ConfigError:
+    """The error to raise for a failed restore: damage when a file is missing, cut short or unreadable; else (a
+    tree that does not match what was saved: an optimizer built differently, say) an incompatible checkpoint."""
+    problem = self.damage(step, items)
+    if problem is None:
+      account = integrity.describe_read_error(os.path.join(self.directory, str(step)), error)
+      if isinstance(error, ValueError) and not account.startswith(f"{step}/"):
+        return IncompatibleCheckpointError(
+            f"cannot restore step {step} in {self.directory}: the saved state does not match this config's "
+            f"model and optimizer ({str(error).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a "
+            f"new --workdir")
+      problem = account
+    return DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
 
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
     """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it."""
+    problem = self.damage(step)
+    if problem:
+      raise DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
     target = with_shardings(abstract, shardings)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(to_pure(target.params)),
           opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
           data_iterator=ocp.args.JsonRestore()))
-    except ValueError as e:  # a tree that does not match what was saved (an optimizer built differently, say)
-      raise IncompatibleCheckpointError(
-          f"cannot resume from step {step} in {self.directory}: the saved state does not match this config's "
-          f"model and optimizer ({str(e).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a new "
-          f"--workdir") from None
+    except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for one unreadable file
+      raise self._read_failure(step, e, ITEMS) from None
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step)
     state = TrainState(step=step_array, params=from_pure(abstract.params, restored["params"]),
                        opt_state=from_pure(abstract.opt_state, restored["opt_state"]))
     return state, _decode_iterator_state(restored["data_iterator"])
 
+  def restore_newest(self, abstract: TrainState, shardings: TrainState) -> tuple[int, TrainState, Any]:
+    """(step, state, iterator state) of the newest checkpoint that restores. A damaged one is skipped, saying so,
+    and left in place (`save` renames it when the run reaches its step again)."""
+    skipped = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return (step,) + self.restore(step, abstract, shardings)
+      except DamagedCheckpointError as e:
+        skipped.append(f"step {step}: {e.problem}")
+        self.log(f"skipping checkpoint {step} in {self.directory}, which is damaged ({e.problem}); resuming from "
+                 f"an earlier step, the folder left as it is")
+    raise DamagedCheckpointError(f"no checkpoint in {self.directory} restores ({'; '.join(skipped)}); copy the run "
+                                 f"again from its source or use a new --workdir", -1, "; ".join(skipped))
+
+  def readable_step(self, step: int | None, workdir: str) -> int:
+    """The step a reader of the run (eval, generate, export) restores: `step`, or the latest. A step that is not
+    there, or whose parameters are damaged, fails naming the steps that would work."""
+    available = sorted(self.all_steps())
+    if not available:
+      raise ConfigError(f"no complete checkpoint in {self.directory}; train first (diffgemma-train --workdir "
+                        f"{workdir})")
+    if step is None:
+      step = available[-1]
+    elif step not in available:
+      raise ConfigError(f"--step {step}: no such checkpoint in {self.directory}; available steps are {available}")
+    problem = self.damage(step, ("params",))
+    if problem:
+      raise self._damaged_for_reader(step, problem, available)
+    return step
+
+  def _damaged_for_reader(self, step: int, problem: str, available: list[int]) -> DamagedCheckpointError:
+    intact = [s for s in reversed(available) if s != step and self.damage(s, ("params",)) is None]
+    advice = (f"use --step {' or --step '.join(map(str, intact))}" if intact else
+              "no other step is intact: copy the run again from its source")
+    return DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}; {advice}",
+                                  step, problem)
+
   def restore_params(self, step: int, abstract_params, param_shardings):
     """Parameters only (evaluation, or initialising a fine-tune from a pretrained checkpoint)."""
-    target = with_shardings(abstract_params, param_shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(to_pure(target))))
-    return from_pure(abstract_params, restored["params"])
+    return from_pure(abstract_params, self.restore_pure_params(step, to_pure(with_shardings(abstract_params,
+                                                                                            param_shardings))))
+
+  def restore_pure_params(self, step: int, target):
+    """The parameters of `step` as saved (nested dicts of arrays) into `target`'s shapes, dtypes and shardings."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    except Exception as e:  # noqa: BLE001 - see restore
+      failure = self._read_failure(step, e, ("params",))
+      if isinstance(failure, DamagedCheckpointError):
+        failure = self._damaged_for_reader(step, failure.problem, sorted(self.all_steps()))
+      raise failure from None
+    return restored["params"]
 
   def wait(self) -> None:
     if self._manager is not None:
       self._manager.wait_until_finished()
+      self._record()
 
   def close(self) -> None:
     if self._manager is not None:
       self._manager.wait_until_finished()
+      self._record()
       self._manager.close()
       self._manager = None
 
@@ -219,12 +353,13 @@ class Checkpointer:
 def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
   """(the step directory, its step, the run directory) named by `init.checkpoint`: a workdir (its latest or
   `step`), its checkpoints/ folder, or one step folder. Anything else fails naming the key."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if os.path.exists(path) else 'does not exist'}; "
+  path = storage.resolve(path)
+  storage.check_reachable(path, "init.checkpoint:")
+  if not epath.Path(path).is_dir():
+    raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if epath.Path(path).exists() else 'does not exist'}; "
                       f"give a training workdir, its checkpoints/ folder, or a step folder (e.g. "
                       f"runs/tiny/checkpoints/800)")
-  if os.path.isdir(os.path.join(path, "params")):
+  if epath.Path(path, "params").is_dir():
     checkpoints = os.path.dirname(path)
     if not os.path.basename(path).isdigit():
       raise ConfigError(f"init.checkpoint: {path} is not a step folder (its name is not a step number)")
@@ -232,9 +367,9 @@ def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
     if step >= 0 and step != found:
       raise ConfigError(f"init.checkpoint names step {found} but init.step={step}; set init.step=-1")
     return path, found, os.path.dirname(checkpoints)
-  checkpoints = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  steps = sorted(int(d) for d in os.listdir(checkpoints)
-                 if d.isdigit() and os.path.isdir(os.path.join(checkpoints, d, "params")))
+  checkpoints = os.path.join(path, "checkpoints") if epath.Path(path, "checkpoints").is_dir() else path
+  steps = sorted(int(d.name) for d in epath.Path(checkpoints).iterdir()
+                 if d.name.isdigit() and (d / "params").is_dir())
   if not steps:
     raise ConfigError(f"init.checkpoint: no complete checkpoint under {checkpoints}; train that run first or "
                       f"point at another")

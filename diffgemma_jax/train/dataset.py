@@ -8,7 +8,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.model.config import ConfigError
 
 
@@ -33,19 +35,24 @@ def checked_data_tokenizer(path: str) -> str:
   return path
 
 
-def tokenizer_source(config) -> str | None:
+def tokenizer_source(config, run_dir: str | None = None) -> str | None:
   """The sentencepiece file a dataset is built with: `data.tokenizer`; for SFT recipes without it, the tokenizer
-  of init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
+  the run in `run_dir` pinned (a trained or resumed fine-tune: its own workdir is enough), else the tokenizer of
+  init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
   recipe trains its own)."""
   from data_recipes import SFT_RECIPES
   if config.data.tokenizer:
     return checked_data_tokenizer(str(config.data.tokenizer))  # before a dataset folder is started with it
-  if config.data.recipe in SFT_RECIPES and config.init.checkpoint:
+  if config.data.recipe not in SFT_RECIPES:
+    return None
+  if run_dir and epath.Path(os.path.join(run_dir, "tokenizer.model")).is_file():
+    return storage.local_file(os.path.join(run_dir, "tokenizer.model"))
+  if config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
-    _, _, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
-    path = os.path.join(run_dir, "tokenizer.model")
+    _, _, init_run = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
+    path = os.path.join(init_run, "tokenizer.model")
     if not os.path.isfile(path):
-      raise ConfigError(f"init.checkpoint's run {run_dir} keeps no tokenizer.model; set data.tokenizer to the "
+      raise ConfigError(f"init.checkpoint's run {init_run} keeps no tokenizer.model; set data.tokenizer to the "
                         f"tokenizer it was trained with")
     return path
   return None
@@ -57,9 +64,10 @@ def mixture_entries(config) -> list[tuple[str, float]]:
   return parse_mixture(str(config.data.mixture)) if config.data.mixture else []
 
 
-def prepare_dataset(config) -> tuple[str, Any]:
+def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
   """Builds the dataset of `data.recipe` if missing (idempotent) and returns (directory, tokenizer); with
-  data.mixture, checks its built datasets and returns the first one's (they share the tokenizer).
+  data.mixture, checks its built datasets and returns the first one's (they share the tokenizer). `run_dir`: the
+  workdir of the run being trained or read (its pinned tokenizer builds an SFT dataset, see `tokenizer_source`).
 
   The tokenizer must have exactly `model.vocab_size` entries: the embedding table is indexed by its ids.
   """
@@ -73,7 +81,7 @@ def prepare_dataset(config) -> tuple[str, Any]:
     directory = mixture[0][0]
   else:
     directory = dataset_dir(config)
-    options = dict(source=config.data.source or None, tokenizer=tokenizer_source(config),
+    options = dict(source=config.data.source or None, tokenizer=tokenizer_source(config, run_dir),
                    heldout_source=config.data.heldout_source or None, max_bad_lines=int(config.data.max_bad_lines),
                    text_field=str(config.data.text_field), build_workers=int(config.data.build_workers),
                    tokenizer_sample_lines=int(config.data.tokenizer_sample_lines))
@@ -100,14 +108,17 @@ def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
   from diffgemma_jax.data.tokenizer import same_tokenizer
   source = os.path.join(directory, "tokenizer.model")
   pinned = os.path.join(workdir, "tokenizer.model")
-  if os.path.isfile(pinned):
-    if not same_tokenizer(source, pinned):  # by content: a file records the path it was built at
+  if epath.Path(pinned).is_file():
+    if not same_tokenizer(source, storage.local_file(pinned)):  # by content: a file records its build path
       raise ConfigError(f"the tokenizer in {directory} differs from {pinned}, the one this run was trained with; "
                         f"point data.dir at the run's original dataset or use a new --workdir")
   elif write:
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(source, pinned + ".tmp")
-    os.replace(pinned + ".tmp", pinned)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if storage.is_url(pinned):  # an object is written whole or not at all
+      epath.Path(source).copy(pinned)
+    else:
+      shutil.copyfile(source, pinned + ".tmp")
+      os.replace(pinned + ".tmp", pinned)
 
 
 def train_iterator(config, directory: str, *, process_index: int = 0, process_count: int = 1):

@@ -3,30 +3,71 @@ a tqdm progress bar, throughput and MFU, and the closing summary."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-# Dense bf16 peak FLOP/s per device, by device kind; the CPU figure is a rough per-host estimate for 2-16 cores.
-PEAK_FLOPS_BY_KIND = (("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("v5p", 459e12), ("v5", 197e12),
-                      ("v4", 275e12), ("cpu", 1e11))
+from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.train.checkpoint import config_to_dict
+
+@dataclasses.dataclass(frozen=True)
+class PeakFlops:
+  """Dense bfloat16 peak FLOP/s of one device kind: `pattern` is searched (a regular expression) in
+  "<platform> <device_kind>", lower case, as JAX reports them; the first entry that matches wins."""
+  pattern: str
+  flops: float
+  name: str
+
+
+# Vendor data-sheet figures, dense (no sparsity) bfloat16 per device (one GPU; one TPU chip). Order matters: a
+# specific kind before the family it would also match (H100 PCIe before H100, v5 lite before v5).
+PEAK_FLOPS = (
+    PeakFlops(r"gb200", 2.5e15, "NVIDIA GB200 (per GPU)"),
+    PeakFlops(r"b200", 2.25e15, "NVIDIA B200"),
+    PeakFlops(r"b100", 1.75e15, "NVIDIA B100"),
+    PeakFlops(r"h100 pcie", 756e12, "NVIDIA H100 PCIe"),
+    PeakFlops(r"h100 nvl", 835e12, "NVIDIA H100 NVL"),
+    PeakFlops(r"gh200|h200|h100|h800", 989e12, "NVIDIA H100 / H200 / H800 SXM, GH200"),
+    PeakFlops(r"h20\b", 148e12, "NVIDIA H20"),
+    PeakFlops(r"l40s", 362e12, "NVIDIA L40S"),
+    PeakFlops(r"\bl4\b", 121e12, "NVIDIA L4"),
+    PeakFlops(r"a100", 312e12, "NVIDIA A100"),
+    PeakFlops(r"a30\b", 165e12, "NVIDIA A30"),
+    PeakFlops(r"a10g?\b", 125e12, "NVIDIA A10 / A10G"),
+    PeakFlops(r"v100", 125e12, "NVIDIA V100 (float16 tensor cores)"),
+    PeakFlops(r"tpu7x|tpu v7", 2.307e15, "TPU v7 Ironwood"),
+    PeakFlops(r"v6 lite|v6e", 918e12, "TPU v6e Trillium"),
+    PeakFlops(r"v5 lite|v5e|v5litepod", 197e12, "TPU v5e"),
+    PeakFlops(r"v5p|tpu v5\b", 459e12, "TPU v5p"),
+    PeakFlops(r"tpu v4", 275e12, "TPU v4"),
+    PeakFlops(r"tpu v3", 123e12, "TPU v3"),
+    PeakFlops(r"tpu v2", 45e12, "TPU v2"),
+    PeakFlops(r"^cpu", 1e11, "CPU host (rough estimate for 2-16 cores)"),
+)
+
+
+def peak_flops_for(platform: str, device_kind: str) -> PeakFlops | None:
+  kind = f"{platform} {device_kind}".lower()
+  return next((entry for entry in PEAK_FLOPS if re.search(entry.pattern, kind)), None)
 
 
 def peak_flops_per_device(configured: float = 0.0) -> float:
-  """`train.peak_flops_per_device` when positive, else a table value for the first device's kind."""
+  """`train.peak_flops_per_device` when positive, else the PEAK_FLOPS entry of the first device's kind (a kind not
+  in the table falls back to the CPU figure: set the key for it)."""
   if configured and configured > 0:
     return float(configured)
-  kind = f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}".lower()
-  for name, flops in PEAK_FLOPS_BY_KIND:
-    if name in kind:
-      return flops
-  return 1e11
+  device = jax.devices()[0]
+  entry = peak_flops_for(device.platform, device.device_kind)
+  return entry.flops if entry is not None else PEAK_FLOPS[-1].flops
 
 
 def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -47,25 +88,51 @@ def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _truncate_after(path: str, step: int) -> None:
   """Drops the records of metrics.jsonl logged after `step` (an unreadable line, cut by a kill, goes too)."""
   kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if int(record.get("step", 0)) <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+  for line in epath.Path(path).read_text().splitlines(keepends=True):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if int(record.get("step", 0)) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  epath.Path(path).write_text("".join(kept))
+
+
+def _duration(seconds: float) -> str:
+  seconds = max(int(round(seconds)), 0)
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def log_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
+  """The plain per-step line of a run without a progress bar (a scheduler's log): step, loss, learning rate,
+  tokens/s, MFU and the time left at the measured step time."""
+  parts = [f"step {step}/{total_steps}"]
+  if "loss" in scalars:
+    parts.append(f"loss {scalars['loss']:.4f}")
+  if "lr" in scalars:
+    parts.append(f"lr {scalars['lr']:.3g}")
+  if "tokens_per_sec" in scalars:
+    parts.append(f"tokens/s {scalars['tokens_per_sec']:.0f}")
+  if "mfu" in scalars:
+    parts.append(f"MFU {100 * scalars['mfu']:.2f}%")
+  if "step_time_s" in scalars:
+    parts.append(f"ETA {_duration((total_steps - step) * scalars['step_time_s'])}")
+  return " | ".join(parts)
 
 
 class MetricsLogger:
-  """Writes scalars to TensorBoard and metrics.jsonl (process 0 only) and drives the progress bar."""
+  """Writes scalars to TensorBoard and metrics.jsonl (process 0 only) and drives the progress bar; without one
+  (`show_progress=False` or stderr not a terminal) it prints `log_line` at every logged step instead."""
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, tokens_per_step: int,
-               train_flops_per_token: float, peak_flops: float, num_devices: int, show_progress: bool = True):
+               train_flops_per_token: float, peak_flops: float, num_devices: int, show_progress: bool = True,
+               wandb: dict[str, Any] | None = None):
+    """`wandb`: keyword arguments of `wandb.init` (project, entity, mode, config) to log to Weights & Biases too
+    (`log.wandb_project`; the optional `wandb` package)."""
     self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._wandb = None
     self.tokens_per_step = tokens_per_step
     self.train_flops_per_token = train_flops_per_token
     self.peak_flops = peak_flops * num_devices
@@ -77,14 +144,17 @@ class MetricsLogger:
     self.history: list[dict[str, float]] = []
     if self.enabled:
       from tensorboardX import SummaryWriter
-      # A resume repeats the steps after its checkpoint: what an interrupted run logged past it is dropped from
-      # both logs (TensorBoard's purge_step, and the jsonl rewritten), so every step appears once.
-      self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
+      # A run repeats the steps after the checkpoint it starts from (step 0 when a killed run saved none): what an
+      # interrupted run logged past it is dropped from both logs (TensorBoard's purge_step, and the jsonl
+      # rewritten), so every step appears once.
+      self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
       path = os.path.join(workdir, "metrics.jsonl")
-      if start_step and os.path.isfile(path):
+      if epath.Path(path).is_file():
         _truncate_after(path, start_step)
-      self._jsonl = open(path, "a")
-      if show_progress:
+      self._jsonl = epath.Path(path).open("a")  # on object storage: uploaded when the run closes its logs
+      if wandb:
+        self._wandb = _start_wandb(workdir, wandb)
+      if show_progress and sys.stderr.isatty():
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, desc="train")
@@ -117,6 +187,10 @@ class MetricsLogger:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     self._writer.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
+    if prefix == "train" and self._bar is None:
+      print(log_line(step, self.total_steps, scalars), file=sys.stderr, flush=True)
 
   def progress(self, step: int, scalars: dict[str, float]) -> None:
     if self._bar is None:
@@ -145,6 +219,31 @@ class MetricsLogger:
       self._writer.close()
     if self._jsonl is not None:
       self._jsonl.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def _start_wandb(workdir: str, settings: dict[str, Any]):
+  """A Weights & Biases run for this workdir: its id is derived from the workdir, so a resume continues the same
+  run; its files go under `workdir/wandb`."""
+  import hashlib
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel (an optional extra)
+  except ImportError:
+    raise ConfigError("log.wandb_project is set but the wandb package is not installed: pip install "
+                      "'diffgemma-jax[wandb]' (or clear log.wandb_project)") from None
+  run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+  return wandb.init(dir=workdir, id=run_id, resume="allow", name=os.path.basename(os.path.abspath(workdir)),
+                    **{k: v for k, v in settings.items() if v not in ("", None)})
+
+
+def wandb_settings(config) -> dict[str, Any] | None:
+  """The `wandb.init` arguments of a run config's `log` section, or None when `log.wandb_project` is empty."""
+  if not config.log.wandb_project:
+    return None
+  return {"project": str(config.log.wandb_project), "entity": str(config.log.wandb_entity),
+          "mode": str(config.log.wandb_mode), "config": config_to_dict(config)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
+from etils import epath
 import numpy as np
 
 from diffgemma_jax.evaluate import held_out_bounds, make_bound_fn
@@ -22,11 +24,14 @@ from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.checkpoint import Checkpointer, check_init_checkpoint, load_init_params
+from diffgemma_jax.train.checkpoint import (Checkpointer, check_init_checkpoint, check_workdir, config_to_dict,
+                                             load_init_params)
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
-from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
-from diffgemma_jax.train.optimizer import make_optimizer
+from diffgemma_jax.train.logging import (MetricsLogger, format_summary, peak_flops_per_device, step_scalars,
+                                         wandb_settings)
+from diffgemma_jax.train.history import append_run_history
+from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
@@ -92,7 +97,8 @@ def _base_rng(config) -> jax.Array:
   return jax.random.fold_in(jax.random.key(int(config.train.seed)), 1)
 
 
-def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]:
+def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[str, str] | None = None,
+          command: list[str] | None = None) -> dict[str, Any]:
   """Trains to `train.num_steps`, resuming from `workdir` if it holds checkpoints; returns a summary dict.
 
   Raises ConfigError (bad config or incompatible checkpoints, before anything is written), DataError, or
@@ -105,8 +111,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   max_runtime_s = float(tc.max_runtime_s)
   if not max_runtime_s >= 0:
     raise ConfigError(f"train.max_runtime_s={tc.max_runtime_s}: must be >= 0 seconds (0: no time budget)")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory for the run")
+  check_workdir(workdir, reading=False)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
   ckpt.check_resumable()
   mesh = mesh_from_config(config)
@@ -118,14 +123,14 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   init_from = None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
     init_from = check_init_checkpoint(config, abstract.params)
-  directory, tokenizer = prepare_dataset(config)
-  os.makedirs(workdir, exist_ok=True)
+  directory, tokenizer = prepare_dataset(config, workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
   objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
                              section=config.objective)
   data = train_iterator(config, directory, process_index=jax.process_index(), process_count=jax.process_count())
-  if start_step is not None:
-    state, iterator_state = ckpt.restore(start_step, abstract, shardings)
+  if start_step is not None:  # the newest step that restores: a damaged one is skipped, saying so
+    start_step, state, iterator_state = ckpt.restore_newest(abstract, shardings)
     data.set_state(iterator_state)
   else:
     start_step = 0
@@ -147,9 +152,15 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
   flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"]
   logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step, tokens_per_step=batch_size * seq_len,
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
-                         num_devices=mesh.devices.size, show_progress=show_progress)
+                         num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
     logger.message(f"initialised from {init_from[0]} (step {init_from[1]}): parameters only, fresh optimizer")
+  previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
+                                command=command)  # the run history; the record of the run resumed from
+  if start_step and previous:
+    jump = describe_schedule_change(ml_collections.ConfigDict(previous["config"]["train"]), tc, start_step)
+    if jump:
+      logger.message(jump)
   counts = describe(state.params, trainable)
   if counts["frozen_params"]:
     logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "

@@ -1,4 +1,20 @@
-"""AdamW with linear warmup and cosine decay to `min_lr_ratio`, global-norm clipping, and weight decay on matrices.
+"""The optimizer (AdamW or Adafactor) with its learning-rate schedule, global-norm clipping, and weight decay on
+matrices.
+
+Schedules (`train.lr_schedule`), each with a linear warmup of `train.warmup_steps` from 0 to
+`train.learning_rate` and a decay horizon of its own, `train.schedule_steps` (0: `train.num_steps`):
+  cosine    cosine decay to `min_lr_ratio` x peak at the horizon (the default);
+  linear    linear decay to the same floor at the horizon;
+  constant  the peak after warmup, for ever;
+  wsd       warmup-stable-decay: the peak until `train.decay_steps` before the horizon, then linear decay to the
+            floor. Extending a run moves only the decay phase, so a resume from the plateau continues on it.
+A run resumed with another schedule or horizon (a larger `num_steps`, say) gets the new schedule from its step on;
+`schedule_change` says by how much the rate jumps there (the trainer warns with the numbers).
+
+Optimizers (`train.optimizer`): `adamw` (b1, b2, decoupled weight decay), or `adafactor`, the optimizer GShard,
+Switch Transformer and ST-MoE trained their sparse models with: factored second moments (a row and a column
+statistic per matrix instead of a full second moment), so its state is a small fraction of AdamW's two moments,
+which is what limits full fine-tuning of a large MoE (README); decay 0.8, no momentum, weight decay as AdamW's.
 
 Gradient accumulation is not an optax wrapper: `train_step` scans over micro-batches and applies one update, so one
 jitted step is one optimizer update and the schedule counts updates.
@@ -10,14 +26,60 @@ import jax
 import optax
 from flax import nnx
 
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def _get(train_config, key: str, default):
+  return train_config.get(key, default) if hasattr(train_config, "get") else getattr(train_config, key, default)
+
+
+def schedule_horizon(train_config) -> int:
+  """The step at which the schedule ends its decay: `train.schedule_steps`, or `train.num_steps` when 0."""
+  return int(_get(train_config, "schedule_steps", 0)) or int(train_config.num_steps)
+
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
   peak = float(train_config.learning_rate)
   warmup = max(int(train_config.warmup_steps), 0)
-  total = max(int(train_config.num_steps), warmup + 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total,
-      end_value=peak * float(train_config.min_lr_ratio))
+  floor = peak * float(train_config.min_lr_ratio)
+  horizon = max(schedule_horizon(train_config), warmup + 1)
+  name = str(_get(train_config, "lr_schedule", "cosine"))
+  if name == "cosine":
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
+                                              decay_steps=horizon, end_value=floor)
+  ramp = optax.linear_schedule(0.0, peak, warmup)
+  if name == "constant":
+    return optax.join_schedules([ramp, optax.constant_schedule(peak)], [warmup])
+  if name == "linear":
+    return optax.join_schedules([ramp, optax.linear_schedule(peak, floor, horizon - warmup)], [warmup])
+  if name == "wsd":
+    decay_start = max(horizon - int(_get(train_config, "decay_steps", 0)), warmup)
+    return optax.join_schedules([ramp, optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, floor, horizon - decay_start)], [warmup, decay_start])
+  raise ValueError(f"train.lr_schedule: unknown schedule {name!r}; valid are {SCHEDULES}")
+
+
+def schedule_change(before, after, step: int) -> tuple[float, float] | None:
+  """(rate before, rate after) at `step` when the schedule of train config `after` differs there from that of
+  `before` (the run that wrote the checkpoint resumed at `step`); None when they agree."""
+  old, new = float(learning_rate_schedule(before)(step)), float(learning_rate_schedule(after)(step))
+  return None if abs(new - old) <= 1e-6 * max(abs(old), abs(new), 1e-30) else (old, new)
+
+
+def describe_schedule_change(before, after, step: int) -> str | None:
+  """A warning with the numbers when resuming at `step` under train config `after` moves the learning rate off the
+  schedule `before` ran; None when it continues."""
+  change = schedule_change(before, after, step)
+  if change is None:
+    return None
+  old, new = change
+  ratio = f" (x{new / old:.2f})" if old > 0 else ""
+  return (f"warning: resuming at step {step}, the learning rate jumps from {old:.3g} to {new:.3g}{ratio}: "
+          f"train.lr_schedule={_get(after, 'lr_schedule', 'cosine')!r} now decays to step "
+          f"{schedule_horizon(after)}, the run so far followed {_get(before, 'lr_schedule', 'cosine')!r} to step "
+          f"{schedule_horizon(before)}. To extend a run without a jump, train it with lr_schedule='wsd' or 'constant', "
+          f"or keep train.schedule_steps={schedule_horizon(before)}")
 
 
 def _decays(variable: nnx.Variable) -> bool:
@@ -38,6 +100,14 @@ def make_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Sc
   parts = []
   if float(train_config.grad_clip) > 0:
     parts.append(optax.clip_by_global_norm(float(train_config.grad_clip)))
-  parts.append(optax.adamw(schedule, b1=float(train_config.b1), b2=float(train_config.b2),
-                           weight_decay=float(train_config.weight_decay), mask=weight_decay_mask))
+  name = str(_get(train_config, "optimizer", "adamw"))
+  weight_decay = float(train_config.weight_decay)
+  if name == "adamw":
+    parts.append(optax.adamw(schedule, b1=float(train_config.b1), b2=float(train_config.b2),
+                             weight_decay=weight_decay, mask=weight_decay_mask))
+  elif name == "adafactor":
+    parts.append(optax.adafactor(schedule, decay_rate=0.8, multiply_by_parameter_scale=False, momentum=None,
+                                 weight_decay_rate=weight_decay or None, weight_decay_mask=weight_decay_mask))
+  else:
+    raise ValueError(f"train.optimizer: unknown optimizer {name!r}; valid are {OPTIMIZERS}")
   return optax.chain(*parts), schedule
