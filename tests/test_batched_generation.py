@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from diffgemma_jax.model import ModelConfig, build_model
-from diffgemma_jax.sampling import autoregressive, batching
+from diffgemma_jax.sampling import autoregressive, batching, masked
+from diffgemma_jax.sampling import canvas as canvas_sampler
 from diffgemma_jax.sampling.requests import GenerationOptions, Generator, cut_at_stop, validate_options
 
 MASK, PAD = 4, 0
@@ -91,21 +92,44 @@ def test_batched_equals_one_at_a_time(model, prompts, sampler, objective, extra)
 
 
 def test_padding_changes_no_logits(model):
-  """A left-padded row's prefill logits equal the same prompt's alone, whatever the padding slots hold."""
+  """Every model call of every sampler, on a left-padded row, gives the logits of the same prompt alone, whatever
+  the padding slots hold: the AR prefill and decode step, canvas.py's encoder and canvas passes, the bidirectional
+  denoiser uncached and with the dual cache, and the block denoiser's plain and commit-fusing steps."""
   graphdef, state = nnx.split(model)
-  prompt = jnp.asarray([[2, 9, 17, 30, 11]])
-  padded = jnp.asarray([[7, 44, 2, 9, 17, 30, 11], [2, 5, 6, 7, 8, 9, 10]])  # row 0 behind two padding slots
+  prompt, b = [2, 9, 17, 30, 11], 4
+  canvas = [MASK, 21, MASK, 33]
 
   @jax.jit
-  def last_logits(state, tokens, starts):
+  def all_logits(state, prompt_BP, starts_B):
     m = nnx.merge(graphdef, state)
-    return autoregressive.prefill(m, tokens, m.init_kv_cache(tokens.shape[0], tokens.shape[1] + 3), starts)[0]
+    B, P = prompt_BP.shape
+    S = P + 2 * b
+    out = []
+    logits, cache = autoregressive.prefill(m, prompt_BP, m.init_kv_cache(B, S), starts_B)
+    out.append(logits)
+    out.append(autoregressive.decode_step(m, prompt_BP[:, -1] + 1, P, cache, starts_B)[0])
+    before, cache = canvas_sampler.encode_with_logits(m, prompt_BP, m.init_kv_cache(B, S), 0, starts_B)
+    canvas_Bb = jnp.broadcast_to(jnp.asarray(canvas), (B, b))
+    out += [before, canvas_sampler.canvas_logits(m, canvas_Bb, cache, P, starts_B=starts_B)[0]]
+    full_BS = jnp.concatenate([prompt_BP, canvas_Bb, canvas_Bb], axis=1)
+    dual = masked.ModelDenoiser(m, b, "dual", starts_B)
+    cache, _ = dual.init(full_BS, P)
+    logits, cache = dual(full_BS, cache, P + b, True)  # a refresh: the whole canvas (the uncached path)
+    out += [logits, dual(full_BS.at[:, P + b].set(7), cache, P + b, False)[0]]
+    block = masked.BlockDenoiser(m, b, P, starts_B)
+    cache, _ = block.init(full_BS, P)
+    logits, cache = block(full_BS, cache, P, True)
+    out += [logits, block(full_BS, cache, P + b, True)[0]]  # commits block 0 inside block 1's first call
+    return out
 
-  alone = last_logits(state, prompt, jnp.zeros((1,), jnp.int32))
-  batched = last_logits(state, padded, jnp.asarray([2, 0], jnp.int32))
-  np.testing.assert_allclose(batched[0], alone[0], rtol=1e-5, atol=1e-5)
-  other = last_logits(state, padded.at[0, :2].set(jnp.asarray([40, 41])), jnp.asarray([2, 0], jnp.int32))
-  np.testing.assert_array_equal(other, batched)  # what the padding slots hold is never read
+  alone = all_logits(state, jnp.asarray([prompt]), jnp.zeros((1,), jnp.int32))
+  padded = jnp.asarray([[7, 44] + prompt, [2, 5, 6, 7, 8, 9, 10]])  # row 0 behind two padding slots
+  batched = all_logits(state, padded, jnp.asarray([2, 0], jnp.int32))
+  for index, (a, p) in enumerate(zip(alone, batched)):
+    np.testing.assert_allclose(p[0], a[0], rtol=1e-5, atol=1e-5, err_msg=f"call {index}")
+  other = all_logits(state, padded.at[0, :2].set(jnp.asarray([40, 41])), jnp.asarray([2, 0], jnp.int32))
+  for p, o in zip(batched, other):
+    np.testing.assert_array_equal(o, p)  # what the padding slots hold is never read
 
 
 def test_left_padding_and_stop_strings():

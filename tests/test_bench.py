@@ -56,6 +56,27 @@ def test_generate_benchmark_time_budget_leaves_settings_out_and_still_reports(ca
   assert "left out: --time_budget_s=1e-09 spent" in captured.err
 
 
+def test_generate_benchmark_batched_table_pairs_each_batch_with_the_ar_decoder(capsys):
+  """--batch_sizes: total output tokens/s per batch size, each setting paired with the AR decoder at the same batch
+  size and against its own batch 1 (taken from the batch-1 table)."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import generate as bench_generate  # pylint: disable=import-outside-toplevel
+  assert bench_generate.main(["--random_weights", "--gen_length", "16", "--block_length", "16", "--only",
+                              "ar,threshold 0.9", "--repeats", "1", "--batch_sizes", "2,1", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["batch_size"] == 1 and report["batch_sizes"] == [1, 2]
+  batched = {(r["setting"], r["batch_size"]): r for r in report["batched"]}
+  assert sorted(batched) == [("ar", 1), ("ar", 2), ("threshold 0.9", 1), ("threshold 0.9", 2)]
+  main = {r["setting"]: r for r in report["results"]}
+  assert batched[("threshold 0.9", 1)]["tokens_per_s"] == main["threshold 0.9"]["tokens_per_s"]
+  for (setting, size), row in batched.items():
+    assert row["tokens_per_s"] == pytest.approx(size * 16 / row["seconds"])
+    if size == 2:
+      assert row["speedup_vs_batch_1"] == pytest.approx(row["tokens_per_s"] / batched[(setting, 1)]["tokens_per_s"])
+    if setting != "ar":
+      assert row["speedup_vs_ar"] == pytest.approx(row["paired_ar_seconds"] / row["seconds"])
+
+
 def _markov_log_prob_fn(transition_VV):
   """A next-token model that is an order-1 Markov chain: log p(x_{l+1} | x_<=l) = log M[x_l]."""
   log_m = np.log(transition_VV)
