@@ -93,7 +93,7 @@ def test_sft_layout_matches_the_sft_evaluation(trained_run, load_tiny, tiny_conf
 @pytest.mark.parametrize("line,message", [
     (b'{"prompt": "x"}', "pairs.jsonl:2: missing field 'continuation'"),
     (b'{"prompt": "  ", "continuation": "y"}', "pairs.jsonl:2: 'prompt' must be a non-empty string"),
-    (b'{"prompt": "caf\xe9", "continuation": "y"}', "pairs.jsonl:2: not valid UTF-8 (byte 0xe9 at byte 14)"),
+    (b'{"prompt": "caf\xe9", "continuation": "y"}', "pairs.jsonl:2: not valid UTF-8 (byte 0xe9 at byte 16)"),
     (b'["x", "y"]', "pairs.jsonl:2: expected an object"),
     (b'{"prompt": "x", ', "pairs.jsonl:2: not valid JSON"),
 ])
