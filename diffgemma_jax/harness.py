@@ -100,7 +100,8 @@ class DiffGemmaLM(LM):
     id_pairs = [split_tokens(self.tokenizer, *request.args) for request in requests]
     names = [f"task {request.task_name}, document {request.doc_id}" for request in requests]
     logprobs, rows = self._score_id_pairs(id_pairs, names)
-    return list(zip(logprobs, self.scorer.greedy(rows)))
+    # the harness counts is_greedy (its exact_match metric): "unknown" (diffusion models) counts as not greedy
+    return [(logprob, bool(greedy)) for logprob, greedy in zip(logprobs, self.scorer.greedy(rows))]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owners, names = [], [], []

@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
 from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
-from launch.harness import TASKS_DIR, harness_argv  # noqa: E402
+from launch.harness import TASKS_DIR, harness_argv, main  # noqa: E402
 
 from conftest import TINY_MODEL  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_the_harness_runs_our_model_on_its_own_api(trained_run, tiny_config_file
     (tmp_path / name).write_text(textwrap.dedent(text))
   results = lm_eval.simple_evaluate(
       model="diffgemma", model_args=f"config={tiny_config_file},workdir={workdir},block_length=8",
-      tasks=["tiny_mc", "tiny_rolling", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path)),
+      tasks=["tiny_mc", "tiny_rolling", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
       batch_size=4, log_samples=True)
   metrics = results["results"]
   assert 0.0 <= metrics["tiny_mc"]["acc,none"] <= 1.0
@@ -151,7 +151,8 @@ def test_the_harness_runs_our_model_on_its_own_api(trained_run, tiny_config_file
 
 def test_the_shipped_held_out_tasks_load_and_the_wrapper_adds_them():
   from lm_eval.tasks import TaskManager, get_task_dict
-  tasks = get_task_dict(["stdlib_heldout_mc", "stdlib_heldout_completion"], TaskManager(include_path=TASKS_DIR))
+  tasks = get_task_dict(["stdlib_heldout_mc", "stdlib_heldout_completion"], TaskManager(include_path=TASKS_DIR,
+                                                                                             include_defaults=False))
   with open(os.path.join(TASKS_DIR, "baselines.json")) as f:
     baselines = json.load(f)
   for name, task in tasks.items():
@@ -164,11 +165,22 @@ def test_the_shipped_held_out_tasks_load_and_the_wrapper_adds_them():
   assert harness_argv(["--include_path", "mine", "--tasks", "x"]) == ["--include_path", "mine", "--tasks", "x"]
 
 
-def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, capsys):
-  from launch.harness import main
+def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkeypatch, capsys):
+  """The harness builds the model from --model_args (`create_from_arg_string`); a bad argument fails before the
+  model is restored, and diffgemma-lm-eval prints it as one line with exit code 2."""
+  from diffgemma_jax.model.config import ConfigError
   _, workdir, _ = trained_run
-  code = main(["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},top_p=0.5",
-               "--tasks", "stdlib_heldout_mc", "--limit", "1"])
-  err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2 and err[-1] == "error: --top_p does not apply to --sampler threshold (it reads --block_length, " \
-      "--steps, --temperature, --threshold); --top_p is for ar"
+  with pytest.raises(ConfigError) as info:
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},top_p=0.5", {"batch_size": 4})
+  message = str(info.value)
+  assert message == ("--top_p does not apply to --sampler threshold (it reads --block_length, --steps, "
+                     "--temperature, --threshold); --top_p is for ar")
+  with pytest.raises(ConfigError, match="unknown argument\\(s\\) beam"):
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},beam=4")
+
+  def harness_cli():  # what the harness's CLI does with our model's error
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},top_p=0.5")
+
+  monkeypatch.setattr("lm_eval.__main__.cli_evaluate", harness_cli)
+  assert main(["--model", "diffgemma"]) == 2
+  assert capsys.readouterr().err == f"error: {message}\n"
