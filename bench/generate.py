@@ -3,6 +3,7 @@
 python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--block_workdir DIR] [--uniform_workdir DIR]
     [--json]   speed + quality
 python bench/generate.py --random_weights [--diffusion_config configs/pretrain_gpu_1b.py] [--json]   speed only
+    (random weights: the masked, AR and block models; the uniform-state one too when --only names entropy_bound)
 
 Batch 1, `--gen_length` (256) new tokens after a `--prompt_tokens` prompt that starts a document of the held-out
 split (random ids with --random_weights when no dataset is built). EOS does not stop any sampler, so every setting
@@ -196,6 +197,9 @@ def main(argv=None) -> int:
   if args.uniform_workdir:
     uniform_config = load_config(args.uniform_config, overrides)
     uniform_model, steps["uniform"] = restore_model(uniform_config, args.uniform_workdir)
+  elif args.random_weights and any(name.startswith("entropy_bound") for name in args.only.split(",")):
+    uniform_config = load_config(args.uniform_config, overrides)  # only when --only asks for it
+    uniform_model = build_model(ModelConfig.from_config_dict(uniform_config.model), 3)
   try:
     if args.prompt_tokens == 1:  # unconditional samples (MDLM's gen-PPL setting): needs no dataset
       prompt, prompt_source = [BOS], "bos"
