@@ -134,6 +134,19 @@ def time_setting(generator: Generator, prompt, options, repeats: int, seed: int 
           "paired_seconds": statistics.median(paired_seconds) if paired_seconds else None}
 
 
+def time_against_ar(plan, generators, model, ar_model, sampler: str, options, prompt_BP, repeats: int):
+  """(generator, `time_setting` result) of one setting on `prompt_BP`, paired with the AR decoder's run of the same
+  prompts at the same temperature (the AR setting itself runs unpaired)."""
+  generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
+  paired = None
+  if sampler != "ar":
+    ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
+    ar_options = next((o for _, m, o in plan if m is ar_model and o.temperature == options.temperature),
+                      next(o for _, m, o in plan if m is ar_model))
+    paired = lambda: ar_generator.run(prompt_BP, ar_options)[0]
+  return generator, time_setting(generator, prompt_BP, options, repeats, paired=paired)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--diffusion_config", default="configs/pretrain_tiny.py")
@@ -256,14 +269,7 @@ def main(argv=None) -> int:
       print(f"T={options.temperature:g} {label:36s} left out: --time_budget_s={args.time_budget_s:g} spent",
             file=sys.stderr, flush=True)
       continue
-    generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
-    paired = None
-    if sampler != "ar":
-      ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
-      ar_options = next((o for _, m, o in plan if m is ar_model and o.temperature == options.temperature),
-                        next(o for _, m, o in plan if m is ar_model))
-      paired = lambda: ar_generator.run(prompt_1P, ar_options)[0]
-    result = time_setting(generator, prompt_1P, options, args.repeats, paired=paired)
+    generator, result = time_against_ar(plan, generators, model, ar_model, sampler, options, prompt_1P, args.repeats)
     row = {"setting": label, "sampler": sampler, "temperature": options.temperature,
            "steps": getattr(options, "steps", None), "threshold": options.threshold,
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
@@ -357,14 +363,7 @@ def batched_table(plan, only, batch_sizes, prompts, generators, ar_model, args, 
       if args.time_budget_s and time.perf_counter() - started > args.time_budget_s:
         left_out.append(f"{label} B={batch_size}")
         continue
-      generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
-      paired = None
-      if sampler != "ar":
-        ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
-        ar_options = next((o for _, m, o in plan if m is ar_model and o.temperature == options.temperature),
-                          next(o for _, m, o in plan if m is ar_model))
-        paired = lambda: ar_generator.run(prompt_BP, ar_options)[0]
-      result = time_setting(generator, prompt_BP, options, args.repeats, paired=paired)
+      _, result = time_against_ar(plan, generators, model, ar_model, sampler, options, prompt_BP, args.repeats)
       row = {"setting": label, "sampler": sampler, "temperature": options.temperature, "batch_size": batch_size,
              "tokens_per_s": batch_size * options.gen_length / result["seconds"], "seconds": result["seconds"],
              "model_calls": result["model_calls"], "paired_ar_seconds": result["paired_seconds"]}
