@@ -1,7 +1,7 @@
-"""Batched generation (`sampling/batching.py`): a left-padded batch of prompts of different lengths gives every row
-exactly what that prompt gives alone, for every kind of sampler (the AR decoder, the masked samplers with and
-without the dual cache, the multi-canvas and fused block samplers, the entropy-bound sampler), with rows that stop
-at different steps; padding changes no logits; per-row keys make sampled rows batch-invariant too."""
+"""Batched generation (`sampling/batching.py`): every model call any sampler makes gives a left-padded row the
+logits of its prompt alone; a batch of prompts of different lengths gives every row exactly what that prompt gives
+alone in each sampler loop (AR decoder, masked blocks, multi-canvas), greedy and sampled (per-row keys), with rows
+that stop at different steps; batches are grouped by prompt length."""
 
 import dataclasses
 
@@ -58,12 +58,12 @@ def _stopping_eos(results, gen_length):
   return best[1]
 
 
-# sampler, objective (for validation), extra options; every code path: the AR decoder, the masked loop with the
-# dual cache (whose refresh steps run the uncached path), canvas.py's masked and entropy-bound (sampled, uniform noise)
-# rules, masked.BlockDenoiser (block_fused). Sampled rows (threshold at temperature 1, entropy_bound) draw from
-# per-row keys, so they too equal one request at a time.
-CASES = [("ar", "ar", {}), ("threshold", "masked", dict(temperature=1.0)), ("block_threshold", "block", {}),
-         ("block_fused", "block", {}), ("entropy_bound", "uniform", dict(max_denoising_steps=4))]
+# sampler, objective (for validation), extra options: the three sampler loops, the AR decoder, the masked block loop
+# (with the dual cache, whose refresh steps run the uncached path) and the multi-canvas loop (the entropy-bound rule,
+# sampled, with uniform noise); sampled rows draw from per-row keys, so they too equal one request at a time. The
+# other samplers differ in their acceptance rule or denoiser, whose padded calls the next test checks one by one.
+CASES = [("ar", "ar", {}), ("threshold", "masked", dict(temperature=1.0)),
+         ("entropy_bound", "uniform", dict(max_denoising_steps=4))]
 
 
 @pytest.mark.parametrize("sampler,objective,extra", CASES)

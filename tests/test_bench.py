@@ -56,25 +56,39 @@ def test_generate_benchmark_time_budget_leaves_settings_out_and_still_reports(ca
   assert "left out: --time_budget_s=1e-09 spent" in captured.err
 
 
-def test_generate_benchmark_batched_table_pairs_each_batch_with_the_ar_decoder(capsys):
-  """--batch_sizes: total output tokens/s per batch size, each setting paired with the AR decoder at the same batch
-  size and against its own batch 1 (taken from the batch-1 table)."""
+def test_generate_benchmark_batched_table_pairs_each_batch_with_the_ar_decoder(monkeypatch, capsys):
+  """--batch_sizes: total output tokens/s per batch size, each setting timed on B prompts and paired with the AR
+  decoder on the same B prompts, against its own batch 1 (taken from the batch-1 table). The timings come from a
+  stand-in for `time_setting` (seconds = B * setting number), so the table's arithmetic is checked, not a clock."""
   sys.path.insert(0, str(REPO / "bench"))
   import generate as bench_generate  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_time_setting(generator, prompt, options, repeats, seed=0, paired=None):
+    del generator, repeats, seed
+    calls.append((getattr(options, "sampler", "block_fused"), prompt.shape))
+    seconds = prompt.shape[0] * (2.0 if calls[-1][0] == "ar" else 3.0)
+    if paired is not None:  # the AR run the setting is paired with: it runs on the same prompts
+      paired_seconds = prompt.shape[0] * 2.0
+      calls.append(("paired ar", prompt.shape))
+    return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": 5, "sequence": [2] * 20,
+            "steps_per_canvas": None, "paired_seconds": paired_seconds if paired is not None else None}
+
+  monkeypatch.setattr(bench_generate, "time_setting", fake_time_setting)
+  monkeypatch.setattr(bench_generate, "run_once", lambda *a: {"sequence": [2] * 20})
   assert bench_generate.main(["--random_weights", "--gen_length", "16", "--block_length", "16", "--only",
-                              "ar,threshold 0.9", "--repeats", "1", "--batch_sizes", "2,1", "--json"]) == 0
+                              "ar,threshold 0.9", "--repeats", "1", "--batch_sizes", "4,1", "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
-  assert report["batch_size"] == 1 and report["batch_sizes"] == [1, 2]
+  assert report["batch_size"] == 1 and report["batch_sizes"] == [1, 4]
+  # batch 1 once (the batch-1 table), then batch 4, every setting paired with the AR decoder on the same prompts
+  assert calls == [("ar", (1, 32)), ("threshold", (1, 32)), ("paired ar", (1, 32)), ("ar", (4, 32)),
+                   ("threshold", (4, 32)), ("paired ar", (4, 32))]
   batched = {(r["setting"], r["batch_size"]): r for r in report["batched"]}
-  assert sorted(batched) == [("ar", 1), ("ar", 2), ("threshold 0.9", 1), ("threshold 0.9", 2)]
-  main = {r["setting"]: r for r in report["results"]}
-  assert batched[("threshold 0.9", 1)]["tokens_per_s"] == main["threshold 0.9"]["tokens_per_s"]
-  for (setting, size), row in batched.items():
-    assert row["tokens_per_s"] == pytest.approx(size * 16 / row["seconds"])
-    if size == 2:
-      assert row["speedup_vs_batch_1"] == pytest.approx(row["tokens_per_s"] / batched[(setting, 1)]["tokens_per_s"])
-    if setting != "ar":
-      assert row["speedup_vs_ar"] == pytest.approx(row["paired_ar_seconds"] / row["seconds"])
+  assert sorted(batched) == [("ar", 1), ("ar", 4), ("threshold 0.9", 1), ("threshold 0.9", 4)]
+  assert batched[("threshold 0.9", 4)]["tokens_per_s"] == 4 * 16 / 12.0
+  assert batched[("threshold 0.9", 4)]["speedup_vs_ar"] == 8.0 / 12.0
+  assert batched[("threshold 0.9", 4)]["speedup_vs_batch_1"] == (4 * 16 / 12.0) / (16 / 3.0)
+  assert batched[("ar", 4)]["speedup_vs_batch_1"] == 1.0 and batched[("ar", 1)]["speedup_vs_ar"] == 1.0
 
 
 def _markov_log_prob_fn(transition_VV):

@@ -1,55 +1,21 @@
-"""Scoring continuations (`diffgemma_jax/scoring.py`, `diffgemma-score`): the exact AR value against a plain causal
-forward pass, the SFT layout against the SFT evaluation's bound on the same pairs, and bad records."""
+"""Scoring continuations (`diffgemma_jax/scoring.py`, `diffgemma-score`): the SFT layout against the SFT
+evaluation's bound on the same pairs, the continuation rows, and bad records. The exact AR value against plain
+causal passes is checked through the harness's loglikelihood requests (test_harness.py), which score these rows."""
 
 from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffgemma_jax.model import ModelConfig, build_model, make_mask
-from diffgemma_jax.scoring import Pair, Scorer, ScoringError, read_pairs, summarize
+from diffgemma_jax.scoring import ScoringError, continuation_row, read_pairs, summarize
 from launch.score import main
-
-from conftest import TINY_MODEL
-
-PAIRS = [Pair("def add(x, y):\n", "    return x + y\n"), Pair("import os\n", "import sys\n"),
-         Pair("class Point:\n    def __init__(self, x):\n", "        self.x = x\n")]
 
 
 def _write(path, lines):
   path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
   return str(path)
-
-
-def test_ar_scores_are_the_exact_continuation_log_likelihood(trained_run, load_tiny):
-  """The AR bound of each continuation is -sum log p(continuation token | everything before it), computed here by
-  one causal pass over [bos] prompt continuation; the prompt is not scored."""
-  from diffgemma_jax.sampling.requests import load_tokenizer
-  from diffgemma_jax.data.sft import split_tokens
-  _, workdir, _ = trained_run
-  config = load_tiny({"objective.name": "ar"})
-  tokenizer = load_tokenizer(config, workdir)
-  model = build_model(ModelConfig(**TINY_MODEL), 3)
-  scorer = Scorer(config, model, tokenizer, batch_size=2)
-  results = scorer.score(PAIRS)
-  rows = scorer.rows(PAIRS)
-  for pair, result in zip(PAIRS, results):
-    prompt_ids, continuation_ids = split_tokens(tokenizer, pair.prompt, pair.continuation)
-    tokens = jnp.asarray([[tokenizer.bos_id] + prompt_ids + continuation_ids])
-    positions = jnp.arange(tokens.shape[1])[None]
-    logits = model(tokens, positions, make_mask("causal", jnp.ones_like(tokens), positions))[0][0]
-    log_probs = jax.nn.log_softmax(logits[:-1], axis=-1)
-    first = 1 + len(prompt_ids)  # the first continuation token's index
-    expected = -sum(float(log_probs[i - 1, tokens[0, i]]) for i in range(first, tokens.shape[1]))
-    assert result["num_tokens"] == len(continuation_ids) and result["stderr"] == 0.0
-    assert result["nll"] == pytest.approx(expected, rel=1e-5)
-  greedy = scorer.greedy(rows)
-  assert greedy == [False, False, False]  # a random model writes none of them
-  assert summarize(results)["num_tokens"] == sum(r["num_tokens"] for r in results)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +49,7 @@ def test_sft_layout_matches_the_sft_evaluation(trained_run, load_tiny, tiny_conf
   assert report["summary"]["num_tokens"] == expected["num_tokens"]
   assert report["summary"]["bits_per_token"] == pytest.approx(expected["bits_per_token"], rel=1e-5)
   assert all(r["stderr"] > 0 for r in report["records"])  # a Monte-Carlo bound, not exact
+  assert report["summary"] == summarize(report["records"])
   # the text report, the default layout (no template, no EOS padding: fewer tokens scored per record)
   assert main(["--config", tiny_config_file, "--workdir", workdir, "--records", records] + flags) == 0
   out = capsys.readouterr().out.splitlines()
@@ -108,7 +75,6 @@ def test_bad_records_name_the_line(line, message, tmp_path, capsys):
 
 
 def test_a_continuation_longer_than_the_context_is_refused():
-  from diffgemma_jax.scoring import continuation_row
   row = continuation_row([7] * 10, [8, 9], 8, bos_id=2, pad_id=0)  # the prompt loses tokens from the left
   np.testing.assert_array_equal(row["tokens"], [2, 7, 7, 7, 7, 7, 8, 9])
   np.testing.assert_array_equal(row["loss_mask"], [0, 0, 0, 0, 0, 0, 1, 1])
