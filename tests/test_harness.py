@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -37,11 +38,24 @@ def ar_lm(trained_run, load_tiny):
   return DiffGemmaLM(config, model=model, tokenizer=load_tokenizer(config, workdir), batch_size=4), model
 
 
-def _causal_log_probs(model, ids):
-  tokens = jnp.asarray([ids])
-  positions = jnp.arange(len(ids))[None]
-  logits = model(tokens, positions, make_mask("causal", jnp.ones_like(tokens), positions))[0][0]
-  return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+_REFERENCES = {}
+
+
+def _causal_log_probs(model, ids, width: int = 32):
+  """log p(. | ids[:i+1]) at every position i of `ids`, by one causal pass over `ids` padded to `width` (what
+  follows a position never changes its logits, so one compiled width serves every length)."""
+  if id(model) not in _REFERENCES:
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def reference(state, tokens):
+      positions = jnp.arange(tokens.shape[1])[None]
+      logits = nnx.merge(graphdef, state)(tokens, positions, make_mask("causal", jnp.ones_like(tokens), positions))[0]
+      return jax.nn.log_softmax(logits[0], axis=-1)
+
+    _REFERENCES[id(model)] = lambda tokens: reference(state, tokens)
+  assert len(ids) <= width
+  return np.asarray(_REFERENCES[id(model)](jnp.asarray([list(ids) + [0] * (width - len(ids))])))[:len(ids)]
 
 
 def test_ar_requests_against_causal_passes(ar_lm):
