@@ -3,6 +3,7 @@
 python bench/generate.py --diffusion_workdir DIR --ar_workdir DIR [--block_workdir DIR] [--uniform_workdir DIR]
     [--json]   speed + quality
 python bench/generate.py --random_weights [--diffusion_config configs/pretrain_gpu_1b.py] [--json]   speed only
+    (random weights: the masked, AR and block models; the uniform-state one too when --only names entropy_bound)
 
 Batch 1, `--gen_length` (256) new tokens after a `--prompt_tokens` prompt that starts a document of the held-out
 split (random ids with --random_weights when no dataset is built). EOS does not stop any sampler, so every setting
@@ -18,6 +19,11 @@ denoising call, one call of 2 * block tokens instead of two). `--temperature 0,1
 temperature in the same run; ratios are against the AR decoder at the same temperature, its speed timed paired:
 one AR run right after each timed run of the setting (x AR = median AR seconds / median setting seconds), so
 load changes on a shared machine hit both. "ms/call" is the run's seconds over its model calls.
+
+`--batch_sizes 1,8,32,64` adds the batched table (JSON key "batched"): every selected setting at each batch size,
+B prompts (the first `--prompt_tokens` tokens of B held-out documents; random ids with --random_weights) per
+sampler call, total output tokens/s (B x gen_length / seconds), paired with the AR decoder at the same batch size
+(x AR) and against the same setting's batch 1 in this run (x batch 1). The batch-1 table above is unchanged.
 """
 
 from __future__ import annotations
@@ -60,15 +66,24 @@ def diffusion_settings(gen_length: int, block_length: int):
 
 def held_out_prompt(config, length: int) -> list[int]:
   """The first `length` tokens of the first held-out document that has them."""
+  return held_out_prompts(config, length, 1)[0]
+
+
+def held_out_prompts(config, length: int, count: int) -> list[list[int]]:
+  """The first `length` tokens of the first `count` held-out documents that have them."""
   from diffgemma_jax.data import make_eval_batches
   from diffgemma_jax.train.dataset import dataset_dir
   seq_len = int(config.train.seq_len)
-  for batch in make_eval_batches(dataset_dir(config), seq_len=seq_len, batch_size=8, max_sequences=64):
+  found = []
+  for batch in make_eval_batches(dataset_dir(config), seq_len=seq_len, batch_size=8):
     for tokens, positions, segments in zip(batch["tokens"], batch["positions"], batch["segment_ids"]):
       for start in np.flatnonzero((positions == 0) & (segments > 0)):
         if start + length <= seq_len and np.all(segments[start:start + length] == segments[start]):
-          return [int(t) for t in tokens[start:start + length]]
-  raise SystemExit(f"no held-out document has {length} tokens; lower --prompt_tokens")
+          found.append([int(t) for t in tokens[start:start + length]])
+          if len(found) == count:
+            return found
+  raise SystemExit(f"fewer than {count} held-out documents have {length} tokens; lower --prompt_tokens or "
+                   f"--batch_sizes")
 
 
 def block_settings(gen_length: int, block_size: int):
@@ -119,6 +134,19 @@ def time_setting(generator: Generator, prompt, options, repeats: int, seed: int 
           "paired_seconds": statistics.median(paired_seconds) if paired_seconds else None}
 
 
+def time_against_ar(plan, generators, model, ar_model, sampler: str, options, prompt_BP, repeats: int):
+  """(generator, `time_setting` result) of one setting on `prompt_BP`, paired with the AR decoder's run of the same
+  prompts at the same temperature (the AR setting itself runs unpaired)."""
+  generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
+  paired = None
+  if sampler != "ar":
+    ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
+    ar_options = next((o for _, m, o in plan if m is ar_model and o.temperature == options.temperature),
+                      next(o for _, m, o in plan if m is ar_model))
+    paired = lambda: ar_generator.run(prompt_BP, ar_options)[0]
+  return generator, time_setting(generator, prompt_BP, options, repeats, paired=paired)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--diffusion_config", default="configs/pretrain_tiny.py")
@@ -143,6 +171,8 @@ def main(argv=None) -> int:
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a config override applied to every config (e.g. model.vocab_size=1024 for older runs)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--batch_sizes", default="1", help="comma-separated batch sizes of the batched table (e.g. "
+                 "1,8,32,64); 1 alone: no batched table")
   p.add_argument("--time_budget_s", type=float, default=0.0,
                  help="start no new setting after this many seconds from start-up (0: no limit); the report lists "
                       "the settings left out, so a run under a hard timeout still ends with its JSON")
@@ -151,6 +181,12 @@ def main(argv=None) -> int:
   if args.time_budget_s < 0:
     p.error(f"--time_budget_s={args.time_budget_s}: must be >= 0 (0: no limit)")
   overrides = dict(item.split("=", 1) for item in args.override)
+  try:
+    batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
+  except ValueError:
+    p.error(f"--batch_sizes={args.batch_sizes!r}: give comma-separated positive integers, e.g. 1,8,32,64")
+  if batch_sizes[0] < 1:
+    p.error(f"--batch_sizes={args.batch_sizes!r}: every batch size must be >= 1")
   if not args.random_weights and not (args.diffusion_workdir and args.ar_workdir):
     p.error("pass --diffusion_workdir and --ar_workdir (trained runs), or --random_weights for speed only")
 
@@ -174,6 +210,9 @@ def main(argv=None) -> int:
   if args.uniform_workdir:
     uniform_config = load_config(args.uniform_config, overrides)
     uniform_model, steps["uniform"] = restore_model(uniform_config, args.uniform_workdir)
+  elif args.random_weights and any(name.startswith("entropy_bound") for name in args.only.split(",")):
+    uniform_config = load_config(args.uniform_config, overrides)  # only when --only asks for it
+    uniform_model = build_model(ModelConfig.from_config_dict(uniform_config.model), 3)
   try:
     if args.prompt_tokens == 1:  # unconditional samples (MDLM's gen-PPL setting): needs no dataset
       prompt, prompt_source = [BOS], "bos"
@@ -186,6 +225,7 @@ def main(argv=None) -> int:
     prompt = [BOS] + rng.integers(5, int(diffusion_config.model.vocab_size), args.prompt_tokens - 1).tolist()
     prompt_source = "random"
   prompt_1P = np.asarray([prompt], np.int32)
+  batched_prompts = prompt_batch(diffusion_config, args, prompt, prompt_source, max(batch_sizes))
   scorer = None if args.random_weights else GenerativePerplexity(ar_model)
 
   temperatures = [float(t) for t in args.temperature.split(",")]
@@ -229,14 +269,7 @@ def main(argv=None) -> int:
       print(f"T={options.temperature:g} {label:36s} left out: --time_budget_s={args.time_budget_s:g} spent",
             file=sys.stderr, flush=True)
       continue
-    generator = generators.setdefault(id(model), Generator(model, mask_id=MASK, eos_id=EOS))
-    paired = None
-    if sampler != "ar":
-      ar_generator = generators.setdefault(id(ar_model), Generator(ar_model, mask_id=MASK, eos_id=EOS))
-      ar_options = next((o for _, m, o in plan if m is ar_model and o.temperature == options.temperature),
-                        next(o for _, m, o in plan if m is ar_model))
-      paired = lambda: ar_generator.run(prompt_1P, ar_options)[0]
-    result = time_setting(generator, prompt_1P, options, args.repeats, paired=paired)
+    generator, result = time_against_ar(plan, generators, model, ar_model, sampler, options, prompt_1P, args.repeats)
     row = {"setting": label, "sampler": sampler, "temperature": options.temperature,
            "steps": getattr(options, "steps", None), "threshold": options.threshold,
            "tokens_per_s": result["tokens_per_s"], "seconds": result["seconds"], "model_calls": result["model_calls"],
@@ -263,12 +296,16 @@ def main(argv=None) -> int:
     if ar_row is not None:
       if "gen_ppl" in row:
         row["gen_ppl_ratio_vs_ar"] = row["gen_ppl"] / ar_row["gen_ppl"]
+  batched = []
+  if batch_sizes != [1]:
+    batched = batched_table(plan, only, batch_sizes, batched_prompts, generators, ar_model, args, started, left_out,
+                            rows)
   report = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
             "diffusion_config": args.diffusion_config, "ar_config": args.ar_config, "checkpoint_steps": steps,
             "random_weights": args.random_weights, "batch_size": 1, "prompt_tokens": len(prompt),
             "prompt_source": prompt_source, "gen_length": args.gen_length, "block_length": args.block_length,
             "temperatures": temperatures, "repeats": args.repeats, "results": rows,
-            "left_out_for_time": left_out}
+            "left_out_for_time": left_out, "batch_sizes": batch_sizes, "batched": batched}
   if args.json:
     print(json.dumps(report, indent=2))
   else:
@@ -281,9 +318,63 @@ def main(argv=None) -> int:
             f"{r.get('speedup_vs_ar', float('nan')):6.2f} "
             f"{r['model_calls']:6d} {r['ms_per_call']:8.3f} {r.get('gen_ppl', float('nan')):9.2f} "
             f"{r.get('gen_ppl_ratio_vs_ar', float('nan')):6.2f} {r['unigram_entropy']:8.2f}")
+    if batched:
+      print(f"\nbatched: B prompts per call, total output tokens/s; x AR paired at the same B")
+      print(f"{'T':>4s} {'setting':36s} {'B':>4s} {'tok/s':>9s} {'x AR':>6s} {'x B=1':>6s} {'calls':>6s}")
+      for r in batched:
+        print(f"{r['temperature']:4g} {r['setting']:36s} {r['batch_size']:4d} {r['tokens_per_s']:9.1f} "
+              f"{r.get('speedup_vs_ar', float('nan')):6.2f} {r.get('speedup_vs_batch_1', float('nan')):6.2f} "
+              f"{r['model_calls']:6d}")
     if left_out:
       print(f"left out (--time_budget_s={args.time_budget_s:g} spent): {', '.join(left_out)}")
   return 0
+
+
+def prompt_batch(config, args, prompt: list[int], source: str, count: int) -> np.ndarray:
+  """[count, prompt_tokens] prompts for the batched table: `prompt` first, then other held-out documents' (or
+  random ids, as the batch-1 prompt was chosen)."""
+  if count == 1:
+    return np.asarray([prompt], np.int32)
+  if source == "held-out":
+    return np.asarray(held_out_prompts(config, len(prompt), count), np.int32)
+  rng = np.random.default_rng(1)
+  rows = [prompt] + [[prompt[0]] + rng.integers(5, int(config.model.vocab_size), len(prompt) - 1).tolist()
+                     for _ in range(count - 1)]
+  return np.asarray(rows, np.int32)
+
+
+def batched_table(plan, only, batch_sizes, prompts, generators, ar_model, args, started, left_out,
+                  batch_1_rows) -> list[dict]:
+  """Every selected setting at every batch size, paired with the AR decoder at that batch size; batch 1 is the
+  batch-1 table's measurement of the same setting (same prompt), when it has one."""
+  rows = []
+  measured = {(r["setting"], r["temperature"]): r for r in batch_1_rows}
+  for batch_size in batch_sizes:
+    prompt_BP = prompts[:batch_size]
+    for label, model, options in plan:
+      sampler = getattr(options, "sampler", "block_fused")
+      if only and sampler not in only and label not in only:
+        continue
+      if batch_size == 1 and (label, options.temperature) in measured:
+        r = measured[(label, options.temperature)]
+        rows.append({key: r[key] for key in ("setting", "sampler", "temperature", "tokens_per_s", "seconds",
+                                              "model_calls", "paired_ar_seconds", "speedup_vs_ar")} | {"batch_size": 1})
+        continue
+      if args.time_budget_s and time.perf_counter() - started > args.time_budget_s:
+        left_out.append(f"{label} B={batch_size}")
+        continue
+      _, result = time_against_ar(plan, generators, model, ar_model, sampler, options, prompt_BP, args.repeats)
+      row = {"setting": label, "sampler": sampler, "temperature": options.temperature, "batch_size": batch_size,
+             "tokens_per_s": batch_size * options.gen_length / result["seconds"], "seconds": result["seconds"],
+             "model_calls": result["model_calls"], "paired_ar_seconds": result["paired_seconds"]}
+      row["speedup_vs_ar"] = result["paired_seconds"] / result["seconds"] if result["paired_seconds"] else 1.0
+      first = next((r for r in rows if r["setting"] == label and r["temperature"] == row["temperature"]), None)
+      if first is not None and first["batch_size"] == 1:
+        row["speedup_vs_batch_1"] = row["tokens_per_s"] / first["tokens_per_s"]
+      rows.append(row)
+      print(f"T={row['temperature']:g} {label:36s} B={batch_size:<3d} {row['tokens_per_s']:9.1f} tok/s  "
+            f"x AR {row['speedup_vs_ar']:.2f}", file=sys.stderr, flush=True)
+  return rows
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One command for the GPU checks: bench/gpu_check.sh [OUTDIR]   (OUTDIR defaults to $OUT, else ./gpu_check_out)
 #
 # Runs each step below with its own timeout and log (OUTDIR/<step>.log), keeps going when one fails, writes
-# OUTDIR/summary.txt, and exits non-zero if any step failed. The timeouts add up to under 8 minutes (465 s).
+# OUTDIR/summary.txt, and exits non-zero if any step failed. The timeouts add up to under 10 minutes (585 s).
 # When OUTDIR is $OUT (the device machines, which return at most 8 files) the logs are packed into logs.tar.gz.
 # The kernel benchmark (issue #4's table; it checks every result against the reference itself) runs first, so a
 # slow compile elsewhere cannot cost it its time. kernel_resources is the kernels' resource report (registers per thread, shared memory per block, theoretical and
@@ -40,6 +40,7 @@ STEPS=(
   "pallas_gmm_tests|75|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
   "train_step_benchmark|65|$PY bench/train_cpu.py --json --steps 10 --batch_size 16 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
   "sampler_benchmark|100|$PY bench/generate.py --json --random_weights --repeats 1 --time_budget_s 50 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,threshold 0.9,block_fused threshold 0.9' > $OUTDIR/generate.json"
+  "sampler_batches|120|$PY bench/generate.py --json --random_weights --repeats 1 --time_budget_s 85 --gen_length 128 --batch_sizes 1,8,32,64 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,block_fused threshold 0.9' > $OUTDIR/generate_batches.json"
 )
 
 failed=0

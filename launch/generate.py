@@ -1,9 +1,10 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
 [--block_length N] [--steps N] [--threshold X] [--temperature X] [--top_p X] [--max_denoising_steps N]
 [--entropy_bound X] [--temperature_start X] [--temperature_end X] [--stop_mean_entropy X] [--chat [--system TEXT]]
-[--seed N] [--step N]
+[--seed N] [--step N] [--batch_size N] [--stop TEXT ...]
 [--json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls,
-new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. AR models default to the `ar`
+new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts
+(of any lengths) per sampler call, with the same results as one at a time. AR models default to the `ar`
 sampler, masked-diffusion models to `threshold` (Fast-dLLM), block-diffusion models to `block_threshold` and
 uniform-state models (DiffusionGemma) to `entropy_bound`, canvas after canvas of objective.block_size tokens."""
 
@@ -54,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--chat", action="store_true", help="each prompt is a user turn: wrap it in the config's "
                  "data.chat_template (as SFT did), ending with the model turn's header")
   p.add_argument("--system", default=None, help="with --chat: a system turn before the user turn")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="every request's seed (a request's sample never depends on "
+                 "the batch it runs in)")
+  p.add_argument("--batch_size", type=int, default=1, help="prompts per sampler call (default 1); prompts of "
+                 "similar lengths share a batch")
+  p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a completion before this text "
+                 "(repeatable)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
   return p
@@ -115,7 +121,8 @@ def main(argv=None) -> int:
     elif args.system:
       raise ConfigError("--system: only with --chat")
     template = str(config.data.chat_template) if args.chat else None
-    results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template)
+    results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template,
+                                   batch_size=args.batch_size, stop=args.stop)
     if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
       from diffgemma_jax.data.sft import TEMPLATE_MARKERS
       for result in results:
@@ -124,14 +131,17 @@ def main(argv=None) -> int:
     return fail(str(e))
   if args.json:
     keys = ("prompt", "completion", "sampler", "step", "prompt_tokens", "gen_length", "new_tokens", "model_calls",
-            "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids")
+            "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids", "batch_size",
+            "batch_tokens_per_s")
     print(json.dumps(json_safe([{k: r[k] for k in keys} for r in results]), indent=2, allow_nan=False))
     return 0
   for index, r in enumerate(results):
     canvases = "" if r["steps_per_canvas"] is None else f", steps per canvas {r['steps_per_canvas']}"
     print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
           f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
-          f"sampler {r['sampler']}, step {r['step']})")
+          f"sampler {r['sampler']}, step {r['step']}"
+          + (f"; batch of {r['batch_size']}: {r['batch_tokens_per_s']:.1f} tokens/s" if r["batch_size"] > 1 else "")
+          + ")")
     print(r["prompt"] + r["completion"])
   return 0
 

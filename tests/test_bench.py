@@ -56,6 +56,41 @@ def test_generate_benchmark_time_budget_leaves_settings_out_and_still_reports(ca
   assert "left out: --time_budget_s=1e-09 spent" in captured.err
 
 
+def test_generate_benchmark_batched_table_pairs_each_batch_with_the_ar_decoder(monkeypatch, capsys):
+  """--batch_sizes: total output tokens/s per batch size, each setting timed on B prompts and paired with the AR
+  decoder on the same B prompts, against its own batch 1 (taken from the batch-1 table). The timings come from a
+  stand-in for `time_setting` (seconds = B * setting number), so the table's arithmetic is checked, not a clock."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import generate as bench_generate  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_time_setting(generator, prompt, options, repeats, seed=0, paired=None):
+    del generator, repeats, seed
+    calls.append((getattr(options, "sampler", "block_fused"), prompt.shape))
+    seconds = prompt.shape[0] * (2.0 if calls[-1][0] == "ar" else 3.0)
+    if paired is not None:  # the AR run the setting is paired with: it runs on the same prompts
+      paired_seconds = prompt.shape[0] * 2.0
+      calls.append(("paired ar", prompt.shape))
+    return {"seconds": seconds, "tokens_per_s": options.gen_length / seconds, "model_calls": 5, "sequence": [2] * 20,
+            "steps_per_canvas": None, "paired_seconds": paired_seconds if paired is not None else None}
+
+  monkeypatch.setattr(bench_generate, "time_setting", fake_time_setting)
+  monkeypatch.setattr(bench_generate, "run_once", lambda *a: {"sequence": [2] * 20})
+  assert bench_generate.main(["--random_weights", "--gen_length", "16", "--block_length", "16", "--only",
+                              "ar,threshold 0.9", "--repeats", "1", "--batch_sizes", "4,1", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["batch_size"] == 1 and report["batch_sizes"] == [1, 4]
+  # batch 1 once (the batch-1 table), then batch 4, every setting paired with the AR decoder on the same prompts
+  assert calls == [("ar", (1, 32)), ("threshold", (1, 32)), ("paired ar", (1, 32)), ("ar", (4, 32)),
+                   ("threshold", (4, 32)), ("paired ar", (4, 32))]
+  batched = {(r["setting"], r["batch_size"]): r for r in report["batched"]}
+  assert sorted(batched) == [("ar", 1), ("ar", 4), ("threshold 0.9", 1), ("threshold 0.9", 4)]
+  assert batched[("threshold 0.9", 4)]["tokens_per_s"] == 4 * 16 / 12.0
+  assert batched[("threshold 0.9", 4)]["speedup_vs_ar"] == 8.0 / 12.0
+  assert batched[("threshold 0.9", 4)]["speedup_vs_batch_1"] == (4 * 16 / 12.0) / (16 / 3.0)
+  assert batched[("ar", 4)]["speedup_vs_batch_1"] == 1.0 and batched[("ar", 1)]["speedup_vs_ar"] == 1.0
+
+
 def _markov_log_prob_fn(transition_VV):
   """A next-token model that is an order-1 Markov chain: log p(x_{l+1} | x_<=l) = log M[x_l]."""
   log_m = np.log(transition_VV)

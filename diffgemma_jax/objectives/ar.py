@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import make_mask
-from diffgemma_jax.objectives.masked import router_metrics
+from diffgemma_jax.objectives.masked import router_metrics, scored_positions
 
 
 def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
@@ -30,7 +30,8 @@ class Autoregressive:
     mask = make_mask("causal", segment_ids, positions)
     logits, aux = model(batch["tokens"], positions, mask, token_mask_BL=segment_ids > 0)
     nll, valid = next_token_nll(logits, batch["tokens"], segment_ids)
-    return nll, valid, aux
+    valid = valid & scored_positions(batch)[:, 1:]  # SFT rows (`loss_mask`): the response only, as in `masked`
+    return jnp.where(valid, nll, 0.0), valid, aux
 
   def loss_fn(self, model, batch, rng):
     del rng
@@ -42,7 +43,8 @@ class Autoregressive:
                   **router_metrics(aux)}
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
-    """Exact per-row negative log-likelihood of every token after the first of its segment (stderr 0)."""
+    """Exact per-row negative log-likelihood of every token after the first of its segment, of the response only
+    in SFT rows (stderr 0)."""
     del rng, num_t_samples
     nll, valid, _ = self._nll(model, batch)
     total = jnp.sum(nll, axis=-1)

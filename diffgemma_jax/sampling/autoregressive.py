@@ -1,9 +1,11 @@
 """Autoregressive decoding with a KV cache: one prefill call over the prompt, then one call per new token.
 
-The cache has a static number of slots (prompt + new tokens); slot i holds position i. Each call writes its keys
-and values into its slots and attends causally to the slots written so far (sliding-window layers additionally
-apply their window by position). The loop is a `lax.while_loop` that ends when every row has produced `max_new_tokens`
-or, with `stop_at_eos`, an EOS (later slots are then EOS).
+The cache has a static number of slots (prompt + new tokens); slot i holds position i, or with a left-padded batch
+of prompts of different lengths (`batching.py`, `prompt_starts_B`) position i - start of the row, padding slots never
+attended. Each call writes its keys and values into its slots and attends causally to the slots written so far
+(sliding-window layers additionally apply their window by position). The loop is a `lax.while_loop` that ends when
+every row has produced `max_new_tokens` or, with `stop_at_eos`, an EOS (later slots are then EOS); a row that has
+ended rides along to the end of the loop (static shapes) without counting model calls.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from diffgemma_jax.sampling.batching import real_slots, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import sample_next
 
 
@@ -32,41 +35,44 @@ class ARConfig:
       raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
 
 
-def _slot_positions(batch_size: int, num_slots: int):
-  return jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), (batch_size, num_slots))
+def _num_slots(cache) -> int:
+  return jax.tree.leaves(cache)[0].shape[2]
 
 
-def prefill(model, prompt_BP, cache):
-  """Runs the prompt causally into slots [0, P); returns (logits of the last prompt position [B, V], cache)."""
+def prefill(model, prompt_BP, cache, starts_B=None):
+  """Runs the prompt causally into slots [0, P) (`starts_B`: each row's first real slot, left padding); returns
+  (logits of the last prompt position [B, V], cache)."""
   B, P = prompt_BP.shape
-  S = jax.tree.leaves(cache)[0].shape[2]
-  slots = _slot_positions(B, S)
-  mask_BPS = slots[:, None, :] <= jnp.arange(P)[None, :, None]
-  logits, cache = model.decode(prompt_BP, slots[:, :P], mask_BPS, cache, slots, 0, logits_start=P - 1,
+  S = _num_slots(cache)
+  slots_S = jnp.arange(S)
+  positions_BS = slot_positions(B, S, starts_B)
+  mask_BPS = (slots_S[None, None, :] <= jnp.arange(P)[None, :, None]) & real_slots(B, S, starts_B)[:, None, :]
+  logits, cache = model.decode(prompt_BP, positions_BS[:, :P], mask_BPS, cache, positions_BS, 0, logits_start=P - 1,
                                logits_length=1)
   return logits[:, 0], cache
 
 
-def decode_step(model, token_B, index, cache):
-  """Runs one token at slot `index` (its position) against slots [0, index]; returns (logits [B, V], cache)."""
+def decode_step(model, token_B, index, cache, starts_B=None):
+  """Runs one token at slot `index` against slots [0, index]; returns (logits [B, V], cache)."""
   B = token_B.shape[0]
-  S = jax.tree.leaves(cache)[0].shape[2]
-  slots = _slot_positions(B, S)
-  mask_B1S = (slots <= index)[:, None, :]
-  positions_B1 = jnp.full((B, 1), index, jnp.int32)
-  logits, cache = model.decode(token_B[:, None], positions_B1, mask_B1S, cache, slots, index)
+  S = _num_slots(cache)
+  positions_BS = slot_positions(B, S, starts_B)
+  mask_B1S = ((jnp.arange(S)[None, :] <= index) & real_slots(B, S, starts_B))[:, None, :]
+  positions_B1 = jax.lax.dynamic_slice_in_dim(positions_BS, index, 1, axis=1)
+  logits, cache = model.decode(token_B[:, None], positions_B1, mask_B1S, cache, positions_BS, index)
   return logits[:, 0], cache
 
 
-def generate(model, prompt_BP, rng, cfg: ARConfig, *, eos_id: int | None = None):
-  """Returns (tokens [B, P + max_new_tokens], model calls [B]); prompt tokens are kept as given."""
+def generate(model, prompt_BP, rng, cfg: ARConfig, *, eos_id: int | None = None, prompt_starts_B=None):
+  """Returns (tokens [B, P + max_new_tokens], model calls [B]); prompt tokens are kept as given. `rng`: one key or
+  one per row; `prompt_starts_B`: each row's first prompt slot in a left-padded batch (None: no padding)."""
   B, P = prompt_BP.shape
   S = P + cfg.max_new_tokens
   stop_at_eos = cfg.stop_at_eos and eos_id is not None
   cache = model.init_kv_cache(B, S)
   tokens = jnp.concatenate([prompt_BP.astype(jnp.int32), jnp.zeros((B, cfg.max_new_tokens), jnp.int32)], axis=1)
-  rng, key = jax.random.split(rng)
-  logits, cache = prefill(model, prompt_BP, cache)
+  rng, key = split_keys(rng)
+  logits, cache = prefill(model, prompt_BP, cache, prompt_starts_B)
   first = sample_next(logits, key, temperature=cfg.temperature, top_p=cfg.top_p)
   tokens = tokens.at[:, P].set(first)
   done = (first == eos_id) if stop_at_eos else jnp.zeros((B,), bool)
@@ -78,8 +84,8 @@ def generate(model, prompt_BP, rng, cfg: ARConfig, *, eos_id: int | None = None)
 
   def body(state):
     tokens, cache, index, rng, done, calls = state
-    rng, key = jax.random.split(rng)
-    logits, cache = decode_step(model, tokens[:, index], index, cache)
+    rng, key = split_keys(rng)
+    logits, cache = decode_step(model, tokens[:, index], index, cache, prompt_starts_B)
     new = sample_next(logits, key, temperature=cfg.temperature, top_p=cfg.top_p)
     if stop_at_eos:
       new = jnp.where(done, eos_id, new)

@@ -32,6 +32,9 @@ Denoising rules (a canvas's inner loop):
   never use the mask token (the uniform objective never produces it; transformers draws noise from the whole
   vocabulary).
 
+Rows stop one by one (EOS) and move from canvas to canvas together: a row done with a canvas waits for the others
+without counting steps. A batch of prompts of different lengths is left-padded (`batching.py`, `prompt_starts_B`):
+positions are per row and no query attends to padding; `rng` is one key or one per row.
 Everything is jitted with static shapes: a `lax.while_loop` over canvases around a `lax.while_loop` over steps.
 Only the current step's [batch, canvas, vocab] logits exist; self-conditioning carries a [batch, canvas, embed]
 signal between steps, not logits.
@@ -49,6 +52,7 @@ from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.masked import states_excluding, without
 from diffgemma_jax.objectives.uniform import noise_token
+from diffgemma_jax.sampling.batching import draw, real_slots, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
                                           masked_step, pad_after_eos, sample_categorical, shifted, stable_and_confident,
                                           token_entropy)
@@ -125,42 +129,46 @@ class CanvasOutput(NamedTuple):
 
 
 # ---- the model's two passes ------------------------------------------------------------------------------------
-def _slots(batch_size: int, cache):
+def _window(batch_size: int, cache, start, length: int, starts_B):
+  """(positions of every slot [B, S], of slots [start, start + length) [B, length], real slots [B, S])."""
   num_slots = jax.tree.leaves(cache)[0].shape[2]
-  return jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), (batch_size, num_slots))
+  positions_BS = slot_positions(batch_size, num_slots, starts_B)
+  return (positions_BS, jax.lax.dynamic_slice_in_dim(positions_BS, start, length, axis=1),
+          real_slots(batch_size, num_slots, starts_B))
 
 
-def encode_with_logits(model, tokens_BL, cache, start):
+def encode_with_logits(model, tokens_BL, cache, start, starts_B=None):
   """The causal encoder pass: clean tokens at slots [start, start + L) attend to every slot up to their own and
   write their keys/values there. Returns (float32 logits [B, 1, V] of the last token, the cache): with
-  `model.token_shift` they predict the first token of the canvas that follows."""
+  `model.token_shift` they predict the first token of the canvas that follows. `starts_B`: each row's first
+  prompt slot (left padding; None: none)."""
   B, L = tokens_BL.shape
-  slots_BS = _slots(B, cache)
-  positions_BL = start + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-  mask_BLS = slots_BS[:, None, :] <= positions_BL[:, :, None]
-  return model.decode(tokens_BL, positions_BL, mask_BLS, cache, slots_BS, start, logits_start=L - 1,
+  positions_BS, positions_BL, real_BS = _window(B, cache, start, L, starts_B)
+  slots_S = jnp.arange(real_BS.shape[1])
+  mask_BLS = (slots_S[None, None, :] <= start + jnp.arange(L)[None, :, None]) & real_BS[:, None, :]
+  return model.decode(tokens_BL, positions_BL, mask_BLS, cache, positions_BS, start, logits_start=L - 1,
                       logits_length=1)
 
 
-def encode(model, tokens_BL, cache, start):
+def encode(model, tokens_BL, cache, start, starts_B=None):
   """`encode_with_logits`, the cache only."""
-  return encode_with_logits(model, tokens_BL, cache, start)[1]
+  return encode_with_logits(model, tokens_BL, cache, start, starts_B)[1]
 
 
-def canvas_logits(model, canvas_Bb, cache, start, *, embeddings_BbD=None):
+def canvas_logits(model, canvas_Bb, cache, start, *, embeddings_BbD=None, starts_B=None):
   """The canvas pass: the canvas at slots [start, start + b), bidirectional within itself, attending to the clean
   slots before it. Returns (float32 logits [B, b, V], the cache with the canvas's own entries in its slots)."""
   B, b = canvas_Bb.shape
-  slots_BS = _slots(B, cache)
-  positions_Bb = start + jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (B, b))
-  mask_BbS = jnp.broadcast_to((slots_BS < start + b)[:, None, :], (B, b, slots_BS.shape[1]))
-  return model.decode(canvas_Bb, positions_Bb, mask_BbS, cache, slots_BS, start, embeddings_BLD=embeddings_BbD,
+  positions_BS, positions_Bb, real_BS = _window(B, cache, start, b, starts_B)
+  mask_BbS = jnp.broadcast_to(((jnp.arange(real_BS.shape[1])[None, :] < start + b) & real_BS)[:, None, :],
+                              (B, b, real_BS.shape[1]))
+  return model.decode(canvas_Bb, positions_Bb, mask_BbS, cache, positions_BS, start, embeddings_BLD=embeddings_BbD,
                       canvas_BL=jnp.ones((B, b), bool))
 
 
 # ---- one canvas under each rule: (model, cache, start, done_B, rng) -> (canvas [B, b], steps [B], cache) --------
 def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int,
-                   before_B1V=None):
+                   before_B1V=None, starts_B=None):
   B, b = done_B.shape[0], canvas_length
 
   def cond(state):
@@ -169,9 +177,9 @@ def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas
 
   def body(state):
     canvas, cache, rng, step, steps_B = state
-    rng, key = jax.random.split(rng)
+    rng, key = split_keys(rng)
     candidates = (canvas == mask_id) & ~done_B[:, None]
-    logits, cache = canvas_logits(model, canvas, cache, start)
+    logits, cache = canvas_logits(model, canvas, cache, start, starts_B=starts_B)
     if model.cfg.token_shift:
       logits = shifted(logits, before_B1V)
     tokens, commit = masked_step(logits, key, candidates, acceptance=rule.acceptance, threshold=rule.threshold,
@@ -187,13 +195,14 @@ def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas
 
 
 def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, rng, *, canvas_length: int,
-                          mask_id: int, before_B1V=None):
+                          mask_id: int, before_B1V=None, starts_B=None):
   del before_B1V  # uniform-state models read each position's own output (config validation: no token shift)
   B, b = done_B.shape[0], canvas_length
   V = model.cfg.vocab_size
   self_conditioned = getattr(model, "self_conditioning", None) is not None
   excluded = states_excluding(mask_id)  # the released tokenizer has no mask token (mask_id -1): nothing
-  noise = lambda key: noise_token(key, (B, b), vocab_size=V, excluded_ids=excluded).astype(jnp.int32)
+  noise = lambda key: draw(lambda k, shape: noise_token(k, shape, vocab_size=V, excluded_ids=excluded), key,
+                           (B, b)).astype(jnp.int32)
 
   def cond(state):
     _, _, _, _, _, step, finished_B, _ = state
@@ -201,8 +210,8 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
 
   def body(state):
     canvas, argmax, signal_BbD, cache, rng, step, finished_B, steps_B = state
-    rng, sample_key, noise_key = jax.random.split(rng, 3)
-    logits, cache = canvas_logits(model, canvas, cache, start, embeddings_BbD=signal_BbD)
+    rng, sample_key, noise_key = split_keys(rng, 3)
+    logits, cache = canvas_logits(model, canvas, cache, start, embeddings_BbD=signal_BbD, starts_B=starts_B)
     temperature = linear_temperature(step, rule.max_denoising_steps, rule.temperature_start, rule.temperature_end)
     scaled = without(logits, excluded) / temperature
     entropy_Bb = token_entropy(scaled)
@@ -218,7 +227,7 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
     return (keep(renoised, canvas), keep(new_argmax, argmax), signal_BbD, cache, rng, step + 1,
             finished_B | stop_B, steps_B + active_B.astype(jnp.int32))
 
-  rng, init_key = jax.random.split(rng)
+  rng, init_key = split_keys(rng)
   # The first step's argmax can never look stable: the previous argmax starts at -1.
   signal = jnp.zeros((B, b, model.cfg.embed_dim), jnp.float32) if self_conditioned else None
   state = (noise(init_key), jnp.full((B, b), -1, jnp.int32), signal, cache, rng, jnp.int32(0), done_B,
@@ -227,18 +236,20 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
   return argmax, steps_B, cache
 
 
-def denoise_canvas(rule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int, before_B1V=None):
+def denoise_canvas(rule, model, cache, start, done_B, rng, *, canvas_length: int, mask_id: int, before_B1V=None,
+                   starts_B=None):
   """One canvas under `rule`; rows marked `done` take no steps (and their canvas is discarded). `before_B1V`: the
   clean pass's logits at the slot before the canvas (read with `model.token_shift`)."""
   fn = denoise_masked if isinstance(rule, MaskedRule) else denoise_entropy_bound
   return fn(rule, model, cache, start, done_B, rng, canvas_length=canvas_length, mask_id=mask_id,
-            before_B1V=before_B1V)
+            before_B1V=before_B1V, starts_B=starts_B)
 
 
 # ---- the canvas loop -------------------------------------------------------------------------------------------
 def generate(model, prompt_BP, rng, cfg: CanvasConfig, *, mask_id: int, eos_id: int | None = None,
-             pad_id: int = 0) -> CanvasOutput:
-  """Generates `cfg.num_canvases` canvases after each prompt row (equal lengths); see the module docstring."""
+             pad_id: int = 0, prompt_starts_B=None) -> CanvasOutput:
+  """Generates `cfg.num_canvases` canvases after each prompt row; see the module docstring. `prompt_starts_B`:
+  each row's first prompt slot of a left-padded batch (None: no padding)."""
   B, P = prompt_BP.shape
   b, C = cfg.canvas_length, cfg.num_canvases
   stop_at_eos = cfg.stop_at_eos and eos_id is not None
@@ -247,7 +258,8 @@ def generate(model, prompt_BP, rng, cfg: CanvasConfig, *, mask_id: int, eos_id: 
     raise ValueError("model.token_shift models (objective masked or block) read each prediction one slot back, "
                      "which uniform-state canvases do not: sample such a model with a MaskedRule")
   # `before`: the clean pass's logits at the last slot before the next canvas (its first token's, token shift).
-  before, cache = encode_with_logits(model, prompt_BP, model.init_kv_cache(B, P + cfg.gen_length), 0)
+  before, cache = encode_with_logits(model, prompt_BP, model.init_kv_cache(B, P + cfg.gen_length), 0,
+                                     prompt_starts_B)
   tokens = jnp.concatenate([prompt_BP, jnp.full((B, cfg.gen_length), pad_id, jnp.int32)], axis=1)
 
   def cond(state):
@@ -256,18 +268,18 @@ def generate(model, prompt_BP, rng, cfg: CanvasConfig, *, mask_id: int, eos_id: 
 
   def body(state):
     tokens, cache, before, rng, index, finished_B, steps_BC = state
-    rng, key = jax.random.split(rng)
+    rng, key = split_keys(rng)
     start = P + index * b
     canvas, steps_B, cache = denoise_canvas(cfg.rule, model, cache, start, finished_B, key, canvas_length=b,
-                                            mask_id=mask_id, before_B1V=before)
+                                            mask_id=mask_id, before_B1V=before, starts_B=prompt_starts_B)
     if stop_at_eos:
       canvas = jnp.where(finished_B[:, None], pad_id, pad_after_eos(canvas, eos_id, pad_id))
       finished_B = finished_B | has_eos(canvas, eos_id)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, canvas, start, axis=1)
     steps_BC = jax.lax.dynamic_update_slice_in_dim(steps_BC, steps_B[:, None], index, axis=1)
     more = (index + 1 < C) & ~jnp.all(finished_B)
-    before, cache = jax.lax.cond(more, lambda bc: encode_with_logits(model, canvas, bc[1], start), lambda bc: bc,
-                                 (before, cache))
+    before, cache = jax.lax.cond(more, lambda bc: encode_with_logits(model, canvas, bc[1], start, prompt_starts_B),
+                                 lambda bc: bc, (before, cache))
     return tokens, cache, before, rng, index + 1, finished_B, steps_BC
 
   state = (tokens, cache, before, rng, jnp.int32(0), jnp.zeros((B,), bool), jnp.zeros((B, C), jnp.int32))

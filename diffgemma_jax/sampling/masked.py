@@ -6,8 +6,12 @@ position (`parts.propose`), and the acceptance rule commits some of them:
 - `low_confidence`: the `n` most confident, `n` from the even schedule over `steps_per_block` (LLaDA);
 - `threshold`: every proposal with confidence >= `threshold`, and at least the schedule's `n` (with
   steps_per_block == block_length that is one: Fast-dLLM's parallel decoding).
-The stopping rule ends generation after a block once every row holds an EOS (`stop_at_eos`); later positions are
-set to EOS. Everything is jitted with static shapes: one `lax.while_loop` over (block, step).
+The stopping rule is per row (`stop_at_eos`): a row whose finished blocks hold an EOS stops (its later positions
+become EOS and it takes no more steps), and generation ends once every row has stopped. Rows move from block to
+block together: one that finishes a block early waits for the others without counting model calls. Everything is
+jitted with static shapes: one `lax.while_loop` over (block, step). A batch of prompts of different lengths is
+left-padded (`batching.py`): the denoisers take each row's first prompt slot (`starts_B`) and never attend to
+padding.
 
 Canvas denoisers (`ModelDenoiser`):
 - `cache="none"`: every step runs the whole canvas (exact; LLaDA).
@@ -31,6 +35,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from diffgemma_jax.sampling.batching import real_slots, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import ACCEPTANCE_RULES, has_eos, masked_step, shifted
 
 CACHE_MODES = ("none", "dual", "block")  # "block": block-diffusion models only (exact)
@@ -91,6 +96,7 @@ class ModelDenoiser:
   model: Any
   block_length: int
   cache: str = "none"
+  starts_B: Any = None  # each row's first prompt slot (left padding); None: no padding
 
   def init(self, canvas_BS, prompt_length: int):
     del prompt_length
@@ -100,8 +106,8 @@ class ModelDenoiser:
     """The whole canvas through the model; stores every slot's keys/values, unembeds only the block's
     predictions (with `model.token_shift` the outputs one slot earlier)."""
     B, S = canvas_BS.shape
-    positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    mask_BSS = jnp.ones((B, S, S), bool)
+    positions_BS = slot_positions(B, S, self.starts_B)
+    mask_BSS = jnp.broadcast_to(real_slots(B, S, self.starts_B)[:, None, :], (B, S, S))
     return self.model.decode(canvas_BS, positions_BS, mask_BSS, cache, positions_BS, 0,
                              logits_start=block_start - int(self.model.cfg.token_shift),
                              logits_length=self.block_length)
@@ -113,10 +119,10 @@ class ModelDenoiser:
     b = self.block_length
     shift = int(self.model.cfg.token_shift)
     start = block_start - shift
-    positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    positions_BS = slot_positions(B, S, self.starts_B)
     window_BW = jax.lax.dynamic_slice_in_dim(canvas_BS, start, b + shift, axis=1)
     window_positions_BW = jax.lax.dynamic_slice_in_dim(positions_BS, start, b + shift, axis=1)
-    mask_BWS = jnp.ones((B, b + shift, S), bool)
+    mask_BWS = jnp.broadcast_to(real_slots(B, S, self.starts_B)[:, None, :], (B, b + shift, S))
     return self.model.decode(window_BW, window_positions_BW, mask_BWS, cache, positions_BS, start,
                              logits_start=0, logits_length=b)
 
@@ -143,14 +149,16 @@ class BlockDenoiser:
   model: Any
   block_length: int
   first_block_start: int  # the prompt length: blocks start there
+  starts_B: Any = None  # each row's first prompt slot (left padding); None: no padding
 
   def init(self, canvas_BS, prompt_length: int):
     B, S = canvas_BS.shape
-    slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    causal_BPS = slots_BS[:, None, :] <= jnp.arange(prompt_length)[None, :, None]
-    before, cache = self.model.decode(canvas_BS[:, :prompt_length], slots_BS[:, :prompt_length], causal_BPS,
-                                      self.model.init_kv_cache(B, S), slots_BS, 0, logits_start=prompt_length - 1,
-                                      logits_length=1)
+    positions_BS = slot_positions(B, S, self.starts_B)
+    causal_BPS = ((jnp.arange(S)[None, None, :] <= jnp.arange(prompt_length)[None, :, None])
+                  & real_slots(B, S, self.starts_B)[:, None, :])
+    before, cache = self.model.decode(canvas_BS[:, :prompt_length], positions_BS[:, :prompt_length], causal_BPS,
+                                      self.model.init_kv_cache(B, S), positions_BS, 0,
+                                      logits_start=prompt_length - 1, logits_length=1)
     return (cache, before), 1
 
   def _run(self, canvas_BS, cache, window_start, window_length: int, canvas_start, logits_start: int):
@@ -158,16 +166,17 @@ class BlockDenoiser:
     (causal), the rest as the canvas block (sees every slot before the block's end). Returns the block_length
     logits from window position `logits_start` on."""
     B, S = canvas_BS.shape
-    slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    positions_BS = slot_positions(B, S, self.starts_B)
     window_BW = jax.lax.dynamic_slice_in_dim(canvas_BS, window_start, window_length, axis=1)
-    positions_BW = jax.lax.dynamic_slice_in_dim(slots_BS, window_start, window_length, axis=1)
-    query_W1 = positions_BW[0][:, None]
-    visible_WS = jnp.where(query_W1 < canvas_start, slots_BS[0][None, :] <= query_W1,
-                           slots_BS[0][None, :] < canvas_start + self.block_length)
-    mask_BWS = jnp.broadcast_to(visible_WS, (B, window_length, S))
+    positions_BW = jax.lax.dynamic_slice_in_dim(positions_BS, window_start, window_length, axis=1)
+    slots_S = jnp.arange(S)
+    query_W1 = window_start + jnp.arange(window_length)[:, None]  # the window's slots
+    visible_WS = jnp.where(query_W1 < canvas_start, slots_S[None, :] <= query_W1,
+                           slots_S[None, :] < canvas_start + self.block_length)
+    mask_BWS = visible_WS[None] & real_slots(B, S, self.starts_B)[:, None, :]
     # Marks the canvas as the objective's canvas pass did (canvas input norm, the canvas's sliding window).
-    canvas_BW = positions_BW >= canvas_start
-    return self.model.decode(window_BW, positions_BW, mask_BWS, cache, slots_BS, window_start,
+    canvas_BW = jnp.broadcast_to(query_W1[:, 0] >= canvas_start, (B, window_length))
+    return self.model.decode(window_BW, positions_BW, mask_BWS, cache, positions_BS, window_start,
                              logits_start=logits_start, logits_length=self.block_length, canvas_BL=canvas_BW)
 
   def __call__(self, canvas_BS, cache, block_start, refresh):
@@ -188,18 +197,20 @@ class BlockDenoiser:
     return logits, (cache, logits[:, :1] if shift else before)
 
 
-def make_denoiser(model, cfg: "SamplerConfig", prompt_length: int):
-  """The canvas denoiser of `cfg.cache` for a model: bidirectional (none / dual) or block-causal (block)."""
+def make_denoiser(model, cfg: "SamplerConfig", prompt_length: int, prompt_starts_B=None):
+  """The canvas denoiser of `cfg.cache` for a model: bidirectional (none / dual) or block-causal (block).
+  `prompt_starts_B`: each row's first prompt slot of a left-padded batch (None: no padding)."""
   if cfg.cache == "block":
-    return BlockDenoiser(model, cfg.block_length, prompt_length)
-  return ModelDenoiser(model, cfg.block_length, cfg.cache)
+    return BlockDenoiser(model, cfg.block_length, prompt_length, prompt_starts_B)
+  return ModelDenoiser(model, cfg.block_length, cfg.cache, prompt_starts_B)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
 def generate(denoiser, prompt_BP, rng, cfg: SamplerConfig, *, mask_id: int, eos_id: int | None = None):
   """Fills `cfg.gen_length` positions after each prompt; returns (canvas [B, P + G], model calls [B]).
 
-  `denoiser` is a canvas denoiser (`ModelDenoiser`) or a plain function canvas -> logits [B, P + G, V]."""
+  `denoiser` is a canvas denoiser (`ModelDenoiser`) or a plain function canvas -> logits [B, P + G, V]; `rng` one
+  key or one per row (`batching.py`)."""
   if not hasattr(denoiser, "init"):
     denoiser = LogitsFnDenoiser(denoiser, cfg.block_length)
   B, P = prompt_BP.shape
@@ -208,15 +219,15 @@ def generate(denoiser, prompt_BP, rng, cfg: SamplerConfig, *, mask_id: int, eos_
   stop_at_eos = cfg.stop_at_eos and eos_id is not None
 
   def cond(state):
-    _, _, _, block, _, _, stopped = state
-    return (block < cfg.num_blocks) & ~stopped
+    _, _, _, block, _, _, finished_B = state
+    return (block < cfg.num_blocks) & ~jnp.all(finished_B)
 
   def body(state):
-    canvas, cache, rng, block, step, calls, _ = state
-    rng, key = jax.random.split(rng)
+    canvas, cache, rng, block, step, calls, finished_B = state
+    rng, key = split_keys(rng)
     start = P + block * b
     block_tokens = jax.lax.dynamic_slice_in_dim(canvas, start, b, axis=1)
-    candidates = block_tokens == mask_id
+    candidates = (block_tokens == mask_id) & ~finished_B[:, None]
     refresh = step == 0
     if cfg.refresh_every > 0:
       refresh = refresh | (step % cfg.refresh_every == 0)
@@ -226,15 +237,17 @@ def generate(denoiser, prompt_BP, rng, cfg: SamplerConfig, *, mask_id: int, eos_
     block_tokens = jnp.where(commit, tokens, block_tokens)
     canvas = jax.lax.dynamic_update_slice_in_dim(canvas, block_tokens, start, axis=1)
     calls = calls + jnp.any(candidates, axis=-1).astype(jnp.int32)
-    block_done = ~jnp.any(block_tokens == mask_id)
-    stopped = block_done & jnp.all(has_eos(canvas, eos_id, start=P, stop=start + b)) if stop_at_eos else jnp.bool_(False)
+    block_done = ~jnp.any((block_tokens == mask_id) & ~finished_B[:, None])
+    if stop_at_eos:  # a row stops after the block that holds its first EOS
+      finished_B = finished_B | (block_done & has_eos(canvas, eos_id, start=P, stop=start + b))
     next_block = jnp.where(block_done, block + 1, block)
     next_step = jnp.where(block_done, 0, step + 1)
-    return canvas, cache, rng, next_block, next_step, calls, stopped
+    return canvas, cache, rng, next_block, next_step, calls, finished_B
 
   cache, init_calls = denoiser.init(canvas, P)
-  state = (canvas, cache, rng, jnp.int32(0), jnp.int32(0), jnp.full((B,), init_calls, jnp.int32), jnp.bool_(False))
+  state = (canvas, cache, rng, jnp.int32(0), jnp.int32(0), jnp.full((B,), init_calls, jnp.int32),
+           jnp.zeros((B,), bool))
   canvas, _, _, _, _, calls, _ = jax.lax.while_loop(cond, body, state)
-  if stop_at_eos:  # blocks skipped after every row ended
+  if stop_at_eos:  # blocks a row skipped after it ended
     canvas = jnp.where(canvas == mask_id, eos_id, canvas)
   return canvas, calls

@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffgemma_jax.sampling.batching import draw
+
 ACCEPTANCE_RULES = ("low_confidence", "threshold")
 
 
@@ -24,11 +26,11 @@ def sample_categorical(rng, logits_NV):
   probabilities (the first token whose cumulative probability exceeds it). Exact like the Gumbel-max trick
   (`jax.random.categorical`), but it draws one random number per row instead of one per vocabulary entry, which on
   a CPU is most of a sampling step's cost (about 8x less for a 16-token canvas at vocab 512). Tokens of zero
-  probability (-inf logits) are never drawn."""
+  probability (-inf logits) are never drawn. `rng`: one key, or one per row (`batching.draw`)."""
   logits_NV = logits_NV.astype(jnp.float32)
   probs_NV = jax.nn.softmax(logits_NV, axis=-1)
   cumulative_NV = jnp.cumsum(probs_NV, axis=-1)
-  u_N1 = jax.random.uniform(rng, logits_NV.shape[:-1] + (1,)) * cumulative_NV[..., -1:]
+  u_N1 = draw(jax.random.uniform, rng, logits_NV.shape[:-1] + (1,)) * cumulative_NV[..., -1:]
   # XLA sums a long row in blocks, so the running sum is not monotone to the last bit: "how many entries are <= u"
   # can land on a zero-mass token. The first token of positive mass whose running sum exceeds u cannot.
   hit_NV = (cumulative_NV > u_N1) & (probs_NV > 0)

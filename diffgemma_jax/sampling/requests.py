@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from diffgemma_jax.model.config import ConfigError, ModelConfig
-from diffgemma_jax.sampling import autoregressive, canvas, masked
+from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
 
 # name -> (objective of the models it samples, acceptance rule, cache mode); "canvas": the multi-canvas sampler,
@@ -222,7 +222,7 @@ def sampler_config(options: GenerationOptions):
 
 
 class Generator:
-  """A model plus the special ids; compiles one sampler per (prompt length, sampler settings) and times runs."""
+  """A model plus the special ids; compiles one sampler per (batch shape, sampler settings) and times runs."""
 
   def __init__(self, model, *, mask_id: int, eos_id: int, pad_id: int = 0):
     self.graphdef, self.state = nnx.split(model)
@@ -230,40 +230,50 @@ class Generator:
     self._compiled: dict[Any, Any] = {}
 
   def _sample_fn(self, cfg):
-    """(state, prompt, rng) -> (tokens [B, P + G], model calls [B], steps per canvas [B, C] or None)."""
+    """(state, prompt [B, P], rng, starts [B] or None) -> (tokens [B, P + G], model calls [B], steps per canvas
+    [B, C] or None); `starts`: each row's first prompt slot of a left-padded batch."""
     graphdef, mask_id, eos_id, pad_id = self.graphdef, self.mask_id, self.eos_id, self.pad_id
     if isinstance(cfg, autoregressive.ARConfig):
-      def sample(state, prompt, rng):
-        return autoregressive.generate(nnx.merge(graphdef, state), prompt, rng, cfg, eos_id=eos_id) + (None,)
+      def sample(state, prompt, rng, starts=None):
+        return autoregressive.generate(nnx.merge(graphdef, state), prompt, rng, cfg, eos_id=eos_id,
+                                       prompt_starts_B=starts) + (None,)
     elif isinstance(cfg, canvas.CanvasConfig):
-      def sample(state, prompt, rng):
+      def sample(state, prompt, rng, starts=None):
         out = canvas.generate(nnx.merge(graphdef, state), prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id,
-                              pad_id=pad_id)
+                              pad_id=pad_id, prompt_starts_B=starts)
         return out.tokens, canvas_model_calls(out.steps), out.steps
     else:
-      def sample(state, prompt, rng):
-        denoiser = masked.make_denoiser(nnx.merge(graphdef, state), cfg, prompt.shape[1])
+      def sample(state, prompt, rng, starts=None):
+        denoiser = masked.make_denoiser(nnx.merge(graphdef, state), cfg, prompt.shape[1], starts)
         return masked.generate(denoiser, prompt, rng, cfg, mask_id=mask_id, eos_id=eos_id) + (None,)
     return sample
 
-  def compiled(self, cfg, batch_size: int, prompt_length: int):
-    key = (cfg, batch_size, prompt_length)
+  def compiled(self, cfg, batch_size: int, prompt_length: int, *, row_keys: bool = False, padded: bool = False):
+    """The compiled sampler of `cfg` for [batch_size, prompt_length] prompts: fn(state, prompt, rng) with one key,
+    or with `row_keys` one key per row; `padded` adds a last argument, each row's first prompt slot."""
+    key = (cfg, batch_size, prompt_length, row_keys, padded)
     if key not in self._compiled:
       prompt = jax.ShapeDtypeStruct((batch_size, prompt_length), jnp.int32)
-      rng = jax.eval_shape(lambda: jax.random.key(0))
-      self._compiled[key] = jax.jit(self._sample_fn(cfg)).lower(self.state, prompt, rng).compile()
+      rng = jax.eval_shape(lambda: batching.row_keys([0] * batch_size) if row_keys else jax.random.key(0))
+      extra = (jax.ShapeDtypeStruct((batch_size,), jnp.int32),) if padded else ()
+      self._compiled[key] = jax.jit(self._sample_fn(cfg)).lower(self.state, prompt, rng, *extra).compile()
     return self._compiled[key]
 
-  def run(self, prompt_ids_BP, options: GenerationOptions) -> list[dict[str, Any]]:
-    """Samples after each prompt row (equal lengths); per row: ids up to EOS, model calls, new tokens, timings,
-    and for canvas samplers the denoising steps of every canvas the row ran."""
-    prompt = np.asarray(prompt_ids_BP, np.int32)
+  def run(self, prompts, options: GenerationOptions, seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Samples after each prompt (a [B, P] array, or B lists of ids of any lengths: one left-padded batch); per
+    row: ids up to EOS, model calls, new tokens, timings, and for canvas samplers the denoising steps of every
+    canvas the row ran. Row r draws from `jax.random.key(seeds[r])` alone (default: every row `options.seed`), so
+    a request's result does not depend on the batch it ran in."""
+    prompt, starts = batching.left_pad([list(map(int, p)) for p in prompts], self.pad_id)
     B, P = prompt.shape
+    padded = bool(np.any(starts))
     cfg = sampler_config(options)
     start = time.perf_counter()
-    fn = self.compiled(cfg, B, P)
+    fn = self.compiled(cfg, B, P, row_keys=True, padded=padded)
     compile_seconds = time.perf_counter() - start
-    inputs = jax.block_until_ready((jnp.asarray(prompt), jax.random.key(options.seed)))  # not part of the timing
+    seeds = [options.seed] * B if seeds is None else list(seeds)
+    inputs = (jnp.asarray(prompt), batching.row_keys(seeds)) + ((jnp.asarray(starts),) if padded else ())
+    inputs = jax.block_until_ready(inputs)  # not part of the timing
     start = time.perf_counter()
     tokens, calls, steps = jax.block_until_ready(fn(self.state, *inputs))
     seconds = time.perf_counter() - start
@@ -271,12 +281,37 @@ class Generator:
     results = []
     for row in range(B):
       ids = truncate_at_eos(tokens[row, P:], self.eos_id)
-      results.append({"sampler": options.sampler, "ids": ids, "sequence": tokens[row].tolist(),
+      results.append({"sampler": options.sampler, "ids": ids, "sequence": tokens[row, starts[row]:].tolist(),
                       "model_calls": int(calls[row]), "new_tokens": len(ids), "seconds": seconds,
                       "tokens_per_s": len(ids) / seconds if seconds > 0 else float("inf"),
-                      "compile_seconds": compile_seconds,
+                      "compile_seconds": compile_seconds, "batch_size": B,
                       "steps_per_canvas": None if steps is None else canvas_steps(np.asarray(steps)[row])})
+    batch_tokens = sum(r["new_tokens"] for r in results)
+    for r in results:
+      r["batch_tokens_per_s"] = batch_tokens / seconds if seconds > 0 else float("inf")
     return results
+
+  def run_batches(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, batch_size: int,
+                  seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """`run` over batches of at most `batch_size` prompts, in the given order's results. Prompts of similar
+    lengths share a batch (sorted by length), so little padding is run; the results are what one request at a
+    time gives (`run`)."""
+    if batch_size < 1:
+      raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
+    seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+    for first in range(0, len(order), batch_size):
+      chunk = order[first:first + batch_size]
+      for index, result in zip(chunk, self.run([prompts[i] for i in chunk], options, [seeds[i] for i in chunk])):
+        results[index] = result
+    return results
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+  """`text` up to (not including) the earliest occurrence of any of the `stop` strings."""
+  cut = min((at for at in (text.find(s) for s in stop if s) if at >= 0), default=len(text))
+  return text[:cut]
 
 
 def canvas_steps(steps_C) -> list[int]:
@@ -327,10 +362,13 @@ def load_tokenizer(config, workdir: str | None = None):
 
 
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
-                         step: int | None = None, chat_template: str | None = None) -> list[dict[str, Any]]:
-  """Completes each prompt (bos + text) one request at a time; every option and prompt is checked before the
-  model is restored, so bad input fails fast. `options.gen_length=None`: as many new tokens as fit in the model's
-  context after the longest prompt (at most GenerationOptions.gen_length, whole canvases or blocks)."""
+                         step: int | None = None, chat_template: str | None = None, batch_size: int = 1,
+                         stop: Sequence[str] = ()) -> list[dict[str, Any]]:
+  """Completes each prompt (bos + text), `batch_size` requests at a time (`Generator.run_batches`: the same
+  results as one at a time); every option and prompt is checked before the model is restored, so bad input fails
+  fast. `options.gen_length=None`: as many new tokens as fit in the model's context after the longest prompt (at
+  most GenerationOptions.gen_length, whole canvases or blocks). A completion ends before the first of the `stop`
+  strings (the harness's `until`)."""
   fill_context, given_steps = options.gen_length is None, options.steps
   if fill_context:  # provisional, a multiple of every sampler's unit (the release's canvas is 256); fitted below
     options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length, options.block_length,
@@ -339,6 +377,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
                              int(config.train.seq_len))
   if not prompts:
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
+  if batch_size < 1:
+    raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
   for text in prompts:
     validate_prompt(text, [], 1)
   from diffgemma_jax.train.checkpoint import check_workdir
@@ -366,10 +406,9 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
           file=sys.stderr)
   model, step = restore_model(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  results = []
-  for text, ids in zip(prompts, encoded):
-    (result,) = generator.run([ids], options)
-    result.update(prompt=text, completion=tokenizer.decode_continuation(ids, result["ids"]), prompt_tokens=len(ids),
-                  step=step, gen_length=options.gen_length)
-    results.append(result)
+  results = generator.run_batches(encoded, options, batch_size)
+  for text, ids, result in zip(prompts, encoded, results):
+    completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
+    result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=step,
+                  gen_length=options.gen_length)
   return results

@@ -1,0 +1,163 @@
+"""The lm-evaluation-harness model `diffgemma`: `lm_eval --model diffgemma --model_args config=FILE,workdir=DIR`.
+
+Importing this module registers the model with the harness (the installed harness, 0.4.13, discovers no plugins by
+entry point, so `diffgemma-lm-eval` imports it and then runs the harness's own CLI). Requests are answered by:
+  loglikelihood          the scoring API (`scoring.Scorer`, the SFT evaluation's estimator): -bound in nats of the
+                         continuation given the context; `is_greedy` exact for AR models, False for diffusion
+                         models (no single argmax pass says what their samplers would write)
+  loglikelihood_rolling  the held-out bound of the whole text: the harness's own disjoint rolling windows of the
+                         model's context (train.seq_len), each window's new tokens scored given the tokens before
+                         it, summed
+  generate_until         batched generation (`Generator.run_batches`) with the model's sampler, cut at the first
+                         of the request's `until` strings; `max_gen_toks` new tokens at most (rounded up to whole
+                         canvases or blocks for diffusion samplers)
+Model args: config, workdir (required), step, sampler and its options (block_length, steps, threshold,
+temperature, top_p, max_denoising_steps, ...), num_t_samples (default eval.num_t_samples), seed, batch_size (rows
+per model call, also the harness's --batch_size; default 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from diffgemma_jax.config import load_config
+from diffgemma_jax.data.sft import split_tokens
+from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.sampling.requests import (SAMPLER_FLAGS, SAMPLER_OPTION_FLAGS, GenerationOptions, Generator,
+                                             check_flags, cut_at_stop, load_tokenizer, restore_model,
+                                             validate_options)
+from diffgemma_jax.scoring import Scorer
+
+DEFAULT_BATCH_SIZE = 8
+
+
+def _batch_size(value) -> int:
+  if value in (None, "", "auto") or str(value).startswith("auto"):
+    return DEFAULT_BATCH_SIZE  # no memory probing: a fixed size that fits the tiny models and the 1B on one GPU
+  try:
+    size = int(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"batch_size={value!r}: give a positive integer") from None
+  if size < 1:
+    raise ConfigError(f"batch_size={value!r}: give a positive integer")
+  return size
+
+
+@register_model("diffgemma")
+class DiffGemmaLM(LM):
+  """A trained run (config + workdir) behind the harness's three request types."""
+
+  def __init__(self, config, workdir: str | None = None, step: int | None = None, sampler: str | None = None,
+               num_t_samples: int | None = None, seed: int = 0, batch_size=None, max_batch_size=None,
+               device=None, overrides: str = "", model=None, tokenizer=None, **sampler_options):
+    """`config`: a config file (model_args) or a loaded ConfigDict; the parameters of `workdir`'s checkpoint
+    `step` (default the latest), or from Python an already built `model` and `tokenizer`."""
+    super().__init__()
+    del max_batch_size, device  # JAX places the model; batch_size is the fixed size
+    unknown = set(sampler_options) - set(SAMPLER_OPTION_FLAGS)
+    if unknown:
+      raise ConfigError(f"--model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: config, workdir, "
+                        f"step, sampler, num_t_samples, seed, batch_size, overrides, "
+                        f"{', '.join(SAMPLER_OPTION_FLAGS)}")
+    if isinstance(config, str):  # overrides: "a.b=value;c.d=value" (the harness splits model_args at commas)
+      pairs = [item.split("=", 1) for item in str(overrides).split(";") if item]
+      config = load_config(config, {key: value for key, value in pairs})
+    self.config = config
+    objective = str(config.objective.name)
+    check_flags(sampler, objective, sampler_options)
+    self.options = GenerationOptions(sampler=sampler, seed=int(seed), **sampler_options)
+    validate_options(self.options, objective, int(config.objective.block_size),
+                     int(config.train.seq_len))  # bad options fail before the model is restored
+    self.batch_size = _batch_size(batch_size)
+    if model is None:
+      if not workdir:
+        raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")
+      tokenizer = load_tokenizer(config, str(workdir))
+      model, step = restore_model(config, str(workdir), None if step is None else int(step))
+    self.tokenizer, self.step = tokenizer, step
+    self.seq_len = int(config.train.seq_len)
+    self.scorer = Scorer(config, model, tokenizer, num_t_samples=num_t_samples, batch_size=self.batch_size,
+                         seed=int(seed))
+    self.generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+  # ---- log-likelihoods -----------------------------------------------------------------------------------------
+  def _encode(self, text: str) -> list[int]:
+    return list(self.tokenizer.encode(text)) if text else []
+
+  def _score_id_pairs(self, id_pairs, names) -> tuple[list[float], dict[str, np.ndarray]]:
+    """-bound (nats) of each (context ids, continuation ids) pair, and the rows scored."""
+    rows = [self.scorer.row(context, continuation, name) for (context, continuation), name in zip(id_pairs, names)]
+    stacked = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+    return [-r["nll"] for r in self.scorer.score_rows(stacked)], stacked
+
+  def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    id_pairs = [split_tokens(self.tokenizer, *request.args) for request in requests]
+    names = [f"task {request.task_name}, document {request.doc_id}" for request in requests]
+    logprobs, rows = self._score_id_pairs(id_pairs, names)
+    # the harness counts is_greedy (its exact_match metric): "unknown" (diffusion models) counts as not greedy
+    return [(logprob, bool(greedy)) for logprob, greedy in zip(logprobs, self.scorer.greedy(rows))]
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    windows, owners, names = [], [], []
+    for index, request in enumerate(requests):
+      (text,) = request.args
+      # bos is prepended by every row; the harness's prefix token is then the first context token
+      for context, predicted in map(make_disjoint_window, get_rolling_token_windows(
+          token_list=self._encode(text), prefix_token=self.tokenizer.bos_id, max_seq_len=self.seq_len - 1,
+          context_len=1)):
+        windows.append((context[1:] if context[:1] == [self.tokenizer.bos_id] else context, predicted))
+        owners.append(index)
+        names.append(f"task {request.task_name}, document {request.doc_id}")
+    logprobs, _ = self._score_id_pairs(windows, names) if windows else ([], None)
+    totals = [0.0] * len(requests)
+    for owner, logprob in zip(owners, logprobs):
+      totals[owner] += logprob
+    return totals
+
+  # ---- generation ----------------------------------------------------------------------------------------------
+  def _options_for(self, gen_kwargs: dict) -> GenerationOptions:
+    """The run's options with the request's length and temperature; `max_gen_toks` new tokens at most, rounded
+    up to whole blocks for diffusion samplers, and no more than fits after the longest context."""
+    objective = str(self.config.objective.name)
+    options = validate_options(self.options, objective, int(self.config.objective.block_size), self.seq_len)
+    unit = 1 if options.sampler == "ar" else options.block_length
+    wanted = int(gen_kwargs.get("max_gen_toks", 256))
+    length = max(-(-wanted // unit), 1) * unit
+    changes: dict[str, Any] = {"gen_length": length}
+    if options.steps is not None and self.options.steps is None:
+      changes["steps"] = None  # one step per token of the new length
+    temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+    if not gen_kwargs.get("do_sample", temperature > 0):
+      temperature = 0.0
+    if "temperature" in SAMPLER_FLAGS[options.sampler] and self.options.temperature == 0.0:
+      changes["temperature"] = temperature
+    return validate_options(dataclasses.replace(options, **changes), objective,
+                            int(self.config.objective.block_size), self.seq_len)
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+      groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
+    out: list[str] = [""] * len(requests)
+    for indices in groups.values():
+      gen_kwargs = dict(requests[indices[0]].args[1])
+      until = gen_kwargs.get("until") or []
+      until = [until] if isinstance(until, str) else list(until)
+      options = self._options_for(gen_kwargs)
+      keep = max(self.seq_len - 1 - options.gen_length, 0)  # contexts keep their last tokens (left truncation)
+      prompts = []
+      for i in indices:
+        ids = self._encode(requests[i].args[0])
+        prompts.append([self.tokenizer.bos_id] + (ids[len(ids) - keep:] if keep else []))
+      results = self.generator.run_batches(prompts, options, self.batch_size)
+      for index, prompt, result in zip(indices, prompts, results):
+        text = self.tokenizer.decode_continuation(prompt, result["ids"])
+        out[index] = cut_at_stop(text, until)
+    return out
+

@@ -1,0 +1,221 @@
+"""Scoring continuations: the negative log-likelihood bound (nats) of a continuation given a prompt.
+
+Each (prompt, continuation) pair becomes one row and the row's bound is the objective's `sequence_bound` through
+`evaluate.make_bound_fn`, the estimator the SFT evaluation runs: the prompt is never corrupted or scored, the
+continuation (`loss_mask`) is scored with `num_t_samples` stratified noise levels over the full [eps, 1] per row,
+batch b drawing from fold_in(seed, b); exact for the autoregressive objective (standard error 0). Two row layouts:
+  continuation  [bos] prompt continuation, then padding (segment 0: never attended, never scored), the tokens of
+                the concatenated text (as a sampler reads it); what the lm-evaluation-harness asks for.
+  sft           the SFT evaluation's own rows (`data/sft.make_rows` under the config's data.chat_template: the
+                template's markers, the response followed by EOS padding to train.seq_len, all scored); the same
+                pairs as an SFT held-out set score the same numbers.
+A pair longer than the context loses prompt tokens from the left; a continuation that alone does not fit is an
+error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.data.sft import make_rows, split_tokens
+from diffgemma_jax.evaluate import make_bound_fn
+from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.objectives import make_objective
+from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.rules import batch_sharding
+from diffgemma_jax.train.dataset import pad_batch
+from diffgemma_jax.train.state import split_model
+
+LAYOUTS = ("continuation", "sft")
+
+
+class ScoringError(DataError):
+  """A record or request that cannot be scored; the message names it and what would be valid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  prompt: str
+  continuation: str
+  source: str = ""  # where it came from (file:line), for errors
+
+
+def read_pairs(path: str) -> list[Pair]:
+  """The {"prompt", "continuation"} records of a JSONL file; any bad line is an error naming file and line."""
+  pairs = []
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise ScoringError(f"cannot read {path}: {e.strerror}") from None
+  with f:
+    for number, raw in enumerate(f, 1):
+      where = f"{path}:{number}"
+      try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise ScoringError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1})") from None
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        raise ScoringError(f"{where}: not valid JSON ({e})") from None
+      if not isinstance(record, dict):
+        raise ScoringError(f"{where}: expected an object with 'prompt' and 'continuation', got "
+                           f"{type(record).__name__}")
+      for field in ("prompt", "continuation"):
+        if field not in record:
+          raise ScoringError(f"{where}: missing field {field!r} (a record is {{\"prompt\": ..., \"continuation\": "
+                             f"...}}; got keys {sorted(record)})")
+        if not isinstance(record[field], str) or not record[field].strip():
+          raise ScoringError(f"{where}: {field!r} must be a non-empty string")
+        try:
+          record[field].encode("utf-8")
+        except UnicodeEncodeError:
+          raise ScoringError(f"{where}: {field!r} holds a lone surrogate (not valid Unicode)") from None
+      pairs.append(Pair(record["prompt"], record["continuation"], where))
+  if not pairs:
+    raise ScoringError(f"{path}: no records; write one {{\"prompt\": ..., \"continuation\": ...}} object per line")
+  return pairs
+
+
+def continuation_row(prompt_ids: Sequence[int], continuation_ids: Sequence[int], seq_len: int, *, bos_id: int,
+                     pad_id: int, source: str = "") -> dict[str, np.ndarray]:
+  """[bos] prompt continuation in a row of `seq_len`, `loss_mask` on the continuation, segment 0 after it; the
+  prompt loses tokens from the left when the pair does not fit."""
+  if not continuation_ids:
+    raise ScoringError(f"{source or 'a pair'}: the continuation has no tokens")
+  room = seq_len - 1 - len(continuation_ids)
+  if room < 0:
+    raise ScoringError(f"{source or 'a pair'}: the continuation is {len(continuation_ids)} tokens, more than the "
+                       f"model's context of {seq_len} (train.seq_len) less bos; shorten it")
+  head = [bos_id] + list(prompt_ids)[max(len(prompt_ids) - room, 0):]
+  length = len(head) + len(continuation_ids)
+  tokens = np.full((seq_len,), pad_id, np.int32)
+  tokens[:length] = head + list(continuation_ids)
+  loss_mask = np.zeros((seq_len,), np.int32)
+  loss_mask[len(head):length] = 1
+  segments = (np.arange(seq_len) < length).astype(np.int32)
+  return {"tokens": tokens, "segment_ids": segments, "positions": np.arange(seq_len, dtype=np.int32) * segments,
+          "loss_mask": loss_mask}
+
+
+class Scorer:
+  """Continuation bounds of a model under its run config, `batch_size` rows per call (one compile)."""
+
+  def __init__(self, config, model, tokenizer, *, num_t_samples: int | None = None, batch_size: int | None = None,
+               seed: int | None = None, layout: str = "continuation"):
+    if layout not in LAYOUTS:
+      raise ScoringError(f"--layout {layout!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
+    self.num_t_samples = int(config.eval.num_t_samples if num_t_samples is None else num_t_samples)
+    self.batch_size = int(config.eval.batch_size if batch_size is None else batch_size)
+    self.seed = int(config.eval.seed if seed is None else seed)
+    if self.num_t_samples < 1 or self.batch_size < 1:
+      raise ScoringError(f"--num_t_samples ({self.num_t_samples}) and --batch_size ({self.batch_size}) must be >= 1")
+    self.config, self.tokenizer, self.layout = config, tokenizer, layout
+    self.seq_len = int(config.train.seq_len)
+    self.objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id,
+                                    eps=float(config.objective.eps), section=config.objective)
+    self.mesh = mesh_from_config(config, training=False)
+    self.graphdef, self.params = split_model(model)
+    self.bound_fn = make_bound_fn(self.graphdef, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
+    self._greedy_fn = None
+
+  # ---- rows ----------------------------------------------------------------------------------------------------
+  def rows(self, pairs: Sequence[Pair]) -> dict[str, np.ndarray]:
+    """The rows of `pairs` under the layout, stacked [N, seq_len]."""
+    if self.layout == "sft":
+      rows, _ = make_rows([{"prompt": p.prompt, "response": p.continuation} for p in pairs], self.tokenizer,
+                          self.seq_len, str(self.config.data.chat_template))
+      return rows
+    out = []
+    for pair in pairs:
+      prompt_ids, continuation_ids = split_tokens(self.tokenizer, pair.prompt, pair.continuation)
+      out.append(self.row(prompt_ids, continuation_ids, pair.source))
+    return {k: np.stack([r[k] for r in out]) for k in out[0]}
+
+  def row(self, prompt_ids, continuation_ids, source: str = "") -> dict[str, np.ndarray]:
+    return continuation_row(prompt_ids, continuation_ids, self.seq_len, bos_id=self.tokenizer.bos_id,
+                            pad_id=self.tokenizer.pad_id, source=source)
+
+  def batches(self, rows: dict[str, np.ndarray]):
+    """Fixed-shape batches of `batch_size` rows, the last one padded with empty rows (segment 0)."""
+    n = len(rows["tokens"])
+    for start in range(0, n, self.batch_size):
+      yield pad_batch({k: v[start:start + self.batch_size] for k, v in rows.items()}, self.batch_size)
+
+  # ---- scores --------------------------------------------------------------------------------------------------
+  def score_rows(self, rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens."""
+    base = jax.random.key(self.seed)
+    sharding = batch_sharding(self.mesh)
+    nll, stderr, tokens = [], [], []
+    for index, batch in enumerate(self.batches(rows)):
+      out = self.bound_fn(self.params, jax.device_put(batch, sharding), jax.random.fold_in(base, index))
+      for collected, value in zip((nll, stderr, tokens), jax.device_get(out)):
+        collected.append(np.asarray(value))
+    n = len(rows["tokens"])
+    nll, stderr, tokens = (np.concatenate(x)[:n] for x in (nll, stderr, tokens))
+    return [{"nll": float(a), "stderr": float(s), "num_tokens": int(t)} for a, s, t in zip(nll, stderr, tokens)]
+
+  def score(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    """`score_rows` of the pairs' rows, with each pair's source and nll per token."""
+    results = self.score_rows(self.rows(pairs))
+    for pair, result in zip(pairs, results):
+      result.update(source=pair.source, nll_per_token=result["nll"] / max(result["num_tokens"], 1))
+    return results
+
+  def greedy(self, rows: dict[str, np.ndarray]) -> list[bool]:
+    """Autoregressive models: whether greedy decoding from each row's prompt writes its continuation (every
+    continuation token is the argmax after the tokens before it). None for diffusion models: their samplers commit
+    tokens in a data-dependent order, so no single argmax pass answers it."""
+    n = len(rows["tokens"])
+    if self.objective.name != "ar":
+      return [None] * n
+    if self._greedy_fn is None:
+      graphdef = self.graphdef
+
+      @jax.jit
+      def matches(params, batch):
+        segments, positions = batch["segment_ids"], batch["positions"]
+        logits, _ = nnx.merge(graphdef, params)(batch["tokens"], positions, make_mask("causal", segments, positions))
+        hit = jnp.argmax(logits[:, :-1], axis=-1) == batch["tokens"][:, 1:]
+        return jnp.all(hit | (batch["loss_mask"][:, 1:] == 0), axis=-1)
+
+      self._greedy_fn = matches
+    out = [np.asarray(self._greedy_fn(self.params, batch)) for batch in self.batches(rows)]
+    return [bool(x) for x in np.concatenate(out)[:n]]
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Totals over scored records: nats, tokens, nats and bits per token (sum of bounds over sum of tokens)."""
+  nats = sum(r["nll"] for r in results)
+  tokens = sum(r["num_tokens"] for r in results)
+  per_token = nats / tokens if tokens else float("nan")
+  return {"num_records": len(results), "num_tokens": tokens, "nll": nats, "nats_per_token": per_token,
+          "bits_per_token": per_token / math.log(2)}
+
+
+def score_file(config, workdir: str, path: str, *, step: int | None = None, **scorer_options) -> dict[str, Any]:
+  """Scores the records of a JSONL file with a run's checkpoint (`step`, default the latest): {"step", "records":
+  per-record results in file order, "summary"}. The records are read and checked before the model is restored."""
+  from diffgemma_jax.sampling.requests import load_tokenizer, restore_model
+  pairs = read_pairs(path)
+  if scorer_options.get("layout", "continuation") not in LAYOUTS:
+    raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
+  tokenizer = load_tokenizer(config, workdir)
+  model, step = restore_model(config, workdir, step)
+  scorer = Scorer(config, model, tokenizer, **scorer_options)
+  results = scorer.score(pairs)
+  return {"step": step, "objective": str(config.objective.name), "exact": bool(scorer.objective.exact),
+          "num_t_samples": scorer.num_t_samples, "layout": scorer.layout, "records": results,
+          "summary": summarize(results)}

@@ -1,0 +1,51 @@
+"""diffgemma-lm-eval [lm-eval arguments]: EleutherAI's lm-evaluation-harness with the `diffgemma` model registered
+and this repository's task files (diffgemma_jax/harness_tasks: the held-out stdlib tasks) on its include path, e.g.
+  diffgemma-lm-eval --model diffgemma --model_args config=configs/pretrain_tiny.py,workdir=runs/tiny \\
+      --tasks stdlib_heldout_mc,stdlib_heldout_completion --batch_size 32
+Every argument goes to the harness's own CLI unchanged (`lm-eval --help`), plus `--include_path` of our tasks
+unless you give one. Needs the lm_eval extra (pip install -e '.[lm_eval]')."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diffgemma_jax",
+                         "harness_tasks")
+
+
+def harness_argv(argv: list[str]) -> list[str]:
+  """The harness's arguments: `argv`, with this repository's task directory as the include path unless one is
+  given (the harness takes one; a directory of your own tasks can hold a copy or a link of ours)."""
+  argv = list(argv)
+  if any(arg == "--include_path" or arg.startswith("--include_path=") for arg in argv):
+    return argv
+  if not argv or argv[0] in ("-h", "--help"):
+    return argv
+  return argv + ["--include_path", TASKS_DIR]
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    from lm_eval.__main__ import cli_evaluate
+  except ImportError:
+    print("error: diffgemma-lm-eval needs the lm-evaluation-harness: pip install -e '.[lm_eval]'", file=sys.stderr)
+    return 2
+  from diffgemma_jax.data import DataError
+  from diffgemma_jax.model.config import ConfigError
+  import diffgemma_jax.harness  # noqa: F401  (registers the diffgemma model)
+  saved = sys.argv
+  sys.argv = ["lm-eval"] + harness_argv(argv)
+  try:
+    cli_evaluate()
+  except (ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  finally:
+    sys.argv = saved
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,60 @@
+"""diffgemma-score --config FILE --workdir DIR --records FILE.jsonl [--num_t_samples K] [--batch_size N] [--seed N]
+[--layout continuation|sft] [--step N] [--json] [--config.a.b=value ...]: prints, per {"prompt", "continuation"}
+record, the continuation's negative log-likelihood bound in nats given the prompt, with its standard error (the
+estimator of the SFT evaluation: K stratified noise levels per record; exact for autoregressive models), then the
+total in bits per token."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffgemma_jax.config import load_config
+from diffgemma_jax.model.config import ConfigError
+from launch.common import config_overrides, fail, json_safe
+
+
+def _parser() -> argparse.ArgumentParser:
+  from diffgemma_jax.scoring import LAYOUTS
+  p = argparse.ArgumentParser(prog="diffgemma-score", description=__doc__)
+  p.add_argument("--config", required=True, help="config file of the run, optionally path.py:arg")
+  p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
+  p.add_argument("--records", required=True, help="a UTF-8 JSONL file, one {\"prompt\": ..., \"continuation\": ...} "
+                 "object per line")
+  p.add_argument("--num_t_samples", type=int, default=None, help="noise levels per record (default: the config's "
+                 "eval.num_t_samples); ignored by autoregressive models, whose value is exact")
+  p.add_argument("--batch_size", type=int, default=None, help="records per model call (default eval.batch_size)")
+  p.add_argument("--seed", type=int, default=None, help="default eval.seed; batch b draws from fold_in(seed, b)")
+  p.add_argument("--layout", default="continuation", choices=LAYOUTS, help="continuation: [bos] prompt "
+                 "continuation (the default); sft: the SFT evaluation's rows (chat template, EOS padding scored)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+  return p
+
+
+def main(argv=None) -> int:
+  args, rest = _parser().parse_known_args(argv)
+  from diffgemma_jax.data import DataError
+  from diffgemma_jax.scoring import score_file
+  try:
+    config = load_config(args.config, config_overrides(rest))
+    report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,
+                        batch_size=args.batch_size, seed=args.seed, layout=args.layout)
+  except (ConfigError, DataError) as e:
+    return fail(str(e))
+  if args.json:
+    print(json.dumps(json_safe(report), indent=2, allow_nan=False))
+    return 0
+  for r in report["records"]:
+    print(f"{r['source']}: {r['nll']:.4f} +- {r['stderr']:.4f} nats over {r['num_tokens']} tokens "
+          f"({r['nll_per_token']:.4f} per token)")
+  s = report["summary"]
+  estimate = "exact" if report["exact"] else f"bound, {report['num_t_samples']} noise levels per record"
+  print(f"total: {s['nll']:.3f} nats over {s['num_tokens']} tokens of {s['num_records']} records, "
+        f"{s['bits_per_token']:.4f} bits/token ({estimate}; step {report['step']}, {report['layout']} layout)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,200 @@
+"""The lm-evaluation-harness model (`diffgemma_jax/harness.py`, `diffgemma-lm-eval`): the three request types on an
+autoregressive model against plain causal forward passes, the harness's own `simple_evaluate` end to end on the
+session's trained run with task files like the shipped ones, and the shipped held-out tasks load."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
+from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
+from launch.harness import TASKS_DIR, harness_argv, main  # noqa: E402
+
+from conftest import TINY_MODEL  # noqa: E402
+
+
+def _request(kind, args, index=0):
+  return Instance(request_type=kind, doc={}, arguments=args, idx=index, metadata=("t", index, 1))
+
+
+@pytest.fixture(scope="module")
+def ar_lm(trained_run, load_tiny):
+  from diffgemma_jax.sampling.requests import load_tokenizer
+  _, workdir, _ = trained_run
+  config = load_tiny({"objective.name": "ar"})
+  model = build_model(ModelConfig(**TINY_MODEL), 4)
+  return DiffGemmaLM(config, model=model, tokenizer=load_tokenizer(config, workdir), batch_size=4), model
+
+
+_REFERENCES = {}
+
+
+def _causal_log_probs(model, ids, width: int = 32):
+  """log p(. | ids[:i+1]) at every position i of `ids`, by one causal pass over `ids` padded to `width` (what
+  follows a position never changes its logits, so one compiled width serves every length)."""
+  if id(model) not in _REFERENCES:
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def reference(state, tokens):
+      positions = jnp.arange(tokens.shape[1])[None]
+      logits = nnx.merge(graphdef, state)(tokens, positions, make_mask("causal", jnp.ones_like(tokens), positions))[0]
+      return jax.nn.log_softmax(logits[0], axis=-1)
+
+    _REFERENCES[id(model)] = lambda tokens: reference(state, tokens)
+  assert len(ids) <= width
+  return np.asarray(_REFERENCES[id(model)](jnp.asarray([list(ids) + [0] * (width - len(ids))])))[:len(ids)]
+
+
+def test_ar_requests_against_causal_passes(ar_lm):
+  lm, model = ar_lm
+  tok = lm.tokenizer
+  bos = tok.bos_id
+  context = "def f(x):\n"
+  # greedy continuation of the context, three tokens, by full causal passes: is_greedy must say True for it
+  ids = [bos] + tok.encode(context)
+  for _ in range(3):
+    ids.append(int(np.argmax(_causal_log_probs(model, ids)[-1])))
+  greedy_text = tok.decode_continuation([bos] + tok.encode(context), ids[len(tok.encode(context)) + 1:])
+  pairs = [(context, "    return x\n"), ("", "import os"), (context, greedy_text)]
+  out = lm.loglikelihood([_request("loglikelihood", pair, i) for i, pair in enumerate(pairs)])
+  from diffgemma_jax.data.sft import split_tokens
+  for (ctx, cont), (logprob, is_greedy) in zip(pairs, out):
+    head, tail = split_tokens(tok, ctx, cont)
+    full = [bos] + head + tail
+    log_probs = _causal_log_probs(model, full)
+    expected = sum(log_probs[i - 1, full[i]] for i in range(1 + len(head), len(full)))
+    assert logprob == pytest.approx(expected, rel=1e-5)
+  assert [g for _, g in out] == [False, False, True]
+  # rolling: a text that fits one window is its exact log-likelihood after bos; a longer one is cut into windows
+  text = "import os\nimport sys\n"
+  short, long = lm.loglikelihood_rolling([_request("loglikelihood_rolling", (text,)),
+                                         _request("loglikelihood_rolling", (text * 12,), 1)])
+  full = [bos] + tok.encode(text)
+  log_probs = _causal_log_probs(model, full)
+  assert short == pytest.approx(sum(log_probs[i - 1, full[i]] for i in range(1, len(full))), rel=1e-5)
+  assert len(tok.encode(text * 12)) > lm.seq_len and long < 11 * short < 0  # a longer text, more nats
+  # generate_until: greedy AR decoding, cut at the first `until` string
+  (text_out, cut_out) = lm.generate_until([
+      _request("generate_until", (context, {"max_gen_toks": 3, "until": []})),
+      _request("generate_until", (context, {"max_gen_toks": 3, "until": [greedy_text[1:3]]}), 1)])
+  assert text_out == greedy_text
+  assert cut_out == greedy_text[:greedy_text.find(greedy_text[1:3])]
+
+
+TASKS = {
+    "tiny_mc.yaml": """
+        task: tiny_mc
+        custom_dataset: !function utils.load_mc
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{prompt}}"
+        doc_to_choice: choices
+        doc_to_target: answer
+        target_delimiter: ""
+        metric_list:
+          - metric: acc
+        """,
+    "tiny_rolling.yaml": """
+        task: tiny_rolling
+        custom_dataset: !function utils.load_text
+        test_split: test
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list:
+          - metric: word_perplexity
+        """,
+    "tiny_gen.yaml": """
+        task: tiny_gen
+        custom_dataset: !function utils.load_mc
+        test_split: test
+        output_type: generate_until
+        doc_to_text: "{{prompt}}"
+        doc_to_target: "{{choices[answer]}}"
+        generation_kwargs: {until: ["\\n"], max_gen_toks: 8}
+        metric_list:
+          - metric: exact_match
+        """,
+    "utils.py": """
+        import datasets
+
+        def load_mc(**_):
+          docs = [{"prompt": f"def add_{i}(x):\\n", "choices": ["    return x\\n", f"    return x + {i}\\n"],
+                   "answer": 1} for i in range(3)]
+          return {"test": datasets.Dataset.from_list(docs)}
+
+        def load_text(**_):
+          return {"test": datasets.Dataset.from_list([{"text": "import os\\nimport sys\\n" * k} for k in (1, 6)])}
+        """}
+
+
+def test_the_harness_runs_our_model_on_its_own_api(trained_run, tiny_config_file, tmp_path):
+  """`lm_eval.simple_evaluate` with model "diffgemma": multiple choice (loglikelihood), perplexity
+  (loglikelihood_rolling, texts longer than the 32-token context) and generation, on the session's masked run."""
+  from lm_eval.tasks import TaskManager
+  _, workdir, _ = trained_run
+  for name, text in TASKS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
+  results = lm_eval.simple_evaluate(
+      model="diffgemma", model_args=f"config={tiny_config_file},workdir={workdir},block_length=8",
+      tasks=["tiny_mc", "tiny_rolling", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+      batch_size=4, log_samples=True)
+  metrics = results["results"]
+  assert 0.0 <= metrics["tiny_mc"]["acc,none"] <= 1.0
+  assert 1.0 < metrics["tiny_rolling"]["word_perplexity,none"] < math.inf
+  samples = results["samples"]
+  assert all(all(ll < 0 and g is False for ll, g in s["filtered_resps"]) for s in samples["tiny_mc"])
+  assert len(samples["tiny_gen"]) == 3 and all("\n" not in s["filtered_resps"][0] for s in samples["tiny_gen"])
+  # the second text is about 6x the first: more nats, through several windows of the 32-token context
+  rolling = [s["filtered_resps"][0] for s in sorted(samples["tiny_rolling"], key=lambda s: s["doc_id"])]
+  assert rolling[1] < rolling[0] < 0
+
+
+def test_the_shipped_held_out_tasks_load_and_the_wrapper_adds_them():
+  from lm_eval.tasks import TaskManager, get_task_dict
+  tasks = get_task_dict(["stdlib_heldout_mc", "stdlib_heldout_completion"], TaskManager(include_path=TASKS_DIR,
+                                                                                             include_defaults=False))
+  with open(os.path.join(TASKS_DIR, "baselines.json")) as f:
+    baselines = json.load(f)
+  for name, task in tasks.items():
+    docs = list(task.test_docs())
+    assert len(docs) == baselines[name]["items"] > 100
+  mc = tasks["stdlib_heldout_mc"]
+  doc = next(iter(mc.test_docs()))
+  assert len(mc.doc_to_choice(doc)) == 4 and mc.doc_to_text(doc).startswith("def ")
+  assert harness_argv(["--model", "diffgemma"]) == ["--model", "diffgemma", "--include_path", TASKS_DIR]
+  assert harness_argv(["--include_path", "mine", "--tasks", "x"]) == ["--include_path", "mine", "--tasks", "x"]
+
+
+def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkeypatch, capsys):
+  """The harness builds the model from --model_args (`create_from_arg_string`); a bad argument fails before the
+  model is restored, and diffgemma-lm-eval prints it as one line with exit code 2."""
+  from diffgemma_jax.model.config import ConfigError
+  _, workdir, _ = trained_run
+  with pytest.raises(ConfigError) as info:
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},top_p=0.5", {"batch_size": 4})
+  message = str(info.value)
+  assert message == ("--top_p does not apply to --sampler threshold (it reads --block_length, --steps, "
+                     "--temperature, --threshold); --top_p is for ar")
+  with pytest.raises(ConfigError, match="unknown argument\\(s\\) beam"):
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},beam=4")
+
+  def harness_cli():  # what the harness's CLI does with our model's error
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},top_p=0.5")
+
+  monkeypatch.setattr("lm_eval.__main__.cli_evaluate", harness_cli)
+  assert main(["--model", "diffgemma"]) == 2
+  assert capsys.readouterr().err == f"error: {message}\n"

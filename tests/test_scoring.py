@@ -1,0 +1,84 @@
+"""Scoring continuations (`diffgemma_jax/scoring.py`, `diffgemma-score`): the SFT layout against the SFT
+evaluation's bound on the same pairs, the continuation rows, and bad records. The exact AR value against plain
+causal passes is checked through the harness's loglikelihood requests (test_harness.py), which score these rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffgemma_jax.scoring import ScoringError, continuation_row, read_pairs, summarize
+from launch.score import main
+
+
+def _write(path, lines):
+  path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def sft_pairs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("score")
+  records = [{"prompt": f"def add_{i}(x):\n    \"\"\"Add {i}.\"\"\"\n", "response": f"    return x + {i}\n"}
+             for i in range(60)]
+  return _write(root / "pairs.jsonl", [json.dumps(r) for r in records]), root
+
+
+def test_sft_layout_matches_the_sft_evaluation(trained_run, load_tiny, tiny_config_file, sft_pairs, tmp_path,
+                                               capsys):
+  """diffgemma-score --layout sft on the held-out pairs of an SFT dataset prints the bound diffgemma-eval reports
+  for that held-out set (same rows, batches, seed and noise levels), to float32 rounding."""
+  from diffgemma_jax.evaluate import evaluate
+  from data_recipes.common import read_records
+  _, workdir, _ = trained_run
+  source, root = sft_pairs
+  overrides = {"data.recipe": "jsonl", "data.source": source, "data.dir": str(root / "ds"),
+               "init.checkpoint": workdir, "eval.max_sequences": "0"}
+  config = load_tiny(overrides)
+  expected = evaluate(config, checkpoint=workdir)
+  held_out = read_records(str(root / "ds"), "heldout")
+  records = _write(tmp_path / "heldout.jsonl", [json.dumps({"prompt": r["prompt"], "continuation": r["response"]})
+                                                for r in held_out])
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--records", records, "--layout", "sft",
+               "--json"] + flags) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["summary"]["num_records"] == expected["num_examples"] == len(held_out) > 1
+  assert report["summary"]["num_tokens"] == expected["num_tokens"]
+  assert report["summary"]["bits_per_token"] == pytest.approx(expected["bits_per_token"], rel=1e-5)
+  assert all(r["stderr"] > 0 for r in report["records"])  # a Monte-Carlo bound, not exact
+  assert report["summary"] == summarize(report["records"])
+  # the text report, the default layout (no template, no EOS padding: fewer tokens scored per record)
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--records", records] + flags) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == len(held_out) + 1 and out[0].startswith(f"{records}:1: ") and "bits/token" in out[-1]
+  assert "continuation layout" in out[-1]
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"prompt": "x"}', "pairs.jsonl:2: missing field 'continuation'"),
+    (b'{"prompt": "  ", "continuation": "y"}', "pairs.jsonl:2: 'prompt' must be a non-empty string"),
+    (b'{"prompt": "caf\xe9", "continuation": "y"}', "pairs.jsonl:2: not valid UTF-8 (byte 0xe9 at byte 16)"),
+    (b'["x", "y"]', "pairs.jsonl:2: expected an object"),
+    (b'{"prompt": "x", ', "pairs.jsonl:2: not valid JSON"),
+])
+def test_bad_records_name_the_line(line, message, tmp_path, capsys):
+  path = _write(tmp_path / "pairs.jsonl", [b'{"prompt": "a", "continuation": "b"}', line])
+  with pytest.raises(ScoringError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    read_pairs(path)
+  # the CLI: one line, exit 2, before any model is restored (the workdir has no checkpoint)
+  code = main(["--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path), "--records", path])
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_continuation_longer_than_the_context_is_refused():
+  row = continuation_row([7] * 10, [8, 9], 8, bos_id=2, pad_id=0)  # the prompt loses tokens from the left
+  np.testing.assert_array_equal(row["tokens"], [2, 7, 7, 7, 7, 7, 8, 9])
+  np.testing.assert_array_equal(row["loss_mask"], [0, 0, 0, 0, 0, 0, 1, 1])
+  row = continuation_row([7], [8], 6, bos_id=2, pad_id=0)
+  np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 0, 0, 0])
+  with pytest.raises(ScoringError, match="r.jsonl:3: the continuation is 8 tokens, more than the model's context"):
+    continuation_row([7], [8] * 8, 8, bos_id=2, pad_id=0, source="r.jsonl:3")
