@@ -17,7 +17,7 @@ from flax import nnx
 from diffgemma_jax.model.attention import Attention
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param, rms_normalize
-from diffgemma_jax.model.masks import canvas_window_starts
+from diffgemma_jax.model.masks import MaskSpec, canvas_window_starts
 from diffgemma_jax.model.moe import MoE
 from diffgemma_jax.model.self_conditioning import SelfConditioning
 
@@ -153,10 +153,13 @@ class Denoiser(nnx.Module):
   def __call__(self, tokens_BL, positions_BL, mask_BLL, *, token_mask_BL=None, embeddings_BLD=None, canvas_BL=None):
     """Returns float32 logits [B, L, V] and a dict of router statistics and the weighted auxiliary loss.
 
+    `mask_BLL` is a mask description (`MaskSpec`, what the objectives pass: every `model.attention_impl` takes it)
+    or a dense [B, L, L] bool array (computed by the `xla` path).
     `embeddings_BLD`, when given, is added to the scaled token embeddings (self-conditioning enters here).
     `canvas_BL` (bool) marks the canvas (decoder) positions: with `model.canvas_input_norm` their embeddings are
-    normalised, and on sliding-window layers a canvas query sees the clean keys within the window of its canvas's
-    first position (the reference's decoder over a sliding-window cache; `masks.sliding_window`).
+    normalised, and with a dense mask on sliding-window layers a canvas query sees the clean keys within the window
+    of its canvas's first position (the reference's decoder over a sliding-window cache; `masks.sliding_window`; a
+    MaskSpec carries its canvas itself).
     """
     cfg = self.cfg
     dtype = dtype_of(cfg.compute_dtype)
@@ -187,9 +190,9 @@ class Denoiser(nnx.Module):
     return logits_BLV, aux
 
   def _canvas_window(self, mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS):
-    """(window starts [B, L], canvas keys [B, S]) for the sliding layers, or None (no canvas or no sliding layer:
-    every query measures its window from its own position)."""
-    if canvas_BL is None or "sliding" not in self.cfg.layer_pattern:
+    """(window starts [B, L], canvas keys [B, S]) for the sliding layers under a dense mask, or None (no canvas, no
+    sliding layer, or a MaskSpec, which finds its canvas starts itself)."""
+    if canvas_BL is None or "sliding" not in self.cfg.layer_pattern or isinstance(mask_BLS, MaskSpec):
       return None
     starts_BL = canvas_window_starts(mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS)
     return starts_BL, canvas_kv_BS
@@ -214,8 +217,9 @@ class Denoiser(nnx.Module):
     """Runs a window of L tokens through the stack against a KV cache of S slots.
 
     Every layer writes the window's keys/values at slots [write_index, write_index + L) and the window attends to
-    all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet); `kv_positions_BS` are the
-    slots' token positions (sliding-window layers use them). Only positions [logits_start, logits_start +
+    all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet), or under a MaskSpec whose `kv`
+    side describes the S slots; `kv_positions_BS` are the slots' token positions (sliding-window layers under a
+    dense mask use them). Only positions [logits_start, logits_start +
     logits_length) of the window are unembedded, so no [B, L, V] temporary is made when fewer are needed.
     `embeddings_BLD` and `canvas_BL` are as in `__call__`; the slots this window writes from canvas positions are the
     canvas keys, every other slot is clean.
