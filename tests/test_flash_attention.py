@@ -73,23 +73,20 @@ def _canvas_layout(name):
 
 # Rows of 20 tokens (tiles of 16: the last tile runs past the end) packed with 1-3 documents and padding.
 CASES = {
-    "bidirectional packed, GQA 2, head dim 24 (padded to 32)":
-        (lambda: MaskSpec.packed("bidirectional", SEGMENTS, POSITIONS), dict(num_heads=4, num_kv_heads=2, head_dim=24)),
-    "causal packed, window 3 (shorter than a tile)":
+    "bidirectional packed, GQA 2, head dim 24 (padded to 32), forward and backward tiles differ":
+        (lambda: MaskSpec.packed("bidirectional", SEGMENTS, POSITIONS),
+         dict(num_heads=4, num_kv_heads=2, head_dim=24, tiling=((32, 16), (16, 32)))),
+    "causal packed, window 3 (shorter than a tile), head dim 512 (DiffusionGemma's global layers)":
         (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS).with_window(3),
-         dict(num_heads=2, num_kv_heads=1, head_dim=16)),
-    "block_causal, window 40 (longer than the rows), forward and backward tiles differ":
+         dict(num_heads=2, num_kv_heads=1, head_dim=512)),
+    "block_causal, window 40 (longer than the rows)":
         (lambda: MaskSpec.packed("block_causal", SEGMENTS, POSITIONS, block_size=4).with_window(40),
-         dict(num_heads=2, num_kv_heads=2, head_dim=16, tiling=((32, 16), (16, 32)))),
+         dict(num_heads=2, num_kv_heads=2, head_dim=16)),
     "[canvas ; clean] of SFT rows (prompt block -1), window 5 (the canvas-window rule)":
         (lambda: _canvas_layout("sft").with_window(5), dict(num_heads=4, num_kv_heads=2, head_dim=16)),
-    "the uniform objective's one-canvas layout, GQA 4":
-        (lambda: _canvas_layout("uniform"), dict(num_heads=4, num_kv_heads=1, head_dim=16)),
-    "bfloat16, [canvas ; clean] of pretraining rows, window 5":
-        (lambda: _canvas_layout("pretraining").with_window(5),
-         dict(num_heads=2, num_kv_heads=1, head_dim=32, dtype=jnp.bfloat16)),
-    "head dim 512 (DiffusionGemma's global layers), causal":
-        (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS), dict(num_heads=2, num_kv_heads=1, head_dim=512)),
+    "bfloat16, the uniform objective's one-canvas layout, GQA 4, window 5":
+        (lambda: _canvas_layout("uniform").with_window(5),
+         dict(num_heads=4, num_kv_heads=1, head_dim=32, dtype=jnp.bfloat16)),
 }
 
 
