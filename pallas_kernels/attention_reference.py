@@ -26,10 +26,10 @@ def attention_reference(q_BLNH, k_BSKH, v_BSKH, mask, *, scale: float = 1.0, pre
                             precision=precision)
   if scale != 1.0:
     logits_BKGLS = logits_BKGLS * scale
-  visible_BKGLS = mask_BLS[:, None, None, :, :]
-  logits_BKGLS = jnp.where(visible_BKGLS, logits_BKGLS, NEG_INF)
-  # Where a row has a visible key the masked probabilities underflow to exactly 0 already; the select only zeroes
-  # rows that see nothing.
-  probs_BKGLS = jnp.where(visible_BKGLS, jax.nn.softmax(logits_BKGLS, axis=-1), 0.0).astype(v_BSKH.dtype)
+  logits_BKGLS = jnp.where(mask_BLS[:, None, None, :, :], logits_BKGLS, NEG_INF)
+  probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
   out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH, precision=precision)
-  return out_BLKGH.reshape(B, L, N, v_BSKH.shape[-1])
+  # A row that sees no key has uniform probabilities over masked keys: zero it (a [B, L] factor, not another pass
+  # over the probabilities; elsewhere the masked probabilities underflow to exactly 0 and the factor is 1).
+  sees_any_BL11 = jnp.any(mask_BLS, axis=-1)[:, :, None, None, None].astype(out_BLKGH.dtype)
+  return (out_BLKGH * sees_any_BL11).reshape(B, L, N, v_BSKH.shape[-1])

@@ -45,7 +45,8 @@ class Block(nnx.Module):
     self.layer_scalar = param(rngs, (1,), (None,), init="ones")
 
   def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window=None):
-    attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype, canvas_window=canvas_window)
+    with jax.named_scope("attention"):  # the scopes name the costs in a profile (bench/trace_summary.py)
+      attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype, canvas_window=canvas_window)
     return self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
 
   def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, kv_positions_BS,
@@ -67,8 +68,10 @@ class Block(nnx.Module):
     from diffgemma_jax.parallel.rules import constrain  # pylint: disable=import-outside-toplevel (import cycle)
     # Rows stay split over the batch axes between sublayers (a no-op unless traced under parallel.use_mesh).
     h_BLD = constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", None, None))
-    dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
-    routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
+    with jax.named_scope("dense_mlp"):
+      dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
+    with jax.named_scope("moe"):
+      routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
     ffn = self.post_ffn_norm(dense + self.post_moe_norm(routed))
     out = constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", None, None))
     stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
@@ -165,7 +168,8 @@ class Denoiser(nnx.Module):
     dtype = dtype_of(cfg.compute_dtype)
     if token_mask_BL is None:
       token_mask_BL = jnp.ones(tokens_BL.shape, bool)
-    x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
+    with jax.named_scope("embed"):
+      x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
     canvas_window = self._canvas_window(mask_BLL, positions_BL, positions_BL, canvas_BL, canvas_BL)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
@@ -183,9 +187,10 @@ class Denoiser(nnx.Module):
         x_BLD, s = self._unit_fn(graphdef)(state, x_BLD, positions_BL, mask_BLL, token_mask_BL, canvas_window)
         all_stats.append(s)
       stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
-    logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
-    if cfg.logit_softcap > 0:
-      logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
+    with jax.named_scope("unembed"):
+      logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
+      if cfg.logit_softcap > 0:
+        logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
     aux = aux_losses(stats, cfg)
     return logits_BLV, aux
 

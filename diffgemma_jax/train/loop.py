@@ -27,6 +27,7 @@ from diffgemma_jax.train.dataset import eval_batches, pin_tokenizer, prepare_dat
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.logging import MetricsLogger, format_summary, peak_flops_per_device, step_scalars
 from diffgemma_jax.train.optimizer import make_optimizer
+from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
@@ -152,6 +153,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
     logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "
                    f"({'LoRA adapters only' if model_cfg.lora_rank else 'train.freeze=' + repr(tuple(tc.freeze))})")
   base_rng = _base_rng(config)
+  profiler = StepProfiler(os.path.join(workdir, "tb"), tc.profile_steps)
   log_every = max(int(tc.log_every_steps), 1)
   save_every = max(int(config.checkpoint.every_steps), 1)
   eval_every = int(config.eval.every_steps)
@@ -203,7 +205,10 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
     with StopRequest() as stop:  # SIGTERM: save the step in flight and stop
       for step in range(start_step + 1, num_steps + 1):
         batch = _to_device(next(data), sharding, local_shape)
+        profiler.before(step)
         state, metrics = step_fn(state, batch, base_rng)
+        if profiler.after(step, metrics):
+          logger.message(f"step {step}: profile of steps {tuple(tc.profile_steps)} in {profiler.trace_dir}")
         if pending is not None:
           finish(*pending)
         pending = (step, metrics)
@@ -231,6 +236,7 @@ def train(config, workdir: str, *, show_progress: bool = True) -> dict[str, Any]
     if summary["eval"] is None and not summary.get("stopped_by_signal"):  # resumed a finished run: its bound
       run_eval(int(jax.device_get(state.step)))
   finally:
+    profiler.stop()
     ckpt.close()
     logger.close()
   summary["wall_time_s"] = time.perf_counter() - t_start
