@@ -30,21 +30,24 @@ def commit() -> str:
 
 
 class MachineLoad:
-  """`with MachineLoad() as load: ...` then `load.report()`: the load averages around the run and whether the
-  machine was loaded (1-minute load above LOAD_LIMIT before or after)."""
+  """`load = MachineLoad()` before the timed work (or `with MachineLoad() as load:` around it), then
+  `load.report()` / `load.line()`: the load averages before and after and whether the machine was loaded (1-minute
+  load above LOAD_LIMIT at either end). "After" is read when the `with` block ends, else at the first report."""
 
   def __init__(self):
-    self.before = self.after = None
+    self.before = os.getloadavg()
+    self.after = None
 
   def __enter__(self) -> "MachineLoad":
-    self.before = os.getloadavg()
     return self
 
   def __exit__(self, *exc) -> None:
     self.after = os.getloadavg()
 
   def report(self) -> dict:
-    after = self.after if self.after is not None else os.getloadavg()
+    if self.after is None:
+      self.after = os.getloadavg()
+    after = self.after
     loaded = max(self.before[0], after[0]) > LOAD_LIMIT
     return {"load_average_before": [round(x, 2) for x in self.before],
             "load_average_after": [round(x, 2) for x in after], "cpus": os.cpu_count(),

@@ -84,15 +84,26 @@ def model_flops_per_step(cfg: ModelConfig, objective: str, batch, block_size: in
   return matmul + attention
 
 
-def build_step(config):
-  cfg = ModelConfig.from_config_dict(config.model)
-  mesh = make_mesh()
-  tx, schedule = make_optimizer(config.train)
-  graphdef, abstract, shardings = abstract_train_state(cfg, tx, mesh)
-  objective = make_objective(config.objective.name, mask_id=4, section=config.objective)
-  step = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
-                         state_shardings=shardings)
-  return cfg, mesh, tx, abstract, shardings, step
+_COMPILED = {}
+
+
+def compiled_step(args, objective, attention, dispatch, remat, *, batch_size: int, seq_len: int):
+  """(run config, model config, mesh, optimizer, state shardings, the step compiled for a synthetic batch, that
+  batch on the device, compile seconds); compiled once per combination and shape (the fit search reuses it)."""
+  key = (objective, attention, dispatch, remat, batch_size, seq_len)
+  if key not in _COMPILED:
+    config = run_config(args, objective, attention, dispatch, remat, batch_size=batch_size, seq_len=seq_len)
+    cfg = ModelConfig.from_config_dict(config.model)
+    mesh = make_mesh()
+    tx, schedule = make_optimizer(config.train)
+    graphdef, abstract, shardings = abstract_train_state(cfg, tx, mesh)
+    step = make_train_step(graphdef=graphdef, objective=make_objective(objective, mask_id=4, section=config.objective),
+                           tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings)
+    batch = synthetic_batch(batch_size, seq_len, cfg.vocab_size)
+    t0 = time.perf_counter()
+    compiled = step.lower(abstract, jax.device_put(batch, batch_sharding(mesh)), jax.random.key(0)).compile()
+    _COMPILED[key] = (config, cfg, mesh, tx, shardings, compiled, batch, time.perf_counter() - t0)
+  return _COMPILED[key]
 
 
 def peak_gb(compiled) -> float | None:
@@ -109,19 +120,14 @@ def device_memory_gb() -> float | None:
 
 
 def measure(args, objective, attention, dispatch, remat, peak_flops, profile_dir=None) -> dict:
-  config = run_config(args, objective, attention, dispatch, remat, batch_size=args.batch_size,
-                      seq_len=args.seq_len)
-  cfg, mesh, tx, abstract, shardings, step = build_step(config)
-  batch = synthetic_batch(args.batch_size, args.seq_len, cfg.vocab_size)
+  config, cfg, mesh, tx, shardings, compiled, batch, compile_s = compiled_step(
+      args, objective, attention, dispatch, remat, batch_size=args.batch_size, seq_len=args.seq_len)
   flops = model_flops_per_step(cfg, objective, batch, int(config.objective.block_size))
   batch = jax.device_put(batch, batch_sharding(mesh))
   rng = jax.random.key(0)
   row = {"objective": objective, "attention_impl": attention, "dispatch": dispatch, "remat": remat,
-         "batch_size": args.batch_size, "seq_len": args.seq_len, "model_gflop_per_step": flops / 1e9}
-  t0 = time.perf_counter()
-  compiled = step.lower(abstract, batch, rng).compile()
-  row["compile_s"] = time.perf_counter() - t0
-  row["peak_gb_estimate"] = peak_gb(compiled)
+         "batch_size": args.batch_size, "seq_len": args.seq_len, "model_gflop_per_step": flops / 1e9,
+         "compile_s": compile_s, "peak_gb_estimate": peak_gb(compiled)}
   state = init_train_state(cfg, tx, shardings, 0)
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch, rng)
@@ -154,14 +160,12 @@ def measure(args, objective, attention, dispatch, remat, peak_flops, profile_dir
 
 
 def fits(args, attention: str, seq_len: int, memory_gb) -> dict:
-  """Compiles (never runs) the first objective's step at batch 1 and `seq_len`; whether it fits the card."""
-  config = run_config(args, args.objectives.split(",")[0], attention, args.dispatch.split(",")[0],
-                      args.remat.split(",")[0], batch_size=1, seq_len=seq_len)
-  cfg, mesh, _, abstract, _, step = build_step(config)
-  batch = jax.device_put(synthetic_batch(1, seq_len, cfg.vocab_size), batch_sharding(mesh))
+  """Compiles (never runs) the first combination's step at batch 1 and `seq_len`; whether it fits the card."""
   row = {"attention_impl": attention, "seq_len": seq_len}
   try:
-    row["peak_gb_estimate"] = peak_gb(step.lower(abstract, batch, jax.random.key(0)).compile())
+    compiled = compiled_step(args, args.objectives.split(",")[0], attention, args.dispatch.split(",")[0],
+                             args.remat.split(",")[0], batch_size=1, seq_len=seq_len)[5]
+    row["peak_gb_estimate"] = peak_gb(compiled)
     row["fits"] = memory_gb is None or row["peak_gb_estimate"] is None or row["peak_gb_estimate"] <= memory_gb
   except Exception as e:  # pylint: disable=broad-except  (a compiler that refuses the allocation)
     row.update(fits=False, error=f"{type(e).__name__}: {str(e)[:300]}")
