@@ -62,6 +62,28 @@ def _attributes(attr_ref, b, start, block: int, ok, outside: int, count: int):
   return out
 
 
+def _key_tile(k_ref, v_ref, k_attr_ref, b, h, c0, *, spec, kv_length, head_dim, tiling, compute_dtype):
+  """(keys, values, key attributes, in-bounds mask) of the key tile starting at c0."""
+  bk = tiling.block_k
+  cols_ok = _edge_mask(c0, bk, kv_length)
+  k = _load(k_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
+  v = _load(v_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
+  return k, v, _attributes(k_attr_ref, b, c0, bk, cols_ok, _KEY_OUTSIDE, num_attributes(spec, "k")), cols_ok
+
+
+def _query_tile(q_ref, do_ref, lse_ref, delta_ref, q_attr_ref, b, h, r0, *, spec, rows, head_dim, tiling,
+                compute_dtype):
+  """(queries, output gradients, log-sum-exps, deltas, query attributes, in-bounds mask) of the row tile at r0."""
+  bq = tiling.block_q
+  rows_ok = _edge_mask(r0, bq, rows)
+  q = _load(q_ref.at[b, h, pl.ds(r0, bq), :], rows_ok, (bq, head_dim), compute_dtype)
+  do = _load(do_ref.at[b, h, pl.ds(r0, bq), :], rows_ok, (bq, head_dim), compute_dtype)
+  lse = _load(lse_ref.at[b, h, pl.ds(r0, bq)], rows_ok, (bq,), jnp.float32)
+  delta = _load(delta_ref.at[b, h, pl.ds(r0, bq)], rows_ok, (bq,), jnp.float32)
+  q_attrs = _attributes(q_attr_ref, b, r0, bq, rows_ok, _QUERY_OUTSIDE, num_attributes(spec, "q"))
+  return q, do, lse, delta, q_attrs, rows_ok
+
+
 def _tile_mask(spec: MaskSpec, q_attrs, k_attrs):
   """[block_q, block_k] bool from the two tiles' attribute vectors."""
   col = lambda x: x[:, None]  # noqa: E731
@@ -108,11 +130,8 @@ def _forward_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, k_ref,
 
   def visit(n, carry):
     acc, m_prev, l_prev = carry
-    c0 = lists_ref[b, q_tile, n] * bk
-    cols_ok = _edge_mask(c0, bk, kv_length)
-    k = _load(k_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
-    v = _load(v_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
-    k_attrs = _attributes(k_attr_ref, b, c0, bk, cols_ok, _KEY_OUTSIDE, num_attributes(spec, "k"))
+    k, v, k_attrs, _ = _key_tile(k_ref, v_ref, k_attr_ref, b, h, lists_ref[b, q_tile, n] * bk, spec=spec,
+                                 kv_length=kv_length, head_dim=head_dim, tiling=tiling, compute_dtype=compute_dtype)
     mask = _tile_mask(spec, q_attrs, k_attrs)
     s = jnp.where(mask, _scores(q, k, scale, compute_dtype), _MASKED_SCORE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -160,49 +179,35 @@ def _probabilities_and_score_grads(q, k, v, do, lse, delta, mask, scale, compute
 
 def _dq_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                dq_ref, *, spec, rows, kv_length, head_dim, tiling, scale, compute_dtype):
-  bq, bk = tiling.block_q, tiling.block_k
   q_tile, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  r0 = q_tile * bq
-  rows_ok = _edge_mask(r0, bq, rows)
-  q = _load(q_ref.at[b, h, pl.ds(r0, bq), :], rows_ok, (bq, head_dim), compute_dtype)
-  do = _load(do_ref.at[b, h, pl.ds(r0, bq), :], rows_ok, (bq, head_dim), compute_dtype)
-  lse = _load(lse_ref.at[b, h, pl.ds(r0, bq)], rows_ok, (bq,), jnp.float32)
-  delta = _load(delta_ref.at[b, h, pl.ds(r0, bq)], rows_ok, (bq,), jnp.float32)
-  q_attrs = _attributes(q_attr_ref, b, r0, bq, rows_ok, _QUERY_OUTSIDE, num_attributes(spec, "q"))
+  common = dict(spec=spec, head_dim=head_dim, tiling=tiling, compute_dtype=compute_dtype)
+  q, do, lse, delta, q_attrs, rows_ok = _query_tile(q_ref, do_ref, lse_ref, delta_ref, q_attr_ref, b, h,
+                                                    q_tile * tiling.block_q, rows=rows, **common)
 
   def visit(n, dq):
-    c0 = lists_ref[b, q_tile, n] * bk
-    cols_ok = _edge_mask(c0, bk, kv_length)
-    k = _load(k_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
-    v = _load(v_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
-    k_attrs = _attributes(k_attr_ref, b, c0, bk, cols_ok, _KEY_OUTSIDE, num_attributes(spec, "k"))
+    k, v, k_attrs, _ = _key_tile(k_ref, v_ref, k_attr_ref, b, h, lists_ref[b, q_tile, n] * tiling.block_k,
+                                 kv_length=kv_length, **common)
     _, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, _tile_mask(spec, q_attrs, k_attrs), scale,
                                            compute_dtype)
     return dq + _dot(ds, k, 1, 0, compute_dtype)
 
+  bq = tiling.block_q
   dq = lax.fori_loop(0, counts_ref[b, q_tile], visit, jnp.zeros((bq, head_dim), jnp.float32))
-  _store(dq_ref.at[b, h, pl.ds(r0, bq), :], dq if scale == 1.0 else dq * scale, rows_ok)
+  _store(dq_ref.at[b, h, pl.ds(q_tile * bq, bq), :], dq if scale == 1.0 else dq * scale, rows_ok)
 
 
 def _dkv_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 dk_ref, dv_ref, *, spec, rows, kv_length, head_dim, tiling, scale, compute_dtype):
-  bq, bk = tiling.block_q, tiling.block_k
+  bk = tiling.block_k
   k_tile, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   c0 = k_tile * bk
-  cols_ok = _edge_mask(c0, bk, kv_length)
-  k = _load(k_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
-  v = _load(v_ref.at[b, h, pl.ds(c0, bk), :], cols_ok, (bk, head_dim), compute_dtype)
-  k_attrs = _attributes(k_attr_ref, b, c0, bk, cols_ok, _KEY_OUTSIDE, num_attributes(spec, "k"))
+  common = dict(spec=spec, head_dim=head_dim, tiling=tiling, compute_dtype=compute_dtype)
+  k, v, k_attrs, cols_ok = _key_tile(k_ref, v_ref, k_attr_ref, b, h, c0, kv_length=kv_length, **common)
 
   def visit(n, carry):
     dk, dv = carry
-    r0 = lists_ref[b, k_tile, n] * bq
-    rows_ok = _edge_mask(r0, bq, rows)
-    q = _load(q_ref.at[b, h, pl.ds(r0, bq), :], rows_ok, (bq, head_dim), compute_dtype)
-    do = _load(do_ref.at[b, h, pl.ds(r0, bq), :], rows_ok, (bq, head_dim), compute_dtype)
-    lse = _load(lse_ref.at[b, h, pl.ds(r0, bq)], rows_ok, (bq,), jnp.float32)
-    delta = _load(delta_ref.at[b, h, pl.ds(r0, bq)], rows_ok, (bq,), jnp.float32)
-    q_attrs = _attributes(q_attr_ref, b, r0, bq, rows_ok, _QUERY_OUTSIDE, num_attributes(spec, "q"))
+    q, do, lse, delta, q_attrs, _ = _query_tile(q_ref, do_ref, lse_ref, delta_ref, q_attr_ref, b, h,
+                                                lists_ref[b, k_tile, n] * tiling.block_q, rows=rows, **common)
     p, ds = _probabilities_and_score_grads(q, k, v, do, lse, delta, _tile_mask(spec, q_attrs, k_attrs), scale,
                                            compute_dtype)
     return dk + _dot(ds, q, 0, 0, compute_dtype), dv + _dot(p, do, 0, 0, compute_dtype)
