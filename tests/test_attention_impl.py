@@ -1,6 +1,7 @@
-"""`model.attention_impl` in the model: every implementation's logits equal the xla reference's on the objectives'
-masks, descriptions equal the dense masks they replace (training and KV-cache decoding), cuDNN's argument mapping,
-and the whole train step lowering to Triton attention kernels for a GPU."""
+"""`model.attention_impl` in the model: our kernel's logits equal the xla reference's on the block objectives'
+layout, a KV-cache decode step under a description equals the dense mask it replaces, cuDNN's argument mapping,
+and the whole train step lowering to Triton attention kernels for a GPU. (That every description equals the dense
+mask the objectives used to build, canvas-window starts included, is tests/test_attention_masks.py.)"""
 
 import dataclasses
 import functools
@@ -15,7 +16,7 @@ from flax import nnx
 
 from diffgemma_jax.model import ConfigError, ModelConfig, build_model
 from diffgemma_jax.model.attention_impl import attend, cudnn_arguments, cudnn_attention, resolve
-from diffgemma_jax.model.masks import MaskSpec, Tokens, canvas_clean_mask, make_mask
+from diffgemma_jax.model.masks import MaskSpec, Tokens, make_mask
 from diffgemma_jax.objectives.block import block_ids, canvas_clean_forward
 from pallas_kernels import attention_reference
 
@@ -58,24 +59,6 @@ def _canvas_clean_logits(model, batch, noisy, blocks):
   canvas, clean, _ = canvas_clean_forward(model, noisy, batch["positions"], batch["segment_ids"], blocks, batch,
                                           blocks)
   return canvas, clean
-
-
-def test_descriptions_compute_what_the_dense_masks_computed(canvas_batch):
-  """The objectives now pass MaskSpecs: on the xla path the logits are those of the dense masks they replaced,
-  the [canvas ; clean] layout's sliding-window canvas rule included."""
-  batch, noisy, blocks = canvas_batch
-  described = _jitted(TINY, _canvas_clean_logits)(batch, noisy, blocks)
-
-  def dense(model, batch, noisy, blocks):
-    segments, positions = batch["segment_ids"], batch["positions"]
-    mask = canvas_clean_mask(segments, blocks, segments, positions, blocks)
-    canvas = jnp.concatenate([jnp.ones(segments.shape, bool), jnp.zeros(segments.shape, bool)], axis=1)
-    logits, _ = model(jnp.concatenate([noisy, batch["tokens"]], axis=1), jnp.concatenate([positions] * 2, axis=1),
-                      mask, token_mask_BL=jnp.concatenate([segments > 0] * 2, axis=1), canvas_BL=canvas)
-    return logits[:, :segments.shape[1]], logits[:, segments.shape[1]:]
-
-  for got, want in zip(described, _jitted(TINY, dense)(batch, noisy, blocks)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_logits_equal_xla(canvas_batch):
