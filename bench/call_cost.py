@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import benchlib  # bench/, the script's folder, is on sys.path
 from diffgemma_jax.config import load_config
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import build_model
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
   graphdef, state = nnx.split(build_model(ModelConfig.from_config_dict(config.model), 0))
   # Interleaved rounds: each width is timed once per round, so a load change on a shared machine hits them all.
   runs = {w: compiled_calls(graphdef, w, args.calls) for w in widths}
+  load = benchlib.MachineLoad()
   per_width = {w: [] for w in widths}
   for _ in range(args.rounds):
     for w in widths:
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
   rows = [{"tokens_per_call": w, "ms_per_call": ms[w], "x_ar_step": ms[w] / ms[1],
            "tokens_per_call_for_2x": 2 * ms[w] / ms[1]} for w in widths]
   report = {"config": args.config, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-            "dispatch": str(config.model.dispatch), "num_slots": NUM_SLOTS, "rows": rows}
+            "dispatch": str(config.model.dispatch), "num_slots": NUM_SLOTS, "rows": rows, **load.report()}
   if args.json:
     print(json.dumps(report, indent=1))
     return 0
@@ -112,6 +114,7 @@ def main(argv=None) -> int:
   for r in rows:
     print(f"{r['tokens_per_call']:>11d} {r['ms_per_call']:>8.3f} {r['x_ar_step']:>9.2f} "
           f"{r['tokens_per_call_for_2x']:>9.2f}")
+  print(load.line())
   return 0
 
 

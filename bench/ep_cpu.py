@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+import benchlib  # noqa: E402  (bench/, the script's folder, is on sys.path)
 from diffgemma_jax.model import dispatch  # noqa: E402
 from diffgemma_jax.parallel import make_mesh  # noqa: E402
 from diffgemma_jax.parallel.expert import expert_parallel_routed_experts, shard_map  # noqa: E402
@@ -71,6 +72,7 @@ def main():
     return shard_map(body, mesh=mesh, in_specs=(rows, rows, rows, P(), P()), out_specs=rows, check_vma=False)(
         x, ids, w, wgu, wd)
 
+  load = benchlib.MachineLoad()
   print(f"jax {jax.__version__}, {jax.device_count()} fake CPU devices, backend {args.backend}")
   print("| shape (T, D, E, K, F) | setting | local ms | EP ms | EP / local | dropped |")
   print("|---|---|---:|---:|---:|---:|")
@@ -88,6 +90,7 @@ def main():
       t_ep = timed(value_and_grads(ep), data, args.runs)
       print(f"| ({T}, {D}, {E}, {K}, {F}) | {name} | {t_local * 1e3:.1f} | {t_ep * 1e3:.1f} | "
             f"{t_ep / t_local:.2f} | {dropped / (T * K):.1%} |", flush=True)
+  print(load.line())
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import time
 import jax
 import numpy as np
 
+import benchlib  # bench/, the script's folder, is on sys.path
 from diffgemma_jax.config import load_config
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import build_model
@@ -177,6 +178,7 @@ def main(argv=None) -> int:
                  help="start no new setting after this many seconds from start-up (0: no limit); the report lists "
                       "the settings left out, so a run under a hard timeout still ends with its JSON")
   started = time.perf_counter()
+  load = benchlib.MachineLoad()
   args = p.parse_args(argv)
   if args.time_budget_s < 0:
     p.error(f"--time_budget_s={args.time_budget_s}: must be >= 0 (0: no limit)")
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
             "random_weights": args.random_weights, "batch_size": 1, "prompt_tokens": len(prompt),
             "prompt_source": prompt_source, "gen_length": args.gen_length, "block_length": args.block_length,
             "temperatures": temperatures, "repeats": args.repeats, "results": rows,
-            "left_out_for_time": left_out, "batch_sizes": batch_sizes, "batched": batched}
+            "left_out_for_time": left_out, "batch_sizes": batch_sizes, "batched": batched, **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))
   else:
@@ -327,6 +329,7 @@ def main(argv=None) -> int:
               f"{r['model_calls']:6d}")
     if left_out:
       print(f"left out (--time_budget_s={args.time_budget_s:g} spent): {', '.join(left_out)}")
+    print(load.line())
   return 0
 
 

@@ -18,20 +18,18 @@ TFLOP/s counts 2*m*k*n per direction whatever the routing. Implementations:
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import benchlib  # pylint: disable=wrong-import-position
 import pallas_kernels as pk  # pylint: disable=wrong-import-position
 from pallas_kernels import reference  # pylint: disable=wrong-import-position
 
@@ -98,24 +96,8 @@ def _ragged_dot(lhs, rhs, sizes):
   return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=lhs.dtype)
 
 
-def _stub_xprof_if_absent():
-  """tokamax's package __init__ imports xprof (a 32 MB profiler) for tokamax's own benchmarking helpers, which
-  ragged_dot never calls; where xprof is not installed, that one import is satisfied by an empty module."""
-  try:
-    import xprof.cli.tools  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    names = ("xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool")
-    modules = [types.ModuleType(name) for name in names]
-    for parent, child in zip(modules, modules[1:]):
-      setattr(parent, child.__name__.rsplit(".", 1)[1], child)
-    sys.modules.update({module.__name__: module for module in modules})
-
-
 def _tokamax():
-  if importlib.util.find_spec("tokamax") is None:  # no stub modules left behind where tokamax is absent
-    raise ImportError("No module named 'tokamax'")
-  _stub_xprof_if_absent()
-  import tokamax  # pylint: disable=import-outside-toplevel
+  tokamax = benchlib.import_tokamax()
   return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, group_sizes=sizes,
                                                     preferred_element_type=lhs.dtype)
 
@@ -315,7 +297,7 @@ def _dtype_and_shapes(args):
 def _report_header(args) -> dict:
   """What every report records about the run: when, which commit and jax, the device, the timing settings."""
   return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "commit": _commit(), "jax": jax.__version__, "backend": jax.default_backend(),
+          "commit": benchlib.commit(), "jax": jax.__version__, "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "dtype": args.dtype, "interpret": args.interpret,
           "runs": args.runs, "warmup": args.warmup, "copies": args.copies}
 
@@ -378,17 +360,6 @@ def sweep(args) -> dict:
 
 
 # --- driver ---
-
-def _commit() -> str:
-  """The checkout's commit; DIFFGEMMA_COMMIT names it where the tree was copied without .git (a device machine)."""
-  if os.environ.get("DIFFGEMMA_COMMIT"):
-    return os.environ["DIFFGEMMA_COMMIT"]
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
 
 def run(args) -> dict:
   dtype, shapes = _dtype_and_shapes(args)

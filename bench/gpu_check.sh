@@ -2,13 +2,18 @@
 # One command for the GPU checks: bench/gpu_check.sh [OUTDIR]   (OUTDIR defaults to $OUT, else ./gpu_check_out)
 #
 # Runs each step below with its own timeout and log (OUTDIR/<step>.log), keeps going when one fails, writes
-# OUTDIR/summary.txt, and exits non-zero if any step failed. The timeouts add up to under 10 minutes (585 s).
+# OUTDIR/summary.txt, and exits non-zero if any step failed. The timeouts add up to 8 minutes (480 s).
 # When OUTDIR is $OUT (the device machines, which return at most 8 files) the logs are packed into logs.tar.gz.
-# The kernel benchmark (issue #4's table; it checks every result against the reference itself) runs first, so a
-# slow compile elsewhere cannot cost it its time. kernel_resources is the kernels' resource report (registers per thread, shared memory per block, theoretical and
-# achieved occupancy) from Nsight Compute for our forward, dlhs and drhs launches on the Mixtral shape.
-# To add a check, append "name|timeout_seconds|command" to STEPS.
-# Dry run on a CPU: DIFFGEMMA_PALLAS_GPU=0 GMM_BENCH_ARGS="--interpret --small --runs 3" bench/gpu_check.sh /tmp/out
+# Order: the attention kernels' tests on the compiled Triton kernels first (a wrong kernel makes its numbers
+# meaningless), then the attention benchmark (bench/attention_gpu.py: every implementation, DiffusionGemma's layer
+# shapes, 8192 / 2048 / 32768 tokens until its time budget), then the 1B train step (bench/train_gpu.py: masked
+# and block objectives with our attention and with xla's, the longest sequence that fits at batch 1, a profile of
+# two steps, summarised in train_gpu.json; the trace stays in $PROFILE_DIR, default
+# /tmp/gpu_check_profile), then the grouped-matmul tests, a trimmed grouped-matmul benchmark, and the samplers'
+# throughput on the 1B config (random weights: the AR decoder and block_fused at batch 1 and 32).
+# Each benchmark ends with its JSON when its own time budget runs out ("skipped" rows list what was left out).
+# GPU_CHECK_ONLY=name,name runs a subset. To add a check, append "name|timeout_seconds|command" to STEPS.
+# Dry run on a CPU: DIFFGEMMA_PALLAS_GPU=0 GPU_CHECK_ONLY=environment,attention_tests bench/gpu_check.sh /tmp/out
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,17 +40,20 @@ export PYTHONPATH="$REPO:${PYTHONPATH:-}"
 
 STEPS=(
   "environment|15|$PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true"
-  "gmm_benchmark|175|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --time-budget-s 145 --max-seconds-per-measurement 4 ${GMM_BENCH_ARGS:-}"
-  "kernel_resources|35|ncu --kernel-name regex:gmm --launch-count 8 --section LaunchStats --section Occupancy --csv --page details $PY bench/gmm_gpu.py --shapes mixtral_up --impls ours --runs 1 --warmup 0 --copies 1 > $OUTDIR/kernel_resources.csv"
-  "pallas_gmm_tests|75|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
-  "train_step_benchmark|65|$PY bench/train_cpu.py --json --steps 10 --batch_size 16 --seq_len 512 --backends ragged,pallas > $OUTDIR/train_step.json"
-  "sampler_benchmark|100|$PY bench/generate.py --json --random_weights --repeats 1 --time_budget_s 50 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,threshold 0.9,block_fused threshold 0.9' > $OUTDIR/generate.json"
-  "sampler_batches|120|$PY bench/generate.py --json --random_weights --repeats 1 --time_budget_s 85 --gen_length 128 --batch_sizes 1,8,32,64 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,block_fused threshold 0.9' > $OUTDIR/generate_batches.json"
+  "attention_tests|50|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_flash_attention.py"
+  "attention_benchmark|100|$PY bench/attention_gpu.py --json $OUTDIR/attention_gpu.json --time-budget-s 80 --runs 5 --max-seconds-per-measurement 2 ${ATTENTION_BENCH_ARGS:-}"
+  "train_step_1b|150|$PY bench/train_gpu.py --json $OUTDIR/train_gpu.json --time_budget_s 120 --steps 3 --objectives masked,block --attention pallas,xla --dispatch pallas --remat dots --fit_lengths 32768 --fit_attention pallas --profile ${PROFILE_DIR:-/tmp/gpu_check_profile} ${TRAIN_BENCH_ARGS:-}"
+  "pallas_gmm_tests|40|DIFFGEMMA_PALLAS_GPU=${DIFFGEMMA_PALLAS_GPU:-1} $PY -m pytest -q -p no:cacheprovider tests/test_pallas_gmm.py"
+  "gmm_benchmark|25|$PY bench/gmm_gpu.py --json $OUTDIR/gmm_gpu.json --shapes diffgemma_up --time-budget-s 12 --max-seconds-per-measurement 2 ${GMM_BENCH_ARGS:-}"
+  "sampler_batches|100|$PY bench/generate.py --json --random_weights --repeats 1 --time_budget_s 70 --gen_length 128 --batch_sizes 1,32 --diffusion_config configs/pretrain_gpu_1b.py --ar_config configs/pretrain_gpu_1b.py --block_config configs/pretrain_gpu_1b.py --override model.scan_layers=False --only 'ar,block_fused threshold 0.9' > $OUTDIR/generate_batches.json"
 )
 
 failed=0
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit command <<< "$step"
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ ",$GPU_CHECK_ONLY," != *",$name,"* ]]; then
+    continue
+  fi
   echo "== $name (timeout ${limit}s): $command"
   start=$SECONDS
   if timeout -k 10 "$limit" bash -c "$command" > "$OUTDIR/$name.log" 2>&1; then

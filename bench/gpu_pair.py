@@ -92,6 +92,8 @@ def parse_args(argv):
   p.add_argument("--only", default="", help="comma-separated generation settings to measure (default: all of "
                  + ", ".join(label for label, _, _ in SETTINGS) + "); 'ar' always runs")
   p.add_argument("--skip", default="", help="comma-separated phases to skip (ceiling, generate)")
+  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override for both models (e.g. model.attention_impl=xla)")
   args = p.parse_args(argv)
   unknown = set(filter(None, args.only.split(","))) - {label for label, _, _ in SETTINGS}
   if unknown:
@@ -343,7 +345,8 @@ def main(argv=None) -> int:
   jax.config.update("jax_compilation_cache_dir", os.path.join(work, "jax_cache"))
   data_dir = os.path.join(work, "data")
   ar_dir, block_dir = os.path.join(work, "ar"), os.path.join(work, "block")
-  overrides = {"data.dir": data_dir, **(SMOKE_OVERRIDES if args.smoke else {})}
+  overrides = {"data.dir": data_dir, **(SMOKE_OVERRIDES if args.smoke else {}),
+               **dict(item.split("=", 1) for item in args.override)}
   device = jax.devices()[0]
   report = Report(os.path.join(args.out, "gpu_pair.json"), device=device.device_kind, platform=device.platform,
                   jax=jax.__version__, commit=os.environ.get("DIFFGEMMA_COMMIT", ""), smoke=args.smoke,

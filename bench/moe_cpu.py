@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchlib  # bench/, the script's folder, is on sys.path
 from diffgemma_jax.model.dispatch import routed_experts
 
 SHAPES = {  # name: (T, D, E, K, F)
@@ -126,13 +127,15 @@ def main(argv=None) -> int:
   unknown = [s for s in shapes if s not in SHAPES]
   if unknown:
     parser.error(f"--shapes: unknown {unknown}; known shapes are {list(SHAPES)}")
+  load = benchlib.MachineLoad()
   rows = run(shapes, [b for b in args.backends.split(",") if b], args.repeats, args.budget_s)
-  meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "repeats": args.repeats}
+  meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "repeats": args.repeats, **load.report()}
   if args.json:
     print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
   print(f"jax {meta['jax']} on {meta['device']}; fwd+bwd, median of up to {args.repeats} runs, each "
         "alternating with the matmul baseline")
+  print(load.line())
   header = "| shape (T, D, E, K, F) | backend | ms | active GFLOP/s | matmul GFLOP/s | vs matmul | sorted/ragged |"
   print(header)
   print("|---|---|---:|---:|---:|---:|---:|")

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 
+import benchlib  # bench/, the script's folder, is on sys.path
 from diffgemma_jax.config import base_config
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import count_params, flops_per_token
@@ -85,13 +86,14 @@ def main(argv=None) -> int:
       parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   peak = peak_flops_per_device(args.peak_flops_per_device) * len(jax.devices())
   cfg = ModelConfig()
+  load = benchlib.MachineLoad()
   results = [bench_backend(b, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, peak_flops=peak)
              for b in args.backends.split(",")]
   report = {"device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x{len(jax.devices())}",
             "peak_flops": peak, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
             "active_params_per_token": count_params(cfg)["active_params_per_token"],
             "train_flops_per_token": flops_per_token(cfg, args.seq_len)["train_flops_per_token"],
-            "results": results}
+            "results": results, **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))
     return 0
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
   for r in results:
     print(f"{r['backend']:<10}{r['tokens_per_sec']:>12.0f}{r['step_time_ms']:>10.1f}{100 * r['mfu']:>8.2f}"
           f"{r['tokens_per_sec'] / base:>10.2f}{r['compile_s']:>11.1f}")
+  print(load.line())
   return 0
 
 

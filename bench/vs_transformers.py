@@ -10,8 +10,10 @@ The pass compared is the causal one both implementations train: the shared stack
 with the next-token loss. Ours is the `ar` objective through the trainer's jitted `train_step` (AdamW, grad-norm
 clip 1.0, MoE dispatch `auto`); theirs is `model.model.encoder` + tied LM head + logit soft-cap, cross-entropy on
 the shifted tokens, `torch.optim.AdamW` with the same lr, betas, weight decay and clip. Both in float32. Each
-side runs warm-up steps (compilation for ours), then `--steps` timed steps. The load average (`os.getloadavg`)
-is printed before and after: other processes on the CPUs slow both sides.
+side runs warm-up steps (compilation for ours), then `--steps` timed steps. The load average is recorded before
+and after and a run above 1.5 is flagged (`benchlib.MachineLoad`): other processes on the CPUs slow both sides,
+and not equally, so only an idle machine's ratio is a result. `--profile DIR` then traces two of our steps and
+lists where they spend their time by the model's named scopes (bench/trace_summary.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 import jax
 import numpy as np
 
+import benchlib  # bench/, the script's folder, is on sys.path
+import trace_summary
 from diffgemma_jax.config import base_config
 from diffgemma_jax.hf.mapping import hf_config_from_model
 from diffgemma_jax.model.config import ModelConfig
@@ -31,6 +35,7 @@ from diffgemma_jax.model.inspect import count_params
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel import batch_sharding, make_mesh
 from diffgemma_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step
+from diffgemma_jax.train.profiling import StepProfiler
 
 THREADS = 2
 MODEL = dict(vocab_size=8192, embed_dim=256, num_layers=6, layer_pattern=("sliding",) * 5 + ("global",),
@@ -50,7 +55,7 @@ def train_config(batch_size: int, seq_len: int):
   return train
 
 
-def bench_ours(cfg: ModelConfig, tokens: np.ndarray, *, steps: int, warmup: int) -> dict:
+def bench_ours(cfg: ModelConfig, tokens: np.ndarray, *, steps: int, warmup: int, profile_dir: str = "") -> dict:
   train = train_config(*tokens.shape)
   mesh = make_mesh()
   tx, schedule = make_optimizer(train)
@@ -74,8 +79,17 @@ def bench_ours(cfg: ModelConfig, tokens: np.ndarray, *, steps: int, warmup: int)
     state, metrics = step(state, batch, rng)
   losses.append(float(metrics["loss"]))  # blocks on the last step
   elapsed = time.perf_counter() - t0
-  return {"tokens_per_sec": steps * B * L / elapsed, "step_ms": 1e3 * elapsed / steps, "warmup_s": warmup_s,
-          "first_loss": losses[0], "last_loss": losses[-1], "dispatch": cfg.dispatch}
+  result = {"tokens_per_sec": steps * B * L / elapsed, "step_ms": 1e3 * elapsed / steps, "warmup_s": warmup_s,
+            "first_loss": losses[0], "last_loss": losses[-1], "dispatch": cfg.dispatch}
+  if profile_dir:
+    profiler = StepProfiler(profile_dir, (1, 2))
+    for index in (1, 2):
+      profiler.before(index)
+      state, metrics = step(state, batch, rng)
+      profiler.after(index, metrics)
+    hlo = step.lower(state, batch, rng).compile().as_text()
+    result["profile"] = trace_summary.summarize(profiler.trace_dir, hlo, steps=2, top=10)
+  return result
 
 
 def hf_model(cfg: ModelConfig):
@@ -131,15 +145,18 @@ def bench_transformers(cfg: ModelConfig, tokens: np.ndarray, *, steps: int, warm
           "attn_implementation": model.config.get_text_config()._attn_implementation}  # pylint: disable=protected-access
 
 
-def run(*, steps: int, warmup: int, small: bool, batch_size: int, seq_len: int) -> dict:
+def run(*, steps: int, warmup: int, small: bool, batch_size: int, seq_len: int, profile_dir: str = "") -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(THREADS)
   cfg = ModelConfig(**(SMALL_MODEL if small else MODEL))
   tokens = random_rows(batch_size, seq_len, cfg.vocab_size)
-  load_before = os.getloadavg()
+  load = benchlib.MachineLoad()
   ours = bench_ours(cfg, tokens, steps=steps, warmup=warmup)
   theirs = bench_transformers(cfg, tokens, steps=steps, warmup=warmup)
+  load_report = load.report()
+  if profile_dir:  # after the timing, so tracing costs neither side
+    ours["profile"] = bench_ours(cfg, tokens, steps=1, warmup=1, profile_dir=profile_dir)["profile"]
   counts = count_params(cfg)
   return {
       "pass": "causal encoder, next-token loss, AdamW (ours: objective ar)",
@@ -149,7 +166,7 @@ def run(*, steps: int, warmup: int, small: bool, batch_size: int, seq_len: int) 
       "torch_threads": torch.get_num_threads(), "cpus_available": len(os.sched_getaffinity(0)),
       "jax_devices": f"{jax.devices()[0].platform} x{len(jax.devices())}",
       "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-      "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+      **load_report, "load_line": load.line(),
       "ours": ours, "transformers": theirs, "ratio": ours["tokens_per_sec"] / theirs["tokens_per_sec"],
   }
 
@@ -162,25 +179,27 @@ def main(argv=None) -> int:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--small", action="store_true", help="a tiny model and batch (smoke test)")
+  parser.add_argument("--profile", default="", help="trace two of our steps into this folder and summarise them")
   args = parser.parse_args(argv)
   if args.small:
     args.batch_size, args.seq_len = min(args.batch_size, 2), min(args.seq_len, 32)
   report = run(steps=args.steps, warmup=args.warmup, small=args.small, batch_size=args.batch_size,
-               seq_len=args.seq_len)
+               seq_len=args.seq_len, profile_dir=args.profile)
   if args.json:
     print(json.dumps(report, indent=2))
     return 0
-  load = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
   print(f"causal pass, batch {report['batch_size']} x {report['seq_len']}, {report['total_params']:,} parameters "
         f"({report['active_params_per_token']:,} active), {report['steps']} timed steps, "
         f"{report['torch_threads']} torch threads, {report['cpus_available']} CPUs for XLA")
-  print(f"load average before {load(report['load_average_before'])}, after {load(report['load_average_after'])}")
+  print(report["load_line"])
   print(f"{'':<14}{'tokens/s':>10}{'step ms':>10}{'warm-up s':>11}{'loss first':>12}{'loss last':>11}")
   for name in ("ours", "transformers"):
     r = report[name]
     print(f"{name:<14}{r['tokens_per_sec']:>10.0f}{r['step_ms']:>10.0f}{r['warmup_s']:>11.1f}"
           f"{r['first_loss']:>12.3f}{r['last_loss']:>11.3f}")
   print(f"ours / transformers: {report['ratio']:.2f}x")
+  if "profile" in report["ours"]:
+    trace_summary.print_summary(report["ours"]["profile"])
   return 0
 
 

@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_runtime_s = 0.0
   c.train.peak_flops_per_device = 0.0  # for the MFU estimate; 0: a table value for the device kind
   c.train.debug_nan_at_step = -1  # test hook: the update producing this step gets a NaN loss
+  # (first, last): a jax.profiler trace of these steps in <workdir>/tb/plugins/profile/; () for none.
+  c.train.profile_steps = ()
   # Parameter groups kept fixed (no gradient, no optimizer state): router, experts, attention, mlp, embedder,
   # norms, self_conditioning. With model.lora_rank > 0 everything but the LoRA adapters is frozen anyway.
   c.train.freeze = ()
@@ -251,6 +253,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must divide "
                       f"train.batch_size={config.train.batch_size}")
   _validate_optimizer(config.train)
+  from diffgemma_jax.train.profiling import check_profile_steps
+  check_profile_steps(config.train.profile_steps)
   for key, minimum in (("eval.num_t_samples", 1), ("eval.batch_size", 1), ("eval.max_sequences", 0),
                        ("eval.every_steps", 0), ("checkpoint.every_steps", 1), ("checkpoint.keep", 0),
                        ("train.log_every_steps", 1), ("train.warmup_steps", 0)):

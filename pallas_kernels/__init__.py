@@ -1,9 +1,15 @@
-"""Pallas routed grouped matmuls (megablox-style API) for sparse-MoE layers, with a Triton GPU lowering.
+"""Pallas kernels with a Triton GPU lowering: routed grouped matmuls (megablox-style API) for sparse-MoE layers,
+and flash attention under mask descriptions.
 
 `gmm` is the differentiable entry point (custom_vjp); `gmm_kernel` and `tgmm` are the raw forward and
-weight-gradient kernels; the references are pure jnp.
+weight-gradient kernels. `flash_attention` is differentiable attention under a `MaskSpec`. The references are
+pure jnp.
 """
 
+from pallas_kernels.attention_mask import MaskSpec, Tokens, count_visible, tile_visits
+from pallas_kernels.attention_ops import flash_attention
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.attention_tiling import AttentionTiling, choose_attention_tiling
 from pallas_kernels.gmm import gmm as gmm_kernel
 from pallas_kernels.gmm import tgmm
 from pallas_kernels.metadata import GroupBounds, Visits, gmm_visits, group_bounds
@@ -12,6 +18,14 @@ from pallas_kernels.reference import gmm_reference, tgmm_reference
 from pallas_kernels.tiling import Tiling, choose_tiling, pipeline_shared_bytes
 
 __all__ = [
+    "AttentionTiling",
+    "MaskSpec",
+    "Tokens",
+    "attention_reference",
+    "choose_attention_tiling",
+    "count_visible",
+    "flash_attention",
+    "tile_visits",
     "GroupBounds",
     "Tiling",
     "Visits",

@@ -1,17 +1,18 @@
-"""Grouped-query attention with QK RMSNorm (scaled), V RMSNorm (unscaled), attention scale 1.0 and RoPE."""
+"""Grouped-query attention with QK RMSNorm (scaled), V RMSNorm (unscaled), attention scale 1.0 and RoPE.
+
+The mask is a description (`MaskSpec`: per-token segment ids, positions, canvas flags and blocks) or a dense
+[B, L, S] bool array; `model.attention_impl` picks what computes it (`attention_impl.py`)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffgemma_jax.model.attention_impl import attend
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import LoRA, RMSNorm, param
-from diffgemma_jax.model.masks import sliding_window
+from diffgemma_jax.model.masks import MaskSpec, sliding_window
 from diffgemma_jax.model.rope import apply_rope
-
-NEG_INF = -2.3819763e38  # most negative bfloat16-representable float; keeps softmax finite
 
 
 class Attention(nnx.Module):
@@ -23,6 +24,7 @@ class Attention(nnx.Module):
     self.head_dim, self.num_kv_heads, self.k_eq_v = cfg.attention_dims(kind)
     self.rope_base, self.rope_fraction = cfg.rope(kind)
     self.window = cfg.sliding_window if kind == "sliding" else None
+    self.impl = cfg.attention_impl
     D, N, K, H = cfg.embed_dim, cfg.num_heads, self.num_kv_heads, self.head_dim
     self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"))
     self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"))
@@ -56,10 +58,11 @@ class Attention(nnx.Module):
     k_BLKH = apply_rope(self.k_norm(k_BLKH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
     return k_BLKH, self.v_norm(v_BLKH)
 
-  def __call__(self, x_BLD, positions_BL, mask_BLL, dtype, *, kv=None, kv_positions_BS=None, canvas_window=None):
+  def __call__(self, x_BLD, positions_BL, mask, dtype, *, kv=None, kv_positions_BS=None, canvas_window=None):
     """Attends from `x` to its own keys or, when `kv=(k, v)` is given, to those (positions `kv_positions`).
-    `canvas_window` (sliding layers only): where canvas queries measure their window over clean keys from, see
-    `masks.sliding_window`."""
+    `mask` is a MaskSpec (its `kv` side describing the keys; sliding layers add their window) or a dense [B, L, S]
+    array; with a dense mask `canvas_window` (sliding layers only) is where canvas queries measure their window
+    over clean keys from, see `masks.sliding_window`."""
     q_BLNH = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dtype))
     q_BLNH = self._adapted(q_BLNH, self.q_proj_lora, x_BLD, dtype)
     q_BLNH = apply_rope(self.q_norm(q_BLNH), positions_BL, base=self.rope_base, fraction=self.rope_fraction)
@@ -68,16 +71,10 @@ class Attention(nnx.Module):
       kv_positions_BS = positions_BL
     else:
       k_BSKH, v_BSKH = kv
-    if self.window is not None:
-      mask_BLL = mask_BLL & sliding_window(positions_BL, kv_positions_BS, self.window, canvas_window=canvas_window)
-    B, L, N, H = q_BLNH.shape
-    K = k_BSKH.shape[2]
-    q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
-    # Attention scale 1.0: QK-norm already fixes the logit scale.
-    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH, preferred_element_type=jnp.float32)
-    logits_BKGLS = jnp.where(mask_BLL[:, None, None, :, :], logits_BKGLS, NEG_INF)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(dtype)
-    out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
-    out_BLNH = out_BLKGH.reshape(B, L, N, H)
+    if isinstance(mask, MaskSpec):
+      mask = mask.with_window(self.window)
+    elif self.window is not None:
+      mask = mask & sliding_window(positions_BL, kv_positions_BS, self.window, canvas_window=canvas_window)
+    out_BLNH = attend(q_BLNH, k_BSKH, v_BSKH, mask, self.impl)
     out_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.o_proj[...].astype(dtype))
     return self._adapted(out_BLD, self.o_proj_lora, out_BLNH, dtype)

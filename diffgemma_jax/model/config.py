@@ -12,6 +12,9 @@ from typing import Any, Mapping
 
 LAYER_KINDS = ("sliding", "global")
 DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
+# model/attention_impl.py: xla (dense logits, the reference), pallas (our flash-attention kernel), cudnn (cuDNN via
+# jax.nn.dot_product_attention where the mask fits), auto (pallas on a GPU, xla elsewhere).
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_COLLECTIVES = ("all_to_all", "ragged_all_to_all")
@@ -46,6 +49,8 @@ class ModelConfig:
   global_k_eq_v: bool = True
   global_rope_base: float = 1_000_000.0
   global_rope_fraction: float = 0.25
+  # Which attention computes the layers (ATTENTION_IMPLS); dense masks always take the xla path.
+  attention_impl: str = "auto"
   # Feed-forward: the always-on dense GeGLU ("shared expert") plus routed GeGLU experts.
   mlp_dim: int = 256
   num_experts: int = 8
@@ -145,6 +150,8 @@ class ModelConfig:
       fail("global_num_kv_heads", f"={self.global_num_kv_heads} does not divide model.num_heads={self.num_heads}")
     if self.top_k > self.num_experts:
       fail("top_k", f"={self.top_k} exceeds model.num_experts={self.num_experts}; choose 1 <= top_k <= num_experts")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      fail("attention_impl", f"unknown attention implementation {self.attention_impl!r}; valid are {ATTENTION_IMPLS}")
     if self.dispatch not in DISPATCH_BACKENDS:
       fail("dispatch", f"unknown dispatch backend {self.dispatch!r}; valid backends are {DISPATCH_BACKENDS}")
     if not isinstance(self.capacity_factor, (int, float)) or isinstance(self.capacity_factor, bool) or \

@@ -1,4 +1,6 @@
-"""Attention masks, built by objectives and passed to the model as booleans `[B, Lq, Lk]` (True: may attend).
+"""Attention masks in their dense form, booleans `[B, Lq, Lk]` (True: may attend): the reference for the mask
+descriptions (`MaskSpec`, re-exported here from `pallas_kernels.attention_mask`), which the objectives pass to the
+model instead, and the form the samplers' KV-cache windows take.
 
 All masks are functions of per-token segment ids (0 = padding) and positions within a segment, so packed rows
 never attend across documents. Sliding-window layers additionally restrict `|pos_q - pos_k| < window` inside the
@@ -16,7 +18,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-MASK_KINDS = ("bidirectional", "causal", "block_causal")
+from pallas_kernels.attention_mask import CLEAN_RULES as MASK_KINDS
+from pallas_kernels.attention_mask import MaskSpec, Tokens
+
+__all__ = ["MASK_KINDS", "MaskSpec", "Tokens", "canvas_clean_mask", "canvas_window_starts", "make_mask", "same_segment",
+           "sliding_window"]
 
 
 def same_segment(segment_q_BL, segment_k_BL):
@@ -37,6 +43,19 @@ def make_mask(kind: str, segment_ids_BL, positions_BL, *, block_size: int | None
       raise ValueError(f"block_causal masks need a positive block_size, got {block_size!r}")
     return mask & (pos_k // block_size <= pos_q // block_size)
   raise ValueError(f"unknown mask kind {kind!r}; valid kinds are {MASK_KINDS}")
+
+
+def canvas_clean_mask(canvas_segments_BC, canvas_blocks_BC, clean_segments_BL, clean_positions_BL, clean_blocks_BL):
+  """Attention mask [B, C + L, C + L] of the block objectives' layout [canvas (C tokens) ; clean (L tokens)]:
+  clean tokens causal, canvas block i sees itself and the clean blocks j < i, no attention across segments."""
+  canvas_to_canvas = (same_segment(canvas_segments_BC, canvas_segments_BC)
+                      & (canvas_blocks_BC[:, :, None] == canvas_blocks_BC[:, None, :]))
+  canvas_to_clean = (same_segment(canvas_segments_BC, clean_segments_BL)
+                     & (clean_blocks_BL[:, None, :] < canvas_blocks_BC[:, :, None]))
+  clean_to_clean = make_mask("causal", clean_segments_BL, clean_positions_BL)
+  clean_to_canvas = jnp.zeros(clean_to_clean.shape[:2] + canvas_blocks_BC.shape[1:], bool)
+  return jnp.concatenate([jnp.concatenate([canvas_to_canvas, canvas_to_clean], axis=2),
+                          jnp.concatenate([clean_to_canvas, clean_to_clean], axis=2)], axis=1)
 
 
 def canvas_window_starts(mask_BLS, positions_q_BL, positions_k_BS, canvas_q_BL, canvas_k_BS):

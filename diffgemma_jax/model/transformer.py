@@ -17,7 +17,7 @@ from flax import nnx
 from diffgemma_jax.model.attention import Attention
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param, rms_normalize
-from diffgemma_jax.model.masks import canvas_window_starts
+from diffgemma_jax.model.masks import MaskSpec, canvas_window_starts
 from diffgemma_jax.model.moe import MoE
 from diffgemma_jax.model.self_conditioning import SelfConditioning
 
@@ -45,7 +45,8 @@ class Block(nnx.Module):
     self.layer_scalar = param(rngs, (1,), (None,), init="ones")
 
   def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window=None):
-    attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype, canvas_window=canvas_window)
+    with jax.named_scope("attention"):  # the scopes name the costs in a profile (bench/trace_summary.py)
+      attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype, canvas_window=canvas_window)
     return self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
 
   def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, kv_positions_BS,
@@ -67,8 +68,10 @@ class Block(nnx.Module):
     from diffgemma_jax.parallel.rules import constrain  # pylint: disable=import-outside-toplevel (import cycle)
     # Rows stay split over the batch axes between sublayers (a no-op unless traced under parallel.use_mesh).
     h_BLD = constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", None, None))
-    dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
-    routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
+    with jax.named_scope("dense_mlp"):
+      dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
+    with jax.named_scope("moe"):
+      routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
     ffn = self.post_ffn_norm(dense + self.post_moe_norm(routed))
     out = constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", None, None))
     stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
@@ -153,16 +156,20 @@ class Denoiser(nnx.Module):
   def __call__(self, tokens_BL, positions_BL, mask_BLL, *, token_mask_BL=None, embeddings_BLD=None, canvas_BL=None):
     """Returns float32 logits [B, L, V] and a dict of router statistics and the weighted auxiliary loss.
 
+    `mask_BLL` is a mask description (`MaskSpec`, what the objectives pass: every `model.attention_impl` takes it)
+    or a dense [B, L, L] bool array (computed by the `xla` path).
     `embeddings_BLD`, when given, is added to the scaled token embeddings (self-conditioning enters here).
     `canvas_BL` (bool) marks the canvas (decoder) positions: with `model.canvas_input_norm` their embeddings are
-    normalised, and on sliding-window layers a canvas query sees the clean keys within the window of its canvas's
-    first position (the reference's decoder over a sliding-window cache; `masks.sliding_window`).
+    normalised, and with a dense mask on sliding-window layers a canvas query sees the clean keys within the window
+    of its canvas's first position (the reference's decoder over a sliding-window cache; `masks.sliding_window`; a
+    MaskSpec carries its canvas itself).
     """
     cfg = self.cfg
     dtype = dtype_of(cfg.compute_dtype)
     if token_mask_BL is None:
       token_mask_BL = jnp.ones(tokens_BL.shape, bool)
-    x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
+    with jax.named_scope("embed"):
+      x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
     canvas_window = self._canvas_window(mask_BLL, positions_BL, positions_BL, canvas_BL, canvas_BL)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
@@ -180,16 +187,17 @@ class Denoiser(nnx.Module):
         x_BLD, s = self._unit_fn(graphdef)(state, x_BLD, positions_BL, mask_BLL, token_mask_BL, canvas_window)
         all_stats.append(s)
       stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
-    logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
-    if cfg.logit_softcap > 0:
-      logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
+    with jax.named_scope("unembed"):
+      logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
+      if cfg.logit_softcap > 0:
+        logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
     aux = aux_losses(stats, cfg)
     return logits_BLV, aux
 
   def _canvas_window(self, mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS):
-    """(window starts [B, L], canvas keys [B, S]) for the sliding layers, or None (no canvas or no sliding layer:
-    every query measures its window from its own position)."""
-    if canvas_BL is None or "sliding" not in self.cfg.layer_pattern:
+    """(window starts [B, L], canvas keys [B, S]) for the sliding layers under a dense mask, or None (no canvas, no
+    sliding layer, or a MaskSpec, which finds its canvas starts itself)."""
+    if canvas_BL is None or "sliding" not in self.cfg.layer_pattern or isinstance(mask_BLS, MaskSpec):
       return None
     starts_BL = canvas_window_starts(mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS)
     return starts_BL, canvas_kv_BS
@@ -214,8 +222,9 @@ class Denoiser(nnx.Module):
     """Runs a window of L tokens through the stack against a KV cache of S slots.
 
     Every layer writes the window's keys/values at slots [write_index, write_index + L) and the window attends to
-    all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet); `kv_positions_BS` are the
-    slots' token positions (sliding-window layers use them). Only positions [logits_start, logits_start +
+    all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet), or under a MaskSpec whose `kv`
+    side describes the S slots; `kv_positions_BS` are the slots' token positions (sliding-window layers under a
+    dense mask use them). Only positions [logits_start, logits_start +
     logits_length) of the window are unembedded, so no [B, L, V] temporary is made when fewer are needed.
     `embeddings_BLD` and `canvas_BL` are as in `__call__`; the slots this window writes from canvas positions are the
     canvas keys, every other slot is clean.

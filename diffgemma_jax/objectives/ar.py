@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.model.masks import MaskSpec
 from diffgemma_jax.objectives.masked import router_metrics, scored_positions
 
 
@@ -27,7 +27,7 @@ class Autoregressive:
 
   def _nll(self, model, batch):
     segment_ids, positions = batch["segment_ids"], batch["positions"]
-    mask = make_mask("causal", segment_ids, positions)
+    mask = MaskSpec.packed("causal", segment_ids, positions)
     logits, aux = model(batch["tokens"], positions, mask, token_mask_BL=segment_ids > 0)
     nll, valid = next_token_nll(logits, batch["tokens"], segment_ids)
     valid = valid & scored_positions(batch)[:, 1:]  # SFT rows (`loss_mask`): the response only, as in `masked`

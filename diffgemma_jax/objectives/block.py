@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.config import ConfigError
-from diffgemma_jax.model.masks import make_mask, same_segment
+from diffgemma_jax.model.masks import MaskSpec, canvas_clean_mask  # noqa: F401  (the dense reference, re-exported)
 from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss, router_metrics, scored_by,
                                              scored_positions, stratified_t, weighted_nll)
 
@@ -81,24 +81,13 @@ def block_ids(batch, block_size: int):
   return jnp.where(relative_BL >= 0, relative_BL // block_size, -1)
 
 
-def canvas_clean_mask(canvas_segments_BC, canvas_blocks_BC, clean_segments_BL, clean_positions_BL, clean_blocks_BL):
-  """Attention mask [B, C + L, C + L] of the layout [canvas (C tokens) ; clean (L tokens)]."""
-  canvas_to_canvas = (same_segment(canvas_segments_BC, canvas_segments_BC)
-                      & (canvas_blocks_BC[:, :, None] == canvas_blocks_BC[:, None, :]))
-  canvas_to_clean = (same_segment(canvas_segments_BC, clean_segments_BL)
-                     & (clean_blocks_BL[:, None, :] < canvas_blocks_BC[:, :, None]))
-  clean_to_clean = make_mask("causal", clean_segments_BL, clean_positions_BL)
-  clean_to_canvas = jnp.zeros(clean_to_clean.shape[:2] + canvas_blocks_BC.shape[1:], bool)
-  return jnp.concatenate([jnp.concatenate([canvas_to_canvas, canvas_to_clean], axis=2),
-                          jnp.concatenate([clean_to_canvas, clean_to_clean], axis=2)], axis=1)
-
-
 def canvas_clean_forward(model, canvas_tokens_BC, canvas_positions_BC, canvas_segments_BC, canvas_blocks_BC, batch,
                          clean_blocks_BL, *, canvas_embeddings_BCD=None):
   """One pass over [canvas ; clean]: (canvas logits [B, C, V], clean logits [B, L, V], aux)."""
   tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
   C = canvas_tokens_BC.shape[1]
-  mask = canvas_clean_mask(canvas_segments_BC, canvas_blocks_BC, segments, positions, clean_blocks_BL)
+  mask = MaskSpec.canvas_clean(canvas_segments_BC, canvas_positions_BC, canvas_blocks_BC, segments, positions,
+                               clean_blocks_BL)
   embeddings = None
   if canvas_embeddings_BCD is not None:
     clean_zeros = jnp.zeros(tokens.shape + canvas_embeddings_BCD.shape[-1:], canvas_embeddings_BCD.dtype)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.model.masks import MaskSpec
 
 
 def stratified_t(rng, num: int, eps: float, *, dtype=jnp.float32):
@@ -96,7 +96,7 @@ def model_logits_fn(model, batch, *, mask_kind: str = "bidirectional"):
   """Closes over a packed batch's positions and segments: noisy tokens -> the logits that predict each position
   (one slot back with `model.token_shift`, `predicting_logits`)."""
   segment_ids, positions = batch["segment_ids"], batch["positions"]
-  mask = make_mask(mask_kind, segment_ids, positions)
+  mask = MaskSpec.packed(mask_kind, segment_ids, positions)
 
   def logits_fn(noisy):
     logits, _ = model(noisy, positions, mask, token_mask_BL=segment_ids > 0)
@@ -167,7 +167,7 @@ class MaskedDiffusion:
     t_rng, mask_rng = jax.random.split(rng)
     t_B = stratified_t(t_rng, tokens.shape[0], self.eps)
     noisy, is_masked = corrupt(mask_rng, tokens, t_B, mask_id=self.mask_id, corruptible_BL=scored)
-    mask = make_mask("bidirectional", segment_ids, positions)
+    mask = MaskSpec.packed("bidirectional", segment_ids, positions)
     logits, aux = model(noisy, positions, mask, token_mask_BL=pad_mask)
     nll = masked_token_nll(predicting_logits(model, logits), tokens, mask_id=self.mask_id)
     per_example = weighted_nll(nll, is_masked, t_B)

@@ -28,7 +28,7 @@ from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shard
 
 CONFIG_FILE = "run_config.json"
 # Model fields that change how the network computes, not what its parameters are: a resume may change them.
-RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "remat", "compute_dtype", "load_balance_loss_weight",
+RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "attention_impl", "remat", "compute_dtype", "load_balance_loss_weight",
                                   "router_z_loss_weight", "capacity_factor", "dropless", "expert_collective"})
 
 

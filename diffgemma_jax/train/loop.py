@@ -32,6 +32,7 @@ from diffgemma_jax.train.logging import (MetricsLogger, format_summary, peak_flo
                                          wandb_settings)
 from diffgemma_jax.train.history import append_run_history
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
+from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
@@ -166,6 +167,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "
                    f"({'LoRA adapters only' if model_cfg.lora_rank else 'train.freeze=' + repr(tuple(tc.freeze))})")
   base_rng = _base_rng(config)
+  profiler = StepProfiler(os.path.join(workdir, "tb"), tc.profile_steps)
   log_every = max(int(tc.log_every_steps), 1)
   save_every = max(int(config.checkpoint.every_steps), 1)
   eval_every = int(config.eval.every_steps)
@@ -230,7 +232,10 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     with StopRequest() as stop:  # SIGTERM: save the step in flight and stop
       for step in range(start_step + 1, num_steps + 1):
         batch = _to_device(next(data), sharding, local_shape)
+        profiler.before(step)
         state, metrics = step_fn(state, batch, base_rng)
+        if profiler.after(step, metrics):
+          logger.message(f"step {step}: profile of steps {tuple(tc.profile_steps)} in {profiler.trace_dir}")
         if pending is not None:
           finish(*pending)
         pending = (step, metrics)
@@ -265,6 +270,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     if summary["eval"] is None and not summary.get("stopped_by_signal"):  # resumed a finished run: its bound
       run_eval(int(jax.device_get(state.step)))
   finally:
+    profiler.stop()
     ckpt.close()
     logger.close()
   summary["wall_time_s"] = time.perf_counter() - t_start

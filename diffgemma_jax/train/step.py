@@ -48,7 +48,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   train_params, frozen = nnx.split_state(state.params, trainable, ...)
 
   def loss_fn(params, micro_batch, micro_rng):
-    loss, metrics = objective.loss_fn(nnx.merge(graphdef, params, frozen), micro_batch, micro_rng)
+    with jax.named_scope("objective"):  # the model's own scopes (attention, moe, ...) nest inside
+      loss, metrics = objective.loss_fn(nnx.merge(graphdef, params, frozen), micro_batch, micro_rng)
     if debug_nan_at_step >= 0:  # test hook: poison the update that would produce step `debug_nan_at_step`
       loss = jnp.where(state.step + 1 == debug_nan_at_step, jnp.nan, 1.0) * loss
       metrics = dict(metrics, loss=loss)
@@ -68,8 +69,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   metrics = {k: (jnp.sum(v, 0) if k == "num_tokens" else jnp.mean(v.astype(jnp.float32), 0))
              for k, v in metrics_A.items()}
 
-  updates, opt_state = tx.update(grads, state.opt_state, train_params)
-  updated = optax.apply_updates(train_params, updates)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state.opt_state, train_params)
+    updated = optax.apply_updates(train_params, updates)
   params = nnx.merge_state(updated, frozen)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["param_norm"] = optax.tree.norm(updated)  # after the update: non-finite stops the run before a save

@@ -1,0 +1,103 @@
+"""What the benchmark scripts share: the commit measured, the machine's load around a run, timing, tokamax.
+
+A CPU timing is only comparable to another taken on an idle machine: every CPU benchmark records the load average
+(`os.getloadavg`, 1/5/15 minutes) before and after its run with `MachineLoad` and flags a run whose 1-minute
+load exceeded LOAD_LIMIT at either end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import types
+
+LOAD_LIMIT = 1.5
+
+
+def commit() -> str:
+  """The checkout's commit; DIFFGEMMA_COMMIT names it where the tree was copied without .git (a device machine)."""
+  if os.environ.get("DIFFGEMMA_COMMIT"):
+    return os.environ["DIFFGEMMA_COMMIT"]
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+class MachineLoad:
+  """`load = MachineLoad()` before the timed work (or `with MachineLoad() as load:` around it), then
+  `load.report()` / `load.line()`: the load averages before and after and whether the machine was loaded (1-minute
+  load above LOAD_LIMIT at either end). "After" is read when the `with` block ends, else at the first report."""
+
+  def __init__(self):
+    self.before = os.getloadavg()
+    self.after = None
+
+  def __enter__(self) -> "MachineLoad":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.after = os.getloadavg()
+
+  def report(self) -> dict:
+    if self.after is None:
+      self.after = os.getloadavg()
+    after = self.after
+    loaded = max(self.before[0], after[0]) > LOAD_LIMIT
+    return {"load_average_before": [round(x, 2) for x in self.before],
+            "load_average_after": [round(x, 2) for x in after], "cpus": os.cpu_count(),
+            "machine_loaded": loaded}
+
+  def line(self) -> str:
+    report = self.report()
+    text = (f"load average (1/5/15 min) before {' '.join(f'{x:.2f}' for x in report['load_average_before'])}, "
+            f"after {' '.join(f'{x:.2f}' for x in report['load_average_after'])}")
+    if report["machine_loaded"]:
+      text += (f"  MACHINE LOADED (1-minute load > {LOAD_LIMIT}): other processes shared the CPUs; these timings "
+               f"are not those of an idle machine")
+    return text
+
+
+def median_seconds(call, *, warmup: int, runs: int, max_seconds: float = 0.0) -> tuple[float, int]:
+  """(median seconds of `call()`, which must block until its work is done, and how many timed calls): after
+  `warmup` calls; a slow `call` gets fewer timed calls (at least 3) to stay within `max_seconds`."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  for _ in range(warmup):
+    start = time.perf_counter()
+    call()
+    took = time.perf_counter() - start
+    if max_seconds and took * runs > max_seconds:
+      runs = max(3, int(max_seconds / max(took, 1e-9)))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), runs
+
+
+def _stub_xprof_if_absent():
+  """tokamax's package __init__ imports xprof (a 32 MB profiler) for tokamax's own benchmarking helpers, which
+  the kernels never call; where xprof is not installed, that one import is satisfied by an empty module."""
+  try:
+    import xprof.cli.tools  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    names = ("xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool")
+    modules = [types.ModuleType(name) for name in names]
+    for parent, child in zip(modules, modules[1:]):
+      setattr(parent, child.__name__.rsplit(".", 1)[1], child)
+    sys.modules.update({module.__name__: module for module in modules})
+
+
+def import_tokamax():
+  """The tokamax module, or ImportError where it is not installed."""
+  if importlib.util.find_spec("tokamax") is None:  # no stub modules left behind where tokamax is absent
+    raise ImportError("No module named 'tokamax'")
+  _stub_xprof_if_absent()
+  import tokamax  # pylint: disable=import-outside-toplevel
+  return tokamax
