@@ -7,7 +7,9 @@ import os
 import shutil
 import sysconfig
 import textwrap
+import types
 
+import jax.numpy as jnp
 import pytest
 
 TINY_MODEL = dict(vocab_size=512, embed_dim=64, num_layers=2, layer_pattern=("sliding", "global"), num_heads=2,
@@ -90,3 +92,18 @@ def train_losses(workdir: str) -> dict[int, list[float]]:
     if "train/loss" in record:
       out.setdefault(record["step"], []).append(record["train/loss"])
   return out
+
+
+class ConstantLogits:
+  """A stand-in denoiser whose logits are all zero, whatever it is given: every prediction is uniform over the
+  states an objective allows. Objectives call it as they call the model."""
+
+  self_conditioning = None
+
+  def __init__(self, vocab_size: int, token_shift: bool = False):
+    self.cfg = types.SimpleNamespace(vocab_size=vocab_size, token_shift=token_shift)
+
+  def __call__(self, tokens, *args, **kwargs):
+    aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(0), "router_z_loss": jnp.float32(0),
+           "expert_load": jnp.zeros((1, 2)), "dropped_tokens": jnp.float32(0)}
+    return jnp.zeros(tokens.shape + (self.cfg.vocab_size,)) + 0.0 * tokens[..., None], aux

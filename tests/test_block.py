@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ConstantLogits
 from diffgemma_jax.config import base_config, validate
 from diffgemma_jax.model import ConfigError, ModelConfig, build_model
 from diffgemma_jax.model.masks import make_mask
@@ -150,23 +151,12 @@ def test_block_size_1_is_the_autoregressive_loss_in_expectation():
   # a token). The weights themselves are checked draw by draw in tests/test_objective_spies.py.
   expected = ar_nll_B.sum() / float(jnp.sum(batch["segment_ids"] > 0))
   paired = jax.jit(jax.vmap(lambda rng: (objective.loss_fn(model, batch, rng)[0],
-                                         objective.loss_fn(_ConstantLogits(), batch, rng)[0])))
+                                         objective.loss_fn(ConstantLogits(TINY.vocab_size), batch, rng)[0])))
   loss, uniform_loss = (np.asarray(x, np.float64) for x in paired(jax.random.split(jax.random.key(100), 64)))
   assert abs(loss.mean() - expected) < 0.5, (loss.mean(), expected)
   difference = loss - expected / np.log(TINY.vocab_size - 1) * uniform_loss
   assert abs(difference.mean()) < 4 * difference.std(ddof=1) / np.sqrt(len(difference)), (difference.mean(),
                                                                                           difference.std())
-
-
-class _ConstantLogits:
-  """Logits all zero: every prediction uniform over the V-1 non-mask tokens."""
-
-  cfg = dataclasses.replace(TINY)
-
-  def __call__(self, tokens, *args, **kwargs):
-    aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(0), "router_z_loss": jnp.float32(0),
-           "expert_load": jnp.zeros((1, TINY.num_experts)), "dropped_tokens": jnp.float32(0)}
-    return jnp.zeros(tokens.shape + (TINY.vocab_size,)), aux
 
 
 def test_sft_canvases_start_at_the_response():
