@@ -107,3 +107,16 @@ class ConstantLogits:
     aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(0), "router_z_loss": jnp.float32(0),
            "expert_load": jnp.zeros((1, 2)), "dropped_tokens": jnp.float32(0)}
     return jnp.zeros(tokens.shape + (self.cfg.vocab_size,)) + 0.0 * tokens[..., None], aux
+
+
+def transformers_reference():
+  """(torch, transformers), which the test extra installs for the parity tests: without them, or with a
+  transformers that has no DiffusionGemma, those tests fail rather than skip."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  (heavy: only the parity tests load it)
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    pytest.fail(f"the parity tests need the test extra (pip install -e '.[test]'): {e}")
+  if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+    pytest.fail(f"transformers {transformers.__version__} has no DiffusionGemma (the test extra pins 5.24.0)")
+  return torch, transformers
