@@ -4,7 +4,10 @@ The objective's `sequence_bound` gives each row's NELBO in nats (K stratified t 
 range; exact NLL for the autoregressive baseline) and its scored-token count. Over N rows with NELBO n_i and
 length L_i the estimate is the ratio R = sum n_i / sum L_i, and its standard error is the delta-method one,
 sqrt(N / (N - 1) * sum_i (n_i - R L_i)^2) / sum_i L_i: the spread across sequences, which already contains the
-Monte-Carlo noise of each n_i. Evaluation is deterministic given `eval.seed`: batch b uses fold_in(seed, b).
+Monte-Carlo noise of each n_i. The Monte-Carlo part alone, sqrt(sum_i s_i^2) / sum_i L_i from each row's K-sample
+standard error s_i (0 for the exact autoregressive value), is how far another `eval.seed` would move R on the same
+rows: the error to use when two evaluations of the same rows are compared. Evaluation is deterministic given
+`eval.seed`: batch b uses fold_in(seed, b).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ def make_bound_fn(graphdef, objective, *, num_t_samples: int, mesh: Mesh, param_
                  out_shardings=replicated(mesh))
 
 
-def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray) -> dict[str, float]:
-  """Bits per token, its standard error across sequences (delta method) and the perplexity bound."""
+def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray,
+                    stderr_N: np.ndarray | None = None) -> dict[str, float]:
+  """Bits per token, its standard error across sequences (delta method) and the perplexity bound; given the rows'
+  Monte-Carlo standard errors `stderr_N`, also the Monte-Carlo standard error of the bits per token."""
   keep = num_tokens_N > 0
   nelbo_N, num_tokens_N = nelbo_N[keep].astype(np.float64), num_tokens_N[keep].astype(np.float64)
   total_tokens = float(np.sum(num_tokens_N))
@@ -50,21 +55,26 @@ def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray) -> dict[str, 
   else:
     stderr_nats = float("nan")
   # num_examples: scored rows (an SFT row is one example: one response with its prompt).
-  return {"num_tokens": int(total_tokens), "num_sequences": n, "num_examples": n, "nats_per_token": nats,
-          "bits_per_token": nats / LN2, "stderr_bits_per_token": stderr_nats / LN2, "ppl_bound": math.exp(nats)}
+  result = {"num_tokens": int(total_tokens), "num_sequences": n, "num_examples": n, "nats_per_token": nats,
+            "bits_per_token": nats / LN2, "stderr_bits_per_token": stderr_nats / LN2, "ppl_bound": math.exp(nats)}
+  if stderr_N is not None:
+    monte_carlo = math.sqrt(float(np.sum(np.square(stderr_N[keep].astype(np.float64))))) / total_tokens
+    result["mc_stderr_bits_per_token"] = monte_carlo / LN2
+  return result
 
 
 def held_out_bound(bound_fn: Callable, params, batches, *, seed: int, num_t_samples: int,
                    mesh: Mesh) -> dict[str, float]:
   base = jax.random.key(seed)
   sharding = batch_sharding(mesh)
-  nelbo, tokens = [], []
+  nelbo, stderr, tokens = [], [], []
   for index, batch in enumerate(batches):
     batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
-    nelbo_B, _, num_tokens_B = bound_fn(params, batch, jax.random.fold_in(base, index))
+    nelbo_B, stderr_B, num_tokens_B = bound_fn(params, batch, jax.random.fold_in(base, index))
     nelbo.append(np.asarray(jax.device_get(nelbo_B)))
+    stderr.append(np.asarray(jax.device_get(stderr_B)))
     tokens.append(np.asarray(jax.device_get(num_tokens_B)))
-  result = summarize_bound(np.concatenate(nelbo), np.concatenate(tokens))
+  result = summarize_bound(np.concatenate(nelbo), np.concatenate(tokens), np.concatenate(stderr))
   result["num_t_samples"] = int(num_t_samples)
   return result
 

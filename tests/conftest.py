@@ -7,7 +7,9 @@ import os
 import shutil
 import sysconfig
 import textwrap
+import types
 
+import jax.numpy as jnp
 import pytest
 
 TINY_MODEL = dict(vocab_size=512, embed_dim=64, num_layers=2, layer_pattern=("sliding", "global"), num_heads=2,
@@ -100,3 +102,31 @@ def reader_clis(scratch) -> tuple:
   from launch.generate import main as generate_main
   return ((eval_main, []), (generate_main, ["--prompt", "def f(", "--gen_length", "8", "--block_length", "8"]),
           (export_main, ["--output", os.path.join(str(scratch), "hf")]))
+
+
+class ConstantLogits:
+  """A stand-in denoiser whose logits are all zero, whatever it is given: every prediction is uniform over the
+  states an objective allows. Objectives call it as they call the model."""
+
+  self_conditioning = None
+
+  def __init__(self, vocab_size: int, token_shift: bool = False):
+    self.cfg = types.SimpleNamespace(vocab_size=vocab_size, token_shift=token_shift)
+
+  def __call__(self, tokens, *args, **kwargs):
+    aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(0), "router_z_loss": jnp.float32(0),
+           "expert_load": jnp.zeros((1, 2)), "dropped_tokens": jnp.float32(0)}
+    return jnp.zeros(tokens.shape + (self.cfg.vocab_size,)) + 0.0 * tokens[..., None], aux
+
+
+def transformers_reference():
+  """(torch, transformers), which the test extra installs for the parity tests: without them, or with a
+  transformers that has no DiffusionGemma, those tests fail rather than skip."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel  (heavy: only the parity tests load it)
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    pytest.fail(f"the parity tests need the test extra (pip install -e '.[test]'): {e}")
+  if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+    pytest.fail(f"transformers {transformers.__version__} has no DiffusionGemma (the test extra pins 5.24.0)")
+  return torch, transformers

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import transformers_reference
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.sampling import canvas, masked
 from diffgemma_jax.sampling.parts import (accept_entropy_bound, linear_temperature, pad_after_eos,
@@ -72,9 +73,8 @@ def test_temperature_schedule_and_stopping_rule():
 def test_matches_the_transformers_sampler_components():
   """Issue #9: the same accepted positions, temperatures, entropies and stops as transformers' DiffusionGemma
   sampler components on the same logits."""
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("transformers")
-  reference = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusion_gemma")
+  torch, _ = transformers_reference()
+  from transformers.models.diffusion_gemma import generation_diffusion_gemma as reference
   rng = np.random.default_rng(1)
   max_steps, t_start, t_end, b, V = 48, 0.8, 0.4, 32, 64
   processor = reference.LinearTemperatureScheduleLogitsProcessor(t_min=t_end, t_max=t_start,

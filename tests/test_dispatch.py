@@ -71,7 +71,6 @@ def test_backend_matches_dense(backend, routing):
 
 @pytest.mark.parametrize("routing", ["random", "some_idle"])
 def test_pallas_matches_dense(routing):
-  pytest.importorskip("pallas_kernels.ops", reason="pallas_kernels.ops (gmm) not importable yet")
   _check_backend("pallas", routing)
 
 

@@ -6,10 +6,12 @@ this file in a subprocess with `--xla_force_host_platform_device_count=8`, where
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +30,29 @@ T, D, F, E, K = 64, 16, 8, 8, 2
 MESHES = {"fsdp2_expert4": (1, 2, 4, 1), "expert8": (1, 1, 8, 1), "data2_fsdp2_expert2": (2, 2, 2, 1)}
 
 
+# Tests of this file that may skip in the 8-device re-run: the re-run itself, and what needs a GPU.
+MAY_SKIP_ON_EIGHT_CPUS = {"test_on_eight_fake_devices", "test_ragged_all_to_all_matches_dense_on_gpu"}
+
+
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
-def test_on_eight_fake_devices():
+def test_on_eight_fake_devices(tmp_path):
+  """Re-runs this file on 8 fake devices and reads its JUnit report: every test ran and passed, none skipped but
+  the re-run itself and the GPU check (so a device count that silently did not take fails here)."""
+  report = tmp_path / "eight.xml"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                        capture_output=True, text=True, timeout=600, env=env,
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                         f"--junitxml={report}", __file__], capture_output=True, text=True, timeout=600, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert " passed" in proc.stdout and "skipped" in proc.stdout  # only the re-run itself skips there
+  cases = ElementTree.parse(report).getroot().iter("testcase")
+  outcome = {case.get("name"): "skipped" if case.find("skipped") is not None else
+             "failed" if case.find("failure") is not None or case.find("error") is not None else "passed"
+             for case in cases}
+  unexpected = {name: result for name, result in outcome.items()
+                if result != "passed" and name.split("[")[0] not in MAY_SKIP_ON_EIGHT_CPUS}
+  assert not unexpected, (unexpected, proc.stdout[-3000:])
+  ran_here = [name for name in outcome if name.split("[")[0] not in MAY_SKIP_ON_EIGHT_CPUS]
+  assert len(ran_here) >= 18, outcome  # the tests beside those two when this was written
 
 
 def _problem(seed: int = 0, skew: float = 0.0):
@@ -212,18 +229,23 @@ def _initial_state():
   return jax.device_get(init_train_state(cfg, tx, shardings, 0))
 
 
-def _train_three_steps(shape):
-  """Losses, gradients and parameters of three SGD steps from the same initialisation."""
+def _train_three_steps(shape, **model_overrides):
+  """Losses, gradients, parameters and dropped assignments of three SGD steps from the same initialisation, and
+  whether the step's lowered program exchanges tokens with all_to_all (the expert-parallel path)."""
   import optax
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.train import abstract_train_state, make_train_step
   _, cfg, batch = _train_setup()
+  cfg = dataclasses.replace(cfg, **model_overrides)
   mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
   tx = _sgd_keeping_gradients(LEARNING_RATE)
   graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
   state = jax.device_put(_initial_state(), shardings)
   step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
                          schedule=optax.constant_schedule(LEARNING_RATE), mesh=mesh, state_shardings=shardings)
+  lowered = step.lower(state, batch, jax.random.key(0))
+  all_to_all = "all_to_all" in lowered.as_text()
+  step = lowered.compile()
   losses, grads, dropped = [], [], []
   for _ in range(TRAIN_STEPS):
     state, metrics = step(state, batch, jax.random.key(0))
@@ -231,7 +253,8 @@ def _train_three_steps(shape):
     losses.append(float(metrics["loss"]))
     dropped.append(float(metrics["dropped_tokens"]))
   params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-  return dict(losses=losses, grads=grads, params=params, dropped=dropped, state=state, mesh=mesh)
+  return dict(losses=losses, grads=grads, params=params, dropped=dropped, state=state, mesh=mesh,
+              all_to_all=all_to_all)
 
 
 @pytest.fixture(scope="module")
@@ -239,22 +262,54 @@ def single_device_run():
   return _train_three_steps((1, 1, 1, 1))
 
 
-@needs_eight
-@pytest.mark.parametrize("mesh_name", list(TRAIN_MESHES))
-def test_three_train_steps_match_single_device(mesh_name, single_device_run):
-  run = _train_three_steps(TRAIN_MESHES[mesh_name])
-  ref = single_device_run
-  np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5)
-  assert run["dropped"] == [0.0] * TRAIN_STEPS
-  # Gradients: 1e-5 of the step's largest gradient entry. A sharded sum adds in another order, and a few entries
-  # (the per-layer scalar: one number summed over every activation) cancel enough to lose digits relative to
-  # themselves, so a per-entry relative bound would test float32 summation order rather than the sharding.
+def _assert_same_gradients(run, ref):
+  """Gradients: 1e-5 of the step's largest gradient entry. A sharded sum adds in another order, and a few entries
+  (the per-layer scalar: one number summed over every activation) cancel enough to lose digits relative to
+  themselves, so a per-entry relative bound would test float32 summation order rather than the sharding."""
   for step_grads, ref_grads in zip(run["grads"], ref["grads"]):
     scale = max(float(np.max(np.abs(g))) for g in ref_grads)
     for g, g_ref in zip(step_grads, ref_grads):
       np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_eight
+@pytest.mark.parametrize("mesh_name", list(TRAIN_MESHES))
+def test_three_train_steps_match_single_device(mesh_name, single_device_run):
+  """Exact gradients on each mesh; the MoE takes the expert-parallel path (all_to_all in the lowered step)
+  exactly where the expert axis is above 1."""
+  run = _train_three_steps(TRAIN_MESHES[mesh_name])
+  ref = single_device_run
+  assert run["all_to_all"] == (TRAIN_MESHES[mesh_name][2] > 1) and not ref["all_to_all"]
+  np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5)
+  assert run["dropped"] == [0.0] * TRAIN_STEPS
+  _assert_same_gradients(run, ref)
   for p, p_ref in zip(run["params"], ref["params"]):
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_eight
+def test_capacity_limited_train_step_drops_and_reports(single_device_run, monkeypatch):
+  """Expert parallelism with a capacity of one row per (token shard, expert shard): each step drops what a plain
+  loop over the router's choices in that step says (`_direct_kept`, capacity 1), and reports it; the router's
+  choices are read off the compiled step by a host callback."""
+  from diffgemma_jax.model import moe
+  routed = []
+
+  def route(*args, **kwargs):
+    routing = moe_route(*args, **kwargs)
+    jax.debug.callback(lambda ids: routed.append(np.asarray(ids)), routing.expert_ids_TK)
+    return routing
+
+  moe_route = moe.route
+  monkeypatch.setattr(moe, "route", route)
+  shape = TRAIN_MESHES["fsdp2_expert4"]
+  run = _train_three_steps(shape, dropless=False, capacity_factor=0.01)
+  assert run["all_to_all"] and len(routed) == TRAIN_STEPS
+  token_shards = int(np.prod(shape[:3]))
+  expected = [float((~_direct_kept(ids, token_shards, shape[2], capacity=1)).sum()) for ids in routed]
+  assert run["dropped"] == expected and min(expected) > 0, (run["dropped"], expected)
+  assert abs(run["losses"][0] - single_device_run["losses"][0]) > 1e-3  # the drops change the result
+  assert all(np.all(np.isfinite(g)) for step_grads in run["grads"] for g in step_grads)
 
 
 @needs_eight

@@ -1,5 +1,5 @@
 """Hugging Face DiffusionGemma import/export: the mapping on its own (numpy only), and logit parity against
-transformers' DiffusionGemmaForBlockDiffusion (the test extra installs torch and transformers; the parity tests skip
+transformers' DiffusionGemmaForBlockDiffusion (the test extra installs torch and transformers; the parity tests fail
 where they are missing). Models are built abstractly and filled with numpy values and our forwards are jitted:
 eager tracing of the tiny model took most of this file's time."""
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import transformers_reference
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
 from diffgemma_jax.hf.import_hf import import_hf, load_params, pure_params
@@ -154,10 +155,7 @@ SLIDING_WINDOW = 8  # shorter than the 13-token prompts and the later blocks' pr
 
 
 def _hf_model(sliding_window=SLIDING_WINDOW):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
-    pytest.skip("transformers has no DiffusionGemma (needs >= 5.24)")
+  torch, transformers = transformers_reference()
   text = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1,
               sliding_window=sliding_window, num_experts=4, top_k_experts=2, moe_intermediate_size=12,
@@ -313,6 +311,33 @@ def test_inspect_counts_the_parameters_transformers_reports(reference, capsys):
   text_params = reference.hf.model.decoder.num_parameters()
   assert text_params == sum(p.numel() for n, p in reference.hf.named_parameters() if "vision" not in n)
   assert report["total_params"] == text_params + reference.cfg.num_layers
+
+
+# The release's sizes (its model card's config.json); everything else comes from transformers' defaults.
+RELEASE_SIZES = dict(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
+                     num_experts=128, top_k_experts=8, moe_intermediate_size=704, num_global_key_value_heads=2)
+
+
+def test_release_config_is_transformers_diffusion_gemma():
+  """configs/diffusiongemma_26b_a4b.py against transformers' own `DiffusionGemmaConfig` of the release's sizes: the
+  conventions transformers fills in (layer pattern, RoPE kind, base and partial fraction per layer kind, global
+  head dim, K = V, soft-cap, norm eps, activation) read back through our importer give exactly our model section,
+  and the model transformers builds from it (on the meta device) has our parameter count."""
+  from diffgemma_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.inspect import count_params  # pylint: disable=import-outside-toplevel
+  torch, transformers = transformers_reference()
+  text = transformers.DiffusionGemmaTextConfig(**RELEASE_SIZES)
+  hf_config = transformers.DiffusionGemmaConfig(text_config=text.to_dict())
+  ours = load_config("configs/diffusiongemma_26b_a4b.py").model
+  same = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  imported = mapping.model_overrides_from_hf(hf_config.to_dict())
+  assert {k: (ours.get(k), v) for k, v in imported.items() if same(ours.get(k)) != same(v)} == {}
+  with torch.device("meta"):
+    hf = transformers.DiffusionGemmaForBlockDiffusion(hf_config)
+  text_params = sum(p.numel() for n, p in hf.named_parameters() if "vision" not in n)
+  cfg = ModelConfig.from_config_dict(ours)
+  assert count_params(cfg)["total_params"] == text_params + cfg.num_layers  # + the layer scalars (buffers there)
 
 
 def _state_from_pure(state, pure):

@@ -1,4 +1,5 @@
-"""The masked-diffusion ELBO: stratified t, corruption, the mask-token exclusion, analytic values."""
+"""The masked-diffusion ELBO: stratified t, corruption, the mask-token exclusion, analytic values. The training
+loss recomputed from what a spy model saw, pretraining and SFT, is in tests/test_objective_spies.py."""
 
 import types
 
@@ -76,19 +77,21 @@ def test_analytic_bound_for_an_iid_source_and_the_exact_denoiser():
 
 
 def test_padding_is_never_corrupted_or_scored():
-  V, mask_id, L = 10, 0, 32
-  tokens = jnp.full((3, L), 5, jnp.int32)
-  pad = jnp.arange(L)[None, :] < jnp.array([[32], [16], [0]])
-  seen = []
-
-  def logits_fn(noisy):
-    seen.append(noisy)
-    return jnp.zeros(noisy.shape + (V,))
-
-  nelbo, _ = masked_nelbo(logits_fn, tokens, jax.random.key(0), mask_id=mask_id, num_t_samples=4, pad_mask=pad)
-  # uniform over the V-1 non-mask tokens: each scored token costs log(V-1); E[NELBO] = n_real * log(V-1)
-  assert float(nelbo[2]) == 0.0
-  assert float(nelbo[0]) > float(nelbo[1]) > 0
+  """Rows with 32, 16 and 0 real tokens then padding, and logits uniform over the V-1 non-mask tokens: each
+  scored token costs log(V-1), so E[NELBO] = n_real * log(V-1), checked against each row's own Monte-Carlo error
+  (64 copies of each row, 64 noise levels each; log V, the mask token not excluded, is 6-8 errors off)."""
+  V, mask_id, L, copies = 10, 0, 32, 64
+  real = np.repeat([32, 16, 0], copies)
+  tokens = jnp.full((len(real), L), 5, jnp.int32)
+  pad = jnp.arange(L)[None, :] < jnp.asarray(real)[:, None]
+  logits_fn = lambda noisy: jnp.zeros(noisy.shape + (V,))
+  nelbo, stderr = masked_nelbo(logits_fn, tokens, jax.random.key(0), mask_id=mask_id, num_t_samples=64,
+                               pad_mask=pad)
+  nelbo, stderr = np.asarray(nelbo).reshape(3, copies), np.asarray(stderr).reshape(3, copies)
+  assert np.all(nelbo[2] == 0.0) and np.all(stderr[2] == 0.0)
+  for row, n in ((0, 32), (1, 16)):
+    mean, error = nelbo[row].mean(), np.sqrt(np.sum(stderr[row] ** 2)) / copies
+    assert abs(mean - n * np.log(V - 1)) < 4 * error, (mean, n * np.log(V - 1), error)
 
 
 class _UniformModel:
@@ -102,24 +105,6 @@ class _UniformModel:
     aux = {"aux_loss": jnp.float32(0), "load_balance_loss": jnp.float32(1), "router_z_loss": jnp.float32(0),
            "expert_load": jnp.ones((1, 2)) / 2, "dropped_tokens": jnp.float32(0)}
     return jnp.zeros(tokens.shape + (self.V,)), aux
-
-
-def test_training_loss_matches_a_direct_computation():
-  V, mask_id, B, L = 12, 4, 8, 40
-  tokens = jax.random.randint(jax.random.key(0), (B, L), 5, V)
-  segment_ids = jnp.where(jnp.arange(L)[None] < jnp.arange(B)[:, None] * 5 + 5, 1, 0).astype(jnp.int32)
-  positions = jnp.tile(jnp.arange(L), (B, 1))
-  batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
-  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
-  rng = jax.random.key(3)
-  loss, metrics = objective.loss_fn(_UniformModel(V), batch, rng)
-  # recompute with the same draws
-  t_rng, mask_rng = jax.random.split(rng)
-  t = np.asarray(stratified_t(t_rng, B, EPS))
-  _, masked = corrupt(mask_rng, tokens, jnp.asarray(t), mask_id=mask_id, corruptible_BL=segment_ids > 0)
-  expected = np.sum(np.sum(np.asarray(masked), -1) * np.log(V - 1) / t) / np.sum(np.asarray(segment_ids) > 0)
-  np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  assert int(metrics["num_tokens"]) == int(np.sum(np.asarray(segment_ids) > 0))
 
 
 def test_expected_training_loss_is_the_per_token_entropy_bound():
@@ -166,60 +151,3 @@ def test_token_shift_reads_the_prediction_one_slot_back():
   assert float(jnp.max(nelbo)) < 2 * per_token * L / EPS
   unshifted, metrics = objective.loss_fn(_NextTokenOracle(V, tokens, False), batch, jax.random.key(1))
   assert float(unshifted) > 20.0 and int(metrics["num_tokens"]) == int(np.sum(lengths))
-
-
-def _sft_batch(B=6, L=24, V=12, seed=0):
-  tokens = jax.random.randint(jax.random.key(seed), (B, L), 5, V)
-  prompt_len = jnp.arange(B) * 3 + 2
-  loss_mask = jnp.arange(L)[None, :] >= prompt_len[:, None]
-  return {"tokens": tokens, "segment_ids": jnp.ones((B, L), jnp.int32), "positions": jnp.tile(jnp.arange(L), (B, 1)),
-          "loss_mask": loss_mask}
-
-
-def test_sft_prompt_is_never_corrupted_nor_scored():
-  V, mask_id = 12, 4
-  batch = _sft_batch(V=V)
-  seen = []
-
-  class Spy(_UniformModel):
-    def __call__(self, tokens, *args, **kw):
-      seen.append(tokens)
-      return super().__call__(tokens, *args, **kw)
-
-  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
-  for seed in range(4):
-    objective.loss_fn(Spy(V), batch, jax.random.key(seed))
-  for noisy in seen:
-    prompt = ~batch["loss_mask"]
-    assert not bool(jnp.any((noisy == mask_id) & prompt))
-  # Changing a prompt token cannot change the loss: only masked response tokens are scored. The model's logits
-  # are fixed and uneven, so a scored token's cost depends on which token it is; with the prompt scored too
-  # (loss_mask all ones) the same change does move the loss, so this comparison can fail.
-  logits_LV = 3.0 * jax.random.normal(jax.random.key(7), (batch["tokens"].shape[1], V))
-
-  class Fixed(_UniformModel):
-    def __call__(self, tokens, *args, **kw):
-      _, aux = super().__call__(tokens, *args, **kw)
-      return jnp.broadcast_to(logits_LV, tokens.shape + (V,)), aux
-
-  first = batch["tokens"][:, 0]
-  changed = dict(batch, tokens=batch["tokens"].at[:, 0].set((first - 5 + 1) % (V - 5) + 5))  # another token, each row
-  loss = lambda b, seed: float(objective.loss_fn(Fixed(V), b, jax.random.key(seed))[0])
-  assert all(loss(batch, seed) == loss(changed, seed) for seed in range(8))
-  scored = lambda b: dict(b, loss_mask=jnp.ones_like(b["loss_mask"]))
-  assert any(loss(scored(batch), seed) != loss(scored(changed), seed) for seed in range(8))
-
-
-def test_sft_loss_is_normalised_by_each_response_length():
-  V, mask_id = 12, 4
-  batch = _sft_batch(V=V)
-  objective = MaskedDiffusion(mask_id=mask_id, eps=EPS)
-  rng = jax.random.key(5)
-  loss, metrics = objective.loss_fn(_UniformModel(V), batch, rng)
-  t_rng, mask_rng = jax.random.split(rng)
-  t = np.asarray(stratified_t(t_rng, 6, EPS))
-  _, masked = corrupt(mask_rng, batch["tokens"], jnp.asarray(t), mask_id=mask_id, corruptible_BL=batch["loss_mask"])
-  response_len = np.asarray(batch["loss_mask"]).sum(-1)
-  per_example = np.asarray(masked).sum(-1) * np.log(V - 1) / t / response_len
-  np.testing.assert_allclose(loss, per_example.mean(), rtol=1e-5)
-  assert int(metrics["num_tokens"]) == int(response_len.sum())

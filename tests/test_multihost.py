@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import train_losses
+from conftest import read_metrics, train_losses
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.parallel.distributed import distributed_settings
 
@@ -146,10 +146,14 @@ def _final_params(config_file: str, workdir: str, step: int, overrides: list[str
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
+def _grad_norms(workdir: str) -> dict[int, float]:
+  return {r["step"]: r["train/grad_norm"] for r in read_metrics(workdir) if "train/grad_norm" in r}
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_config_file, tmp_path):
   """One process with 8 devices runs 4 steps; two processes with 4 devices each run 2 steps, stop, and resume from
-  their shared checkpoint to step 4. Losses and the final checkpoint agree."""
+  their shared checkpoint to step 4. Losses, gradient norms and the final checkpoint agree."""
   config = ["--config", tiny_config_file]
   single = str(tmp_path / "single")
   _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *_overrides(4, mesh)],
@@ -163,6 +167,11 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
   assert sorted(multi_losses) == [1, 2, 3, 4] and all(len(v) == 1 for v in multi_losses.values())  # resumed at 2
   for step in range(1, 5):
     np.testing.assert_allclose(multi_losses[step][0], single_losses[step][0], rtol=1e-5)
+  # AdamW hides a wrongly scaled gradient from the parameters (and the loss); its logged norm does not.
+  single_norms, multi_norms = _grad_norms(single), _grad_norms(multi)
+  assert sorted(multi_norms) == sorted(single_norms) == [1, 2, 3, 4]
+  for step in range(1, 5):
+    np.testing.assert_allclose(multi_norms[step], single_norms[step], rtol=1e-5)
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == sorted(
       os.listdir(os.path.join(single, "checkpoints")))
   model = _overrides(4, mesh)
