@@ -140,3 +140,8 @@ def test_the_text_field_option_and_bad_records_name_the_file(tmp_path):
   (tmp_path / "i.jsonl.gz").write_bytes((tmp_path / "i.jsonl.gz").read_bytes()[:-12])
   with pytest.raises(DataError, match=f"cannot read {tmp_path / 'i.jsonl.gz'}"):
     list(read_documents(str(tmp_path), "i.jsonl.gz"))
+
+
+def test_a_sample_too_small_for_the_vocabulary_names_the_sample_option(tmp_path):
+  with pytest.raises(DataError, match=r"Vocabulary size too high.*more than 150 lines \(data.tokenizer_sample_lines\)"):
+    train_tokenizer(TEXTS * 40, str(tmp_path / "tok"), 2000, max_sentences=150)

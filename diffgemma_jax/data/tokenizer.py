@@ -111,7 +111,9 @@ def train_tokenizer(texts, model_prefix: str, vocab_size: int, *, max_sentences:
     _train(lines(), model_prefix, vocab_size, max_sentences)
   except RuntimeError as e:
     raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
-                    f"{str(e).splitlines()[0][-200:]}; try another vocab_size (model.vocab_size)") from None
+                    f"{str(e).splitlines()[0][-200:]}; try another vocab_size (model.vocab_size), or, if the "
+                    f"vocabulary was too large, a sample of more than {max_sentences} lines "
+                    f"(data.tokenizer_sample_lines)") from None
   _drop_build_paths(model_prefix + ".model")
   return Tokenizer(model_prefix + ".model")
 
