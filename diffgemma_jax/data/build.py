@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import heapq
 import json
@@ -147,14 +148,22 @@ def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: in
   digests, sizes = [], []
   for number, (digest, _, text) in enumerate(_documents(corpus, spans, stats)):
     digests.append(digest)
-    sizes.append(len(text.encode("utf-8")))
+    sizes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
     sample.offer(digest, (index, number), text)
   write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
   return stats, sample.heap
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer(path: str, mtime_ns: int) -> Tokenizer:
+  """Loaded once per worker (tens of ms for a large vocabulary, against a task of about 1 MB); `mtime_ns` tells
+  a rebuilt model at the same path apart."""
+  del mtime_ns
+  return Tokenizer(path)
+
+
 def _tokenize_task(corpus: Corpus, index: int, spans, staging: str, heldout: HeldOut, tokenizer_path: str):
-  tokenizer = Tokenizer(tokenizer_path)
+  tokenizer = _tokenizer(tokenizer_path, os.stat(tokenizer_path).st_mtime_ns)
   writers = {split: ShardWriter(os.path.join(staging, split), f"{index:05d}", tokenizer.vocab_size)
              for split in SPLITS}
   pending, size = [], 0

@@ -154,7 +154,7 @@ def read_documents(root: str, rel: str, *, text_field: str = "text", max_bad_lin
     check_bad_lines(stats, max_bad_lines)
     if text is None:
       continue
-    if not text.strip():
+    if not text or text.isspace():  # not strip(): that copies every document
       stats.empty += 1
       continue
     stats.documents += 1
@@ -196,7 +196,7 @@ def _jsonl(path, rel, text_field, stats, span):
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
           raise DataError(f"cannot read {path}: line {number} is not UTF-8 ({e.reason} at byte {e.start})") from None
-        if not line.strip():
+        if not line or line.isspace():
           continue
         try:
           record = json.loads(line)
