@@ -208,6 +208,24 @@ def test_one_large_file_is_built_in_several_tasks_to_the_same_dataset(store, tmp
             == np.fromfile(tmp_path / "whole" / f"{split}.unigram", np.int64)).all()
 
 
+def test_build_workers_hold_no_result_once_it_is_handed_over():
+  """A scan's results hold its tokenizer-sample candidates (all of a task's lines when the sample is larger than
+  the task): the build must not keep every task's until the phase ends."""
+  import gc
+  import weakref
+  workers = build_module._Workers(2)
+  try:
+    refs = []
+    for result in workers.run(set, [(range(i, i + 1000),) for i in range(6)]):
+      gc.collect()
+      assert all(ref() is None for ref in refs)  # every earlier result is gone
+      refs.append(weakref.ref(result))
+      del result
+    assert len(refs) == 6
+  finally:
+    workers.close()
+
+
 def test_tokenizer_sample_is_uniform_over_documents(tmp_path, monkeypatch):
   src = tmp_path / "src"
   src.mkdir()

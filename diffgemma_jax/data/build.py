@@ -200,9 +200,10 @@ class _Workers:
     if self.pool is None:
       self.pool = concurrent.futures.ProcessPoolExecutor(
           min(self.count, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
-    futures = [self.pool.submit(fn, *job) for job in jobs]
+    futures = {self.pool.submit(fn, *job) for job in jobs}
     try:
       for future in concurrent.futures.as_completed(futures):
+        futures.discard(future)  # a future holds its result: a scan's sample would stay for the whole phase
         yield future.result()
     finally:
       for future in futures:
