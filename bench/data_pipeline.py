@@ -2,7 +2,9 @@
 
 (a) build throughput: tokens/s of building a token store (scan, split, tokenise, write; a given tokenizer)
     against sentencepiece's own batch encode (into numpy arrays, as the build asks for them) of the same
-    documents on the same cores, right after the build (--rounds pairs: the median ratio);
+    documents on the same cores, right after the build (--rounds pairs: the median ratio), in wall-clock time
+    and in CPU time (the build's processes and workers against the encode's threads: the work each does, which
+    a loaded machine's scheduling does not change);
 (b) training input throughput: tokens/s delivered as device-ready batches (numpy rows read from the store,
     `jax.device_put`) at pretrain_gpu_1b's batch shape, without and with grain workers, against what the train
     step consumes: pretrain_tiny on this CPU (`--tiny_tokens_per_s`, BENCHMARKS.md's main job) and
@@ -109,13 +111,15 @@ def _peak_child(code: str) -> dict:
 
 def build_in_child(corpus: str, out: str, tokenizer: str, workers: int) -> dict:
   code = f"""
-import time
+import resource, time
 from data_recipes import build_dataset
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 m = build_dataset("text_files", {out!r}, None, source={corpus!r}, tokenizer={tokenizer!r}, build_workers={workers})
 seconds = time.perf_counter() - start
+workers = resource.getrusage(resource.RUSAGE_CHILDREN)  # the build's worker processes, joined by now
+cpu = time.process_time() - cpu_start + workers.ru_utime + workers.ru_stime
 tokens = sum(m["splits"][s]["tokens"] for s in m["splits"])
-result = dict(seconds=seconds, tokens=tokens, bytes=sum(m["splits"][s]["bytes"] for s in m["splits"]))
+result = dict(seconds=seconds, cpu_seconds=cpu, tokens=tokens, bytes=sum(m["splits"][s]["bytes"] for s in m["splits"]))
 """
   return _peak_child(code)
 
@@ -151,10 +155,10 @@ def encode_baseline(corpus: str, tokenizer: str, threads: int, limit_bytes: int)
           break
     if size >= limit_bytes:
       break
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   ids = sp.encode(texts, num_threads=threads, out_type="numpy")  # as the build calls it (no Python int per id)
-  seconds = time.perf_counter() - start
-  return {"tokens": sum(len(x) + 2 for x in ids), "seconds": seconds, "bytes": size}
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  return {"tokens": sum(len(x) + 2 for x in ids), "seconds": seconds, "cpu_seconds": cpu, "bytes": size}
 
 
 def build_against_encode(corpus: str, out: str, tokenizer: str, workers: int, text_bytes: int, first_build: dict,
@@ -170,9 +174,11 @@ def build_against_encode(corpus: str, out: str, tokenizer: str, workers: int, te
       build = first_build
     base = encode_baseline(corpus, tokenizer, workers, text_bytes)
     pairs.append({"build": build, "encode": base, "load": os.getloadavg(),
-                  "ratio": (build["tokens"] / build["seconds"]) / (base["tokens"] / base["seconds"])})
-  ratios = sorted(p["ratio"] for p in pairs)
-  return {"encode_baseline": pairs[0]["encode"], "pairs": pairs, "build_vs_encode": ratios[len(ratios) // 2]}
+                  "ratio": (build["tokens"] / build["seconds"]) / (base["tokens"] / base["seconds"]),
+                  "cpu_ratio": base["cpu_seconds"] / build["cpu_seconds"]})
+  median = lambda key: sorted(p[key] for p in pairs)[len(pairs) // 2]
+  return {"encode_baseline": pairs[0]["encode"], "pairs": pairs, "build_vs_encode": median("ratio"),
+          "build_vs_encode_cpu": median("cpu_ratio")}
 
 
 def input_throughput(data_dir: str, workers: int, seconds: float = 20.0) -> float:
@@ -255,10 +261,10 @@ def main(argv=None) -> int:
     for pair in e.get("pairs", ()):
       b, base = pair["build"], pair["encode"]
       print(f"       build {b['tokens'] / b['seconds']:,.0f} tokens/s, sentencepiece encode "
-            f"{base['tokens'] / base['seconds']:,.0f} tokens/s: build/encode {pair['ratio']:.2f}x "
-            f"(load {pair['load'][0]:.1f})")
+            f"{base['tokens'] / base['seconds']:,.0f} tokens/s: build/encode {pair['ratio']:.2f}x, in CPU time "
+            f"{pair['cpu_ratio']:.2f}x (load {pair['load'][0]:.1f})")
     if "build_vs_encode" in e:
-      print(f"       median build/encode {e['build_vs_encode']:.2f}x")
+      print(f"       median build/encode {e['build_vs_encode']:.2f}x, in CPU time {e['build_vs_encode_cpu']:.2f}x")
   if "input" in report:
     i = report["input"]
     for w, r in i["tokens_per_s"].items():

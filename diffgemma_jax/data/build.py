@@ -169,10 +169,16 @@ def _tokenize_task(corpus: Corpus, index: int, spans, staging: str, heldout: Hel
   pending, size = [], 0
 
   def flush():
-    ids = tokenizer.encode_documents([text for _, _, text in pending])
+    packed, lengths = tokenizer.encode_packed([text for _, _, text in pending])
+    splits = {s for s, _, _ in pending}
+    if len(splits) == 1:  # the usual batch: one split
+      writers[splits.pop()].add_packed([doc[1:] for doc in pending], packed, lengths)
+      return
+    starts = np.cumsum(lengths) - lengths
     for split in SPLITS:
       chosen = [k for k, (s, _, _) in enumerate(pending) if s == split]
-      writers[split].add([pending[k][1:] for k in chosen], [ids[k] for k in chosen])
+      writers[split].add([pending[k][1:] for k in chosen],
+                         [packed[starts[k]:starts[k] + lengths[k]] for k in chosen])
 
   for digest, identity, text in _documents(corpus, spans, ReadStats()):
     pending.append(("heldout" if heldout(digest) else "train", identity, text))
