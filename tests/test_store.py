@@ -174,6 +174,7 @@ def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, mon
   for t in threads:
     t.join()
   assert not errors, errors
+  assert one["sha256"] == manifest["sha256"] and one["store"] == manifest["store"]  # the fixture trained it
   for other in (spawned, results[0], results[1]):
     assert other["sha256"] == one["sha256"] and other["store"] == one["store"] and other["splits"] == one["splits"]
   for split in ("train", "heldout"):
