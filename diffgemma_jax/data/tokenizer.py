@@ -71,11 +71,9 @@ class Tokenizer:
     lengths = np.fromiter((len(ids) + 2 for ids in arrays), np.int64, len(arrays))
     ends = np.cumsum(lengths)
     packed = np.empty((int(ends[-1]) if len(ends) else 0,), np.int32)
-    body = np.ones(packed.shape, bool)
-    body[ends - lengths] = body[ends - 1] = False
     packed[ends - lengths], packed[ends - 1] = self.bos_id, self.eos_id
-    if len(arrays):
-      packed[body] = np.concatenate(arrays)
+    for start, end, ids in zip((ends - lengths + 1).tolist(), (ends - 1).tolist(), arrays):
+      packed[start:end] = ids
     return packed, lengths
 
   def _no_mask(self, ids: list[int]) -> list[int]:
