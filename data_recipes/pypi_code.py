@@ -7,8 +7,8 @@ sdist runs the project's build backend to read its metadata, which for meson, CM
 scipy, opencv, polars, ...) means compiling them.
 
 Source files are kept when their extension is in CODE_EXTENSIONS, they are UTF-8, at most MAX_FILE_BYTES, and look
-hand-written (no line over MAX_LINE_CHARS, mean line length at most MAX_MEAN_LINE_CHARS: the filter of The Stack,
-which drops minified JavaScript and data tables). They are read in archive order (fixed by the pinned hash) and
+hand-written (no line over MAX_LINE_CHARS, mean line length at most MAX_MEAN_LINE_CHARS: the line-length filter
+of the Codex training set, which drops minified JavaScript and data tables). They are read in archive order (fixed by the pinned hash) and
 deduplicated by content across all packages (the first copy in package-name order is kept: vendored modules
 appear once), one JSONL shard per package (`corpus/<name>.jsonl`, records {"text", "path"}). The token store is
 built from those shards and held out by package (whole packages, in hash order, none larger than a quarter of the
