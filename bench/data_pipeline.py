@@ -1,7 +1,10 @@
 """The pretraining data path at corpus scale (issue 19), three measurements in one run:
 
 (a) build throughput: tokens/s of building a token store (scan, split, tokenise, write; a given tokenizer)
-    against sentencepiece's own batch encode of the same documents on the same cores;
+    against sentencepiece's own batch encode (into numpy arrays, as the build asks for them) of the same
+    documents on the same cores, right after the build (--rounds pairs: the median ratio), in wall-clock time
+    and in CPU time (the build's processes and workers against the encode's threads: the work each does, which
+    a loaded machine's scheduling does not change);
 (b) training input throughput: tokens/s delivered as device-ready batches (numpy rows read from the store,
     `jax.device_put`) at pretrain_gpu_1b's batch shape, without and with grain workers, against what the train
     step consumes: pretrain_tiny on this CPU (`--tiny_tokens_per_s`, BENCHMARKS.md's main job) and
@@ -10,11 +13,12 @@
 (c) peak resident memory (VmHWM) of the build and of a 20-step pretrain_tiny training run, for corpora of
     about 0.1, 1 and 4 GB of text, each run in a fresh process (the build's worker processes: their ru_maxrss).
 
-Corpora are made by concatenating real text found on the machine (the .py files of the running interpreter's
-site-packages and standard library, cycled until the size is reached) into JSONL shards, one source file per
-record, under --tmp, and deleted afterwards.
+Corpora are made by concatenating real text found on the machine, cycled until the size is reached, into JSONL
+shards, one source file per record, under --tmp, and deleted afterwards: the .py files of the running
+interpreter's site-packages and standard library, or (--text DIR) the "text" of every record of the JSONL files
+in DIR, for instance the extracted pypi_code corpus (~/.cache/diffgemma_jax/pypi_code/corpus-*), 1.6 GB of code.
 
-  python bench/data_pipeline.py [--json] [--sizes_gb 0.1,1,4] [--workers N] [--tmp DIR]
+  python bench/data_pipeline.py [--json] [--sizes_gb 0.1,1,4] [--workers N] [--tmp DIR] [--text DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ SHARD_BYTES = 64 << 20
 H100_BF16_PEAK = 989e12
 
 
-def _source_texts():
+def _source_texts(text_dir: str | None = None):
+  """(name, text) of real text: the records of the JSONL files in `text_dir`, else the installed .py files."""
+  if text_dir:
+    yield from _jsonl_texts(text_dir)
+    return
   roots = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["stdlib"]]
   for root in roots:
     for directory, dirs, files in os.walk(root):
@@ -53,12 +61,22 @@ def _source_texts():
             yield os.path.relpath(os.path.join(directory, name), root), text
 
 
-def make_corpus(directory: str, size_bytes: int) -> int:
+def _jsonl_texts(directory: str):
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".jsonl"):
+      with open(os.path.join(directory, name), encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+          text = json.loads(line)["text"]
+          if text.strip():
+            yield f"{name}:{number}", text
+
+
+def make_corpus(directory: str, size_bytes: int, text_dir: str | None = None) -> int:
   """JSONL shards of real source files (cycled) until `size_bytes` of text; returns the text bytes written."""
   os.makedirs(directory, exist_ok=True)
   written, shard, shard_bytes, lap = 0, None, 0, 0
   while written < size_bytes:
-    for rel, text in _source_texts():
+    for rel, text in _source_texts(text_dir):
       if shard is None or shard_bytes >= SHARD_BYTES:
         if shard:
           shard.close()
@@ -93,13 +111,15 @@ def _peak_child(code: str) -> dict:
 
 def build_in_child(corpus: str, out: str, tokenizer: str, workers: int) -> dict:
   code = f"""
-import time
+import resource, time
 from data_recipes import build_dataset
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 m = build_dataset("text_files", {out!r}, None, source={corpus!r}, tokenizer={tokenizer!r}, build_workers={workers})
 seconds = time.perf_counter() - start
+workers = resource.getrusage(resource.RUSAGE_CHILDREN)  # the build's worker processes, joined by now
+cpu = time.process_time() - cpu_start + workers.ru_utime + workers.ru_stime
 tokens = sum(m["splits"][s]["tokens"] for s in m["splits"])
-result = dict(seconds=seconds, tokens=tokens, bytes=sum(m["splits"][s]["bytes"] for s in m["splits"]))
+result = dict(seconds=seconds, cpu_seconds=cpu, tokens=tokens, bytes=sum(m["splits"][s]["bytes"] for s in m["splits"]))
 """
   return _peak_child(code)
 
@@ -135,10 +155,30 @@ def encode_baseline(corpus: str, tokenizer: str, threads: int, limit_bytes: int)
           break
     if size >= limit_bytes:
       break
-  start = time.perf_counter()
-  ids = sp.encode(texts, num_threads=threads)
-  seconds = time.perf_counter() - start
-  return {"tokens": sum(len(x) + 2 for x in ids), "seconds": seconds, "bytes": size}
+  start, cpu_start = time.perf_counter(), time.process_time()
+  ids = sp.encode(texts, num_threads=threads, out_type="numpy")  # as the build calls it (no Python int per id)
+  seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+  return {"tokens": sum(len(x) + 2 for x in ids), "seconds": seconds, "cpu_seconds": cpu, "bytes": size}
+
+
+def build_against_encode(corpus: str, out: str, tokenizer: str, workers: int, text_bytes: int, first_build: dict,
+                         rounds: int) -> dict:
+  """`rounds` pairs of (build, sentencepiece encode), each pair back to back (the load moves between pairs);
+  the ratio of their token rates per pair and the median."""
+  pairs = []
+  for r in range(rounds):
+    if r:
+      shutil.rmtree(out)
+      build = build_in_child(corpus, out, tokenizer, workers)
+    else:
+      build = first_build
+    base = encode_baseline(corpus, tokenizer, workers, text_bytes)
+    pairs.append({"build": build, "encode": base, "load": os.getloadavg(),
+                  "ratio": (build["tokens"] / build["seconds"]) / (base["tokens"] / base["seconds"]),
+                  "cpu_ratio": base["cpu_seconds"] / build["cpu_seconds"]})
+  median = lambda key: sorted(p[key] for p in pairs)[len(pairs) // 2]
+  return {"encode_baseline": pairs[0]["encode"], "pairs": pairs, "build_vs_encode": median("ratio"),
+          "build_vs_encode_cpu": median("cpu_ratio")}
 
 
 def input_throughput(data_dir: str, workers: int, seconds: float = 20.0) -> float:
@@ -175,33 +215,39 @@ def main(argv=None) -> int:
                       help="pretrain_tiny's training tokens/s on this machine (BENCHMARKS.md main job)")
   parser.add_argument("--input_seconds", type=float, default=20.0)
   parser.add_argument("--memory_only", action="store_true", help="only (c): no encode or input throughput")
+  parser.add_argument("--rounds", type=int, default=1, help="(a): build/encode pairs on the smallest corpus; "
+                      "the median ratio is reported")
+  parser.add_argument("--text", default=None, help="a folder of JSONL files whose records' text makes the corpora "
+                      "(default: the installed .py files)")
   args = parser.parse_args(argv)
   from diffgemma_jax.data.tokenizer import train_tokenizer
   os.makedirs(args.tmp, exist_ok=True)
   load_before = os.getloadavg()
-  report = {"cores": os.cpu_count(), "workers": args.workers, "load_before": load_before, "sizes": []}
+  report = {"cores": os.cpu_count(), "workers": args.workers, "load_before": load_before, "text": args.text,
+            "sizes": []}
   try:
-    sample = [t for _, t in zip(range(400), (text for _, text in _source_texts()))]
+    sample = [t for _, t in zip(range(400), (text for _, text in _source_texts(args.text)))]
     tokenizer = train_tokenizer(sample, os.path.join(args.tmp, "tokenizer"), 4096, max_sentences=60_000).path
     for gb in (float(x) for x in args.sizes_gb.split(",")):
       corpus, out = os.path.join(args.tmp, f"corpus-{gb}"), os.path.join(args.tmp, f"store-{gb}")
-      text_bytes = make_corpus(corpus, int(gb * 1e9))
-      build = build_in_child(corpus, out, tokenizer, args.workers)
-      train_run = train_in_child(out, os.path.join(args.tmp, f"run-{gb}"), 4096, corpus, tokenizer)
-      entry = {"gb": gb, "text_bytes": text_bytes, "build": build, "train": train_run}
-      if not report["sizes"] and not args.memory_only:  # throughput on the smallest corpus
-        base = encode_baseline(corpus, tokenizer, args.workers, text_bytes)
-        entry["encode_baseline"] = base
-        entry["build_vs_encode"] = (build["tokens"] / build["seconds"]) / (base["tokens"] / base["seconds"])
-        rates = {w: input_throughput(out, w, args.input_seconds) for w in (0, args.workers)}
-        gpu = gpu_1b_consumption()
-        report["input"] = {"tokens_per_s": rates, "gpu_1b_consumes": gpu, "tiny_consumes": args.tiny_tokens_per_s,
-                           "ratio_gpu_1b": {w: r / gpu for w, r in rates.items()},
-                           "ratio_tiny": {w: r / args.tiny_tokens_per_s for w, r in rates.items()}}
-      report["sizes"].append(entry)
-      shutil.rmtree(corpus)
-      shutil.rmtree(out)
-      shutil.rmtree(os.path.join(args.tmp, f"run-{gb}"), ignore_errors=True)
+      run_dir = os.path.join(args.tmp, f"run-{gb}")
+      try:
+        text_bytes = make_corpus(corpus, int(gb * 1e9), args.text)
+        build = build_in_child(corpus, out, tokenizer, args.workers)
+        entry = {"gb": gb, "text_bytes": text_bytes, "build": build}
+        if not report["sizes"] and not args.memory_only:  # throughput on the smallest corpus
+          entry.update(build_against_encode(corpus, out, tokenizer, args.workers, text_bytes, build, args.rounds))
+          rates = {w: input_throughput(out, w, args.input_seconds) for w in (0, args.workers)}
+          gpu = gpu_1b_consumption()
+          report["input"] = {"tokens_per_s": rates, "gpu_1b_consumes": gpu,
+                             "tiny_consumes": args.tiny_tokens_per_s,
+                             "ratio_gpu_1b": {w: r / gpu for w, r in rates.items()},
+                             "ratio_tiny": {w: r / args.tiny_tokens_per_s for w, r in rates.items()}}
+        entry["train"] = train_in_child(out, run_dir, 4096, corpus, tokenizer)
+        report["sizes"].append(entry)
+      finally:
+        for path in (corpus, out, out + ".partial", run_dir):
+          shutil.rmtree(path, ignore_errors=True)
   finally:
     report["load_after"] = os.getloadavg()
   if args.json:
@@ -212,10 +258,13 @@ def main(argv=None) -> int:
     b, t = e["build"], e["train"]
     print(f"{e['gb']:>5} GB: build {b['tokens'] / b['seconds']:,.0f} tokens/s, peak RSS {b['peak_rss_mb']:.0f} MB "
           f"(largest worker {b['peak_child_rss_mb']:.0f} MB); 20-step train peak RSS {t['peak_rss_mb']:.0f} MB")
+    for pair in e.get("pairs", ()):
+      b, base = pair["build"], pair["encode"]
+      print(f"       build {b['tokens'] / b['seconds']:,.0f} tokens/s, sentencepiece encode "
+            f"{base['tokens'] / base['seconds']:,.0f} tokens/s: build/encode {pair['ratio']:.2f}x, in CPU time "
+            f"{pair['cpu_ratio']:.2f}x (load {pair['load'][0]:.1f})")
     if "build_vs_encode" in e:
-      base = e["encode_baseline"]
-      print(f"       sentencepiece encode {base['tokens'] / base['seconds']:,.0f} tokens/s: build/encode "
-            f"{e['build_vs_encode']:.2f}x")
+      print(f"       median build/encode {e['build_vs_encode']:.2f}x, in CPU time {e['build_vs_encode_cpu']:.2f}x")
   if "input" in report:
     i = report["input"]
     for w, r in i["tokens_per_s"].items():

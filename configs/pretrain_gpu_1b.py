@@ -29,6 +29,7 @@ def get_config():
       scan_layers=True,
   )
   c.data.recipe = "pypi_code"  # pinned PyPI sdists (data_recipes/pypi_code.py); the stdlib is ~11 MB
+  c.data.tokenizer_sample_lines = 500_000  # 120,000 lines of code hold too few pieces for 32,768
   c.train.num_steps = 20_000
   c.train.batch_size = 32
   c.train.seq_len = 2048

@@ -33,8 +33,11 @@ def read_manifest(output_dir: str) -> dict | None:
 
 
 def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def files_stamp(paths) -> dict[str, list]:

@@ -268,35 +268,116 @@ def test_skipped_non_utf8_files_are_named(tmp_path, capsys):
   assert "latin10.txt" not in err
 
 
-def test_pypi_code_extracts_deduplicates_and_holds_out_by_package(tmp_path, monkeypatch):
-  """Local stand-in sdists (no network): code files kept, duplicates across packages dropped (first kept),
-  non-code and non-UTF-8 files left out, split by package; the fetch asks pip for hash-checked sdists."""
+def _sdist(path, files):
+  """A stand-in sdist: a .tar.gz (or .zip) of {path inside the package: bytes}, under `<stem>/`."""
   import io
   import tarfile
+  import zipfile
+  stem = os.path.basename(path).rsplit(".tar.gz", 1)[0].rsplit(".zip", 1)[0]
+  if path.endswith(".zip"):
+    with zipfile.ZipFile(path, "w") as z:
+      for name, data in files.items():
+        z.writestr(f"{stem}/{name}", data)
+    return path
+  with tarfile.open(path, "w:gz") as tar:
+    for name, data in files.items():
+      info = tarfile.TarInfo(f"{stem}/{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+def test_pypi_code_extracts_deduplicates_and_holds_out_by_package(tmp_path):
+  """Local stand-in sdists (no network): code files kept in archive order, duplicates across packages dropped
+  (first kept), non-code, non-UTF-8 and minified files left out; the token store holds out small packages only."""
   from data_recipes import pypi_code
+  from data_recipes.common import build_text_dataset
   shared = b"def vendored():\n    return 1\n"
+  stdlib = "".join(open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8").read()
+                   for name in MODULES)
   archives = {}
   for p in range(8):
-    path = tmp_path / f"pkg{p}-1.0.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-      for name, data in ((f"pkg{p}-1.0/pkg{p}/core.py", f"X = {p}\n".encode() * (50 + 30 * p)),
-                         (f"pkg{p}-1.0/pkg{p}/_vendor/six.py", shared), (f"pkg{p}-1.0/logo.png", b"\x89PNG"),
-                         (f"pkg{p}-1.0/pkg{p}/latin.py", b"caf\xe9 = 1\n")):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    archives[f"pkg{p}"] = str(path)
+    body = "".join(f"def f{i}_{p}(x):\n    return x + {i * p}\n" for i in range(8)) + (stdlib if p == 7 else "")
+    archives[f"pkg{p}"] = _sdist(str(tmp_path / f"pkg{p}-1.0.{'zip' if p == 3 else 'tar.gz'}"), {
+        f"pkg{p}/core.py": body.encode(), f"pkg{p}/_vendor/six.py": shared, "logo.png": b"\x89PNG",
+        f"pkg{p}/latin.py": b"caf\xe9 = 1\n", f"pkg{p}/static/app.min.js": b"var a=1;" * 200})
   pins = tuple((name, "1.0", "0" * 64) for name in archives)
   corpus = pypi_code.extract(archives, cache=str(tmp_path / "cache"), pins=pins)
   records = {f: [json.loads(line) for line in open(os.path.join(corpus.root, f))] for f in corpus.files}
-  assert [r["path"] for r in records["pkg0.jsonl"]] == ["pkg0/pkg0/_vendor/six.py", "pkg0/pkg0/core.py"]
-  assert [r["path"] for r in records["pkg5.jsonl"]] == ["pkg5/pkg5/core.py"]  # six.py: a duplicate of pkg0's
-  assert corpus.split_by == "file"
-  calls = []
-  monkeypatch.setattr(pypi_code.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
-                      type("P", (), {"returncode": 1, "stderr": "THESE PACKAGES DO NOT MATCH THE HASHES"})())
-  with pytest.raises(DataError, match="could not fetch 8 pinned sdist.*DO NOT MATCH"):
-    pypi_code.fetch(pins, cache=str(tmp_path / "fetch"))
-  requirements = calls[0][calls[0].index("-r") + 1]
-  assert "--require-hashes" in calls[0] and "--no-binary" in calls[0]
-  assert open(requirements).read().splitlines()[0] == f"pkg0==1.0 --hash=sha256:{'0' * 64}"
+  assert [r["path"] for r in records["pkg0.jsonl"]] == ["pkg0/pkg0/core.py", "pkg0/pkg0/_vendor/six.py"]
+  assert [r["path"] for r in records["pkg3.jsonl"]] == ["pkg3/pkg3/core.py"]  # six.py: a duplicate of pkg0's
+  assert records["pkg0.jsonl"][1]["text"] == shared.decode()
+  # The big package (99% of the bytes) is never held out; the small ones, in hash order, until 2%.
+  assert corpus.split_by == "file" and set(corpus.heldout_keys) == {f"pkg{p}.jsonl" for p in range(7)}
+  assert pypi_code.corpus(pins, cache=str(tmp_path / "cache")) == corpus  # extracted once, no fetch
+  out = str(tmp_path / "ds")
+  build_text_dataset(out, "pypi_code", corpus, VOCAB)
+  heldout, train = _store_texts(out, "heldout"), _store_texts(out, "train")
+  assert heldout and not any("_7(x)" in t for t in heldout) and any("_7(x)" in t for t in train)
+
+
+@pytest.fixture()
+def package_index(tmp_path):
+  """A local simple index (PEP 503) over `files`, {name: bytes}, served at `url`; `listed` overrides the sha256
+  the index lists for a file; `requests` counts GETs."""
+  import hashlib
+  import http.server
+  import threading
+  state = {"files": {}, "listed": {}, "requests": 0}
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+      state["requests"] += 1
+      parts = self.path.strip("/").split("/")
+      if parts[0] == "simple" and len(parts) == 2:
+        links = "".join(f'<a href="../../files/{f}#sha256='
+                        f'{state["listed"].get(f, hashlib.sha256(d).hexdigest())}">{f}</a>\n'
+                        for f, d in state["files"].items() if f.startswith(parts[1] + "-"))
+        body = f"<html><body>{links}</body></html>".encode()
+      elif parts[0] == "files" and parts[-1] in state["files"]:
+        body = state["files"][parts[-1]]
+      else:
+        self.send_error(404)
+        return
+      self.send_response(200)
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+  state["url"] = f"http://127.0.0.1:{server.server_address[1]}/simple/"
+  yield state
+  server.shutdown()
+  server.server_close()
+
+
+def test_pypi_code_fetches_pinned_sdists_by_hash_from_the_index(tmp_path, package_index):
+  import hashlib
+  from data_recipes import pypi_code
+  for name in ("alpha", "beta"):
+    path = _sdist(str(tmp_path / f"{name}-1.0.tar.gz"), {f"{name}/x.py": f"{name} = 1\n".encode()})
+    with open(path, "rb") as f:
+      package_index["files"][f"{name}-1.0.tar.gz"] = f.read()
+  sha = {n: hashlib.sha256(package_index["files"][f"{n}-1.0.tar.gz"]).hexdigest() for n in ("alpha", "beta")}
+  pins = (("Alpha", "1.0", sha["alpha"]), ("beta", "1.0", sha["beta"]))  # the index normalises names
+  cache = str(tmp_path / "cache")
+  paths = pypi_code.fetch(pins, cache=cache, index_url=package_index["url"])
+  assert sorted(paths) == ["Alpha", "beta"]
+  with open(paths["Alpha"], "rb") as f:
+    assert f.read() == package_index["files"]["alpha-1.0.tar.gz"]
+  served = package_index["requests"]
+  assert pypi_code.fetch(pins, cache=cache, index_url=package_index["url"]) == paths
+  assert package_index["requests"] == served  # cached: no request
+  with pytest.raises(DataError, match=r"lists no file with the sha256 pinned for beta==2.0 \(" + "1" * 64):
+    pypi_code.fetch((("beta", "2.0", "1" * 64),), cache=cache, index_url=package_index["url"])
+  package_index["files"]["gamma-1.0.tar.gz"] = b"not the pinned file"
+  package_index["listed"]["gamma-1.0.tar.gz"] = "2" * 64
+  with pytest.raises(DataError, match="gamma-1.0.tar.gz has sha256 [0-9a-f]{64}, not the pinned 2222"):
+    pypi_code.fetch((("gamma", "1.0", "2" * 64),), cache=cache, index_url=package_index["url"])
+  assert sorted(os.listdir(os.path.join(cache, "sdists"))) == sorted(os.path.basename(p) for p in paths.values())
+  with pytest.raises(DataError, match="could not fetch delta==1.0 from http://127.0.0.1:9/simple/"):
+    pypi_code.fetch((("delta", "1.0", "3" * 64),), cache=cache, index_url="http://127.0.0.1:9/simple/")

@@ -4,6 +4,7 @@ input names its file (and line)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -16,7 +17,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_recipes import build_dataset
 from diffgemma_jax.data import DataError, Tokenizer, train_tokenizer
-from diffgemma_jax.data.sources import ReadStats, read_documents
+from diffgemma_jax.data import sources
+from diffgemma_jax.data.sources import ReadStats, file_spans, read_documents
 
 TEXTS = ["def f(x):\n    return x  # caf\u00e9\n", "\u4e2d\u6587 \U0001F600 na\u00efve\n\ttabbed", "  leading spaces",
          "plain ascii line\nsecond line\n", "\u00bfqu\u00e9? \u00a1s\u00ed!"]
@@ -59,6 +61,31 @@ def test_every_format_reads_its_documents_exactly(tmp_path):
   assert (stats.documents, stats.empty, len(stats.bad_lines)) == (len(expected), skipped["empty"], skipped["bad"])
   assert any("a.jsonl:6: not JSON" in line for line in stats.bad_lines)
   assert any("d.array_record: record 2 is not UTF-8" in line for line in stats.bad_lines)
+
+
+def test_spans_of_a_file_read_as_the_whole_file(tmp_path, monkeypatch):
+  """A file cut into spans (JSONL line ranges, Parquet row groups, ArrayRecord record ranges) gives the documents,
+  identities and skips of reading it whole; JSONL spans start at line starts, whatever the read chunk."""
+  _write_corpus(tmp_path)
+  with open(tmp_path / "f.jsonl", "wb") as f:  # CRLF line ends, a blank line, lines longer than a span
+    for i in range(40):
+      f.write(json.dumps({"text": TEXTS[i % 5] * (1 + i % 7)}).encode() + (b"\r\n\r\n" if i == 9 else b"\r\n"))
+  monkeypatch.setattr(sources, "_READ_BYTES", 7)  # span ends found across read chunks
+  for name in ("a.jsonl", "c.parquet", "d.array_record", "f.jsonl"):
+    whole_stats, span_stats = ReadStats(), ReadStats()
+    whole = list(read_documents(str(tmp_path), name, max_bad_lines=50, stats=whole_stats))
+    spans = file_spans(str(tmp_path), name, 16)
+    assert len(spans) > 1, name
+    got = [doc for span in spans
+           for doc in read_documents(str(tmp_path), name, max_bad_lines=50, stats=span_stats, span=span)]
+    assert got == whole and dataclasses.asdict(span_stats) == dataclasses.asdict(whole_stats), name
+  data = (tmp_path / "f.jsonl").read_bytes()
+  spans = file_spans(str(tmp_path), "f.jsonl", 100)
+  assert [s.start for s in spans[1:]] == [s.stop for s in spans[:-1]] and spans[-1].stop in (None, len(data))
+  assert all(data[s.start - 1:s.start] == b"\n" for s in spans[1:]) and sum(s.size for s in spans) == len(data)
+  assert [s.first for s in spans] == [1 + data[:s.start].count(b"\n") for s in spans]
+  assert file_spans(str(tmp_path), "b.jsonl.gz", 16) == [sources.Span("b.jsonl.gz", size=os.path.getsize(
+      tmp_path / "b.jsonl.gz"))]
 
 
 def test_a_built_store_holds_every_document(tmp_path, tokenizer, capsys):
@@ -113,3 +140,8 @@ def test_the_text_field_option_and_bad_records_name_the_file(tmp_path):
   (tmp_path / "i.jsonl.gz").write_bytes((tmp_path / "i.jsonl.gz").read_bytes()[:-12])
   with pytest.raises(DataError, match=f"cannot read {tmp_path / 'i.jsonl.gz'}"):
     list(read_documents(str(tmp_path), "i.jsonl.gz"))
+
+
+def test_a_sample_too_small_for_the_vocabulary_names_the_sample_option(tmp_path):
+  with pytest.raises(DataError, match=r"Vocabulary size too high.*more than 150 lines \(data.tokenizer_sample_lines\)"):
+    train_tokenizer(TEXTS * 40, str(tmp_path / "tok"), 2000, max_sentences=150)

@@ -18,7 +18,7 @@ from data_recipes.common import split_by_hash
 from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data import build as build_module
 from diffgemma_jax.data.split import heldout_threshold, key_digest, write_digest_table
-from diffgemma_jax.data.store import ShardWriter, SplitStore
+from diffgemma_jax.data.store import ShardWriter, SplitStore, open_split
 
 MODULES = ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py", "colorsys.py",
            "keyword.py", "queue.py", "sched.py", "calendar.py", "copy.py", "numbers.py")
@@ -174,12 +174,57 @@ def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, mon
   for t in threads:
     t.join()
   assert not errors, errors
+  assert one["sha256"] == manifest["sha256"] and one["store"] == manifest["store"]  # the fixture trained it
   for other in (spawned, results[0], results[1]):
     assert other["sha256"] == one["sha256"] and other["store"] == one["store"] and other["splits"] == one["splits"]
   for split in ("train", "heldout"):
     for name in ("spawned", "two"):
       assert (np.fromfile(tmp_path / name / f"{split}.unigram", np.int64)
               == np.fromfile(tmp_path / "one" / f"{split}.unigram", np.int64)).all()
+
+
+def test_one_large_file_is_built_in_several_tasks_to_the_same_dataset(store, tmp_path, monkeypatch):
+  """A JSONL file cut into spans over several tasks and workers gives the dataset of one task reading it whole."""
+  out, _, src = store
+  with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
+    for name in sorted(os.listdir(src)):
+      for part in (src / name).read_text(encoding="utf-8").split("\n\n\n"):
+        f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
+  tok = os.path.join(out, "tokenizer.model")
+  monkeypatch.setattr(build_module, "TASK_BYTES", 1 << 30)
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 1 << 30)
+  whole = _build(tmp_path, "whole", tmp_path / "corpus.jsonl", tok, build_workers=1)
+  monkeypatch.setattr(build_module, "TASK_BYTES", 20_000)
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 0)
+  assert len(build_module.plan_tasks(build_module.Corpus(str(tmp_path), ("corpus.jsonl",), "c"))) > 5
+  spread = _build(tmp_path, "spread", tmp_path / "corpus.jsonl", tok, build_workers=2)
+  assert len(whole["store"]["splits"]["train"]["shards"]) == 1
+  assert len(spread["store"]["splits"]["train"]["shards"]) > 5
+  for split in ("train", "heldout"):
+    assert spread["splits"][split] == whole["splits"][split] and spread["splits"][split]["documents"] > 0
+    a, b = (open_split(str(tmp_path / name), m, split) for name, m in (("spread", spread), ("whole", whole)))
+    for got, want in zip(a.span(0, a.num_tokens), b.span(0, b.num_tokens)):  # tokens, document starts
+      np.testing.assert_array_equal(got, want)
+    assert (np.fromfile(tmp_path / "spread" / f"{split}.unigram", np.int64)
+            == np.fromfile(tmp_path / "whole" / f"{split}.unigram", np.int64)).all()
+
+
+def test_build_workers_hold_no_result_once_it_is_handed_over():
+  """A scan's results hold its tokenizer-sample candidates (all of a task's lines when the sample is larger than
+  the task): the build must not keep every task's until the phase ends."""
+  import gc
+  import weakref
+  workers = build_module._Workers(2)
+  try:
+    refs = []
+    for result in workers.run(set, [(range(i, i + 1000),) for i in range(6)]):
+      gc.collect()
+      assert all(ref() is None for ref in refs)  # every earlier result is gone
+      refs.append(weakref.ref(result))
+      del result
+    assert len(refs) == 6
+  finally:
+    workers.close()
 
 
 def test_tokenizer_sample_is_uniform_over_documents(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The streaming pretraining build: source files -> held-out split -> tokenizer -> token store, in bounded memory.
 
-The corpus is cut into tasks (runs of consecutive source files of about TASK_BYTES) and built in four phases. A
+The corpus is cut into tasks (runs of consecutive file spans, data/sources.py, of about `task_bytes`: a large
+file is several spans, small files share a task) and built in four phases. A
 multi-process run splits the tasks over its processes (task i goes to process i mod P), every process works on
 its own tasks only, and process 0 does what is global; a barrier separates the phases, and a process that fails
 leaves its error for the others to raise after the next barrier (no process waits forever for a dead one).
@@ -14,14 +15,17 @@ leaves its error for the others to raise after the next barrier (no process wait
   3. tokenise  each task encodes its documents and writes one shard per split (data/store.py).
   4. finish    process 0: the manifest (shards in task order, counts, unigram counts) and the atomic rename.
 
-Within a process, tasks run in `workers` spawned processes. Documents keep the order of the files (sorted by path)
-and of the records in each file, which is the order rows are cut in, whatever the worker or process count.
+Within a process, tasks run in `workers` spawned processes, started once for both parallel phases. Tasks are small
+enough (at least MIN_TASKS of them up to TASK_BYTES each) for the workers to finish together: the last task
+to end, not the mean, sets the build time. Documents keep the order of the files (sorted by path) and of the
+records in each file, which is the order rows are cut in, whatever the worker or process count.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import heapq
 import json
@@ -36,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from diffgemma_jax.data.errors import DataError
-from diffgemma_jax.data.sources import ReadStats, check_bad_lines, read_documents
+from diffgemma_jax.data.sources import ReadStats, Span, check_bad_lines, file_spans, read_documents
 from diffgemma_jax.data.split import (SPLIT_BY, HeldOut, heldout_threshold, key_digest, keyed_bytes, split_key,
                                       write_digest_table)
 from diffgemma_jax.data.store import ShardWriter, token_dtype
@@ -44,6 +48,8 @@ from diffgemma_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 SPLITS = ("train", "heldout")
 TASK_BYTES = 16 << 20
+MIN_TASK_BYTES = 1 << 20
+MIN_TASKS = 64
 ENCODE_BATCH_BYTES = 4 << 20
 MAX_LISTED = 10  # non-UTF-8 files and bad lines named in the report; the rest are counted
 
@@ -80,22 +86,31 @@ class BuildOptions:
   barrier: Callable[[str], None] | None = None
 
 
-def plan_tasks(corpus: Corpus) -> list[tuple[str, ...]]:
+def task_bytes(corpus: Corpus) -> int:
+  """About MIN_TASKS tasks, none over TASK_BYTES nor (unless TASK_BYTES is smaller) under MIN_TASK_BYTES; from the
+  corpus alone, so the shards are the same for any worker or process count."""
+  total = sum(os.path.getsize(os.path.join(corpus.root, rel)) for rel in corpus.files)
+  return min(TASK_BYTES, max(MIN_TASK_BYTES, total // MIN_TASKS))
+
+
+def plan_tasks(corpus: Corpus) -> list[tuple[Span, ...]]:
+  limit = task_bytes(corpus)
   tasks, current, size = [], [], 0
   for rel in corpus.files:
-    current.append(rel)
-    size += os.path.getsize(os.path.join(corpus.root, rel))
-    if size >= TASK_BYTES:
-      tasks.append(tuple(current))
-      current, size = [], 0
+    for span in file_spans(corpus.root, rel, limit):
+      current.append(span)
+      size += span.size
+      if size >= limit:
+        tasks.append(tuple(current))
+        current, size = [], 0
   return tasks + [tuple(current)] if current else tasks
 
 
-def _documents(corpus: Corpus, files, stats: ReadStats):
-  for rel in files:
-    for identity, text in read_documents(corpus.root, rel, text_field=corpus.text_field,
-                                         max_bad_lines=corpus.max_bad_lines, stats=stats):
-      yield key_digest(split_key(rel, identity, corpus.split_by)), identity, text
+def _documents(corpus: Corpus, spans, stats: ReadStats):
+  for span in spans:
+    for identity, text in read_documents(corpus.root, span.rel, text_field=corpus.text_field,
+                                         max_bad_lines=corpus.max_bad_lines, stats=stats, span=span):
+      yield key_digest(split_key(span.rel, identity, corpus.split_by)), identity, text
 
 
 class Sample:
@@ -128,30 +143,44 @@ class Sample:
     return out
 
 
-def _scan_task(corpus: Corpus, index: int, files, staging: str, sample_lines: int):
+def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: int):
   stats, sample = ReadStats(), Sample(sample_lines)
   digests, sizes = [], []
-  for number, (digest, _, text) in enumerate(_documents(corpus, files, stats)):
+  for number, (digest, _, text) in enumerate(_documents(corpus, spans, stats)):
     digests.append(digest)
-    sizes.append(len(text.encode("utf-8")))
+    sizes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
     sample.offer(digest, (index, number), text)
   write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
   return stats, sample.heap
 
 
-def _tokenize_task(corpus: Corpus, index: int, files, staging: str, heldout: HeldOut, tokenizer_path: str):
-  tokenizer = Tokenizer(tokenizer_path)
+@functools.lru_cache(maxsize=1)
+def _tokenizer(path: str, mtime_ns: int) -> Tokenizer:
+  """Loaded once per worker (tens of ms for a large vocabulary, against a task of about 1 MB); `mtime_ns` tells
+  a rebuilt model at the same path apart."""
+  del mtime_ns
+  return Tokenizer(path)
+
+
+def _tokenize_task(corpus: Corpus, index: int, spans, staging: str, heldout: HeldOut, tokenizer_path: str):
+  tokenizer = _tokenizer(tokenizer_path, os.stat(tokenizer_path).st_mtime_ns)
   writers = {split: ShardWriter(os.path.join(staging, split), f"{index:05d}", tokenizer.vocab_size)
              for split in SPLITS}
   pending, size = [], 0
 
   def flush():
-    ids = tokenizer.encode_documents([text for _, _, text in pending])
+    packed, lengths = tokenizer.encode_packed([text for _, _, text in pending])
+    splits = {s for s, _, _ in pending}
+    if len(splits) == 1:  # the usual batch: one split
+      writers[splits.pop()].add_packed([doc[1:] for doc in pending], packed, lengths)
+      return
+    starts = np.cumsum(lengths) - lengths
     for split in SPLITS:
       chosen = [k for k, (s, _, _) in enumerate(pending) if s == split]
-      writers[split].add([pending[k][1:] for k in chosen], [ids[k] for k in chosen])
+      writers[split].add([pending[k][1:] for k in chosen],
+                         [packed[starts[k]:starts[k] + lengths[k]] for k in chosen])
 
-  for digest, identity, text in _documents(corpus, files, ReadStats()):
+  for digest, identity, text in _documents(corpus, spans, ReadStats()):
     pending.append(("heldout" if heldout(digest) else "train", identity, text))
     size += len(text)
     if size >= ENCODE_BATCH_BYTES:
@@ -161,20 +190,34 @@ def _tokenize_task(corpus: Corpus, index: int, files, staging: str, heldout: Hel
   return index, {split: (writer.close(), writer.counts) for split, writer in writers.items()}
 
 
-def _run(fn, jobs: list[tuple], workers: int):
-  """fn(*job) for every job, in `workers` spawned processes (in this one when that is 1); results as they come."""
-  if workers <= 1 or len(jobs) <= 1:
-    for job in jobs:
-      yield fn(*job)
-    return
-  pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context(
-      "spawn"))
-  try:
-    futures = [pool.submit(fn, *job) for job in jobs]
-    for future in concurrent.futures.as_completed(futures):
-      yield future.result()
-  finally:
-    pool.shutdown(wait=True, cancel_futures=True)
+class _Workers:
+  """Up to `count` spawned processes, started at the first phase that needs them and kept for the next (each
+  start imports numpy and sentencepiece); with one worker, or one job, jobs run in this process."""
+
+  def __init__(self, count: int):
+    self.count, self.pool = count, None
+
+  def run(self, fn, jobs: list[tuple]):
+    """fn(*job) for every job; results as they come."""
+    if self.count <= 1 or len(jobs) <= 1:
+      for job in jobs:
+        yield fn(*job)
+      return
+    if self.pool is None:
+      self.pool = concurrent.futures.ProcessPoolExecutor(
+          min(self.count, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    futures = {self.pool.submit(fn, *job) for job in jobs}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        futures.discard(future)  # a future holds its result: a scan's sample would stay for the whole phase
+        yield future.result()
+    finally:
+      for future in futures:
+        future.cancel()
+
+  def close(self) -> None:
+    if self.pool is not None:
+      self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Phases:
@@ -215,9 +258,10 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   if count > 1 and options.barrier is None:
     raise DataError("a multi-process build needs a barrier")
   staging = output_dir.rstrip("/") + ".partial"
-  workers = options.workers or os.cpu_count() or 1
+  workers = _Workers(options.workers or os.cpu_count() or 1)
   tasks = plan_tasks(corpus)
-  mine = [(i, files) for i, files in enumerate(tasks) if i % count == p]
+  mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]
+  job_corpus = dataclasses.replace(corpus, files=(), heldout_keys=())  # what a task needs, pickled per task
   phases = _Phases(staging, options)
   state: dict = {}
 
@@ -228,8 +272,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
 
   def scan():
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
-    jobs = [(corpus, i, files, staging, sample.budget) for i, files in mine]
-    for task_stats, heap in _run(_scan_task, jobs, workers):
+    jobs = [(job_corpus, i, spans, staging, sample.budget) for i, spans in mine]
+    for task_stats, heap in workers.run(_scan_task, jobs):
       stats.add(task_stats)
       check_bad_lines(stats, corpus.max_bad_lines)
       for digest, order, lines in heap:
@@ -276,8 +320,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     counts = {split: np.zeros((vocab,), np.int64) for split in SPLITS}
     shards = {}
     heldout = HeldOut.from_json(decision["heldout"])
-    jobs = [(corpus, i, files, staging, heldout, tokenizer_path) for i, files in mine]
-    for index, result in _run(_tokenize_task, jobs, workers):
+    jobs = [(job_corpus, i, spans, staging, heldout, tokenizer_path) for i, spans in mine]
+    for index, result in workers.run(_tokenize_task, jobs):
       shards[index] = {split: entry for split, (entry, _) in result.items()}
       for split, (_, task_counts) in result.items():
         counts[split] += task_counts
@@ -328,9 +372,12 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                      ("finish", finish)):
       phases.run(name, fn)
   except BaseException:
+    workers.close()  # no task still writes into the staging folder
     if p == 0:  # a failed build leaves nothing behind (the target, if any, is untouched)
       shutil.rmtree(staging, ignore_errors=True)
     raise
+  finally:
+    workers.close()
   return _read_json(os.path.join(output_dir, "manifest.json"))
 
 

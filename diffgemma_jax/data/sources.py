@@ -6,6 +6,11 @@
   anything else       a UTF-8 text file, one document (identity: the file's relative path); newlines are read
                       as Python's text mode reads them (\\r\\n -> \\n)
 
+A JSONL line ends at "\n" (JSON text holds no raw newline; "\r\n" is read as "\n" plus whitespace). A large
+file is read as several spans (`file_spans`: byte ranges of whole lines, runs of Parquet row groups, ranges of
+ArrayRecord records), so the build can spread one file over several workers; documents and their identities are
+those of reading the file whole. A `.jsonl.gz` file is one span (a gzip stream is read from its start).
+
 Empty (or whitespace-only) documents are skipped and counted. A JSONL line that is not JSON, or an ArrayRecord
 record that is not UTF-8, is a bad line: reported with its file and line (or record) and skipped, up to
 `max_bad_lines` for the whole build, then the build fails. A text file that is not UTF-8 is skipped and named (as
@@ -25,6 +30,7 @@ from diffgemma_jax.data.errors import DataError
 
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
 PARQUET_BATCH_ROWS = 1024
+_READ_BYTES = 8 << 20  # chunk of a JSONL file read while finding its span boundaries
 
 
 def file_format(path: str) -> str:
@@ -54,26 +60,101 @@ class ReadStats:
     self.non_utf8_files += other.non_utf8_files
 
 
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """A part of a source file read on its own: records from `start` to `stop` (None: the file's end), counted in
+  bytes of a JSONL file, row groups of a Parquet file or records of an ArrayRecord file; `first`: the number of
+  its first record (JSONL line, Parquet row, ArrayRecord record); `size`: its share of the file's bytes."""
+  rel: str
+  start: int = 0
+  stop: int | None = None
+  first: int = 0
+  size: int = 0
+
+
+def file_spans(root: str, rel: str, span_bytes: int) -> list[Span]:
+  """`root/rel` as spans of about `span_bytes` each, in file order (one span: the whole file)."""
+  path = os.path.join(root, rel)
+  size = os.path.getsize(path) if os.path.isfile(path) else 0
+  kind = file_format(rel)
+  if size <= span_bytes or kind == "text" or rel.lower().endswith(".gz"):
+    return [Span(rel, size=size)]
+  if kind == "jsonl":
+    return _jsonl_spans(path, rel, span_bytes, size)
+  if kind == "parquet":
+    return _parquet_spans(path, rel, span_bytes, size)
+  return _array_record_spans(path, rel, span_bytes, size)
+
+
+def _jsonl_spans(path, rel, span_bytes, size):
+  """Byte ranges of whole lines, each starting at a line start; `first`: its first line's number (1-based)."""
+  spans, start, first, lines, position = [], 0, 1, 0, 0
+  try:
+    with open(path, "rb") as f:
+      while chunk := f.read(_READ_BYTES):
+        offset = 0
+        while True:  # close every span whose size is reached in this chunk, at the end of that line
+          reached = start + span_bytes - position
+          cut = chunk.find(b"\n", max(reached, offset)) if reached < len(chunk) else -1
+          if cut < 0:
+            break
+          lines += chunk.count(b"\n", offset, cut + 1)
+          stop = position + cut + 1
+          spans.append(Span(rel, start, stop, first, stop - start))
+          start, first, lines, offset = stop, first + lines, 0, cut + 1
+        lines += chunk.count(b"\n", offset)
+        position += len(chunk)
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror}") from None
+  return spans + [Span(rel, start, None, first, size - start)] if start < size else spans
+
+
+def _parquet_spans(path, rel, span_bytes, size):
+  """Runs of whole row groups; `first`: the first row's number (0-based)."""
+  with _open_parquet(path) as parquet:
+    metadata = parquet.metadata
+  spans, start, first, rows, group_bytes = [], 0, 0, 0, 0
+  total = sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups)) or 1
+  for group in range(metadata.num_row_groups):
+    rows += metadata.row_group(group).num_rows
+    group_bytes += metadata.row_group(group).total_byte_size
+    if group_bytes * size >= span_bytes * total or group == metadata.num_row_groups - 1:
+      spans.append(Span(rel, start, group + 1, first, group_bytes * size // total))
+      start, first, rows, group_bytes = group + 1, first + rows, 0, 0
+  return spans or [Span(rel, size=size)]
+
+
+def _array_record_spans(path, rel, span_bytes, size):
+  """Equal ranges of records (record sizes are not known before reading them)."""
+  reader = _open_array_record(path)
+  count = reader.num_records()
+  reader.close()
+  parts = min(max(count, 1), -(-size // span_bytes))
+  bounds = [count * k // parts for k in range(parts + 1)]
+  return [Span(rel, a, b, a, size * (b - a) // max(count, 1)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def read_documents(root: str, rel: str, *, text_field: str = "text", max_bad_lines: int = 10,
-                   stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
-  """(identity, text) of every non-empty document of `root/rel`, in file order. Skips are counted in `stats`;
-  more than `max_bad_lines` bad lines in `stats` fail."""
+                   stats: ReadStats | None = None, span: Span | None = None) -> Iterator[tuple[str, str]]:
+  """(identity, text) of every non-empty document of `root/rel` (or of one `span` of it), in file order. Skips
+  are counted in `stats`; more than `max_bad_lines` bad lines in `stats` fail."""
   stats = stats if stats is not None else ReadStats()
+  span = span or Span(rel)
   path = os.path.join(root, rel)
   kind = file_format(rel)
   if kind == "text":
     records = _text_file(path, rel, stats)
   elif kind == "jsonl":
-    records = _jsonl(path, rel, text_field, stats)
+    records = _jsonl(path, rel, text_field, stats, span)
   elif kind == "parquet":
-    records = _parquet(path, rel, text_field)
+    records = _parquet(path, rel, text_field, span)
   else:
-    records = _array_record(path, rel, stats)
+    records = _array_record(path, rel, stats, span)
   for identity, text in records:
     check_bad_lines(stats, max_bad_lines)
     if text is None:
       continue
-    if not text.strip():
+    if not text or text.isspace():  # not strip(): that copies every document
       stats.empty += 1
       continue
     stats.documents += 1
@@ -99,12 +180,23 @@ def _text_file(path, rel, stats):
   yield rel, text
 
 
-def _jsonl(path, rel, text_field, stats):
+def _jsonl(path, rel, text_field, stats, span):
   opener = gzip.open if path.lower().endswith(".gz") else open
+  number = span.first or 1
   try:
-    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
+    with opener(path, "rb") as f:
+      if span.start:
+        f.seek(span.start)
+      position = span.start
+      for number, raw in enumerate(f, number):
+        if span.stop is not None and position >= span.stop:
+          break
+        position += len(raw)
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise DataError(f"cannot read {path}: line {number} is not UTF-8 ({e.reason} at byte {e.start})") from None
+        if not line or line.isspace():
           continue
         try:
           record = json.loads(line)
@@ -122,26 +214,32 @@ def _jsonl(path, rel, text_field, stats):
           raise DataError(f"{path}:{number}: field {text_field!r} (data.text_field) is a "
                           f"{type(text).__name__}, not a string")
         yield f"{rel}:{number}", text
-  except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as e:
+  except (EOFError, gzip.BadGzipFile, OSError) as e:
     raise DataError(f"cannot read {path}: {e}") from None
 
 
-def _parquet(path, rel, text_field):
+def _open_parquet(path):
   import pyarrow as pa
   import pyarrow.parquet as pq
   try:
-    parquet = pq.ParquetFile(path)
+    return pq.ParquetFile(path)
   except (pa.ArrowException, OSError) as e:
     raise DataError(f"cannot read {path} as Parquet: {str(e).splitlines()[0][:200]}") from None
+
+
+def _parquet(path, rel, text_field, span):
+  import pyarrow as pa
+  parquet = _open_parquet(path)
   names = parquet.schema_arrow.names
   if text_field not in names:
     raise DataError(f"{path}: no column {text_field!r} (data.text_field); its columns are {names[:20]}")
   column_type = parquet.schema_arrow.field(text_field).type
   if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
     raise DataError(f"{path}: column {text_field!r} (data.text_field) holds {column_type}, not strings")
-  row = 0
+  groups = range(span.start, parquet.metadata.num_row_groups if span.stop is None else span.stop)
+  row = span.first
   try:
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field], row_groups=list(groups)):
       for text in batch.column(0).to_pylist():
         yield f"{rel}:{row}", text or ""
         row += 1
@@ -149,7 +247,7 @@ def _parquet(path, rel, text_field):
     raise DataError(f"{path}: unreadable after row {row}: {str(e).splitlines()[0][:200]}") from None
 
 
-def _array_record(path, rel, stats, chunk: int = 1024):
+def _open_array_record(path):
   from array_record.python.array_record_module import ArrayRecordReader
   if not os.path.isfile(path):
     raise DataError(f"cannot read {path}: no such file")
@@ -160,10 +258,16 @@ def _array_record(path, rel, stats, chunk: int = 1024):
     raise DataError(f"cannot read {path} as ArrayRecord: {str(e).splitlines()[0][:200]}") from None
   if count == 0 and os.path.getsize(path) > 0 and not reader.ok():
     raise DataError(f"cannot read {path} as ArrayRecord: not an ArrayRecord file")
+  return reader
+
+
+def _array_record(path, rel, stats, span, chunk: int = 1024):
+  reader = _open_array_record(path)
+  stop = reader.num_records() if span.stop is None else span.stop
   try:
-    for start in range(0, count, chunk):
+    for start in range(span.start, stop, chunk):
       try:
-        records = reader.read(start, min(start + chunk, count))
+        records = reader.read(start, min(start + chunk, stop))
       except (RuntimeError, ValueError, OSError) as e:
         raise DataError(f"{path}: unreadable at record {start}: {str(e).splitlines()[0][:200]}") from None
       for index, data in enumerate(records, start):

@@ -46,16 +46,19 @@ class ShardWriter:
 
   def add(self, documents: list[tuple[str, str]], ids: list[np.ndarray]) -> None:
     """Appends documents (identity, text) and their token ids (bos and eos included)."""
-    if not ids:
+    if ids:
+      self.add_packed(documents, np.concatenate(ids), np.asarray([len(x) for x in ids], np.int64))
+
+  def add_packed(self, documents: list[tuple[str, str]], packed: np.ndarray, lengths: np.ndarray) -> None:
+    """Appends documents (identity, text) given as their token ids back to back and each one's length."""
+    if not len(lengths):
       return
-    lengths = np.asarray([len(x) for x in ids], np.int64)
-    starts = self.num_tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    flat = np.concatenate(ids)
-    self._tokens.write(flat.astype(self.dtype).tobytes())
-    self._starts.write(starts.astype(STARTS_DTYPE).tobytes())
-    self.counts += np.bincount(flat, minlength=len(self.counts))
+    starts = self.num_tokens + np.cumsum(lengths) - lengths
+    self._tokens.write(packed.astype(self.dtype))
+    self._starts.write(starts.astype(STARTS_DTYPE))
+    self.counts += np.bincount(packed, minlength=len(self.counts))
     self.num_tokens += int(lengths.sum())
-    self.num_documents += len(ids)
+    self.num_documents += len(lengths)
     for identity, text in documents:
       data = text.encode("utf-8")
       self.bytes += len(data)

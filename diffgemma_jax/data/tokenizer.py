@@ -59,20 +59,22 @@ class Tokenizer:
       return [self._no_mask(ids) for ids in self.sp.encode(text, num_threads=num_threads)]
     return self._no_mask(self.sp.encode(text))
 
-  def encode_documents(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-    """Each text as a packed document, `[bos] ids [eos]` (int32), the ids exactly those of `encode`."""
+  def encode_packed(self, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The texts as packed documents back to back, each `[bos] ids [eos]` with the ids of `encode`: (the ids,
+    int32; each document's length, int64). One array for the batch, not one per document."""
     try:
       arrays = self.sp.encode(texts, num_threads=num_threads, out_type="numpy")
     except (TypeError, ValueError):  # a sentencepiece without array output
       arrays = [np.asarray(ids, np.int32) for ids in self.sp.encode(texts, num_threads=num_threads)]
-    docs = []
-    for ids in arrays:
-      if self._spelled_mask and np.any(ids == self.mask_id):
-        ids = np.asarray(self._no_mask(ids.tolist()), np.int32)
-      doc = np.empty((len(ids) + 2,), np.int32)
-      doc[0], doc[1:-1], doc[-1] = self.bos_id, ids, self.eos_id
-      docs.append(doc)
-    return docs
+    if self._spelled_mask and any(self.mask_id in ids for ids in arrays):
+      arrays = [np.asarray(self._no_mask(ids.tolist()), np.int32) for ids in arrays]
+    lengths = np.fromiter((len(ids) + 2 for ids in arrays), np.int64, len(arrays))
+    ends = np.cumsum(lengths)
+    packed = np.empty((int(ends[-1]) if len(ends) else 0,), np.int32)
+    packed[ends - lengths], packed[ends - 1] = self.bos_id, self.eos_id
+    for start, end, ids in zip((ends - lengths + 1).tolist(), (ends - 1).tolist(), arrays):
+      packed[start:end] = ids
+    return packed, lengths
 
   def _no_mask(self, ids: list[int]) -> list[int]:
     if not self._spelled_mask or self.mask_id not in ids:
@@ -111,7 +113,9 @@ def train_tokenizer(texts, model_prefix: str, vocab_size: int, *, max_sentences:
     _train(lines(), model_prefix, vocab_size, max_sentences)
   except RuntimeError as e:
     raise DataError(f"sentencepiece could not train a {vocab_size}-token vocabulary on this corpus: "
-                    f"{str(e).splitlines()[0][-200:]}; try another vocab_size (model.vocab_size)") from None
+                    f"{str(e).splitlines()[0][-200:]}; try another vocab_size (model.vocab_size), or, if the "
+                    f"vocabulary was too large, a sample of more than {max_sentences} lines "
+                    f"(data.tokenizer_sample_lines)") from None
   _drop_build_paths(model_prefix + ".model")
   return Tokenizer(model_prefix + ".model")
 
