@@ -128,16 +128,18 @@ class _RecomputedBlockDenoiser:
     return jax.lax.dynamic_slice_in_dim(logits, first, self.block_length, axis=1), cache
 
 
-@pytest.mark.parametrize("scan_layers,token_shift", [(False, False), (True, False), (False, True)])
-def test_block_diffusion_cache_is_exact(scan_layers, token_shift):
+@pytest.mark.parametrize("scan_layers,token_shift,P,gen_length", [(False, False, 5, 12), (True, False, 5, 12),
+                                                                  (False, True, 5, 12), (False, True, 2, 4)])
+def test_block_diffusion_cache_is_exact(scan_layers, token_shift, P, gen_length):
   """The clean prefix written once (prompt prefill, finished blocks re-run causally) equals recomputing it; with
-  token shift the block's first token is read from the clean slot before it (prefill or the finished block)."""
+  token shift the block's first token is read from the clean slot before it (prefill or the finished block). The
+  last case is one block after a prompt shorter than it (the canvas holds fewer than two blocks' slots)."""
   cfg_model = dataclasses.replace(TINY, scan_layers=scan_layers, token_shift=token_shift)
   graphdef, state = nnx.split(build_model(cfg_model, 4))
-  P, b = 5, 4
+  b = 4
   prompt = jax.random.randint(jax.random.key(5), (2, P), 5, TINY.vocab_size)
-  cfg = SamplerConfig(gen_length=12, block_length=b, steps_per_block=2, acceptance="threshold", threshold=0.2,
-                      cache="block", stop_at_eos=False)
+  cfg = SamplerConfig(gen_length=gen_length, block_length=b, steps_per_block=2, acceptance="threshold",
+                      threshold=0.2, cache="block", stop_at_eos=False)
 
   @jax.jit
   def both(state):

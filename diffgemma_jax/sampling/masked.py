@@ -188,11 +188,14 @@ class BlockDenoiser:
       logits, c = self._run(canvas_BS, c, block_start, b, block_start, 0)
       return (shifted(logits, before) if shift else logits), c
 
-    # `refresh` is the first step of a block; block 0 follows the prefilled prompt, which is already clean.
-    with_finished = lambda c: self._run(canvas_BS, c, jnp.maximum(block_start - b, 0), 2 * b, block_start,
-                                        b - 1 if shift else b)
-    is_later_block = refresh & (block_start - b >= self.first_block_start)
-    logits, cache = jax.lax.cond(is_later_block, with_finished, plain, cache)
+    if canvas_BS.shape[1] - self.first_block_start < 2 * b:  # one block: no finished block to commit (and a
+      logits, cache = plain(cache)                           # 2b-slot window may not fit the canvas)
+    else:
+      # `refresh` is the first step of a block; block 0 follows the prefilled prompt, which is already clean.
+      with_finished = lambda c: self._run(canvas_BS, c, jnp.maximum(block_start - b, 0), 2 * b, block_start,
+                                          b - 1 if shift else b)
+      is_later_block = refresh & (block_start - b >= self.first_block_start)
+      logits, cache = jax.lax.cond(is_later_block, with_finished, plain, cache)
     # With token shift logits[:, 0] is the clean slot before the block (unchanged by plain steps).
     return logits, (cache, logits[:, :1] if shift else before)
 
