@@ -23,7 +23,7 @@ def test_overrides_reach_the_config(load_tiny):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--config.train.num_stepz=3", "train.learning_rate, train.log_every_steps, train.lr_schedule, train.min_lr_ratio, train.num_steps"),
+    ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; valid keys there are: train.b1, train.b2,"),
     ("--config.optimizer.lr=3", "valid keys there are: checkpoint, data, distributed, eval, init, log, mesh, model, objective, train"),
     ("--config.train.seq_len=0", "train.seq_len: must be a positive integer"),
     ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse"),

@@ -184,12 +184,14 @@ def test_short_run_lowers_loss_and_bound(trained_run):
   config, workdir, summary = trained_run
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, 25))
-  first = np.mean([losses[s][0] for s in range(1, 5)])
-  last = np.mean([losses[s][0] for s in range(21, 25)])
-  assert last < first - 0.1, (first, last)  # the masked loss is noisy; the bound below is not
+  assert all(np.isfinite(v[0]) for v in losses.values()), losses
+  # The training loss of 4 sequences at one random t per sequence swings by +-1.5 nats from step to step (3.0 to
+  # 7.0 in this run), so it says nothing about learning at 24 steps. The held-out bound does: every evaluation
+  # uses the same sequences and the same t samples, so successive bounds are a paired comparison (7.63, 7.27,
+  # 7.12 bits when written).
   bounds = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
   assert sorted(bounds) == [8, 16, 24]
-  assert bounds[24] < bounds[8], bounds
+  assert bounds[24] < bounds[16] < bounds[8] - 0.1, bounds
   assert summary["final_step"] == 24 and summary["eval"]["step"] == 24
   # Learnt: a model that predicts uniformly scores V - 1 = 511 (log(V-1) a token, test_masked) and an untrained
   # one more; the unigram model 95; this run 125 when written.
