@@ -16,6 +16,7 @@ import shutil
 import time
 from typing import Any, Iterable
 
+from diffgemma_jax import storage
 from diffgemma_jax.data.build import BuildOptions, Corpus, build_store, special_ids
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.tokenizer import Tokenizer
@@ -41,8 +42,9 @@ def file_sha256(path: str) -> str:
 
 
 def files_stamp(paths) -> dict[str, list]:
-  """{path: [size, mtime]} of a recipe's source files, kept in the manifest as `files` (see `is_current`)."""
-  return {p: [os.path.getsize(p), os.path.getmtime(p)] for p in paths}
+  """{path: [size, mtime (a bucket object's version)]} of a recipe's source files, kept in the manifest as
+  `files` (see `is_current`)."""
+  return {p: storage.stamp(p) for p in paths}
 
 
 def is_current(output_dir: str, recipe: str, vocab_size: int | None, source: str | None,

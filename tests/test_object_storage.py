@@ -93,3 +93,68 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
   assert step == 0
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def test_data_source_and_data_dir_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+  """A corpus in the bucket as data.source (streamed) and data.dir in the bucket: the build reads the same
+  documents a local build reads (same content digest and tokenizer), trains, and a fresh cache evaluates the same
+  held-out set."""
+  import boto3
+  from etils import epath
+
+  from diffgemma_jax.evaluate import evaluate
+  from diffgemma_jax.train import train
+  from diffgemma_jax.train.dataset import prepare_dataset
+  local_config = load_tiny()
+  local_dir, _ = prepare_dataset(local_config)  # the session's local build of the same corpus (built once)
+  client = boto3.client("s3")
+  corpus = str(local_config.data.source)
+  for name in sorted(os.listdir(corpus)):
+    client.upload_file(os.path.join(corpus, name), "runs", f"corpus/{name}")
+  overrides = {"data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
+               "data.cache_dir": str(tmp_path / "cache-a"), "train.num_steps": "2", "checkpoint.every_steps": "2",
+               "eval.every_steps": "0"}
+  summary = train(load_tiny(overrides), str(tmp_path / "run"), show_progress=False)
+  manifest = json.loads(epath.Path("s3://runs/data/manifest.json").read_text())
+  with open(os.path.join(local_dir, "manifest.json")) as f:
+    local_manifest = json.load(f)
+  assert manifest["sha256"] == local_manifest["sha256"] and manifest["splits"] == local_manifest["splits"]
+  assert (epath.Path("s3://runs/data/tokenizer.model").read_bytes()
+          == open(os.path.join(local_dir, "tokenizer.model"), "rb").read())
+  assert sorted(manifest["files"]) == [f"s3://runs/corpus/{name}" for name in sorted(os.listdir(corpus))]
+  fresh = load_tiny(dict(overrides, **{"data.cache_dir": str(tmp_path / "cache-b")}))
+  result = evaluate(fresh, str(tmp_path / "run"))
+  assert result["step"] == 2
+  assert result["bits_per_token"] == pytest.approx(summary["eval"]["bits_per_token"], rel=1e-6)
+  assert os.listdir(tmp_path / "cache-b") == os.listdir(tmp_path / "cache-a")  # one folder per URL
+
+
+def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tmp_path, monkeypatch):
+  from diffgemma_jax import storage
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.model.config import ConfigError
+  local = tmp_path / "dataset"
+  (local / "train").mkdir(parents=True)
+  (local / "train" / "00000.tokens").write_bytes(bytes(range(256)) * 3)
+  (local / "tokenizer.model").write_bytes(b"not really a model")
+  (local / "manifest.json").write_text('{"recipe": "test"}')
+  remote_dataset.upload(str(local), "s3://runs/cached")
+  fetched = []
+  real_download = storage.download
+  monkeypatch.setattr(storage, "download", lambda url, *a, **k: fetched.append(url) or real_download(url, *a, **k))
+  cache = str(tmp_path / "cache")
+  copy = remote_dataset.fetch("s3://runs/cached", cache)
+  assert sorted(fetched) == ["s3://runs/cached/tokenizer.model", "s3://runs/cached/train/00000.tokens"]
+  for rel in ("train/00000.tokens", "tokenizer.model", "manifest.json"):
+    assert open(os.path.join(copy, rel), "rb").read() == (local / rel).read_bytes(), rel
+  fetched.clear()
+  assert remote_dataset.fetch("s3://runs/cached", cache) == copy and fetched == []
+  with open(os.path.join(copy, "train", "00000.tokens"), "r+b") as f:
+    f.truncate(100)  # a copy cut short
+  assert remote_dataset.fetch("s3://runs/cached", cache) == copy
+  assert fetched == ["s3://runs/cached/train/00000.tokens"]
+  assert open(os.path.join(copy, "train", "00000.tokens"), "rb").read() == (local / "train" / "00000.tokens").read_bytes()
+  from etils import epath
+  epath.Path("s3://runs/cached/tokenizer.model").write_bytes(b"NOT really a model")  # same size, other bytes
+  with pytest.raises(ConfigError, match="does not match its recorded sha256"):
+    remote_dataset.fetch("s3://runs/cached", str(tmp_path / "other-cache"))

@@ -3,6 +3,7 @@ open the checkpointable train iterator, and the fixed-shape held-out batches."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -24,8 +25,11 @@ def dataset_dir(config) -> str:
 def checked_data_tokenizer(path: str) -> str:
   """`path`, the value of `data.tokenizer`, once it is known to be a sentencepiece model file; else a
   ConfigError naming the key."""
-  if not os.path.isfile(path):
+  if storage.is_url(path):
+    storage.check_reachable(path, "data.tokenizer")
+  if not epath.Path(path).is_file():
     raise ConfigError(f"data.tokenizer: {path!r} does not exist; give a sentencepiece .model")
+  path = storage.local_file(path)
   import sentencepiece as spm
   try:
     spm.SentencePieceProcessor(model_file=path)
@@ -50,11 +54,11 @@ def tokenizer_source(config, run_dir: str | None = None) -> str | None:
   if config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
     _, _, init_run = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
-    path = os.path.join(init_run, "tokenizer.model")
-    if not os.path.isfile(path):
+    path = storage.join(init_run, "tokenizer.model")
+    if not epath.Path(path).is_file():
       raise ConfigError(f"init.checkpoint's run {init_run} keeps no tokenizer.model; set data.tokenizer to the "
                         f"tokenizer it was trained with")
-    return path
+    return storage.local_file(path)
   return None
 
 
@@ -85,10 +89,14 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
                    heldout_source=config.data.heldout_source or None, max_bad_lines=int(config.data.max_bad_lines),
                    text_field=str(config.data.text_field), build_workers=int(config.data.build_workers),
                    tokenizer_sample_lines=int(config.data.tokenizer_sample_lines))
-    if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
-      from diffgemma_jax.parallel.distributed import barrier
-      options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
-    build_dataset(config.data.recipe, directory, int(config.model.vocab_size), **options)
+    build = functools.partial(build_dataset, config.data.recipe, vocab_size=int(config.model.vocab_size))
+    if storage.is_url(directory):
+      directory = _dataset_in_bucket(config, directory, lambda local: build(local, **options))
+    else:
+      if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
+        from diffgemma_jax.parallel.distributed import barrier
+        options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
+      build(directory, **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
   if tokenizer.mask_id < 0 and config.objective.name in ("masked", "block"):
     raise ConfigError(f"objective.name={config.objective.name!r} corrupts tokens to <mask>, which the tokenizer in "
@@ -98,6 +106,20 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
                       f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} or point data.dir "
                       f"at a dataset built for {config.model.vocab_size}")
   return directory, tokenizer
+
+
+def _dataset_in_bucket(config, url: str, build) -> str:
+  """The local copy (data/remote_dataset.py) of the dataset in the bucket folder `url`, built there first when
+  missing or stale: by process 0 alone, on its local disk, while the others wait and then fetch it."""
+  from diffgemma_jax.data import remote_dataset
+  storage.check_reachable(url, "data.dir")
+  cache = str(config.data.cache_dir) or remote_dataset.default_cache_root()
+  if jax.process_count() == 1:
+    return remote_dataset.build_in_bucket(url, cache, build)
+  from diffgemma_jax.parallel.distributed import barrier
+  local = remote_dataset.build_in_bucket(url, cache, build) if jax.process_index() == 0 else None
+  barrier("diffgemma_bucket_dataset_built")
+  return local or remote_dataset.fetch(url, cache)
 
 
 def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
