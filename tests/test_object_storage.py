@@ -38,27 +38,53 @@ def s3_endpoint():
       os.environ[key] = value
 
 
-def test_train_resume_and_evaluate_with_the_workdir_in_a_bucket(s3_endpoint, load_tiny):
+def _upload_corpus(folder: str, url: str) -> list[str]:
+  import boto3
+  bucket, _, prefix = url[len("s3://"):].partition("/")
+  names = sorted(os.listdir(folder))
+  for name in names:
+    boto3.client("s3").upload_file(os.path.join(folder, name), bucket, f"{prefix}/{name}")
+  return [f"{url}/{name}" for name in names]
+
+
+def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+  """Workdir, data.source and data.dir all in the bucket: the build streams the same documents a local build of
+  the same files reads (same content digest, same tokenizer); train, resume, and evaluate from a fresh dataset
+  cache on the same held-out set."""
   from etils import epath
 
   from diffgemma_jax.evaluate import evaluate
   from diffgemma_jax.train import train
+  from diffgemma_jax.train.dataset import prepare_dataset
   from diffgemma_jax.train.history import read_history
+  local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus
+  sources = _upload_corpus(str(load_tiny().data.source), "s3://runs/corpus")
   workdir = "s3://runs/tiny"
-  overrides = {"train.num_steps": "4", "checkpoint.every_steps": "2", "eval.every_steps": "0"}
+  overrides = {"train.num_steps": "4", "checkpoint.every_steps": "2", "eval.every_steps": "0",
+               "data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
+               "data.cache_dir": str(tmp_path / "cache")}
   first = train(load_tiny(overrides), workdir, show_progress=False)
   assert first["final_step"] == 4 and first["checkpoint_dir"] == "s3://runs/tiny/checkpoints"
   root = epath.Path(workdir)
   assert sorted(p.name for p in (root / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert (root / "tokenizer.model").is_file() and (root / "checkpoints" / "4" / "file_sizes.json").is_file()
+  manifest = json.loads(epath.Path("s3://runs/data/manifest.json").read_text())
+  with open(os.path.join(local_dir, "manifest.json")) as f:
+    local_manifest = json.load(f)
+  assert sorted(manifest["files"]) == sources
+  assert manifest["sha256"] == local_manifest["sha256"] and manifest["splits"] == local_manifest["splits"]
+  with open(os.path.join(local_dir, "tokenizer.model"), "rb") as f:
+    assert epath.Path("s3://runs/data/tokenizer.model").read_bytes() == f.read()
   resumed = train(load_tiny(dict(overrides, **{"train.num_steps": "6"})), workdir, show_progress=False)
   assert resumed["start_step"] == 4 and resumed["final_step"] == 6
   records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
   assert sorted(r["step"] for r in records if "train/loss" in r) == list(range(1, 7))
   assert [r["start_step"] for r in read_history(workdir)] == [0, 4]
-  result = evaluate(load_tiny(dict(overrides, **{"train.num_steps": "6"})), workdir)
+  fresh_cache = {"train.num_steps": "6", "data.cache_dir": str(tmp_path / "fresh-cache")}
+  result = evaluate(load_tiny(dict(overrides, **fresh_cache)), workdir)
   assert result["step"] == 6 and result["bits_per_token"] == pytest.approx(resumed["eval"]["bits_per_token"],
                                                                            rel=1e-6)
+  assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
 
 
 def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, capsys):
@@ -93,40 +119,6 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
   assert step == 0
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
-
-
-def test_data_source_and_data_dir_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
-  """A corpus in the bucket as data.source (streamed) and data.dir in the bucket: the build reads the same
-  documents a local build reads (same content digest and tokenizer), trains, and a fresh cache evaluates the same
-  held-out set."""
-  import boto3
-  from etils import epath
-
-  from diffgemma_jax.evaluate import evaluate
-  from diffgemma_jax.train import train
-  from diffgemma_jax.train.dataset import prepare_dataset
-  local_config = load_tiny()
-  local_dir, _ = prepare_dataset(local_config)  # the session's local build of the same corpus (built once)
-  client = boto3.client("s3")
-  corpus = str(local_config.data.source)
-  for name in sorted(os.listdir(corpus)):
-    client.upload_file(os.path.join(corpus, name), "runs", f"corpus/{name}")
-  overrides = {"data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
-               "data.cache_dir": str(tmp_path / "cache-a"), "train.num_steps": "2", "checkpoint.every_steps": "2",
-               "eval.every_steps": "0"}
-  summary = train(load_tiny(overrides), str(tmp_path / "run"), show_progress=False)
-  manifest = json.loads(epath.Path("s3://runs/data/manifest.json").read_text())
-  with open(os.path.join(local_dir, "manifest.json")) as f:
-    local_manifest = json.load(f)
-  assert manifest["sha256"] == local_manifest["sha256"] and manifest["splits"] == local_manifest["splits"]
-  assert (epath.Path("s3://runs/data/tokenizer.model").read_bytes()
-          == open(os.path.join(local_dir, "tokenizer.model"), "rb").read())
-  assert sorted(manifest["files"]) == [f"s3://runs/corpus/{name}" for name in sorted(os.listdir(corpus))]
-  fresh = load_tiny(dict(overrides, **{"data.cache_dir": str(tmp_path / "cache-b")}))
-  result = evaluate(fresh, str(tmp_path / "run"))
-  assert result["step"] == 2
-  assert result["bits_per_token"] == pytest.approx(summary["eval"]["bits_per_token"], rel=1e-6)
-  assert os.listdir(tmp_path / "cache-b") == os.listdir(tmp_path / "cache-a")  # one folder per URL
 
 
 def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tmp_path, monkeypatch):
