@@ -87,7 +87,7 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
 
 
-def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, capsys):
+def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, capsys, tmp_path):
   from launch.evaluate import main as eval_main
   from launch.train import main as train_main
   for main in (train_main, eval_main):
@@ -95,6 +95,16 @@ def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, 
     err = capsys.readouterr().err
     assert err.startswith("error: --workdir s3://no-such-bucket/run: the bucket s3://no-such-bucket cannot be "
                           f"reached (endpoint {s3_endpoint})") and err.count("\n") == 1, err
+  local = ["--workdir", str(tmp_path / "run"), "--config.data.dir", str(tmp_path / "data")]
+  for key, value, message in (
+      ("data.dir", "s3://no-such-bucket/data", "data.dir s3://no-such-bucket/data: the bucket s3://no-such-bucket "
+                                               f"cannot be reached (endpoint {s3_endpoint})"),
+      ("data.source", "s3://no-such-bucket/corpus", "data.source s3://no-such-bucket/corpus: the bucket "
+                                                    "s3://no-such-bucket cannot be reached"),
+      ("data.source", "s3://runs/no-such-corpus", "data.source 's3://runs/no-such-corpus' does not exist")):
+    assert train_main(["--config", tiny_config_file, *local, f"--config.{key}", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
