@@ -160,3 +160,38 @@ def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tm
   epath.Path("s3://runs/cached/tokenizer.model").write_bytes(b"NOT really a model")  # same size, other bytes
   with pytest.raises(ConfigError, match="does not match its recorded sha256"):
     remote_dataset.fetch("s3://runs/cached", str(tmp_path / "other-cache"))
+
+
+def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny):
+  """init.checkpoint = s3://...: its parameters restore in a process where no Checkpointer has set Orbax up for
+  object storage (diffgemma-eval --checkpoint, or a fine-tune's first start), and an SFT recipe reads its run's
+  tokenizer from there."""
+  import subprocess
+  import sys
+  import textwrap
+
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from diffgemma_jax import storage
+  from diffgemma_jax.train.dataset import prepare_dataset, tokenizer_source
+  with ocp.StandardCheckpointer(temporary_path_class=storage.temporary_path_class("s3://runs/init")) as saver:
+    saver.save("s3://runs/init/checkpoints/3/params", {"w": np.arange(6, dtype=np.float32)})
+  read = textwrap.dedent("""
+      import jax, numpy as np, orbax.checkpoint as ocp
+      from diffgemma_jax.train.checkpoint import _saved_params, resolve_init_checkpoint
+      step_dir, step, run = resolve_init_checkpoint("s3://runs/init", -1)
+      with ocp.StandardCheckpointer() as reader:  # what load_init_params does, on a plain tree
+        params = reader.restore(step_dir + "/params", {"w": jax.ShapeDtypeStruct((6,), np.float32)})
+      print(step_dir, step, run, sorted(_saved_params(step_dir)), np.asarray(params["w"]).tolist())
+  """)
+  done = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  assert done.stdout.strip().splitlines()[-1:] == ["s3://runs/init/checkpoints/3 3 s3://runs/init ['w'] "
+                                                   "[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]"], done.stderr[-2000:]
+  tokenizer = os.path.join(prepare_dataset(load_tiny())[0], "tokenizer.model")  # built once per session
+  epath.Path("s3://runs/init/tokenizer.model").write_bytes(open(tokenizer, "rb").read())
+  local = tokenizer_source(load_tiny({"data.recipe": "jsonl", "data.source": "unused.jsonl",
+                                      "init.checkpoint": "s3://runs/init"}))
+  assert open(local, "rb").read() == open(tokenizer, "rb").read()
