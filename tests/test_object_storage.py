@@ -195,3 +195,25 @@ def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny
   local = tokenizer_source(load_tiny({"data.recipe": "jsonl", "data.source": "unused.jsonl",
                                       "init.checkpoint": "s3://runs/init"}))
   assert open(local, "rb").read() == open(tokenizer, "rb").read()
+
+
+def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
+  """data.mixture of bucket URLs reads each dataset through the cache and names its held-out set by its URL."""
+  import numpy as np
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.train.dataset import eval_batches, eval_sets, prepare_dataset
+  local_dir, _ = prepare_dataset(load_tiny())  # built once per session
+  for name in ("mix-a", "mix-b"):
+    remote_dataset.upload(local_dir, f"s3://runs/{name}")
+  config = load_tiny({"data.source": "", "data.dir": "", "data.cache_dir": str(tmp_path / "cache"),
+                      "data.mixture": "s3://runs/mix-a:0.7,s3://runs/mix-b:0.3"})
+  directory, tokenizer = prepare_dataset(config)
+  assert directory.startswith(str(tmp_path / "cache")) and tokenizer.vocab_size == config.model.vocab_size
+  sets = eval_sets(config, directory)
+  assert [(name, weight) for name, weight, _ in sets] == [("s3://runs/mix-a", 0.7), ("s3://runs/mix-b", 0.3)]
+  expected = eval_batches(config, local_dir)
+  for _, _, batches in sets:
+    for got, want in zip(batches, expected, strict=True):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])

@@ -77,12 +77,13 @@ def _objects(url: str) -> dict[str, list]:
           if rel not in (MANIFEST_FILE, OBJECTS_FILE)}
 
 
-def fetch(url: str, cache_root: str) -> str:
-  """The local copy of the dataset in the bucket folder `url`, fetched into `cache_root` where missing."""
+def fetch(url: str, cache_root: str, key: str = "data.dir") -> str:
+  """The local copy of the dataset in the bucket folder `url`, fetched into `cache_root` where missing; `key`:
+  the config key that names it (for the error when no dataset is there)."""
   manifest = _read(storage.join(url, MANIFEST_FILE))
   if manifest is None:
-    raise DataError(f"data.dir {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
-                    f"builds data.recipe there)")
+    raise DataError(f"{key} {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
+                    f"builds data.recipe into data.dir)")
   local = os.path.join(cache_root, _key(url), _key(manifest))
   for rel, (size, sha256) in sorted(_objects(url).items()):
     path = os.path.join(local, rel)

@@ -12,6 +12,7 @@ import numpy as np
 from etils import epath
 
 from diffgemma_jax import storage
+from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.model.config import ConfigError
 
 
@@ -62,10 +63,22 @@ def tokenizer_source(config, run_dir: str | None = None) -> str | None:
   return None
 
 
-def mixture_entries(config) -> list[tuple[str, float]]:
-  """data.mixture's [(directory, weight)], or [] for one dataset."""
+def mixture_entries(config, *, local: bool = True) -> list[tuple[str, float]]:
+  """data.mixture's [(directory, weight)], or [] for one dataset; a dataset in a bucket as its local copy (as
+  written, with local=False)."""
   from diffgemma_jax.data.mixture import parse_mixture
-  return parse_mixture(str(config.data.mixture)) if config.data.mixture else []
+  entries = parse_mixture(str(config.data.mixture)) if config.data.mixture else []
+  if local and any(storage.is_url(d) for d, _ in entries):
+    for directory, _ in entries:
+      storage.check_reachable(directory, "data.mixture:")
+    cache = _cache_root(config)
+    entries = [(remote_dataset.fetch(d, cache, key="data.mixture") if storage.is_url(d) else d, w)
+               for d, w in entries]
+  return entries
+
+
+def _cache_root(config) -> str:
+  return str(config.data.cache_dir) or remote_dataset.default_cache_root()
 
 
 def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
@@ -111,9 +124,8 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
 def _dataset_in_bucket(config, url: str, build) -> str:
   """The local copy (data/remote_dataset.py) of the dataset in the bucket folder `url`, built there first when
   missing or stale: by process 0 alone, on its local disk, while the others wait and then fetch it."""
-  from diffgemma_jax.data import remote_dataset
   storage.check_reachable(url, "data.dir")
-  cache = str(config.data.cache_dir) or remote_dataset.default_cache_root()
+  cache = _cache_root(config)
   if jax.process_count() == 1:
     return remote_dataset.build_in_bucket(url, cache, build)
   from diffgemma_jax.parallel.distributed import barrier
@@ -177,7 +189,8 @@ def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
 def eval_sets(config, directory: str) -> list[tuple[str, float, list[dict[str, np.ndarray]]]]:
   """[(name, weight, held-out batches)]: one set, or one per dataset of data.mixture (`eval.max_sequences` each)."""
   mixture = mixture_entries(config) or [(directory, 1.0)]
-  return [(d, w, eval_batches(config, d)) for d, w in mixture]
+  names = [d for d, _ in mixture_entries(config, local=False)] or [directory]  # a bucket dataset by its URL
+  return [(name, w, eval_batches(config, d)) for name, (d, w) in zip(names, mixture)]
 
 
 def unigram_baseline(config, directory: str) -> float:
