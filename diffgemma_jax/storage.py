@@ -7,6 +7,10 @@ Orbax 0.12 builds no tensorstore spec (it normalises the URL to `s3:/...` and ta
 `use_object_storage` adds one (tensorstore's `s3` driver, with `$AWS_ENDPOINT_URL` for S3-compatible servers such
 as MinIO). Object stores cannot rename a folder, so checkpoints there are committed by a marker file instead of a
 rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
+
+Data goes through here too: source files are opened as streams (`open_binary`: fsspec reads an object in ranges),
+listed (`find_files`, `folder_sizes`) and stamped (`stamp`: size and ETag/generation); libraries that read local
+files only get a local copy (`local_file`, `download`). A dataset folder in a bucket: data/remote_dataset.py.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny
   from etils import epath
 
   from diffgemma_jax import storage
-  from diffgemma_jax.train.dataset import prepare_dataset, tokenizer_source
+  from diffgemma_jax.train.dataset import checked_data_tokenizer, prepare_dataset, tokenizer_source
   with ocp.StandardCheckpointer(temporary_path_class=storage.temporary_path_class("s3://runs/init")) as saver:
     saver.save("s3://runs/init/checkpoints/3/params", {"w": np.arange(6, dtype=np.float32)})
   read = textwrap.dedent("""
@@ -195,6 +195,8 @@ def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny
   local = tokenizer_source(load_tiny({"data.recipe": "jsonl", "data.source": "unused.jsonl",
                                       "init.checkpoint": "s3://runs/init"}))
   assert open(local, "rb").read() == open(tokenizer, "rb").read()
+  data_tokenizer = checked_data_tokenizer("s3://runs/init/tokenizer.model")  # data.tokenizer in a bucket
+  assert open(data_tokenizer, "rb").read() == open(tokenizer, "rb").read()
 
 
 def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
