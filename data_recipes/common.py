@@ -17,6 +17,7 @@ import time
 from typing import Any, Iterable
 
 from diffgemma_jax import storage
+from diffgemma_jax.storage import file_sha256
 from diffgemma_jax.data.build import BuildOptions, Corpus, build_store, special_ids
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.tokenizer import Tokenizer
@@ -31,14 +32,6 @@ def read_manifest(output_dir: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def files_stamp(paths) -> dict[str, list]:

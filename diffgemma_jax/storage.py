@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
+import tempfile
+import uuid
 from typing import Iterator
 
 from etils import epath
@@ -59,6 +62,15 @@ def _filesystem(url):
 def open_binary(path):
   """A seekable binary file object: a local file, or an object read in ranges as it is consumed (streamed)."""
   return epath.Path(str(path)).open("rb") if is_url(path) else open(path, "rb")
+
+
+def file_sha256(path) -> str:
+  """The sha256 of a local file or an object, read in chunks."""
+  digest = hashlib.sha256()
+  with open_binary(path) as f:
+    while chunk := f.read(8 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 def file_size(path) -> int | None:
@@ -127,8 +139,6 @@ def common_folder(paths: list[str]) -> tuple[str, list[str]]:
 def download(url: str, target: str, *, size: int | None = None, sha256: str | None = None) -> None:
   """Copies the object at `url` to the local file `target`, atomically (a temporary name, then a rename, so
   processes sharing `target` never see half a file), checking its size and digest when given."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-  import uuid  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.dirname(target), exist_ok=True)
   partial = f"{target}.partial-{uuid.uuid4().hex[:12]}"
   digest, written = hashlib.sha256(), 0
@@ -155,8 +165,6 @@ def local_file(path) -> str:
   libraries that read local files only, such as sentencepiece)."""
   if not is_url(path):
     return str(path)
-  import hashlib
-  import tempfile
   data = epath.Path(str(path)).read_bytes()
   target = os.path.join(tempfile.gettempdir(), "diffgemma-" + hashlib.sha256(data).hexdigest()[:24]
                         + "-" + os.path.basename(str(path)))
@@ -175,7 +183,6 @@ def staged_folder(path) -> Iterator[str]:
     os.makedirs(path, exist_ok=True)
     yield str(path)
     return
-  import tempfile
   with tempfile.TemporaryDirectory(prefix="diffgemma-upload-") as local:
     yield local
     target = epath.Path(str(path))

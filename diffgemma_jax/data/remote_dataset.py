@@ -55,14 +55,6 @@ def _write_atomic(path: str, data: bytes) -> None:
   os.replace(partial, path)
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(8 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _local_files(folder: str) -> list[str]:
   return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
 
@@ -103,7 +95,7 @@ def upload(local: str, url: str) -> None:
   objects = {}
   for rel in files:
     source = os.path.join(local, rel)
-    objects[rel] = [os.path.getsize(source), _file_sha256(source)]
+    objects[rel] = [os.path.getsize(source), storage.file_sha256(source)]
     epath.Path(source).copy(target / rel, overwrite=True)
   (target / OBJECTS_FILE).write_text(json.dumps(objects, indent=1, sort_keys=True))
   epath.Path(os.path.join(local, MANIFEST_FILE)).copy(target / MANIFEST_FILE, overwrite=True)
