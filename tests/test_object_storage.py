@@ -219,3 +219,32 @@ def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
     for got, want in zip(batches, expected, strict=True):
       for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+  """The jsonl recipe reads data.source objects (a folder of them) as it reads local files; records are named by
+  their URL and line."""
+  from data_recipes import jsonl
+  from data_recipes.common import read_records
+  from diffgemma_jax.train.dataset import prepare_dataset
+  tokenizer = os.path.join(prepare_dataset(load_tiny())[0], "tokenizer.model")  # built once per session
+  folder = tmp_path / "sft"
+  folder.mkdir()
+  with open(folder / "chats.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"prompt": f"what is {i} + {i}?", "response": f"{2 * i}"}) + "\n")
+  sources = _upload_corpus(str(folder), "s3://runs/sft")
+  jsonl.build(str(tmp_path / "local"), source=str(folder), tokenizer=tokenizer)
+  manifest = jsonl.build(str(tmp_path / "remote"), source="s3://runs/sft", tokenizer=tokenizer)
+  assert sorted(manifest["files"]) == sources
+
+  def records(directory):
+    return [r for split in ("train", "heldout") for r in read_records(directory, split)]
+
+  def by_line(rows):
+    return sorted((r["source"].rsplit(":", 1)[1], json.dumps({k: v for k, v in r.items() if k != "source"},
+                                                              sort_keys=True)) for r in rows)
+
+  local, remote = records(str(tmp_path / "local")), records(str(tmp_path / "remote"))
+  assert by_line(remote) == by_line(local) and len(remote) == 40
+  assert all(r["source"].startswith("s3://runs/sft/chats.jsonl:") for r in remote)
