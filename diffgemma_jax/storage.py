@@ -162,16 +162,15 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
 
 def local_file(path) -> str:
   """A local path holding the file at `path`: `path` itself, or for a URL a copy under the temporary folder (for
-  libraries that read local files only, such as sentencepiece)."""
+  libraries that read local files only, such as sentencepiece), keyed by the URL and the object's version and
+  streamed there once."""
   if not is_url(path):
     return str(path)
-  data = epath.Path(str(path)).read_bytes()
-  target = os.path.join(tempfile.gettempdir(), "diffgemma-" + hashlib.sha256(data).hexdigest()[:24]
-                        + "-" + os.path.basename(str(path)))
-  if not os.path.isfile(target):
-    with open(target + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(target + ".tmp", target)
+  size, version = stamp(path)
+  key = hashlib.sha256(f"{path}\0{version}".encode()).hexdigest()[:24]
+  target = os.path.join(tempfile.gettempdir(), f"diffgemma-{key}-{os.path.basename(str(path))}")
+  if not (os.path.isfile(target) and os.path.getsize(target) == size):
+    download(str(path), target, size=size)
   return target
 
 
