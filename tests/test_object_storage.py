@@ -248,3 +248,29 @@ def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
   local, remote = records(str(tmp_path / "local")), records(str(tmp_path / "remote"))
   assert by_line(remote) == by_line(local) and len(remote) == 40
   assert all(r["source"].startswith("s3://runs/sft/chats.jsonl:") for r in remote)
+
+
+def test_record_files_stream_from_a_bucket_as_they_read_locally(s3_endpoint, tmp_path):
+  """JSONL (in byte-range spans), JSONL.gz and Parquet objects give the documents, identities and spans the same
+  local files give."""
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from diffgemma_jax.data.sources import file_spans, read_documents
+  folder = tmp_path / "records"
+  folder.mkdir()
+  lines = [json.dumps({"text": f"document {i} " + "word " * (i % 7)}) for i in range(200)]
+  (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+  with gzip.open(folder / "b.jsonl.gz", "wt") as f:
+    f.write("\n".join(lines[:50]) + "\n")
+  pq.write_table(pa.table({"text": [f"row {i}" for i in range(300)]}), folder / "c.parquet", row_group_size=64)
+  _upload_corpus(str(folder), "s3://runs/records")
+  for name in ("a.jsonl", "b.jsonl.gz", "c.parquet"):
+    local_spans = file_spans(str(folder), name, 1024)
+    assert file_spans("s3://runs/records", name, 1024) == local_spans
+    assert len(local_spans) == 1 if name.endswith(".gz") else len(local_spans) > 1
+    for span in local_spans:
+      assert (list(read_documents("s3://runs/records", name, span=span))
+              == list(read_documents(str(folder), name, span=span))), (name, span)
