@@ -155,7 +155,14 @@ def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tm
     f.truncate(100)  # a copy cut short
   assert remote_dataset.fetch("s3://runs/cached", cache) == copy
   assert fetched == ["s3://runs/cached/train/00000.tokens"]
-  assert open(os.path.join(copy, "train", "00000.tokens"), "rb").read() == (local / "train" / "00000.tokens").read_bytes()
+  tokens = (local / "train" / "00000.tokens").read_bytes()
+  assert open(os.path.join(copy, "train", "00000.tokens"), "rb").read() == tokens
+  import concurrent.futures  # processes sharing a host fetch into one cache at once: each file lands whole
+  shared = str(tmp_path / "shared-cache")
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    copies = list(pool.map(lambda _: remote_dataset.fetch("s3://runs/cached", shared), range(4)))
+  assert len(set(copies)) == 1 and sorted(os.listdir(os.path.join(copies[0], "train"))) == ["00000.tokens"]
+  assert open(os.path.join(copies[0], "train", "00000.tokens"), "rb").read() == tokens
   from etils import epath
   epath.Path("s3://runs/cached/tokenizer.model").write_bytes(b"NOT really a model")  # same size, other bytes
   with pytest.raises(ConfigError, match="does not match its recorded sha256"):
