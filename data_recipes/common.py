@@ -16,6 +16,8 @@ import shutil
 import time
 from typing import Any, Iterable
 
+from diffgemma_jax import storage
+from diffgemma_jax.storage import file_sha256
 from diffgemma_jax.data.build import BuildOptions, Corpus, build_store, special_ids
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.tokenizer import Tokenizer
@@ -32,17 +34,10 @@ def read_manifest(output_dir: str) -> dict | None:
     return json.load(f)
 
 
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def files_stamp(paths) -> dict[str, list]:
-  """{path: [size, mtime]} of a recipe's source files, kept in the manifest as `files` (see `is_current`)."""
-  return {p: [os.path.getsize(p), os.path.getmtime(p)] for p in paths}
+  """{path: [size, mtime (a bucket object's version)]} of a recipe's source files, kept in the manifest as
+  `files` (see `is_current`)."""
+  return {p: storage.stamp(p) for p in paths}
 
 
 def is_current(output_dir: str, recipe: str, vocab_size: int | None, source: str | None,

@@ -12,6 +12,7 @@ import os
 import sys
 
 from data_recipes.common import files_stamp, is_current, read_manifest, split_by_hash, write_dataset
+from diffgemma_jax import storage
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sft import read_jsonl
 
@@ -21,13 +22,16 @@ HELDOUT_FRACTION = 0.05
 def jsonl_files(source: str, key: str = "data.source") -> list[str]:
   if not source:
     raise DataError(f"the jsonl recipe needs {key}: a JSONL file, a directory of .jsonl files, or a glob")
-  if os.path.isdir(source):
+  if storage.is_url(source):  # an object, a folder (its .jsonl objects) or a glob in a bucket
+    paths = [p for p in storage.find_files(source, key) if p.endswith(".jsonl") or glob.has_magic(source)
+             or p == source]
+  elif os.path.isdir(source):
     paths = [os.path.join(d, f) for d, _, files in os.walk(source) for f in files if f.endswith(".jsonl")]
   elif os.path.isfile(source):
     paths = [source]
   else:
     paths = glob.glob(source, recursive=True)
-  paths = sorted(p for p in paths if os.path.isfile(p))
+  paths = sorted(p for p in paths if storage.is_url(p) or os.path.isfile(p))
   if not paths:
     raise DataError(f"{key}={source!r} matches no JSONL file")
   return paths
@@ -37,7 +41,8 @@ def source_records(source: str, key: str, max_bad_lines: int, seen_bad: int = 0)
   """(source, record) items of every file `source` names, and the malformed lines skipped so far in all."""
   items, bad = [], seen_bad
   for path in jsonl_files(source, key):
-    records, skipped = read_jsonl(path, max_bad_lines=max_bad_lines, seen_bad=bad)
+    # read_jsonl reads a local file: an object is copied to the local temporary folder first.
+    records, skipped = read_jsonl(storage.local_file(path), max_bad_lines=max_bad_lines, seen_bad=bad, display=path)
     bad += skipped
     items.extend((record.pop("source"), record) for record in records)
   return items, bad

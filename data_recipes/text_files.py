@@ -13,6 +13,7 @@ import sys
 
 from data_recipes.common import build_options, build_text_dataset, files_stamp, is_current, read_manifest, \
     text_build_settings
+from diffgemma_jax import storage
 from diffgemma_jax.data.build import Corpus
 from diffgemma_jax.data.errors import DataError
 
@@ -28,7 +29,9 @@ def source_files(source: str) -> list[str]:
   for part in (p.strip() for p in source.split(",")):
     if not part:
       continue
-    if os.path.isdir(part):
+    if storage.is_url(part):  # gs://, s3://: an object, a folder or a glob, read as a stream
+      paths.update(storage.find_files(part, "data.source"))
+    elif os.path.isdir(part):
       paths.update(os.path.join(d, f) for d, _, files in os.walk(part) for f in files)
     elif os.path.isfile(part):
       paths.add(part)
@@ -37,23 +40,22 @@ def source_files(source: str) -> list[str]:
       if not found and not glob.has_magic(part):
         raise DataError(f"data.source {part!r} does not exist")
       paths.update(found)
-  return sorted(p for p in paths if os.path.isfile(p))
+  return sorted(p for p in paths if storage.is_url(p) or os.path.isfile(p))
 
 
 def corpus(source: str, text_field: str = "text", max_bad_lines: int = 10) -> Corpus:
   paths = source_files(source)
   # Documents are named relative to the files' common folder, so the split depends on the corpus, not on where
   # it lies (a split keyed by absolute paths would change when the same files move).
-  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else "."
-  files = tuple(os.path.relpath(os.path.abspath(p), root) for p in paths)
-  return Corpus(root=root, files=files, name=f"data.source {source!r}", split_by="document",
+  root, files = storage.common_folder(paths)
+  return Corpus(root=root, files=tuple(files), name=f"data.source {source!r}", split_by="document",
                 heldout_fraction=HELDOUT_FRACTION, text_field=text_field, max_bad_lines=max_bad_lines)
 
 
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
           text_field: str = "text", max_bad_lines: int = 10, **options) -> dict:
   files = corpus(source, text_field, max_bad_lines)
-  stamp = files_stamp(os.path.join(files.root, rel) for rel in files.files)  # changed files: rebuilt
+  stamp = files_stamp(storage.join(files.root, rel) for rel in files.files)  # changed files: rebuilt
   expect = text_build_settings(files, tokenizer, options)
   if is_current(output_dir, "text_files", vocab_size, source, tokenizer, files=stamp, expect=expect):
     return read_manifest(output_dir)

@@ -34,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Pretraining: python_stdlib | python_packages | shakespeare | text_files. SFT (prompt/response rows): python_docstrings | jsonl.
   c.data.recipe = "python_stdlib"
   c.data.dir = ""  # dataset directory; empty: data/<recipe>-v<vocab_size> under the current directory
+  # where a data.dir in a bucket (gs://, s3://) is copied to be read; empty: ~/.cache/diffgemma-jax/datasets
+  c.data.cache_dir = ""
   # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
   # jsonl: a JSONL file, directory or glob
   c.data.source = ""

@@ -7,21 +7,33 @@ Orbax 0.12 builds no tensorstore spec (it normalises the URL to `s3:/...` and ta
 `use_object_storage` adds one (tensorstore's `s3` driver, with `$AWS_ENDPOINT_URL` for S3-compatible servers such
 as MinIO). Object stores cannot rename a folder, so checkpoints there are committed by a marker file instead of a
 rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
+
+Data goes through here too: source files are opened as streams (`open_binary`: fsspec reads an object in ranges),
+listed (`find_files`, `folder_sizes`) and stamped (`stamp`: size and ETag/generation); libraries that read local
+files only get a local copy (`local_file`, `download`). A dataset folder in a bucket: data/remote_dataset.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
+import tempfile
+import uuid
 from typing import Iterator
 
 from etils import epath
 
-from diffgemma_jax.model.config import ConfigError
-
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+def _config_error(message: str) -> Exception:
+  # ConfigError's module loads the model package (JAX, Flax); the dataset build's worker processes read their
+  # sources through this module and start without those.
+  from diffgemma_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+  return ConfigError(message)
 
 
 def is_url(path) -> bool:
@@ -41,20 +53,124 @@ def open_path(path) -> epath.Path:
   return epath.Path(str(path))
 
 
+def _filesystem(url):
+  """(fsspec filesystem, path within it) of a URL: what epath itself reads buckets through."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  return fsspec.core.url_to_fs(str(url))
+
+
+def open_binary(path):
+  """A seekable binary file object: a local file, or an object read in ranges as it is consumed (streamed)."""
+  return epath.Path(str(path)).open("rb") if is_url(path) else open(path, "rb")
+
+
+def file_sha256(path) -> str:
+  """The sha256 of a local file or an object, read in chunks."""
+  digest = hashlib.sha256()
+  with open_binary(path) as f:
+    while chunk := f.read(8 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def file_size(path) -> int | None:
+  """The size of the file at `path`, or None when no file is there."""
+  if not is_url(path):
+    return os.path.getsize(path) if os.path.isfile(path) else None
+  fs, key = _filesystem(path)
+  try:
+    info = fs.info(key)
+  except FileNotFoundError:
+    return None
+  return int(info["size"]) if info.get("type") == "file" else None
+
+
+def stamp(path) -> list:
+  """[size, version] of a file, which changes when it is rewritten: its mtime locally, the object's ETag (S3) or
+  generation (GCS) in a bucket."""
+  if not is_url(path):
+    return [os.path.getsize(path), os.path.getmtime(path)]
+  fs, key = _filesystem(path)
+  info = fs.info(key)
+  version = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified")
+                  if info.get(k)), "")
+  return [int(info["size"]), str(version)]
+
+
+def find_files(url: str, key: str) -> list[str]:
+  """The files a URL names: one object, every object under a folder, or those a glob (`*`, `**`) matches, as
+  URLs; a ConfigError naming `key` when the bucket cannot be reached or nothing is there."""
+  check_reachable(url, key)
+  fs, path = _filesystem(url)
+  if any(c in path for c in "*?["):
+    found = [p for p in fs.glob(path) if fs.isfile(p)]
+    return sorted(fs.unstrip_protocol(p) for p in found)
+  if fs.isfile(path):
+    return [str(url)]
+  found = fs.find(path)
+  if not found:
+    raise _config_error(f"{key} {url!r} does not exist")
+  return sorted(fs.unstrip_protocol(p) for p in found)
+
+
+def folder_sizes(url: str) -> dict[str, int]:
+  """{path relative to the folder: size} of every object under the folder `url` (none: {})."""
+  fs, path = _filesystem(url)
+  found = fs.find(path, detail=True)
+  return {key[len(path.rstrip("/")) + 1:]: int(info["size"]) for key, info in found.items()
+          if info.get("type") == "file"}
+
+
+def common_folder(paths: list[str]) -> tuple[str, list[str]]:
+  """(the folder holding every path, each path relative to it): local paths made absolute, URLs of one bucket."""
+  if not any(is_url(p) for p in paths):
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else "."
+    return root, [os.path.relpath(os.path.abspath(p), root) for p in paths]
+  bucket = "/".join(paths[0].split("/")[:3])
+  if any(not p.startswith(bucket + "/") for p in paths):
+    raise _config_error(f"data.source: {paths[0]} and the other files are not all in the bucket {bucket}; name "
+                      f"files of one bucket, or local files only")
+  folders = [p[len(bucket) + 1:].split("/")[:-1] for p in paths]
+  common = os.path.commonprefix(folders)
+  root = "/".join([bucket, *common])
+  return root, [p[len(root) + 1:] for p in paths]
+
+
+def download(url: str, target: str, *, size: int | None = None, sha256: str | None = None) -> None:
+  """Copies the object at `url` to the local file `target`, atomically (a temporary name, then a rename, so
+  processes sharing `target` never see half a file), checking its size and digest when given."""
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  partial = f"{target}.partial-{uuid.uuid4().hex[:12]}"
+  digest, written = hashlib.sha256(), 0
+  try:
+    with open_binary(url) as source, open(partial, "wb") as f:
+      while chunk := source.read(8 << 20):
+        f.write(chunk)
+        digest.update(chunk)
+        written += len(chunk)
+    if size is not None and written != size:
+      raise _config_error(f"{url} holds {written} bytes, its listing says {size} (changed while it was read); "
+                        f"run again")
+    if sha256 is not None and digest.hexdigest() != sha256:
+      raise _config_error(f"{url} does not match its recorded sha256 (changed while it was read, or damaged); "
+                        f"run again, or rebuild the dataset")
+    os.replace(partial, target)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
 def local_file(path) -> str:
   """A local path holding the file at `path`: `path` itself, or for a URL a copy under the temporary folder (for
-  libraries that read local files only, such as sentencepiece)."""
+  libraries that read local files only, such as sentencepiece), keyed by the URL and the object's version and
+  streamed there once."""
   if not is_url(path):
     return str(path)
-  import hashlib
-  import tempfile
-  data = epath.Path(str(path)).read_bytes()
-  target = os.path.join(tempfile.gettempdir(), "diffgemma-" + hashlib.sha256(data).hexdigest()[:24]
-                        + "-" + os.path.basename(str(path)))
-  if not os.path.isfile(target):
-    with open(target + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(target + ".tmp", target)
+  size, version = stamp(path)
+  key = hashlib.sha256(f"{path}\0{version}".encode()).hexdigest()[:24]
+  target = os.path.join(tempfile.gettempdir(), f"diffgemma-{key}-{os.path.basename(str(path))}")
+  if not (os.path.isfile(target) and os.path.getsize(target) == size):
+    download(str(path), target, size=size)
   return target
 
 
@@ -66,7 +182,6 @@ def staged_folder(path) -> Iterator[str]:
     os.makedirs(path, exist_ok=True)
     yield str(path)
     return
-  import tempfile
   with tempfile.TemporaryDirectory(prefix="diffgemma-upload-") as local:
     yield local
     target = epath.Path(str(path))
@@ -88,9 +203,9 @@ def check_reachable(path, flag: str) -> None:
     if found:
       next(iter(bucket.iterdir()), None)
   except Exception as e:  # pylint: disable=broad-except (each object-store client raises its own errors)
-    raise ConfigError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    raise _config_error(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
   if not found:
-    raise ConfigError(f"{where}: it does not exist, or these credentials cannot see it; create it first")
+    raise _config_error(f"{where}: it does not exist, or these credentials cannot see it; create it first")
 
 
 def temporary_path_class(directory):

@@ -38,30 +38,56 @@ def s3_endpoint():
       os.environ[key] = value
 
 
-def test_train_resume_and_evaluate_with_the_workdir_in_a_bucket(s3_endpoint, load_tiny):
+def _upload_corpus(folder: str, url: str) -> list[str]:
+  import boto3
+  bucket, _, prefix = url[len("s3://"):].partition("/")
+  names = sorted(os.listdir(folder))
+  for name in names:
+    boto3.client("s3").upload_file(os.path.join(folder, name), bucket, f"{prefix}/{name}")
+  return [f"{url}/{name}" for name in names]
+
+
+def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+  """Workdir, data.source and data.dir all in the bucket: the build streams the same documents a local build of
+  the same files reads (same content digest, same tokenizer); train, resume, and evaluate from a fresh dataset
+  cache on the same held-out set."""
   from etils import epath
 
   from diffgemma_jax.evaluate import evaluate
   from diffgemma_jax.train import train
+  from diffgemma_jax.train.dataset import prepare_dataset
   from diffgemma_jax.train.history import read_history
+  local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus
+  sources = _upload_corpus(str(load_tiny().data.source), "s3://runs/corpus")
   workdir = "s3://runs/tiny"
-  overrides = {"train.num_steps": "4", "checkpoint.every_steps": "2", "eval.every_steps": "0"}
+  overrides = {"train.num_steps": "4", "checkpoint.every_steps": "2", "eval.every_steps": "0",
+               "data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
+               "data.cache_dir": str(tmp_path / "cache")}
   first = train(load_tiny(overrides), workdir, show_progress=False)
   assert first["final_step"] == 4 and first["checkpoint_dir"] == "s3://runs/tiny/checkpoints"
   root = epath.Path(workdir)
   assert sorted(p.name for p in (root / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert (root / "tokenizer.model").is_file() and (root / "checkpoints" / "4" / "file_sizes.json").is_file()
+  manifest = json.loads(epath.Path("s3://runs/data/manifest.json").read_text())
+  with open(os.path.join(local_dir, "manifest.json")) as f:
+    local_manifest = json.load(f)
+  assert sorted(manifest["files"]) == sources
+  assert manifest["sha256"] == local_manifest["sha256"] and manifest["splits"] == local_manifest["splits"]
+  with open(os.path.join(local_dir, "tokenizer.model"), "rb") as f:
+    assert epath.Path("s3://runs/data/tokenizer.model").read_bytes() == f.read()
   resumed = train(load_tiny(dict(overrides, **{"train.num_steps": "6"})), workdir, show_progress=False)
   assert resumed["start_step"] == 4 and resumed["final_step"] == 6
   records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
   assert sorted(r["step"] for r in records if "train/loss" in r) == list(range(1, 7))
   assert [r["start_step"] for r in read_history(workdir)] == [0, 4]
-  result = evaluate(load_tiny(dict(overrides, **{"train.num_steps": "6"})), workdir)
+  fresh_cache = {"train.num_steps": "6", "data.cache_dir": str(tmp_path / "fresh-cache")}
+  result = evaluate(load_tiny(dict(overrides, **fresh_cache)), workdir)
   assert result["step"] == 6 and result["bits_per_token"] == pytest.approx(resumed["eval"]["bits_per_token"],
                                                                            rel=1e-6)
+  assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
 
 
-def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, capsys):
+def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, capsys, tmp_path):
   from launch.evaluate import main as eval_main
   from launch.train import main as train_main
   for main in (train_main, eval_main):
@@ -69,6 +95,16 @@ def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, 
     err = capsys.readouterr().err
     assert err.startswith("error: --workdir s3://no-such-bucket/run: the bucket s3://no-such-bucket cannot be "
                           f"reached (endpoint {s3_endpoint})") and err.count("\n") == 1, err
+  local = ["--workdir", str(tmp_path / "run"), "--config.data.dir", str(tmp_path / "data")]
+  for key, value, message in (
+      ("data.dir", "s3://no-such-bucket/data", "data.dir s3://no-such-bucket/data: the bucket s3://no-such-bucket "
+                                               f"cannot be reached (endpoint {s3_endpoint})"),
+      ("data.source", "s3://no-such-bucket/corpus", "data.source s3://no-such-bucket/corpus: the bucket "
+                                                    "s3://no-such-bucket cannot be reached"),
+      ("data.source", "s3://runs/no-such-corpus", "data.source 's3://runs/no-such-corpus' does not exist")):
+    assert train_main(["--config", tiny_config_file, *local, f"--config.{key}", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
@@ -93,3 +129,155 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
   assert step == 0
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tmp_path, monkeypatch):
+  from diffgemma_jax import storage
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.model.config import ConfigError
+  local = tmp_path / "dataset"
+  (local / "train").mkdir(parents=True)
+  (local / "train" / "00000.tokens").write_bytes(bytes(range(256)) * 3)
+  (local / "tokenizer.model").write_bytes(b"not really a model")
+  (local / "manifest.json").write_text('{"recipe": "test"}')
+  remote_dataset.upload(str(local), "s3://runs/cached")
+  fetched = []
+  real_download = storage.download
+  monkeypatch.setattr(storage, "download", lambda url, *a, **k: fetched.append(url) or real_download(url, *a, **k))
+  cache = str(tmp_path / "cache")
+  copy = remote_dataset.fetch("s3://runs/cached", cache)
+  assert sorted(fetched) == ["s3://runs/cached/tokenizer.model", "s3://runs/cached/train/00000.tokens"]
+  for rel in ("train/00000.tokens", "tokenizer.model", "manifest.json"):
+    assert open(os.path.join(copy, rel), "rb").read() == (local / rel).read_bytes(), rel
+  fetched.clear()
+  assert remote_dataset.fetch("s3://runs/cached", cache) == copy and fetched == []
+  with open(os.path.join(copy, "train", "00000.tokens"), "r+b") as f:
+    f.truncate(100)  # a copy cut short
+  assert remote_dataset.fetch("s3://runs/cached", cache) == copy
+  assert fetched == ["s3://runs/cached/train/00000.tokens"]
+  tokens = (local / "train" / "00000.tokens").read_bytes()
+  assert open(os.path.join(copy, "train", "00000.tokens"), "rb").read() == tokens
+  import concurrent.futures  # processes sharing a host fetch into one cache at once: each file lands whole
+  shared = str(tmp_path / "shared-cache")
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    copies = list(pool.map(lambda _: remote_dataset.fetch("s3://runs/cached", shared), range(4)))
+  assert len(set(copies)) == 1 and sorted(os.listdir(os.path.join(copies[0], "train"))) == ["00000.tokens"]
+  assert open(os.path.join(copies[0], "train", "00000.tokens"), "rb").read() == tokens
+  from etils import epath
+  epath.Path("s3://runs/cached/tokenizer.model").write_bytes(b"NOT really a model")  # same size, other bytes
+  with pytest.raises(ConfigError, match="does not match its recorded sha256"):
+    remote_dataset.fetch("s3://runs/cached", str(tmp_path / "other-cache"))
+
+
+def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny):
+  """init.checkpoint = s3://...: its parameters restore in a process where no Checkpointer has set Orbax up for
+  object storage (diffgemma-eval --checkpoint, or a fine-tune's first start), and an SFT recipe reads its run's
+  tokenizer from there."""
+  import subprocess
+  import sys
+  import textwrap
+
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from diffgemma_jax import storage
+  from diffgemma_jax.train.dataset import checked_data_tokenizer, prepare_dataset, tokenizer_source
+  with ocp.StandardCheckpointer(temporary_path_class=storage.temporary_path_class("s3://runs/init")) as saver:
+    saver.save("s3://runs/init/checkpoints/3/params", {"w": np.arange(6, dtype=np.float32)})
+  read = textwrap.dedent("""
+      import jax, numpy as np, orbax.checkpoint as ocp
+      from diffgemma_jax.train.checkpoint import _saved_params, resolve_init_checkpoint
+      step_dir, step, run = resolve_init_checkpoint("s3://runs/init", -1)
+      with ocp.StandardCheckpointer() as reader:  # what load_init_params does, on a plain tree
+        params = reader.restore(step_dir + "/params", {"w": jax.ShapeDtypeStruct((6,), np.float32)})
+      print(step_dir, step, run, sorted(_saved_params(step_dir)), np.asarray(params["w"]).tolist())
+  """)
+  done = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  assert done.stdout.strip().splitlines()[-1:] == ["s3://runs/init/checkpoints/3 3 s3://runs/init ['w'] "
+                                                   "[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]"], done.stderr[-2000:]
+  tokenizer = os.path.join(prepare_dataset(load_tiny())[0], "tokenizer.model")  # built once per session
+  epath.Path("s3://runs/init/tokenizer.model").write_bytes(open(tokenizer, "rb").read())
+  local = tokenizer_source(load_tiny({"data.recipe": "jsonl", "data.source": "unused.jsonl",
+                                      "init.checkpoint": "s3://runs/init"}))
+  assert open(local, "rb").read() == open(tokenizer, "rb").read()
+  data_tokenizer = checked_data_tokenizer("s3://runs/init/tokenizer.model")  # data.tokenizer in a bucket
+  assert open(data_tokenizer, "rb").read() == open(tokenizer, "rb").read()
+
+
+def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
+  """data.mixture of bucket URLs reads each dataset through the cache and names its held-out set by its URL."""
+  import numpy as np
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.train.dataset import eval_batches, eval_sets, prepare_dataset
+  local_dir, _ = prepare_dataset(load_tiny())  # built once per session
+  for name in ("mix-a", "mix-b"):
+    remote_dataset.upload(local_dir, f"s3://runs/{name}")
+  config = load_tiny({"data.source": "", "data.dir": "", "data.cache_dir": str(tmp_path / "cache"),
+                      "data.mixture": "s3://runs/mix-a:0.7,s3://runs/mix-b:0.3"})
+  directory, tokenizer = prepare_dataset(config)
+  assert directory.startswith(str(tmp_path / "cache")) and tokenizer.vocab_size == config.model.vocab_size
+  sets = eval_sets(config, directory)
+  assert [(name, weight) for name, weight, _ in sets] == [("s3://runs/mix-a", 0.7), ("s3://runs/mix-b", 0.3)]
+  expected = eval_batches(config, local_dir)
+  for _, _, batches in sets:
+    for got, want in zip(batches, expected, strict=True):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+  """The jsonl recipe reads data.source objects (a folder of them) as it reads local files; records are named by
+  their URL and line."""
+  from data_recipes import jsonl
+  from data_recipes.common import read_records
+  from diffgemma_jax.train.dataset import prepare_dataset
+  tokenizer = os.path.join(prepare_dataset(load_tiny())[0], "tokenizer.model")  # built once per session
+  folder = tmp_path / "sft"
+  folder.mkdir()
+  with open(folder / "chats.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"prompt": f"what is {i} + {i}?", "response": f"{2 * i}"}) + "\n")
+  sources = _upload_corpus(str(folder), "s3://runs/sft")
+  jsonl.build(str(tmp_path / "local"), source=str(folder), tokenizer=tokenizer)
+  manifest = jsonl.build(str(tmp_path / "remote"), source="s3://runs/sft", tokenizer=tokenizer)
+  assert sorted(manifest["files"]) == sources
+
+  def records(directory):
+    return [r for split in ("train", "heldout") for r in read_records(directory, split)]
+
+  def by_line(rows):
+    return sorted((r["source"].rsplit(":", 1)[1], json.dumps({k: v for k, v in r.items() if k != "source"},
+                                                              sort_keys=True)) for r in rows)
+
+  local, remote = records(str(tmp_path / "local")), records(str(tmp_path / "remote"))
+  assert by_line(remote) == by_line(local) and len(remote) == 40
+  assert all(r["source"].startswith("s3://runs/sft/chats.jsonl:") for r in remote)
+
+
+def test_record_files_stream_from_a_bucket_as_they_read_locally(s3_endpoint, tmp_path):
+  """JSONL (in byte-range spans), JSONL.gz and Parquet objects give the documents, identities and spans the same
+  local files give."""
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from diffgemma_jax.data.sources import file_spans, read_documents
+  folder = tmp_path / "records"
+  folder.mkdir()
+  lines = [json.dumps({"text": f"document {i} " + "word " * (i % 7)}) for i in range(200)]
+  (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+  with gzip.open(folder / "b.jsonl.gz", "wt") as f:
+    f.write("\n".join(lines[:50]) + "\n")
+  pq.write_table(pa.table({"text": [f"row {i}" for i in range(300)]}), folder / "c.parquet", row_group_size=64)
+  _upload_corpus(str(folder), "s3://runs/records")
+  for name in ("a.jsonl", "b.jsonl.gz", "c.parquet"):
+    local_spans = file_spans(str(folder), name, 1024)
+    assert file_spans("s3://runs/records", name, 1024) == local_spans
+    assert len(local_spans) == 1 if name.endswith(".gz") else len(local_spans) > 1
+    for span in local_spans:
+      assert (list(read_documents("s3://runs/records", name, span=span))
+              == list(read_documents(str(folder), name, span=span))), (name, span)

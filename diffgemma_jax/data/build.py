@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from diffgemma_jax import storage
 from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sources import ReadStats, Span, check_bad_lines, file_spans, read_documents
 from diffgemma_jax.data.split import (SPLIT_BY, HeldOut, heldout_threshold, key_digest, keyed_bytes, split_key,
@@ -89,7 +90,7 @@ class BuildOptions:
 def task_bytes(corpus: Corpus) -> int:
   """About MIN_TASKS tasks, none over TASK_BYTES nor (unless TASK_BYTES is smaller) under MIN_TASK_BYTES; from the
   corpus alone, so the shards are the same for any worker or process count."""
-  total = sum(os.path.getsize(os.path.join(corpus.root, rel)) for rel in corpus.files)
+  total = sum(storage.file_size(storage.join(corpus.root, rel)) or 0 for rel in corpus.files)
   return min(TASK_BYTES, max(MIN_TASK_BYTES, total // MIN_TASKS))
 
 

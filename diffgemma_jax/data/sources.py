@@ -6,6 +6,10 @@
   anything else       a UTF-8 text file, one document (identity: the file's relative path); newlines are read
                       as Python's text mode reads them (\\r\\n -> \\n)
 
+Files may lie in a bucket (`gs://`, `s3://`; diffgemma_jax/storage.py): JSONL, Parquet and text files are read
+as streams (an object is fetched in ranges as it is consumed, a span from its own offset); ArrayRecord's reader
+reads local files only, so such a file is copied to the local temporary folder first.
+
 A JSONL line ends at "\n" (JSON text holds no raw newline; "\r\n" is read as "\n" plus whitespace). A large
 file is read as several spans (`file_spans`: byte ranges of whole lines, runs of Parquet row groups, ranges of
 ArrayRecord records), so the build can spread one file over several workers; documents and their identities are
@@ -22,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import json
-import os
 from typing import Iterator
 
+from diffgemma_jax import storage
 from diffgemma_jax.data.errors import DataError
 
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
@@ -74,8 +79,8 @@ class Span:
 
 def file_spans(root: str, rel: str, span_bytes: int) -> list[Span]:
   """`root/rel` as spans of about `span_bytes` each, in file order (one span: the whole file)."""
-  path = os.path.join(root, rel)
-  size = os.path.getsize(path) if os.path.isfile(path) else 0
+  path = storage.join(root, rel)
+  size = storage.file_size(path) or 0
   kind = file_format(rel)
   if size <= span_bytes or kind == "text" or rel.lower().endswith(".gz"):
     return [Span(rel, size=size)]
@@ -90,7 +95,7 @@ def _jsonl_spans(path, rel, span_bytes, size):
   """Byte ranges of whole lines, each starting at a line start; `first`: its first line's number (1-based)."""
   spans, start, first, lines, position = [], 0, 1, 0, 0
   try:
-    with open(path, "rb") as f:
+    with storage.open_binary(path) as f:
       while chunk := f.read(_READ_BYTES):
         offset = 0
         while True:  # close every span whose size is reached in this chunk, at the end of that line
@@ -105,7 +110,7 @@ def _jsonl_spans(path, rel, span_bytes, size):
         lines += chunk.count(b"\n", offset)
         position += len(chunk)
   except OSError as e:
-    raise DataError(f"cannot read {path}: {e.strerror}") from None
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
   return spans + [Span(rel, start, None, first, size - start)] if start < size else spans
 
 
@@ -140,7 +145,7 @@ def read_documents(root: str, rel: str, *, text_field: str = "text", max_bad_lin
   are counted in `stats`; more than `max_bad_lines` bad lines in `stats` fail."""
   stats = stats if stats is not None else ReadStats()
   span = span or Span(rel)
-  path = os.path.join(root, rel)
+  path = storage.join(root, rel)
   kind = file_format(rel)
   if kind == "text":
     records = _text_file(path, rel, stats)
@@ -170,21 +175,21 @@ def check_bad_lines(stats: ReadStats, max_bad_lines: int) -> None:
 
 def _text_file(path, rel, stats):
   try:
-    with open(path, encoding="utf-8") as f:
+    with io.TextIOWrapper(storage.open_binary(path), encoding="utf-8") as f:  # text mode's newlines
       text = f.read()
   except UnicodeDecodeError:
     stats.non_utf8_files.append(path)
     return
   except OSError as e:
-    raise DataError(f"cannot read {path}: {e.strerror}") from None
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from None
   yield rel, text
 
 
 def _jsonl(path, rel, text_field, stats, span):
-  opener = gzip.open if path.lower().endswith(".gz") else open
   number = span.first or 1
   try:
-    with opener(path, "rb") as f:
+    with storage.open_binary(path) as raw_file, (gzip.open(raw_file) if path.lower().endswith(".gz")
+                                                 else raw_file) as f:
       if span.start:
         f.seek(span.start)
       position = span.start
@@ -222,7 +227,7 @@ def _open_parquet(path):
   import pyarrow as pa
   import pyarrow.parquet as pq
   try:
-    return pq.ParquetFile(path)
+    return pq.ParquetFile(storage.open_binary(path) if storage.is_url(path) else path)
   except (pa.ArrowException, OSError) as e:
     raise DataError(f"cannot read {path} as Parquet: {str(e).splitlines()[0][:200]}") from None
 
@@ -249,14 +254,15 @@ def _parquet(path, rel, text_field, span):
 
 def _open_array_record(path):
   from array_record.python.array_record_module import ArrayRecordReader
-  if not os.path.isfile(path):
+  size = storage.file_size(path)
+  if size is None:
     raise DataError(f"cannot read {path}: no such file")
   try:
-    reader = ArrayRecordReader(path)
+    reader = ArrayRecordReader(storage.local_file(path))
     count = reader.num_records()
   except (RuntimeError, ValueError, OSError) as e:
     raise DataError(f"cannot read {path} as ArrayRecord: {str(e).splitlines()[0][:200]}") from None
-  if count == 0 and os.path.getsize(path) > 0 and not reader.ok():
+  if count == 0 and size > 0 and not reader.ok():
     raise DataError(f"cannot read {path} as ArrayRecord: not an ArrayRecord file")
   return reader
 

@@ -355,6 +355,8 @@ def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
   `step`), its checkpoints/ folder, or one step folder. Anything else fails naming the key."""
   path = storage.resolve(path)
   storage.check_reachable(path, "init.checkpoint:")
+  if storage.is_url(path):
+    storage.use_object_storage()  # its parameters are read through Orbax, which no Checkpointer has set up here
   if not epath.Path(path).is_dir():
     raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if epath.Path(path).exists() else 'does not exist'}; "
                       f"give a training workdir, its checkpoints/ folder, or a step folder (e.g. "

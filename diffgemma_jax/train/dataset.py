@@ -3,6 +3,7 @@ open the checkpointable train iterator, and the fixed-shape held-out batches."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 from etils import epath
 
 from diffgemma_jax import storage
+from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.model.config import ConfigError
 
 
@@ -24,8 +26,11 @@ def dataset_dir(config) -> str:
 def checked_data_tokenizer(path: str) -> str:
   """`path`, the value of `data.tokenizer`, once it is known to be a sentencepiece model file; else a
   ConfigError naming the key."""
-  if not os.path.isfile(path):
+  if storage.is_url(path):
+    storage.check_reachable(path, "data.tokenizer")
+  if not epath.Path(path).is_file():
     raise ConfigError(f"data.tokenizer: {path!r} does not exist; give a sentencepiece .model")
+  path = storage.local_file(path)
   import sentencepiece as spm
   try:
     spm.SentencePieceProcessor(model_file=path)
@@ -50,18 +55,30 @@ def tokenizer_source(config, run_dir: str | None = None) -> str | None:
   if config.init.checkpoint:
     from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
     _, _, init_run = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
-    path = os.path.join(init_run, "tokenizer.model")
-    if not os.path.isfile(path):
+    path = storage.join(init_run, "tokenizer.model")
+    if not epath.Path(path).is_file():
       raise ConfigError(f"init.checkpoint's run {init_run} keeps no tokenizer.model; set data.tokenizer to the "
                         f"tokenizer it was trained with")
-    return path
+    return storage.local_file(path)
   return None
 
 
-def mixture_entries(config) -> list[tuple[str, float]]:
-  """data.mixture's [(directory, weight)], or [] for one dataset."""
+def mixture_entries(config, *, local: bool = True) -> list[tuple[str, float]]:
+  """data.mixture's [(directory, weight)], or [] for one dataset; a dataset in a bucket as its local copy (as
+  written, with local=False)."""
   from diffgemma_jax.data.mixture import parse_mixture
-  return parse_mixture(str(config.data.mixture)) if config.data.mixture else []
+  entries = parse_mixture(str(config.data.mixture)) if config.data.mixture else []
+  if local and any(storage.is_url(d) for d, _ in entries):
+    for directory, _ in entries:
+      storage.check_reachable(directory, "data.mixture:")
+    cache = _cache_root(config)
+    entries = [(remote_dataset.fetch(d, cache, key="data.mixture") if storage.is_url(d) else d, w)
+               for d, w in entries]
+  return entries
+
+
+def _cache_root(config) -> str:
+  return str(config.data.cache_dir) or remote_dataset.default_cache_root()
 
 
 def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
@@ -85,10 +102,14 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
                    heldout_source=config.data.heldout_source or None, max_bad_lines=int(config.data.max_bad_lines),
                    text_field=str(config.data.text_field), build_workers=int(config.data.build_workers),
                    tokenizer_sample_lines=int(config.data.tokenizer_sample_lines))
-    if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
-      from diffgemma_jax.parallel.distributed import barrier
-      options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
-    build_dataset(config.data.recipe, directory, int(config.model.vocab_size), **options)
+    build = functools.partial(build_dataset, config.data.recipe, vocab_size=int(config.model.vocab_size))
+    if storage.is_url(directory):
+      directory = _dataset_in_bucket(config, directory, lambda local: build(local, **options))
+    else:
+      if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
+        from diffgemma_jax.parallel.distributed import barrier
+        options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
+      build(directory, **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
   if tokenizer.mask_id < 0 and config.objective.name in ("masked", "block"):
     raise ConfigError(f"objective.name={config.objective.name!r} corrupts tokens to <mask>, which the tokenizer in "
@@ -98,6 +119,19 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
                       f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} or point data.dir "
                       f"at a dataset built for {config.model.vocab_size}")
   return directory, tokenizer
+
+
+def _dataset_in_bucket(config, url: str, build) -> str:
+  """The local copy (data/remote_dataset.py) of the dataset in the bucket folder `url`, built there first when
+  missing or stale: by process 0 alone, on its local disk, while the others wait and then fetch it."""
+  storage.check_reachable(url, "data.dir")
+  cache = _cache_root(config)
+  if jax.process_count() == 1:
+    return remote_dataset.build_in_bucket(url, cache, build)
+  from diffgemma_jax.parallel.distributed import barrier
+  local = remote_dataset.build_in_bucket(url, cache, build) if jax.process_index() == 0 else None
+  barrier("diffgemma_bucket_dataset_built")
+  return local or remote_dataset.fetch(url, cache)
 
 
 def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
@@ -155,7 +189,8 @@ def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
 def eval_sets(config, directory: str) -> list[tuple[str, float, list[dict[str, np.ndarray]]]]:
   """[(name, weight, held-out batches)]: one set, or one per dataset of data.mixture (`eval.max_sequences` each)."""
   mixture = mixture_entries(config) or [(directory, 1.0)]
-  return [(d, w, eval_batches(config, d)) for d, w in mixture]
+  names = [d for d, _ in mixture_entries(config, local=False)] or [directory]  # a bucket dataset by its URL
+  return [(name, w, eval_batches(config, d)) for name, (d, w) in zip(names, mixture)]
 
 
 def unigram_baseline(config, directory: str) -> float:

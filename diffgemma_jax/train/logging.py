@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from diffgemma_jax import storage
 from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.train.checkpoint import config_to_dict
 
@@ -226,15 +228,20 @@ class MetricsLogger:
 
 def _start_wandb(workdir: str, settings: dict[str, Any]):
   """A Weights & Biases run for this workdir: its id is derived from the workdir, so a resume continues the same
-  run; its files go under `workdir/wandb`."""
+  run; its files go under `workdir/wandb` (a workdir in a bucket: under the temporary folder)."""
   import hashlib
   try:
     import wandb  # pylint: disable=import-outside-toplevel (an optional extra)
   except ImportError:
     raise ConfigError("log.wandb_project is set but the wandb package is not installed: pip install "
                       "'diffgemma-jax[wandb]' (or clear log.wandb_project)") from None
-  run_id = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
-  return wandb.init(dir=workdir, id=run_id, resume="allow", name=os.path.basename(os.path.abspath(workdir)),
+  where = storage.resolve(workdir)
+  run_id = hashlib.sha1(where.encode()).hexdigest()[:16]
+  local = workdir  # wandb writes local files: for a workdir in a bucket, a folder in the temporary folder
+  if storage.is_url(workdir):
+    local = os.path.join(tempfile.gettempdir(), f"diffgemma-wandb-{run_id}")
+    os.makedirs(local, exist_ok=True)
+  return wandb.init(dir=local, id=run_id, resume="allow", name=os.path.basename(where),
                     **{k: v for k, v in settings.items() if v not in ("", None)})
 
 
