@@ -13,7 +13,8 @@ from typing import Any
 
 import ml_collections
 
-from diffgemma_jax.model.config import ConfigError, model_config_dict
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model.config import model_config_dict
 
 # Objectives that read an SFT row's `loss_mask` (the autoregressive baseline would also score the prompt).
 SFT_OBJECTIVES = ("masked", "block", "uniform")

@@ -98,11 +98,17 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   parameters under this config's model (LoRA adapters, absent there, start at zero: the base model). The second
   form evaluates a pretrained model on a fine-tuning config's held-out set.
   """
-  from diffgemma_jax.model.config import ConfigError, ModelConfig
+  from diffgemma_jax.errors import ConfigError
+  from diffgemma_jax.model.config import ModelConfig
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel.mesh import mesh_from_config
-  from diffgemma_jax.train.checkpoint import (Checkpointer, adopt_saved_lora, check_init_checkpoint, check_workdir,
-                                             load_init_params)
+  from diffgemma_jax.train.checkpoint import (
+    Checkpointer,
+    adopt_saved_lora,
+    check_init_checkpoint,
+    check_workdir,
+    load_init_params,
+  )
   from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state, init_params

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sft import make_rows, split_tokens
+from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.evaluate import make_bound_fn
 from diffgemma_jax.model.masks import make_mask
 from diffgemma_jax.objectives import make_objective
@@ -36,10 +36,6 @@ from diffgemma_jax.train.dataset import pad_batch
 from diffgemma_jax.train.state import split_model
 
 LAYOUTS = ("continuation", "sft")
-
-
-class ScoringError(DataError):
-  """A record or request that cannot be scored; the message names it and what would be valid."""
 
 
 @dataclasses.dataclass(frozen=True)

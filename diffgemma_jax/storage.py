@@ -19,7 +19,7 @@ from typing import Iterator
 
 from etils import epath
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 

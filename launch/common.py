@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 
 
 def config_overrides(rest: list[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError, DataError, MappingError
 from launch.common import config_overrides, fail
 
 
@@ -25,8 +25,7 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
   args, rest = parser.parse_known_args(argv)
   from diffgemma_jax.config import load_config
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.hf import MappingError, export_hf, restore_pure_params, run_tokenizer
+  from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
   from diffgemma_jax.model.config import ModelConfig
 
   try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from diffgemma_jax.errors import ConfigError, DataError
+
 TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diffgemma_jax",
                          "harness_tasks")
 
@@ -32,8 +34,6 @@ def main(argv=None) -> int:
   except ImportError:
     print("error: diffgemma-lm-eval needs the lm-evaluation-harness: pip install -e '.[lm_eval]'", file=sys.stderr)
     return 2
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.model.config import ConfigError
   import diffgemma_jax.harness  # noqa: F401  (registers the diffgemma model)
   saved = sys.argv
   sys.argv = ["lm-eval"] + harness_argv(argv)

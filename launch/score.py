@@ -11,7 +11,7 @@ import json
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError, DataError
 from launch.common import config_overrides, fail, json_safe
 
 
@@ -35,7 +35,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
-  from diffgemma_jax.data import DataError
   from diffgemma_jax.scoring import score_file
   try:
     config = load_config(args.config, config_overrides(rest))

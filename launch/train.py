@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError, DataError, NonFiniteLossError
 from launch.common import config_overrides, fail
 
 
@@ -18,8 +18,7 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and tb/ go here")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args, rest = parser.parse_known_args(argv)
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.train import NonFiniteLossError, train
+  from diffgemma_jax.train import train
   try:
     overrides = config_overrides(rest)
     config = load_config(args.config, overrides)

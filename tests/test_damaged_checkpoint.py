@@ -93,8 +93,8 @@ def test_training_resumes_from_the_newest_step_that_restores_and_keeps_the_damag
 
 
 def test_no_restorable_step_fails_naming_each(trained_run, load_tiny, tmp_path):
+  from diffgemma_jax.errors import DamagedCheckpointError
   from diffgemma_jax.train import train
-  from diffgemma_jax.train.checkpoint import DamagedCheckpointError
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_run[1], workdir)
   for step in (8, 16, TRAINED_STEPS):

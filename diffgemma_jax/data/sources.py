@@ -26,7 +26,7 @@ import json
 import os
 from typing import Iterator
 
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
 PARQUET_BATCH_ROWS = 1024

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import numpy as np
 
 from diffgemma_jax import storage
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.safetensors_io import write_sharded
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.model.config import ModelConfig
 
 
 def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):

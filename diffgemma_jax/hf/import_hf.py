@@ -19,10 +19,11 @@ import numpy as np
 from etils import epath
 
 from diffgemma_jax import storage
+from diffgemma_jax.errors import ConfigError, MappingError
 from diffgemma_jax.hf import mapping
-from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.objectives.block import check_canvas_window
 from diffgemma_jax.train import integrity
 
@@ -122,8 +123,8 @@ def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = p
         del pending[rule.path]
   mismatched = sorted(a for a, fp in alias_fp.items() if not _close(fp, seen_fp[alias[a]]))
   if mismatched:
-    raise mapping.MappingError(f"{len(mismatched)} tensor(s) differ from the decoder tensor they must equal "
-                               f"(encoder and decoder share one stack here): {', '.join(mismatched)}")
+    raise MappingError(f"{len(mismatched)} tensor(s) differ from the decoder tensor they must equal "
+                       f"(encoder and decoder share one stack here): {', '.join(mismatched)}")
   return flat
 
 
@@ -167,7 +168,7 @@ def pure_params(cfg: ModelConfig, flat: dict):
   problems += [f"{'/'.join(map(str, p))} has shape {flat[p].shape}, the model wants {tuple(s)}"
                for p, s in wanted.items() if p in flat and tuple(flat[p].shape) != tuple(s)]
   if problems:
-    raise mapping.MappingError("imported parameters do not fit the model: " + "; ".join(problems))
+    raise MappingError("imported parameters do not fit the model: " + "; ".join(problems))
   return nnx.to_pure_dict(nnx.State.from_flat_path({p: flat[p] for p in wanted}))
 
 

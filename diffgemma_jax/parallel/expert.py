@@ -25,10 +25,11 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import EXPERT_COLLECTIVES as COLLECTIVES
-from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.parallel.mesh import current_mesh
 
 EXPERT_AXIS = "expert"

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import GenerationError
+from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
 
@@ -69,10 +70,6 @@ SAMPLER_FLAGS: dict[str, tuple[str, ...]] = {
 }
 # Every sampler option flag, each once: the CLI reads these (None when unset) and check_flags vets them.
 SAMPLER_OPTION_FLAGS = tuple(dict.fromkeys(flag for flags in SAMPLER_FLAGS.values() for flag in flags))
-
-
-class GenerationError(ConfigError):
-  """A generation request or option is invalid; the message names the flag and what would be valid."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,9 +347,9 @@ def restore_model(config, workdir: str, step: int | None = None):
 def load_tokenizer(config, workdir: str | None = None):
   """The run's own tokenizer (pinned in its workdir by the trainer), else `data.tokenizer` (e.g. the tokenizer
   of imported weights), else the dataset's."""
+  from diffgemma_jax import storage
   from diffgemma_jax.data import Tokenizer
   from diffgemma_jax.train.dataset import dataset_dir
-  from diffgemma_jax import storage
   pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
   if pinned and storage.open_path(pinned).is_file():
     return Tokenizer(storage.local_file(pinned))

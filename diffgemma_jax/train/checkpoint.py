@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError, DamagedCheckpointError, IncompatibleCheckpointError
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
 
@@ -33,18 +33,6 @@ RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "attention_impl", "remat", "comput
 
 
 ITEMS = ("params", "opt_state", "data_iterator")
-
-
-class IncompatibleCheckpointError(ConfigError):
-  """The workdir holds checkpoints of a model whose parameters differ from the config's."""
-
-
-class DamagedCheckpointError(ConfigError):
-  """A step folder no longer holds what was written (a copy cut short, a full disk, a deleted file)."""
-
-  def __init__(self, message: str, step: int, problem: str):
-    super().__init__(message)
-    self.step, self.problem = step, problem
 
 
 def check_workdir(workdir: str, *, reading: bool) -> None:
@@ -73,6 +61,7 @@ def model_differences(saved_model: dict[str, Any], model: dict[str, Any]) -> lis
   A field the saved config lacks (added to ModelConfig after the checkpoint was written) counts as its default.
   """
   import dataclasses
+
   from diffgemma_jax.model.config import ModelConfig
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   diffs = []

@@ -11,8 +11,7 @@ import numpy as np
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.model.config import ConfigError
-
+from diffgemma_jax.errors import ConfigError
 
 
 def dataset_dir(config) -> str:

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.train.checkpoint import config_to_dict
+
 
 @dataclasses.dataclass(frozen=True)
 class PeakFlops:

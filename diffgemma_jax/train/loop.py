@@ -15,32 +15,39 @@ from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
 import numpy as np
+from etils import epath
 
+from diffgemma_jax.errors import ConfigError, NonFiniteLossError
 from diffgemma_jax.evaluate import held_out_bounds, make_bound_fn
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.checkpoint import (Checkpointer, check_init_checkpoint, check_workdir, config_to_dict,
-                                             load_init_params)
+from diffgemma_jax.train.checkpoint import (
+  Checkpointer,
+  check_init_checkpoint,
+  check_workdir,
+  config_to_dict,
+  load_init_params,
+)
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
-from diffgemma_jax.train.logging import (MetricsLogger, format_summary, peak_flops_per_device, step_scalars,
-                                         wandb_settings)
 from diffgemma_jax.train.history import append_run_history
+from diffgemma_jax.train.logging import (
+  MetricsLogger,
+  format_summary,
+  peak_flops_per_device,
+  step_scalars,
+  wandb_settings,
+)
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
-
-
-class NonFiniteLossError(RuntimeError):
-  """An update produced a NaN or Inf loss or gradient; the run stopped before saving anything after it."""
 
 
 class StopRequest:
