@@ -17,22 +17,20 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from diffgemma_jax.parallel.mesh import use_mesh
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
 
 LN2 = math.log(2.0)
 
 
 def make_bound_fn(graphdef, objective, *, num_t_samples: int, mesh: Mesh, param_shardings=None) -> Callable:
-  """(params, batch, rng) -> (nelbo_B, stderr_B, num_tokens_B), jitted once for fixed-shape batches."""
+  """(params, batch, rng) -> (nelbo_B, stderr_B, num_tokens_B), jitted once for fixed-shape batches. `graphdef`
+  is the model placed on `mesh` (`parallel.placement`)."""
   def bound(params, batch, rng):
-    with use_mesh(mesh):
-      return objective.sequence_bound(nnx.merge(graphdef, params), batch, rng, num_t_samples=num_t_samples)
+    return objective.sequence_bound(nnx.merge(graphdef, params), batch, rng, num_t_samples=num_t_samples)
 
   return jax.jit(bound, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),
                  out_shardings=replicated(mesh))

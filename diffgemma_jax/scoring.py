@@ -29,8 +29,10 @@ from diffgemma_jax.data.sft import make_rows, split_tokens
 from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.evaluate import make_bound_fn
 from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.dataset import pad_batch
 from diffgemma_jax.train.state import split_model
@@ -123,7 +125,8 @@ class Scorer:
                                     eps=float(config.objective.eps), section=config.objective)
     self.mesh = mesh_from_config(config, training=False)
     self.graphdef, self.params = split_model(model)
-    self.bound_fn = make_bound_fn(self.graphdef, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
+    placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh)))  # the bound runs on the mesh
+    self.bound_fn = make_bound_fn(placed, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
     self._greedy_fn = None
 
   # ---- rows ----------------------------------------------------------------------------------------------------
