@@ -27,14 +27,15 @@ from flax import nnx
 
 from diffgemma_jax.data.sft import make_rows, split_tokens
 from diffgemma_jax.errors import ScoringError
-from diffgemma_jax.evaluate import make_bound_fn
 from diffgemma_jax.model.masks import make_mask
 from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.dataset import pad_batch
+from diffgemma_jax.train.bound import make_bound_fn
+from diffgemma_jax.train.dataset import load_tokenizer, pad_batch
+from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.train.state import split_model
 
 LAYOUTS = ("continuation", "sft")
@@ -207,7 +208,6 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def score_file(config, workdir: str, path: str, *, step: int | None = None, **scorer_options) -> dict[str, Any]:
   """Scores the records of a JSONL file with a run's checkpoint (`step`, default the latest): {"step", "records":
   per-record results in file order, "summary"}. The records are read and checked before the model is restored."""
-  from diffgemma_jax.sampling.requests import load_tokenizer, restore_model
   pairs = read_pairs(path)
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")

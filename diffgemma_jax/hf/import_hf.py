@@ -16,16 +16,21 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from diffgemma_jax import storage
+from diffgemma_jax.config import base_config
 from diffgemma_jax.errors import ConfigError, MappingError
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import dtype_of
+from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives.block import check_canvas_window
 from diffgemma_jax.train import integrity
+from diffgemma_jax.train.checkpoint import CONFIG_FILE, config_to_dict
 
 CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
 
@@ -90,7 +95,6 @@ def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = p
   Every tensor is accounted for: names that map nowhere and expected names that are absent fail together, listed;
   the encoder's copies of decoder tensors (and the tied LM head) must equal them; vision tensors are skipped.
   """
-
   files = [SafetensorsFile(path) for path in shard_files(hf_dir)]
   names = [n for f in files for n in f.names()]
   split = mapping.check_names(cfg, names)
@@ -157,11 +161,7 @@ def _place(flat: dict, cfg: ModelConfig, rule_path: tuple, value: np.ndarray, sc
 def pure_params(cfg: ModelConfig, flat: dict):
   """The parameters as the trainer checkpoints them (`train.state.to_pure` of the model's params), checked
   against a model built from `cfg`: every path present, every shape right, nothing extra."""
-  from flax import nnx
-
-  from diffgemma_jax.model.transformer import build_model
-
-  abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
+  abstract = nnx.state(abstract_model(cfg), nnx.Param)
   wanted = {path: var.shape for path, var in abstract.flat_state()}
   problems = [f"{'/'.join(map(str, p))} missing" for p in wanted if p not in flat]
   problems += [f"{'/'.join(map(str, p))} is not a parameter of the model" for p in flat if p not in wanted]
@@ -185,10 +185,6 @@ def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length
 
 def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
   """Writes `pure` as the params item of checkpoint `step` under `workdir/checkpoints` (the trainer's layout)."""
-  import orbax.checkpoint as ocp
-
-  from diffgemma_jax.train.checkpoint import CONFIG_FILE
-
   directory = storage.resolve(os.path.join(workdir, "checkpoints"))
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   epath.Path(directory, CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True))
@@ -219,9 +215,6 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
   in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
   checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first."""
-  from diffgemma_jax.config import base_config
-  from diffgemma_jax.train.checkpoint import config_to_dict
-
   check_output(output, force=force)
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
