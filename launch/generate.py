@@ -17,7 +17,7 @@ import sys
 
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError
-from launch.common import config_overrides, fail, json_safe
+from .common import config_overrides, fail, json_safe
 
 
 def _parser() -> argparse.ArgumentParser:

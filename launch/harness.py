@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
+import diffgemma_jax
 from diffgemma_jax.errors import ConfigError, DataError
 
-TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diffgemma_jax",
-                         "harness_tasks")
+# the package's own task files (package data), wherever it is installed
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(diffgemma_jax.__file__)), "harness_tasks")
 
 
 def harness_argv(argv: list[str]) -> list[str]:
