@@ -401,7 +401,9 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
   # Reading the LoRA run with the base config (no lora_rank) picks up the run's adapters from its run_config.json.
   from diffgemma_jax.evaluate import evaluate
   from diffgemma_jax.sampling.requests import restore_model
-  base = load_tiny(_sft_overrides(pre_workdir, root))
+  # ... also once the pretraining run it started from has moved (init.checkpoint names nothing now): the
+  # fine-tuned workdir pins its own tokenizer, which is all a reader needs.
+  base = load_tiny(_sft_overrides(str(tmp_path / "moved"), root))
   assert evaluate(base, str(tmp_path / "d"))["step"] == 2
   assert base.model.lora_rank == 0  # the caller's config is not changed
   model, step = restore_model(load_tiny(_sft_overrides(pre_workdir, root)), str(tmp_path / "d"))

@@ -1,7 +1,7 @@
 """Hugging Face DiffusionGemma (config.json + safetensors shards) -> our config and an Orbax checkpoint.
 
 The output is a workdir: `OUT/checkpoints/<step>/params` (StandardSave of the parameters as plain nested dicts,
-the trainer's layout, so `Checkpointer.restore_params` and `diffgemma-eval --workdir OUT` read it),
+the trainer's layout, so `train.reading` and `diffgemma-eval --workdir OUT` read it),
 `OUT/checkpoints/run_config.json` and, when the checkpoint ships one, `OUT/tokenizer.model`. Shards are read one at
 a time and tensor by tensor from a memory map, each converted straight into its slot of our parameter tree, so host
 memory peaks at our parameters (in `model.param_dtype`) plus one tensor, never a second copy of the model.
