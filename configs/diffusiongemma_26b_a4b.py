@@ -1,4 +1,4 @@
-"""The DiffusionGemma 26B-A4B reference architecture (public config values; DESIGN section 2) and its recipe.
+"""The DiffusionGemma 26B-A4B reference architecture (public config values; docs/model.md) and its recipe.
 
 25.2B parameters in total, 3.8B active per token. Build it with `diffgemma-inspect` (under jax.eval_shape).
 Recipe of the released model: uniform-state block diffusion on 256-token canvases with self-conditioning; samples

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 PRETRAIN_RECIPES = ("python_stdlib", "python_packages", "shakespeare", "text_files", "pypi_code")
 SFT_RECIPES = ("python_docstrings", "jsonl")  # prompt/response records (data/sft.py); they train no tokenizer

@@ -19,8 +19,8 @@ from typing import Any, Iterable
 from diffgemma_jax import storage
 from diffgemma_jax.storage import file_sha256
 from diffgemma_jax.data.build import BuildOptions, Corpus, build_store, special_ids
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.tokenizer import Tokenizer
+from diffgemma_jax.errors import DataError
 
 SHARD_BYTES = 8 << 20
 SPLITS = ("train", "heldout")

@@ -13,8 +13,8 @@ import sys
 
 from data_recipes.common import files_stamp, is_current, read_manifest, split_by_hash, write_dataset
 from diffgemma_jax import storage
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sft import read_jsonl
+from diffgemma_jax.errors import DataError
 
 HELDOUT_FRACTION = 0.05
 

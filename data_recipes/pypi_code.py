@@ -35,11 +35,17 @@ import urllib.parse
 import urllib.request
 import zipfile
 
-from data_recipes.common import build_options, build_text_dataset, file_sha256, is_current, read_manifest, \
-    text_build_settings
+from data_recipes.common import (
+  build_options,
+  build_text_dataset,
+  file_sha256,
+  is_current,
+  read_manifest,
+  text_build_settings,
+)
 from data_recipes.python_packages import heldout_units
 from diffgemma_jax.data.build import Corpus
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "diffgemma_jax", "pypi_code")
 INDEX_URL = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple/")

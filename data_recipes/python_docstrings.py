@@ -15,7 +15,7 @@ import sysconfig
 
 from data_recipes.common import is_current, read_manifest, split_by_hash, write_dataset
 from data_recipes.python_stdlib import EXCLUDED_DIRS, HELDOUT_FRACTION, documents
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 MAX_CHARS = 1200
 

@@ -12,10 +12,16 @@ import os
 import sys
 import sysconfig
 
-from data_recipes.common import build_options, build_text_dataset, is_current, read_manifest, read_utf8, \
-    text_build_settings
+from data_recipes.common import (
+  build_options,
+  build_text_dataset,
+  is_current,
+  read_manifest,
+  read_utf8,
+  text_build_settings,
+)
 from diffgemma_jax.data.build import Corpus
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 # pydoc_data/topics.py is a generated 750 KB string of English help text: wherever the hash put it, it would make
 # up most of its split (it was 85% of the held-out bytes), so the held-out bound would not measure Python code.

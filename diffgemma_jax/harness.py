@@ -28,10 +28,18 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
-from diffgemma_jax.model.config import ConfigError
-from diffgemma_jax.sampling.requests import (SAMPLER_FLAGS, SAMPLER_OPTION_FLAGS, GenerationOptions, Generator,
-                                             check_flags, cut_at_stop, load_tokenizer, restore_model,
-                                             validate_options)
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.sampling.requests import (
+  SAMPLER_FLAGS,
+  SAMPLER_OPTION_FLAGS,
+  GenerationOptions,
+  Generator,
+  check_flags,
+  cut_at_stop,
+  load_tokenizer,
+  restore_model,
+  validate_options,
+)
 from diffgemma_jax.scoring import Scorer
 
 DEFAULT_BATCH_SIZE = 8

@@ -25,21 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sft import make_rows, split_tokens
-from diffgemma_jax.evaluate import make_bound_fn
+from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.model.masks import make_mask
+from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.dataset import pad_batch
+from diffgemma_jax.train.bound import make_bound_fn
+from diffgemma_jax.train.dataset import load_tokenizer, pad_batch
+from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.train.state import split_model
 
 LAYOUTS = ("continuation", "sft")
-
-
-class ScoringError(DataError):
-  """A record or request that cannot be scored; the message names it and what would be valid."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +126,8 @@ class Scorer:
                                     eps=float(config.objective.eps), section=config.objective)
     self.mesh = mesh_from_config(config, training=False)
     self.graphdef, self.params = split_model(model)
-    self.bound_fn = make_bound_fn(self.graphdef, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
+    placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh)))  # the bound runs on the mesh
+    self.bound_fn = make_bound_fn(placed, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
     self._greedy_fn = None
 
   # ---- rows ----------------------------------------------------------------------------------------------------
@@ -208,7 +208,6 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def score_file(config, workdir: str, path: str, *, step: int | None = None, **scorer_options) -> dict[str, Any]:
   """Scores the records of a JSONL file with a run's checkpoint (`step`, default the latest): {"step", "records":
   per-record results in file order, "summary"}. The records are read and checked before the model is restored."""
-  from diffgemma_jax.sampling.requests import load_tokenizer, restore_model
   pairs = read_pairs(path)
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")

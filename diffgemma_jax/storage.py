@@ -26,14 +26,11 @@ from typing import Iterator
 
 from etils import epath
 
+from diffgemma_jax.errors import ConfigError
+
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
-def _config_error(message: str) -> Exception:
-  # ConfigError's module loads the model package (JAX, Flax); the dataset build's worker processes read their
-  # sources through this module and start without those.
-  from diffgemma_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
-  return ConfigError(message)
 
 
 def is_url(path) -> bool:
@@ -109,7 +106,7 @@ def find_files(url: str, key: str) -> list[str]:
     return [str(url)]
   found = fs.find(path)
   if not found:
-    raise _config_error(f"{key} {url!r} does not exist")
+    raise ConfigError(f"{key} {url!r} does not exist")
   return sorted(fs.unstrip_protocol(p) for p in found)
 
 
@@ -128,7 +125,7 @@ def common_folder(paths: list[str]) -> tuple[str, list[str]]:
     return root, [os.path.relpath(os.path.abspath(p), root) for p in paths]
   bucket = "/".join(paths[0].split("/")[:3])
   if any(not p.startswith(bucket + "/") for p in paths):
-    raise _config_error(f"data.source: {paths[0]} and the other files are not all in the bucket {bucket}; name "
+    raise ConfigError(f"data.source: {paths[0]} and the other files are not all in the bucket {bucket}; name "
                       f"files of one bucket, or local files only")
   folders = [p[len(bucket) + 1:].split("/")[:-1] for p in paths]
   common = os.path.commonprefix(folders)
@@ -149,10 +146,10 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
         digest.update(chunk)
         written += len(chunk)
     if size is not None and written != size:
-      raise _config_error(f"{url} holds {written} bytes, its listing says {size} (changed while it was read); "
+      raise ConfigError(f"{url} holds {written} bytes, its listing says {size} (changed while it was read); "
                         f"run again")
     if sha256 is not None and digest.hexdigest() != sha256:
-      raise _config_error(f"{url} does not match its recorded sha256 (changed while it was read, or damaged); "
+      raise ConfigError(f"{url} does not match its recorded sha256 (changed while it was read, or damaged); "
                         f"run again, or rebuild the dataset")
     os.replace(partial, target)
   finally:
@@ -203,9 +200,9 @@ def check_reachable(path, flag: str) -> None:
     if found:
       next(iter(bucket.iterdir()), None)
   except Exception as e:  # pylint: disable=broad-except (each object-store client raises its own errors)
-    raise _config_error(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    raise ConfigError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
   if not found:
-    raise _config_error(f"{where}: it does not exist, or these credentials cannot see it; create it first")
+    raise ConfigError(f"{where}: it does not exist, or these credentials cannot see it; create it first")
 
 
 def temporary_path_class(directory):

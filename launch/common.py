@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 
 
 def config_overrides(rest: list[str]) -> dict[str, str]:
@@ -33,7 +35,6 @@ def fail(message: str, code: int = 2) -> int:
 
 def check_writable(path: str, flag: str) -> None:
   """Fails before any work when `path` cannot be written: its folder missing or read-only, or a folder itself."""
-  import os
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise ConfigError(f"{flag} {path} is a directory; give a file path")
@@ -45,7 +46,6 @@ def check_writable(path: str, flag: str) -> None:
 
 def json_safe(value):
   """`value` with every non-finite float as None, so the JSON printed is standard (no NaN or Infinity)."""
-  import math
   if isinstance(value, float):
     return value if math.isfinite(value) else None
   if isinstance(value, dict):

@@ -11,8 +11,9 @@ import json
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError
-from launch.common import check_writable, config_overrides, fail, json_safe
+from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.evaluate import evaluate
+from .common import check_writable, config_overrides, fail, json_safe
 
 
 def main(argv=None) -> int:
@@ -25,8 +26,6 @@ def main(argv=None) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--output", default=None, help="also write the JSON here")
   args, rest = parser.parse_known_args(argv)
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.evaluate import evaluate
   try:
     if args.output:  # before the evaluation, not after it
       check_writable(args.output, "--output")

@@ -11,8 +11,12 @@ import argparse
 import os
 import sys
 
-from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail
+from diffgemma_jax.config import load_config
+from diffgemma_jax.errors import ConfigError, DataError, MappingError
+from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir
+from .common import config_overrides, fail
 
 
 def main(argv=None) -> int:
@@ -24,13 +28,8 @@ def main(argv=None) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
   args, rest = parser.parse_known_args(argv)
-  from diffgemma_jax.config import load_config
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.hf import MappingError, export_hf, restore_pure_params, run_tokenizer
-  from diffgemma_jax.model.config import ModelConfig
 
   try:
-    from diffgemma_jax.train.checkpoint import adopt_saved_lora, check_workdir
     check_workdir(args.workdir, reading=True)
     config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
                               os.path.join(args.workdir, "checkpoints"))

@@ -16,8 +16,8 @@ import re
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail, json_safe
+from diffgemma_jax.errors import ConfigError, DataError
+from .common import config_overrides, fail, json_safe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,9 +105,7 @@ def _read_prompts(args) -> list[str]:
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.sampling.requests import (SAMPLER_OPTION_FLAGS, GenerationOptions, check_flags,
-                                               generate_completions)
+  from diffgemma_jax.sampling.requests import SAMPLER_OPTION_FLAGS, GenerationOptions, check_flags, generate_completions
   try:
     config = load_config(args.config, config_overrides(rest))
     given = {flag: getattr(args, flag) for flag in SAMPLER_OPTION_FLAGS}

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diffgemma_jax",
-                         "harness_tasks")
+import diffgemma_jax
+from diffgemma_jax.errors import ConfigError, DataError
+
+# the package's own task files (package data), wherever it is installed
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(diffgemma_jax.__file__)), "harness_tasks")
 
 
 def harness_argv(argv: list[str]) -> list[str]:
@@ -32,8 +35,6 @@ def main(argv=None) -> int:
   except ImportError:
     print("error: diffgemma-lm-eval needs the lm-evaluation-harness: pip install -e '.[lm_eval]'", file=sys.stderr)
     return 2
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.model.config import ConfigError
   import diffgemma_jax.harness  # noqa: F401  (registers the diffgemma model)
   saved = sys.argv
   sys.argv = ["lm-eval"] + harness_argv(argv)

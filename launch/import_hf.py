@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail
+from diffgemma_jax.errors import ConfigError, MappingError
+from diffgemma_jax.hf import import_hf
+from .common import config_overrides, fail
 
 RUNTIME_FIELDS = {"scan_layers": lambda v: v.lower() in ("1", "true", "yes"), "remat": str, "compute_dtype": str,
                   "param_dtype": str, "dispatch": str}
@@ -28,7 +29,6 @@ def main(argv=None) -> int:
   parser.add_argument("--force", action="store_true", help="import into a workdir whose checkpoints/ is not empty, "
                       "deleting those checkpoints (and the workdir's tokenizer.model) first")
   args, rest = parser.parse_known_args(argv)
-  from diffgemma_jax.hf import MappingError, import_hf
 
   try:
     overrides = {}

@@ -7,9 +7,10 @@ import json
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import inspect_model
-from launch.common import config_overrides, fail
+from .common import config_overrides, fail
 
 
 def _human(n: float) -> str:

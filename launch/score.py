@@ -11,12 +11,12 @@ import json
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail, json_safe
+from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.scoring import LAYOUTS, score_file
+from .common import config_overrides, fail, json_safe
 
 
 def _parser() -> argparse.ArgumentParser:
-  from diffgemma_jax.scoring import LAYOUTS
   p = argparse.ArgumentParser(prog="diffgemma-score", description=__doc__)
   p.add_argument("--config", required=True, help="config file of the run, optionally path.py:arg")
   p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
@@ -35,8 +35,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.scoring import score_file
   try:
     config = load_config(args.config, config_overrides(rest))
     report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,

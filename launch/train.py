@@ -8,8 +8,10 @@ import argparse
 import sys
 
 from diffgemma_jax.config import load_config
-from diffgemma_jax.model.config import ConfigError
-from launch.common import config_overrides, fail
+from diffgemma_jax.errors import ConfigError, DataError, NonFiniteLossError
+from diffgemma_jax.parallel.distributed import initialize_distributed
+from diffgemma_jax.train import train
+from .common import config_overrides, fail
 
 
 def main(argv=None) -> int:
@@ -18,12 +20,9 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and tb/ go here")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   args, rest = parser.parse_known_args(argv)
-  from diffgemma_jax.data import DataError
-  from diffgemma_jax.train import NonFiniteLossError, train
   try:
     overrides = config_overrides(rest)
     config = load_config(args.config, overrides)
-    from diffgemma_jax.parallel.distributed import initialize_distributed
     initialize_distributed(config)  # before any device is touched; a no-op for one process
     summary = train(config, args.workdir, show_progress=not args.no_progress, overrides=overrides,
                     command=["diffgemma-train"] + list(sys.argv[1:] if argv is None else argv))

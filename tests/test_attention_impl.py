@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffgemma_jax.model import ConfigError, ModelConfig, build_model
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.attention_impl import attend, cudnn_arguments, cudnn_attention, resolve
 from diffgemma_jax.model.masks import MaskSpec, Tokens, make_mask
 from diffgemma_jax.objectives.block import block_ids, canvas_clean_forward
@@ -145,6 +146,7 @@ def test_train_step_with_pallas_attention_lowers_to_triton(monkeypatch):
   from test_pallas_gmm import _lowered_for_gpu  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
   from train_cpu import synthetic_batch  # pylint: disable=import-outside-toplevel
+
   from diffgemma_jax.config import base_config
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.parallel import make_mesh

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ConstantLogits
 from diffgemma_jax.config import base_config, validate
-from diffgemma_jax.model import ConfigError, ModelConfig, build_model
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.masks import make_mask
 from diffgemma_jax.objectives import BlockDiffusion, MaskedDiffusion, make_objective
 from diffgemma_jax.objectives.ar import Autoregressive

@@ -13,11 +13,17 @@ import pytest
 from flax import nnx
 
 from conftest import transformers_reference
+from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.sampling import canvas, masked
-from diffgemma_jax.sampling.parts import (accept_entropy_bound, linear_temperature, pad_after_eos,
-                                          stable_and_confident, token_entropy)
-from diffgemma_jax.sampling.requests import GenerationError, GenerationOptions, Generator, validate_options
+from diffgemma_jax.sampling.parts import (
+  accept_entropy_bound,
+  linear_temperature,
+  pad_after_eos,
+  stable_and_confident,
+  token_entropy,
+)
+from diffgemma_jax.sampling.requests import GenerationOptions, Generator, validate_options
 from launch.generate import main
 
 PAD, EOS, MASK = 0, 3, 4

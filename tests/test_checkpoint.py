@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics, train_losses
-from diffgemma_jax.train import Checkpointer, IncompatibleCheckpointError, train
-from diffgemma_jax.train.loop import NonFiniteLossError
+from diffgemma_jax.errors import IncompatibleCheckpointError, NonFiniteLossError
+from diffgemma_jax.train import Checkpointer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -46,8 +46,8 @@ def test_readers_name_the_damaged_step_the_file_and_the_steps_that_work(damaged_
     assert (f"checkpoint {TRAINED_STEPS} in {os.path.join(workdir, 'checkpoints')} is damaged: {relative} has "
             f"{size // 2} bytes, {size} were written; use --step 16 or --step 8") in err, err
   assert not (tmp_path / "hf").exists()
-  from diffgemma_jax.train import Checkpointer
-  assert Checkpointer(os.path.join(workdir, "checkpoints"), create=False).readable_step(16, workdir) == 16
+  from diffgemma_jax.train.reading import open_run
+  assert open_run(workdir, 16).step == 16
 
 
 @pytest.mark.parametrize("damage", ["delete metadata", "truncate without a record"])
@@ -93,8 +93,8 @@ def test_training_resumes_from_the_newest_step_that_restores_and_keeps_the_damag
 
 
 def test_no_restorable_step_fails_naming_each(trained_run, load_tiny, tmp_path):
+  from diffgemma_jax.errors import DamagedCheckpointError
   from diffgemma_jax.train import train
-  from diffgemma_jax.train.checkpoint import DamagedCheckpointError
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_run[1], workdir)
   for step in (8, 16, TRAINED_STEPS):

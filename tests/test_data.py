@@ -11,8 +11,9 @@ from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
 from data_recipes.python_stdlib import documents as stdlib_documents
 from data_recipes.shakespeare import play_and_edition
-from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data import Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data.store import ShardWriter, SplitStore
+from diffgemma_jax.errors import DataError
 
 
 def test_packing_keeps_every_token_once_in_order_and_never_mixes_documents(tmp_path):
@@ -144,7 +145,7 @@ def test_shakespeare_keeps_one_edition_per_play():
 
 
 def test_a_run_keeps_its_tokenizer_and_refuses_a_changed_one(tmp_path):
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   from diffgemma_jax.train.dataset import pin_tokenizer
   data, workdir = tmp_path / "data", tmp_path / "run"
   data.mkdir()
@@ -177,7 +178,7 @@ def test_tokenizers_compare_by_content_not_by_the_path_they_were_built_at(text_d
   from sentencepiece import sentencepiece_model_pb2
 
   from diffgemma_jax.data import same_tokenizer
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   from diffgemma_jax.train.dataset import pin_tokenizer
   out, _, _ = text_dataset
   built = os.path.join(out, "tokenizer.model")

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import dispatch
-from diffgemma_jax.model.config import ConfigError
 from diffgemma_jax.parallel import make_mesh
-from diffgemma_jax.parallel.expert import (expert_capacity, expert_parallel_routed_experts, plan_sends)
+from diffgemma_jax.parallel.expert import expert_capacity, expert_parallel_routed_experts, plan_sends
 
 EIGHT = jax.device_count() >= 8
 needs_eight = pytest.mark.skipif(not EIGHT, reason="runs inside test_on_eight_fake_devices")
@@ -233,6 +233,7 @@ def _train_three_steps(shape, **model_overrides):
   """Losses, gradients, parameters and dropped assignments of three SGD steps from the same initialisation, and
   whether the step's lowered program exchanges tokens with all_to_all (the expert-parallel path)."""
   import optax
+
   from diffgemma_jax.objectives import make_objective
   from diffgemma_jax.train import abstract_train_state, make_train_step
   _, cfg, batch = _train_setup()

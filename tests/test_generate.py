@@ -2,20 +2,19 @@
 quality metrics, and `diffgemma-generate` end to end on the session's trained tiny run."""
 
 import json
-import os
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffgemma_jax.errors import ConfigError, GenerationError
 from diffgemma_jax.model import ModelConfig, build_model, make_mask
 from diffgemma_jax.objectives.ar import next_token_nll
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
-from diffgemma_jax.model.config import ConfigError
-from diffgemma_jax.sampling.requests import (GenerationError, GenerationOptions, Generator, check_flags,
-                                             validate_options, validate_prompt)
+from diffgemma_jax.sampling.requests import GenerationOptions, Generator, check_flags, validate_options, validate_prompt
 from launch.generate import main
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
@@ -199,6 +198,7 @@ def test_a_flag_the_sampler_ignores_is_refused(sampler, objective, flag, value):
 
 def test_prompts_file_escapes_jsonl_and_bad_bytes(tmp_path):
   import argparse
+
   from launch.generate import _read_prompts
   text = tmp_path / "p.txt"
   text.write_bytes(b'\xef\xbb\xbfdef f():\\n    return 1\n\nprint("a\\\\nb")\r\n')

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from diffgemma_jax.config import base_config, validate
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.model.masks import canvas_clean_mask, canvas_window_starts, sliding_window
 from diffgemma_jax.objectives.block import block_ids

@@ -18,11 +18,10 @@ from flax import nnx
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from conftest import TINY_MODEL  # noqa: E402
 from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
 from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
 from launch.harness import TASKS_DIR, harness_argv, main  # noqa: E402
-
-from conftest import TINY_MODEL  # noqa: E402
 
 
 def _request(kind, args, index=0):
@@ -182,7 +181,7 @@ def test_the_shipped_held_out_tasks_load_and_the_wrapper_adds_them():
 def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkeypatch, capsys):
   """The harness builds the model from --model_args (`create_from_arg_string`); a bad argument fails before the
   model is restored, and diffgemma-lm-eval prints it as one line with exit code 2."""
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   _, workdir, _ = trained_run
   with pytest.raises(ConfigError) as info:
     DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},top_p=0.5", {"batch_size": 4})

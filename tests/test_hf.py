@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from conftest import transformers_reference
+from diffgemma_jax.errors import MappingError
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
 from diffgemma_jax.hf.import_hf import import_hf, load_params, pure_params
@@ -104,7 +105,7 @@ def test_export_refuses_what_the_reference_cannot_express():
   for change, key in ((dict(token_shift=True), "model.token_shift"),
                       (dict(self_conditioning=False), "model.self_conditioning"),
                       (dict(global_k_eq_v=False), "model.global_k_eq_v")):
-    with pytest.raises(mapping.MappingError, match=r"cannot export.*" + key.replace(".", r"\.")):
+    with pytest.raises(MappingError, match=r"cannot export.*" + key.replace(".", r"\.")):
       mapping.hf_config_from_model(dataclasses.replace(TINY, **change))
 
 
@@ -113,15 +114,15 @@ def test_missing_extra_and_disagreeing_tensors_fail_with_their_names(tmp_path):
   export_hf(TINY, _pure(_random_model(TINY)), src, log=lambda _: None)
   missing = "model.decoder.layers.2.router.per_expert_scale"
   _rewrite(src, str(tmp_path / "missing"), drop=[missing])
-  with pytest.raises(mapping.MappingError, match=r"missing tensor\(s\): " + missing.replace(".", r"\.")):
+  with pytest.raises(MappingError, match=r"missing tensor\(s\): " + missing.replace(".", r"\.")):
     load_params(str(tmp_path / "missing"), TINY)
   extra = "model.decoder.layers.0.self_attn.q_proj.bias"
   _rewrite(src, str(tmp_path / "extra"), add=[(extra, np.zeros(32, np.float32))])
-  with pytest.raises(mapping.MappingError, match=r"unknown tensor\(s\): " + extra.replace(".", r"\.")):
+  with pytest.raises(MappingError, match=r"unknown tensor\(s\): " + extra.replace(".", r"\.")):
     load_params(str(tmp_path / "extra"), TINY)
   scalar = "model.encoder.language_model.layers.1.layer_scalar"
   _rewrite(src, str(tmp_path / "differs"), drop=[scalar], add=[(scalar, np.full(1, 7.0, np.float32))])
-  with pytest.raises(mapping.MappingError, match=scalar.replace(".", r"\.")):
+  with pytest.raises(MappingError, match=scalar.replace(".", r"\.")):
     load_params(str(tmp_path / "differs"), TINY)
   vision = "model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.weight"
   _rewrite(src, str(tmp_path / "vision"), add=[(vision, np.zeros((2, 2), np.float32))])
@@ -381,7 +382,7 @@ def tokenizer_file(tmp_path_factory):
 
 
 def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   from launch.import_hf import main as import_main
   src, work = str(tmp_path / "hf"), tmp_path / "work"
   pure = _pure(_random_model(TINY))
@@ -401,8 +402,8 @@ def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
 
 def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_file):
   from diffgemma_jax.config import load_config
+  from diffgemma_jax.errors import ConfigError
   from diffgemma_jax.hf import run_tokenizer
-  from diffgemma_jax.model.config import ConfigError
   cfg = dataclasses.replace(TINY, vocab_size=512)
   run = tmp_path / "run"
   run.mkdir()
@@ -438,7 +439,7 @@ def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_f
 ])
 def test_configs_that_are_not_diffusion_gemma_fail_with_what_is_wrong(tmp_path, hf_config, message, capsys):
   from launch.import_hf import main as import_main
-  with pytest.raises(mapping.MappingError, match=message):
+  with pytest.raises(MappingError, match=message):
     mapping.model_overrides_from_hf(hf_config)
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config))

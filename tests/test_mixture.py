@@ -11,9 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from diffgemma_jax.data import DataError, make_train_iterator
+from diffgemma_jax.data import make_train_iterator
 from diffgemma_jax.data.mixture import mixture_bound, parse_mixture
 from diffgemma_jax.data.store import ShardWriter
+from diffgemma_jax.errors import DataError
 
 
 def _synthetic_store(directory, low, high, num_docs=40, seed=0):
@@ -75,6 +76,7 @@ def test_eval_reports_each_source_and_the_weighted_total(two_stores, load_tiny):
   """The trainer's eval path (eval_sets -> held_out_bounds) with a bound function that scores every real token
   at a known cost per dataset."""
   import jax
+
   from diffgemma_jax.evaluate import held_out_bounds
   from diffgemma_jax.parallel.mesh import mesh_from_config
   from diffgemma_jax.train.dataset import eval_sets
@@ -119,7 +121,7 @@ def test_workers_are_refused_where_they_cannot_start(two_stores, monkeypatch):
 
 
 def test_config_refuses_a_bad_mixture_or_one_beside_a_source(load_tiny, two_stores):
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   with pytest.raises(DataError, match="data.mixture.*at least two"):
     load_tiny({"data.mixture": f"{two_stores[0]}:1", "data.source": "", "data.dir": ""})
   with pytest.raises(ConfigError, match="data.mixture .* replaces data.recipe, data.source and data.dir"):

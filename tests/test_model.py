@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from diffgemma_jax.config import base_config, load_config, validate
-from diffgemma_jax.model import ConfigError, ModelConfig, build_model, make_mask
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model import ModelConfig, build_model, make_mask
 from diffgemma_jax.model.inspect import count_params
 from diffgemma_jax.model.moe import route
 from diffgemma_jax.model.rope import apply_rope

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics, train_losses
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.parallel.distributed import distributed_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,16 +132,15 @@ def _run(cmd, env, log_dir=None):
 
 def _final_params(config_file: str, workdir: str, step: int, overrides: list[str]):
   from diffgemma_jax.config import load_config
-  from launch.common import config_overrides
   from diffgemma_jax.model.config import ModelConfig
   from diffgemma_jax.parallel import make_mesh
-  from diffgemma_jax.train import Checkpointer, abstract_train_state, make_optimizer
+  from diffgemma_jax.train import abstract_train_state, make_optimizer
+  from diffgemma_jax.train.reading import open_run
+  from launch.common import config_overrides
   config = load_config(config_file, config_overrides([o for o in overrides if "mesh.shape" not in o]))
   tx, _ = make_optimizer(config.train)
   _, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, make_mesh())
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config, create=False)
-  params = ckpt.restore_params(step, abstract.params, shardings.params)
-  ckpt.close()
+  params = open_run(workdir, step, config=config).restore_params(abstract.params, shardings.params)
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 

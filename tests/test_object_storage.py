@@ -134,7 +134,7 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
 def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tmp_path, monkeypatch):
   from diffgemma_jax import storage
   from diffgemma_jax.data import remote_dataset
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   local = tmp_path / "dataset"
   (local / "train").mkdir(parents=True)
   (local / "train" / "00000.tokens").write_bytes(bytes(range(256)) * 3)
@@ -183,15 +183,17 @@ def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny
 
   from diffgemma_jax import storage
   from diffgemma_jax.train.dataset import checked_data_tokenizer, prepare_dataset, tokenizer_source
-  with ocp.StandardCheckpointer(temporary_path_class=storage.temporary_path_class("s3://runs/init")) as saver:
-    saver.save("s3://runs/init/checkpoints/3/params", {"w": np.arange(6, dtype=np.float32)})
+  # a step committed in the bucket as the trainer's Checkpointer commits one (an Orbax manager, commit markers)
+  options = ocp.CheckpointManagerOptions(temporary_path_class=storage.temporary_path_class("s3://runs/init"))
+  with ocp.CheckpointManager("s3://runs/init/checkpoints", options=options, item_names=("params",)) as saver:
+    saver.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.arange(6, dtype=np.float32)})))
+    saver.wait_until_finished()
   read = textwrap.dedent("""
       import jax, numpy as np, orbax.checkpoint as ocp
-      from diffgemma_jax.train.checkpoint import _saved_params, resolve_init_checkpoint
-      step_dir, step, run = resolve_init_checkpoint("s3://runs/init", -1)
-      with ocp.StandardCheckpointer() as reader:  # what load_init_params does, on a plain tree
-        params = reader.restore(step_dir + "/params", {"w": jax.ShapeDtypeStruct((6,), np.float32)})
-      print(step_dir, step, run, sorted(_saved_params(step_dir)), np.asarray(params["w"]).tolist())
+      from diffgemma_jax.train.reading import INIT, open_run
+      run = open_run("s3://runs/init", key=INIT)
+      params = run.restore_pure_params({"w": jax.ShapeDtypeStruct((6,), np.float32)})
+      print(run.step_dir, run.step, run.run_dir, sorted(run.saved_params()), np.asarray(params["w"]).tolist())
   """)
   done = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, PYTHONPATH=os.getcwd()))

@@ -9,7 +9,7 @@ import sysconfig
 import pytest
 
 from data_recipes import python_packages as pp
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 
 def _write(root, rel, text):

@@ -13,7 +13,8 @@ import pytest
 from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
 from data_recipes.python_stdlib import HELDOUT_FRACTION, stdlib_files
-from diffgemma_jax.data import DataError, Tokenizer
+from diffgemma_jax.data import Tokenizer
+from diffgemma_jax.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py", "colorsys.py",
@@ -357,6 +358,7 @@ def package_index(tmp_path):
 
 def test_pypi_code_fetches_pinned_sdists_by_hash_from_the_index(tmp_path, package_index):
   import hashlib
+
   from data_recipes import pypi_code
   for name in ("alpha", "beta"):
     path = _sdist(str(tmp_path / f"{name}-1.0.tar.gz"), {f"{name}/x.py": f"{name} = 1\n".encode()})

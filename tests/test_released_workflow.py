@@ -149,7 +149,7 @@ def test_the_readme_commands_for_the_released_model(released, tmp_path, capsys):
 
 def test_a_canvas_longer_than_the_sliding_window_is_refused_at_import_and_in_configs(released, tmp_path):
   from diffgemma_jax.config import load_config
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   narrow = dataclasses.replace(TINY, sliding_window=128)
   model = nnx.eval_shape(lambda: build_model(narrow, 0))
   pure = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), to_pure(nnx.state(model, nnx.Param)))

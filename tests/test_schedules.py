@@ -13,8 +13,12 @@ import ml_collections
 import pytest
 
 from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics
-from diffgemma_jax.train.optimizer import (describe_schedule_change, learning_rate_schedule, make_optimizer,
-                                           schedule_change)
+from diffgemma_jax.train.optimizer import (
+  describe_schedule_change,
+  learning_rate_schedule,
+  make_optimizer,
+  schedule_change,
+)
 
 PEAK, FLOOR_RATIO, WARMUP = 1e-3, 0.1, 10
 
@@ -68,7 +72,7 @@ def test_extending_a_run_keeps_the_rate_continuous_except_under_decaying_schedul
 
 
 def test_bad_schedule_settings_name_the_key(load_tiny):
-  from diffgemma_jax.model.config import ConfigError
+  from diffgemma_jax.errors import ConfigError
   for overrides, message in (({"train.lr_schedule": "step"}, "train.lr_schedule: unknown schedule 'step'"),
                              ({"train.optimizer": "sgd"}, "train.optimizer: unknown optimizer 'sgd'"),
                              ({"train.lr_schedule": "wsd"}, r"train.decay_steps=0: the wsd schedule needs a decay"),
@@ -101,7 +105,8 @@ def test_adafactor_keeps_a_small_fraction_of_adamws_state_on_the_released_archit
 def test_a_resume_that_extends_the_run_warns_and_is_recorded(trained_run, load_tiny, tmp_path, capsys):
   """The trained run (cosine over 24 steps) extended to 26: the rate jumps at step 24 and the run says by how much;
   the history gets a second record with the new overrides; the optimizer cannot change under a resume."""
-  from diffgemma_jax.train import IncompatibleCheckpointError, train
+  from diffgemma_jax.errors import IncompatibleCheckpointError
+  from diffgemma_jax.train import train
   from diffgemma_jax.train.history import read_history
   _, reference_dir, _ = trained_run
   workdir = str(tmp_path / "run")

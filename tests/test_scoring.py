@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from diffgemma_jax.scoring import ScoringError, continuation_row, read_pairs, summarize
+from diffgemma_jax.errors import ScoringError
+from diffgemma_jax.scoring import continuation_row, read_pairs, summarize
 from launch.score import main
 
 
@@ -30,8 +31,8 @@ def test_sft_layout_matches_the_sft_evaluation(trained_run, load_tiny, tiny_conf
                                                capsys):
   """diffgemma-score --layout sft on the held-out pairs of an SFT dataset prints the bound diffgemma-eval reports
   for that held-out set (same rows, batches, seed and noise levels), to float32 rounding."""
-  from diffgemma_jax.evaluate import evaluate
   from data_recipes.common import read_records
+  from diffgemma_jax.evaluate import evaluate
   _, workdir, _ = trained_run
   source, root = sft_pairs
   overrides = {"data.recipe": "jsonl", "data.source": source, "data.dir": str(root / "ds"),

@@ -14,12 +14,11 @@ import optax
 import pytest
 from flax import nnx
 
-from diffgemma_jax.data import DataError, Tokenizer
-from diffgemma_jax.data.sft import make_row, make_rows, read_jsonl, render, split_tokens, validate_record
-from diffgemma_jax.model import ModelConfig
-from diffgemma_jax.model.config import ConfigError
-
 from conftest import TINY_MODEL
+from diffgemma_jax.data import Tokenizer
+from diffgemma_jax.data.sft import make_row, make_rows, read_jsonl, render, split_tokens, validate_record
+from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.model import ModelConfig
 
 
 # ---- records and templates -------------------------------------------------------------------------------------
@@ -199,6 +198,7 @@ def test_tokens_split_at_the_prompt_boundary(trained_run):
 # ---- recipes -----------------------------------------------------------------------------------------------------
 def test_python_docstrings_pairs_hold_out_the_pretraining_modules(tmp_path, trained_run):
   import sysconfig
+
   from data_recipes.common import read_records, split_by_hash
   from data_recipes.python_docstrings import build, function_pairs
   from data_recipes.python_stdlib import HELDOUT_FRACTION, documents
@@ -228,13 +228,13 @@ def test_sft_recipes_need_a_tokenizer(load_tiny):
 
 # ---- freezing and LoRA in the train step ----------------------------------------------------------------------------
 def _step_once(cfg: ModelConfig, freeze=()):
+  from diffgemma_jax.config import base_config
   from diffgemma_jax.objectives import MaskedDiffusion
   from diffgemma_jax.parallel.mesh import make_mesh
   from diffgemma_jax.train.freeze import trainable_filter
   from diffgemma_jax.train.optimizer import make_optimizer
   from diffgemma_jax.train.state import abstract_train_state, init_train_state, to_pure
   from diffgemma_jax.train.step import make_train_step
-  from diffgemma_jax.config import base_config
   tc = base_config().train
   tc.update(learning_rate=1e-2, warmup_steps=0, num_steps=10)
   mesh = make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
@@ -274,9 +274,9 @@ def test_freezing_flags_freeze_what_they_say():
 
 
 def test_lora_trains_only_the_adapters_and_merges_exactly():
+  from diffgemma_jax.model import build_model
   from diffgemma_jax.model.lora import merge_lora
   from diffgemma_jax.model.masks import make_mask
-  from diffgemma_jax.model import build_model
   from diffgemma_jax.train.state import from_pure, split_model, to_pure
   cfg = ModelConfig(**SMALL, lora_rank=4, lora_alpha=8.0)
   changed, state, metrics = _step_once(cfg)
@@ -379,8 +379,8 @@ def test_uniform_sft_from_a_pretrained_checkpoint_end_to_end(load_tiny, trained_
 
 
 def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_data, tmp_path):
+  from diffgemma_jax.errors import IncompatibleCheckpointError
   from diffgemma_jax.train import train
-  from diffgemma_jax.train.checkpoint import IncompatibleCheckpointError
   _, pre_workdir, _ = trained_run
   _, root = sft_data
   with pytest.raises(ConfigError, match="init.checkpoint: .*does not exist"):
@@ -401,7 +401,9 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
   # Reading the LoRA run with the base config (no lora_rank) picks up the run's adapters from its run_config.json.
   from diffgemma_jax.evaluate import evaluate
   from diffgemma_jax.sampling.requests import restore_model
-  base = load_tiny(_sft_overrides(pre_workdir, root))
+  # ... also once the pretraining run it started from has moved (init.checkpoint names nothing now): the
+  # fine-tuned workdir pins its own tokenizer, which is all a reader needs.
+  base = load_tiny(_sft_overrides(str(tmp_path / "moved"), root))
   assert evaluate(base, str(tmp_path / "d"))["step"] == 2
   assert base.model.lora_rank == 0  # the caller's config is not changed
   model, step = restore_model(load_tiny(_sft_overrides(pre_workdir, root)), str(tmp_path / "d"))
@@ -413,10 +415,10 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
 
 def test_released_model_sft_config_is_a_lora_run_on_an_expert_parallel_mesh():
   from diffgemma_jax.config import load_config
+  from diffgemma_jax.model import build_model
   from diffgemma_jax.model.inspect import count_params
   from diffgemma_jax.train.freeze import describe, trainable_filter
   from diffgemma_jax.train.state import split_model
-  from diffgemma_jax.model import build_model
   config = load_config("configs/diffusiongemma_26b_a4b_sft.py")
   assert tuple(config.mesh.shape) == (1, 1, 8, 1) and config.objective.name == "uniform"
   cfg = ModelConfig.from_config_dict(config.model)

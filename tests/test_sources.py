@@ -16,9 +16,9 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_recipes import build_dataset
-from diffgemma_jax.data import DataError, Tokenizer, train_tokenizer
-from diffgemma_jax.data import sources
+from diffgemma_jax.data import Tokenizer, sources, train_tokenizer
 from diffgemma_jax.data.sources import ReadStats, file_spans, read_documents
+from diffgemma_jax.errors import DataError
 
 TEXTS = ["def f(x):\n    return x  # caf\u00e9\n", "\u4e2d\u6587 \U0001F600 na\u00efve\n\ttabbed", "  leading spaces",
          "plain ascii line\nsecond line\n", "\u00bfqu\u00e9? \u00a1s\u00ed!"]

@@ -15,10 +15,11 @@ import pytest
 
 from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
-from diffgemma_jax.data import DataError, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data import Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data import build as build_module
 from diffgemma_jax.data.split import heldout_threshold, key_digest, write_digest_table
 from diffgemma_jax.data.store import ShardWriter, SplitStore, open_split
+from diffgemma_jax.errors import DataError
 
 MODULES = ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py", "colorsys.py",
            "keyword.py", "queue.py", "sched.py", "calendar.py", "copy.py", "numbers.py")

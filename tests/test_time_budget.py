@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics, train_losses
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.train import Checkpointer, train
 
 

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from conftest import TINY_MODEL, read_metrics, train_losses
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.parallel import make_mesh, partition_spec, resolve_mesh_shape, shardings_for
 from diffgemma_jax.train.optimizer import weight_decay_mask
 

@@ -15,8 +15,7 @@ from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.self_conditioning import expected_embedding
 from diffgemma_jax.objectives import UniformDiffusion
 from diffgemma_jax.objectives.masked import masked_token_nll
-from diffgemma_jax.objectives.uniform import (states_excluding, uniform_corrupt, uniform_elbo_integrand,
-                                             uniform_nelbo)
+from diffgemma_jax.objectives.uniform import states_excluding, uniform_corrupt, uniform_elbo_integrand, uniform_nelbo
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=6, global_head_dim=16, global_num_kv_heads=1,
@@ -212,13 +211,14 @@ def test_training_loss_is_canvas_ce_plus_weighted_encoder_loss():
 
 
 def test_block_size_must_divide_the_row():
-  from diffgemma_jax.model import ConfigError
+  from diffgemma_jax.errors import ConfigError
   with pytest.raises(ConfigError, match=r"objective.block_size=5.*train.seq_len=16"):
     UniformDiffusion(mask_id=MASK, block_size=5).loss_fn(build_model(TINY, 0), _batch(), jax.random.key(0))
 
 
 def test_diffusiongemma_tiny_config_trains_one_step():
   import os
+
   from diffgemma_jax.config import load_config
   from diffgemma_jax.model.config import ModelConfig as MC
   from diffgemma_jax.objectives import make_objective

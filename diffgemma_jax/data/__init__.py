@@ -9,12 +9,11 @@ nor JAX, which take seconds to import.
 
 import importlib
 
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.tokenizer import Tokenizer, same_tokenizer, train_tokenizer
 
 _PIPELINE = ("BATCH_KEYS", "make_eval_batches", "make_train_iterator", "unigram_ppl")
 
-__all__ = ["DataError", "Tokenizer", "same_tokenizer", "train_tokenizer", *_PIPELINE]
+__all__ = ["Tokenizer", "same_tokenizer", "train_tokenizer", *_PIPELINE]
 
 
 def __getattr__(name):

@@ -40,12 +40,19 @@ from typing import Callable
 import numpy as np
 
 from diffgemma_jax import storage
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.sources import ReadStats, Span, check_bad_lines, file_spans, read_documents
-from diffgemma_jax.data.split import (SPLIT_BY, HeldOut, heldout_threshold, key_digest, keyed_bytes, split_key,
-                                      write_digest_table)
+from diffgemma_jax.data.split import (
+  SPLIT_BY,
+  HeldOut,
+  heldout_threshold,
+  key_digest,
+  keyed_bytes,
+  split_key,
+  write_digest_table,
+)
 from diffgemma_jax.data.store import ShardWriter, token_dtype
 from diffgemma_jax.data.tokenizer import Tokenizer, train_tokenizer
+from diffgemma_jax.errors import DataError
 
 SPLITS = ("train", "heldout")
 TASK_BYTES = 16 << 20

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 LN2 = math.log(2.0)
 

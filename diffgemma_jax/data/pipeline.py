@@ -23,9 +23,9 @@ import grain
 import numpy as np
 
 from data_recipes.common import read_manifest, read_records
-from diffgemma_jax.data.errors import DataError
 from diffgemma_jax.data.store import SplitStore, open_split, unigram_counts
 from diffgemma_jax.data.tokenizer import Tokenizer
+from diffgemma_jax.errors import DataError
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 SFT_KEYS = BATCH_KEYS + ("loss_mask",)

@@ -25,7 +25,7 @@ from typing import Callable
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 OBJECTS_FILE = "objects.json"

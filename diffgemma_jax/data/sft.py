@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATES = ("gemma", "diffusiongemma", "plain")

@@ -31,7 +31,7 @@ import json
 from typing import Iterator
 
 from diffgemma_jax import storage
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
 PARQUET_BATCH_ROWS = 1024

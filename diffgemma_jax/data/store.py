@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 STARTS_DTYPE = np.dtype("<i8")
 OPEN_SHARDS = 64  # memory maps kept open per split (each holds a file descriptor)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import sentencepiece as spm
 
-from diffgemma_jax.data.errors import DataError
+from diffgemma_jax.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 USER_SYMBOLS = ("<mask>", "<start_of_turn>", "<end_of_turn>")

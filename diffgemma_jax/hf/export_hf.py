@@ -11,34 +11,35 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from flax import nnx
 
 from diffgemma_jax import storage
+from diffgemma_jax.data import Tokenizer
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.hf import mapping
 from diffgemma_jax.hf.safetensors_io import write_sharded
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.layers import dtype_of
+from diffgemma_jax.model.lora import merge_lora
+from diffgemma_jax.model.transformer import abstract_model
+from diffgemma_jax.train.dataset import checked_data_tokenizer
+from diffgemma_jax.train.reading import open_run, pinned_tokenizer
+from diffgemma_jax.train.state import to_pure
 
 
 def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):
-  """(step, the parameters as the trainer saved them: nested dicts of arrays) from `workdir/checkpoints`."""
-  import jax
-  from flax import nnx
-
-  from diffgemma_jax.model.transformer import build_model
-  from diffgemma_jax.train.checkpoint import Checkpointer, check_workdir
-  from diffgemma_jax.train.state import to_pure
-
-  check_workdir(workdir, reading=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-  step = ckpt.readable_step(step, workdir)
+  """(step, the parameters as the trainer saved them: nested dicts of arrays, on one device) of the run in
+  `workdir` (`train.reading`)."""
+  run = open_run(workdir, step)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = to_pure(nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param))
+  abstract = to_pure(nnx.state(abstract_model(cfg), nnx.Param))
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-  params = ckpt.restore_pure_params(step, target)
-  ckpt.close()
-  return step, params
+  return run.step, run.restore_pure_params(target)
 
 
 def getter(pure: Any) -> Callable[[tuple], np.ndarray]:
@@ -61,11 +62,10 @@ def hf_tensors(cfg: ModelConfig, pure: Any, dtype=np.float32):
 def run_tokenizer(workdir: str, data_tokenizer: str = "") -> str:
   """The tokenizer a run was trained with: the one the trainer pinned in its workdir, else `data.tokenizer` (the
   tokenizer of imported weights). Without either, fails rather than export a model with guessed special ids."""
-  pinned = os.path.join(workdir, "tokenizer.model")
-  if storage.open_path(pinned).is_file():
-    return storage.local_file(pinned)
+  pinned = pinned_tokenizer(workdir)
+  if pinned:
+    return pinned
   if data_tokenizer:
-    from diffgemma_jax.train.dataset import checked_data_tokenizer
     return checked_data_tokenizer(data_tokenizer)
   raise ConfigError(f"--workdir {workdir} keeps no tokenizer.model and data.tokenizer is empty, so the export "
                     f"would ship no tokenizer and guess its bos/eos/pad ids; pass --config.data.tokenizer=PATH "
@@ -77,7 +77,6 @@ def generation_config(tokenizer: str | None, vocab_size: int) -> dict[str, Any]:
   would stop generation at the wrong token)."""
   config: dict[str, Any] = {"_from_model_config": False}
   if tokenizer:
-    from diffgemma_jax.data import Tokenizer
     tok = Tokenizer(tokenizer)
     if tok.vocab_size > vocab_size:
       raise ConfigError(f"the tokenizer {tokenizer} has {tok.vocab_size} pieces but the model only "
@@ -92,11 +91,6 @@ def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 
   """Writes the Hugging Face directory `output`; returns the shard file names. `tokenizer`: the model's
   sentencepiece file, copied in as tokenizer.model (its ids go into generation_config.json). LoRA adapters (a
   fine-tune with `model.lora_rank` > 0) are merged into their base weights first: the reference model has none."""
-  import shutil
-
-  from diffgemma_jax.model.layers import dtype_of
-  from diffgemma_jax.model.lora import merge_lora
-
   generation = generation_config(tokenizer, cfg.vocab_size)  # a wrong tokenizer fails before any shard is written
   if tokenizer is None:
     log("warning: no tokenizer given: generation_config.json names no bos/eos/pad ids and no tokenizer.model "

@@ -1,7 +1,7 @@
 """Hugging Face DiffusionGemma (config.json + safetensors shards) -> our config and an Orbax checkpoint.
 
 The output is a workdir: `OUT/checkpoints/<step>/params` (StandardSave of the parameters as plain nested dicts,
-the trainer's layout, so `Checkpointer.restore_params` and `diffgemma-eval --workdir OUT` read it),
+the trainer's layout, so `train.reading` and `diffgemma-eval --workdir OUT` read it),
 `OUT/checkpoints/run_config.json` and, when the checkpoint ships one, `OUT/tokenizer.model`. Shards are read one at
 a time and tensor by tensor from a memory map, each converted straight into its slot of our parameter tree, so host
 memory peaks at our parameters (in `model.param_dtype`) plus one tensor, never a second copy of the model.
@@ -16,15 +16,21 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from diffgemma_jax import storage
+from diffgemma_jax.config import base_config
+from diffgemma_jax.errors import ConfigError, MappingError
 from diffgemma_jax.hf import mapping
-from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.layers import dtype_of
+from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives.block import check_canvas_window
 from diffgemma_jax.train import integrity
+from diffgemma_jax.train.checkpoint import CONFIG_FILE, config_to_dict
 
 CONFIG_TEMPLATE = '''"""DiffusionGemma imported from {source} by diffgemma-import."""
 
@@ -89,7 +95,6 @@ def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = p
   Every tensor is accounted for: names that map nowhere and expected names that are absent fail together, listed;
   the encoder's copies of decoder tensors (and the tied LM head) must equal them; vision tensors are skipped.
   """
-
   files = [SafetensorsFile(path) for path in shard_files(hf_dir)]
   names = [n for f in files for n in f.names()]
   split = mapping.check_names(cfg, names)
@@ -122,8 +127,8 @@ def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = p
         del pending[rule.path]
   mismatched = sorted(a for a, fp in alias_fp.items() if not _close(fp, seen_fp[alias[a]]))
   if mismatched:
-    raise mapping.MappingError(f"{len(mismatched)} tensor(s) differ from the decoder tensor they must equal "
-                               f"(encoder and decoder share one stack here): {', '.join(mismatched)}")
+    raise MappingError(f"{len(mismatched)} tensor(s) differ from the decoder tensor they must equal "
+                       f"(encoder and decoder share one stack here): {', '.join(mismatched)}")
   return flat
 
 
@@ -156,18 +161,14 @@ def _place(flat: dict, cfg: ModelConfig, rule_path: tuple, value: np.ndarray, sc
 def pure_params(cfg: ModelConfig, flat: dict):
   """The parameters as the trainer checkpoints them (`train.state.to_pure` of the model's params), checked
   against a model built from `cfg`: every path present, every shape right, nothing extra."""
-  from flax import nnx
-
-  from diffgemma_jax.model.transformer import build_model
-
-  abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
+  abstract = nnx.state(abstract_model(cfg), nnx.Param)
   wanted = {path: var.shape for path, var in abstract.flat_state()}
   problems = [f"{'/'.join(map(str, p))} missing" for p in wanted if p not in flat]
   problems += [f"{'/'.join(map(str, p))} is not a parameter of the model" for p in flat if p not in wanted]
   problems += [f"{'/'.join(map(str, p))} has shape {flat[p].shape}, the model wants {tuple(s)}"
                for p, s in wanted.items() if p in flat and tuple(flat[p].shape) != tuple(s)]
   if problems:
-    raise mapping.MappingError("imported parameters do not fit the model: " + "; ".join(problems))
+    raise MappingError("imported parameters do not fit the model: " + "; ".join(problems))
   return nnx.to_pure_dict(nnx.State.from_flat_path({p: flat[p] for p in wanted}))
 
 
@@ -184,10 +185,6 @@ def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length
 
 def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
   """Writes `pure` as the params item of checkpoint `step` under `workdir/checkpoints` (the trainer's layout)."""
-  import orbax.checkpoint as ocp
-
-  from diffgemma_jax.train.checkpoint import CONFIG_FILE
-
   directory = storage.resolve(os.path.join(workdir, "checkpoints"))
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   epath.Path(directory, CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True))
@@ -218,9 +215,6 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
   in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
   checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first."""
-  from diffgemma_jax.config import base_config
-  from diffgemma_jax.train.checkpoint import config_to_dict
-
   check_output(output, force=force)
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)

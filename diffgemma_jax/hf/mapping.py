@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import MappingError
+from diffgemma_jax.model.config import ModelConfig
 
 DECODER = "model.decoder."
 ENCODER = "model.encoder.language_model."
@@ -54,10 +55,6 @@ MODEL_TYPES = ("diffusion_gemma", "diffusion_gemma_text")
 REQUIRED_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                       "head_dim", "sliding_window", "intermediate_size", "num_experts", "top_k_experts",
                       "moe_intermediate_size")
-
-
-class MappingError(ValueError):
-  """Tensors that do not map one-to-one: the message lists every offending name."""
 
 
 # ---- configs -----------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.model.config import ATTENTION_IMPLS, ConfigError
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model.config import ATTENTION_IMPLS
 from pallas_kernels.attention_mask import MaskSpec
 from pallas_kernels.attention_ops import flash_attention
 from pallas_kernels.attention_reference import attention_reference

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from diffgemma_jax.errors import ConfigError
+
 LAYER_KINDS = ("sliding", "global")
 DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
 # model/attention_impl.py: xla (dense logits, the reference), pallas (our flash-attention kernel), cudnn (cuDNN via
@@ -21,10 +23,6 @@ EXPERT_COLLECTIVES = ("all_to_all", "ragged_all_to_all")
 # Projections a LoRA adapter may wrap; "attention" stands for all four attention projections.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")
 LORA_TARGET_ALIASES = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
-
-
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the key and what would be valid."""
 
 
 @dataclasses.dataclass(frozen=True)

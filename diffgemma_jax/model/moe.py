@@ -11,6 +11,7 @@ from flax import nnx
 from diffgemma_jax.model import dispatch
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import param, rms_normalize
+from diffgemma_jax.model.placement import LOCAL, Placement
 
 
 class Routing(NamedTuple):
@@ -49,14 +50,16 @@ def route(x_TD, router_scale_D, router_w_DE, per_expert_scale_E, *, top_k: int, 
 
 
 class MoE(nnx.Module):
-  """Router plus E routed GeGLU experts with weights [E, D, 2F] (gate|up) and [E, F, D]."""
+  """Router plus E routed GeGLU experts with weights [E, D, 2F] (gate|up) and [E, F, D]; `placement` runs the
+  experts (expert-parallel on a mesh with an `expert` axis, `model/placement.py`)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
     D, E, F = cfg.embed_dim, cfg.num_experts, cfg.expert_dim
     self.top_k = cfg.top_k
     self.eps = cfg.norm_eps
     self.backend = dispatch.resolve_backend(cfg.dispatch)
     self.capacity_factor, self.dropless, self.collective = cfg.capacity_factor, cfg.dropless, cfg.expert_collective
+    self.placement = placement
     self.router_scale = param(rngs, (D,), ("norm",), init="ones")
     self.router_w = param(rngs, (D, E), ("embed", "experts_unsharded"))
     self.per_expert_scale = param(rngs, (E,), ("experts_unsharded",), init="ones")
@@ -70,13 +73,7 @@ class MoE(nnx.Module):
                     token_mask_T=None if token_mask_BL is None else token_mask_BL.reshape(B * L))
     args = (expert_in_BLD.reshape(B * L, D), routing.expert_ids_TK, routing.combine_weights_TK, self.w_gate_up[...],
             self.w_down[...])
-    from diffgemma_jax.parallel import expert  # pylint: disable=import-outside-toplevel
-    mesh = expert.expert_parallel_mesh(B * L)
-    if mesh is not None:  # traced under `parallel.use_mesh` with an expert axis > 1
-      y_TD, dropped = expert.expert_parallel_routed_experts(
-          *args, mesh=mesh, backend=self.backend, compute_dtype=dtype, capacity_factor=self.capacity_factor,
-          dropless=self.dropless, collective=self.collective)
-      routing = routing._replace(dropped=dropped)
-    else:
-      y_TD = dispatch.routed_experts(*args, backend=self.backend, compute_dtype=dtype)
-    return y_TD.reshape(B, L, D), routing
+    y_TD, dropped = self.placement.routed_experts(*args, backend=self.backend, compute_dtype=dtype,
+                                                  capacity_factor=self.capacity_factor, dropless=self.dropless,
+                                                  collective=self.collective)
+    return y_TD.reshape(B, L, D), routing._replace(dropped=dropped)

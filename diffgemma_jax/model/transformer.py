@@ -19,6 +19,7 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import MLP, Embedder, RMSNorm, dtype_of, param, rms_normalize
 from diffgemma_jax.model.masks import MaskSpec, canvas_window_starts
 from diffgemma_jax.model.moe import MoE
+from diffgemma_jax.model.placement import LOCAL, Placement
 from diffgemma_jax.model.self_conditioning import SelfConditioning
 
 REMAT_POLICIES = {
@@ -29,7 +30,7 @@ REMAT_POLICIES = {
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
     D, eps = cfg.embed_dim, cfg.norm_eps
     self.pre_attn_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.attn = Attention(cfg, kind, rngs=rngs)
@@ -39,10 +40,11 @@ class Block(nnx.Module):
                    lora_alpha=cfg.lora_alpha)
     self.post_mlp_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.pre_moe_norm = RMSNorm(D, eps=eps, rngs=rngs)
-    self.moe = MoE(cfg, rngs=rngs)
+    self.moe = MoE(cfg, rngs=rngs, placement=placement)
     self.post_moe_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.post_ffn_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.layer_scalar = param(rngs, (1,), (None,), init="ones")
+    self.placement = placement
 
   def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window=None):
     with jax.named_scope("attention"):  # the scopes name the costs in a profile (bench/trace_summary.py)
@@ -65,15 +67,14 @@ class Block(nnx.Module):
     return out, (k_cache, v_cache)
 
   def _after_attention(self, x_BLD, attn_out, token_mask_BL, dtype):
-    from diffgemma_jax.parallel.rules import constrain  # pylint: disable=import-outside-toplevel (import cycle)
-    # Rows stay split over the batch axes between sublayers (a no-op unless traced under parallel.use_mesh).
-    h_BLD = constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", None, None))
+    # Rows stay split over the batch axes between sublayers (a no-op for the LOCAL placement).
+    h_BLD = self.placement.constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", None, None))
     with jax.named_scope("dense_mlp"):
       dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
     with jax.named_scope("moe"):
       routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
     ffn = self.post_ffn_norm(dense + self.post_moe_norm(routed))
-    out = constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", None, None))
+    out = self.placement.constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", None, None))
     stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
              "expert_load": routing.expert_load_E, "dropped_tokens": jnp.asarray(routing.dropped, jnp.float32)}
     return out, stats
@@ -82,8 +83,8 @@ class Block(nnx.Module):
 class PatternUnit(nnx.Module):
   """One repetition of `layer_pattern`."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.blocks = nnx.List([Block(cfg, kind, rngs=rngs) for kind in cfg.layer_pattern])
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
+    self.blocks = nnx.List([Block(cfg, kind, rngs=rngs, placement=placement) for kind in cfg.layer_pattern])
 
   def __call__(self, x_BLD, positions_BL, mask_BLL, token_mask_BL, dtype, canvas_window=None):
     stats = []
@@ -116,13 +117,14 @@ def _stack_units(units: list[PatternUnit]) -> PatternUnit:
 
 
 class Denoiser(nnx.Module):
-  """Maps tokens (clean, masked or noised) to logits over the vocabulary. Knows nothing of objectives."""
+  """Maps tokens (clean, masked or noised) to logits over the vocabulary. Knows nothing of objectives; runs where
+  `placement` says (`model/placement.py`)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
     self.cfg = cfg
     self.embedder = Embedder(cfg.vocab_size, cfg.embed_dim, rngs=rngs)
     repeats = cfg.num_layers // len(cfg.layer_pattern)
-    units = [PatternUnit(cfg, rngs=rngs) for _ in range(repeats)]
+    units = [PatternUnit(cfg, rngs=rngs, placement=placement) for _ in range(repeats)]
     if cfg.scan_layers:
       self.stacked_unit = _stack_units(units)
       self.units = nnx.List([])
@@ -276,6 +278,12 @@ def aux_losses(stats: dict[str, Any], cfg: ModelConfig) -> dict[str, jax.Array]:
   }
 
 
-def build_model(cfg: ModelConfig, seed: int | jax.Array = 0) -> Denoiser:
+def build_model(cfg: ModelConfig, seed: int | jax.Array = 0, placement: Placement = LOCAL) -> Denoiser:
   rngs = nnx.Rngs(params=seed) if not isinstance(seed, nnx.Rngs) else seed
-  return Denoiser(cfg, rngs=rngs)
+  return Denoiser(cfg, rngs=rngs, placement=placement)
+
+
+def abstract_model(cfg: ModelConfig, placement: Placement = LOCAL) -> Denoiser:
+  """The denoiser of `cfg` with shapes and dtypes for parameters (nothing allocated): the graphdef and restore
+  target of a model built for `placement`."""
+  return nnx.eval_shape(lambda: build_model(cfg, 0, placement))

@@ -34,10 +34,18 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.masks import MaskSpec, canvas_clean_mask  # noqa: F401  (the dense reference, re-exported)
-from diffgemma_jax.objectives.masked import (corrupt, masked_token_nll, normalise_loss, router_metrics, scored_by,
-                                             scored_positions, stratified_t, weighted_nll)
+from diffgemma_jax.objectives.masked import (
+  corrupt,
+  masked_token_nll,
+  normalise_loss,
+  router_metrics,
+  scored_by,
+  scored_positions,
+  stratified_t,
+  weighted_nll,
+)
 
 
 def check_block_size(seq_len: int, block_size: int) -> None:

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import jax
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError, CoordinatorUnreachableError
 
 ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -41,10 +41,6 @@ def serialise_cpu_collectives(environ=os.environ) -> None:
   flags = environ.get("XLA_FLAGS", "")
   if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
     environ["XLA_FLAGS"] = f"{flags} {CPU_SERIAL_COLLECTIVES_FLAG}".strip()
-
-
-class CoordinatorUnreachableError(ConfigError):
-  """A process could not join the run: the coordinator did not answer in time."""
 
 
 def distributed_settings(config=None, env: Mapping[str, str] | None = None) -> dict | None:

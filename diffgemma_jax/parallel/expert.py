@@ -25,11 +25,12 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.model import dispatch
 from diffgemma_jax.model.config import EXPERT_COLLECTIVES as COLLECTIVES
-from diffgemma_jax.model.config import ConfigError
-from diffgemma_jax.parallel.mesh import current_mesh
 
 EXPERT_AXIS = "expert"
 FSDP_AXIS = "fsdp"
@@ -53,16 +54,13 @@ def token_axes(mesh: Mesh) -> tuple[str, ...]:
   return tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
 
 
-def expert_parallel_mesh(num_tokens: int) -> Mesh | None:
-  """The mesh of `parallel.use_mesh` when the MoE should dispatch over it: an expert axis > 1 and tokens that split
-  over the token axes. Otherwise None: single-device dispatch under GSPMD, which computes the same function
-  (sampling one sequence on an 8-device mesh takes that path)."""
-  mesh = current_mesh()
-  if mesh is None or expert_shards(mesh) == 1:
-    return None
-  if num_tokens % math.prod(mesh.shape[a] for a in token_axes(mesh)):
-    return None
-  return mesh
+def dispatches_expert_parallel(mesh: Mesh, num_tokens: int) -> bool:
+  """Whether the MoE dispatches over `mesh`: an expert axis > 1 and tokens that split over the token axes.
+  Otherwise each device dispatches its rows under GSPMD, which computes the same function (sampling one sequence on
+  an 8-device mesh takes that path)."""
+  if expert_shards(mesh) == 1:
+    return False
+  return num_tokens % math.prod(mesh.shape[a] for a in token_axes(mesh)) == 0
 
 
 def expert_capacity(tokens_per_shard: int, top_k: int, num_expert_shards: int, capacity_factor: float,
@@ -128,7 +126,6 @@ def _local_experts(rows_RD, local_expert_R, w_gate_up_EDF2, w_down_EFD, *, backe
   `dense` (the reference) runs every local expert on every row; the grouped backends sort the rows by local expert
   first, exactly as single-device dispatch does.
   """
-  from diffgemma_jax.model import dispatch  # pylint: disable=import-outside-toplevel
   num_local = w_gate_up_EDF2.shape[0]
   backend = dispatch.resolve_backend(backend)
   if backend == "dense":  # one_hot of the E_local marker is all zeros, so empty slots get no expert
@@ -241,7 +238,6 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   down_spec = _weight_spec(mesh, 3, 2, D)
   row_spec = P(rows or None, None)
   if check_vma is None:
-    from diffgemma_jax.model import dispatch  # pylint: disable=import-outside-toplevel
     check_vma = dispatch.resolve_backend(backend) in ("dense", "ragged")
 
   def body(x, ids, weights, w_gate_up, w_down):
@@ -263,5 +259,5 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
 
 
 __all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity",
-                          "expert_parallel_mesh", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
+                          "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
                           "shard_map", "token_axes")

@@ -5,16 +5,14 @@ One device is a 1x1x1x1 mesh built by the same code as many, so the single-devic
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -113,20 +111,3 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if batch % processes:
     raise ConfigError(f"train.batch_size={batch} does not split over {processes} processes")
 
-
-_CURRENT_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("diffgemma_mesh", default=None)
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
-  """The mesh the model shards over while tracing: it turns on expert-parallel MoE dispatch (an `expert` axis
-  > 1) and activation sharding constraints. Enter it inside the function being jitted (it acts at trace time)."""
-  token = _CURRENT_MESH.set(mesh)
-  try:
-    yield mesh
-  finally:
-    _CURRENT_MESH.reset(token)
-
-
-def current_mesh() -> Mesh | None:
-  return _CURRENT_MESH.get()

@@ -13,8 +13,6 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffgemma_jax.parallel.mesh import current_mesh
-
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),  # the scan axis stays whole on every device
     ("vocab", "tensor"),
@@ -93,10 +91,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Pins an activation to the sharding its logical `axes` get from the rules, under `parallel.use_mesh`; the
-  identity otherwise. Keeps XLA from trading the FSDP all-gather of a weight for a resharded activation."""
-  mesh = current_mesh()
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+  """Pins an activation to the sharding its logical `axes` get from the rules on `mesh` (the identity on one
+  device). Keeps XLA from trading the FSDP all-gather of a weight for a resharded activation."""
   if mesh is None or mesh.devices.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fits(x.shape, partition_spec(axes, mesh), mesh)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Sequence
 
@@ -28,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
+from diffgemma_jax.train.dataset import load_tokenizer
+from diffgemma_jax.train.reading import check_workdir, restore_model
 
 # name -> (objective of the models it samples, acceptance rule, cache mode); "canvas": the multi-canvas sampler,
 # "block": masked.BlockDenoiser (exact cache, fused commits).
@@ -69,10 +70,6 @@ SAMPLER_FLAGS: dict[str, tuple[str, ...]] = {
 }
 # Every sampler option flag, each once: the CLI reads these (None when unset) and check_flags vets them.
 SAMPLER_OPTION_FLAGS = tuple(dict.fromkeys(flag for flags in SAMPLER_FLAGS.values() for flag in flags))
-
-
-class GenerationError(ConfigError):
-  """A generation request or option is invalid; the message names the flag and what would be valid."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,41 +323,6 @@ def canvas_model_calls(steps_BC):
   return 1 + jnp.sum(steps_BC, axis=-1) + jnp.maximum(ran_B - 1, 0)
 
 
-def restore_model(config, workdir: str, step: int | None = None):
-  """(model, step): the parameters of `step` (default: the latest complete checkpoint) in `workdir/checkpoints`."""
-  from diffgemma_jax.model.transformer import build_model
-  from diffgemma_jax.parallel.mesh import mesh_from_config
-  from diffgemma_jax.parallel.rules import shardings_for
-  from diffgemma_jax.train.checkpoint import Checkpointer, adopt_saved_lora, check_workdir
-  from diffgemma_jax.train.state import split_model
-
-  check_workdir(workdir, reading=True)
-  checkpoints = os.path.join(workdir, "checkpoints")
-  config = adopt_saved_lora(config, checkpoints)
-  ckpt = Checkpointer(checkpoints, config, create=False)
-  step = ckpt.readable_step(step, workdir)
-  model_cfg = ModelConfig.from_config_dict(config.model)
-  graphdef, abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
-  mesh = mesh_from_config(config, training=False)
-  params = ckpt.restore_params(step, abstract, shardings_for(abstract, mesh))
-  ckpt.close()
-  return nnx.merge(graphdef, params), int(step)
-
-
-def load_tokenizer(config, workdir: str | None = None):
-  """The run's own tokenizer (pinned in its workdir by the trainer), else `data.tokenizer` (e.g. the tokenizer
-  of imported weights), else the dataset's."""
-  from diffgemma_jax.data import Tokenizer
-  from diffgemma_jax.train.dataset import dataset_dir
-  from diffgemma_jax import storage
-  pinned = os.path.join(workdir, "tokenizer.model") if workdir else ""
-  if pinned and storage.open_path(pinned).is_file():
-    return Tokenizer(storage.local_file(pinned))
-  if config.data.tokenizer:
-    return Tokenizer(str(config.data.tokenizer))
-  return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
-
-
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
                          step: int | None = None, chat_template: str | None = None, batch_size: int = 1,
                          stop: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -381,7 +343,6 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
   for text in prompts:
     validate_prompt(text, [], 1)
-  from diffgemma_jax.train.checkpoint import check_workdir
   check_workdir(workdir, reading=True)  # before its tokenizer is looked for there
   tokenizer = load_tokenizer(config, workdir)
   context_length = int(config.train.seq_len)

@@ -1,11 +1,10 @@
 """The trainer: sharded state, the pure train step, AdamW, Orbax checkpoints, metrics, and the loop."""
 
-from diffgemma_jax.train.checkpoint import Checkpointer, IncompatibleCheckpointError
-from diffgemma_jax.train.loop import NonFiniteLossError, train
+from diffgemma_jax.train.checkpoint import Checkpointer
+from diffgemma_jax.train.loop import train
 from diffgemma_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from diffgemma_jax.train.state import TrainState, abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step, train_step
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError", "NonFiniteLossError", "TrainState",
-           "abstract_train_state", "init_train_state", "learning_rate_schedule", "make_optimizer", "make_train_step",
-           "train", "train_step"]
+__all__ = ["Checkpointer", "TrainState", "abstract_train_state", "init_train_state", "learning_rate_schedule",
+           "make_optimizer", "make_train_step", "train", "train_step"]

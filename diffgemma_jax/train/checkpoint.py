@@ -12,6 +12,7 @@ Anything saved here is readable with plain `orbax.checkpoint` (see tests/test_ch
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError, DamagedCheckpointError, IncompatibleCheckpointError
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.parallel.distributed import barrier
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
 
@@ -33,29 +36,6 @@ RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "attention_impl", "remat", "comput
 
 
 ITEMS = ("params", "opt_state", "data_iterator")
-
-
-class IncompatibleCheckpointError(ConfigError):
-  """The workdir holds checkpoints of a model whose parameters differ from the config's."""
-
-
-class DamagedCheckpointError(ConfigError):
-  """A step folder no longer holds what was written (a copy cut short, a full disk, a deleted file)."""
-
-  def __init__(self, message: str, step: int, problem: str):
-    super().__init__(message)
-    self.step, self.problem = step, problem
-
-
-def check_workdir(workdir: str, *, reading: bool) -> None:
-  """`--workdir` must be a directory; a run that is only read (eval, generate, export) must exist already."""
-  storage.check_reachable(workdir, "--workdir")
-  path = epath.Path(storage.resolve(workdir))
-  if path.exists() and not path.is_dir():
-    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give the run's directory")
-  if reading and not path.is_dir():
-    raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
-                      f"--workdir {workdir} creates it)")
 
 
 def _stderr(text: str) -> None:
@@ -72,8 +52,6 @@ def model_differences(saved_model: dict[str, Any], model: dict[str, Any]) -> lis
 
   A field the saved config lacks (added to ModelConfig after the checkpoint was written) counts as its default.
   """
-  import dataclasses
-  from diffgemma_jax.model.config import ModelConfig
   defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   diffs = []
   for key in sorted(set(saved_model) | set(model)):
@@ -87,28 +65,6 @@ def model_differences(saved_model: dict[str, Any], model: dict[str, Any]) -> lis
     if old != new:
       diffs.append(f"model.{key}: {old!r} in the checkpoints, {new!r} in the config")
   return diffs
-
-
-LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
-
-
-def adopt_saved_lora(config, checkpoints_dir: str):
-  """For reading a run (evaluate, generate, export): when the run trained LoRA adapters and the config names none
-  (the base model's config, say), the run's LoRA settings are taken from its run_config.json, so the adapters are
-  restored and used. Training never does this: a resume must state what it trains. Returns a copy when it
-  changes anything; the caller's config is left as it was."""
-  path = os.path.join(checkpoints_dir, CONFIG_FILE)
-  if int(config.model.lora_rank) or not epath.Path(path).is_file():
-    return config
-  saved = json.loads(epath.Path(path).read_text()).get("model", {})
-  if not int(saved.get("lora_rank", 0) or 0):
-    return config
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for key in LORA_FIELDS:
-      if key in saved:
-        config.model[key] = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
-  return config
 
 
 def _encode_iterator_state(state: Any) -> Any:
@@ -241,7 +197,6 @@ class Checkpointer:
     if jax.process_index() == 0:
       epath.Path(os.path.join(self.directory, str(step))).rename(target)
     if jax.process_count() > 1:
-      from diffgemma_jax.parallel.distributed import barrier
       barrier(f"diffgemma_set_aside_{step}")
     self.manager.reload()
     self.log(f"renamed the damaged checkpoint {step} to {os.path.basename(target)} (kept) to save step {step} again")
@@ -250,20 +205,6 @@ class Checkpointer:
   def damage(self, step: int, items: tuple[str, ...] = ITEMS) -> str | None:
     """What is wrong with step folder `step` (naming the file), or None when it holds what was saved."""
     return integrity.damage(os.path.join(self.directory, str(step)), items)
-
-  def _read_failure(self, step: int, error: Exception, items: tuple[str, ...]) -> ConfigError:
-    """The error to raise for a failed restore: damage when a file is missing, cut short or unreadable; else (a
-    tree that does not match what was saved: an optimizer built differently, say) an incompatible checkpoint."""
-    problem = self.damage(step, items)
-    if problem is None:
-      account = integrity.describe_read_error(os.path.join(self.directory, str(step)), error)
-      if isinstance(error, ValueError) and not account.startswith(f"{step}/"):
-        return IncompatibleCheckpointError(
-            f"cannot restore step {step} in {self.directory}: the saved state does not match this config's "
-            f"model and optimizer ({str(error).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a "
-            f"new --workdir")
-      problem = account
-    return DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
 
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
     """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it."""
@@ -277,7 +218,7 @@ class Checkpointer:
           opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
           data_iterator=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for one unreadable file
-      raise self._read_failure(step, e, ITEMS) from None
+      raise read_failure(self.directory, step, e, ITEMS) from None
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step)
     state = TrainState(step=step_array, params=from_pure(abstract.params, restored["params"]),
                        opt_state=from_pure(abstract.opt_state, restored["opt_state"]))
@@ -297,45 +238,6 @@ class Checkpointer:
     raise DamagedCheckpointError(f"no checkpoint in {self.directory} restores ({'; '.join(skipped)}); copy the run "
                                  f"again from its source or use a new --workdir", -1, "; ".join(skipped))
 
-  def readable_step(self, step: int | None, workdir: str) -> int:
-    """The step a reader of the run (eval, generate, export) restores: `step`, or the latest. A step that is not
-    there, or whose parameters are damaged, fails naming the steps that would work."""
-    available = sorted(self.all_steps())
-    if not available:
-      raise ConfigError(f"no complete checkpoint in {self.directory}; train first (diffgemma-train --workdir "
-                        f"{workdir})")
-    if step is None:
-      step = available[-1]
-    elif step not in available:
-      raise ConfigError(f"--step {step}: no such checkpoint in {self.directory}; available steps are {available}")
-    problem = self.damage(step, ("params",))
-    if problem:
-      raise self._damaged_for_reader(step, problem, available)
-    return step
-
-  def _damaged_for_reader(self, step: int, problem: str, available: list[int]) -> DamagedCheckpointError:
-    intact = [s for s in reversed(available) if s != step and self.damage(s, ("params",)) is None]
-    advice = (f"use --step {' or --step '.join(map(str, intact))}" if intact else
-              "no other step is intact: copy the run again from its source")
-    return DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}; {advice}",
-                                  step, problem)
-
-  def restore_params(self, step: int, abstract_params, param_shardings):
-    """Parameters only (evaluation, or initialising a fine-tune from a pretrained checkpoint)."""
-    return from_pure(abstract_params, self.restore_pure_params(step, to_pure(with_shardings(abstract_params,
-                                                                                            param_shardings))))
-
-  def restore_pure_params(self, step: int, target):
-    """The parameters of `step` as saved (nested dicts of arrays) into `target`'s shapes, dtypes and shardings."""
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    except Exception as e:  # noqa: BLE001 - see restore
-      failure = self._read_failure(step, e, ("params",))
-      if isinstance(failure, DamagedCheckpointError):
-        failure = self._damaged_for_reader(step, failure.problem, sorted(self.all_steps()))
-      raise failure from None
-    return restored["params"]
-
   def wait(self) -> None:
     if self._manager is not None:
       self._manager.wait_until_finished()
@@ -349,109 +251,29 @@ class Checkpointer:
       self._manager = None
 
 
-# ---- init.checkpoint: parameters only, from another run ------------------------------------------------------------
-def resolve_init_checkpoint(path: str, step: int = -1) -> tuple[str, int, str]:
-  """(the step directory, its step, the run directory) named by `init.checkpoint`: a workdir (its latest or
-  `step`), its checkpoints/ folder, or one step folder. Anything else fails naming the key."""
-  path = storage.resolve(path)
-  storage.check_reachable(path, "init.checkpoint:")
-  if storage.is_url(path):
-    storage.use_object_storage()  # its parameters are read through Orbax, which no Checkpointer has set up here
-  if not epath.Path(path).is_dir():
-    raise ConfigError(f"init.checkpoint: {path} {'is not a directory' if epath.Path(path).exists() else 'does not exist'}; "
-                      f"give a training workdir, its checkpoints/ folder, or a step folder (e.g. "
-                      f"runs/tiny/checkpoints/800)")
-  if epath.Path(path, "params").is_dir():
-    checkpoints = os.path.dirname(path)
-    if not os.path.basename(path).isdigit():
-      raise ConfigError(f"init.checkpoint: {path} is not a step folder (its name is not a step number)")
-    found = int(os.path.basename(path))
-    if step >= 0 and step != found:
-      raise ConfigError(f"init.checkpoint names step {found} but init.step={step}; set init.step=-1")
-    return path, found, os.path.dirname(checkpoints)
-  checkpoints = os.path.join(path, "checkpoints") if epath.Path(path, "checkpoints").is_dir() else path
-  steps = sorted(int(d.name) for d in epath.Path(checkpoints).iterdir()
-                 if d.name.isdigit() and (d / "params").is_dir())
-  if not steps:
-    raise ConfigError(f"init.checkpoint: no complete checkpoint under {checkpoints}; train that run first or "
-                      f"point at another")
-  if step < 0:
-    step = steps[-1]
-  elif step not in steps:
-    raise ConfigError(f"init.step={step}: no such checkpoint in {checkpoints}; available steps are {steps}")
-  return os.path.join(checkpoints, str(step)), step, os.path.dirname(checkpoints)
+def read_failure(directory: str, step: int, error: Exception, items: tuple[str, ...]) -> ConfigError:
+  """The error to raise for a failed restore of `items` of step `step` in the checkpoints folder `directory`:
+  damage when a file is missing, cut short or unreadable; else (a tree that does not match what was saved: an
+  optimizer built differently, say) an incompatible checkpoint."""
+  step_dir = os.path.join(directory, str(step))
+  problem = integrity.damage(step_dir, items)
+  if problem is None:
+    account = integrity.describe_read_error(step_dir, error)
+    if isinstance(error, ValueError) and not account.startswith(f"{step}/"):
+      return IncompatibleCheckpointError(
+          f"cannot restore step {step} in {directory}: the saved state does not match this config's "
+          f"model and optimizer ({str(error).splitlines()[0][:300]}); use the saved config ({CONFIG_FILE}) or a "
+          f"new --workdir")
+    problem = account
+  return DamagedCheckpointError(f"checkpoint {step} in {directory} is damaged: {problem}", step, problem)
 
 
-def _path_str(path) -> str:
-  """A key path as `a/0/b`: list indices and the string keys Orbax saves them under read the same."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
-
-
-def _flat_paths(tree) -> dict[str, Any]:
-  return {_path_str(p): leaf for p, leaf in
-          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
-
-
-def _saved_params(step_dir: str) -> dict[str, Any]:
-  """{path: shape/dtype metadata} of the parameters saved in a step folder (read from Orbax metadata only)."""
-  metadata = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params"))
-  tree = getattr(metadata, "item_metadata", metadata)
-  return _flat_paths(getattr(tree, "tree", tree))
-
-
-def check_init_checkpoint(config, abstract_params) -> tuple[str, int, str]:
-  """Compares init.checkpoint's parameter tree with the model's before anything is built or trained.
-
-  Every model parameter must be there with its shape, except LoRA adapters (new in a fine-tune: they start fresh);
-  a parameter there that the model lacks is an error too. Returns what `resolve_init_checkpoint` does.
-  """
-  from diffgemma_jax.model.lora import SUFFIX
-  step_dir, step, run_dir = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
-  try:
-    saved = _saved_params(step_dir)
-  except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-    raise ConfigError(f"init.checkpoint: cannot read the parameters in {step_dir}: {e}") from None
-  wanted = _flat_paths(to_pure(abstract_params))
-  problems = []
-  for path, leaf in wanted.items():
-    if path not in saved:
-      if not any(part.endswith(SUFFIX) for part in path.split("/")):
-        problems.append(f"missing there: {path} {tuple(leaf.shape)}")
-    elif tuple(saved[path].shape) != tuple(leaf.shape):
-      problems.append(f"shape of {path}: {tuple(saved[path].shape)} there, {tuple(leaf.shape)} in this model")
-  problems += [f"not in this model: {path} {tuple(leaf.shape)}" for path, leaf in saved.items() if path not in wanted]
-  if problems:
-    shown = "; ".join(problems[:12]) + (f"; ... and {len(problems) - 12} more" if len(problems) > 12 else "")
-    raise IncompatibleCheckpointError(
-        f"init.checkpoint: the parameters in {step_dir} do not fit this config's model ({len(problems)} "
-        f"mismatch(es)): {shown}. Use the architecture that run was trained with (its run_config.json)")
-  return step_dir, step, run_dir
-
-
-def load_init_params(step_dir: str, params, param_shardings):
-  """`params` (a freshly initialised, placed State) with every parameter the checkpoint in `step_dir` holds
-  restored into its sharding; the others (LoRA adapters) keep their fresh values."""
-  target_pure = to_pure(with_shardings(jax.eval_shape(lambda: params), param_shardings))
-  saved_paths = set(_saved_params(step_dir))
-
-  def keep(node, prefix=""):  # the tree restricted to the saved paths (only dict entries ever go: adapters)
-    if isinstance(node, dict):
-      out = {k: keep(v, f"{prefix}{k}/") for k, v in node.items()}
-      return {k: v for k, v in out.items() if v is not None and v != {}}
-    if isinstance(node, (list, tuple)):
-      return type(node)(keep(v, f"{prefix}{i}/") for i, v in enumerate(node))
-    return node if prefix[:-1] in saved_paths else None
-
-  subset = keep(target_pure)
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = _flat_paths(checkpointer.restore(os.path.join(step_dir, "params"), subset))
-  current = to_pure(params)
-  merged = jax.tree_util.tree_map_with_path(
-      lambda p, leaf: restored.get(_path_str(p), leaf), current, is_leaf=lambda x: hasattr(x, "shape"))
-  return from_pure(params, merged)
+def damaged_for_reader(directory: str, step: int, problem: str, available: list[int],
+                       choose: Callable[[int], str] = lambda s: f"--step {s}") -> DamagedCheckpointError:
+  """A reader's error for a damaged step: the file, and the intact steps it could read instead (`choose` spells
+  the option that picks one)."""
+  intact = [s for s in reversed(available)
+            if s != step and integrity.damage(os.path.join(directory, str(s)), ("params",)) is None]
+  advice = (f"use {' or '.join(choose(s) for s in intact)}" if intact else
+            "no other step is intact: copy the run again from its source")
+  return DamagedCheckpointError(f"checkpoint {step} in {directory} is damaged: {problem}; {advice}", step, problem)

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from typing import Any
 
 import jax
 import numpy as np
+import sentencepiece as spm
 from etils import epath
 
+from data_recipes import SFT_RECIPES, build_dataset
 from diffgemma_jax import storage
 from diffgemma_jax.data import remote_dataset
-from diffgemma_jax.model.config import ConfigError
-
+from diffgemma_jax.data import Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_unigram_ppl
+from diffgemma_jax.data.tokenizer import same_tokenizer
+from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.parallel.distributed import barrier
+from diffgemma_jax.train.reading import open_init_checkpoint, pinned_tokenizer
 
 
 def dataset_dir(config) -> str:
@@ -31,7 +38,6 @@ def checked_data_tokenizer(path: str) -> str:
   if not epath.Path(path).is_file():
     raise ConfigError(f"data.tokenizer: {path!r} does not exist; give a sentencepiece .model")
   path = storage.local_file(path)
-  import sentencepiece as spm
   try:
     spm.SentencePieceProcessor(model_file=path)
   except (RuntimeError, OSError) as e:
@@ -45,28 +51,26 @@ def tokenizer_source(config, run_dir: str | None = None) -> str | None:
   the run in `run_dir` pinned (a trained or resumed fine-tune: its own workdir is enough), else the tokenizer of
   init.checkpoint's run (fine-tuning must read tokens with the ids the model was trained on); else None (the
   recipe trains its own)."""
-  from data_recipes import SFT_RECIPES
   if config.data.tokenizer:
     return checked_data_tokenizer(str(config.data.tokenizer))  # before a dataset folder is started with it
   if config.data.recipe not in SFT_RECIPES:
     return None
-  if run_dir and epath.Path(os.path.join(run_dir, "tokenizer.model")).is_file():
-    return storage.local_file(os.path.join(run_dir, "tokenizer.model"))
+  pinned = pinned_tokenizer(run_dir) if run_dir else None
+  if pinned:
+    return pinned
   if config.init.checkpoint:
-    from diffgemma_jax.train.checkpoint import resolve_init_checkpoint
-    _, _, init_run = resolve_init_checkpoint(str(config.init.checkpoint), int(config.init.step))
-    path = storage.join(init_run, "tokenizer.model")
-    if not epath.Path(path).is_file():
+    init_run = open_init_checkpoint(config).run_dir
+    pinned = pinned_tokenizer(init_run)
+    if not pinned:
       raise ConfigError(f"init.checkpoint's run {init_run} keeps no tokenizer.model; set data.tokenizer to the "
                         f"tokenizer it was trained with")
-    return storage.local_file(path)
+    return pinned
   return None
 
 
 def mixture_entries(config, *, local: bool = True) -> list[tuple[str, float]]:
   """data.mixture's [(directory, weight)], or [] for one dataset; a dataset in a bucket as its local copy (as
   written, with local=False)."""
-  from diffgemma_jax.data.mixture import parse_mixture
   entries = parse_mixture(str(config.data.mixture)) if config.data.mixture else []
   if local and any(storage.is_url(d) for d, _ in entries):
     for directory, _ in entries:
@@ -88,12 +92,8 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
 
   The tokenizer must have exactly `model.vocab_size` entries: the embedding table is indexed by its ids.
   """
-  from data_recipes import build_dataset
-  from diffgemma_jax.data import Tokenizer
-
   mixture = mixture_entries(config)
   if mixture:
-    from diffgemma_jax.data.mixture import check_mixture
     check_mixture(mixture)
     directory = mixture[0][0]
   else:
@@ -107,7 +107,6 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
       directory = _dataset_in_bucket(config, directory, lambda local: build(local, **options))
     else:
       if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
-        from diffgemma_jax.parallel.distributed import barrier
         options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
       build(directory, **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
@@ -128,18 +127,25 @@ def _dataset_in_bucket(config, url: str, build) -> str:
   cache = _cache_root(config)
   if jax.process_count() == 1:
     return remote_dataset.build_in_bucket(url, cache, build)
-  from diffgemma_jax.parallel.distributed import barrier
   local = remote_dataset.build_in_bucket(url, cache, build) if jax.process_index() == 0 else None
   barrier("diffgemma_bucket_dataset_built")
   return local or remote_dataset.fetch(url, cache)
 
 
+def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
+  """The tokenizer a reader of a run uses: the run's own (pinned in its workdir by the trainer), else
+  `data.tokenizer` (e.g. the tokenizer of imported weights), else the dataset's."""
+  pinned = pinned_tokenizer(workdir) if workdir else None
+  if pinned:
+    return Tokenizer(pinned)
+  if config.data.tokenizer:
+    return Tokenizer(storage.local_file(str(config.data.tokenizer)))
+  return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
+
+
 def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
   """Keeps the tokenizer a run was trained with in its workdir, and refuses a dataset whose tokenizer differs
   (a rebuilt dataset would otherwise silently re-map every token id of the trained model)."""
-  import shutil
-
-  from diffgemma_jax.data.tokenizer import same_tokenizer
   source = os.path.join(directory, "tokenizer.model")
   pinned = os.path.join(workdir, "tokenizer.model")
   if epath.Path(pinned).is_file():
@@ -156,7 +162,6 @@ def pin_tokenizer(directory: str, workdir: str, *, write: bool) -> None:
 
 
 def train_iterator(config, directory: str, *, process_index: int = 0, process_count: int = 1):
-  from diffgemma_jax.data import make_train_iterator
   mixture = mixture_entries(config)
   return make_train_iterator([d for d, _ in mixture] or directory, weights=[w for _, w in mixture] or None,
                              seq_len=int(config.train.seq_len),
@@ -179,7 +184,6 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
 
 def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
   """The held-out split as fixed-shape batches, in order (deterministic and unshuffled)."""
-  from diffgemma_jax.data import make_eval_batches
   batch_size = int(config.eval.batch_size)
   batches = make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=batch_size,
                               max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template))
@@ -196,8 +200,6 @@ def eval_sets(config, directory: str) -> list[tuple[str, float, list[dict[str, n
 def unigram_baseline(config, directory: str) -> float:
   """Held-out perplexity of a unigram model of the training split (same tokenizer): the scale for the bound; for
   a mixture, each dataset's on the weighted log scale of the bound."""
-  from diffgemma_jax.data import unigram_ppl
-  from diffgemma_jax.data.mixture import weighted_unigram_ppl
   mixture = mixture_entries(config) or [(directory, 1.0)]
   values = [(w, unigram_ppl(d, seq_len=int(config.train.seq_len), template=str(config.data.chat_template)))
             for d, w in mixture]

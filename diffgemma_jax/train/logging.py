@@ -18,8 +18,9 @@ import numpy as np
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.train.checkpoint import config_to_dict
+
 
 @dataclasses.dataclass(frozen=True)
 class PeakFlops:

@@ -15,32 +15,34 @@ from typing import Any
 
 import jax
 import ml_collections
-from etils import epath
 import numpy as np
+from etils import epath
 
-from diffgemma_jax.evaluate import held_out_bounds, make_bound_fn
-from diffgemma_jax.model.config import ConfigError, ModelConfig
+from diffgemma_jax.errors import ConfigError, NonFiniteLossError
+from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.checkpoint import (Checkpointer, check_init_checkpoint, check_workdir, config_to_dict,
-                                             load_init_params)
+from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn
+from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.freeze import describe, trainable_filter
-from diffgemma_jax.train.logging import (MetricsLogger, format_summary, peak_flops_per_device, step_scalars,
-                                         wandb_settings)
 from diffgemma_jax.train.history import append_run_history
+from diffgemma_jax.train.logging import (
+  MetricsLogger,
+  format_summary,
+  peak_flops_per_device,
+  step_scalars,
+  wandb_settings,
+)
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
 from diffgemma_jax.train.profiling import StepProfiler
+from diffgemma_jax.train.reading import check_workdir, open_init_checkpoint
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
-
-
-class NonFiniteLossError(RuntimeError):
-  """An update produced a NaN or Inf loss or gradient; the run stopped before saving anything after it."""
 
 
 class StopRequest:
@@ -123,7 +125,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   start_step = ckpt.latest_step()
   init_from = None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
-    init_from = check_init_checkpoint(config, abstract.params)
+    init_from = open_init_checkpoint(config)
+    init_from.check_fits(abstract.params)
   directory, tokenizer = prepare_dataset(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
@@ -137,7 +140,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     start_step = 0
     state = init_train_state(model_cfg, tx, shardings, seed, trainable)
     if init_from is not None:
-      state = state._replace(params=load_init_params(init_from[0], state.params, shardings.params))
+      state = state._replace(params=init_from.restore_params(abstract.params, shardings.params, fresh=state.params))
 
   step_fn = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
                             state_shardings=shardings, grad_accum_steps=int(tc.grad_accum_steps),
@@ -155,7 +158,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
-    logger.message(f"initialised from {init_from[0]} (step {init_from[1]}): parameters only, fresh optimizer")
+    logger.message(f"initialised from {init_from.step_dir} (step {init_from.step}): parameters only, fresh optimizer")
   previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
                                 command=command)  # the run history; the record of the run resumed from
   if start_step and previous:

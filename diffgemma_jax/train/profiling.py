@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from diffgemma_jax.model.config import ConfigError
+from diffgemma_jax.errors import ConfigError
 
 
 def check_profile_steps(value) -> tuple[int, int] | None:

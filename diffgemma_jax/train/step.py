@@ -14,7 +14,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from diffgemma_jax.parallel.mesh import use_mesh
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
 from diffgemma_jax.train.state import TrainState
 
@@ -81,11 +80,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
 def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shardings: TrainState,
                     grad_accum_steps: int = 1, debug_nan_at_step: int = -1, trainable=nnx.Param) -> Callable[..., Any]:
-  """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes."""
+  """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes. The graphdef
+  carries the model's placement (`abstract_train_state` builds it for `mesh`)."""
   def step(state, batch, rng):
-    with use_mesh(mesh):  # traced with the mesh: expert-parallel MoE and activation constraints
-      return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
-                        grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step, trainable=trainable)
+    return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
+                      grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step, trainable=trainable)
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,36 @@
+"""Where the denoiser's work runs: the one object through which a device layout reaches the model.
+
+The model never looks for a mesh. It is built with a `Placement` (`build_model(cfg, seed, placement)`; default
+`LOCAL`) and every block asks it twice: to pin the residual stream's rows between sublayers (`constrain`) and to
+run the routed experts (`routed_experts`). `LOCAL` leaves both to the arrays' own placement (one device, or GSPMD
+deciding); `parallel.placement.MeshPlacement` is a device mesh's: rows over the batch axes and, with an `expert`
+mesh axis > 1, expert-parallel dispatch. The placement is a static attribute of the model (part of its graphdef),
+so a jitted step built from one graphdef always runs with the same placement.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from diffgemma_jax.model import dispatch
+
+
+class Placement:
+  """Everything where the arrays already are: activations unconstrained, experts dispatched on each device."""
+
+  def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:  # pylint: disable=unused-argument
+    """`x`, pinned to the sharding of its logical `axes` (here: left as it is)."""
+    return x
+
+  def routed_experts(self, x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD, *, backend: str,
+                     compute_dtype, capacity_factor: float, dropless: bool,
+                     collective: str) -> tuple[jax.Array, jax.Array | int]:
+    """(y_TD, dropped (token, k) assignments): `dispatch.routed_experts`, which drops nothing."""
+    del capacity_factor, dropless, collective  # expert-parallel settings
+    return dispatch.routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD,
+                                   backend=backend, compute_dtype=compute_dtype), 0
+
+
+LOCAL = Placement()
