@@ -29,17 +29,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.sampling.requests import (
-  SAMPLER_FLAGS,
-  SAMPLER_OPTION_FLAGS,
-  GenerationOptions,
-  Generator,
-  check_flags,
-  cut_at_stop,
-  load_tokenizer,
-  restore_model,
-  validate_options,
-)
+from diffgemma_jax.sampling.requests import Generator, cut_at_stop, load_tokenizer, restore_model
+from diffgemma_jax.sampling.samplers import OPTIONS, SAMPLERS, GenerationOptions, check_flags, validate_options
 from diffgemma_jax.scoring import Scorer
 
 DEFAULT_BATCH_SIZE = 8
@@ -68,11 +59,11 @@ class DiffGemmaLM(LM):
     `step` (default the latest), or from Python an already built `model` and `tokenizer`."""
     super().__init__()
     del max_batch_size, device  # JAX places the model; batch_size is the fixed size
-    unknown = set(sampler_options) - set(SAMPLER_OPTION_FLAGS)
+    unknown = set(sampler_options) - set(OPTIONS)
     if unknown:
       raise ConfigError(f"--model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: config, workdir, "
                         f"step, sampler, num_t_samples, seed, batch_size, overrides, "
-                        f"{', '.join(SAMPLER_OPTION_FLAGS)}")
+                        f"{', '.join(OPTIONS)}")
     if isinstance(config, str):  # overrides: "a.b=value;c.d=value" (the harness splits model_args at commas)
       pairs = [item.split("=", 1) for item in str(overrides).split(";") if item]
       config = load_config(config, {key: value for key, value in pairs})
@@ -143,7 +134,7 @@ class DiffGemmaLM(LM):
     temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
     if not gen_kwargs.get("do_sample", temperature > 0):
       temperature = 0.0
-    if "temperature" in SAMPLER_FLAGS[options.sampler] and self.options.temperature == 0.0:
+    if "temperature" in SAMPLERS[options.sampler].options and self.options.temperature == 0.0:
       changes["temperature"] = temperature
     return validate_options(dataclasses.replace(options, **changes), objective,
                             int(self.config.objective.block_size), self.seq_len)
