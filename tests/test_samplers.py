@@ -94,6 +94,8 @@ def test_every_objective_has_one_default_and_descriptions_are_checked():
     Sampler("x", "masked", "", "threshold", "dual", ("beam",))
   with pytest.raises(ValueError, match="cache 'kv' unknown"):
     Sampler("x", "masked", "", "threshold", "kv", ())
+  with pytest.raises(ValueError, match="decodes canvases; objective 'masked' trains none"):
+    Sampler("x", "masked", "", "threshold", "canvas", ())
   with pytest.raises(ValueError, match="runs on canvases"):
     Sampler("x", "uniform", "", "entropy_bound", "dual", ())
 

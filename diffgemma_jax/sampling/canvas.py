@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
-from diffgemma_jax.objectives.masked import states_excluding, without
+from diffgemma_jax.objectives.estimators import states_excluding, without
 from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.batching import draw, real_slots, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,

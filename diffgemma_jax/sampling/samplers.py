@@ -122,6 +122,8 @@ class Sampler:
       raise ValueError(f"sampler {self.name}: cache {self.cache!r} unknown or without an acceptance rule")
     if self.acceptance == ENTROPY_BOUND and self.cache != CANVAS:
       raise ValueError(f"sampler {self.name}: the entropy-bound rule runs on canvases (cache {CANVAS!r})")
+    if self.canvases and not OBJECTIVES[self.objective].capabilities.canvases:
+      raise ValueError(f"sampler {self.name} decodes canvases; objective {self.objective!r} trains none")
     unknown = set(self.options) - set(OPTIONS)
     if unknown:
       raise ValueError(f"sampler {self.name}: options {sorted(unknown)} unknown; valid are {tuple(OPTIONS)}")

@@ -12,6 +12,7 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.objectives import OBJECTIVES
 
 
 def dataset_dir(config) -> str:
@@ -89,7 +90,7 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
       options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
     build_dataset(config.data.recipe, directory, int(config.model.vocab_size), **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
-  if tokenizer.mask_id < 0 and config.objective.name in ("masked", "block"):
+  if tokenizer.mask_id < 0 and OBJECTIVES[config.objective.name].capabilities.mask_token:
     raise ConfigError(f"objective.name={config.objective.name!r} corrupts tokens to <mask>, which the tokenizer in "
                       f"{directory} lacks; use a tokenizer with a <mask> piece or objective.name='uniform'")
   if tokenizer.vocab_size != int(config.model.vocab_size):
