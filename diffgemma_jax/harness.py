@@ -125,7 +125,7 @@ class DiffGemmaLM(LM):
     up to whole blocks for diffusion samplers, and no more than fits after the longest context."""
     objective = str(self.config.objective.name)
     options = validate_options(self.options, objective, int(self.config.objective.block_size), self.seq_len)
-    unit = 1 if options.sampler == "ar" else options.block_length
+    unit = SAMPLERS[options.sampler].length_unit(options)
     wanted = int(gen_kwargs.get("max_gen_toks", 256))
     length = max(-(-wanted // unit), 1) * unit
     changes: dict[str, Any] = {"gen_length": length}

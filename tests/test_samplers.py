@@ -110,6 +110,7 @@ def test_sampler_config_follows_the_parts(sampler, runner):
                              block_size=16)
   cfg = sampler_config(options)
   assert isinstance(cfg, runner)
+  assert spec.length_unit(options) == (1 if sampler == "ar" else 16)
   if runner is masked.SamplerConfig:
     assert (cfg.acceptance, cfg.cache, cfg.steps_per_block) == (spec.acceptance, spec.cache, 16)
   if runner is canvas.CanvasConfig:

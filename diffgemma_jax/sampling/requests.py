@@ -24,7 +24,7 @@ from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
 from diffgemma_jax.sampling.parts import truncate_at_eos
-from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, validate_options
+from diffgemma_jax.sampling.samplers import SAMPLERS, GenerationOptions, sampler_config, validate_options
 
 def validate_prompt(text: str, prompt_ids: list[int], context_length: int) -> None:
   """The prompt must hold text and fit the context the model was trained on (bos included)."""
@@ -208,7 +208,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     encoded.append(ids)
   if fill_context:  # --gen_length not given: as much as fits after the longest prompt, at most the default
     room = context_length - max(len(ids) for ids in encoded)
-    unit = 1 if options.sampler == "ar" else options.block_length
+    unit = SAMPLERS[options.sampler].length_unit(options)
     fitted = max(min(GenerationOptions.gen_length, room) // unit, 1) * unit
     options = validate_options(dataclasses.replace(options, gen_length=fitted, steps=given_steps),
                                str(config.objective.name), int(config.objective.block_size), context_length)

@@ -133,6 +133,10 @@ class Sampler:
     """Decodes in canvases of the model's training block size (objective.block_size)."""
     return self.cache in (CANVAS, "block")
 
+  def length_unit(self, options: GenerationOptions) -> int:
+    """What --gen_length must be a multiple of: one token for the AR decoder, a block (canvas) otherwise."""
+    return 1 if self.acceptance is None else options.block_length
+
 
 def _samplers(*samplers: Sampler) -> dict[str, Sampler]:
   for objective in OBJECTIVES:
