@@ -1,7 +1,7 @@
 """Multi-canvas generation (`sampling/canvas.py`): the entropy-bound parts against a direct implementation and the
 transformers sampler's components, the canvas loop on a deterministic stand-in model (order, early stop, EOS
 padding), and both rules on a tiny real model (prompt kept, no mask left, exact encoder cache, seeds, step caps,
-agreement with the masked block sampler), plus the option checks of `diffgemma-generate`."""
+agreement with the masked block sampler). The entropy-bound options' checks are in test_samplers.py."""
 
 import dataclasses
 import types

@@ -1,5 +1,6 @@
-"""Generation requests and the CLI: option and prompt validation, samplers on a model through `Generator`, sample
-quality metrics, and `diffgemma-generate` end to end on the session's trained tiny run."""
+"""Generation requests and the CLI: prompt validation, samplers on a model through `Generator`, sample quality
+metrics, and `diffgemma-generate` end to end on the session's trained tiny run. The sampler options' checks are in
+test_samplers.py."""
 
 import json
 import math
