@@ -283,7 +283,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         "data.dir: leave data.source and data.dir empty and data.recipe a pretraining recipe")
   if config.data.recipe in SFT_RECIPES and not OBJECTIVES[config.objective.name].capabilities.sft_rows:
     raise ConfigError(f"data.recipe={config.data.recipe!r} gives prompt/response rows, which objective.name in "
-                      f"{objectives_with('sft_rows')} trains on (prompt never corrupted or scored); got {config.objective.name!r}")
+                      f"{objectives_with('sft_rows')} trains on (prompt never corrupted or scored); got "
+                      f"{config.objective.name!r}")
   if config.data.recipe in SFT_RECIPES and not (config.data.tokenizer or config.init.checkpoint):
     raise ConfigError(f"data.recipe={config.data.recipe!r} trains no tokenizer: set init.checkpoint (its run's "
                       f"tokenizer is used) or data.tokenizer (a sentencepiece .model file)")

@@ -12,7 +12,8 @@ from diffgemma_jax.errors import DataError
 
 def test_records_read_back_in_order_as_written(tiny_tokenizer, tmp_path):
   splits = {"train": [(f"t{i}", {"prompt": f"p{i}", "response": f"r{i}"}) for i in range(3)],
-            "heldout": [("h0", {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]})]}
+            "heldout": [("h0", {"messages": [{"role": "user", "content": "u"},
+                                             {"role": "assistant", "content": "a"}]})]}
   written = write_dataset(str(tmp_path / "ds"), "jsonl", splits, tokenizer=tiny_tokenizer.path)
   assert read_manifest(str(tmp_path / "ds")) == json.loads(json.dumps(written))
   assert read_records(str(tmp_path / "ds"), "train") == [dict(record, source=source)
