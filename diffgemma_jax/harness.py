@@ -30,7 +30,8 @@ from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.sampling.requests import Generator, cut_at_stop, load_tokenizer, restore_model
-from diffgemma_jax.sampling.samplers import OPTIONS, SAMPLERS, GenerationOptions, check_flags, validate_options
+from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, requested_options,
+                                             validate_options)
 from diffgemma_jax.scoring import Scorer
 
 DEFAULT_BATCH_SIZE = 8
@@ -69,8 +70,7 @@ class DiffGemmaLM(LM):
       config = load_config(config, {key: value for key, value in pairs})
     self.config = config
     objective = str(config.objective.name)
-    check_flags(sampler, objective, sampler_options)
-    self.options = GenerationOptions(sampler=sampler, seed=int(seed), **sampler_options)
+    self.options = requested_options(sampler, objective, sampler_options, seed=int(seed))
     validate_options(self.options, objective, int(config.objective.block_size),
                      int(config.train.seq_len))  # bad options fail before the model is restored
     self.batch_size = _batch_size(batch_size)

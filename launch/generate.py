@@ -17,7 +17,7 @@ from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
-from diffgemma_jax.sampling.samplers import OPTIONS, GenerationOptions, add_flags, check_flags, describe
+from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from launch.common import config_overrides, fail, json_safe
 
 
@@ -89,9 +89,8 @@ def main(argv=None) -> int:
   try:
     config = load_config(args.config, config_overrides(rest))
     given = {flag: getattr(args, flag) for flag in OPTIONS}
-    check_flags(args.sampler, str(config.objective.name), given)
-    options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, seed=args.seed,
-                                **{flag: value for flag, value in given.items() if value is not None})
+    options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
+                                seed=args.seed)
     prompts = _read_prompts(args)
     if args.chat:
       prompts = [chat_prompt(text, str(config.data.chat_template), args.system) for text in prompts]

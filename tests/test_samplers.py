@@ -10,7 +10,7 @@ from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.objectives import OBJECTIVES
 from diffgemma_jax.sampling import autoregressive, canvas, masked
 from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, Sampler, add_flags, check_flags,
-                                             sampler_config, validate_options)
+                                             requested_options, sampler_config, validate_options)
 
 
 @pytest.mark.parametrize("options,objective,message", [
@@ -131,3 +131,12 @@ def test_cli_flags_and_help_come_from_the_tables():
   assert "in (0, 1] (default 0.9); read by threshold, threshold_nocache, block_threshold, block_fused" in text
   for name in SAMPLERS:
     assert name in text
+
+
+def test_requested_options_keep_what_was_set_and_refuse_what_is_ignored():
+  given = dict.fromkeys(OPTIONS) | {"threshold": 0.5, "steps": 8}
+  options = requested_options("threshold", "masked", given, gen_length=16, seed=3)
+  assert options == GenerationOptions(sampler="threshold", gen_length=16, seed=3, threshold=0.5, steps=8)
+  assert requested_options(None, "uniform", {"entropy_bound": None}) == GenerationOptions()
+  with pytest.raises(GenerationError, match="--steps does not apply to --sampler entropy_bound"):
+    requested_options(None, "uniform", given)

@@ -199,6 +199,14 @@ def check_flags(sampler: str | None, objective_name: str, given: dict[str, Any])
                             f"{', '.join('--' + f for f in reads)}); --{flag} is for {', '.join(readers(flag))}")
 
 
+def requested_options(sampler: str | None, objective_name: str, given: dict[str, Any], **fields) -> GenerationOptions:
+  """The options of a request whose sampler options came as flags or arguments (`given`: name -> value, None when
+  unset): one the sampler would ignore is refused (`check_flags`); `validate_options` checks the values."""
+  check_flags(sampler, objective_name, given)
+  return GenerationOptions(sampler=sampler, **fields, **{name: value for name, value in given.items()
+                                                         if value is not None})
+
+
 def _fill_entropy_bound(options: GenerationOptions) -> GenerationOptions:
   options = dataclasses.replace(options, **{name: value for name, value in ENTROPY_BOUND_DEFAULTS.items()
                                             if getattr(options, name) is None})
