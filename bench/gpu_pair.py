@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -47,8 +46,8 @@ from diffgemma_jax.data.store import open_split  # noqa: E402
 from diffgemma_jax.model.config import ModelConfig  # noqa: E402
 from diffgemma_jax.model.inspect import flops_per_token  # noqa: E402
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy  # noqa: E402
-from diffgemma_jax.sampling.requests import (GenerationOptions, Generator, restore_model, sampler_config,  # noqa: E402
-                                             validate_options)
+from diffgemma_jax.sampling.requests import Generator, restore_model  # noqa: E402
+from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, validate_options  # noqa: E402
 from diffgemma_jax.train import train  # noqa: E402
 from diffgemma_jax.train.logging import peak_flops_per_device  # noqa: E402
 

@@ -97,7 +97,7 @@ def compiled_step(args, objective, attention, dispatch, remat, *, batch_size: in
     mesh = make_mesh()
     tx, schedule = make_optimizer(config.train)
     graphdef, abstract, shardings = abstract_train_state(cfg, tx, mesh)
-    step = make_train_step(graphdef=graphdef, objective=make_objective(objective, mask_id=4, section=config.objective),
+    step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=4),
                            tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings)
     batch = synthetic_batch(batch_size, seq_len, cfg.vocab_size)
     t0 = time.perf_counter()

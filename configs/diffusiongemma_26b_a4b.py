@@ -2,16 +2,12 @@
 
 25.2B parameters in total, 3.8B active per token. Build it with `diffgemma-inspect` (under jax.eval_shape).
 Recipe of the released model: uniform-state block diffusion on 256-token canvases with self-conditioning; samples
-with the entropy-bound rule (`RELEASED_SAMPLER`, for the multi-canvas sampler's settings).
+with the entropy-bound rule (`RELEASED_SAMPLER`, the multi-canvas sampler's settings, defined in the library's
+`diffgemma_jax/sampling/canvas.py`).
 """
 
-# The released sampler: at most 48 denoising steps per canvas, accept lowest-entropy positions while the entropy
-# sum minus the largest accepted stays <= 0.1, temperature annealed 0.8 -> 0.4, stop when the argmax canvas is
-# stable and the mean entropy < 0.005.
-RELEASED_SAMPLER = dict(canvas_length=256, max_denoising_steps=48, entropy_bound=0.1, temperature_start=0.8,
-                        temperature_end=0.4, stop_mean_entropy=0.005)
-
 from diffgemma_jax.config import base_config
+from diffgemma_jax.sampling.canvas import RELEASED_SAMPLER
 
 
 def get_config():

@@ -2,8 +2,9 @@
 
 Pretraining recipes build a token store (diffgemma_jax/data/build.py: `DIR/train/*.tokens|starts`,
 `DIR/heldout/...`, unigram counts) with `build_text_dataset`. SFT recipes write JSONL shards of records with
-`write_dataset` (`DIR/train/shard-00000.jsonl`, ...; their rows are made at training time, data/sft.py). Both
-write `DIR/tokenizer.model` (+ `.vocab` when trained) and `DIR/manifest.json`, last. Building is idempotent: a
+`write_dataset` (`DIR/train/shard-00000.jsonl`, ...; their rows are made at training time, data/sft/). Both
+write `DIR/tokenizer.model` (+ `.vocab` when trained) and `DIR/manifest.json`, last; the library reads the format
+(`diffgemma_jax/data/manifest.py`). Building is idempotent: a
 directory whose manifest names the same recipe, vocabulary size, source and build settings is reused as it is.
 """
 
@@ -18,20 +19,12 @@ from typing import Any, Iterable
 
 from diffgemma_jax import storage
 from diffgemma_jax.storage import file_sha256
-from diffgemma_jax.data.build import BuildOptions, Corpus, build_store, special_ids
+from diffgemma_jax.data.build import SPLITS, BuildOptions, Corpus, build_store, special_ids
+from diffgemma_jax.data.manifest import MANIFEST, read_manifest
 from diffgemma_jax.data.tokenizer import Tokenizer
 from diffgemma_jax.errors import DataError
 
 SHARD_BYTES = 8 << 20
-SPLITS = ("train", "heldout")
-
-
-def read_manifest(output_dir: str) -> dict | None:
-  path = os.path.join(output_dir, "manifest.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 def files_stamp(paths) -> dict[str, list]:
@@ -140,7 +133,7 @@ def build_text_dataset(output_dir: str, recipe: str, corpus: Corpus, vocab_size:
 
 def write_dataset(output_dir: str, recipe: str, splits: dict[str, list[tuple[str, Any]]], *,
                   source: str | None = None, notes: dict | None = None, tokenizer: str | None = None) -> dict:
-  """Writes both splits of an SFT dataset (records `{"prompt", "response"}` or `{"messages"}`, data/sft.py) and
+  """Writes both splits of an SFT dataset (records `{"prompt", "response"}` or `{"messages"}`, data/sft/) and
   a copy of `tokenizer` (a sentencepiece model file) into a fresh directory."""
   for split in SPLITS:
     if not splits.get(split):
@@ -172,24 +165,12 @@ def write_dataset(output_dir: str, recipe: str, splits: dict[str, list[tuple[str
       "build_seconds": round(time.time() - start, 2),
   }
   manifest.update(notes or {})
-  with open(os.path.join(staging, "manifest.json"), "w") as f:
+  with open(os.path.join(staging, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2)
   # The manifest appears in the target only when everything else is there: a killed build is rebuilt.
   shutil.rmtree(output_dir, ignore_errors=True)
   os.replace(staging, output_dir)
   return manifest
-
-
-def read_records(data_dir: str, split: str) -> list[dict]:
-  """The records of one split of an SFT dataset, in order."""
-  manifest = read_manifest(data_dir)
-  if manifest is None:
-    raise DataError(f"{data_dir!r} holds no manifest.json; build it with a data recipe")
-  records = []
-  for name in manifest["splits"][split]["files"]:
-    with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-      records.extend(json.loads(line) for line in f if line.strip())
-  return records
 
 
 def read_utf8(path: str) -> str | None:

@@ -11,8 +11,9 @@ import glob
 import os
 import sys
 
-from data_recipes.common import files_stamp, is_current, read_manifest, split_by_hash, write_dataset
+from data_recipes.common import files_stamp, is_current, split_by_hash, write_dataset
 from diffgemma_jax import storage
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.data.sft import read_jsonl
 from diffgemma_jax.errors import DataError
 

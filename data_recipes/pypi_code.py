@@ -40,11 +40,11 @@ from data_recipes.common import (
   build_text_dataset,
   file_sha256,
   is_current,
-  read_manifest,
   text_build_settings,
 )
 from data_recipes.python_packages import heldout_units
 from diffgemma_jax.data.build import Corpus
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "diffgemma_jax", "pypi_code")

@@ -13,8 +13,9 @@ import ast
 import sys
 import sysconfig
 
-from data_recipes.common import is_current, read_manifest, split_by_hash, write_dataset
+from data_recipes.common import is_current, split_by_hash, write_dataset
 from data_recipes.python_stdlib import EXCLUDED_DIRS, HELDOUT_FRACTION, documents
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
 
 MAX_CHARS = 1200

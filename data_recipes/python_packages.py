@@ -31,12 +31,12 @@ from data_recipes.common import (
   build_options,
   build_text_dataset,
   is_current,
-  read_manifest,
   read_utf8,
   text_build_settings,
 )
 from data_recipes.python_stdlib import EXCLUDED_DIRS
 from diffgemma_jax.data.build import Corpus
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "diffgemma_jax", "python_packages")

@@ -16,11 +16,11 @@ from data_recipes.common import (
   build_options,
   build_text_dataset,
   is_current,
-  read_manifest,
   read_utf8,
   text_build_settings,
 )
 from diffgemma_jax.data.build import Corpus
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
 
 # pydoc_data/topics.py is a generated 750 KB string of English help text: wherever the hash put it, it would make

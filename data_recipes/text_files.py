@@ -16,11 +16,11 @@ from data_recipes.common import (
   build_text_dataset,
   files_stamp,
   is_current,
-  read_manifest,
   text_build_settings,
 )
 from diffgemma_jax import storage
 from diffgemma_jax.data.build import Corpus
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
 
 HELDOUT_FRACTION = 0.04

@@ -19,12 +19,10 @@ from data_recipes import RECIPES, SFT_RECIPES
 from diffgemma_jax.data.mixture import parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
+from diffgemma_jax.objectives import OBJECTIVES, objectives_with
 from diffgemma_jax.train.freeze import FREEZE_GROUPS
 from diffgemma_jax.train.optimizer import OPTIMIZERS, SCHEDULES, schedule_horizon
 from diffgemma_jax.train.profiling import check_profile_steps
-
-# Objectives that read an SFT row's `loss_mask` (the autoregressive baseline would also score the prompt).
-SFT_OBJECTIVES = ("masked", "block", "uniform")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -248,7 +246,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a whole run config against the schema and the model's own rules."""
   _check_keys(config, base_config())
   ModelConfig.from_config_dict(config.model)
-  from diffgemma_jax.objectives import OBJECTIVES
   if config.objective.name not in OBJECTIVES:
     raise ConfigError(f"objective.name: unknown objective {config.objective.name!r}; valid are {tuple(OBJECTIVES)}")
   if not 0.0 < config.objective.eps < 1.0:
@@ -287,15 +284,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.source or config.data.dir or config.data.recipe in SFT_RECIPES:
       raise ConfigError("data.mixture names built pretraining datasets; it replaces data.recipe, data.source and "
                         "data.dir: leave data.source and data.dir empty and data.recipe a pretraining recipe")
-  if config.data.recipe in SFT_RECIPES and config.objective.name not in SFT_OBJECTIVES:
+  if config.data.recipe in SFT_RECIPES and not OBJECTIVES[config.objective.name].capabilities.sft_rows:
     raise ConfigError(f"data.recipe={config.data.recipe!r} gives prompt/response rows, which objective.name in "
-                      f"{SFT_OBJECTIVES} trains on (prompt never corrupted or scored); got {config.objective.name!r}")
+                      f"{objectives_with('sft_rows')} trains on (prompt never corrupted or scored); got "
+                      f"{config.objective.name!r}")
   if config.data.recipe in SFT_RECIPES and not (config.data.tokenizer or config.init.checkpoint):
     raise ConfigError(f"data.recipe={config.data.recipe!r} trains no tokenizer: set init.checkpoint (its run's "
                       f"tokenizer is used) or data.tokenizer (a sentencepiece .model file)")
-
-
-TOKEN_SHIFT_OBJECTIVES = ("masked", "block")
 
 
 def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
@@ -328,18 +323,19 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
 
 
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
-  from diffgemma_jax.objectives import SELF_CONDITIONING_OBJECTIVES
   from diffgemma_jax.objectives.block import check_block_size, check_canvas_window
   objective = config.objective
-  if config.model.self_conditioning and objective.name not in SELF_CONDITIONING_OBJECTIVES:
+  capabilities = OBJECTIVES[objective.name].capabilities
+  if config.model.self_conditioning and not capabilities.self_conditioning:
     raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "
-                      f"signal; use objective.name in {SELF_CONDITIONING_OBJECTIVES} or model.self_conditioning=False")
-  if config.model.token_shift and objective.name not in TOKEN_SHIFT_OBJECTIVES:
+                      f"signal; use objective.name in {objectives_with('self_conditioning')} or "
+                      f"model.self_conditioning=False")
+  if config.model.token_shift and not capabilities.token_shift:
     raise ConfigError(f"model.token_shift=True reads each prediction from the position before it, which "
-                      f"objective.name in {TOKEN_SHIFT_OBJECTIVES} trains and samples; objective.name="
+                      f"objective.name in {objectives_with('token_shift')} trains and samples; objective.name="
                       f"{objective.name!r} does not (an 'ar' model predicts the next token already): set "
                       f"model.token_shift=False or use one of those")
-  if objective.name not in ("block", "uniform"):
+  if not capabilities.canvases:
     return
   check_block_size(int(config.train.seq_len), objective.block_size)
   check_canvas_window(objective.block_size, int(config.model.sliding_window), config.model.layer_pattern)

@@ -48,11 +48,11 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
     params = run.restore_params(abstract, param_shardings, fresh=fresh)
   else:
     params = run.restore_params(abstract, param_shardings)
-  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
-                             section=config.objective)
+  objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
   result = held_out_bounds(bound_fn, params, eval_sets(config, directory), seed=int(config.eval.seed),
                           num_t_samples=num_t, mesh=mesh)
-  result.update(step=int(run.step), unigram_ppl=unigram_baseline(config, directory), exact=bool(objective.exact))
+  result.update(step=int(run.step), unigram_ppl=unigram_baseline(config, directory),
+                exact=objective.capabilities.exact)
   return result

@@ -29,17 +29,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.sampling.requests import (
-  SAMPLER_FLAGS,
-  SAMPLER_OPTION_FLAGS,
-  GenerationOptions,
-  Generator,
-  check_flags,
-  cut_at_stop,
-  load_tokenizer,
-  restore_model,
-  validate_options,
-)
+from diffgemma_jax.sampling.requests import Generator, cut_at_stop, load_tokenizer, restore_model
+from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, requested_options,
+                                             validate_options)
 from diffgemma_jax.scoring import Scorer
 
 DEFAULT_BATCH_SIZE = 8
@@ -68,18 +60,17 @@ class DiffGemmaLM(LM):
     `step` (default the latest), or from Python an already built `model` and `tokenizer`."""
     super().__init__()
     del max_batch_size, device  # JAX places the model; batch_size is the fixed size
-    unknown = set(sampler_options) - set(SAMPLER_OPTION_FLAGS)
+    unknown = set(sampler_options) - set(OPTIONS)
     if unknown:
       raise ConfigError(f"--model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: config, workdir, "
                         f"step, sampler, num_t_samples, seed, batch_size, overrides, "
-                        f"{', '.join(SAMPLER_OPTION_FLAGS)}")
+                        f"{', '.join(OPTIONS)}")
     if isinstance(config, str):  # overrides: "a.b=value;c.d=value" (the harness splits model_args at commas)
       pairs = [item.split("=", 1) for item in str(overrides).split(";") if item]
       config = load_config(config, {key: value for key, value in pairs})
     self.config = config
     objective = str(config.objective.name)
-    check_flags(sampler, objective, sampler_options)
-    self.options = GenerationOptions(sampler=sampler, seed=int(seed), **sampler_options)
+    self.options = requested_options(sampler, objective, sampler_options, seed=int(seed))
     validate_options(self.options, objective, int(config.objective.block_size),
                      int(config.train.seq_len))  # bad options fail before the model is restored
     self.batch_size = _batch_size(batch_size)
@@ -134,7 +125,7 @@ class DiffGemmaLM(LM):
     up to whole blocks for diffusion samplers, and no more than fits after the longest context."""
     objective = str(self.config.objective.name)
     options = validate_options(self.options, objective, int(self.config.objective.block_size), self.seq_len)
-    unit = 1 if options.sampler == "ar" else options.block_length
+    unit = SAMPLERS[options.sampler].length_unit(options)
     wanted = int(gen_kwargs.get("max_gen_toks", 256))
     length = max(-(-wanted // unit), 1) * unit
     changes: dict[str, Any] = {"gen_length": length}
@@ -143,7 +134,7 @@ class DiffGemmaLM(LM):
     temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
     if not gen_kwargs.get("do_sample", temperature > 0):
       temperature = 0.0
-    if "temperature" in SAMPLER_FLAGS[options.sampler] and self.options.temperature == 0.0:
+    if "temperature" in SAMPLERS[options.sampler].options and self.options.temperature == 0.0:
       changes["temperature"] = temperature
     return validate_options(dataclasses.replace(options, **changes), objective,
                             int(self.config.objective.block_size), self.seq_len)

@@ -122,8 +122,7 @@ class Scorer:
       raise ScoringError(f"--num_t_samples ({self.num_t_samples}) and --batch_size ({self.batch_size}) must be >= 1")
     self.config, self.tokenizer, self.layout = config, tokenizer, layout
     self.seq_len = int(config.train.seq_len)
-    self.objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id,
-                                    eps=float(config.objective.eps), section=config.objective)
+    self.objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
     self.mesh = mesh_from_config(config, training=False)
     self.graphdef, self.params = split_model(model)
     placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh)))  # the bound runs on the mesh
@@ -215,6 +214,6 @@ def score_file(config, workdir: str, path: str, *, step: int | None = None, **sc
   model, step = restore_model(config, workdir, step)
   scorer = Scorer(config, model, tokenizer, **scorer_options)
   results = scorer.score(pairs)
-  return {"step": step, "objective": str(config.objective.name), "exact": bool(scorer.objective.exact),
+  return {"step": step, "objective": str(config.objective.name), "exact": scorer.objective.capabilities.exact,
           "num_t_samples": scorer.num_t_samples, "layout": scorer.layout, "records": results,
           "summary": summarize(results)}

@@ -1,12 +1,10 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
-[--block_length N] [--steps N] [--threshold X] [--temperature X] [--top_p X] [--max_denoising_steps N]
-[--entropy_bound X] [--temperature_start X] [--temperature_end X] [--stop_mean_entropy X] [--chat [--system TEXT]]
-[--seed N] [--step N] [--batch_size N] [--stop TEXT ...]
+[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N] [--stop TEXT ...]
 [--json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls,
 new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts
-(of any lengths) per sampler call, with the same results as one at a time. AR models default to the `ar`
-sampler, masked-diffusion models to `threshold` (Fast-dLLM), block-diffusion models to `block_threshold` and
-uniform-state models (DiffusionGemma) to `entropy_bound`, canvas after canvas of objective.block_size tokens."""
+(of any lengths) per sampler call, with the same results as one at a time. Each model's objective has a default
+sampler; canvas samplers decode canvas after canvas of objective.block_size tokens. A sampler option the chosen
+sampler does not read is refused. The samplers and their options (`diffgemma_jax/sampling/samplers.py`):"""
 
 from __future__ import annotations
 
@@ -16,42 +14,25 @@ import re
 import sys
 
 from diffgemma_jax.config import load_config
+from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.sampling.requests import generate_completions
+from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from .common import config_overrides, fail, json_safe
 
 
 def _parser() -> argparse.ArgumentParser:
-  from diffgemma_jax.sampling.requests import SAMPLERS
-  p = argparse.ArgumentParser(prog="diffgemma-generate", description=__doc__)
+  p = argparse.ArgumentParser(prog="diffgemma-generate", description=__doc__ + "\n" + describe(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="config file of the run, optionally path.py:arg")
   p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt")
   source.add_argument("--prompts", help="a UTF-8 file with one prompt per line (\\n in a line is a newline, \\\\ a "
                       "backslash), or a .jsonl file with one JSON string or {\"prompt\": ...} object per line")
-  p.add_argument("--sampler", default=None, help=f"one of {', '.join(SAMPLERS)} (default: ar for AR models, "
-                 "threshold for masked diffusion, block_threshold for block diffusion, entropy_bound for uniform)")
   p.add_argument("--gen_length", type=int, default=None, help="new tokens to generate (at most; default: what fits "
                  "in the model's context after the prompt, at most 128)")
-  p.add_argument("--block_length", type=int, default=None, help="diffusion: semi-autoregressive block length "
-                 "(default 32; canvas samplers: the model's objective.block_size)")
-  p.add_argument("--steps", type=int, default=None, help="diffusion: denoising steps over gen_length (default: "
-                 "gen_length); a multiple of gen_length / block_length")
-  p.add_argument("--threshold", type=float, default=None, help="threshold samplers: commit confidence, in (0, 1] "
-                 "(default 0.9)")
-  p.add_argument("--temperature", type=float, default=None, help="0 (the default): greedy")
-  p.add_argument("--top_p", type=float, default=None, help="ar: nucleus mass, in (0, 1] (default 1)")
-  entropy = p.add_argument_group("entropy_bound sampler (uniform-state models; defaults: the released model's)")
-  entropy.add_argument("--max_denoising_steps", type=int, default=None, help="at most this many steps per canvas "
-                       "(default 48)")
-  entropy.add_argument("--entropy_bound", type=float, default=None, help="accept the lowest-entropy tokens while "
-                       "their entropy sum minus the largest stays <= this, > 0 (default 0.1)")
-  entropy.add_argument("--temperature_start", type=float, default=None, help="temperature of the first step, > 0 "
-                       "(default 0.8)")
-  entropy.add_argument("--temperature_end", type=float, default=None, help="annealed linearly towards this, in "
-                       "[0, temperature_start] (default 0.4)")
-  entropy.add_argument("--stop_mean_entropy", type=float, default=None, help="a canvas stops early once its argmax "
-                       "is stable and its mean entropy is below this (default 0.005)")
+  add_flags(p)
   p.add_argument("--chat", action="store_true", help="each prompt is a user turn: wrap it in the config's "
                  "data.chat_template (as SFT did), ending with the model turn's header")
   p.add_argument("--system", default=None, help="with --chat: a system turn before the user turn")
@@ -105,16 +86,13 @@ def _read_prompts(args) -> list[str]:
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
-  from diffgemma_jax.sampling.requests import SAMPLER_OPTION_FLAGS, GenerationOptions, check_flags, generate_completions
   try:
     config = load_config(args.config, config_overrides(rest))
-    given = {flag: getattr(args, flag) for flag in SAMPLER_OPTION_FLAGS}
-    check_flags(args.sampler, str(config.objective.name), given)
-    options = GenerationOptions(sampler=args.sampler, gen_length=args.gen_length, seed=args.seed,
-                                **{flag: value for flag, value in given.items() if value is not None})
+    given = {flag: getattr(args, flag) for flag in OPTIONS}
+    options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
+                                seed=args.seed)
     prompts = _read_prompts(args)
     if args.chat:
-      from diffgemma_jax.data.sft import chat_prompt
       prompts = [chat_prompt(text, str(config.data.chat_template), args.system) for text in prompts]
     elif args.system:
       raise ConfigError("--system: only with --chat")
@@ -122,7 +100,6 @@ def main(argv=None) -> int:
     results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template,
                                    batch_size=args.batch_size, stop=args.stop)
     if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
-      from diffgemma_jax.data.sft import TEMPLATE_MARKERS
       for result in results:
         result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]
   except (ConfigError, DataError) as e:

@@ -70,6 +70,19 @@ def load_tiny(tiny_config_file):
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+  """A tokenizer as the recipes train one (`train_tokenizer`: reserved ids, `<mask>` and the turn markers as
+  user-defined symbols, byte fallback), on the tiny corpus, with the tiny model's vocabulary: `DIR/tokenizer.model`
+  in a folder of its own. Trained directly (about a second), so tokenizer tests need no dataset or run."""
+  from diffgemma_jax.data.tokenizer import train_tokenizer
+  root = tmp_path_factory.mktemp("tokenizer")
+  _write_corpus(str(root / "corpus"))
+  texts = [(root / "corpus" / name).read_text(encoding="utf-8") for name in sorted(os.listdir(root / "corpus"))]
+  texts.append("caf\xe9 cr\xe8me " * 10)  # non-ASCII text, as a latin-1 corpus file decodes
+  return train_tokenizer(texts, str(root / "tokenizer"), TINY_MODEL["vocab_size"])
+
+
+@pytest.fixture(scope="session")
 def trained_run(load_tiny, tmp_path_factory):
   """(config, workdir, summary) of one uninterrupted run; treat the workdir as read-only (copy it to change it)."""
   from diffgemma_jax.train import train

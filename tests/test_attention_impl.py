@@ -163,7 +163,7 @@ def test_train_step_with_pallas_attention_lowers_to_triton(monkeypatch):
     mesh = make_mesh()
     tx, schedule = make_optimizer(config.train)
     graphdef, abstract_state, shardings = abstract_train_state(cfg, tx, mesh)
-    step = make_train_step(graphdef=graphdef, objective=make_objective("block", mask_id=4, section=config.objective),
+    step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=4),
                            tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings)
     text = _lowered_for_gpu(step, abstract_state, synthetic_batch(2, 48, cfg.vocab_size), jax.random.key(0))
   finally:

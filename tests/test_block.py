@@ -1,7 +1,6 @@
 """Block diffusion: the [canvas ; clean] mask through gradients, the b = L and b = 1 limits, SFT canvases, errors."""
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +12,11 @@ from diffgemma_jax.config import base_config, validate
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.masks import make_mask
-from diffgemma_jax.objectives import BlockDiffusion, MaskedDiffusion, make_objective
+from diffgemma_jax.objectives import BlockDiffusion, MaskedDiffusion
 from diffgemma_jax.objectives.ar import Autoregressive
 from diffgemma_jax.objectives.block import block_ids, canvas_clean_forward, canvas_clean_mask, check_block_size
-from diffgemma_jax.objectives.masked import has_predecessor, masked_token_nll
+from diffgemma_jax.objectives.estimators import masked_token_nll
+from diffgemma_jax.objectives.rows import has_predecessor
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=6, global_head_dim=16, global_num_kv_heads=1,
@@ -197,29 +197,6 @@ def test_block_size_errors_name_the_keys():
   c.objective.block_size = 0
   with pytest.raises(ConfigError, match="objective.block_size"):
     validate(c)
-
-
-@pytest.mark.parametrize("key,refusing,accepting", [("self_conditioning", ("masked", "ar", "block"), ("uniform",)),
-                                                     ("token_shift", ("ar", "uniform"), ("masked", "block"))])
-def test_model_settings_that_need_some_objectives(key, refusing, accepting):
-  for name in refusing + accepting:
-    c = base_config()
-    c.objective.name = name
-    c.model[key] = True
-    if name in accepting:
-      validate(c)
-    else:
-      with pytest.raises(ConfigError, match=rf"model.{key}=True.*objective.name"):
-        validate(c)
-
-
-def test_make_objective_reads_the_objective_section():
-  section = types.SimpleNamespace(block_size=8, encoder_loss_weight=0.5, self_cond_prob=0.25)
-  block = make_objective("block", mask_id=MASK, eps=1e-3, section=section)
-  assert isinstance(block, BlockDiffusion) and block.block_size == 8
-  uniform = make_objective("uniform", mask_id=MASK, section=section)
-  assert (uniform.block_size, uniform.encoder_loss_weight, uniform.self_cond_prob) == (8, 0.5, 0.25)
-  assert isinstance(make_objective("masked", mask_id=MASK, eps=1e-3), MaskedDiffusion)
 
 
 # ---- token shift (model.token_shift) --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Multi-canvas generation (`sampling/canvas.py`): the entropy-bound parts against a direct implementation and the
 transformers sampler's components, the canvas loop on a deterministic stand-in model (order, early stop, EOS
 padding), and both rules on a tiny real model (prompt kept, no mask left, exact encoder cache, seeds, step caps,
-agreement with the masked block sampler), plus the option checks of `diffgemma-generate`."""
+agreement with the masked block sampler). The entropy-bound options' checks are in test_samplers.py."""
 
 import dataclasses
 import types
@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from conftest import transformers_reference
-from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.sampling import canvas, masked
 from diffgemma_jax.sampling.parts import (
@@ -23,7 +22,8 @@ from diffgemma_jax.sampling.parts import (
   stable_and_confident,
   token_entropy,
 )
-from diffgemma_jax.sampling.requests import GenerationOptions, Generator, validate_options
+from diffgemma_jax.sampling.requests import Generator
+from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 from launch.generate import main
 
 PAD, EOS, MASK = 0, 3, 4
@@ -299,7 +299,7 @@ def test_eos_pads_the_rest_on_a_real_model(model, prompt, uniform_run):
 def test_released_model_samples_under_eval_shape():
   """The 26B-A4B config with the released sampler's defaults (RELEASED_SAMPLER) traces at full size."""
   from diffgemma_jax.config import load_config
-  from diffgemma_jax.sampling.requests import sampler_config
+  from diffgemma_jax.sampling.samplers import sampler_config
   config = load_config("configs/diffusiongemma_26b_a4b.py", {})
   options = validate_options(GenerationOptions(gen_length=512), "uniform", int(config.objective.block_size),
                              int(config.train.seq_len))
@@ -322,34 +322,6 @@ def test_generator_reports_steps_per_canvas(model, prompt):
   assert len(result["steps_per_canvas"]) == 2 and all(1 <= s <= 3 for s in result["steps_per_canvas"])
   assert result["model_calls"] == 1 + sum(result["steps_per_canvas"]) + 1
   assert result["sequence"][:P] == np.asarray(prompt[0]).tolist()
-
-
-@pytest.mark.parametrize("options,objective,message", [
-    (dict(entropy_bound=0.0), "uniform", "--entropy_bound must be > 0"),
-    (dict(entropy_bound=-1.0), "uniform", "--entropy_bound must be > 0"),
-    (dict(max_denoising_steps=0), "uniform", "--max_denoising_steps must be >= 1"),
-    (dict(temperature_start=0.0), "uniform", "--temperature_start must be > 0"),
-    (dict(temperature_end=0.9), "uniform", "--temperature_end must lie in [0, --temperature_start=0.8]"),
-    (dict(temperature_end=-0.1), "uniform", "--temperature_end must lie in"),
-    (dict(stop_mean_entropy=-1.0), "uniform", "--stop_mean_entropy must be >= 0"),
-    (dict(temperature=1.0), "uniform", "--temperature does not apply to the entropy_bound sampler"),
-    (dict(steps=8), "uniform", "--steps does not apply to the entropy_bound sampler"),
-    (dict(sampler="threshold"), "uniform", "use entropy_bound"),
-    (dict(sampler="entropy_bound"), "block", "use block_threshold, block_low_confidence"),
-    (dict(entropy_bound=0.2), "block", "--entropy_bound applies to the entropy_bound sampler only"),
-    (dict(block_length=8), "uniform", "differs from the model's training block size"),
-])
-def test_bad_options_name_the_flag(options, objective, message):
-  with pytest.raises(GenerationError, match=message.replace("[", r"\[").replace("(", r"\(")) as info:
-    validate_options(GenerationOptions(**options), objective, block_size=32, context_length=128)
-  assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("objective", ["uniform", "block"])
-def test_a_canvas_longer_than_the_context_fails(objective):
-  with pytest.raises(GenerationError, match=r"the canvas \(--block_length 256, objective.block_size\) is longer "
-                                            r"than the model's context of 128 tokens \(train.seq_len\)"):
-    validate_options(GenerationOptions(gen_length=256), objective, block_size=256, context_length=128)
 
 
 def test_rules_refuse_bad_settings():

@@ -1,5 +1,6 @@
-"""Generation requests and the CLI: option and prompt validation, samplers on a model through `Generator`, sample
-quality metrics, and `diffgemma-generate` end to end on the session's trained tiny run."""
+"""Generation requests and the CLI: prompt validation, samplers on a model through `Generator`, sample quality
+metrics, and `diffgemma-generate` end to end on the session's trained tiny run. The sampler options' checks are in
+test_samplers.py."""
 
 import json
 import math
@@ -14,45 +15,14 @@ from diffgemma_jax.errors import ConfigError, GenerationError
 from diffgemma_jax.model import ModelConfig, build_model, make_mask
 from diffgemma_jax.objectives.ar import next_token_nll
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
-from diffgemma_jax.sampling.requests import GenerationOptions, Generator, check_flags, validate_options, validate_prompt
+from diffgemma_jax.sampling.requests import Generator, validate_prompt
+from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 from launch.generate import main
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=4, global_head_dim=16, global_num_kv_heads=1,
                    mlp_dim=32, num_experts=4, top_k=2, expert_dim=16, dispatch="dense")
 MASK, EOS = 4, 3
-
-
-@pytest.mark.parametrize("options,objective,message", [
-    (dict(sampler="beam"), "masked", "--sampler 'beam' is unknown"),
-    (dict(threshold=0.0), "masked", "--threshold must lie in"),
-    (dict(threshold=1.5), "masked", "--threshold must lie in"),
-    (dict(steps=0), "masked", "--steps must be >= 1"),
-    (dict(steps=6, gen_length=64, block_length=16), "masked", "multiple of the number of blocks"),
-    (dict(gen_length=30, block_length=8), "masked", "must divide --gen_length"),
-    (dict(top_p=0.0), "ar", "--top_p"),
-    (dict(sampler="ar"), "masked", "needs a model trained with objective 'ar'"),
-    (dict(sampler="threshold"), "ar", "use ar"),
-    (dict(sampler="threshold"), "block", "use block_threshold, block_low_confidence"),
-    (dict(sampler="block_threshold", block_length=8), "block", "differs from the model's training block size"),
-    (dict(sampler="block_fused", block_length=8), "block", "differs from the model's training block size"),
-    (dict(sampler="block_fused", gen_length=20), "block", "multiple of the model's canvas length 16"),
-])
-def test_bad_options_fail_with_one_line(options, objective, message):
-  with pytest.raises(GenerationError, match=message.replace("(", r"\(")) as info:
-    validate_options(GenerationOptions(**options), objective, block_size=16)
-  assert "\n" not in str(info.value)
-
-
-def test_default_samplers_and_steps():
-  assert validate_options(GenerationOptions(), "ar").sampler == "ar"
-  options = validate_options(GenerationOptions(gen_length=64), "masked")
-  assert (options.sampler, options.steps) == ("threshold", 64)
-  options = validate_options(GenerationOptions(gen_length=64), "block", block_size=16)
-  assert (options.sampler, options.block_length) == ("block_threshold", 16)
-  options = validate_options(GenerationOptions(gen_length=64), "uniform", block_size=32)
-  assert (options.sampler, options.block_length, options.max_denoising_steps) == ("entropy_bound", 32, 48)
-  assert (options.entropy_bound, options.temperature_start, options.temperature_end) == (0.1, 0.8, 0.4)
 
 
 def test_bad_prompts():
@@ -182,18 +152,6 @@ def test_tokenizer_precedence_workdir_then_data_tokenizer(trained_run, load_tiny
   empty = tmp_path / "imported"  # e.g. a diffgemma-import workdir: no pinned tokenizer
   empty.mkdir()
   assert load_tokenizer(config, str(empty)).path == pinned
-
-
-@pytest.mark.parametrize("sampler,objective,flag,value", [
-    (None, "block", "top_p", 0.5), ("ar", "ar", "steps", 3), ("ar", "ar", "block_length", 8),
-    ("ar", "ar", "threshold", 0.3), ("low_confidence", "masked", "threshold", 0.3),
-    ("block_low_confidence", "block", "threshold", 0.3), (None, "uniform", "threshold", 0.5)])
-def test_a_flag_the_sampler_ignores_is_refused(sampler, objective, flag, value):
-  with pytest.raises(GenerationError, match=rf"--{flag} does not apply to --sampler") as info:
-    check_flags(sampler, objective, {flag: value})
-  assert "\n" not in str(info.value)
-  check_flags(sampler, objective, {flag: None})  # unset: fine
-  check_flags("threshold", "masked", {"threshold": 0.3, "steps": 16, "temperature": 1.0, "block_length": 8})
 
 
 def test_prompts_file_escapes_jsonl_and_bad_bytes(tmp_path):

@@ -10,7 +10,6 @@ import configparser
 import functools
 import os
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "diffgemma_jax"
@@ -52,18 +51,8 @@ def _violations(layer: str, forbidden: tuple[str, ...]) -> set[tuple[str, str]]:
           if any(name == f or name.startswith(f + ".") for f in forbidden)}
 
 
-# Part B of issue 21 removes these (the lead flips the xfails after merging): the dataset format reader moves into
-# the library (data/pipeline.py and data/mixture.py read manifests with it), and the canvas sampler's defaults move
-# out of the recipe file (sampling/canvas.py).
-KNOWN = {
-    ("diffgemma_jax.data.pipeline", "data_recipes.common"),
-    ("diffgemma_jax.data.mixture", "data_recipes.common"),
-    ("diffgemma_jax.sampling.canvas", "configs.diffusiongemma_26b_a4b"),
-}
-
-
 def test_data_does_not_import_recipes_or_configs():
-  assert _violations(f"{PACKAGE}.data", ("data_recipes", "configs")) - KNOWN == set()
+  assert _violations(f"{PACKAGE}.data", ("data_recipes", "configs")) == set()
 
 
 def test_model_does_not_import_parallel_or_train():
@@ -71,13 +60,7 @@ def test_model_does_not_import_parallel_or_train():
 
 
 def test_the_library_never_imports_configs_or_launch():
-  assert _violations(PACKAGE, ("configs", "launch")) - KNOWN == set()
-
-
-@pytest.mark.xfail(strict=True, reason="issue 21 part B removes these imports")
-@pytest.mark.parametrize("module,imported", sorted(KNOWN))
-def test_known_upward_imports_are_gone(module, imported):
-  assert (module, imported) not in _violations(PACKAGE, ("data_recipes", "configs"))
+  assert _violations(PACKAGE, ("configs", "launch")) == set()
 
 
 def _import_graph() -> dict[str, set[str]]:

@@ -5,7 +5,7 @@ What the spy sees checks the noise: the fraction of masked (masked, block) or re
 each row's or block's noise level t, and nothing outside the scored tokens (padding, an SFT prompt) is ever
 corrupted. The recomputation checks the scoring: which positions count, against which targets, with which 1/t
 weights and normalisation. The noise levels come from the documented key split of each `loss_fn` (`t_rng` first)
-and `stratified_t`, which tests/test_masked.py checks on its own.
+and `stratified_t`, which tests/test_estimators.py checks on its own.
 
 SFT (masked, block, uniform): the prompt never reaches the model corrupted and is never scored, so with logits
 that ignore the input, changing the prompt's tokens leaves the loss exactly as it was; with a spy that reads its

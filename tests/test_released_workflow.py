@@ -105,7 +105,7 @@ def test_the_readme_commands_for_the_released_model(released, tmp_path, capsys):
   assert (config.objective.block_size, config.train.seq_len) == (CANVAS, IMPORTED_CONTEXT)
   # the config's training and held-out computations at its full context, traced without allocating
   cfg = ModelConfig.from_config_dict(config.model)
-  objective = make_objective("uniform", mask_id=-1, eps=float(config.objective.eps), section=config.objective)
+  objective = make_objective(config.objective, mask_id=-1)
   row = jax.ShapeDtypeStruct((1, IMPORTED_CONTEXT), jnp.int32)
   batch = {"tokens": row, "segment_ids": row, "positions": row, "loss_mask": row}
 

@@ -31,7 +31,7 @@ def test_sft_layout_matches_the_sft_evaluation(trained_run, load_tiny, tiny_conf
                                                capsys):
   """diffgemma-score --layout sft on the held-out pairs of an SFT dataset prints the bound diffgemma-eval reports
   for that held-out set (same rows, batches, seed and noise levels), to float32 rounding."""
-  from data_recipes.common import read_records
+  from diffgemma_jax.data.manifest import read_records
   from diffgemma_jax.evaluate import evaluate
   _, workdir, _ = trained_run
   source, root = sft_pairs

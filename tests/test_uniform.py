@@ -14,8 +14,8 @@ from conftest import ConstantLogits
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.self_conditioning import expected_embedding
 from diffgemma_jax.objectives import UniformDiffusion
-from diffgemma_jax.objectives.masked import masked_token_nll
-from diffgemma_jax.objectives.uniform import states_excluding, uniform_corrupt, uniform_elbo_integrand, uniform_nelbo
+from diffgemma_jax.objectives.estimators import masked_token_nll, states_excluding
+from diffgemma_jax.objectives.uniform import uniform_corrupt, uniform_elbo_integrand, uniform_nelbo
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=6, global_head_dim=16, global_num_kv_heads=1,
@@ -226,7 +226,7 @@ def test_diffusiongemma_tiny_config_trains_one_step():
   config = load_config(os.path.join(root, "diffusiongemma_tiny.py"), {"model.dispatch": "dense"})
   cfg = MC.from_config_dict(config.model)
   assert cfg.layer_kinds[:6] == ("sliding",) * 5 + ("global",) and cfg.self_conditioning
-  objective = make_objective(config.objective.name, mask_id=cfg.vocab_size - 1, section=config.objective)
+  objective = make_objective(config.objective, mask_id=cfg.vocab_size - 1)
   model = build_model(cfg, 0)
   L = int(config.train.seq_len)
   batch = {"tokens": jax.random.randint(jax.random.key(0), (2, L), 0, cfg.vocab_size - 1),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 
+from diffgemma_jax.data.manifest import read_manifest
+from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import DataError
 
 LN2 = math.log(2.0)
@@ -44,8 +46,6 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
 
 def check_mixture(entries: list[tuple[str, float]]) -> None:
   """Every dataset is a built pretraining dataset with the first one's tokenizer."""
-  from data_recipes.common import read_manifest
-  from diffgemma_jax.data.tokenizer import same_tokenizer
   first = entries[0][0]
   for directory, _ in entries:
     manifest = read_manifest(directory)

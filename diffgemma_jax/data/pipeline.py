@@ -2,7 +2,7 @@
 
 A pretraining dataset is a token store (data/store.py): rows of `seq_len` are read from memory-mapped shards when a
 batch needs them, with their segment ids and positions. An SFT dataset's rows are made once per tokenizer,
-template and length (data/sft.py) and cached beside the data.
+template and length (data/sft/) and cached beside the data.
 
 Training batches: per dataset, `grain.MapDataset` over row indices -> shuffled anew each epoch with the seed ->
 repeated forever; several datasets (a mixture) are interleaved by weight (`MapDataset.mix`); the stream is cut
@@ -21,8 +21,10 @@ import sys
 
 import grain
 import numpy as np
+from absl import flags
 
-from data_recipes.common import read_manifest, read_records
+from diffgemma_jax.data.manifest import read_manifest, read_records
+from diffgemma_jax.data.sft import make_rows
 from diffgemma_jax.data.store import SplitStore, open_split, unigram_counts
 from diffgemma_jax.data.tokenizer import Tokenizer
 from diffgemma_jax.errors import DataError
@@ -60,9 +62,8 @@ def is_sft(data_dir: str) -> bool:
 
 
 def sft_rows(data_dir: str, split: str, seq_len: int, template: str) -> dict[str, np.ndarray]:
-  """The prompt-masked rows of an SFT split (data/sft.py), built once per tokenizer, template and length and
+  """The prompt-masked rows of an SFT split (data/sft/), built once per tokenizer, template and length and
   cached beside the data. Cut prompts and responses are counted and reported on stderr."""
-  from diffgemma_jax.data.sft import make_rows
   tok_path = os.path.join(data_dir, "tokenizer.model")
   cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}-{_tokenizer_hash(tok_path)}.npz")
   if os.path.isfile(cache):
@@ -188,7 +189,6 @@ class TrainIterator:
 def _absl_flags_parsed() -> None:
   """grain's worker processes read absl flags (their defaults here): our entry points parse arguments with
   argparse, so the flags are marked parsed."""
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

@@ -3,10 +3,13 @@ user-defined symbols `<mask>` (4), `<start_of_turn>` (5) and `<end_of_turn>` (6)
 
 from __future__ import annotations
 
+import filecmp
 import os
 
 import numpy as np
 import sentencepiece as spm
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2
 
 from diffgemma_jax.errors import DataError
 
@@ -132,7 +135,6 @@ _TOKENIZING_FIELDS = ("model_type", "vocab_size", "byte_fallback", "treat_whites
 
 
 def _model_proto(path: str):
-  from sentencepiece import sentencepiece_model_pb2
   proto = sentencepiece_model_pb2.ModelProto()
   with open(path, "rb") as f:
     proto.ParseFromString(f.read())
@@ -151,9 +153,6 @@ def _drop_build_paths(path: str) -> None:
 def same_tokenizer(path_a: str, path_b: str) -> bool:
   """Whether two sentencepiece files tokenise alike: the same pieces, scores and types, normalizer and
   denormalizer, and tokenising settings, whatever paths or training options each build recorded."""
-  import filecmp
-
-  from google.protobuf.message import DecodeError
   if filecmp.cmp(path_a, path_b, shallow=False):
     return True
   try:

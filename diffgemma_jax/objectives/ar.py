@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import MaskSpec
-from diffgemma_jax.objectives.masked import router_metrics, scored_positions
+from diffgemma_jax.objectives.interface import Capabilities, Objective
+from diffgemma_jax.objectives.rows import router_metrics, scored_positions
 
 
 def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
@@ -18,12 +21,13 @@ def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
   return jnp.where(valid, nll, 0.0), valid
 
 
-class Autoregressive:
-  name = "ar"
-  exact = True
+@dataclasses.dataclass(frozen=True)
+class Autoregressive(Objective):
+  """Next-token prediction; it reads no key of the objective section and needs no mask token."""
 
-  def __init__(self, **unused):
-    del unused
+  name = "ar"
+  capabilities = Capabilities(exact=True, sft_rows=False, canvases=False, self_conditioning=False, token_shift=False,
+                              mask_token=False)
 
   def _nll(self, model, batch):
     segment_ids, positions = batch["segment_ids"], batch["positions"]

@@ -29,6 +29,7 @@ response spans several canvases; the last one may be cut by the row end.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -36,16 +37,10 @@ import jax.numpy as jnp
 
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.masks import MaskSpec, canvas_clean_mask  # noqa: F401  (the dense reference, re-exported)
-from diffgemma_jax.objectives.masked import (
-  corrupt,
-  masked_token_nll,
-  normalise_loss,
-  router_metrics,
-  scored_by,
-  scored_positions,
-  stratified_t,
-  weighted_nll,
-)
+from diffgemma_jax.objectives.estimators import masked_token_nll, mean_and_stderr, stratified_levels, stratified_t
+from diffgemma_jax.objectives.interface import Capabilities, Objective
+from diffgemma_jax.objectives.masked import corrupt, weighted_nll
+from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_by, scored_positions
 
 
 def check_block_size(seq_len: int, block_size: int) -> None:
@@ -87,6 +82,13 @@ def block_ids(batch, block_size: int):
   start_B = jnp.argmax(scored, axis=-1).astype(jnp.int32)  # first response token (0 if the row has none)
   relative_BL = index_L[None, :] - start_B[:, None]
   return jnp.where(relative_BL >= 0, relative_BL // block_size, -1)
+
+
+def canvas_layout(batch, block_size: int):
+  """(block id per token [B, L], blocks per row) of a batch cut into canvases of `block_size` (`block_ids`)."""
+  seq_len = batch["tokens"].shape[1]
+  check_block_size(seq_len, block_size)
+  return block_ids(batch, block_size), seq_len // block_size
 
 
 def canvas_clean_forward(model, canvas_tokens_BC, canvas_positions_BC, canvas_segments_BC, canvas_blocks_BC, batch,
@@ -152,12 +154,10 @@ def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, 
   `logits_fn(noisy[B, L]) -> canvas logits [B, L, V]` must keep blocks apart (the block layout). Every block gets
   K stratified noise levels with its own offset; with one block this is `masked_nelbo` draw for draw.
   """
-  B = tokens.shape[0]
   K = num_t_samples
   scored_BL = jnp.ones(tokens.shape, bool) if scored_BL is None else scored_BL
   t_rng, mask_rng = jax.random.split(rng)
-  offsets_BN = jax.random.uniform(t_rng, (B, num_blocks))
-  t_KBN = eps + (1.0 - eps) * jnp.mod(offsets_BN[None] + (jnp.arange(K) / K)[:, None, None], 1.0)
+  t_KBN = stratified_levels(t_rng, (tokens.shape[0], num_blocks), K, eps)
 
   def one(_, inputs):
     t_BN, key = inputs
@@ -170,29 +170,16 @@ def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, 
   return mean_and_stderr(estimates_KB)
 
 
-def mean_and_stderr(estimates_KB):
-  K = estimates_KB.shape[0]
-  mean_B = jnp.mean(estimates_KB, axis=0)
-  if K > 1:
-    return mean_B, jnp.std(estimates_KB, axis=0, ddof=1) / jnp.sqrt(K)
-  return mean_B, jnp.zeros_like(mean_B)
-
-
-class BlockDiffusion:
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusion(Objective):
   """Masked block diffusion for pretraining and prompt-masked SFT (told apart by `loss_mask`, as in `masked`)."""
 
   name = "block"
-  exact = False
-
-  def __init__(self, *, mask_id: int, eps: float = 1e-3, block_size: int = 16):
-    self.mask_id = mask_id
-    self.eps = eps
-    self.block_size = block_size
-
-  def _layout(self, batch):
-    seq_len = batch["tokens"].shape[1]
-    check_block_size(seq_len, self.block_size)
-    return block_ids(batch, self.block_size), seq_len // self.block_size
+  capabilities = Capabilities(exact=False, sft_rows=True, canvases=True, self_conditioning=False, token_shift=True,
+                              mask_token=True)
+  mask_id: int
+  eps: float = 1e-3
+  block_size: int = 16
 
   def _canvas_logits(self, model, noisy, batch, blocks_BL):
     """The logits that predict each position (shifted with `model.token_shift`), and the model's aux outputs."""
@@ -207,7 +194,7 @@ class BlockDiffusion:
 
   def loss_fn(self, model, batch, rng):
     tokens = batch["tokens"]
-    blocks, num_blocks = self._layout(batch)
+    blocks, num_blocks = canvas_layout(batch, self.block_size)
     scored = scored_by(model, batch)
     t_rng, mask_rng = jax.random.split(rng)
     t_BL = per_token(block_t(t_rng, tokens.shape[0], num_blocks, self.eps), blocks)
@@ -224,7 +211,7 @@ class BlockDiffusion:
 
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """Per-row NELBO (nats) summed over blocks, its standard error, and the number of scored tokens."""
-    blocks, num_blocks = self._layout(batch)
+    blocks, num_blocks = canvas_layout(batch, self.block_size)
     scored = scored_by(model, batch)
     nelbo, stderr = block_nelbo(self.canvas_logits_fn(model, batch, blocks), batch["tokens"], blocks, num_blocks,
                                 rng, mask_id=self.mask_id, num_t_samples=num_t_samples, eps=self.eps,

@@ -3,7 +3,7 @@
 alpha_t = 1 - t: each token is replaced by the mask token independently with probability t. The negative ELBO of
 a sequence is E_t[(1/t) * sum_{masked l} -log p(x_l | z_t)] with t ~ U[eps, 1]. The denoiser never predicts the
 mask token (its logit is removed) and only masked positions are scored. Training and evaluation share
-`corrupt`, `masked_token_nll` and `weighted_nll`; `masked_nelbo` is the public estimator.
+`corrupt`, `estimators.masked_token_nll` and `weighted_nll`; `masked_nelbo` is the public estimator.
 
 With `model.token_shift` (Dream's reading of an adapted AR model) position l is predicted by the output at l-1 and
 a document's first token is neither corrupted nor scored; the estimator is unchanged.
@@ -11,18 +11,16 @@ a document's first token is neither corrupted nor scored; the estimator is uncha
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import MaskSpec
-
-
-def stratified_t(rng, num: int, eps: float, *, dtype=jnp.float32):
-  """t_i = eps + (1 - eps) * ((u + i/num) mod 1): one uniform draw, evenly spread over [eps, 1]."""
-  u = jax.random.uniform(rng, (), dtype)
-  return eps + (1.0 - eps) * jnp.mod(u + jnp.arange(num, dtype=dtype) / num, 1.0)
+from diffgemma_jax.objectives.estimators import masked_token_nll, mean_and_stderr, stratified_levels, stratified_t
+from diffgemma_jax.objectives.interface import Capabilities, Objective
+from diffgemma_jax.objectives.rows import normalise_loss, predicting_logits, router_metrics, scored_by
 
 
 def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
@@ -32,28 +30,6 @@ def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
   if corruptible_BL is not None:
     is_masked_BL = is_masked_BL & corruptible_BL
   return jnp.where(is_masked_BL, mask_id, tokens_BL), is_masked_BL
-
-
-def states_excluding(mask_id: int) -> tuple[int, ...]:
-  """The ids that no clean token may be: the mask token, or none when the tokenizer has none (the released
-  tokenizer: `mask_id = -1`, which must never be taken as an index of the last vocabulary entry)."""
-  return (mask_id,) if mask_id >= 0 else ()
-
-
-def without(logits_BLV, excluded_ids: Sequence[int]):
-  """The logits with each of `excluded_ids` (possibly none) given zero probability."""
-  for token in sorted(set(excluded_ids)):
-    logits_BLV = logits_BLV.at[..., token].set(-jnp.inf)
-  return logits_BLV
-
-
-def masked_token_nll(logits_BLV, tokens_BL, *, mask_id: int):
-  """-log p(x_l) per position in float32, with the mask token given zero probability (`mask_id < 0`: a tokenizer
-  without one, nothing excluded)."""
-  logits_BLV = without(logits_BLV.astype(jnp.float32), states_excluding(mask_id))
-  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_BL = jnp.take_along_axis(logits_BLV, tokens_BL[..., None], axis=-1)[..., 0]
-  return log_z_BL - target_BL
 
 
 def weighted_nll(nll_BL, is_masked_BL, t_B):
@@ -70,11 +46,9 @@ def masked_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, rng, *, ma
   offset per sequence; the standard error is the sample std over the K estimates / sqrt(K) (conservative for
   stratified draws).
   """
-  B = tokens.shape[0]
   K = num_t_samples
   t_rng, mask_rng = jax.random.split(rng)
-  offsets_B = jax.random.uniform(t_rng, (B,))
-  t_KB = eps + (1.0 - eps) * jnp.mod(offsets_B[None, :] + (jnp.arange(K) / K)[:, None], 1.0)
+  t_KB = stratified_levels(t_rng, tokens.shape[:1], K, eps)
   mask_rngs = jax.random.split(mask_rng, K)
 
   def one(_, inputs):
@@ -84,12 +58,7 @@ def masked_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, rng, *, ma
     return None, weighted_nll(nll, is_masked, t_B)
 
   _, estimates_KB = jax.lax.scan(one, None, (t_KB, mask_rngs))
-  mean_B = jnp.mean(estimates_KB, axis=0)
-  if K > 1:
-    stderr_B = jnp.std(estimates_KB, axis=0, ddof=1) / jnp.sqrt(K)
-  else:
-    stderr_B = jnp.zeros_like(mean_B)
-  return mean_B, stderr_B
+  return mean_and_stderr(estimates_KB)
 
 
 def model_logits_fn(model, batch, *, mask_kind: str = "bidirectional"):
@@ -105,47 +74,8 @@ def model_logits_fn(model, batch, *, mask_kind: str = "bidirectional"):
   return logits_fn
 
 
-def has_predecessor(segments_BL):
-  """[B, L] bool: the position before is in the same document (a row's or document's first token has none)."""
-  return (jnp.roll(segments_BL, 1, axis=1) == segments_BL) & (jnp.arange(segments_BL.shape[1]) > 0)
-
-
-def predicting_logits(model, logits_BLV):
-  """Token shift (`model.token_shift`; Dream's reading of an adapted AR model): position l is predicted by the
-  output at l-1. Row l = 0 then holds the last position's output, which callers never score."""
-  return jnp.roll(logits_BLV, 1, axis=1) if model.cfg.token_shift else logits_BLV
-
-
-def scored_by(model, batch):
-  """`scored_positions`, less the positions token shift cannot predict (no predecessor in their document)."""
-  scored = scored_positions(batch)
-  return scored & has_predecessor(batch["segment_ids"]) if model.cfg.token_shift else scored
-
-
-def scored_positions(batch):
-  """Positions that are corrupted and scored: the response (`loss_mask`, SFT rows) or every non-pad token."""
-  if "loss_mask" in batch:
-    return batch["loss_mask"].astype(bool) & (batch["segment_ids"] > 0)
-  return batch["segment_ids"] > 0
-
-
-def normalise_loss(per_example_B, scored_BL, sft: bool):
-  """Pretraining: batch sum over scored tokens. SFT: each response's NELBO over its length, then the mean."""
-  num_scored_B = jnp.sum(scored_BL, axis=-1)
-  if sft:
-    has_response = num_scored_B > 0
-    per_token_B = per_example_B / jnp.maximum(num_scored_B, 1)
-    return jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
-  return jnp.sum(per_example_B) / jnp.maximum(jnp.sum(num_scored_B), 1)
-
-
-def router_metrics(aux):
-  """The MoE router's logged metrics from a model call's aux outputs (every objective reports the same)."""
-  return {"load_balance_loss": aux["load_balance_loss"], "router_z_loss": aux["router_z_loss"],
-          "expert_load": jnp.mean(aux["expert_load"], axis=0), "dropped_tokens": aux["dropped_tokens"]}
-
-
-class MaskedDiffusion:
+@dataclasses.dataclass(frozen=True)
+class MaskedDiffusion(Objective):
   """Masked diffusion for pretraining and prompt-masked SFT, told apart by the batch alone.
 
   Pretraining rows: every non-pad token is corrupted and scored; the loss is the batch NELBO per non-pad token,
@@ -154,11 +84,10 @@ class MaskedDiffusion:
   """
 
   name = "masked"
-  exact = False
-
-  def __init__(self, *, mask_id: int, eps: float = 1e-3):
-    self.mask_id = mask_id
-    self.eps = eps
+  capabilities = Capabilities(exact=False, sft_rows=True, canvases=False, self_conditioning=False, token_shift=True,
+                              mask_token=True)
+  mask_id: int
+  eps: float = 1e-3
 
   def loss_fn(self, model, batch, rng):
     tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]

@@ -37,6 +37,7 @@ given the posterior, is loose (about 1.5x the entropy for a 5-symbol i.i.d. sour
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
@@ -44,10 +45,11 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.ar import next_token_nll
-from diffgemma_jax.objectives.block import (block_ids, canvas_clean_forward, check_block_size, mean_and_stderr,
-                                            per_token)
-from diffgemma_jax.objectives.masked import (masked_token_nll, router_metrics, scored_positions, states_excluding,
-                                             stratified_t, without)
+from diffgemma_jax.objectives.block import canvas_clean_forward, canvas_layout, per_token
+from diffgemma_jax.objectives.estimators import (masked_token_nll, mean_and_stderr, states_excluding,
+                                                 stratified_levels, stratified_t, without)
+from diffgemma_jax.objectives.interface import Capabilities, Objective
+from diffgemma_jax.objectives.rows import router_metrics, scored_positions
 
 def noise_token(rng, shape, *, vocab_size: int, excluded_ids: Sequence[int]):
   """Tokens drawn uniformly from the vocabulary without `excluded_ids`."""
@@ -112,12 +114,10 @@ def uniform_nelbo(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], tokens
   blocks apart. K + 1 passes: K stratified noise levels per block for the integral, one at t = eps for the
   reconstruction term (a single draw, added to every estimate; the standard error covers the integral's spread).
   """
-  B = tokens.shape[0]
   K = num_t_samples
   scored_BL = jnp.ones(tokens.shape, bool) if scored_BL is None else scored_BL
   t_rng, noise_rng, recon_rng = jax.random.split(rng, 3)
-  offsets_BN = jax.random.uniform(t_rng, (B, num_blocks))
-  t_KBN = eps + (1.0 - eps) * jnp.mod(offsets_BN[None] + (jnp.arange(K) / K)[:, None, None], 1.0)
+  t_KBN = stratified_levels(t_rng, (tokens.shape[0], num_blocks), K, eps)
   corrupt = lambda key, t_BL: uniform_corrupt(key, tokens, t_BL, vocab_size=vocab_size, excluded_ids=excluded_ids,
                                               corruptible_BL=scored_BL)[0]
 
@@ -141,26 +141,24 @@ def _support_nll(logits_BLV, tokens_BL, excluded_ids):
   return masked_token_nll(without(logits_BLV.astype(jnp.float32), excluded_ids), tokens_BL, mask_id=-1)
 
 
-class UniformDiffusion:
-  """DiffusionGemma's uniform-state recipe (pretraining and prompt-masked SFT, told apart by `loss_mask`)."""
+@dataclasses.dataclass(frozen=True)
+class UniformDiffusion(Objective):
+  """DiffusionGemma's uniform-state recipe (pretraining and prompt-masked SFT, told apart by `loss_mask`). It
+  never produces the mask token (`mask_id < 0`: a tokenizer without one)."""
 
   name = "uniform"
-  exact = False
-  supports_self_conditioning = True
+  capabilities = Capabilities(exact=False, sft_rows=True, canvases=True, self_conditioning=True, token_shift=False,
+                              mask_token=False)
+  mask_id: int
+  eps: float = 1e-3
+  block_size: int = 16
+  encoder_loss_weight: float = 1.0
+  self_cond_prob: float = 0.5
 
-  def __init__(self, *, mask_id: int, eps: float = 1e-3, block_size: int = 16, encoder_loss_weight: float = 1.0,
-               self_cond_prob: float = 0.5):
-    self.mask_id = mask_id
-    self.excluded_ids = states_excluding(mask_id)
-    self.eps = eps
-    self.block_size = block_size
-    self.encoder_loss_weight = encoder_loss_weight
-    self.self_cond_prob = self_cond_prob
-
-  def _layout(self, batch):
-    seq_len = batch["tokens"].shape[1]
-    check_block_size(seq_len, self.block_size)
-    return block_ids(batch, self.block_size), seq_len // self.block_size
+  @property
+  def excluded_ids(self) -> tuple[int, ...]:
+    """The ids that are no noise state and that the denoiser gives zero probability: the mask token, if any."""
+    return states_excluding(self.mask_id)
 
   def _two_pass(self, model, forward, use_sc_B):
     """Pass 2's (canvas logits, clean logits, aux); with a self-conditioning model, pass 1 feeds pass 2."""
@@ -174,7 +172,7 @@ class UniformDiffusion:
     tokens, segments, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
     B, L = tokens.shape
     b = self.block_size
-    blocks, num_blocks = self._layout(batch)
+    blocks, num_blocks = canvas_layout(batch, self.block_size)
     scored = scored_positions(batch)
     t_rng, canvas_rng, noise_rng, sc_rng = jax.random.split(rng, 4)
 
@@ -221,7 +219,7 @@ class UniformDiffusion:
 
     A self-conditioning model conditions every row on its own first pass (as when sampling).
     """
-    blocks, num_blocks = self._layout(batch)
+    blocks, num_blocks = canvas_layout(batch, self.block_size)
     scored = scored_positions(batch)
     segments, positions = batch["segment_ids"], batch["positions"]
     use_sc_B = jnp.ones(blocks.shape[:1], bool)

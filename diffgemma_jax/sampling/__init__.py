@@ -2,16 +2,20 @@
 
 from diffgemma_jax.sampling import autoregressive, canvas
 from diffgemma_jax.sampling.autoregressive import ARConfig
-from diffgemma_jax.sampling.canvas import CanvasConfig, CanvasOutput, EntropyBoundRule, MaskedRule
+from diffgemma_jax.sampling.canvas import RELEASED_SAMPLER, CanvasConfig, CanvasOutput, EntropyBoundRule, MaskedRule
 from diffgemma_jax.sampling.masked import (CACHE_MODES, BlockDenoiser, LogitsFnDenoiser, ModelDenoiser, SamplerConfig,
                                            generate, make_denoiser)
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, accept_low_confidence,
                                           accept_threshold, even_schedule, linear_temperature, pad_after_eos, propose,
                                           sample_next, stable_and_confident, token_entropy, top_p_filter,
                                           truncate_at_eos)
+from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, Option, Sampler, default_sampler,
+                                             sampler_config, validate_options)
 
 __all__ = ["ACCEPTANCE_RULES", "ARConfig", "BlockDenoiser", "CACHE_MODES", "CanvasConfig", "CanvasOutput",
-           "EntropyBoundRule", "LogitsFnDenoiser", "MaskedRule", "ModelDenoiser", "SamplerConfig",
-           "accept_entropy_bound", "accept_low_confidence", "accept_threshold", "autoregressive", "canvas",
+           "EntropyBoundRule", "GenerationOptions", "LogitsFnDenoiser", "MaskedRule", "ModelDenoiser", "OPTIONS",
+           "Option", "RELEASED_SAMPLER", "SAMPLERS", "Sampler", "SamplerConfig", "accept_entropy_bound",
+           "accept_low_confidence", "accept_threshold", "autoregressive", "canvas", "default_sampler",
            "even_schedule", "generate", "linear_temperature", "make_denoiser", "pad_after_eos", "propose",
-           "sample_next", "stable_and_confident", "token_entropy", "top_p_filter", "truncate_at_eos"]
+           "sample_next", "sampler_config", "stable_and_confident", "token_entropy", "top_p_filter",
+           "truncate_at_eos", "validate_options"]

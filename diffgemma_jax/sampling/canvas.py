@@ -48,9 +48,8 @@ from typing import Any, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-from configs.diffusiongemma_26b_a4b import RELEASED_SAMPLER
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
-from diffgemma_jax.objectives.masked import states_excluding, without
+from diffgemma_jax.objectives.estimators import states_excluding, without
 from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.batching import draw, real_slots, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
@@ -83,12 +82,15 @@ class MaskedRule:
 
 @dataclasses.dataclass(frozen=True)
 class EntropyBoundRule:
-  """Uniform-state canvases: DiffusionGemma's entropy-bound acceptance with renoising (defaults: the release)."""
-  max_denoising_steps: int = RELEASED_SAMPLER["max_denoising_steps"]
-  entropy_bound: float = RELEASED_SAMPLER["entropy_bound"]
-  temperature_start: float = RELEASED_SAMPLER["temperature_start"]
-  temperature_end: float = RELEASED_SAMPLER["temperature_end"]
-  stop_mean_entropy: float = RELEASED_SAMPLER["stop_mean_entropy"]
+  """Uniform-state canvases: DiffusionGemma's entropy-bound acceptance with renoising. The defaults are the released
+  sampler's: at most 48 denoising steps per canvas, accept the lowest-entropy positions while the entropy sum minus
+  the largest accepted stays <= 0.1, temperature annealed 0.8 -> 0.4, stop when the argmax canvas is stable and
+  the mean entropy < 0.005."""
+  max_denoising_steps: int = 48
+  entropy_bound: float = 0.1
+  temperature_start: float = 0.8
+  temperature_end: float = 0.4
+  stop_mean_entropy: float = 0.005
 
   def __post_init__(self):
     if self.max_denoising_steps < 1:
@@ -104,6 +106,12 @@ class EntropyBoundRule:
   @property
   def max_steps(self) -> int:
     return self.max_denoising_steps
+
+
+# The released DiffusionGemma sampler: 256-token canvases (the model's objective.block_size) and the entropy-bound
+# rule's defaults. The recipes import it (configs/diffusiongemma_26b_a4b.py).
+RELEASED_CANVAS_LENGTH = 256
+RELEASED_SAMPLER = dict(canvas_length=RELEASED_CANVAS_LENGTH, **dataclasses.asdict(EntropyBoundRule()))
 
 
 @dataclasses.dataclass(frozen=True)

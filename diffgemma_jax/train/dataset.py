@@ -20,6 +20,7 @@ from diffgemma_jax.data import Tokenizer, make_eval_batches, make_train_iterator
 from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_unigram_ppl
 from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.objectives import OBJECTIVES
 from diffgemma_jax.parallel.distributed import barrier
 from diffgemma_jax.train.reading import open_init_checkpoint, pinned_tokenizer
 
@@ -110,7 +111,7 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
         options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
       build(directory, **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
-  if tokenizer.mask_id < 0 and config.objective.name in ("masked", "block"):
+  if tokenizer.mask_id < 0 and OBJECTIVES[config.objective.name].capabilities.mask_token:
     raise ConfigError(f"objective.name={config.objective.name!r} corrupts tokens to <mask>, which the tokenizer in "
                       f"{directory} lacks; use a tokenizer with a <mask> piece or objective.name='uniform'")
   if tokenizer.vocab_size != int(config.model.vocab_size):

@@ -130,8 +130,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   directory, tokenizer = prepare_dataset(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
-  objective = make_objective(config.objective.name, mask_id=tokenizer.mask_id, eps=float(config.objective.eps),
-                             section=config.objective)
+  objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
   data = train_iterator(config, directory, process_index=jax.process_index(), process_count=jax.process_count())
   if start_step is not None:  # the newest step that restores: a damaged one is skipped, saying so
     start_step, state, iterator_state = ckpt.restore_newest(abstract, shardings)
@@ -182,7 +181,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   def run_eval(step: int) -> dict[str, Any]:
     result = held_out_bounds(bound_fn, state.params, held_out, seed=int(config.eval.seed), num_t_samples=num_t,
                              mesh=mesh)
-    result.update(step=step, unigram_ppl=unigram, exact=bool(objective.exact))
+    result.update(step=step, unigram_ppl=unigram, exact=objective.capabilities.exact)
     logger.write(step, {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval")
     logger.message(f"step {step}: held-out {result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
