@@ -30,9 +30,12 @@ def test_generate_benchmark_runs_every_block_setting_against_the_ar_decoder(caps
   sys.path.insert(0, str(REPO / "bench"))
   import generate as bench_generate  # pylint: disable=import-outside-toplevel
   assert bench_generate.main(["--random_weights", "--gen_length", "32", "--block_length", "16", "--only",
-                              "ar,block_fused", "--repeats", "1", "--quality_samples", "2", "--json"]) == 0
+                              "ar,block_fused threshold 0.9,block_fused low_confidence steps=8,"
+                              "block_fused low_confidence steps=4", "--repeats", "1", "--quality_samples", "2", "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
   rows = {row["setting"]: row for row in report["results"]}
+  assert set(rows) == {"ar", "block_fused threshold 0.9", "block_fused low_confidence steps=8",
+                       "block_fused low_confidence steps=4"}, sorted(rows)
   assert rows["ar"]["model_calls"] == 32 and rows["ar"]["speedup_vs_ar"] == 1.0
   assert rows["block_fused low_confidence steps=8"]["model_calls"] == 8 + 1
   assert rows["block_fused low_confidence steps=4"]["model_calls"] == 4 + 1

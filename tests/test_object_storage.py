@@ -234,7 +234,7 @@ def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
   """The jsonl recipe reads data.source objects (a folder of them) as it reads local files; records are named by
   their URL and line."""
   from data_recipes import jsonl
-  from data_recipes.common import read_records
+  from diffgemma_jax.data.manifest import read_records
   from diffgemma_jax.train.dataset import prepare_dataset
   tokenizer = os.path.join(prepare_dataset(load_tiny())[0], "tokenizer.model")  # built once per session
   folder = tmp_path / "sft"
