@@ -40,7 +40,7 @@ def test_on_eight_fake_devices(tmp_path):
   the re-run itself and the GPU check (so a device count that silently did not take fails here)."""
   report = tmp_path / "eight.xml"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
                          f"--junitxml={report}", __file__], capture_output=True, text=True, timeout=600, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
