@@ -140,7 +140,7 @@ def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
   if pinned:
     return Tokenizer(pinned)
   if config.data.tokenizer:
-    return Tokenizer(storage.local_file(str(config.data.tokenizer)))
+    return Tokenizer(checked_data_tokenizer(str(config.data.tokenizer)))
   return Tokenizer(os.path.join(dataset_dir(config), "tokenizer.model"))
 
 
