@@ -68,10 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.seq_len = 128
   c.train.optimizer = "adamw"  # adamw | adafactor (factored second moments; train/optimizer.py)
   c.train.learning_rate = 3e-3
-  c.train.lr_schedule = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
+  # cosine | linear | constant | wsd (warmup-stable-decay) | wsd_time (its decay placed by train.max_runtime_s)
+  c.train.lr_schedule = "cosine"
   c.train.warmup_steps = 20
   c.train.schedule_steps = 0  # where cosine/linear reach their floor and wsd ends its decay; 0: train.num_steps
   c.train.decay_steps = 0  # wsd: length of the final decay phase (> 0)
+  c.train.decay_fraction = 0.2  # wsd_time: the share of the time budget (or of num_steps, the cap) spent decaying
   c.train.min_lr_ratio = 0.1
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
@@ -309,6 +311,12 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"train.decay_steps={train.decay_steps}: the wsd schedule needs a decay phase of 1 to "
                         f"{horizon - int(train.warmup_steps)} steps (the horizon {horizon} less "
                         f"train.warmup_steps={train.warmup_steps})")
+  if train.lr_schedule == "wsd_time":
+    if not float(train.max_runtime_s) > 0:
+      raise ConfigError(f"train.lr_schedule='wsd_time' is sized by the clock: set train.max_runtime_s > 0 seconds "
+                        f"(got {train.max_runtime_s}); for a run sized in steps use 'wsd' with train.decay_steps")
+    if not 0 < float(train.decay_fraction) < 1:
+      raise ConfigError(f"train.decay_fraction={train.decay_fraction}: the share of the run spent decaying, in (0, 1)")
   inf = 3.4028234663852886e38  # float32's largest: the step computes in float32
   checks = (("learning_rate", lambda v: 0 < v < inf, "a finite number > 0"),
             ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

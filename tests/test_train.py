@@ -223,3 +223,28 @@ def test_tensorboard_event_files_readable(trained_run):
   loss_events = acc.Scalars("train/loss")
   assert [e.step for e in loss_events] == list(range(1, 25))
   assert loss_events[0].value == pytest.approx(train_losses(workdir)[1][0], rel=1e-6)
+
+
+def test_counts_are_summed_over_micro_batches_and_means_averaged():
+  """Under gradient accumulation the step's `num_tokens` and `dropped_tokens` are totals over the batch, the
+  loss a mean: an objective that reports each micro-batch's rows as its counts and 1 + its first row as loss."""
+  from flax import nnx
+  from diffgemma_jax.train.state import TrainState
+  from diffgemma_jax.train.step import train_step
+
+  class Counting:
+    def loss_fn(self, model, batch, rng):
+      del rng
+      loss = jnp.mean(model(batch["x"]) ** 2) * 0.0 + 1.0 + batch["row"][0]
+      count = jnp.float32(batch["row"].shape[0])
+      return loss, {"loss": loss, "num_tokens": count.astype(jnp.int32), "dropped_tokens": 10.0 * count}
+
+  graphdef, params = nnx.split(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), nnx.Param)
+  tx = optax.sgd(0.1)
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+  batch = {"x": jnp.ones((4, 2)), "row": jnp.arange(4, dtype=jnp.float32)}
+  _, metrics = train_step(state, batch, jax.random.key(0), graphdef=graphdef, objective=Counting(), tx=tx,
+                          schedule=optax.constant_schedule(0.1), grad_accum_steps=2)
+  # micro-batches take rows with stride 2: rows (0, 2) and (1, 3); first rows 0 and 1
+  assert int(metrics["num_tokens"]) == 4 and float(metrics["dropped_tokens"]) == 40.0
+  assert float(metrics["loss"]) == pytest.approx(1.5)

@@ -181,6 +181,10 @@ class BlockDiffusion(Objective):
   eps: float = 1e-3
   block_size: int = 16
 
+  def model_passes(self, seq_len: int, model_cfg) -> float:
+    del seq_len, model_cfg
+    return 2.0  # [canvas ; clean]: the whole row twice
+
   def _canvas_logits(self, model, noisy, batch, blocks_BL):
     """The logits that predict each position (shifted with `model.token_shift`), and the model's aux outputs."""
     canvas, clean, aux = canvas_clean_forward(model, noisy, batch["positions"], batch["segment_ids"], blocks_BL,

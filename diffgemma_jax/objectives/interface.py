@@ -39,3 +39,9 @@ class Objective(abc.ABC):
   def sequence_bound(self, model, batch, rng, *, num_t_samples: int):
     """(nelbo_B, stderr_B, num_tokens_B): per row, the negative log-likelihood bound in nats of its scored
     tokens, its Monte-Carlo standard error over `num_t_samples` noise levels, and the number of scored tokens."""
+
+  def model_passes(self, seq_len: int, model_cfg) -> float:
+    """A training row's model FLOPs in units of one forward-and-backward pass over the row's `seq_len` tokens
+    (the trainer's MFU): 1 for objectives that run the model once over the row."""
+    del seq_len, model_cfg
+    return 1.0

@@ -160,6 +160,12 @@ class UniformDiffusion(Objective):
     """The ids that are no noise state and that the denoiser gives zero probability: the mask token, if any."""
     return states_excluding(self.mask_id)
 
+  def model_passes(self, seq_len: int, model_cfg) -> float:
+    """[canvas ; clean]: one canvas and the row; a self-conditioning model adds a first forward of the same tokens
+    without a backward (a third of a training pass)."""
+    tokens = (seq_len + self.block_size) / seq_len
+    return tokens * (4.0 / 3.0 if model_cfg.self_conditioning else 1.0)
+
   def _two_pass(self, model, forward, use_sc_B):
     """Pass 2's (canvas logits, clean logits, aux); with a self-conditioning model, pass 1 feeds pass 2."""
     if getattr(model, "self_conditioning", None) is None:

@@ -37,6 +37,7 @@ from diffgemma_jax.train.logging import (
   wandb_settings,
 )
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
+from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.reading import check_workdir, open_init_checkpoint
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
@@ -110,7 +111,6 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   t_start = time.perf_counter()
   model_cfg = ModelConfig.from_config_dict(config.model)
   tc = config.train
-  num_steps = int(tc.num_steps)
   max_runtime_s = float(tc.max_runtime_s)
   if not max_runtime_s >= 0:
     raise ConfigError(f"train.max_runtime_s={tc.max_runtime_s}: must be >= 0 seconds (0: no time budget)")
@@ -141,9 +141,12 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     if init_from is not None:
       state = state._replace(params=init_from.restore_params(abstract.params, shardings.params, fresh=state.params))
 
+  decay = TimedDecay(tc, workdir, start_step=start_step, max_runtime_s=max_runtime_s)
   step_fn = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
                             state_shardings=shardings, grad_accum_steps=int(tc.grad_accum_steps),
-                            debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable)
+                            debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable,
+                            optimizer_for_decay=(lambda d: make_optimizer(tc, d)) if decay.enabled else None)
+  end_step = decay.end_step()
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
   held_out = eval_sets(config, directory)
@@ -152,8 +155,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
   local_shape = (batch_size // jax.process_count(), seq_len)
   sharding = batch_sharding(mesh)
-  flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"]
-  logger = MetricsLogger(workdir, total_steps=num_steps, start_step=start_step, tokens_per_step=batch_size * seq_len,
+  flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"] * objective.model_passes(seq_len, model_cfg)
+  logger = MetricsLogger(workdir, total_steps=end_step, start_step=start_step, tokens_per_step=batch_size * seq_len,
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
@@ -176,7 +179,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   summary: dict[str, Any] = {"workdir": workdir, "start_step": start_step, "final_step": start_step,
                              "final_loss": None, "eval": None, "checkpoint_dir": ckpt.directory,
                              "checkpoint_step": start_step or None}
-  timing = {"train_time": 0.0, "tokens": 0, "clock": None}
+  timing = {"train_time": 0.0, "tokens": 0, "steps": 0, "clock": None, "first_step_s": None}
 
   def run_eval(step: int) -> dict[str, Any]:
     result = held_out_bounds(bound_fn, state.params, held_out, seed=int(config.eval.seed), num_t_samples=num_t,
@@ -200,12 +203,14 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     now = time.perf_counter()
     if timing["clock"] is None:  # the first step includes compilation: start the clock after it
       logger.throughput(step)
+      timing["first_step_s"] = now - t_start
     else:
       timing["train_time"] += now - timing["clock"]
       timing["tokens"] += batch_size * seq_len
+      timing["steps"] += 1
     timing["clock"] = now
     summary["final_loss"] = scalars["loss"]
-    if step % log_every == 0 or step == num_steps:
+    if step % log_every == 0 or step == end_step:
       scalars.update(logger.throughput(step))
       logger.write(step, scalars)
     logger.progress(step, scalars)
@@ -213,7 +218,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   def out_of_time(step: int) -> bool:
     """Whether train.max_runtime_s is spent after `step`. Several processes act on process 0's clock, read every
     log_every steps (a host sync), so all of them stop at the same step."""
-    if not max_runtime_s or step >= num_steps:
+    if not max_runtime_s or step >= end_step:
       return False
     if jax.process_count() == 1:
       return time.perf_counter() - t_start >= max_runtime_s
@@ -222,6 +227,22 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     from jax.experimental import multihost_utils
     spent = np.asarray(time.perf_counter() - t_start >= max_runtime_s)
     return bool(multihost_utils.broadcast_one_to_all(spent))
+
+  def place_decay(step: int) -> None:
+    """wsd_time: fixes the decay once its time has come (train/time_decay.py); the run then ends at its horizon."""
+    nonlocal end_step
+    if not decay.enabled or decay.placed is not None:
+      return
+    sync = jax.process_count() > 1
+    if sync and step % log_every:
+      return
+    step_time = timing["train_time"] / timing["steps"] if timing["steps"] else None
+    if decay.place(step, elapsed_s=time.perf_counter() - t_start, first_step_s=timing["first_step_s"],
+                   step_time_s=step_time, sync=sync) is not None:
+      end_step = decay.end_step()
+      logger.total_steps = end_step
+      summary["lr_decay"] = dict(decay.record)
+      logger.message(decay.describe())
 
   def _pause_clock(step: int) -> None:
     logger.reset_clock(step)
@@ -232,18 +253,21 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     pending = None
     iterator_state = None
     with StopRequest() as stop:  # SIGTERM: save the step in flight and stop
-      for step in range(start_step + 1, num_steps + 1):
+      step = start_step
+      while step < end_step:
+        step += 1
         batch = _to_device(next(data), sharding, local_shape)
         profiler.before(step)
-        state, metrics = step_fn(state, batch, base_rng)
+        state, metrics = step_fn(state, batch, base_rng, *decay.args(tc))
         if profiler.after(step, metrics):
           logger.message(f"step {step}: profile of steps {tuple(tc.profile_steps)} in {profiler.trace_dir}")
         if pending is not None:
           finish(*pending)
         pending = (step, metrics)
-        stopping = stop.reached(step) and step < num_steps  # at the last step the run ends anyway
+        place_decay(step)
+        stopping = stop.reached(step) and step < end_step  # at the last step the run ends anyway
         timed_out = not stopping and out_of_time(step)
-        if step % save_every == 0 or step == num_steps or stopping or timed_out:
+        if step % save_every == 0 or step == end_step or stopping or timed_out:
           finish(*pending)
           pending = None
           ckpt.save(state, data.get_state())
@@ -254,7 +278,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
           logger.message(f"step {step}: stop requested (SIGTERM): saved checkpoint {step} in {ckpt.directory}; run "
                          f"the same command to resume")
           break
-        if (eval_every > 0 and step % eval_every == 0) or step == num_steps or timed_out:
+        if (eval_every > 0 and step % eval_every == 0) or step == end_step or timed_out:
           if pending is not None:
             finish(*pending)
             pending = None
@@ -263,7 +287,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
         summary["final_step"] = step
         if timed_out:
           summary["stopped_by_time"] = True
-          logger.message(f"step {step} of {num_steps}: train.max_runtime_s={max_runtime_s:g} spent "
+          logger.message(f"step {step} of {end_step}: train.max_runtime_s={max_runtime_s:g} spent "
                          f"({time.perf_counter() - t_start:.1f}s since start): saved checkpoint {step} in "
                          f"{ckpt.directory} and evaluated it; run the same command to continue")
           break

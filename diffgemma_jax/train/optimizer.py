@@ -8,6 +8,13 @@ Schedules (`train.lr_schedule`), each with a linear warmup of `train.warmup_step
   constant  the peak after warmup, for ever;
   wsd       warmup-stable-decay: the peak until `train.decay_steps` before the horizon, then linear decay to the
             floor. Extending a run moves only the decay phase, so a resume from the plateau continues on it.
+  wsd_time  warmup-stable-decay sized by the clock: the run is given `train.max_runtime_s`, not a step count, and
+            decays linearly to the floor over the last `train.decay_fraction` of it. The trainer places the decay
+            while it runs (train/time_decay.py): once (1 - decay_fraction) of the stepping time is spent, it counts
+            the steps the rest of the budget holds at the measured step time and fixes (decay start, horizon);
+            `train.num_steps` stays a cap (the decay then starts at (1 - decay_fraction) x num_steps). The pair
+            is an argument of the jitted step, so placing it compiles nothing, and it is saved beside the
+            checkpoints, so a resumed run follows the same schedule.
 A run resumed with another schedule or horizon (a larger `num_steps`, say) gets the new schedule from its step on;
 `schedule_change` says by how much the rate jumps there (the trainer warns with the numbers).
 
@@ -23,10 +30,13 @@ jitted step is one optimizer update and the schedule counts updates.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
+SCHEDULES = ("cosine", "linear", "constant", "wsd", "wsd_time")
+# wsd_time before its decay is placed: a start no step reaches.
+UNPLACED_DECAY = (2**31 - 1, 2**31 - 1)
 OPTIMIZERS = ("adamw", "adafactor")
 
 
@@ -39,12 +49,31 @@ def schedule_horizon(train_config) -> int:
   return int(_get(train_config, "schedule_steps", 0)) or int(train_config.num_steps)
 
 
-def learning_rate_schedule(train_config) -> optax.Schedule:
+def timed_decay_schedule(peak: float, floor: float, warmup: int, decay) -> optax.Schedule:
+  """wsd_time's rate: a linear warmup to `peak`, `peak` until `decay[0]`, then linear to `floor` at `decay[1]`.
+  `decay` (start, horizon) may be traced values (the jitted step's argument); the arithmetic is optax's wsd's."""
+  start, horizon = decay
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    start_, horizon_ = jnp.asarray(start, jnp.float32), jnp.asarray(horizon, jnp.float32)
+    ramp = peak * count / max(warmup, 1)
+    length = jnp.maximum(horizon_ - start_, 1.0)
+    decayed = (peak - floor) * (1.0 - jnp.clip(count - start_, 0.0, length) / length) + floor
+    return jnp.where(count < warmup, ramp, jnp.where(count < start_, peak, decayed))
+
+  return schedule
+
+
+def learning_rate_schedule(train_config, decay=None) -> optax.Schedule:
+  """The rate per update count. `decay`: wsd_time's placed (start, horizon); None before it is placed."""
   peak = float(train_config.learning_rate)
   warmup = max(int(train_config.warmup_steps), 0)
   floor = peak * float(train_config.min_lr_ratio)
   horizon = max(schedule_horizon(train_config), warmup + 1)
   name = str(_get(train_config, "lr_schedule", "cosine"))
+  if name == "wsd_time":
+    return timed_decay_schedule(peak, floor, warmup, UNPLACED_DECAY if decay is None else decay)
   if name == "cosine":
     return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=peak, warmup_steps=warmup,
                                               decay_steps=horizon, end_value=floor)
@@ -95,8 +124,9 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda v: v.replace(_decays(v)), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = learning_rate_schedule(train_config)
+def make_optimizer(train_config, decay=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The update rule and its schedule. `decay`: wsd_time's (start, horizon), traced when built inside the step."""
+  schedule = learning_rate_schedule(train_config, decay)
   parts = []
   if float(train_config.grad_clip) > 0:
     parts.append(optax.clip_by_global_norm(float(train_config.grad_clip)))

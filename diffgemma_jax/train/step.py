@@ -18,6 +18,10 @@ from diffgemma_jax.parallel.rules import batch_sharding, replicated
 from diffgemma_jax.train.state import TrainState
 
 
+# Counts over the batch, summed over micro-batches (the others are means, averaged).
+SUMMED_METRICS = ("num_tokens", "dropped_tokens")
+
+
 def step_rng(base_rng: jax.Array, step: jax.Array) -> jax.Array:
   """The randomness of update `step` depends on the step alone, so a resumed run repeats it exactly."""
   return jax.random.fold_in(base_rng, step)
@@ -39,9 +43,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   """One update. `rng` is the run's base key; the step's key is `fold_in(rng, state.step)`.
 
   Gradients and updates cover the parameters `trainable` selects (an nnx filter; train/freeze.py); the others
-  stay as they are. Returns the new state and float32 metrics: the objective's (mean over micro-batches,
-  `num_tokens` summed), `grad_norm` (before clipping), `param_norm` (of the trainable parameters after the update)
-  and `lr` (the rate this update used).
+  stay as they are. Returns the new state and float32 metrics: the objective's (mean over micro-batches, the
+  counts in SUMMED_METRICS summed), `grad_norm` (before clipping), `param_norm` (of the trainable parameters
+  after the update) and `lr` (the rate this update used).
   """
   rng = step_rng(rng, state.step)
   train_params, frozen = nnx.split_state(state.params, trainable, ...)
@@ -65,7 +69,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   zeros = jax.tree.map(jnp.zeros_like, train_params)
   grads, metrics_A = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
   grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-  metrics = {k: (jnp.sum(v, 0) if k == "num_tokens" else jnp.mean(v.astype(jnp.float32), 0))
+  metrics = {k: (jnp.sum(v, 0) if k in SUMMED_METRICS else jnp.mean(v.astype(jnp.float32), 0))
              for k, v in metrics_A.items()}
 
   with jax.named_scope("optimizer"):
@@ -79,12 +83,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
 
 def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shardings: TrainState,
-                    grad_accum_steps: int = 1, debug_nan_at_step: int = -1, trainable=nnx.Param) -> Callable[..., Any]:
+                    grad_accum_steps: int = 1, debug_nan_at_step: int = -1, trainable=nnx.Param,
+                    optimizer_for_decay: Callable[[Any], tuple[Any, optax.Schedule]] | None = None
+                    ) -> Callable[..., Any]:
   """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes. The graphdef
-  carries the model's placement (`abstract_train_state` builds it for `mesh`)."""
-  def step(state, batch, rng):
-    return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=tx, schedule=schedule,
-                      grad_accum_steps=grad_accum_steps, debug_nan_at_step=debug_nan_at_step, trainable=trainable)
+  carries the model's placement (`abstract_train_state` builds it for `mesh`).
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+  `optimizer_for_decay` (the wsd_time schedule): a function of the decay's (start, horizon) returning (tx,
+  schedule); the step then takes that pair as a fourth argument, an int32[2] array, and builds its optimizer from
+  it, so the trainer can place the decay while it runs without compiling again (the optimizer state's structure
+  does not depend on the schedule). `tx` and `schedule` are unused then.
+  """
+  def step(state, batch, rng, *decay):
+    step_tx, step_schedule = optimizer_for_decay(decay[0]) if decay else (tx, schedule)
+    return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=step_tx,
+                      schedule=step_schedule, grad_accum_steps=grad_accum_steps,
+                      debug_nan_at_step=debug_nan_at_step, trainable=trainable)
+
+  in_shardings = (state_shardings, batch_sharding(mesh), replicated(mesh))
+  if optimizer_for_decay is not None:
+    in_shardings += (replicated(mesh),)
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated(mesh)),
+                 donate_argnums=(0,))
