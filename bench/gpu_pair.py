@@ -8,12 +8,16 @@ rewritten after every phase and every generation setting):
 1. corpus: `data_recipes.python_packages` over this interpreter's standard library and site-packages (held out by
    package), whole packages up to --corpus_mb, a 16k-piece tokenizer, built into a token store on every core.
 2. ar: `configs/ar_code_100m.py` (120M active parameters, bfloat16, the default attention and MoE paths of the
-   platform) for --ar_budget_s. Its step count is sized before it starts (a changed horizon would recompile the
-   step): tokens/s = --assumed_mfu x peak FLOP/s / train FLOPs per token, over the budget less --ar_overhead_s;
-   `train.max_runtime_s` stops it if that was optimistic. The JSON records the arithmetic and the measured rate.
+   platform) for --ar_budget_s, sized by the clock: `train.lr_schedule=wsd_time` with `train.max_runtime_s` =
+   the budget less --reserve_s (the final checkpoint and evaluation come after the last step), so the run measures
+   its own step time and places its learning-rate decay (the last 20% of the stepping time) to end when the budget
+   does, whatever the machine. `train.num_steps` is only a cap (--cap_mfu x peak FLOP/s over the budget, more steps
+   than the card can run); --ar_steps fixes the count instead (the decay then starts at 80% of it). The JSON
+   records the cap, the placed decay (`lr_decay`: the measured step time and the steps the budget held) and the
+   measured rate.
 3. block: `configs/block_from_ar_code_100m.py` (token shift, blocks of 16) from the AR checkpoint for
-   --block_budget_s, its step count from the AR run's measured step time x --block_step_ratio (the block objective
-   runs [canvas ; clean], twice the row) and the AR run's measured start-up, `train.max_runtime_s` guarding.
+   --block_budget_s, sized the same way (its cap: the budget over the AR run's measured step time; a block step runs
+   [canvas ; clean], twice the row, so it is slower).
 4. generate: --num_prompts held-out prompts (--prompt_tokens tokens from a quarter into held-out modules), 256 new
    tokens at temperature 1, EOS not stopping. Each setting (the AR decoder, then the block samplers in priority
    order) at batch 1 (tokens/s, median of --repeats runs, each paired with an AR run: x AR is the ratio of the two
@@ -75,13 +79,13 @@ def parse_args(argv):
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny corpus, budgets of seconds (CPU)")
   p.add_argument("--corpus_mb", type=float, default=120.0)
   p.add_argument("--ar_budget_s", type=float, default=140.0)
-  p.add_argument("--ar_overhead_s", type=float, default=50.0,
-                 help="of the AR budget, the guess for data loading, compilation, saving and the final evaluation")
-  p.add_argument("--assumed_mfu", type=float, default=0.3, help="sizes the AR step count before it is measured")
-  p.add_argument("--ar_steps", type=int, default=0, help="the AR step count (0: sized from --assumed_mfu)")
+  p.add_argument("--reserve_s", type=float, default=25.0,
+                 help="of each training budget, the time kept for the final checkpoint and evaluation")
+  p.add_argument("--cap_mfu", type=float, default=0.7,
+                 help="the AR step cap: steps at this MFU over the budget (above what the card reaches)")
+  p.add_argument("--ar_steps", type=int, default=0, help="a fixed AR step count (0: the clock decides)")
   p.add_argument("--block_budget_s", type=float, default=140.0)
-  p.add_argument("--block_step_ratio", type=float, default=2.2, help="a block step's time over an AR step's")
-  p.add_argument("--block_steps", type=int, default=0, help="the block step count (0: sized from the AR run)")
+  p.add_argument("--block_steps", type=int, default=0, help="a fixed block step count (0: the clock decides)")
   p.add_argument("--gen_budget_s", type=float, default=130.0)
   p.add_argument("--gen_length", type=int, default=256)
   p.add_argument("--prompt_tokens", type=int, default=64)
@@ -163,18 +167,21 @@ def build_corpus(args, data_dir: str, vocab_size: int, report: Report) -> dict:
 
 def run_summary(summary: dict) -> dict:
   ev = summary.get("eval") or {}
-  keep = ("start_step", "final_step", "final_loss", "tokens_per_sec", "mfu", "wall_time_s", "stopped_by_time")
+  keep = ("start_step", "final_step", "final_loss", "tokens_per_sec", "mfu", "wall_time_s", "stopped_by_time",
+          "lr_decay")
   out = {k: summary.get(k) for k in keep}
   out["eval"] = {k: ev.get(k) for k in ("bits_per_token", "stderr_bits_per_token", "ppl_bound", "num_tokens",
                                         "unigram_ppl", "exact")}
   return out
 
 
-def sized_run(config_path: str, overrides: dict, workdir: str, steps: int, budget_s: float) -> dict:
-  """Trains `steps` steps under a `budget_s` wall-clock guard; the run's summary plus its measured step time and
-  start-up (data, compilation, saving and evaluation: the wall time the steps do not account for)."""
-  config = load_config(config_path, dict(overrides, **{"train.num_steps": str(steps),
-                                                      "train.max_runtime_s": str(budget_s)}))
+def timed_run(config_path: str, overrides: dict, workdir: str, cap_steps: int, runtime_s: float) -> dict:
+  """Trains under the wsd_time schedule for `runtime_s` of stepping (at most `cap_steps` steps); the run's summary
+  plus its measured step time and start-up (data, compilation, saving and evaluation: the wall time the steps do
+  not account for)."""
+  config = load_config(config_path, dict(overrides, **{"train.num_steps": str(cap_steps),
+                                                      "train.lr_schedule": "wsd_time",
+                                                      "train.max_runtime_s": str(runtime_s)}))
   tokens_per_step = int(config.train.batch_size) * int(config.train.seq_len)
   summary = train(config, workdir, show_progress=False)
   result = run_summary(summary)
@@ -192,28 +199,27 @@ def train_ar(args, overrides: dict, ar_dir: str, report: Report) -> dict:
   tokens_per_step = int(config.train.batch_size) * int(config.train.seq_len)
   flops = flops_per_token(ModelConfig.from_config_dict(config.model), int(config.train.seq_len))
   peak = peak_flops_per_device(float(config.train.peak_flops_per_device)) * jax.device_count()
-  assumed_tokens_per_s = args.assumed_mfu * peak / flops["train_flops_per_token"]
-  steps = args.ar_steps or max(1, int((args.ar_budget_s - args.ar_overhead_s) * assumed_tokens_per_s
-                                      / tokens_per_step))
+  runtime_s = args.ar_budget_s - args.reserve_s
+  cap = args.ar_steps or max(1, int(runtime_s * args.cap_mfu * peak / flops["train_flops_per_token"]
+                                    / tokens_per_step))
   report.phase("ar", sizing={"tokens_per_step": tokens_per_step, "train_flops_per_token":
-                             flops["train_flops_per_token"], "peak_flops": peak, "assumed_mfu": args.assumed_mfu,
-                             "assumed_tokens_per_s": assumed_tokens_per_s, "planned_steps": steps,
-                             "planned_tokens": steps * tokens_per_step, "budget_s": args.ar_budget_s})
-  log(f"ar: {steps} steps planned ({steps * tokens_per_step / 1e6:.1f}M tokens) in {args.ar_budget_s:g}s")
-  result = sized_run(AR_CONFIG, overrides, ar_dir, steps, args.ar_budget_s)
+                             flops["train_flops_per_token"], "peak_flops": peak, "cap_mfu": args.cap_mfu,
+                             "cap_steps": cap, "fixed_steps": bool(args.ar_steps), "budget_s": args.ar_budget_s,
+                             "max_runtime_s": runtime_s})
+  log(f"ar: {runtime_s:g}s of stepping, at most {cap} steps ({cap * tokens_per_step / 1e6:.1f}M tokens)")
+  result = timed_run(AR_CONFIG, overrides, ar_dir, cap, runtime_s)
   report.phase("ar", run=result)
   return result
 
 
 def train_block(args, overrides: dict, ar_dir: str, block_dir: str, ar_result: dict, report: Report) -> dict:
   overrides = dict(overrides, **{"init.checkpoint": os.path.join(ar_dir, "checkpoints")})
-  step_s = ar_result["step_seconds"] * args.block_step_ratio
-  overhead = 1.2 * ar_result["overhead_seconds"]
-  steps = args.block_steps or max(1, int((args.block_budget_s - overhead) / step_s))
-  report.phase("block", sizing={"estimated_step_seconds": step_s, "estimated_overhead_s": overhead,
-                                "planned_steps": steps, "budget_s": args.block_budget_s})
-  log(f"block: {steps} steps planned in {args.block_budget_s:g}s")
-  result = sized_run(BLOCK_CONFIG, overrides, block_dir, steps, args.block_budget_s)
+  runtime_s = args.block_budget_s - args.reserve_s
+  cap = args.block_steps or max(1, int(runtime_s / ar_result["step_seconds"]))  # a block step is the slower
+  report.phase("block", sizing={"cap_steps": cap, "fixed_steps": bool(args.block_steps),
+                                "budget_s": args.block_budget_s, "max_runtime_s": runtime_s})
+  log(f"block: {runtime_s:g}s of stepping, at most {cap} steps")
+  result = timed_run(BLOCK_CONFIG, overrides, block_dir, cap, runtime_s)
   result["step_time_over_ar"] = result["step_seconds"] / ar_result["step_seconds"]
   report.phase("block", run=result)
   return result

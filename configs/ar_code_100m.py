@@ -2,9 +2,9 @@
 installed on the machine (`python_packages`): the AR half of the GPU speed experiment (`bench/gpu_pair.sh`), sized
 for one H100/H200 in bfloat16. `configs/block_from_ar_code_100m.py` adapts it to block diffusion.
 
-Tokens per step: 128 rows x 512 = 65,536. bench/gpu_pair.py sets `train.num_steps` from the step time it measures
-in the first steps (inside the warmup, so the schedule up to there does not depend on the horizon) and stops by
-`train.max_runtime_s`; the arithmetic of each run is in BENCHMARKS.md.
+Tokens per step: 128 rows x 512 = 65,536. bench/gpu_pair.py sizes the run by the clock: `train.lr_schedule=wsd_time`
+with `train.max_runtime_s` set, so the trainer measures its step time and places the learning-rate decay to end
+with the budget (`train.num_steps` then only caps it); the arithmetic of each run is in BENCHMARKS.md.
 """
 
 from diffgemma_jax.config import base_config
@@ -34,7 +34,7 @@ def get_config():
   )
   c.objective.name = "ar"
   c.data.recipe = "python_packages"
-  c.train.num_steps = 2000  # gpu_pair.py replaces it by what fits its time budget
+  c.train.num_steps = 2000  # gpu_pair.py replaces it by a cap its time budget cannot reach
   c.train.batch_size = 128
   c.train.seq_len = 512
   c.train.learning_rate = 2e-3

@@ -27,6 +27,9 @@ def test_smoke_run_reports_every_phase(tmp_path):
   corpus = phases["corpus"]
   assert corpus["heldout"]["tokens"] > 0 and corpus["train"]["tokens"] > corpus["heldout"]["tokens"]
   assert phases["ar"]["run"]["final_step"] == 6 and phases["block"]["run"]["final_step"] == 4
+  # wsd_time with step caps: the decay starts at 80% of each cap and ends at it (on a GPU the clock places it)
+  assert (phases["ar"]["run"]["lr_decay"]["decay_start"], phases["ar"]["run"]["lr_decay"]["horizon"]) == (5, 6)
+  assert phases["ar"]["sizing"]["cap_steps"] == 6 and phases["block"]["run"]["lr_decay"]["decay_start"] == 4
   assert phases["ar"]["run"]["eval"]["exact"] and not phases["block"]["run"]["eval"]["exact"]
   rows = {row["setting"]: row for row in phases["generate"]["results"]}
   assert set(rows) == {"ar", "block_fused threshold 0.9"}
