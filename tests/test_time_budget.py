@@ -3,6 +3,7 @@ reached, the reason logged) and the same command continues it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -65,6 +66,11 @@ def test_timed_decay_is_placed_by_the_clock_or_the_step_cap(tmp_path):
   assert fast.place(79, elapsed_s=20.0, first_step_s=10.0, step_time_s=0.01, sync=False) is None
   record = fast.place(80, elapsed_s=20.1, first_step_s=10.0, step_time_s=0.01, sync=False)
   assert (record["decay_start"], record["horizon"], record["reason"]) == (80, 100, "num_steps")
+  # Several processes: process 0's decision is broadcast (here one process, through the same broadcast).
+  synced = _decay(tmp_path / "synced")
+  assert synced.place(50, elapsed_s=71.0, first_step_s=10.0, step_time_s=0.5, sync=True) is None
+  assert synced.place(51, elapsed_s=82.0, first_step_s=10.0, step_time_s=0.5, sync=True)["horizon"] == 87
+  assert json.loads((tmp_path / "synced" / "lr_decay.json").read_text())["horizon"] == 87
   # Out of time already: one more step, not none.
   late = _decay(tmp_path / "late")
   assert late.place(5, elapsed_s=200.0, first_step_s=10.0, step_time_s=0.5, sync=False)["horizon"] == 6
@@ -92,7 +98,6 @@ def test_timed_decay_run_ends_at_its_horizon_and_resumes_on_the_same_schedule(tr
   """Extending the trained run by 6 steps under wsd_time with a budget it will not spend: the step cap places the
   decay at once (0.5 x 30 steps are behind it), the rate falls linearly to the floor at step 30, and a copy resumed
   from step 26 repeats steps 27-30 exactly, reading the placement back."""
-  import json
   _, reference_dir, _ = trained_run
   workdir = str(tmp_path / "timed")
   shutil.copytree(reference_dir, workdir)
