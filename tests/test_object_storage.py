@@ -353,3 +353,45 @@ def test_bucket_paths_of_the_entry_points_fail_in_one_line(s3_endpoint, tiny_con
     assert main(argv) == 2, argv
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, (argv, err)
+
+
+def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_endpoint, tmp_path):
+  """Two processes as two threads meeting at a real barrier: the waiting one fails with process 0's message
+  within a poll, not at a timeout; a failure left by an earlier run does not fail the next one, which fetches
+  what process 0 built."""
+  import concurrent.futures
+  import threading
+  import time
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.errors import DataError
+
+  def build(folder):
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
+      f.write(bytes(range(64)))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+      f.write('{"recipe": "test"}')
+
+  def broken(folder):
+    raise DataError("data.source corpus/: no files\nmatch")
+
+  def run(process_build):
+    meet = threading.Barrier(2, timeout=60).wait
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      futures = [pool.submit(remote_dataset.build_shared, "s3://runs/shared", str(tmp_path / f"cache-{p}"),
+                             process_build, process_index=p, barrier=lambda _: meet(), timeout_s=30, poll_s=0.05)
+                 for p in (0, 1)]
+      return [f.exception() or f.result() for f in futures]
+
+  start = time.monotonic()
+  failed_0, failed_1 = run(broken)
+  assert time.monotonic() - start < 10
+  assert isinstance(failed_0, DataError) and str(failed_0) == "data.source corpus/: no files\nmatch"
+  assert isinstance(failed_1, DataError) and str(failed_1) == ("data.dir s3://runs/shared: the dataset build failed "
+                                                               "on process 0: data.source corpus/: no files match")
+  local_0, local_1 = run(build)  # the failure of the run before is not this run's
+  assert local_0 != local_1 and local_1.startswith(str(tmp_path / "cache-1"))
+  for local in (local_0, local_1):
+    assert open(os.path.join(local, "train", "00000.tokens"), "rb").read() == bytes(range(64))
+    assert sorted(os.listdir(local)) == ["manifest.json", "train"]

@@ -11,6 +11,12 @@ manifest: a reader sees the previous dataset whole, the new one whole, or none (
 Fetching reuses a cached file of the recorded size (one cut short or missing is fetched again) and checks each
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
 share a host (and a cache) never read half a file, whichever of them fetches it.
+
+In a multi-process run (`build_shared`) process 0 builds while the others wait, and it publishes the outcome in the
+bucket, `build-status.json`: {"ok": true} or {"error": its one-line message}. The waiting processes poll for it
+and fetch the dataset, or fail at once with process 0's message, not when a barrier times out an hour later. The
+old status is deleted before a start barrier that every process passes, so what they find after it is this run's.
+The manifest itself cannot tell them: a rebuild replaces it only at the end, so an old one is there meanwhile.
 """
 
 from __future__ import annotations
@@ -19,16 +25,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
+import traceback
 import uuid
 from typing import Callable
 
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.errors import DataError
+from diffgemma_jax.errors import ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
 OBJECTS_FILE = "objects.json"
+STATUS_FILE = "build-status.json"
+_NOT_DATA = (MANIFEST_FILE, OBJECTS_FILE, STATUS_FILE)  # bucket files that are not the dataset's
 
 
 def default_cache_root() -> str:
@@ -65,8 +75,7 @@ def _objects(url: str) -> dict[str, list]:
   recorded = _read(storage.join(url, OBJECTS_FILE))
   if recorded is not None:
     return json.loads(recorded)
-  return {rel: [size, None] for rel, size in storage.folder_sizes(url).items()
-          if rel not in (MANIFEST_FILE, OBJECTS_FILE)}
+  return {rel: [size, None] for rel, size in storage.folder_sizes(url).items() if rel not in _NOT_DATA}
 
 
 def fetch(url: str, cache_root: str, key: str = "data.dir") -> str:
@@ -99,7 +108,7 @@ def upload(local: str, url: str) -> None:
     epath.Path(source).copy(target / rel, overwrite=True)
   (target / OBJECTS_FILE).write_text(json.dumps(objects, indent=1, sort_keys=True))
   epath.Path(os.path.join(local, MANIFEST_FILE)).copy(target / MANIFEST_FILE, overwrite=True)
-  for rel in set(storage.folder_sizes(url)) - set(objects) - {MANIFEST_FILE, OBJECTS_FILE}:
+  for rel in set(storage.folder_sizes(url)) - set(objects) - set(_NOT_DATA):
     (target / rel).unlink(missing_ok=True)  # files of the previous build that this one does not have
 
 
@@ -138,3 +147,39 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -
     return local
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _one_line(error: Exception) -> str:
+  text = str(error) if isinstance(error, (ConfigError, DataError)) and str(error) else \
+      "".join(traceback.format_exception_only(error)).strip()
+  return " ".join(text.split())
+
+
+def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
+                 barrier: Callable[[str], None], timeout_s: float = 3600.0, poll_s: float = 5.0) -> str:
+  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome (see the module
+  doc), the others wait for it and fetch; returns the local copy. A failure on process 0 is raised there as it
+  was and on every other process as a DataError with its message, as soon as they poll. `barrier(name)`: the
+  run's sync point, met once by every process before the build."""
+  status = epath.Path(storage.join(url, STATUS_FILE))
+  if process_index == 0:
+    status.unlink(missing_ok=True)
+  barrier("diffgemma_bucket_dataset_start")
+  if process_index == 0:
+    try:
+      local = build_in_bucket(url, cache_root, build)
+    except Exception as e:
+      status.write_text(json.dumps({"error": _one_line(e)}))
+      raise
+    status.write_text(json.dumps({"ok": True}))
+    return local
+  deadline = time.monotonic() + timeout_s
+  while (published := _read(str(status))) is None:
+    if time.monotonic() > deadline:
+      raise DataError(f"data.dir {url}: process 0 has not finished building the dataset after {timeout_s:.0f} s "
+                      f"(no {STATUS_FILE}); see its log")
+    time.sleep(poll_s)
+  outcome = json.loads(published)
+  if "error" in outcome:
+    raise DataError(f"data.dir {url}: the dataset build failed on process 0: {outcome['error']}")
+  return fetch(url, cache_root)

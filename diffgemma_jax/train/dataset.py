@@ -128,9 +128,7 @@ def _dataset_in_bucket(config, url: str, build) -> str:
   cache = _cache_root(config)
   if jax.process_count() == 1:
     return remote_dataset.build_in_bucket(url, cache, build)
-  local = remote_dataset.build_in_bucket(url, cache, build) if jax.process_index() == 0 else None
-  barrier("diffgemma_bucket_dataset_built")
-  return local or remote_dataset.fetch(url, cache)
+  return remote_dataset.build_shared(url, cache, build, process_index=jax.process_index(), barrier=barrier)
 
 
 def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
