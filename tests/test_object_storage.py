@@ -395,3 +395,39 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_
   for local in (local_0, local_1):
     assert open(os.path.join(local, "train", "00000.tokens"), "rb").read() == bytes(range(64))
     assert sorted(os.listdir(local)) == ["manifest.json", "train"]
+
+
+def test_dataset_cache_is_pruned_to_data_cache_max_gb(s3_endpoint, load_tiny, tmp_path, monkeypatch):
+  """After a fetch the least recently used copies go until the cache fits, never one this process reads; a file
+  two copies share (hard-linked by a rebuild) counts once."""
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="data.cache_max_gb: must be >= 0, got -1"):
+    load_tiny({"data.cache_max_gb": "-1"})
+  for name in ("a", "b", "c"):
+    local = tmp_path / "datasets" / name
+    (local / "train").mkdir(parents=True)
+    (local / "train" / "00000.tokens").write_bytes(bytes(1000))
+    (local / "manifest.json").write_text(f'{{"recipe": "{name}"}}')  # 15 bytes
+    remote_dataset.upload(str(local), f"s3://runs/lru-{name}")
+  cache, one_copy = str(tmp_path / "cache"), 1015
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())
+  a, b = (remote_dataset.fetch(f"s3://runs/lru-{n}", cache) for n in "ab")
+  os.utime(a, (1000, 1000))
+  os.utime(b, (2000, 2000))
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())  # a later run: it reads a, then c
+  assert remote_dataset.fetch("s3://runs/lru-a", cache, max_bytes=2 * one_copy) == a  # used: now the newest
+  c = remote_dataset.fetch("s3://runs/lru-c", cache, max_bytes=2 * one_copy)
+  assert os.path.isdir(a) and not os.path.exists(b) and os.path.isdir(c)
+  assert not os.path.exists(os.path.dirname(b))  # its URL's folder went with its last copy
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())  # a run that reads c alone, with a cap below one copy
+  assert remote_dataset.fetch("s3://runs/lru-c", cache, max_bytes=1) == c
+  assert not os.path.exists(a) and os.path.isdir(c)
+  shared = os.path.join(os.path.dirname(c), "0123456789abcdef")  # an older version sharing c's tokens file
+  os.makedirs(os.path.join(shared, "train"))
+  os.link(os.path.join(c, "train", "00000.tokens"), os.path.join(shared, "train", "00000.tokens"))
+  with open(os.path.join(shared, "manifest.json"), "w") as f:
+    f.write("{}")
+  os.utime(shared, (1000, 1000))
+  assert remote_dataset.prune(cache, one_copy + 2) == [] and os.path.isdir(shared)
+  assert remote_dataset.prune(cache, one_copy + 1) == [shared] and os.path.isdir(c)

@@ -78,9 +78,14 @@ def _objects(url: str) -> dict[str, list]:
   return {rel: [size, None] for rel, size in storage.folder_sizes(url).items() if rel not in _NOT_DATA}
 
 
-def fetch(url: str, cache_root: str, key: str = "data.dir") -> str:
+def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 0) -> str:
   """The local copy of the dataset in the bucket folder `url`, fetched into `cache_root` where missing; `key`:
-  the config key that names it (for the error when no dataset is there)."""
+  the config key that names it (for the error when no dataset is there). With `max_bytes` > 0, the cache is then
+  pruned to that size (`prune`)."""
+  return _in_use(_copy(url, cache_root, key), cache_root, max_bytes)
+
+
+def _copy(url: str, cache_root: str, key: str = "data.dir") -> str:
   manifest = _read(storage.join(url, MANIFEST_FILE))
   if manifest is None:
     raise DataError(f"{key} {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
@@ -94,6 +99,67 @@ def fetch(url: str, cache_root: str, key: str = "data.dir") -> str:
   if not os.path.isfile(manifest_path):
     _write_atomic(manifest_path, manifest)  # last: a complete copy
   return local
+
+
+# dataset folders of the cache this process has fetched or built: it never evicts them
+_IN_USE: set[str] = set()
+
+
+def _in_use(local: str, cache_root: str, max_bytes: int) -> str:
+  os.utime(local)  # its last use: what eviction orders by
+  _IN_USE.add(os.path.realpath(local))
+  if max_bytes > 0:
+    prune(cache_root, max_bytes)
+  return local
+
+
+def _dataset_folders(cache_root: str) -> list[str]:
+  """`<cache>/<URL key>/<manifest key>` folders (not the `build-*` scratch folders of builds in progress)."""
+  found = []
+  for url_key in sorted(os.listdir(cache_root)) if os.path.isdir(cache_root) else []:
+    parent = os.path.join(cache_root, url_key)
+    if os.path.isdir(parent):
+      found += [os.path.join(parent, name) for name in sorted(os.listdir(parent))
+                if not name.startswith("build-") and os.path.isdir(os.path.join(parent, name))]
+  return found
+
+
+def prune(cache_root: str, max_bytes: int) -> list[str]:
+  """Deletes the least recently used dataset folders of the cache (`data.cache_max_gb`) until its files take at
+  most `max_bytes`, never one this process uses (it may hold more then); returns the folders deleted. A file that
+  folders share (versions hard-linked by a rebuild) counts once, and frees space with the last folder holding it."""
+  files: dict[str, dict[tuple, int]] = {}  # folder -> {(device, inode): size}
+  for folder in _dataset_folders(cache_root):
+    files[folder] = {}
+    for rel in _local_files(folder):
+      try:
+        st = os.stat(os.path.join(folder, rel))
+      except FileNotFoundError:  # deleted meanwhile by another process
+        continue
+      files[folder][(st.st_dev, st.st_ino)] = st.st_size
+  holders: dict[tuple, int] = {}
+  sizes: dict[tuple, int] = {}
+  for held in files.values():
+    for inode, size in held.items():
+      holders[inode] = holders.get(inode, 0) + 1
+      sizes[inode] = size
+  total = sum(sizes.values())
+  deleted = []
+  for folder in sorted(files, key=os.path.getmtime):
+    if total <= max_bytes:
+      break
+    if os.path.realpath(folder) in _IN_USE:
+      continue
+    shutil.rmtree(folder, ignore_errors=True)
+    deleted.append(folder)
+    for inode in files[folder]:
+      holders[inode] -= 1
+      if not holders[inode]:
+        total -= sizes[inode]
+    parent = os.path.dirname(folder)
+    if not os.listdir(parent):
+      os.rmdir(parent)
+  return deleted
 
 
 def upload(local: str, url: str) -> None:
@@ -123,7 +189,7 @@ def _link_tree(source: str, target: str) -> None:
       shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
 
 
-def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -> str:
+def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
   recipe's build, which keeps a dataset that is current) runs on a local copy of what the bucket holds, and what
   it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it)."""
@@ -132,7 +198,7 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -
   scratch = os.path.join(folder, f"build-{uuid.uuid4().hex[:12]}")
   try:
     if before is not None:
-      _link_tree(fetch(url, cache_root), scratch)
+      _link_tree(_copy(url, cache_root), scratch)
     build(scratch)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
       after = f.read()
@@ -144,7 +210,7 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -
         os.replace(scratch, local)
       except OSError:  # another process's copy of the same dataset got there first
         pass
-    return local
+    return _in_use(local, cache_root, max_bytes)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -156,7 +222,8 @@ def _one_line(error: Exception) -> str:
 
 
 def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
-                 barrier: Callable[[str], None], timeout_s: float = 3600.0, poll_s: float = 5.0) -> str:
+                 barrier: Callable[[str], None], timeout_s: float = 3600.0, poll_s: float = 5.0,
+                 max_bytes: int = 0) -> str:
   """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome (see the module
   doc), the others wait for it and fetch; returns the local copy. A failure on process 0 is raised there as it
   was and on every other process as a DataError with its message, as soon as they poll. `barrier(name)`: the
@@ -167,7 +234,7 @@ def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, p
   barrier("diffgemma_bucket_dataset_start")
   if process_index == 0:
     try:
-      local = build_in_bucket(url, cache_root, build)
+      local = build_in_bucket(url, cache_root, build, max_bytes=max_bytes)
     except Exception as e:
       status.write_text(json.dumps({"error": _one_line(e)}))
       raise
@@ -182,4 +249,4 @@ def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, p
   outcome = json.loads(published)
   if "error" in outcome:
     raise DataError(f"data.dir {url}: the dataset build failed on process 0: {outcome['error']}")
-  return fetch(url, cache_root)
+  return fetch(url, cache_root, max_bytes=max_bytes)
