@@ -172,11 +172,12 @@ class Scorer:
     return results
 
   def greedy(self, rows: dict[str, np.ndarray]) -> list[bool]:
-    """Autoregressive models: whether greedy decoding from each row's prompt writes its continuation (every
-    continuation token is the argmax after the tokens before it). None for diffusion models: their samplers commit
-    tokens in a data-dependent order, so no single argmax pass answers it."""
+    """Objectives that predict the next token (`capabilities.next_token`: autoregressive models): whether greedy
+    decoding from each row's prompt writes its continuation (every continuation token is the argmax after the
+    tokens before it). None for diffusion models: their samplers commit tokens in a data-dependent order, so no
+    single argmax pass answers it."""
     n = len(rows["tokens"])
-    if self.objective.name != "ar":
+    if not self.objective.capabilities.next_token:
       return [None] * n
     if self._greedy_fn is None:
       graphdef = self.graphdef
