@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dir = ""  # dataset directory; empty: data/<recipe>-v<vocab_size> under the current directory
   # where a data.dir in a bucket (gs://, s3://) is copied to be read; empty: ~/.cache/diffgemma-jax/datasets
   c.data.cache_dir = ""
+  # size cap of data.cache_dir in GiB: after a fetch, the least recently used dataset copies (never one this
+  # process reads) are deleted until the cache fits; 0: unlimited
+  c.data.cache_max_gb = 0.0
   # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
   # jsonl: a JSONL file, directory or glob
   c.data.source = ""
@@ -278,8 +281,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.chat_template not in CHAT_TEMPLATES:
     raise ConfigError(f"data.chat_template: unknown template {config.data.chat_template!r}; valid templates are "
                       f"{tuple(CHAT_TEMPLATES)}")
-  for key in ("max_bad_lines", "num_workers", "build_workers", "tokenizer_sample_lines"):
-    if int(config.data[key]) < 0:
+  for key in ("max_bad_lines", "num_workers", "build_workers", "tokenizer_sample_lines", "cache_max_gb"):
+    if float(config.data[key]) < 0:
       raise ConfigError(f"data.{key}: must be >= 0, got {config.data[key]}")
   if config.data.mixture:
     parse_mixture(str(config.data.mixture))  # its errors name data.mixture

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffgemma_jax import storage
 from diffgemma_jax.data.sft import make_rows, split_tokens
 from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.model.masks import make_mask
@@ -48,14 +49,11 @@ class Pair:
   source: str = ""  # where it came from (file:line), for errors
 
 
-def read_pairs(path: str) -> list[Pair]:
-  """The {"prompt", "continuation"} records of a JSONL file; any bad line is an error naming file and line."""
+def read_pairs(path: str, flag: str = "--records") -> list[Pair]:
+  """The {"prompt", "continuation"} records of a JSONL file (local or a bucket URL); any bad line is an error naming
+  file and line, a file that cannot be opened one naming `flag`."""
   pairs = []
-  try:
-    f = open(path, "rb")
-  except OSError as e:
-    raise ScoringError(f"cannot read {path}: {e.strerror}") from None
-  with f:
+  with storage.open_input(path, flag) as f:
     for number, raw in enumerate(f, 1):
       where = f"{path}:{number}"
       try:
@@ -174,11 +172,12 @@ class Scorer:
     return results
 
   def greedy(self, rows: dict[str, np.ndarray]) -> list[bool]:
-    """Autoregressive models: whether greedy decoding from each row's prompt writes its continuation (every
-    continuation token is the argmax after the tokens before it). None for diffusion models: their samplers commit
-    tokens in a data-dependent order, so no single argmax pass answers it."""
+    """Objectives that predict the next token (`capabilities.next_token`: autoregressive models): whether greedy
+    decoding from each row's prompt writes its continuation (every continuation token is the argmax after the
+    tokens before it). None for diffusion models: their samplers commit tokens in a data-dependent order, so no
+    single argmax pass answers it."""
     n = len(rows["tokens"])
-    if self.objective.name != "ar":
+    if not self.objective.capabilities.next_token:
       return [None] * n
     if self._greedy_fn is None:
       graphdef = self.graphdef

@@ -10,7 +10,10 @@ rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
 
 Data goes through here too: source files are opened as streams (`open_binary`: fsspec reads an object in ranges),
 listed (`find_files`, `folder_sizes`) and stamped (`stamp`: size and ETag/generation); libraries that read local
-files only get a local copy (`local_file`, `download`). A dataset folder in a bucket: data/remote_dataset.py.
+files only get a local copy (`local_file`, `download`, `copy_folder`). A dataset folder in a bucket:
+data/remote_dataset.py. Files a user names on the command line (`--prompts`, `--records`, `--output`) are opened
+(`open_input`), checked (`check_writable`) and written (`write_text`) here, so each entry point takes a bucket URL
+wherever it takes a path, with the same one-line errors.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from etils import epath
 from diffgemma_jax.errors import ConfigError
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
-
-
 
 
 def is_url(path) -> bool:
@@ -185,6 +186,52 @@ def staged_folder(path) -> Iterator[str]:
     target.mkdir(parents=True, exist_ok=True)
     for name in sorted(os.listdir(local)):
       epath.Path(os.path.join(local, name)).copy(target / name, overwrite=True)
+
+
+@contextlib.contextmanager
+def open_input(path, flag: str) -> Iterator:
+  """The file a user named with `flag` (`--prompts`, `--records`), open for binary reading: a local file, or an
+  object streamed in ranges; a ConfigError naming `flag` when its bucket cannot be reached or it is not there."""
+  check_reachable(path, flag)
+  try:
+    f = open_binary(path)
+  except OSError as e:
+    raise ConfigError(f"{flag} {path} cannot be read: {e.strerror or 'no such object'}") from None
+  with f:
+    yield f
+
+
+def check_writable(path, flag: str) -> None:
+  """Fails naming `flag` before any work when the file `path` cannot be written: a local folder missing or
+  read-only, a bucket that cannot be reached, or `path` a folder (of files or of objects) itself."""
+  if is_url(path):
+    check_reachable(path, flag)
+    fs, key = _filesystem(path)
+    if fs.isdir(key):
+      raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ConfigError(f"{flag} {path} is a directory; give a file path")
+  if not os.path.isdir(folder):
+    raise ConfigError(f"{flag} {path}: the folder {folder} does not exist")
+  if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    raise ConfigError(f"{flag} {path} is not writable")
+
+
+def write_text(path, text: str) -> None:
+  """Writes `text` to the file `path`: a local file (its folder made), or an object (written whole)."""
+  if not is_url(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  epath.Path(str(path)).write_text(text)
+
+
+def copy_folder(url: str, target: str) -> str:
+  """Copies every object under the bucket folder `url` into the local folder `target` (each checked against its
+  listed size), for libraries that read local files only (memory-mapped safetensors); returns `target`."""
+  for rel, size in sorted(folder_sizes(url).items()):
+    download(join(url, rel), os.path.join(target, rel), size=size)
+  return target
 
 
 def check_reachable(path, flag: str) -> None:

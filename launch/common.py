@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 from diffgemma_jax.errors import ConfigError
@@ -31,17 +30,6 @@ def config_overrides(rest: list[str]) -> dict[str, str]:
 def fail(message: str, code: int = 2) -> int:
   print(f"error: {message}", file=sys.stderr)
   return code
-
-
-def check_writable(path: str, flag: str) -> None:
-  """Fails before any work when `path` cannot be written: its folder missing or read-only, or a folder itself."""
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise ConfigError(f"{flag} {path} is a directory; give a file path")
-  if not os.path.isdir(folder):
-    raise ConfigError(f"{flag} {path}: the folder {folder} does not exist")
-  if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-    raise ConfigError(f"{flag} {path} is not writable")
 
 
 def json_safe(value):

@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 
+from diffgemma_jax import storage
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate
-from .common import check_writable, config_overrides, fail, json_safe
+from .common import config_overrides, fail, json_safe
 
 
 def main(argv=None) -> int:
@@ -24,19 +25,19 @@ def main(argv=None) -> int:
   where.add_argument("--checkpoint", help="parameters of another run (workdir, checkpoints/ or step folder) "
                      "evaluated under this config, e.g. a pretrained model on an SFT held-out set")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  parser.add_argument("--output", default=None, help="also write the JSON here")
+  parser.add_argument("--output", default=None, help="also write the JSON here: a local file or a bucket URL "
+                      "(s3://..., gs://...)")
   args, rest = parser.parse_known_args(argv)
   try:
     if args.output:  # before the evaluation, not after it
-      check_writable(args.output, "--output")
+      storage.check_writable(args.output, "--output")
     config = load_config(args.config, config_overrides(rest))
     result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   text = json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False)
   if args.output:
-    with open(args.output, "w") as f:
-      f.write(text + "\n")
+    storage.write_text(args.output, text + "\n")
   print(text)
   return 0
 

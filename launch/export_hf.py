@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from diffgemma_jax import storage
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError, MappingError
 from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
@@ -24,12 +25,14 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
   parser.add_argument("--workdir", required=True, help="the run's workdir (holds checkpoints/)")
-  parser.add_argument("--output", required=True, help="Hugging Face directory to write")
+  parser.add_argument("--output", required=True, help="Hugging Face directory to write (local or a "
+                      "bucket URL: written locally, then uploaded)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
   args, rest = parser.parse_known_args(argv)
 
   try:
+    storage.check_reachable(args.output, "--output")  # before the restore, not after it
     check_workdir(args.workdir, reading=True)
     config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
                               os.path.join(args.workdir, "checkpoints"))

@@ -1,7 +1,7 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
-[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N] [--stop TEXT ...]
-[--json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls,
-new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts
+[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N] [--stop TEXT ...] [--json]
+[--output FILE.json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the
+model calls, new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts
 (of any lengths) per sampler call, with the same results as one at a time. Each model's objective has a default
 sampler; canvas samplers decode canvas after canvas of objective.block_size tokens. A sampler option the chosen
 sampler does not read is refused. The samplers and their options (`diffgemma_jax/sampling/samplers.py`):"""
@@ -13,12 +13,19 @@ import json
 import re
 import sys
 
+from diffgemma_jax import storage
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from .common import config_overrides, fail, json_safe
+
+
+# the fields of each request in the JSON document (--json, --output)
+JSON_KEYS = ("prompt", "completion", "sampler", "step", "prompt_tokens", "gen_length", "new_tokens", "model_calls",
+             "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids", "batch_size",
+             "batch_tokens_per_s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt")
-  source.add_argument("--prompts", help="a UTF-8 file with one prompt per line (\\n in a line is a newline, \\\\ a "
-                      "backslash), or a .jsonl file with one JSON string or {\"prompt\": ...} object per line")
+  source.add_argument("--prompts", help="a UTF-8 file (local or a bucket URL) with one prompt per line (\\n in a "
+                      "line is a newline, \\\\ a backslash), or a .jsonl file with one JSON string or "
+                      "{\"prompt\": ...} object per line")
   p.add_argument("--gen_length", type=int, default=None, help="new tokens to generate (at most; default: what fits "
                  "in the model's context after the prompt, at most 128)")
   add_flags(p)
@@ -44,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                  "(repeatable)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+  p.add_argument("--output", default=None, help="also write the JSON document (as --json prints it) here: a local "
+                 "file or a bucket URL (s3://..., gs://...)")
   return p
 
 
@@ -57,36 +67,35 @@ def _read_prompts(args) -> list[str]:
     return [args.prompt]
   jsonl = args.prompts.endswith(".jsonl")
   prompts = []
-  try:
-    with open(args.prompts, "rb") as f:
-      for number, raw in enumerate(f, 1):
-        where = f"--prompts {args.prompts}:{number}"
-        try:
-          line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as e:
-          raise ConfigError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if not line.strip():
-          continue
-        if not jsonl:
-          prompts.append(_unescape(line))
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          raise ConfigError(f"{where}: not valid JSON ({e})") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else record
-        if not isinstance(prompt, str):
-          raise ConfigError(f"{where}: expected a JSON string or an object with a string 'prompt', got "
-                            f"{type(prompt).__name__}")
-        prompts.append(prompt)
-  except OSError as e:
-    raise ConfigError(f"--prompts {args.prompts!r} cannot be read: {e.strerror}") from None
+  with storage.open_input(args.prompts, "--prompts") as f:
+    for number, raw in enumerate(f, 1):
+      where = f"--prompts {args.prompts}:{number}"
+      try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+      if not line.strip():
+        continue
+      if not jsonl:
+        prompts.append(_unescape(line))
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e})") from None
+      prompt = record.get("prompt") if isinstance(record, dict) else record
+      if not isinstance(prompt, str):
+        raise ConfigError(f"{where}: expected a JSON string or an object with a string 'prompt', got "
+                          f"{type(prompt).__name__}")
+      prompts.append(prompt)
   return prompts
 
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
+    if args.output:  # before the generation, not after it
+      storage.check_writable(args.output, "--output")
     config = load_config(args.config, config_overrides(rest))
     given = {flag: getattr(args, flag) for flag in OPTIONS}
     options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
@@ -104,11 +113,11 @@ def main(argv=None) -> int:
         result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]
   except (ConfigError, DataError) as e:
     return fail(str(e))
+  document = json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2, allow_nan=False)
+  if args.output:
+    storage.write_text(args.output, document + "\n")
   if args.json:
-    keys = ("prompt", "completion", "sampler", "step", "prompt_tokens", "gen_length", "new_tokens", "model_calls",
-            "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids", "batch_size",
-            "batch_tokens_per_s")
-    print(json.dumps(json_safe([{k: r[k] for k in keys} for r in results]), indent=2, allow_nan=False))
+    print(document)
     return 0
   for index, r in enumerate(results):
     canvases = "" if r["steps_per_canvas"] is None else f", steps per canvas {r['steps_per_canvas']}"

@@ -23,9 +23,11 @@ RUNTIME_FIELDS = {"scan_layers": lambda v: v.lower() in ("1", "true", "yes"), "r
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="diffgemma-import", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
-  parser.add_argument("--output", required=True, help="workdir to write checkpoints/ into")
-  parser.add_argument("--config-out", default=None, help="write a config file (get_config()) for the model here")
+  parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors): a "
+                      "local folder or a bucket URL (s3://..., gs://...), copied to local scratch space first")
+  parser.add_argument("--output", required=True, help="workdir to write checkpoints/ into (local or a bucket URL)")
+  parser.add_argument("--config-out", default=None, help="write a config file (get_config()) for the model here "
+                      "(local or a bucket URL)")
   parser.add_argument("--force", action="store_true", help="import into a workdir whose checkpoints/ is not empty, "
                       "deleting those checkpoints (and the workdir's tokenizer.model) first")
   args, rest = parser.parse_known_args(argv)

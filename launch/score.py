@@ -1,6 +1,6 @@
 """diffgemma-score --config FILE --workdir DIR --records FILE.jsonl [--num_t_samples K] [--batch_size N] [--seed N]
-[--layout continuation|sft] [--step N] [--json] [--config.a.b=value ...]: prints, per {"prompt", "continuation"}
-record, the continuation's negative log-likelihood bound in nats given the prompt, with its standard error (the
+[--layout continuation|sft] [--step N] [--json] [--output FILE.json] [--config.a.b=value ...]: prints, per
+{"prompt", "continuation"} record, the continuation's negative log-likelihood bound in nats given the prompt, with its standard error (the
 estimator of the SFT evaluation: K stratified noise levels per record; exact for autoregressive models), then the
 total in bits per token."""
 
@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from diffgemma_jax import storage
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.scoring import LAYOUTS, score_file
@@ -20,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="diffgemma-score", description=__doc__)
   p.add_argument("--config", required=True, help="config file of the run, optionally path.py:arg")
   p.add_argument("--workdir", required=True, help="the training workdir holding checkpoints/")
-  p.add_argument("--records", required=True, help="a UTF-8 JSONL file, one {\"prompt\": ..., \"continuation\": ...} "
-                 "object per line")
+  p.add_argument("--records", required=True, help="a UTF-8 JSONL file (local or a bucket URL), one {\"prompt\": "
+                 "..., \"continuation\": ...} object per line")
   p.add_argument("--num_t_samples", type=int, default=None, help="noise levels per record (default: the config's "
                  "eval.num_t_samples); ignored by autoregressive models, whose value is exact")
   p.add_argument("--batch_size", type=int, default=None, help="records per model call (default eval.batch_size)")
@@ -30,19 +31,26 @@ def _parser() -> argparse.ArgumentParser:
                  "continuation (the default); sft: the SFT evaluation's rows (chat template, EOS padding scored)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+  p.add_argument("--output", default=None, help="also write the JSON document (as --json prints it) here: a local "
+                 "file or a bucket URL (s3://..., gs://...)")
   return p
 
 
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
+    if args.output:  # before the scoring, not after it
+      storage.check_writable(args.output, "--output")
     config = load_config(args.config, config_overrides(rest))
     report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,
                         batch_size=args.batch_size, seed=args.seed, layout=args.layout)
   except (ConfigError, DataError) as e:
     return fail(str(e))
+  document = json.dumps(json_safe(report), indent=2, allow_nan=False)
+  if args.output:
+    storage.write_text(args.output, document + "\n")
   if args.json:
-    print(json.dumps(json_safe(report), indent=2, allow_nan=False))
+    print(document)
     return 0
   for r in report["records"]:
     print(f"{r['source']}: {r['nll']:.4f} +- {r['stderr']:.4f} nats over {r['num_tokens']} tokens "

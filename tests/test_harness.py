@@ -4,6 +4,7 @@ session's trained run with task files like the shipped ones, and the shipped hel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from conftest import TINY_MODEL  # noqa: E402
 from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
 from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
+from diffgemma_jax.scoring import Pair  # noqa: E402
 from launch.harness import TASKS_DIR, harness_argv, main  # noqa: E402
 
 
@@ -57,7 +59,7 @@ def _causal_log_probs(model, ids, width: int = 32):
   return np.asarray(_REFERENCES[id(model)](jnp.asarray([list(ids) + [0] * (width - len(ids))])))[:len(ids)]
 
 
-def test_ar_requests_against_causal_passes(ar_lm):
+def test_ar_requests_against_causal_passes(ar_lm, monkeypatch):
   lm, model = ar_lm
   tok = lm.tokenizer
   bos = tok.bos_id
@@ -77,6 +79,13 @@ def test_ar_requests_against_causal_passes(ar_lm):
     expected = sum(log_probs[i - 1, full[i]] for i in range(1 + len(head), len(full)))
     assert logprob == pytest.approx(expected, rel=1e-5)
   assert [g for _, g in out] == [False, False, True]
+  # the answer comes from the objective's declared capability, not from its name
+  rows = lm.scorer.rows([Pair(context, greedy_text)])
+  declared = type(lm.scorer.objective).capabilities
+  monkeypatch.setattr(type(lm.scorer.objective), "capabilities", dataclasses.replace(declared, next_token=False))
+  assert lm.scorer.greedy(rows) == [None]
+  monkeypatch.setattr(type(lm.scorer.objective), "capabilities", declared)
+  assert lm.scorer.greedy(rows) == [True]
   # rolling: a text that fits one window is its exact log-likelihood after bos; a longer one is cut into windows
   text = "import os\nimport sys\n"
   short, long = lm.loglikelihood_rolling([_request("loglikelihood_rolling", (text,)),

@@ -107,9 +107,10 @@ def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, 
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
-def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
-  """diffgemma-export into s3://... writes the files a local export writes; diffgemma-import into s3://... gives a
-  workdir whose checkpoint restores to the same parameters."""
+def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path, capsys):
+  """diffgemma-export into s3://... writes the files a local export writes; diffgemma-import from that bucket folder
+  into s3://... gives a workdir whose checkpoint restores to the same parameters, pins the folder's tokenizer and
+  writes a config file (into the bucket too) that names it."""
   import jax
   import numpy as np
   from etils import epath
@@ -124,7 +125,14 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path):
   assert sorted(p.name for p in epath.Path("s3://runs/hf").iterdir()) == local
   for name in local:
     assert epath.Path("s3://runs/hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
-  import_hf(str(tmp_path / "hf"), "s3://runs/imported", log=lambda _: None)
+  epath.Path("s3://runs/hf/tokenizer.model").write_bytes(b"the checkpoint's tokenizer")
+  from launch.import_hf import main as import_main
+  assert import_main(["--hf", "s3://runs/hf", "--output", "s3://runs/imported", "--config-out",
+                      "s3://runs/configs/imported.py"]) == 0, capsys.readouterr().err
+  assert epath.Path("s3://runs/imported/tokenizer.model").read_bytes() == b"the checkpoint's tokenizer"
+  config_text = epath.Path("s3://runs/configs/imported.py").read_text()
+  assert "c.data.tokenizer = 's3://runs/hf/tokenizer.model'" in config_text
+  assert config_text.startswith('"""DiffusionGemma imported from s3://runs/hf by diffgemma-import."""')
   step, restored = restore_pure_params("s3://runs/imported", TINY)
   assert step == 0
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
@@ -283,3 +291,143 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(s3_endpoint, tmp
     for span in local_spans:
       assert (list(read_documents("s3://runs/records", name, span=span))
               == list(read_documents(str(folder), name, span=span))), (name, span)
+
+
+def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
+                                                                   capsys):
+  """--prompts and --records objects are read as local files are; each --output object holds the JSON printed."""
+  from etils import epath
+
+  from launch.evaluate import main as eval_main
+  from launch.generate import main as generate_main
+  from launch.score import main as score_main
+  _, workdir, _ = trained_run
+  run = ["--config", tiny_config_file, "--workdir", workdir, "--config.train.num_steps=24"]
+  assert eval_main(run + ["--output", "s3://runs/out/bound.json"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["step"] == 24 and json.loads(epath.Path("s3://runs/out/bound.json").read_text()) == printed
+  epath.Path("s3://runs/in/prompts.txt").write_text("def main(\nx = 1\\nprint(\n\n")
+  assert generate_main(run + ["--prompts", "s3://runs/in/prompts.txt", "--gen_length", "8", "--block_length", "8",
+                              "--batch_size", "2", "--json", "--output", "s3://runs/out/completions.json"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert [r["prompt"] for r in printed] == ["def main(", "x = 1\nprint("]
+  assert json.loads(epath.Path("s3://runs/out/completions.json").read_text()) == printed
+  epath.Path("s3://runs/in/pairs.jsonl").write_text("\n".join(json.dumps({"prompt": p, "continuation": c}) for p, c
+                                                              in (("def f(", "x):"), ("import", " os"))) + "\n")
+  assert score_main(run + ["--records", "s3://runs/in/pairs.jsonl", "--output", "s3://runs/out/scores.json"]) == 0
+  written = json.loads(epath.Path("s3://runs/out/scores.json").read_text())
+  assert [r["source"] for r in written["records"]] == ["s3://runs/in/pairs.jsonl:1", "s3://runs/in/pairs.jsonl:2"]
+  assert capsys.readouterr().out.splitlines()[-1].startswith(f"total: {written['summary']['nll']:.3f} nats")
+
+
+def test_bucket_paths_of_the_entry_points_fail_in_one_line(s3_endpoint, tiny_config_file, tmp_path, capsys):
+  """A missing bucket or object named by a user path fails naming the flag, in one line, before any work."""
+  from etils import epath
+
+  from launch.evaluate import main as eval_main
+  from launch.export_hf import main as export_main
+  from launch.generate import main as generate_main
+  from launch.import_hf import main as import_main
+  from launch.score import main as score_main
+  epath.Path("s3://runs/folder/file.json").write_text("{}")
+  run = ["--config", tiny_config_file, "--workdir", str(tmp_path / "no-run")]
+  unreachable = f"the bucket s3://no-such-bucket cannot be reached (endpoint {s3_endpoint})"
+  cases = (
+      (eval_main, run + ["--output", "s3://no-such-bucket/x.json"],
+       f"--output s3://no-such-bucket/x.json: {unreachable}"),
+      (eval_main, run + ["--output", "s3://runs/folder"], "--output s3://runs/folder is a directory; give a file path"),
+      (generate_main, run + ["--prompts", "s3://runs/no-such-prompts.txt"],
+       "--prompts s3://runs/no-such-prompts.txt cannot be read: no such object"),
+      (generate_main, run + ["--prompt", "x", "--output", "s3://no-such-bucket/g.json"],
+       f"--output s3://no-such-bucket/g.json: {unreachable}"),
+      (score_main, run + ["--records", "s3://no-such-bucket/r.jsonl"],
+       f"--records s3://no-such-bucket/r.jsonl: {unreachable}"),
+      (import_main, ["--hf", "s3://no-such-bucket/hf", "--output", str(tmp_path / "w")],
+       f"--hf s3://no-such-bucket/hf: {unreachable}"),
+      (import_main, ["--hf", "s3://runs/folder", "--output", str(tmp_path / "w")], "--hf s3://runs/folder: no "
+                                                                                    "config.json"),
+      (import_main, ["--hf", "s3://runs/folder", "--output", str(tmp_path / "w"), "--config-out",
+                     "s3://no-such-bucket/c.py"], f"--config-out s3://no-such-bucket/c.py: {unreachable}"),
+      (export_main, run + ["--output", "s3://no-such-bucket/hf"], f"--output s3://no-such-bucket/hf: {unreachable}"))
+  for main, argv, message in cases:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, (argv, err)
+
+
+def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_endpoint, tmp_path):
+  """Two processes as two threads meeting at a real barrier: the waiting one fails with process 0's message
+  within a poll, not at a timeout; a failure left by an earlier run does not fail the next one, which fetches
+  what process 0 built."""
+  import concurrent.futures
+  import threading
+  import time
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.errors import DataError
+
+  def build(folder):
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
+      f.write(bytes(range(64)))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+      f.write('{"recipe": "test"}')
+
+  def broken(folder):
+    raise DataError("data.source corpus/: no files\nmatch")
+
+  def run(process_build):
+    meet = threading.Barrier(2, timeout=60).wait
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      futures = [pool.submit(remote_dataset.build_shared, "s3://runs/shared", str(tmp_path / f"cache-{p}"),
+                             process_build, process_index=p, barrier=lambda _: meet(), timeout_s=30, poll_s=0.05)
+                 for p in (0, 1)]
+      return [f.exception() or f.result() for f in futures]
+
+  start = time.monotonic()
+  failed_0, failed_1 = run(broken)
+  assert time.monotonic() - start < 10
+  assert isinstance(failed_0, DataError) and str(failed_0) == "data.source corpus/: no files\nmatch"
+  assert isinstance(failed_1, DataError) and str(failed_1) == ("data.dir s3://runs/shared: the dataset build failed "
+                                                               "on process 0: data.source corpus/: no files match")
+  local_0, local_1 = run(build)  # the failure of the run before is not this run's
+  assert local_0 != local_1 and local_1.startswith(str(tmp_path / "cache-1"))
+  for local in (local_0, local_1):
+    assert open(os.path.join(local, "train", "00000.tokens"), "rb").read() == bytes(range(64))
+    assert sorted(os.listdir(local)) == ["manifest.json", "train"]
+
+
+def test_dataset_cache_is_pruned_to_data_cache_max_gb(s3_endpoint, load_tiny, tmp_path, monkeypatch):
+  """After a fetch the least recently used copies go until the cache fits, never one this process reads; a file
+  two copies share (hard-linked by a rebuild) counts once."""
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="data.cache_max_gb: must be >= 0, got -1"):
+    load_tiny({"data.cache_max_gb": "-1"})
+  for name in ("a", "b", "c"):
+    local = tmp_path / "datasets" / name
+    (local / "train").mkdir(parents=True)
+    (local / "train" / "00000.tokens").write_bytes(bytes(1000))
+    (local / "manifest.json").write_text(f'{{"recipe": "{name}"}}')  # 15 bytes
+    remote_dataset.upload(str(local), f"s3://runs/lru-{name}")
+  cache, one_copy = str(tmp_path / "cache"), 1015
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())
+  a, b = (remote_dataset.fetch(f"s3://runs/lru-{n}", cache) for n in "ab")
+  os.utime(a, (1000, 1000))
+  os.utime(b, (2000, 2000))
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())  # a later run: it reads a, then c
+  assert remote_dataset.fetch("s3://runs/lru-a", cache, max_bytes=2 * one_copy) == a  # used: now the newest
+  c = remote_dataset.fetch("s3://runs/lru-c", cache, max_bytes=2 * one_copy)
+  assert os.path.isdir(a) and not os.path.exists(b) and os.path.isdir(c)
+  assert not os.path.exists(os.path.dirname(b))  # its URL's folder went with its last copy
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())  # a run that reads c alone, with a cap below one copy
+  assert remote_dataset.fetch("s3://runs/lru-c", cache, max_bytes=1) == c
+  assert not os.path.exists(a) and os.path.isdir(c)
+  shared = os.path.join(os.path.dirname(c), "0123456789abcdef")  # an older version sharing c's tokens file
+  os.makedirs(os.path.join(shared, "train"))
+  os.link(os.path.join(c, "train", "00000.tokens"), os.path.join(shared, "train", "00000.tokens"))
+  with open(os.path.join(shared, "manifest.json"), "w") as f:
+    f.write("{}")
+  os.utime(shared, (1000, 1000))
+  assert remote_dataset.prune(cache, one_copy + 2) == [] and os.path.isdir(shared)
+  assert remote_dataset.prune(cache, one_copy + 1) == [shared] and os.path.isdir(c)

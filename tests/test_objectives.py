@@ -34,6 +34,7 @@ def test_every_objective_declares_its_capabilities():
   assert objectives_with("sft_rows") == ("masked", "block", "uniform")
   assert objectives_with("canvases") == ("block", "uniform")
   assert objectives_with("mask_token") == ("masked", "block")
+  assert objectives_with("next_token") == ("ar",)
   with pytest.raises(ValueError, match="capability 'fast' unknown"):
     objectives_with("fast")
   with pytest.raises(TypeError):

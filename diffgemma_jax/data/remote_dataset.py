@@ -11,6 +11,12 @@ manifest: a reader sees the previous dataset whole, the new one whole, or none (
 Fetching reuses a cached file of the recorded size (one cut short or missing is fetched again) and checks each
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
 share a host (and a cache) never read half a file, whichever of them fetches it.
+
+In a multi-process run (`build_shared`) process 0 builds while the others wait, and it publishes the outcome in the
+bucket, `build-status.json`: {"ok": true} or {"error": its one-line message}. The waiting processes poll for it
+and fetch the dataset, or fail at once with process 0's message, not when a barrier times out an hour later. The
+old status is deleted before a start barrier that every process passes, so what they find after it is this run's.
+The manifest itself cannot tell them: a rebuild replaces it only at the end, so an old one is there meanwhile.
 """
 
 from __future__ import annotations
@@ -19,16 +25,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
+import traceback
 import uuid
 from typing import Callable
 
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.errors import DataError
+from diffgemma_jax.errors import ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
 OBJECTS_FILE = "objects.json"
+STATUS_FILE = "build-status.json"
+_NOT_DATA = (MANIFEST_FILE, OBJECTS_FILE, STATUS_FILE)  # bucket files that are not the dataset's
 
 
 def default_cache_root() -> str:
@@ -65,13 +75,17 @@ def _objects(url: str) -> dict[str, list]:
   recorded = _read(storage.join(url, OBJECTS_FILE))
   if recorded is not None:
     return json.loads(recorded)
-  return {rel: [size, None] for rel, size in storage.folder_sizes(url).items()
-          if rel not in (MANIFEST_FILE, OBJECTS_FILE)}
+  return {rel: [size, None] for rel, size in storage.folder_sizes(url).items() if rel not in _NOT_DATA}
 
 
-def fetch(url: str, cache_root: str, key: str = "data.dir") -> str:
+def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 0) -> str:
   """The local copy of the dataset in the bucket folder `url`, fetched into `cache_root` where missing; `key`:
-  the config key that names it (for the error when no dataset is there)."""
+  the config key that names it (for the error when no dataset is there). With `max_bytes` > 0, the cache is then
+  pruned to that size (`prune`)."""
+  return _in_use(_copy(url, cache_root, key), cache_root, max_bytes)
+
+
+def _copy(url: str, cache_root: str, key: str = "data.dir") -> str:
   manifest = _read(storage.join(url, MANIFEST_FILE))
   if manifest is None:
     raise DataError(f"{key} {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
@@ -87,6 +101,67 @@ def fetch(url: str, cache_root: str, key: str = "data.dir") -> str:
   return local
 
 
+# dataset folders of the cache this process has fetched or built: it never evicts them
+_IN_USE: set[str] = set()
+
+
+def _in_use(local: str, cache_root: str, max_bytes: int) -> str:
+  os.utime(local)  # its last use: what eviction orders by
+  _IN_USE.add(os.path.realpath(local))
+  if max_bytes > 0:
+    prune(cache_root, max_bytes)
+  return local
+
+
+def _dataset_folders(cache_root: str) -> list[str]:
+  """`<cache>/<URL key>/<manifest key>` folders (not the `build-*` scratch folders of builds in progress)."""
+  found = []
+  for url_key in sorted(os.listdir(cache_root)) if os.path.isdir(cache_root) else []:
+    parent = os.path.join(cache_root, url_key)
+    if os.path.isdir(parent):
+      found += [os.path.join(parent, name) for name in sorted(os.listdir(parent))
+                if not name.startswith("build-") and os.path.isdir(os.path.join(parent, name))]
+  return found
+
+
+def prune(cache_root: str, max_bytes: int) -> list[str]:
+  """Deletes the least recently used dataset folders of the cache (`data.cache_max_gb`) until its files take at
+  most `max_bytes`, never one this process uses (it may hold more then); returns the folders deleted. A file that
+  folders share (versions hard-linked by a rebuild) counts once, and frees space with the last folder holding it."""
+  files: dict[str, dict[tuple, int]] = {}  # folder -> {(device, inode): size}
+  for folder in _dataset_folders(cache_root):
+    files[folder] = {}
+    for rel in _local_files(folder):
+      try:
+        st = os.stat(os.path.join(folder, rel))
+      except FileNotFoundError:  # deleted meanwhile by another process
+        continue
+      files[folder][(st.st_dev, st.st_ino)] = st.st_size
+  holders: dict[tuple, int] = {}
+  sizes: dict[tuple, int] = {}
+  for held in files.values():
+    for inode, size in held.items():
+      holders[inode] = holders.get(inode, 0) + 1
+      sizes[inode] = size
+  total = sum(sizes.values())
+  deleted = []
+  for folder in sorted(files, key=os.path.getmtime):
+    if total <= max_bytes:
+      break
+    if os.path.realpath(folder) in _IN_USE:
+      continue
+    shutil.rmtree(folder, ignore_errors=True)
+    deleted.append(folder)
+    for inode in files[folder]:
+      holders[inode] -= 1
+      if not holders[inode]:
+        total -= sizes[inode]
+    parent = os.path.dirname(folder)
+    if not os.listdir(parent):
+      os.rmdir(parent)
+  return deleted
+
+
 def upload(local: str, url: str) -> None:
   """Replaces the dataset in the bucket folder `url` by the local dataset folder `local` (see the module doc)."""
   files = [rel for rel in _local_files(local) if rel not in (MANIFEST_FILE, OBJECTS_FILE)]
@@ -99,7 +174,7 @@ def upload(local: str, url: str) -> None:
     epath.Path(source).copy(target / rel, overwrite=True)
   (target / OBJECTS_FILE).write_text(json.dumps(objects, indent=1, sort_keys=True))
   epath.Path(os.path.join(local, MANIFEST_FILE)).copy(target / MANIFEST_FILE, overwrite=True)
-  for rel in set(storage.folder_sizes(url)) - set(objects) - {MANIFEST_FILE, OBJECTS_FILE}:
+  for rel in set(storage.folder_sizes(url)) - set(objects) - set(_NOT_DATA):
     (target / rel).unlink(missing_ok=True)  # files of the previous build that this one does not have
 
 
@@ -114,7 +189,7 @@ def _link_tree(source: str, target: str) -> None:
       shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
 
 
-def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -> str:
+def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
   recipe's build, which keeps a dataset that is current) runs on a local copy of what the bucket holds, and what
   it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it)."""
@@ -123,7 +198,7 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -
   scratch = os.path.join(folder, f"build-{uuid.uuid4().hex[:12]}")
   try:
     if before is not None:
-      _link_tree(fetch(url, cache_root), scratch)
+      _link_tree(_copy(url, cache_root), scratch)
     build(scratch)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
       after = f.read()
@@ -135,6 +210,43 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object]) -
         os.replace(scratch, local)
       except OSError:  # another process's copy of the same dataset got there first
         pass
-    return local
+    return _in_use(local, cache_root, max_bytes)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _one_line(error: Exception) -> str:
+  text = str(error) if isinstance(error, (ConfigError, DataError)) and str(error) else \
+      "".join(traceback.format_exception_only(error)).strip()
+  return " ".join(text.split())
+
+
+def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
+                 barrier: Callable[[str], None], timeout_s: float = 3600.0, poll_s: float = 5.0,
+                 max_bytes: int = 0) -> str:
+  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome (see the module
+  doc), the others wait for it and fetch; returns the local copy. A failure on process 0 is raised there as it
+  was and on every other process as a DataError with its message, as soon as they poll. `barrier(name)`: the
+  run's sync point, met once by every process before the build."""
+  status = epath.Path(storage.join(url, STATUS_FILE))
+  if process_index == 0:
+    status.unlink(missing_ok=True)
+  barrier("diffgemma_bucket_dataset_start")
+  if process_index == 0:
+    try:
+      local = build_in_bucket(url, cache_root, build, max_bytes=max_bytes)
+    except Exception as e:
+      status.write_text(json.dumps({"error": _one_line(e)}))
+      raise
+    status.write_text(json.dumps({"ok": True}))
+    return local
+  deadline = time.monotonic() + timeout_s
+  while (published := _read(str(status))) is None:
+    if time.monotonic() > deadline:
+      raise DataError(f"data.dir {url}: process 0 has not finished building the dataset after {timeout_s:.0f} s "
+                      f"(no {STATUS_FILE}); see its log")
+    time.sleep(poll_s)
+  outcome = json.loads(published)
+  if "error" in outcome:
+    raise DataError(f"data.dir {url}: the dataset build failed on process 0: {outcome['error']}")
+  return fetch(url, cache_root, max_bytes=max_bytes)

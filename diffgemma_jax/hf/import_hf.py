@@ -66,11 +66,11 @@ def imported_context(canvas_length: int, max_positions: int | None) -> int:
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
+  """config.json of the Hugging Face directory `hf_dir` (a local folder or a bucket URL)."""
+  path = storage.join(hf_dir, "config.json")
+  if storage.file_size(path) is None:
     raise FileNotFoundError(f"--hf {hf_dir}: no config.json; point it at a Hugging Face DiffusionGemma directory")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.open_path(path).read_text())
 
 
 def model_config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
@@ -174,13 +174,14 @@ def pure_params(cfg: ModelConfig, flat: dict):
 
 def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int, seq_len: int,
                       max_positions: int | None = None) -> None:
+  """The config file (local or a bucket URL) of a model imported from `source`, whose tokenizer.model (if it ships
+  one) becomes its data.tokenizer."""
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    tokenizer = os.path.join(source, "tokenizer.model")
-    f.write(CONFIG_TEMPLATE.format(source=source, model=model, canvas_length=canvas_length, seq_len=seq_len,
-                                   max_positions=max_positions or "(not given)",
-                                   tokenizer=tokenizer if os.path.isfile(tokenizer) else ""))
+  tokenizer = storage.join(source, "tokenizer.model")
+  storage.write_text(path, CONFIG_TEMPLATE.format(
+      source=source, model=model, canvas_length=canvas_length, seq_len=seq_len,
+      max_positions=max_positions or "(not given)",
+      tokenizer=tokenizer if storage.file_size(tokenizer) is not None else ""))
 
 
 def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
@@ -214,7 +215,12 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
               log: Callable[[str], None] = print, **model_overrides) -> ModelConfig:
   """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
   in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
-  checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first."""
+  checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first. `hf_dir`,
+  `output` and `config_out` may be bucket URLs; a Hugging Face directory in a bucket is copied to a local scratch
+  folder (safetensors are memory-mapped), removed after the import."""
+  storage.check_reachable(hf_dir, "--hf")
+  if config_out:
+    storage.check_writable(config_out, "--config-out")
   check_output(output, force=force)
   hf_config = read_hf_config(hf_dir)
   cfg = model_config_from_hf(hf_dir, **model_overrides)
@@ -227,7 +233,8 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   scratch = (tempfile.mkdtemp(prefix="diffgemma-import-") if storage.is_url(output)
              else os.path.join(os.path.abspath(output), ".import-scratch"))
   try:
-    pure = pure_params(cfg, load_params(hf_dir, cfg, log=log, scratch=scratch))
+    local_hf = storage.copy_folder(hf_dir, os.path.join(scratch, "hf")) if storage.is_url(hf_dir) else hf_dir
+    pure = pure_params(cfg, load_params(local_hf, cfg, log=log, scratch=scratch))
     run_config = base_config()
     run_config.model.update(cfg.to_dict())
     run_config.objective.name = "uniform"
@@ -240,18 +247,18 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
         epath.Path(output, "tokenizer.model").unlink()
     directory = save_checkpoint(output, pure, config_to_dict(run_config))
     del pure
+    log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
+    tokenizer = os.path.join(local_hf, "tokenizer.model")
+    if os.path.isfile(tokenizer):
+      epath.Path(tokenizer).copy(epath.Path(output, "tokenizer.model"), overwrite=True)
+      log(f"wrote {storage.join(output, 'tokenizer.model')} (the checkpoint's tokenizer)")
+    else:
+      log(f"note: {hf_dir} ships no tokenizer.model; set data.tokenizer to the model's sentencepiece file to "
+          f"generate or fine-tune with it")
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
-  log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
-  tokenizer = os.path.join(hf_dir, "tokenizer.model")
-  if os.path.isfile(tokenizer):
-    epath.Path(tokenizer).copy(epath.Path(output, "tokenizer.model"), overwrite=True)
-    log(f"wrote {os.path.join(output, 'tokenizer.model')} (the checkpoint's tokenizer)")
-  else:
-    log(f"note: {hf_dir} ships no tokenizer.model; set data.tokenizer to the model's sentencepiece file to "
-        f"generate or fine-tune with it")
   if config_out:
-    write_config_file(config_out, cfg, source=os.path.abspath(hf_dir), canvas_length=canvas_length, seq_len=seq_len,
-                      max_positions=max_positions)
+    write_config_file(config_out, cfg, source=storage.resolve(hf_dir), canvas_length=canvas_length,
+                      seq_len=seq_len, max_positions=max_positions)
     log(f"wrote {config_out}")
   return cfg

@@ -27,7 +27,7 @@ class Autoregressive(Objective):
 
   name = "ar"
   capabilities = Capabilities(exact=True, sft_rows=False, canvases=False, self_conditioning=False, token_shift=False,
-                              mask_token=False)
+                              mask_token=False, next_token=True)
 
   def _nll(self, model, batch):
     segment_ids, positions = batch["segment_ids"], batch["positions"]

@@ -176,7 +176,7 @@ class BlockDiffusion(Objective):
 
   name = "block"
   capabilities = Capabilities(exact=False, sft_rows=True, canvases=True, self_conditioning=False, token_shift=True,
-                              mask_token=True)
+                              mask_token=True, next_token=False)
   mask_id: int
   eps: float = 1e-3
   block_size: int = 16

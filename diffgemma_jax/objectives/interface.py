@@ -23,6 +23,9 @@ class Capabilities:
   self_conditioning: bool  # feeds a self-conditioning signal (model.self_conditioning)
   token_shift: bool  # trains, and its samplers decode, with model.token_shift (an adapted AR checkpoint)
   mask_token: bool  # corrupts tokens to <mask>: the tokenizer needs one
+  # predicts each token from the tokens before it (a causal pass), so one pass gives every position's greedy next
+  # token: whether a continuation is the greedy one is answerable (Scorer.greedy, the harness's is_greedy)
+  next_token: bool
 
 
 class Objective(abc.ABC):

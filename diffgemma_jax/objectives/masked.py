@@ -85,7 +85,7 @@ class MaskedDiffusion(Objective):
 
   name = "masked"
   capabilities = Capabilities(exact=False, sft_rows=True, canvases=False, self_conditioning=False, token_shift=True,
-                              mask_token=True)
+                              mask_token=True, next_token=False)
   mask_id: int
   eps: float = 1e-3
 

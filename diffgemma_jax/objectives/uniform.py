@@ -148,7 +148,7 @@ class UniformDiffusion(Objective):
 
   name = "uniform"
   capabilities = Capabilities(exact=False, sft_rows=True, canvases=True, self_conditioning=True, token_shift=False,
-                              mask_token=False)
+                              mask_token=False, next_token=False)
   mask_id: int
   eps: float = 1e-3
   block_size: int = 16

@@ -77,13 +77,17 @@ def mixture_entries(config, *, local: bool = True) -> list[tuple[str, float]]:
     for directory, _ in entries:
       storage.check_reachable(directory, "data.mixture:")
     cache = _cache_root(config)
-    entries = [(remote_dataset.fetch(d, cache, key="data.mixture") if storage.is_url(d) else d, w)
-               for d, w in entries]
+    entries = [(remote_dataset.fetch(d, cache, key="data.mixture", max_bytes=_cache_max_bytes(config))
+                if storage.is_url(d) else d, w) for d, w in entries]
   return entries
 
 
 def _cache_root(config) -> str:
   return str(config.data.cache_dir) or remote_dataset.default_cache_root()
+
+
+def _cache_max_bytes(config) -> int:
+  return int(float(config.data.cache_max_gb) * 2**30)
 
 
 def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
@@ -127,10 +131,9 @@ def _dataset_in_bucket(config, url: str, build) -> str:
   storage.check_reachable(url, "data.dir")
   cache = _cache_root(config)
   if jax.process_count() == 1:
-    return remote_dataset.build_in_bucket(url, cache, build)
-  local = remote_dataset.build_in_bucket(url, cache, build) if jax.process_index() == 0 else None
-  barrier("diffgemma_bucket_dataset_built")
-  return local or remote_dataset.fetch(url, cache)
+    return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config))
+  return remote_dataset.build_shared(url, cache, build, process_index=jax.process_index(), barrier=barrier,
+                                     max_bytes=_cache_max_bytes(config))
 
 
 def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
