@@ -317,6 +317,30 @@ def test_pypi_code_extracts_deduplicates_and_holds_out_by_package(tmp_path):
   assert heldout and not any("_7(x)" in t for t in heldout) and any("_7(x)" in t for t in train)
 
 
+def test_pypi_code_extractions_at_once_do_not_collide(tmp_path, monkeypatch):
+  """Two extractions of one pin list at once (the hosts of a job sharing a cache): while the first is writing,
+  a second runs to the end and publishes; the first finishes into its own staging folder and keeps the published
+  corpus. (With one shared staging folder the second deleted the first's files under it.)"""
+  from data_recipes import pypi_code
+  archives = {f"pkg{p}": _sdist(str(tmp_path / f"pkg{p}-1.0.tar.gz"),
+                                {f"pkg{p}/core.py": f"def f{p}(x):\n    return x\n".encode()}) for p in range(3)}
+  pins = tuple((name, "1.0", "0" * 64) for name in archives)
+  cache = str(tmp_path / "cache")
+  members, nested = pypi_code._members, {}
+
+  def interleaved(archive):
+    if not nested:
+      nested["started"] = True  # the other host runs start to finish inside the first's extraction
+      nested["corpus"] = pypi_code.extract(archives, cache=cache, pins=pins)
+    yield from members(archive)
+
+  monkeypatch.setattr(pypi_code, "_members", interleaved)
+  first = pypi_code.extract(archives, cache=cache, pins=pins)
+  assert first == nested["corpus"] and sorted(first.files) == ["pkg0.jsonl", "pkg1.jsonl", "pkg2.jsonl"]
+  assert [json.loads(line)["path"] for line in open(os.path.join(first.root, "pkg1.jsonl"))] == ["pkg1/pkg1/core.py"]
+  assert sorted(os.listdir(cache)) == [os.path.basename(first.root)]  # no staging folder left behind
+
+
 @pytest.fixture()
 def package_index(tmp_path):
   """A local simple index (PEP 503) over `files`, {name: bytes}, served at `url`; `listed` overrides the sha256
