@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Iterable
 
@@ -171,6 +172,40 @@ def write_dataset(output_dir: str, recipe: str, splits: dict[str, list[tuple[str
   shutil.rmtree(output_dir, ignore_errors=True)
   os.replace(staging, output_dir)
   return manifest
+
+
+def staging_folder(root: str) -> str:
+  """A fresh folder beside `root`, this process's own, to build a cache entry in before `publish_folder`: several
+  processes (the hosts of a job, or the processes of one host) may build the same entry at once."""
+  parent = os.path.dirname(root.rstrip("/")) or "."
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix=os.path.basename(root.rstrip("/")) + ".partial-", dir=parent)
+
+
+def publish_folder(staging: str, root: str, done: str) -> None:
+  """Renames the finished `staging` to `root`; an entry is complete exactly when it holds the file `done`,
+  written last. Another process that published first wins (its folder is the same build), so ours is dropped;
+  a leftover without `done` (an interrupted build of an older layout) is moved aside first, never deleted under a
+  reader."""
+  try:
+    os.rename(staging, root)
+    return
+  except OSError:
+    if os.path.isfile(os.path.join(root, done)):
+      shutil.rmtree(staging, ignore_errors=True)
+      return
+  aside = tempfile.mkdtemp(prefix=os.path.basename(root.rstrip("/")) + ".stale-", dir=os.path.dirname(root) or ".")
+  try:
+    os.replace(root, os.path.join(aside, "old"))
+  except OSError:
+    pass  # gone meanwhile
+  try:
+    os.rename(staging, root)
+  except OSError:  # another process published between the two renames
+    if not os.path.isfile(os.path.join(root, done)):
+      raise
+    shutil.rmtree(staging, ignore_errors=True)
+  shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_utf8(path: str) -> str | None:

@@ -27,10 +27,8 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,6 +39,8 @@ from data_recipes.common import (
   build_text_dataset,
   file_sha256,
   is_current,
+  publish_folder,
+  staging_folder,
   text_build_settings,
 )
 from data_recipes.python_packages import heldout_units
@@ -294,9 +294,7 @@ def extract(sdists: dict[str, str], cache: str = CACHE, pins=PINS) -> Corpus:
   """The deduplicated source files of every sdist, one JSONL shard per package (written once per pin list)."""
   root = os.path.join(cache, f"corpus-{pins_digest(pins)}")
   if not os.path.isfile(os.path.join(root, "files.json")):
-    # A staging folder of this process's own: several processes (the hosts of one job) may extract at once.
-    os.makedirs(cache, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=os.path.basename(root) + ".partial-", dir=cache)
+    staging = staging_folder(root)
     seen, sizes = set(), {}
     for name in sorted(sdists, key=str.lower):
       shard = f"{name.lower()}.jsonl"
@@ -317,33 +315,8 @@ def extract(sdists: dict[str, str], cache: str = CACHE, pins=PINS) -> Corpus:
           sizes[shard] += len(data)
     with open(os.path.join(staging, "files.json"), "w") as f:
       json.dump({"files": list(sizes), "bytes": sizes}, f)
-    _publish(staging, root)
+    publish_folder(staging, root, "files.json")
   return extracted_corpus(root)
-
-
-def _publish(staging: str, root: str) -> None:
-  """Renames a finished extraction to `root` (a folder is complete exactly when it holds files.json, written
-  last). Another process that got there first wins: its folder is the same extraction, so ours is dropped. A
-  leftover without files.json (an interrupted older layout) is moved aside first, never deleted in place."""
-  try:
-    os.rename(staging, root)
-    return
-  except OSError:
-    if os.path.isfile(os.path.join(root, "files.json")):
-      shutil.rmtree(staging, ignore_errors=True)
-      return
-  aside = tempfile.mkdtemp(prefix=os.path.basename(root) + ".stale-", dir=os.path.dirname(root))
-  try:
-    os.replace(root, os.path.join(aside, "old"))
-  except OSError:
-    pass  # gone meanwhile
-  try:
-    os.rename(staging, root)
-  except OSError:  # another process published between the two renames
-    if not os.path.isfile(os.path.join(root, "files.json")):
-      raise
-    shutil.rmtree(staging, ignore_errors=True)
-  shutil.rmtree(aside, ignore_errors=True)
 
 
 def extracted_corpus(root: str) -> Corpus:

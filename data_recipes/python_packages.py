@@ -31,7 +31,9 @@ from data_recipes.common import (
   build_options,
   build_text_dataset,
   is_current,
+  publish_folder,
   read_utf8,
+  staging_folder,
   text_build_settings,
 )
 from data_recipes.python_stdlib import EXCLUDED_DIRS
@@ -169,9 +171,7 @@ def gather(folders: list[str], max_bytes: int, stamp: str, cache: str = CACHE) -
     sizes = {unit: sum(os.path.getsize(os.path.join(f, rel)) for f, rel in files)
              for unit, files in candidates.items()}
     kept = select_units(sizes, max_bytes)
-    staging = root + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = staging_folder(root)
     skipped = {"non_utf8": 0, "duplicate": 0, "empty": 0}
     written: dict[str, int] = {}
     out, current = None, None
@@ -185,11 +185,11 @@ def gather(folders: list[str], max_bytes: int, stamp: str, cache: str = CACHE) -
     if out:
       out.close()
     if not written:
+      shutil.rmtree(staging, ignore_errors=True)
       raise DataError(f"no non-empty UTF-8 Python sources under {folders}")
     with open(os.path.join(staging, "units.json"), "w") as f:
       json.dump({"bytes": written, "skipped": skipped}, f)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(staging, root)
+    publish_folder(staging, root, "units.json")
   with open(done) as f:
     info = json.load(f)
   held = heldout_units(info["bytes"])

@@ -9,12 +9,18 @@ exist), and split by play so that no play is on both sides. The chosen texts are
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 
-from data_recipes.common import build_options, build_text_dataset, is_current, text_build_settings
+from data_recipes.common import (
+  build_options,
+  build_text_dataset,
+  is_current,
+  publish_folder,
+  staging_folder,
+  text_build_settings,
+)
 from diffgemma_jax.data.build import Corpus
 from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.errors import DataError
@@ -83,16 +89,14 @@ def extract(archive: str) -> Corpus:
   listing = os.path.join(root, "files.txt")
   if not os.path.isfile(listing):
     docs = documents(archive)
-    staging = root + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
+    staging = staging_folder(root)
     for source, text in docs:
       os.makedirs(os.path.join(staging, os.path.dirname(source)), exist_ok=True)
       with open(os.path.join(staging, source), "w", encoding="utf-8", newline="") as f:
         f.write(text)
     with open(os.path.join(staging, "files.txt"), "w") as f:
       f.write("".join(source + "\n" for source, _ in docs))
-    os.replace(staging, root)
+    publish_folder(staging, root, "files.txt")
   with open(listing) as f:
     files = tuple(line.strip() for line in f if line.strip())
   return plays_corpus(root, files)
