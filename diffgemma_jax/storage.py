@@ -226,6 +226,18 @@ def write_text(path, text: str) -> None:
   epath.Path(str(path)).write_text(text)
 
 
+def upload_folder(local: str, url: str) -> str:
+  """Copies every file under the local folder `local` to the folder `url` (a bucket URL or a local path), keeping
+  the relative paths; returns `url`."""
+  for folder, _, names in os.walk(local):
+    for name in sorted(names):
+      rel = os.path.relpath(os.path.join(folder, name), local)
+      target = epath.Path(join(url, *rel.split(os.sep)))
+      target.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(os.path.join(folder, name)).copy(target, overwrite=True)
+  return url
+
+
 def copy_folder(url: str, target: str) -> str:
   """Copies every object under the bucket folder `url` into the local folder `target` (each checked against its
   listed size), for libraries that read local files only (memory-mapped safetensors); returns `target`."""

@@ -75,8 +75,13 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   assert manifest["sha256"] == local_manifest["sha256"] and manifest["splits"] == local_manifest["splits"]
   with open(os.path.join(local_dir, "tokenizer.model"), "rb") as f:
     assert epath.Path("s3://runs/data/tokenizer.model").read_bytes() == f.read()
-  resumed = train(load_tiny(dict(overrides, **{"train.num_steps": "6"})), workdir, show_progress=False)
+  resumed = train(load_tiny(dict(overrides, **{"train.num_steps": "6", "train.profile_steps": "(5, 5)"})), workdir,
+                  show_progress=False)
   assert resumed["start_step"] == 4 and resumed["final_step"] == 6
+  # The profile of step 5, written locally by the profiler, is uploaded beside the TensorBoard scalars.
+  traces = [p for p in (root / "tb" / "plugins" / "profile").iterdir()]
+  assert len(traces) == 1 and any(p.name.endswith(".xplane.pb") for p in traces[0].iterdir())
+  assert not os.path.exists("s3:")  # nothing written to a local folder named after the URL
   records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
   assert sorted(r["step"] for r in records if "train/loss" in r) == list(range(1, 7))
   assert [r["start_step"] for r in read_history(workdir)] == [0, 4]

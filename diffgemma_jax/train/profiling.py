@@ -2,15 +2,19 @@
 
 The trace starts before step `first` is dispatched and stops once step `last` has finished on the device, so it
 holds whole steps. It lands in `<workdir>/tb/plugins/profile/<timestamp>/` (TensorBoard's profile tab reads it;
-the `*.trace.json.gz` beside it opens in Perfetto, and `bench/trace_summary.py` lists its largest costs).
+the `*.trace.json.gz` beside it opens in Perfetto, and `bench/trace_summary.py` lists its largest costs). For a
+workdir in a bucket the profiler writes into a local temporary folder and the trace is uploaded when it stops.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 
+from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 
 
@@ -31,15 +35,17 @@ class StepProfiler:
   is dispatched (`out`: something of the step's to wait on)."""
 
   def __init__(self, log_dir: str, profile_steps):
-    self.log_dir = log_dir
+    self.log_dir = log_dir  # a local folder or a bucket URL
     self.steps = check_profile_steps(profile_steps)
     self.active = False
     self.trace_dir = None
+    self._local = None  # where the profiler writes: log_dir itself, or a temporary folder for a URL
 
   def before(self, step: int) -> None:
     if self.steps and step == self.steps[0] and not self.active:
-      os.makedirs(self.log_dir, exist_ok=True)
-      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+      self._local = tempfile.mkdtemp(prefix="diffgemma-trace-") if storage.is_url(self.log_dir) else self.log_dir
+      os.makedirs(self._local, exist_ok=True)
+      jax.profiler.start_trace(self._local, create_perfetto_trace=True)
       self.active = True
 
   def after(self, step: int, out) -> str | None:
@@ -51,9 +57,15 @@ class StepProfiler:
     return None
 
   def stop(self) -> None:
-    if self.active:
-      jax.profiler.stop_trace()
-      self.active = False
-      runs = os.path.join(self.log_dir, "plugins", "profile")
-      if os.path.isdir(runs):
-        self.trace_dir = os.path.join(runs, sorted(os.listdir(runs))[-1])
+    if not self.active:
+      return
+    jax.profiler.stop_trace()
+    self.active = False
+    runs = os.path.join(self._local, "plugins", "profile")
+    if not os.path.isdir(runs):
+      return
+    latest = sorted(os.listdir(runs))[-1]
+    self.trace_dir = os.path.join(runs, latest)
+    if self._local != self.log_dir:
+      self.trace_dir = storage.upload_folder(self.trace_dir, storage.join(self.log_dir, "plugins", "profile", latest))
+      shutil.rmtree(self._local, ignore_errors=True)
