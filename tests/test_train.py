@@ -75,6 +75,10 @@ def _ar_step(load_tiny, accum: int):
   L = config.train.seq_len
   batch = {"tokens": jnp.asarray(rng.integers(5, cfg.vocab_size, (4, L)), jnp.int32),
            "segment_ids": jnp.ones((4, L), jnp.int32), "positions": jnp.tile(jnp.arange(L, dtype=jnp.int32), (4, 1))}
+  # train.grad_accum_steps reached the step: it scans `accum` micro-batches (else the test compares 1 with 1)
+  scans = [e.params["length"] for e in step.trace(state, batch, jax.random.key(0)).jaxpr.eqns
+           if e.primitive.name == "scan"]
+  assert scans == [accum], scans
   state, metrics = step(state, batch, jax.random.key(0))
   return state, metrics
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel import rules
-from diffgemma_jax.parallel.mesh import check_mesh_fits, mesh_from_config
+from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.train.freeze import trainable_filter
 from diffgemma_jax.train.optimizer import make_optimizer
 from diffgemma_jax.train.state import TrainState, abstract_train_state, init_train_state
@@ -63,16 +63,13 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   (`config.objective`, with the tokenizer's `mask_id`), `train.grad_accum_steps`, `train.freeze` (or the LoRA
   adapters), `train.seed` and `train.debug_nan_at_step`.
 
-  `mesh`: a mesh over chosen devices instead of the config's (a sharded step compared with one device); it is
-  checked against the model and batch sizes as the config's would be. `optimizer`: (tx, schedule) instead of the
-  config's (one that records each gradient in its state, say).
+  `mesh`: a mesh over chosen devices instead of the config's (a sharded step compared with one device), used as
+  given: `check_mesh_fits` would name `mesh.shape` from the config, which this mesh is not. `optimizer`: (tx,
+  schedule) instead of the config's (one that records each gradient in its state, say).
   """
   model_config = ModelConfig.from_config_dict(config.model)
   train_config = config.train
-  if mesh is None:
-    mesh = mesh_from_config(config)
-  else:
-    check_mesh_fits(config, mesh)
+  mesh = mesh_from_config(config) if mesh is None else mesh
   tx, schedule = optimizer if optimizer is not None else make_optimizer(train_config)
   seed = int(train_config.seed)
   trainable = trainable_filter(model_config, tuple(train_config.freeze))
