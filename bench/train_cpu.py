@@ -14,46 +14,22 @@ import json
 import time
 
 import jax
-import numpy as np
 
 import benchlib  # bench/, the script's folder, is on sys.path
 from diffgemma_jax.config import base_config
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import count_params, flops_per_token
-from diffgemma_jax.objectives import make_objective
-from diffgemma_jax.parallel import batch_sharding, make_mesh
-from diffgemma_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step
+from diffgemma_jax.train import compile_train_step, synthetic_batch
 from diffgemma_jax.train.logging import peak_flops_per_device
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Rows packed with documents of random lengths (segment ids and per-document positions), no padding."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(5, vocab_size, (batch_size, seq_len)).astype(np.int32)
-  segment_ids = np.zeros((batch_size, seq_len), np.int32)
-  positions = np.zeros((batch_size, seq_len), np.int32)
-  for row in range(batch_size):
-    start, segment = 0, 1
-    while start < seq_len:
-      length = min(int(rng.integers(16, seq_len + 1)), seq_len - start)
-      segment_ids[row, start:start + length] = segment
-      positions[row, start:start + length] = np.arange(length)
-      start, segment = start + length, segment + 1
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
 def bench_backend(backend: str, *, batch_size: int, seq_len: int, steps: int, peak_flops: float) -> dict:
   config = base_config()
   config.model.dispatch = backend
   config.train.update(batch_size=batch_size, seq_len=seq_len)
-  cfg = ModelConfig.from_config_dict(config.model)
-  mesh = make_mesh()
-  tx, schedule = make_optimizer(config.train)
-  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
-  state = init_train_state(cfg, tx, shardings, 0)
-  step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
-                         schedule=schedule, mesh=mesh, state_shardings=shardings)
-  batch = jax.device_put(synthetic_batch(batch_size, seq_len, cfg.vocab_size), batch_sharding(mesh))
+  compiled = compile_train_step(config, mask_id=4)  # base_config's objective: masked diffusion
+  cfg, step, state = compiled.model_config, compiled.step, compiled.init_state()
+  batch = compiled.place(synthetic_batch(batch_size, seq_len, cfg.vocab_size))
   rng = jax.random.key(0)
   t0 = time.perf_counter()
   state, metrics = step(state, batch, rng)

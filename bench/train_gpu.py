@@ -34,15 +34,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=wrong-import-position
 import trace_summary  # pylint: disable=wrong-import-position
-from train_cpu import synthetic_batch  # pylint: disable=wrong-import-position
 from diffgemma_jax.config import apply_overrides, base_config, load_config, validate  # pylint: disable=wrong-import-position
 from diffgemma_jax.model.config import ModelConfig  # pylint: disable=wrong-import-position
 from diffgemma_jax.model.inspect import count_params, flops_per_token  # pylint: disable=wrong-import-position
 from diffgemma_jax.model.masks import MaskSpec  # pylint: disable=wrong-import-position
-from diffgemma_jax.objectives import make_objective  # pylint: disable=wrong-import-position
 from diffgemma_jax.objectives.block import block_ids  # pylint: disable=wrong-import-position
-from diffgemma_jax.parallel import batch_sharding, make_mesh  # pylint: disable=wrong-import-position
-from diffgemma_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step  # pylint: disable=wrong-import-position
+from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=wrong-import-position
 from diffgemma_jax.train.logging import peak_flops_per_device  # pylint: disable=wrong-import-position
 from diffgemma_jax.train.profiling import StepProfiler  # pylint: disable=wrong-import-position
 from pallas_kernels import count_visible  # pylint: disable=wrong-import-position
@@ -88,21 +85,17 @@ _COMPILED = {}
 
 
 def compiled_step(args, objective, attention, dispatch, remat, *, batch_size: int, seq_len: int):
-  """(run config, model config, mesh, optimizer, state shardings, the step compiled for a synthetic batch, that
-  batch on the device, compile seconds); compiled once per combination and shape (the fit search reuses it)."""
+  """(run config, the `CompiledStep`, its step compiled ahead of time for a synthetic batch, that batch on the
+  host, compile seconds); compiled once per combination and shape (the fit search reuses it). No state is
+  allocated here: the fit search only compiles."""
   key = (objective, attention, dispatch, remat, batch_size, seq_len)
   if key not in _COMPILED:
     config = run_config(args, objective, attention, dispatch, remat, batch_size=batch_size, seq_len=seq_len)
-    cfg = ModelConfig.from_config_dict(config.model)
-    mesh = make_mesh()
-    tx, schedule = make_optimizer(config.train)
-    graphdef, abstract, shardings = abstract_train_state(cfg, tx, mesh)
-    step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=4),
-                           tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings)
-    batch = synthetic_batch(batch_size, seq_len, cfg.vocab_size)
+    built = compile_train_step(config, mask_id=4)
+    batch = synthetic_batch(batch_size, seq_len, built.model_config.vocab_size)
     t0 = time.perf_counter()
-    compiled = step.lower(abstract, jax.device_put(batch, batch_sharding(mesh)), jax.random.key(0)).compile()
-    _COMPILED[key] = (config, cfg, mesh, tx, shardings, compiled, batch, time.perf_counter() - t0)
+    compiled = built.step.lower(built.abstract_state, built.place(batch), jax.random.key(0)).compile()
+    _COMPILED[key] = (config, built, compiled, batch, time.perf_counter() - t0)
   return _COMPILED[key]
 
 
@@ -120,15 +113,15 @@ def device_memory_gb() -> float | None:
 
 
 def measure(args, objective, attention, dispatch, remat, peak_flops, profile_dir=None) -> dict:
-  config, cfg, mesh, tx, shardings, compiled, batch, compile_s = compiled_step(
+  config, built, compiled, batch, compile_s = compiled_step(
       args, objective, attention, dispatch, remat, batch_size=args.batch_size, seq_len=args.seq_len)
-  flops = model_flops_per_step(cfg, objective, batch, int(config.objective.block_size))
-  batch = jax.device_put(batch, batch_sharding(mesh))
+  flops = model_flops_per_step(built.model_config, objective, batch, int(config.objective.block_size))
+  batch = built.place(batch)
   rng = jax.random.key(0)
   row = {"objective": objective, "attention_impl": attention, "dispatch": dispatch, "remat": remat,
          "batch_size": args.batch_size, "seq_len": args.seq_len, "model_gflop_per_step": flops / 1e9,
          "compile_s": compile_s, "peak_gb_estimate": peak_gb(compiled)}
-  state = init_train_state(cfg, tx, shardings, 0)
+  state = built.init_state()
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch, rng)
   jax.block_until_ready(state)
@@ -164,7 +157,7 @@ def fits(args, attention: str, seq_len: int, memory_gb) -> dict:
   row = {"attention_impl": attention, "seq_len": seq_len}
   try:
     compiled = compiled_step(args, args.objectives.split(",")[0], attention, args.dispatch.split(",")[0],
-                             args.remat.split(",")[0], batch_size=1, seq_len=seq_len)[5]
+                             args.remat.split(",")[0], batch_size=1, seq_len=seq_len)[2]
     row["peak_gb_estimate"] = peak_gb(compiled)
     row["fits"] = memory_gb is None or row["peak_gb_estimate"] is None or row["peak_gb_estimate"] <= memory_gb
   except Exception as e:  # pylint: disable=broad-except  (a compiler that refuses the allocation)

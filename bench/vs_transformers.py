@@ -32,9 +32,7 @@ from diffgemma_jax.config import base_config
 from diffgemma_jax.hf.mapping import hf_config_from_model
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import count_params
-from diffgemma_jax.objectives import make_objective
-from diffgemma_jax.parallel import batch_sharding, make_mesh
-from diffgemma_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step
+from diffgemma_jax.train import compile_train_step
 from diffgemma_jax.train.profiling import StepProfiler
 
 THREADS = 2
@@ -55,18 +53,22 @@ def train_config(batch_size: int, seq_len: int):
   return train
 
 
+def run_config(cfg: ModelConfig, batch_size: int, seq_len: int):
+  """Our side's run config: the model `cfg`, the `ar` objective, the train section both sides read."""
+  config = base_config()
+  config.model.update(cfg.to_dict())
+  config.objective.name = "ar"
+  config.train = train_config(batch_size, seq_len)
+  return config
+
+
 def bench_ours(cfg: ModelConfig, tokens: np.ndarray, *, steps: int, warmup: int, profile_dir: str = "") -> dict:
-  train = train_config(*tokens.shape)
-  mesh = make_mesh()
-  tx, schedule = make_optimizer(train)
-  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
-  state = init_train_state(cfg, tx, shardings, 0)
-  step = make_train_step(graphdef=graphdef, objective=make_objective("ar", mask_id=0), tx=tx, schedule=schedule, mesh=mesh,
-                         state_shardings=shardings)
+  compiled = compile_train_step(run_config(cfg, *tokens.shape), mask_id=0)  # `ar` has no mask token
+  step, state = compiled.step, compiled.init_state()
   B, L = tokens.shape
   batch = {"tokens": tokens, "segment_ids": np.ones((B, L), np.int32),
            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
-  batch = jax.device_put(batch, batch_sharding(mesh))
+  batch = compiled.place(batch)
   rng = jax.random.key(0)
   losses = []
   t0 = time.perf_counter()

@@ -144,13 +144,9 @@ def test_train_step_with_pallas_attention_lowers_to_triton(monkeypatch):
   this CPU: its attention becomes Triton kernels (forward, dQ, dK/dV) under the [canvas ; clean] mask, every
   Triton module passes MLIR's verifier, and no interpreter is left in the program."""
   from test_pallas_gmm import _lowered_for_gpu  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
-  from train_cpu import synthetic_batch  # pylint: disable=import-outside-toplevel
 
   from diffgemma_jax.config import base_config
-  from diffgemma_jax.objectives import make_objective
-  from diffgemma_jax.parallel import make_mesh
-  from diffgemma_jax.train import abstract_train_state, make_optimizer, make_train_step
+  from diffgemma_jax.train import compile_train_step, synthetic_batch
   from pallas_kernels import _compat
 
   monkeypatch.setattr(_compat, "resolve_interpret", lambda interpret: False if interpret is None else interpret)
@@ -159,13 +155,9 @@ def test_train_step_with_pallas_attention_lowers_to_triton(monkeypatch):
     config = base_config()
     config.model.update(attention_impl="pallas", dispatch="sorted")
     config.train.update(batch_size=2, seq_len=48)
-    cfg = ModelConfig.from_config_dict(config.model)
-    mesh = make_mesh()
-    tx, schedule = make_optimizer(config.train)
-    graphdef, abstract_state, shardings = abstract_train_state(cfg, tx, mesh)
-    step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=4),
-                           tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings)
-    text = _lowered_for_gpu(step, abstract_state, synthetic_batch(2, 48, cfg.vocab_size), jax.random.key(0))
+    compiled = compile_train_step(config, mask_id=4)
+    text = _lowered_for_gpu(compiled.step, compiled.abstract_state,
+                            synthetic_batch(2, 48, compiled.model_config.vocab_size), jax.random.key(0))
   finally:
     jax.clear_caches()
   for name in ("flash_attention_forward", "flash_attention_dq", "flash_attention_dkv"):

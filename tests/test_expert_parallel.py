@@ -6,7 +6,6 @@ this file in a subprocess with `--xla_force_host_platform_device_count=8`, where
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import subprocess
@@ -219,32 +218,33 @@ def _train_setup():
   return c, ModelConfig.from_config_dict(c.model), batch
 
 
+def _compiled_step(shape, **model_overrides):
+  """The masked-diffusion step of `_train_setup`'s config with `model_overrides` on the mesh `shape` (its first
+  devices), trained by SGD that keeps each gradient."""
+  import optax
+
+  from diffgemma_jax.train import compile_train_step
+  c, _, _ = _train_setup()
+  c.model.update(model_overrides)
+  mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+  optimizer = (_sgd_keeping_gradients(LEARNING_RATE), optax.constant_schedule(LEARNING_RATE))
+  return compile_train_step(c, mask_id=4, mesh=mesh, optimizer=optimizer)
+
+
 @functools.lru_cache(maxsize=None)
 def _initial_state():
   """The initial train state on the host, initialised once and placed onto every mesh (one init compile)."""
-  from diffgemma_jax.train import abstract_train_state, init_train_state
-  _, cfg, _ = _train_setup()
-  tx = _sgd_keeping_gradients(LEARNING_RATE)
-  _, _, shardings = abstract_train_state(cfg, tx, make_mesh(devices=jax.devices()[:1]))
-  return jax.device_get(init_train_state(cfg, tx, shardings, 0))
+  return jax.device_get(_compiled_step((1, 1, 1, 1)).init_state())
 
 
 def _train_three_steps(shape, **model_overrides):
   """Losses, gradients, parameters and dropped assignments of three SGD steps from the same initialisation, and
   whether the step's lowered program exchanges tokens with all_to_all (the expert-parallel path)."""
-  import optax
-
-  from diffgemma_jax.objectives import make_objective
-  from diffgemma_jax.train import abstract_train_state, make_train_step
-  _, cfg, batch = _train_setup()
-  cfg = dataclasses.replace(cfg, **model_overrides)
-  mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
-  tx = _sgd_keeping_gradients(LEARNING_RATE)
-  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
-  state = jax.device_put(_initial_state(), shardings)
-  step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
-                         schedule=optax.constant_schedule(LEARNING_RATE), mesh=mesh, state_shardings=shardings)
-  lowered = step.lower(state, batch, jax.random.key(0))
+  compiled = _compiled_step(shape, **model_overrides)
+  _, _, batch = _train_setup()
+  mesh = compiled.mesh
+  state = jax.device_put(_initial_state(), compiled.state_shardings)
+  lowered = compiled.step.lower(state, batch, jax.random.key(0))
   all_to_all = "all_to_all" in lowered.as_text()
   step = lowered.compile()
   losses, grads, dropped = [], [], []

@@ -17,6 +17,7 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.model.masks import canvas_clean_mask, canvas_window_starts, sliding_window
 from diffgemma_jax.objectives.block import block_ids
+from diffgemma_jax.train import synthetic_batch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -24,7 +25,6 @@ import attention_gpu  # noqa: E402  pylint: disable=wrong-import-position
 import benchlib  # noqa: E402  pylint: disable=wrong-import-position
 import trace_summary  # noqa: E402  pylint: disable=wrong-import-position
 import train_gpu  # noqa: E402  pylint: disable=wrong-import-position
-from train_cpu import synthetic_batch  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_attention_benchmark_in_interpret_mode(tmp_path):

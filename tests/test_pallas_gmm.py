@@ -325,13 +325,8 @@ def test_train_step_with_pallas_dispatch_lowers_to_triton(monkeypatch):
   """The whole jitted train step with model.dispatch='pallas', lowered for a GPU from this CPU: the MoE's two
   grouped matmuls forward and their four gradients (dlhs, drhs each) become Triton kernels, nothing else fails
   to lower, and no interpreter is left in the program."""
-  sys.path.insert(0, str(REPO / "bench"))
-  from train_cpu import synthetic_batch  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.config import base_config
-  from diffgemma_jax.model.config import ModelConfig
-  from diffgemma_jax.objectives import make_objective
-  from diffgemma_jax.parallel import make_mesh
-  from diffgemma_jax.train import abstract_train_state, make_optimizer, make_train_step
+  from diffgemma_jax.train import compile_train_step, synthetic_batch
   from pallas_kernels import _compat
 
   # What `interpret=None` resolves to on a GPU backend; traces cached for this CPU must not be reused.
@@ -341,14 +336,10 @@ def test_train_step_with_pallas_dispatch_lowers_to_triton(monkeypatch):
     config = base_config()
     config.model.dispatch = "pallas"
     config.train.update(batch_size=2, seq_len=48)
-    cfg = ModelConfig.from_config_dict(config.model)
-    mesh = make_mesh()
-    tx, schedule = make_optimizer(config.train)
-    graphdef, abstract_state, shardings = abstract_train_state(cfg, tx, mesh)
-    step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
-                           schedule=schedule, mesh=mesh, state_shardings=shardings)
+    compiled = compile_train_step(config, mask_id=4)  # base_config's objective: masked diffusion
+    cfg = compiled.model_config
     batch = synthetic_batch(2, 48, cfg.vocab_size)
-    text = _lowered_for_gpu(step, abstract_state, batch, jax.random.key(0))
+    text = _lowered_for_gpu(compiled.step, compiled.abstract_state, batch, jax.random.key(0))
   finally:
     jax.clear_caches()
   # One kernel per distinct call site: the layers share them (scanned, or one outlined function per shape).

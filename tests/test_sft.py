@@ -53,23 +53,18 @@ def test_sft_recipes_need_a_tokenizer(load_tiny):
 
 # ---- freezing and LoRA in the train step ----------------------------------------------------------------------------
 def _step_once(cfg: ModelConfig, freeze=()):
+  """Two masked-diffusion updates of `cfg` with `train.freeze=freeze` (or its LoRA adapters), as the trainer
+  builds the step: which parameters changed, the state, the last metrics."""
   from diffgemma_jax.config import base_config
-  from diffgemma_jax.objectives import MaskedDiffusion
   from diffgemma_jax.parallel.mesh import make_mesh
-  from diffgemma_jax.train.freeze import trainable_filter
-  from diffgemma_jax.train.optimizer import make_optimizer
-  from diffgemma_jax.train.state import abstract_train_state, init_train_state, to_pure
-  from diffgemma_jax.train.step import make_train_step
-  tc = base_config().train
-  tc.update(learning_rate=1e-2, warmup_steps=0, num_steps=10)
-  mesh = make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
-  tx, schedule = make_optimizer(tc)
-  trainable = trainable_filter(cfg, freeze)
-  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh, 0, trainable)
-  state = init_train_state(cfg, tx, shardings, 0, trainable)
+  from diffgemma_jax.train import compile_train_step
+  from diffgemma_jax.train.state import to_pure
+  config = base_config()  # objective: masked
+  config.model.update(cfg.to_dict())
+  config.train.update(learning_rate=1e-2, warmup_steps=0, num_steps=10, freeze=tuple(freeze))
+  compiled = compile_train_step(config, mask_id=4, mesh=make_mesh((1, 1, 1, 1), devices=jax.devices()[:1]))
+  step, state = compiled.step, compiled.init_state()
   before = jax.device_get(to_pure(state.params))
-  step = make_train_step(graphdef=graphdef, objective=MaskedDiffusion(mask_id=4), tx=tx, schedule=schedule, mesh=mesh,
-                         state_shardings=shardings, trainable=trainable)
   tokens = jax.random.randint(jax.random.key(0), (4, 16), 5, cfg.vocab_size)
   batch = {"tokens": tokens, "segment_ids": jnp.ones((4, 16), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(16), (4, 16)).astype(jnp.int32)}

@@ -65,23 +65,20 @@ def test_every_param_has_a_sharding_and_decay_skips_vectors():
 
 
 def _ar_step(load_tiny, accum: int):
-  from diffgemma_jax.objectives import make_objective
-  from diffgemma_jax.parallel import make_mesh
-  from diffgemma_jax.train import abstract_train_state, init_train_state, make_train_step
+  from diffgemma_jax.train import compile_train_step
   config = load_tiny({"objective.name": "ar", "train.grad_accum_steps": str(accum), "train.warmup_steps": "0",
                       "train.batch_size": "4"})
-  cfg = ModelConfig.from_config_dict(config.model)
-  mesh = make_mesh()
-  tx = optax.sgd(1.0)  # the update is the gradient itself, so params compare gradients
-  graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
-  state = init_train_state(cfg, tx, shardings, 0)
-  step = make_train_step(graphdef=graphdef, objective=make_objective("ar", mask_id=4), tx=tx,
-                         schedule=optax.constant_schedule(1.0),
-                         mesh=mesh, state_shardings=shardings, grad_accum_steps=accum)
+  # SGD at rate 1: the update is the gradient itself, so params compare gradients
+  compiled = compile_train_step(config, mask_id=4, optimizer=(optax.sgd(1.0), optax.constant_schedule(1.0)))
+  cfg, step, state = compiled.model_config, compiled.step, compiled.init_state()
   rng = np.random.default_rng(0)
   L = config.train.seq_len
   batch = {"tokens": jnp.asarray(rng.integers(5, cfg.vocab_size, (4, L)), jnp.int32),
            "segment_ids": jnp.ones((4, L), jnp.int32), "positions": jnp.tile(jnp.arange(L, dtype=jnp.int32), (4, 1))}
+  # train.grad_accum_steps reached the step: it scans `accum` micro-batches (else the test compares 1 with 1)
+  scans = [e.params["length"] for e in step.trace(state, batch, jax.random.key(0)).jaxpr.eqns
+           if e.primitive.name == "scan"]
+  assert scans == [accum], scans
   state, metrics = step(state, batch, jax.random.key(0))
   return state, metrics
 
@@ -106,9 +103,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from conftest import TINY_MODEL
     from diffgemma_jax.config import base_config
     from diffgemma_jax.model.config import ModelConfig
-    from diffgemma_jax.objectives import make_objective
     from diffgemma_jax.parallel import make_mesh
-    from diffgemma_jax.train import abstract_train_state, init_train_state, make_optimizer, make_train_step
+    from diffgemma_jax.train import abstract_train_state, compile_train_step, init_train_state, make_optimizer
     c = base_config(); c.model.update(TINY_MODEL); c.train.update(batch_size=4, seq_len=16, warmup_steps=0, learning_rate=1e-5)
     cfg = ModelConfig.from_config_dict(c.model)
     rng = np.random.default_rng(0)
@@ -125,11 +121,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     out = []
     for shape in [(1, 1, 1, 1), (1, 2, 2, 1), (2, 1, 1, 2)]:
       mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
-      tx, schedule = optimizer()
-      graphdef, _, shardings = abstract_train_state(cfg, tx, mesh)
-      state = init_train_state(cfg, tx, shardings, 0)
-      step = make_train_step(graphdef=graphdef, objective=make_objective("masked", mask_id=4), tx=tx,
-                             schedule=schedule, mesh=mesh, state_shardings=shardings)
+      compiled = compile_train_step(c, mask_id=4, mesh=mesh, optimizer=optimizer())  # c.objective: masked
+      step, state = compiled.step, compiled.init_state()
       grads, norms = [], []
       for _ in range(2):
         state, metrics = step(state, batch, jax.random.key(0))
