@@ -135,3 +135,22 @@ def test_timed_decay_needs_a_time_budget(load_tiny, tmp_path):
   with pytest.raises(ConfigError, match=r"train\.decay_fraction=1\.5: .* in \(0, 1\)"):
     train(load_tiny({"train.lr_schedule": "wsd_time", "train.max_runtime_s": "10", "train.decay_fraction": "1.5"}),
           str(tmp_path / "w"), show_progress=False)
+
+
+def test_compiled_step_takes_the_placement_under_wsd_time(load_tiny):
+  """compile_train_step builds a wsd_time config's step as the trainer does: the placement is its fourth argument,
+  and the rate of update count 1 is the floor once the decay is placed at (0, 1), the peak while it is not."""
+  import jax
+
+  from diffgemma_jax.train.compiled import compile_train_step, synthetic_batch
+  config = load_tiny({"train.lr_schedule": "wsd_time", "train.max_runtime_s": "60", "train.warmup_steps": "0"})
+  compiled = compile_train_step(config, mask_id=4)
+  assert compiled.decay_placed and compiled.decay_args()[0].tolist() == [2 ** 31 - 1] * 2
+  batch = compiled.place(synthetic_batch(int(config.train.batch_size), int(config.train.seq_len),
+                                         int(config.model.vocab_size)))
+  peak = float(config.train.learning_rate)
+  for placed, rate in ((None, peak), ((0, 1), peak * float(config.train.min_lr_ratio))):
+    state = compiled.init_state()
+    for _ in range(2):
+      state, metrics = compiled.step(state, batch, jax.random.key(0), *compiled.decay_args(placed))
+    assert float(metrics["lr"]) == pytest.approx(rate, rel=1e-6)

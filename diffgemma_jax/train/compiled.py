@@ -22,14 +22,15 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel import rules
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.train.freeze import trainable_filter
-from diffgemma_jax.train.optimizer import make_optimizer
+from diffgemma_jax.train.optimizer import UNPLACED_DECAY, make_optimizer
 from diffgemma_jax.train.state import TrainState, abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
-  """`step(state, batch, rng) -> (state, metrics)` jitted once (train/step.py), and what it was built for.
+  """`step(state, batch, rng) -> (state, metrics)` jitted once (train/step.py), and what it was built for. Under
+`train.lr_schedule = "wsd_time"` the step takes a fourth argument, the decay's placement (`decay_args`).
 
   XLA compiles the step on its first call, or ahead of time with `step.lower(abstract_state, batch, rng)`. The
   state is not kept here: the step donates it, so a kept state would be a dead buffer after the first update;
@@ -46,6 +47,11 @@ class CompiledStep:
   batch_sharding: NamedSharding
   trainable: Any  # the nnx filter of the parameters the optimizer updates (train.freeze, LoRA)
   seed: int
+  decay_placed: bool = False  # wsd_time: the step's fourth argument places the decay (train/time_decay.py)
+
+  def decay_args(self, placed: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
+    """The step's arguments after (state, batch, rng): wsd_time's (start, horizon), unplaced by default."""
+    return (np.asarray(placed or UNPLACED_DECAY, np.int32),) if self.decay_placed else ()
 
   def init_state(self) -> TrainState:
     """The trainer's fresh state (`train.seed`), each array made directly in its sharding."""
@@ -65,7 +71,8 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
 
   `mesh`: a mesh over chosen devices instead of the config's (a sharded step compared with one device), used as
   given: `check_mesh_fits` would name `mesh.shape` from the config, which this mesh is not. `optimizer`: (tx,
-  schedule) instead of the config's (one that records each gradient in its state, say).
+  schedule) instead of the config's (one that records each gradient in its state, say); it replaces wsd_time's
+  placed decay too.
   """
   model_config = ModelConfig.from_config_dict(config.model)
   train_config = config.train
@@ -74,13 +81,15 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   seed = int(train_config.seed)
   trainable = trainable_filter(model_config, tuple(train_config.freeze))
   graphdef, abstract, shardings = abstract_train_state(model_config, tx, mesh, seed, trainable)
+  decay_placed = optimizer is None and str(train_config.lr_schedule) == "wsd_time"
   step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=mask_id), tx=tx,
                          schedule=schedule, mesh=mesh, state_shardings=shardings,
                          grad_accum_steps=int(train_config.grad_accum_steps),
-                         debug_nan_at_step=int(train_config.debug_nan_at_step), trainable=trainable)
+                         debug_nan_at_step=int(train_config.debug_nan_at_step), trainable=trainable,
+                         optimizer_for_decay=(lambda d: make_optimizer(train_config, d)) if decay_placed else None)
   return CompiledStep(step=step, model_config=model_config, mesh=mesh, tx=tx, schedule=schedule, graphdef=graphdef,
                       abstract_state=abstract, state_shardings=shardings, batch_sharding=rules.batch_sharding(mesh),
-                      trainable=trainable, seed=seed)
+                      trainable=trainable, seed=seed, decay_placed=decay_placed)
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
