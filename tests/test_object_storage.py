@@ -121,7 +121,6 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path, capsys):
   from etils import epath
 
   from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
-  from diffgemma_jax.hf.import_hf import import_hf
   from test_hf import TINY, _pure, _random_model
   pure = _pure(_random_model(TINY))
   export_hf(TINY, pure, str(tmp_path / "hf"), canvas_length=16, log=lambda _: None)
@@ -385,7 +384,7 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_
     meet = threading.Barrier(2, timeout=60).wait
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
       futures = [pool.submit(remote_dataset.build_shared, "s3://runs/shared", str(tmp_path / f"cache-{p}"),
-                             process_build, process_index=p, barrier=lambda _: meet(), timeout_s=30, poll_s=0.05)
+                             process_build, process_index=p, barrier=lambda _: meet(), stale_s=30, poll_s=0.05)
                  for p in (0, 1)]
       return [f.exception() or f.result() for f in futures]
 
@@ -400,6 +399,45 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_
   for local in (local_0, local_1):
     assert open(os.path.join(local, "train", "00000.tokens"), "rb").read() == bytes(range(64))
     assert sorted(os.listdir(local)) == ["manifest.json", "train"]
+
+
+def test_waiting_processes_follow_process_0_heartbeats_and_fail_when_they_stop(s3_endpoint, tmp_path):
+  """A build that takes longer than the staleness limit does not fail the waiting process while process 0 beats;
+  a process 0 that died mid-build (its last beat left in the bucket, nothing after) fails it once the limit
+  passes, naming the beat, not an hour later and not never."""
+  import concurrent.futures
+  import threading
+  import time
+
+  from etils import epath
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.errors import DataError
+
+  def slow_build(folder):
+    time.sleep(1.5)  # three times stale_s: only the beats keep the other process waiting
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
+      f.write(bytes(range(8)))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+      f.write('{"recipe": "slow"}')
+
+  meet = threading.Barrier(2, timeout=60).wait
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(remote_dataset.build_shared, "s3://runs/slow", str(tmp_path / f"cache-{p}"), slow_build,
+                           process_index=p, barrier=lambda _: meet(), poll_s=0.05, heartbeat_s=0.1, stale_s=0.5)
+               for p in (0, 1)]
+    local_0, local_1 = [f.result() for f in futures]
+  assert open(os.path.join(local_1, "train", "00000.tokens"), "rb").read() == bytes(range(8))
+
+  status = epath.Path("s3://runs/dead/" + remote_dataset.STATUS_FILE)
+  status.write_text('{"building": true, "beat": 7}')  # process 0's last word before it was killed
+  start = time.monotonic()
+  with pytest.raises(DataError, match=r"data\.dir s3://runs/dead: process 0 has stopped reporting on the dataset "
+                                      r"build: its last beat \(7\) in build-status\.json, nothing new for 1 s"):
+    remote_dataset.build_shared("s3://runs/dead", str(tmp_path / "cache-dead"), slow_build, process_index=1,
+                                barrier=lambda _: None, poll_s=0.05, stale_s=1.0)
+  assert time.monotonic() - start < 10
 
 
 def test_dataset_cache_is_pruned_to_data_cache_max_gb(s3_endpoint, load_tiny, tmp_path, monkeypatch):
