@@ -51,20 +51,24 @@ class Block(nnx.Module):
       attn_out = self.attn(self.pre_attn_norm(x_BLD), positions_BL, mask_BLL, dtype, canvas_window=canvas_window)
     return self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
 
-  def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, kv_positions_BS,
+  def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, unit, kv_positions_BS,
              write_index, canvas_window=None):
-    """Like `__call__`, but the window's keys/values are written into `layer_cache = (k_BSKH, v_BSKH)` at slots
-    [write_index, write_index + L) and the window attends to all S cached slots under `mask_BLS` (and the sliding
-    window, by `kv_positions_BS`). Returns (output, updated layer_cache)."""
+    """Like `__call__`, but the window's keys/values are written into unit `unit` of the stacked cache
+    `layer_cache = (k_RBSKH, v_RBSKH)` at slots [write_index, write_index + L), and the window attends to all S
+    cached slots of that unit under `mask_BLS` (and the sliding window, by `kv_positions_BS`). Only the window is
+    written into the stacked buffers (in place where the caller donates or carries them), never a whole unit's
+    slice. Returns (output, updated layer_cache)."""
     h_BLD = self.pre_attn_norm(x_BLD)
     k_BLKH, v_BLKH = self.attn.project_kv(h_BLD, positions_BL, dtype)
-    k_cache, v_cache = layer_cache
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_BLKH.astype(k_cache.dtype), (0, write_index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_BLKH.astype(v_cache.dtype), (0, write_index, 0, 0))
-    attn_out = self.attn(h_BLD, positions_BL, mask_BLS, dtype, kv=(k_cache.astype(dtype), v_cache.astype(dtype)),
-                         kv_positions_BS=kv_positions_BS, canvas_window=canvas_window)
+    k_all, v_all = layer_cache
+    at = (unit, 0, write_index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BLKH[None].astype(k_all.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BLKH[None].astype(v_all.dtype), at)
+    kv = tuple(jax.lax.dynamic_index_in_dim(a, unit, axis=0, keepdims=False).astype(dtype) for a in (k_all, v_all))
+    attn_out = self.attn(h_BLD, positions_BL, mask_BLS, dtype, kv=kv, kv_positions_BS=kv_positions_BS,
+                         canvas_window=canvas_window)
     out, _ = self._after_attention(x_BLD, attn_out, token_mask_BL, dtype)
-    return out, (k_cache, v_cache)
+    return out, (k_all, v_all)
 
   def _after_attention(self, x_BLD, attn_out, token_mask_BL, dtype):
     # Rows stay split over the batch axes between sublayers (a no-op for the LOCAL placement).
@@ -93,13 +97,14 @@ class PatternUnit(nnx.Module):
       stats.append(s)
     return x_BLD, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
-  def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, unit_cache, kv_positions_BS,
+  def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, kv_cache, unit, kv_positions_BS,
              write_index, canvas_window=None):
-    """`Block.decode` through the pattern; `unit_cache` holds one (k, v) per block."""
+    """`Block.decode` through the pattern as unit `unit` of the stack; `kv_cache` is the whole stacked cache, one
+    (k, v) pair per block of the pattern, each [repeats, B, S, K, H]."""
     new_cache = []
-    for block, layer_cache in zip(self.blocks, unit_cache):
+    for block, layer_cache in zip(self.blocks, kv_cache):
       x_BLD, layer_cache = block.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, layer_cache=layer_cache,
-                                        kv_positions_BS=kv_positions_BS, write_index=write_index,
+                                        unit=unit, kv_positions_BS=kv_positions_BS, write_index=write_index,
                                         canvas_window=canvas_window)
       new_cache.append(layer_cache)
     return x_BLD, tuple(new_cache)
@@ -242,21 +247,24 @@ class Denoiser(nnx.Module):
                                                          write_index, axis=1)
     canvas_window = self._canvas_window(mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS)
     kwargs = dict(kv_positions_BS=kv_positions_BS, write_index=write_index, canvas_window=canvas_window)
+    # The stacked cache travels whole (the scan's carry), and each layer writes only its window into it: slicing a
+    # unit's cache out and writing it back (or scanning over it as xs / ys) would copy every slot of every layer at
+    # every call, a cost growing with batch x cache length.
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)
 
-      def body(x, unit_state_and_cache):
-        unit_state, unit_cache = unit_state_and_cache
+      def body(carry, unit_state_and_index):
+        x, cache = carry
+        unit_state, r = unit_state_and_index
         return nnx.merge(graphdef, unit_state).decode(x, positions_BL, mask_BLS, token_mask_BL, dtype,
-                                                      unit_cache=unit_cache, **kwargs)
+                                                      kv_cache=cache, unit=r, **kwargs), None
 
-      x_BLD, kv_cache = jax.lax.scan(body, x_BLD, (state, kv_cache))
+      repeats = jax.tree.leaves(kv_cache)[0].shape[0]
+      (x_BLD, kv_cache), _ = jax.lax.scan(body, (x_BLD, kv_cache), (state, jnp.arange(repeats)))
     else:
       for r, unit in enumerate(self.units):
-        unit_cache = jax.tree.map(lambda a: a[r], kv_cache)
-        x_BLD, unit_cache = unit.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, unit_cache=unit_cache,
-                                        **kwargs)
-        kv_cache = jax.tree.map(lambda a, u: a.at[r].set(u), kv_cache, unit_cache)
+        x_BLD, kv_cache = unit.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, kv_cache=kv_cache, unit=r,
+                                      **kwargs)
     if logits_length is not None:
       x_BLD = jax.lax.dynamic_slice_in_dim(x_BLD, logits_start, logits_length, axis=1)
     logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
