@@ -154,6 +154,7 @@ def test_train_step_with_pallas_attention_lowers_to_triton(monkeypatch):
   try:
     config = base_config()
     config.model.update(attention_impl="pallas", dispatch="sorted")
+    config.objective.update(name="block", block_size=16)
     config.train.update(batch_size=2, seq_len=48)
     compiled = compile_train_step(config, mask_id=4)
     text = _lowered_for_gpu(compiled.step, compiled.abstract_state,
