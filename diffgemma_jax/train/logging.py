@@ -162,6 +162,13 @@ class MetricsLogger:
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, desc="train")
 
+  def set_total_steps(self, total_steps: int) -> None:
+    """The run's last step changed (wsd_time placed its decay): the step counts and the progress bar follow."""
+    self.total_steps = total_steps
+    if self._bar is not None:
+      self._bar.total = total_steps
+      self._bar.refresh()
+
   def throughput(self, step: int) -> dict[str, float]:
     """tokens/s and MFU since the previous call, measured on the host as steps complete."""
     now = time.perf_counter()

@@ -240,7 +240,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     if decay.place(step, elapsed_s=time.perf_counter() - t_start, first_step_s=timing["first_step_s"],
                    step_time_s=step_time, sync=sync) is not None:
       end_step = decay.end_step()
-      logger.total_steps = end_step
+      logger.set_total_steps(end_step)
       summary["lr_decay"] = dict(decay.record)
       logger.message(decay.describe())
 
