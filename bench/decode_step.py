@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +42,8 @@ def step_ms(cfg: ModelConfig, batch: int, slots: int, steps: int, repeats: int) 
     return jax.lax.fori_loop(0, steps, body, (model.init_kv_cache(batch, slots), token_B))[1]
 
   token = jnp.full((batch,), 7, jnp.int32)
-  run(state, token).block_until_ready()  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(state, token).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times) / steps
+  seconds, _ = benchlib.median_seconds(lambda: run(state, token).block_until_ready(), warmup=1, runs=repeats)
+  return 1e3 * seconds / steps  # the warm-up call compiles
 
 
 def main(argv=None) -> int:

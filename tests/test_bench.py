@@ -23,6 +23,19 @@ def test_call_cost_reports_each_width_against_the_ar_step(capsys):
   assert rows[16]["tokens_per_call_for_2x"] == 2 * rows[16]["x_ar_step"]
 
 
+def test_decode_step_reports_each_cache_length_against_the_shortest(capsys):
+  sys.path.insert(0, str(REPO / "bench"))
+  import decode_step  # pylint: disable=import-outside-toplevel
+  assert decode_step.main(["--config", str(REPO / "configs" / "ar_tiny.py"), "--batch_sizes", "2", "--slots", "12,20",
+                           "--steps", "4", "--repeats", "1", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert [(r["scan_layers"], r["slots"]) for r in report["rows"]] == [(False, 12), (False, 20), (True, 12), (True, 20)]
+  for short, long in (report["rows"][:2], report["rows"][2:]):
+    assert "us_per_slot" not in short and long["x_shortest"] == pytest.approx(
+        long["ms_per_step"] / short["ms_per_step"], rel=1e-3)
+    assert long["us_per_slot"] == pytest.approx(1e3 * (long["ms_per_step"] - short["ms_per_step"]) / 8, abs=0.02)  # 4-decimal ms
+
+
 def test_generate_benchmark_runs_every_block_setting_against_the_ar_decoder(capsys):
   """bench/generate.py end to end at a tiny size (random weights: speed rows only): the AR row is the baseline,
   fixed step budgets make exactly that many calls (plus the prompt's prefill), threshold rows at least one token
