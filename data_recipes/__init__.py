@@ -4,6 +4,9 @@ tokenizer) from a real corpus. Run one as `python -m data_recipes.<name> --outpu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import os
 import sys
 
 from diffgemma_jax.errors import DataError
@@ -26,13 +29,36 @@ def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: 
     raise DataError(f"data.recipe: unknown recipe {recipe!r}; valid recipes are {RECIPES}")
   import importlib
   build = importlib.import_module(f"data_recipes.{recipe}").build
-  if recipe in SFT_RECIPES and options.get("process_count", 1) > 1:
-    if options["process_index"] == 0:
-      build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
-    options["barrier"]("diffgemma_sft_dataset_built")
-  if options.get("process_count", 1) > 1 and recipe not in SFT_RECIPES:
-    options["barrier"]("diffgemma_dataset_checked")  # every process has decided whether to build before any writes
-  return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
+  # Runs started apart (a sweep on one machine, two jobs on one filesystem) may ask for the same folder at once:
+  # one builds while the others wait for its lock, then find the dataset current. In a job of several processes
+  # process 0 holds the lock for the whole job; the others follow it through the barriers.
+  with build_lock(output_dir) if options.get("process_index", 0) == 0 else contextlib.nullcontext():
+    if recipe in SFT_RECIPES and options.get("process_count", 1) > 1:
+      if options["process_index"] == 0:
+        build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
+      options["barrier"]("diffgemma_sft_dataset_built")
+    if options.get("process_count", 1) > 1 and recipe not in SFT_RECIPES:
+      options["barrier"]("diffgemma_dataset_checked")  # every process has decided whether to build before writing
+    return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
+
+
+@contextlib.contextmanager
+def build_lock(output_dir: str):
+  """An exclusive lock on `<output_dir>.lock` (fcntl.flock: released when the holder exits, however it exits) for
+  the duration of a build; says once on stderr that it waits when another process holds it."""
+  path = output_dir.rstrip("/") + ".lock"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"data: another process is building {output_dir} (it holds {path}); waiting for it", file=sys.stderr,
+            flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_cli(build, name: str, argv=None) -> int:

@@ -71,6 +71,26 @@ def test_text_files_dataset_and_manifest(text_dataset, capsys):
   assert again["sha256"] == manifest["sha256"] and again["created"] == manifest["created"]
 
 
+def test_a_build_waits_for_another_process_building_the_same_folder(text_dataset, tmp_path, capsys):
+  """Two runs asking for one dataset folder at once (a sweep on one machine): while one holds the folder's build
+  lock the other neither writes nor fails, says it waits, and once the lock is released reuses what the first
+  built. (Without the lock two builds shared one staging folder and crashed each other.)"""
+  import threading
+  import time
+
+  from data_recipes import build_lock
+  out, manifest, src = text_dataset
+  results = []
+  with build_lock(out):  # the other run, mid-build
+    waiting = threading.Thread(target=lambda: results.append(build_dataset("text_files", out, 400, source=src)))
+    waiting.start()
+    time.sleep(1.0)
+    assert waiting.is_alive() and not results and not os.path.exists(out.rstrip("/") + ".partial")
+  waiting.join(60)
+  assert results[0]["sha256"] == manifest["sha256"] and results[0]["created"] == manifest["created"]
+  assert f"data: another process is building {out}" in capsys.readouterr().err
+
+
 def test_iterator_state_restores_the_same_batches(text_dataset):
   out = text_dataset[0]
   it = make_train_iterator(out, seq_len=32, batch_size=4, seed=3)
