@@ -27,7 +27,9 @@ def get_config():
   c.train.num_steps = 800
   c.train.batch_size = 16
   c.train.seq_len = 128
-  c.train.learning_rate = 6e-3
+  # 3e-3: at 6e-3 the 800 steps amplified rounding so much that XLA's vector width moved the bound 0.22 bits;
+  # here 0.09, at the same mean (BENCHMARKS.md, the main job).
+  c.train.learning_rate = 3e-3
   c.train.warmup_steps = 30
   c.checkpoint.every_steps = 200
   c.eval.every_steps = 400
