@@ -55,6 +55,10 @@ def build_lock(output_dir: str):
       print(f"data: another process is building {output_dir} (it holds {path}); waiting for it", file=sys.stderr,
             flush=True)
       fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:  # a filesystem without locks (Lustre mounted without flock): build as before, unlocked
+      print(f"data: {path} cannot be locked ({e.strerror}); building without the lock", file=sys.stderr, flush=True)
+      yield
+      return
     try:
       yield
     finally:

@@ -91,6 +91,19 @@ def test_a_build_waits_for_another_process_building_the_same_folder(text_dataset
   assert f"data: another process is building {out}" in capsys.readouterr().err
 
 
+def test_a_filesystem_without_locks_builds_unlocked(text_dataset, monkeypatch, capsys):
+  import errno
+  import fcntl
+
+  def no_locks(*_):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  out, manifest, src = text_dataset
+  assert build_dataset("text_files", out, 400, source=src)["sha256"] == manifest["sha256"]
+  assert "cannot be locked (No locks available); building without the lock" in capsys.readouterr().err
+
+
 def test_iterator_state_restores_the_same_batches(text_dataset):
   out = text_dataset[0]
   it = make_train_iterator(out, seq_len=32, batch_size=4, seed=3)
