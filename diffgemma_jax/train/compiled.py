@@ -22,7 +22,7 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel import rules
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.train.freeze import trainable_filter
-from diffgemma_jax.train.optimizer import UNPLACED_DECAY, make_optimizer
+from diffgemma_jax.train.optimizer import decay_argument, make_optimizer, placed_decay_optimizer
 from diffgemma_jax.train.state import TrainState, abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
@@ -51,7 +51,7 @@ class CompiledStep:
 
   def decay_args(self, placed: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
     """The step's arguments after (state, batch, rng): wsd_time's (start, horizon), unplaced by default."""
-    return (np.asarray(placed or UNPLACED_DECAY, np.int32),) if self.decay_placed else ()
+    return (decay_argument(placed),) if self.decay_placed else ()
 
   def init_state(self) -> TrainState:
     """The trainer's fresh state (`train.seed`), each array made directly in its sharding."""
@@ -81,15 +81,15 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   seed = int(train_config.seed)
   trainable = trainable_filter(model_config, tuple(train_config.freeze))
   graphdef, abstract, shardings = abstract_train_state(model_config, tx, mesh, seed, trainable)
-  decay_placed = optimizer is None and str(train_config.lr_schedule) == "wsd_time"
+  optimizer_for_decay = placed_decay_optimizer(train_config) if optimizer is None else None
   step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=mask_id), tx=tx,
                          schedule=schedule, mesh=mesh, state_shardings=shardings,
                          grad_accum_steps=int(train_config.grad_accum_steps),
                          debug_nan_at_step=int(train_config.debug_nan_at_step), trainable=trainable,
-                         optimizer_for_decay=(lambda d: make_optimizer(train_config, d)) if decay_placed else None)
+                         optimizer_for_decay=optimizer_for_decay)
   return CompiledStep(step=step, model_config=model_config, mesh=mesh, tx=tx, schedule=schedule, graphdef=graphdef,
                       abstract_state=abstract, state_shardings=shardings, batch_sharding=rules.batch_sharding(mesh),
-                      trainable=trainable, seed=seed, decay_placed=decay_placed)
+                      trainable=trainable, seed=seed, decay_placed=optimizer_for_decay is not None)
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -145,7 +145,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   step_fn = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
                             state_shardings=shardings, grad_accum_steps=int(tc.grad_accum_steps),
                             debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable,
-                            optimizer_for_decay=(lambda d: make_optimizer(tc, d)) if decay.enabled else None)
+                            optimizer_for_decay=decay.optimizer)
   end_step = decay.end_step()
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
@@ -231,8 +231,6 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   def place_decay(step: int) -> None:
     """wsd_time: fixes the decay once its time has come (train/time_decay.py); the run then ends at its horizon."""
     nonlocal end_step
-    if not decay.enabled or decay.placed is not None:
-      return
     sync = jax.process_count() > 1
     if sync and step % log_every:
       return
@@ -258,7 +256,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
         step += 1
         batch = _to_device(next(data), sharding, local_shape)
         profiler.before(step)
-        state, metrics = step_fn(state, batch, base_rng, *decay.args(tc))
+        state, metrics = step_fn(state, batch, base_rng, *decay.args())
         if profiler.after(step, metrics):
           logger.message(f"step {step}: profile of steps {tuple(tc.profile_steps)} in {profiler.trace_dir}")
         if pending is not None:

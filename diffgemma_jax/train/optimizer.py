@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -122,6 +123,19 @@ def _decays(variable: nnx.Variable) -> bool:
 
 def weight_decay_mask(params):
   return jax.tree.map(lambda v: v.replace(_decays(v)), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def placed_decay_optimizer(train_config):
+  """wsd_time: `make_optimizer` as a function of the placed (start, horizon), for `make_train_step`'s
+  `optimizer_for_decay` (the step then takes the pair as an argument); None for every other schedule."""
+  if str(_get(train_config, "lr_schedule", "cosine")) != "wsd_time":
+    return None
+  return lambda decay: make_optimizer(train_config, decay)
+
+
+def decay_argument(placed: tuple[int, int] | None) -> np.ndarray:
+  """The jitted step's wsd_time argument: int32[2] (start, horizon), or UNPLACED_DECAY before it is placed."""
+  return np.asarray(UNPLACED_DECAY if placed is None else placed, np.int32)
 
 
 def make_optimizer(train_config, decay=None) -> tuple[optax.GradientTransformation, optax.Schedule]:

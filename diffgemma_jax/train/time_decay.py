@@ -31,23 +31,17 @@ import numpy as np
 from etils import epath
 
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.train.optimizer import UNPLACED_DECAY
+from diffgemma_jax.train.optimizer import decay_argument, placed_decay_optimizer
 
 DECAY_FILE = "lr_decay.json"
-
-
-def placement_args(train_config, placed: tuple[int, int] | None) -> tuple[np.ndarray, ...]:
-  """The extra arguments of the jitted step: (int32[2] (start, horizon),) for wsd_time, () otherwise."""
-  if str(train_config.lr_schedule) != "wsd_time":
-    return ()
-  return (np.asarray(placed if placed is not None else UNPLACED_DECAY, np.int32),)
 
 
 class TimedDecay:
   """wsd_time's decay for one invocation of the trainer: loaded from the workdir, placed once, saved."""
 
   def __init__(self, train_config, workdir: str, *, start_step: int, max_runtime_s: float):
-    self.enabled = str(train_config.lr_schedule) == "wsd_time"
+    self.optimizer = placed_decay_optimizer(train_config)  # make_train_step's optimizer_for_decay
+    self.enabled = self.optimizer is not None
     self.fraction = float(train_config.get("decay_fraction", 0.2))
     self.num_steps = int(train_config.num_steps)
     self.max_runtime_s = max_runtime_s
@@ -55,6 +49,7 @@ class TimedDecay:
     self.record: dict[str, Any] | None = None
     if self.enabled and start_step > 0 and self.path.exists():  # a fresh run (step 0) places its own
       self.record = _read(self.path)
+    self._args = self._step_args()
 
   @property
   def placed(self) -> tuple[int, int] | None:
@@ -64,8 +59,13 @@ class TimedDecay:
     """The step the run ends at: its horizon once placed, else train.num_steps."""
     return min(self.num_steps, self.placed[1]) if self.placed else self.num_steps
 
-  def args(self, train_config) -> tuple[np.ndarray, ...]:
-    return placement_args(train_config, self.placed)
+  def args(self) -> tuple[np.ndarray, ...]:
+    """The jitted step's arguments after (state, batch, rng): the placement for wsd_time, none otherwise (made
+    once per placement, not per step)."""
+    return self._args
+
+  def _step_args(self) -> tuple[np.ndarray, ...]:
+    return (decay_argument(self.placed),) if self.enabled else ()
 
   def place(self, step: int, *, elapsed_s: float, first_step_s: float | None, step_time_s: float | None,
             sync: bool) -> dict[str, Any] | None:
@@ -86,6 +86,7 @@ class TimedDecay:
     if record is None:
       return None
     self.record = record
+    self._args = self._step_args()
     if jax.process_index() == 0:
       self.path.write_text(json.dumps(record, indent=1) + "\n")
     return record
