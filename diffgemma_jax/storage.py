@@ -182,10 +182,8 @@ def staged_folder(path) -> Iterator[str]:
     return
   with tempfile.TemporaryDirectory(prefix="diffgemma-upload-") as local:
     yield local
-    target = epath.Path(str(path))
-    target.mkdir(parents=True, exist_ok=True)
-    for name in sorted(os.listdir(local)):
-      epath.Path(os.path.join(local, name)).copy(target / name, overwrite=True)
+    epath.Path(str(path)).mkdir(parents=True, exist_ok=True)
+    upload_folder(local, str(path))
 
 
 @contextlib.contextmanager
