@@ -31,7 +31,7 @@ def test_every_objective_declares_its_capabilities():
     assert issubclass(cls, Objective) and cls.name == name and isinstance(cls.capabilities, Capabilities)
     assert dataclasses.is_dataclass(cls)
   assert objectives_with("exact") == ("ar",)
-  assert objectives_with("sft_rows") == ("masked", "block", "uniform")
+  assert objectives_with("sft_rows") == tuple(OBJECTIVES)
   assert objectives_with("canvases") == ("block", "uniform")
   assert objectives_with("mask_token") == ("masked", "block")
   assert objectives_with("next_token") == ("ar",)

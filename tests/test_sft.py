@@ -44,11 +44,20 @@ def test_python_docstrings_pairs_hold_out_the_pretraining_modules(tmp_path, trai
   assert not {r["source"].split(":")[0] for r in train} & heldout_modules
 
 
-def test_sft_recipes_need_a_tokenizer(load_tiny):
+def test_sft_recipes_need_a_tokenizer_and_an_objective_for_sft_rows(load_tiny, monkeypatch):
+  import dataclasses
+
+  from diffgemma_jax import objectives
+  from diffgemma_jax.objectives import Autoregressive
   with pytest.raises(ConfigError, match="set init.checkpoint .* or data.tokenizer"):
     load_tiny({"data.recipe": "jsonl", "data.source": "x.jsonl"})
+  sft = {"data.recipe": "jsonl", "data.tokenizer": "t.model", "objective.name": "ar"}
+  assert load_tiny(sft).objective.name == "ar"  # every objective trains on SFT rows (the AR twin of a fine-tune)
+  unable = type("NoSFT", (Autoregressive,), {"capabilities": dataclasses.replace(Autoregressive.capabilities,
+                                                                                  sft_rows=False)})
+  monkeypatch.setitem(objectives.OBJECTIVES, "ar", unable)  # an objective that declares it cannot
   with pytest.raises(ConfigError, match=r"which objective.name in \('masked', 'block', 'uniform'\) trains on"):
-    load_tiny({"data.recipe": "jsonl", "data.tokenizer": "t.model", "objective.name": "ar"})
+    load_tiny(sft)
 
 
 # ---- freezing and LoRA in the train step ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import MaskSpec
 from diffgemma_jax.objectives.interface import Capabilities, Objective
-from diffgemma_jax.objectives.rows import router_metrics, scored_positions
+from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_positions
 
 
 def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
@@ -23,10 +23,12 @@ def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
 
 @dataclasses.dataclass(frozen=True)
 class Autoregressive(Objective):
-  """Next-token prediction; it reads no key of the objective section and needs no mask token."""
+  """Next-token prediction; it reads no key of the objective section and needs no mask token. On SFT rows it
+  scores the response's tokens only and normalises as the diffusion objectives do (`rows.normalise_loss`: each
+  response's NLL over its length, then the mean), so an AR fine-tune is the twin of a diffusion one."""
 
   name = "ar"
-  capabilities = Capabilities(exact=True, sft_rows=False, canvases=False, self_conditioning=False, token_shift=False,
+  capabilities = Capabilities(exact=True, sft_rows=True, canvases=False, self_conditioning=False, token_shift=False,
                               mask_token=False, next_token=True)
 
   def _nll(self, model, batch):
@@ -40,8 +42,7 @@ class Autoregressive(Objective):
   def loss_fn(self, model, batch, rng):
     del rng
     nll, valid, aux = self._nll(model, batch)
-    num_tokens = jnp.maximum(jnp.sum(valid), 1)
-    nll_per_token = jnp.sum(nll) / num_tokens
+    nll_per_token = normalise_loss(jnp.sum(nll, axis=-1), valid, "loss_mask" in batch)
     loss = nll_per_token + aux["aux_loss"]
     return loss, {"loss": loss, "nelbo_per_token": nll_per_token, "num_tokens": jnp.sum(valid),
                   **router_metrics(aux)}
