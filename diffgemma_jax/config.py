@@ -239,7 +239,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     try:
       value = parse_value(text, current)
     except (ValueError, SyntaxError) as e:
-      raise ConfigError(f"config key {dotted!r}: cannot parse {text!r} ({e})") from None
+      detail = {bool: str(e), tuple: "write a Python tuple, strings quoted: ('a', 'b')"}.get(
+          type(current), "not a Python literal")
+      raise ConfigError(f"config key {dotted!r}: cannot parse {text!r} as {_kind(current)} (like its current value "
+                        f"{current!r}): {detail}") from None
     if not _same_kind(value, current):
       raise ConfigError(f"config key {dotted!r}: expected {_kind(current)} (like its current value {current!r}), "
                         f"got {text!r}")

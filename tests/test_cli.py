@@ -26,7 +26,9 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; valid keys there are: train.b1, train.b2,"),
     ("--config.optimizer.lr=3", "valid keys there are: checkpoint, data, distributed, eval, init, log, mesh, model, objective, train"),
     ("--config.train.seq_len=0", "train.seq_len: must be a positive integer"),
-    ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse"),
+    ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse 'oops' as an integer (like its "
+     "current value 4): not a Python literal"),
+    ("--config.train.freeze=router", "write a Python tuple, strings quoted: ('a', 'b')"),
     ("--config.model.top_k=99", "model.top_k"),
     ("--config.mesh.shape=(2,1,1,1)", "mesh.shape"),
     ("--bogus", "unrecognised argument '--bogus'"),
