@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import time
+from typing import Any, Callable
 
+from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import abstract_model
@@ -12,15 +15,17 @@ from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn, summarize_bound
+from diffgemma_jax.train.bound_partial import PartialBound
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
 from diffgemma_jax.train.reading import INIT, open_run, read_run
+from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.state import init_params, split_model
 
 __all__ = ["evaluate", "held_out_bounds", "make_bound_fn", "summarize_bound"]
 
 
-def evaluate(config, workdir: str | None = None, step: int | None = None, *,
-             checkpoint: str | None = None) -> dict[str, Any]:
+def evaluate(config, workdir: str | None = None, step: int | None = None, *, checkpoint: str | None = None,
+             partial_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """The held-out bound of a run's parameters, with keys step, num_tokens, num_examples, bits_per_token,
   stderr_bits_per_token, ppl_bound, num_t_samples, unigram_ppl, exact.
 
@@ -28,6 +33,10 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   `checkpoint` (a workdir, its checkpoints/ folder or a step folder, as for init.checkpoint), that run's
   parameters under this config's model (LoRA adapters, absent there, start at zero: the base model). The second
   form evaluates a pretrained model on a fine-tuning config's held-out set.
+
+  `partial_dir` (a folder, local or a bucket URL) keeps the partial results of each held-out set there while the
+  evaluation runs (train/bound_partial.py), so the same call after a stop (SIGTERM: EvaluationStopped, or a
+  kill) continues from the last batches saved; `log` receives progress lines (about every 30 s) and notes.
   """
   if not (workdir or checkpoint):
     raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
@@ -51,8 +60,44 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *,
   objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
-  result = held_out_bounds(bound_fn, params, eval_sets(config, directory), seed=int(config.eval.seed),
-                          num_t_samples=num_t, mesh=mesh)
+  sets = eval_sets(config, directory)
+  log = log or (lambda message: None)
+  partial_for = None
+  if partial_dir:
+    key = dict(checkpoint=run.step_dir, step=int(run.step), seed=int(config.eval.seed), num_t_samples=num_t,
+               batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
+               template=str(config.data.chat_template), objective=config.objective.to_dict())
+
+    def partial_for(index: int, name: str) -> PartialBound:
+      batches = sets[index][2]
+      manifest = storage.file_sha256(os.path.join(batches.data_dir, "manifest.json"))
+      return PartialBound(storage.join(partial_dir, f"heldout-step{run.step}-set{index}.npz"),
+                          dict(key, set=name, manifest=manifest, rows=batches.num_rows), log=log)
+  with StopRequest() as stop:
+    result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
+                             partial_for=partial_for, progress=ProgressLog(log), stop=stop.reached)
   result.update(step=int(run.step), unigram_ppl=unigram_baseline(config, directory),
                 exact=objective.capabilities.exact)
   return result
+
+
+class ProgressLog:
+  """`progress(done, total)` for held_out_bound: about every `every_s` seconds a line with the batches done, their
+  rate and the time left (none for an evaluation shorter than that)."""
+
+  def __init__(self, log: Callable[[str], None], every_s: float = 30.0):
+    self.log, self.every_s = log, every_s
+    self.start = self.last = time.monotonic()
+    self.first: int | None = None
+
+  def __call__(self, done: int, total: int) -> None:
+    now = time.monotonic()
+    if self.first is None:  # the first batch (or the first after a resume) includes compiling: time from its end
+      self.first, self.start, self.last = done, now, now
+      return
+    if now - self.last < self.every_s:
+      return
+    rate = (done - self.first) / (now - self.start)
+    self.log(f"held-out batch {done}/{total} ({100 * done / total:.0f}%), {rate:.2f} batches/s, "
+             f"{(total - done) / rate / 60:.1f} min left")
+    self.last = now

@@ -1,8 +1,13 @@
 """diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N] [--output FILE.json]
-[--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally written) as JSON.
+[--partial_dir DIR] [--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally
+written) as JSON.
 
 `--checkpoint` evaluates another run's parameters (a workdir, its checkpoints/ folder or a step folder) under this
-config and on its held-out set: e.g. the pretrained model on a fine-tuning config's held-out pairs."""
+config and on its held-out set: e.g. the pretrained model on a fine-tuning config's held-out pairs.
+
+A long evaluation reports its progress on stderr and keeps its partial results in `--partial_dir` (default
+WORKDIR/eval-partial with --workdir; none with --checkpoint unless given): stopped by SIGTERM it saves them and
+exits with status 4, and the same command continues from there (a kill loses at most the last minute)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate
+from diffgemma_jax.train.bound import EvaluationStopped
 from .common import config_overrides, fail, json_safe
 
 
@@ -25,6 +31,8 @@ def main(argv=None) -> int:
   where.add_argument("--checkpoint", help="parameters of another run (workdir, checkpoints/ or step folder) "
                      "evaluated under this config, e.g. a pretrained model on an SFT held-out set")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--partial_dir", default=None, help="folder (local or a bucket URL) for partial results, so "
+                      "a stopped evaluation continues (default: WORKDIR/eval-partial with --workdir)")
   parser.add_argument("--output", default=None, help="also write the JSON here: a local file or a bucket URL "
                       "(s3://..., gs://...)")
   args, rest = parser.parse_known_args(argv)
@@ -32,9 +40,14 @@ def main(argv=None) -> int:
     if args.output:  # before the evaluation, not after it
       storage.check_writable(args.output, "--output")
     config = load_config(args.config, config_overrides(rest))
-    result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint)
+    partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
+    result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint, partial_dir=partial_dir,
+                      log=lambda message: print(message, file=sys.stderr, flush=True))
   except (ConfigError, DataError) as e:
     return fail(str(e))
+  except EvaluationStopped as e:
+    where = f"; its partial results are in {e.path}" if e.path else ""
+    return fail(f"{e} (SIGTERM){where}: run the same command to continue", code=4)
   text = json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False)
   if args.output:
     storage.write_text(args.output, text + "\n")

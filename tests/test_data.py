@@ -143,6 +143,20 @@ def test_eval_batches_are_deterministic_and_padded(text_dataset):
   assert unigram_ppl(out) > 1.0
 
 
+def test_eval_batches_read_each_batch_when_asked(text_dataset, monkeypatch):
+  """Held-out batches are read from the store one at a time, when used: a whole held-out split is never in memory."""
+  from diffgemma_jax.data.pipeline import StoreRows
+  reads = []
+  take = StoreRows.take
+  monkeypatch.setattr(StoreRows, "take", lambda self, indices: reads.append(list(indices)) or take(self, indices))
+  batches = make_eval_batches(text_dataset[0], seq_len=32, batch_size=8, max_sequences=13)
+  assert len(batches) == 2 and batches.num_rows == 13 and not reads
+  last = batches[-1]
+  assert reads == [list(range(8, 13))] and last["tokens"].shape == (8, 32) and last["tokens"].dtype == np.int32
+  with pytest.raises(IndexError):
+    batches[2]
+
+
 def test_bad_sources_fail_clearly(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
     build_dataset("text_files", str(tmp_path / "x"), 400, source=str(tmp_path / "missing"))

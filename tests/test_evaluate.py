@@ -87,3 +87,57 @@ def test_token_shift_block_size_1_evaluates_to_the_ar_likelihood(load_tiny, trai
   assert shifted["num_tokens"] == ar["num_tokens"] and shifted["num_examples"] == ar["num_examples"]
   gap = abs(shifted["bits_per_token"] - ar["bits_per_token"])
   assert gap < 4 * shifted["mc_stderr_bits_per_token"], (shifted, ar)
+
+
+# ---- long evaluations: partial results kept, a stopped evaluation continued --------------------------------------
+def test_partial_results_resume_only_under_their_own_key(tmp_path):
+  from diffgemma_jax.train.bound_partial import PartialBound
+  rng = np.random.default_rng(0)
+  batches = [tuple(rng.normal(size=4) for _ in range(3)) for _ in range(3)]
+  path, key, notes = str(tmp_path / "p.npz"), {"step": 8, "seed": 0}, []
+  saved = PartialBound(path, key)
+  for batch in batches:
+    saved.add(*batch)
+  saved.save(force=True)
+  again = PartialBound(path, dict(key), log=notes.append)
+  assert again.resume(num_batches=5) == 3 and not notes
+  for got, want in zip(again.rows(), (np.concatenate(x) for x in zip(*batches))):
+    np.testing.assert_array_equal(got, want)
+  assert PartialBound(path, key).resume(num_batches=2) == 2  # never more batches than the evaluation has
+  assert PartialBound(path, {"step": 8, "seed": 1}, log=notes.append).resume(5) == 0
+  assert notes[-1].endswith("partial results of another evaluation (differs in seed); evaluating from the first batch")
+  (tmp_path / "p.npz").write_bytes(b"cut short")
+  assert PartialBound(path, key, log=notes.append).resume(5) == 0 and "unreadable partial results" in notes[-1]
+  saved.discard()
+  assert not (tmp_path / "p.npz").exists()
+
+
+def test_a_stopped_evaluation_continues_to_the_same_bound(trained_run, tmp_path, monkeypatch):
+  """SIGTERM after the first held-out batch: the evaluation saves that batch's rows and stops; the same call then
+  scores the rest only and gives the uninterrupted bound exactly (batch b's key is fold_in(seed, b) either way)."""
+  import os
+  import signal
+
+  from diffgemma_jax import evaluate as evaluate_module
+  from diffgemma_jax.train.bound import EvaluationStopped
+  from diffgemma_jax.train.preemption import StopRequest
+  config, workdir, _ = trained_run
+  whole = evaluate(config, workdir, step=16)
+
+  class TermAfterFirstBatch(StopRequest):
+    def reached(self, step):
+      if step == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the real handler records it
+      return super().reached(step)
+
+  monkeypatch.setattr(evaluate_module, "StopRequest", TermAfterFirstBatch)
+  partial_dir = str(tmp_path / "partial")
+  with pytest.raises(EvaluationStopped, match="stopped after 1 of 2 held-out batches"):
+    evaluate(config, workdir, step=16, partial_dir=partial_dir)
+  assert os.listdir(partial_dir) == ["heldout-step16-set0.npz"]
+  monkeypatch.setattr(evaluate_module, "StopRequest", StopRequest)
+  notes = []
+  resumed = evaluate(config, workdir, step=16, partial_dir=partial_dir, log=notes.append)
+  assert any(n.startswith("continuing from held-out batch 1 of 2") for n in notes), notes
+  assert resumed == whole
+  assert os.listdir(partial_dir) == []  # a complete evaluation leaves no partial results behind

@@ -11,7 +11,7 @@ import importlib
 
 from diffgemma_jax.data.tokenizer import Tokenizer, same_tokenizer, train_tokenizer
 
-_PIPELINE = ("BATCH_KEYS", "make_eval_batches", "make_train_iterator", "unigram_ppl")
+_PIPELINE = ("BATCH_KEYS", "EvalBatches", "make_eval_batches", "make_train_iterator", "unigram_ppl")
 
 __all__ = ["Tokenizer", "same_tokenizer", "train_tokenizer", *_PIPELINE]
 

@@ -14,6 +14,7 @@ prefetch. Held-out rows come in order, unshuffled, with a padded final batch.
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import multiprocessing
 import os
@@ -222,23 +223,41 @@ def make_train_iterator(data_dirs: str | list[str], *, seq_len: int, batch_size:
   return TrainIterator(batches.map(_ReadSlice(readers, process_index * batch_size, batch_size)), num_workers)
 
 
+class EvalBatches(collections.abc.Sequence):
+  """The held-out split as fixed-shape int32 batches, in order and unshuffled, each read when it is asked for: memory
+  holds the batch in use, not the split (a whole held-out split of a large corpus is gigabytes of rows). The last
+  batch is padded with all-padding rows (segment 0: never scored), so every batch has one shape."""
+
+  def __init__(self, rows, index: np.ndarray, batch_size: int, data_dir: str = ""):
+    self.rows, self.index, self.batch_size, self.data_dir = rows, index, batch_size, data_dir
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.index)
+
+  def __len__(self) -> int:
+    return -(-len(self.index) // self.batch_size)
+
+  def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    if not -len(self) <= b < len(self):
+      raise IndexError(f"held-out batch {b} of {len(self)}")
+    b %= len(self)
+    chosen = self.index[b * self.batch_size:(b + 1) * self.batch_size]
+    batch = self.rows.take(chosen)
+    short = self.batch_size - len(chosen)
+    return {k: np.concatenate([np.asarray(v, np.int32), np.zeros((short,) + v.shape[1:], np.int32)])
+            for k, v in batch.items()}
+
+
 def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_sequences: int = 0,
-                      process_index: int = 0, process_count: int = 1,
-                      template: str = "gemma") -> list[dict[str, np.ndarray]]:
-  """The held-out split in order, unshuffled; the last batch padded with all-padding rows (segment 0)."""
+                      process_index: int = 0, process_count: int = 1, template: str = "gemma") -> EvalBatches:
+  """The held-out split's first `max_sequences` rows (0: all) as `EvalBatches`; with several processes, every
+  `process_count`-th row from `process_index`."""
   rows = split_rows(data_dir, "heldout", seq_len, keep_partial=True, template=template)
   n = rows.num_rows
   if max_sequences:
     n = min(n, max_sequences)
-  index = np.arange(n)[process_index::process_count]
-  batches = []
-  for start in range(0, len(index), batch_size):
-    batch = rows.take(index[start:start + batch_size])
-    short = batch_size - len(index[start:start + batch_size])
-    if short:
-      batch = {k: np.concatenate([v, np.zeros((short, seq_len), np.int32)]) for k, v in batch.items()}
-    batches.append(batch)
-  return batches
+  return EvalBatches(rows, np.arange(n)[process_index::process_count], batch_size, data_dir)
 
 
 def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma") -> float:

@@ -12,8 +12,9 @@ rows: the error to use when two evaluations of the same rows are compared. Evalu
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffgemma_jax.data.mixture import mixture_bound
+from diffgemma_jax.parallel.distributed import barrier
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
+from diffgemma_jax.train.bound_partial import PartialBound
 
 LN2 = math.log(2.0)
 
@@ -61,25 +64,67 @@ def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray,
   return result
 
 
-def held_out_bound(bound_fn: Callable, params, batches, *, seed: int, num_t_samples: int,
-                   mesh: Mesh) -> dict[str, float]:
+class EvaluationStopped(Exception):
+  """The evaluation was asked to stop (SIGTERM) after `done` of `total` batches; its partial results are saved."""
+
+  def __init__(self, done: int, total: int, path: str | None):
+    super().__init__(f"stopped after {done} of {total} held-out batches")
+    self.done, self.total, self.path = done, total, path
+
+
+def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, num_t_samples: int,
+                   mesh: Mesh, partial: PartialBound | None = None, progress: Callable[[int, int], None] | None = None,
+                   stop: Callable[[int], bool] | None = None) -> dict[str, float]:
+  """The bound over `batches` (a sequence read batch by batch), batch b keyed by fold_in(seed, b).
+
+  The host reads batch b + 1 on a thread while the device scores batch b, and batch b's results are fetched after
+  batch b + 1 is dispatched, so neither the reads nor the fetches stall the device. `partial` (bound_partial.py)
+  continues from the batches a previous run saved and saves as it goes; `progress(done, total)` is called after
+  each batch; `stop(b)` True after batch b saves the partial results and raises EvaluationStopped."""
+  partial = partial if partial is not None else PartialBound()
+  total = len(batches)
+  start = partial.resume(total)
+  if start:
+    partial.log(f"continuing from held-out batch {start} of {total} (the results before it: {partial.path})")
+  if partial.path is not None:  # every process has read the file before process 0 writes it again
+    barrier(f"diffgemma_eval_resume_{partial.path}")
   base = jax.random.key(seed)
   sharding = batch_sharding(mesh)
-  nelbo, stderr, tokens = [], [], []
-  for index, batch in enumerate(batches):
-    batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
-    nelbo_B, stderr_B, num_tokens_B = bound_fn(params, batch, jax.random.fold_in(base, index))
-    nelbo.append(np.asarray(jax.device_get(nelbo_B)))
-    stderr.append(np.asarray(jax.device_get(stderr_B)))
-    tokens.append(np.asarray(jax.device_get(num_tokens_B)))
-  result = summarize_bound(np.concatenate(nelbo), np.concatenate(tokens), np.concatenate(stderr))
+  read = lambda b: {k: np.asarray(v) for k, v in batches[b].items()}  # noqa: E731
+  fetch = lambda out: partial.add(*(np.asarray(x) for x in jax.device_get(out)))  # noqa: E731
+  pending = None
+  with concurrent.futures.ThreadPoolExecutor(1) as reader:
+    upcoming = reader.submit(read, start) if start < total else None
+    for index in range(start, total):
+      batch = upcoming.result()
+      upcoming = reader.submit(read, index + 1) if index + 1 < total else None
+      out = bound_fn(params, jax.device_put(batch, sharding), jax.random.fold_in(base, index))
+      if pending is not None:
+        fetch(pending)
+      pending = out
+      partial.save()
+      if progress is not None:
+        progress(index + 1, total)
+      if stop is not None and stop(index) and index + 1 < total:
+        fetch(pending)
+        partial.save(force=True)
+        raise EvaluationStopped(partial.done, total, partial.path)
+  if pending is not None:
+    fetch(pending)
+  nelbo, stderr, tokens = partial.rows()
+  result = summarize_bound(nelbo, tokens, stderr)
   result["num_t_samples"] = int(num_t_samples)
+  partial.discard()
   return result
 
 
-def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_samples: int, mesh: Mesh) -> dict:
+def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_samples: int, mesh: Mesh,
+                    partial_for: Callable[[int, str], PartialBound] | None = None, **options) -> dict:
   """`held_out_bound` of one held-out set; for several [(name, weight, batches)] (data.mixture), each one's
-  under `sources` and their weighted total (data/mixture.py)."""
+  under `sources` and their weighted total (data/mixture.py). `partial_for(i, name)`: set i's PartialBound;
+  `options`: held_out_bound's `progress` and `stop`."""
   results = [(name, weight, held_out_bound(bound_fn, params, batches, seed=seed, num_t_samples=num_t_samples,
-                                           mesh=mesh)) for name, weight, batches in sets]
+                                           mesh=mesh, partial=partial_for(i, name) if partial_for else None,
+                                           **options))
+             for i, (name, weight, batches) in enumerate(sets)]
   return results[0][2] if len(results) == 1 else mixture_bound(results)

@@ -16,7 +16,7 @@ from etils import epath
 from data_recipes import SFT_RECIPES, build_dataset
 from diffgemma_jax import storage
 from diffgemma_jax.data import remote_dataset
-from diffgemma_jax.data import Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data import EvalBatches, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_unigram_ppl
 from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import ConfigError
@@ -186,15 +186,13 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
   return out
 
 
-def eval_batches(config, directory: str) -> list[dict[str, np.ndarray]]:
-  """The held-out split as fixed-shape batches, in order (deterministic and unshuffled)."""
-  batch_size = int(config.eval.batch_size)
-  batches = make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=batch_size,
-                              max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template))
-  return [pad_batch(b, batch_size) for b in batches]
+def eval_batches(config, directory: str) -> EvalBatches:
+  """The held-out split as fixed-shape batches, in order (deterministic and unshuffled), read as they are used."""
+  return make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=int(config.eval.batch_size),
+                           max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template))
 
 
-def eval_sets(config, directory: str) -> list[tuple[str, float, list[dict[str, np.ndarray]]]]:
+def eval_sets(config, directory: str) -> list[tuple[str, float, EvalBatches]]:
   """[(name, weight, held-out batches)]: one set, or one per dataset of data.mixture (`eval.max_sequences` each)."""
   mixture = mixture_entries(config) or [(directory, 1.0)]
   names = [d for d, _ in mixture_entries(config, local=False)] or [directory]  # a bucket dataset by its URL

@@ -37,6 +37,7 @@ from diffgemma_jax.train.logging import (
   wandb_settings,
 )
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
+from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.reading import check_workdir, open_init_checkpoint
@@ -44,43 +45,6 @@ from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
-
-
-class StopRequest:
-  """SIGTERM (a scheduler's preemption notice) asks the run to save a checkpoint after the step in flight and stop.
-
-  One process: a SIGTERM handler sets a flag while the loop runs (the previous handler comes back after). Several
-  processes: JAX's distributed runtime already turns SIGTERM on any process into a sync step that every process
-  reaches together (`multihost_utils.reached_preemption_sync_point`), so all of them save that same step.
-  """
-
-  def __init__(self):
-    self.signal: int | None = None
-    self._previous = None
-
-  def __enter__(self) -> "StopRequest":
-    import signal
-    import threading
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
-    self.signal = signum
-
-  def __exit__(self, *exc) -> None:
-    import signal
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # the runtime's preemption service is off (jax_enable_preemption_service=False)
-        return False
-    return self.signal is not None
 
 
 def _to_device(batch: dict[str, Any], sharding, expected_shape: tuple[int, int]) -> dict[str, jax.Array]:

@@ -1,0 +1,100 @@
+"""A held-out bound's partial results, kept in a file so that a long evaluation stopped part way (preempted, killed,
+out of time) continues where it stopped instead of starting over.
+
+An evaluation of one held-out set is a sequence of batches, batch b scored with the key fold_in(seed, b) whatever
+ran before it, so the rows' results of the first n batches followed by those of batches n, n + 1, ... are exactly
+the results of an evaluation that never stopped. The file holds those rows' arrays and a key: everything they
+depend on (the checkpoint, the dataset's manifest, the rows and the batch shape, the seed, the number of noise
+levels, the objective). A file written under another key is never mixed in: the evaluation says so and starts over.
+Process 0 writes the file (atomically: a local rename, or one object written whole); every process reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zipfile
+from typing import Callable
+
+import jax
+import numpy as np
+from etils import epath
+
+from diffgemma_jax import storage
+
+SAVE_EVERY_S = 60.0
+_ARRAYS = ("nelbo", "stderr", "tokens")
+
+
+class PartialBound:
+  """The per-row results (nelbo, stderr, tokens) of the first `done` batches of one held-out set. `path` None keeps
+  them in memory only (the trainer's evaluations, which are short)."""
+
+  def __init__(self, path: str | None = None, key: dict | None = None, *, save_every_s: float = SAVE_EVERY_S,
+               log: Callable[[str], None] = lambda message: None):
+    self.path, self.key = path, json.loads(json.dumps(key or {}, sort_keys=True, default=str))
+    self.save_every_s, self.log = save_every_s, log
+    self.batches: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+    self._saved_done, self._saved_at = 0, time.monotonic()
+
+  @property
+  def done(self) -> int:
+    return len(self.batches["nelbo"])
+
+  def add(self, nelbo_B, stderr_B, tokens_B) -> None:
+    for name, value in zip(_ARRAYS, (nelbo_B, stderr_B, tokens_B)):
+      self.batches[name].append(np.asarray(value))
+
+  def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nelbo, stderr, tokens) of every row of the batches done, in order."""
+    return tuple(np.concatenate(self.batches[name]) for name in _ARRAYS)
+
+  def resume(self, num_batches: int) -> int:
+    """Takes the batches a file of this key holds (at most `num_batches`); returns how many. 0 when there is no
+    file, or it is unreadable or was written for other rows (it is then overwritten by this evaluation's)."""
+    if self.path is None or storage.file_size(self.path) is None:
+      return 0
+    try:
+      with storage.open_binary(self.path) as f, np.load(io.BytesIO(f.read())) as saved:
+        key = json.loads(str(saved["key"]))
+        arrays = {name: saved[name] for name in _ARRAYS}
+        batch_rows = int(saved["batch_rows"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      self.log(f"{self.path}: unreadable partial results ({type(e).__name__}); evaluating from the first batch")
+      return 0
+    if key != self.key:
+      differ = sorted(k for k in set(key) | set(self.key) if key.get(k) != self.key.get(k))
+      self.log(f"{self.path}: partial results of another evaluation (differs in {', '.join(differ)}); "
+               f"evaluating from the first batch")
+      return 0
+    done = min(len(arrays["nelbo"]) // max(batch_rows, 1), num_batches)
+    for name in _ARRAYS:
+      self.batches[name] = list(arrays[name][:done * batch_rows].reshape(done, batch_rows))
+    self._saved_done = done
+    return done
+
+  def save(self, *, force: bool = False) -> None:
+    """Writes the batches done (process 0; at most every `save_every_s` unless `force`)."""
+    due = force or time.monotonic() - self._saved_at >= self.save_every_s
+    if self.path is None or not due or self.done == self._saved_done or jax.process_index() != 0:
+      return
+    buffer = io.BytesIO()
+    nelbo, stderr, tokens = self.rows()
+    np.savez(buffer, key=np.asarray(json.dumps(self.key, sort_keys=True)), batch_rows=np.asarray(len(nelbo) //
+             self.done), nelbo=nelbo, stderr=stderr, tokens=tokens)
+    if storage.is_url(self.path):
+      epath.Path(self.path).write_bytes(buffer.getvalue())  # an object is replaced whole
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      temporary = f"{self.path}.{os.getpid()}.tmp"
+      with open(temporary, "wb") as f:
+        f.write(buffer.getvalue())
+      os.replace(temporary, self.path)
+    self._saved_done, self._saved_at = self.done, time.monotonic()
+
+  def discard(self) -> None:
+    """Removes the file once the evaluation it served is complete (process 0)."""
+    if self.path is not None and jax.process_index() == 0 and storage.file_size(self.path) is not None:
+      epath.Path(self.path).unlink()
