@@ -1,6 +1,7 @@
 """diffgemma-import --hf s3://...: a Hugging Face folder in a bucket is read in place (a real S3 server, moto's, on
 localhost): the same parameters as a local import of the same folder, only the headers' and the converted tensors'
-bytes fetched, nothing downloaded; a damaged upload fails in one line naming the file and the tensor."""
+bytes fetched, nothing downloaded; a damaged upload fails in one line naming the file and the tensor. The server is
+conftest's `s3_endpoint`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
 from diffgemma_jax.hf.import_hf import import_hf
 from diffgemma_jax.hf.safetensors_io import INDEX_FILE, SafetensorsFile, write_file
 from test_hf import TINY, _pure, _random_model
-from test_object_storage import s3_endpoint  # noqa: F401  pylint: disable=unused-import (the S3 server fixture)
 
 IMPORT_HF = importlib.import_module("diffgemma_jax.hf.import_hf")  # the module: the package exports its function
 VISION = "model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.weight"  # skipped by the import: never fetched
@@ -46,10 +46,10 @@ def test_a_bucket_folder_is_imported_in_place_as_the_local_folder_is(s3_endpoint
   pure = _export(local)
   vision = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)  # 64 KB no read may touch
   write_file(os.path.join(local, "vision.safetensors"), [(VISION, vision)])
-  index = json.load(open(os.path.join(local, INDEX_FILE)))
+  index = json.loads((tmp_path / "hf" / INDEX_FILE).read_text())
   index["weight_map"][VISION] = "vision.safetensors"
-  json.dump(index, open(os.path.join(local, INDEX_FILE), "w"))
-  open(os.path.join(local, "tokenizer.model"), "wb").write(b"the checkpoint's tokenizer")
+  (tmp_path / "hf" / INDEX_FILE).write_text(json.dumps(index))
+  (tmp_path / "hf" / "tokenizer.model").write_bytes(b"the checkpoint's tokenizer")
   storage.upload_folder(local, url)
 
   reads, real_read = [], storage.read_range
@@ -99,7 +99,7 @@ def test_a_damaged_upload_fails_in_one_line_naming_the_file_and_the_tensor(s3_en
   _export(local)
   storage.upload_folder(local, url)
   shard = sorted(n for n in os.listdir(local) if n.endswith(".safetensors"))[-1]
-  data = open(os.path.join(local, shard), "rb").read()
+  data = (tmp_path / "hf" / shard).read_bytes()
   _, ranges = _tensor_ranges(os.path.join(local, shard))
   last, (start, end) = max(ranges.items(), key=lambda item: item[1][1])
   cut = data[:(start + end) // 2]  # an upload interrupted in the middle of the last tensor
@@ -113,7 +113,7 @@ def test_a_damaged_upload_fails_in_one_line_naming_the_file_and_the_tensor(s3_en
   damaged_local = tmp_path / "damaged"
   damaged_local.mkdir()
   for name in os.listdir(local):
-    (damaged_local / name).write_bytes(cut if name == shard else open(os.path.join(local, name), "rb").read())
+    (damaged_local / name).write_bytes(cut if name == shard else (tmp_path / "hf" / name).read_bytes())
   for source in (url, str(damaged_local)):
     assert import_main(["--hf", source, "--output", str(tmp_path / "work")]) == 2
     err = capsys.readouterr().err
