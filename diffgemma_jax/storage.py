@@ -10,7 +10,8 @@ rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
 
 Data goes through here too: source files are opened as streams (`open_binary`: fsspec reads an object in ranges),
 listed (`find_files`, `folder_sizes`) and stamped (`stamp`: size and ETag/generation); libraries that read local
-files only get a local copy (`local_file`, `download`, `copy_folder`). A dataset folder in a bucket:
+files only get a local copy (`local_file`, `download`); a reader that needs a few byte ranges of a large object
+(a safetensors shard) reads just those (`read_range`). A dataset folder in a bucket:
 data/remote_dataset.py. Files a user names on the command line (`--prompts`, `--records`, `--output`) are opened
 (`open_input`), checked (`check_writable`) and written (`write_text`) here, so each entry point takes a bucket URL
 wherever it takes a path, with the same one-line errors.
@@ -60,6 +61,19 @@ def _filesystem(url):
 def open_binary(path):
   """A seekable binary file object: a local file, or an object read in ranges as it is consumed (streamed)."""
   return epath.Path(str(path)).open("rb") if is_url(path) else open(path, "rb")
+
+
+def read_range(path, start: int, end: int) -> bytes:
+  """Bytes [start, end) of the file at `path` (fewer when it ends sooner): a seek and a read locally, one ranged
+  request for exactly those bytes from a bucket (no read-ahead, unlike `open_binary`'s buffered object files)."""
+  if end <= start:
+    return b""
+  if not is_url(path):
+    with open(path, "rb") as f:
+      f.seek(start)
+      return f.read(end - start)
+  fs, key = _filesystem(path)
+  return fs.cat_file(key, start=start, end=end)
 
 
 def file_sha256(path) -> str:
@@ -234,14 +248,6 @@ def upload_folder(local: str, url: str) -> str:
       target.parent.mkdir(parents=True, exist_ok=True)
       epath.Path(os.path.join(folder, name)).copy(target, overwrite=True)
   return url
-
-
-def copy_folder(url: str, target: str) -> str:
-  """Copies every object under the bucket folder `url` into the local folder `target` (each checked against its
-  listed size), for libraries that read local files only (memory-mapped safetensors); returns `target`."""
-  for rel, size in sorted(folder_sizes(url).items()):
-    download(join(url, rel), os.path.join(target, rel), size=size)
-  return target
 
 
 def check_reachable(path, flag: str) -> None:

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="diffgemma-import", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors): a "
-                      "local folder or a bucket URL (s3://..., gs://...), copied to local scratch space first")
+                      "local folder or a bucket URL (s3://..., gs://...), read in place tensor by tensor")
   parser.add_argument("--output", required=True, help="workdir to write checkpoints/ into (local or a bucket URL)")
   parser.add_argument("--config-out", default=None, help="write a config file (get_config()) for the model here "
                       "(local or a bucket URL)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sysconfig
 import textwrap
 import types
@@ -90,6 +91,35 @@ def trained_run(load_tiny, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   summary = train(config, workdir, show_progress=False)
   return config, workdir, summary
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+  """An S3 server (moto's server mode) on localhost with the bucket `runs`; the AWS_* variables point every client
+  at it. One per test process, shared by the files that use it (test_object_storage.py, test_hf_bucket.py): fsspec
+  and epath cache their S3 clients with the endpoint they were made with, so a second server on another port would
+  leave them talking to a stopped one."""
+  moto_server = pytest.importorskip("moto.server")
+  pytest.importorskip("s3fs")
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+  server.start()
+  endpoint = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_REGION", "AWS_DEFAULT_REGION")}
+  os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                    AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+  import boto3
+  boto3.client("s3").create_bucket(Bucket="runs")
+  yield endpoint
+  server.stop()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -3,8 +3,10 @@
 The output is a workdir: `OUT/checkpoints/<step>/params` (StandardSave of the parameters as plain nested dicts,
 the trainer's layout, so `train.reading` and `diffgemma-eval --workdir OUT` read it),
 `OUT/checkpoints/run_config.json` and, when the checkpoint ships one, `OUT/tokenizer.model`. Shards are read one at
-a time and tensor by tensor from a memory map, each converted straight into its slot of our parameter tree, so host
-memory peaks at our parameters (in `model.param_dtype`) plus one tensor, never a second copy of the model.
+a time and tensor by tensor (from a memory map, or for a folder in a bucket by one ranged read per tensor, in
+place: the shards are never downloaded), each converted straight into its slot of our parameter tree, so host
+memory and local disk peak at our parameters (in `model.param_dtype`) plus one tensor, never a second copy of the
+model.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
   return json.loads(storage.open_path(path).read_text())
 
 
+def shipped_tokenizer(hf_dir: str) -> str | None:
+  """The Hugging Face directory's tokenizer.model (a path or URL), or None when it ships none."""
+  path = storage.join(hf_dir, "tokenizer.model")
+  return path if storage.file_size(path) is not None else None
+
+
 def model_config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
   """Our ModelConfig for a Hugging Face directory; `overrides` (e.g. scan_layers=True) change runtime fields."""
   values = mapping.model_overrides_from_hf(read_hf_config(hf_dir))
@@ -87,7 +95,8 @@ def _fingerprint(array: np.ndarray) -> tuple:
 
 def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = print,
                 scratch: str | None = None) -> dict:
-  """Our parameters as a flat dict {path: numpy array} (in `cfg.param_dtype`), read shard by shard.
+  """Our parameters as a flat dict {path: numpy array} (in `cfg.param_dtype`), read shard by shard from `hf_dir`
+  (a local folder, or a bucket URL read in place).
 
   With `scratch` (a directory) every array is a disk-backed `np.memmap` there, so host memory holds about one
   tensor at a time rather than the model (101 GB in float32 for the 26B release); without, plain arrays.
@@ -177,11 +186,9 @@ def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length
   """The config file (local or a bucket URL) of a model imported from `source`, whose tokenizer.model (if it ships
   one) becomes its data.tokenizer."""
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
-  tokenizer = storage.join(source, "tokenizer.model")
   storage.write_text(path, CONFIG_TEMPLATE.format(
       source=source, model=model, canvas_length=canvas_length, seq_len=seq_len,
-      max_positions=max_positions or "(not given)",
-      tokenizer=tokenizer if storage.file_size(tokenizer) is not None else ""))
+      max_positions=max_positions or "(not given)", tokenizer=shipped_tokenizer(source) or ""))
 
 
 def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
@@ -216,8 +223,8 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   """The whole import: config, parameters, checkpoint, the checkpoint's tokenizer.model when it ships one (pinned
   in the workdir, as the trainer pins a run's), and a config file. Returns our ModelConfig. An output whose
   checkpoints/ is not empty is refused unless `force`, which clears it (and its pinned tokenizer) first. `hf_dir`,
-  `output` and `config_out` may be bucket URLs; a Hugging Face directory in a bucket is copied to a local scratch
-  folder (safetensors are memory-mapped), removed after the import."""
+  `output` and `config_out` may be bucket URLs; a Hugging Face directory in a bucket is read in place (ranged
+  reads, tensor by tensor), only its tokenizer.model copied."""
   storage.check_reachable(hf_dir, "--hf")
   if config_out:
     storage.check_writable(config_out, "--config-out")
@@ -233,8 +240,7 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
   scratch = (tempfile.mkdtemp(prefix="diffgemma-import-") if storage.is_url(output)
              else os.path.join(os.path.abspath(output), ".import-scratch"))
   try:
-    local_hf = storage.copy_folder(hf_dir, os.path.join(scratch, "hf")) if storage.is_url(hf_dir) else hf_dir
-    pure = pure_params(cfg, load_params(local_hf, cfg, log=log, scratch=scratch))
+    pure = pure_params(cfg, load_params(hf_dir, cfg, log=log, scratch=scratch))
     run_config = base_config()
     run_config.model.update(cfg.to_dict())
     run_config.objective.name = "uniform"
@@ -248,8 +254,8 @@ def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force:
     directory = save_checkpoint(output, pure, config_to_dict(run_config))
     del pure
     log(f"wrote {directory} (step 0, params only) for a {cfg.num_layers}-layer model")
-    tokenizer = os.path.join(local_hf, "tokenizer.model")
-    if os.path.isfile(tokenizer):
+    tokenizer = shipped_tokenizer(hf_dir)
+    if tokenizer:
       epath.Path(tokenizer).copy(epath.Path(output, "tokenizer.model"), overwrite=True)
       log(f"wrote {storage.join(output, 'tokenizer.model')} (the checkpoint's tokenizer)")
     else:

@@ -1,20 +1,26 @@
 """Reading and writing the safetensors format with numpy alone (bfloat16 through ml_dtypes, which jax ships).
 
 A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
-(plus an optional "__metadata__"), then the raw little-endian tensor bytes. Reading memory-maps the file, so a
-tensor costs host memory only when it is converted; the `safetensors` package is not needed (its numpy API cannot
-return bfloat16, the dtype of the released weights).
+(plus an optional "__metadata__"), then the raw little-endian tensor bytes. Reading takes a local path or a bucket
+URL (`storage` decides which): a local file is memory-mapped, an object is read in place by ranged reads (the
+header, then each tensor's exact bytes when it is asked for), so a tensor costs host memory only when it is
+converted and a checkpoint in a bucket is never downloaded whole. The `safetensors` package is not needed (its
+numpy API cannot return bfloat16, the dtype of the released weights).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from diffgemma_jax import storage
+from diffgemma_jax.errors import ConfigError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -24,20 +30,67 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_DAMAGED = "the file is damaged or cut short (an interrupted upload or copy?); replace it"
 
 
 class SafetensorsFile:
-  """Lazy reader of one .safetensors file: `names()`, `get(name)` (a read-only memory-mapped array)."""
+  """Lazy reader of one .safetensors file, a local path or a bucket URL: `names()`, `get(name)` (a read-only array).
 
-  def __init__(self, path: str):
-    self.path = path
-    with open(path, "rb") as f:
-      (length,) = struct.unpack("<Q", f.read(8))
-      header = json.loads(f.read(length))
+  Opening reads the header (two small reads: its length, then the JSON) and checks every tensor's byte range
+  against the file's size and the tensor's shape and dtype, so a damaged file fails naming the file and the tensor
+  before anything is converted. `get` memory-maps a local file; from a bucket it reads exactly the tensor's bytes
+  (one ranged read) and checks that they all came.
+  """
+
+  def __init__(self, path):
+    self.path = str(path)
+    size = storage.file_size(self.path)
+    if size is None:
+      raise FileNotFoundError(f"{self.path}: no such file")
+    if size < 8:
+      raise ConfigError(f"{self.path}: {size} bytes, shorter than a safetensors header's length field; {_DAMAGED}")
+    (length,) = struct.unpack("<Q", self._read(0, 8, "the header length"))
+    if 8 + length > size:
+      raise ConfigError(f"{self.path}: the header length says {length} bytes but the file holds {size}; {_DAMAGED}")
+    try:
+      header = json.loads(self._read(8, 8 + length, "the header"))
+    except ValueError as e:  # json's errors and UnicodeDecodeError
+      raise ConfigError(f"{self.path}: the header is not JSON ({e}); {_DAMAGED}") from None
+    if not isinstance(header, dict):
+      raise ConfigError(f"{self.path}: the header is not a JSON object; {_DAMAGED}")
     self.metadata = header.pop("__metadata__", {}) or {}
     self.header = header
     self._data_start = 8 + length
-    self._map = np.memmap(path, dtype=np.uint8, mode="r") if header else None
+    for name, entry in header.items():
+      self._check(name, entry, size)
+    self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if header and not storage.is_url(self.path) else None
+
+  def _check(self, name: str, entry, size: int) -> None:
+    """Fails naming `name` unless its entry has a dtype, a shape and a byte range that lies inside the file and
+    holds exactly that shape of that dtype."""
+    try:
+      start, end = (int(x) for x in entry["data_offsets"])
+      shape = [int(d) for d in entry["shape"]]
+      dtype = entry["dtype"]
+    except (KeyError, TypeError, ValueError):
+      raise ConfigError(f"{self.path}: tensor {name}: header entry {entry!r} lacks dtype, shape or data_offsets "
+                        f"[start, end]; {_DAMAGED}") from None
+    if not 0 <= start <= end or self._data_start + end > size:
+      raise ConfigError(f"{self.path}: tensor {name} lies at bytes {self._data_start + start}-{self._data_start + end}"
+                        f" but the file holds {size}; {_DAMAGED}")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize if dtype in DTYPES else end - start
+    if end - start != nbytes:
+      raise ConfigError(f"{self.path}: tensor {name} ({dtype} {shape}) needs {nbytes} bytes but its data_offsets "
+                        f"span {end - start}; {_DAMAGED}")
+
+  def _read(self, start: int, end: int, what: str) -> bytes:
+    """Bytes [start, end) of the file, failing naming `what` when fewer came (the file changed or was cut short
+    while it was read)."""
+    data = storage.read_range(self.path, start, end)
+    if len(data) != end - start:
+      raise ConfigError(f"{self.path}: {what}: got {len(data)} of its {end - start} bytes ({start}-{end}); the file "
+                        f"changed or was cut short while it was read: check it and import again")
+    return data
 
   def names(self) -> list[str]:
     return list(self.header)
@@ -45,26 +98,29 @@ class SafetensorsFile:
   def get(self, name: str) -> np.ndarray:
     entry = self.header[name]
     if entry["dtype"] not in DTYPES:
-      raise ValueError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which is not supported")
-    start, end = entry["data_offsets"]
-    raw = self._map[self._data_start + start:self._data_start + end]
+      raise ConfigError(f"{self.path}: tensor {name} has dtype {entry['dtype']}; supported: {', '.join(DTYPES)}")
+    start, end = (self._data_start + int(x) for x in entry["data_offsets"])
+    if self._map is not None:
+      raw = self._map[start:end]
+    else:
+      raw = np.frombuffer(self._read(start, end, f"tensor {name}"), np.uint8)
     return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def shard_files(directory: str) -> list[str]:
-  """The checkpoint's .safetensors files in index order (or the single file)."""
-  index = os.path.join(directory, INDEX_FILE)
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    return [os.path.join(directory, name) for name in dict.fromkeys(weight_map.values())]
-  single = os.path.join(directory, SINGLE_FILE)
-  if os.path.isfile(single):
+  """The checkpoint's .safetensors files in index order (or the single file) in `directory`, a local folder or a
+  bucket URL."""
+  index = storage.join(directory, INDEX_FILE)
+  if storage.file_size(index) is not None:
+    weight_map = json.loads(storage.open_path(index).read_text())["weight_map"]
+    return [storage.join(directory, name) for name in dict.fromkeys(weight_map.values())]
+  single = storage.join(directory, SINGLE_FILE)
+  if storage.file_size(single) is not None:
     return [single]
-  found = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+  found = sorted(p.name for p in storage.open_path(directory).iterdir() if p.name.endswith(".safetensors"))
   if not found:
     raise FileNotFoundError(f"{directory}: no {INDEX_FILE}, {SINGLE_FILE} or other .safetensors file")
-  return [os.path.join(directory, f) for f in found]
+  return [storage.join(directory, name) for name in found]
 
 
 def write_file(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
