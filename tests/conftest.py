@@ -1,10 +1,11 @@
-"""Shared fixtures: a tiny run config written as a config file, a small text corpus, and one trained workdir
-that several test files read (trained once per session, ~10 s on 2 cores)."""
+"""Shared fixtures: a tiny run config written as a config file, a small text corpus, one trained workdir that
+several test files read (trained once per session, ~10 s on 2 cores), and an S3 server on localhost."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sysconfig
 import textwrap
 import types
@@ -90,6 +91,33 @@ def trained_run(load_tiny, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
   summary = train(config, workdir, show_progress=False)
   return config, workdir, summary
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+  """An S3 server on localhost with the bucket `runs` (moto's server mode); the AWS_* variables point every
+  client at it."""
+  moto_server = pytest.importorskip("moto.server")
+  pytest.importorskip("s3fs")
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+  server.start()
+  endpoint = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                          "AWS_REGION", "AWS_DEFAULT_REGION")}
+  os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                    AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+  import boto3
+  boto3.client("s3").create_bucket(Bucket="runs")
+  yield endpoint
+  server.stop()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
 
 
 def read_metrics(workdir: str) -> list[dict]:
