@@ -9,6 +9,7 @@ import fcntl
 import os
 import sys
 
+from diffgemma_jax.data.build_status import JobBuild
 from diffgemma_jax.errors import DataError
 
 PRETRAIN_RECIPES = ("python_stdlib", "python_packages", "shakespeare", "text_files", "pypi_code")
@@ -17,22 +18,27 @@ RECIPES = PRETRAIN_RECIPES + SFT_RECIPES
 
 
 def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: str | None = None, *,
-                  tokenizer: str | None = None, **options) -> dict:
+                  tokenizer: str | None = None, job: JobBuild | None = None, **options) -> dict:
   """Builds (or reuses, when its manifest matches) the dataset of `recipe` in `output_dir`.
 
   `tokenizer`: an existing sentencepiece model to copy in instead of training one (required by SFT recipes).
   `options`: recipe-specific (jsonl: heldout_source, max_bad_lines; text_files: text_field, max_bad_lines) and
   how to build a pretraining dataset (build_workers, tokenizer_sample_lines; a multi-process run's
   process_index, process_count and barrier(name): every process builds its share). An SFT dataset is written by
-  process 0 while the others wait at the barrier."""
+  process 0 while the others wait at the barrier. `job`: a multi-process run's build_status.JobBuild, whose
+  barrier replaces `barrier`: process 0 reports while it waits for the build lock and builds, so the others wait
+  for as long as it beats (not a barrier's fixed timeout) and fail with its message when it fails."""
   if recipe not in RECIPES:
     raise DataError(f"data.recipe: unknown recipe {recipe!r}; valid recipes are {RECIPES}")
   import importlib
   build = importlib.import_module(f"data_recipes.{recipe}").build
+  if job is not None:
+    options["barrier"] = job.barrier
   # Runs started apart (a sweep on one machine, two jobs on one filesystem) may ask for the same folder at once:
   # one builds while the others wait for its lock, then find the dataset current. In a job of several processes
   # process 0 holds the lock for the whole job; the others follow it through the barriers.
-  with build_lock(output_dir) if options.get("process_index", 0) == 0 else contextlib.nullcontext():
+  with job or contextlib.nullcontext(), \
+      build_lock(output_dir) if options.get("process_index", 0) == 0 else contextlib.nullcontext():
     if recipe in SFT_RECIPES and options.get("process_count", 1) > 1:
       if options["process_index"] == 0:
         build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)

@@ -187,15 +187,21 @@ def local_file(path) -> str:
 
 
 @contextlib.contextmanager
-def staged_folder(path) -> Iterator[str]:
+def staged_folder(path, *, partial: bool = False) -> Iterator[str]:
   """A local folder to write the folder `path` into: `path` itself, or for a URL a temporary folder whose files
-  are uploaded there (each object whole) when the block ends without an error."""
+  are uploaded there (each object whole) when the block ends without an error; with `partial`, also when it
+  fails (the files a run wrote before it failed are worth keeping: an evaluation's results without its samples)."""
   if not is_url(path):
     os.makedirs(path, exist_ok=True)
     yield str(path)
     return
   with tempfile.TemporaryDirectory(prefix="diffgemma-upload-") as local:
-    yield local
+    try:
+      yield local
+    except BaseException:
+      if partial and any(names for _, _, names in os.walk(local)):
+        upload_folder(local, str(path))
+      raise
     epath.Path(str(path)).mkdir(parents=True, exist_ok=True)
     upload_folder(local, str(path))
 

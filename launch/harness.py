@@ -3,14 +3,18 @@ and this repository's task files (diffgemma_jax/harness_tasks: the held-out stdl
   diffgemma-lm-eval --model diffgemma --model_args config=configs/pretrain_tiny.py,workdir=runs/tiny \\
       --tasks stdlib_heldout_mc,stdlib_heldout_completion --batch_size 32
 Every argument goes to the harness's own CLI unchanged (`lm-eval --help`), plus `--include_path` of our tasks
-unless you give one. Needs the lm_eval extra (pip install -e '.[lm_eval]')."""
+unless you give one, except a bucket `--output_path` (gs://, s3://): the harness's writer takes local paths only,
+so it writes into a temporary folder whose files are uploaded to the URL when it ends, also when it fails part
+way. Needs the lm_eval extra (pip install -e '.[lm_eval]')."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import diffgemma_jax
+from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError
 
 # the package's own task files (package data), wherever it is installed
@@ -28,8 +32,36 @@ def harness_argv(argv: list[str]) -> list[str]:
   return argv + ["--include_path", TASKS_DIR]
 
 
+def split_output_path(argv: list[str]) -> tuple[str | None, list[str]]:
+  """(the --output_path the harness's parser reads from `argv`, or None; `argv` without it): written as
+  `--output_path X`, `--output_path=X`, `-o X` or an abbreviation such as `--output X`, as the harness accepts."""
+  parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+  parser.add_argument("--output_path", "-o")
+  try:
+    known, rest = parser.parse_known_args(argv)
+  except argparse.ArgumentError:  # `--output_path` without a value: the harness says so
+    return None, list(argv)
+  return known.output_path, rest
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  output, rest = split_output_path(argv)
+  if output is None or not storage.is_url(output):
+    return _evaluate(argv)
+  try:
+    storage.check_reachable(output, "--output_path")
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  # the harness writes `X.json` as X_<date>.json beside it (samples too), a folder as files inside it
+  folder, name = (output.rsplit("/", 1) if output.endswith(".json") else (output, ""))
+  with storage.staged_folder(folder, partial=True) as local:
+    return _evaluate(rest + ["--output_path", os.path.join(local, name) if name else local])
+
+
+def _evaluate(argv: list[str]) -> int:
+  """The harness's own CLI on `argv` (with our task files), 0; 2 after a one-line error of our model."""
   try:
     from lm_eval.__main__ import cli_evaluate
   except ImportError:

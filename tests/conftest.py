@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny run config written as a config file, a small text corpus, and one trained workdir
-that several test files read (trained once per session, ~10 s on 2 cores)."""
+"""Shared fixtures: a tiny run config written as a config file, a small text corpus, one trained workdir that
+several test files read (trained once per session, ~10 s on 2 cores), and an S3 server on localhost."""
 
 from __future__ import annotations
 

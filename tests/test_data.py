@@ -104,6 +104,87 @@ def test_a_filesystem_without_locks_builds_unlocked(text_dataset, monkeypatch, c
   assert "cannot be locked (No locks available); building without the lock" in capsys.readouterr().err
 
 
+@pytest.fixture
+def runtime_clients():
+  """Two clients of a JAX distributed runtime (its coordination service on localhost, what `jax.distributed`
+  starts for a job: barriers and the job's key-value store), for two threads that stand in for a job's
+  processes."""
+  import socket
+  import threading
+
+  from jax._src.lib import _jax
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  service = _jax.get_distributed_runtime_service(address, 2)
+  clients = [_jax.get_distributed_runtime_client(address, p) for p in range(2)]
+
+  def each(method):
+    threads = [threading.Thread(target=getattr(client, method)) for client in clients]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join()
+
+  each("connect")
+  yield clients
+  each("shutdown")
+  service.shutdown()
+
+
+def _job(client, process_index: int, out: str, barrier=None):
+  """A job's reported build as prepare_dataset makes it, on the runtime's real barriers and key-value store, with
+  times cut 100-fold: a 1 s barrier timeout (an hour in a job), beats every 0.1 s, stale after 0.5 s."""
+  from diffgemma_jax.data.build_status import JobBuild, KeyValueBoard
+  return JobBuild(KeyValueBoard(client, "status"), process_index=process_index, what=f"data.dir {out}",
+                  barrier=barrier or (lambda name: client.wait_at_barrier(name, 1000)), start="start", poll_s=0.05,
+                  heartbeat_s=0.1, stale_s=0.5)
+
+
+def test_a_job_waits_while_its_process_0_waits_for_another_jobs_build_lock(text_dataset, runtime_clients):
+  """Another job holds the folder's build lock past the barrier timeout and five times the staleness limit:
+  process 0 of this job waits for it, beating, and its other process waits as long as the beats come (before, it
+  waited at a barrier whose timeout killed the job); then both reuse what the other job built."""
+  import concurrent.futures
+  import time
+
+  from data_recipes import build_lock
+  out, manifest, src = text_dataset
+  with concurrent.futures.ThreadPoolExecutor(2) as pool, build_lock(out):  # the other job, mid-build
+    futures = [pool.submit(build_dataset, "text_files", out, 400, source=src, process_index=p, process_count=2,
+                           job=_job(client, p, out)) for p, client in enumerate(runtime_clients)]
+    time.sleep(2.5)  # the barrier times out within 2 s (the runtime checks its deadlines about once a second)
+    assert not any(f.done() for f in futures), [f.exception() for f in futures if f.done()]
+  for future in futures:
+    assert future.result(timeout=60)["created"] == manifest["created"]
+
+
+def test_a_job_fails_with_process_0s_error_or_once_its_beats_stop(text_dataset, runtime_clients, tmp_path):
+  """The other process fails within a poll with process 0's message when its build fails (an SFT dataset, which
+  process 0 writes alone), and with a message naming the last beat when process 0 stops beating."""
+  import concurrent.futures
+  import time
+
+  out, _, _ = text_dataset
+  target = str(tmp_path / "sft")
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    start = time.monotonic()
+    futures = [pool.submit(build_dataset, "jsonl", target, None, source=str(tmp_path / "none.jsonl"),
+                           tokenizer=os.path.join(out, "tokenizer.model"), process_index=p, process_count=2,
+                           job=_job(client, p, target)) for p, client in enumerate(runtime_clients)]
+    errors = [f.exception(timeout=60) for f in futures]
+  assert time.monotonic() - start < 10
+  assert isinstance(errors[0], DataError) and str(errors[0]).startswith("data.source")
+  assert str(errors[1]) == f"data.dir {target}: the dataset build failed on process 0: {errors[0]}"
+
+  runtime_clients[0].key_value_set("status", '{"building": true, "beat": 7, "stage": "start"}', True)  # then died
+  with pytest.raises(DataError) as info:
+    build_dataset("text_files", out, 400, source="unused", process_index=1, process_count=2,
+                  job=_job(runtime_clients[1], 1, out, barrier=lambda name: None))
+  assert str(info.value).startswith(f"data.dir {out}: process 0 has stopped reporting on the dataset build: its last "
+                                    f"beat (7) in the job's key-value store (key status), nothing new for 0.5 s")
+
+
 def test_iterator_state_restores_the_same_batches(text_dataset):
   out = text_dataset[0]
   it = make_train_iterator(out, seq_len=32, batch_size=4, seed=3)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import textwrap
 
 import jax
@@ -206,3 +207,47 @@ def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkey
   monkeypatch.setattr("lm_eval.__main__.cli_evaluate", harness_cli)
   assert main(["--model", "diffgemma"]) == 2
   assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_bucket_output_path_gets_the_harness_files(s3_endpoint, trained_run, tiny_config_file, tmp_path,
+                                                     monkeypatch, capsys):
+  """`--output_path s3://...`: the harness writes into a local folder whose files are uploaded when it ends: a
+  folder gets the results and samples a local folder gets, a `.json` path gets `<stem>_<date>.json` beside it, and
+  a run that fails part way (here while writing its samples) still uploads what it wrote; a bucket that cannot
+  be reached fails first, in one line."""
+  from etils import epath
+  from lm_eval.loggers import EvaluationTracker
+
+  from diffgemma_jax import storage
+  _, workdir, _ = trained_run
+  seen = []  # a local --output_path reaches the harness's CLI as written
+  monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: seen.append(sys.argv[1:]))
+  local = ["--tasks", "tiny_mc", "-o", str(tmp_path / "out"), "--log_samples"]
+  assert main(local) == 0 and seen == [harness_argv(local)]
+  monkeypatch.undo()
+  for name, text in TASKS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
+  run = ["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},block_length=8",
+         "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
+  assert main(run + ["--output_path", "s3://no-such-bucket/eval"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: --output_path s3://no-such-bucket/eval: the bucket s3://no-such-bucket cannot be reached "
+                 f"(endpoint {s3_endpoint}): it does not exist, or these credentials cannot see it; create it first\n")
+
+  assert main(run + ["--output_path", "s3://runs/lm-eval"]) == 0
+  written = sorted(storage.folder_sizes("s3://runs/lm-eval"))  # in a folder named after the model (random here)
+  assert [os.path.basename(name).split("_")[0] for name in written] == ["results", "samples"], written
+  results = json.loads(epath.Path(f"s3://runs/lm-eval/{written[0]}").read_text())
+  assert 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
+  samples = epath.Path(f"s3://runs/lm-eval/{written[1]}").read_text().splitlines()
+  assert os.path.basename(written[1]).startswith("samples_tiny_mc_") and len(samples) == 3
+
+  def disk_full(*_, **__):
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(EvaluationTracker, "save_results_samples", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    main(run + ["--output_path", "s3://runs/failed/tiny.json"])
+  (uploaded,) = epath.Path("s3://runs/failed").iterdir()
+  assert uploaded.name.startswith("tiny_") and uploaded.name.endswith(".json")
+  assert json.loads(uploaded.read_text())["results"]["tiny_mc"] == results["results"]["tiny_mc"]

@@ -12,16 +12,13 @@ Fetching reuses a cached file of the recorded size (one cut short or missing is 
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
 share a host (and a cache) never read half a file, whichever of them fetches it.
 
-In a multi-process run (`build_shared`) process 0 builds while the others wait, and it publishes the outcome in the
-bucket, `build-status.json`: {"ok": true} or {"error": its one-line message}. The waiting processes poll for it
-and fetch the dataset, or fail at once with process 0's message, not when a barrier times out an hour later. The
-old status is deleted before a start barrier that every process passes, so what they find after it is this run's.
-The manifest itself cannot tell them: a rebuild replaces it only at the end, so an old one is there meanwhile.
-
-While it builds, process 0 rewrites the status every `heartbeat_s` (30 s) as {"building": true, "beat": n}. A
-build of a large corpus on one host may take hours, so the waiting processes set no deadline on the build itself:
-they wait while the beats advance, and fail, saying so, once none has arrived for `stale_s` (10 minutes) by their
-own clock (process 0 killed, out of memory, or its host gone), instead of waiting for ever or for a fixed hour.
+In a multi-process run (`build_shared`) process 0 builds while the others wait, and it reports in the bucket,
+`build-status.json` (data/build_status.py): a heartbeat every 30 s while it builds, then {"ok": true} or
+{"error": its one-line message}. The waiting processes fetch the dataset once it is built, fail at once with
+process 0's message, or fail, saying so, once its beats have stopped for 10 minutes; a build of a large corpus
+may take hours, so they set no deadline on the build itself. The old status is deleted before a start barrier
+that every process passes, so what they find after it is this run's. The manifest itself cannot tell them: a
+rebuild replaces it only at the end, so an old one is there meanwhile.
 """
 
 from __future__ import annotations
@@ -30,16 +27,14 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import time
-import traceback
 import uuid
 from typing import Callable
 
 from etils import epath
 
 from diffgemma_jax import storage
-from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.data import build_status
+from diffgemma_jax.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 OBJECTS_FILE = "objects.json"
@@ -221,87 +216,20 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _one_line(error: Exception) -> str:
-  text = str(error) if isinstance(error, (ConfigError, DataError)) and str(error) else \
-      "".join(traceback.format_exception_only(error)).strip()
-  return " ".join(text.split())
-
-
 def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
-                 barrier: Callable[[str], None], poll_s: float = 5.0, heartbeat_s: float = 30.0,
-                 stale_s: float = 600.0, max_bytes: int = 0) -> str:
-  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome (see the module
-  doc), the others wait for it and fetch; returns the local copy. A failure on process 0 is raised there as it
-  was and on every other process as a DataError with its message, as soon as they poll; a process 0 that stops
-  beating for `stale_s` fails them too. `barrier(name)`: the run's sync point, met once by every process before
-  the build."""
-  status = epath.Path(storage.join(url, STATUS_FILE))
-  if process_index == 0:
-    status.unlink(missing_ok=True)
-  barrier("diffgemma_bucket_dataset_start")
-  if process_index == 0:
-    try:
-      with _Heartbeat(status, heartbeat_s):  # stopped, its last write done, before the outcome is written
-        local = build_in_bucket(url, cache_root, build, max_bytes=max_bytes)
-    except Exception as e:
-      status.write_text(json.dumps({"error": _one_line(e)}))
-      raise
-    status.write_text(json.dumps({"ok": True}))
-    return local
-  outcome = _wait_for_outcome(url, status, poll_s=poll_s, stale_s=stale_s)
-  if "error" in outcome:
-    raise DataError(f"data.dir {url}: the dataset build failed on process 0: {outcome['error']}")
+                 barrier: Callable[[str], None], poll_s: float = build_status.POLL_S,
+                 heartbeat_s: float = build_status.HEARTBEAT_S, stale_s: float = build_status.STALE_S,
+                 max_bytes: int = 0) -> str:
+  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome in the bucket
+  (`STATUS_FILE`, a build_status.JobBuild: see the module doc), the others wait for it and fetch; returns the
+  local copy. A failure on process 0 is raised there as it was and on every other process as a DataError with
+  its message, as soon as they poll; a process 0 that stops beating for `stale_s` fails them too.
+  `barrier(name)`: the run's sync point, met once by every process before the build."""
+  job = build_status.JobBuild(build_status.FileBoard(storage.join(url, STATUS_FILE)), process_index=process_index,
+                              barrier=barrier, what=f"data.dir {url}", start="diffgemma_bucket_dataset_start",
+                              poll_s=poll_s, heartbeat_s=heartbeat_s, stale_s=stale_s)
+  with job:
+    if process_index == 0:
+      return build_in_bucket(url, cache_root, build, max_bytes=max_bytes)
+  job.wait_outcome()
   return fetch(url, cache_root, max_bytes=max_bytes)
-
-
-class _Heartbeat:
-  """Process 0's beats while it builds: {"building": true, "beat": n} written now and every `every_s`; stopped
-  (the last write finished) before the outcome is written, so no beat can overwrite it."""
-
-  def __init__(self, status: epath.Path, every_s: float):
-    self.status, self.every_s = status, every_s
-    self.stop = threading.Event()
-    self.thread = threading.Thread(target=self._run, name="dataset-build-heartbeat", daemon=True)
-
-  def _beat(self, n: int) -> None:
-    try:
-      self.status.write_text(json.dumps({"building": True, "beat": n}))
-    except OSError:
-      pass  # a missed beat is a late one; the waiting processes allow for several
-
-  def _run(self) -> None:
-    n = 1
-    while not self.stop.wait(self.every_s):
-      self._beat(n)
-      n += 1
-
-  def __enter__(self):
-    self._beat(0)
-    self.thread.start()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.stop.set()
-    self.thread.join()
-
-
-def _wait_for_outcome(url: str, status: epath.Path, *, poll_s: float, stale_s: float) -> dict:
-  """Process 0's outcome ({"ok"} or {"error"}), polled every `poll_s`; a DataError once its beats (or its first
-  one) have not advanced for `stale_s` by this process's clock."""
-  last, changed, read_error = None, time.monotonic(), ""
-  while True:
-    try:
-      published = _read(str(status))
-      state, read_error = (json.loads(published) if published else None), ""
-    except (OSError, ValueError) as e:  # rewritten while read (an ETag that moved on, half an object): next poll
-      state, read_error = last, f"; the last read failed: {_one_line(e)}"
-    if state and not state.get("building"):
-      return state
-    if state != last:
-      last, changed = state, time.monotonic()
-    elif time.monotonic() - changed > stale_s:
-      seen = f"its last beat ({last['beat']})" if last else "no beat at all"
-      raise DataError(f"data.dir {url}: process 0 has stopped reporting on the dataset build: {seen} in "
-                      f"{STATUS_FILE}, nothing new for {stale_s:g} s (killed, out of memory, or its host gone?)"
-                      f"{read_error}; see its log")
-    time.sleep(poll_s)

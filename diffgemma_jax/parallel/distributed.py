@@ -160,16 +160,22 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   """
   if jax.process_count() == 1:
     return
-  try:
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel
-    client = distributed.global_state.client
-  except (ImportError, AttributeError):
-    client = None
+  client = runtime_client()
   if client is None:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+def runtime_client():
+  """The JAX distributed runtime's client of this process (its barriers and the job's key-value store), or None
+  (one process, or a JAX that keeps it elsewhere)."""
+  try:
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel (no public API exposes it)
+    return distributed.global_state.client
+  except (ImportError, AttributeError):
+    return None
 
 
 def _is_initialized() -> bool:

@@ -17,11 +17,12 @@ from data_recipes import SFT_RECIPES, build_dataset
 from diffgemma_jax import storage
 from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.data import EvalBatches, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
+from diffgemma_jax.data.build_status import JobBuild, KeyValueBoard
 from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_unigram_ppl
 from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.objectives import OBJECTIVES
-from diffgemma_jax.parallel.distributed import barrier
+from diffgemma_jax.parallel.distributed import barrier, runtime_client
 from diffgemma_jax.train.reading import open_init_checkpoint, pinned_tokenizer
 
 
@@ -112,7 +113,8 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
       directory = _dataset_in_bucket(config, directory, lambda local: build(local, **options))
     else:
       if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
-        options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier)
+        options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier,
+                       job=_local_build_job(directory))
       build(directory, **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
   if tokenizer.mask_id < 0 and OBJECTIVES[config.objective.name].capabilities.mask_token:
@@ -123,6 +125,21 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
                       f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} or point data.dir "
                       f"at a dataset built for {config.model.vocab_size}")
   return directory, tokenizer
+
+
+# process 0's reports on a local build (data/build_status.py), in the job's own key-value store
+LOCAL_BUILD_STATUS_KEY = "diffgemma_dataset_build_status"
+
+
+def _local_build_job(directory: str) -> JobBuild | None:
+  """The multi-process local build of `directory` as a reported job (process 0 may wait hours for another job's
+  build lock; its processes wait while it beats); None where the runtime's client cannot be reached (plain
+  barriers then)."""
+  client = runtime_client()
+  if client is None:
+    return None
+  return JobBuild(KeyValueBoard(client, LOCAL_BUILD_STATUS_KEY), process_index=jax.process_index(), barrier=barrier,
+                  what=f"data.dir {directory}", start="diffgemma_dataset_start")
 
 
 def _dataset_in_bucket(config, url: str, build) -> str:
