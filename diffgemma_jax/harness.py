@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -89,18 +88,12 @@ class DiffGemmaLM(LM):
   def _encode(self, text: str) -> list[int]:
     return list(self.tokenizer.encode(text)) if text else []
 
-  def _score_id_pairs(self, id_pairs, names) -> tuple[list[float], dict[str, np.ndarray]]:
-    """-bound (nats) of each (context ids, continuation ids) pair, and the rows scored."""
-    rows = [self.scorer.row(context, continuation, name) for (context, continuation), name in zip(id_pairs, names)]
-    stacked = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-    return [-r["nll"] for r in self.scorer.score_rows(stacked)], stacked
-
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     id_pairs = [split_tokens(self.tokenizer, *request.args) for request in requests]
     names = [f"task {request.task_name}, document {request.doc_id}" for request in requests]
-    logprobs, rows = self._score_id_pairs(id_pairs, names)
+    results = self.scorer.score_ids(id_pairs, names, greedy=True)
     # the harness counts is_greedy (its exact_match metric): "unknown" (diffusion models) counts as not greedy
-    return [(logprob, bool(greedy)) for logprob, greedy in zip(logprobs, self.scorer.greedy(rows))]
+    return [(-r["nll"], bool(r["greedy"])) for r in results]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owners, names = [], [], []
@@ -113,10 +106,9 @@ class DiffGemmaLM(LM):
         windows.append((context[1:] if context[:1] == [self.tokenizer.bos_id] else context, predicted))
         owners.append(index)
         names.append(f"task {request.task_name}, document {request.doc_id}")
-    logprobs, _ = self._score_id_pairs(windows, names) if windows else ([], None)
     totals = [0.0] * len(requests)
-    for owner, logprob in zip(owners, logprobs):
-      totals[owner] += logprob
+    for owner, result in zip(owners, self.scorer.score_ids(windows, names) if windows else []):
+      totals[owner] -= result["nll"]
     return totals
 
   # ---- generation ----------------------------------------------------------------------------------------------

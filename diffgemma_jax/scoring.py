@@ -11,6 +11,14 @@ batch b drawing from fold_in(seed, b); exact for the autoregressive objective (s
                 pairs as an SFT held-out set score the same numbers.
 A pair longer than the context loses prompt tokens from the left; a continuation that alone does not fit is an
 error naming it.
+
+Row widths (`continuation` layout): a pair is scored in the narrowest row of a ladder (powers of two from
+MIN_WIDTH, whole canvases for the block objectives, at most train.seq_len) that holds it, with
+`batch_size x seq_len / width` rows per call: the harness's requests are mostly far shorter than the context, and
+a row padded to train.seq_len costs the whole row's compute. Each width compiles once. Padding is never attended
+or scored, so a row's exact (AR) score does not depend on its width; a diffusion row's Monte-Carlo draws do (the
+noise is drawn over the row), so its estimate changes within its standard error, not in expectation. Batches are
+keyed in order of width, then of the pairs.
 """
 
 from __future__ import annotations
@@ -40,6 +48,14 @@ from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.train.state import split_model
 
 LAYOUTS = ("continuation", "sft")
+MIN_WIDTH = 16
+
+
+def row_width(length: int, seq_len: int, unit: int = 1) -> int:
+  """The narrowest width of the ladder that holds `length` tokens: the next power of two (at least MIN_WIDTH),
+  rounded up to whole `unit`s (canvases), at most `seq_len` (itself whole units)."""
+  width = max(MIN_WIDTH, 1 << max(0, (length - 1).bit_length()))
+  return min(-(-width // unit) * unit, seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +101,23 @@ def read_pairs(path: str, flag: str = "--records") -> list[Pair]:
   return pairs
 
 
-def continuation_row(prompt_ids: Sequence[int], continuation_ids: Sequence[int], seq_len: int, *, bos_id: int,
-                     pad_id: int, source: str = "") -> dict[str, np.ndarray]:
-  """[bos] prompt continuation in a row of `seq_len`, `loss_mask` on the continuation, segment 0 after it; the
-  prompt loses tokens from the left when the pair does not fit."""
+def row_length(prompt_ids: Sequence[int], continuation_ids: Sequence[int], seq_len: int, source: str = "") -> int:
+  """Tokens of the pair's row in a context of `seq_len`: bos, the prompt's last tokens that fit, the continuation."""
   if not continuation_ids:
     raise ScoringError(f"{source or 'a pair'}: the continuation has no tokens")
   room = seq_len - 1 - len(continuation_ids)
   if room < 0:
     raise ScoringError(f"{source or 'a pair'}: the continuation is {len(continuation_ids)} tokens, more than the "
                        f"model's context of {seq_len} (train.seq_len) less bos; shorten it")
-  head = [bos_id] + list(prompt_ids)[max(len(prompt_ids) - room, 0):]
-  length = len(head) + len(continuation_ids)
+  return 1 + min(len(prompt_ids), room) + len(continuation_ids)
+
+
+def continuation_row(prompt_ids: Sequence[int], continuation_ids: Sequence[int], seq_len: int, *, bos_id: int,
+                     pad_id: int, source: str = "") -> dict[str, np.ndarray]:
+  """[bos] prompt continuation in a row of `seq_len`, `loss_mask` on the continuation, segment 0 after it; the
+  prompt loses tokens from the left when the pair does not fit."""
+  length = row_length(prompt_ids, continuation_ids, seq_len, source)
+  head = [bos_id] + list(prompt_ids)[len(prompt_ids) + len(continuation_ids) + 1 - length:]
   tokens = np.full((seq_len,), pad_id, np.int32)
   tokens[:length] = head + list(continuation_ids)
   loss_mask = np.zeros((seq_len,), np.int32)
@@ -134,44 +155,83 @@ class Scorer:
       rows, _ = make_rows([{"prompt": p.prompt, "response": p.continuation} for p in pairs], self.tokenizer,
                           self.seq_len, str(self.config.data.chat_template))
       return rows
-    out = []
-    for pair in pairs:
-      prompt_ids, continuation_ids = split_tokens(self.tokenizer, pair.prompt, pair.continuation)
-      out.append(self.row(prompt_ids, continuation_ids, pair.source))
-    return {k: np.stack([r[k] for r in out]) for k in out[0]}
+    return _stack([self.row(*self.ids(pair), pair.source) for pair in pairs])
 
-  def row(self, prompt_ids, continuation_ids, source: str = "") -> dict[str, np.ndarray]:
-    return continuation_row(prompt_ids, continuation_ids, self.seq_len, bos_id=self.tokenizer.bos_id,
+  def ids(self, pair: Pair) -> tuple[list[int], list[int]]:
+    return split_tokens(self.tokenizer, pair.prompt, pair.continuation)
+
+  def row(self, prompt_ids, continuation_ids, source: str = "", width: int | None = None) -> dict[str, np.ndarray]:
+    """The pair's `continuation` row, `width` wide (default train.seq_len; narrower only if it holds the row)."""
+    length = row_length(prompt_ids, continuation_ids, self.seq_len, source)  # the context's truncation
+    width = width or self.seq_len
+    if not length <= width <= self.seq_len:
+      raise ValueError(f"a row of {length} tokens in a width of {width} (train.seq_len={self.seq_len})")
+    return continuation_row(prompt_ids, continuation_ids, width, bos_id=self.tokenizer.bos_id,
                             pad_id=self.tokenizer.pad_id, source=source)
 
-  def batches(self, rows: dict[str, np.ndarray]):
-    """Fixed-shape batches of `batch_size` rows, the last one padded with empty rows (segment 0)."""
+  def batches(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None):
+    """Fixed-shape batches of `rows_per_batch` rows (default batch_size), the last one padded with empty rows."""
+    size = rows_per_batch or self.batch_size
     n = len(rows["tokens"])
-    for start in range(0, n, self.batch_size):
-      yield pad_batch({k: v[start:start + self.batch_size] for k, v in rows.items()}, self.batch_size)
+    for start in range(0, n, size):
+      yield pad_batch({k: v[start:start + size] for k, v in rows.items()}, size)
 
   # ---- scores --------------------------------------------------------------------------------------------------
-  def score_rows(self, rows: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens."""
+  def score_rows(self, rows: dict[str, np.ndarray], *, rows_per_batch: int | None = None,
+                 first_batch: int = 0) -> list[dict[str, Any]]:
+    """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens. Batch b
+    of these rows draws from fold_in(seed, first_batch + b); its results are fetched after batch b + 1 is
+    dispatched, so the device does not wait on the host."""
     base = jax.random.key(self.seed)
     sharding = batch_sharding(self.mesh)
-    nll, stderr, tokens = [], [], []
-    for index, batch in enumerate(self.batches(rows)):
-      out = self.bound_fn(self.params, jax.device_put(batch, sharding), jax.random.fold_in(base, index))
-      for collected, value in zip((nll, stderr, tokens), jax.device_get(out)):
-        collected.append(np.asarray(value))
+    collected, pending = [], None
+    for index, batch in enumerate(self.batches(rows, rows_per_batch)):
+      out = self.bound_fn(self.params, jax.device_put(batch, sharding), jax.random.fold_in(base, first_batch + index))
+      if pending is not None:
+        collected.append(jax.device_get(pending))
+      pending = out
+    collected.append(jax.device_get(pending))
     n = len(rows["tokens"])
-    nll, stderr, tokens = (np.concatenate(x)[:n] for x in (nll, stderr, tokens))
+    nll, stderr, tokens = (np.concatenate([np.asarray(c[i]) for c in collected])[:n] for i in range(3))
     return [{"nll": float(a), "stderr": float(s), "num_tokens": int(t)} for a, s, t in zip(nll, stderr, tokens)]
 
+  def score_ids(self, id_pairs: Sequence[tuple[Sequence[int], Sequence[int]]], sources: Sequence[str] = (), *,
+                greedy: bool = False) -> list[dict[str, Any]]:
+    """`score_rows` of (prompt ids, continuation ids) pairs as `continuation` rows, each in the narrowest width of
+    the ladder that holds it (module docstring), results in the pairs' order; with `greedy`, each result's
+    "greedy" is `greedy()` of its row."""
+    sources = list(sources) or [""] * len(id_pairs)
+    unit = self.objective.block_size if self.objective.capabilities.canvases else 1
+    widths = [row_width(row_length(p, c, self.seq_len, source), self.seq_len, unit)
+              for (p, c), source in zip(id_pairs, sources)]
+    results: list[dict[str, Any]] = [{} for _ in id_pairs]
+    first_batch = 0
+    for width in sorted(set(widths)):
+      members = [i for i, w in enumerate(widths) if w == width]
+      rows = _stack([self.row(*id_pairs[i], sources[i], width=width) for i in members])
+      # the tokens of a batch of full rows, or fewer rows when that many would be mostly padding (a power of two
+      # times batch_size, so a width compiles for few shapes)
+      batches_needed = -(-len(members) // self.batch_size)
+      per_batch = self.batch_size * min(self.seq_len // width, 1 << (batches_needed - 1).bit_length())
+      scores = self.score_rows(rows, rows_per_batch=per_batch, first_batch=first_batch)
+      first_batch += -(-len(members) // per_batch)
+      flags = self.greedy(rows, rows_per_batch=per_batch) if greedy else [None] * len(members)
+      for i, score, flag in zip(members, scores, flags):
+        results[i] = dict(score, greedy=flag) if greedy else score
+    return results
+
   def score(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
-    """`score_rows` of the pairs' rows, with each pair's source and nll per token."""
-    results = self.score_rows(self.rows(pairs))
+    """The pairs' scores (`score_ids` for the continuation layout, `score_rows` of full SFT rows), with each
+    pair's source and nll per token."""
+    if self.layout == "sft":
+      results = self.score_rows(self.rows(pairs))
+    else:
+      results = self.score_ids([self.ids(pair) for pair in pairs], [pair.source for pair in pairs])
     for pair, result in zip(pairs, results):
       result.update(source=pair.source, nll_per_token=result["nll"] / max(result["num_tokens"], 1))
     return results
 
-  def greedy(self, rows: dict[str, np.ndarray]) -> list[bool]:
+  def greedy(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None) -> list[bool]:
     """Objectives that predict the next token (`capabilities.next_token`: autoregressive models): whether greedy
     decoding from each row's prompt writes its continuation (every continuation token is the argmax after the
     tokens before it). None for diffusion models: their samplers commit tokens in a data-dependent order, so no
@@ -190,8 +250,12 @@ class Scorer:
         return jnp.all(hit | (batch["loss_mask"][:, 1:] == 0), axis=-1)
 
       self._greedy_fn = matches
-    out = [np.asarray(self._greedy_fn(self.params, batch)) for batch in self.batches(rows)]
+    out = [np.asarray(self._greedy_fn(self.params, batch)) for batch in self.batches(rows, rows_per_batch)]
     return [bool(x) for x in np.concatenate(out)[:n]]
+
+
+def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -83,3 +83,30 @@ def test_a_continuation_longer_than_the_context_is_refused():
   np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 0, 0, 0])
   with pytest.raises(ScoringError, match="r.jsonl:3: the continuation is 8 tokens, more than the model's context"):
     continuation_row([7], [8] * 8, 8, bos_id=2, pad_id=0, source="r.jsonl:3")
+
+
+def test_rows_are_scored_in_the_narrowest_width_that_holds_them(trained_run):
+  """Short pairs go in rows of 16 (twice the rows per call), longer ones in the full 32: the same tokens scored,
+  and the Monte-Carlo bound of each row within its standard errors of the full-width row's (the draws differ with
+  the width; a token lost or added would move the total by several nats)."""
+  from diffgemma_jax.sampling.requests import load_tokenizer
+  from diffgemma_jax.scoring import Scorer, row_width
+  from diffgemma_jax.train.reading import restore_model
+  assert [row_width(n, 128) for n in (1, 16, 17, 100, 128)] == [16, 16, 32, 128, 128]
+  assert [row_width(n, 96, unit=24) for n in (3, 17, 40, 90)] == [24, 48, 72, 96]  # whole canvases
+  config, workdir, _ = trained_run
+  model, _ = restore_model(config, workdir)
+  scorer = Scorer(config, model, load_tokenizer(config, workdir), num_t_samples=16)
+  shapes, bound_fn = [], scorer.bound_fn
+  scorer.bound_fn = lambda params, batch, rng: shapes.append(batch["tokens"].shape) or bound_fn(params, batch, rng)
+  rng = np.random.default_rng(0)
+  id_pairs = [(list(rng.integers(10, 200, p)), list(rng.integers(10, 200, c)))
+              for p, c in [(3, 4), (20, 5), (8, 6), (40, 9), (1, 12), (12, 2), (25, 6), (5, 3), (2, 8)]]
+  bucketed = scorer.score_ids(id_pairs)
+  assert shapes == [(8, 16), (4, 32)]  # 6 short rows in one call of 8, then 3 long ones in one of 4
+  full = scorer.score_rows({k: np.stack([scorer.row(p, c)[k] for p, c in id_pairs]) for k in ("tokens",
+                            "segment_ids", "positions", "loss_mask")})
+  assert [r["num_tokens"] for r in bucketed] == [r["num_tokens"] for r in full] == [len(c) for _, c in id_pairs]
+  difference = sum(b["nll"] - f["nll"] for b, f in zip(bucketed, full))
+  spread = np.sqrt(sum(b["stderr"] ** 2 + f["stderr"] ** 2 for b, f in zip(bucketed, full)))
+  assert abs(difference) < 4 * spread, (difference, spread)
