@@ -8,7 +8,7 @@ pure jnp.
 
 from pallas_kernels.attention_mask import MaskSpec, Tokens, count_visible, tile_visits
 from pallas_kernels.attention_ops import flash_attention
-from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.attention_reference import attention_reference, chunked_attention
 from pallas_kernels.attention_tiling import AttentionTiling, choose_attention_tiling
 from pallas_kernels.gmm import gmm as gmm_kernel
 from pallas_kernels.gmm import tgmm
@@ -22,6 +22,7 @@ __all__ = [
     "MaskSpec",
     "Tokens",
     "attention_reference",
+    "chunked_attention",
     "choose_attention_tiling",
     "count_visible",
     "flash_attention",

@@ -2,12 +2,15 @@
 
 - `xla`: [B, heads, L, S] float32 logits under the dense boolean mask (`pallas_kernels.attention_reference`): the
   reference, and the path of every dense mask (the samplers build their KV-cache windows as arrays).
+- `chunked`: the same arithmetic as `xla` a chunk of CHUNK queries at a time (`chunked_attention`: the mask made
+  per chunk from the description, each chunk recomputed in the backward pass): memory O(CHUNK x S) per head, not
+  O(L x S), for long rows where no fused kernel runs (CPU, TPU).
 - `pallas`: our flash-attention kernel (`pallas_kernels.flash_attention`) for mask descriptions (`MaskSpec`): no
   [L, S] array, fully masked tiles skipped; the Pallas interpreter where there is no GPU (slow: tests only).
 - `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention`, for the masks it expresses: rows that
   each hold one document from position 0 (`MaskSpec.single_documents`), causal or bidirectional, causal with a
   sliding window. Every other mask (packed rows, block-causal, the [canvas ; clean] layouts) goes to `pallas`.
-- `auto`: `pallas` on a GPU, `xla` elsewhere.
+- `auto`: `pallas` on a GPU; elsewhere `xla`, or `chunked` for rows longer than 2 x CHUNK queries.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ATTENTION_IMPLS
 from pallas_kernels.attention_mask import MaskSpec
 from pallas_kernels.attention_ops import flash_attention
-from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.attention_reference import attention_reference, chunked_attention
+
+CHUNK = 512  # queries per chunk of the `chunked` path
 
 __all__ = ["ATTENTION_IMPLS", "attend", "cudnn_arguments", "cudnn_attention", "resolve"]
 
 
 def resolve(impl: str, mask) -> str:
-  """The implementation that runs: 'xla', 'pallas' or 'cudnn'."""
+  """The implementation that runs: 'xla', 'chunked', 'pallas' or 'cudnn'."""
   if not isinstance(mask, MaskSpec):
     return "xla"
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if jax.default_backend() == "gpu":
+      return "pallas"
+    return "chunked" if mask.q.length > 2 * CHUNK else "xla"
   if impl == "cudnn" and cudnn_arguments(mask) is None:
     return "pallas"
   return impl
@@ -41,6 +48,8 @@ def attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str):
   chosen = resolve(impl, mask)
   if chosen == "xla":
     return attention_reference(q_BLNH, k_BSKH, v_BSKH, mask)
+  if chosen == "chunked":
+    return chunked_attention(q_BLNH, k_BSKH, v_BSKH, mask, chunk=CHUNK)
   if chosen == "pallas":
     return flash_attention(q_BLNH, k_BSKH, v_BSKH, mask)
   if jax.default_backend() != "gpu":

@@ -16,7 +16,7 @@ LAYER_KINDS = ("sliding", "global")
 DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
 # model/attention_impl.py: xla (dense logits, the reference), pallas (our flash-attention kernel), cudnn (cuDNN via
 # jax.nn.dot_product_attention where the mask fits), auto (pallas on a GPU, xla elsewhere).
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "chunked", "pallas", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_COLLECTIVES = ("all_to_all", "ragged_all_to_all")
