@@ -112,6 +112,38 @@ def test_partial_results_resume_only_under_their_own_key(tmp_path):
   assert not (tmp_path / "p.npz").exists()
 
 
+def test_a_mixture_stopped_in_its_second_set_keeps_the_first_and_continues(tmp_path):
+  """held_out_bounds over two sets with a stand-in for the jitted bound (its result a function of the batch and
+  its key alone): a stop at the second set's first batch keeps the first set's results, the rerun scores only the
+  second set's rest and equals the uninterrupted mixture; `stop` sees one increasing batch count over both sets."""
+  import jax
+
+  from diffgemma_jax.parallel.mesh import make_mesh
+  from diffgemma_jax.train.bound import EvaluationStopped, held_out_bounds
+  from diffgemma_jax.train.bound_partial import PartialBound
+  mesh = make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  batch = lambda: {"tokens": rng.integers(1, 9, (2, 4)).astype(np.int32)}  # noqa: E731
+  sets = [("a", 0.7, [batch() for _ in range(3)]), ("b", 0.3, [batch() for _ in range(2)])]
+  scored = []
+
+  def bound_fn(params, batch, key):
+    scored.append(1)
+    noise = jax.random.uniform(key, (2,))
+    return batch["tokens"].sum(-1) + noise, noise, np.full(2, 4)
+
+  run = lambda **kw: held_out_bounds(bound_fn, None, sets, seed=3, num_t_samples=1, mesh=mesh, **kw)  # noqa: E731
+  whole = run()
+  partial_for = lambda i, name: PartialBound(str(tmp_path / f"set{i}.npz"), {"set": name})  # noqa: E731
+  seen = []
+  with pytest.raises(EvaluationStopped, match="stopped after 1 of 2"):
+    run(partial_for=partial_for, stop=lambda b: seen.append(b) or b == 3)
+  assert seen == [0, 1, 2, 3] and sorted(p.name for p in tmp_path.iterdir()) == ["set0.npz", "set1.npz"]
+  scored.clear()
+  assert run(partial_for=partial_for) == whole and len(scored) == 1  # only set b's second batch
+  assert not list(tmp_path.iterdir())
+
+
 def test_a_stopped_evaluation_continues_to_the_same_bound(trained_run, tmp_path, monkeypatch):
   """SIGTERM after the first held-out batch: the evaluation saves that batch's rows and stops; the same call then
   scores the rest only and gives the uninterrupted bound exactly (batch b's key is fold_in(seed, b) either way)."""

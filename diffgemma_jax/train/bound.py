@@ -79,8 +79,9 @@ def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
 
   The host reads batch b + 1 on a thread while the device scores batch b, and batch b's results are fetched after
   batch b + 1 is dispatched, so neither the reads nor the fetches stall the device. `partial` (bound_partial.py)
-  continues from the batches a previous run saved and saves as it goes; `progress(done, total)` is called after
-  each batch; `stop(b)` True after batch b saves the partial results and raises EvaluationStopped."""
+  continues from the batches a previous run saved and saves as it goes (its file is left for the caller to
+  discard); `progress(done, total)` is called after each batch; `stop(b)` True after batch b saves the partial
+  results and raises EvaluationStopped."""
   partial = partial if partial is not None else PartialBound()
   total = len(batches)
   start = partial.resume(total)
@@ -111,20 +112,30 @@ def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
         raise EvaluationStopped(partial.done, total, partial.path)
   if pending is not None:
     fetch(pending)
+  partial.save(force=True)  # a set finished is kept whole until the caller's other sets are done
   nelbo, stderr, tokens = partial.rows()
   result = summarize_bound(nelbo, tokens, stderr)
   result["num_t_samples"] = int(num_t_samples)
-  partial.discard()
   return result
 
 
 def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_samples: int, mesh: Mesh,
-                    partial_for: Callable[[int, str], PartialBound] | None = None, **options) -> dict:
+                    partial_for: Callable[[int, str], PartialBound] | None = None,
+                    progress: Callable[[int, int], None] | None = None,
+                    stop: Callable[[int], bool] | None = None) -> dict:
   """`held_out_bound` of one held-out set; for several [(name, weight, batches)] (data.mixture), each one's
-  under `sources` and their weighted total (data/mixture.py). `partial_for(i, name)`: set i's PartialBound;
-  `options`: held_out_bound's `progress` and `stop`."""
-  results = [(name, weight, held_out_bound(bound_fn, params, batches, seed=seed, num_t_samples=num_t_samples,
-                                           mesh=mesh, partial=partial_for(i, name) if partial_for else None,
-                                           **options))
-             for i, (name, weight, batches) in enumerate(sets)]
+  under `sources` and their weighted total (data/mixture.py). `partial_for(i, name)`: set i's PartialBound, every
+  one discarded once all sets are done (a stop in the second set keeps the first's results); `stop` sees the
+  batches of all sets numbered in one increasing sequence (the multi-process preemption sync point needs it)."""
+  results, partials, offset = [], [], 0
+  for i, (name, weight, batches) in enumerate(sets):
+    partial = partial_for(i, name) if partial_for else None
+    partials.append(partial)
+    set_stop = None if stop is None else (lambda b, first=offset: stop(first + b))
+    results.append((name, weight, held_out_bound(bound_fn, params, batches, seed=seed, num_t_samples=num_t_samples,
+                                                 mesh=mesh, partial=partial, progress=progress, stop=set_stop)))
+    offset += len(batches)
+  for partial in partials:
+    if partial is not None:
+      partial.discard()
   return results[0][2] if len(results) == 1 else mixture_bound(results)
