@@ -141,6 +141,25 @@ def test_left_padding_and_stop_strings():
   assert cut_at_stop("a\n\nb\ndef c", ["def", "\n\n"]) == "a" and cut_at_stop("abc", ["x", ""]) == "abc"
 
 
+def test_slot_mask_describes_the_dense_masks_of_the_long_passes():
+  """The prompt's passes (AR prefill, the canvas encoder, the bidirectional denoiser's full pass) describe their
+  masks (no [B, L, S] array) and, for every real query, see exactly what the dense masks they replace saw."""
+  B, S, starts = 3, 12, jnp.asarray([0, 3, 5], jnp.int32)
+  slots = jnp.arange(S)
+  real = batching.real_slots(B, S, starts)
+  for start, length, causal, written_end in [(0, 7, True, None), (4, 5, True, None), (0, S, False, None),
+                                             (2, 6, False, 10)]:
+    spec = batching.slot_mask(B, S, start, length, starts, causal=causal, written_end=written_end)
+    query_slots = start + jnp.arange(length)
+    end = start + length if written_end is None else written_end
+    want = real[:, None, :] & (slots < end)[None, None, :]
+    if causal:
+      want = want & (slots[None, None, :] <= query_slots[None, :, None])
+    want = np.broadcast_to(np.asarray(want), (B, length, S))
+    real_queries = np.asarray(real[:, start:start + length])
+    np.testing.assert_array_equal(np.asarray(spec.dense())[real_queries], want[real_queries])
+
+
 def test_run_batches_groups_by_length_and_keeps_the_order():
   class Spy(Generator):
     def __init__(self):

@@ -14,6 +14,7 @@ from flax import nnx
 
 from conftest import transformers_reference
 from diffgemma_jax.model import ModelConfig, build_model
+from diffgemma_jax.model.masks import MaskSpec
 from diffgemma_jax.sampling import canvas, masked
 from diffgemma_jax.sampling.parts import (
   accept_entropy_bound,
@@ -131,6 +132,8 @@ class Oracle:
   def decode(self, tokens_BL, positions_BL, mask_BLS, kv_cache, kv_positions_BS, write_index, *, logits_start=0,
              logits_length=None, embeddings_BLD=None, canvas_BL=None):
     del embeddings_BLD, canvas_BL
+    if isinstance(mask_BLS, MaskSpec):  # the encoder's pass describes its mask, as the model accepts
+      mask_BLS = mask_BLS.dense()
     (k,) = kv_cache
     written = tokens_BL[None, :, :, None, None].astype(jnp.float32)
     k = jax.lax.dynamic_update_slice(k, written, (0, 0, write_index, 0, 0))

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.sampling.batching import real_slots, slot_positions, split_keys
+from diffgemma_jax.sampling.batching import real_slots, slot_mask, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import sample_next
 
 
@@ -44,11 +44,9 @@ def prefill(model, prompt_BP, cache, starts_B=None):
   (logits of the last prompt position [B, V], cache)."""
   B, P = prompt_BP.shape
   S = _num_slots(cache)
-  slots_S = jnp.arange(S)
   positions_BS = slot_positions(B, S, starts_B)
-  mask_BPS = (slots_S[None, None, :] <= jnp.arange(P)[None, :, None]) & real_slots(B, S, starts_B)[:, None, :]
-  logits, cache = model.decode(prompt_BP, positions_BS[:, :P], mask_BPS, cache, positions_BS, 0, logits_start=P - 1,
-                               logits_length=1)
+  logits, cache = model.decode(prompt_BP, positions_BS[:, :P], slot_mask(B, S, 0, P, starts_B), cache, positions_BS,
+                               0, logits_start=P - 1, logits_length=1)
   return logits[:, 0], cache
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffgemma_jax.model.masks import MaskSpec, Tokens
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens [B, P] int32, starts [B] int32): each prompt right-aligned after `pad_id`s, P the longest prompt."""
@@ -46,6 +48,24 @@ def real_slots(batch_size: int, num_slots: int, starts_B=None):
   if starts_B is None:
     return jnp.ones((batch_size, num_slots), bool)
   return jnp.arange(num_slots)[None, :] >= starts_B[:, None]
+
+
+def slot_mask(batch_size: int, num_slots: int, start, length: int, starts_B=None, *, causal: bool = True,
+              written_end=None) -> MaskSpec:
+  """The description of a window of `length` queries at slots [start, start + length) over a cache of `num_slots`
+  slots: each real query sees the real slots written so far (below `written_end`, default the window's end), up to
+  its own slot if `causal`. No [B, L, S] array is made, so a long prompt's pass runs through the fused attention
+  (`model.attention_impl`: Pallas on a GPU, query chunks elsewhere). For real queries it is the dense mask
+  `(slot_k <= slot_q if causal) & real_k & (slot_k < written_end)` exactly; padding queries (segment 0) see the
+  padding instead of nothing, which only the padding's own slots (never read) carry."""
+  positions_BS = slot_positions(batch_size, num_slots, starts_B)
+  real_BS = real_slots(batch_size, num_slots, starts_B)
+  end = start + length if written_end is None else written_end
+  written_BS = real_BS & (jnp.arange(num_slots)[None, :] < end)
+  query = lambda x: jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)  # noqa: E731
+  keys = Tokens(written_BS.astype(jnp.int32), positions_BS)
+  queries = Tokens(query(real_BS).astype(jnp.int32), query(positions_BS))
+  return MaskSpec(queries, keys, kind="causal" if causal else "bidirectional")
 
 
 # ---- per-row random keys ---------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.estimators import states_excluding, without
 from diffgemma_jax.objectives.uniform import noise_token
-from diffgemma_jax.sampling.batching import draw, real_slots, slot_positions, split_keys
+from diffgemma_jax.sampling.batching import draw, real_slots, slot_mask, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound, has_eos, linear_temperature,
                                           masked_step, pad_after_eos, sample_categorical, shifted, stable_and_confident,
                                           token_entropy)
@@ -152,9 +152,8 @@ def encode_with_logits(model, tokens_BL, cache, start, starts_B=None):
   prompt slot (left padding; None: none)."""
   B, L = tokens_BL.shape
   positions_BS, positions_BL, real_BS = _window(B, cache, start, L, starts_B)
-  slots_S = jnp.arange(real_BS.shape[1])
-  mask_BLS = (slots_S[None, None, :] <= start + jnp.arange(L)[None, :, None]) & real_BS[:, None, :]
-  return model.decode(tokens_BL, positions_BL, mask_BLS, cache, positions_BS, start, logits_start=L - 1,
+  mask = slot_mask(B, real_BS.shape[1], start, L, starts_B)  # a description: the prompt's pass may be long
+  return model.decode(tokens_BL, positions_BL, mask, cache, positions_BS, start, logits_start=L - 1,
                       logits_length=1)
 
 

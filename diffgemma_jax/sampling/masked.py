@@ -35,7 +35,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffgemma_jax.sampling.batching import real_slots, slot_positions, split_keys
+from diffgemma_jax.sampling.batching import real_slots, slot_mask, slot_positions, split_keys
 from diffgemma_jax.sampling.parts import ACCEPTANCE_RULES, has_eos, masked_step, shifted
 
 CACHE_MODES = ("none", "dual", "block")  # "block": block-diffusion models only (exact)
@@ -107,8 +107,8 @@ class ModelDenoiser:
     predictions (with `model.token_shift` the outputs one slot earlier)."""
     B, S = canvas_BS.shape
     positions_BS = slot_positions(B, S, self.starts_B)
-    mask_BSS = jnp.broadcast_to(real_slots(B, S, self.starts_B)[:, None, :], (B, S, S))
-    return self.model.decode(canvas_BS, positions_BS, mask_BSS, cache, positions_BS, 0,
+    mask = slot_mask(B, S, 0, S, self.starts_B, causal=False)  # the whole sequence: a description, not [B, S, S]
+    return self.model.decode(canvas_BS, positions_BS, mask, cache, positions_BS, 0,
                              logits_start=block_start - int(self.model.cfg.token_shift),
                              logits_length=self.block_length)
 
