@@ -120,3 +120,39 @@ def test_a_damaged_upload_fails_in_one_line_naming_the_file_and_the_tensor(s3_en
     assert err == (f"error: {source}/{shard}: tensor {last} lies at bytes {start}-{end} but the file holds "
                    f"{len(cut)}; the file is damaged or cut short (an interrupted upload or copy?); replace it\n")
     assert not (tmp_path / "work" / "checkpoints").exists()  # failed before anything was written
+
+
+def test_tensors_are_fetched_ahead_in_order_within_the_limits(s3_endpoint, tmp_path, monkeypatch):
+  """From a bucket the next tensors are fetched while one is converted: never more than `workers` requests at
+  once nor more than `max_bytes` ahead (besides the one being converted); the tensors come out in file order."""
+  import threading
+  import time
+
+  from diffgemma_jax.hf.safetensors_io import tensors_in_order
+  arrays = [(f"t{i}", np.full((256,), i, np.float32)) for i in range(10)]  # 1 KB each
+  write_file(str(tmp_path / "a.safetensors"), arrays[:6])
+  write_file(str(tmp_path / "b.safetensors"), arrays[6:])
+  storage.upload_folder(str(tmp_path), "s3://runs/ahead")
+  files = [SafetensorsFile(f"s3://runs/ahead/{name}.safetensors") for name in "ab"]
+  state = {"now": 0, "most": 0}
+  lock, real_read = threading.Lock(), storage.read_range
+
+  def counting_read(path, start, end):
+    with lock:
+      state["now"] += 1
+      state["most"] = max(state["most"], state["now"])
+    time.sleep(0.05)  # long enough for the reader to queue everything it is allowed to
+    try:
+      return real_read(path, start, end)
+    finally:
+      with lock:
+        state["now"] -= 1
+
+  monkeypatch.setattr(storage, "read_range", counting_read)
+  out = list(tensors_in_order(files, skip=lambda name: name == "t3", workers=4, max_bytes=2048))
+  assert [name for name, _ in out] == [f"t{i}" for i in range(10) if i != 3]
+  assert all(np.array_equal(array, np.full((256,), int(name[1:]), np.float32)) for name, array in out)
+  assert state["most"] == 2  # 2 KB ahead at most: two requests of 1 KB in flight, not the 4 workers
+  state["most"] = 0
+  list(tensors_in_order(files, workers=3, max_bytes=1 << 30))
+  assert state["most"] == 3

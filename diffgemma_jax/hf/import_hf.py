@@ -26,7 +26,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.config import base_config
 from diffgemma_jax.errors import ConfigError, MappingError
 from diffgemma_jax.hf import mapping
-from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files
+from diffgemma_jax.hf.safetensors_io import SafetensorsFile, shard_files, tensors_in_order
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.model.transformer import abstract_model
@@ -118,22 +118,18 @@ def load_params(hf_dir: str, cfg: ModelConfig, *, log: Callable[[str], None] = p
   pending: dict[tuple, dict[str, np.ndarray]] = {}  # rules made of two tensors, waiting for the second
   seen_fp: dict[str, tuple] = {}
   alias_fp: dict[str, tuple] = {}
-  for f in files:
-    for name in f.names():
-      if mapping.is_vision(name):
-        continue
-      array = f.get(name)
-      if name in alias:
-        alias_fp[name] = _fingerprint(array)
-        continue
-      seen_fp[name] = _fingerprint(array)
-      rule = by_name[name]
-      parts = pending.setdefault(rule.path, {})
-      parts[name] = np.asarray(array, np.float32)
-      if len(parts) == len(rule.hf_names):
-        value = rule.to_ours(*[parts[n] for n in rule.hf_names]).astype(dtype)
-        _place(flat, cfg, rule.path, value, scratch)
-        del pending[rule.path]
+  for name, array in tensors_in_order(files, skip=mapping.is_vision):  # from a bucket, the next ones fetched ahead
+    if name in alias:
+      alias_fp[name] = _fingerprint(array)
+      continue
+    seen_fp[name] = _fingerprint(array)
+    rule = by_name[name]
+    parts = pending.setdefault(rule.path, {})
+    parts[name] = np.asarray(array, np.float32)
+    if len(parts) == len(rule.hf_names):
+      value = rule.to_ours(*[parts[n] for n in rule.hf_names]).astype(dtype)
+      _place(flat, cfg, rule.path, value, scratch)
+      del pending[rule.path]
   mismatched = sorted(a for a, fp in alias_fp.items() if not _close(fp, seen_fp[alias[a]]))
   if mismatched:
     raise MappingError(f"{len(mismatched)} tensor(s) differ from the decoder tensor they must equal "

@@ -10,11 +10,13 @@ numpy API cannot return bfloat16, the dtype of the released weights).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import math
 import os
 import struct
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -95,6 +97,15 @@ class SafetensorsFile:
   def names(self) -> list[str]:
     return list(self.header)
 
+  @property
+  def remote(self) -> bool:
+    """Read from a bucket (ranged requests), not memory-mapped."""
+    return self._map is None
+
+  def nbytes(self, name: str) -> int:
+    start, end = self.header[name]["data_offsets"]
+    return int(end) - int(start)
+
   def get(self, name: str) -> np.ndarray:
     entry = self.header[name]
     if entry["dtype"] not in DTYPES:
@@ -105,6 +116,34 @@ class SafetensorsFile:
     else:
       raw = np.frombuffer(self._read(start, end, f"tensor {name}"), np.uint8)
     return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+READ_AHEAD_TENSORS = 8
+READ_AHEAD_BYTES = 2 << 30
+
+
+def tensors_in_order(files: Sequence[SafetensorsFile], skip: Callable[[str], bool] = lambda name: False, *,
+                     workers: int = READ_AHEAD_TENSORS,
+                     max_bytes: int = READ_AHEAD_BYTES) -> Iterator[tuple[str, np.ndarray]]:
+  """(name, array) of every tensor of `files` in file and header order, but those `skip` names. From a bucket the
+  next tensors are fetched while the current one is converted, each by its own ranged request on one of `workers`
+  threads, at most `max_bytes` of them ahead (one request at a time spends a round trip per tensor: the 26B
+  release's thousands of tensors would leave the network idle between them); local files are memory-mapped, so
+  nothing is read ahead."""
+  wanted = [(f, name) for f in files for name in f.names() if not skip(name)]
+  with concurrent.futures.ThreadPoolExecutor(max(workers, 1)) as pool:
+    ahead: collections.deque = collections.deque()
+    in_flight, submitted = 0, 0
+    for f, name in wanted:
+      while submitted < len(wanted) and (not ahead or (len(ahead) < workers and in_flight < max_bytes)):
+        next_file, next_name = wanted[submitted]
+        size = next_file.nbytes(next_name) if next_file.remote else 0
+        ahead.append((size, pool.submit(next_file.get, next_name) if next_file.remote else None))
+        in_flight += size
+        submitted += 1
+      size, future = ahead.popleft()
+      in_flight -= size
+      yield name, future.result() if future is not None else f.get(name)
 
 
 def shard_files(directory: str) -> list[str]:
