@@ -112,6 +112,20 @@ def test_partial_results_resume_only_under_their_own_key(tmp_path):
   assert not (tmp_path / "p.npz").exists()
 
 
+def test_partial_results_in_a_bucket(s3_endpoint):
+  """A bucket workdir's partial results: written whole as one object, read back, removed when done."""
+  from diffgemma_jax import storage
+  from diffgemma_jax.train.bound_partial import PartialBound
+  url = "s3://runs/eval-partial/heldout-step8-set0.npz"
+  saved = PartialBound(url, {"step": 8})
+  saved.add(np.arange(3.0), np.ones(3), np.full(3, 7))
+  saved.save(force=True)
+  again = PartialBound(url, {"step": 8})
+  assert again.resume(num_batches=4) == 1 and again.rows()[2].tolist() == [7, 7, 7]
+  again.discard()
+  assert storage.file_size(url) is None
+
+
 def test_a_mixture_stopped_in_its_second_set_keeps_the_first_and_continues(tmp_path):
   """held_out_bounds over two sets with a stand-in for the jitted bound (its result a function of the batch and
   its key alone): a stop at the second set's first batch keeps the first set's results, the rerun scores only the
