@@ -185,6 +185,38 @@ def test_a_job_fails_with_process_0s_error_or_once_its_beats_stop(text_dataset, 
                                     f"beat (7) in the job's key-value store (key status), nothing new for 0.5 s")
 
 
+def test_a_bucket_build_reports_in_the_jobs_own_store(s3_endpoint, runtime_clients, tmp_path):
+  """A job's bucket build reports on its key-value store, not in the bucket: another job building the same folder
+  at the same time never reads this one's beats or outcome (a sweep started together). A stale status object left
+  in the bucket by a failed job is not read either."""
+  import concurrent.futures
+
+  from etils import epath
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.data.build_status import KeyValueBoard
+  url = "s3://runs/kv-job"
+  epath.Path(f"{url}/{remote_dataset.STATUS_FILE}").write_text('{"error": "another job failed"}')
+
+  def build(folder):
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
+      f.write(bytes(range(16)))
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+      f.write('{"recipe": "kv"}')
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(remote_dataset.build_shared, url, str(tmp_path / f"cache-{p}"), build, process_index=p,
+                           barrier=lambda name, c=client: c.wait_at_barrier(name, 30_000), poll_s=0.05,
+                           board=KeyValueBoard(client, f"status:{url}"))
+               for p, client in enumerate(runtime_clients)]
+    locals_ = [f.result(timeout=60) for f in futures]
+  for local in locals_:
+    assert open(os.path.join(local, "train", "00000.tokens"), "rb").read() == bytes(range(16))
+  assert runtime_clients[1].key_value_try_get(f"status:{url}") == '{"ok": true}'
+  assert epath.Path(f"{url}/{remote_dataset.STATUS_FILE}").read_text() == '{"error": "another job failed"}'
+
+
 def test_iterator_state_restores_the_same_batches(text_dataset):
   out = text_dataset[0]
   it = make_train_iterator(out, seq_len=32, batch_size=4, seed=3)

@@ -12,8 +12,10 @@ Fetching reuses a cached file of the recorded size (one cut short or missing is 
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
 share a host (and a cache) never read half a file, whichever of them fetches it.
 
-In a multi-process run (`build_shared`) process 0 builds while the others wait, and it reports in the bucket,
-`build-status.json` (data/build_status.py): a heartbeat every 30 s while it builds, then {"ok": true} or
+In a multi-process run (`build_shared`) process 0 builds while the others wait, and it reports on a board
+(data/build_status.py): the job's own key-value store when the JAX runtime's is there (what the trainer passes: a
+status in the bucket would be read by every job building the same folder at once, a sweep started together), else
+`build-status.json` in the bucket: a heartbeat every 30 s while it builds, then {"ok": true} or
 {"error": its one-line message}. The waiting processes fetch the dataset once it is built, fail at once with
 process 0's message, or fail, saying so, once its beats have stopped for 10 minutes; a build of a large corpus
 may take hours, so they set no deadline on the build itself. The old status is deleted before a start barrier
@@ -219,13 +221,14 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
 def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
                  barrier: Callable[[str], None], poll_s: float = build_status.POLL_S,
                  heartbeat_s: float = build_status.HEARTBEAT_S, stale_s: float = build_status.STALE_S,
-                 max_bytes: int = 0) -> str:
-  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome in the bucket
-  (`STATUS_FILE`, a build_status.JobBuild: see the module doc), the others wait for it and fetch; returns the
-  local copy. A failure on process 0 is raised there as it was and on every other process as a DataError with
+                 max_bytes: int = 0, board: build_status.Board | None = None) -> str:
+  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome on `board`
+  (default `STATUS_FILE` in the bucket; a build_status.JobBuild: see the module doc), the others wait for it and
+  fetch; returns the local copy. A failure on process 0 is raised there as it was and on every other process as a DataError with
   its message, as soon as they poll; a process 0 that stops beating for `stale_s` fails them too.
   `barrier(name)`: the run's sync point, met once by every process before the build."""
-  job = build_status.JobBuild(build_status.FileBoard(storage.join(url, STATUS_FILE)), process_index=process_index,
+  board = board or build_status.FileBoard(storage.join(url, STATUS_FILE))
+  job = build_status.JobBuild(board, process_index=process_index,
                               barrier=barrier, what=f"data.dir {url}", start="diffgemma_bucket_dataset_start",
                               poll_s=poll_s, heartbeat_s=heartbeat_s, stale_s=stale_s)
   with job:

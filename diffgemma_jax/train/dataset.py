@@ -127,8 +127,9 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
   return directory, tokenizer
 
 
-# process 0's reports on a local build (data/build_status.py), in the job's own key-value store
+# process 0's reports on a local or bucket build (data/build_status.py), in the job's own key-value store
 LOCAL_BUILD_STATUS_KEY = "diffgemma_dataset_build_status"
+BUCKET_BUILD_STATUS_KEY = "diffgemma_bucket_dataset_build_status"
 
 
 def _local_build_job(directory: str) -> JobBuild | None:
@@ -149,8 +150,10 @@ def _dataset_in_bucket(config, url: str, build) -> str:
   cache = _cache_root(config)
   if jax.process_count() == 1:
     return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config))
+  client = runtime_client()  # the job's own key-value store: jobs building the same folder never read each other
+  board = KeyValueBoard(client, f"{BUCKET_BUILD_STATUS_KEY}:{url}") if client is not None else None
   return remote_dataset.build_shared(url, cache, build, process_index=jax.process_index(), barrier=barrier,
-                                     max_bytes=_cache_max_bytes(config))
+                                     max_bytes=_cache_max_bytes(config), board=board)
 
 
 def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
