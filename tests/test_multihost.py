@@ -203,6 +203,43 @@ def test_slurm_script_requeues_a_run_stopped_by_sigterm(tmp_path, train_status, 
   assert "#SBATCH --signal=TERM@300" in header and "#SBATCH --requeue" in header
 
 
+JOBSET = os.path.join(REPO, "launch", "multihost", "jobset.yaml")
+
+
+def test_kubernetes_jobset_gives_each_pod_the_environment_our_start_up_reads():
+  """launch/multihost/jobset.yaml (no cluster here): the coordinator is pod 0 by the JobSet's DNS rule
+  (<jobset>-<replicated job>-0-0.<subdomain, default the jobset>) on a port the container opens, the process count
+  is the pod count, each pod's id its completion index; that environment gives distributed_settings a valid run,
+  and the container's command is the trainer's with a config that loads under its overrides."""
+  import yaml
+
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.parallel.distributed import ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+  with open(JOBSET) as f:
+    doc = yaml.safe_load(f)
+  (job,) = doc["spec"]["replicatedJobs"]
+  spec = job["template"]["spec"]
+  (container,) = spec["template"]["spec"]["containers"]
+  env = {e["name"]: e for e in container["env"]}
+  name = doc["metadata"]["name"]
+  host, port = env[ENV_ADDRESS]["value"].rsplit(":", 1)
+  assert host == f"{name}-{job['name']}-0-0.{doc['spec']['network'].get('subdomain', name)}"
+  assert int(port) in [p["containerPort"] for p in container["ports"]]
+  pods = spec["completions"] * job["replicas"]
+  assert spec["completionMode"] == "Indexed" and spec["parallelism"] == pods == int(env[ENV_NUM_PROCESSES]["value"])
+  assert env[ENV_PROCESS_ID]["valueFrom"]["fieldRef"]["fieldPath"] == \
+      "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+  for index in range(pods):
+    pod_env = {ENV_ADDRESS: env[ENV_ADDRESS]["value"], ENV_NUM_PROCESSES: env[ENV_NUM_PROCESSES]["value"],
+               ENV_PROCESS_ID: str(index)}
+    assert distributed_settings(_section(), env=pod_env)["process_id"] == index
+  command = container["command"]
+  assert command[:3] == ["python", "-m", "launch.train"]
+  config = command[command.index("--config") + 1]
+  overrides = dict(flag[len("--config."):].split("=", 1) for flag in command if flag.startswith("--config."))
+  assert load_config(os.path.join(REPO, config), overrides).mesh.shape == (-1, 1, 8, 1)
+
+
 def test_dcn_shape_errors_name_the_key():
   from diffgemma_jax.parallel import make_mesh
   with pytest.raises(ConfigError, match=r"mesh.dcn_shape=\(2, 1, 1, 1\) spans 2 processes \(hosts\), but the run "
