@@ -11,8 +11,8 @@ model runs (B x L for masked and ar; B x 2L for block, whose pass runs over [can
 12 x heads x head_dim x the (query, key) pairs its mask leaves visible in this batch (sliding layers' window
 included). MFU divides by `train.peak_flops_per_device` (the table: 989 TFLOP/s dense bf16 on H100/H200).
 Peak memory is XLA's estimate for the compiled step (arguments + outputs + temporaries).
---fit_lengths compiles (without running) the step at batch 1 and each length per attention implementation and
-reports which fit the card. --profile DIR traces two steps of the first combination into DIR/<name>/ and lists
+--fit_lengths compiles (without running) the step at one row per device and each length per attention
+implementation and reports which fit the card. --profile DIR traces two steps of the first combination into DIR/<name>/ and lists
 the largest costs by the model's named scopes (bench/trace_summary.py).
 """
 
@@ -22,6 +22,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import pathlib
 import sys
@@ -39,6 +40,8 @@ from diffgemma_jax.model.config import ModelConfig  # pylint: disable=wrong-impo
 from diffgemma_jax.model.inspect import count_params, flops_per_token  # pylint: disable=wrong-import-position
 from diffgemma_jax.model.masks import MaskSpec  # pylint: disable=wrong-import-position
 from diffgemma_jax.objectives.block import block_ids  # pylint: disable=wrong-import-position
+from diffgemma_jax.parallel.mesh import mesh_from_config  # pylint: disable=wrong-import-position
+from diffgemma_jax.parallel.rules import BATCH_AXES  # pylint: disable=wrong-import-position
 from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=wrong-import-position
 from diffgemma_jax.train.logging import peak_flops_per_device  # pylint: disable=wrong-import-position
 from diffgemma_jax.train.profiling import StepProfiler  # pylint: disable=wrong-import-position
@@ -152,12 +155,22 @@ def measure(args, objective, attention, dispatch, remat, peak_flops, profile_dir
   return row
 
 
+def rows_per_device_row(args, seq_len: int) -> int:
+  """How many rows make one row per device: the devices along the mesh's batch axes (the config's mesh on this
+  machine's devices; 1 on one GPU), so a fit search's batch shards on any mesh."""
+  config = run_config(args, "masked", "xla", "ragged", "none", batch_size=jax.device_count(), seq_len=seq_len)
+  mesh = mesh_from_config(config)
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.shape)
+
+
 def fits(args, attention: str, seq_len: int, memory_gb) -> dict:
-  """Compiles (never runs) the first combination's step at batch 1 and `seq_len`; whether it fits the card."""
-  row = {"attention_impl": attention, "seq_len": seq_len}
+  """Compiles (never runs) the first combination's step at one row per device and `seq_len`; whether it fits the
+  card (XLA's per-device memory accounting)."""
+  row = {"attention_impl": attention, "seq_len": seq_len, "rows_per_device": 1}
   try:
+    row["batch_size"] = rows_per_device_row(args, seq_len)
     compiled = compiled_step(args, args.objectives.split(",")[0], attention, args.dispatch.split(",")[0],
-                             args.remat.split(",")[0], batch_size=1, seq_len=seq_len)[2]
+                             args.remat.split(",")[0], batch_size=row["batch_size"], seq_len=seq_len)[2]
     row["peak_gb_estimate"] = peak_gb(compiled)
     row["fits"] = memory_gb is None or row["peak_gb_estimate"] is None or row["peak_gb_estimate"] <= memory_gb
   except Exception as e:  # pylint: disable=broad-except  (a compiler that refuses the allocation)
@@ -233,7 +246,7 @@ def parse_args(argv=None):
   parser.add_argument("--seq_len", type=int, default=2048)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--fit_lengths", default="", help="comma-separated lengths to compile at batch 1")
+  parser.add_argument("--fit_lengths", default="", help="comma-separated lengths to compile at one row per device")
   parser.add_argument("--fit_attention", default="pallas,xla", help="attention implementations for --fit_lengths")
   parser.add_argument("--profile", default="", help="trace two steps of the first combination into this folder")
   parser.add_argument("--peak_flops_per_device", type=float, default=0.0)
