@@ -3,7 +3,8 @@ and this repository's task files (diffgemma_jax/harness_tasks: the held-out stdl
   diffgemma-lm-eval --model diffgemma --model_args config=configs/pretrain_tiny.py,workdir=runs/tiny \\
       --tasks stdlib_heldout_mc,stdlib_heldout_completion --batch_size 32
 Every argument goes to the harness's own CLI unchanged (`lm-eval --help`), plus `--include_path` of our tasks
-unless you give one, except a bucket `--output_path` (gs://, s3://): the harness's writer takes local paths only,
+unless you give one, except a bucket `--output_path` (gs://, s3://; on the command line or in the harness's own `--config` YAML
+file): the harness's writer takes local paths only,
 so it writes into a temporary folder whose files are uploaded to the URL when it ends, also when it fails part
 way. Needs the lm_eval extra (pip install -e '.[lm_eval]')."""
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+import yaml
 
 import diffgemma_jax
 from diffgemma_jax import storage
@@ -44,9 +47,28 @@ def split_output_path(argv: list[str]) -> tuple[str | None, list[str]]:
   return known.output_path, rest
 
 
+def config_output_path(argv: list[str]) -> str | None:
+  """The `output_path` of the harness's own YAML config (`--config`/`-C FILE`) when `argv` names one that sets
+  it; the harness's command line overrides it, as it overrides every key of that file."""
+  parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+  parser.add_argument("--config", "-C")
+  try:
+    known, _ = parser.parse_known_args(argv)
+    if not known.config:
+      return None
+    with open(known.config) as f:
+      values = yaml.safe_load(f)
+  except (argparse.ArgumentError, OSError, yaml.YAMLError):  # the harness reports a bad --config itself
+    return None
+  value = values.get("output_path") if isinstance(values, dict) else None
+  return str(value) if value else None
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   output, rest = split_output_path(argv)
+  if output is None:  # a bucket output_path in the harness's YAML config is replaced on the command line
+    output, rest = config_output_path(argv), argv
   if output is None or not storage.is_url(output):
     return _evaluate(argv)
   try:

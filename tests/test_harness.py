@@ -224,6 +224,13 @@ def test_a_bucket_output_path_gets_the_harness_files(s3_endpoint, trained_run, t
   monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: seen.append(sys.argv[1:]))
   local = ["--tasks", "tiny_mc", "-o", str(tmp_path / "out"), "--log_samples"]
   assert main(local) == 0 and seen == [harness_argv(local)]
+  # a bucket output_path in the harness's own YAML config: overridden by a local folder on the command line
+  (tmp_path / "eval.yaml").write_text("output_path: s3://runs/from-yaml\nlog_samples: true\n")
+  seen.clear()
+  assert main(["run", "--config", str(tmp_path / "eval.yaml"), "--tasks", "tiny_mc"]) == 0
+  ((*given, flag, folder),) = [argv[:-2] for argv in seen]  # less our --include_path
+  assert given == ["run", "--config", str(tmp_path / "eval.yaml"), "--tasks", "tiny_mc"] and flag == "--output_path"
+  assert not storage.is_url(folder)
   monkeypatch.undo()
   for name, text in TASKS.items():
     (tmp_path / name).write_text(textwrap.dedent(text))
