@@ -122,6 +122,16 @@ def s3_endpoint():
       os.environ[key] = value
 
 
+def write_stand_in_dataset(folder: str, tokens: bytes, recipe: str) -> None:
+  """What a build leaves for the bucket-build tests to publish and fetch: one token shard and a manifest (not a
+  readable dataset: those tests move files, they never read rows)."""
+  os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+  with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
+    f.write(tokens)
+  with open(os.path.join(folder, "manifest.json"), "w") as f:
+    f.write(f'{{"recipe": "{recipe}"}}')
+
+
 def read_metrics(workdir: str) -> list[dict]:
   import json
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -7,6 +7,8 @@ import sysconfig
 import numpy as np
 import pytest
 
+from conftest import write_stand_in_dataset
+
 from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
 from data_recipes.python_stdlib import documents as stdlib_documents
@@ -199,11 +201,7 @@ def test_a_bucket_build_reports_in_the_jobs_own_store(s3_endpoint, runtime_clien
   epath.Path(f"{url}/{remote_dataset.STATUS_FILE}").write_text('{"error": "another job failed"}')
 
   def build(folder):
-    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
-    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
-      f.write(bytes(range(16)))
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-      f.write('{"recipe": "kv"}')
+    write_stand_in_dataset(folder, bytes(range(16)), "kv")
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     futures = [pool.submit(remote_dataset.build_shared, url, str(tmp_path / f"cache-{p}"), build, process_index=p,

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from conftest import write_stand_in_dataset
+
 pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
@@ -346,11 +348,7 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_
   from diffgemma_jax.errors import DataError
 
   def build(folder):
-    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
-    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
-      f.write(bytes(range(64)))
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-      f.write('{"recipe": "test"}')
+    write_stand_in_dataset(folder, bytes(range(64)), "test")
 
   def broken(folder):
     raise DataError("data.source corpus/: no files\nmatch")
@@ -391,11 +389,7 @@ def test_waiting_processes_follow_process_0_heartbeats_and_fail_when_they_stop(s
 
   def slow_build(folder):
     time.sleep(1.5)  # three times stale_s: only the beats keep the other process waiting
-    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
-    with open(os.path.join(folder, "train", "00000.tokens"), "wb") as f:
-      f.write(bytes(range(8)))
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-      f.write('{"recipe": "slow"}')
+    write_stand_in_dataset(folder, bytes(range(8)), "slow")
 
   meet = threading.Barrier(2, timeout=60).wait
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
