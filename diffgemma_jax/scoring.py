@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from diffgemma_jax import storage
+from diffgemma_jax.data.pipeline import pad_batch
 from diffgemma_jax.data.sft import make_rows, split_tokens
 from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.model.masks import make_mask
@@ -41,9 +42,8 @@ from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
-from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.bound import make_bound_fn
-from diffgemma_jax.train.dataset import load_tokenizer, pad_batch
+from diffgemma_jax.train.bound import make_bound_fn, scored_batches
+from diffgemma_jax.train.dataset import load_tokenizer
 from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.train.state import split_model
 
@@ -180,19 +180,12 @@ class Scorer:
   def score_rows(self, rows: dict[str, np.ndarray], *, rows_per_batch: int | None = None,
                  first_batch: int = 0) -> list[dict[str, Any]]:
     """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens. Batch b
-    of these rows draws from fold_in(seed, first_batch + b); its results are fetched after batch b + 1 is
-    dispatched, so the device does not wait on the host."""
-    base = jax.random.key(self.seed)
-    sharding = batch_sharding(self.mesh)
-    collected, pending = [], None
-    for index, batch in enumerate(self.batches(rows, rows_per_batch)):
-      out = self.bound_fn(self.params, jax.device_put(batch, sharding), jax.random.fold_in(base, first_batch + index))
-      if pending is not None:
-        collected.append(jax.device_get(pending))
-      pending = out
-    collected.append(jax.device_get(pending))
+    of these rows draws from fold_in(seed, first_batch + b) (`bound.scored_batches`: fetched one batch behind)."""
+    batches = list(self.batches(rows, rows_per_batch))
+    collected = [out for _, out in scored_batches(self.bound_fn, self.params, batches, seed=self.seed, mesh=self.mesh,
+                                                  first_key=first_batch)]
     n = len(rows["tokens"])
-    nll, stderr, tokens = (np.concatenate([np.asarray(c[i]) for c in collected])[:n] for i in range(3))
+    nll, stderr, tokens = (np.concatenate([c[i] for c in collected])[:n] for i in range(3))
     return [{"nll": float(a), "stderr": float(s), "num_tokens": int(t)} for a, s, t in zip(nll, stderr, tokens)]
 
   def score_ids(self, id_pairs: Sequence[tuple[Sequence[int], Sequence[int]]], sources: Sequence[str] = (), *,

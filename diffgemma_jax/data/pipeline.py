@@ -223,6 +223,18 @@ def make_train_iterator(data_dirs: str | list[str], *, seq_len: int, batch_size:
   return TrainIterator(batches.map(_ReadSlice(readers, process_index * batch_size, batch_size)), num_workers)
 
 
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Pads a short final batch with all-padding rows (segment 0: never scored), so every eval batch has one shape
+  and the bound function compiles once."""
+  out = {}
+  for key in batch:
+    x = np.asarray(batch[key], np.int32)
+    if x.shape[0] < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - x.shape[0],) + x.shape[1:], np.int32)])
+    out[key] = x
+  return out
+
+
 class EvalBatches(collections.abc.Sequence):
   """The held-out split as fixed-shape int32 batches, in order and unshuffled, each read when it is asked for: memory
   holds the batch in use, not the split (a whole held-out split of a large corpus is gigabytes of rows). The last
@@ -242,11 +254,7 @@ class EvalBatches(collections.abc.Sequence):
     if not -len(self) <= b < len(self):
       raise IndexError(f"held-out batch {b} of {len(self)}")
     b %= len(self)
-    chosen = self.index[b * self.batch_size:(b + 1) * self.batch_size]
-    batch = self.rows.take(chosen)
-    short = self.batch_size - len(chosen)
-    return {k: np.concatenate([np.asarray(v, np.int32), np.zeros((short,) + v.shape[1:], np.int32)])
-            for k, v in batch.items()}
+    return pad_batch(self.rows.take(self.index[b * self.batch_size:(b + 1) * self.batch_size]), self.batch_size)
 
 
 def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_sequences: int = 0,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -72,16 +72,38 @@ class EvaluationStopped(Exception):
     self.done, self.total, self.path = done, total, path
 
 
+def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, mesh: Mesh, start: int = 0,
+                   first_key: int = 0) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+  """(b, (nelbo_B, stderr_B, num_tokens_B) as numpy) for each batch b from `start`, batch b keyed by
+  fold_in(seed, first_key + b). The host reads batch b + 1 on a thread while the device scores batch b, and batch
+  b's results are fetched (and yielded) after batch b + 1 is dispatched, so neither the reads nor the fetches stall
+  the device."""
+  base = jax.random.key(seed)
+  sharding = batch_sharding(mesh)
+  read = lambda b: {k: np.asarray(v) for k, v in batches[b].items()}  # noqa: E731
+  fetched = lambda out: tuple(np.asarray(x) for x in jax.device_get(out))  # noqa: E731
+  total, pending = len(batches), None
+  with concurrent.futures.ThreadPoolExecutor(1) as reader:
+    upcoming = reader.submit(read, start) if start < total else None
+    for index in range(start, total):
+      batch = upcoming.result()
+      upcoming = reader.submit(read, index + 1) if index + 1 < total else None
+      out = bound_fn(params, jax.device_put(batch, sharding), jax.random.fold_in(base, first_key + index))
+      if pending is not None:
+        yield index - 1, fetched(pending)
+      pending = out
+  if pending is not None:
+    yield total - 1, fetched(pending)
+
+
 def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, num_t_samples: int,
                    mesh: Mesh, partial: PartialBound | None = None, progress: Callable[[int, int], None] | None = None,
                    stop: Callable[[int], bool] | None = None) -> dict[str, float]:
-  """The bound over `batches` (a sequence read batch by batch), batch b keyed by fold_in(seed, b).
+  """The bound over `batches` (a sequence read batch by batch, `scored_batches`), batch b keyed by fold_in(seed, b).
 
-  The host reads batch b + 1 on a thread while the device scores batch b, and batch b's results are fetched after
-  batch b + 1 is dispatched, so neither the reads nor the fetches stall the device. `partial` (bound_partial.py)
-  continues from the batches a previous run saved and saves as it goes (its file is left for the caller to
-  discard); `progress(done, total)` is called after each batch; `stop(b)` True after batch b saves the partial
-  results and raises EvaluationStopped."""
+  `partial` (bound_partial.py) continues from the batches a previous run saved and saves as it goes (its file is
+  left for the caller to discard); `progress(done, total)` is called after each batch; `stop(b)` True after
+  batch b saves the partial results and raises EvaluationStopped."""
   partial = partial if partial is not None else PartialBound()
   total = len(batches)
   start = partial.resume(total)
@@ -89,29 +111,14 @@ def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
     partial.log(f"continuing from held-out batch {start} of {total} (the results before it: {partial.path})")
   if partial.path is not None:  # every process has read the file before process 0 writes it again
     barrier(f"diffgemma_eval_resume_{partial.path}")
-  base = jax.random.key(seed)
-  sharding = batch_sharding(mesh)
-  read = lambda b: {k: np.asarray(v) for k, v in batches[b].items()}  # noqa: E731
-  fetch = lambda out: partial.add(*(np.asarray(x) for x in jax.device_get(out)))  # noqa: E731
-  pending = None
-  with concurrent.futures.ThreadPoolExecutor(1) as reader:
-    upcoming = reader.submit(read, start) if start < total else None
-    for index in range(start, total):
-      batch = upcoming.result()
-      upcoming = reader.submit(read, index + 1) if index + 1 < total else None
-      out = bound_fn(params, jax.device_put(batch, sharding), jax.random.fold_in(base, index))
-      if pending is not None:
-        fetch(pending)
-      pending = out
-      partial.save()
-      if progress is not None:
-        progress(index + 1, total)
-      if stop is not None and stop(index) and index + 1 < total:
-        fetch(pending)
-        partial.save(force=True)
-        raise EvaluationStopped(partial.done, total, partial.path)
-  if pending is not None:
-    fetch(pending)
+  for index, results in scored_batches(bound_fn, params, batches, seed=seed, mesh=mesh, start=start):
+    partial.add(*results)
+    partial.save()
+    if progress is not None:
+      progress(index + 1, total)
+    if stop is not None and stop(index) and index + 1 < total:
+      partial.save(force=True)
+      raise EvaluationStopped(partial.done, total, partial.path)
   partial.save(force=True)  # a set finished is kept whole until the caller's other sets are done
   nelbo, stderr, tokens = partial.rows()
   result = summarize_bound(nelbo, tokens, stderr)

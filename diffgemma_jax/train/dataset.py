@@ -9,7 +9,6 @@ import shutil
 from typing import Any
 
 import jax
-import numpy as np
 import sentencepiece as spm
 from etils import epath
 
@@ -192,18 +191,6 @@ def train_iterator(config, directory: str, *, process_index: int = 0, process_co
                              batch_size=int(config.train.batch_size) // process_count, seed=int(config.data.seed),
                              process_index=process_index, process_count=process_count,
                              num_workers=int(config.data.num_workers), template=str(config.data.chat_template))
-
-
-def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Pads a short final batch with all-padding rows (segment 0: never scored), so every eval batch has one shape
-  and the bound function compiles once."""
-  out = {}
-  for key in batch:
-    x = np.asarray(batch[key], np.int32)
-    if x.shape[0] < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - x.shape[0],) + x.shape[1:], np.int32)])
-    out[key] = x
-  return out
 
 
 def eval_batches(config, directory: str) -> EvalBatches:
