@@ -136,12 +136,16 @@ class MaskSpec:
   def dense(self) -> jax.Array:
     """[B, L, S] bool, True where query l may attend to key s: the reference the fused kernels are tested against,
     and what the `xla` attention path masks its logits with."""
-    q, kv = self.q, self.kv
+    return self.dense_rows(self.q, self.window_starts() if self.q.has_canvas and self.window else None)
+
+  def dense_rows(self, q: Tokens, starts=None) -> jax.Array:
+    """[B, l, S] bool of the queries `q` (this spec's, or some of them: a chunk) against every key; `starts`: those
+    queries' `window_starts`, taken over the whole row (a canvas may begin before the chunk)."""
+    kv = self.kv
     col = lambda x: None if x is None else x[:, :, None]  # noqa: E731
     row = lambda x: None if x is None else x[:, None, :]  # noqa: E731
     return visible(self, col(q.segment_ids), col(q.positions), row(kv.segment_ids), row(kv.positions),
-                   col(q.canvas), row(kv.canvas), col(q.blocks), row(kv.blocks),
-                   col(self.window_starts()) if q.has_canvas and self.window else None)
+                   col(q.canvas), row(kv.canvas), col(q.blocks), row(kv.blocks), col(starts))
 
 
 jax.tree_util.register_dataclass(MaskSpec, data_fields=["q", "kv"],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_mask import MaskSpec, visible
+from pallas_kernels.attention_mask import MaskSpec, Tokens
 
 # Most negative bfloat16-representable float: masked logits stay finite, so softmax never sees inf - inf.
 NEG_INF = -2.3819763e38
@@ -45,7 +45,7 @@ def chunked_attention(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, chunk: int = 51
   B, L, N, H = q_BLNH.shape
   if L <= chunk:
     return attention_reference(q_BLNH, k_BSKH, v_BSKH, spec, precision=precision)
-  q, kv = spec.q, spec.kv
+  q = spec.q
   starts = spec.window_starts() if q.has_canvas and spec.window else None
   num_chunks = -(-L // chunk)
   pad = num_chunks * chunk - L
@@ -56,14 +56,10 @@ def chunked_attention(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, chunk: int = 51
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape((B, num_chunks, chunk) + x.shape[2:]), 1, 0)
 
-  row = lambda x: None if x is None else x[:, None, :]  # noqa: E731
-
   @jax.checkpoint
   def one_chunk(xs):
     q_chunk, seg, pos, canvas, blocks, start = xs
-    col = lambda x: None if x is None else x[:, :, None]  # noqa: E731
-    mask_BCS = visible(spec, col(seg), col(pos), row(kv.segment_ids), row(kv.positions), col(canvas),
-                       row(kv.canvas), col(blocks), row(kv.blocks), col(start))
+    mask_BCS = spec.dense_rows(Tokens(seg, pos, canvas, blocks), start)
     return attention_reference(q_chunk, k_BSKH, v_BSKH, mask_BCS, precision=precision)
 
   out = jax.lax.map(one_chunk, tuple(map(chunks, (q_BLNH, q.segment_ids, q.positions, q.canvas, q.blocks, starts))))
