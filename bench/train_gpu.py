@@ -12,8 +12,8 @@ model runs (B x L for masked and ar; B x 2L for block, whose pass runs over [can
 included). MFU divides by `train.peak_flops_per_device` (the table: 989 TFLOP/s dense bf16 on H100/H200).
 Peak memory is XLA's estimate for the compiled step (arguments + outputs + temporaries).
 --fit_lengths compiles (without running) the step at one row per device and each length per attention
-implementation and reports which fit the card. --profile DIR traces two steps of the first combination into DIR/<name>/ and lists
-the largest costs by the model's named scopes (bench/trace_summary.py).
+implementation and reports which fit the card. --profile DIR traces two steps of the first combination into
+DIR/<name>/ and lists the largest costs by the model's named scopes (bench/trace_summary.py).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ and this repository's task files (diffgemma_jax/harness_tasks: the held-out stdl
   diffgemma-lm-eval --model diffgemma --model_args config=configs/pretrain_tiny.py,workdir=runs/tiny \\
       --tasks stdlib_heldout_mc,stdlib_heldout_completion --batch_size 32
 Every argument goes to the harness's own CLI unchanged (`lm-eval --help`), plus `--include_path` of our tasks
-unless you give one, except a bucket `--output_path` (gs://, s3://; on the command line or in the harness's own `--config` YAML
-file): the harness's writer takes local paths only,
-so it writes into a temporary folder whose files are uploaded to the URL when it ends, also when it fails part
-way. Needs the lm_eval extra (pip install -e '.[lm_eval]')."""
+unless you give one, except a bucket `--output_path` (gs://, s3://; on the command line or in the harness's own
+`--config` YAML file): the harness's writer takes local paths only, so it writes into a temporary folder whose
+files are uploaded to the URL when it ends, also when it fails part way. Needs the lm_eval extra
+(pip install -e '.[lm_eval]')."""
 
 from __future__ import annotations
 

@@ -224,8 +224,8 @@ def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, p
                  max_bytes: int = 0, board: build_status.Board | None = None) -> str:
   """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome on `board`
   (default `STATUS_FILE` in the bucket; a build_status.JobBuild: see the module doc), the others wait for it and
-  fetch; returns the local copy. A failure on process 0 is raised there as it was and on every other process as a DataError with
-  its message, as soon as they poll; a process 0 that stops beating for `stale_s` fails them too.
+  fetch; returns the local copy. A failure on process 0 is raised there as it was and on every other process as a
+  DataError with its message, as soon as they poll; a process 0 that stops beating for `stale_s` fails them too.
   `barrier(name)`: the run's sync point, met once by every process before the build."""
   board = board or build_status.FileBoard(storage.join(url, STATUS_FILE))
   job = build_status.JobBuild(board, process_index=process_index,
