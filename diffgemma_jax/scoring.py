@@ -2,8 +2,10 @@
 
 Each (prompt, continuation) pair becomes one row and the row's bound is the objective's `sequence_bound` through
 `evaluate.make_bound_fn`, the estimator the SFT evaluation runs: the prompt is never corrupted or scored, the
-continuation (`loss_mask`) is scored with `num_t_samples` stratified noise levels over the full [eps, 1] per row,
-batch b drawing from fold_in(seed, b); exact for the autoregressive objective (standard error 0). Two row layouts:
+continuation (`loss_mask`) is scored with `num_t_samples` stratified noise levels over the full [eps, 1] per row;
+exact for the autoregressive objective (standard error 0). A row draws from fold_in(seed, a hash of its tokens)
+(`data.pipeline.row_hashes`), so a pair's score is a function of the checkpoint, the seed and the pair alone: the same in any batch,
+at any width, in any order of requests. Two row layouts:
   continuation  [bos] prompt continuation, then padding (segment 0: never attended, never scored), the tokens of
                 the concatenated text (as a sampler reads it); what the lm-evaluation-harness asks for.
   sft           the SFT evaluation's own rows (`data/sft.make_rows` under the config's data.chat_template: the
@@ -16,9 +18,8 @@ Row widths (`continuation` layout): a pair is scored in the narrowest row of a l
 MIN_WIDTH, whole canvases for the block objectives, at most train.seq_len) that holds it, with
 `batch_size x seq_len / width` rows per call: the harness's requests are mostly far shorter than the context, and
 a row padded to train.seq_len costs the whole row's compute. Each width compiles once. Padding is never attended
-or scored, so a row's exact (AR) score does not depend on its width; a diffusion row's Monte-Carlo draws do (the
-noise is drawn over the row), so its estimate changes within its standard error, not in expectation. Batches are
-keyed in order of width, then of the pairs.
+or scored, and a diffusion row draws each token's noise by the token's index in the row, so no score depends on
+its row's width.
 """
 
 from __future__ import annotations
@@ -177,14 +178,13 @@ class Scorer:
       yield pad_batch({k: v[start:start + size] for k, v in rows.items()}, size)
 
   # ---- scores --------------------------------------------------------------------------------------------------
-  def score_rows(self, rows: dict[str, np.ndarray], *, rows_per_batch: int | None = None,
-                 first_batch: int = 0) -> list[dict[str, Any]]:
-    """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens. Batch b
-    of these rows draws from fold_in(seed, first_batch + b) (`bound.scored_batches`: fetched one batch behind)."""
-    batches = list(self.batches(rows, rows_per_batch))
-    collected = [out for _, out in scored_batches(self.bound_fn, self.params, batches, seed=self.seed, mesh=self.mesh,
-                                                  first_key=first_batch)]
+  def score_rows(self, rows: dict[str, np.ndarray], *, rows_per_batch: int | None = None) -> list[dict[str, Any]]:
+    """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens. Each row
+    draws from fold_in(seed, its hash) (`bound.scored_batches`: fetched one batch behind)."""
     n = len(rows["tokens"])
+    batches = list(self.batches(rows, rows_per_batch))
+    collected = [out for _, out in scored_batches(self.bound_fn, self.params, batches, seed=self.seed,
+                                                  mesh=self.mesh)]
     nll, stderr, tokens = (np.concatenate([c[i] for c in collected])[:n] for i in range(3))
     return [{"nll": float(a), "stderr": float(s), "num_tokens": int(t)} for a, s, t in zip(nll, stderr, tokens)]
 
@@ -198,7 +198,6 @@ class Scorer:
     widths = [row_width(row_length(p, c, self.seq_len, source), self.seq_len, unit)
               for (p, c), source in zip(id_pairs, sources)]
     results: list[dict[str, Any]] = [{} for _ in id_pairs]
-    first_batch = 0
     for width in sorted(set(widths)):
       members = [i for i, w in enumerate(widths) if w == width]
       rows = _stack([self.row(*id_pairs[i], sources[i], width=width) for i in members])
@@ -206,8 +205,7 @@ class Scorer:
       # times batch_size, so a width compiles for few shapes)
       batches_needed = -(-len(members) // self.batch_size)
       per_batch = self.batch_size * min(self.seq_len // width, 1 << (batches_needed - 1).bit_length())
-      scores = self.score_rows(rows, rows_per_batch=per_batch, first_batch=first_batch)
-      first_batch += -(-len(members) // per_batch)
+      scores = self.score_rows(rows, rows_per_batch=per_batch)
       flags = self.greedy(rows, rows_per_batch=per_batch) if greedy else [None] * len(members)
       for i, score, flag in zip(members, scores, flags):
         results[i] = dict(score, greedy=flag) if greedy else score

@@ -86,7 +86,7 @@ def test_eval_reports_each_source_and_the_weighted_total(two_stores, load_tiny):
   sets = eval_sets(config, code)
   assert [(name, weight) for name, weight, _ in sets] == [(code, 0.25), (prose, 0.75)]
 
-  def bound_fn(params, batch, rng):
+  def bound_fn(params, batch, key, row_ids):
     real = (batch["segment_ids"] > 0).sum(axis=1)
     cost = jax.numpy.where(batch["tokens"][:, 0] < 100, 1.0, 2.0)  # nats per token: 1 for code, 2 for prose
     return cost * real, real * 0.0, real

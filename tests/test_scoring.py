@@ -87,8 +87,8 @@ def test_a_continuation_longer_than_the_context_is_refused():
 
 def test_rows_are_scored_in_the_narrowest_width_that_holds_them(trained_run):
   """Short pairs go in rows of 16 (twice the rows per call), longer ones in the full 32: the same tokens scored,
-  and the Monte-Carlo bound of each row within its standard errors of the full-width row's (the draws differ with
-  the width; a token lost or added would move the total by several nats)."""
+  and each row's Monte-Carlo bound and standard error equal to its full-width row's, in other batches beside other
+  rows (a row draws its noise by its own id and each token's index)."""
   from diffgemma_jax.sampling.requests import load_tokenizer
   from diffgemma_jax.scoring import Scorer, row_width
   from diffgemma_jax.train.reading import restore_model
@@ -98,7 +98,7 @@ def test_rows_are_scored_in_the_narrowest_width_that_holds_them(trained_run):
   model, _ = restore_model(config, workdir)
   scorer = Scorer(config, model, load_tokenizer(config, workdir), num_t_samples=16)
   shapes, bound_fn = [], scorer.bound_fn
-  scorer.bound_fn = lambda params, batch, rng: shapes.append(batch["tokens"].shape) or bound_fn(params, batch, rng)
+  scorer.bound_fn = lambda params, batch, *keys: shapes.append(batch["tokens"].shape) or bound_fn(params, batch, *keys)
   rng = np.random.default_rng(0)
   id_pairs = [(list(rng.integers(10, 200, p)), list(rng.integers(10, 200, c)))
               for p, c in [(3, 4), (20, 5), (8, 6), (40, 9), (1, 12), (12, 2), (25, 6), (5, 3), (2, 8)]]
@@ -107,6 +107,6 @@ def test_rows_are_scored_in_the_narrowest_width_that_holds_them(trained_run):
   full = scorer.score_rows({k: np.stack([scorer.row(p, c)[k] for p, c in id_pairs]) for k in ("tokens",
                             "segment_ids", "positions", "loss_mask")})
   assert [r["num_tokens"] for r in bucketed] == [r["num_tokens"] for r in full] == [len(c) for _, c in id_pairs]
-  difference = sum(b["nll"] - f["nll"] for b, f in zip(bucketed, full))
-  spread = np.sqrt(sum(b["stderr"] ** 2 + f["stderr"] ** 2 for b, f in zip(bucketed, full)))
-  assert abs(difference) < 4 * spread, (difference, spread)
+  for key in ("nll", "stderr"):
+    np.testing.assert_allclose([b[key] for b in bucketed], [f[key] for f in full], rtol=2e-5, atol=1e-6)
+  assert all(r["stderr"] > 0 for r in full)  # Monte-Carlo estimates, not exact scores

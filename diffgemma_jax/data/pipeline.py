@@ -235,6 +235,25 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
   return out
 
 
+def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """[B] int32: per row, a 31-bit hash of its fields (tokens, positions, segments, loss mask) up to its last real
+  token (segment > 0; the whole row without `segment_ids`), so the same row padded wider hashes the same. The
+  bound keys a row's Monte-Carlo draws by it (train/bound.py)."""
+  fields = sorted(batch)
+  segments = np.asarray(batch["segment_ids"]) if "segment_ids" in batch else None
+  out = np.zeros(len(batch[fields[0]]), np.int32)
+  for b in range(len(out)):
+    end = len(batch[fields[0]][b])
+    if segments is not None:
+      real = np.flatnonzero(segments[b] > 0)
+      end = int(real[-1]) + 1 if len(real) else 0
+    digest = hashlib.blake2b(digest_size=4)
+    for key in fields:
+      digest.update(key.encode() + np.ascontiguousarray(np.asarray(batch[key][b])[:end], np.int32).tobytes())
+    out[b] = int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
+  return out
+
+
 class EvalBatches(collections.abc.Sequence):
   """The held-out split as fixed-shape int32 batches, in order and unshuffled, each read when it is asked for: memory
   holds the batch in use, not the split (a whole held-out split of a large corpus is gigabytes of rows). The last

@@ -37,9 +37,10 @@ import jax.numpy as jnp
 
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.masks import MaskSpec, canvas_clean_mask  # noqa: F401  (the dense reference, re-exported)
-from diffgemma_jax.objectives.estimators import masked_token_nll, mean_and_stderr, stratified_levels, stratified_t
+from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, masked_token_nll, mean_and_stderr, row_draws,
+                                                 row_keys, row_levels, stratified_t)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
-from diffgemma_jax.objectives.masked import corrupt, weighted_nll
+from diffgemma_jax.objectives.masked import mask_below, weighted_nll
 from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_by, scored_positions
 
 
@@ -134,10 +135,8 @@ def per_token(t_BN, blocks_BL):
 
 def corrupt_per_token(rng, tokens_BL, t_BL, *, mask_id: int, corruptible_BL):
   """`corrupt` with one noise level per token; the draws equal `corrupt`'s for a per-row t."""
-  B, L = tokens_BL.shape
-  noisy, is_masked = corrupt(rng, tokens_BL.reshape(B * L, 1), t_BL.reshape(B * L), mask_id=mask_id,
-                             corruptible_BL=corruptible_BL.reshape(B * L, 1))
-  return noisy.reshape(B, L), is_masked.reshape(B, L)
+  return mask_below(jax.random.uniform(rng, tokens_BL.shape), tokens_BL, t_BL, mask_id=mask_id,
+                    corruptible_BL=corruptible_BL)
 
 
 def weighted_nll_per_token(nll_BL, is_masked_BL, t_BL):
@@ -151,22 +150,25 @@ def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, 
                 mask_id: int, num_t_samples: int, eps: float = 1e-3, scored_BL=None):
   """Per-row NELBO (nats, mean of K estimates) summed over blocks, and its standard error.
 
-  `logits_fn(noisy[B, L]) -> canvas logits [B, L, V]` must keep blocks apart (the block layout). Every block gets
-  K stratified noise levels with its own offset; with one block this is `masked_nelbo` draw for draw.
+  `logits_fn(noisy[B, L]) -> canvas logits [B, L, V]` must keep blocks apart (the block layout). `rng`: one key,
+  or one per row (`estimators.row_keys`: a row's draws are its own). Every block gets K stratified noise levels
+  with its own offset (the row's offset of that block's index, so a row's blocks draw the same however many
+  blocks its width holds); with one block this is `masked_nelbo` draw for draw.
   """
   K = num_t_samples
   scored_BL = jnp.ones(tokens.shape, bool) if scored_BL is None else scored_BL
-  t_rng, mask_rng = jax.random.split(rng)
-  t_KBN = stratified_levels(t_rng, (tokens.shape[0], num_blocks), K, eps)
+  keys_B = row_keys(rng, tokens.shape[0])
+  t_KBN = row_levels(keys_B, num_blocks, K, eps)
 
   def one(_, inputs):
-    t_BN, key = inputs
+    t_BN, k = inputs
     t_BL = per_token(t_BN, blocks_BL)
-    noisy, is_masked = corrupt_per_token(key, tokens, t_BL, mask_id=mask_id, corruptible_BL=scored_BL)
+    noisy, is_masked = mask_below(row_draws(keys_B, CORRUPT_STREAM, k, tokens.shape[1]), tokens, t_BL,
+                                  mask_id=mask_id, corruptible_BL=scored_BL)
     nll = masked_token_nll(logits_fn(noisy), tokens, mask_id=mask_id)
     return None, weighted_nll_per_token(nll, is_masked, t_BL)
 
-  _, estimates_KB = jax.lax.scan(one, None, (t_KBN, jax.random.split(mask_rng, K)))
+  _, estimates_KB = jax.lax.scan(one, None, (t_KBN, jnp.arange(K)))
   return mean_and_stderr(estimates_KB)
 
 

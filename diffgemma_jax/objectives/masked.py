@@ -18,15 +18,21 @@ import jax
 import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import MaskSpec
-from diffgemma_jax.objectives.estimators import masked_token_nll, mean_and_stderr, stratified_levels, stratified_t
+from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, masked_token_nll, mean_and_stderr, row_draws,
+                                                 row_keys, row_levels, stratified_t)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
 from diffgemma_jax.objectives.rows import normalise_loss, predicting_logits, router_metrics, scored_by
 
 
 def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
   """Replaces each corruptible token by `mask_id` with probability t of its row; returns (noisy, is_masked)."""
-  draw_BL = jax.random.uniform(rng, tokens_BL.shape)
-  is_masked_BL = draw_BL < t_B[:, None]
+  return mask_below(jax.random.uniform(rng, tokens_BL.shape), tokens_BL, t_B[:, None], mask_id=mask_id,
+                    corruptible_BL=corruptible_BL)
+
+
+def mask_below(draw_BL, tokens_BL, t_BL, *, mask_id: int, corruptible_BL=None):
+  """Masks each corruptible token whose uniform draw is below its t (t broadcast to [B, L]); (noisy, is_masked)."""
+  is_masked_BL = draw_BL < t_BL
   if corruptible_BL is not None:
     is_masked_BL = is_masked_BL & corruptible_BL
   return jnp.where(is_masked_BL, mask_id, tokens_BL), is_masked_BL
@@ -42,22 +48,23 @@ def masked_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, rng, *, ma
   """Per-sequence NELBO in nats (mean over `num_t_samples` stratified t) and its standard error.
 
   `logits_fn(noisy_tokens[B, L]) -> logits[B, L, V]`; `pad_mask` [B, L] marks real tokens (True) — padding is
-  never corrupted or scored. The K noise levels of a sequence are stratified over [eps, 1] with an independent
-  offset per sequence; the standard error is the sample std over the K estimates / sqrt(K) (conservative for
-  stratified draws).
+  never corrupted or scored. `rng`: one key, or one per row (`estimators.row_keys`); each row draws from its own
+  key only (`row_draws`), so its estimate does not depend on the other rows or on its padding. The K noise levels
+  of a sequence are stratified over [eps, 1] with an independent offset per sequence; the standard error is the
+  sample std over the K estimates / sqrt(K) (conservative for stratified draws).
   """
   K = num_t_samples
-  t_rng, mask_rng = jax.random.split(rng)
-  t_KB = stratified_levels(t_rng, tokens.shape[:1], K, eps)
-  mask_rngs = jax.random.split(mask_rng, K)
+  keys_B = row_keys(rng, tokens.shape[0])
+  t_KB = row_levels(keys_B, 1, K, eps)[..., 0]
 
   def one(_, inputs):
-    t_B, key = inputs
-    noisy, is_masked = corrupt(key, tokens, t_B, mask_id=mask_id, corruptible_BL=pad_mask)
+    t_B, k = inputs
+    noisy, is_masked = mask_below(row_draws(keys_B, CORRUPT_STREAM, k, tokens.shape[1]), tokens, t_B[:, None],
+                                  mask_id=mask_id, corruptible_BL=pad_mask)
     nll = masked_token_nll(logits_fn(noisy), tokens, mask_id=mask_id)
     return None, weighted_nll(nll, is_masked, t_B)
 
-  _, estimates_KB = jax.lax.scan(one, None, (t_KB, mask_rngs))
+  _, estimates_KB = jax.lax.scan(one, None, (t_KB, jnp.arange(K)))
   return mean_and_stderr(estimates_KB)
 
 

@@ -46,17 +46,23 @@ import jax.numpy as jnp
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.objectives.ar import next_token_nll
 from diffgemma_jax.objectives.block import canvas_clean_forward, canvas_layout, per_token
-from diffgemma_jax.objectives.estimators import (masked_token_nll, mean_and_stderr, states_excluding,
-                                                 stratified_levels, stratified_t, without)
+from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, RECON_STREAM, RECON_TOKEN_STREAM, TOKEN_STREAM,
+                                                 masked_token_nll, mean_and_stderr, row_draws, row_keys, row_levels,
+                                                 states_excluding, stratified_t, without)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
 from diffgemma_jax.objectives.rows import router_metrics, scored_positions
 
 def noise_token(rng, shape, *, vocab_size: int, excluded_ids: Sequence[int]):
   """Tokens drawn uniformly from the vocabulary without `excluded_ids`."""
-  token = jax.random.randint(rng, shape, 0, vocab_size - len(set(excluded_ids)))
-  for excluded in sorted(set(excluded_ids)):  # shift past each excluded id in increasing order
-    token = token + (token >= excluded)
-  return token
+  return _past_excluded(jax.random.randint(rng, shape, 0, vocab_size - len(set(excluded_ids))), excluded_ids)
+
+
+def _past_excluded(index, excluded_ids: Sequence[int]):
+  """The `index`-th id of the vocabulary without `excluded_ids` (shifted past each excluded id in increasing
+  order)."""
+  for excluded in sorted(set(excluded_ids)):
+    index = index + (index >= excluded)
+  return index
 
 
 def uniform_corrupt(rng, tokens_BL, t_BL, *, vocab_size: int, excluded_ids: Sequence[int], corruptible_BL):
@@ -65,9 +71,25 @@ def uniform_corrupt(rng, tokens_BL, t_BL, *, vocab_size: int, excluded_ids: Sequ
   Returns (noisy tokens, replaced) where `replaced` marks the draws (including those that drew the same token).
   """
   draw_rng, token_rng = jax.random.split(rng)
-  replaced = (jax.random.uniform(draw_rng, tokens_BL.shape) < t_BL) & corruptible_BL
   noise = noise_token(token_rng, tokens_BL.shape, vocab_size=vocab_size, excluded_ids=excluded_ids)
-  return jnp.where(replaced, noise, tokens_BL).astype(tokens_BL.dtype), replaced
+  return replace_below(jax.random.uniform(draw_rng, tokens_BL.shape), noise, tokens_BL, t_BL, corruptible_BL)
+
+
+def replace_below(draw_BL, noise_BL, tokens_BL, t_BL, corruptible_BL):
+  """Each corruptible token whose uniform draw is below its t becomes its noise token; (noisy, replaced)."""
+  replaced = (draw_BL < t_BL) & corruptible_BL
+  return jnp.where(replaced, noise_BL, tokens_BL).astype(tokens_BL.dtype), replaced
+
+
+def row_uniform_corrupt(keys_B, streams: tuple[int, int], sample, tokens_BL, t_BL, *, vocab_size: int,
+                        excluded_ids: Sequence[int], corruptible_BL):
+  """`uniform_corrupt` with each row's draws its own (`estimators.row_draws`): whether a token is replaced from
+  draw `sample` of the first stream, its noise token from the second."""
+  L = tokens_BL.shape[1]
+  num_states = vocab_size - len(set(excluded_ids))
+  draw_BL = row_draws(keys_B, streams[0], sample, L)
+  index_BL = row_draws(keys_B, streams[1], sample, L, draw=lambda key: jax.random.randint(key, (), 0, num_states))
+  return replace_below(draw_BL, _past_excluded(index_BL, excluded_ids), tokens_BL, t_BL, corruptible_BL)
 
 
 def _small_w(w):
@@ -113,24 +135,25 @@ def uniform_nelbo(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], tokens
   `logits_fn(noisy[B, L], t[B, L]) -> logits [B, L, V]` (the model ignores t; an oracle may use it) must keep
   blocks apart. K + 1 passes: K stratified noise levels per block for the integral, one at t = eps for the
   reconstruction term (a single draw, added to every estimate; the standard error covers the integral's spread).
+  `rng`: one key, or one per row (`estimators.row_keys`: a row's draws are its own).
   """
   K = num_t_samples
   scored_BL = jnp.ones(tokens.shape, bool) if scored_BL is None else scored_BL
-  t_rng, noise_rng, recon_rng = jax.random.split(rng, 3)
-  t_KBN = stratified_levels(t_rng, (tokens.shape[0], num_blocks), K, eps)
-  corrupt = lambda key, t_BL: uniform_corrupt(key, tokens, t_BL, vocab_size=vocab_size, excluded_ids=excluded_ids,
-                                              corruptible_BL=scored_BL)[0]
+  keys_B = row_keys(rng, tokens.shape[0])
+  t_KBN = row_levels(keys_B, num_blocks, K, eps)
+  corrupt = lambda streams, k, t_BL: row_uniform_corrupt(keys_B, streams, k, tokens, t_BL, vocab_size=vocab_size,
+                                                         excluded_ids=excluded_ids, corruptible_BL=scored_BL)[0]
 
   def one(_, inputs):
-    t_BN, key = inputs
+    t_BN, k = inputs
     t_BL = per_token(t_BN, blocks_BL)
-    noisy = corrupt(key, t_BL)
+    noisy = corrupt((CORRUPT_STREAM, TOKEN_STREAM), k, t_BL)
     f_BL = uniform_elbo_integrand(logits_fn(noisy, t_BL), noisy, tokens, t_BL, excluded_ids=excluded_ids)
     return None, (1.0 - eps) * jnp.sum(jnp.where(scored_BL, f_BL, 0.0), axis=-1)
 
-  _, estimates_KB = jax.lax.scan(one, None, (t_KBN, jax.random.split(noise_rng, K)))
+  _, estimates_KB = jax.lax.scan(one, None, (t_KBN, jnp.arange(K)))
   t_eps = jnp.full(tokens.shape, eps, jnp.float32)
-  noisy = corrupt(recon_rng, t_eps)
+  noisy = corrupt((RECON_STREAM, RECON_TOKEN_STREAM), 0, t_eps)
   recon_nll = _support_nll(logits_fn(noisy, t_eps), tokens, excluded_ids)
   recon_B = jnp.sum(jnp.where(scored_BL, recon_nll, 0.0), axis=-1)
   return mean_and_stderr(estimates_KB + recon_B[None])

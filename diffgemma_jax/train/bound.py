@@ -6,8 +6,12 @@ length L_i the estimate is the ratio R = sum n_i / sum L_i, and its standard err
 sqrt(N / (N - 1) * sum_i (n_i - R L_i)^2) / sum_i L_i: the spread across sequences, which already contains the
 Monte-Carlo noise of each n_i. The Monte-Carlo part alone, sqrt(sum_i s_i^2) / sum_i L_i from each row's K-sample
 standard error s_i (0 for the exact autoregressive value), is how far another `eval.seed` would move R on the same
-rows: the error to use when two evaluations of the same rows are compared. Evaluation is deterministic given
-`eval.seed`: batch b uses fold_in(seed, b).
+rows: the error to use when two evaluations of the same rows are compared.
+
+Evaluation is deterministic given `eval.seed`, row by row: a row draws from its own key, fold_in(seed, h), h a hash
+of the row's tokens (`data.pipeline.row_hashes`), so its estimate is a function of the checkpoint, the seed and the
+row alone: not of `eval.batch_size`, the process count, the rows beside it or how wide it is padded. A held-out
+row and the same row scored by `diffgemma-score` get the same numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffgemma_jax.data.mixture import mixture_bound
+from diffgemma_jax.data.pipeline import row_hashes
 from diffgemma_jax.parallel.distributed import barrier
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
 from diffgemma_jax.train.bound_partial import PartialBound
@@ -30,13 +35,15 @@ LN2 = math.log(2.0)
 
 
 def make_bound_fn(graphdef, objective, *, num_t_samples: int, mesh: Mesh, param_shardings=None) -> Callable:
-  """(params, batch, rng) -> (nelbo_B, stderr_B, num_tokens_B), jitted once for fixed-shape batches. `graphdef`
-  is the model placed on `mesh` (`parallel.placement`)."""
-  def bound(params, batch, rng):
-    return objective.sequence_bound(nnx.merge(graphdef, params), batch, rng, num_t_samples=num_t_samples)
+  """(params, batch, key, row_ids) -> (nelbo_B, stderr_B, num_tokens_B), jitted once for fixed-shape batches; row
+  b draws from fold_in(key, row_ids[b]) (`scored_batches` passes the rows' hashes). `graphdef` is the model placed
+  on `mesh` (`parallel.placement`)."""
+  def bound(params, batch, key, row_ids):
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+    return objective.sequence_bound(nnx.merge(graphdef, params), batch, keys, num_t_samples=num_t_samples)
 
-  return jax.jit(bound, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),
-                 out_shardings=replicated(mesh))
+  return jax.jit(bound, in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh),
+                                      batch_sharding(mesh, 1)), out_shardings=replicated(mesh))
 
 
 def summarize_bound(nelbo_N: np.ndarray, num_tokens_N: np.ndarray,
@@ -72,23 +79,25 @@ class EvaluationStopped(Exception):
     self.done, self.total, self.path = done, total, path
 
 
-def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, mesh: Mesh, start: int = 0,
-                   first_key: int = 0) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-  """(b, (nelbo_B, stderr_B, num_tokens_B) as numpy) for each batch b from `start`, batch b keyed by
-  fold_in(seed, first_key + b). The host reads batch b + 1 on a thread while the device scores batch b, and batch
-  b's results are fetched (and yielded) after batch b + 1 is dispatched, so neither the reads nor the fetches stall
-  the device."""
+def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, mesh: Mesh,
+                   start: int = 0) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+  """(b, (nelbo_B, stderr_B, num_tokens_B) as numpy) for each batch b from `start`, each row keyed by its hash
+  (`row_hashes`). The host reads batch b + 1 on a thread while the device scores batch b, and batch b's results are
+  fetched (and yielded) after batch b + 1 is dispatched, so neither the reads nor the fetches stall the device."""
   base = jax.random.key(seed)
-  sharding = batch_sharding(mesh)
-  read = lambda b: {k: np.asarray(v) for k, v in batches[b].items()}  # noqa: E731
+  sharding, row_sharding = batch_sharding(mesh), batch_sharding(mesh, 1)
+  def read(b):
+    batch = {k: np.asarray(v) for k, v in batches[b].items()}
+    return batch, row_hashes(batch)
+
   fetched = lambda out: tuple(np.asarray(x) for x in jax.device_get(out))  # noqa: E731
   total, pending = len(batches), None
   with concurrent.futures.ThreadPoolExecutor(1) as reader:
     upcoming = reader.submit(read, start) if start < total else None
     for index in range(start, total):
-      batch = upcoming.result()
+      batch, row_ids = upcoming.result()
       upcoming = reader.submit(read, index + 1) if index + 1 < total else None
-      out = bound_fn(params, jax.device_put(batch, sharding), jax.random.fold_in(base, first_key + index))
+      out = bound_fn(params, jax.device_put(batch, sharding), base, jax.device_put(row_ids, row_sharding))
       if pending is not None:
         yield index - 1, fetched(pending)
       pending = out
@@ -99,7 +108,7 @@ def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
 def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, num_t_samples: int,
                    mesh: Mesh, partial: PartialBound | None = None, progress: Callable[[int, int], None] | None = None,
                    stop: Callable[[int], bool] | None = None) -> dict[str, float]:
-  """The bound over `batches` (a sequence read batch by batch, `scored_batches`), batch b keyed by fold_in(seed, b).
+  """The bound over `batches` (a sequence read batch by batch, `scored_batches`), each row keyed by its hash.
 
   `partial` (bound_partial.py) continues from the batches a previous run saved and saves as it goes (its file is
   left for the caller to discard); `progress(done, total)` is called after each batch; `stop(b)` True after
