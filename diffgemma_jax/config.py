@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   # SFT: gemma (<start_of_turn>role ... <end_of_turn>) | diffusiongemma (the release's <|turn>role ... <turn|>) |
   # plain (text as it is)
   c.data.chat_template = "gemma"
+  # SFT: several examples per training row, each its own segment, responses EOS-padded to whole canvases (one EOS
+  # for objectives without canvases); False: one example per row, EOS-padded to the row. Held-out rows stay one
+  # per row.
+  c.data.sft_packing = False
   c.data.max_bad_lines = 10  # jsonl, text_files: malformed records skipped (each reported) before the build fails
   c.data.seed = 0
   c.data.num_workers = 0  # grain worker processes that read and batch training rows (with prefetch); 0: none

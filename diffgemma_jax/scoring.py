@@ -44,7 +44,7 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.train.bound import make_bound_fn, scored_batches
-from diffgemma_jax.train.dataset import load_tokenizer
+from diffgemma_jax.train.dataset import load_tokenizer, sft_pack_unit
 from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.train.state import split_model
 
@@ -154,7 +154,8 @@ class Scorer:
     """The rows of `pairs` under the layout, stacked [N, seq_len]."""
     if self.layout == "sft":
       rows, _ = make_rows([{"prompt": p.prompt, "response": p.continuation} for p in pairs], self.tokenizer,
-                          self.seq_len, str(self.config.data.chat_template))
+                          self.seq_len, str(self.config.data.chat_template), pack_unit=sft_pack_unit(self.config),
+                          alone=True)
       return rows
     return _stack([self.row(*self.ids(pair), pair.source) for pair in pairs])
 

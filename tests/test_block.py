@@ -168,6 +168,9 @@ def test_sft_canvases_start_at_the_response():
   np.testing.assert_array_equal(blocks[0], [-1] * 3 + [0] * 4 + [1] * 4 + [2])
   np.testing.assert_array_equal(blocks[1], [-1] * 5 + [0] * 4 + [1] * 3)
   np.testing.assert_array_equal(blocks[2], [-1] * 2 + [0] * 4 + [1] * 4 + [2] * 2)
+  # a packed row (data.sft_packing): each example's canvases start at its response, numbered on along the row
+  packed = _batch([[1] * 6 + [2] * 5 + [0]], loss_mask=[[0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(np.asarray(block_ids(packed, 2))[0], [-1, -1, 0, 0, 1, 1, -1, 2, 2, 3, 3, -1])
 
 
 def test_loss_is_finite_and_differentiable_under_jit():

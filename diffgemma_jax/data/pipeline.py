@@ -62,16 +62,19 @@ def is_sft(data_dir: str) -> bool:
   return bool(manifest and manifest.get("kind") == "sft")
 
 
-def sft_rows(data_dir: str, split: str, seq_len: int, template: str) -> dict[str, np.ndarray]:
-  """The prompt-masked rows of an SFT split (data/sft/), built once per tokenizer, template and length and
-  cached beside the data. Cut prompts and responses are counted and reported on stderr."""
+def sft_rows(data_dir: str, split: str, seq_len: int, template: str, pack_unit: int = 0) -> dict[str, np.ndarray]:
+  """The prompt-masked rows of an SFT split (data/sft/; packed with `pack_unit` > 0, the held-out split one
+  example per row in the packed layout), built once per tokenizer, template, length and packing and cached beside
+  the data. Cut prompts and responses are counted and reported on stderr."""
   tok_path = os.path.join(data_dir, "tokenizer.model")
-  cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}-{_tokenizer_hash(tok_path)}.npz")
+  packing = f"-packed{pack_unit}" if pack_unit > 0 else ""
+  cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}{packing}-{_tokenizer_hash(tok_path)}.npz")
   if os.path.isfile(cache):
     with np.load(cache) as z:
       rows = {k: z[k] for k in SFT_KEYS}
   else:
-    rows, stats = make_rows(read_records(data_dir, split), Tokenizer(tok_path), seq_len, template)
+    rows, stats = make_rows(read_records(data_dir, split), Tokenizer(tok_path), seq_len, template,
+                            pack_unit=pack_unit, alone=split == "heldout")
     note = stats.report(f"{data_dir} ({split}, {template} template)")
     if note:
       print(note, file=sys.stderr)
@@ -104,10 +107,12 @@ class ArrayRows:
     return {k: v[indices] for k, v in self.rows.items()}
 
 
-def split_rows(data_dir: str, split: str, seq_len: int, *, keep_partial: bool, template: str = "gemma"):
-  """The rows of one split of a built dataset (StoreRows or ArrayRows); at least one, else a DataError."""
+def split_rows(data_dir: str, split: str, seq_len: int, *, keep_partial: bool, template: str = "gemma",
+               pack_unit: int = 0):
+  """The rows of one split of a built dataset (StoreRows or ArrayRows; SFT rows packed with `pack_unit` > 0); at
+  least one, else a DataError."""
   if is_sft(data_dir):
-    return ArrayRows(sft_rows(data_dir, split, seq_len, template))
+    return ArrayRows(sft_rows(data_dir, split, seq_len, template, pack_unit))
   rows = StoreRows(open_split(data_dir, dataset_manifest(data_dir), split), seq_len, keep_partial)
   if rows.num_rows == 0:
     raise DataError(f"the {split} split of {data_dir!r} has {rows.store.num_tokens} tokens, fewer than one row of "
@@ -205,16 +210,19 @@ def check_workers(num_workers: int) -> None:
 
 def make_train_iterator(data_dirs: str | list[str], *, seq_len: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                        template: str = "gemma", weights: list[float] | None = None) -> TrainIterator:
+                        template: str = "gemma", weights: list[float] | None = None,
+                        sft_pack_unit: int = 0) -> TrainIterator:
   """Infinite, checkpointable iterator of this process's batches ([batch_size, seq_len] int32 arrays).
 
   `data_dirs`: one built dataset, or several (a mixture, data/mixture.py) drawn by `weights`. Process p of P gets
   rows [p * batch_size, (p + 1) * batch_size) of each global batch of P * batch_size rows, so the global batch (and
-  the run) is the same for any number of processes.
+  the run) is the same for any number of processes. SFT datasets are packed with `sft_pack_unit` > 0
+  (data/sft/rows.py).
   """
   check_workers(num_workers)
   dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
-  readers = [split_rows(d, "train", seq_len, keep_partial=False, template=template) for d in dirs]
+  readers = [split_rows(d, "train", seq_len, keep_partial=False, template=template, pack_unit=sft_pack_unit)
+             for d in dirs]
   if len(dirs) == 1 and readers[0].num_rows < batch_size * process_count:
     raise DataError(f"the train split of {dirs[0]!r} packs into {readers[0].num_rows} rows of {seq_len}, fewer "
                     f"than one global batch ({batch_size} x {process_count} processes)")
@@ -277,23 +285,24 @@ class EvalBatches(collections.abc.Sequence):
 
 
 def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_sequences: int = 0,
-                      process_index: int = 0, process_count: int = 1, template: str = "gemma") -> EvalBatches:
+                      process_index: int = 0, process_count: int = 1, template: str = "gemma",
+                      sft_pack_unit: int = 0) -> EvalBatches:
   """The held-out split's first `max_sequences` rows (0: all) as `EvalBatches`; with several processes, every
-  `process_count`-th row from `process_index`."""
-  rows = split_rows(data_dir, "heldout", seq_len, keep_partial=True, template=template)
+  `process_count`-th row from `process_index`. SFT rows in a packed run's layout with `sft_pack_unit` > 0."""
+  rows = split_rows(data_dir, "heldout", seq_len, keep_partial=True, template=template, pack_unit=sft_pack_unit)
   n = rows.num_rows
   if max_sequences:
     n = min(n, max_sequences)
   return EvalBatches(rows, np.arange(n)[process_index::process_count], batch_size, data_dir)
 
 
-def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma") -> float:
+def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma", sft_pack_unit: int = 0) -> float:
   """Held-out perplexity of an add-one-smoothed unigram model fitted on the training tokens (all tokens the bound
   scores: bos and eos included; for SFT data the response tokens and their EOS padding). A token store keeps the
   counts of both splits, so this reads no tokens."""
   vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
   if is_sft(data_dir):
-    train, heldout = (sft_rows(data_dir, split, seq_len, template) for split in ("train", "heldout"))
+    train, heldout = (sft_rows(data_dir, split, seq_len, template, sft_pack_unit) for split in ("train", "heldout"))
     train_counts = np.bincount(train["tokens"][train["loss_mask"] > 0], minlength=vocab)
     heldout_counts = np.bincount(heldout["tokens"][heldout["loss_mask"] > 0], minlength=vocab)
   else:

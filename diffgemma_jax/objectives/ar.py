@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.masks import MaskSpec
 from diffgemma_jax.objectives.interface import Capabilities, Objective
-from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_positions
+from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_positions, sft_segments
 
 
 def next_token_nll(logits_BLV, tokens_BL, segment_ids_BL):
@@ -42,7 +42,8 @@ class Autoregressive(Objective):
   def loss_fn(self, model, batch, rng):
     del rng
     nll, valid, aux = self._nll(model, batch)
-    nll_per_token = normalise_loss(jnp.sum(nll, axis=-1), valid, "loss_mask" in batch)
+    segments = sft_segments(batch)
+    nll_per_token = normalise_loss(nll, valid, None if segments is None else segments[:, 1:])
     loss = nll_per_token + aux["aux_loss"]
     return loss, {"loss": loss, "nelbo_per_token": nll_per_token, "num_tokens": jnp.sum(valid),
                   **router_metrics(aux)}

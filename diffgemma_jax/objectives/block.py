@@ -41,7 +41,7 @@ from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, masked_token_nl
                                                  row_keys, row_levels, stratified_t)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
 from diffgemma_jax.objectives.masked import mask_below, weighted_nll
-from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_by, scored_positions
+from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_by, scored_positions, sft_segments
 
 
 def check_block_size(seq_len: int, block_size: int) -> None:
@@ -73,16 +73,26 @@ def _divisor_hint(seq_len: int, block_size: int) -> int:
 
 
 def block_ids(batch, block_size: int):
-  """[B, L] int32 block index per token; -1 marks clean-only context (the prompt of SFT rows)."""
+  """[B, L] int32 block index per token; -1 marks clean-only context (the prompts of SFT rows).
+
+  SFT rows: each example's canvases start at its first response token and follow each other to the end of its
+  segment (the last may be cut by the segment's or the row's end); a packed row's examples (segments) number their
+  canvases on from the example before, so block ids rise along the row and every canvas has its own. Tokens of a
+  segment without a response (padding) are -1."""
   tokens = batch["tokens"]
   B, L = tokens.shape
   index_L = jnp.arange(L, dtype=jnp.int32)
   if "loss_mask" not in batch:
     return jnp.broadcast_to(index_L // block_size, (B, L))
   scored = scored_positions(batch)
-  start_B = jnp.argmax(scored, axis=-1).astype(jnp.int32)  # first response token (0 if the row has none)
-  relative_BL = index_L[None, :] - start_B[:, None]
-  return jnp.where(relative_BL >= 0, relative_BL // block_size, -1)
+  segments = batch["segment_ids"]
+  first_of_segment = (jnp.roll(segments, 1, axis=1) != segments) | (index_L == 0)
+  segment_start_BL = jax.lax.cummax(jnp.where(first_of_segment, index_L, 0), axis=1)
+  first_scored = scored & (first_of_segment | ~jnp.roll(scored, 1, axis=1))
+  response_start_BL = jax.lax.cummax(jnp.where(first_scored, index_L, -1), axis=1)
+  in_canvases = response_start_BL >= segment_start_BL  # at or after its segment's response start
+  starts_canvas = in_canvases & ((index_L - response_start_BL) % block_size == 0)
+  return jnp.where(in_canvases, jnp.cumsum(starts_canvas, axis=1, dtype=jnp.int32) - 1, -1)
 
 
 def canvas_layout(batch, block_size: int):
@@ -207,8 +217,7 @@ class BlockDiffusion(Objective):
     noisy, is_masked = corrupt_per_token(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
     logits, aux = self._canvas_logits(model, noisy, batch, blocks)
     nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
-    per_example = weighted_nll_per_token(nll, is_masked, t_BL)
-    nelbo = normalise_loss(per_example, scored, "loss_mask" in batch)
+    nelbo = normalise_loss(jnp.where(is_masked, nll, 0.0) / t_BL, scored, sft_segments(batch))
     loss = nelbo + aux["aux_loss"]
     num_tokens = jnp.sum(scored)
     metrics = {"loss": loss, "nelbo_per_token": nelbo, "num_tokens": num_tokens,

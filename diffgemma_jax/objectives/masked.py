@@ -21,7 +21,7 @@ from diffgemma_jax.model.masks import MaskSpec
 from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, masked_token_nll, mean_and_stderr, row_draws,
                                                  row_keys, row_levels, stratified_t)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
-from diffgemma_jax.objectives.rows import normalise_loss, predicting_logits, router_metrics, scored_by
+from diffgemma_jax.objectives.rows import normalise_loss, predicting_logits, router_metrics, scored_by, sft_segments
 
 
 def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
@@ -106,9 +106,8 @@ class MaskedDiffusion(Objective):
     mask = MaskSpec.packed("bidirectional", segment_ids, positions)
     logits, aux = model(noisy, positions, mask, token_mask_BL=pad_mask)
     nll = masked_token_nll(predicting_logits(model, logits), tokens, mask_id=self.mask_id)
-    per_example = weighted_nll(nll, is_masked, t_B)
     num_tokens = jnp.maximum(jnp.sum(scored), 1)
-    nelbo = normalise_loss(per_example, scored, "loss_mask" in batch)
+    nelbo = normalise_loss(jnp.where(is_masked, nll, 0.0) / t_B[:, None], scored, sft_segments(batch))
     loss = nelbo + aux["aux_loss"]
     metrics = {"loss": loss, "nelbo_per_token": nelbo, "masked_fraction": jnp.sum(is_masked) / num_tokens,
                "num_tokens": jnp.sum(scored), **router_metrics(aux)}

@@ -7,6 +7,7 @@ document's first token, which has no predecessor, is not scored.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -34,14 +35,25 @@ def predicting_logits(model, logits_BLV):
   return jnp.roll(logits_BLV, 1, axis=1) if model.cfg.token_shift else logits_BLV
 
 
-def normalise_loss(per_example_B, scored_BL, sft: bool):
-  """Pretraining: batch sum over scored tokens. SFT: each response's NELBO over its length, then the mean."""
-  num_scored_B = jnp.sum(scored_BL, axis=-1)
-  if sft:
-    has_response = num_scored_B > 0
-    per_token_B = per_example_B / jnp.maximum(num_scored_B, 1)
-    return jnp.sum(jnp.where(has_response, per_token_B, 0.0)) / jnp.maximum(jnp.sum(has_response), 1)
-  return jnp.sum(per_example_B) / jnp.maximum(jnp.sum(num_scored_B), 1)
+def normalise_loss(contrib_BL, scored_BL, segments_BL=None):
+  """The batch loss from each scored token's contribution (zero elsewhere). Pretraining (`segments_BL` None): the
+  sum over scored tokens per scored token. SFT (`segments_BL` given): each example's sum over its own scored
+  tokens (an example is a segment of a row: one per row, or several in packed rows), then the mean over the
+  examples that have any."""
+  if segments_BL is None:
+    return jnp.sum(contrib_BL) / jnp.maximum(jnp.sum(scored_BL), 1)
+  B, L = contrib_BL.shape
+  example = (jnp.arange(B)[:, None] * (L + 1) + segments_BL).reshape(-1)  # segment ids are at most L
+  total = jax.ops.segment_sum(contrib_BL.reshape(-1), example, num_segments=B * (L + 1))
+  count = jax.ops.segment_sum(scored_BL.reshape(-1).astype(jnp.float32), example, num_segments=B * (L + 1))
+  has_response = count > 0
+  per_token = jnp.where(has_response, total / jnp.maximum(count, 1.0), 0.0)
+  return jnp.sum(per_token) / jnp.maximum(jnp.sum(has_response), 1)
+
+
+def sft_segments(batch):
+  """The segments `normalise_loss` averages over: a batch's `segment_ids` for SFT rows (`loss_mask`), else None."""
+  return batch["segment_ids"] if "loss_mask" in batch else None
 
 
 def router_metrics(aux):

@@ -208,11 +208,12 @@ class UniformDiffusion(Objective):
     # One canvas per row, uniformly among those holding scored tokens.
     has_scored_BN = jnp.any((blocks[:, :, None] == jnp.arange(num_blocks)) & scored[:, :, None], axis=1)
     chosen_B = jax.random.categorical(canvas_rng, jnp.where(has_scored_BN, 0.0, -1e9), axis=-1)
-    start_B = jnp.argmax(blocks >= 0, axis=-1) + chosen_B * b
+    start_B = jnp.argmax(blocks == chosen_B[:, None], axis=-1)  # the chosen canvas's first token
     index_BC = start_B[:, None] + jnp.arange(b)
     inside_BC = index_BC < L
     index_BC = jnp.minimum(index_BC, L - 1)
     take = lambda x: jnp.take_along_axis(x, index_BC, axis=1)
+    inside_BC = inside_BC & (take(blocks) == chosen_B[:, None])  # a canvas cut by the row's (or example's) end
     canvas_tokens, canvas_positions = take(tokens), take(positions)
     canvas_segments = jnp.where(inside_BC, take(segments), 0)
     canvas_scored = take(scored) & inside_BC

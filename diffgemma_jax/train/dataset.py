@@ -190,13 +190,24 @@ def train_iterator(config, directory: str, *, process_index: int = 0, process_co
                              seq_len=int(config.train.seq_len),
                              batch_size=int(config.train.batch_size) // process_count, seed=int(config.data.seed),
                              process_index=process_index, process_count=process_count,
-                             num_workers=int(config.data.num_workers), template=str(config.data.chat_template))
+                             num_workers=int(config.data.num_workers), template=str(config.data.chat_template),
+                             sft_pack_unit=sft_pack_unit(config))
+
+
+def sft_pack_unit(config) -> int:
+  """`data.sft_packing`'s unit for SFT rows (data/sft/rows.py): responses end on whole canvases of
+  objective.block_size for the objectives that cut rows into canvases, on their EOS otherwise; 0: no packing."""
+  if not bool(config.data.sft_packing):
+    return 0
+  canvases = OBJECTIVES[str(config.objective.name)].capabilities.canvases
+  return int(config.objective.block_size) if canvases else 1
 
 
 def eval_batches(config, directory: str) -> EvalBatches:
   """The held-out split as fixed-shape batches, in order (deterministic and unshuffled), read as they are used."""
   return make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=int(config.eval.batch_size),
-                           max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template))
+                           max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template),
+                           sft_pack_unit=sft_pack_unit(config))
 
 
 def eval_sets(config, directory: str) -> list[tuple[str, float, EvalBatches]]:
@@ -210,6 +221,7 @@ def unigram_baseline(config, directory: str) -> float:
   """Held-out perplexity of a unigram model of the training split (same tokenizer): the scale for the bound; for
   a mixture, each dataset's on the weighted log scale of the bound."""
   mixture = mixture_entries(config) or [(directory, 1.0)]
-  values = [(w, unigram_ppl(d, seq_len=int(config.train.seq_len), template=str(config.data.chat_template)))
+  values = [(w, unigram_ppl(d, seq_len=int(config.train.seq_len), template=str(config.data.chat_template),
+                            sft_pack_unit=sft_pack_unit(config)))
             for d, w in mixture]
   return float(values[0][1] if len(values) == 1 else weighted_unigram_ppl(values))

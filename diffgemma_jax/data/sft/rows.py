@@ -1,10 +1,19 @@
-"""Prompt-masked SFT rows: one example per row of `seq_len`.
+"""Prompt-masked SFT rows: one example per row of `seq_len`, or several (packed).
 
-[bos] prompt response [eos] [eos]... with `loss_mask` 1 on the response and its EOS padding (the padding is
-corrupted and scored so the model learns to stop), 0 on bos and prompt; segment 1 everywhere; positions
+One per row: [bos] prompt response [eos] [eos]... with `loss_mask` 1 on the response and its EOS padding (the
+padding is corrupted and scored so the model learns to stop), 0 on bos and prompt; segment 1 everywhere; positions
 0..seq_len-1. An example longer than the row is cut: the response keeps at most the row minus half of it (or minus
 the whole prompt, if shorter), cut on the right; the prompt is cut from the left. Both cuts are counted and
 reported.
+
+Packed (`pack_unit` > 0, `data.sft_packing`): examples follow each other in a row, each its own segment with
+positions from 0, as [bos] prompt response [eos] and EOS padding up to a whole number of `pack_unit` response
+tokens (the objective's canvas, so a canvas sampler's last canvas learns to end in EOS; 1: a single EOS). Attention
+never crosses an example, and every objective normalises each example by its own response length. An example goes
+in the current row if it fits, else it starts the next one (rows keep the examples' order); one that fits no row
+alone is cut as above and fills a row of its own. The rest of a row is padding (segment 0: never attended or
+scored). A packed run's held-out examples are laid out the same way one per row (`alone`), so the bound scores
+each response as training did and stays per example.
 """
 
 from __future__ import annotations
@@ -59,18 +68,75 @@ def make_row(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: in
           "positions": np.arange(seq_len, dtype=np.int32), "loss_mask": loss_mask}
 
 
-def make_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, template: str,
-              ) -> tuple[dict[str, np.ndarray], RowStats]:
-  """All rows of a list of records, stacked: {tokens, segment_ids, positions, loss_mask} of [N, seq_len]."""
+KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+
+
+def packed_example(prompt_ids: Sequence[int], response_ids: Sequence[int], pack_unit: int, *, bos_id: int,
+                   eos_id: int) -> tuple[list[int], int]:
+  """(tokens, prompt length with bos) of one packed example: [bos] prompt response [eos], EOS-padded to a whole
+  number of `pack_unit` response tokens."""
+  response = list(response_ids) + [eos_id]
+  response += [eos_id] * (-len(response) % pack_unit)
+  head = [bos_id] + list(prompt_ids)
+  return head + response, len(head)
+
+
+class RowPacker:
+  """Rows of `seq_len` filled with packed examples in order (module docstring)."""
+
+  def __init__(self, seq_len: int, pad_id: int):
+    self.seq_len, self.pad_id = seq_len, pad_id
+    self.rows: list[dict[str, np.ndarray]] = []
+    self.open: dict[str, np.ndarray] | None = None
+    self.used = 0
+
+  def add(self, tokens: Sequence[int], prompt_length: int) -> None:
+    n = len(tokens)
+    if self.open is None or self.used + n > self.seq_len:
+      self.close()
+      self.open = {k: np.zeros((self.seq_len,), np.int32) for k in KEYS}
+      self.open["tokens"][:] = max(self.pad_id, 0)  # a tokenizer without a pad piece: id 0 (never read)
+      self.used = 0
+    row, start = self.open, self.used
+    row["tokens"][start:start + n] = tokens
+    row["segment_ids"][start:start + n] = int(row["segment_ids"].max()) + 1
+    row["positions"][start:start + n] = np.arange(n)
+    row["loss_mask"][start + prompt_length:start + n] = 1
+    self.used += n
+
+  def add_row(self, row: dict[str, np.ndarray]) -> None:
+    self.close()
+    self.rows.append(row)
+
+  def close(self) -> None:
+    if self.open is not None:
+      self.rows.append(self.open)
+    self.open = None
+
+
+def make_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, template: str, *, pack_unit: int = 0,
+              alone: bool = False) -> tuple[dict[str, np.ndarray], RowStats]:
+  """All rows of a list of records, stacked: {tokens, segment_ids, positions, loss_mask} of [N, seq_len]; one
+  example per row, or packed with `pack_unit` > 0 (module docstring). `alone`: packed examples one per row (a
+  packed run's held-out rows: each scored as training saw it, EOS-padded to whole units, not to the row)."""
   stats = RowStats()
   markers = marker_ids(tokenizer, template)
   pairs = [pair for record in records for pair in render(record, template)]
-  rows = []
+  packer = RowPacker(seq_len, tokenizer.pad_id)
   for prompt, response in pairs:
     prompt_ids, response_ids = split_tokens(tokenizer, prompt, response, markers)
-    rows.append(make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                         stats=stats))
-  keys = ("tokens", "segment_ids", "positions", "loss_mask")
-  if not rows:
-    return {k: np.zeros((0, seq_len), np.int32) for k in keys}, stats
-  return {k: np.stack([r[k] for r in rows]) for k in keys}, stats
+    if pack_unit > 0:
+      tokens, prompt_length = packed_example(prompt_ids, response_ids, pack_unit, bos_id=tokenizer.bos_id,
+                                             eos_id=tokenizer.eos_id)
+      if len(tokens) <= seq_len:
+        stats.examples += 1
+        packer.add(tokens, prompt_length)
+        if alone:
+          packer.close()
+        continue
+    packer.add_row(make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                            stats=stats))
+  packer.close()
+  if not packer.rows:
+    return {k: np.zeros((0, seq_len), np.int32) for k in KEYS}, stats
+  return {k: np.stack([r[k] for r in packer.rows]) for k in KEYS}, stats
