@@ -1,4 +1,5 @@
-"""Prompt-masked SFT rows (`data/sft/rows.py`): the row layout and mask, and cuts counted."""
+"""Prompt-masked SFT rows (`data/sft/rows.py`): the row layout and mask, cuts counted, and the rows kept on disk
+(`data/sft/cache.py`)."""
 
 import numpy as np
 
@@ -27,3 +28,35 @@ def test_long_prompts_cut_from_the_left_and_counted():
   assert "2 of 2 prompts were cut from the left and 1 responses cut" in stats.report("x")
   make_row([1], [2], 10, bos_id=2, eos_id=3, stats=stats)
   assert stats.examples == 3 and stats.prompts_cut == 2
+
+
+def test_row_cache_is_written_as_rows_come_and_read_in_place(tmp_path):
+  """data/sft/cache.py: the rows of a generator written to a cache folder read back as read-only memory maps
+  equal to the rows; a second writer of the same folder (another process) finds the first's; an ArrayRows of the
+  cache pickles (to grain's workers) as file names, not contents."""
+  import pickle
+
+  from diffgemma_jax.data.pipeline import ArrayRows
+  from diffgemma_jax.data.sft.cache import open_rows, write_rows
+  rng = np.random.default_rng(0)
+  rows = [{k: rng.integers(0, 500, 64).astype(np.int32) for k in ("tokens", "segment_ids", "positions",
+                                                                  "loss_mask")} for _ in range(300)]
+  made = []
+
+  def one_at_a_time():
+    for row in rows:
+      made.append(row)
+      yield row
+
+  folder = str(tmp_path / "train.rows")
+  assert open_rows(folder) is None
+  cached = write_rows(folder, one_at_a_time(), 64)
+  assert len(made) == 300 and isinstance(cached["tokens"], np.memmap) and not cached["tokens"].flags.writeable
+  for key in rows[0]:
+    np.testing.assert_array_equal(cached[key], np.stack([r[key] for r in rows]))
+  again = write_rows(folder, iter(rows[:1]), 64)  # lost the race: the folder in place is kept
+  assert len(again["tokens"]) == 300 and sorted(p.name for p in tmp_path.iterdir()) == ["train.rows"]
+  blob = pickle.dumps(ArrayRows(cached))
+  assert len(blob) < 2000
+  np.testing.assert_array_equal(pickle.loads(blob).take([5, 7])["loss_mask"], cached["loss_mask"][[5, 7]])
+  assert len(write_rows(str(tmp_path / "empty.rows"), iter([]), 64)["tokens"]) == 0

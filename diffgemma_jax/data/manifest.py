@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterator
 
 from diffgemma_jax.errors import DataError
 
@@ -25,13 +26,16 @@ def read_manifest(data_dir: str) -> dict | None:
     return json.load(f)
 
 
-def read_records(data_dir: str, split: str) -> list[dict]:
-  """The records of one split of an SFT dataset, in order."""
+def iter_records(data_dir: str, split: str) -> Iterator[dict]:
+  """The records of one split of an SFT dataset, in order, read one at a time."""
   manifest = read_manifest(data_dir)
   if manifest is None:
     raise DataError(f"{data_dir!r} holds no manifest.json; build it with a data recipe")
-  records = []
   for name in manifest["splits"][split]["files"]:
     with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-      records.extend(json.loads(line) for line in f if line.strip())
-  return records
+      yield from (json.loads(line) for line in f if line.strip())
+
+
+def read_records(data_dir: str, split: str) -> list[dict]:
+  """The records of one split of an SFT dataset, in order."""
+  return list(iter_records(data_dir, split))

@@ -24,8 +24,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from diffgemma_jax.data.manifest import read_manifest, read_records
-from diffgemma_jax.data.sft import make_rows
+from diffgemma_jax.data.manifest import iter_records, read_manifest
+from diffgemma_jax.data.sft import RowStats, iter_rows
+from diffgemma_jax.data.sft.cache import open_rows, write_rows
 from diffgemma_jax.data.store import SplitStore, open_split, unigram_counts
 from diffgemma_jax.data.tokenizer import Tokenizer
 from diffgemma_jax.errors import DataError
@@ -50,13 +51,6 @@ def dataset_manifest(data_dir: str) -> dict:
   return manifest
 
 
-def _save_npz(cache: str, **arrays) -> None:
-  """Writes a cache file atomically: processes of one run may fill it at once, and the rename is atomic."""
-  tmp = f"{cache}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, cache)
-
-
 def is_sft(data_dir: str) -> bool:
   manifest = read_manifest(data_dir)
   return bool(manifest and manifest.get("kind") == "sft")
@@ -64,21 +58,20 @@ def is_sft(data_dir: str) -> bool:
 
 def sft_rows(data_dir: str, split: str, seq_len: int, template: str, pack_unit: int = 0) -> dict[str, np.ndarray]:
   """The prompt-masked rows of an SFT split (data/sft/; packed with `pack_unit` > 0, the held-out split one
-  example per row in the packed layout), built once per tokenizer, template, length and packing and cached beside
-  the data. Cut prompts and responses are counted and reported on stderr."""
+  example per row in the packed layout), built once per tokenizer, template, length and packing into a cache
+  folder beside the data (data/sft/cache.py: written as the records are read, then mapped read-only, so neither
+  the records nor the rows need to fit in memory). Cut prompts and responses are counted and reported on stderr."""
   tok_path = os.path.join(data_dir, "tokenizer.model")
   packing = f"-packed{pack_unit}" if pack_unit > 0 else ""
-  cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}{packing}-{_tokenizer_hash(tok_path)}.npz")
-  if os.path.isfile(cache):
-    with np.load(cache) as z:
-      rows = {k: z[k] for k in SFT_KEYS}
-  else:
-    rows, stats = make_rows(read_records(data_dir, split), Tokenizer(tok_path), seq_len, template,
-                            pack_unit=pack_unit, alone=split == "heldout")
+  cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}{packing}-{_tokenizer_hash(tok_path)}.rows")
+  rows = open_rows(cache)
+  if rows is None:
+    stats = RowStats()
+    rows = write_rows(cache, iter_rows(iter_records(data_dir, split), Tokenizer(tok_path), seq_len, template,
+                                       pack_unit=pack_unit, alone=split == "heldout", stats=stats), seq_len)
     note = stats.report(f"{data_dir} ({split}, {template} template)")
     if note:
       print(note, file=sys.stderr)
-    _save_npz(cache, **rows)
   if len(rows["tokens"]) == 0:
     raise DataError(f"the {split} split of {data_dir!r} holds no SFT examples")
   return rows
@@ -96,11 +89,20 @@ class StoreRows:
 
 
 class ArrayRows:
-  """Rows held in memory (an SFT split)."""
+  """Rows as arrays (an SFT split: memory maps of its row cache, data/sft/cache.py). Pickled (to grain's worker
+  processes) a memory map travels as its file's name and shape, not as its contents."""
 
   def __init__(self, rows: dict[str, np.ndarray]):
     self.rows = rows
     self.num_rows = len(rows["tokens"])
+
+  def __getstate__(self):
+    mapped = lambda v: isinstance(v, np.memmap) and v.filename is not None  # noqa: E731
+    return {k: (str(v.filename), v.shape) if mapped(v) else v for k, v in self.rows.items()}
+
+  def __setstate__(self, state):
+    self.__init__({k: np.memmap(v[0], np.int32, "r", shape=v[1]) if isinstance(v, tuple) else v
+                   for k, v in state.items()})
 
   def take(self, indices) -> dict[str, np.ndarray]:
     indices = np.asarray(indices, np.int64)
@@ -296,15 +298,23 @@ def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_seque
   return EvalBatches(rows, np.arange(n)[process_index::process_count], batch_size, data_dir)
 
 
+def scored_counts(rows: dict[str, np.ndarray], vocab: int, chunk: int = 4096) -> np.ndarray:
+  """[vocab] counts of the scored (`loss_mask`) tokens of SFT rows, read `chunk` rows at a time."""
+  counts = np.zeros(vocab, np.int64)
+  for start in range(0, len(rows["tokens"]), chunk):
+    tokens, loss = (np.asarray(rows[k][start:start + chunk]) for k in ("tokens", "loss_mask"))
+    counts += np.bincount(tokens[loss > 0], minlength=vocab)
+  return counts
+
+
 def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma", sft_pack_unit: int = 0) -> float:
   """Held-out perplexity of an add-one-smoothed unigram model fitted on the training tokens (all tokens the bound
   scores: bos and eos included; for SFT data the response tokens and their EOS padding). A token store keeps the
   counts of both splits, so this reads no tokens."""
   vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
   if is_sft(data_dir):
-    train, heldout = (sft_rows(data_dir, split, seq_len, template, sft_pack_unit) for split in ("train", "heldout"))
-    train_counts = np.bincount(train["tokens"][train["loss_mask"] > 0], minlength=vocab)
-    heldout_counts = np.bincount(heldout["tokens"][heldout["loss_mask"] > 0], minlength=vocab)
+    train_counts, heldout_counts = (scored_counts(sft_rows(data_dir, split, seq_len, template, sft_pack_unit), vocab)
+                                    for split in ("train", "heldout"))
   else:
     manifest = dataset_manifest(data_dir)
     train_counts, heldout_counts = (unigram_counts(data_dir, manifest, split) for split in ("train", "heldout"))

@@ -4,10 +4,10 @@ prompt-masked rows (`rows.py`)."""
 
 from diffgemma_jax.data.sft.encoding import encode_text, marker_ids, split_tokens
 from diffgemma_jax.data.sft.records import ROLES, read_jsonl, validate_record
-from diffgemma_jax.data.sft.rows import RowStats, make_row, make_rows
+from diffgemma_jax.data.sft.rows import RowStats, iter_rows, make_row, make_rows
 from diffgemma_jax.data.sft.templates import (CHAT_TEMPLATES, TEMPLATE_MARKERS, ChatText, chat_prompt, join_texts,
                                               render)
 
 __all__ = ["CHAT_TEMPLATES", "ChatText", "ROLES", "RowStats", "TEMPLATE_MARKERS", "chat_prompt", "encode_text",
-           "join_texts", "make_row", "make_rows", "marker_ids", "read_jsonl", "render", "split_tokens",
+           "iter_rows", "join_texts", "make_row", "make_rows", "marker_ids", "read_jsonl", "render", "split_tokens",
            "validate_record"]

@@ -19,7 +19,7 @@ each response as training did and stays per example.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -82,18 +82,19 @@ def packed_example(prompt_ids: Sequence[int], response_ids: Sequence[int], pack_
 
 
 class RowPacker:
-  """Rows of `seq_len` filled with packed examples in order (module docstring)."""
+  """Rows of `seq_len` filled with packed examples in order (module docstring); each call returns the rows it
+  finished."""
 
   def __init__(self, seq_len: int, pad_id: int):
     self.seq_len, self.pad_id = seq_len, pad_id
-    self.rows: list[dict[str, np.ndarray]] = []
     self.open: dict[str, np.ndarray] | None = None
     self.used = 0
 
-  def add(self, tokens: Sequence[int], prompt_length: int) -> None:
+  def add(self, tokens: Sequence[int], prompt_length: int) -> list[dict[str, np.ndarray]]:
     n = len(tokens)
+    finished = []
     if self.open is None or self.used + n > self.seq_len:
-      self.close()
+      finished = self.close()
       self.open = {k: np.zeros((self.seq_len,), np.int32) for k in KEYS}
       self.open["tokens"][:] = max(self.pad_id, 0)  # a tokenizer without a pad piece: id 0 (never read)
       self.used = 0
@@ -103,40 +104,45 @@ class RowPacker:
     row["positions"][start:start + n] = np.arange(n)
     row["loss_mask"][start + prompt_length:start + n] = 1
     self.used += n
+    return finished
 
-  def add_row(self, row: dict[str, np.ndarray]) -> None:
-    self.close()
-    self.rows.append(row)
-
-  def close(self) -> None:
-    if self.open is not None:
-      self.rows.append(self.open)
+  def close(self) -> list[dict[str, np.ndarray]]:
+    finished = [] if self.open is None else [self.open]
     self.open = None
+    return finished
+
+
+def iter_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, template: str, *, pack_unit: int = 0,
+              alone: bool = False, stats: RowStats | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """The rows of `records` one at a time, in order: one example per row, or packed with `pack_unit` > 0 (module
+  docstring). `alone`: packed examples one per row (a packed run's held-out rows: each scored as training saw
+  it, EOS-padded to whole units, not to the row). Cuts are counted in `stats`."""
+  stats = RowStats() if stats is None else stats
+  markers = marker_ids(tokenizer, template)
+  packer = RowPacker(seq_len, tokenizer.pad_id)
+  for record in records:
+    for prompt, response in render(record, template):
+      prompt_ids, response_ids = split_tokens(tokenizer, prompt, response, markers)
+      if pack_unit > 0:
+        tokens, prompt_length = packed_example(prompt_ids, response_ids, pack_unit, bos_id=tokenizer.bos_id,
+                                               eos_id=tokenizer.eos_id)
+        if len(tokens) <= seq_len:
+          stats.examples += 1
+          yield from packer.add(tokens, prompt_length)
+          if alone:
+            yield from packer.close()
+          continue
+      yield from packer.close()
+      yield make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                     stats=stats)
+  yield from packer.close()
 
 
 def make_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, template: str, *, pack_unit: int = 0,
               alone: bool = False) -> tuple[dict[str, np.ndarray], RowStats]:
-  """All rows of a list of records, stacked: {tokens, segment_ids, positions, loss_mask} of [N, seq_len]; one
-  example per row, or packed with `pack_unit` > 0 (module docstring). `alone`: packed examples one per row (a
-  packed run's held-out rows: each scored as training saw it, EOS-padded to whole units, not to the row)."""
+  """All rows of `records` (`iter_rows`), stacked: {tokens, segment_ids, positions, loss_mask} of [N, seq_len]."""
   stats = RowStats()
-  markers = marker_ids(tokenizer, template)
-  pairs = [pair for record in records for pair in render(record, template)]
-  packer = RowPacker(seq_len, tokenizer.pad_id)
-  for prompt, response in pairs:
-    prompt_ids, response_ids = split_tokens(tokenizer, prompt, response, markers)
-    if pack_unit > 0:
-      tokens, prompt_length = packed_example(prompt_ids, response_ids, pack_unit, bos_id=tokenizer.bos_id,
-                                             eos_id=tokenizer.eos_id)
-      if len(tokens) <= seq_len:
-        stats.examples += 1
-        packer.add(tokens, prompt_length)
-        if alone:
-          packer.close()
-        continue
-    packer.add_row(make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                            stats=stats))
-  packer.close()
-  if not packer.rows:
+  rows = list(iter_rows(records, tokenizer, seq_len, template, pack_unit=pack_unit, alone=alone, stats=stats))
+  if not rows:
     return {k: np.zeros((0, seq_len), np.int32) for k in KEYS}, stats
-  return {k: np.stack([r[k] for r in packer.rows]) for k in KEYS}, stats
+  return {k: np.stack([r[k] for r in rows]) for k in KEYS}, stats
