@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from diffgemma_jax import storage
-from diffgemma_jax.data.pipeline import pad_batch
+from diffgemma_jax.data.pipeline import ArrayRows, EvalBatches
 from diffgemma_jax.data.sft import make_rows, split_tokens
 from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.model.masks import make_mask
@@ -171,21 +171,18 @@ class Scorer:
     return continuation_row(prompt_ids, continuation_ids, width, bos_id=self.tokenizer.bos_id,
                             pad_id=self.tokenizer.pad_id, source=source)
 
-  def batches(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None):
-    """Fixed-shape batches of `rows_per_batch` rows (default batch_size), the last one padded with empty rows."""
-    size = rows_per_batch or self.batch_size
-    n = len(rows["tokens"])
-    for start in range(0, n, size):
-      yield pad_batch({k: v[start:start + size] for k, v in rows.items()}, size)
+  def batches(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None) -> EvalBatches:
+    """Fixed-shape batches of `rows_per_batch` rows (default batch_size), the last one padded with empty rows,
+    each made when it is read (the evaluation's `EvalBatches`)."""
+    return EvalBatches(ArrayRows(rows), np.arange(len(rows["tokens"])), rows_per_batch or self.batch_size)
 
   # ---- scores --------------------------------------------------------------------------------------------------
   def score_rows(self, rows: dict[str, np.ndarray], *, rows_per_batch: int | None = None) -> list[dict[str, Any]]:
     """Per row: nll (nats, the bound), stderr (its Monte-Carlo standard error; 0 when exact), num_tokens. Each row
     draws from fold_in(seed, its hash) (`bound.scored_batches`: fetched one batch behind)."""
     n = len(rows["tokens"])
-    batches = list(self.batches(rows, rows_per_batch))
-    collected = [out for _, out in scored_batches(self.bound_fn, self.params, batches, seed=self.seed,
-                                                  mesh=self.mesh)]
+    collected = [out for _, out in scored_batches(self.bound_fn, self.params, self.batches(rows, rows_per_batch),
+                                                  seed=self.seed, mesh=self.mesh)]
     nll, stderr, tokens = (np.concatenate([c[i] for c in collected])[:n] for i in range(3))
     return [{"nll": float(a), "stderr": float(s), "num_tokens": int(t)} for a, s, t in zip(nll, stderr, tokens)]
 
