@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import sysconfig
 import textwrap
 import types
@@ -121,8 +120,8 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def gcs_endpoint():
-  """A Google Cloud Storage server (gcp-storage-emulator: the JSON API, in memory) on localhost with the bucket
-  `runs`. Each client is pointed at it the way a user points it at an emulator: gcsfs (what epath and fsspec read
+  """A Google Cloud Storage server (gcs_server.py: gcp-storage-emulator's JSON API, in memory) on localhost with the
+  bucket `runs`, up until the process exits. Each client is pointed at it the way a user points it at an emulator: gcsfs (what epath and fsspec read
   `gs://` through) by `$STORAGE_EMULATOR_HOST`, and tensorstore (Orbax's arrays) by the same variable, which
   storage.py passes on to it as `$TENSORSTORE_GCS_HTTP_URL`.
   Neither looks for credentials: gcsfs is anonymous (`$FSSPEC_GCS_TOKEN`, for subprocesses too) and tensorstore
@@ -130,17 +129,13 @@ def gcs_endpoint():
   gcsfs's `ExtendedGcsFileSystem` (its default) first asks the Storage Control API over gRPC whether a bucket is
   zonal, which an HTTP emulator cannot answer (60 s of retries per bucket), so the core `GCSFileSystem` is used:
   what the extended one falls back to for every standard bucket. One per test process, as `s3_endpoint`."""
-  emulator = pytest.importorskip("gcp_storage_emulator.server")
+  pytest.importorskip("gcp_storage_emulator.server")
   gcsfs = pytest.importorskip("gcsfs")
   import fsspec
   from gcsfs.core import GCSFileSystem
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="runs")
-  server.start()
-  _quiet_dropped_connections(server)
-  endpoint = f"http://127.0.0.1:{port}"
+
+  import gcs_server
+  endpoint = gcs_server.start("runs")
   variables = dict(STORAGE_EMULATOR_HOST=endpoint, GOOGLE_AUTH_TOKEN_FOR_TESTING="test", FSSPEC_GCS_TOKEN="anon",
                    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
   saved = {k: os.environ.get(k) for k in (*variables, "TENSORSTORE_GCS_HTTP_URL")}  # storage.py sets the last
@@ -152,7 +147,6 @@ def gcs_endpoint():
   for protocol in ("gs", "gcs"):
     fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
   yield endpoint
-  server.stop()
   _restore_environment(saved)
   for protocol in ("gs", "gcs"):
     fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
@@ -160,21 +154,6 @@ def gcs_endpoint():
     gcs_conf.pop("token", None)
   else:
     gcs_conf["token"] = saved_token
-
-
-def _quiet_dropped_connections(server) -> None:
-  """gcsfs asks for an object and for a folder of that name at once and hangs up on the loser, which the
-  emulator's stdlib HTTP server reports as a traceback on stderr (where a test may be reading a one-line error)."""
-  httpd = getattr(getattr(server, "_api", None), "_httpd", None)  # the emulator offers no hook for this
-  if httpd is None:
-    return
-  report = httpd.handle_error
-
-  def handle_error(request, client_address):
-    if not isinstance(sys.exc_info()[1], ConnectionError):
-      report(request, client_address)
-
-  httpd.handle_error = handle_error
 
 
 @pytest.fixture(params=["s3", "gs"])
