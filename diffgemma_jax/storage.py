@@ -5,8 +5,9 @@ Local paths are made absolute; URLs are kept as written (`os.path.abspath("gs://
 `/cwd/gs:/b/run`). Orbax writes checkpoints to object storage through tensorstore: `gs://` natively; for `s3://`
 Orbax 0.12 builds no tensorstore spec (it normalises the URL to `s3:/...` and takes it for a local path), so
 `use_object_storage` adds one (tensorstore's `s3` driver, with `$AWS_ENDPOINT_URL` for S3-compatible servers such
-as MinIO; for `gs://` it passes `$STORAGE_EMULATOR_HOST`, a GCS emulator, on to tensorstore). Object stores cannot rename a folder, so checkpoints there are committed by a marker file instead of a
-rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
+as MinIO; for `gs://` it passes `$STORAGE_EMULATOR_HOST`, a GCS emulator, on to tensorstore). Object stores cannot
+rename a folder, so checkpoints there are committed by a marker file instead of a rename (Orbax's
+`CommitFileTemporaryPath`, what it does on GCS).
 
 Data goes through here too: source files are opened as streams (`open_binary`: fsspec reads an object in ranges),
 listed (`find_files`, `folder_sizes`) and stamped (`stamp`: size and ETag/generation); libraries that read local

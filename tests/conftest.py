@@ -121,10 +121,10 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def gcs_endpoint():
   """A Google Cloud Storage server (gcs_server.py: gcp-storage-emulator's JSON API, in memory) on localhost with the
-  bucket `runs`, up until the process exits. Each client is pointed at it the way a user points it at an emulator: gcsfs (what epath and fsspec read
-  `gs://` through) by `$STORAGE_EMULATOR_HOST`, and tensorstore (Orbax's arrays) by the same variable, which
-  storage.py passes on to it as `$TENSORSTORE_GCS_HTTP_URL`.
-  Neither looks for credentials: gcsfs is anonymous (`$FSSPEC_GCS_TOKEN`, for subprocesses too) and tensorstore
+  bucket `runs`, up until the process exits. Each client is pointed at it the way a user points it at an emulator:
+  gcsfs (what epath and fsspec read `gs://` through) by `$STORAGE_EMULATOR_HOST`, and tensorstore (Orbax's arrays)
+  by the same variable, which storage.py passes on to it as `$TENSORSTORE_GCS_HTTP_URL`. Neither looks for
+  credentials: gcsfs is anonymous (`$FSSPEC_GCS_TOKEN`, for subprocesses too) and tensorstore
   sends the fixed token of `$GOOGLE_AUTH_TOKEN_FOR_TESTING`, so nothing asks a metadata server off this machine.
   gcsfs's `ExtendedGcsFileSystem` (its default) first asks the Storage Control API over gRPC whether a bucket is
   zonal, which an HTTP emulator cannot answer (60 s of retries per bucket), so the core `GCSFileSystem` is used:

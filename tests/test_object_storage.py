@@ -307,14 +307,17 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path
               == list(read_documents(str(folder), name, span=span))), (name, span)
 
 
-def test_eval_generate_and_score_read_and_write_files_in_a_bucket(bucket, trained_run, tiny_config_file, capsys):
-  """--prompts and --records objects are read as local files are; each --output object holds the JSON printed."""
+def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
+                                                                   capsys):
+  """--prompts and --records objects are read as local files are; each --output object holds the JSON printed.
+  (On S3 only: test_gcs_run.py reads --prompts and writes --output objects in GCS.)"""
   from etils import epath
 
   from launch.evaluate import main as eval_main
   from launch.generate import main as generate_main
   from launch.score import main as score_main
   _, workdir, _ = trained_run
+  bucket = "s3://runs"
   run = ["--config", tiny_config_file, "--workdir", workdir, "--config.train.num_steps=24"]
   assert eval_main(run + ["--output", f"{bucket}/out/bound.json"]) == 0
   printed = json.loads(capsys.readouterr().out)
