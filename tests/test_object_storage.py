@@ -310,7 +310,9 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path
 def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
                                                                    capsys):
   """--prompts and --records objects are read as local files are; each --output object holds the JSON printed.
-  (On S3 only: test_gcs_run.py reads --prompts and writes --output objects in GCS.)"""
+  (On S3 only, for CI time: in GCS, test_gcs_run.py writes eval's --output, and the objects these flags name are
+  read and written through the storage helpers that test_storage_helpers_on_objects_another_process_wrote[gs]
+  checks.)"""
   from etils import epath
 
   from launch.evaluate import main as eval_main
