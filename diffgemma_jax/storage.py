@@ -5,8 +5,9 @@ Local paths are made absolute; URLs are kept as written (`os.path.abspath("gs://
 `/cwd/gs:/b/run`). Orbax writes checkpoints to object storage through tensorstore: `gs://` natively; for `s3://`
 Orbax 0.12 builds no tensorstore spec (it normalises the URL to `s3:/...` and takes it for a local path), so
 `use_object_storage` adds one (tensorstore's `s3` driver, with `$AWS_ENDPOINT_URL` for S3-compatible servers such
-as MinIO). Object stores cannot rename a folder, so checkpoints there are committed by a marker file instead of a
-rename (Orbax's `CommitFileTemporaryPath`, what it does on GCS).
+as MinIO; for `gs://` it passes `$STORAGE_EMULATOR_HOST`, a GCS emulator, on to tensorstore). Object stores cannot
+rename a folder, so checkpoints there are committed by a marker file instead of a rename (Orbax's
+`CommitFileTemporaryPath`, what it does on GCS).
 
 Data goes through here too: source files are opened as streams (`open_binary`: fsspec reads an object in ranges),
 listed (`find_files`, `folder_sizes`) and stamped (`stamp`: size and ETag/generation); libraries that read local
@@ -28,11 +29,22 @@ import tempfile
 import uuid
 from typing import Iterator
 
+import fsspec
 from etils import epath
 
 from diffgemma_jax.errors import ConfigError
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+# what points each store's clients at a server other than the cloud's own (MinIO, an emulator): named in errors
+_ENDPOINT_VARIABLES = {"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}
+
+# Folder listings are never cached. A run's bucket is written by other processes (the other hosts, a dataset
+# build), by tensorstore and by a second fsspec client in this one (epath makes its own), so a cached listing goes
+# stale; gcsfs then takes any object under a folder missing from a cached listing of its parent for absent (a
+# dataset another process built is "not there", a file just uploaded "cannot be read"). A default of fsspec's
+# configuration, so it holds for epath's clients too; an explicit setting wins.
+for _protocol in ("gcs", "s3"):
+  fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_url(path) -> bool:
@@ -54,7 +66,6 @@ def open_path(path) -> epath.Path:
 
 def _filesystem(url):
   """(fsspec filesystem, path within it) of a URL: what epath itself reads buckets through."""
-  import fsspec  # pylint: disable=import-outside-toplevel
   return fsspec.core.url_to_fs(str(url))
 
 
@@ -262,7 +273,7 @@ def check_reachable(path, flag: str) -> None:
   if not is_url(path):
     return
   bucket = epath.Path("/".join(str(path).split("/")[:3]))
-  endpoint = os.environ.get("AWS_ENDPOINT_URL", "") if str(path).startswith("s3://") else ""
+  endpoint = os.environ.get(_ENDPOINT_VARIABLES.get(str(path).split("://")[0], ""), "")
   where = f"{flag} {path}: the bucket {bucket} cannot be reached" + (f" (endpoint {endpoint})" if endpoint else "")
   try:
     found = bucket.exists()
@@ -283,9 +294,19 @@ def temporary_path_class(directory):
   return atomicity.CommitFileTemporaryPath
 
 
+def _gcs_emulator_for_tensorstore() -> None:
+  """Sends tensorstore where `$STORAGE_EMULATOR_HOST` sends gcsfs and Google's client libraries (a GCS emulator),
+  unless `$TENSORSTORE_GCS_HTTP_URL` names a server itself: else a run's checkpoints would go to the real GCS and
+  everything else to the emulator. Tensorstore reads that variable on every request; its GCS spec has no field."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  if emulator not in ("", "default") and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = emulator if "://" in emulator else f"http://{emulator}"
+
+
 @functools.cache
 def use_object_storage() -> None:
-  """Teaches Orbax's tensorstore spec builder `s3://` URLs (idempotent)."""
+  """Teaches Orbax's tensorstore spec builder `s3://` URLs, and its `gs://` one `$STORAGE_EMULATOR_HOST`
+  (idempotent)."""
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=import-outside-toplevel
   from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
   normalize, remote, gcs_kvstore = (tensorstore_utils._normalize_path, tensorstore_utils._use_gcs_driver,  # pylint: disable=protected-access
@@ -297,6 +318,7 @@ def use_object_storage() -> None:
 
   def kvstore(path: str) -> dict:
     if not str(path).startswith("s3://"):
+      _gcs_emulator_for_tensorstore()
       return gcs_kvstore(path)
     bucket, _, key = str(path)[len("s3://"):].partition("/")
     spec = {"driver": "s3", "bucket": bucket, "path": key}

@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny run config written as a config file, a small text corpus, one trained workdir that
-several test files read (trained once per session, ~10 s on 2 cores), and an S3 server on localhost."""
+several test files read (trained once per session, ~10 s on 2 cores), and an S3 and a GCS server on localhost."""
 
 from __future__ import annotations
 
@@ -115,6 +115,72 @@ def s3_endpoint():
   boto3.client("s3").create_bucket(Bucket="runs")
   yield endpoint
   server.stop()
+  _restore_environment(saved)
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+  """A Google Cloud Storage server (gcs_server.py: gcp-storage-emulator's JSON API, in memory) on localhost with the
+  bucket `runs`, up until the process exits. Each client is pointed at it the way a user points it at an emulator:
+  gcsfs (what epath and fsspec read `gs://` through) by `$STORAGE_EMULATOR_HOST`, and tensorstore (Orbax's arrays)
+  by the same variable, which storage.py passes on to it as `$TENSORSTORE_GCS_HTTP_URL`. Neither looks for
+  credentials: gcsfs is anonymous (`$FSSPEC_GCS_TOKEN`, for subprocesses too) and tensorstore
+  sends the fixed token of `$GOOGLE_AUTH_TOKEN_FOR_TESTING`, so nothing asks a metadata server off this machine.
+  gcsfs's `ExtendedGcsFileSystem` (its default) first asks the Storage Control API over gRPC whether a bucket is
+  zonal, which an HTTP emulator cannot answer (60 s of retries per bucket), so the core `GCSFileSystem` is used:
+  what the extended one falls back to for every standard bucket. One per test process, as `s3_endpoint`."""
+  pytest.importorskip("gcp_storage_emulator.server")
+  gcsfs = pytest.importorskip("gcsfs")
+  import fsspec
+  from gcsfs.core import GCSFileSystem
+
+  import gcs_server
+  endpoint = gcs_server.start("runs")
+  variables = dict(STORAGE_EMULATOR_HOST=endpoint, GOOGLE_AUTH_TOKEN_FOR_TESTING="test", FSSPEC_GCS_TOKEN="anon",
+                   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+  saved = {k: os.environ.get(k) for k in (*variables, "TENSORSTORE_GCS_HTTP_URL")}  # storage.py sets the last
+  os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
+  gcs_conf = fsspec.config.conf.setdefault("gcs", {})
+  saved_token = gcs_conf.get("token")
+  os.environ.update(variables)
+  gcs_conf["token"] = "anon"
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
+  yield endpoint
+  _restore_environment(saved)
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, gcsfs.GCSFileSystem, clobber=True)
+  if saved_token is None:
+    gcs_conf.pop("token", None)
+  else:
+    gcs_conf["token"] = saved_token
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request) -> str:
+  """`s3://runs` or `gs://runs` on its local server: a test that takes it runs once per object store."""
+  request.getfixturevalue({"s3": "s3_endpoint", "gs": "gcs_endpoint"}[request.param])
+  return f"{request.param}://runs"
+
+
+def bucket_endpoint(bucket: str) -> str:
+  """The local server of `bucket` (`s3://runs`, `gs://runs`), as the errors about its store name it."""
+  return os.environ[{"s3": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST"}[bucket.split("://")[0]]]
+
+
+def upload_files(folder: str, url: str) -> list[str]:
+  """Copies the files of the local `folder` into the bucket folder `url` as another process would: with a client
+  of the store's own (fsspec's, a new instance), not through diffgemma_jax.storage (the code under test); returns
+  their URLs."""
+  import fsspec
+  fs, prefix = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+  names = sorted(os.listdir(folder))
+  for name in names:
+    fs.put_file(os.path.join(folder, name), f"{prefix}/{name}")
+  return [f"{url}/{name}" for name in names]
+
+
+def _restore_environment(saved: dict) -> None:
   for key, value in saved.items():
     if value is None:
       os.environ.pop(key, None)

@@ -118,11 +118,11 @@ def test_partial_results_resume_only_under_their_own_key(tmp_path):
   assert not (tmp_path / "p.npz").exists()
 
 
-def test_partial_results_in_a_bucket(s3_endpoint):
+def test_partial_results_in_a_bucket(bucket):
   """A bucket workdir's partial results: written whole as one object, read back, removed when done."""
   from diffgemma_jax import storage
   from diffgemma_jax.train.bound_partial import PartialBound
-  url = "s3://runs/eval-partial/heldout-step8-set0.npz"
+  url = f"{bucket}/eval-partial/heldout-step8-set0.npz"
   saved = PartialBound(url, {"step": 8})
   saved.add(np.arange(3.0), np.ones(3), np.full(3, 7))
   saved.save(force=True)

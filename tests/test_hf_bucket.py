@@ -1,7 +1,7 @@
-"""diffgemma-import --hf s3://...: a Hugging Face folder in a bucket is read in place (a real S3 server, moto's, on
-localhost): the same parameters as a local import of the same folder, only the headers' and the converted tensors'
-bytes fetched, nothing downloaded; a damaged upload fails in one line naming the file and the tensor. The server is
-conftest's `s3_endpoint`."""
+"""diffgemma-import --hf s3://... or gs://...: a Hugging Face folder in a bucket is read in place (real servers on
+localhost: moto's S3, gcp-storage-emulator's GCS): the same parameters as a local import of the same folder, only
+the headers' and the converted tensors' bytes fetched, nothing downloaded; a damaged upload fails in one line naming
+the file and the tensor. The servers are conftest's `s3_endpoint` and `gcs_endpoint` (through its `bucket`)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def _export(folder: str) -> dict:
   return pure
 
 
-def test_a_bucket_folder_is_imported_in_place_as_the_local_folder_is(s3_endpoint, tmp_path, monkeypatch):
-  local, url = str(tmp_path / "hf"), "s3://runs/hf-in-place"
+def test_a_bucket_folder_is_imported_in_place_as_the_local_folder_is(bucket, tmp_path, monkeypatch):
+  local, url = str(tmp_path / "hf"), f"{bucket}/hf-in-place"
   pure = _export(local)
   vision = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)  # 64 KB no read may touch
   write_file(os.path.join(local, "vision.safetensors"), [(VISION, vision)])
@@ -93,9 +93,9 @@ def test_a_bucket_folder_is_imported_in_place_as_the_local_folder_is(s3_endpoint
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c), err_msg=str(path))
 
 
-def test_a_damaged_upload_fails_in_one_line_naming_the_file_and_the_tensor(s3_endpoint, tmp_path, capsys):
+def test_a_damaged_upload_fails_in_one_line_naming_the_file_and_the_tensor(bucket, tmp_path, capsys):
   from launch.import_hf import main as import_main
-  local, url = str(tmp_path / "hf"), "s3://runs/hf-damaged"
+  local, url = str(tmp_path / "hf"), f"{bucket}/hf-damaged"
   _export(local)
   storage.upload_folder(local, url)
   shard = sorted(n for n in os.listdir(local) if n.endswith(".safetensors"))[-1]

@@ -47,6 +47,36 @@ def test_a_rerun_from_step_0_drops_what_a_run_killed_before_its_first_checkpoint
                    ("start", 1), ("loss", 1, 1.0), ("loss", 2, 2.0), ("loss", 3, 3.0), ("loss", 4, 4.0)], marks
 
 
+def test_logs_of_a_workdir_in_a_bucket_keep_earlier_runs_and_upload_events_as_they_go(bucket, tmp_path):
+  """In a bucket, TensorBoard's events are written locally and uploaded at the first logged step, then at most
+  once a minute, and whole when the logs close; a resumed run's metrics.jsonl keeps what earlier runs logged up to
+  its checkpoint (an object cannot be appended to: gcsfs opens it empty)."""
+  from etils import epath
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  workdir = f"{bucket}/logs"
+
+  def uploaded() -> bytes:
+    (events,) = epath.Path(workdir, "tb").iterdir()
+    (tmp_path / events.name).write_bytes(events.read_bytes())
+    return (tmp_path / events.name).read_bytes()
+
+  first = _logger(workdir, 0)
+  first.write(1, {"loss": 1.0})
+  at_first_step = uploaded()  # the run is in TensorBoard at once (its first scalars may follow in the next upload)
+  for step in (2, 3):
+    first.write(step, {"loss": float(step)})
+  assert uploaded() == at_first_step  # not a minute yet
+  first.close()
+  (path,) = tmp_path.glob("events.out.tfevents.*")
+  assert uploaded() != at_first_step and [(e.step, _value(e)) for e in EventFileLoader(str(path)).Load()
+                                          if e.HasField("summary")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+  resumed = _logger(workdir, 2)  # from a checkpoint at step 2
+  resumed.write(3, {"loss": 30.0})
+  resumed.close()
+  assert [(r["step"], r["train/loss"]) for r in map(json.loads, epath.Path(workdir, "metrics.jsonl").read_text()
+                                                    .splitlines())] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 # ---- throughput, the plain line, peak FLOPs --------------------------------------------------------------------------
 def test_without_a_terminal_each_logged_step_prints_one_plain_line(tmp_path, capsys):
   """stderr is not a terminal under pytest, as in a scheduler's log: no progress bar, one line per logged step."""

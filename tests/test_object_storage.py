@@ -1,6 +1,7 @@
 """A workdir in a bucket: train, checkpoint, resume and evaluate with `--workdir s3://bucket/run` against a real
 S3-compatible server (moto's server mode, started here on localhost), and a clear error for a bucket that cannot
-be reached. The server is conftest's `s3_endpoint`."""
+be reached. The server is conftest's `s3_endpoint`; the tests that take conftest's `bucket` run on a local GCS
+server too (`gcs_endpoint`), and test_gcs_run.py trains and resumes a run in it."""
 
 from __future__ import annotations
 
@@ -9,19 +10,7 @@ import os
 
 import pytest
 
-from conftest import write_stand_in_dataset
-
-pytest.importorskip("moto.server")
-pytest.importorskip("s3fs")
-
-
-def _upload_corpus(folder: str, url: str) -> list[str]:
-  import boto3
-  bucket, _, prefix = url[len("s3://"):].partition("/")
-  names = sorted(os.listdir(folder))
-  for name in names:
-    boto3.client("s3").upload_file(os.path.join(folder, name), bucket, f"{prefix}/{name}")
-  return [f"{url}/{name}" for name in names]
+from conftest import bucket_endpoint, upload_files, write_stand_in_dataset
 
 
 def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
@@ -35,7 +24,7 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   from diffgemma_jax.train.dataset import prepare_dataset
   from diffgemma_jax.train.history import read_history
   local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus
-  sources = _upload_corpus(str(load_tiny().data.source), "s3://runs/corpus")
+  sources = upload_files(str(load_tiny().data.source), "s3://runs/corpus")
   workdir = "s3://runs/tiny"
   overrides = {"train.num_steps": "4", "checkpoint.every_steps": "2", "eval.every_steps": "0",
                "data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
@@ -69,29 +58,28 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
 
 
-def test_an_unreachable_bucket_fails_in_one_line(s3_endpoint, tiny_config_file, capsys, tmp_path):
+def test_an_unreachable_bucket_fails_in_one_line(bucket, tiny_config_file, capsys, tmp_path):
   from launch.evaluate import main as eval_main
   from launch.train import main as train_main
+  missing = bucket.replace("://runs", "://no-such-bucket")
+  unreachable = f"the bucket {missing} cannot be reached (endpoint {bucket_endpoint(bucket)})"
   for main in (train_main, eval_main):
-    assert main(["--config", tiny_config_file, "--workdir", "s3://no-such-bucket/run"]) == 2
+    assert main(["--config", tiny_config_file, "--workdir", f"{missing}/run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --workdir s3://no-such-bucket/run: the bucket s3://no-such-bucket cannot be "
-                          f"reached (endpoint {s3_endpoint})") and err.count("\n") == 1, err
+    assert err.startswith(f"error: --workdir {missing}/run: {unreachable}") and err.count("\n") == 1, err
   local = ["--workdir", str(tmp_path / "run"), "--config.data.dir", str(tmp_path / "data")]
   for key, value, message in (
-      ("data.dir", "s3://no-such-bucket/data", "data.dir s3://no-such-bucket/data: the bucket s3://no-such-bucket "
-                                               f"cannot be reached (endpoint {s3_endpoint})"),
-      ("data.source", "s3://no-such-bucket/corpus", "data.source s3://no-such-bucket/corpus: the bucket "
-                                                    "s3://no-such-bucket cannot be reached"),
-      ("data.source", "s3://runs/no-such-corpus", "data.source 's3://runs/no-such-corpus' does not exist")):
+      ("data.dir", f"{missing}/data", f"data.dir {missing}/data: {unreachable}"),
+      ("data.source", f"{missing}/corpus", f"data.source {missing}/corpus: {unreachable}"),
+      ("data.source", f"{bucket}/no-such-corpus", f"data.source '{bucket}/no-such-corpus' does not exist")):
     assert train_main(["--config", tiny_config_file, *local, f"--config.{key}", value]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
-def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path, capsys):
-  """diffgemma-export into s3://... writes the files a local export writes; diffgemma-import from that bucket folder
-  into s3://... gives a workdir whose checkpoint restores to the same parameters, pins the folder's tokenizer and
+def test_import_and_export_outputs_in_a_bucket(bucket, tmp_path, capsys):
+  """diffgemma-export into a bucket writes the files a local export writes; diffgemma-import from that bucket folder
+  into the bucket gives a workdir whose checkpoint restores to the same parameters, pins the folder's tokenizer and
   writes a config file (into the bucket too) that names it."""
   import jax
   import numpy as np
@@ -101,26 +89,26 @@ def test_import_and_export_outputs_in_a_bucket(s3_endpoint, tmp_path, capsys):
   from test_hf import TINY, _pure, _random_model
   pure = _pure(_random_model(TINY))
   export_hf(TINY, pure, str(tmp_path / "hf"), canvas_length=16, log=lambda _: None)
-  export_hf(TINY, pure, "s3://runs/hf", canvas_length=16, log=lambda _: None)
+  export_hf(TINY, pure, f"{bucket}/hf", canvas_length=16, log=lambda _: None)
   local = sorted(os.listdir(tmp_path / "hf"))
-  assert sorted(p.name for p in epath.Path("s3://runs/hf").iterdir()) == local
+  assert sorted(p.name for p in epath.Path(f"{bucket}/hf").iterdir()) == local
   for name in local:
-    assert epath.Path("s3://runs/hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
-  epath.Path("s3://runs/hf/tokenizer.model").write_bytes(b"the checkpoint's tokenizer")
+    assert epath.Path(f"{bucket}/hf", name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+  epath.Path(f"{bucket}/hf/tokenizer.model").write_bytes(b"the checkpoint's tokenizer")
   from launch.import_hf import main as import_main
-  assert import_main(["--hf", "s3://runs/hf", "--output", "s3://runs/imported", "--config-out",
-                      "s3://runs/configs/imported.py"]) == 0, capsys.readouterr().err
-  assert epath.Path("s3://runs/imported/tokenizer.model").read_bytes() == b"the checkpoint's tokenizer"
-  config_text = epath.Path("s3://runs/configs/imported.py").read_text()
-  assert "c.data.tokenizer = 's3://runs/hf/tokenizer.model'" in config_text
-  assert config_text.startswith('"""DiffusionGemma imported from s3://runs/hf by diffgemma-import."""')
-  step, restored = restore_pure_params("s3://runs/imported", TINY)
+  assert import_main(["--hf", f"{bucket}/hf", "--output", f"{bucket}/imported", "--config-out",
+                      f"{bucket}/configs/imported.py"]) == 0, capsys.readouterr().err
+  assert epath.Path(f"{bucket}/imported/tokenizer.model").read_bytes() == b"the checkpoint's tokenizer"
+  config_text = epath.Path(f"{bucket}/configs/imported.py").read_text()
+  assert f"c.data.tokenizer = '{bucket}/hf/tokenizer.model'" in config_text
+  assert config_text.startswith(f'"""DiffusionGemma imported from {bucket}/hf by diffgemma-import."""')
+  step, restored = restore_pure_params(f"{bucket}/imported", TINY)
   assert step == 0
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(pure), jax.tree_util.tree_leaves_with_path(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
 
-def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tmp_path, monkeypatch):
+def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(bucket, tmp_path, monkeypatch):
   from diffgemma_jax import storage
   from diffgemma_jax.data import remote_dataset
   from diffgemma_jax.errors import ConfigError
@@ -129,37 +117,37 @@ def test_dataset_cache_fetches_once_and_refetches_a_damaged_copy(s3_endpoint, tm
   (local / "train" / "00000.tokens").write_bytes(bytes(range(256)) * 3)
   (local / "tokenizer.model").write_bytes(b"not really a model")
   (local / "manifest.json").write_text('{"recipe": "test"}')
-  remote_dataset.upload(str(local), "s3://runs/cached")
+  remote_dataset.upload(str(local), f"{bucket}/cached")
   fetched = []
   real_download = storage.download
   monkeypatch.setattr(storage, "download", lambda url, *a, **k: fetched.append(url) or real_download(url, *a, **k))
   cache = str(tmp_path / "cache")
-  copy = remote_dataset.fetch("s3://runs/cached", cache)
-  assert sorted(fetched) == ["s3://runs/cached/tokenizer.model", "s3://runs/cached/train/00000.tokens"]
+  copy = remote_dataset.fetch(f"{bucket}/cached", cache)
+  assert sorted(fetched) == [f"{bucket}/cached/tokenizer.model", f"{bucket}/cached/train/00000.tokens"]
   for rel in ("train/00000.tokens", "tokenizer.model", "manifest.json"):
     assert open(os.path.join(copy, rel), "rb").read() == (local / rel).read_bytes(), rel
   fetched.clear()
-  assert remote_dataset.fetch("s3://runs/cached", cache) == copy and fetched == []
+  assert remote_dataset.fetch(f"{bucket}/cached", cache) == copy and fetched == []
   with open(os.path.join(copy, "train", "00000.tokens"), "r+b") as f:
     f.truncate(100)  # a copy cut short
-  assert remote_dataset.fetch("s3://runs/cached", cache) == copy
-  assert fetched == ["s3://runs/cached/train/00000.tokens"]
+  assert remote_dataset.fetch(f"{bucket}/cached", cache) == copy
+  assert fetched == [f"{bucket}/cached/train/00000.tokens"]
   tokens = (local / "train" / "00000.tokens").read_bytes()
   assert open(os.path.join(copy, "train", "00000.tokens"), "rb").read() == tokens
   import concurrent.futures  # processes sharing a host fetch into one cache at once: each file lands whole
   shared = str(tmp_path / "shared-cache")
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    copies = list(pool.map(lambda _: remote_dataset.fetch("s3://runs/cached", shared), range(4)))
+    copies = list(pool.map(lambda _: remote_dataset.fetch(f"{bucket}/cached", shared), range(4)))
   assert len(set(copies)) == 1 and sorted(os.listdir(os.path.join(copies[0], "train"))) == ["00000.tokens"]
   assert open(os.path.join(copies[0], "train", "00000.tokens"), "rb").read() == tokens
   from etils import epath
-  epath.Path("s3://runs/cached/tokenizer.model").write_bytes(b"NOT really a model")  # same size, other bytes
+  epath.Path(f"{bucket}/cached/tokenizer.model").write_bytes(b"NOT really a model")  # same size, other bytes
   with pytest.raises(ConfigError, match="does not match its recorded sha256"):
-    remote_dataset.fetch("s3://runs/cached", str(tmp_path / "other-cache"))
+    remote_dataset.fetch(f"{bucket}/cached", str(tmp_path / "other-cache"))
 
 
-def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny):
-  """init.checkpoint = s3://...: its parameters restore in a process where no Checkpointer has set Orbax up for
+def test_init_checkpoint_in_a_bucket_from_a_fresh_process(bucket, load_tiny):
+  """init.checkpoint in a bucket: its parameters restore in a process where no Checkpointer has set Orbax up for
   object storage (diffgemma-eval --checkpoint, or a fine-tune's first start), and an SFT recipe reads its run's
   tokenizer from there."""
   import subprocess
@@ -173,31 +161,31 @@ def test_init_checkpoint_in_a_bucket_from_a_fresh_process(s3_endpoint, load_tiny
   from diffgemma_jax import storage
   from diffgemma_jax.train.dataset import checked_data_tokenizer, prepare_dataset, tokenizer_source
   # a step committed in the bucket as the trainer's Checkpointer commits one (an Orbax manager, commit markers)
-  options = ocp.CheckpointManagerOptions(temporary_path_class=storage.temporary_path_class("s3://runs/init"))
-  with ocp.CheckpointManager("s3://runs/init/checkpoints", options=options, item_names=("params",)) as saver:
+  options = ocp.CheckpointManagerOptions(temporary_path_class=storage.temporary_path_class(f"{bucket}/init"))
+  with ocp.CheckpointManager(f"{bucket}/init/checkpoints", options=options, item_names=("params",)) as saver:
     saver.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.arange(6, dtype=np.float32)})))
     saver.wait_until_finished()
   read = textwrap.dedent("""
-      import jax, numpy as np, orbax.checkpoint as ocp
+      import sys, jax, numpy as np
       from diffgemma_jax.train.reading import INIT, open_run
-      run = open_run("s3://runs/init", key=INIT)
+      run = open_run(sys.argv[1], key=INIT)
       params = run.restore_pure_params({"w": jax.ShapeDtypeStruct((6,), np.float32)})
       print(run.step_dir, run.step, run.run_dir, sorted(run.saved_params()), np.asarray(params["w"]).tolist())
   """)
-  done = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, timeout=300,
+  done = subprocess.run([sys.executable, "-c", read, f"{bucket}/init"], capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
-  assert done.stdout.strip().splitlines()[-1:] == ["s3://runs/init/checkpoints/3 3 s3://runs/init ['w'] "
+  assert done.stdout.strip().splitlines()[-1:] == [f"{bucket}/init/checkpoints/3 3 {bucket}/init ['w'] "
                                                    "[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]"], done.stderr[-2000:]
   tokenizer = os.path.join(prepare_dataset(load_tiny())[0], "tokenizer.model")  # built once per session
-  epath.Path("s3://runs/init/tokenizer.model").write_bytes(open(tokenizer, "rb").read())
+  epath.Path(f"{bucket}/init/tokenizer.model").write_bytes(open(tokenizer, "rb").read())
   local = tokenizer_source(load_tiny({"data.recipe": "jsonl", "data.source": "unused.jsonl",
-                                      "init.checkpoint": "s3://runs/init"}))
+                                      "init.checkpoint": f"{bucket}/init"}))
   assert open(local, "rb").read() == open(tokenizer, "rb").read()
-  data_tokenizer = checked_data_tokenizer("s3://runs/init/tokenizer.model")  # data.tokenizer in a bucket
+  data_tokenizer = checked_data_tokenizer(f"{bucket}/init/tokenizer.model")  # data.tokenizer in a bucket
   assert open(data_tokenizer, "rb").read() == open(tokenizer, "rb").read()
 
 
-def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
+def test_a_mixture_of_datasets_in_buckets(bucket, load_tiny, tmp_path):
   """data.mixture of bucket URLs reads each dataset through the cache and names its held-out set by its URL."""
   import numpy as np
 
@@ -205,13 +193,13 @@ def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
   from diffgemma_jax.train.dataset import eval_batches, eval_sets, prepare_dataset
   local_dir, _ = prepare_dataset(load_tiny())  # built once per session
   for name in ("mix-a", "mix-b"):
-    remote_dataset.upload(local_dir, f"s3://runs/{name}")
+    remote_dataset.upload(local_dir, f"{bucket}/{name}")
   config = load_tiny({"data.source": "", "data.dir": "", "data.cache_dir": str(tmp_path / "cache"),
-                      "data.mixture": "s3://runs/mix-a:0.7,s3://runs/mix-b:0.3"})
+                      "data.mixture": f"{bucket}/mix-a:0.7,{bucket}/mix-b:0.3"})
   directory, tokenizer = prepare_dataset(config)
   assert directory.startswith(str(tmp_path / "cache")) and tokenizer.vocab_size == config.model.vocab_size
   sets = eval_sets(config, directory)
-  assert [(name, weight) for name, weight, _ in sets] == [("s3://runs/mix-a", 0.7), ("s3://runs/mix-b", 0.3)]
+  assert [(name, weight) for name, weight, _ in sets] == [(f"{bucket}/mix-a", 0.7), (f"{bucket}/mix-b", 0.3)]
   expected = eval_batches(config, local_dir)
   for _, _, batches in sets:
     for got, want in zip(batches, expected, strict=True):
@@ -219,7 +207,7 @@ def test_a_mixture_of_datasets_in_buckets(s3_endpoint, load_tiny, tmp_path):
         np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+def test_sft_jsonl_source_in_a_bucket(bucket, load_tiny, tmp_path):
   """The jsonl recipe reads data.source objects (a folder of them) as it reads local files; records are named by
   their URL and line."""
   from data_recipes import jsonl
@@ -231,9 +219,9 @@ def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
   with open(folder / "chats.jsonl", "w") as f:
     for i in range(40):
       f.write(json.dumps({"prompt": f"what is {i} + {i}?", "response": f"{2 * i}"}) + "\n")
-  sources = _upload_corpus(str(folder), "s3://runs/sft")
+  sources = upload_files(str(folder), f"{bucket}/sft")
   jsonl.build(str(tmp_path / "local"), source=str(folder), tokenizer=tokenizer)
-  manifest = jsonl.build(str(tmp_path / "remote"), source="s3://runs/sft", tokenizer=tokenizer)
+  manifest = jsonl.build(str(tmp_path / "remote"), source=f"{bucket}/sft", tokenizer=tokenizer)
   assert sorted(manifest["files"]) == sources
 
   def records(directory):
@@ -245,10 +233,55 @@ def test_sft_jsonl_source_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
 
   local, remote = records(str(tmp_path / "local")), records(str(tmp_path / "remote"))
   assert by_line(remote) == by_line(local) and len(remote) == 40
-  assert all(r["source"].startswith("s3://runs/sft/chats.jsonl:") for r in remote)
+  assert all(r["source"].startswith(f"{bucket}/sft/chats.jsonl:") for r in remote)
 
 
-def test_record_files_stream_from_a_bucket_as_they_read_locally(s3_endpoint, tmp_path):
+def test_storage_helpers_on_objects_another_process_wrote(bucket, tmp_path):
+  """What data and entry points reach buckets through (diffgemma_jax.storage), on objects another client wrote after
+  this process had listed the bucket: found, listed, sized, read whole, by seek and by exact byte range, stamped
+  (a rewrite of the same size changes the stamp and the local copy), and a folder refused as an output file."""
+  import hashlib
+
+  from diffgemma_jax import storage
+  from diffgemma_jax.errors import ConfigError
+  data = bytes(range(256)) * 40
+  (tmp_path / "objects" / "sub").mkdir(parents=True)
+  (tmp_path / "objects" / "a.bin").write_bytes(data)
+  (tmp_path / "objects" / "b.txt").write_text("bee")
+  (tmp_path / "objects" / "sub" / "c.txt").write_text("sea")
+  storage.check_reachable(f"{bucket}/helpers", "--workdir")  # lists the bucket before the folder exists
+  url = f"{bucket}/helpers"
+  upload_files(str(tmp_path / "objects"), url)
+  upload_files(str(tmp_path / "objects" / "sub"), f"{url}/sub")
+  a = f"{url}/a.bin"
+  assert storage.find_files(url, "data.source") == [a, f"{url}/b.txt", f"{url}/sub/c.txt"]
+  assert storage.find_files(f"{url}/*.txt", "data.source") == [f"{url}/b.txt"]
+  assert storage.find_files(a, "data.source") == [a]
+  with pytest.raises(ConfigError, match=f"data.source '{url}/nothing' does not exist"):
+    storage.find_files(f"{url}/nothing", "data.source")
+  assert storage.folder_sizes(url) == {"a.bin": len(data), "b.txt": 3, "sub/c.txt": 3}
+  assert (storage.file_size(a), storage.file_size(f"{url}/missing.bin"), storage.file_size(url)) == (len(data), None,
+                                                                                                  None)
+  assert storage.file_sha256(a) == hashlib.sha256(data).hexdigest()
+  assert storage.read_range(a, 100, 300) == data[100:300] and storage.read_range(a, 5, 5) == b""
+  assert storage.read_range(a, len(data) - 40, len(data) + 100) == data[-40:]
+  with storage.open_binary(a) as f:
+    f.seek(5000)
+    assert f.read(10) == data[5000:5010]
+  size, version = storage.stamp(a)
+  assert size == len(data) and version
+  with open(storage.local_file(a), "rb") as f:
+    assert f.read() == data
+  (tmp_path / "objects" / "a.bin").write_bytes(data[::-1])  # rewritten, same size
+  upload_files(str(tmp_path / "objects"), url)
+  assert storage.stamp(a)[0] == size and storage.stamp(a)[1] != version
+  with open(storage.local_file(a), "rb") as f:
+    assert f.read() == data[::-1]
+  with pytest.raises(ConfigError, match=f"--output {url} is a directory; give a file path"):
+    storage.check_writable(url, "--output")
+
+
+def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path):
   """JSONL (in byte-range spans), JSONL.gz and Parquet objects give the documents, identities and spans the same
   local files give."""
   import gzip
@@ -264,44 +297,49 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(s3_endpoint, tmp
   with gzip.open(folder / "b.jsonl.gz", "wt") as f:
     f.write("\n".join(lines[:50]) + "\n")
   pq.write_table(pa.table({"text": [f"row {i}" for i in range(300)]}), folder / "c.parquet", row_group_size=64)
-  _upload_corpus(str(folder), "s3://runs/records")
+  upload_files(str(folder), f"{bucket}/records")
   for name in ("a.jsonl", "b.jsonl.gz", "c.parquet"):
     local_spans = file_spans(str(folder), name, 1024)
-    assert file_spans("s3://runs/records", name, 1024) == local_spans
+    assert file_spans(f"{bucket}/records", name, 1024) == local_spans
     assert len(local_spans) == 1 if name.endswith(".gz") else len(local_spans) > 1
     for span in local_spans:
-      assert (list(read_documents("s3://runs/records", name, span=span))
+      assert (list(read_documents(f"{bucket}/records", name, span=span))
               == list(read_documents(str(folder), name, span=span))), (name, span)
 
 
 def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
                                                                    capsys):
-  """--prompts and --records objects are read as local files are; each --output object holds the JSON printed."""
+  """--prompts and --records objects are read as local files are; each --output object holds the JSON printed.
+  (On S3 only, for CI time: in GCS, test_gcs_run.py writes eval's --output, and the objects these flags name are
+  read and written through the storage helpers that test_storage_helpers_on_objects_another_process_wrote[gs]
+  checks.)"""
   from etils import epath
 
   from launch.evaluate import main as eval_main
   from launch.generate import main as generate_main
   from launch.score import main as score_main
   _, workdir, _ = trained_run
+  bucket = "s3://runs"
   run = ["--config", tiny_config_file, "--workdir", workdir, "--config.train.num_steps=24"]
-  assert eval_main(run + ["--output", "s3://runs/out/bound.json"]) == 0
+  assert eval_main(run + ["--output", f"{bucket}/out/bound.json"]) == 0
   printed = json.loads(capsys.readouterr().out)
-  assert printed["step"] == 24 and json.loads(epath.Path("s3://runs/out/bound.json").read_text()) == printed
-  epath.Path("s3://runs/in/prompts.txt").write_text("def main(\nx = 1\\nprint(\n\n")
-  assert generate_main(run + ["--prompts", "s3://runs/in/prompts.txt", "--gen_length", "8", "--block_length", "8",
-                              "--batch_size", "2", "--json", "--output", "s3://runs/out/completions.json"]) == 0
+  assert printed["step"] == 24 and json.loads(epath.Path(f"{bucket}/out/bound.json").read_text()) == printed
+  epath.Path(f"{bucket}/in/prompts.txt").write_text("def main(\nx = 1\\nprint(\n\n")
+  assert generate_main(run + ["--prompts", f"{bucket}/in/prompts.txt", "--gen_length", "8", "--block_length", "8",
+                              "--batch_size", "2", "--json", "--output", f"{bucket}/out/completions.json"]) == 0
   printed = json.loads(capsys.readouterr().out)
   assert [r["prompt"] for r in printed] == ["def main(", "x = 1\nprint("]
-  assert json.loads(epath.Path("s3://runs/out/completions.json").read_text()) == printed
-  epath.Path("s3://runs/in/pairs.jsonl").write_text("\n".join(json.dumps({"prompt": p, "continuation": c}) for p, c
-                                                              in (("def f(", "x):"), ("import", " os"))) + "\n")
-  assert score_main(run + ["--records", "s3://runs/in/pairs.jsonl", "--output", "s3://runs/out/scores.json"]) == 0
-  written = json.loads(epath.Path("s3://runs/out/scores.json").read_text())
-  assert [r["source"] for r in written["records"]] == ["s3://runs/in/pairs.jsonl:1", "s3://runs/in/pairs.jsonl:2"]
+  assert json.loads(epath.Path(f"{bucket}/out/completions.json").read_text()) == printed
+  pairs = (("def f(", "x):"), ("import", " os"))
+  epath.Path(f"{bucket}/in/pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "continuation": c}) + "\n"
+                                                            for p, c in pairs))
+  assert score_main(run + ["--records", f"{bucket}/in/pairs.jsonl", "--output", f"{bucket}/out/scores.json"]) == 0
+  written = json.loads(epath.Path(f"{bucket}/out/scores.json").read_text())
+  assert [r["source"] for r in written["records"]] == [f"{bucket}/in/pairs.jsonl:1", f"{bucket}/in/pairs.jsonl:2"]
   assert capsys.readouterr().out.splitlines()[-1].startswith(f"total: {written['summary']['nll']:.3f} nats")
 
 
-def test_bucket_paths_of_the_entry_points_fail_in_one_line(s3_endpoint, tiny_config_file, tmp_path, capsys):
+def test_bucket_paths_of_the_entry_points_fail_in_one_line(bucket, tiny_config_file, tmp_path, capsys):
   """A missing bucket or object named by a user path fails naming the flag, in one line, before any work."""
   from etils import epath
 
@@ -310,33 +348,31 @@ def test_bucket_paths_of_the_entry_points_fail_in_one_line(s3_endpoint, tiny_con
   from launch.generate import main as generate_main
   from launch.import_hf import main as import_main
   from launch.score import main as score_main
-  epath.Path("s3://runs/folder/file.json").write_text("{}")
+  epath.Path(f"{bucket}/folder/file.json").write_text("{}")
   run = ["--config", tiny_config_file, "--workdir", str(tmp_path / "no-run")]
-  unreachable = f"the bucket s3://no-such-bucket cannot be reached (endpoint {s3_endpoint})"
+  missing = bucket.replace("://runs", "://no-such-bucket")
+  unreachable = f"the bucket {missing} cannot be reached (endpoint {bucket_endpoint(bucket)})"
   cases = (
-      (eval_main, run + ["--output", "s3://no-such-bucket/x.json"],
-       f"--output s3://no-such-bucket/x.json: {unreachable}"),
-      (eval_main, run + ["--output", "s3://runs/folder"], "--output s3://runs/folder is a directory; give a file path"),
-      (generate_main, run + ["--prompts", "s3://runs/no-such-prompts.txt"],
-       "--prompts s3://runs/no-such-prompts.txt cannot be read: no such object"),
-      (generate_main, run + ["--prompt", "x", "--output", "s3://no-such-bucket/g.json"],
-       f"--output s3://no-such-bucket/g.json: {unreachable}"),
-      (score_main, run + ["--records", "s3://no-such-bucket/r.jsonl"],
-       f"--records s3://no-such-bucket/r.jsonl: {unreachable}"),
-      (import_main, ["--hf", "s3://no-such-bucket/hf", "--output", str(tmp_path / "w")],
-       f"--hf s3://no-such-bucket/hf: {unreachable}"),
-      (import_main, ["--hf", "s3://runs/folder", "--output", str(tmp_path / "w")], "--hf s3://runs/folder: no "
-                                                                                    "config.json"),
-      (import_main, ["--hf", "s3://runs/folder", "--output", str(tmp_path / "w"), "--config-out",
-                     "s3://no-such-bucket/c.py"], f"--config-out s3://no-such-bucket/c.py: {unreachable}"),
-      (export_main, run + ["--output", "s3://no-such-bucket/hf"], f"--output s3://no-such-bucket/hf: {unreachable}"))
+      (eval_main, run + ["--output", f"{missing}/x.json"], f"--output {missing}/x.json: {unreachable}"),
+      (eval_main, run + ["--output", f"{bucket}/folder"], f"--output {bucket}/folder is a directory; give a file path"),
+      (generate_main, run + ["--prompts", f"{bucket}/no-such-prompts.txt"],
+       f"--prompts {bucket}/no-such-prompts.txt cannot be read: no such object"),
+      (generate_main, run + ["--prompt", "x", "--output", f"{missing}/g.json"],
+       f"--output {missing}/g.json: {unreachable}"),
+      (score_main, run + ["--records", f"{missing}/r.jsonl"], f"--records {missing}/r.jsonl: {unreachable}"),
+      (import_main, ["--hf", f"{missing}/hf", "--output", str(tmp_path / "w")], f"--hf {missing}/hf: {unreachable}"),
+      (import_main, ["--hf", f"{bucket}/folder", "--output", str(tmp_path / "w")],
+       f"--hf {bucket}/folder: no config.json"),
+      (import_main, ["--hf", f"{bucket}/folder", "--output", str(tmp_path / "w"), "--config-out", f"{missing}/c.py"],
+       f"--config-out {missing}/c.py: {unreachable}"),
+      (export_main, run + ["--output", f"{missing}/hf"], f"--output {missing}/hf: {unreachable}"))
   for main, argv, message in cases:
     assert main(argv) == 2, argv
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, (argv, err)
 
 
-def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_endpoint, tmp_path):
+def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(bucket, tmp_path):
   """Two processes as two threads meeting at a real barrier: the waiting one fails with process 0's message
   within a poll, not at a timeout; a failure left by an earlier run does not fail the next one, which fetches
   what process 0 built."""
@@ -356,7 +392,7 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_
   def run(process_build):
     meet = threading.Barrier(2, timeout=60).wait
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      futures = [pool.submit(remote_dataset.build_shared, "s3://runs/shared", str(tmp_path / f"cache-{p}"),
+      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/shared", str(tmp_path / f"cache-{p}"),
                              process_build, process_index=p, barrier=lambda _: meet(), stale_s=30, poll_s=0.05)
                  for p in (0, 1)]
       return [f.exception() or f.result() for f in futures]
@@ -365,7 +401,7 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(s3_
   failed_0, failed_1 = run(broken)
   assert time.monotonic() - start < 10
   assert isinstance(failed_0, DataError) and str(failed_0) == "data.source corpus/: no files\nmatch"
-  assert isinstance(failed_1, DataError) and str(failed_1) == ("data.dir s3://runs/shared: the dataset build failed "
+  assert isinstance(failed_1, DataError) and str(failed_1) == (f"data.dir {bucket}/shared: the dataset build failed "
                                                                "on process 0: data.source corpus/: no files match")
   local_0, local_1 = run(build)  # the failure of the run before is not this run's
   assert local_0 != local_1 and local_1.startswith(str(tmp_path / "cache-1"))

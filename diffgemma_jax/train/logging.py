@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -88,8 +89,10 @@ def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Drops the records of metrics.jsonl logged after `step` (an unreadable line, cut by a kill, goes too)."""
+def _records_through(path: str, step: int) -> str:
+  """The lines of metrics.jsonl logged up to `step` (none: no file); an unreadable line, cut by a kill, is dropped."""
+  if not epath.Path(path).is_file():
+    return ""
   kept = []
   for line in epath.Path(path).read_text().splitlines(keepends=True):
     try:
@@ -98,7 +101,7 @@ def _truncate_after(path: str, step: int) -> None:
       continue
     if int(record.get("step", 0)) <= step:
       kept.append(line if line.endswith("\n") else line + "\n")
-  epath.Path(path).write_text("".join(kept))
+  return "".join(kept)
 
 
 def _duration(seconds: float) -> str:
@@ -124,6 +127,28 @@ def log_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
   return " | ".join(parts)
 
 
+class _StagedEvents:
+  """TensorBoard events of a workdir in a bucket: written to a local folder, uploaded (whole files) at the first
+  flush, then at most every `every_s` seconds, and when the logs close. tensorboardX's own bucket writers would
+  upload the whole events file at every flush (GCS takes about one write a second per object), need boto3 or
+  google-cloud-storage, and upload it once more as the process exits (a GCS client retries for two minutes where
+  no server answers)."""
+
+  def __init__(self, url: str, every_s: float = 60.0):
+    self.url, self.every_s = url, every_s
+    self.local = tempfile.mkdtemp(prefix="diffgemma-tb-")
+    self._uploaded = -math.inf
+
+  def flushed(self) -> None:
+    if time.monotonic() - self._uploaded >= self.every_s:
+      storage.upload_folder(self.local, self.url)
+      self._uploaded = time.monotonic()
+
+  def close(self) -> None:
+    storage.upload_folder(self.local, self.url)
+    shutil.rmtree(self.local, ignore_errors=True)
+
+
 class MetricsLogger:
   """Writes scalars to TensorBoard and metrics.jsonl (process 0 only) and drives the progress bar; without one
   (`show_progress=False` or stderr not a terminal) it prints `log_line` at every logged step instead."""
@@ -140,6 +165,7 @@ class MetricsLogger:
     self.train_flops_per_token = train_flops_per_token
     self.peak_flops = peak_flops * num_devices
     self._writer = None
+    self._staged_events = None
     self._jsonl = None
     self._bar = None
     self._last_time = time.perf_counter()
@@ -150,11 +176,21 @@ class MetricsLogger:
       # A run repeats the steps after the checkpoint it starts from (step 0 when a killed run saved none): what an
       # interrupted run logged past it is dropped from both logs (TensorBoard's purge_step, and the jsonl
       # rewritten), so every step appears once.
-      self._writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
+      tb_dir = os.path.join(workdir, "tb")
+      if storage.is_url(workdir):
+        self._staged_events = _StagedEvents(tb_dir)
+        tb_dir = self._staged_events.local
+      self._writer = SummaryWriter(tb_dir, purge_step=start_step + 1)
       path = os.path.join(workdir, "metrics.jsonl")
-      if epath.Path(path).is_file():
-        _truncate_after(path, start_step)
-      self._jsonl = epath.Path(path).open("a")  # on object storage: uploaded when the run closes its logs
+      kept = _records_through(path, start_step)
+      if storage.is_url(path):
+        # An object cannot be appended to (gcsfs opens "a" as "w", dropping what earlier runs logged): it is
+        # written whole, their records first, and uploaded when the run closes its logs.
+        self._jsonl = epath.Path(path).open("w")
+        self._jsonl.write(kept)
+      else:
+        epath.Path(path).write_text(kept)
+        self._jsonl = open(path, "a")
       if wandb:
         self._wandb = _start_wandb(workdir, wandb)
       if show_progress and sys.stderr.isatty():
@@ -197,6 +233,8 @@ class MetricsLogger:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     self._writer.flush()
+    if self._staged_events is not None:
+      self._staged_events.flushed()
     if self._wandb is not None:
       self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
     if prefix == "train" and self._bar is None:
@@ -227,6 +265,8 @@ class MetricsLogger:
       self._bar.close()
     if self._writer is not None:
       self._writer.close()
+    if self._staged_events is not None:
+      self._staged_events.close()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._wandb is not None:
