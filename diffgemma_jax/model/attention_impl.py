@@ -22,7 +22,8 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ATTENTION_IMPLS
 from pallas_kernels.attention_mask import MaskSpec
 from pallas_kernels.attention_ops import flash_attention
-from pallas_kernels.attention_reference import attention_reference, chunked_attention
+from pallas_kernels.attention_chunked import chunked_attention
+from pallas_kernels.attention_reference import attention_reference
 
 CHUNK = 512  # queries per chunk of the `chunked` path
 
