@@ -9,10 +9,11 @@ Which keys a chunk multiplies against. The keys are cut into blocks of `key_bloc
 chunk, the key blocks holding a key that some query of the chunk may see (`tile_visits` with one-query tiles: each
 query's own attributes against each key block's (min, max) summaries, conservative: a block holding a visible key
 is never dropped). A chunk then runs on the narrowest span of a static ladder (`span_ladder`: widths in key
-blocks, the last one every block) that holds all of its blocks, gathered in their order; slots past the chunk's
-blocks and keys past the row's end are masked. A chunk whose blocks do not fit a narrow span (a causal row's last
-chunks, a bidirectional document, an unusual layout) runs on every key, as the reference does. Masked keys add
-exactly 0 to a softmax, so every span gives the reference's values; a query that sees no key outputs zeros.
+blocks) that holds all of its blocks, gathered in their order; the span's other slots hold blocks the chunk does
+not see (the rule masks them, as it does in the reference) and keys past the row's end are masked. A chunk whose
+blocks fit no narrow span (a causal row's last chunks, a bidirectional document, an unusual layout) runs on every
+key, as before. Masked keys add exactly 0 to a softmax, so every span gives the reference's values; a query that
+sees no key outputs zeros.
 """
 
 from __future__ import annotations
@@ -106,53 +107,46 @@ def chunked_attention(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, chunk: int = 51
     k, v, kv_tokens = (pad(k_BSKH), pad(v_BSKH), jax.tree.map(pad, spec.kv)) if S % key_block else (
         k_BSKH, v_BSKH, spec.kv)
     out = jax.lax.map(lambda xs: attend(xs[0], k, v, kv_tokens, *xs[1:]),
-                      (chunks(q_BLNH), q_tokens, chunks(starts), plan.blocks, plan.counts, plan.rung))
+                      (chunks(q_BLNH), q_tokens, chunks(starts), plan.blocks, plan.rung))
   return jnp.moveaxis(out, 0, 1).reshape(B, num_chunks * chunk, N, v_BSKH.shape[-1])[:, :L]
 
 
 def _chunk_attention(spec: MaskSpec, num_keys: int, key_block: int, spans: tuple[int, ...], precision):
-  """attend(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, counts, rung): one chunk's attention on span
+  """attend(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, rung): one chunk's attention on span
   `spans[rung]` (every key for rung == len(spans)); k, v and kv_tokens padded to whole key blocks. A custom VJP
   that saves only its inputs and recomputes the chunk on the same span in the backward pass (one `lax.switch`
   each way: differentiating through the switch would zero-fill every other span's residuals)."""
 
   def on_span(width):
-    def attend(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, counts):
+    def attend(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks):
       B, padded = kv_tokens.segment_ids.shape
-      if width is None:  # every key
-        index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (B, padded))
-        keep = index < num_keys
-      else:
+      index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (B, padded))
+      if width is not None:  # the chunk's first `width` blocks (a permutation of all: no block twice)
         rows = jnp.arange(B, dtype=jnp.int32)[:, None] * (padded // key_block)
         take = lambda x: x.reshape((B * (padded // key_block), key_block) + x.shape[2:])[  # noqa: E731
             rows + blocks[:, :width]].reshape((B, width * key_block) + x.shape[2:])
-        k, v, kv_tokens = take(k), take(v), jax.tree.map(take, kv_tokens)
-        index = take(jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (B, padded)))
-        slot = jnp.arange(width * key_block, dtype=jnp.int32) // key_block
-        keep = (slot[None, :] < counts[:, None]) & (index < num_keys)
-      mask_BCS = dataclasses.replace(spec, kv=kv_tokens).dense_rows(q_tokens, starts) & keep[:, None, :]
+        k, v, kv_tokens, index = take(k), take(v), jax.tree.map(take, kv_tokens), take(index)
+      mask_BCS = dataclasses.replace(spec, kv=kv_tokens).dense_rows(q_tokens, starts) & (index < num_keys)[:, None]
       return attention_reference(q_chunk, k, v, mask_BCS, precision=precision)
     return attend
 
   branches = [on_span(width) for width in spans] + [on_span(None)]
 
   @jax.custom_vjp
-  def attend(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, counts, rung):
-    return jax.lax.switch(rung, branches, q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, counts)
+  def attend(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, rung):
+    return jax.lax.switch(rung, branches, q_chunk, k, v, kv_tokens, q_tokens, starts, blocks)
 
   def forward(*args):
     return attend(*args), args
 
   def backward(args, d_out):
-    q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, counts, rung = args
+    q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, rung = args
 
     def gradients(branch):
       return lambda q_chunk, k, v: jax.vjp(
-          lambda q_chunk, k, v: branch(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks, counts),
-          q_chunk, k, v)[1](d_out)
+          lambda q_chunk, k, v: branch(q_chunk, k, v, kv_tokens, q_tokens, starts, blocks), q_chunk, k, v)[1](d_out)
 
-    return (*jax.lax.switch(rung, [gradients(b) for b in branches], q_chunk, k, v),
-            None, None, None, None, None, None)
+    return *jax.lax.switch(rung, [gradients(b) for b in branches], q_chunk, k, v), None, None, None, None, None
 
   attend.defvjp(forward, backward)
   return attend
