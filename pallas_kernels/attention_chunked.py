@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_mask import MaskSpec, Tokens, tile_visits, visit_lists
+from pallas_kernels.attention_mask import MaskSpec, tile_visits, visit_lists
 from pallas_kernels.attention_reference import attention_reference
 
 KEY_BLOCK = 128  # keys per block of the spans a chunk is narrowed to
@@ -32,11 +32,13 @@ KEY_BLOCK = 128  # keys per block of the spans a chunk is narrowed to
 def span_ladder(spec: MaskSpec, chunk: int, key_block: int, num_key_blocks: int) -> tuple[int, ...]:
   """The narrow spans (in key blocks, ascending, each fewer than `num_key_blocks`) a chunk may run on.
 
-  The first holds what a chunk of self-attention with a window sees (its queries and the window on either side,
-  one block more for blocks that do not align with the chunk) or, without a window, two chunks' worth; each next
-  one doubles, so a causal row's chunks, whose keys grow with their index, find a span at most twice what they
-  need. Only run-time efficiency rests on these widths: `plan_chunks` checks each chunk fits."""
-  reach = chunk + 2 * (spec.window - 1) if spec.window else 2 * chunk
+  The first holds what a chunk of self-attention with a window sees (its queries and the window before them, and
+  after them unless the rule is causal with no canvas; one block more for blocks that do not align with the
+  chunk) or, without a window, two chunks' worth; each next one doubles, so a causal row's chunks, whose keys grow
+  with their index, find a span at most twice what they need. Only run-time efficiency rests on these widths:
+  `plan_chunks` checks which one each chunk fits."""
+  one_sided = spec.kind == "causal" and not spec.q.has_canvas
+  reach = chunk + (1 if one_sided else 2) * (spec.window - 1) if spec.window else 2 * chunk
   spans = []
   width = -(-reach // key_block) + 1
   while width < num_key_blocks:
@@ -50,8 +52,8 @@ def span_ladder(spec: MaskSpec, chunk: int, key_block: int, num_key_blocks: int)
 class ChunkPlan:
   """Which keys each chunk of queries runs on.
 
-  `blocks[c, b, :counts[c, b]]`: the key blocks chunk c of row b may see, ascending (the rest of the row is
-  padding); `rung[c]`: the index into `spans` of the narrowest span holding every row's blocks, `len(spans)` (all
+  `blocks[c, b, :counts[c, b]]`: the key blocks chunk c of row b may see, ascending (the rest of the row: the
+  blocks it does not see); `rung[c]`: the index into `spans` of the narrowest span holding every row's blocks, `len(spans)` (all
   keys) where none does."""
   rung: jax.Array  # [num_chunks] int32
   blocks: jax.Array  # [num_chunks, B, max(spans)] int32
@@ -68,7 +70,7 @@ def plan_chunks(spec: MaskSpec, chunk: int, key_block: int, spans: tuple[int, ..
   visits_BCJ = jnp.any(visits_BLJ.reshape(B, num_chunks, chunk, -1), axis=2)
   lists_BCJ, counts_BC = visit_lists(visits_BCJ)
   rung = jnp.searchsorted(jnp.asarray(spans, jnp.int32), jnp.max(counts_BC, axis=0), side="left")
-  widest = max(spans)
+  widest = max(spans, default=0)
   return ChunkPlan(rung.astype(jnp.int32), jnp.moveaxis(lists_BCJ[:, :, :widest], 1, 0), counts_BC.T, spans)
 
 
