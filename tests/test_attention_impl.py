@@ -22,7 +22,7 @@ from diffgemma_jax.objectives.block import block_ids, canvas_clean_forward
 from pallas_kernels import attention_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_attention_masks import POSITIONS, SEGMENTS, canvas_layouts  # noqa: E402  pylint: disable=wrong-import-position
+from test_attention_masks import POSITIONS, SEGMENTS  # noqa: E402  pylint: disable=wrong-import-position
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=4, global_head_dim=16, global_num_kv_heads=1,
