@@ -1,7 +1,7 @@
 """The `chunked` attention path against the dense `xla` one and against itself without narrowing: memory and time
 of a training pass at long rows.
 
-  python bench/attention_chunked.py [--lengths 8192,16384] [--dense_up_to 8192] [--masks window,bidirectional]
+  python bench/attention_chunked.py [--lengths 8192] [--dense_up_to 8192] [--masks window,causal,bidirectional]
                                     [--heads 4] [--kv_heads 2] [--head_dim 64] [--window 1024] [--json]
 
 For each row length and mask, the forward and backward pass (values and the gradients of q, k and v) on this
@@ -11,8 +11,9 @@ skipped keys, `spans=()`) and `narrow` (the chunked path as it runs: each chunk 
 see). Masks: `window` (one packed causal row of four documents under a sliding window of --window), `causal` (one
 causal document) and `bidirectional` (one bidirectional document: every chunk sees every key, so `narrow` must
 cost what `full` does). Reported: XLA's own accounting of the temporary memory each compiled pass needs
-(`memory_analysis().temp_size_in_bytes`), the median time of --repeats calls (the paths' calls interleaved, so
-a change in the machine's load hits all of them), the ratios narrow / full and narrow / dense, and the largest
+(`memory_analysis().temp_size_in_bytes`), the median and smallest time of --repeats calls, the ratios narrow / full
+and narrow / dense (the paths' calls interleaved in rounds, each ratio the median over rounds of the two paths'
+times in the same round, so a change in the machine's load between rounds moves both sides), and the largest
 difference of narrow's outputs from dense's (full's where dense is not run).
 """
 
@@ -56,15 +57,21 @@ def compiled_pass(fn, spec, q, k, v):
   return compiled, round(memory.temp_size_in_bytes / 2**20, 1) if memory else None
 
 
-def interleaved_ms(calls: dict, repeats: int) -> dict:
-  """Median milliseconds of each blocking call, timed in rounds that call each once."""
+def interleaved_seconds(calls: dict, repeats: int) -> dict:
+  """{name: [seconds per round]} of each blocking call, timed in rounds that call each once."""
   times = {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
       start = time.perf_counter()
       call()
       times[name].append(time.perf_counter() - start)
-  return {name: round(1e3 * float(np.median(t)), 1) for name, t in times.items()}
+  return times
+
+
+def paired_ratio(times: dict, name: str, baseline: str) -> float:
+  """The median over rounds of name's time over baseline's in the same round (a load that changes between rounds
+  moves both)."""
+  return round(float(np.median(np.asarray(times[name]) / np.asarray(times[baseline]))), 2)
 
 
 def measure(length: int, mask: str, args) -> dict:
@@ -77,23 +84,25 @@ def measure(length: int, mask: str, args) -> dict:
   for name in paths:
     compiled[name], temp_mb[name] = compiled_pass(PATHS[name], spec, q, k, v)
     outputs[name] = jax.block_until_ready(compiled[name](q, k, v))  # also the warm-up call
-  ms = interleaved_ms({name: lambda c=compiled[name]: jax.block_until_ready(c(q, k, v)) for name in paths},
-                      args.repeats)
+  times = interleaved_seconds({name: lambda c=compiled[name]: jax.block_until_ready(c(q, k, v)) for name in paths},
+                              args.repeats)
+  ms = {name: round(1e3 * float(np.median(t)), 1) for name, t in times.items()}
+  ms_min = {name: round(1e3 * min(t), 1) for name, t in times.items()}
   reference = outputs.get("dense", outputs["full"])
   error = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(outputs["narrow"]),
                                                                jax.tree.leaves(reference)))
-  row = {"length": length, "mask": mask, "temp_mb": temp_mb, "ms": ms,
-         "narrow_over_full": round(ms["narrow"] / ms["full"], 2),
-         "narrow_over_dense": round(ms["narrow"] / ms["dense"], 2) if "dense" in ms else None,
+  row = {"length": length, "mask": mask, "temp_mb": temp_mb, "ms": ms, "ms_min": ms_min,
+         "narrow_over_full": paired_ratio(times, "narrow", "full"),
+         "narrow_over_dense": paired_ratio(times, "narrow", "dense") if "dense" in times else None,
          "max_abs_difference": error, "compared_with": "dense" if "dense" in outputs else "full"}
   return row
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--lengths", default="8192,16384")
+  p.add_argument("--lengths", default="8192")
   p.add_argument("--dense_up_to", type=int, default=8192, help="longest row the dense path runs on")
-  p.add_argument("--masks", default="window,bidirectional", help=f"comma-separated, of {sorted(MASKS)}")
+  p.add_argument("--masks", default="window,causal,bidirectional", help=f"comma-separated, of {sorted(MASKS)}")
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--kv_heads", type=int, default=2)
   p.add_argument("--head_dim", type=int, default=64)
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
       row = measure(length, mask, args)
       rows.append(row)
       if not args.json:
-        print(f"L={length} {mask}: ms {row['ms']}, temporaries MB {row['temp_mb']}; narrow/full "
+        print(f"L={length} {mask}: median ms {row['ms']}, smallest {row['ms_min']}, temporaries MB {row['temp_mb']}; narrow/full "
               f"x{row['narrow_over_full']}, narrow/dense x{row['narrow_over_dense']} (max |diff| from "
               f"{row['compared_with']} {row['max_abs_difference']:.2e})", flush=True)
   report = {"commit": benchlib.commit(), "device": jax.devices()[0].device_kind, "chunk": CHUNK,
