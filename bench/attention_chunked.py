@@ -121,7 +121,8 @@ def main(argv=None) -> int:
       row = measure(length, mask, args)
       rows.append(row)
       if not args.json:
-        print(f"L={length} {mask}: median ms {row['ms']}, smallest {row['ms_min']}, temporaries MB {row['temp_mb']}; narrow/full "
+        print(f"L={length} {mask}: median ms {row['ms']}, smallest {row['ms_min']}, temporaries MB "
+              f"{row['temp_mb']}; narrow/full "
               f"x{row['narrow_over_full']}, narrow/dense x{row['narrow_over_dense']} (max |diff| from "
               f"{row['compared_with']} {row['max_abs_difference']:.2e})", flush=True)
   report = {"commit": benchlib.commit(), "device": jax.devices()[0].device_kind, "chunk": CHUNK,

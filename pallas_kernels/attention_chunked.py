@@ -53,8 +53,8 @@ class ChunkPlan:
   """Which keys each chunk of queries runs on.
 
   `blocks[c, b, :counts[c, b]]`: the key blocks chunk c of row b may see, ascending (the rest of the row: the
-  blocks it does not see); `rung[c]`: the index into `spans` of the narrowest span holding every row's blocks, `len(spans)` (all
-  keys) where none does."""
+  blocks it does not see); `rung[c]`: the index into `spans` of the narrowest span holding every row's blocks,
+  `len(spans)` (every key) where none does."""
   rung: jax.Array  # [num_chunks] int32
   blocks: jax.Array  # [num_chunks, B, max(spans)] int32
   counts: jax.Array  # [num_chunks, B] int32
