@@ -8,7 +8,8 @@ pure jnp.
 
 from pallas_kernels.attention_mask import MaskSpec, Tokens, count_visible, tile_visits
 from pallas_kernels.attention_ops import flash_attention
-from pallas_kernels.attention_reference import attention_reference, chunked_attention
+from pallas_kernels.attention_chunked import ChunkPlan, chunked_attention, plan_chunks, span_ladder
+from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.attention_tiling import AttentionTiling, choose_attention_tiling
 from pallas_kernels.gmm import gmm as gmm_kernel
 from pallas_kernels.gmm import tgmm
@@ -19,6 +20,7 @@ from pallas_kernels.tiling import Tiling, choose_tiling, pipeline_shared_bytes
 
 __all__ = [
     "AttentionTiling",
+    "ChunkPlan",
     "MaskSpec",
     "Tokens",
     "attention_reference",
@@ -26,6 +28,8 @@ __all__ = [
     "choose_attention_tiling",
     "count_visible",
     "flash_attention",
+    "plan_chunks",
+    "span_ladder",
     "tile_visits",
     "GroupBounds",
     "Tiling",

@@ -1,13 +1,13 @@
 """The dense attention: [B, heads, L, S] float32 logits under an [B, L, S] boolean mask. It is the model's `xla`
-attention path and the reference every fused implementation is tested against; `chunked_attention` computes the
-same a chunk of queries at a time (the `chunked` path: long rows where no fused kernel runs)."""
+attention path and the reference every fused implementation is tested against (`attention_chunked.py` computes
+the same a chunk of queries at a time: the `chunked` path for long rows where no fused kernel runs)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_mask import MaskSpec, Tokens
+from pallas_kernels.attention_mask import MaskSpec
 
 # Most negative bfloat16-representable float: masked logits stay finite, so softmax never sees inf - inf.
 NEG_INF = -2.3819763e38
@@ -35,32 +35,3 @@ def attention_reference(q_BLNH, k_BSKH, v_BSKH, mask, *, scale: float = 1.0, pre
   sees_any_BL11 = jnp.any(mask_BLS, axis=-1)[:, :, None, None, None].astype(out_BLKGH.dtype)
   return (out_BLKGH * sees_any_BL11).reshape(B, L, N, v_BSKH.shape[-1])
 
-
-def chunked_attention(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, chunk: int = 512, precision=None):
-  """`attention_reference` a chunk of `chunk` queries at a time: each chunk's [chunk, S] logits and mask are made,
-  used and (in the backward pass) remade, so memory is O(chunk x S) per head instead of O(L x S); the arithmetic
-  is the reference's (a query's softmax runs over all its keys in one chunk, so nothing is rescaled between
-  chunks). The mask comes from the description a chunk of queries at a time; the canvas windows' starts are
-  taken over the whole row first (a canvas may straddle two chunks)."""
-  B, L, N, H = q_BLNH.shape
-  if L <= chunk:
-    return attention_reference(q_BLNH, k_BSKH, v_BSKH, spec, precision=precision)
-  q = spec.q
-  starts = spec.window_starts() if q.has_canvas and spec.window else None
-  num_chunks = -(-L // chunk)
-  pad = num_chunks * chunk - L
-
-  def chunks(x):  # [B, L, ...] -> [num_chunks, B, chunk, ...]; padded queries are cut from the output
-    if x is None:
-      return None
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape((B, num_chunks, chunk) + x.shape[2:]), 1, 0)
-
-  @jax.checkpoint
-  def one_chunk(xs):
-    q_chunk, seg, pos, canvas, blocks, start = xs
-    mask_BCS = spec.dense_rows(Tokens(seg, pos, canvas, blocks), start)
-    return attention_reference(q_chunk, k_BSKH, v_BSKH, mask_BCS, precision=precision)
-
-  out = jax.lax.map(one_chunk, tuple(map(chunks, (q_BLNH, q.segment_ids, q.positions, q.canvas, q.blocks, starts))))
-  return jnp.moveaxis(out, 0, 1).reshape(B, num_chunks * chunk, N, v_BSKH.shape[-1])[:, :L]

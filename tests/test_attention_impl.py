@@ -19,10 +19,10 @@ from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.attention_impl import attend, cudnn_arguments, cudnn_attention, resolve
 from diffgemma_jax.model.masks import MaskSpec, Tokens, make_mask
 from diffgemma_jax.objectives.block import block_ids, canvas_clean_forward
-from pallas_kernels import attention_reference, chunked_attention
+from pallas_kernels import attention_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_attention_masks import POSITIONS, SEGMENTS, canvas_layouts  # noqa: E402  pylint: disable=wrong-import-position
+from test_attention_masks import POSITIONS, SEGMENTS  # noqa: E402  pylint: disable=wrong-import-position
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=4, global_head_dim=16, global_num_kv_heads=1,
@@ -172,36 +172,3 @@ def test_a_run_may_resume_with_another_attention_impl():
   from diffgemma_jax.train.checkpoint import model_differences  # pylint: disable=import-outside-toplevel
   assert model_differences({**TINY.to_dict(), "attention_impl": "pallas"}, TINY.to_dict()) == []
   assert model_differences({**TINY.to_dict(), "head_dim": 16}, TINY.to_dict())
-
-
-def test_chunked_attention_equals_the_dense_reference():
-  """Queries a chunk at a time (chunks of 8 over rows of 20 and the 40-token [canvas ; clean] rows: the last chunk
-  padded, canvases and their window starts straddling chunks), values and all three gradients at float32
-  tolerance, for packed causal rows with a window and the block objectives' layouts with windows."""
-  layouts = {name: spec for name, spec, _ in canvas_layouts()}
-  specs = [MaskSpec.packed("causal", SEGMENTS, POSITIONS).with_window(3), layouts["pretraining"].with_window(5),
-           layouts["uniform"].with_window(2)]
-  highest = jax.lax.Precision.HIGHEST
-  for spec in specs:
-    B, L = spec.q.segment_ids.shape
-    keys = jax.random.split(jax.random.key(L), 4)
-    q = jax.random.normal(keys[0], (B, L, 4, 8))
-    k, v = (jax.random.normal(key, (B, L, 2, 8)) for key in keys[1:3])
-    cotangent = jax.random.normal(keys[3], (B, L, 4, 8))
-
-    @jax.jit
-    def both(q, k, v, spec=spec):
-      out = []
-      for fn in (lambda q, k, v: chunked_attention(q, k, v, spec, chunk=8, precision=highest),
-                 lambda q, k, v: attention_reference(q, k, v, spec, precision=highest)):
-        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) * cotangent)  # noqa: E731
-        out.append((fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
-      return out
-
-    got, want = both(q, k, v)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert resolve("chunked", specs[0]) == "chunked"
-  if jax.default_backend() != "gpu":  # auto: dense logits for short rows, chunks for long ones
-    long = MaskSpec.packed("causal", jnp.ones((1, 1025), jnp.int32), jnp.arange(1025)[None])
-    assert resolve("auto", specs[0]) == "xla" and resolve("auto", long) == "chunked"

@@ -3,8 +3,9 @@
 - `xla`: [B, heads, L, S] float32 logits under the dense boolean mask (`pallas_kernels.attention_reference`): the
   reference, and the path of every dense mask (the samplers build their KV-cache windows as arrays).
 - `chunked`: the same arithmetic as `xla` a chunk of CHUNK queries at a time (`chunked_attention`: the mask made
-  per chunk from the description, each chunk recomputed in the backward pass): memory O(CHUNK x S) per head, not
-  O(L x S), for long rows where no fused kernel runs (CPU, TPU).
+  per chunk from the description, each chunk on the key blocks it can see where they fit a narrow span, recomputed
+  in the backward pass): memory O(CHUNK x S) per head, not O(L x S), for long rows where no fused kernel runs (CPU,
+  TPU).
 - `pallas`: our flash-attention kernel (`pallas_kernels.flash_attention`) for mask descriptions (`MaskSpec`): no
   [L, S] array, fully masked tiles skipped; the Pallas interpreter where there is no GPU (slow: tests only).
 - `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention`, for the masks it expresses: rows that
@@ -22,7 +23,8 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ATTENTION_IMPLS
 from pallas_kernels.attention_mask import MaskSpec
 from pallas_kernels.attention_ops import flash_attention
-from pallas_kernels.attention_reference import attention_reference, chunked_attention
+from pallas_kernels.attention_chunked import chunked_attention
+from pallas_kernels.attention_reference import attention_reference
 
 CHUNK = 512  # queries per chunk of the `chunked` path
 
