@@ -23,13 +23,16 @@ def _records(n: int):
   return [{"prompt": f"def f{i}(x):", "response": " return x" + " + 1" * (i % 4)} for i in range(n)]
 
 
-def test_packed_rows_hold_whole_examples_in_order(tiny_tokenizer):
+def test_packed_rows_hold_every_example_whole(tiny_tokenizer):
+  """Each example once, whole, in a segment of its own: [bos] prompt response EOS, EOS-padded to whole units;
+  first fit fills rows tighter than one after another would; a long example is cut into a row of its own."""
   tok = tiny_tokenizer
   records = _records(12) + [{"prompt": "p " * 40, "response": "r " * 40}]  # the last fits no row alone
+  records += [{"prompt": "x", "response": " y"}] * 3  # short ones fill the gaps first fit finds
   one_per_row, _ = make_rows(records, tok, 64, "plain")
   packed, stats = make_rows(records, tok, 64, "plain", pack_unit=4)
-  assert len(one_per_row["tokens"]) == 13 and len(packed["tokens"]) < 6 and stats.responses_cut == 1
-  examples = []
+  assert len(one_per_row["tokens"]) == 16 and stats.responses_cut == 1
+  examples, cut = [], []
   for row in range(len(packed["tokens"])):
     tokens, segments, positions, loss = (packed[k][row] for k in ("tokens", "segment_ids", "positions", "loss_mask"))
     real = segments > 0
@@ -41,16 +44,18 @@ def test_packed_rows_hold_whole_examples_in_order(tiny_tokenizer):
       assert tokens[at[0]] == tok.bos_id and (whole_row or tokens[at[-1]] == tok.eos_id)
       response = at[loss[at] > 0]
       assert np.array_equal(response, at[len(at) - len(response):])  # prompt, then the response to the end
-      examples.append((tokens[at[1]:response[0]].tolist(), tokens[response].tolist(), whole_row))
-  assert len(examples) == 13
-  for (prompt, response, _), row in zip(examples[:12], range(12)):
+      (cut if whole_row else examples).append((tokens[at[1]:response[0]].tolist(), tokens[response].tolist()))
+  assert len(examples) == 15 and len(cut) == 1  # the long example fills a row of its own, cut as one per row cuts it
+  expected = []
+  for row in [r for r in range(16) if r != 12]:
     alone = one_per_row["loss_mask"][row] > 0
-    expected = one_per_row["tokens"][row][alone]
-    first_eos = int(np.argmax(expected == tok.eos_id))
-    assert prompt == one_per_row["tokens"][row][1:int(np.argmax(alone))].tolist()
-    assert response[:first_eos + 1] == expected[:first_eos + 1].tolist()  # the response and its EOS
-    assert len(response) % 4 == 0 and set(response[first_eos:]) == {tok.eos_id}  # EOS-padded to whole units
-  assert examples[12][2]  # the long example fills a row of its own, cut as one per row cuts it
+    response = one_per_row["tokens"][row][alone].tolist()
+    response = response[:response.index(tok.eos_id) + 1]
+    expected.append((one_per_row["tokens"][row][1:int(np.argmax(alone))].tolist(),
+                     response + [tok.eos_id] * (-len(response) % 4)))  # EOS-padded to whole units
+  assert sorted(examples) == sorted(expected)
+  used = int(np.sum(packed["segment_ids"] > 0))
+  assert len(packed["tokens"]) == -(-(used - 64) // 64) + 1  # as few rows as the tokens need, and the cut one
 
 
 def test_each_example_is_normalised_by_its_own_response():

@@ -10,8 +10,9 @@ Packed (`pack_unit` > 0, `data.sft_packing`): examples follow each other in a ro
 positions from 0, as [bos] prompt response [eos] and EOS padding up to a whole number of `pack_unit` response
 tokens (the objective's canvas, so a canvas sampler's last canvas learns to end in EOS; 1: a single EOS). Attention
 never crosses an example, and every objective normalises each example by its own response length. An example goes
-in the current row if it fits, else it starts the next one (rows keep the examples' order); one that fits no row
-alone is cut as above and fills a row of its own. The rest of a row is padding (segment 0: never attended or
+in the first of the open rows (at most 64, oldest first) with room for it, else it opens a row (the fullest open row
+is then finished); the training iterator shuffles rows, so their order does not matter. One that fits no row alone
+is cut as above and fills a row of its own. The rest of a row is padding (segment 0: never attended or
 scored). A packed run's held-out examples are laid out the same way one per row (`alone`), so the bound scores
 each response as training did and stays per example.
 """
@@ -82,33 +83,43 @@ def packed_example(prompt_ids: Sequence[int], response_ids: Sequence[int], pack_
 
 
 class RowPacker:
-  """Rows of `seq_len` filled with packed examples in order (module docstring); each call returns the rows it
-  finished."""
+  """Rows of `seq_len` filled with packed examples, first fit among the last `max_open` rows still open (module
+  docstring); each call returns the rows it finished. Memory holds at most `max_open` rows, however many
+  examples."""
 
-  def __init__(self, seq_len: int, pad_id: int):
-    self.seq_len, self.pad_id = seq_len, pad_id
-    self.open: dict[str, np.ndarray] | None = None
-    self.used = 0
+  def __init__(self, seq_len: int, pad_id: int, max_open: int = 64):
+    self.seq_len, self.pad_id, self.max_open = seq_len, pad_id, max_open
+    self.open: list[list] = []  # [row, tokens used], oldest first
 
   def add(self, tokens: Sequence[int], prompt_length: int) -> list[dict[str, np.ndarray]]:
     n = len(tokens)
     finished = []
-    if self.open is None or self.used + n > self.seq_len:
-      finished = self.close()
-      self.open = {k: np.zeros((self.seq_len,), np.int32) for k in KEYS}
-      self.open["tokens"][:] = max(self.pad_id, 0)  # a tokenizer without a pad piece: id 0 (never read)
-      self.used = 0
-    row, start = self.open, self.used
+    fits = [entry for entry in self.open if entry[1] + n <= self.seq_len]
+    if fits:
+      entry = fits[0]
+    else:
+      row = {k: np.zeros((self.seq_len,), np.int32) for k in KEYS}
+      row["tokens"][:] = max(self.pad_id, 0)  # a tokenizer without a pad piece: id 0 (never read)
+      entry = [row, 0]
+      self.open.append(entry)
+      if len(self.open) > self.max_open:  # the fullest open row is finished to make room
+        fullest = max(self.open[:-1], key=lambda e: e[1])
+        self.open = [e for e in self.open if e is not fullest]
+        finished.append(fullest[0])
+    row, start = entry
     row["tokens"][start:start + n] = tokens
     row["segment_ids"][start:start + n] = int(row["segment_ids"].max()) + 1
     row["positions"][start:start + n] = np.arange(n)
     row["loss_mask"][start + prompt_length:start + n] = 1
-    self.used += n
+    entry[1] += n
+    if entry[1] == self.seq_len:
+      self.open = [e for e in self.open if e is not entry]
+      finished.append(row)
     return finished
 
   def close(self) -> list[dict[str, np.ndarray]]:
-    finished = [] if self.open is None else [self.open]
-    self.open = None
+    finished = [row for row, _ in self.open]
+    self.open = []
     return finished
 
 
@@ -132,7 +143,6 @@ def iter_rows(records: Iterable[dict[str, Any]], tokenizer, seq_len: int, templa
           if alone:
             yield from packer.close()
           continue
-      yield from packer.close()
       yield make_row(prompt_ids, response_ids, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                      stats=stats)
   yield from packer.close()
