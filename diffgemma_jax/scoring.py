@@ -4,8 +4,8 @@ Each (prompt, continuation) pair becomes one row and the row's bound is the obje
 `evaluate.make_bound_fn`, the estimator the SFT evaluation runs: the prompt is never corrupted or scored, the
 continuation (`loss_mask`) is scored with `num_t_samples` stratified noise levels over the full [eps, 1] per row;
 exact for the autoregressive objective (standard error 0). A row draws from fold_in(seed, a hash of its tokens)
-(`data.pipeline.row_hashes`), so a pair's score is a function of the checkpoint, the seed and the pair alone: the same in any batch,
-at any width, in any order of requests. Two row layouts:
+(`data.pipeline.row_hashes`), so a pair's score is a function of the checkpoint, the seed and the pair alone: the
+same in any batch, at any width, in any order of requests. Two row layouts:
   continuation  [bos] prompt continuation, then padding (segment 0: never attended, never scored), the tokens of
                 the concatenated text (as a sampler reads it); what the lm-evaluation-harness asks for.
   sft           the SFT evaluation's own rows (`data/sft.make_rows` under the config's data.chat_template: the

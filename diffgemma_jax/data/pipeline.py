@@ -32,7 +32,6 @@ from diffgemma_jax.data.tokenizer import Tokenizer
 from diffgemma_jax.errors import DataError
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
-SFT_KEYS = BATCH_KEYS + ("loss_mask",)
 PREFETCH_PER_WORKER = 2
 
 

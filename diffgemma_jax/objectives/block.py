@@ -40,7 +40,7 @@ from diffgemma_jax.model.masks import MaskSpec, canvas_clean_mask  # noqa: F401 
 from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, masked_token_nll, mean_and_stderr, row_draws,
                                                  row_keys, row_levels, stratified_t)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
-from diffgemma_jax.objectives.masked import mask_below, weighted_nll
+from diffgemma_jax.objectives.masked import mask_below, weighted_token_nll
 from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_by, scored_positions, sft_segments
 
 
@@ -151,9 +151,7 @@ def corrupt_per_token(rng, tokens_BL, t_BL, *, mask_id: int, corruptible_BL):
 
 def weighted_nll_per_token(nll_BL, is_masked_BL, t_BL):
   """Per-row sum over masked tokens of -log p / t, with t per token (per block)."""
-  B, L = nll_BL.shape
-  return jnp.sum(weighted_nll(nll_BL.reshape(B * L, 1), is_masked_BL.reshape(B * L, 1),
-                              t_BL.reshape(B * L)).reshape(B, L), axis=-1)
+  return jnp.sum(weighted_token_nll(nll_BL, is_masked_BL, t_BL), axis=-1)
 
 
 def block_nelbo(logits_fn: Callable[[jax.Array], jax.Array], tokens, blocks_BL, num_blocks: int, rng, *,
@@ -217,7 +215,7 @@ class BlockDiffusion(Objective):
     noisy, is_masked = corrupt_per_token(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
     logits, aux = self._canvas_logits(model, noisy, batch, blocks)
     nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
-    nelbo = normalise_loss(jnp.where(is_masked, nll, 0.0) / t_BL, scored, sft_segments(batch))
+    nelbo = normalise_loss(weighted_token_nll(nll, is_masked, t_BL), scored, sft_segments(batch))
     loss = nelbo + aux["aux_loss"]
     num_tokens = jnp.sum(scored)
     metrics = {"loss": loss, "nelbo_per_token": nelbo, "num_tokens": num_tokens,

@@ -4,7 +4,7 @@
   per block), `stratified_t` one batch's levels from a single offset;
 - the bound's draws, keyed by row (`row_keys`, `row_draws`, `row_levels`): every draw of a row's estimate comes from
   the row's own key and the draw's index in the row, so a row's bound is the same whatever rows share its batch and
-  however wide the row is padded (the bound keys row r by fold_in(seed, r), train/bound.py);
+  however wide the row is padded (the bound keys each row by a hash of its tokens, train/bound.py);
 - `mean_and_stderr` of K per-row estimates (the sample standard deviation over sqrt(K): conservative for
   stratified draws);
 - the data's state space: `states_excluding` the ids no clean token may be (the mask token), `without` giving them
@@ -41,7 +41,7 @@ def stratified_t(rng, num: int, eps: float, *, dtype=jnp.float32):
 
 
 def row_keys(rng, num_rows: int):
-  """[B] keys, one per row: `rng` itself when it is already one key per row (the bound's fold_in(seed, row id)),
+  """[B] keys, one per row: `rng` itself when it is already one key per row (the bound's fold_in(seed, row hash)),
   else row b's key is fold_in(rng, b)."""
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)

@@ -38,6 +38,12 @@ def mask_below(draw_BL, tokens_BL, t_BL, *, mask_id: int, corruptible_BL=None):
   return jnp.where(is_masked_BL, mask_id, tokens_BL), is_masked_BL
 
 
+def weighted_token_nll(nll_BL, is_masked_BL, t_BL):
+  """Each masked token's -log p / t (t broadcast to [B, L]; zero where not masked): the NELBO's per-token terms,
+  which the training losses normalise (`rows.normalise_loss`)."""
+  return jnp.where(is_masked_BL, nll_BL, 0.0) / t_BL
+
+
 def weighted_nll(nll_BL, is_masked_BL, t_B):
   """Per-sequence (1/t) * sum over masked positions of -log p: the single-sample NELBO estimate, in nats."""
   return jnp.sum(jnp.where(is_masked_BL, nll_BL, 0.0), axis=-1) / t_B
@@ -107,7 +113,7 @@ class MaskedDiffusion(Objective):
     logits, aux = model(noisy, positions, mask, token_mask_BL=pad_mask)
     nll = masked_token_nll(predicting_logits(model, logits), tokens, mask_id=self.mask_id)
     num_tokens = jnp.maximum(jnp.sum(scored), 1)
-    nelbo = normalise_loss(jnp.where(is_masked, nll, 0.0) / t_B[:, None], scored, sft_segments(batch))
+    nelbo = normalise_loss(weighted_token_nll(nll, is_masked, t_B[:, None]), scored, sft_segments(batch))
     loss = nelbo + aux["aux_loss"]
     metrics = {"loss": loss, "nelbo_per_token": nelbo, "masked_fraction": jnp.sum(is_masked) / num_tokens,
                "num_tokens": jnp.sum(scored), **router_metrics(aux)}
