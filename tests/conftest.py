@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import sysconfig
 import textwrap
 import types
+from xml.etree import ElementTree
 
 import jax.numpy as jnp
 import pytest
@@ -249,3 +252,23 @@ def transformers_reference():
   if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
     pytest.fail(f"transformers {transformers.__version__} has no DiffusionGemma (the test extra pins 5.24.0)")
   return torch, transformers
+
+
+def rerun_on_eight_devices(test_file: str, report: str, may_skip: set[str], min_ran: int) -> None:
+  """Runs `test_file` in a subprocess on 8 fake CPU devices (the device count is fixed when JAX starts) and reads
+  its JUnit report: every test passed and none skipped but those named in `may_skip`, and at least `min_ran` of
+  the others ran (so a device count that silently did not take fails)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+                         f"--junitxml={report}", test_file], capture_output=True, text=True, timeout=900, env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+  cases = ElementTree.parse(report).getroot().iter("testcase")
+  outcome = {case.get("name"): "skipped" if case.find("skipped") is not None else
+             "failed" if case.find("failure") is not None or case.find("error") is not None else "passed"
+             for case in cases}
+  unexpected = {name: result for name, result in outcome.items()
+                if result != "passed" and name.split("[")[0] not in may_skip}
+  assert not unexpected, (unexpected, proc.stdout[-3000:])
+  ran = [name for name in outcome if name.split("[")[0] not in may_skip]
+  assert len(ran) >= min_ran, outcome

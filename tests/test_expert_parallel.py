@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
-from xml.etree import ElementTree
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,9 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import dispatch
 from diffgemma_jax.parallel import make_mesh
 from diffgemma_jax.parallel.expert import expert_capacity, expert_parallel_routed_experts, plan_sends
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import rerun_on_eight_devices  # noqa: E402  pylint: disable=wrong-import-position
 
 EIGHT = jax.device_count() >= 8
 needs_eight = pytest.mark.skipif(not EIGHT, reason="runs inside test_on_eight_fake_devices")
@@ -35,23 +36,10 @@ MAY_SKIP_ON_EIGHT_CPUS = {"test_on_eight_fake_devices", "test_ragged_all_to_all_
 
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
 def test_on_eight_fake_devices(tmp_path):
-  """Re-runs this file on 8 fake devices and reads its JUnit report: every test ran and passed, none skipped but
-  the re-run itself and the GPU check (so a device count that silently did not take fails here)."""
-  report = tmp_path / "eight.xml"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
-                         f"--junitxml={report}", __file__], capture_output=True, text=True, timeout=600, env=env,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  cases = ElementTree.parse(report).getroot().iter("testcase")
-  outcome = {case.get("name"): "skipped" if case.find("skipped") is not None else
-             "failed" if case.find("failure") is not None or case.find("error") is not None else "passed"
-             for case in cases}
-  unexpected = {name: result for name, result in outcome.items()
-                if result != "passed" and name.split("[")[0] not in MAY_SKIP_ON_EIGHT_CPUS}
-  assert not unexpected, (unexpected, proc.stdout[-3000:])
-  ran_here = [name for name in outcome if name.split("[")[0] not in MAY_SKIP_ON_EIGHT_CPUS]
-  assert len(ran_here) >= 18, outcome  # the tests beside those two when this was written
+  """Re-runs this file on 8 fake devices: every test ran and passed, none skipped but the re-run itself and the
+  GPU check."""
+  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), MAY_SKIP_ON_EIGHT_CPUS,
+                         min_ran=18)  # the tests beside those two when this was written
 
 
 def _problem(seed: int = 0, skew: float = 0.0):

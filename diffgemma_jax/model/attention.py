@@ -8,18 +8,19 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from diffgemma_jax.model.attention_impl import attend
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.layers import LoRA, RMSNorm, param
 from diffgemma_jax.model.masks import MaskSpec, sliding_window
+from diffgemma_jax.model.placement import LOCAL, Placement
 from diffgemma_jax.model.rope import apply_rope
 
 
 class Attention(nnx.Module):
   """One attention layer of kind "sliding" or "global" (global layers may share K and V)."""
 
-  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
     self.kind = kind
+    self.placement = placement
     self.num_heads = cfg.num_heads
     self.head_dim, self.num_kv_heads, self.k_eq_v = cfg.attention_dims(kind)
     self.rope_base, self.rope_fraction = cfg.rope(kind)
@@ -75,6 +76,6 @@ class Attention(nnx.Module):
       mask = mask.with_window(self.window)
     elif self.window is not None:
       mask = mask & sliding_window(positions_BL, kv_positions_BS, self.window, canvas_window=canvas_window)
-    out_BLNH = attend(q_BLNH, k_BSKH, v_BSKH, mask, self.impl)
+    out_BLNH = self.placement.attend(q_BLNH, k_BSKH, v_BSKH, mask, self.impl)
     out_BLD = jnp.einsum("BLNH,NHD->BLD", out_BLNH, self.o_proj[...].astype(dtype))
     return self._adapted(out_BLD, self.o_proj_lora, out_BLNH, dtype)

@@ -1,11 +1,12 @@
 """Where the denoiser's work runs: the one object through which a device layout reaches the model.
 
 The model never looks for a mesh. It is built with a `Placement` (`build_model(cfg, seed, placement)`; default
-`LOCAL`) and every block asks it twice: to pin the residual stream's rows between sublayers (`constrain`) and to
-run the routed experts (`routed_experts`). `LOCAL` leaves both to the arrays' own placement (one device, or GSPMD
-deciding); `parallel.placement.MeshPlacement` is a device mesh's: rows over the batch axes and, with an `expert`
-mesh axis > 1, expert-parallel dispatch. The placement is a static attribute of the model (part of its graphdef),
-so a jitted step built from one graphdef always runs with the same placement.
+`LOCAL`) and every block asks it three times: to pin the residual stream between sublayers (`constrain`), to compute
+attention (`attend`) and to run the routed experts (`routed_experts`). `LOCAL` leaves all three to the arrays' own
+placement (one device, or GSPMD deciding); `parallel.placement.MeshPlacement` is a device mesh's: rows over the
+batch axes (the sequence over `context`), the fused kernels per shard, and with an `expert` mesh axis > 1
+expert-parallel dispatch. The placement is a static attribute of the model (part of its graphdef), so a jitted step
+built from one graphdef always runs with the same placement.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import jax
 
-from diffgemma_jax.model import dispatch
+from diffgemma_jax.model import attention_impl, dispatch
 
 
 class Placement:
@@ -23,6 +24,10 @@ class Placement:
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:  # pylint: disable=unused-argument
     """`x`, pinned to the sharding of its logical `axes` (here: left as it is)."""
     return x
+
+  def attend(self, q_BLNH, k_BSKH, v_BSKH, mask, impl: str) -> jax.Array:
+    """Attention under `mask` by `model.attention_impl` (`attention_impl.attend`)."""
+    return attention_impl.attend(q_BLNH, k_BSKH, v_BSKH, mask, impl)
 
   def routed_experts(self, x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD, *, backend: str,
                      compute_dtype, capacity_factor: float, dropless: bool,

@@ -33,7 +33,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
     D, eps = cfg.embed_dim, cfg.norm_eps
     self.pre_attn_norm = RMSNorm(D, eps=eps, rngs=rngs)
-    self.attn = Attention(cfg, kind, rngs=rngs)
+    self.attn = Attention(cfg, kind, rngs=rngs, placement=placement)
     self.post_attn_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.pre_mlp_norm = RMSNorm(D, eps=eps, rngs=rngs)
     self.mlp = MLP(D, cfg.mlp_dim, rngs=rngs, lora_rank=cfg.lora_rank if cfg.lora("mlp") else 0,
@@ -71,14 +71,15 @@ class Block(nnx.Module):
     return out, (k_all, v_all)
 
   def _after_attention(self, x_BLD, attn_out, token_mask_BL, dtype):
-    # Rows stay split over the batch axes between sublayers (a no-op for the LOCAL placement).
-    h_BLD = self.placement.constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", None, None))
+    # Rows stay split over the batch axes (and the sequence over `context`) between sublayers (a no-op for the LOCAL
+    # placement).
+    h_BLD = self.placement.constrain(x_BLD + self.post_attn_norm(attn_out), ("batch", "length", None))
     with jax.named_scope("dense_mlp"):
       dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h_BLD), dtype))
     with jax.named_scope("moe"):
       routed, routing = self.moe(h_BLD, self.pre_moe_norm(h_BLD), dtype, token_mask_BL)
     ffn = self.post_ffn_norm(dense + self.post_moe_norm(routed))
-    out = self.placement.constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", None, None))
+    out = self.placement.constrain((h_BLD + ffn) * self.layer_scalar[...].astype(dtype), ("batch", "length", None))
     stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
              "expert_load": routing.expert_load_E, "dropped_tokens": jnp.asarray(routing.dropped, jnp.float32)}
     return out, stats
@@ -127,6 +128,7 @@ class Denoiser(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, placement: Placement = LOCAL):
     self.cfg = cfg
+    self.placement = placement
     self.embedder = Embedder(cfg.vocab_size, cfg.embed_dim, rngs=rngs)
     repeats = cfg.num_layers // len(cfg.layer_pattern)
     units = [PatternUnit(cfg, rngs=rngs, placement=placement) for _ in range(repeats)]
@@ -176,7 +178,8 @@ class Denoiser(nnx.Module):
     if token_mask_BL is None:
       token_mask_BL = jnp.ones(tokens_BL.shape, bool)
     with jax.named_scope("embed"):
-      x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
+      x_BLD = self.placement.constrain(self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD,
+                                                  canvas_BL=canvas_BL), ("batch", "length", None))
     canvas_window = self._canvas_window(mask_BLL, positions_BL, positions_BL, canvas_BL, canvas_BL)
     if self.stacked_unit is not None:
       graphdef, state = nnx.split(self.stacked_unit)

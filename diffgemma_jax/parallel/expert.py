@@ -34,7 +34,8 @@ from diffgemma_jax.model.config import EXPERT_COLLECTIVES as COLLECTIVES
 
 EXPERT_AXIS = "expert"
 FSDP_AXIS = "fsdp"
-TOKEN_AXES = ("data", "fsdp", "expert")
+# Tokens are the rows (over the batch axes) times the sequence (over `context`), flattened row-major.
+TOKEN_AXES = ("data", "fsdp", "expert", "context")
 
 
 def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
@@ -208,7 +209,7 @@ def _ragged_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down,
   return _combine(y_AD, jnp.ones((A,), bool), combine_weights_TK), jnp.zeros((), jnp.int32)
 
 
-def _weight_spec(mesh: Mesh, num_dims: int, embed_dim_index: int, embed_size: int) -> P:
+def weight_spec(mesh: Mesh, num_dims: int, embed_dim_index: int, embed_size: int) -> P:
   """Experts over `expert`; the embed dimension over `fsdp` when the fsdp size divides it."""
   spec: list = [EXPERT_AXIS if EXPERT_AXIS in mesh.axis_names else None] + [None] * (num_dims - 1)
   if FSDP_AXIS in mesh.axis_names and mesh.shape[FSDP_AXIS] > 1 and embed_size % mesh.shape[FSDP_AXIS] == 0:
@@ -234,8 +235,8 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   rows = token_axes(mesh)
   tokens_per_shard = T // math.prod(mesh.shape[a] for a in rows)
   num_shards = expert_shards(mesh)
-  gate_up_spec = _weight_spec(mesh, 3, 1, D)
-  down_spec = _weight_spec(mesh, 3, 2, D)
+  gate_up_spec = weight_spec(mesh, 3, 1, D)
+  down_spec = weight_spec(mesh, 3, 2, D)
   row_spec = P(rows or None, None)
   if check_vma is None:
     check_vma = dispatch.resolve_backend(backend) in ("dense", "ragged")
@@ -258,6 +259,6 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   return fn(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD)
 
 
-__all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity",
+__all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity", "weight_spec",
                           "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
                           "shard_map", "token_axes")

@@ -14,7 +14,10 @@ from jax.sharding import Mesh
 
 from diffgemma_jax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the default axes
+# `context` (context parallelism: the sequence split over it, keys and values gathered for attention) is optional:
+# add it to mesh.axes with its size in mesh.shape (docs/attention.md).
+VALID_AXES = MESH_AXES + ("context",)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -46,9 +49,11 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1, 1), axes: Sequence[str] = MESH_AX
   axes = tuple(axes)
   if len(shape) != len(axes):
     raise ConfigError(f"mesh.shape={tuple(shape)} and mesh.axes={axes} must have the same length")
-  unknown = set(axes) - set(MESH_AXES)
+  unknown = set(axes) - set(VALID_AXES)
   if unknown:
-    raise ConfigError(f"mesh.axes: unknown axis name(s) {sorted(unknown)}; valid names are {MESH_AXES}")
+    raise ConfigError(f"mesh.axes: unknown axis name(s) {sorted(unknown)}; valid names are {VALID_AXES}")
+  if len(set(axes)) != len(axes):
+    raise ConfigError(f"mesh.axes={axes}: each axis name once")
   devices = list(devices if devices is not None else jax.devices())
   if dcn_shape:
     return Mesh(_hybrid_device_array(shape, tuple(int(d) for d in dcn_shape), axes, devices), axes)
@@ -96,6 +101,10 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if experts > 1 and collective == "ragged_all_to_all" and any(d.platform == "cpu" for d in mesh.devices.flat):
     raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all (GPU or "
                       "TPU); XLA:CPU has none. Use model.expert_collective='all_to_all' on CPU")
+  context = shape.get("context", 1)
+  if int(config.train.seq_len) % context:
+    raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
+                      f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {context}")
   rows = math.prod(shape.get(a, 1) for a in ("data", "fsdp", "expert"))
   if int(config.eval.batch_size) % rows:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {rows} "

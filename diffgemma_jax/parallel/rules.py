@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed_expert", "fsdp"),
     ("expert_mlp", "tensor"),
     ("batch", ("data", "fsdp", "expert")),  # activations: rows over every batch axis, features whole
+    ("length", "context"),  # the sequence over `context` (context parallelism, an optional mesh axis)
 )
 
 # Rows of a batch are split over every axis that does not shard a weight's output dimension.

@@ -1,0 +1,232 @@
+"""Kernels on a mesh (`parallel/per_shard.py`) against the same call on one device, on 8 fake CPU devices.
+
+- Attention per shard (rows over the batch axes, heads over `tensor`, and with a `context` axis the queries'
+  sequence over it, keys and values gathered): values and q/k/v gradients equal the single-device call for the
+  Pallas kernel and, under context parallelism, every implementation; each Pallas call sees its shard's rows.
+- Grouped MoE dispatch per token shard (no expert axis): values and gradients equal the dense reference, and the
+  sort of the routed rows is the shard's own, not the batch's.
+- A whole train step on a `data x context` mesh equals the single-device step (masked and block objectives).
+
+The device count is fixed when JAX starts, so in a normal (one-device) session `test_on_eight_fake_devices` re-runs
+this file in a subprocess with 8 devices, where the other tests run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffgemma_jax.model import attention_impl, dispatch
+from diffgemma_jax.objectives.block import block_ids
+from diffgemma_jax.parallel import make_mesh
+from diffgemma_jax.parallel import per_shard
+from pallas_kernels import MaskSpec
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import TINY_MODEL, rerun_on_eight_devices  # noqa: E402  pylint: disable=wrong-import-position
+from test_attention_masks import packed_rows  # noqa: E402  pylint: disable=wrong-import-position
+from test_flash_attention import _inputs, _value_and_grads  # noqa: E402  pylint: disable=wrong-import-position
+
+EIGHT = jax.device_count() >= 8
+needs_eight = pytest.mark.skipif(not EIGHT, reason="runs inside test_on_eight_fake_devices")
+RTOL = 1e-5
+
+
+@pytest.mark.skipif(EIGHT, reason="already on 8 devices")
+def test_on_eight_fake_devices(tmp_path):
+  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=11)
+
+
+def _close(actual, expected, what):
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  scale = max(1.0, float(np.abs(expected).max()))
+  error = float(np.abs(actual - expected).max())
+  assert error <= RTOL * scale, f"{what}: max abs error {error} (scale {scale})"
+
+
+def _packed_causal():
+  segments, positions = packed_rows([[20, 12], [32], [5, 9, 18], [30]], 32)
+  return MaskSpec.packed("causal", segments, positions)
+
+
+def _canvas_clean_window():
+  """The block objectives' [canvas ; clean] rows (64 tokens), blocks of 4, sliding window 6."""
+  segments, positions = packed_rows([[20, 12], [32], [16, 16], [28]], 32)
+  blocks = block_ids({"tokens": segments}, 4)
+  return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks).with_window(6)
+
+
+MASKS = {"packed_causal": _packed_causal, "canvas_clean_window": _canvas_clean_window}
+# name -> (mesh shape, axes): rows x heads without context; rows x context (8 queries per context shard)
+MESHES = {"data2_fsdp2_tensor2": ((2, 2, 2), ("data", "fsdp", "tensor")),
+          "data2_context4": ((2, 4), ("data", "context")),
+          "context4_tensor2": ((4, 2), ("context", "tensor"))}
+
+
+def _mesh(name):
+  shape, axes = MESHES[name]
+  return make_mesh(shape, axes)
+
+
+def _on_mesh(mesh, *arrays):
+  """`arrays` placed on `mesh` split over rows (what the trainer's batches are); the shard_map gathers the rest."""
+  rows = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  return [jax.device_put(a, NamedSharding(mesh, P(rows or None))) for a in arrays]
+
+
+# (implementation, mask, mesh): the kernel on rows x heads and under context parallelism; the XLA paths, which run
+# per shard only under context parallelism, there.
+ATTENTION_CASES = [("pallas", "packed_causal", "data2_fsdp2_tensor2"),
+                   ("pallas", "canvas_clean_window", "data2_context4"),
+                   ("chunked", "canvas_clean_window", "context4_tensor2"), ("xla", "packed_causal", "data2_context4")]
+
+
+@needs_eight
+@pytest.mark.parametrize("impl,mask_name,mesh_name", ATTENTION_CASES)
+def test_attention_per_shard_equals_one_device(impl, mask_name, mesh_name):
+  mesh = _mesh(mesh_name)
+  spec = MASKS[mask_name]()
+  q, k, v, cotangent = _inputs(spec, 4, 2, 8, jnp.float32)
+  # chunked: chunks of 4 queries (8 or 16 per shard); the spans' plan runs per shard
+  chunked = lambda q, k, v, s: attention_impl.chunked_attention(q, k, v, s, chunk=4)  # noqa: E731
+  local = {"pallas": lambda q, k, v, s: attention_impl.attend(q, k, v, s, "pallas"), "chunked": chunked,
+           "xla": lambda q, k, v, s: attention_impl.attend(q, k, v, s, "xla")}[impl]
+  expected, expected_grads = _value_and_grads(local, spec, q, k, v, cotangent)
+  if impl == "chunked":  # the per-shard call goes through `attend`, whose chunks are CHUNK queries: force small ones
+    original = attention_impl.CHUNK
+    attention_impl.CHUNK = 4
+  try:
+    sharded = lambda q, k, v, s: per_shard.sharded_attend(q, k, v, s, impl, mesh)  # noqa: E731
+    out, grads = _value_and_grads(sharded, spec, *_on_mesh(mesh, q, k, v, cotangent))
+  finally:
+    if impl == "chunked":
+      attention_impl.CHUNK = original
+  _close(out, expected, "output")
+  for name, g, g0 in zip("qkv", grads, expected_grads):
+    _close(g, g0, f"d{name}")
+
+
+def _walk(jaxpr, inside=()):
+  """(primitive name, enclosing shard_maps' mesh-axis names, operand shapes) of every equation, nested ones too."""
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name, inside, [tuple(getattr(x.aval, "shape", ())) for x in eqn.invars]
+    here = inside + (eqn.primitive.name,) if eqn.primitive.name == "shard_map" else inside
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _walk(inner, here)
+
+
+@needs_eight
+@pytest.mark.parametrize("mesh_name", ["data2_fsdp2_tensor2", "data2_context4"])
+def test_each_pallas_call_sees_its_shard(mesh_name):
+  """Under GSPMD a Pallas call is a custom call XLA cannot split: every device would run the whole batch. Here
+  each runs inside the shard_map on its rows (and heads, and queries under context parallelism)."""
+  mesh = _mesh(mesh_name)
+  spec = _canvas_clean_window()
+  q, k, v, _ = _inputs(spec, 4, 2, 8, jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda q, k, v: per_shard.sharded_attend(q, k, v, spec, "pallas", mesh))(q, k, v)
+  calls = [(inside, shapes) for name, inside, shapes in _walk(jaxpr.jaxpr) if name == "pallas_call"]
+  assert calls and all(inside for inside, _ in calls), calls
+  # The kernel's operands are those of the kernel called on one shard: its rows, heads and queries.
+  rows, heads, queries = (2, 1, 4) if mesh_name == "data2_context4" else (4, 2, 1)
+  B, L = spec.q.segment_ids.shape
+  b, n = B // rows, 4 // heads
+  shard = jax.tree.map(lambda x: x[:b], spec)
+  shard = dataclasses.replace(shard, q=jax.tree.map(lambda x: x[:, :L // queries], shard.q))
+  one = jax.make_jaxpr(lambda q, k, v: attention_impl.attend(q, k, v, shard, "pallas"))(
+      q[:b, :L // queries, :n], k[:b, :, :2 // heads], v[:b, :, :2 // heads])
+  expected = [shapes for name, _, shapes in _walk(one.jaxpr) if name == "pallas_call"]
+  assert [shapes for _, shapes in calls] == expected
+
+
+T, D, F, E, K = 64, 16, 8, 8, 2
+
+
+def _moe_problem(seed=0):
+  rng = np.random.default_rng(seed)
+  ids = np.argsort(-rng.normal(size=(T, E)), axis=1)[:, :K].astype(np.int32)
+  return (jnp.asarray(rng.normal(size=(T, D)), jnp.float32), jnp.asarray(ids),
+          jnp.asarray(rng.uniform(0.2, 1.0, size=(T, K)), jnp.float32),
+          jnp.asarray(rng.normal(size=(E, D, 2 * F)) / 4, jnp.float32),
+          jnp.asarray(rng.normal(size=(E, F, D)) / 4, jnp.float32))
+
+
+def _moe_loss_and_grads(fn, args):
+  x, ids, weights, w_gate_up, w_down = args
+  loss = lambda x, w, g, d: jnp.sum(jnp.sin(fn(x, ids, w, g, d)))  # noqa: E731
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, weights, w_gate_up, w_down)
+
+
+@needs_eight
+@pytest.mark.parametrize("backend", ["sorted", "ragged", "pallas"])
+def test_grouped_dispatch_per_token_shard_equals_dense(backend):
+  mesh = make_mesh((4, 2, 1, 1))  # data x fsdp: the experts' embed dimension split over fsdp
+  args = _moe_problem()
+  assert per_shard.dispatches_token_parallel(mesh, T, backend)
+  reference = lambda x, ids, w, g, d: dispatch.routed_experts(  # noqa: E731
+      x, ids, w, g, d, backend="dense", compute_dtype=jnp.float32)
+  sharded = lambda x, ids, w, g, d: per_shard.token_parallel_routed_experts(  # noqa: E731
+      x, ids, w, g, d, mesh=mesh, backend=backend, compute_dtype=jnp.float32)
+  expected, expected_grads = _moe_loss_and_grads(reference, args)
+  fsdp = NamedSharding(mesh, P(None, "fsdp"))
+  placed = (*_on_mesh(mesh, *args[:3]), jax.device_put(args[3], fsdp),
+            jax.device_put(args[4], NamedSharding(mesh, P(None, None, "fsdp"))))
+  value, grads = _moe_loss_and_grads(sharded, placed)
+  _close(value, expected, "loss")
+  for name, g, g0 in zip(["x", "weights", "w_gate_up", "w_down"], grads, expected_grads):
+    _close(g, g0, f"d{name}")
+  # Each shard sorts its own T*K/8 assignments, never the batch's T*K.
+  jaxpr = jax.make_jaxpr(sharded)(*args)
+  sorts = [(inside, shapes) for name, inside, shapes in _walk(jaxpr.jaxpr) if name == "sort"]
+  assert sorts and all(inside and shapes[0] == (T * K // 8,) for inside, shapes in sorts), sorts
+
+
+STEP_MESHES = {"masked": ((2, 4), ("data", "context")), "block": ((2, 2, 2), ("fsdp", "tensor", "context"))}
+
+
+def _step_results(objective: str, attention: str):
+  """(loss, gradient leaves) of one train step on one device and on the objective's mesh of STEP_MESHES (the
+  optimizer keeps the gradient)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=import-outside-toplevel
+  config = base_config()
+  config.model.update(TINY_MODEL)
+  config.model.attention_impl = attention
+  config.objective.name = objective
+  if objective == "block":
+    config.objective.block_size = 4
+  config.train.update(batch_size=4, seq_len=32, warmup_steps=0)
+  batch = synthetic_batch(4, 32, TINY_MODEL["vocab_size"], seed=0)
+  record = optax.GradientTransformation(init=lambda params: jax.tree.map(jnp.zeros_like, params),
+                                        update=lambda grads, state, params=None: (grads, grads))
+  out = []
+  for shape, axes in [((1,), ("data",)), STEP_MESHES[objective]]:
+    mesh = make_mesh(shape, axes, devices=jax.devices()[:int(np.prod(shape))])
+    compiled = compile_train_step(config, mask_id=4, mesh=mesh, optimizer=(record, optax.constant_schedule(0.0)))
+    state, metrics = compiled.step(compiled.init_state(), compiled.place(batch), jax.random.key(0))
+    out.append((float(metrics["loss"]), [np.asarray(g) for g in jax.tree.leaves(state.opt_state)]))
+  return out
+
+
+@needs_eight
+@pytest.mark.parametrize("objective,attention", [("masked", "xla"), ("block", "chunked")])
+def test_context_parallel_step_equals_one_device(objective, attention):
+  """One train step on a data x context (masked) or fsdp x tensor x context (block) mesh: the loss and every
+  gradient entry equal the single-device step's (to 1e-5 of the largest gradient entry: float32 sums in another
+  order)."""
+  (loss0, grads0), (loss, grads) = _step_results(objective, attention)
+  scale = max(float(np.max(np.abs(g))) for g in grads0)
+  np.testing.assert_allclose(loss, loss0, rtol=RTOL)
+  for g, g0 in zip(grads, grads0):
+    np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * scale)
