@@ -44,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from data_recipes import python_packages  # noqa: E402
+from diffgemma_jax.compile_cache import use_compilation_cache  # noqa: E402
 from diffgemma_jax.config import load_config  # noqa: E402
 from diffgemma_jax.data import Tokenizer, make_eval_batches  # noqa: E402
 from diffgemma_jax.data.store import open_split  # noqa: E402
@@ -347,17 +348,18 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   work = args.workdir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "gpu_pair_work")
   os.makedirs(work, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", os.path.join(work, "jax_cache"))
   data_dir = os.path.join(work, "data")
   ar_dir, block_dir = os.path.join(work, "ar"), os.path.join(work, "block")
-  overrides = {"data.dir": data_dir, **(SMOKE_OVERRIDES if args.smoke else {}),
-               **dict(item.split("=", 1) for item in args.override)}
+  overrides = {"data.dir": data_dir, "compilation.cache_dir": os.path.join(work, "jax_cache"),
+               **(SMOKE_OVERRIDES if args.smoke else {}), **dict(item.split("=", 1) for item in args.override)}
   device = jax.devices()[0]
   report = Report(os.path.join(args.out, "gpu_pair.json"), device=device.device_kind, platform=device.platform,
                   jax=jax.__version__, commit=os.environ.get("DIFFGEMMA_COMMIT", ""), smoke=args.smoke,
                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), args=vars(args),
                   cpu_count=os.cpu_count())
-  vocab_size = int(load_config(AR_CONFIG, overrides).model.vocab_size)
+  ar_config = load_config(AR_CONFIG, overrides)
+  use_compilation_cache(ar_config)  # every phase's configs share the folder
+  vocab_size = int(ar_config.model.vocab_size)
   if run_phase(report, "corpus", build_corpus, args, data_dir, vocab_size, report) is None:
     return 1
   ar = run_phase(report, "ar", train_ar, args, overrides, ar_dir, report)

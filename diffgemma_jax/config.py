@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from data_recipes import RECIPES, SFT_RECIPES
+from diffgemma_jax.compile_cache import check_compilation_config
 from diffgemma_jax.data.mixture import parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
@@ -140,6 +141,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = -1
   c.distributed.process_id = -1
   c.distributed.initialization_timeout_s = 300  # a process that cannot reach the coordinator fails after this
+
+  # JAX's persistent compilation cache (README "Compilation cache"): compiled programs kept in a local folder or a
+  # bucket (gs://, s3://) and read back by every later process compiling the same program (a restart after a
+  # preemption, an evaluation of the same model), instead of compiling it again; one folder serves any number of
+  # runs. Empty: none.
+  c.compilation = ml_collections.ConfigDict()
+  c.compilation.cache_dir = ""
+  c.compilation.min_compile_time_s = 1.0  # programs compiled faster than this are not kept; 0: every program
   return c
 
 
@@ -271,6 +280,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"train.batch_size={config.train.batch_size}")
   _validate_optimizer(config.train)
   check_profile_steps(config.train.profile_steps)
+  check_compilation_config(config.compilation)
   for key, minimum in (("eval.num_t_samples", 1), ("eval.batch_size", 1), ("eval.max_sequences", 0),
                        ("eval.every_steps", 0), ("checkpoint.every_steps", 1), ("checkpoint.keep", 0),
                        ("train.log_every_steps", 1), ("train.warmup_steps", 0)):

@@ -25,6 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError
@@ -67,6 +68,7 @@ class DiffGemmaLM(LM):
     if isinstance(config, str):  # overrides: "a.b=value;c.d=value" (the harness splits model_args at commas)
       pairs = [item.split("=", 1) for item in str(overrides).split(";") if item]
       config = load_config(config, {key: value for key, value in pairs})
+    use_compilation_cache(config)  # before the model is restored and its functions compiled
     self.config = config
     objective = str(config.objective.name)
     self.options = requested_options(sampler, objective, sampler_options, seed=int(seed))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import sys
 
+from diffgemma_jax.compile_cache import use_compilation_cache
+from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 
 
@@ -25,6 +27,14 @@ def config_overrides(rest: list[str]) -> dict[str, str]:
     overrides[key] = value
     i += 1
   return overrides
+
+
+def load_run_config(spec: str, overrides: dict[str, str]):
+  """The locked config of `--config` with its overrides, and JAX's compilation cache pointed where it says (before
+  anything compiles: JAX opens the cache at the first compile)."""
+  config = load_config(spec, overrides)
+  use_compilation_cache(config)
+  return config
 
 
 def fail(message: str, code: int = 2) -> int:

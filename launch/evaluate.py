@@ -16,11 +16,10 @@ import json
 import sys
 
 from diffgemma_jax import storage
-from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate
 from diffgemma_jax.train.bound import EvaluationStopped
-from .common import config_overrides, fail, json_safe
+from .common import config_overrides, fail, json_safe, load_run_config
 
 
 def main(argv=None) -> int:
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
   try:
     if args.output:  # before the evaluation, not after it
       storage.check_writable(args.output, "--output")
-    config = load_config(args.config, config_overrides(rest))
+    config = load_run_config(args.config, config_overrides(rest))
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
     result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint, partial_dir=partial_dir,
                       log=lambda message: print(message, file=sys.stderr, flush=True))

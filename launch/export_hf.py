@@ -12,12 +12,11 @@ import os
 import sys
 
 from diffgemma_jax import storage
-from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError, MappingError
 from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir
-from .common import config_overrides, fail
+from .common import config_overrides, fail, load_run_config
 
 
 def main(argv=None) -> int:
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
   try:
     storage.check_reachable(args.output, "--output")  # before the restore, not after it
     check_workdir(args.workdir, reading=True)
-    config = adopt_saved_lora(load_config(args.config, config_overrides(rest)),
+    config = adopt_saved_lora(load_run_config(args.config, config_overrides(rest)),
                               os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)
     tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))

@@ -14,12 +14,11 @@ import re
 import sys
 
 from diffgemma_jax import storage
-from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
-from .common import config_overrides, fail, json_safe
+from .common import config_overrides, fail, json_safe, load_run_config
 
 
 # the fields of each request in the JSON document (--json, --output)
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
   try:
     if args.output:  # before the generation, not after it
       storage.check_writable(args.output, "--output")
-    config = load_config(args.config, config_overrides(rest))
+    config = load_run_config(args.config, config_overrides(rest))
     given = {flag: getattr(args, flag) for flag in OPTIONS}
     options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
                                 seed=args.seed)

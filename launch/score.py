@@ -11,10 +11,9 @@ import json
 import sys
 
 from diffgemma_jax import storage
-from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.scoring import LAYOUTS, score_file
-from .common import config_overrides, fail, json_safe
+from .common import config_overrides, fail, json_safe, load_run_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
   try:
     if args.output:  # before the scoring, not after it
       storage.check_writable(args.output, "--output")
-    config = load_config(args.config, config_overrides(rest))
+    config = load_run_config(args.config, config_overrides(rest))
     report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,
                         batch_size=args.batch_size, seed=args.seed, layout=args.layout)
   except (ConfigError, DataError) as e:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError, DataError, NonFiniteLossError
 from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.train import train
-from .common import config_overrides, fail
+from .common import config_overrides, fail, load_run_config
 
 
 def main(argv=None) -> int:
@@ -22,7 +21,7 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
   try:
     overrides = config_overrides(rest)
-    config = load_config(args.config, overrides)
+    config = load_run_config(args.config, overrides)
     initialize_distributed(config)  # before any device is touched; a no-op for one process
     summary = train(config, args.workdir, show_progress=not args.no_progress, overrides=overrides,
                     command=["diffgemma-train"] + list(sys.argv[1:] if argv is None else argv))

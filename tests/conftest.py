@@ -226,6 +226,41 @@ def reader_clis(scratch) -> tuple:
           (export_main, ["--output", os.path.join(str(scratch), "hf")]))
 
 
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches")
+
+
+@pytest.fixture
+def no_compilation_cache():
+  """A function that turns JAX's persistent compilation cache off and drops the programs compiled in memory, so the
+  next compile is a fresh process's; called before the test, and JAX's settings restored after it (they are
+  process-wide)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+
+  def turn_off():
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    jax.clear_caches()
+
+  turn_off()
+  yield turn_off
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def compilation_cache_entries(folder: str) -> set[str]:
+  """The programs JAX's persistent compilation cache holds in `folder` (a local folder or a bucket URL), read with
+  a client of the store's own."""
+  import fsspec
+  fs, path = fsspec.core.url_to_fs(folder, skip_instance_cache=True)
+  if not fs.exists(path):
+    return set()
+  return {name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False) if name.endswith("-cache")}
+
+
 class ConstantLogits:
   """A stand-in denoiser whose logits are all zero, whatever it is given: every prediction is uniform over the
   states an objective allows. Objectives call it as they call the model."""

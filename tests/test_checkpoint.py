@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics, train_losses
+from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, compilation_cache_entries, read_metrics, train_losses
 from diffgemma_jax.errors import IncompatibleCheckpointError, NonFiniteLossError
 from diffgemma_jax.train import Checkpointer, train
 
@@ -97,10 +97,12 @@ def test_resume_after_sigkill_repeats_the_loss_trajectory(trained_run, tiny_conf
 
 def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_exactly(trained_run, tiny_config_file, tmp_path):
   """A preemption notice (SIGTERM) mid-run: the run saves a checkpoint of the step it was on, exits 4, and the same
-  command resumes from there with the uninterrupted run's losses."""
+  command resumes from there with the uninterrupted run's losses, its train step read from the compilation cache
+  the first process wrote (`compilation.cache_dir`), not compiled again."""
   _, reference_dir, _ = trained_run
   workdir = str(tmp_path / "preempted")
-  cmd = _train_cmd(tiny_config_file, workdir, TRAINED_OVERRIDES)
+  cache = {"compilation.cache_dir": str(tmp_path / "jax-cache"), "compilation.min_compile_time_s": "0"}
+  cmd = _train_cmd(tiny_config_file, workdir, dict(TRAINED_OVERRIDES, **cache))
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   try:
@@ -118,8 +120,11 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_resumes_exactly(trained_
   logged = max(train_losses(workdir))
   assert saved and saved[-1] == logged < TRAINED_STEPS, (saved, logged)  # every finished step is in the checkpoint
   assert f"stop requested (SIGTERM): saved checkpoint {logged}" in err
-  resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert any(name.startswith("jit_step-") for name in compilation_cache_entries(cache["compilation.cache_dir"]))
+  resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, JAX_LOG_COMPILES="1"))  # JAX then logs each cache hit
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Persistent compilation cache hit for 'jit_step'" in resumed.stderr, resumed.stderr[-3000:]
   losses, reference = train_losses(workdir), train_losses(reference_dir)
   assert sorted(losses) == list(range(1, TRAINED_STEPS + 1)) and all(len(v) == 1 for v in losses.values())
   for step in range(logged + 1, TRAINED_STEPS + 1):

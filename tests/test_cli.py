@@ -24,7 +24,7 @@ def test_overrides_reach_the_config(load_tiny):
 
 @pytest.mark.parametrize("flag, expected", [
     ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; valid keys there are: train.b1, train.b2,"),
-    ("--config.optimizer.lr=3", "valid keys there are: checkpoint, data, distributed, eval, init, log, mesh, model, objective, train"),
+    ("--config.optimizer.lr=3", "valid keys there are: checkpoint, compilation, data, distributed, eval, init, log, mesh, model, objective, train"),
     ("--config.train.seq_len=0", "train.seq_len: must be a positive integer"),
     ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse 'oops' as an integer (like its "
      "current value 4): not a Python literal"),

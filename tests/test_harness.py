@@ -20,7 +20,7 @@ from flax import nnx
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from conftest import TINY_MODEL  # noqa: E402
+from conftest import TINY_MODEL, compilation_cache_entries  # noqa: E402
 from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
 from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
 from diffgemma_jax.scoring import Pair  # noqa: E402
@@ -150,15 +150,18 @@ TASKS = {
         """}
 
 
-def test_the_harness_runs_our_model_on_its_own_api(trained_run, tiny_config_file, tmp_path):
+def test_the_harness_runs_our_model_on_its_own_api(trained_run, tiny_config_file, tmp_path, no_compilation_cache):
   """`lm_eval.simple_evaluate` with model "diffgemma": multiple choice (loglikelihood), perplexity
-  (loglikelihood_rolling, texts longer than the 32-token context) and generation, on the session's masked run."""
+  (loglikelihood_rolling, texts longer than the 32-token context) and generation, on the session's masked run. What
+  it compiles goes to the compilation cache its config overrides name."""
   from lm_eval.tasks import TaskManager
   _, workdir, _ = trained_run
   for name, text in TASKS.items():
     (tmp_path / name).write_text(textwrap.dedent(text))
+  cache = str(tmp_path / "jax-cache")
   results = lm_eval.simple_evaluate(
-      model="diffgemma", model_args=f"config={tiny_config_file},workdir={workdir},block_length=8",
+      model="diffgemma", model_args=f"config={tiny_config_file},workdir={workdir},block_length=8,"
+      f"overrides=compilation.cache_dir={cache};compilation.min_compile_time_s=0",
       tasks=["tiny_mc", "tiny_rolling", "tiny_gen"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
       batch_size=4, log_samples=True)
   metrics = results["results"]
@@ -170,6 +173,7 @@ def test_the_harness_runs_our_model_on_its_own_api(trained_run, tiny_config_file
   # the second text is about 6x the first: more nats, through several windows of the 32-token context
   rolling = [s["filtered_resps"][0] for s in sorted(samples["tiny_rolling"], key=lambda s: s["doc_id"])]
   assert rolling[1] < rolling[0] < 0
+  assert compilation_cache_entries(cache)
 
 
 def test_the_shipped_held_out_tasks_load_and_the_wrapper_adds_them():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import time
+import types
 
 import pytest
 
@@ -23,14 +23,21 @@ def _value(event) -> float:
   return round(value.simple_value or (value.tensor.float_val or [0.0])[0], 3)
 
 
-def test_a_rerun_from_step_0_drops_what_a_run_killed_before_its_first_checkpoint_logged(tmp_path):
+@pytest.fixture
+def one_second(monkeypatch):
+  """tensorboardX's clock stopped: every event file is opened in the same second (it names files by it)."""
+  import tensorboardX.event_file_writer
+  monkeypatch.setattr(tensorboardX.event_file_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.5))
+
+
+def test_a_rerun_from_step_0_drops_what_a_run_killed_before_its_first_checkpoint_logged(tmp_path, one_second):
+  """Also when the rerun starts in the second the killed run started in: both event files are kept, in order."""
   from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
   workdir = str(tmp_path)
   killed = _logger(workdir, 0)
   for step in (1, 2):
     killed.write(step, {"loss": 10.0 + step})
   killed.close()  # what a SIGKILL leaves: flushed records, no checkpoint
-  time.sleep(1.1)  # event files are named by the second they start in
   rerun = _logger(workdir, 0)
   for step in (1, 2, 3, 4):
     rerun.write(step, {"loss": float(step)})
@@ -38,8 +45,9 @@ def test_a_rerun_from_step_0_drops_what_a_run_killed_before_its_first_checkpoint
   assert [(r["step"], r["train/loss"]) for r in read_metrics(workdir)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
   # TensorBoard: each run's event file opens with a restart marker at the step after its checkpoint (1 here), so
   # readers drop what an earlier run logged from there on (tensorboard's purge of orphaned data)
-  events = [e for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")))
-            for e in EventFileLoader(path).Load()]
+  paths = sorted(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")))  # TensorBoard's reading order
+  assert len(paths) == 2 and all(".1700000000." in path for path in paths), paths
+  events = [e for path in paths for e in EventFileLoader(path).Load()]
   marks = [("start", e.step) if e.HasField("session_log") and e.session_log.status == e.session_log.START
            else ("loss", e.step, _value(e)) for e in events if e.HasField("session_log")
            or e.HasField("summary")]
@@ -47,10 +55,12 @@ def test_a_rerun_from_step_0_drops_what_a_run_killed_before_its_first_checkpoint
                    ("start", 1), ("loss", 1, 1.0), ("loss", 2, 2.0), ("loss", 3, 3.0), ("loss", 4, 4.0)], marks
 
 
-def test_logs_of_a_workdir_in_a_bucket_keep_earlier_runs_and_upload_events_as_they_go(bucket, tmp_path):
+def test_logs_of_a_workdir_in_a_bucket_keep_earlier_runs_and_upload_events_as_they_go(bucket, tmp_path,
+                                                                                     one_second):
   """In a bucket, TensorBoard's events are written locally and uploaded at the first logged step, then at most
   once a minute, and whole when the logs close; a resumed run's metrics.jsonl keeps what earlier runs logged up to
-  its checkpoint (an object cannot be appended to: gcsfs opens it empty)."""
+  its checkpoint (an object cannot be appended to: gcsfs opens it empty), and its events go to a file of their own
+  although it started in the same second."""
   from etils import epath
   from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
   workdir = f"{bucket}/logs"
@@ -73,6 +83,11 @@ def test_logs_of_a_workdir_in_a_bucket_keep_earlier_runs_and_upload_events_as_th
   resumed = _logger(workdir, 2)  # from a checkpoint at step 2
   resumed.write(3, {"loss": 30.0})
   resumed.close()
+  files = sorted(epath.Path(workdir, "tb").iterdir())
+  assert len(files) == 2 and files[0].name == path.name and files[0].read_bytes() == path.read_bytes(), files
+  (tmp_path / "resumed").write_bytes(files[1].read_bytes())
+  assert [(e.step, _value(e)) for e in EventFileLoader(str(tmp_path / "resumed")).Load()
+          if e.HasField("summary")] == [(3, 30.0)]
   assert [(r["step"], r["train/loss"]) for r in map(json.loads, epath.Path(workdir, "metrics.jsonl").read_text()
                                                     .splitlines())] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 

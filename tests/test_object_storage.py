@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import bucket_endpoint, upload_files, write_stand_in_dataset
+from conftest import bucket_endpoint, compilation_cache_entries, upload_files, write_stand_in_dataset
 
 
 def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
@@ -308,11 +308,12 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path
 
 
 def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
-                                                                   capsys):
+                                                                   capsys, no_compilation_cache):
   """--prompts and --records objects are read as local files are; each --output object holds the JSON printed.
   (On S3 only, for CI time: in GCS, test_gcs_run.py writes eval's --output, and the objects these flags name are
   read and written through the storage helpers that test_storage_helpers_on_objects_another_process_wrote[gs]
-  checks.)"""
+  checks.) Each entry point puts what it compiles into the compilation cache its config names, here a bucket
+  folder (the cache is turned off before each, as in a new process)."""
   from etils import epath
 
   from launch.evaluate import main as eval_main
@@ -320,13 +321,23 @@ def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, t
   from launch.score import main as score_main
   _, workdir, _ = trained_run
   bucket = "s3://runs"
-  run = ["--config", tiny_config_file, "--workdir", workdir, "--config.train.num_steps=24"]
-  assert eval_main(run + ["--output", f"{bucket}/out/bound.json"]) == 0
+  cache = f"{bucket}/jax-cache-readers"
+  run = ["--config", tiny_config_file, "--workdir", workdir, "--config.train.num_steps=24",
+         f"--config.compilation.cache_dir={cache}", "--config.compilation.min_compile_time_s=0"]
+  cached = [set()]
+
+  def cache_grew() -> bool:
+    cached.append(compilation_cache_entries(cache))
+    no_compilation_cache()
+    return cached[-1] > cached[-2]
+
+  assert eval_main(run + ["--output", f"{bucket}/out/bound.json"]) == 0 and cache_grew()
   printed = json.loads(capsys.readouterr().out)
   assert printed["step"] == 24 and json.loads(epath.Path(f"{bucket}/out/bound.json").read_text()) == printed
   epath.Path(f"{bucket}/in/prompts.txt").write_text("def main(\nx = 1\\nprint(\n\n")
   assert generate_main(run + ["--prompts", f"{bucket}/in/prompts.txt", "--gen_length", "8", "--block_length", "8",
                               "--batch_size", "2", "--json", "--output", f"{bucket}/out/completions.json"]) == 0
+  assert cache_grew()
   printed = json.loads(capsys.readouterr().out)
   assert [r["prompt"] for r in printed] == ["def main(", "x = 1\nprint("]
   assert json.loads(epath.Path(f"{bucket}/out/completions.json").read_text()) == printed
@@ -334,6 +345,7 @@ def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, t
   epath.Path(f"{bucket}/in/pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "continuation": c}) + "\n"
                                                             for p, c in pairs))
   assert score_main(run + ["--records", f"{bucket}/in/pairs.jsonl", "--output", f"{bucket}/out/scores.json"]) == 0
+  assert cache_grew()
   written = json.loads(epath.Path(f"{bucket}/out/scores.json").read_text())
   assert [r["source"] for r in written["records"]] == [f"{bucket}/in/pairs.jsonl:1", f"{bucket}/in/pairs.jsonl:2"]
   assert capsys.readouterr().out.splitlines()[-1].startswith(f"total: {written['summary']['nll']:.3f} nats")

@@ -60,3 +60,34 @@ def test_row_cache_is_written_as_rows_come_and_read_in_place(tmp_path):
   assert len(blob) < 2000
   np.testing.assert_array_equal(pickle.loads(blob).take([5, 7])["loss_mask"], cached["loss_mask"][[5, 7]])
   assert len(write_rows(str(tmp_path / "empty.rows"), iter([]), 64)["tokens"]) == 0
+
+
+def test_old_npz_row_caches_of_the_split_are_deleted_and_nothing_else(tiny_tokenizer, tmp_path, capsys):
+  """Row caches of earlier versions (`<split>-sft-<template>-<seq_len>[-packed<n>]-<hash>.npz`, and a killed
+  writer's `.<pid>.tmp.npz`) are never read: building the split's cache folder deletes that split's, in one line
+  on stderr; the other split's (its rows not built yet), files of other names and the new cache stay."""
+  from data_recipes.common import write_dataset
+  from diffgemma_jax.data.pipeline import sft_rows
+  data_dir = tmp_path / "ds"
+  write_dataset(str(data_dir), "jsonl", {"train": [(f"t{i}", {"prompt": f"p{i}", "response": f"r{i}"})
+                                                   for i in range(3)], "heldout": [("h", {"prompt": "p", "response": "r"})]},
+                tokenizer=tiny_tokenizer.path)
+  old = ("train-sft-gemma-128-0123456789abcdef.npz", "train-sft-diffusiongemma-512-packed16-fedcba9876543210.npz",
+         "train-sft-plain-64-0123456789abcdef.npz.4242.tmp.npz")
+  kept = ("heldout-sft-gemma-128-0123456789abcdef.npz", "train-sft-gemma-128-0123456789abcdeg.npz",
+          "train-sft-gemma-128-0123456789abcdef.npz.bak", "train-tokens-0123456789abcdef.npz", "train.npz",
+          "my-train-sft-gemma-128-0123456789abcdef.npz")
+  for name in old + kept:
+    (data_dir / name).write_bytes(b"\0" * 1000)
+  before = set(p.name for p in data_dir.iterdir())
+  rows = sft_rows(str(data_dir), "train", 32, "gemma")
+  assert len(rows["tokens"]) == 3
+  (new_cache,) = set(p.name for p in data_dir.iterdir()) - before
+  assert new_cache.startswith("train-sft-gemma-32-") and new_cache.endswith(".rows")
+  assert set(p.name for p in data_dir.iterdir()) == before - set(old) | {new_cache}
+  err = capsys.readouterr().err
+  assert err == (f"removed 3 row cache file(s) of the train split in the old format, no longer read (0.0 MiB) from "
+                 f"{data_dir}: {', '.join(sorted(old))}\n")
+  (data_dir / old[0]).write_bytes(b"")  # left by a run of an older version: the next start deletes it too
+  sft_rows(str(data_dir), "train", 32, "gemma")
+  assert not (data_dir / old[0]).exists() and "removed 1 row cache file(s)" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from absl import flags
 
 from diffgemma_jax.data.manifest import iter_records, read_manifest
 from diffgemma_jax.data.sft import RowStats, iter_rows
-from diffgemma_jax.data.sft.cache import open_rows, write_rows
+from diffgemma_jax.data.sft.cache import open_rows, remove_old_npz_caches, write_rows
 from diffgemma_jax.data.store import SplitStore, open_split, unigram_counts
 from diffgemma_jax.data.tokenizer import Tokenizer
 from diffgemma_jax.errors import DataError
@@ -59,7 +59,8 @@ def sft_rows(data_dir: str, split: str, seq_len: int, template: str, pack_unit: 
   """The prompt-masked rows of an SFT split (data/sft/; packed with `pack_unit` > 0, the held-out split one
   example per row in the packed layout), built once per tokenizer, template, length and packing into a cache
   folder beside the data (data/sft/cache.py: written as the records are read, then mapped read-only, so neither
-  the records nor the rows need to fit in memory). Cut prompts and responses are counted and reported on stderr."""
+  the records nor the rows need to fit in memory). Cut prompts and responses are counted and reported on stderr,
+  and the split's `.npz` row caches of earlier versions deleted (one line on stderr)."""
   tok_path = os.path.join(data_dir, "tokenizer.model")
   packing = f"-packed{pack_unit}" if pack_unit > 0 else ""
   cache = os.path.join(data_dir, f"{split}-sft-{template}-{seq_len}{packing}-{_tokenizer_hash(tok_path)}.rows")
@@ -71,6 +72,11 @@ def sft_rows(data_dir: str, split: str, seq_len: int, template: str, pack_unit: 
     note = stats.report(f"{data_dir} ({split}, {template} template)")
     if note:
       print(note, file=sys.stderr)
+  stale = remove_old_npz_caches(data_dir, split)
+  if stale:
+    print(f"removed {len(stale)} row cache file(s) of the {split} split in the old format, no longer read "
+          f"({sum(size for _, size in stale) / 2**20:.1f} MiB) from {data_dir}: {', '.join(n for n, _ in stale)}",
+          file=sys.stderr)
   if len(rows["tokens"]) == 0:
     raise DataError(f"the {split} split of {data_dir!r} holds no SFT examples")
   return rows

@@ -127,6 +127,21 @@ def log_line(step: int, total_steps: int, scalars: dict[str, float]) -> str:
   return " | ".join(parts)
 
 
+_last_event_file_ns = 0
+
+
+def event_file_suffix() -> str:
+  """What makes a writer's event file name its own: tensorboardX names the file events.out.tfevents.<unix
+  seconds>.<hostname>, so two runs that start in the same second in one folder (a restart right after a crash; a
+  bucket workdir, whose events are written locally and uploaded by name) would share one file and one run's events
+  would be lost. The start time in nanoseconds (strictly increasing within a process) keeps names in start order,
+  the order TensorBoard reads a folder's files in, which a restart's purge of the steps it repeats relies on; the
+  process id separates processes starting in the same nanosecond."""
+  global _last_event_file_ns
+  _last_event_file_ns = max(time.time_ns(), _last_event_file_ns + 1)
+  return f".{_last_event_file_ns}.{os.getpid()}"
+
+
 class _StagedEvents:
   """TensorBoard events of a workdir in a bucket: written to a local folder, uploaded (whole files) at the first
   flush, then at most every `every_s` seconds, and when the logs close. tensorboardX's own bucket writers would
@@ -180,7 +195,7 @@ class MetricsLogger:
       if storage.is_url(workdir):
         self._staged_events = _StagedEvents(tb_dir)
         tb_dir = self._staged_events.local
-      self._writer = SummaryWriter(tb_dir, purge_step=start_step + 1)
+      self._writer = SummaryWriter(tb_dir, purge_step=start_step + 1, filename_suffix=event_file_suffix())
       path = os.path.join(workdir, "metrics.jsonl")
       kept = _records_through(path, start_step)
       if storage.is_url(path):

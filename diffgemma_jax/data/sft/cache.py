@@ -7,12 +7,16 @@ written last. The rows are written as they are made (`write_rows`: nothing but t
 a temporary folder renamed into place, so a cache is whole or absent; processes that build the same cache at once
 each write their own and the first rename wins. `open_rows` maps the files read-only (`np.memmap`): a batch reads its
 rows from the page cache.
+
+Earlier versions cached a split's rows as one `.npz` file beside the data, which nothing reads any more;
+`remove_old_npz_caches` deletes a split's (files of that naming only).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Iterable
@@ -22,6 +26,9 @@ import numpy as np
 from diffgemma_jax.data.sft.rows import KEYS
 
 META = "rows.json"
+# The old caches: <split>-sft-<template>-<seq_len>[-packed<unit>]-<16 hex digits of the tokenizer's hash>.npz, and
+# the temporary file of a writer killed before its rename, <that name>.<pid>.tmp.npz.
+OLD_NPZ_CACHE = r"{split}-sft-[a-z0-9_]+-[0-9]+(-packed[0-9]+)?-[0-9a-f]{{16}}\.npz(\.[0-9]+\.tmp\.npz)?"
 
 
 def open_rows(folder: str) -> dict[str, np.ndarray] | None:
@@ -63,3 +70,21 @@ def write_rows(folder: str, rows: Iterable[dict[str, np.ndarray]], seq_len: int)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return open_rows(folder)
+
+
+def remove_old_npz_caches(data_dir: str, split: str) -> list[tuple[str, int]]:
+  """Deletes the `.npz` row caches of `split` that earlier versions left in `data_dir` (names of the old cache form
+  only, never other files); the (name, size in bytes) of each file deleted."""
+  pattern = re.compile(OLD_NPZ_CACHE.format(split=re.escape(split)))
+  removed = []
+  for name in sorted(os.listdir(data_dir)):
+    path = os.path.join(data_dir, name)
+    if not (pattern.fullmatch(name) and os.path.isfile(path)):
+      continue
+    try:
+      size = os.path.getsize(path)
+      os.remove(path)
+    except FileNotFoundError:  # another process of the run deleted it first
+      continue
+    removed.append((name, size))
+  return removed

@@ -1,0 +1,68 @@
+"""The persistent XLA compilation cache (config section `compilation`): compiled programs kept in a folder or a
+bucket and read back by the next process that compiles the same program, so a run restarted after a preemption
+(or a reader of the same model) skips compiling.
+
+JAX keys each entry by the program, its shardings and devices, the jax/XLA version and the compile options, so one
+folder may serve every run and model; a changed program is a miss, never a wrong program. Every process reads it;
+process 0 writes it. JAX reads and writes bucket URLs through etils.epath (gcsfs, s3fs): `gs://` and `s3://` work
+in this jax; other schemes are refused by name.
+
+Entry points call `use_compilation_cache(config)` after loading the config and before anything compiles (the cache
+is opened at the first compile of the process).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+from diffgemma_jax import storage
+from diffgemma_jax.errors import ConfigError
+
+KEY = "compilation.cache_dir"
+BUCKET_SCHEMES = ("gs", "s3")
+# jax's default: XLA's own GPU caches (per-fusion autotuning results) in a subfolder of the cache folder
+XLA_CACHES_DEFAULT = "xla_gpu_per_fusion_autotune_cache_dir"
+
+
+def check_compilation_config(section) -> None:
+  """The `compilation` keys' values (no file or bucket is touched)."""
+  path = str(section.cache_dir)
+  if storage.is_url(path) and path.split("://")[0] not in BUCKET_SCHEMES:
+    raise ConfigError(f"{KEY}={path!r}: JAX's compilation cache here takes a local folder or a bucket URL "
+                      f"({', '.join(s + '://' for s in BUCKET_SCHEMES)})")
+  if not float(section.min_compile_time_s) >= 0:
+    raise ConfigError(f"compilation.min_compile_time_s: must be >= 0 seconds (0: cache every program), got "
+                      f"{section.min_compile_time_s!r}")
+
+
+def use_compilation_cache(config) -> str | None:
+  """Points JAX's persistent compilation cache at the config's `compilation.cache_dir` (made absolute when local,
+  created when missing); the folder or URL used, or None when the key is empty (JAX's settings left as they are).
+  A bucket that cannot be reached or a folder that cannot be made fails here, naming the key."""
+  section = config.compilation
+  check_compilation_config(section)
+  path = str(section.cache_dir)
+  if not path:
+    return None
+  if storage.is_url(path):
+    storage.check_reachable(path, KEY)
+  path = storage.resolve(path)
+  if not storage.is_url(path):
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      raise ConfigError(f"{KEY}={path!r}: cannot make the folder: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+      raise ConfigError(f"{KEY}={path!r}: the folder is not writable")
+  if jax.config.jax_compilation_cache_dir != path:
+    jax_cache.reset_cache()  # JAX opens its cache once per process; another folder needs it opened again
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(section.min_compile_time_s))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor, whatever the filesystem
+  # XLA writes its own caches from C++ to local paths only, and JAX builds their path with pathlib, which turns
+  # `gs://b/c` into the local folder `gs:/b/c`: with a bucket they stay off.
+  jax.config.update("jax_persistent_cache_enable_xla_caches", None if storage.is_url(path) else XLA_CACHES_DEFAULT)
+  return path

@@ -1,0 +1,93 @@
+"""The `compilation` config section: JAX's persistent compilation cache in a local folder or a bucket, read back by
+a later process (a restart) instead of compiling again; bad values fail in one line naming the key.
+
+A restart of a real training run reading the train step back: test_checkpoint.py (the SIGTERM test); each reader
+entry point writing the cache: test_object_storage.py (eval, generate, score) and test_harness.py (lm-eval)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import compilation_cache_entries
+from diffgemma_jax.compile_cache import XLA_CACHES_DEFAULT, use_compilation_cache
+from diffgemma_jax.config import base_config
+from launch.train import main as train_main
+
+
+def _config(cache_dir: str):
+  config = base_config()
+  config.compilation.update(cache_dir=cache_dir, min_compile_time_s=0.0)
+  return config
+
+
+def _compile_counts(program) -> dict[str, int]:
+  """How many of `program`'s compiles JAX's persistent cache answered (hits) and how many it did not (misses)."""
+  counts = {"hits": 0, "misses": 0}
+  names = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+
+  def listen(event, **_):
+    if event in names:
+      counts[names[event]] += 1
+
+  jax.monitoring.register_event_listener(listen)
+  try:
+    program()
+  finally:
+    jax.monitoring.unregister_event_listener(listen)
+  return counts
+
+
+def _program():
+  x = np.arange(12.0, dtype=np.float32).reshape(3, 4)  # numpy: the jitted function is the one program compiled
+  jax.block_until_ready(jax.jit(lambda a: jnp.tanh(a @ a.T) * 7.0 + a.sum())(x))
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "gs"])
+def test_a_new_process_reads_what_an_earlier_one_compiled(where, request, tmp_path, no_compilation_cache):
+  """Compiled once, written; after the process's state is gone (a restart), compiled again: read back, not
+  compiled. Without the key the second compile is a compile (the check can fail)."""
+  if where == "local":
+    cache_dir = str(tmp_path / "cache")
+  else:
+    request.getfixturevalue({"s3": "s3_endpoint", "gs": "gcs_endpoint"}[where])
+    cache_dir = f"{where}://runs/jax-cache-{tmp_path.name}"
+  assert use_compilation_cache(_config(cache_dir)) == cache_dir
+  assert jax.config.jax_persistent_cache_enable_xla_caches == (XLA_CACHES_DEFAULT if where == "local" else None)
+  assert _compile_counts(_program) == {"hits": 0, "misses": 1}
+  written = compilation_cache_entries(cache_dir)
+  assert len(written) == 1 and next(iter(written)).startswith("jit__lambda-"), written
+  no_compilation_cache()  # a new process
+  assert use_compilation_cache(_config(cache_dir)) == cache_dir
+  assert _compile_counts(_program) == {"hits": 1, "misses": 0}
+  no_compilation_cache()
+  assert use_compilation_cache(_config("")) is None  # the key empty: JAX's settings untouched, nothing read
+  assert _compile_counts(_program) == {"hits": 0, "misses": 0}
+  assert compilation_cache_entries(cache_dir) == written
+
+
+def test_a_relative_folder_is_made_absolute(tmp_path, monkeypatch, no_compilation_cache):
+  monkeypatch.chdir(tmp_path)
+  assert use_compilation_cache(_config("cache/jax")) == str(tmp_path / "cache" / "jax")
+  assert (tmp_path / "cache" / "jax").is_dir()
+
+
+def test_bad_cache_settings_fail_in_one_line_naming_the_key(s3_endpoint, tiny_config_file, tmp_path, capsys,
+                                                            no_compilation_cache):
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  run = ["--config", tiny_config_file, "--workdir", str(tmp_path / "run")]
+  cases = (("hdfs://cluster/cache", "compilation.cache_dir='hdfs://cluster/cache': JAX's compilation cache here "
+            "takes a local folder or a bucket URL (gs://, s3://)"),
+           ("s3://no-such-bucket/cache", "compilation.cache_dir s3://no-such-bucket/cache: the bucket "
+            "s3://no-such-bucket cannot be reached"),
+           (f"{afile}/cache", f"compilation.cache_dir='{afile}/cache': cannot make the folder: Not a directory"))
+  for value, expected in cases:
+    assert train_main(run + [f"--config.compilation.cache_dir={value}"]) == 2, value
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+  assert train_main(run + ["--config.compilation.min_compile_time_s=-1"]) == 2
+  assert "compilation.min_compile_time_s: must be >= 0 seconds" in capsys.readouterr().err
+  assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "run").exists()
