@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import ml_collections
 import numpy as np
@@ -248,3 +249,51 @@ def test_dcn_shape_errors_name_the_key():
   with pytest.raises(ConfigError, match=r"mesh.dcn_shape=\(2, 1\): one positive size per mesh axis"):
     make_mesh((1, 1, 1, 1), dcn_shape=(2, 1))
   assert dict(make_mesh((1, 1, 1, -1), dcn_shape=(1, 1, 1, 1)).shape)["tensor"] >= 1
+
+
+def _devices(process_of_index, shape):
+  """A device array of stand-ins whose process is `process_of_index(index)`."""
+  devices = np.empty(shape, object)
+  for index in np.ndindex(*shape):
+    devices[index] = types.SimpleNamespace(process_index=process_of_index(index))
+  return devices
+
+
+def test_processes_holding_the_same_rows_load_the_same_slice():
+  """Each process loads one slice of every global batch: its own where it holds its own rows, a shared one where a
+  tensor or context axis across hosts makes processes replicas (their data must be identical), an error where
+  rows partly overlap."""
+  from diffgemma_jax.parallel.mesh import batch_slices
+  # data across two hosts, fsdp inside: each process its own rows
+  assert batch_slices(_devices(lambda i: i[0], (2, 4)), ("data", "fsdp")) == ({0: 0, 1: 1}, 2)
+  # tensor across two hosts: both hold every row
+  assert batch_slices(_devices(lambda i: i[0] // 4, (8,)), ("tensor",)) == ({0: 0, 1: 0}, 1)
+  # data x context with context across hosts: both hold rows 0 and 1
+  assert batch_slices(_devices(lambda i: i[1] // 2, (2, 4)), ("data", "context")) == ({0: 0, 1: 0}, 1)
+  # four hosts: tensor pairs them, data splits the pairs
+  assert batch_slices(_devices(lambda i: 2 * (i[0] // 2) + i[1], (4, 2)), ("data", "tensor")) == (
+      {0: 0, 1: 0, 2: 1, 3: 1}, 2)
+  # process 1's rows overlap process 0's and process 2's
+  overlapping = {(0, 0): 0, (1, 0): 0, (1, 1): 1, (2, 0): 1, (0, 1): 2, (2, 1): 2, (3, 0): 3, (3, 1): 3}
+  with pytest.raises(ConfigError, match=r"processes \[0\] and \[1\] hold overlapping but different batch rows"):
+    batch_slices(_devices(overlapping.get, (4, 2)), ("data", "tensor"))
+
+
+def test_two_processes_with_tensor_across_them_match_one_process(tiny_config_file, tmp_path):
+  """mesh (1,1,1,8) over two processes: every row on both hosts, so both load the same rows (before, each loaded
+  half the batch into the same replicated array: a global batch of 4 rows, different on each host). Two steps'
+  losses and gradient norms equal one process's."""
+  config = ["--config", tiny_config_file]
+  overrides = ["--config.mesh.shape=(1,1,1,8)", "--config.train.num_steps=2", "--config.checkpoint.every_steps=2",
+               "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
+               "--config.eval.num_t_samples=2", "--config.train.batch_size=8", "--config.train.seq_len=32"]
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *overrides],
+       {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  _run([LOCAL_SH, "2", *config, "--workdir", multi, *overrides], {}, str(tmp_path / "logs"))
+  single_losses, multi_losses = train_losses(single), train_losses(multi)
+  assert sorted(multi_losses) == sorted(single_losses) == [1, 2]
+  for step in (1, 2):
+    np.testing.assert_allclose(multi_losses[step][0], single_losses[step][0], rtol=1e-5)
+  np.testing.assert_allclose([_grad_norms(multi)[s] for s in (1, 2)], [_grad_norms(single)[s] for s in (1, 2)],
+                             rtol=1e-5)

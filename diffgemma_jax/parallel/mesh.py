@@ -6,7 +6,7 @@ One device is a 1x1x1x1 mesh built by the same code as many, so the single-devic
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -116,7 +116,47 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
     raise ConfigError(f"train.batch_size={batch} (per micro-batch: {batch // accum}, train.grad_accum_steps="
                       f"{accum}) is not divisible by the data-parallel size {rows} (data x fsdp x expert of "
                       f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {rows * accum}")
-  processes = jax.process_count()
-  if batch % processes:
-    raise ConfigError(f"train.batch_size={batch} does not split over {processes} processes")
+  _, slices = batch_slice(mesh)
+  if batch % slices:
+    raise ConfigError(f"train.batch_size={batch} does not split over the {slices} processes (hosts) that hold "
+                      f"different rows")
+
+
+# Mesh axes whose shards hold different rows of a batch; every other axis (tensor, context) holds the same rows.
+_ROW_AXES = ("data", "fsdp", "expert")
+
+
+def batch_slices(devices: Any, axis_names: Sequence[str]) -> tuple[dict[int, int], int]:
+  """({process index: the slice of each global batch it loads}, number of slices) for a mesh's device array.
+
+  A process's devices hold some of the batch's row shards (their coordinates on the row axes). Processes holding
+  different rows load different slices, slice p for process p where every process holds its own rows; processes
+  holding the same rows (a `tensor` or `context` axis across hosts makes them replicas) must load the same rows
+  (`jax.make_array_from_process_local_data`: replicas' data must be identical), so they share one slice, numbered
+  by the group's lowest process index. Processes whose rows partly overlap cannot be fed: a ConfigError."""
+  devices = np.asarray(devices)
+  row_dims = [i for i, name in enumerate(axis_names) if name in _ROW_AXES]
+  owned: dict[int, set] = {}
+  for index, device in np.ndenumerate(devices):
+    owned.setdefault(device.process_index, set()).add(tuple(index[i] for i in row_dims))
+  groups: dict[frozenset, list[int]] = {}
+  for process, rows in sorted(owned.items()):
+    groups.setdefault(frozenset(rows), []).append(process)
+  sets = list(groups)
+  for i, a in enumerate(sets):
+    for b in sets[i + 1:]:
+      if a & b:
+        raise ConfigError(f"mesh.shape/mesh.axes {tuple(axis_names)}: processes {groups[a]} and {groups[b]} hold "
+                          f"overlapping but different batch rows; lay the mesh out so that each host holds whole "
+                          f"row shards (put data, fsdp or expert across hosts with mesh.dcn_shape)")
+  if len({len(rows) for rows in sets}) > 1:
+    raise ConfigError(f"mesh.shape/mesh.axes {tuple(axis_names)}: hosts hold different numbers of batch row shards")
+  order = sorted(sets, key=lambda rows: groups[rows][0])
+  return {process: order.index(frozenset(rows)) for process, rows in owned.items()}, len(order)
+
+
+def batch_slice(mesh: Mesh) -> tuple[int, int]:
+  """(the slice of each global batch this process loads, number of slices): `batch_slices` for this process."""
+  slices, count = batch_slices(mesh.devices, mesh.axis_names)
+  return slices[jax.process_index()], count
 

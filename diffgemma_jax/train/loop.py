@@ -22,7 +22,7 @@ from diffgemma_jax.errors import ConfigError, NonFiniteLossError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
-from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
@@ -47,7 +47,8 @@ from diffgemma_jax.train.step import make_train_step
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
-def _to_device(batch: dict[str, Any], sharding, expected_shape: tuple[int, int]) -> dict[str, jax.Array]:
+def _to_device(batch: dict[str, Any], sharding, expected_shape: tuple[int, int],
+               global_shape: tuple[int, int]) -> dict[str, jax.Array]:
   out = {}
   for key in MODEL_INPUTS:
     if key not in batch:
@@ -56,7 +57,7 @@ def _to_device(batch: dict[str, Any], sharding, expected_shape: tuple[int, int])
     if x.shape != expected_shape:
       raise ValueError(f"data batch {key!r} has shape {x.shape}, expected {expected_shape} "
                        f"(train.batch_size per process, train.seq_len)")
-    out[key] = jax.make_array_from_process_local_data(sharding, x)
+    out[key] = jax.make_array_from_process_local_data(sharding, x, global_shape)
   return out
 
 
@@ -95,7 +96,10 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
   objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
-  data = train_iterator(config, directory, process_index=jax.process_index(), process_count=jax.process_count())
+  # Each process loads its slice of every global batch; processes holding the same rows (a tensor or context axis
+  # across hosts) load the same slice (parallel/mesh.py, batch_slices).
+  data_slice, num_slices = batch_slice(mesh)
+  data = train_iterator(config, directory, process_index=data_slice, process_count=num_slices)
   if start_step is not None:  # the newest step that restores: a damaged one is skipped, saying so
     start_step, state, iterator_state = ckpt.restore_newest(abstract, shardings)
     data.set_state(iterator_state)
@@ -117,7 +121,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   unigram = unigram_baseline(config, directory)
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
-  local_shape = (batch_size // jax.process_count(), seq_len)
+  local_shape = (batch_size // num_slices, seq_len)
   sharding = batch_sharding(mesh)
   flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"] * objective.model_passes(seq_len, model_cfg)
   logger = MetricsLogger(workdir, total_steps=end_step, start_step=start_step, tokens_per_step=batch_size * seq_len,
@@ -218,7 +222,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
       step = start_step
       while step < end_step:
         step += 1
-        batch = _to_device(next(data), sharding, local_shape)
+        batch = _to_device(next(data), sharding, local_shape, (batch_size, seq_len))
         profiler.before(step)
         state, metrics = step_fn(state, batch, base_rng, *decay.args())
         if profiler.after(step, metrics):
