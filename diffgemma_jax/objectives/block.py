@@ -40,7 +40,7 @@ from diffgemma_jax.model.masks import MaskSpec, canvas_clean_mask  # noqa: F401 
 from diffgemma_jax.objectives.estimators import (CORRUPT_STREAM, masked_token_nll, mean_and_stderr, row_draws,
                                                  row_keys, row_levels, stratified_t)
 from diffgemma_jax.objectives.interface import Capabilities, Objective
-from diffgemma_jax.objectives.masked import mask_below, weighted_token_nll
+from diffgemma_jax.objectives.masked import corrupt, mask_below, weighted_token_nll
 from diffgemma_jax.objectives.rows import normalise_loss, router_metrics, scored_by, scored_positions, sft_segments
 
 
@@ -143,12 +143,6 @@ def per_token(t_BN, blocks_BL):
   return jnp.take_along_axis(t_BN, jnp.maximum(blocks_BL, 0), axis=1)
 
 
-def corrupt_per_token(rng, tokens_BL, t_BL, *, mask_id: int, corruptible_BL):
-  """`corrupt` with one noise level per token; the draws equal `corrupt`'s for a per-row t."""
-  return mask_below(jax.random.uniform(rng, tokens_BL.shape), tokens_BL, t_BL, mask_id=mask_id,
-                    corruptible_BL=corruptible_BL)
-
-
 def weighted_nll_per_token(nll_BL, is_masked_BL, t_BL):
   """Per-row sum over masked tokens of -log p / t, with t per token (per block)."""
   return jnp.sum(weighted_token_nll(nll_BL, is_masked_BL, t_BL), axis=-1)
@@ -212,7 +206,7 @@ class BlockDiffusion(Objective):
     scored = scored_by(model, batch)
     t_rng, mask_rng = jax.random.split(rng)
     t_BL = per_token(block_t(t_rng, tokens.shape[0], num_blocks, self.eps), blocks)
-    noisy, is_masked = corrupt_per_token(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
+    noisy, is_masked = corrupt(mask_rng, tokens, t_BL, mask_id=self.mask_id, corruptible_BL=scored)
     logits, aux = self._canvas_logits(model, noisy, batch, blocks)
     nll = masked_token_nll(logits, tokens, mask_id=self.mask_id)
     nelbo = normalise_loss(weighted_token_nll(nll, is_masked, t_BL), scored, sft_segments(batch))

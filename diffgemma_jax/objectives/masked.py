@@ -24,9 +24,11 @@ from diffgemma_jax.objectives.interface import Capabilities, Objective
 from diffgemma_jax.objectives.rows import normalise_loss, predicting_logits, router_metrics, scored_by, sft_segments
 
 
-def corrupt(rng, tokens_BL, t_B, *, mask_id: int, corruptible_BL=None):
-  """Replaces each corruptible token by `mask_id` with probability t of its row; returns (noisy, is_masked)."""
-  return mask_below(jax.random.uniform(rng, tokens_BL.shape), tokens_BL, t_B[:, None], mask_id=mask_id,
+def corrupt(rng, tokens_BL, t, *, mask_id: int, corruptible_BL=None):
+  """Replaces each corruptible token by `mask_id` with probability t: one t per row ([B]) or per token ([B, L], the
+  block objective's per-block levels), drawing the same uniforms either way; returns (noisy, is_masked)."""
+  t_BL = t[:, None] if t.ndim == 1 else t
+  return mask_below(jax.random.uniform(rng, tokens_BL.shape), tokens_BL, t_BL, mask_id=mask_id,
                     corruptible_BL=corruptible_BL)
 
 
