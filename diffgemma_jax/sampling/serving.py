@@ -81,8 +81,21 @@ class Engine:
     self._insert = jax.jit(lambda state, slots, *args: program.insert(nnx.merge(graphdef, state), slots, *args),
                            donate_argnums=1)
     self._step = jax.jit(lambda state, slots: program.step(nnx.merge(graphdef, state), slots), donate_argnums=1)
-    self.model_calls = 0  # of the last run: prefills and steps (each one call of the whole batch or one row)
+    self._compiled: dict[Any, Any] = {}  # "init", "step" and each prefill width: compiled ahead of a run
+    self.model_calls = 0  # of the last run: prefills and steps (each one call of one row or of the whole batch)
     self.steps = 0
+    self.compile_seconds = 0.0  # of the last run
+
+  def compile(self, widths) -> None:
+    """Compiles the step, the slots' init and the prefill of each prompt width not compiled yet."""
+    if "step" not in self._compiled:
+      self._compiled["init"] = self._init.lower(self.state).compile()
+      self._compiled["step"] = self._step.lower(self.state, jax.eval_shape(self._init, self.state)).compile()
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    for width in sorted(set(widths) - set(self._compiled)):
+      self._compiled[width] = self._insert.lower(
+          self.state, jax.eval_shape(self._init, self.state), scalar, jax.ShapeDtypeStruct((1, width), jnp.int32),
+          scalar, jax.eval_shape(lambda: jax.random.key(0)), scalar).compile()
 
   def check(self, request: Request) -> None:
     if not 1 <= len(request.prompt) <= self.max_prompt_length:
@@ -95,8 +108,9 @@ class Engine:
     width = bucket_width(len(request.prompt))
     prompt = np.zeros((1, width), np.int32)
     prompt[0, :len(request.prompt)] = request.prompt
-    return self._insert(self.state, slots, jnp.int32(row), jnp.asarray(prompt), jnp.int32(len(request.prompt)),
-                        jax.random.key(np.uint32(request.seed)), jnp.int32(request.max_new_tokens // self.program.unit))
+    return self._compiled[width](self.state, slots, jnp.int32(row), jnp.asarray(prompt),
+                                 jnp.int32(len(request.prompt)), jax.random.key(np.uint32(request.seed)),
+                                 jnp.int32(request.max_new_tokens // self.program.unit))
 
   def run(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
     """Each request's {"tokens": new tokens [its max_new_tokens] (the program's fill after EOS), "model_calls",
@@ -104,7 +118,10 @@ class Engine:
     for request in requests:
       self.check(request)
     start = time.perf_counter()
-    slots = self._init(self.state)
+    self.compile([bucket_width(len(request.prompt)) for request in requests])
+    self.compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    slots = self._compiled["init"](self.state)
     queue = collections.deque(enumerate(requests))
     owner: list[int | None] = [None] * self.num_slots
     results: list[dict[str, Any]] = [{} for _ in requests]
@@ -117,7 +134,7 @@ class Engine:
           self.model_calls += 1
       if all(index is None for index in owner):
         break
-      slots = self._step(self.state, slots)
+      slots = self._compiled["step"](self.state, slots)
       self.model_calls += 1
       self.steps += 1
       done = np.asarray(slots.done_B)
