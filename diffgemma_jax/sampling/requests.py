@@ -140,8 +140,7 @@ class Generator:
         program = serving_ar.ARProgram(cfg, eos_id=self.eos_id)
       else:
         program = serving_canvas.CanvasProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
-      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2],
-                                          options.gen_length)
+      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
     engine = self._engines[key]
     outputs = engine.run([serving.Request(tuple(p), options.gen_length, s) for p, s in zip(prompts, seeds)])
     seconds = max(out["seconds"] for out in outputs)

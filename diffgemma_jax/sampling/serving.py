@@ -64,17 +64,16 @@ def prefill_row(model, cache, row, prompt_1W, length):
 
 # ---- the host side -----------------------------------------------------------------------------------------------
 class Engine:
-  """`num_slots` slots of one KV cache for prompts up to `max_prompt_length` tokens and up to `program`'s max new
-  tokens; `run(requests)` serves them in arrival order and returns each one's result in input order."""
+  """`num_slots` slots of one KV cache for prompts up to `max_prompt_length` tokens and up to `program`'s
+  `max_new_tokens` (its config's); `run(requests)` serves them in arrival order and returns each one's result in
+  input order."""
 
-  def __init__(self, model, program, num_slots: int, max_prompt_length: int, max_new_tokens: int):
+  def __init__(self, model, program, num_slots: int, max_prompt_length: int):
     if num_slots < 1:
       raise ValueError(f"num_slots={num_slots} must be >= 1")
-    if max_new_tokens < 1 or max_new_tokens % program.unit:
-      raise ValueError(f"max_new_tokens={max_new_tokens} must be a positive multiple of {program.unit}")
     self.program, self.num_slots = program, num_slots
-    self.max_prompt_length, self.max_new_tokens = max_prompt_length, max_new_tokens
-    self.num_cache_slots = bucket_width(max_prompt_length) + max_new_tokens
+    self.max_prompt_length, self.max_new_tokens = max_prompt_length, program.max_new_tokens
+    self.num_cache_slots = bucket_width(max_prompt_length) + program.max_new_tokens
     self.graphdef, self.state = nnx.split(model)
     graphdef = self.graphdef
     self._init = jax.jit(lambda state: program.init(nnx.merge(graphdef, state), num_slots, self.num_cache_slots))

@@ -42,7 +42,7 @@ class ARProgram:
   def __init__(self, cfg: ARConfig, *, eos_id: int | None):
     self.cfg, self.eos_id = cfg, eos_id
     self.stop_at_eos = cfg.stop_at_eos and eos_id is not None
-    self.unit = 1
+    self.unit, self.max_new_tokens = 1, cfg.max_new_tokens
 
   def _sample(self, logits_BV, key):
     return sample_next(logits_BV, key, temperature=self.cfg.temperature, top_p=self.cfg.top_p)

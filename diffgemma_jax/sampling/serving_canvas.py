@@ -57,7 +57,8 @@ class CanvasProgram:
                        "supported yet")
     self.cfg, self.mask_id, self.eos_id, self.pad_id = cfg, mask_id, eos_id, pad_id
     self.stop_at_eos = cfg.stop_at_eos and eos_id is not None
-    self.unit = cfg.canvas_length  # max new tokens must be a multiple of this
+    self.unit = cfg.canvas_length  # a request's max new tokens: a multiple of this, at most max_new_tokens
+    self.max_new_tokens = cfg.gen_length
 
   def init(self, model, num_slots: int, num_cache_slots: int) -> CanvasSlots:
     B, b, C = num_slots, self.cfg.canvas_length, self.cfg.num_canvases
