@@ -124,6 +124,18 @@ class Generator:
     return results
 
 
+  def engine(self, cfg, num_slots: int, max_prompt_length: int) -> serving.Engine:
+    """The continuous-batching engine of `cfg` (an ARConfig, or a CanvasConfig with a MaskedRule) with `num_slots`
+    slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls."""
+    key = (cfg, num_slots, serving.bucket_width(max_prompt_length))
+    if key not in self._engines:
+      if isinstance(cfg, autoregressive.ARConfig):
+        program = serving_ar.ARProgram(cfg, eos_id=self.eos_id)
+      else:
+        program = serving_canvas.CanvasProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
+      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
+    return self._engines[key]
+
   def serve(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, num_slots: int,
             seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """The results of `run` (in the given order) from the continuous-batching engine (`serving.py`) with
@@ -134,14 +146,7 @@ class Generator:
     cfg = sampler_config(options)
     prompts = [list(map(int, p)) for p in prompts]
     seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
-    key = (cfg, num_slots, serving.bucket_width(max(map(len, prompts))))
-    if key not in self._engines:
-      if isinstance(cfg, autoregressive.ARConfig):
-        program = serving_ar.ARProgram(cfg, eos_id=self.eos_id)
-      else:
-        program = serving_canvas.CanvasProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
-      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
-    engine = self._engines[key]
+    engine = self.engine(cfg, num_slots, max(map(len, prompts)))
     outputs = engine.run([serving.Request(tuple(p), options.gen_length, s) for p, s in zip(prompts, seeds)])
     seconds = max(out["seconds"] for out in outputs)
     results = []

@@ -79,17 +79,31 @@ class Engine:
     self._init = jax.jit(lambda state: program.init(nnx.merge(graphdef, state), num_slots, self.num_cache_slots))
     self._insert = jax.jit(lambda state, slots, *args: program.insert(nnx.merge(graphdef, state), slots, *args),
                            donate_argnums=1)
-    self._step = jax.jit(lambda state, slots: program.step(nnx.merge(graphdef, state), slots), donate_argnums=1)
-    self._compiled: dict[Any, Any] = {}  # "init", "step" and each prefill width: compiled ahead of a run
+
+    def advance(state, slots, watched_B):
+      """Steps until a watched row (one the host waits on) is done or no row is active: (slots, steps taken). One
+      dispatch and one read-back per finished request, not per step."""
+      model = nnx.merge(graphdef, state)
+
+      def cond(carry):
+        slots, _ = carry
+        return jnp.any(program.active(slots)) & ~jnp.any(slots.done_B & watched_B)
+
+      return jax.lax.while_loop(cond, lambda carry: (program.step(model, carry[0]), carry[1] + 1),
+                                (slots, jnp.int32(0)))
+
+    self._advance = jax.jit(advance, donate_argnums=1)
+    self._compiled: dict[Any, Any] = {}  # "init", "advance" and each prefill width: compiled ahead of a run
     self.model_calls = 0  # of the last run: prefills and steps (each one call of one row or of the whole batch)
     self.steps = 0
     self.compile_seconds = 0.0  # of the last run
 
   def compile(self, widths) -> None:
-    """Compiles the step, the slots' init and the prefill of each prompt width not compiled yet."""
-    if "step" not in self._compiled:
+    """Compiles the steps' loop, the slots' init and the prefill of each prompt width not compiled yet."""
+    if "advance" not in self._compiled:
       self._compiled["init"] = self._init.lower(self.state).compile()
-      self._compiled["step"] = self._step.lower(self.state, jax.eval_shape(self._init, self.state)).compile()
+      self._compiled["advance"] = self._advance.lower(self.state, jax.eval_shape(self._init, self.state),
+                                                      jax.ShapeDtypeStruct((self.num_slots,), bool)).compile()
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     for width in sorted(set(widths) - set(self._compiled)):
       self._compiled[width] = self._insert.lower(
@@ -133,10 +147,10 @@ class Engine:
           self.model_calls += 1
       if all(index is None for index in owner):
         break
-      slots = self._compiled["step"](self.state, slots)
-      self.model_calls += 1
-      self.steps += 1
-      done = np.asarray(slots.done_B)
+      slots, steps = self._compiled["advance"](self.state, slots, np.asarray([i is not None for i in owner]))
+      done, steps = jax.device_get((slots.done_B, steps))
+      self.model_calls += int(steps)
+      self.steps += int(steps)
       for row, index in enumerate(owner):
         if index is not None and done[row]:
           result = jax.device_get(self.program.result(slots, row))
