@@ -4,12 +4,12 @@ Static batching (`canvas.generate`, `autoregressive.generate` over a left-padded
 slowest row is done, and later requests wait for the whole batch. The engine here instead holds B slots, the rows
 of one KV cache [B, S], each with its own write position: every `step` is one jitted model call that advances
 every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode step; the
-programs `serving_canvas.CanvasProgram` and `serving_ar.ARProgram` say what a step is), and between steps the host
-refills each slot whose request has finished with the next queued request: one jitted prefill of its prompt into
-that row (prompts right-padded to a few bucket widths, `bucket_width`, so a handful of prefills compile). The
-programs advance each request's random key exactly as the static path does for that request alone, so every
-request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with its seed's key
-(`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
+programs `serving_canvas.CanvasProgram` and `serving_ar.ARProgram` say what a step is). Steps run in a device loop
+until a request finishes; the host then collects it and refills its slot with the next queued request: one
+jitted prefill of its prompt into that row (prompts right-padded to a few widths, `bucket_width`, so a handful of
+prefills compile). The programs advance each request's random key exactly as the static path does for that
+request alone, so every request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with
+its seed's key (`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
 """
 
 from __future__ import annotations
