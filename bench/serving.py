@@ -8,8 +8,9 @@ objective.block_size; the AR decoder gets the same budgets), seed = its index; b
 (rare with random weights) or its budget. Static: batches of --slots requests in arrival order, each one
 `canvas.generate` / `autoregressive.generate` call (`Generator.compiled`, prompts left-padded to the prefill width
 of the batch's longest) running to the batch's largest budget, so a batch costs its longest request. Continuous:
-`serving.Engine` with --slots slots. Both are compiled by a first pass, then timed once; tokens/s counts each
-request's own new tokens (to EOS, within its budget) over the pass's seconds. Model calls: the static batches'
+`serving.Engine` with --slots slots. Both are compiled by a first pass, then timed --repeats times, alternating
+(medians reported); tokens/s counts each request's own new tokens (to EOS, within its budget) over a pass's
+seconds. Model calls: the static batches'
 calls (prefill, denoising steps or decode steps, commits; each call runs the whole batch) against the engine's
 steps (each runs every slot) plus its prefills (one request each). The engine's tokens are checked against the
 static ones request by request (they must be equal). Random weights (configs/block_tiny.py, configs/ar_tiny.py)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 
@@ -77,15 +79,19 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
   options = validate_options(GenerationOptions(**fields), objective, block)
   generator = Generator(model, mask_id=MASK, eos_id=EOS, pad_id=PAD)
   engine = generator.engine(sampler_config(options), args.slots, max(len(r.prompt) for r in requests))
-  timings = {}
-  for label, run in (("static", lambda: static_pass(generator, options, objective, block, requests, args.slots)),
-                     ("continuous", lambda: engine.run(requests))):
+  runs = {"static": lambda: static_pass(generator, options, objective, block, requests, args.slots),
+          "continuous": lambda: engine.run(requests)}
+  seconds, outputs = {label: [] for label in runs}, {}
+  for label, run in runs.items():
     run()  # compiles
-    start = time.perf_counter()
-    out = run()
-    timings[label] = (time.perf_counter() - start, out)
-  static_seconds, (static_ids, static_calls) = timings["static"]
-  engine_seconds, results = timings["continuous"]
+  for _ in range(args.repeats):  # paired: load changes hit both ways
+    for label, run in runs.items():
+      start = time.perf_counter()
+      outputs[label] = run()
+      seconds[label].append(time.perf_counter() - start)
+  static_seconds, engine_seconds = (statistics.median(seconds[label]) for label in runs)
+  static_ids, static_calls = outputs["static"]
+  results = outputs["continuous"]
   engine_ids = [truncate_at_eos(r["tokens"], EOS) for r in results]
   tokens = sum(map(len, engine_ids))
   return {"sampler": name, "options": options.sampler, "new_tokens": tokens,
@@ -110,10 +116,11 @@ def main(argv=None) -> int:
   p.add_argument("--block_workdir", default=None, help="a trained block run (default: random weights)")
   p.add_argument("--ar_config", default="configs/ar_tiny.py")
   p.add_argument("--ar_workdir", default=None, help="a trained AR run (default: random weights)")
+  p.add_argument("--repeats", type=int, default=3, help="timed passes of each way, alternating; medians reported")
   p.add_argument("--only", choices=("canvas", "ar"), default=None)
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
-  for flag in ("slots", "requests", "min_prompt", "max_canvases"):
+  for flag in ("slots", "requests", "min_prompt", "max_canvases", "repeats"):
     if getattr(args, flag) < 1:
       p.error(f"--{flag}={getattr(args, flag)} must be >= 1")
   if args.max_prompt < args.min_prompt:
@@ -135,7 +142,8 @@ def main(argv=None) -> int:
     rows.append(compare(name, model, str(config.objective.name), block, args, requests))
   report = {"bench": "serving", "commit": benchlib.commit(), "slots": args.slots, "requests": args.requests,
             "prompt_tokens": [args.min_prompt, args.max_prompt], "budget_tokens": [block, block * args.max_canvases],
-            "temperature": args.temperature, "random_weights": not (args.block_workdir or args.ar_workdir),
+            "temperature": args.temperature, "repeats": args.repeats,
+            "random_weights": not (args.block_workdir or args.ar_workdir),
             "results": rows, **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))

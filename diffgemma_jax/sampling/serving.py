@@ -151,13 +151,14 @@ class Engine:
       done, steps = jax.device_get((slots.done_B, steps))
       self.model_calls += int(steps)
       self.steps += int(steps)
-      for row, index in enumerate(owner):
-        if index is not None and done[row]:
-          result = jax.device_get(self.program.result(slots, row))
-          length = requests[index].max_new_tokens
-          results[index] = {"tokens": np.asarray(result["tokens"])[:length],
-                            "model_calls": int(result["model_calls"]),
-                            "steps": None if result["steps"] is None else np.asarray(result["steps"]),
+      finished = [row for row, index in enumerate(owner) if index is not None and done[row]]
+      if finished:
+        rows = jax.device_get(self.program.results(slots))  # one read-back for every row
+        for row in finished:
+          index = owner[row]
+          results[index] = {"tokens": rows["tokens"][row, :requests[index].max_new_tokens],
+                            "model_calls": int(rows["model_calls"][row]),
+                            "steps": None if rows["steps"] is None else rows["steps"][row],
                             "seconds": time.perf_counter() - start}
           owner[row] = None
     return results

@@ -95,5 +95,6 @@ class ARProgram:
   def active(self, slots: ARSlots):
     return slots.active_B
 
-  def result(self, slots: ARSlots, row: int) -> dict[str, Any]:
-    return {"tokens": slots.out_BG[row], "model_calls": slots.calls_B[row], "steps": None}
+  def results(self, slots: ARSlots) -> dict[str, Any]:
+    """Every row's new tokens and model calls."""
+    return {"tokens": slots.out_BG, "model_calls": slots.calls_B, "steps": None}

@@ -137,6 +137,6 @@ class CanvasProgram:
   def active(self, slots: CanvasSlots):
     return slots.phase_B != IDLE
 
-  def result(self, slots: CanvasSlots, row: int) -> dict[str, Any]:
-    """A finished row's new tokens (padding after EOS), model calls and denoising steps per canvas."""
-    return {"tokens": slots.out_BG[row], "model_calls": slots.calls_B[row], "steps": slots.steps_BC[row]}
+  def results(self, slots: CanvasSlots) -> dict[str, Any]:
+    """Every row's new tokens (padding after EOS), model calls and denoising steps per canvas."""
+    return {"tokens": slots.out_BG, "model_calls": slots.calls_B, "steps": slots.steps_BC}
