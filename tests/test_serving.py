@@ -1,8 +1,10 @@
 """Continuous batching (`sampling/serving.py`): more requests than slots, of different prompt lengths (two prefill
 widths) and stopping points (token budgets, an EOS the requests reach at different steps), each get exactly the
 tokens, denoising steps and model calls of the static path (`canvas.generate`, `autoregressive.generate`) run on
-the request alone with its seed's key, greedy and sampled; the per-row cache write against a direct one; bad
---serving_slots values fail with one line."""
+the request alone with its seed's key, greedy and sampled, both canvas rules and the AR decoder; the per-row
+cache write against a direct one; bad --serving_slots values fail with one line."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,10 @@ CANVAS, SLOTS = 4, 2
 CASES = {
     "canvas_greedy": canvas.CanvasConfig(CANVAS, 3, canvas.MaskedRule(2, "low_confidence")),
     "canvas_sampled": canvas.CanvasConfig(CANVAS, 3, canvas.MaskedRule(3, "threshold", 0.5, temperature=1.0)),
+    # renoising with partial acceptance; the early stop (argmax stable: every mean entropy of the random model is
+    # below 5 nats) ends canvases after 2 to 6 steps
+    "entropy_bound": canvas.CanvasConfig(CANVAS, 3, canvas.EntropyBoundRule(
+        max_denoising_steps=6, entropy_bound=1.0, temperature_start=0.3, temperature_end=0.1, stop_mean_entropy=5.0)),
     "ar_greedy": autoregressive.ARConfig(max_new_tokens=12),
     "ar_sampled": autoregressive.ARConfig(max_new_tokens=12, temperature=1.0, top_p=0.9),
 }
@@ -39,6 +45,16 @@ CASES = {
 @pytest.fixture(scope="module")
 def model():
   return build_model(TINY, 0)
+
+
+@pytest.fixture(scope="module")
+def uniform_model():
+  """A uniform-state model: no token shift, self-conditioned (the entropy-bound rule's signal between steps), its
+  zero-initialised signal projection made random so that the signal a row carries changes its logits."""
+  uniform = build_model(dataclasses.replace(TINY, token_shift=False, self_conditioning=True), 0)
+  down = uniform.self_conditioning.w_down
+  down[...] = jax.random.normal(jax.random.key(5), down[...].shape, down[...].dtype)
+  return uniform
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +108,10 @@ def _expected(run, budget: int, eos: int, cfg):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_each_request_equals_its_lone_static_run(model, prompts, case):
+def test_each_request_equals_its_lone_static_run(model, uniform_model, prompts, case):
   cfg = CASES[case]
+  if case == "entropy_bound":
+    model = uniform_model
   runs = _alone(model, cfg, prompts)
   eos = _stopping_eos(runs)
   if isinstance(cfg, canvas.CanvasConfig):
@@ -132,8 +150,8 @@ def test_per_row_cache_write_against_a_direct_write():
 
 @pytest.mark.parametrize("argv,message", [
     (["--serving_slots", "0", "--config.objective.name=ar"], "--serving_slots must be >= 1, got 0"),
-    (["--serving_slots", "2"], "--serving_slots runs the samplers ar, block_threshold, block_low_confidence, not "
-                               "--sampler threshold"),
+    (["--serving_slots", "2"], "--serving_slots runs the samplers ar, block_threshold, block_low_confidence, "
+                               "entropy_bound, not --sampler threshold"),
     (["--serving_slots", "2", "--batch_size", "4", "--config.objective.name=ar"], "drop --batch_size"),
 ])
 def test_bad_serving_slots_exit_2_with_one_line(argv, message, capsys, tmp_path):

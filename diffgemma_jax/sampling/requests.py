@@ -125,7 +125,7 @@ class Generator:
 
 
   def engine(self, cfg, num_slots: int, max_prompt_length: int) -> serving.Engine:
-    """The continuous-batching engine of `cfg` (an ARConfig, or a CanvasConfig with a MaskedRule) with `num_slots`
+    """The continuous-batching engine of `cfg` (an ARConfig or a CanvasConfig) with `num_slots`
     slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls."""
     key = (cfg, num_slots, serving.bucket_width(max_prompt_length))
     if key not in self._engines:

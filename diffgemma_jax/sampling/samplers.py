@@ -135,8 +135,8 @@ class Sampler:
 
   @property
   def serves(self) -> bool:
-    """Runs on the continuous-batching engine (`serving.py`): the AR decoder and the masked canvas samplers."""
-    return self.acceptance is None or (self.cache == CANVAS and self.acceptance != ENTROPY_BOUND)
+    """Runs on the continuous-batching engine (`serving.py`): the AR decoder and the multi-canvas samplers."""
+    return self.acceptance is None or self.cache == CANVAS
 
   def length_unit(self, options: GenerationOptions) -> int:
     """What --gen_length must be a multiple of: one token for the AR decoder, a block (canvas) otherwise."""
