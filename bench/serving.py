@@ -150,11 +150,11 @@ def main(argv=None) -> int:
     return 0
   print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets {block}-"
         f"{block * args.max_canvases} new tokens, {args.slots} slots / static batch; commit {report['commit']}")
-  print(f"{'sampler':<8} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} {'static calls':>12} "
-        f"{'engine steps+prefills':>22} {'same tokens':>11}")
+  print(f"{'sampler':<8} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
+        f"{'static calls':>12} {'engine steps+prefills':>22} {'same tokens':>11}")
   for r in rows:
-    print(f"{r['sampler']:<8} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} {r['continuous_tokens_per_s']:12.1f} "
-          f"{r['speedup']:8.2f} {r['static_model_calls']:12d} "
+    print(f"{r['sampler']:<8} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
+          f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {r['static_model_calls']:12d} "
           f"{r['continuous_steps']:>13d} + {r['continuous_prefills']:<6d} {str(r['identical_tokens']):>11}")
   print(load.line())
   return 0
