@@ -1,20 +1,22 @@
-"""Continuous batching vs static batching: output tokens/s on the same requests, canvas sampler and AR decoder.
+"""Continuous batching vs static batching: output tokens/s on the same requests, for three samplers.
 
-python bench/serving.py [--slots 8] [--requests 24] [--block_workdir DIR] [--ar_workdir DIR] [--json]
+python bench/serving.py [--slots 8] [--requests 24] [--only canvas|ar|entropy_bound] [--block_workdir DIR]
+    [--ar_workdir DIR] [--uniform_workdir DIR] [--json]
 
 `--requests` requests arrive at once, each with its own prompt length (uniform in [--min_prompt, --max_prompt]
-tokens, random ids after bos) and token budget (1 to --max_canvases canvases of the block model's
-objective.block_size; the AR decoder gets the same budgets), seed = its index; both ways stop a request at EOS
-(rare with random weights) or its budget. Static: batches of --slots requests in arrival order, each one
-`canvas.generate` / `autoregressive.generate` call (`Generator.compiled`, prompts left-padded to the prefill width
-of the batch's longest) running to the batch's largest budget, so a batch costs its longest request. Continuous:
-`serving.Engine` with --slots slots. Both are compiled by a first pass, then timed --repeats times, alternating
-(medians reported); tokens/s counts each request's own new tokens (to EOS, within its budget) over a pass's
-seconds. Model calls: the static batches'
-calls (prefill, denoising steps or decode steps, commits; each call runs the whole batch) against the engine's
-steps (each runs every slot) plus its prefills (one request each). The engine's tokens are checked against the
-static ones request by request (they must be equal). Random weights (configs/block_tiny.py, configs/ar_tiny.py)
-unless trained workdirs are given.
+tokens, random ids after bos) and token budget (1 to --max_canvases canvases of the model's objective.block_size;
+the AR decoder gets the block model's budgets), seed = its index; both ways stop a request at EOS (rare with random
+weights) or its budget. Samplers: `block_threshold` on the block model ("canvas"), the AR decoder, and
+`entropy_bound` (DiffusionGemma's released rule, at most --max_denoising_steps steps per canvas) on the
+uniform-state model. Static: batches of --slots requests in arrival order, each one `canvas.generate` /
+`autoregressive.generate` call (`Generator.compiled`, prompts left-padded to the prefill width of the batch's
+longest) running to the batch's largest budget, so a batch costs its longest request. Continuous: `serving.Engine`
+with --slots slots. Both are compiled by a first pass, then timed --repeats times, alternating (medians
+reported); tokens/s counts each request's own new tokens (to EOS, within its budget) over a pass's seconds. Model
+calls: the static batches' calls (prefill, denoising steps or decode steps, commits; each call runs the whole
+batch) against the engine's steps (each runs every slot) plus its prefills (one request each). The engine's tokens
+are checked against the static ones request by request (they must be equal). Random weights
+(configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py) unless trained workdirs are given.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, v
 from diffgemma_jax.sampling.serving import Request, bucket_width
 
 PAD, BOS, EOS, MASK = 0, 2, 3, 4  # the reserved ids of every tokenizer the recipes train
+SAMPLERS = ("canvas", "ar", "entropy_bound")
 
 
 def make_requests(args, vocab_size: int, unit: int) -> list[Request]:
@@ -73,9 +76,13 @@ def static_pass(generator: Generator, options: GenerationOptions, objective: str
 
 
 def compare(name: str, model, objective: str, block: int, args, requests) -> dict:
-  fields = dict(gen_length=max(r.max_new_tokens for r in requests), temperature=args.temperature)
+  fields = dict(gen_length=max(r.max_new_tokens for r in requests), block_length=block)
   if objective == "block":
-    fields.update(sampler="block_threshold", block_length=block, threshold=args.threshold)
+    fields.update(sampler="block_threshold", threshold=args.threshold, temperature=args.temperature)
+  elif objective == "uniform":  # the released sampler's settings but for the step cap
+    fields.update(sampler="entropy_bound", max_denoising_steps=args.max_denoising_steps)
+  else:
+    fields.update(temperature=args.temperature)
   options = validate_options(GenerationOptions(**fields), objective, block)
   generator = Generator(model, mask_id=MASK, eos_id=EOS, pad_id=PAD)
   engine = generator.engine(sampler_config(options), args.slots, max(len(r.prompt) for r in requests))
@@ -114,13 +121,17 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0, help="of the prompts and budgets")
   p.add_argument("--block_config", default="configs/block_tiny.py")
   p.add_argument("--block_workdir", default=None, help="a trained block run (default: random weights)")
+  p.add_argument("--uniform_config", default="configs/diffusiongemma_tiny.py")
+  p.add_argument("--uniform_workdir", default=None, help="a trained uniform-state run (default: random weights)")
+  p.add_argument("--max_denoising_steps", type=int, default=8, help="entropy_bound: at most this many steps per "
+                 "canvas (random weights rarely stop early)")
   p.add_argument("--ar_config", default="configs/ar_tiny.py")
   p.add_argument("--ar_workdir", default=None, help="a trained AR run (default: random weights)")
   p.add_argument("--repeats", type=int, default=3, help="timed passes of each way, alternating; medians reported")
-  p.add_argument("--only", choices=("canvas", "ar"), default=None)
+  p.add_argument("--only", choices=SAMPLERS, default=None)
   p.add_argument("--json", action="store_true")
   args = p.parse_args(argv)
-  for flag in ("slots", "requests", "min_prompt", "max_canvases", "repeats"):
+  for flag in ("slots", "requests", "min_prompt", "max_canvases", "repeats", "max_denoising_steps"):
     if getattr(args, flag) < 1:
       p.error(f"--{flag}={getattr(args, flag)} must be >= 1")
   if args.max_prompt < args.min_prompt:
@@ -130,7 +141,8 @@ def main(argv=None) -> int:
   block = int(block_config.objective.block_size)
   rows = []
   for name, config_file, workdir, seed in (("canvas", args.block_config, args.block_workdir, 2),
-                                           ("ar", args.ar_config, args.ar_workdir, 1)):
+                                           ("ar", args.ar_config, args.ar_workdir, 1),
+                                           ("entropy_bound", args.uniform_config, args.uniform_workdir, 3)):
     if args.only not in (None, name):
       continue
     config = load_config(config_file)
@@ -138,22 +150,25 @@ def main(argv=None) -> int:
       model, _ = restore_model(config, workdir)
     else:
       model = build_model(ModelConfig.from_config_dict(config.model), seed)
-    requests = make_requests(args, int(config.model.vocab_size), block)
-    rows.append(compare(name, model, str(config.objective.name), block, args, requests))
+    unit = int(config.objective.block_size) if name == "entropy_bound" else block  # the AR decoder: the block's
+    requests = make_requests(args, int(config.model.vocab_size), unit)
+    row = compare(name, model, str(config.objective.name), unit, args, requests)
+    rows.append(dict(row, budget_tokens=[unit, unit * args.max_canvases]))
   report = {"bench": "serving", "commit": benchlib.commit(), "slots": args.slots, "requests": args.requests,
-            "prompt_tokens": [args.min_prompt, args.max_prompt], "budget_tokens": [block, block * args.max_canvases],
+            "prompt_tokens": [args.min_prompt, args.max_prompt], "max_denoising_steps": args.max_denoising_steps,
             "temperature": args.temperature, "repeats": args.repeats,
             "random_weights": not (args.block_workdir or args.ar_workdir),
             "results": rows, **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))
     return 0
-  print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets {block}-"
-        f"{block * args.max_canvases} new tokens, {args.slots} slots / static batch; commit {report['commit']}")
-  print(f"{'sampler':<8} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
+  print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets of 1-"
+        f"{args.max_canvases} canvases, {args.slots} slots / static batch; commit {report['commit']}")
+  print(f"{'sampler':<13} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
         f"{'static calls':>12} {'engine steps+prefills':>22} {'same tokens':>11}")
   for r in rows:
-    print(f"{r['sampler']:<8} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
+    budgets = "-".join(map(str, r["budget_tokens"]))
+    print(f"{r['sampler']:<13} {budgets:>7} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
           f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {r['static_model_calls']:12d} "
           f"{r['continuous_steps']:>13d} + {r['continuous_prefills']:<6d} {str(r['identical_tokens']):>11}")
   print(load.line())
