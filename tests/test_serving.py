@@ -151,7 +151,7 @@ def test_per_row_cache_write_against_a_direct_write():
 @pytest.mark.parametrize("argv,message", [
     (["--serving_slots", "0", "--config.objective.name=ar"], "--serving_slots must be >= 1, got 0"),
     (["--serving_slots", "2"], "--serving_slots runs the samplers ar, block_threshold, block_low_confidence, "
-                               "entropy_bound, not --sampler threshold"),
+                               "entropy_bound, not sampler threshold"),
     (["--serving_slots", "2", "--batch_size", "4", "--config.objective.name=ar"], "drop --batch_size"),
 ])
 def test_bad_serving_slots_exit_2_with_one_line(argv, message, capsys, tmp_path):

@@ -163,16 +163,17 @@ class Generator:
     return results
 
 
-def check_serving(sampler: str, num_slots: int, batch_size: int = 1) -> None:
-  """--serving_slots must be >= 1, name a sampler the engine runs (`Sampler.serves`) and replace --batch_size."""
+def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots") -> None:
+  """`flag` (the number of slots) must be >= 1, the sampler one the engine runs (`Sampler.serves`), and it
+  replaces --batch_size."""
   if num_slots < 1:
-    raise GenerationError(f"--serving_slots must be >= 1, got {num_slots}")
+    raise GenerationError(f"{flag} must be >= 1, got {num_slots}")
   if not SAMPLERS[sampler].serves:
     names = ", ".join(name for name, s in SAMPLERS.items() if s.serves)
-    raise GenerationError(f"--serving_slots runs the samplers {names}, not --sampler {sampler}")
+    raise GenerationError(f"{flag} runs the samplers {names}, not sampler {sampler}")
   if batch_size != 1:
-    raise GenerationError(f"--serving_slots {num_slots} and --batch_size {batch_size} both set; the engine keeps "
-                          f"--serving_slots requests in flight, drop --batch_size")
+    raise GenerationError(f"{flag} {num_slots} and --batch_size {batch_size} both set; the engine keeps "
+                          f"{flag} requests in flight, drop --batch_size")
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
