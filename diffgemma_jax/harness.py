@@ -8,12 +8,14 @@ entry point, so `diffgemma-lm-eval` imports it and then runs the harness's own C
   loglikelihood_rolling  the held-out bound of the whole text: the harness's own disjoint rolling windows of the
                          model's context (train.seq_len), each window's new tokens scored given the tokens before
                          it, summed
-  generate_until         batched generation (`Generator.run_batches`) with the model's sampler, cut at the first
+  generate_until         batched generation (`Generator.run_batches`, or with serving_slots the continuous-batching
+                         engine, `Generator.serve`) with the model's sampler, cut at the first
                          of the request's `until` strings; `max_gen_toks` new tokens at most (rounded up to whole
                          canvases or blocks for diffusion samplers)
 Model args: config, workdir (required), step, sampler and its options (block_length, steps, threshold,
 temperature, top_p, max_denoising_steps, ...), num_t_samples (default eval.num_t_samples), seed, batch_size (rows
-per model call, also the harness's --batch_size; default 8).
+per model call, also the harness's --batch_size; default 8), serving_slots (generate_until by continuous batching
+with that many slots: the same texts; the AR decoder and the canvas samplers).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.sampling.requests import Generator, cut_at_stop, load_tokenizer, restore_model
+from diffgemma_jax.sampling.requests import Generator, check_serving, cut_at_stop, load_tokenizer, restore_model
 from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, requested_options,
                                              validate_options)
 from diffgemma_jax.scoring import Scorer
@@ -49,13 +51,23 @@ def _batch_size(value) -> int:
   return size
 
 
+def _serving_slots(value) -> int | None:
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)  # check_serving names what is valid
+  except (TypeError, ValueError):
+    raise ConfigError(f"serving_slots={value!r}: give a positive integer") from None
+
+
 @register_model("diffgemma")
 class DiffGemmaLM(LM):
   """A trained run (config + workdir) behind the harness's three request types."""
 
   def __init__(self, config, workdir: str | None = None, step: int | None = None, sampler: str | None = None,
                num_t_samples: int | None = None, seed: int = 0, batch_size=None, max_batch_size=None,
-               device=None, overrides: str = "", model=None, tokenizer=None, **sampler_options):
+               device=None, overrides: str = "", model=None, tokenizer=None, serving_slots=None,
+               **sampler_options):
     """`config`: a config file (model_args) or a loaded ConfigDict; the parameters of `workdir`'s checkpoint
     `step` (default the latest), or from Python an already built `model` and `tokenizer`."""
     super().__init__()
@@ -63,7 +75,7 @@ class DiffGemmaLM(LM):
     unknown = set(sampler_options) - set(OPTIONS)
     if unknown:
       raise ConfigError(f"--model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: config, workdir, "
-                        f"step, sampler, num_t_samples, seed, batch_size, overrides, "
+                        f"step, sampler, num_t_samples, seed, batch_size, serving_slots, overrides, "
                         f"{', '.join(OPTIONS)}")
     if isinstance(config, str):  # overrides: "a.b=value;c.d=value" (the harness splits model_args at commas)
       pairs = [item.split("=", 1) for item in str(overrides).split(";") if item]
@@ -72,9 +84,12 @@ class DiffGemmaLM(LM):
     self.config = config
     objective = str(config.objective.name)
     self.options = requested_options(sampler, objective, sampler_options, seed=int(seed))
-    validate_options(self.options, objective, int(config.objective.block_size),
-                     int(config.train.seq_len))  # bad options fail before the model is restored
+    validated = validate_options(self.options, objective, int(config.objective.block_size),
+                                 int(config.train.seq_len))  # bad options fail before the model is restored
     self.batch_size = _batch_size(batch_size)
+    self.serving_slots = _serving_slots(serving_slots)
+    if self.serving_slots is not None:
+      check_serving(validated.sampler, self.serving_slots, flag="serving_slots")
     if model is None:
       if not workdir:
         raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")
@@ -148,7 +163,10 @@ class DiffGemmaLM(LM):
       for i in indices:
         ids = self._encode(requests[i].args[0])
         prompts.append([self.tokenizer.bos_id] + (ids[len(ids) - keep:] if keep else []))
-      results = self.generator.run_batches(prompts, options, self.batch_size)
+      if self.serving_slots:
+        results = self.generator.serve(prompts, options, self.serving_slots)
+      else:
+        results = self.generator.run_batches(prompts, options, self.batch_size)
       for index, prompt, result in zip(indices, prompts, results):
         text = self.tokenizer.decode_continuation(prompt, result["ids"])
         out[index] = cut_at_stop(text, until)

@@ -1,10 +1,12 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
-[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N] [--stop TEXT ...] [--json]
-[--output FILE.json] [--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the
-model calls, new tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts
-(of any lengths) per sampler call, with the same results as one at a time. Each model's objective has a default
-sampler; canvas samplers decode canvas after canvas of objective.block_size tokens. A sampler option the chosen
-sampler does not read is refused. The samplers and their options (`diffgemma_jax/sampling/samplers.py`):"""
+[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N | --serving_slots N]
+[--stop TEXT ...] [--json] [--output FILE.json] [--config.a.b=value ...]: completes prompts with a trained model and
+reports, per request, the model calls, new tokens and tokens/s, and for canvas samplers the denoising steps of every
+canvas. --batch_size N runs N prompts (of any lengths) per sampler call, with the same results as one at a time;
+--serving_slots N keeps N requests in flight instead (continuous batching), again with the same results. Each
+model's objective has a default sampler; canvas samplers decode canvas after canvas of objective.block_size tokens.
+A sampler option the chosen sampler does not read is refused. The samplers and their options
+(`diffgemma_jax/sampling/samplers.py`):"""
 
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                  "the batch it runs in)")
   p.add_argument("--batch_size", type=int, default=1, help="prompts per sampler call (default 1); prompts of "
                  "similar lengths share a batch")
+  p.add_argument("--serving_slots", type=int, default=None, help="continuous batching (ar and the canvas "
+                 "samplers): keep N requests in flight, each finished one's slot refilled with the next "
+                 "prompt at once; the same results as one at a time (replaces --batch_size)")
   p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a completion before this text "
                  "(repeatable)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
       raise ConfigError("--system: only with --chat")
     template = str(config.data.chat_template) if args.chat else None
     results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template,
-                                   batch_size=args.batch_size, stop=args.stop)
+                                   batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots)
     if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
       for result in results:
         result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]

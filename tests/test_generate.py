@@ -136,7 +136,16 @@ def test_cli_generates_canvases_from_block_and_uniform_runs(objective, sampler, 
   assert main(base) == 0
   out = capsys.readouterr().out
   assert f"steps per canvas {steps}" in out and f"sampler {sampler}" in out and "def main(" in out
-  if objective == "block":  # the fused-commit twin writes the same greedy tokens in no more calls
+  if objective == "block":  # continuous batching: more prompts than slots, each one's tokens as alone
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\nimport os\nclass A:\n")
+    served = base[:4] + ["--prompts", str(prompts)] + base[6:] + ["--serving_slots", "2", "--json"]
+    assert main(served) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in results] == ["def main(", "import os", "class A:"]
+    assert results[0]["ids"] == result["ids"] and results[0]["steps_per_canvas"] == steps
+    assert results[0]["model_calls"] == result["model_calls"] and results[0]["batch_size"] == 2
+    # the fused-commit twin writes the same greedy tokens in no more calls
     assert main(base + ["--json", "--sampler", "block_fused"]) == 0
     (fused,) = json.loads(capsys.readouterr().out)
     assert fused["sampler"] == "block_fused" and fused["ids"] == result["ids"]

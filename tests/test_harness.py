@@ -101,6 +101,8 @@ def test_ar_requests_against_causal_passes(ar_lm, monkeypatch):
       _request("generate_until", (context, {"max_gen_toks": 3, "until": [greedy_text[1:3]]}), 1)])
   assert text_out == greedy_text
   assert cut_out == greedy_text[:greedy_text.find(greedy_text[1:3])]
+  monkeypatch.setattr(lm, "serving_slots", 1)  # model_args serving_slots=1: continuous batching, the same texts
+  assert lm.generate_until([_request("generate_until", (context, {"max_gen_toks": 3, "until": []}))]) == [text_out]
 
 
 TASKS = {
@@ -202,6 +204,8 @@ def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkey
   message = str(info.value)
   assert message == ("--top_p does not apply to --sampler threshold (it reads --block_length, --steps, "
                      "--temperature, --threshold); --top_p is for ar")
+  with pytest.raises(ConfigError, match="serving_slots runs the samplers ar, .*, not sampler threshold"):
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},serving_slots=2")
   with pytest.raises(ConfigError, match="unknown argument\\(s\\) beam"):
     DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},beam=4")
 

@@ -54,16 +54,16 @@ class Block(nnx.Module):
   def decode(self, x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, *, layer_cache, unit, kv_positions_BS,
              write_index, canvas_window=None):
     """Like `__call__`, but the window's keys/values are written into unit `unit` of the stacked cache
-    `layer_cache = (k_RBSKH, v_RBSKH)` at slots [write_index, write_index + L), and the window attends to all S
+    `layer_cache = (k_RBSKH, v_RBSKH)` at slots [write_index, write_index + L) (`write_window`: one index for the
+    batch, or one per row), and the window attends to all S
     cached slots of that unit under `mask_BLS` (and the sliding window, by `kv_positions_BS`). Only the window is
     written into the stacked buffers (in place where the caller donates or carries them), never a whole unit's
     slice. Returns (output, updated layer_cache)."""
     h_BLD = self.pre_attn_norm(x_BLD)
     k_BLKH, v_BLKH = self.attn.project_kv(h_BLD, positions_BL, dtype)
     k_all, v_all = layer_cache
-    at = (unit, 0, write_index, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k_BLKH[None].astype(k_all.dtype), at)
-    v_all = jax.lax.dynamic_update_slice(v_all, v_BLKH[None].astype(v_all.dtype), at)
+    k_all = write_window(k_all, k_BLKH, write_index, unit)
+    v_all = write_window(v_all, v_BLKH, write_index, unit)
     kv = tuple(jax.lax.dynamic_index_in_dim(a, unit, axis=0, keepdims=False).astype(dtype) for a in (k_all, v_all))
     attn_out = self.attn(h_BLD, positions_BL, mask_BLS, dtype, kv=kv, kv_positions_BS=kv_positions_BS,
                          canvas_window=canvas_window)
@@ -83,6 +83,22 @@ class Block(nnx.Module):
     stats = {"load_balance_loss": routing.load_balance_loss, "router_z_loss": routing.router_z_loss,
              "expert_load": routing.expert_load_E, "dropped_tokens": jnp.asarray(routing.dropped, jnp.float32)}
     return out, stats
+
+
+def write_window(buffer, window, write_index, unit=None):
+  """`buffer` [(R,) B, S, ...] with `window` [B, L, ...] written at slots [write_index, write_index + L) (of unit
+  `unit` of a stacked buffer). `write_index`: a scalar (one slice update, the batch shares it) or [B] int32, each
+  row's own first slot (a scatter: rows of a continuously batched cache sit at different slots; they must fit)."""
+  window = window.astype(buffer.dtype)
+  if jnp.ndim(write_index) == 0:
+    if unit is None:
+      return jax.lax.dynamic_update_slice_in_dim(buffer, window, write_index, axis=1)
+    return jax.lax.dynamic_update_slice(buffer, window[None], (unit, 0, write_index) + (0,) * (window.ndim - 2))
+  B, L = window.shape[:2]
+  rows_B1, slots_BL = jnp.arange(B)[:, None], write_index[:, None] + jnp.arange(L)[None, :]
+  if unit is None:
+    return buffer.at[rows_B1, slots_BL].set(window, mode="promise_in_bounds")
+  return buffer.at[unit, rows_B1, slots_BL].set(window, mode="promise_in_bounds")
 
 
 class PatternUnit(nnx.Module):
@@ -231,7 +247,8 @@ class Denoiser(nnx.Module):
              logits_start=0, logits_length: int | None = None, embeddings_BLD=None, canvas_BL=None):
     """Runs a window of L tokens through the stack against a KV cache of S slots.
 
-    Every layer writes the window's keys/values at slots [write_index, write_index + L) and the window attends to
+    Every layer writes the window's keys/values at slots [write_index, write_index + L) (`write_index`: a scalar,
+    or [B] int32 for rows at different slots, as a continuously batched engine's are) and the window attends to
     all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet), or under a MaskSpec whose `kv`
     side describes the S slots; `kv_positions_BS` are the slots' token positions (sliding-window layers under a
     dense mask use them). Only positions [logits_start, logits_start +
@@ -246,8 +263,7 @@ class Denoiser(nnx.Module):
     x_BLD = self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD, canvas_BL=canvas_BL)
     canvas_kv_BS = None
     if canvas_BL is not None:
-      canvas_kv_BS = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(kv_positions_BS.shape, bool), canvas_BL,
-                                                         write_index, axis=1)
+      canvas_kv_BS = write_window(jnp.zeros(kv_positions_BS.shape, bool), canvas_BL, write_index)
     canvas_window = self._canvas_window(mask_BLS, positions_BL, kv_positions_BS, canvas_BL, canvas_kv_BS)
     kwargs = dict(kv_positions_BS=kv_positions_BS, write_index=write_index, canvas_window=canvas_window)
     # The stacked cache travels whole (the scan's carry), and each layer writes only its window into it: slicing a

@@ -23,11 +23,13 @@ import numpy as np
 from diffgemma_jax.model.masks import MaskSpec, Tokens
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [B, P] int32, starts [B] int32): each prompt right-aligned after `pad_id`s, P the longest prompt."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+  """(tokens [B, P] int32, starts [B] int32): each prompt right-aligned after `pad_id`s, P the longest prompt (or
+  `width`, at least that)."""
   if not prompts or min(len(p) for p in prompts) < 1:
     raise ValueError("left_pad needs at least one prompt and no empty prompt")
-  width = max(len(p) for p in prompts)
+  width = max([len(p) for p in prompts] + ([width] if width else []))
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   starts = np.asarray([width - len(p) for p in prompts], np.int32)
   for row, prompt in enumerate(prompts):

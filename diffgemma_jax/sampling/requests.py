@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from diffgemma_jax.errors import GenerationError
-from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
+from diffgemma_jax.sampling import autoregressive, batching, canvas, masked, serving, serving_ar, serving_canvas
 from diffgemma_jax.sampling.parts import truncate_at_eos
 from diffgemma_jax.sampling.samplers import SAMPLERS, GenerationOptions, sampler_config, validate_options
 from diffgemma_jax.train.dataset import load_tokenizer
@@ -43,6 +43,7 @@ class Generator:
     self.graphdef, self.state = nnx.split(model)
     self.mask_id, self.eos_id, self.pad_id = mask_id, eos_id, pad_id
     self._compiled: dict[Any, Any] = {}
+    self._engines: dict[Any, serving.Engine] = {}
 
   def _sample_fn(self, cfg):
     """(state, prompt [B, P], rng, starts [B] or None) -> (tokens [B, P + G], model calls [B], steps per canvas
@@ -123,6 +124,58 @@ class Generator:
     return results
 
 
+  def engine(self, cfg, num_slots: int, max_prompt_length: int) -> serving.Engine:
+    """The continuous-batching engine of `cfg` (an ARConfig or a CanvasConfig) with `num_slots`
+    slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls."""
+    key = (cfg, num_slots, serving.bucket_width(max_prompt_length))
+    if key not in self._engines:
+      if isinstance(cfg, autoregressive.ARConfig):
+        program = serving_ar.ARProgram(cfg, eos_id=self.eos_id)
+      else:
+        program = serving_canvas.CanvasProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
+      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
+    return self._engines[key]
+
+  def serve(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, num_slots: int,
+            seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The results of `run` (in the given order) from the continuous-batching engine (`serving.py`) with
+    `num_slots` slots: a finished request's slot takes the next prompt at once. Each request's tokens are what it
+    gives alone; "seconds" is its latency from the start of the run (queueing included), "batch_tokens_per_s" the
+    whole run's new tokens per second."""
+    check_serving(options.sampler, num_slots)
+    cfg = sampler_config(options)
+    prompts = [list(map(int, p)) for p in prompts]
+    seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
+    engine = self.engine(cfg, num_slots, max(map(len, prompts)))
+    outputs = engine.run([serving.Request(tuple(p), options.gen_length, s) for p, s in zip(prompts, seeds)])
+    seconds = max(out["seconds"] for out in outputs)
+    results = []
+    for prompt, out in zip(prompts, outputs):
+      ids = truncate_at_eos(out["tokens"], self.eos_id)
+      results.append({"sampler": options.sampler, "ids": ids, "sequence": prompt + out["tokens"].tolist(),
+                      "model_calls": out["model_calls"], "new_tokens": len(ids), "seconds": out["seconds"],
+                      "tokens_per_s": len(ids) / out["seconds"], "compile_seconds": engine.compile_seconds,
+                      "batch_size": num_slots,
+                      "steps_per_canvas": None if out["steps"] is None else canvas_steps(out["steps"])})
+    batch_tokens = sum(r["new_tokens"] for r in results)
+    for r in results:
+      r["batch_tokens_per_s"] = batch_tokens / seconds
+    return results
+
+
+def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots") -> None:
+  """`flag` (the number of slots) must be >= 1, the sampler one the engine runs (`Sampler.serves`), and it
+  replaces --batch_size."""
+  if num_slots < 1:
+    raise GenerationError(f"{flag} must be >= 1, got {num_slots}")
+  if not SAMPLERS[sampler].serves:
+    names = ", ".join(name for name, s in SAMPLERS.items() if s.serves)
+    raise GenerationError(f"{flag} runs the samplers {names}, not sampler {sampler}")
+  if batch_size != 1:
+    raise GenerationError(f"{flag} {num_slots} and --batch_size {batch_size} both set; the engine keeps "
+                          f"{flag} requests in flight, drop --batch_size")
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
   """`text` up to (not including) the earliest occurrence of any of the `stop` strings."""
   cut = min((at for at in (text.find(s) for s in stop if s) if at >= 0), default=len(text))
@@ -143,12 +196,13 @@ def canvas_model_calls(steps_BC):
 
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
                          step: int | None = None, chat_template: str | None = None, batch_size: int = 1,
-                         stop: Sequence[str] = ()) -> list[dict[str, Any]]:
+                         stop: Sequence[str] = (), serving_slots: int | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text), `batch_size` requests at a time (`Generator.run_batches`: the same
   results as one at a time); every option and prompt is checked before the model is restored, so bad input fails
   fast. `options.gen_length=None`: as many new tokens as fit in the model's context after the longest prompt (at
   most GenerationOptions.gen_length, whole canvases or blocks). A completion ends before the first of the `stop`
-  strings (the harness's `until`)."""
+  strings (the harness's `until`). `serving_slots`: run the continuous-batching engine with that many slots
+  (`Generator.serve`: the same results too) instead of static batches."""
   fill_context, given_steps = options.gen_length is None, options.steps
   if fill_context:  # provisional, a multiple of every sampler's unit (the release's canvas is 256); fitted below
     options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length, options.block_length,
@@ -159,6 +213,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   if batch_size < 1:
     raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
+  if serving_slots is not None:
+    check_serving(options.sampler, serving_slots, batch_size)
   for text in prompts:
     validate_prompt(text, [], 1)
   check_workdir(workdir, reading=True)  # before its tokenizer is looked for there
@@ -185,7 +241,10 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
           file=sys.stderr)
   model, step = restore_model(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  results = generator.run_batches(encoded, options, batch_size)
+  if serving_slots is not None:
+    results = generator.serve(encoded, options, serving_slots)
+  else:
+    results = generator.run_batches(encoded, options, batch_size)
   for text, ids, result in zip(prompts, encoded, results):
     completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
     result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=step,

@@ -133,6 +133,11 @@ class Sampler:
     """Decodes in canvases of the model's training block size (objective.block_size)."""
     return self.cache in (CANVAS, "block")
 
+  @property
+  def serves(self) -> bool:
+    """Runs on the continuous-batching engine (`serving.py`): the AR decoder and the multi-canvas samplers."""
+    return self.acceptance is None or self.cache == CANVAS
+
   def length_unit(self, options: GenerationOptions) -> int:
     """What --gen_length must be a multiple of: one token for the AR decoder, a block (canvas) otherwise."""
     return 1 if self.acceptance is None else options.block_length

@@ -1,0 +1,179 @@
+"""Continuous batching vs static batching: output tokens/s on the same requests, for three samplers.
+
+python bench/serving.py [--slots 8] [--requests 24] [--only canvas|ar|entropy_bound] [--block_workdir DIR]
+    [--ar_workdir DIR] [--uniform_workdir DIR] [--json]
+
+`--requests` requests arrive at once, each with its own prompt length (uniform in [--min_prompt, --max_prompt]
+tokens, random ids after bos) and token budget (1 to --max_canvases canvases of the model's objective.block_size;
+the AR decoder gets the block model's budgets), seed = its index; both ways stop a request at EOS (rare with random
+weights) or its budget. Samplers: `block_threshold` on the block model ("canvas"), the AR decoder, and
+`entropy_bound` (DiffusionGemma's released rule, at most --max_denoising_steps steps per canvas) on the
+uniform-state model. Static: batches of --slots requests in arrival order, each one `canvas.generate` /
+`autoregressive.generate` call (`Generator.compiled`, prompts left-padded to the prefill width of the batch's
+longest) running to the batch's largest budget, so a batch costs its longest request. Continuous: `serving.Engine`
+with --slots slots. Both are compiled by a first pass, then timed --repeats times, alternating (medians
+reported); tokens/s counts each request's own new tokens (to EOS, within its budget) over a pass's seconds. Model
+calls: the static batches' calls (prefill, denoising steps or decode steps, commits; each call runs the whole
+batch) against the engine's steps (each runs every slot) plus its prefills (one request each). The engine's tokens
+are checked against the static ones request by request (they must be equal). Random weights
+(configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py) unless trained workdirs are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import benchlib  # bench/, the script's folder, is on sys.path
+from diffgemma_jax.config import load_config
+from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.transformer import build_model
+from diffgemma_jax.sampling import batching
+from diffgemma_jax.sampling.parts import truncate_at_eos
+from diffgemma_jax.sampling.requests import Generator, restore_model
+from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, validate_options
+from diffgemma_jax.sampling.serving import Request, bucket_width
+
+PAD, BOS, EOS, MASK = 0, 2, 3, 4  # the reserved ids of every tokenizer the recipes train
+SAMPLERS = ("canvas", "ar", "entropy_bound")
+
+
+def make_requests(args, vocab_size: int, unit: int) -> list[Request]:
+  rng = np.random.default_rng(args.seed)
+  lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.requests)
+  budgets = rng.integers(1, args.max_canvases + 1, args.requests) * unit
+  return [Request(tuple([BOS] + rng.integers(5, vocab_size, n - 1).tolist()), int(budget), index)
+          for index, (n, budget) in enumerate(zip(lengths, budgets))]
+
+
+def static_pass(generator: Generator, options: GenerationOptions, objective: str, block: int, requests, slots: int):
+  """Batches of `slots` requests in arrival order through the static path: (new ids per request, batch calls)."""
+  ids, calls = [], 0
+  for first in range(0, len(requests), slots):
+    batch = requests[first:first + slots]
+    budget = max(r.max_new_tokens for r in batch)
+    cfg = sampler_config(validate_options(dataclasses.replace(options, gen_length=budget, steps=None), objective,
+                                          block))
+    prompt, starts = batching.left_pad([r.prompt for r in batch], PAD, bucket_width(max(len(r.prompt)
+                                                                                         for r in batch)))
+    fn = generator.compiled(cfg, len(batch), prompt.shape[1], row_keys=True, padded=True)
+    tokens, row_calls, steps = fn(generator.state, prompt, batching.row_keys([r.seed for r in batch]), starts)
+    tokens = np.asarray(tokens)[:, prompt.shape[1]:]
+    ids += [truncate_at_eos(row[:r.max_new_tokens], EOS) for row, r in zip(tokens, batch)]
+    if steps is None:  # the AR decoder: the loop runs as long as its longest row
+      calls += int(np.max(row_calls))
+    else:  # prefill, each canvas's longest denoising, a commit between canvases
+      canvas_steps = np.asarray(steps).max(axis=0)
+      ran = int(np.sum(canvas_steps > 0))
+      calls += 1 + int(canvas_steps.sum()) + ran - 1
+  return ids, calls
+
+
+def compare(name: str, model, objective: str, block: int, args, requests) -> dict:
+  fields = dict(gen_length=max(r.max_new_tokens for r in requests), block_length=block)
+  if objective == "block":
+    fields.update(sampler="block_threshold", threshold=args.threshold, temperature=args.temperature)
+  elif objective == "uniform":  # the released sampler's settings but for the step cap
+    fields.update(sampler="entropy_bound", max_denoising_steps=args.max_denoising_steps)
+  else:
+    fields.update(temperature=args.temperature)
+  options = validate_options(GenerationOptions(**fields), objective, block)
+  generator = Generator(model, mask_id=MASK, eos_id=EOS, pad_id=PAD)
+  engine = generator.engine(sampler_config(options), args.slots, max(len(r.prompt) for r in requests))
+  runs = {"static": lambda: static_pass(generator, options, objective, block, requests, args.slots),
+          "continuous": lambda: engine.run(requests)}
+  seconds, outputs = {label: [] for label in runs}, {}
+  for label, run in runs.items():
+    run()  # compiles
+  for _ in range(args.repeats):  # paired: load changes hit both ways
+    for label, run in runs.items():
+      start = time.perf_counter()
+      outputs[label] = run()
+      seconds[label].append(time.perf_counter() - start)
+  static_seconds, engine_seconds = (statistics.median(seconds[label]) for label in runs)
+  static_ids, static_calls = outputs["static"]
+  results = outputs["continuous"]
+  engine_ids = [truncate_at_eos(r["tokens"], EOS) for r in results]
+  tokens = sum(map(len, engine_ids))
+  return {"sampler": name, "options": options.sampler, "new_tokens": tokens,
+          "static_tokens_per_s": sum(map(len, static_ids)) / static_seconds,
+          "continuous_tokens_per_s": tokens / engine_seconds, "speedup": static_seconds / engine_seconds,
+          "static_seconds": static_seconds, "continuous_seconds": engine_seconds, "static_model_calls": static_calls,
+          "continuous_steps": engine.steps, "continuous_prefills": engine.model_calls - engine.steps,
+          "identical_tokens": engine_ids == static_ids}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--slots", type=int, default=8, help="slots of the engine = static batch size")
+  p.add_argument("--requests", type=int, default=24)
+  p.add_argument("--min_prompt", type=int, default=8)
+  p.add_argument("--max_prompt", type=int, default=40)
+  p.add_argument("--max_canvases", type=int, default=4, help="budgets: 1 to this many canvases")
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--threshold", type=float, default=0.9, help="block_threshold's commit confidence")
+  p.add_argument("--seed", type=int, default=0, help="of the prompts and budgets")
+  p.add_argument("--block_config", default="configs/block_tiny.py")
+  p.add_argument("--block_workdir", default=None, help="a trained block run (default: random weights)")
+  p.add_argument("--uniform_config", default="configs/diffusiongemma_tiny.py")
+  p.add_argument("--uniform_workdir", default=None, help="a trained uniform-state run (default: random weights)")
+  p.add_argument("--max_denoising_steps", type=int, default=8, help="entropy_bound: at most this many steps per "
+                 "canvas (random weights rarely stop early)")
+  p.add_argument("--ar_config", default="configs/ar_tiny.py")
+  p.add_argument("--ar_workdir", default=None, help="a trained AR run (default: random weights)")
+  p.add_argument("--repeats", type=int, default=3, help="timed passes of each way, alternating; medians reported")
+  p.add_argument("--only", choices=SAMPLERS, default=None)
+  p.add_argument("--json", action="store_true")
+  args = p.parse_args(argv)
+  for flag in ("slots", "requests", "min_prompt", "max_canvases", "repeats", "max_denoising_steps"):
+    if getattr(args, flag) < 1:
+      p.error(f"--{flag}={getattr(args, flag)} must be >= 1")
+  if args.max_prompt < args.min_prompt:
+    p.error(f"--max_prompt={args.max_prompt} must be >= --min_prompt={args.min_prompt}")
+  load = benchlib.MachineLoad()
+  block_config = load_config(args.block_config)
+  block = int(block_config.objective.block_size)
+  rows = []
+  for name, config_file, workdir, seed in (("canvas", args.block_config, args.block_workdir, 2),
+                                           ("ar", args.ar_config, args.ar_workdir, 1),
+                                           ("entropy_bound", args.uniform_config, args.uniform_workdir, 3)):
+    if args.only not in (None, name):
+      continue
+    config = load_config(config_file)
+    if workdir:
+      model, _ = restore_model(config, workdir)
+    else:
+      model = build_model(ModelConfig.from_config_dict(config.model), seed)
+    unit = int(config.objective.block_size) if name == "entropy_bound" else block  # the AR decoder: the block's
+    requests = make_requests(args, int(config.model.vocab_size), unit)
+    row = compare(name, model, str(config.objective.name), unit, args, requests)
+    rows.append(dict(row, budget_tokens=[unit, unit * args.max_canvases]))
+  report = {"bench": "serving", "commit": benchlib.commit(), "slots": args.slots, "requests": args.requests,
+            "prompt_tokens": [args.min_prompt, args.max_prompt], "max_denoising_steps": args.max_denoising_steps,
+            "temperature": args.temperature, "repeats": args.repeats,
+            "random_weights": not (args.block_workdir or args.ar_workdir),
+            "results": rows, **load.report()}
+  if args.json:
+    print(json.dumps(report, indent=2))
+    return 0
+  print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets of 1-"
+        f"{args.max_canvases} canvases, {args.slots} slots / static batch; commit {report['commit']}")
+  print(f"{'sampler':<13} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
+        f"{'static calls':>12} {'engine steps+prefills':>22} {'same tokens':>11}")
+  for r in rows:
+    budgets = "-".join(map(str, r["budget_tokens"]))
+    print(f"{r['sampler']:<13} {budgets:>7} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
+          f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {r['static_model_calls']:12d} "
+          f"{r['continuous_steps']:>13d} + {r['continuous_prefills']:<6d} {str(r['identical_tokens']):>11}")
+  print(load.line())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

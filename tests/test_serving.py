@@ -1,0 +1,169 @@
+"""Continuous batching (`sampling/serving.py`): more requests than slots, of different prompt lengths (two prefill
+widths) and stopping points (token budgets, an EOS the requests reach at different steps), each get exactly the
+tokens, denoising steps and model calls of the static path (`canvas.generate`, `autoregressive.generate`) run on
+the request alone with its seed's key, greedy and sampled, both canvas rules and the AR decoder; the per-row
+cache write against a direct one; bad --serving_slots values fail with one line."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffgemma_jax.model import ModelConfig, build_model
+from diffgemma_jax.model.transformer import write_window
+from diffgemma_jax.sampling import autoregressive, batching, canvas
+from diffgemma_jax.sampling.serving import Engine, Request, bucket_width
+from diffgemma_jax.sampling.serving_ar import ARProgram
+from diffgemma_jax.sampling.serving_canvas import CanvasProgram
+from launch.generate import main
+
+PAD, MASK = 0, 4
+# A token-shift block model (the canvas's first token read from the clean pass before it) with sliding layers
+# shorter than the prompts and the canvas input norm: every per-row path of the mixed step is exercised.
+TINY = ModelConfig(vocab_size=48, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
+                   head_dim=8, num_kv_heads=2, sliding_window=6, global_head_dim=16, global_num_kv_heads=1,
+                   mlp_dim=32, num_experts=4, top_k=2, expert_dim=16, dispatch="dense", canvas_input_norm=True,
+                   token_shift=True)
+LENGTHS = (5, 19, 11, 5, 19)  # prefill widths 16 and 32
+BUDGETS = (12, 8, 12, 4, 12)  # max new tokens: 3, 2, 3 and 1 canvases of 4
+CANVAS, SLOTS = 4, 2
+CASES = {
+    "canvas_greedy": canvas.CanvasConfig(CANVAS, 3, canvas.MaskedRule(2, "low_confidence")),
+    "canvas_sampled": canvas.CanvasConfig(CANVAS, 3, canvas.MaskedRule(3, "threshold", 0.5, temperature=1.0)),
+    # renoising with partial acceptance; the early stop (argmax stable: every mean entropy of the random model is
+    # below 5 nats) ends canvases after 2 to 6 steps
+    "entropy_bound": canvas.CanvasConfig(CANVAS, 3, canvas.EntropyBoundRule(
+        max_denoising_steps=6, entropy_bound=1.0, temperature_start=0.3, temperature_end=0.1, stop_mean_entropy=5.0)),
+    "ar_greedy": autoregressive.ARConfig(max_new_tokens=12),
+    "ar_sampled": autoregressive.ARConfig(max_new_tokens=12, temperature=1.0, top_p=0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+  return build_model(TINY, 0)
+
+
+@pytest.fixture(scope="module")
+def uniform_model():
+  """A uniform-state model: no token shift, self-conditioned (the entropy-bound rule's signal between steps), its
+  zero-initialised signal projection made random so that the signal a row carries changes its logits."""
+  uniform = build_model(dataclasses.replace(TINY, token_shift=False, self_conditioning=True), 0)
+  down = uniform.self_conditioning.w_down
+  down[...] = jax.random.normal(jax.random.key(5), down[...].shape, down[...].dtype)
+  return uniform
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(1)
+  return [[2] + rng.integers(5, TINY.vocab_size, n - 1).tolist() for n in LENGTHS]
+
+
+def _alone(model, cfg, prompts):
+  """Each prompt alone (a one-row batch, row key `row_keys([request index])`) through the static path with its full
+  budget and no EOS: (new tokens, steps per canvas or None) per request. The row is left-padded to the longest
+  prompt (`prompt_starts_B`, which changes no logit: test_batched_generation.py), so the path compiles once."""
+  graphdef, state = nnx.split(model)
+  if isinstance(cfg, canvas.CanvasConfig):
+    fn = jax.jit(lambda s, p, k, starts: (lambda out: (out.tokens, out.steps))(canvas.generate(
+        nnx.merge(graphdef, s), p, k, cfg, mask_id=MASK, eos_id=None, pad_id=PAD, prompt_starts_B=starts)))
+  else:
+    fn = jax.jit(lambda s, p, k, starts: autoregressive.generate(nnx.merge(graphdef, s), p, k, cfg,
+                                                                 prompt_starts_B=starts))
+  runs = []
+  for index, prompt in enumerate(prompts):
+    padded, starts = batching.left_pad([prompt], PAD, width=max(LENGTHS))
+    tokens, steps = fn(state, jnp.asarray(padded), batching.row_keys([index]), jnp.asarray(starts))
+    runs.append((np.asarray(tokens[0, max(LENGTHS):]), np.asarray(steps[0]) if steps.ndim == 2 else None))
+  return runs
+
+
+def _stopping_eos(runs):
+  """A token that first appears at different places in at least two budgets and not in every one: the EOS."""
+  candidates = {}
+  for (tokens, _), budget in zip(runs, BUDGETS):
+    for token in set(tokens[:budget].tolist()) - {PAD, MASK}:
+      candidates.setdefault(token, set()).add(int(np.argmax(tokens[:budget] == token)))
+  fitting = [t for t, firsts in candidates.items() if len(firsts) >= 2 and 0 < sum(
+      t in tokens[:budget] for (tokens, _), budget in zip(runs, BUDGETS)) < len(runs)]
+  assert fitting, "no generated token stops some requests at different places; change the prompts' seed"
+  return min(fitting)
+
+
+def _expected(run, budget: int, eos: int, cfg):
+  """What the static path gives the request alone with its budget and `eos`: the tokens to the first EOS, then the
+  fill (padding for canvases, EOS for the AR decoder); its denoising steps per canvas and model calls."""
+  tokens, steps = run[0][:budget].copy(), run[1]
+  end = int(np.argmax(tokens == eos)) + 1 if eos in tokens else budget
+  tokens[end:] = PAD if steps is not None else eos
+  if steps is None:
+    return tokens, None, end
+  ran = -(-end // CANVAS)
+  steps = np.where(np.arange(len(steps)) < ran, steps, 0)
+  return tokens, steps, 1 + int(steps.sum()) + ran - 1
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_request_equals_its_lone_static_run(model, uniform_model, prompts, case):
+  cfg = CASES[case]
+  if case == "entropy_bound":
+    model = uniform_model
+  runs = _alone(model, cfg, prompts)
+  eos = _stopping_eos(runs)
+  if isinstance(cfg, canvas.CanvasConfig):
+    program = CanvasProgram(cfg, mask_id=MASK, eos_id=eos, pad_id=PAD)
+  else:
+    program = ARProgram(cfg, eos_id=eos)
+  engine = Engine(model, program, SLOTS, max(LENGTHS))
+  results = engine.run([Request(tuple(p), budget, seed) for seed, (p, budget) in enumerate(zip(prompts, BUDGETS))])
+  stopped = 0
+  for index, (run, result, budget) in enumerate(zip(runs, results, BUDGETS)):
+    tokens, steps, calls = _expected(run, budget, eos, cfg)
+    np.testing.assert_array_equal(result["tokens"], tokens, err_msg=f"request {index}")
+    assert result["model_calls"] == calls, index
+    if steps is not None:
+      np.testing.assert_array_equal(result["steps"], steps, err_msg=f"request {index}")
+    stopped += eos in tokens
+  assert stopped >= 1  # some request ended at its EOS, others at their budget
+  assert {bucket_width(n) for n in LENGTHS} == {16, 32}
+  # Slots kept busy: fewer batch steps than the requests' calls one after another.
+  assert engine.steps < sum(r["model_calls"] for r in results) - len(results)
+
+
+def test_per_row_cache_write_against_a_direct_write():
+  rng = np.random.default_rng(0)
+  buffer = rng.normal(size=(2, 3, 10, 2)).astype(np.float32)  # [R, B, S, ...]
+  window = rng.normal(size=(3, 4, 2)).astype(np.float32)  # [B, L, ...]
+  index = np.asarray([0, 6, 3], np.int32)
+  expected = buffer.copy()
+  for row, at in enumerate(index):
+    expected[1, row, at:at + 4] = window[row]
+  np.testing.assert_array_equal(write_window(jnp.asarray(buffer), jnp.asarray(window), jnp.asarray(index), 1),
+                                expected)
+  shared = write_window(jnp.asarray(buffer), jnp.asarray(window), jnp.int32(3), 1)  # the scalar path
+  np.testing.assert_array_equal(write_window(jnp.asarray(buffer), jnp.asarray(window), jnp.full((3,), 3), 1), shared)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--serving_slots", "0", "--config.objective.name=ar"], "--serving_slots must be >= 1, got 0"),
+    (["--serving_slots", "2"], "--serving_slots runs the samplers ar, block_threshold, block_low_confidence, "
+                               "entropy_bound, not sampler threshold"),
+    (["--serving_slots", "2", "--batch_size", "4", "--config.objective.name=ar"], "drop --batch_size"),
+])
+def test_bad_serving_slots_exit_2_with_one_line(argv, message, capsys, tmp_path):
+  code = main(["--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path), "--prompt", "x"] + argv)
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_engine_refuses_what_it_cannot_serve(model):
+  engine = Engine(model, CanvasProgram(CASES["canvas_greedy"], mask_id=MASK, eos_id=None), 1, 8)
+  with pytest.raises(ValueError, match="a prompt of 9 tokens; the engine takes 1 to 8"):
+    engine.check(Request(tuple(range(9)), 4))
+  for budget in (6, 16):
+    with pytest.raises(ValueError, match=f"max_new_tokens={budget} must be a multiple of 4 in"):
+      engine.check(Request((2,), budget))
