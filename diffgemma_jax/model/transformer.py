@@ -55,10 +55,9 @@ class Block(nnx.Module):
              write_index, canvas_window=None):
     """Like `__call__`, but the window's keys/values are written into unit `unit` of the stacked cache
     `layer_cache = (k_RBSKH, v_RBSKH)` at slots [write_index, write_index + L) (`write_window`: one index for the
-    batch, or one per row), and the window attends to all S
-    cached slots of that unit under `mask_BLS` (and the sliding window, by `kv_positions_BS`). Only the window is
-    written into the stacked buffers (in place where the caller donates or carries them), never a whole unit's
-    slice. Returns (output, updated layer_cache)."""
+    batch, or one per row), and the window attends to all S cached slots of that unit under `mask_BLS` (and the
+    sliding window, by `kv_positions_BS`). Only the window is written into the stacked buffers (in place where the
+    caller donates or carries them), never a whole unit's slice. Returns (output, updated layer_cache)."""
     h_BLD = self.pre_attn_norm(x_BLD)
     k_BLKH, v_BLKH = self.attn.project_kv(h_BLD, positions_BL, dtype)
     k_all, v_all = layer_cache
