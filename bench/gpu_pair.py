@@ -22,7 +22,9 @@ rewritten after every phase and every generation setting):
    tokens at temperature 1, EOS not stopping. Each setting (the AR decoder, then the block samplers in priority
    order) at batch 1 (tokens/s, median of --repeats runs, each paired with an AR run: x AR is the ratio of the two
    medians) and at the serving batch (all prompts in one call: output tokens/s, model calls per row, gen-PPL of the
-   samples under the AR model, mean unigram entropy), until --gen_budget_s.
+   samples under the AR model, mean unigram entropy), and for the samplers the continuous-batching engine serves
+   (the AR decoder, block_threshold) the prompts twice over served with --num_prompts slots against the same
+   requests in two static batches (output tokens/s, `serving_x_static`), until --gen_budget_s.
 5. ceiling (run before generation): `bench/parallel_ceiling.py`'s confidence profile of the AR model on held-out rows (the tokens per call
    threshold decoding could reach with the AR model's full-context confidence).
 """
@@ -52,7 +54,8 @@ from diffgemma_jax.model.config import ModelConfig  # noqa: E402
 from diffgemma_jax.model.inspect import flops_per_token  # noqa: E402
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy  # noqa: E402
 from diffgemma_jax.sampling.requests import Generator, restore_model  # noqa: E402
-from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, validate_options  # noqa: E402
+from diffgemma_jax.sampling.samplers import (  # noqa: E402
+    SAMPLERS, GenerationOptions, sampler_config, validate_options)
 from diffgemma_jax.train import train  # noqa: E402
 from diffgemma_jax.train.logging import peak_flops_per_device  # noqa: E402
 
@@ -272,13 +275,14 @@ def measure_generation(args, overrides: dict, data_dir: str, ar_dir: str, block_
     options = GenerationOptions(sampler=sampler, gen_length=args.gen_length, temperature=1.0, stop_at_eos=False,
                                 block_length=block_size, threshold=threshold or 0.9)
     objective = "ar" if sampler == "ar" else "block"
-    configs[label] = (objective, sampler_config(validate_options(options, objective, block_size,
-                                                                  int(block_config.train.seq_len))))
+    options = validate_options(options, objective, block_size, int(block_config.train.seq_len))
+    configs[label] = (objective, sampler_config(options), options)
   ar_fn = generators["ar"].compiled(configs["ar"][1], 1, P)
+  served_ar = None
   one = jax.numpy.asarray(prompts[:1])
   many = jax.numpy.asarray(prompts)
   samples = open(samples_path, "w", encoding="utf-8")
-  for label, (objective, cfg) in configs.items():
+  for label, (objective, cfg, options) in configs.items():
     if time.perf_counter() - started > args.gen_budget_s:
       gen["left_out"].append(label)
       report.save()
@@ -313,6 +317,11 @@ def measure_generation(args, overrides: dict, data_dir: str, ar_dir: str, block_
                batch_tokens_per_call=args.gen_length / float(calls.mean()),
                gen_ppl=quality["gen_ppl"],
                unigram_entropy=statistics.mean(unigram_entropy(seq[P:]) for seq in tokens.tolist()))
+    if SAMPLERS[options.sampler].serves:
+      row.update(serving_throughput(generator, prompts, options, batch))
+      served_ar = row if label == "ar" else served_ar
+      if served_ar is not None:
+        row["serving_x_ar"] = row["serving_tokens_per_s"] / served_ar["serving_tokens_per_s"]
     gen["results"].append(row)
     ar_row = gen["results"][0] if gen["results"][0]["setting"] == "ar" else None
     if ar_row is not None:
@@ -321,12 +330,33 @@ def measure_generation(args, overrides: dict, data_dir: str, ar_dir: str, block_
     report.save()
     log(f"{label}: batch 1 {row['batch1_tokens_per_s']:.0f} tok/s (x AR {row['batch1_x_ar_paired']:.2f}), batch "
         f"{batch} {row['batch_tokens_per_s']:.0f} tok/s, {row['batch_tokens_per_call']:.2f} tokens/call, gen-PPL "
-        f"{row['gen_ppl']:.2f}, entropy {row['unigram_entropy']:.2f}")
+        f"{row['gen_ppl']:.2f}, entropy {row['unigram_entropy']:.2f}" + (
+            f"; served {row['serving_tokens_per_s']:.0f} tok/s ({row['serving_x_static']:.2f}x two static batches)"
+            if "serving_tokens_per_s" in row else ""))
     for i in range(min(3, batch)):
       samples.write(f"===== {label} | prompt {i} =====\n{tokenizer.decode(tokens[i, :P].tolist())}"
                     f"\n----- completion -----\n{tokenizer.decode_continuation(tokens[i, :P], tokens[i, P:])}\n\n")
     samples.flush()
   samples.close()
+
+
+def serving_throughput(generator, prompts, options, batch: int) -> dict:
+  """Output tokens/s of 2 x `batch` requests (the held-out prompts twice, each with its own seed) served by
+  continuous batching with `batch` slots, against the same requests in two static batches of `batch` (compiles
+  excluded from both). A static batch runs each canvas until its slowest row commits it; the engine lets each row
+  go on to its next canvas, and refills a slot as soon as its request ends."""
+  requests = [p.tolist() for p in prompts] * 2
+  seeds = list(range(200, 200 + len(requests)))
+  static = generator.run_batches(requests, options, batch, seeds)
+  static_seconds = sum(static[first]["seconds"] for first in range(0, len(requests), batch))
+  served = generator.serve(requests, options, batch, seeds)
+  served_seconds = max(r["seconds"] for r in served)
+  served_rate = sum(r["new_tokens"] for r in served) / served_seconds
+  static_rate = sum(r["new_tokens"] for r in static) / static_seconds
+  return {"serving_requests": len(requests), "serving_slots": batch, "serving_tokens_per_s": served_rate,
+          "static_two_batches_tokens_per_s": static_rate, "serving_x_static": served_rate / static_rate,
+          "serving_mean_model_calls": sum(r["model_calls"] for r in served) / len(served),
+          "serving_same_tokens_as_static": all(a["ids"] == b["ids"] for a, b in zip(static, served))}
 
 
 def confidence_ceiling(args, overrides: dict, data_dir: str, ar_dir: str, report: Report) -> None:

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_smoke_run_reports_every_phase(tmp_path):
   out, work = tmp_path / "out", tmp_path / "work"
   cmd = [sys.executable, os.path.join(REPO, "bench", "gpu_pair.py"), "--smoke", "--out", str(out), "--workdir",
-         str(work), "--only", "block_fused threshold 0.9", "--num_prompts", "1", "--gen_length", "32",
+         str(work), "--only", "block_threshold 0.9", "--num_prompts", "1", "--gen_length", "32",
          "--prompt_tokens", "16", "--ceiling_rows", "4"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                         env=dict(os.environ, PYTHONPATH=REPO))
@@ -32,10 +32,14 @@ def test_smoke_run_reports_every_phase(tmp_path):
   assert phases["ar"]["sizing"]["cap_steps"] == 6 and phases["block"]["run"]["lr_decay"]["decay_start"] == 4
   assert phases["ar"]["run"]["eval"]["exact"] and not phases["block"]["run"]["eval"]["exact"]
   rows = {row["setting"]: row for row in phases["generate"]["results"]}
-  assert set(rows) == {"ar", "block_fused threshold 0.9"}
+  assert set(rows) == {"ar", "block_threshold 0.9"}
   assert rows["ar"]["batch_tokens_per_call"] == 1.0 and rows["ar"]["gen_ppl_x_ar"] == 1.0
-  fused = rows["block_fused threshold 0.9"]
-  assert 0 < fused["batch_tokens_per_call"] and math.isfinite(fused["gen_ppl"]) and fused["batch1_x_ar_paired"] > 0
+  block = rows["block_threshold 0.9"]
+  assert 0 < block["batch_tokens_per_call"] and math.isfinite(block["gen_ppl"]) and block["batch1_x_ar_paired"] > 0
+  # the served twice-over prompts: the same tokens as the static batches, for the AR decoder and the block sampler
+  for row in rows.values():
+    assert row["serving_requests"] == 2 and row["serving_same_tokens_as_static"] and row["serving_x_static"] > 0
+  assert rows["ar"]["serving_mean_model_calls"] == 32 and block["serving_x_ar"] > 0
   assert [row["threshold"] for row in phases["ceiling"]["thresholds"]] == [0.9, 0.7, 0.5, 0.3]
   samples = (out / "samples.txt").read_text()
-  assert "===== ar | prompt 0 =====" in samples and "===== block_fused threshold 0.9 | prompt 0 =====" in samples
+  assert "===== ar | prompt 0 =====" in samples and "===== block_threshold 0.9 | prompt 0 =====" in samples
