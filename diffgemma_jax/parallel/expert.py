@@ -31,11 +31,12 @@ from jax.sharding import PartitionSpec as P
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import dispatch
 from diffgemma_jax.model.config import EXPERT_COLLECTIVES as COLLECTIVES
+from diffgemma_jax.parallel.rules import BATCH_AXES, CONTEXT_AXIS
 
 EXPERT_AXIS = "expert"
 FSDP_AXIS = "fsdp"
 # Tokens are the rows (over the batch axes) times the sequence (over `context`), flattened row-major.
-TOKEN_AXES = ("data", "fsdp", "expert", "context")
+TOKEN_AXES = BATCH_AXES + (CONTEXT_AXIS,)
 
 
 def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
@@ -209,12 +210,26 @@ def _ragged_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down,
   return _combine(y_AD, jnp.ones((A,), bool), combine_weights_TK), jnp.zeros((), jnp.int32)
 
 
-def weight_spec(mesh: Mesh, num_dims: int, embed_dim_index: int, embed_size: int) -> P:
+def _weight_spec(mesh: Mesh, num_dims: int, embed_dim_index: int, embed_size: int) -> P:
   """Experts over `expert`; the embed dimension over `fsdp` when the fsdp size divides it."""
   spec: list = [EXPERT_AXIS if EXPERT_AXIS in mesh.axis_names else None] + [None] * (num_dims - 1)
   if FSDP_AXIS in mesh.axis_names and mesh.shape[FSDP_AXIS] > 1 and embed_size % mesh.shape[FSDP_AXIS] == 0:
     spec[embed_dim_index] = FSDP_AXIS
   return P(*spec)
+
+
+def expert_weight_specs(mesh: Mesh, embed_size: int) -> tuple[P, P]:
+  """The shard_map specs of the experts' weights [E, D, 2F] and [E, F, D] (`_weight_spec`)."""
+  return _weight_spec(mesh, 3, 1, embed_size), _weight_spec(mesh, 3, 2, embed_size)
+
+
+def gather_fsdp_slices(w_gate_up, w_down, gate_up_spec: P):
+  """Inside a shard_map: the experts' weights with the embed slices their specs split over `fsdp` gathered (their
+  gradient is reduce-scattered back by the transpose); as they are where the specs do not split it."""
+  if gate_up_spec[1] != FSDP_AXIS:
+    return w_gate_up, w_down
+  return (jax.lax.all_gather(w_gate_up, FSDP_AXIS, axis=1, tiled=True),
+          jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True))
 
 
 def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD, *,
@@ -235,17 +250,13 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   rows = token_axes(mesh)
   tokens_per_shard = T // math.prod(mesh.shape[a] for a in rows)
   num_shards = expert_shards(mesh)
-  gate_up_spec = weight_spec(mesh, 3, 1, D)
-  down_spec = weight_spec(mesh, 3, 2, D)
+  gate_up_spec, down_spec = expert_weight_specs(mesh, D)
   row_spec = P(rows or None, None)
   if check_vma is None:
     check_vma = dispatch.resolve_backend(backend) in ("dense", "ragged")
 
   def body(x, ids, weights, w_gate_up, w_down):
-    # FSDP: the embed slices of this shard's experts are gathered here; their gradient is reduce-scattered back.
-    if gate_up_spec[1] == FSDP_AXIS:
-      w_gate_up = jax.lax.all_gather(w_gate_up, FSDP_AXIS, axis=1, tiled=True)
-      w_down = jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True)
+    w_gate_up, w_down = gather_fsdp_slices(w_gate_up, w_down, gate_up_spec)
     if collective == "ragged_all_to_all":
       y, dropped = _ragged_dispatch(x, ids, weights, w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
     else:
@@ -259,6 +270,6 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   return fn(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD)
 
 
-__all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity", "weight_spec",
+__all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity",
                           "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
-                          "shard_map", "token_axes")
+                          "expert_weight_specs", "gather_fsdp_slices", "shard_map", "token_axes")

@@ -13,11 +13,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.parallel.rules import BATCH_AXES, CONTEXT_AXIS
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the default axes
 # `context` (context parallelism: the sequence split over it, keys and values gathered for attention) is optional:
 # add it to mesh.axes with its size in mesh.shape (docs/attention.md).
-VALID_AXES = MESH_AXES + ("context",)
+VALID_AXES = MESH_AXES + (CONTEXT_AXIS,)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -101,11 +102,11 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if experts > 1 and collective == "ragged_all_to_all" and any(d.platform == "cpu" for d in mesh.devices.flat):
     raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all (GPU or "
                       "TPU); XLA:CPU has none. Use model.expert_collective='all_to_all' on CPU")
-  context = shape.get("context", 1)
+  context = shape.get(CONTEXT_AXIS, 1)
   if int(config.train.seq_len) % context:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
                       f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {context}")
-  rows = math.prod(shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+  rows = math.prod(shape.get(a, 1) for a in BATCH_AXES)
   if int(config.eval.batch_size) % rows:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {rows} "
                       f"(data x fsdp x expert of mesh.shape={tuple(config.mesh.shape)}); use a multiple of {rows}")
@@ -122,20 +123,17 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
                       f"different rows")
 
 
-# Mesh axes whose shards hold different rows of a batch; every other axis (tensor, context) holds the same rows.
-_ROW_AXES = ("data", "fsdp", "expert")
-
-
 def batch_slices(devices: Any, axis_names: Sequence[str]) -> tuple[dict[int, int], int]:
   """({process index: the slice of each global batch it loads}, number of slices) for a mesh's device array.
 
-  A process's devices hold some of the batch's row shards (their coordinates on the row axes). Processes holding
+  A process's devices hold some of the batch's row shards (their coordinates on the batch axes; every other axis,
+  tensor or context, holds the same rows). Processes holding
   different rows load different slices, slice p for process p where every process holds its own rows; processes
   holding the same rows (a `tensor` or `context` axis across hosts makes them replicas) must load the same rows
   (`jax.make_array_from_process_local_data`: replicas' data must be identical), so they share one slice, numbered
   by the group's lowest process index. Processes whose rows partly overlap cannot be fed: a ConfigError."""
   devices = np.asarray(devices)
-  row_dims = [i for i, name in enumerate(axis_names) if name in _ROW_AXES]
+  row_dims = [i for i, name in enumerate(axis_names) if name in BATCH_AXES]
   owned: dict[int, set] = {}
   for index, device in np.ndenumerate(devices):
     owned.setdefault(device.process_index, set()).add(tuple(index[i] for i in row_dims))
@@ -151,8 +149,8 @@ def batch_slices(devices: Any, axis_names: Sequence[str]) -> tuple[dict[int, int
                           f"row shards (put data, fsdp or expert across hosts with mesh.dcn_shape)")
   if len({len(rows) for rows in sets}) > 1:
     raise ConfigError(f"mesh.shape/mesh.axes {tuple(axis_names)}: hosts hold different numbers of batch row shards")
-  order = sorted(sets, key=lambda rows: groups[rows][0])
-  return {process: order.index(frozenset(rows)) for process, rows in owned.items()}, len(order)
+  # `groups` is ordered by each group's lowest process index (processes were added in order)
+  return {process: slice_index for slice_index, members in enumerate(groups.values()) for process in members}, len(sets)
 
 
 def batch_slice(mesh: Mesh) -> tuple[int, int]:

@@ -30,10 +30,9 @@ from jax.sharding import PartitionSpec as P
 
 from diffgemma_jax.model import attention_impl, dispatch
 from diffgemma_jax.parallel import expert
-from diffgemma_jax.parallel.rules import BATCH_AXES
+from diffgemma_jax.parallel.rules import BATCH_AXES, CONTEXT_AXIS
 from pallas_kernels.attention_mask import MaskSpec
 
-CONTEXT_AXIS = "context"
 TENSOR_AXIS = "tensor"
 
 
@@ -96,12 +95,10 @@ def token_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_gat
   D = x_TD.shape[1]
   rows = token_shards(mesh, x_TD.shape[0])
   row_spec = _spec(rows, None)
-  gate_up_spec, down_spec = expert.weight_spec(mesh, 3, 1, D), expert.weight_spec(mesh, 3, 2, D)
+  gate_up_spec, down_spec = expert.expert_weight_specs(mesh, D)
 
   def body(x, ids, weights, w_gate_up, w_down):
-    if gate_up_spec[1] == expert.FSDP_AXIS:  # FSDP: the embed slices gathered here, gradients reduce-scattered
-      w_gate_up = jax.lax.all_gather(w_gate_up, expert.FSDP_AXIS, axis=1, tiled=True)
-      w_down = jax.lax.all_gather(w_down, expert.FSDP_AXIS, axis=2, tiled=True)
+    w_gate_up, w_down = expert.gather_fsdp_slices(w_gate_up, w_down, gate_up_spec)
     return dispatch.routed_experts(x, ids, weights, w_gate_up, w_down, backend=backend,
                                    compute_dtype=compute_dtype).astype(x.dtype)
 

@@ -32,6 +32,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 # Rows of a batch are split over every axis that does not shard a weight's output dimension.
 BATCH_AXES = ("data", "fsdp", "expert")
+# The optional axis that splits each row's sequence (context parallelism); its shards hold the same rows.
+CONTEXT_AXIS = "context"
 
 
 def partition_spec(axes: Sequence[str | None], mesh: Mesh | None = None,
