@@ -163,10 +163,8 @@ class DiffGemmaLM(LM):
       for i in indices:
         ids = self._encode(requests[i].args[0])
         prompts.append([self.tokenizer.bos_id] + (ids[len(ids) - keep:] if keep else []))
-      if self.serving_slots:
-        results = self.generator.serve(prompts, options, self.serving_slots)
-      else:
-        results = self.generator.run_batches(prompts, options, self.batch_size)
+      results = self.generator.run_requests(prompts, options, batch_size=self.batch_size,
+                                            serving_slots=self.serving_slots)
       for index, prompt, result in zip(indices, prompts, results):
         text = self.tokenizer.decode_continuation(prompt, result["ids"])
         out[index] = cut_at_stop(text, until)

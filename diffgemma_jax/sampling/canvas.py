@@ -201,6 +201,21 @@ def denoise_masked(rule: MaskedRule, model, cache, start, done_B, rng, *, canvas
   return canvas, steps_B, cache
 
 
+def entropy_bound_step(rule: EntropyBoundRule, logits_BbV, step, previous_argmax_Bb, sample_key, noise_key,
+                       noise, excluded):
+  """One step of the entropy-bound rule on a canvas's logits at denoising step `step` (a scalar, or [B] for rows at
+  different steps): (the canvas renoised: sampled where a token's entropy is within the bound, `noise(noise_key)`
+  elsewhere; the tempered logits; their argmax; [B] whether each row's argmax is stable and confident)."""
+  temperature = linear_temperature(step, rule.max_denoising_steps, rule.temperature_start, rule.temperature_end)
+  scaled_BbV = without(logits_BbV, excluded) / (temperature[:, None, None] if jnp.ndim(temperature) else temperature)
+  entropy_Bb = token_entropy(scaled_BbV)
+  argmax_Bb = jnp.argmax(scaled_BbV, axis=-1).astype(jnp.int32)
+  sampled_Bb = sample_categorical(sample_key, scaled_BbV)
+  renoised_Bb = jnp.where(accept_entropy_bound(entropy_Bb, rule.entropy_bound), sampled_Bb, noise(noise_key))
+  stop_B = stable_and_confident(argmax_Bb, previous_argmax_Bb, entropy_Bb, rule.stop_mean_entropy)
+  return renoised_Bb, scaled_BbV, argmax_Bb, stop_B
+
+
 def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, rng, *, canvas_length: int,
                           mask_id: int, before_B1V=None, starts_B=None):
   del before_B1V  # uniform-state models read each position's own output (config validation: no token shift)
@@ -219,15 +234,10 @@ def denoise_entropy_bound(rule: EntropyBoundRule, model, cache, start, done_B, r
     canvas, argmax, signal_BbD, cache, rng, step, finished_B, steps_B = state
     rng, sample_key, noise_key = split_keys(rng, 3)
     logits, cache = canvas_logits(model, canvas, cache, start, embeddings_BbD=signal_BbD, starts_B=starts_B)
-    temperature = linear_temperature(step, rule.max_denoising_steps, rule.temperature_start, rule.temperature_end)
-    scaled = without(logits, excluded) / temperature
-    entropy_Bb = token_entropy(scaled)
-    new_argmax = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
-    sampled = sample_categorical(sample_key, scaled)
-    renoised = jnp.where(accept_entropy_bound(entropy_Bb, rule.entropy_bound), sampled, noise(noise_key))
+    renoised, scaled, new_argmax, stop_B = entropy_bound_step(rule, logits, step, argmax, sample_key, noise_key,
+                                                              noise, excluded)
     active_B = ~finished_B
     keep = lambda new, old: jnp.where(active_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
-    stop_B = stable_and_confident(new_argmax, argmax, entropy_Bb, rule.stop_mean_entropy)
     if self_conditioned:
       signal_BbD = keep(self_conditioning_embeddings(model, scaled, jnp.ones((B,), bool), excluded_ids=excluded),
                         signal_BbD)

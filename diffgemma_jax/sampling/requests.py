@@ -162,6 +162,14 @@ class Generator:
       r["batch_tokens_per_s"] = batch_tokens / seconds
     return results
 
+  def run_requests(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, *, batch_size: int = 1,
+                   serving_slots: int | None = None) -> list[dict[str, Any]]:
+    """`serve` with `serving_slots` slots, else `run_batches` of `batch_size` prompts: the same results either
+    way (the engine keeps requests in flight, static batches run whole)."""
+    if serving_slots is not None:
+      return self.serve(prompts, options, serving_slots)
+    return self.run_batches(prompts, options, batch_size)
+
 
 def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots") -> None:
   """`flag` (the number of slots) must be >= 1, the sampler one the engine runs (`Sampler.serves`), and it
@@ -241,10 +249,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
           file=sys.stderr)
   model, step = restore_model(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  if serving_slots is not None:
-    results = generator.serve(encoded, options, serving_slots)
-  else:
-    results = generator.run_batches(encoded, options, batch_size)
+  results = generator.run_requests(encoded, options, batch_size=batch_size, serving_slots=serving_slots)
   for text, ids, result in zip(prompts, encoded, results):
     completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
     result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=step,

@@ -43,6 +43,7 @@ class ARProgram:
     self.cfg, self.eos_id = cfg, eos_id
     self.stop_at_eos = cfg.stop_at_eos and eos_id is not None
     self.unit, self.max_new_tokens = 1, cfg.max_new_tokens
+    self.fill = eos_id if self.stop_at_eos else 0  # what follows a row's EOS, and the unwritten tokens
 
   def _sample(self, logits_BV, key):
     return sample_next(logits_BV, key, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
@@ -55,9 +56,8 @@ class ARProgram:
     B, G = num_slots, self.cfg.max_new_tokens
     zeros = jnp.zeros((B,), jnp.int32)
     keys = jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32))
-    fill = self.eos_id if self.stop_at_eos else 0
     return ARSlots(model.init_kv_cache(B, num_cache_slots), zeros, zeros, zeros, zeros, keys,
-                   jnp.full((B, G), fill, jnp.int32), zeros, jnp.zeros((B,), bool), jnp.zeros((B,), bool))
+                   jnp.full((B, G), self.fill, jnp.int32), zeros, jnp.zeros((B,), bool), jnp.zeros((B,), bool))
 
   def insert(self, model, slots: ARSlots, row, prompt_1W, length, rng, max_new_tokens) -> ARSlots:
     """Starts a request in row `row`: its prompt (right-padded, `length` real tokens) prefilled
@@ -66,8 +66,7 @@ class ARProgram:
     rng, key = split_keys(rng)
     first = self._sample(logits[:, 0], key)[0]
     ended = self._finished(first, 1, max_new_tokens)
-    fill = self.eos_id if self.stop_at_eos else 0
-    out_G = jnp.full(slots.out_BG.shape[1:], fill, jnp.int32).at[0].set(first)
+    out_G = jnp.full(slots.out_BG.shape[1:], self.fill, jnp.int32).at[0].set(first)
     put = lambda array, value: array.at[row].set(value)  # noqa: E731
     return ARSlots(cache, put(slots.last_B, first), put(slots.write_B, length), put(slots.count_B, 1),
                    put(slots.max_new_B, max_new_tokens), put(slots.rng_B, rng), put(slots.out_BG, out_G),

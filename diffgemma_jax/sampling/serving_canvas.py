@@ -26,13 +26,11 @@ import jax.numpy as jnp
 
 from diffgemma_jax.model.self_conditioning import self_conditioning_embeddings
 from diffgemma_jax.model.transformer import write_window
-from diffgemma_jax.objectives.estimators import states_excluding, without
+from diffgemma_jax.objectives.estimators import states_excluding
 from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.batching import draw, split_keys
-from diffgemma_jax.sampling.canvas import CanvasConfig, MaskedRule
-from diffgemma_jax.sampling.parts import (accept_entropy_bound, has_eos, linear_temperature, masked_step,
-                                          pad_after_eos, sample_categorical, shifted, stable_and_confident,
-                                          token_entropy)
+from diffgemma_jax.sampling.canvas import CanvasConfig, MaskedRule, entropy_bound_step
+from diffgemma_jax.sampling.parts import has_eos, masked_step, pad_after_eos, shifted
 from diffgemma_jax.sampling.serving import prefill_row, select_rows
 
 IDLE, DENOISE, COMMIT = 0, 1, 2
@@ -121,15 +119,9 @@ class CanvasProgram:
     rule = self.cfg.rule
     B, b = slots.canvas_Bb.shape
     next_step_rng, sample_key, noise_key = split_keys(slots.step_rng_B, 3)
-    temperature_B = linear_temperature(slots.step_B, rule.max_denoising_steps, rule.temperature_start,
-                                       rule.temperature_end)
-    scaled_BbV = without(logits_BbV, self.excluded) / temperature_B[:, None, None]
-    entropy_Bb = token_entropy(scaled_BbV)
-    argmax_Bb = jnp.argmax(scaled_BbV, axis=-1).astype(jnp.int32)
-    sampled_Bb = sample_categorical(sample_key, scaled_BbV)
-    renoised_Bb = jnp.where(accept_entropy_bound(entropy_Bb, rule.entropy_bound), sampled_Bb,
-                            self._noise(model, noise_key, b))
-    stop_B = stable_and_confident(argmax_Bb, slots.argmax_Bb, entropy_Bb, rule.stop_mean_entropy)
+    renoised_Bb, scaled_BbV, argmax_Bb, stop_B = entropy_bound_step(
+        rule, logits_BbV, slots.step_B, slots.argmax_Bb, sample_key, noise_key,
+        lambda key: self._noise(model, key, b), self.excluded)
     finished_B = denoise_B & ((slots.step_B + 1 >= rule.max_denoising_steps) | stop_B)
     signal = slots.signal_BbD
     if signal is not None:
