@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 
+from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import inspect_model
-from .common import config_overrides, fail, load_run_config
+from .common import config_overrides, fail
 
 
 def _human(n: float) -> str:
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seq_len", type=int, default=None, help="context for attention FLOPs (default train.seq_len)")
   args, rest = parser.parse_known_args(argv)
   try:
-    config = load_run_config(args.config, config_overrides(rest))
+    config = load_config(args.config, config_overrides(rest))  # nothing compiles: no compilation cache
     report = inspect_model(ModelConfig.from_config_dict(config.model), args.seq_len or config.train.seq_len)
   except ConfigError as e:
     return fail(str(e))
