@@ -22,9 +22,12 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 
 KEY = "compilation.cache_dir"
+SIZE_KEY = "compilation.max_size_gb"
 BUCKET_SCHEMES = ("gs", "s3")
 # jax's default: XLA's own GPU caches (per-fusion autotuning results) in a subfolder of the cache folder
 XLA_CACHES_DEFAULT = "xla_gpu_per_fusion_autotune_cache_dir"
+# the names of a program's files in a local cache folder (jax._src.lru_cache)
+CACHE_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
 
 
 def check_compilation_config(section) -> None:
@@ -36,6 +39,24 @@ def check_compilation_config(section) -> None:
   if not float(section.min_compile_time_s) >= 0:
     raise ConfigError(f"compilation.min_compile_time_s: must be >= 0 seconds (0: cache every program), got "
                       f"{section.min_compile_time_s!r}")
+  size = float(section.max_size_gb)
+  if not size >= 0:
+    raise ConfigError(f"{SIZE_KEY}: must be >= 0 (0: no limit), got {section.max_size_gb!r}")
+  if size and storage.is_url(path):
+    raise ConfigError(f"{SIZE_KEY}={size:g} with {KEY}={path!r}: JAX deletes old programs from a local folder only; "
+                      "set it to 0 and give the bucket an object lifecycle rule")
+
+
+def _stamp_unstamped_entries(folder: str) -> None:
+  """With a size limit JAX keeps each program's last use in a `<key>-atime` file beside its `<key>-cache` file and
+  reads it for every entry when it evicts; entries written without a limit have none (JAX would fail to write any
+  new program), so they get the oldest time and are the first to go."""
+  for name in os.listdir(folder):
+    if name.endswith(CACHE_SUFFIX):
+      stamp = os.path.join(folder, name[:-len(CACHE_SUFFIX)] + ATIME_SUFFIX)
+      if not os.path.exists(stamp):
+        with open(stamp, "wb") as f:
+          f.write((0).to_bytes(8, "little"))
 
 
 def use_compilation_cache(config) -> str | None:
@@ -57,9 +78,14 @@ def use_compilation_cache(config) -> str | None:
       raise ConfigError(f"{KEY}={path!r}: cannot make the folder: {e.strerror}") from None
     if not os.access(path, os.W_OK):
       raise ConfigError(f"{KEY}={path!r}: the folder is not writable")
-  if jax.config.jax_compilation_cache_dir != path:
-    jax_cache.reset_cache()  # JAX opens its cache once per process; another folder needs it opened again
+    if section.max_size_gb:
+      _stamp_unstamped_entries(path)
+  size_gb = float(section.max_size_gb)
+  max_size = max(int(size_gb * 1e9), 1) if size_gb else -1  # bytes; -1: no limit
+  if (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size) != (path, max_size):
+    jax_cache.reset_cache()  # JAX opens its cache once per process; another folder or limit needs it opened again
   jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_compilation_cache_max_size", max_size)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(section.min_compile_time_s))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor, whatever the filesystem
   # XLA writes its own caches from C++ to local paths only, and JAX builds their path with pathlib, which turns

@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation = ml_collections.ConfigDict()
   c.compilation.cache_dir = ""
   c.compilation.min_compile_time_s = 1.0  # programs compiled faster than this are not kept; 0: every program
+  # A local folder's size limit in GB: past it the least recently used programs are deleted as new ones are written.
+  # 0: no limit (a bucket takes 0 only: give it an object lifecycle rule instead).
+  c.compilation.max_size_gb = 0.0
   return c
 
 

@@ -227,7 +227,8 @@ def reader_clis(scratch) -> tuple:
 
 
 _CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                   "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches")
+                   "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches",
+                   "jax_compilation_cache_max_size")
 
 
 @pytest.fixture

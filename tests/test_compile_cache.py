@@ -17,9 +17,9 @@ from diffgemma_jax.config import base_config
 from launch.train import main as train_main
 
 
-def _config(cache_dir: str):
+def _config(cache_dir: str, max_size_gb: float = 0.0):
   config = base_config()
-  config.compilation.update(cache_dir=cache_dir, min_compile_time_s=0.0)
+  config.compilation.update(cache_dir=cache_dir, min_compile_time_s=0.0, max_size_gb=max_size_gb)
   return config
 
 
@@ -40,9 +40,9 @@ def _compile_counts(program) -> dict[str, int]:
   return counts
 
 
-def _program():
+def _program(scale: float = 7.0):
   x = np.arange(12.0, dtype=np.float32).reshape(3, 4)  # numpy: the jitted function is the one program compiled
-  jax.block_until_ready(jax.jit(lambda a: jnp.tanh(a @ a.T) * 7.0 + a.sum())(x))
+  jax.block_until_ready(jax.jit(lambda a: jnp.tanh(a @ a.T) * scale + a.sum())(x))
 
 
 @pytest.mark.parametrize("where", ["local", "s3", "gs"])
@@ -68,6 +68,27 @@ def test_a_new_process_reads_what_an_earlier_one_compiled(where, request, tmp_pa
   assert compilation_cache_entries(cache_dir) == written
 
 
+def test_a_size_limit_deletes_the_least_recently_used_programs(tmp_path, no_compilation_cache):
+  """A folder filled without a limit, then given one of 1.5 programs: the next program written deletes the oldest
+  (the one written before the limit, which JAX keeps no use time for: it would fail on it unstamped)."""
+  folder = tmp_path / "cache"
+  use_compilation_cache(_config(str(folder)))
+  _program(7.0)
+  (first,) = compilation_cache_entries(str(folder))
+  size = (folder / first).stat().st_size
+  no_compilation_cache()
+  use_compilation_cache(_config(str(folder), max_size_gb=1.5 * size / 1e9))
+  assert jax.config.jax_compilation_cache_max_size == int(1.5 * size)
+  assert _compile_counts(lambda: _program(5.0)) == {"hits": 0, "misses": 1}
+  (second,) = compilation_cache_entries(str(folder))
+  assert second != first
+  no_compilation_cache()
+  use_compilation_cache(_config(str(folder), max_size_gb=1.5 * size / 1e9))
+  assert _compile_counts(lambda: _program(5.0)) == {"hits": 1, "misses": 0}
+  assert _compile_counts(lambda: _program(7.0)) == {"hits": 0, "misses": 1}
+  assert compilation_cache_entries(str(folder)) == {first}
+
+
 def test_a_relative_folder_is_made_absolute(tmp_path, monkeypatch, no_compilation_cache):
   monkeypatch.chdir(tmp_path)
   assert use_compilation_cache(_config("cache/jax")) == str(tmp_path / "cache" / "jax")
@@ -90,4 +111,9 @@ def test_bad_cache_settings_fail_in_one_line_naming_the_key(s3_endpoint, tiny_co
     assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
   assert train_main(run + ["--config.compilation.min_compile_time_s=-1"]) == 2
   assert "compilation.min_compile_time_s: must be >= 0 seconds" in capsys.readouterr().err
+  assert train_main(run + ["--config.compilation.max_size_gb=-1"]) == 2
+  assert "compilation.max_size_gb: must be >= 0 (0: no limit), got -1" in capsys.readouterr().err
+  assert train_main(run + ["--config.compilation.cache_dir=s3://runs/cache", "--config.compilation.max_size_gb=2"]) == 2
+  assert ("compilation.max_size_gb=2 with compilation.cache_dir='s3://runs/cache': JAX deletes old programs from a "
+          "local folder only" in capsys.readouterr().err)
   assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "run").exists()
