@@ -6,6 +6,7 @@ admitted at one point is prefilled in one call (prompts of different lengths tog
 nowhere beside a busy row); the per-row cache write against a direct one; bad --serving_slots values fail with
 one line."""
 
+import argparse
 import dataclasses
 
 import jax
@@ -14,13 +15,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffgemma_jax.errors import ConfigError, GenerationError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.transformer import write_window
 from diffgemma_jax.sampling import autoregressive, batching, canvas
 from diffgemma_jax.sampling.serving import Engine, Request, bucket_width
 from diffgemma_jax.sampling.serving_ar import ARProgram
+from diffgemma_jax.sampling.requests import Generator, serving_options
+from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 from diffgemma_jax.sampling.serving_canvas import CanvasProgram
-from launch.generate import main
+from launch.generate import _read_requests, main
 
 PAD, MASK = 0, 4
 # A token-shift block model (the canvas's first token read from the clean pass before it) with sliding layers
@@ -176,6 +180,53 @@ def test_one_prefill_call_admits_every_free_slot(lone_runs, prompts, case):
   _check_each(results, [runs[i] for i in which], budgets, -1, cfg)
   assert engine.admissions == [4, 3] and engine.prefill_calls == 2  # one call per admission, not one per request
   assert engine.steps == steps and engine.model_calls == steps + 2
+
+
+def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, prompts, monkeypatch):
+  """Requests with their own gen_length (a --prompts JSONL field): the engine gives each its whole budget (an EOS
+  id the model never emits) in 4 steps per canvas of 4 and the calls of its lone run; static batches (a spy here;
+  they are tested elsewhere) get one budget each."""
+  generator = Generator(model, mask_id=MASK, eos_id=TINY.vocab_size, pad_id=PAD)
+  budgets = (4, 8, 4)
+  own = [validate_options(GenerationOptions(sampler="block_low_confidence", gen_length=budget, block_length=CANVAS),
+                          "block", CANVAS) for budget in budgets]
+  served = generator.run_requests(prompts[:3], own[0], serving_slots=4, request_options=own)
+  for result, budget in zip(served, budgets):
+    canvases = budget // CANVAS
+    assert len(result["ids"]) == budget and result["steps_per_canvas"] == [CANVAS] * canvases
+    assert result["model_calls"] == 1 + CANVAS * canvases + canvases - 1
+  batches = []
+  monkeypatch.setattr(generator, "run_batches", lambda batch, options, size: batches.append(
+      (options.gen_length, batch, size)) or [{"gen_length": options.gen_length} for _ in batch])
+  static = generator.run_requests(prompts[:3], own[0], batch_size=4, request_options=own)
+  assert batches == [(4, [prompts[0], prompts[2]], 4), (8, [prompts[1]], 4)]
+  assert [r["gen_length"] for r in static] == list(budgets)
+  # --steps 2 over one canvas and over two: different rules, which one engine cannot serve
+  stepped = [validate_options(GenerationOptions(sampler="block_low_confidence", gen_length=budget, block_length=CANVAS,
+                                                steps=2), "block", CANVAS) for budget in (4, 8)]
+  with pytest.raises(GenerationError, match="different steps per canvas; drop --steps or --serving_slots"):
+    serving_options(stepped, 2)
+  assert serving_options(own, 2) == own[1]
+
+
+def test_prompts_jsonl_gen_length_per_request(tmp_path, capsys):
+  lines = tmp_path / "p.jsonl"
+  lines.write_text('"a"\n{"prompt": "b", "gen_length": 32}\n{"prompt": "c", "gen_length": null}\n')
+  read = lambda path: _read_requests(argparse.Namespace(prompt=None, prompts=str(path)))  # noqa: E731
+  assert read(lines) == (["a", "b", "c"], [None, 32, None], [f"--prompts {lines}:{n}" for n in (1, 2, 3)])
+  text = tmp_path / "p.txt"
+  text.write_text('{"prompt": "b", "gen_length": 32}\n')  # a text file's line is its prompt, whatever it holds
+  assert read(text)[:2] == (['{"prompt": "b", "gen_length": 32}'], [None])
+  for bad in ('"32"', "0", "1.5", "true"):
+    lines.write_text('"a"\n{"prompt": "b", "gen_length": %s}\n' % bad)
+    with pytest.raises(ConfigError, match=rf"p.jsonl:2: field 'gen_length' must be a whole number >= 1 .*got {bad}$"):
+      read(lines)
+  # a budget the sampler cannot run fails with one line before any model is restored (the workdir is empty)
+  lines.write_text('{"prompt": "b", "gen_length": 32}\n{"prompt": "c", "gen_length": 20}\n')
+  code = main(["--config", "configs/block_tiny.py", "--workdir", str(tmp_path), "--prompts", str(lines)])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert f"p.jsonl:2: gen_length 20 must be a positive multiple of 16" in err
 
 
 def test_per_row_cache_write_against_a_direct_write():
