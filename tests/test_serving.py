@@ -226,7 +226,7 @@ def test_prompts_jsonl_gen_length_per_request(tmp_path, capsys):
   code = main(["--config", "configs/block_tiny.py", "--workdir", str(tmp_path), "--prompts", str(lines)])
   err = capsys.readouterr().err
   assert code == 2 and err.count("\n") == 1, err
-  assert f"p.jsonl:2: gen_length 20 must be a positive multiple of 16" in err
+  assert "p.jsonl:2: gen_length 20 must be a positive multiple of 16" in err
 
 
 def test_per_row_cache_write_against_a_direct_write():
