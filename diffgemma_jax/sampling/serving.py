@@ -6,10 +6,10 @@ of one KV cache [B, S], each with its own write position: every `step` is one ji
 every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode step; the
 programs `serving_canvas.CanvasProgram` and `serving_ar.ARProgram` say what a step is). Steps run in a device loop
 until a request finishes; the host then collects it and refills the free slots from the queue: ONE jitted
-prefill call admits every request taken at that point, each prompt written into its own row (prompts right-padded to
-a common width, `bucket_width`; groups padded to a few sizes, `admission_size`, so a handful of prefills compile).
-The programs advance each request's random key exactly as the static path does for that
-request alone, so every request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with
+prefill call admits every request taken at that point, each prompt written into its own row (prompts right-padded
+to a common width, `bucket_width`; groups padded to a few sizes, `admission_size`, so a handful of prefills
+compile). The programs advance each request's random key exactly as the static path does for that request alone,
+so every request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with
 its seed's key (`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
 """
 
