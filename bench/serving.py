@@ -14,7 +14,8 @@ longest) running to the batch's largest budget, so a batch costs its longest req
 with --slots slots. Both are compiled by a first pass, then timed --repeats times, alternating (medians
 reported); tokens/s counts each request's own new tokens (to EOS, within its budget) over a pass's seconds. Model
 calls: the static batches' calls (prefill, denoising steps or decode steps, commits; each call runs the whole
-batch) against the engine's steps (each runs every slot) plus its prefills (one request each). The engine's tokens
+batch) against the engine's steps (each runs every slot) plus its prefill calls (each admits every request taken
+into a free slot at that point). The engine's tokens
 are checked against the static ones request by request (they must be equal). Random weights
 (configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py) unless trained workdirs are given.
 """
@@ -105,7 +106,7 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
           "static_tokens_per_s": sum(map(len, static_ids)) / static_seconds,
           "continuous_tokens_per_s": tokens / engine_seconds, "speedup": static_seconds / engine_seconds,
           "static_seconds": static_seconds, "continuous_seconds": engine_seconds, "static_model_calls": static_calls,
-          "continuous_steps": engine.steps, "continuous_prefills": engine.model_calls - engine.steps,
+          "continuous_steps": engine.steps, "continuous_prefills": engine.prefill_calls,
           "identical_tokens": engine_ids == static_ids}
 
 
@@ -165,12 +166,12 @@ def main(argv=None) -> int:
   print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets of 1-"
         f"{args.max_canvases} canvases, {args.slots} slots / static batch; commit {report['commit']}")
   print(f"{'sampler':<13} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
-        f"{'static calls':>12} {'engine steps+prefills':>22} {'same tokens':>11}")
+        f"{'static calls':>12} {'engine steps+prefill calls':>26} {'same tokens':>11}")
   for r in rows:
     budgets = "-".join(map(str, r["budget_tokens"]))
     print(f"{r['sampler']:<13} {budgets:>7} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
           f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {r['static_model_calls']:12d} "
-          f"{r['continuous_steps']:>13d} + {r['continuous_prefills']:<6d} {str(r['identical_tokens']):>11}")
+          f"{r['continuous_steps']:>17d} + {r['continuous_prefills']:<6d} {str(r['identical_tokens']):>11}")
   print(load.line())
   return 0
 

@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   source.add_argument("--prompt", help="one prompt")
   source.add_argument("--prompts", help="a UTF-8 file (local or a bucket URL) with one prompt per line (\\n in a "
                       "line is a newline, \\\\ a backslash), or a .jsonl file with one JSON string or "
-                      "{\"prompt\": ...} object per line")
+                      "{\"prompt\": ..., \"gen_length\": N} object per line (gen_length optional: that "
+                      "prompt's own --gen_length)")
   p.add_argument("--gen_length", type=int, default=None, help="new tokens to generate (at most; default: what fits "
                  "in the model's context after the prompt, at most 128)")
   add_flags(p)
@@ -65,12 +66,14 @@ def _unescape(line: str) -> str:
   return re.sub(r"\\([\\n])", lambda m: "\n" if m.group(1) == "n" else "\\", line)
 
 
-def _read_prompts(args) -> list[str]:
-  """--prompt, or the prompts of the --prompts file: text lines (blank ones skipped) or JSONL."""
+def _read_requests(args) -> tuple[list[str], list[int | None], list[str]]:
+  """--prompt, or the requests of the --prompts file: text lines (blank ones skipped) or JSONL (a string, or an
+  object with "prompt" and optionally its own "gen_length"): (prompts, each one's gen_length or None for
+  --gen_length's, where each came from)."""
   if args.prompt is not None:
-    return [args.prompt]
+    return [args.prompt], [None], ["--prompt"]
   jsonl = args.prompts.endswith(".jsonl")
-  prompts = []
+  prompts, gen_lengths, sources = [], [], []
   with storage.open_input(args.prompts, "--prompts") as f:
     for number, raw in enumerate(f, 1):
       where = f"--prompts {args.prompts}:{number}"
@@ -80,19 +83,27 @@ def _read_prompts(args) -> list[str]:
         raise ConfigError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
       if not line.strip():
         continue
+      gen_length = None
       if not jsonl:
-        prompts.append(_unescape(line))
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e})") from None
-      prompt = record.get("prompt") if isinstance(record, dict) else record
-      if not isinstance(prompt, str):
-        raise ConfigError(f"{where}: expected a JSON string or an object with a string 'prompt', got "
-                          f"{type(prompt).__name__}")
+        prompt = _unescape(line)
+      else:
+        try:
+          record = json.loads(line)
+        except ValueError as e:
+          raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else record
+        if not isinstance(prompt, str):
+          raise ConfigError(f"{where}: expected a JSON string or an object with a string 'prompt', got "
+                            f"{type(prompt).__name__}")
+        if isinstance(record, dict) and record.get("gen_length") is not None:
+          gen_length = record["gen_length"]
+          if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 1:
+            raise ConfigError(f"{where}: field 'gen_length' must be a whole number >= 1 (new tokens for this "
+                              f"prompt), got {json.dumps(gen_length)}")
       prompts.append(prompt)
-  return prompts
+      gen_lengths.append(gen_length)
+      sources.append(where)
+  return prompts, gen_lengths, sources
 
 
 def main(argv=None) -> int:
@@ -104,14 +115,15 @@ def main(argv=None) -> int:
     given = {flag: getattr(args, flag) for flag in OPTIONS}
     options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
                                 seed=args.seed)
-    prompts = _read_prompts(args)
+    prompts, gen_lengths, sources = _read_requests(args)
     if args.chat:
       prompts = [chat_prompt(text, str(config.data.chat_template), args.system) for text in prompts]
     elif args.system:
       raise ConfigError("--system: only with --chat")
     template = str(config.data.chat_template) if args.chat else None
     results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template,
-                                   batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots)
+                                   batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots,
+                                   gen_lengths=gen_lengths, sources=sources)
     if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
       for result in results:
         result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]

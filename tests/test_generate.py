@@ -166,21 +166,21 @@ def test_tokenizer_precedence_workdir_then_data_tokenizer(trained_run, load_tiny
 def test_prompts_file_escapes_jsonl_and_bad_bytes(tmp_path):
   import argparse
 
-  from launch.generate import _read_prompts
+  from launch.generate import _read_requests
   text = tmp_path / "p.txt"
   text.write_bytes(b'\xef\xbb\xbfdef f():\\n    return 1\n\nprint("a\\\\nb")\r\n')
-  assert _read_prompts(argparse.Namespace(prompt=None, prompts=str(text))) == [
+  assert _read_requests(argparse.Namespace(prompt=None, prompts=str(text)))[0] == [
       "def f():\n    return 1", 'print("a\\nb")']
   lines = tmp_path / "p.jsonl"
   lines.write_text(json.dumps("x\\n") + "\n" + json.dumps({"prompt": "caf\u00e9\n"}) + "\n")
-  assert _read_prompts(argparse.Namespace(prompt=None, prompts=str(lines))) == ["x\\n", "caf\u00e9\n"]
+  assert _read_requests(argparse.Namespace(prompt=None, prompts=str(lines)))[0] == ["x\\n", "caf\u00e9\n"]
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"ok\ncaf\xe9 = 1\n")
   with pytest.raises(ConfigError, match=r"bad.txt:2: not valid UTF-8"):
-    _read_prompts(argparse.Namespace(prompt=None, prompts=str(bad)))
+    _read_requests(argparse.Namespace(prompt=None, prompts=str(bad)))
   lines.write_text('{"text": "x"}\n')
   with pytest.raises(ConfigError, match=r"p.jsonl:1: expected a JSON string or an object with a string 'prompt'"):
-    _read_prompts(argparse.Namespace(prompt=None, prompts=str(lines)))
+    _read_requests(argparse.Namespace(prompt=None, prompts=str(lines)))
 
 
 def test_default_gen_length_fills_the_context(trained_run, tiny_config_file, capsys):

@@ -1,9 +1,12 @@
 """Continuous batching (`sampling/serving.py`): more requests than slots, of different prompt lengths (two prefill
 widths) and stopping points (token budgets, an EOS the requests reach at different steps), each get exactly the
 tokens, denoising steps and model calls of the static path (`canvas.generate`, `autoregressive.generate`) run on
-the request alone with its seed's key, greedy and sampled, both canvas rules and the AR decoder; the per-row
-cache write against a direct one; bad --serving_slots values fail with one line."""
+the request alone with its seed's key, greedy and sampled, both canvas rules and the AR decoder; every request
+admitted at one point is prefilled in one call (prompts of different lengths together, dummy rows that write
+nowhere beside a busy row); the per-row cache write against a direct one; bad --serving_slots values fail with
+one line."""
 
+import argparse
 import dataclasses
 
 import jax
@@ -12,13 +15,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffgemma_jax.errors import ConfigError, GenerationError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.transformer import write_window
 from diffgemma_jax.sampling import autoregressive, batching, canvas
 from diffgemma_jax.sampling.serving import Engine, Request, bucket_width
 from diffgemma_jax.sampling.serving_ar import ARProgram
+from diffgemma_jax.sampling.requests import Generator, serving_options
+from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 from diffgemma_jax.sampling.serving_canvas import CanvasProgram
-from launch.generate import main
+from launch.generate import _read_requests, main
 
 PAD, MASK = 0, 4
 # A token-shift block model (the canvas's first token read from the clean pass before it) with sliding layers
@@ -61,6 +67,20 @@ def uniform_model():
 def prompts():
   rng = np.random.default_rng(1)
   return [[2] + rng.integers(5, TINY.vocab_size, n - 1).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def lone_runs(model, uniform_model, prompts):
+  """`_alone` of a case (on its model), computed once per module: (model, runs)."""
+  cache = {}
+
+  def runs(case):
+    if case not in cache:
+      case_model = uniform_model if case == "entropy_bound" else model
+      cache[case] = case_model, _alone(case_model, CASES[case], prompts)
+    return cache[case]
+
+  return runs
 
 
 def _alone(model, cfg, prompts):
@@ -107,31 +127,106 @@ def _expected(run, budget: int, eos: int, cfg):
   return tokens, steps, 1 + int(steps.sum()) + ran - 1
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_each_request_equals_its_lone_static_run(model, uniform_model, prompts, case):
-  cfg = CASES[case]
-  if case == "entropy_bound":
-    model = uniform_model
-  runs = _alone(model, cfg, prompts)
-  eos = _stopping_eos(runs)
+def _program(cfg, eos):
   if isinstance(cfg, canvas.CanvasConfig):
-    program = CanvasProgram(cfg, mask_id=MASK, eos_id=eos, pad_id=PAD)
-  else:
-    program = ARProgram(cfg, eos_id=eos)
-  engine = Engine(model, program, SLOTS, max(LENGTHS))
-  results = engine.run([Request(tuple(p), budget, seed) for seed, (p, budget) in enumerate(zip(prompts, BUDGETS))])
+    return CanvasProgram(cfg, mask_id=MASK, eos_id=eos, pad_id=PAD)
+  return ARProgram(cfg, eos_id=eos)
+
+
+def _check_each(results, runs, budgets, eos, cfg) -> int:
+  """Every request's tokens, steps per canvas and model calls against its lone run: how many ended at `eos`."""
   stopped = 0
-  for index, (run, result, budget) in enumerate(zip(runs, results, BUDGETS)):
+  for index, (run, result, budget) in enumerate(zip(runs, results, budgets)):
     tokens, steps, calls = _expected(run, budget, eos, cfg)
     np.testing.assert_array_equal(result["tokens"], tokens, err_msg=f"request {index}")
     assert result["model_calls"] == calls, index
     if steps is not None:
       np.testing.assert_array_equal(result["steps"], steps, err_msg=f"request {index}")
     stopped += eos in tokens
-  assert stopped >= 1  # some request ended at its EOS, others at their budget
-  assert {bucket_width(n) for n in LENGTHS} == {16, 32}
+  return stopped
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_request_equals_its_lone_static_run(lone_runs, prompts, case):
+  cfg = CASES[case]
+  model, runs = lone_runs(case)
+  eos = _stopping_eos(runs)
+  engine = Engine(model, _program(cfg, eos), SLOTS, max(LENGTHS))
+  results = engine.run([Request(tuple(p), budget, seed) for seed, (p, budget) in enumerate(zip(prompts, BUDGETS))])
+  assert _check_each(results, runs, BUDGETS, eos, cfg) >= 1  # some request ended at its EOS, others at their budget
+  # The first admission prefills prompts of both widths (5 and 19 tokens) together.
+  assert {bucket_width(n) for n in LENGTHS} == {16, 32} and engine.admissions[0] == SLOTS
+  assert sum(engine.admissions) == len(LENGTHS) and engine.prefill_calls == len(engine.admissions)
+  assert engine.model_calls == engine.steps + engine.prefill_calls
   # Slots kept busy: fewer batch steps than the requests' calls one after another.
   assert engine.steps < sum(r["model_calls"] for r in results) - len(results)
+
+
+# 7 requests through 4 slots, no EOS: the first 4 (prompts of 5 to 19 tokens) start in one prefill call; requests
+# 0-2 end together while request 3 goes on, and requests 4-6 start in one call of 4 rows (the 4th a dummy that must
+# write nowhere, least of all into busy row 3). Budgets, then the engine's steps (AR: budget - 1 each; a canvas
+# request of k canvases: 2 denoising steps per canvas and k - 1 commits).
+ADMISSION = {"ar_greedy": ((2, 2, 2, 6, 3, 3, 3), 1 + 2 + 2),
+             "canvas_greedy": ((4, 4, 4, 12, 8, 8, 8), 2 + 5 + 1)}
+
+
+@pytest.mark.parametrize("case", ADMISSION)
+def test_one_prefill_call_admits_every_free_slot(lone_runs, prompts, case):
+  cfg, (budgets, steps) = CASES[case], ADMISSION[case]
+  model, runs = lone_runs(case)
+  which = [index % len(prompts) for index in range(len(budgets))]
+  engine = Engine(model, _program(cfg, None), 4, max(LENGTHS))
+  results = engine.run([Request(tuple(prompts[i]), budget, i) for i, budget in zip(which, budgets)])
+  _check_each(results, [runs[i] for i in which], budgets, -1, cfg)
+  assert engine.admissions == [4, 3] and engine.prefill_calls == 2  # one call per admission, not one per request
+  assert engine.steps == steps and engine.model_calls == steps + 2
+
+
+def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, prompts, monkeypatch):
+  """Requests with their own gen_length (a --prompts JSONL field): the engine gives each its whole budget (an EOS
+  id the model never emits) in 4 steps per canvas of 4 and the calls of its lone run; static batches (a spy here;
+  they are tested elsewhere) get one budget each."""
+  generator = Generator(model, mask_id=MASK, eos_id=TINY.vocab_size, pad_id=PAD)
+  budgets = (4, 8, 4)
+  own = [validate_options(GenerationOptions(sampler="block_low_confidence", gen_length=budget, block_length=CANVAS),
+                          "block", CANVAS) for budget in budgets]
+  served = generator.run_requests(prompts[:3], own[0], serving_slots=4, request_options=own)
+  for result, budget in zip(served, budgets):
+    canvases = budget // CANVAS
+    assert len(result["ids"]) == budget and result["steps_per_canvas"] == [CANVAS] * canvases
+    assert result["model_calls"] == 1 + CANVAS * canvases + canvases - 1
+  batches = []
+  monkeypatch.setattr(generator, "run_batches", lambda batch, options, size: batches.append(
+      (options.gen_length, batch, size)) or [{"gen_length": options.gen_length} for _ in batch])
+  static = generator.run_requests(prompts[:3], own[0], batch_size=4, request_options=own)
+  assert batches == [(4, [prompts[0], prompts[2]], 4), (8, [prompts[1]], 4)]
+  assert [r["gen_length"] for r in static] == list(budgets)
+  # --steps 2 over one canvas and over two: different rules, which one engine cannot serve
+  stepped = [validate_options(GenerationOptions(sampler="block_low_confidence", gen_length=budget, block_length=CANVAS,
+                                                steps=2), "block", CANVAS) for budget in (4, 8)]
+  with pytest.raises(GenerationError, match="different steps per canvas; drop --steps or --serving_slots"):
+    serving_options(stepped, 2)
+  assert serving_options(own, 2) == own[1]
+
+
+def test_prompts_jsonl_gen_length_per_request(tmp_path, capsys):
+  lines = tmp_path / "p.jsonl"
+  lines.write_text('"a"\n{"prompt": "b", "gen_length": 32}\n{"prompt": "c", "gen_length": null}\n')
+  read = lambda path: _read_requests(argparse.Namespace(prompt=None, prompts=str(path)))  # noqa: E731
+  assert read(lines) == (["a", "b", "c"], [None, 32, None], [f"--prompts {lines}:{n}" for n in (1, 2, 3)])
+  text = tmp_path / "p.txt"
+  text.write_text('{"prompt": "b", "gen_length": 32}\n')  # a text file's line is its prompt, whatever it holds
+  assert read(text)[:2] == (['{"prompt": "b", "gen_length": 32}'], [None])
+  for bad in ('"32"', "0", "1.5", "true"):
+    lines.write_text('"a"\n{"prompt": "b", "gen_length": %s}\n' % bad)
+    with pytest.raises(ConfigError, match=rf"p.jsonl:2: field 'gen_length' must be a whole number >= 1 .*got {bad}$"):
+      read(lines)
+  # a budget the sampler cannot run fails with one line before any model is restored (the workdir is empty)
+  lines.write_text('{"prompt": "b", "gen_length": 32}\n{"prompt": "c", "gen_length": 20}\n')
+  code = main(["--config", "configs/block_tiny.py", "--workdir", str(tmp_path), "--prompts", str(lines)])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert "p.jsonl:2: gen_length 20 must be a positive multiple of 16" in err
 
 
 def test_per_row_cache_write_against_a_direct_write():

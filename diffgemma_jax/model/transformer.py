@@ -251,7 +251,8 @@ class Denoiser(nnx.Module):
     all S slots under `mask_BLS` [B, L, S] (the caller masks slots not written yet), or under a MaskSpec whose `kv`
     side describes the S slots; `kv_positions_BS` are the slots' token positions (sliding-window layers under a
     dense mask use them). Only positions [logits_start, logits_start +
-    logits_length) of the window are unembedded, so no [B, L, V] temporary is made when fewer are needed.
+    logits_length) of the window are unembedded (`logits_start`: a scalar, or [B] int32 for rows whose last real
+    tokens sit at different positions), so no [B, L, V] temporary is made when fewer are needed.
     `embeddings_BLD` and `canvas_BL` are as in `__call__`; the slots this window writes from canvas positions are the
     canvas keys, every other slot is clean.
     Returns (float32 logits [B, logits_length or L, V], the updated cache).
@@ -283,7 +284,10 @@ class Denoiser(nnx.Module):
       for r, unit in enumerate(self.units):
         x_BLD, kv_cache = unit.decode(x_BLD, positions_BL, mask_BLS, token_mask_BL, dtype, kv_cache=kv_cache, unit=r,
                                       **kwargs)
-    if logits_length is not None:
+    if logits_length is not None and jnp.ndim(logits_start):  # [B]: each row's own first position
+      take_BL = logits_start[:, None] + jnp.arange(logits_length)[None, :]
+      x_BLD = jnp.take_along_axis(x_BLD, take_BL[:, :, None], axis=1, mode="clip")
+    elif logits_length is not None:
       x_BLD = jax.lax.dynamic_slice_in_dim(x_BLD, logits_start, logits_length, axis=1)
     logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
     if cfg.logit_softcap > 0:

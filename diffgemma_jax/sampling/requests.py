@@ -137,17 +137,19 @@ class Generator:
     return self._engines[key]
 
   def serve(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, num_slots: int,
-            seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+            seeds: Sequence[int] | None = None, budgets: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """The results of `run` (in the given order) from the continuous-batching engine (`serving.py`) with
     `num_slots` slots: a finished request's slot takes the next prompt at once. Each request's tokens are what it
-    gives alone; "seconds" is its latency from the start of the run (queueing included), "batch_tokens_per_s" the
-    whole run's new tokens per second."""
+    gives alone (with its own budget of new tokens, default every one `options.gen_length`, the most); "seconds"
+    is its latency from the start of the run (queueing included), "batch_tokens_per_s" the whole run's new tokens
+    per second."""
     check_serving(options.sampler, num_slots)
     cfg = sampler_config(options)
     prompts = [list(map(int, p)) for p in prompts]
     seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
+    budgets = [options.gen_length] * len(prompts) if budgets is None else list(budgets)
     engine = self.engine(cfg, num_slots, max(map(len, prompts)))
-    outputs = engine.run([serving.Request(tuple(p), options.gen_length, s) for p, s in zip(prompts, seeds)])
+    outputs = engine.run([serving.Request(tuple(p), b, s) for p, b, s in zip(prompts, budgets, seeds)])
     seconds = max(out["seconds"] for out in outputs)
     results = []
     for prompt, out in zip(prompts, outputs):
@@ -163,12 +165,58 @@ class Generator:
     return results
 
   def run_requests(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, *, batch_size: int = 1,
-                   serving_slots: int | None = None) -> list[dict[str, Any]]:
+                   serving_slots: int | None = None,
+                   request_options: Sequence[GenerationOptions] | None = None) -> list[dict[str, Any]]:
     """`serve` with `serving_slots` slots, else `run_batches` of `batch_size` prompts: the same results either
-    way (the engine keeps requests in flight, static batches run whole)."""
+    way (the engine keeps requests in flight, static batches run whole). `request_options`: each request's own
+    options (`options` but for their gen_length, `with_gen_length`); static batches never mix two, the engine
+    serves them together with their own budgets."""
+    request_options = [options] * len(prompts) if request_options is None else list(request_options)
     if serving_slots is not None:
-      return self.serve(prompts, options, serving_slots)
-    return self.run_batches(prompts, options, batch_size)
+      largest = serving_options(request_options, serving_slots)
+      return self.serve(prompts, largest, serving_slots, budgets=[o.gen_length for o in request_options])
+    groups: dict[GenerationOptions, list[int]] = {}
+    for index, own in enumerate(request_options):
+      groups.setdefault(own, []).append(index)
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+    for own, indices in groups.items():
+      for index, result in zip(indices, self.run_batches([prompts[i] for i in indices], own, batch_size)):
+        results[index] = result
+    return results
+
+
+def serving_options(request_options: Sequence[GenerationOptions], num_slots: int) -> GenerationOptions:
+  """The options the engine serves `request_options` with: the largest gen_length's, whose sampler config every
+  request's own must equal but for its length (each request then gets its own budget)."""
+  largest = max(request_options, key=lambda o: o.gen_length)
+  check_serving(largest.sampler, num_slots)
+  served = sampler_config(largest)
+  for own in set(request_options):
+    cfg = sampler_config(own)
+    if isinstance(cfg, autoregressive.ARConfig):
+      cfg = dataclasses.replace(cfg, max_new_tokens=served.max_new_tokens)
+    else:
+      cfg = dataclasses.replace(cfg, num_canvases=served.num_canvases)
+    if cfg != served:
+      raise GenerationError("--serving_slots serves every request with one sampler rule, but --steps spread over "
+                            "requests of different gen_length gives them different steps per canvas; drop --steps "
+                            "or --serving_slots")
+  return largest
+
+
+def with_gen_length(options: GenerationOptions, gen_length: int, steps: int | None, objective_name: str,
+                    block_size: int, context_length: int, where: str) -> GenerationOptions:
+  """Validated `options` (already validated) for a request that asks for `gen_length` new tokens, as if run with
+  --gen_length gen_length (and the user's --steps, `steps`); errors name the request (`where`)."""
+  unit = SAMPLERS[options.sampler].length_unit(options)
+  if gen_length < 1 or gen_length % unit:
+    raise GenerationError(f"{where}: gen_length {gen_length} must be a positive multiple of {unit}"
+                          + (f" (--sampler {options.sampler}'s block length)" if unit > 1 else ""))
+  try:
+    return validate_options(dataclasses.replace(options, gen_length=gen_length, steps=steps), objective_name,
+                            block_size, context_length)
+  except GenerationError as e:
+    raise GenerationError(f"{where}: gen_length {gen_length}: {e}") from None
 
 
 def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots") -> None:
@@ -204,30 +252,39 @@ def canvas_model_calls(steps_BC):
 
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
                          step: int | None = None, chat_template: str | None = None, batch_size: int = 1,
-                         stop: Sequence[str] = (), serving_slots: int | None = None) -> list[dict[str, Any]]:
+                         stop: Sequence[str] = (), serving_slots: int | None = None,
+                         gen_lengths: Sequence[int | None] | None = None,
+                         sources: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text), `batch_size` requests at a time (`Generator.run_batches`: the same
   results as one at a time); every option and prompt is checked before the model is restored, so bad input fails
   fast. `options.gen_length=None`: as many new tokens as fit in the model's context after the longest prompt (at
   most GenerationOptions.gen_length, whole canvases or blocks). A completion ends before the first of the `stop`
   strings (the harness's `until`). `serving_slots`: run the continuous-batching engine with that many slots
-  (`Generator.serve`: the same results too) instead of static batches."""
+  (`Generator.serve`: the same results too) instead of static batches. `gen_lengths`: a request's own gen_length
+  (None: the run's), as if it ran alone with that --gen_length; `sources` name the requests in errors (default
+  "request N")."""
   fill_context, given_steps = options.gen_length is None, options.steps
+  objective, block_size, context_length = (str(config.objective.name), int(config.objective.block_size),
+                                           int(config.train.seq_len))
   if fill_context:  # provisional, a multiple of every sampler's unit (the release's canvas is 256); fitted below
     options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length, options.block_length,
-                                                               int(config.objective.block_size)))
-  options = validate_options(options, str(config.objective.name), int(config.objective.block_size),
-                             int(config.train.seq_len))
+                                                               block_size))
+  options = validate_options(options, objective, block_size, context_length)
   if not prompts:
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   if batch_size < 1:
     raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
   if serving_slots is not None:
     check_serving(options.sampler, serving_slots, batch_size)
+  own_lengths = list(gen_lengths) if gen_lengths is not None else [None] * len(prompts)
+  sources = list(sources) if sources is not None else [f"request {i}" for i in range(len(prompts))]
+  own_options = {index: with_gen_length(options, length, given_steps, objective, block_size, context_length,
+                                        sources[index])
+                 for index, length in enumerate(own_lengths) if length is not None}
   for text in prompts:
     validate_prompt(text, [], 1)
   check_workdir(workdir, reading=True)  # before its tokenizer is looked for there
   tokenizer = load_tokenizer(config, workdir)
-  context_length = int(config.train.seq_len)
   from diffgemma_jax.data.sft import encode_text, marker_ids
   markers = marker_ids(tokenizer, chat_template) if chat_template else None  # chat prompts: turn markers as ids
   encoded = []
@@ -239,9 +296,12 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     room = context_length - max(len(ids) for ids in encoded)
     unit = SAMPLERS[options.sampler].length_unit(options)
     fitted = max(min(GenerationOptions.gen_length, room) // unit, 1) * unit
-    options = validate_options(dataclasses.replace(options, gen_length=fitted, steps=given_steps),
-                               str(config.objective.name), int(config.objective.block_size), context_length)
-  longest = max(len(ids) for ids in encoded) + options.gen_length
+    options = validate_options(dataclasses.replace(options, gen_length=fitted, steps=given_steps), objective,
+                               block_size, context_length)
+  request_options = [own_options.get(index, options) for index in range(len(prompts))]
+  if serving_slots is not None:
+    serving_options(request_options, serving_slots)  # before the model is restored
+  longest = max(len(ids) + own.gen_length for ids, own in zip(encoded, request_options))
   if longest > context_length:
     import sys
     print(f"warning: prompt + --gen_length reach {longest} positions, past the {context_length} the model was "
@@ -249,9 +309,9 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
           file=sys.stderr)
   model, step = restore_model(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  results = generator.run_requests(encoded, options, batch_size=batch_size, serving_slots=serving_slots)
-  for text, ids, result in zip(prompts, encoded, results):
+  results = generator.run_requests(encoded, options, batch_size=batch_size, serving_slots=serving_slots,
+                                   request_options=request_options)
+  for text, ids, own, result in zip(prompts, encoded, request_options, results):
     completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
-    result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=step,
-                  gen_length=options.gen_length)
+    result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=step, gen_length=own.gen_length)
   return results

@@ -5,10 +5,11 @@ slowest row is done, and later requests wait for the whole batch. The engine her
 of one KV cache [B, S], each with its own write position: every `step` is one jitted model call that advances
 every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode step; the
 programs `serving_canvas.CanvasProgram` and `serving_ar.ARProgram` say what a step is). Steps run in a device loop
-until a request finishes; the host then collects it and refills its slot with the next queued request: one
-jitted prefill of its prompt into that row (prompts right-padded to a few widths, `bucket_width`, so a handful of
-prefills compile). The programs advance each request's random key exactly as the static path does for that
-request alone, so every request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with
+until a request finishes; the host then collects it and refills the free slots from the queue: ONE jitted
+prefill call admits every request taken at that point, each prompt written into its own row (prompts right-padded
+to a common width, `bucket_width`; groups padded to a few sizes, `admission_size`, so a handful of prefills
+compile). The programs advance each request's random key exactly as the static path does for that request alone,
+so every request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with
 its seed's key (`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
 """
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffgemma_jax.sampling.batching import slot_mask
+from diffgemma_jax.sampling.batching import row_keys, slot_mask
 
 MIN_BUCKET = 16  # the narrowest prompt width compiled
 
@@ -49,17 +50,30 @@ def select_rows(rows_B, new, old):
   return jax.lax.select(jnp.broadcast_to(rows_B.reshape((-1,) + (1,) * (new.ndim - 1)), new.shape), new, old)
 
 
-def prefill_row(model, cache, row, prompt_1W, length):
-  """A prompt right-padded to width W (`length` real tokens) run causally into row `row`'s slots [0, W) of the
-  batch cache (one model call on a one-row cache of W slots, then copied in): (float32 logits [1, 1, V] of its last
-  real token, the cache). Slot = position, as for the prompt alone; the padding's entries are overwritten by the
-  row's first generated window before any query may read them."""
-  W = prompt_1W.shape[1]
-  positions_1W = jnp.arange(W, dtype=jnp.int32)[None]
-  logits, cache_1 = model.decode(prompt_1W, positions_1W, slot_mask(1, W, 0, W), model.init_kv_cache(1, W),
-                                 positions_1W, 0, logits_start=length - 1, logits_length=1)
-  return logits, jax.tree.map(lambda full, one: jax.lax.dynamic_update_slice(full, one, (0, row, 0, 0, 0)), cache,
-                              cache_1)
+def admission_size(count: int, num_slots: int) -> int:
+  """The rows of the prefill call admitting `count` requests: the next power of two, at most `num_slots`; the
+  rows beyond `count` are dummies that write nowhere."""
+  return min(num_slots, 1 << max(count - 1, 0).bit_length())
+
+
+def put_rows(array, rows_A, values):
+  """`array` (leading row axis; None stays None) with `values` (one per admitted row, or one for all) written into
+  rows `rows_A`; an index out of range (a dummy row) writes nothing."""
+  return None if array is None else array.at[rows_A].set(values, mode="drop")
+
+
+def prefill_rows(model, cache, rows_A, prompts_AW, lengths_A):
+  """Prompts right-padded to width W (`lengths_A` real tokens each) run causally in ONE model call on an A-row
+  cache of W slots, then scattered into rows `rows_A` of the batch cache at slots [0, W) (rows not admitted keep
+  their entries; an out-of-range index, a dummy row, writes nothing): (float32 logits [A, 1, V] of each prompt's
+  last real token, the cache). Slot = position, as for the prompt alone; a real token never attends to the
+  padding after it (causal), and the padding's entries are overwritten by the row's first generated window before
+  any query may read them."""
+  A, W = prompts_AW.shape
+  positions_AW = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32), (A, W))
+  logits, cache_A = model.decode(prompts_AW, positions_AW, slot_mask(A, W, 0, W), model.init_kv_cache(A, W),
+                                 positions_AW, 0, logits_start=lengths_A - 1, logits_length=1)
+  return logits, jax.tree.map(lambda full, part: full.at[:, rows_A, :W].set(part, mode="drop"), cache, cache_A)
 
 
 # ---- the host side -----------------------------------------------------------------------------------------------
@@ -77,8 +91,12 @@ class Engine:
     self.graphdef, self.state = nnx.split(model)
     graphdef = self.graphdef
     self._init = jax.jit(lambda state: program.init(nnx.merge(graphdef, state), num_slots, self.num_cache_slots))
-    self._insert = jax.jit(lambda state, slots, *args: program.insert(nnx.merge(graphdef, state), slots, *args),
-                           donate_argnums=1)
+
+    def admit(state, slots, rows_A, prompts_AW, lengths_A, seeds_A, units_A):
+      return program.insert(nnx.merge(graphdef, state), slots, rows_A, prompts_AW, lengths_A, row_keys(seeds_A),
+                            units_A)
+
+    self._admit = jax.jit(admit, donate_argnums=1)
 
     def advance(state, slots, watched_B):
       """Steps until a watched row (one the host waits on) is done or no row is active: (slots, steps taken). One
@@ -93,22 +111,28 @@ class Engine:
                                 (slots, jnp.int32(0)))
 
     self._advance = jax.jit(advance, donate_argnums=1)
-    self._compiled: dict[Any, Any] = {}  # "init", "advance" and each prefill width: compiled ahead of a run
-    self.model_calls = 0  # of the last run: prefills and steps (each one call of one row or of the whole batch)
-    self.steps = 0
-    self.compile_seconds = 0.0  # of the last run
+    self._compiled: dict[Any, Any] = {}  # "init", "advance" and each (admission size, prompt width)
+    # Of the last run: the engine's model calls (each batched prefill once, each step once), its steps, its
+    # prefill calls and the requests each one admitted, and the seconds spent compiling (excluded from "seconds").
+    self.model_calls = self.steps = self.prefill_calls = 0
+    self.admissions: list[int] = []
+    self.compile_seconds = 0.0
 
-  def compile(self, widths) -> None:
-    """Compiles the steps' loop, the slots' init and the prefill of each prompt width not compiled yet."""
-    if "advance" not in self._compiled:
-      self._compiled["init"] = self._init.lower(self.state).compile()
-      self._compiled["advance"] = self._advance.lower(self.state, jax.eval_shape(self._init, self.state),
-                                                      jax.ShapeDtypeStruct((self.num_slots,), bool)).compile()
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    for width in sorted(set(widths) - set(self._compiled)):
-      self._compiled[width] = self._insert.lower(
-          self.state, jax.eval_shape(self._init, self.state), scalar, jax.ShapeDtypeStruct((1, width), jnp.int32),
-          scalar, jax.eval_shape(lambda: jax.random.key(0)), scalar).compile()
+  def _compile(self, key, lower) -> Any:
+    if key not in self._compiled:
+      start = time.perf_counter()
+      self._compiled[key] = lower().compile()
+      self.compile_seconds += time.perf_counter() - start
+    return self._compiled[key]
+
+  def _admission(self, size: int, width: int):
+    """The prefill of `size` rows of prompts `width` wide, compiled on first use (per width at most
+    ceil(log2(num_slots)) + 1 sizes)."""
+    slots = jax.eval_shape(self._init, self.state)
+    rows = jax.ShapeDtypeStruct((size,), jnp.int32)
+    return self._compile(("admit", size, width), lambda: self._admit.lower(
+        self.state, slots, rows, jax.ShapeDtypeStruct((size, width), jnp.int32), rows,
+        jax.ShapeDtypeStruct((size,), jnp.uint32), rows))
 
   def check(self, request: Request) -> None:
     if not 1 <= len(request.prompt) <= self.max_prompt_length:
@@ -117,34 +141,50 @@ class Engine:
       raise ValueError(f"max_new_tokens={request.max_new_tokens} must be a multiple of {self.program.unit} in "
                        f"[1, {self.max_new_tokens}]")
 
-  def _prefill(self, slots, row: int, request: Request):
-    width = bucket_width(len(request.prompt))
-    prompt = np.zeros((1, width), np.int32)
-    prompt[0, :len(request.prompt)] = request.prompt
-    return self._compiled[width](self.state, slots, jnp.int32(row), jnp.asarray(prompt),
-                                 jnp.int32(len(request.prompt)), jax.random.key(np.uint32(request.seed)),
-                                 jnp.int32(request.max_new_tokens // self.program.unit))
+  def _prefill(self, slots, admitted: list[tuple[int, Request]]):
+    """One model call starting every admitted (row, request): the group padded to its admission size with dummy
+    rows (index num_slots: they write nowhere), the prompts right-padded to the widest one's bucket width."""
+    size = admission_size(len(admitted), self.num_slots)
+    width = bucket_width(max(len(request.prompt) for _, request in admitted))
+    rows = np.full((size,), self.num_slots, np.int32)
+    prompts = np.zeros((size, width), np.int32)
+    lengths, seeds, units = np.ones((size,), np.int32), np.zeros((size,), np.uint32), np.ones((size,), np.int32)
+    for i, (row, request) in enumerate(admitted):
+      rows[i], lengths[i], seeds[i] = row, len(request.prompt), request.seed
+      prompts[i, :len(request.prompt)] = request.prompt
+      units[i] = request.max_new_tokens // self.program.unit
+    return self._admission(size, width)(self.state, slots, rows, prompts, lengths, seeds, units)
 
   def run(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
-    """Each request's {"tokens": new tokens [its max_new_tokens] (the program's fill after EOS), "model_calls",
-    "steps" (denoising steps per canvas, or None), "seconds": from the run's start to its completion}."""
+    """Each request's {"tokens": new tokens [its max_new_tokens] (the program's fill after EOS), "model_calls"
+    (the calls it took part in: its prefill, shared with the requests admitted beside it, and its steps; what its
+    lone run makes), "steps" (denoising steps per canvas, or None), "seconds": from the run's start to its
+    completion, compiles excluded}."""
     for request in requests:
       self.check(request)
-    start = time.perf_counter()
-    self.compile([bucket_width(len(request.prompt)) for request in requests])
-    self.compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    self.compile_seconds = 0.0
+    self._compile("init", lambda: self._init.lower(self.state))
+    self._compile("advance", lambda: self._advance.lower(self.state, jax.eval_shape(self._init, self.state),
+                                                         jax.ShapeDtypeStruct((self.num_slots,), bool)))
+    start, compiled_before = time.perf_counter(), self.compile_seconds
+    elapsed = lambda: time.perf_counter() - start - (self.compile_seconds - compiled_before)  # noqa: E731
     slots = self._compiled["init"](self.state)
     queue = collections.deque(enumerate(requests))
     owner: list[int | None] = [None] * self.num_slots
     results: list[dict[str, Any]] = [{} for _ in requests]
-    self.model_calls = self.steps = 0
+    self.model_calls = self.steps = self.prefill_calls = 0
+    self.admissions = []
     while True:
+      admitted = []
       for row in range(self.num_slots):
         if owner[row] is None and queue:
           owner[row], request = queue.popleft()
-          slots = self._prefill(slots, row, request)
-          self.model_calls += 1
+          admitted.append((row, request))
+      if admitted:
+        slots = self._prefill(slots, admitted)
+        self.model_calls += 1
+        self.prefill_calls += 1
+        self.admissions.append(len(admitted))
       if all(index is None for index in owner):
         break
       slots, steps = self._compiled["advance"](self.state, slots, np.asarray([i is not None for i in owner]))
@@ -159,6 +199,6 @@ class Engine:
           results[index] = {"tokens": rows["tokens"][row, :requests[index].max_new_tokens],
                             "model_calls": int(rows["model_calls"][row]),
                             "steps": None if rows["steps"] is None else rows["steps"][row],
-                            "seconds": time.perf_counter() - start}
+                            "seconds": elapsed()}
           owner[row] = None
     return results

@@ -1,9 +1,10 @@
 """The device side of continuous batching for the autoregressive decoder (`autoregressive.py`).
 
 Each of the engine's B slots (rows of one KV cache [B, S]) holds one request: its prompt at slots [0, p)
-(position = slot), its n-th new token at slot p + n. `insert` prefills a prompt into a row and samples the first
-new token from the prompt's last logits; every `step` is ONE model call [B, 1] that runs each active row's last
-token at its own slot (`write_B`) against the slots before it and samples the next. A row ends at EOS or its
+(position = slot), its n-th new token at slot p + n. `insert` prefills the prompts admitted together into their
+rows in one call and samples each first new token from its prompt's last logits; every `step` is ONE model call
+[B, 1] that runs each active row's last token at its own slot (`write_B`) against the slots before it and samples
+the next. A row ends at EOS or its
 `max_new_tokens`; each row splits its key once per sampled token, as `autoregressive.generate` does for the
 request alone, so a request's tokens are its lone run's.
 """
@@ -19,7 +20,7 @@ from diffgemma_jax.model.transformer import write_window
 from diffgemma_jax.sampling.autoregressive import ARConfig
 from diffgemma_jax.sampling.batching import split_keys
 from diffgemma_jax.sampling.parts import sample_next
-from diffgemma_jax.sampling.serving import prefill_row, select_rows
+from diffgemma_jax.sampling.serving import prefill_rows, put_rows, select_rows
 
 
 class ARSlots(NamedTuple):
@@ -59,18 +60,19 @@ class ARProgram:
     return ARSlots(model.init_kv_cache(B, num_cache_slots), zeros, zeros, zeros, zeros, keys,
                    jnp.full((B, G), self.fill, jnp.int32), zeros, jnp.zeros((B,), bool), jnp.zeros((B,), bool))
 
-  def insert(self, model, slots: ARSlots, row, prompt_1W, length, rng, max_new_tokens) -> ARSlots:
-    """Starts a request in row `row`: its prompt (right-padded, `length` real tokens) prefilled
-    (`serving.prefill_row`) and its first new token sampled from the prompt's last logits."""
-    logits, cache = prefill_row(model, slots.cache, row, prompt_1W, length)
-    rng, key = split_keys(rng)
-    first = self._sample(logits[:, 0], key)[0]
-    ended = self._finished(first, 1, max_new_tokens)
-    out_G = jnp.full(slots.out_BG.shape[1:], self.fill, jnp.int32).at[0].set(first)
-    put = lambda array, value: array.at[row].set(value)  # noqa: E731
-    return ARSlots(cache, put(slots.last_B, first), put(slots.write_B, length), put(slots.count_B, 1),
-                   put(slots.max_new_B, max_new_tokens), put(slots.rng_B, rng), put(slots.out_BG, out_G),
-                   put(slots.calls_B, 1), put(slots.active_B, ~ended), put(slots.done_B, ended))
+  def insert(self, model, slots: ARSlots, rows_A, prompts_AW, lengths_A, rng_A, max_new_A) -> ARSlots:
+    """Starts A requests in rows `rows_A` (out of range: a dummy, written nowhere): their prompts (right-padded,
+    `lengths_A` real tokens) prefilled in one call (`serving.prefill_rows`) and each first new token sampled from
+    its prompt's last logits with its own key."""
+    logits, cache = prefill_rows(model, slots.cache, rows_A, prompts_AW, lengths_A)
+    rng_A, key_A = split_keys(rng_A)
+    first_A = self._sample(logits[:, 0], key_A)
+    ended_A = self._finished(first_A, 1, max_new_A)
+    out_AG = jnp.full((first_A.shape[0],) + slots.out_BG.shape[1:], self.fill, jnp.int32).at[:, 0].set(first_A)
+    put = lambda array, value: put_rows(array, rows_A, value)  # noqa: E731
+    return ARSlots(cache, put(slots.last_B, first_A), put(slots.write_B, lengths_A), put(slots.count_B, 1),
+                   put(slots.max_new_B, max_new_A), put(slots.rng_B, rng_A), put(slots.out_BG, out_AG),
+                   put(slots.calls_B, 1), put(slots.active_B, ~ended_A), put(slots.done_B, ended_A))
 
   def step(self, model, slots: ARSlots) -> ARSlots:
     """One model call: every active row's last token at its slot, and the next token sampled."""

@@ -31,7 +31,7 @@ from diffgemma_jax.objectives.uniform import noise_token
 from diffgemma_jax.sampling.batching import draw, split_keys
 from diffgemma_jax.sampling.canvas import CanvasConfig, MaskedRule, entropy_bound_step
 from diffgemma_jax.sampling.parts import has_eos, masked_step, pad_after_eos, shifted
-from diffgemma_jax.sampling.serving import prefill_row, select_rows
+from diffgemma_jax.sampling.serving import prefill_rows, put_rows, select_rows
 
 IDLE, DENOISE, COMMIT = 0, 1, 2
 
@@ -130,19 +130,21 @@ class CanvasProgram:
     return renoised_Bb, argmax_Bb, finished_B, next_step_rng, select_rows(denoise_B, argmax_Bb, slots.argmax_Bb), signal
 
   # ---- the engine's functions -----------------------------------------------------------------------------------
-  def insert(self, model, slots: CanvasSlots, row, prompt_1W, length, rng, num_canvases) -> CanvasSlots:
-    """Starts a request in row `row`: its prompt (right-padded, `length` real tokens) prefilled
-    (`serving.prefill_row`), its first canvas begun; `rng`: the request's key."""
-    before, cache = prefill_row(model, slots.cache, row, prompt_1W, length)
-    rng, canvas_key = split_keys(rng)
-    canvas_1b, step_key_1 = self._start_canvas(model, canvas_key[None])
-    put = lambda array, value: None if array is None else array.at[row].set(value)  # noqa: E731
+  def insert(self, model, slots: CanvasSlots, rows_A, prompts_AW, lengths_A, rng_A, num_canvases_A) -> CanvasSlots:
+    """Starts A requests in rows `rows_A` (out of range: a dummy, written nowhere): their prompts (right-padded,
+    `lengths_A` real tokens) prefilled in one call (`serving.prefill_rows`), each first canvas begun from its
+    request's key (`rng_A`)."""
+    before, cache = prefill_rows(model, slots.cache, rows_A, prompts_AW, lengths_A)
+    rng_A, canvas_key_A = split_keys(rng_A)
+    canvas_Ab, step_key_A = self._start_canvas(model, canvas_key_A)
+    put = lambda array, value: put_rows(array, rows_A, value)  # noqa: E731
     return slots._replace(
-        cache=cache, canvas_Bb=put(slots.canvas_Bb, canvas_1b[0]), before_B1V=put(slots.before_B1V, before[0]),
-        argmax_Bb=put(slots.argmax_Bb, -1), signal_BbD=put(slots.signal_BbD, 0.0), write_B=put(slots.write_B, length),
-        phase_B=put(slots.phase_B, DENOISE), step_B=put(slots.step_B, 0), canvas_index_B=put(slots.canvas_index_B, 0),
-        num_canvases_B=put(slots.num_canvases_B, num_canvases), rng_B=put(slots.rng_B, rng),
-        step_rng_B=put(slots.step_rng_B, step_key_1[0]), out_BG=put(slots.out_BG, self.pad_id),
+        cache=cache, canvas_Bb=put(slots.canvas_Bb, canvas_Ab), before_B1V=put(slots.before_B1V, before),
+        argmax_Bb=put(slots.argmax_Bb, -1), signal_BbD=put(slots.signal_BbD, 0.0),
+        write_B=put(slots.write_B, lengths_A), phase_B=put(slots.phase_B, DENOISE), step_B=put(slots.step_B, 0),
+        canvas_index_B=put(slots.canvas_index_B, 0),
+        num_canvases_B=put(slots.num_canvases_B, num_canvases_A), rng_B=put(slots.rng_B, rng_A),
+        step_rng_B=put(slots.step_rng_B, step_key_A), out_BG=put(slots.out_BG, self.pad_id),
         steps_BC=put(slots.steps_BC, 0), calls_B=put(slots.calls_B, 1), done_B=put(slots.done_B, False))
 
   def step(self, model, slots: CanvasSlots) -> CanvasSlots:
