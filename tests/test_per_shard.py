@@ -45,7 +45,7 @@ RTOL = 1e-5
 
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
 def test_on_eight_fake_devices(tmp_path):
-  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=17)
+  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=18)
 
 
 def _close(actual, expected, what):
@@ -335,3 +335,18 @@ def test_balanced_bound_equals_unbalanced_and_one_device():
   for nelbo, tokens, _ in sharded:
     np.testing.assert_array_equal(tokens, tokens0)
     np.testing.assert_allclose(nelbo, nelbo0, rtol=RTOL)
+
+
+@needs_eight
+def test_balanced_rows_must_cut_into_twice_the_context_shards():
+  """A row that the context axis splits but that does not cut into 2C equal chunks is refused at start, naming
+  the keys; without `mesh.context_load_balance` it runs contiguously."""
+  from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.parallel import check_mesh_fits  # pylint: disable=import-outside-toplevel
+  config = _step_config("ar", "chunked", True)
+  config.train.seq_len = 36  # 4 context shards of 9 tokens: no 8 equal chunks
+  mesh = _meshes("ar")[1]
+  with pytest.raises(ConfigError, match=r"train.seq_len=36 .*mesh.context_load_balance=False"):
+    check_mesh_fits(config, mesh)
+  config.mesh.context_load_balance = False
+  check_mesh_fits(config, mesh)

@@ -30,7 +30,6 @@ class Placement:
   def reorder_row(self, inputs, mask):
     """(`inputs`, `mask`) in the order the layers run a row's tokens in: here the row's own. `inputs`: a pytree of
     [B, L, ...] arrays (None leaves allowed); `mask`: the self-attention's mask."""
-    del self
     return inputs, mask
 
   def restore_row(self, x_BLD, mask):  # pylint: disable=unused-argument
