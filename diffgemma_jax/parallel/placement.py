@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from diffgemma_jax.model.placement import LOCAL, Placement
 from diffgemma_jax.parallel import balance, expert, per_shard, rules
+from diffgemma_jax.parallel.mesh import context_load_balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,4 +61,4 @@ def placement_for(mesh: Mesh | None, config=None) -> Placement:
   `mesh.context_load_balance` (default on: also for a config without the key, a run's from before it)."""
   if mesh is None:
     return LOCAL
-  return MeshPlacement(mesh, bool(config.mesh.get("context_load_balance", True)) if config is not None else True)
+  return MeshPlacement(mesh, context_load_balance(config) if config is not None else True)
