@@ -133,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Multi-host: how many hosts (TPU: slices) each axis spans over the slow network; mesh.shape is then the part of
   # the mesh inside one host and the mesh is their product (README "Multi-device and multi-host training").
   c.mesh.dcn_shape = ()
+  # With a `context` axis: run causal rows (the AR baseline, the block objectives' [canvas ; clean]) in the
+  # load-balanced order, each context shard holding an early and a late chunk of the row, so every shard has the same
+  # attention work (docs/attention.md "On a mesh"). Exact: same logits and losses; bidirectional rows never reorder.
+  c.mesh.context_load_balance = True
 
   # Multi-process runs (README "Multi-host"): empty/negative values fall back to $JAX_COORDINATOR_ADDRESS,
   # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to a SLURM job's own settings; none of them: one process.

@@ -46,7 +46,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
     config, run = read_run(config, workdir, step)
   model_cfg = ModelConfig.from_config_dict(config.model)
   mesh = mesh_from_config(config, training=False)
-  graphdef, abstract = split_model(abstract_model(model_cfg, placement_for(mesh)))
+  graphdef, abstract = split_model(abstract_model(model_cfg, placement_for(mesh, config)))
   param_shardings = shardings_for(abstract, mesh)
   if checkpoint:
     run.check_fits(abstract)

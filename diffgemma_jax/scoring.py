@@ -145,7 +145,7 @@ class Scorer:
     self.objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
     self.mesh = mesh_from_config(config, training=False)
     self.graphdef, self.params = split_model(model)
-    placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh)))  # the bound runs on the mesh
+    placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh, config)))  # the bound runs on the mesh
     self.bound_fn = make_bound_fn(placed, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
     self._greedy_fn = None
 

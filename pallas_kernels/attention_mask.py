@@ -61,7 +61,8 @@ class MaskSpec:
   """Who may attend to whom: queries `q`, keys `kv` and the static rule (module docstring).
 
   `kind` is the rule between clean tokens, `block_size` its block for `block_causal`, `window` the sliding window
-  (0: none). `single_document` promises that every row is one document from position 0 followed by padding
+  (0: none). `starts`: the queries' `window_starts`, computed over the whole row, for queries that are a part of
+  it or out of order (a context shard's, a load-balanced row's), where runs of canvas tokens no longer show them. `single_document` promises that every row is one document from position 0 followed by padding
   (what library kernels such as cuDNN's can express). `MaskSpec.packed` and `MaskSpec.canvas_clean` build the
   objectives' layouts. A pytree: the token arrays are its leaves, the flags its static structure, so it passes
   through jit, scan and custom_vjp."""
@@ -71,6 +72,7 @@ class MaskSpec:
   block_size: int = 0
   window: int = 0
   single_document: bool = False
+  starts: jax.Array | None = None
 
   def __post_init__(self):
     if self.kind not in CLEAN_RULES:
@@ -122,6 +124,8 @@ class MaskSpec:
     A canvas group (canvas tokens of one segment and block) must be one contiguous run of queries, as in every
     layout the objectives and samplers build; the minimum is taken per run, in O(L)."""
     q = self.q
+    if self.starts is not None:
+      return self.starts
     if not q.has_canvas:
       return q.positions
     B, L = q.positions.shape
@@ -148,7 +152,7 @@ class MaskSpec:
                    col(q.canvas), row(kv.canvas), col(q.blocks), row(kv.blocks), col(starts))
 
 
-jax.tree_util.register_dataclass(MaskSpec, data_fields=["q", "kv"],
+jax.tree_util.register_dataclass(MaskSpec, data_fields=["q", "kv", "starts"],
                                  meta_fields=["kind", "block_size", "window", "single_document"])
 
 

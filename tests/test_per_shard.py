@@ -6,6 +6,9 @@
 - Grouped MoE dispatch per token shard (no expert axis): values and gradients equal the dense reference, and the
   sort of the routed rows is the shard's own, not the batch's.
 - A whole train step on a `data x context` mesh equals the single-device step (masked and block objectives).
+- Load-balanced context parallelism (`parallel/balance.py`): attention over a row dealt out in the balanced order,
+  canvases straddling the chunks, equals one device; the block objective's train step (balanced) and the AR's
+  held-out bounds (balanced and not) equal one device, and the balanced ones do reorder their rows.
 
 The device count is fixed when JAX starts, so in a normal (one-device) session `test_on_eight_fake_devices` re-runs
 this file in a subprocess with 8 devices, where the other tests run.
@@ -27,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from diffgemma_jax.model import attention_impl, dispatch
 from diffgemma_jax.objectives.block import block_ids
 from diffgemma_jax.parallel import make_mesh
-from diffgemma_jax.parallel import per_shard
+from diffgemma_jax.parallel import balance, per_shard
 from pallas_kernels import MaskSpec
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -42,7 +45,7 @@ RTOL = 1e-5
 
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
 def test_on_eight_fake_devices(tmp_path):
-  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=11)
+  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=17)
 
 
 def _close(actual, expected, what):
@@ -64,7 +67,17 @@ def _canvas_clean_window():
   return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks).with_window(6)
 
 
-MASKS = {"packed_causal": _packed_causal, "canvas_clean_window": _canvas_clean_window}
+def _canvas_clean_straddling():
+  """[canvas ; clean] rows whose canvases (blocks of 4 shifted by 2, as an SFT response starting mid-row) straddle
+  every context shard's and balanced chunk's edge: a shard sees part of a canvas, whose window start lies in
+  another shard."""
+  segments, positions = packed_rows([[18, 14], [32], [10, 22], [28]], 32)
+  blocks = jnp.broadcast_to((jnp.arange(32) + 2) // 4, (4, 32))
+  return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks).with_window(6)
+
+
+MASKS = {"packed_causal": _packed_causal, "canvas_clean_window": _canvas_clean_window,
+         "canvas_clean_straddling": _canvas_clean_straddling}
 # name -> (mesh shape, axes): rows x heads without context; rows x context (8 queries per context shard)
 MESHES = {"data2_fsdp2_tensor2": ((2, 2, 2), ("data", "fsdp", "tensor")),
           "data2_context4": ((2, 4), ("data", "context")),
@@ -86,7 +99,8 @@ def _on_mesh(mesh, *arrays):
 # per shard only under context parallelism, there.
 ATTENTION_CASES = [("pallas", "packed_causal", "data2_fsdp2_tensor2"),
                    ("pallas", "canvas_clean_window", "data2_context4"),
-                   ("chunked", "canvas_clean_window", "context4_tensor2"), ("xla", "packed_causal", "data2_context4")]
+                   ("chunked", "canvas_clean_window", "context4_tensor2"), ("xla", "packed_causal", "data2_context4"),
+                   ("xla", "canvas_clean_straddling", "data2_context4")]
 
 
 @needs_eight
@@ -112,6 +126,35 @@ def test_attention_per_shard_equals_one_device(impl, mask_name, mesh_name):
   _close(out, expected, "output")
   for name, g, g0 in zip("qkv", grads, expected_grads):
     _close(g, g0, f"d{name}")
+
+
+@needs_eight
+@pytest.mark.parametrize("mask_name", ["packed_causal", "canvas_clean_straddling"])
+def test_balanced_attention_equals_one_device(mask_name):
+  """The row dealt out in the balanced order (`balance.reorder_inputs`: shard i holds chunks i and 2C-1-i, the
+  canvases' window starts found in row order), attended per context shard, put back in row order: the values and
+  gradients of one device."""
+  mesh = _mesh("data2_context4")
+  spec = MASKS[mask_name]()
+  assert balance.balances(mesh, spec)
+  q, k, v, cotangent = _inputs(spec, 4, 2, 8, jnp.float32)
+  expected, expected_grads = _value_and_grads(lambda q, k, v, s: attention_impl.attend(q, k, v, s, "xla"),
+                                              spec, q, k, v, cotangent)
+
+  def balanced(q, k, v, s):
+    (q, k, v), s = balance.reorder_inputs(mesh, (q, k, v), s)
+    return balance.reorder(per_shard.sharded_attend(q, k, v, s, "xla", mesh), mesh, inverse=True)
+
+  out, grads = _value_and_grads(balanced, spec, *_on_mesh(mesh, q, k, v, cotangent))
+  _close(out, expected, "output")
+  for name, g, g0 in zip("qkv", grads, expected_grads):
+    _close(g, g0, f"d{name}")
+
+
+def test_balanced_order():
+  """Shard i of C holds the row's chunks i and 2C-1-i; `reorder` and its inverse move whole chunks."""
+  np.testing.assert_array_equal(balance.balanced_chunks(4), [0, 7, 1, 6, 2, 5, 3, 4])
+  np.testing.assert_array_equal(balance.balanced_order(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
 
 
 def _walk(jaxpr, inside=()):
@@ -191,15 +234,12 @@ def test_grouped_dispatch_per_token_shard_equals_dense(backend):
   assert sorts and all(inside and shapes[0] == (T * K // 8,) for inside, shapes in sorts), sorts
 
 
-STEP_MESHES = {"masked": ((2, 4), ("data", "context")), "block": ((2, 2, 2), ("fsdp", "tensor", "context"))}
+STEP_MESHES = {"masked": ((2, 4), ("data", "context")), "block": ((2, 2, 2), ("fsdp", "tensor", "context")),
+               "ar": ((2, 4), ("data", "context"))}
 
 
-def _step_results(objective: str, attention: str):
-  """(loss, gradient leaves) of one train step on one device and on the objective's mesh of STEP_MESHES (the
-  optimizer keeps the gradient)."""
-  import optax  # pylint: disable=import-outside-toplevel
+def _step_config(objective: str, attention: str, load_balance: bool):
   from diffgemma_jax.config import base_config  # pylint: disable=import-outside-toplevel
-  from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=import-outside-toplevel
   config = base_config()
   config.model.update(TINY_MODEL)
   config.model.attention_impl = attention
@@ -207,26 +247,105 @@ def _step_results(objective: str, attention: str):
   if objective == "block":
     config.objective.block_size = 4
   config.train.update(batch_size=4, seq_len=32, warmup_steps=0)
+  config.mesh.context_load_balance = load_balance
+  return config
+
+
+class _CountReorders:
+  """Counts the calls of `balance.reorder` (each traced call: a reordered row or a row restored)."""
+
+  def __enter__(self):
+    self.calls, self._saved = 0, balance.reorder
+
+    def counted(*args, **kwargs):
+      self.calls += 1
+      return self._saved(*args, **kwargs)
+
+    balance.reorder = counted
+    return self
+
+  def __exit__(self, *exc):
+    balance.reorder = self._saved
+
+
+def _meshes(objective):
+  return [make_mesh(shape, axes, devices=jax.devices()[:int(np.prod(shape))])
+          for shape, axes in [((1,), ("data",)), STEP_MESHES[objective]]]
+
+
+def _step_results(objective: str, attention: str):
+  """[(loss, gradient leaves, reorder calls)] of one train step on one device and on the objective's mesh of
+  STEP_MESHES (the optimizer keeps the gradient)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=import-outside-toplevel
+  config = _step_config(objective, attention, True)
   batch = synthetic_batch(4, 32, TINY_MODEL["vocab_size"], seed=0)
   record = optax.GradientTransformation(init=lambda params: jax.tree.map(jnp.zeros_like, params),
                                         update=lambda grads, state, params=None: (grads, grads))
   out = []
-  for shape, axes in [((1,), ("data",)), STEP_MESHES[objective]]:
-    mesh = make_mesh(shape, axes, devices=jax.devices()[:int(np.prod(shape))])
+  for mesh in _meshes(objective):
     compiled = compile_train_step(config, mask_id=4, mesh=mesh, optimizer=(record, optax.constant_schedule(0.0)))
-    state, metrics = compiled.step(compiled.init_state(), compiled.place(batch), jax.random.key(0))
-    out.append((float(metrics["loss"]), [np.asarray(g) for g in jax.tree.leaves(state.opt_state)]))
+    with _CountReorders() as reorders:
+      state, metrics = compiled.step(compiled.init_state(), compiled.place(batch), jax.random.key(0))
+    out.append((float(metrics["loss"]), [np.asarray(g) for g in jax.tree.leaves(state.opt_state)], reorders.calls))
   return out
 
 
 @needs_eight
 @pytest.mark.parametrize("objective,attention", [("masked", "xla"), ("block", "chunked")])
 def test_context_parallel_step_equals_one_device(objective, attention):
-  """One train step on a data x context (masked) or fsdp x tensor x context (block) mesh: the loss and every
-  gradient entry equal the single-device step's (to 1e-5 of the largest gradient entry: float32 sums in another
-  order)."""
-  (loss0, grads0), (loss, grads) = _step_results(objective, attention)
+  """One train step on a data x context (masked) or fsdp x tensor x context (block, load-balanced) mesh: the loss
+  and every gradient entry equal the single-device step's (to 1e-5 of the largest gradient entry: float32 sums in
+  another order). The block objective's causal rows are reordered (in and back, in the forward pass); the masked
+  objective's bidirectional rows never are."""
+  (loss0, grads0, _), (loss, grads, reorders) = _step_results(objective, attention)
+  assert reorders == (0 if objective == "masked" else 2)
   scale = max(float(np.max(np.abs(g))) for g in grads0)
   np.testing.assert_allclose(loss, loss0, rtol=RTOL)
   for g, g0 in zip(grads, grads0):
     np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_eight
+def test_balanced_bound_equals_unbalanced_and_one_device():
+  """Held-out bounds (`make_bound_fn`, the trainer's and diffgemma-evaluate's) of the AR baseline (exact NLL) on a
+  data x context mesh, with and without `mesh.context_load_balance`, equal one device's row by row."""
+  from diffgemma_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.transformer import abstract_model, build_model  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.objectives import make_objective  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.parallel.placement import placement_for  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train import synthetic_batch  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train.bound import make_bound_fn  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train.state import split_model  # pylint: disable=import-outside-toplevel
+  model_config = ModelConfig.from_config_dict(_step_config("ar", "chunked", True).model)
+  _, params = split_model(build_model(model_config, 0))
+  batch = synthetic_batch(4, 32, TINY_MODEL["vocab_size"], seed=1)
+  one, mesh = _meshes("ar")
+  results = []
+  for on, load_balance in [(one, True), (mesh, True), (mesh, False)]:
+    config = _step_config("ar", "chunked", load_balance)
+    graphdef, _ = split_model(abstract_model(model_config, placement_for(on, config)))
+    bound_fn = make_bound_fn(graphdef, make_objective(config.objective, mask_id=4), num_t_samples=1, mesh=on)
+    with _CountReorders() as reorders:
+      nelbo, _, tokens = bound_fn(params, batch, jax.random.key(3), jnp.arange(4, dtype=jnp.uint32))
+    results.append((np.asarray(nelbo), np.asarray(tokens), reorders.calls))
+  (nelbo0, tokens0, _), *sharded = results
+  assert [calls for _, _, calls in sharded] == [2, 0]
+  for nelbo, tokens, _ in sharded:
+    np.testing.assert_array_equal(tokens, tokens0)
+    np.testing.assert_allclose(nelbo, nelbo0, rtol=RTOL)
+
+
+@needs_eight
+def test_balanced_rows_must_cut_into_twice_the_context_shards():
+  """A row that the context axis splits but that does not cut into 2C equal chunks is refused at start, naming
+  the keys; without `mesh.context_load_balance` it runs contiguously."""
+  from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.parallel import check_mesh_fits  # pylint: disable=import-outside-toplevel
+  config = _step_config("ar", "chunked", True)
+  config.train.seq_len = 36  # 4 context shards of 9 tokens: no 8 equal chunks
+  mesh = _meshes("ar")[1]
+  with pytest.raises(ConfigError, match=r"train.seq_len=36 .*mesh.context_load_balance=False"):
+    check_mesh_fits(config, mesh)
+  config.mesh.context_load_balance = False
+  check_mesh_fits(config, mesh)

@@ -2,7 +2,9 @@
 
 The model never looks for a mesh. It is built with a `Placement` (`build_model(cfg, seed, placement)`; default
 `LOCAL`) and every block asks it three times: to pin the residual stream between sublayers (`constrain`), to compute
-attention (`attend`) and to run the routed experts (`routed_experts`). `LOCAL` leaves all three to the arrays' own
+attention (`attend`) and to run the routed experts (`routed_experts`); the denoiser asks it once more for the
+order its layers run a row's tokens in (`reorder_row`, and `restore_row` before the logits: the load-balanced
+context parallelism of `parallel/balance.py`). `LOCAL` leaves all three to the arrays' own
 placement (one device, or GSPMD deciding); `parallel.placement.MeshPlacement` is a device mesh's: rows over the
 batch axes (the sequence over `context`), the fused kernels per shard, and with an `expert` mesh axis > 1
 expert-parallel dispatch. The placement is a static attribute of the model (part of its graphdef), so a jitted step
@@ -24,6 +26,15 @@ class Placement:
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:  # pylint: disable=unused-argument
     """`x`, pinned to the sharding of its logical `axes` (here: left as it is)."""
     return x
+
+  def reorder_row(self, inputs, mask):
+    """(`inputs`, `mask`) in the order the layers run a row's tokens in: here the row's own. `inputs`: a pytree of
+    [B, L, ...] arrays (None leaves allowed); `mask`: the self-attention's mask."""
+    return inputs, mask
+
+  def restore_row(self, x_BLD, mask):  # pylint: disable=unused-argument
+    """The residual stream `x_BLD` back in row order (`reorder_row`'s inverse; `mask` as given to it)."""
+    return x_BLD
 
   def attend(self, q_BLNH, k_BSKH, v_BSKH, mask, impl: str) -> jax.Array:
     """Attention under `mask` by `model.attention_impl` (`attention_impl.attend`)."""

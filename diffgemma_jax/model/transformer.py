@@ -192,6 +192,11 @@ class Denoiser(nnx.Module):
     dtype = dtype_of(cfg.compute_dtype)
     if token_mask_BL is None:
       token_mask_BL = jnp.ones(tokens_BL.shape, bool)
+    row_mask = mask_BLL
+    # The layers may run the row's tokens in another order (load-balanced context parallelism); the logits are in
+    # the row's order again.
+    (tokens_BL, positions_BL, token_mask_BL, embeddings_BLD, canvas_BL), mask_BLL = self.placement.reorder_row(
+        (tokens_BL, positions_BL, token_mask_BL, embeddings_BLD, canvas_BL), mask_BLL)
     with jax.named_scope("embed"):
       x_BLD = self.placement.constrain(self.embed(tokens_BL, dtype, embeddings_BLD=embeddings_BLD,
                                                   canvas_BL=canvas_BL), ("batch", "length", None))
@@ -213,6 +218,7 @@ class Denoiser(nnx.Module):
         all_stats.append(s)
       stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
     with jax.named_scope("unembed"):
+      x_BLD = self.placement.restore_row(x_BLD, row_mask)
       logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
       if cfg.logit_softcap > 0:
         logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)

@@ -106,6 +106,10 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if int(config.train.seq_len) % context:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
                       f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {context}")
+  if context > 1 and context_load_balance(config) and int(config.train.seq_len) % (2 * context):
+    raise ConfigError(f"train.seq_len={config.train.seq_len} does not cut into 2 x {context} equal chunks, which "
+                      f"mesh.context_load_balance=True deals to the {context} context shards; use a multiple of "
+                      f"{2 * context} or set mesh.context_load_balance=False")
   rows = math.prod(shape.get(a, 1) for a in BATCH_AXES)
   if int(config.eval.batch_size) % rows:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {rows} "
@@ -121,6 +125,11 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if batch % slices:
     raise ConfigError(f"train.batch_size={batch} does not split over the {slices} processes (hosts) that hold "
                       f"different rows")
+
+
+def context_load_balance(config) -> bool:
+  """The run's `mesh.context_load_balance` (on for a config from before the key: a run's saved config)."""
+  return bool(config.mesh.get("context_load_balance", True))
 
 
 def batch_slices(devices: Any, axis_names: Sequence[str]) -> tuple[dict[int, int], int]:

@@ -40,7 +40,7 @@ def axis_size(mesh: Mesh, name: str) -> int:
   return int(mesh.shape[name]) if name in mesh.axis_names else 1
 
 
-def _split_axes(mesh: Mesh, axes, size: int) -> tuple[str, ...]:
+def split_axes(mesh: Mesh, axes, size: int) -> tuple[str, ...]:
   """The axes of `axes` (size > 1) in the mesh, if together they divide `size`; else none (nothing split)."""
   present = tuple(a for a in axes if axis_size(mesh, a) > 1)
   return present if size % math.prod(axis_size(mesh, a) for a in present) == 0 else ()
@@ -53,7 +53,8 @@ def _spec(*entries) -> P:
 def _mask_specs(mask: MaskSpec, rows, context) -> MaskSpec:
   """`mask` with a PartitionSpec at each leaf: the queries' arrays split like the queries, the keys' by rows."""
   side = lambda tokens, spec: jax.tree.map(lambda _: spec, tokens)  # noqa: E731
-  return dataclasses.replace(mask, q=side(mask.q, _spec(rows, context)), kv=side(mask.kv, _spec(rows, None)))
+  return dataclasses.replace(mask, q=side(mask.q, _spec(rows, context)), kv=side(mask.kv, _spec(rows, None)),
+                             starts=side(mask.starts, _spec(rows, context)))
 
 
 def sharded_attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str, mesh: Mesh):
@@ -62,14 +63,17 @@ def sharded_attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str, mesh: Mesh):
   chosen = attention_impl.resolve(impl, mask)
   B, L, N, _ = q_BLNH.shape
   num_kv = k_BSKH.shape[2]
-  context = (CONTEXT_AXIS,) if isinstance(mask, MaskSpec) and _split_axes(mesh, (CONTEXT_AXIS,), L) else ()
+  context = (CONTEXT_AXIS,) if isinstance(mask, MaskSpec) and split_axes(mesh, (CONTEXT_AXIS,), L) else ()
   if chosen != "pallas" and not context:
     return attention_impl.attend(q_BLNH, k_BSKH, v_BSKH, mask, chosen)
-  rows = _split_axes(mesh, BATCH_AXES, B)
+  rows = split_axes(mesh, BATCH_AXES, B)
   tensor = axis_size(mesh, TENSOR_AXIS)
   heads = (TENSOR_AXIS,) if tensor > 1 and N % tensor == 0 and num_kv % tensor == 0 else ()
   if not (rows or context or heads):
     return attention_impl.attend(q_BLNH, k_BSKH, v_BSKH, mask, chosen)
+  if context and mask.q.has_canvas and mask.window and mask.starts is None:
+    # A shard's queries are a part of the row: their canvases' starts are found over the whole row.
+    mask = dataclasses.replace(mask, starts=mask.window_starts())
   q_spec, kv_spec = _spec(rows, context, heads, None), _spec(rows, None, heads, None)
   fn = expert.shard_map(lambda q, k, v, m: attention_impl.attend(q, k, v, m, chosen), mesh=mesh,
                         in_specs=(q_spec, kv_spec, kv_spec, _mask_specs(mask, rows, context)), out_specs=q_spec,
@@ -79,7 +83,7 @@ def sharded_attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str, mesh: Mesh):
 
 def token_shards(mesh: Mesh, num_tokens: int) -> tuple[str, ...]:
   """The token axes (size > 1) that split `num_tokens` tokens evenly; none where they do not."""
-  return _split_axes(mesh, expert.token_axes(mesh), num_tokens)
+  return split_axes(mesh, expert.token_axes(mesh), num_tokens)
 
 
 def dispatches_token_parallel(mesh: Mesh, num_tokens: int, backend: str) -> bool:

@@ -5,6 +5,8 @@ attention kernel runs per shard (`per_shard.sharded_attend`). The MoE layers dis
 (`expert.expert_parallel_routed_experts`) with an `expert` mesh axis > 1, else each token shard dispatches its own
 tokens (`per_shard.token_parallel_routed_experts`), whenever the tokens split over the token axes; otherwise
 (sampling one sequence on an 8-device mesh, say) they dispatch under GSPMD, which computes the same function.
+With a `context` axis and `context_load_balance` (`mesh.context_load_balance`), rows whose attention work grows
+along them run in the balanced order of `parallel/balance.py`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ import jax
 from jax.sharding import Mesh
 
 from diffgemma_jax.model.placement import LOCAL, Placement
-from diffgemma_jax.parallel import expert, per_shard, rules
+from diffgemma_jax.parallel import balance, expert, per_shard, rules
+from diffgemma_jax.parallel.mesh import context_load_balance
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshPlacement(Placement):
   mesh: Mesh
+  context_load_balance: bool = True
+
+  def _balances(self, mask) -> bool:
+    return self.context_load_balance and balance.balances(self.mesh, mask)
+
+  def reorder_row(self, inputs, mask):
+    return balance.reorder_inputs(self.mesh, inputs, mask) if self._balances(mask) else (inputs, mask)
+
+  def restore_row(self, x_BLD, mask):
+    return balance.reorder(x_BLD, self.mesh, inverse=True) if self._balances(mask) else x_BLD
 
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return rules.constrain(x, axes, self.mesh)
@@ -43,6 +56,9 @@ class MeshPlacement(Placement):
                                                  collective=collective)
 
 
-def placement_for(mesh: Mesh | None) -> Placement:
-  """The placement a model built for `mesh` runs with (`LOCAL` without a mesh)."""
-  return LOCAL if mesh is None else MeshPlacement(mesh)
+def placement_for(mesh: Mesh | None, config=None) -> Placement:
+  """The placement a model built for `mesh` runs with (`LOCAL` without a mesh), with the run config's
+  `mesh.context_load_balance` (default on: also for a config without the key, a run's from before it)."""
+  if mesh is None:
+    return LOCAL
+  return MeshPlacement(mesh, context_load_balance(config) if config is not None else True)

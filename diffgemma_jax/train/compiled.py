@@ -21,6 +21,7 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel import rules
 from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.train.freeze import trainable_filter
 from diffgemma_jax.train.optimizer import decay_argument, make_optimizer, placed_decay_optimizer
 from diffgemma_jax.train.state import TrainState, abstract_train_state, init_train_state
@@ -80,7 +81,8 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   tx, schedule = optimizer if optimizer is not None else make_optimizer(train_config)
   seed = int(train_config.seed)
   trainable = trainable_filter(model_config, tuple(train_config.freeze))
-  graphdef, abstract, shardings = abstract_train_state(model_config, tx, mesh, seed, trainable)
+  graphdef, abstract, shardings = abstract_train_state(model_config, tx, mesh, seed, trainable,
+                                                       placement=placement_for(mesh, config))
   optimizer_for_decay = placed_decay_optimizer(train_config) if optimizer is None else None
   step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=mask_id), tx=tx,
                          schedule=schedule, mesh=mesh, state_shardings=shardings,

@@ -23,6 +23,7 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
+from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
@@ -86,7 +87,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   tx, schedule = make_optimizer(tc)
   seed = int(tc.seed)
   trainable = trainable_filter(model_cfg, tuple(tc.freeze))
-  graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed, trainable)
+  graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed, trainable,
+                                                       placement=placement_for(mesh, config))
   start_step = ckpt.latest_step()
   init_from = None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffgemma_jax.model.config import ModelConfig
+from diffgemma_jax.model.placement import Placement
 from diffgemma_jax.model.transformer import abstract_model, build_model
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import replicated, shardings_for
@@ -44,13 +45,15 @@ def trainable_part(params: nnx.State, trainable=nnx.Param) -> nnx.State:
   return nnx.split_state(params, trainable, ...)[0]
 
 
-def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, trainable=nnx.Param):
+def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, trainable=nnx.Param, *,
+                         placement: Placement | None = None):
   """(graphdef, abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing.
 
   The graphdef is the model's placed on `mesh` (`parallel.placement`: activation rows over the batch axes,
   expert-parallel MoE dispatch with an `expert` axis > 1). The optimizer state covers the parameters `trainable`
-  selects (an nnx filter; default: all of them)."""
-  graphdef, _ = split_model(abstract_model(cfg, placement_for(mesh)))
+  selects (an nnx filter; default: all of them). `placement`: the run config's (`placement_for(mesh, config)`),
+  else the mesh's default."""
+  graphdef, _ = split_model(abstract_model(cfg, placement or placement_for(mesh)))
   abstract = jax.eval_shape(lambda: _init(cfg, tx, seed, trainable))
   shardings = TrainState(step=replicated(mesh), params=shardings_for(abstract.params, mesh),
                          opt_state=shardings_for(abstract.opt_state, mesh))
