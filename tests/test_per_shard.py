@@ -81,7 +81,8 @@ MASKS = {"packed_causal": _packed_causal, "canvas_clean_window": _canvas_clean_w
 # name -> (mesh shape, axes): rows x heads without context; rows x context (8 queries per context shard)
 MESHES = {"data2_fsdp2_tensor2": ((2, 2, 2), ("data", "fsdp", "tensor")),
           "data2_context4": ((2, 4), ("data", "context")),
-          "context4_tensor2": ((4, 2), ("context", "tensor"))}
+          "context4_tensor2": ((4, 2), ("context", "tensor")),
+          "data2_tensor4": ((2, 4), ("data", "tensor"))}  # 4 query heads, 2 KV heads: each KV head on 2 shards
 
 
 def _mesh(name):
@@ -100,7 +101,8 @@ def _on_mesh(mesh, *arrays):
 ATTENTION_CASES = [("pallas", "packed_causal", "data2_fsdp2_tensor2"),
                    ("pallas", "canvas_clean_window", "data2_context4"),
                    ("chunked", "canvas_clean_window", "context4_tensor2"), ("xla", "packed_causal", "data2_context4"),
-                   ("xla", "canvas_clean_straddling", "data2_context4")]
+                   ("xla", "canvas_clean_straddling", "data2_context4"),
+                   ("pallas", "canvas_clean_window", "data2_tensor4")]
 
 
 @needs_eight
@@ -170,7 +172,7 @@ def _walk(jaxpr, inside=()):
 
 
 @needs_eight
-@pytest.mark.parametrize("mesh_name", ["data2_fsdp2_tensor2", "data2_context4"])
+@pytest.mark.parametrize("mesh_name", ["data2_fsdp2_tensor2", "data2_context4", "data2_tensor4"])
 def test_each_pallas_call_sees_its_shard(mesh_name):
   """Under GSPMD a Pallas call is a custom call XLA cannot split: every device would run the whole batch. Here
   each runs inside the shard_map on its rows (and heads, and queries under context parallelism)."""
@@ -181,13 +183,14 @@ def test_each_pallas_call_sees_its_shard(mesh_name):
   calls = [(inside, shapes) for name, inside, shapes in _walk(jaxpr.jaxpr) if name == "pallas_call"]
   assert calls and all(inside for inside, _ in calls), calls
   # The kernel's operands are those of the kernel called on one shard: its rows, heads and queries.
-  rows, heads, queries = (2, 1, 4) if mesh_name == "data2_context4" else (4, 2, 1)
+  rows, heads, queries = {"data2_context4": (2, 1, 4), "data2_fsdp2_tensor2": (4, 2, 1),
+                           "data2_tensor4": (2, 4, 1)}[mesh_name]
   B, L = spec.q.segment_ids.shape
-  b, n = B // rows, 4 // heads
+  b, n, kv = B // rows, 4 // heads, max(2 // heads, 1)  # 2 KV heads on 4 shards: one (repeated) each
   shard = jax.tree.map(lambda x: x[:b], spec)
   shard = dataclasses.replace(shard, q=jax.tree.map(lambda x: x[:, :L // queries], shard.q))
   one = jax.make_jaxpr(lambda q, k, v: attention_impl.attend(q, k, v, shard, "pallas"))(
-      q[:b, :L // queries, :n], k[:b, :, :2 // heads], v[:b, :, :2 // heads])
+      q[:b, :L // queries, :n], k[:b, :, :kv], v[:b, :, :kv])
   expected = [shapes for name, _, shapes in _walk(one.jaxpr) if name == "pallas_call"]
   assert [shapes for _, shapes in calls] == expected
 

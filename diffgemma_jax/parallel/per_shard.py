@@ -9,7 +9,8 @@ devices, `ragged` dispatch under GSPMD did 8x the FLOPs per device of the same d
 So on a mesh these run inside `shard_map`, the way the expert-parallel dispatch (`expert.py`) already does:
 
 - attention (`sharded_attend`): rows over the batch axes (`data`, `fsdp`, `expert`), heads over `tensor` where it
-  divides both the query and the key/value heads, and with a `context` axis the queries' sequence over `context`
+  divides the query heads and divides or is a multiple of the key/value heads (fewer KV heads than shards: each is
+  repeated to one per shard), and with a `context` axis the queries' sequence over `context`
   with every key and value gathered (context parallelism: see docs/attention.md). The kernel sees a shard's own
   rows and heads; the mask description's per-token arrays are split like the tokens they describe.
 - routed experts without expert parallelism (`token_parallel_routed_experts`): the tokens over every token axis,
@@ -25,6 +26,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -68,7 +70,12 @@ def sharded_attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str, mesh: Mesh):
     return attention_impl.attend(q_BLNH, k_BSKH, v_BSKH, mask, chosen)
   rows = split_axes(mesh, BATCH_AXES, B)
   tensor = axis_size(mesh, TENSOR_AXIS)
-  heads = (TENSOR_AXIS,) if tensor > 1 and N % tensor == 0 and num_kv % tensor == 0 else ()
+  heads = (TENSOR_AXIS,) if tensor > 1 and N % tensor == 0 and (num_kv % tensor == 0 or tensor % num_kv == 0) else ()
+  if heads and num_kv % tensor:
+    # Fewer KV heads than tensor shards (DiffusionGemma's global layers: 2): each KV head repeated so that every
+    # shard holds the one its query heads read (query head n reads KV head n // (N / num_kv) either way); the
+    # repeat's gradient sums the copies back.
+    k_BSKH, v_BSKH = (jnp.repeat(x, tensor // num_kv, axis=2) for x in (k_BSKH, v_BSKH))
   if not (rows or context or heads):
     return attention_impl.attend(q_BLNH, k_BSKH, v_BSKH, mask, chosen)
   if context and mask.q.has_canvas and mask.window and mask.starts is None:
