@@ -218,6 +218,42 @@ def test_masked_requests_equal_their_lone_static_runs(model, prompts, case):
   assert engine.steps < sum(calls for _, calls in expected)
 
 
+def test_masked_refresh_writes_only_the_refreshing_rows(model):
+  """Three of four slots refresh (a call of 4 rows, one a dummy): each one's block logits and cache row against the
+  static denoiser's whole-canvas pass on its canvas alone; the fourth slot, mid-block, keeps its cache row and
+  logits bit for bit."""
+  program = MaskedProgram(MASKED["threshold_greedy"], mask_id=MASK, eos_id=None, pad_id=PAD)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(2)
+  lengths, blocks = np.asarray([5, 9, 5, 9], np.int32), np.asarray([2, 1, 2, 1], np.int32)  # each canvas: 13 slots
+  prompts = np.zeros((4, 16), np.int32)
+  for row, n in enumerate(lengths):
+    prompts[row, :n] = [2] + rng.integers(5, TINY.vocab_size, n - 1).tolist()
+
+  def refresh(state, refresh_B, block_B, cache):
+    model = nnx.merge(graphdef, state)
+    slots = program.insert(model, program.init(model, 4, 24), jnp.arange(4), prompts, lengths,
+                           batching.row_keys(range(4)), blocks)
+    start_B = slots.prompt_B + block_B * CANVAS
+    canvas = slots.canvas_BS.at[jnp.arange(4), start_B - 1].set(7)  # the finished block before: any tokens
+    return canvas, program.refresh(model, slots._replace(canvas_BS=canvas), cache, start_B, refresh_B,
+                                   jnp.full((4, CANVAS, TINY.vocab_size), -1.0))
+
+  sentinel = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), model.init_kv_cache(4, 24))
+  block_B = jnp.asarray([1, 0, 0, 0])
+  canvas, (logits, cache) = jax.jit(refresh)(state, jnp.asarray([True, True, False, True]), block_B, sentinel)
+  full = jax.jit(lambda state, canvas, start: masked.ModelDenoiser(nnx.merge(graphdef, state), CANVAS, "dual").full(
+      canvas, nnx.merge(graphdef, state).init_kv_cache(1, 13), start))
+  for row in (0, 1, 3):
+    lone_logits, lone_cache = full(state, canvas[row:row + 1, :13], lengths[row] + block_B[row] * CANVAS)
+    np.testing.assert_allclose(logits[row], lone_logits[0], rtol=1e-5, atol=1e-5)
+    for part, lone in zip(jax.tree.leaves(cache), jax.tree.leaves(lone_cache)):
+      np.testing.assert_allclose(part[:, row, :13], lone[:, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(logits[2], -1.0)
+  for part, before in zip(jax.tree.leaves(cache), jax.tree.leaves(sentinel)):
+    np.testing.assert_array_equal(part[:, 2], before[:, 2])
+
+
 # 7 requests through 4 slots, no EOS: the first 4 (prompts of 5 to 19 tokens) start in one prefill call; requests
 # 0-2 end together while request 3 goes on, and requests 4-6 start in one call of 4 rows (the 4th a dummy that must
 # write nowhere, least of all into busy row 3). Budgets, then the engine's steps (AR: budget - 1 each; a canvas

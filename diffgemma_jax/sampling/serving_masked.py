@@ -110,7 +110,7 @@ class MaskedProgram:
                                  logits_length=b)
     return logits.astype(logits_BbV.dtype), cache
 
-  def _refresh(self, model, slots: MaskedSlots, cache, start_B, refresh_B, logits_BbV):
+  def refresh(self, model, slots: MaskedSlots, cache, start_B, refresh_B, logits_BbV):
     """The refreshing rows' whole canvases in one call of R rows (`admission_size` of their count): their block
     logits written into `logits_BbV` and their keys/values over every slot of their cache rows."""
     b, shift = self.cfg.block_length, int(model.cfg.token_shift)
@@ -125,7 +125,8 @@ class MaskedProgram:
         rows_R = jnp.where(jnp.arange(size) < count, order_B[:size], B)  # beyond the count: dummies, written nowhere
         take_R = jnp.minimum(rows_R, B - 1)
         positions_RS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (size, S))
-        mask = MaskSpec.single_documents("bidirectional", slots.end_B[take_R], S)
+        # A dummy copying an empty row gets one real token: no kernel sees a document of length 0.
+        mask = MaskSpec.single_documents("bidirectional", jnp.maximum(slots.end_B[take_R], 1), S)
         logits_R, cache_R = model.decode(slots.canvas_BS[take_R], positions_RS, mask, model.init_kv_cache(size, S),
                                          positions_RS, 0, logits_start=start_B[take_R] - shift, logits_length=b)
         cache = jax.tree.map(lambda full, part: full.at[:, rows_R].set(part, mode="drop"), cache, cache_R)
@@ -157,7 +158,7 @@ class MaskedProgram:
       logits_BbV, cache = jax.lax.cond(jnp.any(active_B & ~refresh_B),
                                        lambda: self._cached(model, slots, start_B, logits_BbV),
                                        lambda: (logits_BbV, cache))
-    logits_BbV, cache = self._refresh(model, slots, cache, start_B, refresh_B, logits_BbV)
+    logits_BbV, cache = self.refresh(model, slots, cache, start_B, refresh_B, logits_BbV)
 
     next_rng_B, key_B = split_keys(slots.rng_B)
     block_Bb = jnp.take_along_axis(slots.canvas_BS, start_B[:, None] + jnp.arange(b)[None, :], axis=1)
