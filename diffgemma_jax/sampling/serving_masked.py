@@ -95,9 +95,10 @@ class MaskedProgram:
       refresh_B = refresh_B | (slots.step_B % self.cfg.refresh_every == 0)
     return slots.active_B & refresh_B
 
-  def _cached(self, model, slots: MaskedSlots, start_B, logits_BbV):
+  def _cached(self, model, slots: MaskedSlots, start_B):
     """Every row's block (and with token shift the slot before it) against its stored keys/values: the block's
-    logits [B, b, V] and the cache (rows not stepping cached get writes their refresh or admission replaces)."""
+    float32 logits [B, b, V] and the cache. Rows not stepping on the cache are run too; what they write is rewritten
+    by their refresh (this step's, or the first step's after an admission) before any query of theirs reads it."""
     b, shift = self.cfg.block_length, int(model.cfg.token_shift)
     B, S = slots.canvas_BS.shape
     window_B = jnp.maximum(start_B - shift, 0)  # an empty row's (prompt length 0) stays in range
@@ -108,7 +109,7 @@ class MaskedProgram:
     logits, cache = model.decode(jnp.take_along_axis(slots.canvas_BS, query_BW, axis=1), query_BW, mask_BWS,
                                  slots.cache, jnp.broadcast_to(slots_S, (B, S)), window_B, logits_start=0,
                                  logits_length=b)
-    return logits.astype(logits_BbV.dtype), cache
+    return logits, cache
 
   def refresh(self, model, slots: MaskedSlots, cache, start_B, refresh_B, logits_BbV):
     """The refreshing rows' whole canvases in one call of R rows (`admission_size` of their count): their block
@@ -119,7 +120,7 @@ class MaskedProgram:
     order_B = jnp.argsort(~refresh_B, stable=True)  # the refreshing rows first, in row order
     sizes = sorted({admission_size(n, B) for n in range(1, B + 1)})
 
-    def refresh(size: int):
+    def call_of(size: int):
       def run(operands):
         cache, logits_BbV = operands
         rows_R = jnp.where(jnp.arange(size) < count, order_B[:size], B)  # beyond the count: dummies, written nowhere
@@ -134,7 +135,7 @@ class MaskedProgram:
       return run
 
     branch = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count))
-    cache, logits_BbV = jax.lax.switch(branch, [lambda operands: operands] + [refresh(size) for size in sizes],
+    cache, logits_BbV = jax.lax.switch(branch, [lambda operands: operands] + [call_of(size) for size in sizes],
                                        (cache, logits_BbV))
     return logits_BbV, cache
 
@@ -156,7 +157,7 @@ class MaskedProgram:
     cache = slots.cache
     if cfg.cache == "dual":  # first: a refreshing row's cache row is then rewritten whole
       logits_BbV, cache = jax.lax.cond(jnp.any(active_B & ~refresh_B),
-                                       lambda: self._cached(model, slots, start_B, logits_BbV),
+                                       lambda: self._cached(model, slots, start_B),
                                        lambda: (logits_BbV, cache))
     logits_BbV, cache = self.refresh(model, slots, cache, start_B, refresh_B, logits_BbV)
 
