@@ -1,23 +1,28 @@
-"""Continuous batching vs static batching: output tokens/s on the same requests, for three samplers.
+"""Continuous batching vs static batching: output tokens/s on the same requests, for four samplers.
 
-python bench/serving.py [--slots 8] [--requests 24] [--only canvas|ar|entropy_bound] [--block_workdir DIR]
-    [--ar_workdir DIR] [--uniform_workdir DIR] [--json]
+python bench/serving.py [--slots 8] [--requests 24] [--only canvas|ar|entropy_bound|masked] [--block_workdir DIR]
+    [--ar_workdir DIR] [--uniform_workdir DIR] [--masked_workdir DIR] [--json]
 
 `--requests` requests arrive at once, each with its own prompt length (uniform in [--min_prompt, --max_prompt]
 tokens, random ids after bos) and token budget (1 to --max_canvases canvases of the model's objective.block_size;
-the AR decoder gets the block model's budgets), seed = its index; both ways stop a request at EOS (rare with random
-weights) or its budget. Samplers: `block_threshold` on the block model ("canvas"), the AR decoder, and
-`entropy_bound` (DiffusionGemma's released rule, at most --max_denoising_steps steps per canvas) on the
-uniform-state model. Static: batches of --slots requests in arrival order, each one `canvas.generate` /
-`autoregressive.generate` call (`Generator.compiled`, prompts left-padded to the prefill width of the batch's
-longest) running to the batch's largest budget, so a batch costs its longest request. Continuous: `serving.Engine`
+the AR decoder and the masked model get the block model's budgets), seed = its index; both ways stop a request at
+EOS (rare with random weights) or its budget. Samplers: `block_threshold` on the block model ("canvas"), the AR
+decoder, `entropy_bound` (DiffusionGemma's released rule, at most --max_denoising_steps steps per canvas) on the
+uniform-state model, and `threshold` (Fast-dLLM's dual cache, blocks of the block model's size) on the masked
+model. Static: batches of --slots requests in arrival order (masked: among requests of one budget), each one
+`canvas.generate` / `masked.generate` / `autoregressive.generate` call (`Generator.compiled`, prompts left-padded
+to the prefill width of the batch's longest) running to the batch's largest budget, so a batch costs its longest
+request. Continuous: `serving.Engine`
 with --slots slots. Both are compiled by a first pass, then timed --repeats times, alternating (medians
 reported); tokens/s counts each request's own new tokens (to EOS, within its budget) over a pass's seconds. Model
 calls: the static batches' calls (prefill, denoising steps or decode steps, commits; each call runs the whole
 batch) against the engine's steps (each runs every slot) plus its prefill calls (each admits every request taken
-into a free slot at that point). The engine's tokens
+into a free slot at that point); the masked sampler's static calls are not counted (its loop reports each row's
+steps, not the batch's) and its engine makes no prefill but one or two calls a step (a window call, and a refresh
+call for the slots starting a block): "engine calls" counts them. The engine's tokens
 are checked against the static ones request by request (they must be equal). Random weights
-(configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py) unless trained workdirs are given.
+(configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py, configs/pretrain_tiny.py) unless
+trained workdirs are given.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, v
 from diffgemma_jax.sampling.serving import Request, bucket_width
 
 PAD, BOS, EOS, MASK = 0, 2, 3, 4  # the reserved ids of every tokenizer the recipes train
-SAMPLERS = ("canvas", "ar", "entropy_bound")
+SAMPLERS = ("canvas", "ar", "entropy_bound", "masked")
 
 
 def make_requests(args, vocab_size: int, unit: int) -> list[Request]:
@@ -53,11 +58,21 @@ def make_requests(args, vocab_size: int, unit: int) -> list[Request]:
           for index, (n, budget) in enumerate(zip(lengths, budgets))]
 
 
+def static_batches(requests, slots: int, objective: str):
+  """Batches of `slots` requests in arrival order; for the masked model among requests of one budget only (a masked
+  row's tokens depend on its whole canvas, so a longer budget would change them: `Generator.run_requests` never
+  mixes two either)."""
+  groups: dict[int, list[int]] = {}
+  for index, request in enumerate(requests):
+    groups.setdefault(request.max_new_tokens if objective == "masked" else 0, []).append(index)
+  return [group[first:first + slots] for group in groups.values() for first in range(0, len(group), slots)]
+
+
 def static_pass(generator: Generator, options: GenerationOptions, objective: str, block: int, requests, slots: int):
-  """Batches of `slots` requests in arrival order through the static path: (new ids per request, batch calls)."""
-  ids, calls = [], 0
-  for first in range(0, len(requests), slots):
-    batch = requests[first:first + slots]
+  """`static_batches` through the static path: (new ids per request, batch calls; None for the masked model)."""
+  ids, calls = [None] * len(requests), 0
+  for indices in static_batches(requests, slots, objective):
+    batch = [requests[i] for i in indices]
     budget = max(r.max_new_tokens for r in batch)
     cfg = sampler_config(validate_options(dataclasses.replace(options, gen_length=budget, steps=None), objective,
                                           block))
@@ -66,8 +81,11 @@ def static_pass(generator: Generator, options: GenerationOptions, objective: str
     fn = generator.compiled(cfg, len(batch), prompt.shape[1], row_keys=True, padded=True)
     tokens, row_calls, steps = fn(generator.state, prompt, batching.row_keys([r.seed for r in batch]), starts)
     tokens = np.asarray(tokens)[:, prompt.shape[1]:]
-    ids += [truncate_at_eos(row[:r.max_new_tokens], EOS) for row, r in zip(tokens, batch)]
-    if steps is None:  # the AR decoder: the loop runs as long as its longest row
+    for index, row, r in zip(indices, tokens, batch):
+      ids[index] = truncate_at_eos(row[:r.max_new_tokens], EOS)
+    if objective == "masked":  # rows move from block to block together: the batch's calls are not reported
+      calls = None
+    elif steps is None:  # the AR decoder: the loop runs as long as its longest row
       calls += int(np.max(row_calls))
     else:  # prefill, each canvas's longest denoising, a commit between canvases
       canvas_steps = np.asarray(steps).max(axis=0)
@@ -82,6 +100,8 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
     fields.update(sampler="block_threshold", threshold=args.threshold, temperature=args.temperature)
   elif objective == "uniform":  # the released sampler's settings but for the step cap
     fields.update(sampler="entropy_bound", max_denoising_steps=args.max_denoising_steps)
+  elif objective == "masked":
+    fields.update(sampler="threshold", threshold=args.threshold, temperature=args.temperature)
   else:
     fields.update(temperature=args.temperature)
   options = validate_options(GenerationOptions(**fields), objective, block)
@@ -107,6 +127,7 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
           "continuous_tokens_per_s": tokens / engine_seconds, "speedup": static_seconds / engine_seconds,
           "static_seconds": static_seconds, "continuous_seconds": engine_seconds, "static_model_calls": static_calls,
           "continuous_steps": engine.steps, "continuous_prefills": engine.prefill_calls,
+          "continuous_model_calls": engine.model_calls,
           "identical_tokens": engine_ids == static_ids}
 
 
@@ -118,7 +139,8 @@ def main(argv=None) -> int:
   p.add_argument("--max_prompt", type=int, default=40)
   p.add_argument("--max_canvases", type=int, default=4, help="budgets: 1 to this many canvases")
   p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--threshold", type=float, default=0.9, help="block_threshold's commit confidence")
+  p.add_argument("--threshold", type=float, default=0.9, help="block_threshold's and threshold's commit "
+                 "confidence")
   p.add_argument("--seed", type=int, default=0, help="of the prompts and budgets")
   p.add_argument("--block_config", default="configs/block_tiny.py")
   p.add_argument("--block_workdir", default=None, help="a trained block run (default: random weights)")
@@ -126,6 +148,8 @@ def main(argv=None) -> int:
   p.add_argument("--uniform_workdir", default=None, help="a trained uniform-state run (default: random weights)")
   p.add_argument("--max_denoising_steps", type=int, default=8, help="entropy_bound: at most this many steps per "
                  "canvas (random weights rarely stop early)")
+  p.add_argument("--masked_config", default="configs/pretrain_tiny.py")
+  p.add_argument("--masked_workdir", default=None, help="a trained masked run (default: random weights)")
   p.add_argument("--ar_config", default="configs/ar_tiny.py")
   p.add_argument("--ar_workdir", default=None, help="a trained AR run (default: random weights)")
   p.add_argument("--repeats", type=int, default=3, help="timed passes of each way, alternating; medians reported")
@@ -143,7 +167,8 @@ def main(argv=None) -> int:
   rows = []
   for name, config_file, workdir, seed in (("canvas", args.block_config, args.block_workdir, 2),
                                            ("ar", args.ar_config, args.ar_workdir, 1),
-                                           ("entropy_bound", args.uniform_config, args.uniform_workdir, 3)):
+                                           ("entropy_bound", args.uniform_config, args.uniform_workdir, 3),
+                                           ("masked", args.masked_config, args.masked_workdir, 4)):
     if args.only not in (None, name):
       continue
     config = load_config(config_file)
@@ -158,7 +183,8 @@ def main(argv=None) -> int:
   report = {"bench": "serving", "commit": benchlib.commit(), "slots": args.slots, "requests": args.requests,
             "prompt_tokens": [args.min_prompt, args.max_prompt], "max_denoising_steps": args.max_denoising_steps,
             "temperature": args.temperature, "repeats": args.repeats,
-            "random_weights": not (args.block_workdir or args.ar_workdir),
+            "random_weights": not (args.block_workdir or args.ar_workdir or args.uniform_workdir
+                                   or args.masked_workdir),
             "results": rows, **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))
@@ -166,12 +192,13 @@ def main(argv=None) -> int:
   print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets of 1-"
         f"{args.max_canvases} canvases, {args.slots} slots / static batch; commit {report['commit']}")
   print(f"{'sampler':<13} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
-        f"{'static calls':>12} {'engine steps+prefill calls':>26} {'same tokens':>11}")
+        f"{'static calls':>12} {'engine steps+prefill calls':>26} {'engine calls':>12} {'same tokens':>11}")
   for r in rows:
     budgets = "-".join(map(str, r["budget_tokens"]))
     print(f"{r['sampler']:<13} {budgets:>7} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
-          f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {r['static_model_calls']:12d} "
-          f"{r['continuous_steps']:>17d} + {r['continuous_prefills']:<6d} {str(r['identical_tokens']):>11}")
+          f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {str(r['static_model_calls'] or '-'):>12} "
+          f"{r['continuous_steps']:>17d} + {r['continuous_prefills']:<6d} {r['continuous_model_calls']:12d} "
+          f"{str(r['identical_tokens']):>11}")
   print(load.line())
   return 0
 

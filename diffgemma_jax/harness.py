@@ -15,7 +15,7 @@ entry point, so `diffgemma-lm-eval` imports it and then runs the harness's own C
 Model args: config, workdir (required), step, sampler and its options (block_length, steps, threshold,
 temperature, top_p, max_denoising_steps, ...), num_t_samples (default eval.num_t_samples), seed, batch_size (rows
 per model call, also the harness's --batch_size; default 8), serving_slots (generate_until by continuous batching
-with that many slots: the same texts; the AR decoder and the canvas samplers).
+with that many slots: the same texts; every sampler but block_fused*).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                  "the batch it runs in)")
   p.add_argument("--batch_size", type=int, default=1, help="prompts per sampler call (default 1); prompts of "
                  "similar lengths share a batch")
-  p.add_argument("--serving_slots", type=int, default=None, help="continuous batching (ar and the canvas "
-                 "samplers): keep N requests in flight, each finished one's slot refilled with the next "
+  p.add_argument("--serving_slots", type=int, default=None, help="continuous batching (every sampler but "
+                 "block_fused*): keep N requests in flight, each finished one's slot refilled with the next "
                  "prompt at once; the same results as one at a time (replaces --batch_size)")
   p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a completion before this text "
                  "(repeatable)")

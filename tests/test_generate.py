@@ -94,7 +94,7 @@ def test_generative_perplexity_and_unigram_entropy():
   assert result["per_sample_gen_ppl"][1] == pytest.approx(math.exp(expected_rows[1].mean()), rel=1e-4)
 
 
-def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, capsys):
+def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, tmp_path, capsys):
   _, workdir, _ = trained_run
   code = main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--gen_length", "16",
                "--block_length", "8", "--json"])
@@ -105,6 +105,14 @@ def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, ca
   assert 0 <= result["new_tokens"] <= 16 and 1 <= result["model_calls"] <= 16
   assert result["tokens_per_s"] >= 0 and isinstance(result["completion"], str)
   assert "warning" not in capsys.readouterr().err
+  # continuous batching of the masked model's default sampler: each request's tokens and calls as alone
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("class A:\ndef main(\nimport os\n")
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--prompts", str(prompts), "--gen_length", "16",
+               "--block_length", "8", "--serving_slots", "2", "--json"]) == 0
+  served = json.loads(capsys.readouterr().out)[1]
+  assert served["prompt"] == "def main(" and served["sampler"] == "threshold" and served["batch_size"] == 2
+  assert served["ids"] == result["ids"] and served["model_calls"] == result["model_calls"]
   # Past the trained context: generated, with a warning that names the limit.
   code = main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--gen_length", "32",
                "--block_length", "8"])

@@ -204,8 +204,9 @@ def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkey
   message = str(info.value)
   assert message == ("--top_p does not apply to --sampler threshold (it reads --block_length, --steps, "
                      "--temperature, --threshold); --top_p is for ar")
-  with pytest.raises(ConfigError, match="serving_slots runs the samplers ar, .*, not sampler threshold"):
-    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},serving_slots=2")
+  with pytest.raises(ConfigError, match="serving_slots runs the samplers ar, .*, not sampler block_fused"):
+    DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},serving_slots=2,"
+                                       "overrides=objective.name=block,sampler=block_fused")
   with pytest.raises(ConfigError, match="unknown argument\\(s\\) beam"):
     DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},beam=4")
 

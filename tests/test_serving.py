@@ -18,12 +18,13 @@ from flax import nnx
 from diffgemma_jax.errors import ConfigError, GenerationError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.transformer import write_window
-from diffgemma_jax.sampling import autoregressive, batching, canvas
+from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
 from diffgemma_jax.sampling.serving import Engine, Request, bucket_width
 from diffgemma_jax.sampling.serving_ar import ARProgram
 from diffgemma_jax.sampling.requests import Generator, serving_options
 from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 from diffgemma_jax.sampling.serving_canvas import CanvasProgram
+from diffgemma_jax.sampling.serving_masked import MaskedProgram
 from launch.generate import _read_requests, main
 
 PAD, MASK = 0, 4
@@ -102,14 +103,14 @@ def _alone(model, cfg, prompts):
   return runs
 
 
-def _stopping_eos(runs):
+def _stopping_eos(runs, budgets=BUDGETS):
   """A token that first appears at different places in at least two budgets and not in every one: the EOS."""
   candidates = {}
-  for (tokens, _), budget in zip(runs, BUDGETS):
+  for (tokens, _), budget in zip(runs, budgets):
     for token in set(tokens[:budget].tolist()) - {PAD, MASK}:
       candidates.setdefault(token, set()).add(int(np.argmax(tokens[:budget] == token)))
   fitting = [t for t, firsts in candidates.items() if len(firsts) >= 2 and 0 < sum(
-      t in tokens[:budget] for (tokens, _), budget in zip(runs, BUDGETS)) < len(runs)]
+      t in tokens[:budget] for (tokens, _), budget in zip(runs, budgets)) < len(runs)]
   assert fitting, "no generated token stops some requests at different places; change the prompts' seed"
   return min(fitting)
 
@@ -160,6 +161,103 @@ def test_each_request_equals_its_lone_static_run(lone_runs, prompts, case):
   assert engine.model_calls == engine.steps + engine.prefill_calls
   # Slots kept busy: fewer batch steps than the requests' calls one after another.
   assert engine.steps < sum(r["model_calls"] for r in results) - len(results)
+
+
+# The masked samplers (masked.py) with the dual cache on the same model: a slot's step refreshes its whole canvas
+# (a block's first step) or steps its block on the cache. Threshold 0.1 ends blocks after different numbers of
+# steps, so refreshes and admissions fall between other slots' cached steps; 1 and 2 blocks of 4 per request.
+MASKED_BUDGETS = (8, 4, 8, 4, 8)
+MASKED = {"threshold_greedy": masked.SamplerConfig(gen_length=8, block_length=CANVAS, steps_per_block=CANVAS,
+                                                   acceptance="threshold", threshold=0.1, cache="dual"),
+          "threshold_sampled": masked.SamplerConfig(gen_length=8, block_length=CANVAS, steps_per_block=CANVAS,
+                                                    acceptance="threshold", threshold=0.1, temperature=1.0,
+                                                    cache="dual"),
+          # threshold_nocache: every step a refresh, so only the refresh calls (batched by their count) are made
+          "uncached_sampled": masked.SamplerConfig(gen_length=8, block_length=CANVAS, steps_per_block=CANVAS,
+                                                   acceptance="low_confidence", temperature=1.0, cache="none")}
+
+
+def _masked_alone(model, cfg, prompts, budgets):
+  """fn(eos) -> (new tokens, model calls) of each prompt alone through `masked.generate` with its budget as
+  gen_length, row key `row_keys([request index])` and the EOS id `eos` (an argument: one compile per budget serves
+  every EOS), left-padded to the longest prompt as `_alone` does."""
+  graphdef, state = nnx.split(model)
+  fns = {}
+  for budget in set(budgets):
+    own = dataclasses.replace(cfg, gen_length=budget)
+    fns[budget] = jax.jit(lambda s, p, k, starts, eos, own=own: masked.generate(
+        masked.make_denoiser(nnx.merge(graphdef, s), own, p.shape[1], starts), p, k, own, mask_id=MASK, eos_id=eos))
+
+  def runs(eos: int):
+    out = []
+    for index, (prompt, budget) in enumerate(zip(prompts, budgets)):
+      padded, starts = batching.left_pad([prompt], PAD, width=max(LENGTHS))
+      tokens, calls = fns[budget](state, jnp.asarray(padded), batching.row_keys([index]), jnp.asarray(starts),
+                                  jnp.int32(eos))
+      out.append((np.asarray(tokens[0, max(LENGTHS):]), int(calls[0])))
+    return out
+
+  return runs
+
+
+@pytest.mark.parametrize("case", MASKED)
+def test_masked_requests_equal_their_lone_static_runs(model, prompts, case):
+  cfg = MASKED[case]
+  alone = _masked_alone(model, cfg, prompts, MASKED_BUDGETS)
+  eos = _stopping_eos(alone(-1), MASKED_BUDGETS)
+  expected = alone(eos)  # the lone runs stopping at that EOS
+  program = MaskedProgram(dataclasses.replace(cfg, gen_length=max(MASKED_BUDGETS)), mask_id=MASK, eos_id=eos,
+                          pad_id=PAD)
+  engine = Engine(model, program, SLOTS, max(LENGTHS))
+  results = engine.run([Request(tuple(p), budget, seed)
+                        for seed, (p, budget) in enumerate(zip(prompts, MASKED_BUDGETS))])
+  for index, ((tokens, calls), result) in enumerate(zip(expected, results)):
+    np.testing.assert_array_equal(result["tokens"], tokens, err_msg=f"request {index}")
+    assert result["model_calls"] == calls and result["steps"] is None, index  # calls: its steps, as alone
+  assert 0 < sum(eos in tokens for tokens, _ in expected) < len(expected)
+  # With the cache some steps made both calls: a refresh beside another slot's cached step. Admissions call nothing.
+  assert engine.prefill_calls == 0 and engine.admissions[0] == SLOTS and sum(engine.admissions) == len(LENGTHS)
+  if cfg.cache == "dual":
+    assert engine.steps < engine.model_calls < 2 * engine.steps
+  else:
+    assert engine.model_calls == engine.steps
+  assert engine.steps < sum(calls for _, calls in expected)
+
+
+def test_masked_refresh_writes_only_the_refreshing_rows(model):
+  """Three of four slots refresh (a call of 4 rows, one a dummy): each one's block logits and cache row against the
+  static denoiser's whole-canvas pass on its canvas alone; the fourth slot, mid-block, keeps its cache row and
+  logits bit for bit."""
+  program = MaskedProgram(MASKED["threshold_greedy"], mask_id=MASK, eos_id=None, pad_id=PAD)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(2)
+  lengths, blocks = np.asarray([5, 9, 5, 9], np.int32), np.asarray([2, 1, 2, 1], np.int32)  # each canvas: 13 slots
+  prompts = np.zeros((4, 16), np.int32)
+  for row, n in enumerate(lengths):
+    prompts[row, :n] = [2] + rng.integers(5, TINY.vocab_size, n - 1).tolist()
+
+  def refresh(state, refresh_B, block_B, cache):
+    model = nnx.merge(graphdef, state)
+    slots = program.insert(model, program.init(model, 4, 24), jnp.arange(4), prompts, lengths,
+                           batching.row_keys(range(4)), blocks)
+    start_B = slots.prompt_B + block_B * CANVAS
+    canvas = slots.canvas_BS.at[jnp.arange(4), start_B - 1].set(7)  # the finished block before: any tokens
+    return canvas, program.refresh(model, slots._replace(canvas_BS=canvas), cache, start_B, refresh_B,
+                                   jnp.full((4, CANVAS, TINY.vocab_size), -1.0))
+
+  sentinel = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), model.init_kv_cache(4, 24))
+  block_B = jnp.asarray([1, 0, 0, 0])
+  canvas, (logits, cache) = jax.jit(refresh)(state, jnp.asarray([True, True, False, True]), block_B, sentinel)
+  full = jax.jit(lambda state, canvas, start: masked.ModelDenoiser(nnx.merge(graphdef, state), CANVAS, "dual").full(
+      canvas, nnx.merge(graphdef, state).init_kv_cache(1, 13), start))
+  for row in (0, 1, 3):
+    lone_logits, lone_cache = full(state, canvas[row:row + 1, :13], lengths[row] + block_B[row] * CANVAS)
+    np.testing.assert_allclose(logits[row], lone_logits[0], rtol=1e-5, atol=1e-5)
+    for part, lone in zip(jax.tree.leaves(cache), jax.tree.leaves(lone_cache)):
+      np.testing.assert_allclose(part[:, row, :13], lone[:, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(logits[2], -1.0)
+  for part, before in zip(jax.tree.leaves(cache), jax.tree.leaves(sentinel)):
+    np.testing.assert_array_equal(part[:, 2], before[:, 2])
 
 
 # 7 requests through 4 slots, no EOS: the first 4 (prompts of 5 to 19 tokens) start in one prefill call; requests
@@ -245,8 +343,9 @@ def test_per_row_cache_write_against_a_direct_write():
 
 @pytest.mark.parametrize("argv,message", [
     (["--serving_slots", "0", "--config.objective.name=ar"], "--serving_slots must be >= 1, got 0"),
-    (["--serving_slots", "2"], "--serving_slots runs the samplers ar, block_threshold, block_low_confidence, "
-                               "entropy_bound, not sampler threshold"),
+    (["--serving_slots", "2", "--config.objective.name=block", "--sampler", "block_fused"],
+     "--serving_slots runs the samplers ar, low_confidence, low_confidence_cached, threshold, threshold_nocache, "
+     "block_threshold, block_low_confidence, entropy_bound, not sampler block_fused"),
     (["--serving_slots", "2", "--batch_size", "4", "--config.objective.name=ar"], "drop --batch_size"),
 ])
 def test_bad_serving_slots_exit_2_with_one_line(argv, message, capsys, tmp_path):

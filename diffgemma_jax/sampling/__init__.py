@@ -12,13 +12,14 @@ from diffgemma_jax.sampling.parts import (ACCEPTANCE_RULES, accept_entropy_bound
 from diffgemma_jax.sampling.serving import Engine, Request
 from diffgemma_jax.sampling.serving_ar import ARProgram
 from diffgemma_jax.sampling.serving_canvas import CanvasProgram
+from diffgemma_jax.sampling.serving_masked import MaskedProgram
 from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, Option, Sampler, default_sampler,
                                              sampler_config, validate_options)
 
 __all__ = ["ACCEPTANCE_RULES", "ARConfig", "ARProgram", "BlockDenoiser", "CACHE_MODES", "CanvasConfig",
            "CanvasOutput", "CanvasProgram", "Engine", "EntropyBoundRule", "GenerationOptions", "LogitsFnDenoiser",
-           "MaskedRule", "ModelDenoiser", "OPTIONS", "Option", "RELEASED_SAMPLER", "Request", "SAMPLERS", "Sampler",
-           "SamplerConfig", "accept_entropy_bound", "accept_low_confidence", "accept_threshold", "autoregressive",
-           "canvas", "default_sampler", "even_schedule", "generate", "linear_temperature", "make_denoiser",
-           "pad_after_eos", "propose", "sample_next", "sampler_config", "serving", "stable_and_confident",
-           "token_entropy", "top_p_filter", "truncate_at_eos", "validate_options"]
+           "MaskedProgram", "MaskedRule", "ModelDenoiser", "OPTIONS", "Option", "RELEASED_SAMPLER", "Request",
+           "SAMPLERS", "Sampler", "SamplerConfig", "accept_entropy_bound", "accept_low_confidence",
+           "accept_threshold", "autoregressive", "canvas", "default_sampler", "even_schedule", "generate",
+           "linear_temperature", "make_denoiser", "pad_after_eos", "propose", "sample_next", "sampler_config",
+           "serving", "stable_and_confident", "token_entropy", "top_p_filter", "truncate_at_eos", "validate_options"]

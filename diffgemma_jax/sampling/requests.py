@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from diffgemma_jax.errors import GenerationError
-from diffgemma_jax.sampling import autoregressive, batching, canvas, masked, serving, serving_ar, serving_canvas
+from diffgemma_jax.sampling import (autoregressive, batching, canvas, masked, serving, serving_ar, serving_canvas,
+                                    serving_masked)
 from diffgemma_jax.sampling.parts import truncate_at_eos
 from diffgemma_jax.sampling.samplers import SAMPLERS, GenerationOptions, sampler_config, validate_options
 from diffgemma_jax.train.dataset import load_tokenizer
@@ -125,14 +126,16 @@ class Generator:
 
 
   def engine(self, cfg, num_slots: int, max_prompt_length: int) -> serving.Engine:
-    """The continuous-batching engine of `cfg` (an ARConfig or a CanvasConfig) with `num_slots`
+    """The continuous-batching engine of `cfg` (an ARConfig, a CanvasConfig or a SamplerConfig) with `num_slots`
     slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls."""
     key = (cfg, num_slots, serving.bucket_width(max_prompt_length))
     if key not in self._engines:
       if isinstance(cfg, autoregressive.ARConfig):
         program = serving_ar.ARProgram(cfg, eos_id=self.eos_id)
-      else:
+      elif isinstance(cfg, canvas.CanvasConfig):
         program = serving_canvas.CanvasProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
+      else:
+        program = serving_masked.MaskedProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
       self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
     return self._engines[key]
 
@@ -192,16 +195,21 @@ def serving_options(request_options: Sequence[GenerationOptions], num_slots: int
   check_serving(largest.sampler, num_slots)
   served = sampler_config(largest)
   for own in set(request_options):
-    cfg = sampler_config(own)
-    if isinstance(cfg, autoregressive.ARConfig):
-      cfg = dataclasses.replace(cfg, max_new_tokens=served.max_new_tokens)
-    else:
-      cfg = dataclasses.replace(cfg, num_canvases=served.num_canvases)
-    if cfg != served:
+    if with_budget_of(sampler_config(own), served) != served:
       raise GenerationError("--serving_slots serves every request with one sampler rule, but --steps spread over "
                             "requests of different gen_length gives them different steps per canvas; drop --steps "
                             "or --serving_slots")
   return largest
+
+
+def with_budget_of(cfg, served):
+  """`cfg` (a runner's config) with the token budget of `served` (one of the same kind): equal to `served` when the
+  two differ only in how many new tokens they allow."""
+  if isinstance(cfg, autoregressive.ARConfig):
+    return dataclasses.replace(cfg, max_new_tokens=served.max_new_tokens)
+  if isinstance(cfg, canvas.CanvasConfig):
+    return dataclasses.replace(cfg, num_canvases=served.num_canvases)
+  return dataclasses.replace(cfg, gen_length=served.gen_length)
 
 
 def with_gen_length(options: GenerationOptions, gen_length: int, steps: int | None, objective_name: str,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.objectives import OBJECTIVES
-from diffgemma_jax.sampling import autoregressive, canvas, masked
+from diffgemma_jax.sampling import autoregressive, canvas, masked, serving_masked
 from diffgemma_jax.sampling.parts import ACCEPTANCE_RULES
 
 ENTROPY_BOUND = "entropy_bound"  # the acceptance rule of `canvas.EntropyBoundRule`
@@ -135,8 +135,9 @@ class Sampler:
 
   @property
   def serves(self) -> bool:
-    """Runs on the continuous-batching engine (`serving.py`): the AR decoder and the multi-canvas samplers."""
-    return self.acceptance is None or self.cache == CANVAS
+    """Runs on the continuous-batching engine (`serving.py`): the AR decoder, the multi-canvas samplers and the
+    masked samplers of the caches `serving_masked.SERVED_CACHES` (not the exact block cache of `block_fused*`)."""
+    return self.acceptance is None or self.cache == CANVAS or self.cache in serving_masked.SERVED_CACHES
 
   def length_unit(self, options: GenerationOptions) -> int:
     """What --gen_length must be a multiple of: one token for the AR decoder, a block (canvas) otherwise."""

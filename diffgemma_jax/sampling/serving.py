@@ -1,16 +1,18 @@
 """Continuous batching: a fixed number of slots kept busy, each refilled from a queue as its request finishes.
 
-Static batching (`canvas.generate`, `autoregressive.generate` over a left-padded batch) runs a batch until its
-slowest row is done, and later requests wait for the whole batch. The engine here instead holds B slots, the rows
-of one KV cache [B, S], each with its own write position: every `step` is one jitted model call that advances
-every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode step; the
-programs `serving_canvas.CanvasProgram` and `serving_ar.ARProgram` say what a step is). Steps run in a device loop
-until a request finishes; the host then collects it and refills the free slots from the queue: ONE jitted
-prefill call admits every request taken at that point, each prompt written into its own row (prompts right-padded
-to a common width, `bucket_width`; groups padded to a few sizes, `admission_size`, so a handful of prefills
-compile). The programs advance each request's random key exactly as the static path does for that request alone,
-so every request's tokens equal `canvas.generate` / `autoregressive.generate` run on it alone with
-its seed's key (`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
+Static batching (`canvas.generate`, `masked.generate`, `autoregressive.generate` over a left-padded batch) runs a
+batch until its slowest row is done, and later requests wait for the whole batch. The engine here instead holds B
+slots, the rows of one KV cache [B, S], each with its own write position: every `step` is one jitted model call
+that advances every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode
+step; the programs `serving_canvas.CanvasProgram`, `serving_masked.MaskedProgram` and `serving_ar.ARProgram` say
+what a step is; the masked program's step is a window call plus, when some slots start a block, one refresh call
+of those slots). Steps run in a device loop until a request finishes; the host then collects it and refills the
+free slots from the queue: ONE jitted prefill call admits every request taken at that point, each prompt written
+into its own row (prompts right-padded to a common width, `bucket_width`; groups padded to a few sizes,
+`admission_size`, so a handful of prefills compile; the masked program prefills nothing, its first step runs the
+whole row). The programs advance each request's random key exactly as the static path does for that request
+alone, so every request's tokens equal the static path's run on it alone with its seed's key
+(`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MIN_BUCKET = 16  # the narrowest prompt width compiled
 @dataclasses.dataclass(frozen=True)
 class Request:
   """A prompt (token ids, bos included), the most new tokens it may get (a multiple of the program's unit: a
-  canvas for the canvas sampler) and its seed (`jax.random.key(seed)`)."""
+  canvas or block for the diffusion samplers) and its seed (`jax.random.key(seed)`)."""
   prompt: tuple[int, ...]
   max_new_tokens: int
   seed: int = 0
@@ -99,21 +101,25 @@ class Engine:
     self._admit = jax.jit(admit, donate_argnums=1)
 
     def advance(state, slots, watched_B):
-      """Steps until a watched row (one the host waits on) is done or no row is active: (slots, steps taken). One
-      dispatch and one read-back per finished request, not per step."""
+      """Steps until a watched row (one the host waits on) is done or no row is active: (slots, steps taken, model
+      calls made). One dispatch and one read-back per finished request, not per step."""
       model = nnx.merge(graphdef, state)
 
       def cond(carry):
-        slots, _ = carry
+        slots = carry[0]
         return jnp.any(program.active(slots)) & ~jnp.any(slots.done_B & watched_B)
 
-      return jax.lax.while_loop(cond, lambda carry: (program.step(model, carry[0]), carry[1] + 1),
-                                (slots, jnp.int32(0)))
+      def body(carry):
+        slots, steps, calls = carry
+        return program.step(model, slots), steps + 1, calls + program.step_calls(slots)
+
+      return jax.lax.while_loop(cond, body, (slots, jnp.int32(0), jnp.int32(0)))
 
     self._advance = jax.jit(advance, donate_argnums=1)
     self._compiled: dict[Any, Any] = {}  # "init", "advance" and each (admission size, prompt width)
-    # Of the last run: the engine's model calls (each batched prefill once, each step once), its steps, its
-    # prefill calls and the requests each one admitted, and the seconds spent compiling (excluded from "seconds").
+    # Of the last run: the engine's model calls (each batched prefill once, each step's calls once: one, or for
+    # the masked program up to two, `step_calls`), its steps, its prefill calls and the requests each admission
+    # took, and the seconds spent compiling (excluded from "seconds").
     self.model_calls = self.steps = self.prefill_calls = 0
     self.admissions: list[int] = []
     self.compile_seconds = 0.0
@@ -142,7 +148,8 @@ class Engine:
                        f"[1, {self.max_new_tokens}]")
 
   def _prefill(self, slots, admitted: list[tuple[int, Request]]):
-    """One model call starting every admitted (row, request): the group padded to its admission size with dummy
+    """One call of the program's `insert` (one model call, none for the masked program) starting every admitted
+    (row, request): the group padded to its admission size with dummy
     rows (index num_slots: they write nowhere), the prompts right-padded to the widest one's bucket width."""
     size = admission_size(len(admitted), self.num_slots)
     width = bucket_width(max(len(request.prompt) for _, request in admitted))
@@ -182,14 +189,14 @@ class Engine:
           admitted.append((row, request))
       if admitted:
         slots = self._prefill(slots, admitted)
-        self.model_calls += 1
-        self.prefill_calls += 1
+        self.model_calls += self.program.admission_calls
+        self.prefill_calls += self.program.admission_calls
         self.admissions.append(len(admitted))
       if all(index is None for index in owner):
         break
-      slots, steps = self._compiled["advance"](self.state, slots, np.asarray([i is not None for i in owner]))
-      done, steps = jax.device_get((slots.done_B, steps))
-      self.model_calls += int(steps)
+      slots, steps, calls = self._compiled["advance"](self.state, slots, np.asarray([i is not None for i in owner]))
+      done, steps, calls = jax.device_get((slots.done_B, steps, calls))
+      self.model_calls += int(calls)
       self.steps += int(steps)
       finished = [row for row, index in enumerate(owner) if index is not None and done[row]]
       if finished:

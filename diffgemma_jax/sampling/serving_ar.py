@@ -39,6 +39,7 @@ class ARSlots(NamedTuple):
 class ARProgram:
   """The jittable functions of the AR engine for one `ARConfig` (its `max_new_tokens`: the most any request may
   ask for) and EOS id."""
+  admission_calls = 1  # an admission prefills its prompts in one model call
 
   def __init__(self, cfg: ARConfig, *, eos_id: int | None):
     self.cfg, self.eos_id = cfg, eos_id
@@ -92,6 +93,10 @@ class ARProgram:
     return ARSlots(cache, keep(new_B, slots.last_B), write_B + active_B.astype(jnp.int32), count_B, slots.max_new_B,
                    keep(next_rng, slots.rng_B), keep(written, slots.out_BG),
                    slots.calls_B + active_B.astype(jnp.int32), active_B & ~ended_B, slots.done_B | ended_B)
+
+  def step_calls(self, slots: ARSlots):
+    del slots
+    return 1  # every step is one model call
 
   def active(self, slots: ARSlots):
     return slots.active_B

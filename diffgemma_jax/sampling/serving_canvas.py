@@ -58,6 +58,7 @@ class CanvasSlots(NamedTuple):
 class CanvasProgram:
   """The jittable functions of the canvas engine for one `CanvasConfig` (its `num_canvases`: the most any request
   may ask for) and special ids."""
+  admission_calls = 1  # an admission prefills its prompts in one model call
 
   def __init__(self, cfg: CanvasConfig, *, mask_id: int, eos_id: int | None, pad_id: int = 0):
     self.cfg, self.mask_id, self.eos_id, self.pad_id = cfg, mask_id, eos_id, pad_id
@@ -196,6 +197,10 @@ class CanvasProgram:
         jnp.where(commit_B, 0, step_B), slots.canvas_index_B + commit_B.astype(jnp.int32), slots.num_canvases_B,
         select_rows(commit_B, next_rng, slots.rng_B), step_rng_B, out_BG, steps_BC,
         slots.calls_B + (denoise_B | commit_B).astype(jnp.int32), slots.done_B | ended_B)
+
+  def step_calls(self, slots: CanvasSlots):
+    del slots
+    return 1  # every step is one model call
 
   def active(self, slots: CanvasSlots):
     return slots.phase_B != IDLE
