@@ -297,3 +297,24 @@ def test_two_processes_with_tensor_across_them_match_one_process(tiny_config_fil
     np.testing.assert_allclose(multi_losses[step][0], single_losses[step][0], rtol=1e-5)
   np.testing.assert_allclose([_grad_norms(multi)[s] for s in (1, 2)], [_grad_norms(single)[s] for s in (1, 2)],
                              rtol=1e-5)
+
+
+
+def test_local_sh_appends_process_0_to_a_redirected_output_and_stops_the_others(tmp_path):
+  """Process 0 writes into local.sh's own output (the caller's file keeps what it wrote before and after), the
+  other processes' output is dropped, and a failing process's status comes back. A stand-in python echoes; process
+  1 fails once process 0 has written."""
+  fake, mark = tmp_path / "python", tmp_path / "written"
+  fake.write_text(f"""#!/bin/sh
+if [ "$JAX_PROCESS_ID" = 0 ]; then echo "process 0 of $JAX_NUM_PROCESSES: $*"; touch {mark}; exit 0; fi
+echo "process 1"; for i in $(seq 100); do [ -e {mark} ] && exit 5; sleep 0.1; done; exit 5
+""")
+  fake.chmod(0o755)
+  out = tmp_path / "out.log"
+  with open(out, "w") as f:
+    subprocess.run(["bash", "-c", f"echo before; {LOCAL_SH} 2 --workdir w; echo status $?"], stdout=f,
+                   stderr=subprocess.STDOUT, env=dict(os.environ, PYTHON=str(fake), COORDINATOR_PORT="1"), timeout=60,
+                   check=True)
+  lines = out.read_text().splitlines()
+  assert lines[0] == "before" and lines[-1] == "status 5", lines
+  assert "process 0 of 2: -m launch.train --no_progress --workdir w" in lines and "process 1" not in lines, lines
