@@ -3,6 +3,7 @@ process on the same 8-device mesh; start-up settings from config and environment
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -239,6 +240,52 @@ def test_kubernetes_jobset_gives_each_pod_the_environment_our_start_up_reads():
   config = command[command.index("--config") + 1]
   overrides = dict(flag[len("--config."):].split("=", 1) for flag in command if flag.startswith("--config."))
   assert load_config(os.path.join(REPO, config), overrides).mesh.shape == (-1, 1, 8, 1)
+
+
+def _sbatch_examples(text: str) -> list[list[str]]:
+  """The `sbatch --nodes=N launch/multihost/slurm.sbatch ...` commands in `text` (README, the script's comment),
+  continuation lines joined, as argument lists."""
+  import shlex
+  joined = text.replace("\\\n", " ").replace("#       ", "")
+  return [shlex.split(line[line.index("sbatch --nodes="):]) for line in joined.splitlines()
+          if "sbatch --nodes=" in line]
+
+
+def _check_fits(config_file: str, flags: list[str], hosts: int, gpus_per_host: int = 8) -> None:
+  """The batch and expert checks a run makes at start, on the mesh `hosts` x `gpus_per_host` GPUs give it."""
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.parallel.mesh import check_mesh_fits, resolve_mesh_shape
+  overrides = dict(flag[len("--config."):].split("=", 1) for flag in flags if flag.startswith("--config."))
+  config = load_config(os.path.join(REPO, config_file), overrides)
+  if config.mesh.dcn_shape:
+    assert int(np.prod(config.mesh.dcn_shape)) == hosts
+    shape = np.multiply(resolve_mesh_shape(config.mesh.shape, gpus_per_host), config.mesh.dcn_shape)
+  else:
+    shape = resolve_mesh_shape(config.mesh.shape, hosts * gpus_per_host)
+  shape = tuple(int(n) for n in shape)
+  devices = _devices(lambda index: int(np.ravel_multi_index(index, shape)) // (math.prod(shape) // hosts), shape)
+  for device in devices.flat:
+    device.platform = "gpu"
+  check_mesh_fits(config, types.SimpleNamespace(shape=dict(zip(config.mesh.axes, shape)), devices=devices,
+                                                axis_names=tuple(config.mesh.axes)))
+
+
+def test_the_multi_host_examples_start_on_the_meshes_they_name():
+  """README's and slurm.sbatch's sbatch commands and the JobSet's command pass the start-up checks (batch sizes
+  divisible by the data-parallel size, experts by the expert axis) on their hosts' GPUs (8 per host)."""
+  import yaml
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f, open(SBATCH, encoding="utf-8") as g:
+    examples = _sbatch_examples(f.read()) + _sbatch_examples(g.read())
+  assert len(examples) >= 3, examples
+  for command in examples:
+    hosts = int(command[1].split("=")[1])
+    _check_fits(command[command.index("--config") + 1], command, hosts)
+  with open(JOBSET) as f:
+    (job,) = yaml.safe_load(f)["spec"]["replicatedJobs"]
+  (container,) = job["template"]["spec"]["template"]["spec"]["containers"]
+  command = container["command"]
+  assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+  _check_fits(command[command.index("--config") + 1], command, job["template"]["spec"]["completions"])
 
 
 def test_dcn_shape_errors_name_the_key():
