@@ -1,5 +1,5 @@
 """LoRA fine-tuning of the released DiffusionGemma 26B-A4B (imported with diffgemma-import) on your chat data, on one
-host with 8 GPUs and 8-way expert parallelism, as the public PyTorch recipe does. README "Fine-tuning the
+host with 8 GPUs and 8-way expert parallelism, as the public PyTorch recipe does. README "Starting from the
 released DiffusionGemma" has the steps and the memory it needs.
 
 Adapters of rank 16 on the attention projections and the dense GeGLU; the experts, router and embeddings stay

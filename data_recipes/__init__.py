@@ -71,8 +71,9 @@ def build_lock(output_dir: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def run_cli(build, name: str, argv=None) -> int:
-  parser = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}")
+def run_cli(build, name: str, argv=None, parents=()) -> int:
+  """`parents`: a recipe's own argparse parsers (add_help=False), listed in --help; the recipe parses them itself."""
+  parser = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}", parents=list(parents))
   parser.add_argument("--output", required=True, help="dataset directory to write")
   parser.add_argument("--vocab_size", type=int, default=1024)
   parser.add_argument("--source", default=None, help="text_files: a folder, glob or comma-separated list of "

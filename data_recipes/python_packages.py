@@ -226,7 +226,8 @@ def main(argv=None) -> int:
   if args.max_mb < 0:
     print(f"error: --max_mb={args.max_mb} must be >= 0 (0: no cap)", file=sys.stderr)
     return 2
-  return run_cli(functools.partial(build, max_bytes=int(args.max_mb * 1e6)), "python_packages", rest)
+  return run_cli(functools.partial(build, max_bytes=int(args.max_mb * 1e6)), "python_packages", rest,
+                 parents=(parser,))
 
 
 if __name__ == "__main__":

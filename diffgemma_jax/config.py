@@ -138,8 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   # attention work (docs/attention.md "On a mesh"). Exact: same logits and losses; bidirectional rows never reorder.
   c.mesh.context_load_balance = True
 
-  # Multi-process runs (README "Multi-host"): empty/negative values fall back to $JAX_COORDINATOR_ADDRESS,
-  # $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to a SLURM job's own settings; none of them: one process.
+  # Multi-process runs (README "Multi-device and multi-host training"): empty/negative values fall back to
+  # $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID, then to a cluster JAX detects (SLURM, Open MPI,
+  # Kubernetes, Cloud TPU; parallel/distributed.py); none of them: one process.
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0
   c.distributed.num_processes = -1

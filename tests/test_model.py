@@ -188,8 +188,8 @@ def test_aux_losses_enter_the_loss_only_when_weighted():
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("top_k", 9, "model.top_k"),
-    ("num_kv_heads", 3, "model.num_kv_heads"),
+    ("top_k", 9, "model.top_k=9 exceeds model.num_experts=8"),
+    ("num_kv_heads", 3, "model.num_kv_heads=3 does not divide"),
     ("global_num_kv_heads", 3, "model.global_num_kv_heads"),
     ("layer_pattern", ("sliding", "sliding", "global"), "model.layer_pattern"),
     ("layer_pattern", ("sliding", "local"), "model.layer_pattern"),

@@ -3,6 +3,7 @@ process on the same 8-device mesh; start-up settings from config and environment
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -241,6 +242,52 @@ def test_kubernetes_jobset_gives_each_pod_the_environment_our_start_up_reads():
   assert load_config(os.path.join(REPO, config), overrides).mesh.shape == (-1, 1, 8, 1)
 
 
+def _sbatch_examples(text: str) -> list[list[str]]:
+  """The `sbatch --nodes=N launch/multihost/slurm.sbatch ...` commands in `text` (README, the script's comment),
+  continuation lines joined, as argument lists."""
+  import shlex
+  joined = text.replace("\\\n", " ").replace("#       ", "")
+  return [shlex.split(line[line.index("sbatch --nodes="):]) for line in joined.splitlines()
+          if "sbatch --nodes=" in line]
+
+
+def _check_fits(config_file: str, flags: list[str], hosts: int, gpus_per_host: int = 8) -> None:
+  """The batch and expert checks a run makes at start, on the mesh `hosts` x `gpus_per_host` GPUs give it."""
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.parallel.mesh import check_mesh_fits, resolve_mesh_shape
+  overrides = dict(flag[len("--config."):].split("=", 1) for flag in flags if flag.startswith("--config."))
+  config = load_config(os.path.join(REPO, config_file), overrides)
+  if config.mesh.dcn_shape:
+    assert int(np.prod(config.mesh.dcn_shape)) == hosts
+    shape = np.multiply(resolve_mesh_shape(config.mesh.shape, gpus_per_host), config.mesh.dcn_shape)
+  else:
+    shape = resolve_mesh_shape(config.mesh.shape, hosts * gpus_per_host)
+  shape = tuple(int(n) for n in shape)
+  devices = _devices(lambda index: int(np.ravel_multi_index(index, shape)) // (math.prod(shape) // hosts), shape)
+  for device in devices.flat:
+    device.platform = "gpu"
+  check_mesh_fits(config, types.SimpleNamespace(shape=dict(zip(config.mesh.axes, shape)), devices=devices,
+                                                axis_names=tuple(config.mesh.axes)))
+
+
+def test_the_multi_host_examples_start_on_the_meshes_they_name():
+  """README's and slurm.sbatch's sbatch commands and the JobSet's command pass the start-up checks (batch sizes
+  divisible by the data-parallel size, experts by the expert axis) on their hosts' GPUs (8 per host)."""
+  import yaml
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f, open(SBATCH, encoding="utf-8") as g:
+    examples = _sbatch_examples(f.read()) + _sbatch_examples(g.read())
+  assert len(examples) >= 3, examples
+  for command in examples:
+    hosts = int(command[1].split("=")[1])
+    _check_fits(command[command.index("--config") + 1], command, hosts)
+  with open(JOBSET) as f:
+    (job,) = yaml.safe_load(f)["spec"]["replicatedJobs"]
+  (container,) = job["template"]["spec"]["template"]["spec"]["containers"]
+  command = container["command"]
+  assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+  _check_fits(command[command.index("--config") + 1], command, job["template"]["spec"]["completions"])
+
+
 def test_dcn_shape_errors_name_the_key():
   from diffgemma_jax.parallel import make_mesh
   with pytest.raises(ConfigError, match=r"mesh.dcn_shape=\(2, 1, 1, 1\) spans 2 processes \(hosts\), but the run "
@@ -297,3 +344,24 @@ def test_two_processes_with_tensor_across_them_match_one_process(tiny_config_fil
     np.testing.assert_allclose(multi_losses[step][0], single_losses[step][0], rtol=1e-5)
   np.testing.assert_allclose([_grad_norms(multi)[s] for s in (1, 2)], [_grad_norms(single)[s] for s in (1, 2)],
                              rtol=1e-5)
+
+
+
+def test_local_sh_appends_process_0_to_a_redirected_output_and_stops_the_others(tmp_path):
+  """Process 0 writes into local.sh's own output (the caller's file keeps what it wrote before and after), the
+  other processes' output is dropped, and a failing process's status comes back. A stand-in python echoes; process
+  1 fails once process 0 has written."""
+  fake, mark = tmp_path / "python", tmp_path / "written"
+  fake.write_text(f"""#!/bin/sh
+if [ "$JAX_PROCESS_ID" = 0 ]; then echo "process 0 of $JAX_NUM_PROCESSES: $*"; touch {mark}; exit 0; fi
+echo "process 1"; for i in $(seq 100); do [ -e {mark} ] && exit 5; sleep 0.1; done; exit 5
+""")
+  fake.chmod(0o755)
+  out = tmp_path / "out.log"
+  with open(out, "w") as f:
+    subprocess.run(["bash", "-c", f"echo before; {LOCAL_SH} 2 --workdir w; echo status $?"], stdout=f,
+                   stderr=subprocess.STDOUT, env=dict(os.environ, PYTHON=str(fake), COORDINATOR_PORT="1"), timeout=60,
+                   check=True)
+  lines = out.read_text().splitlines()
+  assert lines[0] == "before" and lines[-1] == "status 5", lines
+  assert "process 0 of 2: -m launch.train --no_progress --workdir w" in lines and "process 1" not in lines, lines

@@ -97,3 +97,9 @@ def test_build_holds_out_exactly_the_chosen_packages(folder, tmp_path, monkeypat
   assert manifest["splits"]["heldout"]["documents"] == sum(unit in held for unit in docs)
   assert manifest["splits"]["train"]["documents"] == sum(unit not in held for unit in docs)
   assert pp.build(str(tmp_path / "data"), vocab_size=512, source=folder) == manifest  # reused, whatever the cap
+
+
+def test_help_lists_max_mb(capsys):
+  with pytest.raises(SystemExit):
+    pp.main(["--help"])
+  assert "--max_mb" in capsys.readouterr().out

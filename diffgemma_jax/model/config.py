@@ -126,8 +126,8 @@ class ModelConfig:
 
   # ---- validation ----------------------------------------------------------------------------------------------
   def validate(self) -> None:
-    def fail(key, msg):
-      raise ConfigError(f"model.{key}: {msg}")
+    def fail(key, msg):  # "model.top_k=9 exceeds ..." or "model.top_k: must be ..."
+      raise ConfigError(f"model.{key}{'' if msg.startswith('=') else ': '}{msg}")
 
     for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "num_kv_heads", "global_head_dim",
                 "global_num_kv_heads", "mlp_dim", "num_experts", "top_k", "expert_dim", "sliding_window"):

@@ -29,20 +29,27 @@ cleanup() {
 }
 trap cleanup INT TERM
 
-for ((i = 0; i < num_processes; i++)); do
-  if [[ -n "${WORKDIR_LOGS:-}" ]]; then
-    mkdir -p "$WORKDIR_LOGS"
-    log="$WORKDIR_LOGS/process_$i.log"
-  elif [[ $i -eq 0 ]]; then
-    log=/dev/stdout
-  else
-    log=/dev/null
-  fi
+train() {  # process $1 of $num_processes; the rest of the arguments go to launch/train.py
+  local i=$1
+  shift
   JAX_PLATFORMS=cpu \
   XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$num_processes" JAX_PROCESS_ID="$i" \
   PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" \
-    "$python" -m launch.train --no_progress "$@" >"$log" 2>&1 &
+    exec "$python" -m launch.train --no_progress "$@"  # run in the background: $! is the training process
+}
+
+for ((i = 0; i < num_processes; i++)); do
+  if [[ -n "${WORKDIR_LOGS:-}" ]]; then
+    mkdir -p "$WORKDIR_LOGS"
+    train "$i" "$@" >"$WORKDIR_LOGS/process_$i.log" 2>&1 &
+  elif [[ $i -eq 0 ]]; then
+    # this script's own output, shared, not reopened: `>/dev/stdout` would truncate a file it is redirected to
+    # and write over what the caller wrote there
+    train "$i" "$@" 2>&1 &
+  else
+    train "$i" "$@" >/dev/null 2>&1 &
+  fi
   pids+=($!)
 done
 
