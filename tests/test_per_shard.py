@@ -342,7 +342,7 @@ def test_balanced_bound_equals_unbalanced_and_one_device():
 @needs_eight
 def test_balanced_rows_must_cut_into_twice_the_context_shards():
   """A row that the context axis splits but that does not cut into 2C equal chunks is refused at start, naming
-  the keys; without `mesh.context_load_balance` it runs contiguously."""
+  the keys; without `mesh.context_load_balance` it runs contiguously, and so do the masked objective's rows."""
   from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.parallel import check_mesh_fits  # pylint: disable=import-outside-toplevel
   config = _step_config("ar", "chunked", True)
@@ -351,4 +351,7 @@ def test_balanced_rows_must_cut_into_twice_the_context_shards():
   with pytest.raises(ConfigError, match=r"train.seq_len=36 .*mesh.context_load_balance=False"):
     check_mesh_fits(config, mesh)
   config.mesh.context_load_balance = False
+  check_mesh_fits(config, mesh)
+  config.mesh.context_load_balance = True
+  config.objective.name = "masked"  # bidirectional rows are never reordered: any multiple of the context axis
   check_mesh_fits(config, mesh)

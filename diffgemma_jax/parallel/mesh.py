@@ -106,7 +106,8 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if int(config.train.seq_len) % context:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
                       f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {context}")
-  if context > 1 and context_load_balance(config) and int(config.train.seq_len) % (2 * context):
+  if (context > 1 and context_load_balance(config) and _objective_reorders(config)
+      and int(config.train.seq_len) % (2 * context)):
     raise ConfigError(f"train.seq_len={config.train.seq_len} does not cut into 2 x {context} equal chunks, which "
                       f"mesh.context_load_balance=True deals to the {context} context shards; use a multiple of "
                       f"{2 * context} or set mesh.context_load_balance=False")
@@ -125,6 +126,14 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if batch % slices:
     raise ConfigError(f"train.batch_size={batch} does not split over the {slices} processes (hosts) that hold "
                       f"different rows")
+
+
+def _objective_reorders(config) -> bool:
+  """Whether the run's objective attends along its rows unevenly (a causal pass or canvases), the rows that the
+  load-balanced order deals out (`parallel/balance.py`); the masked objective's bidirectional rows never reorder."""
+  from diffgemma_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  objective = OBJECTIVES.get(str(config.objective.name))
+  return objective is None or objective.capabilities.next_token or objective.capabilities.canvases
 
 
 def context_load_balance(config) -> bool:
