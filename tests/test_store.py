@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import threading
 
@@ -329,3 +330,20 @@ def test_reading_a_large_store_keeps_memory_flat(tmp_path):
   for start in range(0, len(rows), 100):
     split.rows(rows[start:start + 100], seq_len)
   assert private_kb() - before < 16_000
+
+
+def test_a_build_says_what_it_does_to_a_terminal(store, tmp_path, monkeypatch, capsys):
+  """A first run's build takes a minute or more: to a terminal it says what it builds and what it built; captured
+  output (logs, tests, pipes) gets nothing."""
+  out, manifest, src = store
+  tok = os.path.join(out, "tokenizer.model")
+  _build(tmp_path, "quiet", src, tok, build_workers=1)
+  assert capsys.readouterr().err == ""
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+  built = _build(tmp_path, "told", src, tok, build_workers=1)
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 2, lines
+  assert lines[0].startswith("building the ") and f"in {tmp_path / 'told'}: " in lines[0], lines
+  assert lines[1].startswith(f"built {tmp_path / 'told'} in ") and (
+      f"{built['splits']['train']['tokens']:,} train and {built['splits']['heldout']['tokens']:,} held-out tokens"
+      in lines[1]), lines

@@ -277,6 +277,10 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if p == 0:
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(os.path.join(staging, "scan"))
+      size = sum(span.size for spans in tasks for span in spans)
+      _say(f"building the {corpus.name} dataset in {output_dir}: {len(corpus.files)} file(s), {size / 1e6:.1f} MB "
+           f"in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} worker(s) per process"
+           + ("" if tokenizer else ", a tokenizer trained on a sample first"))
 
   def scan():
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
@@ -374,6 +378,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     # The manifest reaches the target only with everything else: a killed build is rebuilt.
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(staging, output_dir)
+    _say(f"built {output_dir} in {full['build_seconds']:.0f} s: {splits['train']['tokens']:,} train and "
+         f"{splits['heldout']['tokens']:,} held-out tokens")
 
   try:
     for name, fn in (("begin", begin), ("scan", scan), ("decide", decide), ("tokenize", tokenize),
@@ -387,6 +393,13 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   finally:
     workers.close()
   return _read_json(os.path.join(output_dir, "manifest.json"))
+
+
+def _say(text: str) -> None:
+  """A line of progress for a person watching (stderr a terminal, as the trainer's progress bar): a first run's
+  build takes a minute or more and would otherwise be silent; logs and captured output stay as they were."""
+  if sys.stderr.isatty():
+    print(text, file=sys.stderr, flush=True)
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
