@@ -231,6 +231,25 @@ _CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compil
                    "jax_compilation_cache_max_size")
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache on in this test process for one module, in a folder of the module's own:
+  a `train()` that compiles a program an earlier one in the module compiled (a rerun continuing a run, the same
+  config again) reads it back instead of compiling it again (a tiny run's compile is most of its time). The cache
+  keys on the program, so what runs is what a fresh compile gives. JAX's settings restored after the module."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache
+  saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+  jax_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the programs worth a file
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  jax_cache.reset_cache()
+
+
 @pytest.fixture
 def no_compilation_cache():
   """A function that turns JAX's persistent compilation cache off and drops the programs compiled in memory, so the
