@@ -3,6 +3,7 @@ several test files read (trained once per session, ~10 s on 2 cores), and an S3 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -87,12 +88,14 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_run(load_tiny, tmp_path_factory):
-  """(config, workdir, summary) of one uninterrupted run; treat the workdir as read-only (copy it to change it)."""
+def trained_run(load_tiny, tmp_path_factory, compilation_cache_folder):
+  """(config, workdir, summary) of one uninterrupted run; treat the workdir as read-only (copy it to change it).
+  Its programs go to the process's compilation cache, for the modules that rerun its config (`compilation_cache`)."""
   from diffgemma_jax.train import train
   config = load_tiny(TRAINED_OVERRIDES)
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  summary = train(config, workdir, show_progress=False)
+  with persistent_compilation_cache(compilation_cache_folder):
+    summary = train(config, workdir, show_progress=False)
   return config, workdir, summary
 
 
@@ -229,6 +232,42 @@ def reader_clis(scratch) -> tuple:
 _CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                    "jax_persistent_cache_min_entry_size_bytes", "jax_persistent_cache_enable_xla_caches",
                    "jax_compilation_cache_max_size")
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(folder: str):
+  """JAX's persistent compilation cache on in this test process, in `folder`, for the `with` block; JAX's settings
+  restored after it (they are process-wide)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as jax_cache
+  saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+  jax_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the programs worth a file
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    jax_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def compilation_cache_folder(tmp_path_factory) -> str:
+  """One test process's folder for JAX's persistent compilation cache: `trained_run` writes its programs there, and
+  the modules that take `compilation_cache` read and write it."""
+  return str(tmp_path_factory.mktemp("jax-cache"))
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(compilation_cache_folder):
+  """JAX's persistent compilation cache on for one module: a `train()` or CLI call that compiles a program an
+  earlier one compiled (a rerun continuing a run, `trained_run`'s config again, a sampler on the same model) reads
+  it back instead of compiling it again (a tiny run's compile is most of its time). The cache keys on the program,
+  its shardings and XLA_FLAGS, so what runs is what a fresh compile gives, and a changed program compiles."""
+  with persistent_compilation_cache(compilation_cache_folder):
+    yield
 
 
 @pytest.fixture

@@ -16,6 +16,9 @@ from diffgemma_jax.sampling import autoregressive, batching, masked
 from diffgemma_jax.sampling import canvas as canvas_sampler
 from diffgemma_jax.sampling.requests import GenerationOptions, Generator, cut_at_stop, validate_options
 
+# Programs an earlier test of this file compiled are read back from JAX's cache, not compiled again.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 MASK, PAD = 4, 0
 TINY = ModelConfig(vocab_size=48, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=6, global_head_dim=16, global_num_kv_heads=1,

@@ -64,10 +64,11 @@ def _complete_steps(directory: str) -> list[int]:
 
 def test_resume_after_sigkill_repeats_the_loss_trajectory(trained_run, tiny_config_file, tmp_path):
   """Kill a run (SIGKILL) after its first checkpoint, rerun the same command: every later step's loss equals the
-  uninterrupted run's."""
+  uninterrupted run's. The rerun reads the programs the killed run compiled from their compilation cache."""
   _, reference_dir, _ = trained_run
   workdir = str(tmp_path / "killed")
-  cmd = _train_cmd(tiny_config_file, workdir, TRAINED_OVERRIDES)
+  cache = {"compilation.cache_dir": str(tmp_path / "jax-cache"), "compilation.min_compile_time_s": "0"}
+  cmd = _train_cmd(tiny_config_file, workdir, dict(TRAINED_OVERRIDES, **cache))
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 240
   try:

@@ -12,6 +12,9 @@ import pytest
 from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, reader_clis, train_losses
 from diffgemma_jax.train import integrity
 
+# The resumed runs compile trained_run's programs: read back from JAX's cache (conftest `compilation_cache`).
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def _largest_params_file(step_dir: str) -> str:
   """The biggest tensor data file of a step's parameters, relative to the checkpoints folder."""

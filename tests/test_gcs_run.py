@@ -13,6 +13,9 @@ import pytest
 
 from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics, train_losses, upload_files
 
+# The resumed run and the evaluation read the programs the first run compiled from JAX's cache.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def _bound_at(records: list[dict], step: int) -> float:
   return [r["eval/bits_per_token"] for r in records if r.get("step") == step and "eval/bits_per_token" in r][-1]

@@ -19,6 +19,9 @@ from diffgemma_jax.sampling.requests import Generator, validate_prompt
 from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 from launch.generate import main
 
+# The CLI runs below compile the samplers an earlier call compiled: read back from JAX's cache.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
                    head_dim=8, num_kv_heads=2, sliding_window=4, global_head_dim=16, global_num_kv_heads=1,
                    mlp_dim=32, num_experts=4, top_k=2, expert_dim=16, dispatch="dense")

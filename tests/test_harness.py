@@ -26,6 +26,9 @@ from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E40
 from diffgemma_jax.scoring import Pair  # noqa: E402
 from launch.harness import TASKS_DIR, harness_argv, main  # noqa: E402
 
+# A harness run on a model an earlier one ran reads the programs it compiled from JAX's cache.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def _request(kind, args, index=0):
   return Instance(request_type=kind, doc={}, arguments=args, idx=index, metadata=("t", index, 1))

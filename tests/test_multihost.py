@@ -109,7 +109,9 @@ def test_unreachable_coordinator_fails_naming_the_address(tiny_config_file):
 
 
 def _overrides(num_steps: int, mesh: str) -> list[str]:
-  common = [f"--config.mesh.shape={mesh}", f"--config.train.num_steps={num_steps}", "--config.checkpoint.every_steps=2",
+  # One schedule horizon (4 steps) whatever the step cap: the 2-step run and its resumption compile one program.
+  common = [f"--config.mesh.shape={mesh}", f"--config.train.num_steps={num_steps}", "--config.train.schedule_steps=4",
+            "--config.checkpoint.every_steps=2",
             "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
             "--config.eval.num_t_samples=2", f"--config.train.learning_rate={LEARNING_RATE}"]
   if mesh == MESHES[0]:
@@ -154,15 +156,19 @@ def _grad_norms(workdir: str) -> dict[int, float]:
 @pytest.mark.parametrize("mesh", MESHES)
 def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_config_file, tmp_path):
   """One process with 8 devices runs 4 steps; two processes with 4 devices each run 2 steps, stop, and resume from
-  their shared checkpoint to step 4. Losses, gradient norms and the final checkpoint agree."""
+  their shared checkpoint to step 4. Losses, gradient norms and the final checkpoint agree. The two-process runs
+  share a compilation cache (as a restarted job would): the first compiles every program, the resumed one reads
+  them back instead of compiling the same programs again (the cache keys on the program and XLA_FLAGS, so the
+  resumed run executes what the first compiled)."""
   config = ["--config", tiny_config_file]
   single = str(tmp_path / "single")
   _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *_overrides(4, mesh)],
        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   multi = str(tmp_path / "multi")
-  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(2, mesh)], {}, str(tmp_path / "logs_a"))
+  cache = [f"--config.compilation.cache_dir={tmp_path / 'jax-cache'}", "--config.compilation.min_compile_time_s=0"]
+  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(2, mesh), *cache], {}, str(tmp_path / "logs_a"))
   assert sorted(train_losses(multi)) == [1, 2]
-  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(4, mesh)], {}, str(tmp_path / "logs_b"))
+  _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(4, mesh), *cache], {}, str(tmp_path / "logs_b"))
 
   single_losses, multi_losses = train_losses(single), train_losses(multi)
   assert sorted(multi_losses) == [1, 2, 3, 4] and all(len(v) == 1 for v in multi_losses.values())  # resumed at 2

@@ -12,6 +12,9 @@ import pytest
 
 from conftest import bucket_endpoint, compilation_cache_entries, upload_files, write_stand_in_dataset
 
+# A resumed run and an evaluation read the programs the run before them compiled from JAX's cache.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
   """Workdir, data.source and data.dir all in the bucket: the build streams the same documents a local build of
@@ -26,8 +29,9 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus
   sources = upload_files(str(load_tiny().data.source), "s3://runs/corpus")
   workdir = "s3://runs/tiny"
-  overrides = {"train.num_steps": "4", "checkpoint.every_steps": "2", "eval.every_steps": "0",
-               "data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
+  # one schedule horizon for the run and its resumption: one train step program, compiled once (compilation_cache)
+  overrides = {"train.num_steps": "4", "train.schedule_steps": "6", "checkpoint.every_steps": "2",
+               "eval.every_steps": "0", "data.source": "s3://runs/corpus", "data.dir": "s3://runs/data",
                "data.cache_dir": str(tmp_path / "cache")}
   first = train(load_tiny(overrides), workdir, show_progress=False)
   assert first["final_step"] == 4 and first["checkpoint_dir"] == "s3://runs/tiny/checkpoints"

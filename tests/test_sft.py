@@ -18,6 +18,9 @@ from conftest import TINY_MODEL
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import ModelConfig
 
+# Runs that compile what an earlier run of this file compiled read it back from JAX's cache.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 # ---- recipes -----------------------------------------------------------------------------------------------------
 def test_python_docstrings_pairs_hold_out_the_pretraining_modules(tmp_path, trained_run):

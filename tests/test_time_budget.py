@@ -13,6 +13,9 @@ from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics, train_losse
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.train import Checkpointer, train
 
+# The reruns below compile what the run before them compiled: read back from JAX's cache, not compiled again.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 
 def test_time_budget_stops_with_a_checkpoint_and_evaluation_and_the_rerun_continues(trained_run, load_tiny, tmp_path,
                                                                                      capsys):
