@@ -35,7 +35,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import numpy as np  # noqa: E402
 
 SHARD_BYTES = 64 << 20
 H100_BF16_PEAK = 989e12

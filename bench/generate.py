@@ -322,7 +322,7 @@ def main(argv=None) -> int:
             f"{r['model_calls']:6d} {r['ms_per_call']:8.3f} {r.get('gen_ppl', float('nan')):9.2f} "
             f"{r.get('gen_ppl_ratio_vs_ar', float('nan')):6.2f} {r['unigram_entropy']:8.2f}")
     if batched:
-      print(f"\nbatched: B prompts per call, total output tokens/s; x AR paired at the same B")
+      print("\nbatched: B prompts per call, total output tokens/s; x AR paired at the same B")
       print(f"{'T':>4s} {'setting':36s} {'B':>4s} {'tok/s':>9s} {'x AR':>6s} {'x B=1':>6s} {'calls':>6s}")
       for r in batched:
         print(f"{r['temperature']:4g} {r['setting']:36s} {r['batch_size']:4d} {r['tokens_per_s']:9.1f} "

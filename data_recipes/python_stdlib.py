@@ -7,7 +7,6 @@ bytes, no file on both sides.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import sysconfig

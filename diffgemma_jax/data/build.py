@@ -271,7 +271,6 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]
   job_corpus = dataclasses.replace(corpus, files=(), heldout_keys=())  # what a task needs, pickled per task
   phases = _Phases(staging, options)
-  state: dict = {}
 
   def begin():
     if p == 0:
