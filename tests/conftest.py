@@ -240,11 +240,13 @@ def persistent_compilation_cache(folder: str):
   restored after it (they are process-wide)."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache as jax_cache
+  from diffgemma_jax.compile_cache import use_compilation_cache
+  from diffgemma_jax.config import base_config
   saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
   jax_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the programs worth a file
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  config = base_config()
+  config.compilation.cache_dir = folder  # the default min_compile_time_s (1 s): the programs worth a file
+  use_compilation_cache(config)
   try:
     yield
   finally:
