@@ -73,3 +73,46 @@ def gmm_visits(group_sizes, num_rows: int, block_m: int, num_local_groups: int, 
       row_start=jnp.where(is_real, seg_start[segment], 0).astype(jnp.int32),
       row_end=jnp.where(is_real, seg_end[segment], 0).astype(jnp.int32),
   )
+
+
+class TileGroups(NamedTuple):
+  """For the Mosaic GPU gmm: the (row tile, local group) pairs that overlap, sorted by row tile.
+
+  Row tile t overlaps the entries [first[t], end[t]) of `group`, `row_start` and `row_end` (the group's rows,
+  clipped to [0, m)). Only non-empty local groups appear, so a tile no local group reaches has an empty range.
+  """
+  first: jnp.ndarray  # int32[num_row_tiles]
+  end: jnp.ndarray  # int32[num_row_tiles]
+  group: jnp.ndarray  # int32[num_row_tiles + num_local_groups]
+  row_start: jnp.ndarray  # int32[num_row_tiles + num_local_groups]
+  row_end: jnp.ndarray  # int32[num_row_tiles + num_local_groups]
+
+
+def tile_groups(group_sizes, num_rows: int, block_m: int, num_local_groups: int, group_offset=0) -> TileGroups:
+  """The pairs described in TileGroups. A non-empty group of s rows overlaps at most ceil(s / block_m) + 1 tiles
+  and the groups' rows are disjoint, so num_row_tiles + num_local_groups entries always suffice."""
+  num_tiles = -(-num_rows // block_m)
+  num_entries = num_tiles + num_local_groups
+  if not num_local_groups:
+    zeros = jnp.zeros((num_tiles,), jnp.int32)
+    empty = jnp.zeros((num_entries,), jnp.int32)
+    return TileGroups(zeros, zeros, empty, empty, empty)
+  bounds = group_bounds(group_sizes, num_rows, num_local_groups, group_offset)
+  first_tile = bounds.row_start // block_m
+  tiles = jnp.where(bounds.row_end > bounds.row_start, (bounds.row_end + block_m - 1) // block_m - first_tile, 0)
+  entries_end = jnp.cumsum(tiles)
+  entries_start = entries_end - tiles
+  entry = jnp.arange(num_entries, dtype=jnp.int32)
+  group = jnp.searchsorted(entries_end, entry, side="right").astype(jnp.int32)
+  is_real = group < num_local_groups
+  group = jnp.minimum(group, num_local_groups - 1)
+  # Groups are consecutive runs of rows, so the tiles of the entries never decrease; padding entries sort last.
+  tile = jnp.where(is_real, first_tile[group] + entry - entries_start[group], num_tiles)
+  tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
+  return TileGroups(
+      first=jnp.searchsorted(tile, tile_ids, side="left").astype(jnp.int32),
+      end=jnp.searchsorted(tile, tile_ids, side="right").astype(jnp.int32),
+      group=jnp.where(is_real, group, 0).astype(jnp.int32),
+      row_start=jnp.where(is_real, bounds.row_start[group], 0).astype(jnp.int32),
+      row_end=jnp.where(is_real, bounds.row_end[group], 0).astype(jnp.int32),
+  )

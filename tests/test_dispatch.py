@@ -133,7 +133,8 @@ def test_resolve_backend(monkeypatch):
   monkeypatch.undo()
   for name in ("dense", "ragged", "sorted", "pallas"):
     assert dispatch.resolve_backend(name) == name
-  with pytest.raises(ValueError, match=r"model\.dispatch.*'dense', 'ragged', 'sorted', 'pallas', 'auto'"):
+  valid = r"'dense', 'ragged', 'sorted', 'pallas', 'pallas_mosaic', 'auto'"
+  with pytest.raises(ValueError, match=r"model\.dispatch.*" + valid):
     dispatch.resolve_backend("magic")
   with pytest.raises(ValueError, match=r"model\.dispatch"):
     dispatch.routed_experts(jnp.zeros((2, D)), jnp.zeros((2, K), jnp.int32), jnp.ones((2, K)),

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from diffgemma_jax.errors import ConfigError
 
 LAYER_KINDS = ("sliding", "global")
-DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
+DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "pallas_mosaic", "auto")
 # model/attention_impl.py: xla (dense logits, the reference), pallas (our flash-attention kernel), cudnn (cuDNN via
 # jax.nn.dot_product_attention where the mask fits), auto (pallas on a GPU, xla elsewhere).
 ATTENTION_IMPLS = ("xla", "chunked", "pallas", "cudnn", "auto")
@@ -152,6 +152,9 @@ class ModelConfig:
       fail("attention_impl", f"unknown attention implementation {self.attention_impl!r}; valid are {ATTENTION_IMPLS}")
     if self.dispatch not in DISPATCH_BACKENDS:
       fail("dispatch", f"unknown dispatch backend {self.dispatch!r}; valid backends are {DISPATCH_BACKENDS}")
+    if self.dispatch == "pallas_mosaic" and self.compute_dtype not in ("bfloat16", "float16"):
+      fail("dispatch", f"='pallas_mosaic' needs model.compute_dtype bfloat16 or float16 (wgmma's 16-bit operands), got "
+           f"{self.compute_dtype!r}; use 'pallas' for float32")
     if not isinstance(self.capacity_factor, (int, float)) or isinstance(self.capacity_factor, bool) or \
         self.capacity_factor <= 0:
       fail("capacity_factor", f"must be a number > 0 (1.0: room for a perfectly even split), got "

@@ -8,7 +8,9 @@ Backends (all dropless, all equal to `dense`):
   sorted  the fast CPU path: each expert's rows padded to whole row tiles so every tile belongs to one expert,
           then a loop over the used tiles, each a plain matmul against its expert's weights, with a hand-written
           VJP (XLA:CPU runs `ragged_dot` at a few percent of matmul speed).
-  pallas  the `pallas_kernels.ops.gmm` grouped-matmul kernel (interpreted when not on a GPU).
+  pallas  the `pallas_kernels.ops.gmm` grouped-matmul kernel, Pallas Triton backend (interpreted when not on a GPU).
+  pallas_mosaic  the same grouped matmul on the Pallas Mosaic GPU backend (`pallas_kernels.ops_mosaic.gmm`: TMA,
+          wgmma, Hopper sm_90a; Mosaic GPU interpret mode when not on a GPU). bf16/f16 compute only.
   auto    `pallas` on a GPU when the kernels are importable, `ragged` on a TPU (XLA lowers `ragged_dot` to the
           TPU's native grouped matmul there), else `sorted` (the CPU).
 
@@ -24,8 +26,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("dense", "ragged", "sorted", "pallas", "auto")
-GROUPED_BACKENDS = ("ragged", "sorted", "pallas")
+BACKENDS = ("dense", "ragged", "sorted", "pallas", "pallas_mosaic", "auto")
+GROUPED_BACKENDS = ("ragged", "sorted", "pallas", "pallas_mosaic")
+# wgmma multiplies 16-bit operands (float32 ones would run as TF32).
+MOSAIC_COMPUTE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _pallas_gmm():
@@ -34,6 +38,15 @@ def _pallas_gmm():
   except ImportError as e:
     raise ImportError("model.dispatch='pallas' needs the `pallas_kernels` package (pallas_kernels.ops.gmm); "
                       f"it could not be imported ({e}). Use 'sorted' or 'ragged' instead.") from e
+  return gmm
+
+
+def _mosaic_gmm():
+  try:
+    from pallas_kernels.ops_mosaic import gmm  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("model.dispatch='pallas_mosaic' needs `pallas_kernels.ops_mosaic` and jax's Pallas Mosaic GPU "
+                      f"backend; it could not be imported ({e}). Use 'pallas', 'sorted' or 'ragged' instead.") from e
   return gmm
 
 
@@ -163,6 +176,17 @@ def _ragged_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype
 
 def _pallas_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype):
   gmm = _pallas_gmm()  # interpret=None: Triton on a GPU backend, the Pallas interpreter elsewhere.
+  gate_up = gmm(x_MD.astype(compute_dtype), w_gate_up_EDF2.astype(compute_dtype), group_sizes_E,
+                preferred_element_type=jnp.float32)
+  h = _geglu_hidden(gate_up, compute_dtype)
+  return gmm(h, w_down_EFD.astype(compute_dtype), group_sizes_E, preferred_element_type=jnp.float32)
+
+
+def _mosaic_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype):
+  if jnp.dtype(compute_dtype) not in MOSAIC_COMPUTE_DTYPES:
+    raise ValueError(f"model.dispatch='pallas_mosaic' needs model.compute_dtype bfloat16 or float16 (wgmma's 16-bit "
+                     f"operands), got {jnp.dtype(compute_dtype).name}; use dispatch 'pallas' for float32")
+  gmm = _mosaic_gmm()  # interpret=None: compiled on a GPU backend, Mosaic GPU interpret mode elsewhere.
   gate_up = gmm(x_MD.astype(compute_dtype), w_gate_up_EDF2.astype(compute_dtype), group_sizes_E,
                 preferred_element_type=jnp.float32)
   h = _geglu_hidden(gate_up, compute_dtype)
@@ -306,7 +330,7 @@ def _sorted_geglu(x_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, compute_dtype
   return _take_rows(y_SD, layout.slot_of_row_M, layout.row_of_slot_S)
 
 
-_GROUPED = {"ragged": _ragged_geglu, "sorted": _sorted_geglu, "pallas": _pallas_geglu}
+_GROUPED = {"ragged": _ragged_geglu, "sorted": _sorted_geglu, "pallas": _pallas_geglu, "pallas_mosaic": _mosaic_geglu}
 
 
 def grouped_geglu(x_sorted_MD, group_sizes_E, w_gate_up_EDF2, w_down_EFD, *, backend: str,
