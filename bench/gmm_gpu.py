@@ -8,11 +8,15 @@ For each shape and routing (balanced, skewed), every implementation's forward, d
 against the float32 jnp reference on a random sample of output entries, then timed: the median of --runs
 timed calls after warm-up, each call on the next of a few input copies so caches do not flatter.
 TFLOP/s counts 2*m*k*n per direction whatever the routing. Implementations:
-  ours             pallas_kernels.gmm (custom_vjp over the gmm / tgmm kernels)
+  ours             pallas_kernels.gmm (custom_vjp over the gmm / tgmm kernels), the Pallas Triton backend
+  ours_mosaic      pallas_kernels.ops_mosaic.gmm, the same on the Pallas Mosaic GPU backend (TMA + wgmma, Hopper;
+                   bf16 only; with --interpret it runs in Mosaic GPU interpret mode, only when --impls names it)
   xla_ragged_dot   jax.lax.ragged_dot, XLA's default lowering
   jax_pallas_triton_ragged_dot   jax.lax.ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering (GPU only)
   tokamax          tokamax.ragged_dot, when importable
   dense_ceiling    one dense [m,k] x [k,n] matmul of the same FLOPs
+Each row also reports ours_mosaic's speed as a ratio (its TFLOP/s over ours' and over xla_ragged_dot's) per
+direction, measured in the same run.
 """
 
 import argparse
@@ -31,6 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=wrong-import-position
 import pallas_kernels as pk  # pylint: disable=wrong-import-position
+from pallas_kernels import gmm_mosaic  # pylint: disable=wrong-import-position
+from pallas_kernels import ops_mosaic  # pylint: disable=wrong-import-position
 from pallas_kernels import reference  # pylint: disable=wrong-import-position
 
 TRITON_FLAG = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
@@ -92,6 +98,19 @@ def _ours(interpret, gmm_tiling=None, tgmm_tiling=None):
                                         interpret=interpret)
 
 
+def parse_mosaic_tiling(text: str):
+  """'BM,BK,BN[,STEPS]' -> MosaicTiling, '' -> None (the table in pallas_kernels/gmm_mosaic.py)."""
+  if not text:
+    return None
+  return gmm_mosaic.MosaicTiling(*[int(v) for v in text.split(",")])
+
+
+def _ours_mosaic(interpret, gmm_tiling=None, tgmm_tiling=None):
+  tilings = (gmm_tiling, gmm_tiling, tgmm_tiling)
+  return lambda lhs, rhs, sizes: ops_mosaic.gmm(lhs, rhs, sizes, preferred_element_type=lhs.dtype, tiling=tilings,
+                                                interpret=interpret)
+
+
 def _ragged_dot(lhs, rhs, sizes):
   return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=lhs.dtype)
 
@@ -118,10 +137,18 @@ class Impl:
   flags: dict  # jax config values set while it is traced and run
 
 
-def implementations(interpret: bool, gmm_tiling=None, tgmm_tiling=None):
+def implementations(interpret: bool, gmm_tiling=None, tgmm_tiling=None, mosaic_tilings=(None, None),
+                    dtype="bfloat16", named=()):
   """Impl records in report order; jitted once so balanced and skewed routings share compilations."""
   on_gpu = jax.default_backend() == "gpu"
-  impls = [("ours", _ours(interpret, gmm_tiling, tgmm_tiling), {}), ("xla_ragged_dot", _ragged_dot, {TRITON_FLAG: False})]
+  impls = [("ours", _ours(interpret, gmm_tiling, tgmm_tiling), {})]
+  if dtype != "bfloat16":
+    impls.append(("ours_mosaic", Unavailable("wgmma's 16-bit operands only (--dtype bfloat16)"), {}))
+  elif interpret and "ours_mosaic" not in named:
+    impls.append(("ours_mosaic", Unavailable("interpret mode is slow: name it in --impls"), {}))
+  else:
+    impls.append(("ours_mosaic", _ours_mosaic(interpret, *mosaic_tilings), {}))
+  impls.append(("xla_ragged_dot", _ragged_dot, {TRITON_FLAG: False}))
   if not on_gpu:
     impls.append(("jax_pallas_triton_ragged_dot", Unavailable("GPU only"), {}))
   elif not hasattr(jax.config, TRITON_FLAG):
@@ -363,7 +390,9 @@ def sweep(args) -> dict:
 
 def run(args) -> dict:
   dtype, shapes = _dtype_and_shapes(args)
-  impls = implementations(args.interpret, parse_tiling(args.gmm_tiling), parse_tiling(args.tgmm_tiling))
+  impls = implementations(args.interpret, parse_tiling(args.gmm_tiling), parse_tiling(args.tgmm_tiling),
+                          (parse_mosaic_tiling(args.mosaic_gmm_tiling), parse_mosaic_tiling(args.mosaic_tgmm_tiling)),
+                          args.dtype, tuple(args.impls.split(",")) if args.impls else ())
   if args.impls:
     impls = [impl for impl in impls if impl.name in args.impls.split(",")]
   report = {
@@ -386,6 +415,7 @@ def run(args) -> dict:
       per_impl = {impl.name: measure(problem, impl.name, impl, args) for impl in impls}
       for direction in DIRECTIONS:
         row[direction] = {name: per_impl[name][direction] for name in per_impl}
+      row["mosaic_ratios"] = mosaic_ratios(row)
       report["results"].append(row)
       del problem
       print_row(row, impls)
@@ -395,6 +425,22 @@ def run(args) -> dict:
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
   return report
+
+
+def mosaic_ratios(row) -> dict:
+  """{direction: {over: ours_mosaic TFLOP/s / over's TFLOP/s}} for the Triton kernels and XLA's ragged_dot, where
+  both ran here and passed the reference check (a ratio above 1: the Mosaic kernel is faster)."""
+  ratios = {}
+  for direction in DIRECTIONS:
+    results = row.get(direction, {})
+    mosaic = results.get("ours_mosaic", {})
+    if not (mosaic.get("ok") and "tflops" in mosaic):
+      continue
+    for over in ("ours", "xla_ragged_dot"):
+      other = results.get(over, {})
+      if other.get("ok") and other.get("tflops"):
+        ratios.setdefault(direction, {})[over] = mosaic["tflops"] / other["tflops"]
+  return ratios
 
 
 def print_row(row, impls):
@@ -411,6 +457,8 @@ def print_row(row, impls):
       else:
         cells.append((result.get("skipped") or result.get("error", "?"))[:22])
     print("  " + f"{direction:8s}" + "".join(f"{cell:>24s}" for cell in cells))
+  for direction, ratios in row.get("mosaic_ratios", {}).items():
+    print(f"  mosaic {direction}: " + ", ".join(f"{ratio:.3g}x {over}" for over, ratio in ratios.items()))
   sys.stdout.flush()
 
 
@@ -429,6 +477,8 @@ def parse_args(argv=None):
   parser.add_argument("--impls", default="", help="comma-separated implementation names (default all)")
   parser.add_argument("--gmm-tiling", default="", help="ours' forward/dlhs tiling BM,BK,BN[,WARPS,STAGES]")
   parser.add_argument("--tgmm-tiling", default="", help="ours' drhs tiling BM,BK,BN[,WARPS,STAGES]")
+  parser.add_argument("--mosaic-gmm-tiling", default="", help="ours_mosaic's forward/dlhs tiling BM,BK,BN[,STEPS]")
+  parser.add_argument("--mosaic-tgmm-tiling", default="", help="ours_mosaic's drhs tiling BM,BK,BN[,STEPS]")
   parser.add_argument("--max-seconds-per-measurement", type=float, default=10.0,
                       help="fewer timed calls (at least 5) for implementations slower than this allows")
   parser.add_argument("--sweep", action="store_true",
@@ -454,7 +504,7 @@ def main(argv=None):
            for name, res in r[d].items() if "max_rel_error" in res and not res["ok"]]
   if wrong:
     print(f"\nresults that failed the reference check: {wrong}")
-  ours_failed = [w for w in wrong if w[3] == "ours"]
+  ours_failed = [w for w in wrong if w[3] in ("ours", "ours_mosaic")]
   return 1 if ours_failed else 0
 
 

@@ -21,7 +21,7 @@ multiples (never, for the usual model widths and token counts; a copy when they 
 (wgmma's 16-bit forms; f32 operands would run as TF32 and are refused), accumulation is float32.
 
 Interpret mode (`interpret=True`, or a parameters instance; the default off a GPU) runs these kernels on the
-CPU through jax's Mosaic GPU interpreter; see docs/kernels_mosaic.md for what it checks and what only a GPU can.
+CPU through jax's Mosaic GPU interpreter; see docs/grouped_matmul.md for what it checks and what only a GPU can.
 """
 
 from __future__ import annotations
