@@ -93,6 +93,17 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
+def _fit(block: int, dim: int) -> int:
+  """The block for one dimension: where dim is a multiple of 64, the largest multiple of 64 up to `block` that
+  divides it (a 704-wide k takes 64, not 128: no padded copy of the operand); else up to `block`, no larger than
+  the dimension rounded up to 64 (the wrapper pads)."""
+  if dim % BLOCK_MULTIPLE == 0:
+    for candidate in range(block - block % BLOCK_MULTIPLE, 0, -BLOCK_MULTIPLE):
+      if dim % candidate == 0:
+        return candidate
+  return max(BLOCK_MULTIPLE, min(block, _round_up(dim, BLOCK_MULTIPLE)))
+
+
 def choose_mosaic_tiling(kernel: str, m: int, k: int, n: int, override=None, out_bytes: int = 4,
                          shared_memory_bytes=None) -> MosaicTiling:
   """The table's tiling shrunk to the problem (no block past the padded dimension) and fitted to SMEM (fewer
@@ -104,9 +115,8 @@ def choose_mosaic_tiling(kernel: str, m: int, k: int, n: int, override=None, out
   if kernel not in _TABLE:
     raise ValueError(f"kernel={kernel!r}: expected 'gmm' or 'tgmm'")
   base = _TABLE[kernel]
-  fit = lambda block, dim: max(BLOCK_MULTIPLE, min(block, _round_up(dim, BLOCK_MULTIPLE)))
-  tiling = dataclasses.replace(base, block_m=fit(base.block_m, m), block_k=fit(base.block_k, k),
-                               block_n=fit(base.block_n, n))
+  tiling = dataclasses.replace(base, block_m=_fit(base.block_m, m), block_k=_fit(base.block_k, k),
+                               block_n=_fit(base.block_n, n))
   budget = shared_memory_bytes or device_shared_memory_bytes()
   while tiling.shared_bytes(kernel, 2, out_bytes) > budget and tiling.max_concurrent_steps > 2:
     tiling = dataclasses.replace(tiling, max_concurrent_steps=tiling.max_concurrent_steps - 1)
