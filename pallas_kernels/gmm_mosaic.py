@@ -173,6 +173,34 @@ def _check_operands(name: str, *arrays):
                      f"{' and '.join(str(a.dtype) for a in arrays)}")
 
 
+def device_problem(device=None):
+  """Why the compiled kernels cannot run on `device` (default: the default device), or None where they can.
+
+  They use wgmma and TMA as Hopper has them (sm_90a): other NVIDIA generations (Ampere has neither; Blackwell
+  multiplies with tcgen05) cannot run them. Off a GPU there is nothing to refuse: lowering for CUDA from a host
+  is how the tests check the kernels, and running there is interpret mode's job. A device that reports no compute
+  capability is given the benefit of the doubt, as Mosaic GPU itself does (it then assumes 9.0).
+  """
+  if device is None:
+    device = jax.devices()[0]
+  if device.platform != "gpu":
+    return None
+  capability = getattr(device, "compute_capability", None)
+  if capability is None:
+    return None
+  if not capability.split(".")[0] == "9":
+    return (f"needs a Hopper GPU (compute capability 9.x: wgmma and TMA); this one is {device.device_kind} "
+            f"(compute capability {capability})")
+  return None
+
+
+def _check_device(name: str, interpret):
+  if interpret is None:  # compiling
+    problem = device_problem()
+    if problem:
+      raise ValueError(f"{name} (Mosaic GPU) {problem}")
+
+
 def _check_group_sizes(group_sizes):
   if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
     raise ValueError(f"group_sizes: expected a 1-D integer array, got {group_sizes.dtype}{group_sizes.shape}")
@@ -282,6 +310,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
   out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
   tiling = choose_mosaic_tiling("gmm", m, k, n, tiling, out_bytes=out_dtype.itemsize)
   interpret = _compat.resolve_mosaic_interpret(interpret)
+  _check_device("gmm", interpret)
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
   bm, bk, bn = tiling.block_m, tiling.block_k, tiling.block_n
 
@@ -403,6 +432,7 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None,
   out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
   tiling = choose_mosaic_tiling("tgmm", m, k, n, tiling, out_bytes=out_dtype.itemsize)
   interpret = _compat.resolve_mosaic_interpret(interpret)
+  _check_device("tgmm", interpret)
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
   bm, bk, bn = tiling.block_m, tiling.block_k, tiling.block_n
   if num_groups == 0 or k == 0 or n == 0:

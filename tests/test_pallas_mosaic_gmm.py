@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +234,24 @@ def test_dispatch_selection_and_bad_combinations(monkeypatch):
   with pytest.raises(ValueError, match=r"model\.dispatch='pallas_mosaic' needs model\.compute_dtype"):
     dispatch.grouped_geglu(jnp.zeros((4, D)), jnp.array([4, 0, 0, 0, 0, 0], jnp.int32), jnp.zeros((E, D, 2 * F)),
                            jnp.zeros((E, F, D)), backend="pallas_mosaic", compute_dtype=jnp.float32)
+
+
+def test_compiled_kernels_refuse_a_gpu_without_wgmma(monkeypatch):
+  """On a GPU backend, a card that is not Hopper fails in one line naming the key, before any lowering."""
+  device = lambda kind, capability: types.SimpleNamespace(platform="gpu", device_kind=kind,
+                                                          compute_capability=capability)
+  assert gmm_mosaic.device_problem(device("NVIDIA H100 80GB HBM3", "9.0")) is None
+  assert gmm_mosaic.device_problem(device("NVIDIA H200", "9.0")) is None
+  assert "compute capability 8.0" in gmm_mosaic.device_problem(device("NVIDIA A100-SXM4-80GB", "8.0"))
+  assert "Hopper" in gmm_mosaic.device_problem(device("NVIDIA B200", "10.0"))
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gmm_mosaic.jax, "devices", lambda: [device("NVIDIA A100-SXM4-80GB", "8.0")])
+  with pytest.raises(ConfigError, match=r"^model\.dispatch='pallas_mosaic' needs a Hopper GPU .*A100.*use 'pallas'"):
+    dispatch.grouped_geglu(jnp.zeros((4, D)), jnp.array([4, 0, 0, 0, 0, 0], jnp.int32), jnp.zeros((E, D, 2 * F)),
+                           jnp.zeros((E, F, D)), backend="pallas_mosaic", compute_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"gmm \(Mosaic GPU\) needs a Hopper GPU"):
+    gmm_mosaic.gmm(jnp.zeros((64, 64), jnp.bfloat16), jnp.zeros((1, 64, 64), jnp.bfloat16),
+                   jnp.array([64], jnp.int32), interpret=False)
 
 
 def test_kernel_argument_errors():

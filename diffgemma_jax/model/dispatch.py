@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffgemma_jax.errors import ConfigError
+
 BACKENDS = ("dense", "ragged", "sorted", "pallas", "pallas_mosaic", "auto")
 GROUPED_BACKENDS = ("ragged", "sorted", "pallas", "pallas_mosaic")
 # wgmma multiplies 16-bit operands (float32 ones would run as TF32).
@@ -43,10 +45,15 @@ def _pallas_gmm():
 
 def _mosaic_gmm():
   try:
+    from pallas_kernels.gmm_mosaic import device_problem  # pylint: disable=import-outside-toplevel
     from pallas_kernels.ops_mosaic import gmm  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError("model.dispatch='pallas_mosaic' needs `pallas_kernels.ops_mosaic` and jax's Pallas Mosaic GPU "
                       f"backend; it could not be imported ({e}). Use 'pallas', 'sorted' or 'ragged' instead.") from e
+  if jax.default_backend() == "gpu":  # compiled (elsewhere the kernels run in Mosaic GPU interpret mode)
+    problem = device_problem()
+    if problem:
+      raise ConfigError(f"model.dispatch='pallas_mosaic' {problem}; use 'pallas' (the Triton kernels) there")
   return gmm
 
 
