@@ -4,6 +4,9 @@ and flash attention under mask descriptions.
 `gmm` is the differentiable entry point (custom_vjp); `gmm_kernel` and `tgmm` are the raw forward and
 weight-gradient kernels. `flash_attention` is differentiable attention under a `MaskSpec`. The references are
 pure jnp.
+
+The same grouped matmul on the Pallas Mosaic GPU backend (Hopper: TMA and wgmma) lives in `gmm_mosaic` (kernels)
+and `ops_mosaic` (its custom_vjp), imported from there rather than here: docs/grouped_matmul.md.
 """
 
 from pallas_kernels.attention_mask import MaskSpec, Tokens, count_visible, tile_visits
