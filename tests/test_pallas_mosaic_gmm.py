@@ -179,6 +179,68 @@ def test_custom_vjp_gradients_match_reference(transpose_rhs, offset, num_local, 
   _assert_close(drhs, drhs_ref.astype(rhs.dtype), rhs.dtype)
 
 
+def _wgmma_reading_transposed_operands(token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array,
+                                       acc_transforms, acc_dtype, a_allocation_key_as_array, a_transforms,
+                                       b_allocation_key_as_array, b_transforms, source_info=None):
+  """jax's Mosaic GPU interpreter's wgmma callback (gpu_callbacks.wgmma in jax 0.10.2), taught one thing: an
+  operand seen through `transpose_ref` is read, then transposed. Its own callback applies only indexing to an
+  operand, so interpreted kernels otherwise transpose in HBM (gmm_mosaic._transpose_in_kernel)."""
+  from jax._src.pallas.mosaic.interpret import utils  # pylint: disable=import-outside-toplevel
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as callbacks  # pylint: disable=import-outside-toplevel
+  from jax._src.state.types import TransposeTransform  # pylint: disable=import-outside-toplevel
+  device_id, thread_id = int(device_id), int(thread_id)
+  memory = callbacks._get_shared_memory()  # pylint: disable=protected-access
+  thread = memory.get_global_thread_id(device_id, thread_id)
+  info = utils.GPULoggingInfo(device_id=device_id, grid_point_coords=tuple(int(x) for x in grid_point_coords),
+                              thread_id=thread_id, source_info=source_info)
+
+  def read(key, transforms):
+    transforms = list(jax.tree.map(int, callbacks._remove_noop_transforms(transforms)))  # pylint: disable=protected-access
+    permutation = None
+    if transforms and isinstance(transforms[-1], TransposeTransform):
+      permutation = transforms.pop().permutation
+    assert not any(isinstance(t, TransposeTransform) for t in transforms), transforms
+    where = utils.to_range(transforms)
+    value, _, _ = memory.get_buffer_content(callbacks.HostAllocationKey.from_array(key), where, thread,
+                                            logging_info=info)
+    return (value if permutation is None else np.transpose(value, permutation)), where
+
+  a, _ = read(a_allocation_key_as_array, a_transforms)
+  b, _ = read(b_allocation_key_as_array, b_transforms)
+  acc, acc_range = read(acc_allocation_key_as_array, acc_transforms)
+  memory.store_buffer_content(callbacks.HostAllocationKey.from_array(acc_allocation_key_as_array), acc_range,
+                              acc + np.matmul(a, b, dtype=acc_dtype), thread, logging_info=info)
+  return token
+
+
+@pytest.mark.skipif(ON_GPU, reason="compiled kernels always transpose in SMEM; this is for the interpreter")
+def test_in_kernel_transposes_through_a_taught_interpreter(monkeypatch):
+  """The transposed-operand kernel forms (gmm reading [n, k] weight tiles, tgmm reading [m, k] activation tiles,
+  both through transpose_ref, and tgmm's row mask on that layout) are what compiled kernels run, yet the stock
+  interpreter cannot run them. With its wgmma callback taught transposed operands they run here: the forward with
+  [G, n, k] weights, and the gradients, whose dlhs and drhs kernels both take the transposed forms."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(gpu_callbacks, "wgmma", _wgmma_reading_transposed_operands)
+  monkeypatch.setattr(gmm_mosaic, "_transpose_in_kernel", lambda interpret: True)
+  jax.clear_caches()  # traces of the HBM-transposing form must not be reused
+  try:
+    m, k, n = 150, 64, 128
+    sizes = jnp.asarray(_group_sizes("uneven_with_empty", m, 8))
+    lhs, rhs_t, _ = _operands(m, k, n, 8, seed=5, transpose_rhs=True)
+    out = gmm_mosaic.gmm(lhs, rhs_t, sizes, tiling=TILE, transpose_rhs=True, interpret=INTERPRET)
+    _assert_close(out, reference.gmm_reference(lhs, rhs_t, sizes, transpose_rhs=True))
+    lhs, rhs, cotangent = _operands(m, k, n, 8, seed=6)
+    ours = lambda x, w: ops_mosaic.gmm(x, w, sizes, tiling=TILE, interpret=INTERPRET)
+    ref = lambda x, w: reference.gmm_reference(x, w, sizes)
+    dlhs, drhs = jax.grad(_loss(ours, cotangent), argnums=(0, 1))(lhs, rhs)
+    dlhs_ref, drhs_ref = jax.grad(_loss(ref, cotangent), argnums=(0, 1))(lhs.astype(jnp.float32),
+                                                                         rhs.astype(jnp.float32))
+    _assert_close(dlhs, dlhs_ref.astype(lhs.dtype), lhs.dtype)
+    _assert_close(drhs, drhs_ref.astype(rhs.dtype), rhs.dtype)
+  finally:
+    jax.clear_caches()
+
+
 # A tiny MoE layer: T*K = 26 sorted rows (not a tile multiple), D and F far below a tile (padded).
 T, D, E, K, F = 13, 16, 6, 2, 8
 
