@@ -83,7 +83,7 @@ def _assert_close(actual, expected, out_dtype=jnp.float32):
     error = float(np.abs(actual - expected).max())
     assert error <= F32_TOLERANCE * scale, f"max abs error {error} (scale {scale})"
   else:  # both sides rounded from (nearly) the same float32 value: at most one unit in the last place apart
-    ulp = 2.0 ** (1 - jnp.finfo(out_dtype).nmant)
+    ulp = 2.0 ** -jnp.finfo(out_dtype).nmant  # one unit in the last place is at most this much of a value
     np.testing.assert_allclose(actual, expected, rtol=ulp, atol=1e-6 * scale)
 
 
