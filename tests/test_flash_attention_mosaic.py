@@ -1,0 +1,147 @@
+"""The Mosaic GPU (Hopper) flash-attention kernels against the dense reference: values and q/k/v gradients under
+causal, packed-segment, [canvas ; clean] and sliding-window masks, with tiles skipped by the visit lists.
+
+On CPU the kernels run in the Mosaic GPU interpret mode (simulated SMEM, TMA copies, barriers and wgmma; reads of
+unwritten memory come back NaN and out-of-bounds copies raise). Inputs are bfloat16; the reference is computed in
+float32 from the same bfloat16 values. Set DIFFGEMMA_PALLAS_GPU=1 on a Hopper GPU to run the same tests compiled
+(bench/gpu_check.sh does); interpret mode cannot check what only the compiler sees (docs/attention.md).
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffgemma_jax.model.masks import MaskSpec, Tokens
+from diffgemma_jax.objectives.block import block_ids
+from pallas_kernels import _mosaic_compat, attention_reference
+from pallas_kernels.attention_mask import tile_visits
+from pallas_kernels.attention_mosaic import MosaicTiling, column_groups
+from pallas_kernels.attention_mosaic_ops import flash_attention_mosaic
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_attention_masks import packed_rows  # noqa: E402  pylint: disable=wrong-import-position
+
+ON_GPU = os.environ.get("DIFFGEMMA_PALLAS_GPU", "0") == "1"
+INTERPRET = not ON_GPU
+TOLERANCE = 2e-2  # bfloat16 operands and probabilities, relative to the largest reference value
+HIGHEST = jax.lax.Precision.HIGHEST
+
+if ON_GPU and not any("H100" in d.device_kind or "H200" in d.device_kind or "H800" in d.device_kind
+                      for d in jax.devices()):
+  pytest.skip("the Mosaic GPU kernels compile for Hopper (sm_90a) only", allow_module_level=True)
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+  """The Mosaic GPU interpreter keeps global state that an exception inside a kernel leaves dirty."""
+  yield
+  _mosaic_compat.reset_interpret_state()
+
+
+# Rows of 80 tokens: with two query heads per key head 160 stacked rows (three 64-row tiles, the last one partly
+# padding) against two 64-key tiles, so the visit lists skip tiles and the padding is exercised.
+SEGMENTS, POSITIONS = packed_rows([[30, 50], [80], [10, 10, 45]], 80)
+
+
+def _canvas_spec(length=64, block=8):
+  """[canvas (64) ; clean (64)]: the clean row tile never sees the canvas key tile, so that tile is skipped."""
+  segments, positions = packed_rows([[20, 44], [40], [5, 30]], length)
+  blocks = block_ids({"tokens": segments}, block)
+  return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks)
+
+
+def _inputs(spec, num_heads, num_kv_heads, head_dim, seed=0):
+  B, L = spec.q.segment_ids.shape
+  S = spec.kv.segment_ids.shape[1]
+  keys = jax.random.split(jax.random.key(seed), 4)
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+  return (normal(keys[0], (B, L, num_heads, head_dim)), normal(keys[1], (B, S, num_kv_heads, head_dim)),
+          normal(keys[2], (B, S, num_kv_heads, head_dim)),
+          jax.random.normal(keys[3], (B, L, num_heads, head_dim), jnp.float32))
+
+
+def _value_and_grads(fn, q, k, v, cotangent):
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)  # noqa: E731
+  return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+
+
+def _assert_close(actual, expected, what):
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  expected = np.asarray(expected, np.float32)
+  assert actual.shape == expected.shape, what
+  assert np.isfinite(actual).all(), f"{what}: non-finite values (an unwritten tile or a read of padding)"
+  scale = max(1.0, float(np.abs(expected).max()))
+  error = float(np.abs(actual - expected).max())
+  assert error <= TOLERANCE * scale, f"{what}: max abs error {error} (scale {scale})"
+
+
+def check_against_reference(spec, *, num_heads, num_kv_heads, head_dim, tiling=None, scale=1.0):
+  q, k, v, cotangent = _inputs(spec, num_heads, num_kv_heads, head_dim)
+  ours = lambda q, k, v: flash_attention_mosaic(q, k, v, spec, scale=scale, tiling=tiling,  # noqa: E731
+                                                interpret=INTERPRET)
+  reference = lambda q, k, v: attention_reference(q, k, v, spec, scale=scale, precision=HIGHEST)  # noqa: E731
+  out, grads = _value_and_grads(ours, q, k, v, cotangent)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  ref_out, ref_grads = _value_and_grads(reference, f32(q), f32(k), f32(v), cotangent)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  _assert_close(out, ref_out, "output")
+  for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+    _assert_close(got, want, name)
+  return out, grads
+
+
+CASES = {
+    "causal packed, GQA 2, head dim 16 (padded to 64)":
+        (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS), dict(num_heads=4, num_kv_heads=2, head_dim=16)),
+    "bidirectional packed segments (tiles of different documents skipped), scale 0.5":
+        (lambda: MaskSpec.packed("bidirectional", *packed_rows([[64, 16], [80], [40, 24, 16]], 80)),
+         dict(num_heads=1, num_kv_heads=1, head_dim=32, scale=0.5)),
+    "causal packed, window 12, head dim 128 in two column groups":
+        (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS).with_window(12),
+         dict(num_heads=2, num_kv_heads=1, head_dim=128, tiling=MosaicTiling(64, 64, max_columns=64))),
+    "[canvas ; clean] pretraining layout, window 10 (the canvas-window rule)":
+        (lambda: _canvas_spec().with_window(10), dict(num_heads=1, num_kv_heads=1, head_dim=16)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mosaic_kernels_match_reference(case):
+  make_spec, kwargs = CASES[case]
+  spec = make_spec()
+  G = kwargs["num_heads"] // kwargs["num_kv_heads"]
+  visits = np.asarray(tile_visits(spec, 64, 64, rows_per_query=G))
+  assert not visits.all() and visits.any(), "the case must skip some tiles and visit others"
+  check_against_reference(spec, **kwargs)
+
+
+def test_queries_that_see_no_key_get_zeros():
+  """Queries of a segment no key has output zeros with zero gradients; their neighbours are unaffected."""
+  B, L, S = 2, 70, 70
+  q_segments = jnp.array([[1] * 35 + [3] * 35, [2] * 70])
+  positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  kv_segments = jnp.ones((B, S), jnp.int32)
+  spec = MaskSpec(Tokens(q_segments, positions), Tokens(kv_segments, positions), kind="causal")
+  out, (dq, _, _) = check_against_reference(spec, num_heads=1, num_kv_heads=1, head_dim=16)
+  blind = np.asarray(q_segments != 1)
+  out, dq = np.asarray(out, np.float32), np.asarray(dq, np.float32)
+  assert not out[blind].any() and not dq[blind].any() and out[~blind].any()
+
+
+def test_column_groups_and_tiling():
+  assert column_groups(512, 256) == (2, 256) and column_groups(192, 128) == (3, 64) and column_groups(64, 256) == (1, 64)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    MosaicTiling(48, 64)
+
+
+def test_input_errors_name_the_problem():
+  spec = MaskSpec.packed("causal", SEGMENTS, POSITIONS)
+  q = jnp.zeros((3, 80, 2, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match="bfloat16, float16"):
+    flash_attention_mosaic(q.astype(jnp.float32), q[:, :, :1], q[:, :, :1], spec, interpret=True)
+  with pytest.raises(ValueError, match="K dividing N"):
+    flash_attention_mosaic(q, jnp.zeros((3, 80, 3, 16), jnp.bfloat16), jnp.zeros((3, 80, 3, 16), jnp.bfloat16),
+                           spec, interpret=True)
+
