@@ -145,3 +145,21 @@ def test_input_errors_name_the_problem():
     flash_attention_mosaic(q, jnp.zeros((3, 80, 3, 16), jnp.bfloat16), jnp.zeros((3, 80, 3, 16), jnp.bfloat16),
                            spec, interpret=True)
 
+
+def test_model_selection_and_bad_combinations():
+  """model.attention_impl='pallas_mosaic' runs this kernel through `attend` (and `auto` never picks it); float32
+  activations fail in one ConfigError line naming the key, at config time and at call time."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.attention_impl import attend, resolve  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
+
+  spec = MaskSpec.packed("causal", SEGMENTS, POSITIONS)
+  assert resolve("pallas_mosaic", spec) == "pallas_mosaic" and resolve("auto", spec) != "pallas_mosaic"
+  config = ModelConfig(compute_dtype="bfloat16", attention_impl="pallas_mosaic")
+  with pytest.raises(ConfigError, match=r"^model\.attention_impl='pallas_mosaic' needs model\.compute_dtype"):
+    dataclasses.replace(config, compute_dtype="float32")
+  q = jnp.zeros((3, 80, 2, 16), jnp.float32)
+  with pytest.raises(ConfigError, match=r"^model\.attention_impl='pallas_mosaic' takes bfloat16"):
+    attend(q, q[:, :, :1], q[:, :, :1], spec, "pallas_mosaic")
