@@ -22,10 +22,10 @@ def interpret_params_class():
   if public is not None:
     return public
   try:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
+    from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
-  return InterpretGPUParams
+  return getattr(params, "InterpretGPUParams", None)
 
 
 def resolve_interpret(interpret) -> bool:

@@ -1,29 +1,30 @@
 """Flash-attention kernels on the Pallas Mosaic GPU backend (Hopper, sm_90a): forward, dQ and dK/dV under a MaskSpec.
 
 The same algorithm, layout and mask handling as the Triton kernels (`attention.py`), written for Hopper's units:
-operand tiles reach shared memory by TMA copies signalled on barriers, both matmuls of each step run on the tensor
-cores as wgmma (one warpgroup per program, M = block rows, a multiple of 64), and the next visited key (or query)
-tile is fetched into the other of two SMEM slots while the current one is computed.
+operand tiles reach shared memory by TMA copies, each signalling a barrier; both matmuls of each step run on the
+tensor cores as wgmma (one warpgroup per program, whose owned tile is one 64-row wgmma M-tile); with two SMEM stages
+the next visited key (or query) tile is fetched into the other slot while the current one is computed.
 
 Layout (the wrapper, `attention_mosaic_ops.py`, builds it): the G query heads sharing a key head are stacked as G
 consecutive rows per query, so queries are [B, K, R, Hp] and keys and values [B, K, S, Hp], with R, S padded to
-multiples of the tiles and the head dim Hp to a multiple of 64 (a 128-byte swizzled bf16 row). Padded rows and keys
-carry segment ids no real token has (-2 and -1), so the mask rule drops them. The wrapper also passes transposed
-copies ([B, K, Hp, T]) of the operands that appear as the right-hand side of a q k^T-like product: the Mosaic GPU
-interpreter of jax 0.10.2 applies no transpose transform to a wgmma operand (`plgpu.transpose_ref`), so every
-wgmma here reads both operands from SMEM in their natural [M, K] x [K, N] orientation, compiled or interpreted.
+multiples of the tiles and the head dim Hp to a multiple of 64. Padded rows and keys carry segment ids no real token
+has (-2 and -1), so the mask rule drops them. The wrapper also passes transposed copies ([B, K, Hp, T]) of the
+operands that appear as the right-hand side of a q k^T-like product: the Mosaic GPU interpreter of jax 0.10.2
+applies no transpose transform to a wgmma operand (`plgpu.transpose_ref`), so every wgmma here reads both operands
+from SMEM in their natural [M, K] x [K, N] orientation, compiled or interpreted.
 
 A program owns one row tile (forward, dQ) or key tile (dK/dV) of one (batch row, key head) and loops over the tiles
-of the other side that `attention_mask.tile_visits` leaves (compacted into lists), so fully masked tiles cost
-nothing. Inside a visited tile the mask comes from the per-token attributes (`attention_mask.visible`), copied to
+of the other side that `attention_mask.tile_visits` leaves (compacted into lists), so fully masked tiles are never
+fetched. Inside a visited tile the mask comes from the per-token attributes (`attention_mask.visible`), copied to
 SMEM with the tile and broadcast along the wgmma accumulator's layout. Scores, softmax statistics and accumulators
-are float32; probabilities and score gradients are cast to the operand dtype and written to SMEM as the
-left-hand operand of the second wgmma (Hopper's wgmma may also take it from registers; the 0.10.2 interpreter
-cannot, so this port keeps one formulation that both run).
+are float32; probabilities and score gradients are cast to the operand dtype and written to SMEM as the left-hand
+operand of the second wgmma (Hopper's wgmma may also take it from registers; the 0.10.2 interpreter cannot, so this
+port keeps one formulation that both run).
 
-Accumulated outputs wider than `max_columns` (the forward's [rows, Hp] output, the [keys, Hp] dK and dV) are split
-into column groups along a grid axis: each program recomputes the scores over the full head dim and accumulates only
-its columns, which keeps a warpgroup's float32 accumulators within its registers at head dims 256 and 512.
+Accumulated outputs wider than `max_columns` (the forward's [rows, Hp] output, dQ, dK and dV) are split into column
+groups along a grid axis: each program recomputes the scores over the full head dim and accumulates only its
+columns, which keeps a warpgroup's float32 accumulators within its registers at head dims 256 and 512.
+`choose_tiling` picks each kernel's tiles so that its SMEM (`shared_memory_bytes`) fits a Hopper block's 227 KiB.
 """
 
 from __future__ import annotations
@@ -47,19 +48,87 @@ SEG, POS, CANVAS, BLOCK, START = range(5)
 LANE = 64
 
 
+# Hopper's shared memory per thread block (227 KiB), the budget every tiling of the table fits.
+MAX_SHARED_BYTES = 232448
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicTiling:
-  """block_q rows by block_k keys per step (multiples of 64: one wgmma M-tile per warpgroup); `max_columns`: the
-  widest float32 accumulator a program keeps ([rows, max_columns]), wider outputs are split into column groups."""
+  """One kernel's tiles: block_q rows by block_k keys per step, `stages` SMEM slots for the streamed tiles (2: the
+  next visited tile is fetched while the current one computes; 1: fetched when needed, to fit large head dims), and
+  `max_columns`, the widest float32 accumulator a program keeps ([rows, max_columns]; wider outputs are split into
+  column groups). The side a kernel owns (rows forward and for dQ, keys for dK/dV) is a wgmma M-tile: a multiple of
+  64 (checked per kernel); the streamed side a multiple of 32."""
   block_q: int = 64
   block_k: int = 64
   max_columns: int = 256
+  stages: int = 2
 
   def __post_init__(self):
-    for name in ("block_q", "block_k", "max_columns"):
+    for name, multiple in (("block_q", 32), ("block_k", 32), ("max_columns", LANE)):
       value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0 or value % LANE:
-        raise ValueError(f"MosaicTiling.{name}={value!r}: must be a positive multiple of {LANE} (wgmma tiles)")
+      if not isinstance(value, int) or value <= 0 or value % multiple:
+        raise ValueError(f"MosaicTiling.{name}={value!r}: must be a positive multiple of {multiple} (wgmma tiles)")
+    if self.stages not in (1, 2):
+      raise ValueError(f"MosaicTiling.stages={self.stages!r}: 1 or 2 SMEM slots")
+
+
+KERNELS = ("forward", "dq", "dkv")
+
+
+def check_tiling(kernel: str, tiling: MosaicTiling):
+  owned = tiling.block_k if kernel == "dkv" else tiling.block_q
+  if owned % LANE:
+    name = "block_k" if kernel == "dkv" else "block_q"
+    raise ValueError(f"MosaicTiling.{name}={owned}: the {kernel} kernel's rows are a wgmma M-tile, a multiple of "
+                     f"{LANE}")
+
+
+def choose_tiling(kernel: str, head_dim: int) -> MosaicTiling:
+  """The tiling of `kernel` ('forward', 'dq' or 'dkv') at a padded head dim: 64 x 64 tiles, double-buffered where
+  SMEM allows; accumulators of at most 256 float32 columns forward (128 registers a thread at 64 rows) and 128 for
+  dQ and for dK/dV (two accumulators). Head dim 512 streams 32-row / 32-key tiles in the backward and splits dK/dV
+  into 64-column groups to fit the 227 KiB of SMEM (`shared_memory_bytes`). Not yet tuned on a GPU."""
+  if kernel == "forward":
+    return MosaicTiling(64, 64, max_columns=256, stages=2 if head_dim <= 256 else 1)
+  if kernel == "dq":
+    if head_dim <= 128:
+      return MosaicTiling(64, 64, max_columns=128, stages=2)
+    return MosaicTiling(64, 64 if head_dim <= 256 else 32, max_columns=128, stages=1)
+  if kernel == "dkv":
+    if head_dim <= 128:
+      return MosaicTiling(64, 64, max_columns=128, stages=2)
+    if head_dim <= 256:
+      return MosaicTiling(64, 64, max_columns=128, stages=1)
+    return MosaicTiling(32, 64, max_columns=64, stages=1)
+  raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+
+
+def swizzle_bytes(tiling: MosaicTiling, columns: int, itemsize: int = 2) -> int:
+  """One swizzle for every SMEM operand of a kernel (wgmma needs the same on both sides): the widest of 128, 64 and
+  32 bytes that divides every tile's minor dimension (head dim, block_q, block_k, column group)."""
+  narrowest = min(tiling.block_q, tiling.block_k, columns) * itemsize
+  for swizzle in (128, 64, 32):
+    if narrowest % swizzle == 0:
+      return swizzle
+  raise ValueError(f"{tiling}: a tile narrower than 32 bytes cannot be swizzled for wgmma")
+
+
+def shared_memory_bytes(kernel: str, tiling: MosaicTiling, head_dim: int, itemsize: int = 2,
+                        attributes: int = 5) -> int:
+  """SMEM of `kernel`'s buffers at a padded head dim (operand tiles, accumulator staging, attributes, statistics)."""
+  bq, bk, n = tiling.block_q, tiling.block_k, tiling.stages
+  columns = column_groups(head_dim, tiling.max_columns)[1]
+  if kernel == "forward":
+    tiles = bq * head_dim + n * (head_dim * bk + bk * columns) + bq * bk + bq * columns
+    small = bq * 4 + attributes * (bq + n * bk) * 4
+  elif kernel == "dq":
+    tiles = 2 * bq * head_dim + n * (2 * head_dim * bk + bk * columns) + bq * bk + bq * columns
+    small = 2 * bq * 4 + attributes * (bq + n * bk) * 4
+  else:
+    tiles = 2 * bk * head_dim + n * (2 * head_dim * bq + 2 * bq * columns) + 2 * bk * bq + bk * columns
+    small = n * 2 * bq * 4 + attributes * (bk + n * bq) * 4
+  return tiles * itemsize + small
 
 
 def column_groups(head_dim: int, max_columns: int) -> tuple[int, int]:
@@ -76,8 +145,32 @@ def num_attributes(spec: MaskSpec, side: str) -> int:
   return 5 if side == "q" else 4
 
 
-def _swizzled(shape, dtype):
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, LANE)), plgpu.SwizzleTransform(128)))
+def _swizzled(shape, dtype, swizzle: int):
+  """An SMEM operand tile stored as (8, swizzle / itemsize) tiles with a `swizzle`-byte swizzle (wgmma's layout)."""
+  elements = swizzle // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elements)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _prefetched_loop(count, stages, fetch, body, init):
+  """fori_loop over the `count` visited tiles; `fetch(n, slot)` starts tile n's copies into SMEM slot `slot`.
+  With 2 stages tile n + 1 is fetched into the other slot when step n starts (the slot step n - 1 has finished
+  reading: its wgmmas were awaited), with 1 stage tile n when step n starts. body(n, slot, carry) -> carry."""
+  if stages == 2:
+    @pl.when(count > 0)
+    def _():
+      fetch(0, 0)
+
+  def step(n, carry):
+    slot = lax.rem(n, stages)
+    if stages == 2:
+      @pl.when(n + 1 < count)
+      def _():
+        fetch(n + 1, 1 - slot)
+    else:
+      fetch(n, slot)
+    return body(n, slot, carry)
+
+  return lax.fori_loop(0, count, step, init)
 
 
 class _Regs:
@@ -139,42 +232,28 @@ def _attribute_vectors(regs, attr_smem, count, along):
 # ---- forward -----------------------------------------------------------------------------------------------------
 
 def _forward_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, kt_ref, v_ref, o_ref, lse_ref,
-                    q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, qa_smem, ka_smem, q_bars, k_bars, v_bars,
-                    ka_bars, *, spec, tiling, columns, scale, compiled):
+                    q_smem, kt_smem, v_smem, p_smem, o_smem, lse_smem, qa_smem, ka_smem, own_bars, bars, *, spec,
+                    tiling, columns, scale, compiled):
   bq, bk = tiling.block_q, tiling.block_k
   regs = _Regs(compiled)
   q_tile, b, h, group = (lax.axis_index(n) for n in ("tiles", "batch", "heads", "columns"))
-  r0 = q_tile * bq
-  count = counts_ref[b, q_tile]
+  rows = pl.ds(q_tile * bq, bq)
   cols = pl.ds(group * columns, columns)
+  count = counts_ref[b, q_tile]
 
   def fetch(n, slot):
-    c0 = lists_ref[b, q_tile, n] * bk
-    plgpu.copy_gmem_to_smem(kt_ref.at[b, h, :, pl.ds(c0, bk)], kt_smem.at[slot], k_bars.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[b, h, pl.ds(c0, bk), cols], v_smem.at[slot], v_bars.at[slot])
-    plgpu.copy_gmem_to_smem(k_attr_ref.at[b, :, pl.ds(c0, bk)], ka_smem.at[slot], ka_bars.at[slot])
+    keys = pl.ds(lists_ref[b, q_tile, n] * bk, bk)
+    _fetch([(kt_ref.at[b, h, :, keys], kt_smem.at[slot]), (k_attr_ref.at[b, :, keys], ka_smem.at[slot]),
+            (v_ref.at[b, h, keys, cols], v_smem.at[slot])], bars, slot)
 
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(r0, bq), :], q_smem, q_bars.at[0])
-  plgpu.copy_gmem_to_smem(q_attr_ref.at[b, :, pl.ds(r0, bq)], qa_smem, q_bars.at[1])
-
-  @pl.when(count > 0)
-  def _():
-    fetch(0, 0)
-
-  plgpu.barrier_wait(q_bars.at[0])
-  plgpu.barrier_wait(q_bars.at[1])
+  own = [(q_ref.at[b, h, rows, :], q_smem), (q_attr_ref.at[b, :, rows], qa_smem)]
+  _fetch(own, own_bars, 0)
+  _wait(own_bars, 0, len(own), range(len(own)))
   q_vectors = _attribute_vectors(regs, qa_smem, num_attributes(spec, "q"), 0)
 
-  def visit(n, carry):
+  def visit(n, slot, carry):
     acc, m_prev, l_prev = carry
-    slot = lax.rem(n, 2)
-
-    @pl.when(n + 1 < count)
-    def _():
-      fetch(n + 1, 1 - slot)
-
-    plgpu.barrier_wait(k_bars.at[slot])
-    plgpu.barrier_wait(ka_bars.at[slot])
+    _wait(bars, slot, 3, (0, 1))
     s = _matmul(q_smem, kt_smem.at[slot], (bq, bk))
     if scale != 1.0:
       s = s * scale
@@ -187,62 +266,64 @@ def _forward_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, kt_ref
     l_next = correction * l_prev + jnp.sum(p, axis=1)
     p_smem[...] = p.astype(p_smem.dtype)
     plgpu.commit_smem()
-    plgpu.barrier_wait(v_bars.at[slot])
+    _wait(bars, slot, 3, (2,))
     pv = _matmul(p_smem, v_smem.at[slot], (bq, columns))
     acc = lax.broadcast_in_dim(correction, (bq, columns), (0,)) * acc + pv
     return acc, m_next, l_next
 
   init = (regs.full((bq, columns), 0.0), regs.full((bq,), _MASKED_SCORE), regs.full((bq,), 0.0))
-  acc, m, l = lax.fori_loop(0, count, visit, init)
+  acc, m, l = _prefetched_loop(count, tiling.stages, fetch, visit, init)
   seen = l > 0
   safe_l = jnp.where(seen, l, 1.0)
   o_smem[...] = (acc / lax.broadcast_in_dim(safe_l, (bq, columns), (0,))).astype(o_smem.dtype)
   lse_smem[...] = jnp.where(seen, m + jnp.log(safe_l), 0.0)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, pl.ds(r0, bq), cols])
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, rows, cols])
 
   @pl.when(group == 0)
   def _():
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(r0, bq)])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, rows])
 
   plgpu.wait_smem_to_gmem(0)
 
 
-def forward(q, kt, v, q_attrs, k_attrs, lists, counts, *, spec: MaskSpec, tiling: MosaicTiling, scale: float,
-            interpret: bool):
-  """(out [B, K, R, Hp] in q's dtype, lse [B, K, R] float32) of the padded stacked layout; kt is k transposed."""
-  B, K, R, H = q.shape
-  bq, bk = tiling.block_q, tiling.block_k
-  groups, columns = column_groups(H, tiling.max_columns)
-  dtype = q.dtype
-  aq, ak = num_attributes(spec, "q"), num_attributes(spec, "k")
-  kernel = functools.partial(_forward_kernel, spec=spec, tiling=tiling, columns=columns, scale=scale,
-                             compiled=not interpret)
-  scratch = [
-      _swizzled((bq, H), dtype),  # q
-      _swizzled((2, H, bk), dtype),  # k^T, two slots
-      _swizzled((2, bk, columns), dtype),  # v
-      _swizzled((bq, bk), dtype),  # p
-      _swizzled((bq, columns), dtype),  # output
-      plgpu.SMEM((bq,), jnp.float32),  # lse
-      plgpu.SMEM((aq, bq), jnp.int32),
-      plgpu.SMEM((2, ak, bk), jnp.int32),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=2),
-  ]
+def _launch(kernel, body, out_type, scratch, *, num_tiles, batch, heads, groups, interpret):
   return plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct((B, K, R, H), dtype), jax.ShapeDtypeStruct((B, K, R), jnp.float32)),
+      body,
+      out_type=out_type,
       scratch_types=scratch,
-      grid=(R // bq, B, K, groups),
+      grid=(num_tiles, batch, heads, groups),
       grid_names=("tiles", "batch", "heads", "columns"),
       num_threads=1,
       thread_name="warpgroup",
-      kernel_name="mosaic_flash_attention_forward",
+      kernel_name=f"mosaic_flash_attention_{kernel}",
       **_mosaic_compat.kernel_kwargs(interpret),
-  )(lists, counts, q_attrs, k_attrs, q, kt, v)
+  )
+
+
+def forward(q, kt, v, q_attrs, k_attrs, lists, counts, *, spec: MaskSpec, tiling: MosaicTiling, scale: float,
+            interpret: bool):
+  """(out [B, K, R, Hp] in q's dtype, lse [B, K, R] float32) of the padded stacked layout; kt is k transposed
+  ([B, K, Hp, S]). The row tiles are those of the visit lists (`counts` [B, tiles]); R and S cover them whole."""
+  check_tiling("forward", tiling)
+  B, K, R, H = q.shape
+  bq, bk, n = tiling.block_q, tiling.block_k, tiling.stages
+  groups, columns = column_groups(H, tiling.max_columns)
+  swizzle = swizzle_bytes(tiling, columns)
+  dtype = q.dtype
+  aq, ak = num_attributes(spec, "q"), num_attributes(spec, "k")
+  tile = lambda shape: _swizzled(shape, dtype, swizzle)  # noqa: E731
+  scratch = [
+      tile((bq, H)), tile((n, H, bk)), tile((n, bk, columns)),  # q, k^T, v columns
+      tile((bq, bk)), tile((bq, columns)),  # p, output columns
+      plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((aq, bq), jnp.int32), plgpu.SMEM((n, ak, bk), jnp.int32),
+      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=3 * n),
+  ]
+  body = functools.partial(_forward_kernel, spec=spec, tiling=tiling, columns=columns, scale=scale,
+                           compiled=not interpret)
+  out_type = (jax.ShapeDtypeStruct((B, K, R, H), dtype), jax.ShapeDtypeStruct((B, K, R), jnp.float32))
+  return _launch("forward", body, out_type, scratch, num_tiles=counts.shape[1], batch=B, heads=K, groups=groups,
+                 interpret=interpret)(lists, counts, q_attrs, k_attrs, q, kt, v)
 
 
 # ---- backward ----------------------------------------------------------------------------------------------------
@@ -264,38 +345,26 @@ def _dq_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, k_ref, kt_r
   bq, bk = tiling.block_q, tiling.block_k
   regs = _Regs(compiled)
   q_tile, b, h, group = (lax.axis_index(n) for n in ("tiles", "batch", "heads", "columns"))
-  r0 = q_tile * bq
-  rows = pl.ds(r0, bq)
+  rows = pl.ds(q_tile * bq, bq)
   cols = pl.ds(group * columns, columns)
   count = counts_ref[b, q_tile]
 
-  def copies(n, slot):
-    c0 = lists_ref[b, q_tile, n] * bk
-    keys = pl.ds(c0, bk)
-    return [(kt_ref.at[b, h, :, keys], kt_smem.at[slot]), (vt_ref.at[b, h, :, keys], vt_smem.at[slot]),
-            (k_ref.at[b, h, keys, cols], k_smem.at[slot]), (k_attr_ref.at[b, :, keys], ka_smem.at[slot])]
+  def fetch(n, slot):
+    keys = pl.ds(lists_ref[b, q_tile, n] * bk, bk)
+    _fetch([(kt_ref.at[b, h, :, keys], kt_smem.at[slot]), (vt_ref.at[b, h, :, keys], vt_smem.at[slot]),
+            (k_attr_ref.at[b, :, keys], ka_smem.at[slot]), (k_ref.at[b, h, keys, cols], k_smem.at[slot])],
+           bars, slot)
 
   own = [(q_ref.at[b, h, rows, :], q_smem), (do_ref.at[b, h, rows, :], do_smem), (lse_ref.at[b, h, rows], lse_smem),
          (delta_ref.at[b, h, rows], delta_smem), (q_attr_ref.at[b, :, rows], qa_smem)]
   _fetch(own, own_bars, 0)
-
-  @pl.when(count > 0)
-  def _():
-    _fetch(copies(0, 0), bars, 0)
-
   _wait(own_bars, 0, len(own), range(len(own)))
   q_vectors = _attribute_vectors(regs, qa_smem, num_attributes(spec, "q"), 0)
   lse = regs.vector(lse_smem, 0)
   delta = regs.vector(delta_smem, 0)
 
-  def visit(n, dq):
-    slot = lax.rem(n, 2)
-
-    @pl.when(n + 1 < count)
-    def _():
-      _fetch(copies(n + 1, 1 - slot), bars, 1 - slot)
-
-    _wait(bars, slot, 4, (0, 1, 3))
+  def visit(n, slot, dq):
+    _wait(bars, slot, 4, (0, 1, 2))
     s = _matmul(q_smem, kt_smem.at[slot], (bq, bk))
     if scale != 1.0:
       s = s * scale
@@ -306,10 +375,10 @@ def _dq_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, k_ref, kt_r
     ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), (0,)))
     ds_smem[...] = ds.astype(ds_smem.dtype)
     plgpu.commit_smem()
-    _wait(bars, slot, 4, (2,))
+    _wait(bars, slot, 4, (3,))
     return dq + _matmul(ds_smem, k_smem.at[slot], (bq, columns))
 
-  dq = lax.fori_loop(0, count, visit, regs.full((bq, columns), 0.0))
+  dq = _prefetched_loop(count, tiling.stages, fetch, visit, regs.full((bq, columns), 0.0))
   dq_smem[...] = (dq if scale == 1.0 else dq * scale).astype(dq_smem.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, h, rows, cols])
@@ -318,7 +387,7 @@ def _dq_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, k_ref, kt_r
 
 def _dkv_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, qt_ref, k_ref, v_ref, do_ref, dot_ref,
                 lse_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem, ka_smem, qt_smem, dot_smem, q_smem, do_smem,
-                lse_smem, delta_smem, qa_smem, pt_smem, dst_smem, dk_smem, dv_smem, own_bars, bars, *, spec, tiling,
+                lse_smem, delta_smem, qa_smem, pt_smem, dst_smem, out_smem, own_bars, bars, *, spec, tiling,
                 columns, scale, compiled):
   bq, bk = tiling.block_q, tiling.block_k
   regs = _Regs(compiled)
@@ -327,41 +396,31 @@ def _dkv_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, qt_ref, k_
   cols = pl.ds(group * columns, columns)
   count = counts_ref[b, k_tile]
 
-  def copies(n, slot):
+  def fetch(n, slot):
     rows = pl.ds(lists_ref[b, k_tile, n] * bq, bq)
-    return [(qt_ref.at[b, h, :, rows], qt_smem.at[slot]), (dot_ref.at[b, h, :, rows], dot_smem.at[slot]),
-            (lse_ref.at[b, h, rows], lse_smem.at[slot]), (delta_ref.at[b, h, rows], delta_smem.at[slot]),
-            (q_attr_ref.at[b, :, rows], qa_smem.at[slot]), (q_ref.at[b, h, rows, cols], q_smem.at[slot]),
-            (do_ref.at[b, h, rows, cols], do_smem.at[slot])]
+    _fetch([(qt_ref.at[b, h, :, rows], qt_smem.at[slot]), (lse_ref.at[b, h, rows], lse_smem.at[slot]),
+            (q_attr_ref.at[b, :, rows], qa_smem.at[slot]), (dot_ref.at[b, h, :, rows], dot_smem.at[slot]),
+            (delta_ref.at[b, h, rows], delta_smem.at[slot]), (q_ref.at[b, h, rows, cols], q_smem.at[slot]),
+            (do_ref.at[b, h, rows, cols], do_smem.at[slot])], bars, slot)
 
   own = [(k_ref.at[b, h, keys, :], k_smem), (v_ref.at[b, h, keys, :], v_smem), (k_attr_ref.at[b, :, keys], ka_smem)]
   _fetch(own, own_bars, 0)
-
-  @pl.when(count > 0)
-  def _():
-    _fetch(copies(0, 0), bars, 0)
-
   _wait(own_bars, 0, len(own), range(len(own)))
   k_vectors = _attribute_vectors(regs, ka_smem, num_attributes(spec, "k"), 0)
 
-  def visit(n, carry):
+  def visit(n, slot, carry):
     dk, dv = carry
-    slot = lax.rem(n, 2)
-
-    @pl.when(n + 1 < count)
-    def _():
-      _fetch(copies(n + 1, 1 - slot), bars, 1 - slot)
-
-    _wait(bars, slot, 7, (0, 1, 2, 3, 4))
+    _wait(bars, slot, 7, (0, 1, 2))
     st = _matmul(k_smem, qt_smem.at[slot], (bk, bq))  # S^T: keys along the rows
     if scale != 1.0:
       st = st * scale
     q_vectors = _attribute_vectors(regs, qa_smem.at[slot], num_attributes(spec, "q"), 1)
     mask = _tile_mask_transposed(spec, q_vectors, k_vectors, (bk, bq))
     lse = lax.broadcast_in_dim(regs.vector(lse_smem.at[slot], 1), (bk, bq), (1,))
-    delta = lax.broadcast_in_dim(regs.vector(delta_smem.at[slot], 1), (bk, bq), (1,))
     pt = jnp.where(mask, jnp.exp(st - lse), 0.0)
+    _wait(bars, slot, 7, (3, 4))
     dpt = _matmul(v_smem, dot_smem.at[slot], (bk, bq))
+    delta = lax.broadcast_in_dim(regs.vector(delta_smem.at[slot], 1), (bk, bq), (1,))
     dst = pt * (dpt - delta)
     pt_smem[...] = pt.astype(pt_smem.dtype)
     dst_smem[...] = dst.astype(dst_smem.dtype)
@@ -372,63 +431,63 @@ def _dkv_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, qt_ref, k_
     return dk, dv
 
   zeros = regs.full((bk, columns), 0.0)
-  dk, dv = lax.fori_loop(0, count, visit, (zeros, zeros))
-  dk_smem[...] = (dk if scale == 1.0 else dk * scale).astype(dk_smem.dtype)
-  dv_smem[...] = dv.astype(dv_smem.dtype)
+  dk, dv = _prefetched_loop(count, tiling.stages, fetch, visit, (zeros, zeros))
+  # dK then dV through one staging tile (SMEM is what limits head dim 512 here).
+  out_smem[...] = (dk if scale == 1.0 else dk * scale).astype(out_smem.dtype)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[b, h, keys, cols])
-  plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[b, h, keys, cols])
+  plgpu.copy_smem_to_gmem(out_smem, dk_ref.at[b, h, keys, cols])
+  plgpu.wait_smem_to_gmem(0)
+  out_smem[...] = dv.astype(out_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, dv_ref.at[b, h, keys, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
-def backward(q, k, v, do, lse, delta, q_attrs, k_attrs, q_lists, q_counts, k_lists, k_counts, *, spec: MaskSpec,
-             tiling: MosaicTiling, scale: float, interpret: bool):
-  """(dq, dk, dv) of the padded stacked layout, in the dtypes of q, k and v. `q_lists` are the key tiles each row
-  tile visits, `k_lists` the row tiles each key tile visits (the same table transposed)."""
+def dq(q, k, kt, vt, do, lse, delta, q_attrs, k_attrs, lists, counts, *, spec: MaskSpec, tiling: MosaicTiling,
+       scale: float, interpret: bool):
+  """dQ [B, K, R, Hp] of the padded stacked layout; kt, vt are k and v transposed ([B, K, Hp, S]); `lists` the key
+  tiles each row tile visits."""
+  check_tiling("dq", tiling)
   B, K, R, H = q.shape
-  S = k.shape[2]
-  bq, bk = tiling.block_q, tiling.block_k
+  bq, bk, n = tiling.block_q, tiling.block_k, tiling.stages
   groups, columns = column_groups(H, tiling.max_columns)
   dtype = q.dtype
   aq, ak = num_attributes(spec, "q"), num_attributes(spec, "k")
-  common = dict(spec=spec, tiling=tiling, columns=columns, scale=scale, compiled=not interpret)
-  mesh = dict(grid_names=("tiles", "batch", "heads", "columns"), num_threads=1, thread_name="warpgroup",
-              **_mosaic_compat.kernel_kwargs(interpret))
-  t = lambda x: jnp.swapaxes(x, 2, 3)  # noqa: E731  [B, K, T, H] -> [B, K, H, T]
-  dq = plgpu.kernel(
-      functools.partial(_dq_kernel, **common),
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      scratch_types=[
-          _swizzled((bq, H), dtype), _swizzled((bq, H), dtype),  # q, dO
-          plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32),  # lse, delta
-          plgpu.SMEM((aq, bq), jnp.int32),
-          _swizzled((2, H, bk), dtype), _swizzled((2, H, bk), dtype),  # k^T, v^T
-          _swizzled((2, bk, columns), dtype),  # k columns
-          plgpu.SMEM((2, ak, bk), jnp.int32),
-          _swizzled((bq, bk), dtype),  # dS
-          _swizzled((bq, columns), dtype),  # dQ columns
-          plgpu.Barrier(num_barriers=5), plgpu.Barrier(num_barriers=8),
-      ],
-      grid=(R // bq, B, K, groups),
-      kernel_name="mosaic_flash_attention_dq",
-      **mesh,
-  )(q_lists, q_counts, q_attrs, k_attrs, q, k, t(k), t(v), do, lse, delta)
-  dk, dv = plgpu.kernel(
-      functools.partial(_dkv_kernel, **common),
-      out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      scratch_types=[
-          _swizzled((bk, H), dtype), _swizzled((bk, H), dtype),  # k, v
-          plgpu.SMEM((ak, bk), jnp.int32),
-          _swizzled((2, H, bq), dtype), _swizzled((2, H, bq), dtype),  # q^T, dO^T
-          _swizzled((2, bq, columns), dtype), _swizzled((2, bq, columns), dtype),  # q, dO columns
-          plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),  # lse, delta
-          plgpu.SMEM((2, aq, bq), jnp.int32),
-          _swizzled((bk, bq), dtype), _swizzled((bk, bq), dtype),  # P^T, dS^T
-          _swizzled((bk, columns), dtype), _swizzled((bk, columns), dtype),  # dK, dV columns
-          plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=14),
-      ],
-      grid=(S // bk, B, K, groups),
-      kernel_name="mosaic_flash_attention_dkv",
-      **mesh,
-  )(k_lists, k_counts, q_attrs, k_attrs, q, t(q), k, v, do, t(do), lse, delta)
-  return dq, dk, dv
+  tile = lambda shape: _swizzled(shape, dtype, swizzle_bytes(tiling, columns))  # noqa: E731
+  scratch = [
+      tile((bq, H)), tile((bq, H)),  # q, dO
+      plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((aq, bq), jnp.int32),
+      tile((n, H, bk)), tile((n, H, bk)), tile((n, bk, columns)),  # k^T, v^T, k columns
+      plgpu.SMEM((n, ak, bk), jnp.int32),
+      tile((bq, bk)), tile((bq, columns)),  # dS, dQ columns
+      plgpu.Barrier(num_barriers=5), plgpu.Barrier(num_barriers=4 * n),
+  ]
+  body = functools.partial(_dq_kernel, spec=spec, tiling=tiling, columns=columns, scale=scale, compiled=not interpret)
+  return _launch("dq", body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, num_tiles=counts.shape[1], batch=B,
+                 heads=K, groups=groups, interpret=interpret)(lists, counts, q_attrs, k_attrs, q, k, kt, vt, do, lse,
+                                                              delta)
+
+
+def dkv(q, qt, k, v, do, dot, lse, delta, q_attrs, k_attrs, lists, counts, *, spec: MaskSpec, tiling: MosaicTiling,
+        scale: float, interpret: bool):
+  """(dK, dV) [B, K, S, Hp] of the padded stacked layout; qt, dot are q and dO transposed ([B, K, Hp, R]); `lists`
+  the row tiles each key tile visits."""
+  check_tiling("dkv", tiling)
+  B, K, S, H = k.shape
+  bq, bk, n = tiling.block_q, tiling.block_k, tiling.stages
+  groups, columns = column_groups(H, tiling.max_columns)
+  dtype = q.dtype
+  aq, ak = num_attributes(spec, "q"), num_attributes(spec, "k")
+  tile = lambda shape: _swizzled(shape, dtype, swizzle_bytes(tiling, columns))  # noqa: E731
+  scratch = [
+      tile((bk, H)), tile((bk, H)), plgpu.SMEM((ak, bk), jnp.int32),  # k, v, key attributes
+      tile((n, H, bq)), tile((n, H, bq)), tile((n, bq, columns)), tile((n, bq, columns)),  # q^T, dO^T, q, dO columns
+      plgpu.SMEM((n, bq), jnp.float32), plgpu.SMEM((n, bq), jnp.float32), plgpu.SMEM((n, aq, bq), jnp.int32),
+      tile((bk, bq)), tile((bk, bq)), tile((bk, columns)),  # P^T, dS^T, dK then dV columns
+      plgpu.Barrier(num_barriers=3), plgpu.Barrier(num_barriers=7 * n),
+  ]
+  body = functools.partial(_dkv_kernel, spec=spec, tiling=tiling, columns=columns, scale=scale,
+                           compiled=not interpret)
+  out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+  return _launch("dkv", body, out_type, scratch, num_tiles=counts.shape[1], batch=B, heads=K, groups=groups,
+                 interpret=interpret)(lists, counts, q_attrs, k_attrs, q, qt, k, v, do, dot, lse, delta)

@@ -11,6 +11,7 @@ output and the float32 log-sum-exp per row: memory linear in L.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +26,20 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def _split_tilings(tiling):
-  """None, one tiling for both passes, or a (forward, backward) pair; each a MosaicTiling or (block_q, block_k)."""
+  """(forward, dq, dkv) tilings, each None (the table) or a MosaicTiling, from None, one tiling (or (block_q,
+  block_k)) for every kernel, a (forward, backward) pair or a (forward, dq, dkv) triple."""
   as_tiling = lambda t: t if t is None or isinstance(t, MosaicTiling) else MosaicTiling(*t)  # noqa: E731
   if tiling is None or isinstance(tiling, MosaicTiling):
-    return (tiling, tiling)
+    return (tiling,) * 3
   tiling = tuple(tiling)
-  if len(tiling) == 2 and all(t is None or isinstance(t, (MosaicTiling, tuple, list)) for t in tiling):
+  if all(isinstance(t, int) for t in tiling):
+    return (MosaicTiling(*tiling),) * 3
+  if len(tiling) == 2:
+    return (as_tiling(tiling[0]),) + (as_tiling(tiling[1]),) * 2
+  if len(tiling) == 3:
     return tuple(as_tiling(t) for t in tiling)
-  return (MosaicTiling(*tiling),) * 2
-
-
-def choose_mosaic_tiling(direction: str, head_dim: int) -> MosaicTiling:
-  """64 x 64 tiles (one wgmma M-tile per warpgroup); accumulators of at most 256 float32 columns forward (128
-  registers a thread at 64 rows) and 128 backward, where dK and dV are accumulated together. Not yet tuned on a GPU."""
-  del head_dim
-  return MosaicTiling(64, 64, max_columns=256 if direction == "forward" else 128)
+  raise ValueError(f"tiling={tiling!r}: expected a MosaicTiling, (block_q, block_k), a (forward, backward) pair or "
+                   f"a (forward, dq, dkv) triple")
 
 
 def flash_attention_mosaic(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, scale: float = 1.0, tiling=None,
@@ -47,7 +47,8 @@ def flash_attention_mosaic(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, scale: flo
   """softmax(scale * q k^T) v under `spec` on the Mosaic GPU kernels; differentiable in q, k and v.
 
   Args as `attention_ops.flash_attention`, except: q, k and v are bfloat16 or float16 (wgmma operands) of one dtype;
-  `tiling` is None, a MosaicTiling or (block_q, block_k) for both passes, or a (forward, backward) pair of those;
+  `tiling` is None (`attention_mosaic.choose_tiling`), a MosaicTiling or (block_q, block_k) for every kernel, a
+  (forward, backward) pair or a (forward, dq, dkv) triple of those;
   `interpret` runs the Mosaic GPU interpreter (None: interpret unless the default backend is a GPU).
 
   Returns:
@@ -77,8 +78,8 @@ def flash_attention_mosaic(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, scale: flo
   return out_BLNH[..., :H]
 
 
-def _tiling_for(direction, tiling, head_dim):
-  return tiling if tiling is not None else choose_mosaic_tiling(direction, head_dim)
+def _tiling_for(kernel, tiling, head_dim):
+  return tiling if tiling is not None else kernels.choose_tiling(kernel, head_dim)
 
 
 def _pad_to(x, axis, multiple, value=0):
@@ -91,18 +92,15 @@ def _pad_to(x, axis, multiple, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _padded_attributes(spec, rows_per_query, tiling):
+
+def _padded_attributes(spec, rows_per_query, row_multiple, key_multiple):
   """Attribute arrays padded to whole tiles: padded rows and keys get segment ids no token has."""
   q_attrs, k_attrs = attribute_arrays(spec, rows_per_query)
-  q_seg = _pad_to(q_attrs[:, :1], 2, tiling.block_q, kernels.QUERY_OUTSIDE)
-  k_seg = _pad_to(k_attrs[:, :1], 2, tiling.block_k, kernels.KEY_OUTSIDE)
-  q_attrs = jnp.concatenate([q_seg, _pad_to(q_attrs[:, 1:], 2, tiling.block_q)], axis=1)
-  k_attrs = jnp.concatenate([k_seg, _pad_to(k_attrs[:, 1:], 2, tiling.block_k)], axis=1)
+  q_seg = _pad_to(q_attrs[:, :1], 2, row_multiple, kernels.QUERY_OUTSIDE)
+  k_seg = _pad_to(k_attrs[:, :1], 2, key_multiple, kernels.KEY_OUTSIDE)
+  q_attrs = jnp.concatenate([q_seg, _pad_to(q_attrs[:, 1:], 2, row_multiple)], axis=1)
+  k_attrs = jnp.concatenate([k_seg, _pad_to(k_attrs[:, 1:], 2, key_multiple)], axis=1)
   return q_attrs, k_attrs
-
-
-def _padded(q, k, v, tiling):
-  return _pad_to(q, 2, tiling.block_q), _pad_to(k, 2, tiling.block_k), _pad_to(v, 2, tiling.block_k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -112,30 +110,39 @@ def _flash(q, k, v, spec, rows_per_query, scale, tilings, interpret):
 
 def _flash_fwd(q, k, v, spec, rows_per_query, scale, tilings, interpret):
   tiling = _tiling_for("forward", tilings[0], q.shape[-1])
+  bq, bk = tiling.block_q, tiling.block_k
   R = q.shape[2]
-  q_attrs, k_attrs = _padded_attributes(spec, rows_per_query, tiling)
-  lists, counts = visit_lists(tile_visits(spec, tiling.block_q, tiling.block_k, rows_per_query=rows_per_query))
-  qp, kp, vp = _padded(q, k, v, tiling)
-  out, lse = kernels.forward(qp, jnp.swapaxes(kp, 2, 3), vp, q_attrs, k_attrs, lists, counts, spec=spec,
-                             tiling=tiling, scale=scale, interpret=interpret)
+  q_attrs, k_attrs = _padded_attributes(spec, rows_per_query, bq, bk)
+  lists, counts = visit_lists(tile_visits(spec, bq, bk, rows_per_query=rows_per_query))
+  kp = _pad_to(k, 2, bk)
+  out, lse = kernels.forward(_pad_to(q, 2, bq), jnp.swapaxes(kp, 2, 3), _pad_to(v, 2, bk), q_attrs, k_attrs, lists,
+                             counts, spec=spec, tiling=tiling, scale=scale, interpret=interpret)
   out, lse = out[:, :, :R], lse[:, :, :R]
   return out, (q, k, v, spec, out, lse)
 
 
 def _flash_bwd(rows_per_query, scale, tilings, interpret, residuals, do):
   q, k, v, spec, out, lse = residuals
-  tiling = _tiling_for("backward", tilings[1], q.shape[-1])
+  H = q.shape[-1]
+  dq_tiling, dkv_tiling = _tiling_for("dq", tilings[1], H), _tiling_for("dkv", tilings[2], H)
   R, S = q.shape[2], k.shape[2]
-  q_attrs, k_attrs = _padded_attributes(spec, rows_per_query, tiling)
-  visits = tile_visits(spec, tiling.block_q, tiling.block_k, rows_per_query=rows_per_query)
-  q_lists, q_counts = visit_lists(visits)
-  k_lists, k_counts = visit_lists(jnp.swapaxes(visits, 1, 2))
+  # One padding serves both kernels: rows and keys to multiples of both kernels' tiles.
+  rm = math.lcm(dq_tiling.block_q, dkv_tiling.block_q)
+  km = math.lcm(dq_tiling.block_k, dkv_tiling.block_k)
+  q_attrs, k_attrs = _padded_attributes(spec, rows_per_query, rm, km)
   delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  qp, kp, vp = _padded(q, k, v, tiling)
-  dq, dk, dv = kernels.backward(qp, kp, vp, _pad_to(do.astype(q.dtype), 2, tiling.block_q),
-                                _pad_to(lse, 2, tiling.block_q), _pad_to(delta, 2, tiling.block_q), q_attrs, k_attrs,
-                                q_lists, q_counts, k_lists, k_counts, spec=spec, tiling=tiling, scale=scale,
-                                interpret=interpret)
+  qp, kp, vp = _pad_to(q, 2, rm), _pad_to(k, 2, km), _pad_to(v, 2, km)
+  dop = _pad_to(do.astype(q.dtype), 2, rm)
+  lse, delta = _pad_to(lse, 2, rm), _pad_to(delta, 2, rm)
+  t = lambda x: jnp.swapaxes(x, 2, 3)  # noqa: E731  [B, K, T, H] -> [B, K, H, T]
+  common = dict(spec=spec, scale=scale, interpret=interpret)
+  visits = tile_visits(spec, dq_tiling.block_q, dq_tiling.block_k, rows_per_query=rows_per_query)
+  dq = kernels.dq(qp, kp, t(kp), t(vp), dop, lse, delta, q_attrs, k_attrs, *visit_lists(visits), tiling=dq_tiling,
+                  **common)
+  if (dkv_tiling.block_q, dkv_tiling.block_k) != (dq_tiling.block_q, dq_tiling.block_k):
+    visits = tile_visits(spec, dkv_tiling.block_q, dkv_tiling.block_k, rows_per_query=rows_per_query)
+  dk, dv = kernels.dkv(qp, t(qp), kp, vp, dop, t(dop), lse, delta, q_attrs, k_attrs,
+                       *visit_lists(jnp.swapaxes(visits, 1, 2)), tiling=dkv_tiling, **common)
   return dq[:, :, :R], dk[:, :, :S], dv[:, :, :S], None
 
 

@@ -19,7 +19,8 @@ from diffgemma_jax.model.masks import MaskSpec, Tokens
 from diffgemma_jax.objectives.block import block_ids
 from pallas_kernels import _mosaic_compat, attention_reference
 from pallas_kernels.attention_mask import tile_visits
-from pallas_kernels.attention_mosaic import MosaicTiling, column_groups
+from pallas_kernels.attention_mosaic import (KERNELS, MAX_SHARED_BYTES, MosaicTiling, choose_tiling, column_groups,
+                                             shared_memory_bytes)
 from pallas_kernels.attention_mosaic_ops import flash_attention_mosaic
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -43,12 +44,12 @@ def _fresh_interpreter():
 
 # Rows of 80 tokens: with two query heads per key head 160 stacked rows (three 64-row tiles, the last one partly
 # padding) against two 64-key tiles, so the visit lists skip tiles and the padding is exercised.
-SEGMENTS, POSITIONS = packed_rows([[30, 50], [80], [10, 10, 45]], 80)
+SEGMENTS, POSITIONS = packed_rows([[30, 50], [10, 10, 45]], 80)
 
 
 def _canvas_spec(length=64, block=8):
   """[canvas (64) ; clean (64)]: the clean row tile never sees the canvas key tile, so that tile is skipped."""
-  segments, positions = packed_rows([[20, 44], [40], [5, 30]], length)
+  segments, positions = packed_rows([[20, 44], [5, 30]], length)
   blocks = block_ids({"tokens": segments}, block)
   return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks)
 
@@ -97,11 +98,17 @@ CASES = {
     "causal packed, GQA 2, head dim 16 (padded to 64)":
         (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS), dict(num_heads=4, num_kv_heads=2, head_dim=16)),
     "bidirectional packed segments (tiles of different documents skipped), scale 0.5":
-        (lambda: MaskSpec.packed("bidirectional", *packed_rows([[64, 16], [80], [40, 24, 16]], 80)),
+        (lambda: MaskSpec.packed("bidirectional", *packed_rows([[64, 16], [40, 24, 16]], 80)),
          dict(num_heads=1, num_kv_heads=1, head_dim=32, scale=0.5)),
     "causal packed, window 12, head dim 128 in two column groups":
         (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS).with_window(12),
          dict(num_heads=2, num_kv_heads=1, head_dim=128, tiling=MosaicTiling(64, 64, max_columns=64))),
+    # Head dim 512's tilings on a small head: one SMEM stage, 32-key dQ and 32-row dK-dV tiles (a 64-byte swizzle).
+    "block_causal packed, one SMEM stage, 32-wide streamed tiles, 64-column groups":
+        (lambda: MaskSpec.packed("block_causal", SEGMENTS, POSITIONS, block_size=8),
+         dict(num_heads=2, num_kv_heads=1, head_dim=128,
+              tiling=(MosaicTiling(64, 64, max_columns=64, stages=1), MosaicTiling(64, 32, max_columns=64, stages=1),
+                      MosaicTiling(32, 64, max_columns=64, stages=1)))),
     "[canvas ; clean] pretraining layout, window 10 (the canvas-window rule)":
         (lambda: _canvas_spec().with_window(10), dict(num_heads=1, num_kv_heads=1, head_dim=16)),
 }
@@ -130,19 +137,56 @@ def test_queries_that_see_no_key_get_zeros():
   assert not out[blind].any() and not dq[blind].any() and out[~blind].any()
 
 
-def test_column_groups_and_tiling():
-  assert column_groups(512, 256) == (2, 256) and column_groups(192, 128) == (3, 64) and column_groups(64, 256) == (1, 64)
-  with pytest.raises(ValueError, match="multiple of 64"):
+def test_column_groups_and_tiling_table():
+  assert column_groups(512, 256) == (2, 256) and column_groups(192, 128) == (3, 64)
+  assert column_groups(64, 256) == (1, 64)
+  for kernel in KERNELS:
+    for head_dim in (64, 128, 256, 512):
+      # Mosaic aligns each SMEM buffer: leave it 4 KiB (the lowering test below checks Mosaic's own count).
+      assert shared_memory_bytes(kernel, choose_tiling(kernel, head_dim), head_dim) <= MAX_SHARED_BYTES - 4096
+  with pytest.raises(ValueError, match="multiple of 32"):
     MosaicTiling(48, 64)
+  q = jnp.zeros((1, 80, 1, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match="block_q=32: the forward kernel's rows are a wgmma M-tile"):
+    flash_attention_mosaic(q, q, q, MaskSpec.packed("causal", SEGMENTS[:1], POSITIONS[:1]), tiling=(32, 64),
+                           interpret=True)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256, 512])
+def test_kernels_lower_for_hopper(head_dim):
+  """What the interpreter cannot check, from this CPU: the Mosaic GPU lowering for sm_90a (wgmma operand shapes,
+  swizzles and layouts, TMA slices, SMEM within the 227 KiB of a Hopper block). DiffusionGemma's layer shapes (16
+  query heads; 8 key heads of 256 or 2 of 512) on the [canvas ; clean] layout with a window at 2 x 1000 tokens: the
+  forward, dQ and dK/dV kernels all lower. PTX generation and register allocation happen only on a GPU."""
+  B, L, N = 1, 1000, 16
+  K = 2 if head_dim == 512 else 8
+  sds = jax.ShapeDtypeStruct
+
+  def grads(q, k, v, segments, positions, blocks):
+    spec = MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks).with_window(1024)
+    def loss(q, k, v):
+      return flash_attention_mosaic(q, k, v, spec, interpret=False).astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  args = (sds((B, 2 * L, N, head_dim), jnp.bfloat16), sds((B, 2 * L, K, head_dim), jnp.bfloat16),
+          sds((B, 2 * L, K, head_dim), jnp.bfloat16)) + (sds((B, L), jnp.int32),) * 3
+  try:
+    text = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as e:  # pylint: disable=broad-except
+    if "cuda" in str(e).lower() and "platform" in str(e).lower():
+      pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
+    raise
+  for kernel in KERNELS:
+    assert f"mosaic_flash_attention_{kernel}_mosaic_gpu" in text, kernel
 
 
 def test_input_errors_name_the_problem():
   spec = MaskSpec.packed("causal", SEGMENTS, POSITIONS)
-  q = jnp.zeros((3, 80, 2, 16), jnp.bfloat16)
+  q = jnp.zeros((2, 80, 2, 16), jnp.bfloat16)
   with pytest.raises(ValueError, match="bfloat16, float16"):
     flash_attention_mosaic(q.astype(jnp.float32), q[:, :, :1], q[:, :, :1], spec, interpret=True)
   with pytest.raises(ValueError, match="K dividing N"):
-    flash_attention_mosaic(q, jnp.zeros((3, 80, 3, 16), jnp.bfloat16), jnp.zeros((3, 80, 3, 16), jnp.bfloat16),
+    flash_attention_mosaic(q, jnp.zeros((2, 80, 3, 16), jnp.bfloat16), jnp.zeros((2, 80, 3, 16), jnp.bfloat16),
                            spec, interpret=True)
 
 
@@ -160,6 +204,6 @@ def test_model_selection_and_bad_combinations():
   config = ModelConfig(compute_dtype="bfloat16", attention_impl="pallas_mosaic")
   with pytest.raises(ConfigError, match=r"^model\.attention_impl='pallas_mosaic' needs model\.compute_dtype"):
     dataclasses.replace(config, compute_dtype="float32")
-  q = jnp.zeros((3, 80, 2, 16), jnp.float32)
+  q = jnp.zeros((2, 80, 2, 16), jnp.float32)
   with pytest.raises(ConfigError, match=r"^model\.attention_impl='pallas_mosaic' takes bfloat16"):
     attend(q, q[:, :, :1], q[:, :, :1], spec, "pallas_mosaic")
