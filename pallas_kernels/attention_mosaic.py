@@ -44,7 +44,7 @@ from pallas_kernels.attention_mask import MaskSpec, visible
 _MASKED_SCORE = -1e30
 QUERY_OUTSIDE, KEY_OUTSIDE = -2, -1
 SEG, POS, CANVAS, BLOCK, START = range(5)
-# A bf16 SMEM tile is stored as (8, 64) tiles with a 128-byte swizzle: its minor dimension is a multiple of 64.
+# wgmma's M-tile (the rows one warpgroup owns) and the head-dim padding (a 128-byte swizzled bf16 row).
 LANE = 64
 
 
@@ -195,21 +195,11 @@ class _Regs:
     return ref[...]
 
 
-def _tile_mask(spec: MaskSpec, q_vectors, k_vectors, shape):
-  """[rows, keys] bool of one tile from the attribute vectors of its rows and keys ([rows], [keys])."""
-  col = lambda x: lax.broadcast_in_dim(x, shape, (0,))  # noqa: E731
-  row = lambda x: lax.broadcast_in_dim(x, shape, (1,))  # noqa: E731
-  args = [col(q_vectors[SEG]), col(q_vectors[POS]), row(k_vectors[SEG]), row(k_vectors[POS])]
-  if spec.q.has_canvas:
-    args += [col(q_vectors[CANVAS]) != 0, row(k_vectors[CANVAS]) != 0, col(q_vectors[BLOCK]),
-             row(k_vectors[BLOCK]), col(q_vectors[START]) if spec.window else None]
-  return visible(spec, *args)
-
-
-def _tile_mask_transposed(spec: MaskSpec, q_vectors, k_vectors, shape):
-  """[keys, rows] bool: the mask of a tile laid out with keys along the rows (the dK/dV kernel's S^T)."""
-  col = lambda x: lax.broadcast_in_dim(x, shape, (1,))  # noqa: E731  (query attributes vary along columns)
-  row = lambda x: lax.broadcast_in_dim(x, shape, (0,))  # noqa: E731
+def _tile_mask(spec: MaskSpec, q_vectors, k_vectors, shape, q_axis: int = 0):
+  """The bool mask of one tile from the attribute vectors of its rows and keys, queries along axis `q_axis` of
+  `shape` (0: a [rows, keys] tile; 1: the dK/dV kernel's [keys, rows] S^T)."""
+  col = lambda x: lax.broadcast_in_dim(x, shape, (q_axis,))  # noqa: E731  (query attributes)
+  row = lambda x: lax.broadcast_in_dim(x, shape, (1 - q_axis,))  # noqa: E731  (key attributes)
   args = [col(q_vectors[SEG]), col(q_vectors[POS]), row(k_vectors[SEG]), row(k_vectors[POS])]
   if spec.q.has_canvas:
     args += [col(q_vectors[CANVAS]) != 0, row(k_vectors[CANVAS]) != 0, col(q_vectors[BLOCK]),
@@ -415,7 +405,7 @@ def _dkv_kernel(lists_ref, counts_ref, q_attr_ref, k_attr_ref, q_ref, qt_ref, k_
     if scale != 1.0:
       st = st * scale
     q_vectors = _attribute_vectors(regs, qa_smem.at[slot], num_attributes(spec, "q"), 1)
-    mask = _tile_mask_transposed(spec, q_vectors, k_vectors, (bk, bq))
+    mask = _tile_mask(spec, q_vectors, k_vectors, (bk, bq), q_axis=1)
     lse = lax.broadcast_in_dim(regs.vector(lse_smem.at[slot], 1), (bk, bq), (1,))
     pt = jnp.where(mask, jnp.exp(st - lse), 0.0)
     _wait(bars, slot, 7, (3, 4))
