@@ -1,10 +1,11 @@
 """The Mosaic GPU (Hopper) flash-attention kernels against the dense reference: values and q/k/v gradients under
-causal, packed-segment, [canvas ; clean] and sliding-window masks, with tiles skipped by the visit lists.
+causal, block-causal, packed-segment, [canvas ; clean] and sliding-window masks, with tiles skipped by the visit
+lists.
 
 On CPU the kernels run in the Mosaic GPU interpret mode (simulated SMEM, TMA copies, barriers and wgmma; reads of
-unwritten memory come back NaN and out-of-bounds copies raise). Inputs are bfloat16; the reference is computed in
-float32 from the same bfloat16 values. Set DIFFGEMMA_PALLAS_GPU=1 on a Hopper GPU to run the same tests compiled
-(bench/gpu_check.sh does); interpret mode cannot check what only the compiler sees (docs/attention.md).
+unwritten memory come back NaN and out-of-bounds copies raise). Inputs are bfloat16 (one case float16); the
+reference is computed in float32 from the same values. Set DIFFGEMMA_PALLAS_GPU=1 on a Hopper GPU to run the same
+tests compiled (bench/gpu_check.sh does); interpret mode cannot check what only the compiler sees (docs/attention.md).
 """
 
 import os
@@ -54,11 +55,11 @@ def _canvas_spec(length=64, block=8):
   return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks)
 
 
-def _inputs(spec, num_heads, num_kv_heads, head_dim, seed=0):
+def _inputs(spec, num_heads, num_kv_heads, head_dim, dtype=jnp.bfloat16, seed=0):
   B, L = spec.q.segment_ids.shape
   S = spec.kv.segment_ids.shape[1]
   keys = jax.random.split(jax.random.key(seed), 4)
-  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)  # noqa: E731
   return (normal(keys[0], (B, L, num_heads, head_dim)), normal(keys[1], (B, S, num_kv_heads, head_dim)),
           normal(keys[2], (B, S, num_kv_heads, head_dim)),
           jax.random.normal(keys[3], (B, L, num_heads, head_dim), jnp.float32))
@@ -79,15 +80,15 @@ def _assert_close(actual, expected, what, tolerance=TOLERANCE):
   assert error <= tolerance * scale, f"{what}: max abs error {error} (scale {scale})"
 
 
-def check_against_reference(spec, *, num_heads, num_kv_heads, head_dim, tiling=None, scale=1.0):
-  q, k, v, cotangent = _inputs(spec, num_heads, num_kv_heads, head_dim)
+def check_against_reference(spec, *, num_heads, num_kv_heads, head_dim, tiling=None, scale=1.0, dtype=jnp.bfloat16):
+  q, k, v, cotangent = _inputs(spec, num_heads, num_kv_heads, head_dim, dtype)
   ours = lambda q, k, v: flash_attention_mosaic(q, k, v, spec, scale=scale, tiling=tiling,  # noqa: E731
                                                 interpret=INTERPRET)
   reference = lambda q, k, v: attention_reference(q, k, v, spec, scale=scale, precision=HIGHEST)  # noqa: E731
   out, grads = _value_and_grads(ours, q, k, v, cotangent)
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
   ref_out, ref_grads = _value_and_grads(reference, f32(q), f32(k), f32(v), cotangent)
-  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
   _assert_close(out, ref_out, "output")
   for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
     _assert_close(got, want, name)
@@ -97,9 +98,9 @@ def check_against_reference(spec, *, num_heads, num_kv_heads, head_dim, tiling=N
 CASES = {
     "causal packed, GQA 2, head dim 16 (padded to 64)":
         (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS), dict(num_heads=4, num_kv_heads=2, head_dim=16)),
-    "bidirectional packed segments (tiles of different documents skipped), scale 0.5":
+    "float16, bidirectional packed segments (tiles of different documents skipped), scale 0.5":
         (lambda: MaskSpec.packed("bidirectional", *packed_rows([[64, 16], [40, 24, 16]], 80)),
-         dict(num_heads=1, num_kv_heads=1, head_dim=32, scale=0.5)),
+         dict(num_heads=1, num_kv_heads=1, head_dim=32, scale=0.5, dtype=jnp.float16)),
     "causal packed, window 12, head dim 128 in two column groups":
         (lambda: MaskSpec.packed("causal", SEGMENTS, POSITIONS).with_window(12),
          dict(num_heads=2, num_kv_heads=1, head_dim=128, tiling=MosaicTiling(64, 64, max_columns=64))),
