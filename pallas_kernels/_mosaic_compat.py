@@ -3,8 +3,11 @@
 
 The Mosaic GPU interpret mode (`InterpretGPUParams`, passed as `interpret=` to `plgpu.kernel`) runs a Mosaic GPU
 kernel on the CPU with simulated GMEM / SMEM, warpgroup threads, barriers, TMA copies and wgmma. jax 0.10.2 ships it
-under `jax._src.pallas.mosaic_gpu.interpret.params`; the jax-ml/jax tree of August 2026 (0.11.1.dev) still exports
-it from no public module, so the public spelling is tried first and the private one is the fallback.
+under `jax._src.pallas.mosaic_gpu.interpret.params` only; the jax-ml/jax tree of August 2026 (0.11.1.dev) exports it
+from no public module either, while the latest jax documentation lists it as
+`jax.experimental.pallas.mosaic_gpu.InterpretGPUParams` (with `set_gpu_interpret_mode`): the public spelling is tried
+first, the private one is the fallback. The fields used here (detect_races, uninitialized_memory,
+out_of_bounds_reads) exist in both.
 """
 
 from __future__ import annotations
