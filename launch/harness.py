@@ -89,9 +89,13 @@ def _evaluate(argv: list[str]) -> int:
   except ImportError:
     print("error: diffgemma-lm-eval needs the lm-evaluation-harness: pip install -e '.[lm_eval]'", file=sys.stderr)
     return 2
+  import lm_eval.evaluator
+
   import diffgemma_jax.harness  # noqa: F401  (registers the diffgemma model)
-  saved = sys.argv
+  saved, saved_git_hash = sys.argv, getattr(lm_eval.evaluator, "get_git_commit_hash", None)
   sys.argv = ["lm-eval"] + harness_argv(argv)
+  if saved_git_hash is not None:
+    lm_eval.evaluator.get_git_commit_hash = git_commit_hash
   try:
     cli_evaluate()
   except (ConfigError, DataError) as e:
@@ -99,7 +103,23 @@ def _evaluate(argv: list[str]) -> int:
     return 2
   finally:
     sys.argv = saved
+    if saved_git_hash is not None:
+      lm_eval.evaluator.get_git_commit_hash = saved_git_hash
   return 0
+
+
+def git_commit_hash() -> str | None:
+  """What lm-eval's `get_git_commit_hash` records as its results' `git_hash` (`git describe --always` in the
+  working directory, else the commit its `.git` names, else None), without the `fatal: not a git repository`
+  that git prints to the job's log when the working directory is not in a repository (a cluster job's usually
+  is not); git's other errors are dropped with it, as the harness ignores them too."""
+  import subprocess
+
+  from lm_eval.loggers.utils import get_commit_from_path
+  try:
+    return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+  except (subprocess.CalledProcessError, FileNotFoundError):
+    return get_commit_from_path(os.getcwd())
 
 
 if __name__ == "__main__":
