@@ -36,15 +36,21 @@ def _source_files() -> dict[str, str]:
   return found
 
 
+def _copy_tree(src) -> dict[str, str]:
+  """Copies what a build reads into `src`; returns `_source_files()`."""
+  files = _source_files()
+  for rel in list(files.values()) + list(BUILD_FILES):
+    os.makedirs(src / os.path.dirname(rel), exist_ok=True)
+    shutil.copy(os.path.join(REPO, rel), src / rel)
+  return files
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
   """(the built wheel's path, pip's output, the source files it should hold)."""
   root = tmp_path_factory.mktemp("packaging")
   src, out = root / "src", root / "wheel"
-  files = _source_files()
-  for rel in list(files.values()) + list(BUILD_FILES):
-    os.makedirs(src / os.path.dirname(rel), exist_ok=True)
-    shutil.copy(os.path.join(REPO, rel), src / rel)
+  files = _copy_tree(src)
   proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                          "-w", str(out), str(src)], capture_output=True, text=True, cwd=root)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -61,6 +67,19 @@ def test_the_wheel_holds_every_installed_file_and_builds_without_warnings(wheel)
   assert {"diffgemma_jax/harness_tasks/stdlib_heldout_mc.yaml", "diffgemma_jax/harness_tasks/stdlib_heldout_mc.jsonl",
           "diffgemma_jax/harness_tasks/utils.py", "diffgemma_jax/harness_tasks/baselines.json"} <= names
   assert not [n for n in names if n.startswith(("configs/", "launch/", "tests/", "bench/"))]
+
+
+def test_the_editable_install_builds_without_warnings(tmp_path):
+  """`pip install -e .` builds an editable wheel (setuptools' build_editable); it printed that
+  diffgemma_jax.harness_tasks 'would be ignored'."""
+  src = tmp_path / "src"
+  _copy_tree(src)
+  proc = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                         "print(build_meta.build_editable(sys.argv[1]))", str(tmp_path / "out")],
+                        capture_output=True, text=True, cwd=src)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  output = proc.stdout + proc.stderr
+  assert proc.stdout.strip().endswith(".whl") and "would be ignored" not in output and "Warning" not in output, output
 
 
 def test_the_unpacked_wheel_runs_outside_the_checkout(wheel, tmp_path):
