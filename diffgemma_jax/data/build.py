@@ -284,9 +284,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(os.path.join(staging, "scan"))
       size = sum(span.size for spans in tasks for span in spans)
-      progress.say(f"building the {corpus.name} dataset in {output_dir}: {len(corpus.files)} file(s), {size / 1e6:.1f} MB "
-           f"in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} worker(s) per process"
-           + ("" if tokenizer else ", a tokenizer trained on a sample first"))
+      progress.say(f"building the {corpus.name} dataset in {output_dir}: {len(corpus.files)} file(s), "
+                   f"{size / 1e6:.1f} MB in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} "
+                   f"worker(s) per process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
 
   def scan():
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
@@ -442,8 +442,8 @@ class _Progress:
     rate = self.bytes / max(now - self.start, 1e-9)
     left = f", {(total - self.bytes) / rate / 60:.1f} min left" if rate > 0 else ""
     whose = " of this process" if self.shared else ""
-    self.say(f"building {self.output_dir}: {self.name} {self.finished}/{len(self.sizes)} task(s){whose}, {self.bytes / 1e6:.1f} of "
-              f"{total / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s{left}")
+    self.say(f"building {self.output_dir}: {self.name} {self.finished}/{len(self.sizes)} task(s){whose}, "
+             f"{self.bytes / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s{left}")
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
