@@ -298,3 +298,32 @@ def test_the_harness_records_the_git_hash_without_git_complaining_in_the_log(tmp
   assert main(["--model", "diffgemma"]) == 0
   assert recorded[1] == subprocess.check_output(["git", "describe", "--always"], text=True).strip()
   assert len(recorded[1]) >= 7
+
+
+def test_the_shipped_tasks_load_without_the_harness_metadata_notice(tmp_path, monkeypatch, caplog):
+  """Through diffgemma-lm-eval the shipped tasks load without the harness's notice that a custom_dataset function
+  takes `--metadata` kwargs; a task of the user's with a custom_dataset still gets it, and so does a shipped
+  task loaded outside the CLI."""
+  import logging
+
+  from lm_eval.tasks import TaskManager, get_task_dict
+  for name, text in TASKS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
+
+  def load(include_path):
+    get_task_dict(["stdlib_heldout_mc", "tiny_mc"] if include_path else ["stdlib_heldout_mc"],
+                  TaskManager(include_path=include_path or TASKS_DIR, include_defaults=False))
+
+  def notices():
+    found = sorted(r.getMessage().split(":")[0] for r in caplog.records if "Custom kwargs" in r.getMessage())
+    caplog.clear()
+    return found
+
+  with caplog.at_level(logging.WARNING):
+    load(None)
+    assert notices() == ["stdlib_heldout_mc"]  # the harness's own notice, outside our CLI
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: load([TASKS_DIR, str(tmp_path)]))
+    assert main(["--model", "diffgemma"]) == 0
+    assert notices() == ["tiny_mc"]
+    load(None)
+    assert notices() == ["stdlib_heldout_mc"]  # the filter is gone once the CLI returns
