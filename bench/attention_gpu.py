@@ -17,6 +17,8 @@ useful FLOPs over the median of --runs timed calls. Peak memory is XLA's estimat
 (arguments + outputs + temporaries), so an implementation that cannot fit on the card is reported with what it
 would need instead of being run. Implementations:
   pallas          ours (pallas_kernels.flash_attention): every mask, fully masked tiles skipped
+  pallas_mosaic   the same kernel on Pallas Mosaic GPU (pallas_kernels.flash_attention_mosaic; Hopper, bf16); each
+                  row's `mosaic_over_triton` is pallas ms / pallas_mosaic ms per direction (> 1: Mosaic faster)
   xla             dense [B, heads, L, S] float32 logits (the model's reference path)
   cudnn           jax.nn.dot_product_attention(implementation='cudnn'), where the mask fits (causal rows)
   tokamax_mosaic, tokamax_triton   tokamax.dot_product_attention, where importable and the mask fits
@@ -43,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import benchlib  # pylint: disable=wrong-import-position
 from diffgemma_jax.model.attention_impl import cudnn_arguments  # pylint: disable=wrong-import-position
 from pallas_kernels import (MaskSpec, attention_reference, choose_attention_tiling, count_visible,  # pylint: disable=wrong-import-position
-                            flash_attention, tile_visits)
+                            flash_attention, flash_attention_mosaic, tile_visits)
 
 MASKS = ("block_diffusion", "causal", "bidirectional_packed")
 CHECK_TOLERANCE = 3e-2  # of the largest reference value: bfloat16 outputs
@@ -98,6 +100,9 @@ def implementations(interpret: bool, tiling):
   impls = {"xla": lambda q, k, v, spec: attention_reference(q, k, v, spec),
            "pallas": lambda q, k, v, spec: flash_attention(q, k, v, spec, tiling=tiling, interpret=interpret)}
   on_gpu = jax.default_backend() == "gpu"
+  capability = str(getattr(jax.devices()[0], "compute_capability", "")) if on_gpu else ""
+  impls["pallas_mosaic"] = ("Hopper (sm_90) only" if on_gpu and not capability.startswith("9.") else
+                            lambda q, k, v, spec: flash_attention_mosaic(q, k, v, spec, interpret=interpret))
 
   def library(call):
     def run(q, k, v, spec):
@@ -216,6 +221,13 @@ def run_case(layer: Layer, mask: str, length: int, impls, args, ceiling: float, 
     except Exception as e:  # pylint: disable=broad-except
       result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     row[name] = result
+  ratio = {}
+  for direction in ("forward", "forward_backward"):
+    triton, mosaic = (row.get(name, {}).get(direction, {}).get("ms") for name in ("pallas", "pallas_mosaic"))
+    if triton and mosaic:
+      ratio[direction] = triton / mosaic
+  if ratio:
+    row["mosaic_over_triton"] = ratio
   return row
 
 
@@ -241,6 +253,9 @@ def print_row(row, names):
     ok = "" if result.get("forward", {}).get("ok", True) else " WRONG"
     peak = result.get("forward_backward", {}).get("peak_gb")
     cells.append(f"{name}: {parts[0]} / {parts[1]} TFLOP/s{ok}" + (f", {peak:.2f} GB" if peak is not None else ""))
+  if "mosaic_over_triton" in row:
+    cells.append("mosaic/triton speed " + " / ".join(f"{row['mosaic_over_triton'].get(d, float('nan')):.2f}"
+                                                     for d in ("forward", "forward_backward")))
   print(f"{row['layer']:8s} {row['mask']:21s} {row['row_tokens']:6d} tokens (B={row['batch_size']}, visible "
         f"{row['visible_fraction']:.3f}, tiles/useful {row['visited_tile_fraction_of_work']:.2f}): "
         + "; ".join(cells), flush=True)
@@ -311,7 +326,7 @@ def main(argv=None) -> int:
            for name in report["implementations"] if r.get(name, {}).get("forward", {}).get("ok") is False]
   if wrong:
     print(f"results that failed the check against xla: {wrong}")
-  return 1 if any(w[3] == "pallas" for w in wrong) else 0
+  return 1 if any(w[3] in ("pallas", "pallas_mosaic") for w in wrong) else 0
 
 
 if __name__ == "__main__":

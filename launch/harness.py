@@ -11,6 +11,7 @@ files are uploaded to the URL when it ends, also when it fails part way. Needs t
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -22,6 +23,21 @@ from diffgemma_jax.errors import ConfigError, DataError
 
 # the package's own task files (package data), wherever it is installed
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(diffgemma_jax.__file__)), "harness_tasks")
+
+
+class ShippedTaskNotice(logging.Filter):
+  """Drops one notice of the harness (lm_eval.api.task), for the tasks shipped in TASKS_DIR only: that a task whose
+  `custom_dataset` is a function may be given keyword arguments with `--metadata`. It comes with every run of
+  such a task; ours read local JSONL and take none. The same notice for any other task, and every other record,
+  pass."""
+
+  def __init__(self):
+    super().__init__()
+    shipped = sorted(name[:-len(".yaml")] for name in os.listdir(TASKS_DIR) if name.endswith(".yaml"))
+    self.prefixes = tuple(f"{task}: Custom kwargs can be passed to `--metadata`" for task in shipped)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING and record.getMessage().startswith(self.prefixes))
 
 
 def harness_argv(argv: list[str]) -> list[str]:
@@ -89,9 +105,15 @@ def _evaluate(argv: list[str]) -> int:
   except ImportError:
     print("error: diffgemma-lm-eval needs the lm-evaluation-harness: pip install -e '.[lm_eval]'", file=sys.stderr)
     return 2
+  import lm_eval.evaluator
+
   import diffgemma_jax.harness  # noqa: F401  (registers the diffgemma model)
-  saved = sys.argv
+  saved, saved_git_hash = sys.argv, getattr(lm_eval.evaluator, "get_git_commit_hash", None)
   sys.argv = ["lm-eval"] + harness_argv(argv)
+  if saved_git_hash is not None:
+    lm_eval.evaluator.get_git_commit_hash = git_commit_hash
+  notice, task_logger = ShippedTaskNotice(), logging.getLogger("lm_eval.api.task")
+  task_logger.addFilter(notice)
   try:
     cli_evaluate()
   except (ConfigError, DataError) as e:
@@ -99,7 +121,24 @@ def _evaluate(argv: list[str]) -> int:
     return 2
   finally:
     sys.argv = saved
+    if saved_git_hash is not None:
+      lm_eval.evaluator.get_git_commit_hash = saved_git_hash
+    task_logger.removeFilter(notice)
   return 0
+
+
+def git_commit_hash() -> str | None:
+  """What lm-eval's `get_git_commit_hash` records as its results' `git_hash` (`git describe --always` in the
+  working directory, else the commit its `.git` names, else None), without the `fatal: not a git repository`
+  that git prints to the job's log when the working directory is not in a repository (a cluster job's usually
+  is not); git's other errors are dropped with it, as the harness ignores them too."""
+  import subprocess
+
+  from lm_eval.loggers.utils import get_commit_from_path
+  try:
+    return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+  except (subprocess.CalledProcessError, FileNotFoundError):
+    return get_commit_from_path(os.getcwd())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Pallas kernels with a Triton GPU lowering: routed grouped matmuls (megablox-style API) for sparse-MoE layers,
-and flash attention under mask descriptions.
+and flash attention under mask descriptions (also ported to Mosaic GPU for Hopper: `flash_attention_mosaic`).
 
 `gmm` is the differentiable entry point (custom_vjp); `gmm_kernel` and `tgmm` are the raw forward and
 weight-gradient kernels. `flash_attention` is differentiable attention under a `MaskSpec`. The references are
@@ -11,6 +11,7 @@ and `ops_mosaic` (its custom_vjp), imported from there rather than here: docs/gr
 
 from pallas_kernels.attention_mask import MaskSpec, Tokens, count_visible, tile_visits
 from pallas_kernels.attention_ops import flash_attention
+from pallas_kernels.attention_mosaic_ops import flash_attention_mosaic
 from pallas_kernels.attention_chunked import ChunkPlan, chunked_attention, plan_chunks, span_ladder
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.attention_tiling import AttentionTiling, choose_attention_tiling
@@ -31,6 +32,7 @@ __all__ = [
     "choose_attention_tiling",
     "count_visible",
     "flash_attention",
+    "flash_attention_mosaic",
     "plan_chunks",
     "span_ladder",
     "tile_visits",

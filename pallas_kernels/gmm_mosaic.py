@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plmgpu
 
-from pallas_kernels import _compat
+from pallas_kernels import _mosaic_compat
 from pallas_kernels import metadata
 from pallas_kernels.tiling import device_shared_memory_bytes
 
@@ -293,7 +293,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
       past sum(group_sizes), come out zero.
     transpose_rhs: rhs is [G_local, n, k] (used for dlhs).
     interpret: None (interpret unless the default backend is a GPU), a bool, or Mosaic GPU interpret-mode
-      parameters (_compat.mosaic_interpret_params_class()).
+      parameters (_mosaic_compat.interpret_params_class()).
 
   Returns:
     [m, n] in preferred_element_type.
@@ -309,7 +309,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
     raise ValueError(f"gmm: lhs is [m={m}, k={k}] but rhs {rhs.shape} read as {layout} has k={rhs_k}")
   out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
   tiling = choose_mosaic_tiling("gmm", m, k, n, tiling, out_bytes=out_dtype.itemsize)
-  interpret = _compat.resolve_mosaic_interpret(interpret)
+  interpret = _mosaic_compat.interpret_params(interpret)
   _check_device("gmm", interpret)
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
   bm, bk, bn = tiling.block_m, tiling.block_k, tiling.block_n
@@ -431,7 +431,7 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None,
   num_groups = num_actual_groups if num_actual_groups is not None else group_sizes.shape[0]
   out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
   tiling = choose_mosaic_tiling("tgmm", m, k, n, tiling, out_bytes=out_dtype.itemsize)
-  interpret = _compat.resolve_mosaic_interpret(interpret)
+  interpret = _mosaic_compat.interpret_params(interpret)
   _check_device("tgmm", interpret)
   group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
   bm, bk, bn = tiling.block_m, tiling.block_k, tiling.block_n

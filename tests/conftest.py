@@ -235,24 +235,32 @@ _CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compil
 
 
 @contextlib.contextmanager
-def persistent_compilation_cache(folder: str):
-  """JAX's persistent compilation cache on in this test process, in `folder`, for the `with` block; JAX's settings
-  restored after it (they are process-wide)."""
+def _cache_settings_restored():
+  """JAX's persistent-cache settings (process-wide) as they were before the `with` block, and its cache object
+  reset on both sides of it."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache as jax_cache
-  from diffgemma_jax.compile_cache import use_compilation_cache
-  from diffgemma_jax.config import base_config
   saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
   jax_cache.reset_cache()
-  config = base_config()
-  config.compilation.cache_dir = folder  # the default min_compile_time_s (1 s): the programs worth a file
-  use_compilation_cache(config)
   try:
     yield
   finally:
     for name, value in saved.items():
       jax.config.update(name, value)
     jax_cache.reset_cache()
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(folder: str):
+  """JAX's persistent compilation cache on in this test process, in `folder`, for the `with` block; JAX's settings
+  restored after it (they are process-wide)."""
+  from diffgemma_jax.compile_cache import use_compilation_cache
+  from diffgemma_jax.config import base_config
+  with _cache_settings_restored():
+    config = base_config()
+    config.compilation.cache_dir = folder  # the default min_compile_time_s (1 s): the programs worth a file
+    use_compilation_cache(config)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -279,18 +287,15 @@ def no_compilation_cache():
   process-wide)."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
-  saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
 
   def turn_off():
     jax.config.update("jax_compilation_cache_dir", None)
     compilation_cache.reset_cache()
     jax.clear_caches()
 
-  turn_off()
-  yield turn_off
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  with _cache_settings_restored():
+    turn_off()
+    yield turn_off
 
 
 def compilation_cache_entries(folder: str) -> set[str]:

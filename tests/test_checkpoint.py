@@ -3,6 +3,7 @@ and incompatible workdirs refused."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -49,6 +50,22 @@ def test_trainer_restore_matches_plain_orbax(trained_run):
   assert int(state.step) == 16
   np.testing.assert_array_equal(np.asarray(state.params["embedder"]["embedding"][...]),
                                 plain["embedder"]["embedding"])
+
+
+def test_a_runs_parameter_shapes_are_read_without_orbax_warnings(trained_run, caplog):
+  """`saved_params` (how init.checkpoint, a LoRA fine-tune and `diffgemma-eval --checkpoint` check shapes) lists
+  every saved parameter with its shape, and Orbax logs nothing: a Checkpointer's metadata call looks for the step's
+  metadata file inside params/ (the manager writes it one folder up) and warns "Metadata file does not exist"."""
+  from diffgemma_jax.train.reading import flat_paths, open_run
+  _, workdir, _ = trained_run
+  with caplog.at_level(logging.INFO):
+    run = open_run(workdir)
+    saved = run.saved_params()
+  assert run.step == TRAINED_STEPS
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  plain = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(TRAINED_STEPS), "params"))
+  assert {k: tuple(v.shape) for k, v in saved.items()} == {k: v.shape for k, v in flat_paths(plain).items()}
+  assert len(saved) > 20
 
 
 def _train_cmd(config_file: str, workdir: str, overrides: dict[str, str]) -> list[str]:

@@ -44,6 +44,9 @@ def test_attention_benchmark_in_interpret_mode(tmp_path):
   assert ours["forward"]["ok"] and ours["forward"]["max_rel_error"] < 1e-2
   for direction in ("forward", "forward_backward"):
     assert ours[direction]["tflops"] > 0 and ours[direction]["peak_gb"] > 0
+  mosaic = row["pallas_mosaic"]  # the Mosaic GPU kernel in its interpreter, with its speed ratio to Triton's
+  assert mosaic["forward"]["ok"] and mosaic["forward"]["max_rel_error"] < 1e-2
+  assert set(row["mosaic_over_triton"]) == {"forward", "forward_backward"}
   assert row["cudnn"] == {"skipped": "GPU only"}
   assert "machine_loaded" in report and report["ceiling_tflops"] > 0
 

@@ -270,3 +270,60 @@ def test_a_bucket_output_path_gets_the_harness_files(s3_endpoint, trained_run, t
   (uploaded,) = epath.Path("s3://runs/failed").iterdir()
   assert uploaded.name.startswith("tiny_") and uploaded.name.endswith(".json")
   assert json.loads(uploaded.read_text())["results"]["tiny_mc"] == results["results"]["tiny_mc"]
+
+
+def test_the_harness_records_the_git_hash_without_git_complaining_in_the_log(tmp_path, monkeypatch, capfd):
+  """diffgemma-lm-eval hands the harness a `get_git_commit_hash` that keeps git's stderr out of the log: outside a
+  repository (a cluster job's working directory) nothing is printed and the hash is None, as the harness records
+  it; inside one the hash is `git describe --always`'s; the harness's own function is back once the CLI returns."""
+  import subprocess
+
+  import lm_eval.evaluator
+  original = lm_eval.evaluator.get_git_commit_hash
+  monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks no further up than tmp_path
+  recorded = []
+  monkeypatch.setattr("lm_eval.__main__.cli_evaluate",  # what the harness's evaluator does for its results
+                      lambda: recorded.append(lm_eval.evaluator.get_git_commit_hash()))
+  (tmp_path / "job").mkdir()
+  monkeypatch.chdir(tmp_path / "job")
+  assert main(["--model", "diffgemma"]) == 0
+  err = capfd.readouterr().err
+  assert recorded == [None] and "fatal" not in err and "git" not in err, err
+  assert lm_eval.evaluator.get_git_commit_hash is original
+  repo = tmp_path / "repo"
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
+  monkeypatch.chdir(repo)
+  assert main(["--model", "diffgemma"]) == 0
+  assert recorded[1] == subprocess.check_output(["git", "describe", "--always"], text=True).strip()
+  assert len(recorded[1]) >= 7
+
+
+def test_the_shipped_tasks_load_without_the_harness_metadata_notice(tmp_path, monkeypatch, caplog):
+  """Through diffgemma-lm-eval the shipped tasks load without the harness's notice that a custom_dataset function
+  takes `--metadata` kwargs; a task of the user's with a custom_dataset still gets it, and so does a shipped
+  task loaded outside the CLI."""
+  import logging
+
+  from lm_eval.tasks import TaskManager, get_task_dict
+  for name, text in TASKS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
+
+  def load(include_path):
+    get_task_dict(["stdlib_heldout_mc", "tiny_mc"] if include_path else ["stdlib_heldout_mc"],
+                  TaskManager(include_path=include_path or TASKS_DIR, include_defaults=False))
+
+  def notices():
+    found = sorted(r.getMessage().split(":")[0] for r in caplog.records if "Custom kwargs" in r.getMessage())
+    caplog.clear()
+    return found
+
+  with caplog.at_level(logging.WARNING):
+    load(None)
+    assert notices() == ["stdlib_heldout_mc"]  # the harness's own notice, outside our CLI
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: load([TASKS_DIR, str(tmp_path)]))
+    assert main(["--model", "diffgemma"]) == 0
+    assert notices() == ["tiny_mc"]
+    load(None)
+    assert notices() == ["stdlib_heldout_mc"]  # the filter is gone once the CLI returns

@@ -388,16 +388,57 @@ def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
   pure = _pure(_random_model(TINY))
   export_hf(TINY, pure, src, canvas_length=16, log=lambda _: None)  # a canvas within the sliding window (64)
   import_hf(src, str(work), log=lambda _: None)
+  with pytest.raises(ConfigError) as info:  # an earlier import: says so, not that later steps would hide it
+    import_hf(src, str(work), log=lambda _: None)
+  assert ("checkpoints is not empty (0, run_config.json); it holds a step 0 already (an earlier import?), which "
+          "Orbax refuses to overwrite, and run_config.json would be overwritten. Use a new --output, or --force"
+          in str(info.value)), info.value
   (work / "checkpoints" / "24").mkdir()  # a later step of a run trained in this workdir
   (work / "tokenizer.model").write_bytes(b"that run's tokenizer")
-  with pytest.raises(ConfigError, match=r"checkpoints is not empty \(0, 24, run_config.json\).*--force"):
+  with pytest.raises(ConfigError, match=r"checkpoints is not empty \(0, 24, run_config.json\); an imported step 0 "
+                     r"would be ignored beside the later step \(24\) and run_config.json would be overwritten.*"
+                     r"--force"):
     import_hf(src, str(work), log=lambda _: None)
+  empty = tmp_path / "empty"
+  (empty / "checkpoints").mkdir(parents=True)
+  (empty / "checkpoints" / "run_config.json").write_text("{}")  # a run stopped before its first save
+  with pytest.raises(ConfigError, match=r"is not empty \(run_config.json\); run_config.json would be overwritten"):
+    import_hf(src, str(empty), log=lambda _: None)
   assert import_main(["--hf", src, "--output", str(work)]) == 2
   assert (work / "checkpoints" / "24").is_dir()  # refused: nothing touched
   assert import_main(["--hf", src, "--output", str(work), "--force"]) == 0
   assert "24" not in os.listdir(work / "checkpoints") and not (work / "tokenizer.model").exists()
   step, _ = restore_pure_params(str(work), TINY)
   assert step == 0
+
+
+def test_the_imported_config_says_where_its_row_length_comes_from(tmp_path):
+  """The config file diffgemma-import writes explains train.seq_len by what config.json gives: no
+  max_position_embeddings (our own exports), one that caps the rows, or one far above them."""
+  from diffgemma_jax.config import load_config
+  src = tmp_path / "hf"
+  export_hf(TINY, _pure(_random_model(TINY)), str(src), canvas_length=16, log=lambda _: None)
+  hf_config = json.loads((src / "config.json").read_text())
+  assert "max_position_embeddings" not in json.dumps(hf_config)
+  found = {}
+  for name, max_positions in (("none", None), ("capped", 72), ("long", 131_072)):
+    if max_positions:
+      hf_config["text_config"]["max_position_embeddings"] = max_positions
+      (src / "config.json").write_text(json.dumps(hf_config))
+    config_out = tmp_path / f"{name}.py"
+    import_hf(str(src), str(tmp_path / name), config_out=str(config_out), log=lambda _: None)
+    text = config_out.read_text()
+    comment = " ".join(line.strip()[2:] for line in text.splitlines() if line.strip().startswith("# "))
+    found[name] = (load_config(str(config_out)).train.seq_len, comment)
+    assert "(not given)" not in text and "None" not in comment
+  assert found["none"][0] == 4096 and ("Rows of whole canvases of 16: 4096 tokens, as many as fit in 4096 (our 26B "
+                                       "recipe's row length). config.json sets no max_position_embeddings"
+                                       in found["none"][1]), found
+  assert found["capped"][0] == 64 and ("Rows of whole canvases of 16: 64 tokens, as many as fit in config.json's "
+                                       "max_position_embeddings (72)." in found["capped"][1]), found
+  assert "Raise it" not in found["capped"][1]  # 80 would not fit in 72
+  assert found["long"][0] == 4096 and ("within config.json's max_position_embeddings (131072). Raise it (a multiple "
+                                       "of the canvas, up to 131072) for longer prompts." in found["long"][1]), found
 
 
 def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_file):

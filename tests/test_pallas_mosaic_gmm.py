@@ -24,7 +24,7 @@ import pytest
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import dispatch
 from diffgemma_jax.model.config import ModelConfig
-from pallas_kernels import _compat
+from pallas_kernels import _mosaic_compat
 from pallas_kernels import gmm_mosaic
 from pallas_kernels import metadata
 from pallas_kernels import ops_mosaic
@@ -41,7 +41,7 @@ def _clean_interpreter():
   """Mosaic GPU interpret mode keeps global state that a kernel failing mid-run leaves dirty."""
   yield
   if not ON_GPU:
-    _compat.reset_mosaic_interpret_state()
+    _mosaic_compat.reset_interpret_state()
 
 
 def _group_sizes(case: str, m: int, num_groups: int) -> np.ndarray:
@@ -402,9 +402,9 @@ def test_train_step_with_pallas_mosaic_dispatch_lowers_to_mosaic_gpu(monkeypatch
   from diffgemma_jax.config import base_config  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=import-outside-toplevel
 
-  resolve = _compat.resolve_mosaic_interpret
+  resolve = _mosaic_compat.interpret_params
   # What `interpret=None` resolves to on a GPU backend; traces cached for this CPU must not be reused.
-  monkeypatch.setattr(_compat, "resolve_mosaic_interpret", lambda i: None if i is None else resolve(i))
+  monkeypatch.setattr(_mosaic_compat, "interpret_params", lambda i: None if i is None else resolve(i))
   jax.clear_caches()
   try:
     config = base_config()

@@ -195,6 +195,20 @@ def test_each_pallas_call_sees_its_shard(mesh_name):
   assert [shapes for _, shapes in calls] == expected
 
 
+@needs_eight
+def test_each_mosaic_call_sees_its_shard():
+  """model.attention_impl='pallas_mosaic' runs per shard as 'pallas' does (a Mosaic GPU kernel is a custom call
+  XLA cannot split either): its three kernels' launches (forward, dQ, dK/dV) all sit inside the shard_map."""
+  mesh = _mesh("data2_tensor4")
+  spec = _canvas_clean_window()
+  q, k, v, cotangent = _inputs(spec, 4, 2, 16, jnp.bfloat16)
+  grads = lambda q, k, v: jax.vjp(  # noqa: E731
+      lambda q, k, v: per_shard.sharded_attend(q, k, v, spec, "pallas_mosaic", mesh), q, k, v)[1](
+          cotangent.astype(q.dtype))
+  calls = [inside for name, inside, _ in _walk(jax.make_jaxpr(grads)(q, k, v).jaxpr) if name == "mpmd_map"]
+  assert len(calls) == 3 and all(calls), calls
+
+
 T, D, F, E, K = 64, 16, 8, 8, 2
 
 

@@ -332,14 +332,13 @@ def test_reading_a_large_store_keeps_memory_flat(tmp_path):
   assert private_kb() - before < 16_000
 
 
-def test_a_build_says_what_it_does_to_a_terminal(store, tmp_path, monkeypatch, capsys):
-  """A first run's build takes a minute or more: to a terminal it says what it builds and what it built; captured
-  output (logs, tests, pipes) gets nothing."""
+def test_a_build_says_what_it_does_in_a_log(store, tmp_path, monkeypatch, capsys):
+  """A first run's build can take many minutes: stderr, a terminal or not (a cluster job's log), gets what it builds
+  and what it built; between them a line per finished task only once PROGRESS_EVERY_S has passed since the last
+  line (here 0 s: every task of both phases; at the default, a build of a second prints its two lines alone)."""
   out, manifest, src = store
   tok = os.path.join(out, "tokenizer.model")
-  _build(tmp_path, "quiet", src, tok, build_workers=1)
-  assert capsys.readouterr().err == ""
-  monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
   built = _build(tmp_path, "told", src, tok, build_workers=1)
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 2, lines
@@ -347,3 +346,36 @@ def test_a_build_says_what_it_does_to_a_terminal(store, tmp_path, monkeypatch, c
   assert lines[1].startswith(f"built {tmp_path / 'told'} in ") and (
       f"{built['splits']['train']['tokens']:,} train and {built['splits']['heldout']['tokens']:,} held-out tokens"
       in lines[1]), lines
+  monkeypatch.setattr(build_module, "TASK_BYTES", 40_000)
+  monkeypatch.setattr(build_module, "PROGRESS_EVERY_S", 0.0)
+  tasks = len(build_module.plan_tasks(build_module.Corpus(str(src), tuple(sorted(os.listdir(src))), "c")))
+  assert tasks > 3
+  _build(tmp_path, "each", src, tok, build_workers=1)
+  lines = capsys.readouterr().err.splitlines()
+  prefix = f"building {tmp_path / 'each'}: "
+  steps = [line[len(prefix):].split(" task(s)")[0] for line in lines[1:-1]]
+  assert steps == [f"{phase} {k}/{tasks}" for phase in ("scan", "tokenise") for k in range(1, tasks + 1)], lines
+  assert all(line.startswith(prefix) and " MB/s" in line for line in lines[1:-1]), lines
+
+
+def test_build_progress_lines_come_at_most_every_interval(capsys):
+  """A fake clock: task lines and notes only once `every_s` has passed since the last line printed."""
+  now = [0.0]
+  progress = build_module._Progress("DIR", enabled=True, every_s=30.0, clock=lambda: now[0])
+  progress.phase("scan", {i: 10_000_000 for i in range(10)})
+  for i, t in enumerate((5, 20, 29.9, 31, 45, 60, 61, 95, 96, 100)):
+    now[0] = t
+    progress.done(i)
+  now[0] = 120
+  progress.note("not yet: 25 s since the last line")
+  now[0] = 126
+  progress.note("training the tokenizer")
+  assert capsys.readouterr().err.splitlines() == [
+      "building DIR: scan 4/10 task(s), 40.0 of 100.0 MB, 1.29 MB/s, 0.8 min left",  # at 31 s
+      "building DIR: scan 7/10 task(s), 70.0 of 100.0 MB, 1.15 MB/s, 0.4 min left",  # 61
+      "building DIR: scan 8/10 task(s), 80.0 of 100.0 MB, 0.84 MB/s, 0.4 min left",  # 95
+      "building DIR: training the tokenizer"]  # 126
+  quiet = build_module._Progress("DIR", enabled=False, every_s=0.0)  # processes other than 0
+  quiet.say("x")
+  quiet.note("y")
+  assert capsys.readouterr().err == ""

@@ -19,6 +19,10 @@ Within a process, tasks run in `workers` spawned processes, started once for bot
 enough (at least MIN_TASKS of them up to TASK_BYTES each) for the workers to finish together: the last task
 to end, not the mean, sets the build time. Documents keep the order of the files (sorted by path) and of the
 records in each file, which is the order rows are cut in, whatever the worker or process count.
+
+Process 0 prints on stderr, terminal or not (a scheduler's log shows a long build as it goes, as it shows the
+trainer's plain step lines): what it builds, where the scan and tokenise phases stand at most every
+PROGRESS_EVERY_S seconds (tasks and megabytes done, the rate and the time the phase has left), and what it built.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ MIN_TASK_BYTES = 1 << 20
 MIN_TASKS = 64
 ENCODE_BATCH_BYTES = 4 << 20
 MAX_LISTED = 10  # non-UTF-8 files and bad lines named in the report; the rest are counted
+PROGRESS_EVERY_S = 30.0  # at most one progress line this often between a build's first and last line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +164,7 @@ def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: in
     sizes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
     sample.offer(digest, (index, number), text)
   write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
-  return stats, sample.heap
+  return index, stats, sample.heap
 
 
 @functools.lru_cache(maxsize=1)
@@ -271,20 +276,24 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]
   job_corpus = dataclasses.replace(corpus, files=(), heldout_keys=())  # what a task needs, pickled per task
   phases = _Phases(staging, options)
+  progress = _Progress(output_dir, enabled=p == 0, shared=count > 1)
+  task_size = {i: sum(span.size for span in spans) for i, spans in mine}
 
   def begin():
     if p == 0:
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(os.path.join(staging, "scan"))
       size = sum(span.size for spans in tasks for span in spans)
-      _say(f"building the {corpus.name} dataset in {output_dir}: {len(corpus.files)} file(s), {size / 1e6:.1f} MB "
-           f"in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} worker(s) per process"
-           + ("" if tokenizer else ", a tokenizer trained on a sample first"))
+      progress.say(f"building the {corpus.name} dataset in {output_dir}: {len(corpus.files)} file(s), "
+                   f"{size / 1e6:.1f} MB in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} "
+                   f"worker(s) per process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
 
   def scan():
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
     jobs = [(job_corpus, i, spans, staging, sample.budget) for i, spans in mine]
-    for task_stats, heap in workers.run(_scan_task, jobs):
+    progress.phase("scan", task_size)
+    for index, task_stats, heap in workers.run(_scan_task, jobs):
+      progress.done(index)
       stats.add(task_stats)
       check_bad_lines(stats, corpus.max_bad_lines)
       for digest, order, lines in heap:
@@ -319,8 +328,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if tokenizer:
       shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
     else:
-      train_tokenizer(sample.texts(heldout), os.path.join(staging, "tokenizer"), vocab_size,
-                      max_sentences=options.sample_lines)
+      texts = sample.texts(heldout)
+      progress.note(f"training the tokenizer ({vocab_size} pieces) on {len(texts):,} sampled document(s)")
+      train_tokenizer(texts, os.path.join(staging, "tokenizer"), vocab_size, max_sentences=options.sample_lines)
     _write_json(os.path.join(staging, "decision.json"),
                 {"heldout": heldout.to_json(), "stats": dataclasses.asdict(stats)})
 
@@ -332,7 +342,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     shards = {}
     heldout = HeldOut.from_json(decision["heldout"])
     jobs = [(job_corpus, i, spans, staging, heldout, tokenizer_path) for i, spans in mine]
+    progress.phase("tokenise", task_size)
     for index, result in workers.run(_tokenize_task, jobs):
+      progress.done(index)
       shards[index] = {split: entry for split, (entry, _) in result.items()}
       for split, (_, task_counts) in result.items():
         counts[split] += task_counts
@@ -377,7 +389,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     # The manifest reaches the target only with everything else: a killed build is rebuilt.
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(staging, output_dir)
-    _say(f"built {output_dir} in {full['build_seconds']:.0f} s: {splits['train']['tokens']:,} train and "
+    progress.say(f"built {output_dir} in {full['build_seconds']:.0f} s: {splits['train']['tokens']:,} train and "
          f"{splits['heldout']['tokens']:,} held-out tokens")
 
   try:
@@ -394,11 +406,44 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   return _read_json(os.path.join(output_dir, "manifest.json"))
 
 
-def _say(text: str) -> None:
-  """A line of progress for a person watching (stderr a terminal, as the trainer's progress bar): a first run's
-  build takes a minute or more and would otherwise be silent; logs and captured output stay as they were."""
-  if sys.stderr.isatty():
-    print(text, file=sys.stderr, flush=True)
+class _Progress:
+  """Process 0's lines on stderr: `say` always; `note` and a phase's task lines (`phase`, then `done` per task) only
+  when PROGRESS_EVERY_S has passed since the last line, so a build of a few seconds prints its first and last line
+  alone and a long one a line every half minute or so, never more often. `shared`: a multi-process build, whose
+  process 0 counts its own tasks."""
+
+  def __init__(self, output_dir: str, *, enabled: bool, shared: bool = False, every_s: float | None = None,
+               clock: Callable[[], float] = time.monotonic):
+    self.output_dir, self.enabled, self.shared, self.clock = output_dir, enabled, shared, clock
+    self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+    self.last = clock()
+    self.name, self.sizes, self.finished, self.bytes, self.start = "", {}, 0, 0, self.last
+
+  def say(self, text: str) -> None:
+    if self.enabled:
+      print(text, file=sys.stderr, flush=True)
+      self.last = self.clock()
+
+  def note(self, text: str) -> None:
+    if self.clock() - self.last >= self.every_s:
+      self.say(f"building {self.output_dir}: {text}")
+
+  def phase(self, name: str, sizes: dict[int, int]) -> None:
+    """A phase over the tasks `sizes` ({task index: bytes}) begins."""
+    self.name, self.sizes, self.finished, self.bytes, self.start = name, sizes, 0, 0, self.clock()
+
+  def done(self, index: int) -> None:
+    self.finished += 1
+    self.bytes += self.sizes[index]
+    now = self.clock()
+    if now - self.last < self.every_s:
+      return
+    total = sum(self.sizes.values())
+    rate = self.bytes / max(now - self.start, 1e-9)
+    left = f", {(total - self.bytes) / rate / 60:.1f} min left" if rate > 0 else ""
+    whose = " of this process" if self.shared else ""
+    self.say(f"building {self.output_dir}: {self.name} {self.finished}/{len(self.sizes)} task(s){whose}, "
+             f"{self.bytes / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s{left}")
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 from typing import Any, Callable
 
 import numpy as np
@@ -46,8 +47,7 @@ def get_config():
   c.model.update(MODEL)
   c.objective.name = "uniform"
   c.objective.block_size = {canvas_length}
-  # Rows of whole canvases; the checkpoint serves prompts up to max_position_embeddings={max_positions} tokens: raise
-  # it (a multiple of the canvas) for longer ones.
+{context_comment}
   c.train.seq_len = {seq_len}
   c.data.tokenizer = {tokenizer!r}  # the checkpoint's own sentencepiece model ("" when it ships none)
   c.data.chat_template = "diffusiongemma"
@@ -177,6 +177,26 @@ def pure_params(cfg: ModelConfig, flat: dict):
   return nnx.to_pure_dict(nnx.State.from_flat_path({p: flat[p] for p in wanted}))
 
 
+def context_comment(canvas_length: int, seq_len: int, max_positions: int | None) -> str:
+  """The imported config's comment on train.seq_len (what `imported_context` chose): where its value comes from and
+  how far it may be raised."""
+  rows = f"Rows of whole canvases of {canvas_length}: {seq_len} tokens"
+  recipe = f"as many as fit in {IMPORTED_CONTEXT} (our 26B recipe's row length)"
+  if not max_positions:
+    text = (f"{rows}, {recipe}. config.json sets no max_position_embeddings, so it does not say how long a context "
+            f"the weights serve; raise it (a multiple of the canvas) for longer prompts.")
+  elif seq_len > int(max_positions):
+    text = (f"{rows}, a single canvas, longer than config.json's max_position_embeddings ({int(max_positions)}), "
+            f"which no whole canvas fits.")
+  else:
+    fit = (recipe + f", within config.json's max_position_embeddings ({int(max_positions)})"
+           if int(max_positions) > IMPORTED_CONTEXT else
+           f"as many as fit in config.json's max_position_embeddings ({int(max_positions)})")
+    text = (f"{rows}, {fit}." + (f" Raise it (a multiple of the canvas, up to {int(max_positions)}) for longer "
+                                 f"prompts." if seq_len + canvas_length <= int(max_positions) else ""))
+  return "\n".join("  # " + line for line in textwrap.wrap(text, 114))
+
+
 def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length: int, seq_len: int,
                       max_positions: int | None = None) -> None:
   """The config file (local or a bucket URL) of a model imported from `source`, whose tokenizer.model (if it ships
@@ -184,7 +204,8 @@ def write_config_file(path: str, cfg: ModelConfig, *, source: str, canvas_length
   model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
   storage.write_text(path, CONFIG_TEMPLATE.format(
       source=source, model=model, canvas_length=canvas_length, seq_len=seq_len,
-      max_positions=max_positions or "(not given)", tokenizer=shipped_tokenizer(source) or ""))
+      context_comment=context_comment(canvas_length, seq_len, max_positions),
+      tokenizer=shipped_tokenizer(source) or ""))
 
 
 def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0) -> str:
@@ -202,16 +223,27 @@ def save_checkpoint(workdir: str, pure: Any, run_config: dict, *, step: int = 0)
 
 
 def check_output(output: str, *, force: bool) -> None:
-  """Refuses a workdir whose checkpoints/ holds anything: the imported step 0 would sit below its later steps
-  (which eval, generate and resume take) and its run_config.json would be overwritten."""
+  """Refuses a workdir whose checkpoints/ holds anything, saying what importing there would do: beside later steps
+  (which eval, generate and resume take) the imported step 0 would be ignored; over a step 0 (an earlier import,
+  say) Orbax would refuse to save, once every tensor had been converted; and run_config.json would be
+  overwritten."""
   storage.check_reachable(output, "--output")
   directory = epath.Path(output, "checkpoints")
   found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
   if found and not force:
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    raise ConfigError(f"--output {output}: {directory} is not empty ({shown}); an imported step 0 would be "
-                      f"ignored beside the later steps and run_config.json overwritten. Use a new --output, or "
-                      f"--force to delete that run's checkpoints and import in their place")
+    steps = sorted(int(name) for name in found if name.isdigit())
+    later = [step for step in steps if step > 0]
+    if later:
+      why = (f"an imported step 0 would be ignored beside the later step{'s' if len(later) > 1 else ''} "
+             f"({', '.join(map(str, later[:5]))}{' ...' if len(later) > 5 else ''}) and ")
+    elif steps:
+      why = "it holds a step 0 already (an earlier import?), which Orbax refuses to overwrite, and "
+    else:
+      why = ""
+    raise ConfigError(f"--output {output}: {directory} is not empty ({shown}); {why}run_config.json would be "
+                      f"overwritten. Use a new --output, or --force to delete that run's checkpoints and import in "
+                      f"their place")
 
 
 def import_hf(hf_dir: str, output: str, *, config_out: str | None = None, force: bool = False,

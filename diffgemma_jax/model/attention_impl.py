@@ -11,6 +11,9 @@
 - `cudnn`: cuDNN's fused attention through `jax.nn.dot_product_attention`, for the masks it expresses: rows that
   each hold one document from position 0 (`MaskSpec.single_documents`), causal or bidirectional, causal with a
   sliding window. Every other mask (packed rows, block-causal, the [canvas ; clean] layouts) goes to `pallas`.
+- `pallas_mosaic`: the same kernel written for Pallas Mosaic GPU (`pallas_kernels.flash_attention_mosaic`: TMA,
+  barriers, wgmma), for Hopper GPUs and bfloat16 / float16 activations; the Mosaic GPU interpreter where there is
+  no GPU (tests only). Chosen only by name: `auto` does not pick it until it is measured on a GPU.
 - `auto`: `pallas` on a GPU; elsewhere `xla`, or `chunked` for rows longer than 2 x CHUNK queries.
 """
 
@@ -23,16 +26,18 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ATTENTION_IMPLS
 from pallas_kernels.attention_mask import MaskSpec
 from pallas_kernels.attention_ops import flash_attention
+from pallas_kernels.attention_mosaic_ops import DTYPES as MOSAIC_DTYPES
+from pallas_kernels.attention_mosaic_ops import flash_attention_mosaic
 from pallas_kernels.attention_chunked import chunked_attention
 from pallas_kernels.attention_reference import attention_reference
 
 CHUNK = 512  # queries per chunk of the `chunked` path
 
-__all__ = ["ATTENTION_IMPLS", "attend", "cudnn_arguments", "cudnn_attention", "resolve"]
+__all__ = ["ATTENTION_IMPLS", "attend", "cudnn_arguments", "cudnn_attention", "mosaic_attention", "resolve"]
 
 
 def resolve(impl: str, mask) -> str:
-  """The implementation that runs: 'xla', 'chunked', 'pallas' or 'cudnn'."""
+  """The implementation that runs: 'xla', 'chunked', 'pallas', 'pallas_mosaic' or 'cudnn'."""
   if not isinstance(mask, MaskSpec):
     return "xla"
   if impl == "auto":
@@ -54,10 +59,27 @@ def attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str):
     return chunked_attention(q_BLNH, k_BSKH, v_BSKH, mask, chunk=CHUNK)
   if chosen == "pallas":
     return flash_attention(q_BLNH, k_BSKH, v_BSKH, mask)
+  if chosen == "pallas_mosaic":
+    return mosaic_attention(q_BLNH, k_BSKH, v_BSKH, mask)
   if jax.default_backend() != "gpu":
     raise ConfigError(f"model.attention_impl='cudnn' runs on NVIDIA GPUs only (backend here: "
                       f"{jax.default_backend()}); use 'auto', 'xla' or 'pallas'")
   return cudnn_attention(q_BLNH, k_BSKH, v_BSKH, mask)
+
+
+def mosaic_attention(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec):
+  """The Mosaic GPU kernel, after the checks that make a bad combination one ConfigError line: a GPU that is not a
+  Hopper (sm_90), activations that are not bfloat16 / float16. Without a GPU it runs the Mosaic GPU interpreter."""
+  if jax.default_backend() == "gpu":
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    if not capability.startswith("9."):
+      raise ConfigError(f"model.attention_impl='pallas_mosaic' compiles for Hopper GPUs (sm_90a) only; this GPU is "
+                        f"{jax.devices()[0].device_kind} (compute capability {capability or 'unknown'}): use 'pallas'")
+  dtypes = sorted({str(x.dtype) for x in (q_BLNH, k_BSKH, v_BSKH)})
+  if len(dtypes) != 1 or jnp.dtype(dtypes[0]) not in map(jnp.dtype, MOSAIC_DTYPES):
+    raise ConfigError(f"model.attention_impl='pallas_mosaic' takes bfloat16 or float16 queries, keys and values "
+                      f"(model.compute_dtype), got {dtypes}; use 'pallas'")
+  return flash_attention_mosaic(q_BLNH, k_BSKH, v_BSKH, spec)
 
 
 def cudnn_arguments(spec: MaskSpec) -> dict | None:

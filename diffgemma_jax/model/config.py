@@ -15,8 +15,9 @@ from diffgemma_jax.errors import ConfigError
 LAYER_KINDS = ("sliding", "global")
 DISPATCH_BACKENDS = ("dense", "ragged", "sorted", "pallas", "pallas_mosaic", "auto")
 # model/attention_impl.py: xla (dense logits, the reference), pallas (our flash-attention kernel), cudnn (cuDNN via
-# jax.nn.dot_product_attention where the mask fits), auto (pallas on a GPU, xla elsewhere).
-ATTENTION_IMPLS = ("xla", "chunked", "pallas", "cudnn", "auto")
+# jax.nn.dot_product_attention where the mask fits), pallas_mosaic (the same kernel on Pallas Mosaic GPU: Hopper,
+# bfloat16 / float16), auto (pallas on a GPU, xla elsewhere).
+ATTENTION_IMPLS = ("xla", "chunked", "pallas", "cudnn", "pallas_mosaic", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_COLLECTIVES = ("all_to_all", "ragged_all_to_all")
@@ -150,6 +151,9 @@ class ModelConfig:
       fail("top_k", f"={self.top_k} exceeds model.num_experts={self.num_experts}; choose 1 <= top_k <= num_experts")
     if self.attention_impl not in ATTENTION_IMPLS:
       fail("attention_impl", f"unknown attention implementation {self.attention_impl!r}; valid are {ATTENTION_IMPLS}")
+    if self.attention_impl == "pallas_mosaic" and self.compute_dtype not in ("bfloat16", "float16"):
+      fail("attention_impl", f"='pallas_mosaic' needs model.compute_dtype bfloat16 or float16 (wgmma operands), got "
+           f"{self.compute_dtype!r}; use attention_impl='pallas' for float32")
     if self.dispatch not in DISPATCH_BACKENDS:
       fail("dispatch", f"unknown dispatch backend {self.dispatch!r}; valid backends are {DISPATCH_BACKENDS}")
     if self.dispatch == "pallas_mosaic" and self.compute_dtype not in ("bfloat16", "float16"):

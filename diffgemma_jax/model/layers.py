@@ -55,8 +55,11 @@ class Embedder(nnx.Module):
     # std 1/sqrt(D): after the sqrt(D) input scale tokens enter at unit RMS.
     self.embedding = param(rngs, (vocab_size, embed_dim), ("vocab", "embed"), fan_in=embed_dim)
 
-  def encode(self, tokens_BL, dtype):
-    x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(dtype)
+  def encode(self, tokens_BL, dtype, table_VD=None):
+    """Scaled embeddings of `tokens_BL`, looked up in `table_VD` (this module's table, placed by the caller) or
+    in the table as it is stored."""
+    table_VD = self.embedding[...] if table_VD is None else table_VD
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
     return x_BLD * jnp.asarray(self.embed_dim ** 0.5, dtype)
 
   def decode(self, x_BLD):

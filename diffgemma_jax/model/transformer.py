@@ -170,7 +170,12 @@ class Denoiser(nnx.Module):
   def embed(self, tokens_BL, dtype, *, embeddings_BLD=None, canvas_BL=None):
     """Scaled token embeddings plus `embeddings_BLD`; with `model.canvas_input_norm`, positions where `canvas_BL`
     is True are then RMS-normalised without scale (the released DiffusionGemma's canvas input)."""
-    x_BLD = self.embedder.encode(tokens_BL, dtype)
+    # The lookup reads the table gathered over `fsdp` (the all-gather FSDP gives every weight at its use; vocabulary
+    # rows stay on `tensor`). From the stored table, sharded on its embed columns, the lookup's gradient had to go
+    # from rows split over every batch axis to columns split over `fsdp`, which XLA's partitioner does on an
+    # `fsdp x expert` mesh only by replicating it whole ("Involuntary full rematerialization").
+    x_BLD = self.embedder.encode(tokens_BL, dtype, self.placement.constrain(self.embedder.embedding[...],
+                                                                            ("vocab", None)))
     if embeddings_BLD is not None:
       x_BLD = x_BLD + embeddings_BLD.astype(dtype)
     if self.cfg.canvas_input_norm and canvas_BL is not None:

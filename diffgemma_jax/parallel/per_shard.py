@@ -66,7 +66,7 @@ def sharded_attend(q_BLNH, k_BSKH, v_BSKH, mask, impl: str, mesh: Mesh):
   B, L, N, _ = q_BLNH.shape
   num_kv = k_BSKH.shape[2]
   context = (CONTEXT_AXIS,) if isinstance(mask, MaskSpec) and split_axes(mesh, (CONTEXT_AXIS,), L) else ()
-  if chosen != "pallas" and not context:
+  if chosen not in ("pallas", "pallas_mosaic") and not context:
     return attention_impl.attend(q_BLNH, k_BSKH, v_BSKH, mask, chosen)
   rows = split_axes(mesh, BATCH_AXES, B)
   tensor = axis_size(mesh, TENSOR_AXIS)

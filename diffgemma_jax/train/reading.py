@@ -70,13 +70,17 @@ class SavedRun:
     return pinned_tokenizer(self.run_dir)
 
   def saved_params(self) -> dict[str, Any]:
-    """{path: shape/dtype metadata} of the saved parameters (Orbax metadata only, nothing read)."""
+    """{path: shape/dtype metadata} of the saved parameters (Orbax metadata only, nothing read). Asked of the
+    item's handler, not of a Checkpointer: that one also reads a step's own metadata file, which the manager
+    writes one folder up (beside `params/`, not in it), and logs a warning that it is missing on every call."""
+    handler = ocp.StandardCheckpointHandler()
     try:
-      metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.step_dir, "params"))
+      metadata = handler.metadata(epath.Path(os.path.join(self.step_dir, "params")))
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
       raise ConfigError(f"{self.key.run}: cannot read the parameters in {self.step_dir}: {e}") from None
-    tree = getattr(metadata, "item_metadata", metadata)
-    return flat_paths(getattr(tree, "tree", tree))
+    finally:
+      handler.close()
+    return flat_paths(getattr(metadata, "tree", metadata))
 
   def check_fits(self, abstract_params) -> None:
     """Every parameter of the model must be saved with its shape, except LoRA adapters (new in a fine-tune:
