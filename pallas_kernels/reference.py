@@ -30,7 +30,9 @@ def gmm_rows_reference(lhs_rows, row_groups, rhs, transpose_rhs=False, preferred
 
   Works on any subset of rows, so the benchmark can check large problems on a sample.
   """
-  weights = rhs[jnp.maximum(row_groups, 0)].astype(jnp.float32)
+  # Widen before the gather: its transpose (the weight gradient) is a scatter-add, which would otherwise add the
+  # rows' contributions one at a time in the weights' own dtype (bfloat16: an error of up to a few tenths).
+  weights = rhs.astype(jnp.float32)[jnp.maximum(row_groups, 0)]
   spec = "rk,rnk->rn" if transpose_rhs else "rk,rkn->rn"
   out = jnp.einsum(spec, lhs_rows.astype(jnp.float32), weights, precision=_HIGHEST)
   return jnp.where(row_groups[:, None] >= 0, out, 0.0).astype(preferred_element_type)

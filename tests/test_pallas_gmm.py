@@ -22,7 +22,9 @@ from pallas_kernels import metadata
 ON_GPU = os.environ.get("DIFFGEMMA_PALLAS_GPU", "0") == "1"
 INTERPRET = not ON_GPU
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# bfloat16: about one ulp (2^-8) of the largest value, twice the worst error seen (5.2e-3 on a weight gradient, whose
+# reference widens before gathering; the kernels round the incoming gradient to bfloat16 as they should).
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def _group_sizes(case: str, m: int, num_groups: int, seed: int = 0) -> np.ndarray:
