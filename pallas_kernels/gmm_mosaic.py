@@ -131,9 +131,10 @@ def _swizzle_transforms(minor: int, dtype):
 
 
 def _pipeline_depth(tiling: MosaicTiling, num_steps):
-  """(steps in flight, delay_release). A wgmma is asynchronous: delaying each buffer's release by one step keeps
-  it alive until the next step's wgmma, which waits for the previous one. With one buffer there is nothing to
-  overlap, so the body waits for its wgmma instead."""
+  """(steps in flight, delay_release). A wgmma is asynchronous and issuing the next one does not wait for it: the
+  body ends with `plgpu.wgmma_wait(delay_release)`. With delay_release=1 the pipeline refills a slot one step after
+  its wgmma was issued, once that step's wait(1) has retired it, so one wgmma stays in flight while the next tiles
+  load. With one buffer there is nothing to overlap: delay_release=0, and the body waits for its wgmma (wait(0))."""
   steps = tiling.max_concurrent_steps
   if isinstance(num_steps, int):
     steps = min(steps, num_steps)
@@ -254,8 +255,9 @@ def _gmm_body(first_ref, end_ref, group_ref, row_start_ref, row_end_ref, lhs_gme
 
         rhs = plmgpu.transpose_ref(rhs_smem, (1, 0)) if transpose_rhs else rhs_smem
         plmgpu.wgmma(acc_ref, lhs_smem, rhs)
-        if not delay:
-          plmgpu.wgmma_wait(0)
+        # At most `delay` wgmmas in flight when the step ends: after it the pipeline refills the slot of the step
+        # `delay` back, which the wgmma issued there must have finished reading.
+        plmgpu.wgmma_wait(delay)
 
       plmgpu.emit_pipeline(step, grid=(num_k_steps,), in_specs=[lhs_spec, rhs_spec],
                            max_concurrent_steps=steps)(lhs_gmem, rhs_gmem.at[group_ref[entry]])
@@ -379,8 +381,7 @@ def _tgmm_body(row_start_ref, row_end_ref, lhs_gmem, rhs_gmem, out_gmem, *, tili
 
       lhs = plmgpu.transpose_ref(lhs_smem, (1, 0)) if lhs_rows_major else lhs_smem
       plmgpu.wgmma(acc_ref, lhs, rhs_smem)
-      if not delay:
-        plmgpu.wgmma_wait(0)
+      plmgpu.wgmma_wait(delay)  # As in gmm: the slot refilled after this step must be free of wgmma reads.
 
     @pl.when(row_end > row_start)
     def _():

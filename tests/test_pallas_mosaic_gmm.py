@@ -7,7 +7,9 @@ in float32, so the comparison is tight: only the float32 summation order may dif
 to run the same tests on the compiled kernels (bench/gpu_check.sh does).
 
 What interpret mode cannot see (layouts, wgmma shapes, swizzles, SMEM size) is checked by lowering the kernels
-for CUDA on this CPU: jax runs the whole Mosaic GPU lowering there, short of ptxas.
+for CUDA on this CPU: jax runs the whole Mosaic GPU lowering there, short of ptxas. Interpret mode also runs TMA
+copies and wgmma synchronously; the waits and fences that real asynchrony needs are checked on the lowered kernels
+(tests/mosaic_sync.py).
 """
 
 import json
@@ -29,6 +31,9 @@ from pallas_kernels import gmm_mosaic
 from pallas_kernels import metadata
 from pallas_kernels import ops_mosaic
 from pallas_kernels import reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mosaic_sync  # noqa: E402  pylint: disable=wrong-import-position
 
 ON_GPU = os.environ.get("DIFFGEMMA_PALLAS_GPU", "0") == "1"
 INTERPRET = not ON_GPU
@@ -366,6 +371,32 @@ def test_kernels_lower_to_mosaic_gpu(dtype, m, k, n):
   assert calls(_lowered_for_cuda(grads(True), x, w_t, sizes)) == 2
   assert calls(_lowered_for_cuda(lambda a, b, s: gmm_mosaic.tgmm(a, b, s, interpret=False),
                                  sds((k, m), dtype), sds((m, n), dtype), sizes)) == 1
+
+
+@LOWERING_ONLY
+@pytest.mark.parametrize("k", [64, 192])
+def test_lowered_kernels_wait_and_fence_before_reusing_smem(k):
+  """What interpret mode's synchronous wgmma and TMA cannot show: in the lowered gmm (plain and transposed rhs) and
+  tgmm (both lhs layouts) a wgmma_wait sits between each wgmma and the TMA load that refills a pipeline slot, the
+  masked lhs tile is fenced (commit_smem) before its wgmma, and the output's TMA store is waited for. k=192 (three
+  64-deep steps, delay_release=1) pipelines; k=64 (one step) does not."""
+  sds = jax.ShapeDtypeStruct
+  m, n, dtype = 150, 72, jnp.bfloat16
+  sizes = sds((8,), jnp.int32)
+  kernels = {
+      "gmm": (lambda x, w, s: gmm_mosaic.gmm(x, w, s, tiling=TILE, interpret=False),
+              sds((m, k), dtype), sds((8, k, n), dtype)),
+      "gmm transpose_rhs": (lambda x, w, s: gmm_mosaic.gmm(x, w, s, tiling=TILE, transpose_rhs=True, interpret=False),
+                            sds((m, k), dtype), sds((8, n, k), dtype)),
+      "tgmm": (lambda a, b, s: gmm_mosaic.tgmm(a, b, s, tiling=TILE, interpret=False),
+               sds((k, m), dtype), sds((m, n), dtype)),
+      "tgmm transpose_lhs": (lambda a, b, s: gmm_mosaic.tgmm(a, b, s, tiling=TILE, transpose_lhs=True,
+                                                             interpret=False), sds((m, k), dtype), sds((m, n), dtype)),
+  }
+  for name, (fn, a, b) in kernels.items():
+    modules = mosaic_sync.kernel_modules(_lowered_for_cuda(fn, a, b, sizes))
+    assert len(modules) == 1, name
+    assert mosaic_sync.hazards(modules[0]) == [], name
 
 
 @LOWERING_ONLY
