@@ -5,7 +5,8 @@ lists.
 On CPU the kernels run in the Mosaic GPU interpret mode (simulated SMEM, TMA copies, barriers and wgmma; reads of
 unwritten memory come back NaN and out-of-bounds copies raise). Inputs are bfloat16 (one case float16); the
 reference is computed in float32 from the same values. Set DIFFGEMMA_PALLAS_GPU=1 on a Hopper GPU to run the same
-tests compiled (bench/gpu_check.sh does); interpret mode cannot check what only the compiler sees (docs/attention.md).
+tests compiled (bench/gpu_check.sh does); interpret mode cannot check what only the compiler sees (docs/attention.md),
+nor, running copies and wgmma synchronously, a missing wait or fence: those are checked on the lowered kernels.
 """
 
 import os
@@ -26,6 +27,7 @@ from pallas_kernels.attention_mosaic_ops import flash_attention_mosaic
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_attention_masks import packed_rows  # noqa: E402  pylint: disable=wrong-import-position
+import mosaic_sync  # noqa: E402  pylint: disable=wrong-import-position
 
 ON_GPU = os.environ.get("DIFFGEMMA_PALLAS_GPU", "0") == "1"
 INTERPRET = not ON_GPU
@@ -179,6 +181,16 @@ def test_kernels_lower_for_hopper(head_dim):
     raise
   for kernel in KERNELS:
     assert f"mosaic_flash_attention_{kernel}_mosaic_gpu" in text, kernel
+  # What interpret mode's synchronous wgmma and TMA cannot show (tests/mosaic_sync.py): every wgmma awaited before
+  # a TMA load may refill its operands' slot, P / dS / outputs fenced (commit_smem) between their register -> SMEM
+  # stores and the wgmma or TMA store reading them, and each TMA store waited for before its SMEM is rewritten or
+  # the kernel ends. Head dim 128 runs two SMEM stages (prefetch) in all three kernels, 256 in the forward only.
+  # On a GPU (jax 0.11) the compiled tests exercise the real ordering; the decoding is checked on jax 0.10.2 here.
+  if not ON_GPU:
+    modules = mosaic_sync.kernel_modules(text)
+    assert len(modules) == len(KERNELS)
+    for module in modules:
+      assert mosaic_sync.hazards(module) == []
 
 
 def test_input_errors_name_the_problem():
