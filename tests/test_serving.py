@@ -3,7 +3,9 @@ widths) and stopping points (token budgets, an EOS the requests reach at differe
 tokens, denoising steps and model calls of the static path (`canvas.generate`, `autoregressive.generate`) run on
 the request alone with its seed's key, greedy and sampled, both canvas rules and the AR decoder; every request
 admitted at one point is prefilled in one call (prompts of different lengths together, dummy rows that write
-nowhere beside a busy row); the per-row cache write against a direct one; bad --serving_slots values fail with
+nowhere beside a busy row); the masked samplers' requests against `masked.generate` alone, and their refresh and
+window calls of some slots (gathered, over fewer slots than the cache) against the static denoiser per row; the
+per-row cache write against a direct one; bad --serving_slots values fail with
 one line."""
 
 import argparse
