@@ -59,7 +59,8 @@ class MaskedSlots(NamedTuple):
 
 class MaskedProgram:
   """The jittable functions of the masked engine for one `SamplerConfig` (its `gen_length`: the most any request
-  may ask for) and special ids."""
+  may ask for) and special ids; `num_widths`: how many slot widths each kind of call compiles for (more: calls
+  nearer their rows' own width, and more compile time)."""
   admission_calls = 0  # the first step refreshes the row: no prefill
 
   def __init__(self, cfg: SamplerConfig, *, mask_id: int, eos_id: int | None, pad_id: int = 0,
