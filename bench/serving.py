@@ -19,7 +19,8 @@ calls: the static batches' calls (prefill, denoising steps or decode steps, comm
 batch) against the engine's steps (each runs every slot) plus its prefill calls (each admits every request taken
 into a free slot at that point); the masked sampler's static calls are not counted (its loop reports each row's
 steps, not the batch's) and its engine makes no prefill but one or two calls a step (a window call, and a refresh
-call for the slots starting a block): "engine calls" counts them. The engine's tokens
+call for the slots starting a block): "engine calls" counts them; "engine compile s" is the seconds the engine's
+programs took to compile in the first pass (not timed). The engine's tokens
 are checked against the static ones request by request (they must be equal). Random weights
 (configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py, configs/pretrain_tiny.py) unless
 trained workdirs are given.
@@ -112,6 +113,7 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
   seconds, outputs = {label: [] for label in runs}, {}
   for label, run in runs.items():
     run()  # compiles
+  compile_seconds = engine.compile_seconds  # the engine's programs, compiled by the first pass
   for _ in range(args.repeats):  # paired: load changes hit both ways
     for label, run in runs.items():
       start = time.perf_counter()
@@ -127,7 +129,7 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
           "continuous_tokens_per_s": tokens / engine_seconds, "speedup": static_seconds / engine_seconds,
           "static_seconds": static_seconds, "continuous_seconds": engine_seconds, "static_model_calls": static_calls,
           "continuous_steps": engine.steps, "continuous_prefills": engine.prefill_calls,
-          "continuous_model_calls": engine.model_calls,
+          "continuous_model_calls": engine.model_calls, "continuous_compile_seconds": compile_seconds,
           "identical_tokens": engine_ids == static_ids}
 
 
@@ -192,13 +194,14 @@ def main(argv=None) -> int:
   print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets of 1-"
         f"{args.max_canvases} canvases, {args.slots} slots / static batch; commit {report['commit']}")
   print(f"{'sampler':<13} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
-        f"{'static calls':>12} {'engine steps+prefill calls':>26} {'engine calls':>12} {'same tokens':>11}")
+        f"{'static calls':>12} {'engine steps+prefill calls':>26} {'engine calls':>12} {'same tokens':>11} "
+        f"{'engine compile s':>16}")
   for r in rows:
     budgets = "-".join(map(str, r["budget_tokens"]))
     print(f"{r['sampler']:<13} {budgets:>7} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
           f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {str(r['static_model_calls'] or '-'):>12} "
           f"{r['continuous_steps']:>17d} + {r['continuous_prefills']:<6d} {r['continuous_model_calls']:12d} "
-          f"{str(r['identical_tokens']):>11}")
+          f"{str(r['identical_tokens']):>11} {r['continuous_compile_seconds']:16.1f}")
   print(load.line())
   return 0
 

@@ -3,7 +3,9 @@ widths) and stopping points (token budgets, an EOS the requests reach at differe
 tokens, denoising steps and model calls of the static path (`canvas.generate`, `autoregressive.generate`) run on
 the request alone with its seed's key, greedy and sampled, both canvas rules and the AR decoder; every request
 admitted at one point is prefilled in one call (prompts of different lengths together, dummy rows that write
-nowhere beside a busy row); the per-row cache write against a direct one; bad --serving_slots values fail with
+nowhere beside a busy row); the masked samplers' requests against `masked.generate` alone, and their refresh and
+window calls of some slots (gathered, over fewer slots than the cache) against the static denoiser per row; the
+per-row cache write against a direct one; bad --serving_slots values fail with
 one line."""
 
 import argparse
@@ -206,8 +208,9 @@ def test_masked_requests_equal_their_lone_static_runs(model, prompts, case):
   alone = _masked_alone(model, cfg, prompts, MASKED_BUDGETS)
   eos = _stopping_eos(alone(-1), MASKED_BUDGETS)
   expected = alone(eos)  # the lone runs stopping at that EOS
+  # Two widths (20 and 40 of the 40 slots; the canvases are 9 to 27 wide): calls run at both.
   program = MaskedProgram(dataclasses.replace(cfg, gen_length=max(MASKED_BUDGETS)), mask_id=MASK, eos_id=eos,
-                          pad_id=PAD)
+                          pad_id=PAD, num_widths=2)
   engine = Engine(model, program, SLOTS, max(LENGTHS))
   results = engine.run([Request(tuple(p), budget, seed)
                         for seed, (p, budget) in enumerate(zip(prompts, MASKED_BUDGETS))])
@@ -224,28 +227,41 @@ def test_masked_requests_equal_their_lone_static_runs(model, prompts, case):
   assert engine.steps < sum(calls for _, calls in expected)
 
 
-def test_masked_refresh_writes_only_the_refreshing_rows(model):
-  """Three of four slots refresh (a call of 4 rows, one a dummy): each one's block logits and cache row against the
-  static denoiser's whole-canvas pass on its canvas alone; the fourth slot, mid-block, keeps its cache row and
-  logits bit for bit."""
-  program = MaskedProgram(MASKED["threshold_greedy"], mask_id=MASK, eos_id=None, pad_id=PAD)
-  graphdef, state = nnx.split(model)
+def _four_slots(program, model, lengths, blocks, num_cache_slots):
+  """Four slots holding random prompts of `lengths` tokens and `blocks` blocks each, the slot before each row's
+  current block (`block_B`) set to a committed token: fn(model, block_B) -> (slots, each row's block start)."""
   rng = np.random.default_rng(2)
-  lengths, blocks = np.asarray([5, 9, 5, 9], np.int32), np.asarray([2, 1, 2, 1], np.int32)  # each canvas: 13 slots
   prompts = np.zeros((4, 16), np.int32)
   for row, n in enumerate(lengths):
     prompts[row, :n] = [2] + rng.integers(5, TINY.vocab_size, n - 1).tolist()
 
+  def slots_of(model, block_B):
+    slots = program.insert(model, program.init(model, 4, num_cache_slots), jnp.arange(4), prompts,
+                           jnp.asarray(lengths), batching.row_keys(range(4)), jnp.asarray(blocks))
+    start_B = slots.prompt_B + block_B * CANVAS
+    return slots._replace(canvas_BS=slots.canvas_BS.at[jnp.arange(4), start_B - 1].set(7)), start_B
+
+  return slots_of
+
+
+def test_masked_refresh_writes_only_the_refreshing_rows(model):
+  """Three of four slots refresh (a call of 4 rows, one a dummy, over 13 of the 26 slots: the narrower of two
+  widths): each one's block logits and cache row against the static denoiser's whole-canvas pass on its canvas
+  alone; the fourth slot, mid-block, keeps its cache row and logits bit for bit, and so do the refreshing rows'
+  slots beyond the call's width."""
+  program = MaskedProgram(MASKED["threshold_greedy"], mask_id=MASK, eos_id=None, pad_id=PAD, num_widths=2)
+  assert program.widths(26) == (13, 26)
+  graphdef, state = nnx.split(model)
+  lengths, blocks = np.asarray([5, 9, 5, 9], np.int32), np.asarray([2, 1, 2, 1], np.int32)  # each canvas: 13 slots
+  slots_of = _four_slots(program, model, lengths, blocks, 26)
+
   def refresh(state, refresh_B, block_B, cache):
     model = nnx.merge(graphdef, state)
-    slots = program.insert(model, program.init(model, 4, 24), jnp.arange(4), prompts, lengths,
-                           batching.row_keys(range(4)), blocks)
-    start_B = slots.prompt_B + block_B * CANVAS
-    canvas = slots.canvas_BS.at[jnp.arange(4), start_B - 1].set(7)  # the finished block before: any tokens
-    return canvas, program.refresh(model, slots._replace(canvas_BS=canvas), cache, start_B, refresh_B,
-                                   jnp.full((4, CANVAS, TINY.vocab_size), -1.0))
+    slots, start_B = slots_of(model, block_B)
+    return slots.canvas_BS, program.refresh(model, slots, cache, start_B, refresh_B,
+                                            jnp.full((4, CANVAS, TINY.vocab_size), -1.0))
 
-  sentinel = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), model.init_kv_cache(4, 24))
+  sentinel = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), model.init_kv_cache(4, 26))
   block_B = jnp.asarray([1, 0, 0, 0])
   canvas, (logits, cache) = jax.jit(refresh)(state, jnp.asarray([True, True, False, True]), block_B, sentinel)
   full = jax.jit(lambda state, canvas, start: masked.ModelDenoiser(nnx.merge(graphdef, state), CANVAS, "dual").full(
@@ -253,11 +269,49 @@ def test_masked_refresh_writes_only_the_refreshing_rows(model):
   for row in (0, 1, 3):
     lone_logits, lone_cache = full(state, canvas[row:row + 1, :13], lengths[row] + block_B[row] * CANVAS)
     np.testing.assert_allclose(logits[row], lone_logits[0], rtol=1e-5, atol=1e-5)
-    for part, lone in zip(jax.tree.leaves(cache), jax.tree.leaves(lone_cache)):
+    for part, lone, before in zip(jax.tree.leaves(cache), jax.tree.leaves(lone_cache), jax.tree.leaves(sentinel)):
       np.testing.assert_allclose(part[:, row, :13], lone[:, 0], rtol=1e-5, atol=1e-5)
+      np.testing.assert_array_equal(part[:, row, 13:], before[:, row, 13:])
   np.testing.assert_array_equal(logits[2], -1.0)
   for part, before in zip(jax.tree.leaves(cache), jax.tree.leaves(sentinel)):
     np.testing.assert_array_equal(part[:, 2], before[:, 2])
+
+
+def test_masked_window_call_runs_only_the_cached_rows(model):
+  """After every slot's refresh and a commit in each block, one of four slots steps on the cache (gathered into a
+  call of 1 row over 13 of the 26 slots), then three (the whole batch over the first 13 slots of every row): each
+  stepping row's block logits against the static denoiser's cached step on its canvas alone (after the lone
+  refresh); the other rows' logits untouched, and the cache too (a window's keys/values are read by its own call
+  only), bit for bit. The canvases are 9 and 13 slots long, so each row's mask matters."""
+  program = MaskedProgram(MASKED["threshold_greedy"], mask_id=MASK, eos_id=None, pad_id=PAD, num_widths=2)
+  graphdef, state = nnx.split(model)
+  lengths, blocks = np.asarray([5, 9, 5, 9], np.int32), np.asarray([2, 1, 1, 1], np.int32)  # 13, 13, 9, 13 slots
+  slots_of = _four_slots(program, model, lengths, blocks, 26)
+  block_B = jnp.asarray([1, 0, 0, 0])
+
+  def cached(state, cached_B):
+    model = nnx.merge(graphdef, state)
+    slots, start_B = slots_of(model, block_B)
+    logits = jnp.full((4, CANVAS, TINY.vocab_size), -1.0)
+    _, cache = program.refresh(model, slots, slots.cache, start_B, jnp.ones((4,), bool), logits)
+    committed = slots.canvas_BS.at[jnp.arange(4), start_B + 1].set(9)  # a step committed a token in each block
+    out = program._cached(model, slots._replace(canvas_BS=committed), start_B, cached_B, (cache, logits))
+    return slots.canvas_BS, committed, cache, out
+
+  lone = masked.ModelDenoiser(model, CANVAS, "dual")
+  lone_step = jax.jit(lambda before, after, start: lone.cached(
+      after, lone.full(before, model.init_kv_cache(1, before.shape[1]), start)[1], start)[0])
+  for rows in ((2,), (0, 2, 3)):
+    canvas, committed, before, (cache, logits) = jax.jit(cached)(state, jnp.asarray([row in rows for row in range(4)]))
+    for row in range(4):
+      if row in rows:
+        end, start = int(lengths[row] + blocks[row] * CANVAS), int(lengths[row] + block_B[row] * CANVAS)
+        lone_logits = lone_step(canvas[row:row + 1, :end], committed[row:row + 1, :end], start)
+        np.testing.assert_allclose(logits[row], lone_logits[0], rtol=1e-5, atol=1e-5)
+      else:
+        np.testing.assert_array_equal(logits[row], -1.0)
+    for part, old in zip(jax.tree.leaves(cache), jax.tree.leaves(before)):
+      np.testing.assert_array_equal(part, old)
 
 
 # 7 requests through 4 slots, no EOS: the first 4 (prompts of 5 to 19 tokens) start in one prefill call; requests
