@@ -20,7 +20,7 @@ from pallas_kernels import _mosaic_compat
 from pallas_kernels import attention_mosaic as kernels
 from pallas_kernels.attention_mask import MaskSpec, tile_visits, visit_lists
 from pallas_kernels.attention_mosaic import LANE, MosaicTiling
-from pallas_kernels.attention_ops import attribute_arrays
+from pallas_kernels.attention_ops import attend_stacked, attribute_arrays
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -54,28 +54,17 @@ def flash_attention_mosaic(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, scale: flo
   Returns:
     [B, L, N, H] in q's dtype; a query that sees no key gets zeros.
   """
-  B, L, N, H = q_BLNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  if k_BSKH.shape != (B, S, K, H) or v_BSKH.shape != k_BSKH.shape or N % K:
-    raise ValueError(f"flash_attention_mosaic: expected q [B, L, N, H], k and v [B, S, K, H] with K dividing N; "
-                     f"got q {q_BLNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")
-  if spec.q.segment_ids.shape != (B, L) or spec.kv.segment_ids.shape != (B, S):
-    raise ValueError(f"flash_attention_mosaic: the mask describes {spec.q.segment_ids.shape} queries and "
-                     f"{spec.kv.segment_ids.shape} keys, the inputs have [{B}, {L}] and [{B}, {S}]")
-  dtypes = {jnp.dtype(x.dtype) for x in (q_BLNH, k_BSKH, v_BSKH)}
-  if len(dtypes) != 1 or next(iter(dtypes)) not in map(jnp.dtype, DTYPES):
-    raise ValueError(f"flash_attention_mosaic: q, k and v must share one of bfloat16, float16 (wgmma operands); got "
-                     f"{sorted(str(d) for d in dtypes)}")
-  G = N // K
-  padded = -(-H // LANE) * LANE
-  pad = lambda x: x if padded == H else jnp.pad(x, ((0, 0),) * 3 + ((0, padded - H),))  # noqa: E731
-  q_BKRH = pad(q_BLNH).reshape(B, L, K, G, padded).transpose(0, 2, 1, 3, 4).reshape(B, K, L * G, padded)
-  k_BKSH = pad(k_BSKH).transpose(0, 2, 1, 3)
-  v_BKSH = pad(v_BSKH).transpose(0, 2, 1, 3)
-  out_BKRH = _flash(q_BKRH, k_BKSH, v_BKSH, spec, G, float(scale), _split_tilings(tiling),
-                    _mosaic_compat.resolve_interpret(interpret))
-  out_BLNH = out_BKRH.reshape(B, K, L, G, padded).transpose(0, 2, 1, 3, 4).reshape(B, L, N, padded)
-  return out_BLNH[..., :H]
+  def run(q_BKRH, k_BKSH, v_BKSH, G):
+    dtypes = {jnp.dtype(x.dtype) for x in (q_BKRH, k_BKSH, v_BKSH)}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in map(jnp.dtype, DTYPES):
+      raise ValueError(f"flash_attention_mosaic: q, k and v must share one of bfloat16, float16 (wgmma operands); "
+                       f"got {sorted(str(d) for d in dtypes)}")
+    return _flash(q_BKRH, k_BKSH, v_BKSH, spec, G, float(scale), _split_tilings(tiling),
+                  _mosaic_compat.resolve_interpret(interpret))
+
+  # wgmma's K dimension: the head dim padded to whole 64-column lanes (zero columns change nothing).
+  return attend_stacked("flash_attention_mosaic", q_BLNH, k_BSKH, v_BSKH, spec, lambda H: -(-H // LANE) * LANE,
+                        run)
 
 
 def _tiling_for(kernel, tiling, head_dim):

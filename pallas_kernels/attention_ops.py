@@ -45,23 +45,32 @@ def flash_attention(q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, *, scale: float = 1.
   Returns:
     [B, L, N, H] in q's dtype; a query that sees no key gets zeros.
   """
+  # Triton tiles are powers of two >= 16 along the head dim too: zero columns change no score and no output.
+  padded = lambda H: max(MIN_BLOCK, 1 << (H - 1).bit_length())  # noqa: E731
+  return attend_stacked("flash_attention", q_BLNH, k_BSKH, v_BSKH, spec, padded, lambda q, k, v, G: _flash(
+      q, k, v, spec, G, float(scale), _split_tilings(tiling), _compat.resolve_interpret(interpret)))
+
+
+def attend_stacked(name, q_BLNH, k_BSKH, v_BSKH, spec: MaskSpec, padded_head_dim, run):
+  """The flash-attention entry points' frame around their kernels: checks q, k, v and `spec` agree (errors start
+  with `name`), pads the head dim H to `padded_head_dim(H)` with zeros (they change no score and no output), stacks
+  each key head's G = N / K query heads as rows and returns `run(q [B, K, L * G, H'], k [B, K, S, H'],
+  v [B, K, S, H'], G)` ([B, K, L * G, H']) unstacked to [B, L, N, H]."""
   B, L, N, H = q_BLNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   if k_BSKH.shape != (B, S, K, H) or v_BSKH.shape != k_BSKH.shape or N % K:
-    raise ValueError(f"flash_attention: expected q [B, L, N, H], k and v [B, S, K, H] with K dividing N; got q "
+    raise ValueError(f"{name}: expected q [B, L, N, H], k and v [B, S, K, H] with K dividing N; got q "
                      f"{q_BLNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}")
   if spec.q.segment_ids.shape != (B, L) or spec.kv.segment_ids.shape != (B, S):
-    raise ValueError(f"flash_attention: the mask describes {spec.q.segment_ids.shape} queries and "
+    raise ValueError(f"{name}: the mask describes {spec.q.segment_ids.shape} queries and "
                      f"{spec.kv.segment_ids.shape} keys, the inputs have [{B}, {L}] and [{B}, {S}]")
   G = N // K
-  # Triton tiles are powers of two >= 16 along the head dim too: zero columns change no score and no output.
-  padded = max(MIN_BLOCK, 1 << (H - 1).bit_length())
+  padded = padded_head_dim(H)
   pad = lambda x: x if padded == H else jnp.pad(x, ((0, 0),) * 3 + ((0, padded - H),))  # noqa: E731
   q_BKRH = pad(q_BLNH).reshape(B, L, K, G, padded).transpose(0, 2, 1, 3, 4).reshape(B, K, L * G, padded)
   k_BKSH = pad(k_BSKH).transpose(0, 2, 1, 3)
   v_BKSH = pad(v_BSKH).transpose(0, 2, 1, 3)
-  out_BKRH = _flash(q_BKRH, k_BKSH, v_BKSH, spec, G, float(scale), _split_tilings(tiling),
-                    _compat.resolve_interpret(interpret))
+  out_BKRH = run(q_BKRH, k_BKSH, v_BKSH, G)
   out_BLNH = out_BKRH.reshape(B, K, L, G, padded).transpose(0, 2, 1, 3, 4).reshape(B, L, N, padded)
   return out_BLNH[..., :H]
 
