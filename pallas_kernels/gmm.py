@@ -104,11 +104,6 @@ def _gmm_kernel(row_tile_ref, group_ref, row_start_ref, row_end_ref, lhs_ref, rh
   _compat.store(out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=mask)
 
 
-def _check_group_sizes(group_sizes):
-  if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ValueError(f"group_sizes: expected a 1-D integer array, got {group_sizes.dtype}{group_sizes.shape}")
-
-
 @functools.partial(jax.jit, static_argnames=("preferred_element_type", "tiling", "transpose_rhs",
                                              "interpret", "compute_dtype"))
 def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, group_offset=None,
@@ -130,14 +125,7 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
   Returns:
     [m, n] in preferred_element_type.
   """
-  _check_group_sizes(group_sizes)
-  if lhs.ndim != 2 or rhs.ndim != 3:
-    raise ValueError(f"gmm: expected lhs [m,k] and rhs [G,k,n]; got lhs {lhs.shape} and rhs {rhs.shape}")
-  m, k = lhs.shape
-  num_local_groups, rhs_k, n = (rhs.shape[0], rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape
-  if rhs_k != k:
-    layout = "[G, n, k]" if transpose_rhs else "[G, k, n]"
-    raise ValueError(f"gmm: lhs is [m={m}, k={k}] but rhs {rhs.shape} read as {layout} has k={rhs_k}")
+  m, k, n, num_local_groups = metadata.gmm_shapes(lhs, rhs, group_sizes, transpose_rhs)
   compute_dtype = jnp.dtype(compute_dtype or jnp.promote_types(lhs.dtype, rhs.dtype))
   tiling = choose_tiling("gmm", m, k, n, compute_dtype, tiling, operand_dtypes=(lhs.dtype, rhs.dtype))
   interpret = _compat.resolve_interpret(interpret)
@@ -219,14 +207,7 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None,
   Returns:
     [num_actual_groups, k, n] in preferred_element_type.
   """
-  _check_group_sizes(group_sizes)
-  if lhs.ndim != 2 or rhs.ndim != 2:
-    raise ValueError(f"tgmm: expected 2-D lhs and rhs; got {lhs.shape} and {rhs.shape}")
-  m, k = lhs.shape if transpose_lhs else lhs.shape[::-1]
-  if rhs.shape[0] != m:
-    layout = "[m, k]" if transpose_lhs else "[k, m]"
-    raise ValueError(f"tgmm: lhs {lhs.shape} read as {layout} has m={m} but rhs {rhs.shape} has m={rhs.shape[0]}")
-  n = rhs.shape[1]
+  m, k, n = metadata.tgmm_shapes(lhs, rhs, group_sizes, transpose_lhs)
   num_groups = num_actual_groups if num_actual_groups is not None else group_sizes.shape[0]
   compute_dtype = jnp.dtype(compute_dtype or jnp.promote_types(lhs.dtype, rhs.dtype))
   tiling = choose_tiling("tgmm", m, k, n, compute_dtype, tiling, operand_dtypes=(lhs.dtype, rhs.dtype))

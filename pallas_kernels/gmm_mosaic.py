@@ -202,11 +202,6 @@ def _check_device(name: str, interpret):
       raise ValueError(f"{name} (Mosaic GPU) {problem}")
 
 
-def _check_group_sizes(group_sizes):
-  if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ValueError(f"group_sizes: expected a 1-D integer array, got {group_sizes.dtype}{group_sizes.shape}")
-
-
 def _pad_to(array, multiples):
   pads = [(0, _round_up(size, mult) - size) for size, mult in zip(array.shape, multiples)]
   if not any(hi for _, hi in pads):
@@ -300,15 +295,8 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
   Returns:
     [m, n] in preferred_element_type.
   """
-  _check_group_sizes(group_sizes)
-  if lhs.ndim != 2 or rhs.ndim != 3:
-    raise ValueError(f"gmm: expected lhs [m,k] and rhs [G,k,n]; got lhs {lhs.shape} and rhs {rhs.shape}")
+  m, k, n, num_local_groups = metadata.gmm_shapes(lhs, rhs, group_sizes, transpose_rhs)
   _check_operands("gmm", lhs, rhs)
-  m, k = lhs.shape
-  num_local_groups, rhs_k, n = (rhs.shape[0], rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape
-  if rhs_k != k:
-    layout = "[G, n, k]" if transpose_rhs else "[G, k, n]"
-    raise ValueError(f"gmm: lhs is [m={m}, k={k}] but rhs {rhs.shape} read as {layout} has k={rhs_k}")
   out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
   tiling = choose_mosaic_tiling("gmm", m, k, n, tiling, out_bytes=out_dtype.itemsize)
   interpret = _mosaic_compat.interpret_params(interpret)
@@ -420,15 +408,8 @@ def tgmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None,
   Returns:
     [num_actual_groups, k, n] in preferred_element_type.
   """
-  _check_group_sizes(group_sizes)
-  if lhs.ndim != 2 or rhs.ndim != 2:
-    raise ValueError(f"tgmm: expected 2-D lhs and rhs; got {lhs.shape} and {rhs.shape}")
+  m, k, n = metadata.tgmm_shapes(lhs, rhs, group_sizes, transpose_lhs)
   _check_operands("tgmm", lhs, rhs)
-  m, k = lhs.shape if transpose_lhs else lhs.shape[::-1]
-  if rhs.shape[0] != m:
-    layout = "[m, k]" if transpose_lhs else "[k, m]"
-    raise ValueError(f"tgmm: lhs {lhs.shape} read as {layout} has m={m} but rhs {rhs.shape} has m={rhs.shape[0]}")
-  n = rhs.shape[1]
   num_groups = num_actual_groups if num_actual_groups is not None else group_sizes.shape[0]
   out_dtype = jnp.dtype(preferred_element_type or jnp.float32)
   tiling = choose_mosaic_tiling("tgmm", m, k, n, tiling, out_bytes=out_dtype.itemsize)

@@ -116,3 +116,36 @@ def tile_groups(group_sizes, num_rows: int, block_m: int, num_local_groups: int,
       row_start=jnp.where(is_real, bounds.row_start[group], 0).astype(jnp.int32),
       row_end=jnp.where(is_real, bounds.row_end[group], 0).astype(jnp.int32),
   )
+
+
+def check_group_sizes(group_sizes):
+  """A one-line ValueError unless `group_sizes` is a 1-D integer array."""
+  if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes: expected a 1-D integer array, got {group_sizes.dtype}{group_sizes.shape}")
+
+
+def gmm_shapes(lhs, rhs, group_sizes, transpose_rhs: bool):
+  """(m, k, n, local groups) of a grouped matmul lhs [m, k] x rhs [G, k, n] (or [G, n, k]), after checking that
+  the operands agree; the one check of every backend's gmm."""
+  check_group_sizes(group_sizes)
+  if lhs.ndim != 2 or rhs.ndim != 3:
+    raise ValueError(f"gmm: expected lhs [m,k] and rhs [G,k,n]; got lhs {lhs.shape} and rhs {rhs.shape}")
+  m, k = lhs.shape
+  num_local_groups, rhs_k, n = (rhs.shape[0], rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape
+  if rhs_k != k:
+    layout = "[G, n, k]" if transpose_rhs else "[G, k, n]"
+    raise ValueError(f"gmm: lhs is [m={m}, k={k}] but rhs {rhs.shape} read as {layout} has k={rhs_k}")
+  return m, k, n, num_local_groups
+
+
+def tgmm_shapes(lhs, rhs, group_sizes, transpose_lhs: bool):
+  """(m, k, n) of a weight-gradient grouped matmul lhs [k, m] (or [m, k]) x rhs [m, n], after checking that the
+  operands agree; the one check of every backend's tgmm."""
+  check_group_sizes(group_sizes)
+  if lhs.ndim != 2 or rhs.ndim != 2:
+    raise ValueError(f"tgmm: expected 2-D lhs and rhs; got {lhs.shape} and {rhs.shape}")
+  m, k = lhs.shape if transpose_lhs else lhs.shape[::-1]
+  if rhs.shape[0] != m:
+    layout = "[m, k]" if transpose_lhs else "[k, m]"
+    raise ValueError(f"tgmm: lhs {lhs.shape} read as {layout} has m={m} but rhs {rhs.shape} has m={rhs.shape[0]}")
+  return m, k, rhs.shape[1]
