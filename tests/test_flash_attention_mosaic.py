@@ -28,6 +28,7 @@ from pallas_kernels.attention_mosaic_ops import flash_attention_mosaic
 sys.path.insert(0, os.path.dirname(__file__))
 from test_attention_masks import packed_rows  # noqa: E402  pylint: disable=wrong-import-position
 import mosaic_sync  # noqa: E402  pylint: disable=wrong-import-position
+from test_flash_attention import _inputs  # noqa: E402  pylint: disable=wrong-import-position
 
 ON_GPU = os.environ.get("DIFFGEMMA_PALLAS_GPU", "0") == "1"
 INTERPRET = not ON_GPU
@@ -55,16 +56,6 @@ def _canvas_spec(length=64, block=8):
   segments, positions = packed_rows([[20, 44], [5, 30]], length)
   blocks = block_ids({"tokens": segments}, block)
   return MaskSpec.canvas_clean(segments, positions, blocks, segments, positions, blocks)
-
-
-def _inputs(spec, num_heads, num_kv_heads, head_dim, dtype=jnp.bfloat16, seed=0):
-  B, L = spec.q.segment_ids.shape
-  S = spec.kv.segment_ids.shape[1]
-  keys = jax.random.split(jax.random.key(seed), 4)
-  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)  # noqa: E731
-  return (normal(keys[0], (B, L, num_heads, head_dim)), normal(keys[1], (B, S, num_kv_heads, head_dim)),
-          normal(keys[2], (B, S, num_kv_heads, head_dim)),
-          jax.random.normal(keys[3], (B, L, num_heads, head_dim), jnp.float32))
 
 
 def _value_and_grads(fn, q, k, v, cotangent):
