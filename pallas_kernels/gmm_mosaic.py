@@ -202,6 +202,19 @@ def _check_device(name: str, interpret):
       raise ValueError(f"{name} (Mosaic GPU) {problem}")
 
 
+def _store_tile(acc, out_view, dtype):
+  """An accumulator tile (registers) to `out_view` in HBM: staged in swizzled SMEM, fenced (`commit_smem`) before
+  the TMA store reads it, and the store waited for before the SMEM is released."""
+
+  @functools.partial(pl.run_scoped, out_smem=plmgpu.SMEM(acc.shape, dtype,
+                                                         transforms=_swizzle_transforms(acc.shape[1], dtype)))
+  def _store(out_smem):
+    out_smem[...] = acc.astype(out_smem.dtype)
+    plmgpu.commit_smem()
+    plmgpu.copy_smem_to_gmem(out_smem, out_view)
+    plmgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def _pad_to(array, multiples):
   pads = [(0, _round_up(size, mult) - size) for size, mult in zip(array.shape, multiples)]
   if not any(hi for _, hi in pads):
@@ -265,14 +278,7 @@ def _gmm_body(first_ref, end_ref, group_ref, row_start_ref, row_end_ref, lhs_gme
     return acc_ref[...]
 
   acc = pl.run_scoped(acc_scope, plmgpu.ACC((bm, bn), jnp.float32))
-
-  @functools.partial(pl.run_scoped, out_smem=plmgpu.SMEM((bm, bn), out_gmem.dtype,
-                                                         transforms=_swizzle_transforms(bn, out_gmem.dtype)))
-  def _store(out_smem):
-    out_smem[...] = acc.astype(out_smem.dtype)
-    plmgpu.commit_smem()
-    plmgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)])
-    plmgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  _store_tile(acc, out_gmem.at[pl.ds(row0, bm), pl.ds(ni * bn, bn)], out_gmem.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("preferred_element_type", "tiling", "transpose_rhs", "interpret"))
@@ -379,14 +385,7 @@ def _tgmm_body(row_start_ref, row_end_ref, lhs_gmem, rhs_gmem, out_gmem, *, tili
     return acc_ref[...]
 
   acc = pl.run_scoped(acc_scope, plmgpu.ACC((bk, bn), jnp.float32))
-
-  @functools.partial(pl.run_scoped, out_smem=plmgpu.SMEM((bk, bn), out_gmem.dtype,
-                                                         transforms=_swizzle_transforms(bn, out_gmem.dtype)))
-  def _store(out_smem):
-    out_smem[...] = acc.astype(out_smem.dtype)
-    plmgpu.commit_smem()
-    plmgpu.copy_smem_to_gmem(out_smem, out_gmem.at[gi, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)])
-    plmgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  _store_tile(acc, out_gmem.at[gi, pl.ds(ki * bk, bk), pl.ds(ni * bn, bn)], out_gmem.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("preferred_element_type", "tiling", "num_actual_groups",
