@@ -268,3 +268,37 @@ def adopt_saved_lora(config, checkpoints_dir: str):
       if key in saved:
         config.model[key] = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
   return config
+
+
+def saved_context(saved: dict[str, Any] | None) -> int:
+  """The context, in positions, a run's saved config (run_config.json as a dict) says its weights serve: the larger
+  of its model.max_positions and its train.seq_len (a config saved before model.max_positions existed counts as 0
+  there). 0 for a run saved without a config."""
+  if not saved:
+    return 0
+  recorded = int(saved.get("model", {}).get("max_positions", 0) or 0)
+  return max(recorded, int(saved.get("train", {}).get("seq_len", 0) or 0))
+
+
+def trained_context(config, checkpoints_dir: str) -> int:
+  """What the Hugging Face export writes as max_position_embeddings for the run in `checkpoints_dir`, read with
+  `config`: the longest context its weights serve, the largest of the config's model.max_positions and the run's
+  saved one (an imported checkpoint's max_position_embeddings, or what the run's init.checkpoint served) and the
+  rows it trained on (its saved train.seq_len; the config's for a run saved without run_config.json)."""
+  path = epath.Path(os.path.join(checkpoints_dir, CONFIG_FILE))
+  saved = json.loads(path.read_text()) if path.is_file() else None
+  return max(int(config.model.max_positions), saved_context(saved) or int(config.train.seq_len))
+
+
+def inherit_context(config, init_run: SavedRun):
+  """A fine-tune's config records the context its init.checkpoint's weights serve (`saved_context`) as
+  model.max_positions when that is larger than the config's, so that an export of the fine-tune writes the base's
+  context rather than the fine-tune's shorter rows. Returns (the config, a copy when changed; the context adopted or
+  None)."""
+  context = saved_context(init_run.saved_config())
+  if context <= int(config.model.max_positions):
+    return config, None
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.max_positions = context
+  return config, context
