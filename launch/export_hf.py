@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))
     step, pure = restore_pure_params(args.workdir, cfg, args.step)
     print(f"restored step {step} from {args.workdir}")
-    export_hf(cfg, pure, args.output, context=trained_context(config, os.path.join(args.workdir, "checkpoints")),
+    export_hf(cfg, pure, args.output, context=trained_context(config, args.workdir),
               canvas_length=int(config.objective.block_size), dtype=args.dtype, tokenizer=tokenizer)
   except (ConfigError, MappingError, DataError) as e:
     return fail(str(e))

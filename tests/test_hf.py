@@ -278,7 +278,7 @@ def test_max_position_embeddings_survives_import_and_export_and_a_scratch_run_ex
   from diffgemma_jax.train.reading import trained_context
 
   def export(config, workdir, output):
-    context = trained_context(config, str(workdir / "checkpoints"))
+    context = trained_context(config, str(workdir))
     export_hf(ModelConfig.from_config_dict(config.model), reference.pure, str(output), context=context,
               canvas_length=8, log=lambda _: None)
     return json.loads((output / "config.json").read_text())["text_config"]["max_position_embeddings"]
@@ -297,6 +297,9 @@ def test_max_position_embeddings_survives_import_and_export_and_a_scratch_run_ex
   assert model_differences(old["model"], dict(saved["model"], max_positions=4096)) == []  # resumes as before
   config = load_config(imported_py, {"model.max_positions": "0", "train.seq_len": "96"})
   assert export(config, scratch, tmp_path / "scratch_hf") == 48
+  resumed = dict(old, train=dict(old["train"], seq_len=64))  # a later start trained longer rows
+  (scratch / "run_history.jsonl").write_text("".join(json.dumps({"config": c}) + "\n" for c in (old, resumed)))
+  assert export(config, scratch, tmp_path / "resumed_hf") == 64
 
 
 @nnx.jit

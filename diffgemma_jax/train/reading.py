@@ -29,6 +29,7 @@ from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
+from diffgemma_jax.train.history import read_history
 from diffgemma_jax.train.state import from_pure, split_model, to_pure, with_shardings
 
 TOKENIZER_FILE = "tokenizer.model"  # the tokenizer the trainer pins in a run's workdir
@@ -280,14 +281,17 @@ def saved_context(saved: dict[str, Any] | None) -> int:
   return max(recorded, int(saved.get("train", {}).get("seq_len", 0) or 0))
 
 
-def trained_context(config, checkpoints_dir: str) -> int:
-  """What the Hugging Face export writes as max_position_embeddings for the run in `checkpoints_dir`, read with
-  `config`: the longest context its weights serve, the largest of the config's model.max_positions and the run's
-  saved one (an imported checkpoint's max_position_embeddings, or what the run's init.checkpoint served) and the
-  rows it trained on (its saved train.seq_len; the config's for a run saved without run_config.json)."""
-  path = epath.Path(os.path.join(checkpoints_dir, CONFIG_FILE))
-  saved = json.loads(path.read_text()) if path.is_file() else None
-  return max(int(config.model.max_positions), saved_context(saved) or int(config.train.seq_len))
+def trained_context(config, workdir: str) -> int:
+  """What the Hugging Face export writes as max_position_embeddings for the run in `workdir`, read with `config`:
+  the longest context its weights serve, the largest of the config's model.max_positions, the run's saved ones (an
+  imported checkpoint's max_position_embeddings, or what the run's init.checkpoint served) and the rows it trained
+  on: the train.seq_len of its run_config.json and of every start in its run history (a resume may train longer
+  rows); the config's only for a run that kept neither."""
+  path = epath.Path(os.path.join(workdir, "checkpoints", CONFIG_FILE))
+  saved = [json.loads(path.read_text())] if path.is_file() else []
+  saved += [record.get("config") for record in read_history(workdir)]
+  recorded = max((saved_context(s) for s in saved), default=0)
+  return max(int(config.model.max_positions), recorded or int(config.train.seq_len))
 
 
 def inherit_context(config, init_run: SavedRun):
