@@ -2,7 +2,9 @@
 
 Writes the latest (or --step) checkpoint of DIR as a Hugging Face DiffusionGemma directory that transformers'
 DiffusionGemmaForBlockDiffusion.from_pretrained loads (text part; the vision tower stays at its initialisation),
-with the run's tokenizer.model (DIR's pinned one, else data.tokenizer) and its bos/eos/pad ids.
+with the run's tokenizer.model (DIR's pinned one, else data.tokenizer) and its bos/eos/pad ids, and as
+max_position_embeddings the context its weights serve (an imported model's own, else the train.seq_len it trained
+on).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError, MappingError
 from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
 from diffgemma_jax.model.config import ModelConfig
-from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir
+from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir, trained_context
 from .common import config_overrides, fail, load_run_config
 
 
@@ -39,8 +41,8 @@ def main(argv=None) -> int:
     tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))
     step, pure = restore_pure_params(args.workdir, cfg, args.step)
     print(f"restored step {step} from {args.workdir}")
-    export_hf(cfg, pure, args.output, canvas_length=int(config.objective.block_size), dtype=args.dtype,
-              tokenizer=tokenizer)
+    export_hf(cfg, pure, args.output, context=trained_context(config, args.workdir),
+              canvas_length=int(config.objective.block_size), dtype=args.dtype, tokenizer=tokenizer)
   except (ConfigError, MappingError, DataError) as e:
     return fail(str(e))
   return 0

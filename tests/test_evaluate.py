@@ -132,6 +132,49 @@ def test_partial_results_in_a_bucket(bucket):
   assert storage.file_size(url) is None
 
 
+RESUME_IN_ONE_OF_TWO = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from diffgemma_jax.train.bound_partial import PartialBound
+partial = PartialBound(sys.argv[3], {"step": 8})
+done = partial.resume(num_batches=5)
+print(json.dumps([done] + ([a.tolist() for a in partial.rows()] if done else [])), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_processes_whose_workdirs_are_their_own_disks_resume_from_process_0s_results(tmp_path):
+  """Two processes (jax.distributed on CPU), each with its own partial-results folder, as hosts whose workdir is a
+  local disk: only process 0's holds the file (process 0 writes it), and both continue from its 2 batches with its
+  rows. Reading the file on every process, the other one would find none and start over: the same global batches
+  scored from different rows, and one process running more steps than the other."""
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  from diffgemma_jax.train.bound_partial import PartialBound
+  saved = PartialBound(str(tmp_path / "host0" / "p.npz"), {"step": 8})
+  saved.add(np.arange(3.0), np.ones(3), np.full(3, 7))
+  saved.add(np.arange(3.0, 6.0), np.ones(3), np.full(3, 5))
+  saved.save(force=True)
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, "-c", RESUME_IN_ONE_OF_TWO, address, str(rank),
+                             str(tmp_path / f"host{rank}" / "p.npz")], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for rank in range(2)]
+  outputs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  expected = [2, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 6, [7, 7, 7, 5, 5, 5]]
+  assert [json.loads(out.splitlines()[-1]) for out, _ in outputs] == [expected, expected]
+  assert not (tmp_path / "host1").exists()  # process 1 never wrote or needed a file of its own
+
+
 def test_a_mixture_stopped_in_its_second_set_keeps_the_first_and_continues(tmp_path):
   """held_out_bounds over two sets with a stand-in for the jitted bound (its result a function of the batch and
   its row keys alone): a stop at the second set's first batch keeps the first set's results, the rerun scores only the

@@ -31,6 +31,7 @@ TINY = ModelConfig(vocab_size=96, embed_dim=32, num_layers=4, layer_pattern=("sl
                    head_dim=8, num_kv_heads=2, sliding_window=64, global_head_dim=16, global_num_kv_heads=1,
                    mlp_dim=48, num_experts=4, top_k=2, expert_dim=12, dispatch="dense", self_conditioning=True,
                    canvas_input_norm=True)
+CONTEXT = 128  # the rows TINY's exports are said to be trained on (export_hf's `context`)
 
 
 def _random_model(cfg, seed=0):
@@ -60,7 +61,7 @@ def _pure(model):
 def test_export_then_import_gives_back_every_parameter(tmp_path, scan):
   cfg = dataclasses.replace(TINY, scan_layers=scan)
   pure = _pure(_random_model(cfg))
-  export_hf(cfg, pure, str(tmp_path), max_shard_bytes=20_000, log=lambda _: None)
+  export_hf(cfg, pure, str(tmp_path), context=CONTEXT, max_shard_bytes=20_000, log=lambda _: None)
   assert len(shard_files(str(tmp_path))) > 1
   hf_config = json.load(open(tmp_path / "config.json"))
   assert mapping.model_overrides_from_hf(hf_config)["layer_pattern"] == ("sliding", "global")
@@ -74,7 +75,7 @@ def test_export_then_import_gives_back_every_parameter(tmp_path, scan):
 
 def test_hf_layouts_of_the_released_names(tmp_path):
   pure = _pure(_random_model(TINY))
-  export_hf(TINY, pure, str(tmp_path), log=lambda _: None)
+  export_hf(TINY, pure, str(tmp_path), context=CONTEXT, log=lambda _: None)
   f = SafetensorsFile(shard_files(str(tmp_path))[0])
   t = {n: f.get(n) for n in f.names()}
   layer1 = "model.decoder.layers.1."
@@ -111,7 +112,7 @@ def test_export_refuses_what_the_reference_cannot_express():
 
 def test_missing_extra_and_disagreeing_tensors_fail_with_their_names(tmp_path):
   src = str(tmp_path / "ok")
-  export_hf(TINY, _pure(_random_model(TINY)), src, log=lambda _: None)
+  export_hf(TINY, _pure(_random_model(TINY)), src, context=CONTEXT, log=lambda _: None)
   missing = "model.decoder.layers.2.router.per_expert_scale"
   _rewrite(src, str(tmp_path / "missing"), drop=[missing])
   with pytest.raises(MappingError, match=r"missing tensor\(s\): " + missing.replace(".", r"\.")):
@@ -134,16 +135,17 @@ def test_missing_extra_and_disagreeing_tensors_fail_with_their_names(tmp_path):
 def test_import_writes_a_checkpoint_and_a_config(tmp_path):
   src = str(tmp_path / "hf")
   pure = _pure(_random_model(TINY))
-  export_hf(TINY, pure, src, canvas_length=16, log=lambda _: None)
+  export_hf(TINY, pure, src, context=CONTEXT, canvas_length=16, log=lambda _: None)
   config_out = str(tmp_path / "imported.py")
   cfg = import_hf(src, str(tmp_path / "work"), config_out=config_out, log=lambda _: None)
-  assert dataclasses.replace(cfg, dispatch="dense") == TINY
+  assert dataclasses.replace(cfg, dispatch="dense") == dataclasses.replace(TINY, max_positions=CONTEXT)
   assert sorted(os.listdir(tmp_path / "work")) == ["checkpoints"]  # the disk-backed scratch is gone
   flat = load_params(src, TINY, log=lambda _: None, scratch=str(tmp_path / "scratch"))
   assert all(isinstance(v, np.memmap) for v in flat.values())
   from diffgemma_jax.config import load_config
   config = load_config(config_out)
-  assert ModelConfig.from_config_dict(config.model) == dataclasses.replace(TINY, dispatch="auto")
+  assert ModelConfig.from_config_dict(config.model) == dataclasses.replace(TINY, dispatch="auto",
+                                                                           max_positions=CONTEXT)
   assert config.objective.block_size == 16
   step, restored = restore_pure_params(str(tmp_path / "work"), TINY)
   assert step == 0
@@ -251,8 +253,9 @@ def test_logits_match_transformers_after_import_and_after_export(reference, tmp_
     _, our_sc = _our_logits(reference.model, prompt, canvas, sc_logits, sc_mask)
     _assert_close(our_sc, hf_sc, "canvas pass with self-conditioning")
 
-  export_hf(cfg, pure, str(tmp_path / "exported"), canvas_length=8, log=lambda _: None)
+  export_hf(cfg, pure, str(tmp_path / "exported"), context=64, canvas_length=8, log=lambda _: None)
   reloaded = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(tmp_path / "exported")).eval()
+  assert reloaded.config.text_config.max_position_embeddings == hf.config.text_config.max_position_embeddings
   for a, b in zip(_hf_logits(torch, hf, prompt, canvas, sc_logits, sc_mask),
                   _hf_logits(torch, reloaded, prompt, canvas, sc_logits, sc_mask)):
     np.testing.assert_array_equal(a, b)
@@ -260,6 +263,43 @@ def test_logits_match_transformers_after_import_and_after_export(reference, tmp_
   ours = sum(np.asarray(x).size for x in jax.tree.leaves(pure))
   # transformers counts the tied stack once; its layer scalars are buffers, ours are parameters
   assert ours == text_params + cfg.num_layers
+
+
+def test_max_position_embeddings_survives_import_and_export_and_a_scratch_run_exports_its_rows(reference,
+                                                                                              tmp_path):
+  """config.json's max_position_embeddings as diffgemma-export decides it (`trained_context`): the reference's
+  (131072, which save_pretrained writes) is recorded at import as model.max_positions and exported back unchanged,
+  although the imported rows are 4096 tokens; a run trained from scratch, its saved config older than
+  model.max_positions, exports the rows it trained on (its saved train.seq_len, not the exporting config's) instead
+  of transformers' default. (test_released_workflow.py runs diffgemma-export itself, on a fine-tune.)"""
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.hf.import_hf import save_checkpoint
+  from diffgemma_jax.train.checkpoint import model_differences
+  from diffgemma_jax.train.reading import trained_context
+
+  def export(config, workdir, output):
+    context = trained_context(config, str(workdir))
+    export_hf(ModelConfig.from_config_dict(config.model), reference.pure, str(output), context=context,
+              canvas_length=8, log=lambda _: None)
+    return json.loads((output / "config.json").read_text())["text_config"]["max_position_embeddings"]
+
+  imported_py, work = str(reference.root / "imported.py"), reference.root / "work"
+  saved = json.loads((work / "checkpoints" / "run_config.json").read_text())
+  assert (saved["model"]["max_positions"], saved["train"]["seq_len"]) == (131_072, 4096)
+  assert load_config(imported_py).model.max_positions == 131_072  # a fine-tune from the config file carries it too
+  assert export(load_config(imported_py), work, tmp_path / "again") == 131_072
+
+  scratch = tmp_path / "scratch"
+  old = json.loads(json.dumps(saved))
+  del old["model"]["max_positions"]  # a run_config.json written before the key existed
+  old["train"]["seq_len"] = 48
+  save_checkpoint(str(scratch), reference.pure, old)
+  assert model_differences(old["model"], dict(saved["model"], max_positions=4096)) == []  # resumes as before
+  config = load_config(imported_py, {"model.max_positions": "0", "train.seq_len": "96"})
+  assert export(config, scratch, tmp_path / "scratch_hf") == 48
+  resumed = dict(old, train=dict(old["train"], seq_len=64))  # a later start trained longer rows
+  (scratch / "run_history.jsonl").write_text("".join(json.dumps({"config": c}) + "\n" for c in (old, resumed)))
+  assert export(config, scratch, tmp_path / "resumed_hf") == 64
 
 
 @nnx.jit
@@ -333,6 +373,9 @@ def test_release_config_is_transformers_diffusion_gemma():
   ours = load_config("configs/diffusiongemma_26b_a4b.py").model
   same = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
   imported = mapping.model_overrides_from_hf(hf_config.to_dict())
+  # the context the release's weights serve (transformers' default here) is not claimed by a recipe that trains
+  # from scratch: its export writes the rows it trained on
+  assert (imported.pop("max_positions"), ours.max_positions) == (131_072, 0)
   assert {k: (ours.get(k), v) for k, v in imported.items() if same(ours.get(k)) != same(v)} == {}
   with torch.device("meta"):
     hf = transformers.DiffusionGemmaForBlockDiffusion(hf_config)
@@ -356,7 +399,7 @@ def test_export_merges_lora_adapters(tmp_path):
   from diffgemma_jax.model.lora import merge_lora
   cfg = dataclasses.replace(TINY, lora_rank=2, lora_alpha=4.0)
   pure = _pure(_random_model(cfg))  # adapters random too (B != 0), so the merge matters
-  export_hf(cfg, pure, str(tmp_path / "lora"), log=lambda _: None)
+  export_hf(cfg, pure, str(tmp_path / "lora"), context=CONTEXT, log=lambda _: None)
   merged, base_cfg = merge_lora(pure, cfg)
   assert base_cfg == TINY
   again = pure_params(TINY, load_params(str(tmp_path / "lora"), TINY, log=lambda _: None))
@@ -386,7 +429,7 @@ def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
   from launch.import_hf import main as import_main
   src, work = str(tmp_path / "hf"), tmp_path / "work"
   pure = _pure(_random_model(TINY))
-  export_hf(TINY, pure, src, canvas_length=16, log=lambda _: None)  # a canvas within the sliding window (64)
+  export_hf(TINY, pure, src, context=CONTEXT, canvas_length=16, log=lambda _: None)  # a canvas within the sliding window (64)
   import_hf(src, str(work), log=lambda _: None)
   with pytest.raises(ConfigError) as info:  # an earlier import: says so, not that later steps would hide it
     import_hf(src, str(work), log=lambda _: None)
@@ -414,12 +457,14 @@ def test_import_refuses_a_workdir_with_checkpoints_unless_forced(tmp_path):
 
 def test_the_imported_config_says_where_its_row_length_comes_from(tmp_path):
   """The config file diffgemma-import writes explains train.seq_len by what config.json gives: no
-  max_position_embeddings (our own exports), one that caps the rows, or one far above them."""
+  max_position_embeddings (a foreign config.json, or one of our exports from before it was written), one that caps
+  the rows, or one far above them."""
   from diffgemma_jax.config import load_config
   src = tmp_path / "hf"
-  export_hf(TINY, _pure(_random_model(TINY)), str(src), canvas_length=16, log=lambda _: None)
+  export_hf(TINY, _pure(_random_model(TINY)), str(src), context=CONTEXT, canvas_length=16, log=lambda _: None)
   hf_config = json.loads((src / "config.json").read_text())
-  assert "max_position_embeddings" not in json.dumps(hf_config)
+  assert hf_config["text_config"].pop("max_position_embeddings") == CONTEXT
+  (src / "config.json").write_text(json.dumps(hf_config))
   found = {}
   for name, max_positions in (("none", None), ("capped", 72), ("long", 131_072)):
     if max_positions:
@@ -456,7 +501,7 @@ def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_f
   assert run_tokenizer(str(run), tokenizer_file) == tokenizer_file
   (run / "tokenizer.model").write_bytes(open(tokenizer_file, "rb").read())  # as the trainer pins it
   src = str(tmp_path / "hf")
-  export_hf(cfg, _pure(_random_model(cfg)), src, canvas_length=16, tokenizer=run_tokenizer(str(run)),
+  export_hf(cfg, _pure(_random_model(cfg)), src, context=CONTEXT, canvas_length=16, tokenizer=run_tokenizer(str(run)),
             log=lambda _: None)
   generation = json.load(open(os.path.join(src, "generation_config.json")))
   assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (2, 3, 0)
@@ -467,8 +512,8 @@ def test_export_ships_the_run_tokenizer_and_import_pins_it(tmp_path, tokenizer_f
   assert load_config(config_out).data.tokenizer == os.path.join(os.path.abspath(src), "tokenizer.model")
   assert run_tokenizer(str(work)) == str(work / "tokenizer.model")  # so a re-export ships it again
   with pytest.raises(ConfigError, match="512 pieces but the model only model.vocab_size=96"):
-    export_hf(TINY, _pure(_random_model(TINY)), str(tmp_path / "bad"), tokenizer=tokenizer_file, log=lambda _: None)
-  export_hf(TINY, _pure(_random_model(TINY)), str(tmp_path / "bare"), log=lambda _: None)
+    export_hf(TINY, _pure(_random_model(TINY)), str(tmp_path / "bad"), context=CONTEXT, tokenizer=tokenizer_file, log=lambda _: None)
+  export_hf(TINY, _pure(_random_model(TINY)), str(tmp_path / "bare"), context=CONTEXT, log=lambda _: None)
   assert "eos_token_id" not in json.load(open(tmp_path / "bare" / "generation_config.json"))  # no guessed ids
 
 

@@ -20,7 +20,7 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
 from diffgemma_jax.hf.import_hf import import_hf
 from diffgemma_jax.hf.safetensors_io import INDEX_FILE, SafetensorsFile, write_file
-from test_hf import TINY, _pure, _random_model
+from test_hf import CONTEXT, TINY, _pure, _random_model
 
 IMPORT_HF = importlib.import_module("diffgemma_jax.hf.import_hf")  # the module: the package exports its function
 VISION = "model.encoder.vision_tower.encoder.layers.0.mlp.up_proj.weight"  # skipped by the import: never fetched
@@ -37,7 +37,7 @@ def _tensor_ranges(path: str) -> tuple[int, dict[str, tuple[int, int]]]:
 
 def _export(folder: str) -> dict:
   pure = _pure(_random_model(TINY))
-  export_hf(TINY, pure, folder, canvas_length=16, max_shard_bytes=20_000, log=lambda _: None)
+  export_hf(TINY, pure, folder, context=CONTEXT, canvas_length=16, max_shard_bytes=20_000, log=lambda _: None)
   return pure
 
 

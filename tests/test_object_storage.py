@@ -90,10 +90,10 @@ def test_import_and_export_outputs_in_a_bucket(bucket, tmp_path, capsys):
   from etils import epath
 
   from diffgemma_jax.hf.export_hf import export_hf, restore_pure_params
-  from test_hf import TINY, _pure, _random_model
+  from test_hf import CONTEXT, TINY, _pure, _random_model
   pure = _pure(_random_model(TINY))
-  export_hf(TINY, pure, str(tmp_path / "hf"), canvas_length=16, log=lambda _: None)
-  export_hf(TINY, pure, f"{bucket}/hf", canvas_length=16, log=lambda _: None)
+  export_hf(TINY, pure, str(tmp_path / "hf"), context=CONTEXT, canvas_length=16, log=lambda _: None)
+  export_hf(TINY, pure, f"{bucket}/hf", context=CONTEXT, canvas_length=16, log=lambda _: None)
   local = sorted(os.listdir(tmp_path / "hf"))
   assert sorted(p.name for p in epath.Path(f"{bucket}/hf").iterdir()) == local
   for name in local:

@@ -8,7 +8,8 @@
 - A whole train step on a `data x context` mesh equals the single-device step (masked and block objectives).
 - Load-balanced context parallelism (`parallel/balance.py`): attention over a row dealt out in the balanced order,
   canvases straddling the chunks, equals one device; the block objective's train step (balanced) and the AR's
-  held-out bounds (balanced and not) equal one device, and the balanced ones do reorder their rows.
+  held-out bounds (balanced and not) equal one device, and the balanced ones do reorder their rows. For every
+  registered objective the start-up check sees the rows the model sees and refuses exactly the unbalanced ones.
 
 The device count is fixed when JAX starts, so in a normal (one-device) session `test_on_eight_fake_devices` re-runs
 this file in a subprocess with 8 devices, where the other tests run.
@@ -45,7 +46,7 @@ RTOL = 1e-5
 
 @pytest.mark.skipif(EIGHT, reason="already on 8 devices")
 def test_on_eight_fake_devices(tmp_path):
-  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=17)
+  rerun_on_eight_devices(__file__, str(tmp_path / "eight.xml"), {"test_on_eight_fake_devices"}, min_ran=21)
 
 
 def _close(actual, expected, what):
@@ -369,3 +370,57 @@ def test_balanced_rows_must_cut_into_twice_the_context_shards():
   config.mesh.context_load_balance = True
   config.objective.name = "masked"  # bidirectional rows are never reordered: any multiple of the context axis
   check_mesh_fits(config, mesh)
+
+
+@needs_eight
+@pytest.mark.parametrize("name", ["masked", "ar", "block", "uniform"])
+def test_the_start_up_check_asks_the_models_question_of_the_models_rows(name, monkeypatch):
+  """Every registered objective (OBJECTIVES) on a data x context mesh, with rows that cut into 2C chunks and rows
+  that do not: the masks the start-up check traces (`objectives.attended`) are the ones the model hands its
+  MeshPlacement when the objective's loss and bound run on the mesh, and `check_mesh_fits` refuses the run exactly
+  when one of those rows is uneven but `balance.balances` leaves it in row order (the uniform objective's b + L
+  training rows, the AR baseline's L; never the block objective's 2L rows, which cut whenever L splits)."""
+  from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.transformer import build_model  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.objectives import OBJECTIVES, make_objective  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.objectives.attended import attended_masks  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.parallel import check_mesh_fits  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.parallel.placement import MeshPlacement, placement_for  # pylint: disable=import-outside-toplevel
+  assert sorted(OBJECTIVES) == sorted(["masked", "ar", "block", "uniform"])  # a new objective joins the parameters
+  mesh = _meshes("ar")[1]  # data 2 x context 4: rows cut into 8 chunks
+  summary = lambda m: (m.kind, m.q.length, m.kv.length, m.q.has_canvas, m.window)  # noqa: E731
+  seen = []
+  reorder_row = MeshPlacement.reorder_row
+  monkeypatch.setattr(MeshPlacement, "reorder_row", lambda self, inputs, mask: (
+      seen.append(mask), reorder_row(self, inputs, mask))[1])
+  refused = {}
+  for seq_len in (32, 36):
+    config = _step_config(name, "xla", True)
+    config.model.self_conditioning = name == "uniform"
+    config.objective.block_size = 4
+    config.train.seq_len = seq_len
+    objective = make_objective(config.objective, mask_id=4)
+    cfg = ModelConfig.from_config_dict(config.model)
+    row = jax.ShapeDtypeStruct((4, seq_len), jnp.int32)
+
+    def run(batch):
+      model = build_model(cfg, 0, placement_for(mesh, config))
+      return (objective.loss_fn(model, batch, jax.random.key(0))[0],
+              objective.sequence_bound(model, batch, jax.random.key(1), num_t_samples=1)[0])
+
+    seen.clear()
+    jax.eval_shape(run, {"tokens": row, "segment_ids": row, "positions": row})
+    assert seen and sorted(map(summary, attended_masks(objective, cfg, seq_len))) == sorted(map(summary, seen))
+    left_in_order = [m.q.length for m in seen if balance.uneven(m) and not balance.balances(mesh, m)]
+    try:
+      check_mesh_fits(config, mesh)
+      refused[seq_len] = None
+    except ConfigError as error:
+      refused[seq_len] = str(error)
+    assert (refused[seq_len] is not None) == bool(left_in_order), (seq_len, left_in_order, refused[seq_len])
+    if left_in_order:
+      assert (f"train.seq_len={seq_len}" in refused[seq_len] and f"rows of {left_in_order[0]} tokens"
+              in refused[seq_len] and "mesh.context_load_balance=False" in refused[seq_len]), refused[seq_len]
+  expected = {"masked": [], "ar": [36], "block": [], "uniform": [32]}[name]  # uniform at 32: rows of 4 + 32
+  assert [seq_len for seq_len, error in refused.items() if error] == expected, refused

@@ -22,6 +22,7 @@ from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.train.state import to_pure
 
 CANVAS = 256  # the release's canvas_length (and transformers' default)
+RELEASE_CONTEXT = 8192  # the max_position_embeddings of the tiny "release": longer than the imported rows (4096)
 # The release's layout at tiny width: sliding and global layers, K=V global layers, self-conditioning, the canvas
 # input norm; its window (1024 there) longer than the canvas.
 TINY = ModelConfig(vocab_size=512, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=2,
@@ -37,6 +38,7 @@ from diffgemma_jax.config import sibling_config
 def get_config():  # configs/diffusiongemma_26b_a4b_sft.py at tiny scale
   c = sibling_config(__file__, "imported")
   c.model.update(lora_rank=2, lora_alpha=4.0, lora_targets=("attention", "mlp"))
+  c.model.max_positions = 0  # as the real one's, built on the 26B recipe rather than on the imported config
   c.init.checkpoint = {workdir!r}
   c.data.recipe = "jsonl"
   c.data.source = {source!r}
@@ -73,7 +75,7 @@ def released(tmp_path_factory):
     value = var.get_value()
     var.set_value(jnp.asarray(rng.normal(0.0, 0.3, value.shape).astype(value.dtype)))
   tokenizer = _release_like_tokenizer(str(root / "spm"))
-  export_hf(TINY, to_pure(state), str(root / "hf"), canvas_length=CANVAS, tokenizer=tokenizer, log=lambda _: None)
+  export_hf(TINY, to_pure(state), str(root / "hf"), context=RELEASE_CONTEXT, canvas_length=CANVAS, tokenizer=tokenizer, log=lambda _: None)
   return root
 
 
@@ -144,6 +146,8 @@ def test_the_readme_commands_for_the_released_model(released, tmp_path, capsys):
       capsys.readouterr().err
   exported = json.loads((out / "config.json").read_text())
   assert exported["canvas_length"] == CANVAS and exported["text_config"]["sliding_window"] == TINY.sliding_window
+  # the release's context, carried from init.checkpoint's run, not the fine-tune's 256-token rows
+  assert exported["text_config"]["max_position_embeddings"] == RELEASE_CONTEXT
   assert (out / "tokenizer.model").read_bytes() == (released / "hf" / "tokenizer.model").read_bytes()
 
 
@@ -153,7 +157,7 @@ def test_a_canvas_longer_than_the_sliding_window_is_refused_at_import_and_in_con
   narrow = dataclasses.replace(TINY, sliding_window=128)
   model = nnx.eval_shape(lambda: build_model(narrow, 0))
   pure = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), to_pure(nnx.state(model, nnx.Param)))
-  export_hf(narrow, pure, str(tmp_path / "hf"), canvas_length=CANVAS, log=lambda _: None)
+  export_hf(narrow, pure, str(tmp_path / "hf"), context=CANVAS, canvas_length=CANVAS, log=lambda _: None)
   with pytest.raises(ConfigError, match=r"config.json canvas_length=256 is longer than sliding_window=128"):
     import_hf(str(tmp_path / "hf"), str(tmp_path / "work"), log=lambda _: None)
   assert not (tmp_path / "work").exists()  # refused before anything is written

@@ -9,6 +9,7 @@ those weights as missing).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -85,12 +86,18 @@ def generation_config(tokenizer: str | None, vocab_size: int) -> dict[str, Any]:
   return config
 
 
-def export_hf(cfg: ModelConfig, pure: Any, output: str, *, canvas_length: int = 256, dtype: str = "float32",
-              max_shard_bytes: int = 4 << 30, tokenizer: str | None = None,
+def export_hf(cfg: ModelConfig, pure: Any, output: str, *, context: int, canvas_length: int = 256,
+              dtype: str = "float32", max_shard_bytes: int = 4 << 30, tokenizer: str | None = None,
               log: Callable[[str], None] = print) -> list[str]:
-  """Writes the Hugging Face directory `output`; returns the shard file names. `tokenizer`: the model's
-  sentencepiece file, copied in as tokenizer.model (its ids go into generation_config.json). LoRA adapters (a
-  fine-tune with `model.lora_rank` > 0) are merged into their base weights first: the reference model has none."""
+  """Writes the Hugging Face directory `output`; returns the shard file names. `context`: the longest rows the
+  weights were trained on (a run's `train.reading.trained_context`); config.json's max_position_embeddings is the
+  larger of it and `cfg.max_positions`, never transformers' default. `tokenizer`: the model's sentencepiece file,
+  copied in as tokenizer.model (its ids go into generation_config.json). LoRA adapters (a fine-tune with
+  `model.lora_rank` > 0) are merged into their base weights first: the reference model has none."""
+  if not isinstance(context, int) or isinstance(context, bool) or context <= 0:
+    raise ConfigError(f"export context={context!r}: must be the positive number of positions the model was trained "
+                      f"for (train.seq_len)")
+  cfg = dataclasses.replace(cfg, max_positions=max(cfg.max_positions, context))
   generation = generation_config(tokenizer, cfg.vocab_size)  # a wrong tokenizer fails before any shard is written
   if tokenizer is None:
     log("warning: no tokenizer given: generation_config.json names no bos/eos/pad ids and no tokenizer.model "

@@ -152,6 +152,7 @@ def model_overrides_from_hf(hf_config: Mapping[str, Any]) -> dict[str, Any]:
       self_conditioning=True,
       self_conditioning_dim=0,
       canvas_input_norm=True,
+      max_positions=int(text.get("max_position_embeddings") or 0),
   )
   if "canvas_input_norm" not in {f.name for f in dataclasses.fields(ModelConfig)}:
     overrides.pop("canvas_input_norm")
@@ -159,7 +160,8 @@ def model_overrides_from_hf(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def hf_config_from_model(cfg: ModelConfig, *, canvas_length: int = 256) -> dict[str, Any]:
-  """A `DiffusionGemmaConfig` dict (config.json, text part only) that `transformers` builds our model from."""
+  """A `DiffusionGemmaConfig` dict (config.json, text part only) that `transformers` builds our model from; its
+  max_position_embeddings is `cfg.max_positions` (left out when 0: the export sets it, `export_hf`)."""
   problems = []
   if not cfg.global_k_eq_v and "global" in cfg.layer_kinds:
     problems.append("model.global_k_eq_v=False: the reference's global layers always share K and V")
@@ -207,6 +209,8 @@ def hf_config_from_model(cfg: ModelConfig, *, canvas_length: int = 256) -> dict[
       "tie_word_embeddings": True,
       "use_bidirectional_attention": None,
   }
+  if cfg.max_positions:  # without it transformers assumes 131072 (DiffusionGemmaTextConfig's default)
+    text["max_position_embeddings"] = cfg.max_positions
   return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
           "text_config": text, "tie_word_embeddings": True, "canvas_length": canvas_length}
 

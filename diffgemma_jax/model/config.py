@@ -92,6 +92,11 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("attention", "mlp")
+  # The longest context, in positions, the weights are known to serve beyond the rows this run trains on: an
+  # imported checkpoint's `max_position_embeddings`, or what a fine-tune's init.checkpoint served. Defines no
+  # parameter; the Hugging Face export writes the larger of it and the trained train.seq_len
+  # (`train.reading.trained_context`). 0: none recorded (a run trained from scratch).
+  max_positions: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
@@ -202,6 +207,9 @@ class ModelConfig:
              f"adapted: freeze them with train.freeze)")
     if self.lora_rank and not self.lora_targets:
       fail("lora_targets", "is empty while model.lora_rank > 0; name at least one projection or set lora_rank=0")
+    if not isinstance(self.max_positions, int) or isinstance(self.max_positions, bool) or self.max_positions < 0:
+      fail("max_positions", f"must be a non-negative integer (0: none recorded, the export writes train.seq_len), "
+           f"got {self.max_positions!r}")
     if self.scan_layers and self.num_layers // len(self.layer_pattern) < 1:
       fail("scan_layers", "needs at least one full repetition of model.layer_pattern")
 

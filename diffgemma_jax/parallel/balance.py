@@ -46,15 +46,28 @@ def balanced_order(length: int, shards: int) -> np.ndarray:
   return (balanced_chunks(shards)[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)
 
 
-def balances(mesh: Mesh, mask) -> bool:
-  """Whether a row attending under `mask` is reordered on `mesh`: a context axis, a mask description of
-  self-attention whose work varies along the row (anything but bidirectional rows without a canvas), and a row that
-  cuts into 2C equal chunks."""
-  shards = per_shard.axis_size(mesh, CONTEXT_AXIS)
-  if shards == 1 or not isinstance(mask, MaskSpec):
+def uneven(mask) -> bool:
+  """Whether a row attending under `mask` is one the balanced order is for: a mask description of self-attention
+  whose work varies along the row (anything but bidirectional rows without a canvas)."""
+  if not isinstance(mask, MaskSpec):
     return False
-  uneven = mask.kind != "bidirectional" or mask.q.has_canvas
-  return uneven and mask.q.length == mask.kv.length and mask.q.length % (2 * shards) == 0
+  return (mask.kind != "bidirectional" or mask.q.has_canvas) and mask.q.length == mask.kv.length
+
+
+def balances(mesh: Mesh, mask) -> bool:
+  """Whether a row attending under `mask` is reordered on `mesh`: a context axis, an `uneven` row, and one that cuts
+  into 2C equal chunks. The one decision: the model asks it (`MeshPlacement`), and the start-up check refuses a run
+  whose rows are uneven but do not cut (`unbalanced`)."""
+  shards = per_shard.axis_size(mesh, CONTEXT_AXIS)
+  return shards > 1 and uneven(mask) and mask.q.length % (2 * shards) == 0
+
+
+def unbalanced(mesh: Mesh, masks) -> list:
+  """The `masks` of rows that `mesh`'s context axis splits unevenly and leaves in row order: `uneven` ones that
+  `balances` refuses (they do not cut into 2C equal chunks)."""
+  if per_shard.axis_size(mesh, CONTEXT_AXIS) == 1:
+    return []
+  return [mask for mask in masks if uneven(mask) and not balances(mesh, mask)]
 
 
 def _chunk_moves(shards: int, inverse: bool):

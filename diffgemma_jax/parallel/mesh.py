@@ -106,11 +106,8 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if int(config.train.seq_len) % context:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
                       f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {context}")
-  if (context > 1 and context_load_balance(config) and _objective_reorders(config)
-      and int(config.train.seq_len) % (2 * context)):
-    raise ConfigError(f"train.seq_len={config.train.seq_len} does not cut into 2 x {context} equal chunks, which "
-                      f"mesh.context_load_balance=True deals to the {context} context shards; use a multiple of "
-                      f"{2 * context} or set mesh.context_load_balance=False")
+  if context > 1 and context_load_balance(config):
+    _check_rows_balance(config, mesh)
   rows = math.prod(shape.get(a, 1) for a in BATCH_AXES)
   if int(config.eval.batch_size) % rows:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {rows} "
@@ -128,12 +125,26 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
                       f"different rows")
 
 
-def _objective_reorders(config) -> bool:
-  """Whether the run's objective attends along its rows unevenly (a causal pass or canvases), the rows that the
-  load-balanced order deals out (`parallel/balance.py`); the masked objective's bidirectional rows never reorder."""
-  from diffgemma_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
-  objective = OBJECTIVES.get(str(config.objective.name))
-  return objective is None or objective.capabilities.next_token or objective.capabilities.canvases
+def _check_rows_balance(config, mesh: Mesh) -> None:
+  """Refuses a run whose objective hands the layers rows that the context axis splits unevenly but that do not cut
+  into 2C equal chunks, so would silently run in row order: `balance.unbalanced` of the masks the objective's loss
+  and bound attend under (`objectives.attended`), the decision the model itself takes on them."""
+  from diffgemma_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.objectives import make_objective  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.objectives.attended import attended_masks  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.parallel.balance import unbalanced  # pylint: disable=import-outside-toplevel
+  seq_len = int(config.train.seq_len)
+  objective = make_objective(config.objective, mask_id=0)  # the mask id changes no mask
+  masks = attended_masks(objective, ModelConfig.from_config_dict(config.model), seq_len)
+  lengths = sorted({mask.q.length for mask in unbalanced(mesh, masks)})
+  if not lengths:
+    return
+  context = dict(mesh.shape)[CONTEXT_AXIS]
+  block = f" and objective.block_size={config.objective.block_size}" if getattr(objective, "block_size", 0) else ""
+  raise ConfigError(f"the {objective.name} objective at train.seq_len={seq_len}{block} attends over rows of "
+                    f"{' and '.join(map(str, lengths))} tokens, which do not cut into the 2 x {context} equal chunks "
+                    f"that mesh.context_load_balance=True deals to the {context} context shards; choose sizes whose "
+                    f"rows are multiples of {2 * context} or set mesh.context_load_balance=False")
 
 
 def context_load_balance(config) -> bool:

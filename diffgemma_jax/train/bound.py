@@ -27,7 +27,6 @@ from jax.sharding import Mesh
 
 from diffgemma_jax.data.mixture import mixture_bound
 from diffgemma_jax.data.pipeline import row_hashes
-from diffgemma_jax.parallel.distributed import barrier
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
 from diffgemma_jax.train.bound_partial import PartialBound
 
@@ -118,8 +117,6 @@ def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
   start = partial.resume(total)
   if start:
     partial.log(f"continuing from held-out batch {start} of {total} (the results before it: {partial.path})")
-  if partial.path is not None:  # every process has read the file before process 0 writes it again
-    barrier(f"diffgemma_eval_resume_{partial.path}")
   for index, results in scored_batches(bound_fn, params, batches, seed=seed, mesh=mesh, start=start):
     partial.add(*results)
     partial.save()

@@ -6,7 +6,10 @@ ran before it, so the rows' results of the first n batches followed by those of 
 the results of an evaluation that never stopped. The file holds those rows' arrays and a key: everything they
 depend on (the checkpoint, the dataset's manifest, the rows and the batch shape, the seed, the number of noise
 levels, the objective). A file written under another key is never mixed in: the evaluation says so and starts over.
-Process 0 writes the file (atomically: a local rename, or one object written whole); every process reads it.
+Only process 0 touches the file: it writes it (atomically: a local rename, or one object written whole) and reads
+it at a resume, then hands the bytes it read to every other process through the collective channel the evaluation
+runs on (`_from_process_0`). So every process continues from the same batch with the same rows whether or not the
+others can see the file: a workdir on each host's own disk works as a shared one or a bucket does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from diffgemma_jax import storage
 
@@ -52,12 +56,24 @@ class PartialBound:
     return tuple(np.concatenate(self.batches[name]) for name in _ARRAYS)
 
   def resume(self, num_batches: int) -> int:
-    """Takes the batches a file of this key holds (at most `num_batches`); returns how many. 0 when there is no
-    file, or it is unreadable or was written for other rows (it is then overwritten by this evaluation's)."""
-    if self.path is None or storage.file_size(self.path) is None:
+    """Takes the batches a file of this key holds (at most `num_batches`), the file as process 0 reads it, on every
+    process (a collective: every process calls it); returns how many. 0 when there is no file, or it is unreadable
+    or was written for other rows (it is then overwritten by this evaluation's)."""
+    if self.path is None:
+      return 0
+    data = b""
+    if jax.process_index() == 0:  # a read that fails must not leave the others waiting in the broadcast
+      try:
+        if storage.file_size(self.path) is not None:
+          with storage.open_binary(self.path) as f:
+            data = f.read()
+      except OSError as e:
+        self.log(f"{self.path}: unreadable partial results ({type(e).__name__}); evaluating from the first batch")
+    data = _from_process_0(data)
+    if not data:
       return 0
     try:
-      with storage.open_binary(self.path) as f, np.load(io.BytesIO(f.read())) as saved:
+      with np.load(io.BytesIO(data)) as saved:
         key = json.loads(str(saved["key"]))
         arrays = {name: saved[name] for name in _ARRAYS}
         batch_rows = int(saved["batch_rows"])
@@ -98,3 +114,15 @@ class PartialBound:
     """Removes the file once the evaluation it served is complete (process 0)."""
     if self.path is not None and jax.process_index() == 0 and storage.file_size(self.path) is not None:
       epath.Path(self.path).unlink()
+
+
+def _from_process_0(data: bytes) -> bytes:
+  """`data` as process 0 has it, on every process: a broadcast of its length, then of its bytes, over the devices of
+  every process (one process: `data` itself)."""
+  if jax.process_count() == 1:
+    return data
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+  if not size:
+    return b""
+  mine = np.frombuffer(data, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(mine)).astype(np.uint8).tobytes()

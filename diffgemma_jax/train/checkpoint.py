@@ -30,9 +30,11 @@ from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
 
 CONFIG_FILE = "run_config.json"
-# Model fields that change how the network computes, not what its parameters are: a resume may change them.
+# Model fields that change how the network computes, not what its parameters are (max_positions: not even that, a
+# record of the context the weights serve): a resume may change them.
 RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "attention_impl", "remat", "compute_dtype", "load_balance_loss_weight",
-                                  "router_z_loss_weight", "capacity_factor", "dropless", "expert_collective"})
+                                  "router_z_loss_weight", "capacity_factor", "dropless", "expert_collective",
+                                  "max_positions"})
 
 
 ITEMS = ("params", "opt_state", "data_iterator")

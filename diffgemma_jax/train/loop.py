@@ -41,7 +41,7 @@ from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimiz
 from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
-from diffgemma_jax.train.reading import check_workdir, open_init_checkpoint
+from diffgemma_jax.train.reading import check_workdir, inherit_context, open_init_checkpoint
 from diffgemma_jax.train.state import abstract_train_state, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
@@ -90,10 +90,12 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed, trainable,
                                                        placement=placement_for(mesh, config))
   start_step = ckpt.latest_step()
-  init_from = None
+  init_from, inherited = None, None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
     init_from = open_init_checkpoint(config)
     init_from.check_fits(abstract.params)
+    config, inherited = inherit_context(config, init_from)
+    ckpt.config = config  # its run_config.json records the context the initial weights serve
   directory, tokenizer = prepare_dataset(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
@@ -130,7 +132,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
-    logger.message(f"initialised from {init_from.step_dir} (step {init_from.step}): parameters only, fresh optimizer")
+    logger.message(f"initialised from {init_from.step_dir} (step {init_from.step}): parameters only, fresh optimizer"
+                   + (f"; model.max_positions={inherited}, the context its weights serve" if inherited else ""))
   previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
                                 command=command)  # the run history; the record of the run resumed from
   if start_step and previous:

@@ -29,6 +29,7 @@ from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
+from diffgemma_jax.train.history import read_history
 from diffgemma_jax.train.state import from_pure, split_model, to_pure, with_shardings
 
 TOKENIZER_FILE = "tokenizer.model"  # the tokenizer the trainer pins in a run's workdir
@@ -268,3 +269,40 @@ def adopt_saved_lora(config, checkpoints_dir: str):
       if key in saved:
         config.model[key] = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
   return config
+
+
+def saved_context(saved: dict[str, Any] | None) -> int:
+  """The context, in positions, a run's saved config (run_config.json as a dict) says its weights serve: the larger
+  of its model.max_positions and its train.seq_len (a config saved before model.max_positions existed counts as 0
+  there). 0 for a run saved without a config."""
+  if not saved:
+    return 0
+  recorded = int(saved.get("model", {}).get("max_positions", 0) or 0)
+  return max(recorded, int(saved.get("train", {}).get("seq_len", 0) or 0))
+
+
+def trained_context(config, workdir: str) -> int:
+  """What the Hugging Face export writes as max_position_embeddings for the run in `workdir`, read with `config`:
+  the longest context its weights serve, the largest of the config's model.max_positions, the run's saved ones (an
+  imported checkpoint's max_position_embeddings, or what the run's init.checkpoint served) and the rows it trained
+  on: the train.seq_len of its run_config.json and of every start in its run history (a resume may train longer
+  rows); the config's only for a run that kept neither."""
+  path = epath.Path(os.path.join(workdir, "checkpoints", CONFIG_FILE))
+  saved = [json.loads(path.read_text())] if path.is_file() else []
+  saved += [record.get("config") for record in read_history(workdir)]
+  recorded = max((saved_context(s) for s in saved), default=0)
+  return max(int(config.model.max_positions), recorded or int(config.train.seq_len))
+
+
+def inherit_context(config, init_run: SavedRun):
+  """A fine-tune's config records the context its init.checkpoint's weights serve (`saved_context`) as
+  model.max_positions when that is larger than the config's, so that an export of the fine-tune writes the base's
+  context rather than the fine-tune's shorter rows. Returns (the config, a copy when changed; the context adopted or
+  None)."""
+  context = saved_context(init_run.saved_config())
+  if context <= int(config.model.max_positions):
+    return config, None
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.max_positions = context
+  return config, context
