@@ -18,7 +18,9 @@ this file in a subprocess with 8 devices, where the other tests run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 import sys
 
 import jax
@@ -424,3 +426,48 @@ def test_the_start_up_check_asks_the_models_question_of_the_models_rows(name, mo
               in refused[seq_len] and "mesh.context_load_balance=False" in refused[seq_len]), refused[seq_len]
   expected = {"masked": [], "ar": [36], "block": [], "uniform": [32]}[name]  # uniform at 32: rows of 4 + 32
   assert [seq_len for seq_len, error in refused.items() if error] == expected, refused
+
+
+EMBED_MESHES = {"fsdp x expert": (1, 2, 4, 1), "fsdp x tensor": (1, 4, 1, 2), "data x fsdp x expert": (2, 2, 2, 1),
+                "data x tensor": (4, 1, 1, 2)}
+
+
+@needs_eight
+@pytest.mark.parametrize("mesh_name", sorted(EMBED_MESHES))
+def test_embedding_table_on_a_mesh_equals_one_device_without_a_whole_table(mesh_name):
+  """The token lookup, the tied logits and self-conditioning's mix of the stored table (parallel/embedding.py):
+  values and gradients (table, activations, weights) equal one device's, and the compiled gradient makes no array
+  of the whole table [V, D]; what the logits and the mix gather at a time is one vocabulary tile, no more rows
+  than the shard's own slice (V / (tensor x fsdp)) nor an eighth of its vocabulary (V / tensor / 8)."""
+  from diffgemma_jax.parallel import embedding, rules  # pylint: disable=import-outside-toplevel
+  V, D, B, L = 64, 16, 8, 4
+  shape = EMBED_MESHES[mesh_name]
+  mesh = make_mesh(shape)
+  rng = np.random.default_rng(0)
+  table, x, probs, w_lookup, w_logits, w_mix = (
+      jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(V, D), (B, L, D), (B, L, V), (B, L, D), (B, L, V),
+                                                              (B, L, D)])
+  tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+
+  def total(lookup, logits, mix, table, x, probs):
+    return (jnp.sum(lookup(table, tokens, jnp.float32) * w_lookup) + jnp.sum(logits(x, table) * w_logits)
+            + jnp.sum(mix(probs, table) * w_mix))
+
+  local = jax.value_and_grad(functools.partial(
+      total, lambda t, k, dtype: jnp.take(t, k, axis=0).astype(dtype), embedding.local_logits,
+      lambda p, t: jnp.einsum("BLV,VD->BLD", p, t)), argnums=(0, 1, 2))(table, x, probs)
+  sharded_fn = jax.jit(jax.value_and_grad(functools.partial(
+      total, functools.partial(embedding.sharded_lookup, mesh=mesh),
+      functools.partial(embedding.sharded_logits, mesh=mesh),
+      functools.partial(embedding.sharded_mix, mesh=mesh)), argnums=(0, 1, 2)))
+  args = (jax.device_put(table, NamedSharding(mesh, embedding.table_spec(table.shape, mesh))),
+          jax.device_put(x, rules.batch_sharding(mesh, 3)), jax.device_put(probs, rules.batch_sharding(mesh, 3)))
+  sharded = sharded_fn(*args)
+  for what, a, b in zip(["value", "d table", "d x", "d probs"], jax.tree.leaves(sharded), jax.tree.leaves(local)):
+    _close(a, b, what)
+  hlo = sharded_fn.lower(*args).compile().as_text()
+  assert not re.search(rf"\[{V},{D}\]", hlo), "a whole [V, D] table on a device"
+  shard_rows = V // mesh.shape["tensor"]
+  most = min(shard_rows // mesh.shape["fsdp"], shard_rows // 8)  # the shard's own rows, an eighth of its vocabulary
+  gathered = [int(r) for r in re.findall(rf"= f32\[(\d+),{D}\]\S* all-gather", hlo)]
+  assert (max(gathered) <= most if mesh.shape["fsdp"] > 1 else not gathered), (gathered, most)

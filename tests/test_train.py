@@ -99,7 +99,7 @@ def test_gradient_accumulation_matches_one_big_batch(load_tiny):
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import os, re, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np, optax
     sys.path.insert(0, {tests!r})
@@ -121,11 +121,13 @@ SHARDED_SCRIPT = textwrap.dedent("""
     def optimizer():
       tx, schedule = make_optimizer(c.train)
       return optax.chain(record, tx), schedule
-    out = []
+    out, hlo = [], {{}}
     for shape in [(1, 1, 1, 1), (1, 2, 2, 1), (2, 1, 1, 2)]:
       mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
       compiled = compile_train_step(c, mask_id=4, mesh=mesh, optimizer=optimizer())  # c.objective: masked
-      step, state = compiled.step, compiled.init_state()
+      step = compiled.step.lower(compiled.abstract_state, batch, jax.random.key(0)).compile()
+      hlo[shape] = step.as_text()
+      state = compiled.init_state()
       grads, norms = [], []
       for _ in range(2):
         state, metrics = step(state, batch, jax.random.key(0))
@@ -151,6 +153,15 @@ SHARDED_SCRIPT = textwrap.dedent("""
     fresh = init_train_state(cfg, tx, shardings4, 0)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(fresh)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # No device of the fsdp x expert step holds the whole table [V, D] (the lookup moves the rows it reads, the tied
+    # logits gather a vocabulary tile at a time: parallel/embedding.py); the one-device step shows the search finds
+    # the table where it is whole, in both scopes.
+    V, D = cfg.vocab_size, cfg.embed_dim
+    def whole_tables(shape, scope):
+      pattern = re.compile(rf'= (f32|bf16)\\[{{V}},{{D}}\\]\\S* .*op_name="[^"]*/{{scope}}/')
+      return [line.strip()[:200] for line in hlo[shape].splitlines() if pattern.search(line)]
+    assert whole_tables((1, 1, 1, 1), "embed") and whole_tables((1, 1, 1, 1), "unembed")
+    assert not re.search(rf"\\[{{V}},{{D}}\\]", hlo[(1, 2, 2, 1)]), whole_tables((1, 2, 2, 1), "[^/]*")
     loss0, params0, grads0, norms0 = out[0]
     for loss, params, grads, norms in out[1:]:
       np.testing.assert_allclose(loss, loss0, rtol=1e-4)

@@ -55,14 +55,20 @@ class Embedder(nnx.Module):
     # std 1/sqrt(D): after the sqrt(D) input scale tokens enter at unit RMS.
     self.embedding = param(rngs, (vocab_size, embed_dim), ("vocab", "embed"), fan_in=embed_dim)
 
-  def encode(self, tokens_BL, dtype, table_VD=None):
-    """Scaled embeddings of `tokens_BL`, looked up in `table_VD` (this module's table, placed by the caller) or
-    in the table as it is stored."""
-    table_VD = self.embedding[...] if table_VD is None else table_VD
-    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
+  def encode(self, tokens_BL, dtype, lookup=None):
+    """Scaled embeddings of `tokens_BL`; `lookup(table_VD, tokens_BL, dtype)` reads the rows (a placement's: on a
+    mesh, from the sharded table), by default a plain `take`."""
+    if lookup is None:
+      x_BLD = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(dtype)
+    else:
+      x_BLD = lookup(self.embedding[...], tokens_BL, dtype)
     return x_BLD * jnp.asarray(self.embed_dim ** 0.5, dtype)
 
-  def decode(self, x_BLD):
+  def decode(self, x_BLD, logits=None):
+    """Float32 logits of `x_BLD` against the table cast to `x_BLD`'s dtype; `logits(x_BLD, table_VD)` computes
+    them (a placement's: on a mesh, gathering the table a tile at a time), by default one einsum."""
+    if logits is not None:
+      return logits(x_BLD, self.embedding[...])
     return jnp.einsum("BLD,VD->BLV", x_BLD, self.embedding[...].astype(x_BLD.dtype),
                       preferred_element_type=jnp.float32)
 

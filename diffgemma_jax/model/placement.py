@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from diffgemma_jax.model import attention_impl, dispatch
 
@@ -35,6 +36,18 @@ class Placement:
   def restore_row(self, x_BLD, mask):  # pylint: disable=unused-argument
     """The residual stream `x_BLD` back in row order (`reorder_row`'s inverse; `mask` as given to it)."""
     return x_BLD
+
+  def lookup(self, table_VD: jax.Array, tokens_BL: jax.Array, dtype) -> jax.Array:
+    """The token embeddings `table_VD[tokens_BL]` [B, L, D], cast to `dtype`."""
+    return jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
+
+  def logits(self, x_BLD: jax.Array, table_VD: jax.Array) -> jax.Array:
+    """The tied logits `x_BLD @ table_VD.T` [B, L, V] in float32, the table cast to `x_BLD`'s dtype."""
+    return jnp.einsum("BLD,VD->BLV", x_BLD, table_VD.astype(x_BLD.dtype), preferred_element_type=jnp.float32)
+
+  def mix(self, weights_BLV: jax.Array, table_VD: jax.Array) -> jax.Array:
+    """`weights_BLV @ table_VD` [B, L, D] in float32 (self-conditioning's expected embedding)."""
+    return jnp.einsum("BLV,VD->BLD", weights_BLV, table_VD.astype(jnp.float32))
 
   def attend(self, q_BLNH, k_BSKH, v_BSKH, mask, impl: str) -> jax.Array:
     """Attention under `mask` by `model.attention_impl` (`attention_impl.attend`)."""

@@ -36,13 +36,16 @@ class SelfConditioning(nnx.Module):
     return geglu(self.pre_norm(signal_BLD), self.w_gate_up[...], self.w_down[...], dtype)
 
 
-def expected_embedding(embedding_VD, logits_BLV, *, excluded_ids: Sequence[int] = ()):
-  """`stop_gradient(softmax(logits)) @ E * sqrt(D)` in float32; `excluded_ids` get probability zero."""
+def expected_embedding(embedding_VD, logits_BLV, *, excluded_ids: Sequence[int] = (), mix=None):
+  """`stop_gradient(softmax(logits)) @ E * sqrt(D)` in float32; `excluded_ids` get probability zero. `mix(p_BLV,
+  E_VD)` computes `p @ E` in float32 (a placement's: on a mesh, gathering the table a tile at a time)."""
   logits_BLV = jax.lax.stop_gradient(logits_BLV).astype(jnp.float32)
   for token in excluded_ids:
     logits_BLV = logits_BLV.at[..., token].set(-jnp.inf)
   probs_BLV = jax.nn.softmax(logits_BLV, axis=-1)
   embed_dim = embedding_VD.shape[-1]
+  if mix is not None:
+    return mix(probs_BLV, embedding_VD) * embed_dim ** 0.5
   return jnp.einsum("BLV,VD->BLD", probs_BLV, embedding_VD.astype(jnp.float32)) * embed_dim ** 0.5
 
 
@@ -53,6 +56,7 @@ def self_conditioning_embeddings(model, logits_BLV, use_B, *, excluded_ids: Sequ
   """
   if getattr(model, "self_conditioning", None) is None:
     raise ValueError("self-conditioning needs a model built with model.self_conditioning=True")
-  signal_BLD = expected_embedding(model.embedder.embedding[...], logits_BLV, excluded_ids=excluded_ids)
+  signal_BLD = expected_embedding(model.embedder.embedding[...], logits_BLV, excluded_ids=excluded_ids,
+                                  mix=model.placement.mix)
   out_BLD = model.self_conditioning(signal_BLD, dtype_of(model.cfg.compute_dtype)).astype(jnp.float32)
   return jnp.where(use_B[:, None, None], out_BLD, 0.0)

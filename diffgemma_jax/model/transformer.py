@@ -170,12 +170,8 @@ class Denoiser(nnx.Module):
   def embed(self, tokens_BL, dtype, *, embeddings_BLD=None, canvas_BL=None):
     """Scaled token embeddings plus `embeddings_BLD`; with `model.canvas_input_norm`, positions where `canvas_BL`
     is True are then RMS-normalised without scale (the released DiffusionGemma's canvas input)."""
-    # The lookup reads the table gathered over `fsdp` (the all-gather FSDP gives every weight at its use; vocabulary
-    # rows stay on `tensor`). From the stored table, sharded on its embed columns, the lookup's gradient had to go
-    # from rows split over every batch axis to columns split over `fsdp`, which XLA's partitioner does on an
-    # `fsdp x expert` mesh only by replicating it whole ("Involuntary full rematerialization").
-    x_BLD = self.embedder.encode(tokens_BL, dtype, self.placement.constrain(self.embedder.embedding[...],
-                                                                            ("vocab", None)))
+    # On a mesh the lookup moves only the rows it reads, never the table (parallel/embedding.py).
+    x_BLD = self.embedder.encode(tokens_BL, dtype, self.placement.lookup)
     if embeddings_BLD is not None:
       x_BLD = x_BLD + embeddings_BLD.astype(dtype)
     if self.cfg.canvas_input_norm and canvas_BL is not None:
@@ -224,7 +220,7 @@ class Denoiser(nnx.Module):
       stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats)
     with jax.named_scope("unembed"):
       x_BLD = self.placement.restore_row(x_BLD, row_mask)
-      logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
+      logits_BLV = self.embedder.decode(self.final_norm(x_BLD), self.placement.logits)
       if cfg.logit_softcap > 0:
         logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
     aux = aux_losses(stats, cfg)
@@ -300,7 +296,7 @@ class Denoiser(nnx.Module):
       x_BLD = jnp.take_along_axis(x_BLD, take_BL[:, :, None], axis=1, mode="clip")
     elif logits_length is not None:
       x_BLD = jax.lax.dynamic_slice_in_dim(x_BLD, logits_start, logits_length, axis=1)
-    logits_BLV = self.embedder.decode(self.final_norm(x_BLD))
+    logits_BLV = self.embedder.decode(self.final_norm(x_BLD), self.placement.logits)
     if cfg.logit_softcap > 0:
       logits_BLV = cfg.logit_softcap * jnp.tanh(logits_BLV / cfg.logit_softcap)
     return logits_BLV, kv_cache

@@ -18,7 +18,7 @@ import jax
 from jax.sharding import Mesh
 
 from diffgemma_jax.model.placement import LOCAL, Placement
-from diffgemma_jax.parallel import balance, expert, per_shard, rules
+from diffgemma_jax.parallel import balance, embedding, expert, per_shard, rules
 from diffgemma_jax.parallel.mesh import context_load_balance
 
 
@@ -38,6 +38,15 @@ class MeshPlacement(Placement):
 
   def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return rules.constrain(x, axes, self.mesh)
+
+  def lookup(self, table_VD: jax.Array, tokens_BL: jax.Array, dtype) -> jax.Array:
+    return embedding.sharded_lookup(table_VD, tokens_BL, dtype, self.mesh)
+
+  def logits(self, x_BLD: jax.Array, table_VD: jax.Array) -> jax.Array:
+    return embedding.sharded_logits(x_BLD, table_VD, self.mesh)
+
+  def mix(self, weights_BLV: jax.Array, table_VD: jax.Array) -> jax.Array:
+    return embedding.sharded_mix(weights_BLV, table_VD, self.mesh)
 
   def attend(self, q_BLNH, k_BSKH, v_BSKH, mask, impl: str) -> jax.Array:
     return per_shard.sharded_attend(q_BLNH, k_BSKH, v_BSKH, mask, impl, self.mesh)
