@@ -6,13 +6,16 @@ slots, the rows of one KV cache [B, S], each with its own write position: every 
 that advances every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode
 step; the programs `serving_canvas.CanvasProgram`, `serving_masked.MaskedProgram` and `serving_ar.ARProgram` say
 what a step is; the masked program's step is a window call plus, when some slots start a block, one refresh call
-of those slots). Steps run in a device loop until a request finishes; the host then collects it and refills the
-free slots from the queue: ONE jitted prefill call admits every request taken at that point, each prompt written
+of those slots). Steps run in a device loop until a request finishes (the masked program's steps are run from the
+host instead, each class of its calls a program compiled on first use: `_advance_on_host`); the host then collects
+it and refills the free slots from the queue: ONE jitted prefill call admits every request taken at that point, each prompt written
 into its own row (prompts right-padded to a common width, `bucket_width`; groups padded to a few sizes,
 `admission_size`, so a handful of prefills compile; the masked program prefills nothing, its first step runs the
 whole row). The programs advance each request's random key exactly as the static path does for that request
 alone, so every request's tokens equal the static path's run on it alone with its seed's key
-(`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
+(`batching.row_keys`). A request that outlives the most steps its lone run can take (`max_steps`) stops the run
+with `EngineStalledError` instead of looping forever (`Engine.run`). docs/batching_and_evaluation.md explains the
+layout.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ class Engine:
     self._compiled: dict[Any, Any] = {}  # "init", "advance" or "plan", each (admission size, prompt width) and each
     # call class (kind, rows, width)
     # Of the last run: the engine's model calls (each batched prefill once, each step's calls once: one, or for
-    # the masked program up to two, `step_calls`), its steps, its prefill calls and the requests each admission
+    # the masked program up to two, the classes its `plan` names), its steps, its prefill calls and the requests each admission
     # took, and the seconds spent compiling (excluded from "seconds").
     self.model_calls = self.steps = self.prefill_calls = 0
     self.admissions: list[int] = []
