@@ -125,10 +125,13 @@ class Engine:
     # compiled when a step first needs that class.
     self.host_steps = getattr(program, "host_steps", False)
     if self.host_steps:
-      self._plan = jax.jit(lambda slots: (program.plan(slots), program.active(slots), slots.done_B))
+      planned = lambda slots: (program.plan(slots), program.active(slots), slots.done_B)  # noqa: E731
+      self._plan = jax.jit(planned)
 
       def call(state, slots, operands, *, kind, size, width):
-        return program.call(nnx.merge(graphdef, state), slots, kind, (size, width), operands)
+        """The call and the plan of the step after it (the host uses the step's last call's)."""
+        slots = program.call(nnx.merge(graphdef, state), slots, kind, (size, width), operands)
+        return slots, planned(slots)
 
       self._call = jax.jit(call, static_argnames=("kind", "size", "width"), donate_argnums=1)
     self._compiled: dict[Any, Any] = {}  # "init", "advance" or "plan", each (admission size, prompt width) and each
@@ -190,19 +193,21 @@ class Engine:
         size=size, width=width))
 
   def _advance_on_host(self, slots, watched, limit: int):
-    """`advance` stepped from the host: per step one `plan` (its classes, read back with the rows' flags) and the
-    planned calls, in the program's order of kinds. A run compiles only the classes its steps use."""
+    """`advance` stepped from the host: per step the planned calls, in the program's order of kinds, then the next
+    step's plan (its classes, read back with the rows' flags), which the step's last call returns (`plan` runs on
+    its own only on entry). A run compiles only the classes its steps use."""
     classes = self.program.classes(self.num_slots, self.num_cache_slots)
     steps = calls = 0
+    planned = self._compiled["plan"](slots)
     while True:
-      (plan_K, operands), active, done = self._compiled["plan"](slots)
+      (plan_K, operands), active, done = planned
       plan_K, active, done = jax.device_get((plan_K, active, done))
       if not active.any() or (done & watched).any() or steps >= limit:
         return slots, steps, calls
       for kind, index in zip(self.program.kinds, plan_K):
-        if index:
+        if index:  # both calls of a step read the step's own plan (`operands`)
           size, width = classes[index - 1]
-          slots = self._class_call(kind, size, width, operands)(self.state, slots, operands)
+          slots, planned = self._class_call(kind, size, width, operands)(self.state, slots, operands)
           calls += 1
       steps += 1
 
