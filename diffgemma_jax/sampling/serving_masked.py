@@ -22,7 +22,8 @@ them first), so a gathered window call writes nothing back.
 Compiled pay-as-you-go: each (kind, R, W) is a CLASS of call, 2 x (ceil(log2 B) + 1) x num_widths of them (32 for
 B = 8, 4 widths), and each is its own jitted program (the call and its rows' step: `call`), compiled the first
 time a step needs it. The engine steps from the host (`host_steps`): `plan` says on the device which class of each
-kind the next step runs (read back with the rows' flags, a few bytes), and the host runs those programs in order.
+kind the next step runs (read back with the rows' flags, a few bytes; the engine has each call program return the
+plan of the state it leaves), and the host runs those programs in order.
 A run thus compiles only the classes its steps use (a few for a handful of prompts), where one device loop holding
 every class would compile all of them before the first step; it pays a dispatch and a read-back per step instead.
 A call no row needs is skipped. Admission makes no model call: a request's first step refreshes its row (prompt
