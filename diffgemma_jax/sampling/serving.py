@@ -8,8 +8,8 @@ step; the programs `serving_canvas.CanvasProgram`, `serving_masked.MaskedProgram
 what a step is; the masked program's step is a window call plus, when some slots start a block, one refresh call
 of those slots). Steps run in a device loop until a request finishes (the masked program's steps are run from the
 host instead, each class of its calls a program compiled on first use: `_advance_on_host`); the host then collects
-it and refills the free slots from the queue: ONE jitted prefill call admits every request taken at that point, each prompt written
-into its own row (prompts right-padded to a common width, `bucket_width`; groups padded to a few sizes,
+it and refills the free slots from the queue: ONE jitted prefill call admits every request taken at that point,
+each prompt written into its own row (prompts right-padded to a common width, `bucket_width`; groups padded to a few sizes,
 `admission_size`, so a handful of prefills compile; the masked program prefills nothing, its first step runs the
 whole row). The programs advance each request's random key exactly as the static path does for that request
 alone, so every request's tokens equal the static path's run on it alone with its seed's key
@@ -137,8 +137,8 @@ class Engine:
     self._compiled: dict[Any, Any] = {}  # "init", "advance" or "plan", each (admission size, prompt width) and each
     # call class (kind, rows, width)
     # Of the last run: the engine's model calls (each batched prefill once, each step's calls once: one, or for
-    # the masked program up to two, the classes its `plan` names), its steps, its prefill calls and the requests each admission
-    # took, and the seconds spent compiling (excluded from "seconds").
+    # the masked program up to two, the classes its `plan` names), its steps, its prefill calls and the requests
+    # each admission took, and the seconds spent compiling (excluded from "seconds").
     self.model_calls = self.steps = self.prefill_calls = 0
     self.admissions: list[int] = []
     self.compile_seconds = 0.0
