@@ -1,7 +1,7 @@
 """Continuous batching vs static batching: output tokens/s on the same requests, for four samplers.
 
 python bench/serving.py [--slots 8] [--requests 24] [--only canvas|ar|entropy_bound|masked] [--block_workdir DIR]
-    [--ar_workdir DIR] [--uniform_workdir DIR] [--masked_workdir DIR] [--json]
+    [--ar_workdir DIR] [--uniform_workdir DIR] [--masked_workdir DIR] [--serving_widths 1,2,4] [--json]
 
 `--requests` requests arrive at once, each with its own prompt length (uniform in [--min_prompt, --max_prompt]
 tokens, random ids after bos) and token budget (1 to --max_canvases canvases of the model's objective.block_size;
@@ -20,7 +20,9 @@ batch) against the engine's steps (each runs every slot) plus its prefill calls 
 into a free slot at that point); the masked sampler's static calls are not counted (its loop reports each row's
 steps, not the batch's) and its engine makes no prefill but one or two calls a step (a window call, and a refresh
 call for the slots starting a block): "engine calls" counts them; "engine compile s" is the seconds the engine's
-programs took to compile in the first pass (not timed). The engine's tokens
+programs took to compile in the first pass (not timed), "programs" how many step programs it compiled (the masked
+engine compiles a program per class of call its steps use, each on first use). --serving_widths 1,2,4 times one
+masked engine per width count (a row each) against the same static batches. The engine's tokens
 are checked against the static ones request by request (they must be equal). Random weights
 (configs/block_tiny.py, configs/ar_tiny.py, configs/diffusiongemma_tiny.py, configs/pretrain_tiny.py) unless
 trained workdirs are given.
@@ -46,6 +48,7 @@ from diffgemma_jax.sampling.parts import truncate_at_eos
 from diffgemma_jax.sampling.requests import Generator, restore_model
 from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, validate_options
 from diffgemma_jax.sampling.serving import Request, bucket_width
+from diffgemma_jax.sampling.serving_masked import NUM_WIDTHS
 
 PAD, BOS, EOS, MASK = 0, 2, 3, 4  # the reserved ids of every tokenizer the recipes train
 SAMPLERS = ("canvas", "ar", "entropy_bound", "masked")
@@ -95,7 +98,9 @@ def static_pass(generator: Generator, options: GenerationOptions, objective: str
   return ids, calls
 
 
-def compare(name: str, model, objective: str, block: int, args, requests) -> dict:
+def compare(name: str, model, objective: str, block: int, args, requests) -> list[dict]:
+  """Static batches against the engine, and for the masked model against one engine per --serving_widths count,
+  timed in alternation: a row per engine."""
   fields = dict(gen_length=max(r.max_new_tokens for r in requests), block_length=block)
   if objective == "block":
     fields.update(sampler="block_threshold", threshold=args.threshold, temperature=args.temperature)
@@ -107,30 +112,37 @@ def compare(name: str, model, objective: str, block: int, args, requests) -> dic
     fields.update(temperature=args.temperature)
   options = validate_options(GenerationOptions(**fields), objective, block)
   generator = Generator(model, mask_id=MASK, eos_id=EOS, pad_id=PAD)
-  engine = generator.engine(sampler_config(options), args.slots, max(len(r.prompt) for r in requests))
-  runs = {"static": lambda: static_pass(generator, options, objective, block, requests, args.slots),
-          "continuous": lambda: engine.run(requests)}
-  seconds, outputs = {label: [] for label in runs}, {}
+  longest = max(len(r.prompt) for r in requests)
+  engines = {widths: generator.engine(sampler_config(options), args.slots, longest, widths)
+             for widths in (args.serving_widths if objective == "masked" else (None,))}
+  runs = {"static": lambda: static_pass(generator, options, objective, block, requests, args.slots)}
+  runs.update({widths: (lambda engine=engine: engine.run(requests)) for widths, engine in engines.items()})
+  seconds, outputs, compile_seconds = {label: [] for label in runs}, {}, {}
   for label, run in runs.items():
     run()  # compiles
-  compile_seconds = engine.compile_seconds  # the engine's programs, compiled by the first pass
+    if label != "static":
+      compile_seconds[label] = engines[label].compile_seconds  # the programs the first pass compiled
   for _ in range(args.repeats):  # paired: load changes hit both ways
     for label, run in runs.items():
       start = time.perf_counter()
       outputs[label] = run()
       seconds[label].append(time.perf_counter() - start)
-  static_seconds, engine_seconds = (statistics.median(seconds[label]) for label in runs)
+  static_seconds = statistics.median(seconds["static"])
   static_ids, static_calls = outputs["static"]
-  results = outputs["continuous"]
-  engine_ids = [truncate_at_eos(r["tokens"], EOS) for r in results]
-  tokens = sum(map(len, engine_ids))
-  return {"sampler": name, "options": options.sampler, "new_tokens": tokens,
-          "static_tokens_per_s": sum(map(len, static_ids)) / static_seconds,
-          "continuous_tokens_per_s": tokens / engine_seconds, "speedup": static_seconds / engine_seconds,
-          "static_seconds": static_seconds, "continuous_seconds": engine_seconds, "static_model_calls": static_calls,
-          "continuous_steps": engine.steps, "continuous_prefills": engine.prefill_calls,
-          "continuous_model_calls": engine.model_calls, "continuous_compile_seconds": compile_seconds,
-          "identical_tokens": engine_ids == static_ids}
+  rows = []
+  for widths, engine in engines.items():
+    engine_seconds = statistics.median(seconds[widths])
+    engine_ids = [truncate_at_eos(r["tokens"], EOS) for r in outputs[widths]]
+    tokens = sum(map(len, engine_ids))
+    rows.append({"sampler": name, "options": options.sampler, "serving_widths": widths, "new_tokens": tokens,
+                 "static_tokens_per_s": sum(map(len, static_ids)) / static_seconds,
+                 "continuous_tokens_per_s": tokens / engine_seconds, "speedup": static_seconds / engine_seconds,
+                 "static_seconds": static_seconds, "continuous_seconds": engine_seconds,
+                 "static_model_calls": static_calls, "continuous_steps": engine.steps,
+                 "continuous_prefills": engine.prefill_calls, "continuous_model_calls": engine.model_calls,
+                 "continuous_compile_seconds": compile_seconds[widths],
+                 "continuous_programs": len(engine.step_programs()), "identical_tokens": engine_ids == static_ids})
+  return rows
 
 
 def main(argv=None) -> int:
@@ -154,6 +166,9 @@ def main(argv=None) -> int:
   p.add_argument("--masked_workdir", default=None, help="a trained masked run (default: random weights)")
   p.add_argument("--ar_config", default="configs/ar_tiny.py")
   p.add_argument("--ar_workdir", default=None, help="a trained AR run (default: random weights)")
+  p.add_argument("--serving_widths", default=str(NUM_WIDTHS), help="the masked engine's slot widths "
+                 "(`MaskedProgram`): one count, or several separated by commas (an engine each, timed against the "
+                 f"same static batches); default {NUM_WIDTHS}")
   p.add_argument("--repeats", type=int, default=3, help="timed passes of each way, alternating; medians reported")
   p.add_argument("--only", choices=SAMPLERS, default=None)
   p.add_argument("--json", action="store_true")
@@ -161,6 +176,12 @@ def main(argv=None) -> int:
   for flag in ("slots", "requests", "min_prompt", "max_canvases", "repeats", "max_denoising_steps"):
     if getattr(args, flag) < 1:
       p.error(f"--{flag}={getattr(args, flag)} must be >= 1")
+  try:
+    args.serving_widths = tuple(int(part) for part in args.serving_widths.split(","))
+  except ValueError:
+    p.error(f"--serving_widths={args.serving_widths!r} must be whole numbers >= 1 separated by commas (e.g. 1,2,4)")
+  if min(args.serving_widths) < 1:
+    p.error(f"--serving_widths={','.join(map(str, args.serving_widths))}: every count must be >= 1")
   if args.max_prompt < args.min_prompt:
     p.error(f"--max_prompt={args.max_prompt} must be >= --min_prompt={args.min_prompt}")
   load = benchlib.MachineLoad()
@@ -180,8 +201,8 @@ def main(argv=None) -> int:
       model = build_model(ModelConfig.from_config_dict(config.model), seed)
     unit = int(config.objective.block_size) if name == "entropy_bound" else block  # the AR decoder: the block's
     requests = make_requests(args, int(config.model.vocab_size), unit)
-    row = compare(name, model, str(config.objective.name), unit, args, requests)
-    rows.append(dict(row, budget_tokens=[unit, unit * args.max_canvases]))
+    for row in compare(name, model, str(config.objective.name), unit, args, requests):
+      rows.append(dict(row, budget_tokens=[unit, unit * args.max_canvases]))
   report = {"bench": "serving", "commit": benchlib.commit(), "slots": args.slots, "requests": args.requests,
             "prompt_tokens": [args.min_prompt, args.max_prompt], "max_denoising_steps": args.max_denoising_steps,
             "temperature": args.temperature, "repeats": args.repeats,
@@ -193,15 +214,16 @@ def main(argv=None) -> int:
     return 0
   print(f"{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, budgets of 1-"
         f"{args.max_canvases} canvases, {args.slots} slots / static batch; commit {report['commit']}")
-  print(f"{'sampler':<13} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} {'x static':>8} "
-        f"{'static calls':>12} {'engine steps+prefill calls':>26} {'engine calls':>12} {'same tokens':>11} "
-        f"{'engine compile s':>16}")
+  print(f"{'sampler':<13} {'widths':>6} {'budgets':>7} {'new tokens':>10} {'static tok/s':>12} {'engine tok/s':>12} "
+        f"{'x static':>8} {'static calls':>12} {'engine steps+prefill calls':>26} {'engine calls':>12} "
+        f"{'same tokens':>11} {'engine compile s':>16} {'programs':>8}")
   for r in rows:
     budgets = "-".join(map(str, r["budget_tokens"]))
-    print(f"{r['sampler']:<13} {budgets:>7} {r['new_tokens']:10d} {r['static_tokens_per_s']:12.1f} "
-          f"{r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} {str(r['static_model_calls'] or '-'):>12} "
-          f"{r['continuous_steps']:>17d} + {r['continuous_prefills']:<6d} {r['continuous_model_calls']:12d} "
-          f"{str(r['identical_tokens']):>11} {r['continuous_compile_seconds']:16.1f}")
+    print(f"{r['sampler']:<13} {str(r['serving_widths'] or '-'):>6} {budgets:>7} {r['new_tokens']:10d} "
+          f"{r['static_tokens_per_s']:12.1f} {r['continuous_tokens_per_s']:12.1f} {r['speedup']:8.2f} "
+          f"{str(r['static_model_calls'] or '-'):>12} {r['continuous_steps']:>17d} + {r['continuous_prefills']:<6d} "
+          f"{r['continuous_model_calls']:12d} {str(r['identical_tokens']):>11} "
+          f"{r['continuous_compile_seconds']:16.1f} {r['continuous_programs']:8d}")
   print(load.line())
   return 0
 

@@ -48,5 +48,10 @@ class NonFiniteLossError(RuntimeError):
   """An update produced a NaN or Inf loss or gradient; the run stopped before saving anything after it."""
 
 
-__all__ = ["ConfigError", "CoordinatorUnreachableError", "DamagedCheckpointError", "DataError", "GenerationError",
-           "IncompatibleCheckpointError", "MappingError", "NonFiniteLossError", "ScoringError"]
+class EngineStalledError(RuntimeError):
+  """The continuous-batching engine left a request unfinished after more steps than its lone run can take: a bug
+  in the engine, not bad input; the message names the request and its slot's state."""
+
+
+__all__ = ["ConfigError", "CoordinatorUnreachableError", "DamagedCheckpointError", "DataError", "EngineStalledError",
+           "GenerationError", "IncompatibleCheckpointError", "MappingError", "NonFiniteLossError", "ScoringError"]

@@ -1,5 +1,6 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
-[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N | --serving_slots N]
+[sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N | --serving_slots N
+[--serving_widths N]]
 [--stop TEXT ...] [--json] [--output FILE.json] [--config.a.b=value ...]: completes prompts with a trained model and
 reports, per request, the model calls, new tokens and tokens/s, and for canvas samplers the denoising steps of every
 canvas. --batch_size N runs N prompts (of any lengths) per sampler call, with the same results as one at a time;
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--serving_slots", type=int, default=None, help="continuous batching (every sampler but "
                  "block_fused*): keep N requests in flight, each finished one's slot refilled with the next "
                  "prompt at once; the same results as one at a time (replaces --batch_size)")
+  p.add_argument("--serving_widths", type=int, default=None, help="with --serving_slots and a masked sampler "
+                 "(threshold, low_confidence_cached, threshold_nocache, low_confidence): each model call runs at the "
+                 "narrowest of N slot widths holding its requests (default 4); more: less work per call and more "
+                 "programs to compile (each when a call first needs it)")
   p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a completion before this text "
                  "(repeatable)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -123,6 +128,7 @@ def main(argv=None) -> int:
     template = str(config.data.chat_template) if args.chat else None
     results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template,
                                    batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots,
+                                   serving_widths=args.serving_widths,
                                    gen_lengths=gen_lengths, sources=sources)
     if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
       for result in results:

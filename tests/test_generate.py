@@ -108,11 +108,12 @@ def test_cli_generates_on_the_trained_tiny_run(trained_run, tiny_config_file, tm
   assert 0 <= result["new_tokens"] <= 16 and 1 <= result["model_calls"] <= 16
   assert result["tokens_per_s"] >= 0 and isinstance(result["completion"], str)
   assert "warning" not in capsys.readouterr().err
-  # continuous batching of the masked model's default sampler: each request's tokens and calls as alone
+  # continuous batching of the masked model's default sampler: each request's tokens and calls as alone (calls at
+  # the one slot width the flag leaves)
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("class A:\ndef main(\nimport os\n")
   assert main(["--config", tiny_config_file, "--workdir", workdir, "--prompts", str(prompts), "--gen_length", "16",
-               "--block_length", "8", "--serving_slots", "2", "--json"]) == 0
+               "--block_length", "8", "--serving_slots", "2", "--serving_widths", "1", "--json"]) == 0
   served = json.loads(capsys.readouterr().out)[1]
   assert served["prompt"] == "def main(" and served["sampler"] == "threshold" and served["batch_size"] == 2
   assert served["ids"] == result["ids"] and served["model_calls"] == result["model_calls"]

@@ -10,6 +10,7 @@ one line."""
 
 import argparse
 import dataclasses
+import faulthandler
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffgemma_jax.errors import ConfigError, GenerationError
+from diffgemma_jax.errors import ConfigError, EngineStalledError, GenerationError
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.transformer import write_window
-from diffgemma_jax.sampling import autoregressive, batching, canvas, masked
+from diffgemma_jax.sampling import autoregressive, batching, canvas, masked, serving_masked
 from diffgemma_jax.sampling.serving import Engine, Request, bucket_width
 from diffgemma_jax.sampling.serving_ar import ARProgram
 from diffgemma_jax.sampling.requests import Generator, serving_options
@@ -208,12 +209,14 @@ def test_masked_requests_equal_their_lone_static_runs(model, prompts, case):
   alone = _masked_alone(model, cfg, prompts, MASKED_BUDGETS)
   eos = _stopping_eos(alone(-1), MASKED_BUDGETS)
   expected = alone(eos)  # the lone runs stopping at that EOS
-  # Two widths (20 and 40 of the 40 slots; the canvases are 9 to 27 wide): calls run at both.
+  # Greedy: two widths (20 and 40 of the 40 slots; the canvases are 9 to 27 wide), calls run at both; the other
+  # cases one width (each class of call compiles on its own: fewer classes, a cheaper test).
   program = MaskedProgram(dataclasses.replace(cfg, gen_length=max(MASKED_BUDGETS)), mask_id=MASK, eos_id=eos,
-                          pad_id=PAD, num_widths=2)
+                          pad_id=PAD, num_widths=2 if case == "threshold_greedy" else 1)
   engine = Engine(model, program, SLOTS, max(LENGTHS))
   results = engine.run([Request(tuple(p), budget, seed)
                         for seed, (p, budget) in enumerate(zip(prompts, MASKED_BUDGETS))])
+  assert {width for _, _, _, width in engine.step_programs()} == set(program.widths(engine.num_cache_slots))
   for index, ((tokens, calls), result) in enumerate(zip(expected, results)):
     np.testing.assert_array_equal(result["tokens"], tokens, err_msg=f"request {index}")
     assert result["model_calls"] == calls and result["steps"] is None, index  # calls: its steps, as alone
@@ -239,7 +242,7 @@ def _four_slots(program, model, lengths, blocks, num_cache_slots):
     slots = program.insert(model, program.init(model, 4, num_cache_slots), jnp.arange(4), prompts,
                            jnp.asarray(lengths), batching.row_keys(range(4)), jnp.asarray(blocks))
     start_B = slots.prompt_B + block_B * CANVAS
-    return slots._replace(canvas_BS=slots.canvas_BS.at[jnp.arange(4), start_B - 1].set(7)), start_B
+    return slots._replace(canvas_BS=slots.canvas_BS.at[jnp.arange(4), start_B - 1].set(7), block_B=block_B), start_B
 
   return slots_of
 
@@ -257,22 +260,23 @@ def test_masked_refresh_writes_only_the_refreshing_rows(model):
 
   def refresh(state, refresh_B, block_B, cache):
     model = nnx.merge(graphdef, state)
-    slots, start_B = slots_of(model, block_B)
-    return slots.canvas_BS, program.refresh(model, slots, cache, start_B, refresh_B,
-                                            jnp.full((4, CANVAS, TINY.vocab_size), -1.0))
+    slots, _ = slots_of(model, block_B)
+    rows_R, take_R = program.rows(refresh_B, 4)
+    return slots.canvas_BS, rows_R, program.refresh(model, slots._replace(cache=cache), rows_R, take_R, 13)
 
   sentinel = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), model.init_kv_cache(4, 26))
   block_B = jnp.asarray([1, 0, 0, 0])
-  canvas, (logits, cache) = jax.jit(refresh)(state, jnp.asarray([True, True, False, True]), block_B, sentinel)
+  canvas, rows_R, (logits, cache) = jax.jit(refresh)(state, jnp.asarray([True, True, False, True]), block_B,
+                                                     sentinel)
+  np.testing.assert_array_equal(rows_R, [0, 1, 3, 4])  # the dummy row: 4, written nowhere
   full = jax.jit(lambda state, canvas, start: masked.ModelDenoiser(nnx.merge(graphdef, state), CANVAS, "dual").full(
       canvas, nnx.merge(graphdef, state).init_kv_cache(1, 13), start))
-  for row in (0, 1, 3):
+  for call_row, row in enumerate((0, 1, 3)):
     lone_logits, lone_cache = full(state, canvas[row:row + 1, :13], lengths[row] + block_B[row] * CANVAS)
-    np.testing.assert_allclose(logits[row], lone_logits[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[call_row], lone_logits[0], rtol=1e-5, atol=1e-5)
     for part, lone, before in zip(jax.tree.leaves(cache), jax.tree.leaves(lone_cache), jax.tree.leaves(sentinel)):
       np.testing.assert_allclose(part[:, row, :13], lone[:, 0], rtol=1e-5, atol=1e-5)
       np.testing.assert_array_equal(part[:, row, 13:], before[:, row, 13:])
-  np.testing.assert_array_equal(logits[2], -1.0)
   for part, before in zip(jax.tree.leaves(cache), jax.tree.leaves(sentinel)):
     np.testing.assert_array_equal(part[:, 2], before[:, 2])
 
@@ -289,27 +293,29 @@ def test_masked_window_call_runs_only_the_cached_rows(model):
   slots_of = _four_slots(program, model, lengths, blocks, 26)
   block_B = jnp.asarray([1, 0, 0, 0])
 
-  def cached(state, cached_B):
+  def cached(state, cached_B, size):
     model = nnx.merge(graphdef, state)
     slots, start_B = slots_of(model, block_B)
-    logits = jnp.full((4, CANVAS, TINY.vocab_size), -1.0)
-    _, cache = program.refresh(model, slots, slots.cache, start_B, jnp.ones((4,), bool), logits)
+    _, cache = program.refresh(model, slots, *program.rows(jnp.ones((4,), bool), 4), 13)
     committed = slots.canvas_BS.at[jnp.arange(4), start_B + 1].set(9)  # a step committed a token in each block
-    out = program._cached(model, slots._replace(canvas_BS=committed), start_B, cached_B, (cache, logits))
-    return slots.canvas_BS, committed, cache, out
+    stepped = slots._replace(canvas_BS=committed, cache=cache)
+    if size == 4:  # more rows than the largest count below 4: the whole batch
+      return slots.canvas_BS, committed, cache, jnp.arange(4), program.whole_batch_window(model, stepped, cached_B, 13)
+    rows_R, take_R = program.rows(cached_B, size)
+    return slots.canvas_BS, committed, cache, rows_R, program.window(model, stepped, rows_R, take_R, 13)
 
   lone = masked.ModelDenoiser(model, CANVAS, "dual")
   lone_step = jax.jit(lambda before, after, start: lone.cached(
       after, lone.full(before, model.init_kv_cache(1, before.shape[1]), start)[1], start)[0])
-  for rows in ((2,), (0, 2, 3)):
-    canvas, committed, before, (cache, logits) = jax.jit(cached)(state, jnp.asarray([row in rows for row in range(4)]))
-    for row in range(4):
+  for rows, size in (((2,), 1), ((0, 2, 3), 4)):
+    canvas, committed, before, rows_R, (logits, cache) = jax.jit(cached, static_argnums=2)(
+        state, jnp.asarray([row in rows for row in range(4)]), size)
+    for call_row, row in enumerate(np.asarray(rows_R)):
       if row in rows:
         end, start = int(lengths[row] + blocks[row] * CANVAS), int(lengths[row] + block_B[row] * CANVAS)
         lone_logits = lone_step(canvas[row:row + 1, :end], committed[row:row + 1, :end], start)
-        np.testing.assert_allclose(logits[row], lone_logits[0], rtol=1e-5, atol=1e-5)
-      else:
-        np.testing.assert_array_equal(logits[row], -1.0)
+        np.testing.assert_allclose(logits[call_row], lone_logits[0], rtol=1e-5, atol=1e-5)
+    assert sum(row in rows for row in np.asarray(rows_R)) == len(rows)
     for part, old in zip(jax.tree.leaves(cache), jax.tree.leaves(before)):
       np.testing.assert_array_equal(part, old)
 
@@ -339,6 +345,10 @@ def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, p
   id the model never emits) in 4 steps per canvas of 4 and the calls of its lone run; static batches (a spy here;
   they are tested elsewhere) get one budget each."""
   generator = Generator(model, mask_id=MASK, eos_id=TINY.vocab_size, pad_id=PAD)
+  masked_cfg = MASKED["threshold_greedy"]  # the masked engine's widths: serving_masked.NUM_WIDTHS, or as given
+  assert generator.engine(masked_cfg, 2, 8).program.num_widths == serving_masked.NUM_WIDTHS
+  three = generator.engine(masked_cfg, 2, 8, 3)
+  assert three.num_cache_slots == 16 + 8 and three.program.widths(three.num_cache_slots) == (8, 16, 24)
   budgets = (4, 8, 4)
   own = [validate_options(GenerationOptions(sampler="block_low_confidence", gen_length=budget, block_length=CANVAS),
                           "block", CANVAS) for budget in budgets]
@@ -401,6 +411,13 @@ def test_per_row_cache_write_against_a_direct_write():
      "--serving_slots runs the samplers ar, low_confidence, low_confidence_cached, threshold, threshold_nocache, "
      "block_threshold, block_low_confidence, entropy_bound, not sampler block_fused"),
     (["--serving_slots", "2", "--batch_size", "4", "--config.objective.name=ar"], "drop --batch_size"),
+    (["--serving_slots", "2", "--serving_widths", "0"],
+     "--serving_widths must be an integer >= 1 (the masked engine's slot widths), got 0"),
+    (["--serving_slots", "2", "--serving_widths", "2", "--config.objective.name=ar"],
+     "--serving_widths sets the slot widths of the samplers low_confidence, low_confidence_cached, threshold, "
+     "threshold_nocache on the engine, not of sampler ar"),
+    (["--serving_widths", "2"], "--serving_widths sets the continuous-batching engine's slot widths; give "
+     "--serving_slots too"),
 ])
 def test_bad_serving_slots_exit_2_with_one_line(argv, message, capsys, tmp_path):
   code = main(["--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path), "--prompt", "x"] + argv)
@@ -415,3 +432,40 @@ def test_engine_refuses_what_it_cannot_serve(model):
   for budget in (6, 16):
     with pytest.raises(ValueError, match=f"max_new_tokens={budget} must be a multiple of 4 in"):
       engine.check(Request((2,), budget))
+
+
+@pytest.fixture
+def hang_guard():
+  """A safety net for the tests of the progress guard: without the guard they would loop forever (in the device
+  loop, where no Python signal reaches), so the process is ended with a traceback after 3 minutes."""
+  faulthandler.dump_traceback_later(180, exit=True)
+  yield
+  faulthandler.cancel_dump_traceback_later()
+
+
+def test_a_stalled_masked_engine_raises_instead_of_looping(model, prompts, monkeypatch, hang_guard):
+  """A broken masked engine (its planned calls change nothing, so no request ever ends; the program steps from
+  the host) stops when a request has taken its lone run's most steps (2 blocks x 4 steps) and names it and its
+  slot's state."""
+  monkeypatch.setattr(MaskedProgram, "call", lambda self, model, slots, *_: slots)
+  program = MaskedProgram(MASKED["threshold_greedy"], mask_id=MASK, eos_id=None, pad_id=PAD, num_widths=1)
+  assert program.max_steps(8) == 8 and program.max_steps(4) == 4
+  engine = Engine(model, program, 1, max(LENGTHS))
+  with pytest.raises(EngineStalledError, match=r"^serving engine stalled: request 0 \(row 0, 5 prompt tokens, "
+                     r"max_new_tokens=8\) is unfinished after 8 steps, the most its lone run can take "
+                     r"\(MaskedProgram.max_steps\); its slot: prompt_B=5 end_B=13 block_B=0 step_B=0 calls_B=0 "
+                     r"active_B=True done_B=False$"):
+    engine.run([Request(tuple(prompts[0]), 8, 0)])
+  assert engine.steps == 8
+
+
+def test_a_stalled_device_loop_raises_instead_of_looping(model, prompts, monkeypatch, hang_guard):
+  """The same guard in the device loop (the AR decoder's step broken to change nothing): of two requests, the one
+  with fewer steps left (budget 3: 2 steps after its prefill's token) is named when it has taken them."""
+  monkeypatch.setattr(ARProgram, "step", lambda self, model, slots: slots)
+  program = ARProgram(autoregressive.ARConfig(max_new_tokens=6), eos_id=None)
+  engine = Engine(model, program, 2, max(LENGTHS))
+  with pytest.raises(EngineStalledError, match=r"request 1 \(row 1, 19 prompt tokens, max_new_tokens=3\) is "
+                     r"unfinished after 2 steps.*ARProgram.max_steps.*count_B=1 "):
+    engine.run([Request(tuple(prompts[0]), 6, 0), Request(tuple(prompts[1]), 3, 1)])
+  assert engine.steps == 2

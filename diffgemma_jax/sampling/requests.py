@@ -125,33 +125,37 @@ class Generator:
     return results
 
 
-  def engine(self, cfg, num_slots: int, max_prompt_length: int) -> serving.Engine:
+  def engine(self, cfg, num_slots: int, max_prompt_length: int, num_widths: int | None = None) -> serving.Engine:
     """The continuous-batching engine of `cfg` (an ARConfig, a CanvasConfig or a SamplerConfig) with `num_slots`
-    slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls."""
-    key = (cfg, num_slots, serving.bucket_width(max_prompt_length))
+    slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls.
+    `num_widths`: the masked engine's slot widths (`MaskedProgram`; None: `serving_masked.NUM_WIDTHS`)."""
+    num_widths = serving_masked.NUM_WIDTHS if num_widths is None else num_widths
+    key = (cfg, num_slots, serving.bucket_width(max_prompt_length), num_widths)
     if key not in self._engines:
       if isinstance(cfg, autoregressive.ARConfig):
         program = serving_ar.ARProgram(cfg, eos_id=self.eos_id)
       elif isinstance(cfg, canvas.CanvasConfig):
         program = serving_canvas.CanvasProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
       else:
-        program = serving_masked.MaskedProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id)
+        program = serving_masked.MaskedProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id,
+                                               num_widths=num_widths)
       self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
     return self._engines[key]
 
   def serve(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, num_slots: int,
-            seeds: Sequence[int] | None = None, budgets: Sequence[int] | None = None) -> list[dict[str, Any]]:
+            seeds: Sequence[int] | None = None, budgets: Sequence[int] | None = None,
+            num_widths: int | None = None) -> list[dict[str, Any]]:
     """The results of `run` (in the given order) from the continuous-batching engine (`serving.py`) with
     `num_slots` slots: a finished request's slot takes the next prompt at once. Each request's tokens are what it
     gives alone (with its own budget of new tokens, default every one `options.gen_length`, the most); "seconds"
     is its latency from the start of the run (queueing included), "batch_tokens_per_s" the whole run's new tokens
-    per second."""
-    check_serving(options.sampler, num_slots)
+    per second. `num_widths`: the masked engine's slot widths (`engine`)."""
+    check_serving(options.sampler, num_slots, num_widths=num_widths)
     cfg = sampler_config(options)
     prompts = [list(map(int, p)) for p in prompts]
     seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
     budgets = [options.gen_length] * len(prompts) if budgets is None else list(budgets)
-    engine = self.engine(cfg, num_slots, max(map(len, prompts)))
+    engine = self.engine(cfg, num_slots, max(map(len, prompts)), num_widths)
     outputs = engine.run([serving.Request(tuple(p), b, s) for p, b, s in zip(prompts, budgets, seeds)])
     seconds = max(out["seconds"] for out in outputs)
     results = []
@@ -168,16 +172,17 @@ class Generator:
     return results
 
   def run_requests(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, *, batch_size: int = 1,
-                   serving_slots: int | None = None,
+                   serving_slots: int | None = None, serving_widths: int | None = None,
                    request_options: Sequence[GenerationOptions] | None = None) -> list[dict[str, Any]]:
     """`serve` with `serving_slots` slots, else `run_batches` of `batch_size` prompts: the same results either
     way (the engine keeps requests in flight, static batches run whole). `request_options`: each request's own
     options (`options` but for their gen_length, `with_gen_length`); static batches never mix two, the engine
-    serves them together with their own budgets."""
+    serves them together with their own budgets (`serving_widths`: the masked engine's slot widths)."""
     request_options = [options] * len(prompts) if request_options is None else list(request_options)
     if serving_slots is not None:
       largest = serving_options(request_options, serving_slots)
-      return self.serve(prompts, largest, serving_slots, budgets=[o.gen_length for o in request_options])
+      return self.serve(prompts, largest, serving_slots, budgets=[o.gen_length for o in request_options],
+                        num_widths=serving_widths)
     groups: dict[GenerationOptions, list[int]] = {}
     for index, own in enumerate(request_options):
       groups.setdefault(own, []).append(index)
@@ -227,9 +232,11 @@ def with_gen_length(options: GenerationOptions, gen_length: int, steps: int | No
     raise GenerationError(f"{where}: gen_length {gen_length}: {e}") from None
 
 
-def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots") -> None:
+def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots",
+                  num_widths: int | None = None, widths_flag: str = "--serving_widths") -> None:
   """`flag` (the number of slots) must be >= 1, the sampler one the engine runs (`Sampler.serves`), and it
-  replaces --batch_size."""
+  replaces --batch_size; `num_widths` (`widths_flag`), if given, >= 1 and for a masked sampler (the one engine
+  with slot widths, `serving_masked.MaskedProgram`)."""
   if num_slots < 1:
     raise GenerationError(f"{flag} must be >= 1, got {num_slots}")
   if not SAMPLERS[sampler].serves:
@@ -238,6 +245,14 @@ def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: st
   if batch_size != 1:
     raise GenerationError(f"{flag} {num_slots} and --batch_size {batch_size} both set; the engine keeps "
                           f"{flag} requests in flight, drop --batch_size")
+  if num_widths is not None:
+    if num_widths < 1:
+      raise GenerationError(f"{widths_flag} must be an integer >= 1 (the masked engine's slot widths), got "
+                            f"{num_widths}")
+    if SAMPLERS[sampler].cache not in serving_masked.SERVED_CACHES:
+      names = ", ".join(name for name, s in SAMPLERS.items() if s.cache in serving_masked.SERVED_CACHES)
+      raise GenerationError(f"{widths_flag} sets the slot widths of the samplers {names} on the engine, not "
+                            f"of sampler {sampler}")
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -261,6 +276,7 @@ def canvas_model_calls(steps_BC):
 def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
                          step: int | None = None, chat_template: str | None = None, batch_size: int = 1,
                          stop: Sequence[str] = (), serving_slots: int | None = None,
+                         serving_widths: int | None = None,
                          gen_lengths: Sequence[int | None] | None = None,
                          sources: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text), `batch_size` requests at a time (`Generator.run_batches`: the same
@@ -268,7 +284,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   fast. `options.gen_length=None`: as many new tokens as fit in the model's context after the longest prompt (at
   most GenerationOptions.gen_length, whole canvases or blocks). A completion ends before the first of the `stop`
   strings (the harness's `until`). `serving_slots`: run the continuous-batching engine with that many slots
-  (`Generator.serve`: the same results too) instead of static batches. `gen_lengths`: a request's own gen_length
+  (`Generator.serve`: the same results too) instead of static batches, the masked samplers' calls at the narrowest
+  of `serving_widths` slot widths (default `serving_masked.NUM_WIDTHS`). `gen_lengths`: a request's own gen_length
   (None: the run's), as if it ran alone with that --gen_length; `sources` name the requests in errors (default
   "request N")."""
   fill_context, given_steps = options.gen_length is None, options.steps
@@ -282,8 +299,11 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   if batch_size < 1:
     raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
+  if serving_widths is not None and serving_slots is None:
+    raise GenerationError("--serving_widths sets the continuous-batching engine's slot widths; give "
+                          "--serving_slots too")
   if serving_slots is not None:
-    check_serving(options.sampler, serving_slots, batch_size)
+    check_serving(options.sampler, serving_slots, batch_size, num_widths=serving_widths)
   own_lengths = list(gen_lengths) if gen_lengths is not None else [None] * len(prompts)
   sources = list(sources) if sources is not None else [f"request {i}" for i in range(len(prompts))]
   own_options = {index: with_gen_length(options, length, given_steps, objective, block_size, context_length,
@@ -318,6 +338,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   model, step = restore_model(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   results = generator.run_requests(encoded, options, batch_size=batch_size, serving_slots=serving_slots,
+                                   serving_widths=serving_widths,
                                    request_options=request_options)
   for text, ids, own, result in zip(prompts, encoded, request_options, results):
     completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)

@@ -6,13 +6,16 @@ slots, the rows of one KV cache [B, S], each with its own write position: every 
 that advances every busy slot by one step of its own (a denoising step, a finished canvas's commit pass, a decode
 step; the programs `serving_canvas.CanvasProgram`, `serving_masked.MaskedProgram` and `serving_ar.ARProgram` say
 what a step is; the masked program's step is a window call plus, when some slots start a block, one refresh call
-of those slots). Steps run in a device loop until a request finishes; the host then collects it and refills the
-free slots from the queue: ONE jitted prefill call admits every request taken at that point, each prompt written
-into its own row (prompts right-padded to a common width, `bucket_width`; groups padded to a few sizes,
+of those slots). Steps run in a device loop until a request finishes (the masked program's steps are run from the
+host instead, each class of its calls a program compiled on first use: `_advance_on_host`); the host then collects
+it and refills the free slots from the queue: ONE jitted prefill call admits every request taken at that point,
+each prompt written into its own row (prompts right-padded to a common width, `bucket_width`; groups padded to a few sizes,
 `admission_size`, so a handful of prefills compile; the masked program prefills nothing, its first step runs the
 whole row). The programs advance each request's random key exactly as the static path does for that request
 alone, so every request's tokens equal the static path's run on it alone with its seed's key
-(`batching.row_keys`). docs/batching_and_evaluation.md explains the layout.
+(`batching.row_keys`). A request that outlives the most steps its lone run can take (`max_steps`) stops the run
+with `EngineStalledError` instead of looping forever (`Engine.run`). docs/batching_and_evaluation.md explains the
+layout.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffgemma_jax.errors import EngineStalledError
 from diffgemma_jax.sampling.batching import row_keys, slot_mask
 
 MIN_BUCKET = 16  # the narrowest prompt width compiled
@@ -100,14 +104,14 @@ class Engine:
 
     self._admit = jax.jit(admit, donate_argnums=1)
 
-    def advance(state, slots, watched_B):
-      """Steps until a watched row (one the host waits on) is done or no row is active: (slots, steps taken, model
-      calls made). One dispatch and one read-back per finished request, not per step."""
+    def advance(state, slots, watched_B, limit):
+      """Steps until a watched row (one the host waits on) is done, no row is active or `limit` steps are taken:
+      (slots, steps taken, model calls made). One dispatch and one read-back per finished request, not per step."""
       model = nnx.merge(graphdef, state)
 
       def cond(carry):
-        slots = carry[0]
-        return jnp.any(program.active(slots)) & ~jnp.any(slots.done_B & watched_B)
+        slots, steps, _ = carry
+        return jnp.any(program.active(slots)) & ~jnp.any(slots.done_B & watched_B) & (steps < limit)
 
       def body(carry):
         slots, steps, calls = carry
@@ -116,10 +120,25 @@ class Engine:
       return jax.lax.while_loop(cond, body, (slots, jnp.int32(0), jnp.int32(0)))
 
     self._advance = jax.jit(advance, donate_argnums=1)
-    self._compiled: dict[Any, Any] = {}  # "init", "advance" and each (admission size, prompt width)
+    # A program that steps from the host (`host_steps`: the masked one) instead plans each step on the device
+    # (`plan`: which class of each kind of call it makes) and runs each planned call as its own jitted program,
+    # compiled when a step first needs that class.
+    self.host_steps = getattr(program, "host_steps", False)
+    if self.host_steps:
+      planned = lambda slots: (program.plan(slots), program.active(slots), slots.done_B)  # noqa: E731
+      self._plan = jax.jit(planned)
+
+      def call(state, slots, operands, *, kind, size, width):
+        """The call and the plan of the step after it (the host uses the step's last call's)."""
+        slots = program.call(nnx.merge(graphdef, state), slots, kind, (size, width), operands)
+        return slots, planned(slots)
+
+      self._call = jax.jit(call, static_argnames=("kind", "size", "width"), donate_argnums=1)
+    self._compiled: dict[Any, Any] = {}  # "init", "advance" or "plan", each (admission size, prompt width) and each
+    # call class (kind, rows, width)
     # Of the last run: the engine's model calls (each batched prefill once, each step's calls once: one, or for
-    # the masked program up to two, `step_calls`), its steps, its prefill calls and the requests each admission
-    # took, and the seconds spent compiling (excluded from "seconds").
+    # the masked program up to two, the classes its `plan` names), its steps, its prefill calls and the requests
+    # each admission took, and the seconds spent compiling (excluded from "seconds").
     self.model_calls = self.steps = self.prefill_calls = 0
     self.admissions: list[int] = []
     self.compile_seconds = 0.0
@@ -162,22 +181,74 @@ class Engine:
       units[i] = request.max_new_tokens // self.program.unit
     return self._admission(size, width)(self.state, slots, rows, prompts, lengths, seeds, units)
 
+  def step_programs(self) -> list[Any]:
+    """The step programs compiled so far: "advance", or a host-stepped program's ("call", kind, rows, width) each."""
+    return [key for key in self._compiled if key == "advance" or isinstance(key, tuple) and key[0] == "call"]
+
+  def _class_call(self, kind: str, size: int, width: int, operands):
+    """The call of `kind` on `size` rows over `width` slots (a host-stepped program's class), compiled on first
+    use."""
+    return self._compile(("call", kind, size, width), lambda: self._call.lower(
+        self.state, jax.eval_shape(self._init, self.state), jax.eval_shape(lambda: operands), kind=kind,
+        size=size, width=width))
+
+  def _advance_on_host(self, slots, watched, limit: int):
+    """`advance` stepped from the host: per step the planned calls, in the program's order of kinds, then the next
+    step's plan (its classes, read back with the rows' flags), which the step's last call returns (`plan` runs on
+    its own only on entry). A run compiles only the classes its steps use."""
+    classes = self.program.classes(self.num_slots, self.num_cache_slots)
+    steps = calls = 0
+    planned = self._compiled["plan"](slots)
+    while True:
+      (plan_K, operands), active, done = planned
+      plan_K, active, done = jax.device_get((plan_K, active, done))
+      if not active.any() or (done & watched).any() or steps >= limit:
+        return slots, steps, calls
+      for kind, index in zip(self.program.kinds, plan_K):
+        if index:  # both calls of a step read the step's own plan (`operands`)
+          size, width = classes[index - 1]
+          slots, planned = self._class_call(kind, size, width, operands)(self.state, slots, operands)
+          calls += 1
+      steps += 1
+
+  def _stalled(self, slots, row: int, index: int, request: Request, steps: int) -> EngineStalledError:
+    """The error for a request still in flight after more steps than its lone run can take: what its slot holds
+    (every per-row scalar of the program's state)."""
+    names = [name for name, value in slots._asdict().items() if isinstance(value, jax.Array) and value.ndim == 1
+             and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)]
+    values = jax.device_get([getattr(slots, name) for name in names])
+    fields = " ".join(f"{name}={value[row]}" for name, value in zip(names, values))
+    return EngineStalledError(
+        f"serving engine stalled: request {index} (row {row}, {len(request.prompt)} prompt tokens, "
+        f"max_new_tokens={request.max_new_tokens}) is unfinished after {steps} steps, the most its lone run can "
+        f"take ({type(self.program).__name__}.max_steps); its slot: {fields}")
+
   def run(self, requests: Sequence[Request]) -> list[dict[str, Any]]:
     """Each request's {"tokens": new tokens [its max_new_tokens] (the program's fill after EOS), "model_calls"
     (the calls it took part in: its prefill, shared with the requests admitted beside it, and its steps; what its
     lone run makes), "steps" (denoising steps per canvas, or None), "seconds": from the run's start to its
-    completion, compiles excluded}."""
+    completion, compiles excluded}.
+
+    The progress guard: a request takes part in every step from its admission to its end and takes at most
+    `program.max_steps(its max_new_tokens)` of them (its lone run's most model calls, less its admission's), so no
+    advance runs past the fewest steps any request in flight has left; a request unfinished when it has none left
+    means a broken engine, and raises `EngineStalledError` (naming it and its slot's state) instead of looping."""
     for request in requests:
       self.check(request)
     self.compile_seconds = 0.0
     self._compile("init", lambda: self._init.lower(self.state))
-    self._compile("advance", lambda: self._advance.lower(self.state, jax.eval_shape(self._init, self.state),
-                                                         jax.ShapeDtypeStruct((self.num_slots,), bool)))
+    slots_shape = jax.eval_shape(self._init, self.state)
+    if self.host_steps:
+      self._compile("plan", lambda: self._plan.lower(slots_shape))
+    else:
+      self._compile("advance", lambda: self._advance.lower(
+          self.state, slots_shape, jax.ShapeDtypeStruct((self.num_slots,), bool), jnp.int32(0)))
     start, compiled_before = time.perf_counter(), self.compile_seconds
     elapsed = lambda: time.perf_counter() - start - (self.compile_seconds - compiled_before)  # noqa: E731
     slots = self._compiled["init"](self.state)
     queue = collections.deque(enumerate(requests))
     owner: list[int | None] = [None] * self.num_slots
+    left = [0] * self.num_slots  # the steps each row's request may still take
     results: list[dict[str, Any]] = [{} for _ in requests]
     self.model_calls = self.steps = self.prefill_calls = 0
     self.admissions = []
@@ -186,6 +257,7 @@ class Engine:
       for row in range(self.num_slots):
         if owner[row] is None and queue:
           owner[row], request = queue.popleft()
+          left[row] = self.program.max_steps(request.max_new_tokens)
           admitted.append((row, request))
       if admitted:
         slots = self._prefill(slots, admitted)
@@ -194,11 +266,23 @@ class Engine:
         self.admissions.append(len(admitted))
       if all(index is None for index in owner):
         break
-      slots, steps, calls = self._compiled["advance"](self.state, slots, np.asarray([i is not None for i in owner]))
+      watched = np.asarray([i is not None for i in owner])
+      limit = min(left[row] for row in range(self.num_slots) if watched[row])
+      if self.host_steps:
+        slots, steps, calls = self._advance_on_host(slots, watched, limit)
+      else:
+        slots, steps, calls = self._compiled["advance"](self.state, slots, watched, np.int32(limit))
       done, steps, calls = jax.device_get((slots.done_B, steps, calls))
       self.model_calls += int(calls)
       self.steps += int(steps)
       finished = [row for row, index in enumerate(owner) if index is not None and done[row]]
+      for row in range(self.num_slots):
+        if watched[row]:
+          left[row] -= int(steps)
+          if left[row] <= 0 and not done[row]:
+            index = owner[row]
+            raise self._stalled(slots, row, index, requests[index],
+                                self.program.max_steps(requests[index].max_new_tokens))
       if finished:
         rows = jax.device_get(self.program.results(slots))  # one read-back for every row
         for row in finished:

@@ -94,6 +94,10 @@ class ARProgram:
                    keep(next_rng, slots.rng_B), keep(written, slots.out_BG),
                    slots.calls_B + active_B.astype(jnp.int32), active_B & ~ended_B, slots.done_B | ended_B)
 
+  def max_steps(self, max_new_tokens: int) -> int:
+    """The most steps a request of `max_new_tokens` takes (its prefill samples the first token, a step each next)."""
+    return max_new_tokens - 1
+
   def step_calls(self, slots: ARSlots):
     del slots
     return 1  # every step is one model call

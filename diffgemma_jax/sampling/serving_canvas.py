@@ -198,6 +198,12 @@ class CanvasProgram:
         select_rows(commit_B, next_rng, slots.rng_B), step_rng_B, out_BG, steps_BC,
         slots.calls_B + (denoise_B | commit_B).astype(jnp.int32), slots.done_B | ended_B)
 
+  def max_steps(self, max_new_tokens: int) -> int:
+    """The most steps a request of `max_new_tokens` takes: every canvas its rule's most denoising steps, and a
+    commit between two canvases."""
+    canvases = max_new_tokens // self.cfg.canvas_length
+    return canvases * self.cfg.rule.max_steps + canvases - 1
+
   def step_calls(self, slots: CanvasSlots):
     del slots
     return 1  # every step is one model call
