@@ -106,18 +106,31 @@ def vocab_tiles(shard_rows: int, fsdp: int) -> int:
   return tiles
 
 
+def _tiling(activation_shape, table_shape, mesh: Mesh):
+  """How the logits and the mix run on `mesh` for activations [B, L, ...] and the table [V, D]: (the batch axes
+  splitting B, the context axes splitting L, the table's vocabulary and embed entries, the fsdp group its columns
+  are gathered over (1: none), the shard's vocabulary rows); None where they fall back to GSPMD (the activations do
+  not split, or the table's columns are split over an axis the rows are not)."""
+  B, L = activation_shape[:2]
+  V, _ = table_shape
+  rows = split_axes(mesh, BATCH_AXES, B)
+  context = split_axes(mesh, (CONTEXT_AXIS,), L)
+  vocab_entry, embed_entry = tuple(table_spec(table_shape, mesh))
+  if not (rows or context) or (embed_entry is not None and FSDP_AXIS not in rows):
+    return None
+  fsdp = axis_size(mesh, FSDP_AXIS) if embed_entry == FSDP_AXIS else 1
+  shard_rows = V // axis_size(mesh, TENSOR_AXIS) if vocab_entry == TENSOR_AXIS else V
+  return rows, context, vocab_entry, embed_entry, fsdp, shard_rows
+
+
 def sharded_logits(x_BLD: jax.Array, table_VD: jax.Array, mesh: Mesh) -> jax.Array:
   """The tied logits `x_BLD @ table_VD.T` in float32 [B, L, V] (the table cast to `x_BLD`'s dtype), gathering the
   table one vocabulary tile at a time (module docstring)."""
-  B, L, _ = x_BLD.shape
-  V, _ = table_VD.shape
-  rows = split_axes(mesh, BATCH_AXES, B)
-  context = split_axes(mesh, (CONTEXT_AXIS,), L)
-  vocab_entry, embed_entry = tuple(table_spec(table_VD.shape, mesh))
-  if not (rows or context) or (embed_entry is not None and FSDP_AXIS not in rows):
+  tiling = _tiling(x_BLD.shape, table_VD.shape, mesh)
+  if tiling is None:
     return local_logits(x_BLD, rules.constrain(table_VD, ("vocab", "embed"), mesh))
-  fsdp = axis_size(mesh, FSDP_AXIS) if embed_entry == FSDP_AXIS else 1
-  tiles = vocab_tiles(V // axis_size(mesh, TENSOR_AXIS) if vocab_entry == TENSOR_AXIS else V, fsdp)
+  rows, context, vocab_entry, embed_entry, fsdp, shard_rows = tiling
+  tiles = vocab_tiles(shard_rows, fsdp)
   fn = expert.shard_map(functools.partial(_tiled_logits, tiles=tiles, gather=fsdp > 1), mesh=mesh,
                         in_specs=(_spec(rows, context, None), _spec((vocab_entry,) if vocab_entry else (),
                                                                      (embed_entry,) if embed_entry else ())),
@@ -180,16 +193,11 @@ def sharded_mix(weights_BLV: jax.Array, table_VD: jax.Array, mesh: Mesh) -> jax.
   """`weights_BLV @ table_VD` in float32 [B, L, D] (self-conditioning's expected embedding), gathering the table
   one vocabulary tile at a time: each tile's float32 columns gathered over fsdp, recomputed (not kept) for the
   gradient, whose transpose reduce-scatters the tile's rows."""
-  B, L, _ = weights_BLV.shape
-  V, _ = table_VD.shape
-  rows = split_axes(mesh, BATCH_AXES, B)
-  context = split_axes(mesh, (CONTEXT_AXIS,), L)
-  vocab_entry, embed_entry = tuple(table_spec(table_VD.shape, mesh))
-  if not (rows or context) or (embed_entry is not None and FSDP_AXIS not in rows):
+  tiling = _tiling(weights_BLV.shape, table_VD.shape, mesh)
+  if tiling is None:
     return jnp.einsum("BLV,VD->BLD", weights_BLV, rules.constrain(table_VD, ("vocab", "embed"), mesh).astype(
         jnp.float32))
-  fsdp = axis_size(mesh, FSDP_AXIS) if embed_entry == FSDP_AXIS else 1
-  shard_rows = V // axis_size(mesh, TENSOR_AXIS) if vocab_entry == TENSOR_AXIS else V
+  rows, context, vocab_entry, embed_entry, fsdp, shard_rows = tiling
   tiles = vocab_tiles(shard_rows, fsdp)
   size = shard_rows // tiles
 
