@@ -15,7 +15,8 @@ entry point, so `diffgemma-lm-eval` imports it and then runs the harness's own C
 Model args: config, workdir (required), step, sampler and its options (block_length, steps, threshold,
 temperature, top_p, max_denoising_steps, ...), num_t_samples (default eval.num_t_samples), seed, batch_size (rows
 per model call, also the harness's --batch_size; default 8), serving_slots (generate_until by continuous batching
-with that many slots: the same texts; every sampler but block_fused*).
+with that many slots: the same texts; every sampler but block_fused*), serving_widths (with serving_slots and a
+masked sampler: the engine's slot widths, default 4, as diffgemma-generate --serving_widths).
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def _batch_size(value) -> int:
   return size
 
 
-def _serving_slots(value) -> int | None:
+def _positive_or_none(name: str, value) -> int | None:
+  """A model arg that is a count (serving_slots, serving_widths), None when not given."""
   if value in (None, ""):
     return None
   try:
     return int(value)  # check_serving names what is valid
   except (TypeError, ValueError):
-    raise ConfigError(f"serving_slots={value!r}: give a positive integer") from None
+    raise ConfigError(f"{name}={value!r}: give a positive integer") from None
 
 
 @register_model("diffgemma")
@@ -67,7 +69,7 @@ class DiffGemmaLM(LM):
   def __init__(self, config, workdir: str | None = None, step: int | None = None, sampler: str | None = None,
                num_t_samples: int | None = None, seed: int = 0, batch_size=None, max_batch_size=None,
                device=None, overrides: str = "", model=None, tokenizer=None, serving_slots=None,
-               **sampler_options):
+               serving_widths=None, **sampler_options):
     """`config`: a config file (model_args) or a loaded ConfigDict; the parameters of `workdir`'s checkpoint
     `step` (default the latest), or from Python an already built `model` and `tokenizer`."""
     super().__init__()
@@ -75,7 +77,7 @@ class DiffGemmaLM(LM):
     unknown = set(sampler_options) - set(OPTIONS)
     if unknown:
       raise ConfigError(f"--model_args: unknown argument(s) {', '.join(sorted(unknown))}; valid: config, workdir, "
-                        f"step, sampler, num_t_samples, seed, batch_size, serving_slots, overrides, "
+                        f"step, sampler, num_t_samples, seed, batch_size, serving_slots, serving_widths, overrides, "
                         f"{', '.join(OPTIONS)}")
     if isinstance(config, str):  # overrides: "a.b=value;c.d=value" (the harness splits model_args at commas)
       pairs = [item.split("=", 1) for item in str(overrides).split(";") if item]
@@ -87,9 +89,13 @@ class DiffGemmaLM(LM):
     validated = validate_options(self.options, objective, int(config.objective.block_size),
                                  int(config.train.seq_len))  # bad options fail before the model is restored
     self.batch_size = _batch_size(batch_size)
-    self.serving_slots = _serving_slots(serving_slots)
+    self.serving_slots = _positive_or_none("serving_slots", serving_slots)
+    self.serving_widths = _positive_or_none("serving_widths", serving_widths)
+    if self.serving_widths is not None and self.serving_slots is None:
+      raise ConfigError("serving_widths sets the continuous-batching engine's slot widths; give serving_slots too")
     if self.serving_slots is not None:
-      check_serving(validated.sampler, self.serving_slots, flag="serving_slots")
+      check_serving(validated.sampler, self.serving_slots, flag="serving_slots", num_widths=self.serving_widths,
+                    widths_flag="serving_widths")
     if model is None:
       if not workdir:
         raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")
@@ -164,7 +170,8 @@ class DiffGemmaLM(LM):
         ids = self._encode(requests[i].args[0])
         prompts.append([self.tokenizer.bos_id] + (ids[len(ids) - keep:] if keep else []))
       results = self.generator.run_requests(prompts, options, batch_size=self.batch_size,
-                                            serving_slots=self.serving_slots)
+                                            serving_slots=self.serving_slots,
+                                            serving_widths=self.serving_widths)
       for index, prompt, result in zip(indices, prompts, results):
         text = self.tokenizer.decode_continuation(prompt, result["ids"])
         out[index] = cut_at_stop(text, until)

@@ -212,6 +212,21 @@ def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkey
                                        "overrides=objective.name=block,sampler=block_fused")
   with pytest.raises(ConfigError, match="unknown argument\\(s\\) beam"):
     DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},beam=4")
+  for args, error in (("serving_widths=2", "serving_widths sets the continuous-batching engine's slot widths; give "
+                                           "serving_slots too"),
+                      ("serving_slots=2,serving_widths=0", "serving_widths must be an integer >= 1"),
+                      ("serving_slots=2,serving_widths=two", "serving_widths='two': give a positive integer"),
+                      ("serving_slots=2,serving_widths=2,overrides=objective.name=ar",
+                       "serving_widths sets the slot widths of the samplers .* not of sampler ar")):
+    with pytest.raises(ConfigError, match=error):
+      DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},{args}")
+  # a valid one reaches the engine (the masked engine's widths, as diffgemma-generate --serving_widths)
+  lm = DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},block_length=8,"
+                                          "serving_slots=2,serving_widths=1")
+  seen = {}
+  monkeypatch.setattr(lm.generator, "run_requests", lambda prompts, options, **kw: seen.update(kw) or [])
+  lm.generate_until([_request("generate_until", ("def f(", {"max_gen_toks": 8, "until": []}))])
+  assert (seen["serving_slots"], seen["serving_widths"]) == (2, 1)
 
   def harness_cli():  # what the harness's CLI does with our model's error
     DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},top_p=0.5")
