@@ -20,6 +20,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.parallel.distributed import is_first_process
 
 KEY = "compilation.cache_dir"
 SIZE_KEY = "compilation.max_size_gb"
@@ -87,6 +88,11 @@ def use_compilation_cache(config) -> str | None:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_compilation_cache_max_size", max_size)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(section.min_compile_time_s))
+  if not is_first_process(config):
+    # It reads the cache and writes nothing. JAX itself writes from its process 0 only, but copies of a command
+    # that never join the runtime (a reader started on every node) are each JAX's process 0, and JAX writes an
+    # entry in place (not renamed into place): N copies would write one file together while others read it.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor, whatever the filesystem
   # XLA writes its own caches from C++ to local paths only, and JAX builds their path with pathlib, which turns
   # `gs://b/c` into the local folder `gs:/b/c`: with a bucket they stay off.

@@ -1,13 +1,16 @@
-"""Flag helpers shared by the entry points: `--config.a.b=value` overrides and one-line failures."""
+"""Flag helpers shared by the entry points: `--config.a.b=value` overrides, one-line failures, and `Outputs`: what
+an entry point writes and prints, from process 0 of a multi-process launch only."""
 
 from __future__ import annotations
 
 import math
 import sys
 
+from diffgemma_jax import storage
 from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.parallel.distributed import launch_process
 
 
 def config_overrides(rest: list[str]) -> dict[str, str]:
@@ -51,3 +54,32 @@ def json_safe(value):
   if isinstance(value, (list, tuple)):
     return [json_safe(v) for v in value]
   return value
+
+
+class Outputs:
+  """What an entry point writes (`--output` and the like, a local path or a bucket URL) and prints on stdout, from
+  exactly one process of a multi-process launch: process 0 (`distributed.launch_process`: from the runtime once
+  joined, else from the launch's environment, e.g. `srun` starting a reader on every node). The others compute as
+  before and write and print nothing (one line on stderr says so), so a shared filesystem or a bucket never gets
+  N concurrent writers of one object and a job's log holds one document. Errors go to stderr from every process."""
+
+  def __init__(self, config=None):
+    self.index, self.count = launch_process(config)
+    self.first = self.index == 0
+    if not self.first:
+      print(f"process {self.index} of {self.count}: process 0 writes this command's output files and prints its "
+            f"results", file=sys.stderr, flush=True)
+
+  def check(self, path: str | None, flag: str) -> None:
+    """`storage.check_writable` where the file will be written: on process 0 (another host's disk may lack the
+    folder, and need not have it)."""
+    if path and self.first:
+      storage.check_writable(path, flag)
+
+  def write(self, path: str | None, text: str) -> None:
+    if path and self.first:
+      storage.write_text(path, text)
+
+  def print(self, text: str = "") -> None:
+    if self.first:
+      print(text)

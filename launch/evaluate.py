@@ -19,7 +19,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate
 from diffgemma_jax.train.bound import EvaluationStopped
-from .common import config_overrides, fail, json_safe, load_run_config
+from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
 def main(argv=None) -> int:
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
                       "(s3://..., gs://...)")
   args, rest = parser.parse_known_args(argv)
   try:
-    if args.output:  # before the evaluation, not after it
-      storage.check_writable(args.output, "--output")
     config = load_run_config(args.config, config_overrides(rest))
+    outputs = Outputs(config)
+    outputs.check(args.output, "--output")  # before the evaluation, not after it
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
     result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint, partial_dir=partial_dir,
                       log=lambda message: print(message, file=sys.stderr, flush=True))
@@ -48,9 +48,8 @@ def main(argv=None) -> int:
     where = f"; its partial results are in {e.path}" if e.path else ""
     return fail(f"{e} (SIGTERM){where}: run the same command to continue", code=4)
   text = json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False)
-  if args.output:
-    storage.write_text(args.output, text + "\n")
-  print(text)
+  outputs.write(args.output, text + "\n")
+  outputs.print(text)
   return 0
 
 

@@ -18,7 +18,7 @@ from diffgemma_jax.errors import ConfigError, DataError, MappingError
 from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir, trained_context
-from .common import config_overrides, fail, load_run_config
+from .common import Outputs, config_overrides, fail, load_run_config
 
 
 def main(argv=None) -> int:
@@ -33,10 +33,13 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
 
   try:
+    config = load_run_config(args.config, config_overrides(rest))
+    outputs = Outputs(config)
+    if not outputs.first:  # one process exports (a folder of files); a restore here would be work thrown away
+      return 0
     storage.check_reachable(args.output, "--output")  # before the restore, not after it
     check_workdir(args.workdir, reading=True)
-    config = adopt_saved_lora(load_run_config(args.config, config_overrides(rest)),
-                              os.path.join(args.workdir, "checkpoints"))
+    config = adopt_saved_lora(config, os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)
     tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))
     step, pure = restore_pure_params(args.workdir, cfg, args.step)

@@ -21,7 +21,7 @@ from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
-from .common import config_overrides, fail, json_safe, load_run_config
+from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
 # the fields of each request in the JSON document (--json, --output)
@@ -114,9 +114,9 @@ def _read_requests(args) -> tuple[list[str], list[int | None], list[str]]:
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
-    if args.output:  # before the generation, not after it
-      storage.check_writable(args.output, "--output")
     config = load_run_config(args.config, config_overrides(rest))
+    outputs = Outputs(config)
+    outputs.check(args.output, "--output")  # before the generation, not after it
     given = {flag: getattr(args, flag) for flag in OPTIONS}
     options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
                                 seed=args.seed)
@@ -136,19 +136,19 @@ def main(argv=None) -> int:
   except (ConfigError, DataError) as e:
     return fail(str(e))
   document = json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2, allow_nan=False)
-  if args.output:
-    storage.write_text(args.output, document + "\n")
+  outputs.write(args.output, document + "\n")
   if args.json:
-    print(document)
+    outputs.print(document)
     return 0
   for index, r in enumerate(results):
     canvases = "" if r["steps_per_canvas"] is None else f", steps per canvas {r['steps_per_canvas']}"
-    print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
-          f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
-          f"sampler {r['sampler']}, step {r['step']}"
-          + (f"; batch of {r['batch_size']}: {r['batch_tokens_per_s']:.1f} tokens/s" if r["batch_size"] > 1 else "")
-          + ")")
-    print(r["prompt"] + r["completion"])
+    outputs.print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
+                  f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
+                  f"sampler {r['sampler']}, step {r['step']}"
+                  + (f"; batch of {r['batch_size']}: {r['batch_tokens_per_s']:.1f} tokens/s"
+                     if r["batch_size"] > 1 else "")
+                  + ")")
+    outputs.print(r["prompt"] + r["completion"])
   return 0
 
 

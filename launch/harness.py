@@ -11,15 +11,19 @@ files are uploaded to the URL when it ends, also when it fails part way. Needs t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
+import tempfile
 
 import yaml
 
 import diffgemma_jax
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError
+from .common import Outputs
 
 # the package's own task files (package data), wherever it is installed
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(diffgemma_jax.__file__)), "harness_tasks")
@@ -85,6 +89,14 @@ def main(argv=None) -> int:
   output, rest = split_output_path(argv)
   if output is None:  # a bucket output_path in the harness's YAML config is replaced on the command line
     output, rest = config_output_path(argv), argv
+  try:
+    outputs = Outputs()
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if not outputs.first:  # process 0 writes the results and prints the table; the others' go to a scratch folder
+    with tempfile.TemporaryDirectory(prefix="diffgemma-harness-") as scratch, contextlib.redirect_stdout(io.StringIO()):
+      return _evaluate(rest + (["--output_path", scratch] if output is not None else []))
   if output is None or not storage.is_url(output):
     return _evaluate(argv)
   try:

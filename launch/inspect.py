@@ -10,7 +10,7 @@ from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import inspect_model
-from .common import config_overrides, fail
+from .common import Outputs, config_overrides, fail
 
 
 def _human(n: float) -> str:
@@ -29,21 +29,21 @@ def main(argv=None) -> int:
   try:
     config = load_config(args.config, config_overrides(rest))  # nothing compiles: no compilation cache
     report = inspect_model(ModelConfig.from_config_dict(config.model), args.seq_len or config.train.seq_len)
+    outputs = Outputs(config)  # process 0 of a multi-process launch prints, the others nothing
   except ConfigError as e:
     return fail(str(e))
   if args.json:
-    print(json.dumps(report, indent=2))
+    outputs.print(json.dumps(report, indent=2))
     return 0
-  print(f"config                   {args.config}")
-  print(f"total parameters         {_human(report['total_params'])} ({report['total_params']:,})")
-  print(f"active per token         {_human(report['active_params_per_token'])} "
-        f"({report['active_params_per_token']:,})")
-  for name, count in report["params_by_component"].items():
-    print(f"  {name:<22} {_human(count)}")
-  print(f"forward FLOPs per token  {_human(report['forward_flops_per_token'])} at seq_len {report['seq_len']}")
-  print(f"train FLOPs per token    {_human(report['train_flops_per_token'])}")
+  lines = [f"config                   {args.config}",
+           f"total parameters         {_human(report['total_params'])} ({report['total_params']:,})",
+           f"active per token         {_human(report['active_params_per_token'])} "
+           f"({report['active_params_per_token']:,})"]
+  lines += [f"  {name:<22} {_human(count)}" for name, count in report["params_by_component"].items()]
+  lines += [f"forward FLOPs per token  {_human(report['forward_flops_per_token'])} at seq_len {report['seq_len']}",
+            f"train FLOPs per token    {_human(report['train_flops_per_token'])}"]
+  outputs.print("\n".join(lines))
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -10,10 +10,9 @@ import argparse
 import json
 import sys
 
-from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.scoring import LAYOUTS, score_file
-from .common import config_overrides, fail, json_safe, load_run_config
+from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,26 +37,25 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
-    if args.output:  # before the scoring, not after it
-      storage.check_writable(args.output, "--output")
     config = load_run_config(args.config, config_overrides(rest))
+    outputs = Outputs(config)
+    outputs.check(args.output, "--output")  # before the scoring, not after it
     report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,
                         batch_size=args.batch_size, seed=args.seed, layout=args.layout)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   document = json.dumps(json_safe(report), indent=2, allow_nan=False)
-  if args.output:
-    storage.write_text(args.output, document + "\n")
+  outputs.write(args.output, document + "\n")
   if args.json:
-    print(document)
+    outputs.print(document)
     return 0
   for r in report["records"]:
-    print(f"{r['source']}: {r['nll']:.4f} +- {r['stderr']:.4f} nats over {r['num_tokens']} tokens "
-          f"({r['nll_per_token']:.4f} per token)")
+    outputs.print(f"{r['source']}: {r['nll']:.4f} +- {r['stderr']:.4f} nats over {r['num_tokens']} tokens "
+                  f"({r['nll_per_token']:.4f} per token)")
   s = report["summary"]
   estimate = "exact" if report["exact"] else f"bound, {report['num_t_samples']} noise levels per record"
-  print(f"total: {s['nll']:.3f} nats over {s['num_tokens']} tokens of {s['num_records']} records, "
-        f"{s['bits_per_token']:.4f} bits/token ({estimate}; step {report['step']}, {report['layout']} layout)")
+  outputs.print(f"total: {s['nll']:.3f} nats over {s['num_tokens']} tokens of {s['num_records']} records, "
+                f"{s['bits_per_token']:.4f} bits/token ({estimate}; step {report['step']}, {report['layout']} layout)")
   return 0
 
 

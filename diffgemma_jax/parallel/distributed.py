@@ -80,6 +80,11 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> tuple[str, int] | No
   """(name, process count) of the first cluster environment JAX's own auto-detection finds (the one
   `jax.distributed.initialize()` without arguments would use), or None. `env` replaces the process environment
   while JAX's detectors look (tests)."""
+  return _detect(env, lambda cluster: (CLUSTER_NAMES[cluster.__name__], int(cluster.get_process_count())))
+
+
+def _detect(env: Mapping[str, str] | None, read):
+  """`read(cluster)` of the first cluster environment JAX's auto-detection finds, or None."""
   from jax._src import clusters  # pylint: disable=import-outside-toplevel (no public API names the detected one)
   saved = None
   if env is not None and env is not os.environ:
@@ -92,7 +97,7 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> tuple[str, int] | No
         continue
       try:
         if cluster.is_env_present():
-          return CLUSTER_NAMES[cluster.__name__], int(cluster.get_process_count())
+          return read(cluster)
       except Exception:  # pylint: disable=broad-except (a detector that cannot run is not this cluster)
         continue
     return None
@@ -131,6 +136,85 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
         f"{who} could not join the run through the coordinator at {address} within {timeout} s "
         f"(distributed.initialization_timeout_s): {type(e).__name__}: {e}") from e
   return True
+
+
+def launch_process(config=None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+  """(index, count) of this process among the processes its launch started: JAX's process index and count once
+  it has joined the distributed runtime; else what the launch says (`distributed.process_id` / `num_processes` of
+  the config or $JAX_PROCESS_ID / $JAX_NUM_PROCESSES with a coordinator, or the task of a cluster JAX detects:
+  SLURM's `srun`, `mpirun`, ...), so each of N copies of a command that never joins the runtime (a reader that
+  `srun` started on every node) knows whether it is the first; (0, 1) for a single process."""
+  if _is_initialized():
+    return jax.process_index(), jax.process_count()
+  env = os.environ if env is None else env
+  section = config.get("distributed") if config is not None and hasattr(config, "get") else None
+  key = (tuple(sorted(env.items())), None if section is None else tuple(sorted(section.items())))
+  if key not in _LAUNCHES:  # a cluster's detector may ask a metadata server: once per environment
+    settings = distributed_settings(config, env)
+    if settings is None:
+      _LAUNCHES[key] = None
+    elif "process_id" in settings:
+      _LAUNCHES[key] = int(settings["process_id"]), int(settings["num_processes"])
+    else:
+      _LAUNCHES[key] = _detect(env, lambda cluster: (int(cluster.get_process_id()), int(cluster.get_process_count())))
+  found = _LAUNCHES[key]
+  if found is None:  # a runtime that joined by itself (a TPU pod's) is known once the backends are up
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+    return (jax.process_index(), jax.process_count()) if started else (0, 1)
+  return found
+
+
+_LAUNCHES: dict = {}  # launch_process's answers by environment and distributed section
+
+
+def is_first_process(config=None, env: Mapping[str, str] | None = None) -> bool:
+  """Whether this process writes what a run writes once (a reader's --output and what it prints, a partial-results
+  file, a workdir's one-of files): process 0 of its launch (`launch_process`). Every other process of a
+  multi-process run computes its share of every collective as process 0 does and writes nothing of these, so a
+  shared filesystem or a bucket never sees N writers of one file, and a folder on each host's own disk only
+  process 0's."""
+  return launch_process(config, env)[0] == 0
+
+
+def check_shared_folder(path: str, key: str) -> None:
+  """In a multi-process run: fails on every process, naming `key` and the processes, when a process does not see
+  a file process 0 has just written in the local folder `path` (a folder on each host's own disk, or a mount
+  that differs between hosts); a run's workdir must be one folder for all of them (every process writes each
+  checkpoint's shards there, and reads the run's config and tokenizer from it). A collective: every process calls
+  it. Bucket URLs and single processes pass at once."""
+  from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1 or storage.is_url(path):
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  token = int(multihost_utils.broadcast_one_to_all(np.asarray(int.from_bytes(os.urandom(3), "little"), np.int32)))
+  probe = os.path.join(os.path.abspath(path), f".diffgemma-shared-{token:06x}")
+  unwritable = None
+  if jax.process_index() == 0:  # a failure here must not leave the others waiting at the barrier
+    try:
+      os.makedirs(os.path.dirname(probe), exist_ok=True)
+      with open(probe, "w") as f:
+        f.write(str(token))
+    except OSError as e:
+      unwritable = e.strerror or type(e).__name__
+  barrier(f"diffgemma_shared_folder_written_{token}")
+  try:
+    with open(probe) as f:
+      sees = f.read() == str(token)
+  except OSError:
+    sees = False
+  seen = np.asarray(multihost_utils.process_allgather(np.asarray(sees, np.int32))).reshape(-1)
+  if jax.process_index() == 0 and os.path.exists(probe):
+    os.remove(probe)
+  blind = [p for p, ok in enumerate(seen) if not ok]
+  if not seen[0]:
+    raise ConfigError(f"{key} {path}: process 0 cannot write there" + (f" ({unwritable})" if unwritable else ""))
+  if blind:
+    raise ConfigError(f"{key} {path}: process{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of "
+                      f"{len(seen)} cannot see the files process 0 writes there (a folder on each host's own "
+                      f"disk?); a multi-process run needs its {key} on a filesystem every host shares, or in a "
+                      f"bucket (gs://, s3://)")
 
 
 def wait_for_port(address: str, timeout_s: float, who: str = "this process") -> None:

@@ -6,7 +6,8 @@ ran before it, so the rows' results of the first n batches followed by those of 
 the results of an evaluation that never stopped. The file holds those rows' arrays and a key: everything they
 depend on (the checkpoint, the dataset's manifest, the rows and the batch shape, the seed, the number of noise
 levels, the objective). A file written under another key is never mixed in: the evaluation says so and starts over.
-Only process 0 touches the file: it writes it (atomically: a local rename, or one object written whole) and reads
+Only process 0 touches the file (`distributed.is_first_process`: also the first of N copies of a command that
+never joined the runtime): it writes it (atomically: a local rename, or one object written whole) and reads
 it at a resume, then hands the bytes it read to every other process through the collective channel the evaluation
 runs on (`_from_process_0`). So every process continues from the same batch with the same rows whether or not the
 others can see the file: a workdir on each host's own disk works as a shared one or a bucket does.
@@ -27,6 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffgemma_jax import storage
+from diffgemma_jax.parallel.distributed import is_first_process
 
 SAVE_EVERY_S = 60.0
 _ARRAYS = ("nelbo", "stderr", "tokens")
@@ -62,7 +64,7 @@ class PartialBound:
     if self.path is None:
       return 0
     data = b""
-    if jax.process_index() == 0:  # a read that fails must not leave the others waiting in the broadcast
+    if is_first_process():  # a read that fails must not leave the others waiting in the broadcast
       try:
         if storage.file_size(self.path) is not None:
           with storage.open_binary(self.path) as f:
@@ -94,7 +96,7 @@ class PartialBound:
   def save(self, *, force: bool = False) -> None:
     """Writes the batches done (process 0; at most every `save_every_s` unless `force`)."""
     due = force or time.monotonic() - self._saved_at >= self.save_every_s
-    if self.path is None or not due or self.done == self._saved_done or jax.process_index() != 0:
+    if self.path is None or not due or self.done == self._saved_done or not is_first_process():
       return
     buffer = io.BytesIO()
     nelbo, stderr, tokens = self.rows()
@@ -112,7 +114,7 @@ class PartialBound:
 
   def discard(self) -> None:
     """Removes the file once the evaluation it served is complete (process 0)."""
-    if self.path is not None and jax.process_index() == 0 and storage.file_size(self.path) is not None:
+    if self.path is not None and is_first_process() and storage.file_size(self.path) is not None:
       epath.Path(self.path).unlink()
 
 

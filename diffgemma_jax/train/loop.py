@@ -22,6 +22,7 @@ from diffgemma_jax.errors import ConfigError, NonFiniteLossError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import flops_per_token
 from diffgemma_jax.objectives import make_objective
+from diffgemma_jax.parallel.distributed import check_shared_folder
 from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
@@ -81,6 +82,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   if not max_runtime_s >= 0:
     raise ConfigError(f"train.max_runtime_s={tc.max_runtime_s}: must be >= 0 seconds (0: no time budget)")
   check_workdir(workdir, reading=False)
+  check_shared_folder(workdir, "--workdir")  # each host's own disk would split the run's files between them
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config)  # refuses an incompatible workdir first
   ckpt.check_resumable()
   mesh = mesh_from_config(config)
