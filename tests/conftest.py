@@ -14,8 +14,28 @@ import textwrap
 import types
 from xml.etree import ElementTree
 
-import jax.numpy as jnp
-import pytest
+# XLA's LLVM code generation for the CPU at its lowest optimization, in this process and every subprocess a test
+# starts (they inherit XLA_FLAGS, and the helpers below add these flags where a test sets its own): a tiny model's
+# time is mostly compiling, and this halves the CPU time of a compile. Only the machine code's speed changes: XLA's
+# HLO passes (fusion, layout, the collectives, the order of every reduction) run as they do for a user, and LLVM
+# does not reassociate floating point at any level, so every value a test compares is the one a default compile
+# gives. DIFFGEMMA_TEST_FULL_OPT=1 runs the suite with XLA's defaults.
+FAST_COMPILE_FLAGS = ("" if os.environ.get("DIFFGEMMA_TEST_FULL_OPT") == "1" else
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a subprocess a test starts: `devices` fake CPU devices (None: the default) and the suite's
+  compile flags."""
+  count = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+  return f"{count} {FAST_COMPILE_FLAGS}".strip()
+
+
+if FAST_COMPILE_FLAGS and FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
+import jax.numpy as jnp  # noqa: E402  (after XLA_FLAGS: they are read when JAX starts its CPU backend)
+import pytest  # noqa: E402
 
 TINY_MODEL = dict(vocab_size=512, embed_dim=64, num_layers=2, layer_pattern=("sliding", "global"), num_heads=2,
                   head_dim=32, num_kv_heads=1, sliding_window=16, global_head_dim=32, global_num_kv_heads=1,
@@ -340,7 +360,7 @@ def rerun_on_eight_devices(test_file: str, report: str, may_skip: set[str], min_
   """Runs `test_file` in a subprocess on 8 fake CPU devices (the device count is fixed when JAX starts) and reads
   its JUnit report: every test passed and none skipped but those named in `may_skip`, and at least `min_ran` of
   the others ran (so a device count that silently did not take fails)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
                          f"--junitxml={report}", test_file], capture_output=True, text=True, timeout=900, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

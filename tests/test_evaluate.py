@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from diffgemma_jax.evaluate import evaluate, summarize_bound
 
 KEYS = {"step", "num_tokens", "bits_per_token", "stderr_bits_per_token", "ppl_bound", "num_t_samples",
@@ -163,7 +164,7 @@ def test_processes_whose_workdirs_are_their_own_disks_resume_from_process_0s_res
     probe.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{probe.getsockname()[1]}"
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, XLA_FLAGS=xla_flags())
   procs = [subprocess.Popen([sys.executable, "-c", RESUME_IN_ONE_OF_TWO, address, str(rank),
                              str(tmp_path / f"host{rank}" / "p.npz")], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for rank in range(2)]

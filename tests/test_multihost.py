@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import read_metrics, train_losses
+from conftest import read_metrics, train_losses, xla_flags
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.parallel.distributed import distributed_settings
 
@@ -84,7 +84,7 @@ def test_open_mpi_environment_is_detected_and_two_processes_join():
             "shutdown_distributed()\n")
   procs = []
   for rank in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags(2),
                OMPI_MCA_orte_hnp_uri=f"{(port - 61440) * 4096}.0;tcp://127.0.0.1:1", OMPI_COMM_WORLD_SIZE="2",
                OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_LOCAL_RANK=str(rank))
     procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -95,7 +95,7 @@ def test_open_mpi_environment_is_detected_and_two_processes_join():
     joined, hybrid = out.splitlines()
     assert joined.split() == ["joined", str(rank), "2", "4"], out
     assert hybrid == "hybrid 2 2 [[0], [1]]", out  # the slow data axis crosses the hosts, fsdp stays inside one
-    assert f"detected from the Open MPI environment, 2 processes" in err and f"127.0.0.1:{port}" not in out
+    assert "detected from the Open MPI environment, 2 processes" in err and f"127.0.0.1:{port}" not in out
 
 
 def test_unreachable_coordinator_fails_naming_the_address(tiny_config_file):
@@ -163,7 +163,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
   config = ["--config", tiny_config_file]
   single = str(tmp_path / "single")
   _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *_overrides(4, mesh)],
-       {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+       {"XLA_FLAGS": xla_flags(8)})
   multi = str(tmp_path / "multi")
   cache = [f"--config.compilation.cache_dir={tmp_path / 'jax-cache'}", "--config.compilation.min_compile_time_s=0"]
   _run([LOCAL_SH, "2", *config, "--workdir", multi, *_overrides(2, mesh), *cache], {}, str(tmp_path / "logs_a"))
@@ -342,7 +342,7 @@ def test_two_processes_with_tensor_across_them_match_one_process(tiny_config_fil
                "--config.eval.num_t_samples=2", "--config.train.batch_size=8", "--config.train.seq_len=32"]
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *overrides],
-       {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+       {"XLA_FLAGS": xla_flags(8)})
   _run([LOCAL_SH, "2", *config, "--workdir", multi, *overrides], {}, str(tmp_path / "logs"))
   single_losses, multi_losses = train_losses(single), train_losses(multi)
   assert sorted(multi_losses) == sorted(single_losses) == [1, 2]

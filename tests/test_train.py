@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import TINY_MODEL, read_metrics, train_losses
+from conftest import TINY_MODEL, read_metrics, train_losses, xla_flags
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.parallel import make_mesh, partition_spec, resolve_mesh_shape, shardings_for
@@ -100,7 +100,7 @@ def test_gradient_accumulation_matches_one_big_batch(load_tiny):
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import os, re, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = {flags!r}
     import jax, jax.numpy as jnp, numpy as np, optax
     sys.path.insert(0, {tests!r})
     from conftest import TINY_MODEL
@@ -185,7 +185,8 @@ def test_sharded_step_matches_single_device(tmp_path):
   rematerialization", which the embedding lookup's gradient needed on fsdp x expert before the lookup read the
   table gathered over fsdp)."""
   script = tmp_path / "sharded.py"
-  script.write_text(SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests"), ckpt_dir=str(tmp_path / "ckpt")))
+  script.write_text(SHARDED_SCRIPT.format(tests=os.path.join(REPO, "tests"), ckpt_dir=str(tmp_path / "ckpt"),
+                                          flags=xla_flags(4)))
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
   assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-3000:]
