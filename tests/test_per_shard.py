@@ -367,6 +367,7 @@ def test_balanced_rows_must_cut_into_twice_the_context_shards():
   mesh = _meshes("ar")[1]
   with pytest.raises(ConfigError, match=r"train.seq_len=36 .*mesh.context_load_balance=False"):
     check_mesh_fits(config, mesh)
+  check_mesh_fits(config, mesh, training=False, objective_rows=False)  # generation's reader runs no objective
   config.mesh.context_load_balance = False
   check_mesh_fits(config, mesh)
   config.mesh.context_load_balance = True

@@ -84,15 +84,19 @@ def _hybrid_device_array(shape, dcn_shape: tuple[int, ...], axes, devices) -> np
     raise ConfigError(f"mesh.shape={tuple(shape)} with mesh.dcn_shape={dcn_shape}: {e}") from None
 
 
-def mesh_from_config(config, *, training: bool = True) -> Mesh:
-  """The run's mesh over every device of every process, checked against the model and the batch sizes."""
+def mesh_from_config(config, *, training: bool = True, objective_rows: bool = True) -> Mesh:
+  """The run's mesh over every device of every process, checked against the model and the batch sizes
+  (`check_mesh_fits`)."""
   mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), dcn_shape=tuple(config.mesh.get("dcn_shape", ())))
-  check_mesh_fits(config, mesh, training=training)
+  check_mesh_fits(config, mesh, training=training, objective_rows=objective_rows)
   return mesh
 
 
-def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
-  """Errors a user can fix, before anything compiles: experts and batch rows must split evenly over the mesh."""
+def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows: bool = True) -> None:
+  """Errors a user can fix, before anything compiles: experts and batch rows must split evenly over the mesh.
+  `objective_rows`: also whether the rows the objective's loss and bound hand the model balance over a context
+  axis (`_check_rows_balance`, which traces the objective: about a second); off for a reader that never runs the
+  objective (generation), which such rows must not refuse."""
   shape = dict(mesh.shape)
   experts = shape.get("expert", 1)
   if int(config.model.num_experts) % experts:
@@ -106,7 +110,7 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True) -> None:
   if int(config.train.seq_len) % context:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
                       f"mesh.shape={tuple(config.mesh.shape)}); use a multiple of {context}")
-  if context > 1 and context_load_balance(config):
+  if context > 1 and context_load_balance(config) and objective_rows:
     _check_rows_balance(config, mesh)
   rows = math.prod(shape.get(a, 1) for a in BATCH_AXES)
   if int(config.eval.batch_size) % rows:

@@ -242,10 +242,12 @@ def read_run(config, workdir: str, step: int | None = None) -> tuple[Any, SavedR
 
 def restore_model(config, workdir: str, step: int | None = None):
   """(model, step): the denoiser with the parameters of `step` (default: the latest complete checkpoint) of the
-  run in `workdir`, placed on the config's mesh (the generation and scoring readers)."""
+  run in `workdir`, placed on the config's mesh (the generation and scoring readers; the scorer checks its own
+  mesh against the objective's rows, `scoring.Scorer`)."""
   config, run = read_run(config, workdir, step)
   graphdef, abstract = split_model(abstract_model(ModelConfig.from_config_dict(config.model)))
-  params = run.restore_params(abstract, shardings_for(abstract, mesh_from_config(config, training=False)))
+  mesh = mesh_from_config(config, training=False, objective_rows=False)
+  params = run.restore_params(abstract, shardings_for(abstract, mesh))
   return nnx.merge(graphdef, params), run.step
 
 
