@@ -3,6 +3,7 @@ process on the same 8-device mesh; start-up settings from config and environment
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -334,22 +335,37 @@ def test_processes_holding_the_same_rows_load_the_same_slice():
 
 def test_two_processes_with_tensor_across_them_match_one_process(tiny_config_file, tmp_path):
   """mesh (1,1,1,8) over two processes: every row on both hosts, so both load the same rows (before, each loaded
-  half the batch into the same replicated array: a global batch of 4 rows, different on each host). Two steps'
-  losses and gradient norms equal one process's."""
+  half the batch into the same replicated array: a global batch of 4 rows, different on each host). Three steps'
+  losses and gradient norms equal one process's.
+
+  The run is timed (wsd_time, train.max_runtime_s), so the processes take the multi-process path of the clock's
+  decisions: process 0 broadcasts whether the budget is spent and where the decay goes at every logged step. A
+  budget of an hour leaves the step cap to place the decay (after step 1 of 3, to the horizon 3: the clock's own
+  placement would differ between runs), so both runs follow one schedule; its record and each step's rate equal one process's. No warmup:
+  the first update moves the parameters, so the second step's loss and gradient compare the updated ones (at
+  LEARNING_RATE, the scale at which AdamW's sign-like first step keeps float32 noise below the tolerance)."""
   config = ["--config", tiny_config_file]
-  overrides = ["--config.mesh.shape=(1,1,1,8)", "--config.train.num_steps=2", "--config.checkpoint.every_steps=2",
+  overrides = ["--config.mesh.shape=(1,1,1,8)", "--config.train.num_steps=3", "--config.checkpoint.every_steps=3",
                "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
-               "--config.eval.num_t_samples=2", "--config.train.batch_size=8", "--config.train.seq_len=32"]
+               "--config.eval.num_t_samples=2", "--config.train.batch_size=8", "--config.train.seq_len=32",
+               "--config.train.lr_schedule=wsd_time", "--config.train.max_runtime_s=3600",
+               "--config.train.decay_fraction=0.7", "--config.train.warmup_steps=0",
+               f"--config.train.learning_rate={LEARNING_RATE}"]
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   _run([sys.executable, "-m", "launch.train", "--no_progress", *config, "--workdir", single, *overrides],
        {"XLA_FLAGS": xla_flags(8)})
   _run([LOCAL_SH, "2", *config, "--workdir", multi, *overrides], {}, str(tmp_path / "logs"))
   single_losses, multi_losses = train_losses(single), train_losses(multi)
-  assert sorted(multi_losses) == sorted(single_losses) == [1, 2]
-  for step in (1, 2):
+  assert sorted(multi_losses) == sorted(single_losses) == [1, 2, 3]
+  for step in (1, 2, 3):
     np.testing.assert_allclose(multi_losses[step][0], single_losses[step][0], rtol=1e-5)
-  np.testing.assert_allclose([_grad_norms(multi)[s] for s in (1, 2)], [_grad_norms(single)[s] for s in (1, 2)],
+  np.testing.assert_allclose([_grad_norms(multi)[s] for s in (1, 2, 3)], [_grad_norms(single)[s] for s in (1, 2, 3)],
                              rtol=1e-5)
+  decays = [json.loads((tmp_path / run / "lr_decay.json").read_text()) for run in ("single", "multi")]
+  assert [(d["decay_start"], d["horizon"]) for d in decays] == [(1, 3)] * 2, decays
+  rates = [{r["step"]: r["train/lr"] for r in read_metrics(w) if "train/lr" in r} for w in (single, multi)]
+  assert sorted(rates[1]) == [1, 2, 3] and rates[0] == rates[1] and rates[1][3] < 0.6 * rates[1][2], rates
+  assert rates[1][2] == pytest.approx(rates[1][1], rel=1e-6)  # the decay's first update is at the peak
 
 
 
