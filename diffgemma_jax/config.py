@@ -146,6 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = -1
   c.distributed.process_id = -1
   c.distributed.initialization_timeout_s = 300  # a process that cannot reach the coordinator fails after this
+  # A process that stops sending heartbeats (killed, crashed, its host or network gone) ends every other process
+  # after this many seconds (JAX's default: 100); process 0's own death ends the others at once (its coordinator
+  # closes). Heartbeats come from a thread of JAX's runtime: a busy or hung process keeps sending them
+  c.distributed.heartbeat_timeout_s = 100
 
   # JAX's persistent compilation cache (README "Compilation cache"): compiled programs kept in a local folder or a
   # bucket (gs://, s3://) and read back by every later process compiling the same program (a restart after a

@@ -42,20 +42,66 @@ def test_settings_from_config_environment_and_slurm():
   assert distributed_settings(_section(), env={}) is None
   env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
   assert distributed_settings(_section(), env=env) == dict(coordinator_address="10.0.0.1:1234", num_processes=4,
-                                                          process_id=3, initialization_timeout=300)
-  from_config = _section(coordinator_address="h:1", num_processes=2, process_id=0, initialization_timeout_s=7)
+                                                          process_id=3, initialization_timeout=300,
+                                                          heartbeat_timeout_seconds=100)
+  from_config = _section(coordinator_address="h:1", num_processes=2, process_id=0, initialization_timeout_s=7,
+                         heartbeat_timeout_s=20)
   assert distributed_settings(from_config, env=env) == dict(coordinator_address="h:1", num_processes=2,
-                                                            process_id=0, initialization_timeout=7)
+                                                            process_id=0, initialization_timeout=7,
+                                                            heartbeat_timeout_seconds=20)
   srun = {"SLURM_JOB_ID": "9", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
           "SLURM_LOCALID": "0"}  # what srun sets in each task
   assert distributed_settings(_section(), env=srun) == dict(initialization_timeout=300, cluster="SLURM",
-                                                           cluster_processes=2)
+                                                           cluster_processes=2, heartbeat_timeout_seconds=100)
   assert distributed_settings(_section(), env=dict(srun, SLURM_NTASKS="1")) is None
   assert distributed_settings(_section(), env={"SLURM_JOB_ID": "9", "SLURM_NTASKS": "2"}) is None  # no srun step
   with pytest.raises(ConfigError, match="distributed.process_id is not"):
     distributed_settings(_section(coordinator_address="h:1", num_processes=2), env={})
   with pytest.raises(ConfigError, match=r"must lie in \[0, distributed.num_processes=2\)"):
     distributed_settings(_section(coordinator_address="h:1", num_processes=2, process_id=2), env={})
+  for bad in (0, -5, 2.5):
+    with pytest.raises(ConfigError, match=f"distributed.heartbeat_timeout_s={bad!r}: give a whole number of seconds"):
+      distributed_settings(_section(heartbeat_timeout_s=bad), env=env)
+
+
+DEAD_PEER = """
+import os, sys, time
+import ml_collections
+from diffgemma_jax.parallel.distributed import barrier, initialize_distributed
+address, rank = sys.argv[1], int(sys.argv[2])
+config = ml_collections.ConfigDict(dict(distributed=dict(coordinator_address=address, num_processes=2,
+                                                         process_id=rank, initialization_timeout_s=60,
+                                                         heartbeat_timeout_s=5)))
+assert initialize_distributed(config)
+barrier("both_joined")
+print("joined", rank, flush=True)
+if rank == 1:
+  os._exit(3)  # dies without a word to the coordinator, as a killed or crashed process does
+barrier("never_reached", timeout_s=600)
+print("passed a barrier with a dead peer", flush=True)
+"""
+
+
+def test_a_dead_process_ends_the_others_after_the_heartbeat_timeout():
+  """distributed.heartbeat_timeout_s reaches JAX's runtime: process 1 dies without a word after joining, and
+  process 0, waiting for it at a barrier, is ended by the coordination service once 5 s pass without its heartbeat
+  (abort, non-zero status, the unhealthy task named), well inside the 60 s this test waits; JAX's default of 100 s
+  would leave it waiting past them."""
+  import socket
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1))
+  procs = [subprocess.Popen([sys.executable, "-c", DEAD_PEER, address, str(rank)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+  try:
+    (out0, err0), (out1, _) = (p.communicate(timeout=60) for p in procs)
+  finally:
+    for p in procs:
+      p.kill()
+  assert out1.split() == ["joined", "1"] and procs[1].returncode == 3, out1
+  assert out0.split() == ["joined", "0"] and procs[0].returncode != 0, (out0, err0[-2000:])
+  assert "stopped sending heartbeats" in err0, err0[-2000:]
 
 
 def _free_ompi_port() -> int:

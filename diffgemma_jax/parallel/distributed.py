@@ -15,6 +15,7 @@ rows of every batch and all processes write each checkpoint together (Orbax coor
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import sys
@@ -50,6 +51,7 @@ def distributed_settings(config=None, env: Mapping[str, str] | None = None) -> d
   section = config.get("distributed") if config is not None and hasattr(config, "get") else None
   address = (section.coordinator_address if section is not None else "") or env.get(ENV_ADDRESS, "")
   timeout = int(section.initialization_timeout_s) if section is not None else 300
+  common = dict(initialization_timeout=timeout, **_heartbeat(section))
   if address:
     def number(key, env_key):
       value = section[key] if section is not None and int(section[key]) >= 0 else env.get(env_key)
@@ -63,12 +65,34 @@ def distributed_settings(config=None, env: Mapping[str, str] | None = None) -> d
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ConfigError(f"distributed.process_id={process_id} must lie in [0, distributed.num_processes="
                         f"{num_processes})")
-    return dict(coordinator_address=address, num_processes=num_processes, process_id=process_id,
-                initialization_timeout=timeout)
+    return dict(coordinator_address=address, num_processes=num_processes, process_id=process_id, **common)
   cluster = detect_cluster(env)
   if cluster is not None and cluster[1] > 1:
-    return dict(initialization_timeout=timeout, cluster=cluster[0], cluster_processes=cluster[1])
+    return dict(common, cluster=cluster[0], cluster_processes=cluster[1])
   return None
+
+
+HEARTBEAT_KEY = "distributed.heartbeat_timeout_s"
+JAX_HEARTBEAT_DEFAULT = 100
+
+
+def _heartbeat(section) -> dict:
+  """`jax.distributed.initialize`'s heartbeat_timeout_seconds from `distributed.heartbeat_timeout_s` (a config from
+  before the key: JAX's default); {} where JAX's default is asked for of a jax without the argument."""
+  value = section.get("heartbeat_timeout_s", JAX_HEARTBEAT_DEFAULT) if section is not None else JAX_HEARTBEAT_DEFAULT
+  try:
+    seconds = int(value)
+  except (TypeError, ValueError):
+    seconds = 0
+  if seconds < 1 or seconds != value:
+    raise ConfigError(f"{HEARTBEAT_KEY}={value!r}: give a whole number of seconds >= 1 (JAX's default is "
+                      f"{JAX_HEARTBEAT_DEFAULT})")
+  if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+    return dict(heartbeat_timeout_seconds=seconds)
+  if seconds != JAX_HEARTBEAT_DEFAULT:
+    raise ConfigError(f"{HEARTBEAT_KEY}={seconds}: this jax ({jax.__version__}) sets no heartbeat timeout; leave "
+                      f"it at {JAX_HEARTBEAT_DEFAULT}")
+  return {}
 
 
 # JAX's cluster environments (jax._src.clusters) by class name, as the run names them in its log.
