@@ -11,7 +11,7 @@ from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
-from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn, summarize_bound
@@ -60,7 +60,9 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
-  sets = eval_sets(config, directory)
+  # Each process loads its slice of every global batch (a mesh spanning processes: its own rows; one process: all)
+  data_slice, num_slices = batch_slice(mesh)
+  sets = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)
   log = log or (lambda message: None)
   partial_for = None
   if partial_dir:

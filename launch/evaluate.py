@@ -7,7 +7,12 @@ config and on its held-out set: e.g. the pretrained model on a fine-tuning confi
 
 A long evaluation reports its progress on stderr and keeps its partial results in `--partial_dir` (default
 WORKDIR/eval-partial with --workdir; none with --checkpoint unless given): stopped by SIGTERM it saves them and
-exits with status 4, and the same command continues from there (a kill loses at most the last minute)."""
+exits with status 4, and the same command continues from there (a kill loses at most the last minute).
+
+Started on several hosts as one job (`launch/multihost/local.sh`, `srun`, a JobSet: the environment
+`distributed_settings` reads), the processes join JAX's distributed runtime, as the trainer's do, and compute one
+bound on a mesh spanning them, each loading its slice of every held-out batch; process 0 writes and prints it
+(docs/multihost.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import sys
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate
+from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.train.bound import EvaluationStopped
+from diffgemma_jax.train.bound_partial import from_process_0
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
@@ -37,8 +44,9 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
   try:
     config = load_run_config(args.config, config_overrides(rest))
+    initialize_distributed(config)  # before any device is touched; a no-op for one process
     outputs = Outputs(config)
-    outputs.check(args.output, "--output")  # before the evaluation, not after it
+    check_output(outputs, args.output)  # before the evaluation, not after it
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
     result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint, partial_dir=partial_dir,
                       log=lambda message: print(message, file=sys.stderr, flush=True))
@@ -51,6 +59,19 @@ def main(argv=None) -> int:
   outputs.write(args.output, text + "\n")
   outputs.print(text)
   return 0
+
+
+def check_output(outputs: Outputs, path: str | None) -> None:
+  """`outputs.check` of `--output` (on process 0); in a joined run its outcome goes to every process, so all fail
+  together with process 0's error instead of the others waiting for it at the evaluation's first collective."""
+  message = ""
+  try:
+    outputs.check(path, "--output")
+  except ConfigError as e:
+    message = str(e)
+  message = from_process_0(message.encode()).decode()  # the message itself where there is one process
+  if message:
+    raise ConfigError(message)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,22 @@ def test_eval_batches_read_each_batch_when_asked(text_dataset, monkeypatch):
     batches[2]
 
 
+def test_eval_batch_slices_together_are_the_one_process_batches(text_dataset):
+  """Processes of a mesh load slices of every held-out batch: slice p of batch b is rows [4p, 4p + 4) of the
+  one-process batch b, every slice has as many batches, and a slice past the last row is all padding."""
+  whole = make_eval_batches(text_dataset[0], seq_len=32, batch_size=8, max_sequences=12)
+  slices = [make_eval_batches(text_dataset[0], seq_len=32, batch_size=8, max_sequences=12, process_index=p,
+                              process_count=2) for p in range(2)]
+  assert len(whole) == len(slices[0]) == len(slices[1]) == 2 and slices[1].num_rows == 12
+  for b in range(2):
+    for key in whole[b]:
+      np.testing.assert_array_equal(np.concatenate([s[b][key] for s in slices]), whole[b][key])
+  assert slices[1][1]["tokens"].shape == (4, 32) and np.all(slices[1][1]["segment_ids"] == 0)
+  assert np.all(slices[0][1]["segment_ids"][:, 0] > 0)  # rows 8..11
+  with pytest.raises(ValueError, match="the slice count must divide the batch size"):
+    make_eval_batches(text_dataset[0], seq_len=32, batch_size=8, process_index=0, process_count=3)
+
+
 def test_bad_sources_fail_clearly(tmp_path):
   with pytest.raises(DataError, match="does not exist"):
     build_dataset("text_files", str(tmp_path / "x"), 400, source=str(tmp_path / "missing"))

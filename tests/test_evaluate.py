@@ -119,6 +119,31 @@ def test_partial_results_resume_only_under_their_own_key(tmp_path):
   assert not (tmp_path / "p.npz").exists()
 
 
+def test_process_0_alone_decides_whether_a_joined_evaluation_resumes(tmp_path, monkeypatch):
+  """A joined evaluation: process 0 checks the file's key and sends the file only where it matches; another
+  process takes what it sent whatever its own key says, so a key that differs between hosts (a checkpoint path
+  mounted elsewhere) cannot make one process continue while another starts over. The broadcast is stood in for:
+  `from_process_0` returns what process 0 sends."""
+  from diffgemma_jax.train import bound_partial
+  from diffgemma_jax.train.bound_partial import PartialBound
+  path = str(tmp_path / "p.npz")
+  saved = PartialBound(path, {"checkpoint": "/a/run"})
+  saved.add(np.arange(3.0), np.ones(3), np.full(3, 7))
+  saved.save(force=True)
+  sent = []
+  monkeypatch.setattr(bound_partial, "from_process_0", lambda data: sent.append(data) or data)
+  assert PartialBound(path, {"checkpoint": "/b/run"}).resume(num_batches=4) == 0 and sent == [b""]
+  assert PartialBound(path, {"checkpoint": "/a/run"}).resume(num_batches=4) == 1
+  assert sent[-1] == (tmp_path / "p.npz").read_bytes()
+  monkeypatch.setattr(bound_partial, "is_first_process", lambda: False)
+  for from_0, done in ((sent[-1], 1), (b"", 0)):
+    monkeypatch.setattr(bound_partial, "from_process_0", lambda data, from_0=from_0: from_0)
+    other = PartialBound(str(tmp_path / "not-read.npz"), {"checkpoint": "/b/run"})
+    assert other.resume(num_batches=4) == done
+    if done:
+      assert other.rows()[2].tolist() == [7, 7, 7]
+
+
 def test_partial_results_in_a_bucket(bucket):
   """A bucket workdir's partial results: written whole as one object, read back, removed when done."""
   from diffgemma_jax import storage

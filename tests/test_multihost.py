@@ -433,3 +433,54 @@ echo "process 1"; for i in $(seq 100); do [ -e {mark} ] && exit 5; sleep 0.1; do
   lines = out.read_text().splitlines()
   assert lines[0] == "before" and lines[-1] == "status 5", lines
   assert "process 0 of 2: -m launch.train --no_progress --workdir w" in lines and "process 1" not in lines, lines
+
+
+def _printed_document(log: str) -> dict:
+  """The JSON document an entry point printed (indented, from a line `{` to a line `}`) in a log that also holds
+  its stderr."""
+  import json
+  lines = log.splitlines()
+  start = lines.index("{")
+  return json.loads("\n".join(lines[start:lines.index("}", start) + 1]))
+
+
+def test_two_processes_evaluate_one_bound_equal_to_one_process(trained_run, tiny_config_file, tmp_path):
+  """`ENTRY=launch.evaluate local.sh 2`: two processes (4 fake CPU devices each) join the runtime and evaluate the
+  session's trained run on a (2,4,1,1) mesh, data across the two, each loading its half of every batch of 8 rows;
+  12 held-out rows make the second batch half padding (process 1's slice of it is all padding). The bound, its
+  errors and its counts equal one process's on the same mesh of 8 devices; process 1 prints nothing and says that
+  process 0 writes; `--output` holds process 0's document; the partial results are gone once done."""
+  import json
+
+  from conftest import TRAINED_OVERRIDES
+  _, workdir, _ = trained_run
+  flags = ["--config", tiny_config_file, "--workdir", workdir,
+           *[f"--config.{key}={value}" for key, value in TRAINED_OVERRIDES.items()],
+           "--config.mesh.shape=(2,4,1,1)", "--config.eval.batch_size=8", "--config.eval.max_sequences=12"]
+  single, multi = tmp_path / "single.json", tmp_path / "multi.json"
+  _run([sys.executable, "-m", "launch.evaluate", *flags, "--partial_dir", str(tmp_path / "partial_single"),
+        "--output", str(single)], {"XLA_FLAGS": xla_flags(8)})
+  logs = tmp_path / "logs"
+  _run([LOCAL_SH, "2", *flags, "--partial_dir", str(tmp_path / "partial_multi"), "--output", str(multi)],
+       {"ENTRY": "launch.evaluate", "XLA_FLAGS": xla_flags()}, str(logs))
+
+  expected, result = json.loads(single.read_text()), json.loads(multi.read_text())
+  assert expected["num_sequences"] == 12 and sorted(result) == sorted(expected), (expected, result)
+  for key in ("num_tokens", "num_sequences", "num_examples", "step", "num_t_samples", "exact"):
+    assert result[key] == expected[key], key
+  for key in ("bits_per_token", "stderr_bits_per_token", "mc_stderr_bits_per_token", "nats_per_token", "ppl_bound",
+              "unigram_ppl"):
+    np.testing.assert_allclose(result[key], expected[key], rtol=1e-5, err_msg=key)
+  process_0, process_1 = ((logs / f"process_{i}.log").read_text() for i in range(2))
+  assert "process 1 of 2: joining the run" in process_1, process_1[-2000:]
+  assert "process 1 of 2: process 0 writes this command's output files" in process_1
+  assert '"bits_per_token"' not in process_1
+  assert _printed_document(process_0) == result
+  assert not os.listdir(tmp_path / "partial_multi")
+
+
+def test_local_sh_refuses_an_entry_that_is_not_a_module():
+  proc = subprocess.run(["bash", LOCAL_SH, "2", "--workdir", "w"], env=dict(os.environ, ENTRY="launch/evaluate.py"),
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and proc.stderr.strip().endswith(
+      "ENTRY=launch/evaluate.py is not a module name (e.g. launch.train, launch.evaluate)"), proc.stderr

@@ -9,7 +9,8 @@ repeated forever; several datasets (a mixture) are interleaved by weight (`MapDa
 into global batches of `batch_size x process_count` rows and each process reads only its slice of each. The
 iterator's state is the number of global batches consumed, so a resume on any number of processes (or workers)
 continues with the same global batches. `num_workers` > 0 reads and batches in grain worker processes with
-prefetch. Held-out rows come in order, unshuffled, with a padded final batch.
+prefetch. Held-out rows come in order, unshuffled, with a padded final batch; with several processes each reads its
+slice of every global batch.
 """
 
 from __future__ import annotations
@@ -272,14 +273,32 @@ def row_hashes(batch: dict[str, np.ndarray]) -> np.ndarray:
 class EvalBatches(collections.abc.Sequence):
   """The held-out split as fixed-shape int32 batches, in order and unshuffled, each read when it is asked for: memory
   holds the batch in use, not the split (a whole held-out split of a large corpus is gigabytes of rows). The last
-  batch is padded with all-padding rows (segment 0: never scored), so every batch has one shape."""
+  batch is padded with all-padding rows (segment 0: never scored), so every batch has one shape.
 
-  def __init__(self, rows, index: np.ndarray, batch_size: int, data_dir: str = ""):
+  Several processes evaluating together (a mesh spanning them) each read one slice of every global batch of
+  `batch_size` rows: slice `slice_index` of `num_slices` is rows [slice_index * batch_size / num_slices, ...) of
+  each, so process p's batch b holds rows of the batch b one process reads, and the global batch the processes
+  assemble (`jax.make_array_from_process_local_data`) holds the rows of one process's batch b, in the order the
+  mesh places the processes' devices. Every process has the same number of batches; a slice past the split's end
+  is all padding."""
+
+  def __init__(self, rows, index: np.ndarray, batch_size: int, data_dir: str = "", *, slice_index: int = 0,
+               num_slices: int = 1):
+    if num_slices < 1 or not 0 <= slice_index < num_slices or batch_size % num_slices:
+      raise ValueError(f"slice {slice_index} of {num_slices} of held-out batches of {batch_size} rows: the slice "
+                       f"count must divide the batch size")
     self.rows, self.index, self.batch_size, self.data_dir = rows, index, batch_size, data_dir
+    self.slice_index, self.num_slices = slice_index, num_slices
 
   @property
   def num_rows(self) -> int:
+    """The rows of every slice together (the held-out rows evaluated)."""
     return len(self.index)
+
+  @property
+  def slice_rows(self) -> int:
+    """Rows of each batch this slice holds (`batch_size` for one slice)."""
+    return self.batch_size // self.num_slices
 
   def __len__(self) -> int:
     return -(-len(self.index) // self.batch_size)
@@ -288,19 +307,22 @@ class EvalBatches(collections.abc.Sequence):
     if not -len(self) <= b < len(self):
       raise IndexError(f"held-out batch {b} of {len(self)}")
     b %= len(self)
-    return pad_batch(self.rows.take(self.index[b * self.batch_size:(b + 1) * self.batch_size]), self.batch_size)
+    start = b * self.batch_size + self.slice_index * self.slice_rows
+    return pad_batch(self.rows.take(self.index[start:start + self.slice_rows]), self.slice_rows)
 
 
 def make_eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_sequences: int = 0,
                       process_index: int = 0, process_count: int = 1, template: str = "gemma",
                       sft_pack_unit: int = 0) -> EvalBatches:
-  """The held-out split's first `max_sequences` rows (0: all) as `EvalBatches`; with several processes, every
-  `process_count`-th row from `process_index`. SFT rows in a packed run's layout with `sft_pack_unit` > 0."""
+  """The held-out split's first `max_sequences` rows (0: all) as `EvalBatches` of `batch_size` rows; with several
+  processes loading slices (`parallel.mesh.batch_slice`), slice `process_index` of `process_count` of every batch
+  (`batch_size` is the global batch: the slice count must divide it). SFT rows in a packed run's layout with
+  `sft_pack_unit` > 0."""
   rows = split_rows(data_dir, "heldout", seq_len, keep_partial=True, template=template, pack_unit=sft_pack_unit)
   n = rows.num_rows
   if max_sequences:
     n = min(n, max_sequences)
-  return EvalBatches(rows, np.arange(n)[process_index::process_count], batch_size, data_dir)
+  return EvalBatches(rows, np.arange(n), batch_size, data_dir, slice_index=process_index, num_slices=process_count)
 
 
 def scored_counts(rows: dict[str, np.ndarray], vocab: int, chunk: int = 4096) -> np.ndarray:

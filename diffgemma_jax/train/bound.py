@@ -82,9 +82,22 @@ def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
                    start: int = 0) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
   """(b, (nelbo_B, stderr_B, num_tokens_B) as numpy) for each batch b from `start`, each row keyed by its hash
   (`row_hashes`). The host reads batch b + 1 on a thread while the device scores batch b, and batch b's results are
-  fetched (and yielded) after batch b + 1 is dispatched, so neither the reads nor the fetches stall the device."""
+  fetched (and yielded) after batch b + 1 is dispatched, so neither the reads nor the fetches stall the device.
+
+  `batches` holds whole global batches, or this process's slice of each (`EvalBatches.num_slices` > 1: processes
+  of a mesh spanning them each load their own rows, `parallel.mesh.batch_slice`), which every process's slice
+  assembles into the global batch. The results are of the global batch's rows, the same on every process."""
   base = jax.random.key(seed)
   sharding, row_sharding = batch_sharding(mesh), batch_sharding(mesh, 1)
+  num_slices = int(getattr(batches, "num_slices", 1))
+
+  def to_device(batch: dict, row_ids: np.ndarray):
+    if num_slices == 1:
+      return jax.device_put(batch, sharding), jax.device_put(row_ids, row_sharding)
+    glob = lambda x, s: jax.make_array_from_process_local_data(  # noqa: E731
+        s, x, (x.shape[0] * num_slices,) + x.shape[1:])
+    return {k: glob(v, sharding) for k, v in batch.items()}, glob(row_ids, row_sharding)
+
   def read(b):
     batch = {k: np.asarray(v) for k, v in batches[b].items()}
     return batch, row_hashes(batch)
@@ -96,7 +109,8 @@ def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
     for index in range(start, total):
       batch, row_ids = upcoming.result()
       upcoming = reader.submit(read, index + 1) if index + 1 < total else None
-      out = bound_fn(params, jax.device_put(batch, sharding), base, jax.device_put(row_ids, row_sharding))
+      on_device, device_ids = to_device(batch, row_ids)
+      out = bound_fn(params, on_device, base, device_ids)
       if pending is not None:
         yield index - 1, fetched(pending)
       pending = out

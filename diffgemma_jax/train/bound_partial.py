@@ -8,9 +8,11 @@ depend on (the checkpoint, the dataset's manifest, the rows and the batch shape,
 levels, the objective). A file written under another key is never mixed in: the evaluation says so and starts over.
 Only process 0 touches the file (`distributed.is_first_process`: also the first of N copies of a command that
 never joined the runtime): it writes it (atomically: a local rename, or one object written whole) and reads
-it at a resume, then hands the bytes it read to every other process through the collective channel the evaluation
-runs on (`_from_process_0`). So every process continues from the same batch with the same rows whether or not the
-others can see the file: a workdir on each host's own disk works as a shared one or a bucket does.
+it at a resume, checks its key, then hands the bytes to every other process through the collective channel the
+evaluation runs on (`from_process_0`; nothing where the key differs). So every process continues from the same
+batch with the same rows whether or not the others can see the file: a workdir on each host's own disk works as a
+shared one or a bucket does. The file holds whole global batches (every process has every row's results), so a
+stopped evaluation continues on any number of processes.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ class PartialBound:
   def resume(self, num_batches: int) -> int:
     """Takes the batches a file of this key holds (at most `num_batches`), the file as process 0 reads it, on every
     process (a collective: every process calls it); returns how many. 0 when there is no file, or it is unreadable
-    or was written for other rows (it is then overwritten by this evaluation's)."""
+    or was written for other rows (it is then overwritten by this evaluation's). Process 0 alone decides: it sends
+    the file only where it matches process 0's key, and the others take what it sent, so no process can continue
+    from the file while another starts over (a key that differs between processes, say a checkpoint path mounted
+    elsewhere on one host, would otherwise split them)."""
     if self.path is None:
       return 0
     data = b""
@@ -71,9 +76,22 @@ class PartialBound:
             data = f.read()
       except OSError as e:
         self.log(f"{self.path}: unreadable partial results ({type(e).__name__}); evaluating from the first batch")
-    data = _from_process_0(data)
-    if not data:
+      if data and self._load(data) is None:
+        data = b""
+    data = from_process_0(data)
+    loaded = self._load(data, check_key=False) if data else None
+    if loaded is None:
       return 0
+    arrays, batch_rows = loaded
+    done = min(len(arrays["nelbo"]) // max(batch_rows, 1), num_batches)
+    for name in _ARRAYS:
+      self.batches[name] = list(arrays[name][:done * batch_rows].reshape(done, batch_rows))
+    self._saved_done = done
+    return done
+
+  def _load(self, data: bytes, *, check_key: bool = True) -> tuple[dict[str, np.ndarray], int] | None:
+    """(arrays, rows per batch) of a partial-results file's bytes; None, saying why, when they are unreadable or
+    (`check_key`) were written under another key."""
     try:
       with np.load(io.BytesIO(data)) as saved:
         key = json.loads(str(saved["key"]))
@@ -81,17 +99,13 @@ class PartialBound:
         batch_rows = int(saved["batch_rows"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
       self.log(f"{self.path}: unreadable partial results ({type(e).__name__}); evaluating from the first batch")
-      return 0
-    if key != self.key:
+      return None
+    if check_key and key != self.key:
       differ = sorted(k for k in set(key) | set(self.key) if key.get(k) != self.key.get(k))
       self.log(f"{self.path}: partial results of another evaluation (differs in {', '.join(differ)}); "
                f"evaluating from the first batch")
-      return 0
-    done = min(len(arrays["nelbo"]) // max(batch_rows, 1), num_batches)
-    for name in _ARRAYS:
-      self.batches[name] = list(arrays[name][:done * batch_rows].reshape(done, batch_rows))
-    self._saved_done = done
-    return done
+      return None
+    return arrays, batch_rows
 
   def save(self, *, force: bool = False) -> None:
     """Writes the batches done (process 0; at most every `save_every_s` unless `force`)."""
@@ -118,9 +132,9 @@ class PartialBound:
       epath.Path(self.path).unlink()
 
 
-def _from_process_0(data: bytes) -> bytes:
+def from_process_0(data: bytes) -> bytes:
   """`data` as process 0 has it, on every process: a broadcast of its length, then of its bytes, over the devices of
-  every process (one process: `data` itself)."""
+  every process (one process: `data` itself). A collective: every process of a joined run calls it."""
   if jax.process_count() == 1:
     return data
   size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))

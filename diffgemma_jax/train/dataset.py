@@ -203,18 +203,24 @@ def sft_pack_unit(config) -> int:
   return int(config.objective.block_size) if canvases else 1
 
 
-def eval_batches(config, directory: str) -> EvalBatches:
-  """The held-out split as fixed-shape batches, in order (deterministic and unshuffled), read as they are used."""
+def eval_batches(config, directory: str, *, process_index: int = 0, process_count: int = 1) -> EvalBatches:
+  """The held-out split as fixed-shape batches of `eval.batch_size` rows, in order (deterministic and unshuffled),
+  read as they are used; slice `process_index` of `process_count` of each (`parallel.mesh.batch_slice`) where the
+  processes of a mesh load their own rows."""
   return make_eval_batches(directory, seq_len=int(config.train.seq_len), batch_size=int(config.eval.batch_size),
                            max_sequences=int(config.eval.max_sequences), template=str(config.data.chat_template),
-                           sft_pack_unit=sft_pack_unit(config))
+                           sft_pack_unit=sft_pack_unit(config), process_index=process_index,
+                           process_count=process_count)
 
 
-def eval_sets(config, directory: str) -> list[tuple[str, float, EvalBatches]]:
-  """[(name, weight, held-out batches)]: one set, or one per dataset of data.mixture (`eval.max_sequences` each)."""
+def eval_sets(config, directory: str, *, process_index: int = 0,
+              process_count: int = 1) -> list[tuple[str, float, EvalBatches]]:
+  """[(name, weight, held-out batches)]: one set, or one per dataset of data.mixture (`eval.max_sequences` each);
+  each process's slice of them as in `eval_batches`."""
   mixture = mixture_entries(config) or [(directory, 1.0)]
   names = [d for d, _ in mixture_entries(config, local=False)] or [directory]  # a bucket dataset by its URL
-  return [(name, w, eval_batches(config, d)) for name, (d, w) in zip(names, mixture)]
+  return [(name, w, eval_batches(config, d, process_index=process_index, process_count=process_count))
+          for name, (d, w) in zip(names, mixture)]
 
 
 def unigram_baseline(config, directory: str) -> float:
