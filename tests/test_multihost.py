@@ -161,8 +161,8 @@ def _overrides(num_steps: int, mesh: str) -> list[str]:
             "--config.checkpoint.every_steps=2",
             "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
             "--config.eval.num_t_samples=2", f"--config.train.learning_rate={LEARNING_RATE}"]
-  if mesh == MESHES[0]:
-    return common + ["--config.train.batch_size=8", "--config.model.dropless=True"]
+  if mesh == MESHES[0]:  # with the held-out bound at step 4, each process scoring its half of every batch
+    return common + ["--config.train.batch_size=8", "--config.model.dropless=True", "--config.eval.every_steps=4"]
   # pretrain_tiny's MoE sizes and batch with the CPU default dispatch (sorted): what showed the corruption
   return common + ["--config.train.batch_size=16", "--config.train.seq_len=128", "--config.model.embed_dim=128",
                    "--config.model.num_experts=8", "--config.model.expert_dim=128", "--config.model.dispatch=auto"]
@@ -228,6 +228,11 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
     np.testing.assert_allclose(multi_norms[step], single_norms[step], rtol=1e-5)
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == sorted(
       os.listdir(os.path.join(single, "checkpoints")))
+  if mesh == MESHES[0]:  # the trainer's held-out bound, each process loading its slice of the rows
+    bounds = [{r["step"]: r for r in read_metrics(w) if "eval/bits_per_token" in r} for w in (single, multi)]
+    assert sorted(bounds[0]) == [4] and 4 in bounds[1], bounds
+    for key in ("eval/bits_per_token", "eval/stderr_bits_per_token", "eval/num_tokens"):
+      np.testing.assert_allclose(bounds[1][4][key], bounds[0][4][key], rtol=1e-5, err_msg=key)
   model = _overrides(4, mesh)
   for a, b in zip(_final_params(tiny_config_file, multi, 4, model), _final_params(tiny_config_file, single, 4, model)):
     np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * LEARNING_RATE)

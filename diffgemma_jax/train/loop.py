@@ -123,7 +123,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   end_step = decay.end_step()
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
-  held_out = eval_sets(config, directory)
+  held_out = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)  # each its rows
   unigram = unigram_baseline(config, directory)
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
