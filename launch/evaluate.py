@@ -25,7 +25,6 @@ from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate
 from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.train.bound import EvaluationStopped
-from diffgemma_jax.train.bound_partial import from_process_0
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     config = load_run_config(args.config, config_overrides(rest))
     initialize_distributed(config)  # before any device is touched; a no-op for one process
     outputs = Outputs(config)
-    check_output(outputs, args.output)  # before the evaluation, not after it
+    outputs.check(args.output, "--output")  # before the evaluation, not after it
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
     result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint, partial_dir=partial_dir,
                       log=lambda message: print(message, file=sys.stderr, flush=True))
@@ -59,19 +58,6 @@ def main(argv=None) -> int:
   outputs.write(args.output, text + "\n")
   outputs.print(text)
   return 0
-
-
-def check_output(outputs: Outputs, path: str | None) -> None:
-  """`outputs.check` of `--output` (on process 0); in a joined run its outcome goes to every process, so all fail
-  together with process 0's error instead of the others waiting for it at the evaluation's first collective."""
-  message = ""
-  try:
-    outputs.check(path, "--output")
-  except ConfigError as e:
-    message = str(e)
-  message = from_process_0(message.encode()).decode()  # the message itself where there is one process
-  if message:
-    raise ConfigError(message)
 
 
 if __name__ == "__main__":

@@ -45,5 +45,6 @@ def main(argv=None) -> int:
   outputs.print("\n".join(lines))
   return 0
 
+
 if __name__ == "__main__":
   sys.exit(main())

@@ -136,7 +136,7 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
   settings = distributed_settings(config, env)
   if settings is None or (settings.get("num_processes") == 1):
     return False
-  if _is_initialized():
+  if is_joined():
     return True
   cluster = settings.pop("cluster", None)
   processes = settings.pop("cluster_processes", None)
@@ -168,7 +168,7 @@ def launch_process(config=None, env: Mapping[str, str] | None = None) -> tuple[i
   the config or $JAX_PROCESS_ID / $JAX_NUM_PROCESSES with a coordinator, or the task of a cluster JAX detects:
   SLURM's `srun`, `mpirun`, ...), so each of N copies of a command that never joins the runtime (a reader that
   `srun` started on every node) knows whether it is the first; (0, 1) for a single process."""
-  if _is_initialized():
+  if is_joined():
     return jax.process_index(), jax.process_count()
   env = os.environ if env is None else env
   section = config.get("distributed") if config is not None and hasattr(config, "get") else None
@@ -286,11 +286,12 @@ def runtime_client():
     return None
 
 
-def _is_initialized() -> bool:
+def is_joined() -> bool:
+  """Whether this process has joined JAX's distributed runtime (`initialize_distributed`)."""
   check = getattr(jax.distributed, "is_initialized", None)
   return bool(check()) if check is not None else False
 
 
 def shutdown_distributed() -> None:
-  if _is_initialized():
+  if is_joined():
     jax.distributed.shutdown()
