@@ -91,11 +91,8 @@ class DiffGemmaLM(LM):
     self.batch_size = _batch_size(batch_size)
     self.serving_slots = _positive_or_none("serving_slots", serving_slots)
     self.serving_widths = _positive_or_none("serving_widths", serving_widths)
-    if self.serving_widths is not None and self.serving_slots is None:
-      raise ConfigError("serving_widths sets the continuous-batching engine's slot widths; give serving_slots too")
-    if self.serving_slots is not None:
-      check_serving(validated.sampler, self.serving_slots, flag="serving_slots", num_widths=self.serving_widths,
-                    widths_flag="serving_widths")
+    check_serving(validated.sampler, self.serving_slots, flag="serving_slots", num_widths=self.serving_widths,
+                  widths_flag="serving_widths")
     if model is None:
       if not workdir:
         raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")

@@ -232,11 +232,16 @@ def with_gen_length(options: GenerationOptions, gen_length: int, steps: int | No
     raise GenerationError(f"{where}: gen_length {gen_length}: {e}") from None
 
 
-def check_serving(sampler: str, num_slots: int, batch_size: int = 1, *, flag: str = "--serving_slots",
+def check_serving(sampler: str, num_slots: int | None, batch_size: int = 1, *, flag: str = "--serving_slots",
                   num_widths: int | None = None, widths_flag: str = "--serving_widths") -> None:
-  """`flag` (the number of slots) must be >= 1, the sampler one the engine runs (`Sampler.serves`), and it
-  replaces --batch_size; `num_widths` (`widths_flag`), if given, >= 1 and for a masked sampler (the one engine
-  with slot widths, `serving_masked.MaskedProgram`)."""
+  """`flag` (the number of slots; None: static batches, nothing to check unless `num_widths` is given without it)
+  must be >= 1, the sampler one the engine runs (`Sampler.serves`), and it replaces --batch_size; `num_widths`
+  (`widths_flag`), if given, >= 1 and for a masked sampler (the one engine with slot widths,
+  `serving_masked.MaskedProgram`)."""
+  if num_slots is None:
+    if num_widths is not None:
+      raise GenerationError(f"{widths_flag} sets the continuous-batching engine's slot widths; give {flag} too")
+    return
   if num_slots < 1:
     raise GenerationError(f"{flag} must be >= 1, got {num_slots}")
   if not SAMPLERS[sampler].serves:
@@ -299,11 +304,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   if batch_size < 1:
     raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
-  if serving_widths is not None and serving_slots is None:
-    raise GenerationError("--serving_widths sets the continuous-batching engine's slot widths; give "
-                          "--serving_slots too")
-  if serving_slots is not None:
-    check_serving(options.sampler, serving_slots, batch_size, num_widths=serving_widths)
+  check_serving(options.sampler, serving_slots, batch_size, num_widths=serving_widths)
   own_lengths = list(gen_lengths) if gen_lengths is not None else [None] * len(prompts)
   sources = list(sources) if sources is not None else [f"request {i}" for i in range(len(prompts))]
   own_options = {index: with_gen_length(options, length, given_steps, objective, block_size, context_length,
