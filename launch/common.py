@@ -11,6 +11,7 @@ from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.parallel.distributed import is_joined, launch_process
+from diffgemma_jax.parallel.failures import fail_together
 from diffgemma_jax.train.bound_partial import from_process_0
 
 
@@ -42,7 +43,11 @@ def load_run_config(spec: str, overrides: dict[str, str]):
 
 
 def fail(message: str, code: int = 2) -> int:
-  print(f"error: {message}", file=sys.stderr)
+  """Prints `message` as the one-line error and returns the exit status `code`; in a joined multi-process run it
+  ends every process instead, each printing this process's line, with the same status (`failures.fail_together`:
+  the others would otherwise wait for this one at their next collective)."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  fail_together(message, code)
   return code
 
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
 from diffgemma_jax.parallel.distributed import launch_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,3 +223,74 @@ def test_two_processes_refuse_a_workdir_on_their_own_disks_and_write_once(tmp_pa
   assert json.loads((shared / "out.json").read_text()) == 0
   assert (tmp_path / "host0" / "out.json").is_file() and not (tmp_path / "host1" / "out.json").exists()
   assert sorted(p.name for p in shared.iterdir()) == ["out.json"]  # the probe file is gone
+
+
+def _address() -> str:
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _two_processes(args_of, extra_env=None, timeout=60):
+  """Starts two processes (`args_of(rank)`, joined through $JAX_COORDINATOR_ADDRESS), returns [(status, stdout,
+  stderr)], the elapsed seconds; kills both if they outlast `timeout`."""
+  import time
+  address = _address()
+  started = time.monotonic()
+  procs = []
+  for rank in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1), JAX_COORDINATOR_ADDRESS=address,
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank), **(extra_env or {}))
+    procs.append(subprocess.Popen([sys.executable] + args_of(rank), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)], time.monotonic() - started
+
+
+def test_a_process_that_fails_alone_ends_the_others_at_once_with_its_line(tiny_config_file, tmp_path):
+  """Two joined training processes, process 1 alone given an initial checkpoint its host lacks: it fails with its
+  one-line error, and process 0, which would wait for it at the dataset build's barrier (an hour), exits at once
+  with the same status, printing process 1's line (parallel/failures.py); neither prints a traceback."""
+  missing = str(tmp_path / "missing_run")
+  results, seconds = _two_processes(lambda rank: [
+      "-m", "launch.train", "--config", tiny_config_file, "--workdir", str(tmp_path / "run"), "--no_progress",
+      "--config.train.num_steps=1"] + ([f"--config.init.checkpoint={missing}"] if rank == 1 else []))
+  (status0, _, err0), (status1, _, err1) = results
+  assert status1 == 2 and f"error: init.checkpoint: {missing} does not exist" in err1, err1[-2000:]
+  line = next(line for line in err1.splitlines() if line.startswith("error: "))
+  assert status0 == 2 and f"error: process 1 of 2 failed: {line[len('error: '):]}" in err0, err0[-2000:]
+  assert "Traceback" not in err0 + err1
+  assert seconds < 45, seconds  # process start-up and a join: seconds; the barrier would hold process 0 an hour
+
+
+PEER_FAILS = """
+import sys
+from diffgemma_jax.parallel.distributed import barrier, initialize_distributed
+from launch.common import fail
+initialize_distributed()
+if int(sys.argv[1]) == int(sys.argv[2]):
+  if sys.argv[3] == "raise":
+    raise RuntimeError("a bug on this host\\nsecond line")
+  sys.exit(fail("--flag x: no such file", code=2))
+barrier("never_passed", timeout_s=600)
+"""
+
+
+@pytest.mark.parametrize("failing, how, status, line", [
+    (0, "fail", 2, "--flag x: no such file"),
+    (1, "raise", 1, "RuntimeError: a bug on this host (its traceback is in that process's log)")])
+def test_either_process_failing_ends_the_other_waiting_at_a_barrier(failing, how, status, line):
+  """Process 0 (which serves the runtime, so it must outlive the others' reading of its failure) failing through
+  the entry points' `fail`, or process 1 raising an exception nothing catches: the other, waiting at a barrier of
+  600 s, exits at once with the failing one's status and prints its line; the failing one prints its own error
+  (the uncaught exception its traceback)."""
+  results, seconds = _two_processes(lambda rank: ["-c", PEER_FAILS, str(rank), str(failing), how])
+  other = 1 - failing
+  assert [status for status, _, _ in results] == [status, status], [err[-1500:] for _, _, err in results]
+  assert f"error: process {failing} of 2 failed: {line}" in results[other][2], results[other][2][-2000:]
+  assert ("Traceback" in results[failing][2]) == (how == "raise") and "Traceback" not in results[other][2]
+  assert seconds < 45, seconds

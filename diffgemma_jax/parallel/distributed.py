@@ -25,6 +25,7 @@ from typing import Mapping
 import jax
 
 from diffgemma_jax.errors import ConfigError, CoordinatorUnreachableError
+from diffgemma_jax.parallel.failures import stop_watching, watch_peers
 
 ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -137,6 +138,7 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
   if settings is None or (settings.get("num_processes") == 1):
     return False
   if is_joined():
+    watch_peers()
     return True
   cluster = settings.pop("cluster", None)
   processes = settings.pop("cluster_processes", None)
@@ -159,6 +161,7 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
     raise CoordinatorUnreachableError(
         f"{who} could not join the run through the coordinator at {address} within {timeout} s "
         f"(distributed.initialization_timeout_s): {type(e).__name__}: {e}") from e
+  watch_peers()  # from here a process failing alone ends every process at once (parallel/failures.py)
   return True
 
 
@@ -294,4 +297,5 @@ def is_joined() -> bool:
 
 def shutdown_distributed() -> None:
   if is_joined():
+    stop_watching()
     jax.distributed.shutdown()
