@@ -25,6 +25,7 @@ its row's width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Sequence
@@ -41,9 +42,10 @@ from diffgemma_jax.errors import ScoringError
 from diffgemma_jax.model.masks import make_mask
 from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
-from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
-from diffgemma_jax.train.bound import make_bound_fn, scored_batches
+from diffgemma_jax.parallel.rules import replicated
+from diffgemma_jax.train.bound import global_batch, make_bound_fn, scored_batches
 from diffgemma_jax.train.dataset import load_tokenizer, sft_pack_unit
 from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.train.state import split_model
@@ -144,6 +146,11 @@ class Scorer:
     self.seq_len = int(config.train.seq_len)
     self.objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
     self.mesh = mesh_from_config(config, training=False)
+    # A mesh spanning processes (a joined diffgemma-score): each loads its slice of every batch's rows
+    self.slice_index, self.num_slices = batch_slice(self.mesh)
+    if self.batch_size % self.num_slices:
+      raise ScoringError(f"--batch_size {self.batch_size}: the {self.num_slices} processes each load a slice of "
+                         f"every batch's rows; give a multiple of {self.num_slices}")
     self.graphdef, self.params = split_model(model)
     placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh, config)))  # the bound runs on the mesh
     self.bound_fn = make_bound_fn(placed, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)
@@ -174,7 +181,8 @@ class Scorer:
   def batches(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None) -> EvalBatches:
     """Fixed-shape batches of `rows_per_batch` rows (default batch_size), the last one padded with empty rows,
     each made when it is read (the evaluation's `EvalBatches`)."""
-    return EvalBatches(ArrayRows(rows), np.arange(len(rows["tokens"])), rows_per_batch or self.batch_size)
+    return EvalBatches(ArrayRows(rows), np.arange(len(rows["tokens"])), rows_per_batch or self.batch_size,
+                       slice_index=self.slice_index, num_slices=self.num_slices)
 
   # ---- scores --------------------------------------------------------------------------------------------------
   def score_rows(self, rows: dict[str, np.ndarray], *, rows_per_batch: int | None = None) -> list[dict[str, Any]]:
@@ -231,7 +239,7 @@ class Scorer:
     if self._greedy_fn is None:
       graphdef = self.graphdef
 
-      @jax.jit
+      @functools.partial(jax.jit, out_shardings=replicated(self.mesh))  # every process reads every row's answer
       def matches(params, batch):
         segments, positions = batch["segment_ids"], batch["positions"]
         logits, _ = nnx.merge(graphdef, params)(batch["tokens"], positions, make_mask("causal", segments, positions))
@@ -239,7 +247,8 @@ class Scorer:
         return jnp.all(hit | (batch["loss_mask"][:, 1:] == 0), axis=-1)
 
       self._greedy_fn = matches
-    out = [np.asarray(self._greedy_fn(self.params, batch)) for batch in self.batches(rows, rows_per_batch)]
+    out = [np.asarray(self._greedy_fn(self.params, global_batch(batch, self.mesh, self.num_slices)))
+           for batch in self.batches(rows, rows_per_batch)]
     return [bool(x) for x in np.concatenate(out)[:n]]
 
 

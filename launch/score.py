@@ -11,6 +11,7 @@ import json
 import sys
 
 from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.scoring import LAYOUTS, score_file
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
     config = load_run_config(args.config, config_overrides(rest))
+    initialize_distributed(config)  # started on every host: one scoring, each process loading its rows
     outputs = Outputs(config)
     outputs.check(args.output, "--output")  # before the scoring, not after it
     report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,

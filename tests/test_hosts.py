@@ -43,9 +43,10 @@ def _stub_readers(monkeypatch):
   import launch.generate
   import launch.score
   monkeypatch.setattr(launch.evaluate, "evaluate", lambda *a, **k: {"bits_per_token": 1.5})
-  # diffgemma-eval joins the runtime the launch describes (test_multihost.py runs it joined); here it stays out, so
-  # the launch's environment alone says which process it is
+  # diffgemma-eval and -score join the runtime the launch describes (test_multihost.py runs them joined); here they
+  # stay out, so the launch's environment alone says which process they are
   monkeypatch.setattr(launch.evaluate, "initialize_distributed", lambda config: False)
+  monkeypatch.setattr(launch.score, "initialize_distributed", lambda config: False)
   row = {key: 0 for key in launch.generate.JSON_KEYS}
   monkeypatch.setattr(launch.generate, "generate_completions",
                       lambda *a, **k: [dict(row, prompt="def f(", completion="):")])

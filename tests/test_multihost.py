@@ -489,3 +489,35 @@ def test_local_sh_refuses_an_entry_that_is_not_a_module():
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and proc.stderr.strip().endswith(
       "ENTRY=launch/evaluate.py is not a module name (e.g. launch.train, launch.evaluate)"), proc.stderr
+
+
+def test_two_processes_score_the_records_as_one_process(trained_run, tiny_config_file, tmp_path):
+  """`ENTRY=launch.score local.sh 2`: two joined processes (4 fake CPU devices each, data across them) score 9
+  records in two row widths, each process loading its half of every batch's rows; every record's bound, standard
+  error and token count equal one process's on the same mesh of 8 devices, and process 0 alone writes and prints."""
+  import json
+
+  from conftest import TRAINED_OVERRIDES
+  _, workdir, _ = trained_run
+  records = tmp_path / "records.jsonl"
+  words = "def read the config path return value for line in open".split()
+  records.write_text("".join(json.dumps({"prompt": " ".join(words[:1 + i % 5]) * (1 + 3 * (i % 3)),
+                                         "continuation": " " + " ".join(words[i % 4:i % 4 + 2])}) + "\n"
+                             for i in range(9)))
+  flags = ["--config", tiny_config_file, "--workdir", workdir, "--records", str(records), "--batch_size", "8",
+           "--num_t_samples", "4", *[f"--config.{key}={value}" for key, value in TRAINED_OVERRIDES.items()],
+           "--config.mesh.shape=(2,4,1,1)", "--config.eval.batch_size=8"]
+  single, multi = tmp_path / "single.json", tmp_path / "multi.json"
+  _run([sys.executable, "-m", "launch.score", *flags, "--output", str(single)], {"XLA_FLAGS": xla_flags(8)})
+  logs = tmp_path / "logs"
+  _run([LOCAL_SH, "2", *flags, "--output", str(multi)], {"ENTRY": "launch.score", "XLA_FLAGS": xla_flags()},
+       str(logs))
+  expected, result = json.loads(single.read_text()), json.loads(multi.read_text())
+  assert len(expected["records"]) == 9 and len({r["num_tokens"] for r in expected["records"]}) > 1
+  for want, got in zip(expected["records"], result["records"]):
+    assert got["num_tokens"] == want["num_tokens"] and got["source"] == want["source"]
+    np.testing.assert_allclose([got["nll"], got["stderr"]], [want["nll"], want["stderr"]], rtol=1e-5)
+  np.testing.assert_allclose(result["summary"]["bits_per_token"], expected["summary"]["bits_per_token"], rtol=1e-5)
+  process_0, process_1 = ((logs / f"process_{i}.log").read_text() for i in range(2))
+  assert "process 1 of 2: joining the run" in process_1 and "total:" not in process_1, process_1[-2000:]
+  assert "total:" in process_0

@@ -88,15 +88,10 @@ def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
   of a mesh spanning them each load their own rows, `parallel.mesh.batch_slice`), which every process's slice
   assembles into the global batch. The results are of the global batch's rows, the same on every process."""
   base = jax.random.key(seed)
-  sharding, row_sharding = batch_sharding(mesh), batch_sharding(mesh, 1)
   num_slices = int(getattr(batches, "num_slices", 1))
 
   def to_device(batch: dict, row_ids: np.ndarray):
-    if num_slices == 1:
-      return jax.device_put(batch, sharding), jax.device_put(row_ids, row_sharding)
-    glob = lambda x, s: jax.make_array_from_process_local_data(  # noqa: E731
-        s, x, (x.shape[0] * num_slices,) + x.shape[1:])
-    return {k: glob(v, sharding) for k, v in batch.items()}, glob(row_ids, row_sharding)
+    return global_batch(batch, mesh, num_slices), global_batch(row_ids, mesh, num_slices)
 
   def read(b):
     batch = {k: np.asarray(v) for k, v in batches[b].items()}
@@ -116,6 +111,18 @@ def scored_batches(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
       pending = out
   if pending is not None:
     yield total - 1, fetched(pending)
+
+
+def global_batch(local, mesh: Mesh, num_slices: int = 1):
+  """A batch (a dict of [B, ...] arrays, or one array) on the mesh's batch sharding: `local` is the whole batch
+  (`num_slices` 1), or this process's slice of it, which every process's slice assembles into the global batch
+  (`EvalBatches.num_slices` > 1, `parallel.mesh.batch_slice`)."""
+  if isinstance(local, dict):
+    return {k: global_batch(v, mesh, num_slices) for k, v in local.items()}
+  sharding = batch_sharding(mesh, np.ndim(local))
+  if num_slices == 1:
+    return jax.device_put(local, sharding)
+  return jax.make_array_from_process_local_data(sharding, local, (local.shape[0] * num_slices,) + local.shape[1:])
 
 
 def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed: int, num_t_samples: int,
