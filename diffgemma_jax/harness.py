@@ -101,7 +101,7 @@ class DiffGemmaLM(LM):
     self.tokenizer, self.step = tokenizer, step
     self.seq_len = int(config.train.seq_len)
     self.scorer = Scorer(config, model, tokenizer, num_t_samples=num_t_samples, batch_size=self.batch_size,
-                         seed=int(seed))
+                         seed=int(seed), batch_flag="--model_args batch_size")
     self.generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
   # ---- log-likelihoods -----------------------------------------------------------------------------------------

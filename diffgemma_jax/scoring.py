@@ -131,10 +131,11 @@ def continuation_row(prompt_ids: Sequence[int], continuation_ids: Sequence[int],
 
 
 class Scorer:
-  """Continuation bounds of a model under its run config, `batch_size` rows per call (one compile)."""
+  """Continuation bounds of a model under its run config, `batch_size` rows per call (one compile); `batch_flag`
+  names where batch_size came from in the error a mesh it does not fit gives."""
 
   def __init__(self, config, model, tokenizer, *, num_t_samples: int | None = None, batch_size: int | None = None,
-               seed: int | None = None, layout: str = "continuation"):
+               seed: int | None = None, layout: str = "continuation", batch_flag: str = "--batch_size"):
     if layout not in LAYOUTS:
       raise ScoringError(f"--layout {layout!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
     self.num_t_samples = int(config.eval.num_t_samples if num_t_samples is None else num_t_samples)
@@ -145,12 +146,10 @@ class Scorer:
     self.config, self.tokenizer, self.layout = config, tokenizer, layout
     self.seq_len = int(config.train.seq_len)
     self.objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
-    self.mesh = mesh_from_config(config, training=False)
-    # A mesh spanning processes (a joined diffgemma-score): each loads its slice of every batch's rows
+    self.mesh = mesh_from_config(config, training=False, eval_batch=(self.batch_size, batch_flag))
+    # A mesh spanning processes (a joined diffgemma-score): each loads its slice of every batch's rows (the
+    # data-parallel size, which divides batch_size, is a multiple of the slice count)
     self.slice_index, self.num_slices = batch_slice(self.mesh)
-    if self.batch_size % self.num_slices:
-      raise ScoringError(f"--batch_size {self.batch_size}: the {self.num_slices} processes each load a slice of "
-                         f"every batch's rows; give a multiple of {self.num_slices}")
     self.graphdef, self.params = split_model(model)
     placed, _ = split_model(abstract_model(model.cfg, placement_for(self.mesh, config)))  # the bound runs on the mesh
     self.bound_fn = make_bound_fn(placed, self.objective, num_t_samples=self.num_t_samples, mesh=self.mesh)

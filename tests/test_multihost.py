@@ -506,7 +506,7 @@ def test_two_processes_score_the_records_as_one_process(trained_run, tiny_config
                              for i in range(9)))
   flags = ["--config", tiny_config_file, "--workdir", workdir, "--records", str(records), "--batch_size", "8",
            "--num_t_samples", "4", *[f"--config.{key}={value}" for key, value in TRAINED_OVERRIDES.items()],
-           "--config.mesh.shape=(2,4,1,1)", "--config.eval.batch_size=8"]
+           "--config.mesh.shape=(2,4,1,1)"]
   single, multi = tmp_path / "single.json", tmp_path / "multi.json"
   _run([sys.executable, "-m", "launch.score", *flags, "--output", str(single)], {"XLA_FLAGS": xla_flags(8)})
   logs = tmp_path / "logs"
@@ -521,3 +521,18 @@ def test_two_processes_score_the_records_as_one_process(trained_run, tiny_config
   process_0, process_1 = ((logs / f"process_{i}.log").read_text() for i in range(2))
   assert "process 1 of 2: joining the run" in process_1 and "total:" not in process_1, process_1[-2000:]
   assert "total:" in process_0
+
+
+def test_a_readers_own_batch_size_is_checked_against_the_mesh_by_its_flag(tiny_config_file):
+  """The scorer's `--batch_size` (the harness's batch_size model arg) is what it feeds the mesh, so a size the
+  data-parallel rows do not divide is refused naming that flag, not the config's eval.batch_size it replaces."""
+  from diffgemma_jax.config import load_config
+  from diffgemma_jax.parallel.mesh import check_mesh_fits
+  config = load_config(tiny_config_file, {"eval.batch_size": "8"})
+  shape = (2, 4, 1, 1)
+  mesh = types.SimpleNamespace(shape=dict(zip(config.mesh.axes, shape)), axis_names=tuple(config.mesh.axes),
+                               devices=_devices(lambda index: 0, shape))
+  check_mesh_fits(config, mesh, training=False)
+  check_mesh_fits(config, mesh, training=False, eval_batch=(16, "--batch_size"))
+  with pytest.raises(ConfigError, match=r"^--batch_size=4 is not divisible by the data-parallel size 8 "):
+    check_mesh_fits(config, mesh, training=False, eval_batch=(4, "--batch_size"))

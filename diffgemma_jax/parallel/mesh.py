@@ -84,19 +84,23 @@ def _hybrid_device_array(shape, dcn_shape: tuple[int, ...], axes, devices) -> np
     raise ConfigError(f"mesh.shape={tuple(shape)} with mesh.dcn_shape={dcn_shape}: {e}") from None
 
 
-def mesh_from_config(config, *, training: bool = True, objective_rows: bool = True) -> Mesh:
+def mesh_from_config(config, *, training: bool = True, objective_rows: bool = True,
+                     eval_batch: tuple[int, str] | None = None) -> Mesh:
   """The run's mesh over every device of every process, checked against the model and the batch sizes
   (`check_mesh_fits`)."""
   mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), dcn_shape=tuple(config.mesh.get("dcn_shape", ())))
-  check_mesh_fits(config, mesh, training=training, objective_rows=objective_rows)
+  check_mesh_fits(config, mesh, training=training, objective_rows=objective_rows, eval_batch=eval_batch)
   return mesh
 
 
-def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows: bool = True) -> None:
+def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows: bool = True,
+                    eval_batch: tuple[int, str] | None = None) -> None:
   """Errors a user can fix, before anything compiles: experts and batch rows must split evenly over the mesh.
   `objective_rows`: also whether the rows the objective's loss and bound hand the model balance over a context
   axis (`_check_rows_balance`, which traces the objective: about a second); off for a reader that never runs the
-  objective (generation), which such rows must not refuse."""
+  objective (generation), which such rows must not refuse. `eval_batch`: (rows per evaluation batch, the flag
+  that set them) of a reader with a batch size of its own (the scorer's `--batch_size`), in place of
+  eval.batch_size."""
   shape = dict(mesh.shape)
   experts = shape.get("expert", 1)
   if int(config.model.num_experts) % experts:
@@ -113,8 +117,9 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows
   if context > 1 and context_load_balance(config) and objective_rows:
     _check_rows_balance(config, mesh)
   rows = math.prod(shape.get(a, 1) for a in BATCH_AXES)
-  if int(config.eval.batch_size) % rows:
-    raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {rows} "
+  eval_rows, eval_key = eval_batch or (int(config.eval.batch_size), "eval.batch_size")
+  if int(eval_rows) % rows:
+    raise ConfigError(f"{eval_key}={eval_rows} is not divisible by the data-parallel size {rows} "
                       f"(data x fsdp x expert of mesh.shape={tuple(config.mesh.shape)}); use a multiple of {rows}")
   if not training:
     return

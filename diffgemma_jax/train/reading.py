@@ -246,7 +246,8 @@ def restore_model(config, workdir: str, step: int | None = None):
   mesh against the objective's rows, `scoring.Scorer`)."""
   config, run = read_run(config, workdir, step)
   graphdef, abstract = split_model(abstract_model(ModelConfig.from_config_dict(config.model)))
-  mesh = mesh_from_config(config, training=False, objective_rows=False)
+  # no evaluation batch to check: generation has none, and the scorer checks its own (--batch_size)
+  mesh = mesh_from_config(config, training=False, objective_rows=False, eval_batch=(0, "no evaluation batch"))
   params = run.restore_params(abstract, shardings_for(abstract, mesh))
   return nnx.merge(graphdef, params), run.step
 
