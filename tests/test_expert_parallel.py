@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import jax
@@ -337,3 +338,42 @@ def test_ragged_all_to_all_matches_dense_on_gpu():
   _close(y, y_ref)
   for g, g_ref in zip(grads, grads_ref):
     _close(g, g_ref)
+
+
+@needs_eight
+@pytest.mark.parametrize("backend", ["dense", "sorted"])
+def test_bf16_runs_gather_expert_slices_in_bf16_with_the_same_numbers(backend, monkeypatch):
+  """With bfloat16 compute the fsdp slices of the expert weights are cast before they are gathered (half the bytes
+  of float32 parameters) and their gradient reduce-scattered in float32: the lowered step gathers bfloat16 expert
+  weights and reduce-scatters float32 ones, and its output and every gradient equal the former gather-then-cast
+  (the backends' own cast) exactly."""
+  from diffgemma_jax.parallel import expert
+  mesh = make_mesh(MESHES["fsdp2_expert4"])
+  p = _problem(seed=3)
+
+  def fn(p):
+    y, _ = expert_parallel_routed_experts(p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"], mesh=mesh,
+                                          backend=backend, compute_dtype=jnp.bfloat16, dropless=True)
+    return y
+
+  def collectives():
+    def loss(w_gate_up, w_down):
+      return jnp.sum(jnp.sin(fn(dict(p, w_gate_up=w_gate_up, w_down=w_down))))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(p["w_gate_up"], p["w_down"]).as_text()
+    weights = rf"{E}x{D}x{2 * F}|{E // 4}x{D}x{2 * F}|{E}x{F}x{D}|{E // 4}x{F}x{D}"  # whole or expert-split shapes
+    gathers = re.findall(rf"all_gather.*-> tensor<(?:{weights})x(\w+)>", text)
+    # a reduce_scatter's types follow its reduction region: `}) : (tensor<...>) -> tensor<AxBxCxTYPE>`
+    scatters = re.findall(r"reduce_scatter\"[^\n]*\n(?:[^\n]*\n)*?\s*\}\) : \([^)]*\) -> tensor<\d+x\d+x\d+x(\w+)>",
+                          text)
+    assert len(gathers) == 2 and len(scatters) == 2, (gathers, scatters)
+    return sorted(set(gathers)), sorted(set(scatters))
+
+  ours = _loss_and_grads(fn, p)
+  assert collectives() == (["bf16"], ["f32"])
+  monkeypatch.setattr(expert, "_gather_cast", lambda w, axis, dtype: jax.lax.all_gather(
+      w, expert.FSDP_AXIS, axis=axis, tiled=True))  # the former path: gather the float32 slices, the backend casts
+  former = _loss_and_grads(fn, p)
+  assert collectives() == (["f32"], ["f32"])
+  for name, a, b in zip(("y", "x", "combine weights", "w_gate_up", "w_down"), (ours[0], *ours[1]),
+                        (former[0], *former[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

@@ -20,6 +20,7 @@ shards, is returned so the trainer can log it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -223,13 +224,41 @@ def expert_weight_specs(mesh: Mesh, embed_size: int) -> tuple[P, P]:
   return _weight_spec(mesh, 3, 1, embed_size), _weight_spec(mesh, 3, 2, embed_size)
 
 
-def gather_fsdp_slices(w_gate_up, w_down, gate_up_spec: P):
+def gather_fsdp_slices(w_gate_up, w_down, gate_up_spec: P, compute_dtype=None):
   """Inside a shard_map: the experts' weights with the embed slices their specs split over `fsdp` gathered (their
-  gradient is reduce-scattered back by the transpose); as they are where the specs do not split it."""
+  gradient is reduce-scattered back); as they are where the specs do not split it.
+
+  With `compute_dtype` (the dtype every dispatch backend casts the weights to before its matmuls), each slice is
+  cast before it is gathered: a bfloat16 run gathers half the bytes of its float32 parameters, in the forward and
+  again where the backward rematerializes the forward. The gradient is reduce-scattered in the parameters' dtype,
+  as without the cast, so both results are the same numbers (`_gather_cast`)."""
   if gate_up_spec[1] != FSDP_AXIS:
     return w_gate_up, w_down
-  return (jax.lax.all_gather(w_gate_up, FSDP_AXIS, axis=1, tiled=True),
-          jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True))
+  if compute_dtype is None:
+    return (jax.lax.all_gather(w_gate_up, FSDP_AXIS, axis=1, tiled=True),
+            jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True))
+  dtype = jnp.dtype(compute_dtype)
+  return _gather_cast(w_gate_up, 1, dtype), _gather_cast(w_down, 2, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_cast(w, axis: int, dtype):
+  """`all_gather(w.astype(dtype))` over fsdp along `axis`, whose gradient is the cotangent cast to w's dtype and
+  reduce-scattered: what the gather of w followed by the cast gives (the cast's transpose casts back before the
+  gather's transpose sums), without gathering w at its own width."""
+  return jax.lax.all_gather(w.astype(dtype), FSDP_AXIS, axis=axis, tiled=True)
+
+
+def _gather_cast_fwd(w, axis, dtype):
+  return _gather_cast(w, axis, dtype), jnp.zeros((0,), w.dtype)  # an empty residual carries w's dtype
+
+
+def _gather_cast_bwd(axis, dtype, residual, cotangent):
+  del dtype
+  return (jax.lax.psum_scatter(cotangent.astype(residual.dtype), FSDP_AXIS, scatter_dimension=axis, tiled=True),)
+
+
+_gather_cast.defvjp(_gather_cast_fwd, _gather_cast_bwd)
 
 
 def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD, *,
@@ -256,7 +285,7 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
     check_vma = dispatch.resolve_backend(backend) in ("dense", "ragged")
 
   def body(x, ids, weights, w_gate_up, w_down):
-    w_gate_up, w_down = gather_fsdp_slices(w_gate_up, w_down, gate_up_spec)
+    w_gate_up, w_down = gather_fsdp_slices(w_gate_up, w_down, gate_up_spec, compute_dtype)
     if collective == "ragged_all_to_all":
       y, dropped = _ragged_dispatch(x, ids, weights, w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
     else:

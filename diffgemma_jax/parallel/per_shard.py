@@ -109,7 +109,7 @@ def token_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_gat
   gate_up_spec, down_spec = expert.expert_weight_specs(mesh, D)
 
   def body(x, ids, weights, w_gate_up, w_down):
-    w_gate_up, w_down = expert.gather_fsdp_slices(w_gate_up, w_down, gate_up_spec)
+    w_gate_up, w_down = expert.gather_fsdp_slices(w_gate_up, w_down, gate_up_spec, compute_dtype)
     return dispatch.routed_experts(x, ids, weights, w_gate_up, w_down, backend=backend,
                                    compute_dtype=compute_dtype).astype(x.dtype)
 
