@@ -273,6 +273,8 @@ import sys
 from diffgemma_jax.parallel.distributed import barrier, initialize_distributed
 from launch.common import fail
 initialize_distributed()
+if sys.argv[2] == "both":  # a failure every process has at once (a NaN loss)
+  sys.exit(fail(f"loss is NaN at step 7 (process {sys.argv[1]})", code=3))
 if int(sys.argv[1]) == int(sys.argv[2]):
   if sys.argv[3] == "raise":
     raise RuntimeError("a bug on this host\\nsecond line")
@@ -294,4 +296,14 @@ def test_either_process_failing_ends_the_other_waiting_at_a_barrier(failing, how
   assert [status for status, _, _ in results] == [status, status], [err[-1500:] for _, _, err in results]
   assert f"error: process {failing} of 2 failed: {line}" in results[other][2], results[other][2][-2000:]
   assert ("Traceback" in results[failing][2]) == (how == "raise") and "Traceback" not in results[other][2]
+  assert seconds < 45, seconds
+
+
+def test_a_failure_every_process_has_ends_each_with_its_own_line():
+  """Both processes failing at once (the first report wins the store): each exits with the status and prints its
+  own line only, not the other's as well."""
+  results, seconds = _two_processes(lambda rank: ["-c", PEER_FAILS, str(rank), "both", "fail"])
+  for rank, (status, _, err) in enumerate(results):
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 3 and lines == [f"error: loss is NaN at step 7 (process {rank})"], err[-2000:]
   assert seconds < 45, seconds

@@ -96,8 +96,10 @@ def fail_together(message: str, code: int) -> None:
   report = json.dumps(dict(process=me, count=count, code=int(code), message=message))
   try:
     client.key_value_set(FAILED_KEY, report)
-  except Exception:  # pylint: disable=broad-except (ALREADY_EXISTS: another process failed first)
-    _await_watcher(code)
+  except Exception as e:  # pylint: disable=broad-except (the runtime raises JaxRuntimeError)
+    if "ALREADY_EXISTS" in str(e):  # another process failed first: this process's watcher is ending it
+      _await_watcher(code)
+    _exit(code)  # the store is gone (process 0 ended): nobody is left to tell
   for p in range(count):
     if p != me:
       _set(client, NOTICE_PREFIX + str(p), report)
