@@ -4,7 +4,8 @@
 #
 #   launch/multihost/local.sh 2 --config configs/pretrain_tiny.py --workdir /tmp/run --config.mesh.shape='(2,1,4,1)'
 #
-# ENTRY names another entry point that joins the runtime: the held-out evaluation (launch.evaluate, diffgemma-eval),
+# ENTRY names another entry point that joins the runtime: the held-out evaluation (launch.evaluate, diffgemma-eval)
+# or the scorer (launch.score, diffgemma-score),
 # which then computes one bound on a mesh spanning the processes, each loading its share of the rows:
 #
 #   ENTRY=launch.evaluate launch/multihost/local.sh 2 --config configs/pretrain_tiny.py --workdir /tmp/run \
