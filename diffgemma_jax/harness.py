@@ -12,7 +12,8 @@ entry point, so `diffgemma-lm-eval` imports it and then runs the harness's own C
                          engine, `Generator.serve`) with the model's sampler, cut at the first
                          of the request's `until` strings; `max_gen_toks` new tokens at most (rounded up to whole
                          canvases or blocks for diffusion samplers)
-Model args: config, workdir (required), step, sampler and its options (block_length, steps, threshold,
+Several processes of one launch split the documents (`_join_launch`, docs/multihost.md). Model args: config, workdir
+(required), step, sampler and its options (block_length, steps, threshold,
 temperature, top_p, max_denoising_steps, ...), num_t_samples (default eval.num_t_samples), seed, batch_size (rows
 per model call, also the harness's --batch_size; default 8), serving_slots (generate_until by continuous batching
 with that many slots: the same texts; every sampler but block_fused*), serving_widths (with serving_slots and a
@@ -22,6 +23,8 @@ masked sampler: the engine's slot widths, default 4, as diffgemma-generate --ser
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import sys
 from typing import Any
 
 from lm_eval.api.model import LM
@@ -32,12 +35,15 @@ from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.parallel.distributed import (ENV_SIDE_ADDRESS, ENV_SIDE_PORT, launch_process, side_channel_address,
+                                                wait_for_port)
 from diffgemma_jax.sampling.requests import Generator, check_serving, cut_at_stop, load_tokenizer, restore_model
 from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, requested_options,
                                              validate_options)
 from diffgemma_jax.scoring import Scorer
 
 DEFAULT_BATCH_SIZE = 8
+COLLECTIVE_TIMEOUT_S = 24 * 3600  # ranks wait at the harness's barriers while the others finish their share
 
 
 def _batch_size(value) -> int:
@@ -93,6 +99,8 @@ class DiffGemmaLM(LM):
     self.serving_widths = _positive_or_none("serving_widths", serving_widths)
     check_serving(validated.sampler, self.serving_slots, flag="serving_slots", num_widths=self.serving_widths,
                   widths_flag="serving_widths")
+    if model is None:  # the CLI's model: the copies of a multi-process launch split the requests
+      self._join_launch(config)
     if model is None:
       if not workdir:
         raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")
@@ -104,11 +112,70 @@ class DiffGemmaLM(LM):
                          seed=int(seed), batch_flag="--model_args batch_size")
     self.generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
+  # ---- several processes: data parallel ---------------------------------------------------------------------
+  def _join_launch(self, config) -> None:
+    """With several processes in this launch (`distributed.launch_process`: srun's tasks, local.sh's processes, a
+    JobSet's pods), each answers its share of the requests on its own host's devices: the harness gives rank r of
+    n every n-th document of each task and gathers the metrics (and logged samples) to rank 0, which alone
+    reports them, through `all_gather`, `gather_object` and `barrier` below, on a torch.distributed gloo group
+    (the harness depends on torch) that meets at `distributed.side_channel_address`. JAX's runtime is not joined:
+    each process places the whole model on its own devices, so a model must fit one host."""
+    index, count = launch_process(config)
+    if count == 1:
+      return
+    import torch
+    import torch.distributed as dist
+    address = side_channel_address(config)
+    timeout = int(config.distributed.initialization_timeout_s)
+    who = f"process {index} of {count}"
+    if index:  # process 0 serves the meeting point; the others fail naming it rather than wait for ever
+      wait_for_port(address, timeout, who)
+    try:
+      dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=index, world_size=count,
+                              timeout=datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError) as e:  # torch's store errors are RuntimeErrors
+      raise ConfigError(f"{who}: the harness's processes did not all meet at {address} within {timeout} s "
+                        f"(distributed.initialization_timeout_s; ${ENV_SIDE_ADDRESS}:${ENV_SIDE_PORT}, or the "
+                        f"coordinator's port + 1): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    # the harness's collectives wait while other ranks compute: a group of their own with a long timeout
+    self._group = dist.new_group(list(range(count)), timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    self._rank, self._world_size, self._device = index, count, torch.device("cpu")
+    print(f"{who}: answering documents {index}, {index + count}, ... of each task; process 0 gathers the results",
+          file=sys.stderr, flush=True)
+
+  def _share(self, kind: str, requests) -> None:
+    """Says how many requests of `kind` this process answers, in a launch of several."""
+    if self.world_size > 1:
+      print(f"process {self.rank} of {self.world_size}: {len(requests)} {kind} requests", file=sys.stderr, flush=True)
+
+  def all_gather(self, tensor):
+    if self.world_size == 1:
+      return tensor
+    import torch
+    import torch.distributed as dist
+    parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+    dist.all_gather(parts, tensor, group=self._group)
+    return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+  def gather_object(self, obj, dst=0):
+    if self.world_size == 1:
+      return [obj]
+    import torch.distributed as dist
+    gathered = [None] * self.world_size if self.rank == dst else None
+    dist.gather_object(obj, gathered, dst=dst, group=self._group)
+    return gathered
+
+  def barrier(self) -> None:
+    if self.world_size > 1:
+      import torch.distributed as dist
+      dist.barrier(group=self._group)
+
   # ---- log-likelihoods -----------------------------------------------------------------------------------------
   def _encode(self, text: str) -> list[int]:
     return list(self.tokenizer.encode(text)) if text else []
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    self._share("loglikelihood", requests)
     id_pairs = [split_tokens(self.tokenizer, *request.args) for request in requests]
     names = [f"task {request.task_name}, document {request.doc_id}" for request in requests]
     results = self.scorer.score_ids(id_pairs, names, greedy=True)
@@ -116,6 +183,7 @@ class DiffGemmaLM(LM):
     return [(-r["nll"], bool(r["greedy"])) for r in results]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    self._share("loglikelihood_rolling", requests)
     windows, owners, names = [], [], []
     for index, request in enumerate(requests):
       (text,) = request.args
@@ -152,6 +220,7 @@ class DiffGemmaLM(LM):
                             int(self.config.objective.block_size), self.seq_len)
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    self._share("generate_until", requests)
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
       groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)

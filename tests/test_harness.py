@@ -342,3 +342,57 @@ def test_the_shipped_tasks_load_without_the_harness_metadata_notice(tmp_path, mo
     assert notices() == ["tiny_mc"]
     load(None)
     assert notices() == ["stdlib_heldout_mc"]  # the filter is gone once the CLI returns
+
+
+def test_two_processes_split_the_requests_and_report_what_one_reports(trained_run, tiny_config_file, tmp_path):
+  """Two copies of diffgemma-lm-eval in one launch ($JAX_PROCESS_ID 0 and 1 of 2, JAX's runtime not joined) split
+  the documents of a multiple-choice and a greedy-generation task, meet in a torch gloo group at
+  the coordinator's port + 1, and process 0 reports metrics and logged samples equal to one process's (every
+  score is a function of its request; greedy generation too); process 1 writes and prints no results."""
+  import socket
+  import subprocess
+  _, workdir, _ = trained_run
+  for name, text in TASKS.items():
+    (tmp_path / name).write_text(textwrap.dedent(text))
+  run = ["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},block_length=8",
+         "--tasks", "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = []
+  for rank in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
+    procs.append(subprocess.Popen([sys.executable, "-m", "launch.harness", *run, "--output_path",
+                                   str(tmp_path / f"out{rank}")], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "tiny_mc" in outputs[0][0] and outputs[1][0] == "" and not (tmp_path / "out1").exists()
+  # each answers its documents' requests (3 documents: 1 or 2 each; lm-eval pads the shorter share), not all
+  for rank, (_, err) in enumerate(outputs):
+    assert f"process {rank} of 2: answering documents {rank}, {rank + 2}, ... of each task" in err, err[-2000:]
+    assert f"process {rank} of 2: 4 loglikelihood requests" in err and f"process {rank} of 2: 2 generate_until" in err
+  assert main(run + ["--output_path", str(tmp_path / "single")]) == 0
+
+  def written(folder):
+    files = sorted(str(p) for p in (tmp_path / folder).rglob("*.json*"))
+    results = json.loads(open(next(f for f in files if os.path.basename(f).startswith("results"))).read())
+    samples = {os.path.basename(f).split("_20")[0]: sorted((json.loads(line) for line in open(f)),
+                                                           key=lambda s: s["doc_id"])
+               for f in files if os.path.basename(f).startswith("samples")}
+    return results["results"], samples
+
+  (multi, multi_samples), (single, single_samples) = written("out0"), written("single")
+  assert multi == single and sorted(multi) == ["tiny_gen", "tiny_mc"]
+  assert sorted(multi_samples) == sorted(single_samples) and len(multi_samples) == 2
+  for task, samples in single_samples.items():  # (a rank's padding requests, lm-eval's own, add a response to its
+    # last document's `resps`: what it scores is `filtered_resps`, the first)
+    assert [s["doc_id"] for s in multi_samples[task]] == [s["doc_id"] for s in samples]
+    assert [s["filtered_resps"] for s in multi_samples[task]] == [s["filtered_resps"] for s in samples], task

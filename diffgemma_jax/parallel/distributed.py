@@ -194,6 +194,32 @@ def launch_process(config=None, env: Mapping[str, str] | None = None) -> tuple[i
 
 _LAUNCHES: dict = {}  # launch_process's answers by environment and distributed section
 
+ENV_SIDE_ADDRESS, ENV_SIDE_PORT = "MASTER_ADDR", "MASTER_PORT"
+
+
+def side_channel_address(config=None, env: Mapping[str, str] | None = None) -> str:
+  """`host:port` for a service of our own between the processes of a launch that do not join JAX's runtime (the
+  data-parallel harness's torch.distributed group): $MASTER_ADDR:$MASTER_PORT where both are set (torch's
+  convention); else the coordinator's host (`distributed.coordinator_address`, $JAX_COORDINATOR_ADDRESS, or what
+  JAX derives for a cluster it detects) with the coordinator's port + 1. ConfigError when none says."""
+  env = os.environ if env is None else env
+  if env.get(ENV_SIDE_ADDRESS) and env.get(ENV_SIDE_PORT):
+    return f"{env[ENV_SIDE_ADDRESS]}:{env[ENV_SIDE_PORT]}"
+  settings = distributed_settings(config, env)
+  address = (settings or {}).get("coordinator_address")
+  if settings and not address:
+    def coordinator(cluster):
+      try:
+        return cluster.get_coordinator_address(timeout_secs=None, override_coordinator_port=None)
+      except TypeError:  # a JAX whose detectors take no port override
+        return cluster.get_coordinator_address(timeout_secs=None)
+    address = _detect(env, coordinator)
+  host, _, port = (address or "").rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"no address for the processes of this launch to meet at: set ${ENV_SIDE_ADDRESS} and "
+                      f"${ENV_SIDE_PORT}, or distributed.coordinator_address / ${ENV_ADDRESS} (port + 1 is used)")
+  return f"{host}:{int(port) + 1}"
+
 
 def is_first_process(config=None, env: Mapping[str, str] | None = None) -> bool:
   """Whether this process writes what a run writes once (a reader's --output and what it prints, a partial-results
