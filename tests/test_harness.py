@@ -344,7 +344,8 @@ def test_the_shipped_tasks_load_without_the_harness_metadata_notice(tmp_path, mo
     assert notices() == ["stdlib_heldout_mc"]  # the filter is gone once the CLI returns
 
 
-def test_two_processes_split_the_requests_and_report_what_one_reports(trained_run, tiny_config_file, tmp_path):
+def test_two_processes_split_the_requests_and_report_what_one_reports(trained_run, tiny_config_file, tmp_path,
+                                                                      no_compilation_cache):
   """Two copies of diffgemma-lm-eval in one launch ($JAX_PROCESS_ID 0 and 1 of 2, JAX's runtime not joined) split
   the documents of a multiple-choice and a greedy-generation task, meet in a torch gloo group at
   the coordinator's port + 1, and process 0 reports metrics and logged samples equal to one process's (every
@@ -354,8 +355,10 @@ def test_two_processes_split_the_requests_and_report_what_one_reports(trained_ru
   _, workdir, _ = trained_run
   for name, text in TASKS.items():
     (tmp_path / name).write_text(textwrap.dedent(text))
-  run = ["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},block_length=8",
+  cache = f"overrides=compilation.cache_dir={tmp_path / 'jax-cache'};compilation.min_compile_time_s=0"
+  run = ["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},block_length=8,{cache}",
          "--tasks", "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
+  assert main(run + ["--output_path", str(tmp_path / "single")]) == 0  # compiles; the two processes read its cache
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -379,7 +382,6 @@ def test_two_processes_split_the_requests_and_report_what_one_reports(trained_ru
   for rank, (_, err) in enumerate(outputs):
     assert f"process {rank} of 2: answering documents {rank}, {rank + 2}, ... of each task" in err, err[-2000:]
     assert f"process {rank} of 2: 4 loglikelihood requests" in err and f"process {rank} of 2: 2 generate_until" in err
-  assert main(run + ["--output_path", str(tmp_path / "single")]) == 0
 
   def written(folder):
     files = sorted(str(p) for p in (tmp_path / folder).rglob("*.json*"))
