@@ -34,7 +34,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.data.sft import split_tokens
-from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.parallel.distributed import (ENV_SIDE_ADDRESS, ENV_SIDE_PORT, launch_process, side_channel_address,
                                                 wait_for_port)
 from diffgemma_jax.sampling.requests import Generator, check_serving, cut_at_stop, load_tokenizer, restore_model
@@ -66,6 +66,37 @@ def _positive_or_none(name: str, value) -> int | None:
     return int(value)  # check_serving names what is valid
   except (TypeError, ValueError):
     raise ConfigError(f"{name}={value!r}: give a positive integer") from None
+
+
+FAILED_KEY = "diffgemma/harness_failed"
+_LAUNCH: dict = {}  # this process's group of a launch of several: its store, "process r of n"
+
+
+def report_failure(message: str) -> None:
+  """Leaves this process's one-line error where the launch's other processes look when their next collective finds
+  it gone (`_collective`); nothing to do for a single process. The store is process 0's: a failing process 0 takes
+  it along, and the others then say only that it ended."""
+  if _LAUNCH:
+    try:
+      _LAUNCH["store"].set(FAILED_KEY, f"{_LAUNCH['who']} failed: {message}")
+    except Exception:  # pylint: disable=broad-except (the store is gone too: nothing to leave)
+      pass
+
+
+def _collective(run):
+  """`run()`, a collective of the launch's group; a peer gone (gloo: "Connection closed by peer") is a DataError
+  with the line it left (`report_failure`), instead of the transport's error and a traceback."""
+  try:
+    return run()
+  except RuntimeError as e:
+    try:
+      store = _LAUNCH["store"]
+      store.set_timeout(datetime.timedelta(seconds=5))
+      line = store.get(FAILED_KEY).decode()
+    except Exception:  # pylint: disable=broad-except (no line left, or process 0 and its store are gone)
+      line = (f"{_LAUNCH.get('who', 'this process')}: another process of this launch ended "
+              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    raise DataError(line) from None
 
 
 @register_model("diffgemma")
@@ -130,8 +161,11 @@ class DiffGemmaLM(LM):
     who = f"process {index} of {count}"
     if index:  # process 0 serves the meeting point; the others fail naming it rather than wait for ever
       wait_for_port(address, timeout, who)
+    host, _, port = address.rpartition(":")
     try:
-      dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=index, world_size=count,
+      store = dist.TCPStore(host.strip("[]"), int(port), count, index == 0,
+                            timeout=datetime.timedelta(seconds=timeout))
+      dist.init_process_group("gloo", store=store, rank=index, world_size=count,
                               timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as e:  # torch's store errors are RuntimeErrors
       raise ConfigError(f"{who}: the harness's processes did not all meet at {address} within {timeout} s "
@@ -140,6 +174,7 @@ class DiffGemmaLM(LM):
     # the harness's collectives wait while other ranks compute: a group of their own with a long timeout
     self._group = dist.new_group(list(range(count)), timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     self._rank, self._world_size, self._device = index, count, torch.device("cpu")
+    _LAUNCH.update(store=store, who=who)
     print(f"{who}: answering documents {index}, {index + count}, ... of each task; process 0 gathers the results",
           file=sys.stderr, flush=True)
 
@@ -154,7 +189,7 @@ class DiffGemmaLM(LM):
     import torch
     import torch.distributed as dist
     parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-    dist.all_gather(parts, tensor, group=self._group)
+    _collective(lambda: dist.all_gather(parts, tensor, group=self._group))
     return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
   def gather_object(self, obj, dst=0):
@@ -162,13 +197,13 @@ class DiffGemmaLM(LM):
       return [obj]
     import torch.distributed as dist
     gathered = [None] * self.world_size if self.rank == dst else None
-    dist.gather_object(obj, gathered, dst=dst, group=self._group)
+    _collective(lambda: dist.gather_object(obj, gathered, dst=dst, group=self._group))
     return gathered
 
   def barrier(self) -> None:
     if self.world_size > 1:
       import torch.distributed as dist
-      dist.barrier(group=self._group)
+      _collective(lambda: dist.barrier(group=self._group))
 
   # ---- log-likelihoods -----------------------------------------------------------------------------------------
   def _encode(self, text: str) -> list[int]:

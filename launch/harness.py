@@ -130,6 +130,7 @@ def _evaluate(argv: list[str]) -> int:
     cli_evaluate()
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
+    diffgemma_jax.harness.report_failure(str(e))  # for the launch's other processes, if there are any
     return 2
   finally:
     sys.argv = saved

@@ -344,13 +344,19 @@ def test_the_shipped_tasks_load_without_the_harness_metadata_notice(tmp_path, mo
     assert notices() == ["stdlib_heldout_mc"]  # the filter is gone once the CLI returns
 
 
+def _free_port() -> int:
+  import socket
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
 def test_two_processes_split_the_requests_and_report_what_one_reports(trained_run, tiny_config_file, tmp_path,
                                                                       no_compilation_cache):
   """Two copies of diffgemma-lm-eval in one launch ($JAX_PROCESS_ID 0 and 1 of 2, JAX's runtime not joined) split
   the documents of a multiple-choice and a greedy-generation task, meet in a torch gloo group at
   the coordinator's port + 1, and process 0 reports metrics and logged samples equal to one process's (every
   score is a function of its request; greedy generation too); process 1 writes and prints no results."""
-  import socket
   import subprocess
   _, workdir, _ = trained_run
   for name, text in TASKS.items():
@@ -359,9 +365,7 @@ def test_two_processes_split_the_requests_and_report_what_one_reports(trained_ru
   run = ["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},block_length=8,{cache}",
          "--tasks", "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
   assert main(run + ["--output_path", str(tmp_path / "single")]) == 0  # compiles; the two processes read its cache
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
+  port = _free_port()
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for rank in range(2):
@@ -382,6 +386,34 @@ def test_two_processes_split_the_requests_and_report_what_one_reports(trained_ru
   for rank, (_, err) in enumerate(outputs):
     assert f"process {rank} of 2: answering documents {rank}, {rank + 2}, ... of each task" in err, err[-2000:]
     assert f"process {rank} of 2: 4 loglikelihood requests" in err and f"process {rank} of 2: 2 generate_until" in err
+
+  # a request that only process 1 gets and cannot answer (a continuation longer than the 32-token context): it
+  # fails with its one-line error, and process 0 at its next collective ends with that line, not gloo's
+  (tmp_path / "tiny_long.yaml").write_text(textwrap.dedent(TASKS["tiny_mc.yaml"]).replace(
+      "task: tiny_mc", "task: tiny_long").replace("utils.load_mc", "utils.load_long"))
+  with open(tmp_path / "utils.py", "a") as f:
+    f.write(textwrap.dedent("""
+        def load_long(**_):
+          docs = [{"prompt": "x = ", "choices": [" 1", " 2" * (40 if i == 1 else 1)], "answer": 0} for i in range(2)]
+          return {"test": datasets.Dataset.from_list(docs)}
+        """))
+  failing = [arg if arg != "tiny_mc,tiny_gen" else "tiny_long" for arg in run if arg != "--log_samples"]
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.harness", *failing], cwd=repo, env=dict(
+      env, JAX_COORDINATOR_ADDRESS=address, JAX_PROCESS_ID=str(rank)), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for rank in range(2)]
+  try:
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  lines = [x for x in errors[1].splitlines() if x.startswith("error: ")]
+  assert len(lines) == 1, errors[1][-3000:]
+  line = lines[0]
+  assert procs[1].returncode == 2 and "more than the model's context of 32" in line, errors[1][-2000:]
+  assert procs[0].returncode == 2 and f"error: process 1 of 2 failed: {line[len('error: '):]}" in errors[0], \
+      errors[0][-2000:]
+  assert "Traceback" not in errors[0] + errors[1]
 
   def written(folder):
     files = sorted(str(p) for p in (tmp_path / folder).rglob("*.json*"))
