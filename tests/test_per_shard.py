@@ -472,3 +472,35 @@ def test_embedding_table_on_a_mesh_equals_one_device_without_a_whole_table(mesh_
   most = min(shard_rows // mesh.shape["fsdp"], shard_rows // 8)  # the shard's own rows, an eighth of its vocabulary
   gathered = [int(r) for r in re.findall(rf"= f32\[(\d+),{D}\]\S* all-gather", hlo)]
   assert (max(gathered) <= most if mesh.shape["fsdp"] > 1 else not gathered), (gathered, most)
+
+
+@needs_eight
+@pytest.mark.parametrize("sampler,objective,extra", [
+    ("ar", "ar", {}), ("threshold", "masked", dict(temperature=1.0)),
+    ("block_threshold", "block", {}), ("entropy_bound", "uniform", dict(max_denoising_steps=4))])
+def test_generation_splits_a_batch_over_the_data_axis_with_one_devices_tokens(sampler, objective, extra):
+  """A model placed on an 8-device data mesh samples a batch of 8 prompts (left-padded, 3 lengths) with its rows
+  split over the devices (the compiled sampler's inputs carry the batch sharding: one row per device), and every
+  row's tokens and model calls equal those of the same model on one device."""
+  from flax import nnx
+
+  from diffgemma_jax.model import build_model
+  from diffgemma_jax.sampling.requests import GenerationOptions, Generator, validate_options
+  from test_batched_generation import MASK, PAD, TINY
+  model = build_model(TINY, 0)
+  graphdef, state = nnx.split(model)
+  mesh = make_mesh((8, 1, 1, 1))
+  placed = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
+  rng = np.random.default_rng(1)
+  prompts = [[2] + rng.integers(5, TINY.vocab_size, n - 1).tolist() for n in (4, 9, 4, 6, 9, 3, 5, 4)]
+  options = validate_options(GenerationOptions(sampler=sampler, gen_length=16, block_length=8, seed=3, **extra),
+                             objective, block_size=8)
+  one, split = (Generator(m, mask_id=MASK, eos_id=7, pad_id=PAD) for m in (model, placed))
+  assert one.rows_sharding(8) is None and split.rows_sharding(3) is None  # one device; 3 rows on 8 devices
+  rows = split.rows_sharding(8)
+  assert rows is not None and rows.spec == P(("data",))
+  expected, got = one.run(prompts, options), split.run(prompts, options)
+  prompt_sharding = split._compiled[next(iter(split._compiled))].input_shardings[0][1]  # (state, prompt, ...)
+  assert prompt_sharding.is_equivalent_to(NamedSharding(mesh, P(("data",), None)), 2)
+  for row, (a, b) in enumerate(zip(expected, got)):
+    assert (b["ids"], b["model_calls"]) == (a["ids"], a["model_calls"]), f"row {row}"
