@@ -15,7 +15,8 @@ So every process of a joined run watches the job's key-value store (`watch_peers
      failed: <line>`, acknowledges (SEEN_PREFIX + its index) and exits with F's status, except process 0;
   3. F waits for every acknowledgement (at most ACK_TIMEOUT_S: a process whose Python never runs again cannot
      answer; the heartbeat timeout ends it), says so (DONE_KEY) and exits;
-  4. process 0, which serves the store, exits last: once every other process has acknowledged and F is done.
+  4. process 0, which serves the store, exits last: once every other process has acknowledged and F is done, and
+     EXIT_GRACE_S later (a process whose runtime client loses the coordinator before its own exit aborts).
 The exits are `os._exit`: the main thread may be blocked in a collective that will never complete, and JAX's
 shutdown at exit would wait at a barrier for processes that are gone. The watching thread is blocked in the
 runtime's long poll with the GIL released (no cost to the run). A process that ends normally wakes it with its own
@@ -38,6 +39,7 @@ EXIT_NOTICE = "exit"
 SEEN_PREFIX = "diffgemma/failed_seen/"
 DONE_KEY = "diffgemma/failed_done"
 ACK_TIMEOUT_S = 10.0
+EXIT_GRACE_S = 2.0  # process 0 outlives the failing process's exit by this much (`_watch`)
 POLL_MS = 600_000  # the watcher's long poll, renewed; a process that ends wakes its own
 
 _peer_failed = threading.Event()  # a failure of another process was read from the store
@@ -105,6 +107,8 @@ def fail_together(message: str, code: int) -> None:
       _set(client, NOTICE_PREFIX + str(p), report)
   _await(client, [SEEN_PREFIX + str(p) for p in range(count) if p != me])
   _set(client, DONE_KEY)
+  if me == 0:  # the store's server: the others exit right after acknowledging; let them go first
+    time.sleep(EXIT_GRACE_S)
   _exit(code)
 
 
@@ -125,6 +129,9 @@ def _watch(client, me: int, count: int) -> None:
     _set(client, SEEN_PREFIX + str(me))
     if me == 0:  # the store's server: the last to go
       _await(client, [SEEN_PREFIX + str(p) for p in range(1, count) if p != failure["process"]] + [DONE_KEY])
+      # F exits right after writing DONE_KEY; a runtime client that loses the coordinator first aborts its process
+      # (SIGABRT instead of F's status: seen once in a loaded test run), so the coordinator lingers a moment
+      time.sleep(EXIT_GRACE_S)
     _exit(failure["code"])
 
 
