@@ -130,11 +130,10 @@ class DiffGemmaLM(LM):
     self.serving_widths = _positive_or_none("serving_widths", serving_widths)
     check_serving(validated.sampler, self.serving_slots, flag="serving_slots", num_widths=self.serving_widths,
                   widths_flag="serving_widths")
-    if model is None:  # the CLI's model: the copies of a multi-process launch split the requests
-      self._join_launch(config)
     if model is None:
       if not workdir:
         raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")
+      self._join_launch(config)  # the CLI's model: the copies of a multi-process launch split the requests
       tokenizer = load_tokenizer(config, str(workdir))
       model, step = restore_model(config, str(workdir), None if step is None else int(step))
     self.tokenizer, self.step = tokenizer, step

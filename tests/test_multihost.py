@@ -64,6 +64,22 @@ def test_settings_from_config_environment_and_slurm():
       distributed_settings(_section(heartbeat_timeout_s=bad), env=env)
 
 
+def test_the_harness_processes_meet_at_master_addr_or_beside_the_coordinator():
+  """`side_channel_address` (diffgemma-lm-eval's copies of a launch): $MASTER_ADDR:$MASTER_PORT first, else the
+  coordinator's host with its port + 1, from the environment or from what JAX derives for srun's tasks; none of
+  them: a one-line error naming the variables."""
+  from diffgemma_jax.parallel.distributed import side_channel_address
+  coordinator = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert side_channel_address(_section(), env=dict(coordinator, MASTER_ADDR="h", MASTER_PORT="29500")) == "h:29500"
+  assert side_channel_address(_section(), env=coordinator) == "10.0.0.1:1235"
+  srun = {"SLURM_JOB_ID": "9", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "0"}
+  host, port = side_channel_address(_section(), env=srun).rsplit(":", 1)
+  assert host == "node1" and 1024 < int(port) <= 65535
+  with pytest.raises(ConfigError, match=r"set \$MASTER_ADDR and \$MASTER_PORT"):
+    side_channel_address(_section(), env={})
+
+
 DEAD_PEER = """
 import os, sys, time
 import ml_collections
