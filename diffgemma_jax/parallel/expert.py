@@ -224,19 +224,16 @@ def expert_weight_specs(mesh: Mesh, embed_size: int) -> tuple[P, P]:
   return _weight_spec(mesh, 3, 1, embed_size), _weight_spec(mesh, 3, 2, embed_size)
 
 
-def gather_fsdp_slices(w_gate_up, w_down, gate_up_spec: P, compute_dtype=None):
+def gather_fsdp_slices(w_gate_up, w_down, gate_up_spec: P, compute_dtype):
   """Inside a shard_map: the experts' weights with the embed slices their specs split over `fsdp` gathered (their
   gradient is reduce-scattered back); as they are where the specs do not split it.
 
-  With `compute_dtype` (the dtype every dispatch backend casts the weights to before its matmuls), each slice is
-  cast before it is gathered: a bfloat16 run gathers half the bytes of its float32 parameters, in the forward and
-  again where the backward rematerializes the forward. The gradient is reduce-scattered in the parameters' dtype,
-  as without the cast, so both results are the same numbers (`_gather_cast`)."""
+  Each slice is cast to `compute_dtype` (the dtype every dispatch backend casts the weights to before its
+  matmuls) before it is gathered: a bfloat16 run gathers half the bytes of its float32 parameters, in the forward
+  and again where the backward rematerializes the forward. The gradient is reduce-scattered in the parameters'
+  dtype, as a gather before the cast did, so both give the same numbers (`_gather_cast`)."""
   if gate_up_spec[1] != FSDP_AXIS:
     return w_gate_up, w_down
-  if compute_dtype is None:
-    return (jax.lax.all_gather(w_gate_up, FSDP_AXIS, axis=1, tiled=True),
-            jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True))
   dtype = jnp.dtype(compute_dtype)
   return _gather_cast(w_gate_up, 1, dtype), _gather_cast(w_down, 2, dtype)
 
