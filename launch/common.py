@@ -10,9 +10,8 @@ from diffgemma_jax import storage
 from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.parallel.distributed import is_joined, launch_process
+from diffgemma_jax.parallel.distributed import launch_process
 from diffgemma_jax.parallel.failures import fail_together
-from diffgemma_jax.train.bound_partial import from_process_0
 
 
 def config_overrides(rest: list[str]) -> dict[str, str]:
@@ -78,18 +77,10 @@ class Outputs:
 
   def check(self, path: str | None, flag: str) -> None:
     """`storage.check_writable` where the file will be written: on process 0 (another host's disk may lack the
-    folder, and need not have it). In a joined run (the evaluation) its outcome goes to every process, so all fail
-    together with process 0's error instead of the others waiting for it at the first collective."""
-    message = ""
+    folder, and need not have it). In a joined run (eval, score) a failure there ends every process at once with
+    process 0's line: its error goes through `fail`, which tells the others (`failures.fail_together`)."""
     if path and self.first:
-      try:
-        storage.check_writable(path, flag)
-      except ConfigError as e:
-        message = str(e)
-    if is_joined():
-      message = from_process_0(message.encode()).decode()
-    if message:
-      raise ConfigError(message)
+      storage.check_writable(path, flag)
 
   def write(self, path: str | None, text: str) -> None:
     if path and self.first:
