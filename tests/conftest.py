@@ -24,6 +24,14 @@ FAST_COMPILE_FLAGS = ("" if os.environ.get("DIFFGEMMA_TEST_FULL_OPT") == "1" els
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now (the OS's pick): for a coordinator or a server a test
+  starts."""
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
 def xla_flags(devices: int | None = None) -> str:
   """XLA_FLAGS for a subprocess a test starts: `devices` fake CPU devices (None: the default) and the suite's
   compile flags."""
@@ -127,9 +135,7 @@ def s3_endpoint():
   leave them talking to a stopped one."""
   moto_server = pytest.importorskip("moto.server")
   pytest.importorskip("s3fs")
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
+  port = free_port()
   server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
   server.start()
   endpoint = f"http://127.0.0.1:{port}"

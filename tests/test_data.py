@@ -7,7 +7,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from conftest import write_stand_in_dataset
+from conftest import free_port, write_stand_in_dataset
 
 from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
@@ -111,13 +111,10 @@ def runtime_clients():
   """Two clients of a JAX distributed runtime (its coordination service on localhost, what `jax.distributed`
   starts for a job: barriers and the job's key-value store), for two threads that stand in for a job's
   processes."""
-  import socket
   import threading
 
   from jax._src.lib import _jax
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  address = f"127.0.0.1:{free_port()}"
   service = _jax.get_distributed_runtime_service(address, 2)
   clients = [_jax.get_distributed_runtime_client(address, p) for p in range(2)]
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import xla_flags
+from conftest import free_port, xla_flags
 from diffgemma_jax.evaluate import evaluate, summarize_bound
 
 KEYS = {"step", "num_tokens", "bits_per_token", "stderr_bits_per_token", "ppl_bound", "num_t_samples",
@@ -176,7 +176,6 @@ def test_processes_whose_workdirs_are_their_own_disks_resume_from_process_0s_res
   rows. Reading the file on every process, the other one would find none and start over: the same global batches
   scored from different rows, and one process running more steps than the other."""
   import os
-  import socket
   import subprocess
   import sys
 
@@ -185,9 +184,7 @@ def test_processes_whose_workdirs_are_their_own_disks_resume_from_process_0s_res
   saved.add(np.arange(3.0), np.ones(3), np.full(3, 7))
   saved.add(np.arange(3.0, 6.0), np.ones(3), np.full(3, 5))
   saved.save(force=True)
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  address = f"127.0.0.1:{free_port()}"
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, XLA_FLAGS=xla_flags())
   procs = [subprocess.Popen([sys.executable, "-c", RESUME_IN_ONE_OF_TWO, address, str(rank),

@@ -20,7 +20,7 @@ from flax import nnx
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from conftest import TINY_MODEL, compilation_cache_entries  # noqa: E402
+from conftest import TINY_MODEL, compilation_cache_entries, free_port  # noqa: E402
 from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
 from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
 from diffgemma_jax.scoring import Pair  # noqa: E402
@@ -344,13 +344,6 @@ def test_the_shipped_tasks_load_without_the_harness_metadata_notice(tmp_path, mo
     assert notices() == ["stdlib_heldout_mc"]  # the filter is gone once the CLI returns
 
 
-def _free_port() -> int:
-  import socket
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    return probe.getsockname()[1]
-
-
 def test_two_processes_split_the_requests_and_report_what_one_reports(trained_run, tiny_config_file, tmp_path,
                                                                       no_compilation_cache):
   """Two copies of diffgemma-lm-eval in one launch ($JAX_PROCESS_ID 0 and 1 of 2, JAX's runtime not joined) split
@@ -365,7 +358,7 @@ def test_two_processes_split_the_requests_and_report_what_one_reports(trained_ru
   run = ["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={workdir},block_length=8,{cache}",
          "--tasks", "tiny_mc,tiny_gen", "--include_path", str(tmp_path), "--batch_size", "4", "--log_samples"]
   assert main(run + ["--output_path", str(tmp_path / "single")]) == 0  # compiles; the two processes read its cache
-  port = _free_port()
+  port = free_port()
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for rank in range(2):
@@ -398,7 +391,7 @@ def test_two_processes_split_the_requests_and_report_what_one_reports(trained_ru
           return {"test": datasets.Dataset.from_list(docs)}
         """))
   failing = [arg if arg != "tiny_mc,tiny_gen" else "tiny_long" for arg in run if arg != "--log_samples"]
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs = [subprocess.Popen([sys.executable, "-m", "launch.harness", *failing], cwd=repo, env=dict(
       env, JAX_COORDINATOR_ADDRESS=address, JAX_PROCESS_ID=str(rank)), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for rank in range(2)]

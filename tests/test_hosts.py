@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import xla_flags
+from conftest import free_port, xla_flags
 from diffgemma_jax.parallel.distributed import launch_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,9 +203,7 @@ def test_two_processes_refuse_a_workdir_on_their_own_disks_and_write_once(tmp_pa
   disk): the shared one passes on both; the own one fails on both (a failure on process 1 alone would leave
   process 0 waiting at its next collective), naming process 1; an output is written by process 0 only, in the
   shared folder and in its own (process 1's own folder gets no file)."""
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  address = f"127.0.0.1:{free_port()}"
   shared = tmp_path / "shared"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="")
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
@@ -226,17 +223,11 @@ def test_two_processes_refuse_a_workdir_on_their_own_disks_and_write_once(tmp_pa
   assert sorted(p.name for p in shared.iterdir()) == ["out.json"]  # the probe file is gone
 
 
-def _address() -> str:
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    return f"127.0.0.1:{probe.getsockname()[1]}"
-
-
 def _two_processes(args_of, extra_env=None, timeout=60):
   """Starts two processes (`args_of(rank)`, joined through $JAX_COORDINATOR_ADDRESS), returns [(status, stdout,
   stderr)], the elapsed seconds; kills both if they outlast `timeout`."""
   import time
-  address = _address()
+  address = f"127.0.0.1:{free_port()}"
   started = time.monotonic()
   procs = []
   for rank in range(2):

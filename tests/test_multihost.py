@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import read_metrics, train_losses, xla_flags
+from conftest import free_port, read_metrics, train_losses, xla_flags
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.parallel.distributed import distributed_settings
 
@@ -103,10 +103,7 @@ def test_a_dead_process_ends_the_others_after_the_heartbeat_timeout():
   process 0, waiting for it at a barrier, is ended by the coordination service once 5 s pass without its heartbeat
   (abort, non-zero status, the unhealthy task named), well inside the 60 s this test waits; JAX's default of 100 s
   would leave it waiting past them."""
-  import socket
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{probe.getsockname()[1]}"
+  address = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1))
   procs = [subprocess.Popen([sys.executable, "-c", DEAD_PEER, address, str(rank)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
