@@ -12,7 +12,7 @@ from diffgemma_jax.config import base_config, load_config, validate
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import ModelConfig, build_model, make_mask
 from diffgemma_jax.model.inspect import count_params
-from diffgemma_jax.model.moe import route
+from diffgemma_jax.model.moe import route, top_k_per_row
 from diffgemma_jax.model.rope import apply_rope
 
 TINY = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, layer_pattern=("sliding", "global"), num_heads=4,
@@ -175,6 +175,24 @@ def test_router_top_k_renormalised_and_scaled():
   uniform = route(x, jnp.ones(D), jnp.zeros((D, E)), jnp.ones(E), top_k=E, eps=1e-6)
   np.testing.assert_allclose(uniform.load_balance_loss, 1.0, rtol=1e-5)
   np.testing.assert_allclose(uniform.router_z_loss, np.log(E) ** 2, rtol=1e-5)
+
+
+def test_router_top_k_equals_lax_top_k_with_ties_and_gradient():
+  """The router's per-row top-k (argmax passes, which GSPMD keeps on each device's tokens) gives lax.top_k's values
+  and indices exactly, ties (the lower index first) and rows of one value included, and the same gradient."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 5, (40, 16)).astype(np.float32) / 4  # many ties
+  x[0] = 0.25  # one row of one value
+  x[1] = rng.normal(size=16)
+  for k in (1, 2, 8, 16):
+    values, ids = top_k_per_row(jnp.asarray(x), k)
+    ref_values, ref_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(values, ref_values)
+    w = jnp.asarray(rng.normal(size=(40, k)), jnp.float32)
+    grad, ref_grad = (jax.grad(lambda a, f=f: jnp.sum(f(a, k)[0] * w))(jnp.asarray(x))
+                      for f in (top_k_per_row, jax.lax.top_k))
+    np.testing.assert_array_equal(grad, ref_grad)
 
 
 def test_aux_losses_enter_the_loss_only_when_weighted():

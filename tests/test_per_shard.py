@@ -327,6 +327,23 @@ def test_context_parallel_step_equals_one_device(objective, attention):
 
 
 @needs_eight
+def test_a_data_parallel_step_gathers_nothing():
+  """A train step on an 8-way data mesh keeps every device on its own rows: its compiled program has no all-gather
+  (the gradients' all-reduce is its one kind of collective). The MoE router's top-k once gathered every token's
+  router probabilities [global tokens, E] on every device at every MoE layer (XLA's TopK custom call is not split
+  over tokens; `moe.top_k_per_row`)."""
+  from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=import-outside-toplevel
+  config = _step_config("masked", "xla", False)
+  config.train.batch_size = 8
+  compiled = compile_train_step(config, mask_id=4, mesh=make_mesh((8,), ("data",)))
+  batch = compiled.place(synthetic_batch(8, 32, TINY_MODEL["vocab_size"], seed=0))
+  hlo = compiled.step.lower(compiled.init_state(), batch, jax.random.key(0)).compile().as_text()
+  gathers = [line.split("metadata")[0] for line in hlo.splitlines() if "all-gather" in line]
+  assert not gathers, gathers[:3]
+  assert "all-reduce" in hlo
+
+
+@needs_eight
 def test_balanced_bound_equals_unbalanced_and_one_device():
   """Held-out bounds (`make_bound_fn`, the trainer's and diffgemma-evaluate's) of the AR baseline (exact NLL) on a
   data x context mesh, with and without `mesh.context_load_balance`, equal one device's row by row."""

@@ -24,6 +24,24 @@ class Routing(NamedTuple):
   dropped: jax.Array | int = 0
 
 
+def top_k_per_row(x_TE, k: int):
+  """`jax.lax.top_k(x_TE, k)` (the k largest of each row, largest first, the lower index first among equals: the
+  same values and indices) as k argmax passes. Under GSPMD a token axis split over the devices stays split:
+  XLA's SPMD partitioner runs its TopK custom call whole on every device (it splits only the sorted axis), so
+  `lax.top_k` on the routed tokens of a data-parallel step all-gathers the router's probabilities, [every token
+  of the global batch, E] per MoE layer, and ranks them all on each device; an argmax is a reduction along E,
+  which each device runs on its own tokens. k passes over E values a token cost little beside its experts."""
+  E = x_TE.shape[-1]
+  experts_E = jnp.arange(E, dtype=jnp.int32)
+  values, ids = [], []
+  for _ in range(k):
+    id_T = jnp.argmax(x_TE, axis=-1).astype(jnp.int32)
+    values.append(jnp.take_along_axis(x_TE, id_T[:, None], axis=-1)[:, 0])
+    ids.append(id_T)
+    x_TE = jnp.where(experts_E == id_T[:, None], -jnp.inf, x_TE)
+  return jnp.stack(values, axis=-1), jnp.stack(ids, axis=-1)
+
+
 def route(x_TD, router_scale_D, router_w_DE, per_expert_scale_E, *, top_k: int, eps: float,
           token_mask_T=None) -> Routing:
   """RMSNorm_noscale(x) * D**-0.5 * scale @ W_r in float32 -> softmax over all E -> top-k -> renormalise -> scale.
@@ -35,7 +53,7 @@ def route(x_TD, router_scale_D, router_w_DE, per_expert_scale_E, *, top_k: int, 
   h_TD = rms_normalize(x_TD, eps) * (D ** -0.5) * router_scale_D.astype(jnp.float32)
   logits_TE = jnp.einsum("TD,DE->TE", h_TD, router_w_DE.astype(jnp.float32))
   probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-  top_probs_TK, expert_ids_TK = jax.lax.top_k(probs_TE, top_k)
+  top_probs_TK, expert_ids_TK = top_k_per_row(probs_TE, top_k)
   top_probs_TK = top_probs_TK / jnp.sum(top_probs_TK, axis=-1, keepdims=True)
   combine_TK = top_probs_TK * per_expert_scale_E.astype(jnp.float32)[expert_ids_TK]
 
