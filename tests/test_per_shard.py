@@ -497,8 +497,9 @@ def test_embedding_table_on_a_mesh_equals_one_device_without_a_whole_table(mesh_
     ("block_threshold", "block", {}), ("entropy_bound", "uniform", dict(max_denoising_steps=4))])
 def test_generation_splits_a_batch_over_the_data_axis_with_one_devices_tokens(sampler, objective, extra):
   """A model placed on an 8-device data mesh samples a batch of 8 prompts (left-padded, 3 lengths) with its rows
-  split over the devices (the compiled sampler's inputs carry the batch sharding: one row per device), and every
-  row's tokens and model calls equal those of the same model on one device."""
+  split over the devices (the compiled sampler's inputs carry the batch sharding: one row per device, and it
+  gathers nothing across devices), and every row's tokens and model calls equal those of the same model on one
+  device."""
   from flax import nnx
 
   from diffgemma_jax.model import build_model
@@ -519,5 +520,53 @@ def test_generation_splits_a_batch_over_the_data_axis_with_one_devices_tokens(sa
   expected, got = one.run(prompts, options), split.run(prompts, options)
   prompt_sharding = split._compiled[next(iter(split._compiled))].input_shardings[0][1]  # (state, prompt, ...)
   assert prompt_sharding.is_equivalent_to(NamedSharding(mesh, P(("data",), None)), 2)
+  hlo = split._compiled[next(iter(split._compiled))].as_text()
+  assert "all-gather" not in hlo, "a row's sampling reads another device's rows"
   for row, (a, b) in enumerate(zip(expected, got)):
     assert (b["ids"], b["model_calls"]) == (a["ids"], a["model_calls"]), f"row {row}"
+
+
+@needs_eight
+@pytest.mark.parametrize("sampler,objective,extra", [
+    ("ar", "ar", {}), ("threshold", "masked", dict(temperature=1.0)),
+    ("block_threshold", "block", {}), ("entropy_bound", "uniform", dict(max_denoising_steps=4))])
+def test_serving_splits_the_slots_over_the_data_axis_with_one_devices_tokens(sampler, objective, extra):
+  """The continuous-batching engine of a model placed on an 8-device data mesh serves 11 requests (3 prompt
+  lengths, 2 budgets: slots refilled as they free) with every request's tokens and model calls equal to those of
+  the same engine on one device. The AR and canvas engines hold their 8 slots one per device: every program is
+  compiled for slot state split over the data axis (the KV cache on its row axis, the other fields on their first),
+  and no step gathers anything across devices (per-row cache writes and the router's top-k stay on each device).
+  The masked engine, whose calls gather a class of rows from any slots, keeps its slots where the model is."""
+  from flax import nnx
+
+  from diffgemma_jax.model import build_model
+  from diffgemma_jax.sampling.requests import GenerationOptions, Generator, validate_options
+  from test_batched_generation import MASK, PAD, TINY
+  model = build_model(TINY, 0)
+  graphdef, state = nnx.split(model)
+  mesh = make_mesh((8, 1, 1, 1))
+  placed = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
+  rng = np.random.default_rng(2)
+  prompts = [[2] + rng.integers(5, TINY.vocab_size, n - 1).tolist() for n in (4, 9, 4, 6, 9, 3, 5, 4, 7, 9, 2)]
+  budgets = [16 if i % 3 else 8 for i in range(len(prompts))]
+  options = validate_options(GenerationOptions(sampler=sampler, gen_length=16, block_length=8, seed=3, **extra),
+                             objective, block_size=8)
+  one, split = (Generator(m, mask_id=MASK, eos_id=7, pad_id=PAD) for m in (model, placed))
+  expected = one.serve(prompts, options, 8, budgets=budgets)
+  got = split.serve(prompts, options, 8, budgets=budgets)
+  for index, (a, b) in enumerate(zip(expected, got)):
+    assert (b["ids"], b["model_calls"]) == (a["ids"], a["model_calls"]), f"request {index}"
+  engine = next(iter(split._engines.values()))
+  assert next(iter(one._engines.values())).slot_shardings is None
+  if sampler == "threshold":
+    assert engine.slot_shardings.cache[0][0].is_equivalent_to(NamedSharding(mesh, P()), 5)
+    return
+  rows, cache = NamedSharding(mesh, P(("data",))), NamedSharding(mesh, P(None, ("data",)))
+  assert engine.slot_shardings.cache[0][0].is_equivalent_to(cache, 5)
+  assert engine.slot_shardings.done_B.is_equivalent_to(rows, 1)
+  advance = engine._compiled["advance"]
+  assert advance.input_shardings[0][1].done_B.is_equivalent_to(rows, 1)
+  assert advance.output_shardings[0].cache[0][0].is_equivalent_to(cache, 5)
+  for key, program in engine._compiled.items():
+    gathers = [line.split("metadata")[0] for line in program.as_text().splitlines() if "all-gather" in line]
+    assert not gathers, (key, gathers[:3])

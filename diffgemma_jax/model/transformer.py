@@ -93,11 +93,13 @@ def write_window(buffer, window, write_index, unit=None):
     if unit is None:
       return jax.lax.dynamic_update_slice_in_dim(buffer, window, write_index, axis=1)
     return jax.lax.dynamic_update_slice(buffer, window[None], (unit, 0, write_index) + (0,) * (window.ndim - 2))
-  B, L = window.shape[:2]
-  rows_B1, slots_BL = jnp.arange(B)[:, None], write_index[:, None] + jnp.arange(L)[None, :]
+  # One slice update per row, vmapped: a scatter whose row axis is a batching axis, so a buffer split over its
+  # rows (a serving engine's slots over the devices) is written where each row lives, with no collective.
   if unit is None:
-    return buffer.at[rows_B1, slots_BL].set(window, mode="promise_in_bounds")
-  return buffer.at[unit, rows_B1, slots_BL].set(window, mode="promise_in_bounds")
+    return jax.vmap(lambda row, w, i: jax.lax.dynamic_update_slice_in_dim(row, w, i, axis=0))(
+        buffer, window, write_index)
+  return jax.vmap(lambda row, w, i: jax.lax.dynamic_update_slice(row, w[None], (unit, i) + (0,) * (w.ndim - 1)),
+                  in_axes=(1, 0, 0), out_axes=1)(buffer, window, write_index)
 
 
 class PatternUnit(nnx.Module):

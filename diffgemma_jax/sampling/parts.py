@@ -150,8 +150,9 @@ def accept_entropy_bound(entropy_BL, bound: float):
   order_BL = jnp.argsort(entropy_BL, axis=-1)
   sorted_BL = jnp.take_along_axis(entropy_BL, order_BL, axis=-1)
   passes_BL = jnp.cumsum(sorted_BL, axis=-1) - sorted_BL <= bound
-  rows = jnp.arange(entropy_BL.shape[0])[:, None]
-  return jnp.zeros(entropy_BL.shape, bool).at[rows, order_BL].set(passes_BL)
+  # one scatter per row, vmapped: its row axis a batching axis, which rows split over devices keep split
+  return jax.vmap(lambda order_L, passes_L: jnp.zeros(order_L.shape, bool).at[order_L].set(passes_L))(
+      order_BL, passes_BL)
 
 
 def stable_and_confident(argmax_BL, previous_argmax_BL, entropy_BL, mean_entropy_below: float):

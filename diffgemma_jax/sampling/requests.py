@@ -157,7 +157,8 @@ class Generator:
   def engine(self, cfg, num_slots: int, max_prompt_length: int, num_widths: int | None = None) -> serving.Engine:
     """The continuous-batching engine of `cfg` (an ARConfig, a CanvasConfig or a SamplerConfig) with `num_slots`
     slots for prompts up to `max_prompt_length` tokens (rounded up to a prefill width); kept for later calls.
-    `num_widths`: the masked engine's slot widths (`MaskedProgram`; None: `serving_masked.NUM_WIDTHS`)."""
+    `num_widths`: the masked engine's slot widths (`MaskedProgram`; None: `serving_masked.NUM_WIDTHS`). The
+    slots' rows are split over the mesh's data axes where `rows_sharding` says so, as a static batch's are."""
     num_widths = serving_masked.NUM_WIDTHS if num_widths is None else num_widths
     key = (cfg, num_slots, serving.bucket_width(max_prompt_length), num_widths)
     if key not in self._engines:
@@ -168,7 +169,8 @@ class Generator:
       else:
         program = serving_masked.MaskedProgram(cfg, mask_id=self.mask_id, eos_id=self.eos_id, pad_id=self.pad_id,
                                                num_widths=num_widths)
-      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2])
+      self._engines[key] = serving.Engine(nnx.merge(self.graphdef, self.state), program, num_slots, key[2],
+                                          rows=self.rows_sharding(num_slots))
     return self._engines[key]
 
   def serve(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, num_slots: int,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffgemma_jax.errors import EngineStalledError
 from diffgemma_jax.sampling.batching import row_keys, slot_mask
@@ -82,13 +83,24 @@ def prefill_rows(model, cache, rows_A, prompts_AW, lengths_A):
   return logits, jax.tree.map(lambda full, part: full.at[:, rows_A, :W].set(part, mode="drop"), cache, cache_A)
 
 
+def slot_shardings(slots, rows: NamedSharding):
+  """The shardings of a program's slot state (a NamedTuple whose first field, `cache`, is the KV cache
+  [repeats, B, S, K, H] per layer; every other array field has the row axis first) that split its B rows as `rows`
+  splits a batch: each device holds its rows' cache, canvases and keys."""
+  cache = NamedSharding(rows.mesh, PartitionSpec(None, *rows.spec))
+  return type(slots)(jax.tree.map(lambda _: cache, slots.cache),
+                     *(jax.tree.map(lambda _: rows, field) for field in slots[1:]))
+
+
 # ---- the host side -----------------------------------------------------------------------------------------------
 class Engine:
   """`num_slots` slots of one KV cache for prompts up to `max_prompt_length` tokens and up to `program`'s
   `max_new_tokens` (its config's); `run(requests)` serves them in arrival order and returns each one's result in
-  input order."""
+  input order. `rows`: where the slots' rows go (`Generator.rows_sharding`: split over the data axes of the mesh
+  the model is placed on, each device stepping its own slots, for a program whose steps keep to their rows:
+  `splits_rows`), or None (wherever the model is)."""
 
-  def __init__(self, model, program, num_slots: int, max_prompt_length: int):
+  def __init__(self, model, program, num_slots: int, max_prompt_length: int, rows: NamedSharding | None = None):
     if num_slots < 1:
       raise ValueError(f"num_slots={num_slots} must be >= 1")
     self.program, self.num_slots = program, num_slots
@@ -96,11 +108,24 @@ class Engine:
     self.num_cache_slots = bucket_width(max_prompt_length) + program.max_new_tokens
     self.graphdef, self.state = nnx.split(model)
     graphdef = self.graphdef
-    self._init = jax.jit(lambda state: program.init(nnx.merge(graphdef, state), num_slots, self.num_cache_slots))
+    initial = lambda state: program.init(nnx.merge(graphdef, state), num_slots, self.num_cache_slots)  # noqa: E731
+    # Every program returns the slots where `rows` puts them, and is compiled for slots placed so: a step's
+    # outputs stay split as its inputs were, and GSPMD runs each device's rows there.
+    shape = jax.eval_shape(initial, self.state)
+    if rows is not None and program.splits_rows:
+      self.slot_shardings = slot_shardings(shape, rows)
+    else:  # on the mesh the model is placed on, if any, whole on each device
+      where = getattr(next(iter(jax.tree.leaves(self.state)), None), "sharding", None)
+      self.slot_shardings = (jax.tree.map(lambda _: NamedSharding(where.mesh, PartitionSpec()), shape)
+                             if isinstance(where, NamedSharding) else None)
+    self.slots_shape = shape if rows is None else jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shape, self.slot_shardings)
+    placed = self._placed
+    self._init = jax.jit(lambda state: placed(initial(state)))
 
     def admit(state, slots, rows_A, prompts_AW, lengths_A, seeds_A, units_A):
-      return program.insert(nnx.merge(graphdef, state), slots, rows_A, prompts_AW, lengths_A, row_keys(seeds_A),
-                            units_A)
+      return placed(program.insert(nnx.merge(graphdef, state), slots, rows_A, prompts_AW, lengths_A,
+                                   row_keys(seeds_A), units_A))
 
     self._admit = jax.jit(admit, donate_argnums=1)
 
@@ -115,7 +140,7 @@ class Engine:
 
       def body(carry):
         slots, steps, calls = carry
-        return program.step(model, slots), steps + 1, calls + program.step_calls(slots)
+        return placed(program.step(model, slots)), steps + 1, calls + program.step_calls(slots)
 
       return jax.lax.while_loop(cond, body, (slots, jnp.int32(0), jnp.int32(0)))
 
@@ -130,7 +155,7 @@ class Engine:
 
       def call(state, slots, operands, *, kind, size, width):
         """The call and the plan of the step after it (the host uses the step's last call's)."""
-        slots = program.call(nnx.merge(graphdef, state), slots, kind, (size, width), operands)
+        slots = placed(program.call(nnx.merge(graphdef, state), slots, kind, (size, width), operands))
         return slots, planned(slots)
 
       self._call = jax.jit(call, static_argnames=("kind", "size", "width"), donate_argnums=1)
@@ -143,6 +168,10 @@ class Engine:
     self.admissions: list[int] = []
     self.compile_seconds = 0.0
 
+  def _placed(self, slots):
+    """`slots` constrained to `slot_shardings` (inside a traced program), or as they are."""
+    return slots if self.slot_shardings is None else jax.lax.with_sharding_constraint(slots, self.slot_shardings)
+
   def _compile(self, key, lower) -> Any:
     if key not in self._compiled:
       start = time.perf_counter()
@@ -153,10 +182,9 @@ class Engine:
   def _admission(self, size: int, width: int):
     """The prefill of `size` rows of prompts `width` wide, compiled on first use (per width at most
     ceil(log2(num_slots)) + 1 sizes)."""
-    slots = jax.eval_shape(self._init, self.state)
     rows = jax.ShapeDtypeStruct((size,), jnp.int32)
     return self._compile(("admit", size, width), lambda: self._admit.lower(
-        self.state, slots, rows, jax.ShapeDtypeStruct((size, width), jnp.int32), rows,
+        self.state, self.slots_shape, rows, jax.ShapeDtypeStruct((size, width), jnp.int32), rows,
         jax.ShapeDtypeStruct((size,), jnp.uint32), rows))
 
   def check(self, request: Request) -> None:
@@ -189,7 +217,8 @@ class Engine:
     """The call of `kind` on `size` rows over `width` slots (a host-stepped program's class), compiled on first
     use."""
     return self._compile(("call", kind, size, width), lambda: self._call.lower(
-        self.state, jax.eval_shape(self._init, self.state), jax.eval_shape(lambda: operands), kind=kind,
+        self.state, self.slots_shape, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), operands), kind=kind,
         size=size, width=width))
 
   def _advance_on_host(self, slots, watched, limit: int):
@@ -237,12 +266,11 @@ class Engine:
       self.check(request)
     self.compile_seconds = 0.0
     self._compile("init", lambda: self._init.lower(self.state))
-    slots_shape = jax.eval_shape(self._init, self.state)
     if self.host_steps:
-      self._compile("plan", lambda: self._plan.lower(slots_shape))
+      self._compile("plan", lambda: self._plan.lower(self.slots_shape))
     else:
       self._compile("advance", lambda: self._advance.lower(
-          self.state, slots_shape, jax.ShapeDtypeStruct((self.num_slots,), bool), jnp.int32(0)))
+          self.state, self.slots_shape, jax.ShapeDtypeStruct((self.num_slots,), bool), jnp.int32(0)))
     start, compiled_before = time.perf_counter(), self.compile_seconds
     elapsed = lambda: time.perf_counter() - start - (self.compile_seconds - compiled_before)  # noqa: E731
     slots = self._compiled["init"](self.state)

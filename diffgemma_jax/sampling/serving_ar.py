@@ -40,6 +40,7 @@ class ARProgram:
   """The jittable functions of the AR engine for one `ARConfig` (its `max_new_tokens`: the most any request may
   ask for) and EOS id."""
   admission_calls = 1  # an admission prefills its prompts in one model call
+  splits_rows = True  # every step is per row (no row reads another's): slots may be split over devices
 
   def __init__(self, cfg: ARConfig, *, eos_id: int | None):
     self.cfg, self.eos_id = cfg, eos_id

@@ -59,6 +59,7 @@ class CanvasProgram:
   """The jittable functions of the canvas engine for one `CanvasConfig` (its `num_canvases`: the most any request
   may ask for) and special ids."""
   admission_calls = 1  # an admission prefills its prompts in one model call
+  splits_rows = True  # every step is per row (no row reads another's): slots may be split over devices
 
   def __init__(self, cfg: CanvasConfig, *, mask_id: int, eos_id: int | None, pad_id: int = 0):
     self.cfg, self.mask_id, self.eos_id, self.pad_id = cfg, mask_id, eos_id, pad_id
@@ -174,10 +175,10 @@ class CanvasProgram:
     if self.stop_at_eos:
       result_Bb = pad_after_eos(result_Bb, self.eos_id, self.pad_id)
       ended_B = ended_B | (finished_B & has_eos(result_Bb, self.eos_id))
-    rows_B = jnp.arange(B)
     out_BG = select_rows(finished_B, write_window(slots.out_BG, result_Bb, slots.canvas_index_B * b), slots.out_BG)
-    steps_BC = slots.steps_BC.at[rows_B, slots.canvas_index_B].set(
-        jnp.where(finished_B, step_B, slots.steps_BC[rows_B, slots.canvas_index_B]))
+    # elementwise (no gather or scatter across rows): each device writes its own slots' counts
+    this_canvas_BC = jnp.arange(slots.steps_BC.shape[1]) == slots.canvas_index_B[:, None]
+    steps_BC = jnp.where(finished_B[:, None] & this_canvas_BC, step_B[:, None], slots.steps_BC)
 
     # COMMIT rows: the next canvas starts (the request's key split once, as `canvas.generate` does per canvas).
     next_rng, canvas_key = split_keys(slots.rng_B)

@@ -69,6 +69,9 @@ class MaskedProgram:
   rows' own width, and more classes of call a run may compile, each on first use)."""
   admission_calls = 0  # the first step refreshes the row: no prefill
   host_steps = True  # the engine runs `plan` and each planned `call` from the host (module docstring)
+  # Its calls gather a class of rows from anywhere in the slots (`rows`), which with the slots split over
+  # devices would move rows between them at every call: the engine keeps this program's slots where the model is.
+  splits_rows = False
 
   def __init__(self, cfg: SamplerConfig, *, mask_id: int, eos_id: int | None, pad_id: int = 0,
                num_widths: int = NUM_WIDTHS):
