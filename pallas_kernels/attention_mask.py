@@ -128,13 +128,15 @@ class MaskSpec:
       return self.starts
     if not q.has_canvas:
       return q.positions
-    B, L = q.positions.shape
     key = (q.segment_ids, q.blocks, q.canvas.astype(jnp.int32))
-    changed = jnp.zeros((B, L), bool).at[:, 1:].set(
+    L = q.positions.shape[1]
+    changed = jnp.zeros(q.positions.shape, bool).at[:, 1:].set(
         jnp.any(jnp.stack([k[:, 1:] != k[:, :-1] for k in key]), axis=0))
-    run_BL = jnp.cumsum(changed, axis=1) + (jnp.arange(B) * L)[:, None]
-    run_min = jax.ops.segment_min(q.positions.reshape(-1), run_BL.reshape(-1), num_segments=B * L)
-    starts = run_min[run_BL.reshape(-1)].reshape(B, L)
+    run_BL = jnp.cumsum(changed, axis=1)
+    # per row (vmapped: rows split over devices stay split; one segment_min over the flattened batch made every
+    # device scatter into, and all-reduce, a [B * L] array of the whole batch at every layer)
+    run_min_BL = jax.vmap(lambda p, r: jax.ops.segment_min(p, r, num_segments=L))(q.positions, run_BL)
+    starts = jnp.take_along_axis(run_min_BL, run_BL, axis=1)
     return jnp.where(q.canvas, starts, q.positions).astype(q.positions.dtype)
 
   def dense(self) -> jax.Array:

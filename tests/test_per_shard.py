@@ -343,6 +343,36 @@ def test_a_data_parallel_step_gathers_nothing():
   assert "all-reduce" in hlo
 
 
+def _collectives(hlo: str) -> list[str]:
+  """The result shapes of the collectives of a compiled program's text."""
+  return re.findall(r"= (\(.*?\)|\S+) (?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
+                    r"(?:-start)?\(", hlo)
+
+
+@needs_eight
+def test_row_reductions_stay_on_their_devices():
+  """Per-row segment reductions over rows split on a 4-way data mesh run on each device's rows: a canvas mask's
+  window starts (every sliding layer of the block objectives) need no collective at all, and the SFT loss's
+  per-example sums only scalar ones (once made over the flattened batch, every device scattered into a [B * L]
+  array of the whole batch and all-reduced it); both equal the unsplit values."""
+  from diffgemma_jax.objectives.rows import normalise_loss  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  spec = _canvas_clean_window()
+  placed = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("data"))), spec)
+  starts = jax.jit(lambda s: s.window_starts())
+  assert _collectives(starts.lower(placed).compile().as_text()) == []
+  np.testing.assert_array_equal(starts(placed), spec.window_starts())
+  rng = np.random.default_rng(0)
+  contrib = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
+  segments = jnp.asarray(np.sort(rng.integers(0, 3, (4, 32)), axis=1), jnp.int32)
+  scored = jnp.asarray(rng.random((4, 32)) < 0.5)
+  args = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (contrib * scored, scored, segments)]
+  loss = jax.jit(normalise_loss)
+  shapes = _collectives(loss.lower(*args).compile().as_text())
+  assert shapes and all(re.fullmatch(r"\(?([a-z0-9]+\[\](\{[^}]*\})?(, )?)+\)?", s) for s in shapes), shapes
+  np.testing.assert_allclose(loss(*args), normalise_loss(contrib * scored, scored, segments), rtol=1e-6)
+
+
 @needs_eight
 def test_balanced_bound_equals_unbalanced_and_one_device():
   """Held-out bounds (`make_bound_fn`, the trainer's and diffgemma-evaluate's) of the AR baseline (exact NLL) on a

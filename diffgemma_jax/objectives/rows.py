@@ -42,10 +42,11 @@ def normalise_loss(contrib_BL, scored_BL, segments_BL=None):
   examples that have any."""
   if segments_BL is None:
     return jnp.sum(contrib_BL) / jnp.maximum(jnp.sum(scored_BL), 1)
-  B, L = contrib_BL.shape
-  example = (jnp.arange(B)[:, None] * (L + 1) + segments_BL).reshape(-1)  # segment ids are at most L
-  total = jax.ops.segment_sum(contrib_BL.reshape(-1), example, num_segments=B * (L + 1))
-  count = jax.ops.segment_sum(scored_BL.reshape(-1).astype(jnp.float32), example, num_segments=B * (L + 1))
+  L = contrib_BL.shape[1]
+  # per row (vmapped, so rows split over devices stay split), segment ids at most L
+  per_row = jax.vmap(lambda values, segments: jax.ops.segment_sum(values, segments, num_segments=L + 1))
+  total = per_row(contrib_BL, segments_BL)
+  count = per_row(scored_BL.astype(jnp.float32), segments_BL)
   has_response = count > 0
   per_token = jnp.where(has_response, total / jnp.maximum(count, 1.0), 0.0)
   return jnp.sum(per_token) / jnp.maximum(jnp.sum(has_response), 1)
