@@ -124,9 +124,14 @@ def _chunk_attention(spec: MaskSpec, num_keys: int, key_block: int, spans: tuple
       B, padded = kv_tokens.segment_ids.shape
       index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (B, padded))
       if width is not None:  # the chunk's first `width` blocks (a permutation of all: no block twice)
-        rows = jnp.arange(B, dtype=jnp.int32)[:, None] * (padded // key_block)
-        take = lambda x: x.reshape((B * (padded // key_block), key_block) + x.shape[2:])[  # noqa: E731
-            rows + blocks[:, :width]].reshape((B, width * key_block) + x.shape[2:])
+        # Per row (vmapped: a gather whose row axis is a batching axis). Indexing the batch flattened to
+        # [B * blocks] made GSPMD build every row's gathered keys on every device and all-reduce them: at
+        # DiffusionGemma's sizes, terabytes a step on 8 devices.
+        def take(x):
+          def row(x_S, blocks_W):
+            x_JK = x_S.reshape((padded // key_block, key_block) + x_S.shape[1:])
+            return x_JK[blocks_W].reshape((width * key_block,) + x_S.shape[1:])
+          return jax.vmap(row)(x, blocks[:, :width])
         k, v, kv_tokens, index = take(k), take(v), jax.tree.map(take, kv_tokens), take(index)
       mask_BCS = dataclasses.replace(spec, kv=kv_tokens).dense_rows(q_tokens, starts) & (index < num_keys)[:, None]
       return attention_reference(q_chunk, k, v, mask_BCS, precision=precision)

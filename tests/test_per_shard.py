@@ -374,6 +374,32 @@ def test_row_reductions_stay_on_their_devices():
 
 
 @needs_eight
+def test_chunked_attention_on_split_rows_moves_no_keys():
+  """The chunked path's forward and backward on rows split over a 4-way data mesh (the block objectives' [canvas ;
+  clean] rows with a window, chunks of 16 on key blocks of 8: narrow spans gathered per chunk) equal one device's,
+  and their only collectives are the small integer one choosing each chunk's span (the widest any row needs) and
+  the scalar loss's. The
+  span gather once indexed the batch flattened to [B * blocks], so every device built every row's gathered keys
+  and values and all-reduced them, at every chunk of every layer."""
+  from pallas_kernels import chunked_attention  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  spec = _canvas_clean_window()
+  q, k, v, cotangent = _inputs(spec, 4, 2, 8, jnp.float32)
+  fn = lambda q, k, v, s: chunked_attention(q, k, v, s, chunk=16, key_block=8)  # noqa: E731
+  expected = _value_and_grads(fn, spec, q, k, v, cotangent)
+  rows = NamedSharding(mesh, P("data"))
+  placed_spec = jax.tree.map(lambda a: jax.device_put(a, rows), spec)
+  placed = [jax.device_put(a, rows) for a in (q, k, v, cotangent)]
+  got = _value_and_grads(fn, placed_spec, *placed)
+  for what, a, b in zip(["out", "dq", "dk", "dv"], jax.tree.leaves(got), jax.tree.leaves(expected)):
+    _close(a, b, what)
+  loss = lambda q, k, v, s: jnp.sum(fn(q, k, v, s) * placed[3])  # noqa: E731
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*placed[:3], placed_spec).compile().as_text()
+  shapes = _collectives(hlo)
+  assert all(not re.search(r"\b(f32|bf16)\[\d", shape) for shape in shapes), shapes  # the loss: f32[]
+
+
+@needs_eight
 def test_balanced_bound_equals_unbalanced_and_one_device():
   """Held-out bounds (`make_bound_fn`, the trainer's and diffgemma-evaluate's) of the AR baseline (exact NLL) on a
   data x context mesh, with and without `mesh.context_load_balance`, equal one device's row by row."""
