@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import sys
@@ -33,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from diffgemma_jax.model import attention_impl, dispatch
 from diffgemma_jax.objectives.block import block_ids
 from diffgemma_jax.parallel import make_mesh
-from diffgemma_jax.parallel import balance, per_shard
+from diffgemma_jax.parallel import balance, collectives, per_shard
 from pallas_kernels import MaskSpec
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -340,7 +341,26 @@ def test_a_data_parallel_step_gathers_nothing():
   hlo = compiled.step.lower(compiled.init_state(), batch, jax.random.key(0)).compile().as_text()
   gathers = [line.split("metadata")[0] for line in hlo.splitlines() if "all-gather" in line]
   assert not gathers, gathers[:3]
-  assert "all-reduce" in hlo
+  assert set(collectives.summary(collectives.inventory(hlo))) == {"all-reduce"}
+
+
+@needs_eight
+def test_collectives_benchmark_reads_a_configs_step(capsys):
+  """bench/collectives.py compiles a config's step on its mesh (pretrain_tiny, scanned layers, data 2 x fsdp 4)
+  and reports what it moves: the fsdp parameters' all-gathers, each run once per layer of the scan, the
+  gradients' reductions, and their bytes against the parameters a device holds."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+  import collectives as bench_collectives  # pylint: disable=import-outside-toplevel
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain_tiny.py")
+  assert bench_collectives.main(["--config", config, "--json", "--config.mesh.shape=(2,4,1,1)",
+                                 "--config.model.scan_layers=True", "--config.train.batch_size=8"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+  assert {"all-gather", "all-reduce"} <= set(report["by_kind"])
+  gathers = report["by_kind"]["all-gather"]
+  assert gathers["runs"] > gathers["ops"]  # the scan's gathers run once per layer
+  assert report["bytes_per_step"] == sum(k["bytes"] for k in report["by_kind"].values()) > 0
+  assert 0 < report["param_bytes_per_device"] and report["ratio_moved_to_params"] > 0
 
 
 def _collectives(hlo: str) -> list[str]:
