@@ -549,3 +549,8 @@ def test_a_readers_own_batch_size_is_checked_against_the_mesh_by_its_flag(tiny_c
   check_mesh_fits(config, mesh, training=False, eval_batch=(16, "--batch_size"))
   with pytest.raises(ConfigError, match=r"^--batch_size=4 is not divisible by the data-parallel size 8 "):
     check_mesh_fits(config, mesh, training=False, eval_batch=(4, "--batch_size"))
+  # a reader with no evaluation batch (generation) is not held to eval.batch_size
+  odd = load_config(tiny_config_file, {"eval.batch_size": "6"})
+  with pytest.raises(ConfigError, match=r"^eval\.batch_size=6 is not divisible"):
+    check_mesh_fits(odd, mesh, training=False)
+  check_mesh_fits(odd, mesh, training=False, check_eval_batch=False)

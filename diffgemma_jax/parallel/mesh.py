@@ -85,22 +85,24 @@ def _hybrid_device_array(shape, dcn_shape: tuple[int, ...], axes, devices) -> np
 
 
 def mesh_from_config(config, *, training: bool = True, objective_rows: bool = True,
-                     eval_batch: tuple[int, str] | None = None) -> Mesh:
+                     eval_batch: tuple[int, str] | None = None, check_eval_batch: bool = True) -> Mesh:
   """The run's mesh over every device of every process, checked against the model and the batch sizes
   (`check_mesh_fits`)."""
   mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes), dcn_shape=tuple(config.mesh.get("dcn_shape", ())))
-  check_mesh_fits(config, mesh, training=training, objective_rows=objective_rows, eval_batch=eval_batch)
+  check_mesh_fits(config, mesh, training=training, objective_rows=objective_rows, eval_batch=eval_batch,
+                  check_eval_batch=check_eval_batch)
   return mesh
 
 
 def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows: bool = True,
-                    eval_batch: tuple[int, str] | None = None) -> None:
+                    eval_batch: tuple[int, str] | None = None, check_eval_batch: bool = True) -> None:
   """Errors a user can fix, before anything compiles: experts and batch rows must split evenly over the mesh.
   `objective_rows`: also whether the rows the objective's loss and bound hand the model balance over a context
   axis (`_check_rows_balance`, which traces the objective: about a second); off for a reader that never runs the
   objective (generation), which such rows must not refuse. `eval_batch`: (rows per evaluation batch, the flag
   that set them) of a reader with a batch size of its own (the scorer's `--batch_size`), in place of
-  eval.batch_size."""
+  eval.batch_size; `check_eval_batch=False` for a reader with no evaluation batch (generation places a model whose
+  batches split where they fit: `Generator.rows_sharding`)."""
   shape = dict(mesh.shape)
   experts = shape.get("expert", 1)
   if int(config.model.num_experts) % experts:
@@ -118,7 +120,7 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows
     _check_rows_balance(config, mesh)
   rows = math.prod(shape.get(a, 1) for a in BATCH_AXES)
   eval_rows, eval_key = eval_batch or (int(config.eval.batch_size), "eval.batch_size")
-  if int(eval_rows) % rows:
+  if check_eval_batch and int(eval_rows) % rows:
     raise ConfigError(f"{eval_key}={eval_rows} is not divisible by the data-parallel size {rows} "
                       f"(data x fsdp x expert of mesh.shape={tuple(config.mesh.shape)}); use a multiple of {rows}")
   if not training:

@@ -247,7 +247,7 @@ def restore_model(config, workdir: str, step: int | None = None):
   config, run = read_run(config, workdir, step)
   graphdef, abstract = split_model(abstract_model(ModelConfig.from_config_dict(config.model)))
   # no evaluation batch to check: generation has none, and the scorer checks its own (--batch_size)
-  mesh = mesh_from_config(config, training=False, objective_rows=False, eval_batch=(0, "no evaluation batch"))
+  mesh = mesh_from_config(config, training=False, objective_rows=False, check_eval_batch=False)
   params = run.restore_params(abstract, shardings_for(abstract, mesh))
   return nnx.merge(graphdef, params), run.step
 
