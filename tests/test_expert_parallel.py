@@ -19,7 +19,8 @@ import pytest
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import dispatch
 from diffgemma_jax.parallel import make_mesh
-from diffgemma_jax.parallel.expert import expert_capacity, expert_parallel_routed_experts, plan_sends
+from diffgemma_jax.parallel.expert import (expert_capacity, expert_parallel_routed_experts, plan_sends,
+                                          replicated_token_routed_experts)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import rerun_on_eight_devices  # noqa: E402  pylint: disable=wrong-import-position
@@ -95,6 +96,28 @@ def test_dropless_matches_single_device(mesh_name, backend):
   for name, g, g_ref in zip(("x", "combine weights", "w_gate_up", "w_down"), grads, grads_ref):
     assert g.shape == g_ref.shape, name
     _close(g, g_ref)
+
+
+@needs_eight
+@pytest.mark.parametrize("mesh_name,backend", [("expert8", "dense"), ("fsdp2_expert4", "sorted"),
+                                               ("data2_fsdp2_expert2", "ragged")])
+def test_replicated_tokens_on_their_experts_shards_match_single_device(mesh_name, backend):
+  """Tokens that do not split over the mesh (a sampler's 3 rows) run on every expert shard against its own experts,
+  the parts summed over `expert`: value and gradients equal single-device dispatch, and no expert weight is
+  gathered over `expert`."""
+  mesh = make_mesh(MESHES[mesh_name])
+  p = dict(_problem(), x=_problem()["x"][:3], ids=_problem()["ids"][:3], weights=_problem()["weights"][:3])
+
+  def fn(q):
+    return replicated_token_routed_experts(q["x"], q["ids"], q["weights"], q["w_gate_up"], q["w_down"], mesh=mesh,
+                                           backend=backend, compute_dtype=jnp.float32)
+  y, grads = _loss_and_grads(fn, p)
+  y_ref, grads_ref = _loss_and_grads(_reference, p)
+  _close(y, y_ref)
+  for name, g, g_ref in zip(("x", "combine weights", "w_gate_up", "w_down"), grads, grads_ref):
+    _close(g, g_ref)
+  hlo = jax.jit(fn).lower(p).compile().as_text()
+  assert not re.search(rf"= f32\[{E},\d+,\d+\]\S* all-gather", hlo)
 
 
 def _direct_kept(ids, num_token_shards: int, num_expert_shards: int, capacity: int):

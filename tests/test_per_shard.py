@@ -646,3 +646,44 @@ def test_serving_splits_the_slots_over_the_data_axis_with_one_devices_tokens(sam
   for key, program in engine._compiled.items():
     gathers = [line.split("metadata")[0] for line in program.as_text().splitlines() if "all-gather" in line]
     assert not gathers, (key, gathers[:3])
+
+
+@needs_eight
+@pytest.mark.parametrize("batch", [8, 3])
+def test_generation_on_an_expert_mesh_keeps_the_experts_on_their_shards(batch):
+  """A model built for an 8-way expert mesh (its experts split over `expert`, the grouped `sorted` dispatch,
+  dropless), as `restore_model` builds one, samples a batch that splits over the devices (8 rows: expert-parallel dispatch)
+  and one that does not (3 rows: every shard runs its own experts on every token,
+  `expert.replicated_token_routed_experts`) with one device's tokens, and the compiled samplers gather no expert
+  weights: under GSPMD the sorted dispatch gathered every expert's weights on every device at every model call."""
+  import dataclasses as dc  # pylint: disable=import-outside-toplevel
+
+  from flax import nnx
+
+  from diffgemma_jax.model import build_model
+  from diffgemma_jax.model.transformer import abstract_model
+  from diffgemma_jax.parallel.placement import placement_for
+  from diffgemma_jax.parallel.rules import shardings_for
+  from diffgemma_jax.sampling.requests import GenerationOptions, Generator, validate_options
+  from diffgemma_jax.train.state import split_model
+  from test_batched_generation import MASK, PAD, TINY
+  cfg = dc.replace(TINY, num_experts=8, dispatch="sorted")
+  model = build_model(cfg, 0)
+  _, params = split_model(model)
+  mesh = make_mesh((1, 1, 8, 1), ("data", "fsdp", "expert", "tensor"))
+  graphdef, _ = split_model(abstract_model(dc.replace(cfg, dropless=True), placement_for(mesh)))  # as restore_model
+  placed = nnx.merge(graphdef, jax.device_put(params, shardings_for(params, mesh)))
+  rng = np.random.default_rng(4)
+  prompts = [[2] + rng.integers(5, cfg.vocab_size, n - 1).tolist() for n in (4, 9, 4, 6, 9, 3, 5, 4)[:batch]]
+  for sampler, objective in (("ar", "ar"), ("block_threshold", "block")):
+    options = validate_options(GenerationOptions(sampler=sampler, gen_length=16, block_length=8, seed=3), objective,
+                               block_size=8)
+    one, split = (Generator(m, mask_id=MASK, eos_id=7, pad_id=PAD) for m in (model, placed))
+    expected, got = one.run(prompts, options), split.run(prompts, options)
+    for row, (a, b) in enumerate(zip(expected, got)):
+      assert (b["ids"], b["model_calls"]) == (a["ids"], a["model_calls"]), f"{sampler} row {row}"
+    hlo = split._compiled[next(iter(split._compiled))].as_text()
+    shapes = [shape for shape, kind in re.findall(r"= (\(.*?\)|\S+) (all-gather|all-reduce|all-to-all)\(", hlo)
+              if kind == "all-gather"]
+    # expert weights or their tiles: [E = 8, ., .] (a row-split activation [T, D] may be gathered back)
+    assert not any(re.search(r"\b(f32|bf16)\[8,\d+,\d+\]", shape) for shape in shapes), (sampler, shapes)

@@ -296,6 +296,37 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
   return fn(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD)
 
 
+def replicated_token_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD, *,
+                                    mesh: Mesh, backend: str, compute_dtype) -> jax.Array:
+  """`dispatch.routed_experts` with the experts split over the mesh's `expert` axis, for tokens that do not split
+  over the token axes (sampling fewer rows than devices): every expert shard sees every token, runs the (token, k)
+  assignments routed to its own experts, and a psum over `expert` adds the shards' parts. Never drops.
+
+  The experts' weights stay where they are. Under GSPMD instead, a dispatch it cannot split by expert (the grouped
+  kernels, the sorted tile loop) gathers every expert's weights on every device at every model call: at
+  DiffusionGemma's sizes 22.8B parameters a call. The `fsdp` slices of the local experts are gathered as in
+  training (`gather_fsdp_slices`)."""
+  T, K = expert_ids_TK.shape
+  E, D, _ = w_gate_up_EDF2.shape
+  check_expert_parallel(mesh, E)
+  gate_up_spec, down_spec = expert_weight_specs(mesh, D)
+
+  def body(x, ids, weights, w_gate_up, w_down):
+    w_gate_up, w_down = gather_fsdp_slices(w_gate_up, w_down, gate_up_spec, compute_dtype)
+    num_local = w_gate_up.shape[0]
+    local_A = ids.reshape(T * K).astype(jnp.int32) - jax.lax.axis_index(EXPERT_AXIS) * num_local
+    mine_A = (local_A >= 0) & (local_A < num_local)
+    y_AD = _local_experts(jnp.repeat(x.astype(compute_dtype), K, axis=0), jnp.where(mine_A, local_A, num_local),
+                          w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
+    return jax.lax.psum(_combine(y_AD, mine_A, weights), EXPERT_AXIS).astype(x.dtype)
+
+  # unchecked replication: the fsdp gather's custom VJP leaves its output typed as varying over fsdp, though every
+  # fsdp shard holds the same weights and so computes the same sum (the tests compare with one device)
+  fn = shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), gate_up_spec, down_spec), out_specs=P(), check_vma=False)
+  return fn(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD)
+
+
 __all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity",
                           "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
-                          "expert_weight_specs", "gather_fsdp_slices", "shard_map", "token_axes")
+                          "expert_weight_specs", "gather_fsdp_slices", "replicated_token_routed_experts", "shard_map",
+                          "token_axes")

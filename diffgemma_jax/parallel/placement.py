@@ -3,8 +3,10 @@
 Rows of the residual stream stay split over the batch axes between sublayers (`rules.constrain`). The fused
 attention kernel runs per shard (`per_shard.sharded_attend`). The MoE layers dispatch expert-parallel
 (`expert.expert_parallel_routed_experts`) with an `expert` mesh axis > 1, else each token shard dispatches its own
-tokens (`per_shard.token_parallel_routed_experts`), whenever the tokens split over the token axes; otherwise
-(sampling one sequence on an 8-device mesh, say) they dispatch under GSPMD, which computes the same function.
+tokens (`per_shard.token_parallel_routed_experts`), whenever the tokens split over the token axes. Otherwise
+(sampling one sequence on an 8-device mesh, say) every expert shard runs its own experts on every token
+(`expert.replicated_token_routed_experts`) with an `expert` axis > 1, and they dispatch under GSPMD without one;
+both compute the same function.
 With a `context` axis and `context_load_balance` (`mesh.context_load_balance`), rows whose attention work grows
 along them run in the balanced order of `parallel/balance.py`.
 """
@@ -58,6 +60,9 @@ class MeshPlacement(Placement):
       return per_shard.token_parallel_routed_experts(*args, mesh=self.mesh, backend=backend,
                                                      compute_dtype=compute_dtype), 0
     if not expert.dispatches_expert_parallel(self.mesh, x_TD.shape[0]):
+      if expert.expert_shards(self.mesh) > 1:  # tokens replicated, experts kept on their shards
+        return expert.replicated_token_routed_experts(*args, mesh=self.mesh, backend=backend,
+                                                      compute_dtype=compute_dtype), 0
       return super().routed_experts(*args, backend=backend, compute_dtype=compute_dtype,
                                     capacity_factor=capacity_factor, dropless=dropless, collective=collective)
     return expert.expert_parallel_routed_experts(*args, mesh=self.mesh, backend=backend, compute_dtype=compute_dtype,

@@ -26,6 +26,7 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.lora import SUFFIX as LORA_SUFFIX
 from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.parallel.mesh import mesh_from_config
+from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
@@ -242,12 +243,16 @@ def read_run(config, workdir: str, step: int | None = None) -> tuple[Any, SavedR
 
 def restore_model(config, workdir: str, step: int | None = None):
   """(model, step): the denoiser with the parameters of `step` (default: the latest complete checkpoint) of the
-  run in `workdir`, placed on the config's mesh (the generation and scoring readers; the scorer checks its own
-  mesh against the objective's rows, `scoring.Scorer`)."""
+  run in `workdir`, placed on the config's mesh and built for it, dispatching its experts dropless (the generation
+  and scoring readers; the scorer checks its own mesh against the objective's rows, `scoring.Scorer`)."""
   config, run = read_run(config, workdir, step)
-  graphdef, abstract = split_model(abstract_model(ModelConfig.from_config_dict(config.model)))
   # no evaluation batch to check: generation has none, and the scorer checks its own (--batch_size)
   mesh = mesh_from_config(config, training=False, objective_rows=False, check_eval_batch=False)
+  # Built for the mesh, as the trainer's model: the experts dispatch on their shards, the table's uses from its
+  # slices, the fused kernels per shard (`parallel/placement.py`). Dropless: a reader's expert-parallel dispatch
+  # never drops a token at a full buffer, so a sample or a score is the model's function on any mesh.
+  cfg = dataclasses.replace(ModelConfig.from_config_dict(config.model), dropless=True)
+  graphdef, abstract = split_model(abstract_model(cfg, placement_for(mesh, config)))
   params = run.restore_params(abstract, shardings_for(abstract, mesh))
   return nnx.merge(graphdef, params), run.step
 
