@@ -612,7 +612,8 @@ def test_serving_splits_the_slots_over_the_data_axis_with_one_devices_tokens(sam
   the same engine on one device. The AR and canvas engines hold their 8 slots one per device: every program is
   compiled for slot state split over the data axis (the KV cache on its row axis, the other fields on their first),
   and no step gathers anything across devices (per-row cache writes and the router's top-k stay on each device).
-  The masked engine, whose calls gather a class of rows from any slots, keeps its slots where the model is."""
+  The masked engine, whose calls gather a class of rows from any slots, keeps its slots where the model is (8
+  slots, and 3)."""
   from flax import nnx
 
   from diffgemma_jax.model import build_model
@@ -636,6 +637,10 @@ def test_serving_splits_the_slots_over_the_data_axis_with_one_devices_tokens(sam
   assert next(iter(one._engines.values())).slot_shardings is None
   if sampler == "threshold":
     assert engine.slot_shardings.cache[0][0].is_equivalent_to(NamedSharding(mesh, P()), 5)
+    # 3 slots (not split): every program, the host-stepped plan included, compiled for the model's mesh
+    for a, b in zip(one.serve(prompts[:4], options, 3, budgets=budgets[:4]),
+                    split.serve(prompts[:4], options, 3, budgets=budgets[:4])):
+      assert (b["ids"], b["model_calls"]) == (a["ids"], a["model_calls"])
     return
   rows, cache = NamedSharding(mesh, P(("data",))), NamedSharding(mesh, P(None, ("data",)))
   assert engine.slot_shardings.cache[0][0].is_equivalent_to(cache, 5)

@@ -151,7 +151,8 @@ class Engine:
     self.host_steps = getattr(program, "host_steps", False)
     if self.host_steps:
       planned = lambda slots: (program.plan(slots), program.active(slots), slots.done_B)  # noqa: E731
-      self._plan = jax.jit(planned)
+      # placed explicitly: lowered from slots alone, replicated, it would compile for one device
+      self._plan = jax.jit(planned, in_shardings=None if self.slot_shardings is None else (self.slot_shardings,))
 
       def call(state, slots, operands, *, kind, size, width):
         """The call and the plan of the step after it (the host uses the step's last call's)."""
