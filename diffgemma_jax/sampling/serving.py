@@ -118,7 +118,7 @@ class Engine:
       where = getattr(next(iter(jax.tree.leaves(self.state)), None), "sharding", None)
       self.slot_shardings = (jax.tree.map(lambda _: NamedSharding(where.mesh, PartitionSpec()), shape)
                              if isinstance(where, NamedSharding) else None)
-    self.slots_shape = shape if rows is None else jax.tree.map(
+    self.slots_shape = shape if self.slot_shardings is None else jax.tree.map(
         lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shape, self.slot_shardings)
     placed = self._placed
     self._init = jax.jit(lambda state: placed(initial(state)))
@@ -151,8 +151,7 @@ class Engine:
     self.host_steps = getattr(program, "host_steps", False)
     if self.host_steps:
       planned = lambda slots: (program.plan(slots), program.active(slots), slots.done_B)  # noqa: E731
-      # placed explicitly: lowered from slots alone, replicated, it would compile for one device
-      self._plan = jax.jit(planned, in_shardings=None if self.slot_shardings is None else (self.slot_shardings,))
+      self._plan = jax.jit(planned)
 
       def call(state, slots, operands, *, kind, size, width):
         """The call and the plan of the step after it (the host uses the step's last call's)."""
