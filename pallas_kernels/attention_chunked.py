@@ -125,8 +125,8 @@ def _chunk_attention(spec: MaskSpec, num_keys: int, key_block: int, spans: tuple
       index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (B, padded))
       if width is not None:  # the chunk's first `width` blocks (a permutation of all: no block twice)
         # Per row (vmapped: a gather whose row axis is a batching axis). Indexing the batch flattened to
-        # [B * blocks] made GSPMD build every row's gathered keys on every device and all-reduce them: at
-        # DiffusionGemma's sizes, terabytes a step on 8 devices.
+        # [B * blocks] made GSPMD build every row's gathered keys on every device and all-reduce them: most of the
+        # 576 GiB a step per device `bench/collectives.py` counted for the 26B config on 8 devices.
         def take(x):
           def row(x_S, blocks_W):
             x_JK = x_S.reshape((padded // key_block, key_block) + x_S.shape[1:])

@@ -72,11 +72,9 @@ class Generator:
     are placed on, when that mesh has several devices there and they divide `batch_size`; else None (one device,
     or a batch they do not divide: every device then runs every row). Each device then samples only its rows,
     as in training, instead of all of them: an 8-GPU host generates a batch of 32 four rows per GPU."""
-    leaf = next(iter(jax.tree.leaves(self.state)), None)
-    sharding = getattr(leaf, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
+    mesh = serving.placed_mesh(self.state)
+    if mesh is None:
       return None
-    mesh = sharding.mesh
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     size = math.prod(mesh.shape[a] for a in axes)
     if size <= 1 or batch_size % size:

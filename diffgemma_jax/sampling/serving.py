@@ -83,6 +83,12 @@ def prefill_rows(model, cache, rows_A, prompts_AW, lengths_A):
   return logits, jax.tree.map(lambda full, part: full.at[:, rows_A, :W].set(part, mode="drop"), cache, cache_A)
 
 
+def placed_mesh(state):
+  """The mesh a model's parameters are placed on (their NamedSharding's), or None (one device, or unplaced)."""
+  sharding = getattr(next(iter(jax.tree.leaves(state)), None), "sharding", None)
+  return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
 def slot_shardings(slots, rows: NamedSharding):
   """The shardings of a program's slot state (a NamedTuple whose first field, `cache`, is the KV cache
   [repeats, B, S, K, H] per layer; every other array field has the row axis first) that split its B rows as `rows`
@@ -115,9 +121,9 @@ class Engine:
     if rows is not None and program.splits_rows:
       self.slot_shardings = slot_shardings(shape, rows)
     else:  # on the mesh the model is placed on, if any, whole on each device
-      where = getattr(next(iter(jax.tree.leaves(self.state)), None), "sharding", None)
-      self.slot_shardings = (jax.tree.map(lambda _: NamedSharding(where.mesh, PartitionSpec()), shape)
-                             if isinstance(where, NamedSharding) else None)
+      mesh = placed_mesh(self.state)
+      self.slot_shardings = None if mesh is None else jax.tree.map(
+          lambda _: NamedSharding(mesh, PartitionSpec()), shape)
     self.slots_shape = shape if self.slot_shardings is None else jax.tree.map(
         lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shape, self.slot_shardings)
     placed = self._placed
