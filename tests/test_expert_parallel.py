@@ -19,8 +19,9 @@ import pytest
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model import dispatch
 from diffgemma_jax.parallel import make_mesh
-from diffgemma_jax.parallel.expert import (expert_capacity, expert_parallel_routed_experts, plan_sends,
-                                          replicated_token_routed_experts)
+from diffgemma_jax.parallel import expert
+from diffgemma_jax.parallel.expert import (Capacity, expert_capacity, expert_parallel_routed_experts, plan_pairs,
+                                          replicated_token_routed_experts, routed_share)
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import rerun_on_eight_devices  # noqa: E402  pylint: disable=wrong-import-position
@@ -120,36 +121,59 @@ def test_replicated_tokens_on_their_experts_shards_match_single_device(mesh_name
   assert not re.search(rf"= f32\[{E},\d+,\d+\]\S* all-gather", hlo)
 
 
-def _direct_kept(ids, num_token_shards: int, num_expert_shards: int, capacity: int):
-  """Kept (token, k) assignments by a plain loop: in each token shard, in token-major order, the first `capacity`
-  assignments to each destination shard survive."""
+def _direct_kept(ids, num_token_shards: int, num_expert_shards: int, capacity: Capacity):
+  """Kept (token, k) assignments by a plain loop, and how many were dropped on the way and at the receiver.
+
+  Token shards are consecutive blocks of rows, and each run of `num_expert_shards` of them exchanges tokens (the
+  expert axis is the last token axis on every mesh tested). A source sends each destination shard the first
+  `capacity.send` of its tokens (in token order) that route there, once per token; the destination takes the
+  assignments of what it received slot by slot (the first token of every source, then the second, ...), in k
+  order, until `capacity.receive` are taken."""
+  S = num_expert_shards
+  per_expert, per_shard = E // S, ids.shape[0] // num_token_shards
   kept = np.zeros(ids.shape, bool)
-  per_shard = ids.shape[0] // num_token_shards
-  for shard in range(num_token_shards):
-    used = [0] * num_expert_shards
-    for t in range(shard * per_shard, (shard + 1) * per_shard):
-      for k in range(ids.shape[1]):
-        dest = ids[t, k] // (E // num_expert_shards)
-        kept[t, k] = used[dest] < capacity
-        used[dest] += 1
-  return kept
+  on_the_way = here = 0
+  for group in range(0, num_token_shards, S):
+    sent = {}
+    for source in range(group, group + S):
+      for t in range(source * per_shard, (source + 1) * per_shard):
+        for dest in set(ids[t] // per_expert):
+          tokens = sent.setdefault((source, dest), [])
+          if len(tokens) < capacity.send:
+            tokens.append(t)
+          else:
+            on_the_way += int(np.sum(ids[t] // per_expert == dest))
+    for dest in range(S):
+      taken = 0
+      for c in range(capacity.send):
+        for source in range(group, group + S):
+          tokens = sent.get((source, dest), [])
+          for k in range(ids.shape[1]) if c < len(tokens) else ():
+            if ids[tokens[c], k] // per_expert == dest:
+              kept[tokens[c], k] = taken < capacity.receive
+              here += int(taken >= capacity.receive)
+              taken += 1
+  return kept, on_the_way, here
 
 
 @needs_eight
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
 def test_capacity_drops_match_direct_count(capacity_factor):
+  """Skewed routing over-fills both buffers: the assignments dropped on the way (a source's rows past the send
+  capacity) and at the receiver (past its receive capacity) are the ones a plain loop names, and each contributes
+  nothing to its token's output."""
   mesh = make_mesh(MESHES["fsdp2_expert4"])
   p = _problem(seed=1, skew=2.0)
   token_shards, expert_shards = 8, 4
-  capacity = expert_capacity(T // token_shards, K, expert_shards, capacity_factor, dropless=False)
-  assert capacity == int(np.ceil(capacity_factor * (T // token_shards) * K / expert_shards))
+  capacity = expert_capacity(T // token_shards, K, E, expert_shards, capacity_factor, dropless=False)
 
   def fn(x, weights, w_gate_up, w_down):
     return expert_parallel_routed_experts(x, p["ids"], weights, w_gate_up, w_down, mesh=mesh, backend="sorted",
                                           compute_dtype=jnp.float32, capacity_factor=capacity_factor)
   y, dropped = jax.jit(fn)(p["x"], p["weights"], p["w_gate_up"], p["w_down"])
-  kept = _direct_kept(np.asarray(p["ids"]), token_shards, expert_shards, capacity)
-  assert int(dropped) == int((~kept).sum()) > 0
+  kept, on_the_way, here = _direct_kept(np.asarray(p["ids"]), token_shards, expert_shards, capacity)
+  assert int(dropped) == int((~kept).sum()) == on_the_way + here
+  assert here > 0 and (on_the_way > 0 or capacity_factor == 1.0), (on_the_way, here)
   # A dropped assignment contributes nothing: the reference with its combine weight zeroed.
   _close(y, _reference(p, weights=p["weights"] * jnp.asarray(kept, jnp.float32)))
 
@@ -166,21 +190,64 @@ def test_ample_capacity_drops_nothing():
 
 
 def test_expert_capacity():
-  assert expert_capacity(8, 2, 4, 1.0, dropless=False) == 4
-  assert expert_capacity(8, 2, 4, 1.25, dropless=False) == 5
-  assert expert_capacity(8, 2, 4, 100.0, dropless=False) == 16  # never above the worst case
-  assert expert_capacity(8, 2, 4, 0.01, dropless=False) == 1
-  assert expert_capacity(8, 2, 4, 0.5, dropless=True) == 16
+  """8 tokens a shard, top-2 of 8 experts over 4 shards: a token routes to a given shard with chance
+  1 - C(6,2)/C(8,2) = 13/28, so an even routing sends 8 * 13/28 = 3.71 rows to each shard and each shard runs
+  8 * 2 = 16 assignments."""
+  assert routed_share(8, 2, 4) == pytest.approx(13 / 28)
+  assert routed_share(128, 8, 8) == pytest.approx(0.6674, abs=1e-4)  # DiffusionGemma over 8 expert shards
+  assert routed_share(8, 2, 8) == pytest.approx(2 / 8)  # one expert a shard: every assignment is its own pair
+  assert expert_capacity(8, 2, 8, 4, 1.0, dropless=False) == Capacity(4, 16)
+  assert expert_capacity(8, 2, 8, 4, 1.25, dropless=False) == Capacity(5, 20)
+  assert expert_capacity(8, 2, 8, 4, 100.0, dropless=False) == Capacity(8, 64)  # never above the worst case
+  assert expert_capacity(8, 2, 8, 4, 0.01, dropless=False) == Capacity(1, 1)
+  assert expert_capacity(8, 2, 8, 4, 0.5, dropless=True) == Capacity(8, 64)
+  assert expert_capacity(8, 8, 128, 8, 1.0, dropless=True) == Capacity(8, 8 * 8 * 8)
   with pytest.raises(ConfigError, match="capacity_factor"):
-    expert_capacity(8, 2, 4, 0.0, dropless=False)
+    expert_capacity(8, 2, 8, 4, 0.0, dropless=False)
 
 
-def test_plan_sends_orders_by_destination_then_token():
-  ids = jnp.asarray([[3, 0], [1, 2], [0, 3]], jnp.int32)  # 2 experts per shard, 2 shards
-  plan = plan_sends(ids, experts_per_shard=2, num_shards=2)
-  assert plan.counts_S.tolist() == [3, 3]
-  assert plan.order_A.tolist() == [1, 2, 4, 0, 3, 5]
-  assert plan.slot_A.tolist() == [0, 0, 1, 1, 2, 2]
+def test_plan_pairs_sends_a_token_once_per_destination():
+  ids = jnp.asarray([[3, 0], [1, 2], [0, 3], [1, 0]], jnp.int32)  # 2 experts per shard, 2 shards
+  plan = plan_pairs(ids, experts_per_shard=2, num_shards=2)
+  assert plan.dest_TK.tolist() == [[1, 0], [0, 1], [0, 1], [0, 0]]
+  assert plan.first_TK.tolist() == [[True, True], [True, True], [True, True], [True, False]]
+  assert plan.rank_TK.tolist() == [[0, 0], [1, 1], [2, 2], [3, 3]]
+  assert plan.counts_S.tolist() == [4, 3]
+
+
+def _ragged_all_to_all_by_padding(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                  axis_name):
+  """`jax.lax.ragged_all_to_all` (its documented semantics) from fixed-size all_to_alls, for XLA:CPU: every
+  destination's slice padded to the operand's length, sent with where it goes on the receiver."""
+  del recv_sizes  # what the senders' send_sizes say
+  N = operand.shape[0]
+  i = jnp.arange(N)
+  valid_SN = i[None, :] < send_sizes[:, None]
+  blocks = operand[jnp.clip(input_offsets[:, None] + i[None, :], 0, N - 1)]
+  blocks = jnp.where(valid_SN.reshape(valid_SN.shape + (1,) * (operand.ndim - 1)), blocks, 0)
+  exchange = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0, concat_axis=0, tiled=True)
+  blocks, offsets_S, sizes_S = exchange(blocks), exchange(output_offsets), exchange(send_sizes)
+  target = jnp.where(i[None, :] < sizes_S[:, None], offsets_S[:, None] + i[None, :], output.shape[0])
+  return output.at[target].set(blocks, mode="drop")
+
+
+@needs_eight
+@pytest.mark.parametrize("mesh_name,backend", [("expert8", "dense"), ("data2_fsdp2_expert2", "sorted")])
+def test_ragged_path_matches_single_device_with_an_emulated_collective(mesh_name, backend, monkeypatch):
+  """The ragged path's offsets and sizes (what XLA:CPU cannot run) with an all_to_all emulation of the collective:
+  value and gradients equal single-device dispatch, and nothing is dropped."""
+  monkeypatch.setattr(expert, "_ragged_all_to_all", _ragged_all_to_all_by_padding)
+  mesh = make_mesh(MESHES[mesh_name])
+  p = _problem(seed=4, skew=1.0)
+  y, grads = _loss_and_grads(_ep(mesh, backend, collective="ragged_all_to_all"), p)
+  y_ref, grads_ref = _loss_and_grads(_reference, p)
+  _close(y, y_ref)
+  for g, g_ref in zip(grads, grads_ref):
+    _close(g, g_ref)
+  _, dropped = jax.jit(lambda p: expert_parallel_routed_experts(
+      p["x"], p["ids"], p["weights"], p["w_gate_up"], p["w_down"], mesh=mesh, backend=backend,
+      compute_dtype=jnp.float32, collective="ragged_all_to_all"))(p)
+  assert int(dropped) == 0
 
 
 @needs_eight
@@ -302,8 +369,8 @@ def test_three_train_steps_match_single_device(mesh_name, single_device_run):
 
 @needs_eight
 def test_capacity_limited_train_step_drops_and_reports(single_device_run, monkeypatch):
-  """Expert parallelism with a capacity of one row per (token shard, expert shard): each step drops what a plain
-  loop over the router's choices in that step says (`_direct_kept`, capacity 1), and reports it; the router's
+  """Expert parallelism with a capacity of one row per (token shard, expert shard) and one assignment received per
+  shard: each step drops what a plain loop over the router's choices in that step says (`_direct_kept`), and reports it; the router's
   choices are read off the compiled step by a host callback."""
   from diffgemma_jax.model import moe
   routed = []
@@ -319,7 +386,11 @@ def test_capacity_limited_train_step_drops_and_reports(single_device_run, monkey
   run = _train_three_steps(shape, dropless=False, capacity_factor=0.01)
   assert run["all_to_all"] and len(routed) == TRAIN_STEPS
   token_shards = int(np.prod(shape[:3]))
-  expected = [float((~_direct_kept(ids, token_shards, shape[2], capacity=1)).sum()) for ids in routed]
+  c, cfg, _ = _train_setup()
+  capacity = expert_capacity(c.train.batch_size * c.train.seq_len // token_shards, cfg.top_k, cfg.num_experts,
+                             shape[2], 0.01, dropless=False)
+  assert capacity == Capacity(1, 1)
+  expected = [float((~_direct_kept(ids, token_shards, shape[2], capacity)[0]).sum()) for ids in routed]
   assert run["dropped"] == expected and min(expected) > 0, (run["dropped"], expected)
   assert abs(run["losses"][0] - single_device_run["losses"][0]) > 1e-3  # the drops change the result
   assert all(np.all(np.isfinite(g)) for step_grads in run["grads"] for g in step_grads)

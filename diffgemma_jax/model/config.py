@@ -56,9 +56,11 @@ class ModelConfig:
   top_k: int = 2
   expert_dim: int = 128
   dispatch: str = "auto"
-  # Expert parallelism (a mesh whose `expert` axis is > 1): rows each shard may send to each expert shard are
-  # ceil(capacity_factor * local tokens * top_k / expert shards); the excess is dropped and counted. `dropless`
-  # sizes the buffers for the worst case instead. `ragged_all_to_all` sends exactly the routed rows (GPU/TPU only).
+  # Expert parallelism (a mesh whose `expert` axis is > 1): a token travels once to each expert shard it routes to.
+  # capacity_factor times what an even routing needs sizes the buffers: the rows each shard may send to each expert
+  # shard and the (token, expert) assignments each shard may run (`parallel.expert.expert_capacity`); the excess
+  # is dropped and counted. `dropless` sizes them for the worst case instead. `ragged_all_to_all` sends exactly
+  # the routed rows (GPU/TPU only).
   capacity_factor: float = 2.0
   dropless: bool = False
   expert_collective: str = "all_to_all"

@@ -1,21 +1,30 @@
-"""Expert-parallel MoE dispatch: routed tokens travel to the shard that owns their expert and back.
+"""Expert-parallel MoE dispatch: routed tokens travel to the shards that own their experts and back.
 
 Outside the MoE, token rows are split over every batch axis (`data`, `fsdp`, `expert`); the expert weights are split
 over `expert` (experts) and `fsdp` (the embed dimension). Inside one `shard_map`, each shard:
 
-  1. sorts its local (token, k) assignments by destination shard (expert id // experts per shard), keeping token
-     order within a destination, so the assignments dropped at a full destination are the latest tokens';
-  2. packs the rows into a [shards, capacity, D] buffer with the local expert id of each row beside it
-     (capacity = ceil(capacity_factor * T_local * K / shards); dropless: T_local * K, the worst case);
-  3. exchanges buffers with `all_to_all` over `expert`, gathers the fsdp slices of its experts' weights;
-  4. sorts the received rows by local expert and runs `dispatch.grouped_geglu`, the single-device backends;
-  5. sends the results back with `all_to_all` and combines the k outputs of each token in float32.
+  1. pairs each local token with the destination shards that own any of its top-k experts (`plan_pairs`): a token
+     travels once to each such shard, not once per expert, with the local ids and combine weights of the experts
+     it has there. At DiffusionGemma's top-8 of 128 experts over 8 shards a token reaches 5.3 shards on average,
+     so a third fewer rows travel than (token, k) assignments;
+  2. packs the pairs into a [shards, capacity.send, D] buffer, by destination, in token order (so the pairs a full
+     buffer drops are the latest tokens'), and exchanges it with `all_to_all` over `expert`; gathers the fsdp
+     slices of its experts' weights;
+  3. expands what it received into (row, local expert) assignments, at most `capacity.receive` of them (taken slot
+     by slot across sources, so a full shard drops every source's latest tokens alike), runs them grouped by
+     expert through `dispatch.grouped_geglu` (the single-device backends), and weights and sums each row's outputs
+     in float32;
+  4. sends one row per pair back with `all_to_all`; each token adds the rows of its pairs in float32.
 
-`collective="ragged_all_to_all"` sends exactly the routed rows instead of fixed-capacity buffers (dropless). XLA:CPU
-has no ragged all-to-all, so it is refused on CPU meshes.
+`expert_capacity` sizes both buffers from `model.capacity_factor` and an even routing; `dropless` takes the worst
+case (every token to every shard), which is T_local rows per destination: what fixed capacity 1.0 already sends at
+top-8 over 8 shards.
 
-Assignments past a destination's capacity contribute nothing to their token's output; their number, summed over all
-shards, is returned so the trainer can log it.
+`collective="ragged_all_to_all"` sends exactly the pairs instead of fixed-capacity buffers (dropless). XLA:CPU has
+no ragged all-to-all, so it is refused on CPU meshes.
+
+Assignments past either capacity contribute nothing to their token's output; their number, summed over all shards,
+is returned so the trainer can log it.
 """
 
 from __future__ import annotations
@@ -66,15 +75,36 @@ def dispatches_expert_parallel(mesh: Mesh, num_tokens: int) -> bool:
   return num_tokens % math.prod(mesh.shape[a] for a in token_axes(mesh)) == 0
 
 
-def expert_capacity(tokens_per_shard: int, top_k: int, num_expert_shards: int, capacity_factor: float,
-                    dropless: bool) -> int:
-  """Rows one shard may send to each destination shard. Dropless is the worst case: every assignment to one."""
-  worst = tokens_per_shard * top_k
+class Capacity(NamedTuple):
+  """Static buffer sizes of fixed-capacity expert-parallel dispatch on one shard."""
+  send: int  # token rows it may send each destination shard (a token travels once per shard it routes to)
+  receive: int  # (token, expert) assignments it may run through its own experts, from all sources together
+
+
+def routed_share(num_experts: int, top_k: int, num_expert_shards: int) -> float:
+  """The chance that a token routes to a given expert shard when its top_k distinct experts are spread evenly:
+  1 - C(E - E/S, k) / C(E, k). Times the tokens per shard, the rows one shard sends each destination shard under
+  an even routing (at DiffusionGemma's 128 experts, top-8 over 8 shards: 0.667, against top_k/S = 1.0 rows a
+  token if every (token, k) assignment travelled)."""
+  local = num_experts // num_expert_shards
+  return 1.0 - math.comb(num_experts - local, top_k) / math.comb(num_experts, top_k)
+
+
+def expert_capacity(tokens_per_shard: int, top_k: int, num_experts: int, num_expert_shards: int,
+                    capacity_factor: float, dropless: bool) -> Capacity:
+  """`capacity_factor` times what an even routing needs: ceil(cf * T_local * routed_share) rows to each
+  destination, ceil(cf * T_local * top_k) assignments received; never above the worst case (every local token to
+  every destination, each naming min(top_k, E/S) of its experts), which is what `dropless` takes."""
+  local_experts = num_experts // num_expert_shards
+  send_worst = tokens_per_shard
   if dropless:
-    return worst
+    return Capacity(send_worst, num_expert_shards * send_worst * min(top_k, local_experts))
   if capacity_factor <= 0:
     raise ConfigError(f"model.capacity_factor={capacity_factor}: must be > 0 (or set model.dropless=True)")
-  return max(1, min(worst, math.ceil(capacity_factor * worst / num_expert_shards)))
+  share = routed_share(num_experts, top_k, num_expert_shards)
+  send = max(1, min(send_worst, math.ceil(capacity_factor * tokens_per_shard * share)))
+  receive_worst = num_expert_shards * send * min(top_k, local_experts)
+  return Capacity(send, max(1, min(receive_worst, math.ceil(capacity_factor * tokens_per_shard * top_k))))
 
 
 def check_expert_parallel(mesh: Mesh, num_experts: int, num_tokens: int | None = None,
@@ -86,7 +116,7 @@ def check_expert_parallel(mesh: Mesh, num_experts: int, num_tokens: int | None =
                       f"choose mesh.shape with an expert size that divides {num_experts}")
   if collective not in COLLECTIVES:
     raise ConfigError(f"model.expert_collective={collective!r}: valid collectives are {COLLECTIVES}")
-  if collective == "ragged_all_to_all":
+  if collective == "ragged_all_to_all" and _ragged_all_to_all is jax.lax.ragged_all_to_all:
     platforms = {d.platform for d in mesh.devices.flat}
     if "cpu" in platforms:
       raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all "
@@ -98,33 +128,53 @@ def check_expert_parallel(mesh: Mesh, num_experts: int, num_tokens: int | None =
                         f"({' x '.join(token_axes(mesh))}); make the batch size divisible by {rows}")
 
 
-class SendPlan(NamedTuple):
-  """Where each of one shard's A = T*K assignments (token-major, k-minor) goes."""
-  order_A: jax.Array  # assignments sorted by destination shard, token order kept within a destination
-  dest_A: jax.Array  # destination shard of each assignment
-  slot_A: jax.Array  # its row in the destination's buffer
-  counts_S: jax.Array  # assignments per destination shard
-  starts_S: jax.Array  # first sorted position of each destination
+# The collective the ragged path calls; tests put an emulation built from all_to_all here to run that path on CPU.
+_ragged_all_to_all = jax.lax.ragged_all_to_all
 
 
-def plan_sends(expert_ids_TK, experts_per_shard: int, num_shards: int) -> SendPlan:
-  ids_A = expert_ids_TK.reshape(-1).astype(jnp.int32)
-  A = ids_A.shape[0]
-  dest_A = ids_A // experts_per_shard
-  order_A = jnp.argsort(dest_A, stable=True).astype(jnp.int32)
-  counts_S = jnp.sum(dest_A[:, None] == jnp.arange(num_shards, dtype=jnp.int32)[None, :], axis=0, dtype=jnp.int32)
-  starts_S = jnp.cumsum(counts_S) - counts_S
-  rank_sorted_A = jnp.arange(A, dtype=jnp.int32) - starts_S[dest_A[order_A]]
-  slot_A = jnp.zeros((A,), jnp.int32).at[order_A].set(rank_sorted_A)
-  return SendPlan(order_A, dest_A, slot_A, counts_S, starts_S)
+class PairPlan(NamedTuple):
+  """One shard's (token, destination shard) pairs. A token travels once to each shard that owns any of its top-k
+  experts, carrying the ids and combine weights of the experts it has there; the destination weights and sums its
+  experts' outputs, so one row comes back per pair."""
+  dest_TK: jax.Array  # destination shard of each (token, k) assignment
+  first_TK: jax.Array  # whether k is the token's first choice on that shard (the one that stands for the pair)
+  rank_TK: jax.Array  # the pair's rank among this shard's pairs to that destination, in token order
+  counts_S: jax.Array  # pairs per destination shard
+
+
+def plan_pairs(expert_ids_TK, experts_per_shard: int, num_shards: int) -> PairPlan:
+  ids_TK = expert_ids_TK.astype(jnp.int32)
+  T, K = ids_TK.shape
+  dest_TK = ids_TK // experts_per_shard
+  hits_TS = jnp.any(dest_TK[:, :, None] == jnp.arange(num_shards, dtype=jnp.int32), axis=1)
+  rank_TS = jnp.cumsum(hits_TS, axis=0, dtype=jnp.int32) - 1
+  same_TKK = dest_TK[:, :, None] == dest_TK[:, None, :]
+  earlier_KK = jnp.arange(K)[None, :] < jnp.arange(K)[:, None]  # [k, k']: k' comes before k
+  first_TK = ~jnp.any(same_TKK & earlier_KK[None], axis=2)
+  return PairPlan(dest_TK, first_TK, jnp.take_along_axis(rank_TS, dest_TK, axis=1),
+                  jnp.sum(hits_TS, axis=0, dtype=jnp.int32))
 
 
 def _inverse_permutation(order):
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
+def _pair_rows(x_TD, expert_ids_TK, combine_weights_TK, token_P, dest_P, num_local: int, compute_dtype):
+  """What travels for each pair slot (token `token_P`, T for an empty slot, to shard `dest_P`): the token's row,
+  and for each k the local id of its expert on that shard (`num_local` where the expert is elsewhere, or the slot
+  is empty) with its combine weight (0 there)."""
+  T = x_TD.shape[0]
+  valid_P = token_P < T
+  token_P = jnp.minimum(token_P, T - 1)
+  ids_PK = expert_ids_TK.astype(jnp.int32)[token_P]
+  mine_PK = valid_P[:, None] & (ids_PK // num_local == dest_P[:, None])
+  x_PD = jnp.where(valid_P[:, None], x_TD.astype(compute_dtype)[token_P], 0)
+  return (x_PD, jnp.where(mine_PK, ids_PK % num_local, num_local),
+          jnp.where(mine_PK, combine_weights_TK.astype(jnp.float32)[token_P], 0.0))
+
+
 def _local_experts(rows_RD, local_expert_R, w_gate_up_EDF2, w_down_EFD, *, backend, compute_dtype):
-  """Received rows through this shard's experts; rows marked E_local (empty buffer slots) give zeros.
+  """Rows through this shard's experts; rows marked E_local (empty buffer slots) give zeros.
 
   `dense` (the reference) runs every local expert on every row; the grouped backends sort the rows by local expert
   first, exactly as single-device dispatch does.
@@ -150,65 +200,95 @@ def _combine(y_AD, kept_A, combine_weights_TK):
   return jnp.einsum("TKD,TK->TD", y_AD.reshape(T, K, -1), combine_weights_TK.astype(jnp.float32))
 
 
-def _all_to_all_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down, *, capacity: int, backend,
+def _received_pairs(x_RD, local_RK, weights_RK, capacity: int, w_gate_up, w_down, *, backend, compute_dtype):
+  """The pair rows a shard received, through its experts: each row once per local expert it names, the first
+  `capacity` (row, k) assignments in row order kept and the rest dropped; the outputs weighted and summed per row
+  in float32. Returns ([R, D] in compute_dtype, the number of assignments dropped here)."""
+  R, K = local_RK.shape
+  num_local = w_gate_up.shape[0]
+  named_J = (local_RK < num_local).reshape(R * K)
+  position_J = jnp.cumsum(named_J, dtype=jnp.int32) - 1
+  kept_J = named_J & (position_J < capacity)
+  target_J = jnp.where(kept_J, position_J, capacity)  # out of range: not written
+  row_X = jnp.full((capacity,), R, jnp.int32).at[target_J].set(jnp.arange(R * K, dtype=jnp.int32) // K, mode="drop")
+  expert_X = jnp.full((capacity,), num_local, jnp.int32).at[target_J].set(local_RK.reshape(R * K), mode="drop")
+  weight_X = jnp.zeros((capacity,), jnp.float32).at[target_J].set(weights_RK.reshape(R * K), mode="drop")
+  y_XD = _local_experts(x_RD[jnp.minimum(row_X, R - 1)], expert_X, w_gate_up, w_down, backend=backend,
+                        compute_dtype=compute_dtype)
+  # Rows of X run in row order (the empty tail carries row R, which segment_sum drops).
+  y_RD = jax.ops.segment_sum(y_XD.astype(jnp.float32) * weight_X[:, None], row_X, num_segments=R,
+                             indices_are_sorted=True)
+  return y_RD.astype(compute_dtype), jnp.sum(named_J & ~kept_J, dtype=jnp.int32)
+
+
+def _combine_pairs(y_PD, token_P, num_tokens: int):
+  """y[t] = the sum of the rows that came back for t's pairs, in float32 (empty slots carry token T: dropped)."""
+  return jax.ops.segment_sum(y_PD.astype(jnp.float32), token_P, num_segments=num_tokens)
+
+
+def _all_to_all_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down, *, capacity: Capacity, backend,
                          compute_dtype):
   """Body of the shard_map for fixed-capacity all_to_all; local views of every array."""
   T, K = expert_ids_TK.shape
   num_shards = jax.lax.psum(1, EXPERT_AXIS)
   num_local = w_gate_up.shape[0]
-  plan = plan_sends(expert_ids_TK, num_local, num_shards)
-  A = T * K
-  ids_A = expert_ids_TK.reshape(A).astype(jnp.int32)
+  plan = plan_pairs(expert_ids_TK, num_local, num_shards)
+  C = capacity.send
+  # Slot (s, c) of the send buffer holds the c-th token (in token order) that routes to shard s; a pair past the
+  # capacity is not written, and all of its assignments are dropped.
+  token_TK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K))
+  slot_TK = jnp.where(plan.first_TK, plan.dest_TK * C + plan.rank_TK, num_shards * C)
+  slot_TK = jnp.where(plan.rank_TK < C, slot_TK, num_shards * C)
+  token_P = jnp.full((num_shards * C,), T, jnp.int32).at[slot_TK.reshape(-1)].set(token_TK.reshape(-1), mode="drop")
+  dest_P = jnp.repeat(jnp.arange(num_shards, dtype=jnp.int32), C)
+  sends = _pair_rows(x_TD, expert_ids_TK, combine_weights_TK, token_P, dest_P, num_local, compute_dtype)
 
-  # Gather the buffer rows: slot (s, c) holds the c-th assignment sent to shard s, if there is one.
-  slot_C = jnp.arange(capacity, dtype=jnp.int32)
-  valid_SC = slot_C[None, :] < plan.counts_S[:, None]
-  assign_SC = plan.order_A[jnp.clip(plan.starts_S[:, None] + slot_C[None, :], 0, A - 1)]
-  x_send_SCD = jnp.where(valid_SC[..., None], x_TD.astype(compute_dtype)[assign_SC // K], 0)
-  expert_send_SC = jnp.where(valid_SC, ids_A[assign_SC] % num_local, num_local)
+  def exchange(a):  # [S * C, ...] by destination -> [S * C, ...] by source
+    a = a.reshape((num_shards, C) + a.shape[1:])
+    return jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True).reshape((num_shards * C,) + a.shape[2:])
 
-  x_recv_SCD = jax.lax.all_to_all(x_send_SCD, EXPERT_AXIS, 0, 0, tiled=True)
-  expert_recv_SC = jax.lax.all_to_all(expert_send_SC, EXPERT_AXIS, 0, 0, tiled=True)
-  S, C, D = x_recv_SCD.shape
-  y_recv_RD = _local_experts(x_recv_SCD.reshape(S * C, D), expert_recv_SC.reshape(S * C), w_gate_up, w_down,
-                             backend=backend, compute_dtype=compute_dtype)
-  y_back_RD = jax.lax.all_to_all(y_recv_RD.reshape(S, C, D), EXPERT_AXIS, 0, 0, tiled=True).reshape(S * C, D)
-
-  kept_A = plan.slot_A < capacity
-  y_AD = y_back_RD[plan.dest_A * capacity + jnp.minimum(plan.slot_A, capacity - 1)]
-  return _combine(y_AD, kept_A, combine_weights_TK), jnp.sum(~kept_A, dtype=jnp.int32)
+  x_RD, local_RK, weights_RK = map(exchange, sends)
+  # Slot-major order (c, then source), so a full receive buffer drops the latest tokens of every source alike.
+  by_slot = lambda a: a.reshape((num_shards, C) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape)  # noqa: E731
+  y_RD, dropped_here = _received_pairs(by_slot(x_RD), by_slot(local_RK), by_slot(weights_RK), capacity.receive,
+                                       w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
+  y_RD = y_RD.reshape((C, num_shards) + y_RD.shape[1:]).swapaxes(0, 1).reshape(y_RD.shape)
+  y_PD = exchange(y_RD)
+  dropped_on_the_way = jnp.sum(plan.rank_TK >= C, dtype=jnp.int32)
+  return _combine_pairs(y_PD, token_P, T), dropped_on_the_way + dropped_here
 
 
 def _ragged_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down, *, backend, compute_dtype):
-  """Body of the shard_map for ragged_all_to_all: exactly the routed rows travel; never drops."""
+  """Body of the shard_map for ragged_all_to_all: exactly the pairs travel; never drops."""
   T, K = expert_ids_TK.shape
-  A = T * K
   num_shards = jax.lax.psum(1, EXPERT_AXIS)
   num_local = w_gate_up.shape[0]
-  plan = plan_sends(expert_ids_TK, num_local, num_shards)
-  ids_A = expert_ids_TK.reshape(A).astype(jnp.int32)
-  x_sorted_AD = x_TD.astype(compute_dtype)[plan.order_A // K]
-  expert_sorted_A = ids_A[plan.order_A] % num_local
+  plan = plan_pairs(expert_ids_TK, num_local, num_shards)
+  P_max = T * min(K, num_shards)  # every token to min(k, shards) destinations
+  starts_S = jnp.cumsum(plan.counts_S) - plan.counts_S
+  token_TK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K))
+  slot_TK = jnp.where(plan.first_TK, starts_S[plan.dest_TK] + plan.rank_TK, P_max).reshape(-1)
+  token_P = jnp.full((P_max,), T, jnp.int32).at[slot_TK].set(token_TK.reshape(-1), mode="drop")
+  dest_P = jnp.full((P_max,), num_shards, jnp.int32).at[slot_TK].set(plan.dest_TK.reshape(-1), mode="drop")
+  sends = _pair_rows(x_TD, expert_ids_TK, combine_weights_TK, token_P, dest_P, num_local, compute_dtype)
 
   counts_SS = jax.lax.all_gather(plan.counts_S, EXPERT_AXIS)  # [source, destination]
   me = jax.lax.axis_index(EXPERT_AXIS)
   before_SS = jnp.cumsum(counts_SS, axis=0) - counts_SS  # rows of lower sources ahead in each destination
   recv_sizes_S = counts_SS[:, me]
   recv_starts_S = jnp.cumsum(recv_sizes_S) - recv_sizes_S
-  R = num_shards * A  # the worst case: every source sends all its rows here
-  D = x_TD.shape[-1]
-  args = (plan.starts_S, plan.counts_S, before_SS[me], recv_sizes_S)
-  x_recv_RD = jax.lax.ragged_all_to_all(x_sorted_AD, jnp.zeros((R, D), compute_dtype), *args, axis_name=EXPERT_AXIS)
-  expert_recv_R = jax.lax.ragged_all_to_all(expert_sorted_A, jnp.full((R,), num_local, jnp.int32), *args,
-                                            axis_name=EXPERT_AXIS)
-  y_recv_RD = _local_experts(x_recv_RD, expert_recv_R, w_gate_up, w_down, backend=backend,
-                             compute_dtype=compute_dtype)
+  R = num_shards * T  # the worst case: every source sends each of its tokens here
+  args = (starts_S, plan.counts_S, before_SS[me], recv_sizes_S)
+  x_RD, local_RK, weights_RK = (
+      _ragged_all_to_all(a, jnp.full((R,) + a.shape[1:], fill, a.dtype), *args, axis_name=EXPERT_AXIS)
+      for a, fill in zip(sends, (0, num_local, 0)))
+  y_RD, _ = _received_pairs(x_RD, local_RK, weights_RK, R * min(K, num_local), w_gate_up, w_down, backend=backend,
+                            compute_dtype=compute_dtype)
   # Back: what came from source s returns to where s keeps its rows for this shard.
   source_starts_S = (jnp.cumsum(counts_SS, axis=1) - counts_SS)[:, me]
-  y_sorted_AD = jax.lax.ragged_all_to_all(y_recv_RD, jnp.zeros((A, D), y_recv_RD.dtype), recv_starts_S,
-                                          recv_sizes_S, source_starts_S, plan.counts_S, axis_name=EXPERT_AXIS)
-  y_AD = y_sorted_AD[_inverse_permutation(plan.order_A)]
-  return _combine(y_AD, jnp.ones((A,), bool), combine_weights_TK), jnp.zeros((), jnp.int32)
+  y_PD = _ragged_all_to_all(y_RD, jnp.zeros((P_max,) + y_RD.shape[1:], y_RD.dtype), recv_starts_S, recv_sizes_S,
+                            source_starts_S, plan.counts_S, axis_name=EXPERT_AXIS)
+  return _combine_pairs(y_PD, token_P, T), jnp.zeros((), jnp.int32)
 
 
 def _weight_spec(mesh: Mesh, num_dims: int, embed_dim_index: int, embed_size: int) -> P:
@@ -286,7 +366,7 @@ def expert_parallel_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_ga
     if collective == "ragged_all_to_all":
       y, dropped = _ragged_dispatch(x, ids, weights, w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
     else:
-      capacity = expert_capacity(tokens_per_shard, K, num_shards, capacity_factor, dropless)
+      capacity = expert_capacity(tokens_per_shard, K, E, num_shards, capacity_factor, dropless)
       y, dropped = _all_to_all_dispatch(x, ids, weights, w_gate_up, w_down, capacity=capacity, backend=backend,
                                         compute_dtype=compute_dtype)
     return y.astype(x.dtype), jax.lax.psum(dropped, rows) if rows else dropped
@@ -326,7 +406,7 @@ def replicated_token_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_g
   return fn(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD)
 
 
-__all__: Sequence[str] = ("COLLECTIVES", "SendPlan", "check_expert_parallel", "expert_capacity",
-                          "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_sends",
-                          "expert_weight_specs", "gather_fsdp_slices", "replicated_token_routed_experts", "shard_map",
-                          "token_axes")
+__all__: Sequence[str] = ("COLLECTIVES", "Capacity", "PairPlan", "check_expert_parallel", "expert_capacity",
+                          "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_pairs",
+                          "routed_share", "expert_weight_specs", "gather_fsdp_slices", "replicated_token_routed_experts",
+                          "shard_map", "token_axes")
