@@ -173,25 +173,26 @@ def _pair_rows(x_TD, expert_ids_TK, combine_weights_TK, token_P, dest_P, num_loc
           jnp.where(mine_PK, combine_weights_TK.astype(jnp.float32)[token_P], 0.0))
 
 
-def _local_experts(rows_RD, local_expert_R, w_gate_up_EDF2, w_down_EFD, *, backend, compute_dtype):
-  """Rows through this shard's experts; rows marked E_local (empty buffer slots) give zeros.
+def _expert_outputs(x_RD, row_N, expert_N, w_gate_up_EDF2, w_down_EFD, *, backend, compute_dtype):
+  """Rows x[row_N] through this shard's experts expert_N (E_local, an empty slot, gives zeros), in the order the
+  backend runs them: returns (y [N, D] float32, order [N]), y[n] being the output of assignment order[n].
 
-  `dense` (the reference) runs every local expert on every row; the grouped backends sort the rows by local expert
-  first, exactly as single-device dispatch does.
+  `dense` (the reference) runs every local expert on every row, in the given order; the grouped backends sort the
+  assignments by local expert first, exactly as single-device dispatch does, and gather each row once, straight
+  into that order.
   """
   num_local = w_gate_up_EDF2.shape[0]
   backend = dispatch.resolve_backend(backend)
   if backend == "dense":  # one_hot of the E_local marker is all zeros, so empty slots get no expert
-    return dispatch.dense_experts(rows_RD, local_expert_R[:, None], jnp.ones(local_expert_R.shape + (1,)),
-                                  w_gate_up_EDF2, w_down_EFD, compute_dtype=compute_dtype)
-  order_R = jnp.argsort(local_expert_R, stable=True)
-  sorted_expert_R = local_expert_R[order_R]
-  group_sizes_E = jnp.sum(sorted_expert_R[:, None] == jnp.arange(num_local, dtype=jnp.int32)[None, :], axis=0,
+    y = dispatch.dense_experts(x_RD[row_N], expert_N[:, None], jnp.ones(expert_N.shape + (1,)), w_gate_up_EDF2,
+                               w_down_EFD, compute_dtype=compute_dtype)
+    return y, jnp.arange(expert_N.shape[0], dtype=jnp.int32)
+  order_N = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
+  group_sizes_E = jnp.sum(expert_N[:, None] == jnp.arange(num_local, dtype=jnp.int32)[None, :], axis=0,
                           dtype=jnp.int32)
   # Empty slots sort last, past sum(group_sizes), where the grouped backends return zeros.
-  y_sorted_RD = dispatch.grouped_geglu(rows_RD[order_R], group_sizes_E, w_gate_up_EDF2, w_down_EFD, backend=backend,
-                                       compute_dtype=compute_dtype)
-  return y_sorted_RD[_inverse_permutation(order_R)]
+  return dispatch.grouped_geglu(x_RD[row_N[order_N]], group_sizes_E, w_gate_up_EDF2, w_down_EFD, backend=backend,
+                                compute_dtype=compute_dtype), order_N
 
 
 def _combine(y_AD, kept_A, combine_weights_TK):
@@ -213,11 +214,10 @@ def _received_pairs(x_RD, local_RK, weights_RK, capacity: int, w_gate_up, w_down
   row_X = jnp.full((capacity,), R, jnp.int32).at[target_J].set(jnp.arange(R * K, dtype=jnp.int32) // K, mode="drop")
   expert_X = jnp.full((capacity,), num_local, jnp.int32).at[target_J].set(local_RK.reshape(R * K), mode="drop")
   weight_X = jnp.zeros((capacity,), jnp.float32).at[target_J].set(weights_RK.reshape(R * K), mode="drop")
-  y_XD = _local_experts(x_RD[jnp.minimum(row_X, R - 1)], expert_X, w_gate_up, w_down, backend=backend,
-                        compute_dtype=compute_dtype)
-  # Rows of X run in row order (the empty tail carries row R, which segment_sum drops).
-  y_RD = jax.ops.segment_sum(y_XD.astype(jnp.float32) * weight_X[:, None], row_X, num_segments=R,
-                             indices_are_sorted=True)
+  y_XD, order_X = _expert_outputs(x_RD, jnp.minimum(row_X, R - 1), expert_X, w_gate_up, w_down, backend=backend,
+                                  compute_dtype=compute_dtype)
+  # Summed per row straight from the backend's order (the empty tail carries row R, which segment_sum drops).
+  y_RD = jax.ops.segment_sum(y_XD.astype(jnp.float32) * weight_X[order_X][:, None], row_X[order_X], num_segments=R)
   return y_RD.astype(compute_dtype), jnp.sum(named_J & ~kept_J, dtype=jnp.int32)
 
 
@@ -396,8 +396,10 @@ def replicated_token_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_g
     num_local = w_gate_up.shape[0]
     local_A = ids.reshape(T * K).astype(jnp.int32) - jax.lax.axis_index(EXPERT_AXIS) * num_local
     mine_A = (local_A >= 0) & (local_A < num_local)
-    y_AD = _local_experts(jnp.repeat(x.astype(compute_dtype), K, axis=0), jnp.where(mine_A, local_A, num_local),
-                          w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
+    y_ND, order_N = _expert_outputs(x.astype(compute_dtype), jnp.arange(T * K, dtype=jnp.int32) // K,
+                                    jnp.where(mine_A, local_A, num_local), w_gate_up, w_down, backend=backend,
+                                    compute_dtype=compute_dtype)
+    y_AD = y_ND[_inverse_permutation(order_N)]
     return jax.lax.psum(_combine(y_AD, mine_A, weights), EXPERT_AXIS).astype(x.dtype)
 
   # unchecked replication: the fsdp gather's custom VJP leaves its output typed as varying over fsdp, though every
