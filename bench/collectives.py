@@ -10,6 +10,11 @@ The ratio it prints is the step's bytes moved by collectives against the bytes o
 (once-per-step all-reduce of a replicated model's gradient would be 1.0x). --devices N fakes N CPU devices (set
 before JAX starts); on a GPU host, leave it out to compile for the real devices. Mind: XLA:CPU forms no
 reduce-scatter, so an FSDP gradient shows as an all-reduce of the whole array here and as a reduce-scatter on GPU.
+
+It also prints the compiled step's temporary buffers per device (XLA's `memory_analysis()`: activations, the
+dispatch's buffers, gradients in flight; not the parameters and optimizer state it is given). XLA:CPU computes
+bfloat16 in float32 and fuses differently, so read a CPU figure as a comparison between two versions of the code
+or two meshes, not as what a GPU needs.
 """
 
 from __future__ import annotations
@@ -54,7 +59,10 @@ def main(argv=None) -> int:
   B, L = int(config.train.batch_size), int(config.train.seq_len)
   batch = {key: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=built.batch_sharding)
            for key in ("tokens", "segment_ids", "positions")}
-  hlo = built.step.lower(built.abstract_state, batch, jax.random.key(0), *built.decay_args()).compile().as_text()
+  compiled = built.step.lower(built.abstract_state, batch, jax.random.key(0), *built.decay_args()).compile()
+  hlo = compiled.as_text()
+  memory = compiled.memory_analysis()  # XLA's own accounting; None where a backend gives none
+  temp = int(memory.temp_size_in_bytes) if memory is not None else None
   found = collectives.inventory(hlo)
   by_kind = collectives.summary(found)
   moved = sum(entry["bytes"] for entry in by_kind.values())
@@ -65,7 +73,7 @@ def main(argv=None) -> int:
   largest = sorted(found, key=lambda c: -c.bytes * c.runs)[:args.top]
   report = {"config": args.config, "mesh": mesh, "batch": [B, L], "platform": jax.devices()[0].platform,
             "by_kind": by_kind, "bytes_per_step": moved, "param_bytes_per_device": held,
-            "ratio_moved_to_params": moved / max(held, 1),
+            "ratio_moved_to_params": moved / max(held, 1), "temp_bytes_per_device": temp,
             "largest": [{"kind": c.kind, "shape": c.shape, "bytes": c.bytes, "runs": c.runs, "op": c.op_name}
                         for c in largest]}
   if args.json:
@@ -77,6 +85,8 @@ def main(argv=None) -> int:
     print(f"{kind:<20}{entry['ops']:>6}{entry['runs']:>8}{entry['bytes'] / 2**20:>14.1f}")
   print(f"moved {moved / 2**20:.1f} MB per step per device; parameters held {held / 2**20:.1f} MB: "
         f"{report['ratio_moved_to_params']:.2f}x")
+  if temp is not None:
+    print(f"temporary buffers {temp / 2**20:.1f} MB per device (XLA's memory analysis of the compiled step)")
   print("largest:")
   for c in largest:
     print(f"  {c.kind:<18} {c.shape[:48]:<48} x{c.runs:<4} {c.bytes * c.runs / 2**20:>9.1f} MB  {c.op_name[-70:]}")

@@ -206,7 +206,7 @@ def _final_params(config_file: str, workdir: str, step: int, overrides: list[str
   _, abstract, shardings = abstract_train_state(ModelConfig.from_config_dict(config.model), tx, make_mesh())
   params = open_run(workdir, step, config=config).restore_params(abstract.params, shardings.params)
   import jax
-  return [np.asarray(x) for x in jax.tree.leaves(params)]
+  return [(jax.tree_util.keystr(path), np.asarray(x)) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _grad_norms(workdir: str) -> dict[int, float]:
@@ -247,8 +247,15 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
     for key in ("eval/bits_per_token", "eval/stderr_bits_per_token", "eval/num_tokens"):
       np.testing.assert_allclose(bounds[1][4][key], bounds[0][4][key], rtol=1e-5, err_msg=key)
   model = _overrides(4, mesh)
-  for a, b in zip(_final_params(tiny_config_file, multi, 4, model), _final_params(tiny_config_file, single, 4, model)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * LEARNING_RATE)
+  for (name, a), (_, b) in zip(_final_params(tiny_config_file, multi, 4, model),
+                               _final_params(tiny_config_file, single, 4, model)):
+    # Every parameter agrees to about 3e-8, except each layer's output scalar: its gradient sums every activation
+    # of the layer and nearly cancels in this tiny model, so AdamW's update, normalised by that gradient's own
+    # size, turns the two runs' different all-reduce order (1e-8 in the gradients) into up to 1.2e-5 after four
+    # steps (measured at the fsdp x expert mesh; 4.8e-6 with the dispatch before pair routing). A resume that lost
+    # or repeated an update would move every parameter by about the learning rate.
+    scalar = "layer_scalar" in name
+    np.testing.assert_allclose(a, b, rtol=0, atol=(0.5 if scalar else 0.1) * LEARNING_RATE, err_msg=name)
 
 
 SBATCH = os.path.join(REPO, "launch", "multihost", "slurm.sbatch")

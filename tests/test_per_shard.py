@@ -361,6 +361,7 @@ def test_collectives_benchmark_reads_a_configs_step(capsys):
   assert gathers["runs"] > gathers["ops"]  # the scan's gathers run once per layer
   assert report["bytes_per_step"] == sum(k["bytes"] for k in report["by_kind"].values()) > 0
   assert 0 < report["param_bytes_per_device"] and report["ratio_moved_to_params"] > 0
+  assert report["temp_bytes_per_device"] > 0  # XLA:CPU gives a memory analysis
 
 
 def _collectives(hlo: str) -> list[str]:
