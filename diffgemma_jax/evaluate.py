@@ -9,7 +9,6 @@ from typing import Any, Callable
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
-from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
@@ -19,7 +18,7 @@ from diffgemma_jax.train.bound_partial import PartialBound
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
 from diffgemma_jax.train.reading import INIT, open_run, read_run
 from diffgemma_jax.train.preemption import StopRequest
-from diffgemma_jax.train.state import init_params, split_model
+from diffgemma_jax.train.state import evaluation_model, init_params
 
 __all__ = ["evaluate", "held_out_bounds", "make_bound_fn", "summarize_bound"]
 
@@ -46,7 +45,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
     config, run = read_run(config, workdir, step)
   model_cfg = ModelConfig.from_config_dict(config.model)
   mesh = mesh_from_config(config, training=False)
-  graphdef, abstract = split_model(abstract_model(model_cfg, placement_for(mesh, config)))
+  graphdef, abstract = evaluation_model(model_cfg, placement_for(mesh, config))
   param_shardings = shardings_for(abstract, mesh)
   if checkpoint:
     run.check_fits(abstract)

@@ -397,6 +397,39 @@ def test_capacity_limited_train_step_drops_and_reports(single_device_run, monkey
 
 
 @needs_eight
+def test_evaluation_is_dropless_where_training_drops():
+  """The held-out bound the trainer and diffgemma-eval compute (`make_bound_fn` on `evaluation_model`) at a capacity
+  that drops most assignments in training (model.capacity_factor=0.01): on an 8-way expert mesh it equals one
+  device's row by row, where the training model's dispatch on the same mesh gives another bound."""
+  from diffgemma_jax.model.config import ModelConfig
+  from diffgemma_jax.model.transformer import abstract_model
+  from diffgemma_jax.objectives import make_objective
+  from diffgemma_jax.parallel.placement import placement_for
+  from diffgemma_jax.train.bound import make_bound_fn
+  from diffgemma_jax.train.state import evaluation_model, split_model
+  c, _, batch = _train_setup()
+  c.model.update(dropless=False, capacity_factor=0.01)
+  cfg = ModelConfig.from_config_dict(c.model)
+  params = jax.device_get(_initial_state().params)
+  objective = make_objective(c.objective, mask_id=4)
+  rows = jnp.arange(8, dtype=jnp.uint32)
+
+  def bound(graphdef, mesh):
+    nelbo, _, tokens = make_bound_fn(graphdef, objective, num_t_samples=2, mesh=mesh)(
+        params, batch, jax.random.key(5), rows)
+    return np.asarray(nelbo), np.asarray(tokens)
+
+  one = make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
+  experts = make_mesh(TRAIN_MESHES["expert8"])
+  nelbo_one, tokens_one = bound(evaluation_model(cfg, placement_for(one))[0], one)
+  nelbo, tokens = bound(evaluation_model(cfg, placement_for(experts))[0], experts)
+  np.testing.assert_array_equal(tokens, tokens_one)
+  np.testing.assert_allclose(nelbo, nelbo_one, rtol=1e-5)
+  dropping, _ = bound(split_model(abstract_model(cfg, placement_for(experts)))[0], experts)
+  assert np.max(np.abs(dropping - nelbo_one) / np.abs(nelbo_one)) > 1e-3
+
+
+@needs_eight
 def test_checkpoint_restores_onto_every_mesh(single_device_run, tmp_path):
   """Saved from 8-way FSDP, restored on one device and on each training mesh: identical arrays, new shardings."""
   from diffgemma_jax.train import Checkpointer, abstract_train_state

@@ -43,7 +43,7 @@ from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.reading import check_workdir, inherit_context, open_init_checkpoint
-from diffgemma_jax.train.state import abstract_train_state, init_train_state
+from diffgemma_jax.train.state import abstract_train_state, evaluation_model, init_train_state
 from diffgemma_jax.train.step import make_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
@@ -122,7 +122,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                             optimizer_for_decay=decay.optimizer)
   end_step = decay.end_step()
   num_t = int(config.eval.num_t_samples)
-  bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=shardings.params)
+  eval_graphdef, _ = evaluation_model(model_cfg, placement_for(mesh, config))  # dropless: the bound on any mesh
+  bound_fn = make_bound_fn(eval_graphdef, objective, num_t_samples=num_t, mesh=mesh,
+                           param_shardings=shardings.params)
   held_out = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)  # each its rows
   unigram = unigram_baseline(config, directory)
 

@@ -24,14 +24,13 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, IncompatibleCheckpointError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.lora import SUFFIX as LORA_SUFFIX
-from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
 from diffgemma_jax.train.history import read_history
-from diffgemma_jax.train.state import from_pure, split_model, to_pure, with_shardings
+from diffgemma_jax.train.state import evaluation_model, from_pure, to_pure, with_shardings
 
 TOKENIZER_FILE = "tokenizer.model"  # the tokenizer the trainer pins in a run's workdir
 
@@ -251,8 +250,7 @@ def restore_model(config, workdir: str, step: int | None = None):
   # Built for the mesh, as the trainer's model: the experts dispatch on their shards, the table's uses from its
   # slices, the fused kernels per shard (`parallel/placement.py`). Dropless: a reader's expert-parallel dispatch
   # never drops a token at a full buffer, so a sample or a score is the model's function on any mesh.
-  cfg = dataclasses.replace(ModelConfig.from_config_dict(config.model), dropless=True)
-  graphdef, abstract = split_model(abstract_model(cfg, placement_for(mesh, config)))
+  graphdef, abstract = evaluation_model(ModelConfig.from_config_dict(config.model), placement_for(mesh, config))
   params = run.restore_params(abstract, shardings_for(abstract, mesh))
   return nnx.merge(graphdef, params), run.step
 

@@ -6,6 +6,7 @@ their logical `axes`, so optimizer moments shard like their parameter).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +59,14 @@ def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, traina
   shardings = TrainState(step=replicated(mesh), params=shardings_for(abstract.params, mesh),
                          opt_state=shardings_for(abstract.opt_state, mesh))
   return graphdef, abstract, shardings
+
+
+def evaluation_model(cfg: ModelConfig, placement: Placement):
+  """(graphdef, abstract params) of the model an evaluation or a reader runs: `cfg` built for `placement`,
+  dispatching its experts dropless. A held-out bound, a score or a sample is then the parameters' function on any
+  mesh and at any batch size, where a capacity would drop whichever assignments a full buffer met (training keeps
+  `model.capacity_factor`). The parameters are the trained model's: `dropless` changes no array."""
+  return split_model(abstract_model(dataclasses.replace(cfg, dropless=True), placement))
 
 
 def init_params(cfg: ModelConfig, param_shardings, seed: int) -> nnx.State:
