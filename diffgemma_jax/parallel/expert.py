@@ -155,6 +155,24 @@ def plan_pairs(expert_ids_TK, experts_per_shard: int, num_shards: int) -> PairPl
                   jnp.sum(hits_TS, axis=0, dtype=jnp.int32))
 
 
+def _pair_slots(plan: PairPlan, starts_S, size: int, room: int | None = None):
+  """Where each pair goes in a send buffer of `size` slots, by destination: the pair of token t and shard s at
+  slot starts_S[s] + its rank. Returns (token_P, dest_P), T and the shard count in empty slots; pairs ranked at or
+  past `room` (a fixed capacity per destination) are not written."""
+  T, K = plan.dest_TK.shape
+  num_shards = plan.counts_S.shape[0]
+  written_TK = plan.first_TK if room is None else plan.first_TK & (plan.rank_TK < room)
+  slot = jnp.where(written_TK, starts_S[plan.dest_TK] + plan.rank_TK, size).reshape(-1)
+  token_TK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K))
+  return (jnp.full((size,), T, jnp.int32).at[slot].set(token_TK.reshape(-1), mode="drop"),
+          jnp.full((size,), num_shards, jnp.int32).at[slot].set(plan.dest_TK.reshape(-1), mode="drop"))
+
+
+def _regroup(a, outer: int, inner: int):
+  """[outer * inner, ...] -> [inner * outer, ...]: the two leading groupings swapped."""
+  return a.reshape((outer, inner) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+
 def _inverse_permutation(order):
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
@@ -229,18 +247,14 @@ def _combine_pairs(y_PD, token_P, num_tokens: int):
 def _all_to_all_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down, *, capacity: Capacity, backend,
                          compute_dtype):
   """Body of the shard_map for fixed-capacity all_to_all; local views of every array."""
-  T, K = expert_ids_TK.shape
+  T = expert_ids_TK.shape[0]
   num_shards = jax.lax.psum(1, EXPERT_AXIS)
   num_local = w_gate_up.shape[0]
   plan = plan_pairs(expert_ids_TK, num_local, num_shards)
   C = capacity.send
   # Slot (s, c) of the send buffer holds the c-th token (in token order) that routes to shard s; a pair past the
   # capacity is not written, and all of its assignments are dropped.
-  token_TK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K))
-  slot_TK = jnp.where(plan.first_TK, plan.dest_TK * C + plan.rank_TK, num_shards * C)
-  slot_TK = jnp.where(plan.rank_TK < C, slot_TK, num_shards * C)
-  token_P = jnp.full((num_shards * C,), T, jnp.int32).at[slot_TK.reshape(-1)].set(token_TK.reshape(-1), mode="drop")
-  dest_P = jnp.repeat(jnp.arange(num_shards, dtype=jnp.int32), C)
+  token_P, dest_P = _pair_slots(plan, jnp.arange(num_shards, dtype=jnp.int32) * C, num_shards * C, room=C)
   sends = _pair_rows(x_TD, expert_ids_TK, combine_weights_TK, token_P, dest_P, num_local, compute_dtype)
 
   def exchange(a):  # [S * C, ...] by destination -> [S * C, ...] by source
@@ -249,11 +263,10 @@ def _all_to_all_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_d
 
   x_RD, local_RK, weights_RK = map(exchange, sends)
   # Slot-major order (c, then source), so a full receive buffer drops the latest tokens of every source alike.
-  by_slot = lambda a: a.reshape((num_shards, C) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape)  # noqa: E731
+  by_slot = functools.partial(_regroup, outer=num_shards, inner=C)
   y_RD, dropped_here = _received_pairs(by_slot(x_RD), by_slot(local_RK), by_slot(weights_RK), capacity.receive,
                                        w_gate_up, w_down, backend=backend, compute_dtype=compute_dtype)
-  y_RD = y_RD.reshape((C, num_shards) + y_RD.shape[1:]).swapaxes(0, 1).reshape(y_RD.shape)
-  y_PD = exchange(y_RD)
+  y_PD = exchange(_regroup(y_RD, C, num_shards))
   dropped_on_the_way = jnp.sum(plan.rank_TK >= C, dtype=jnp.int32)
   return _combine_pairs(y_PD, token_P, T), dropped_on_the_way + dropped_here
 
@@ -266,10 +279,7 @@ def _ragged_dispatch(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up, w_down,
   plan = plan_pairs(expert_ids_TK, num_local, num_shards)
   P_max = T * min(K, num_shards)  # every token to min(k, shards) destinations
   starts_S = jnp.cumsum(plan.counts_S) - plan.counts_S
-  token_TK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K))
-  slot_TK = jnp.where(plan.first_TK, starts_S[plan.dest_TK] + plan.rank_TK, P_max).reshape(-1)
-  token_P = jnp.full((P_max,), T, jnp.int32).at[slot_TK].set(token_TK.reshape(-1), mode="drop")
-  dest_P = jnp.full((P_max,), num_shards, jnp.int32).at[slot_TK].set(plan.dest_TK.reshape(-1), mode="drop")
+  token_P, dest_P = _pair_slots(plan, starts_S, P_max)
   sends = _pair_rows(x_TD, expert_ids_TK, combine_weights_TK, token_P, dest_P, num_local, compute_dtype)
 
   counts_SS = jax.lax.all_gather(plan.counts_S, EXPERT_AXIS)  # [source, destination]
