@@ -116,16 +116,22 @@ def check_expert_parallel(mesh: Mesh, num_experts: int, num_tokens: int | None =
                       f"choose mesh.shape with an expert size that divides {num_experts}")
   if collective not in COLLECTIVES:
     raise ConfigError(f"model.expert_collective={collective!r}: valid collectives are {COLLECTIVES}")
-  if collective == "ragged_all_to_all" and _ragged_all_to_all is jax.lax.ragged_all_to_all:
-    platforms = {d.platform for d in mesh.devices.flat}
-    if "cpu" in platforms:
-      raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all "
-                        "(GPU or TPU); XLA:CPU has none. Use model.expert_collective='all_to_all' on CPU")
+  check_collective_backend(mesh, collective)
   if num_tokens is not None:
     rows = math.prod(mesh.shape[a] for a in token_axes(mesh))
     if num_tokens % rows:
       raise ConfigError(f"{num_tokens} tokens do not split over the {rows} token shards "
                         f"({' x '.join(token_axes(mesh))}); make the batch size divisible by {rows}")
+
+
+def check_collective_backend(mesh: Mesh, collective: str) -> None:
+  """`ragged_all_to_all` is refused on a mesh with CPU devices: XLA:CPU has no ragged all-to-all (unless the tests
+  put their emulation in `_ragged_all_to_all`)."""
+  if collective != "ragged_all_to_all" or _ragged_all_to_all is not jax.lax.ragged_all_to_all:
+    return
+  if any(d.platform == "cpu" for d in mesh.devices.flat):
+    raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all "
+                      "(GPU or TPU); XLA:CPU has none. Use model.expert_collective='all_to_all' on CPU")
 
 
 # The collective the ragged path calls; tests put an emulation built from all_to_all here to run that path on CPU.
@@ -418,7 +424,7 @@ def replicated_token_routed_experts(x_TD, expert_ids_TK, combine_weights_TK, w_g
   return fn(x_TD, expert_ids_TK, combine_weights_TK, w_gate_up_EDF2, w_down_EFD)
 
 
-__all__: Sequence[str] = ("COLLECTIVES", "Capacity", "PairPlan", "check_expert_parallel", "expert_capacity",
-                          "dispatches_expert_parallel", "expert_parallel_routed_experts", "expert_shards", "plan_pairs",
-                          "routed_share", "expert_weight_specs", "gather_fsdp_slices", "replicated_token_routed_experts",
-                          "shard_map", "token_axes")
+__all__: Sequence[str] = ("COLLECTIVES", "Capacity", "PairPlan", "check_collective_backend", "check_expert_parallel",
+                          "expert_capacity", "dispatches_expert_parallel", "expert_parallel_routed_experts",
+                          "expert_shards", "plan_pairs", "routed_share", "expert_weight_specs", "gather_fsdp_slices",
+                          "replicated_token_routed_experts", "shard_map", "token_axes")

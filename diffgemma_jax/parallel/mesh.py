@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.parallel import expert
 from diffgemma_jax.parallel.rules import BATCH_AXES, CONTEXT_AXIS
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the default axes
@@ -108,10 +109,8 @@ def check_mesh_fits(config, mesh: Mesh, *, training: bool = True, objective_rows
   if int(config.model.num_experts) % experts:
     raise ConfigError(f"model.num_experts={config.model.num_experts} is not divisible by the expert mesh axis "
                       f"({experts}, mesh.shape={tuple(config.mesh.shape)}); choose an expert size that divides it")
-  collective = config.model.get("expert_collective", "all_to_all")
-  if experts > 1 and collective == "ragged_all_to_all" and any(d.platform == "cpu" for d in mesh.devices.flat):
-    raise ConfigError("model.expert_collective='ragged_all_to_all' needs a backend with a ragged all-to-all (GPU or "
-                      "TPU); XLA:CPU has none. Use model.expert_collective='all_to_all' on CPU")
+  if experts > 1:
+    expert.check_collective_backend(mesh, config.model.get("expert_collective", "all_to_all"))
   context = shape.get(CONTEXT_AXIS, 1)
   if int(config.train.seq_len) % context:
     raise ConfigError(f"train.seq_len={config.train.seq_len} is not divisible by the context mesh axis ({context}, "
