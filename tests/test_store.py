@@ -342,7 +342,7 @@ def test_a_build_says_what_it_does_in_a_log(store, tmp_path, monkeypatch, capsys
   built = _build(tmp_path, "told", src, tok, build_workers=1)
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 2, lines
-  assert lines[0].startswith("building the ") and f"in {tmp_path / 'told'}: " in lines[0], lines
+  assert lines[0].startswith("building a dataset of ") and f"in {tmp_path / 'told'}: " in lines[0], lines
   assert lines[1].startswith(f"built {tmp_path / 'told'} in ") and (
       f"{built['splits']['train']['tokens']:,} train and {built['splits']['heldout']['tokens']:,} held-out tokens"
       in lines[1]), lines

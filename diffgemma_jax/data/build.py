@@ -284,7 +284,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(os.path.join(staging, "scan"))
       size = sum(span.size for spans in tasks for span in spans)
-      progress.say(f"building the {corpus.name} dataset in {output_dir}: {len(corpus.files)} file(s), "
+      progress.say(f"building a dataset of {corpus.name} in {output_dir}: {len(corpus.files)} file(s), "
                    f"{size / 1e6:.1f} MB in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} "
                    f"worker(s) per process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
 
