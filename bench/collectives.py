@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import sys
@@ -44,12 +43,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from diffgemma_jax.config import load_config  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.parallel import collectives  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.train import compile_train_step  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train.memory import bytes_per_device  # pylint: disable=import-outside-toplevel
   from launch.common import config_overrides, fail  # pylint: disable=import-outside-toplevel
   try:
     config = load_config(args.config, config_overrides(overrides))
@@ -57,18 +56,14 @@ def main(argv=None) -> int:
   except ConfigError as e:
     return fail(str(e))
   B, L = int(config.train.batch_size), int(config.train.seq_len)
-  batch = {key: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=built.batch_sharding)
-           for key in ("tokens", "segment_ids", "positions")}
-  compiled = built.step.lower(built.abstract_state, batch, jax.random.key(0), *built.decay_args()).compile()
+  compiled = built.lower_abstract(B, L).compile()
   hlo = compiled.as_text()
   memory = compiled.memory_analysis()  # XLA's own accounting; None where a backend gives none
   temp = int(memory.temp_size_in_bytes) if memory is not None else None
   found = collectives.inventory(hlo)
   by_kind = collectives.summary(found)
   moved = sum(entry["bytes"] for entry in by_kind.values())
-  held = sum(math.prod(where.shard_shape(leaf.shape)) * leaf.dtype.itemsize  # the parameters a device holds
-             for leaf, where in zip(jax.tree.leaves(built.abstract_state.params),
-                                    jax.tree.leaves(built.state_shardings.params)))
+  held = bytes_per_device(built.abstract_state.params, built.state_shardings.params)  # the parameters a device holds
   mesh = dict(zip(built.mesh.axis_names, built.mesh.devices.shape))
   largest = sorted(found, key=lambda c: -c.bytes * c.runs)[:args.top]
   report = {"config": args.config, "mesh": mesh, "batch": [B, L], "platform": jax.devices()[0].platform,

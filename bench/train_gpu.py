@@ -44,6 +44,7 @@ from diffgemma_jax.parallel.mesh import mesh_from_config  # pylint: disable=wron
 from diffgemma_jax.parallel.rules import BATCH_AXES  # pylint: disable=wrong-import-position
 from diffgemma_jax.train import compile_train_step, synthetic_batch  # pylint: disable=wrong-import-position
 from diffgemma_jax.train.logging import peak_flops_per_device  # pylint: disable=wrong-import-position
+from diffgemma_jax.train.memory import device_limit, executable_memory  # pylint: disable=wrong-import-position
 from diffgemma_jax.train.profiling import StepProfiler  # pylint: disable=wrong-import-position
 from pallas_kernels import count_visible  # pylint: disable=wrong-import-position
 
@@ -103,16 +104,13 @@ def compiled_step(args, objective, attention, dispatch, remat, *, batch_size: in
 
 
 def peak_gb(compiled) -> float | None:
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-          - analysis.alias_size_in_bytes) / 1e9
+  account = executable_memory(compiled)
+  return None if account is None else account["peak"] / 1e9
 
 
 def device_memory_gb() -> float | None:
-  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-  return stats["bytes_limit"] / 1e9 if stats and "bytes_limit" in stats else None
+  limit = device_limit(jax.devices()[0])
+  return None if limit is None else limit / 1e9
 
 
 def measure(args, objective, attention, dispatch, remat, peak_flops, profile_dir=None) -> dict:

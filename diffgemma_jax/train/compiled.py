@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -61,6 +62,14 @@ class CompiledStep:
   def place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
     """The batch's rows over the mesh's batch axes, as the step takes them."""
     return jax.device_put(batch, self.batch_sharding)
+
+  def lower_abstract(self, batch_size: int, seq_len: int):
+    """The step lowered for an abstract batch of packed rows [batch_size, seq_len] (tokens, segment ids,
+    positions) and the abstract state: `.compile()` it to read its HLO or XLA's memory account, nothing
+    allocated."""
+    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
+             for key in ("tokens", "segment_ids", "positions")}
+    return self.step.lower(self.abstract_state, batch, jax.random.key(0), *self.decay_args())
 
 
 def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,

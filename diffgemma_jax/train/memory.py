@@ -1,0 +1,83 @@
+"""What a run's train step needs in each device's memory, known before a run: the train state as its mesh places
+it (the parameters, trainable and frozen, and the optimizer state), and with a compile XLA's own account of the
+step (its arguments, outputs and temporaries: activations kept for the backward, gradients, collective buffers).
+`diffgemma-inspect --memory` prints both.
+
+The state's bytes are exact: each array's shard shape under its sharding, times its item size, summed over the
+arrays a device holds (every device holds the same shapes: the rules table drops a split that does not divide).
+The compiled figures are XLA's buffer assignment for the backend that compiles, and the step's peak is estimated
+as arguments + outputs - aliased outputs + temporaries (the state is donated, so the new state reuses the old
+one's buffers). XLA:CPU computes bfloat16 in float32 and fuses differently from XLA:GPU, so a CPU compile of a
+GPU config (fake devices) says what the state costs exactly and what the temporaries cost only roughly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+
+from diffgemma_jax.train.compiled import CompiledStep
+from diffgemma_jax.train.freeze import split_trainable
+
+GIB = 2 ** 30
+
+
+def bytes_per_device(abstract_tree: Any, sharding_tree: Any) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs placed by the matching tree of shardings."""
+  leaves, shardings = jax.tree.leaves(abstract_tree), jax.tree.leaves(sharding_tree)
+  if len(leaves) != len(shardings):
+    raise ValueError(f"{len(leaves)} arrays but {len(shardings)} shardings")
+  return sum(math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+             for leaf, sharding in zip(leaves, shardings))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateMemory:
+  """Bytes per device of a train state's parts."""
+  trainable_params: int
+  frozen_params: int
+  optimizer: int
+  step: int
+
+  @property
+  def total(self) -> int:
+    return self.trainable_params + self.frozen_params + self.optimizer + self.step
+
+
+def state_memory(compiled: CompiledStep) -> StateMemory:
+  """The train state's bytes per device on `compiled`'s mesh (nothing allocated)."""
+  abstract, shardings = compiled.abstract_state, compiled.state_shardings
+  train_abstract, frozen_abstract = split_trainable(abstract.params, compiled.trainable)
+  train_shardings, frozen_shardings = split_trainable(shardings.params, compiled.trainable)
+  return StateMemory(trainable_params=bytes_per_device(train_abstract, train_shardings),
+                     frozen_params=bytes_per_device(frozen_abstract, frozen_shardings),
+                     optimizer=bytes_per_device(abstract.opt_state, shardings.opt_state),
+                     step=bytes_per_device(abstract.step, shardings.step))
+
+
+def step_memory(compiled: CompiledStep, batch_size: int, seq_len: int) -> dict[str, int] | None:
+  """XLA's account of the step per device (`executable_memory`), compiling it for an abstract batch."""
+  return executable_memory(compiled.lower_abstract(batch_size, seq_len).compile())
+
+
+def executable_memory(executable) -> dict[str, int] | None:
+  """XLA's account of a compiled executable per device, in bytes: arguments, outputs, outputs aliased to
+  (donated) arguments, temporaries, generated code, and the peak estimate; None where the backend gives none."""
+  stats = executable.memory_analysis()
+  if stats is None:
+    return None
+  out = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
+         "aliased": int(stats.alias_size_in_bytes), "temporaries": int(stats.temp_size_in_bytes),
+         "generated_code": int(stats.generated_code_size_in_bytes)}
+  out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+  return out
+
+
+def device_limit(device) -> int | None:
+  """The bytes XLA's allocator may use on `device` (its `memory_stats()` `bytes_limit`: on a GPU, the fraction of
+  the card JAX preallocates or may grow to); None where the backend reports none (XLA:CPU)."""
+  stats = getattr(device, "memory_stats", lambda: None)()
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
