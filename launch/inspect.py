@@ -29,13 +29,6 @@ def _human(n: float) -> str:
   return f"{n:.0f}"
 
 
-def _binary_bytes(n: int) -> str:
-  for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-    if abs(n) >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{n} B"
-
-
 def _fake_devices(count: int) -> None:
   """`count` CPU devices for this process; before JAX starts its backends (a fresh process)."""
   if count < 1:
@@ -53,7 +46,7 @@ def memory_report(config, *, compile_step: bool) -> dict:
   from diffgemma_jax.train.compiled import compile_train_step  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.train.memory import device_limit, state_memory, step_memory  # pylint: disable=import-outside-toplevel
   built = compile_train_step(config, mask_id=MASK_ID)  # the mesh checked as the trainer checks it
-  state = state_memory(built)
+  state = state_memory(built.abstract_state, built.state_shardings, built.trainable)
   devices = built.mesh.devices
   report = {"mesh": dict(zip(built.mesh.axis_names, devices.shape)), "devices": int(devices.size),
             "platform": devices.flat[0].platform, "optimizer": str(config.train.optimizer),
@@ -67,7 +60,7 @@ def memory_report(config, *, compile_step: bool) -> dict:
 
 
 def _memory_lines(report: dict, device_memory_gib: float | None, compute_dtype: str) -> list[str]:
-  gib = _binary_bytes
+  from diffgemma_jax.train.memory import binary_bytes as gib  # pylint: disable=import-outside-toplevel
   mesh = " x ".join(f"{axis} {size}" for axis, size in report["mesh"].items())
   state = report["state_bytes"]
   lines = [f"memory per device        mesh {mesh} ({report['devices']} {report['platform']} device(s)), "

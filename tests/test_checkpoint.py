@@ -162,6 +162,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config_file, 
   assert ocp.CheckpointManager(directory).all_steps() == [4]
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, "4", "params"))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+  from diffgemma_jax.train.memory import binary_bytes
+  held = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))  # one device holds every parameter
+  assert f"train state per device: {binary_bytes(held)} trained parameters + " in err, err
   logged = train_losses(workdir)
   assert max(logged) == 5 and all(np.isfinite(v) for vs in logged.values() for v in vs)
 

@@ -39,6 +39,7 @@ from diffgemma_jax.train.logging import (
   wandb_settings,
 )
 from diffgemma_jax.train.optimizer import describe_schedule_change, make_optimizer
+from diffgemma_jax.train.memory import describe_state, state_memory
 from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
@@ -144,6 +145,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     jump = describe_schedule_change(ml_collections.ConfigDict(previous["config"]["train"]), tc, start_step)
     if jump:
       logger.message(jump)
+  logger.message(describe_state(state_memory(abstract, shardings, trainable), str(tc.optimizer), mesh.devices.size))
   counts = describe(state.params, trainable)
   if counts["frozen_params"]:
     logger.message(f"training {counts['trainable_params']:,} parameters; {counts['frozen_params']:,} frozen "

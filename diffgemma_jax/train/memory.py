@@ -1,7 +1,7 @@
 """What a run's train step needs in each device's memory, known before a run: the train state as its mesh places
 it (the parameters, trainable and frozen, and the optimizer state), and with a compile XLA's own account of the
 step (its arguments, outputs and temporaries: activations kept for the backward, gradients, collective buffers).
-`diffgemma-inspect --memory` prints both.
+`diffgemma-inspect --memory` prints both; the trainer logs the state's line at start.
 
 The state's bytes are exact: each array's shard shape under its sharding, times its item size, summed over the
 arrays a device holds (every device holds the same shapes: the rules table drops a split that does not divide).
@@ -21,6 +21,7 @@ import jax
 
 from diffgemma_jax.train.compiled import CompiledStep
 from diffgemma_jax.train.freeze import split_trainable
+from diffgemma_jax.train.state import TrainState
 
 GIB = 2 ** 30
 
@@ -47,15 +48,31 @@ class StateMemory:
     return self.trainable_params + self.frozen_params + self.optimizer + self.step
 
 
-def state_memory(compiled: CompiledStep) -> StateMemory:
-  """The train state's bytes per device on `compiled`'s mesh (nothing allocated)."""
-  abstract, shardings = compiled.abstract_state, compiled.state_shardings
-  train_abstract, frozen_abstract = split_trainable(abstract.params, compiled.trainable)
-  train_shardings, frozen_shardings = split_trainable(shardings.params, compiled.trainable)
+def state_memory(abstract: TrainState, shardings: TrainState, trainable) -> StateMemory:
+  """The bytes per device of a train state (ShapeDtypeStructs) placed by `shardings`; `trainable`: the filter of
+  the parameters the optimizer updates. Nothing is allocated."""
+  train_abstract, frozen_abstract = split_trainable(abstract.params, trainable)
+  train_shardings, frozen_shardings = split_trainable(shardings.params, trainable)
   return StateMemory(trainable_params=bytes_per_device(train_abstract, train_shardings),
                      frozen_params=bytes_per_device(frozen_abstract, frozen_shardings),
                      optimizer=bytes_per_device(abstract.opt_state, shardings.opt_state),
                      step=bytes_per_device(abstract.step, shardings.step))
+
+
+def describe_state(memory: StateMemory, optimizer: str, devices: int) -> str:
+  """One line for a run's log: the train state each device holds."""
+  frozen = f" + {binary_bytes(memory.frozen_params)} frozen" if memory.frozen_params else ""
+  return (f"train state per device: {binary_bytes(memory.trainable_params)} trained parameters{frozen} + "
+          f"{binary_bytes(memory.optimizer)} {optimizer} state = {binary_bytes(memory.total)} "
+          f"({devices} device{'s' if devices > 1 else ''})")
+
+
+def binary_bytes(n: int) -> str:
+  """`n` bytes in GiB, MiB or KiB (two decimals), or B."""
+  for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n} B"
 
 
 def step_memory(compiled: CompiledStep, batch_size: int, seq_len: int) -> dict[str, int] | None:
