@@ -23,7 +23,7 @@ def test_overrides_reach_the_config(load_tiny):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; valid keys there are: train.b1, train.b2,"),
+    ("--config.train.num_stepz=3", "unknown config key 'train.num_stepz'; valid keys there are: train.adam_mu_dtype, train.b1, train.b2,"),
     ("--config.optimizer.lr=3", "valid keys there are: checkpoint, compilation, data, distributed, eval, init, log, mesh, model, objective, train"),
     ("--config.train.seq_len=0", "train.seq_len: must be a positive integer"),
     ("--config.train.batch_size=oops", "config key 'train.batch_size': cannot parse 'oops' as an integer (like its "
@@ -39,6 +39,9 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.train.learning_rate=-0.05", "train.learning_rate: must be a finite number > 0"),
     ("--config.train.learning_rate=1e39", "train.learning_rate: must be a finite number > 0"),
     ("--config.train.b2=1.0", "train.b2: must be in [0, 1)"),
+    ("--config.train.adam_mu_dtype=float16", "train.adam_mu_dtype: 'float16' is no choice; valid are"),
+    ("--config.train.adam_mu_dtype=bfloat16 --config.train.optimizer=adafactor",
+     "train.adam_mu_dtype='bfloat16' sets AdamW's first moment, but train.optimizer='adafactor' keeps none"),
     ("--config.eval.batch_size=0", "eval.batch_size: must be >= 1"),
     ("--config.eval.max_sequences=-1", "eval.max_sequences: must be >= 0 (0: the whole held-out split)"),
 ])

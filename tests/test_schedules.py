@@ -9,6 +9,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
@@ -83,28 +84,41 @@ def test_bad_schedule_settings_name_the_key(load_tiny):
 
 def test_adafactor_keeps_a_small_fraction_of_adamws_state_on_the_released_architecture():
   """Factored second moments: on the 26B reference model Adafactor's state is a few percent of AdamW's two
-  moments (counted on abstract shapes, nothing allocated)."""
+  moments, and AdamW with its first moment in bfloat16 holds 6 bytes a parameter (counted on abstract shapes,
+  nothing allocated)."""
   from flax import nnx
 
   from diffgemma_jax.config import load_config
   from diffgemma_jax.model import ModelConfig, build_model
   config = load_config("configs/diffusiongemma_26b_a4b.py")
   params = nnx.state(nnx.eval_shape(lambda: build_model(ModelConfig.from_config_dict(config.model), 0)), nnx.Param)
-  sizes = {}
-  for name in ("adamw", "adafactor"):
+  sizes, states = {}, {}
+  for name, mu_dtype in (("adamw", ""), ("adafactor", ""), ("adamw", "bfloat16")):
     train = config.train.copy_and_resolve_references()
     with train.unlocked():
-      train.optimizer = name
+      train.optimizer, train.adam_mu_dtype = name, mu_dtype
     tx, _ = make_optimizer(train)
-    sizes[name] = sum(x.size for x in jax.tree.leaves(jax.eval_shape(tx.init, params)))
+    states[name, mu_dtype] = jax.eval_shape(tx.init, params)
+    sizes[name, mu_dtype] = sum(x.size for x in jax.tree.leaves(states[name, mu_dtype]))
   total = sum(x.size for x in jax.tree.leaves(params))
-  assert sizes["adamw"] == pytest.approx(2 * total, rel=1e-6)
-  assert sizes["adafactor"] < 0.02 * sizes["adamw"], sizes
+  assert sizes["adamw", ""] == pytest.approx(2 * total, rel=1e-6)
+  assert sizes["adafactor", ""] < 0.02 * sizes["adamw", ""], sizes
+  # train.adam_mu_dtype=bfloat16: the first moment in bfloat16, the second in the parameters' float32; the state's
+  # bytes 6 per parameter instead of 8
+  nbytes = lambda state: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))  # noqa: E731
+  adam = [part for part in jax.tree.leaves(states["adamw", "bfloat16"], is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(part, "mu")]
+  assert len(adam) == 1
+  assert {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
+  assert nbytes(states["adamw", "bfloat16"]) == pytest.approx(6 * total, rel=1e-6)
+  assert nbytes(states["adamw", ""]) == pytest.approx(8 * total, rel=1e-6)
 
 
 def test_a_resume_that_extends_the_run_warns_and_is_recorded(trained_run, load_tiny, tmp_path, capsys):
   """The trained run (cosine over 24 steps) extended to 26: the rate jumps at step 24 and the run says by how much;
-  the history gets a second record with the new overrides; the optimizer cannot change under a resume."""
+  the history gets a second record with the new overrides; the optimizer cannot change under a resume, the dtype of
+  AdamW's first moment can (the saved float32 moment restored as bfloat16, and saved so)."""
   from diffgemma_jax.errors import IncompatibleCheckpointError
   from diffgemma_jax.train import train
   from diffgemma_jax.train.history import read_history
@@ -114,9 +128,16 @@ def test_a_resume_that_extends_the_run_warns_and_is_recorded(trained_run, load_t
   overrides = dict(TRAINED_OVERRIDES, **{"train.num_steps": "26"})
   with pytest.raises(IncompatibleCheckpointError, match="train.optimizer='adamw', not 'adafactor'"):
     train(load_tiny(dict(overrides, **{"train.optimizer": "adafactor"})), workdir, show_progress=False)
-  config = load_tiny(overrides)
-  train(config, workdir, show_progress=False, overrides={"train.num_steps": "26"},
-        command=["diffgemma-train", "--config.train.num_steps=26"])
+  config = load_tiny(dict(overrides, **{"train.adam_mu_dtype": "bfloat16"}))
+  train(config, workdir, show_progress=False, overrides={"train.num_steps": "26", "train.adam_mu_dtype": "bfloat16"},
+        command=["diffgemma-train", "--config.train.num_steps=26", "--config.train.adam_mu_dtype=bfloat16"])
+  import orbax.checkpoint as ocp
+  saved = ocp.StandardCheckpointer().metadata(os.path.join(workdir, "checkpoints", "26", "opt_state"))
+  adam = [node for node in jax.tree.leaves(getattr(saved, "item_metadata", saved),
+                                           is_leaf=lambda x: isinstance(x, dict) and "mu" in x)
+          if isinstance(node, dict) and "mu" in node]
+  dtypes = lambda tree: {str(x.dtype) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "dtype"))}  # noqa: E731
+  assert len(adam) == 1 and dtypes(adam[0]["mu"]) == {"bfloat16"} and dtypes(adam[0]["nu"]) == {"float32"}, adam
   err = capsys.readouterr().err
   old, new = _lr(load_tiny(TRAINED_OVERRIDES).train, TRAINED_STEPS), _lr(config.train, TRAINED_STEPS)
   assert f"resuming at step {TRAINED_STEPS}, the learning rate jumps from {old:.3g} to {new:.3g}" in err, err
@@ -125,7 +146,9 @@ def test_a_resume_that_extends_the_run_warns_and_is_recorded(trained_run, load_t
   history = read_history(workdir)
   assert [r["start_step"] for r in history] == [0, TRAINED_STEPS]
   last = history[-1]
-  assert last["overrides"] == {"train.num_steps": "26"} and last["command"][-1] == "--config.train.num_steps=26"
+  assert last["overrides"] == {"train.num_steps": "26", "train.adam_mu_dtype": "bfloat16"}
+  assert last["command"][1:] == ["--config.train.num_steps=26", "--config.train.adam_mu_dtype=bfloat16"]
+  assert last["config"]["train"]["adam_mu_dtype"] == "bfloat16"
   assert last["config"]["train"]["num_steps"] == 26 and history[0]["config"]["train"]["num_steps"] == TRAINED_STEPS
   assert last["jax"] == jax.__version__ and last["diffgemma_jax"]
   assert json.loads(json.dumps(last)) == last and os.path.isfile(os.path.join(workdir, "run_history.jsonl"))

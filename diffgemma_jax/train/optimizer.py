@@ -22,6 +22,8 @@ Optimizers (`train.optimizer`): `adamw` (b1, b2, decoupled weight decay), or `ad
 Switch Transformer and ST-MoE trained their sparse models with: factored second moments (a row and a column
 statistic per matrix instead of a full second moment), so its state is a small fraction of AdamW's two moments,
 which is what limits full fine-tuning of a large MoE (README); decay 0.8, no momentum, weight decay as AdamW's.
+`train.adam_mu_dtype` ("": the parameters' dtype, "float32" or "bfloat16") is the dtype of AdamW's first moment
+(optax's `mu_dtype`); the second moment keeps the parameters' dtype.
 
 Gradient accumulation is not an optax wrapper: `train_step` scans over micro-batches and applies one update, so one
 jitted step is one optimizer update and the schedule counts updates.
@@ -39,6 +41,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd", "wsd_time")
 # wsd_time before its decay is placed: a start no step reaches.
 UNPLACED_DECAY = (2**31 - 1, 2**31 - 1)
 OPTIMIZERS = ("adamw", "adafactor")
+ADAM_MU_DTYPES = ("", "float32", "bfloat16")  # train.adam_mu_dtype; "": the parameters' dtype
 
 
 def _get(train_config, key: str, default):
@@ -147,7 +150,9 @@ def make_optimizer(train_config, decay=None) -> tuple[optax.GradientTransformati
   name = str(_get(train_config, "optimizer", "adamw"))
   weight_decay = float(train_config.weight_decay)
   if name == "adamw":
+    mu_dtype = str(_get(train_config, "adam_mu_dtype", ""))  # "": the parameters' dtype (optax's None)
     parts.append(optax.adamw(schedule, b1=float(train_config.b1), b2=float(train_config.b2),
+                             mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None,
                              weight_decay=weight_decay, mask=weight_decay_mask))
   elif name == "adafactor":
     parts.append(optax.adafactor(schedule, decay_rate=0.8, multiply_by_parameter_scale=False, momentum=None,
