@@ -49,7 +49,9 @@ def memory_report(config, *, compile_step: bool) -> dict:
   state = state_memory(built.abstract_state, built.state_shardings, built.trainable)
   devices = built.mesh.devices
   report = {"mesh": dict(zip(built.mesh.axis_names, devices.shape)), "devices": int(devices.size),
-            "platform": devices.flat[0].platform, "optimizer": str(config.train.optimizer),
+            "platform": devices.flat[0].platform,
+            "optimizer": str(config.train.optimizer) + (f", first moment {config.train.adam_mu_dtype}"
+                                                        if config.train.adam_mu_dtype else ""),
             "batch": [int(config.train.batch_size), int(config.train.seq_len)],
             "state_bytes": {"trainable_params": state.trainable_params, "frozen_params": state.frozen_params,
                             "optimizer": state.optimizer, "step": state.step, "total": state.total}}
