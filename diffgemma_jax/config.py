@@ -21,7 +21,7 @@ from diffgemma_jax.data.mixture import parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
 from diffgemma_jax.objectives import OBJECTIVES, objectives_with
-from diffgemma_jax.train.freeze import FREEZE_GROUPS
+from diffgemma_jax.train.freeze import FREEZE_GROUPS, FROZEN_DTYPES
 from diffgemma_jax.train.optimizer import ADAM_MU_DTYPES, OPTIMIZERS, SCHEDULES, schedule_horizon
 from diffgemma_jax.train.profiling import check_profile_steps
 
@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameter groups kept fixed (no gradient, no optimizer state): router, experts, attention, mlp, embedder,
   # norms, self_conditioning. With model.lora_rank > 0 everything but the LoRA adapters is frozen anyway.
   c.train.freeze = ()
+  # The frozen parameters' dtype ("": as built, the model's param_dtype; "bfloat16" halves them). Lossless for
+  # weights that bfloat16 holds exactly, such as a bfloat16 release imported to float32 (the layers cast every
+  # weight to the compute dtype where they use it); needs frozen parameters (train.freeze or LoRA).
+  c.train.frozen_dtype = ""
 
   # Fine-tuning: start from another run's parameters (fresh optimizer, step 0). A workdir (its latest checkpoint),
   # its checkpoints/ folder, or one step folder; a run that already has checkpoints of its own resumes from them.
@@ -307,6 +311,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for group in tuple(config.train.freeze):
     if group not in FREEZE_GROUPS:
       raise ConfigError(f"train.freeze: unknown parameter group {group!r}; valid groups are {tuple(FREEZE_GROUPS)}")
+  frozen_dtype = str(config.train.frozen_dtype)
+  if frozen_dtype not in FROZEN_DTYPES:
+    raise ConfigError(f"train.frozen_dtype: {frozen_dtype!r} is no choice; valid are {FROZEN_DTYPES}")
+  if frozen_dtype and not tuple(config.train.freeze) and not int(config.model.lora_rank):
+    raise ConfigError(f"train.frozen_dtype={frozen_dtype!r} sets the frozen parameters' dtype, but this run "
+                      "freezes none: set train.freeze or model.lora_rank, or leave it empty")
   if config.data.recipe not in RECIPES:
     raise ConfigError(f"data.recipe: unknown recipe {config.data.recipe!r}; valid recipes are {RECIPES}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES

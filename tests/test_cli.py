@@ -40,6 +40,9 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.train.learning_rate=1e39", "train.learning_rate: must be a finite number > 0"),
     ("--config.train.b2=1.0", "train.b2: must be in [0, 1)"),
     ("--config.train.adam_mu_dtype=float16", "train.adam_mu_dtype: 'float16' is no choice; valid are"),
+    ("--config.train.frozen_dtype=float16", "train.frozen_dtype: 'float16' is no choice; valid are"),
+    ("--config.train.frozen_dtype=bfloat16", "train.frozen_dtype='bfloat16' sets the frozen parameters' dtype, "
+     "but this run freezes none"),
     ("--config.train.adam_mu_dtype=bfloat16 --config.train.optimizer=adafactor",
      "train.adam_mu_dtype='bfloat16' sets AdamW's first moment, but train.optimizer='adafactor' keeps none"),
     ("--config.eval.batch_size=0", "eval.batch_size: must be >= 1"),

@@ -38,6 +38,7 @@ from diffgemma_jax.config import sibling_config
 def get_config():  # configs/diffusiongemma_26b_a4b_sft.py at tiny scale
   c = sibling_config(__file__, "imported")
   c.model.update(lora_rank=2, lora_alpha=4.0, lora_targets=("attention", "mlp"))
+  c.train.frozen_dtype = "bfloat16"
   c.model.max_positions = 0  # as the real one's, built on the 26B recipe rather than on the imported config
   c.init.checkpoint = {workdir!r}
   c.data.recipe = "jsonl"

@@ -134,6 +134,55 @@ def test_lora_trains_only_the_adapters_and_merges_exactly():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
 
 
+def test_frozen_parameters_in_bfloat16_train_as_their_float32_values():
+  """train.frozen_dtype=bfloat16 holds the frozen base of a LoRA run in bfloat16 (the adapters and their moments
+  stay float32). From weights bfloat16 holds exactly (a bfloat16 release imported to float32), two updates give
+  the losses and adapters the float32 base gives: the layers cast every weight where they use it."""
+  from diffgemma_jax.config import base_config
+  from diffgemma_jax.parallel.mesh import make_mesh
+  from diffgemma_jax.train import compile_train_step
+  from diffgemma_jax.train.freeze import split_trainable
+  from diffgemma_jax.train.state import TrainState, store_frozen
+  cfg = ModelConfig(**SMALL, lora_rank=4, lora_alpha=8.0)
+  tokens = jax.random.randint(jax.random.key(0), (4, 16), 5, cfg.vocab_size)
+  batch = {"tokens": tokens, "segment_ids": jnp.ones((4, 16), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(16), (4, 16)).astype(jnp.int32)}
+  runs = {}
+  for frozen_dtype in ("", "bfloat16"):
+    config = base_config()
+    config.model.update(cfg.to_dict())
+    config.train.update(learning_rate=1e-2, warmup_steps=0, num_steps=10, frozen_dtype=frozen_dtype)
+    compiled = compile_train_step(config, mask_id=4, mesh=make_mesh((1, 1, 1, 1), devices=jax.devices()[:1]))
+    state = compiled.init_state()
+    trained, frozen = split_trainable(state.params, compiled.trainable)
+    assert {x.dtype for x in jax.tree.leaves(trained)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(frozen_dtype or jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    # both from the same base, rounded to bfloat16's values: stored in bfloat16, or in float32 holding those values
+    exact = store_frozen(store_frozen(state.params, compiled.trainable, "bfloat16"), compiled.trainable, "float32")
+    state = TrainState(step=state.step, params=store_frozen(exact, compiled.trainable, frozen_dtype),
+                       opt_state=state.opt_state)
+    losses = []
+    for _ in range(2):
+      state, metrics = compiled.step(state, batch, jax.random.key(1))
+      losses.append(float(metrics["loss"]))
+    trained, frozen = split_trainable(state.params, compiled.trainable)
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(frozen_dtype or jnp.float32)}  # kept so
+    runs[frozen_dtype] = losses, jax.device_get(jax.tree.leaves(trained))
+  np.testing.assert_allclose(runs["bfloat16"][0], runs[""][0], rtol=1e-6)
+  for a, b in zip(runs["bfloat16"][1], runs[""][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert not all(np.array_equal(a, b) for a, b in zip(runs[""][1], _lora_init(cfg)))  # the adapters moved
+
+
+def _lora_init(cfg):
+  from diffgemma_jax.model import build_model
+  from diffgemma_jax.train.freeze import split_trainable, trainable_filter
+  from diffgemma_jax.train.state import split_model
+  trained, _ = split_trainable(split_model(build_model(cfg, 0))[1], trainable_filter(cfg))
+  return jax.device_get(jax.tree.leaves(trained))
+
+
 def test_lora_config_errors_name_the_key():
   with pytest.raises(ConfigError, match="model.lora_targets: unknown target 'experts'"):
     ModelConfig(lora_rank=4, lora_targets=("experts",))
@@ -266,5 +315,6 @@ def test_released_model_sft_config_is_a_lora_run_on_an_expert_parallel_mesh():
   counts = describe(params, trainable_filter(cfg, ()))
   assert counts["trainable_params"] == count_params(cfg)["params_by_component"]["lora_adapters"]
   assert counts["trainable_params"] < 1e-3 * counts["frozen_params"]
+  assert config.train.frozen_dtype == "bfloat16"  # the release's weights are bfloat16: the base held as they are
 
 

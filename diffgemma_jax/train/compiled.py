@@ -49,6 +49,7 @@ class CompiledStep:
   batch_sharding: NamedSharding
   trainable: Any  # the nnx filter of the parameters the optimizer updates (train.freeze, LoRA)
   seed: int
+  frozen_dtype: str = ""  # train.frozen_dtype: the frozen parameters' dtype ("": as built)
   decay_placed: bool = False  # wsd_time: the step's fourth argument places the decay (train/time_decay.py)
 
   def decay_args(self, placed: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
@@ -57,7 +58,8 @@ class CompiledStep:
 
   def init_state(self) -> TrainState:
     """The trainer's fresh state (`train.seed`), each array made directly in its sharding."""
-    return init_train_state(self.model_config, self.tx, self.state_shardings, self.seed, self.trainable)
+    return init_train_state(self.model_config, self.tx, self.state_shardings, self.seed, self.trainable,
+                            frozen_dtype=self.frozen_dtype)
 
   def place(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
     """The batch's rows over the mesh's batch axes, as the step takes them."""
@@ -90,8 +92,9 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   tx, schedule = optimizer if optimizer is not None else make_optimizer(train_config)
   seed = int(train_config.seed)
   trainable = trainable_filter(model_config, tuple(train_config.freeze))
+  frozen_dtype = str(train_config.get("frozen_dtype", ""))
   graphdef, abstract, shardings = abstract_train_state(model_config, tx, mesh, seed, trainable,
-                                                       placement=placement_for(mesh, config))
+                                                       placement=placement_for(mesh, config), frozen_dtype=frozen_dtype)
   optimizer_for_decay = placed_decay_optimizer(train_config) if optimizer is None else None
   step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=mask_id), tx=tx,
                          schedule=schedule, mesh=mesh, state_shardings=shardings,
@@ -100,7 +103,8 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
                          optimizer_for_decay=optimizer_for_decay)
   return CompiledStep(step=step, model_config=model_config, mesh=mesh, tx=tx, schedule=schedule, graphdef=graphdef,
                       abstract_state=abstract, state_shardings=shardings, batch_sharding=rules.batch_sharding(mesh),
-                      trainable=trainable, seed=seed, decay_placed=optimizer_for_decay is not None)
+                      trainable=trainable, seed=seed, frozen_dtype=frozen_dtype,
+                      decay_placed=optimizer_for_decay is not None)
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:

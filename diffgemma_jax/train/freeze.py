@@ -15,6 +15,7 @@ from flax import nnx
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.lora import is_adapter_path
 
+FROZEN_DTYPES = ("", "float32", "bfloat16")  # train.frozen_dtype; "": as built (train/state.store_frozen)
 _EXPERT_LEAVES = ("w_gate_up", "w_down", "per_expert_scale")
 _ROUTER_LEAVES = ("router_w", "router_scale")
 

@@ -90,8 +90,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   tx, schedule = make_optimizer(tc)
   seed = int(tc.seed)
   trainable = trainable_filter(model_cfg, tuple(tc.freeze))
+  frozen_dtype = str(tc.frozen_dtype)
   graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed, trainable,
-                                                       placement=placement_for(mesh, config))
+                                                       placement=placement_for(mesh, config), frozen_dtype=frozen_dtype)
   start_step = ckpt.latest_step()
   init_from, inherited = None, None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
@@ -112,7 +113,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     data.set_state(iterator_state)
   else:
     start_step = 0
-    state = init_train_state(model_cfg, tx, shardings, seed, trainable)
+    state = init_train_state(model_cfg, tx, shardings, seed, trainable, frozen_dtype=frozen_dtype)
     if init_from is not None:
       state = state._replace(params=init_from.restore_params(abstract.params, shardings.params, fresh=state.params))
 

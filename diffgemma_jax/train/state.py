@@ -36,9 +36,22 @@ def split_model(model: nnx.Module):
   return graphdef, params
 
 
-def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param) -> TrainState:
+def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param,
+          frozen_dtype: str = "") -> TrainState:
   _, params = split_model(build_model(cfg, seed))
+  params = store_frozen(params, trainable, frozen_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable_part(params, trainable)))
+
+
+def store_frozen(params: nnx.State, trainable, frozen_dtype: str) -> nnx.State:
+  """`params` with the parameters `trainable` leaves out held in `frozen_dtype` (`train.frozen_dtype`; "": as
+  built). The layers cast every weight to the compute dtype where they use it, so a frozen weight whose values
+  the dtype holds exactly (a bfloat16 release imported to float32) computes what it did, in half the bytes."""
+  if not frozen_dtype:
+    return params
+  train, frozen = nnx.split_state(params, trainable, ...)
+  frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+  return nnx.merge_state(train, frozen)
 
 
 def trainable_part(params: nnx.State, trainable=nnx.Param) -> nnx.State:
@@ -47,15 +60,15 @@ def trainable_part(params: nnx.State, trainable=nnx.Param) -> nnx.State:
 
 
 def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, trainable=nnx.Param, *,
-                         placement: Placement | None = None):
+                         placement: Placement | None = None, frozen_dtype: str = ""):
   """(graphdef, abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing.
 
   The graphdef is the model's placed on `mesh` (`parallel.placement`: activation rows over the batch axes,
   expert-parallel MoE dispatch with an `expert` axis > 1). The optimizer state covers the parameters `trainable`
   selects (an nnx filter; default: all of them). `placement`: the run config's (`placement_for(mesh, config)`),
-  else the mesh's default."""
+  else the mesh's default. `frozen_dtype`: the other parameters' dtype (`store_frozen`)."""
   graphdef, _ = split_model(abstract_model(cfg, placement or placement_for(mesh)))
-  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed, trainable))
+  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed, trainable, frozen_dtype))
   shardings = TrainState(step=replicated(mesh), params=shardings_for(abstract.params, mesh),
                          opt_state=shardings_for(abstract.opt_state, mesh))
   return graphdef, abstract, shardings
@@ -75,14 +88,15 @@ def init_params(cfg: ModelConfig, param_shardings, seed: int) -> nnx.State:
 
 
 def init_train_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, trainable=nnx.Param,
-                     params: nnx.State | None = None) -> TrainState:
+                     params: nnx.State | None = None, frozen_dtype: str = "") -> TrainState:
   """Initialises every array directly in its sharding (no full copy on one device first). Given `params`
-  (already placed, e.g. from init.checkpoint), only the step and optimizer state are new."""
+  (already placed, e.g. from init.checkpoint, in their stored dtypes), only the step and optimizer state are
+  new."""
   if params is not None:
     opt_state = jax.jit(lambda p: tx.init(trainable_part(p, trainable)), out_shardings=shardings.opt_state)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
                       opt_state=opt_state)
-  return jax.jit(lambda: _init(cfg, tx, seed, trainable), out_shardings=shardings)()
+  return jax.jit(lambda: _init(cfg, tx, seed, trainable, frozen_dtype), out_shardings=shardings)()
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
