@@ -23,8 +23,6 @@ from diffgemma_jax.train.compiled import CompiledStep
 from diffgemma_jax.train.freeze import split_trainable
 from diffgemma_jax.train.state import TrainState
 
-GIB = 2 ** 30
-
 
 def bytes_per_device(abstract_tree: Any, sharding_tree: Any) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs placed by the matching tree of shardings."""
