@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -37,10 +36,6 @@ def _parse(argv):
 
 def main(argv=None) -> int:
   args, overrides = _parse(argv)
-  if args.devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -48,9 +43,11 @@ def main(argv=None) -> int:
   from diffgemma_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.parallel import collectives  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.train import compile_train_step  # pylint: disable=import-outside-toplevel
-  from diffgemma_jax.train.memory import bytes_per_device  # pylint: disable=import-outside-toplevel
-  from launch.common import config_overrides, fail  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.train.memory import bytes_per_device, executable_memory  # pylint: disable=import-outside-toplevel
+  from launch.common import config_overrides, fail, fake_cpu_devices  # pylint: disable=import-outside-toplevel
   try:
+    if args.devices:
+      fake_cpu_devices(args.devices)
     config = load_config(args.config, config_overrides(overrides))
     built = compile_train_step(config, mask_id=4)
   except ConfigError as e:
@@ -58,8 +55,8 @@ def main(argv=None) -> int:
   B, L = int(config.train.batch_size), int(config.train.seq_len)
   compiled = built.lower_abstract(B, L).compile()
   hlo = compiled.as_text()
-  memory = compiled.memory_analysis()  # XLA's own accounting; None where a backend gives none
-  temp = int(memory.temp_size_in_bytes) if memory is not None else None
+  account = executable_memory(compiled)  # XLA's own accounting; None where a backend gives none
+  temp = account["temporaries"] if account is not None else None
   found = collectives.inventory(hlo)
   by_kind = collectives.summary(found)
   moved = sum(entry["bytes"] for entry in by_kind.values())

@@ -4,7 +4,10 @@ an entry point writes and prints, from process 0 of a multi-process launch only.
 from __future__ import annotations
 
 import math
+import os
 import sys
+
+import jax
 
 from diffgemma_jax import storage
 from diffgemma_jax.compile_cache import use_compilation_cache
@@ -39,6 +42,19 @@ def load_run_config(spec: str, overrides: dict[str, str]):
   config = load_config(spec, overrides)
   use_compilation_cache(config)
   return config
+
+
+def fake_cpu_devices(count: int) -> None:
+  """`count` CPU devices for this process (a `--devices` flag: a cluster's mesh planned on one machine); before
+  JAX starts its backends, which read the device count once."""
+  if count < 1:
+    raise ConfigError(f"--devices {count}: give a device count >= 1")
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+  jax.config.update("jax_platforms", "cpu")
+  if jax.device_count() != count:
+    raise ConfigError(f"--devices {count}: JAX had already started with {jax.device_count()} device(s) in this "
+                      "process; run the command in a process of its own")
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-import jax
 
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import inspect_model
-from .common import Outputs, config_overrides, fail, load_run_config
+from .common import Outputs, config_overrides, fail, fake_cpu_devices, load_run_config
 
 MASK_ID = 4  # the step needs a mask id to trace; the tokenizer's does not change what the step holds
 
@@ -27,18 +24,6 @@ def _human(n: float) -> str:
     if abs(n) >= scale:
       return f"{n / scale:.3f}{unit}"
   return f"{n:.0f}"
-
-
-def _fake_devices(count: int) -> None:
-  """`count` CPU devices for this process; before JAX starts its backends (a fresh process)."""
-  if count < 1:
-    raise ConfigError(f"--devices {count}: give a device count >= 1")
-  flags = os.environ.get("XLA_FLAGS", "")
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-  jax.config.update("jax_platforms", "cpu")
-  if jax.device_count() != count:
-    raise ConfigError(f"--devices {count}: JAX had already started with {jax.device_count()} device(s) in this "
-                      "process; run diffgemma-inspect in a process of its own")
 
 
 def memory_report(config, *, compile_step: bool) -> dict:
@@ -123,7 +108,7 @@ def main(argv=None) -> int:
       raise ConfigError(f"--device_memory_gib {args.device_memory_gib:g}: give one device's memory in GiB, > 0")
     if args.memory:
       if args.devices is not None:
-        _fake_devices(args.devices)
+        fake_cpu_devices(args.devices)
       config = load_run_config(args.config, config_overrides(rest))  # --compile compiles: the config's cache
     else:
       config = load_config(args.config, config_overrides(rest))  # nothing compiles: no compilation cache
