@@ -44,7 +44,8 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import build_model
 from diffgemma_jax.sampling import masked
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy
-from diffgemma_jax.sampling.requests import Generator, restore_model
+from diffgemma_jax.sampling.requests import Generator
+from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.sampling.samplers import GenerationOptions, validate_options
 
 PAD, BOS, EOS, MASK = 0, 2, 3, 4  # the reserved ids of every tokenizer the recipes train

@@ -53,7 +53,8 @@ from diffgemma_jax.data.store import open_split  # noqa: E402
 from diffgemma_jax.model.config import ModelConfig  # noqa: E402
 from diffgemma_jax.model.inspect import flops_per_token  # noqa: E402
 from diffgemma_jax.sampling.quality import GenerativePerplexity, unigram_entropy  # noqa: E402
-from diffgemma_jax.sampling.requests import Generator, restore_model  # noqa: E402
+from diffgemma_jax.sampling.requests import Generator  # noqa: E402
+from diffgemma_jax.train.reading import restore_model  # noqa: E402
 from diffgemma_jax.sampling.samplers import (  # noqa: E402
     SAMPLERS, GenerationOptions, sampler_config, validate_options)
 from diffgemma_jax.train import train  # noqa: E402

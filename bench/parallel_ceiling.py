@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     segments = np.ones_like(tokens)
   else:
     from diffgemma_jax.data import make_eval_batches  # pylint: disable=import-outside-toplevel
-    from diffgemma_jax.sampling.requests import restore_model  # pylint: disable=import-outside-toplevel
+    from diffgemma_jax.train.reading import restore_model  # pylint: disable=import-outside-toplevel
     from diffgemma_jax.train.dataset import dataset_dir  # pylint: disable=import-outside-toplevel
     model, step = restore_model(config, args.ar_workdir)
     batches = make_eval_batches(dataset_dir(config), seq_len=seq_len, batch_size=16, max_sequences=args.sequences)

@@ -45,7 +45,8 @@ from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.transformer import build_model
 from diffgemma_jax.sampling import batching
 from diffgemma_jax.sampling.parts import truncate_at_eos
-from diffgemma_jax.sampling.requests import Generator, restore_model
+from diffgemma_jax.sampling.requests import Generator
+from diffgemma_jax.train.reading import restore_model
 from diffgemma_jax.sampling.samplers import GenerationOptions, sampler_config, validate_options
 from diffgemma_jax.sampling.serving import Request, bucket_width
 from diffgemma_jax.sampling.serving_masked import NUM_WIDTHS

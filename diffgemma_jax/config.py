@@ -21,6 +21,7 @@ from diffgemma_jax.data.mixture import parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
 from diffgemma_jax.objectives import OBJECTIVES, objectives_with
+from diffgemma_jax.train.ema import WEIGHTS
 from diffgemma_jax.train.freeze import FREEZE_GROUPS, FROZEN_DTYPES
 from diffgemma_jax.train.optimizer import ADAM_MU_DTYPES, OPTIMIZERS, SCHEDULES, schedule_horizon
 from diffgemma_jax.train.profiling import check_profile_steps
@@ -108,12 +109,17 @@ def base_config() -> ml_collections.ConfigDict:
   # weights that bfloat16 holds exactly, such as a bfloat16 release imported to float32 (the layers cast every
   # weight to the compute dtype where they use it); needs frozen parameters (train.freeze or LoRA).
   c.train.frozen_dtype = ""
+  # A moving average of the trained parameters (train/ema.py), saved with each checkpoint; 0: none. MDLM and BD3-LM
+  # train with 0.9999 (the average's horizon, about 1 / (1 - decay) updates, should be a small part of the run).
+  # Readers (evaluation, generation, scoring, export, init.checkpoint) take it by default: checkpoint.weights.
+  c.train.ema_decay = 0.0
 
   # Fine-tuning: start from another run's parameters (fresh optimizer, step 0). A workdir (its latest checkpoint),
   # its checkpoints/ folder, or one step folder; a run that already has checkpoints of its own resumes from them.
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ""
   c.init.step = -1  # -1: the latest step there
+  c.init.weights = "auto"  # auto (the moving average where that step has one) | ema | params: checkpoint.weights
 
   # Logs beyond TensorBoard and metrics.jsonl: a Weights & Biases run (the optional `wandb` package) when
   # wandb_project is set.
@@ -126,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 100
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # Which weights the readers of a checkpoint take (diffgemma-eval, -generate, -score, -lm-eval, -export) and the
+  # trainer evaluates: auto (the parameters' moving average where the step has one, train.ema_decay > 0; else the
+  # parameters) | ema (the average; a step without one is an error) | params (the trained parameters).
+  c.checkpoint.weights = "auto"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 100
@@ -317,6 +327,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if frozen_dtype and not tuple(config.train.freeze) and not int(config.model.lora_rank):
     raise ConfigError(f"train.frozen_dtype={frozen_dtype!r} sets the frozen parameters' dtype, but this run "
                       "freezes none: set train.freeze or model.lora_rank, or leave it empty")
+  for key in ("checkpoint.weights", "init.weights"):
+    section, name = key.split(".")
+    if str(config[section][name]) not in WEIGHTS:
+      raise ConfigError(f"{key}: {config[section][name]!r} is no choice; valid are {WEIGHTS} (auto: the moving "
+                        f"average where the step has one, else the parameters)")
   if config.data.recipe not in RECIPES:
     raise ConfigError(f"data.recipe: unknown recipe {config.data.recipe!r}; valid recipes are {RECIPES}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES
@@ -374,7 +389,8 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
             ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("weight_decay", lambda v: 0 <= v < inf, "a finite number >= 0"),
-            ("grad_clip", lambda v: 0 <= v < inf, "a finite number >= 0 (0: no clipping)"))
+            ("grad_clip", lambda v: 0 <= v < inf, "a finite number >= 0 (0: no clipping)"),
+            ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: no moving average; MDLM uses 0.9999)"))
   for key, ok, valid in checks:
     value = float(train[key])
     if not ok(value):

@@ -25,7 +25,8 @@ __all__ = ["evaluate", "held_out_bounds", "make_bound_fn", "summarize_bound"]
 
 def evaluate(config, workdir: str | None = None, step: int | None = None, *, checkpoint: str | None = None,
              partial_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """The held-out bound of a run's parameters, with keys step, num_tokens, num_examples, bits_per_token,
+  """The held-out bound of a run's parameters, with keys step, weights ("params", or "ema": the trainable
+  parameters' moving average, `checkpoint.weights`), num_tokens, num_examples, bits_per_token,
   stderr_bits_per_token, ppl_bound, num_t_samples, unigram_ppl, exact.
 
   The parameters: checkpoint `step` (default: the latest complete one) of `workdir/checkpoints`, or, given
@@ -40,7 +41,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   if not (workdir or checkpoint):
     raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
   if checkpoint:
-    run = open_run(checkpoint, step, key=INIT)
+    run = open_run(checkpoint, step, key=INIT, weights=str(config.init.weights))
   else:
     config, run = read_run(config, workdir, step)
   model_cfg = ModelConfig.from_config_dict(config.model)
@@ -65,7 +66,8 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   log = log or (lambda message: None)
   partial_for = None
   if partial_dir:
-    key = dict(checkpoint=run.step_dir, step=int(run.step), seed=int(config.eval.seed), num_t_samples=num_t,
+    key = dict(checkpoint=run.step_dir, step=int(run.step), weights=run.weights, seed=int(config.eval.seed),
+               num_t_samples=num_t,
                batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
                template=str(config.data.chat_template), objective=config.objective.to_dict())
 
@@ -77,7 +79,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   with StopRequest() as stop:
     result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
                              partial_for=partial_for, progress=ProgressLog(log), stop=stop.reached)
-  result.update(step=int(run.step), unigram_ppl=unigram_baseline(config, directory),
+  result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram_baseline(config, directory),
                 exact=objective.capabilities.exact)
   return result
 

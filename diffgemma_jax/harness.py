@@ -37,10 +37,11 @@ from diffgemma_jax.data.sft import split_tokens
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.parallel.distributed import (ENV_SIDE_ADDRESS, ENV_SIDE_PORT, launch_process, side_channel_address,
                                                 wait_for_port)
-from diffgemma_jax.sampling.requests import Generator, check_serving, cut_at_stop, load_tokenizer, restore_model
+from diffgemma_jax.sampling.requests import Generator, check_serving, cut_at_stop, load_tokenizer
 from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, requested_options,
                                              validate_options)
 from diffgemma_jax.scoring import Scorer
+from diffgemma_jax.train.reading import restore_model
 
 DEFAULT_BATCH_SIZE = 8
 COLLECTIVE_TIMEOUT_S = 24 * 3600  # ranks wait at the harness's barriers while the others finish their share

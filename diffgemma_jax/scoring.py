@@ -47,7 +47,7 @@ from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import replicated
 from diffgemma_jax.train.bound import global_batch, make_bound_fn, scored_batches
 from diffgemma_jax.train.dataset import load_tokenizer, sft_pack_unit
-from diffgemma_jax.train.reading import restore_model
+from diffgemma_jax.train.reading import restore_model_run
 from diffgemma_jax.train.state import split_model
 
 LAYOUTS = ("continuation", "sft")
@@ -265,15 +265,17 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def score_file(config, workdir: str, path: str, *, step: int | None = None, **scorer_options) -> dict[str, Any]:
-  """Scores the records of a JSONL file with a run's checkpoint (`step`, default the latest): {"step", "records":
+  """Scores the records of a JSONL file with a run's checkpoint (`step`, default the latest): {"step", "weights"
+  ("params", or "ema": the moving average, `checkpoint.weights`), "records":
   per-record results in file order, "summary"}. The records are read and checked before the model is restored."""
   pairs = read_pairs(path)
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
   tokenizer = load_tokenizer(config, workdir)
-  model, step = restore_model(config, workdir, step)
+  model, run = restore_model_run(config, workdir, step)
   scorer = Scorer(config, model, tokenizer, **scorer_options)
   results = scorer.score(pairs)
-  return {"step": step, "objective": str(config.objective.name), "exact": scorer.objective.capabilities.exact,
+  return {"step": run.step, "weights": run.weights, "objective": str(config.objective.name),
+          "exact": scorer.objective.capabilities.exact,
           "num_t_samples": scorer.num_t_samples, "layout": scorer.layout, "records": results,
           "summary": summarize(results)}

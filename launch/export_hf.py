@@ -4,7 +4,8 @@ Writes the latest (or --step) checkpoint of DIR as a Hugging Face DiffusionGemma
 DiffusionGemmaForBlockDiffusion.from_pretrained loads (text part; the vision tower stays at its initialisation),
 with the run's tokenizer.model (DIR's pinned one, else data.tokenizer) and its bos/eos/pad ids, and as
 max_position_embeddings the context its weights serve (an imported model's own, else the train.seq_len it trained
-on).
+on). The trainable parameters are their moving average where the run kept one (train.ema_decay), unless
+--config.checkpoint.weights=params.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import sys
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError, MappingError
-from diffgemma_jax.hf import export_hf, restore_pure_params, run_tokenizer
+from diffgemma_jax.hf import export_hf, run_tokenizer
+from diffgemma_jax.hf.export_hf import saved_params
 from diffgemma_jax.model.config import ModelConfig
-from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir, trained_context
+from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir, open_run, trained_context
 from .common import Outputs, config_overrides, fail, load_run_config
 
 
@@ -42,8 +44,9 @@ def main(argv=None) -> int:
     config = adopt_saved_lora(config, os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)
     tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))
-    step, pure = restore_pure_params(args.workdir, cfg, args.step)
-    print(f"restored step {step} from {args.workdir}")
+    run = open_run(args.workdir, args.step, weights=str(config.checkpoint.weights))
+    pure = saved_params(run, cfg)
+    print(f"restored {run.describe()} from {args.workdir}")
     export_hf(cfg, pure, args.output, context=trained_context(config, args.workdir),
               canvas_length=int(config.objective.block_size), dtype=args.dtype, tokenizer=tokenizer)
   except (ConfigError, MappingError, DataError) as e:

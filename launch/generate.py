@@ -25,8 +25,8 @@ from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
 # the fields of each request in the JSON document (--json, --output)
-JSON_KEYS = ("prompt", "completion", "sampler", "step", "prompt_tokens", "gen_length", "new_tokens", "model_calls",
-             "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids", "batch_size",
+JSON_KEYS = ("prompt", "completion", "sampler", "step", "weights", "prompt_tokens", "gen_length", "new_tokens",
+             "model_calls", "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids", "batch_size",
              "batch_tokens_per_s")
 
 
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     outputs.print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
                   f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
                   f"sampler {r['sampler']}, step {r['step']}"
+                  + (" (moving average)" if r["weights"] == "ema" else "")
                   + (f"; batch of {r['batch_size']}: {r['batch_tokens_per_s']:.1f} tokens/s"
                      if r["batch_size"] > 1 else "")
                   + ")")

@@ -39,7 +39,8 @@ def memory_report(config, *, compile_step: bool) -> dict:
                                                         if config.train.adam_mu_dtype else ""),
             "batch": [int(config.train.batch_size), int(config.train.seq_len)],
             "state_bytes": {"trainable_params": state.trainable_params, "frozen_params": state.frozen_params,
-                            "optimizer": state.optimizer, "step": state.step, "total": state.total}}
+                            "optimizer": state.optimizer, "step": state.step,
+                            "moving_average": state.moving_average, "total": state.total}}
   report["device_limit_bytes"] = device_limit(devices.flat[0])  # a GPU's allocator limit; None on the CPU
   if compile_step:
     report["step_bytes"] = step_memory(built, *report["batch"])
@@ -54,8 +55,10 @@ def _memory_lines(report: dict, device_memory_gib: float | None, compute_dtype: 
            f"batch {report['batch'][0]} x {report['batch'][1]}",
            f"  parameters             {gib(state['trainable_params'])} trained"
            + (f", {gib(state['frozen_params'])} frozen" if state["frozen_params"] else ""),
-           f"  optimizer state        {gib(state['optimizer'])} ({report['optimizer']})",
-           f"  train state            {gib(state['total'])}"]
+           f"  optimizer state        {gib(state['optimizer'])} ({report['optimizer']})"]
+  if state["moving_average"]:
+    lines.append(f"  moving average         {gib(state['moving_average'])} (train.ema_decay, float32)")
+  lines += [f"  train state            {gib(state['total'])}"]
   step = report.get("step_bytes")
   need = state["total"]
   # a CPU compile of a model computing in bfloat16 (a GPU config planned with --devices) holds it in float32

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
   s = report["summary"]
   estimate = "exact" if report["exact"] else f"bound, {report['num_t_samples']} noise levels per record"
   outputs.print(f"total: {s['nll']:.3f} nats over {s['num_tokens']} tokens of {s['num_records']} records, "
-                f"{s['bits_per_token']:.4f} bits/token ({estimate}; step {report['step']}, {report['layout']} layout)")
+                f"{s['bits_per_token']:.4f} bits/token ({estimate}; step {report['step']}"
+                + (" (moving average)" if report["weights"] == "ema" else "") + f", {report['layout']} layout)")
   return 0
 
 

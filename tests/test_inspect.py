@@ -23,7 +23,8 @@ def test_inspect_cli_bad_override_exits_nonzero_naming_the_key():
 
 
 # In a process of its own (--devices fakes 4 CPU devices before JAX starts): the CLI's --memory report on an
-# fsdp 2 x expert 2 mesh with the router frozen, then the same config's state initialised for real on those devices.
+# fsdp 2 x expert 2 mesh with the router frozen and a moving average kept, then the same config's state
+# initialised for real on those devices.
 _MEMORY_PROBE = """
 import contextlib, io, json, sys
 from launch.inspect import main
@@ -48,15 +49,17 @@ def held(tree):  # bytes of the arrays' shards on each device
   return per_device
 
 print(json.dumps({"report": json.loads(out.getvalue())["memory"], "trainable_params": held(trained),
-                  "frozen_params": held(frozen), "optimizer": held(state.opt_state), "step": held(state.step)}))
+                  "frozen_params": held(frozen), "optimizer": held(state.opt_state), "step": held(state.step),
+                  "moving_average": held(state.ema)}))
 """
 
 
 def test_memory_report_is_what_each_device_holds():
-  """--memory's train-state bytes equal, part by part, the bytes of the shards each of the 4 devices holds once the
-  state is initialised there; XLA's account of the compiled step takes exactly that state plus the device's batch
-  rows and the step's key as arguments, and aliases the whole state (it is donated)."""
-  overrides = ["--config.mesh.shape=(1,2,2,1)", "--config.train.freeze=('router',)"]
+  """--memory's train-state bytes equal, part by part (the moving average too), the bytes of the shards each of
+  the 4 devices holds once the state is initialised there; XLA's account of the compiled step takes exactly that
+  state plus the device's batch rows and the step's key as arguments, and aliases the whole state (it is
+  donated)."""
+  overrides = ["--config.mesh.shape=(1,2,2,1)", "--config.train.freeze=('router',)", "--config.train.ema_decay=0.999"]
   env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", f"OVERRIDES = {overrides!r}\n" + _MEMORY_PROBE],
                         capture_output=True, text=True, env=env)
@@ -64,11 +67,13 @@ def test_memory_report_is_what_each_device_holds():
   found = json.loads(proc.stdout.splitlines()[-1])
   report, state = found["report"], found["report"]["state_bytes"]
   assert report["mesh"] == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1} and report["devices"] == 4
-  for part in ("trainable_params", "frozen_params", "optimizer", "step"):
+  parts = ("trainable_params", "frozen_params", "optimizer", "step", "moving_average")
+  for part in parts:
     assert sorted(found[part]) == ["0", "1", "2", "3"], (part, found[part])
     assert set(found[part].values()) == {state[part]}, (part, found[part], state[part])
   assert state["frozen_params"] > 0 and state["optimizer"] > state["trainable_params"]
-  assert state["total"] == sum(state[p] for p in ("trainable_params", "frozen_params", "optimizer", "step"))
+  assert state["moving_average"] == state["trainable_params"]  # float32, sharded as the parameters it averages
+  assert state["total"] == sum(state[p] for p in parts)
   step = report["step_bytes"]
   batch_size, seq_len = report["batch"]
   rows_bytes = 3 * (batch_size // 4) * seq_len * 4  # tokens, segment ids, positions (int32): 4 rows a device

@@ -287,7 +287,7 @@ def test_bad_init_checkpoints_fail_before_any_step(load_tiny, trained_run, sft_d
   assert summary["final_step"] == 2
   # Reading the LoRA run with the base config (no lora_rank) picks up the run's adapters from its run_config.json.
   from diffgemma_jax.evaluate import evaluate
-  from diffgemma_jax.sampling.requests import restore_model
+  from diffgemma_jax.train.reading import restore_model
   # ... also once the pretraining run it started from has moved (init.checkpoint names nothing now): the
   # fine-tuned workdir pins its own tokenizer, which is all a reader needs.
   base = load_tiny(_sft_overrides(str(tmp_path / "moved"), root))

@@ -29,18 +29,24 @@ from diffgemma_jax.model.layers import dtype_of
 from diffgemma_jax.model.lora import merge_lora
 from diffgemma_jax.model.transformer import abstract_model
 from diffgemma_jax.train.dataset import checked_data_tokenizer
-from diffgemma_jax.train.reading import open_run, pinned_tokenizer
+from diffgemma_jax.train.reading import SavedRun, open_run, pinned_tokenizer
 from diffgemma_jax.train.state import to_pure
 
 
-def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None):
+def restore_pure_params(workdir: str, cfg: ModelConfig, step: int | None = None, weights: str = "params"):
   """(step, the parameters as the trainer saved them: nested dicts of arrays, on one device) of the run in
-  `workdir` (`train.reading`)."""
-  run = open_run(workdir, step)
+  `workdir` (`train.reading`). `weights` (`checkpoint.weights`): "auto" or "ema" take the trainable parameters'
+  moving average where the run kept one (train/ema.py)."""
+  run = open_run(workdir, step, weights=weights)
+  return run.step, saved_params(run, cfg)
+
+
+def saved_params(run: SavedRun, cfg: ModelConfig):
+  """The parameters of the opened run `run` under model `cfg`, as nested dicts of arrays on one device."""
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = to_pure(nnx.state(abstract_model(cfg), nnx.Param))
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-  return run.step, run.restore_pure_params(target)
+  return run.restore_pure_params(target)
 
 
 def getter(pure: Any) -> Callable[[tuple], np.ndarray]:

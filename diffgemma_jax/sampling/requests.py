@@ -27,7 +27,7 @@ from diffgemma_jax.sampling import (autoregressive, batching, canvas, masked, se
 from diffgemma_jax.sampling.parts import truncate_at_eos
 from diffgemma_jax.sampling.samplers import SAMPLERS, GenerationOptions, sampler_config, validate_options
 from diffgemma_jax.train.dataset import load_tokenizer
-from diffgemma_jax.train.reading import check_workdir, restore_model
+from diffgemma_jax.train.reading import check_workdir, restore_model_run
 
 
 def validate_prompt(text: str, prompt_ids: list[int], context_length: int) -> None:
@@ -365,12 +365,13 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     print(f"warning: prompt + --gen_length reach {longest} positions, past the {context_length} the model was "
           f"trained on (train.seq_len); text beyond position {context_length} is off-distribution",
           file=sys.stderr)
-  model, step = restore_model(config, workdir, step)
+  model, run = restore_model_run(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
   results = generator.run_requests(encoded, options, batch_size=batch_size, serving_slots=serving_slots,
                                    serving_widths=serving_widths,
                                    request_options=request_options)
   for text, ids, own, result in zip(prompts, encoded, request_options, results):
     completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
-    result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=step, gen_length=own.gen_length)
+    result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=run.step,
+                  weights=run.weights, gen_length=own.gen_length)
   return results

@@ -5,6 +5,7 @@ when complete, so a save cut short by a kill is never listed), each holding the 
   params         StandardSave of the parameters as plain nested dicts of arrays,
   opt_state      StandardSave of the optimizer state, wrappers stripped the same way,
   data_iterator  JsonSave of the grain iterator's `get_state()`,
+  ema            StandardSave of the trainable parameters' moving average (only in a run with train.ema_decay > 0),
 and `run_config.json` beside them: the config of the run that wrote them, checked before a resume.
 Anything saved here is readable with plain `orbax.checkpoint` (see tests/test_checkpoint.py).
 """
@@ -26,6 +27,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DamagedCheckpointError, IncompatibleCheckpointError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.parallel.distributed import barrier
+from diffgemma_jax.train import ema as moving_average
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.state import TrainState, from_pure, to_pure, with_shardings
 
@@ -150,7 +152,7 @@ class Checkpointer:
           cleanup_tmp_directories=True,
           temporary_path_class=storage.temporary_path_class(self.directory))
       self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                            item_names=("params", "opt_state", "data_iterator"))
+                                            item_names=ITEMS + (moving_average.ITEM,))
     return self._manager
 
   def latest_step(self) -> int | None:
@@ -171,10 +173,12 @@ class Checkpointer:
     if not config_path.is_file() and jax.process_index() == 0:
       config_path.write_text(json.dumps(config_to_dict(self.config), indent=2, sort_keys=True))
     self._set_aside(step)
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(to_pure(state.params)),
-        opt_state=ocp.args.StandardSave(to_pure(state.opt_state)),
-        data_iterator=ocp.args.JsonSave(_encode_iterator_state(iterator_state))), force=True)
+    items = dict(params=ocp.args.StandardSave(to_pure(state.params)),
+                 opt_state=ocp.args.StandardSave(to_pure(state.opt_state)),
+                 data_iterator=ocp.args.JsonSave(_encode_iterator_state(iterator_state)))
+    if state.ema is not None:
+      items[moving_average.ITEM] = ocp.args.StandardSave(to_pure(state.ema))
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     # Orbax's save returns once every earlier save is final; this one is final too unless it is asynchronous.
     self._unrecorded.append(step)
     self._record(keep_last=bool(self.config.checkpoint.async_save))
@@ -208,22 +212,33 @@ class Checkpointer:
     """What is wrong with step folder `step` (naming the file), or None when it holds what was saved."""
     return integrity.damage(os.path.join(self.directory, str(step)), items)
 
+  def has_average(self, step: int) -> bool:
+    """Whether step `step` holds the parameters' moving average (saved by a run with train.ema_decay > 0)."""
+    return epath.Path(os.path.join(self.directory, str(step), moving_average.ITEM)).is_dir()
+
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
-    """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it."""
-    problem = self.damage(step)
+    """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it. The moving
+    average is read when `abstract` has one and the step holds one; the state's `ema` is None otherwise (the
+    trainer then starts it from the parameters)."""
+    items = ITEMS + ((moving_average.ITEM,) if abstract.ema is not None and self.has_average(step) else ())
+    problem = self.damage(step, items)
     if problem:
       raise DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
     target = with_shardings(abstract, shardings)
+    args = dict(params=ocp.args.StandardRestore(to_pure(target.params)),
+                opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
+                data_iterator=ocp.args.JsonRestore())
+    if moving_average.ITEM in items:
+      args[moving_average.ITEM] = ocp.args.StandardRestore(to_pure(target.ema))
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(to_pure(target.params)),
-          opt_state=ocp.args.StandardRestore(to_pure(target.opt_state)),
-          data_iterator=ocp.args.JsonRestore()))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for one unreadable file
-      raise read_failure(self.directory, step, e, ITEMS) from None
+      raise read_failure(self.directory, step, e, items) from None
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), shardings.step)
     state = TrainState(step=step_array, params=from_pure(abstract.params, restored["params"]),
-                       opt_state=from_pure(abstract.opt_state, restored["opt_state"]))
+                       opt_state=from_pure(abstract.opt_state, restored["opt_state"]),
+                       ema=from_pure(abstract.ema, restored[moving_average.ITEM]) if moving_average.ITEM in items
+                       else None)
     return state, _decode_iterator_state(restored["data_iterator"])
 
   def restore_newest(self, abstract: TrainState, shardings: TrainState) -> tuple[int, TrainState, Any]:

@@ -79,7 +79,8 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   """The train step of run config `config`, from the same sections the trainer reads: the model (`config.model`),
   the mesh (`mesh_from_config`), the optimizer and schedule (`make_optimizer(config.train)`), the objective
   (`config.objective`, with the tokenizer's `mask_id`), `train.grad_accum_steps`, `train.freeze` (or the LoRA
-  adapters), `train.seed` and `train.debug_nan_at_step`.
+  adapters), `train.seed`, `train.ema_decay` (the state then keeps the moving average) and
+  `train.debug_nan_at_step`.
 
   `mesh`: a mesh over chosen devices instead of the config's (a sharded step compared with one device), used as
   given: `check_mesh_fits` would name `mesh.shape` from the config, which this mesh is not. `optimizer`: (tx,
@@ -93,14 +94,16 @@ def compile_train_step(config, *, mask_id: int, mesh: Mesh | None = None,
   seed = int(train_config.seed)
   trainable = trainable_filter(model_config, tuple(train_config.freeze))
   frozen_dtype = str(train_config.get("frozen_dtype", ""))
+  ema_decay = float(train_config.get("ema_decay", 0.0))
   graphdef, abstract, shardings = abstract_train_state(model_config, tx, mesh, seed, trainable,
-                                                       placement=placement_for(mesh, config), frozen_dtype=frozen_dtype)
+                                                       placement=placement_for(mesh, config), frozen_dtype=frozen_dtype,
+                                                       ema=ema_decay > 0)
   optimizer_for_decay = placed_decay_optimizer(train_config) if optimizer is None else None
   step = make_train_step(graphdef=graphdef, objective=make_objective(config.objective, mask_id=mask_id), tx=tx,
                          schedule=schedule, mesh=mesh, state_shardings=shardings,
                          grad_accum_steps=int(train_config.grad_accum_steps),
                          debug_nan_at_step=int(train_config.debug_nan_at_step), trainable=trainable,
-                         optimizer_for_decay=optimizer_for_decay)
+                         ema_decay=ema_decay, optimizer_for_decay=optimizer_for_decay)
   return CompiledStep(step=step, model_config=model_config, mesh=mesh, tx=tx, schedule=schedule, graphdef=graphdef,
                       abstract_state=abstract, state_shardings=shardings, batch_sharding=rules.batch_sharding(mesh),
                       trainable=trainable, seed=seed, frozen_dtype=frozen_dtype,

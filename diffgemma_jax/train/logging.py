@@ -324,7 +324,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"final train loss {summary['final_loss']:.4f}")
   ev = summary.get("eval")
   if ev:
-    lines.append(f"held-out bound {ev['bits_per_token']:.4f} +- {ev['stderr_bits_per_token']:.4f} bits/token, "
+    averaged = " (moving average)" if ev.get("weights") == "ema" else ""
+    lines.append(f"held-out bound{averaged} {ev['bits_per_token']:.4f} +- {ev['stderr_bits_per_token']:.4f} "
+                 f"bits/token, "
                  f"ppl <= {ev['ppl_bound']:.2f} over {ev['num_tokens']} tokens"
                  + (f" (unigram ppl {ev['unigram_ppl']:.2f})" if ev.get("unigram_ppl") else ""))
   if summary.get("checkpoint_step") is not None:

@@ -44,7 +44,8 @@ from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.reading import check_workdir, inherit_context, open_init_checkpoint
-from diffgemma_jax.train.state import abstract_train_state, evaluation_model, init_train_state
+from diffgemma_jax.train.ema import averaged_params
+from diffgemma_jax.train.state import abstract_train_state, evaluation_model, init_train_state, start_average
 from diffgemma_jax.train.step import make_train_step
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "loss_mask")
@@ -91,10 +92,16 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   seed = int(tc.seed)
   trainable = trainable_filter(model_cfg, tuple(tc.freeze))
   frozen_dtype = str(tc.frozen_dtype)
+  ema_decay = float(tc.ema_decay)
+  if str(config.checkpoint.weights) == "ema" and not ema_decay:
+    raise ConfigError("checkpoint.weights='ema' evaluates the parameters' moving average, but train.ema_decay=0 "
+                      "keeps none: set train.ema_decay (MDLM uses 0.9999) or checkpoint.weights=auto")
+  evaluate_average = ema_decay > 0 and str(config.checkpoint.weights) != "params"
   graphdef, abstract, shardings = abstract_train_state(model_cfg, tx, mesh, seed, trainable,
-                                                       placement=placement_for(mesh, config), frozen_dtype=frozen_dtype)
+                                                       placement=placement_for(mesh, config), frozen_dtype=frozen_dtype,
+                                                       ema=ema_decay > 0)
   start_step = ckpt.latest_step()
-  init_from, inherited = None, None
+  init_from, inherited, started_average = None, None, None
   if start_step is None and config.init.checkpoint:  # checked before any data is built or step is run
     init_from = open_init_checkpoint(config)
     init_from.check_fits(abstract.params)
@@ -111,16 +118,20 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   if start_step is not None:  # the newest step that restores: a damaged one is skipped, saying so
     start_step, state, iterator_state = ckpt.restore_newest(abstract, shardings)
     data.set_state(iterator_state)
+    if ema_decay and state.ema is None:  # switched on by this resume
+      state = state._replace(ema=start_average(state.params, trainable, shardings.ema))
+      started_average = start_step
   else:
     start_step = 0
     state = init_train_state(model_cfg, tx, shardings, seed, trainable, frozen_dtype=frozen_dtype)
     if init_from is not None:
-      state = state._replace(params=init_from.restore_params(abstract.params, shardings.params, fresh=state.params))
+      params = init_from.restore_params(abstract.params, shardings.params, fresh=state.params)
+      state = state._replace(params=params, ema=start_average(params, trainable, shardings.ema))
 
   decay = TimedDecay(tc, workdir, start_step=start_step, max_runtime_s=max_runtime_s)
   step_fn = make_train_step(graphdef=graphdef, objective=objective, tx=tx, schedule=schedule, mesh=mesh,
                             state_shardings=shardings, grad_accum_steps=int(tc.grad_accum_steps),
-                            debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable,
+                            debug_nan_at_step=int(tc.debug_nan_at_step), trainable=trainable, ema_decay=ema_decay,
                             optimizer_for_decay=decay.optimizer)
   end_step = decay.end_step()
   num_t = int(config.eval.num_t_samples)
@@ -138,7 +149,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
-    logger.message(f"initialised from {init_from.step_dir} (step {init_from.step}): parameters only, fresh optimizer"
+    logger.message(f"initialised from {init_from.step_dir} ({init_from.describe()}): parameters only, fresh optimizer"
                    + (f"; model.max_positions={inherited}, the context its weights serve" if inherited else ""))
   previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
                                 command=command)  # the run history; the record of the run resumed from
@@ -146,6 +157,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     jump = describe_schedule_change(ml_collections.ConfigDict(previous["config"]["train"]), tc, start_step)
     if jump:
       logger.message(jump)
+  if started_average is not None:
+    logger.message(f"train.ema_decay={ema_decay:g}: checkpoint {started_average} holds no moving average of the "
+                   f"parameters; it starts from them at step {started_average}")
   logger.message(describe_state(state_memory(abstract, shardings, trainable), str(tc.optimizer), mesh.devices.size))
   counts = describe(state.params, trainable)
   if counts["frozen_params"]:
@@ -162,11 +176,14 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   timing = {"train_time": 0.0, "tokens": 0, "steps": 0, "clock": None, "first_step_s": None}
 
   def run_eval(step: int) -> dict[str, Any]:
-    result = held_out_bounds(bound_fn, state.params, held_out, seed=int(config.eval.seed), num_t_samples=num_t,
-                             mesh=mesh)
-    result.update(step=step, unigram_ppl=unigram, exact=objective.capabilities.exact)
+    # checkpoint.weights: what a reader of this step's checkpoint evaluates (train/reading.py)
+    params = averaged_params(state.params, state.ema, trainable) if evaluate_average else state.params
+    result = held_out_bounds(bound_fn, params, held_out, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh)
+    result.update(step=step, weights="ema" if evaluate_average else "params", unigram_ppl=unigram,
+                  exact=objective.capabilities.exact)
     logger.write(step, {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval")
-    logger.message(f"step {step}: held-out {result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
+    logger.message(f"step {step}: held-out{' (moving average)' if evaluate_average else ''} "
+                   f"{result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
     summary["eval"] = result
     return result

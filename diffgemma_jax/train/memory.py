@@ -40,10 +40,11 @@ class StateMemory:
   frozen_params: int
   optimizer: int
   step: int
+  moving_average: int = 0  # train.ema_decay > 0: the trainable parameters' average, in float32
 
   @property
   def total(self) -> int:
-    return self.trainable_params + self.frozen_params + self.optimizer + self.step
+    return self.trainable_params + self.frozen_params + self.optimizer + self.step + self.moving_average
 
 
 def state_memory(abstract: TrainState, shardings: TrainState, trainable) -> StateMemory:
@@ -54,14 +55,16 @@ def state_memory(abstract: TrainState, shardings: TrainState, trainable) -> Stat
   return StateMemory(trainable_params=bytes_per_device(train_abstract, train_shardings),
                      frozen_params=bytes_per_device(frozen_abstract, frozen_shardings),
                      optimizer=bytes_per_device(abstract.opt_state, shardings.opt_state),
-                     step=bytes_per_device(abstract.step, shardings.step))
+                     step=bytes_per_device(abstract.step, shardings.step),
+                     moving_average=bytes_per_device(abstract.ema, shardings.ema) if abstract.ema is not None else 0)
 
 
 def describe_state(memory: StateMemory, optimizer: str, devices: int) -> str:
   """One line for a run's log: the train state each device holds."""
   frozen = f" + {binary_bytes(memory.frozen_params)} frozen" if memory.frozen_params else ""
+  average = f" + {binary_bytes(memory.moving_average)} moving average" if memory.moving_average else ""
   return (f"train state per device: {binary_bytes(memory.trainable_params)} trained parameters{frozen} + "
-          f"{binary_bytes(memory.optimizer)} {optimizer} state = {binary_bytes(memory.total)} "
+          f"{binary_bytes(memory.optimizer)} {optimizer} state{average} = {binary_bytes(memory.total)} "
           f"({devices} device{'s' if devices > 1 else ''})")
 
 

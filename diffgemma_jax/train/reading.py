@@ -4,8 +4,9 @@ Hugging Face export, and a new run's `init.checkpoint`).
 `open_run` names the run (a workdir, its checkpoints/ folder or one step folder) and picks the step (the requested
 one, else the latest; a step whose parameters are damaged fails naming the file and the intact steps). The
 `SavedRun` it returns restores the parameters onto the shardings the caller gives (no optimizer, no train state),
-and knows the run's pinned tokenizer and saved config. The trainer's own resume (parameters, optimizer state and
-data position together) is `Checkpointer.restore_newest`.
+the trainable ones as their moving average where the run kept one and `checkpoint.weights` / `init.weights` allow
+it (train/ema.py), and knows the run's pinned tokenizer and saved config. The trainer's own resume (parameters,
+optimizer state and data position together) is `Checkpointer.restore_newest`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from diffgemma_jax.model.lora import SUFFIX as LORA_SUFFIX
 from diffgemma_jax.parallel.mesh import mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
+from diffgemma_jax.train import ema as moving_average
 from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
 from diffgemma_jax.train.history import read_history
@@ -41,13 +43,14 @@ class StepKey:
   run: str  # "--workdir", "init.checkpoint"
   step: str  # "--step", "init.step"
   assign: str  # between key and value: " " (a flag) or "=" (a config key)
+  weights: str  # the config key choosing the weights: "checkpoint.weights", "init.weights"
 
   def choose(self, step: int) -> str:
     return f"{self.step}{self.assign}{step}"
 
 
-WORKDIR = StepKey("--workdir", "--step", " ")
-INIT = StepKey("init.checkpoint", "init.step", "=")
+WORKDIR = StepKey("--workdir", "--step", " ", "checkpoint.weights")
+INIT = StepKey("init.checkpoint", "init.step", "=", "init.weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +60,15 @@ class SavedRun:
   checkpoints: str  # the folder of step folders
   step: int
   key: StepKey = WORKDIR
+  weights: str = "params"  # what restores the trainable parameters: "params", or "ema" (their moving average)
 
   @property
   def step_dir(self) -> str:
     return os.path.join(self.checkpoints, str(self.step))
+
+  def describe(self) -> str:
+    """The step and the weights read, for a reader's report: `step 800` or `step 800 (moving average)`."""
+    return f"step {self.step}" + (" (moving average)" if self.weights == "ema" else "")
 
   def saved_config(self) -> dict[str, Any] | None:
     """The run's run_config.json (None for a run written without one, e.g. by an old version)."""
@@ -70,15 +78,17 @@ class SavedRun:
   def tokenizer(self) -> str | None:
     return pinned_tokenizer(self.run_dir)
 
-  def saved_params(self) -> dict[str, Any]:
-    """{path: shape/dtype metadata} of the saved parameters (Orbax metadata only, nothing read). Asked of the
-    item's handler, not of a Checkpointer: that one also reads a step's own metadata file, which the manager
-    writes one folder up (beside `params/`, not in it), and logs a warning that it is missing on every call."""
+  def saved_params(self, item: str = "params") -> dict[str, Any]:
+    """{path: shape/dtype metadata} of the saved parameters (`item` "ema": of their saved moving average; Orbax
+    metadata only, nothing read). Asked of the item's handler, not of a Checkpointer: that one also reads a step's
+    own metadata file, which the manager writes one folder up (beside `params/`, not in it), and logs a warning
+    that it is missing on every call."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      metadata = handler.metadata(epath.Path(os.path.join(self.step_dir, "params")))
+      metadata = handler.metadata(epath.Path(os.path.join(self.step_dir, item)))
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-      raise ConfigError(f"{self.key.run}: cannot read the parameters in {self.step_dir}: {e}") from None
+      raise ConfigError(f"{self.key.run}: cannot read the {'moving average' if item != 'params' else 'parameters'} "
+                        f"in {self.step_dir}: {e}") from None
     finally:
       handler.close()
     return flat_paths(getattr(metadata, "tree", metadata))
@@ -104,12 +114,25 @@ class SavedRun:
 
   def restore_pure_params(self, target):
     """The saved parameters (nested dicts of arrays) in `target`'s shapes, dtypes and shardings. `target` may
-    leave out saved parameters, not add any."""
+    leave out saved parameters, not add any. Reading the moving average (`weights` "ema"), the parameters it
+    covers (the trainable ones) come from it, cast to `target`'s dtypes, and only the others from `params`."""
+    if self.weights != "ema":
+      return self._restore_item("params", target)
+    wanted = flat_paths(target)
+    averaged = set(self.saved_params(moving_average.ITEM)) & set(wanted)
+    restored = {}
+    for item, paths in (("params", set(wanted) - averaged), (moving_average.ITEM, averaged)):
+      if paths:
+        restored.update(flat_paths(self._restore_item(item, _only(target, paths))))
+    return jax.tree_util.tree_map_with_path(lambda p, _: restored[path_str(p)], target,
+                                            is_leaf=lambda x: hasattr(x, "shape"))
+
+  def _restore_item(self, item: str, target):
     try:
       with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.join(self.step_dir, "params"), target)
+        return checkpointer.restore(os.path.join(self.step_dir, item), target)
     except Exception as e:  # noqa: BLE001 - tensorstore and Orbax raise many types for one unreadable file
-      failure = read_failure(self.checkpoints, self.step, e, ("params",))
+      failure = read_failure(self.checkpoints, self.step, e, (item,))
       if not isinstance(failure, IncompatibleCheckpointError):
         failure = damaged_for_reader(self.checkpoints, self.step, failure.problem, saved_steps(self.checkpoints),
                                      self.key.choose)
@@ -203,10 +226,13 @@ def _locate(path: str, step: int | None, key: StepKey) -> tuple[str, str, int | 
   return os.path.dirname(checkpoints), checkpoints, step
 
 
-def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = WORKDIR) -> SavedRun:
+def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = WORKDIR,
+             weights: str = "params") -> SavedRun:
   """The run `path` names at `step` (None: the latest complete one). `key` WORKDIR: `path` is a workdir given as
   --workdir; INIT: a workdir, its checkpoints/ folder or a step folder given as init.checkpoint. With `config`,
-  a run of a different model is refused (`Checkpointer.check_compatible`)."""
+  a run of a different model is refused (`Checkpointer.check_compatible`). `weights` (train/ema.WEIGHTS; the
+  value of `key.weights`): "auto" reads the parameters' moving average where the step holds one, "ema" requires
+  it, "params" reads the trained parameters."""
   run_dir, checkpoints, step = _locate(path, step, key)
   if config is not None:
     Checkpointer(checkpoints, config, create=False)  # checks the saved config against this one
@@ -220,16 +246,22 @@ def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = 
     step = available[-1]
   elif step not in available:
     raise ConfigError(f"{key.choose(step)}: no such checkpoint in {checkpoints}; available steps are {available}")
-  problem = integrity.damage(os.path.join(checkpoints, str(step)), ("params",))
+  averaged = epath.Path(os.path.join(checkpoints, str(step), moving_average.ITEM)).is_dir()
+  if weights == "ema" and not averaged:
+    raise ConfigError(f"{key.weights}=ema: step {step} in {checkpoints} holds no moving average of its parameters "
+                      f"(its run trained with train.ema_decay=0); set {key.weights}=params or auto")
+  chosen = "ema" if averaged and weights != "params" else "params"
+  problem = integrity.damage(os.path.join(checkpoints, str(step)),
+                             ("params", moving_average.ITEM) if chosen == "ema" else ("params",))
   if problem:
     raise damaged_for_reader(checkpoints, step, problem, available, key.choose)
-  return SavedRun(run_dir=run_dir, checkpoints=checkpoints, step=step, key=key)
+  return SavedRun(run_dir=run_dir, checkpoints=checkpoints, step=step, key=key, weights=chosen)
 
 
 def open_init_checkpoint(config) -> SavedRun:
   """The run and step `init.checkpoint` / `init.step` (-1: the latest) name."""
   step = int(config.init.step)
-  return open_run(str(config.init.checkpoint), None if step < 0 else step, key=INIT)
+  return open_run(str(config.init.checkpoint), None if step < 0 else step, key=INIT, weights=str(config.init.weights))
 
 
 def read_run(config, workdir: str, step: int | None = None) -> tuple[Any, SavedRun]:
@@ -237,13 +269,20 @@ def read_run(config, workdir: str, step: int | None = None) -> tuple[Any, SavedR
   run's LoRA settings are adopted first (`adopt_saved_lora`), then a run of another model is refused."""
   check_workdir(workdir, reading=True)
   config = adopt_saved_lora(config, storage.join(storage.resolve(workdir), "checkpoints"))
-  return config, open_run(workdir, step, config=config)
+  return config, open_run(workdir, step, config=config, weights=str(config.checkpoint.weights))
 
 
 def restore_model(config, workdir: str, step: int | None = None):
   """(model, step): the denoiser with the parameters of `step` (default: the latest complete checkpoint) of the
   run in `workdir`, placed on the config's mesh and built for it, dispatching its experts dropless (the generation
-  and scoring readers; the scorer checks its own mesh against the objective's rows, `scoring.Scorer`)."""
+  and scoring readers; the scorer checks its own mesh against the objective's rows, `scoring.Scorer`). The
+  trainable parameters are their moving average where the step holds one, unless `checkpoint.weights=params`."""
+  model, run = restore_model_run(config, workdir, step)
+  return model, run.step
+
+
+def restore_model_run(config, workdir: str, step: int | None = None):
+  """(model, the `SavedRun` it was read from: its step and `weights`), as `restore_model`."""
   config, run = read_run(config, workdir, step)
   # no evaluation batch to check: generation has none, and the scorer checks its own (--batch_size)
   mesh = mesh_from_config(config, training=False, objective_rows=False, check_eval_batch=False)
@@ -252,7 +291,7 @@ def restore_model(config, workdir: str, step: int | None = None):
   # never drops a token at a full buffer, so a sample or a score is the model's function on any mesh.
   graphdef, abstract = evaluation_model(ModelConfig.from_config_dict(config.model), placement_for(mesh, config))
   params = run.restore_params(abstract, shardings_for(abstract, mesh))
-  return nnx.merge(graphdef, params), run.step
+  return nnx.merge(graphdef, params), run
 
 
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")

@@ -1,4 +1,5 @@
-"""The train state (step, parameters, optimizer state), built sharded: abstract state -> shardings -> jitted init.
+"""The train state (step, parameters, optimizer state, and the parameters' moving average when `train.ema_decay`
+is set), built sharded: abstract state -> shardings -> jitted init.
 
 The model's graphdef lives outside the state: the state is a pytree of arrays wrapped in `nnx.Param` (which carry
 their logical `axes`, so optimizer moments shard like their parameter).
@@ -20,12 +21,14 @@ from diffgemma_jax.model.placement import Placement
 from diffgemma_jax.model.transformer import abstract_model, build_model
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import replicated, shardings_for
+from diffgemma_jax.train import ema as moving_average
 
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: optimizer updates applied so far
   params: nnx.State  # nnx.Param leaves
   opt_state: optax.OptState
+  ema: Any = None  # nnx.State of the trainable parameters' moving average in float32 (train/ema.py), or None
 
 
 def split_model(model: nnx.Module):
@@ -37,10 +40,11 @@ def split_model(model: nnx.Module):
 
 
 def _init(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, trainable=nnx.Param,
-          frozen_dtype: str = "") -> TrainState:
+          frozen_dtype: str = "", ema: bool = False) -> TrainState:
   _, params = split_model(build_model(cfg, seed))
   params = store_frozen(params, trainable, frozen_dtype)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable_part(params, trainable)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable_part(params, trainable)),
+                    ema=moving_average.initial(params, trainable) if ema else None)
 
 
 def store_frozen(params: nnx.State, trainable, frozen_dtype: str) -> nnx.State:
@@ -60,17 +64,19 @@ def trainable_part(params: nnx.State, trainable=nnx.Param) -> nnx.State:
 
 
 def abstract_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int = 0, trainable=nnx.Param, *,
-                         placement: Placement | None = None, frozen_dtype: str = ""):
+                         placement: Placement | None = None, frozen_dtype: str = "", ema: bool = False):
   """(graphdef, abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings); allocates nothing.
 
   The graphdef is the model's placed on `mesh` (`parallel.placement`: activation rows over the batch axes,
   expert-parallel MoE dispatch with an `expert` axis > 1). The optimizer state covers the parameters `trainable`
   selects (an nnx filter; default: all of them). `placement`: the run config's (`placement_for(mesh, config)`),
-  else the mesh's default. `frozen_dtype`: the other parameters' dtype (`store_frozen`)."""
+  else the mesh's default. `frozen_dtype`: the other parameters' dtype (`store_frozen`). `ema`: the state keeps
+  the trainable parameters' moving average (train/ema.py), sharded like them."""
   graphdef, _ = split_model(abstract_model(cfg, placement or placement_for(mesh)))
-  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed, trainable, frozen_dtype))
+  abstract = jax.eval_shape(lambda: _init(cfg, tx, seed, trainable, frozen_dtype, ema))
   shardings = TrainState(step=replicated(mesh), params=shardings_for(abstract.params, mesh),
-                         opt_state=shardings_for(abstract.opt_state, mesh))
+                         opt_state=shardings_for(abstract.opt_state, mesh),
+                         ema=shardings_for(abstract.ema, mesh) if ema else None)
   return graphdef, abstract, shardings
 
 
@@ -91,12 +97,20 @@ def init_train_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, tra
                      params: nnx.State | None = None, frozen_dtype: str = "") -> TrainState:
   """Initialises every array directly in its sharding (no full copy on one device first). Given `params`
   (already placed, e.g. from init.checkpoint, in their stored dtypes), only the step and optimizer state are
-  new."""
+  new, and the moving average (when `shardings.ema` asks for one) starts from them."""
+  ema = shardings.ema is not None
   if params is not None:
     opt_state = jax.jit(lambda p: tx.init(trainable_part(p, trainable)), out_shardings=shardings.opt_state)(params)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                      opt_state=opt_state)
-  return jax.jit(lambda: _init(cfg, tx, seed, trainable, frozen_dtype), out_shardings=shardings)()
+                      opt_state=opt_state, ema=start_average(params, trainable, shardings.ema))
+  return jax.jit(lambda: _init(cfg, tx, seed, trainable, frozen_dtype, ema), out_shardings=shardings)()
+
+
+def start_average(params: nnx.State, trainable, ema_shardings) -> nnx.State | None:
+  """The moving average of `params` before any update, placed in `ema_shardings` (None: the run keeps none)."""
+  if ema_shardings is None:
+    return None
+  return jax.jit(lambda p: moving_average.initial(p, trainable), out_shardings=ema_shardings)(params)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffgemma_jax.parallel.rules import batch_sharding, replicated
+from diffgemma_jax.train import ema as moving_average
 from diffgemma_jax.train.state import TrainState
 
 
@@ -39,11 +40,12 @@ def _micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, graphdef, objective, tx,
                schedule: optax.Schedule, grad_accum_steps: int = 1, debug_nan_at_step: int = -1,
-               trainable=nnx.Param) -> tuple[TrainState, dict[str, jax.Array]]:
+               trainable=nnx.Param, ema_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update. `rng` is the run's base key; the step's key is `fold_in(rng, state.step)`.
 
   Gradients and updates cover the parameters `trainable` selects (an nnx filter; train/freeze.py); the others
-  stay as they are. Returns the new state and float32 metrics: the objective's (mean over micro-batches, the
+  stay as they are. A state that keeps a moving average (`state.ema`) moves it toward the updated parameters by
+  `ema_decay` (train/ema.py). Returns the new state and float32 metrics: the objective's (mean over micro-batches, the
   counts in SUMMED_METRICS summed), `grad_norm` (before clipping), `param_norm` (of the trainable parameters
   after the update) and `lr` (the rate this update used).
   """
@@ -76,14 +78,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
     updated = optax.apply_updates(train_params, updates)
   params = nnx.merge_state(updated, frozen)
+  ema = None
+  if state.ema is not None:
+    with jax.named_scope("ema"):
+      ema = moving_average.update(state.ema, updated, ema_decay, state.step + 1)
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["param_norm"] = optax.tree.norm(updated)  # after the update: non-finite stops the run before a save
   metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
 def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shardings: TrainState,
                     grad_accum_steps: int = 1, debug_nan_at_step: int = -1, trainable=nnx.Param,
+                    ema_decay: float = 0.0,
                     optimizer_for_decay: Callable[[Any], tuple[Any, optax.Schedule]] | None = None
                     ) -> Callable[..., Any]:
   """`train_step` jitted once: state in its shardings and donated, batch rows over the batch axes. The graphdef
@@ -98,7 +105,7 @@ def make_train_step(*, graphdef, objective, tx, schedule, mesh: Mesh, state_shar
     step_tx, step_schedule = optimizer_for_decay(decay[0]) if decay else (tx, schedule)
     return train_step(state, batch, rng, graphdef=graphdef, objective=objective, tx=step_tx,
                       schedule=step_schedule, grad_accum_steps=grad_accum_steps,
-                      debug_nan_at_step=debug_nan_at_step, trainable=trainable)
+                      debug_nan_at_step=debug_nan_at_step, trainable=trainable, ema_decay=ema_decay)
 
   in_shardings = (state_shardings, batch_sharding(mesh), replicated(mesh))
   if optimizer_for_decay is not None:
