@@ -67,8 +67,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   partial_for = None
   if partial_dir:
     key = dict(checkpoint=run.step_dir, step=int(run.step), weights=run.weights, seed=int(config.eval.seed),
-               num_t_samples=num_t,
-               batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
+               num_t_samples=num_t, batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
                template=str(config.data.chat_template), objective=config.objective.to_dict())
 
     def partial_for(index: int, name: str) -> PartialBound:

@@ -116,7 +116,7 @@ def test_run_saves_the_average_resumes_it_exactly_and_readers_take_it(load_tiny,
                                                                                            block_length=8))
   assert (completion["step"], completion["weights"]) == (4, "ema")  # diffgemma-generate's report
   run = open_run(workdir, weights=str(config.checkpoint.weights))  # what diffgemma-export reads
-  assert run.describe() == "step 4 (moving average)"
+  assert run.describe() == "step 4 (its moving average)"
   exported = _flat_pure(saved_params(run, ModelConfig.from_config_dict(config.model)))
   assert set(exported) == set(average)
   for path, value in exported.items():

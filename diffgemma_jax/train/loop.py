@@ -149,7 +149,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
   if init_from is not None:
-    logger.message(f"initialised from {init_from.step_dir} ({init_from.describe()}): parameters only, fresh optimizer"
+    logger.message(f"initialised from {init_from.step_dir}, {init_from.describe()}: parameters only, fresh optimizer"
                    + (f"; model.max_positions={inherited}, the context its weights serve" if inherited else ""))
   previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
                                 command=command)  # the run history; the record of the run resumed from

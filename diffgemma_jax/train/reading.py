@@ -67,8 +67,8 @@ class SavedRun:
     return os.path.join(self.checkpoints, str(self.step))
 
   def describe(self) -> str:
-    """The step and the weights read, for a reader's report: `step 800` or `step 800 (moving average)`."""
-    return f"step {self.step}" + (" (moving average)" if self.weights == "ema" else "")
+    """The step and the weights read, for a reader's report: `step 800` or `step 800 (its moving average)`."""
+    return f"step {self.step}" + (" (its moving average)" if self.weights == "ema" else "")
 
   def saved_config(self) -> dict[str, Any] | None:
     """The run's run_config.json (None for a run written without one, e.g. by an old version)."""
