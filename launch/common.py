@@ -14,7 +14,7 @@ from diffgemma_jax.compile_cache import use_compilation_cache
 from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.parallel.distributed import launch_process
-from diffgemma_jax.parallel.failures import fail_together
+from diffgemma_jax.parallel.failures import claim_error_line, fail_together
 
 
 def config_overrides(rest: list[str]) -> dict[str, str]:
@@ -60,8 +60,10 @@ def fake_cpu_devices(count: int) -> None:
 def fail(message: str, code: int = 2) -> int:
   """Prints `message` as the one-line error and returns the exit status `code`; in a joined multi-process run it
   ends every process instead, each printing this process's line, with the same status (`failures.fail_together`:
-  the others would otherwise wait for this one at their next collective)."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  the others would otherwise wait for this one at their next collective). A process that has already printed
+  another process's failure (which reached it first) prints nothing more and ends with that one's status."""
+  if claim_error_line():
+    print(f"error: {message}", file=sys.stderr, flush=True)
   fail_together(message, code)
   return code
 

@@ -264,7 +264,10 @@ import sys
 from diffgemma_jax.parallel.distributed import barrier, initialize_distributed
 from launch.common import fail
 initialize_distributed()
-if sys.argv[2] == "both":  # a failure every process has at once (a NaN loss)
+if sys.argv[2] == "both":  # a failure every process has at once (a NaN loss); process 0 late by argv[4] seconds
+  if sys.argv[1] == "0" and len(sys.argv) > 4:
+    import time
+    time.sleep(float(sys.argv[4]))
   sys.exit(fail(f"loss is NaN at step 7 (process {sys.argv[1]})", code=3))
 if int(sys.argv[1]) == int(sys.argv[2]):
   if sys.argv[3] == "raise":
@@ -290,11 +293,21 @@ def test_either_process_failing_ends_the_other_waiting_at_a_barrier(failing, how
   assert seconds < 45, seconds
 
 
-def test_a_failure_every_process_has_ends_each_with_its_own_line():
-  """Both processes failing at once (the first report wins the store): each exits with the status and prints its
-  own line only, not the other's as well."""
-  results, seconds = _two_processes(lambda rank: ["-c", PEER_FAILS, str(rank), "both", "fail"])
+@pytest.mark.parametrize("late", [None, 1.0])
+def test_a_failure_every_process_has_ends_each_with_one_line(late):
+  """Both processes failing at once (the first report wins the store), or process 0 a second after process 1's
+  report reached it (before it exits: it outlives the others by EXIT_GRACE_S): each exits with the status and
+  prints one error line, its own, or the other's where that reached it before its own failure (the store's winner
+  always prints its own, which it prints before reporting). Seen to fail before `claim_error_line`: process 0
+  printed process 1's line and then its own (in a loaded suite at once; always when a second late)."""
+  delay = [] if late is None else [str(late)]
+  results, seconds = _two_processes(lambda rank: ["-c", PEER_FAILS, str(rank), "both", "fail"] + delay)
+  own = []
   for rank, (status, _, err) in enumerate(results):
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert status == 3 and lines == [f"error: loss is NaN at step 7 (process {rank})"], err[-2000:]
+    assert status == 3 and lines in ([f"error: loss is NaN at step 7 (process {rank})"],
+                                     [f"error: process {1 - rank} of 2 failed: loss is NaN at step 7 (process "
+                                      f"{1 - rank})"]), err[-2000:]
+    own.append(lines[0].endswith(f"(process {rank})"))
+  assert any(own) and (late is None or own == [False, True]), [err[-500:] for _, _, err in results]
   assert seconds < 45, seconds

@@ -12,7 +12,8 @@ So every process of a joined run watches the job's key-value store (`watch_peers
      the first to write it wins) and the same under every other process's NOTICE_PREFIX key, through
      `fail_together`, which the entry points' error path and the uncaught-exception hook call;
   2. a thread on every other process, waiting on its own notice key since the join, prints `error: process F of N
-     failed: <line>`, acknowledges (SEEN_PREFIX + its index) and exits with F's status, except process 0;
+     failed: <line>` (unless that process has printed a failure of its own: one line each, `claim_error_line`),
+     acknowledges (SEEN_PREFIX + its index) and exits with F's status, except process 0;
   3. F waits for every acknowledgement (at most ACK_TIMEOUT_S: a process whose Python never runs again cannot
      answer; the heartbeat timeout ends it), says so (DONE_KEY) and exits;
   4. process 0, which serves the store, exits last: once every other process has acknowledged and F is done, and
@@ -45,6 +46,21 @@ POLL_MS = 600_000  # the watcher's long poll, renewed; a process that ends wakes
 _peer_failed = threading.Event()  # a failure of another process was read from the store
 _failing = threading.Event()  # this process is reporting a failure of its own
 _watching: list = []
+_line_lock = threading.Lock()
+_line_said: list = []  # holds True once this process has printed its one error line (`claim_error_line`)
+
+
+def claim_error_line() -> bool:
+  """In a joined run, True for the first caller in this process, False after: a process prints one `error:` line, its own failure's
+  (the entry points' `fail`) or, when another process's failure reached it first, that one's (the watcher), even
+  when both happen at once. Always True outside a joined multi-process run (a process may report many errors)."""
+  if _runtime() is None:
+    return True
+  with _line_lock:
+    if _line_said:
+      return False
+    _line_said.append(True)
+    return True
 
 
 def _runtime():
@@ -123,7 +139,7 @@ def _watch(client, me: int, count: int) -> None:
     if value == EXIT_NOTICE:
       return
     failure = _parse(value)
-    if not _failing.is_set():  # a process failing at the same time has printed its own line
+    if not _failing.is_set() and claim_error_line():  # else this process printed its own failure's line
       _say(f"error: process {failure['process']} of {failure['count']} failed: {failure['message']}")
     _peer_failed.set()
     _set(client, SEEN_PREFIX + str(me))
