@@ -29,6 +29,7 @@ from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
+from diffgemma_jax.train.ema import averaged_params
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.history import append_run_history
 from diffgemma_jax.train.logging import (
@@ -44,7 +45,6 @@ from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.reading import check_workdir, inherit_context, open_init_checkpoint
-from diffgemma_jax.train.ema import averaged_params
 from diffgemma_jax.train.state import abstract_train_state, evaluation_model, init_train_state, start_average
 from diffgemma_jax.train.step import make_train_step
 
