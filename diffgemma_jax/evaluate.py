@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
@@ -16,7 +16,7 @@ from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn, summarize_bound
 from diffgemma_jax.train.bound_partial import PartialBound
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
-from diffgemma_jax.train.reading import INIT, open_run, read_run
+from diffgemma_jax.train.reading import INIT, open_run, read_run, run_steps
 from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.state import evaluation_model, init_params
 
@@ -25,14 +25,23 @@ __all__ = ["evaluate", "held_out_bounds", "make_bound_fn", "summarize_bound"]
 
 def evaluate(config, workdir: str | None = None, step: int | None = None, *, checkpoint: str | None = None,
              partial_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """The held-out bound of a run's parameters, with keys step, weights ("params", or "ema": the trainable
-  parameters' moving average, `checkpoint.weights`), num_tokens, num_examples, bits_per_token,
-  stderr_bits_per_token, ppl_bound, num_t_samples, unigram_ppl, exact.
+  """The held-out bound of one checkpoint step (None: the latest complete one); see `evaluate_steps`."""
+  return evaluate_steps(config, workdir, [step], checkpoint=checkpoint, partial_dir=partial_dir, log=log)[0]
 
-  The parameters: checkpoint `step` (default: the latest complete one) of `workdir/checkpoints`, or, given
-  `checkpoint` (a workdir, its checkpoints/ folder or a step folder, as for init.checkpoint), that run's
-  parameters under this config's model (LoRA adapters, absent there, start at zero: the base model). The second
-  form evaluates a pretrained model on a fine-tuning config's held-out set.
+
+def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | None] | str = (None,), *,
+                   checkpoint: str | None = None, partial_dir: str | None = None,
+                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+  """The held-out bound of a run's parameters at each of `steps` (None: the latest complete one), in that order,
+  each with keys step, weights ("params", or "ema": the trainable parameters' moving average,
+  `checkpoint.weights`), num_tokens, num_examples, bits_per_token, stderr_bits_per_token, ppl_bound,
+  num_t_samples, unigram_ppl, exact. `steps="all"`: every complete step, ascending.
+
+  The parameters: those checkpoints of `workdir/checkpoints`, or, given `checkpoint` (a workdir, its checkpoints/
+  folder or a step folder, as for init.checkpoint), that run's parameters under this config's model (LoRA
+  adapters, absent there, start at zero: the base model). The second form evaluates a pretrained model on a
+  fine-tuning config's held-out set. Every step is opened (a missing or damaged one refused) before the first is
+  evaluated, and all of them run through one compiled program.
 
   `partial_dir` (a folder, local or a bucket URL) keeps the partial results of each held-out set there while the
   evaluation runs (train/bound_partial.py), so the same call after a stop (SIGTERM: EvaluationStopped, or a
@@ -40,23 +49,29 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   """
   if not (workdir or checkpoint):
     raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
-  if checkpoint:
-    run = open_run(checkpoint, step, key=INIT, weights=str(config.init.weights))
-  else:
-    config, run = read_run(config, workdir, step)
+  if steps == "all":
+    steps = run_steps(checkpoint, INIT) if checkpoint else run_steps(workdir)
+  if not steps:
+    raise ConfigError("evaluate: no checkpoint step given")
+  runs = []
+  for step in steps:
+    if checkpoint:
+      runs.append(open_run(checkpoint, step, key=INIT, weights=str(config.init.weights)))
+    else:
+      read_config, run = read_run(config, workdir, step)
+      runs.append(run)
+  if not checkpoint:
+    config = read_config  # with the run's LoRA settings adopted (the same for every step)
   model_cfg = ModelConfig.from_config_dict(config.model)
   mesh = mesh_from_config(config, training=False)
   graphdef, abstract = evaluation_model(model_cfg, placement_for(mesh, config))
   param_shardings = shardings_for(abstract, mesh)
   if checkpoint:
-    run.check_fits(abstract)
-  directory, tokenizer = prepare_dataset(config, run.run_dir)  # an SFT dataset reads with the run's tokenizer
-  pin_tokenizer(directory, run.run_dir, write=False)
-  if checkpoint:
-    fresh = init_params(model_cfg, param_shardings, int(config.train.seed))  # LoRA adapters keep these
-    params = run.restore_params(abstract, param_shardings, fresh=fresh)
-  else:
-    params = run.restore_params(abstract, param_shardings)
+    for run in runs:
+      run.check_fits(abstract)
+  directory, tokenizer = prepare_dataset(config, runs[0].run_dir)  # an SFT dataset reads with the run's tokenizer
+  pin_tokenizer(directory, runs[0].run_dir, write=False)
+  fresh = init_params(model_cfg, param_shardings, int(config.train.seed)) if checkpoint else None  # LoRA adapters
   objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
   num_t = int(config.eval.num_t_samples)
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
@@ -64,23 +79,34 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
   data_slice, num_slices = batch_slice(mesh)
   sets = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)
   log = log or (lambda message: None)
-  partial_for = None
-  if partial_dir:
-    key = dict(checkpoint=run.step_dir, step=int(run.step), weights=run.weights, seed=int(config.eval.seed),
-               num_t_samples=num_t, batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
-               template=str(config.data.chat_template), objective=config.objective.to_dict())
+  unigram = unigram_baseline(config, directory)
+  results = []
+  for run in runs:
+    params = run.restore_params(abstract, param_shardings, fresh=fresh)
+    with StopRequest() as stop:
+      result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
+                               partial_for=_partials(config, run, sets, partial_dir, num_t, log),
+                               progress=ProgressLog(log), stop=stop.reached)
+    result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram, exact=objective.capabilities.exact)
+    results.append(result)
+  return results
 
-    def partial_for(index: int, name: str) -> PartialBound:
-      batches = sets[index][2]
-      manifest = storage.file_sha256(os.path.join(batches.data_dir, "manifest.json"))
-      return PartialBound(storage.join(partial_dir, f"heldout-step{run.step}-set{index}.npz"),
-                          dict(key, set=name, manifest=manifest, rows=batches.num_rows), log=log)
-  with StopRequest() as stop:
-    result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
-                             partial_for=partial_for, progress=ProgressLog(log), stop=stop.reached)
-  result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram_baseline(config, directory),
-                exact=objective.capabilities.exact)
-  return result
+
+def _partials(config, run, sets, partial_dir: str | None, num_t: int,
+              log) -> Callable[[int, str], PartialBound] | None:
+  """The partial-results file of each held-out set of `run`'s step in `partial_dir` (None: none kept)."""
+  if not partial_dir:
+    return None
+  key = dict(checkpoint=run.step_dir, step=int(run.step), weights=run.weights, seed=int(config.eval.seed),
+             num_t_samples=num_t, batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
+             template=str(config.data.chat_template), objective=config.objective.to_dict())
+
+  def partial_for(index: int, name: str) -> PartialBound:
+    batches = sets[index][2]
+    manifest = storage.file_sha256(os.path.join(batches.data_dir, "manifest.json"))
+    return PartialBound(storage.join(partial_dir, f"heldout-step{run.step}-set{index}.npz"),
+                        dict(key, set=name, manifest=manifest, rows=batches.num_rows), log=log)
+  return partial_for
 
 
 class ProgressLog:

@@ -1,6 +1,7 @@
-"""diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N] [--output FILE.json]
+"""diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N | N,M,... | all] [--output FILE.json]
 [--partial_dir DIR] [--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally
-written) as JSON.
+written) as JSON; of several (`--step 400,800`, `--step all`) as a JSON list, evaluated in turn by one compiled
+program (a run's curve without compiling per step).
 
 `--checkpoint` evaluates another run's parameters (a workdir, its checkpoints/ folder or a step folder) under this
 config and on its held-out set: e.g. the pretrained model on a fine-tuning config's held-out pairs.
@@ -22,7 +23,7 @@ import sys
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DataError
-from diffgemma_jax.evaluate import evaluate
+from diffgemma_jax.evaluate import evaluate_steps
 from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.train.bound import EvaluationStopped
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
@@ -35,29 +36,47 @@ def main(argv=None) -> int:
   where.add_argument("--workdir", help="the training workdir holding checkpoints/")
   where.add_argument("--checkpoint", help="parameters of another run (workdir, checkpoints/ or step folder) "
                      "evaluated under this config, e.g. a pretrained model on an SFT held-out set")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--step", default=None, help="checkpoint step (default: the latest); several, comma-separated "
+                      "(400,800), or 'all': each evaluated in turn by one compiled program, printed as a JSON list")
   parser.add_argument("--partial_dir", default=None, help="folder (local or a bucket URL) for partial results, so "
                       "a stopped evaluation continues (default: WORKDIR/eval-partial with --workdir)")
   parser.add_argument("--output", default=None, help="also write the JSON here: a local file or a bucket URL "
                       "(s3://..., gs://...)")
   args, rest = parser.parse_known_args(argv)
   try:
+    steps = _steps(args.step)
     config = load_run_config(args.config, config_overrides(rest))
     initialize_distributed(config)  # before any device is touched; a no-op for one process
     outputs = Outputs(config)
     outputs.check(args.output, "--output")  # before the evaluation, not after it
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
-    result = evaluate(config, args.workdir, step=args.step, checkpoint=args.checkpoint, partial_dir=partial_dir,
-                      log=lambda message: print(message, file=sys.stderr, flush=True))
+    results = evaluate_steps(config, args.workdir, steps, checkpoint=args.checkpoint, partial_dir=partial_dir,
+                             log=lambda message: print(message, file=sys.stderr, flush=True))
   except (ConfigError, DataError) as e:
     return fail(str(e))
   except EvaluationStopped as e:
     where = f"; its partial results are in {e.path}" if e.path else ""
     return fail(f"{e} (SIGTERM){where}: run the same command to continue", code=4)
-  text = json.dumps(json_safe(result), indent=2, sort_keys=True, allow_nan=False)
+  listed = args.step is not None and (args.step.strip() == "all" or "," in args.step)  # a JSON list
+  text = json.dumps(json_safe(results if listed else results[0]), indent=2, sort_keys=True, allow_nan=False)
   outputs.write(args.output, text + "\n")
   outputs.print(text)
   return 0
+
+
+def _steps(text: str | None):
+  """--step as `evaluate_steps` takes it: [None] (the latest), a list of steps, or "all"."""
+  if text is None:
+    return [None]
+  if text.strip() == "all":
+    return "all"
+  try:
+    steps = [int(part) for part in text.split(",")]
+  except ValueError:
+    raise ConfigError(f"--step {text}: give a step number, several separated by commas (400,800), or 'all'") from None
+  if any(step < 0 for step in steps):
+    raise ConfigError(f"--step {text}: steps are >= 0")
+  return steps
 
 
 if __name__ == "__main__":

@@ -77,6 +77,28 @@ def test_eval_cli_writes_json(trained_run, tiny_config_file, tmp_path, capsys):
   assert "NaN" not in text and json.loads(text)["stderr_bits_per_token"] is None
 
 
+def test_eval_cli_evaluates_several_steps_in_one_run(trained_run, tiny_config_file, capsys):
+  """`--step all` and `--step 16,8`: a JSON list in the order asked, each entry the bound the trainer logged at that
+  step (the same parameters, rows and draws); a bad --step is a one-line error. Seen to fail with every entry
+  evaluated on the first step's parameters."""
+  from conftest import read_metrics
+  from launch.evaluate import main
+  _, workdir, _ = trained_run
+  logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "all"]) == 0
+  every = json.loads(capsys.readouterr().out)
+  assert [r["step"] for r in every] == [8, 16, 24] and all(set(r) >= KEYS for r in every)
+  for result in every:
+    assert result["bits_per_token"] == pytest.approx(logged[result["step"]], rel=1e-6), result["step"]
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "16,8"]) == 0
+  assert [(r["step"], r["bits_per_token"]) for r in json.loads(capsys.readouterr().out)] == [
+      (r["step"], r["bits_per_token"]) for r in (every[1], every[0])]
+  for bad, message in (("8,x", "give a step number, several separated by commas"), ("8,5", "--step 5: no such")):
+    assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", bad]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
 def test_token_shift_block_size_1_evaluates_to_the_ar_likelihood(load_tiny, trained_run):
   """Weights read as a token-shift block model with b = 1 predict every token by the causal pass, so evaluate
   scores exactly the AR baseline's tokens and, in expectation over the noise, reports its exact likelihood (an

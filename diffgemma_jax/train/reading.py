@@ -258,6 +258,12 @@ def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = 
   return SavedRun(run_dir=run_dir, checkpoints=checkpoints, step=step, key=key, weights=chosen)
 
 
+def run_steps(path: str, key: StepKey = WORKDIR) -> list[int]:
+  """The complete steps, ascending, of the run `path` names as `key` says (a step folder: its own step)."""
+  _, checkpoints, fixed = _locate(path, None, key)
+  return [fixed] if fixed is not None else saved_steps(checkpoints)
+
+
 def open_init_checkpoint(config) -> SavedRun:
   """The run and step `init.checkpoint` / `init.step` (-1: the latest) name."""
   step = int(config.init.step)
