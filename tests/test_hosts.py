@@ -41,7 +41,7 @@ def _stub_readers(monkeypatch):
   import launch.evaluate
   import launch.generate
   import launch.score
-  monkeypatch.setattr(launch.evaluate, "evaluate", lambda *a, **k: {"bits_per_token": 1.5})
+  monkeypatch.setattr(launch.evaluate, "evaluate_steps", lambda *a, **k: [{"bits_per_token": 1.5}])
   # diffgemma-eval and -score join the runtime the launch describes (test_multihost.py runs them joined); here they
   # stay out, so the launch's environment alone says which process they are
   monkeypatch.setattr(launch.evaluate, "initialize_distributed", lambda config: False)
