@@ -47,7 +47,8 @@ def bench_backend(backend: str, *, batch_size: int, seq_len: int, steps: int, pe
   elapsed = time.perf_counter() - t0
   tokens_per_sec = steps * batch_size * seq_len / elapsed
   flops = flops_per_token(cfg, seq_len)["train_flops_per_token"]
-  return {"backend": backend + (", ema" if ema_decay else ""), "tokens_per_sec": tokens_per_sec, "step_time_ms": 1e3 * elapsed / steps,
+  return {"backend": backend + (", ema" if ema_decay else ""), "tokens_per_sec": tokens_per_sec,
+          "step_time_ms": 1e3 * elapsed / steps,
           "mfu": tokens_per_sec * flops / peak_flops, "compile_s": compile_s, "final_loss": float(metrics["loss"])}
 
 

@@ -24,13 +24,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffgemma_jax.train.freeze import split_trainable
+
 WEIGHTS = ("auto", "ema", "params")  # checkpoint.weights / init.weights: auto = the average where a step has one
 ITEM = "ema"  # the checkpoint item holding the average
 
 
 def initial(params: nnx.State, trainable) -> nnx.State:
   """The average before any update: the trainable parameters in float32 (their shardings: the parameters')."""
-  return jax.tree.map(lambda x: x.astype(jnp.float32), nnx.split_state(params, trainable, ...)[0])
+  return jax.tree.map(lambda x: x.astype(jnp.float32), split_trainable(params, trainable)[0])
 
 
 def decay_at(decay: float, updates: jax.Array) -> jax.Array:
@@ -48,6 +50,6 @@ def update(ema: nnx.State, trained: nnx.State, decay: float, updates: jax.Array)
 def averaged_params(params: nnx.State, ema: nnx.State, trainable) -> nnx.State:
   """The parameters with the trainable ones replaced by their average, in the parameters' own dtypes: the weights
   a reader of the checkpoint gets with `checkpoint.weights=ema` (it restores the average into those dtypes)."""
-  trained, frozen = nnx.split_state(params, trainable, ...)
+  trained, frozen = split_trainable(params, trainable)
   averaged = jax.tree.map(lambda e, p: e.astype(p.dtype), ema, trained)
   return nnx.merge_state(averaged, frozen)
