@@ -131,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100
   c.checkpoint.keep = 3
+  # Beyond the `keep` latest: the steps of lowest held-out bound kept (0: none). Every save is then evaluated first;
+  # a step the trainer evaluated records its bound (Orbax's `metrics` item), and readers' `--step best` reads the
+  # lowest.
+  c.checkpoint.keep_best = 0
   c.checkpoint.async_save = True
   # Which weights the readers of a checkpoint take (diffgemma-eval, -generate, -score, -lm-eval, -export) and the
   # trainer evaluates: auto (the parameters' moving average where the step has one, train.ema_decay > 0; else the
@@ -312,11 +316,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_compilation_config(config.compilation)
   for key, minimum in (("eval.num_t_samples", 1), ("eval.batch_size", 1), ("eval.max_sequences", 0),
                        ("eval.every_steps", 0), ("checkpoint.every_steps", 1), ("checkpoint.keep", 0),
+                       ("checkpoint.keep_best", 0),
                        ("train.log_every_steps", 1), ("train.warmup_steps", 0)):
     section, name = key.split(".")
     if int(config[section][name]) < minimum:
       meaning = {"eval.max_sequences": " (0: the whole held-out split)", "eval.every_steps": " (0: at the end only)",
-                 "checkpoint.keep": " (0: keep every checkpoint)"}.get(key, "")
+                 "checkpoint.keep": " (0: keep every checkpoint)",
+                 "checkpoint.keep_best": " (0: only the checkpoint.keep latest)"}.get(key, "")
       raise ConfigError(f"{key}: must be >= {minimum}{meaning}, got {config[section][name]!r}")
   for group in tuple(config.train.freeze):
     if group not in FREEZE_GROUPS:

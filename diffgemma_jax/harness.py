@@ -41,7 +41,7 @@ from diffgemma_jax.sampling.requests import Generator, check_serving, cut_at_sto
 from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOptions, requested_options,
                                              validate_options)
 from diffgemma_jax.scoring import Scorer
-from diffgemma_jax.train.reading import restore_model
+from diffgemma_jax.train.reading import parse_step, restore_model
 
 DEFAULT_BATCH_SIZE = 8
 COLLECTIVE_TIMEOUT_S = 24 * 3600  # ranks wait at the harness's barriers while the others finish their share
@@ -136,7 +136,7 @@ class DiffGemmaLM(LM):
         raise ConfigError("--model_args: give workdir=DIR (a training workdir with checkpoints/)")
       self._join_launch(config)  # the CLI's model: the copies of a multi-process launch split the requests
       tokenizer = load_tokenizer(config, str(workdir))
-      model, step = restore_model(config, str(workdir), None if step is None else int(step))
+      model, step = restore_model(config, str(workdir), parse_step(step, "--model_args step"))
     self.tokenizer, self.step = tokenizer, step
     self.seq_len = int(config.train.seq_len)
     self.scorer = Scorer(config, model, tokenizer, num_t_samples=num_t_samples, batch_size=self.batch_size,

@@ -1,7 +1,9 @@
-"""diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N | N,M,... | all] [--output FILE.json]
+"""diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N | best | N,M,... | all]
+[--output FILE.json]
 [--partial_dir DIR] [--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally
 written) as JSON; of several (`--step 400,800`, `--step all`) as a JSON list, evaluated in turn by one compiled
-program (a run's curve without compiling per step).
+program (a run's curve without compiling per step). `--step best`: the step of lowest held-out bound the trainer
+recorded with its checkpoints (`checkpoint.keep_best`).
 
 `--checkpoint` evaluates another run's parameters (a workdir, its checkpoints/ folder or a step folder) under this
 config and on its held-out set: e.g. the pretrained model on a fine-tuning config's held-out pairs.
@@ -26,6 +28,7 @@ from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.evaluate import evaluate_steps
 from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.train.bound import EvaluationStopped
+from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
@@ -36,8 +39,9 @@ def main(argv=None) -> int:
   where.add_argument("--workdir", help="the training workdir holding checkpoints/")
   where.add_argument("--checkpoint", help="parameters of another run (workdir, checkpoints/ or step folder) "
                      "evaluated under this config, e.g. a pretrained model on an SFT held-out set")
-  parser.add_argument("--step", default=None, help="checkpoint step (default: the latest); several, comma-separated "
-                      "(400,800), or 'all': each evaluated in turn by one compiled program, printed as a JSON list")
+  parser.add_argument("--step", default=None, help="checkpoint step (default: the latest; best: the one of lowest "
+                      "recorded held-out bound); several, comma-separated (400,800), or 'all': each evaluated in turn "
+                      "by one compiled program, printed as a JSON list")
   parser.add_argument("--partial_dir", default=None, help="folder (local or a bucket URL) for partial results, so "
                       "a stopped evaluation continues (default: WORKDIR/eval-partial with --workdir)")
   parser.add_argument("--output", default=None, help="also write the JSON here: a local file or a bucket URL "
@@ -65,19 +69,18 @@ def main(argv=None) -> int:
 
 
 def _steps(text: str | None):
-  """--step as `evaluate_steps` takes it: [None] (the latest), a list of steps, or "all"."""
+  """--step as `evaluate_steps` takes it: [None] (the latest), a list of steps (numbers, or "best"), or "all"."""
   if text is None:
     return [None]
   if text.strip() == "all":
     return "all"
   try:
-    steps = [int(part) for part in text.split(",")]
-  except ValueError:
-    raise ConfigError(f"--step {text}: give a step number, several separated by commas (400,800), or 'all'") from None
-  if any(step < 0 for step in steps):
-    raise ConfigError(f"--step {text}: steps are >= 0")
-  return steps
+    return [parse_step(part, "--step") for part in text.split(",")]
+  except ConfigError:
+    raise ConfigError(f"--step {text}: give a step number (>= 0) or 'best' (the step of lowest recorded held-out "
+                      f"bound), several separated by commas (400,800), or 'all'") from None
 
 
 if __name__ == "__main__":
   sys.exit(main())
+

@@ -19,7 +19,7 @@ from diffgemma_jax.errors import ConfigError, DataError, MappingError
 from diffgemma_jax.hf import export_hf, run_tokenizer
 from diffgemma_jax.hf.export_hf import saved_params
 from diffgemma_jax.model.config import ModelConfig
-from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir, open_run, trained_context
+from diffgemma_jax.train.reading import adopt_saved_lora, check_workdir, open_run, parse_step, trained_context
 from .common import Outputs, config_overrides, fail, load_run_config
 
 
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True, help="the run's workdir (holds checkpoints/)")
   parser.add_argument("--output", required=True, help="Hugging Face directory to write (local or a "
                       "bucket URL: written locally, then uploaded)")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  parser.add_argument("--step", default=None, help="checkpoint step (default: the latest; best: the one of lowest "
+                      "recorded held-out bound)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype written")
   args, rest = parser.parse_known_args(argv)
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     config = adopt_saved_lora(config, os.path.join(args.workdir, "checkpoints"))
     cfg = ModelConfig.from_config_dict(config.model)
     tokenizer = run_tokenizer(args.workdir, str(config.data.tokenizer))
-    run = open_run(args.workdir, args.step, weights=str(config.checkpoint.weights))
+    run = open_run(args.workdir, parse_step(args.step, "--step"), weights=str(config.checkpoint.weights))
     pure = saved_params(run, cfg)
     print(f"restored {run.describe()} from {args.workdir}")
     export_hf(cfg, pure, args.output, context=trained_context(config, args.workdir),

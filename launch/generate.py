@@ -21,6 +21,7 @@ from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
+from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
@@ -60,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                  "programs to compile (each when a call first needs it)")
   p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end a completion before this text "
                  "(repeatable)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--step", default=None, help="checkpoint step (default: the latest; best: the one of lowest "
+                 "recorded held-out bound)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
   p.add_argument("--output", default=None, help="also write the JSON document (as --json prints it) here: a local "
                  "file or a bucket URL (s3://..., gs://...)")
@@ -114,6 +116,7 @@ def _read_requests(args) -> tuple[list[str], list[int | None], list[str]]:
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
+    step = parse_step(args.step, "--step")
     config = load_run_config(args.config, config_overrides(rest))
     outputs = Outputs(config)
     outputs.check(args.output, "--output")  # before the generation, not after it
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     elif args.system:
       raise ConfigError("--system: only with --chat")
     template = str(config.data.chat_template) if args.chat else None
-    results = generate_completions(config, args.workdir, prompts, options, step=args.step, chat_template=template,
+    results = generate_completions(config, args.workdir, prompts, options, step=step, chat_template=template,
                                    batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots,
                                    serving_widths=args.serving_widths,
                                    gen_lengths=gen_lengths, sources=sources)

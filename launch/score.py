@@ -13,6 +13,7 @@ import sys
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.scoring import LAYOUTS, score_file
+from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=None, help="default eval.seed; batch b draws from fold_in(seed, b)")
   p.add_argument("--layout", default="continuation", choices=LAYOUTS, help="continuation: [bos] prompt "
                  "continuation (the default); sft: the SFT evaluation's rows (chat template, EOS padding scored)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--step", default=None, help="checkpoint step (default: the latest; best: the one of lowest "
+                 "recorded held-out bound)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
   p.add_argument("--output", default=None, help="also write the JSON document (as --json prints it) here: a local "
                  "file or a bucket URL (s3://..., gs://...)")
@@ -42,8 +44,9 @@ def main(argv=None) -> int:
     initialize_distributed(config)  # started on every host: one scoring, each process loading its rows
     outputs = Outputs(config)
     outputs.check(args.output, "--output")  # before the scoring, not after it
-    report = score_file(config, args.workdir, args.records, step=args.step, num_t_samples=args.num_t_samples,
-                        batch_size=args.batch_size, seed=args.seed, layout=args.layout)
+    report = score_file(config, args.workdir, args.records, step=parse_step(args.step, "--step"),
+                        num_t_samples=args.num_t_samples, batch_size=args.batch_size, seed=args.seed,
+                        layout=args.layout)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   document = json.dumps(json_safe(report), indent=2, allow_nan=False)

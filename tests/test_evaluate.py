@@ -79,7 +79,7 @@ def test_eval_cli_writes_json(trained_run, tiny_config_file, tmp_path, capsys):
 
 def test_eval_cli_evaluates_several_steps_in_one_run(trained_run, tiny_config_file, capsys):
   """`--step all` and `--step 16,8`: a JSON list in the order asked, each entry the bound the trainer logged at that
-  step (the same parameters, rows and draws); a bad --step is a one-line error. Seen to fail with every entry
+  step (the same parameters, rows and draws); `--step best` the lowest of them; a bad --step is a one-line error. Seen to fail with every entry
   evaluated on the first step's parameters."""
   from conftest import read_metrics
   from launch.evaluate import main
@@ -93,7 +93,11 @@ def test_eval_cli_evaluates_several_steps_in_one_run(trained_run, tiny_config_fi
   assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "16,8"]) == 0
   assert [(r["step"], r["bits_per_token"]) for r in json.loads(capsys.readouterr().out)] == [
       (r["step"], r["bits_per_token"]) for r in (every[1], every[0])]
-  for bad, message in (("8,x", "give a step number, several separated by commas"), ("8,5", "--step 5: no such")):
+  assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "best"]) == 0  # one step: no list
+  best = json.loads(capsys.readouterr().out)
+  assert best["step"] == min(logged, key=logged.get) and best["bits_per_token"] == pytest.approx(
+      min(logged.values()), rel=1e-6)
+  for bad, message in (("8,x", "give a step number (>= 0) or 'best'"), ("8,5", "--step 5: no such")):
     assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", bad]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err

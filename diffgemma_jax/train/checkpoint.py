@@ -6,7 +6,10 @@ when complete, so a save cut short by a kill is never listed), each holding the 
   opt_state      StandardSave of the optimizer state, wrappers stripped the same way,
   data_iterator  JsonSave of the grain iterator's `get_state()`,
   ema            StandardSave of the trainable parameters' moving average (only in a run with train.ema_decay > 0),
-and `run_config.json` beside them: the config of the run that wrote them, checked before a resume.
+and `run_config.json` beside them: the config of the run that wrote them, checked before a resume. A step the trainer
+evaluated before saving it also holds Orbax's `metrics` item, its held-out bound (`BOUND_METRICS`): Orbax keeps the
+`checkpoint.keep_best` best of those beyond the `checkpoint.keep` latest steps, and readers' `--step best` picks
+the lowest (`Checkpointer.best`).
 Anything saved here is readable with plain `orbax.checkpoint` (see tests/test_checkpoint.py).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -22,6 +26,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint import checkpoint_managers
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError, DamagedCheckpointError, IncompatibleCheckpointError
@@ -40,6 +45,26 @@ RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "attention_impl", "remat", "comput
 
 
 ITEMS = ("params", "opt_state", "data_iterator")
+# What a step's `metrics` item holds (Orbax's JSON of the evaluation the trainer ran before saving it): the held-out
+# bound, its standard error, and the weights it evaluated ("ema" or "params", `checkpoint.weights`). The best step
+# has the lowest `bits_per_token`.
+BOUND_METRICS = ("bits_per_token", "stderr_bits_per_token", "weights")
+BEST = "best"  # the step value that names the best recorded step (`--step best`)
+
+
+def bound_metrics(result: dict[str, Any] | None) -> dict[str, Any]:
+  """The `metrics` item to save with a step: of its evaluation `result` (an evaluation's dict), or {} for a step
+  saved without one or with a bound that is not finite (such a step is never the best one). Every save passes one:
+  Orbax warns at a save without metrics once it tracks them."""
+  if result is None or not math.isfinite(float(result["bits_per_token"])):
+    return {}
+  return {key: (str(result[key]) if key == "weights" else float(result[key])) for key in BOUND_METRICS}
+
+
+def _bound(metrics: dict[str, Any] | None) -> float:
+  """A step's recorded held-out bound; infinite for a step that records none."""
+  value = metrics.get("bits_per_token") if isinstance(metrics, dict) else None
+  return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
 
 def _stderr(text: str) -> None:
@@ -145,8 +170,16 @@ class Checkpointer:
   def manager(self) -> ocp.CheckpointManager:
     if self._manager is None:
       keep = int(self.config.checkpoint.keep) if self.config is not None else 0
+      keep_best = int(self.config.checkpoint.get("keep_best", 0)) if self.config is not None else 0
+      # The `keep` latest steps, and beyond them the `keep_best` steps of lowest recorded bound (a step without one
+      # ranks last: it is kept while it is among the latest only). `best_fn` makes Orbax write the metrics a save
+      # passes; the policy alone decides what is deleted.
+      policy = checkpoint_managers.LatestN(n=keep if keep > 0 else None)
+      if keep_best > 0:
+        policy = checkpoint_managers.AnyPreservationPolicy([policy, checkpoint_managers.BestN(
+            get_metric_fn=_bound, reverse=True, n=keep_best, keep_checkpoints_without_metrics=False)])
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=keep if keep > 0 else None,
+          preservation_policy=policy, best_fn=_bound, best_mode="min",
           enable_async_checkpointing=bool(self.config.checkpoint.async_save) if self.config is not None else False,
           create=self._create,
           cleanup_tmp_directories=True,
@@ -166,7 +199,23 @@ class Checkpointer:
       return []
     return list(self.manager.all_steps())
 
-  def save(self, state: TrainState, iterator_state: Any) -> None:
+  def recorded_bounds(self) -> dict[int, dict[str, Any]]:
+    """{step: its `metrics` item} of the complete steps the trainer evaluated before saving them."""
+    bounds = {step: self.manager.metrics(step) for step in self.all_steps()}
+    return {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics))}
+
+  def best(self) -> tuple[int, dict[str, Any]] | None:
+    """(step, its `metrics`) of the complete step of lowest recorded held-out bound (of two equal ones, the later),
+    or None when no step records one."""
+    bounds = self.recorded_bounds()
+    if not bounds:
+      return None
+    step = min(bounds, key=lambda s: (_bound(bounds[s]), -s))
+    return step, bounds[step]
+
+  def save(self, state: TrainState, iterator_state: Any, evaluation: dict[str, Any] | None = None) -> None:
+    """Saves `state` at its step, with the held-out bound of `evaluation` (the trainer's evaluation of this state,
+    if it ran one) as the step's `metrics` item."""
     step = int(jax.device_get(state.step))
     epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     config_path = epath.Path(os.path.join(self.directory, CONFIG_FILE))
@@ -178,7 +227,7 @@ class Checkpointer:
                  data_iterator=ocp.args.JsonSave(_encode_iterator_state(iterator_state)))
     if state.ema is not None:
       items[moving_average.ITEM] = ocp.args.StandardSave(to_pure(state.ema))
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=bound_metrics(evaluation), force=True)
     # Orbax's save returns once every earlier save is final; this one is final too unless it is asynchronous.
     self._unrecorded.append(step)
     self._record(keep_last=bool(self.config.checkpoint.async_save))

@@ -331,4 +331,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                  + (f" (unigram ppl {ev['unigram_ppl']:.2f})" if ev.get("unigram_ppl") else ""))
   if summary.get("checkpoint_step") is not None:
     lines.append(f"last checkpoint: step {summary['checkpoint_step']} in {summary['checkpoint_dir']}")
+  best = summary.get("best_checkpoint")
+  if best:
+    lines.append(f"best checkpoint kept: step {best['step']}, held-out {best['bits_per_token']:.4f} bits/token "
+                 f"(--step best)")
   return "\n".join(lines)

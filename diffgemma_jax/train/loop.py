@@ -170,6 +170,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   log_every = max(int(tc.log_every_steps), 1)
   save_every = max(int(config.checkpoint.every_steps), 1)
   eval_every = int(config.eval.every_steps)
+  keep_best = int(config.checkpoint.keep_best)
   summary: dict[str, Any] = {"workdir": workdir, "start_step": start_step, "final_step": start_step,
                              "final_loss": None, "eval": None, "checkpoint_dir": ckpt.directory,
                              "checkpoint_step": start_step or None}
@@ -262,23 +263,25 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
         place_decay(step)
         stopping = stop.reached(step) and step < end_step  # at the last step the run ends anyway
         timed_out = not stopping and out_of_time(step)
-        if step % save_every == 0 or step == end_step or stopping or timed_out:
+        saving = step % save_every == 0 or step == end_step or stopping or timed_out
+        # A step both saved and evaluated is evaluated first: its checkpoint records the bound (checkpoint.keep_best
+        # and readers' --step best rank steps by it). checkpoint.keep_best evaluates every save but a SIGTERM's.
+        evaluating = not stopping and ((eval_every > 0 and step % eval_every == 0) or step == end_step or timed_out
+                                       or (keep_best > 0 and saving))
+        if saving or evaluating:
           finish(*pending)
           pending = None
-          ckpt.save(state, data.get_state())
+        evaluation = run_eval(step) if evaluating else None
+        if saving:
+          ckpt.save(state, data.get_state(), evaluation)
           summary["checkpoint_step"] = step
+        if saving or evaluating:
           _pause_clock(step)
         if stopping:
           summary.update(final_step=step, stopped_by_signal=True)
           logger.message(f"step {step}: stop requested (SIGTERM): saved checkpoint {step} in {ckpt.directory}; run "
                          f"the same command to resume")
           break
-        if (eval_every > 0 and step % eval_every == 0) or step == end_step or timed_out:
-          if pending is not None:
-            finish(*pending)
-            pending = None
-          run_eval(step)
-          _pause_clock(step)
         summary["final_step"] = step
         if timed_out:
           summary["stopped_by_time"] = True
@@ -290,6 +293,11 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
       finish(*pending)
     if summary["eval"] is None and not summary.get("stopped_by_signal"):  # resumed a finished run: its bound
       run_eval(int(jax.device_get(state.step)))
+    if keep_best:
+      ckpt.wait()  # the last save's bound is on disk
+      best = ckpt.best()
+      if best is not None:
+        summary["best_checkpoint"] = {"step": best[0], **best[1]}
   finally:
     profiler.stop()
     ckpt.close()

@@ -30,7 +30,7 @@ from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train import ema as moving_average
 from diffgemma_jax.train import integrity
-from diffgemma_jax.train.checkpoint import CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
+from diffgemma_jax.train.checkpoint import BEST, CONFIG_FILE, Checkpointer, damaged_for_reader, read_failure
 from diffgemma_jax.train.history import read_history
 from diffgemma_jax.train.state import evaluation_model, from_pure, to_pure, with_shardings
 
@@ -61,14 +61,18 @@ class SavedRun:
   step: int
   key: StepKey = WORKDIR
   weights: str = "params"  # what restores the trainable parameters: "params", or "ema" (their moving average)
+  best: bool = False  # chosen as the step of lowest recorded held-out bound (`--step best`)
 
   @property
   def step_dir(self) -> str:
     return os.path.join(self.checkpoints, str(self.step))
 
   def describe(self) -> str:
-    """The step and the weights read, for a reader's report: `step 800` or `step 800 (its moving average)`."""
-    return f"step {self.step}" + (" (its moving average)" if self.weights == "ema" else "")
+    """The step and the weights read, for a reader's report: `step 800`, `step 800 (its moving average)`, `step 600
+    (the lowest recorded held-out bound, its moving average)`."""
+    notes = (["the lowest recorded held-out bound"] if self.best else []) + (
+        ["its moving average"] if self.weights == "ema" else [])
+    return f"step {self.step}" + (f" ({', '.join(notes)})" if notes else "")
 
   def saved_config(self) -> dict[str, Any] | None:
     """The run's run_config.json (None for a run written without one, e.g. by an old version)."""
@@ -184,6 +188,36 @@ def flat_paths(tree) -> dict[str, Any]:
           jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
 
 
+def parse_step(value, option: str) -> int | str | None:
+  """A reader's step as given (`option` names where, for the error): None (the latest), a step number >= 0, or
+  "best" (the step of lowest recorded held-out bound)."""
+  if value is None or str(value).strip() == BEST:
+    return None if value is None else BEST
+  try:
+    step = int(str(value).strip())
+  except ValueError:
+    step = -1
+  if step < 0:
+    raise ConfigError(f"{option} {value}: give a checkpoint step (a number >= 0) or 'best' (the step of lowest "
+                      f"recorded held-out bound)")
+  return step
+
+
+def best_recorded_step(checkpoints: str, key: StepKey = WORKDIR) -> int:
+  """The step of lowest held-out bound among those the trainer evaluated before saving them (`Checkpointer.best`);
+  an error naming `key`'s step option when no complete step records one."""
+  reader = Checkpointer(checkpoints, create=False)
+  try:
+    best = reader.best()
+  finally:
+    reader.close()
+  if best is None:
+    raise ConfigError(f"{key.choose(BEST)}: no checkpoint in {checkpoints} records a held-out bound (the trainer "
+                      f"records one with each checkpoint it evaluates before saving: eval.every_steps a multiple of "
+                      f"checkpoint.every_steps, or checkpoint.keep_best > 0); give a step number")
+  return best[0]
+
+
 def saved_steps(checkpoints: str) -> list[int]:
   """The complete steps in a checkpoints folder, ascending (interrupted saves are not steps)."""
   reader = Checkpointer(checkpoints, create=False)
@@ -204,7 +238,7 @@ def check_workdir(workdir: str, *, reading: bool) -> None:
                       f"--workdir {workdir} creates it)")
 
 
-def _locate(path: str, step: int | None, key: StepKey) -> tuple[str, str, int | None]:
+def _locate(path: str, step: int | str | None, key: StepKey) -> tuple[str, str, int | str | None]:
   """(run directory, checkpoints folder, the step a step folder fixes or `step`) of what `path` names."""
   if key is WORKDIR:
     check_workdir(path, reading=True)
@@ -226,9 +260,10 @@ def _locate(path: str, step: int | None, key: StepKey) -> tuple[str, str, int | 
   return os.path.dirname(checkpoints), checkpoints, step
 
 
-def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = WORKDIR,
+def open_run(path: str, step: int | str | None = None, *, config=None, key: StepKey = WORKDIR,
              weights: str = "params") -> SavedRun:
-  """The run `path` names at `step` (None: the latest complete one). `key` WORKDIR: `path` is a workdir given as
+  """The run `path` names at `step` (None: the latest complete one; "best": the one of lowest recorded held-out
+  bound, `best_recorded_step`). `key` WORKDIR: `path` is a workdir given as
   --workdir; INIT: a workdir, its checkpoints/ folder or a step folder given as init.checkpoint. With `config`,
   a run of a different model is refused (`Checkpointer.check_compatible`). `weights` (train/ema.WEIGHTS; the
   value of `key.weights`): "auto" reads the parameters' moving average where the step holds one, "ema" requires
@@ -242,6 +277,9 @@ def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = 
                       if key is WORKDIR else
                       f"{key.run}: no complete checkpoint under {checkpoints}; train that run first or point at "
                       f"another")
+  best = step == BEST
+  if best:
+    step = best_recorded_step(checkpoints, key)
   if step is None:
     step = available[-1]
   elif step not in available:
@@ -255,7 +293,7 @@ def open_run(path: str, step: int | None = None, *, config=None, key: StepKey = 
                              ("params", moving_average.ITEM) if chosen == "ema" else ("params",))
   if problem:
     raise damaged_for_reader(checkpoints, step, problem, available, key.choose)
-  return SavedRun(run_dir=run_dir, checkpoints=checkpoints, step=step, key=key, weights=chosen)
+  return SavedRun(run_dir=run_dir, checkpoints=checkpoints, step=step, key=key, weights=chosen, best=best)
 
 
 def run_steps(path: str, key: StepKey = WORKDIR) -> list[int]:
@@ -270,7 +308,7 @@ def open_init_checkpoint(config) -> SavedRun:
   return open_run(str(config.init.checkpoint), None if step < 0 else step, key=INIT, weights=str(config.init.weights))
 
 
-def read_run(config, workdir: str, step: int | None = None) -> tuple[Any, SavedRun]:
+def read_run(config, workdir: str, step: int | str | None = None) -> tuple[Any, SavedRun]:
   """(the config to read it with, the run): the run in `workdir` at `step` for a reader holding `config`. The
   run's LoRA settings are adopted first (`adopt_saved_lora`), then a run of another model is refused."""
   check_workdir(workdir, reading=True)
@@ -278,7 +316,7 @@ def read_run(config, workdir: str, step: int | None = None) -> tuple[Any, SavedR
   return config, open_run(workdir, step, config=config, weights=str(config.checkpoint.weights))
 
 
-def restore_model(config, workdir: str, step: int | None = None):
+def restore_model(config, workdir: str, step: int | str | None = None):
   """(model, step): the denoiser with the parameters of `step` (default: the latest complete checkpoint) of the
   run in `workdir`, placed on the config's mesh and built for it, dispatching its experts dropless (the generation
   and scoring readers; the scorer checks its own mesh against the objective's rows, `scoring.Scorer`). The
@@ -287,7 +325,7 @@ def restore_model(config, workdir: str, step: int | None = None):
   return model, run.step
 
 
-def restore_model_run(config, workdir: str, step: int | None = None):
+def restore_model_run(config, workdir: str, step: int | str | None = None):
   """(model, the `SavedRun` it was read from: its step and `weights`), as `restore_model`."""
   config, run = read_run(config, workdir, step)
   # no evaluation batch to check: generation has none, and the scorer checks its own (--batch_size)

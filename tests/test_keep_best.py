@@ -1,0 +1,114 @@
+"""The best checkpoints by held-out bound: each checkpoint the trainer evaluated records its bound (Orbax's `metrics`
+item), `checkpoint.keep_best` keeps the lowest beyond the `checkpoint.keep` latest (across a resume), and readers'
+`--step best` reads the lowest."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics
+from diffgemma_jax.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+def _state(step: int):
+  from diffgemma_jax.train.state import TrainState
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=nnx.State({"w": nnx.Param(jnp.full((2,), step, jnp.float32))}),
+                    opt_state={"m": jnp.zeros((2,), jnp.float32)})
+
+
+def _evaluation(bits: float) -> dict:
+  return {"bits_per_token": bits, "stderr_bits_per_token": 0.01, "weights": "params", "ppl_bound": 2.0 ** bits}
+
+
+def test_keep_best_keeps_the_latest_and_the_lowest_bounds_across_a_resume(load_tiny, tmp_path):
+  """checkpoint.keep=1, keep_best=2; saves with bounds 5, 3, 4, 6, 2, 7 keep {1}, {1,2}, {2,3}, {2,3,4}, {2,5},
+  {2,5,6} (the latest and the two lowest). A new Checkpointer on the folder (a resume) reads the bounds back: a
+  save without an evaluation (SIGTERM) and one with a NaN bound are kept while latest only; a save at 2.5 then
+  leaves {5, 9}. Seen to fail with a Checkpointer that keeps the latest only ({9})."""
+  from diffgemma_jax.train import Checkpointer
+  config = load_tiny({"checkpoint.keep": "1", "checkpoint.keep_best": "2", "checkpoint.async_save": "False"})
+  directory = str(tmp_path / "checkpoints")
+  ckpt = Checkpointer(directory, config)
+  expected = [{1}, {1, 2}, {2, 3}, {2, 3, 4}, {2, 5}, {2, 5, 6}]
+  for step, (bits, kept) in enumerate(zip((5.0, 3.0, 4.0, 6.0, 2.0, 7.0), expected), start=1):
+    ckpt.save(_state(step), {"position": step}, _evaluation(bits))
+    assert set(ckpt.all_steps()) == kept, f"after step {step}"
+  ckpt.close()
+
+  resumed = Checkpointer(directory, config)
+  for step, evaluation, kept in ((7, None, {2, 5, 7}), (8, _evaluation(math.nan), {2, 5, 8}),
+                                 (9, _evaluation(2.5), {5, 9})):
+    resumed.save(_state(step), {"position": step}, evaluation)
+    assert set(resumed.all_steps()) == kept, f"after step {step}"
+  best_step, metrics = resumed.best()
+  assert best_step == 5 and metrics == {"bits_per_token": 2.0, "stderr_bits_per_token": 0.01, "weights": "params"}
+  assert set(resumed.recorded_bounds()) == {5, 9}
+  resumed.close()
+
+
+def test_a_run_without_recorded_bounds_has_no_best_step(load_tiny, tmp_path):
+  """Steps saved without an evaluation record nothing: --step best is a one-line error naming the option and the
+  settings that record bounds; bad --step values name the option."""
+  from diffgemma_jax.train import Checkpointer
+  from diffgemma_jax.train.reading import open_run, parse_step
+  workdir = tmp_path / "run"
+  ckpt = Checkpointer(str(workdir / "checkpoints"), load_tiny({"checkpoint.async_save": "False"}))
+  ckpt.save(_state(3), {"position": 3})
+  ckpt.close()
+  assert open_run(str(workdir)).step == 3
+  with pytest.raises(ConfigError, match=r"^--step best: no checkpoint in .* records a held-out bound .*"
+                                        r"checkpoint\.keep_best"):
+    open_run(str(workdir), parse_step("best", "--step"))
+  assert parse_step(" best", "--step") == "best" and parse_step("12", "--step") == 12 and parse_step(None, "x") is None
+  for bad in ("-3", "latest", "1.5"):
+    with pytest.raises(ConfigError, match=rf"^--step {bad}: give a checkpoint step \(a number >= 0\) or 'best'"):
+      parse_step(bad, "--step")
+
+
+def test_evaluated_checkpoints_record_their_bound_and_best_reads_the_lowest(trained_run, load_tiny, tmp_path):
+  """The uninterrupted run evaluates each checkpoint it saves (eval.every_steps = checkpoint.every_steps = 8): each
+  step records the bound the trainer logged for it, and `--step best` opens the lowest (test_evaluate.py evaluates
+  it). Continued for two steps with checkpoint.every_steps=1, keep=1, keep_best=1 and no periodic
+  evaluation, both saves are evaluated and recorded, and the run keeps the latest and the lowest of all five (at
+  the continuation's learning rate, 0.5, step 26 is worse than 25: the lowest is not the latest). Seen to fail with
+  evaluations after the saves (no bound recorded) and with keep_best ignored ({26} kept)."""
+  from diffgemma_jax.train import Checkpointer, train
+  from diffgemma_jax.train.reading import open_run
+  _, workdir, _ = trained_run
+  logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
+  reader = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  recorded = reader.recorded_bounds()
+  reader.close()
+  assert sorted(recorded) == [8, 16, 24]
+  for step, metrics in recorded.items():
+    assert metrics["bits_per_token"] == pytest.approx(logged[step], rel=1e-6) and metrics["weights"] == "params"
+  lowest = min(recorded, key=lambda s: recorded[s]["bits_per_token"])
+  run = open_run(workdir, "best")
+  assert run.step == lowest and run.describe() == f"step {lowest} (the lowest recorded held-out bound)"
+
+  continued = str(tmp_path / "continued")
+  shutil.copytree(workdir, continued)
+  steps = TRAINED_STEPS + 2
+  summary = train(load_tiny(dict(TRAINED_OVERRIDES, **{
+      "train.num_steps": str(steps), "checkpoint.every_steps": "1", "checkpoint.keep": "1",
+      "checkpoint.keep_best": "1", "eval.every_steps": "0", "train.learning_rate": "0.5"})), continued,
+      show_progress=False)
+  logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(continued) if "eval/bits_per_token" in r}
+  assert {steps - 1, steps} <= set(logged)
+  bounds = {s: m["bits_per_token"] for s, m in recorded.items()}
+  bounds.update({s: logged[s] for s in (steps - 1, steps)})
+  best = min(bounds, key=bounds.get)
+  reader = Checkpointer(os.path.join(continued, "checkpoints"), create=False)
+  assert best != steps and set(reader.all_steps()) == {best, steps}  # the lowest is not the latest
+  assert reader.recorded_bounds()[steps]["bits_per_token"] == pytest.approx(logged[steps], rel=1e-6)
+  reader.close()
+  assert summary["best_checkpoint"]["step"] == best
+  assert summary["best_checkpoint"]["bits_per_token"] == pytest.approx(bounds[best], rel=1e-6)
