@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import TRAINED_OVERRIDES, TRAINED_STEPS
+from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics
 from diffgemma_jax.errors import ConfigError
 
 # The runs here rerun the programs their first run compiled (a resume, the evaluations) from JAX's cache.
@@ -101,6 +101,7 @@ def test_run_saves_the_average_resumes_it_exactly_and_readers_take_it(load_tiny,
       np.testing.assert_array_equal(value, reference[path], err_msg=f"{item} {path}")
 
   assert summary["eval"]["weights"] == "ema"
+  assert [r["eval/weights"] for r in read_metrics(workdir) if "eval/bits_per_token" in r] == ["ema"]  # its log
   by_default = evaluate(config, workdir)
   assert by_default["weights"] == "ema" and by_default["step"] == 4
   assert by_default["bits_per_token"] == pytest.approx(summary["eval"]["bits_per_token"], rel=1e-6)

@@ -83,7 +83,9 @@ def test_evaluated_checkpoints_record_their_bound_and_best_reads_the_lowest(trai
   from diffgemma_jax.train import Checkpointer, train
   from diffgemma_jax.train.reading import open_run
   _, workdir, _ = trained_run
-  logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
+  evaluations = [r for r in read_metrics(workdir) if "eval/bits_per_token" in r]
+  assert {r["eval/weights"] for r in evaluations} == {"params"}  # the log says which weights it evaluated
+  logged = {r["step"]: r["eval/bits_per_token"] for r in evaluations}
   reader = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
   recorded = reader.recorded_bounds()
   reader.close()

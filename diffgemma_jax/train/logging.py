@@ -237,7 +237,8 @@ class MetricsLogger:
     """Excludes host-side pauses (evaluation, checkpoint saves) from the next throughput measurement."""
     self._last_time, self._last_step = time.perf_counter(), step
 
-  def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+  def write(self, step: int, scalars: dict[str, float | str], prefix: str = "train") -> None:
+    """One record of `scalars` at `step`: metrics.jsonl takes every value, TensorBoard and wandb the numbers."""
     record = {"step": int(step), **{f"{prefix}/{k}": v for k, v in scalars.items()}}
     self.history.append(record)
     if not self.enabled:
@@ -251,7 +252,7 @@ class MetricsLogger:
     if self._staged_events is not None:
       self._staged_events.flushed()
     if self._wandb is not None:
-      self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
+      self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=int(step))
     if prefix == "train" and self._bar is None:
       print(log_line(step, self.total_steps, scalars), file=sys.stderr, flush=True)
 

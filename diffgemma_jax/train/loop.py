@@ -182,7 +182,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     result = held_out_bounds(bound_fn, params, held_out, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh)
     result.update(step=step, weights="ema" if evaluate_average else "params", unigram_ppl=unigram,
                   exact=objective.capabilities.exact)
-    logger.write(step, {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval")
+    logger.write(step, {**{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
+                        "weights": result["weights"]}, prefix="eval")  # metrics.jsonl says which weights
     logger.message(f"step {step}: held-out{' (moving average)' if evaluate_average else ''} "
                    f"{result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
