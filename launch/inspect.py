@@ -2,7 +2,11 @@
 [--device_memory_gib G]]: parameter totals and FLOPs of a config; with --memory, what its train step holds in each
 device's memory on its mesh (the parameters and optimizer state, exactly; with --compile, XLA's account of the
 compiled step: temporaries and the peak); --devices N plans for N devices faked on the CPU (a cluster's mesh from
-one machine)."""
+one machine).
+
+diffgemma-inspect --workdir DIR [--json]: what a run holds: its checkpoints (size, intact or damaged, the held-out
+bound recorded with each, the moving average, the latest and the best), the folders beside them that are not
+steps, and the run's starts (train/listing.py). Reads listings and small files only."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from diffgemma_jax.config import load_config
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig
 from diffgemma_jax.model.inspect import inspect_model
+from diffgemma_jax.train.listing import format_run, list_run
 from .common import Outputs, config_overrides, fail, fake_cpu_devices, load_run_config
 
 MASK_ID = 4  # the step needs a mask id to trace; the tokenizer's does not change what the step holds
@@ -87,9 +92,24 @@ def _memory_lines(report: dict, device_memory_gib: float | None, compute_dtype: 
   return lines
 
 
+def _list_run(args, rest: list[str]) -> int:
+  """--workdir: the run's listing, printed as text or JSON."""
+  try:
+    if rest or args.memory or args.seq_len is not None:
+      raise ConfigError("--workdir lists a run: it takes --json only (--memory, --seq_len and --config.* overrides go "
+                        "with --config)")
+    report = list_run(args.workdir)
+  except ConfigError as e:
+    return fail(str(e))
+  print(json.dumps(report, indent=2) if args.json else "\n".join(format_run(report)))
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="diffgemma-inspect", description=__doc__)
-  parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--config", help="config file, optionally path.py:arg")
+  what.add_argument("--workdir", help="a training run's workdir (local or a bucket URL): list what it holds")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument("--seq_len", type=int, default=None, help="context for attention FLOPs (default train.seq_len)")
   parser.add_argument("--memory", action="store_true",
@@ -104,6 +124,8 @@ def main(argv=None) -> int:
                       help="with --memory: one device's memory in GiB to compare with (an H100 80GB: 79.6; "
                       "default on a GPU: what XLA's allocator may use of it)")
   args, rest = parser.parse_known_args(argv)
+  if args.workdir is not None:
+    return _list_run(args, rest)
   try:
     if not args.memory and (args.compile or args.devices is not None or args.device_memory_gib is not None):
       raise ConfigError("--compile, --devices and --device_memory_gib go with --memory")

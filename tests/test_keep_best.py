@@ -114,3 +114,51 @@ def test_evaluated_checkpoints_record_their_bound_and_best_reads_the_lowest(trai
   reader.close()
   assert summary["best_checkpoint"]["step"] == best
   assert summary["best_checkpoint"]["bits_per_token"] == pytest.approx(bounds[best], rel=1e-6)
+
+
+def test_inspect_lists_what_a_run_holds(trained_run, tmp_path, capsys):
+  """diffgemma-inspect --workdir: the run's three steps with their sizes, recorded bounds (the trainer's), the
+  latest and the best; a step whose file was cut short named DAMAGED with the file; a set-aside step and an
+  unfinished save listed beside them as what they are; the run's one start. --json gives the same report. Readers
+  (the listing, open_run) leave an unfinished save's folder alone: it may be a save a running trainer is writing
+  (seen to fail while readers' Orbax managers cleaned temporary folders up, as the trainer's does at a start)."""
+  import json
+  from diffgemma_jax.train import Checkpointer
+  from diffgemma_jax.train.reading import open_run
+  from launch.inspect import main
+  _, reference, _ = trained_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  reader = Checkpointer(checkpoints, create=False)
+  recorded, (best, _) = reader.recorded_bounds(), reader.best()
+  reader.close()
+  shutil.copytree(os.path.join(checkpoints, "24"), os.path.join(checkpoints, "16.damaged"))
+  os.makedirs(os.path.join(checkpoints, "32.orbax-checkpoint-tmp-1765000000"))
+  cut = next(os.path.join(root, name) for root, _, names in os.walk(os.path.join(checkpoints, "8", "params"))
+             for name in names if os.path.getsize(os.path.join(root, name)) > 100)
+  with open(cut, "r+b") as f:
+    f.truncate(50)
+
+  assert main(["--workdir", workdir, "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert [s["step"] for s in report["steps"]] == [8, 16, 24]
+  assert (report["latest_step"], report["best_step"], report["objective"]) == (24, best, "masked")
+  for entry in report["steps"]:
+    assert entry["bytes"] > 10_000 and entry["bits_per_token"] == recorded[entry["step"]]["bits_per_token"]
+    assert (entry["damage"] is None) == (entry["step"] != 8), entry
+  assert os.path.relpath(cut, checkpoints) in report["steps"][0]["damage"]
+  assert [o["name"] for o in report["other"]] == ["16.damaged", "32.orbax-checkpoint-tmp-1765000000"]
+  assert [s["start_step"] for s in report["starts"]] == [0] and report["tokenizer_pinned"]
+
+  assert main(["--workdir", workdir]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  rows = {int(line.split()[0]): line for line in lines if line.strip().split(" ")[0].isdigit()}
+  assert sorted(rows) == [8, 16, 24] and "latest" in rows[24] and "best" in rows[best]
+  assert f"{recorded[16]['bits_per_token']:.4f}" in rows[16] and "DAMAGED: 8/params/" in rows[8]
+  assert any("16.damaged: a damaged step set aside" in line for line in lines)
+  assert any("32.orbax-checkpoint-tmp-1765000000: an unfinished save" in line for line in lines)
+  assert main(["--workdir", str(tmp_path)]) == 2
+  assert "holds no run" in capsys.readouterr().err
+  open_run(workdir, "best")  # a reader
+  assert os.path.isdir(os.path.join(checkpoints, "32.orbax-checkpoint-tmp-1765000000"))

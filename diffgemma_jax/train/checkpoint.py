@@ -112,7 +112,8 @@ class Checkpointer:
   """Saves and restores a run's checkpoints in `directory`; refuses checkpoints of an incompatible model."""
 
   def __init__(self, directory: str, config=None, *, create: bool = True, log: Callable[[str], None] = _stderr):
-    """`config` None: a reader that brings its own model (export); nothing is checked against the saved config."""
+    """`config` None: a reader that brings its own model (export); nothing is checked against the saved config.
+    `create` False: a reader, which creates, cleans up and deletes nothing."""
     self.directory = storage.resolve(directory)
     self.config = config
     if config is not None:
@@ -182,7 +183,9 @@ class Checkpointer:
           preservation_policy=policy, best_fn=_bound, best_mode="min",
           enable_async_checkpointing=bool(self.config.checkpoint.async_save) if self.config is not None else False,
           create=self._create,
-          cleanup_tmp_directories=True,
+          # The trainer (create) removes a killed save's temporary folder; a reader must not: the folder may be a
+          # save the trainer is writing now (diffgemma-eval beside a running job).
+          cleanup_tmp_directories=self._create,
           temporary_path_class=storage.temporary_path_class(self.directory))
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=ITEMS + (moving_average.ITEM,))

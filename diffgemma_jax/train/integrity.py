@@ -22,7 +22,7 @@ _STANDARD_FILES = ("_METADATA", "manifest.ocdbt")
 _JSON_ITEM_FILE = "metadata"
 
 
-def _files(step_dir: epath.Path) -> dict[str, int]:
+def file_sizes(step_dir: epath.Path) -> dict[str, int]:
   """{path relative to the step folder: size in bytes} of every file under it, the record excepted."""
   sizes, folders = {}, [step_dir]
   while folders:  # listed folder by folder: object stores' clients differ in their recursive walks
@@ -41,7 +41,7 @@ def record_files(step_dir) -> None:
   step_dir = epath.Path(step_dir)
   if not step_dir.is_dir():  # removed meanwhile (checkpoint.keep)
     return
-  (step_dir / FILES_RECORD).write_text(json.dumps(_files(step_dir), indent=0, sort_keys=True))
+  (step_dir / FILES_RECORD).write_text(json.dumps(file_sizes(step_dir), indent=0, sort_keys=True))
 
 
 def damage(step_dir, items: tuple[str, ...]) -> str | None:
@@ -56,7 +56,7 @@ def damage(step_dir, items: tuple[str, ...]) -> str | None:
     except ValueError:
       recorded = None
     if isinstance(recorded, dict):
-      present = _files(step_dir)
+      present = file_sizes(step_dir)
       for relative, size in sorted(recorded.items()):
         if relative not in present:
           return f"{prefix}/{relative} is missing"
