@@ -98,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   # included; 0: none). Once spent, no new step starts: the step reached is checkpointed and evaluated, and the
   # same command resumes from it (with a fresh budget).
   c.train.max_runtime_s = 0.0
+  # Early stopping (train/early_stop.py): after this many held-out evaluations in a row without a bound lower than
+  # the best so far by more than early_stop_min_delta bits/token, the step reached is saved and the run stops (the
+  # count runs across resumes; 0: never). Needs evaluations during the run (eval.every_steps, or keep_best).
+  c.train.early_stop_patience = 0
+  c.train.early_stop_min_delta = 0.0
   c.train.peak_flops_per_device = 0.0  # for the MFU estimate; 0: a table value for the device kind
   c.train.debug_nan_at_step = -1  # test hook: the update producing this step gets a NaN loss
   # (first, last): a jax.profiler trace of these steps in <workdir>/tb/plugins/profile/; () for none.
@@ -316,7 +321,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_compilation_config(config.compilation)
   for key, minimum in (("eval.num_t_samples", 1), ("eval.batch_size", 1), ("eval.max_sequences", 0),
                        ("eval.every_steps", 0), ("checkpoint.every_steps", 1), ("checkpoint.keep", 0),
-                       ("checkpoint.keep_best", 0),
+                       ("checkpoint.keep_best", 0), ("train.early_stop_patience", 0),
                        ("train.log_every_steps", 1), ("train.warmup_steps", 0)):
     section, name = key.split(".")
     if int(config[section][name]) < minimum:
@@ -324,6 +329,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  "checkpoint.keep": " (0: keep every checkpoint)",
                  "checkpoint.keep_best": " (0: only the checkpoint.keep latest)"}.get(key, "")
       raise ConfigError(f"{key}: must be >= {minimum}{meaning}, got {config[section][name]!r}")
+  if not float(config.train.early_stop_min_delta) >= 0:
+    raise ConfigError(f"train.early_stop_min_delta: must be >= 0 bits/token, got {config.train.early_stop_min_delta}")
+  if int(config.train.early_stop_patience) and not (int(config.eval.every_steps) or int(config.checkpoint.keep_best)):
+    raise ConfigError(f"train.early_stop_patience={config.train.early_stop_patience} counts held-out evaluations, "
+                      f"but this run evaluates at its end only: set eval.every_steps (or checkpoint.keep_best, which "
+                      f"evaluates every save)")
   for group in tuple(config.train.freeze):
     if group not in FREEZE_GROUPS:
       raise ConfigError(f"train.freeze: unknown parameter group {group!r}; valid groups are {tuple(FREEZE_GROUPS)}")

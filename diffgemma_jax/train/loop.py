@@ -31,6 +31,7 @@ from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.ema import averaged_params
 from diffgemma_jax.train.freeze import describe, trainable_filter
+from diffgemma_jax.train.early_stop import EarlyStop, replay
 from diffgemma_jax.train.history import append_run_history
 from diffgemma_jax.train.logging import (
   MetricsLogger,
@@ -145,6 +146,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   local_shape = (batch_size // num_slices, seq_len)
   sharding = batch_sharding(mesh)
   flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"] * objective.model_passes(seq_len, model_cfg)
+  # the evaluations since the best so far, this run's earlier ones included (before the logger rewrites their file)
+  early = replay(EarlyStop(int(tc.early_stop_patience), float(tc.early_stop_min_delta)), workdir, start_step)
   logger = MetricsLogger(workdir, total_steps=end_step, start_step=start_step, tokens_per_step=batch_size * seq_len,
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
@@ -188,6 +191,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                    f"{result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
     summary["eval"] = result
+    early.observe(step, float(result["bits_per_token"]))
     return result
 
   def finish(step: int, metrics) -> None:
@@ -249,6 +253,11 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   try:
     pending = None
     iterator_state = None
+    if early.exhausted and start_step < end_step:  # the same command after an early stop trains no further
+      summary["stopped_early"] = {"best_step": early.best_step, "best_bits_per_token": early.best}
+      logger.message(f"step {start_step} of {end_step}: not training: {early.describe()} (an early stop); raise "
+                     f"train.early_stop_patience, or set it to 0, to train on")
+      end_step = start_step
     with StopRequest() as stop:  # SIGTERM: save the step in flight and stop
       step = start_step
       while step < end_step:
@@ -273,7 +282,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
           finish(*pending)
           pending = None
         evaluation = run_eval(step) if evaluating else None
-        if saving:
+        stopped_early = evaluation is not None and early.exhausted and step < end_step
+        if saving or stopped_early:
           ckpt.save(state, data.get_state(), evaluation)
           summary["checkpoint_step"] = step
         if saving or evaluating:
@@ -284,6 +294,11 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                          f"the same command to resume")
           break
         summary["final_step"] = step
+        if stopped_early:
+          summary["stopped_early"] = {"best_step": early.best_step, "best_bits_per_token": early.best}
+          logger.message(f"step {step} of {end_step}: stopped early: {early.describe()}; saved checkpoint {step} in "
+                         f"{ckpt.directory}")
+          break
         if timed_out:
           summary["stopped_by_time"] = True
           logger.message(f"step {step} of {end_step}: train.max_runtime_s={max_runtime_s:g} spent "

@@ -1,0 +1,77 @@
+"""Stopping a run whose held-out bound has stopped improving (`train.early_stop_patience`).
+
+The trainer's evaluations (every `eval.every_steps`, and every save with `checkpoint.keep_best`) score the same rows
+with the same noise draws each time (`eval.seed`), so two of them differ by the model alone. After `patience`
+evaluations in a row none of which is lower than the best so far by more than `min_delta` bits/token, the run
+saves the step it reached and stops. The count runs across resumes: it is replayed from the evaluations the run's
+`metrics.jsonl` holds up to the resumed step, so the same command after an early stop does not train on (it says
+so; raise the patience, or set it to 0, to continue).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from etils import epath
+
+
+class EarlyStop:
+  """The best bound so far and the evaluations since it; `patience` 0: never stops."""
+
+  def __init__(self, patience: int, min_delta: float):
+    self.patience, self.min_delta = int(patience), float(min_delta)
+    self.best, self.best_step, self.waited = math.inf, None, 0
+
+  def observe(self, step: int, bits_per_token: float) -> bool:
+    """Counts the evaluation of `step`; whether the run should stop now."""
+    if math.isfinite(bits_per_token) and bits_per_token < self.best - self.min_delta:
+      self.best, self.best_step, self.waited = bits_per_token, step, 0
+    else:
+      self.waited += 1
+    return self.exhausted
+
+  @property
+  def exhausted(self) -> bool:
+    return self.patience > 0 and self.waited >= self.patience
+
+  def describe(self) -> str:
+    better = f"by more than {self.min_delta:g} bits/token " if self.min_delta else ""
+    return (f"the held-out bound has not improved {better}on step {self.best_step}'s {self.best:.4f} bits/token "
+            f"for {self.waited} evaluations (train.early_stop_patience={self.patience})")
+
+
+def replay(stop: EarlyStop, workdir: str, through_step: int) -> EarlyStop:
+  """`stop` having observed the run's earlier evaluations: those metrics.jsonl logged up to `through_step` (the step
+  resumed from), one per step (the last logged for it), in step order. A run without the file starts counting
+  afresh. Several processes take process 0's reading (its logger rewrites the file as the run starts)."""
+  if not stop.patience:
+    return stop
+  if jax.process_index() == 0:
+    _replay_file(stop, os.path.join(workdir, "metrics.jsonl"), through_step)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    state = np.asarray([stop.best, -1 if stop.best_step is None else stop.best_step, stop.waited], np.float64)
+    best, best_step, waited = multihost_utils.broadcast_one_to_all(state)
+    stop.best, stop.best_step, stop.waited = float(best), None if best_step < 0 else int(best_step), int(waited)
+  return stop
+
+
+def _replay_file(stop: EarlyStop, file: str, through_step: int) -> None:
+  path = epath.Path(file)
+  if not path.is_file():
+    return
+  bounds = {}
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:  # a line cut by a kill
+      continue
+    step = int(record.get("step", 0))
+    if "eval/bits_per_token" in record and step <= through_step:
+      bounds[step] = float(record["eval/bits_per_token"])
+  for step in sorted(bounds):
+    stop.observe(step, bounds[step])

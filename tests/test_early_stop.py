@@ -1,0 +1,70 @@
+"""Early stopping on the held-out bound (`train.early_stop_patience`, train/early_stop.py): the count over a sequence
+of bounds, a run that stops at the evaluation that exhausts it (saved, said, summarised), the same command after it
+training no further, and the settings refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import TRAINED_OVERRIDES, TRAINED_STEPS, read_metrics, train_losses
+from diffgemma_jax.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+def test_patience_counts_evaluations_without_an_improvement_beyond_min_delta():
+  """Patience 2, min_delta 0.05: 5.0 (best), 4.9 (best: 0.1 lower), 4.97 (one), 4.86 (two: only 0.04 lower than
+  4.9): it stops at the fourth evaluation, naming step 2's bound; a NaN bound never improves."""
+  from diffgemma_jax.train.early_stop import EarlyStop
+  stop = EarlyStop(2, 0.05)
+  assert [stop.observe(step, bits) for step, bits in ((1, 5.0), (2, 4.9), (3, 4.97), (4, 4.86))] == [
+      False, False, False, True]
+  assert (stop.best_step, stop.best, stop.waited) == (2, 4.9, 2)
+  assert stop.describe() == ("the held-out bound has not improved by more than 0.05 bits/token on step 2's 4.9000 "
+                             "bits/token for 2 evaluations (train.early_stop_patience=2)")
+  never = EarlyStop(0, 0.0)
+  assert not any(never.observe(step, 5.0) for step in range(10))
+  nan = EarlyStop(1, 0.0)
+  assert not nan.observe(1, 5.0) and nan.observe(2, float("nan"))
+
+
+def test_a_run_stops_at_the_evaluation_that_exhausts_its_patience_and_stays_stopped(trained_run, load_tiny,
+                                                                                       tmp_path, capsys):
+  """The trained run continued at learning rate 0.5, evaluated every step, with patience 1: step 25's bound improves
+  on step 24's, step 26's does not, so the run saves step 26 (not a save step) and stops there, short of step 30,
+  saying why. The same command again replays the run's evaluations from metrics.jsonl (steps 8-26) and trains no
+  further. Seen to fail with the replay left out (the rerun trained on, and stopped again at step 29)."""
+  from diffgemma_jax.train import Checkpointer, train
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run[1], workdir)
+  config = load_tiny(dict(TRAINED_OVERRIDES, **{
+      "train.num_steps": "30", "train.learning_rate": "0.5", "eval.every_steps": "1", "checkpoint.every_steps": "100",
+      "train.early_stop_patience": "1"}))
+  capsys.readouterr()
+  summary = train(config, workdir, show_progress=False)
+  logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
+  assert logged[25] < logged[TRAINED_STEPS] and logged[26] >= logged[25]  # what the test's premise needs
+  assert summary["final_step"] == 26 and summary["checkpoint_step"] == 26
+  assert summary["stopped_early"] == {"best_step": 25, "best_bits_per_token": pytest.approx(logged[25], rel=1e-6)}
+  assert "step 26 of 30: stopped early: the held-out bound has not improved on step 25's" in capsys.readouterr().err
+  reader = Checkpointer(f"{workdir}/checkpoints", create=False)
+  assert reader.latest_step() == 26
+  reader.close()
+
+  again = train(config, workdir, show_progress=False)
+  assert "step 26 of 30: not training:" in capsys.readouterr().err
+  assert again["final_step"] == 26 and again["stopped_early"]["best_step"] == 25
+  assert max(train_losses(workdir)) == 26
+
+
+def test_early_stopping_needs_evaluations_during_the_run(load_tiny):
+  with pytest.raises(ConfigError, match=r"^train\.early_stop_patience=2 counts held-out evaluations, but this run "
+                                        r"evaluates at its end only: set eval\.every_steps"):
+    load_tiny({"train.early_stop_patience": "2", "eval.every_steps": "0"})
+  assert load_tiny({"train.early_stop_patience": "2", "eval.every_steps": "0", "checkpoint.keep_best": "1"})
+  with pytest.raises(ConfigError, match=r"^train\.early_stop_min_delta: must be >= 0 bits/token, got -0\.1"):
+    load_tiny({"train.early_stop_min_delta": "-0.1"})
+  with pytest.raises(ConfigError, match=r"^train\.early_stop_patience: must be >= 0"):
+    load_tiny({"train.early_stop_patience": "-1"})
