@@ -174,8 +174,10 @@ def _overrides(num_steps: int, mesh: str) -> list[str]:
             "--config.checkpoint.every_steps=2",
             "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
             "--config.eval.num_t_samples=2", f"--config.train.learning_rate={LEARNING_RATE}"]
-  if mesh == MESHES[0]:  # with the held-out bound at step 4, each process scoring its half of every batch
-    return common + ["--config.train.batch_size=8", "--config.model.dropless=True", "--config.eval.every_steps=4"]
+  if mesh == MESHES[0]:  # with the held-out bound at step 4, each process scoring its half of every batch; early
+    # stopping on (never reached): the resumed processes take process 0's replay of metrics.jsonl (a broadcast)
+    return common + ["--config.train.batch_size=8", "--config.model.dropless=True", "--config.eval.every_steps=4",
+                     "--config.train.early_stop_patience=3"]
   # pretrain_tiny's MoE sizes and batch with the CPU default dispatch (sorted): what showed the corruption
   return common + ["--config.train.batch_size=16", "--config.train.seq_len=128", "--config.model.embed_dim=128",
                    "--config.model.num_experts=8", "--config.model.expert_dim=128", "--config.model.dispatch=auto"]
