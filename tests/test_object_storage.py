@@ -26,6 +26,7 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   from diffgemma_jax.train import train
   from diffgemma_jax.train.dataset import prepare_dataset
   from diffgemma_jax.train.history import read_history
+  from diffgemma_jax.train.listing import list_run
   local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus
   sources = upload_files(str(load_tiny().data.source), "s3://runs/corpus")
   workdir = "s3://runs/tiny"
@@ -55,6 +56,11 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
   assert sorted(r["step"] for r in records if "train/loss" in r) == list(range(1, 7))
   assert [r["start_step"] for r in read_history(workdir)] == [0, 4]
+  listing = list_run(workdir)  # diffgemma-inspect --workdir: listings and small files, read in the bucket
+  assert [s["step"] for s in listing["steps"]] == [2, 4, 6] and listing["latest_step"] == 6
+  assert all(s["damage"] is None and s["bytes"] > 10_000 for s in listing["steps"])
+  assert ["bits_per_token" in s for s in listing["steps"]] == [False, True, True]  # each run's last step evaluated
+  assert [s["start_step"] for s in listing["starts"]] == [0, 4] and listing["tokenizer_pinned"]
   fresh_cache = {"train.num_steps": "6", "data.cache_dir": str(tmp_path / "fresh-cache")}
   result = evaluate(load_tiny(dict(overrides, **fresh_cache)), workdir)
   assert result["step"] == 6 and result["bits_per_token"] == pytest.approx(resumed["eval"]["bits_per_token"],
