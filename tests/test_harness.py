@@ -20,7 +20,7 @@ from flax import nnx
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from conftest import TINY_MODEL, compilation_cache_entries, free_port  # noqa: E402
+from conftest import TINY_MODEL, compilation_cache_entries, free_port, read_metrics  # noqa: E402
 from diffgemma_jax.harness import DiffGemmaLM  # noqa: E402
 from diffgemma_jax.model import ModelConfig, build_model, make_mask  # noqa: E402
 from diffgemma_jax.scoring import Pair  # noqa: E402
@@ -217,12 +217,17 @@ def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkey
                       ("serving_slots=2,serving_widths=0", "serving_widths must be an integer >= 1"),
                       ("serving_slots=2,serving_widths=two", "serving_widths='two': give a positive integer"),
                       ("serving_slots=2,serving_widths=2,overrides=objective.name=ar",
-                       "serving_widths sets the slot widths of the samplers .* not of sampler ar")):
+                       "serving_widths sets the slot widths of the samplers .* not of sampler ar"),
+                      ("step=latest", "--model_args step latest: give a checkpoint step \\(a number >= 0\\) or "
+                                      "'best'")):
     with pytest.raises(ConfigError, match=error):
       DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},{args}")
-  # a valid one reaches the engine (the masked engine's widths, as diffgemma-generate --serving_widths)
+  # a valid one reaches the engine (the masked engine's widths, as diffgemma-generate --serving_widths); step=best:
+  # the step of lowest recorded held-out bound
   lm = DiffGemmaLM.create_from_arg_string(f"config={tiny_config_file},workdir={workdir},block_length=8,"
-                                          "serving_slots=2,serving_widths=1")
+                                          "serving_slots=2,serving_widths=1,step=best")
+  logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(workdir) if "eval/bits_per_token" in r}
+  assert lm.step == min(logged, key=logged.get)
   seen = {}
   monkeypatch.setattr(lm.generator, "run_requests", lambda prompts, options, **kw: seen.update(kw) or [])
   lm.generate_until([_request("generate_until", ("def f(", {"max_gen_toks": 8, "until": []}))])
