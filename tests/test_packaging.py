@@ -91,7 +91,7 @@ def test_the_unpacked_wheel_runs_outside_the_checkout(wheel, tmp_path):
   entry_points = (site / next(n for n in os.listdir(site) if n.endswith(".dist-info")) / "entry_points.txt")
   modules = sorted({line.split("=")[1].split(":")[0].strip() for line in entry_points.read_text().splitlines()
                     if "=" in line})
-  assert len(modules) == 8, modules
+  assert len(modules) == 9, modules
   script = f"""
 import importlib, importlib.util, os
 for name in {modules!r}:

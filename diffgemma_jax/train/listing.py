@@ -19,6 +19,7 @@ from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, ITEMS, Checkpointer
 from diffgemma_jax.train.history import read_history
 from diffgemma_jax.train.reading import TOKENIZER_FILE, check_workdir
+from diffgemma_jax.train.rollback import ROLLBACK_FILE
 
 # Orbax writes a step into a folder named `<step>.orbax-checkpoint-tmp...` and renames it when complete.
 UNFINISHED_MARK = ".orbax-checkpoint-tmp"
@@ -28,6 +29,8 @@ def _other_entry(name: str) -> str:
   """What a folder beside the steps is."""
   if ".damaged" in name:
     return "a damaged step set aside by a resume that saved its step again (kept for you to delete)"
+  if ".rolled-back" in name:
+    return "a step set aside by diffgemma-rollback (kept for you to delete)"
   if UNFINISHED_MARK in name:
     return "an unfinished save (a killed or running save; never read as a step)"
   return "not a step folder"
@@ -54,7 +57,10 @@ def list_run(workdir: str) -> dict[str, Any]:
       "ema_decay": config.get("train", {}).get("ema_decay", 0.0),
       "starts": [{"time": r.get("time"), "start_step": r.get("start_step"), "overrides": r.get("overrides", {})}
                  for r in history],
-      "steps": [], "latest_step": None, "best_step": None, "other": []}
+      "steps": [], "latest_step": None, "best_step": None, "other": [], "rollback": None}
+  rollback = epath.Path(storage.join(root, ROLLBACK_FILE))
+  if rollback.is_file():
+    report["rollback"] = json.loads(rollback.read_text())
   if not epath.Path(directory).is_dir():
     return report
   reader = Checkpointer(directory, create=False)
@@ -115,5 +121,9 @@ def format_run(report: dict[str, Any]) -> list[str]:
       lines.append(f"  {entry['step']:>8}  {bound:<21}  {entry.get('weights', '-'):<7}  {_size(entry['bytes']):>10}  "
                    f"{', '.join(notes)}".rstrip())
   lines += [f"  also       {other['name']}: {other['what']}" for other in report["other"]]
+  if report["rollback"]:
+    rollback = report["rollback"]
+    lines.append(f"rolled back to step {rollback['step']} at {rollback['time']}, skipping "
+                 f"{rollback['skip_batches']} batches after it ({ROLLBACK_FILE})")
   return lines
 

@@ -46,6 +46,7 @@ from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.time_decay import TimedDecay
 from diffgemma_jax.train.profiling import StepProfiler
 from diffgemma_jax.train.reading import check_workdir, inherit_context, open_init_checkpoint
+from diffgemma_jax.train.rollback import ROLLBACK_FILE, pending_skip, skipped_state
 from diffgemma_jax.train.state import abstract_train_state, evaluation_model, init_train_state, start_average
 from diffgemma_jax.train.step import make_train_step
 
@@ -116,9 +117,11 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   # across hosts) load the same slice (parallel/mesh.py, batch_slices).
   data_slice, num_slices = batch_slice(mesh)
   data = train_iterator(config, directory, process_index=data_slice, process_count=num_slices)
+  skipped = 0
   if start_step is not None:  # the newest step that restores: a damaged one is skipped, saying so
     start_step, state, iterator_state = ckpt.restore_newest(abstract, shardings)
-    data.set_state(iterator_state)
+    skipped = pending_skip(workdir, start_step)  # diffgemma-rollback --skip_batches, for a start from this step
+    data.set_state(skipped_state(iterator_state, skipped) if skipped else iterator_state)
     if ema_decay and state.ema is None:  # switched on by this resume
       state = state._replace(ema=start_average(state.params, trainable, shardings.ema))
       started_average = start_step
@@ -160,6 +163,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     jump = describe_schedule_change(ml_collections.ConfigDict(previous["config"]["train"]), tc, start_step)
     if jump:
       logger.message(jump)
+  if skipped:
+    logger.message(f"step {start_step}: the data stream skips {skipped} batches after this checkpoint's position "
+                   f"(diffgemma-rollback, {ROLLBACK_FILE})")
   if started_average is not None:
     logger.message(f"train.ema_decay={ema_decay:g}: checkpoint {started_average} holds no moving average of the "
                    f"parameters; it starts from them at step {started_average}")
