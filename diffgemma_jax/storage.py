@@ -255,6 +255,20 @@ def write_text(path, text: str) -> None:
   epath.Path(str(path)).write_text(text)
 
 
+def rename_folder(path: str, target: str) -> None:
+  """Moves the folder `path` to `target` (same store): a rename on a local disk; on object storage, where folders
+  are key prefixes that cannot be renamed, every object copied under the new prefix and then deleted."""
+  if not is_url(path):
+    os.rename(path, target)
+    return
+  fs, source = _filesystem(path)
+  destination = _filesystem(target)[1]
+  files = fs.find(source)  # objects only (fsspec's recursive mv also copies the prefix itself, which is no object)
+  for name in files:
+    fs.copy(name, destination + name[len(source):])
+  fs.rm(files)
+
+
 def upload_folder(local: str, url: str) -> str:
   """Copies every file under the local folder `local` to the folder `url` (a bucket URL or a local path), keeping
   the relative paths; returns `url`."""

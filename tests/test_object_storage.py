@@ -27,6 +27,7 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   from diffgemma_jax.train.dataset import prepare_dataset
   from diffgemma_jax.train.history import read_history
   from diffgemma_jax.train.listing import list_run
+  from diffgemma_jax.train.rollback import roll_back
   local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus
   sources = upload_files(str(load_tiny().data.source), "s3://runs/corpus")
   workdir = "s3://runs/tiny"
@@ -66,6 +67,30 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   assert result["step"] == 6 and result["bits_per_token"] == pytest.approx(resumed["eval"]["bits_per_token"],
                                                                            rel=1e-6)
   assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
+  roll_back(workdir, 4, skip_batches=2)  # diffgemma-rollback renames in the bucket
+  listing = list_run(workdir)
+  assert [s["step"] for s in listing["steps"]] == [2, 4] and [o["name"] for o in listing["other"]] == ["6.rolled-back"]
+  assert listing["rollback"]["skip_batches"] == 2 and (root / "checkpoints" / "6.rolled-back" / "params").is_dir()
+
+
+def test_a_folder_moves_within_a_bucket(bucket, tmp_path):
+  """`storage.rename_folder` (a step set aside as damaged or rolled back) in each store: every object, nested ones
+  too, under the new prefix with its bytes, none left under the old (checked with a client of the store's own)."""
+  import fsspec
+  from diffgemma_jax.storage import rename_folder
+  local = tmp_path / "step"
+  (local / "params" / "d").mkdir(parents=True)
+  files = {"_CHECKPOINT_METADATA": b"m", "params/manifest.ocdbt": b"x" * 100, "params/d/0": b"y" * 7}
+  for name, data in files.items():
+    (local / name).write_bytes(data)
+  fs, prefix = fsspec.core.url_to_fs(f"{bucket}/moves", skip_instance_cache=True)
+  for name in files:
+    fs.put_file(str(local / name), f"{prefix}/24/{name}")
+  rename_folder(f"{bucket}/moves/24", f"{bucket}/moves/24.rolled-back")
+  fs.invalidate_cache()
+  assert sorted(name[len(prefix) + 1:] for name in fs.find(prefix)) == sorted(f"24.rolled-back/{n}" for n in files)
+  for name, data in files.items():
+    assert fs.cat_file(f"{prefix}/24.rolled-back/{name}") == data
 
 
 def test_an_unreachable_bucket_fails_in_one_line(bucket, tiny_config_file, capsys, tmp_path):

@@ -253,7 +253,7 @@ class Checkpointer:
       n += 1
       target = os.path.join(self.directory, f"{step}.damaged-{n}")
     if jax.process_index() == 0:
-      epath.Path(os.path.join(self.directory, str(step))).rename(target)
+      storage.rename_folder(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       barrier(f"diffgemma_set_aside_{step}")
     self.manager.reload()

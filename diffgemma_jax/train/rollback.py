@@ -57,7 +57,7 @@ def roll_back(workdir: str, step: int, skip_batches: int = 0) -> dict[str, Any]:
     while epath.Path(target).exists():
       n += 1
       target = storage.join(directory, f"{s}{SET_ASIDE}-{n}")
-    epath.Path(storage.join(directory, str(s))).rename(target)
+    storage.rename_folder(storage.join(directory, str(s)), target)
     set_aside.append(os.path.basename(target))
   record = {"step": step, "skip_batches": int(skip_batches), "set_aside": set_aside,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
