@@ -20,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 def _state(step: int):
   from diffgemma_jax.train.state import TrainState
-  return TrainState(step=jnp.asarray(step, jnp.int32), params=nnx.State({"w": nnx.Param(jnp.full((2,), step, jnp.float32))}),
-                    opt_state={"m": jnp.zeros((2,), jnp.float32)})
+  params = nnx.State({"w": nnx.Param(jnp.full((2,), step, jnp.float32))})
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state={"m": jnp.zeros((2,), jnp.float32)})
 
 
 def _evaluation(bits: float) -> dict:
