@@ -19,9 +19,10 @@ from diffgemma_jax.train import integrity
 from diffgemma_jax.train.checkpoint import CONFIG_FILE, ITEMS, Checkpointer
 from diffgemma_jax.train.history import read_history
 from diffgemma_jax.train.reading import TOKENIZER_FILE, check_workdir
-from diffgemma_jax.train.rollback import ROLLBACK_FILE
+from diffgemma_jax.train.rollback import ROLLBACK_FILE, SET_ASIDE
 
-# Orbax writes a step into a folder named `<step>.orbax-checkpoint-tmp...` and renames it when complete.
+# On a local disk Orbax writes a step into a folder named `<step>.orbax-checkpoint-tmp...` and renames it when
+# complete; on object storage it writes the step's own folder and a commit marker last.
 UNFINISHED_MARK = ".orbax-checkpoint-tmp"
 
 
@@ -29,9 +30,9 @@ def _other_entry(name: str) -> str:
   """What a folder beside the steps is."""
   if ".damaged" in name:
     return "a damaged step set aside by a resume that saved its step again (kept for you to delete)"
-  if ".rolled-back" in name:
+  if SET_ASIDE in name:
     return "a step set aside by diffgemma-rollback (kept for you to delete)"
-  if UNFINISHED_MARK in name:
+  if UNFINISHED_MARK in name or name.isdigit():  # on object storage: a step folder without its commit marker
     return "an unfinished save (a killed or running save; never read as a step)"
   return "not a step folder"
 
