@@ -174,10 +174,11 @@ def _overrides(num_steps: int, mesh: str) -> list[str]:
             "--config.checkpoint.every_steps=2",
             "--config.eval.every_steps=0", "--config.eval.batch_size=8", "--config.eval.max_sequences=8",
             "--config.eval.num_t_samples=2", f"--config.train.learning_rate={LEARNING_RATE}"]
-  if mesh == MESHES[0]:  # with the held-out bound at step 4, each process scoring its half of every batch; early
-    # stopping on (never reached): the resumed processes take process 0's replay of metrics.jsonl (a broadcast)
+  if mesh == MESHES[0]:  # with the held-out bound at steps 2 and 4 (keep_best evaluates every save), each process
+    # scoring its half of every batch, and each checkpoint recording it; early stopping on (never reached): the
+    # resumed processes take process 0's replay of metrics.jsonl (a broadcast)
     return common + ["--config.train.batch_size=8", "--config.model.dropless=True", "--config.eval.every_steps=4",
-                     "--config.train.early_stop_patience=3"]
+                     "--config.train.early_stop_patience=3", "--config.checkpoint.keep_best=1"]
   # pretrain_tiny's MoE sizes and batch with the CPU default dispatch (sorted): what showed the corruption
   return common + ["--config.train.batch_size=16", "--config.train.seq_len=128", "--config.model.embed_dim=128",
                    "--config.model.num_experts=8", "--config.model.expert_dim=128", "--config.model.dispatch=auto"]
@@ -245,9 +246,19 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
       os.listdir(os.path.join(single, "checkpoints")))
   if mesh == MESHES[0]:  # the trainer's held-out bound, each process loading its slice of the rows
     bounds = [{r["step"]: r for r in read_metrics(w) if "eval/bits_per_token" in r} for w in (single, multi)]
-    assert sorted(bounds[0]) == [4] and 4 in bounds[1], bounds
-    for key in ("eval/bits_per_token", "eval/stderr_bits_per_token", "eval/num_tokens"):
-      np.testing.assert_allclose(bounds[1][4][key], bounds[0][4][key], rtol=1e-5, err_msg=key)
+    assert sorted(bounds[0]) == [2, 4] and {2, 4} <= set(bounds[1]), bounds
+    for step in (2, 4):
+      for key in ("eval/bits_per_token", "eval/stderr_bits_per_token", "eval/num_tokens"):
+        np.testing.assert_allclose(bounds[1][step][key], bounds[0][step][key], rtol=1e-5, err_msg=f"{step} {key}")
+    from diffgemma_jax.train import Checkpointer
+    recorded = []
+    for w in (single, multi):  # the bound each checkpoint records (process 0 of the launch wrote it)
+      reader = Checkpointer(os.path.join(w, "checkpoints"), create=False)
+      recorded.append({s: m["bits_per_token"] for s, m in reader.recorded_bounds().items()})
+      reader.close()
+    assert sorted(recorded[1]) == sorted(recorded[0]) == [2, 4], recorded
+    for step in (2, 4):
+      np.testing.assert_allclose(recorded[1][step], recorded[0][step], rtol=1e-5)
   model = _overrides(4, mesh)
   for (name, a), (_, b) in zip(_final_params(tiny_config_file, multi, 4, model),
                                _final_params(tiny_config_file, single, 4, model)):
