@@ -150,6 +150,7 @@ def test_inspect_lists_what_a_run_holds(trained_run, tmp_path, capsys):
   assert os.path.relpath(cut, checkpoints) in report["steps"][0]["damage"]
   assert [o["name"] for o in report["other"]] == ["16.damaged", "32.orbax-checkpoint-tmp-1765000000"]
   assert [s["start_step"] for s in report["starts"]] == [0] and report["tokenizer_pinned"]
+  assert (report["logged_through_step"], report["num_steps"]) == (TRAINED_STEPS, TRAINED_STEPS)
 
   assert main(["--workdir", workdir]) == 0
   lines = capsys.readouterr().out.splitlines()
@@ -157,6 +158,7 @@ def test_inspect_lists_what_a_run_holds(trained_run, tmp_path, capsys):
   assert sorted(rows) == [8, 16, 24] and "latest" in rows[24] and "best" in rows[best]
   assert f"{recorded[16]['bits_per_token']:.4f}" in rows[16] and "DAMAGED: 8/params/" in rows[8]
   assert any("16.damaged: a damaged step set aside" in line for line in lines)
+  assert f"progress     trained and logged to step {TRAINED_STEPS} of {TRAINED_STEPS} (" in "\n".join(lines)
   assert any("32.orbax-checkpoint-tmp-1765000000: an unfinished save" in line for line in lines)
   assert main(["--workdir", str(tmp_path)]) == 2
   assert "holds no run" in capsys.readouterr().err

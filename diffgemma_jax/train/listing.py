@@ -58,6 +58,7 @@ def list_run(workdir: str) -> dict[str, Any]:
       "ema_decay": config.get("train", {}).get("ema_decay", 0.0),
       "starts": [{"time": r.get("time"), "start_step": r.get("start_step"), "overrides": r.get("overrides", {})}
                  for r in history],
+      "num_steps": config.get("train", {}).get("num_steps"), "logged_through_step": _last_logged_step(root),
       "steps": [], "latest_step": None, "best_step": None, "other": [], "rollback": None}
   rollback = epath.Path(storage.join(root, ROLLBACK_FILE))
   if rollback.is_file():
@@ -89,6 +90,22 @@ def list_run(workdir: str) -> dict[str, Any]:
   return report
 
 
+def _last_logged_step(root: str) -> int | None:
+  """The last training step metrics.jsonl logged (None: no file, or no step logged yet)."""
+  path = epath.Path(storage.join(root, "metrics.jsonl"))
+  if not path.is_file():
+    return None
+  last = None
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:  # a line cut by a kill
+      continue
+    if "train/loss" in record:
+      last = max(int(record["step"]), last or 0)
+  return last
+
+
 def _size(n: int) -> str:
   for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
     if n >= scale:
@@ -105,6 +122,9 @@ def format_run(report: dict[str, Any]) -> list[str]:
     lines.append(f"starts       {len(starts)}: " + "; ".join(
         f"step {s['start_step']} at {s['time']}" + (f" ({' '.join(f'{k}={v}' for k, v in s['overrides'].items())})"
                                                     if s["overrides"] else "") for s in starts))
+  if report["logged_through_step"] is not None:
+    lines.append(f"progress     trained and logged to step {report['logged_through_step']} of "
+                 f"{report['num_steps']} (train.num_steps of the last start)")
   keep = report["keep"]
   kept = (f"checkpoint.keep {keep if keep else 'all'}" + (f", keep_best {report['keep_best']}"
                                                           if report["keep_best"] else ""))
