@@ -164,3 +164,31 @@ def test_inspect_lists_what_a_run_holds(trained_run, tmp_path, capsys):
   assert "holds no run" in capsys.readouterr().err
   open_run(workdir, "best")  # a reader
   assert os.path.isdir(os.path.join(checkpoints, "32.orbax-checkpoint-tmp-1765000000"))
+
+
+def test_a_sigterm_during_the_evaluation_before_a_save_saves_the_step_at_once(trained_run, load_tiny, tmp_path,
+                                                                              monkeypatch, capsys):
+  """The trainer evaluates a step before saving it; a preemption notice (SIGTERM) arriving as that evaluation
+  starts ends it after its first batch (of two), and step 25 is saved at once, without a bound, and the run stops
+  there (exit 4 from the CLI), where a finished evaluation would have kept the notice waiting. Seen to fail with the
+  evaluation not watching the signal (both batches scored; the run went on to step 26)."""
+  import signal
+  from diffgemma_jax.train import Checkpointer, loop, train
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_run[1], workdir)
+  real, asked = loop.held_out_bounds, []
+
+  def preempted(*args, stop=None, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice, as the evaluation starts
+    return real(*args, stop=lambda batch: asked.append(batch) or stop(batch), **kwargs)
+
+  monkeypatch.setattr(loop, "held_out_bounds", preempted)
+  summary = train(load_tiny(dict(TRAINED_OVERRIDES, **{
+      "train.num_steps": str(TRAINED_STEPS + 2), "checkpoint.every_steps": "1", "eval.every_steps": "1"})), workdir,
+      show_progress=False)
+  assert asked == [0] and summary["stopped_by_signal"] and summary["final_step"] == TRAINED_STEPS + 1
+  assert f"step {TRAINED_STEPS + 1}: stop requested (SIGTERM): saved checkpoint {TRAINED_STEPS + 1}" in (
+      capsys.readouterr().err)
+  reader = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  assert reader.latest_step() == TRAINED_STEPS + 1 and TRAINED_STEPS + 1 not in reader.recorded_bounds()
+  reader.close()

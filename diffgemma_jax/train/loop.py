@@ -26,7 +26,7 @@ from diffgemma_jax.parallel.distributed import check_shared_folder
 from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
-from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn
+from diffgemma_jax.train.bound import EvaluationStopped, held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
 from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
 from diffgemma_jax.train.ema import averaged_params
@@ -185,10 +185,12 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                              "checkpoint_step": start_step or None}
   timing = {"train_time": 0.0, "tokens": 0, "steps": 0, "clock": None, "first_step_s": None}
 
-  def run_eval(step: int) -> dict[str, Any]:
+  def run_eval(step: int, stop=None) -> dict[str, Any]:
+    """The held-out bound of the state at `step`, logged; `stop(batch)` True ends it early (EvaluationStopped)."""
     # checkpoint.weights: what a reader of this step's checkpoint evaluates (train/reading.py)
     params = averaged_params(state.params, state.ema, trainable) if evaluate_average else state.params
-    result = held_out_bounds(bound_fn, params, held_out, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh)
+    result = held_out_bounds(bound_fn, params, held_out, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
+                             stop=stop)
     result.update(step=step, weights="ema" if evaluate_average else "params", unigram_ppl=unigram,
                   exact=objective.capabilities.exact)
     logger.write(step, {**{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
@@ -287,7 +289,15 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
         if saving or evaluating:
           finish(*pending)
           pending = None
-        evaluation = run_eval(step) if evaluating else None
+        evaluation = None
+        if evaluating:
+          # One process: a SIGTERM during the evaluation ends it after the batch in flight, and the step is saved
+          # (without a bound) at once, not after the rest of the evaluation. Several processes stop together at
+          # the next training step instead (StopRequest), after the evaluation.
+          try:
+            evaluation = run_eval(step, stop=(lambda _: stop.signal is not None) if jax.process_count() == 1 else None)
+          except EvaluationStopped:
+            stopping = saving = True
         stopped_early = evaluation is not None and early.exhausted and step < end_step
         if saving or stopped_early:
           ckpt.save(state, data.get_state(), evaluation)
