@@ -180,6 +180,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   save_every = max(int(config.checkpoint.every_steps), 1)
   eval_every = int(config.eval.every_steps)
   keep_best = int(config.checkpoint.keep_best)
+  one_process = jax.process_count() == 1
+  evaluate_first = one_process or keep_best > 0  # a save step's evaluation before its save, recording its bound
   summary: dict[str, Any] = {"workdir": workdir, "start_step": start_step, "final_step": start_step,
                              "final_loss": None, "eval": None, "checkpoint_dir": ckpt.directory,
                              "checkpoint_step": start_step or None}
@@ -282,26 +284,32 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
         stopping = stop.reached(step) and step < end_step  # at the last step the run ends anyway
         timed_out = not stopping and out_of_time(step)
         saving = step % save_every == 0 or step == end_step or stopping or timed_out
-        # A step both saved and evaluated is evaluated first: its checkpoint records the bound (checkpoint.keep_best
-        # and readers' --step best rank steps by it). checkpoint.keep_best evaluates every save but a SIGTERM's.
+        # A step both saved and evaluated is evaluated first (evaluate_first): its checkpoint records the bound
+        # (checkpoint.keep_best and readers' --step best rank steps by it). checkpoint.keep_best evaluates every
+        # save but a SIGTERM's.
         evaluating = not stopping and ((eval_every > 0 and step % eval_every == 0) or step == end_step or timed_out
                                        or (keep_best > 0 and saving))
         if saving or evaluating:
           finish(*pending)
           pending = None
+        # A preemption notice must not wait for an evaluation before a save. One process: the evaluation watches
+        # the signal and ends after the batch in flight; the step is then saved at once, without a bound. Several
+        # processes stop together only at a training step (StopRequest), so they save first and evaluate after
+        # (no bound recorded) unless checkpoint.keep_best asks for the bounds (docs/checkpoints.md).
         evaluation = None
-        if evaluating:
-          # One process: a SIGTERM during the evaluation ends it after the batch in flight, and the step is saved
-          # (without a bound) at once, not after the rest of the evaluation. Several processes stop together at
-          # the next training step instead (StopRequest), after the evaluation.
+        evaluate_now = evaluating and (not saving or evaluate_first)
+        if evaluate_now:
           try:
-            evaluation = run_eval(step, stop=(lambda _: stop.signal is not None) if jax.process_count() == 1 else None)
+            evaluation = run_eval(step, stop=(lambda _: stop.signal is not None) if one_process else None)
           except EvaluationStopped:
             stopping = saving = True
         stopped_early = evaluation is not None and early.exhausted and step < end_step
         if saving or stopped_early:
           ckpt.save(state, data.get_state(), evaluation)
           summary["checkpoint_step"] = step
+        if evaluating and not evaluate_now:  # several processes, a save step: evaluated after the save
+          evaluation = run_eval(step)
+          stopped_early = early.exhausted and step < end_step
         if saving or evaluating:
           _pause_clock(step)
         if stopping:
