@@ -212,6 +212,16 @@ def _final_params(config_file: str, workdir: str, step: int, overrides: list[str
   return [(jax.tree_util.keystr(path), np.asarray(x)) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
+def _recorded_bounds(workdir: str) -> dict[int, float]:
+  """{step: the held-out bound its checkpoint records}."""
+  from diffgemma_jax.train import Checkpointer
+  reader = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  try:
+    return {step: metrics["bits_per_token"] for step, metrics in reader.recorded_bounds().items()}
+  finally:
+    reader.close()
+
+
 def _grad_norms(workdir: str) -> dict[int, float]:
   return {r["step"]: r["train/grad_norm"] for r in read_metrics(workdir) if "train/grad_norm" in r}
 
@@ -250,15 +260,13 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
     for step in (2, 4):
       for key in ("eval/bits_per_token", "eval/stderr_bits_per_token", "eval/num_tokens"):
         np.testing.assert_allclose(bounds[1][step][key], bounds[0][step][key], rtol=1e-5, err_msg=f"{step} {key}")
-    from diffgemma_jax.train import Checkpointer
-    recorded = []
-    for w in (single, multi):  # the bound each checkpoint records (process 0 of the launch wrote it)
-      reader = Checkpointer(os.path.join(w, "checkpoints"), create=False)
-      recorded.append({s: m["bits_per_token"] for s, m in reader.recorded_bounds().items()})
-      reader.close()
+    recorded = [_recorded_bounds(w) for w in (single, multi)]  # process 0 of the launch wrote the multi run's
     assert sorted(recorded[1]) == sorted(recorded[0]) == [2, 4], recorded
     for step in (2, 4):
       np.testing.assert_allclose(recorded[1][step], recorded[0][step], rtol=1e-5)
+  else:  # without keep_best several processes save a step before evaluating it (a preemption never waits for an
+    # evaluation): no bound recorded, where one process records the bound of its last step
+    assert [sorted(_recorded_bounds(w)) for w in (single, multi)] == [[4], []]
   model = _overrides(4, mesh)
   for (name, a), (_, b) in zip(_final_params(tiny_config_file, multi, 4, model),
                                _final_params(tiny_config_file, single, 4, model)):
