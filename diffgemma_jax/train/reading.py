@@ -213,8 +213,8 @@ def best_recorded_step(checkpoints: str, key: StepKey = WORKDIR) -> int:
     reader.close()
   if best is None:
     raise ConfigError(f"{key.choose(BEST)}: no checkpoint in {checkpoints} records a held-out bound (the trainer "
-                      f"records one with each checkpoint it evaluates before saving: eval.every_steps a multiple of "
-                      f"checkpoint.every_steps, or checkpoint.keep_best > 0); give a step number")
+                      f"records one with each checkpoint it evaluates before saving: with checkpoint.keep_best > 0 "
+                      f"every save; in one process also the saves eval.every_steps falls on); give a step number")
   return best[0]
 
 
