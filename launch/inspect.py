@@ -95,9 +95,10 @@ def _memory_lines(report: dict, device_memory_gib: float | None, compute_dtype: 
 def _list_run(args, rest: list[str]) -> int:
   """--workdir: the run's listing, printed as text or JSON."""
   try:
-    if rest or args.memory or args.seq_len is not None:
-      raise ConfigError("--workdir lists a run: it takes --json only (--memory, --seq_len and --config.* overrides go "
-                        "with --config)")
+    if rest or args.memory or args.compile or args.seq_len is not None or args.devices is not None or (
+        args.device_memory_gib is not None):
+      raise ConfigError("--workdir lists a run: it takes --json only (--memory, --compile, --devices, "
+                        "--device_memory_gib, --seq_len and --config.* overrides go with --config)")
     report = list_run(args.workdir)
   except ConfigError as e:
     return fail(str(e))

@@ -162,6 +162,8 @@ def test_inspect_lists_what_a_run_holds(trained_run, tmp_path, capsys):
   assert any("32.orbax-checkpoint-tmp-1765000000: an unfinished save" in line for line in lines)
   assert main(["--workdir", str(tmp_path)]) == 2
   assert "holds no run" in capsys.readouterr().err
+  assert main(["--workdir", workdir, "--compile"]) == 2
+  assert capsys.readouterr().err.startswith("error: --workdir lists a run: it takes --json only")
   open_run(workdir, "best")  # a reader
   assert os.path.isdir(os.path.join(checkpoints, "32.orbax-checkpoint-tmp-1765000000"))
 
