@@ -83,4 +83,3 @@ def _steps(text: str | None):
 
 if __name__ == "__main__":
   sys.exit(main())
-

@@ -53,7 +53,8 @@ _line_said: list = []  # holds True once this process has printed its one error 
 def claim_error_line() -> bool:
   """In a joined run, True for the first caller in this process, False after: a process prints one `error:` line,
   its own failure's (the entry points' `fail`) or, when another process's failure reached it first, that one's
-  (the watcher), even when both happen at once. Always True outside a joined multi-process run (a process may report many errors)."""
+  (the watcher), even when both happen at once. Always True outside a joined multi-process run (a process may
+  report many errors)."""
   if _runtime() is None:
     return True
   with _line_lock:

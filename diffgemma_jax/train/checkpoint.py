@@ -50,6 +50,7 @@ ITEMS = ("params", "opt_state", "data_iterator")
 # has the lowest `bits_per_token`.
 BOUND_METRICS = ("bits_per_token", "stderr_bits_per_token", "weights")
 BEST = "best"  # the step value that names the best recorded step (`--step best`)
+DAMAGED = ".damaged"  # the suffix of a damaged step folder a resume set aside (`aside_path`)
 
 
 def bound_metrics(result: dict[str, Any] | None) -> dict[str, Any]:
@@ -59,6 +60,25 @@ def bound_metrics(result: dict[str, Any] | None) -> dict[str, Any]:
   if result is None or not math.isfinite(float(result["bits_per_token"])):
     return {}
   return {key: (str(result[key]) if key == "weights" else float(result[key])) for key in BOUND_METRICS}
+
+
+def best_of(bounds: dict[int, dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
+  """(step, its `metrics`) of the lowest bound in {step: metrics} (`Checkpointer.recorded_bounds`; of two equal
+  ones, the later step), or None for no bounds."""
+  if not bounds:
+    return None
+  step = min(bounds, key=lambda s: (_bound(bounds[s]), -s))
+  return step, bounds[step]
+
+
+def aside_path(directory: str, step: int, suffix: str) -> str:
+  """A free name beside the steps for step folder `step` set aside: `<step><suffix>`, else `<step><suffix>-2`, ...
+  (`DAMAGED` by a resume that saves the step again, rollback.SET_ASIDE by diffgemma-rollback)."""
+  target, n = storage.join(directory, f"{step}{suffix}"), 1
+  while epath.Path(target).exists():
+    n += 1
+    target = storage.join(directory, f"{step}{suffix}-{n}")
+  return target
 
 
 def _bound(metrics: dict[str, Any] | None) -> float:
@@ -171,7 +191,7 @@ class Checkpointer:
   def manager(self) -> ocp.CheckpointManager:
     if self._manager is None:
       keep = int(self.config.checkpoint.keep) if self.config is not None else 0
-      keep_best = int(self.config.checkpoint.get("keep_best", 0)) if self.config is not None else 0
+      keep_best = int(self.config.checkpoint.keep_best) if self.config is not None else 0
       # The `keep` latest steps, and beyond them the `keep_best` steps of lowest recorded bound (a step without one
       # ranks last: it is kept while it is among the latest only). `best_fn` makes Orbax write the metrics a save
       # passes; the policy alone decides what is deleted.
@@ -208,13 +228,9 @@ class Checkpointer:
     return {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics))}
 
   def best(self) -> tuple[int, dict[str, Any]] | None:
-    """(step, its `metrics`) of the complete step of lowest recorded held-out bound (of two equal ones, the later),
-    or None when no step records one."""
-    bounds = self.recorded_bounds()
-    if not bounds:
-      return None
-    step = min(bounds, key=lambda s: (_bound(bounds[s]), -s))
-    return step, bounds[step]
+    """(step, its `metrics`) of the complete step of lowest recorded held-out bound (`best_of`), or None when no
+    step records one."""
+    return best_of(self.recorded_bounds())
 
   def save(self, state: TrainState, iterator_state: Any, evaluation: dict[str, Any] | None = None) -> None:
     """Saves `state` at its step, with the held-out bound of `evaluation` (the trainer's evaluation of this state,
@@ -248,10 +264,7 @@ class Checkpointer:
     before the step is written again."""
     if step not in self.manager.all_steps():
       return
-    target, n = os.path.join(self.directory, f"{step}.damaged"), 1
-    while epath.Path(target).exists():
-      n += 1
-      target = os.path.join(self.directory, f"{step}.damaged-{n}")
+    target = aside_path(self.directory, step, DAMAGED)
     if jax.process_index() == 0:
       storage.rename_folder(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
@@ -267,6 +280,10 @@ class Checkpointer:
   def has_average(self, step: int) -> bool:
     """Whether step `step` holds the parameters' moving average (saved by a run with train.ema_decay > 0)."""
     return epath.Path(os.path.join(self.directory, str(step), moving_average.ITEM)).is_dir()
+
+  def saved_items(self, step: int) -> tuple[str, ...]:
+    """The items step `step` holds: `ITEMS`, and the moving average where it was saved."""
+    return ITEMS + ((moving_average.ITEM,) if self.has_average(step) else ())
 
   def restore(self, step: int, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, Any]:
     """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it. The moving

@@ -10,13 +10,12 @@ so; raise the patience, or set it to 0, to continue).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import jax
 import numpy as np
-from etils import epath
+
+from diffgemma_jax.train.logging import logged_records
 
 
 class EarlyStop:
@@ -38,6 +37,10 @@ class EarlyStop:
   def exhausted(self) -> bool:
     return self.patience > 0 and self.waited >= self.patience
 
+  def record(self) -> dict[str, float | int | None]:
+    """The summary's `stopped_early`: the best step and its bound."""
+    return {"best_step": self.best_step, "best_bits_per_token": self.best}
+
   def describe(self) -> str:
     better = f"by more than {self.min_delta:g} bits/token " if self.min_delta else ""
     return (f"the held-out bound has not improved {better}on step {self.best_step}'s {self.best:.4f} bits/token "
@@ -51,27 +54,13 @@ def replay(stop: EarlyStop, workdir: str, through_step: int) -> EarlyStop:
   if not stop.patience:
     return stop
   if jax.process_index() == 0:
-    _replay_file(stop, os.path.join(workdir, "metrics.jsonl"), through_step)
+    bounds = {int(r["step"]): float(r["eval/bits_per_token"]) for r in logged_records(workdir)
+              if "eval/bits_per_token" in r and int(r["step"]) <= through_step}  # the last logged for each step
+    for step in sorted(bounds):
+      stop.observe(step, bounds[step])
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     state = np.asarray([stop.best, -1 if stop.best_step is None else stop.best_step, stop.waited], np.float64)
     best, best_step, waited = multihost_utils.broadcast_one_to_all(state)
     stop.best, stop.best_step, stop.waited = float(best), None if best_step < 0 else int(best_step), int(waited)
   return stop
-
-
-def _replay_file(stop: EarlyStop, file: str, through_step: int) -> None:
-  path = epath.Path(file)
-  if not path.is_file():
-    return
-  bounds = {}
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except ValueError:  # a line cut by a kill
-      continue
-    step = int(record.get("step", 0))
-    if "eval/bits_per_token" in record and step <= through_step:
-      bounds[step] = float(record["eval/bits_per_token"])
-  for step in sorted(bounds):
-    stop.observe(step, bounds[step])

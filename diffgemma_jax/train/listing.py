@@ -16,10 +16,11 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.train import ema as moving_average
 from diffgemma_jax.train import integrity
-from diffgemma_jax.train.checkpoint import CONFIG_FILE, ITEMS, Checkpointer
+from diffgemma_jax.train.checkpoint import CONFIG_FILE, DAMAGED, Checkpointer, best_of
 from diffgemma_jax.train.history import read_history
+from diffgemma_jax.train.logging import logged_records
 from diffgemma_jax.train.reading import TOKENIZER_FILE, check_workdir
-from diffgemma_jax.train.rollback import ROLLBACK_FILE, SET_ASIDE
+from diffgemma_jax.train.rollback import ROLLBACK_FILE, SET_ASIDE, read_record
 
 # On a local disk Orbax writes a step into a folder named `<step>.orbax-checkpoint-tmp...` and renames it when
 # complete; on object storage it writes the step's own folder and a commit marker last.
@@ -28,7 +29,7 @@ UNFINISHED_MARK = ".orbax-checkpoint-tmp"
 
 def _other_entry(name: str) -> str:
   """What a folder beside the steps is."""
-  if ".damaged" in name:
+  if DAMAGED in name:
     return "a damaged step set aside by a resume that saved its step again (kept for you to delete)"
   if SET_ASIDE in name:
     return "a step set aside by diffgemma-rollback (kept for you to delete)"
@@ -60,24 +61,21 @@ def list_run(workdir: str) -> dict[str, Any]:
                  for r in history],
       "num_steps": config.get("train", {}).get("num_steps"), "logged_through_step": _last_logged_step(root),
       "steps": [], "latest_step": None, "best_step": None, "other": [], "rollback": None}
-  rollback = epath.Path(storage.join(root, ROLLBACK_FILE))
-  if rollback.is_file():
-    report["rollback"] = json.loads(rollback.read_text())
+  report["rollback"] = read_record(root)
   if not epath.Path(directory).is_dir():
     return report
   reader = Checkpointer(directory, create=False)
   try:
     steps = sorted(reader.all_steps())
     bounds = reader.recorded_bounds()
-    best = reader.best()
+    best = best_of(bounds)
+    items = {step: reader.saved_items(step) for step in steps}
   finally:
     reader.close()
   for step in steps:
     step_dir = os.path.join(directory, str(step))
-    averaged = epath.Path(step_dir, moving_average.ITEM).is_dir()
     entry = {"step": step, "bytes": sum(integrity.file_sizes(epath.Path(step_dir)).values()),
-             "moving_average": averaged,
-             "damage": integrity.damage(step_dir, ITEMS + ((moving_average.ITEM,) if averaged else ()))}
+             "moving_average": moving_average.ITEM in items[step], "damage": integrity.damage(step_dir, items[step])}
     if step in bounds:
       entry.update(bounds[step])
     report["steps"].append(entry)
@@ -92,18 +90,7 @@ def list_run(workdir: str) -> dict[str, Any]:
 
 def _last_logged_step(root: str) -> int | None:
   """The last training step metrics.jsonl logged (None: no file, or no step logged yet)."""
-  path = epath.Path(storage.join(root, "metrics.jsonl"))
-  if not path.is_file():
-    return None
-  last = None
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except ValueError:  # a line cut by a kill
-      continue
-    if "train/loss" in record:
-      last = max(int(record["step"]), last or 0)
-  return last
+  return max((int(r["step"]) for r in logged_records(root) if "train/loss" in r), default=None)
 
 
 def _size(n: int) -> str:

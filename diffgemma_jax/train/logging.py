@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -89,19 +89,27 @@ def step_scalars(metrics: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def _records_through(path: str, step: int) -> str:
-  """The lines of metrics.jsonl logged up to `step` (none: no file); an unreadable line, cut by a kill, is dropped."""
+def _logged_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(line, its record) of each line of the metrics.jsonl `path` (none: no file); an unreadable line, cut by a
+  kill, is dropped."""
   if not epath.Path(path).is_file():
-    return ""
-  kept = []
+    return
   for line in epath.Path(path).read_text().splitlines(keepends=True):
     try:
-      record = json.loads(line)
+      yield line, json.loads(line)
     except ValueError:
       continue
-    if int(record.get("step", 0)) <= step:
-      kept.append(line if line.endswith("\n") else line + "\n")
-  return "".join(kept)
+
+
+def logged_records(workdir: str) -> list[dict[str, Any]]:
+  """The records of `workdir`'s metrics.jsonl, in the order logged (a line cut by a kill dropped)."""
+  return [record for _, record in _logged_lines(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _records_through(path: str, step: int) -> str:
+  """The lines of metrics.jsonl logged up to `step` (none: no file); an unreadable line, cut by a kill, is dropped."""
+  return "".join(line if line.endswith("\n") else line + "\n" for line, record in _logged_lines(path)
+                 if int(record.get("step", 0)) <= step)
 
 
 def _duration(seconds: float) -> str:

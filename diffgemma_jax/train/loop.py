@@ -264,7 +264,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     pending = None
     iterator_state = None
     if early.exhausted and start_step < end_step:  # the same command after an early stop trains no further
-      summary["stopped_early"] = {"best_step": early.best_step, "best_bits_per_token": early.best}
+      summary["stopped_early"] = early.record()
       logger.message(f"step {start_step} of {end_step}: not training: {early.describe()} (an early stop); raise "
                      f"train.early_stop_patience, or set it to 0, to train on")
       end_step = start_step
@@ -308,7 +308,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
           ckpt.save(state, data.get_state(), evaluation)
           summary["checkpoint_step"] = step
         if evaluating and not evaluate_now:  # several processes, a save step: evaluated after the save
-          evaluation = run_eval(step)
+          run_eval(step)
           stopped_early = early.exhausted and step < end_step
         if saving or evaluating:
           _pause_clock(step)
@@ -319,7 +319,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
           break
         summary["final_step"] = step
         if stopped_early:
-          summary["stopped_early"] = {"best_step": early.best_step, "best_bits_per_token": early.best}
+          summary["stopped_early"] = early.record()
           logger.message(f"step {step} of {end_step}: stopped early: {early.describe()}; saved checkpoint {step} in "
                          f"{ckpt.directory}")
           break

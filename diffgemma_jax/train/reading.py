@@ -191,10 +191,13 @@ def flat_paths(tree) -> dict[str, Any]:
 def parse_step(value, option: str) -> int | str | None:
   """A reader's step as given (`option` names where, for the error): None (the latest), a step number >= 0, or
   "best" (the step of lowest recorded held-out bound)."""
-  if value is None or str(value).strip() == BEST:
-    return None if value is None else BEST
+  if value is None:
+    return None
+  text = str(value).strip()
+  if text == BEST:
+    return BEST
   try:
-    step = int(str(value).strip())
+    step = int(text)
   except ValueError:
     step = -1
   if step < 0:

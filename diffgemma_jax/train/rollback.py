@@ -22,10 +22,8 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.train import ema as moving_average
-from diffgemma_jax.train import integrity
-from diffgemma_jax.train.checkpoint import ITEMS
-from diffgemma_jax.train.reading import check_workdir, saved_steps
+from diffgemma_jax.train.checkpoint import Checkpointer, aside_path
+from diffgemma_jax.train.reading import check_workdir
 
 ROLLBACK_FILE = "rollback.json"
 SET_ASIDE = ".rolled-back"
@@ -39,12 +37,14 @@ def roll_back(workdir: str, step: int, skip_batches: int = 0) -> dict[str, Any]:
     raise ConfigError(f"--skip_batches {skip_batches}: give a number of global batches >= 0")
   root = storage.resolve(workdir)
   directory = storage.join(root, "checkpoints")
-  steps = saved_steps(directory) if epath.Path(directory).is_dir() else []
+  reader = Checkpointer(directory, create=False)
+  try:
+    steps = sorted(reader.all_steps())
+    problem = reader.damage(step, reader.saved_items(step)) if step in steps else None
+  finally:
+    reader.close()
   if step not in steps:
     raise ConfigError(f"--step {step}: no such checkpoint in {directory}; its steps are {steps}")
-  step_dir = storage.join(directory, str(step))
-  problem = integrity.damage(step_dir, ITEMS + ((moving_average.ITEM,) if epath.Path(step_dir, moving_average.ITEM)
-                                                .is_dir() else ()))
   if problem:
     raise ConfigError(f"--step {step}: that checkpoint is damaged ({problem}); roll back to an intact one")
   later = [s for s in steps if s > step]
@@ -53,10 +53,7 @@ def roll_back(workdir: str, step: int, skip_batches: int = 0) -> dict[str, Any]:
                       f"roll back")
   set_aside = []
   for s in later:
-    target, n = storage.join(directory, f"{s}{SET_ASIDE}"), 1
-    while epath.Path(target).exists():
-      n += 1
-      target = storage.join(directory, f"{s}{SET_ASIDE}-{n}")
+    target = aside_path(directory, s, SET_ASIDE)
     storage.rename_folder(storage.join(directory, str(s)), target)
     set_aside.append(os.path.basename(target))
   record = {"step": step, "skip_batches": int(skip_batches), "set_aside": set_aside,
@@ -65,15 +62,20 @@ def roll_back(workdir: str, step: int, skip_batches: int = 0) -> dict[str, Any]:
   return record
 
 
-def pending_skip(workdir: str, start_step: int) -> int:
-  """The batches a roll-back asks a start from `start_step` to skip (0: none, or a roll-back to another step)."""
+def read_record(workdir: str) -> dict[str, Any] | None:
+  """The run's last roll-back (`roll_back`'s record), or None when it has had none."""
   path = epath.Path(storage.join(storage.resolve(workdir), ROLLBACK_FILE))
   if not path.is_file():
-    return 0
+    return None
   try:
-    record = json.loads(path.read_text())
+    return json.loads(path.read_text())
   except ValueError:
     raise ConfigError(f"{path} is not JSON; diffgemma-rollback writes it: run it again, or delete the file") from None
+
+
+def pending_skip(workdir: str, start_step: int) -> int:
+  """The batches a roll-back asks a start from `start_step` to skip (0: none, or a roll-back to another step)."""
+  record = read_record(workdir) or {}
   return int(record.get("skip_batches", 0)) if int(record.get("step", -1)) == start_step else 0
 
 
