@@ -289,7 +289,7 @@ class Checkpointer:
     """The state at `step` placed in `shardings` (any mesh), and the iterator state saved with it. The moving
     average is read when `abstract` has one and the step holds one; the state's `ema` is None otherwise (the
     trainer then starts it from the parameters)."""
-    items = ITEMS + ((moving_average.ITEM,) if abstract.ema is not None and self.has_average(step) else ())
+    items = self.saved_items(step) if abstract.ema is not None else ITEMS
     problem = self.damage(step, items)
     if problem:
       raise DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged: {problem}", step, problem)
