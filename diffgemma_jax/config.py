@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   # size cap of data.cache_dir in GiB: after a fetch, the least recently used dataset copies (never one this
   # process reads) are deleted until the cache fits; 0: unlimited
   c.data.cache_max_gb = 0.0
+  # a data.dir (or mixture dataset) in a bucket: read the token shards' rows there, a batch's ranges in one
+  # concurrent request, instead of copying them into data.cache_dir (which then gets the small files only: manifest,
+  # tokenizer, document starts, counts); use data.num_workers > 0 to hide the requests' latency
+  c.data.stream_tokens = False
   # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
   # jsonl: a JSONL file, directory or glob
   c.data.source = ""

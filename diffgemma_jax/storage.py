@@ -64,8 +64,9 @@ def open_path(path) -> epath.Path:
   return epath.Path(str(path))
 
 
-def _filesystem(url):
-  """(fsspec filesystem, path within it) of a URL: what epath itself reads buckets through."""
+def filesystem(url):
+  """(fsspec filesystem, path within it) of a URL: what epath itself reads buckets through (fsspec keeps one
+  client per store and process)."""
   return fsspec.core.url_to_fs(str(url))
 
 
@@ -83,7 +84,7 @@ def read_range(path, start: int, end: int) -> bytes:
     with open(path, "rb") as f:
       f.seek(start)
       return f.read(end - start)
-  fs, key = _filesystem(path)
+  fs, key = filesystem(path)
   return fs.cat_file(key, start=start, end=end)
 
 
@@ -100,7 +101,7 @@ def file_size(path) -> int | None:
   """The size of the file at `path`, or None when no file is there."""
   if not is_url(path):
     return os.path.getsize(path) if os.path.isfile(path) else None
-  fs, key = _filesystem(path)
+  fs, key = filesystem(path)
   try:
     info = fs.info(key)
   except FileNotFoundError:
@@ -113,7 +114,7 @@ def stamp(path) -> list:
   generation (GCS) in a bucket."""
   if not is_url(path):
     return [os.path.getsize(path), os.path.getmtime(path)]
-  fs, key = _filesystem(path)
+  fs, key = filesystem(path)
   info = fs.info(key)
   version = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified")
                   if info.get(k)), "")
@@ -124,7 +125,7 @@ def find_files(url: str, key: str) -> list[str]:
   """The files a URL names: one object, every object under a folder, or those a glob (`*`, `**`) matches, as
   URLs; a ConfigError naming `key` when the bucket cannot be reached or nothing is there."""
   check_reachable(url, key)
-  fs, path = _filesystem(url)
+  fs, path = filesystem(url)
   if any(c in path for c in "*?["):
     found = [p for p in fs.glob(path) if fs.isfile(p)]
     return sorted(fs.unstrip_protocol(p) for p in found)
@@ -138,7 +139,7 @@ def find_files(url: str, key: str) -> list[str]:
 
 def folder_sizes(url: str) -> dict[str, int]:
   """{path relative to the folder: size} of every object under the folder `url` (none: {})."""
-  fs, path = _filesystem(url)
+  fs, path = filesystem(url)
   found = fs.find(path, detail=True)
   return {key[len(path.rstrip("/")) + 1:]: int(info["size"]) for key, info in found.items()
           if info.get("type") == "file"}
@@ -235,7 +236,7 @@ def check_writable(path, flag: str) -> None:
   read-only, a bucket that cannot be reached, or `path` a folder (of files or of objects) itself."""
   if is_url(path):
     check_reachable(path, flag)
-    fs, key = _filesystem(path)
+    fs, key = filesystem(path)
     if fs.isdir(key):
       raise ConfigError(f"{flag} {path} is a directory; give a file path")
     return
@@ -261,8 +262,8 @@ def rename_folder(path: str, target: str) -> None:
   if not is_url(path):
     os.rename(path, target)
     return
-  fs, source = _filesystem(path)
-  destination = _filesystem(target)[1]
+  fs, source = filesystem(path)
+  destination = filesystem(target)[1]
   files = fs.find(source)  # objects only (fsspec's recursive mv also copies the prefix itself, which is no object)
   for name in files:
     fs.copy(name, destination + name[len(source):])

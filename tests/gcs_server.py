@@ -44,7 +44,11 @@ class _Handler(RequestHandler):
 
 
 class _Server(http_server.HTTPServer):
-  """One request at a time, as the emulator's own server."""
+  """One request at a time, as the emulator's own server. Connections wait in a listen queue as long as a client
+  opens them at once (fsspec's concurrent ranged reads open dozens): with the default queue of 5, the kernel dropped
+  the others' first packets and their clients waited seconds to try again."""
+
+  request_queue_size = 256
 
   def handle_error(self, request, client_address):
     # gcsfs asks for an object and for a folder of that name at once and hangs up on the loser: not an error, and

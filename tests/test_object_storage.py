@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
   """Workdir, data.source and data.dir all in the bucket: the build streams the same documents a local build of
   the same files reads (same content digest, same tokenizer); train, resume, and evaluate from a fresh dataset
-  cache on the same held-out set."""
+  cache, reading the held-out rows in the bucket, on the same held-out set."""
   from etils import epath
 
   from diffgemma_jax.evaluate import evaluate
@@ -62,11 +62,14 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   assert all(s["damage"] is None and s["bytes"] > 10_000 for s in listing["steps"])
   assert ["bits_per_token" in s for s in listing["steps"]] == [False, True, True]  # each run's last step evaluated
   assert [s["start_step"] for s in listing["starts"]] == [0, 4] and listing["tokenizer_pinned"]
-  fresh_cache = {"train.num_steps": "6", "data.cache_dir": str(tmp_path / "fresh-cache")}
+  # evaluated from a fresh cache, the token shards read in the bucket (data.stream_tokens): none copied
+  fresh_cache = {"train.num_steps": "6", "data.cache_dir": str(tmp_path / "fresh-cache"), "data.stream_tokens": "True"}
   result = evaluate(load_tiny(dict(overrides, **fresh_cache)), workdir)
   assert result["step"] == 6 and result["bits_per_token"] == pytest.approx(resumed["eval"]["bits_per_token"],
                                                                            rel=1e-6)
   assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
+  copied = [f for d, _, files in os.walk(tmp_path / "fresh-cache") for f in files]
+  assert "stream.json" in copied and "tokenizer.model" in copied and not any(f.endswith(".tokens") for f in copied)
   roll_back(workdir, 4, skip_batches=2)  # diffgemma-rollback renames in the bucket
   listing = list_run(workdir)
   assert [s["step"] for s in listing["steps"]] == [2, 4] and [o["name"] for o in listing["other"]] == ["6.rolled-back"]
@@ -221,7 +224,8 @@ def test_init_checkpoint_in_a_bucket_from_a_fresh_process(bucket, load_tiny):
 
 
 def test_a_mixture_of_datasets_in_buckets(bucket, load_tiny, tmp_path):
-  """data.mixture of bucket URLs reads each dataset through the cache and names its held-out set by its URL."""
+  """data.mixture of bucket URLs reads each dataset through the cache (its token shards in the bucket:
+  data.stream_tokens) and names its held-out set by its URL."""
   import numpy as np
 
   from diffgemma_jax.data import remote_dataset
@@ -230,9 +234,11 @@ def test_a_mixture_of_datasets_in_buckets(bucket, load_tiny, tmp_path):
   for name in ("mix-a", "mix-b"):
     remote_dataset.upload(local_dir, f"{bucket}/{name}")
   config = load_tiny({"data.source": "", "data.dir": "", "data.cache_dir": str(tmp_path / "cache"),
-                      "data.mixture": f"{bucket}/mix-a:0.7,{bucket}/mix-b:0.3"})
+                      "data.mixture": f"{bucket}/mix-a:0.7,{bucket}/mix-b:0.3", "data.stream_tokens": "True"})
   directory, tokenizer = prepare_dataset(config)
   assert directory.startswith(str(tmp_path / "cache")) and tokenizer.vocab_size == config.model.vocab_size
+  assert directory.endswith("-stream") and os.path.isfile(os.path.join(local_dir, "train", "00000.tokens"))
+  assert not [f for _, _, files in os.walk(directory) for f in files if f.endswith(".tokens")]
   sets = eval_sets(config, directory)
   assert [(name, weight) for name, weight, _ in sets] == [(f"{bucket}/mix-a", 0.7), (f"{bucket}/mix-b", 0.3)]
   expected = eval_batches(config, local_dir)
@@ -526,3 +532,90 @@ def test_dataset_cache_is_pruned_to_data_cache_max_gb(s3_endpoint, load_tiny, tm
   os.utime(shared, (1000, 1000))
   assert remote_dataset.prune(cache, one_copy + 2) == [] and os.path.isdir(shared)
   assert remote_dataset.prune(cache, one_copy + 1) == [shared] and os.path.isdir(c)
+
+
+def _write_store(folder: str, shards: int = 3, seed: int = 0) -> None:
+  """A token store of several shards of random documents (their lengths from 1 to 90 tokens, so rows cross
+  documents and shards) and its manifest: what open_split reads."""
+  import numpy as np
+
+  from diffgemma_jax.data.store import ShardWriter
+  rng = np.random.default_rng(seed)
+  entries = {"train": [], "heldout": []}
+  for split, count in (("train", shards), ("heldout", 1)):
+    for s in range(count):
+      writer = ShardWriter(os.path.join(folder, split), f"{s:05d}", 300)
+      ids = [rng.integers(0, 300, size=int(n), dtype=np.int32) for n in rng.integers(1, 90, size=25)]
+      writer.add([("d", "")] * len(ids), ids)
+      entries[split].append(writer.close())
+  manifest = {"recipe": "test", "kind": "text", "vocab_size": 300,
+              "store": {"dtype": "<u2", "splits": {k: {"shards": v} for k, v in entries.items()}}}
+  with open(os.path.join(folder, "manifest.json"), "w") as f:
+    json.dump(manifest, f)
+
+
+def test_a_streamed_dataset_reads_its_rows_in_the_bucket(bucket, tmp_path):
+  """data.stream_tokens: the local copy holds no token shard, and every row (across documents, shards, and the
+  held-out split's padded last row), read in one batch or one at a time, in this process, pickled, or in a grain
+  worker, equals the local dataset's."""
+  import pickle
+
+  import numpy as np
+
+  from diffgemma_jax.data import make_train_iterator, remote_dataset
+  from diffgemma_jax.data.store import open_split
+  local = str(tmp_path / "dataset")
+  _write_store(local)
+  remote_dataset.upload(local, f"{bucket}/streamed")
+  cache = str(tmp_path / "cache")
+  streamed = remote_dataset.fetch(f"{bucket}/streamed", cache, stream=True)
+  assert streamed.endswith("-stream") and remote_dataset.fetch(f"{bucket}/streamed", cache) != streamed
+  files = sorted(os.path.relpath(os.path.join(d, f), streamed) for d, _, fs in os.walk(streamed) for f in fs)
+  assert not any(f.endswith(".tokens") for f in files) and "stream.json" in files and "train/00002.starts" in files
+  with open(os.path.join(local, "manifest.json")) as f:
+    manifest = json.load(f)
+  for split, keep_partial in (("train", False), ("heldout", True)):
+    want_store, got_store = open_split(local, manifest, split), open_split(streamed, manifest, split)
+    assert got_store.tokens_url == f"{bucket}/streamed" and got_store.num_tokens == want_store.num_tokens
+    rows = np.random.default_rng(1).permutation(want_store.num_rows(32, keep_partial))
+    want = want_store.rows(rows, 32)
+    for got in (got_store.rows(rows, 32), pickle.loads(pickle.dumps(got_store)).rows(rows, 32)):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f"{split} {key}")
+    one = got_store.rows(rows[:1], 32)
+    np.testing.assert_array_equal(one["tokens"], want["tokens"][:1])
+  a = make_train_iterator(local, seq_len=32, batch_size=4, seed=3)
+  b = make_train_iterator(streamed, seq_len=32, batch_size=4, seed=3, num_workers=1)
+  for _ in range(3):
+    want, got = next(a), next(b)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket, tmp_path):
+  from etils import epath
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.data.store import open_split
+  from diffgemma_jax.errors import DataError
+  local = str(tmp_path / "dataset")
+  _write_store(local)
+  url = f"{bucket}/cut"
+  remote_dataset.upload(local, url)
+  with open(os.path.join(local, "manifest.json")) as f:
+    manifest = json.load(f)
+  shard = epath.Path(f"{url}/train/00001.tokens")
+  whole = shard.read_bytes()
+  streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)
+  store = open_split(streamed, manifest, "train")
+  shard.write_bytes(whole[:-2])  # replaced after the fetch: the read that reaches its end says so
+  with pytest.raises(DataError, match=f"{url}/train/00001.tokens returned .* bytes of .* asked for"):
+    store.rows(range(store.num_rows(32, False)), 32)
+  streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)  # listed again: refused at the open
+  with pytest.raises(DataError, match=f"{url}/train/00001.tokens has {len(whole) - 2} bytes, the manifest says "
+                                      f"{len(whole)}"):
+    open_split(streamed, manifest, "train")
+  shard.unlink()
+  streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)
+  with pytest.raises(DataError, match=f"{url}/train/00001.tokens is missing from the bucket"):
+    open_split(streamed, manifest, "train")

@@ -8,6 +8,12 @@ own. The bucket holds what a local dataset folder holds, plus `objects.json` ({p
 other file). A build uploads the files, then objects.json, then manifest.json, and first removes the old
 manifest: a reader sees the previous dataset whole, the new one whole, or none (and is told to run again).
 
+With `data.stream_tokens` the local copy (`<manifest key>-stream/`) leaves out the token shards, nearly all of
+a pretraining dataset's bytes: it holds the manifest, tokenizer, document starts and unigram counts, and
+`stream.json` (the bucket folder, and each token shard's size as listed at the fetch); the token store then reads
+each batch's rows from the bucket in ranged requests (data/store.py). A host needs no disk for the corpus and a run
+starts without copying it.
+
 Fetching reuses a cached file of the recorded size (one cut short or missing is fetched again) and checks each
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
 share a host (and a cache) never read half a file, whichever of them fetches it.
@@ -36,12 +42,14 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.data import build_status
+from diffgemma_jax.data.store import STREAM_FILE
 from diffgemma_jax.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 OBJECTS_FILE = "objects.json"
 STATUS_FILE = "build-status.json"
-_NOT_DATA = (MANIFEST_FILE, OBJECTS_FILE, STATUS_FILE)  # bucket files that are not the dataset's
+_NOT_DATA = (MANIFEST_FILE, OBJECTS_FILE, STATUS_FILE, STREAM_FILE)  # bucket files that are not the dataset's
+STREAM_SUFFIX = "-stream"  # a streamed copy's folder: `<manifest key>-stream`, without the token shards
 
 
 def default_cache_root() -> str:
@@ -81,23 +89,35 @@ def _objects(url: str) -> dict[str, list]:
   return {rel: [size, None] for rel, size in storage.folder_sizes(url).items() if rel not in _NOT_DATA}
 
 
-def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 0) -> str:
+def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 0, stream: bool = False) -> str:
   """The local copy of the dataset in the bucket folder `url`, fetched into `cache_root` where missing; `key`:
   the config key that names it (for the error when no dataset is there). With `max_bytes` > 0, the cache is then
-  pruned to that size (`prune`)."""
-  return _in_use(_copy(url, cache_root, key), cache_root, max_bytes)
+  pruned to that size (`prune`). With `stream` (`data.stream_tokens`), the copy leaves out the token shards
+  (`*.tokens`, nearly all of a pretraining dataset's bytes): their sizes, listed now, go to its `stream.json`, and
+  the token store reads their rows in the bucket (data/store.py)."""
+  return _in_use(_copy(url, cache_root, key, stream=stream), cache_root, max_bytes)
 
 
-def _copy(url: str, cache_root: str, key: str = "data.dir") -> str:
+def _is_token_shard(rel: str) -> bool:
+  return rel.endswith(".tokens")
+
+
+def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = False) -> str:
   manifest = _read(storage.join(url, MANIFEST_FILE))
   if manifest is None:
     raise DataError(f"{key} {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
                     f"builds data.recipe into data.dir)")
-  local = os.path.join(cache_root, _key(url), _key(manifest))
-  for rel, (size, sha256) in sorted(_objects(url).items()):
+  local = os.path.join(cache_root, _key(url), _key(manifest) + (STREAM_SUFFIX if stream else ""))
+  objects = _objects(url)
+  for rel, (size, sha256) in sorted(objects.items()):
     path = os.path.join(local, rel)
-    if not (os.path.isfile(path) and os.path.getsize(path) == size):
+    if not (stream and _is_token_shard(rel)) and not (os.path.isfile(path) and os.path.getsize(path) == size):
       storage.download(storage.join(url, rel), path, size=size, sha256=sha256)
+  if stream:  # what the bucket holds now: a shard cut or replaced since the build fails when the split opens
+    listed = storage.folder_sizes(url)
+    record = {"url": url, "sizes": {rel: listed[rel] for rel in objects if _is_token_shard(rel) and rel in listed}}
+    os.makedirs(local, exist_ok=True)
+    _write_atomic(os.path.join(local, STREAM_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
   manifest_path = os.path.join(local, MANIFEST_FILE)
   if not os.path.isfile(manifest_path):
     _write_atomic(manifest_path, manifest)  # last: a complete copy
@@ -167,7 +187,7 @@ def prune(cache_root: str, max_bytes: int) -> list[str]:
 
 def upload(local: str, url: str) -> None:
   """Replaces the dataset in the bucket folder `url` by the local dataset folder `local` (see the module doc)."""
-  files = [rel for rel in _local_files(local) if rel not in (MANIFEST_FILE, OBJECTS_FILE)]
+  files = [rel for rel in _local_files(local) if rel not in (MANIFEST_FILE, OBJECTS_FILE, STREAM_FILE)]
   target = epath.Path(url)
   (target / MANIFEST_FILE).unlink(missing_ok=True)
   objects = {}
@@ -185,6 +205,8 @@ def _link_tree(source: str, target: str) -> None:
   """`target` as a copy of the folder `source` made of hard links (a build there replaces files, never edits
   them), or of copies where links cannot be made."""
   for rel in _local_files(source):
+    if rel == STREAM_FILE:  # a streamed copy's own record, not the dataset's
+      continue
     os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
     try:
       os.link(os.path.join(source, rel), os.path.join(target, rel))
@@ -192,21 +214,26 @@ def _link_tree(source: str, target: str) -> None:
       shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
 
 
-def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0) -> str:
+def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0,
+                    stream: bool = False) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
   recipe's build, which keeps a dataset that is current) runs on a local copy of what the bucket holds, and what
-  it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it)."""
+  it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it). With
+  `stream`, that copy is the streamed one (no token shards: a recipe decides whether a dataset is current from its
+  manifest and tokenizer), and so is the copy returned, even after a build (whose shards are then deleted)."""
   before = _read(storage.join(url, MANIFEST_FILE))
   folder = os.path.join(cache_root, _key(url))
   scratch = os.path.join(folder, f"build-{uuid.uuid4().hex[:12]}")
   try:
     if before is not None:
-      _link_tree(_copy(url, cache_root), scratch)
+      _link_tree(_copy(url, cache_root, stream=stream), scratch)
     build(scratch)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
       after = f.read()
     if after != before:
       upload(scratch, url)
+    if stream:
+      return _in_use(_copy(url, cache_root, stream=True), cache_root, max_bytes)
     local = os.path.join(folder, _key(after))
     if not os.path.isdir(local):
       try:
@@ -221,7 +248,7 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
 def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
                  barrier: Callable[[str], None], poll_s: float = build_status.POLL_S,
                  heartbeat_s: float = build_status.HEARTBEAT_S, stale_s: float = build_status.STALE_S,
-                 max_bytes: int = 0, board: build_status.Board | None = None) -> str:
+                 max_bytes: int = 0, board: build_status.Board | None = None, stream: bool = False) -> str:
   """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome on `board`
   (default `STATUS_FILE` in the bucket; a build_status.JobBuild: see the module doc), the others wait for it and
   fetch; returns the local copy. A failure on process 0 is raised there as it was and on every other process as a
@@ -233,6 +260,6 @@ def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, p
                               poll_s=poll_s, heartbeat_s=heartbeat_s, stale_s=stale_s)
   with job:
     if process_index == 0:
-      return build_in_bucket(url, cache_root, build, max_bytes=max_bytes)
+      return build_in_bucket(url, cache_root, build, max_bytes=max_bytes, stream=stream)
   job.wait_outcome()
-  return fetch(url, cache_root, max_bytes=max_bytes)
+  return fetch(url, cache_root, max_bytes=max_bytes, stream=stream)

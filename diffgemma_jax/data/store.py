@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 
 import numpy as np
 
+from diffgemma_jax import storage
 from diffgemma_jax.errors import DataError
 
 STARTS_DTYPE = np.dtype("<i8")
@@ -79,10 +81,17 @@ class ShardWriter:
 
 
 class SplitStore:
-  """One split of a token store, opened read-only; picklable (memory maps are reopened where it lands)."""
+  """One split of a token store, opened read-only; picklable (memory maps are reopened where it lands).
 
-  def __init__(self, data_dir: str, split: str, shards: list[dict], dtype: str):
-    self.data_dir, self.split = data_dir, split
+  With `tokens_url` (a streamed bucket dataset, data/remote_dataset.py) the `.tokens` shards stay in the bucket
+  folder of that URL and a batch of rows reads its token ranges there, all the batch's ranges in one concurrent
+  call (`fsspec`'s `cat_ranges`); `token_sizes` ({shard name + ".tokens": bytes}, what the bucket's listing held
+  when the dataset was fetched) is checked against the manifest in place of the local files' sizes. The
+  document starts are always local (memory-mapped): a binary search per row would cost a request per probe."""
+
+  def __init__(self, data_dir: str, split: str, shards: list[dict], dtype: str, *, tokens_url: str | None = None,
+               token_sizes: dict[str, int] | None = None):
+    self.data_dir, self.split, self.tokens_url = data_dir, split, tokens_url
     self.names = [s["name"] for s in shards]
     self.dtype = np.dtype(dtype)
     sizes = np.asarray([s["num_tokens"] for s in shards], np.int64)
@@ -90,7 +99,11 @@ class SplitStore:
     self.bases = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     self.num_tokens = int(self.bases[-1])
     for name, size, docs in zip(self.names, sizes, self.doc_counts):
-      self._check_size(name + ".tokens", int(size) * self.dtype.itemsize)
+      if tokens_url is None:
+        self._check_size(name + ".tokens", int(size) * self.dtype.itemsize)
+      else:
+        listed = (token_sizes or {}).get(name + ".tokens")
+        self._check_object(name + ".tokens", int(size) * self.dtype.itemsize, listed)
       self._check_size(name + ".starts", docs * STARTS_DTYPE.itemsize)
     self._open: collections.OrderedDict = collections.OrderedDict()
 
@@ -102,39 +115,84 @@ class SplitStore:
       raise DataError(f"token store shard {path} has {os.path.getsize(path)} bytes, the manifest says {expected} "
                       f"(truncated or overwritten); rebuild the dataset (delete {self.data_dir})")
 
+  def _check_object(self, name: str, expected: int, listed: int | None) -> None:
+    url = f"{self.tokens_url}/{name}"
+    if listed is None:
+      raise DataError(f"token store shard {url} is missing from the bucket; rebuild the dataset there")
+    if listed != expected:
+      raise DataError(f"token store shard {url} has {listed} bytes, the manifest says {expected} (truncated or "
+                      f"overwritten); rebuild the dataset there")
+
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_open"] = collections.OrderedDict()
     return state
 
-  def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+  def _shard(self, index: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the shard's tokens, memory-mapped, or None when they stay in the bucket; its document starts)."""
     if index in self._open:
       self._open.move_to_end(index)
       return self._open[index]
     base = os.path.join(self.data_dir, self.names[index])
     size = int(self.bases[index + 1] - self.bases[index])
-    maps = (np.memmap(base + ".tokens", self.dtype, "r", shape=(size,)),
-            np.memmap(base + ".starts", STARTS_DTYPE, "r", shape=(self.doc_counts[index],)))
+    tokens = None if self.tokens_url else np.memmap(base + ".tokens", self.dtype, "r", shape=(size,))
+    maps = (tokens, np.memmap(base + ".starts", STARTS_DTYPE, "r", shape=(self.doc_counts[index],)))
     self._open[index] = maps
     if len(self._open) > OPEN_SHARDS:
       self._open.popitem(last=False)
     return maps
 
-  def span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [start, stop) of the split (int32) and the document starts inside it, relative to `start`."""
-    tokens = np.empty((stop - start,), np.int32)
-    doc_starts = []
+  def _pieces(self, start: int, stop: int) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+    """The split's tokens [start, stop) as (shard, first, end, offset) pieces (tokens [first, end) of the shard go
+    to `offset` from `start`), and the document starts inside [start, stop), relative to `start`."""
+    pieces, doc_starts = [], []
     first = int(np.searchsorted(self.bases, start, side="right")) - 1
     for index in range(first, len(self.names)):
       base = int(self.bases[index])
       if base >= stop:
         break
       lo, hi = max(start, base) - base, min(stop, int(self.bases[index + 1])) - base
-      shard_tokens, shard_starts = self._shard(index)
-      tokens[base + lo - start:base + hi - start] = shard_tokens[lo:hi]
+      pieces.append((index, lo, hi, base + lo - start))
+      shard_starts = self._shard(index)[1]
       i, j = np.searchsorted(shard_starts, [lo, hi], side="left")
       doc_starts.append(np.asarray(shard_starts[i:j]) + (base - start))
-    return tokens, np.concatenate(doc_starts) if doc_starts else np.zeros((0,), np.int64)
+    return pieces, np.concatenate(doc_starts) if doc_starts else np.zeros((0,), np.int64)
+
+  def _fill(self, out: list[np.ndarray], pieces: list[list[tuple[int, int, int, int]]]) -> None:
+    """Writes each piece of `pieces[b]` into `out[b]`: from the memory maps, or (streamed) with one concurrent
+    ranged read of every piece from the bucket."""
+    if self.tokens_url is None:
+      for row, row_pieces in zip(out, pieces):
+        for index, lo, hi, offset in row_pieces:
+          row[offset:offset + hi - lo] = self._shard(index)[0][lo:hi]
+      return
+    flat = [(row, piece) for row, row_pieces in zip(out, pieces) for piece in row_pieces]
+    if not flat:
+      return
+    fs, root = storage.filesystem(self.tokens_url)
+    root = root.rstrip("/")
+    size = self.dtype.itemsize
+    keys = [f"{root}/{self.names[index]}.tokens" for _, (index, _, _, _) in flat]
+    try:
+      data = fs.cat_ranges(keys, [lo * size for _, (_, lo, _, _) in flat], [hi * size for _, (_, _, hi, _) in flat],
+                           on_error="raise")
+    except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, a server's error
+      raise DataError(f"reading the token store in {self.tokens_url} failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the bucket, or read a local copy "
+                      f"(data.stream_tokens=False)") from None
+    for (row, (index, lo, hi, offset)), got in zip(flat, data):
+      if len(got) != (hi - lo) * size:
+        raise DataError(f"token store shard {self.tokens_url}/{self.names[index]}.tokens returned {len(got)} bytes "
+                        f"of {(hi - lo) * size} asked for at byte {lo * size} (changed since the dataset was "
+                        f"fetched); rebuild the dataset there or run again")
+      row[offset:offset + hi - lo] = np.frombuffer(got, self.dtype)
+
+  def span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [start, stop) of the split (int32) and the document starts inside it, relative to `start`."""
+    tokens = np.empty((stop - start,), np.int32)
+    pieces, doc_starts = self._pieces(start, stop)
+    self._fill([tokens], [pieces])
+    return tokens, doc_starts
 
   def num_rows(self, seq_len: int, keep_partial: bool) -> int:
     return -(-self.num_tokens // seq_len) if keep_partial else self.num_tokens // seq_len
@@ -147,10 +205,13 @@ class SplitStore:
     tokens = np.zeros((count, seq_len), np.int32)
     is_start = np.zeros((count, seq_len), bool)
     used = np.minimum(indices * seq_len + seq_len, self.num_tokens) - indices * seq_len
+    pieces = []
     for b, index in enumerate(indices.tolist()):
       start = index * seq_len
-      tokens[b, :used[b]], doc_starts = self.span(start, start + int(used[b]))
+      row_pieces, doc_starts = self._pieces(start, start + int(used[b]))
+      pieces.append(row_pieces)
       is_start[b, doc_starts] = True
+    self._fill(list(tokens), pieces)
     is_start[:, 0] = used > 0  # a document continuing into a row starts a new segment there
     column = np.arange(seq_len)
     real = column[None, :] < used[:, None]
@@ -160,9 +221,20 @@ class SplitStore:
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
+# In a streamed bucket dataset's local folder (data/remote_dataset.py): {"url": the bucket folder, "sizes": {path:
+# bytes} of its token shards as listed at the fetch}. The token shards are not copied; rows read them there.
+STREAM_FILE = "stream.json"
+
+
 def open_split(data_dir: str, manifest: dict, split: str) -> SplitStore:
   store = manifest["store"]
-  return SplitStore(data_dir, split, store["splits"][split]["shards"], store["dtype"])
+  stream = os.path.join(data_dir, STREAM_FILE)
+  remote = {}
+  if os.path.isfile(stream):
+    with open(stream) as f:
+      record = json.load(f)
+    remote = {"tokens_url": record["url"], "token_sizes": record["sizes"]}
+  return SplitStore(data_dir, split, store["splits"][split]["shards"], store["dtype"], **remote)
 
 
 def unigram_counts(data_dir: str, manifest: dict, split: str) -> np.ndarray:

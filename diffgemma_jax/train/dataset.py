@@ -77,7 +77,8 @@ def mixture_entries(config, *, local: bool = True) -> list[tuple[str, float]]:
     for directory, _ in entries:
       storage.check_reachable(directory, "data.mixture:")
     cache = _cache_root(config)
-    entries = [(remote_dataset.fetch(d, cache, key="data.mixture", max_bytes=_cache_max_bytes(config))
+    entries = [(remote_dataset.fetch(d, cache, key="data.mixture", max_bytes=_cache_max_bytes(config),
+                                     stream=bool(config.data.stream_tokens))
                 if storage.is_url(d) else d, w) for d, w in entries]
   return entries
 
@@ -146,13 +147,13 @@ def _dataset_in_bucket(config, url: str, build) -> str:
   """The local copy (data/remote_dataset.py) of the dataset in the bucket folder `url`, built there first when
   missing or stale: by process 0 alone, on its local disk, while the others wait and then fetch it."""
   storage.check_reachable(url, "data.dir")
-  cache = _cache_root(config)
+  cache, stream = _cache_root(config), bool(config.data.stream_tokens)
   if jax.process_count() == 1:
-    return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config))
+    return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config), stream=stream)
   client = runtime_client()  # the job's own key-value store: jobs building the same folder never read each other
   board = KeyValueBoard(client, f"{BUCKET_BUILD_STATUS_KEY}:{url}") if client is not None else None
   return remote_dataset.build_shared(url, cache, build, process_index=jax.process_index(), barrier=barrier,
-                                     max_bytes=_cache_max_bytes(config), board=board)
+                                     max_bytes=_cache_max_bytes(config), board=board, stream=stream)
 
 
 def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
