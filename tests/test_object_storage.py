@@ -592,7 +592,11 @@ def test_a_streamed_dataset_reads_its_rows_in_the_bucket(bucket, tmp_path):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket, tmp_path):
+def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket, tmp_path, monkeypatch):
+  """A shard cut after the fetch fails the read that reaches past its end, one cut before it (or missing) fails the
+  split's open, a deleted one the read at once; a read that fails for a moment is tried again."""
+  from diffgemma_jax import storage
+  from diffgemma_jax.data import store as store_module
   from etils import epath
 
   from diffgemma_jax.data import remote_dataset
@@ -608,14 +612,29 @@ def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket,
   whole = shard.read_bytes()
   streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)
   store = open_split(streamed, manifest, "train")
+  rows = range(store.num_rows(32, False))
+  want = store.rows(rows, 32)
+  fs = storage.filesystem(url)[0]
+  real, failures, waits = fs.cat_ranges, [ConnectionResetError("reset by peer"), TimeoutError("timed out")], []
+  monkeypatch.setattr(fs, "cat_ranges", lambda *a, **k: real(*a, **k) if not failures else (_ for _ in ()).throw(
+      failures.pop(0)))
+  monkeypatch.setattr(store_module.time, "sleep", waits.append)
+  got = store.rows(rows, 32)
+  assert waits == [1, 2] and all((got[k] == want[k]).all() for k in want)  # the third try read them
+  failures[:] = [TimeoutError("timed out")] * store_module.READ_ATTEMPTS
+  with pytest.raises(DataError, match=f"reading the token store in {url} failed \\(TimeoutError: timed out\\)"):
+    store.rows(rows, 32)
+  monkeypatch.undo()
   shard.write_bytes(whole[:-2])  # replaced after the fetch: the read that reaches its end says so
   with pytest.raises(DataError, match=f"{url}/train/00001.tokens returned .* bytes of .* asked for"):
-    store.rows(range(store.num_rows(32, False)), 32)
+    store.rows(rows, 32)
   streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)  # listed again: refused at the open
   with pytest.raises(DataError, match=f"{url}/train/00001.tokens has {len(whole) - 2} bytes, the manifest says "
                                       f"{len(whole)}"):
     open_split(streamed, manifest, "train")
   shard.unlink()
+  with pytest.raises(DataError, match=f"reading the token store in {url} failed \\(FileNotFoundError"):
+    store.rows(rows, 32)
   streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)
   with pytest.raises(DataError, match=f"{url}/train/00001.tokens is missing from the bucket"):
     open_split(streamed, manifest, "train")

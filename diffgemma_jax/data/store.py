@@ -18,6 +18,7 @@ import collections
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from diffgemma_jax.errors import DataError
 
 STARTS_DTYPE = np.dtype("<i8")
 OPEN_SHARDS = 64  # memory maps kept open per split (each holds a file descriptor)
+READ_ATTEMPTS = 4  # a streamed split's ranged reads: tries before a failure is an error
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -169,23 +171,34 @@ class SplitStore:
     flat = [(row, piece) for row, row_pieces in zip(out, pieces) for piece in row_pieces]
     if not flat:
       return
-    fs, root = storage.filesystem(self.tokens_url)
-    root = root.rstrip("/")
     size = self.dtype.itemsize
-    keys = [f"{root}/{self.names[index]}.tokens" for _, (index, _, _, _) in flat]
-    try:
-      data = fs.cat_ranges(keys, [lo * size for _, (_, lo, _, _) in flat], [hi * size for _, (_, _, hi, _) in flat],
-                           on_error="raise")
-    except (OSError, ValueError) as e:  # FileNotFoundError, PermissionError, a server's error
-      raise DataError(f"reading the token store in {self.tokens_url} failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the bucket, or read a local copy "
-                      f"(data.stream_tokens=False)") from None
+    data = self._read_ranges([f"{self.names[index]}.tokens" for _, (index, _, _, _) in flat],
+                             [lo * size for _, (_, lo, _, _) in flat], [hi * size for _, (_, _, hi, _) in flat])
     for (row, (index, lo, hi, offset)), got in zip(flat, data):
       if len(got) != (hi - lo) * size:
         raise DataError(f"token store shard {self.tokens_url}/{self.names[index]}.tokens returned {len(got)} bytes "
                         f"of {(hi - lo) * size} asked for at byte {lo * size} (changed since the dataset was "
                         f"fetched); rebuild the dataset there or run again")
       row[offset:offset + hi - lo] = np.frombuffer(got, self.dtype)
+
+  def _read_ranges(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+    """Bytes [start, end) of each named object of the bucket folder, read concurrently; a failed read is tried
+    again (READ_ATTEMPTS in all, after 1, 2, 4 s: a bucket's passing errors must not end a long run), then a
+    one-line DataError."""
+    fs, root = storage.filesystem(self.tokens_url)
+    keys = [f"{root.rstrip('/')}/{name}" for name in names]
+    for attempt in range(READ_ATTEMPTS):
+      try:
+        return fs.cat_ranges(keys, starts, ends, on_error="raise")
+      except Exception as e:  # noqa: BLE001 -- each client raises its own types (OSError, aiohttp's, botocore's)
+        error = e
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+          break  # an answer, not a passing failure
+        if attempt + 1 < READ_ATTEMPTS:
+          time.sleep(2 ** attempt)
+    message = str(error).splitlines()[0][:200] if str(error) else ""
+    raise DataError(f"reading the token store in {self.tokens_url} failed ({type(error).__name__}: {message}); "
+                    f"check the bucket, or copy the dataset (data.stream_tokens=False)")
 
   def span(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [start, stop) of the split (int32) and the document starts inside it, relative to `start`."""
