@@ -189,3 +189,20 @@ def test_pair_positions_keep_their_context_and_pair_inside_one_segment():
   segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]])
   picked = parallel_ceiling.pair_positions(segments, count=100, seed=0, min_context=2)
   assert sorted(picked) == [(0, 6)]  # segment 2 from index 4: context 4..5, pair 7, 8
+
+
+def test_stream_rows_reports_first_batch_and_input_against_the_local_copy(s3_endpoint, capsys):
+  """bench/stream_rows.py on the session's S3 server: a streamed copy leaves no token shard on disk, and each ratio
+  is the ratio of the figures it reports."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import stream_rows  # pylint: disable=import-outside-toplevel
+  assert stream_rows.main(["--url", "s3://runs/bench-stream", "--size_mb", "2", "--seconds", "0.2", "--workers", "0",
+                           "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["train_bytes"] == 2 << 20 and report["store"] == "s3://runs/bench-stream"
+  copy, stream = report["first_batch"]["copy"], report["first_batch"]["stream"]
+  assert copy["local_bytes"] > report["train_bytes"] > 100 * stream["local_bytes"]
+  assert report["first_batch"]["copy_vs_stream"] == pytest.approx(copy["seconds"] / stream["seconds"], abs=0.01)
+  (row,) = report["input"]
+  assert row["num_workers"] == 0 and row["stream_tokens_per_s"] > 0
+  assert row["stream_vs_local"] == pytest.approx(row["stream_tokens_per_s"] / row["local_tokens_per_s"], abs=1e-3)
