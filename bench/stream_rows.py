@@ -13,7 +13,8 @@ per request than a cloud store, so the streamed figures are a floor). In one run
 (b) Training input, pretrain_gpu_1b's batch (32 rows of 2048 tokens, read and `jax.device_put`), for each
     `data.num_workers` of `--workers`: streamed against the local copy (memory-mapped, after (a), so from the page
     cache), tokens/s and their ratio, and against what the 1B's train step consumes on one H100 (its FLOPs per token
-    at 40% of the bf16 peak) and on a host of 8.
+    at 40% of the bf16 peak) and on a host of 8; and the CPU time the training process spent per streamed batch
+    (with no workers, the whole client-side cost of its requests).
 
 The machine's load average before and after is part of the report (bench/benchlib.py).
 """
@@ -108,17 +109,18 @@ def first_batch(url: str, cache: str, stream: bool) -> dict:
           "local_bytes": folder_bytes(local), "folder": local}
 
 
-def input_throughput(data_dir: str, workers: int, seconds: float) -> float:
+def input_throughput(data_dir: str, workers: int, seconds: float) -> tuple[float, float]:
+  """(tokens/s, this process's CPU milliseconds per batch: with no workers, the reading's whole cost)."""
   import jax
 
   from diffgemma_jax.data import make_train_iterator
   it = make_train_iterator(data_dir, seq_len=SEQ_LEN, batch_size=BATCH, seed=0, num_workers=workers)
   jax.block_until_ready(jax.device_put(next(it)))  # workers started, first batch out
-  start, tokens = time.perf_counter(), 0
+  start, cpu, batches = time.perf_counter(), time.process_time(), 0
   while time.perf_counter() - start < seconds:
     jax.block_until_ready(jax.device_put(next(it)))
-    tokens += BATCH * SEQ_LEN
-  return tokens / (time.perf_counter() - start)
+    batches += 1
+  return batches * BATCH * SEQ_LEN / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / batches
 
 
 def gpu_1b_consumption() -> float:
@@ -154,10 +156,11 @@ def main(argv=None) -> int:
     need = gpu_1b_consumption()
     rows = []
     for workers in [int(w) for w in args.workers.split(",") if w.strip()]:
-      local_rate = input_throughput(copy["folder"], workers, args.seconds)
-      stream_rate = input_throughput(streamed["folder"], workers, args.seconds)
+      local_rate, _ = input_throughput(copy["folder"], workers, args.seconds)
+      stream_rate, cpu_ms = input_throughput(streamed["folder"], workers, args.seconds)
       rows.append({"num_workers": workers, "local_tokens_per_s": round(local_rate), "stream_tokens_per_s":
                    round(stream_rate), "stream_vs_local": round(stream_rate / local_rate, 3),
+                   "stream_cpu_ms_per_batch_in_process": round(cpu_ms, 1),
                    "stream_vs_1b_h100": round(stream_rate / need, 1),
                    "stream_vs_1b_8_h100": round(stream_rate / (8 * need), 2)})
     train_bytes = sum(s["num_tokens"] for s in manifest["store"]["splits"]["train"]["shards"]) * 2
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
   for row in rows:
     print(f"  num_workers={row['num_workers']}: local {row['local_tokens_per_s']:,} tokens/s, stream "
           f"{row['stream_tokens_per_s']:,} ({row['stream_vs_local']:.3f}x local, {row['stream_vs_1b_h100']}x one "
-          f"H100's need, {row['stream_vs_1b_8_h100']}x eight's)")
+          f"H100's need, {row['stream_vs_1b_8_h100']}x eight's; {row['stream_cpu_ms_per_batch_in_process']} ms of "
+          f"this process's CPU per streamed batch)")
   print(MachineLoad.line(load))
   return 0
 
