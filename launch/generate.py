@@ -1,17 +1,19 @@
 """diffgemma-generate --config FILE --workdir DIR (--prompt TEXT | --prompts FILE) [--sampler NAME] [--gen_length N]
 [sampler options] [--chat [--system TEXT]] [--seed N] [--step N] [--batch_size N | --serving_slots N
-[--serving_widths N]]
-[--stop TEXT ...] [--json] [--output FILE.json] [--config.a.b=value ...]: completes prompts with a trained model and
-reports, per request, the model calls, new tokens and tokens/s, and for canvas samplers the denoising steps of every
-canvas. --batch_size N runs N prompts (of any lengths) per sampler call, with the same results as one at a time;
---serving_slots N keeps N requests in flight instead (continuous batching), again with the same results. Each
-model's objective has a default sampler; canvas samplers decode canvas after canvas of objective.block_size tokens.
-A sampler option the chosen sampler does not read is refused. The samplers and their options
+[--serving_widths N]] [--stop TEXT ...] [--shard K/N] [--json] [--output FILE.json | FILE.jsonl]
+[--config.a.b=value ...]: completes prompts with a trained model and reports, per request, the model calls, new
+tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts (of
+any lengths) per sampler call, with the same results as one at a time; --serving_slots N keeps N requests in flight
+instead (continuous batching), again with the same results. A large job: --output FILE.jsonl keeps each result as
+its batch ends and the same command run again finishes the job; --shard K/N runs one share of it. Each model's
+objective has a default sampler; canvas samplers decode canvas after canvas of objective.block_size tokens. A
+sampler option the chosen sampler does not read is refused. The samplers and their options
 (`diffgemma_jax/sampling/samplers.py`):"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -20,13 +22,14 @@ from diffgemma_jax import storage
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
+from diffgemma_jax.sampling.results_file import ResultsFile, is_results_file
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
 
 
 # the fields of each request in the JSON document (--json, --output)
-JSON_KEYS = ("prompt", "completion", "sampler", "step", "weights", "prompt_tokens", "gen_length", "new_tokens",
+JSON_KEYS = ("index", "prompt", "completion", "sampler", "step", "weights", "prompt_tokens", "gen_length", "new_tokens",
              "model_calls", "seconds", "tokens_per_s", "compile_seconds", "steps_per_canvas", "ids", "batch_size",
              "batch_tokens_per_s")
 
@@ -63,10 +66,23 @@ def _parser() -> argparse.ArgumentParser:
                  "(repeatable)")
   p.add_argument("--step", default=None, help="checkpoint step (default: the latest; best: the one of lowest "
                  "recorded held-out bound)")
+  p.add_argument("--shard", default=None, metavar="K/N", help="run the requests whose position among the prompts is "
+                 "K modulo N only (0 <= K < N): one share of a job split over N commands, e.g. a job array's tasks, "
+                 "each with its own --output; each result is the one the whole job gives")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
   p.add_argument("--output", default=None, help="also write the JSON document (as --json prints it) here: a local "
-                 "file or a bucket URL (s3://..., gs://...)")
+                 "file or a bucket URL (s3://..., gs://...). A name ending in .jsonl keeps one line per request "
+                 "as each batch ends, and the same command run again generates only the requests it lacks")
   return p
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+  if text is None:
+    return 0, 1
+  match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+  if not match or not int(match[1]) < int(match[2]):
+    raise ConfigError(f"--shard {text!r}: give K/N with 0 <= K < N (this command's share of N)")
+  return int(match[1]), int(match[2])
 
 
 def _unescape(line: str) -> str:
@@ -129,27 +145,50 @@ def main(argv=None) -> int:
     elif args.system:
       raise ConfigError("--system: only with --chat")
     template = str(config.data.chat_template) if args.chat else None
+    shard, shards = _parse_shard(args.shard)
+    positions = list(range(shard, len(prompts), shards))
+    kept = None
+    if is_results_file(args.output):
+      settings = {"workdir": storage.resolve(args.workdir), "options": dataclasses.asdict(options),
+                  "stop": args.stop, "chat_template": template, "system": args.system}
+      kept = ResultsFile(args.output, prompts, settings, write=outputs.first)
+      if kept.kept:
+        print(f"{args.output}: {kept.kept} request(s) already done, {len(kept.pending(positions))} to run",
+              file=sys.stderr)
+      positions = kept.pending(positions)
+
+    def finish(index, result):
+      if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
+        result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]
+      result["index"] = index
+      if kept is not None:
+        kept.add(index, json_safe({k: result[k] for k in JSON_KEYS}))
+
     results = generate_completions(config, args.workdir, prompts, options, step=step, chat_template=template,
                                    batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots,
-                                   serving_widths=args.serving_widths,
-                                   gen_lengths=gen_lengths, sources=sources)
-    if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
-      for result in results:
-        result["completion"] = result["completion"].split(TEMPLATE_MARKERS[template][1])[0]
+                                   serving_widths=args.serving_widths, gen_lengths=gen_lengths, sources=sources,
+                                   only=positions, on_result=None if kept is None else finish)
+    if kept is None:
+      for index, result in zip(positions, results):
+        finish(index, result)
+    else:  # every result of this share, those of earlier runs included, in order
+      results = [r for r in kept.finish() if r["index"] % shards == shard]
   except (ConfigError, DataError) as e:
     return fail(str(e))
   document = json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2, allow_nan=False)
-  outputs.write(args.output, document + "\n")
+  if kept is None:
+    outputs.write(args.output, document + "\n")
   if args.json:
     outputs.print(document)
     return 0
-  for index, r in enumerate(results):
+  rate = lambda x: "inf" if x is None else f"{x:.1f}"  # noqa: E731 -- None: infinite, read back from a .jsonl
+  for r in results:
     canvases = "" if r["steps_per_canvas"] is None else f", steps per canvas {r['steps_per_canvas']}"
-    outputs.print(f"=== request {index}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
-                  f"{r['tokens_per_s']:.1f} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
+    outputs.print(f"=== request {r['index']}: {r['new_tokens']} new tokens, {r['model_calls']} model calls{canvases}, "
+                  f"{rate(r['tokens_per_s'])} tokens/s ({r['seconds']:.3f} s; compile {r['compile_seconds']:.1f} s; "
                   f"sampler {r['sampler']}, step {r['step']}"
                   + (" (moving average)" if r["weights"] == "ema" else "")
-                  + (f"; batch of {r['batch_size']}: {r['batch_tokens_per_s']:.1f} tokens/s"
+                  + (f"; batch of {r['batch_size']}: {rate(r['batch_tokens_per_s'])} tokens/s"
                      if r["batch_size"] > 1 else "")
                   + ")")
     outputs.print(r["prompt"] + r["completion"])

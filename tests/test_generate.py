@@ -207,3 +207,66 @@ def test_default_gen_length_fills_the_context(trained_run, tiny_config_file, cap
   assert result["gen_length"] == room // 8 * 8 and result["new_tokens"] <= result["gen_length"]
   assert main(["--config", tiny_config_file, "--workdir", workdir, "--prompt", "def main(", "--top_p", "0.5"]) == 2
   assert "--top_p does not apply to --sampler threshold" in capsys.readouterr().err
+
+
+def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole_jobs(trained_run, tiny_config_file,
+                                                                                       tmp_path, capsys, monkeypatch):
+  """--output FILE.jsonl: one line per request in index order; a job killed after two requests (and half a line)
+  run again generates the other three only, and two --shard halves each run theirs: every result (ids, completion,
+  calls) equals the uninterrupted job's, whose fitted gen_length depends on all five prompts. Other prompts, other
+  settings or another checkpoint step are refused in one line."""
+  import launch.generate
+  _, workdir, _ = trained_run
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("def main(\nimport os\nclass Reader(object):\nx = 1\nfor i in range(10):\n")
+  base = ["--config", tiny_config_file, "--workdir", workdir, "--prompts", str(prompts), "--block_length", "8",
+          "--batch_size", "2", "--json"]
+  ran = []
+  real = launch.generate.generate_completions
+  monkeypatch.setattr(launch.generate, "generate_completions",
+                      lambda *a, **k: ran.append(list(k["only"])) or real(*a, **k))
+
+  def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+  def same(a, b):
+    return {k: a[k] for k in ("index", "prompt", "ids", "completion", "model_calls", "gen_length", "step")} == {
+        k: b[k] for k in ("index", "prompt", "ids", "completion", "model_calls", "gen_length", "step")}
+
+  whole = tmp_path / "whole.jsonl"
+  assert main(base + ["--output", str(whole)]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  want = lines(whole)
+  assert [r["index"] for r in want] == [0, 1, 2, 3, 4] and ran == [[0, 1, 2, 3, 4]]
+  assert all(same(a, b) for a, b in zip(printed, want)) and len({r["settings"] for r in want}) == 1
+  assert len({r["gen_length"] for r in want}) == 1  # fitted to the longest of the five prompts
+  killed = tmp_path / "killed.jsonl"
+  text = whole.read_text().splitlines(keepends=True)
+  killed.write_text(text[0] + text[3] + text[4][:25])  # requests 0 and 3 done, 4 cut short
+  assert main(base + ["--output", str(killed)]) == 0
+  captured = capsys.readouterr()
+  assert "2 request(s) already done, 3 to run" in captured.err and ran[-1] == [1, 2, 4]
+  assert all(same(a, b) for a, b in zip(lines(killed), want)) and len(lines(killed)) == 5
+  assert all(same(a, b) for a, b in zip(json.loads(captured.out), want))
+  for k in (0, 1):
+    share = tmp_path / f"share{k}.jsonl"
+    assert main(base + ["--output", str(share), "--shard", f"{k}/2"]) == 0
+    got = lines(share)
+    assert [r["index"] for r in got] == list(range(k, 5, 2)) and all(same(r, want[r["index"]]) for r in got)
+    assert [r["index"] for r in json.loads(capsys.readouterr().out)] == list(range(k, 5, 2))
+  before = len(ran)
+  assert main(base + ["--output", str(whole)]) == 0 and len(ran) == before + 1 and ran[-1] == []  # nothing left
+  capsys.readouterr()
+  for flags, message in ((["--seed", "1"], "was generated with other settings"),
+                         (["--shard", "2/2"], "--shard '2/2': give K/N with 0 <= K < N"),
+                         (["--step", "8"], "holds results of checkpoint step 24 (params weights) and this run reads "
+                                           "step 8 (params weights); pass --step 24")):
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(text[0])
+    assert main(base + ["--output", str(partial)] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+  other = tmp_path / "other.txt"
+  other.write_text("while True:\n")
+  assert main(base[:4] + ["--prompts", str(other)] + base[6:] + ["--output", str(whole)]) == 2
+  assert "holds a result for another prompt than request 0" in capsys.readouterr().err

@@ -638,3 +638,27 @@ def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket,
   streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)
   with pytest.raises(DataError, match=f"{url}/train/00001.tokens is missing from the bucket"):
     open_split(streamed, manifest, "train")
+
+
+def test_generation_results_in_a_bucket_are_uploaded_throttled_and_read_back(bucket):
+  """diffgemma-generate --output gs://.../FILE.jsonl: the object is rewritten whole at most every upload_every_s
+  while the job runs and at its end, and a rerun reads it to skip what is done."""
+  from etils import epath
+
+  from diffgemma_jax.errors import ConfigError
+  from diffgemma_jax.sampling.results_file import ResultsFile
+  url, prompts = f"{bucket}/generated/out.jsonl", ["a", "b", "c"]
+  record = lambda prompt: {"prompt": prompt, "completion": "!", "step": 4, "weights": "params"}  # noqa: E731
+  job = ResultsFile(url, prompts, {"seed": 0}, upload_every_s=3600)
+  job.add(2, record("c"))
+  assert not epath.Path(url).exists()  # within the interval: kept in memory
+  job.upload_every_s = 0
+  job.add(0, record("a"))
+  assert [json.loads(line)["index"] for line in epath.Path(url).read_text().splitlines()] == [0, 2]
+  again = ResultsFile(url, prompts, {"seed": 0})
+  assert again.kept == 2 and again.pending(range(3)) == [1]
+  again.add(1, record("b"))
+  assert [r["index"] for r in again.finish()] == [0, 1, 2]
+  assert [json.loads(line)["prompt"] for line in epath.Path(url).read_text().splitlines()] == prompts
+  with pytest.raises(ConfigError, match=f"--output {url}:1 was generated with other settings"):
+    ResultsFile(url, prompts, {"seed": 1})

@@ -358,7 +358,7 @@ def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, p
     assert len(result["ids"]) == budget and result["steps_per_canvas"] == [CANVAS] * canvases
     assert result["model_calls"] == 1 + CANVAS * canvases + canvases - 1
   batches = []
-  monkeypatch.setattr(generator, "run_batches", lambda batch, options, size: batches.append(
+  monkeypatch.setattr(generator, "run_batches", lambda batch, options, size, on_batch=None: batches.append(
       (options.gen_length, batch, size)) or [{"gen_length": options.gen_length} for _ in batch])
   static = generator.run_requests(prompts[:3], own[0], batch_size=4, request_options=own)
   assert batches == [(4, [prompts[0], prompts[2]], 4), (8, [prompts[1]], 4)]

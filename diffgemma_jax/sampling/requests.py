@@ -29,6 +29,11 @@ from diffgemma_jax.sampling.samplers import SAMPLERS, GenerationOptions, sampler
 from diffgemma_jax.train.dataset import load_tokenizer
 from diffgemma_jax.train.reading import check_workdir, restore_model_run
 
+# With a caller that keeps results as they come (`run_requests`' on_results), the serving engine runs this many
+# times its slots of requests at a time: a chunk's results are kept when it ends, at the cost of slots idling as the
+# chunk drains.
+SERVE_CHUNK_SLOTS = 16
+
 
 def validate_prompt(text: str, prompt_ids: list[int], context_length: int) -> None:
   """The prompt must hold text and fit the context the model was trained on (bos included)."""
@@ -136,10 +141,10 @@ class Generator:
     return results
 
   def run_batches(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, batch_size: int,
-                  seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                  seeds: Sequence[int] | None = None, on_batch=None) -> list[dict[str, Any]]:
     """`run` over batches of at most `batch_size` prompts, in the given order's results. Prompts of similar
     lengths share a batch (sorted by length), so little padding is run; the results are what one request at a
-    time gives (`run`)."""
+    time gives (`run`). `on_batch(indices, results)` is called after each batch with its prompts' positions."""
     if batch_size < 1:
       raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
     seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
@@ -147,8 +152,11 @@ class Generator:
     results: list[dict[str, Any]] = [{} for _ in prompts]
     for first in range(0, len(order), batch_size):
       chunk = order[first:first + batch_size]
-      for index, result in zip(chunk, self.run([prompts[i] for i in chunk], options, [seeds[i] for i in chunk])):
+      done = self.run([prompts[i] for i in chunk], options, [seeds[i] for i in chunk])
+      for index, result in zip(chunk, done):
         results[index] = result
+      if on_batch is not None:
+        on_batch(chunk, done)
     return results
 
 
@@ -202,22 +210,38 @@ class Generator:
 
   def run_requests(self, prompts: Sequence[Sequence[int]], options: GenerationOptions, *, batch_size: int = 1,
                    serving_slots: int | None = None, serving_widths: int | None = None,
-                   request_options: Sequence[GenerationOptions] | None = None) -> list[dict[str, Any]]:
+                   request_options: Sequence[GenerationOptions] | None = None,
+                   on_results=None) -> list[dict[str, Any]]:
     """`serve` with `serving_slots` slots, else `run_batches` of `batch_size` prompts: the same results either
     way (the engine keeps requests in flight, static batches run whole). `request_options`: each request's own
     options (`options` but for their gen_length, `with_gen_length`); static batches never mix two, the engine
-    serves them together with their own budgets (`serving_widths`: the masked engine's slot widths)."""
+    serves them together with their own budgets (`serving_widths`: the masked engine's slot widths).
+
+    `on_results(indices, results)`: called as results are ready (after each static batch; the engine then serves
+    the requests SERVE_CHUNK_SLOTS x `serving_slots` at a time, its latencies counted from each chunk's start), so a
+    caller can keep them before the last request ends."""
     request_options = [options] * len(prompts) if request_options is None else list(request_options)
     if serving_slots is not None:
       largest = serving_options(request_options, serving_slots)
-      return self.serve(prompts, largest, serving_slots, budgets=[o.gen_length for o in request_options],
-                        num_widths=serving_widths)
+      chunk = len(prompts) if on_results is None else SERVE_CHUNK_SLOTS * serving_slots
+      results = []
+      for first in range(0, len(prompts), chunk):
+        indices = list(range(first, min(first + chunk, len(prompts))))
+        done = self.serve([prompts[i] for i in indices], largest, serving_slots,
+                          budgets=[request_options[i].gen_length for i in indices], num_widths=serving_widths)
+        results += done
+        if on_results is not None:
+          on_results(indices, done)
+      return results
     groups: dict[GenerationOptions, list[int]] = {}
     for index, own in enumerate(request_options):
       groups.setdefault(own, []).append(index)
     results: list[dict[str, Any]] = [{} for _ in prompts]
     for own, indices in groups.items():
-      for index, result in zip(indices, self.run_batches([prompts[i] for i in indices], own, batch_size)):
+      report = None if on_results is None else (
+          lambda chunk, done, indices=indices: on_results([indices[i] for i in chunk], done))
+      for index, result in zip(indices, self.run_batches([prompts[i] for i in indices], own, batch_size,
+                                                         on_batch=report)):
         results[index] = result
     return results
 
@@ -312,7 +336,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
                          stop: Sequence[str] = (), serving_slots: int | None = None,
                          serving_widths: int | None = None,
                          gen_lengths: Sequence[int | None] | None = None,
-                         sources: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                         sources: Sequence[str] | None = None, only: Sequence[int] | None = None,
+                         on_result=None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text), `batch_size` requests at a time (`Generator.run_batches`: the same
   results as one at a time); every option and prompt is checked before the model is restored, so bad input fails
   fast. `options.gen_length=None`: as many new tokens as fit in the model's context after the longest prompt (at
@@ -321,7 +346,12 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   (`Generator.serve`: the same results too) instead of static batches, the masked samplers' calls at the narrowest
   of `serving_widths` slot widths (default `serving_masked.NUM_WIDTHS`). `gen_lengths`: a request's own gen_length
   (None: the run's), as if it ran alone with that --gen_length; `sources` name the requests in errors (default
-  "request N")."""
+  "request N").
+
+  `only`: the positions of the prompts to run (the others are checked and encoded, and a fitted gen_length still
+  fits the longest of all, so each result is what the whole run gives it: a share of a split run, or what a resumed
+  one has left); the results are theirs, in that order. `on_result(position, result)` is called for each as soon
+  as its batch (or serving chunk) ends."""
   fill_context, given_steps = options.gen_length is None, options.steps
   objective, block_size, context_length = (str(config.objective.name), int(config.objective.block_size),
                                            int(config.train.seq_len))
@@ -365,13 +395,26 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     print(f"warning: prompt + --gen_length reach {longest} positions, past the {context_length} the model was "
           f"trained on (train.seq_len); text beyond position {context_length} is off-distribution",
           file=sys.stderr)
+  positions = list(range(len(prompts))) if only is None else list(only)
+  if not positions:
+    return []
   model, run = restore_model_run(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  results = generator.run_requests(encoded, options, batch_size=batch_size, serving_slots=serving_slots,
-                                   serving_widths=serving_widths,
-                                   request_options=request_options)
-  for text, ids, own, result in zip(prompts, encoded, request_options, results):
-    completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
-    result.update(prompt=text, completion=completion, prompt_tokens=len(ids), step=run.step,
-                  weights=run.weights, gen_length=own.gen_length)
+
+  def finish(indices, done):
+    for i, result in zip(indices, done):
+      index = positions[i]
+      ids, own = encoded[index], request_options[index]
+      completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
+      result.update(prompt=prompts[index], completion=completion, prompt_tokens=len(ids), step=run.step,
+                    weights=run.weights, gen_length=own.gen_length)
+      if on_result is not None:
+        on_result(index, result)
+
+  results = generator.run_requests([encoded[i] for i in positions], options, batch_size=batch_size,
+                                   serving_slots=serving_slots, serving_widths=serving_widths,
+                                   request_options=[request_options[i] for i in positions],
+                                   on_results=None if on_result is None else finish)
+  if on_result is None:
+    finish(range(len(positions)), results)
   return results

@@ -1,0 +1,131 @@
+"""`diffgemma-generate --output FILE.jsonl`: a generation job's results kept as they come, and a rerun that
+finishes the job.
+
+One JSON object per request per line: the request's fields (`launch/generate.JSON_KEYS`, `index` its position
+among the prompts) and `settings`, a digest of what decides its completion other than the prompt (the workdir,
+the sampler and its options, the seed, the stop strings, the chat template and system turn). Each request's line is
+appended, flushed and synced to disk as its batch ends, so a job killed at request 9,999 of 10,000 keeps 9,999.
+
+Run again with the same flags, the job reads the file, keeps the lines whose index and prompt match the requests
+and whose settings are the same, and generates only the others (each the same as in an uninterrupted run: a
+request's sample depends on its own prompt and seed only, and a fitted gen_length on every prompt). A line cut short
+by a kill is dropped. Lines of other prompts or other settings, or of another checkpoint step than the rerun reads,
+are refused in one line rather than mixed in. When the job ends the file is rewritten in index order.
+
+A bucket URL cannot be appended to: the object is rewritten whole at most every UPLOAD_EVERY_S seconds while the job
+runs, and at its end, so a killed job loses at most that long of results there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+from etils import epath
+
+from diffgemma_jax import storage
+from diffgemma_jax.errors import ConfigError
+
+UPLOAD_EVERY_S = 60.0
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_results_file(path: str | None) -> bool:
+  return bool(path) and str(path).endswith(".jsonl")
+
+
+class ResultsFile:
+  """The results of a generation job in `path` (see the module doc); `write=False` (a process other than the
+  launch's first) reads it to skip the same requests and writes nothing."""
+
+  def __init__(self, path: str, prompts: Sequence[str], settings: dict[str, Any], *, flag: str = "--output",
+               write: bool = True, upload_every_s: float = UPLOAD_EVERY_S):
+    self.path, self.flag, self.write = str(path), flag, write
+    self.remote = storage.is_url(path)
+    self.digest = settings_digest(settings)
+    self.upload_every_s, self._uploaded = upload_every_s, time.monotonic()
+    self.records: dict[int, dict] = {}
+    good_bytes = self._read(prompts)
+    self.kept = len(self.records)
+    first = next(iter(self.records.values()), None)
+    self.kept_run = None if first is None else (first.get("step"), first.get("weights"))
+    if write and not self.remote and os.path.isfile(self.path) and os.path.getsize(self.path) != good_bytes:
+      with open(self.path, "r+b") as f:  # a line a kill cut short: gone before anything is appended
+        f.truncate(good_bytes)
+
+  def _read(self, prompts: Sequence[str]) -> int:
+    """Reads the lines already there into `records`; returns the bytes of its whole lines."""
+    try:
+      data = epath.Path(self.path).read_bytes() if self.remote else open(self.path, "rb").read()
+    except FileNotFoundError:
+      return 0
+    good, where = 0, f"{self.flag} {self.path}"
+    for number, line in enumerate(data.split(b"\n"), 1):
+      if good + len(line) >= len(data):  # the last piece: no newline after it, a line a kill cut short
+        break
+      good += len(line) + 1
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError:
+        raise ConfigError(f"{where}:{number} is not a JSON line of diffgemma-generate's results; use a new "
+                          f"--output or delete the file") from None
+      index = record.get("index") if isinstance(record, dict) else None
+      if not isinstance(index, int) or not 0 <= index < len(prompts) or record.get("prompt") != prompts[index]:
+        raise ConfigError(f"{where}:{number} holds a result for another prompt than request {index} of these "
+                          f"(another --prompts file?); use a new --output or delete the file")
+      if record.get("settings") != self.digest:
+        raise ConfigError(f"{where}:{number} was generated with other settings (workdir, sampler options, --seed, "
+                          f"--stop, --chat or --system differ); rerun with those, or use a new --output")
+      self.records[index] = record
+    return good
+
+  def pending(self, positions: Sequence[int]) -> list[int]:
+    """The positions of `positions` without a result yet."""
+    return [i for i in positions if i not in self.records]
+
+  def add(self, index: int, record: dict) -> None:
+    """Keeps the result of request `index` (appended to a local file at once)."""
+    record = dict(record, index=index, settings=self.digest)
+    run = (record.get("step"), record.get("weights"))
+    if self.kept_run is not None and run != self.kept_run:
+      step, weights = self.kept_run
+      raise ConfigError(f"{self.flag} {self.path} holds results of checkpoint step {step} ({weights} weights) and "
+                        f"this run reads step {run[0]} ({run[1]} weights); pass --step {step} to finish that job, or "
+                        f"use a new --output")
+    self.records[index] = record
+    if not self.write:
+      return
+    if not self.remote:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    elif time.monotonic() - self._uploaded >= self.upload_every_s:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    text = "".join(json.dumps(self.records[i], allow_nan=False) + "\n" for i in sorted(self.records))
+    if self.remote:
+      storage.write_text(self.path, text)
+      self._uploaded = time.monotonic()
+      return
+    partial = f"{self.path}.partial-{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(partial, self.path)
+
+  def finish(self) -> list[dict]:
+    """Rewrites the file in index order (when writing); returns every record in that order."""
+    if self.write:
+      self._rewrite()
+    return [self.records[i] for i in sorted(self.records)]
