@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import inspect
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -127,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
   # its checkpoints/ folder, or one step folder; a run that already has checkpoints of its own resumes from them.
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ""
-  c.init.step = -1  # -1: the latest step there
+  # the step there: a number, "latest" (or -1) or "best" (the step of lowest recorded held-out bound: --step best)
+  c.init.step = ml_collections.FieldReference(-1, field_type=object)
   c.init.weights = "auto"  # auto (the moving average where that step has one) | ema | params: checkpoint.weights
 
   # Logs beyond TensorBoard and metrics.jsonl: a Weights & Biases run (the optional `wandb` package) when
@@ -221,6 +223,8 @@ def _check_keys(config: ml_collections.ConfigDict, schema: ml_collections.Config
       raise ConfigError(f"config key {name!r} must be {'a section' if isinstance(schema[key], ml_collections.ConfigDict) else 'a value'}")
     if isinstance(schema[key], ml_collections.ConfigDict):
       _check_keys(config[key], schema[key], name + ".")
+    elif name in STEP_KEYS:
+      step_value(config[key], name)
     elif not _same_kind(config[key], schema[key]):
       raise ConfigError(f"config key {name!r}: expected {_kind(schema[key])} (like its default {schema[key]!r}), "
                         f"got {config[key]!r}")
@@ -274,6 +278,24 @@ def parse_value(text: str, current: Any) -> Any:
   return value
 
 
+# Keys that name a checkpoint step the way a reader's --step does: a number, "latest" (also -1) or "best".
+STEP_KEYS = ("init.step",)
+
+
+def step_value(value: Any, key: str) -> int | str:
+  """The value of a step key (STEP_KEYS) as a step number >= -1 (-1: the latest) or "latest" / "best"; a
+  ConfigError naming `key` for anything else."""
+  if isinstance(value, str):
+    text = value.strip()
+    if text in ("latest", "best"):
+      return text
+    value = int(text) if re.fullmatch(r"-?\d+", text) else None
+  if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+    raise ConfigError(f"config key {key!r}: give a checkpoint step (a number >= 0), 'latest' (or -1) or 'best' "
+                      f"(the step of lowest recorded held-out bound)")
+  return value
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
   """Applies `{"train.num_steps": "10"}` style overrides; an unknown key fails naming the valid ones."""
   for dotted, text in overrides.items():
@@ -288,6 +310,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
       if i < len(parts) - 1:
         node = node[part]
     current = node[parts[-1]]
+    if dotted in STEP_KEYS:
+      with node.unlocked():
+        node[parts[-1]] = step_value(text, dotted)
+      continue
     if isinstance(current, ml_collections.ConfigDict):
       raise ConfigError(f"config key {dotted!r} is a section, not a value; set one of its keys "
                         f"({', '.join(f'{dotted}.{k}' for k in current.keys())})")

@@ -20,6 +20,7 @@ def test_overrides_reach_the_config(load_tiny):
                       "model.layer_pattern": "('global',)"})
   assert config.train.num_steps == 7 and config.train.learning_rate == 1e-4
   assert config.data.recipe == "shakespeare" and config.model.layer_pattern == ("global",)
+  assert [load_tiny({"init.step": v}).init.step for v in ("best", " latest", "12", "-1")] == ["best", "latest", 12, -1]
 
 
 @pytest.mark.parametrize("flag, expected", [
@@ -46,6 +47,8 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.train.adam_mu_dtype=bfloat16 --config.train.optimizer=adafactor",
      "train.adam_mu_dtype='bfloat16' sets AdamW's first moment, but train.optimizer='adafactor' keeps none"),
     ("--config.eval.batch_size=0", "eval.batch_size: must be >= 1"),
+    ("--config.init.step=newest", "config key 'init.step': give a checkpoint step (a number >= 0), 'latest' (or -1) "
+     "or 'best'"),
     ("--config.eval.max_sequences=-1", "eval.max_sequences: must be >= 0 (0: the whole held-out split)"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):

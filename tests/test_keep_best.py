@@ -81,7 +81,7 @@ def test_evaluated_checkpoints_record_their_bound_and_best_reads_the_lowest(trai
   the continuation's learning rate, 0.5, step 26 is worse than 25: the lowest is not the latest). Seen to fail with
   evaluations after the saves (no bound recorded) and with keep_best ignored ({26} kept)."""
   from diffgemma_jax.train import Checkpointer, train
-  from diffgemma_jax.train.reading import open_run
+  from diffgemma_jax.train.reading import open_init_checkpoint, open_run
   _, workdir, _ = trained_run
   evaluations = [r for r in read_metrics(workdir) if "eval/bits_per_token" in r]
   assert {r["eval/weights"] for r in evaluations} == {"params"}  # the log says which weights it evaluated
@@ -95,6 +95,9 @@ def test_evaluated_checkpoints_record_their_bound_and_best_reads_the_lowest(trai
   lowest = min(recorded, key=lambda s: recorded[s]["bits_per_token"])
   run = open_run(workdir, "best")
   assert run.step == lowest and run.describe() == f"step {lowest} (the lowest recorded held-out bound)"
+  init = {"init.checkpoint": workdir}  # a fine-tune's init.step takes the same names
+  assert open_init_checkpoint(load_tiny(dict(init, **{"init.step": "best"}))).step == lowest
+  assert open_init_checkpoint(load_tiny(dict(init, **{"init.step": "latest"}))).step == TRAINED_STEPS
 
   continued = str(tmp_path / "continued")
   shutil.copytree(workdir, continued)

@@ -306,9 +306,12 @@ def run_steps(path: str, key: StepKey = WORKDIR) -> list[int]:
 
 
 def open_init_checkpoint(config) -> SavedRun:
-  """The run and step `init.checkpoint` / `init.step` (-1: the latest) name."""
-  step = int(config.init.step)
-  return open_run(str(config.init.checkpoint), None if step < 0 else step, key=INIT, weights=str(config.init.weights))
+  """The run and step `init.checkpoint` / `init.step` (-1 or "latest": the latest; "best": the lowest recorded
+  held-out bound) name."""
+  from diffgemma_jax.config import step_value
+  step = step_value(config.init.step, "init.step")
+  step = None if step in (-1, "latest") else step
+  return open_run(str(config.init.checkpoint), step, key=INIT, weights=str(config.init.weights))
 
 
 def read_run(config, workdir: str, step: int | str | None = None) -> tuple[Any, SavedRun]:
