@@ -22,6 +22,7 @@ from diffgemma_jax.errors import ConfigError, EngineStalledError, GenerationErro
 from diffgemma_jax.model import ModelConfig, build_model
 from diffgemma_jax.model.transformer import write_window
 from diffgemma_jax.sampling import autoregressive, batching, canvas, masked, serving_masked
+from diffgemma_jax.sampling import requests as requests_module
 from diffgemma_jax.sampling.serving import Engine, Request, bucket_width
 from diffgemma_jax.sampling.serving_ar import ARProgram
 from diffgemma_jax.sampling.requests import Generator, serving_options
@@ -357,6 +358,16 @@ def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, p
     canvases = budget // CANVAS
     assert len(result["ids"]) == budget and result["steps_per_canvas"] == [CANVAS] * canvases
     assert result["model_calls"] == 1 + CANVAS * canvases + canvases - 1
+  # A caller keeping results as they come (diffgemma-generate --output FILE.jsonl): served a chunk of
+  # SERVE_CHUNK_SLOTS x slots requests at a time, each reported when its chunk ends, each the same as before.
+  monkeypatch.setattr(requests_module, "SERVE_CHUNK_SLOTS", 1)
+  reported = []
+  chunked = generator.run_requests(prompts[:3] * 2, own[0], serving_slots=4, request_options=own * 2,
+                                   on_results=lambda indices, done: reported.append((indices, done)))
+  assert [indices for indices, _ in reported] == [[0, 1, 2, 3], [4, 5]]
+  assert [r["ids"] for _, done in reported for r in done] == [r["ids"] for r in chunked]
+  assert [r["ids"] for r in chunked] == [r["ids"] for r in served * 2]
+  assert [r["model_calls"] for r in chunked] == [r["model_calls"] for r in served * 2]
   batches = []
   monkeypatch.setattr(generator, "run_batches", lambda batch, options, size, on_batch=None: batches.append(
       (options.gen_length, batch, size)) or [{"gen_length": options.gen_length} for _ in batch])

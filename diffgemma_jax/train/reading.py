@@ -206,14 +206,17 @@ def parse_step(value, option: str) -> int | str | None:
   return step
 
 
-def best_recorded_step(checkpoints: str, key: StepKey = WORKDIR) -> int:
+def best_recorded_step(checkpoints: str, key: StepKey = WORKDIR, reader: Checkpointer | None = None) -> int:
   """The step of lowest held-out bound among those the trainer evaluated before saving them (`Checkpointer.best`);
-  an error naming `key`'s step option when no complete step records one."""
-  reader = Checkpointer(checkpoints, create=False)
+  an error naming `key`'s step option when no complete step records one. `reader`: a reader of `checkpoints`
+  already open (else one is opened and closed)."""
+  own = reader is None
+  reader = Checkpointer(checkpoints, create=False) if own else reader
   try:
     best = reader.best()
   finally:
-    reader.close()
+    if own:
+      reader.close()
   if best is None:
     raise ConfigError(f"{key.choose(BEST)}: no checkpoint in {checkpoints} records a held-out bound (the trainer "
                       f"records one with each checkpoint it evaluates before saving: with checkpoint.keep_best > 0 "
@@ -272,17 +275,19 @@ def open_run(path: str, step: int | str | None = None, *, config=None, key: Step
   value of `key.weights`): "auto" reads the parameters' moving average where the step holds one, "ema" requires
   it, "params" reads the trained parameters."""
   run_dir, checkpoints, step = _locate(path, step, key)
-  if config is not None:
-    Checkpointer(checkpoints, config, create=False)  # checks the saved config against this one
-  available = saved_steps(checkpoints)
-  if not available:
-    raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir {run_dir})"
-                      if key is WORKDIR else
-                      f"{key.run}: no complete checkpoint under {checkpoints}; train that run first or point at "
-                      f"another")
-  best = step == BEST
-  if best:
-    step = best_recorded_step(checkpoints, key)
+  reader = Checkpointer(checkpoints, config, create=False)  # with `config`, checks the saved config against it
+  try:  # one reader (one listing of the steps and their recorded bounds) for the steps and the best
+    available = sorted(reader.all_steps())
+    if not available:
+      raise ConfigError(f"no complete checkpoint in {checkpoints}; train first (diffgemma-train --workdir "
+                        f"{run_dir})" if key is WORKDIR else
+                        f"{key.run}: no complete checkpoint under {checkpoints}; train that run first or point at "
+                        f"another")
+    best = step == BEST
+    if best:
+      step = best_recorded_step(checkpoints, key, reader)
+  finally:
+    reader.close()
   if step is None:
     step = available[-1]
   elif step not in available:
