@@ -69,7 +69,7 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
                                                                            rel=1e-6)
   assert os.listdir(tmp_path / "fresh-cache") == os.listdir(tmp_path / "cache")  # one folder per URL
   copied = [f for d, _, files in os.walk(tmp_path / "fresh-cache") for f in files]
-  assert "stream.json" in copied and "tokenizer.model" in copied and not any(f.endswith(".tokens") for f in copied)
+  assert "remote.json" in copied and "tokenizer.model" in copied and not any(f.endswith(".tokens") for f in copied)
   roll_back(workdir, 4, skip_batches=2)  # diffgemma-rollback renames in the bucket
   listing = list_run(workdir)
   assert [s["step"] for s in listing["steps"]] == [2, 4] and [o["name"] for o in listing["other"]] == ["6.rolled-back"]
@@ -570,10 +570,11 @@ def test_a_streamed_dataset_reads_its_rows_in_the_bucket(bucket, tmp_path):
   cache = str(tmp_path / "cache")
   streamed = remote_dataset.fetch(f"{bucket}/streamed", cache, stream=True)
   assert streamed.endswith("-stream") and remote_dataset.fetch(f"{bucket}/streamed", cache) != streamed
-  files = sorted(os.path.relpath(os.path.join(d, f), streamed) for d, _, fs in os.walk(streamed) for f in fs)
-  assert not any(f.endswith(".tokens") for f in files) and "stream.json" in files and "train/00002.starts" in files
   with open(os.path.join(local, "manifest.json")) as f:
     manifest = json.load(f)
+  open_split(streamed, manifest, "train")  # fetches the split's document starts
+  files = sorted(os.path.relpath(os.path.join(d, f), streamed) for d, _, fs in os.walk(streamed) for f in fs)
+  assert not any(f.endswith(".tokens") for f in files) and "remote.json" in files and "train/00002.starts" in files
   for split, keep_partial in (("train", False), ("heldout", True)):
     want_store, got_store = open_split(local, manifest, split), open_split(streamed, manifest, split)
     assert got_store.tokens_url == f"{bucket}/streamed" and got_store.num_tokens == want_store.num_tokens
@@ -662,3 +663,47 @@ def test_generation_results_in_a_bucket_are_uploaded_throttled_and_read_back(buc
   assert [json.loads(line)["prompt"] for line in epath.Path(url).read_text().splitlines()] == prompts
   with pytest.raises(ConfigError, match=f"--output {url}:1 was generated with other settings"):
     ResultsFile(url, prompts, {"seed": 1})
+
+
+def test_a_bucket_dataset_copy_fetches_each_split_when_it_opens(bucket, tmp_path, capsys):
+  """The local copy holds the dataset's own files at once and a split's files once the token store opens it
+  (diffgemma-eval, reading the held-out split, never copies the training split): its rows are the local
+  store's; a shard cut short in the copy is fetched again, one deleted from the bucket is a one-line error."""
+  import numpy as np
+  from etils import epath
+
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.data.store import open_split
+  from diffgemma_jax.errors import DataError
+  local = str(tmp_path / "dataset")
+  _write_store(local)
+  url = f"{bucket}/lazy"
+  remote_dataset.upload(local, url)
+  with open(os.path.join(local, "manifest.json")) as f:
+    manifest = json.load(f)
+  copy = remote_dataset.fetch(url, str(tmp_path / "cache"))
+
+  def held():
+    return sorted(os.path.relpath(os.path.join(d, f), copy) for d, _, fs in os.walk(copy) for f in fs)
+
+  assert held() == ["manifest.json", "remote.json"]  # this stand-in has no tokenizer or counts
+  heldout = open_split(copy, manifest, "heldout")
+  assert "fetching the heldout split of" in capsys.readouterr().err
+  assert held() == ["heldout/00000.starts", "heldout/00000.tokens", "manifest.json", "remote.json"]
+  want = open_split(local, manifest, "heldout")
+  rows = range(want.num_rows(32, True))
+  for key, value in want.rows(rows, 32).items():
+    np.testing.assert_array_equal(heldout.rows(rows, 32)[key], value)
+  open_split(copy, manifest, "train")
+  assert len(held()) == 4 + 6 and capsys.readouterr().err.count("fetching the train split") == 1
+  open_split(copy, manifest, "train")  # nothing left to fetch
+  assert capsys.readouterr().err == ""
+  shard = os.path.join(copy, "train", "00001.tokens")
+  with open(shard, "r+b") as f:
+    f.truncate(10)
+  open_split(copy, manifest, "train")
+  assert os.path.getsize(shard) == os.path.getsize(os.path.join(local, "train", "00001.tokens"))
+  os.remove(shard)
+  epath.Path(f"{url}/train/00001.tokens").unlink()
+  with pytest.raises(DataError, match=f"token store file {url}/train/00001.tokens is missing from the bucket"):
+    open_split(copy, manifest, "train")

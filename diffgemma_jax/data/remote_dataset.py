@@ -8,11 +8,13 @@ own. The bucket holds what a local dataset folder holds, plus `objects.json` ({p
 other file). A build uploads the files, then objects.json, then manifest.json, and first removes the old
 manifest: a reader sees the previous dataset whole, the new one whole, or none (and is told to run again).
 
-With `data.stream_tokens` the local copy (`<manifest key>-stream/`) leaves out the token shards, nearly all of
-a pretraining dataset's bytes: it holds the manifest, tokenizer, document starts and unigram counts, and
-`stream.json` (the bucket folder, and each token shard's size as listed at the fetch); the token store then reads
-each batch's rows from the bucket in ranged requests (data/store.py). A host needs no disk for the corpus and a run
-starts without copying it.
+A pretraining dataset's splits are fetched when the token store opens them (`store.open_split`), from the list
+the copy keeps in `remote.json` ({"url", "stream", "objects": {path: [size, sha256]} of the split folders' files}):
+a reader of the held-out split (`diffgemma-eval`) never copies the training split. With `data.stream_tokens` the
+local copy (`<manifest key>-stream/`) never holds the token shards, nearly all of a pretraining dataset's bytes:
+opening a split fetches its document starts only, `remote.json` also records each token shard's size as listed
+at the fetch, and the token store reads each batch's rows from the bucket in ranged requests (data/store.py). A
+host then needs no disk for the corpus and a run starts without copying it.
 
 Fetching reuses a cached file of the recorded size (one cut short or missing is fetched again) and checks each
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
@@ -42,13 +44,13 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.data import build_status
-from diffgemma_jax.data.store import STREAM_FILE
+from diffgemma_jax.data.store import REMOTE_FILE
 from diffgemma_jax.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
 OBJECTS_FILE = "objects.json"
 STATUS_FILE = "build-status.json"
-_NOT_DATA = (MANIFEST_FILE, OBJECTS_FILE, STATUS_FILE, STREAM_FILE)  # bucket files that are not the dataset's
+_NOT_DATA = (MANIFEST_FILE, OBJECTS_FILE, STATUS_FILE, REMOTE_FILE)  # bucket files that are not the dataset's
 STREAM_SUFFIX = "-stream"  # a streamed copy's folder: `<manifest key>-stream`, without the token shards
 
 
@@ -92,14 +94,27 @@ def _objects(url: str) -> dict[str, list]:
 def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 0, stream: bool = False) -> str:
   """The local copy of the dataset in the bucket folder `url`, fetched into `cache_root` where missing; `key`:
   the config key that names it (for the error when no dataset is there). With `max_bytes` > 0, the cache is then
-  pruned to that size (`prune`). With `stream` (`data.stream_tokens`), the copy leaves out the token shards
-  (`*.tokens`, nearly all of a pretraining dataset's bytes): their sizes, listed now, go to its `stream.json`, and
-  the token store reads their rows in the bucket (data/store.py)."""
+  pruned to that size (`prune`). A token store's split folders are fetched when the split is opened
+  (`store.open_split`, from the copy's `remote.json`). With `stream` (`data.stream_tokens`), the token shards
+  (`*.tokens`, nearly all of a pretraining dataset's bytes) are never copied: their sizes, listed now, go to
+  `remote.json`, and the token store reads their rows in the bucket."""
   return _in_use(_copy(url, cache_root, key, stream=stream), cache_root, max_bytes)
 
 
 def _is_token_shard(rel: str) -> bool:
   return rel.endswith(".tokens")
+
+
+def _deferred(manifest: bytes) -> Callable[[str], bool]:
+  """Which files of a dataset wait for their split to be opened: those under a token store split's folder (an SFT
+  dataset's records, read as files, are copied at once)."""
+  try:
+    parsed = json.loads(manifest)
+  except ValueError:
+    parsed = {}
+  store = parsed.get("store") if isinstance(parsed, dict) and parsed.get("kind", "text") == "text" else None
+  splits = set((store or {}).get("splits", {}))
+  return lambda rel: "/" in rel and rel.split("/")[0] in splits
 
 
 def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = False) -> str:
@@ -108,19 +123,22 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
     raise DataError(f"{key} {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
                     f"builds data.recipe into data.dir)")
   local = os.path.join(cache_root, _key(url), _key(manifest) + (STREAM_SUFFIX if stream else ""))
-  objects = _objects(url)
+  objects, deferred = _objects(url), _deferred(manifest)
   for rel, (size, sha256) in sorted(objects.items()):
     path = os.path.join(local, rel)
-    if not (stream and _is_token_shard(rel)) and not (os.path.isfile(path) and os.path.getsize(path) == size):
+    if not deferred(rel) and not (os.path.isfile(path) and os.path.getsize(path) == size):
       storage.download(storage.join(url, rel), path, size=size, sha256=sha256)
-  if stream:  # what the bucket holds now: a shard cut or replaced since the build fails when the split opens
-    listed = storage.folder_sizes(url)
-    record = {"url": url, "sizes": {rel: listed[rel] for rel in objects if _is_token_shard(rel) and rel in listed}}
+  later = {rel: entry for rel, entry in objects.items() if deferred(rel)}
+  if later or stream:  # what the token store fetches (or streams) when it opens a split (store.open_split)
+    record = {"url": url, "stream": stream, "objects": later}
+    if stream:  # what the bucket holds now: a shard cut or replaced since the build fails when the split opens
+      listed = storage.folder_sizes(url)
+      record["sizes"] = {rel: listed[rel] for rel in later if _is_token_shard(rel) and rel in listed}
     os.makedirs(local, exist_ok=True)
-    _write_atomic(os.path.join(local, STREAM_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
+    _write_atomic(os.path.join(local, REMOTE_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
   manifest_path = os.path.join(local, MANIFEST_FILE)
   if not os.path.isfile(manifest_path):
-    _write_atomic(manifest_path, manifest)  # last: a complete copy
+    _write_atomic(manifest_path, manifest)  # last: a complete copy (but for the splits, fetched as they open)
   return local
 
 
@@ -187,7 +205,7 @@ def prune(cache_root: str, max_bytes: int) -> list[str]:
 
 def upload(local: str, url: str) -> None:
   """Replaces the dataset in the bucket folder `url` by the local dataset folder `local` (see the module doc)."""
-  files = [rel for rel in _local_files(local) if rel not in (MANIFEST_FILE, OBJECTS_FILE, STREAM_FILE)]
+  files = [rel for rel in _local_files(local) if rel not in (MANIFEST_FILE, OBJECTS_FILE, REMOTE_FILE)]
   target = epath.Path(url)
   (target / MANIFEST_FILE).unlink(missing_ok=True)
   objects = {}
@@ -205,7 +223,7 @@ def _link_tree(source: str, target: str) -> None:
   """`target` as a copy of the folder `source` made of hard links (a build there replaces files, never edits
   them), or of copies where links cannot be made."""
   for rel in _local_files(source):
-    if rel == STREAM_FILE:  # a streamed copy's own record, not the dataset's
+    if rel == REMOTE_FILE:  # the local copy's own record, not the dataset's
       continue
     os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
     try:
@@ -218,9 +236,10 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
                     stream: bool = False) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
   recipe's build, which keeps a dataset that is current) runs on a local copy of what the bucket holds, and what
-  it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it). With
-  `stream`, that copy is the streamed one (no token shards: a recipe decides whether a dataset is current from its
-  manifest and tokenizer), and so is the copy returned, even after a build (whose shards are then deleted)."""
+  it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it). The build
+  runs on the files `fetch` copies at once (a recipe decides whether a dataset is current from its manifest and
+  tokenizer, not its splits), and what it returns is `fetch`'s copy, the splits fetched when they open; a rebuild's
+  local files become that copy (with `stream`, they are deleted)."""
   before = _read(storage.join(url, MANIFEST_FILE))
   folder = os.path.join(cache_root, _key(url))
   scratch = os.path.join(folder, f"build-{uuid.uuid4().hex[:12]}")
@@ -232,15 +251,13 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
       after = f.read()
     if after != before:
       upload(scratch, url)
-    if stream:
-      return _in_use(_copy(url, cache_root, stream=True), cache_root, max_bytes)
-    local = os.path.join(folder, _key(after))
-    if not os.path.isdir(local):
-      try:
-        os.replace(scratch, local)
-      except OSError:  # another process's copy of the same dataset got there first
-        pass
-    return _in_use(local, cache_root, max_bytes)
+      local = os.path.join(folder, _key(after))
+      if not stream and not os.path.isdir(local):  # the build's files: this version's copy, nothing to fetch
+        try:
+          os.replace(scratch, local)
+        except OSError:  # another process's copy of the same dataset got there first
+          pass
+    return _in_use(_copy(url, cache_root, stream=stream), cache_root, max_bytes)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -234,19 +235,46 @@ class SplitStore:
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
-# In a streamed bucket dataset's local folder (data/remote_dataset.py): {"url": the bucket folder, "sizes": {path:
-# bytes} of its token shards as listed at the fetch}. The token shards are not copied; rows read them there.
-STREAM_FILE = "stream.json"
+# In the local copy of a dataset in a bucket (data/remote_dataset.py): {"url": the bucket folder, "stream": whether
+# the token shards stay there, "objects": {path: [size, sha256]} of the split folders' files, and when streamed
+# "sizes": {path: bytes} of the token shards as listed at the fetch}. A split's files are fetched when it opens.
+REMOTE_FILE = "remote.json"
+
+
+def _fetch_split(data_dir: str, record: dict, split: str) -> None:
+  """Copies the files of `split` that the local copy lacks (or holds cut short) from the bucket, each checked
+  against its recorded size and sha256 (a streamed copy: its document starts only); one line on stderr when any."""
+  missing = []
+  for rel, (size, sha256) in sorted(record["objects"].items()):
+    path = os.path.join(data_dir, rel)
+    if rel.startswith(split + "/") and not (record["stream"] and rel.endswith(".tokens")) and not (
+        os.path.isfile(path) and os.path.getsize(path) == size):
+      missing.append((rel, size, sha256))
+  if not missing:
+    return
+  total = sum(size for _, size, _ in missing)
+  print(f"fetching the {split} split of {record['url']}: {len(missing)} file(s), {total / 2**20:,.1f} MiB, into "
+        f"{data_dir}", file=sys.stderr, flush=True)
+  for rel, size, sha256 in missing:
+    url = storage.join(record["url"], rel)
+    try:
+      storage.download(url, os.path.join(data_dir, rel), size=size, sha256=sha256)
+    except FileNotFoundError:
+      raise DataError(f"token store file {url} is missing from the bucket; rebuild the dataset there") from None
 
 
 def open_split(data_dir: str, manifest: dict, split: str) -> SplitStore:
+  """One split of the token store in `data_dir`; in the local copy of a bucket dataset, its files are fetched
+  first where missing (`REMOTE_FILE`), and a streamed copy's token shards are read in the bucket."""
   store = manifest["store"]
-  stream = os.path.join(data_dir, STREAM_FILE)
   remote = {}
-  if os.path.isfile(stream):
-    with open(stream) as f:
+  path = os.path.join(data_dir, REMOTE_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
       record = json.load(f)
-    remote = {"tokens_url": record["url"], "token_sizes": record["sizes"]}
+    _fetch_split(data_dir, record, split)
+    if record["stream"]:
+      remote = {"tokens_url": record["url"], "token_sizes": record["sizes"]}
   return SplitStore(data_dir, split, store["splits"][split]["shards"], store["dtype"], **remote)
 
 
