@@ -16,6 +16,18 @@ import time
 import types
 
 LOAD_LIMIT = 1.5
+H100_BF16_PEAK = 989e12  # dense bfloat16 FLOP/s of one H100 SXM
+
+
+def gpu_1b_consumption() -> float:
+  """Training tokens per second pretrain_gpu_1b's step consumes on one H100 until a GPU measurement exists: its
+  train FLOPs per token (`diffgemma-inspect`) at 40% of the bf16 peak. Needs the repository root on sys.path."""
+  from configs.pretrain_gpu_1b import get_config  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from diffgemma_jax.model.inspect import flops_per_token  # pylint: disable=import-outside-toplevel
+  c = get_config()
+  flops = flops_per_token(ModelConfig.from_config_dict(c.model), int(c.train.seq_len))["train_flops_per_token"]
+  return 0.4 * H100_BF16_PEAK / flops
 
 
 def commit() -> str:

@@ -34,10 +34,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import gpu_1b_consumption  # noqa: E402
 
 
 SHARD_BYTES = 64 << 20
-H100_BF16_PEAK = 989e12
 
 
 def _source_texts(text_dir: str | None = None):
@@ -193,15 +195,6 @@ def input_throughput(data_dir: str, workers: int, seconds: float = 20.0) -> floa
     jax.block_until_ready(jax.device_put(next(it)))
     tokens += batch * seq_len
   return tokens / (time.perf_counter() - start)
-
-
-def gpu_1b_consumption() -> float:
-  from configs.pretrain_gpu_1b import get_config
-  from diffgemma_jax.model.config import ModelConfig
-  from diffgemma_jax.model.inspect import flops_per_token
-  c = get_config()
-  flops = flops_per_token(ModelConfig.from_config_dict(c.model), int(c.train.seq_len))["train_flops_per_token"]
-  return 0.4 * H100_BF16_PEAK / flops
 
 
 def main(argv=None) -> int:

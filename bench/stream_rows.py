@@ -36,12 +36,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import MachineLoad, commit  # noqa: E402
+from benchlib import MachineLoad, commit, gpu_1b_consumption  # noqa: E402
 
 VOCAB = 32_768
 SHARD_TOKENS = 8 << 20  # 16 MB of uint16 ids
 SEQ_LEN, BATCH = 2048, 32  # pretrain_gpu_1b's rows
-H100_BF16_PEAK = 989e12
 
 
 def write_store(folder: str, size_mb: int, seed: int = 0) -> dict:
@@ -121,15 +120,6 @@ def input_throughput(data_dir: str, workers: int, seconds: float) -> tuple[float
     jax.block_until_ready(jax.device_put(next(it)))
     batches += 1
   return batches * BATCH * SEQ_LEN / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / batches
-
-
-def gpu_1b_consumption() -> float:
-  from configs.pretrain_gpu_1b import get_config
-  from diffgemma_jax.model.config import ModelConfig
-  from diffgemma_jax.model.inspect import flops_per_token
-  c = get_config()
-  flops = flops_per_token(ModelConfig.from_config_dict(c.model), int(c.train.seq_len))["train_flops_per_token"]
-  return 0.4 * H100_BF16_PEAK / flops
 
 
 def main(argv=None) -> int:

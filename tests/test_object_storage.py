@@ -534,7 +534,7 @@ def test_dataset_cache_is_pruned_to_data_cache_max_gb(s3_endpoint, load_tiny, tm
   assert remote_dataset.prune(cache, one_copy + 1) == [shared] and os.path.isdir(c)
 
 
-def _write_store(folder: str, shards: int = 3, seed: int = 0) -> None:
+def _write_store(folder: str, shards: int = 3, seed: int = 0) -> dict:
   """A token store of several shards of random documents (their lengths from 1 to 90 tokens, so rows cross
   documents and shards) and its manifest: what open_split reads."""
   import numpy as np
@@ -552,6 +552,16 @@ def _write_store(folder: str, shards: int = 3, seed: int = 0) -> None:
               "store": {"dtype": "<u2", "splits": {k: {"shards": v} for k, v in entries.items()}}}
   with open(os.path.join(folder, "manifest.json"), "w") as f:
     json.dump(manifest, f)
+  return manifest
+
+
+def _store_in_bucket(tmp_path, url: str) -> tuple[str, dict]:
+  """(the local folder, its manifest) of a `_write_store` store uploaded to the bucket folder `url`."""
+  from diffgemma_jax.data import remote_dataset
+  local = str(tmp_path / "dataset")
+  manifest = _write_store(local)
+  remote_dataset.upload(local, url)
+  return local, manifest
 
 
 def test_a_streamed_dataset_reads_its_rows_in_the_bucket(bucket, tmp_path):
@@ -564,14 +574,10 @@ def test_a_streamed_dataset_reads_its_rows_in_the_bucket(bucket, tmp_path):
 
   from diffgemma_jax.data import make_train_iterator, remote_dataset
   from diffgemma_jax.data.store import open_split
-  local = str(tmp_path / "dataset")
-  _write_store(local)
-  remote_dataset.upload(local, f"{bucket}/streamed")
+  local, manifest = _store_in_bucket(tmp_path, f"{bucket}/streamed")
   cache = str(tmp_path / "cache")
   streamed = remote_dataset.fetch(f"{bucket}/streamed", cache, stream=True)
   assert streamed.endswith("-stream") and remote_dataset.fetch(f"{bucket}/streamed", cache) != streamed
-  with open(os.path.join(local, "manifest.json")) as f:
-    manifest = json.load(f)
   open_split(streamed, manifest, "train")  # fetches the split's document starts
   files = sorted(os.path.relpath(os.path.join(d, f), streamed) for d, _, fs in os.walk(streamed) for f in fs)
   assert not any(f.endswith(".tokens") for f in files) and "remote.json" in files and "train/00002.starts" in files
@@ -603,12 +609,8 @@ def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket,
   from diffgemma_jax.data import remote_dataset
   from diffgemma_jax.data.store import open_split
   from diffgemma_jax.errors import DataError
-  local = str(tmp_path / "dataset")
-  _write_store(local)
   url = f"{bucket}/cut"
-  remote_dataset.upload(local, url)
-  with open(os.path.join(local, "manifest.json")) as f:
-    manifest = json.load(f)
+  _, manifest = _store_in_bucket(tmp_path, url)
   shard = epath.Path(f"{url}/train/00001.tokens")
   whole = shard.read_bytes()
   streamed = remote_dataset.fetch(url, str(tmp_path / "cache"), stream=True)
@@ -675,12 +677,8 @@ def test_a_bucket_dataset_copy_fetches_each_split_when_it_opens(bucket, tmp_path
   from diffgemma_jax.data import remote_dataset
   from diffgemma_jax.data.store import open_split
   from diffgemma_jax.errors import DataError
-  local = str(tmp_path / "dataset")
-  _write_store(local)
   url = f"{bucket}/lazy"
-  remote_dataset.upload(local, url)
-  with open(os.path.join(local, "manifest.json")) as f:
-    manifest = json.load(f)
+  local, manifest = _store_in_bucket(tmp_path, url)
   copy = remote_dataset.fetch(url, str(tmp_path / "cache"))
 
   def held():
