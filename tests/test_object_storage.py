@@ -442,11 +442,12 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(buc
   def broken(folder):
     raise DataError("data.source corpus/: no files\nmatch")
 
-  def run(process_build):
+  def run(process_build, folder="shared", stream=False):
     meet = threading.Barrier(2, timeout=60).wait
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/shared", str(tmp_path / f"cache-{p}"),
-                             process_build, process_index=p, barrier=lambda _: meet(), stale_s=30, poll_s=0.05)
+      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/{folder}", str(tmp_path / f"cache-{p}"),
+                             process_build, process_index=p, barrier=lambda _: meet(), stale_s=30, poll_s=0.05,
+                             stream=stream)
                  for p in (0, 1)]
       return [f.exception() or f.result() for f in futures]
 
@@ -461,6 +462,17 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(buc
   for local in (local_0, local_1):
     assert open(os.path.join(local, "train", "00000.tokens"), "rb").read() == bytes(range(64))
     assert sorted(os.listdir(local)) == ["manifest.json", "train"]
+  # data.stream_tokens: process 0 builds a token store and both read its rows in the bucket, none copied
+  import numpy as np
+
+  from diffgemma_jax.data.store import open_split
+  want = _write_store(str(tmp_path / "reference"))
+  for local in run(_write_store, "shared-stream", stream=True):
+    assert local.endswith("-stream") and sorted(os.listdir(local)) == ["manifest.json", "remote.json"]
+    store, reference = open_split(local, want, "train"), open_split(str(tmp_path / "reference"), want, "train")
+    rows = range(reference.num_rows(32, False))
+    assert store.tokens_url == f"{bucket}/shared-stream"
+    np.testing.assert_array_equal(store.rows(rows, 32)["tokens"], reference.rows(rows, 32)["tokens"])
 
 
 def test_waiting_processes_follow_process_0_heartbeats_and_fail_when_they_stop(s3_endpoint, tmp_path):

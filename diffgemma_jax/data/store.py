@@ -10,6 +10,10 @@ Rows are cut from that concatenation as they always were: row r of length L hold
 start again at 0; segment ids count 1, 2, ... within a row and 0 marks padding (only in a held-out split's last
 row). A row's segment ids and positions are computed when it is read, from the document starts that fall inside
 it (a binary search in the memory-mapped starts), so reading never holds more than the rows asked for.
+
+The local copy of a dataset in a bucket fetches a split's files when the split is opened (`open_split`,
+`REMOTE_FILE`); a streamed one (`data.stream_tokens`) reads the token shards' rows in the bucket instead, a batch's
+ranges in one concurrent request (`SplitStore`).
 """
 
 from __future__ import annotations
