@@ -270,3 +270,8 @@ def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole
   other.write_text("while True:\n")
   assert main(base[:4] + ["--prompts", str(other)] + base[6:] + ["--output", str(whole)]) == 2
   assert "holds a result for another prompt than request 0" in capsys.readouterr().err
+  foreign = tmp_path / "foreign.jsonl"  # a file of something else, even one unfinished line, is refused, not cut
+  foreign.write_text('{"prompt": "def f(')
+  assert main(base + ["--output", str(foreign)]) == 2
+  assert "foreign.jsonl:1 is not a line of diffgemma-generate's results" in capsys.readouterr().err
+  assert foreign.read_text() == '{"prompt": "def f('

@@ -30,6 +30,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 
 UPLOAD_EVERY_S = 60.0
+LINE_START = b'{"index": '  # how each line of a results file starts (its first key), cut short or not
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -68,6 +69,9 @@ class ResultsFile:
     good, where = 0, f"{self.flag} {self.path}"
     for number, line in enumerate(data.split(b"\n"), 1):
       if good + len(line) >= len(data):  # the last piece: no newline after it, a line a kill cut short
+        if line.strip() and not line.startswith(LINE_START):  # not one of ours: never cut someone's file
+          raise ConfigError(f"{where}:{number} is not a line of diffgemma-generate's results; use a new --output "
+                            f"or delete the file")
         break
       good += len(line) + 1
       if not line.strip():
