@@ -379,7 +379,7 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   for text in prompts:
     ids = [tokenizer.bos_id] + list(encode_text(tokenizer, text, markers))
     validate_prompt(text, ids, context_length)
-    encoded.append(ids)
+    encoded.append(np.asarray(ids, np.int32))  # 4 bytes a token: every prompt is held while a share runs
   if fill_context:  # --gen_length not given: as much as fits after the longest prompt, at most the default
     room = context_length - max(len(ids) for ids in encoded)
     unit = SAMPLERS[options.sampler].length_unit(options)
@@ -404,14 +404,14 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   def finish(indices, done):
     for i, result in zip(indices, done):
       index = positions[i]
-      ids, own = encoded[index], request_options[index]
+      ids, own = encoded[index].tolist(), request_options[index]
       completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
       result.update(prompt=prompts[index], completion=completion, prompt_tokens=len(ids), step=run.step,
                     weights=run.weights, gen_length=own.gen_length)
       if on_result is not None:
         on_result(index, result)
 
-  results = generator.run_requests([encoded[i] for i in positions], options, batch_size=batch_size,
+  results = generator.run_requests([encoded[i].tolist() for i in positions], options, batch_size=batch_size,
                                    serving_slots=serving_slots, serving_widths=serving_widths,
                                    request_options=[request_options[i] for i in positions],
                                    on_results=None if on_result is None else finish)
