@@ -152,10 +152,9 @@ def main(argv=None) -> int:
       settings = {"workdir": storage.resolve(args.workdir), "options": dataclasses.asdict(options),
                   "stop": args.stop, "chat_template": template, "system": args.system}
       kept = ResultsFile(args.output, prompts, settings, write=outputs.first)
-      if kept.kept:
-        print(f"{args.output}: {kept.kept} request(s) already done, {len(kept.pending(positions))} to run",
-              file=sys.stderr)
       positions = kept.pending(positions)
+      if kept.kept:
+        print(f"{args.output}: {kept.kept} request(s) already done, {len(positions)} to run", file=sys.stderr)
 
     def finish(index, result):
       if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)

@@ -44,7 +44,7 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.data import build_status
-from diffgemma_jax.data.store import REMOTE_FILE
+from diffgemma_jax.data.store import REMOTE_FILE, is_token_shard
 from diffgemma_jax.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -82,13 +82,14 @@ def _local_files(folder: str) -> list[str]:
   return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
 
 
-def _objects(url: str) -> dict[str, list]:
+def _objects(url: str, listed: dict[str, int] | None = None) -> dict[str, list]:
   """{path: [size, sha256 or None]} of the dataset's files: its objects.json, or (a folder copied into the bucket
-  by other tools) a listing, sizes only."""
+  by other tools) a listing, sizes only (`listed`, when the caller has listed the folder already)."""
   recorded = _read(storage.join(url, OBJECTS_FILE))
   if recorded is not None:
     return json.loads(recorded)
-  return {rel: [size, None] for rel, size in storage.folder_sizes(url).items() if rel not in _NOT_DATA}
+  listed = storage.folder_sizes(url) if listed is None else listed
+  return {rel: [size, None] for rel, size in listed.items() if rel not in _NOT_DATA}
 
 
 def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 0, stream: bool = False) -> str:
@@ -99,10 +100,6 @@ def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 
   (`*.tokens`, nearly all of a pretraining dataset's bytes) are never copied: their sizes, listed now, go to
   `remote.json`, and the token store reads their rows in the bucket."""
   return _in_use(_copy(url, cache_root, key, stream=stream), cache_root, max_bytes)
-
-
-def _is_token_shard(rel: str) -> bool:
-  return rel.endswith(".tokens")
 
 
 def _deferred(manifest: bytes) -> Callable[[str], bool]:
@@ -123,7 +120,8 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
     raise DataError(f"{key} {url}: no dataset there (no {MANIFEST_FILE}); build it first (diffgemma-train "
                     f"builds data.recipe into data.dir)")
   local = os.path.join(cache_root, _key(url), _key(manifest) + (STREAM_SUFFIX if stream else ""))
-  objects, deferred = _objects(url), _deferred(manifest)
+  listed = storage.folder_sizes(url) if stream else None  # what the bucket holds now (one listing)
+  objects, deferred = _objects(url, listed), _deferred(manifest)
   for rel, (size, sha256) in sorted(objects.items()):
     path = os.path.join(local, rel)
     if not deferred(rel) and not (os.path.isfile(path) and os.path.getsize(path) == size):
@@ -131,9 +129,8 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
   later = {rel: entry for rel, entry in objects.items() if deferred(rel)}
   if later or stream:  # what the token store fetches (or streams) when it opens a split (store.open_split)
     record = {"url": url, "stream": stream, "objects": later}
-    if stream:  # what the bucket holds now: a shard cut or replaced since the build fails when the split opens
-      listed = storage.folder_sizes(url)
-      record["sizes"] = {rel: listed[rel] for rel in later if _is_token_shard(rel) and rel in listed}
+    if stream:  # a shard cut or replaced since the build fails when the split opens
+      record["sizes"] = {rel: listed[rel] for rel in later if is_token_shard(rel) and rel in listed}
     os.makedirs(local, exist_ok=True)
     _write_atomic(os.path.join(local, REMOTE_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
   manifest_path = os.path.join(local, MANIFEST_FILE)
@@ -244,19 +241,21 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
   folder = os.path.join(cache_root, _key(url))
   scratch = os.path.join(folder, f"build-{uuid.uuid4().hex[:12]}")
   try:
-    if before is not None:
-      _link_tree(_copy(url, cache_root, stream=stream), scratch)
+    copy = _copy(url, cache_root, stream=stream) if before is not None else None
+    if copy is not None:
+      _link_tree(copy, scratch)
     build(scratch)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
       after = f.read()
-    if after != before:
-      upload(scratch, url)
-      local = os.path.join(folder, _key(after))
-      if not stream and not os.path.isdir(local):  # the build's files: this version's copy, nothing to fetch
-        try:
-          os.replace(scratch, local)
-        except OSError:  # another process's copy of the same dataset got there first
-          pass
+    if after == before:  # current: the copy made for the build is the one to read
+      return _in_use(copy, cache_root, max_bytes)
+    upload(scratch, url)
+    local = os.path.join(folder, _key(after))
+    if not stream and not os.path.isdir(local):  # the build's files: this version's copy, nothing to fetch
+      try:
+        os.replace(scratch, local)
+      except OSError:  # another process's copy of the same dataset got there first
+        pass
     return _in_use(_copy(url, cache_root, stream=stream), cache_root, max_bytes)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)

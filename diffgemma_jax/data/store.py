@@ -245,13 +245,18 @@ class SplitStore:
 REMOTE_FILE = "remote.json"
 
 
+def is_token_shard(rel: str) -> bool:
+  """Whether a dataset file (a path in its folder) is a token shard, the files a streamed copy never holds."""
+  return rel.endswith(".tokens")
+
+
 def _fetch_split(data_dir: str, record: dict, split: str) -> None:
   """Copies the files of `split` that the local copy lacks (or holds cut short) from the bucket, each checked
   against its recorded size and sha256 (a streamed copy: its document starts only); one line on stderr when any."""
   missing = []
   for rel, (size, sha256) in sorted(record["objects"].items()):
     path = os.path.join(data_dir, rel)
-    if rel.startswith(split + "/") and not (record["stream"] and rel.endswith(".tokens")) and not (
+    if rel.startswith(split + "/") and not (record["stream"] and is_token_shard(rel)) and not (
         os.path.isfile(path) and os.path.getsize(path) == size):
       missing.append((rel, size, sha256))
   if not missing:
