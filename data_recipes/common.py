@@ -93,7 +93,7 @@ def _write_shards(directory: str, documents: list[tuple[str, str | dict]]) -> li
 
 
 DEFAULT_SAMPLE_LINES = 120_000
-BUILD_OPTIONS = ("build_workers", "tokenizer_sample_lines", "process_index", "process_count", "barrier")
+BUILD_OPTIONS = ("build_workers", "tokenizer_sample_lines", "process_index", "process_count", "barrier", "exchange")
 
 
 def build_options(options: dict) -> dict:
@@ -118,16 +118,18 @@ def _check_output_dir(output_dir: str) -> None:
 def build_text_dataset(output_dir: str, recipe: str, corpus: Corpus, vocab_size: int | None, *,
                        source: str | None = None, notes: dict | None = None, tokenizer: str | None = None,
                        build_workers: int = 0, tokenizer_sample_lines: int = DEFAULT_SAMPLE_LINES,
-                       process_index: int = 0, process_count: int = 1, barrier=None) -> dict:
+                       process_index: int = 0, process_count: int = 1, barrier=None, exchange=None) -> dict:
   """Builds a pretraining dataset (token store) of `corpus`: a copy of `tokenizer` when given, else one trained
-  on a uniform sample of the training documents (`tokenizer_sample_lines` lines)."""
+  on a uniform sample of the training documents (`tokenizer_sample_lines` lines). `exchange`: a multi-process
+  build whose processes each build in a folder of their own (`BuildOptions.exchange`)."""
   _check_output_dir(output_dir)
   if tokenizer and not os.path.isfile(tokenizer):
     raise DataError(f"data.tokenizer: {tokenizer!r} does not exist; give a sentencepiece .model file")
   manifest = {"recipe": recipe, "source": source or None,
               "tokenizer_sha256": file_sha256(tokenizer) if tokenizer else None, **(notes or {})}
   options = BuildOptions(workers=int(build_workers), sample_lines=int(tokenizer_sample_lines),
-                         process_index=process_index, process_count=process_count, barrier=barrier)
+                         process_index=process_index, process_count=process_count, barrier=barrier,
+                         exchange=exchange)
   return build_store(output_dir, corpus, vocab_size=vocab_size, tokenizer=tokenizer, manifest=manifest,
                      options=options)
 

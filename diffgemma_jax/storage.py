@@ -20,6 +20,7 @@ wherever it takes a path, with the same one-line errors.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -184,6 +185,45 @@ def download(url: str, target: str, *, size: int | None = None, sha256: str | No
       os.remove(partial)
 
 
+TRANSFERS = 16  # concurrent requests of `download_many` and `upload_many`
+
+
+def concurrently(fn, items: list, workers: int = TRANSFERS) -> list:
+  """fn(item) for every item, `workers` at a time; results in order; the first failure is raised once every
+  transfer begun has ended (none left writing behind the caller)."""
+  if workers <= 1 or len(items) <= 1:
+    return [fn(item) for item in items]
+  with concurrent.futures.ThreadPoolExecutor(min(workers, len(items))) as pool:
+    futures = [pool.submit(fn, item) for item in items]
+    concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    for future in futures:
+      future.cancel()
+  for future in futures:
+    if not future.cancelled() and future.exception() is not None:
+      raise future.exception()
+  return [future.result() for future in futures]
+
+
+def download_many(items: list[tuple], workers: int = TRANSFERS) -> None:
+  """`download(url, target, size=, sha256=)` for each (url, target[, size[, sha256]]), `workers` at once: a dataset
+  of thousands of shards fetched one request at a time spends most of its time waiting on round trips."""
+  def one(item):
+    url, target, *rest = item
+    download(url, target, size=rest[0] if rest else None, sha256=rest[1] if len(rest) > 1 else None)
+  concurrently(one, list(items), workers)
+
+
+def upload_many(items: list[tuple[str, str]], workers: int = TRANSFERS) -> None:
+  """Copies each local file `source` to `target` (an object, or a local path) for each (source, target), `workers`
+  at once."""
+  def one(item):
+    source, target = item
+    if not is_url(target):
+      os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    epath.Path(source).copy(epath.Path(target), overwrite=True)
+  concurrently(one, list(items), workers)
+
+
 def local_file(path) -> str:
   """A local path holding the file at `path`: `path` itself, or for a URL a copy under the temporary folder (for
   libraries that read local files only, such as sentencepiece), keyed by the URL and the object's version and
@@ -273,12 +313,12 @@ def rename_folder(path: str, target: str) -> None:
 def upload_folder(local: str, url: str) -> str:
   """Copies every file under the local folder `local` to the folder `url` (a bucket URL or a local path), keeping
   the relative paths; returns `url`."""
+  items = []
   for folder, _, names in os.walk(local):
     for name in sorted(names):
       rel = os.path.relpath(os.path.join(folder, name), local)
-      target = epath.Path(join(url, *rel.split(os.sep)))
-      target.parent.mkdir(parents=True, exist_ok=True)
-      epath.Path(os.path.join(folder, name)).copy(target, overwrite=True)
+      items.append((os.path.join(folder, name), join(url, *rel.split(os.sep))))
+  upload_many(items)
   return url
 
 

@@ -717,3 +717,146 @@ def test_a_bucket_dataset_copy_fetches_each_split_when_it_opens(bucket, tmp_path
   epath.Path(f"{url}/train/00001.tokens").unlink()
   with pytest.raises(DataError, match=f"token store file {url}/train/00001.tokens is missing from the bucket"):
     open_split(copy, manifest, "train")
+
+
+def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards(bucket, tmp_path, monkeypatch):
+  """Two processes (threads meeting at a barrier) build a corpus into the bucket together, each its share of the
+  tasks in a folder on its own disk (no shared filesystem), passing what the other needs through the bucket: the
+  bucket then holds what one process's build publishes, file by file (sizes and sha256 in objects.json, the
+  tokenizer trained on the merged sample included); each process uploaded its own tasks' shards and no other's;
+  the exchange folder is gone; each copy reads the one-process build's rows. Started again, they find the dataset
+  current and upload nothing."""
+  import concurrent.futures
+  import shutil
+  import sysconfig
+  import threading
+
+  import numpy as np
+  from etils import epath
+
+  from data_recipes import build_dataset
+  from diffgemma_jax import storage
+  from diffgemma_jax.data import build as build_module
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.data.store import open_split
+  src = tmp_path / "corpus"
+  src.mkdir()
+  for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py"):
+    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), src / name)
+  monkeypatch.setattr(build_module, "TASK_BYTES", 10_000)  # several tasks for each process
+
+  def build(folder, **job):
+    return build_dataset("text_files", folder, 400, source=str(src), build_workers=1, **job)
+
+  one = remote_dataset.build_in_bucket(f"{bucket}/one", str(tmp_path / "cache-one"), build)
+  uploads, upload_many = [], storage.upload_many
+  monkeypatch.setattr(storage, "upload_many", lambda items, *a: uploads.extend(items) or upload_many(items, *a))
+
+  def together(build_id):
+    meet = threading.Barrier(2, timeout=60).wait
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"), build,
+                             process_index=p, barrier=lambda _: meet(), poll_s=0.05, process_count=2,
+                             build_id=build_id) for p in (0, 1)]
+      return [f.result() for f in futures]
+
+  copies = together("first")
+  objects = [json.loads(epath.Path(f"{bucket}/{name}/objects.json").read_text()) for name in ("one", "two")]
+  assert objects[0] == objects[1]
+  manifests = [json.loads(epath.Path(f"{bucket}/{name}/manifest.json").read_text()) for name in ("one", "two")]
+  assert all(manifests[1][key] == manifests[0][key] for key in ("sha256", "store", "splits", "vocab_size"))
+  published = {target[len(f"{bucket}/two/"):]: source for source, target in uploads
+               if target.startswith(f"{bucket}/two/")}
+  assert sorted(published) == sorted(objects[0])  # every file once
+  shards = {f"{e['name']}{suffix}": int(e["name"].split("/")[1]) % 2 for split in ("train", "heldout")
+            for e in manifests[0]["store"]["splits"][split]["shards"] for suffix in (".tokens", ".starts")}
+  assert set(shards.values()) == {0, 1}
+  for rel, source in published.items():
+    assert source.startswith(str(tmp_path / f"cache-{shards.get(rel, 0)}")), (rel, source)
+  assert storage.folder_sizes(f"{bucket}/two.partial") == {}
+  for local in copies:
+    for split in ("train", "heldout"):
+      got, want = open_split(local, manifests[1], split), open_split(one, manifests[0], split)
+      rows = range(want.num_rows(32, False))
+      np.testing.assert_array_equal(got.rows(rows, 32)["tokens"], want.rows(rows, 32)["tokens"])
+  uploads.clear()
+  assert together("second") == copies and uploads == []
+  # A rebuild (a new file) that fails on process 1 fails both processes with its line, and the bucket keeps the
+  # dataset it had
+  (src / "bisect_copy.py").write_text((src / "bisect.py").read_text())
+  tokenize = build_module._tokenize_task
+
+  def failing(corpus, index, *rest):
+    if index % 2:
+      raise build_module.DataError(f"task {index} cannot be read")
+    return tokenize(corpus, index, *rest)
+
+  monkeypatch.setattr(build_module, "_tokenize_task", failing)
+  meet = threading.Barrier(2, timeout=60).wait
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"), build,
+                           process_index=p, barrier=lambda _: meet(), poll_s=0.05, process_count=2,
+                           build_id="third") for p in (0, 1)]
+    errors = [str(f.exception()) for f in futures]
+  assert errors[0].startswith("the dataset build failed on process 1: task 1 cannot be read"), errors
+  assert errors[1].startswith("task ") and errors[1].endswith(" cannot be read"), errors
+  assert json.loads(epath.Path(f"{bucket}/two/manifest.json").read_text()) == manifests[1]
+  assert storage.folder_sizes(f"{bucket}/two.partial") == {}
+
+
+JOINED_BUILD = """
+import json, os, sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from diffgemma_jax.config import load_config
+from diffgemma_jax.data import build
+from diffgemma_jax.train.dataset import prepare_dataset
+build.MIN_TASK_BYTES, build.TASK_BYTES = 0, 60_000  # the tiny corpus in several tasks: a share for each process
+config = load_config(sys.argv[3], {"data.dir": sys.argv[4], "data.cache_dir": sys.argv[5], "data.build_workers": "1"})
+directory, tokenizer = prepare_dataset(config)
+with open(os.path.join(directory, "manifest.json")) as f:
+  manifest = json.load(f)
+print(json.dumps({"splits": manifest["splits"], "vocab": tokenizer.vocab_size, "store": manifest["store"]}), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_a_joined_run_builds_its_bucket_dataset_on_every_process(s3_endpoint, tiny_config_file, load_tiny, tmp_path):
+  """Two processes joined by jax.distributed on CPU, each with a dataset cache of its own (no shared disk), build
+  the tiny corpus into the bucket together (the build id drawn by process 0 through the job's key-value store):
+  the documents, split and tokenizer one process builds locally, each process's copy holds the shards it built,
+  and the bucket keeps no exchange folder."""
+  import subprocess
+  import sys
+
+  from conftest import free_port
+  from diffgemma_jax import storage
+  from diffgemma_jax.train.dataset import prepare_dataset
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  address = f"127.0.0.1:{free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, XLA_FLAGS="")
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(name, None)
+  procs = [subprocess.Popen([sys.executable, "-c", JOINED_BUILD, address, str(rank), tiny_config_file,
+                             "s3://runs/joined", str(tmp_path / f"cache-{rank}")], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  local_dir, _ = prepare_dataset(load_tiny())  # the session's local build of the tiny corpus (in one task)
+  with open(os.path.join(local_dir, "manifest.json")) as f:
+    want = json.load(f)
+  got = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+  assert got[0] == got[1]
+  assert got[0]["splits"] == want["splits"] and got[0]["vocab"] == want["vocab_size"]  # the same documents, split
+  objects = json.loads(storage.open_path("s3://runs/joined/objects.json").read_text())  # and tokenizer
+  assert objects["tokenizer.model"][1] == storage.file_sha256(os.path.join(local_dir, "tokenizer.model"))
+  shards = {e["name"]: int(e["name"].split("/")[1]) % 2 for split in ("train", "heldout")
+            for e in got[0]["store"]["splits"][split]["shards"]}
+  assert set(shards.values()) == {0, 1}, shards
+  for rank in range(2):  # each copy holds the shards its process built (the others' are fetched when read)
+    held = {os.path.relpath(os.path.join(d, f), tmp_path / f"cache-{rank}").split(os.sep, 2)[2]
+            for d, _, files in os.walk(tmp_path / f"cache-{rank}") for f in files if f.endswith(".tokens")}
+    assert held == {f"{name}.tokens" for name, p in shards.items() if p == rank}, (rank, held)
+  assert "manifest.json" in storage.folder_sizes("s3://runs/joined")
+  assert storage.folder_sizes("s3://runs/joined.partial") == {}

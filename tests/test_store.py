@@ -157,6 +157,9 @@ def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, mon
   out, manifest, src = store
   tok = os.path.join(out, "tokenizer.model")
   monkeypatch.setattr(build_module, "TASK_BYTES", 40_000)
+  decided = []  # (threshold, held-out bytes, total bytes) of each build: process 0 read every task's table
+  threshold = build_module.heldout_threshold
+  monkeypatch.setattr(build_module, "heldout_threshold", lambda *a: decided.append(threshold(*a)) or decided[-1])
   one = _build(tmp_path, "one", src, tok, build_workers=1)
   spawned = _build(tmp_path, "spawned", src, tok, build_workers=2)
   barrier = threading.Barrier(2)
@@ -170,19 +173,50 @@ def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, mon
       errors.append(e)
       barrier.abort()
 
-  threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
+  def run(target, **options):
+    threads = [threading.Thread(target=target, args=(i,), kwargs=options) for i in range(2)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+
+  run(process)
+  assert not errors, errors
+  # Each process in a folder of its own, passing files through an exchange folder (a bucket build's processes,
+  # which share no disk): process 1's folder ends with its own tasks' shards alone, process 0's with the dataset
+  # but for process 1's shards
+  from diffgemma_jax.data.exchange import Exchange
+  exchange, apart = Exchange(str(tmp_path / "exchange")), {}
+
+  def alone(index):
+    try:
+      apart[index] = _build(tmp_path, f"apart-{index}", src, tok, build_workers=1, process_index=index,
+                            process_count=2, barrier=lambda name: barrier.wait(timeout=60), exchange=exchange)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      barrier.abort()
+
+  run(alone)
   assert not errors, errors
   assert one["sha256"] == manifest["sha256"] and one["store"] == manifest["store"]  # the fixture trained it
-  for other in (spawned, results[0], results[1]):
+  assert len(decided) == 4 and len(set(decided)) == 1, decided
+  for other in (spawned, results[0], results[1], apart[0], apart[1]):
     assert other["sha256"] == one["sha256"] and other["store"] == one["store"] and other["splits"] == one["splits"]
   for split in ("train", "heldout"):
-    for name in ("spawned", "two"):
+    for name in ("spawned", "two", "apart-0"):
       assert (np.fromfile(tmp_path / name / f"{split}.unigram", np.int64)
               == np.fromfile(tmp_path / "one" / f"{split}.unigram", np.int64)).all()
+  files = {name: {os.path.relpath(os.path.join(d, f), tmp_path / name) for d, _, fs in os.walk(tmp_path / name)
+                  for f in fs} for name in ("one", "apart-0", "apart-1")}
+  shards = {f"{e['name']}{suffix}": int(e["name"].split("/")[1]) % 2 for split in ("train", "heldout")
+            for e in one["store"]["splits"][split]["shards"] for suffix in (".tokens", ".starts")}
+  assert set(shards.values()) == {0, 1} and set(shards) <= files["one"]
+  assert files["apart-1"] == {rel for rel, p in shards.items() if p == 1}
+  assert files["apart-0"] == files["one"] - files["apart-1"]
+  for rel in files["one"] - {"manifest.json"}:
+    with open(tmp_path / "one" / rel, "rb") as f, open(tmp_path / f"apart-{shards.get(rel, 0)}" / rel, "rb") as g:
+      assert f.read() == g.read(), rel
+  assert not os.path.exists(tmp_path / "apart-0.partial") and not os.path.exists(tmp_path / "apart-1.partial")
 
 
 def test_one_large_file_is_built_in_several_tasks_to_the_same_dataset(store, tmp_path, monkeypatch):

@@ -4,7 +4,10 @@ The corpus is cut into tasks (runs of consecutive file spans, data/sources.py, o
 file is several spans, small files share a task) and built in four phases. A
 multi-process run splits the tasks over its processes (task i goes to process i mod P), every process works on
 its own tasks only, and process 0 does what is global; a barrier separates the phases, and a process that fails
-leaves its error for the others to raise after the next barrier (no process waits forever for a dead one).
+leaves its error for the others to raise after the next barrier (no process waits forever for a dead one). The
+processes share one staging folder (a shared filesystem), or, with `BuildOptions.exchange` (a dataset built
+into a bucket), each has its own and they pass what crosses between them through the exchange (data/exchange.py):
+a process's folder then ends with its own tasks' shards, process 0's with the rest of the dataset.
 
   1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), and keeps
                its candidates for the tokenizer sample.
@@ -44,6 +47,7 @@ from typing import Callable
 import numpy as np
 
 from diffgemma_jax import storage
+from diffgemma_jax.data.exchange import Exchange
 from diffgemma_jax.data.sources import ReadStats, Span, check_bad_lines, file_spans, read_documents
 from diffgemma_jax.data.split import (
   SPLIT_BY,
@@ -91,12 +95,15 @@ class Corpus:
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
   """`workers`: processes per machine (0: every core); `sample_lines`: the tokenizer sample (data.tokenizer_sample_
-  lines); `process_index` / `process_count` / `barrier(name)`: a multi-process run's share and its sync point."""
+  lines); `process_index` / `process_count` / `barrier(name)`: a multi-process run's share and its sync point;
+  `exchange`: where its processes pass files when each builds in a staging folder of its own (data/exchange.py,
+  the build of a dataset in a bucket); None: they share one (a shared filesystem)."""
   workers: int = 0
   sample_lines: int = 120_000
   process_index: int = 0
   process_count: int = 1
   barrier: Callable[[str], None] | None = None
+  exchange: Exchange | None = None
 
 
 def task_bytes(corpus: Corpus) -> int:
@@ -233,12 +240,33 @@ class _Workers:
       self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _Phases:
+class Phases:
   """Runs each phase on every process and meets at a barrier; an error on any process is raised on all of them
-  after that barrier (process 0's message where it failed, else the first failing process's)."""
+  after that barrier (process 0's message where it failed, else the first failing process's). The errors are
+  files `error-<process>` in the shared staging folder, or `errors/<process>` in the options' exchange."""
 
   def __init__(self, staging: str, options: BuildOptions):
     self.staging, self.options = staging, options
+
+  def _report(self, detail: str) -> None:
+    p, exchange = self.options.process_index, self.options.exchange
+    if exchange is not None:
+      exchange.write_text(f"errors/{p}", detail)
+    elif os.path.isdir(self.staging):
+      with open(os.path.join(self.staging, f"error-{p}"), "w") as f:
+        f.write(detail)
+
+  def _reported(self) -> dict[int, str]:
+    if self.options.exchange is not None:
+      exchange = self.options.exchange
+      return {int(rel.split("/")[1]): exchange.read_text(rel) or "" for rel in exchange.listing("errors")}
+    found = {}
+    for p in range(self.options.process_count):
+      path = os.path.join(self.staging, f"error-{p}")
+      if os.path.isfile(path):
+        with open(path) as f:
+          found[p] = f.read()
+    return found
 
   def run(self, name: str, fn: Callable[[], None]) -> None:
     error = None
@@ -246,20 +274,18 @@ class _Phases:
       fn()
     except Exception as e:  # pylint: disable=broad-except
       error = e
-      if self.options.process_count > 1 and os.path.isdir(self.staging):
-        detail = str(e) if isinstance(e, DataError) else "".join(traceback.format_exception_only(e)).strip()
-        with open(os.path.join(self.staging, f"error-{self.options.process_index}"), "w") as f:
-          f.write(detail)
+      if self.options.process_count > 1:
+        try:
+          self._report(str(e) if isinstance(e, DataError) else "".join(traceback.format_exception_only(e)).strip())
+        except Exception:  # pylint: disable=broad-except (the medium failed too: the others time out at the barrier)
+          pass
     if self.options.process_count > 1:
       self.options.barrier(f"diffgemma_build_{name}")
     if error is not None:
       raise error
     if self.options.process_count > 1:
-      for p in range(self.options.process_count):
-        path = os.path.join(self.staging, f"error-{p}")
-        if os.path.isfile(path):
-          with open(path) as f:
-            raise DataError(f"the dataset build failed on process {p}: {f.read()}")
+      for p, detail in sorted(self._reported().items()):
+        raise DataError(f"the dataset build failed on process {p}: {detail}")
 
 
 def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, tokenizer: str | None,
@@ -267,22 +293,24 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   """Builds `corpus` into `output_dir` (replaced atomically at the end) and returns its manifest; `manifest`: the
   recipe's fields (recipe, source, notes), completed here with the store's."""
   start = time.time()
-  p, count = options.process_index, options.process_count
+  p, count, exchange = options.process_index, options.process_count, options.exchange
   if count > 1 and options.barrier is None:
     raise DataError("a multi-process build needs a barrier")
+  own = exchange is not None and count > 1  # a staging folder per process, files passed through the exchange
   staging = output_dir.rstrip("/") + ".partial"
   workers = _Workers(options.workers or os.cpu_count() or 1)
   tasks = plan_tasks(corpus)
   mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]
   job_corpus = dataclasses.replace(corpus, files=(), heldout_keys=())  # what a task needs, pickled per task
-  phases = _Phases(staging, options)
+  phases = Phases(staging, options)
   progress = _Progress(output_dir, enabled=p == 0, shared=count > 1)
   task_size = {i: sum(span.size for span in spans) for i, spans in mine}
 
   def begin():
-    if p == 0:
+    if p == 0 or own:
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(os.path.join(staging, "scan"))
+    if p == 0:
       size = sum(span.size for spans in tasks for span in spans)
       progress.say(f"building a dataset of {corpus.name} in {output_dir}: {len(corpus.files)} file(s), "
                    f"{size / 1e6:.1f} MB in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} "
@@ -300,10 +328,20 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
         sample.offer(digest, order, lines)
     _write_json(os.path.join(staging, "scan", f"process-{p}.json"),
                 {"stats": dataclasses.asdict(stats), "sample": sample.heap})
+    if own and p != 0:  # this process's tables as one file (thousands of tasks: one request, not thousands)
+      bundle = os.path.join(staging, "scan", f"process-{p}.digests")
+      with open(bundle, "wb") as out:
+        for i, _ in mine:
+          with open(os.path.join(staging, "scan", f"{i:05d}.digests"), "rb") as f:
+            shutil.copyfileobj(f, out)
+      exchange.put([(os.path.join(staging, "scan", name), f"scan/{name}")
+                    for name in (f"process-{p}.json", f"process-{p}.digests")])
 
   def decide():
     if p != 0:
       return
+    if own:
+      exchange.get([f"scan/process-{q}.{kind}" for q in range(1, count) for kind in ("json", "digests")], staging)
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
     for q in range(count):
       part = _read_json(os.path.join(staging, "scan", f"process-{q}.json"))
@@ -315,7 +353,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if not stats.documents:
       raise DataError(f"{corpus.name} holds no non-empty documents ({len(corpus.files)} file(s) found, "
                       f"{len(stats.non_utf8_files)} not UTF-8, {stats.empty} empty)")
-    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in range(len(tasks))]
+    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in range(len(tasks))] if not own else \
+        [os.path.join(staging, "scan", f"{i:05d}.digests") for i, _ in mine] + \
+        [os.path.join(staging, "scan", f"process-{q}.digests") for q in range(1, count)]
     if corpus.heldout_keys:
       heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
       held, total = keyed_bytes(tables, heldout.digests)
@@ -333,8 +373,12 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       train_tokenizer(texts, os.path.join(staging, "tokenizer"), vocab_size, max_sentences=options.sample_lines)
     _write_json(os.path.join(staging, "decision.json"),
                 {"heldout": heldout.to_json(), "stats": dataclasses.asdict(stats)})
+    if own:
+      exchange.put([(os.path.join(staging, name), name) for name in ("decision.json", "tokenizer.model")])
 
   def tokenize():
+    if own and p != 0:
+      exchange.get(["decision.json", "tokenizer.model"], staging)
     decision = _read_json(os.path.join(staging, "decision.json"))
     tokenizer_path = os.path.join(staging, "tokenizer.model")
     vocab = Tokenizer(tokenizer_path).vocab_size
@@ -351,10 +395,23 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     for split in SPLITS:
       counts[split].tofile(os.path.join(staging, f"counts-{p}.{split}"))
     _write_json(os.path.join(staging, f"shards-{p}.json"), shards)
+    if own and p != 0:
+      exchange.put([(os.path.join(staging, name), name)
+                    for name in [f"counts-{p}.{split}" for split in SPLITS] + [f"shards-{p}.json"]])
 
   def finish():
     if p != 0:
+      if own:  # this process's shards are its output; process 0 publishes the rest
+        for name in os.listdir(staging):
+          if name not in SPLITS:
+            path = os.path.join(staging, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        os.replace(staging, output_dir)
       return
+    if own:
+      exchange.get([name for q in range(1, count)
+                    for name in [f"counts-{q}.{split}" for split in SPLITS] + [f"shards-{q}.json"]], staging)
     decision = _read_json(os.path.join(staging, "decision.json"))
     tok = Tokenizer(os.path.join(staging, "tokenizer.model"))
     per_task: dict[int, dict] = {}
@@ -386,6 +443,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
         path = os.path.join(staging, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     _write_json(os.path.join(staging, "manifest.json"), full)
+    if own:
+      exchange.put([(os.path.join(staging, "manifest.json"), "manifest.json")])
     # The manifest reaches the target only with everything else: a killed build is rebuilt.
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(staging, output_dir)
@@ -398,11 +457,13 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       phases.run(name, fn)
   except BaseException:
     workers.close()  # no task still writes into the staging folder
-    if p == 0:  # a failed build leaves nothing behind (the target, if any, is untouched)
+    if p == 0 or own:  # a failed build leaves nothing behind (the target, if any, is untouched)
       shutil.rmtree(staging, ignore_errors=True)
     raise
   finally:
     workers.close()
+  if own and p != 0:
+    return json.loads(exchange.read_text("manifest.json"))
   return _read_json(os.path.join(output_dir, "manifest.json"))
 
 

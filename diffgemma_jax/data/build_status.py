@@ -8,9 +8,11 @@ reports on a board that the others read (`JobBuild`):
   while it works   a heartbeat every `heartbeat_s` (30 s): {"building": true, "beat": n, "stage": the last of
                    the job's sync points it reached}, rewritten at once when it reaches one;
   when it ends     its outcome: {"ok": true}, or {"error": its one-line message}.
-The others poll the board every `poll_s` (5 s) and set no deadline on the work itself: they wait while the
-beats advance, fail at once with process 0's message when its build failed, and fail, saying so, once no beat
-has come for `stale_s` (10 minutes) by their own clock (process 0 killed, out of memory, or its host gone).
+The others poll the board (50 ms after they start waiting or see a change, then twice as long each time, up to
+`poll_s`, 5 s: a short step is not rounded up to 5 s, a long one costs a read every 5 s) and set no deadline on
+the work itself: they wait while the beats advance, fail at once with process 0's message when its build failed,
+and fail, saying so, once no beat has come for `stale_s` (10 minutes) by their own clock (process 0 killed, out
+of memory, or its host gone).
 
 Boards: `FileBoard`, a file or an object (the bucket build's `build-status.json`, beside the dataset it
 builds); `KeyValueBoard`, a key of the job's own key-value store (the JAX distributed runtime's coordination
@@ -31,6 +33,7 @@ from etils import epath
 from diffgemma_jax.errors import ConfigError, DataError
 
 POLL_S = 5.0
+FIRST_POLL_S = 0.05  # the first poll after a change comes this soon, each next one twice as late, up to POLL_S
 HEARTBEAT_S = 30.0
 STALE_S = 600.0
 
@@ -196,7 +199,7 @@ class JobBuild:
   def _wait(self, reached: Callable[[dict], bool]) -> dict:
     """Process 0's state once it is an outcome or `reached`, polled every `poll_s`; a DataError for its failure,
     or once its beats (or its first one) have not advanced for `stale_s` by this process's clock."""
-    last, changed, read_error = None, time.monotonic(), ""
+    last, changed, read_error, pause = None, time.monotonic(), "", min(FIRST_POLL_S, self.poll_s)
     while True:
       try:
         published = self.board.read()
@@ -208,10 +211,11 @@ class JobBuild:
       if state and (not state.get("building") or reached(state)):
         return state
       if state != last:
-        last, changed = state, time.monotonic()
+        last, changed, pause = state, time.monotonic(), min(FIRST_POLL_S, self.poll_s)
       elif time.monotonic() - changed > self.stale_s:
         seen = f"its last beat ({last['beat']})" if last else "no beat at all"
         raise DataError(f"{self.what}: process 0 has stopped reporting on the dataset build: {seen} in "
                         f"{self.board.name}, nothing new for {self.stale_s:g} s (killed, out of memory, or its "
                         f"host gone?){read_error}; see its log")
-      time.sleep(self.poll_s)
+      time.sleep(pause)
+      pause = min(2 * pause, self.poll_s)

@@ -20,15 +20,20 @@ Fetching reuses a cached file of the recorded size (one cut short or missing is 
 downloaded file's size and sha256. Every file is written under a temporary name and renamed, so processes that
 share a host (and a cache) never read half a file, whichever of them fetches it.
 
-In a multi-process run (`build_shared`) process 0 builds while the others wait, and it reports on a board
-(data/build_status.py): the job's own key-value store when the JAX runtime's is there (what the trainer passes: a
-status in the bucket would be read by every job building the same folder at once, a sweep started together), else
-`build-status.json` in the bucket: a heartbeat every 30 s while it builds, then {"ok": true} or
-{"error": its one-line message}. The waiting processes fetch the dataset once it is built, fail at once with
-process 0's message, or fail, saying so, once its beats have stopped for 10 minutes; a build of a large corpus
-may take hours, so they set no deadline on the build itself. The old status is deleted before a start barrier
-that every process passes, so what they find after it is this run's. The manifest itself cannot tell them: a
-rebuild replaces it only at the end, so an old one is there meanwhile.
+In a multi-process run (`build_shared`) a pretraining dataset is built by every process together: each builds its
+share of the corpus's tasks (data/build.py) in a folder on its own disk, passing the few files the others need
+(digest tables, the tokenizer, shard entries) through a folder in the bucket (data/exchange.py), and uploads the
+shards it built when the dataset is published; a host then needs disk for its share of the tokens only, and every
+host's cores tokenise. An SFT dataset (small, one file per split) is built by process 0 while the others wait.
+Either way process 0 reports on a board (data/build_status.py): the job's own key-value store when the JAX
+runtime's is there (what the trainer passes: a status in the bucket would be read by every job building the same
+folder at once, a sweep started together), else `build-status.json` in the bucket: a heartbeat every 30 s while
+it builds, then {"ok": true} or {"error": its one-line message}. The other processes follow it from step to step
+and fetch the dataset once it is published, fail at once with process 0's message (or, building together, any
+process's), or fail, saying so, once its beats have stopped for 10 minutes; a build of a large corpus may take
+hours, so they set no deadline on the build itself. The old status is deleted before a start barrier that every
+process passes, so what they find after it is this run's. The manifest itself cannot tell them: a rebuild
+replaces it only at the end, so an old one is there meanwhile.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.data import build_status
+from diffgemma_jax.data.build import BuildOptions, Phases
+from diffgemma_jax.data.exchange import Exchange
 from diffgemma_jax.data.store import REMOTE_FILE, is_token_shard
 from diffgemma_jax.errors import DataError
 
@@ -80,6 +87,10 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 def _local_files(folder: str) -> list[str]:
   return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+def _has(path: str, size: int) -> bool:
+  return os.path.isfile(path) and os.path.getsize(path) == size
 
 
 def _objects(url: str, listed: dict[str, int] | None = None) -> dict[str, list]:
@@ -122,10 +133,9 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
   local = os.path.join(cache_root, _key(url), _key(manifest) + (STREAM_SUFFIX if stream else ""))
   listed = storage.folder_sizes(url) if stream else None  # what the bucket holds now (one listing)
   objects, deferred = _objects(url, listed), _deferred(manifest)
-  for rel, (size, sha256) in sorted(objects.items()):
-    path = os.path.join(local, rel)
-    if not deferred(rel) and not (os.path.isfile(path) and os.path.getsize(path) == size):
-      storage.download(storage.join(url, rel), path, size=size, sha256=sha256)
+  storage.download_many([(storage.join(url, rel), os.path.join(local, rel), size, sha256)
+                         for rel, (size, sha256) in sorted(objects.items())
+                         if not deferred(rel) and not _has(os.path.join(local, rel), size)])
   later = {rel: entry for rel, entry in objects.items() if deferred(rel)}
   if later or stream:  # what the token store fetches (or streams) when it opens a split (store.open_split)
     record = {"url": url, "stream": stream, "objects": later}
@@ -202,31 +212,46 @@ def prune(cache_root: str, max_bytes: int) -> list[str]:
 
 def upload(local: str, url: str) -> None:
   """Replaces the dataset in the bucket folder `url` by the local dataset folder `local` (see the module doc)."""
+  (epath.Path(url) / MANIFEST_FILE).unlink(missing_ok=True)
+  _publish(local, url, _put_files(local, url))
+
+
+def _put_files(local: str, url: str) -> dict[str, list]:
+  """Uploads the dataset files of the local folder `local` into the bucket folder `url`, all but the manifest
+  (several at once); returns their {path: [size, sha256]}."""
   files = [rel for rel in _local_files(local) if rel not in (MANIFEST_FILE, OBJECTS_FILE, REMOTE_FILE)]
+  objects = {rel: [os.path.getsize(os.path.join(local, rel)), storage.file_sha256(os.path.join(local, rel))]
+             for rel in files}
+  storage.upload_many([(os.path.join(local, rel), storage.join(url, rel)) for rel in files])
+  return objects
+
+
+def _publish(local: str, url: str, objects: dict[str, list]) -> None:
+  """Completes a dataset whose files `objects` are in the bucket folder `url`: objects.json, then `local`'s
+  manifest, then deletes the previous build's files that this one does not have."""
   target = epath.Path(url)
-  (target / MANIFEST_FILE).unlink(missing_ok=True)
-  objects = {}
-  for rel in files:
-    source = os.path.join(local, rel)
-    objects[rel] = [os.path.getsize(source), storage.file_sha256(source)]
-    epath.Path(source).copy(target / rel, overwrite=True)
   (target / OBJECTS_FILE).write_text(json.dumps(objects, indent=1, sort_keys=True))
   epath.Path(os.path.join(local, MANIFEST_FILE)).copy(target / MANIFEST_FILE, overwrite=True)
   for rel in set(storage.folder_sizes(url)) - set(objects) - set(_NOT_DATA):
-    (target / rel).unlink(missing_ok=True)  # files of the previous build that this one does not have
+    (target / rel).unlink(missing_ok=True)
 
 
 def _link_tree(source: str, target: str) -> None:
   """`target` as a copy of the folder `source` made of hard links (a build there replaces files, never edits
-  them), or of copies where links cannot be made."""
+  them), or of copies where links cannot be made; a file `target` holds already is kept."""
   for rel in _local_files(source):
     if rel == REMOTE_FILE:  # the local copy's own record, not the dataset's
       continue
-    os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+    path = os.path.join(target, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-      os.link(os.path.join(source, rel), os.path.join(target, rel))
-    except OSError:
-      shutil.copyfile(os.path.join(source, rel), os.path.join(target, rel))
+      os.link(os.path.join(source, rel), path)
+    except FileExistsError:  # another process of this host put it there (the same file of the same dataset)
+      pass
+    except OSError:  # no links here: a copy, under a temporary name
+      partial = f"{path}.partial-{uuid.uuid4().hex[:12]}"
+      shutil.copyfile(os.path.join(source, rel), partial)
+      os.replace(partial, path)
 
 
 def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0,
@@ -261,21 +286,90 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def build_shared(url: str, cache_root: str, build: Callable[[str], object], *, process_index: int,
+def build_shared(url: str, cache_root: str, build: Callable[..., object], *, process_index: int,
                  barrier: Callable[[str], None], poll_s: float = build_status.POLL_S,
                  heartbeat_s: float = build_status.HEARTBEAT_S, stale_s: float = build_status.STALE_S,
-                 max_bytes: int = 0, board: build_status.Board | None = None, stream: bool = False) -> str:
-  """`build_in_bucket` for a run of several processes: process 0 builds and publishes the outcome on `board`
-  (default `STATUS_FILE` in the bucket; a build_status.JobBuild: see the module doc), the others wait for it and
-  fetch; returns the local copy. A failure on process 0 is raised there as it was and on every other process as a
-  DataError with its message, as soon as they poll; a process 0 that stops beating for `stale_s` fails them too.
-  `barrier(name)`: the run's sync point, met once by every process before the build."""
+                 max_bytes: int = 0, board: build_status.Board | None = None, stream: bool = False,
+                 process_count: int = 1, build_id: str = "") -> str:
+  """`build_in_bucket` for a run of several processes; returns the local copy. Process 0 reports on `board`
+  (default `STATUS_FILE` in the bucket; a build_status.JobBuild: see the module doc): a failure on process 0 is
+  raised there as it was and on every other process as a DataError with its message, as soon as they poll; a
+  process 0 that stops beating for `stale_s` fails them too. `barrier(name)`: the run's sync point.
+
+  With `process_count` > 1 and a `build_id` (the same on every process of the job, another for every build), the
+  processes build together (a pretraining recipe's build): `build(folder, process_index=, process_count=,
+  barrier=, exchange=)` runs on every process, each building its share of the corpus in a folder on its own disk
+  and uploading its own shards (`_build_together`). Else process 0 builds alone, `build(folder)`, while the others
+  wait, then fetch."""
   board = board or build_status.FileBoard(storage.join(url, STATUS_FILE))
   job = build_status.JobBuild(board, process_index=process_index,
                               barrier=barrier, what=f"data.dir {url}", start="diffgemma_bucket_dataset_start",
                               poll_s=poll_s, heartbeat_s=heartbeat_s, stale_s=stale_s)
+  together = process_count > 1 and bool(build_id)
+  built = None
   with job:
-    if process_index == 0:
+    if together:
+      built = _build_together(url, cache_root, build, job=job, process_index=process_index,
+                              process_count=process_count, exchange=Exchange(f"{url.rstrip('/')}.partial/{build_id}"),
+                              stream=stream)
+    elif process_index == 0:
       return build_in_bucket(url, cache_root, build, max_bytes=max_bytes, stream=stream)
-  job.wait_outcome()
-  return fetch(url, cache_root, max_bytes=max_bytes, stream=stream)
+  try:
+    if process_index != 0:
+      job.wait_outcome()
+    local = _copy(url, cache_root, stream=stream)
+    if built is not None and not stream:  # the shards this process built: its copy never fetches them
+      _link_tree(built, local)
+    return _in_use(local, cache_root, max_bytes)
+  finally:
+    if built is not None:
+      shutil.rmtree(built, ignore_errors=True)
+
+
+def _build_together(url: str, cache_root: str, build: Callable[..., object], *, job: build_status.JobBuild,
+                    process_index: int, process_count: int, exchange: Exchange, stream: bool) -> str | None:
+  """One process's part of a build that every process runs (`build_shared`): the build, on a local copy of what
+  the bucket holds, each process building its tasks' shards into its own folder and passing what the others need
+  through `exchange` (data/exchange.py); then process 0 removes the bucket's manifest, every process uploads what
+  it built (process 0: its shards, the tokenizer and the counts; the others: their shards), and process 0
+  publishes objects.json (every process's files) and the manifest. Returns the folder of the files this process
+  built (to delete once its copy holds them), or None when the dataset was current (every process finds that
+  from the same manifest and tokenizer, and nothing is built)."""
+  p = process_index
+  before = _read(storage.join(url, MANIFEST_FILE))
+  scratch = os.path.join(cache_root, _key(url), f"build-{uuid.uuid4().hex[:12]}")
+  try:
+    if before is not None:
+      _link_tree(_copy(url, cache_root, stream=stream), scratch)
+    build(scratch, process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
+    path = os.path.join(scratch, MANIFEST_FILE)
+    if before is not None and os.path.isfile(path) and open(path, "rb").read() == before:
+      shutil.rmtree(scratch, ignore_errors=True)
+      return None
+    options = BuildOptions(process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
+    phases = Phases(scratch, options)
+
+    def unpublish():  # before any file is replaced: readers find no dataset, never a mix of two
+      if p == 0:
+        (epath.Path(url) / MANIFEST_FILE).unlink(missing_ok=True)
+
+    def upload_own():
+      exchange.write_text(f"objects/{p}.json", json.dumps(_put_files(scratch, url)))
+
+    phases.run("unpublish", unpublish)
+    phases.run("upload", upload_own)
+    if p == 0:
+      objects = {}
+      for rel in exchange.listing("objects"):
+        objects.update(json.loads(exchange.read_text(rel)))
+      _publish(scratch, url, objects)
+      exchange.clear()
+    return scratch
+  except BaseException:
+    shutil.rmtree(scratch, ignore_errors=True)
+    if p == 0:  # after the failed phase's barrier: the others have read the errors (a late one learns from
+      try:      # process 0's outcome on the board instead)
+        exchange.clear()
+      except Exception:  # pylint: disable=broad-except (the build's own error is the one to raise)
+        pass
+    raise

@@ -264,12 +264,16 @@ def _fetch_split(data_dir: str, record: dict, split: str) -> None:
   total = sum(size for _, size, _ in missing)
   print(f"fetching the {split} split of {record['url']}: {len(missing)} file(s), {total / 2**20:,.1f} MiB, into "
         f"{data_dir}", file=sys.stderr, flush=True)
-  for rel, size, sha256 in missing:
+
+  def fetch(item):
+    rel, size, sha256 = item
     url = storage.join(record["url"], rel)
     try:
       storage.download(url, os.path.join(data_dir, rel), size=size, sha256=sha256)
     except FileNotFoundError:
       raise DataError(f"token store file {url} is missing from the bucket; rebuild the dataset there") from None
+
+  storage.concurrently(fetch, missing)  # thousands of shards: round trips overlap
 
 
 def open_split(data_dir: str, manifest: dict, split: str) -> SplitStore:

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from typing import Mapping
 
 import jax
@@ -303,6 +304,24 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+def shared_token(name: str, timeout_s: float = 3600.0) -> str:
+  """16 random hex digits drawn by process 0, the same on every process of the job (one process: its own): the
+  job's key-value store under `name` (one key per use within a job), else a one-to-all broadcast."""
+  token = uuid.uuid4().hex[:16]
+  if jax.process_count() == 1:
+    return token
+  client = runtime_client()
+  if client is None:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    sent = multihost_utils.broadcast_one_to_all(np.frombuffer(bytes.fromhex(token), np.uint8))
+    return bytes(np.asarray(sent, np.uint8)).hex()
+  if jax.process_index() == 0:
+    client.key_value_set(name, token)
+    return token
+  return client.blocking_key_value_get(name, int(timeout_s * 1000))
 
 
 def runtime_client():

@@ -21,7 +21,7 @@ from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_un
 from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.objectives import OBJECTIVES
-from diffgemma_jax.parallel.distributed import barrier, runtime_client
+from diffgemma_jax.parallel.distributed import barrier, runtime_client, shared_token
 from diffgemma_jax.train.reading import open_init_checkpoint, pinned_tokenizer
 
 
@@ -110,7 +110,7 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
                    tokenizer_sample_lines=int(config.data.tokenizer_sample_lines))
     build = functools.partial(build_dataset, config.data.recipe, vocab_size=int(config.model.vocab_size))
     if storage.is_url(directory):
-      directory = _dataset_in_bucket(config, directory, lambda local: build(local, **options))
+      directory = _dataset_in_bucket(config, directory, lambda local, **job: build(local, **options, **job))
     else:
       if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
         options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier,
@@ -145,15 +145,20 @@ def _local_build_job(directory: str) -> JobBuild | None:
 
 def _dataset_in_bucket(config, url: str, build) -> str:
   """The local copy (data/remote_dataset.py) of the dataset in the bucket folder `url`, built there first when
-  missing or stale: by process 0 alone, on its local disk, while the others wait and then fetch it."""
+  missing or stale: a pretraining recipe's by every process, each building its share of the corpus on its own
+  disk and uploading its shards; an SFT recipe's (small) by process 0 alone while the others wait and then fetch
+  it."""
   storage.check_reachable(url, "data.dir")
   cache, stream = _cache_root(config), bool(config.data.stream_tokens)
   if jax.process_count() == 1:
     return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config), stream=stream)
   client = runtime_client()  # the job's own key-value store: jobs building the same folder never read each other
   board = KeyValueBoard(client, f"{BUCKET_BUILD_STATUS_KEY}:{url}") if client is not None else None
-  return remote_dataset.build_shared(url, cache, build, process_index=jax.process_index(), barrier=barrier,
-                                     max_bytes=_cache_max_bytes(config), board=board, stream=stream)
+  together = config.data.recipe not in SFT_RECIPES  # every process builds its share (remote_dataset.build_shared)
+  return remote_dataset.build_shared(
+      url, cache, build, process_index=jax.process_index(), barrier=barrier, max_bytes=_cache_max_bytes(config),
+      board=board, stream=stream, process_count=jax.process_count(),
+      build_id=shared_token(f"diffgemma_bucket_build_id:{url}") if together else "")
 
 
 def load_tokenizer(config, workdir: str | None = None) -> Tokenizer:
