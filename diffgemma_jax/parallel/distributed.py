@@ -306,12 +306,18 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 
 
+_TOKENS_DRAWN: dict[str, int] = {}  # shared_token's calls per name in this process: every process counts the same
+
+
 def shared_token(name: str, timeout_s: float = 3600.0) -> str:
-  """16 random hex digits drawn by process 0, the same on every process of the job (one process: its own): the
-  job's key-value store under `name` (one key per use within a job), else a one-to-all broadcast."""
+  """16 random hex digits drawn by process 0, the same on every process of the job (one process: its own), which
+  every process asks for at the same point: the job's key-value store under `name` and the call's number (a second
+  call, a dataset prepared again in the same job, gets a key of its own), else a one-to-all broadcast."""
   token = uuid.uuid4().hex[:16]
   if jax.process_count() == 1:
     return token
+  _TOKENS_DRAWN[name] = count = _TOKENS_DRAWN.get(name, 0) + 1
+  name = f"{name}:{count}"
   client = runtime_client()
   if client is None:
     import numpy as np  # pylint: disable=import-outside-toplevel
