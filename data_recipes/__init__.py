@@ -1,5 +1,6 @@
 """Data recipes: each builds a dataset directory (JSONL shards, held-out split, manifest, sentencepiece
-tokenizer) from a real corpus. Run one as `python -m data_recipes.<name> --output DIR [--vocab_size N]`."""
+tokenizer) from a real corpus. Run one as `python -m data_recipes.<name> --output DIR [--vocab_size N]` (DIR may
+be a bucket folder, gs:// or s3://)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import fcntl
 import os
 import sys
 
+from diffgemma_jax import storage
+from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.data.build_status import JobBuild
-from diffgemma_jax.errors import DataError
+from diffgemma_jax.data.manifest import read_manifest
+from diffgemma_jax.errors import ConfigError, DataError
 
 PRETRAIN_RECIPES = ("python_stdlib", "python_packages", "shakespeare", "text_files", "pypi_code")
 SFT_RECIPES = ("python_docstrings", "jsonl")  # prompt/response records (data/sft.py); they train no tokenizer
@@ -74,7 +78,10 @@ def build_lock(output_dir: str):
 def run_cli(build, name: str, argv=None, parents=()) -> int:
   """`parents`: a recipe's own argparse parsers (add_help=False), listed in --help; the recipe parses them itself."""
   parser = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}", parents=list(parents))
-  parser.add_argument("--output", required=True, help="dataset directory to write")
+  parser.add_argument("--output", required=True, help="dataset directory to write, or a bucket folder (gs://, "
+                      "s3://): built in --cache_dir and uploaded, as diffgemma-train does for such a data.dir")
+  parser.add_argument("--cache_dir", default=None, help="with --output in a bucket: where the dataset is built and "
+                      "its copy kept (data.cache_dir; default ~/.cache/diffgemma-jax/datasets)")
   parser.add_argument("--vocab_size", type=int, default=1024)
   parser.add_argument("--source", default=None, help="text_files: a folder, glob or comma-separated list of "
                       "text, JSONL, Parquet or ArrayRecord files; jsonl: a JSONL file, directory or glob")
@@ -86,11 +93,19 @@ def run_cli(build, name: str, argv=None, parents=()) -> int:
   parser.add_argument("--tokenizer_sample_lines", type=int, default=120_000,
                       help="pretraining recipes: lines of the uniform document sample the tokenizer is trained on")
   args = parser.parse_args(argv)
+  options = dict(vocab_size=args.vocab_size, source=args.source, tokenizer=args.tokenizer,
+                 text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers,
+                 tokenizer_sample_lines=args.tokenizer_sample_lines)
   try:
-    manifest = build(args.output, vocab_size=args.vocab_size, source=args.source, tokenizer=args.tokenizer,
-                     text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers,
-                     tokenizer_sample_lines=args.tokenizer_sample_lines)
-  except DataError as e:
+    if storage.is_url(args.output):
+      storage.check_reachable(args.output, "--output")
+      local = remote_dataset.build_in_bucket(str(args.output).rstrip("/"),
+                                             args.cache_dir or remote_dataset.default_cache_root(),
+                                             lambda folder: build(folder, **options))
+      manifest = read_manifest(local)
+    else:
+      manifest = build(args.output, **options)
+  except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   sizes = ", ".join(f"{s}: {v['documents']} docs / {v['bytes'] / 1e6:.2f} MB" for s, v in manifest["splits"].items())

@@ -224,6 +224,23 @@ def upload_many(items: list[tuple[str, str]], workers: int = TRANSFERS) -> None:
   concurrently(one, list(items), workers)
 
 
+def write_file_atomic(path: str, data: bytes, *, sync: bool = False) -> None:
+  """Writes the local file `path` whole or not at all: under a temporary name, then renamed over it (a reader, or
+  a process killed meanwhile, never leaves half a file). `sync`: on disk before the rename (a file of results a
+  crash must not cost)."""
+  partial = f"{path}.partial-{uuid.uuid4().hex[:12]}"
+  try:
+    with open(partial, "wb") as f:
+      f.write(data)
+      if sync:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
 def local_file(path) -> str:
   """A local path holding the file at `path`: `path` itself, or for a URL a copy under the temporary folder (for
   libraries that read local files only, such as sentencepiece), keyed by the URL and the object's version and

@@ -860,3 +860,37 @@ def test_a_joined_run_builds_its_bucket_dataset_on_every_process(s3_endpoint, ti
     assert held == {f"{name}.tokens" for name, p in shards.items() if p == rank}, (rank, held)
   assert "manifest.json" in storage.folder_sizes("s3://runs/joined")
   assert storage.folder_sizes("s3://runs/joined.partial") == {}
+
+
+def test_a_recipe_command_builds_into_a_bucket_and_the_trainer_finds_it_current(s3_endpoint, tmp_path, capsys):
+  """`python -m data_recipes.text_files --output s3://...` builds in --cache_dir and uploads (it made a local
+  folder named `s3:` before); the trainer's bucket build, with the same recipe and settings, finds it current and
+  uploads nothing; a bucket that cannot be reached is a one-line error."""
+  import shutil
+  import sysconfig
+
+  from etils import epath
+
+  from data_recipes import build_dataset
+  from data_recipes.text_files import main
+  from diffgemma_jax.data import remote_dataset
+  src = tmp_path / "corpus"
+  src.mkdir()
+  for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py"):
+    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), src / name)
+  cache = str(tmp_path / "cache")
+  assert main(["--output", "s3://runs/cli", "--source", str(src), "--vocab_size", "400", "--workers", "1",
+               "--cache_dir", cache]) == 0
+  assert capsys.readouterr().out.startswith("text_files: s3://runs/cli (train: ")
+  assert not os.path.exists("s3:") and not os.path.exists(tmp_path / "s3:")
+  manifest = epath.Path("s3://runs/cli/manifest.json").read_text()
+  local = remote_dataset.build_in_bucket(
+      "s3://runs/cli", cache, lambda folder: build_dataset("text_files", folder, 400, source=str(src),
+                                                           build_workers=1))
+  assert epath.Path("s3://runs/cli/manifest.json").read_text() == manifest  # current: not rebuilt
+  with open(os.path.join(local, "manifest.json")) as f:
+    assert f.read() == manifest
+  assert main(["--output", "s3://missing-bucket/cli", "--source", str(src), "--cache_dir", cache]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --output s3://missing-bucket/cli: the bucket s3://missing-bucket cannot be "
+                        "reached") and err.count("\n") == 1, err

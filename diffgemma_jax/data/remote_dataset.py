@@ -78,13 +78,6 @@ def _read(url: str) -> bytes | None:
     return None
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  partial = f"{path}.partial-{uuid.uuid4().hex[:12]}"
-  with open(partial, "wb") as f:
-    f.write(data)
-  os.replace(partial, path)
-
-
 def _local_files(folder: str) -> list[str]:
   return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
 
@@ -142,10 +135,10 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
     if stream:  # a shard cut or replaced since the build fails when the split opens
       record["sizes"] = {rel: listed[rel] for rel in later if is_token_shard(rel) and rel in listed}
     os.makedirs(local, exist_ok=True)
-    _write_atomic(os.path.join(local, REMOTE_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
+    storage.write_file_atomic(os.path.join(local, REMOTE_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
   manifest_path = os.path.join(local, MANIFEST_FILE)
   if not os.path.isfile(manifest_path):
-    _write_atomic(manifest_path, manifest)  # last: a complete copy (but for the splits, fetched as they open)
+    storage.write_file_atomic(manifest_path, manifest)  # last: a complete copy (but for the splits, fetched as they open)
   return local
 
 
