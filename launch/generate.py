@@ -5,7 +5,8 @@
 tokens and tokens/s, and for canvas samplers the denoising steps of every canvas. --batch_size N runs N prompts (of
 any lengths) per sampler call, with the same results as one at a time; --serving_slots N keeps N requests in flight
 instead (continuous batching), again with the same results. A large job: --output FILE.jsonl keeps each result as
-its batch ends and the same command run again finishes the job; --shard K/N runs one share of it. Each model's
+its batch ends and the same command run again finishes the job; --shard K/N runs one share of it, and a launch of
+N copies (srun on N nodes) splits it among them, process 0 gathering their shares into the file. Each model's
 objective has a default sampler; canvas samplers decode canvas after canvas of objective.block_size tokens. A
 sampler option the chosen sampler does not read is refused. The samplers and their options
 (`diffgemma_jax/sampling/samplers.py`):"""
@@ -22,7 +23,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling.requests import generate_completions
-from diffgemma_jax.sampling.results_file import ResultsFile, is_results_file
+from diffgemma_jax.sampling.results_file import ResultsFile, delete_parts, gather_parts, is_results_file, part_path
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
@@ -146,15 +147,28 @@ def main(argv=None) -> int:
       raise ConfigError("--system: only with --chat")
     template = str(config.data.chat_template) if args.chat else None
     shard, shards = _parse_shard(args.shard)
+    # A launch of several copies (srun on every node) with a results file and no --shard: copy K runs share K and
+    # keeps it in a part file of its own; process 0 keeps its share in the file itself and gathers the others'.
+    split = args.shard is None and outputs.count > 1 and is_results_file(args.output)
+    if split:
+      shard, shards = outputs.index, outputs.count
     positions = list(range(shard, len(prompts), shards))
     kept = None
     if is_results_file(args.output):
       settings = {"workdir": storage.resolve(args.workdir), "options": dataclasses.asdict(options),
                   "stop": args.stop, "chat_template": template, "system": args.system}
       kept = ResultsFile(args.output, prompts, settings, write=outputs.first)
+      if split and not outputs.first:
+        own = part_path(args.output, shard, shards)
+        storage.check_writable(own, "--output")
+        done = set(kept.records)  # a job this launch ran before, finished or not: what process 0 gathered
+        kept = ResultsFile(own, prompts, settings)
+        positions = [i for i in positions if i not in done]
       positions = kept.pending(positions)
-      if kept.kept:
-        print(f"{args.output}: {kept.kept} request(s) already done, {len(positions)} to run", file=sys.stderr)
+      share = len(range(shard, len(prompts), shards))
+      if len(positions) < share:
+        print(f"{kept.path}: {share - len(positions)} request(s) already done, {len(positions)} to run",
+              file=sys.stderr)
 
     def finish(index, result):
       if template and template != "plain":  # the model's turn ends at its closing marker (then EOS)
@@ -170,6 +184,15 @@ def main(argv=None) -> int:
     if kept is None:
       for index, result in zip(positions, results):
         finish(index, result)
+    elif split and outputs.first:  # every result of the job, once the other copies' shares are in
+      kept.finish()  # this copy's share on disk before the wait
+      gather_parts(kept, prompts, settings, shards, say=lambda text: print(text, file=sys.stderr, flush=True))
+      results = kept.finish()
+      delete_parts(args.output, shards)
+    elif split:
+      if kept.records:  # (none when the file held this copy's whole share: no part to leave behind)
+        kept.finish()
+      results = []
     else:  # every result of this share, those of earlier runs included, in order
       results = [r for r in kept.finish() if r["index"] % shards == shard]
   except (ConfigError, DataError) as e:

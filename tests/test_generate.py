@@ -257,6 +257,27 @@ def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole
   before = len(ran)
   assert main(base + ["--output", str(whole)]) == 0 and len(ran) == before + 1 and ran[-1] == []  # nothing left
   capsys.readouterr()
+  # Two copies of one launch (srun on two nodes, never joined) and no --shard: copy 1 runs its share into a part
+  # file of its own and prints nothing; copy 0 runs its share into the file, gathers copy 1's part and prints the
+  # whole job; the part is then gone, and the launch run again runs nothing
+  import launch.common
+  split, part = tmp_path / "split.jsonl", tmp_path / "split.part-1-of-2.jsonl"
+  launch_process = launch.common.launch_process
+
+  def copy_of_launch(copy):
+    monkeypatch.setattr(launch.common, "launch_process", lambda config=None: (copy, 2))
+    assert main(base + ["--output", str(split)]) == 0
+    return capsys.readouterr()
+
+  assert copy_of_launch(1).out == "" and ran[-1] == [1, 3] and not split.exists()
+  assert [r["index"] for r in lines(part)] == [1, 3]
+  printed = json.loads(copy_of_launch(0).out)
+  assert ran[-1] == [0, 2, 4] and all(same(a, b) for a, b in zip(printed, want)) and len(printed) == 5
+  assert all(same(a, b) for a, b in zip(lines(split), want)) and len(lines(split)) == 5 and not part.exists()
+  for copy in (1, 0):
+    copy_of_launch(copy)
+    assert ran[-1] == [] and not part.exists()
+  monkeypatch.setattr(launch.common, "launch_process", launch_process)
   for flags, message in ((["--seed", "1"], "was generated with other settings"),
                          (["--shard", "2/2"], "--shard '2/2': give K/N with 0 <= K < N"),
                          (["--step", "8"], "holds results of checkpoint step 24 (params weights) and this run reads "
@@ -275,3 +296,41 @@ def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole
   assert main(base + ["--output", str(foreign)]) == 2
   assert "foreign.jsonl:1 is not a line of diffgemma-generate's results" in capsys.readouterr().err
   assert foreign.read_text() == '{"prompt": "def f('
+
+
+def test_process_0_gathers_the_parts_as_they_grow_and_fails_once_they_stop(tmp_path):
+  """Process 0 of a launch that split a job waits while another copy's part grows (its last request written
+  0.3 s after the wait began), then holds every request; a part that stops growing fails it after stale_s in one
+  line naming the part and what it lacks; a part of another checkpoint step is refused."""
+  import threading
+  import time
+
+  from diffgemma_jax.errors import ConfigError
+  from diffgemma_jax.sampling.results_file import ResultsFile, gather_parts, part_path
+  prompts, settings = ["a", "b", "c", "d"], {"sampler": "threshold"}
+
+  def job(name, parts_have, step=1):
+    path = str(tmp_path / f"{name}.jsonl")
+    merged, part = ResultsFile(path, prompts, settings), ResultsFile(part_path(path, 1, 2), prompts, settings)
+    for i in (0, 2):
+      merged.add(i, {"prompt": prompts[i], "step": 1, "weights": "params"})
+    for i in parts_have:
+      part.add(i, {"prompt": prompts[i], "step": step, "weights": "params"})
+    return merged, part
+
+  merged, part = job("grows", [1])
+  late = threading.Thread(target=lambda: time.sleep(0.3) or part.add(3, {"prompt": "d", "step": 1,
+                                                                           "weights": "params"}))
+  late.start()
+  gather_parts(merged, prompts, settings, 2, poll_s=0.05, stale_s=5)
+  late.join()
+  assert sorted(merged.records) == [0, 1, 2, 3] and [r["index"] for r in merged.finish()] == [0, 1, 2, 3]
+  merged, _ = job("stops", [1])
+  with pytest.raises(ConfigError) as info:
+    gather_parts(merged, prompts, settings, 2, poll_s=0.05, stale_s=0.2)
+  assert str(info.value) == (f"--output {tmp_path}/stops.jsonl: the shares of other copies of this launch have not "
+                             f"grown for 0.2 s: {tmp_path}/stops.part-1-of-2.jsonl (1 left); a copy stopped or "
+                             f"failed (see its log); run the same command again to finish the job")
+  merged, _ = job("other_step", [1, 3], step=2)
+  with pytest.raises(ConfigError, match="other_step.part-1-of-2.jsonl holds results of checkpoint step 2"):
+    gather_parts(merged, prompts, settings, 2, poll_s=0.05, stale_s=5)

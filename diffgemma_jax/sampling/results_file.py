@@ -30,6 +30,8 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 
 UPLOAD_EVERY_S = 60.0
+PART_POLL_S = 5.0  # how often process 0 of a split launch reads the other copies' parts
+PART_STALE_S = 1800.0  # and how long it waits for a part that does not grow before it gives up
 LINE_START = b'{"index": '  # how each line of a results file starts (its first key), cut short or not
 
 
@@ -104,6 +106,7 @@ class ResultsFile:
       raise ConfigError(f"{self.flag} {self.path} holds results of checkpoint step {step} ({weights} weights) and "
                         f"this run reads step {run[0]} ({run[1]} weights); pass --step {step} to finish that job, or "
                         f"use a new --output")
+    self.kept_run = run
     self.records[index] = record
     if not self.write:
       return
@@ -121,15 +124,71 @@ class ResultsFile:
       storage.write_text(self.path, text)
       self._uploaded = time.monotonic()
       return
-    partial = f"{self.path}.partial-{os.getpid()}"
-    with open(partial, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(partial, self.path)
+    storage.write_file_atomic(self.path, text.encode("utf-8"), sync=True)
 
   def finish(self) -> list[dict]:
     """Rewrites the file in index order (when writing); returns every record in that order."""
     if self.write:
       self._rewrite()
     return [self.records[i] for i in sorted(self.records)]
+
+  def absorb(self, other: ResultsFile) -> None:
+    """Takes the records of `other` (another file of the same prompts and settings) that this one lacks, held in
+    memory until `finish` writes them; refuses those of another checkpoint step, as `add` does."""
+    for index in sorted(set(other.records) - set(self.records)):
+      record = other.records[index]
+      run = (record.get("step"), record.get("weights"))
+      if self.kept_run is None:
+        self.kept_run = run
+      elif run != self.kept_run:
+        raise ConfigError(f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and "
+                          f"{self.path} of step {self.kept_run[0]} ({self.kept_run[1]} weights): the copies read "
+                          f"other checkpoints (a run still training?); pass the same --step to every copy")
+      self.records[index] = record
+
+
+def part_path(path: str, index: int, count: int) -> str:
+  """The results file of copy `index` of a launch of `count` copies that split the job of `path` (FILE.jsonl):
+  FILE.part-<index>-of-<count>.jsonl beside it."""
+  return f"{str(path)[:-len('.jsonl')]}.part-{index}-of-{count}.jsonl"
+
+
+def gather_parts(merged: ResultsFile, prompts: Sequence[str], settings: dict[str, Any], count: int, *,
+                 poll_s: float = PART_POLL_S, stale_s: float = PART_STALE_S, say=None) -> None:
+  """Process 0 of a launch of `count` copies that split a job (launch/generate.py): waits until every other copy's
+  part (`part_path`) holds each request of its share that `merged` lacks, takes them into `merged`, and deletes
+  the parts once `merged` is written (`finish`, by the caller: call it before `delete_parts`). A ConfigError when
+  the parts still lacking requests have not grown for `stale_s` (a copy stopped or failed: its log says why; the
+  same command run again finishes the job from what the files hold). `say(text)`: a line of progress, at most once
+  a minute."""
+  wanted = {q: [i for i in range(q, len(prompts), count) if i not in merged.records] for q in range(1, count)}
+  seen, changed, said = None, time.monotonic(), 0.0
+  while True:
+    left = {}
+    for q, positions in wanted.items():
+      part = ResultsFile(part_path(merged.path, q, count), prompts, settings, flag=merged.flag, write=False)
+      merged.absorb(part)
+      missing = [i for i in positions if i not in merged.records]
+      if missing:
+        left[q] = missing
+    if not left:
+      return
+    state = {q: len(missing) for q, missing in left.items()}
+    if state != seen:
+      seen, changed = state, time.monotonic()
+    elif time.monotonic() - changed > stale_s:
+      names = ", ".join(f"{part_path(merged.path, q, count)} ({n} left)" for q, n in sorted(state.items()))
+      raise ConfigError(f"{merged.flag} {merged.path}: the shares of other copies of this launch have not grown for "
+                        f"{stale_s:g} s: {names}; a copy stopped or failed (see its log); run the same command "
+                        f"again to finish the job")
+    if say is not None and time.monotonic() - said >= 60:
+      say(f"{merged.flag} {merged.path}: waiting for the other copies' shares: {sum(state.values())} request(s) "
+          f"left in {len(state)} part(s)")
+      said = time.monotonic()
+    time.sleep(poll_s)
+
+
+def delete_parts(path: str, count: int) -> None:
+  """Deletes the part files of a merged job (`gather_parts`)."""
+  for q in range(count):
+    epath.Path(part_path(path, q, count)).unlink(missing_ok=True)
