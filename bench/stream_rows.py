@@ -15,6 +15,9 @@ per request than a cloud store, so the streamed figures are a floor). In one run
     cache), tokens/s and their ratio, and against what the 1B's train step consumes on one H100 (its FLOPs per token
     at 40% of the bf16 peak) and on a host of 8; and the CPU time the training process spent per streamed batch
     (with no workers, the whole client-side cost of its requests).
+(c) Consecutive rows (an evaluation reads its held-out batches in order), streamed: touching rows merged into one
+    ranged request against a request per row (what the reader did before; `SplitStore.merge_ranges=False`),
+    tokens/s and requests per batch.
 
 The machine's load average before and after is part of the report (bench/benchlib.py).
 """
@@ -122,6 +125,23 @@ def input_throughput(data_dir: str, workers: int, seconds: float) -> tuple[float
   return batches * BATCH * SEQ_LEN / (time.perf_counter() - start), 1e3 * (time.process_time() - cpu) / batches
 
 
+def sequential_reads(data_dir: str, manifest: dict, seconds: float, merge: bool) -> tuple[float, float]:
+  """(tokens/s, requests per batch) reading batches of consecutive rows (an evaluation's order) from a streamed
+  split: touching rows merged into one range (`merge`), or each row's range its own request (the reader before)."""
+  from diffgemma_jax.data.store import open_split
+  store = open_split(data_dir, manifest, "train")
+  store.merge_ranges = merge
+  rows, asked = store.num_rows(SEQ_LEN, False), []
+  read = store._read_ranges  # pylint: disable=protected-access
+  store._read_ranges = lambda names, starts, ends: asked.append(len(names)) or read(names, starts, ends)
+  store.rows(range(BATCH), SEQ_LEN)  # connections open
+  start, batches = time.perf_counter(), 0
+  while time.perf_counter() - start < seconds:
+    store.rows([(batches * BATCH + i) % rows for i in range(BATCH)], SEQ_LEN)
+    batches += 1
+  return batches * BATCH * SEQ_LEN / (time.perf_counter() - start), float(np.mean(asked[1:]))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true")
@@ -153,6 +173,11 @@ def main(argv=None) -> int:
                    "stream_cpu_ms_per_batch_in_process": round(cpu_ms, 1),
                    "stream_vs_1b_h100": round(stream_rate / need, 1),
                    "stream_vs_1b_8_h100": round(stream_rate / (8 * need), 2)})
+    merged_rate, merged_requests = sequential_reads(streamed["folder"], manifest, args.seconds, merge=True)
+    row_rate, row_requests = sequential_reads(streamed["folder"], manifest, args.seconds, merge=False)
+    sequential = {"merged_tokens_per_s": round(merged_rate), "per_row_tokens_per_s": round(row_rate),
+                  "merged_vs_per_row": round(merged_rate / row_rate, 2),
+                  "requests_per_batch": {"merged": round(merged_requests, 2), "per_row": round(row_requests, 2)}}
     train_bytes = sum(s["num_tokens"] for s in manifest["store"]["splits"]["train"]["shards"]) * 2
     report = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "store": url if args.url else "local S3 server (moto, its own process)", "train_bytes": train_bytes,
@@ -160,7 +185,8 @@ def main(argv=None) -> int:
               "first_batch": {"copy": {k: v for k, v in copy.items() if k != "folder"},
                               "stream": {k: v for k, v in streamed.items() if k != "folder"},
                               "copy_vs_stream": round(copy["seconds"] / streamed["seconds"], 2)},
-              "input": rows, "pretrain_gpu_1b_h100_tokens_per_s": round(need), **load.report()}
+              "input": rows, "sequential": sequential, "pretrain_gpu_1b_h100_tokens_per_s": round(need),
+              **load.report()}
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
     if server is not None:
@@ -180,6 +206,10 @@ def main(argv=None) -> int:
           f"{row['stream_tokens_per_s']:,} ({row['stream_vs_local']:.3f}x local, {row['stream_vs_1b_h100']}x one "
           f"H100's need, {row['stream_vs_1b_8_h100']}x eight's; {row['stream_cpu_ms_per_batch_in_process']} ms of "
           f"this process's CPU per streamed batch)")
+  print(f"(c) consecutive rows (an evaluation's order), streamed: touching rows merged "
+        f"{sequential['merged_tokens_per_s']:,} tokens/s ({sequential['requests_per_batch']['merged']} requests a "
+        f"batch), a request per row {sequential['per_row_tokens_per_s']:,} "
+        f"({sequential['requests_per_batch']['per_row']}): {sequential['merged_vs_per_row']:.2f}x")
   print(MachineLoad.line(load))
   return 0
 

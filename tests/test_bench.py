@@ -206,3 +206,7 @@ def test_stream_rows_reports_first_batch_and_input_against_the_local_copy(s3_end
   (row,) = report["input"]
   assert row["num_workers"] == 0 and row["stream_tokens_per_s"] > 0
   assert row["stream_vs_local"] == pytest.approx(row["stream_tokens_per_s"] / row["local_tokens_per_s"], abs=1e-3)
+  sequential = report["sequential"]  # 32 rows of 2048 tokens in 8 MB shards: one range, two across a shard end
+  assert sequential["requests_per_batch"]["per_row"] >= 32 and 1 <= sequential["requests_per_batch"]["merged"] <= 2
+  assert sequential["merged_vs_per_row"] == pytest.approx(
+      sequential["merged_tokens_per_s"] / sequential["per_row_tokens_per_s"], abs=0.01)

@@ -603,6 +603,16 @@ def test_a_streamed_dataset_reads_its_rows_in_the_bucket(bucket, tmp_path):
         np.testing.assert_array_equal(got[key], want[key], err_msg=f"{split} {key}")
     one = got_store.rows(rows[:1], 32)
     np.testing.assert_array_equal(one["tokens"], want["tokens"][:1])
+  # Rows that touch are read in one request per shard (a held-out batch, in order); others one per piece
+  store, reference = open_split(streamed, manifest, "train"), open_split(local, manifest, "train")
+  asked = []
+  read = store._read_ranges
+  store._read_ranges = lambda names, starts, ends: asked.append(len(names)) or read(names, starts, ends)
+  for rows, requests in ((range(store.num_rows(32, False)), 3), ([8, 9, 10, 11, 11, 2], 3), ([0, 2, 4], 3)):
+    got, want = store.rows(rows, 32), reference.rows(rows, 32)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{list(rows)[:12]} {key}")
+    assert asked[-1] == requests, (list(rows)[:12], asked)
   a = make_train_iterator(local, seq_len=32, batch_size=4, seed=3)
   b = make_train_iterator(streamed, seq_len=32, batch_size=4, seed=3, num_workers=1)
   for _ in range(3):
@@ -781,6 +791,8 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
       np.testing.assert_array_equal(got.rows(rows, 32)["tokens"], want.rows(rows, 32)["tokens"])
   uploads.clear()
   assert together("second") == copies and uploads == []
+  for local in copies:  # no scratch folder nor build lock left in the caches
+    assert not [name for name in os.listdir(os.path.dirname(local)) if name.startswith("build-")]
   # A rebuild (a new file) that fails on process 1 fails both processes with its line, and the bucket keeps the
   # dataset it had
   (src / "bisect_copy.py").write_text((src / "bisect.py").read_text())
@@ -890,6 +902,7 @@ def test_a_recipe_command_builds_into_a_bucket_and_the_trainer_finds_it_current(
   assert epath.Path("s3://runs/cli/manifest.json").read_text() == manifest  # current: not rebuilt
   with open(os.path.join(local, "manifest.json")) as f:
     assert f.read() == manifest
+  assert os.listdir(os.path.dirname(local)) == [os.path.basename(local)]  # no scratch nor lock file left
   assert main(["--output", "s3://missing-bucket/cli", "--source", str(src), "--cache_dir", cache]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: --output s3://missing-bucket/cli: the bucket s3://missing-bucket cannot be "

@@ -247,6 +247,16 @@ def _link_tree(source: str, target: str) -> None:
       os.replace(partial, path)
 
 
+def _discard(scratch: str) -> None:
+  """Deletes a build's scratch folder and the lock file the recipe's build took beside it (`data_recipes.
+  build_lock`: one was left in the cache at every start of a run on a bucket dataset)."""
+  shutil.rmtree(scratch, ignore_errors=True)
+  try:
+    os.remove(scratch.rstrip("/") + ".lock")
+  except FileNotFoundError:
+    pass
+
+
 def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0,
                     stream: bool = False) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
@@ -276,7 +286,7 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
         pass
     return _in_use(_copy(url, cache_root, stream=stream), cache_root, max_bytes)
   finally:
-    shutil.rmtree(scratch, ignore_errors=True)
+    _discard(scratch)
 
 
 def build_shared(url: str, cache_root: str, build: Callable[..., object], *, process_index: int,
@@ -316,7 +326,7 @@ def build_shared(url: str, cache_root: str, build: Callable[..., object], *, pro
     return _in_use(local, cache_root, max_bytes)
   finally:
     if built is not None:
-      shutil.rmtree(built, ignore_errors=True)
+      _discard(built)
 
 
 def _build_together(url: str, cache_root: str, build: Callable[..., object], *, job: build_status.JobBuild,
@@ -337,7 +347,7 @@ def _build_together(url: str, cache_root: str, build: Callable[..., object], *, 
     build(scratch, process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
     path = os.path.join(scratch, MANIFEST_FILE)
     if before is not None and os.path.isfile(path) and open(path, "rb").read() == before:
-      shutil.rmtree(scratch, ignore_errors=True)
+      _discard(scratch)
       return None
     options = BuildOptions(process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
     phases = Phases(scratch, options)
@@ -359,7 +369,7 @@ def _build_together(url: str, cache_root: str, build: Callable[..., object], *, 
       exchange.clear()
     return scratch
   except BaseException:
-    shutil.rmtree(scratch, ignore_errors=True)
+    _discard(scratch)
     if p == 0:  # after the failed phase's barrier: the others have read the errors (a late one learns from
       try:      # process 0's outcome on the board instead)
         exchange.clear()

@@ -96,6 +96,9 @@ class SplitStore:
   when the dataset was fetched) is checked against the manifest in place of the local files' sizes. The
   document starts are always local (memory-mapped): a binary search per row would cost a request per probe."""
 
+  merge_ranges = True  # streamed: touching pieces read as one range (False: one per piece, bench/stream_rows.py's
+  # baseline)
+
   def __init__(self, data_dir: str, split: str, shards: list[dict], dtype: str, *, tokens_url: str | None = None,
                token_sizes: dict[str, int] | None = None):
     self.data_dir, self.split, self.tokens_url = data_dir, split, tokens_url
@@ -176,15 +179,25 @@ class SplitStore:
     flat = [(row, piece) for row, row_pieces in zip(out, pieces) for piece in row_pieces]
     if not flat:
       return
+    # One request per run of pieces that touch in a shard (consecutive rows: a held-out batch, read in order), so
+    # an evaluation reads a batch of rows in a request or two; a shuffled training batch's rows rarely touch.
+    ranges, where = [], [None] * len(flat)  # [shard, first, end] of each request; (request, token offset) per piece
+    for k in sorted(range(len(flat)), key=lambda k: flat[k][1][:2]):
+      index, lo, hi, _ = flat[k][1]
+      if not (self.merge_ranges and ranges and ranges[-1][0] == index and ranges[-1][2] == lo):
+        ranges.append([index, lo, hi])
+      ranges[-1][2] = hi
+      where[k] = (len(ranges) - 1, lo - ranges[-1][1])
     size = self.dtype.itemsize
-    data = self._read_ranges([f"{self.names[index]}.tokens" for _, (index, _, _, _) in flat],
-                             [lo * size for _, (_, lo, _, _) in flat], [hi * size for _, (_, _, hi, _) in flat])
-    for (row, (index, lo, hi, offset)), got in zip(flat, data):
+    data = self._read_ranges([f"{self.names[index]}.tokens" for index, _, _ in ranges],
+                             [lo * size for _, lo, _ in ranges], [hi * size for _, _, hi in ranges])
+    for (index, lo, hi), got in zip(ranges, data):
       if len(got) != (hi - lo) * size:
         raise DataError(f"token store shard {self.tokens_url}/{self.names[index]}.tokens returned {len(got)} bytes "
                         f"of {(hi - lo) * size} asked for at byte {lo * size} (changed since the dataset was "
                         f"fetched); rebuild the dataset there or run again")
-      row[offset:offset + hi - lo] = np.frombuffer(got, self.dtype)
+    for (row, (_, lo, hi, offset)), (request, at) in zip(flat, where):
+      row[offset:offset + hi - lo] = np.frombuffer(data[request], self.dtype, hi - lo, at * size)
 
   def _read_ranges(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
     """Bytes [start, end) of each named object of the bucket folder, read concurrently; a failed read is tried
