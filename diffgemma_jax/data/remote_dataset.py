@@ -138,7 +138,8 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
     storage.write_file_atomic(os.path.join(local, REMOTE_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
   manifest_path = os.path.join(local, MANIFEST_FILE)
   if not os.path.isfile(manifest_path):
-    storage.write_file_atomic(manifest_path, manifest)  # last: a complete copy (but for the splits, fetched as they open)
+    # last: a complete copy (but for the splits, fetched as they open)
+    storage.write_file_atomic(manifest_path, manifest)
   return local
 
 
