@@ -546,6 +546,39 @@ def test_dataset_cache_is_pruned_to_data_cache_max_gb(s3_endpoint, load_tiny, tm
   assert remote_dataset.prune(cache, one_copy + 1) == [shared] and os.path.isdir(c)
 
 
+def test_a_split_fetched_when_opened_makes_room_under_data_cache_max_gb(s3_endpoint, tmp_path, monkeypatch):
+  """A copy's splits come when they are opened, after the fetch's prune: opening one first deletes the least
+  recently used other copies until the cache and the split's bytes fit data.cache_max_gb (the split landed over
+  the cap before); a process that set no cap (a data loader's worker) deletes nothing."""
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.data.store import open_split
+
+  def size(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+  manifests = {}
+  for name, seed in (("a", 0), ("b", 1)):
+    manifests[name] = _write_store(str(tmp_path / name), seed=seed)
+    remote_dataset.upload(str(tmp_path / name), f"s3://runs/room-{name}")
+  cache = str(tmp_path / "cache")
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())
+  monkeypatch.setattr(remote_dataset, "_CAPS", {})
+  a = remote_dataset.fetch("s3://runs/room-a", cache)
+  open_split(a, manifests["a"], "train")  # no cap: a's copy holds its training split
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())  # a later run reads b under a cap
+  b = remote_dataset.fetch("s3://runs/room-b", cache)
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())
+  open_split(b, manifests["b"], "heldout")  # a process that set no cap: nothing deleted
+  assert os.path.isdir(a)
+  cap = size(a) + size(b) + 100  # what the cache holds now fits; b's training split does not
+  assert remote_dataset.fetch("s3://runs/room-b", cache, max_bytes=cap) == b and os.path.isdir(a)
+  store = open_split(b, manifests["b"], "train")
+  assert not os.path.exists(a) and size(cache) <= cap
+  reference = open_split(str(tmp_path / "b"), manifests["b"], "train")
+  rows = range(reference.num_rows(32, False))
+  assert (store.rows(rows, 32)["tokens"] == reference.rows(rows, 32)["tokens"]).all()
+
+
 def _write_store(folder: str, shards: int = 3, seed: int = 0) -> dict:
   """A token store of several shards of random documents (their lengths from 1 to 90 tokens, so rows cross
   documents and shards) and its manifest: what open_split reads."""

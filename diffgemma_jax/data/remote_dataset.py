@@ -145,14 +145,28 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
 
 # dataset folders of the cache this process has fetched or built: it never evicts them
 _IN_USE: set[str] = set()
+# {cache root: its cap in bytes} of the caches this process fetched from with a cap (data.cache_max_gb)
+_CAPS: dict[str, int] = {}
 
 
 def _in_use(local: str, cache_root: str, max_bytes: int) -> str:
   os.utime(local)  # its last use: what eviction orders by
   _IN_USE.add(os.path.realpath(local))
   if max_bytes > 0:
+    _CAPS[os.path.realpath(cache_root)] = max_bytes
     prune(cache_root, max_bytes)
   return local
+
+
+def make_room(local: str, incoming: int) -> None:
+  """Before `incoming` bytes are fetched into the copy `local` (a split opened, `store.open_split`): when this
+  process fetched that copy under a cap, the least recently used other copies are deleted until the cache and the
+  incoming bytes fit it (a copy's splits come when they are opened, so the cap's prune at the fetch did not count
+  them). Nothing where this process set no cap on that cache (a data loader's worker process, say)."""
+  cache_root = os.path.dirname(os.path.dirname(os.path.realpath(local)))
+  cap = _CAPS.get(cache_root)
+  if cap is not None and os.path.realpath(local) in _IN_USE:
+    prune(cache_root, max(cap - incoming, 0))
 
 
 def _dataset_folders(cache_root: str) -> list[str]:

@@ -275,6 +275,8 @@ def _fetch_split(data_dir: str, record: dict, split: str) -> None:
   if not missing:
     return
   total = sum(size for _, size, _ in missing)
+  from diffgemma_jax.data import remote_dataset  # pylint: disable=import-outside-toplevel (it imports this module)
+  remote_dataset.make_room(data_dir, total)  # data.cache_max_gb counts the split before it lands
   print(f"fetching the {split} split of {record['url']}: {len(missing)} file(s), {total / 2**20:,.1f} MiB, into "
         f"{data_dir}", file=sys.stderr, flush=True)
 
