@@ -49,7 +49,8 @@ def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: 
       options["barrier"]("diffgemma_sft_dataset_built")
     if options.get("process_count", 1) > 1 and recipe not in SFT_RECIPES:
       options["barrier"]("diffgemma_dataset_checked")  # every process has decided whether to build before writing
-    return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
+    with storage.remembered_listings():  # a source in a bucket: listed once, not asked about file by file
+      return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
 
 
 @contextlib.contextmanager
@@ -97,14 +98,15 @@ def run_cli(build, name: str, argv=None, parents=()) -> int:
                  text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers,
                  tokenizer_sample_lines=args.tokenizer_sample_lines)
   try:
-    if storage.is_url(args.output):
-      storage.check_reachable(args.output, "--output")
-      local = remote_dataset.build_in_bucket(str(args.output).rstrip("/"),
-                                             args.cache_dir or remote_dataset.default_cache_root(),
-                                             lambda folder: build(folder, **options))
-      manifest = read_manifest(local)
-    else:
-      manifest = build(args.output, **options)
+    with storage.remembered_listings():  # a source in a bucket: listed once, not asked about file by file
+      if storage.is_url(args.output):
+        storage.check_reachable(args.output, "--output")
+        local = remote_dataset.build_in_bucket(str(args.output).rstrip("/"),
+                                               args.cache_dir or remote_dataset.default_cache_root(),
+                                               lambda folder: build(folder, **options))
+        manifest = read_manifest(local)
+      else:
+        manifest = build(args.output, **options)
   except (ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import hashlib
 import os
@@ -98,16 +99,43 @@ def file_sha256(path) -> str:
   return digest.hexdigest()
 
 
+# Within `remembered_listings`: {URL: the listing's entry} of what `find_files` listed, which `file_size` and `stamp`
+# answer from instead of asking the store about each object.
+_LISTED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("diffgemma_listed", default=None)
+
+
+@contextlib.contextmanager
+def remembered_listings():
+  """Within the block (a dataset build's planning, in this thread), the sizes and versions of the objects
+  `find_files` lists answer `file_size` and `stamp`: a corpus of a thousand objects cost a thousand requests for
+  their sizes and a thousand more for their versions, at every start of a run (a recipe stamps its files to know
+  whether its dataset is current). Outside it every call asks the store: an object rewritten since a listing is
+  never taken for the old one."""
+  token = _LISTED.set({})
+  try:
+    yield
+  finally:
+    _LISTED.reset(token)
+
+
+def _object_info(path) -> dict | None:
+  """The store's entry for the object at the URL `path` (the listing's within `remembered_listings`), or None."""
+  listed = _LISTED.get()
+  if listed is not None and str(path) in listed:
+    return listed[str(path)]
+  fs, key = filesystem(path)
+  try:
+    return fs.info(key)
+  except FileNotFoundError:
+    return None
+
+
 def file_size(path) -> int | None:
   """The size of the file at `path`, or None when no file is there."""
   if not is_url(path):
     return os.path.getsize(path) if os.path.isfile(path) else None
-  fs, key = filesystem(path)
-  try:
-    info = fs.info(key)
-  except FileNotFoundError:
-    return None
-  return int(info["size"]) if info.get("type") == "file" else None
+  info = _object_info(path)
+  return int(info["size"]) if info is not None and info.get("type") == "file" else None
 
 
 def stamp(path) -> list:
@@ -115,8 +143,9 @@ def stamp(path) -> list:
   generation (GCS) in a bucket."""
   if not is_url(path):
     return [os.path.getsize(path), os.path.getmtime(path)]
-  fs, key = filesystem(path)
-  info = fs.info(key)
+  info = _object_info(path)
+  if info is None:
+    raise FileNotFoundError(path)
   version = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified")
                   if info.get(k)), "")
   return [int(info["size"]), str(version)]
@@ -124,18 +153,25 @@ def stamp(path) -> list:
 
 def find_files(url: str, key: str) -> list[str]:
   """The files a URL names: one object, every object under a folder, or those a glob (`*`, `**`) matches, as
-  URLs; a ConfigError naming `key` when the bucket cannot be reached or nothing is there."""
+  URLs; a ConfigError naming `key` when the bucket cannot be reached or nothing is there. One listing, whose sizes
+  and versions answer `file_size` and `stamp` within `remembered_listings`."""
   check_reachable(url, key)
   fs, path = filesystem(url)
   if any(c in path for c in "*?["):
-    found = [p for p in fs.glob(path) if fs.isfile(p)]
-    return sorted(fs.unstrip_protocol(p) for p in found)
-  if fs.isfile(path):
+    found = fs.glob(path, detail=True)
+  elif fs.isfile(path):
     return [str(url)]
-  found = fs.find(path)
-  if not found:
-    raise ConfigError(f"{key} {url!r} does not exist")
-  return sorted(fs.unstrip_protocol(p) for p in found)
+  else:
+    found = fs.find(path, detail=True)
+    if not found:
+      raise ConfigError(f"{key} {url!r} does not exist")
+  listed, urls = _LISTED.get(), []
+  for name, info in found.items():
+    if info.get("type") == "file":
+      urls.append(fs.unstrip_protocol(name))
+      if listed is not None:
+        listed[urls[-1]] = info
+  return sorted(urls)
 
 
 def folder_sizes(url: str) -> dict[str, int]:

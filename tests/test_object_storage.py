@@ -277,7 +277,7 @@ def test_sft_jsonl_source_in_a_bucket(bucket, load_tiny, tmp_path):
   assert all(r["source"].startswith(f"{bucket}/sft/chats.jsonl:") for r in remote)
 
 
-def test_storage_helpers_on_objects_another_process_wrote(bucket, tmp_path):
+def test_storage_helpers_on_objects_another_process_wrote(bucket, tmp_path, monkeypatch):
   """What data and entry points reach buckets through (diffgemma_jax.storage), on objects another client wrote after
   this process had listed the bucket: found, listed, sized, read whole, by seek and by exact byte range, stamped
   (a rewrite of the same size changes the stamp and the local copy), and a folder refused as an output file."""
@@ -301,6 +301,19 @@ def test_storage_helpers_on_objects_another_process_wrote(bucket, tmp_path):
   with pytest.raises(ConfigError, match=f"data.source '{url}/nothing' does not exist"):
     storage.find_files(f"{url}/nothing", "data.source")
   assert storage.folder_sizes(url) == {"a.bin": len(data), "b.txt": 3, "sub/c.txt": 3}
+  # Within remembered_listings (a build's planning) what find_files listed answers file_size and stamp, the same
+  # values the store gives one object at a time, without a request each
+  want = {u: (storage.stamp(u), storage.file_size(u)) for u in storage.find_files(url, "data.source")}
+  fs, asked = storage.filesystem(url)[0], []
+  info = fs.info
+  monkeypatch.setattr(fs, "info", lambda *args, **kwargs: asked.append(args) or info(*args, **kwargs))
+  with storage.remembered_listings():
+    for source in (url, f"{url}/*.txt"):
+      found = storage.find_files(source, "data.source")
+      assert {u: (storage.stamp(u), storage.file_size(u)) for u in found} == {u: want[u] for u in found}
+    assert asked == []
+  assert storage.stamp(a) == want[a][0] and len(asked) == 1  # outside it, the store is asked
+  monkeypatch.setattr(fs, "info", info)
   assert (storage.file_size(a), storage.file_size(f"{url}/missing.bin"), storage.file_size(url)) == (len(data), None,
                                                                                                   None)
   assert storage.file_sha256(a) == hashlib.sha256(data).hexdigest()
