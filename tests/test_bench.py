@@ -210,3 +210,17 @@ def test_stream_rows_reports_first_batch_and_input_against_the_local_copy(s3_end
   assert sequential["requests_per_batch"]["per_row"] >= 32 and 1 <= sequential["requests_per_batch"]["merged"] <= 2
   assert sequential["merged_vs_per_row"] == pytest.approx(
       sequential["merged_tokens_per_s"] / sequential["per_row_tokens_per_s"], abs=0.01)
+
+
+def test_bucket_build_compares_one_process_with_two_building_together(s3_endpoint, capsys):
+  """bench/bucket_build.py on the session's S3 server, a 2 MB corpus: the two processes' shards add up to the one
+  process's (each keeps its own share), and the ratio is the ratio of the times it reports."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import bucket_build  # pylint: disable=import-outside-toplevel
+  assert bucket_build.main(["--url", "s3://runs/bench-bucket-build", "--size_mb", "2", "--skip_current",
+                            "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  build = report["build"]
+  one, two = build["shard_bytes"]["one_process"], build["shard_bytes"]["two_processes"]
+  assert len(two) == 2 and sum(two) == one and min(two) > 0 and report["current"] is None
+  assert build["two_vs_one"] == pytest.approx(build["two_processes"] / build["one_process"], abs=0.01)
