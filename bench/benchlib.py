@@ -7,11 +7,15 @@ load exceeded LOAD_LIMIT at either end.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pathlib
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -113,3 +117,39 @@ def import_tokamax():
   _stub_xprof_if_absent()
   import tokamax  # pylint: disable=import-outside-toplevel
   return tokamax
+
+
+def start_local_s3(bucket: str = "bench") -> subprocess.Popen:
+  """moto's S3 server on a free port, in a process of its own, holding `bucket`; points the AWS variables at it."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                    AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+  import boto3  # pylint: disable=import-outside-toplevel
+  deadline = time.time() + 60
+  while True:
+    try:
+      boto3.client("s3").create_bucket(Bucket=bucket)
+      return server
+    except Exception:  # noqa: BLE001 -- not listening yet
+      if time.time() > deadline or server.poll() is not None:
+        server.kill()
+        raise
+      time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def bucket_and_scratch(url: str, default: str, prefix: str):
+  """(the bucket folder a benchmark uses, a scratch folder): `url`, or without it `default` in a local S3 server
+  (`start_local_s3`) stopped at the end; the scratch folder is deleted at the end."""
+  server = None if url else start_local_s3(default.split("/")[2])
+  scratch = tempfile.mkdtemp(prefix=prefix)
+  try:
+    yield (url or default).rstrip("/"), scratch
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+    if server is not None:
+      server.kill()

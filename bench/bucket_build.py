@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import MachineLoad, commit  # noqa: E402
+from benchlib import MachineLoad, bucket_and_scratch, commit  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 4096
@@ -101,13 +99,9 @@ def main(argv=None) -> int:
   parser.add_argument("--skip_current", action="store_true", help="skip (b)")
   args = parser.parse_args(argv)
   from data_pipeline import _source_texts, make_corpus
-  from stream_rows import start_local_s3
 
   from diffgemma_jax.data.tokenizer import train_tokenizer
-  server = None if args.url else start_local_s3()
-  url = (args.url or "s3://bench/bucket-build").rstrip("/")
-  scratch = tempfile.mkdtemp(prefix="diffgemma_bucket_build_bench_")
-  try:
+  with bucket_and_scratch(args.url, "s3://bench/bucket-build", "diffgemma_bucket_build_bench_") as (url, scratch):
     corpus = os.path.join(scratch, "corpus")
     text_bytes = make_corpus(corpus, args.size_mb << 20)
     sample = [text for _, text in zip(range(400), (t for _, t in _source_texts()))]
@@ -130,10 +124,6 @@ def main(argv=None) -> int:
                                   "two_processes": [r["shard_bytes"] for r in two]}},
         "current": current,
         **load.report()}
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
-    if server is not None:
-      server.kill()
   if args.json:
     print(json.dumps(report, indent=1))
     return 0

@@ -28,10 +28,7 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -39,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import MachineLoad, commit, gpu_1b_consumption  # noqa: E402
+from benchlib import MachineLoad, bucket_and_scratch, commit, gpu_1b_consumption  # noqa: E402
 
 VOCAB = 32_768
 SHARD_TOKENS = 8 << 20  # 16 MB of uint16 ids
@@ -71,28 +68,6 @@ def write_store(folder: str, size_mb: int, seed: int = 0) -> dict:
   with open(os.path.join(folder, "manifest.json"), "w") as f:
     json.dump(manifest, f)
   return manifest
-
-
-def start_local_s3() -> subprocess.Popen:
-  """moto's S3 server on a free port, in a process of its own; points the AWS variables at it."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                    AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
-  import boto3
-  deadline = time.time() + 60
-  while True:
-    try:
-      boto3.client("s3").create_bucket(Bucket="bench")
-      return server
-    except Exception:  # noqa: BLE001 -- not listening yet
-      if time.time() > deadline or server.poll() is not None:
-        server.kill()
-        raise
-      time.sleep(0.2)
 
 
 def folder_bytes(folder: str) -> int:
@@ -150,10 +125,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seconds", type=float, default=10.0, help="(b): seconds per throughput measurement")
   parser.add_argument("--workers", default="0,2", help="(b): data.num_workers settings, comma-separated")
   args = parser.parse_args(argv)
-  server = None if args.url else start_local_s3()
-  url = args.url or "s3://bench/stream-rows"
-  scratch = tempfile.mkdtemp(prefix="diffgemma_stream_bench_")
-  try:
+  with bucket_and_scratch(args.url, "s3://bench/stream-rows", "diffgemma_stream_bench_") as (url, scratch):
     from diffgemma_jax.data import remote_dataset
     local = os.path.join(scratch, "dataset")
     manifest = write_store(local, args.size_mb)
@@ -187,10 +159,6 @@ def main(argv=None) -> int:
                               "copy_vs_stream": round(copy["seconds"] / streamed["seconds"], 2)},
               "input": rows, "sequential": sequential, "pretrain_gpu_1b_h100_tokens_per_s": round(need),
               **load.report()}
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
-    if server is not None:
-      server.kill()
   if args.json:
     print(json.dumps(report, indent=1))
     return 0
