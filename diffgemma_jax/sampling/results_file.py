@@ -30,7 +30,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 
 UPLOAD_EVERY_S = 60.0
-PART_POLL_S = 5.0  # how often process 0 of a split launch reads the other copies' parts
+PART_POLL_S = 5.0  # how often process 0 of a split launch checks the other copies' parts (reading those changed)
 PART_STALE_S = 1800.0  # and how long it waits for a part that does not grow before it gives up
 LINE_START = b'{"index": '  # how each line of a results file starts (its first key), cut short or not
 
@@ -162,12 +162,18 @@ def gather_parts(merged: ResultsFile, prompts: Sequence[str], settings: dict[str
   same command run again finishes the job from what the files hold). `say(text)`: a line of progress, at most once
   a minute."""
   wanted = {q: [i for i in range(q, len(prompts), count) if i not in merged.records] for q in range(1, count)}
-  seen, changed, said = None, time.monotonic(), 0.0
+  seen, changed, said, read = None, time.monotonic(), 0.0, {}
   while True:
     left = {}
     for q, positions in wanted.items():
-      part = ResultsFile(part_path(merged.path, q, count), prompts, settings, flag=merged.flag, write=False)
-      merged.absorb(part)
+      path = part_path(merged.path, q, count)
+      try:
+        version = storage.stamp(path)  # a part is read again only once it changed
+      except FileNotFoundError:
+        version = None
+      if version is not None and read.get(q) != version:
+        merged.absorb(ResultsFile(path, prompts, settings, flag=merged.flag, write=False))
+        read[q] = version
       missing = [i for i in positions if i not in merged.records]
       if missing:
         left[q] = missing
