@@ -277,6 +277,11 @@ def write_file_atomic(path: str, data: bytes, *, sync: bool = False) -> None:
       os.remove(partial)
 
 
+def has_file(path: str, size: int) -> bool:
+  """Whether the local file `path` is there with `size` bytes (a copy a kill cut short is fetched again)."""
+  return os.path.isfile(path) and os.path.getsize(path) == size
+
+
 def local_file(path) -> str:
   """A local path holding the file at `path`: `path` itself, or for a URL a copy under the temporary folder (for
   libraries that read local files only, such as sentencepiece), keyed by the URL and the object's version and
@@ -286,7 +291,7 @@ def local_file(path) -> str:
   size, version = stamp(path)
   key = hashlib.sha256(f"{path}\0{version}".encode()).hexdigest()[:24]
   target = os.path.join(tempfile.gettempdir(), f"diffgemma-{key}-{os.path.basename(str(path))}")
-  if not (os.path.isfile(target) and os.path.getsize(target) == size):
+  if not has_file(target, size):
     download(str(path), target, size=size)
   return target
 

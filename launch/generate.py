@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     if split:
       shard, shards = outputs.index, outputs.count
     positions = list(range(shard, len(prompts), shards))
+    share = len(positions)
     kept = None
     if is_results_file(args.output):
       settings = {"workdir": storage.resolve(args.workdir), "options": dataclasses.asdict(options),
@@ -165,7 +166,6 @@ def main(argv=None) -> int:
         kept = ResultsFile(own, prompts, settings)
         positions = [i for i in positions if i not in done]
       positions = kept.pending(positions)
-      share = len(range(shard, len(prompts), shards))
       if len(positions) < share:
         print(f"{kept.path}: {share - len(positions)} request(s) already done, {len(positions)} to run",
               file=sys.stderr)

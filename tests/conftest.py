@@ -70,7 +70,7 @@ def get_config():
 """
 
 
-def _write_corpus(directory: str) -> None:
+def write_corpus(directory: str) -> None:
   """A few hundred KB of real text: modules of the running interpreter's standard library."""
   os.makedirs(directory, exist_ok=True)
   stdlib = sysconfig.get_paths()["stdlib"]
@@ -85,7 +85,7 @@ def _write_corpus(directory: str) -> None:
 def tiny_config_file(tmp_path_factory) -> str:
   root = tmp_path_factory.mktemp("tiny")
   source = str(root / "corpus")
-  _write_corpus(source)
+  write_corpus(source)
   path = root / "tiny_config.py"
   path.write_text(textwrap.dedent(CONFIG_TEMPLATE.format(model=TINY_MODEL, source=source,
                                                          data_dir=str(root / "data"))))
@@ -109,7 +109,7 @@ def tiny_tokenizer(tmp_path_factory):
   in a folder of its own. Trained directly (about a second), so tokenizer tests need no dataset or run."""
   from diffgemma_jax.data.tokenizer import train_tokenizer
   root = tmp_path_factory.mktemp("tokenizer")
-  _write_corpus(str(root / "corpus"))
+  write_corpus(str(root / "corpus"))
   texts = [(root / "corpus" / name).read_text(encoding="utf-8") for name in sorted(os.listdir(root / "corpus"))]
   texts.append("caf\xe9 cr\xe8me " * 10)  # non-ASCII text, as a latin-1 corpus file decodes
   return train_tokenizer(texts, str(root / "tokenizer"), TINY_MODEL["vocab_size"])

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import bucket_endpoint, compilation_cache_entries, upload_files, write_stand_in_dataset
+from conftest import bucket_endpoint, compilation_cache_entries, upload_files, write_corpus, write_stand_in_dataset
 
 # A resumed run and an evaluation read the programs the run before them compiled from JAX's cache.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -783,8 +783,6 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   the exchange folder is gone; each copy reads the one-process build's rows. Started again, they find the dataset
   current and upload nothing."""
   import concurrent.futures
-  import shutil
-  import sysconfig
   import threading
 
   import numpy as np
@@ -796,9 +794,7 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   from diffgemma_jax.data import remote_dataset
   from diffgemma_jax.data.store import open_split
   src = tmp_path / "corpus"
-  src.mkdir()
-  for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py"):
-    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), src / name)
+  write_corpus(str(src))
   monkeypatch.setattr(build_module, "TASK_BYTES", 10_000)  # several tasks for each process
 
   def build(folder, **job):
@@ -841,7 +837,7 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
     assert not [name for name in os.listdir(os.path.dirname(local)) if name.startswith("build-")]
   # A rebuild (a new file) that fails on process 1 fails both processes with its line, and the bucket keeps the
   # dataset it had
-  (src / "bisect_copy.py").write_text((src / "bisect.py").read_text())
+  (src / "bisect_copy.txt").write_text((src / "bisect.py.txt").read_text())
   tokenize = build_module._tokenize_task
 
   def failing(corpus, index, *rest):
@@ -924,18 +920,13 @@ def test_a_recipe_command_builds_into_a_bucket_and_the_trainer_finds_it_current(
   """`python -m data_recipes.text_files --output s3://...` builds in --cache_dir and uploads (it made a local
   folder named `s3:` before); the trainer's bucket build, with the same recipe and settings, finds it current and
   uploads nothing; a bucket that cannot be reached is a one-line error."""
-  import shutil
-  import sysconfig
-
   from etils import epath
 
   from data_recipes import build_dataset
   from data_recipes.text_files import main
   from diffgemma_jax.data import remote_dataset
   src = tmp_path / "corpus"
-  src.mkdir()
-  for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py"):
-    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], name), src / name)
+  write_corpus(str(src))
   cache = str(tmp_path / "cache")
   assert main(["--output", "s3://runs/cli", "--source", str(src), "--vocab_size", "400", "--workers", "1",
                "--cache_dir", cache]) == 0

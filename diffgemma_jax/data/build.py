@@ -353,9 +353,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if not stats.documents:
       raise DataError(f"{corpus.name} holds no non-empty documents ({len(corpus.files)} file(s) found, "
                       f"{len(stats.non_utf8_files)} not UTF-8, {stats.empty} empty)")
-    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in range(len(tasks))] if not own else \
-        [os.path.join(staging, "scan", f"{i:05d}.digests") for i, _ in mine] + \
-        [os.path.join(staging, "scan", f"process-{q}.digests") for q in range(1, count)]
+    scanned = [i for i, _ in mine] if own else range(len(tasks))  # the others' tables: one file per process
+    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in scanned] + \
+        [os.path.join(staging, "scan", f"process-{q}.digests") for q in range(1, count) if own]
     if corpus.heldout_keys:
       heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
       held, total = keyed_bytes(tables, heldout.digests)
@@ -402,10 +402,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   def finish():
     if p != 0:
       if own:  # this process's shards are its output; process 0 publishes the rest
-        for name in os.listdir(staging):
-          if name not in SPLITS:
-            path = os.path.join(staging, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        _delete_entries(staging, lambda name: name not in SPLITS)
         shutil.rmtree(output_dir, ignore_errors=True)
         os.replace(staging, output_dir)
       return
@@ -438,10 +435,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                 tokenizer_sample_lines=None if tokenizer else options.sample_lines,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 build_seconds=round(time.time() - start, 2))
-    for name in os.listdir(staging):  # the scan tables, per-process parts and decision are build scratch
-      if name == "scan" or name.startswith(("counts-", "shards-", "error-")) or name == "decision.json":
-        path = os.path.join(staging, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    _delete_entries(staging, lambda name: name in ("scan", "decision.json")  # the build's scratch
+                    or name.startswith(("counts-", "shards-", "error-")))
     _write_json(os.path.join(staging, "manifest.json"), full)
     if own:
       exchange.put([(os.path.join(staging, "manifest.json"), "manifest.json")])
@@ -520,6 +515,14 @@ def _report(corpus: Corpus, stats: ReadStats) -> None:
     listed = ", ".join(skipped[:MAX_LISTED]) + (f" and {len(skipped) - MAX_LISTED} more"
                                                  if len(skipped) > MAX_LISTED else "")
     print(f"skipped {len(skipped)} non-UTF-8 file(s) in {corpus.name}: {listed}", file=sys.stderr)
+
+
+def _delete_entries(folder: str, which: Callable[[str], bool]) -> None:
+  """Deletes the files and folders of `folder` whose names `which` picks."""
+  for name in os.listdir(folder):
+    if which(name):
+      path = os.path.join(folder, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _write_json(path: str, value) -> None:

@@ -82,10 +82,6 @@ def _local_files(folder: str) -> list[str]:
   return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
 
 
-def _has(path: str, size: int) -> bool:
-  return os.path.isfile(path) and os.path.getsize(path) == size
-
-
 def _objects(url: str, listed: dict[str, int] | None = None) -> dict[str, list]:
   """{path: [size, sha256 or None]} of the dataset's files: its objects.json, or (a folder copied into the bucket
   by other tools) a listing, sizes only (`listed`, when the caller has listed the folder already)."""
@@ -128,7 +124,7 @@ def _copy(url: str, cache_root: str, key: str = "data.dir", *, stream: bool = Fa
   objects, deferred = _objects(url, listed), _deferred(manifest)
   storage.download_many([(storage.join(url, rel), os.path.join(local, rel), size, sha256)
                          for rel, (size, sha256) in sorted(objects.items())
-                         if not deferred(rel) and not _has(os.path.join(local, rel), size)])
+                         if not deferred(rel) and not storage.has_file(os.path.join(local, rel), size)])
   later = {rel: entry for rel, entry in objects.items() if deferred(rel)}
   if later or stream:  # what the token store fetches (or streams) when it opens a split (store.open_split)
     record = {"url": url, "stream": stream, "objects": later}
@@ -272,6 +268,24 @@ def _discard(scratch: str) -> None:
     pass
 
 
+def _build_on_copy(url: str, cache_root: str, build: Callable[..., object], scratch: str, *, stream: bool,
+                   **job) -> tuple[str | None, bytes | None]:
+  """Runs `build(scratch, **job)` on a hard-linked copy of what the bucket folder `url` holds (the files `fetch`
+  copies at once: a recipe decides whether a dataset is current from its manifest and tokenizer, not its splits);
+  returns (that copy, the bucket's manifest), both None where the bucket holds no dataset."""
+  before = _read(storage.join(url, MANIFEST_FILE))
+  copy = _copy(url, cache_root, stream=stream) if before is not None else None
+  if copy is not None:
+    _link_tree(copy, scratch)
+  build(scratch, **job)
+  return copy, before
+
+
+def _scratch(url: str, cache_root: str) -> str:
+  """A new build's scratch folder in the cache, beside the copies of `url`."""
+  return os.path.join(cache_root, _key(url), f"build-{uuid.uuid4().hex[:12]}")
+
+
 def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0,
                     stream: bool = False) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
@@ -280,20 +294,15 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
   runs on the files `fetch` copies at once (a recipe decides whether a dataset is current from its manifest and
   tokenizer, not its splits), and what it returns is `fetch`'s copy, the splits fetched when they open; a rebuild's
   local files become that copy (with `stream`, they are deleted)."""
-  before = _read(storage.join(url, MANIFEST_FILE))
-  folder = os.path.join(cache_root, _key(url))
-  scratch = os.path.join(folder, f"build-{uuid.uuid4().hex[:12]}")
+  scratch = _scratch(url, cache_root)
   try:
-    copy = _copy(url, cache_root, stream=stream) if before is not None else None
-    if copy is not None:
-      _link_tree(copy, scratch)
-    build(scratch)
+    copy, before = _build_on_copy(url, cache_root, build, scratch, stream=stream)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
       after = f.read()
     if after == before:  # current: the copy made for the build is the one to read
       return _in_use(copy, cache_root, max_bytes)
     upload(scratch, url)
-    local = os.path.join(folder, _key(after))
+    local = os.path.join(os.path.dirname(scratch), _key(after))
     if not stream and not os.path.isdir(local):  # the build's files: this version's copy, nothing to fetch
       try:
         os.replace(scratch, local)
@@ -324,18 +333,18 @@ def build_shared(url: str, cache_root: str, build: Callable[..., object], *, pro
                               barrier=barrier, what=f"data.dir {url}", start="diffgemma_bucket_dataset_start",
                               poll_s=poll_s, heartbeat_s=heartbeat_s, stale_s=stale_s)
   together = process_count > 1 and bool(build_id)
-  built = None
+  current = built = None
   with job:
     if together:
-      built = _build_together(url, cache_root, build, job=job, process_index=process_index,
-                              process_count=process_count, exchange=Exchange(f"{url.rstrip('/')}.partial/{build_id}"),
-                              stream=stream)
+      current, built = _build_together(url, cache_root, build, job=job, process_index=process_index,
+                                       process_count=process_count,
+                                       exchange=Exchange(f"{url.rstrip('/')}.partial/{build_id}"), stream=stream)
     elif process_index == 0:
       return build_in_bucket(url, cache_root, build, max_bytes=max_bytes, stream=stream)
   try:
     if process_index != 0:
       job.wait_outcome()
-    local = _copy(url, cache_root, stream=stream)
+    local = current or _copy(url, cache_root, stream=stream)
     if built is not None and not stream:  # the shards this process built: its copy never fetches them
       _link_tree(built, local)
     return _in_use(local, cache_root, max_bytes)
@@ -345,25 +354,23 @@ def build_shared(url: str, cache_root: str, build: Callable[..., object], *, pro
 
 
 def _build_together(url: str, cache_root: str, build: Callable[..., object], *, job: build_status.JobBuild,
-                    process_index: int, process_count: int, exchange: Exchange, stream: bool) -> str | None:
+                    process_index: int, process_count: int, exchange: Exchange,
+                    stream: bool) -> tuple[str | None, str | None]:
   """One process's part of a build that every process runs (`build_shared`): the build, on a local copy of what
   the bucket holds, each process building its tasks' shards into its own folder and passing what the others need
   through `exchange` (data/exchange.py); then process 0 removes the bucket's manifest, every process uploads what
   it built (process 0: its shards, the tokenizer and the counts; the others: their shards), and process 0
-  publishes objects.json (every process's files) and the manifest. Returns the folder of the files this process
-  built (to delete once its copy holds them), or None when the dataset was current (every process finds that
-  from the same manifest and tokenizer, and nothing is built)."""
+  publishes objects.json (every process's files) and the manifest. Returns (the copy the build ran on, when the
+  dataset was current: every process finds that from the same manifest and tokenizer, and nothing is built; the
+  folder of the files this process built, to delete once its copy holds them), one of them None."""
   p = process_index
-  before = _read(storage.join(url, MANIFEST_FILE))
-  scratch = os.path.join(cache_root, _key(url), f"build-{uuid.uuid4().hex[:12]}")
+  scratch = _scratch(url, cache_root)
   try:
-    if before is not None:
-      _link_tree(_copy(url, cache_root, stream=stream), scratch)
-    build(scratch, process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
-    path = os.path.join(scratch, MANIFEST_FILE)
-    if before is not None and os.path.isfile(path) and open(path, "rb").read() == before:
+    copy, before = _build_on_copy(url, cache_root, build, scratch, stream=stream, process_index=p,
+                                  process_count=process_count, barrier=job.barrier, exchange=exchange)
+    if before is not None and _read(os.path.join(scratch, MANIFEST_FILE)) == before:
       _discard(scratch)
-      return None
+      return copy, None
     options = BuildOptions(process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
     phases = Phases(scratch, options)
 
@@ -382,7 +389,7 @@ def _build_together(url: str, cache_root: str, build: Callable[..., object], *, 
         objects.update(json.loads(exchange.read_text(rel)))
       _publish(scratch, url, objects)
       exchange.clear()
-    return scratch
+    return None, scratch
   except BaseException:
     _discard(scratch)
     if p == 0:  # after the failed phase's barrier: the others have read the errors (a late one learns from

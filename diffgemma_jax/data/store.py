@@ -269,8 +269,8 @@ def _fetch_split(data_dir: str, record: dict, split: str) -> None:
   missing = []
   for rel, (size, sha256) in sorted(record["objects"].items()):
     path = os.path.join(data_dir, rel)
-    if rel.startswith(split + "/") and not (record["stream"] and is_token_shard(rel)) and not (
-        os.path.isfile(path) and os.path.getsize(path) == size):
+    if rel.startswith(split + "/") and not (record["stream"] and is_token_shard(rel)) and not storage.has_file(
+        path, size):
       missing.append((rel, size, sha256))
   if not missing:
     return
