@@ -92,6 +92,34 @@ def test_logs_of_a_workdir_in_a_bucket_keep_earlier_runs_and_upload_events_as_th
                                                     .splitlines())] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
+def test_a_bucket_workdirs_metrics_are_uploaded_as_the_run_goes_and_at_each_save(bucket):
+  """metrics.jsonl goes up with the events (the first logged step, then at most once a minute) and at every
+  checkpoint save (`sync`): a run killed without closing its logs (SIGKILL) leaves what it logged up to its last
+  save, which its resume keeps (and early stopping replays). It used to appear only when the logs closed."""
+  from etils import epath
+  workdir = f"{bucket}/killed"
+
+  def steps() -> list[int]:
+    path = epath.Path(workdir, "metrics.jsonl")
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+  killed = _logger(workdir, 0)
+  killed.write(1, {"loss": 1.0})
+  assert steps() == [1]
+  killed.write(2, {"loss": 2.0})
+  killed.write(2, {"bits_per_token": 3.0}, prefix="eval")
+  assert steps() == [1]  # not a minute yet
+  killed.sync()  # checkpoint 2 saved
+  assert steps() == [1, 2, 2]
+  killed.write(3, {"loss": 3.0})  # then the process is killed: its logs are never closed
+  resumed = _logger(workdir, 2)
+  resumed.write(3, {"loss": 30.0})
+  resumed.close()
+  assert [(r["step"], r.get("train/loss", r.get("eval/bits_per_token"))) for r in map(
+      json.loads, epath.Path(workdir, "metrics.jsonl").read_text().splitlines())] == [(1, 1.0), (2, 2.0), (2, 3.0),
+                                                                                        (3, 30.0)]
+
+
 # ---- throughput, the plain line, peak FLOPs --------------------------------------------------------------------------
 def test_without_a_terminal_each_logged_step_prints_one_plain_line(tmp_path, capsys):
   """stderr is not a terminal under pytest, as in a scheduler's log: no progress bar, one line per logged step."""

@@ -16,11 +16,14 @@ from conftest import bucket_endpoint, compilation_cache_entries, upload_files, w
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
-def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path):
+def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endpoint, load_tiny, tmp_path,
+                                                                          monkeypatch):
   """Workdir, data.source and data.dir all in the bucket: the build streams the same documents a local build of
   the same files reads (same content digest, same tokenizer); train, resume, and evaluate from a fresh dataset
-  cache, reading the held-out rows in the bucket, on the same held-out set."""
+  cache, reading the held-out rows in the bucket, on the same held-out set. The resumed run's logs never close (as
+  under a SIGKILL after its last save): its saves uploaded its metrics."""
   from etils import epath
+  from diffgemma_jax.train import logging as run_logging
 
   from diffgemma_jax.evaluate import evaluate
   from diffgemma_jax.train import train
@@ -47,8 +50,10 @@ def test_train_resume_and_evaluate_with_the_workdir_and_data_in_a_bucket(s3_endp
   assert manifest["sha256"] == local_manifest["sha256"] and manifest["splits"] == local_manifest["splits"]
   with open(os.path.join(local_dir, "tokenizer.model"), "rb") as f:
     assert epath.Path("s3://runs/data/tokenizer.model").read_bytes() == f.read()
-  resumed = train(load_tiny(dict(overrides, **{"train.num_steps": "6", "train.profile_steps": "(5, 5)"})), workdir,
-                  show_progress=False)
+  with monkeypatch.context() as m:
+    m.setattr(run_logging._StagedLogs, "close", lambda self: None)  # what a kill after the last save leaves
+    resumed = train(load_tiny(dict(overrides, **{"train.num_steps": "6", "train.profile_steps": "(5, 5)"})),
+                    workdir, show_progress=False)
   assert resumed["start_step"] == 4 and resumed["final_step"] == 6
   # The profile of step 5, written locally by the profiler, is uploaded beside the TensorBoard scalars.
   traces = [p for p in (root / "tb" / "plugins" / "profile").iterdir()]

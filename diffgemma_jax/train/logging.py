@@ -150,25 +150,30 @@ def event_file_suffix() -> str:
   return f".{_last_event_file_ns}.{os.getpid()}"
 
 
-class _StagedEvents:
-  """TensorBoard events of a workdir in a bucket: written to a local folder, uploaded (whole files) at the first
-  flush, then at most every `every_s` seconds, and when the logs close. tensorboardX's own bucket writers would
-  upload the whole events file at every flush (GCS takes about one write a second per object), need boto3 or
-  google-cloud-storage, and upload it once more as the process exits (a GCS client retries for two minutes where
-  no server answers)."""
+class _StagedLogs:
+  """The logs of a workdir in a bucket (TensorBoard's events under tb/, metrics.jsonl): written to a local folder
+  laid out as the workdir, uploaded (whole files) at the first flush, then at most every `every_s` seconds, at every
+  checkpoint save (`sync`), and when the logs close. An object cannot be appended to, and an object written through
+  an open stream appears only when the stream closes: a run killed without closing its logs (SIGKILL, a lost node)
+  kept none of its metrics.jsonl records. tensorboardX's own bucket writers would upload the whole events file at
+  every flush (GCS takes about one write a second per object), need boto3 or google-cloud-storage, and upload it
+  once more as the process exits (a GCS client retries for two minutes where no server answers)."""
 
   def __init__(self, url: str, every_s: float = 60.0):
     self.url, self.every_s = url, every_s
-    self.local = tempfile.mkdtemp(prefix="diffgemma-tb-")
+    self.local = tempfile.mkdtemp(prefix="diffgemma-logs-")
     self._uploaded = -math.inf
 
   def flushed(self) -> None:
     if time.monotonic() - self._uploaded >= self.every_s:
-      storage.upload_folder(self.local, self.url)
-      self._uploaded = time.monotonic()
+      self.sync()
+
+  def sync(self) -> None:
+    storage.upload_folder(self.local, self.url)
+    self._uploaded = time.monotonic()
 
   def close(self) -> None:
-    storage.upload_folder(self.local, self.url)
+    self.sync()
     shutil.rmtree(self.local, ignore_errors=True)
 
 
@@ -188,7 +193,7 @@ class MetricsLogger:
     self.train_flops_per_token = train_flops_per_token
     self.peak_flops = peak_flops * num_devices
     self._writer = None
-    self._staged_events = None
+    self._staged = None
     self._jsonl = None
     self._bar = None
     self._last_time = time.perf_counter()
@@ -199,21 +204,16 @@ class MetricsLogger:
       # A run repeats the steps after the checkpoint it starts from (step 0 when a killed run saved none): what an
       # interrupted run logged past it is dropped from both logs (TensorBoard's purge_step, and the jsonl
       # rewritten), so every step appears once.
-      tb_dir = os.path.join(workdir, "tb")
-      if storage.is_url(workdir):
-        self._staged_events = _StagedEvents(tb_dir)
-        tb_dir = self._staged_events.local
-      self._writer = SummaryWriter(tb_dir, purge_step=start_step + 1, filename_suffix=event_file_suffix())
-      path = os.path.join(workdir, "metrics.jsonl")
-      kept = _records_through(path, start_step)
-      if storage.is_url(path):
-        # An object cannot be appended to (gcsfs opens "a" as "w", dropping what earlier runs logged): it is
-        # written whole, their records first, and uploaded when the run closes its logs.
-        self._jsonl = epath.Path(path).open("w")
-        self._jsonl.write(kept)
-      else:
-        epath.Path(path).write_text(kept)
-        self._jsonl = open(path, "a")
+      kept = _records_through(os.path.join(workdir, "metrics.jsonl"), start_step)
+      local = workdir
+      if storage.is_url(workdir):  # written locally, earlier runs' records first, and uploaded as the run goes
+        self._staged = _StagedLogs(workdir)
+        local = self._staged.local
+      self._writer = SummaryWriter(os.path.join(local, "tb"), purge_step=start_step + 1,
+                                   filename_suffix=event_file_suffix())
+      path = os.path.join(local, "metrics.jsonl")
+      epath.Path(path).write_text(kept)
+      self._jsonl = open(path, "a")
       if wandb:
         self._wandb = _start_wandb(workdir, wandb)
       if show_progress and sys.stderr.isatty():
@@ -257,8 +257,8 @@ class MetricsLogger:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     self._writer.flush()
-    if self._staged_events is not None:
-      self._staged_events.flushed()
+    if self._staged is not None:
+      self._staged.flushed()
     if self._wandb is not None:
       self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=int(step))
     if prefix == "train" and self._bar is None:
@@ -276,6 +276,13 @@ class MetricsLogger:
     self._bar.set_postfix(postfix, refresh=False)
     self._bar.refresh()
 
+  def sync(self) -> None:
+    """The logs of a workdir in a bucket uploaded now (a checkpoint was saved: a run killed after it resumes from
+    it with what it logged up to it, its evaluations for early stopping's count among them); elsewhere nothing."""
+    if self._staged is not None:
+      self._writer.flush()
+      self._staged.sync()
+
   def message(self, text: str) -> None:
     if not self.enabled:
       return
@@ -289,10 +296,10 @@ class MetricsLogger:
       self._bar.close()
     if self._writer is not None:
       self._writer.close()
-    if self._staged_events is not None:
-      self._staged_events.close()
     if self._jsonl is not None:
       self._jsonl.close()
+    if self._staged is not None:
+      self._staged.close()
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None

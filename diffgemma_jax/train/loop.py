@@ -310,6 +310,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
         if evaluating and not evaluate_now:  # several processes, a save step: evaluated after the save
           run_eval(step)
           stopped_early = early.exhausted and step < end_step
+        if saving:
+          logger.sync()  # a bucket workdir's metrics.jsonl and events through the saved step, uploaded with it
         if saving or evaluating:
           _pause_clock(step)
         if stopping:
