@@ -788,6 +788,7 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   the exchange folder is gone; each copy reads the one-process build's rows. Started again, they find the dataset
   current and upload nothing."""
   import concurrent.futures
+  import functools
   import threading
 
   import numpy as np
@@ -838,8 +839,23 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
       np.testing.assert_array_equal(got.rows(rows, 32)["tokens"], want.rows(rows, 32)["tokens"])
   uploads.clear()
   assert together("second") == copies and uploads == []
+  assert storage.folder_sizes(f"{bucket}/two.partial") == {}  # their agreement that it is current deleted
   for local in copies:  # no scratch folder nor build lock left in the caches
     assert not [name for name in os.listdir(os.path.dirname(local)) if name.startswith("build-")]
+  # Processes that find the dataset in different states (one reads it as another job's: its build asks for
+  # another vocabulary) all fail in one line at once, and the bucket keeps its dataset
+  other = functools.partial(build_dataset, "text_files", vocab_size=300, source=str(src), build_workers=1)
+  for odd in (1, 0):
+    meet = threading.Barrier(2, timeout=60).wait
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"),
+                             other if p == odd else build, process_index=p, barrier=lambda _: meet(), poll_s=0.05,
+                             process_count=2, build_id=f"split-{odd}") for p in (0, 1)]
+      errors = [str(f.exception()) for f in futures]
+    assert all(e.startswith("the processes of this job disagree on whether the dataset is current (1 found it "
+                            "current, 1 must build it)") for e in errors), (odd, errors)
+    assert json.loads(epath.Path(f"{bucket}/two/manifest.json").read_text()) == manifests[1]
+    assert storage.folder_sizes(f"{bucket}/two.partial") == {} and uploads == []
   # A rebuild (a new file) that fails on process 1 fails both processes with its line, and the bucket keeps the
   # dataset it had
   (src / "bisect_copy.txt").write_text((src / "bisect.py.txt").read_text())

@@ -106,6 +106,32 @@ class BuildOptions:
   exchange: Exchange | None = None
 
 
+def agree_to_build(options: BuildOptions, *, current: bool) -> None:
+  """The processes of a build that pass files through an exchange (a dataset in a bucket) each decide from what they
+  read whether the dataset is current (the recipe compares the bucket's manifest and tokenizer, and the sources'
+  sizes and versions); a dataset rewritten between their reads (another job building the same data.dir) would
+  have some of them build while the others went on, and the builders wait at a barrier no one else reaches. Each
+  names its decision in the exchange (`found/<process>.current` or `.build`) and, after the phase's barrier, reads
+  them all: a split decision fails every process in one line. Called by the builders as their build starts
+  (`build_store`) and by the others (`remote_dataset`), which then delete the names (`agreed_current`)."""
+  p, exchange = options.process_index, options.exchange
+  exchange.found = "current" if current else "build"
+  Phases("", options).run("found", lambda: exchange.write_text(f"found/{p}.{exchange.found}", ""))
+  found = [rel.rsplit(".", 1)[-1] for rel in exchange.listing("found")]
+  if len(set(found)) > 1:
+    raise DataError(f"the processes of this job disagree on whether the dataset is current ({found.count('current')} "
+                    f"found it current, {found.count('build')} must build it): it or its sources changed while they "
+                    f"read them (another job building the same data.dir?); run again once that build is done")
+
+
+def agreed_current(options: BuildOptions) -> None:
+  """The processes that all found their dataset current (`agree_to_build`) meet once more, and process 0 deletes
+  their names from the exchange."""
+  Phases("", options).run("agreed", lambda: None)
+  if options.process_index == 0:
+    options.exchange.clear()
+
+
 def task_bytes(corpus: Corpus) -> int:
   """About MIN_TASKS tasks, none over TASK_BYTES nor (unless TASK_BYTES is smaller) under MIN_TASK_BYTES; from the
   corpus alone, so the shards are the same for any worker or process count."""
@@ -298,6 +324,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     raise DataError("a multi-process build needs a barrier")
   own = exchange is not None and count > 1  # a staging folder per process, files passed through the exchange
   staging = output_dir.rstrip("/") + ".partial"
+  if own:
+    agree_to_build(options, current=False)
   workers = _Workers(options.workers or os.cpu_count() or 1)
   tasks = plan_tasks(corpus)
   mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]

@@ -6,6 +6,8 @@ and finish. On a shared filesystem they all work in one staging folder. A datase
 between them goes through an `Exchange`, a folder in the bucket beside the dataset (`<data.dir>.partial/<build
 id>/`, one per build, so jobs building the same folder at once never read each other's files):
 
+  at the start    each process: whether it found the dataset current or must build it (`found/<process>.current`
+                  or `.build`); every process reads them all, and a split decision fails them all
   after scan      each process: its tasks' digest tables as one file and its tokenizer sample; process 0 reads
                   the others'
   after decide    process 0: the held-out decision and the tokenizer; the others read them
@@ -34,6 +36,7 @@ class Exchange:
 
   def __init__(self, url: str):
     self.url = str(url).rstrip("/")
+    self.found: str | None = None  # what this process found: "current" or "build" (build.agree_to_build)
 
   def _at(self, rel: str) -> str:
     return storage.join(self.url, *rel.split("/"))

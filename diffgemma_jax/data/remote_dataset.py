@@ -49,7 +49,7 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.data import build_status
-from diffgemma_jax.data.build import BuildOptions, Phases
+from diffgemma_jax.data.build import BuildOptions, Phases, agree_to_build, agreed_current
 from diffgemma_jax.data.exchange import Exchange
 from diffgemma_jax.data.store import REMOTE_FILE, is_token_shard
 from diffgemma_jax.errors import DataError
@@ -365,13 +365,17 @@ def _build_together(url: str, cache_root: str, build: Callable[..., object], *, 
   folder of the files this process built, to delete once its copy holds them), one of them None."""
   p = process_index
   scratch = _scratch(url, cache_root)
+  options = BuildOptions(process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
   try:
     copy, before = _build_on_copy(url, cache_root, build, scratch, stream=stream, process_index=p,
                                   process_count=process_count, barrier=job.barrier, exchange=exchange)
-    if before is not None and _read(os.path.join(scratch, MANIFEST_FILE)) == before:
+    unchanged = before is not None and _read(os.path.join(scratch, MANIFEST_FILE)) == before
+    if exchange.found is None:  # the recipe did not build (build_store agrees with the others as it starts)
+      agree_to_build(options, current=unchanged)
+    if unchanged and exchange.found == "current":
+      agreed_current(options)
       _discard(scratch)
       return copy, None
-    options = BuildOptions(process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
     phases = Phases(scratch, options)
 
     def unpublish():  # before any file is replaced: readers find no dataset, never a mix of two
