@@ -19,6 +19,8 @@ from diffgemma_jax.errors import ConfigError, DataError
 PRETRAIN_RECIPES = ("python_stdlib", "python_packages", "shakespeare", "text_files", "pypi_code")
 SFT_RECIPES = ("python_docstrings", "jsonl")  # prompt/response records (data/sft.py); they train no tokenizer
 RECIPES = PRETRAIN_RECIPES + SFT_RECIPES
+SOURCE_RECIPES = ("text_files", "jsonl", "python_packages")  # those that read data.source (the others ignore it)
+HELDOUT_SOURCE_RECIPES = ("text_files", "jsonl")  # those that read data.heldout_source
 
 
 def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: str | None = None, *,
@@ -86,6 +88,9 @@ def run_cli(build, name: str, argv=None, parents=()) -> int:
   parser.add_argument("--vocab_size", type=int, default=1024)
   parser.add_argument("--source", default=None, help="text_files: a folder, glob or comma-separated list of "
                       "text, JSONL, Parquet or ArrayRecord files; jsonl: a JSONL file, directory or glob")
+  parser.add_argument("--heldout_source", default=None, help="text_files, jsonl: files (the same forms as "
+                      "--source) that make the held-out split, every --source document trained on (default: a share "
+                      "of --source held out by hash)")
   parser.add_argument("--tokenizer", default=None, help="an existing sentencepiece .model to use (SFT recipes: "
                       "required) instead of training one")
   parser.add_argument("--text_field", default="text", help="text_files: the text of a JSONL or Parquet record")
@@ -94,9 +99,17 @@ def run_cli(build, name: str, argv=None, parents=()) -> int:
   parser.add_argument("--tokenizer_sample_lines", type=int, default=120_000,
                       help="pretraining recipes: lines of the uniform document sample the tokenizer is trained on")
   args = parser.parse_args(argv)
+  for flag, value, readers in (("--source", args.source, SOURCE_RECIPES),
+                               ("--heldout_source", args.heldout_source, HELDOUT_SOURCE_RECIPES)):
+    if value and name not in readers:
+      print(f"error: {flag}: the {name} recipe reads no {flag[2:]}; the recipes that do are {readers}",
+            file=sys.stderr)
+      return 2
   options = dict(vocab_size=args.vocab_size, source=args.source, tokenizer=args.tokenizer,
                  text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers,
                  tokenizer_sample_lines=args.tokenizer_sample_lines)
+  if args.heldout_source:
+    options["heldout_source"] = args.heldout_source
   try:
     with storage.remembered_listings():  # a source in a bucket: listed once, not asked about file by file
       if storage.is_url(args.output):

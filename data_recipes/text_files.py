@@ -2,8 +2,10 @@
 either. Every file is read by its extension (diffgemma_jax/data/sources.py): JSONL (`.jsonl`, `.jsonl.gz`) and
 Parquet records hold their text in `data.text_field` (default `text`), ArrayRecord files hold text records, and
 any other file is one UTF-8 document (a file that is not UTF-8 is skipped and named). Held out by document (a
-text file, or one record of a record file): at least 4% of the bytes. The manifest keeps each file's size and
-mtime, and a build whose files changed since is redone."""
+text file, or one record of a record file): at least 4% of the bytes; or, with `--heldout_source`
+(data.heldout_source, the same forms), the documents of those files exactly (a standard validation set), every
+document of the source trained on. The manifest keeps each file's size and mtime, and a build whose files changed
+since is redone."""
 
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from diffgemma_jax.errors import DataError
 HELDOUT_FRACTION = 0.04
 
 
-def source_files(source: str) -> list[str]:
-  """The files `source` names (folders walked, globs expanded, recursively with `**`), sorted, each once."""
+def source_files(source: str, key: str = "data.source") -> list[str]:
+  """The files `source` (the value of config key `key`) names (folders walked, globs expanded, recursively with
+  `**`), sorted, each once."""
   if not source:
     raise DataError("the text_files recipe needs data.source (--source): a folder, a glob or a comma-separated "
                     "list of them")
@@ -36,7 +39,7 @@ def source_files(source: str) -> list[str]:
     if not part:
       continue
     if storage.is_url(part):  # gs://, s3://: an object, a folder or a glob, read as a stream
-      paths.update(storage.find_files(part, "data.source"))
+      paths.update(storage.find_files(part, key))
     elif os.path.isdir(part):
       paths.update(os.path.join(d, f) for d, _, files in os.walk(part) for f in files)
     elif os.path.isfile(part):
@@ -44,28 +47,44 @@ def source_files(source: str) -> list[str]:
     else:
       found = glob.glob(part, recursive=True)
       if not found and not glob.has_magic(part):
-        raise DataError(f"data.source {part!r} does not exist")
+        raise DataError(f"{key} {part!r} does not exist")
       paths.update(found)
   return sorted(p for p in paths if storage.is_url(p) or os.path.isfile(p))
 
 
-def corpus(source: str, text_field: str = "text", max_bad_lines: int = 10) -> Corpus:
+def corpus(source: str, text_field: str = "text", max_bad_lines: int = 10, heldout_source: str | None = None
+           ) -> Corpus:
+  """The corpus of `source`'s files; with `heldout_source`, those files too, held out by file (every document of
+  theirs, and no other)."""
   paths = source_files(source)
+  held = source_files(heldout_source, "data.heldout_source") if heldout_source else []
+  both = sorted(set(paths) & set(held))
+  if both:
+    raise DataError(f"data.heldout_source {heldout_source!r} names {len(both)} file(s) data.source {source!r} "
+                    f"names too (first: {both[0]}); a held-out file must not be trained on")
   # Documents are named relative to the files' common folder, so the split depends on the corpus, not on where
   # it lies (a split keyed by absolute paths would change when the same files move).
-  root, files = storage.common_folder(paths)
-  return Corpus(root=root, files=tuple(files), name=f"data.source {source!r}", split_by="document",
-                heldout_fraction=HELDOUT_FRACTION, text_field=text_field, max_bad_lines=max_bad_lines)
+  everything = sorted(paths + held)
+  root, files = storage.common_folder(everything)
+  if not held:
+    return Corpus(root=root, files=tuple(files), name=f"data.source {source!r}", split_by="document",
+                  heldout_fraction=HELDOUT_FRACTION, text_field=text_field, max_bad_lines=max_bad_lines)
+  held = set(held)
+  return Corpus(root=root, files=tuple(files), name=f"data.source {source!r} and data.heldout_source "
+                f"{heldout_source!r}", split_by="file", heldout_fraction=HELDOUT_FRACTION, text_field=text_field,
+                max_bad_lines=max_bad_lines, heldout_keys=tuple(rel for path, rel in zip(everything, files)
+                                                                if path in held))
 
 
 def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, tokenizer: str | None = None,
-          text_field: str = "text", max_bad_lines: int = 10, **options) -> dict:
-  files = corpus(source, text_field, max_bad_lines)
+          text_field: str = "text", max_bad_lines: int = 10, heldout_source: str | None = None, **options) -> dict:
+  files = corpus(source, text_field, max_bad_lines, heldout_source)
   stamp = files_stamp(storage.join(files.root, rel) for rel in files.files)  # changed files: rebuilt
   expect = text_build_settings(files, tokenizer, options)
-  if is_current(output_dir, "text_files", vocab_size, source, tokenizer, files=stamp, expect=expect):
+  label = f"{source} | heldout: {heldout_source}" if heldout_source else source
+  if is_current(output_dir, "text_files", vocab_size, label, tokenizer, files=stamp, expect=expect):
     return read_manifest(output_dir)
-  return build_text_dataset(output_dir, "text_files", files, vocab_size, source=source, notes={"files": stamp},
+  return build_text_dataset(output_dir, "text_files", files, vocab_size, source=label, notes={"files": stamp},
                             tokenizer=tokenizer, **build_options(options))
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import ml_collections
 
-from data_recipes import RECIPES, SFT_RECIPES
+from data_recipes import HELDOUT_SOURCE_RECIPES, RECIPES, SFT_RECIPES, SOURCE_RECIPES
 from diffgemma_jax.compile_cache import check_compilation_config
+from diffgemma_jax.storage import check_not_mistyped_url
 from diffgemma_jax.data.mixture import parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
@@ -381,6 +382,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"average where the step has one, else the parameters)")
   if config.data.recipe not in RECIPES:
     raise ConfigError(f"data.recipe: unknown recipe {config.data.recipe!r}; valid recipes are {RECIPES}")
+  for key in ("data.dir", "data.cache_dir", "data.tokenizer", "init.checkpoint", "compilation.cache_dir",
+              "data.source", "data.heldout_source"):  # the sources: comma-separated lists
+    section, name = key.split(".")
+    for part in str(config[section][name]).split(",") if name.endswith("source") else [str(config[section][name])]:
+      check_not_mistyped_url(part.strip(), key)
+  for key, readers in (("source", SOURCE_RECIPES), ("heldout_source", HELDOUT_SOURCE_RECIPES)):
+    if config.data[key] and config.data.recipe not in readers and not config.data.mixture:
+      raise ConfigError(f"data.{key}={config.data[key]!r} is set, but data.recipe={config.data.recipe!r} reads "
+                        f"none (it would be ignored); clear it, or use a recipe that reads it: {readers}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES
   if config.data.chat_template not in CHAT_TEMPLATES:
     raise ConfigError(f"data.chat_template: unknown template {config.data.chat_template!r}; valid templates are "

@@ -53,6 +53,18 @@ def is_url(path) -> bool:
   return bool(_URL.match(str(path)))
 
 
+_SLASH_MISSING = re.compile(r"^(gs|s3|gcs):(/?[^/]|$)")  # s3:/bucket, gs:bucket: a local folder named "s3:" else
+
+
+def check_not_mistyped_url(path, key: str) -> None:
+  """A ConfigError naming `key` for a path that is a bucket URL with a slash missing (`s3:/bucket/x`), which would
+  otherwise be taken for a local folder named `s3:`."""
+  if path and _SLASH_MISSING.match(str(path)):
+    scheme = str(path).split(":", 1)[0]
+    raise ConfigError(f"{key} {path!r} is a bucket URL with a slash missing (it would be a local folder named "
+                      f"'{scheme}:'); write {scheme}://bucket/path, or ./{path} for such a local folder")
+
+
 def resolve(path) -> str:
   """`path` as the run stores it: a URL as written, a local path made absolute."""
   return str(path).rstrip("/") if is_url(path) else os.path.abspath(str(path))
@@ -378,6 +390,17 @@ def upload_folder(local: str, url: str) -> str:
       items.append((os.path.join(folder, name), join(url, *rel.split(os.sep))))
   upload_many(items)
   return url
+
+
+def make_local_folder(path: str, key: str) -> None:
+  """Creates the local folder `path` (and its parents) unless it exists; a ConfigError naming `key` (the config
+  key or flag that gave it) when it cannot be (a file in the way, no permission)."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    reason = (f"a file is in the way ({e.filename})" if isinstance(e, (FileExistsError, NotADirectoryError))
+              else f"{e.strerror} ({e.filename})")
+    raise ConfigError(f"{key} {path} cannot be created: {reason}; give a folder this user can write") from None
 
 
 def check_reachable(path, flag: str) -> None:

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_overrides_reach_the_config(load_tiny):
   config = load_tiny({"train.num_steps": "7", "train.learning_rate": "1e-4", "data.recipe": "shakespeare",
-                      "model.layer_pattern": "('global',)"})
+                      "data.source": "", "model.layer_pattern": "('global',)"})
   assert config.train.num_steps == 7 and config.train.learning_rate == 1e-4
   assert config.data.recipe == "shakespeare" and config.model.layer_pattern == ("global",)
   assert [load_tiny({"init.step": v}).init.step for v in ("best", " latest", "12", "-1")] == ["best", "latest", 12, -1]
@@ -50,6 +50,13 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.init.step=newest", "config key 'init.step': give a checkpoint step (a number >= 0), 'latest' (or -1) "
      "or 'best'"),
     ("--config.eval.max_sequences=-1", "eval.max_sequences: must be >= 0 (0: the whole held-out split)"),
+    ("--config.data.dir=s3:/runs/data", "error: data.dir 's3:/runs/data' is a bucket URL with a slash missing"),
+    ("--config.data.source=corpus,gs:bucket/more", "data.source 'gs:bucket/more' is a bucket URL with a slash missing "
+     "(it would be a local folder named 'gs:'); write gs://bucket/path, or ./gs:bucket/more for such a local folder"),
+    ("--config.data.recipe=python_stdlib", "is set, but data.recipe='python_stdlib' reads none (it would be "
+     "ignored); clear it, or use a recipe that reads it: ('text_files', 'jsonl', 'python_packages')"),
+    ("--config.data.recipe=python_packages --config.data.heldout_source=val.txt", "data.heldout_source='val.txt' is "
+     "set, but data.recipe='python_packages' reads none"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
   workdir = tmp_path / "run"
@@ -66,6 +73,14 @@ def test_config_argument_and_file_paths_fail_with_one_line(tiny_config_file, tmp
                          (["--config", tiny_config_file, "--workdir", str(tmp_path / "b"),
                            f"--config.init.checkpoint={afile}"], "init.checkpoint: " + str(afile) + " is not a directory"),
                          (["--config", tiny_config_file, "--workdir", str(afile)], "is a file, not a directory"),
+                         (["--config", tiny_config_file, "--workdir", "s3:/runs/x"],
+                          "--workdir 's3:/runs/x' is a bucket URL with a slash missing"),
+                         (["--config", tiny_config_file, "--workdir", str(afile / "run")],
+                          f"--workdir {afile / 'run'} cannot be created: a file is in the way ({afile / 'run'}); "
+                          f"give a folder this user can write"),
+                         (["--config", tiny_config_file, "--workdir", str(tmp_path / "d"),
+                           f"--config.data.dir={afile / 'data'}"], f"data.dir {afile / 'data'}: its folder {afile} "
+                          f"cannot be created: a file is in the way ({afile})"),
                          (["--config", tiny_config_file, "--workdir", str(tmp_path / "c"),
                            f"--config.data.tokenizer={afile}"], "is not a sentencepiece model")):
     assert train_main(argv) == 2

@@ -127,6 +127,36 @@ def test_glob_source_selects_only_matching_files(tmp_path):
   assert manifest["source"] == str(src / "*.py")
 
 
+def test_text_files_hold_out_exactly_the_files_of_a_heldout_source(tmp_path):
+  """--heldout_source (data.heldout_source): the held-out split is those files' documents, decoded back from the
+  store, and the train split every document of --source (nothing held out of it); a file named by both is refused
+  in one line; the same build again is current, and a build without the held-out files is another dataset."""
+  src = _copy_modules(tmp_path / "corpus" / "train", MODULES[:8])
+  held = _copy_modules(tmp_path / "corpus" / "validation", MODULES[8:])
+  out = tmp_path / "ds"
+  proc = _recipe_cli("text_files", "--output", str(out), "--vocab_size", str(VOCAB), "--source", str(src),
+                     "--heldout_source", str(held / "*.py"))
+  assert proc.returncode == 0, proc.stderr
+  manifest = json.loads((out / "manifest.json").read_text())
+  module_of = {(folder / name).read_text(encoding="utf-8"): name for folder, names in ((src, MODULES[:8]),
+                                                                                      (held, MODULES[8:]))
+               for name in names}
+  assert sorted(module_of[t] for t in _store_texts(out, "heldout")) == sorted(MODULES[8:])
+  assert sorted(module_of[t] for t in _store_texts(out, "train")) == sorted(MODULES[:8])
+  assert manifest["split_by"] == "file" and manifest["source"] == f"{src} | heldout: {held / '*.py'}"
+  again = build_dataset("text_files", str(out), VOCAB, source=str(src), heldout_source=str(held / "*.py"))
+  assert again == manifest  # current: nothing rebuilt
+  assert build_dataset("text_files", str(out), VOCAB, source=str(src))["split_by"] == "document"
+  with pytest.raises(DataError, match=rf"^data.heldout_source '{held}' names 4 file\(s\) data.source "
+                                      rf"'{tmp_path / 'corpus'}' names too \(first: .*\); a held-out file must not"):
+    build_dataset("text_files", str(tmp_path / "both"), VOCAB, source=str(tmp_path / "corpus"),
+                  heldout_source=str(held))
+  proc = _recipe_cli("python_stdlib", "--output", str(tmp_path / "std"), "--source", str(src))
+  assert proc.returncode == 2 and proc.stderr == ("error: --source: the python_stdlib recipe reads no source; the "
+                                                  "recipes that do are ('text_files', 'jsonl', 'python_packages')\n")
+  assert not (tmp_path / "std").exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "only_non_utf8", "no_source"])
 def test_cli_bad_source_exits_2_and_writes_nothing(tmp_path, case):
   src = tmp_path / "src"

@@ -235,6 +235,7 @@ def saved_steps(checkpoints: str) -> list[int]:
 
 def check_workdir(workdir: str, *, reading: bool) -> None:
   """`--workdir` must be a directory; a run that is only read (eval, generate, export) must exist already."""
+  storage.check_not_mistyped_url(workdir, "--workdir")
   storage.check_reachable(workdir, "--workdir")
   path = epath.Path(storage.resolve(workdir))
   if path.exists() and not path.is_dir():
@@ -242,6 +243,8 @@ def check_workdir(workdir: str, *, reading: bool) -> None:
   if reading and not path.is_dir():
     raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
                       f"--workdir {workdir} creates it)")
+  if not reading and not storage.is_url(workdir):
+    storage.make_local_folder(str(path), "--workdir")
 
 
 def _locate(path: str, step: int | str | None, key: StepKey) -> tuple[str, str, int | str | None]:
