@@ -20,6 +20,8 @@ from diffgemma_jax.sampling.samplers import (OPTIONS, SAMPLERS, GenerationOption
     (dict(steps=0), "masked", "--steps must be >= 1"),
     (dict(steps=6, gen_length=64, block_length=16), "masked", "multiple of the number of blocks"),
     (dict(gen_length=30, block_length=8), "masked", "must divide --gen_length"),
+    (dict(block_length=0), "masked", "--block_length must be >= 1, got 0"),
+    (dict(block_length=-4), "ar", "--block_length must be >= 1, got -4"),
     (dict(top_p=0.0), "ar", "--top_p"),
     (dict(sampler="ar"), "masked", "needs a model trained with objective 'ar'"),
     (dict(sampler="threshold"), "ar", "use ar"),

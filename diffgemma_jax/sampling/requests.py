@@ -356,8 +356,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   objective, block_size, context_length = (str(config.objective.name), int(config.objective.block_size),
                                            int(config.train.seq_len))
   if fill_context:  # provisional, a multiple of every sampler's unit (the release's canvas is 256); fitted below
-    options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length, options.block_length,
-                                                               block_size))
+    options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length,
+                                                               max(options.block_length, 1), block_size))
   options = validate_options(options, objective, block_size, context_length)
   if not prompts:
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")

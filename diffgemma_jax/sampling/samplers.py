@@ -256,11 +256,13 @@ def validate_options(options: GenerationOptions, objective_name: str, block_size
       if getattr(options, option) is not None:
         raise GenerationError(f"--{option} applies to the entropy_bound sampler only (uniform-state models), not "
                               f"to --sampler {name}")
+  if options.block_length < 1:
+    raise GenerationError(f"--block_length must be >= 1, got {options.block_length}")
   if options.gen_length < 1:
     raise GenerationError(f"--gen_length must be >= 1, got {options.gen_length}")
   for option in ("threshold", "temperature", "top_p"):
     OPTIONS[option].check(options)
-  if sampler.canvases and (options.block_length < 1 or options.gen_length % options.block_length):
+  if sampler.canvases and options.gen_length % options.block_length:
     raise GenerationError(f"--gen_length {options.gen_length} must be a multiple of the model's canvas length "
                           f"{options.block_length} (objective.block_size)")
   if sampler.acceptance == ENTROPY_BOUND:
@@ -269,7 +271,7 @@ def validate_options(options: GenerationOptions, objective_name: str, block_size
                                 steps=options.gen_length if options.steps is None else options.steps)
   OPTIONS["steps"].check(options)
   if sampler.acceptance is not None:
-    if options.block_length < 1 or options.gen_length % options.block_length:
+    if options.gen_length % options.block_length:
       raise GenerationError(f"--block_length {options.block_length} must divide --gen_length {options.gen_length}")
     num_blocks = options.gen_length // options.block_length
     if options.steps % num_blocks or options.steps > options.gen_length:
