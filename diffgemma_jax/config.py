@@ -200,12 +200,31 @@ def base_config() -> ml_collections.ConfigDict:
 def _load_module(path: str):
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
+  if not path.endswith(".py"):
+    raise ConfigError(f"config file {path!r} is not a Python file: give a .py file that defines get_config() "
+                      f"(configs/ holds examples)")
   spec = importlib.util.spec_from_file_location(f"_diffgemma_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except (the user's code: its error, where it happened, one line)
+    raise ConfigError(f"config file {path!r} cannot be loaded: {_user_error(e, path)}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config()")
   return module
+
+
+def _user_error(error: Exception, path: str) -> str:
+  """'line N: Type: message' of an error raised by the config file `path`'s code: N the last line of the file it
+  passed through (a SyntaxError: its own), the message's first line."""
+  if isinstance(error, SyntaxError):
+    lines, message = [error.lineno] if error.lineno else [], error.msg
+  else:
+    import traceback
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(frame.filename) == os.path.abspath(path)]
+    message = str(error).splitlines()[0] if str(error) else ""
+  return (f"line {lines[-1]}: " if lines else "") + f"{type(error).__name__}: {message}"
 
 
 def sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -484,7 +503,15 @@ def load_config(spec: str, overrides: dict[str, str] | None = None) -> ml_collec
   if arg:
     if not inspect.signature(module.get_config).parameters:
       raise ConfigError(f"config file {path!r} takes no argument; drop ':{arg}' from --config")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except (the user's code, as in _load_module)
+    raise ConfigError(f"config file {path!r}: get_config() failed: {_user_error(e, path)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path!r}: get_config() returned {type(config).__name__}, not a ConfigDict "
+                      f"(start from diffgemma_jax.config.base_config())")
   if overrides:
     apply_overrides(config, overrides)
   validate(config)

@@ -132,12 +132,26 @@ def _evaluate(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     diffgemma_jax.harness.report_failure(str(e))  # for the launch's other processes, if there are any
     return 2
+  except ValueError as e:  # the harness's own checks of its arguments (an unknown task, none given): one line
+    if not raised_by_harness(e):
+      raise
+    line = f"lm-eval: {str(e).splitlines()[0] if str(e) else type(e).__name__} (diffgemma-lm-eval --tasks list names them)"
+    print(f"error: {line}", file=sys.stderr)
+    diffgemma_jax.harness.report_failure(line)
+    return 2
   finally:
     sys.argv = saved
     if saved_git_hash is not None:
       lm_eval.evaluator.get_git_commit_hash = saved_git_hash
     task_logger.removeFilter(notice)
   return 0
+
+
+def raised_by_harness(error: BaseException) -> bool:
+  """Whether `error` was raised by lm-eval's own code (its argument and task checks), not by ours under it."""
+  import traceback
+  frames = traceback.extract_tb(error.__traceback__)
+  return bool(frames) and f"{os.sep}lm_eval{os.sep}" in frames[-1].filename
 
 
 def git_commit_hash() -> str | None:

@@ -69,6 +69,19 @@ def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_p
 def test_config_argument_and_file_paths_fail_with_one_line(tiny_config_file, tmp_path, capsys):
   afile = tmp_path / "afile"
   afile.write_text("not a checkpoint")
+  broken = {"syntax.py": "def get_config(:\n  pass\n", "imports.py": "\n\nimport no_such_module_here\n",
+            "raises.py": "def get_config():\n  return 1 / 0\n", "dict.py": "def get_config():\n  return {}\n"}
+  for name, text in broken.items():
+    (tmp_path / name).write_text(text)
+  for name, expected in (("syntax.py", "cannot be loaded: line 1: SyntaxError: invalid syntax"),
+                         ("imports.py", "cannot be loaded: line 3: ModuleNotFoundError: No module named "
+                          "'no_such_module_here'"),
+                         ("raises.py", "get_config() failed: line 2: ZeroDivisionError: division by zero"),
+                         ("dict.py", "get_config() returned dict, not a ConfigDict"),
+                         ("afile", "is not a Python file: give a .py file that defines get_config()")):
+    assert train_main(["--config", str(tmp_path / name), "--workdir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and err.startswith("error: config file "), err
   for argv, expected in ((["--config", tiny_config_file + ":foo", "--workdir", str(tmp_path / "a")], "takes no argument"),
                          (["--config", tiny_config_file, "--workdir", str(tmp_path / "b"),
                            f"--config.init.checkpoint={afile}"], "init.checkpoint: " + str(afile) + " is not a directory"),

@@ -241,6 +241,20 @@ def test_bad_model_args_fail_with_one_line(trained_run, tiny_config_file, monkey
   assert capsys.readouterr().err == f"error: {message}\n"
 
 
+def test_the_harness_own_argument_errors_are_one_line(tiny_config_file, tmp_path, capsys):
+  """An unknown task is the harness's ValueError (raised before any model is built): one line and exit 2 (it was a
+  traceback); a ValueError raised by our code under the harness still propagates whole."""
+  from launch.harness import raised_by_harness
+  assert main(["--model", "diffgemma", "--model_args", f"config={tiny_config_file},workdir={tmp_path}",
+               "--tasks", "no_such_task_here"]) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == ("error: lm-eval: Tasks not found: no_such_task_here "
+                                                      "(diffgemma-lm-eval --tasks list names them)")
+  try:
+    int("ours")
+  except ValueError as e:
+    assert not raised_by_harness(e)
+
+
 def test_a_bucket_output_path_gets_the_harness_files(s3_endpoint, trained_run, tiny_config_file, tmp_path,
                                                      monkeypatch, capsys):
   """`--output_path s3://...`: the harness writes into a local folder whose files are uploaded when it ends: a
