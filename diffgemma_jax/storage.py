@@ -392,15 +392,20 @@ def upload_folder(local: str, url: str) -> str:
   return url
 
 
-def make_local_folder(path: str, key: str) -> None:
-  """Creates the local folder `path` (and its parents) unless it exists; a ConfigError naming `key` (the config
-  key or flag that gave it) when it cannot be (a file in the way, no permission)."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    reason = (f"a file is in the way ({e.filename})" if isinstance(e, (FileExistsError, NotADirectoryError))
-              else f"{e.strerror} ({e.filename})")
-    raise ConfigError(f"{key} {path} cannot be created: {reason}; give a folder this user can write") from None
+def check_local_folder(path: str, key: str) -> None:
+  """That the local folder `path` exists or can be created, without creating it (a refused run writes nothing): a
+  ConfigError naming `key` (the config key or flag that gave it) when a file is in the way or the nearest existing
+  folder above it is not writable."""
+  path = os.path.abspath(path)
+  probe = path
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ConfigError(f"{key} {path} cannot be created: a file is in the way ({probe}); give a folder this user can "
+                      f"write")
+  if probe != path and not os.access(probe, os.W_OK | os.X_OK):
+    raise ConfigError(f"{key} {path} cannot be created: {probe} is not writable by this user; give a folder this "
+                      f"user can write")
 
 
 def check_reachable(path, flag: str) -> None:

@@ -213,7 +213,9 @@ def _sft_overrides(init, data_root, **extra):
   return out
 
 
-def test_sft_from_a_pretrained_checkpoint_end_to_end(load_tiny, trained_run, sft_data, tmp_path):
+def test_sft_from_a_pretrained_checkpoint_end_to_end(load_tiny, trained_run, sft_data, tmp_path, capsys):
+  """Run again, the finished fine-tune resumes its own checkpoint (evaluated, nothing trained) and says that
+  init.checkpoint is not read."""
   from diffgemma_jax.evaluate import evaluate
   from diffgemma_jax.train import train
   _, pre_workdir, _ = trained_run
@@ -221,6 +223,11 @@ def test_sft_from_a_pretrained_checkpoint_end_to_end(load_tiny, trained_run, sft
   config = load_tiny(_sft_overrides(pre_workdir, root))
   summary = train(config, str(tmp_path / "sft"), show_progress=False)
   assert summary["final_step"] == 6 and np.isfinite(summary["final_loss"])
+  capsys.readouterr()
+  again = train(config, str(tmp_path / "sft"), show_progress=False)
+  assert again["start_step"] == 6 and again["eval"] == summary["eval"]
+  assert (f"step 6: resuming this workdir's own checkpoint; init.checkpoint ({pre_workdir}) initialises a run "
+          f"that has none, and is not read") in capsys.readouterr().err
   # The run's tokenizer is the pretrained run's.
   with open(os.path.join(pre_workdir, "tokenizer.model"), "rb") as a, open(tmp_path / "sft" / "tokenizer.model",
                                                                              "rb") as b:

@@ -112,7 +112,7 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
     if storage.is_url(directory):
       directory = _dataset_in_bucket(config, directory, lambda local, **job: build(local, **options, **job))
     else:
-      storage.make_local_folder(os.path.dirname(os.path.abspath(directory)), f"data.dir {directory}: its folder")
+      storage.check_local_folder(directory, "data.dir")
       if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
         options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier,
                        job=_local_build_job(directory))
@@ -151,7 +151,7 @@ def _dataset_in_bucket(config, url: str, build) -> str:
   it."""
   storage.check_reachable(url, "data.dir")
   cache, stream = _cache_root(config), bool(config.data.stream_tokens)
-  storage.make_local_folder(cache, "data.cache_dir")
+  storage.check_local_folder(cache, "data.cache_dir")
   if jax.process_count() == 1:
     return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config), stream=stream)
   client = runtime_client()  # the job's own key-value store: jobs building the same folder never read each other

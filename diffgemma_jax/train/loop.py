@@ -157,6 +157,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   if init_from is not None:
     logger.message(f"initialised from {init_from.step_dir}, {init_from.describe()}: parameters only, fresh optimizer"
                    + (f"; model.max_positions={inherited}, the context its weights serve" if inherited else ""))
+  elif start_step is not None and config.init.checkpoint:
+    logger.message(f"step {start_step}: resuming this workdir's own checkpoint; init.checkpoint "
+                   f"({config.init.checkpoint}) initialises a run that has none, and is not read")
   previous = append_run_history(workdir, config_to_dict(config), start_step=start_step, overrides=overrides,
                                 command=command)  # the run history; the record of the run resumed from
   if start_step and previous:

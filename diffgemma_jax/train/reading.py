@@ -244,7 +244,7 @@ def check_workdir(workdir: str, *, reading: bool) -> None:
     raise ConfigError(f"--workdir {workdir} does not exist; give the directory of a trained run (diffgemma-train "
                       f"--workdir {workdir} creates it)")
   if not reading and not storage.is_url(workdir):
-    storage.make_local_folder(str(path), "--workdir")
+    storage.check_local_folder(str(path), "--workdir")
 
 
 def _locate(path: str, step: int | str | None, key: StepKey) -> tuple[str, str, int | str | None]:
