@@ -126,7 +126,7 @@ def test_the_text_field_option_and_bad_records_name_the_file(tmp_path):
   with pytest.raises(DataError, match=rf"{path}:2: no 'content' field \(data.text_field\)"):
     list(read_documents(str(tmp_path), "f.jsonl", text_field="content"))
   path.write_text(json.dumps({"text": 3}) + "\n")
-  with pytest.raises(DataError, match=rf"{path}:1: field 'text' .* is a int, not a string"):
+  with pytest.raises(DataError, match=rf"{path}:1: field 'text' \(data.text_field\) holds 3 \(int\), not a string"):
     list(read_documents(str(tmp_path), "f.jsonl"))
   pq.write_table(pa.table({"body": ["a"]}), tmp_path / "g.parquet")
   with pytest.raises(DataError, match=rf"{tmp_path / 'g.parquet'}: no column 'text' \(data.text_field\); its "

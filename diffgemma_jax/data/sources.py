@@ -216,8 +216,8 @@ def _jsonl(path, rel, text_field, stats, span):
         if text is None:
           text = ""
         if not isinstance(text, str):
-          raise DataError(f"{path}:{number}: field {text_field!r} (data.text_field) is a "
-                          f"{type(text).__name__}, not a string")
+          raise DataError(f"{path}:{number}: field {text_field!r} (data.text_field) holds "
+                          f"{json.dumps(text)[:40]} ({type(text).__name__}), not a string")
         yield f"{rel}:{number}", text
   except (EOFError, gzip.BadGzipFile, OSError) as e:
     raise DataError(f"cannot read {path}: {e}") from None
