@@ -100,13 +100,9 @@ class ResultsFile:
   def add(self, index: int, record: dict) -> None:
     """Keeps the result of request `index` (appended to a local file at once)."""
     record = dict(record, index=index, settings=self.digest)
-    run = (record.get("step"), record.get("weights"))
-    if self.kept_run is not None and run != self.kept_run:
-      step, weights = self.kept_run
-      raise ConfigError(f"{self.flag} {self.path} holds results of checkpoint step {step} ({weights} weights) and "
-                        f"this run reads step {run[0]} ({run[1]} weights); pass --step {step} to finish that job, or "
-                        f"use a new --output")
-    self.kept_run = run
+    self._take_run(record, lambda held, run: (
+        f"{self.flag} {self.path} holds results of checkpoint step {held[0]} ({held[1]} weights) and this run reads "
+        f"step {run[0]} ({run[1]} weights); pass --step {held[0]} to finish that job, or use a new --output"))
     self.records[index] = record
     if not self.write:
       return
@@ -137,14 +133,19 @@ class ResultsFile:
     memory until `finish` writes them; refuses those of another checkpoint step, as `add` does."""
     for index in sorted(set(other.records) - set(self.records)):
       record = other.records[index]
-      run = (record.get("step"), record.get("weights"))
-      if self.kept_run is None:
-        self.kept_run = run
-      elif run != self.kept_run:
-        raise ConfigError(f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and "
-                          f"{self.path} of step {self.kept_run[0]} ({self.kept_run[1]} weights): the copies read "
-                          f"other checkpoints (a run still training?); pass the same --step to every copy")
+      self._take_run(record, lambda held, run: (
+          f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and {self.path} of step "
+          f"{held[0]} ({held[1]} weights): the copies read other checkpoints (a run still training?); pass the same "
+          f"--step to every copy"))
       self.records[index] = record
+
+  def _take_run(self, record: dict, refusal) -> None:
+    """Records the checkpoint run (step, weights) of `record` as the file's; a ConfigError with `refusal(the file's
+    run, the record's)` when the file already holds another's."""
+    run = (record.get("step"), record.get("weights"))
+    if self.kept_run is not None and run != self.kept_run:
+      raise ConfigError(refusal(self.kept_run, run))
+    self.kept_run = run
 
 
 def part_path(path: str, index: int, count: int) -> str:
