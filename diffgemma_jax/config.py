@@ -302,18 +302,27 @@ def parse_value(text: str, current: Any) -> Any:
 STEP_KEYS = ("init.step",)
 
 
-def step_value(value: Any, key: str) -> int | str:
-  """The value of a step key (STEP_KEYS) as a step number >= -1 (-1: the latest) or "latest" / "best"; a
-  ConfigError naming `key` for anything else."""
+def step_choice(value: Any) -> int | str | None:
+  """A step as written (a number or its text, "latest", "best") as a step number >= -1 (-1: the latest),
+  "latest" or "best"; None for anything else. Config step keys (`step_value`) and the readers' --step
+  (`reading.parse_step`, which takes neither -1 nor "latest") read it."""
   if isinstance(value, str):
     text = value.strip()
     if text in ("latest", "best"):
       return text
     value = int(text) if re.fullmatch(r"-?\d+", text) else None
   if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+    return None
+  return value
+
+
+def step_value(value: Any, key: str) -> int | str:
+  """The value of a step key (STEP_KEYS), `step_choice`'s; a ConfigError naming `key` for anything else."""
+  step = step_choice(value)
+  if step is None:
     raise ConfigError(f"config key {key!r}: give a checkpoint step (a number >= 0), 'latest' (or -1) or 'best' "
                       f"(the step of lowest recorded held-out bound)")
-  return value
+  return step
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:

@@ -193,14 +193,9 @@ def parse_step(value, option: str) -> int | str | None:
   "best" (the step of lowest recorded held-out bound)."""
   if value is None:
     return None
-  text = str(value).strip()
-  if text == BEST:
-    return BEST
-  try:
-    step = int(text)
-  except ValueError:
-    step = -1
-  if step < 0:
+  from diffgemma_jax.config import step_choice
+  step = step_choice(value)
+  if step is None or step in (-1, "latest"):
     raise ConfigError(f"{option} {value}: give a checkpoint step (a number >= 0) or 'best' (the step of lowest "
                       f"recorded held-out bound)")
   return step
