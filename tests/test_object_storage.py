@@ -856,6 +856,23 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
                             "current, 1 must build it)") for e in errors), (odd, errors)
     assert json.loads(epath.Path(f"{bucket}/two/manifest.json").read_text()) == manifests[1]
     assert storage.folder_sizes(f"{bucket}/two.partial") == {} and uploads == []
+  # A process that cannot read the sources (a data.source on another host's disk) fails before the agreement: the
+  # others learn it there and fail at once with its line, rather than wait at that barrier
+  elsewhere = functools.partial(build_dataset, "text_files", vocab_size=400, source=str(tmp_path / "elsewhere"),
+                                build_workers=1)
+  for odd in (1, 0):
+    meet = threading.Barrier(2, timeout=60).wait
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"),
+                             elsewhere if p == odd else build, process_index=p, barrier=lambda _: meet(),
+                             poll_s=0.05, process_count=2, build_id=f"missing-{odd}") for p in (0, 1)]
+      errors = [str(f.exception()) for f in futures]
+    missing = f"data.source '{tmp_path / 'elsewhere'}' does not exist"
+    # (process 0's line may be gone when process 1 reads it: process 0 clears the exchange as it stops)
+    assert errors[odd] == missing and errors[1 - odd] in (f"the dataset build failed on process {odd}: {missing}",
+                                                          "the dataset build failed on process 0: its line is in "
+                                                          "process 0's log"), (odd, errors)
+    assert storage.folder_sizes(f"{bucket}/two.partial") == {} and uploads == []
   # A rebuild (a new file) that fails on process 1 fails both processes with its line, and the bucket keeps the
   # dataset it had
   (src / "bisect_copy.txt").write_text((src / "bisect.py.txt").read_text())

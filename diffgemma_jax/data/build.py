@@ -284,8 +284,9 @@ class Phases:
 
   def _reported(self) -> dict[int, str]:
     if self.options.exchange is not None:
-      exchange = self.options.exchange
-      return {int(rel.split("/")[1]): exchange.read_text(rel) or "" for rel in exchange.listing("errors")}
+      exchange = self.options.exchange  # a line gone once listed: process 0's own, its exchange cleared as it stopped
+      return {int(rel.split("/")[1]): exchange.read_text(rel) or f"its line is in process {rel.split('/')[1]}'s log"
+              for rel in exchange.listing("errors")}
     found = {}
     for p in range(self.options.process_count):
       path = os.path.join(self.staging, f"error-{p}")

@@ -38,6 +38,7 @@ replaces it only at the end, so an old one is there meanwhile.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -394,11 +395,22 @@ def _build_together(url: str, cache_root: str, build: Callable[..., object], *, 
       _publish(scratch, url, objects)
       exchange.clear()
     return None, scratch
-  except BaseException:
+  except BaseException as e:
     _discard(scratch)
-    if p == 0:  # after the failed phase's barrier: the others have read the errors (a late one learns from
-      try:      # process 0's outcome on the board instead)
-        exchange.clear()
-      except Exception:  # pylint: disable=broad-except (the build's own error is the one to raise)
-        pass
+    try:
+      if exchange.found is None and isinstance(e, Exception):
+        # Failed before the processes agreed (the recipe could not read its sources here, say: a data.source on
+        # another host's disk): the others wait at that agreement's barrier. Meet them there with the error, which
+        # every process then raises (the others as `the dataset build failed on process <p>: ...`).
+        Phases("", options).run("found", functools.partial(_reraise, e))
+    finally:
+      if p == 0:  # after the failed phase's barrier: the others have read the errors (a late one learns from
+        try:      # process 0's outcome on the board instead)
+          exchange.clear()
+        except Exception:  # pylint: disable=broad-except (the build's own error is the one to raise)
+          pass
     raise
+
+
+def _reraise(error: Exception) -> None:
+  raise error
