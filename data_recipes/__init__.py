@@ -30,8 +30,9 @@ def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: 
   `tokenizer`: an existing sentencepiece model to copy in instead of training one (required by SFT recipes).
   `options`: recipe-specific (jsonl: heldout_source, max_bad_lines; text_files: text_field, max_bad_lines) and
   how to build a pretraining dataset (build_workers, tokenizer_sample_lines; a multi-process run's
-  process_index, process_count and barrier(name): every process builds its share). An SFT dataset is written by
-  process 0 while the others wait at the barrier. `job`: a multi-process run's build_status.JobBuild, whose
+  process_index, process_count and barrier(name): every process builds its share; `every_process=False`: process
+  0 builds alone, as one process would, while the others wait at the barrier). An SFT dataset is written by process
+  0 while the others wait at the barrier. `job`: a multi-process run's build_status.JobBuild, whose
   barrier replaces `barrier`: process 0 reports while it waits for the build lock and builds, so the others wait
   for as long as it beats (not a barrier's fixed timeout) and fail with its message when it fails."""
   if recipe not in RECIPES:
@@ -43,13 +44,24 @@ def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: 
   # Runs started apart (a sweep on one machine, two jobs on one filesystem) may ask for the same folder at once:
   # one builds while the others wait for its lock, then find the dataset current. In a job of several processes
   # process 0 holds the lock for the whole job; the others follow it through the barriers.
+  several, every_process = options.get("process_count", 1) > 1, options.pop("every_process", True)
+  alone = several and (recipe in SFT_RECIPES or not every_process)
   with job or contextlib.nullcontext(), \
       build_lock(output_dir) if options.get("process_index", 0) == 0 else contextlib.nullcontext():
-    if recipe in SFT_RECIPES and options.get("process_count", 1) > 1:
+    if alone:  # process 0 builds as one process would (an SFT set; sources only it can read); the others read it
+      one = {key: value for key, value in options.items()
+             if key not in ("process_index", "process_count", "barrier")}
+      manifest = None
       if options["process_index"] == 0:
-        build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
-      options["barrier"]("diffgemma_sft_dataset_built")
-    if options.get("process_count", 1) > 1 and recipe not in SFT_RECIPES:
+        with storage.remembered_listings():
+          manifest = build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **one)
+      options["barrier"]("diffgemma_dataset_built_by_process_0")
+      manifest = manifest or read_manifest(output_dir)
+      if manifest is None:
+        raise DataError(f"process {options['process_index']}: {output_dir} holds no dataset after process 0 built "
+                        f"it there; a job's data.dir must be on a filesystem every process shares, or in a bucket")
+      return manifest
+    if several:
       options["barrier"]("diffgemma_dataset_checked")  # every process has decided whether to build before writing
     with storage.remembered_listings():  # a source in a bucket: listed once, not asked about file by file
       return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)

@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   # concurrent request, instead of copying them into data.cache_dir (which then gets the small files only: manifest,
   # tokenizer, document starts, counts); use data.num_workers > 0 to hide the requests' latency
   c.data.stream_tokens = False
+  # a job of several processes building a pretraining dataset: each builds its share of the corpus (every process
+  # must read the sources: a shared filesystem or a bucket); False: process 0 builds it alone while the others wait
+  # (sources on process 0's disk only), then every process reads it
+  c.data.build_on_every_process = True
   # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
   # jsonl: a JSONL file, directory or glob
   c.data.source = ""

@@ -913,6 +913,25 @@ jax.distributed.shutdown()
 """
 
 
+def test_a_joined_run_can_have_process_0_build_its_bucket_dataset_alone(s3_endpoint, load_tiny, tmp_path,
+                                                                         monkeypatch):
+  """data.build_on_every_process=False: a job's pretraining dataset in a bucket is built by process 0 alone (no
+  build id: remote_dataset.build_shared's one-builder path) for sources on its disk only; by default every process
+  builds its share (a build id drawn through the job's key-value store)."""
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.train import dataset
+  asked = []
+  monkeypatch.setattr(dataset.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(dataset, "runtime_client", lambda: None)
+  monkeypatch.setattr(dataset, "shared_token", lambda name: "drawn")
+  monkeypatch.setattr(remote_dataset, "build_shared", lambda url, cache, build, **kw: asked.append(kw) or cache)
+  for every in ("True", "False"):
+    config = load_tiny({"data.dir": "s3://runs/alone", "data.cache_dir": str(tmp_path / "cache"),
+                        "data.build_on_every_process": every})
+    dataset._dataset_in_bucket(config, "s3://runs/alone", lambda local, **job: None)
+  assert [(kw["process_count"], kw["build_id"]) for kw in asked] == [(2, "drawn"), (2, "")]
+
+
 def test_a_joined_run_builds_its_bucket_dataset_on_every_process(s3_endpoint, tiny_config_file, load_tiny, tmp_path):
   """Two processes joined by jax.distributed on CPU, each with a dataset cache of its own (no shared disk), build
   the tiny corpus into the bucket together (the build id drawn by process 0 through the job's key-value store):

@@ -157,6 +157,29 @@ def test_text_files_hold_out_exactly_the_files_of_a_heldout_source(tmp_path):
   assert not (tmp_path / "std").exists()
 
 
+def test_process_0_builds_alone_from_sources_only_it_can_read(tmp_path, monkeypatch):
+  """data.build_on_every_process=False (every_process): in a job of two processes (threads at a barrier) on a
+  shared folder, process 0 builds the dataset as one process would while process 1, which cannot read the sources,
+  waits, then reads what process 0 built: both return the one-process build's manifest, built once."""
+  import concurrent.futures
+  import threading
+
+  from data_recipes import text_files
+  src = _copy_modules(tmp_path / "src", MODULES[:6])
+  one = build_dataset("text_files", str(tmp_path / "one"), VOCAB, source=str(src))
+  calls, build_text = [], text_files.build_text_dataset
+  monkeypatch.setattr(text_files, "build_text_dataset", lambda *a, **kw: calls.append(kw) or build_text(*a, **kw))
+  meet = threading.Barrier(2, timeout=60).wait
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    futures = [pool.submit(build_dataset, "text_files", str(tmp_path / "shared"), VOCAB,
+                           source=str(src if p == 0 else tmp_path / "only-on-process-0"), process_index=p,
+                           process_count=2, barrier=lambda _: meet(), every_process=False) for p in (0, 1)]
+    manifests = [f.result() for f in futures]
+  assert manifests[0] == manifests[1] and manifests[0]["sha256"] == one["sha256"]
+  assert manifests[0]["splits"] == one["splits"] and manifests[0]["store"] == one["store"]
+  assert len(calls) == 1 and "process_count" not in calls[0]
+
+
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "only_non_utf8", "no_source"])
 def test_cli_bad_source_exits_2_and_writes_nothing(tmp_path, case):
   src = tmp_path / "src"

@@ -115,6 +115,7 @@ def prepare_dataset(config, run_dir: str | None = None) -> tuple[str, Any]:
       storage.check_local_folder(directory, "data.dir")
       if jax.process_count() > 1:  # every process builds its share of the files (a shared filesystem)
         options.update(process_index=jax.process_index(), process_count=jax.process_count(), barrier=barrier,
+                       every_process=bool(config.data.build_on_every_process),
                        job=_local_build_job(directory))
       build(directory, **options)
   tokenizer = Tokenizer(os.path.join(directory, "tokenizer.model"))
@@ -156,7 +157,8 @@ def _dataset_in_bucket(config, url: str, build) -> str:
     return remote_dataset.build_in_bucket(url, cache, build, max_bytes=_cache_max_bytes(config), stream=stream)
   client = runtime_client()  # the job's own key-value store: jobs building the same folder never read each other
   board = KeyValueBoard(client, f"{BUCKET_BUILD_STATUS_KEY}:{url}") if client is not None else None
-  together = config.data.recipe not in SFT_RECIPES  # every process builds its share (remote_dataset.build_shared)
+  # every process builds its share (remote_dataset.build_shared), unless the sources are process 0's alone
+  together = config.data.recipe not in SFT_RECIPES and bool(config.data.build_on_every_process)
   return remote_dataset.build_shared(
       url, cache, build, process_index=jax.process_index(), barrier=barrier, max_bytes=_cache_max_bytes(config),
       board=board, stream=stream, process_count=jax.process_count(),
