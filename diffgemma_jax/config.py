@@ -18,11 +18,11 @@ import ml_collections
 
 from data_recipes import HELDOUT_SOURCE_RECIPES, RECIPES, SFT_RECIPES, SOURCE_RECIPES
 from diffgemma_jax.compile_cache import check_compilation_config
-from diffgemma_jax.storage import check_not_mistyped_url
 from diffgemma_jax.data.mixture import parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
 from diffgemma_jax.objectives import OBJECTIVES, objectives_with
+from diffgemma_jax.storage import check_not_mistyped_url
 from diffgemma_jax.train.ema import WEIGHTS
 from diffgemma_jax.train.freeze import FREEZE_GROUPS, FROZEN_DTYPES
 from diffgemma_jax.train.optimizer import ADAM_MU_DTYPES, OPTIMIZERS, SCHEDULES, schedule_horizon
