@@ -58,6 +58,8 @@ def corpus(source: str, text_field: str = "text", max_bad_lines: int = 10, heldo
   theirs, and no other)."""
   paths = source_files(source)
   held = source_files(heldout_source, "data.heldout_source") if heldout_source else []
+  if held:  # one spelling per file (./a/x.txt and a/x.txt are one file) before they are compared
+    paths, held = ([p if storage.is_url(p) else os.path.abspath(p) for p in files] for files in (paths, held))
   both = sorted(set(paths) & set(held))
   if both:
     raise DataError(f"data.heldout_source {heldout_source!r} names {len(both)} file(s) data.source {source!r} "

@@ -151,6 +151,9 @@ def test_text_files_hold_out_exactly_the_files_of_a_heldout_source(tmp_path):
                                       rf"'{tmp_path / 'corpus'}' names too \(first: .*\); a held-out file must not"):
     build_dataset("text_files", str(tmp_path / "both"), VOCAB, source=str(tmp_path / "corpus"),
                   heldout_source=str(held))
+  with pytest.raises(DataError, match="names 1 file\\(s\\) data.source .* names too"):  # however spelt
+    build_dataset("text_files", str(tmp_path / "both"), VOCAB, source=str(src),
+                  heldout_source=f"{tmp_path}/corpus/../corpus/train/{MODULES[0]}")
   proc = _recipe_cli("python_stdlib", "--output", str(tmp_path / "std"), "--source", str(src))
   assert proc.returncode == 2 and proc.stderr == ("error: --source: the python_stdlib recipe reads no source; the "
                                                   "recipes that do are ('text_files', 'jsonl', 'python_packages')\n")
