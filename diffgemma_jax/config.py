@@ -419,10 +419,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     for part in str(config[section][name]).split(",") if name.endswith("source") else [str(config[section][name])]:
       check_not_mistyped_url(part.strip(), key)
-  for key, readers in (("source", SOURCE_RECIPES), ("heldout_source", HELDOUT_SOURCE_RECIPES)):
-    if config.data[key] and config.data.recipe not in readers and not config.data.mixture:
+  for key, readers in (("source", SOURCE_RECIPES), ("heldout_source", HELDOUT_SOURCE_RECIPES),
+                       ("text_field", ("text_files",))):
+    given = config.data[key] if key != "text_field" else config.data[key] != base_config().data.text_field
+    if given and config.data.recipe not in readers and not config.data.mixture:
+      undo = "clear it" if key != "text_field" else f"leave it {base_config().data.text_field!r}"
       raise ConfigError(f"data.{key}={config.data[key]!r} is set, but data.recipe={config.data.recipe!r} reads "
-                        f"none (it would be ignored); clear it, or use a recipe that reads it: {readers}")
+                        f"none (it would be ignored); {undo}, or use a recipe that reads it: {readers}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES
   if config.data.chat_template not in CHAT_TEMPLATES:
     raise ConfigError(f"data.chat_template: unknown template {config.data.chat_template!r}; valid templates are "

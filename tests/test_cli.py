@@ -57,6 +57,9 @@ def test_overrides_reach_the_config(load_tiny):
      "ignored); clear it, or use a recipe that reads it: ('text_files', 'jsonl', 'python_packages')"),
     ("--config.data.recipe=python_packages --config.data.heldout_source=val.txt", "data.heldout_source='val.txt' is "
      "set, but data.recipe='python_packages' reads none"),
+    ("--config.data.recipe=python_packages --config.data.text_field=content", "data.text_field='content' is set, but "
+     "data.recipe='python_packages' reads none (it would be ignored); leave it 'text', or use a recipe that reads "
+     "it: ('text_files',)"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
   workdir = tmp_path / "run"
