@@ -494,8 +494,9 @@ def test_a_failed_process_0_bucket_build_fails_the_waiting_processes_at_once(buc
 
 
 def test_waiting_processes_follow_process_0_heartbeats_and_fail_when_they_stop(s3_endpoint, tmp_path):
-  """A build that takes longer than the staleness limit does not fail the waiting process while process 0 beats;
-  a process 0 that died mid-build (its last beat left in the bucket, nothing after) fails it once the limit
+  """A build that takes longer than the staleness limit does not fail the waiting process while process 0 beats
+  (every 0.1 s; the limit 1.5 s: a loaded CI machine once left a 0.5 s gap between two beats to moto); a process 0
+  that died mid-build (its last beat left in the bucket, nothing after) fails it once the limit
   passes, naming the beat, not an hour later and not never."""
   import concurrent.futures
   import threading
@@ -507,13 +508,13 @@ def test_waiting_processes_follow_process_0_heartbeats_and_fail_when_they_stop(s
   from diffgemma_jax.errors import DataError
 
   def slow_build(folder):
-    time.sleep(1.5)  # three times stale_s: only the beats keep the other process waiting
+    time.sleep(4.5)  # three times stale_s: only the beats keep the other process waiting
     write_stand_in_dataset(folder, bytes(range(8)), "slow")
 
   meet = threading.Barrier(2, timeout=60).wait
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     futures = [pool.submit(remote_dataset.build_shared, "s3://runs/slow", str(tmp_path / f"cache-{p}"), slow_build,
-                           process_index=p, barrier=lambda _: meet(), poll_s=0.05, heartbeat_s=0.1, stale_s=0.5)
+                           process_index=p, barrier=lambda _: meet(), poll_s=0.05, heartbeat_s=0.1, stale_s=1.5)
                for p in (0, 1)]
     local_0, local_1 = [f.result() for f in futures]
   assert open(os.path.join(local_1, "train", "00000.tokens"), "rb").read() == bytes(range(8))
