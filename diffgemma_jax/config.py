@@ -419,11 +419,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     for part in str(config[section][name]).split(",") if name.endswith("source") else [str(config[section][name])]:
       check_not_mistyped_url(part.strip(), key)
+  defaults = base_config().data
   for key, readers in (("source", SOURCE_RECIPES), ("heldout_source", HELDOUT_SOURCE_RECIPES),
-                       ("text_field", ("text_files",))):
-    given = config.data[key] if key != "text_field" else config.data[key] != base_config().data.text_field
-    if given and config.data.recipe not in readers and not config.data.mixture:
-      undo = "clear it" if key != "text_field" else f"leave it {base_config().data.text_field!r}"
+                       ("text_field", ("text_files",))):  # given (not the default) to a recipe that ignores it
+    if config.data[key] != defaults[key] and config.data.recipe not in readers and not config.data.mixture:
+      undo = f"leave it {defaults[key]!r}" if defaults[key] else "clear it"
       raise ConfigError(f"data.{key}={config.data[key]!r} is set, but data.recipe={config.data.recipe!r} reads "
                         f"none (it would be ignored); {undo}, or use a recipe that reads it: {readers}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES

@@ -811,13 +811,19 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   uploads, upload_many = [], storage.upload_many
   monkeypatch.setattr(storage, "upload_many", lambda items, *a: uploads.extend(items) or upload_many(items, *a))
 
-  def together(build_id):
+  def joined(build_id, builds=(build, build)):
+    """The two processes' build_shared calls, process p running builds[p]; their futures, both done."""
     meet = threading.Barrier(2, timeout=60).wait
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"), build,
-                             process_index=p, barrier=lambda _: meet(), poll_s=0.05, process_count=2,
-                             build_id=build_id) for p in (0, 1)]
-      return [f.result() for f in futures]
+      return [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"), builds[p],
+                          process_index=p, barrier=lambda _: meet(), poll_s=0.05, process_count=2,
+                          build_id=build_id) for p in (0, 1)]
+
+  def together(build_id):
+    return [f.result() for f in joined(build_id)]
+
+  def errors_of(build_id, builds=(build, build)):
+    return [str(f.exception()) for f in joined(build_id, builds)]
 
   copies = together("first")
   objects = [json.loads(epath.Path(f"{bucket}/{name}/objects.json").read_text()) for name in ("one", "two")]
@@ -847,12 +853,7 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   # another vocabulary) all fail in one line at once, and the bucket keeps its dataset
   other = functools.partial(build_dataset, "text_files", vocab_size=300, source=str(src), build_workers=1)
   for odd in (1, 0):
-    meet = threading.Barrier(2, timeout=60).wait
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"),
-                             other if p == odd else build, process_index=p, barrier=lambda _: meet(), poll_s=0.05,
-                             process_count=2, build_id=f"split-{odd}") for p in (0, 1)]
-      errors = [str(f.exception()) for f in futures]
+    errors = errors_of(f"split-{odd}", [other if p == odd else build for p in (0, 1)])
     assert all(e.startswith("the processes of this job disagree on whether the dataset is current (1 found it "
                             "current, 1 must build it)") for e in errors), (odd, errors)
     assert json.loads(epath.Path(f"{bucket}/two/manifest.json").read_text()) == manifests[1]
@@ -862,12 +863,7 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   elsewhere = functools.partial(build_dataset, "text_files", vocab_size=400, source=str(tmp_path / "elsewhere"),
                                 build_workers=1)
   for odd in (1, 0):
-    meet = threading.Barrier(2, timeout=60).wait
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"),
-                             elsewhere if p == odd else build, process_index=p, barrier=lambda _: meet(),
-                             poll_s=0.05, process_count=2, build_id=f"missing-{odd}") for p in (0, 1)]
-      errors = [str(f.exception()) for f in futures]
+    errors = errors_of(f"missing-{odd}", [elsewhere if p == odd else build for p in (0, 1)])
     missing = f"data.source '{tmp_path / 'elsewhere'}' does not exist"
     # (process 0's line may be gone when process 1 reads it: process 0 clears the exchange as it stops)
     assert errors[odd] == missing and errors[1 - odd] in (f"the dataset build failed on process {odd}: {missing}",
@@ -885,12 +881,7 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
     return tokenize(corpus, index, *rest)
 
   monkeypatch.setattr(build_module, "_tokenize_task", failing)
-  meet = threading.Barrier(2, timeout=60).wait
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    futures = [pool.submit(remote_dataset.build_shared, f"{bucket}/two", str(tmp_path / f"cache-{p}"), build,
-                           process_index=p, barrier=lambda _: meet(), poll_s=0.05, process_count=2,
-                           build_id="third") for p in (0, 1)]
-    errors = [str(f.exception()) for f in futures]
+  errors = errors_of("third")
   assert errors[0].startswith("the dataset build failed on process 1: task 1 cannot be read"), errors
   assert errors[1].startswith("task ") and errors[1].endswith(" cannot be read"), errors
   assert json.loads(epath.Path(f"{bucket}/two/manifest.json").read_text()) == manifests[1]
