@@ -298,6 +298,38 @@ def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole
   assert foreign.read_text() == '{"prompt": "def f('
 
 
+def test_a_results_file_is_read_from_where_its_last_read_ended_and_synced_at_most_every_interval(tmp_path,
+                                                                                                   monkeypatch):
+  """A reader of a results file another process appends (process 0 polling a copy's part) reads only the lines
+  added since its last read, a line still being written not at all, and the whole file again once it is replaced
+  (the job's end); the writer syncs the file to disk at most every sync_every_s, and at the end."""
+  import os
+
+  from diffgemma_jax.sampling.results_file import ResultsFile
+  prompts, settings, path = ["a", "b", "c", "d"], {"sampler": "threshold"}, str(tmp_path / "part.jsonl")
+  syncs = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd) or real_fsync(fd))
+  writer = ResultsFile(path, prompts, settings, sync_every_s=3600)
+  reader = ResultsFile(path, prompts, settings, write=False)
+  assert reader.refresh() == []
+  writer.add(2, {"prompt": "c", "step": 1, "weights": "params"})
+  writer.add(0, {"prompt": "a", "step": 1, "weights": "params"})
+  assert syncs == [] and reader.refresh() == [2, 0] and reader.refresh() == []
+  with open(path, "ab") as f:
+    f.write(b'{"ind')  # a line being written: not read until it is whole
+  assert reader.refresh() == []
+  with open(path, "ab") as f:
+    f.write(b'ex": 1, "prompt": "b", "step": 1, "weights": "params", "settings": "' + writer.digest.encode() + b'"}\n')
+  assert reader.refresh() == [1] and reader._offset == os.path.getsize(path)
+  writer.sync_every_s = 0
+  writer.add(3, {"prompt": "d", "step": 1, "weights": "params"})
+  assert len(syncs) == 1 and reader.refresh() == [3]
+  writer.records[1] = reader.records[1]
+  writer.finish()  # replaced whole, in order: read again from its start
+  assert len(syncs) >= 2 and reader.refresh() == [0, 1, 2, 3]
+
+
 def test_process_0_gathers_the_parts_as_they_grow_and_fails_once_they_stop(tmp_path):
   """Process 0 of a launch that split a job waits while another copy's part grows (its last request written
   0.3 s after the wait began), then holds every request; a part that stops growing fails it after stale_s in one

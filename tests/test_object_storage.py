@@ -717,28 +717,90 @@ def test_a_streamed_dataset_refuses_shards_cut_or_replaced_in_the_bucket(bucket,
     open_split(streamed, manifest, "train")
 
 
-def test_generation_results_in_a_bucket_are_uploaded_throttled_and_read_back(bucket):
-  """diffgemma-generate --output gs://.../FILE.jsonl: the object is rewritten whole at most every upload_every_s
-  while the job runs and at its end, and a rerun reads it to skip what is done."""
+def test_generation_results_in_a_bucket_go_up_as_chunks_of_what_is_new_and_are_read_back(bucket):
+  """diffgemma-generate --output gs://.../FILE.jsonl: while the job runs, the results since the last upload go up
+  at most every upload_every_s as one new object under FILE.jsonl.chunks/ (an upload never carries an older
+  result again); a rerun reads the chunks to skip what is done; the job's end writes the object whole, in order,
+  and deletes the chunks, and a kill between the two loses nothing."""
   from etils import epath
 
   from diffgemma_jax.errors import ConfigError
-  from diffgemma_jax.sampling.results_file import ResultsFile
-  url, prompts = f"{bucket}/generated/out.jsonl", ["a", "b", "c"]
+  from diffgemma_jax.sampling.results_file import ResultsFile, chunk_folder
+  url, prompts = f"{bucket}/generated/out.jsonl", ["a", "b", "c", "d"]
   record = lambda prompt: {"prompt": prompt, "completion": "!", "step": 4, "weights": "params"}  # noqa: E731
+
+  def chunks():
+    folder = epath.Path(chunk_folder(url))
+    return {p.name: [json.loads(line)["index"] for line in p.read_text().splitlines()]
+            for p in sorted(folder.iterdir())} if folder.exists() else {}
+
   job = ResultsFile(url, prompts, {"seed": 0}, upload_every_s=3600)
   job.add(2, record("c"))
-  assert not epath.Path(url).exists()  # within the interval: kept in memory
+  assert chunks() == {} and not epath.Path(url).exists()  # within the interval: kept in memory
   job.upload_every_s = 0
   job.add(0, record("a"))
-  assert [json.loads(line)["index"] for line in epath.Path(url).read_text().splitlines()] == [0, 2]
-  again = ResultsFile(url, prompts, {"seed": 0})
-  assert again.kept == 2 and again.pending(range(3)) == [1]
-  again.add(1, record("b"))
-  assert [r["index"] for r in again.finish()] == [0, 1, 2]
-  assert [json.loads(line)["prompt"] for line in epath.Path(url).read_text().splitlines()] == prompts
-  with pytest.raises(ConfigError, match=f"--output {url}:1 was generated with other settings"):
+  job.add(1, record("b"))
+  assert chunks() == {"00000000.jsonl": [2, 0], "00000001.jsonl": [1]} and not epath.Path(url).exists()
+  again = ResultsFile(url, prompts, {"seed": 0}, upload_every_s=0)  # a rerun after a kill
+  assert again.kept == 3 and again.pending(range(4)) == [3]
+  again.add(3, record("d"))
+  assert list(chunks()) == ["00000000.jsonl", "00000001.jsonl", "00000002.jsonl"]
+  with pytest.raises(ConfigError, match=f"--output {url}.chunks/00000000.jsonl:1 was generated with other "
+                                        f"settings"):
     ResultsFile(url, prompts, {"seed": 1})
+  whole = [json.dumps(r) for r in again.finish()]
+  assert [json.loads(line)["prompt"] for line in epath.Path(url).read_text().splitlines()] == prompts
+  assert chunks() == {}
+  # killed after writing the object and before deleting the chunks: both are read, nothing is lost or doubled
+  epath.Path(chunk_folder(url), "00000007.jsonl").write_text(whole[1] + "\n")
+  third = ResultsFile(url, prompts, {"seed": 0})
+  assert third.kept == 4 and [r["index"] for r in third.finish()] == [0, 1, 2, 3] and chunks() == {}
+
+
+def test_process_0_gathers_bucket_parts_reading_each_chunk_once(bucket, monkeypatch):
+  """A launch that split a job with its --output in a bucket: process 0 reads another copy's part as its chunks
+  come, each chunk once (not the whole part at every poll), and takes the part's final object when the copy ends;
+  `delete_parts` leaves neither parts nor chunks."""
+  import threading
+  import time
+
+  from etils import epath
+
+  from diffgemma_jax.sampling.results_file import ResultsFile, chunk_folder, delete_parts, gather_parts, part_path
+  url, prompts, settings = f"{bucket}/split/out.jsonl", ["a", "b", "c", "d", "e", "f"], {"sampler": "x"}
+  record = lambda i: {"prompt": prompts[i], "step": 1, "weights": "params"}  # noqa: E731
+  merged = ResultsFile(url, prompts, settings)
+  part = ResultsFile(part_path(url, 1, 2), prompts, settings, upload_every_s=0)
+  for i in (0, 2, 4):
+    merged.add(i, record(i))
+  part.add(1, record(1))
+  reads, read_bytes = [], epath.Path.read_bytes
+
+  def counted(path):
+    reads.append(str(path).rsplit("/", 2)[-2:])
+    return read_bytes(path)
+
+  monkeypatch.setattr(epath.Path, "read_bytes", counted)
+
+  def copy_1():
+    time.sleep(0.3)
+    part.add(3, record(3))
+    time.sleep(0.3)
+    part.add(5, record(5))
+    part.finish()
+
+  late = threading.Thread(target=copy_1)
+  late.start()
+  gather_parts(merged, prompts, settings, 2, poll_s=0.05, stale_s=10)
+  late.join()
+  assert [r["index"] for r in merged.finish()] == list(range(6))
+  chunk_reads = [r for r in reads if r[0] == "out.part-1-of-2.jsonl.chunks"]
+  assert sorted(map(tuple, chunk_reads)) == sorted(set(map(tuple, chunk_reads)))  # each chunk read once
+  assert chunk_reads  # the first chunk, there before the wait began, at least
+  delete_parts(url, 2)
+  gone = part_path(url, 1, 2)
+  assert not epath.Path(gone).exists() and not epath.Path(chunk_folder(gone)).exists()
+  assert [json.loads(line)["index"] for line in epath.Path(url).read_text().splitlines()] == list(range(6))
 
 
 def test_a_bucket_dataset_copy_fetches_each_split_when_it_opens(bucket, tmp_path, capsys):

@@ -4,7 +4,9 @@ finishes the job.
 One JSON object per request per line: the request's fields (`launch/generate.JSON_KEYS`, `index` its position
 among the prompts) and `settings`, a digest of what decides its completion other than the prompt (the workdir,
 the sampler and its options, the seed, the stop strings, the chat template and system turn). Each request's line is
-appended, flushed and synced to disk as its batch ends, so a job killed at request 9,999 of 10,000 keeps 9,999.
+appended and flushed as its batch ends, so a job killed at request 9,999 of 10,000 keeps 9,999; the file is synced
+to disk at most every SYNC_EVERY_S seconds (a sync per line cost a batch of 32 results 32 syncs, each milliseconds
+on a network filesystem), so a machine that loses power loses at most that long of results.
 
 Run again with the same flags, the job reads the file, keeps the lines whose index and prompt match the requests
 and whose settings are the same, and generates only the others (each the same as in an uninterrupted run: a
@@ -12,8 +14,16 @@ request's sample depends on its own prompt and seed only, and a fitted gen_lengt
 by a kill is dropped. Lines of other prompts or other settings, or of another checkpoint step than the rerun reads,
 are refused in one line rather than mixed in. When the job ends the file is rewritten in index order.
 
-A bucket URL cannot be appended to: the object is rewritten whole at most every UPLOAD_EVERY_S seconds while the job
-runs, and at its end, so a killed job loses at most that long of results there.
+A bucket object cannot be appended to. While the job runs, the results added since the last upload go up at most
+every UPLOAD_EVERY_S seconds as one new object under FILE.jsonl.chunks/ (numbered, `chunk_folder`), so each upload
+costs what is new: rewriting the whole object every minute cost a job of 100,000 results of 2 KB almost a second of
+serialising and 236 MB of upload a minute, growing with the job. A rerun reads the object and its chunks; the job's
+end writes the object whole, in index order, and then deletes the chunks. A killed job loses at most the last
+interval's results there.
+
+Reading is incremental (`refresh`): a local file from where the last read ended (read whole again only once it was
+replaced), a bucket object only once it changed, and each chunk once, so process 0 of a split launch
+(`gather_parts`), which polls the other copies' parts every few seconds, reads each result about once.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from etils import epath
 
@@ -30,7 +40,8 @@ from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
 
 UPLOAD_EVERY_S = 60.0
-PART_POLL_S = 5.0  # how often process 0 of a split launch checks the other copies' parts (reading those changed)
+SYNC_EVERY_S = 1.0
+PART_POLL_S = 5.0  # how often process 0 of a split launch checks the other copies' parts (reading what is new)
 PART_STALE_S = 1800.0  # and how long it waits for a part that does not grow before it gives up
 LINE_START = b'{"index": '  # how each line of a results file starts (its first key), cut short or not
 
@@ -43,62 +54,126 @@ def is_results_file(path: str | None) -> bool:
   return bool(path) and str(path).endswith(".jsonl")
 
 
+def chunk_folder(path: str) -> str:
+  """The folder of a bucket results file's uploads while its job runs: FILE.jsonl.chunks beside it."""
+  return f"{path}.chunks"
+
+
+def _chunk_name(number: int) -> str:
+  return f"{number:08d}.jsonl"
+
+
 class ResultsFile:
   """The results of a generation job in `path` (see the module doc); `write=False` (a process other than the
-  launch's first) reads it to skip the same requests and writes nothing."""
+  launch's first, or process 0 reading another copy's part) reads it to skip the same requests and writes
+  nothing."""
 
   def __init__(self, path: str, prompts: Sequence[str], settings: dict[str, Any], *, flag: str = "--output",
-               write: bool = True, upload_every_s: float = UPLOAD_EVERY_S):
+               write: bool = True, upload_every_s: float = UPLOAD_EVERY_S, sync_every_s: float = SYNC_EVERY_S):
     self.path, self.flag, self.write = str(path), flag, write
+    self.prompts = prompts
     self.remote = storage.is_url(path)
     self.digest = settings_digest(settings)
     self.upload_every_s, self._uploaded = upload_every_s, time.monotonic()
+    self.sync_every_s, self._synced = sync_every_s, time.monotonic()
     self.records: dict[int, dict] = {}
-    good_bytes = self._read(prompts)
+    self.kept_run = None
+    # what has been read: a local file's identity, the bytes of its whole lines and their count; a bucket object's
+    # stamp and the chunks read
+    self._identity, self._offset, self._lines = None, 0, 0
+    self._stamp, self._chunks_read, self._next_chunk = None, set(), 0
+    self._unsent: list[dict] = []  # a bucket file's records since the last upload
+    self.refresh()
     self.kept = len(self.records)
     first = next(iter(self.records.values()), None)
     self.kept_run = None if first is None else (first.get("step"), first.get("weights"))
-    if write and not self.remote and os.path.isfile(self.path) and os.path.getsize(self.path) != good_bytes:
+    if write and not self.remote and os.path.isfile(self.path) and os.path.getsize(self.path) != self._offset:
       with open(self.path, "r+b") as f:  # a line a kill cut short: gone before anything is appended
-        f.truncate(good_bytes)
+        f.truncate(self._offset)
 
-  def _read(self, prompts: Sequence[str]) -> int:
-    """Reads the lines already there into `records`; returns the bytes of its whole lines."""
+  def refresh(self) -> list[int]:
+    """Reads what was added to the file since the last read (see the module doc); returns the indices read."""
+    return self._refresh_remote() if self.remote else self._refresh_local()
+
+  def _refresh_local(self) -> list[int]:
     try:
-      data = epath.Path(self.path).read_bytes() if self.remote else open(self.path, "rb").read()
+      status = os.stat(self.path)
     except FileNotFoundError:
-      return 0
-    good, where = 0, f"{self.flag} {self.path}"
-    for number, line in enumerate(data.split(b"\n"), 1):
+      return []
+    identity = (status.st_dev, status.st_ino)
+    if identity != self._identity or status.st_size < self._offset:  # replaced (a job's end) or cut: from the start
+      self._identity, self._offset, self._lines = identity, 0, 0
+    if status.st_size == self._offset:
+      return []
+    with open(self.path, "rb") as f:
+      f.seek(self._offset)
+      data = f.read()
+    used, read, self._lines = self._parse(data, self.path, self._lines)
+    self._offset += used
+    return read
+
+  def _refresh_remote(self) -> list[int]:
+    read = []
+    try:
+      version = storage.stamp(self.path)  # before the listing: a job's end writes the object, then deletes chunks
+    except FileNotFoundError:
+      version = None
+    if version is not None and version != self._stamp:
+      read += self._parse(epath.Path(self.path).read_bytes(), self.path, 0)[1]
+      self._stamp = version
+    folder = chunk_folder(self.path)
+    for name in sorted(storage.folder_sizes(folder)):
+      url = storage.join(folder, name)
+      if url in self._chunks_read:
+        continue
+      try:
+        data = epath.Path(url).read_bytes()
+      except FileNotFoundError:  # deleted since the listing, by a job's end that wrote the object first
+        data = b""
+      read += self._parse(data, url, 0)[1]
+      self._chunks_read.add(url)
+      if name.endswith(".jsonl") and name[:-len(".jsonl")].isdigit():
+        self._next_chunk = max(self._next_chunk, int(name[:-len(".jsonl")]) + 1)
+    return read
+
+  def _parse(self, data: bytes, where: str, lines: int) -> tuple[int, list[int], int]:
+    """Takes the whole lines of `data` (line `lines` + 1 of `where` on) into `records`: (the bytes of those
+    lines, the indices read, the lines counted)."""
+    good, read, where = 0, [], f"{self.flag} {where}"
+    for line in data.split(b"\n"):
       if good + len(line) >= len(data):  # the last piece: no newline after it, a line a kill cut short
-        if line.strip() and not line.startswith(LINE_START):  # not one of ours: never cut someone's file
-          raise ConfigError(f"{where}:{number} is not a line of diffgemma-generate's results; use a new --output "
-                            f"or delete the file")
+        if line.strip() and not (line.startswith(LINE_START) or LINE_START.startswith(line)):
+          raise ConfigError(f"{where}:{lines + 1} is not a line of diffgemma-generate's results; use a new "
+                            f"--output or delete the file")  # not one of ours: never cut someone's file
         break
       good += len(line) + 1
+      lines += 1
       if not line.strip():
         continue
       try:
         record = json.loads(line)
       except ValueError:
-        raise ConfigError(f"{where}:{number} is not a JSON line of diffgemma-generate's results; use a new "
+        raise ConfigError(f"{where}:{lines} is not a JSON line of diffgemma-generate's results; use a new "
                           f"--output or delete the file") from None
       index = record.get("index") if isinstance(record, dict) else None
+      prompts = self.prompts
       if not isinstance(index, int) or not 0 <= index < len(prompts) or record.get("prompt") != prompts[index]:
-        raise ConfigError(f"{where}:{number} holds a result for another prompt than request {index} of these "
+        raise ConfigError(f"{where}:{lines} holds a result for another prompt than request {index} of these "
                           f"(another --prompts file?); use a new --output or delete the file")
       if record.get("settings") != self.digest:
-        raise ConfigError(f"{where}:{number} was generated with other settings (workdir, sampler options, --seed, "
+        raise ConfigError(f"{where}:{lines} was generated with other settings (workdir, sampler options, --seed, "
                           f"--stop, --chat or --system differ); rerun with those, or use a new --output")
       self.records[index] = record
-    return good
+      read.append(index)
+    return good, read, lines
 
   def pending(self, positions: Sequence[int]) -> list[int]:
     """The positions of `positions` without a result yet."""
     return [i for i in positions if i not in self.records]
 
   def add(self, index: int, record: dict) -> None:
-    """Keeps the result of request `index` (appended to a local file at once)."""
+    """Keeps the result of request `index`: appended to a local file at once, uploaded with the others of its
+    interval to a bucket."""
     record = dict(record, index=index, settings=self.digest)
     self._take_run(record, lambda held, run: (
         f"{self.flag} {self.path} holds results of checkpoint step {held[0]} ({held[1]} weights) and this run reads "
@@ -106,32 +181,50 @@ class ResultsFile:
     self.records[index] = record
     if not self.write:
       return
-    if not self.remote:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    elif time.monotonic() - self._uploaded >= self.upload_every_s:
-      self._rewrite()
-
-  def _rewrite(self) -> None:
-    text = "".join(json.dumps(self.records[i], allow_nan=False) + "\n" for i in sorted(self.records))
     if self.remote:
-      storage.write_text(self.path, text)
-      self._uploaded = time.monotonic()
+      self._unsent.append(record)
+      if time.monotonic() - self._uploaded >= self.upload_every_s:
+        self._upload()
       return
-    storage.write_file_atomic(self.path, text.encode("utf-8"), sync=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record, allow_nan=False) + "\n")
+      f.flush()
+      if time.monotonic() - self._synced >= self.sync_every_s:
+        os.fsync(f.fileno())
+        self._synced = time.monotonic()
+
+  def _upload(self) -> None:
+    """A bucket file: the records since the last upload, as the next chunk."""
+    if self._unsent:
+      url = storage.join(chunk_folder(self.path), _chunk_name(self._next_chunk))
+      storage.write_text(url, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._unsent))
+      self._chunks_read.add(url)
+      self._next_chunk += 1
+      self._unsent = []
+    self._uploaded = time.monotonic()
 
   def finish(self) -> list[dict]:
-    """Rewrites the file in index order (when writing); returns every record in that order."""
+    """Writes the file whole in index order (when writing; a bucket file's chunks deleted after it); returns every
+    record in that order."""
+    records = [self.records[i] for i in sorted(self.records)]
     if self.write:
-      self._rewrite()
-    return [self.records[i] for i in sorted(self.records)]
+      data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8")
+      if self.remote:
+        epath.Path(self.path).write_bytes(data)
+        delete_chunks(self.path)
+        self._unsent, self._chunks_read, self._stamp = [], set(), storage.stamp(self.path)
+      else:
+        storage.write_file_atomic(self.path, data, sync=True)
+        status = os.stat(self.path)
+        self._identity, self._offset, self._lines = (status.st_dev, status.st_ino), len(data), len(records)
+      self._synced = self._uploaded = time.monotonic()
+    return records
 
-  def absorb(self, other: ResultsFile) -> None:
-    """Takes the records of `other` (another file of the same prompts and settings) that this one lacks, held in
-    memory until `finish` writes them; refuses those of another checkpoint step, as `add` does."""
-    for index in sorted(set(other.records) - set(self.records)):
+  def absorb(self, other: ResultsFile, indices: Iterable[int] | None = None) -> None:
+    """Takes the records of `other` (another file of the same prompts and settings; of `indices` of it, those it
+    just read) that this one lacks, held in memory until `finish` writes them; refuses those of another checkpoint
+    step, as `add` does."""
+    for index in sorted(set(other.records if indices is None else indices) - set(self.records)):
       record = other.records[index]
       self._take_run(record, lambda held, run: (
           f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and {self.path} of step "
@@ -148,6 +241,14 @@ class ResultsFile:
     self.kept_run = run
 
 
+def delete_chunks(path: str) -> None:
+  """Deletes a bucket results file's chunks (`chunk_folder`); nothing for a local file."""
+  if storage.is_url(path):
+    folder = chunk_folder(path)
+    for name in storage.folder_sizes(folder):
+      epath.Path(storage.join(folder, name)).unlink(missing_ok=True)
+
+
 def part_path(path: str, index: int, count: int) -> str:
   """The results file of copy `index` of a launch of `count` copies that split the job of `path` (FILE.jsonl):
   FILE.part-<index>-of-<count>.jsonl beside it."""
@@ -157,27 +258,25 @@ def part_path(path: str, index: int, count: int) -> str:
 def gather_parts(merged: ResultsFile, prompts: Sequence[str], settings: dict[str, Any], count: int, *,
                  poll_s: float = PART_POLL_S, stale_s: float = PART_STALE_S, say=None) -> None:
   """Process 0 of a launch of `count` copies that split a job (launch/generate.py): waits until every other copy's
-  part (`part_path`) holds each request of its share that `merged` lacks, takes them into `merged`, and deletes
-  the parts once `merged` is written (`finish`, by the caller: call it before `delete_parts`). A ConfigError when
-  the parts still lacking requests have not grown for `stale_s` (a copy stopped or failed: its log says why; the
-  same command run again finishes the job from what the files hold). `say(text)`: a line of progress, at most once
-  a minute."""
+  part (`part_path`) holds each request of its share that `merged` lacks, takes them into `merged` (reading each
+  part's new results only, `ResultsFile.refresh`), and deletes the parts once `merged` is written (`finish`, by the
+  caller: call it before `delete_parts`). A ConfigError when the parts still lacking requests have not grown for
+  `stale_s` (a copy stopped or failed: its log says why; the same command run again finishes the job from what the
+  files hold). `say(text)`: a line of progress, at most once a minute."""
   wanted = {q: [i for i in range(q, len(prompts), count) if i not in merged.records] for q in range(1, count)}
-  seen, changed, said, read = None, time.monotonic(), 0.0, {}
+  seen, changed, said, parts = None, time.monotonic(), 0.0, {}
   while True:
     left = {}
     for q, positions in wanted.items():
-      path = part_path(merged.path, q, count)
-      try:
-        version = storage.stamp(path)  # a part is read again only once it changed
-      except FileNotFoundError:
-        version = None
-      if version is not None and read.get(q) != version:
-        merged.absorb(ResultsFile(path, prompts, settings, flag=merged.flag, write=False))
-        read[q] = version
+      if q not in parts:
+        parts[q] = ResultsFile(part_path(merged.path, q, count), prompts, settings, flag=merged.flag, write=False)
+        merged.absorb(parts[q])
+      else:
+        merged.absorb(parts[q], parts[q].refresh())
       missing = [i for i in positions if i not in merged.records]
       if missing:
         left[q] = missing
+      wanted[q] = missing
     if not left:
       return
     state = {q: len(missing) for q, missing in left.items()}
@@ -196,6 +295,8 @@ def gather_parts(merged: ResultsFile, prompts: Sequence[str], settings: dict[str
 
 
 def delete_parts(path: str, count: int) -> None:
-  """Deletes the part files of a merged job (`gather_parts`)."""
+  """Deletes the part files of a merged job (`gather_parts`), a bucket part's chunks too."""
   for q in range(count):
-    epath.Path(part_path(path, q, count)).unlink(missing_ok=True)
+    part = part_path(path, q, count)
+    epath.Path(part).unlink(missing_ok=True)
+    delete_chunks(part)
