@@ -56,7 +56,7 @@ def run_config(args, objective: str, attention: str, dispatch: str, remat: str, 
   configs/pretrain_gpu_1b_block.py sets it: canvases of --block_size) plus --override and the combination."""
   config = base_config() if args.small else load_config(args.config)
   with config.unlocked():
-    overrides = {"objective.block_size": str(args.block_size)}
+    overrides = {"objective.block_size": str(args.block_size)} if objective == "block" else {}
     overrides.update(item.split("=", 1) for item in args.override)
     overrides.update({"objective.name": objective, "model.attention_impl": attention, "model.dispatch": dispatch,
                       "model.remat": remat, "train.batch_size": str(batch_size), "train.seq_len": str(seq_len)})

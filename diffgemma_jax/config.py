@@ -8,6 +8,7 @@ the valid ones.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -492,6 +493,13 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
 def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
   from diffgemma_jax.objectives.block import check_block_size, check_canvas_window
   objective = config.objective
+  defaults = base_config().objective
+  for key in objective:  # given (not the default) to an objective that has no such field: refused, not ignored
+    readers = tuple(name for name, cls in OBJECTIVES.items() if key in {f.name for f in dataclasses.fields(cls)})
+    if key != "name" and objective.name not in readers and key in defaults and objective[key] != defaults[key]:
+      raise ConfigError(f"objective.{key}={objective[key]!r} is set, but objective.name={objective.name!r} reads "
+                        f"no such setting (it would be ignored); leave it {defaults[key]!r}, or use an objective "
+                        f"that reads it: {readers}")
   capabilities = OBJECTIVES[objective.name].capabilities
   if config.model.self_conditioning and not capabilities.self_conditioning:
     raise ConfigError(f"model.self_conditioning=True: objective.name={objective.name!r} feeds no self-conditioning "

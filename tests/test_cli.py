@@ -60,6 +60,10 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.data.recipe=python_packages --config.data.text_field=content", "data.text_field='content' is set, but "
      "data.recipe='python_packages' reads none (it would be ignored); leave it 'text', or use a recipe that reads "
      "it: ('text_files',)"),
+    ("--config.objective.block_size=32", "objective.block_size=32 is set, but objective.name='masked' reads no such "
+     "setting (it would be ignored); leave it 16, or use an objective that reads it: ('block', 'uniform')"),
+    ("--config.objective.name=ar --config.objective.eps=0.01", "objective.eps=0.01 is set, but objective.name='ar' "
+     "reads no such setting"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
   workdir = tmp_path / "run"
