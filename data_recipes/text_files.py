@@ -4,7 +4,9 @@ Parquet records hold their text in `data.text_field` (default `text`), ArrayReco
 any other file is one UTF-8 document (a file that is not UTF-8 is skipped and named). Held out by document (a
 text file, or one record of a record file): at least 4% of the bytes; or, with `--heldout_source`
 (data.heldout_source, the same forms), the documents of those files exactly (a standard validation set), every
-document of the source trained on. The manifest keeps each file's size and mtime, and a build whose files changed
+document of the source trained on; `--heldout_source` without `--source` builds an evaluation set (every document
+held out, no training split, read with a given `--tokenizer`: the model's; `diffgemma-eval --heldout` builds one
+itself). The manifest keeps each file's size and mtime, and a build whose files changed
 since is redone."""
 
 from __future__ import annotations
@@ -55,7 +57,15 @@ def source_files(source: str, key: str = "data.source") -> list[str]:
 def corpus(source: str, text_field: str = "text", max_bad_lines: int = 10, heldout_source: str | None = None
            ) -> Corpus:
   """The corpus of `source`'s files; with `heldout_source`, those files too, held out by file (every document of
-  theirs, and no other)."""
+  theirs, and no other); `heldout_source` alone: an evaluation set (every document held out, no training split;
+  built with a given tokenizer)."""
+  if heldout_source and not source:
+    held = [p if storage.is_url(p) else os.path.abspath(p) for p in source_files(heldout_source,
+                                                                                 "data.heldout_source")]
+    root, files = storage.common_folder(held)
+    return Corpus(root=root, files=tuple(files), name=f"data.heldout_source {heldout_source!r}", split_by="file",
+                  heldout_fraction=HELDOUT_FRACTION, text_field=text_field, max_bad_lines=max_bad_lines,
+                  heldout_keys=tuple(files), evaluation_only=True)
   paths = source_files(source)
   held = source_files(heldout_source, "data.heldout_source") if heldout_source else []
   if held:  # one spelling per file (./a/x.txt and a/x.txt are one file) before they are compared
@@ -83,7 +93,8 @@ def build(output_dir: str, vocab_size: int = 1024, source: str | None = None, to
   files = corpus(source, text_field, max_bad_lines, heldout_source)
   stamp = files_stamp(storage.join(files.root, rel) for rel in files.files)  # changed files: rebuilt
   expect = text_build_settings(files, tokenizer, options)
-  label = f"{source} | heldout: {heldout_source}" if heldout_source else source
+  label = (f"{source} | heldout: {heldout_source}" if source else f"heldout: {heldout_source}") if heldout_source \
+      else source
   if is_current(output_dir, "text_files", vocab_size, label, tokenizer, files=stamp, expect=expect):
     return read_manifest(output_dir)
   return build_text_dataset(output_dir, "text_files", files, vocab_size, source=label, notes={"files": stamp},

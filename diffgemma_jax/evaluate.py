@@ -15,7 +15,8 @@ from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn, summarize_bound
 from diffgemma_jax.train.bound_partial import PartialBound
-from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, unigram_baseline
+from diffgemma_jax.train.dataset import (eval_batches, eval_sets, heldout_set, pin_tokenizer, prepare_dataset,
+                                         unigram_baseline, unigram_on)
 from diffgemma_jax.train.reading import INIT, open_run, read_run, run_steps
 from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.state import evaluation_model, init_params
@@ -24,14 +25,17 @@ __all__ = ["evaluate", "held_out_bounds", "make_bound_fn", "summarize_bound"]
 
 
 def evaluate(config, workdir: str | None = None, step: int | None = None, *, checkpoint: str | None = None,
-             partial_dir: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             partial_dir: str | None = None, log: Callable[[str], None] | None = None,
+             heldout: str | None = None, heldout_dir: str | None = None) -> dict[str, Any]:
   """The held-out bound of one checkpoint step (None: the latest complete one); see `evaluate_steps`."""
-  return evaluate_steps(config, workdir, [step], checkpoint=checkpoint, partial_dir=partial_dir, log=log)[0]
+  return evaluate_steps(config, workdir, [step], checkpoint=checkpoint, partial_dir=partial_dir, log=log,
+                        heldout=heldout, heldout_dir=heldout_dir)[0]
 
 
 def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | None] | str = (None,), *,
                    checkpoint: str | None = None, partial_dir: str | None = None,
-                   log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                   log: Callable[[str], None] | None = None, heldout: str | None = None,
+                   heldout_dir: str | None = None) -> list[dict[str, Any]]:
   """The held-out bound of a run's parameters at each of `steps` (None: the latest complete one), in that order,
   each with keys step, weights ("params", or "ema": the trainable parameters' moving average,
   `checkpoint.weights`), num_tokens, num_examples, bits_per_token, stderr_bits_per_token, ppl_bound,
@@ -46,9 +50,15 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   `partial_dir` (a folder, local or a bucket URL) keeps the partial results of each held-out set there while the
   evaluation runs (train/bound_partial.py), so the same call after a stop (SIGTERM: EvaluationStopped, or a
   kill) continues from the last batches saved; `log` receives progress lines (about every 30 s) and notes.
+
+  `heldout` (text_files' source forms: files, folders, globs, bucket URLs) evaluates those documents instead of
+  the config's held-out split: an evaluation set built with the run's tokenizer (`train/dataset.heldout_set`, in
+  `heldout_dir` or the eval-set cache), each result then naming it (`heldout`, `dataset`); its `unigram_ppl` is
+  the training split's unigram model on it where the config's dataset is at hand, else None.
   """
   if not (workdir or checkpoint):
     raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
+  log = log or (lambda message: None)
   if steps == "all":
     steps = run_steps(checkpoint, INIT) if checkpoint else run_steps(workdir)
   if not steps:
@@ -69,7 +79,11 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   if checkpoint:
     for run in runs:
       run.check_fits(abstract)
-  directory, tokenizer = prepare_dataset(config, runs[0].run_dir)  # an SFT dataset reads with the run's tokenizer
+  if heldout:
+    directory, tokenizer = heldout_set(config, runs[0].run_dir, heldout, heldout_dir)
+    log(f"--heldout {heldout}: the evaluation set in {directory}")
+  else:
+    directory, tokenizer = prepare_dataset(config, runs[0].run_dir)  # an SFT dataset: read with the run's tokenizer
   pin_tokenizer(directory, runs[0].run_dir, write=False)
   fresh = init_params(model_cfg, param_shardings, int(config.train.seed)) if checkpoint else None  # LoRA adapters
   objective = make_objective(config.objective, mask_id=tokenizer.mask_id)
@@ -77,9 +91,12 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
   # Each process loads its slice of every global batch (a mesh spanning processes: its own rows; one process: all)
   data_slice, num_slices = batch_slice(mesh)
-  sets = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)
-  log = log or (lambda message: None)
-  unigram = unigram_baseline(config, directory)
+  if heldout:
+    sets = [(heldout, 1.0, eval_batches(config, directory, process_index=data_slice, process_count=num_slices))]
+    unigram = unigram_on(config, directory)
+  else:
+    sets = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)
+    unigram = unigram_baseline(config, directory)
   results = []
   for run in runs:
     params = run.restore_params(abstract, param_shardings, fresh=fresh)
@@ -87,7 +104,8 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
       result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
                                partial_for=_partials(config, run, sets, partial_dir, num_t, log),
                                progress=ProgressLog(log), stop=stop.reached)
-    result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram, exact=objective.capabilities.exact)
+    result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram, exact=objective.capabilities.exact,
+                  **({"heldout": heldout, "dataset": directory} if heldout else {}))
     results.append(result)
   return results
 

@@ -1,5 +1,5 @@
 """diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N | best | N,M,... | all]
-[--output FILE.json]
+[--output FILE.json] [--heldout FILES [--heldout_dir DIR]]
 [--partial_dir DIR] [--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally
 written) as JSON; of several (`--step 400,800`, `--step all`) as a JSON list, evaluated in turn by one compiled
 program (a run's curve without compiling per step). `--step best`: the step of lowest held-out bound the trainer
@@ -7,6 +7,13 @@ recorded with its checkpoints (`checkpoint.keep_best`).
 
 `--checkpoint` evaluates another run's parameters (a workdir, its checkpoints/ folder or a step folder) under this
 config and on its held-out set: e.g. the pretrained model on a fine-tuning config's held-out pairs.
+
+`--heldout FILES` evaluates a held-out set of your own (a standard validation set, another domain): every document
+of those files (text, JSONL, Parquet or ArrayRecord; folders, globs, bucket URLs), tokenised with the run's own
+tokenizer into an evaluation set kept in `--heldout_dir` (default: a cache folder keyed by the files and the
+tokenizer; built once, rebuilt when a file changes), every sequence of it unless `--config.eval.max_sequences` says
+otherwise. The result names it (`heldout`, `dataset`); `unigram_ppl` is the training split's unigram model on it
+where the config's dataset is on this host, else null.
 
 A long evaluation reports its progress on stderr and keeps its partial results in `--partial_dir` (default
 WORKDIR/eval-partial with --workdir; none with --checkpoint unless given): stopped by SIGTERM it saves them and
@@ -46,16 +53,29 @@ def main(argv=None) -> int:
                       "a stopped evaluation continues (default: WORKDIR/eval-partial with --workdir)")
   parser.add_argument("--output", default=None, help="also write the JSON here: a local file or a bucket URL "
                       "(s3://..., gs://...)")
+  parser.add_argument("--heldout", default=None, help="evaluate these documents instead of the config's held-out "
+                      "split: text, JSONL(.gz), Parquet or ArrayRecord files, folders or globs, comma-separated, "
+                      "local or in a bucket (data.text_field names a record's text), tokenised with the run's "
+                      "tokenizer into an evaluation set (built once, rebuilt when a file changes); every sequence "
+                      "unless --config.eval.max_sequences is given")
+  parser.add_argument("--heldout_dir", default=None, help="where --heldout's evaluation set is built and kept "
+                      "(default: ~/.cache/diffgemma-jax/eval-sets/<digest of the sources and tokenizer>)")
   args, rest = parser.parse_known_args(argv)
   try:
     steps = _steps(args.step)
-    config = load_run_config(args.config, config_overrides(rest))
+    overrides = config_overrides(rest)
+    if args.heldout_dir and not args.heldout:
+      raise ConfigError("--heldout_dir: only with --heldout")
+    if args.heldout and "eval.max_sequences" not in overrides:
+      overrides["eval.max_sequences"] = "0"  # a whole evaluation set, unless asked otherwise
+    config = load_run_config(args.config, overrides)
     initialize_distributed(config)  # before any device is touched; a no-op for one process
     outputs = Outputs(config)
     outputs.check(args.output, "--output")  # before the evaluation, not after it
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
     results = evaluate_steps(config, args.workdir, steps, checkpoint=args.checkpoint, partial_dir=partial_dir,
-                             log=lambda message: print(message, file=sys.stderr, flush=True))
+                             log=lambda message: print(message, file=sys.stderr, flush=True), heldout=args.heldout,
+                             heldout_dir=args.heldout_dir)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   except EvaluationStopped as e:

@@ -103,6 +103,67 @@ def test_eval_cli_evaluates_several_steps_in_one_run(trained_run, tiny_config_fi
     assert message in err and "Traceback" not in err, err
 
 
+def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_run, tiny_config_file, load_tiny,
+                                                                         tmp_path, monkeypatch, capsys):
+  """diffgemma-eval --heldout FILES: every document of those files (a JSONL file and a text file here), tokenised
+  with the run's tokenizer into an evaluation set in the cache, every sequence scored (the config caps eval at 8):
+  the same bound as the config's evaluation of a dataset whose held-out split is those files (text_files with
+  data.heldout_source); built once, found current the second time; the training split's unigram model as its
+  scale. The set cannot be trained on, needs a tokenizer to build, and bad flags are one line."""
+  import sysconfig
+
+  from conftest import TRAINED_OVERRIDES
+  from data_recipes import text_files
+  from diffgemma_jax.data import make_train_iterator
+  from diffgemma_jax.errors import DataError
+  from launch.evaluate import main
+  _, workdir, _ = trained_run
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  stdlib = sysconfig.get_paths()["stdlib"]
+  val = tmp_path / "val"
+  val.mkdir()
+  with open(val / "records.jsonl", "w") as f:
+    for name in ("shlex.py", "csv.py"):
+      f.write(json.dumps({"text": open(f"{stdlib}/{name}").read()[:6000]}) + "\n")
+  (val / "note.txt").write_text(open(f"{stdlib}/glob.py").read()[:5000])
+  argv = ["--config", tiny_config_file, "--workdir", workdir, "--step", "24", "--heldout", str(val)]
+  assert main(argv) == 0
+  captured = capsys.readouterr()
+  result = json.loads(captured.out)
+  assert "building a dataset of data.heldout_source" in captured.err
+  assert result["heldout"] == str(val) and result["dataset"].startswith(str(tmp_path / "cache" / "diffgemma-jax" /
+                                                                             "eval-sets"))
+  assert result["num_examples"] > 8 and result["unigram_ppl"] > 1 and set(result) >= KEYS
+  assert main(argv) == 0  # current: not built again, the same bound
+  captured = capsys.readouterr()
+  assert "building" not in captured.err and json.loads(captured.out) == result
+  # the reference: a dataset of other files whose held-out split is these, evaluated as the config's own
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "a.txt").write_text(open(f"{stdlib}/bisect.py").read())
+  reference = tmp_path / "reference"
+  text_files.build(str(reference), source=str(other), heldout_source=str(val),
+                   tokenizer=f"{workdir}/tokenizer.model", build_workers=1)
+  expected = evaluate(load_tiny({**TRAINED_OVERRIDES, "data.dir": str(reference), "data.source": str(other),
+                                 "data.heldout_source": str(val), "data.tokenizer": f"{workdir}/tokenizer.model",
+                                 "eval.max_sequences": "0"}), workdir, step=24)
+  for key in ("num_tokens", "num_examples"):
+    assert result[key] == expected[key], key
+  for key in ("bits_per_token", "stderr_bits_per_token", "mc_stderr_bits_per_token"):
+    assert result[key] == pytest.approx(expected[key], rel=1e-5), key
+  with pytest.raises(DataError, match="is an evaluation set .* it has no train split"):
+    make_train_iterator(result["dataset"], seq_len=32, batch_size=2, seed=0)
+  with pytest.raises(DataError, match="an evaluation set is read with the tokenizer of the model it evaluates"):
+    text_files.build(str(tmp_path / "untokenised"), heldout_source=str(val), build_workers=1)
+  capsys.readouterr()
+  for extra, message in ((["--heldout_dir", str(tmp_path / "x")], "--heldout_dir: only with --heldout"),
+                         (["--heldout", str(tmp_path / "missing")], "data.heldout_source '"),
+                         (["--heldout", str(val), "--heldout_dir", "s3://runs/x"], "give a local folder")):
+    assert main(["--config", tiny_config_file, "--workdir", workdir] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 def test_token_shift_block_size_1_evaluates_to_the_ar_likelihood(load_tiny, trained_run):
   """Weights read as a token-shift block model with b = 1 predict every token by the causal pass, so evaluate
   scores exactly the AR baseline's tokens and, in expectation over the noise, reports its exact likelihood (an

@@ -84,12 +84,17 @@ class Corpus:
   # The split keys to hold out, chosen by the recipe (python_packages keeps big packages out of the held-out
   # side); empty: keys in digest order until `heldout_fraction` of the bytes.
   heldout_keys: tuple[str, ...] = ()
+  # An evaluation set: every document held out (`heldout_keys` names every file), no training split, a given
+  # tokenizer (the run's it is read for); its manifest says so (`evaluation_only`)
+  evaluation_only: bool = False
 
   def __post_init__(self):
     if self.split_by not in SPLIT_BY:
       raise DataError(f"split_by={self.split_by!r}; valid: {SPLIT_BY}")
     if not 0.0 < self.heldout_fraction < 1.0:
       raise DataError(f"heldout_fraction={self.heldout_fraction} must lie in (0, 1)")
+    if self.evaluation_only and set(self.heldout_keys) != set(self.files):
+      raise DataError(f"{self.name}: an evaluation set holds out every file (heldout_keys: every one of files)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +325,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   """Builds `corpus` into `output_dir` (replaced atomically at the end) and returns its manifest; `manifest`: the
   recipe's fields (recipe, source, notes), completed here with the store's."""
   start = time.time()
+  if corpus.evaluation_only and not tokenizer:
+    raise DataError(f"{corpus.name}: an evaluation set is read with the tokenizer of the model it evaluates; give "
+                    f"that tokenizer (data.tokenizer; a recipe command's --tokenizer)")
   p, count, exchange = options.process_index, options.process_count, options.exchange
   if count > 1 and options.barrier is None:
     raise DataError("a multi-process build needs a barrier")
@@ -391,7 +399,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     else:
       threshold, held, total = heldout_threshold(tables, corpus.heldout_fraction)
       heldout = HeldOut(threshold)
-    if held in (0, total):
+    if held == 0 or (held == total and not corpus.evaluation_only):
       raise DataError(f"{corpus.name}: the {'heldout' if held == 0 else 'train'} split is empty; the corpus is "
                       f"too small to split")
     if tokenizer:
@@ -461,6 +469,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                 skipped_empty=stats.empty, skipped_non_utf8=len(stats.non_utf8_files),
                 skipped_bad_lines=len(stats.bad_lines), text_field=corpus.text_field,
                 split_by=corpus.split_by, heldout_fraction=corpus.heldout_fraction,
+                **({"evaluation_only": True} if corpus.evaluation_only else {}),
                 tokenizer_sample_lines=None if tokenizer else options.sample_lines,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 build_seconds=round(time.time() - start, 2))

@@ -229,6 +229,10 @@ def make_train_iterator(data_dirs: str | list[str], *, seq_len: int, batch_size:
   """
   check_workers(num_workers)
   dirs = [data_dirs] if isinstance(data_dirs, str) else list(data_dirs)
+  for d in dirs:
+    if (read_manifest(d) or {}).get("evaluation_only"):
+      raise DataError(f"{d!r} is an evaluation set (built from data.heldout_source alone): it has no train split "
+                      f"to train on; give data.source too, or point data.dir at a training dataset")
   readers = [split_rows(d, "train", seq_len, keep_partial=False, template=template, pack_unit=sft_pack_unit)
              for d in dirs]
   if len(dirs) == 1 and readers[0].num_rows < batch_size * process_count:
@@ -334,10 +338,12 @@ def scored_counts(rows: dict[str, np.ndarray], vocab: int, chunk: int = 4096) ->
   return counts
 
 
-def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma", sft_pack_unit: int = 0) -> float:
+def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma", sft_pack_unit: int = 0,
+                heldout_dir: str | None = None) -> float:
   """Held-out perplexity of an add-one-smoothed unigram model fitted on the training tokens (all tokens the bound
   scores: bos and eos included; for SFT data the response tokens and their EOS padding). A token store keeps the
-  counts of both splits, so this reads no tokens."""
+  counts of both splits, so this reads no tokens. `heldout_dir`: the held-out split of that dataset instead (an
+  evaluation set of the same tokenizer; a token store)."""
   vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
   if is_sft(data_dir):
     train_counts, heldout_counts = (scored_counts(sft_rows(data_dir, split, seq_len, template, sft_pack_unit), vocab)
@@ -345,6 +351,8 @@ def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma", sft
   else:
     manifest = dataset_manifest(data_dir)
     train_counts, heldout_counts = (unigram_counts(data_dir, manifest, split) for split in ("train", "heldout"))
+  if heldout_dir is not None:
+    heldout_counts = unigram_counts(heldout_dir, dataset_manifest(heldout_dir), "heldout")
   counts = train_counts.astype(np.float64) + 1.0
   log_p = np.log(counts / counts.sum())
   return float(np.exp(-np.dot(heldout_counts, log_p) / heldout_counts.sum()))

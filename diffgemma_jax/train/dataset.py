@@ -4,6 +4,8 @@ open the checkpointable train iterator, and the fixed-shape held-out batches."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import shutil
 from typing import Any
@@ -17,6 +19,7 @@ from diffgemma_jax import storage
 from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.data import EvalBatches, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data.build_status import JobBuild, KeyValueBoard
+from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_unigram_ppl
 from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import ConfigError
@@ -231,6 +234,48 @@ def eval_sets(config, directory: str, *, process_index: int = 0,
   names = [d for d, _ in mixture_entries(config, local=False)] or [directory]  # a bucket dataset by its URL
   return [(name, w, eval_batches(config, d, process_index=process_index, process_count=process_count))
           for name, (d, w) in zip(names, mixture)]
+
+
+def eval_set_dir(config, heldout: str, tokenizer: str) -> str:
+  """Where `diffgemma-eval --heldout` builds an evaluation set unless told: `$XDG_CACHE_HOME/diffgemma-jax/eval-sets/
+  <key>` (`~/.cache/...` without it), the key a digest of the sources as given (local paths made absolute), the
+  tokenizer's content and data.text_field; the build itself is redone when a file changes (text_files' stamps)."""
+  parts = [p.strip() if storage.is_url(p.strip()) else os.path.abspath(p.strip()) for p in heldout.split(",")
+           if p.strip()]
+  key = hashlib.sha256(json.dumps([parts, storage.file_sha256(tokenizer), str(config.data.text_field)]).encode())
+  return os.path.join(os.path.dirname(remote_dataset.default_cache_root()), "eval-sets", key.hexdigest()[:16])
+
+
+def heldout_set(config, run_dir: str, heldout: str, folder: str | None = None) -> tuple[str, Any]:
+  """(directory, tokenizer) of the evaluation set of `heldout` (text_files' forms: files, folders, globs, bucket
+  URLs; every document held out, none trained on), built with the tokenizer the run in `run_dir` was trained with
+  (data.tokenizer where it pinned none) in the local folder `folder` (default `eval_set_dir`), or found current
+  there."""
+  tokenizer = pinned_tokenizer(run_dir) or (checked_data_tokenizer(str(config.data.tokenizer))
+                                            if config.data.tokenizer else None)
+  if not tokenizer:
+    raise ConfigError(f"--heldout: the run in {run_dir} keeps no tokenizer.model (imported weights?); set "
+                      f"data.tokenizer to the sentencepiece model it reads")
+  if folder and storage.is_url(folder):
+    raise ConfigError(f"--heldout_dir {folder}: give a local folder (the evaluation set is built on this host)")
+  folder = folder or eval_set_dir(config, heldout, tokenizer)
+  storage.check_local_folder(folder, "--heldout_dir")
+  with storage.remembered_listings():  # a source in a bucket: listed once
+    build_dataset("text_files", folder, vocab_size=int(config.model.vocab_size), heldout_source=heldout,
+                  tokenizer=tokenizer, text_field=str(config.data.text_field),
+                  max_bad_lines=int(config.data.max_bad_lines), build_workers=int(config.data.build_workers))
+  return folder, Tokenizer(os.path.join(folder, "tokenizer.model"))
+
+
+def unigram_on(config, eval_dir: str) -> float | None:
+  """The unigram scale of an evaluation set (`heldout_set`): the run's training split's unigram model, where the
+  config's one dataset is at hand on this host with the same tokenizer; else None."""
+  train_dir = dataset_dir(config)
+  if (mixture_entries(config) or storage.is_url(train_dir) or read_manifest(train_dir) is None
+          or not same_tokenizer(os.path.join(train_dir, "tokenizer.model"), os.path.join(eval_dir, "tokenizer.model"))):
+    return None
+  return unigram_ppl(train_dir, seq_len=int(config.train.seq_len), template=str(config.data.chat_template),
+                     sft_pack_unit=sft_pack_unit(config), heldout_dir=eval_dir)
 
 
 def unigram_baseline(config, directory: str) -> float:
