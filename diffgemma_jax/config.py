@@ -19,7 +19,7 @@ import ml_collections
 
 from data_recipes import HELDOUT_SOURCE_RECIPES, RECIPES, SFT_RECIPES, SOURCE_RECIPES
 from diffgemma_jax.compile_cache import check_compilation_config
-from diffgemma_jax.data.mixture import parse_mixture
+from diffgemma_jax.data.mixture import parse_heldout_sets, parse_mixture
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.model.config import ModelConfig, model_config_dict
 from diffgemma_jax.objectives import OBJECTIVES, objectives_with
@@ -164,6 +164,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.max_sequences = 64  # 0: the whole held-out split
   c.eval.seed = 0
+  # More held-out sets the trainer evaluates beside its own at every evaluation, each logged as eval/NAME/...:
+  # "NAME=FILES; NAME2=FILES2", FILES in data.source's forms (files, folders, globs, bucket URLs, comma-separated),
+  # each tokenised with the run's tokenizer into an evaluation set (diffgemma-eval --heldout's) of its documents;
+  # eval.max_sequences rows of each. Early stopping and checkpoint.keep_best follow the run's own held-out set.
+  c.eval.heldout_sets = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1, 1)  # data x fsdp x expert x tensor; -1 in one place: the remaining devices
@@ -395,6 +400,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{key}: must be >= {minimum}{meaning}, got {config[section][name]!r}")
   if not float(config.train.early_stop_min_delta) >= 0:
     raise ConfigError(f"train.early_stop_min_delta: must be >= 0 bits/token, got {config.train.early_stop_min_delta}")
+  for _, files in parse_heldout_sets(str(config.eval.heldout_sets)):  # its errors name the key
+    for part in files.split(","):
+      check_not_mistyped_url(part.strip(), "eval.heldout_sets")
   if int(config.train.early_stop_patience) and not (int(config.eval.every_steps) or int(config.checkpoint.keep_best)):
     raise ConfigError(f"train.early_stop_patience={config.train.early_stop_patience} counts held-out evaluations, "
                       f"but this run evaluates at its end only: set eval.every_steps (or checkpoint.keep_best, which "

@@ -16,7 +16,7 @@ from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn, summarize_bound
 from diffgemma_jax.train.bound_partial import PartialBound
 from diffgemma_jax.train.dataset import (eval_batches, eval_sets, heldout_set, pin_tokenizer, prepare_dataset,
-                                         unigram_baseline, unigram_on)
+                                         run_tokenizer, unigram_baseline, unigram_on)
 from diffgemma_jax.train.reading import INIT, open_run, read_run, run_steps
 from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.state import evaluation_model, init_params
@@ -80,7 +80,8 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
     for run in runs:
       run.check_fits(abstract)
   if heldout:
-    directory, tokenizer = heldout_set(config, runs[0].run_dir, heldout, heldout_dir)
+    directory, tokenizer = heldout_set(config, run_tokenizer(config, runs[0].run_dir, "--heldout"), heldout,
+                                       heldout_dir)
     log(f"--heldout {heldout}: the evaluation set in {directory}")
   else:
     directory, tokenizer = prepare_dataset(config, runs[0].run_dir)  # an SFT dataset: read with the run's tokenizer

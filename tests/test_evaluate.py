@@ -103,6 +103,39 @@ def test_eval_cli_evaluates_several_steps_in_one_run(trained_run, tiny_config_fi
     assert message in err and "Traceback" not in err, err
 
 
+def _validation_files(folder):
+  """A JSONL file of two records and a text file: standard-library modules the tiny corpus does not hold."""
+  import sysconfig
+  stdlib = sysconfig.get_paths()["stdlib"]
+  folder.mkdir()
+  with open(folder / "records.jsonl", "w") as f:
+    for name in ("shlex.py", "csv.py"):
+      f.write(json.dumps({"text": open(f"{stdlib}/{name}").read()[:6000]}) + "\n")
+  (folder / "note.txt").write_text(open(f"{stdlib}/glob.py").read()[:5000])
+  return folder
+
+
+def test_the_trainer_evaluates_eval_heldout_sets_as_diffgemma_eval_heldout_does(load_tiny, tmp_path, monkeypatch):
+  """eval.heldout_sets: at each evaluation the trainer also scores each named set (eval.max_sequences rows of it),
+  logged as eval/NAME/... and summarised; each value is diffgemma-eval --heldout's on the same files and step."""
+  from conftest import read_metrics
+  from diffgemma_jax.train import train
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  val = _validation_files(tmp_path / "val")
+  sets = f"code={val / 'records.jsonl'}; notes = {val}/*.txt"
+  config = load_tiny({"train.num_steps": "2", "checkpoint.every_steps": "2", "eval.heldout_sets": sets})
+  workdir = str(tmp_path / "run")
+  summary = train(config, workdir, show_progress=False)
+  logged = {key: r[key] for r in read_metrics(workdir) for key in r if key.startswith("eval/")}
+  assert sorted(summary["heldout_sets"]) == ["code", "notes"]
+  for name, files in (("code", str(val / "records.jsonl")), ("notes", f"{val}/*.txt")):
+    expected = evaluate(config, workdir, heldout=files)
+    assert logged[f"eval/{name}/bits_per_token"] == pytest.approx(expected["bits_per_token"], rel=1e-6), name
+    assert logged[f"eval/{name}/num_tokens"] == expected["num_tokens"] and logged[f"eval/{name}/unigram_ppl"] > 1
+    assert summary["heldout_sets"][name]["bits_per_token"] == logged[f"eval/{name}/bits_per_token"]
+  assert logged["eval/bits_per_token"] == summary["eval"]["bits_per_token"]  # the run's own set, as before
+
+
 def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_run, tiny_config_file, load_tiny,
                                                                          tmp_path, monkeypatch, capsys):
   """diffgemma-eval --heldout FILES: every document of those files (a JSONL file and a text file here), tokenised
@@ -120,12 +153,7 @@ def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_r
   _, workdir, _ = trained_run
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   stdlib = sysconfig.get_paths()["stdlib"]
-  val = tmp_path / "val"
-  val.mkdir()
-  with open(val / "records.jsonl", "w") as f:
-    for name in ("shlex.py", "csv.py"):
-      f.write(json.dumps({"text": open(f"{stdlib}/{name}").read()[:6000]}) + "\n")
-  (val / "note.txt").write_text(open(f"{stdlib}/glob.py").read()[:5000])
+  val = _validation_files(tmp_path / "val")
   argv = ["--config", tiny_config_file, "--workdir", workdir, "--step", "24", "--heldout", str(val)]
   assert main(argv) == 0
   captured = capsys.readouterr()

@@ -1,4 +1,5 @@
-"""Mixtures of built pretraining datasets (`data.mixture`): which datasets, their weights, and the weighted bound.
+"""Mixtures of built pretraining datasets (`data.mixture`): which datasets, their weights, and the weighted bound;
+the trainer's other held-out sets (`eval.heldout_sets`, `parse_heldout_sets`).
 
 `data.mixture` is "DIR:WEIGHT,DIR:WEIGHT,..." (weights positive, normalised to sum 1). Every dataset must be a
 built token store with the same tokenizer. Training draws rows by weight (data/pipeline.py `row_ids`: each
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from diffgemma_jax.data.manifest import read_manifest
 from diffgemma_jax.data.tokenizer import same_tokenizer
-from diffgemma_jax.errors import DataError
+from diffgemma_jax.errors import ConfigError, DataError
 
 LN2 = math.log(2.0)
 
@@ -77,3 +79,20 @@ def mixture_bound(results: list[tuple[str, float, dict]]) -> dict:
 def weighted_unigram_ppl(values: list[tuple[float, float]]) -> float:
   """exp of the weighted mean log perplexity [(weight, ppl)]: the unigram baseline on the weighted scale."""
   return math.exp(sum(w * math.log(p) for w, p in values))
+
+
+def parse_heldout_sets(text: str) -> list[tuple[str, str]]:
+  """`eval.heldout_sets` ("NAME=FILES; NAME2=FILES2") as [(name, files)]; a ConfigError naming the key when an
+  entry has no name or files, a name is not a word (letters, digits, `_`, `-`, `.`) or is given twice."""
+  sets = []
+  for entry in (e.strip() for e in text.split(";")):
+    if not entry:
+      continue
+    name, eq, files = (part.strip() for part in entry.partition("="))
+    if not eq or not files or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+      raise ConfigError(f"eval.heldout_sets: {entry!r} is not NAME=FILES (a name of letters, digits, '_', '-' or "
+                        f"'.', then data.source's forms); separate sets with ';'")
+    if name in {n for n, _ in sets}:
+      raise ConfigError(f"eval.heldout_sets: the name {name!r} is given twice")
+    sets.append((name, files))
+  return sets

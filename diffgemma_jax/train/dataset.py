@@ -20,7 +20,7 @@ from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.data import EvalBatches, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data.build_status import JobBuild, KeyValueBoard
 from diffgemma_jax.data.manifest import read_manifest
-from diffgemma_jax.data.mixture import check_mixture, parse_mixture, weighted_unigram_ppl
+from diffgemma_jax.data.mixture import check_mixture, parse_heldout_sets, parse_mixture, weighted_unigram_ppl
 from diffgemma_jax.data.tokenizer import same_tokenizer
 from diffgemma_jax.errors import ConfigError
 from diffgemma_jax.objectives import OBJECTIVES
@@ -246,16 +246,21 @@ def eval_set_dir(config, heldout: str, tokenizer: str) -> str:
   return os.path.join(os.path.dirname(remote_dataset.default_cache_root()), "eval-sets", key.hexdigest()[:16])
 
 
-def heldout_set(config, run_dir: str, heldout: str, folder: str | None = None) -> tuple[str, Any]:
-  """(directory, tokenizer) of the evaluation set of `heldout` (text_files' forms: files, folders, globs, bucket
-  URLs; every document held out, none trained on), built with the tokenizer the run in `run_dir` was trained with
-  (data.tokenizer where it pinned none) in the local folder `folder` (default `eval_set_dir`), or found current
-  there."""
+def run_tokenizer(config, run_dir: str, flag: str) -> str:
+  """The sentencepiece file the run in `run_dir` reads (the one it pinned; data.tokenizer where it pinned none), for
+  an evaluation set; a ConfigError naming `flag` when there is neither."""
   tokenizer = pinned_tokenizer(run_dir) or (checked_data_tokenizer(str(config.data.tokenizer))
                                             if config.data.tokenizer else None)
   if not tokenizer:
-    raise ConfigError(f"--heldout: the run in {run_dir} keeps no tokenizer.model (imported weights?); set "
+    raise ConfigError(f"{flag}: the run in {run_dir} keeps no tokenizer.model (imported weights?); set "
                       f"data.tokenizer to the sentencepiece model it reads")
+  return tokenizer
+
+
+def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None) -> tuple[str, Any]:
+  """(directory, tokenizer) of the evaluation set of `heldout` (text_files' forms: files, folders, globs, bucket
+  URLs; every document held out, none trained on), built with the sentencepiece file `tokenizer` (the model's) in
+  the local folder `folder` (default `eval_set_dir`), or found current there."""
   if folder and storage.is_url(folder):
     raise ConfigError(f"--heldout_dir {folder}: give a local folder (the evaluation set is built on this host)")
   folder = folder or eval_set_dir(config, heldout, tokenizer)
@@ -276,6 +281,20 @@ def unigram_on(config, eval_dir: str) -> float | None:
     return None
   return unigram_ppl(train_dir, seq_len=int(config.train.seq_len), template=str(config.data.chat_template),
                      sft_pack_unit=sft_pack_unit(config), heldout_dir=eval_dir)
+
+
+def heldout_set_batches(config, directory: str, *, process_index: int = 0, process_count: int = 1
+                        ) -> list[tuple[str, str, EvalBatches]]:
+  """The trainer's other held-out sets (eval.heldout_sets): [(name, evaluation set directory, its batches)], each
+  built with the tokenizer of the training dataset in `directory` (the run's: `pin_tokenizer` checked it), each
+  process reading its slice as in `eval_batches`."""
+  tokenizer = os.path.join(directory, "tokenizer.model")
+  sets = []
+  for name, files in parse_heldout_sets(str(config.eval.heldout_sets)):
+    folder, _ = heldout_set(config, tokenizer, files)
+    sets.append((name, folder, eval_batches(config, folder, process_index=process_index,
+                                            process_count=process_count)))
+  return sets
 
 
 def unigram_baseline(config, directory: str) -> float:

@@ -28,7 +28,8 @@ from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.bound import EvaluationStopped, held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
-from diffgemma_jax.train.dataset import eval_sets, pin_tokenizer, prepare_dataset, train_iterator, unigram_baseline
+from diffgemma_jax.train.dataset import (eval_sets, heldout_set_batches, pin_tokenizer, prepare_dataset, train_iterator,
+                                         unigram_baseline, unigram_on)
 from diffgemma_jax.train.ema import averaged_params
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.early_stop import EarlyStop, replay
@@ -144,6 +145,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                            param_shardings=shardings.params)
   held_out = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)  # each its rows
   unigram = unigram_baseline(config, directory)
+  more_sets = [(name, batches, unigram_on(config, folder)) for name, folder, batches in
+               heldout_set_batches(config, directory, process_index=data_slice, process_count=num_slices)]
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
   local_shape = (batch_size // num_slices, seq_len)
@@ -205,6 +208,15 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
     summary["eval"] = result
     early.observe(step, float(result["bits_per_token"]))
+    for name, batches, set_unigram in more_sets:  # eval.heldout_sets: logged, never ranked
+      other = held_out_bounds(bound_fn, params, [(name, 1.0, batches)], seed=int(config.eval.seed),
+                              num_t_samples=num_t, mesh=mesh, stop=stop)
+      logger.write(step, {**{k: float(v) for k, v in other.items() if isinstance(v, (int, float))},
+                          **({"unigram_ppl": set_unigram} if set_unigram else {})}, prefix=f"eval/{name}")
+      logger.message(f"step {step}: held-out set {name}: {other['bits_per_token']:.4f} +- "
+                     f"{other['stderr_bits_per_token']:.4f} bits/token, ppl <= {other['ppl_bound']:.2f}"
+                     + (f" (unigram {set_unigram:.2f})" if set_unigram else ""))
+      summary.setdefault("heldout_sets", {})[name] = dict(other, step=step, unigram_ppl=set_unigram)
     return result
 
   def finish(step: int, metrics) -> None:
