@@ -64,6 +64,10 @@ def test_overrides_reach_the_config(load_tiny):
      "setting (it would be ignored); leave it 16, or use an objective that reads it: ('block', 'uniform')"),
     ("--config.objective.name=ar --config.objective.eps=0.01", "objective.eps=0.01 is set, but objective.name='ar' "
      "reads no such setting"),
+    ("--config.eval.heldout_sets=val.jsonl", "eval.heldout_sets: 'val.jsonl' is not NAME=FILES (a name of letters, "
+     "digits, '_', '-' or '.', then data.source's forms); separate sets with ';'"),
+    ("--config.eval.heldout_sets=a=x.txt;a=y.txt", "eval.heldout_sets: the name 'a' is given twice"),
+    ("--config.eval.heldout_sets=a=s3:/b/val", "eval.heldout_sets 's3:/b/val' is a bucket URL with a slash missing"),
 ])
 def test_bad_input_exits_2_with_one_line(flag, expected, tiny_config_file, tmp_path, capsys):
   workdir = tmp_path / "run"
