@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
   # jsonl: a JSONL file, directory or glob
   c.data.source = ""
-  c.data.text_field = "text"  # text_files: the field (JSONL) or column (Parquet) holding a record's text
+  # text_files and eval.heldout_sets: the field (JSONL) or column (Parquet) holding a record's text
+  c.data.text_field = "text"
   # Pretraining on several built datasets: "DIR:WEIGHT,DIR:WEIGHT" (e.g. "data/code:0.7,data/prose:0.3"); rows
   # are drawn by weight and the held-out bound is reported per dataset and weighted. Replaces recipe/source/dir.
   c.data.mixture = ""
@@ -431,7 +432,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   defaults = base_config().data
   for key, readers in (("source", SOURCE_RECIPES), ("heldout_source", HELDOUT_SOURCE_RECIPES),
                        ("text_field", ("text_files",))):  # given (not the default) to a recipe that ignores it
-    if config.data[key] != defaults[key] and config.data.recipe not in readers and not config.data.mixture:
+    read_anyway = config.data.mixture or (key == "text_field" and config.eval.heldout_sets)  # the sets read it
+    if config.data[key] != defaults[key] and config.data.recipe not in readers and not read_anyway:
       undo = f"leave it {defaults[key]!r}" if defaults[key] else "clear it"
       raise ConfigError(f"data.{key}={config.data[key]!r} is set, but data.recipe={config.data.recipe!r} reads "
                         f"none (it would be ignored); {undo}, or use a recipe that reads it: {readers}")

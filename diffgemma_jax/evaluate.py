@@ -35,7 +35,7 @@ def evaluate(config, workdir: str | None = None, step: int | None = None, *, che
 def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | None] | str = (None,), *,
                    checkpoint: str | None = None, partial_dir: str | None = None,
                    log: Callable[[str], None] | None = None, heldout: str | None = None,
-                   heldout_dir: str | None = None) -> list[dict[str, Any]]:
+                   heldout_dir: str | None = None, heldout_text_field: str | None = None) -> list[dict[str, Any]]:
   """The held-out bound of a run's parameters at each of `steps` (None: the latest complete one), in that order,
   each with keys step, weights ("params", or "ema": the trainable parameters' moving average,
   `checkpoint.weights`), num_tokens, num_examples, bits_per_token, stderr_bits_per_token, ppl_bound,
@@ -53,7 +53,8 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
 
   `heldout` (text_files' source forms: files, folders, globs, bucket URLs) evaluates those documents instead of
   the config's held-out split: an evaluation set built with the run's tokenizer (`train/dataset.heldout_set`, in
-  `heldout_dir` or the eval-set cache), each result then naming it (`heldout`, `dataset`); its `unigram_ppl` is
+  `heldout_dir` or the eval-set cache; a record's text in `heldout_text_field`, default data.text_field), each
+  result then naming it (`heldout`, `dataset`); its `unigram_ppl` is
   the training split's unigram model on it where the config's dataset is at hand, else None.
   """
   if not (workdir or checkpoint):
@@ -81,7 +82,7 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
       run.check_fits(abstract)
   if heldout:
     directory, tokenizer = heldout_set(config, run_tokenizer(config, runs[0].run_dir, "--heldout"), heldout,
-                                       heldout_dir)
+                                       heldout_dir, heldout_text_field)
     log(f"--heldout {heldout}: the evaluation set in {directory}")
   else:
     directory, tokenizer = prepare_dataset(config, runs[0].run_dir)  # an SFT dataset: read with the run's tokenizer

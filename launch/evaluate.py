@@ -1,5 +1,5 @@
 """diffgemma-eval --config FILE (--workdir DIR | --checkpoint PATH) [--step N | best | N,M,... | all]
-[--output FILE.json] [--heldout FILES [--heldout_dir DIR]]
+[--output FILE.json] [--heldout FILES [--heldout_dir DIR] [--text_field NAME]]
 [--partial_dir DIR] [--config.a.b=value ...]: the held-out perplexity bound of a checkpoint, printed (and optionally
 written) as JSON; of several (`--step 400,800`, `--step all`) as a JSON list, evaluated in turn by one compiled
 program (a run's curve without compiling per step). `--step best`: the step of lowest held-out bound the trainer
@@ -60,12 +60,15 @@ def main(argv=None) -> int:
                       "unless --config.eval.max_sequences is given")
   parser.add_argument("--heldout_dir", default=None, help="where --heldout's evaluation set is built and kept "
                       "(default: ~/.cache/diffgemma-jax/eval-sets/<digest of the sources and tokenizer>)")
+  parser.add_argument("--text_field", default=None, help="with --heldout: the field (JSONL) or column (Parquet) "
+                      "holding a record's text (default: data.text_field, 'text')")
   args, rest = parser.parse_known_args(argv)
   try:
     steps = _steps(args.step)
     overrides = config_overrides(rest)
-    if args.heldout_dir and not args.heldout:
-      raise ConfigError("--heldout_dir: only with --heldout")
+    for flag in ("heldout_dir", "text_field"):
+      if getattr(args, flag) and not args.heldout:
+        raise ConfigError(f"--{flag}: only with --heldout")
     if args.heldout and "eval.max_sequences" not in overrides:
       overrides["eval.max_sequences"] = "0"  # a whole evaluation set, unless asked otherwise
     config = load_run_config(args.config, overrides)
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     partial_dir = args.partial_dir or (storage.join(args.workdir, "eval-partial") if args.workdir else None)
     results = evaluate_steps(config, args.workdir, steps, checkpoint=args.checkpoint, partial_dir=partial_dir,
                              log=lambda message: print(message, file=sys.stderr, flush=True), heldout=args.heldout,
-                             heldout_dir=args.heldout_dir)
+                             heldout_dir=args.heldout_dir, heldout_text_field=args.text_field)
   except (ConfigError, DataError) as e:
     return fail(str(e))
   except EvaluationStopped as e:

@@ -184,12 +184,23 @@ def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_r
   with pytest.raises(DataError, match="an evaluation set is read with the tokenizer of the model it evaluates"):
     text_files.build(str(tmp_path / "untokenised"), heldout_source=str(val), build_workers=1)
   capsys.readouterr()
+  renamed = tmp_path / "renamed.jsonl"  # the same records with their text under "content"
+  renamed.write_text("".join(json.dumps({"content": json.loads(line)["text"]}) + "\n"
+                             for line in (val / "records.jsonl").read_text().splitlines()))
+  read = []
+  for extra in ([str(renamed), "--text_field", "content"], [str(val / "records.jsonl")]):
+    assert main(["--config", tiny_config_file, "--workdir", workdir, "--step", "24", "--heldout"] + extra) == 0
+    read.append(json.loads(capsys.readouterr().out))
+  by_content, by_text = read
+  assert by_content["num_tokens"] == by_text["num_tokens"] and by_content["bits_per_token"] == by_text["bits_per_token"]
   for extra, message in ((["--heldout_dir", str(tmp_path / "x")], "--heldout_dir: only with --heldout"),
+                         (["--text_field", "content"], "--text_field: only with --heldout"),
+                         (["--heldout", str(renamed)], "renamed.jsonl:1"),
                          (["--heldout", str(tmp_path / "missing")], "data.heldout_source '"),
                          (["--heldout", str(val), "--heldout_dir", "s3://runs/x"], "give a local folder")):
     assert main(["--config", tiny_config_file, "--workdir", workdir] + extra) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    err = capsys.readouterr().err  # (after the build's progress line, where a build starts)
+    assert message in err.splitlines()[-1] and err.count("error: ") == 1 and "Traceback" not in err, err
 
 
 def test_token_shift_block_size_1_evaluates_to_the_ar_likelihood(load_tiny, trained_run):

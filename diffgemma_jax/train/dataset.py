@@ -257,10 +257,15 @@ def run_tokenizer(config, run_dir: str, flag: str) -> str:
   return tokenizer
 
 
-def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None) -> tuple[str, Any]:
+def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None,
+                text_field: str | None = None) -> tuple[str, Any]:
   """(directory, tokenizer) of the evaluation set of `heldout` (text_files' forms: files, folders, globs, bucket
   URLs; every document held out, none trained on), built with the sentencepiece file `tokenizer` (the model's) in
-  the local folder `folder` (default `eval_set_dir`), or found current there."""
+  the local folder `folder` (default `eval_set_dir`), or found current there; a record's text in `text_field`
+  (default data.text_field)."""
+  if text_field:
+    config = config.copy_and_resolve_references()
+    config.data.text_field = text_field
   if folder and storage.is_url(folder):
     raise ConfigError(f"--heldout_dir {folder}: give a local folder (the evaluation set is built on this host)")
   folder = folder or eval_set_dir(config, heldout, tokenizer)
