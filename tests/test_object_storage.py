@@ -367,7 +367,7 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path
 
 
 def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
-                                                                   capsys, no_compilation_cache):
+                                                                   capsys, no_compilation_cache, monkeypatch):
   """--prompts and --records objects are read as local files are; each --output object holds the JSON printed.
   (On S3 only, for CI time: in GCS, test_gcs_run.py writes eval's --output, and the objects these flags name are
   read and written through the storage helpers that test_storage_helpers_on_objects_another_process_wrote[gs]
@@ -400,6 +400,27 @@ def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, t
   printed = json.loads(capsys.readouterr().out)
   assert [r["prompt"] for r in printed] == ["def main(", "x = 1\nprint("]
   assert json.loads(epath.Path(f"{bucket}/out/completions.json").read_text()) == printed
+  # Two copies of a launch with a results file in the bucket: copy 1's share goes up as chunks (one per batch
+  # here) into its part, process 0 gathers it; the object ends whole, in order, with the one-process results, and
+  # no part or chunk is left
+  import launch.common
+  from diffgemma_jax.sampling import results_file
+  monkeypatch.setattr(results_file, "UPLOAD_EVERY_S", 0.0)
+  uploads = []
+  upload = results_file.ResultsFile._upload
+  monkeypatch.setattr(results_file.ResultsFile, "_upload", lambda self: uploads.append(self.path) or upload(self))
+  split = f"{bucket}/out/split.jsonl"
+  for copy in (1, 0):
+    monkeypatch.setattr(launch.common, "launch_process", lambda config=None, copy=copy: (copy, 2))
+    assert generate_main(run + ["--prompts", f"{bucket}/in/prompts.txt", "--gen_length", "8", "--block_length",
+                                "8", "--batch_size", "2", "--json", "--output", split]) == 0
+  assert uploads[0] == results_file.part_path(split, 1, 2)  # copy 1 uploaded a chunk of its part
+  joined = json.loads(capsys.readouterr().out)
+  keys = ("index", "prompt", "ids", "completion", "gen_length")
+  assert [{k: r[k] for k in keys} for r in joined] == [{k: r[k] for k in keys} for r in printed]
+  assert [json.loads(line)["index"] for line in epath.Path(split).read_text().splitlines()] == [0, 1]
+  assert sorted(p.name for p in epath.Path(f"{bucket}/out").iterdir()) == ["bound.json", "completions.json",
+                                                                            "split.jsonl"]
   pairs = (("def f(", "x):"), ("import", " os"))
   epath.Path(f"{bucket}/in/pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "continuation": c}) + "\n"
                                                             for p, c in pairs))

@@ -69,13 +69,14 @@ class ResultsFile:
   nothing."""
 
   def __init__(self, path: str, prompts: Sequence[str], settings: dict[str, Any], *, flag: str = "--output",
-               write: bool = True, upload_every_s: float = UPLOAD_EVERY_S, sync_every_s: float = SYNC_EVERY_S):
+               write: bool = True, upload_every_s: float | None = None, sync_every_s: float | None = None):
     self.path, self.flag, self.write = str(path), flag, write
     self.prompts = prompts
     self.remote = storage.is_url(path)
     self.digest = settings_digest(settings)
-    self.upload_every_s, self._uploaded = upload_every_s, time.monotonic()
-    self.sync_every_s, self._synced = sync_every_s, time.monotonic()
+    self.upload_every_s = UPLOAD_EVERY_S if upload_every_s is None else upload_every_s
+    self.sync_every_s = SYNC_EVERY_S if sync_every_s is None else sync_every_s
+    self._uploaded = self._synced = time.monotonic()
     self.records: dict[int, dict] = {}
     self.kept_run = None
     # what has been read: a local file's identity, the bytes of its whole lines and their count; a bucket object's
