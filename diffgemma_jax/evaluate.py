@@ -15,8 +15,8 @@ from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import shardings_for
 from diffgemma_jax.train.bound import held_out_bounds, make_bound_fn, summarize_bound
 from diffgemma_jax.train.bound_partial import PartialBound
-from diffgemma_jax.train.dataset import (eval_batches, eval_sets, heldout_set, pin_tokenizer, prepare_dataset,
-                                         run_tokenizer, unigram_baseline, unigram_on)
+from diffgemma_jax.train.dataset import (eval_batches, eval_sets, heldout_set, heldout_set_batches, pin_tokenizer,
+                                         prepare_dataset, run_tokenizer, unigram_baseline, unigram_on)
 from diffgemma_jax.train.reading import INIT, open_run, read_run, run_steps
 from diffgemma_jax.train.preemption import StopRequest
 from diffgemma_jax.train.state import evaluation_model, init_params
@@ -55,7 +55,9 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   the config's held-out split: an evaluation set built with the run's tokenizer (`train/dataset.heldout_set`, in
   `heldout_dir` or the eval-set cache; a record's text in `heldout_text_field`, default data.text_field), each
   result then naming it (`heldout`, `dataset`); its `unigram_ppl` is
-  the training split's unigram model on it where the config's dataset is at hand, else None.
+  the training split's unigram model on it where the config's dataset is at hand, else None. Without it, the
+  sets of eval.heldout_sets are scored too, as the trainer scores them, each result holding theirs under
+  `heldout_sets` (every row of each with eval.max_sequences=0).
   """
   if not (workdir or checkpoint):
     raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
@@ -93,19 +95,25 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
   # Each process loads its slice of every global batch (a mesh spanning processes: its own rows; one process: all)
   data_slice, num_slices = batch_slice(mesh)
+  more = []  # eval.heldout_sets: [(name, evaluation set, batches)]
   if heldout:
     sets = [(heldout, 1.0, eval_batches(config, directory, process_index=data_slice, process_count=num_slices))]
     unigram = unigram_on(config, directory)
   else:
     sets = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)
     unigram = unigram_baseline(config, directory)
+    more = heldout_set_batches(config, directory, process_index=data_slice, process_count=num_slices)
+  more_unigram = {name: unigram_on(config, folder) for name, folder, _ in more}
   results = []
   for run in runs:
     params = run.restore_params(abstract, param_shardings, fresh=fresh)
     with StopRequest() as stop:
       result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
-                               partial_for=_partials(config, run, sets, partial_dir, num_t, log),
-                               progress=ProgressLog(log), stop=stop.reached)
+                               partial_for=_partials(config, run, sets + [(n, 1.0, b) for n, _, b in more],
+                                                     partial_dir, num_t, log),
+                               progress=ProgressLog(log), stop=stop.reached, more=[(n, b) for n, _, b in more])
+    for name, other in result.get("heldout_sets", {}).items():
+      other["unigram_ppl"] = more_unigram[name]
     result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram, exact=objective.capabilities.exact,
                   **({"heldout": heldout, "dataset": directory} if heldout else {}))
     results.append(result)

@@ -117,7 +117,8 @@ def _validation_files(folder):
 
 def test_the_trainer_evaluates_eval_heldout_sets_as_diffgemma_eval_heldout_does(load_tiny, tmp_path, monkeypatch):
   """eval.heldout_sets: at each evaluation the trainer also scores each named set (eval.max_sequences rows of it),
-  logged as eval/NAME/... and summarised; each value is diffgemma-eval --heldout's on the same files and step."""
+  logged as eval/NAME/... and summarised; each value is diffgemma-eval --heldout's on the same files and step, and
+  diffgemma-eval under the same config reports them under heldout_sets."""
   from conftest import read_metrics
   from diffgemma_jax.train import train
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -127,13 +128,17 @@ def test_the_trainer_evaluates_eval_heldout_sets_as_diffgemma_eval_heldout_does(
   workdir = str(tmp_path / "run")
   summary = train(config, workdir, show_progress=False)
   logged = {key: r[key] for r in read_metrics(workdir) for key in r if key.startswith("eval/")}
-  assert sorted(summary["heldout_sets"]) == ["code", "notes"]
+  assert sorted(summary["eval"]["heldout_sets"]) == ["code", "notes"]
+  again = evaluate(config, workdir)  # diffgemma-eval scores the config's sets too
   for name, files in (("code", str(val / "records.jsonl")), ("notes", f"{val}/*.txt")):
     expected = evaluate(config, workdir, heldout=files)
     assert logged[f"eval/{name}/bits_per_token"] == pytest.approx(expected["bits_per_token"], rel=1e-6), name
     assert logged[f"eval/{name}/num_tokens"] == expected["num_tokens"] and logged[f"eval/{name}/unigram_ppl"] > 1
-    assert summary["heldout_sets"][name]["bits_per_token"] == logged[f"eval/{name}/bits_per_token"]
+    assert summary["eval"]["heldout_sets"][name]["bits_per_token"] == logged[f"eval/{name}/bits_per_token"]
+    assert again["heldout_sets"][name]["bits_per_token"] == pytest.approx(expected["bits_per_token"], rel=1e-6)
+    assert again["heldout_sets"][name]["unigram_ppl"] == logged[f"eval/{name}/unigram_ppl"]
   assert logged["eval/bits_per_token"] == summary["eval"]["bits_per_token"]  # the run's own set, as before
+  assert again["bits_per_token"] == pytest.approx(logged["eval/bits_per_token"], rel=1e-6)
 
 
 def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_run, tiny_config_file, load_tiny,

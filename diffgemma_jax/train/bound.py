@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -156,13 +156,15 @@ def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
 def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_samples: int, mesh: Mesh,
                     partial_for: Callable[[int, str], PartialBound] | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    stop: Callable[[int], bool] | None = None) -> dict:
+                    stop: Callable[[int], bool] | None = None, more: Sequence[tuple[str, Any]] = ()) -> dict:
   """`held_out_bound` of one held-out set; for several [(name, weight, batches)] (data.mixture), each one's
-  under `sources` and their weighted total (data/mixture.py). `partial_for(i, name)`: set i's PartialBound, every
-  one discarded once all sets are done (a stop in the second set keeps the first's results); `stop` sees the
-  batches of all sets numbered in one increasing sequence (the multi-process preemption sync point needs it)."""
+  under `sources` and their weighted total (data/mixture.py). `more` [(name, batches)]: other held-out sets
+  (eval.heldout_sets), scored after those, each one's result under `heldout_sets` and never in the total.
+  `partial_for(i, name)`: set i's PartialBound (`more`'s numbered after `sets`), every one discarded once all sets
+  are done (a stop in the second set keeps the first's results); `stop` sees the batches of all sets numbered in
+  one increasing sequence (the multi-process preemption sync point needs it)."""
   results, partials, offset = [], [], 0
-  for i, (name, weight, batches) in enumerate(sets):
+  for i, (name, weight, batches) in enumerate(list(sets) + [(name, 1.0, batches) for name, batches in more]):
     partial = partial_for(i, name) if partial_for else None
     partials.append(partial)
     set_stop = None if stop is None else (lambda b, first=offset: stop(first + b))
@@ -172,4 +174,8 @@ def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_sample
   for partial in partials:
     if partial is not None:
       partial.discard()
-  return results[0][2] if len(results) == 1 else mixture_bound(results)
+  own = results[:len(sets)]
+  total = own[0][2] if len(own) == 1 else mixture_bound(own)
+  if more:
+    total["heldout_sets"] = {name: result for name, _, result in results[len(sets):]}
+  return total

@@ -345,7 +345,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"bits/token, "
                  f"ppl <= {ev['ppl_bound']:.2f} over {ev['num_tokens']} tokens"
                  + (f" (unigram ppl {ev['unigram_ppl']:.2f})" if ev.get("unigram_ppl") else ""))
-  for name, other in (summary.get("heldout_sets") or {}).items():  # eval.heldout_sets
+  for name, other in ((ev or {}).get("heldout_sets") or {}).items():  # eval.heldout_sets
     lines.append(f"held-out set {name}: {other['bits_per_token']:.4f} +- {other['stderr_bits_per_token']:.4f} "
                  f"bits/token, ppl <= {other['ppl_bound']:.2f} over {other['num_tokens']} tokens")
   if summary.get("checkpoint_step") is not None:

@@ -145,8 +145,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                            param_shardings=shardings.params)
   held_out = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)  # each its rows
   unigram = unigram_baseline(config, directory)
-  more_sets = [(name, batches, unigram_on(config, folder)) for name, folder, batches in
-               heldout_set_batches(config, directory, process_index=data_slice, process_count=num_slices)]
+  more_sets = heldout_set_batches(config, directory, process_index=data_slice, process_count=num_slices)
+  more_unigram = {name: unigram_on(config, folder) for name, folder, _ in more_sets}
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
   local_shape = (batch_size // num_slices, seq_len)
@@ -198,7 +198,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     # checkpoint.weights: what a reader of this step's checkpoint evaluates (train/reading.py)
     params = averaged_params(state.params, state.ema, trainable) if evaluate_average else state.params
     result = held_out_bounds(bound_fn, params, held_out, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
-                             stop=stop)
+                             stop=stop, more=[(name, batches) for name, _, batches in more_sets])
     result.update(step=step, weights="ema" if evaluate_average else "params", unigram_ppl=unigram,
                   exact=objective.capabilities.exact)
     logger.write(step, {**{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
@@ -208,15 +208,12 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
     summary["eval"] = result
     early.observe(step, float(result["bits_per_token"]))
-    for name, batches, set_unigram in more_sets:  # eval.heldout_sets: logged, never ranked
-      other = held_out_bounds(bound_fn, params, [(name, 1.0, batches)], seed=int(config.eval.seed),
-                              num_t_samples=num_t, mesh=mesh, stop=stop)
-      logger.write(step, {**{k: float(v) for k, v in other.items() if isinstance(v, (int, float))},
-                          **({"unigram_ppl": set_unigram} if set_unigram else {})}, prefix=f"eval/{name}")
+    for name, other in result.get("heldout_sets", {}).items():  # eval.heldout_sets: logged, never ranked
+      other["unigram_ppl"] = more_unigram[name]
+      logger.write(step, {k: float(v) for k, v in other.items() if isinstance(v, (int, float))}, prefix=f"eval/{name}")
       logger.message(f"step {step}: held-out set {name}: {other['bits_per_token']:.4f} +- "
                      f"{other['stderr_bits_per_token']:.4f} bits/token, ppl <= {other['ppl_bound']:.2f}"
-                     + (f" (unigram {set_unigram:.2f})" if set_unigram else ""))
-      summary.setdefault("heldout_sets", {})[name] = dict(other, step=step, unigram_ppl=set_unigram)
+                     + (f" (unigram {other['unigram_ppl']:.2f})" if other["unigram_ppl"] else ""))
     return result
 
   def finish(step: int, metrics) -> None:
