@@ -68,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mixture = ""
   c.data.build_workers = 0  # processes that tokenise a pretraining corpus; 0: every core
   c.data.tokenizer_sample_lines = 120_000  # lines of the uniform document sample a new tokenizer is trained on
-  c.data.heldout_source = ""  # jsonl: the held-out file(s); empty: a hashed 5% of the source examples
+  # jsonl, text_files: the held-out files (a standard validation set); empty: a hashed share of the source. text_files
+  # with it alone: an evaluation set (every document held out, no training split; needs data.tokenizer)
+  c.data.heldout_source = ""
   # An existing sentencepiece model to use instead of training one (e.g. Gemma's tokenizer.model). SFT recipes
   # with this empty use the tokenizer of init.checkpoint's run.
   c.data.tokenizer = ""
@@ -437,6 +439,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       undo = f"leave it {defaults[key]!r}" if defaults[key] else "clear it"
       raise ConfigError(f"data.{key}={config.data[key]!r} is set, but data.recipe={config.data.recipe!r} reads "
                         f"none (it would be ignored); {undo}, or use a recipe that reads it: {readers}")
+  if config.data.sft_packing and (config.data.recipe not in SFT_RECIPES or config.data.mixture):
+    raise ConfigError(f"data.sft_packing=True packs SFT examples, but data.recipe={config.data.recipe!r} is a "
+                      f"pretraining recipe, whose rows are packed anyway (it would be ignored); leave it False, or "
+                      f"use an SFT recipe: {SFT_RECIPES}")
   from diffgemma_jax.data.sft import CHAT_TEMPLATES
   if config.data.chat_template not in CHAT_TEMPLATES:
     raise ConfigError(f"data.chat_template: unknown template {config.data.chat_template!r}; valid templates are "
