@@ -68,6 +68,8 @@ def test_overrides_reach_the_config(load_tiny):
      "digits, '_', '-' or '.', then data.source's forms); separate sets with ';'"),
     ("--config.eval.heldout_sets=a=x.txt;a=y.txt", "eval.heldout_sets: the name 'a' is given twice"),
     ("--config.eval.heldout_sets=a=s3:/b/val", "eval.heldout_sets 's3:/b/val' is a bucket URL with a slash missing"),
+    ("--config.eval.heldout_sets=wiki=/no/such/valid.jsonl", "eval.heldout_sets (wiki) '/no/such/valid.jsonl' does "
+     "not exist"),
     ("--config.data.sft_packing=True", "data.sft_packing=True packs SFT examples, but data.recipe='text_files' is a "
      "pretraining recipe, whose rows are packed anyway (it would be ignored); leave it False, or use an SFT recipe: "
      "('python_docstrings', 'jsonl')"),

@@ -201,7 +201,8 @@ def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_r
   for extra, message in ((["--heldout_dir", str(tmp_path / "x")], "--heldout_dir: only with --heldout"),
                          (["--text_field", "content"], "--text_field: only with --heldout"),
                          (["--heldout", str(renamed)], "renamed.jsonl:1"),
-                         (["--heldout", str(tmp_path / "missing")], "data.heldout_source '"),
+                         (["--heldout", str(tmp_path / "missing")],
+                          f"--heldout '{tmp_path / 'missing'}' does not exist"),
                          (["--heldout", str(val), "--heldout_dir", "s3://runs/x"], "give a local folder")):
     assert main(["--config", tiny_config_file, "--workdir", workdir] + extra) == 2
     err = capsys.readouterr().err  # (after the build's progress line, where a build starts)

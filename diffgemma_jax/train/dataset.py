@@ -15,6 +15,7 @@ import sentencepiece as spm
 from etils import epath
 
 from data_recipes import SFT_RECIPES, build_dataset
+from data_recipes.text_files import source_files
 from diffgemma_jax import storage
 from diffgemma_jax.data import remote_dataset
 from diffgemma_jax.data import EvalBatches, Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
@@ -257,20 +258,21 @@ def run_tokenizer(config, run_dir: str, flag: str) -> str:
   return tokenizer
 
 
-def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None,
-                text_field: str | None = None) -> tuple[str, Any]:
+def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None, text_field: str | None = None,
+                key: str = "--heldout") -> tuple[str, Any]:
   """(directory, tokenizer) of the evaluation set of `heldout` (text_files' forms: files, folders, globs, bucket
   URLs; every document held out, none trained on), built with the sentencepiece file `tokenizer` (the model's) in
   the local folder `folder` (default `eval_set_dir`), or found current there; a record's text in `text_field`
-  (default data.text_field)."""
+  (default data.text_field). Errors about the files name `key`."""
   if text_field:
     config = config.copy_and_resolve_references()
     config.data.text_field = text_field
   if folder and storage.is_url(folder):
     raise ConfigError(f"--heldout_dir {folder}: give a local folder (the evaluation set is built on this host)")
   folder = folder or eval_set_dir(config, heldout, tokenizer)
-  storage.check_local_folder(folder, "--heldout_dir")
+  storage.check_local_folder(folder, "--heldout_dir" if key == "--heldout" else key)
   with storage.remembered_listings():  # a source in a bucket: listed once
+    source_files(heldout, key)  # missing files named by the caller's key, before the build names its own
     build_dataset("text_files", folder, vocab_size=int(config.model.vocab_size), heldout_source=heldout,
                   tokenizer=tokenizer, text_field=str(config.data.text_field),
                   max_bad_lines=int(config.data.max_bad_lines), build_workers=int(config.data.build_workers))
@@ -288,6 +290,14 @@ def unigram_on(config, eval_dir: str) -> float | None:
                      sft_pack_unit=sft_pack_unit(config), heldout_dir=eval_dir)
 
 
+def check_heldout_sets(config) -> None:
+  """Fails naming eval.heldout_sets when a set's files are missing: a trainer asks before it builds or writes
+  anything."""
+  with storage.remembered_listings():
+    for name, files in parse_heldout_sets(str(config.eval.heldout_sets)):
+      source_files(files, f"eval.heldout_sets ({name})")
+
+
 def heldout_set_batches(config, directory: str, *, process_index: int = 0, process_count: int = 1
                         ) -> list[tuple[str, str, EvalBatches]]:
   """The trainer's other held-out sets (eval.heldout_sets): [(name, evaluation set directory, its batches)], each
@@ -296,7 +306,7 @@ def heldout_set_batches(config, directory: str, *, process_index: int = 0, proce
   tokenizer = os.path.join(directory, "tokenizer.model")
   sets = []
   for name, files in parse_heldout_sets(str(config.eval.heldout_sets)):
-    folder, _ = heldout_set(config, tokenizer, files)
+    folder, _ = heldout_set(config, tokenizer, files, key=f"eval.heldout_sets ({name})")
     sets.append((name, folder, eval_batches(config, folder, process_index=process_index,
                                             process_count=process_count)))
   return sets

@@ -28,8 +28,8 @@ from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.bound import EvaluationStopped, held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
-from diffgemma_jax.train.dataset import (eval_sets, heldout_set_batches, pin_tokenizer, prepare_dataset, train_iterator,
-                                         unigram_baseline, unigram_on)
+from diffgemma_jax.train.dataset import (check_heldout_sets, eval_sets, heldout_set_batches, pin_tokenizer,
+                                         prepare_dataset, train_iterator, unigram_baseline, unigram_on)
 from diffgemma_jax.train.ema import averaged_params
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.early_stop import EarlyStop, replay
@@ -110,6 +110,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     init_from.check_fits(abstract.params)
     config, inherited = inherit_context(config, init_from)
     ckpt.config = config  # its run_config.json records the context the initial weights serve
+  check_heldout_sets(config)
   directory, tokenizer = prepare_dataset(config, workdir)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   pin_tokenizer(directory, workdir, write=jax.process_index() == 0)
