@@ -26,10 +26,11 @@ __all__ = ["evaluate", "held_out_bounds", "make_bound_fn", "summarize_bound"]
 
 def evaluate(config, workdir: str | None = None, step: int | None = None, *, checkpoint: str | None = None,
              partial_dir: str | None = None, log: Callable[[str], None] | None = None,
-             heldout: str | None = None, heldout_dir: str | None = None) -> dict[str, Any]:
+             heldout: str | None = None, heldout_dir: str | None = None,
+             heldout_text_field: str | None = None) -> dict[str, Any]:
   """The held-out bound of one checkpoint step (None: the latest complete one); see `evaluate_steps`."""
   return evaluate_steps(config, workdir, [step], checkpoint=checkpoint, partial_dir=partial_dir, log=log,
-                        heldout=heldout, heldout_dir=heldout_dir)[0]
+                        heldout=heldout, heldout_dir=heldout_dir, heldout_text_field=heldout_text_field)[0]
 
 
 def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | None] | str = (None,), *,
@@ -54,9 +55,8 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   `heldout` (text_files' source forms: files, folders, globs, bucket URLs) evaluates those documents instead of
   the config's held-out split: an evaluation set built with the run's tokenizer (`train/dataset.heldout_set`, in
   `heldout_dir` or the eval-set cache; a record's text in `heldout_text_field`, default data.text_field), each
-  result then naming it (`heldout`, `dataset`); its `unigram_ppl` is
-  the training split's unigram model on it where the config's dataset is at hand, else None. Without it, the
-  sets of eval.heldout_sets are scored too, as the trainer scores them, each result holding theirs under
+  result then naming it (`heldout`, `dataset`); its `unigram_ppl` is the training split's unigram model on it
+  where the config's dataset is at hand, else None. Without it, the sets of eval.heldout_sets are scored too, as the trainer scores them, each result holding theirs under
   `heldout_sets` (every row of each with eval.max_sequences=0).
   """
   if not (workdir or checkpoint):
