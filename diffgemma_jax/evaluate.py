@@ -56,8 +56,9 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   the config's held-out split: an evaluation set built with the run's tokenizer (`train/dataset.heldout_set`, in
   `heldout_dir` or the eval-set cache; a record's text in `heldout_text_field`, default data.text_field), each
   result then naming it (`heldout`, `dataset`); its `unigram_ppl` is the training split's unigram model on it
-  where the config's dataset is at hand, else None. Without it, the sets of eval.heldout_sets are scored too, as the trainer scores them, each result holding theirs under
-  `heldout_sets` (every row of each with eval.max_sequences=0).
+  where the config's dataset is at hand, else None. Without it, the sets of eval.heldout_sets are scored too, as
+  the trainer scores them, each result holding theirs under `heldout_sets` (every row of each with
+  eval.max_sequences=0).
   """
   if not (workdir or checkpoint):
     raise ConfigError("evaluate: give a workdir (its checkpoints) or a checkpoint")
