@@ -52,6 +52,7 @@ from diffgemma_jax.train.state import split_model
 
 LAYOUTS = ("continuation", "sft")
 MIN_WIDTH = 16
+CHUNK_TOKENS = 1 << 24  # `Scorer.score` takes records in chunks of about this many row tokens (bounded memory)
 
 
 def row_width(length: int, seq_len: int, unit: int = 1) -> int:
@@ -216,15 +217,26 @@ class Scorer:
         results[i] = dict(score, greedy=flag) if greedy else score
     return results
 
-  def score(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+  def score(self, pairs: Sequence[Pair], *, chunk_records: int | None = None,
+            on_results=None) -> list[dict[str, Any]]:
     """The pairs' scores (`score_ids` for the continuation layout, `score_rows` of full SFT rows), with each
-    pair's source and nll per token."""
-    if self.layout == "sft":
-      results = self.score_rows(self.rows(pairs))
-    else:
-      results = self.score_ids([self.ids(pair) for pair in pairs], [pair.source for pair in pairs])
-    for pair, result in zip(pairs, results):
-      result.update(source=pair.source, nll_per_token=result["nll"] / max(result["num_tokens"], 1))
+    pair's source and nll per token. The pairs are taken in chunks of `chunk_records` (default: CHUNK_TOKENS of
+    train.seq_len rows, a whole number of batches), so the rows in memory are one chunk's, whatever the file's
+    size; `on_results(start, results)` receives each chunk's results (pairs start, start + 1, ...) as it ends.
+    A pair's score does not depend on its chunk (module doc)."""
+    chunk = chunk_records or max(CHUNK_TOKENS // self.seq_len // self.batch_size, 1) * self.batch_size
+    results = []
+    for start in range(0, len(pairs), chunk):
+      part = pairs[start:start + chunk]
+      if self.layout == "sft":
+        scored = self.score_rows(self.rows(part))
+      else:
+        scored = self.score_ids([self.ids(pair) for pair in part], [pair.source for pair in part])
+      for pair, result in zip(part, scored):
+        result.update(source=pair.source, nll_per_token=result["nll"] / max(result["num_tokens"], 1))
+      if on_results is not None:
+        on_results(start, scored)
+      results += scored
     return results
 
   def greedy(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None) -> list[bool]:

@@ -110,3 +110,27 @@ def test_rows_are_scored_in_the_narrowest_width_that_holds_them(trained_run):
   for key in ("nll", "stderr"):
     np.testing.assert_allclose([b[key] for b in bucketed], [f[key] for f in full], rtol=2e-5, atol=1e-6)
   assert all(r["stderr"] > 0 for r in full)  # Monte-Carlo estimates, not exact scores
+
+
+def test_a_file_is_scored_in_chunks_of_bounded_memory_to_the_same_scores(trained_run):
+  """`Scorer.score` takes the records in chunks (rows of one chunk in memory, however long the file): chunks of 7
+  give each of 20 pairs (two row widths) the score of one pass over all of them, and report each chunk's results
+  as it ends, in order."""
+  from diffgemma_jax.sampling.requests import load_tokenizer
+  from diffgemma_jax.scoring import Pair, Scorer
+  from diffgemma_jax.train.reading import restore_model
+  config, workdir, _ = trained_run
+  model, _ = restore_model(config, workdir)
+  scorer = Scorer(config, model, load_tokenizer(config, workdir), num_t_samples=4)
+  pairs = [Pair(f"def f_{i}(x):" + " x = x + 1;" * (i % 3), f" return x * {i}", f"pairs:{i + 1}") for i in range(20)]
+  widths, bound_fn = set(), scorer.bound_fn
+  scorer.bound_fn = lambda params, batch, *keys: widths.add(batch["tokens"].shape[1]) or bound_fn(params, batch, *keys)
+  whole = scorer.score(pairs, chunk_records=len(pairs))
+  assert len(widths) == 2
+  seen = []
+  chunked = scorer.score(pairs, chunk_records=7, on_results=lambda start, got: seen.append((start, len(got))))
+  assert seen == [(0, 7), (7, 7), (14, 6)]
+  assert [r["source"] for r in chunked] == [p.source for p in pairs]
+  assert [r["num_tokens"] for r in chunked] == [r["num_tokens"] for r in whole]
+  for key in ("nll", "stderr", "nll_per_token"):
+    np.testing.assert_allclose([r[key] for r in chunked], [r[key] for r in whole], rtol=2e-5, atol=1e-6)
