@@ -45,7 +45,9 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import replicated
+from diffgemma_jax.sampling.results_file import SCORING, ResultsFile
 from diffgemma_jax.train.bound import global_batch, make_bound_fn, scored_batches
+from diffgemma_jax.train.bound_partial import from_process_0
 from diffgemma_jax.train.dataset import load_tokenizer, sft_pack_unit
 from diffgemma_jax.train.reading import restore_model_run
 from diffgemma_jax.train.state import split_model
@@ -276,18 +278,60 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
           "bits_per_token": per_token / math.log(2)}
 
 
-def score_file(config, workdir: str, path: str, *, step: int | None = None, **scorer_options) -> dict[str, Any]:
+RESULT_KEYS = ("source", "nll", "stderr", "num_tokens", "nll_per_token")  # a record's result in the report
+
+
+def score_file(config, workdir: str, path: str, *, step: int | None = None, results_path: str | None = None,
+               write: bool = True, log=None, **scorer_options) -> dict[str, Any]:
   """Scores the records of a JSONL file with a run's checkpoint (`step`, default the latest): {"step", "weights"
   ("params", or "ema": the moving average, `checkpoint.weights`), "records":
-  per-record results in file order, "summary"}. The records are read and checked before the model is restored."""
+  per-record results in file order, "summary"}. The records are read and checked before the model is restored.
+
+  `results_path` (FILE.jsonl, local or a bucket URL; `sampling/results_file.py`): each record's result is kept
+  there as its chunk of records ends (one JSON line, its `index` in the file), so a killed job loses at most a
+  chunk, and the same call again scores only the records the file lacks (a record's score depends on the pair, the
+  checkpoint and the settings alone). Only the process that writes (`write`: process 0 of a joined scoring) reads
+  the file; the others take its list of what is done. `log` receives a line per chunk."""
   pairs = read_pairs(path)
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
   tokenizer = load_tokenizer(config, workdir)
   model, run = restore_model_run(config, workdir, step)
   scorer = Scorer(config, model, tokenizer, **scorer_options)
-  results = scorer.score(pairs)
+  if results_path is None:
+    results = scorer.score(pairs)
+  else:
+    results = _score_into(scorer, pairs, results_path, run, workdir, write=write, log=log or (lambda text: None))
   return {"step": run.step, "weights": run.weights, "objective": str(config.objective.name),
           "exact": scorer.objective.capabilities.exact,
           "num_t_samples": scorer.num_t_samples, "layout": scorer.layout, "records": results,
           "summary": summarize(results)}
+
+
+def _score_into(scorer: Scorer, pairs: Sequence[Pair], results_path: str, run, workdir: str, *, write: bool,
+                log) -> list[dict[str, Any]]:
+  """`score_file` with a results file: the records it lacks scored, each kept as its chunk ends; every record's
+  result in file order (process 0; the others: [])."""
+  config = scorer.config
+  settings = {"workdir": storage.resolve(workdir), "num_t_samples": scorer.num_t_samples, "seed": scorer.seed,
+              "layout": scorer.layout, "seq_len": scorer.seq_len, "objective": config.objective.to_dict(),
+              "chat_template": str(config.data.chat_template) if scorer.layout == "sft" else None}
+  kept = ResultsFile(results_path, [(p.prompt, p.continuation) for p in pairs], settings, kind=SCORING) \
+      if write else None
+  done = json.loads(from_process_0(json.dumps(sorted(kept.records) if kept else []).encode()) or b"[]")
+  todo = [i for i in range(len(pairs)) if i not in set(done)]
+  if done:
+    log(f"{results_path}: {len(done)} record(s) already scored, {len(todo)} to score")
+
+  def keep(start: int, scored: list[dict[str, Any]]) -> None:
+    for offset, result in enumerate(scored):
+      index = todo[start + offset]
+      if kept is not None:
+        kept.add(index, {"index": index, "prompt": pairs[index].prompt, "continuation": pairs[index].continuation,
+                         **{k: result[k] for k in RESULT_KEYS}, "step": run.step, "weights": run.weights})
+    log(f"scored {len(done) + start + len(scored)} of {len(pairs)} records")
+
+  scorer.score([pairs[i] for i in todo], on_results=keep)
+  if kept is None:
+    return []
+  return [{k: line[k] for k in RESULT_KEYS} for line in kept.finish()]

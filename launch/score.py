@@ -1,5 +1,5 @@
 """diffgemma-score --config FILE --workdir DIR --records FILE.jsonl [--num_t_samples K] [--batch_size N] [--seed N]
-[--layout continuation|sft] [--step N] [--json] [--output FILE.json] [--config.a.b=value ...]: prints, per
+[--layout continuation|sft] [--step N] [--json] [--output FILE.json | FILE.jsonl] [--config.a.b=value ...]: prints, per
 {"prompt", "continuation"} record, the continuation's negative log-likelihood bound in nats given the prompt, with its standard error (the
 estimator of the SFT evaluation: K stratified noise levels per record; exact for autoregressive models), then the
 total in bits per token."""
@@ -12,6 +12,7 @@ import sys
 
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.parallel.distributed import initialize_distributed
+from diffgemma_jax.sampling.results_file import is_results_file
 from diffgemma_jax.scoring import LAYOUTS, score_file
 from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_safe, load_run_config
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                  "recorded held-out bound)")
   p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
   p.add_argument("--output", default=None, help="also write the JSON document (as --json prints it) here: a local "
-                 "file or a bucket URL (s3://..., gs://...)")
+                 "file or a bucket URL (s3://..., gs://...); FILE.jsonl: one JSON line per record as its chunk of "
+                 "records is scored, and the same command run again after a kill scores only the records it lacks")
   return p
 
 
@@ -44,13 +46,16 @@ def main(argv=None) -> int:
     initialize_distributed(config)  # started on every host: one scoring, each process loading its rows
     outputs = Outputs(config)
     outputs.check(args.output, "--output")  # before the scoring, not after it
+    kept = is_results_file(args.output)
     report = score_file(config, args.workdir, args.records, step=parse_step(args.step, "--step"),
                         num_t_samples=args.num_t_samples, batch_size=args.batch_size, seed=args.seed,
-                        layout=args.layout)
+                        layout=args.layout, results_path=args.output if kept else None, write=outputs.first,
+                        log=lambda text: print(text, file=sys.stderr, flush=True))
   except (ConfigError, DataError) as e:
     return fail(str(e))
   document = json.dumps(json_safe(report), indent=2, allow_nan=False)
-  outputs.write(args.output, document + "\n")
+  if not kept:  # a results file was written as the records were scored
+    outputs.write(args.output, document + "\n")
   if args.json:
     outputs.print(document)
     return 0

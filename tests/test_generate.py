@@ -278,7 +278,7 @@ def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole
     copy_of_launch(copy)
     assert ran[-1] == [] and not part.exists()
   monkeypatch.setattr(launch.common, "launch_process", launch_process)
-  for flags, message in ((["--seed", "1"], "was generated with other settings"),
+  for flags, message in ((["--seed", "1"], "was made with other settings"),
                          (["--shard", "2/2"], "--shard '2/2': give K/N with 0 <= K < N"),
                          (["--step", "8"], "holds results of checkpoint step 24 (params weights) and this run reads "
                                            "step 8 (params weights); pass --step 24")):
@@ -290,7 +290,7 @@ def test_a_jsonl_output_keeps_each_result_and_a_rerun_or_a_share_gives_the_whole
   other = tmp_path / "other.txt"
   other.write_text("while True:\n")
   assert main(base[:4] + ["--prompts", str(other)] + base[6:] + ["--output", str(whole)]) == 2
-  assert "holds a result for another prompt than request 0" in capsys.readouterr().err
+  assert "holds a result for another request than request 0" in capsys.readouterr().err
   foreign = tmp_path / "foreign.jsonl"  # a file of something else, even one unfinished line, is refused, not cut
   foreign.write_text('{"prompt": "def f(')
   assert main(base + ["--output", str(foreign)]) == 2

@@ -766,8 +766,7 @@ def test_generation_results_in_a_bucket_go_up_as_chunks_of_what_is_new_and_are_r
   assert again.kept == 3 and again.pending(range(4)) == [3]
   again.add(3, record("d"))
   assert list(chunks()) == ["00000000.jsonl", "00000001.jsonl", "00000002.jsonl"]
-  with pytest.raises(ConfigError, match=f"--output {url}.chunks/00000000.jsonl:1 was generated with other "
-                                        f"settings"):
+  with pytest.raises(ConfigError, match=f"--output {url}.chunks/00000000.jsonl:1 was made with other settings"):
     ResultsFile(url, prompts, {"seed": 1})
   whole = [json.dumps(r) for r in again.finish()]
   assert [json.loads(line)["prompt"] for line in epath.Path(url).read_text().splitlines()] == prompts

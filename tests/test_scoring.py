@@ -134,3 +134,45 @@ def test_a_file_is_scored_in_chunks_of_bounded_memory_to_the_same_scores(trained
   assert [r["num_tokens"] for r in chunked] == [r["num_tokens"] for r in whole]
   for key in ("nll", "stderr", "nll_per_token"):
     np.testing.assert_allclose([r[key] for r in chunked], [r[key] for r in whole], rtol=2e-5, atol=1e-6)
+
+
+def test_a_jsonl_output_keeps_each_record_and_a_rerun_scores_only_what_it_lacks(trained_run, tiny_config_file,
+                                                                                 tmp_path, capsys, monkeypatch):
+  """diffgemma-score --output FILE.jsonl: one line per record (its index, pair, scores, step), written as the
+  records are scored; a job killed after 4 records (and half a line) run again scores the other 8 only, and every
+  line and the report equal the plain run's; another --seed or other records are refused in one line."""
+  from diffgemma_jax import scoring
+  _, workdir, _ = trained_run
+  records = _write(tmp_path / "pairs.jsonl", [json.dumps({"prompt": f"def f_{i}(x):", "continuation": f" return {i}"})
+                                              for i in range(12)])
+  base = ["--config", tiny_config_file, "--workdir", workdir, "--records", records, "--json"]
+  scored = []
+  score = scoring.Scorer.score
+  monkeypatch.setattr(scoring.Scorer, "score", lambda self, pairs, **kw: scored.append(len(pairs)) or score(
+      self, pairs, **kw))
+  assert main(base) == 0
+  plain = json.loads(capsys.readouterr().out)
+  whole = tmp_path / "scores.jsonl"
+  assert main(base + ["--output", str(whole)]) == 0
+  assert json.loads(capsys.readouterr().out) == plain and scored == [12, 12]
+  lines = whole.read_text().splitlines()
+  assert [json.loads(line)["index"] for line in lines] == list(range(12))
+  for line, record in zip(lines, plain["records"]):
+    line = json.loads(line)
+    assert line["step"] == plain["step"] and line["prompt"].startswith("def f_")
+    assert {k: line[k] for k in record} == record
+  killed = tmp_path / "killed.jsonl"
+  killed.write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])
+  assert main(base + ["--output", str(killed)]) == 0
+  captured = capsys.readouterr()
+  assert scored[-1] == 8 and "4 record(s) already scored, 8 to score" in captured.err
+  assert json.loads(captured.out) == plain and killed.read_text().splitlines() == lines
+  for flags, message in ((["--seed", "5"], "killed.jsonl:1 was made with other settings (workdir, --num_t_samples, "
+                                           "--seed or --layout differ)"),):
+    assert main(base + ["--output", str(killed)] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+  other = _write(tmp_path / "other.jsonl", [json.dumps({"prompt": "x", "continuation": "y"})])
+  assert main(base[:5] + [other, "--json", "--output", str(killed)]) == 2
+  assert "killed.jsonl:1 holds a result for another record than record 0 of these (another --records file?)" in \
+      capsys.readouterr().err

@@ -28,11 +28,12 @@ replaced), a bucket object only once it changed, and each chunk once, so process
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from etils import epath
 
@@ -44,6 +45,23 @@ SYNC_EVERY_S = 1.0
 PART_POLL_S = 5.0  # how often process 0 of a split launch checks the other copies' parts (reading what is new)
 PART_STALE_S = 1800.0  # and how long it waits for a part that does not grow before it gives up
 LINE_START = b'{"index": '  # how each line of a results file starts (its first key), cut short or not
+
+
+@dataclasses.dataclass(frozen=True)
+class JobKind:
+  """Whose results a file holds, for its checks and messages: the command, what one input is called, where the
+  inputs come from, what the settings digest covers, and a line's identity (compared with the input's)."""
+  command: str
+  unit: str
+  inputs: str
+  settings: str
+  identity: Callable[[dict], Any]
+
+
+GENERATION = JobKind("diffgemma-generate", "request", "--prompts file",
+                     "workdir, sampler options, --seed, --stop, --chat or --system", lambda r: r.get("prompt"))
+SCORING = JobKind("diffgemma-score", "record", "--records file", "workdir, --num_t_samples, --seed or --layout",
+                  lambda r: (r.get("prompt"), r.get("continuation")))
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -68,10 +86,11 @@ class ResultsFile:
   launch's first, or process 0 reading another copy's part) reads it to skip the same requests and writes
   nothing."""
 
-  def __init__(self, path: str, prompts: Sequence[str], settings: dict[str, Any], *, flag: str = "--output",
-               write: bool = True, upload_every_s: float | None = None, sync_every_s: float | None = None):
-    self.path, self.flag, self.write = str(path), flag, write
-    self.prompts = prompts
+  def __init__(self, path: str, prompts: Sequence[Any], settings: dict[str, Any], *, flag: str = "--output",
+               write: bool = True, upload_every_s: float | None = None, sync_every_s: float | None = None,
+               kind: JobKind = GENERATION):
+    self.path, self.flag, self.write, self.kind = str(path), flag, write, kind
+    self.prompts = prompts  # each input's identity (`kind.identity` of its line): a prompt, a (prompt, continuation)
     self.remote = storage.is_url(path)
     self.digest = settings_digest(settings)
     self.upload_every_s = UPLOAD_EVERY_S if upload_every_s is None else upload_every_s
@@ -144,7 +163,7 @@ class ResultsFile:
     for line in data.split(b"\n"):
       if good + len(line) >= len(data):  # the last piece: no newline after it, a line a kill cut short
         if line.strip() and not (line.startswith(LINE_START) or LINE_START.startswith(line)):
-          raise ConfigError(f"{where}:{lines + 1} is not a line of diffgemma-generate's results; use a new "
+          raise ConfigError(f"{where}:{lines + 1} is not a line of {self.kind.command}'s results; use a new "
                             f"--output or delete the file")  # not one of ours: never cut someone's file
         break
       good += len(line) + 1
@@ -154,16 +173,16 @@ class ResultsFile:
       try:
         record = json.loads(line)
       except ValueError:
-        raise ConfigError(f"{where}:{lines} is not a JSON line of diffgemma-generate's results; use a new "
+        raise ConfigError(f"{where}:{lines} is not a JSON line of {self.kind.command}'s results; use a new "
                           f"--output or delete the file") from None
       index = record.get("index") if isinstance(record, dict) else None
-      prompts = self.prompts
-      if not isinstance(index, int) or not 0 <= index < len(prompts) or record.get("prompt") != prompts[index]:
-        raise ConfigError(f"{where}:{lines} holds a result for another prompt than request {index} of these "
-                          f"(another --prompts file?); use a new --output or delete the file")
+      prompts, kind = self.prompts, self.kind
+      if not isinstance(index, int) or not 0 <= index < len(prompts) or kind.identity(record) != prompts[index]:
+        raise ConfigError(f"{where}:{lines} holds a result for another {kind.unit} than {kind.unit} {index} of "
+                          f"these (another {kind.inputs}?); use a new --output or delete the file")
       if record.get("settings") != self.digest:
-        raise ConfigError(f"{where}:{lines} was generated with other settings (workdir, sampler options, --seed, "
-                          f"--stop, --chat or --system differ); rerun with those, or use a new --output")
+        raise ConfigError(f"{where}:{lines} was made with other settings ({kind.settings} differ); rerun with "
+                          f"those, or use a new --output")
       self.records[index] = record
       read.append(index)
     return good, read, lines
