@@ -318,8 +318,8 @@ def _score_into(scorer: Scorer, pairs: Sequence[Pair], results_path: str, run, w
               "chat_template": str(config.data.chat_template) if scorer.layout == "sft" else None}
   kept = ResultsFile(results_path, [(p.prompt, p.continuation) for p in pairs], settings, kind=SCORING) \
       if write else None
-  done = json.loads(from_process_0(json.dumps(sorted(kept.records) if kept else []).encode()) or b"[]")
-  todo = [i for i in range(len(pairs)) if i not in set(done)]
+  done = set(json.loads(from_process_0(json.dumps(sorted(kept.records) if kept else []).encode()) or b"[]"))
+  todo = [i for i in range(len(pairs)) if i not in done]
   if done:
     log(f"{results_path}: {len(done)} record(s) already scored, {len(todo)} to score")
 
