@@ -375,13 +375,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks a whole run config against the schema and the model's own rules."""
-  _check_keys(config, base_config())
+  schema = base_config()  # the keys, and the defaults a setting an objective or recipe ignores is compared with
+  _check_keys(config, schema)
   ModelConfig.from_config_dict(config.model)
   if config.objective.name not in OBJECTIVES:
     raise ConfigError(f"objective.name: unknown objective {config.objective.name!r}; valid are {tuple(OBJECTIVES)}")
   if not 0.0 < config.objective.eps < 1.0:
     raise ConfigError(f"objective.eps: must lie in (0, 1), got {config.objective.eps}")
-  _validate_block_objective(config)
+  _validate_block_objective(config, schema.objective)
   for key in ("num_steps", "batch_size", "seq_len", "grad_accum_steps"):
     if int(config.train[key]) <= 0:
       raise ConfigError(f"train.{key}: must be a positive integer, got {config.train[key]!r}")
@@ -431,7 +432,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     for part in str(config[section][name]).split(",") if name.endswith("source") else [str(config[section][name])]:
       check_not_mistyped_url(part.strip(), key)
-  defaults = base_config().data
+  defaults = schema.data
   for key, readers in (("source", SOURCE_RECIPES), ("heldout_source", HELDOUT_SOURCE_RECIPES),
                        ("text_field", ("text_files",))):  # given (not the default) to a recipe that ignores it
     read_anyway = config.data.mixture or (key == "text_field" and config.eval.heldout_sets)  # the sets read it
@@ -506,10 +507,10 @@ def _validate_optimizer(train: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"train.{key}: must be {valid}, got {train[key]!r}")
 
 
-def _validate_block_objective(config: ml_collections.ConfigDict) -> None:
+def _validate_block_objective(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+  """The objective section against the objective's fields (`defaults`: the schema's section) and the model."""
   from diffgemma_jax.objectives.block import check_block_size, check_canvas_window
   objective = config.objective
-  defaults = base_config().objective
   for key in objective:  # given (not the default) to an objective that has no such field: refused, not ignored
     readers = tuple(name for name, cls in OBJECTIVES.items() if key in {f.name for f in dataclasses.fields(cls)})
     if key != "name" and objective.name not in readers and key in defaults and objective[key] != defaults[key]:

@@ -345,14 +345,16 @@ def unigram_ppl(data_dir: str, *, seq_len: int = 0, template: str = "gemma", sft
   counts of both splits, so this reads no tokens. `heldout_dir`: the held-out split of that dataset instead (an
   evaluation set of the same tokenizer; a token store)."""
   vocab = Tokenizer(os.path.join(data_dir, "tokenizer.model")).vocab_size
-  if is_sft(data_dir):
-    train_counts, heldout_counts = (scored_counts(sft_rows(data_dir, split, seq_len, template, sft_pack_unit), vocab)
-                                    for split in ("train", "heldout"))
-  else:
-    manifest = dataset_manifest(data_dir)
-    train_counts, heldout_counts = (unigram_counts(data_dir, manifest, split) for split in ("train", "heldout"))
-  if heldout_dir is not None:
-    heldout_counts = unigram_counts(heldout_dir, dataset_manifest(heldout_dir), "heldout")
+  manifest = None if is_sft(data_dir) else dataset_manifest(data_dir)
+
+  def split_counts(split: str) -> np.ndarray:
+    if manifest is None:  # SFT rows: their scored tokens
+      return scored_counts(sft_rows(data_dir, split, seq_len, template, sft_pack_unit), vocab)
+    return unigram_counts(data_dir, manifest, split)
+
+  train_counts = split_counts("train")
+  heldout_counts = split_counts("heldout") if heldout_dir is None else unigram_counts(
+      heldout_dir, dataset_manifest(heldout_dir), "heldout")  # (the dataset's own held-out rows never read)
   counts = train_counts.astype(np.float64) + 1.0
   log_p = np.log(counts / counts.sum())
   return float(np.exp(-np.dot(heldout_counts, log_p) / heldout_counts.sum()))
