@@ -96,7 +96,7 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   bound_fn = make_bound_fn(graphdef, objective, num_t_samples=num_t, mesh=mesh, param_shardings=param_shardings)
   # Each process loads its slice of every global batch (a mesh spanning processes: its own rows; one process: all)
   data_slice, num_slices = batch_slice(mesh)
-  more = []  # eval.heldout_sets: [(name, evaluation set, batches)]
+  more = []  # eval.heldout_sets: [(name, batches, unigram_ppl)]
   if heldout:
     sets = [(heldout, 1.0, eval_batches(config, directory, process_index=data_slice, process_count=num_slices))]
     unigram = unigram_on(config, directory)
@@ -104,17 +104,16 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
     sets = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)
     unigram = unigram_baseline(config, directory)
     more = heldout_set_batches(config, directory, process_index=data_slice, process_count=num_slices)
-  more_unigram = {name: unigram_on(config, folder) for name, folder, _ in more}
   results = []
   for run in runs:
     params = run.restore_params(abstract, param_shardings, fresh=fresh)
     with StopRequest() as stop:
       result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
-                               partial_for=_partials(config, run, sets + [(n, 1.0, b) for n, _, b in more],
+                               partial_for=_partials(config, run, sets + [(n, 1.0, b) for n, b, _ in more],
                                                      partial_dir, num_t, log),
-                               progress=ProgressLog(log), stop=stop.reached, more=[(n, b) for n, _, b in more])
-    for name, other in result.get("heldout_sets", {}).items():
-      other["unigram_ppl"] = more_unigram[name]
+                               progress=ProgressLog(log), stop=stop.reached, more=[(n, b) for n, b, _ in more])
+    for name, _, set_unigram in more:
+      result["heldout_sets"][name]["unigram_ppl"] = set_unigram
     result.update(step=int(run.step), weights=run.weights, unigram_ppl=unigram, exact=objective.capabilities.exact,
                   **({"heldout": heldout, "dataset": directory} if heldout else {}))
     results.append(result)

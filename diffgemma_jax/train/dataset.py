@@ -299,16 +299,16 @@ def check_heldout_sets(config) -> None:
 
 
 def heldout_set_batches(config, directory: str, *, process_index: int = 0, process_count: int = 1
-                        ) -> list[tuple[str, str, EvalBatches]]:
-  """The trainer's other held-out sets (eval.heldout_sets): [(name, evaluation set directory, its batches)], each
+                        ) -> list[tuple[str, EvalBatches, float | None]]:
+  """The trainer's other held-out sets (eval.heldout_sets): [(name, its batches, its `unigram_on` scale)], each
   built with the tokenizer of the training dataset in `directory` (the run's: `pin_tokenizer` checked it), each
   process reading its slice as in `eval_batches`."""
   tokenizer = os.path.join(directory, "tokenizer.model")
   sets = []
   for name, files in parse_heldout_sets(str(config.eval.heldout_sets)):
     folder, _ = heldout_set(config, tokenizer, files, key=f"eval.heldout_sets ({name})")
-    sets.append((name, folder, eval_batches(config, folder, process_index=process_index,
-                                            process_count=process_count)))
+    sets.append((name, eval_batches(config, folder, process_index=process_index, process_count=process_count),
+                 unigram_on(config, folder)))
   return sets
 
 

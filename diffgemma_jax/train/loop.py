@@ -29,7 +29,7 @@ from diffgemma_jax.parallel.rules import batch_sharding
 from diffgemma_jax.train.bound import EvaluationStopped, held_out_bounds, make_bound_fn
 from diffgemma_jax.train.checkpoint import Checkpointer, config_to_dict
 from diffgemma_jax.train.dataset import (check_heldout_sets, eval_sets, heldout_set_batches, pin_tokenizer,
-                                         prepare_dataset, train_iterator, unigram_baseline, unigram_on)
+                                         prepare_dataset, train_iterator, unigram_baseline)
 from diffgemma_jax.train.ema import averaged_params
 from diffgemma_jax.train.freeze import describe, trainable_filter
 from diffgemma_jax.train.early_stop import EarlyStop, replay
@@ -147,7 +147,6 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   held_out = eval_sets(config, directory, process_index=data_slice, process_count=num_slices)  # each its rows
   unigram = unigram_baseline(config, directory)
   more_sets = heldout_set_batches(config, directory, process_index=data_slice, process_count=num_slices)
-  more_unigram = {name: unigram_on(config, folder) for name, folder, _ in more_sets}
 
   seq_len, batch_size = int(tc.seq_len), int(tc.batch_size)
   local_shape = (batch_size // num_slices, seq_len)
@@ -199,7 +198,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     # checkpoint.weights: what a reader of this step's checkpoint evaluates (train/reading.py)
     params = averaged_params(state.params, state.ema, trainable) if evaluate_average else state.params
     result = held_out_bounds(bound_fn, params, held_out, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
-                             stop=stop, more=[(name, batches) for name, _, batches in more_sets])
+                             stop=stop, more=[(name, batches) for name, batches, _ in more_sets])
     result.update(step=step, weights="ema" if evaluate_average else "params", unigram_ppl=unigram,
                   exact=objective.capabilities.exact)
     logger.write(step, {**{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
@@ -209,8 +208,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
     summary["eval"] = result
     early.observe(step, float(result["bits_per_token"]))
-    for name, other in result.get("heldout_sets", {}).items():  # eval.heldout_sets: logged, never ranked
-      other["unigram_ppl"] = more_unigram[name]
+    for name, _, set_unigram in more_sets:  # eval.heldout_sets: logged, never ranked
+      other = result["heldout_sets"][name]
+      other["unigram_ppl"] = set_unigram
       logger.write(step, {k: float(v) for k, v in other.items() if isinstance(v, (int, float))}, prefix=f"eval/{name}")
       logger.message(f"step {step}: held-out set {name}: {other['bits_per_token']:.4f} +- "
                      f"{other['stderr_bits_per_token']:.4f} bits/token, ppl <= {other['ppl_bound']:.2f}"
