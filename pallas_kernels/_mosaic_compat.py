@@ -12,6 +12,8 @@ out_of_bounds_reads) exist in both.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 
 
@@ -29,6 +31,28 @@ def interpret_params_class():
   except ImportError:
     return None
   return getattr(params, "InterpretGPUParams", None)
+
+
+def load(ref, *, layout):
+  """The whole of `ref` loaded with a register layout (`plgpu.load`): jax 0.10.2 and 0.11 take an index after the
+  ref (`load(ref, (), layout=)`), jax 0.12 takes none (`load(ref, layout=)`; a part is read by indexing the ref)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  if "idx" in inspect.signature(plgpu.load).parameters:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def interpreter_reads_transposed() -> bool:
+  """Whether the Mosaic GPU interpreter reads an SMEM operand through a transpose (`ref.transpose(...)`).
+
+  jax 0.12's does: its accessors take an `Access` (a range in the buffer's coordinates and a permutation), built by
+  `to_access`. jax 0.10.2's and 0.11's wgmma callbacks apply only indexing to an operand ("'TransposeTransform'
+  object has no attribute 'indices'")."""
+  try:
+    from jax._src.pallas.mosaic.interpret import utils  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return hasattr(utils, "to_access")
 
 
 def resolve_interpret(interpret) -> bool:

@@ -178,12 +178,15 @@ def visible(spec: MaskSpec, seg_q, pos_q, seg_k, pos_k, canvas_q=None, canvas_k=
       if term is not None:
         ok = ok & term
     return ok
+  # `canvas_k == False`, not logical_not: jax 0.12's Mosaic GPU lowering of `not` on a bool register array fails
+  # ("Register bitwidth in target type must be divisible by 8, got 2"); a comparison lowers everywhere.
+  clean_k = jnp.equal(canvas_k, False)
   canvas_pair = jnp.where(canvas_k, block_q == block_k, block_k < block_q)
-  clean_pair = jnp.logical_not(canvas_k) if clean is None else jnp.logical_not(canvas_k) & clean
+  clean_pair = clean_k if clean is None else clean_k & clean
   ok = ok & jnp.where(canvas_q, canvas_pair, clean_pair)
   if near is not None:
     from_start = (start_q - pos_k < spec.window) & (pos_k - start_q < spec.window)
-    ok = ok & jnp.where(canvas_q & jnp.logical_not(canvas_k), from_start, near)
+    ok = ok & jnp.where(canvas_q & clean_k, from_start, near)
   return ok
 
 

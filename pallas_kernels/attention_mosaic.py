@@ -10,7 +10,7 @@ consecutive rows per query, so queries are [B, K, R, Hp] and keys and values [B,
 multiples of the tiles and the head dim Hp to a multiple of 64. Padded rows and keys carry segment ids no real token
 has (-2 and -1), so the mask rule drops them. The wrapper also passes transposed copies ([B, K, Hp, T]) of the
 operands that appear as the right-hand side of a q k^T-like product: the Mosaic GPU interpreter of jax 0.10.2
-applies no transpose transform to a wgmma operand (`plgpu.transpose_ref`), so every wgmma here reads both operands
+applies no transpose transform to a wgmma operand (`ref.transpose`), so every wgmma here reads both operands
 from SMEM in their natural [M, K] x [K, N] orientation, compiled or interpreted.
 
 A program owns one row tile (forward, dQ) or key tile (dK/dV) of one (batch row, key head) and loops over the tiles
@@ -191,7 +191,7 @@ class _Regs:
   def vector(self, ref, along: int):
     """A 1-D SMEM ref as the vector along axis `along` (0: rows, 1: columns) of an accumulator."""
     if self.compiled:
-      return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - along))
+      return _mosaic_compat.load(ref, layout=plgpu.Layout.WGMMA.reduce(1 - along))
     return ref[...]
 
 

@@ -155,13 +155,13 @@ def _iota_plus(shape, dim: int, first, compiled: bool):
 
 
 def _transpose_in_kernel(interpret) -> bool:
-  """Whether wgmma reads a transposed operand tile as it is (plgpu.transpose_ref), free on Hopper.
+  """Whether wgmma reads a transposed operand tile as it is (`ref.transpose`), free on Hopper.
 
-  jax 0.10.2's (and 0.11's) Mosaic GPU interpreter cannot: its wgmma callback applies only indexing to an
-  operand ("'TransposeTransform' object has no attribute 'indices'"), so interpreted kernels get the operand
-  transposed in HBM instead and run the untransposed form. Compiled kernels always transpose in the kernel.
+  Compiled kernels always do. jax 0.10.2's (and 0.11's) Mosaic GPU interpreter cannot
+  (`_mosaic_compat.interpreter_reads_transposed`), so there interpreted kernels get the operand transposed in HBM
+  instead and run the untransposed form; jax 0.12's interpreter runs the compiled form.
   """
-  return interpret is None
+  return interpret is None or _mosaic_compat.interpreter_reads_transposed()
 
 
 def _check_operands(name: str, *arrays):
@@ -261,7 +261,7 @@ def _gmm_body(first_ref, end_ref, group_ref, row_start_ref, row_end_ref, lhs_gme
                                     jnp.zeros((), lhs_smem.dtype))
           plmgpu.commit_smem()
 
-        rhs = plmgpu.transpose_ref(rhs_smem, (1, 0)) if transpose_rhs else rhs_smem
+        rhs = rhs_smem.transpose((1, 0)) if transpose_rhs else rhs_smem
         plmgpu.wgmma(acc_ref, lhs_smem, rhs)
         # At most `delay` wgmmas in flight when the step ends: after it the pipeline refills the slot of the step
         # `delay` back, which the wgmma issued there must have finished reading.
@@ -312,8 +312,8 @@ def gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32, tiling=None, 
 
   if m == 0 or n == 0:
     return jnp.zeros((m, n), out_dtype)
-  # wgmma reads a transposed rhs tile from SMEM as it is (transpose_ref); the interpreter cannot (see
-  # _transpose_in_kernel), so there the weights are transposed in HBM and the plain kernel runs.
+  # wgmma reads a transposed rhs tile from SMEM as it is (ref.transpose); the interpreter of jax before 0.12
+  # cannot (see _transpose_in_kernel), so there the weights are transposed in HBM and the plain kernel runs.
   in_kernel = transpose_rhs and _transpose_in_kernel(interpret)
   if transpose_rhs and not in_kernel:
     rhs = jnp.swapaxes(rhs, 1, 2)
@@ -373,7 +373,7 @@ def _tgmm_body(row_start_ref, row_end_ref, lhs_gmem, rhs_gmem, out_gmem, *, tili
                                   jnp.zeros((), lhs_smem.dtype))
         plmgpu.commit_smem()
 
-      lhs = plmgpu.transpose_ref(lhs_smem, (1, 0)) if lhs_rows_major else lhs_smem
+      lhs = lhs_smem.transpose((1, 0)) if lhs_rows_major else lhs_smem
       plmgpu.wgmma(acc_ref, lhs, rhs_smem)
       plmgpu.wgmma_wait(delay)  # As in gmm: the slot refilled after this step must be free of wgmma reads.
 

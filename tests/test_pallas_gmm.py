@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cuda_lowering
 import pallas_kernels as pk
 from pallas_kernels import metadata
 
@@ -287,13 +288,8 @@ class _VerifiedTritonModules:
 def _lowered_for_gpu(fn, *args) -> str:
   """fn lowered for CUDA (works without a GPU), as module text, every Triton module in it verified; skips where
   this jaxlib cannot lower for CUDA."""
-  try:
-    with _VerifiedTritonModules() as modules:
-      lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  except Exception as e:  # pylint: disable=broad-except
-    if "cuda" in str(e).lower() and "platform" in str(e).lower():
-      pytest.skip(f"this jaxlib cannot lower for CUDA: {e}")
-    raise
+  with _VerifiedTritonModules() as modules:
+    lowered = cuda_lowering.lowered_for_cuda(fn, *args)
   text = lowered.as_text()
   if "__gpu$xla.gpu.triton" in text and not modules.count:
     pytest.skip("jax's Pallas-Triton lowering moved: its modules cannot be verified here")
