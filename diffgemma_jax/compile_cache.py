@@ -13,6 +13,7 @@ is opened at the first compile of the process).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -46,6 +47,10 @@ def check_compilation_config(section) -> None:
   if size and storage.is_url(path):
     raise ConfigError(f"{SIZE_KEY}={size:g} with {KEY}={path!r}: JAX deletes old programs from a local folder only; "
                       "set it to 0 and give the bucket an object lifecycle rule")
+  if size and importlib.util.find_spec("filelock") is None:
+    # JAX needs it for a size limit and, without it, fails every read of the cache with a warning only
+    raise ConfigError(f"{SIZE_KEY}={size:g}: JAX's size-limited cache needs the filelock package (pip install "
+                      "filelock), or set it to 0")
 
 
 def _stamp_unstamped_entries(folder: str) -> None:

@@ -6,6 +6,8 @@ entry point writing the cache: test_object_storage.py (eval, generate, score) an
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,4 +118,12 @@ def test_bad_cache_settings_fail_in_one_line_naming_the_key(s3_endpoint, tiny_co
   assert train_main(run + ["--config.compilation.cache_dir=s3://runs/cache", "--config.compilation.max_size_gb=2"]) == 2
   assert ("compilation.max_size_gb=2 with compilation.cache_dir='s3://runs/cache': JAX deletes old programs from a "
           "local folder only" in capsys.readouterr().err)
+  real_find_spec = importlib.util.find_spec
+  with pytest.MonkeyPatch.context() as patch:  # a machine without filelock (jax does not require it)
+    patch.setattr(importlib.util, "find_spec",
+                  lambda name, *a: None if name == "filelock" else real_find_spec(name, *a))
+    assert train_main(run + [f"--config.compilation.cache_dir={tmp_path}/cache",
+                             "--config.compilation.max_size_gb=2"]) == 2
+  assert ("compilation.max_size_gb=2: JAX's size-limited cache needs the filelock package (pip install filelock), "
+          "or set it to 0" in capsys.readouterr().err)
   assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "run").exists()
