@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.parallel.distributed import is_first_process
+from diffgemma_jax.parallel.distributed import is_first_process, launch_process
 
 KEY = "compilation.cache_dir"
 SIZE_KEY = "compilation.max_size_gb"
@@ -30,6 +31,12 @@ BUCKET_SCHEMES = ("gs", "s3")
 XLA_CACHES_DEFAULT = "xla_gpu_per_fusion_autotune_cache_dir"
 # the names of a program's files in a local cache folder (jax._src.lru_cache)
 CACHE_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
+# From jax 0.12 (not 0.10.2, not 0.11.2), a CPU program with cross-process collectives read back from the cache
+# never returns: process 0 runs the cached program, the others compile theirs (JAX writes and reads on process 0),
+# and the two wait on each other in the first collective (tests/test_multihost.py's resume; reproduced with a bare
+# jitted all-reduce under jax.distributed on two CPU processes). Multi-process CPU runs (tests, launch/multihost/
+# local.sh) therefore skip the cache there.
+JOINED_CPU_CACHE_HANGS = tuple(int(x) for x in jax.__version_info__[:2]) >= (0, 12)
 
 
 def check_compilation_config(section) -> None:
@@ -65,14 +72,29 @@ def _stamp_unstamped_entries(folder: str) -> None:
           f.write((0).to_bytes(8, "little"))
 
 
+def _cpu_only() -> bool:
+  """Whether this process runs on CPU devices (asked of the settings, not of the backends, which a process joining a
+  multi-process runtime must not start before it joins)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+    return jax.default_backend() == "cpu"
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  return platforms.strip().lower() == "cpu"
+
+
 def use_compilation_cache(config) -> str | None:
   """Points JAX's persistent compilation cache at the config's `compilation.cache_dir` (made absolute when local,
-  created when missing); the folder or URL used, or None when the key is empty (JAX's settings left as they are).
+  created when missing); the folder or URL used, or None when the key is empty or the cache is skipped (a
+  multi-process CPU run under jax 0.12: JOINED_CPU_CACHE_HANGS) and JAX's settings are left as they are.
   A bucket that cannot be reached or a folder that cannot be made fails here, naming the key."""
   section = config.compilation
   check_compilation_config(section)
   path = str(section.cache_dir)
   if not path:
+    return None
+  if JOINED_CPU_CACHE_HANGS and _cpu_only() and launch_process(config)[1] > 1:
+    print(f"{KEY}: not used: jax {jax.__version__}'s CPU programs read back from the cache hang in a multi-process "
+          "run's collectives (jax 0.10 and 0.11 read them)", file=sys.stderr, flush=True)
     return None
   if storage.is_url(path):
     storage.check_reachable(path, KEY)
