@@ -343,3 +343,63 @@ def test_the_same_files_in_another_folder_give_the_same_dataset(text_dataset, tm
   with open(os.path.join(text_dataset[0], "tokenizer.model"), "rb") as a, \
       open(tmp_path / "ds2" / "tokenizer.model", "rb") as b:
     assert a.read() == b.read()  # no build path recorded in the tokenizer
+
+
+def test_an_interrupted_build_resumes_where_its_tokenise_phase_stopped(text_dataset, tmp_path, monkeypatch, capsys):
+  """A build stopped in its tokenise phase (an interrupt after 3 tasks: a preemption) keeps its staging folder; the
+  same build again keeps its held-out split and tokenizer (no scan, no tokenizer training) and encodes only the
+  tasks that had not finished, and the dataset is the uninterrupted build's (manifest digest, tokenizer, unigram
+  counts). After a source file changes, the same interruption is followed by a build from the start."""
+  import shutil
+
+  from diffgemma_jax.data import build
+  _, _, corpus = text_dataset
+  src = str(tmp_path / "src")
+  shutil.copytree(corpus, src)
+  monkeypatch.setattr(build, "TASK_BYTES", 8000)
+  monkeypatch.setattr(build, "MIN_TASK_BYTES", 8000)
+  reference = build_dataset("text_files", str(tmp_path / "reference"), 400, source=src, build_workers=1)
+  calls = {"scan": 0, "tokenize": 0, "train": 0}
+  scan, tokenize, train = build._scan_task, build._tokenize_task, build.train_tokenizer
+
+  def counted(name, fn, stop_after=None):
+    def run(*args, **kwargs):
+      if stop_after is not None and calls[name] == stop_after:
+        raise KeyboardInterrupt
+      calls[name] += 1
+      return fn(*args, **kwargs)
+    return run
+
+  out = str(tmp_path / "ds")
+  for changed in (False, True):
+    calls.update(scan=0, tokenize=0, train=0)
+    monkeypatch.setattr(build, "_tokenize_task", counted("tokenize", tokenize, stop_after=3))
+    with pytest.raises(KeyboardInterrupt):
+      build_dataset("text_files", out, 400, source=src, build_workers=1)
+    assert os.path.isfile(os.path.join(out + ".partial", build.BUILD_FILE)) and not os.path.exists(out)
+    assert "its staging folder" in capsys.readouterr().err
+    if changed:  # the same size (the same task plan): only its version tells
+      with open(os.path.join(src, "heapq.py")) as f:
+        original = f.read()
+      with open(os.path.join(src, "heapq.py"), "w") as f:
+        f.write(original.replace("heap", "HEAP", 1))
+    calls.update(scan=0, tokenize=0, train=0)
+    monkeypatch.setattr(build, "_scan_task", counted("scan", scan))
+    monkeypatch.setattr(build, "_tokenize_task", counted("tokenize", tokenize))
+    monkeypatch.setattr(build, "train_tokenizer", counted("train", train))
+    manifest = build_dataset("text_files", out, 400, source=src, build_workers=1)
+    tasks = len(build.plan_tasks(build.Corpus(src, tuple(sorted(os.listdir(src))), "corpus")))
+    err = capsys.readouterr().err
+    if changed:
+      assert calls == {"scan": tasks, "tokenize": tasks, "train": 1} and "resuming" not in err
+      assert manifest["sha256"] != reference["sha256"]
+      shutil.rmtree(out)
+      continue
+    assert tasks > 6 and calls == {"scan": 0, "tokenize": tasks - 3, "train": 0}, calls
+    assert f"held-out split and tokenizer kept, 3 of {tasks} task(s) already tokenised" in err
+    assert manifest["sha256"] == reference["sha256"] and manifest["splits"] == reference["splits"]
+    for name in ("tokenizer.model", "train.unigram", "heldout.unigram"):
+      with open(os.path.join(out, name), "rb") as a, open(tmp_path / "reference" / name, "rb") as b:
+        assert a.read() == b.read(), name
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "reference"))
+    shutil.rmtree(out)

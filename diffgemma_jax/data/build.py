@@ -63,6 +63,12 @@ from diffgemma_jax.data.tokenizer import Tokenizer, train_tokenizer
 from diffgemma_jax.errors import DataError
 
 SPLITS = ("train", "heldout")
+# An interrupted build (killed, preempted, a worker or disk failing) leaves its staging folder, and the next build
+# of the same corpus and settings (BUILD_FILE's key) takes up its tokenise phase where it stopped: the decision
+# (held-out split and tokenizer) is kept, and every task whose shards were whole (its mark in TOKENISED) is not
+# encoded again. The scan is redone whole unless the decision was made (it is the cheap phase: reading and hashing,
+# against encoding). A bad input (a DataError) or a changed corpus or setting starts afresh.
+BUILD_FILE, TOKENISED = "build.json", "tokenised"
 TASK_BYTES = 16 << 20
 MIN_TASK_BYTES = 1 << 20
 MIN_TASKS = 64
@@ -238,7 +244,48 @@ def _tokenize_task(corpus: Corpus, index: int, spans, staging: str, heldout: Hel
       flush()
       pending, size = [], 0
   flush()
-  return index, {split: (writer.close(), writer.counts) for split, writer in writers.items()}
+  result = {split: (writer.close(), writer.counts) for split, writer in writers.items()}
+  # the task's mark, written once its shards are whole: a resumed build keeps the task (_tokenised)
+  _write_json(os.path.join(staging, TOKENISED, f"{index:05d}.json"), {split: entry for split, (entry, _) in
+                                                                      result.items()})
+  return index, result
+
+
+def _tokenised(staging: str, index: int, vocab_size: int):
+  """A task an interrupted build tokenised (its mark and its shards are there): its shards' entries and token
+  counts, read back from the shards; None when the task must run."""
+  try:
+    entries = _read_json(os.path.join(staging, TOKENISED, f"{index:05d}.json"))
+  except (OSError, ValueError):
+    return None
+  dtype = token_dtype(vocab_size)
+  result = {}
+  for split in SPLITS:
+    entry = entries.get(split)
+    counts = np.zeros((vocab_size,), np.int64)
+    if entry is not None:
+      path = os.path.join(staging, entry["name"] + ".tokens")
+      if not os.path.isfile(path) or os.path.getsize(path) != entry["num_tokens"] * dtype.itemsize:
+        return None
+      counts += np.bincount(np.fromfile(path, dtype), minlength=vocab_size)
+    result[split] = (entry, counts)
+  return result
+
+
+def build_key(corpus: Corpus, tasks, *, vocab_size: int | None, tokenizer: str | None, sample_lines: int) -> str:
+  """What an interrupted build's staging folder must match to be resumed: the corpus's settings, its files' sizes
+  and versions, the task plan, the tokenizer given (its digest) or the one to train (vocabulary and sample)."""
+  files = hashlib.sha256()
+  for rel in corpus.files:
+    files.update(json.dumps([rel, storage.stamp(storage.join(corpus.root, rel))]).encode())
+  settings = dataclasses.asdict(dataclasses.replace(corpus, files=(), heldout_keys=()))
+  settings["heldout_keys"] = hashlib.sha256("\0".join(corpus.heldout_keys).encode()).hexdigest()
+  return hashlib.sha256(json.dumps({
+      "format": 1, "corpus": settings, "files": files.hexdigest(),
+      "tasks": [[dataclasses.astuple(span) for span in spans] for spans in tasks],
+      "tokenizer": storage.file_sha256(tokenizer) if tokenizer else None,
+      "vocab_size": None if tokenizer else vocab_size, "sample_lines": None if tokenizer else sample_lines},
+      sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _Workers:
@@ -342,18 +389,34 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   phases = Phases(staging, options)
   progress = _Progress(output_dir, enabled=p == 0, shared=count > 1)
   task_size = {i: sum(span.size for span in spans) for i, spans in mine}
+  # resumable where the processes share the staging folder (one process, or a shared filesystem)
+  key = None if own else build_key(corpus, tasks, vocab_size=vocab_size, tokenizer=tokenizer,
+                                   sample_lines=options.sample_lines)
+  decided = lambda: os.path.isfile(os.path.join(staging, "decision.json"))  # noqa: E731
 
   def begin():
-    if p == 0 or own:
+    resumed = p == 0 and not own and _staged_key(staging) == key
+    if (p == 0 or own) and not resumed:
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(os.path.join(staging, "scan"))
+      os.makedirs(os.path.join(staging, TOKENISED))
+      if key is not None:
+        _write_json(os.path.join(staging, BUILD_FILE), {"key": key})
     if p == 0:
       size = sum(span.size for spans in tasks for span in spans)
       progress.say(f"building a dataset of {corpus.name} in {output_dir}: {len(corpus.files)} file(s), "
                    f"{size / 1e6:.1f} MB in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} "
                    f"worker(s) per process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
+    if resumed:
+      _delete_entries(staging, lambda name: name.startswith("error-"))  # the interrupted build's (Phases)
+      done = len(os.listdir(os.path.join(staging, TOKENISED)))
+      progress.say(f"resuming the interrupted build in {staging}: " + (
+          f"its held-out split and tokenizer kept, {done} of {len(tasks)} task(s) already tokenised" if decided()
+          else "it stopped before its scan ended: scanning again"))
 
   def scan():
+    if decided():  # a resumed build that had made its decision
+      return
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
     jobs = [(job_corpus, i, spans, staging, sample.budget) for i, spans in mine]
     progress.phase("scan", task_size)
@@ -375,7 +438,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                     for name in (f"process-{p}.json", f"process-{p}.digests")])
 
   def decide():
-    if p != 0:
+    if p != 0 or decided():
       return
     if own:
       exchange.get([f"scan/process-{q}.{kind}" for q in range(1, count) for kind in ("json", "digests")], staging)
@@ -422,8 +485,16 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     counts = {split: np.zeros((vocab,), np.int64) for split in SPLITS}
     shards = {}
     heldout = HeldOut.from_json(decision["heldout"])
-    jobs = [(job_corpus, i, spans, staging, heldout, tokenizer_path) for i, spans in mine]
-    progress.phase("tokenise", task_size)
+    jobs = []
+    for i, spans in mine:
+      kept = _tokenised(staging, i, vocab) if key is not None else None
+      if kept is None:
+        jobs.append((job_corpus, i, spans, staging, heldout, tokenizer_path))
+        continue
+      shards[i] = {split: entry for split, (entry, _) in kept.items()}
+      for split, (_, task_counts) in kept.items():
+        counts[split] += task_counts
+    progress.phase("tokenise", {job[1]: task_size[job[1]] for job in jobs})
     for index, result in workers.run(_tokenize_task, jobs):
       progress.done(index)
       shards[index] = {split: entry for split, (entry, _) in result.items()}
@@ -473,7 +544,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                 tokenizer_sample_lines=None if tokenizer else options.sample_lines,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 build_seconds=round(time.time() - start, 2))
-    _delete_entries(staging, lambda name: name in ("scan", "decision.json")  # the build's scratch
+    _delete_entries(staging, lambda name: name in ("scan", "decision.json", BUILD_FILE, TOKENISED)  # scratch
                     or name.startswith(("counts-", "shards-", "error-")))
     _write_json(os.path.join(staging, "manifest.json"), full)
     if own:
@@ -488,10 +559,15 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     for name, fn in (("begin", begin), ("scan", scan), ("decide", decide), ("tokenize", tokenize),
                      ("finish", finish)):
       phases.run(name, fn)
-  except BaseException:
+  except BaseException as e:
     workers.close()  # no task still writes into the staging folder
-    if p == 0 or own:  # a failed build leaves nothing behind (the target, if any, is untouched)
+    # A bad input leaves nothing behind (the target, if any, is untouched); an interruption leaves what a rerun
+    # resumes (BUILD_FILE), where the processes share the staging folder.
+    if (p == 0 or own) and (key is None or isinstance(e, DataError)):
       shutil.rmtree(staging, ignore_errors=True)
+    elif p == 0 and os.path.isdir(staging):
+      print(f"the build of {output_dir} stopped ({type(e).__name__}); its staging folder {staging} is kept: the same "
+            "build again resumes it", file=sys.stderr, flush=True)
     raise
   finally:
     workers.close()
@@ -561,6 +637,14 @@ def _delete_entries(folder: str, which: Callable[[str], bool]) -> None:
     if which(name):
       path = os.path.join(folder, name)
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _staged_key(staging: str) -> str | None:
+  """The key of the interrupted build whose staging folder this is (build_key), or None."""
+  try:
+    return _read_json(os.path.join(staging, BUILD_FILE))["key"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def _write_json(path: str, value) -> None:
