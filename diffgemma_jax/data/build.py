@@ -409,7 +409,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                    f"worker(s) per process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
     if resumed:
       _delete_entries(staging, lambda name: name.startswith("error-"))  # the interrupted build's (Phases)
-      done = len(os.listdir(os.path.join(staging, TOKENISED)))
+      done = sum(name.endswith(".json") for name in os.listdir(os.path.join(staging, TOKENISED)))
       progress.say(f"resuming the interrupted build in {staging}: " + (
           f"its held-out split and tokenizer kept, {done} of {len(tasks)} task(s) already tokenised" if decided()
           else "it stopped before its scan ended: scanning again"))
