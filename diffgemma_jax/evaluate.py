@@ -109,8 +109,7 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
     params = run.restore_params(abstract, param_shardings, fresh=fresh)
     with StopRequest() as stop:
       result = held_out_bounds(bound_fn, params, sets, seed=int(config.eval.seed), num_t_samples=num_t, mesh=mesh,
-                               partial_for=_partials(config, run, sets + [(n, 1.0, b) for n, b, _ in more],
-                                                     partial_dir, num_t, log),
+                               partial_for=_partials(config, run, partial_dir, num_t, log),
                                progress=ProgressLog(log), stop=stop.reached, more=[(n, b) for n, b, _ in more])
     for name, _, set_unigram in more:
       result["heldout_sets"][name]["unigram_ppl"] = set_unigram
@@ -120,17 +119,17 @@ def evaluate_steps(config, workdir: str | None = None, steps: Sequence[int | Non
   return results
 
 
-def _partials(config, run, sets, partial_dir: str | None, num_t: int,
-              log) -> Callable[[int, str], PartialBound] | None:
-  """The partial-results file of each held-out set of `run`'s step in `partial_dir` (None: none kept)."""
+def _partials(config, run, partial_dir: str | None, num_t: int,
+              log) -> Callable[[int, str, Any], PartialBound] | None:
+  """The partial-results file of each held-out set (its number, name and batches) of `run`'s step in
+  `partial_dir` (None: none kept)."""
   if not partial_dir:
     return None
   key = dict(checkpoint=run.step_dir, step=int(run.step), weights=run.weights, seed=int(config.eval.seed),
              num_t_samples=num_t, batch_size=int(config.eval.batch_size), seq_len=int(config.train.seq_len),
              template=str(config.data.chat_template), objective=config.objective.to_dict())
 
-  def partial_for(index: int, name: str) -> PartialBound:
-    batches = sets[index][2]
+  def partial_for(index: int, name: str, batches) -> PartialBound:
     manifest = storage.file_sha256(os.path.join(batches.data_dir, "manifest.json"))
     return PartialBound(storage.join(partial_dir, f"heldout-step{run.step}-set{index}.npz"),
                         dict(key, set=name, manifest=manifest, rows=batches.num_rows), log=log)

@@ -352,7 +352,7 @@ def test_a_mixture_stopped_in_its_second_set_keeps_the_first_and_continues(tmp_p
 
   run = lambda **kw: held_out_bounds(bound_fn, None, sets, seed=3, num_t_samples=1, mesh=mesh, **kw)  # noqa: E731
   whole = run()
-  partial_for = lambda i, name: PartialBound(str(tmp_path / f"set{i}.npz"), {"set": name})  # noqa: E731
+  partial_for = lambda i, name, batches: PartialBound(str(tmp_path / f"set{i}.npz"), {"set": name})  # noqa: E731
   seen = []
   with pytest.raises(EvaluationStopped, match="stopped after 1 of 2"):
     run(partial_for=partial_for, stop=lambda b: seen.append(b) or b == 3)

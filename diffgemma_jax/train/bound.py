@@ -154,18 +154,18 @@ def held_out_bound(bound_fn: Callable, params, batches: Sequence[dict], *, seed:
 
 
 def held_out_bounds(bound_fn: Callable, params, sets, *, seed: int, num_t_samples: int, mesh: Mesh,
-                    partial_for: Callable[[int, str], PartialBound] | None = None,
+                    partial_for: Callable[[int, str, Any], PartialBound] | None = None,
                     progress: Callable[[int, int], None] | None = None,
                     stop: Callable[[int], bool] | None = None, more: Sequence[tuple[str, Any]] = ()) -> dict:
   """`held_out_bound` of one held-out set; for several [(name, weight, batches)] (data.mixture), each one's
   under `sources` and their weighted total (data/mixture.py). `more` [(name, batches)]: other held-out sets
   (eval.heldout_sets), scored after those, each one's result under `heldout_sets` and never in the total.
-  `partial_for(i, name)`: set i's PartialBound (`more`'s numbered after `sets`), every one discarded once all sets
-  are done (a stop in the second set keeps the first's results); `stop` sees the batches of all sets numbered in
-  one increasing sequence (the multi-process preemption sync point needs it)."""
+  `partial_for(i, name, batches)`: set i's PartialBound (`more`'s numbered after `sets`), every one discarded once
+  all sets are done (a stop in the second set keeps the first's results); `stop` sees the batches of all sets
+  numbered in one increasing sequence (the multi-process preemption sync point needs it)."""
   results, partials, offset = [], [], 0
   for i, (name, weight, batches) in enumerate(list(sets) + [(name, 1.0, batches) for name, batches in more]):
-    partial = partial_for(i, name) if partial_for else None
+    partial = partial_for(i, name, batches) if partial_for else None
     partials.append(partial)
     set_stop = None if stop is None else (lambda b, first=offset: stop(first + b))
     results.append((name, weight, held_out_bound(bound_fn, params, batches, seed=seed, num_t_samples=num_t_samples,
