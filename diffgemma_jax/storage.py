@@ -166,23 +166,29 @@ def stamp(path) -> list:
 def find_files(url: str, key: str) -> list[str]:
   """The files a URL names: one object, every object under a folder, or those a glob (`*`, `**`) matches, as
   URLs; a ConfigError naming `key` when the bucket cannot be reached or nothing is there. One listing, whose sizes
-  and versions answer `file_size` and `stamp` within `remembered_listings`."""
+  and versions answer `file_size` and `stamp` within `remembered_listings`, where the same URL asked again (a
+  check of the files before the build that lists them) is answered from it."""
+  listed = _LISTED.get()
+  if listed is not None and ("find_files", str(url)) in listed:
+    return list(listed[("find_files", str(url))])
   check_reachable(url, key)
   fs, path = filesystem(url)
   if any(c in path for c in "*?["):
     found = fs.glob(path, detail=True)
   elif fs.isfile(path):
-    return [str(url)]
+    found = {path: {"type": "file"}}  # its size and version: asked when needed
   else:
     found = fs.find(path, detail=True)
     if not found:
       raise ConfigError(f"{key} {url!r} does not exist")
-  listed, urls = _LISTED.get(), []
+  urls = []
   for name, info in found.items():
     if info.get("type") == "file":
-      urls.append(fs.unstrip_protocol(name))
-      if listed is not None:
+      urls.append(str(url) if name == path else fs.unstrip_protocol(name))
+      if listed is not None and "size" in info:
         listed[urls[-1]] = info
+  if listed is not None:
+    listed[("find_files", str(url))] = sorted(urls)
   return sorted(urls)
 
 

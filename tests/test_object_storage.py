@@ -312,11 +312,13 @@ def test_storage_helpers_on_objects_another_process_wrote(bucket, tmp_path, monk
   fs, asked = storage.filesystem(url)[0], []
   info = fs.info
   monkeypatch.setattr(fs, "info", lambda *args, **kwargs: asked.append(args) or info(*args, **kwargs))
+  find, listings = fs.find, []
+  monkeypatch.setattr(fs, "find", lambda *args, **kwargs: listings.append(args) or find(*args, **kwargs))
   with storage.remembered_listings():
-    for source in (url, f"{url}/*.txt"):
+    for source in (url, f"{url}/*.txt", url):  # the folder asked twice (a check, then the build): listed once
       found = storage.find_files(source, "data.source")
       assert {u: (storage.stamp(u), storage.file_size(u)) for u in found} == {u: want[u] for u in found}
-    assert asked == []
+    assert asked == [] and len(listings) == 1
   assert storage.stamp(a) == want[a][0] and len(asked) == 1  # outside it, the store is asked
   monkeypatch.setattr(fs, "info", info)
   assert (storage.file_size(a), storage.file_size(f"{url}/missing.bin"), storage.file_size(url)) == (len(data), None,
