@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pkgutil
 import sys
 
 import jax
@@ -79,7 +80,17 @@ def _cpu_only() -> bool:
   if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
     return jax.default_backend() == "cpu"
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
-  return platforms.strip().lower() == "cpu"
+  if platforms.strip():
+    return platforms.strip().lower() == "cpu"
+  # No platform named: CPU only where JAX finds no accelerator plugin (a `jax_plugins` module or entry point, as
+  # jax.xla_bridge discovers them: CUDA, ROCm) and no libtpu.
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    import jax_plugins  # pylint: disable=import-outside-toplevel
+    modules = list(pkgutil.iter_modules(jax_plugins.__path__))
+  except ImportError:
+    modules = []
+  return not modules and not metadata.entry_points(group="jax_plugins") and importlib.util.find_spec("libtpu") is None
 
 
 def use_compilation_cache(config) -> str | None:

@@ -109,6 +109,30 @@ def test_multi_process_cpu_runs_skip_the_cache_where_jax_hangs_on_it(tmp_path, m
   monkeypatch.setattr(compile_cache, "launch_process", lambda config: (1, 2))
   monkeypatch.setattr(compile_cache, "JOINED_CPU_CACHE_HANGS", False)
   assert use_compilation_cache(_config(str(tmp_path / "cache2"))) == str(tmp_path / "cache2")
+  monkeypatch.undo()
+
+
+def test_cpu_only_is_read_from_the_settings_or_the_installed_plugins(monkeypatch):
+  """Before the backends start (a process about to join a runtime must not start them): JAX_PLATFORMS when set,
+  else whether JAX would find an accelerator plugin."""
+  from importlib import metadata
+
+  from diffgemma_jax import compile_cache
+  from jax._src import xla_bridge
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+  platforms = jax.config.jax_platforms
+  jax.config.update("jax_platforms", None)  # the setting read from the environment below
+  try:
+    for value, expected in (("cpu", True), ("cuda,cpu", False), ("tpu", False)):
+      monkeypatch.setenv("JAX_PLATFORMS", value)
+      assert compile_cache._cpu_only() is expected, value
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert compile_cache._cpu_only()  # this machine: no GPU plugin
+    entry = metadata.EntryPoint("xla_cuda12", "jax_cuda12_plugin", "jax_plugins")
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [entry] if group == "jax_plugins" else [])
+    assert not compile_cache._cpu_only()
+  finally:
+    jax.config.update("jax_platforms", platforms)
 
 
 def test_a_relative_folder_is_made_absolute(tmp_path, monkeypatch, no_compilation_cache):
