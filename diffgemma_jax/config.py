@@ -170,8 +170,12 @@ def base_config() -> ml_collections.ConfigDict:
   # More held-out sets the trainer evaluates beside its own at every evaluation, each logged as eval/NAME/...:
   # "NAME=FILES; NAME2=FILES2", FILES in data.source's forms (files, folders, globs, bucket URLs, comma-separated),
   # each tokenised with the run's tokenizer into an evaluation set (diffgemma-eval --heldout's) of its documents;
-  # eval.max_sequences rows of each. Early stopping and checkpoint.keep_best follow the run's own held-out set.
+  # eval.max_sequences rows of each.
   c.eval.heldout_sets = ""
+  # The held-out set early stopping, checkpoint.keep_best and readers' --step best rank steps by: "" the run's own
+  # held-out split, or the NAME of one of eval.heldout_sets (a standard validation set, say). Each checkpoint records
+  # the set its bound is of; steps recorded for another set do not rank.
+  c.eval.rank_by = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1, 1)  # data x fsdp x expert x tensor; -1 in one place: the remaining devices
@@ -404,9 +408,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{key}: must be >= {minimum}{meaning}, got {config[section][name]!r}")
   if not float(config.train.early_stop_min_delta) >= 0:
     raise ConfigError(f"train.early_stop_min_delta: must be >= 0 bits/token, got {config.train.early_stop_min_delta}")
-  for _, files in parse_heldout_sets(str(config.eval.heldout_sets)):  # its errors name the key
+  sets = parse_heldout_sets(str(config.eval.heldout_sets))  # its errors name the key
+  for _, files in sets:
     for part in files.split(","):
       check_not_mistyped_url(part.strip(), "eval.heldout_sets")
+  rank_by = str(config.eval.rank_by)
+  if rank_by and rank_by not in [name for name, _ in sets]:
+    named = ", ".join(name for name, _ in sets) or "none: eval.heldout_sets is empty"
+    raise ConfigError(f"eval.rank_by={rank_by!r} is not a set of eval.heldout_sets ({named}); '' ranks steps by the "
+                      "run's own held-out split")
   if int(config.train.early_stop_patience) and not (int(config.eval.every_steps) or int(config.checkpoint.keep_best)):
     raise ConfigError(f"train.early_stop_patience={config.train.early_stop_patience} counts held-out evaluations, "
                       f"but this run evaluates at its end only: set eval.every_steps (or checkpoint.keep_best, which "

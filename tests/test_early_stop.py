@@ -30,6 +30,22 @@ def test_patience_counts_evaluations_without_an_improvement_beyond_min_delta():
   assert not nan.observe(1, 5.0) and nan.observe(2, float("nan"))
 
 
+def test_a_resumed_count_replays_the_bounds_of_the_set_eval_rank_by_names(tmp_path):
+  """With eval.rank_by=val the count replays metrics.jsonl's eval/val/bits_per_token (the run's own bound falls
+  meanwhile), and its message names the set."""
+  import json
+
+  from diffgemma_jax.train.early_stop import EarlyStop, replay
+  records = [{"step": s, "eval/bits_per_token": own, "eval/val/bits_per_token": val}
+             for s, own, val in ((10, 5.0, 4.0), (20, 4.5, 3.0), (30, 4.0, 3.2), (40, 3.5, 3.1))]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  ranked = replay(EarlyStop(3, 0.0, "val"), str(tmp_path), 40)
+  assert (ranked.best_step, ranked.best, ranked.waited) == (20, 3.0, 2)
+  assert ranked.describe().startswith("the bound of held-out set val (eval.rank_by) has not improved on step 20's")
+  own = replay(EarlyStop(3, 0.0), str(tmp_path), 40)
+  assert (own.best_step, own.waited) == (40, 0)
+
+
 def test_a_run_stops_at_the_evaluation_that_exhausts_its_patience_and_stays_stopped(trained_run, load_tiny,
                                                                                        tmp_path, capsys):
   """The trained run continued at learning rate 0.5, evaluated every step, with patience 1: the run saves the step

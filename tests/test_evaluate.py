@@ -118,13 +118,15 @@ def _validation_files(folder):
 def test_the_trainer_evaluates_eval_heldout_sets_as_diffgemma_eval_heldout_does(load_tiny, tmp_path, monkeypatch):
   """eval.heldout_sets: at each evaluation the trainer also scores each named set (eval.max_sequences rows of it),
   logged as eval/NAME/... and summarised; each value is diffgemma-eval --heldout's on the same files and step, and
-  diffgemma-eval under the same config reports them under heldout_sets."""
+  diffgemma-eval under the same config reports them under heldout_sets. With eval.rank_by=code the checkpoint
+  records code's bound (keep_best's and --step best's ranking)."""
   from conftest import read_metrics
   from diffgemma_jax.train import train
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   val = _validation_files(tmp_path / "val")
   sets = f"code={val / 'records.jsonl'}; notes = {val}/*.txt"
-  config = load_tiny({"train.num_steps": "2", "checkpoint.every_steps": "2", "eval.heldout_sets": sets})
+  config = load_tiny({"train.num_steps": "2", "checkpoint.every_steps": "2", "eval.heldout_sets": sets,
+                      "eval.rank_by": "code", "checkpoint.keep_best": "1"})
   workdir = str(tmp_path / "run")
   summary = train(config, workdir, show_progress=False)
   logged = {key: r[key] for r in read_metrics(workdir) for key in r if key.startswith("eval/")}
@@ -138,6 +140,9 @@ def test_the_trainer_evaluates_eval_heldout_sets_as_diffgemma_eval_heldout_does(
     assert again["heldout_sets"][name]["bits_per_token"] == pytest.approx(expected["bits_per_token"], rel=1e-6)
     assert again["heldout_sets"][name]["unigram_ppl"] == logged[f"eval/{name}/unigram_ppl"]
   assert logged["eval/bits_per_token"] == summary["eval"]["bits_per_token"]  # the run's own set, as before
+  assert summary["best_checkpoint"] == {"step": 2, "bits_per_token": logged["eval/code/bits_per_token"],
+                                        "stderr_bits_per_token": logged["eval/code/stderr_bits_per_token"],
+                                        "weights": "params", "set": "code"}
   assert again["bits_per_token"] == pytest.approx(logged["eval/bits_per_token"], rel=1e-6)
 
 

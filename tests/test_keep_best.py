@@ -49,9 +49,37 @@ def test_keep_best_keeps_the_latest_and_the_lowest_bounds_across_a_resume(load_t
     resumed.save(_state(step), {"position": step}, evaluation)
     assert set(resumed.all_steps()) == kept, f"after step {step}"
   best_step, metrics = resumed.best()
-  assert best_step == 5 and metrics == {"bits_per_token": 2.0, "stderr_bits_per_token": 0.01, "weights": "params"}
+  assert best_step == 5 and metrics == {"bits_per_token": 2.0, "stderr_bits_per_token": 0.01, "weights": "params",
+                                        "set": ""}
   assert set(resumed.recorded_bounds()) == {5, 9}
   resumed.close()
+
+
+def test_steps_rank_by_the_bound_of_the_set_eval_rank_by_names(load_tiny, tmp_path):
+  """eval.rank_by=val: each checkpoint records its set; keep_best and best() rank only the steps recorded for val
+  (a step of the run's own set, lower, is kept while latest only); a reader without a config ranks by the set of
+  the latest evaluated step, and a step saved before checkpoints recorded a set counts as the run's own."""
+  from diffgemma_jax.train import Checkpointer
+  sets = {"eval.heldout_sets": f"val={tmp_path}", "checkpoint.async_save": "False", "checkpoint.keep": "1",
+          "checkpoint.keep_best": "1"}
+  directory = str(tmp_path / "checkpoints")
+  own = Checkpointer(directory, load_tiny(sets))
+  own.save(_state(1), {"position": 1}, _evaluation(1.0))  # the run's own set (as before eval.rank_by existed)
+  own.close()
+  val = Checkpointer(directory, load_tiny(dict(sets, **{"eval.rank_by": "val"})))
+  for step, bits in ((2, 4.0), (3, 3.0), (4, 3.5)):
+    val.save(_state(step), {"position": step}, dict(_evaluation(bits), set="val"))
+  assert set(val.all_steps()) == {3, 4}  # the latest, and val's best (step 1's 1.0 is of another set)
+  assert val.best() == (3, {"bits_per_token": 3.0, "stderr_bits_per_token": 0.01, "weights": "params", "set": "val"})
+  val.close()
+  reader = Checkpointer(directory, create=False)
+  assert reader.best()[0] == 3 and set(reader.recorded_bounds()) == {3, 4}
+  reader.close()
+  with pytest.raises(ConfigError, match=r"^eval\.rank_by='test' is not a set of eval\.heldout_sets \(val\); '' ranks "
+                                        r"steps by the run's own held-out split"):
+    load_tiny(dict(sets, **{"eval.rank_by": "test"}))
+  with pytest.raises(ConfigError, match=r"eval\.heldout_sets is empty"):
+    load_tiny({"eval.rank_by": "val"})
 
 
 def test_a_run_without_recorded_bounds_has_no_best_step(load_tiny, tmp_path):

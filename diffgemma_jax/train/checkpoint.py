@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,9 +47,10 @@ RUNTIME_MODEL_FIELDS = frozenset({"dispatch", "attention_impl", "remat", "comput
 
 ITEMS = ("params", "opt_state", "data_iterator")
 # What a step's `metrics` item holds (Orbax's JSON of the evaluation the trainer ran before saving it): the held-out
-# bound, its standard error, and the weights it evaluated ("ema" or "params", `checkpoint.weights`). The best step
-# has the lowest `bits_per_token`.
-BOUND_METRICS = ("bits_per_token", "stderr_bits_per_token", "weights")
+# bound, its standard error, the weights it evaluated ("ema" or "params", `checkpoint.weights`) and the set it is of
+# (`eval.rank_by`: "" the run's own held-out split; steps saved before the key existed record none, which is "").
+# The best step has the lowest `bits_per_token` among the steps recorded for the set the run ranks by.
+BOUND_METRICS = ("bits_per_token", "stderr_bits_per_token", "weights", "set")
 BEST = "best"  # the step value that names the best recorded step (`--step best`)
 DAMAGED = ".damaged"  # the suffix of a damaged step folder a resume set aside (`aside_path`)
 
@@ -59,12 +61,13 @@ def bound_metrics(result: dict[str, Any] | None) -> dict[str, Any]:
   Orbax warns at a save without metrics once it tracks them."""
   if result is None or not math.isfinite(float(result["bits_per_token"])):
     return {}
-  return {key: (str(result[key]) if key == "weights" else float(result[key])) for key in BOUND_METRICS}
+  return {key: (str(result.get(key, "")) if key in ("weights", "set") else float(result[key]))
+          for key in BOUND_METRICS}
 
 
 def best_of(bounds: dict[int, dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
-  """(step, its `metrics`) of the lowest bound in {step: metrics} (`Checkpointer.recorded_bounds`; of two equal
-  ones, the later step), or None for no bounds."""
+  """(step, its `metrics`) of the lowest bound in {step: metrics} (`Checkpointer.recorded_bounds`: of one set; of
+  two equal ones, the later step), or None for no bounds."""
   if not bounds:
     return None
   step = min(bounds, key=lambda s: (_bound(bounds[s]), -s))
@@ -81,9 +84,12 @@ def aside_path(directory: str, step: int, suffix: str) -> str:
   return target
 
 
-def _bound(metrics: dict[str, Any] | None) -> float:
-  """A step's recorded held-out bound; infinite for a step that records none."""
+def _bound(metrics: dict[str, Any] | None, ranked_set: str | None = None) -> float:
+  """A step's recorded held-out bound; infinite for a step that records none, or (`ranked_set` given) one of
+  another set."""
   value = metrics.get("bits_per_token") if isinstance(metrics, dict) else None
+  if ranked_set is not None and isinstance(metrics, dict) and str(metrics.get("set", "")) != ranked_set:
+    return math.inf
   return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
 
 
@@ -192,15 +198,16 @@ class Checkpointer:
     if self._manager is None:
       keep = int(self.config.checkpoint.keep) if self.config is not None else 0
       keep_best = int(self.config.checkpoint.keep_best) if self.config is not None else 0
+      bound = functools.partial(_bound, ranked_set=self.ranked_set)
       # The `keep` latest steps, and beyond them the `keep_best` steps of lowest recorded bound (a step without one
       # ranks last: it is kept while it is among the latest only). `best_fn` makes Orbax write the metrics a save
       # passes; the policy alone decides what is deleted.
       policy = checkpoint_managers.LatestN(n=keep if keep > 0 else None)
       if keep_best > 0:
         policy = checkpoint_managers.AnyPreservationPolicy([policy, checkpoint_managers.BestN(
-            get_metric_fn=_bound, reverse=True, n=keep_best, keep_checkpoints_without_metrics=False)])
+            get_metric_fn=bound, reverse=True, n=keep_best, keep_checkpoints_without_metrics=False)])
       options = ocp.CheckpointManagerOptions(
-          preservation_policy=policy, best_fn=_bound, best_mode="min",
+          preservation_policy=policy, best_fn=bound, best_mode="min",
           enable_async_checkpointing=bool(self.config.checkpoint.async_save) if self.config is not None else False,
           create=self._create,
           # The trainer (create) removes a killed save's temporary folder; a reader must not: the folder may be a
@@ -222,10 +229,22 @@ class Checkpointer:
       return []
     return list(self.manager.all_steps())
 
+  @property
+  def ranked_set(self) -> str | None:
+    """The held-out set steps rank by (`eval.rank_by`); None for a reader without a config (recorded_bounds: the
+    set of the run's latest evaluated step)."""
+    return None if self.config is None else str(self.config.eval.get("rank_by", ""))
+
   def recorded_bounds(self) -> dict[int, dict[str, Any]]:
-    """{step: its `metrics` item} of the complete steps the trainer evaluated before saving them."""
+    """{step: its `metrics` item} of the complete steps the trainer evaluated before saving them, for the set the
+    run ranks by: the config's `eval.rank_by`, or for a reader without a config the set of the latest step that
+    records a bound (a run that changed eval.rank_by ranks by its latest choice)."""
     bounds = {step: self.manager.metrics(step) for step in self.all_steps()}
-    return {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics))}
+    bounds = {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics))}
+    ranked = self.ranked_set
+    if ranked is None and bounds:
+      ranked = str(bounds[max(bounds)].get("set", ""))
+    return {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics, ranked))}
 
   def best(self) -> tuple[int, dict[str, Any]] | None:
     """(step, its `metrics`) of the complete step of lowest recorded held-out bound (`best_of`), or None when no

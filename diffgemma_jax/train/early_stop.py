@@ -5,7 +5,8 @@ with the same noise draws each time (`eval.seed`), so two of them differ by the 
 evaluations in a row none of which is lower than the best so far by more than `min_delta` bits/token, the run
 saves the step it reached and stops. The count runs across resumes: it is replayed from the evaluations the run's
 `metrics.jsonl` holds up to the resumed step, so the same command after an early stop does not train on (it says
-so; raise the patience, or set it to 0, to continue).
+so; raise the patience, or set it to 0, to continue). With `eval.rank_by` the bound that counts is that
+eval.heldout_sets set's (`eval/NAME/bits_per_token` in the file).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from diffgemma_jax.train.logging import logged_records
 class EarlyStop:
   """The best bound so far and the evaluations since it; `patience` 0: never stops."""
 
-  def __init__(self, patience: int, min_delta: float):
-    self.patience, self.min_delta = int(patience), float(min_delta)
+  def __init__(self, patience: int, min_delta: float, ranked_set: str = ""):
+    """`ranked_set`: the eval.heldout_sets set whose bound counts (eval.rank_by); "": the run's own."""
+    self.patience, self.min_delta, self.ranked_set = int(patience), float(min_delta), str(ranked_set)
     self.best, self.best_step, self.waited = math.inf, None, 0
 
   def observe(self, step: int, bits_per_token: float) -> bool:
@@ -43,7 +45,8 @@ class EarlyStop:
 
   def describe(self) -> str:
     better = f"by more than {self.min_delta:g} bits/token " if self.min_delta else ""
-    return (f"the held-out bound has not improved {better}on step {self.best_step}'s {self.best:.4f} bits/token "
+    which = f"the bound of held-out set {self.ranked_set} (eval.rank_by)" if self.ranked_set else "the held-out bound"
+    return (f"{which} has not improved {better}on step {self.best_step}'s {self.best:.4f} bits/token "
             f"for {self.waited} evaluations (train.early_stop_patience={self.patience})")
 
 
@@ -54,8 +57,9 @@ def replay(stop: EarlyStop, workdir: str, through_step: int) -> EarlyStop:
   if not stop.patience:
     return stop
   if jax.process_index() == 0:
-    bounds = {int(r["step"]): float(r["eval/bits_per_token"]) for r in logged_records(workdir)
-              if "eval/bits_per_token" in r and int(r["step"]) <= through_step}  # the last logged for each step
+    key = f"eval/{stop.ranked_set}/bits_per_token" if stop.ranked_set else "eval/bits_per_token"
+    bounds = {int(r["step"]): float(r[key]) for r in logged_records(workdir)
+              if key in r and int(r["step"]) <= through_step}  # the last logged for each step
     for step in sorted(bounds):
       stop.observe(step, bounds[step])
   if jax.process_count() > 1:

@@ -153,7 +153,9 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
   sharding = batch_sharding(mesh)
   flops = flops_per_token(model_cfg, seq_len)["train_flops_per_token"] * objective.model_passes(seq_len, model_cfg)
   # the evaluations since the best so far, this run's earlier ones included (before the logger rewrites their file)
-  early = replay(EarlyStop(int(tc.early_stop_patience), float(tc.early_stop_min_delta)), workdir, start_step)
+  rank_by = str(config.eval.rank_by)
+  early = replay(EarlyStop(int(tc.early_stop_patience), float(tc.early_stop_min_delta), rank_by), workdir,
+                 start_step)
   logger = MetricsLogger(workdir, total_steps=end_step, start_step=start_step, tokens_per_step=batch_size * seq_len,
                          train_flops_per_token=flops, peak_flops=peak_flops_per_device(float(tc.peak_flops_per_device)),
                          num_devices=mesh.devices.size, show_progress=show_progress, wandb=wandb_settings(config))
@@ -193,6 +195,14 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                              "checkpoint_step": start_step or None}
   timing = {"train_time": 0.0, "tokens": 0, "steps": 0, "clock": None, "first_step_s": None}
 
+  def ranked(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The bound steps rank by (eval.rank_by: the run's own, or one eval.heldout_sets set's), with its set's name:
+    what early stopping observes and the step's checkpoint records."""
+    if result is None:
+      return None
+    chosen = result["heldout_sets"][rank_by] if rank_by else result
+    return {**chosen, "weights": result["weights"], "set": rank_by}
+
   def run_eval(step: int, stop=None) -> dict[str, Any]:
     """The held-out bound of the state at `step`, logged; `stop(batch)` True ends it early (EvaluationStopped)."""
     # checkpoint.weights: what a reader of this step's checkpoint evaluates (train/reading.py)
@@ -207,8 +217,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
                    f"{result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
     summary["eval"] = result
-    early.observe(step, float(result["bits_per_token"]))
-    for name, _, set_unigram in more_sets:  # eval.heldout_sets: logged, never ranked
+    early.observe(step, float(ranked(result)["bits_per_token"]))
+    for name, _, set_unigram in more_sets:  # eval.heldout_sets: logged; ranked only as eval.rank_by
       other = result["heldout_sets"][name]
       other["unigram_ppl"] = set_unigram
       logger.write(step, {k: float(v) for k, v in other.items() if isinstance(v, (int, float))}, prefix=f"eval/{name}")
@@ -318,7 +328,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
             stopping = saving = True
         stopped_early = evaluation is not None and early.exhausted and step < end_step
         if saving or stopped_early:
-          ckpt.save(state, data.get_state(), evaluation)
+          ckpt.save(state, data.get_state(), ranked(evaluation))
           summary["checkpoint_step"] = step
         if evaluating and not evaluate_now:  # several processes, a save step: evaluated after the save
           run_eval(step)
