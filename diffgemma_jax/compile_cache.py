@@ -23,7 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.parallel.distributed import is_first_process, launch_process
+from diffgemma_jax.parallel.distributed import is_first_process, is_joined
 
 KEY = "compilation.cache_dir"
 SIZE_KEY = "compilation.max_size_gb"
@@ -35,8 +35,8 @@ CACHE_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
 # From jax 0.12 (not 0.10.2, not 0.11.2), a CPU program with cross-process collectives read back from the cache
 # never returns: process 0 runs the cached program, the others compile theirs (JAX writes and reads on process 0),
 # and the two wait on each other in the first collective (tests/test_multihost.py's resume; reproduced with a bare
-# jitted all-reduce under jax.distributed on two CPU processes). Multi-process CPU runs (tests, launch/multihost/
-# local.sh) therefore skip the cache there.
+# jitted all-reduce under jax.distributed on two CPU processes). Joined CPU processes (tests, launch/multihost/
+# local.sh) therefore leave the cache there (leave_cache_if_joined_cpu).
 JOINED_CPU_CACHE_HANGS = tuple(int(x) for x in jax.__version_info__[:2]) >= (0, 12)
 
 
@@ -95,17 +95,13 @@ def _cpu_only() -> bool:
 
 def use_compilation_cache(config) -> str | None:
   """Points JAX's persistent compilation cache at the config's `compilation.cache_dir` (made absolute when local,
-  created when missing); the folder or URL used, or None when the key is empty or the cache is skipped (a
-  multi-process CPU run under jax 0.12: JOINED_CPU_CACHE_HANGS) and JAX's settings are left as they are.
+  created when missing); the folder or URL used, or None when the key is empty (JAX's settings left as they are)
+  or the process has joined a multi-process CPU run under jax 0.12 (`leave_cache_if_joined_cpu`).
   A bucket that cannot be reached or a folder that cannot be made fails here, naming the key."""
   section = config.compilation
   check_compilation_config(section)
   path = str(section.cache_dir)
   if not path:
-    return None
-  if JOINED_CPU_CACHE_HANGS and _cpu_only() and launch_process(config)[1] > 1:
-    print(f"{KEY}: not used: jax {jax.__version__}'s CPU programs read back from the cache hang in a multi-process "
-          "run's collectives (jax 0.10 and 0.11 read them)", file=sys.stderr, flush=True)
     return None
   if storage.is_url(path):
     storage.check_reachable(path, KEY)
@@ -135,4 +131,18 @@ def use_compilation_cache(config) -> str | None:
   # XLA writes its own caches from C++ to local paths only, and JAX builds their path with pathlib, which turns
   # `gs://b/c` into the local folder `gs:/b/c`: with a bucket they stay off.
   jax.config.update("jax_persistent_cache_enable_xla_caches", None if storage.is_url(path) else XLA_CACHES_DEFAULT)
-  return path
+  return None if leave_cache_if_joined_cpu() else path
+
+
+def leave_cache_if_joined_cpu() -> bool:
+  """Turns the persistent cache off in a process that has joined a multi-process CPU runtime under jax 0.12
+  (JOINED_CPU_CACHE_HANGS), saying so; whether it did. Called where the cache is set up and where a process joins
+  (`initialize_distributed`: after the cache is set up, before anything compiles). Copies of a command that never
+  join (each its own process 0) run single-process programs and keep the cache."""
+  if not (JOINED_CPU_CACHE_HANGS and jax.config.jax_compilation_cache_dir and is_joined() and _cpu_only()):
+    return False
+  print(f"{KEY}: not used: jax {jax.__version__}'s CPU programs read back from the cache hang in a multi-process "
+        "run's collectives (jax 0.10 and 0.11 read them)", file=sys.stderr, flush=True)
+  jax.config.update("jax_compilation_cache_dir", None)
+  jax_cache.reset_cache()
+  return True

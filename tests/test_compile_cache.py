@@ -91,24 +91,28 @@ def test_a_size_limit_deletes_the_least_recently_used_programs(tmp_path, no_comp
   assert compilation_cache_entries(str(folder)) == {first}
 
 
-def test_multi_process_cpu_runs_skip_the_cache_where_jax_hangs_on_it(tmp_path, monkeypatch, capsys,
-                                                                     no_compilation_cache):
-  """Under jax 0.12 a multi-process CPU run's collectives hang in programs read back from the cache
-  (compile_cache.JOINED_CPU_CACHE_HANGS): such a run says so and compiles; one process, or jax before 0.12, uses
-  the folder."""
+def test_joined_cpu_processes_leave_the_cache_where_jax_hangs_on_it(tmp_path, monkeypatch, capsys,
+                                                                   no_compilation_cache):
+  """Under jax 0.12 a joined multi-process CPU run's collectives hang in programs read back from the cache
+  (compile_cache.JOINED_CPU_CACHE_HANGS): a joined process turns the cache off and says so, whether it joined
+  before the cache was set up or after (initialize_distributed); a process that never joined, or jax before 0.12,
+  keeps the folder."""
   from diffgemma_jax import compile_cache
+  from diffgemma_jax.compile_cache import leave_cache_if_joined_cpu
   monkeypatch.setattr(compile_cache, "_cpu_only", lambda: True)
   monkeypatch.setattr(compile_cache, "JOINED_CPU_CACHE_HANGS", True)
-  monkeypatch.setattr(compile_cache, "launch_process", lambda config: (1, 2))
+  monkeypatch.setattr(compile_cache, "is_joined", lambda: True)
   assert use_compilation_cache(_config(str(tmp_path / "cache"))) is None
-  assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "cache").exists()
+  assert jax.config.jax_compilation_cache_dir is None
   assert (f"compilation.cache_dir: not used: jax {jax.__version__}'s CPU programs read back from the cache hang in "
           "a multi-process run's collectives" in capsys.readouterr().err)
-  monkeypatch.setattr(compile_cache, "launch_process", lambda config: (0, 1))
+  monkeypatch.setattr(compile_cache, "is_joined", lambda: False)
   assert use_compilation_cache(_config(str(tmp_path / "cache"))) == str(tmp_path / "cache")
-  monkeypatch.setattr(compile_cache, "launch_process", lambda config: (1, 2))
+  monkeypatch.setattr(compile_cache, "is_joined", lambda: True)  # then it joins
+  assert leave_cache_if_joined_cpu() and jax.config.jax_compilation_cache_dir is None
   monkeypatch.setattr(compile_cache, "JOINED_CPU_CACHE_HANGS", False)
   assert use_compilation_cache(_config(str(tmp_path / "cache2"))) == str(tmp_path / "cache2")
+  assert not leave_cache_if_joined_cpu() and jax.config.jax_compilation_cache_dir == str(tmp_path / "cache2")
   monkeypatch.undo()
 
 

@@ -163,6 +163,8 @@ def initialize_distributed(config=None, env: Mapping[str, str] | None = None) ->
         f"{who} could not join the run through the coordinator at {address} within {timeout} s "
         f"(distributed.initialization_timeout_s): {type(e).__name__}: {e}") from e
   watch_peers()  # from here a process failing alone ends every process at once (parallel/failures.py)
+  from diffgemma_jax.compile_cache import leave_cache_if_joined_cpu  # pylint: disable=import-outside-toplevel
+  leave_cache_if_joined_cpu()
   return True
 
 
