@@ -23,7 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
-from diffgemma_jax.parallel.distributed import is_first_process, is_joined
+from diffgemma_jax.parallel.distributed import backends_started, is_first_process, is_joined
 
 KEY = "compilation.cache_dir"
 SIZE_KEY = "compilation.max_size_gb"
@@ -76,8 +76,7 @@ def _stamp_unstamped_entries(folder: str) -> None:
 def _cpu_only() -> bool:
   """Whether this process runs on CPU devices (asked of the settings, not of the backends, which a process joining a
   multi-process runtime must not start before it joins)."""
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+  if backends_started():
     return jax.default_backend() == "cpu"
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   if platforms.strip():

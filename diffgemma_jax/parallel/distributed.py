@@ -189,9 +189,7 @@ def launch_process(config=None, env: Mapping[str, str] | None = None) -> tuple[i
       _LAUNCHES[key] = _detect(env, lambda cluster: (int(cluster.get_process_id()), int(cluster.get_process_count())))
   found = _LAUNCHES[key]
   if found is None:  # a runtime that joined by itself (a TPU pod's) is known once the backends are up
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    return (jax.process_index(), jax.process_count()) if started else (0, 1)
+    return (jax.process_index(), jax.process_count()) if backends_started() else (0, 1)
   return found
 
 
@@ -340,6 +338,13 @@ def runtime_client():
     return distributed.global_state.client
   except (ImportError, AttributeError):
     return None
+
+
+def backends_started() -> bool:
+  """Whether JAX has started its backends in this process (asking for devices starts them, which a process must
+  not do before it joins a multi-process runtime)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
 
 
 def is_joined() -> bool:
