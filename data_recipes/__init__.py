@@ -108,8 +108,9 @@ def run_cli(build, name: str, argv=None, parents=()) -> int:
   parser.add_argument("--text_field", default="text", help="text_files: the text of a JSONL or Parquet record")
   parser.add_argument("--max_bad_lines", type=int, default=10, help="malformed records skipped before failing")
   parser.add_argument("--workers", type=int, default=0, help="pretraining recipes: build processes (0: every core)")
-  parser.add_argument("--tokenizer_sample_lines", type=int, default=120_000,
-                      help="pretraining recipes: lines of the uniform document sample the tokenizer is trained on")
+  parser.add_argument("--tokenizer_sample_lines", type=int, default=None,
+                      help="pretraining recipes without --tokenizer: lines of the uniform document sample the "
+                      "tokenizer is trained on (default 120000)")
   args = parser.parse_args(argv)
   for flag, value, readers in (("--source", args.source, SOURCE_RECIPES),
                                ("--heldout_source", args.heldout_source, HELDOUT_SOURCE_RECIPES)):
@@ -117,9 +118,14 @@ def run_cli(build, name: str, argv=None, parents=()) -> int:
       print(f"error: {flag}: the {name} recipe reads no {flag[2:]}; the recipes that do are {readers}",
             file=sys.stderr)
       return 2
+  if args.tokenizer_sample_lines is not None and args.tokenizer:
+    print("error: --tokenizer_sample_lines: --tokenizer is given, so no tokenizer is trained (it would be ignored); "
+          "leave one of them out", file=sys.stderr)
+    return 2
   options = dict(vocab_size=args.vocab_size, source=args.source, tokenizer=args.tokenizer,
-                 text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers,
-                 tokenizer_sample_lines=args.tokenizer_sample_lines)
+                 text_field=args.text_field, max_bad_lines=args.max_bad_lines, build_workers=args.workers)
+  if args.tokenizer_sample_lines is not None:
+    options["tokenizer_sample_lines"] = args.tokenizer_sample_lines
   if args.heldout_source:
     options["heldout_source"] = args.heldout_source
   try:

@@ -450,6 +450,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       undo = f"leave it {defaults[key]!r}" if defaults[key] else "clear it"
       raise ConfigError(f"data.{key}={config.data[key]!r} is set, but data.recipe={config.data.recipe!r} reads "
                         f"none (it would be ignored); {undo}, or use a recipe that reads it: {readers}")
+  if config.data.tokenizer_sample_lines != defaults.tokenizer_sample_lines:
+    # the lines a build trains its own tokenizer on: a given tokenizer, an SFT recipe (the base run's) or a mixture
+    # of built datasets trains none
+    reader = ("data.tokenizer is given" if config.data.tokenizer else "data.mixture reads built datasets"
+              if config.data.mixture else f"data.recipe={config.data.recipe!r} reuses the base run's tokenizer"
+              if config.data.recipe in SFT_RECIPES else None)
+    if reader:
+      raise ConfigError(f"data.tokenizer_sample_lines={config.data.tokenizer_sample_lines} is set, but no tokenizer "
+                        f"is trained ({reader}; it would be ignored); leave it "
+                        f"{defaults.tokenizer_sample_lines}, or clear data.tokenizer to train one")
   if config.data.sft_packing and (config.data.recipe not in SFT_RECIPES or config.data.mixture):
     raise ConfigError(f"data.sft_packing=True packs SFT examples, but data.recipe={config.data.recipe!r} is a "
                       f"pretraining recipe, whose rows are packed anyway (it would be ignored); leave it False, or "

@@ -70,6 +70,9 @@ def test_overrides_reach_the_config(load_tiny):
     ("--config.eval.heldout_sets=a=s3:/b/val", "eval.heldout_sets 's3:/b/val' is a bucket URL with a slash missing"),
     ("--config.eval.heldout_sets=wiki=/no/such/valid.jsonl", "eval.heldout_sets (wiki) '/no/such/valid.jsonl' does "
      "not exist"),
+    ("--config.data.tokenizer_sample_lines=5000 --config.data.tokenizer=any.model", "data.tokenizer_sample_lines=5000 "
+     "is set, but no tokenizer is trained (data.tokenizer is given; it would be ignored); leave it 120000, or clear "
+     "data.tokenizer to train one"),
     ("--config.data.sft_packing=True", "data.sft_packing=True packs SFT examples, but data.recipe='text_files' is a "
      "pretraining recipe, whose rows are packed anyway (it would be ignored); leave it False, or use an SFT recipe: "
      "('python_docstrings', 'jsonl')"),

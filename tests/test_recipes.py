@@ -158,6 +158,11 @@ def test_text_files_hold_out_exactly_the_files_of_a_heldout_source(tmp_path):
   assert proc.returncode == 2 and proc.stderr == ("error: --source: the python_stdlib recipe reads no source; the "
                                                   "recipes that do are ('text_files', 'jsonl', 'python_packages')\n")
   assert not (tmp_path / "std").exists()
+  proc = _recipe_cli("text_files", "--output", str(tmp_path / "given"), "--source", str(src), "--tokenizer",
+                     str(tmp_path / "any.model"), "--tokenizer_sample_lines", "5000")
+  assert proc.returncode == 2 and proc.stderr == ("error: --tokenizer_sample_lines: --tokenizer is given, so no "
+                                                  "tokenizer is trained (it would be ignored); leave one of them out\n")
+  assert not (tmp_path / "given").exists()
 
 
 def test_process_0_builds_alone_from_sources_only_it_can_read(tmp_path, monkeypatch):
