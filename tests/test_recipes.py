@@ -165,6 +165,43 @@ def test_text_files_hold_out_exactly_the_files_of_a_heldout_source(tmp_path):
   assert not (tmp_path / "given").exists()
 
 
+def test_an_evaluation_set_reads_its_files_once_and_reports_what_it_skipped(tmp_path, monkeypatch):
+  """An evaluation set (--heldout_source alone, a given tokenizer): every document held out, so no scan: each file
+  is read once, by the tokenise phase, and its held-out split is the one a build with a training source (scanned)
+  makes of the same files; what the read skipped (a non-UTF-8 file, a bad JSONL line) is in its manifest as a
+  scanned build reports it, too many bad lines and a set without a document still fail in one line, leaving
+  nothing behind."""
+  from data_recipes import text_files
+  from diffgemma_jax.data import build as build_module
+  held = _copy_modules(tmp_path / "val", MODULES[8:])
+  (held / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+  (held / "records.jsonl").write_text('{"text": "x = 1"}\n{"text": oops}\n{"text": "y = 2"}\n')
+  reference = build_dataset("text_files", str(tmp_path / "ref"), VOCAB, source=str(_copy_modules(tmp_path / "src",
+                            MODULES[:8])), heldout_source=str(held))
+  tokenizer = str(tmp_path / "ref" / "tokenizer.model")
+  reads, read_documents = [], build_module.read_documents
+  monkeypatch.setattr(build_module, "read_documents", lambda root, rel, **kw: reads.append(rel) or read_documents(
+      root, rel, **kw))
+  manifest = text_files.build(str(tmp_path / "set"), VOCAB, heldout_source=str(held), tokenizer=tokenizer,
+                              build_workers=1)
+  assert sorted(reads) == sorted(os.listdir(held)) and manifest["evaluation_only"]
+  assert manifest["splits"]["heldout"] == reference["splits"]["heldout"] and manifest["splits"]["train"]["tokens"] == 0
+  assert _store_texts(tmp_path / "set", "heldout") == _store_texts(tmp_path / "ref", "heldout")
+  for key in ("skipped_non_utf8", "skipped_bad_lines", "skipped_empty"):
+    assert manifest[key] == reference[key], key
+  assert (manifest["skipped_non_utf8"], manifest["skipped_bad_lines"]) == (1, 1)
+  with pytest.raises(DataError, match=rf"^1 bad lines, more than data.max_bad_lines=0: {held}/records.jsonl:2: "):
+    text_files.build(str(tmp_path / "strict"), VOCAB, heldout_source=str(held), tokenizer=tokenizer,
+                     max_bad_lines=0, build_workers=1)
+  (tmp_path / "blank").mkdir()
+  (tmp_path / "blank" / "a.txt").write_text("\n  \n")
+  with pytest.raises(DataError, match=r"holds no non-empty documents \(1 file\(s\) found, 0 not UTF-8, 1 empty\)"):
+    text_files.build(str(tmp_path / "none"), VOCAB, heldout_source=str(tmp_path / "blank"), tokenizer=tokenizer,
+                     build_workers=1)
+  assert not [name for name in os.listdir(tmp_path) if name.startswith(("strict", "none")) and
+              not name.endswith(".lock")]  # nothing left, no staging folder either
+
+
 def test_process_0_builds_alone_from_sources_only_it_can_read(tmp_path, monkeypatch):
   """data.build_on_every_process=False (every_process): in a job of two processes (threads at a barrier) on a
   shared folder, process 0 builds the dataset as one process would while process 1, which cannot read the sources,

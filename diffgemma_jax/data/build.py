@@ -69,6 +69,7 @@ SPLITS = ("train", "heldout")
 # encoded again. The scan is redone whole unless the decision was made (it is the cheap phase: reading and hashing,
 # against encoding). A bad input (a DataError) or a changed corpus or setting starts afresh.
 BUILD_FILE, TOKENISED = "build.json", "tokenised"
+READ = "read"  # a task's mark: what its read skipped (ReadStats); an evaluation set's only read (build_store)
 TASK_BYTES = 16 << 20
 MIN_TASK_BYTES = 1 << 20
 MIN_TASKS = 64
@@ -237,7 +238,8 @@ def _tokenize_task(corpus: Corpus, index: int, spans, staging: str, heldout: Hel
       writers[split].add([pending[k][1:] for k in chosen],
                          [packed[starts[k]:starts[k] + lengths[k]] for k in chosen])
 
-  for digest, identity, text in _documents(corpus, spans, ReadStats()):
+  stats = ReadStats()
+  for digest, identity, text in _documents(corpus, spans, stats):
     pending.append(("heldout" if heldout(digest) else "train", identity, text))
     size += len(text)
     if size >= ENCODE_BATCH_BYTES:
@@ -246,14 +248,14 @@ def _tokenize_task(corpus: Corpus, index: int, spans, staging: str, heldout: Hel
   flush()
   result = {split: (writer.close(), writer.counts) for split, writer in writers.items()}
   # the task's mark, written once its shards are whole: a resumed build keeps the task (_tokenised)
-  _write_json(os.path.join(staging, TOKENISED, f"{index:05d}.json"), {split: entry for split, (entry, _) in
-                                                                      result.items()})
-  return index, result
+  _write_json(os.path.join(staging, TOKENISED, f"{index:05d}.json"),
+              {**{split: entry for split, (entry, _) in result.items()}, READ: dataclasses.asdict(stats)})
+  return index, result, stats
 
 
 def _tokenised(staging: str, index: int, vocab_size: int):
   """A task an interrupted build tokenised (its mark and its shards are there): its shards' entries and token
-  counts, read back from the shards; None when the task must run."""
+  counts, read back from the shards, and what its read skipped; None when the task must run."""
   try:
     entries = _read_json(os.path.join(staging, TOKENISED, f"{index:05d}.json"))
   except (OSError, ValueError):
@@ -269,7 +271,7 @@ def _tokenised(staging: str, index: int, vocab_size: int):
         return None
       counts += np.bincount(np.fromfile(path, dtype), minlength=vocab_size)
     result[split] = (entry, counts)
-  return result
+  return result, ReadStats(**entries.get(READ, {}))
 
 
 def build_key(corpus: Corpus, tasks, *, vocab_size: int | None, tokenizer: str | None, sample_lines: int) -> str:
@@ -415,7 +417,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
           else "it stopped before its scan ended: scanning again"))
 
   def scan():
-    if decided():  # a resumed build that had made its decision
+    # A resumed build that had made its decision; an evaluation set, whose every document is held out with a given
+    # tokenizer: nothing to decide, so its files are read once, by the tokenise phase (a set in a bucket: one download)
+    if decided() or corpus.evaluation_only:
       return
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
     jobs = [(job_corpus, i, spans, staging, sample.budget) for i, spans in mine]
@@ -440,31 +444,10 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   def decide():
     if p != 0 or decided():
       return
-    if own:
-      exchange.get([f"scan/process-{q}.{kind}" for q in range(1, count) for kind in ("json", "digests")], staging)
-    stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
-    for q in range(count):
-      part = _read_json(os.path.join(staging, "scan", f"process-{q}.json"))
-      stats.add(ReadStats(**part["stats"]))
-      for digest, order, lines in part["sample"]:
-        sample.offer(digest, tuple(order), lines)
-    check_bad_lines(stats, corpus.max_bad_lines)
-    _report(corpus, stats)
-    if not stats.documents:
-      raise DataError(f"{corpus.name} holds no non-empty documents ({len(corpus.files)} file(s) found, "
-                      f"{len(stats.non_utf8_files)} not UTF-8, {stats.empty} empty)")
-    scanned = [i for i, _ in mine] if own else range(len(tasks))  # the others' tables: one file per process
-    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in scanned] + \
-        [os.path.join(staging, "scan", f"process-{q}.digests") for q in range(1, count) if own]
-    if corpus.heldout_keys:
-      heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
-      held, total = keyed_bytes(tables, heldout.digests)
+    if corpus.evaluation_only:  # every file's documents held out; what the read skipped is counted as it tokenises
+      heldout, stats = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys)), ReadStats()
     else:
-      threshold, held, total = heldout_threshold(tables, corpus.heldout_fraction)
-      heldout = HeldOut(threshold)
-    if held == 0 or (held == total and not corpus.evaluation_only):
-      raise DataError(f"{corpus.name}: the {'heldout' if held == 0 else 'train'} split is empty; the corpus is "
-                      f"too small to split")
+      heldout, stats, sample = scanned()
     if tokenizer:
       shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
     else:
@@ -476,6 +459,32 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if own:
       exchange.put([(os.path.join(staging, name), name) for name in ("decision.json", "tokenizer.model")])
 
+  def scanned() -> tuple[HeldOut, ReadStats, Sample]:
+    """The decision from the scan's tables and samples (every process's): the held-out split, what the reads
+    skipped, the tokenizer sample."""
+    if own:
+      exchange.get([f"scan/process-{q}.{kind}" for q in range(1, count) for kind in ("json", "digests")], staging)
+    stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
+    for q in range(count):
+      part = _read_json(os.path.join(staging, "scan", f"process-{q}.json"))
+      stats.add(ReadStats(**part["stats"]))
+      for digest, order, lines in part["sample"]:
+        sample.offer(digest, tuple(order), lines)
+    check_read(stats)
+    own_tables = [i for i, _ in mine] if own else range(len(tasks))  # the others' tables: one file per process
+    tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in own_tables] + \
+        [os.path.join(staging, "scan", f"process-{q}.digests") for q in range(1, count) if own]
+    if corpus.heldout_keys:
+      heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
+      held, total = keyed_bytes(tables, heldout.digests)
+    else:
+      threshold, held, total = heldout_threshold(tables, corpus.heldout_fraction)
+      heldout = HeldOut(threshold)
+    if held == 0 or held == total:
+      raise DataError(f"{corpus.name}: the {'heldout' if held == 0 else 'train'} split is empty; the corpus is "
+                      f"too small to split")
+    return heldout, stats, sample
+
   def tokenize():
     if own and p != 0:
       exchange.get(["decision.json", "tokenizer.model"], staging)
@@ -485,24 +494,30 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     counts = {split: np.zeros((vocab,), np.int64) for split in SPLITS}
     shards = {}
     heldout = HeldOut.from_json(decision["heldout"])
+    stats = ReadStats()  # an evaluation set's (its only read); the scan's otherwise
+
+    def add(index, result, task_stats):
+      shards[index] = {split: entry for split, (entry, _) in result.items()}
+      for split, (_, task_counts) in result.items():
+        counts[split] += task_counts
+      stats.add(task_stats)
+      if corpus.evaluation_only:
+        check_bad_lines(stats, corpus.max_bad_lines)
+
     jobs = []
     for i, spans in mine:
       kept = _tokenised(staging, i, vocab) if key is not None else None
       if kept is None:
         jobs.append((job_corpus, i, spans, staging, heldout, tokenizer_path))
-        continue
-      shards[i] = {split: entry for split, (entry, _) in kept.items()}
-      for split, (_, task_counts) in kept.items():
-        counts[split] += task_counts
+      else:
+        add(i, *kept)
     progress.phase("tokenise", {job[1]: task_size[job[1]] for job in jobs})
-    for index, result in workers.run(_tokenize_task, jobs):
+    for index, result, task_stats in workers.run(_tokenize_task, jobs):
       progress.done(index)
-      shards[index] = {split: entry for split, (entry, _) in result.items()}
-      for split, (_, task_counts) in result.items():
-        counts[split] += task_counts
+      add(index, result, task_stats)
     for split in SPLITS:
       counts[split].tofile(os.path.join(staging, f"counts-{p}.{split}"))
-    _write_json(os.path.join(staging, f"shards-{p}.json"), shards)
+    _write_json(os.path.join(staging, f"shards-{p}.json"), {"shards": shards, READ: dataclasses.asdict(stats)})
     if own and p != 0:
       exchange.put([(os.path.join(staging, name), name)
                     for name in [f"counts-{p}.{split}" for split in SPLITS] + [f"shards-{p}.json"]])
@@ -520,8 +535,14 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     decision = _read_json(os.path.join(staging, "decision.json"))
     tok = Tokenizer(os.path.join(staging, "tokenizer.model"))
     per_task: dict[int, dict] = {}
+    stats = ReadStats(**decision["stats"])
     for q in range(count):
-      per_task.update({int(i): entry for i, entry in _read_json(os.path.join(staging, f"shards-{q}.json")).items()})
+      part = _read_json(os.path.join(staging, f"shards-{q}.json"))
+      per_task.update({int(i): entry for i, entry in part["shards"].items()})
+      if corpus.evaluation_only:  # read once, by the tokenise phase
+        stats.add(ReadStats(**part[READ]))
+    if corpus.evaluation_only:
+      check_read(stats)
     store = {"format": 1, "dtype": token_dtype(tok.vocab_size).str, "splits": {}}
     digest = hashlib.sha256()
     for split in SPLITS:
@@ -531,7 +552,6 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       store["splits"][split] = {"shards": entries, "unigram_counts": f"{split}.unigram"}
       for entry in entries:
         digest.update(f"{split}\0{entry['sha256']}\0".encode())
-    stats = ReadStats(**decision["stats"])
     splits = {split: {key: sum(e[field] for e in store["splits"][split]["shards"])
                       for key, field in (("documents", "num_documents"), ("bytes", "bytes"),
                                          ("tokens", "num_tokens"))} for split in SPLITS}
@@ -554,6 +574,15 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     os.replace(staging, output_dir)
     progress.say(f"built {output_dir} in {full['build_seconds']:.0f} s: {splits['train']['tokens']:,} train and "
          f"{splits['heldout']['tokens']:,} held-out tokens")
+
+  def check_read(stats: ReadStats) -> None:
+    """Process 0, once every file was read: too many bad lines, or no document, fail the build; the rest is
+    reported."""
+    check_bad_lines(stats, corpus.max_bad_lines)
+    _report(corpus, stats)
+    if not stats.documents:
+      raise DataError(f"{corpus.name} holds no non-empty documents ({len(corpus.files)} file(s) found, "
+                      f"{len(stats.non_utf8_files)} not UTF-8, {stats.empty} empty)")
 
   try:
     for name, fn in (("begin", begin), ("scan", scan), ("decide", decide), ("tokenize", tokenize),
