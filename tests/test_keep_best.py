@@ -92,13 +92,51 @@ def test_a_run_without_recorded_bounds_has_no_best_step(load_tiny, tmp_path):
   ckpt.save(_state(3), {"position": 3})
   ckpt.close()
   assert open_run(str(workdir)).step == 3
-  with pytest.raises(ConfigError, match=r"^--step best: no checkpoint in .* records a held-out bound .*"
-                                        r"checkpoint\.keep_best"):
+  with pytest.raises(ConfigError, match=r"^--step best: no checkpoint in .* records a held-out bound, and the run's "
+                                        r"metrics\.jsonl logs no evaluation of one .*checkpoint\.keep_best"):
     open_run(str(workdir), parse_step("best", "--step"))
   assert parse_step(" best", "--step") == "best" and parse_step("12", "--step") == 12 and parse_step(None, "x") is None
   for bad in ("-3", "latest", "1.5"):
     with pytest.raises(ConfigError, match=rf"^--step {bad}: give a checkpoint step \(a number >= 0\) or 'best'"):
       parse_step(bad, "--step")
+
+
+def test_steps_saved_before_their_evaluation_rank_by_the_bounds_metrics_jsonl_logged(load_tiny, tmp_path, capsys):
+  """Several processes without checkpoint.keep_best save a step, then evaluate it: no step records its bound, and
+  --step best and diffgemma-inspect rank the complete steps by the evaluations metrics.jsonl logged for them (the
+  last line of a step; steps without a checkpoint, and a line cut by a kill, ignored), of the set the run ranks by
+  (eval.rank_by; a reader without a config: the saved config's). A step that records its bound makes the file's
+  bounds irrelevant."""
+  import json
+
+  from diffgemma_jax.train import Checkpointer
+  from diffgemma_jax.train.listing import format_run, list_run
+  from diffgemma_jax.train.reading import open_run
+  workdir = tmp_path / "run"
+  sets = {"checkpoint.async_save": "False", "eval.heldout_sets": f"val={tmp_path}", "eval.rank_by": "val"}
+  ckpt = Checkpointer(str(workdir / "checkpoints"), load_tiny(sets))
+  for step in (2, 4, 6):
+    ckpt.save(_state(step), {"position": step})  # evaluated after the save: no bound recorded
+  ckpt.close()
+  logged = [(2, 5.0, 4.0), (3, 1.0, 1.0), (4, 3.0, 6.0), (4, 4.5, 3.5), (6, 3.2, 3.9)]  # step, own, val
+  lines = [json.dumps({"step": step, "train/loss": 1.0}) for step in (2, 4, 6)] + [
+      json.dumps({"step": step, "eval/bits_per_token": own, "eval/stderr_bits_per_token": 0.02, "eval/weights":
+                  "params", "eval/val/bits_per_token": val, "eval/val/stderr_bits_per_token": 0.03})
+      for step, own, val in logged]
+  (workdir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 2, "eval/val/bits_per_tok')
+  assert open_run(str(workdir), "best").step == 4  # val: 4.0, 3.5 (its last line), 3.9; step 3 is no checkpoint
+  reader = Checkpointer(str(workdir / "checkpoints"), load_tiny(dict(sets, **{"eval.rank_by": ""})))
+  assert reader.best() == (6, {"bits_per_token": 3.2, "stderr_bits_per_token": 0.02, "weights": "params", "set": "",
+                               "logged": True})
+  reader.close()
+  report = list_run(str(workdir))
+  assert report["best_step"] == 4 and [e.get("bits_per_token") for e in report["steps"]] == [4.0, 3.5, 3.9]
+  assert any(line.split()[:2] == ["4", "3.5000"] and "best, bound from metrics.jsonl" in line
+             for line in format_run(report)), format_run(report)
+  recording = Checkpointer(str(workdir / "checkpoints"), load_tiny(sets))
+  recording.save(_state(8), {"position": 8}, dict(_evaluation(3.7), set="val"))  # recorded: the only bound
+  recording.close()
+  assert open_run(str(workdir), "best").step == 8
 
 
 def test_evaluated_checkpoints_record_their_bound_and_best_reads_the_lowest(trained_run, load_tiny, tmp_path):

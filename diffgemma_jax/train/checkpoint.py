@@ -238,13 +238,37 @@ class Checkpointer:
   def recorded_bounds(self) -> dict[int, dict[str, Any]]:
     """{step: its `metrics` item} of the complete steps the trainer evaluated before saving them, for the set the
     run ranks by: the config's `eval.rank_by`, or for a reader without a config the set of the latest step that
-    records a bound (a run that changed eval.rank_by ranks by its latest choice)."""
-    bounds = {step: self.manager.metrics(step) for step in self.all_steps()}
+    records a bound (a run that changed eval.rank_by ranks by its latest choice). Where no step records a bound,
+    those the run's metrics.jsonl logged for its steps (`logged_bounds`)."""
+    steps = self.all_steps()
+    bounds = {step: self.manager.metrics(step) for step in steps}
     bounds = {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics))}
+    if not bounds:
+      return self.logged_bounds(steps)
     ranked = self.ranked_set
-    if ranked is None and bounds:
+    if ranked is None:
       ranked = str(bounds[max(bounds)].get("set", ""))
     return {step: metrics for step, metrics in bounds.items() if math.isfinite(_bound(metrics, ranked))}
+
+  def logged_bounds(self, steps: list[int]) -> dict[int, dict[str, Any]]:
+    """{step: its bound as `metrics`, with "logged": True} of each of `steps` the run's `metrics.jsonl` (in the
+    folder above this checkpoints folder) logs an evaluation of, for the ranked set (a reader without a config: the
+    one the run's saved config ranks by): the bounds of a run whose steps record none (several processes evaluate
+    a save step after saving it unless checkpoint.keep_best is set). The file holds the run's own history: a
+    resume rewrites it through the step it resumed from."""
+    from diffgemma_jax.train.logging import logged_records  # (logging imports this module)
+    ranked = self.ranked_set
+    if ranked is None:
+      ranked = str(((self.saved_config() or {}).get("eval") or {}).get("rank_by", ""))
+    prefix = f"eval/{ranked}/" if ranked else "eval/"
+    complete, found = set(steps), {}
+    for record in logged_records(os.path.dirname(self.directory.rstrip("/"))):
+      step, value = record.get("step"), record.get(prefix + "bits_per_token")
+      if step in complete and isinstance(value, (int, float)) and math.isfinite(value):  # the last logged for it
+        found[step] = {"bits_per_token": float(value),
+                       "stderr_bits_per_token": float(record.get(prefix + "stderr_bits_per_token", math.nan)),
+                       "weights": str(record.get("eval/weights", "")), "set": ranked, "logged": True}
+    return found
 
   def best(self) -> tuple[int, dict[str, Any]] | None:
     """(step, its `metrics`) of the complete step of lowest recorded held-out bound (`best_of`), or None when no

@@ -123,6 +123,7 @@ def format_run(report: dict[str, Any]) -> list[str]:
                if "bits_per_token" in entry else "-")
       notes = [note for note, holds in (("latest", entry["step"] == report["latest_step"]),
                                         ("best", entry["step"] == report["best_step"]),
+                                        ("bound from metrics.jsonl", entry.get("logged", False)),
                                         ("moving average saved", entry["moving_average"])) if holds]
       if entry["damage"]:
         notes.append(f"DAMAGED: {entry['damage']}")

@@ -202,7 +202,8 @@ def parse_step(value, option: str) -> int | str | None:
 
 
 def best_recorded_step(checkpoints: str, key: StepKey = WORKDIR, reader: Checkpointer | None = None) -> int:
-  """The step of lowest held-out bound among those the trainer evaluated before saving them (`Checkpointer.best`);
+  """The step of lowest held-out bound among those the trainer evaluated (`Checkpointer.best`: recorded with the
+  steps, else logged in the run's metrics.jsonl);
   an error naming `key`'s step option when no complete step records one. `reader`: a reader of `checkpoints`
   already open (else one is opened and closed)."""
   own = reader is None
@@ -213,9 +214,9 @@ def best_recorded_step(checkpoints: str, key: StepKey = WORKDIR, reader: Checkpo
     if own:
       reader.close()
   if best is None:
-    raise ConfigError(f"{key.choose(BEST)}: no checkpoint in {checkpoints} records a held-out bound (the trainer "
-                      f"records one with each checkpoint it evaluates before saving: with checkpoint.keep_best > 0 "
-                      f"every save; in one process also the saves eval.every_steps falls on); give a step number")
+    raise ConfigError(f"{key.choose(BEST)}: no checkpoint in {checkpoints} records a held-out bound, and the run's "
+                      f"metrics.jsonl logs no evaluation of one (the trainer evaluates the saves eval.every_steps "
+                      f"falls on, and every save with checkpoint.keep_best > 0); give a step number")
   return best[0]
 
 
