@@ -34,11 +34,11 @@ VOCAB = 1024
 
 
 def _build(out: str, files: str, tokenizer: str, train_file: str | None) -> tuple[float, int]:
-  from data_recipes import text_files  # pylint: disable=import-outside-toplevel
+  from data_recipes import build_dataset  # pylint: disable=import-outside-toplevel
   shutil.rmtree(out, ignore_errors=True)
   start = time.perf_counter()
-  manifest = text_files.build(out, VOCAB, source=train_file, heldout_source=files, tokenizer=tokenizer,
-                              build_workers=2)
+  manifest = build_dataset("text_files", out, VOCAB, source=train_file, heldout_source=files, tokenizer=tokenizer,
+                           build_workers=2)  # (what diffgemma-eval --heldout and the trainer call)
   seconds = time.perf_counter() - start
   shutil.rmtree(out, ignore_errors=True)
   return seconds, manifest["splits"]["heldout"]["tokens"]
