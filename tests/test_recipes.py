@@ -169,8 +169,9 @@ def test_an_evaluation_set_reads_its_files_once_and_reports_what_it_skipped(tmp_
   """An evaluation set (--heldout_source alone, a given tokenizer): every document held out, so no scan: each file
   is read once, by the tokenise phase, and its held-out split is the one a build with a training source (scanned)
   makes of the same files; what the read skipped (a non-UTF-8 file, a bad JSONL line) is in its manifest as a
-  scanned build reports it, too many bad lines and a set without a document still fail in one line, leaving
-  nothing behind."""
+  scanned build reports it, also after an interrupted build resumed (a kept task's count read from its mark; an
+  older version's mark, without one, tokenised again); too many bad lines and a set without a document still fail
+  in one line, leaving nothing behind."""
   from data_recipes import text_files
   from diffgemma_jax.data import build as build_module
   held = _copy_modules(tmp_path / "val", MODULES[8:])
@@ -190,6 +191,34 @@ def test_an_evaluation_set_reads_its_files_once_and_reports_what_it_skipped(tmp_
   for key in ("skipped_non_utf8", "skipped_bad_lines", "skipped_empty"):
     assert manifest[key] == reference[key], key
   assert (manifest["skipped_non_utf8"], manifest["skipped_bad_lines"]) == (1, 1)
+  # interrupted after 2 tasks, resumed: the kept tasks' counts come from their marks (an older version's mark,
+  # without them, is tokenised again)
+  monkeypatch.setattr(build_module, "TASK_BYTES", 1000)  # a task per file
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 1000)
+  calls, tokenize = [], build_module._tokenize_task
+
+  def stopping(*args):
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    calls.append(args[1])
+    return tokenize(*args)
+
+  monkeypatch.setattr(build_module, "_tokenize_task", stopping)
+  with pytest.raises(KeyboardInterrupt):
+    text_files.build(str(tmp_path / "resumed"), VOCAB, heldout_source=str(held), tokenizer=tokenizer, build_workers=1)
+  marks = os.path.join(tmp_path, "resumed.partial", build_module.TOKENISED)
+  with open(os.path.join(marks, sorted(os.listdir(marks))[1])) as f:
+    older = {k: v for k, v in json.load(f).items() if k != build_module.READ}
+  with open(os.path.join(marks, sorted(os.listdir(marks))[1]), "w") as f:
+    json.dump(older, f)
+  again = []
+  monkeypatch.setattr(build_module, "_tokenize_task", lambda *args: again.append(args[1]) or tokenize(*args))
+  resumed = text_files.build(str(tmp_path / "resumed"), VOCAB, heldout_source=str(held), tokenizer=tokenizer,
+                             build_workers=1)
+  tasks = len(build_module.plan_tasks(text_files.corpus(None, heldout_source=str(held))))
+  assert tasks >= 4 and sorted(again) == sorted(set(range(tasks)) - {calls[0]})  # calls[1]'s mark was older
+  for key in ("splits", "skipped_non_utf8", "skipped_bad_lines", "skipped_empty"):
+    assert resumed[key] == manifest[key], key
   with pytest.raises(DataError, match=rf"^1 bad lines, more than data.max_bad_lines=0: {held}/records.jsonl:2: "):
     text_files.build(str(tmp_path / "strict"), VOCAB, heldout_source=str(held), tokenizer=tokenizer,
                      max_bad_lines=0, build_workers=1)

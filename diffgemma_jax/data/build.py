@@ -260,6 +260,8 @@ def _tokenised(staging: str, index: int, vocab_size: int):
     entries = _read_json(os.path.join(staging, TOKENISED, f"{index:05d}.json"))
   except (OSError, ValueError):
     return None
+  if READ not in entries:  # an older version's mark: what its read skipped unknown (an evaluation set counts it)
+    return None
   dtype = token_dtype(vocab_size)
   result = {}
   for split in SPLITS:
@@ -271,7 +273,7 @@ def _tokenised(staging: str, index: int, vocab_size: int):
         return None
       counts += np.bincount(np.fromfile(path, dtype), minlength=vocab_size)
     result[split] = (entry, counts)
-  return result, ReadStats(**entries.get(READ, {}))
+  return result, ReadStats(**entries[READ])
 
 
 def build_key(corpus: Corpus, tasks, *, vocab_size: int | None, tokenizer: str | None, sample_lines: int) -> str:
