@@ -212,12 +212,13 @@ def _final_params(config_file: str, workdir: str, step: int, overrides: list[str
   return [(jax.tree_util.keystr(path), np.asarray(x)) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def _recorded_bounds(workdir: str) -> dict[int, float]:
-  """{step: the held-out bound its checkpoint records}."""
+def _recorded_bounds(workdir: str) -> dict[int, tuple[float, bool]]:
+  """{step: (the held-out bound readers rank it by, whether it came from metrics.jsonl rather than the step)}."""
   from diffgemma_jax.train import Checkpointer
   reader = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
   try:
-    return {step: metrics["bits_per_token"] for step, metrics in reader.recorded_bounds().items()}
+    return {step: (metrics["bits_per_token"], bool(metrics.get("logged")))
+            for step, metrics in reader.recorded_bounds().items()}
   finally:
     reader.close()
 
@@ -263,10 +264,15 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(mesh, tiny_
     recorded = [_recorded_bounds(w) for w in (single, multi)]  # process 0 of the launch wrote the multi run's
     assert sorted(recorded[1]) == sorted(recorded[0]) == [2, 4], recorded
     for step in (2, 4):
-      np.testing.assert_allclose(recorded[1][step], recorded[0][step], rtol=1e-5)
+      assert not recorded[0][step][1] and not recorded[1][step][1]
+      np.testing.assert_allclose(recorded[1][step][0], recorded[0][step][0], rtol=1e-5)
   else:  # without keep_best several processes save a step before evaluating it (a preemption never waits for an
-    # evaluation): no bound recorded, where one process records the bound of its last step
-    assert [sorted(_recorded_bounds(w)) for w in (single, multi)] == [[4], []]
+    # evaluation): no bound recorded with the steps, where one process records the bound of its last step; readers
+    # rank the multi-process run's steps by the evaluations its metrics.jsonl logged for them
+    recorded = [_recorded_bounds(w) for w in (single, multi)]
+    logged = {r["step"]: r["eval/bits_per_token"] for r in read_metrics(multi) if "eval/bits_per_token" in r}
+    assert list(recorded[0]) == [4] and not recorded[0][4][1], recorded
+    assert recorded[1] == {step: (logged[step], True) for step in (2, 4)}, (recorded, logged)
   model = _overrides(4, mesh)
   for (name, a), (_, b) in zip(_final_params(tiny_config_file, multi, 4, model),
                                _final_params(tiny_config_file, single, 4, model)):
