@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import os
 import sys
 
 from diffgemma_jax import storage
@@ -67,27 +65,9 @@ def build_dataset(recipe: str, output_dir: str, vocab_size: int | None, source: 
       return build(output_dir, vocab_size=vocab_size, source=source, tokenizer=tokenizer, **options)
 
 
-@contextlib.contextmanager
 def build_lock(output_dir: str):
-  """An exclusive lock on `<output_dir>.lock` (fcntl.flock: released when the holder exits, however it exits) for
-  the duration of a build; says once on stderr that it waits when another process holds it."""
-  path = output_dir.rstrip("/") + ".lock"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "a") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      print(f"data: another process is building {output_dir} (it holds {path}); waiting for it", file=sys.stderr,
-            flush=True)
-      fcntl.flock(f, fcntl.LOCK_EX)
-    except OSError as e:  # a filesystem without locks (Lustre mounted without flock): build as before, unlocked
-      print(f"data: {path} cannot be locked ({e.strerror}); building without the lock", file=sys.stderr, flush=True)
-      yield
-      return
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  """An exclusive lock on `<output_dir>.lock` for the duration of a build (`storage.file_lock`)."""
+  return storage.file_lock(output_dir.rstrip("/") + ".lock", f"building {output_dir}")
 
 
 def run_cli(build, name: str, argv=None, parents=()) -> int:

@@ -103,7 +103,7 @@ def test_a_filesystem_without_locks_builds_unlocked(text_dataset, monkeypatch, c
   monkeypatch.setattr(fcntl, "flock", no_locks)
   out, manifest, src = text_dataset
   assert build_dataset("text_files", out, 400, source=src)["sha256"] == manifest["sha256"]
-  assert "cannot be locked (No locks available); building without the lock" in capsys.readouterr().err
+  assert f"cannot be locked (No locks available); building {out} without the lock" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from typing import Callable
 
@@ -287,6 +288,13 @@ def _scratch(url: str, cache_root: str) -> str:
   return os.path.join(cache_root, _key(url), f"build-{uuid.uuid4().hex[:12]}")
 
 
+def resumable_scratch(url: str, cache_root: str) -> str:
+  """The scratch folder of `build_in_bucket`'s builds of `url` on this host: the same for every build, so the
+  staging folder an interrupted build kept beside it (`<scratch>.partial`, data/build.py) is found and resumed by
+  the next; one per host, so hosts sharing a cache (a home folder on NFS) never build into one folder."""
+  return os.path.join(cache_root, _key(url), f"build-host-{_key(socket.gethostname())[:12]}")
+
+
 def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *, max_bytes: int = 0,
                     stream: bool = False) -> str:
   """Makes the dataset in the bucket folder `url` current and returns its local copy: `build(folder)` (a
@@ -294,8 +302,17 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
   it changed is uploaded. Run by one process at a time (process 0 of a run; the others `fetch` after it). The build
   runs on the files `fetch` copies at once (a recipe decides whether a dataset is current from its manifest and
   tokenizer, not its splits), and what it returns is `fetch`'s copy, the splits fetched when they open; a rebuild's
-  local files become that copy (with `stream`, they are deleted)."""
-  scratch = _scratch(url, cache_root)
+  local files become that copy (with `stream`, they are deleted). Builds of `url` on this host take turns
+  (`resumable_scratch`, locked by `<scratch>.job`), and one that an interruption stopped (a preemption, a kill) is
+  resumed by the next where the recipe's build resumes (data/build.py: the same corpus, settings and tokenizer)."""
+  scratch = resumable_scratch(url, cache_root)
+  with storage.file_lock(scratch + ".job", f"building data.dir {url} on this host"):
+    shutil.rmtree(scratch, ignore_errors=True)  # a killed build's copy (its staging, `.partial`, is kept)
+    return _build_in_scratch(url, cache_root, build, scratch, max_bytes=max_bytes, stream=stream)
+
+
+def _build_in_scratch(url: str, cache_root: str, build: Callable[[str], object], scratch: str, *, max_bytes: int,
+                      stream: bool) -> str:
   try:
     copy, before = _build_on_copy(url, cache_root, build, scratch, stream=stream)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
