@@ -79,6 +79,8 @@ def main() -> None:
   from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.data.build import Corpus, plan_tasks  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.data.sources import read_documents  # pylint: disable=import-outside-toplevel
+  fetched: list[int] = []
+  _count_fetches(fetched)  # before the first client: fsspec binds a client's sync calls to it when it is made
   with bucket_and_scratch(args.url, "s3://bench/reads", "bucket_reads_") as (url, scratch):
     corpus = os.path.join(scratch, "corpus")
     make_corpus(corpus, int(args.size_mb * 2**20))
@@ -89,8 +91,6 @@ def main() -> None:
                    compression="none")
     names = sorted(os.listdir(corpus))
     storage.upload_many([(os.path.join(corpus, name), f"{url}/{name}") for name in names])
-    fetched: list[int] = []
-    _count_fetches(fetched)
     rows = []
     with MachineLoad() as load:
       for kind in ("jsonl", "parquet"):
