@@ -26,6 +26,7 @@ import contextvars
 import fcntl
 import functools
 import hashlib
+import io
 import os
 import re
 import sys
@@ -86,6 +87,9 @@ def filesystem(url):
   return fsspec.core.url_to_fs(str(url))
 
 
+LINE_BUFFER_BYTES = 1 << 20  # what `open_binary`'s buffer over an object file asks it for at a time
+
+
 def open_binary(path, *, read_ahead: int | None = None):
   """A seekable binary file object: a local file, or an object read in ranges as it is consumed (streamed).
   `read_ahead` (objects): the bytes each ranged request fetches beyond what a read asks for; by default the store
@@ -94,7 +98,10 @@ def open_binary(path, *, read_ahead: int | None = None):
   if not is_url(path):
     return open(path, "rb")
   if read_ahead is None:
-    return epath.Path(str(path)).open("rb")
+    # Buffered: an fsspec file's own readline reads a whole block (copied out of its cache) and seeks back, so
+    # iterating the lines of an object (--records, --prompts, a JSONL source) copied a block per line: 50 MB with
+    # s3fs, the whole rest of an object under that size (83x slower for 20,000 lines of 8 MB)
+    return io.BufferedReader(epath.Path(str(path)).open("rb"), buffer_size=LINE_BUFFER_BYTES)
   fs, key = filesystem(path)
   if not read_ahead:  # each read one request for exactly its bytes
     return fs.open(key, "rb", cache_type="none")

@@ -368,7 +368,7 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path
               == list(read_documents(str(folder), name, span=span))), (name, span)
 
 
-def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypatch):
+def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypatch, request):
   """Reading a JSONL object span by span fetches each byte once (one ranged request per span); a Parquet object's
   row groups fetch their own bytes (their column chunks, exactly) and the 64 KB pyarrow reads at the file's end as
   it opens it. Reading through the store
@@ -397,6 +397,9 @@ def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypat
   monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", lambda self, *a: fetched.append(len(d := fetch_range(
       self, *a))) or d)
   monkeypatch.setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
+  # a client binds its sync calls (cat_file) to its async ones as it is made: a new one, and none kept after
+  s3fs.S3FileSystem.clear_instance_cache()
+  request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)
   for name, footer in (("a.jsonl", 0), ("b.parquet", 1 << 16)):  # pyarrow reads a file's last 64 KB as it opens
     size = os.path.getsize(folder / name)
     spans = file_spans(str(folder), name, size // 10)
@@ -405,6 +408,25 @@ def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypat
     assert len(spans) >= 8 and len(documents) == 60
     assert size * 0.9 < sum(fetched) <= size + len(spans) * footer, (name, sum(fetched), size)
     assert name.endswith(".parquet") or len(fetched) == len(spans)
+
+
+def test_lines_of_an_object_are_read_through_a_buffer(s3_endpoint, tmp_path, monkeypatch):
+  """Iterating the lines of an object (a --records or --prompts file, a JSONL source's plan) asks the store client's
+  file for about the object's bytes once: an fsspec file's own readline reads a whole block out of its cache per
+  line and seeks back (here 2,000 lines: the rest of the object each, 1,000x its size)."""
+  import fsspec.spec
+
+  from diffgemma_jax import storage
+  lines = [json.dumps({"prompt": f"def f{i}(x):", "continuation": " return x"}) + "\n" for i in range(2000)]
+  (tmp_path / "records.jsonl").write_text("".join(lines))
+  upload_files(str(tmp_path), "s3://runs/lines")
+  size, handed = os.path.getsize(tmp_path / "records.jsonl"), []
+  read = fsspec.spec.AbstractBufferedFile.read
+  monkeypatch.setattr(fsspec.spec.AbstractBufferedFile, "read", lambda self, *a: handed.append(len(r := read(
+      self, *a))) or r)
+  with storage.open_binary("s3://runs/lines/records.jsonl") as f:
+    assert [line.decode() for line in f] == lines
+  assert size <= sum(handed) <= size + (1 << 20), (sum(handed), size)
 
 
 def test_eval_generate_and_score_read_and_write_files_in_a_bucket(s3_endpoint, trained_run, tiny_config_file,
