@@ -81,6 +81,22 @@ def write_corpus(directory: str) -> None:
       shutil.copy(src, os.path.join(directory, name.replace("/", "_") + ".txt"))
 
 
+def stop_tokenising_after(monkeypatch, tasks: int):
+  """Makes data/build.py's tokenise phase raise KeyboardInterrupt (a preemption) once `tasks` tasks have run:
+  (the indices of the tasks that ran, the real task function, to put back for the resumed build)."""
+  from diffgemma_jax.data import build
+  calls, tokenize = [], build._tokenize_task
+
+  def stopping(*args):
+    if len(calls) == tasks:
+      raise KeyboardInterrupt
+    calls.append(args[1])
+    return tokenize(*args)
+
+  monkeypatch.setattr(build, "_tokenize_task", stopping)
+  return calls, tokenize
+
+
 @pytest.fixture(scope="session")
 def tiny_config_file(tmp_path_factory) -> str:
   root = tmp_path_factory.mktemp("tiny")

@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from conftest import bucket_endpoint, compilation_cache_entries, upload_files, write_corpus, write_stand_in_dataset
+from conftest import (bucket_endpoint, compilation_cache_entries, stop_tokenising_after, upload_files, write_corpus,
+                      write_stand_in_dataset)
 
 # A resumed run and an evaluation read the programs the run before them compiled from JAX's cache.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -1160,16 +1161,8 @@ def test_an_interrupted_bucket_build_resumes_on_the_same_host(s3_endpoint, tmp_p
     return build_dataset("text_files", folder, 400, source=str(src), build_workers=1)
 
   remote_dataset.build_in_bucket("s3://runs/whole", str(tmp_path / "cache-whole"), build)
-  calls, tokenize = [], build_module._tokenize_task
-
-  def stopping(*args):
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    calls.append(args[1])
-    return tokenize(*args)
-
+  calls, tokenize = stop_tokenising_after(monkeypatch, 2)
   cache = str(tmp_path / "cache")
-  monkeypatch.setattr(build_module, "_tokenize_task", stopping)
   with pytest.raises(KeyboardInterrupt):
     remote_dataset.build_in_bucket("s3://runs/resumed", cache, build)
   scratch = remote_dataset.resumable_scratch("s3://runs/resumed", cache)

@@ -172,6 +172,7 @@ def test_an_evaluation_set_reads_its_files_once_and_reports_what_it_skipped(tmp_
   scanned build reports it, also after an interrupted build resumed (a kept task's count read from its mark; an
   older version's mark, without one, tokenised again); too many bad lines and a set without a document still fail
   in one line, leaving nothing behind."""
+  from conftest import stop_tokenising_after
   from data_recipes import text_files
   from diffgemma_jax.data import build as build_module
   held = _copy_modules(tmp_path / "val", MODULES[8:])
@@ -195,15 +196,7 @@ def test_an_evaluation_set_reads_its_files_once_and_reports_what_it_skipped(tmp_
   # without them, is tokenised again)
   monkeypatch.setattr(build_module, "TASK_BYTES", 1000)  # a task per file
   monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 1000)
-  calls, tokenize = [], build_module._tokenize_task
-
-  def stopping(*args):
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    calls.append(args[1])
-    return tokenize(*args)
-
-  monkeypatch.setattr(build_module, "_tokenize_task", stopping)
+  calls, tokenize = stop_tokenising_after(monkeypatch, 2)
   with pytest.raises(KeyboardInterrupt):
     text_files.build(str(tmp_path / "resumed"), VOCAB, heldout_source=str(held), tokenizer=tokenizer, build_workers=1)
   marks = os.path.join(tmp_path, "resumed.partial", build_module.TOKENISED)
