@@ -93,6 +93,55 @@ def test_a_build_waits_for_another_process_building_the_same_folder(text_dataset
   assert f"data: another process is building {out}" in capsys.readouterr().err
 
 
+def test_build_workers_exit_when_the_build_is_killed(tmp_path):
+  """A build killed outright (SIGKILL: the OOM killer, `kill -9`) takes its worker processes with it: they waited on
+  their pool's queue for good, holding the build's stdout and stderr (a caller reading those never saw their end).
+  Seen to fail without the workers' watch on their parent."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  script = ("import os, time\nfrom diffgemma_jax.data.build import _Workers\nworkers = _Workers(2)\n"
+            "list(workers.run(os.getpid, [(), (), (), ()]))\nprint('ready', flush=True)\ntime.sleep(600)\n")
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+
+    def alive_children():
+      found = []
+      for entry in os.listdir("/proc"):
+        try:
+          with open(f"/proc/{entry}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+          continue
+        if fields[0] != "Z" and int(fields[1]) == proc.pid:
+          found.append(int(entry))
+      return found
+
+    workers = alive_children()
+    assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def gone(pid):
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+      except OSError:
+        return True
+
+    deadline = time.time() + 30
+    while not all(gone(pid) for pid in workers) and time.time() < deadline:
+      time.sleep(0.1)
+    assert all(gone(pid) for pid in workers), [pid for pid in workers if not gone(pid)]
+    assert proc.stdout.read() == ""  # the pipe's end: no worker holds it any more
+  finally:
+    proc.kill()
+
+
 def test_a_filesystem_without_locks_builds_unlocked(text_dataset, monkeypatch, capsys):
   import errno
   import fcntl

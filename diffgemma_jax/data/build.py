@@ -37,9 +37,11 @@ import hashlib
 import heapq
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from typing import Callable
@@ -292,6 +294,21 @@ def build_key(corpus: Corpus, tasks, *, vocab_size: int | None, tokenizer: str |
       sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _exit_with_parent() -> None:
+  """A build worker's start: it exits when the build's process does. A worker waits on its pool's queue, whose
+  writing end every worker holds too, so a build killed outright (SIGKILL, the OOM killer) left its workers idle
+  for good, each holding its tokenizer and the build's stdout and stderr (a caller reading them never saw their end)."""
+  parent = multiprocessing.parent_process()
+  if parent is None:
+    return
+
+  def watch():
+    multiprocessing.connection.wait([parent.sentinel])
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class _Workers:
   """Up to `count` spawned processes, started at the first phase that needs them and kept for the next (each
   start imports numpy and sentencepiece); with one worker, or one job, jobs run in this process."""
@@ -307,7 +324,7 @@ class _Workers:
       return
     if self.pool is None:
       self.pool = concurrent.futures.ProcessPoolExecutor(
-          min(self.count, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+          min(self.count, len(jobs)), mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent)
     futures = {self.pool.submit(fn, *job) for job in jobs}
     try:
       for future in concurrent.futures.as_completed(futures):
