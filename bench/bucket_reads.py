@@ -16,6 +16,7 @@ are counted at s3fs's two fetch calls. The machine's load average before and aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,9 +29,14 @@ from benchlib import MachineLoad, bucket_and_scratch, commit  # noqa: E402
 from data_pipeline import make_corpus  # noqa: E402
 
 
-def _count_fetches(fetched: list[int]) -> None:
-  """Appends the size of every fetch s3fs makes (a buffered file's range, a ranged cat_file) to `fetched`."""
+@contextlib.contextmanager
+def _counted_fetches():
+  """Within the block, the size of every fetch s3fs makes (a buffered file's range, a ranged cat_file) is appended
+  to the list it yields. A client binds its sync calls to its async ones as it is made, so the block's clients are
+  new ones, and none made in it is kept after."""
+  import s3fs  # pylint: disable=import-outside-toplevel
   import s3fs.core  # pylint: disable=import-outside-toplevel
+  fetched: list[int] = []
   fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
 
   def counted_range(self, start, end):
@@ -44,6 +50,12 @@ def _count_fetches(fetched: list[int]) -> None:
     return data
 
   s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file = counted_range, counted_cat
+  s3fs.S3FileSystem.clear_instance_cache()
+  try:
+    yield fetched
+  finally:
+    s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file = fetch_range, cat_file
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _buffered_documents(url: str, rel: str, span) -> int:
@@ -67,21 +79,20 @@ def _buffered_documents(url: str, rel: str, span) -> int:
   return count
 
 
-def main() -> None:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--size_mb", type=float, default=64)
   parser.add_argument("--url", default="", help="a bucket folder for the corpus (default: a local S3 server)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
   from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.data.build import Corpus, plan_tasks  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.data.sources import read_documents  # pylint: disable=import-outside-toplevel
-  fetched: list[int] = []
-  _count_fetches(fetched)  # before the first client: fsspec binds a client's sync calls to it when it is made
-  with bucket_and_scratch(args.url, "s3://bench/reads", "bucket_reads_") as (url, scratch):
+  with bucket_and_scratch(args.url, "s3://bench/reads", "bucket_reads_") as (url, scratch), \
+      _counted_fetches() as fetched:
     corpus = os.path.join(scratch, "corpus")
     make_corpus(corpus, int(args.size_mb * 2**20))
     texts = [json.loads(line)["text"] for name in sorted(os.listdir(corpus))
@@ -119,7 +130,8 @@ def main() -> None:
     print(json.dumps(report, indent=2))
   else:
     print(load.line())
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

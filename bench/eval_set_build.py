@@ -44,13 +44,13 @@ def _build(out: str, files: str, tokenizer: str, train_file: str | None) -> tupl
   return seconds, manifest["splits"]["heldout"]["tokens"]
 
 
-def main() -> None:
+def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--size_mb", type=float, default=100)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--url", default="", help="a bucket folder for the set's files (default: a local S3 server)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.data.tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
   with bucket_and_scratch(args.url, "s3://bench/eval-set", "eval_set_build_") as (url, scratch):
@@ -89,7 +89,8 @@ def main() -> None:
   else:
     print("median one read / scanned: " + ", ".join(f"{k} {v:.2f}x" for k, v in medians.items()))
     print(load.line())
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -224,3 +224,33 @@ def test_bucket_build_compares_one_process_with_two_building_together(s3_endpoin
   one, two = build["shard_bytes"]["one_process"], build["shard_bytes"]["two_processes"]
   assert len(two) == 2 and sum(two) == one and min(two) > 0 and report["current"] is None
   assert build["two_vs_one"] == pytest.approx(build["two_processes"] / build["one_process"], abs=0.01)
+
+
+def test_bucket_reads_fetch_a_jsonl_corpus_once_against_the_buffered_files(s3_endpoint, capsys):
+  """bench/bucket_reads.py on the session's S3 server, a 2 MB corpus: the ranged reads fetch the JSONL bytes exactly
+  once and the Parquet bytes about once, the buffered files more, both ways the same documents; each ratio is the
+  ratio of the figures it reports."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import bucket_reads  # pylint: disable=import-outside-toplevel
+  assert bucket_reads.main(["--url", "s3://runs/bench-reads", "--size_mb", "2", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  rows = {row["kind"]: row for row in report["rows"]}
+  assert sorted(rows) == ["jsonl", "parquet"]
+  for kind, row in rows.items():
+    ranged, buffered = row["ranged"], row["buffered"]
+    assert row["spans"] >= 2 and ranged["documents"] == buffered["documents"] > 0, row
+    assert buffered["x_size"] > ranged["x_size"], row
+    assert row["time_ratio"] == pytest.approx(ranged["seconds"] / buffered["seconds"], abs=0.01)
+  assert rows["jsonl"]["ranged"]["x_size"] == 1.0 and rows["jsonl"]["ranged"]["requests"] == rows["jsonl"]["spans"]
+
+
+def test_eval_set_build_reads_once_and_matches_the_scanned_build(s3_endpoint, capsys):
+  """bench/eval_set_build.py on the session's S3 server, a 2 MB set, one round: both builds give the same tokens
+  (checked in the script) from local files and from the bucket; each ratio is the ratio of the times it reports."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import eval_set_build  # pylint: disable=import-outside-toplevel
+  assert eval_set_build.main(["--url", "s3://runs/bench-eval-set", "--size_mb", "2", "--rounds", "1", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert [row["files"] for row in report["rows"]] == ["local", "bucket"]
+  for row in report["rows"]:
+    assert row["tokens"] > 0 and row["ratio"] == pytest.approx(row["one_read_s"] / row["scanned_s"], abs=0.01)
