@@ -1146,7 +1146,9 @@ def test_an_interrupted_bucket_build_resumes_on_the_same_host(s3_endpoint, tmp_p
   """A dataset built into a bucket by one process (the recipe command, a one-process run) and interrupted in its
   tokenise phase (after 2 tasks: a preemption) keeps its staging folder in the cache; the same build again resumes
   it (only the other tasks tokenised) and publishes the dataset an uninterrupted build publishes; then nothing is
-  left in the cache but the copy and the lock file. Seen to fail with a new scratch folder per build (as before)."""
+  left in the cache but the copy and the lock file. Seen to fail with a new scratch folder per build (as before).
+  A build stopped in its upload is uploaded by the next run without being tokenised again (seen to fail with the
+  scratch folder deleted as the upload failed)."""
   from etils import epath
 
   from data_recipes import build_dataset
@@ -1179,3 +1181,18 @@ def test_an_interrupted_bucket_build_resumes_on_the_same_host(s3_endpoint, tmp_p
     assert manifests[0][key] == manifests[1][key], key
   assert sorted(os.listdir(os.path.dirname(local))) == sorted([os.path.basename(local),
                                                                os.path.basename(scratch) + ".job"])
+  # stopped in its upload, after the build ended: the next run uploads the kept build without tokenising again
+  upload = remote_dataset.upload
+
+  def stopped(*_):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(remote_dataset, "upload", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    remote_dataset.build_in_bucket("s3://runs/uploaded", cache, build)
+  again.clear()
+  monkeypatch.setattr(remote_dataset, "upload", upload)
+  remote_dataset.build_in_bucket("s3://runs/uploaded", cache, build)
+  assert again == [] and "that was not uploaded; uploading it" in capsys.readouterr().err
+  uploaded = json.loads(epath.Path("s3://runs/uploaded/manifest.json").read_text())
+  assert all(uploaded[key] == manifests[0][key] for key in ("sha256", "splits", "store"))

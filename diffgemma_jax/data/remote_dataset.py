@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import uuid
 from typing import Callable
 
@@ -277,7 +278,7 @@ def _build_on_copy(url: str, cache_root: str, build: Callable[..., object], scra
   returns (that copy, the bucket's manifest), both None where the bucket holds no dataset."""
   before = _read(storage.join(url, MANIFEST_FILE))
   copy = _copy(url, cache_root, stream=stream) if before is not None else None
-  if copy is not None:
+  if copy is not None and not os.path.isfile(os.path.join(scratch, MANIFEST_FILE)):  # (not over a kept build)
     _link_tree(copy, scratch)
   build(scratch, **job)
   return copy, before
@@ -307,19 +308,40 @@ def build_in_bucket(url: str, cache_root: str, build: Callable[[str], object], *
   resumed by the next where the recipe's build resumes (data/build.py: the same corpus, settings and tokenizer)."""
   scratch = resumable_scratch(url, cache_root)
   with storage.file_lock(scratch + ".job", f"building data.dir {url} on this host"):
-    shutil.rmtree(scratch, ignore_errors=True)  # a killed build's copy (its staging, `.partial`, is kept)
+    if _unpublished(scratch, url):
+      # a build that ended but was stopped before its upload did (hours of tokenising for a large corpus): the
+      # recipe finds it current, or rebuilds it, and what it holds is uploaded
+      print(f"data: {scratch} holds a build of data.dir {url} that was not uploaded; uploading it",
+            file=sys.stderr, flush=True)
+    else:
+      shutil.rmtree(scratch, ignore_errors=True)  # a killed build's copy (its staging, `.partial`, is kept)
     return _build_in_scratch(url, cache_root, build, scratch, max_bytes=max_bytes, stream=stream)
+
+
+def _unpublished(scratch: str, url: str) -> bool:
+  """Whether `scratch` holds a build that ended (its manifest) and is not the one in the bucket folder `url` (a
+  bucket that cannot be read counts as not holding it: the build is kept)."""
+  kept = _read(os.path.join(scratch, MANIFEST_FILE))
+  if kept is None:
+    return False
+  try:
+    return kept != _read(storage.join(url, MANIFEST_FILE))
+  except Exception:  # pylint: disable=broad-except
+    return True
 
 
 def _build_in_scratch(url: str, cache_root: str, build: Callable[[str], object], scratch: str, *, max_bytes: int,
                       stream: bool) -> str:
+  uploaded = False
   try:
     copy, before = _build_on_copy(url, cache_root, build, scratch, stream=stream)
     with open(os.path.join(scratch, MANIFEST_FILE), "rb") as f:
       after = f.read()
     if after == before:  # current: the copy made for the build is the one to read
+      uploaded = True
       return _in_use(copy, cache_root, max_bytes)
     upload(scratch, url)
+    uploaded = True
     local = os.path.join(os.path.dirname(scratch), _key(after))
     if not stream and not os.path.isdir(local):  # the build's files: this version's copy, nothing to fetch
       try:
@@ -328,7 +350,8 @@ def _build_in_scratch(url: str, cache_root: str, build: Callable[[str], object],
         pass
     return _in_use(_copy(url, cache_root, stream=stream), cache_root, max_bytes)
   finally:
-    _discard(scratch)
+    if uploaded or not _unpublished(scratch, url):  # a build that ended but was not uploaded stays for the next
+      _discard(scratch)
 
 
 def build_shared(url: str, cache_root: str, build: Callable[..., object], *, process_index: int,
