@@ -90,22 +90,20 @@ def filesystem(url):
 LINE_BUFFER_BYTES = 1 << 20  # what `open_binary`'s buffer over an object file asks it for at a time
 
 
-def open_binary(path, *, read_ahead: int | None = None):
+def open_binary(path, *, exact_reads: bool = False):
   """A seekable binary file object: a local file, or an object read in ranges as it is consumed (streamed).
-  `read_ahead` (objects): the bytes each ranged request fetches beyond what a read asks for; by default the store
-  client's block (s3fs: 50 MB), which suits reading a whole object in order but makes every read at a new offset
-  (a Parquet column chunk) fetch that much."""
+  `exact_reads` (objects): each read is one request for exactly its bytes, for reads at scattered offsets (a
+  Parquet footer and column chunks), where the store client's read-ahead (s3fs: a 50 MB block from every new
+  position) fetched 12x a corpus of 1 MB row groups over a build."""
   if not is_url(path):
     return open(path, "rb")
-  if read_ahead is None:
-    # Buffered: an fsspec file's own readline reads a whole block (copied out of its cache) and seeks back, so
-    # iterating the lines of an object (--records, --prompts, a JSONL source) copied a block per line: 50 MB with
-    # s3fs, the whole rest of an object under that size (83x slower for 20,000 lines of 8 MB)
-    return io.BufferedReader(epath.Path(str(path)).open("rb"), buffer_size=LINE_BUFFER_BYTES)
-  fs, key = filesystem(path)
-  if not read_ahead:  # each read one request for exactly its bytes
+  if exact_reads:
+    fs, key = filesystem(path)
     return fs.open(key, "rb", cache_type="none")
-  return fs.open(key, "rb", block_size=int(read_ahead), cache_type="readahead")
+  # Buffered: an fsspec file's own readline reads a whole block (copied out of its cache) and seeks back, so
+  # iterating the lines of an object (--records, --prompts, a JSONL source) copied a block per line: 50 MB with
+  # s3fs, the whole rest of an object under that size (83x slower for 20,000 lines of 8 MB)
+  return io.BufferedReader(epath.Path(str(path)).open("rb"), buffer_size=LINE_BUFFER_BYTES)
 
 
 def read_range(path, start: int, end: int | None) -> bytes:

@@ -36,9 +36,6 @@ from diffgemma_jax.errors import DataError
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
 PARQUET_BATCH_ROWS = 1024
 _READ_BYTES = 8 << 20  # chunk of a JSONL file read while finding its span boundaries
-# what each ranged read of a Parquet object fetches beyond the bytes asked for (its footer, a column chunk): the
-# store client's default (s3fs: 50 MB) fetched 12x a corpus of 1 MB row groups over a build
-PARQUET_READ_AHEAD = 0
 
 
 def file_format(path: str) -> str:
@@ -189,23 +186,23 @@ def _text_file(path, rel, stats):
 
 
 def _jsonl_file(path, span):
-  """The JSONL file of `span`, to be read from the span's start: a local file (seekable), a compressed object
-  streamed (one span, read in order), or an uncompressed object's span as bytes (whole lines: data/build.py plans
+  """The JSONL file of `span`, positioned at the span's start: a compressed file streamed (one span, read in
+  order), a local file seeked there, or an uncompressed object's span as bytes (whole lines: data/build.py plans
   spans at line ends) fetched in one ranged request for exactly them; a buffered object file fetched its client's
   block (s3fs: 50 MB) for each span of 1-16 MB, several times the corpus over a build."""
-  compressed = path.lower().endswith(".gz")
-  if not storage.is_url(path) or compressed:
-    raw_file = storage.open_binary(path)
-    return gzip.open(raw_file) if compressed else raw_file
-  return io.BytesIO(storage.read_range(path, span.start, span.stop))
+  if path.lower().endswith(".gz"):
+    return gzip.open(storage.open_binary(path))
+  if storage.is_url(path):
+    return io.BytesIO(storage.read_range(path, span.start, span.stop))
+  f = open(path, "rb")
+  f.seek(span.start)
+  return f
 
 
 def _jsonl(path, rel, text_field, stats, span):
   number = span.first or 1
   try:
     with _jsonl_file(path, span) as f:
-      if span.start and not isinstance(f, io.BytesIO):  # (the span's own bytes start there)
-        f.seek(span.start)
       position = span.start
       for number, raw in enumerate(f, number):
         if span.stop is not None and position >= span.stop:
@@ -241,7 +238,7 @@ def _open_parquet(path):
   import pyarrow as pa
   import pyarrow.parquet as pq
   try:
-    return pq.ParquetFile(storage.open_binary(path, read_ahead=PARQUET_READ_AHEAD) if storage.is_url(path) else path)
+    return pq.ParquetFile(storage.open_binary(path, exact_reads=True) if storage.is_url(path) else path)
   except (pa.ArrowException, OSError) as e:
     raise DataError(f"cannot read {path} as Parquet: {str(e).splitlines()[0][:200]}") from None
 
