@@ -256,18 +256,18 @@ class Checkpointer:
     one the run's saved config ranks by): the bounds of a run whose steps record none (several processes evaluate
     a save step after saving it unless checkpoint.keep_best is set). The file holds the run's own history: a
     resume rewrites it through the step it resumed from."""
-    from diffgemma_jax.train.logging import logged_records  # (logging imports this module)
+    from diffgemma_jax.train.logging import eval_prefix, logged_records  # (logging imports this module)
     ranked = self.ranked_set
     if ranked is None:
       ranked = str(((self.saved_config() or {}).get("eval") or {}).get("rank_by", ""))
-    prefix = f"eval/{ranked}/" if ranked else "eval/"
+    prefix = eval_prefix(ranked) + "/"
     complete, found = set(steps), {}
     for record in logged_records(os.path.dirname(self.directory.rstrip("/"))):
       step, value = record.get("step"), record.get(prefix + "bits_per_token")
       if step in complete and isinstance(value, (int, float)) and math.isfinite(value):  # the last logged for it
         found[step] = {"bits_per_token": float(value),
                        "stderr_bits_per_token": float(record.get(prefix + "stderr_bits_per_token", math.nan)),
-                       "weights": str(record.get("eval/weights", "")), "set": ranked, "logged": True}
+                       "weights": str(record.get(eval_prefix() + "/weights", "")), "set": ranked, "logged": True}
     return found
 
   def best(self) -> tuple[int, dict[str, Any]] | None:

@@ -16,7 +16,7 @@ import math
 import jax
 import numpy as np
 
-from diffgemma_jax.train.logging import logged_records
+from diffgemma_jax.train.logging import eval_prefix, logged_records
 
 
 class EarlyStop:
@@ -57,7 +57,7 @@ def replay(stop: EarlyStop, workdir: str, through_step: int) -> EarlyStop:
   if not stop.patience:
     return stop
   if jax.process_index() == 0:
-    key = f"eval/{stop.ranked_set}/bits_per_token" if stop.ranked_set else "eval/bits_per_token"
+    key = f"{eval_prefix(stop.ranked_set)}/bits_per_token"
     bounds = {int(r["step"]): float(r[key]) for r in logged_records(workdir)
               if key in r and int(r["step"]) <= through_step}  # the last logged for each step
     for step in sorted(bounds):

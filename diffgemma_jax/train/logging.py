@@ -101,6 +101,12 @@ def _logged_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
       continue
 
 
+def eval_prefix(set_name: str = "") -> str:
+  """Where metrics.jsonl keeps an evaluation's figures (`<prefix>/bits_per_token`, ...): `eval` for the run's own
+  held-out split, `eval/NAME` for the eval.heldout_sets set NAME."""
+  return f"eval/{set_name}" if set_name else "eval"
+
+
 def logged_records(workdir: str) -> list[dict[str, Any]]:
   """The records of `workdir`'s metrics.jsonl, in the order logged (a line cut by a kill dropped)."""
   return [record for _, record in _logged_lines(os.path.join(workdir, "metrics.jsonl"))]

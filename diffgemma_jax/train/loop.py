@@ -36,6 +36,7 @@ from diffgemma_jax.train.early_stop import EarlyStop, replay
 from diffgemma_jax.train.history import append_run_history
 from diffgemma_jax.train.logging import (
   MetricsLogger,
+  eval_prefix,
   format_summary,
   peak_flops_per_device,
   step_scalars,
@@ -212,7 +213,7 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     result.update(step=step, weights="ema" if evaluate_average else "params", unigram_ppl=unigram,
                   exact=objective.capabilities.exact)
     logger.write(step, {**{k: float(v) for k, v in result.items() if isinstance(v, (int, float))},
-                        "weights": result["weights"]}, prefix="eval")  # metrics.jsonl says which weights
+                        "weights": result["weights"]}, prefix=eval_prefix())  # metrics.jsonl says which weights
     logger.message(f"step {step}: held-out{' (moving average)' if evaluate_average else ''} "
                    f"{result['bits_per_token']:.4f} +- {result['stderr_bits_per_token']:.4f} "
                    f"bits/token, ppl <= {result['ppl_bound']:.2f} (unigram {unigram:.2f})")
@@ -221,7 +222,8 @@ def train(config, workdir: str, *, show_progress: bool = True, overrides: dict[s
     for name, _, set_unigram in more_sets:  # eval.heldout_sets: logged; ranked only as eval.rank_by
       other = result["heldout_sets"][name]
       other["unigram_ppl"] = set_unigram
-      logger.write(step, {k: float(v) for k, v in other.items() if isinstance(v, (int, float))}, prefix=f"eval/{name}")
+      logger.write(step, {k: float(v) for k, v in other.items() if isinstance(v, (int, float))},
+                   prefix=eval_prefix(name))
       logger.message(f"step {step}: held-out set {name}: {other['bits_per_token']:.4f} +- "
                      f"{other['stderr_bits_per_token']:.4f} bits/token, ppl <= {other['ppl_bound']:.2f}"
                      + (f" (unigram {other['unigram_ppl']:.2f})" if other["unigram_ppl"] else ""))
