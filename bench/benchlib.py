@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the commit measured, the machine's load around a run, timing, tokamax.
+"""What the benchmark scripts share: the commit measured, the machine's load around a run, timing, tokamax, a local S3
+server and the bytes s3fs fetches from it.
 
 A CPU timing is only comparable to another taken on an idle machine: every CPU benchmark records the load average
 (`os.getloadavg`, 1/5/15 minutes) before and after its run with `MachineLoad` and flags a run whose 1-minute
@@ -139,6 +140,35 @@ def start_local_s3(bucket: str = "bench") -> subprocess.Popen:
         server.kill()
         raise
       time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def counted_s3_fetches():
+  """Within the block, the size of every fetch s3fs makes (a buffered file's range, a ranged cat_file) is appended
+  to the list it yields. A client binds its sync calls to its async ones as it is made, so the block's clients are
+  new ones, and none made in it is kept after."""
+  import s3fs  # pylint: disable=import-outside-toplevel
+  import s3fs.core  # pylint: disable=import-outside-toplevel
+  fetched: list[int] = []
+  fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
+
+  def counted_range(self, start, end):
+    data = fetch_range(self, start, end)
+    fetched.append(len(data))
+    return data
+
+  async def counted_cat(self, path, version_id=None, start=None, end=None):
+    data = await cat_file(self, path, version_id=version_id, start=start, end=end)
+    fetched.append(len(data))
+    return data
+
+  s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file = counted_range, counted_cat
+  s3fs.S3FileSystem.clear_instance_cache()
+  try:
+    yield fetched
+  finally:
+    s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file = fetch_range, cat_file
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @contextlib.contextmanager

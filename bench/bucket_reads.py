@@ -16,7 +16,6 @@ are counted at s3fs's two fetch calls. The machine's load average before and aft
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -25,37 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import MachineLoad, bucket_and_scratch, commit  # noqa: E402
+from benchlib import MachineLoad, bucket_and_scratch, commit, counted_s3_fetches  # noqa: E402
 from data_pipeline import make_corpus  # noqa: E402
-
-
-@contextlib.contextmanager
-def _counted_fetches():
-  """Within the block, the size of every fetch s3fs makes (a buffered file's range, a ranged cat_file) is appended
-  to the list it yields. A client binds its sync calls to its async ones as it is made, so the block's clients are
-  new ones, and none made in it is kept after."""
-  import s3fs  # pylint: disable=import-outside-toplevel
-  import s3fs.core  # pylint: disable=import-outside-toplevel
-  fetched: list[int] = []
-  fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
-
-  def counted_range(self, start, end):
-    data = fetch_range(self, start, end)
-    fetched.append(len(data))
-    return data
-
-  async def counted_cat(self, path, version_id=None, start=None, end=None):
-    data = await cat_file(self, path, version_id=version_id, start=start, end=end)
-    fetched.append(len(data))
-    return data
-
-  s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file = counted_range, counted_cat
-  s3fs.S3FileSystem.clear_instance_cache()
-  try:
-    yield fetched
-  finally:
-    s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file = fetch_range, cat_file
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _buffered_documents(url: str, rel: str, span) -> int:
@@ -92,7 +62,7 @@ def main(argv=None) -> int:
   from diffgemma_jax.data.build import Corpus, plan_tasks  # pylint: disable=import-outside-toplevel
   from diffgemma_jax.data.sources import read_documents  # pylint: disable=import-outside-toplevel
   with bucket_and_scratch(args.url, "s3://bench/reads", "bucket_reads_") as (url, scratch), \
-      _counted_fetches() as fetched:
+      counted_s3_fetches() as fetched:
     corpus = os.path.join(scratch, "corpus")
     make_corpus(corpus, int(args.size_mb * 2**20))
     texts = [json.loads(line)["text"] for name in sorted(os.listdir(corpus))

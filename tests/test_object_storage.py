@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -369,7 +370,7 @@ def test_record_files_stream_from_a_bucket_as_they_read_locally(bucket, tmp_path
               == list(read_documents(str(folder), name, span=span))), (name, span)
 
 
-def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypatch, request):
+def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path):
   """Reading a JSONL object span by span fetches each byte once (one ranged request per span); a Parquet object's
   row groups fetch their own bytes (their column chunks, exactly) and the 64 KB pyarrow reads at the file's end as
   it opens it. Reading through the store
@@ -377,7 +378,6 @@ def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypat
   corpus over a real build. Counted at s3fs's two fetches (a buffered file's range, a ranged `cat_file`)."""
   import pyarrow as pa
   import pyarrow.parquet as pq
-  import s3fs.core
 
   from diffgemma_jax.data.sources import file_spans, read_documents
   folder = tmp_path / "records"
@@ -387,28 +387,17 @@ def test_spans_of_objects_fetch_their_own_bytes(s3_endpoint, tmp_path, monkeypat
   pq.write_table(pa.table({"text": [f"{i} {text}" for i in range(60)]}), folder / "b.parquet", row_group_size=6,
                  compression="none")
   upload_files(str(folder), "s3://runs/spans")
-  fetched = []
-  fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
-
-  async def counted_cat(self, path, version_id=None, start=None, end=None):
-    data = await cat_file(self, path, version_id=version_id, start=start, end=end)
-    fetched.append(len(data))
-    return data
-
-  monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", lambda self, *a: fetched.append(len(d := fetch_range(
-      self, *a))) or d)
-  monkeypatch.setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
-  # a client binds its sync calls (cat_file) to its async ones as it is made: a new one, and none kept after
-  s3fs.S3FileSystem.clear_instance_cache()
-  request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)
-  for name, footer in (("a.jsonl", 0), ("b.parquet", 1 << 16)):  # pyarrow reads a file's last 64 KB as it opens
-    size = os.path.getsize(folder / name)
-    spans = file_spans(str(folder), name, size // 10)
-    fetched.clear()
-    documents = [doc for span in spans for doc in read_documents("s3://runs/spans", name, span=span)]
-    assert len(spans) >= 8 and len(documents) == 60
-    assert size * 0.9 < sum(fetched) <= size + len(spans) * footer, (name, sum(fetched), size)
-    assert name.endswith(".parquet") or len(fetched) == len(spans)
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+  from benchlib import counted_s3_fetches  # (bench/bucket_reads.py counts with it too)
+  with counted_s3_fetches() as fetched:
+    for name, footer in (("a.jsonl", 0), ("b.parquet", 1 << 16)):  # pyarrow reads a file's last 64 KB as it opens
+      size = os.path.getsize(folder / name)
+      spans = file_spans(str(folder), name, size // 10)
+      fetched.clear()
+      documents = [doc for span in spans for doc in read_documents("s3://runs/spans", name, span=span)]
+      assert len(spans) >= 8 and len(documents) == 60
+      assert size * 0.9 < sum(fetched) <= size + len(spans) * footer, (name, sum(fetched), size)
+      assert name.endswith(".parquet") or len(fetched) == len(spans)
 
 
 def test_lines_of_an_object_are_read_through_a_buffer(s3_endpoint, tmp_path, monkeypatch):
