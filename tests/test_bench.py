@@ -254,3 +254,20 @@ def test_eval_set_build_reads_once_and_matches_the_scanned_build(s3_endpoint, ca
   assert [row["files"] for row in report["rows"]] == ["local", "bucket"]
   for row in report["rows"]:
     assert row["tokens"] > 0 and row["ratio"] == pytest.approx(row["one_read_s"] / row["scanned_s"], abs=0.01)
+
+
+def test_plan_reads_fetch_the_corpus_once_a_job_and_find_the_same_lines(s3_endpoint, capsys):
+  """bench/plan_reads.py on the session's S3 server, a 3 MB corpus: both plans' spans start at line starts with
+  their line numbers (checked in the script); the parts fetch the corpus once, process 0 of 4 about a quarter of it;
+  the ratios are those of the figures reported."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import plan_reads  # pylint: disable=import-outside-toplevel
+  assert plan_reads.main(["--url", "s3://runs/bench-plan", "--size_mb", "3", "--workers", "2", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  before, now = report["before_per_process"], report["now_in_process"]
+  assert report["parts"] >= 3 and report["tasks"] == report["parts"]
+  assert now["fetched_mb"] == pytest.approx(before["fetched_mb"], rel=0.01)
+  assert report["now_process_0_of"]["fetched_mb"] < 0.5 * now["fetched_mb"]
+  assert report["job_fetched_ratio"] == pytest.approx(now["fetched_mb"] / (4 * before["fetched_mb"]), abs=0.01)
+  assert report["time_ratio_workers"] == pytest.approx(report["now_workers"]["seconds"] / max(before["seconds"], 1e-3),
+                                                       abs=0.01)

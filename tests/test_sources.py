@@ -70,8 +70,10 @@ def test_spans_of_a_file_read_as_the_whole_file(tmp_path, monkeypatch):
   with open(tmp_path / "f.jsonl", "wb") as f:  # CRLF line ends, a blank line, lines longer than a span
     for i in range(40):
       f.write(json.dumps({"text": TEXTS[i % 5] * (1 + i % 7)}).encode() + (b"\r\n\r\n" if i == 9 else b"\r\n"))
-  monkeypatch.setattr(sources, "_READ_BYTES", 7)  # span ends found across read chunks
-  for name in ("a.jsonl", "c.parquet", "d.array_record", "f.jsonl"):
+  lines = [json.dumps({"text": TEXTS[i % 5] * (1 + 3 * i)}) for i in range(6)]
+  (tmp_path / "g.jsonl").write_text("\n".join(lines))  # no newline at its end, its last line over many chunks
+  monkeypatch.setattr(sources, "_READ_BYTES", 7)  # line ends found past a chunk, several reads on
+  for name in ("a.jsonl", "c.parquet", "d.array_record", "f.jsonl", "g.jsonl"):
     whole_stats, span_stats = ReadStats(), ReadStats()
     whole = list(read_documents(str(tmp_path), name, max_bad_lines=50, stats=whole_stats))
     spans = file_spans(str(tmp_path), name, 16)

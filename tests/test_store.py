@@ -245,6 +245,63 @@ def test_one_large_file_is_built_in_several_tasks_to_the_same_dataset(store, tmp
             == np.fromfile(tmp_path / "whole" / f"{split}.unigram", np.int64)).all()
 
 
+def test_a_build_reads_its_plan_once_spread_over_its_processes(store, tmp_path, monkeypatch):
+  """A large JSONL file's line ends (what cuts it into tasks) are read once per build, each process reading its share
+  of the file's chunks (every process read the whole of every file for them, one after the other, before); a build
+  resumed after an interruption reads none (its plan is kept); the dataset is the one-process build's."""
+  out, _, src = store
+  with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
+    for name in sorted(os.listdir(src)):
+      for part in (src / name).read_text(encoding="utf-8").split("\n\n"):
+        f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
+  tok = os.path.join(out, "tokenizer.model")
+  monkeypatch.setattr(build_module, "TASK_BYTES", 20_000)
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 0)
+  corpus = build_module.Corpus(str(tmp_path), ("corpus.jsonl",), "c")
+  parts = build_module.plan_parts(corpus, build_module.file_sizes(corpus))
+  read, read_part = [], build_module._read_part
+  monkeypatch.setattr(build_module, "_read_part", lambda j, *a: read.append(j) or read_part(j, *a))
+  one = _build(tmp_path, "one", tmp_path / "corpus.jsonl", tok, build_workers=1)
+  assert len(parts) > 5 and sorted(read) == list(range(len(parts)))
+  barrier, results, errors = threading.Barrier(2), {}, []
+  read.clear()
+
+  def process(index):
+    try:
+      results[index] = _build(tmp_path, "two", tmp_path / "corpus.jsonl", tok, build_workers=1, process_index=index,
+                              process_count=2, barrier=lambda name: barrier.wait(timeout=60))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  assert sorted(read) == list(range(len(parts)))  # each part once, by the process it fell to (j mod 2)
+  read.clear()
+  tokenize, calls = build_module._tokenize_task, []
+
+  def interrupted(*args):
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    calls.append(1)
+    return tokenize(*args)
+
+  monkeypatch.setattr(build_module, "_tokenize_task", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    _build(tmp_path, "resumed", tmp_path / "corpus.jsonl", tok, build_workers=1)
+  assert sorted(read) == list(range(len(parts)))
+  read.clear()
+  monkeypatch.setattr(build_module, "_tokenize_task", tokenize)
+  resumed = _build(tmp_path, "resumed", tmp_path / "corpus.jsonl", tok, build_workers=1)
+  assert read == []
+  for other in (results[0], results[1], resumed):
+    assert other["sha256"] == one["sha256"] and other["store"] == one["store"]
+
+
 def test_build_workers_hold_no_result_once_it_is_handed_over():
   """A scan's results hold its tokenizer-sample candidates (all of a task's lines when the sample is larger than
   the task): the build must not keep every task's until the phase ends."""

@@ -1,7 +1,7 @@
 """The streaming pretraining build: source files -> held-out split -> tokenizer -> token store, in bounded memory.
 
 The corpus is cut into tasks (runs of consecutive file spans, data/sources.py, of about `task_bytes`: a large
-file is several spans, small files share a task) and built in four phases. A
+file is several spans, small files share a task) and built in five phases. A
 multi-process run splits the tasks over its processes (task i goes to process i mod P), every process works on
 its own tasks only, and process 0 does what is global; a barrier separates the phases, and a process that fails
 leaves its error for the others to raise after the next barrier (no process waits forever for a dead one). The
@@ -9,6 +9,9 @@ processes share one staging folder (a shared filesystem), or, with `BuildOptions
 into a bucket), each has its own and they pass what crosses between them through the exchange (data/exchange.py):
 a process's folder then ends with its own tasks' shards, process 0's with the rest of the dataset.
 
+  0. plan      the reads that cut the large files into spans (a JSONL file's chunks, for their line ends; a Parquet
+               or ArrayRecord file's metadata), spread over the processes and their workers; every process then
+               has every part's result and the same tasks.
   1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), and keeps
                its candidates for the tokenizer sample.
   2. decide    process 0: the held-out threshold (or the recipe's own held-out keys), and (unless a tokenizer is
@@ -50,7 +53,15 @@ import numpy as np
 
 from diffgemma_jax import storage
 from diffgemma_jax.data.exchange import Exchange
-from diffgemma_jax.data.sources import ReadStats, Span, check_bad_lines, file_spans, read_documents
+from diffgemma_jax.data.sources import (
+  ReadStats,
+  Span,
+  check_bad_lines,
+  read_documents,
+  read_span_part,
+  span_parts,
+  spans_from_parts,
+)
 from diffgemma_jax.data.split import (
   SPLIT_BY,
   HeldOut,
@@ -70,7 +81,7 @@ SPLITS = ("train", "heldout")
 # (held-out split and tokenizer) is kept, and every task whose shards were whole (its mark in TOKENISED) is not
 # encoded again. The scan is redone whole unless the decision was made (it is the cheap phase: reading and hashing,
 # against encoding). A bad input (a DataError) or a changed corpus or setting starts afresh.
-BUILD_FILE, TOKENISED = "build.json", "tokenised"
+BUILD_FILE, TOKENISED, PLAN_FILE = "build.json", "tokenised", "plan.json"
 READ = "read"  # a task's mark: what its read skipped (ReadStats); an evaluation set's only read (build_store)
 TASK_BYTES = 16 << 20
 MIN_TASK_BYTES = 1 << 20
@@ -146,24 +157,54 @@ def agreed_current(options: BuildOptions) -> None:
     options.exchange.clear()
 
 
-def task_bytes(corpus: Corpus) -> int:
+def file_sizes(corpus: Corpus) -> dict[str, int]:
+  return {rel: storage.file_size(storage.join(corpus.root, rel)) or 0 for rel in corpus.files}
+
+
+def task_bytes(sizes: dict[str, int]) -> int:
   """About MIN_TASKS tasks, none over TASK_BYTES nor (unless TASK_BYTES is smaller) under MIN_TASK_BYTES; from the
-  corpus alone, so the shards are the same for any worker or process count."""
-  total = sum(storage.file_size(storage.join(corpus.root, rel)) or 0 for rel in corpus.files)
-  return min(TASK_BYTES, max(MIN_TASK_BYTES, total // MIN_TASKS))
+  corpus's file sizes alone, so the shards are the same for any worker or process count."""
+  return min(TASK_BYTES, max(MIN_TASK_BYTES, sum(sizes.values()) // MIN_TASKS))
 
 
-def plan_tasks(corpus: Corpus) -> list[tuple[Span, ...]]:
-  limit = task_bytes(corpus)
+def plan_parts(corpus: Corpus, sizes: dict[str, int]) -> list[tuple[str, tuple[int, int]]]:
+  """The reads that cut the corpus's large files into spans (`sources.span_parts`), as (file, part)."""
+  limit = task_bytes(sizes)
+  return [(rel, part) for rel in corpus.files for part in span_parts(rel, sizes[rel], limit)]
+
+
+def _read_part(index: int, root: str, rel: str, part: tuple[int, int], limit: int):
+  return index, read_span_part(root, rel, part, limit)
+
+
+def tasks_from_parts(corpus: Corpus, sizes: dict[str, int], found: list) -> list[tuple[Span, ...]]:
+  """The tasks: runs of consecutive spans of about `task_bytes` each (a task ends once it holds three quarters of
+  that: a large JSONL file's spans, cut at the first line start of each chunk, are within a line of the size either
+  side, and one a few bytes short would have made a task of two), the spans from what each of `plan_parts` found
+  (`found`, in its order)."""
+  limit = task_bytes(sizes)
+  by_file: dict[str, tuple[list, list]] = {}
+  for (rel, part), result in zip(plan_parts(corpus, sizes), found, strict=True):
+    by_file.setdefault(rel, ([], []))
+    by_file[rel][0].append(part)
+    by_file[rel][1].append(result)
   tasks, current, size = [], [], 0
   for rel in corpus.files:
-    for span in file_spans(corpus.root, rel, limit):
+    for span in spans_from_parts(rel, sizes[rel], *by_file.get(rel, ([], []))):
       current.append(span)
       size += span.size
-      if size >= limit:
+      if size >= limit - limit // 4:
         tasks.append(tuple(current))
         current, size = [], 0
   return tasks + [tuple(current)] if current else tasks
+
+
+def plan_tasks(corpus: Corpus) -> list[tuple[Span, ...]]:
+  """The build's tasks, the parts of the plan read one after the other (a build reads them in parallel)."""
+  sizes = file_sizes(corpus)
+  limit = task_bytes(sizes)
+  return tasks_from_parts(corpus, sizes, [read_span_part(corpus.root, rel, part, limit)
+                                          for rel, part in plan_parts(corpus, sizes)])
 
 
 def _documents(corpus: Corpus, spans, stats: ReadStats):
@@ -278,17 +319,18 @@ def _tokenised(staging: str, index: int, vocab_size: int):
   return result, ReadStats(**entries[READ])
 
 
-def build_key(corpus: Corpus, tasks, *, vocab_size: int | None, tokenizer: str | None, sample_lines: int) -> str:
+def build_key(corpus: Corpus, sizes: dict[str, int], *, vocab_size: int | None, tokenizer: str | None,
+              sample_lines: int) -> str:
   """What an interrupted build's staging folder must match to be resumed: the corpus's settings, its files' sizes
-  and versions, the task plan, the tokenizer given (its digest) or the one to train (vocabulary and sample)."""
+  and versions, the task size (with the files, what the plan follows from), the tokenizer given (its digest) or the
+  one to train (vocabulary and sample)."""
   files = hashlib.sha256()
   for rel in corpus.files:
     files.update(json.dumps([rel, storage.stamp(storage.join(corpus.root, rel))]).encode())
   settings = dataclasses.asdict(dataclasses.replace(corpus, files=(), heldout_keys=()))
   settings["heldout_keys"] = hashlib.sha256("\0".join(corpus.heldout_keys).encode()).hexdigest()
   return hashlib.sha256(json.dumps({
-      "format": 1, "corpus": settings, "files": files.hexdigest(),
-      "tasks": [[dataclasses.astuple(span) for span in spans] for spans in tasks],
+      "format": 2, "corpus": settings, "files": files.hexdigest(), "task_bytes": task_bytes(sizes),
       "tokenizer": storage.file_sha256(tokenizer) if tokenizer else None,
       "vocab_size": None if tokenizer else vocab_size, "sample_lines": None if tokenizer else sample_lines},
       sort_keys=True, default=str).encode()).hexdigest()
@@ -404,32 +446,68 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   if own:
     agree_to_build(options, current=False)
   workers = _Workers(options.workers or os.cpu_count() or 1)
-  tasks = plan_tasks(corpus)
-  mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]
+  sizes = file_sizes(corpus)
+  parts = plan_parts(corpus, sizes)
+  tasks: list[tuple[Span, ...]] = []  # the plan's (`planned`), then each process's share of them
+  mine: list[tuple[int, tuple[Span, ...]]] = []
+  task_size: dict[int, int] = {}
   job_corpus = dataclasses.replace(corpus, files=(), heldout_keys=())  # what a task needs, pickled per task
   phases = Phases(staging, options)
   progress = _Progress(output_dir, enabled=p == 0, shared=count > 1)
-  task_size = {i: sum(span.size for span in spans) for i, spans in mine}
   # resumable where the processes share the staging folder (one process, or a shared filesystem)
-  key = None if own else build_key(corpus, tasks, vocab_size=vocab_size, tokenizer=tokenizer,
+  key = None if own else build_key(corpus, sizes, vocab_size=vocab_size, tokenizer=tokenizer,
                                    sample_lines=options.sample_lines)
   decided = lambda: os.path.isfile(os.path.join(staging, "decision.json"))  # noqa: E731
+  plan_file = os.path.join(staging, PLAN_FILE)
+  resumed = False
 
   def begin():
+    nonlocal resumed
     resumed = p == 0 and not own and _staged_key(staging) == key
     if (p == 0 or own) and not resumed:
       shutil.rmtree(staging, ignore_errors=True)
-      os.makedirs(os.path.join(staging, "scan"))
-      os.makedirs(os.path.join(staging, TOKENISED))
+      for folder in ("scan", TOKENISED, "plan"):
+        os.makedirs(os.path.join(staging, folder))
       if key is not None:
         _write_json(os.path.join(staging, BUILD_FILE), {"key": key})
-    if p == 0:
-      size = sum(span.size for spans in tasks for span in spans)
-      progress.say(f"building a dataset of {corpus.name} in {output_dir}: {len(corpus.files)} file(s), "
-                   f"{size / 1e6:.1f} MB in {len(tasks)} task(s) on {options.workers or os.cpu_count() or 1} "
-                   f"worker(s) per process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
     if resumed:
       _delete_entries(staging, lambda name: name.startswith("error-"))  # the interrupted build's (Phases)
+    progress.say(f"building a dataset of {corpus.name} in {output_dir}: {len(corpus.files)} file(s), "
+                 f"{sum(sizes.values()) / 1e6:.1f} MB on {options.workers or os.cpu_count() or 1} worker(s) per "
+                 "process" + ("" if tokenizer else ", a tokenizer trained on a sample first"))
+
+  def plan():
+    # Each process reads its share of the parts (the large files' line ends and row groups), in its workers: a
+    # corpus's plan was read by every process, one file after the other (the whole of every JSONL file)
+    if os.path.isfile(plan_file):  # a resumed build's
+      return
+    jobs = [(j, corpus.root, rel, part, task_bytes(sizes)) for j, (rel, part) in enumerate(parts) if j % count == p]
+    progress.phase("plan", {job[0]: job[3][1] - job[3][0] for job in jobs})
+    found = {}
+    for j, result in workers.run(_read_part, jobs):
+      progress.done(j)
+      found[j] = result
+    _write_json(os.path.join(staging, "plan", f"{p}.json"), found)
+    if own:
+      exchange.put([(os.path.join(staging, "plan", f"{p}.json"), f"plan/{p}.json")])
+
+  def planned():
+    """Every process's plan parts, as the build's tasks; process 0 keeps them (a resumed build reads them back)."""
+    nonlocal tasks, mine, task_size
+    if os.path.isfile(plan_file):
+      tasks = [tuple(Span(*span) for span in spans) for spans in _read_json(plan_file)]
+    else:
+      if own:
+        exchange.get([f"plan/{q}.json" for q in range(count) if q != p], staging)
+      found = {}
+      for q in range(count):
+        found.update({int(j): result for j, result in _read_json(os.path.join(staging, "plan", f"{q}.json")).items()})
+      tasks = tasks_from_parts(corpus, sizes, [found[j] for j in range(len(parts))])
+      if p == 0 and not own:
+        _write_json(plan_file, [[dataclasses.astuple(span) for span in spans] for spans in tasks])
+    mine = [(i, spans) for i, spans in enumerate(tasks) if i % count == p]
+    task_size = {i: sum(span.size for span in spans) for i, spans in mine}
+    if resumed:
       done = sum(name.endswith(".json") for name in os.listdir(os.path.join(staging, TOKENISED)))
       progress.say(f"resuming the interrupted build in {staging}: " + (
           f"its held-out split and tokenizer kept, {done} of {len(tasks)} task(s) already tokenised" if decided()
@@ -583,8 +661,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                 tokenizer_sample_lines=None if tokenizer else options.sample_lines,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 build_seconds=round(time.time() - start, 2))
-    _delete_entries(staging, lambda name: name in ("scan", "decision.json", BUILD_FILE, TOKENISED)  # scratch
-                    or name.startswith(("counts-", "shards-", "error-")))
+    _delete_entries(staging, lambda name: name in ("scan", "plan", PLAN_FILE, "decision.json", BUILD_FILE,
+                                                   TOKENISED) or name.startswith(("counts-", "shards-", "error-")))
     _write_json(os.path.join(staging, "manifest.json"), full)
     if own:
       exchange.put([(os.path.join(staging, "manifest.json"), "manifest.json")])
@@ -604,8 +682,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
                       f"{len(stats.non_utf8_files)} not UTF-8, {stats.empty} empty)")
 
   try:
-    for name, fn in (("begin", begin), ("scan", scan), ("decide", decide), ("tokenize", tokenize),
-                     ("finish", finish)):
+    for name, fn in (("begin", begin), ("plan", plan), ("scan", lambda: (planned(), scan())), ("decide", decide),
+                     ("tokenize", tokenize), ("finish", finish)):
       phases.run(name, fn)
   except BaseException as e:
     workers.close()  # no task still writes into the staging folder

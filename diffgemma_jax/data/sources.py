@@ -12,7 +12,8 @@ reads local files only, so such a file is copied to the local temporary folder f
 
 A JSONL line ends at "\n" (JSON text holds no raw newline; "\r\n" is read as "\n" plus whitespace). A large
 file is read as several spans (`file_spans`: byte ranges of whole lines, runs of Parquet row groups, ranges of
-ArrayRecord records), so the build can spread one file over several workers; documents and their identities are
+ArrayRecord records; found by reads in parts, `span_parts`, that the build spreads over its workers too), so the
+build can spread one file over several workers; documents and their identities are
 those of reading the file whole. A `.jsonl.gz` file is one span (a gzip stream is read from its start).
 
 Empty (or whitespace-only) documents are skipped and counted. A JSONL line that is not JSON, or an ArrayRecord
@@ -35,7 +36,7 @@ from diffgemma_jax.errors import DataError
 
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
 PARQUET_BATCH_ROWS = 1024
-_READ_BYTES = 8 << 20  # chunk of a JSONL file read while finding its span boundaries
+_READ_BYTES = 8 << 20  # read at a time past a JSONL chunk whose line goes on
 
 
 def file_format(path: str) -> str:
@@ -77,41 +78,78 @@ class Span:
   size: int = 0
 
 
-def file_spans(root: str, rel: str, span_bytes: int) -> list[Span]:
-  """`root/rel` as spans of about `span_bytes` each, in file order (one span: the whole file)."""
+def span_parts(rel: str, size: int, span_bytes: int) -> list[tuple[int, int]]:
+  """What cutting `rel` (`size` bytes) into spans of about `span_bytes` reads, as parts read apart (`read_span_part`,
+  in parallel by data/build.py): none where the file is one span; a JSONL file's chunks of `span_bytes` (each part
+  is one ranged read of about its size, so the whole file is read once, spread over the parts); a Parquet or
+  ArrayRecord file's metadata, one part."""
+  if size <= span_bytes or file_format(rel) == "text" or rel.lower().endswith(".gz"):
+    return []
+  if file_format(rel) == "jsonl":
+    return [(start, min(start + span_bytes, size)) for start in range(0, size, span_bytes)]
+  return [(0, size)]
+
+
+def read_span_part(root: str, rel: str, part: tuple[int, int], span_bytes: int) -> list:
+  """What part `part` of `span_parts` found (JSON-safe): a JSONL chunk's (where its first line starts, the newlines
+  before that in the chunk, the newlines in the chunk); a Parquet or ArrayRecord file's spans."""
   path = storage.join(root, rel)
-  size = storage.file_size(path) or 0
-  kind = file_format(rel)
-  if size <= span_bytes or kind == "text" or rel.lower().endswith(".gz"):
-    return [Span(rel, size=size)]
-  if kind == "jsonl":
-    return _jsonl_spans(path, rel, span_bytes, size)
-  if kind == "parquet":
-    return _parquet_spans(path, rel, span_bytes, size)
-  return _array_record_spans(path, rel, span_bytes, size)
-
-
-def _jsonl_spans(path, rel, span_bytes, size):
-  """Byte ranges of whole lines, each starting at a line start; `first`: its first line's number (1-based)."""
-  spans, start, first, lines, position = [], 0, 1, 0, 0
   try:
-    with storage.open_binary(path) as f:
-      while chunk := f.read(_READ_BYTES):
-        offset = 0
-        while True:  # close every span whose size is reached in this chunk, at the end of that line
-          reached = start + span_bytes - position
-          cut = chunk.find(b"\n", max(reached, offset)) if reached < len(chunk) else -1
-          if cut < 0:
-            break
-          lines += chunk.count(b"\n", offset, cut + 1)
-          stop = position + cut + 1
-          spans.append(Span(rel, start, stop, first, stop - start))
-          start, first, lines, offset = stop, first + lines, 0, cut + 1
-        lines += chunk.count(b"\n", offset)
-        position += len(chunk)
+    if file_format(rel) == "jsonl":
+      return list(_jsonl_chunk(path, *part))
+    size = part[1]
+    if file_format(rel) == "parquet":
+      return [dataclasses.astuple(span) for span in _parquet_spans(path, rel, span_bytes, size)]
+    return [dataclasses.astuple(span) for span in _array_record_spans(path, rel, span_bytes, size)]
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-  return spans + [Span(rel, start, None, first, size - start)] if start < size else spans
+
+
+def spans_from_parts(rel: str, size: int, parts: list[tuple[int, int]], found: list) -> list[Span]:
+  """`rel`'s spans from what each of its `span_parts` found (`read_span_part`), in file order."""
+  if not parts:
+    return [Span(rel, size=size)]
+  if file_format(rel) != "jsonl":
+    return [Span(*span) for span in found[0]]
+  starts, newlines = {}, 0  # {line start: its line's number}; newlines before the current chunk
+  for (start, _), (line_start, before, count) in zip(parts, found):
+    if line_start < size:
+      starts.setdefault(line_start, 1 + newlines + before)  # (a line longer than a chunk: the next one's again)
+    newlines += count
+  cuts = sorted(starts)
+  return [Span(rel, cut, stop, starts[cut], (stop or size) - cut)
+          for cut, stop in zip(cuts, cuts[1:] + [None])]
+
+
+def file_spans(root: str, rel: str, span_bytes: int) -> list[Span]:
+  """`root/rel` as spans of about `span_bytes` each, in file order (one span: the whole file), its parts read one
+  after the other."""
+  size = storage.file_size(storage.join(root, rel)) or 0
+  parts = span_parts(rel, size, span_bytes)
+  return spans_from_parts(rel, size, parts, [read_span_part(root, rel, part, span_bytes) for part in parts])
+
+
+def _jsonl_chunk(path, start: int, stop: int) -> tuple[int, int, int]:
+  """The bytes [start, stop) of a JSONL file (one ranged read, the byte before them included): (the first line start
+  at or after `start`, or the file's end; the newlines in [start, that line start), 0 or 1; the newlines in [start,
+  stop)). A chunk with no newline (a line longer than it) reads on until one, or the file's end."""
+  if start == 0:
+    return 0, 0, storage.read_range(path, 0, stop).count(b"\n")
+  data = storage.read_range(path, start - 1, stop)
+  count = data.count(b"\n", 1)
+  if data[:1] == b"\n":  # a line starts at `start`
+    return start, 0, count
+  end = data.find(b"\n", 1)
+  position = stop
+  while end < 0:  # a line longer than the chunk: its end is further on
+    data = storage.read_range(path, position, position + _READ_BYTES)
+    if not data:
+      return position, 0, count  # the file ends in this line: no line starts in this chunk or after it
+    end = data.find(b"\n")
+    if end >= 0:
+      return position + end + 1, 1, count
+    position += len(data)
+  return start + end, 1, count
 
 
 def _parquet_spans(path, rel, span_bytes, size):
