@@ -45,10 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Pretraining: python_stdlib | python_packages | shakespeare | text_files. SFT (prompt/response rows): python_docstrings | jsonl.
   c.data.recipe = "python_stdlib"
   c.data.dir = ""  # dataset directory; empty: data/<recipe>-v<vocab_size> under the current directory
-  # where a data.dir in a bucket (gs://, s3://) is copied to be read; empty: ~/.cache/diffgemma-jax/datasets
+  # where a data.dir in a bucket (gs://, s3://) is copied to be read, and evaluation sets (diffgemma-eval --heldout,
+  # eval.heldout_sets) are built (eval-sets/); empty: ~/.cache/diffgemma-jax/datasets
   c.data.cache_dir = ""
-  # size cap of data.cache_dir in GiB: after a fetch, the least recently used dataset copies (never one this
-  # process reads) are deleted until the cache fits; 0: unlimited
+  # size cap of data.cache_dir in GiB: after a fetch or an evaluation set's use, the least recently used dataset
+  # copies and evaluation sets (never one this process reads) are deleted until the cache fits; 0: unlimited
   c.data.cache_max_gb = 0.0
   # a data.dir (or mixture dataset) in a bucket: read the token shards' rows there, a batch's ranges in one
   # concurrent request, instead of copying them into data.cache_dir (which then gets the small files only: manifest,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -115,6 +116,34 @@ def _validation_files(folder):
   return folder
 
 
+def test_evaluation_sets_live_in_the_dataset_cache_under_its_cap(load_tiny, tiny_tokenizer, tmp_path, monkeypatch):
+  """An evaluation set built in the default place is in data.cache_dir (`eval-sets/<key>`), and data.cache_max_gb
+  counts it with the dataset copies: using a second set under a cap that holds one evicts the least recently used
+  (never a set this process uses), and a set being built (`.partial`) is never taken for a finished one."""
+  from diffgemma_jax.data import remote_dataset
+  from diffgemma_jax.train.dataset import EVAL_SETS, heldout_set
+  cache = tmp_path / "cache"
+  monkeypatch.setattr(remote_dataset, "_IN_USE", set())
+  monkeypatch.setattr(remote_dataset, "_CAPS", {})
+  folders = []
+  for name in ("a", "b"):
+    _validation_files(tmp_path / name)
+    config = load_tiny({"data.cache_dir": str(cache), "data.build_workers": "1"})
+    folders.append(heldout_set(config, tiny_tokenizer.path, str(tmp_path / name))[0])
+  assert [os.path.dirname(f) for f in folders] == [str(cache / EVAL_SETS)] * 2 and folders[0] != folders[1]
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folders[0]) for f in fs)
+  os.makedirs(folders[0] + "x.partial")  # another build's staging, in progress
+  remote_dataset._IN_USE.clear()  # pylint: disable=protected-access (a later process: neither set in use)
+  os.utime(folders[0], (1, 1))  # the least recently used set
+  os.utime(folders[0] + "x.partial", (0, 0))  # older still
+  config = load_tiny({"data.cache_dir": str(cache), "data.cache_max_gb": str(1.5 * size / 2**30),
+                      "data.build_workers": "1"})
+  assert heldout_set(config, tiny_tokenizer.path, str(tmp_path / "b"))[0] == folders[1]
+  assert not os.path.exists(folders[0]) and os.path.isdir(folders[1]) and os.path.isdir(folders[0] + "x.partial")
+  assert heldout_set(config, tiny_tokenizer.path, str(tmp_path / "a"))[0] == folders[0]  # built again; b is in use
+  assert os.path.isdir(folders[0]) and os.path.isdir(folders[1])
+
+
 def test_the_trainer_evaluates_eval_heldout_sets_as_diffgemma_eval_heldout_does(load_tiny, tmp_path, monkeypatch):
   """eval.heldout_sets: at each evaluation the trainer also scores each named set (eval.max_sequences rows of it),
   logged as eval/NAME/... and summarised; each value is diffgemma-eval --heldout's on the same files and step, and
@@ -170,7 +199,7 @@ def test_eval_heldout_scores_a_set_of_your_own_with_the_runs_tokenizer(trained_r
   result = json.loads(captured.out)
   assert "building a dataset of data.heldout_source" in captured.err
   assert result["heldout"] == str(val) and result["dataset"].startswith(str(tmp_path / "cache" / "diffgemma-jax" /
-                                                                             "eval-sets"))
+                                                                             "datasets" / "eval-sets"))
   assert result["num_examples"] > 8 and result["unigram_ppl"] > 1 and set(result) >= KEYS
   assert main(argv) == 0  # current: not built again, the same bound
   captured = capsys.readouterr()

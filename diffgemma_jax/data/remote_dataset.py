@@ -102,7 +102,7 @@ def fetch(url: str, cache_root: str, key: str = "data.dir", *, max_bytes: int = 
   (`store.open_split`, from the copy's `remote.json`). With `stream` (`data.stream_tokens`), the token shards
   (`*.tokens`, nearly all of a pretraining dataset's bytes) are never copied: their sizes, listed now, go to
   `remote.json`, and the token store reads their rows in the bucket."""
-  return _in_use(_copy(url, cache_root, key, stream=stream), cache_root, max_bytes)
+  return in_use(_copy(url, cache_root, key, stream=stream), cache_root, max_bytes)
 
 
 def _deferred(manifest: bytes) -> Callable[[str], bool]:
@@ -148,7 +148,9 @@ _IN_USE: set[str] = set()
 _CAPS: dict[str, int] = {}
 
 
-def _in_use(local: str, cache_root: str, max_bytes: int) -> str:
+def in_use(local: str, cache_root: str, max_bytes: int) -> str:
+  """Marks the folder `local` of the cache `cache_root` (a dataset's copy, an evaluation set) as used now by this
+  process, which never evicts it, and with `max_bytes` > 0 prunes the cache to that size (`prune`); returns it."""
   os.utime(local)  # its last use: what eviction orders by
   _IN_USE.add(os.path.realpath(local))
   if max_bytes > 0:
@@ -169,20 +171,22 @@ def make_room(local: str, incoming: int) -> None:
 
 
 def _dataset_folders(cache_root: str) -> list[str]:
-  """`<cache>/<URL key>/<manifest key>` folders (not the `build-*` scratch folders of builds in progress)."""
+  """`<cache>/<URL key>/<manifest key>` folders and `<cache>/eval-sets/<key>` (not the `build-*` scratch folders
+  of builds nor the `*.partial` staging folders of builds in progress)."""
   found = []
   for url_key in sorted(os.listdir(cache_root)) if os.path.isdir(cache_root) else []:
     parent = os.path.join(cache_root, url_key)
     if os.path.isdir(parent):
       found += [os.path.join(parent, name) for name in sorted(os.listdir(parent))
-                if not name.startswith("build-") and os.path.isdir(os.path.join(parent, name))]
+                if not name.startswith("build-") and not name.endswith(".partial")
+                and os.path.isdir(os.path.join(parent, name))]
   return found
 
 
 def prune(cache_root: str, max_bytes: int) -> list[str]:
-  """Deletes the least recently used dataset folders of the cache (`data.cache_max_gb`) until its files take at
-  most `max_bytes`, never one this process uses (it may hold more then); returns the folders deleted. A file that
-  folders share (versions hard-linked by a rebuild) counts once, and frees space with the last folder holding it."""
+  """Deletes the least recently used dataset folders of the cache (copies and evaluation sets; `data.cache_max_gb`)
+  until its files take at most `max_bytes`, never one this process uses (it may hold more then); returns the
+  folders deleted. A file that folders share (versions hard-linked by a rebuild) counts once, and frees space with the last folder holding it."""
   files: dict[str, dict[tuple, int]] = {}  # folder -> {(device, inode): size}
   for folder in _dataset_folders(cache_root):
     files[folder] = {}
@@ -339,7 +343,7 @@ def _build_in_scratch(url: str, cache_root: str, build: Callable[[str], object],
       after = f.read()
     if after == before:  # current: the copy made for the build is the one to read
       uploaded = True
-      return _in_use(copy, cache_root, max_bytes)
+      return in_use(copy, cache_root, max_bytes)
     upload(scratch, url)
     uploaded = True
     local = os.path.join(os.path.dirname(scratch), _key(after))
@@ -348,7 +352,7 @@ def _build_in_scratch(url: str, cache_root: str, build: Callable[[str], object],
         os.replace(scratch, local)
       except OSError:  # another process's copy of the same dataset got there first
         pass
-    return _in_use(_copy(url, cache_root, stream=stream), cache_root, max_bytes)
+    return in_use(_copy(url, cache_root, stream=stream), cache_root, max_bytes)
   finally:
     if uploaded or not _unpublished(scratch, url):  # a build that ended but was not uploaded stays for the next
       _discard(scratch)
@@ -388,7 +392,7 @@ def build_shared(url: str, cache_root: str, build: Callable[..., object], *, pro
     local = current or _copy(url, cache_root, stream=stream)
     if built is not None and not stream:  # the shards this process built: its copy never fetches them
       _link_tree(built, local)
-    return _in_use(local, cache_root, max_bytes)
+    return in_use(local, cache_root, max_bytes)
   finally:
     if built is not None:
       _discard(built)

@@ -87,6 +87,9 @@ def mixture_entries(config, *, local: bool = True) -> list[tuple[str, float]]:
   return entries
 
 
+EVAL_SETS = "eval-sets"  # the dataset cache's folder of evaluation sets (`eval_set_dir`)
+
+
 def _cache_root(config) -> str:
   return str(config.data.cache_dir) or remote_dataset.default_cache_root()
 
@@ -238,13 +241,15 @@ def eval_sets(config, directory: str, *, process_index: int = 0,
 
 
 def eval_set_dir(config, heldout: str, tokenizer: str) -> str:
-  """Where `diffgemma-eval --heldout` builds an evaluation set unless told: `$XDG_CACHE_HOME/diffgemma-jax/eval-sets/
-  <key>` (`~/.cache/...` without it), the key a digest of the sources as given (local paths made absolute), the
-  tokenizer's content and data.text_field; the build itself is redone when a file changes (text_files' stamps)."""
+  """Where `diffgemma-eval --heldout` and eval.heldout_sets build an evaluation set unless told: `<data.cache_dir>/
+  eval-sets/<key>` (data.cache_dir's default: `$XDG_CACHE_HOME/diffgemma-jax/datasets`, `~/.cache/...` without it),
+  the key a digest of the sources as given (local paths made absolute), the tokenizer's content and
+  data.text_field; the build itself is redone when a file changes (text_files' stamps). In the dataset cache, so
+  data.cache_max_gb counts the sets with the dataset copies, and evicts the least recently used of either."""
   parts = [p.strip() if storage.is_url(p.strip()) else os.path.abspath(p.strip()) for p in heldout.split(",")
            if p.strip()]
   key = hashlib.sha256(json.dumps([parts, storage.file_sha256(tokenizer), str(config.data.text_field)]).encode())
-  return os.path.join(os.path.dirname(remote_dataset.default_cache_root()), "eval-sets", key.hexdigest()[:16])
+  return os.path.join(_cache_root(config), EVAL_SETS, key.hexdigest()[:16])
 
 
 def run_tokenizer(config, run_dir: str, flag: str) -> str:
@@ -269,6 +274,7 @@ def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None,
     config.data.text_field = text_field
   if folder and storage.is_url(folder):
     raise ConfigError(f"--heldout_dir {folder}: give a local folder (the evaluation set is built on this host)")
+  cached = not folder
   folder = folder or eval_set_dir(config, heldout, tokenizer)
   storage.check_local_folder(folder, "--heldout_dir" if key == "--heldout" else key)
   with storage.remembered_listings():  # a source in a bucket: listed once
@@ -276,6 +282,8 @@ def heldout_set(config, tokenizer: str, heldout: str, folder: str | None = None,
     build_dataset("text_files", folder, vocab_size=int(config.model.vocab_size), heldout_source=heldout,
                   tokenizer=tokenizer, text_field=str(config.data.text_field),
                   max_bad_lines=int(config.data.max_bad_lines), build_workers=int(config.data.build_workers))
+  if cached:  # its last use (what the cache's eviction orders by), and the cache pruned to data.cache_max_gb
+    remote_dataset.in_use(folder, _cache_root(config), _cache_max_bytes(config))
   return folder, Tokenizer(os.path.join(folder, "tokenizer.model"))
 
 
