@@ -9,10 +9,14 @@ pass, one file after the other (the baseline here: that pass, as data/sources.py
 stream `storage.open_binary`). Now the cuts are found by parts, one ranged read per span-sized chunk
 (`sources.span_parts`), part j read by process j mod P in its workers. The corpus is real source text
 (bench/data_pipeline.py's `make_corpus`, 64 MB JSONL shards) in a local S3-compatible server (moto's, in a process of
-its own) or `--url`; bytes are counted at s3fs's two fetch calls, in this process (the parts are read in it for the
-count, then timed again in `--workers` spawned workers, their start included, as a build's first phase starts
-them). Both plans are checked to give every file's same lines: the spans tile the file, each starts at a line
-start, and each one's first line number is the count of newlines before it (read from the local copy). The
+its own) or `--url`, and the same files on local disk; bytes are counted at s3fs's two fetch calls, in this process
+(the parts are read in it for the count, then timed again in `--workers` spawned workers, started beforehand as a
+build starts them once for all its phases), and process 0's share of a job of `--processes` is read alone (its
+time in its workers against a process's serial pass is the plan's wall time in such a job, before and now). Both
+plans are checked to give every file's same lines: each span starts at a line start and its first line number is
+the count of newlines before it (read from the local copy). moto's server copies the whole object for a ranged
+GET (about 36 ms for any range of a 64 MB object, 4.5 ms of a 4 MB one, on the 2-core VM), which a store's
+ranged reads do not: its times for many ranged reads of large objects are worse than a real store's. The
 machine's load average before and after is part of the report.
 """
 
@@ -61,6 +65,53 @@ def _check(local: str, spans: list[tuple[int, int]], what: str) -> None:
       raise SystemExit(f"{what}: span at byte {start} (line {first}) is not at a line start of {local}")
 
 
+def _measure(root: str, names: tuple, processes: int, workers, fetched: list, local: str) -> dict:
+  """Both plans of the corpus `names` under `root` (a bucket folder or the local copy): the bytes fetched (in a bucket)
+  and seconds of every process's serial pass before; of the parts now, in this process, in the warm workers, and
+  process 0's share of a job of `processes`."""
+  from diffgemma_jax.data import build  # pylint: disable=import-outside-toplevel
+  spec = build.Corpus(root, names, "bench")
+  sizes = build.file_sizes(spec)
+  limit = build.task_bytes(sizes)
+  parts = build.plan_parts(spec, sizes)
+  remote = "://" in root
+
+  def timed(fn):
+    fetched.clear()
+    start = time.perf_counter()
+    result = fn()
+    return result, {"seconds": round(time.perf_counter() - start, 3),
+                    "fetched_mb": round(sum(fetched) / 2**20, 1) if remote else None}
+
+  serial, before = timed(lambda: {rel: _serial_spans(storage_join(root, rel), rel, limit, size)
+                                  for rel, size in sizes.items()})
+  found, in_process = timed(lambda: [build.read_span_part(root, rel, part, limit) for rel, part in parts])
+  jobs = [(j, root, rel, part, limit) for j, (rel, part) in enumerate(parts)]
+  pooled, pooled_time = timed(lambda: dict(workers.run(build._read_part, jobs)))  # pylint: disable=protected-access
+  share = [job for job in jobs if job[0] % processes == 0]
+  _, share_time = timed(lambda: [build.read_span_part(root, *parts[job[0]], limit) for job in share])
+  _, share_pooled = timed(lambda: dict(workers.run(build._read_part, share)))  # pylint: disable=protected-access
+  if [pooled[j] for j in range(len(parts))] != found:
+    raise SystemExit("the workers' parts differ from this process's")
+  tasks = build.tasks_from_parts(spec, sizes, found)
+  for rel in names:
+    _check(os.path.join(local, rel), serial[rel], "before")
+    _check(os.path.join(local, rel), [(s.start, s.first) for t in tasks for s in t if s.rel == rel], "now")
+  return {"span_mb": round(limit / 2**20, 2), "parts": len(parts), "tasks": len(tasks),
+          "before_per_process": before, "now_in_process": in_process,
+          "now_workers": {"seconds": pooled_time["seconds"]},
+          "now_process_0": {"parts": len(share), "fetched_mb": share_time["fetched_mb"],
+                            "seconds_in_workers": share_pooled["seconds"]},
+          "job_time_ratio": round(share_pooled["seconds"] / max(before["seconds"], 1e-3), 3),
+          "job_fetched_ratio": round(in_process["fetched_mb"] / max(processes * before["fetched_mb"], 1e-3), 3)
+          if remote else None}
+
+
+def storage_join(root: str, rel: str) -> str:
+  from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
+  return storage.join(root, rel)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true")
@@ -77,55 +128,32 @@ def main(argv=None) -> int:
     make_corpus(corpus, int(args.size_mb * 2**20))
     names = tuple(sorted(os.listdir(corpus)))
     storage.upload_many([(os.path.join(corpus, name), f"{url}/{name}") for name in names])
-    spec = build.Corpus(url, names, "bench")
-    sizes = build.file_sizes(spec)
-    total, limit = sum(sizes.values()), build.task_bytes(sizes)
-    parts = build.plan_parts(spec, sizes)
+    workers = build._Workers(args.workers)  # pylint: disable=protected-access
+    # started before the timing, as a build starts them once for all its phases
+    warm = [(j, corpus, names[0], (0, 1), 1) for j in range(args.workers)]
+    list(workers.run(build._read_part, warm))  # pylint: disable=protected-access
     with MachineLoad() as load:
-      fetched.clear()
-      start = time.perf_counter()
-      serial = {rel: _serial_spans(f"{url}/{rel}", rel, limit, size) for rel, size in sizes.items()}
-      before = {"seconds": round(time.perf_counter() - start, 3), "fetched_mb": round(sum(fetched) / 2**20, 1)}
-      fetched.clear()
-      start = time.perf_counter()
-      found = [build.read_span_part(url, rel, part, limit) for rel, part in parts]
-      in_process = {"seconds": round(time.perf_counter() - start, 3), "fetched_mb": round(sum(fetched) / 2**20, 1)}
-      share = [j for j in range(len(parts)) if j % args.processes == 0]
-      fetched.clear()
-      for j in share:
-        build.read_span_part(url, *parts[j], limit)
-      share_mb = round(sum(fetched) / 2**20, 1)
-      workers = build._Workers(args.workers)  # pylint: disable=protected-access
-      start = time.perf_counter()
-      pooled = dict(workers.run(build._read_part, [(j, url, rel, part, limit)  # pylint: disable=protected-access
-                                                   for j, (rel, part) in enumerate(parts)]))
-      pooled_s = round(time.perf_counter() - start, 3)
-      workers.close()
-    if [pooled[j] for j in range(len(parts))] != found:
-      raise SystemExit("the workers' parts differ from this process's")
-    tasks = build.tasks_from_parts(spec, sizes, found)
-    for rel in names:
-      _check(os.path.join(corpus, rel), serial[rel], "before")
-      _check(os.path.join(corpus, rel), [(s.start, s.first) for t in tasks for s in t if s.rel == rel], "now")
-    report = {
-        "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "bucket": url if args.url else "local S3 server (moto)", "corpus_mb": round(total / 2**20, 1),
-        "files": len(names), "span_mb": round(limit / 2**20, 2), "parts": len(parts), "tasks": len(tasks),
-        "before_per_process": before, "now_in_process": in_process,
-        "now_workers": {"workers": args.workers, "seconds": pooled_s},
-        "now_process_0_of": {"processes": args.processes, "parts": len(share), "fetched_mb": share_mb},
-        "time_ratio_workers": round(pooled_s / max(before["seconds"], 1e-3), 3),
-        "job_fetched_ratio": round(in_process["fetched_mb"] / (args.processes * before["fetched_mb"]), 3),
-        **load.report()}
+      rows = {where: _measure(root, names, args.processes, workers, fetched, corpus)
+              for where, root in (("local files", corpus), ("bucket", url))}
+    workers.close()
+    report = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "bucket": url if args.url else "local S3 server (moto)", "files": len(names),
+              "corpus_mb": round(sum(os.path.getsize(os.path.join(corpus, n)) for n in names) / 2**20, 1),
+              "processes": args.processes, "workers": args.workers, "rows": rows, **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))
     return 0
-  print(f"{report['corpus_mb']} MB of JSONL in {len(names)} files, spans of {report['span_mb']} MB: {len(parts)} "
-        f"parts, {len(tasks)} tasks")
-  print(f"before, every process: {before['fetched_mb']} MB fetched in {before['seconds']} s (serial)")
-  print(f"now: {in_process['fetched_mb']} MB in all, {in_process['seconds']} s in one process; {pooled_s} s in "
-        f"{args.workers} workers ({report['time_ratio_workers']:.2f}x); process 0 of {args.processes}: "
-        f"{share_mb} MB (the job: {report['job_fetched_ratio']:.2f}x the bytes)")
+  print(f"{report['corpus_mb']} MB of JSONL in {len(names)} files; a job of {args.processes} processes, "
+        f"{args.workers} workers each")
+  for where, row in rows.items():
+    before, now, share = row["before_per_process"], row["now_in_process"], row["now_process_0"]
+    mb = (lambda x: f"{x} MB fetched, ") if row["job_fetched_ratio"] is not None else (lambda x: "")  # noqa: E731
+    print(f"{where}: spans of {row['span_mb']} MB, {row['parts']} parts, {row['tasks']} tasks. Before, every "
+          f"process: {mb(before['fetched_mb'])}{before['seconds']} s (one pass). Now: {mb(now['fetched_mb'])}"
+          f"{now['seconds']} s in one process, {row['now_workers']['seconds']} s in the workers; process 0 of the job: "
+          f"{mb(share['fetched_mb'])}{share['seconds_in_workers']} s in its workers ({row['job_time_ratio']:.2f}x "
+          "the time" + (f"; the job fetches {row['job_fetched_ratio']:.2f}x the bytes)" if row["job_fetched_ratio"]
+                        is not None else ")"))
   print(load.line())
   return 0
 

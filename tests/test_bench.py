@@ -258,16 +258,20 @@ def test_eval_set_build_reads_once_and_matches_the_scanned_build(s3_endpoint, ca
 
 def test_plan_reads_fetch_the_corpus_once_a_job_and_find_the_same_lines(s3_endpoint, capsys):
   """bench/plan_reads.py on the session's S3 server, a 3 MB corpus: both plans' spans start at line starts with
-  their line numbers (checked in the script); the parts fetch the corpus once, process 0 of 4 about a quarter of it;
-  the ratios are those of the figures reported."""
+  their line numbers, from local files and from the bucket (checked in the script); the parts fetch the corpus once,
+  process 0 of 4 about a quarter of it; the ratios are those of the figures reported."""
   sys.path.insert(0, str(REPO / "bench"))
   import plan_reads  # pylint: disable=import-outside-toplevel
   assert plan_reads.main(["--url", "s3://runs/bench-plan", "--size_mb", "3", "--workers", "2", "--json"]) == 0
   report = json.loads(capsys.readouterr().out)
-  before, now = report["before_per_process"], report["now_in_process"]
-  assert report["parts"] >= 3 and report["tasks"] == report["parts"]
+  assert sorted(report["rows"]) == ["bucket", "local files"]
+  for where, row in report["rows"].items():
+    assert row["parts"] >= 3 and row["tasks"] == row["parts"], where
+    assert row["job_time_ratio"] == pytest.approx(
+        row["now_process_0"]["seconds_in_workers"] / max(row["before_per_process"]["seconds"], 1e-3), abs=0.01)
+  row = report["rows"]["bucket"]
+  before, now = row["before_per_process"], row["now_in_process"]
   assert now["fetched_mb"] == pytest.approx(before["fetched_mb"], rel=0.01)
-  assert report["now_process_0_of"]["fetched_mb"] < 0.5 * now["fetched_mb"]
-  assert report["job_fetched_ratio"] == pytest.approx(now["fetched_mb"] / (4 * before["fetched_mb"]), abs=0.01)
-  assert report["time_ratio_workers"] == pytest.approx(report["now_workers"]["seconds"] / max(before["seconds"], 1e-3),
-                                                       abs=0.01)
+  assert row["now_process_0"]["fetched_mb"] < 0.5 * now["fetched_mb"]
+  assert row["job_fetched_ratio"] == pytest.approx(now["fetched_mb"] / (4 * before["fetched_mb"]), abs=0.01)
+  assert report["rows"]["local files"]["job_fetched_ratio"] is None
