@@ -482,7 +482,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if os.path.isfile(plan_file):  # a resumed build's
       return
     jobs = [(j, corpus.root, rel, part, task_bytes(sizes)) for j, (rel, part) in enumerate(parts) if j % count == p]
-    progress.phase("plan", {job[0]: job[3][1] - job[3][0] for job in jobs})
+    progress.phase("plan", {job[0]: job[3][1] - job[3][0] for job in jobs}, unit="part(s)")
     found = {}
     for j, result in workers.run(_read_part, jobs):
       progress.done(j)
@@ -714,6 +714,7 @@ class _Progress:
     self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
     self.last = clock()
     self.name, self.sizes, self.finished, self.bytes, self.start = "", {}, 0, 0, self.last
+    self.unit = "task(s)"
 
   def say(self, text: str) -> None:
     if self.enabled:
@@ -724,9 +725,10 @@ class _Progress:
     if self.clock() - self.last >= self.every_s:
       self.say(f"building {self.output_dir}: {text}")
 
-  def phase(self, name: str, sizes: dict[int, int]) -> None:
-    """A phase over the tasks `sizes` ({task index: bytes}) begins."""
+  def phase(self, name: str, sizes: dict[int, int], unit: str = "task(s)") -> None:
+    """A phase over the tasks (or other `unit`) `sizes` ({index: bytes}) begins."""
     self.name, self.sizes, self.finished, self.bytes, self.start = name, sizes, 0, 0, self.clock()
+    self.unit = unit
 
   def done(self, index: int) -> None:
     self.finished += 1
@@ -738,7 +740,7 @@ class _Progress:
     rate = self.bytes / max(now - self.start, 1e-9)
     left = f", {(total - self.bytes) / rate / 60:.1f} min left" if rate > 0 else ""
     whose = " of this process" if self.shared else ""
-    self.say(f"building {self.output_dir}: {self.name} {self.finished}/{len(self.sizes)} task(s){whose}, "
+    self.say(f"building {self.output_dir}: {self.name} {self.finished}/{len(self.sizes)} {self.unit}{whose}, "
              f"{self.bytes / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.2f} MB/s{left}")
 
 
