@@ -142,6 +142,45 @@ def test_build_workers_exit_when_the_build_is_killed(tmp_path):
     proc.kill()
 
 
+def test_scratch_folders_of_killed_builds_together_are_swept_and_no_other(tmp_path):
+  """A process of a build done together, killed outright (SIGKILL) with its scratch folder, staging and lock in the
+  cache, leaves an owner file no one holds: the next sweep of that cache folder deletes what it left, and keeps a
+  live build's folder (its owner locked), a folder whose owner has not locked it yet (an empty owner file) and the
+  single-process build's resumable folder (no owner). Seen to fail with the sweep deleting every build folder."""
+  import signal
+  import subprocess
+  import sys
+
+  from diffgemma_jax.data import remote_dataset
+  parent = tmp_path / "cache" / "0123456789abcdef"
+  dead, live, starting = (str(parent / f"build-{c * 12}") for c in "abc")
+  script = (f"import os, time\nfrom diffgemma_jax.data import remote_dataset\nscratch = {dead!r}\n"
+            "assert remote_dataset._own(scratch)\nos.makedirs(scratch + '/train')\nos.makedirs(scratch + '.partial')\n"
+            "open(scratch + '.lock', 'w').close()\nprint('ready', flush=True)\ntime.sleep(600)\n")
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+    assert remote_dataset._sweep(str(parent)) == []  # its owner is alive
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    proc.kill()
+  assert remote_dataset._own(live)
+  os.makedirs(live)
+  os.makedirs(starting)
+  open(starting + remote_dataset.OWNER_SUFFIX, "w").close()
+  resumable = parent / "build-host-0123456789ab"
+  os.makedirs(str(resumable) + ".partial")
+  try:
+    assert remote_dataset._sweep(str(parent)) == [dead]
+    assert sorted(os.listdir(parent)) == sorted(os.path.basename(p) for p in (
+        live, live + ".owner", starting, starting + ".owner", str(resumable) + ".partial"))
+  finally:
+    remote_dataset._discard(live)
+  assert not os.path.exists(live) and not os.path.exists(live + ".owner")
+
+
 def test_a_filesystem_without_locks_builds_unlocked(text_dataset, monkeypatch, capsys):
   import errno
   import fcntl

@@ -921,8 +921,8 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   tasks in a folder on its own disk (no shared filesystem), passing what the other needs through the bucket: the
   bucket then holds what one process's build publishes, file by file (sizes and sha256 in objects.json, the
   tokenizer trained on the merged sample included); each process uploaded its own tasks' shards and no other's;
-  the exchange folder is gone; each copy reads the one-process build's rows. Started again, they find the dataset
-  current and upload nothing."""
+  the exchange folder is gone; each copy reads the one-process build's rows, and what a killed build left in a
+  cache is gone. Started again, they find the dataset current and upload nothing."""
   import concurrent.futures
   import functools
   import threading
@@ -960,7 +960,16 @@ def test_processes_build_a_bucket_dataset_together_each_uploading_its_own_shards
   def errors_of(build_id, builds=(build, build)):
     return [str(f.exception()) for f in joined(build_id, builds)]
 
+  # what a process killed outright in an earlier build left in its cache (its scratch folder and staging, its build
+  # lock, its owner file no one holds): deleted by the next build of the URL there
+  killed = os.path.join(tmp_path, "cache-1", remote_dataset._key(f"{bucket}/two"), "build-0123456789ab")
+  os.makedirs(os.path.join(killed, "train"))
+  os.makedirs(killed + ".partial")
+  for suffix, text in ((".lock", ""), (remote_dataset.OWNER_SUFFIX, "4242 elsewhere\n")):
+    with open(killed + suffix, "w") as f:
+      f.write(text)
   copies = together("first")
+  assert not [name for name in os.listdir(os.path.dirname(killed)) if name.startswith("build-")]
   objects = [json.loads(epath.Path(f"{bucket}/{name}/objects.json").read_text()) for name in ("one", "two")]
   assert objects[0] == objects[1]
   manifests = [json.loads(epath.Path(f"{bucket}/{name}/manifest.json").read_text()) for name in ("one", "two")]

@@ -38,10 +38,12 @@ replaces it only at the end, so an old one is there meanwhile.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -186,7 +188,8 @@ def _dataset_folders(cache_root: str) -> list[str]:
 def prune(cache_root: str, max_bytes: int) -> list[str]:
   """Deletes the least recently used dataset folders of the cache (copies and evaluation sets; `data.cache_max_gb`)
   until its files take at most `max_bytes`, never one this process uses (it may hold more then); returns the
-  folders deleted. A file that folders share (versions hard-linked by a rebuild) counts once, and frees space with the last folder holding it."""
+  folders deleted. A file that folders share (versions hard-linked by a rebuild) counts once, and frees space with
+  the last folder holding it."""
   files: dict[str, dict[tuple, int]] = {}  # folder -> {(device, inode): size}
   for folder in _dataset_folders(cache_root):
     files[folder] = {}
@@ -267,12 +270,80 @@ def _link_tree(source: str, target: str) -> None:
 
 def _discard(scratch: str) -> None:
   """Deletes a build's scratch folder and the lock file the recipe's build took beside it (`data_recipes.
-  build_lock`: one was left in the cache at every start of a run on a bucket dataset)."""
+  build_lock`: one was left in the cache at every start of a run on a bucket dataset), and gives up the folder's
+  ownership (`_own`)."""
   shutil.rmtree(scratch, ignore_errors=True)
   try:
     os.remove(scratch.rstrip("/") + ".lock")
   except FileNotFoundError:
     pass
+  owner = _OWNED.pop(scratch, None)
+  if owner is not None:
+    try:
+      os.remove(scratch + OWNER_SUFFIX)
+    except FileNotFoundError:
+      pass
+    owner.close()
+
+
+# The scratch folders of builds done together (`_build_together`: `build-<12 hex>`, one per process and build) are
+# owned: `<scratch>.owner` holds its process's id under an exclusive flock from before the folder exists until it
+# is deleted. A process killed outright (SIGKILL, the OOM killer, a node lost) leaves its folders (its share of
+# the shards, its staging) and its lock is released with it; the next build of the same URL on that host or cache
+# deletes every folder whose owner file it can lock (`_sweep`). Before, each such kill left them in the cache for
+# good. The single-process build's resumable folder (`build-host-*`) has no owner and is kept for its resume.
+OWNER_SUFFIX = ".owner"
+_OWNED: dict[str, object] = {}  # scratch folder -> its open, locked owner file
+_SWEPT = re.compile(r"build-[0-9a-f]{12}")
+
+
+def _own(scratch: str) -> bool:
+  """Takes the ownership of the scratch folder `scratch` before it is made; False where the filesystem has no locks
+  (the folder is then made unowned, and a kill leaves it as before)."""
+  os.makedirs(os.path.dirname(scratch), exist_ok=True)
+  f = open(scratch + OWNER_SUFFIX, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.close()
+    os.remove(scratch + OWNER_SUFFIX)
+    return False
+  f.write(f"{os.getpid()} {socket.gethostname()}\n")  # written once locked: an empty file's owner is still starting
+  f.flush()
+  _OWNED[scratch] = f
+  return True
+
+
+def _sweep(parent: str) -> list[str]:
+  """Deletes the scratch folders under `parent` (a URL's folder of the cache) whose owners are gone (`_own`), with
+  what lies beside them (staging, lock and owner files); returns those deleted."""
+  deleted = []
+  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+    base = name[:-len(OWNER_SUFFIX)]
+    if not name.endswith(OWNER_SUFFIX) or not _SWEPT.fullmatch(base):
+      continue
+    path = os.path.join(parent, name)
+    try:
+      f = open(path, "r")
+    except FileNotFoundError:  # deleted meanwhile: its owner ended, or another sweep took it
+      continue
+    with f:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:  # held: a build in progress (or no locks here: nothing can be told)
+        continue
+      if not f.read().strip():  # its owner took the file and has not locked it yet
+        continue
+      scratch = os.path.join(parent, base)
+      for leftover in (scratch, scratch + ".partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+      for leftover in (scratch + ".lock", path):
+        try:
+          os.remove(leftover)
+        except FileNotFoundError:
+          pass
+      deleted.append(scratch)
+  return deleted
 
 
 def _build_on_copy(url: str, cache_root: str, build: Callable[..., object], scratch: str, *, stream: bool,
@@ -410,6 +481,11 @@ def _build_together(url: str, cache_root: str, build: Callable[..., object], *, 
   folder of the files this process built, to delete once its copy holds them), one of them None."""
   p = process_index
   scratch = _scratch(url, cache_root)
+  _own(scratch)
+  swept = _sweep(os.path.dirname(scratch))
+  if swept:
+    print(f"data: deleted {len(swept)} scratch folder(s) of killed builds of data.dir {url} in "
+          f"{os.path.dirname(scratch)}", file=sys.stderr, flush=True)
   options = BuildOptions(process_index=p, process_count=process_count, barrier=job.barrier, exchange=exchange)
   try:
     copy, before = _build_on_copy(url, cache_root, build, scratch, stream=stream, process_index=p,
