@@ -219,13 +219,18 @@ def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, mon
   assert not os.path.exists(tmp_path / "apart-0.partial") and not os.path.exists(tmp_path / "apart-1.partial")
 
 
+def _jsonl_of(src, path, separator: str) -> None:
+  """One JSONL file of the corpus folder `src`'s files cut at `separator`, a record per part."""
+  with open(path, "w", encoding="utf-8") as f:
+    for name in sorted(os.listdir(src)):
+      for part in (src / name).read_text(encoding="utf-8").split(separator):
+        f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
+
+
 def test_one_large_file_is_built_in_several_tasks_to_the_same_dataset(store, tmp_path, monkeypatch):
   """A JSONL file cut into spans over several tasks and workers gives the dataset of one task reading it whole."""
   out, _, src = store
-  with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
-    for name in sorted(os.listdir(src)):
-      for part in (src / name).read_text(encoding="utf-8").split("\n\n\n"):
-        f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
+  _jsonl_of(src, tmp_path / "corpus.jsonl", "\n\n\n")
   tok = os.path.join(out, "tokenizer.model")
   monkeypatch.setattr(build_module, "TASK_BYTES", 1 << 30)
   monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 1 << 30)
@@ -250,10 +255,7 @@ def test_a_build_reads_its_plan_once_spread_over_its_processes(store, tmp_path, 
   of the file's chunks (every process read the whole of every file for them, one after the other, before); a build
   resumed after an interruption reads none (its plan is kept); the dataset is the one-process build's."""
   out, _, src = store
-  with open(tmp_path / "corpus.jsonl", "w", encoding="utf-8") as f:
-    for name in sorted(os.listdir(src)):
-      for part in (src / name).read_text(encoding="utf-8").split("\n\n"):
-        f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
+  _jsonl_of(src, tmp_path / "corpus.jsonl", "\n\n")
   tok = os.path.join(out, "tokenizer.model")
   monkeypatch.setattr(build_module, "TASK_BYTES", 20_000)
   monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 0)
