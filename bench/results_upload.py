@@ -39,8 +39,7 @@ class WholeRewrite(ResultsFile):
   """The baseline: every upload serialises every record and writes the object whole (commit bbb99b3's add)."""
 
   def _upload(self) -> None:
-    storage.write_text(self.path, "".join(json.dumps(self.records[i], allow_nan=False) + "\n"
-                                          for i in sorted(self.records)))
+    storage.write_text(self.path, "".join(self.records[i].decode("utf-8") + "\n" for i in sorted(self.records)))
     self._unsent = []
     self._uploaded = results_file.time.monotonic()  # the job's clock
 

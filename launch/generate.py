@@ -18,6 +18,7 @@ import dataclasses
 import json
 import re
 import sys
+from typing import Iterator
 
 from diffgemma_jax import storage
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
@@ -130,6 +131,20 @@ def _read_requests(args) -> tuple[list[str], list[int | None], list[str]]:
   return prompts, gen_lengths, sources
 
 
+def _json_array(items) -> Iterator[str]:
+  """The lines of `json.dumps(list(items), indent=2)`, an item at a time (a document of a million results is
+  never one string): printed one per line, the same text."""
+  held = None
+  for item in items:
+    yield "[" if held is None else held + ","
+    held = "  " + json.dumps(item, indent=2, allow_nan=False).replace("\n", "\n  ")
+  if held is None:
+    yield "[]"
+    return
+  yield held
+  yield "]"
+
+
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
@@ -194,14 +209,18 @@ def main(argv=None) -> int:
         kept.finish()
       results = []
     else:  # every result of this share, those of earlier runs included, in order
-      results = [r for r in kept.finish() if r["index"] % shards == shard]
+      finished = kept.finish()
+      results = finished if shards == 1 else (r for r in finished if r["index"] % shards == shard)
   except (ConfigError, DataError) as e:
     return fail(str(e))
-  document = json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2, allow_nan=False)
+  # With a results file, the results are read from its lines one at a time as they are printed: a job of a million
+  # requests is never held whole as objects (sampling/results_file.py)
   if kept is None:
-    outputs.write(args.output, document + "\n")
+    outputs.write(args.output, json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2,
+                                          allow_nan=False) + "\n")
   if args.json:
-    outputs.print(document)
+    for piece in _json_array((json_safe({k: r[k] for k in JSON_KEYS}) for r in results)):
+      outputs.print(piece)
     return 0
   rate = lambda x: "inf" if x is None else f"{x:.1f}"  # noqa: E731 -- None: infinite, read back from a .jsonl
   for r in results:

@@ -275,3 +275,16 @@ def test_plan_reads_fetch_the_corpus_once_a_job_and_find_the_same_lines(s3_endpo
   assert row["now_process_0"]["fetched_mb"] < 0.5 * now["fetched_mb"]
   assert row["job_fetched_ratio"] == pytest.approx(now["fetched_mb"] / (4 * before["fetched_mb"]), abs=0.01)
   assert report["rows"]["local files"]["job_fetched_ratio"] is None
+
+
+def test_results_memory_runs_both_jobs_to_the_same_file(capsys):
+  """bench/results_memory.py, 300 results: both jobs write the same file (checked in the script); held as lines,
+  the results take less memory than held as objects three times over (allocations, not time); each ratio is the
+  ratio of the figures reported."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import results_memory  # pylint: disable=import-outside-toplevel
+  assert results_memory.main(["--results", "300", "--new_tokens", "64", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  before, now = report["before"], report["now"]
+  assert now["file_mb"] == before["file_mb"] and now["peak_mb"] < before["peak_mb"]
+  assert report["peak_ratio"] == pytest.approx(now["peak_mb"] / before["peak_mb"], abs=0.01)

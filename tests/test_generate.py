@@ -330,6 +330,32 @@ def test_a_results_file_is_read_from_where_its_last_read_ended_and_synced_at_mos
   assert len(syncs) >= 2 and reader.refresh() == [0, 1, 2, 3]
 
 
+def test_a_results_file_holds_its_lines_and_writes_and_prints_them_a_line_at_a_time(tmp_path):
+  """A results file holds each result as its JSON line (a result's ids as Python ints took several times their
+  text, three copies of a large job's results held it whole: bench/results_memory.py); its end rewrites the file
+  in index order and returns the results parsed as they are iterated; the JSON document of --json is printed an
+  item at a time, the text of json.dumps(list, indent=2)."""
+  import json
+
+  from diffgemma_jax.sampling.results_file import ResultsFile
+  from launch.generate import _json_array
+  prompts, path = ["a", "b", "c"], str(tmp_path / "out.jsonl")
+  kept = ResultsFile(path, prompts, {"sampler": "threshold"})
+  for i in (2, 0, 1):
+    kept.add(i, {"prompt": prompts[i], "ids": [262_000 + i, 7], "completion": "\u00e9t\u00e9", "step": 1,
+                 "weights": "params"})
+  with open(path, "rb") as f:
+    lines = f.read().splitlines()
+  assert [kept.records[i] for i in (2, 0, 1)] == lines and all(isinstance(line, bytes) for line in lines)
+  results = kept.finish()
+  with open(path, "rb") as f:
+    assert f.read() == b"".join(kept.records[i] + b"\n" for i in (0, 1, 2))
+  assert len(results) == 3 and list(results) == [json.loads(kept.records[i]) for i in (0, 1, 2)]
+  assert [r["ids"] for r in results] == [[262_000, 7], [262_001, 7], [262_002, 7]]
+  for items in ([], list(results)[:1], list(results)):
+    assert "\n".join(_json_array(iter(items))) == json.dumps(items, indent=2)
+
+
 def test_process_0_gathers_the_parts_as_they_grow_and_fails_once_they_stop(tmp_path):
   """Process 0 of a launch that split a job waits while another copy's part grows (its last request written
   0.3 s after the wait began), then holds every request; a part that stops growing fails it after stale_s in one

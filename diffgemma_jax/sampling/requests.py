@@ -144,19 +144,21 @@ class Generator:
                   seeds: Sequence[int] | None = None, on_batch=None) -> list[dict[str, Any]]:
     """`run` over batches of at most `batch_size` prompts, in the given order's results. Prompts of similar
     lengths share a batch (sorted by length), so little padding is run; the results are what one request at a
-    time gives (`run`). `on_batch(indices, results)` is called after each batch with its prompts' positions."""
+    time gives (`run`). `on_batch(indices, results)` is called after each batch with its prompts' positions, and the
+    results are then not kept here (returned empty: a job of a million requests held every one's ids)."""
     if batch_size < 1:
       raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
     seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[dict[str, Any]] = [{} for _ in prompts]
+    results: list[dict[str, Any]] = [{} for _ in prompts] if on_batch is None else []
     for first in range(0, len(order), batch_size):
       chunk = order[first:first + batch_size]
       done = self.run([prompts[i] for i in chunk], options, [seeds[i] for i in chunk])
-      for index, result in zip(chunk, done):
-        results[index] = result
       if on_batch is not None:
         on_batch(chunk, done)
+        continue
+      for index, result in zip(chunk, done):
+        results[index] = result
     return results
 
 
@@ -219,7 +221,7 @@ class Generator:
 
     `on_results(indices, results)`: called as results are ready (after each static batch; the engine then serves
     the requests SERVE_CHUNK_SLOTS x `serving_slots` at a time, its latencies counted from each chunk's start), so a
-    caller can keep them before the last request ends."""
+    caller can keep them before the last request ends; the results are then not kept here (returned empty)."""
     request_options = [options] * len(prompts) if request_options is None else list(request_options)
     if serving_slots is not None:
       largest = serving_options(request_options, serving_slots)
@@ -229,14 +231,15 @@ class Generator:
         indices = list(range(first, min(first + chunk, len(prompts))))
         done = self.serve([prompts[i] for i in indices], largest, serving_slots,
                           budgets=[request_options[i].gen_length for i in indices], num_widths=serving_widths)
-        results += done
         if on_results is not None:
           on_results(indices, done)
+        else:
+          results += done
       return results
     groups: dict[GenerationOptions, list[int]] = {}
     for index, own in enumerate(request_options):
       groups.setdefault(own, []).append(index)
-    results: list[dict[str, Any]] = [{} for _ in prompts]
+    results: list[dict[str, Any]] = [{} for _ in prompts] if on_results is None else []
     for own, indices in groups.items():
       report = None if on_results is None else (
           lambda chunk, done, indices=indices: on_results([indices[i] for i in chunk], done))
@@ -351,7 +354,8 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   `only`: the positions of the prompts to run (the others are checked and encoded, and a fitted gen_length still
   fits the longest of all, so each result is what the whole run gives it: a share of a split run, or what a resumed
   one has left); the results are theirs, in that order. `on_result(position, result)` is called for each as soon
-  as its batch (or serving chunk) ends."""
+  as its batch (or serving chunk) ends, and the results are then not kept (returned empty: the caller keeps them,
+  a large job's in a results file)."""
   fill_context, given_steps = options.gen_length is None, options.steps
   objective, block_size, context_length = (str(config.objective.name), int(config.objective.block_size),
                                            int(config.train.seq_len))

@@ -21,6 +21,12 @@ serialising and 236 MB of upload a minute, growing with the job. A rerun reads t
 end writes the object whole, in index order, and then deletes the chunks. A killed job loses at most the last
 interval's results there.
 
+A job's results are held as their JSON lines (`records`, index -> the line's bytes), not as parsed objects, and
+the end's in-order rewrite streams them to the file; `finish` returns them as `Results`, parsed one at a time as
+they are iterated. A result's token ids as Python ints took several times its line (a million requests of 128 new
+tokens: about 5 GB in the records alone, as much again in the generator's list of results and the rewrite's
+string; bench/results_memory.py).
+
 Reading is incremental (`refresh`): a local file from where the last read ended (read whole again only once it was
 replaced), a bucket object only once it changed, and each chunk once, so process 0 of a split launch
 (`gather_parts`), which polls the other copies' parts every few seconds, reads each result about once.
@@ -32,8 +38,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
-from typing import Any, Callable, Iterable, Sequence
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from etils import epath
 
@@ -96,16 +104,17 @@ class ResultsFile:
     self.upload_every_s = UPLOAD_EVERY_S if upload_every_s is None else upload_every_s
     self.sync_every_s = SYNC_EVERY_S if sync_every_s is None else sync_every_s
     self._uploaded = self._synced = time.monotonic()
-    self.records: dict[int, dict] = {}
+    self.records: dict[int, bytes] = {}  # each result's JSON line (its newline not included)
     self.kept_run = None
     # what has been read: a local file's identity, the bytes of its whole lines and their count; a bucket object's
     # stamp and the chunks read
     self._identity, self._offset, self._lines = None, 0, 0
     self._stamp, self._chunks_read, self._next_chunk = None, set(), 0
-    self._unsent: list[dict] = []  # a bucket file's records since the last upload
+    self._unsent: list[bytes] = []  # a bucket file's records since the last upload
     self.refresh()
     self.kept = len(self.records)
     first = next(iter(self.records.values()), None)
+    first = None if first is None else json.loads(first)
     self.kept_run = None if first is None else (first.get("step"), first.get("weights"))
     if write and not self.remote and os.path.isfile(self.path) and os.path.getsize(self.path) != self._offset:
       with open(self.path, "r+b") as f:  # a line a kill cut short: gone before anything is appended
@@ -183,7 +192,7 @@ class ResultsFile:
       if record.get("settings") != self.digest:
         raise ConfigError(f"{where}:{lines} was made with other settings ({kind.settings} differ); rerun with "
                           f"those, or use a new --output")
-      self.records[index] = record
+      self.records[index] = line
       read.append(index)
     return good, read, lines
 
@@ -198,16 +207,17 @@ class ResultsFile:
     self._take_run(record, lambda held, run: (
         f"{self.flag} {self.path} holds results of checkpoint step {held[0]} ({held[1]} weights) and this run reads "
         f"step {run[0]} ({run[1]} weights); pass --step {held[0]} to finish that job, or use a new --output"))
-    self.records[index] = record
+    line = json.dumps(record, allow_nan=False).encode("utf-8")
+    self.records[index] = line
     if not self.write:
       return
     if self.remote:
-      self._unsent.append(record)
+      self._unsent.append(line)
       if time.monotonic() - self._uploaded >= self.upload_every_s:
         self._upload()
       return
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record, allow_nan=False) + "\n")
+    with open(self.path, "ab") as f:
+      f.write(line + b"\n")
       f.flush()
       if time.monotonic() - self._synced >= self.sync_every_s:
         os.fsync(f.fileno())
@@ -217,40 +227,58 @@ class ResultsFile:
     """A bucket file: the records since the last upload, as the next chunk."""
     if self._unsent:
       url = storage.join(chunk_folder(self.path), _chunk_name(self._next_chunk))
-      storage.write_text(url, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._unsent))
+      storage.write_text(url, b"".join(line + b"\n" for line in self._unsent).decode("utf-8"))
       self._chunks_read.add(url)
       self._next_chunk += 1
       self._unsent = []
     self._uploaded = time.monotonic()
 
-  def finish(self) -> list[dict]:
-    """Writes the file whole in index order (when writing; a bucket file's chunks deleted after it); returns every
-    record in that order."""
-    records = [self.records[i] for i in sorted(self.records)]
+  def finish(self) -> Results:
+    """Writes the file whole in index order (when writing; a bucket file's chunks deleted after it), a line at a
+    time; returns every record in that order (`Results`)."""
+    order = sorted(self.records)
     if self.write:
-      data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8")
       if self.remote:
-        epath.Path(self.path).write_bytes(data)
+        with tempfile.NamedTemporaryFile(prefix="diffgemma-results-", suffix=".jsonl") as f:
+          self._write_lines(f, order)
+          f.flush()
+          storage.upload_many([(f.name, self.path)])
         delete_chunks(self.path)
         self._unsent, self._chunks_read, self._stamp = [], set(), storage.stamp(self.path)
       else:
-        storage.write_file_atomic(self.path, data, sync=True)
+        partial = f"{self.path}.partial-{uuid.uuid4().hex[:12]}"  # renamed over the file once whole and synced
+        try:
+          with open(partial, "wb") as f:
+            size = self._write_lines(f, order)
+            f.flush()
+            os.fsync(f.fileno())
+          os.replace(partial, self.path)
+        finally:
+          if os.path.exists(partial):
+            os.remove(partial)
         status = os.stat(self.path)
-        self._identity, self._offset, self._lines = (status.st_dev, status.st_ino), len(data), len(records)
+        self._identity, self._offset, self._lines = (status.st_dev, status.st_ino), size, len(order)
       self._synced = self._uploaded = time.monotonic()
-    return records
+    return Results(self.records, order)
+
+  def _write_lines(self, f, order: Sequence[int]) -> int:
+    size = 0
+    for i in order:
+      f.write(self.records[i] + b"\n")
+      size += len(self.records[i]) + 1
+    return size
 
   def absorb(self, other: ResultsFile, indices: Iterable[int] | None = None) -> None:
     """Takes the records of `other` (another file of the same prompts and settings; of `indices` of it, those it
     just read) that this one lacks, held in memory until `finish` writes them; refuses those of another checkpoint
     step, as `add` does."""
     for index in sorted(set(other.records if indices is None else indices) - set(self.records)):
-      record = other.records[index]
-      self._take_run(record, lambda held, run: (
+      line = other.records[index]
+      self._take_run(json.loads(line), lambda held, run: (
           f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and {self.path} of step "
           f"{held[0]} ({held[1]} weights): the copies read other checkpoints (a run still training?); pass the same "
           f"--step to every copy"))
-      self.records[index] = record
+      self.records[index] = line
 
   def _take_run(self, record: dict, refusal) -> None:
     """Records the checkpoint run (step, weights) of `record` as the file's; a ConfigError with `refusal(the file's
@@ -259,6 +287,20 @@ class ResultsFile:
     if self.kept_run is not None and run != self.kept_run:
       raise ConfigError(refusal(self.kept_run, run))
     self.kept_run = run
+
+
+class Results:
+  """A results file's records in index order (`ResultsFile.finish`): its length, and each record parsed as it is
+  iterated (the file's lines stay the only copy)."""
+
+  def __init__(self, lines: dict[int, bytes], order: Sequence[int]):
+    self._lines, self._order = lines, list(order)
+
+  def __len__(self) -> int:
+    return len(self._order)
+
+  def __iter__(self) -> Iterator[dict]:
+    return (json.loads(self._lines[i]) for i in self._order)
 
 
 def delete_chunks(path: str) -> None:
