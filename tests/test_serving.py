@@ -359,13 +359,14 @@ def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, p
     assert len(result["ids"]) == budget and result["steps_per_canvas"] == [CANVAS] * canvases
     assert result["model_calls"] == 1 + CANVAS * canvases + canvases - 1
   # A caller keeping results as they come (diffgemma-generate --output FILE.jsonl): served a chunk of
-  # SERVE_CHUNK_SLOTS x slots requests at a time, each reported when its chunk ends, each the same as before.
+  # SERVE_CHUNK_SLOTS x slots requests at a time, each reported when its chunk ends, each the same as before, and
+  # none kept by the generator (a large job's results are the caller's to hold)
   monkeypatch.setattr(requests_module, "SERVE_CHUNK_SLOTS", 1)
   reported = []
-  chunked = generator.run_requests(prompts[:3] * 2, own[0], serving_slots=4, request_options=own * 2,
-                                   on_results=lambda indices, done: reported.append((indices, done)))
-  assert [indices for indices, _ in reported] == [[0, 1, 2, 3], [4, 5]]
-  assert [r["ids"] for _, done in reported for r in done] == [r["ids"] for r in chunked]
+  kept = generator.run_requests(prompts[:3] * 2, own[0], serving_slots=4, request_options=own * 2,
+                                on_results=lambda indices, done: reported.append((indices, done)))
+  chunked = [r for _, done in reported for r in done]
+  assert kept == [] and [indices for indices, _ in reported] == [[0, 1, 2, 3], [4, 5]]
   assert [r["ids"] for r in chunked] == [r["ids"] for r in served * 2]
   assert [r["model_calls"] for r in chunked] == [r["model_calls"] for r in served * 2]
   batches = []
