@@ -23,9 +23,9 @@ interval's results there.
 
 A job's results are held as their JSON lines (`records`, index -> the line's bytes), not as parsed objects, and
 the end's in-order rewrite streams them to the file; `finish` returns them as `Results`, parsed one at a time as
-they are iterated. A result's token ids as Python ints took several times its line (a million requests of 128 new
-tokens: about 5 GB in the records alone, as much again in the generator's list of results and the rewrite's
-string; bench/results_memory.py).
+they are iterated. Held as objects (a result's token ids as Python ints), in the file and in the generator's list
+of results, then the rewrite and the printed document as single strings, a million requests of 128 new tokens took
+about 6.6 GB as the job ran and 23 GB at its end; as lines, about 2.1 GB throughout (bench/results_memory.py).
 
 Reading is incremental (`refresh`): a local file from where the last read ended (read whole again only once it was
 replaced), a bucket object only once it changed, and each chunk once, so process 0 of a split launch
