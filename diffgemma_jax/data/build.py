@@ -183,14 +183,12 @@ def tasks_from_parts(corpus: Corpus, sizes: dict[str, int], found: list) -> list
   side, and one a few bytes short would have made a task of two), the spans from what each of `plan_parts` found
   (`found`, in its order)."""
   limit = task_bytes(sizes)
-  by_file: dict[str, tuple[list, list]] = {}
-  for (rel, part), result in zip(plan_parts(corpus, sizes), found, strict=True):
-    by_file.setdefault(rel, ([], []))
-    by_file[rel][0].append(part)
-    by_file[rel][1].append(result)
+  by_file: dict[str, list] = {}
+  for (rel, _), result in zip(plan_parts(corpus, sizes), found, strict=True):
+    by_file.setdefault(rel, []).append(result)
   tasks, current, size = [], [], 0
   for rel in corpus.files:
-    for span in spans_from_parts(rel, sizes[rel], *by_file.get(rel, ([], []))):
+    for span in spans_from_parts(rel, sizes[rel], by_file.get(rel, [])):
       current.append(span)
       size += span.size
       if size >= limit - limit // 4:
@@ -447,7 +445,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     agree_to_build(options, current=False)
   workers = _Workers(options.workers or os.cpu_count() or 1)
   sizes = file_sizes(corpus)
-  parts = plan_parts(corpus, sizes)
+  limit, parts = task_bytes(sizes), plan_parts(corpus, sizes)
   tasks: list[tuple[Span, ...]] = []  # the plan's (`planned`), then each process's share of them
   mine: list[tuple[int, tuple[Span, ...]]] = []
   task_size: dict[int, int] = {}
@@ -481,7 +479,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     # corpus's plan was read by every process, one file after the other (the whole of every JSONL file)
     if os.path.isfile(plan_file):  # a resumed build's
       return
-    jobs = [(j, corpus.root, rel, part, task_bytes(sizes)) for j, (rel, part) in enumerate(parts) if j % count == p]
+    jobs = [(j, corpus.root, rel, part, limit) for j, (rel, part) in enumerate(parts) if j % count == p]
     progress.phase("plan", {job[0]: job[3][1] - job[3][0] for job in jobs}, unit="part(s)")
     found = {}
     for j, result in workers.run(_read_part, jobs):

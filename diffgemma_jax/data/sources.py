@@ -105,14 +105,14 @@ def read_span_part(root: str, rel: str, part: tuple[int, int], span_bytes: int) 
     raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def spans_from_parts(rel: str, size: int, parts: list[tuple[int, int]], found: list) -> list[Span]:
-  """`rel`'s spans from what each of its `span_parts` found (`read_span_part`), in file order."""
-  if not parts:
+def spans_from_parts(rel: str, size: int, found: list) -> list[Span]:
+  """`rel`'s spans from what each of its `span_parts` found (`read_span_part`, in their order), in file order."""
+  if not found:
     return [Span(rel, size=size)]
   if file_format(rel) != "jsonl":
     return [Span(*span) for span in found[0]]
   starts, newlines = {}, 0  # {line start: its line's number}; newlines before the current chunk
-  for (start, _), (line_start, before, count) in zip(parts, found):
+  for line_start, before, count in found:
     if line_start < size:
       starts.setdefault(line_start, 1 + newlines + before)  # (a line longer than a chunk: the next one's again)
     newlines += count
@@ -125,8 +125,8 @@ def file_spans(root: str, rel: str, span_bytes: int) -> list[Span]:
   """`root/rel` as spans of about `span_bytes` each, in file order (one span: the whole file), its parts read one
   after the other."""
   size = storage.file_size(storage.join(root, rel)) or 0
-  parts = span_parts(rel, size, span_bytes)
-  return spans_from_parts(rel, size, parts, [read_span_part(root, rel, part, span_bytes) for part in parts])
+  return spans_from_parts(rel, size, [read_span_part(root, rel, part, span_bytes)
+                                      for part in span_parts(rel, size, span_bytes)])
 
 
 def _jsonl_chunk(path, start: int, stop: int) -> tuple[int, int, int]:
