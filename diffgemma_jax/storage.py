@@ -32,7 +32,7 @@ import re
 import sys
 import tempfile
 import uuid
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import fsspec
 from etils import epath
@@ -296,14 +296,18 @@ def upload_many(items: list[tuple[str, str]], workers: int = TRANSFERS) -> None:
   concurrently(one, list(items), workers)
 
 
-def write_file_atomic(path: str, data: bytes, *, sync: bool = False) -> None:
+def write_file_atomic(path: str, data: bytes | Iterable[bytes], *, sync: bool = False) -> None:
   """Writes the local file `path` whole or not at all: under a temporary name, then renamed over it (a reader, or
-  a process killed meanwhile, never leaves half a file). `sync`: on disk before the rename (a file of results a
-  crash must not cost)."""
+  a process killed meanwhile, never leaves half a file). `data`: the bytes, or pieces of them written one after
+  the other (a large file never held whole). `sync`: on disk before the rename (a file of results a crash must not
+  cost)."""
   partial = f"{path}.partial-{uuid.uuid4().hex[:12]}"
   try:
     with open(partial, "wb") as f:
-      f.write(data)
+      if isinstance(data, bytes):
+        f.write(data)
+      else:
+        f.writelines(data)
       if sync:
         f.flush()
         os.fsync(f.fileno())

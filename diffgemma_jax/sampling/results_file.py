@@ -40,7 +40,6 @@ import json
 import os
 import tempfile
 import time
-import uuid
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from etils import epath
@@ -227,7 +226,7 @@ class ResultsFile:
     """A bucket file: the records since the last upload, as the next chunk."""
     if self._unsent:
       url = storage.join(chunk_folder(self.path), _chunk_name(self._next_chunk))
-      storage.write_text(url, b"".join(line + b"\n" for line in self._unsent).decode("utf-8"))
+      epath.Path(url).write_bytes(b"".join(line + b"\n" for line in self._unsent))
       self._chunks_read.add(url)
       self._next_chunk += 1
       self._unsent = []
@@ -238,35 +237,20 @@ class ResultsFile:
     time; returns every record in that order (`Results`)."""
     order = sorted(self.records)
     if self.write:
+      lines = (self.records[i] + b"\n" for i in order)
       if self.remote:
         with tempfile.NamedTemporaryFile(prefix="diffgemma-results-", suffix=".jsonl") as f:
-          self._write_lines(f, order)
+          f.writelines(lines)
           f.flush()
           storage.upload_many([(f.name, self.path)])
         delete_chunks(self.path)
         self._unsent, self._chunks_read, self._stamp = [], set(), storage.stamp(self.path)
       else:
-        partial = f"{self.path}.partial-{uuid.uuid4().hex[:12]}"  # renamed over the file once whole and synced
-        try:
-          with open(partial, "wb") as f:
-            size = self._write_lines(f, order)
-            f.flush()
-            os.fsync(f.fileno())
-          os.replace(partial, self.path)
-        finally:
-          if os.path.exists(partial):
-            os.remove(partial)
+        storage.write_file_atomic(self.path, lines, sync=True)
         status = os.stat(self.path)
-        self._identity, self._offset, self._lines = (status.st_dev, status.st_ino), size, len(order)
+        self._identity, self._offset, self._lines = (status.st_dev, status.st_ino), status.st_size, len(order)
       self._synced = self._uploaded = time.monotonic()
     return Results(self.records, order)
-
-  def _write_lines(self, f, order: Sequence[int]) -> int:
-    size = 0
-    for i in order:
-      f.write(self.records[i] + b"\n")
-      size += len(self.records[i]) + 1
-    return size
 
   def absorb(self, other: ResultsFile, indices: Iterable[int] | None = None) -> None:
     """Takes the records of `other` (another file of the same prompts and settings; of `indices` of it, those it
