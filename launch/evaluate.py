@@ -59,8 +59,8 @@ def main(argv=None) -> int:
                       "tokenizer into an evaluation set (built once, rebuilt when a file changes); every sequence "
                       "unless --config.eval.max_sequences is given")
   parser.add_argument("--heldout_dir", default=None, help="where --heldout's evaluation set is built and kept "
-                      "(default: eval-sets/<digest of the sources and tokenizer> in data.cache_dir, ~/.cache/diffgemma-jax/"
-                      "datasets unless set, under data.cache_max_gb)")
+                      "(default: eval-sets/<digest of the sources and tokenizer> in data.cache_dir, "
+                      "~/.cache/diffgemma-jax/datasets unless set, under data.cache_max_gb)")
   parser.add_argument("--text_field", default=None, help="with --heldout: the field (JSONL) or column (Parquet) "
                       "holding a record's text (default: data.text_field, 'text')")
   args, rest = parser.parse_known_args(argv)

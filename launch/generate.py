@@ -209,18 +209,18 @@ def main(argv=None) -> int:
         kept.finish()
       results = []
     else:  # every result of this share, those of earlier runs included, in order
-      finished = kept.finish()
-      results = finished if shards == 1 else (r for r in finished if r["index"] % shards == shard)
+      results = (r for r in kept.finish() if r["index"] % shards == shard)
   except (ConfigError, DataError) as e:
     return fail(str(e))
-  # With a results file, the results are read from its lines one at a time as they are printed: a job of a million
-  # requests is never held whole as objects (sampling/results_file.py)
-  if kept is None:
-    outputs.write(args.output, json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2,
-                                          allow_nan=False) + "\n")
+  if kept is None:  # the results in memory: one document, written and printed
+    document = json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2, allow_nan=False)
+    outputs.write(args.output, document + "\n")
+    lines = [document]
+  else:  # read from the results file's lines as they are printed: a million requests never held whole as objects
+    lines = _json_array(json_safe({k: r[k] for k in JSON_KEYS}) for r in results)
   if args.json:
-    for piece in _json_array((json_safe({k: r[k] for k in JSON_KEYS}) for r in results)):
-      outputs.print(piece)
+    for line in lines:
+      outputs.print(line)
     return 0
   rate = lambda x: "inf" if x is None else f"{x:.1f}"  # noqa: E731 -- None: infinite, read back from a .jsonl
   for r in results:
