@@ -43,6 +43,7 @@ import functools
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -273,16 +274,10 @@ def _discard(scratch: str) -> None:
   build_lock`: one was left in the cache at every start of a run on a bucket dataset), and gives up the folder's
   ownership (`_own`)."""
   shutil.rmtree(scratch, ignore_errors=True)
-  try:
-    os.remove(scratch.rstrip("/") + ".lock")
-  except FileNotFoundError:
-    pass
+  pathlib.Path(scratch.rstrip("/") + ".lock").unlink(missing_ok=True)
   owner = _OWNED.pop(scratch, None)
   if owner is not None:
-    try:
-      os.remove(scratch + OWNER_SUFFIX)
-    except FileNotFoundError:
-      pass
+    pathlib.Path(scratch + OWNER_SUFFIX).unlink(missing_ok=True)
     owner.close()
 
 
@@ -338,10 +333,7 @@ def _sweep(parent: str) -> list[str]:
       for leftover in (scratch, scratch + ".partial"):
         shutil.rmtree(leftover, ignore_errors=True)
       for leftover in (scratch + ".lock", path):
-        try:
-          os.remove(leftover)
-        except FileNotFoundError:
-          pass
+        pathlib.Path(leftover).unlink(missing_ok=True)
       deleted.append(scratch)
   return deleted
 
