@@ -34,11 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import MachineLoad, bucket_and_scratch, commit, counted_s3_fetches  # noqa: E402
 from data_pipeline import make_corpus  # noqa: E402
 
+from diffgemma_jax import storage  # noqa: E402
+from diffgemma_jax.data import build  # noqa: E402
+
 
 def _serial_spans(path: str, rel: str, span_bytes: int, size: int) -> list[tuple[int, int]]:
   """The baseline: a JSONL file's (span start, first line number) from one pass over the whole file, as the plan of
   every process was made before (the span closed at the end of the line where it reached `span_bytes`)."""
-  from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
   spans, start, first, lines, position = [], 0, 1, 0, 0
   with storage.open_binary(path) as f:
     while chunk := f.read(8 << 20):
@@ -69,12 +71,11 @@ def _measure(root: str, names: tuple, processes: int, workers, fetched: list, lo
   """Both plans of the corpus `names` under `root` (a bucket folder or the local copy): the bytes fetched (in a bucket)
   and seconds of every process's serial pass before; of the parts now, in this process, in the warm workers, and
   process 0's share of a job of `processes`."""
-  from diffgemma_jax.data import build  # pylint: disable=import-outside-toplevel
   spec = build.Corpus(root, names, "bench")
   sizes = build.file_sizes(spec)
   limit = build.task_bytes(sizes)
   parts = build.plan_parts(spec, sizes)
-  remote = "://" in root
+  remote = storage.is_url(root)
 
   def timed(fn):
     fetched.clear()
@@ -83,7 +84,7 @@ def _measure(root: str, names: tuple, processes: int, workers, fetched: list, lo
     return result, {"seconds": round(time.perf_counter() - start, 3),
                     "fetched_mb": round(sum(fetched) / 2**20, 1) if remote else None}
 
-  serial, before = timed(lambda: {rel: _serial_spans(storage_join(root, rel), rel, limit, size)
+  serial, before = timed(lambda: {rel: _serial_spans(storage.join(root, rel), rel, limit, size)
                                   for rel, size in sizes.items()})
   found, in_process = timed(lambda: [build.read_span_part(root, rel, part, limit) for rel, part in parts])
   jobs = [(j, root, rel, part, limit) for j, (rel, part) in enumerate(parts)]
@@ -107,11 +108,6 @@ def _measure(root: str, names: tuple, processes: int, workers, fetched: list, lo
           if remote else None}
 
 
-def storage_join(root: str, rel: str) -> str:
-  from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
-  return storage.join(root, rel)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true")
@@ -120,8 +116,6 @@ def main(argv=None) -> int:
   parser.add_argument("--workers", type=int, default=2, help="build workers per process")
   parser.add_argument("--url", default="", help="a bucket folder for the corpus (default: a local S3 server)")
   args = parser.parse_args(argv)
-  from diffgemma_jax import storage  # pylint: disable=import-outside-toplevel
-  from diffgemma_jax.data import build  # pylint: disable=import-outside-toplevel
   with bucket_and_scratch(args.url, "s3://bench/plan", "plan_reads_") as (url, scratch), \
       counted_s3_fetches() as fetched:
     corpus = os.path.join(scratch, "corpus")

@@ -153,6 +153,28 @@ def _build(tmp_path, name, src, tokenizer, **options):
   return build_dataset("text_files", str(tmp_path / name), None, source=str(src), tokenizer=tokenizer, **options)
 
 
+def _build_by_two_processes(tmp_path, name, src, tokenizer, **options) -> dict[int, dict]:
+  """`_build` as processes 0 and 1 of one build (threads meeting at a barrier), into `name.format(process)`: each
+  one's manifest; none may fail."""
+  barrier, results, errors = threading.Barrier(2), {}, []
+
+  def process(index):
+    try:
+      results[index] = _build(tmp_path, name.format(index), src, tokenizer, build_workers=1, process_index=index,
+                              process_count=2, barrier=lambda _: barrier.wait(timeout=60), **options)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      barrier.abort()
+
+  threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  return results
+
+
 def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, monkeypatch):
   out, manifest, src = store
   tok = os.path.join(out, "tokenizer.model")
@@ -162,42 +184,12 @@ def test_worker_and_process_count_do_not_change_the_dataset(store, tmp_path, mon
   monkeypatch.setattr(build_module, "heldout_threshold", lambda *a: decided.append(threshold(*a)) or decided[-1])
   one = _build(tmp_path, "one", src, tok, build_workers=1)
   spawned = _build(tmp_path, "spawned", src, tok, build_workers=2)
-  barrier = threading.Barrier(2)
-  results, errors = {}, []
-
-  def process(index):
-    try:
-      results[index] = _build(tmp_path, "two", src, tok, build_workers=1, process_index=index, process_count=2,
-                              barrier=lambda name: barrier.wait(timeout=60))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-      barrier.abort()
-
-  def run(target, **options):
-    threads = [threading.Thread(target=target, args=(i,), kwargs=options) for i in range(2)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-
-  run(process)
-  assert not errors, errors
+  results = _build_by_two_processes(tmp_path, "two", src, tok)
   # Each process in a folder of its own, passing files through an exchange folder (a bucket build's processes,
   # which share no disk): process 1's folder ends with its own tasks' shards alone, process 0's with the dataset
   # but for process 1's shards
   from diffgemma_jax.data.exchange import Exchange
-  exchange, apart = Exchange(str(tmp_path / "exchange")), {}
-
-  def alone(index):
-    try:
-      apart[index] = _build(tmp_path, f"apart-{index}", src, tok, build_workers=1, process_index=index,
-                            process_count=2, barrier=lambda name: barrier.wait(timeout=60), exchange=exchange)
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-      barrier.abort()
-
-  run(alone)
-  assert not errors, errors
+  apart = _build_by_two_processes(tmp_path, "apart-{}", src, tok, exchange=Exchange(str(tmp_path / "exchange")))
   assert one["sha256"] == manifest["sha256"] and one["store"] == manifest["store"]  # the fixture trained it
   assert len(decided) == 4 and len(set(decided)) == 1, decided
   for other in (spawned, results[0], results[1], apart[0], apart[1]):
@@ -265,23 +257,8 @@ def test_a_build_reads_its_plan_once_spread_over_its_processes(store, tmp_path, 
   monkeypatch.setattr(build_module, "_read_part", lambda j, *a: read.append(j) or read_part(j, *a))
   one = _build(tmp_path, "one", tmp_path / "corpus.jsonl", tok, build_workers=1)
   assert len(parts) > 5 and sorted(read) == list(range(len(parts)))
-  barrier, results, errors = threading.Barrier(2), {}, []
   read.clear()
-
-  def process(index):
-    try:
-      results[index] = _build(tmp_path, "two", tmp_path / "corpus.jsonl", tok, build_workers=1, process_index=index,
-                              process_count=2, barrier=lambda name: barrier.wait(timeout=60))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
-      barrier.abort()
-
-  threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  assert not errors, errors
+  results = _build_by_two_processes(tmp_path, "two", tmp_path / "corpus.jsonl", tok)
   assert sorted(read) == list(range(len(parts)))  # each part once, by the process it fell to (j mod 2)
   read.clear()
   tokenize, calls = build_module._tokenize_task, []
