@@ -16,8 +16,13 @@ time in its workers against a process's serial pass is the plan's wall time in s
 plans are checked to give every file's same lines: each span starts at a line start and its first line number is
 the count of newlines before it (read from the local copy). moto's server copies the whole object for a ranged
 GET (about 36 ms for any range of a 64 MB object, 4.5 ms of a 4 MB one, on the 2-core VM), which a store's
-ranged reads do not: its times for many ranged reads of large objects are worse than a real store's. The
-machine's load average before and after is part of the report.
+ranged reads do not: its times for many ranged reads of large objects are worse than a real store's.
+
+A build given its tokenizer plans from line starts alone (the lines are counted by its scan): part (b) builds the
+bucket corpus (a 4096-piece tokenizer trained beforehand and given) in this process, one build worker, with the plan
+counting lines (the baseline: what a build did before, and still does when it trains a tokenizer) and without, and
+reports the bytes each build fetched from the bucket and its seconds; the two datasets must be the same (their
+sha256). `--no_builds` skips it. The machine's load average before and after is part of the report.
 """
 
 from __future__ import annotations
@@ -108,6 +113,31 @@ def _measure(root: str, names: tuple, processes: int, workers, fetched: list, lo
           if remote else None}
 
 
+def _builds(url: str, names: tuple, scratch: str, tokenizer: str, fetched: list) -> dict:
+  """(b): the bucket corpus built twice in this process (one worker), its plan counting lines and not: the bytes
+  each build fetched and its seconds."""
+  from data_recipes import build_dataset  # pylint: disable=import-outside-toplevel
+  read_part, rows = build._read_part, {}  # pylint: disable=protected-access
+  source = ",".join(f"{url}/{name}" for name in names)
+  for name, count in (("counting plan (before)", True), ("line-start plan (now)", False)):
+    # the baseline: the plan reads each part counting its lines, as it does for a build that trains a tokenizer
+    build._read_part = (lambda *a: read_part(*a[:-1], True)) if count else read_part  # pylint: disable=protected-access
+    try:
+      fetched.clear()
+      start = time.perf_counter()
+      manifest = build_dataset("text_files", os.path.join(scratch, f"built-{count}"), None, source=source,
+                               tokenizer=tokenizer, build_workers=1)
+      rows[name] = {"seconds": round(time.perf_counter() - start, 2), "fetched_mb": round(sum(fetched) / 2**20, 1),
+                    "sha256": manifest["sha256"]}
+    finally:
+      build._read_part = read_part  # pylint: disable=protected-access
+  before, now = rows.values()
+  if before["sha256"] != now["sha256"]:
+    raise SystemExit("the line-start plan's dataset differs from the counting plan's")
+  return {**rows, "fetched_ratio": round(now["fetched_mb"] / max(before["fetched_mb"], 1e-3), 3),
+          "time_ratio": round(now["seconds"] / max(before["seconds"], 1e-3), 3)}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--json", action="store_true")
@@ -115,6 +145,7 @@ def main(argv=None) -> int:
   parser.add_argument("--processes", type=int, default=4, help="the job's processes P (process 0's share is read)")
   parser.add_argument("--workers", type=int, default=2, help="build workers per process")
   parser.add_argument("--url", default="", help="a bucket folder for the corpus (default: a local S3 server)")
+  parser.add_argument("--no_builds", action="store_true", help="skip (b), the two builds of the bucket corpus")
   args = parser.parse_args(argv)
   with bucket_and_scratch(args.url, "s3://bench/plan", "plan_reads_") as (url, scratch), \
       counted_s3_fetches() as fetched:
@@ -126,14 +157,23 @@ def main(argv=None) -> int:
     # started before the timing, as a build starts them once for all its phases
     warm = [(j, corpus, names[0], (0, 1), 1) for j in range(args.workers)]
     list(workers.run(build._read_part, warm))  # pylint: disable=protected-access
+    tokenizer = None
+    if not args.no_builds:
+      from data_pipeline import _source_texts  # pylint: disable=import-outside-toplevel
+
+      from diffgemma_jax.data.tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
+      sample = [text for _, text in zip(range(400), (t for _, t in _source_texts()))]
+      tokenizer = train_tokenizer(sample, os.path.join(scratch, "tokenizer"), 4096, max_sentences=60_000).path
     with MachineLoad() as load:
       rows = {where: _measure(root, names, args.processes, workers, fetched, corpus)
               for where, root in (("local files", corpus), ("bucket", url))}
-    workers.close()
+      workers.close()
+      builds = None if args.no_builds else _builds(url, names, scratch, tokenizer, fetched)
     report = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "bucket": url if args.url else "local S3 server (moto)", "files": len(names),
               "corpus_mb": round(sum(os.path.getsize(os.path.join(corpus, n)) for n in names) / 2**20, 1),
-              "processes": args.processes, "workers": args.workers, "rows": rows, **load.report()}
+              "processes": args.processes, "workers": args.workers, "rows": rows, "builds": builds,
+              **load.report()}
   if args.json:
     print(json.dumps(report, indent=2))
     return 0
@@ -148,6 +188,11 @@ def main(argv=None) -> int:
           f"{mb(share['fetched_mb'])}{share['seconds_in_workers']} s in its workers ({row['job_time_ratio']:.2f}x "
           "the time" + (f"; the job fetches {row['job_fetched_ratio']:.2f}x the bytes)" if row["job_fetched_ratio"]
                         is not None else ")"))
+  if builds:
+    before, now = builds["counting plan (before)"], builds["line-start plan (now)"]
+    print(f"a build of the bucket corpus (one worker, tokenizer given): counting plan {before['fetched_mb']} MB "
+          f"fetched, {before['seconds']} s; line-start plan {now['fetched_mb']} MB, {now['seconds']} s "
+          f"({builds['fetched_ratio']:.2f}x the bytes, {builds['time_ratio']:.2f}x the time; the same dataset)")
   print(load.line())
   return 0
 

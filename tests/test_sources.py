@@ -17,6 +17,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_recipes import build_dataset
 from diffgemma_jax.data import Tokenizer, sources, train_tokenizer
+from diffgemma_jax.data.build import number_spans
 from diffgemma_jax.data.sources import ReadStats, file_spans, read_documents
 from diffgemma_jax.errors import DataError
 
@@ -88,6 +89,22 @@ def test_spans_of_a_file_read_as_the_whole_file(tmp_path, monkeypatch):
   assert [s.first for s in spans] == [1 + data[:s.start].count(b"\n") for s in spans]
   assert file_spans(str(tmp_path), "b.jsonl.gz", 16) == [sources.Span("b.jsonl.gz", size=os.path.getsize(
       tmp_path / "b.jsonl.gz"))]
+  # Cut without counting (a build given its tokenizer): the same spans, each read from a line of its start alone;
+  # numbered from the lines each span's read goes through (data/build.py's scan), the same first line numbers
+  monkeypatch.setattr(sources, "_FIND_BYTES", 5)
+  for name in ("f.jsonl", "g.jsonl"):
+    size = os.path.getsize(tmp_path / name)
+    counted = file_spans(str(tmp_path), name, 16)
+    cut = sources.spans_from_parts(name, size, [
+        sources.read_span_part(str(tmp_path), name, part, 16, count_lines=False)
+        for part in sources.span_parts(name, size, 16)])
+    assert cut == [dataclasses.replace(span, first=None if k else 1) for k, span in enumerate(counted)], name
+    lines = []
+    for span in cut:
+      stats = ReadStats()
+      documents = sum(1 for _ in read_documents(str(tmp_path), name, max_bad_lines=50, stats=stats, span=span))
+      lines.append((stats.lines, documents))
+    assert number_spans([tuple(cut)], [lines]) == [[span.first for span in counted]], name
 
 
 def test_a_built_store_holds_every_document(tmp_path, tokenizer, capsys):

@@ -18,6 +18,7 @@ from data_recipes import build_dataset
 from data_recipes.common import split_by_hash
 from diffgemma_jax.data import Tokenizer, make_eval_batches, make_train_iterator, unigram_ppl
 from diffgemma_jax.data import build as build_module
+from diffgemma_jax.data import sources
 from diffgemma_jax.data.split import heldout_threshold, key_digest, write_digest_table
 from diffgemma_jax.data.store import ShardWriter, SplitStore, open_split
 from diffgemma_jax.errors import DataError
@@ -279,6 +280,45 @@ def test_a_build_reads_its_plan_once_spread_over_its_processes(store, tmp_path, 
   assert read == []
   for other in (results[0], results[1], resumed):
     assert other["sha256"] == one["sha256"] and other["store"] == one["store"]
+
+
+def test_a_build_with_a_tokenizer_plans_from_line_starts_alone(store, tmp_path, monkeypatch, capsys):
+  """With a tokenizer given (no sample to draw), a large JSONL file's plan reads each chunk's first line start only
+  (not the chunk: the corpus was read once more for its line counts); the scan counts each span's lines and
+  process 0 numbers the spans and the documents' digests from them. The dataset is the one of a plan that counts,
+  in one process and in two that share no folder; a bad line in a span not yet numbered is named by its byte."""
+  out, _, src = store
+  _jsonl_of(src, tmp_path / "corpus.jsonl", "\n\n")
+  data = (tmp_path / "corpus.jsonl").read_bytes()
+  middle = data.index(b"\n", len(data) // 2) + 1  # a line start in a later span
+  (tmp_path / "corpus.jsonl").write_bytes(data[:middle] + b"{not json\n" + data[middle:])
+  tok = os.path.join(out, "tokenizer.model")
+  monkeypatch.setattr(build_module, "TASK_BYTES", 20_000)
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 20_000)  # chunks of 20 kB
+  monkeypatch.setattr(sources, "_FIND_BYTES", 256)
+  read, read_range = [], sources.storage.read_range
+
+  def counted_read(path, start, end):
+    read.append(len(read_range(path, start, end)))
+    return read_range(path, start, end)
+
+  monkeypatch.setattr(sources.storage, "read_range", counted_read)
+  one = _build(tmp_path, "one", tmp_path / "corpus.jsonl", tok, build_workers=1)
+  assert len(read) > 5 and sum(read) < len(data) / 20, (read, len(data))
+  report = capsys.readouterr().err
+  assert f"skipped bad line: {tmp_path / 'corpus.jsonl'} (the line at byte {middle}): not JSON" in report, report
+  from diffgemma_jax.data.exchange import Exchange
+  apart = _build_by_two_processes(tmp_path, "apart-{}", tmp_path / "corpus.jsonl", tok,
+                                  exchange=Exchange(str(tmp_path / "exchange")))
+  read_part = build_module._read_part
+  monkeypatch.setattr(build_module, "_read_part", lambda *a: read_part(*a[:-1], True))  # the plan counts lines
+  counted = _build(tmp_path, "counted", tmp_path / "corpus.jsonl", tok, build_workers=1)
+  assert sum(read) > len(data)
+  assert f"skipped bad line: {tmp_path / 'corpus.jsonl'}:" in capsys.readouterr().err
+  assert counted["splits"]["train"]["documents"] > 0 and counted["splits"]["heldout"]["documents"] > 0
+  for other in (one, apart[0], apart[1]):
+    assert other["sha256"] == counted["sha256"] and other["store"] == counted["store"]
+    assert other["splits"] == counted["splits"]
 
 
 def test_build_workers_hold_no_result_once_it_is_handed_over():

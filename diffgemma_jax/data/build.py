@@ -9,12 +9,13 @@ processes share one staging folder (a shared filesystem), or, with `BuildOptions
 into a bucket), each has its own and they pass what crosses between them through the exchange (data/exchange.py):
 a process's folder then ends with its own tasks' shards, process 0's with the rest of the dataset.
 
-  0. plan      the reads that cut the large files into spans (a JSONL file's chunks, for their line ends; a Parquet
-               or ArrayRecord file's metadata), spread over the processes and their workers; every process then
-               has every part's result and the same tasks.
-  1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), and keeps
-               its candidates for the tokenizer sample.
-  2. decide    process 0: the held-out threshold (or the recipe's own held-out keys), and (unless a tokenizer is
+  0. plan      the reads that cut the large files into spans (a JSONL file's chunks, for their line ends, and their
+               line counts unless a tokenizer is given; a Parquet or ArrayRecord file's metadata), spread over the
+               processes and their workers; every process then has every part's result and the same tasks.
+  1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), keeps its
+               candidates for the tokenizer sample, and counts its spans' lines.
+  2. decide    process 0: the spans' first line numbers where the plan did not count them, and the digests of
+               their documents; the held-out threshold (or the recipe's own held-out keys), and (unless a tokenizer is
                given) the tokenizer, trained on a uniform sample of the training documents: those with the
                largest key digests (a hash puts the documents in random order, whatever their file or position)
                until the sample holds `sample_lines` non-empty lines.
@@ -63,6 +64,7 @@ from diffgemma_jax.data.sources import (
   spans_from_parts,
 )
 from diffgemma_jax.data.split import (
+  DIGEST_TABLE,
   SPLIT_BY,
   HeldOut,
   heldout_threshold,
@@ -173,8 +175,8 @@ def plan_parts(corpus: Corpus, sizes: dict[str, int]) -> list[tuple[str, tuple[i
   return [(rel, part) for rel in corpus.files for part in span_parts(rel, sizes[rel], limit)]
 
 
-def _read_part(index: int, root: str, rel: str, part: tuple[int, int], limit: int):
-  return index, read_span_part(root, rel, part, limit)
+def _read_part(index: int, root: str, rel: str, part: tuple[int, int], limit: int, count_lines: bool = True):
+  return index, read_span_part(root, rel, part, limit, count_lines=count_lines)
 
 
 def tasks_from_parts(corpus: Corpus, sizes: dict[str, int], found: list) -> list[tuple[Span, ...]]:
@@ -243,14 +245,57 @@ class Sample:
 
 
 def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: int):
+  """A task's (key digest, bytes) table and tokenizer-sample candidates, and each span's (lines gone through,
+  documents). The documents of a span whose first line's number is not known (Span.first None; never with a sample
+  to draw) have their line numbers within the span in the digest column, made digests by `_number_documents` once
+  every span's lines are counted."""
   stats, sample = ReadStats(), Sample(sample_lines)
-  digests, sizes = [], []
-  for number, (digest, _, text) in enumerate(_documents(corpus, spans, stats)):
-    digests.append(digest)
-    sizes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
-    sample.offer(digest, (index, number), text)
+  digests, sizes, counted = [], [], []
+  for span in spans:
+    assert span.first is not None or sample.budget <= 0, "a sample needs the documents' digests"
+    lines, documents = stats.lines, len(digests)
+    for identity, text in read_documents(corpus.root, span.rel, text_field=corpus.text_field,
+                                         max_bad_lines=corpus.max_bad_lines, stats=stats, span=span):
+      if span.first is None:
+        digests.append(int(identity[len(span.rel) + 1:]))  # `rel:LINE`, LINE counted from the span's start
+      else:
+        digests.append(key_digest(split_key(span.rel, identity, corpus.split_by)))
+        sample.offer(digests[-1], (index, len(digests) - 1), text)
+      sizes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
+    counted.append((stats.lines - lines, len(digests) - documents))
   write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
-  return index, stats, sample.heap
+  return index, stats, sample.heap, counted
+
+
+def number_spans(tasks: list[tuple[Span, ...]], counted: list) -> list[list[int]]:
+  """Each task's spans' first record numbers: a span's own, or (None: a JSONL span cut without counting the lines
+  before it) the first number of the span before it in its file plus the lines that span's scan went through
+  (`counted`, per task, per span: (lines, documents))."""
+  firsts, previous = [], None  # the span before: (file, first number, lines)
+  for spans, counts in zip(tasks, counted, strict=True):
+    row = []
+    for span, (lines, _) in zip(spans, counts, strict=True):
+      first = span.first
+      if first is None:  # never a file's first span (its first line is line 1)
+        rel, before, went = previous
+        assert rel == span.rel, (rel, span.rel)
+        first = before + went
+      row.append(first)
+      previous = (span.rel, first, lines)
+    firsts.append(row)
+  return firsts
+
+
+def _number_documents(path: str, runs: list[tuple[int, int, str, int]], split_by: str) -> None:
+  """Rows [start, stop) of the digest table at `path`, documents of the span of `rel` whose first line is `first`,
+  hold their line numbers within that span (`_scan_task`): replaced by their key digests, for each run."""
+  table = np.memmap(path, DIGEST_TABLE, "r+")
+  for start, stop, rel, first in runs:
+    table["digest"][start:stop] = np.fromiter(
+        (key_digest(split_key(rel, f"{rel}:{first - 1 + line}", split_by))
+         for line in table["digest"][start:stop].tolist()), np.uint64, stop - start)
+  table.flush()
+  del table
 
 
 @functools.lru_cache(maxsize=1)
@@ -458,6 +503,12 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   decided = lambda: os.path.isfile(os.path.join(staging, "decision.json"))  # noqa: E731
   plan_file = os.path.join(staging, PLAN_FILE)
   resumed = False
+  # A build with a scan and no tokenizer sample to draw (a tokenizer given) does not count a large JSONL file's
+  # lines in its plan, which would read the whole corpus once more: the plan finds each chunk's first line start
+  # (a read of a line or so), the scan counts each span's lines as it reads them, and process 0 numbers the spans
+  # and makes the documents' digests from those counts (`number_spans`, `_number_documents`) before it decides. A
+  # sample is drawn by digest as the scan goes, and an evaluation set is not scanned: their plans count lines.
+  count_lines = not tokenizer or corpus.evaluation_only
 
   def begin():
     nonlocal resumed
@@ -479,7 +530,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     # corpus's plan was read by every process, one file after the other (the whole of every JSONL file)
     if os.path.isfile(plan_file):  # a resumed build's
       return
-    jobs = [(j, corpus.root, rel, part, limit) for j, (rel, part) in enumerate(parts) if j % count == p]
+    jobs = [(j, corpus.root, rel, part, limit, count_lines) for j, (rel, part) in enumerate(parts) if j % count == p]
     progress.phase("plan", {job[0]: job[3][1] - job[3][0] for job in jobs}, unit="part(s)")
     found = {}
     for j, result in workers.run(_read_part, jobs):
@@ -519,14 +570,16 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
     jobs = [(job_corpus, i, spans, staging, sample.budget) for i, spans in mine]
     progress.phase("scan", task_size)
-    for index, task_stats, heap in workers.run(_scan_task, jobs):
+    counted = {}
+    for index, task_stats, heap, spans_read in workers.run(_scan_task, jobs):
       progress.done(index)
+      counted[index] = spans_read
       stats.add(task_stats)
       check_bad_lines(stats, corpus.max_bad_lines)
       for digest, order, lines in heap:
         sample.offer(digest, order, lines)
     _write_json(os.path.join(staging, "scan", f"process-{p}.json"),
-                {"stats": dataclasses.asdict(stats), "sample": sample.heap})
+                {"stats": dataclasses.asdict(stats), "sample": sample.heap, "counted": counted})
     if own and p != 0:  # this process's tables as one file (thousands of tasks: one request, not thousands)
       bundle = os.path.join(staging, "scan", f"process-{p}.digests")
       with open(bundle, "wb") as out:
@@ -539,10 +592,11 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   def decide():
     if p != 0 or decided():
       return
+    firsts = None
     if corpus.evaluation_only:  # every file's documents held out; what the read skipped is counted as it tokenises
       heldout, stats = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys)), ReadStats()
     else:
-      heldout, stats, sample = scanned()
+      heldout, stats, sample, firsts = scanned()
     if tokenizer:
       shutil.copyfile(tokenizer, os.path.join(staging, "tokenizer.model"))
     else:
@@ -550,25 +604,32 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       progress.note(f"training the tokenizer ({vocab_size} pieces) on {len(texts):,} sampled document(s)")
       train_tokenizer(texts, os.path.join(staging, "tokenizer"), vocab_size, max_sentences=options.sample_lines)
     _write_json(os.path.join(staging, "decision.json"),
-                {"heldout": heldout.to_json(), "stats": dataclasses.asdict(stats)})
+                {"heldout": heldout.to_json(), "stats": dataclasses.asdict(stats), "firsts": firsts})
     if own:
       exchange.put([(os.path.join(staging, name), name) for name in ("decision.json", "tokenizer.model")])
 
-  def scanned() -> tuple[HeldOut, ReadStats, Sample]:
+  def scanned() -> tuple[HeldOut, ReadStats, Sample, list | None]:
     """The decision from the scan's tables and samples (every process's): the held-out split, what the reads
-    skipped, the tokenizer sample."""
+    skipped, the tokenizer sample, and the tasks' spans' first record numbers where the plan did not count them
+    (else None)."""
     if own:
       exchange.get([f"scan/process-{q}.{kind}" for q in range(1, count) for kind in ("json", "digests")], staging)
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
+    counted = {}
     for q in range(count):
       part = _read_json(os.path.join(staging, "scan", f"process-{q}.json"))
       stats.add(ReadStats(**part["stats"]))
       for digest, order, lines in part["sample"]:
         sample.offer(digest, tuple(order), lines)
+      counted.update({int(i): spans for i, spans in part["counted"].items()})
     check_read(stats)
     own_tables = [i for i, _ in mine] if own else range(len(tasks))  # the others' tables: one file per process
     tables = [os.path.join(staging, "scan", f"{i:05d}.digests") for i in own_tables] + \
         [os.path.join(staging, "scan", f"process-{q}.digests") for q in range(1, count) if own]
+    firsts = None
+    if any(span.first is None for spans in tasks for span in spans):
+      firsts = number_spans(tasks, [counted[i] for i in range(len(tasks))])
+      list(workers.run(_number_documents, number_jobs(firsts, counted)))
     if corpus.heldout_keys:
       heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
       held, total = keyed_bytes(tables, heldout.digests)
@@ -578,7 +639,27 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if held == 0 or held == total:
       raise DataError(f"{corpus.name}: the {'heldout' if held == 0 else 'train'} split is empty; the corpus is "
                       f"too small to split")
-    return heldout, stats, sample
+    return heldout, stats, sample, firsts
+
+  def number_jobs(firsts: list[list[int]], counted: dict) -> list[tuple]:
+    """`_number_documents`' jobs: per task with a span the plan did not number, its table (process 0's own, or
+    where it lies in its process's bundle) and the rows of those spans."""
+    jobs, offsets = [], {}  # rows of each bundle before the task
+    for i, spans in enumerate(tasks):
+      q = i % count
+      if own and q != 0:
+        path, row = os.path.join(staging, "scan", f"process-{q}.digests"), offsets.get(q, 0)
+      else:
+        path, row = os.path.join(staging, "scan", f"{i:05d}.digests"), 0
+      runs = []
+      for span, first, (_, documents) in zip(spans, firsts[i], counted[i]):
+        if span.first is None and documents:
+          runs.append((row, row + documents, span.rel, first))
+        row += documents
+      offsets[q] = row
+      if runs:
+        jobs.append((path, runs, corpus.split_by))
+    return jobs
 
   def tokenize():
     if own and p != 0:
@@ -586,6 +667,10 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     decision = _read_json(os.path.join(staging, "decision.json"))
     tokenizer_path = os.path.join(staging, "tokenizer.model")
     vocab = Tokenizer(tokenizer_path).vocab_size
+    firsts = decision.get("firsts")  # the spans' first line numbers, where the plan did not count them
+    numbered = mine if not firsts else [
+        (i, tuple(dataclasses.replace(span, first=first) for span, first in zip(spans, firsts[i], strict=True)))
+        for i, spans in mine]
     counts = {split: np.zeros((vocab,), np.int64) for split in SPLITS}
     shards = {}
     heldout = HeldOut.from_json(decision["heldout"])
@@ -600,7 +685,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
         check_bad_lines(stats, corpus.max_bad_lines)
 
     jobs = []
-    for i, spans in mine:
+    for i, spans in numbered:
       kept = _tokenised(staging, i, vocab) if key is not None else None
       if kept is None:
         jobs.append((job_corpus, i, spans, staging, heldout, tokenizer_path))

@@ -37,6 +37,7 @@ from diffgemma_jax.errors import DataError
 RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
 PARQUET_BATCH_ROWS = 1024
 _READ_BYTES = 8 << 20  # read at a time past a JSONL chunk whose line goes on
+_FIND_BYTES = 64 << 10  # the first read for a JSONL chunk's first line start when its lines are not counted
 
 
 def file_format(path: str) -> str:
@@ -58,10 +59,12 @@ class ReadStats:
   empty: int = 0
   bad_lines: list[str] = dataclasses.field(default_factory=list)
   non_utf8_files: list[str] = dataclasses.field(default_factory=list)
+  lines: int = 0  # JSONL lines gone through, blank and bad ones too (a span's count numbers the next span's lines)
 
   def add(self, other: "ReadStats") -> None:
     self.documents += other.documents
     self.empty += other.empty
+    self.lines += other.lines
     self.bad_lines += other.bad_lines
     self.non_utf8_files += other.non_utf8_files
 
@@ -70,11 +73,13 @@ class ReadStats:
 class Span:
   """A part of a source file read on its own: records from `start` to `stop` (None: the file's end), counted in
   bytes of a JSONL file, row groups of a Parquet file or records of an ArrayRecord file; `first`: the number of
-  its first record (JSONL line, Parquet row, ArrayRecord record); `size`: its share of the file's bytes."""
+  its first record (JSONL line, Parquet row, ArrayRecord record), None for a JSONL span cut without counting the
+  lines before it (`read_span_part(count_lines=False)`: data/build.py numbers them from the lines its scan goes
+  through); `size`: its share of the file's bytes."""
   rel: str
   start: int = 0
   stop: int | None = None
-  first: int = 0
+  first: int | None = 0
   size: int = 0
 
 
@@ -90,13 +95,14 @@ def span_parts(rel: str, size: int, span_bytes: int) -> list[tuple[int, int]]:
   return [(0, size)]
 
 
-def read_span_part(root: str, rel: str, part: tuple[int, int], span_bytes: int) -> list:
+def read_span_part(root: str, rel: str, part: tuple[int, int], span_bytes: int, *, count_lines: bool = True) -> list:
   """What part `part` of `span_parts` found (JSON-safe): a JSONL chunk's (where its first line starts, the newlines
-  before that in the chunk, the newlines in the chunk); a Parquet or ArrayRecord file's spans."""
+  before that in the chunk, the newlines in the chunk; with `count_lines=False` the line start alone, read from the
+  chunk's start to the end of the line it falls in, the counts None); a Parquet or ArrayRecord file's spans."""
   path = storage.join(root, rel)
   try:
     if file_format(rel) == "jsonl":
-      return list(_jsonl_chunk(path, *part))
+      return list(_jsonl_chunk(path, *part)) if count_lines else [_line_start(path, part[0]), None, None]
     size = part[1]
     if file_format(rel) == "parquet":
       return [dataclasses.astuple(span) for span in _parquet_spans(path, rel, span_bytes, size)]
@@ -111,11 +117,11 @@ def spans_from_parts(rel: str, size: int, found: list) -> list[Span]:
     return [Span(rel, size=size)]
   if file_format(rel) != "jsonl":
     return [Span(*span) for span in found[0]]
-  starts, newlines = {}, 0  # {line start: its line's number}; newlines before the current chunk
+  starts, newlines = {}, 0  # {line start: its line's number (None: not counted)}; newlines before the current chunk
   for line_start, before, count in found:
-    if line_start < size:
-      starts.setdefault(line_start, 1 + newlines + before)  # (a line longer than a chunk: the next one's again)
-    newlines += count
+    if line_start < size:  # (a line longer than a chunk: the next one's again)
+      starts.setdefault(line_start, 1 if line_start == 0 else None if count is None else 1 + newlines + before)
+    newlines += count or 0
   cuts = sorted(starts)
   return [Span(rel, cut, stop, starts[cut], (stop or size) - cut)
           for cut, stop in zip(cuts, cuts[1:] + [None])]
@@ -150,6 +156,22 @@ def _jsonl_chunk(path, start: int, stop: int) -> tuple[int, int, int]:
       return position + end + 1, 1, count
     position += len(data)
   return start + end, 1, count
+
+
+def _line_start(path, start: int) -> int:
+  """The first line start at or after `start` of a JSONL file, or the file's end: read from `start - 1` to the end
+  of the line it falls in (a first read of _FIND_BYTES, then larger ones), not the whole chunk."""
+  if start == 0:
+    return 0
+  position, want = start - 1, _FIND_BYTES
+  while True:
+    data = storage.read_range(path, position, position + want)
+    if not data:
+      return position
+    end = data.find(b"\n")
+    if end >= 0:
+      return position + end + 1
+    position, want = position + len(data), min(4 * want, _READ_BYTES)
 
 
 def _parquet_spans(path, rel, span_bytes, size):
@@ -238,34 +260,44 @@ def _jsonl_file(path, span):
 
 
 def _jsonl(path, rel, text_field, stats, span):
-  number = span.first or 1
+  # A span whose first line's number is not known (Span.first None) numbers its lines from 1 (the build makes its
+  # documents' identities global once every span's lines are counted) and names a line by its byte offset
+  numbered = span.first is not None
+  number = (span.first or 1) if numbered else 1
+
+  def where(line: int, at: int) -> str:
+    return f"{path}:{line}" if numbered else f"{path} (the line at byte {at})"
+
   try:
     with _jsonl_file(path, span) as f:
       position = span.start
       for number, raw in enumerate(f, number):
         if span.stop is not None and position >= span.stop:
           break
+        at = position
         position += len(raw)
+        stats.lines += 1
         try:
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-          raise DataError(f"cannot read {path}: line {number} is not UTF-8 ({e.reason} at byte {e.start})") from None
+          name = f"line {number}" if numbered else f"the line at byte {at}"
+          raise DataError(f"cannot read {path}: {name} is not UTF-8 ({e.reason} at byte {e.start})") from None
         if not line or line.isspace():
           continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
-          stats.bad_lines.append(f"{path}:{number}: not JSON ({e.msg})")
+          stats.bad_lines.append(f"{where(number, at)}: not JSON ({e.msg})")
           yield None, None
           continue
         if not isinstance(record, dict) or text_field not in record:
           got = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
-          raise DataError(f"{path}:{number}: no {text_field!r} field (data.text_field); the record has {got}")
+          raise DataError(f"{where(number, at)}: no {text_field!r} field (data.text_field); the record has {got}")
         text = record[text_field]
         if text is None:
           text = ""
         if not isinstance(text, str):
-          raise DataError(f"{path}:{number}: field {text_field!r} (data.text_field) holds "
+          raise DataError(f"{where(number, at)}: field {text_field!r} (data.text_field) holds "
                           f"{json.dumps(text)[:40]} ({type(text).__name__}), not a string")
         yield f"{rel}:{number}", text
   except (EOFError, gzip.BadGzipFile, OSError) as e:
