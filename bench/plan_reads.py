@@ -21,8 +21,8 @@ ranged reads do not: its times for many ranged reads of large objects are worse 
 A build given its tokenizer plans from line starts alone (the lines are counted by its scan): part (b) builds the
 bucket corpus (a 4096-piece tokenizer trained beforehand and given) in this process, one build worker, with the plan
 counting lines (the baseline: what a build did before, and still does when it trains a tokenizer) and without, and
-reports the bytes each build fetched from the bucket and its seconds; the two datasets must be the same (their
-sha256). `--no_builds` skips it. The machine's load average before and after is part of the report.
+reports the bytes each build fetched from the bucket (and in how many requests) and its seconds; the two datasets
+must be the same (their sha256). `--no_builds` skips it. The machine's load average before and after is part of the report.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _builds(url: str, names: tuple, scratch: str, tokenizer: str, fetched: list)
       manifest = build_dataset("text_files", os.path.join(scratch, f"built-{count}"), None, source=source,
                                tokenizer=tokenizer, build_workers=1)
       rows[name] = {"seconds": round(time.perf_counter() - start, 2), "fetched_mb": round(sum(fetched) / 2**20, 1),
-                    "sha256": manifest["sha256"]}
+                    "requests": len(fetched), "sha256": manifest["sha256"]}
     finally:
       build._read_part = read_part  # pylint: disable=protected-access
   before, now = rows.values()
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
   if builds:
     before, now = builds["counting plan (before)"], builds["line-start plan (now)"]
     print(f"a build of the bucket corpus (one worker, tokenizer given): counting plan {before['fetched_mb']} MB "
-          f"fetched, {before['seconds']} s; line-start plan {now['fetched_mb']} MB, {now['seconds']} s "
+          f"fetched in {before['requests']} requests, {before['seconds']} s; line-start plan {now['fetched_mb']} MB "
+          f"in {now['requests']}, {now['seconds']} s "
           f"({builds['fetched_ratio']:.2f}x the bytes, {builds['time_ratio']:.2f}x the time; the same dataset)")
   print(load.line())
   return 0
