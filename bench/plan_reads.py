@@ -22,7 +22,8 @@ A build given its tokenizer plans from line starts alone (the lines are counted 
 bucket corpus (a 4096-piece tokenizer trained beforehand and given) in this process, one build worker, with the plan
 counting lines (the baseline: what a build did before, and still does when it trains a tokenizer) and without, and
 reports the bytes each build fetched from the bucket (and in how many requests) and its seconds; the two datasets
-must be the same (their sha256). `--no_builds` skips it. The machine's load average before and after is part of the report.
+must be the same (their sha256). `--no_builds` skips it. The machine's load average before and after is part of
+the report.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   # must read the sources: a shared filesystem or a bucket); False: process 0 builds it alone while the others wait
   # (sources on process 0's disk only), then every process reads it
   c.data.build_on_every_process = True
-  # text_files: a folder, glob or comma-separated list of text, JSONL(.gz), Parquet or ArrayRecord files;
+  # text_files: a folder, glob or comma-separated list of text, JSONL(.gz/.zst), Parquet or ArrayRecord files;
   # jsonl: a JSONL file, directory or glob
   c.data.source = ""
   # text_files and eval.heldout_sets: the field (JSONL) or column (Parquet) holding a record's text

@@ -107,6 +107,29 @@ def test_spans_of_a_file_read_as_the_whole_file(tmp_path, monkeypatch):
     assert number_spans([tuple(cut)], [lines]) == [[span.first for span in counted]], name
 
 
+def test_a_zstandard_jsonl_file_reads_as_the_plain_one(tmp_path):
+  """A .jsonl.zst file (The Pile's and SlimPajama's format; here two frames one after the other, as a parallel
+  compressor writes them) gives the plain file's documents, identities and skips, is one span, and fails naming
+  the file when its stream is cut short or is not Zstandard."""
+  _write_corpus(tmp_path)
+  data = (tmp_path / "a.jsonl").read_bytes()
+  cut = data.index(b"\n", len(data) // 2) + 1
+  (tmp_path / "z.jsonl.zst").write_bytes(b"".join(pa.compress(part, "zstd", asbytes=True)
+                                                  for part in (data[:cut], data[cut:])))
+  plain, packed = ReadStats(), ReadStats()
+  want = list(read_documents(str(tmp_path), "a.jsonl", stats=plain))
+  got = list(read_documents(str(tmp_path), "z.jsonl.zst", stats=packed))
+  assert [(identity.replace("z.jsonl.zst", "a.jsonl"), text) for identity, text in got] == want and len(want) == 3
+  assert [line.replace("z.jsonl.zst", "a.jsonl") for line in packed.bad_lines] == plain.bad_lines != []
+  assert (packed.documents, packed.empty, packed.lines) == (plain.documents, plain.empty, plain.lines)
+  size = os.path.getsize(tmp_path / "z.jsonl.zst")
+  assert file_spans(str(tmp_path), "z.jsonl.zst", 8) == [sources.Span("z.jsonl.zst", size=size)]
+  for name, blob in (("cut.jsonl.zst", (tmp_path / "z.jsonl.zst").read_bytes()[:-9]), ("not.jsonl.zst", data)):
+    (tmp_path / name).write_bytes(blob)
+    with pytest.raises(DataError, match=f"cannot read {tmp_path / name}: "):
+      list(read_documents(str(tmp_path), name))
+
+
 def test_a_built_store_holds_every_document(tmp_path, tokenizer, capsys):
   expected, skipped = _write_corpus(tmp_path / "src")
   manifest = build_dataset("text_files", str(tmp_path / "ds"), None, source=str(tmp_path / "src"),

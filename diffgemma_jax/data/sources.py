@@ -1,6 +1,9 @@
 """Pretraining documents from files, by extension; every record is one document.
 
-  .jsonl, .jsonl.gz   one JSON object per line, the text in `text_field` (identity `file:LINE`, 1-based)
+  .jsonl, .jsonl.gz, .jsonl.zst
+                      one JSON object per line, the text in `text_field` (identity `file:LINE`, 1-based); gzip or
+                      Zstandard streams (the corpora of The Pile and SlimPajama ship as .jsonl.zst) decompressed
+                      as read
   .parquet            the `text_field` column, read one record batch at a time (identity `file:ROW`, 0-based)
   .array_record       UTF-8 text records (identity `file:RECORD`, 0-based)
   anything else       a UTF-8 text file, one document (identity: the file's relative path); newlines are read
@@ -14,7 +17,8 @@ A JSONL line ends at "\n" (JSON text holds no raw newline; "\r\n" is read as "\n
 file is read as several spans (`file_spans`: byte ranges of whole lines, runs of Parquet row groups, ranges of
 ArrayRecord records; found by reads in parts, `span_parts`, that the build spreads over its workers too), so the
 build can spread one file over several workers; documents and their identities are
-those of reading the file whole. A `.jsonl.gz` file is one span (a gzip stream is read from its start).
+those of reading the file whole. A compressed JSONL file is one span (a gzip or Zstandard stream is read from its
+start).
 
 Empty (or whitespace-only) documents are skipped and counted. A JSONL line that is not JSON, or an ArrayRecord
 record that is not UTF-8, is a bad line: reported with its file and line (or record) and skipped, up to
@@ -34,16 +38,18 @@ from typing import Iterator
 from diffgemma_jax import storage
 from diffgemma_jax.errors import DataError
 
-RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".parquet", ".array_record")
+RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".array_record")
+COMPRESSED = {".gz": "gzip", ".zst": "zstd"}  # JSONL streams: read from their start, one span a file
 PARQUET_BATCH_ROWS = 1024
 _READ_BYTES = 8 << 20  # read at a time past a JSONL chunk whose line goes on
+_ZSTD_BUFFER = 1 << 20  # decompressed bytes read at a time from a .jsonl.zst stream
 _FIND_BYTES = 64 << 10  # the first read for a JSONL chunk's first line start when its lines are not counted
 
 
 def file_format(path: str) -> str:
   """'jsonl', 'parquet', 'array_record' or 'text', from the file name."""
   name = path.lower()
-  if name.endswith((".jsonl", ".jsonl.gz")):
+  if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
     return "jsonl"
   if name.endswith(".parquet"):
     return "parquet"
@@ -88,7 +94,7 @@ def span_parts(rel: str, size: int, span_bytes: int) -> list[tuple[int, int]]:
   in parallel by data/build.py): none where the file is one span; a JSONL file's chunks of `span_bytes` (each part
   is one ranged read of about its size, so the whole file is read once, spread over the parts); a Parquet or
   ArrayRecord file's metadata, one part."""
-  if size <= span_bytes or file_format(rel) == "text" or rel.lower().endswith(".gz"):
+  if size <= span_bytes or file_format(rel) == "text" or _compression(rel):
     return []
   if file_format(rel) == "jsonl":
     return [(start, min(start + span_bytes, size)) for start in range(0, size, span_bytes)]
@@ -245,13 +251,23 @@ def _text_file(path, rel, stats):
   yield rel, text
 
 
+def _compression(path: str) -> str | None:
+  """A compressed JSONL file's codec (gzip, zstd), from its name; None for a plain one."""
+  return next((codec for suffix, codec in COMPRESSED.items() if path.lower().endswith(suffix)), None)
+
+
 def _jsonl_file(path, span):
   """The JSONL file of `span`, positioned at the span's start: a compressed file streamed (one span, read in
   order), a local file seeked there, or an uncompressed object's span as bytes (whole lines: data/build.py plans
   spans at line ends) fetched in one ranged request for exactly them; a buffered object file fetched its client's
   block (s3fs: 50 MB) for each span of 1-16 MB, several times the corpus over a build."""
-  if path.lower().endswith(".gz"):
+  codec = _compression(path)
+  if codec == "gzip":
     return gzip.open(storage.open_binary(path))
+  if codec == "zstd":  # pyarrow's Zstandard stream (frames of any size, one after another, as zstd -T writes them)
+    import pyarrow as pa
+    stream = pa.CompressedInputStream(pa.PythonFile(storage.open_binary(path), mode="r"), "zstd")
+    return io.BufferedReader(stream, _ZSTD_BUFFER)
   if storage.is_url(path):
     return io.BytesIO(storage.read_range(path, span.start, span.stop))
   f = open(path, "rb")
