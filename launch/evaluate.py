@@ -56,8 +56,8 @@ def main(argv=None) -> int:
   parser.add_argument("--heldout", default=None, help="evaluate these documents instead of the config's held-out "
                       "split: text, JSONL(.gz/.zst), Parquet or ArrayRecord files, folders or globs, "
                       "comma-separated, local or in a bucket (--text_field names a record's text), tokenised with the "
-                      "run's tokenizer into an evaluation set (built once, rebuilt when a file changes); every sequence "
-                      "unless --config.eval.max_sequences is given")
+                      "run's tokenizer into an evaluation set (built once, rebuilt when a file changes); every "
+                      "sequence unless --config.eval.max_sequences is given")
   parser.add_argument("--heldout_dir", default=None, help="where --heldout's evaluation set is built and kept "
                       "(default: eval-sets/<digest of the sources and tokenizer> in data.cache_dir, "
                       "~/.cache/diffgemma-jax/datasets unless set, under data.cache_max_gb)")
