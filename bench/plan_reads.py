@@ -18,9 +18,9 @@ the count of newlines before it (read from the local copy). moto's server copies
 GET (about 36 ms for any range of a 64 MB object, 4.5 ms of a 4 MB one, on the 2-core VM), which a store's
 ranged reads do not: its times for many ranged reads of large objects are worse than a real store's.
 
-A build given its tokenizer plans from line starts alone (the lines are counted by its scan): part (b) builds the
-bucket corpus (a 4096-piece tokenizer trained beforehand and given) in this process, one build worker, with the plan
-counting lines (the baseline: what a build did before, and still does when it trains a tokenizer) and without, and
+A build plans from line starts alone (the lines are counted by its scan): part (b) builds the bucket corpus (a
+4096-piece tokenizer trained beforehand and given) in this process, one build worker, with the plan counting lines
+(the baseline: what a build did before, and an evaluation set's build still does) and without, and
 reports the bytes each build fetched from the bucket (and in how many requests) and its seconds; the two datasets
 must be the same (their sha256). `--no_builds` skips it. The machine's load average before and after is part of
 the report.
@@ -121,7 +121,7 @@ def _builds(url: str, names: tuple, scratch: str, tokenizer: str, fetched: list)
   read_part, rows = build._read_part, {}  # pylint: disable=protected-access
   source = ",".join(f"{url}/{name}" for name in names)
   for name, count in (("counting plan (before)", True), ("line-start plan (now)", False)):
-    # the baseline: the plan reads each part counting its lines, as it does for a build that trains a tokenizer
+    # the baseline: the plan reads each part counting its lines, as it did before (an evaluation set's still does)
     build._read_part = (lambda *a: read_part(*a[:-1], True)) if count else read_part  # pylint: disable=protected-access
     try:
       fetched.clear()

@@ -150,8 +150,9 @@ def test_streamed_split_is_split_by_hash():
     assert threshold_for(items[::-1]) == threshold  # order does not matter
 
 
-def _build(tmp_path, name, src, tokenizer, **options):
-  return build_dataset("text_files", str(tmp_path / name), None, source=str(src), tokenizer=tokenizer, **options)
+def _build(tmp_path, name, src, tokenizer, vocab_size=None, **options):
+  return build_dataset("text_files", str(tmp_path / name), vocab_size, source=str(src), tokenizer=tokenizer,
+                       **options)
 
 
 def _build_by_two_processes(tmp_path, name, src, tokenizer, **options) -> dict[int, dict]:
@@ -282,10 +283,10 @@ def test_a_build_reads_its_plan_once_spread_over_its_processes(store, tmp_path, 
     assert other["sha256"] == one["sha256"] and other["store"] == one["store"]
 
 
-def test_a_build_with_a_tokenizer_plans_from_line_starts_alone(store, tmp_path, monkeypatch, capsys):
-  """With a tokenizer given (no sample to draw), a large JSONL file's plan reads each chunk's first line start only
-  (not the chunk: the corpus was read once more for its line counts); the scan counts each span's lines and
-  process 0 numbers the spans and the documents' digests from them. The dataset is the one of a plan that counts,
+def test_a_build_plans_from_line_starts_alone(store, tmp_path, monkeypatch, capsys):
+  """A large JSONL file's plan reads each chunk's first line start only (not the chunk: the corpus was read once
+  more for its line counts); the scan counts each span's lines and process 0 numbers the spans and the documents'
+  digests from them. The dataset is the one of a plan that counts,
   in one process and in two that share no folder; a bad line in a span not yet numbered is named by its byte."""
   out, _, src = store
   _jsonl_of(src, tmp_path / "corpus.jsonl", "\n\n")
@@ -319,6 +320,46 @@ def test_a_build_with_a_tokenizer_plans_from_line_starts_alone(store, tmp_path, 
   for other in (one, apart[0], apart[1]):
     assert other["sha256"] == counted["sha256"] and other["store"] == counted["store"]
     assert other["splits"] == counted["splits"]
+
+
+def test_a_tokenizer_sample_from_spans_the_plan_did_not_number(store, tmp_path, monkeypatch):
+  """A build that trains its tokenizer plans from line starts too: a document of a span not yet numbered is sampled
+  by a digest of its place, and left out of the sample by its own key digest once the spans are numbered. The
+  sample holds `sample_lines` lines of training documents only, and the dataset (its tokenizer) is the same built
+  by one process and by two that share no folder."""
+  _, _, src = store
+  _jsonl_of(src, tmp_path / "corpus.jsonl", "\n\n")
+  monkeypatch.setattr(build_module, "TASK_BYTES", 20_000)
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 20_000)
+  seen, texts = [], build_module.Sample.texts
+
+  def checked(self, heldout):
+    seen.append((list(self.heap), heldout, texts(self, heldout)))
+    return seen[-1][2]
+
+  monkeypatch.setattr(build_module.Sample, "texts", checked)
+  options = dict(vocab_size=400, tokenizer_sample_lines=600)
+  one = _build(tmp_path, "one", tmp_path / "corpus.jsonl", None, build_workers=1, **options)
+  from diffgemma_jax.data.exchange import Exchange
+  apart = _build_by_two_processes(tmp_path, "apart-{}", tmp_path / "corpus.jsonl", None, **options,
+                                  exchange=Exchange(str(tmp_path / "exchange")))
+  for other in apart.values():
+    assert other["sha256"] == one["sha256"] and other["store"] == one["store"]
+  assert (tmp_path / "apart-0" / "tokenizer.model").read_bytes() == (tmp_path / "one" / "tokenizer.model").read_bytes()
+  identities = {}  # a document's non-empty lines -> the key digests of the documents with those lines
+  for identity, text in sources.read_documents(str(tmp_path), "corpus.jsonl"):
+    lines = tuple(line for line in text.split("\n") if line.strip())
+    identities.setdefault(lines, set()).add(key_digest(identity))
+  assert len(seen) == 2 and [text for _, _, text in seen] == [seen[0][2]] * 2
+  heap, heldout, sampled = seen[0]
+  places = [entry for entry in heap if entry[3] is not None]  # sampled by place: the spans after each file's first
+  assert len(places) > len(heap) // 2
+  for key, _, lines, digest in heap:
+    assert (key if digest is None else digest) in identities[tuple(lines)]
+  assert any(heldout(digest) for _, _, _, digest in places)  # some left out by their own digests
+  kept = [entry for entry in sorted(heap, reverse=True) if not heldout(entry[0] if entry[3] is None else entry[3])]
+  assert sampled == ["\n".join(lines) for _, _, lines, _ in kept][:len(sampled)]
+  assert sum(len(text.split("\n")) for text in sampled) >= 600
 
 
 def test_build_workers_hold_no_result_once_it_is_handed_over():

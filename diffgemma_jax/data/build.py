@@ -17,8 +17,9 @@ a process's folder then ends with its own tasks' shards, process 0's with the re
   2. decide    process 0: the spans' first line numbers where the plan did not count them, and the digests of
                their documents; the held-out threshold (or the recipe's own held-out keys), and (unless a tokenizer is
                given) the tokenizer, trained on a uniform sample of the training documents: those with the
-               largest key digests (a hash puts the documents in random order, whatever their file or position)
-               until the sample holds `sample_lines` non-empty lines.
+               largest sample keys, the key digest or in a span not numbered a digest of the place (a hash puts
+               the documents in random order, whatever their file or position), until the sample holds
+               `sample_lines` non-empty lines.
   3. tokenise  each task encodes its documents and writes one shard per split (data/store.py).
   4. finish    process 0: the manifest (shards in task order, counts, unigram counts) and the atomic rename.
 
@@ -215,49 +216,64 @@ def _documents(corpus: Corpus, spans, stats: ReadStats):
 
 
 class Sample:
-  """The documents with the largest (digest, order) whose non-empty lines reach `budget`: a uniform sample,
-  mergeable across tasks and processes (the global sample is inside the union of the parts' samples)."""
+  """The documents with the largest (key, order) whose non-empty lines reach `budget` and a quarter more (room for
+  the held-out ones `texts` leaves out): a uniform sample, mergeable across tasks and processes (the global sample
+  is inside the union of the parts' samples). A document's key is its key digest; where that is not known yet (a
+  span the plan did not number) it is a digest of the document's place (`place_key`), and the document's digest
+  is a locator (task, span, line within the span) until `resolve` makes it one."""
 
   def __init__(self, budget: int):
-    self.budget, self.heap, self.lines = budget, [], 0
+    self.budget, self.keep, self.heap, self.lines = budget, budget + budget // 4, [], 0
 
-  def offer(self, digest: int, order: tuple[int, int], lines: list[str] | str) -> None:
-    if self.budget <= 0 or (self.heap and self.lines >= self.budget and (digest, order) < self.heap[0][:2]):
+  def offer(self, key: int, order: tuple[int, int], lines: list[str] | str, digest=None) -> None:
+    if self.budget <= 0 or (self.heap and self.lines >= self.keep and (key, order) < self.heap[0][:2]):
       return
     if isinstance(lines, str):
       lines = [line for line in lines.split("\n") if line.strip()]
-    heapq.heappush(self.heap, (digest, tuple(order), lines))
+    heapq.heappush(self.heap, (key, tuple(order), lines, digest))
     self.lines += len(lines)
-    while self.lines - len(self.heap[0][2]) >= self.budget:
+    while self.lines - len(self.heap[0][2]) >= self.keep:
       self.lines -= len(heapq.heappop(self.heap)[2])
+
+  def resolve(self, digest_of: Callable[[int, int, int], int]) -> None:
+    """Each locator made its document's digest, `digest_of(task, span, line)` (the heap's order is the keys')."""
+    self.heap = [(key, order, lines, digest_of(*digest) if isinstance(digest, (list, tuple)) else digest)
+                 for key, order, lines, digest in self.heap]
 
   def texts(self, heldout: HeldOut) -> list[str]:
     """The sample's training documents (not held out) until `budget` lines."""
     out, lines = [], 0
-    for digest, _, doc_lines in sorted(self.heap, reverse=True):
+    for key, _, doc_lines, digest in sorted(self.heap, reverse=True):
       if lines >= self.budget:
         break
-      if heldout(digest):
+      if heldout(key if digest is None else digest):
         continue
       out.append("\n".join(doc_lines))
       lines += len(doc_lines)
     return out
 
 
+def place_key(span: Span, line: int) -> int:
+  """The sample key of the document on line `line` of `span` (counted from the span's start), a span whose first
+  line's number is not known while it is scanned: a digest of its place, as uniform as its key digest."""
+  return key_digest(f"{span.rel}:{span.start}+{line}")
+
+
 def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: int):
   """A task's (key digest, bytes) table and tokenizer-sample candidates, and each span's (lines gone through,
-  documents). The documents of a span whose first line's number is not known (Span.first None; never with a sample
-  to draw) have their line numbers within the span in the digest column, made digests by `_number_documents` once
-  every span's lines are counted."""
+  documents). The documents of a span whose first line's number is not known (Span.first None) have their line
+  numbers within the span in the digest column, made digests by `_number_documents` once every span's lines are
+  counted, and are sampled by their place (`Sample`)."""
   stats, sample = ReadStats(), Sample(sample_lines)
   digests, sizes, counted = [], [], []
-  for span in spans:
-    assert span.first is not None or sample.budget <= 0, "a sample needs the documents' digests"
+  for k, span in enumerate(spans):
     lines, documents = stats.lines, len(digests)
     for identity, text in read_documents(corpus.root, span.rel, text_field=corpus.text_field,
                                          max_bad_lines=corpus.max_bad_lines, stats=stats, span=span):
       if span.first is None:
-        digests.append(int(identity[len(span.rel) + 1:]))  # `rel:LINE`, LINE counted from the span's start
+        line = stats.lines - lines  # the document's line, counted from the span's start (read up to it)
+        digests.append(line)
+        sample.offer(place_key(span, line), (index, len(digests) - 1), text, (index, k, line))
       else:
         digests.append(key_digest(split_key(span.rel, identity, corpus.split_by)))
         sample.offer(digests[-1], (index, len(digests) - 1), text)
@@ -503,12 +519,12 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
   decided = lambda: os.path.isfile(os.path.join(staging, "decision.json"))  # noqa: E731
   plan_file = os.path.join(staging, PLAN_FILE)
   resumed = False
-  # A build with a scan and no tokenizer sample to draw (a tokenizer given) does not count a large JSONL file's
-  # lines in its plan, which would read the whole corpus once more: the plan finds each chunk's first line start
-  # (a read of a line or so), the scan counts each span's lines as it reads them, and process 0 numbers the spans
-  # and makes the documents' digests from those counts (`number_spans`, `_number_documents`) before it decides. A
-  # sample is drawn by digest as the scan goes, and an evaluation set is not scanned: their plans count lines.
-  count_lines = not tokenizer or corpus.evaluation_only
+  # A build with a scan does not count a large JSONL file's lines in its plan, which would read the whole corpus
+  # once more: the plan finds each chunk's first line start (a read of a line or so), the scan counts each span's
+  # lines as it reads them, and process 0 numbers the spans and makes the documents' digests from those counts
+  # (`number_spans`, `_number_documents`) before it decides. An evaluation set is not scanned (its files are read
+  # once, by the tokenise phase): its plan counts lines.
+  count_lines = corpus.evaluation_only
 
   def begin():
     nonlocal resumed
@@ -576,8 +592,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       counted[index] = spans_read
       stats.add(task_stats)
       check_bad_lines(stats, corpus.max_bad_lines)
-      for digest, order, lines in heap:
-        sample.offer(digest, order, lines)
+      for key, order, lines, digest in heap:
+        sample.offer(key, order, lines, digest)
     _write_json(os.path.join(staging, "scan", f"process-{p}.json"),
                 {"stats": dataclasses.asdict(stats), "sample": sample.heap, "counted": counted})
     if own and p != 0:  # this process's tables as one file (thousands of tasks: one request, not thousands)
@@ -619,8 +635,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     for q in range(count):
       part = _read_json(os.path.join(staging, "scan", f"process-{q}.json"))
       stats.add(ReadStats(**part["stats"]))
-      for digest, order, lines in part["sample"]:
-        sample.offer(digest, tuple(order), lines)
+      for key, order, lines, digest in part["sample"]:
+        sample.offer(key, tuple(order), lines, digest)
       counted.update({int(i): spans for i, spans in part["counted"].items()})
     check_read(stats)
     own_tables = [i for i, _ in mine] if own else range(len(tasks))  # the others' tables: one file per process
@@ -630,6 +646,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if any(span.first is None for spans in tasks for span in spans):
       firsts = number_spans(tasks, [counted[i] for i in range(len(tasks))])
       list(workers.run(_number_documents, number_jobs(firsts, counted)))
+      sample.resolve(lambda task, k, line: key_digest(split_key(
+          tasks[task][k].rel, f"{tasks[task][k].rel}:{firsts[task][k] - 1 + line}", corpus.split_by)))
     if corpus.heldout_keys:
       heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
       held, total = keyed_bytes(tables, heldout.digests)
