@@ -9,9 +9,10 @@ processes share one staging folder (a shared filesystem), or, with `BuildOptions
 into a bucket), each has its own and they pass what crosses between them through the exchange (data/exchange.py):
 a process's folder then ends with its own tasks' shards, process 0's with the rest of the dataset.
 
-  0. plan      the reads that cut the large files into spans (a JSONL file's chunks, for their line ends, and their
-               line counts unless a tokenizer is given; a Parquet or ArrayRecord file's metadata), spread over the
-               processes and their workers; every process then has every part's result and the same tasks.
+  0. plan      the reads that cut the large files into spans (a JSONL file's chunks, for their first line starts,
+               and for an evaluation set, which is not scanned, their line counts; a Parquet or ArrayRecord file's
+               metadata), spread over the processes and their workers; every process then has every part's result
+               and the same tasks.
   1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), keeps its
                candidates for the tokenizer sample, and counts its spans' lines.
   2. decide    process 0: the spans' first line numbers where the plan did not count them, and the digests of
