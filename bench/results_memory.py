@@ -7,8 +7,9 @@ A `diffgemma-generate --output FILE.jsonl --json` job of `--results` requests, e
 (random, from a 262k vocabulary as Gemma's) and their text (real text: the standard library's sources), run
 without a model: each batch's results are handed to the results file as the generator hands them
 (sampling/requests.py, sampling/results_file.py), then the job ends (`finish`) and its JSON document is printed
-(to /dev/null). Now: the generator keeps no list of them, the file keeps each result's JSON line, the end's
-rewrite writes a line at a time and the document is printed an item at a time (launch/generate.py). The baseline
+(to /dev/null). Now: the generator keeps no list of them, the file keeps each result's JSON line in a spool file
+on disk and where it lies in memory (`SpooledLines`), the end's rewrite writes a line at a time and the document
+is printed an item at a time (launch/generate.py). The baseline
 is the previous behaviour (a subclass here): the generator's list of every result, the file's parsed objects, the
 rewrite as one string and the document as one string. Measured: the peak of Python's allocations (tracemalloc)
 over the whole job and at its end, and the seconds. The machine's load average before and after is part of the
@@ -43,6 +44,10 @@ BATCH = 64
 
 class ObjectRecords(ResultsFile):
   """The baseline: each record kept as its parsed object, the end's rewrite and its result list built whole."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.records = {}  # objects in memory, not spooled lines
 
   def add(self, index: int, record: dict) -> None:
     super().add(index, record)

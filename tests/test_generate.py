@@ -356,6 +356,37 @@ def test_a_results_file_holds_its_lines_and_writes_and_prints_them_a_line_at_a_t
     assert "\n".join(_json_array(iter(items))) == json.dumps(items, indent=2)
 
 
+def test_a_results_file_keeps_its_lines_on_disk_and_where_they_lie_in_memory(tmp_path):
+  """A results file's lines are spooled to an unnamed file beside it (a million requests took about 2 GB as lines
+  in memory): 2,000 results of 2 kB allocate under a tenth of their size in Python objects; every line reads back
+  the same, one given again reads as its new bytes, indices iterate in the order first given."""
+  import os
+  import tracemalloc
+
+  from diffgemma_jax.sampling.results_file import ResultsFile, SpooledLines
+  prompts = [f"p{i}" for i in range(2000)]
+  kept = ResultsFile(str(tmp_path / "out.jsonl"), prompts, {"sampler": "threshold"})
+  assert isinstance(kept.records, SpooledLines)
+  tracemalloc.start()
+  try:
+    for i in reversed(range(2000)):
+      kept.add(i, {"prompt": prompts[i], "completion": "x" * 2000, "step": 1, "weights": "params"})
+    held = tracemalloc.get_traced_memory()[0]
+  finally:
+    tracemalloc.stop()
+  with open(tmp_path / "out.jsonl", "rb") as f:
+    lines = f.read().splitlines()
+  assert held < sum(map(len, lines)) / 10, (held, sum(map(len, lines)))
+  assert list(kept.records) == list(reversed(range(2000))) and len(kept.records) == 2000
+  assert [kept.records[i] for i in reversed(range(2000))] == lines and 2000 not in kept.records
+  spooled = SpooledLines(str(tmp_path))
+  spooled[5], spooled[3] = b"five", b"three"
+  spooled[5] = b"FIVE!"
+  assert (list(spooled), list(spooled.values()), 3 in spooled, 4 in spooled) == ([5, 3], [b"FIVE!", b"three"],
+                                                                                 True, False)
+  assert os.listdir(tmp_path) == ["out.jsonl"]  # the spool files have no name
+
+
 def test_process_0_gathers_the_parts_as_they_grow_and_fails_once_they_stop(tmp_path):
   """Process 0 of a launch that split a job waits while another copy's part grows (its last request written
   0.3 s after the wait began), then holds every request; a part that stops growing fails it after stale_s in one

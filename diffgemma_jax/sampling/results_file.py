@@ -21,11 +21,14 @@ serialising and 236 MB of upload a minute, growing with the job. A rerun reads t
 end writes the object whole, in index order, and then deletes the chunks. A killed job loses at most the last
 interval's results there.
 
-A job's results are held as their JSON lines (`records`, index -> the line's bytes), not as parsed objects, and
-the end's in-order rewrite streams them to the file; `finish` returns them as `Results`, parsed one at a time as
-they are iterated. Held as objects (a result's token ids as Python ints), in the file and in the generator's list
-of results, then the rewrite and the printed document as single strings, a million requests of 128 new tokens took
-about 6.6 GB as the job ran and 23 GB at its end; as lines, about 2.1 GB throughout (bench/results_memory.py).
+A job's results are held as their JSON lines (`records`, index -> the line's bytes, a `SpooledLines`: the lines
+in an unnamed spool file on disk beside the results file, or in the temporary folder for a bucket's, and only
+where each one lies in memory), not as parsed objects, and the end's in-order rewrite streams them to the file;
+`finish` returns them as `Results`, parsed one at a time as they are iterated. Held as objects (a result's token
+ids as Python ints), in the file and in the generator's list of results, then the rewrite and the printed document
+as single strings, a million requests of 128 new tokens took about 6.6 GB as the job ran and 23 GB at its end; as
+lines in memory, about 2.1 GB throughout; spooled, about 0.1 GB (the index; bench/results_memory.py). Process 0
+of a split launch gathers every copy's results into one file this way too.
 
 Reading is incremental (`refresh`): a local file from where the last read ended (read whole again only once it was
 replaced), a bucket object only once it changed, and each chunk once, so process 0 of a split launch
@@ -88,6 +91,44 @@ def _chunk_name(number: int) -> str:
   return f"{number:08d}.jsonl"
 
 
+class SpooledLines:
+  """Lines of bytes by index, the lines in an unnamed temporary file in `folder` (gone when this is), in memory only
+  where each lies (one int a line: about 100 bytes, against a result line's 2 kB). A mapping: `lines[i] = line`
+  (a line given again is written again), `lines[i]`, `i in lines`, `len(lines)`, iteration over the indices in
+  the order they were first given, `values()`."""
+
+  def __init__(self, folder: str | None = None):
+    self._spool = tempfile.TemporaryFile(prefix="diffgemma-results-", dir=folder)
+    self._where: dict[int, int] = {}  # index -> offset << 32 | length
+    self._size = 0
+
+  def __setitem__(self, index: int, line: bytes) -> None:
+    if len(line) >= 1 << 32:
+      raise ValueError(f"a result line of {len(line)} bytes")
+    os.pwrite(self._spool.fileno(), line, self._size)
+    self._where[index] = self._size << 32 | len(line)
+    self._size += len(line)
+
+  def __getitem__(self, index: int) -> bytes:
+    where = self._where[index]
+    line = os.pread(self._spool.fileno(), where & 0xFFFFFFFF, where >> 32)
+    if len(line) != where & 0xFFFFFFFF:
+      raise OSError(f"the results spool file ended at {self._size} bytes, short of a line")
+    return line
+
+  def __contains__(self, index) -> bool:
+    return index in self._where
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+  def __iter__(self) -> Iterator[int]:
+    return iter(self._where)
+
+  def values(self) -> Iterator[bytes]:
+    return (self[index] for index in self._where)
+
+
 class ResultsFile:
   """The results of a generation job in `path` (see the module doc); `write=False` (a process other than the
   launch's first, or process 0 reading another copy's part) reads it to skip the same requests and writes
@@ -103,7 +144,10 @@ class ResultsFile:
     self.upload_every_s = UPLOAD_EVERY_S if upload_every_s is None else upload_every_s
     self.sync_every_s = SYNC_EVERY_S if sync_every_s is None else sync_every_s
     self._uploaded = self._synced = time.monotonic()
-    self.records: dict[int, bytes] = {}  # each result's JSON line (its newline not included)
+    # each result's JSON line (its newline not included), spooled beside a local file (the disk chosen for it; a
+    # reader on a host without its folder, and a bucket file, in the temporary folder)
+    folder = None if self.remote else os.path.dirname(os.path.abspath(self.path))
+    self.records = SpooledLines(folder if folder and os.access(folder, os.W_OK | os.X_OK) else None)
     self.kept_run = None
     # what has been read: a local file's identity, the bytes of its whole lines and their count; a bucket object's
     # stamp and the chunks read
@@ -277,7 +321,7 @@ class Results:
   """A results file's records in index order (`ResultsFile.finish`): its length, and each record parsed as it is
   iterated (the file's lines stay the only copy)."""
 
-  def __init__(self, lines: dict[int, bytes], order: Sequence[int]):
+  def __init__(self, lines: SpooledLines | dict[int, bytes], order: Sequence[int]):
     self._lines, self._order = lines, list(order)
 
   def __len__(self) -> int:
