@@ -1,7 +1,8 @@
 """The user's own pretraining corpus (`--source`, data.source): a folder, a glob, or a comma-separated list of
 either. Every file is read by its extension (diffgemma_jax/data/sources.py): JSONL (`.jsonl`, `.jsonl.gz`,
-`.jsonl.zst`) and Parquet records hold their text in `data.text_field` (default `text`), ArrayRecord files hold
-text records, and any other file is one UTF-8 document (a file that is not UTF-8 is skipped and named). Held out
+`.jsonl.zst`, `.json.gz`, `.json.zst`) and Parquet records hold their text in `data.text_field` (default `text`),
+ArrayRecord files hold text records, and any other file is one UTF-8 document (a file that is not UTF-8 is
+skipped and named). Held out
 by document (a text file, or one record of a record file): at least 4% of the bytes; or, with `--heldout_source`
 (data.heldout_source, the same forms), the documents of those files exactly (a standard validation set), every
 document of the source trained on; `--heldout_source` without `--source` builds an evaluation set (every document

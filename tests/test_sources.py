@@ -107,23 +107,27 @@ def test_spans_of_a_file_read_as_the_whole_file(tmp_path, monkeypatch):
     assert number_spans([tuple(cut)], [lines]) == [[span.first for span in counted]], name
 
 
-def test_a_zstandard_jsonl_file_reads_as_the_plain_one(tmp_path):
+def test_compressed_jsonl_files_read_as_the_plain_one(tmp_path):
   """A .jsonl.zst file (The Pile's and SlimPajama's format; here two frames one after the other, as a parallel
-  compressor writes them) gives the plain file's documents, identities and skips, is one span, and fails naming
-  the file when its stream is cut short or is not Zstandard."""
+  compressor writes them) and a .json.gz file (C4's, Dolma's: JSON lines in spite of the name) give the plain
+  file's documents, identities and skips and are one span; a Zstandard file fails naming it when its stream is cut
+  short or is not Zstandard."""
   _write_corpus(tmp_path)
   data = (tmp_path / "a.jsonl").read_bytes()
   cut = data.index(b"\n", len(data) // 2) + 1
   (tmp_path / "z.jsonl.zst").write_bytes(b"".join(pa.compress(part, "zstd", asbytes=True)
                                                   for part in (data[:cut], data[cut:])))
-  plain, packed = ReadStats(), ReadStats()
+  (tmp_path / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(data))
+  plain = ReadStats()
   want = list(read_documents(str(tmp_path), "a.jsonl", stats=plain))
-  got = list(read_documents(str(tmp_path), "z.jsonl.zst", stats=packed))
-  assert [(identity.replace("z.jsonl.zst", "a.jsonl"), text) for identity, text in got] == want and len(want) == 3
-  assert [line.replace("z.jsonl.zst", "a.jsonl") for line in packed.bad_lines] == plain.bad_lines != []
-  assert (packed.documents, packed.empty, packed.lines) == (plain.documents, plain.empty, plain.lines)
-  size = os.path.getsize(tmp_path / "z.jsonl.zst")
-  assert file_spans(str(tmp_path), "z.jsonl.zst", 8) == [sources.Span("z.jsonl.zst", size=size)]
+  assert len(want) == 3 and plain.bad_lines
+  for name in ("z.jsonl.zst", "c4-train.00000-of-01024.json.gz"):
+    packed = ReadStats()
+    got = list(read_documents(str(tmp_path), name, stats=packed))
+    assert [(identity.replace(name, "a.jsonl"), text) for identity, text in got] == want, name
+    assert [line.replace(name, "a.jsonl") for line in packed.bad_lines] == plain.bad_lines, name
+    assert (packed.documents, packed.empty, packed.lines) == (plain.documents, plain.empty, plain.lines), name
+    assert file_spans(str(tmp_path), name, 8) == [sources.Span(name, size=os.path.getsize(tmp_path / name))]
   for name, blob in (("cut.jsonl.zst", (tmp_path / "z.jsonl.zst").read_bytes()[:-9]), ("not.jsonl.zst", data)):
     (tmp_path / name).write_bytes(blob)
     with pytest.raises(DataError, match=f"cannot read {tmp_path / name}: "):

@@ -1,9 +1,9 @@
 """Pretraining documents from files, by extension; every record is one document.
 
-  .jsonl, .jsonl.gz, .jsonl.zst
+  .jsonl, .jsonl.gz, .jsonl.zst, .json.gz, .json.zst
                       one JSON object per line, the text in `text_field` (identity `file:LINE`, 1-based); gzip or
-                      Zstandard streams (the corpora of The Pile and SlimPajama ship as .jsonl.zst) decompressed
-                      as read
+                      Zstandard streams decompressed as read (The Pile and SlimPajama ship as .jsonl.zst, C4, Dolma
+                      and RedPajama-V2 as .json.gz holding JSON lines; a plain .json file is one text document)
   .parquet            the `text_field` column, read one record batch at a time (identity `file:ROW`, 0-based)
   .array_record       UTF-8 text records (identity `file:RECORD`, 0-based)
   anything else       a UTF-8 text file, one document (identity: the file's relative path); newlines are read
@@ -38,7 +38,8 @@ from typing import Iterator
 from diffgemma_jax import storage
 from diffgemma_jax.errors import DataError
 
-RECORD_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".array_record")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+RECORD_FORMATS = (*JSONL_SUFFIXES, ".parquet", ".array_record")
 COMPRESSED = {".gz": "gzip", ".zst": "zstd"}  # JSONL streams: read from their start, one span a file
 PARQUET_BATCH_ROWS = 1024
 _READ_BYTES = 8 << 20  # read at a time past a JSONL chunk whose line goes on
@@ -49,7 +50,7 @@ _FIND_BYTES = 64 << 10  # the first read for a JSONL chunk's first line start wh
 def file_format(path: str) -> str:
   """'jsonl', 'parquet', 'array_record' or 'text', from the file name."""
   name = path.lower()
-  if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")):
+  if name.endswith(JSONL_SUFFIXES):
     return "jsonl"
   if name.endswith(".parquet"):
     return "parquet"
