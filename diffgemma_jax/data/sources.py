@@ -93,8 +93,8 @@ class Span:
 def span_parts(rel: str, size: int, span_bytes: int) -> list[tuple[int, int]]:
   """What cutting `rel` (`size` bytes) into spans of about `span_bytes` reads, as parts read apart (`read_span_part`,
   in parallel by data/build.py): none where the file is one span; a JSONL file's chunks of `span_bytes` (each part
-  is one ranged read of about its size, so the whole file is read once, spread over the parts); a Parquet or
-  ArrayRecord file's metadata, one part."""
+  one ranged read: of the chunk where its lines are counted, so the whole file is read once, spread over the parts,
+  else of the line its start falls in); a Parquet or ArrayRecord file's metadata, one part."""
   if size <= span_bytes or file_format(rel) == "text" or _compression(rel):
     return []
   if file_format(rel) == "jsonl":
