@@ -27,8 +27,9 @@ where each one lies in memory), not as parsed objects, and the end's in-order re
 `finish` returns them as `Results`, parsed one at a time as they are iterated. Held as objects (a result's token
 ids as Python ints), in the file and in the generator's list of results, then the rewrite and the printed document
 as single strings, a million requests of 128 new tokens took about 6.6 GB as the job ran and 23 GB at its end; as
-lines in memory, about 2.1 GB throughout; spooled, about 0.1 GB (the index; bench/results_memory.py). Process 0
-of a split launch gathers every copy's results into one file this way too.
+lines in memory, about 2.1 GB throughout; spooled, about 0.1 GB (the index; bench/results_memory.py), for as much
+disk as the results file takes. Process 0 of a split launch gathers every copy's results into one file this way
+too.
 
 Reading is incremental (`refresh`): a local file from where the last read ended (read whole again only once it was
 replaced), a bucket object only once it changed, and each chunk once, so process 0 of a split launch
@@ -98,14 +99,17 @@ class SpooledLines:
   the order they were first given, `values()`."""
 
   def __init__(self, folder: str | None = None):
-    self._spool = tempfile.TemporaryFile(prefix="diffgemma-results-", dir=folder)
+    self._folder = folder or tempfile.gettempdir()
+    self._spool = tempfile.TemporaryFile(prefix="diffgemma-results-", dir=self._folder)
     self._where: dict[int, int] = {}  # index -> offset << 32 | length
     self._size = 0
 
   def __setitem__(self, index: int, line: bytes) -> None:
     if len(line) >= 1 << 32:
       raise ValueError(f"a result line of {len(line)} bytes")
-    os.pwrite(self._spool.fileno(), line, self._size)
+    if os.pwrite(self._spool.fileno(), line, self._size) != len(line):  # a regular file writes short only when full
+      raise OSError(f"the results spool file in {self._folder} could not take a line of {len(line)} bytes: is the "
+                    "disk full?")
     self._where[index] = self._size << 32 | len(line)
     self._size += len(line)
 
