@@ -18,7 +18,8 @@ the count of newlines before it (read from the local copy). moto's server copies
 GET (about 36 ms for any range of a 64 MB object, 4.5 ms of a 4 MB one, on the 2-core VM), which a store's
 ranged reads do not: its times for many ranged reads of large objects are worse than a real store's.
 
-A build plans from line starts alone (the lines are counted by its scan): part (b) builds the bucket corpus (a
+A build plans from line starts alone (the lines are counted by its scan): part (a) reads those parts too, in this
+process, and checks they give the same spans; part (b) builds the bucket corpus (a
 4096-piece tokenizer trained beforehand and given) in this process, one build worker, with the plan counting lines
 (the baseline: what a build did before, and an evaluation set's build still does) and without, and
 reports the bytes each build fetched from the bucket (and in how many requests) and its seconds; the two datasets
@@ -101,12 +102,17 @@ def _measure(root: str, names: tuple, processes: int, workers, fetched: list, lo
   if [pooled[j] for j in range(len(parts))] != found:
     raise SystemExit("the workers' parts differ from this process's")
   tasks = build.tasks_from_parts(spec, sizes, found)
+  starts, line_starts = timed(lambda: [build.read_span_part(root, rel, part, limit, count_lines=False)
+                                       for rel, part in parts])
+  cut = build.tasks_from_parts(spec, sizes, starts)  # a build's plan now: line starts alone, the same cuts
+  if [[(s.start, s.stop) for s in t] for t in cut] != [[(s.start, s.stop) for s in t] for t in tasks]:
+    raise SystemExit("the line-start plan's spans differ from the counting plan's")
   for rel in names:
     _check(os.path.join(local, rel), serial[rel], "before")
     _check(os.path.join(local, rel), [(s.start, s.first) for t in tasks for s in t if s.rel == rel], "now")
   return {"span_mb": round(limit / 2**20, 2), "parts": len(parts), "tasks": len(tasks),
           "before_per_process": before, "now_in_process": in_process,
-          "now_workers": {"seconds": pooled_time["seconds"]},
+          "now_workers": {"seconds": pooled_time["seconds"]}, "line_starts_in_process": line_starts,
           "now_process_0": {"parts": len(share), "fetched_mb": share_time["fetched_mb"],
                             "seconds_in_workers": share_pooled["seconds"]},
           "job_time_ratio": round(share_pooled["seconds"] / max(before["seconds"], 1e-3), 3),
@@ -189,6 +195,9 @@ def main(argv=None) -> int:
           f"{mb(share['fetched_mb'])}{share['seconds_in_workers']} s in its workers ({row['job_time_ratio']:.2f}x "
           "the time" + (f"; the job fetches {row['job_fetched_ratio']:.2f}x the bytes)" if row["job_fetched_ratio"]
                         is not None else ")"))
+    starts = row["line_starts_in_process"]
+    print(f"  the line-start plan (a build's now, its lines counted by the scan): {mb(starts['fetched_mb'])}"
+          f"{starts['seconds']} s in one process, the same spans")
   if builds:
     before, now = builds["counting plan (before)"], builds["line-start plan (now)"]
     print(f"a build of the bucket corpus (one worker, tokenizer given): counting plan {before['fetched_mb']} MB "

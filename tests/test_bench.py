@@ -276,6 +276,7 @@ def test_plan_reads_fetch_the_corpus_once_a_job_and_find_the_same_lines(s3_endpo
   assert row["now_process_0"]["fetched_mb"] < 0.5 * now["fetched_mb"]
   assert row["job_fetched_ratio"] == pytest.approx(now["fetched_mb"] / (4 * before["fetched_mb"]), abs=0.01)
   assert report["rows"]["local files"]["job_fetched_ratio"] is None
+  assert row["line_starts_in_process"]["fetched_mb"] < 0.2 * now["fetched_mb"]  # a line a part, not its chunk
   # the two builds (the same dataset, checked in the script): the line-start plan fetches the corpus twice in all
   # (scan, tokenise), the counting plan three times; a few kB more for the line starts
   builds = report["builds"]
