@@ -274,7 +274,8 @@ def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: in
       if span.first is None:
         line = stats.lines - lines  # the document's line, counted from the span's start (read up to it)
         digests.append(line)
-        sample.offer(place_key(span, line), (index, len(digests) - 1), text, (index, k, line))
+        if sample.budget > 0:  # (a tokenizer given: no sample, no place digest per document)
+          sample.offer(place_key(span, line), (index, len(digests) - 1), text, (index, k, line))
       else:
         digests.append(key_digest(split_key(span.rel, identity, corpus.split_by)))
         sample.offer(digests[-1], (index, len(digests) - 1), text)
@@ -303,14 +304,20 @@ def number_spans(tasks: list[tuple[Span, ...]], counted: list) -> list[list[int]
   return firsts
 
 
+def line_digest(rel: str, first: int, line: int, split_by: str) -> int:
+  """The key digest of the document on line `line` (counted from 1 at the span's start) of a JSONL span of `rel`
+  whose first line is line `first` of the file: its identity `rel:LINE` as the file's reader names it."""
+  return key_digest(split_key(rel, f"{rel}:{first - 1 + line}", split_by))
+
+
 def _number_documents(path: str, runs: list[tuple[int, int, str, int]], split_by: str) -> None:
   """Rows [start, stop) of the digest table at `path`, documents of the span of `rel` whose first line is `first`,
   hold their line numbers within that span (`_scan_task`): replaced by their key digests, for each run."""
   table = np.memmap(path, DIGEST_TABLE, "r+")
   for start, stop, rel, first in runs:
     table["digest"][start:stop] = np.fromiter(
-        (key_digest(split_key(rel, f"{rel}:{first - 1 + line}", split_by))
-         for line in table["digest"][start:stop].tolist()), np.uint64, stop - start)
+        (line_digest(rel, first, line, split_by) for line in table["digest"][start:stop].tolist()), np.uint64,
+        stop - start)
   table.flush()
   del table
 
@@ -647,8 +654,7 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if any(span.first is None for spans in tasks for span in spans):
       firsts = number_spans(tasks, [counted[i] for i in range(len(tasks))])
       list(workers.run(_number_documents, number_jobs(firsts, counted)))
-      sample.resolve(lambda task, k, line: key_digest(split_key(
-          tasks[task][k].rel, f"{tasks[task][k].rel}:{firsts[task][k] - 1 + line}", corpus.split_by)))
+      sample.resolve(lambda task, k, line: line_digest(tasks[task][k].rel, firsts[task][k], line, corpus.split_by))
     if corpus.heldout_keys:
       heldout = HeldOut(digests=frozenset(key_digest(key) for key in corpus.heldout_keys))
       held, total = keyed_bytes(tables, heldout.digests)
