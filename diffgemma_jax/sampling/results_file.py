@@ -302,7 +302,7 @@ class ResultsFile:
 
   def absorb(self, other: ResultsFile, indices: Iterable[int] | None = None) -> None:
     """Takes the records of `other` (another file of the same prompts and settings; of `indices` of it, those it
-    just read) that this one lacks, held in memory until `finish` writes them; refuses those of another checkpoint
+    just read) that this one lacks, spooled with its own until `finish` writes them; refuses those of another checkpoint
     step, as `add` does."""
     for index in sorted(set(other.records if indices is None else indices) - set(self.records)):
       line = other.records[index]
@@ -325,7 +325,7 @@ class Results:
   """A results file's records in index order (`ResultsFile.finish`): its length, and each record parsed as it is
   iterated (the file's lines stay the only copy)."""
 
-  def __init__(self, lines: SpooledLines | dict[int, bytes], order: Sequence[int]):
+  def __init__(self, lines: SpooledLines, order: Sequence[int]):
     self._lines, self._order = lines, list(order)
 
   def __len__(self) -> int:
