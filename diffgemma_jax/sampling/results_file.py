@@ -304,7 +304,7 @@ class ResultsFile:
     """Takes the records of `other` (another file of the same prompts and settings; of `indices` of it, those it
     just read) that this one lacks, spooled with its own until `finish` writes them; refuses those of another checkpoint
     step, as `add` does."""
-    for index in sorted(set(other.records if indices is None else indices) - set(self.records)):
+    for index in sorted({i for i in (other.records if indices is None else indices) if i not in self.records}):
       line = other.records[index]
       self._take_run(json.loads(line), lambda held, run: (
           f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and {self.path} of step "
