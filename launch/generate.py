@@ -14,15 +14,17 @@ sampler option the chosen sampler does not read is refused. The samplers and the
 from __future__ import annotations
 
 import argparse
+import array
 import dataclasses
 import json
 import re
 import sys
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from diffgemma_jax import storage
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
+from diffgemma_jax.sampling import spool
 from diffgemma_jax.sampling.requests import generate_completions
 from diffgemma_jax.sampling.results_file import ResultsFile, delete_parts, gather_parts, is_results_file, part_path
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
@@ -91,14 +93,46 @@ def _unescape(line: str) -> str:
   return re.sub(r"\\([\\n])", lambda m: "\n" if m.group(1) == "n" else "\\", line)
 
 
-def _read_requests(args) -> tuple[list[str], list[int | None], list[str]]:
+class _GenLengths(Sequence):
+  """Each request's own gen_length or None (--gen_length's), 8 bytes a request."""
+
+  def __init__(self):
+    self.values = array.array("q")
+
+  def append(self, value: int | None) -> None:
+    self.values.append(0 if value is None else value)  # a given gen_length is >= 1
+
+  def __getitem__(self, index) -> int | None:
+    return self.values[index] or None
+
+  def __len__(self) -> int:
+    return len(self.values)
+
+
+class _Sources(Sequence):
+  """Where each request came from, "--prompts FILE:LINE" (blank lines are skipped: a line number a request)."""
+
+  def __init__(self, where: str):
+    self.where, self.lines = where, array.array("q")
+
+  def __getitem__(self, index) -> str:
+    return f"{self.where}:{self.lines[index]}"
+
+  def __len__(self) -> int:
+    return len(self.lines)
+
+
+def _read_requests(args, wrap=None) -> tuple[Sequence[str], Sequence[int | None], Sequence[str]]:
   """--prompt, or the requests of the --prompts file: text lines (blank ones skipped) or JSONL (a string, or an
   object with "prompt" and optionally its own "gen_length"): (prompts, each one's gen_length or None for
-  --gen_length's, where each came from)."""
+  --gen_length's, where each came from); each prompt `wrap(text)` (a chat turn) where given. The file's prompts
+  are read in one pass into a spool file (`spool.Texts`, wrapped as each is read back), never held in memory: a job
+  may have ten million."""
   if args.prompt is not None:
-    return [args.prompt], [None], ["--prompt"]
+    return [args.prompt if wrap is None else wrap(args.prompt)], [None], ["--prompt"]
   jsonl = args.prompts.endswith(".jsonl")
-  prompts, gen_lengths, sources = [], [], []
+  prompts, gen_lengths, sources = spool.Texts(what="--prompts spool"), _GenLengths(), _Sources(
+      f"--prompts {args.prompts}")
   with storage.open_input(args.prompts, "--prompts") as f:
     for number, raw in enumerate(f, 1):
       where = f"--prompts {args.prompts}:{number}"
@@ -127,8 +161,8 @@ def _read_requests(args) -> tuple[list[str], list[int | None], list[str]]:
                               f"prompt), got {json.dumps(gen_length)}")
       prompts.append(prompt)
       gen_lengths.append(gen_length)
-      sources.append(where)
-  return prompts, gen_lengths, sources
+      sources.lines.append(number)
+  return prompts if wrap is None else spool.Mapped(prompts, wrap), gen_lengths, sources
 
 
 def _json_array(items) -> Iterator[str]:
@@ -155,11 +189,10 @@ def main(argv=None) -> int:
     given = {flag: getattr(args, flag) for flag in OPTIONS}
     options = requested_options(args.sampler, str(config.objective.name), given, gen_length=args.gen_length,
                                 seed=args.seed)
-    prompts, gen_lengths, sources = _read_requests(args)
-    if args.chat:
-      prompts = [chat_prompt(text, str(config.data.chat_template), args.system) for text in prompts]
-    elif args.system:
+    if args.system and not args.chat:
       raise ConfigError("--system: only with --chat")
+    wrap = (lambda text: chat_prompt(text, str(config.data.chat_template), args.system)) if args.chat else None
+    prompts, gen_lengths, sources = _read_requests(args, wrap)
     template = str(config.data.chat_template) if args.chat else None
     shard, shards = _parse_shard(args.shard)
     # A launch of several copies (srun on every node) with a results file and no --shard: copy K runs share K and
@@ -167,7 +200,7 @@ def main(argv=None) -> int:
     split = args.shard is None and outputs.count > 1 and is_results_file(args.output)
     if split:
       shard, shards = outputs.index, outputs.count
-    positions = list(range(shard, len(prompts), shards))
+    positions = range(shard, len(prompts), shards)
     share = len(positions)
     kept = None
     if is_results_file(args.output):
@@ -177,9 +210,8 @@ def main(argv=None) -> int:
       if split and not outputs.first:
         own = part_path(args.output, shard, shards)
         storage.check_writable(own, "--output")
-        done = set(kept.records)  # a job this launch ran before, finished or not: what process 0 gathered
+        positions = kept.pending(positions)  # a job this launch ran before, finished or not: what process 0 gathered
         kept = ResultsFile(own, prompts, settings)
-        positions = [i for i in positions if i not in done]
       positions = kept.pending(positions)
       if len(positions) < share:
         print(f"{kept.path}: {share - len(positions)} request(s) already done, {len(positions)} to run",

@@ -286,6 +286,18 @@ def test_plan_reads_fetch_the_corpus_once_a_job_and_find_the_same_lines(s3_endpo
   assert builds["fetched_ratio"] == pytest.approx(now["fetched_mb"] / before["fetched_mb"], abs=0.01)
 
 
+def test_prompts_memory_runs_both_jobs_over_the_same_requests(capsys):
+  """bench/prompts_memory.py, 600 prompts: both jobs run every request with the same prompt tokens (checked in the
+  script); spooled, the prompts take less memory than held as objects; the ratio is the figures'."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import prompts_memory  # pylint: disable=import-outside-toplevel
+  assert prompts_memory.main(["--prompts", "600", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  before, now = report["before"], report["now"]
+  assert now["requests"] == before["requests"] == 600 and now["peak_mb"] < before["peak_mb"] / 2
+  assert report["peak_ratio"] == pytest.approx(now["peak_mb"] / before["peak_mb"], abs=0.01)
+
+
 def test_results_memory_runs_both_jobs_to_the_same_file(capsys):
   """bench/results_memory.py, 300 results: both jobs write the same file (checked in the script); held as lines,
   the results take less memory than held as objects three times over (allocations, not time); each ratio is the

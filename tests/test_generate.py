@@ -181,11 +181,11 @@ def test_prompts_file_escapes_jsonl_and_bad_bytes(tmp_path):
   from launch.generate import _read_requests
   text = tmp_path / "p.txt"
   text.write_bytes(b'\xef\xbb\xbfdef f():\\n    return 1\n\nprint("a\\\\nb")\r\n')
-  assert _read_requests(argparse.Namespace(prompt=None, prompts=str(text)))[0] == [
+  assert list(_read_requests(argparse.Namespace(prompt=None, prompts=str(text)))[0]) == [
       "def f():\n    return 1", 'print("a\\nb")']
   lines = tmp_path / "p.jsonl"
   lines.write_text(json.dumps("x\\n") + "\n" + json.dumps({"prompt": "caf\u00e9\n"}) + "\n")
-  assert _read_requests(argparse.Namespace(prompt=None, prompts=str(lines)))[0] == ["x\\n", "caf\u00e9\n"]
+  assert list(_read_requests(argparse.Namespace(prompt=None, prompts=str(lines)))[0]) == ["x\\n", "caf\u00e9\n"]
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"ok\ncaf\xe9 = 1\n")
   with pytest.raises(ConfigError, match=r"bad.txt:2: not valid UTF-8"):

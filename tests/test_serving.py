@@ -371,7 +371,7 @@ def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, p
   assert [r["model_calls"] for r in chunked] == [r["model_calls"] for r in served * 2]
   batches = []
   monkeypatch.setattr(generator, "run_batches", lambda batch, options, size, on_batch=None: batches.append(
-      (options.gen_length, batch, size)) or [{"gen_length": options.gen_length} for _ in batch])
+      (options.gen_length, list(batch), size)) or [{"gen_length": options.gen_length} for _ in batch])
   static = generator.run_requests(prompts[:3], own[0], batch_size=4, request_options=own)
   assert batches == [(4, [prompts[0], prompts[2]], 4), (8, [prompts[1]], 4)]
   assert [r["gen_length"] for r in static] == list(budgets)
@@ -386,7 +386,7 @@ def test_own_gen_lengths_served_whole_and_never_mixed_in_static_batches(model, p
 def test_prompts_jsonl_gen_length_per_request(tmp_path, capsys):
   lines = tmp_path / "p.jsonl"
   lines.write_text('"a"\n{"prompt": "b", "gen_length": 32}\n{"prompt": "c", "gen_length": null}\n')
-  read = lambda path: _read_requests(argparse.Namespace(prompt=None, prompts=str(path)))  # noqa: E731
+  read = lambda path: tuple(map(list, _read_requests(argparse.Namespace(prompt=None, prompts=str(path)))))  # noqa: E731
   assert read(lines) == (["a", "b", "c"], [None, 32, None], [f"--prompts {lines}:{n}" for n in (1, 2, 3)])
   text = tmp_path / "p.txt"
   text.write_text('{"prompt": "b", "gen_length": 32}\n')  # a text file's line is its prompt, whatever it holds

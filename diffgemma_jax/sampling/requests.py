@@ -9,6 +9,7 @@ denoising steps of every canvas; the entropy-bound defaults are the released mod
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import math
 import time
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffgemma_jax.errors import GenerationError
 from diffgemma_jax.parallel.rules import BATCH_AXES
 from diffgemma_jax.sampling import (autoregressive, batching, canvas, masked, serving, serving_ar, serving_canvas,
-                                    serving_masked)
+                                    serving_masked, spool)
 from diffgemma_jax.sampling.parts import truncate_at_eos
 from diffgemma_jax.sampling.samplers import SAMPLERS, GenerationOptions, sampler_config, validate_options
 from diffgemma_jax.train.dataset import load_tokenizer
@@ -145,22 +146,23 @@ class Generator:
     """`run` over batches of at most `batch_size` prompts, in the given order's results. Prompts of similar
     lengths share a batch (sorted by length), so little padding is run; the results are what one request at a
     time gives (`run`). `on_batch(indices, results)` is called after each batch with its prompts' positions, and the
-    results are then not kept here (returned empty: a job of a million requests held every one's ids)."""
+    results are then not kept here (returned empty: a job of a million requests held every one's ids). `prompts`
+    may be read lazily (a `spool.TokenRows` view: its lengths come from `lengths()`, a batch's prompts are read as
+    it runs)."""
     if batch_size < 1:
       raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
-    seeds = [options.seed] * len(prompts) if seeds is None else list(seeds)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[dict[str, Any]] = [{} for _ in prompts] if on_batch is None else []
+    order = np.argsort(spool.lengths(prompts), kind="stable")  # what sorted(..., key=len) gives
+    results: list[dict[str, Any]] = [{} for _ in range(len(prompts))] if on_batch is None else []
     for first in range(0, len(order), batch_size):
-      chunk = order[first:first + batch_size]
-      done = self.run([prompts[i] for i in chunk], options, [seeds[i] for i in chunk])
+      chunk = order[first:first + batch_size].tolist()
+      done = self.run([prompts[i] for i in chunk], options,
+                      [options.seed if seeds is None else seeds[i] for i in chunk])
       if on_batch is not None:
         on_batch(chunk, done)
         continue
       for index, result in zip(chunk, done):
         results[index] = result
     return results
-
 
   def engine(self, cfg, num_slots: int, max_prompt_length: int, num_widths: int | None = None) -> serving.Engine:
     """The continuous-batching engine of `cfg` (an ARConfig, a CanvasConfig or a SamplerConfig) with `num_slots`
@@ -221,29 +223,32 @@ class Generator:
 
     `on_results(indices, results)`: called as results are ready (after each static batch; the engine then serves
     the requests SERVE_CHUNK_SLOTS x `serving_slots` at a time, its latencies counted from each chunk's start), so a
-    caller can keep them before the last request ends; the results are then not kept here (returned empty)."""
-    request_options = [options] * len(prompts) if request_options is None else list(request_options)
+    caller can keep them before the last request ends; the results are then not kept here (returned empty).
+    `prompts` and `request_options` are read a batch (or a chunk) at a time: they may be spooled (`spool.py`)."""
+    count = len(prompts)
+    own_options = (lambda i: options) if request_options is None else request_options.__getitem__  # noqa: E731
     if serving_slots is not None:
-      largest = serving_options(request_options, serving_slots)
-      chunk = len(prompts) if on_results is None else SERVE_CHUNK_SLOTS * serving_slots
+      distinct = {options} if request_options is None else set(request_options)
+      largest = serving_options(list(distinct), serving_slots)
+      chunk = count if on_results is None else SERVE_CHUNK_SLOTS * serving_slots
       results = []
-      for first in range(0, len(prompts), chunk):
-        indices = list(range(first, min(first + chunk, len(prompts))))
+      for first in range(0, count, chunk):
+        indices = list(range(first, min(first + chunk, count)))
         done = self.serve([prompts[i] for i in indices], largest, serving_slots,
-                          budgets=[request_options[i].gen_length for i in indices], num_widths=serving_widths)
+                          budgets=[own_options(i).gen_length for i in indices], num_widths=serving_widths)
         if on_results is not None:
           on_results(indices, done)
         else:
           results += done
       return results
-    groups: dict[GenerationOptions, list[int]] = {}
-    for index, own in enumerate(request_options):
-      groups.setdefault(own, []).append(index)
-    results: list[dict[str, Any]] = [{} for _ in prompts] if on_results is None else []
+    groups: dict[GenerationOptions, array.array] = {}  # 8 bytes a request (a list of ints: 36)
+    for index in range(count):
+      groups.setdefault(own_options(index), array.array("q")).append(index)
+    results: list[dict[str, Any]] = [{} for _ in range(count)] if on_results is None else []
     for own, indices in groups.items():
       report = None if on_results is None else (
           lambda chunk, done, indices=indices: on_results([indices[i] for i in chunk], done))
-      for index, result in zip(indices, self.run_batches([prompts[i] for i in indices], own, batch_size,
+      for index, result in zip(indices, self.run_batches(spool.Take(prompts, indices), own, batch_size,
                                                          on_batch=report)):
         results[index] = result
     return results
@@ -334,7 +339,7 @@ def canvas_model_calls(steps_BC):
   return 1 + jnp.sum(steps_BC, axis=-1) + jnp.maximum(ran_B - 1, 0)
 
 
-def generate_completions(config, workdir: str, prompts: list[str], options: GenerationOptions, *,
+def generate_completions(config, workdir: str, prompts: Sequence[str], options: GenerationOptions, *,
                          step: int | None = None, chat_template: str | None = None, batch_size: int = 1,
                          stop: Sequence[str] = (), serving_slots: int | None = None,
                          serving_widths: int | None = None,
@@ -355,7 +360,11 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   fits the longest of all, so each result is what the whole run gives it: a share of a split run, or what a resumed
   one has left); the results are theirs, in that order. `on_result(position, result)` is called for each as soon
   as its batch (or serving chunk) ends, and the results are then not kept (returned empty: the caller keeps them,
-  a large job's in a results file)."""
+  a large job's in a results file).
+
+  The inputs may be spooled sequences (`spool.Texts`, launch/generate.py's): they are read in order, once to check
+  and encode them, and then a batch at a time; the prompts' ids are spooled (`spool.TokenRows`), so memory holds
+  no prompt's text or ids beyond a batch's (a million prompts took 12 GB)."""
   fill_context, given_steps = options.gen_length is None, options.steps
   objective, block_size, context_length = (str(config.objective.name), int(config.objective.block_size),
                                            int(config.train.seq_len))
@@ -363,44 +372,47 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
     options = dataclasses.replace(options, gen_length=math.lcm(GenerationOptions.gen_length,
                                                                max(options.block_length, 1), block_size))
   options = validate_options(options, objective, block_size, context_length)
-  if not prompts:
+  if not len(prompts):
     raise GenerationError("no prompts given; pass --prompt TEXT or --prompts FILE with one prompt per line")
   if batch_size < 1:
     raise GenerationError(f"--batch_size must be >= 1, got {batch_size}")
   check_serving(options.sampler, serving_slots, batch_size, num_widths=serving_widths)
-  own_lengths = list(gen_lengths) if gen_lengths is not None else [None] * len(prompts)
-  sources = list(sources) if sources is not None else [f"request {i}" for i in range(len(prompts))]
-  own_options = {index: with_gen_length(options, length, given_steps, objective, block_size, context_length,
-                                        sources[index])
-                 for index, length in enumerate(own_lengths) if length is not None}
+  source = (lambda index: f"request {index}") if sources is None else sources.__getitem__  # noqa: E731
+  own_lengths: dict[int, GenerationOptions] = {}  # each gen_length a request asks for, validated once
+  for index, length in enumerate(gen_lengths if gen_lengths is not None else ()):
+    if length is not None and length not in own_lengths:
+      own_lengths[length] = with_gen_length(options, length, given_steps, objective, block_size, context_length,
+                                            source(index))
   for text in prompts:
     validate_prompt(text, [], 1)
   check_workdir(workdir, reading=True)  # before its tokenizer is looked for there
   tokenizer = load_tokenizer(config, workdir)
   from diffgemma_jax.data.sft import encode_text, marker_ids
   markers = marker_ids(tokenizer, chat_template) if chat_template else None  # chat prompts: turn markers as ids
-  encoded = []
+  encoded = spool.TokenRows(what="prompt token spool")  # every prompt's ids, on disk while a share runs
   for text in prompts:
     ids = [tokenizer.bos_id] + list(encode_text(tokenizer, text, markers))
     validate_prompt(text, ids, context_length)
-    encoded.append(np.asarray(ids, np.int32))  # 4 bytes a token: every prompt is held while a share runs
+    encoded.append(ids)
+  prompt_lengths = encoded.lengths()
   if fill_context:  # --gen_length not given: as much as fits after the longest prompt, at most the default
-    room = context_length - max(len(ids) for ids in encoded)
+    room = context_length - int(prompt_lengths.max())
     unit = SAMPLERS[options.sampler].length_unit(options)
     fitted = max(min(GenerationOptions.gen_length, room) // unit, 1) * unit
     options = validate_options(dataclasses.replace(options, gen_length=fitted, steps=given_steps), objective,
                                block_size, context_length)
-  request_options = [own_options.get(index, options) for index in range(len(prompts))]
+  request_options = _RequestOptions(options, own_lengths, gen_lengths, len(prompts))
   if serving_slots is not None:
-    serving_options(request_options, serving_slots)  # before the model is restored
-  longest = max(len(ids) + own.gen_length for ids, own in zip(encoded, request_options))
+    serving_options(list(set(request_options)), serving_slots)  # before the model is restored
+  budgets = np.fromiter((own.gen_length for own in request_options), np.int64, len(prompts))
+  longest = int((prompt_lengths + budgets).max())
   if longest > context_length:
     import sys
     print(f"warning: prompt + --gen_length reach {longest} positions, past the {context_length} the model was "
           f"trained on (train.seq_len); text beyond position {context_length} is off-distribution",
           file=sys.stderr)
-  positions = list(range(len(prompts))) if only is None else list(only)
-  if not positions:
+  positions = range(len(prompts)) if only is None else only
+  if not len(positions):
     return []
   model, run = restore_model_run(config, workdir, step)
   generator = Generator(model, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -408,17 +420,38 @@ def generate_completions(config, workdir: str, prompts: list[str], options: Gene
   def finish(indices, done):
     for i, result in zip(indices, done):
       index = positions[i]
-      ids, own = encoded[index].tolist(), request_options[index]
+      ids, own = encoded[index], request_options[index]
       completion = cut_at_stop(tokenizer.decode_continuation(ids, result["ids"]), stop)
       result.update(prompt=prompts[index], completion=completion, prompt_tokens=len(ids), step=run.step,
                     weights=run.weights, gen_length=own.gen_length)
       if on_result is not None:
         on_result(index, result)
 
-  results = generator.run_requests([encoded[i].tolist() for i in positions], options, batch_size=batch_size,
+  results = generator.run_requests(spool.Take(encoded, positions), options, batch_size=batch_size,
                                    serving_slots=serving_slots, serving_widths=serving_widths,
-                                   request_options=[request_options[i] for i in positions],
+                                   request_options=spool.Take(request_options, positions),
                                    on_results=None if on_result is None else finish)
   if on_result is None:
     finish(range(len(positions)), results)
   return results
+
+
+class _RequestOptions(Sequence[GenerationOptions]):
+  """Each request's options: the run's, or those of the gen_length it asks for (`by_length`, validated once per
+  length), without a list of them (ten million requests)."""
+
+  def __init__(self, options: GenerationOptions, by_length: dict[int, GenerationOptions],
+               gen_lengths: Sequence[int | None] | None, count: int):
+    self.options, self.by_length, self.gen_lengths, self.count = options, by_length, gen_lengths, count
+
+  def __getitem__(self, index) -> GenerationOptions:
+    length = None if self.gen_lengths is None else self.gen_lengths[index]
+    return self.options if length is None else self.by_length[length]
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __iter__(self):
+    if self.gen_lengths is None:
+      return (self.options for _ in range(self.count))
+    return (self.options if length is None else self.by_length[length] for length in self.gen_lengths)

@@ -38,6 +38,7 @@ replaced), a bucket object only once it changed, and each chunk once, so process
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import json
@@ -50,6 +51,7 @@ from etils import epath
 
 from diffgemma_jax import storage
 from diffgemma_jax.errors import ConfigError
+from diffgemma_jax.sampling.spool import SpoolFile
 
 UPLOAD_EVERY_S = 60.0
 SYNC_EVERY_S = 1.0
@@ -99,26 +101,17 @@ class SpooledLines:
   the order they were first given, `values()`."""
 
   def __init__(self, folder: str | None = None):
-    self._folder = folder or tempfile.gettempdir()
-    self._spool = tempfile.TemporaryFile(prefix="diffgemma-results-", dir=self._folder)
+    self._spool = SpoolFile(folder, "results spool")
     self._where: dict[int, int] = {}  # index -> offset << 32 | length
-    self._size = 0
 
   def __setitem__(self, index: int, line: bytes) -> None:
     if len(line) >= 1 << 32:
       raise ValueError(f"a result line of {len(line)} bytes")
-    if os.pwrite(self._spool.fileno(), line, self._size) != len(line):  # a regular file writes short only when full
-      raise OSError(f"the results spool file in {self._folder} could not take a line of {len(line)} bytes: is the "
-                    "disk full?")
-    self._where[index] = self._size << 32 | len(line)
-    self._size += len(line)
+    self._where[index] = self._spool.append(line) << 32 | len(line)
 
   def __getitem__(self, index: int) -> bytes:
     where = self._where[index]
-    line = os.pread(self._spool.fileno(), where & 0xFFFFFFFF, where >> 32)
-    if len(line) != where & 0xFFFFFFFF:
-      raise OSError(f"the results spool file ended at {self._size} bytes, short of a line")
-    return line
+    return self._spool.read(where >> 32, where & 0xFFFFFFFF)
 
   def __contains__(self, index) -> bool:
     return index in self._where
@@ -243,9 +236,9 @@ class ResultsFile:
       read.append(index)
     return good, read, lines
 
-  def pending(self, positions: Sequence[int]) -> list[int]:
-    """The positions of `positions` without a result yet."""
-    return [i for i in positions if i not in self.records]
+  def pending(self, positions: Iterable[int]) -> array.array:
+    """The positions of `positions` without a result yet (8 bytes each: a job may have ten million)."""
+    return array.array("q", (i for i in positions if i not in self.records))
 
   def add(self, index: int, record: dict) -> None:
     """Keeps the result of request `index`: appended to a local file at once, uploaded with the others of its
@@ -300,17 +293,19 @@ class ResultsFile:
       self._synced = self._uploaded = time.monotonic()
     return Results(self.records, order)
 
-  def absorb(self, other: ResultsFile, indices: Iterable[int] | None = None) -> None:
+  def absorb(self, other: ResultsFile, indices: Iterable[int] | None = None) -> list[int]:
     """Takes the records of `other` (another file of the same prompts and settings; of `indices` of it, those it
     just read) that this one lacks, spooled with its own until `finish` writes them; refuses those of another checkpoint
-    step, as `add` does."""
-    for index in sorted({i for i in (other.records if indices is None else indices) if i not in self.records}):
+    step, as `add` does. Returns the indices taken."""
+    taken = sorted({i for i in (other.records if indices is None else indices) if i not in self.records})
+    for index in taken:
       line = other.records[index]
       self._take_run(json.loads(line), lambda held, run: (
           f"{other.path} holds results of checkpoint step {run[0]} ({run[1]} weights) and {self.path} of step "
           f"{held[0]} ({held[1]} weights): the copies read other checkpoints (a run still training?); pass the same "
           f"--step to every copy"))
       self.records[index] = line
+    return taken
 
   def _take_run(self, record: dict, refusal) -> None:
     """Records the checkpoint run (step, weights) of `record` as the file's; a ConfigError with `refusal(the file's
@@ -357,23 +352,26 @@ def gather_parts(merged: ResultsFile, prompts: Sequence[str], settings: dict[str
   caller: call it before `delete_parts`). A ConfigError when the parts still lacking requests have not grown for
   `stale_s` (a copy stopped or failed: its log says why; the same command run again finishes the job from what the
   files hold). `say(text)`: a line of progress, at most once a minute."""
-  wanted = {q: [i for i in range(q, len(prompts), count) if i not in merged.records] for q in range(1, count)}
+  # how many of each copy's share `merged` lacks, counted down as results come in (no list of them: a share may
+  # hold millions of requests, and each poll would test every one)
+  held = [0] * count
+  for i in merged.records:
+    held[i % count] += 1
+  wanted = {q: len(range(q, len(prompts), count)) - held[q] for q in range(1, count)}
   seen, changed, said, parts = None, time.monotonic(), 0.0, {}
   while True:
-    left = {}
-    for q, positions in wanted.items():
+    for q in wanted:
       if q not in parts:
         parts[q] = ResultsFile(part_path(merged.path, q, count), prompts, settings, flag=merged.flag, write=False)
-        merged.absorb(parts[q])
+        taken = merged.absorb(parts[q])
       else:
-        merged.absorb(parts[q], parts[q].refresh())
-      missing = [i for i in positions if i not in merged.records]
-      if missing:
-        left[q] = missing
-      wanted[q] = missing
-    if not left:
+        taken = merged.absorb(parts[q], parts[q].refresh())
+      for i in taken:
+        if i % count in wanted:
+          wanted[i % count] -= 1
+    state = {q: n for q, n in wanted.items() if n > 0}  # the shares still lacking requests, and how many
+    if not state:
       return
-    state = {q: len(missing) for q, missing in left.items()}
     if state != seen:
       seen, changed = state, time.monotonic()
     elif time.monotonic() - changed > stale_s:
