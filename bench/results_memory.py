@@ -36,8 +36,8 @@ from benchlib import MachineLoad, commit  # noqa: E402
 
 from diffgemma_jax import storage  # noqa: E402
 from diffgemma_jax.sampling.results_file import ResultsFile  # noqa: E402
-from launch.common import json_safe  # noqa: E402
-from launch.generate import JSON_KEYS, _json_array  # noqa: E402  # pylint: disable=protected-access
+from launch.common import json_array, json_safe  # noqa: E402
+from launch.generate import JSON_KEYS  # noqa: E402
 
 BATCH = 64
 
@@ -88,7 +88,7 @@ def _job(kind: type, path: str, prompts: list[str], completions: list[str], new_
   results = kept.finish()
   with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
     if now:
-      for piece in _json_array(json_safe({k: r[k] for k in JSON_KEYS}) for r in results):
+      for piece in json_array(json_safe({k: r[k] for k in JSON_KEYS}) for r in results):
         print(piece)
     else:
       print(json.dumps(json_safe([{k: r[k] for k in JSON_KEYS} for r in results]), indent=2, allow_nan=False))

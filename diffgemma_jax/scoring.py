@@ -24,11 +24,12 @@ its row's width.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,7 @@ from diffgemma_jax.objectives import make_objective
 from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import replicated
+from diffgemma_jax.sampling import spool
 from diffgemma_jax.sampling.results_file import SCORING, ResultsFile
 from diffgemma_jax.train.bound import global_batch, make_bound_fn, scored_batches
 from diffgemma_jax.train.bound_partial import from_process_0
@@ -71,10 +73,29 @@ class Pair:
   source: str = ""  # where it came from (file:line), for errors
 
 
-def read_pairs(path: str, flag: str = "--records") -> list[Pair]:
-  """The {"prompt", "continuation"} records of a JSONL file (local or a bucket URL); any bad line is an error naming
-  file and line, a file that cannot be opened one naming `flag`."""
-  pairs = []
+class Pairs(Sequence[Pair]):
+  """A records file's pairs, spooled to disk as they are read (`sampling/spool.py`: a scoring job of ten million
+  records held them all as strings); memory holds where each lies and its line (16 bytes a pair)."""
+
+  def __init__(self, path: str):
+    self.path, self.records, self.lines = path, spool.Records(what="--records spool"), array.array("q")
+
+  def append(self, prompt: str, continuation: str, line: int) -> None:
+    self.records.append(json.dumps([prompt, continuation], ensure_ascii=False).encode("utf-8"))
+    self.lines.append(line)
+
+  def __getitem__(self, index) -> Pair:
+    prompt, continuation = json.loads(self.records[index])
+    return Pair(prompt, continuation, f"{self.path}:{self.lines[index]}")
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+
+def read_pairs(path: str, flag: str = "--records") -> Pairs:
+  """The {"prompt", "continuation"} records of a JSONL file (local or a bucket URL), spooled (`Pairs`); any bad
+  line is an error naming file and line, a file that cannot be opened one naming `flag`."""
+  pairs = Pairs(path)
   with storage.open_input(path, flag) as f:
     for number, raw in enumerate(f, 1):
       where = f"{path}:{number}"
@@ -101,8 +122,8 @@ def read_pairs(path: str, flag: str = "--records") -> list[Pair]:
           record[field].encode("utf-8")
         except UnicodeEncodeError:
           raise ScoringError(f"{where}: {field!r} holds a lone surrogate (not valid Unicode)") from None
-      pairs.append(Pair(record["prompt"], record["continuation"], where))
-  if not pairs:
+      pairs.append(record["prompt"], record["continuation"], number)
+  if not len(pairs):
     raise ScoringError(f"{path}: no records; write one {{\"prompt\": ..., \"continuation\": ...}} object per line")
   return pairs
 
@@ -224,12 +245,13 @@ class Scorer:
     """The pairs' scores (`score_ids` for the continuation layout, `score_rows` of full SFT rows), with each
     pair's source and nll per token. The pairs are taken in chunks of `chunk_records` (default: CHUNK_TOKENS of
     train.seq_len rows, a whole number of batches), so the rows in memory are one chunk's, whatever the file's
-    size; `on_results(start, results)` receives each chunk's results (pairs start, start + 1, ...) as it ends.
-    A pair's score does not depend on its chunk (module doc)."""
+    size; `on_results(start, results)` receives each chunk's results (pairs start, start + 1, ...) as it ends,
+    and they are then not kept (returned empty). `pairs` may be spooled (`Pairs`, a `spool.Take` of them): a chunk's
+    are read as it starts. A pair's score does not depend on its chunk (module doc)."""
     chunk = chunk_records or max(CHUNK_TOKENS // self.seq_len // self.batch_size, 1) * self.batch_size
     results = []
     for start in range(0, len(pairs), chunk):
-      part = pairs[start:start + chunk]
+      part = [pairs[i] for i in range(start, min(start + chunk, len(pairs)))]
       if self.layout == "sft":
         scored = self.score_rows(self.rows(part))
       else:
@@ -238,7 +260,8 @@ class Scorer:
         result.update(source=pair.source, nll_per_token=result["nll"] / max(result["num_tokens"], 1))
       if on_results is not None:
         on_results(start, scored)
-      results += scored
+      else:
+        results += scored
     return results
 
   def greedy(self, rows: dict[str, np.ndarray], rows_per_batch: int | None = None) -> list[bool]:
@@ -269,12 +292,14 @@ def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """Totals over scored records: nats, tokens, nats and bits per token (sum of bounds over sum of tokens)."""
-  nats = sum(r["nll"] for r in results)
-  tokens = sum(r["num_tokens"] for r in results)
+def summarize(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+  """Totals over scored records (one pass: they may be read from a results file as they come): nats, tokens, nats
+  and bits per token (sum of bounds over sum of tokens)."""
+  nats, tokens, count = 0.0, 0, 0
+  for r in results:
+    nats, tokens, count = nats + r["nll"], tokens + r["num_tokens"], count + 1
   per_token = nats / tokens if tokens else float("nan")
-  return {"num_records": len(results), "num_tokens": tokens, "nll": nats, "nats_per_token": per_token,
+  return {"num_records": count, "num_tokens": tokens, "nll": nats, "nats_per_token": per_token,
           "bits_per_token": per_token / math.log(2)}
 
 
@@ -291,7 +316,8 @@ def score_file(config, workdir: str, path: str, *, step: int | None = None, resu
   there as its chunk of records ends (one JSON line, its `index` in the file), so a killed job loses at most a
   chunk, and the same call again scores only the records the file lacks (a record's score depends on the pair, the
   checkpoint and the settings alone). Only the process that writes (`write`: process 0 of a joined scoring) reads
-  the file; the others take its list of what is done. `log` receives a line per chunk."""
+  the file; the others take its list of what is done. "records" is then read back from the file's lines as it is
+  iterated (`KeptResults`: no result held in memory), the others' an empty list. `log` receives a line per chunk."""
   pairs = read_pairs(path)
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
@@ -316,10 +342,10 @@ def _score_into(scorer: Scorer, pairs: Sequence[Pair], results_path: str, run, w
   settings = {"workdir": storage.resolve(workdir), "num_t_samples": scorer.num_t_samples, "seed": scorer.seed,
               "layout": scorer.layout, "seq_len": scorer.seq_len, "objective": config.objective.to_dict(),
               "chat_template": str(config.data.chat_template) if scorer.layout == "sft" else None}
-  kept = ResultsFile(results_path, [(p.prompt, p.continuation) for p in pairs], settings, kind=SCORING) \
-      if write else None
+  identities = spool.Mapped(pairs, lambda p: (p.prompt, p.continuation))  # what a results line must match
+  kept = ResultsFile(results_path, identities, settings, kind=SCORING) if write else None
   done = set(json.loads(from_process_0(json.dumps(sorted(kept.records) if kept else []).encode()) or b"[]"))
-  todo = [i for i in range(len(pairs)) if i not in done]
+  todo = array.array("q", (i for i in range(len(pairs)) if i not in done))
   if done:
     log(f"{results_path}: {len(done)} record(s) already scored, {len(todo)} to score")
 
@@ -327,11 +353,26 @@ def _score_into(scorer: Scorer, pairs: Sequence[Pair], results_path: str, run, w
     for offset, result in enumerate(scored):
       index = todo[start + offset]
       if kept is not None:
-        kept.add(index, {"index": index, "prompt": pairs[index].prompt, "continuation": pairs[index].continuation,
+        pair = pairs[index]
+        kept.add(index, {"index": index, "prompt": pair.prompt, "continuation": pair.continuation,
                          **{k: result[k] for k in RESULT_KEYS}, "step": run.step, "weights": run.weights})
     log(f"scored {len(done) + start + len(scored)} of {len(pairs)} records")
 
-  scorer.score([pairs[i] for i in todo], on_results=keep)
+  scorer.score(spool.Take(pairs, todo), on_results=keep)
   if kept is None:
     return []
-  return [{k: line[k] for k in RESULT_KEYS} for line in kept.finish()]
+  return KeptResults(kept.finish())
+
+
+class KeptResults:
+  """Every record's result (RESULT_KEYS) in file order, read from a results file's lines as it is iterated
+  (`ResultsFile.finish`: a job of ten million records is never held as objects); iterable again."""
+
+  def __init__(self, results):
+    self.results = results
+
+  def __len__(self) -> int:
+    return len(self.results)
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return ({k: line[k] for k in RESULT_KEYS} for line in self.results)

@@ -3,9 +3,11 @@ an entry point writes and prints, from process 0 of a multi-process launch only.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
+from typing import Iterable, Iterator
 
 import jax
 
@@ -77,6 +79,36 @@ def json_safe(value):
   if isinstance(value, (list, tuple)):
     return [json_safe(v) for v in value]
   return value
+
+
+def json_array(items: Iterable) -> Iterator[str]:
+  """The lines of `json.dumps(list(items), indent=2)`, an item at a time (a document of a million results is
+  never one string): printed one per line, the same text."""
+  held = None
+  for item in items:
+    yield "[" if held is None else held + ","
+    held = "  " + json.dumps(item, indent=2, allow_nan=False).replace("\n", "\n  ")
+  if held is None:
+    yield "[]"
+    return
+  yield held
+  yield "]"
+
+
+def json_document(document: dict, streamed: str) -> Iterator[str]:
+  """The lines of `json.dumps(document, indent=2)` with `document[streamed]` (an iterable) written an item at a
+  time (`json_array`; a piece may hold several lines): printed one per line, the same text."""
+  marker = json.dumps("\x00streamed\x00")
+
+  text = json.dumps({**document, streamed: json.loads(marker)}, indent=2, allow_nan=False)
+  at = text.index(marker)
+  prefix, suffix = text[:at], text[at + len(marker):]
+  held = None  # the last piece, which the text after the items ends
+  for piece in json_array(document[streamed]):
+    if held is not None:
+      yield held
+    held = prefix + piece if held is None else "  " + piece.replace("\n", "\n  ")
+  yield held + suffix
 
 
 class Outputs:

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import re
 import sys
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from diffgemma_jax import storage
 from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
@@ -29,7 +29,7 @@ from diffgemma_jax.sampling.requests import generate_completions
 from diffgemma_jax.sampling.results_file import ResultsFile, delete_parts, gather_parts, is_results_file, part_path
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from diffgemma_jax.train.reading import parse_step
-from .common import Outputs, config_overrides, fail, json_safe, load_run_config
+from .common import Outputs, config_overrides, fail, json_array, json_safe, load_run_config
 
 
 # the fields of each request in the JSON document (--json, --output)
@@ -165,20 +165,6 @@ def _read_requests(args, wrap=None) -> tuple[Sequence[str], Sequence[int | None]
   return prompts if wrap is None else spool.Mapped(prompts, wrap), gen_lengths, sources
 
 
-def _json_array(items) -> Iterator[str]:
-  """The lines of `json.dumps(list(items), indent=2)`, an item at a time (a document of a million results is
-  never one string): printed one per line, the same text."""
-  held = None
-  for item in items:
-    yield "[" if held is None else held + ","
-    held = "  " + json.dumps(item, indent=2, allow_nan=False).replace("\n", "\n  ")
-  if held is None:
-    yield "[]"
-    return
-  yield held
-  yield "]"
-
-
 def main(argv=None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
@@ -249,7 +235,7 @@ def main(argv=None) -> int:
     outputs.write(args.output, document + "\n")
     lines = [document]
   else:  # read from the results file's lines as they are printed: a million requests never held whole as objects
-    lines = _json_array(json_safe({k: r[k] for k in JSON_KEYS}) for r in results)
+    lines = json_array(json_safe({k: r[k] for k in JSON_KEYS}) for r in results)
   if args.json:
     for line in lines:
       outputs.print(line)

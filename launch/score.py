@@ -15,7 +15,7 @@ from diffgemma_jax.parallel.distributed import initialize_distributed
 from diffgemma_jax.sampling.results_file import is_results_file
 from diffgemma_jax.scoring import LAYOUTS, score_file
 from diffgemma_jax.train.reading import parse_step
-from .common import Outputs, config_overrides, fail, json_safe, load_run_config
+from .common import Outputs, config_overrides, fail, json_document, json_safe, load_run_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,11 +53,16 @@ def main(argv=None) -> int:
                         log=lambda text: print(text, file=sys.stderr, flush=True))
   except (ConfigError, DataError) as e:
     return fail(str(e))
-  document = json.dumps(json_safe(report), indent=2, allow_nan=False)
-  if not kept:  # a results file was written as the records were scored
+  if not kept:  # the results in memory: one document, written (a results file was written as records were scored)
+    document = json.dumps(json_safe(report), indent=2, allow_nan=False)
     outputs.write(args.output, document + "\n")
+    lines = [document]
+  else:  # read from the results file's lines as they are printed: ten million records never held as objects
+    lines = json_document(json_safe({**report, "records": None}) | {"records": map(json_safe, report["records"])},
+                          "records")
   if args.json:
-    outputs.print(document)
+    for line in lines:
+      outputs.print(line)
     return 0
   for r in report["records"]:
     outputs.print(f"{r['source']}: {r['nll']:.4f} +- {r['stderr']:.4f} nats over {r['num_tokens']} tokens "

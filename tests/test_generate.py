@@ -334,11 +334,11 @@ def test_a_results_file_holds_its_lines_and_writes_and_prints_them_a_line_at_a_t
   """A results file holds each result as its JSON line (a result's ids as Python ints took several times their
   text, three copies of a large job's results held it whole: bench/results_memory.py); its end rewrites the file
   in index order and returns the results parsed as they are iterated; the JSON document of --json is printed an
-  item at a time, the text of json.dumps(list, indent=2)."""
+  item at a time, the text of json.dumps(list, indent=2) (and diffgemma-score's report, its records so)."""
   import json
 
   from diffgemma_jax.sampling.results_file import ResultsFile
-  from launch.generate import _json_array
+  from launch.common import json_array, json_document
   prompts, path = ["a", "b", "c"], str(tmp_path / "out.jsonl")
   kept = ResultsFile(path, prompts, {"sampler": "threshold"})
   for i in (2, 0, 1):
@@ -353,7 +353,9 @@ def test_a_results_file_holds_its_lines_and_writes_and_prints_them_a_line_at_a_t
   assert len(results) == 3 and list(results) == [json.loads(kept.records[i]) for i in (0, 1, 2)]
   assert [r["ids"] for r in results] == [[262_000, 7], [262_001, 7], [262_002, 7]]
   for items in ([], list(results)[:1], list(results)):
-    assert "\n".join(_json_array(iter(items))) == json.dumps(items, indent=2)
+    assert "\n".join(json_array(iter(items))) == json.dumps(items, indent=2)
+    report = {"step": 1, "records": items, "summary": {"nll": 2.5}}  # diffgemma-score's, its records streamed
+    assert "\n".join(json_document(dict(report, records=iter(items)), "records")) == json.dumps(report, indent=2)
 
 
 def test_a_results_file_keeps_its_lines_on_disk_and_where_they_lie_in_memory(tmp_path):

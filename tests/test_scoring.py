@@ -115,7 +115,7 @@ def test_rows_are_scored_in_the_narrowest_width_that_holds_them(trained_run):
 def test_a_file_is_scored_in_chunks_of_bounded_memory_to_the_same_scores(trained_run):
   """`Scorer.score` takes the records in chunks (rows of one chunk in memory, however long the file): chunks of 7
   give each of 20 pairs (two row widths) the score of one pass over all of them, and report each chunk's results
-  as it ends, in order."""
+  as it ends, in order (then not kept)."""
   from diffgemma_jax.sampling.requests import load_tokenizer
   from diffgemma_jax.scoring import Pair, Scorer
   from diffgemma_jax.train.reading import restore_model
@@ -127,9 +127,10 @@ def test_a_file_is_scored_in_chunks_of_bounded_memory_to_the_same_scores(trained
   scorer.bound_fn = lambda params, batch, *keys: widths.add(batch["tokens"].shape[1]) or bound_fn(params, batch, *keys)
   whole = scorer.score(pairs, chunk_records=len(pairs))
   assert len(widths) == 2
-  seen = []
-  chunked = scorer.score(pairs, chunk_records=7, on_results=lambda start, got: seen.append((start, len(got))))
-  assert seen == [(0, 7), (7, 7), (14, 6)]
+  seen, chunked = [], []
+  kept = scorer.score(pairs, chunk_records=7, on_results=lambda start, got: seen.append((start, len(got))) or
+                      chunked.extend(got))
+  assert seen == [(0, 7), (7, 7), (14, 6)] and kept == []  # reported, not kept
   assert [r["source"] for r in chunked] == [p.source for p in pairs]
   assert [r["num_tokens"] for r in chunked] == [r["num_tokens"] for r in whole]
   for key in ("nll", "stderr", "nll_per_token"):

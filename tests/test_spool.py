@@ -109,3 +109,26 @@ def test_static_batches_read_spooled_ids_as_they_read_lists(monkeypatch, tmp_pat
   spooled = generator.run_batches(spool.Take(rows, range(len(given))), options, 3)
   assert seen == from_lists and spooled == listed and [r["n"] for r in listed] == [5, 3, 5, 1, 3, 4, 2]
   assert [len(p) for batch, _ in seen for p in batch] == sorted(map(len, given))
+
+
+def test_a_records_file_to_score_is_held_on_disk(tmp_path):
+  """`scoring.read_pairs` of 3,000 records spools them (under 40 bytes a record in memory; as Pair objects with a
+  string naming each one's line they took about 1.1 kB); each reads back as the same Pair, blank lines skipped."""
+  import json
+
+  from diffgemma_jax.scoring import Pair, read_pairs
+  path = tmp_path / "pairs.jsonl"
+  with open(path, "w") as f:
+    for i in range(3000):
+      f.write(json.dumps({"prompt": f"{i} caf\u00e9 " + "p" * 300, "continuation": f" {i}" + "c" * 200}) + "\n")
+      if i == 0:
+        f.write("\n")
+  tracemalloc.start()
+  try:
+    pairs = read_pairs(str(path))
+    held = tracemalloc.get_traced_memory()[0]
+  finally:
+    tracemalloc.stop()
+  assert held < 3000 * 40, held
+  assert len(pairs) == 3000 and pairs[0] == Pair("0 caf\u00e9 " + "p" * 300, " 0" + "c" * 200, f"{path}:1")
+  assert pairs[2999] == Pair("2999 caf\u00e9 " + "p" * 300, " 2999" + "c" * 200, f"{path}:3001")
