@@ -80,6 +80,15 @@ class MachineLoad:
     return text
 
 
+def before_now_report(rows: dict, load: MachineLoad, **settings) -> dict:
+  """A memory benchmark's JSON report: the commit, the date, its `settings`, the "before" and "now" rows (each with
+  "peak_mb" and "seconds"), their ratios (now / before) and the machine's load."""
+  before, now = rows["before"], rows["now"]
+  return {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **settings, **rows,
+          "peak_ratio": round(now["peak_mb"] / before["peak_mb"], 3),
+          "time_ratio": round(now["seconds"] / max(before["seconds"], 1e-3), 3), **load.report()}
+
+
 def median_seconds(call, *, warmup: int, runs: int, max_seconds: float = 0.0) -> tuple[float, int]:
   """(median seconds of `call()`, which must block until its work is done, and how many timed calls): after
   `warmup` calls; a slow `call` gets fewer timed calls (at least 3) to stay within `max_seconds`."""

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from benchlib import MachineLoad, commit  # noqa: E402
+from benchlib import MachineLoad, before_now_report  # noqa: E402
 
 from diffgemma_jax.sampling import requests, spool  # noqa: E402
 from diffgemma_jax.sampling.samplers import GenerationOptions  # noqa: E402
@@ -108,7 +108,7 @@ def _job(path: str, before: bool) -> dict:
                                lambda *a: (None, types.SimpleNamespace(step=1, weights="params"))),
              mock.patch.object(requests, "Generator", NoModel)]
   if before:
-    patches += [mock.patch.object(spool, "TokenRows", lambda what=None: ListRows()),
+    patches += [mock.patch.object(spool, "TokenRows", lambda *args, **kwargs: ListRows()),
                 mock.patch.object(spool, "Take", _baseline_take)]
   with contextlib.ExitStack() as stack:
     for patch in patches:
@@ -143,11 +143,9 @@ def main(argv=None) -> int:
   if rows["before"]["requests"] != rows["now"]["requests"] or rows["before"]["prompt_tokens"] != \
       rows["now"]["prompt_tokens"]:
     raise SystemExit(f"the two jobs ran different requests: {rows}")
-  report = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "prompts": args.prompts, "chars": args.chars, "file_mb": round(file_mb, 1), **rows,
-            "bytes_per_prompt": {name: round(row["peak_mb"] * 2**20 / args.prompts) for name, row in rows.items()},
-            "peak_ratio": round(rows["now"]["peak_mb"] / rows["before"]["peak_mb"], 3),
-            "time_ratio": round(rows["now"]["seconds"] / max(rows["before"]["seconds"], 1e-3), 3), **load.report()}
+  report = before_now_report(rows, load, prompts=args.prompts, chars=args.chars, file_mb=round(file_mb, 1),
+                             bytes_per_prompt={name: round(row["peak_mb"] * 2**20 / args.prompts)
+                                               for name, row in rows.items()})
   if args.json:
     print(json.dumps(report, indent=2))
     return 0

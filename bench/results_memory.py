@@ -32,7 +32,7 @@ import tracemalloc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import MachineLoad, commit  # noqa: E402
+from benchlib import MachineLoad, before_now_report  # noqa: E402
 
 from diffgemma_jax import storage  # noqa: E402
 from diffgemma_jax.sampling.results_file import ResultsFile  # noqa: E402
@@ -115,10 +115,7 @@ def main(argv=None) -> int:
     with open(os.path.join(folder, "before.jsonl"), "rb") as a, open(os.path.join(folder, "now.jsonl"), "rb") as b:
       if a.read() != b.read():
         raise SystemExit("the two jobs wrote different files")
-  report = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "results": args.results, "new_tokens": args.new_tokens, **rows,
-            "peak_ratio": round(rows["now"]["peak_mb"] / rows["before"]["peak_mb"], 3),
-            "time_ratio": round(rows["now"]["seconds"] / max(rows["before"]["seconds"], 1e-3), 3), **load.report()}
+  report = before_now_report(rows, load, results=args.results, new_tokens=args.new_tokens)
   if args.json:
     print(json.dumps(report, indent=2))
     return 0

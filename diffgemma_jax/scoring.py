@@ -47,7 +47,7 @@ from diffgemma_jax.parallel.mesh import batch_slice, mesh_from_config
 from diffgemma_jax.parallel.placement import placement_for
 from diffgemma_jax.parallel.rules import replicated
 from diffgemma_jax.sampling import spool
-from diffgemma_jax.sampling.results_file import SCORING, ResultsFile
+from diffgemma_jax.sampling.results_file import SCORING, ResultsFile, spool_folder
 from diffgemma_jax.train.bound import global_batch, make_bound_fn, scored_batches
 from diffgemma_jax.train.bound_partial import from_process_0
 from diffgemma_jax.train.dataset import load_tokenizer, sft_pack_unit
@@ -77,8 +77,8 @@ class Pairs(Sequence[Pair]):
   """A records file's pairs, spooled to disk as they are read (`sampling/spool.py`: a scoring job of ten million
   records held them all as strings); memory holds where each lies and its line (16 bytes a pair)."""
 
-  def __init__(self, path: str):
-    self.path, self.records, self.lines = path, spool.Records(what="--records spool"), array.array("q")
+  def __init__(self, path: str, folder: str | None = None):
+    self.path, self.records, self.lines = path, spool.Records(folder, "--records spool"), array.array("q")
 
   def append(self, prompt: str, continuation: str, line: int) -> None:
     self.records.append(json.dumps([prompt, continuation], ensure_ascii=False).encode("utf-8"))
@@ -92,10 +92,11 @@ class Pairs(Sequence[Pair]):
     return len(self.records)
 
 
-def read_pairs(path: str, flag: str = "--records") -> Pairs:
-  """The {"prompt", "continuation"} records of a JSONL file (local or a bucket URL), spooled (`Pairs`); any bad
-  line is an error naming file and line, a file that cannot be opened one naming `flag`."""
-  pairs = Pairs(path)
+def read_pairs(path: str, flag: str = "--records", folder: str | None = None) -> Pairs:
+  """The {"prompt", "continuation"} records of a JSONL file (local or a bucket URL), spooled in `folder` (`Pairs`;
+  None: the temporary folder); any bad line is an error naming file and line, a file that cannot be opened one
+  naming `flag`."""
+  pairs = Pairs(path, folder)
   with storage.open_input(path, flag) as f:
     for number, raw in enumerate(f, 1):
       where = f"{path}:{number}"
@@ -318,7 +319,7 @@ def score_file(config, workdir: str, path: str, *, step: int | None = None, resu
   checkpoint and the settings alone). Only the process that writes (`write`: process 0 of a joined scoring) reads
   the file; the others take its list of what is done. "records" is then read back from the file's lines as it is
   iterated (`KeptResults`: no result held in memory), the others' an empty list. `log` receives a line per chunk."""
-  pairs = read_pairs(path)
+  pairs = read_pairs(path, folder=spool_folder(results_path))  # beside the results file, if local
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
   tokenizer = load_tokenizer(config, workdir)

@@ -26,7 +26,8 @@ from diffgemma_jax.data.sft import TEMPLATE_MARKERS, chat_prompt
 from diffgemma_jax.errors import ConfigError, DataError
 from diffgemma_jax.sampling import spool
 from diffgemma_jax.sampling.requests import generate_completions
-from diffgemma_jax.sampling.results_file import ResultsFile, delete_parts, gather_parts, is_results_file, part_path
+from diffgemma_jax.sampling.results_file import (ResultsFile, delete_parts, gather_parts, is_results_file, part_path,
+                                                 spool_folder)
 from diffgemma_jax.sampling.samplers import OPTIONS, add_flags, describe, requested_options
 from diffgemma_jax.train.reading import parse_step
 from .common import Outputs, config_overrides, fail, json_array, json_safe, load_run_config
@@ -122,16 +123,17 @@ class _Sources(Sequence):
     return len(self.lines)
 
 
-def _read_requests(args, wrap=None) -> tuple[Sequence[str], Sequence[int | None], Sequence[str]]:
+def _read_requests(args, wrap=None, folder: str | None = None) -> tuple[Sequence[str], Sequence[int | None],
+                                                                         Sequence[str]]:
   """--prompt, or the requests of the --prompts file: text lines (blank ones skipped) or JSONL (a string, or an
   object with "prompt" and optionally its own "gen_length"): (prompts, each one's gen_length or None for
   --gen_length's, where each came from); each prompt `wrap(text)` (a chat turn) where given. The file's prompts
-  are read in one pass into a spool file (`spool.Texts`, wrapped as each is read back), never held in memory: a job
-  may have ten million."""
+  are read in one pass into a spool file in `folder` (`spool.Texts`, wrapped as each is read back; None: the
+  temporary folder), never held in memory: a job may have ten million."""
   if args.prompt is not None:
     return [args.prompt if wrap is None else wrap(args.prompt)], [None], ["--prompt"]
   jsonl = args.prompts.endswith(".jsonl")
-  prompts, gen_lengths, sources = spool.Texts(what="--prompts spool"), _GenLengths(), _Sources(
+  prompts, gen_lengths, sources = spool.Texts(folder, "--prompts spool"), _GenLengths(), _Sources(
       f"--prompts {args.prompts}")
   with storage.open_input(args.prompts, "--prompts") as f:
     for number, raw in enumerate(f, 1):
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
     if args.system and not args.chat:
       raise ConfigError("--system: only with --chat")
     wrap = (lambda text: chat_prompt(text, str(config.data.chat_template), args.system)) if args.chat else None
-    prompts, gen_lengths, sources = _read_requests(args, wrap)
+    folder = spool_folder(args.output) if is_results_file(args.output) else None  # beside the results
+    prompts, gen_lengths, sources = _read_requests(args, wrap, folder)
     template = str(config.data.chat_template) if args.chat else None
     shard, shards = _parse_shard(args.shard)
     # A launch of several copies (srun on every node) with a results file and no --shard: copy K runs share K and
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
     results = generate_completions(config, args.workdir, prompts, options, step=step, chat_template=template,
                                    batch_size=args.batch_size, stop=args.stop, serving_slots=args.serving_slots,
                                    serving_widths=args.serving_widths, gen_lengths=gen_lengths, sources=sources,
-                                   only=positions, on_result=None if kept is None else finish)
+                                   only=positions, on_result=None if kept is None else finish,
+                                   spool_folder=folder)
     if kept is None:
       for index, result in zip(positions, results):
         finish(index, result)

@@ -132,3 +132,12 @@ def test_a_records_file_to_score_is_held_on_disk(tmp_path):
   assert held < 3000 * 40, held
   assert len(pairs) == 3000 and pairs[0] == Pair("0 caf\u00e9 " + "p" * 300, " 0" + "c" * 200, f"{path}:1")
   assert pairs[2999] == Pair("2999 caf\u00e9 " + "p" * 300, " 2999" + "c" * 200, f"{path}:3001")
+
+
+def test_a_job_spools_beside_its_local_results_file(tmp_path):
+  """The disk chosen for a job's results file takes its spools too (the temporary folder may be a small tmpfs);
+  a bucket's results file, or none, spools in the temporary folder."""
+  from diffgemma_jax.sampling.results_file import spool_folder
+  assert spool_folder(str(tmp_path / "out.jsonl")) == str(tmp_path)
+  assert spool_folder("s3://bucket/out.jsonl") is None and spool_folder(None) is None
+  assert spool_folder(str(tmp_path / "missing" / "out.jsonl")) is None

@@ -345,7 +345,7 @@ def generate_completions(config, workdir: str, prompts: Sequence[str], options: 
                          serving_widths: int | None = None,
                          gen_lengths: Sequence[int | None] | None = None,
                          sources: Sequence[str] | None = None, only: Sequence[int] | None = None,
-                         on_result=None) -> list[dict[str, Any]]:
+                         on_result=None, spool_folder: str | None = None) -> list[dict[str, Any]]:
   """Completes each prompt (bos + text), `batch_size` requests at a time (`Generator.run_batches`: the same
   results as one at a time); every option and prompt is checked before the model is restored, so bad input fails
   fast. `options.gen_length=None`: as many new tokens as fit in the model's context after the longest prompt (at
@@ -363,8 +363,9 @@ def generate_completions(config, workdir: str, prompts: Sequence[str], options: 
   a large job's in a results file).
 
   The inputs may be spooled sequences (`spool.Texts`, launch/generate.py's): they are read in order, once to check
-  and encode them, and then a batch at a time; the prompts' ids are spooled (`spool.TokenRows`), so memory holds
-  no prompt's text or ids beyond a batch's (a million prompts took 12 GB)."""
+  and encode them, and then a batch at a time; the prompts' ids are spooled (`spool.TokenRows`, in `spool_folder`,
+  default the temporary folder), so memory holds no prompt's text or ids beyond a batch's (a million prompts took
+  12 GB)."""
   fill_context, given_steps = options.gen_length is None, options.steps
   objective, block_size, context_length = (str(config.objective.name), int(config.objective.block_size),
                                            int(config.train.seq_len))
@@ -389,7 +390,7 @@ def generate_completions(config, workdir: str, prompts: Sequence[str], options: 
   tokenizer = load_tokenizer(config, workdir)
   from diffgemma_jax.data.sft import encode_text, marker_ids
   markers = marker_ids(tokenizer, chat_template) if chat_template else None  # chat prompts: turn markers as ids
-  encoded = spool.TokenRows(what="prompt token spool")  # every prompt's ids, on disk while a share runs
+  encoded = spool.TokenRows(spool_folder, "prompt token spool")  # every prompt's ids, on disk while a share runs
   for text in prompts:
     ids = [tokenizer.bos_id] + list(encode_text(tokenizer, text, markers))
     validate_prompt(text, ids, context_length)

@@ -81,6 +81,16 @@ def settings_digest(settings: dict[str, Any]) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def spool_folder(path: str | None) -> str | None:
+  """Where a job with results file `path` spools what it holds (its results, its inputs): the file's folder, the disk
+  chosen for the job (the temporary folder may be small, or a tmpfs in memory); None (the temporary folder, $TMPDIR)
+  for a bucket's, no file, or a folder this host cannot write (a reader on a host without it)."""
+  if path is None or storage.is_url(path):
+    return None
+  folder = os.path.dirname(os.path.abspath(path))
+  return folder if os.access(folder, os.W_OK | os.X_OK) else None
+
+
 def is_results_file(path: str | None) -> bool:
   return bool(path) and str(path).endswith(".jsonl")
 
@@ -141,10 +151,8 @@ class ResultsFile:
     self.upload_every_s = UPLOAD_EVERY_S if upload_every_s is None else upload_every_s
     self.sync_every_s = SYNC_EVERY_S if sync_every_s is None else sync_every_s
     self._uploaded = self._synced = time.monotonic()
-    # each result's JSON line (its newline not included), spooled beside a local file (the disk chosen for it; a
-    # reader on a host without its folder, and a bucket file, in the temporary folder)
-    folder = None if self.remote else os.path.dirname(os.path.abspath(self.path))
-    self.records = SpooledLines(folder if folder and os.access(folder, os.W_OK | os.X_OK) else None)
+    # each result's JSON line (its newline not included), spooled beside a local file (`spool_folder`)
+    self.records = SpooledLines(spool_folder(self.path))
     self.kept_run = None
     # what has been read: a local file's identity, the bytes of its whole lines and their count; a bucket object's
     # stamp and the chunks read
