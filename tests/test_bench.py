@@ -286,6 +286,19 @@ def test_plan_reads_fetch_the_corpus_once_a_job_and_find_the_same_lines(s3_endpo
   assert builds["fetched_ratio"] == pytest.approx(now["fetched_mb"] / before["fetched_mb"], abs=0.01)
 
 
+def test_sample_floor_builds_the_same_tokenizer_from_fewer_merged_lines(capsys):
+  """bench/sample_floor.py on 2 MB, one worker: both builds make the same tokenizer and dataset (checked in the
+  script), the floor's process merges fewer candidate lines, and the ratios are the figures'."""
+  sys.path.insert(0, str(REPO / "bench"))
+  import sample_floor  # pylint: disable=import-outside-toplevel
+  assert sample_floor.main(["--size_mb", "2", "--rounds", "1", "--sample_lines", "3000", "--vocab_size", "400",
+                            "--workers", "1", "--json"]) == 0
+  (runs,) = json.loads(capsys.readouterr().out)["rounds"]
+  assert runs["now"]["merged_lines"] < runs["before"]["merged_lines"]
+  assert runs["merged_lines_ratio"] == pytest.approx(runs["now"]["merged_lines"] / runs["before"]["merged_lines"],
+                                                     abs=1e-4)
+
+
 def test_prompts_memory_runs_both_jobs_over_the_same_requests(capsys):
   """bench/prompts_memory.py, 600 prompts: both jobs run every request with the same prompt tokens (checked in the
   script); spooled, the prompts take less memory than held as objects; the ratio is the figures'."""

@@ -362,6 +362,40 @@ def test_a_tokenizer_sample_from_spans_the_plan_did_not_number(store, tmp_path, 
   assert sum(len(text.split("\n")) for text in sampled) >= 600
 
 
+def test_the_sample_floor_leaves_out_of_each_task_what_cannot_be_sampled(store, tmp_path, monkeypatch):
+  """Tasks scanned once the process's merged sample holds its lines drop the documents under its least (its floor,
+  `Sample.floor_now`): they send back under half the candidate lines (a task of long lines sent its whole text),
+  the merged sample is the one without floors, and a build's tokenizer is the same with tasks reading no floor."""
+  _, _, src = store
+  _jsonl_of(src, tmp_path / "corpus.jsonl", "\n\n")
+  monkeypatch.setattr(build_module, "TASK_BYTES", 10_000)
+  monkeypatch.setattr(build_module, "MIN_TASK_BYTES", 10_000)
+  corpus = build_module.Corpus(root=str(tmp_path), files=("corpus.jsonl",), name="corpus")
+  tasks = build_module.plan_tasks(corpus)
+  os.makedirs(tmp_path / "staging" / "scan")
+  floor_file, merged, sent = str(tmp_path / "floor.json"), {}, {}
+  for floors in (False, True):
+    sample, floor, lines = build_module.Sample(300), None, 0
+    for i, spans in enumerate(tasks):
+      scan = build_module._scan_task  # pylint: disable=protected-access
+      _, _, heap, _ = scan(corpus, i, spans, str(tmp_path / "staging"), 300, floor_file if floors else None)
+      lines += sum(len(entry[2]) for entry in heap)
+      for entry in heap:
+        sample.offer(*entry)
+      if floors and sample.floor_now() != floor:  # as the build's scan writes it
+        floor = sample.floor_now()
+        build_module._write_json(floor_file, floor)  # pylint: disable=protected-access
+    merged[floors], sent[floors] = sorted(sample.heap), lines
+  assert len(tasks) > 10 and merged[True] == merged[False] and sent[True] < sent[False] / 2, (len(tasks), sent)
+  options = dict(vocab_size=400, tokenizer_sample_lines=300, build_workers=1)
+  floored = _build(tmp_path, "floored", tmp_path / "corpus.jsonl", None, **options)
+  monkeypatch.setattr(build_module, "_read_floor", lambda path: None)
+  unfloored = _build(tmp_path, "unfloored", tmp_path / "corpus.jsonl", None, **options)
+  assert floored["sha256"] == unfloored["sha256"]
+  assert (tmp_path / "floored" / "tokenizer.model").read_bytes() == \
+      (tmp_path / "unfloored" / "tokenizer.model").read_bytes()
+
+
 def test_build_workers_hold_no_result_once_it_is_handed_over():
   """A scan's results hold its tokenizer-sample candidates (all of a task's lines when the sample is larger than
   the task): the build must not keep every task's until the phase ends."""

@@ -223,11 +223,14 @@ class Sample:
   span the plan did not number) it is a digest of the document's place (`place_key`), and the document's digest
   is a locator (task, span, line within the span) until `resolve` makes it one."""
 
-  def __init__(self, budget: int):
+  def __init__(self, budget: int, floor: tuple | None = None):
     self.budget, self.keep, self.heap, self.lines = budget, budget + budget // 4, [], 0
+    self.floor = floor  # (key, order) below which no document reaches the whole build's sample (`floor_now`)
 
   def offer(self, key: int, order: tuple[int, int], lines: list[str] | str, digest=None) -> None:
-    if self.budget <= 0 or (self.heap and self.lines >= self.keep and (key, order) < self.heap[0][:2]):
+    if self.budget <= 0 or (self.floor is not None and (key, order) < self.floor):
+      return
+    if self.heap and self.lines >= self.keep and (key, order) < self.heap[0][:2]:
       return
     if isinstance(lines, str):
       lines = [line for line in lines.split("\n") if line.strip()]
@@ -235,6 +238,14 @@ class Sample:
     self.lines += len(lines)
     while self.lines - len(self.heap[0][2]) >= self.keep:
       self.lines -= len(heapq.heappop(self.heap)[2])
+
+  def floor_now(self) -> tuple | None:
+    """The (key, order) below which an offered document is refused now, once the sample holds its lines (else
+    None): the heap's least. It only rises as documents come, and a sample merged from more documents refuses at
+    least as much, so a task that drops the documents under a floor of the process's merged sample so far
+    (`_scan_task`) changes no sample, and does not split, keep and send back text that cannot be in it (a task
+    whose lines are longer than its text divided by `keep` sent all of it)."""
+    return self.heap[0][:2] if self.heap and self.lines >= self.keep else None
 
   def resolve(self, digest_of: Callable[[int, int, int], int]) -> None:
     """Each locator made its document's digest, `digest_of(task, span, line)` (the heap's order is the keys')."""
@@ -260,12 +271,13 @@ def place_key(span: Span, line: int) -> int:
   return key_digest(f"{span.rel}:{span.start}+{line}")
 
 
-def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: int):
+def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: int, floor_file: str | None = None):
   """A task's (key digest, bytes) table and tokenizer-sample candidates, and each span's (lines gone through,
   documents). The documents of a span whose first line's number is not known (Span.first None) have their line
   numbers within the span in the digest column, made digests by `_number_documents` once every span's lines are
-  counted, and are sampled by their place (`Sample`)."""
-  stats, sample = ReadStats(), Sample(sample_lines)
+  counted, and are sampled by their place (`Sample`). `floor_file`: the process's sample floor so far, if written
+  (`Sample.floor_now`): documents under it are not candidates."""
+  stats, sample = ReadStats(), Sample(sample_lines, _read_floor(floor_file) if sample_lines > 0 else None)
   digests, sizes, counted = [], [], []
   for k, span in enumerate(spans):
     lines, documents = stats.lines, len(digests)
@@ -283,6 +295,16 @@ def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: in
     counted.append((stats.lines - lines, len(digests) - documents))
   write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
   return index, stats, sample.heap, counted
+
+
+def _read_floor(path: str | None) -> tuple | None:
+  """The sample floor in `path` ([key, [task, document]]), or None where none was written yet."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      key, order = json.load(f)
+  except (TypeError, FileNotFoundError):  # (TypeError: no path)
+    return None
+  return key, tuple(order)
 
 
 def number_spans(tasks: list[tuple[Span, ...]], counted: list) -> list[list[int]]:
@@ -592,7 +614,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
     if decided() or corpus.evaluation_only:
       return
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
-    jobs = [(job_corpus, i, spans, staging, sample.budget) for i, spans in mine]
+    floor_file, floor = os.path.join(staging, "scan", f"sample-floor-{p}.json"), None
+    jobs = [(job_corpus, i, spans, staging, sample.budget, floor_file) for i, spans in mine]
     progress.phase("scan", task_size)
     counted = {}
     for index, task_stats, heap, spans_read in workers.run(_scan_task, jobs):
@@ -602,6 +625,9 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       check_bad_lines(stats, corpus.max_bad_lines)
       for key, order, lines, digest in heap:
         sample.offer(key, order, lines, digest)
+      if sample.floor_now() != floor:  # the tasks that start from now on send back only what can be sampled
+        floor = sample.floor_now()
+        _write_json(floor_file, floor)
     _write_json(os.path.join(staging, "scan", f"process-{p}.json"),
                 {"stats": dataclasses.asdict(stats), "sample": sample.heap, "counted": counted})
     if own and p != 0:  # this process's tables as one file (thousands of tasks: one request, not thousands)
