@@ -14,7 +14,8 @@ a process's folder then ends with its own tasks' shards, process 0's with the re
                metadata), spread over the processes and their workers; every process then has every part's result
                and the same tasks.
   1. scan      each task reads its documents and writes a (key digest, bytes) table (data/split.py), keeps its
-               candidates for the tokenizer sample, and counts its spans' lines.
+               candidates for the tokenizer sample (none under the process's sample floor so far: `Sample`), and
+               counts its spans' lines.
   2. decide    process 0: the spans' first line numbers where the plan did not count them, and the digests of
                their documents; the held-out threshold (or the recipe's own held-out keys), and (unless a tokenizer is
                given) the tokenizer, trained on a uniform sample of the training documents: those with the
