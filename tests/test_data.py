@@ -437,7 +437,8 @@ def test_an_interrupted_build_resumes_where_its_tokenise_phase_stopped(text_data
   """A build stopped in its tokenise phase (an interrupt after 3 tasks: a preemption) keeps its staging folder; the
   same build again keeps its held-out split and tokenizer (no scan, no tokenizer training) and encodes only the
   tasks that had not finished, and the dataset is the uninterrupted build's (manifest digest, tokenizer, unigram
-  counts). After a source file changes, the same interruption is followed by a build from the start."""
+  counts). After a source file changes, the same interruption is followed by a build from the start. Stopped in its
+  scan, it scans only the tasks not scanned and makes the same dataset and tokenizer."""
   import shutil
 
   from diffgemma_jax.data import build
@@ -491,3 +492,21 @@ def test_an_interrupted_build_resumes_where_its_tokenise_phase_stopped(text_data
         assert a.read() == b.read(), name
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "reference"))
     shutil.rmtree(out)
+  # stopped in its scan (after 3 tasks): the same build again scans only the others, and trains the same tokenizer
+  # from the kept tasks' sample candidates and the new ones'
+  with open(os.path.join(src, "heapq.py"), "w") as f:
+    f.write(original)
+  calls.update(scan=0, tokenize=0, train=0)
+  monkeypatch.setattr(build, "_scan_task", counted("scan", scan, stop_after=3))
+  with pytest.raises(KeyboardInterrupt):
+    build_dataset("text_files", out, 400, source=src, build_workers=1)
+  capsys.readouterr()
+  calls.update(scan=0, tokenize=0, train=0)
+  monkeypatch.setattr(build, "_scan_task", counted("scan", scan))
+  manifest = build_dataset("text_files", out, 400, source=src, build_workers=1)
+  assert calls == {"scan": tasks - 3, "tokenize": tasks, "train": 1}, calls
+  assert f"it stopped in its scan: 3 of {tasks} task(s) already scanned" in capsys.readouterr().err
+  assert manifest["sha256"] == reference["sha256"] and manifest["splits"] == reference["splits"]
+  with open(os.path.join(out, "tokenizer.model"), "rb") as a, \
+      open(tmp_path / "reference" / "tokenizer.model", "rb") as b:
+    assert a.read() == b.read()

@@ -84,8 +84,9 @@ SPLITS = ("train", "heldout")
 # An interrupted build (killed, preempted, a worker or disk failing) leaves its staging folder, and the next build
 # of the same corpus and settings (BUILD_FILE's key) takes up its tokenise phase where it stopped: the decision
 # (held-out split and tokenizer) is kept, and every task whose shards were whole (its mark in TOKENISED) is not
-# encoded again. The scan is redone whole unless the decision was made (it is the cheap phase: reading and hashing,
-# against encoding). A bad input (a DataError) or a changed corpus or setting starts afresh.
+# encoded again. A build stopped in its scan keeps the tasks scanned (`scan/<task>.json`: what each read skipped,
+# its tokenizer-sample candidates under the sample floor, its spans' counts; its digest table beside it) and scans
+# the rest. A bad input (a DataError) or a changed corpus or setting starts afresh.
 BUILD_FILE, TOKENISED, PLAN_FILE = "build.json", "tokenised", "plan.json"
 READ = "read"  # a task's mark: what its read skipped (ReadStats); an evaluation set's only read (build_store)
 TASK_BYTES = 16 << 20
@@ -296,6 +297,16 @@ def _scan_task(corpus: Corpus, index: int, spans, staging: str, sample_lines: in
     counted.append((stats.lines - lines, len(digests) - documents))
   write_digest_table(os.path.join(staging, "scan", f"{index:05d}.digests"), digests, sizes)
   return index, stats, sample.heap, counted
+
+
+def _scanned(staging: str, indices) -> dict[int, dict]:
+  """The scan results ({"stats", "heap", "counted"}) of the tasks among `indices` that an interrupted build kept
+  (`scan/<task>.json`, written once the task's digest table was whole)."""
+  return {i: _read_json(_scan_result(staging, i)) for i in indices if os.path.isfile(_scan_result(staging, i))}
+
+
+def _scan_result(staging: str, index: int) -> str:
+  return os.path.join(staging, "scan", f"{index:05d}.json")
 
 
 def _read_floor(path: str | None) -> tuple | None:
@@ -607,7 +618,8 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       done = sum(name.endswith(".json") for name in os.listdir(os.path.join(staging, TOKENISED)))
       progress.say(f"resuming the interrupted build in {staging}: " + (
           f"its held-out split and tokenizer kept, {done} of {len(tasks)} task(s) already tokenised" if decided()
-          else "it stopped before its scan ended: scanning again"))
+          else f"it stopped in its scan: {sum(os.path.isfile(_scan_result(staging, i)) for i in range(len(tasks)))} "
+          f"of {len(tasks)} task(s) already scanned"))
 
   def scan():
     # A resumed build that had made its decision; an evaluation set, whose every document is held out with a given
@@ -616,19 +628,31 @@ def build_store(output_dir: str, corpus: Corpus, *, vocab_size: int | None, toke
       return
     stats, sample = ReadStats(), Sample(options.sample_lines if not tokenizer else 0)
     floor_file, floor = os.path.join(staging, "scan", f"sample-floor-{p}.json"), None
-    jobs = [(job_corpus, i, spans, staging, sample.budget, floor_file) for i, spans in mine]
-    progress.phase("scan", task_size)
     counted = {}
-    for index, task_stats, heap, spans_read in workers.run(_scan_task, jobs):
-      progress.done(index)
+
+    def take(index: int, task_stats: ReadStats, heap, spans_read) -> None:
+      nonlocal floor
       counted[index] = spans_read
       stats.add(task_stats)
       check_bad_lines(stats, corpus.max_bad_lines)
-      for key, order, lines, digest in heap:
-        sample.offer(key, order, lines, digest)
+      for candidate in heap:
+        sample.offer(*candidate)
       if sample.floor_now() != floor:  # the tasks that start from now on send back only what can be sampled
         floor = sample.floor_now()
         _write_json(floor_file, floor)
+
+    scanned_before = _scanned(staging, [i for i, _ in mine]) if key is not None else {}
+    for index, entry in scanned_before.items():  # a resumed build's tasks that ended before it stopped
+      take(index, ReadStats(**entry["stats"]), entry["heap"], entry["counted"])
+    jobs = [(job_corpus, i, spans, staging, sample.budget, floor_file) for i, spans in mine
+            if i not in scanned_before]
+    progress.phase("scan", {job[1]: task_size[job[1]] for job in jobs})
+    for index, task_stats, heap, spans_read in workers.run(_scan_task, jobs):
+      progress.done(index)
+      if key is not None:  # kept for a resume (its digest table was whole before the task returned)
+        _write_json(_scan_result(staging, index),
+                    {"stats": dataclasses.asdict(task_stats), "heap": heap, "counted": spans_read})
+      take(index, task_stats, heap, spans_read)
     _write_json(os.path.join(staging, "scan", f"process-{p}.json"),
                 {"stats": dataclasses.asdict(stats), "sample": sample.heap, "counted": counted})
     if own and p != 0:  # this process's tables as one file (thousands of tasks: one request, not thousands)
