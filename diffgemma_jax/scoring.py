@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -318,7 +318,8 @@ def score_file(config, workdir: str, path: str, *, step: int | None = None, resu
   chunk, and the same call again scores only the records the file lacks (a record's score depends on the pair, the
   checkpoint and the settings alone). Only the process that writes (`write`: process 0 of a joined scoring) reads
   the file; the others take its list of what is done. "records" is then read back from the file's lines as it is
-  iterated (`KeptResults`: no result held in memory), the others' an empty list. `log` receives a line per chunk."""
+  iterated (a `spool.Mapped` of the file's `Results`: no result held in memory), the others' an empty list. `log`
+  receives a line per chunk."""
   pairs = read_pairs(path, folder=spool_folder(results_path))  # beside the results file, if local
   if scorer_options.get("layout", "continuation") not in LAYOUTS:
     raise ScoringError(f"--layout {scorer_options['layout']!r} is unknown; valid layouts are {', '.join(LAYOUTS)}")
@@ -362,18 +363,6 @@ def _score_into(scorer: Scorer, pairs: Sequence[Pair], results_path: str, run, w
   scorer.score(spool.Take(pairs, todo), on_results=keep)
   if kept is None:
     return []
-  return KeptResults(kept.finish())
-
-
-class KeptResults:
-  """Every record's result (RESULT_KEYS) in file order, read from a results file's lines as it is iterated
-  (`ResultsFile.finish`: a job of ten million records is never held as objects); iterable again."""
-
-  def __init__(self, results):
-    self.results = results
-
-  def __len__(self) -> int:
-    return len(self.results)
-
-  def __iter__(self) -> Iterator[dict[str, Any]]:
-    return ({k: line[k] for k in RESULT_KEYS} for line in self.results)
+  # every record's RESULT_KEYS in file order, parsed from the file's lines as it is iterated (`Results`): a job of
+  # ten million records is never held as objects; iterable again
+  return spool.Mapped(kept.finish(), lambda line: {k: line[k] for k in RESULT_KEYS})

@@ -98,11 +98,10 @@ def json_array(items: Iterable) -> Iterator[str]:
 def json_document(document: dict, streamed: str) -> Iterator[str]:
   """The lines of `json.dumps(document, indent=2)` with `document[streamed]` (an iterable) written an item at a
   time (`json_array`; a piece may hold several lines): printed one per line, the same text."""
-  marker = json.dumps("\x00streamed\x00")
-
-  text = json.dumps({**document, streamed: json.loads(marker)}, indent=2, allow_nan=False)
-  at = text.index(marker)
-  prefix, suffix = text[:at], text[at + len(marker):]
+  marker = "\x00streamed\x00"
+  text, quoted = json.dumps({**document, streamed: marker}, indent=2, allow_nan=False), json.dumps(marker)
+  at = text.index(quoted)
+  prefix, suffix = text[:at], text[at + len(quoted):]
   held = None  # the last piece, which the text after the items ends
   for piece in json_array(document[streamed]):
     if held is not None:

@@ -137,7 +137,7 @@ def _read_requests(args, wrap=None, folder: str | None = None) -> tuple[Sequence
       f"--prompts {args.prompts}")
   with storage.open_input(args.prompts, "--prompts") as f:
     for number, raw in enumerate(f, 1):
-      where = f"--prompts {args.prompts}:{number}"
+      where = f"{sources.where}:{number}"
       try:
         line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
       except UnicodeDecodeError as e:

@@ -310,11 +310,13 @@ def _scan_result(staging: str, index: int) -> str:
 
 
 def _read_floor(path: str | None) -> tuple | None:
-  """The sample floor in `path` ([key, [task, document]]), or None where none was written yet."""
+  """The sample floor in `path` ([key, [task, document]]), or None where none was given or written yet."""
+  if path is None:
+    return None
   try:
     with open(path, encoding="utf-8") as f:
       key, order = json.load(f)
-  except (TypeError, FileNotFoundError):  # (TypeError: no path)
+  except FileNotFoundError:
     return None
   return key, tuple(order)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import itertools
 import math
 import time
 from typing import Any, Sequence
@@ -445,14 +446,14 @@ class _RequestOptions(Sequence[GenerationOptions]):
                gen_lengths: Sequence[int | None] | None, count: int):
     self.options, self.by_length, self.gen_lengths, self.count = options, by_length, gen_lengths, count
 
-  def __getitem__(self, index) -> GenerationOptions:
-    length = None if self.gen_lengths is None else self.gen_lengths[index]
+  def _of(self, length: int | None) -> GenerationOptions:
     return self.options if length is None else self.by_length[length]
+
+  def __getitem__(self, index) -> GenerationOptions:
+    return self._of(None if self.gen_lengths is None else self.gen_lengths[index])
 
   def __len__(self) -> int:
     return self.count
 
   def __iter__(self):
-    if self.gen_lengths is None:
-      return (self.options for _ in range(self.count))
-    return (self.options if length is None else self.by_length[length] for length in self.gen_lengths)
+    return map(self._of, itertools.repeat(None, self.count) if self.gen_lengths is None else self.gen_lengths)

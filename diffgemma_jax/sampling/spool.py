@@ -50,9 +50,6 @@ class SpoolFile:
       raise OSError(f"the {self.what} file in {self.folder} ended at {self.size} bytes, short of a record")
     return data
 
-  def close(self) -> None:
-    self._file.close()
-
 
 class Records(Sequence[bytes]):
   """Byte records 0, 1, ... appended in order to a `SpoolFile`; memory holds each one's end (8 bytes)."""
@@ -161,7 +158,8 @@ class Take(Sequence[T]):
 
 class Mapped(Sequence[T]):
   """`fn(items[i])` as item i, made as it is read (a chat turn around a spooled prompt: a `ChatText` keeps where
-  its content lies, which a spooled string would lose)."""
+  its content lies, which a spooled string would lose). Iterated only, `items` may be any sized iterable (a
+  results file's `Results`)."""
 
   def __init__(self, items: Sequence, fn: Callable[..., T]):
     self.items, self.fn = items, fn
